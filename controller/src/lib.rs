@@ -1,0 +1,23 @@
+//! Verse's controller: the `versed` daemon and the `verse` CLI share this library.
+//!
+//! One module per concept of the product:
+//! - [`model`]: universes, security groups, rules, endpoints; every edit as a pure function.
+//! - [`compile`]: desired state -> the entries of the dataplane's maps (pure).
+//! - [`verdict`]: a reference model of the dataplane's verdict on a packet (pure), against
+//!   which the kernel programs are tested.
+//! - [`store`]: where the desired state lives (embedded file store).
+//! - [`dataplane`]: loading, pinning and attaching the eBPF programs; reading and writing maps.
+//! - [`netlink`]: endpoint plumbing (veth pairs, namespaces, addresses, routes).
+//! - [`reconcile`]: makes the dataplane and the interfaces match the desired state.
+//! - [`api`]: the REST API; [`client`]: the CLI's side of it.
+//! - [`config`]: the daemon's settings.
+pub mod api;
+pub mod client;
+pub mod compile;
+pub mod config;
+pub mod dataplane;
+pub mod model;
+pub mod netlink;
+pub mod reconcile;
+pub mod store;
+pub mod verdict;

@@ -1,0 +1,311 @@
+//! What the kernel programs and the controller agree on: map names and sizes, the `#[repr(C)]`
+//! layout of every map key and value, drop-reason codes and connection-tracking states.
+//!
+//! Nothing here is written twice: `dataplane-ebpf` reads these types in the kernel, `controller`
+//! writes them (with the `user` feature, which adds `aya::Pod`). Multi-byte fields that the
+//! kernel compares bit by bit (LPM keys) are byte arrays in network order; the others are native.
+#![no_std]
+
+/// Names of the pinned maps. Each is the ELF map name and the file name under the daemon's bpffs
+/// directory. BPF object names are at most 15 bytes (`BPF_OBJ_NAME_LEN` in `linux/bpf.h`).
+pub mod map_names {
+    pub const ENDPOINTS: &str = "VERSE_ENDPOINTS";
+    pub const ROUTES: &str = "VERSE_ROUTES";
+    pub const CIDRS: &str = "VERSE_CIDRS";
+    pub const POLICY: &str = "VERSE_POLICY";
+    pub const CONNTRACK: &str = "VERSE_CT";
+    pub const CONFIG: &str = "VERSE_CONFIG";
+    pub const DROPS: &str = "VERSE_DROPS";
+}
+
+/// Name of the TC program attached (TCX ingress) to the host side of every endpoint veth.
+pub const PROG_FROM_ENDPOINT: &str = "from_endpoint";
+
+/// Capacities of the maps. The compiler refuses an edit whose compiled form would not fit (S12).
+pub mod capacity {
+    pub const ENDPOINTS: u32 = 4096;
+    pub const ROUTES: u32 = 65536;
+    pub const CIDRS: u32 = 262_144;
+    pub const POLICY: u32 = 2_097_152;
+    pub const CONNTRACK: u32 = 262_144;
+    /// Slots of the drop counter array; every `DropReason` code is below this.
+    pub const DROPS: u32 = 64;
+}
+
+/// Why a packet was dropped. One table for the dataplane, the metrics and the docs. Codes are
+/// stable: a retired code stays reserved and is never reused.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum DropReason {
+    /// Shorter than an Ethernet header.
+    TruncatedEthernet = 1,
+    /// Neither IPv4 nor ARP.
+    UnknownEthertype = 2,
+    /// IPv6 is not supported by this dataplane yet; dropped rather than passed unchecked.
+    Ipv6Unsupported = 3,
+    /// IPv4 header truncated, version not 4, IHL below 5, or total length inconsistent with the
+    /// frame.
+    MalformedIpv4 = 4,
+    /// An IPv4 fragment (MF set or offset non-zero): ports cannot be judged.
+    Fragment = 5,
+    /// TCP, UDP or ICMP header truncated (or TCP data offset below 5).
+    MalformedL4 = 6,
+    /// The packet arrived on an interface that is not a known endpoint.
+    UnknownEndpoint = 7,
+    /// Source MAC is not the endpoint's (S10).
+    SpoofedMac = 8,
+    /// Source IP is not the endpoint's (S10).
+    SpoofedIp = 9,
+    /// The destination is no endpoint of the sender's universe.
+    NoRoute = 10,
+    /// Denied by the sender's egress rules.
+    PolicyEgress = 11,
+    /// Denied by the receiver's ingress rules.
+    PolicyIngress = 12,
+    /// ARP that the dataplane does not answer (not a request, malformed, or asking for the
+    /// sender's own address).
+    ArpUnanswered = 13,
+    /// A delivery helper (redirect) failed.
+    RedirectFailed = 14,
+}
+
+impl DropReason {
+    pub const ALL: [DropReason; 14] = [
+        DropReason::TruncatedEthernet,
+        DropReason::UnknownEthertype,
+        DropReason::Ipv6Unsupported,
+        DropReason::MalformedIpv4,
+        DropReason::Fragment,
+        DropReason::MalformedL4,
+        DropReason::UnknownEndpoint,
+        DropReason::SpoofedMac,
+        DropReason::SpoofedIp,
+        DropReason::NoRoute,
+        DropReason::PolicyEgress,
+        DropReason::PolicyIngress,
+        DropReason::ArpUnanswered,
+        DropReason::RedirectFailed,
+    ];
+
+    /// The label used in metrics and the CLI.
+    pub const fn label(self) -> &'static str {
+        match self {
+            DropReason::TruncatedEthernet => "truncated_ethernet",
+            DropReason::UnknownEthertype => "unknown_ethertype",
+            DropReason::Ipv6Unsupported => "ipv6_unsupported",
+            DropReason::MalformedIpv4 => "malformed_ipv4",
+            DropReason::Fragment => "fragment",
+            DropReason::MalformedL4 => "malformed_l4",
+            DropReason::UnknownEndpoint => "unknown_endpoint",
+            DropReason::SpoofedMac => "spoofed_mac",
+            DropReason::SpoofedIp => "spoofed_ip",
+            DropReason::NoRoute => "no_route",
+            DropReason::PolicyEgress => "policy_egress",
+            DropReason::PolicyIngress => "policy_ingress",
+            DropReason::ArpUnanswered => "arp_unanswered",
+            DropReason::RedirectFailed => "redirect_failed",
+        }
+    }
+
+    pub fn from_code(code: u32) -> Option<DropReason> {
+        DropReason::ALL.iter().copied().find(|r| *r as u32 == code)
+    }
+}
+
+/// `VERSE_ENDPOINTS`: key = ifindex (u32) of the host-side veth of an endpoint on this host.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Endpoint {
+    /// The endpoint's IPv4 address, network order.
+    pub ip: [u8; 4],
+    /// The endpoint's MAC (the workload side of the veth).
+    pub mac: [u8; 6],
+    pub _pad: [u8; 2],
+    /// Universe network id (24 bits used).
+    pub vni: u32,
+    /// Security identity: one per distinct (universe, set of groups). Also the key of the
+    /// endpoint's policy in `VERSE_POLICY`.
+    pub identity: u32,
+}
+
+/// `VERSE_ROUTES` key: an address within a universe.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default, PartialOrd, Ord)]
+pub struct RouteKey {
+    pub vni: u32,
+    pub ip: [u8; 4],
+}
+
+/// `VERSE_ROUTES` value: where an endpoint address lives.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Route {
+    /// Host-side veth of the endpoint (local endpoints).
+    pub ifindex: u32,
+    /// Security identity of the endpoint.
+    pub identity: u32,
+    /// MAC of the endpoint, written as the destination of delivered frames.
+    pub mac: [u8; 6],
+    pub _pad: [u8; 2],
+}
+
+/// `VERSE_CIDRS` LPM key data (after the kernel's `prefixlen`): universe then address, both
+/// network order, so that `prefixlen = 32 + cidr_len`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default, PartialOrd, Ord)]
+pub struct CidrKey {
+    pub vni: [u8; 4],
+    pub addr: [u8; 4],
+}
+
+/// Bits of `CidrKey` before the address.
+pub const CIDR_KEY_VNI_BITS: u32 = 32;
+
+/// `VERSE_POLICY` LPM key data. One trie holds every policy of the host; an entry allows.
+///
+/// Bits, most significant first: policy (the local endpoint's identity), direction, peer,
+/// protocol, port. A rule for "all protocols" stops its prefix after the peer; a rule for one
+/// protocol without ports after the protocol; a port range is split into aligned power-of-two
+/// blocks, each a prefix of the port. For ICMP the port is `type << 8 | code`. Any match means
+/// allow (S1), so the longest-match semantics of the trie never hide a rule.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default, PartialOrd, Ord)]
+pub struct PolicyKey {
+    pub policy: [u8; 4],
+    pub direction: u8,
+    pub peer: [u8; 4],
+    pub proto: u8,
+    pub port: [u8; 2],
+}
+
+/// Prefix lengths within `PolicyKey`.
+pub mod policy_prefix {
+    /// Up to and including the peer: "any protocol".
+    pub const PEER: u32 = 72;
+    /// Up to and including the protocol: "this protocol, any port / type".
+    pub const PROTO: u32 = 80;
+    /// The whole key.
+    pub const FULL: u32 = 96;
+}
+
+pub const DIRECTION_INGRESS: u8 = 0;
+pub const DIRECTION_EGRESS: u8 = 1;
+
+/// Peer values in `PolicyKey::peer`.
+pub mod peer {
+    /// A rule whose peer is 0.0.0.0/0: matches every source or destination.
+    pub const ANY: u32 = 0;
+    /// Identities are below this; CIDR classes have this bit set.
+    pub const CIDR_FLAG: u32 = 0x8000_0000;
+}
+
+/// Identities fit the 16-bit group id of the VXLAN-GBP header.
+pub const MAX_IDENTITY: u32 = 0xFFFF;
+
+/// `VERSE_CT` key: a flow as first seen (its original direction) in a universe (S7).
+/// TCP/UDP: ports. ICMP echo: request `sport = id, dport = 0`, reply `sport = 0, dport = id`, so a
+/// reply's key is the request's reversed. Other protocols: ports 0.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct CtKey {
+    pub vni: u32,
+    pub src: [u8; 4],
+    pub dst: [u8; 4],
+    pub sport: u16,
+    pub dport: u16,
+    pub proto: u8,
+    pub _pad: [u8; 3],
+}
+
+impl CtKey {
+    pub const fn reversed(&self) -> CtKey {
+        CtKey {
+            vni: self.vni,
+            src: self.dst,
+            dst: self.src,
+            sport: self.dport,
+            dport: self.sport,
+            proto: self.proto,
+            _pad: [0; 3],
+        }
+    }
+}
+
+/// `VERSE_CT` value.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct CtEntry {
+    /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC) of the last packet either way.
+    pub last_seen_ns: u64,
+    /// One of `ct_state`; selects the idle timeout.
+    pub state: u8,
+    pub _pad: [u8; 7],
+}
+
+/// Connection-tracking states; each indexes `Config::timeouts_ns` (S9).
+pub mod ct_state {
+    pub const TCP_OPENING: u8 = 0;
+    pub const TCP_ESTABLISHED: u8 = 1;
+    pub const TCP_CLOSING: u8 = 2;
+    pub const UDP_ONE_WAY: u8 = 3;
+    pub const UDP_REPLIED: u8 = 4;
+    pub const ICMP: u8 = 5;
+    pub const OTHER: u8 = 6;
+    pub const COUNT: usize = 7;
+}
+
+/// `VERSE_CONFIG` (array, one slot): settings the controller writes at start.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Config {
+    /// Idle timeout per `ct_state`, nanoseconds.
+    pub timeouts_ns: [u64; ct_state::COUNT],
+    /// MAC the dataplane answers ARP with and writes as the source of delivered frames.
+    pub gateway_mac: [u8; 6],
+    pub _pad: [u8; 2],
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: every type below is `#[repr(C)]`, `Copy`, made only of integers and byte arrays,
+    // with explicit padding fields, so any bit pattern is valid and there are no hidden bytes.
+    unsafe impl aya::Pod for super::Endpoint {}
+    unsafe impl aya::Pod for super::RouteKey {}
+    unsafe impl aya::Pod for super::Route {}
+    unsafe impl aya::Pod for super::CidrKey {}
+    unsafe impl aya::Pod for super::PolicyKey {}
+    unsafe impl aya::Pod for super::CtKey {}
+    unsafe impl aya::Pod for super::CtEntry {}
+    unsafe impl aya::Pod for super::Config {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use core::mem::size_of;
+
+    #[test]
+    fn layouts_have_no_implicit_padding() {
+        assert_eq!(size_of::<Endpoint>(), 20);
+        assert_eq!(size_of::<RouteKey>(), 8);
+        assert_eq!(size_of::<Route>(), 16);
+        assert_eq!(size_of::<CidrKey>(), 8);
+        assert_eq!(size_of::<PolicyKey>(), 12);
+        assert_eq!(size_of::<CtKey>(), 20);
+        assert_eq!(size_of::<CtEntry>(), 16);
+        assert_eq!(size_of::<Config>(), 64);
+    }
+
+    #[test]
+    fn drop_reason_codes_round_trip_and_fit_the_counter_array() {
+        for r in DropReason::ALL {
+            assert_eq!(DropReason::from_code(r as u32), Some(r));
+            assert!((r as u32) < capacity::DROPS);
+        }
+    }
+
+    #[test]
+    fn policy_prefixes_match_the_key_layout() {
+        assert_eq!(policy_prefix::FULL as usize, size_of::<PolicyKey>() * 8);
+    }
+}
