@@ -1,1 +1,666 @@
-//! TODO
+//! The REST API (`/v1`, JSON) of the product contract, served by every `versed`.
+//!
+//! Contract: every route of `shared/product.md` ("REST API"). Collections are JSON arrays.
+//! Errors are `{"error": {"code", "message"}}` with 400 (invalid input; the message starts with
+//! the field at fault), 404 (unknown id or route) or 409 (duplicate, in use, limit). Request
+//! bodies are parsed here, from bytes, so that malformed JSON, a wrong type, an unknown or a
+//! missing field are 400s naming the field too. Mutations carry the new revision in the
+//! `Verse-Revision` header and return only once this host's reconciler has realized that
+//! revision (bounded by [`REALIZE_TIMEOUT`]; past it they return anyway and log a warning), so
+//! when `POST /v1/endpoints` returns, the interface exists and its policy is in force.
+//!
+//! The handlers only translate: every edit is a function of [`crate::model`], committed through
+//! [`Store::edit`].
+
+use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::rejection::{BytesRejection, PathRejection, QueryRejection};
+use axum::extract::{Path as UrlPath, Query, State as AxState};
+use axum::http::{header, HeaderName, HeaderValue, Method, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use dataplane_common::DropReason;
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+
+use crate::model::{self, ErrorKind, State};
+use crate::store::{self, Store};
+
+/// Header carrying the revision a mutation produced (S13).
+pub const REVISION_HEADER: &str = "verse-revision";
+/// How long a mutation waits for this host to realize its revision before returning anyway.
+pub const REALIZE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Where `ip netns add` puts named namespaces (iproute2 `NETNS_RUN_DIR`, and its older path).
+pub const NETNS_DIRS: [&str; 2] = ["/var/run/netns", "/run/netns"];
+
+/// Counters read from this host's dataplane, for `/metrics`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// Packets dropped, by reason, summed over CPUs. Reasons missing here count as 0.
+    pub drops: BTreeMap<DropReason, u64>,
+}
+
+/// Reads [`Stats`] from the dataplane; called on every scrape of `/metrics`.
+pub type StatsFn = Arc<dyn Fn() -> anyhow::Result<Stats> + Send + Sync>;
+
+/// What the handlers share.
+#[derive(Clone)]
+pub struct AppState {
+    pub store: Store,
+    /// The host this daemon serves: the default `host` of new endpoints.
+    pub host: String,
+    /// This host's underlay address, if it has one (shown by `GET /v1/hosts`).
+    pub underlay_ip: Option<Ipv4Addr>,
+    /// The revision this host's reconciler has realized in the dataplane.
+    pub realized: watch::Receiver<u64>,
+    pub stats: StatsFn,
+}
+
+/// One host as `GET /v1/hosts` shows it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Host {
+    pub name: String,
+    pub underlay_ip: Option<Ipv4Addr>,
+    /// The revision the host has realized in its dataplane (S13).
+    pub revision: u64,
+    pub healthy: bool,
+}
+
+/// An endpoint as the API shows it (the model's endpoint without its internal identity).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EndpointView {
+    pub id: String,
+    pub universe: String,
+    pub host: String,
+    pub netns: String,
+    pub ip: Ipv4Addr,
+    pub mac: String,
+    pub interface: String,
+    pub security_groups: Vec<String>,
+}
+
+impl From<&model::Endpoint> for EndpointView {
+    fn from(e: &model::Endpoint) -> EndpointView {
+        EndpointView {
+            id: e.id.clone(),
+            universe: e.universe.clone(),
+            host: e.host.clone(),
+            netns: e.netns.clone(),
+            ip: e.ip,
+            mac: e.mac.clone(),
+            interface: e.interface.clone(),
+            security_groups: e.security_groups.clone(),
+        }
+    }
+}
+
+/// The body of every error response.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    pub error: ErrorDetail,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorDetail {
+    pub code: String,
+    pub message: String,
+}
+
+/// An error response.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> ApiError {
+        ApiError { status, code, message: message.into() }
+    }
+    fn invalid(field: &str, message: impl std::fmt::Display) -> ApiError {
+        ApiError::new(StatusCode::BAD_REQUEST, "invalid_argument", format!("{field}: {message}"))
+    }
+}
+
+impl From<model::Error> for ApiError {
+    fn from(e: model::Error) -> ApiError {
+        let status = match e.kind {
+            ErrorKind::Invalid => StatusCode::BAD_REQUEST,
+            ErrorKind::NotFound => StatusCode::NOT_FOUND,
+            ErrorKind::Conflict => StatusCode::CONFLICT,
+        };
+        ApiError::new(status, e.code, e.message)
+    }
+}
+
+impl From<store::Error> for ApiError {
+    fn from(e: store::Error) -> ApiError {
+        match e {
+            store::Error::Rejected(e) => e.into(),
+            other => {
+                tracing::error!(error = %other, "store failure");
+                ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", other.to_string())
+            }
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = ErrorBody { error: ErrorDetail { code: self.code.into(), message: self.message } };
+        (self.status, Json(body)).into_response()
+    }
+}
+
+type ApiResult = Result<Response, ApiError>;
+
+/// The API's router, every route of the contract plus `/healthz`, `/metrics` and
+/// `/v1/openapi.json`.
+pub fn router(state: AppState) -> Router {
+    use axum::routing::{delete, post};
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/metrics", get(metrics))
+        .route("/v1/openapi.json", get(openapi))
+        .route("/v1/universes", post(create_universe).get(list_universes))
+        .route("/v1/universes/{id}", get(get_universe).delete(delete_universe))
+        .route("/v1/security-groups", post(create_group).get(list_groups))
+        .route("/v1/security-groups/{id}", get(get_group).delete(delete_group))
+        .route("/v1/security-groups/{id}/rules", post(add_rule))
+        .route("/v1/security-groups/{id}/rules/{rule_id}", delete(delete_rule))
+        .route("/v1/endpoints", post(create_endpoint).get(list_endpoints))
+        .route(
+            "/v1/endpoints/{id}",
+            get(get_endpoint).patch(patch_endpoint).delete(delete_endpoint),
+        )
+        .route("/v1/hosts", get(list_hosts))
+        .fallback(no_route)
+        .method_not_allowed_fallback(method_not_allowed)
+        .with_state(state)
+}
+
+// ---- Helpers ----
+
+/// Parses a request body as `T`, naming the field at fault on any error.
+fn parse_body<T: DeserializeOwned>(body: Result<Bytes, BytesRejection>) -> Result<T, ApiError> {
+    let body = body.map_err(|e| ApiError::invalid("body", e.body_text()))?;
+    let mut de = serde_json::Deserializer::from_slice(&body);
+    let value: T = serde_path_to_error::deserialize(&mut de).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        let field = if inner.is_syntax() || inner.is_eof() {
+            "body".to_owned()
+        } else if path != "." {
+            path
+        } else {
+            // Missing and unknown fields are reported at their parent; their name is the
+            // first `quoted` word of serde's message ("missing field `name`").
+            backticked(&inner.to_string()).unwrap_or_else(|| "body".to_owned())
+        };
+        ApiError::invalid(&field, strip_position(&inner))
+    })?;
+    de.end().map_err(|e| ApiError::invalid("body", strip_position(&e)))?;
+    Ok(value)
+}
+
+/// serde_json's message without its " at line L column C" suffix, which says nothing to an API
+/// user once the field is named.
+fn strip_position(e: &serde_json::Error) -> String {
+    let s = e.to_string();
+    match s.rfind(" at line ") {
+        Some(i) if e.line() > 0 => s[..i].to_owned(),
+        _ => s,
+    }
+}
+
+fn backticked(s: &str) -> Option<String> {
+    let start = s.find('`')? + 1;
+    let len = s[start..].find('`')?;
+    Some(s[start..start + len].to_owned())
+}
+
+/// Validates query parameters against the allowed names; returns them as a map.
+fn query(q: Result<Query<Vec<(String, String)>>, QueryRejection>, allowed: &[&str]) -> Result<BTreeMap<String, String>, ApiError> {
+    let Query(pairs) = q.map_err(|e| ApiError::invalid("query", e.body_text()))?;
+    let mut out = BTreeMap::new();
+    for (k, v) in pairs {
+        if !allowed.contains(&k.as_str()) {
+            return Err(ApiError::invalid(&k, format!("unknown query parameter (expected one of: {})", allowed.join(", "))));
+        }
+        if out.insert(k.clone(), v).is_some() {
+            return Err(ApiError::invalid(&k, "query parameter given more than once"));
+        }
+    }
+    Ok(out)
+}
+
+fn path<T>(p: Result<UrlPath<T>, PathRejection>) -> Result<T, ApiError> {
+    p.map(|UrlPath(v)| v).map_err(|e| ApiError::invalid("path", e.body_text()))
+}
+
+fn json_ok<T: Serialize>(value: &T) -> Response {
+    (StatusCode::OK, Json(value)).into_response()
+}
+
+/// Commits an edit, waits until this host has realized it, and answers `status` with the
+/// revision header and `view(result)` as the body (none for 204).
+async fn mutate<T, F, V>(st: &AppState, status: StatusCode, f: F, view: impl FnOnce(T) -> Option<V>) -> ApiResult
+where
+    F: FnOnce(&mut State) -> model::Result<T> + Send,
+    T: Send + 'static,
+    V: Serialize,
+{
+    let (out, revision) = st.store.edit(f).await?;
+    wait_realized(st, revision).await;
+    let rev = HeaderValue::from(revision);
+    let name = HeaderName::from_static(REVISION_HEADER);
+    Ok(match view(out) {
+        Some(body) => (status, [(name, rev)], Json(body)).into_response(),
+        None => (status, [(name, rev)]).into_response(),
+    })
+}
+
+/// Waits (bounded) until the local reconciler has realized `revision`.
+async fn wait_realized(st: &AppState, revision: u64) {
+    let mut rx = st.realized.clone();
+    let outcome = tokio::time::timeout(REALIZE_TIMEOUT, rx.wait_for(|r| *r >= revision))
+        .await
+        .map(|r| r.map(|_| ()));
+    match outcome {
+        Ok(Ok(())) => {}
+        Ok(Err(_)) => tracing::warn!(revision, "the reconciler is gone; returning before the edit is realized"),
+        Err(_) => tracing::warn!(
+            revision,
+            realized = *st.realized.borrow(),
+            timeout_s = REALIZE_TIMEOUT.as_secs(),
+            "revision not realized in time; returning before the edit is in force"
+        ),
+    }
+}
+
+/// A name `ip netns` could have made: one path component.
+fn check_netns(name: &str) -> Result<(), ApiError> {
+    if name.is_empty() || name == "." || name == ".." || name.contains('/') || name.contains('\0') {
+        return Err(ApiError::invalid("netns", format!("{name:?} is not a network namespace name")));
+    }
+    if NETNS_DIRS.iter().any(|d| Path::new(d).join(name).exists()) {
+        Ok(())
+    } else {
+        Err(ApiError::invalid(
+            "netns",
+            format!("network namespace {name:?} does not exist on this host (create it with `ip netns add {name}`)"),
+        ))
+    }
+}
+
+// ---- Handlers ----
+
+async fn healthz() -> &'static str {
+    "ok"
+}
+
+async fn no_route(method: Method, uri: Uri) -> ApiError {
+    ApiError::new(StatusCode::NOT_FOUND, "not_found", format!("no route for {method} {}", uri.path()))
+}
+
+async fn method_not_allowed(method: Method, uri: Uri) -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        format!("method {method} is not allowed on {}", uri.path()),
+    )
+}
+
+async fn create_universe(AxState(st): AxState<AppState>, body: Result<Bytes, BytesRejection>) -> ApiResult {
+    let req: model::CreateUniverse = parse_body(body)?;
+    mutate(&st, StatusCode::CREATED, move |s| s.create_universe(req), Some).await
+}
+
+async fn list_universes(AxState(st): AxState<AppState>) -> ApiResult {
+    let snap = st.store.snapshot();
+    Ok(json_ok(&snap.universes.values().collect::<Vec<_>>()))
+}
+
+async fn get_universe(AxState(st): AxState<AppState>, id: Result<UrlPath<String>, PathRejection>) -> ApiResult {
+    let id = path(id)?;
+    let snap = st.store.snapshot();
+    let u = snap.universes.get(&id).ok_or_else(|| model::Error::not_found("universe", &id))?;
+    Ok(json_ok(u))
+}
+
+async fn delete_universe(AxState(st): AxState<AppState>, id: Result<UrlPath<String>, PathRejection>) -> ApiResult {
+    let id = path(id)?;
+    mutate(&st, StatusCode::NO_CONTENT, move |s| s.delete_universe(&id), |()| None::<()>).await
+}
+
+async fn create_group(AxState(st): AxState<AppState>, body: Result<Bytes, BytesRejection>) -> ApiResult {
+    let req: model::CreateGroup = parse_body(body)?;
+    mutate(&st, StatusCode::CREATED, move |s| s.create_group(req), Some).await
+}
+
+async fn list_groups(
+    AxState(st): AxState<AppState>,
+    q: Result<Query<Vec<(String, String)>>, QueryRejection>,
+) -> ApiResult {
+    let q = query(q, &["universe"])?;
+    let snap = st.store.snapshot();
+    let groups: Vec<_> = snap
+        .groups
+        .values()
+        .filter(|g| q.get("universe").is_none_or(|u| &g.universe == u))
+        .collect();
+    Ok(json_ok(&groups))
+}
+
+async fn get_group(AxState(st): AxState<AppState>, id: Result<UrlPath<String>, PathRejection>) -> ApiResult {
+    let id = path(id)?;
+    let snap = st.store.snapshot();
+    let g = snap.groups.get(&id).ok_or_else(|| model::Error::not_found("security group", &id))?;
+    Ok(json_ok(g))
+}
+
+async fn delete_group(AxState(st): AxState<AppState>, id: Result<UrlPath<String>, PathRejection>) -> ApiResult {
+    let id = path(id)?;
+    mutate(&st, StatusCode::NO_CONTENT, move |s| s.delete_group(&id), |()| None::<()>).await
+}
+
+async fn add_rule(
+    AxState(st): AxState<AppState>,
+    id: Result<UrlPath<String>, PathRejection>,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult {
+    let id = path(id)?;
+    let req: model::CreateRule = parse_body(body)?;
+    mutate(&st, StatusCode::CREATED, move |s| s.add_rule(&id, req), Some).await
+}
+
+async fn delete_rule(
+    AxState(st): AxState<AppState>,
+    ids: Result<UrlPath<(String, String)>, PathRejection>,
+) -> ApiResult {
+    let (group, rule) = path(ids)?;
+    mutate(&st, StatusCode::NO_CONTENT, move |s| s.delete_rule(&group, &rule), |()| None::<()>).await
+}
+
+async fn create_endpoint(AxState(st): AxState<AppState>, body: Result<Bytes, BytesRejection>) -> ApiResult {
+    let req: model::CreateEndpoint = parse_body(body)?;
+    if req.host.as_deref().is_none_or(|h| h == st.host) {
+        check_netns(&req.netns)?;
+    }
+    let host = st.host.clone();
+    mutate(&st, StatusCode::CREATED, move |s| s.create_endpoint(req, &host), |e| Some(EndpointView::from(&e))).await
+}
+
+async fn list_endpoints(
+    AxState(st): AxState<AppState>,
+    q: Result<Query<Vec<(String, String)>>, QueryRejection>,
+) -> ApiResult {
+    let q = query(q, &["universe", "host"])?;
+    let snap = st.store.snapshot();
+    let eps: Vec<EndpointView> = snap
+        .endpoints
+        .values()
+        .filter(|e| q.get("universe").is_none_or(|u| &e.universe == u))
+        .filter(|e| q.get("host").is_none_or(|h| &e.host == h))
+        .map(EndpointView::from)
+        .collect();
+    Ok(json_ok(&eps))
+}
+
+async fn get_endpoint(AxState(st): AxState<AppState>, id: Result<UrlPath<String>, PathRejection>) -> ApiResult {
+    let id = path(id)?;
+    let snap = st.store.snapshot();
+    let e = snap.endpoints.get(&id).ok_or_else(|| model::Error::not_found("endpoint", &id))?;
+    Ok(json_ok(&EndpointView::from(e)))
+}
+
+async fn patch_endpoint(
+    AxState(st): AxState<AppState>,
+    id: Result<UrlPath<String>, PathRejection>,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult {
+    let id = path(id)?;
+    let req: model::PatchEndpoint = parse_body(body)?;
+    mutate(&st, StatusCode::OK, move |s| s.patch_endpoint(&id, req), |e| Some(EndpointView::from(&e))).await
+}
+
+async fn delete_endpoint(AxState(st): AxState<AppState>, id: Result<UrlPath<String>, PathRejection>) -> ApiResult {
+    let id = path(id)?;
+    mutate(&st, StatusCode::NO_CONTENT, move |s| s.delete_endpoint(&id), |_| None::<()>).await
+}
+
+async fn list_hosts(AxState(st): AxState<AppState>) -> ApiResult {
+    // The embedded store serves one host: this one, healthy since it answers.
+    let host = Host { name: st.host.clone(), underlay_ip: st.underlay_ip, revision: *st.realized.borrow(), healthy: true };
+    Ok(json_ok(&vec![host]))
+}
+
+async fn metrics(AxState(st): AxState<AppState>) -> ApiResult {
+    let read = st.stats.clone();
+    let stats = match tokio::task::spawn_blocking(move || read()).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            tracing::error!(error = %format!("{e:#}"), "reading dataplane counters");
+            return Err(ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                format!("failed to read the dataplane counters: {e:#}"),
+            ));
+        }
+        Err(e) => {
+            return Err(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", format!("reading counters: {e}")))
+        }
+    };
+    let text = render_metrics(&st.store.snapshot(), *st.realized.borrow(), &stats)
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", format!("encoding metrics: {e}")))?;
+    Ok((
+        [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+        text,
+    )
+        .into_response())
+}
+
+/// The `/metrics` text (OpenMetrics, which Prometheus reads).
+pub fn render_metrics(state: &State, realized: u64, stats: &Stats) -> Result<String, std::fmt::Error> {
+    use prometheus_client::metrics::counter::Counter;
+    use prometheus_client::metrics::family::Family;
+    use prometheus_client::metrics::gauge::Gauge;
+    use prometheus_client::registry::Registry;
+
+    // A registry per scrape: every value is read afresh from the state and the dataplane, so
+    // nothing is cached between scrapes.
+    let mut reg = Registry::with_prefix("verse");
+    let drops = Family::<Vec<(String, String)>, Counter>::default();
+    for reason in DropReason::ALL {
+        let n = stats.drops.get(&reason).copied().unwrap_or(0);
+        drops.get_or_create(&vec![("reason".to_owned(), reason.label().to_owned())]).inc_by(n);
+    }
+    reg.register("drops", "Packets dropped by the dataplane, by reason", drops);
+    let gauge = |reg: &mut Registry, name: &str, help: &str, v: u64| {
+        let g = Gauge::<i64>::default();
+        g.set(i64::try_from(v).unwrap_or(i64::MAX));
+        reg.register(name, help, g);
+    };
+    let rules: usize = state.groups.values().map(|g| g.ingress.len() + g.egress.len()).sum();
+    gauge(&mut reg, "endpoints", "Endpoints in the desired state (all hosts)", state.endpoints.len() as u64);
+    gauge(&mut reg, "rules", "Security group rules in the desired state", rules as u64);
+    gauge(&mut reg, "security_groups", "Security groups in the desired state", state.groups.len() as u64);
+    gauge(&mut reg, "universes", "Universes in the desired state", state.universes.len() as u64);
+    gauge(&mut reg, "revision", "Revision of the desired state (S13)", state.revision);
+    gauge(&mut reg, "realized_revision", "Revision realized in this host's dataplane (S13)", realized);
+    let mut out = String::new();
+    prometheus_client::encoding::text::encode(&mut out, &reg)?;
+    Ok(out)
+}
+
+async fn openapi() -> Response {
+    json_ok(&openapi_document())
+}
+
+/// The OpenAPI 3 description of this API.
+pub fn openapi_document() -> serde_json::Value {
+    use serde_json::json;
+    let r = |name: &str| json!({ "$ref": format!("#/components/schemas/{name}") });
+    let body = |name: &str| json!({ "required": true, "content": { "application/json": { "schema": r(name) } } });
+    let ok = |desc: &str, schema: serde_json::Value| json!({ "description": desc, "content": { "application/json": { "schema": schema } } });
+    let array = |name: &str| json!({ "type": "array", "items": r(name) });
+    let err = |desc: &str| json!({ "description": desc, "content": { "application/json": { "schema": r("Error") } } });
+    let rev = json!({ "Verse-Revision": { "$ref": "#/components/headers/Verse-Revision" } });
+    let created = |desc: &str, name: &str| {
+        json!({ "description": desc, "headers": rev, "content": { "application/json": { "schema": r(name) } } })
+    };
+    let no_content = |desc: &str| json!({ "description": desc, "headers": rev });
+    let id_param = |name: &str, desc: &str| json!({ "name": name, "in": "path", "required": true, "description": desc, "schema": { "type": "string" } });
+    let query_param = |name: &str, desc: &str| json!({ "name": name, "in": "query", "required": false, "description": desc, "schema": { "type": "string" } });
+    let e400 = err("Invalid input; the message names the field at fault");
+    let e404 = err("Unknown id");
+    let e409 = err("Conflict: duplicate, in use, or limit reached");
+
+    json!({
+        "openapi": "3.0.3",
+        "info": {
+            "title": "Verse API",
+            "version": env!("CARGO_PKG_VERSION"),
+            "description": "Universes, security groups, rules and endpoints of a Verse fleet. Every mutation returns the revision it produced in the Verse-Revision header and returns once the serving host has realized it."
+        },
+        "paths": {
+            "/healthz": { "get": { "summary": "Liveness", "responses": { "200": { "description": "The daemon is up", "content": { "text/plain": { "schema": { "type": "string", "enum": ["ok"] } } } } } } },
+            "/metrics": { "get": { "summary": "Prometheus metrics (OpenMetrics text)", "responses": {
+                "200": { "description": "verse_drops_total{reason}, verse_endpoints, verse_rules, verse_security_groups, verse_universes, verse_revision, verse_realized_revision", "content": { "application/openmetrics-text": { "schema": { "type": "string" } } } },
+                "500": err("The dataplane counters could not be read") } } },
+            "/v1/openapi.json": { "get": { "summary": "This document", "responses": { "200": { "description": "OpenAPI 3 document", "content": { "application/json": { "schema": { "type": "object" } } } } } } },
+            "/v1/universes": {
+                "post": { "summary": "Create a universe (and its default group)", "requestBody": body("CreateUniverse"),
+                    "responses": { "201": created("The universe", "Universe"), "400": e400, "409": e409 } },
+                "get": { "summary": "List universes", "responses": { "200": ok("Every universe", array("Universe")) } }
+            },
+            "/v1/universes/{id}": {
+                "parameters": [id_param("id", "Universe id (uni-...)")],
+                "get": { "summary": "Show a universe", "responses": { "200": ok("The universe", r("Universe")), "404": e404 } },
+                "delete": { "summary": "Delete a universe and its groups", "responses": { "204": no_content("Deleted"), "404": e404, "409": err("The universe still has endpoints") } }
+            },
+            "/v1/security-groups": {
+                "post": { "summary": "Create a security group (S2: no ingress rule, egress to all)", "requestBody": body("CreateSecurityGroup"),
+                    "responses": { "201": created("The group", "SecurityGroup"), "400": e400, "404": err("Unknown universe"), "409": e409 } },
+                "get": { "summary": "List security groups", "parameters": [query_param("universe", "Only the groups of this universe")],
+                    "responses": { "200": ok("The groups", array("SecurityGroup")), "400": err("Unknown query parameter") } }
+            },
+            "/v1/security-groups/{id}": {
+                "parameters": [id_param("id", "Security group id (sg-...)")],
+                "get": { "summary": "Show a security group with its rules", "responses": { "200": ok("The group", r("SecurityGroup")), "404": e404 } },
+                "delete": { "summary": "Delete a security group", "responses": { "204": no_content("Deleted"), "404": e404, "409": err("The group is in use by an endpoint, referenced by a rule, or a default group") } }
+            },
+            "/v1/security-groups/{id}/rules": {
+                "parameters": [id_param("id", "Security group id (sg-...)")],
+                "post": { "summary": "Add a rule", "requestBody": body("CreateRule"),
+                    "responses": { "201": created("The rule", "Rule"), "400": e400, "404": err("Unknown group (or peer group)"), "409": err("Duplicate rule, or 1000 rules per group reached, or the dataplane would not fit it") } }
+            },
+            "/v1/security-groups/{id}/rules/{rule_id}": {
+                "parameters": [id_param("id", "Security group id (sg-...)"), id_param("rule_id", "Rule id (sgr-...)")],
+                "delete": { "summary": "Delete a rule (tracked connections it allowed go on, S8)", "responses": { "204": no_content("Deleted"), "404": e404 } }
+            },
+            "/v1/endpoints": {
+                "post": { "summary": "Create an endpoint: plug a workload namespace into a universe", "requestBody": body("CreateEndpoint"),
+                    "responses": { "201": created("The endpoint; on return its interface exists and its policy is in force", "Endpoint"), "400": e400, "404": err("Unknown universe or group"), "409": e409 } },
+                "get": { "summary": "List endpoints", "parameters": [query_param("universe", "Only the endpoints of this universe"), query_param("host", "Only the endpoints on this host")],
+                    "responses": { "200": ok("The endpoints", array("Endpoint")), "400": err("Unknown query parameter") } }
+            },
+            "/v1/endpoints/{id}": {
+                "parameters": [id_param("id", "Endpoint id (ep-...)")],
+                "get": { "summary": "Show an endpoint", "responses": { "200": ok("The endpoint", r("Endpoint")), "404": e404 } },
+                "patch": { "summary": "Replace the security groups of an endpoint (S5)", "requestBody": body("PatchEndpoint"),
+                    "responses": { "200": { "description": "The endpoint", "headers": rev, "content": { "application/json": { "schema": r("Endpoint") } } }, "400": e400, "404": e404, "409": e409 } },
+                "delete": { "summary": "Delete an endpoint and its interface", "responses": { "204": no_content("Deleted"), "404": e404 } }
+            },
+            "/v1/hosts": {
+                "get": { "summary": "Hosts and the revision each has realized (S13)", "responses": { "200": ok("The hosts", array("Host")) } }
+            }
+        },
+        "components": {
+            "headers": {
+                "Verse-Revision": { "description": "Revision of the desired state after this edit (S13)", "schema": { "type": "integer", "format": "int64", "minimum": 0 } }
+            },
+            "schemas": {
+                "Error": { "type": "object", "required": ["error"], "properties": { "error": {
+                    "type": "object", "required": ["code", "message"], "properties": {
+                        "code": { "type": "string", "description": "invalid_argument, not_found, duplicate, in_use, limit_exceeded, protected, ..." },
+                        "message": { "type": "string", "description": "For 400s, starts with the field at fault" } } } } },
+                "CreateUniverse": { "type": "object", "additionalProperties": false, "required": ["name"],
+                    "description": "Exactly one of cidr and cidrs.",
+                    "properties": {
+                        "name": { "type": "string" },
+                        "cidr": { "type": "string", "example": "10.1.0.0/16" },
+                        "cidrs": { "type": "array", "items": { "type": "string" }, "minItems": 1 } } },
+                "Universe": { "type": "object", "required": ["id", "name", "cidrs", "vni"], "properties": {
+                    "id": { "type": "string", "pattern": "^uni-[0-9a-f]{8}$" },
+                    "name": { "type": "string" },
+                    "cidrs": { "type": "array", "items": { "type": "string" }, "description": "Canonical IPv4 CIDRs" },
+                    "vni": { "type": "integer", "minimum": 0, "maximum": 16777215 } } },
+                "CreateSecurityGroup": { "type": "object", "additionalProperties": false, "required": ["universe", "name"], "properties": {
+                    "universe": { "type": "string", "description": "Universe id" },
+                    "name": { "type": "string" },
+                    "description": { "type": "string" } } },
+                "SecurityGroup": { "type": "object", "required": ["id", "universe", "name", "description", "ingress", "egress"], "properties": {
+                    "id": { "type": "string", "pattern": "^sg-[0-9a-f]{8}$" },
+                    "universe": { "type": "string" },
+                    "name": { "type": "string" },
+                    "description": { "type": "string" },
+                    "ingress": { "type": "array", "items": r("Rule") },
+                    "egress": { "type": "array", "items": r("Rule") } } },
+                "CreateRule": { "type": "object", "additionalProperties": false, "required": ["direction", "protocol"],
+                    "description": "Exactly one of cidr and group. tcp/udp take from_port and to_port (inclusive); icmp/icmpv6 take icmp_type and icmp_code (-1 = any).",
+                    "properties": {
+                        "direction": { "type": "string", "enum": ["ingress", "egress"] },
+                        "protocol": { "oneOf": [ { "type": "string", "description": "tcp, udp, icmp, icmpv6, all, or a number 0-255 as a string" }, { "type": "integer", "minimum": 0, "maximum": 255 } ] },
+                        "from_port": { "type": "integer", "minimum": 0, "maximum": 65535 },
+                        "to_port": { "type": "integer", "minimum": 0, "maximum": 65535 },
+                        "icmp_type": { "type": "integer", "minimum": -1, "maximum": 255 },
+                        "icmp_code": { "type": "integer", "minimum": -1, "maximum": 255 },
+                        "cidr": { "type": "string", "description": "Peer CIDR; stored canonical" },
+                        "group": { "type": "string", "description": "Peer security group id, same universe" },
+                        "description": { "type": "string" } } },
+                "Rule": { "type": "object", "required": ["id", "direction", "protocol", "description"], "properties": {
+                    "id": { "type": "string", "pattern": "^sgr-[0-9a-f]{8}$" },
+                    "direction": { "type": "string", "enum": ["ingress", "egress"] },
+                    "protocol": { "type": "string", "description": "tcp, udp, icmp, icmpv6, all, or a number" },
+                    "from_port": { "type": "integer" },
+                    "to_port": { "type": "integer" },
+                    "icmp_type": { "type": "integer", "description": "-1 = any" },
+                    "icmp_code": { "type": "integer", "description": "-1 = any" },
+                    "cidr": { "type": "string" },
+                    "group": { "type": "string" },
+                    "description": { "type": "string" } } },
+                "CreateEndpoint": { "type": "object", "additionalProperties": false, "required": ["universe", "netns", "ip"], "properties": {
+                    "universe": { "type": "string", "description": "Universe id" },
+                    "host": { "type": "string", "description": "Host to place it on; default: the host serving the request" },
+                    "netns": { "type": "string", "description": "An existing `ip netns` namespace on that host" },
+                    "ip": { "type": "string", "format": "ipv4", "description": "Within one of the universe's CIDRs" },
+                    "security_groups": { "type": "array", "items": { "type": "string" }, "maxItems": 16, "description": "Group ids; default: the universe's default group" } } },
+                "PatchEndpoint": { "type": "object", "additionalProperties": false, "required": ["security_groups"], "properties": {
+                    "security_groups": { "type": "array", "items": { "type": "string" }, "maxItems": 16 } } },
+                "Endpoint": { "type": "object", "required": ["id", "universe", "host", "netns", "ip", "mac", "interface", "security_groups"], "properties": {
+                    "id": { "type": "string", "pattern": "^ep-[0-9a-f]{8}$" },
+                    "universe": { "type": "string" },
+                    "host": { "type": "string" },
+                    "netns": { "type": "string" },
+                    "ip": { "type": "string", "format": "ipv4" },
+                    "mac": { "type": "string" },
+                    "interface": { "type": "string", "description": "Host-side veth" },
+                    "security_groups": { "type": "array", "items": { "type": "string" } } } },
+                "Host": { "type": "object", "required": ["name", "underlay_ip", "revision", "healthy"], "properties": {
+                    "name": { "type": "string" },
+                    "underlay_ip": { "type": "string", "format": "ipv4", "nullable": true },
+                    "revision": { "type": "integer", "format": "int64", "description": "Revision realized in the host's dataplane" },
+                    "healthy": { "type": "boolean" } } }
+            }
+        }
+    })
+}

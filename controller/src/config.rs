@@ -1,1 +1,515 @@
-//! TODO
+//! The daemon's settings: a TOML file, every setting optional with a working default, and the
+//! command-line flags that override it.
+//!
+//! Contract: [`Config::load`] reads the file named by `--config` (or starts from the defaults),
+//! applies the flags, and validates the result; a file with an unknown key or a value of the
+//! wrong type is refused with an error naming the key. [`Config::default_toml`] prints every
+//! setting with its documentation and default (`versed --print-default-config`), and parses
+//! back to [`Config::default`].
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use dataplane_common as dp;
+use serde::{Deserialize, Serialize};
+
+/// What went wrong with the configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The file named by `--config` could not be read.
+    #[error("failed to read config file {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    /// The file is not valid TOML for [`Config`] (unknown key, wrong type, ...); the message of
+    /// the TOML parser names the key and its line.
+    #[error("invalid config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    /// A setting has a value that parses but cannot be used.
+    #[error("invalid setting {key} = {value:?}: {reason}")]
+    Invalid { key: &'static str, value: String, reason: String },
+    /// This machine's hostname could not be read (and `host` was not set).
+    #[error("failed to read this machine's hostname (set `host` or --host): {0}")]
+    Hostname(std::io::Error),
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// `versed` command line. Flags override the settings of the file.
+#[derive(Clone, Debug, Default, clap::Parser)]
+#[command(name = "versed", version, about = "The Verse daemon: serves the API and programs this host's dataplane")]
+pub struct Args {
+    /// TOML settings file (see --print-default-config); without it, the defaults.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Print every setting with its documentation and default value, then exit.
+    #[arg(long)]
+    pub print_default_config: bool,
+    /// Address the REST API listens on (overrides `listen`).
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub listen: Option<SocketAddr>,
+    /// Directory of the daemon's state (overrides `state_dir`).
+    #[arg(long, value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
+    /// Name of this host in the control plane (overrides `host`).
+    #[arg(long, value_name = "NAME")]
+    pub host: Option<String>,
+    /// Underlay interface (overrides `underlay`).
+    #[arg(long, value_name = "IFACE")]
+    pub underlay: Option<String>,
+    /// Control-plane store: `embedded` or `etcd://HOST:PORT[,HOST:PORT...]` (overrides `store`).
+    #[arg(long, value_name = "URL")]
+    pub store: Option<String>,
+}
+
+/// Where the desired state lives, parsed from the `store` setting.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum StoreKind {
+    /// A JSON file in `state_dir`: one host, nothing to install.
+    Embedded,
+    /// An etcd cluster, by its client endpoints (`HOST:PORT`).
+    Etcd(Vec<String>),
+}
+
+impl StoreKind {
+    /// Parses `embedded` or `etcd://HOST:PORT[,HOST:PORT...]`.
+    pub fn parse(url: &str) -> Result<StoreKind> {
+        let invalid = |reason: &str| Error::Invalid { key: "store", value: url.to_owned(), reason: reason.to_owned() };
+        if url == "embedded" {
+            return Ok(StoreKind::Embedded);
+        }
+        let Some(list) = url.strip_prefix("etcd://") else {
+            return Err(invalid("expected \"embedded\" or \"etcd://HOST:PORT[,HOST:PORT...]\""));
+        };
+        let mut endpoints = Vec::new();
+        for hp in list.split(',') {
+            let port_ok = hp
+                .rsplit_once(':')
+                .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p != 0));
+            if !port_ok {
+                return Err(invalid(&format!("etcd endpoint {hp:?} is not HOST:PORT")));
+            }
+            endpoints.push(hp.to_owned());
+        }
+        Ok(StoreKind::Etcd(endpoints))
+    }
+}
+
+/// Idle timeouts of tracked connections, seconds (S9).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Conntrack {
+    pub tcp_established: u64,
+    pub tcp_opening: u64,
+    pub tcp_closing: u64,
+    pub udp_replied: u64,
+    pub udp_one_way: u64,
+    pub icmp: u64,
+    pub other: u64,
+}
+
+impl Default for Conntrack {
+    fn default() -> Conntrack {
+        Conntrack {
+            tcp_established: 432_000,
+            tcp_opening: 60,
+            tcp_closing: 60,
+            udp_replied: 180,
+            udp_one_way: 30,
+            icmp: 30,
+            other: 600,
+        }
+    }
+}
+
+/// The daemon's settings. See [`Config::default_toml`] for each one's meaning.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub state_dir: PathBuf,
+    /// `None`: `<state_dir>/bpf` (see [`Config::bpf_dir`]).
+    pub bpf_dir: Option<PathBuf>,
+    /// `None`: this machine's hostname, filled in by [`Config::load`].
+    pub host: Option<String>,
+    pub underlay: Option<String>,
+    pub store: String,
+    pub mtu: u32,
+    pub gateway_mac: String,
+    pub conntrack: Conntrack,
+}
+
+impl Default for Config {
+    fn default() -> Config {
+        Config {
+            listen: SocketAddr::from(([127, 0, 0, 1], 7070)),
+            state_dir: PathBuf::from("/var/lib/verse"),
+            bpf_dir: None,
+            host: None,
+            underlay: None,
+            store: "embedded".into(),
+            mtu: 1500,
+            gateway_mac: "02:76:65:72:73:65".into(),
+            conntrack: Conntrack::default(),
+        }
+    }
+}
+
+/// Smallest MTU an IPv4 link must carry (RFC 791: every host must accept 576-byte datagrams;
+/// 68 is the minimum link MTU, RFC 791 / RFC 1122 3.3.2).
+const MIN_MTU: u32 = 68;
+/// Largest MTU a veth accepts (`ETH_MAX_MTU` in `include/uapi/linux/if_ether.h`).
+const MAX_MTU: u32 = 65535;
+
+impl Config {
+    /// Reads `args.config` (or the defaults), applies the flags of `args`, fills in the hostname
+    /// and validates. The result has `host` set.
+    pub fn load(args: &Args) -> Result<Config> {
+        let mut cfg = match &args.config {
+            Some(path) => Config::from_file(path)?,
+            None => Config::default(),
+        };
+        if let Some(v) = args.listen {
+            cfg.listen = v;
+        }
+        if let Some(v) = &args.state_dir {
+            cfg.state_dir = v.clone();
+        }
+        if let Some(v) = &args.host {
+            cfg.host = Some(v.clone());
+        }
+        if let Some(v) = &args.underlay {
+            cfg.underlay = Some(v.clone());
+        }
+        if let Some(v) = &args.store {
+            cfg.store = v.clone();
+        }
+        if cfg.host.is_none() {
+            cfg.host = Some(hostname().map_err(Error::Hostname)?);
+        }
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Parses a settings file (no flags, no validation beyond the TOML types).
+    pub fn from_file(path: &Path) -> Result<Config> {
+        let text = std::fs::read_to_string(path).map_err(|source| Error::Read { path: path.to_owned(), source })?;
+        Config::from_toml(&text).map_err(|message| Error::Parse { path: path.to_owned(), message })
+    }
+
+    /// Parses settings from TOML text; the error names the offending key.
+    pub fn from_toml(text: &str) -> Result<Config, String> {
+        toml::from_str(text).map_err(|e: toml::de::Error| e.to_string())
+    }
+
+    /// Checks every setting that parses but might not be usable.
+    pub fn validate(&self) -> Result<()> {
+        match StoreKind::parse(&self.store)? {
+            StoreKind::Embedded => {}
+            StoreKind::Etcd(_) => {
+                return Err(Error::Invalid {
+                    key: "store",
+                    value: self.store.clone(),
+                    reason: "the etcd store is not available in this version; use \"embedded\"".into(),
+                })
+            }
+        }
+        if let Some(host) = &self.host {
+            validate_host_name(host)?;
+        }
+        if !(MIN_MTU..=MAX_MTU).contains(&self.mtu) {
+            return Err(Error::Invalid {
+                key: "mtu",
+                value: self.mtu.to_string(),
+                reason: format!("must be within {MIN_MTU}..={MAX_MTU}"),
+            });
+        }
+        self.gateway_mac_bytes()?;
+        if let Some(u) = &self.underlay {
+            if u.is_empty() || u.len() > 15 || u.contains('/') || u.contains(char::is_whitespace) {
+                return Err(Error::Invalid {
+                    key: "underlay",
+                    value: u.clone(),
+                    reason: "not an interface name (1 to 15 bytes, no '/' or space)".into(),
+                });
+            }
+        }
+        let ct = &self.conntrack;
+        for (key, secs) in [
+            ("conntrack.tcp_established", ct.tcp_established),
+            ("conntrack.tcp_opening", ct.tcp_opening),
+            ("conntrack.tcp_closing", ct.tcp_closing),
+            ("conntrack.udp_replied", ct.udp_replied),
+            ("conntrack.udp_one_way", ct.udp_one_way),
+            ("conntrack.icmp", ct.icmp),
+            ("conntrack.other", ct.other),
+        ] {
+            // Zero would expire every entry at once, so no reply would ever be admitted (S6);
+            // the upper bound keeps the nanosecond value within u64.
+            if secs == 0 || secs.checked_mul(1_000_000_000).is_none() {
+                return Err(Error::Invalid {
+                    key,
+                    value: secs.to_string(),
+                    reason: "must be at least 1 second and at most 18446744073 seconds".into(),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// The bpffs directory where maps and links are pinned.
+    pub fn bpf_dir(&self) -> PathBuf {
+        self.bpf_dir.clone().unwrap_or_else(|| self.state_dir.join("bpf"))
+    }
+
+    /// The host name this daemon serves: the `host` setting, else this machine's hostname.
+    pub fn host_name(&self) -> Result<String> {
+        match &self.host {
+            Some(h) => Ok(h.clone()),
+            None => hostname().map_err(Error::Hostname),
+        }
+    }
+
+    /// `gateway_mac` as bytes.
+    pub fn gateway_mac_bytes(&self) -> Result<[u8; 6]> {
+        parse_mac(&self.gateway_mac).ok_or_else(|| Error::Invalid {
+            key: "gateway_mac",
+            value: self.gateway_mac.clone(),
+            reason: "expected six hex bytes separated by ':' (02:76:65:72:73:65)".into(),
+        })
+    }
+
+    /// The settings the dataplane reads from `VERSE_CONFIG`.
+    pub fn dataplane_config(&self) -> Result<dp::Config> {
+        use dp::ct_state as s;
+        let ct = &self.conntrack;
+        let mut timeouts_ns = [0u64; s::COUNT];
+        for (state, secs) in [
+            (s::TCP_OPENING, ct.tcp_opening),
+            (s::TCP_ESTABLISHED, ct.tcp_established),
+            (s::TCP_CLOSING, ct.tcp_closing),
+            (s::UDP_ONE_WAY, ct.udp_one_way),
+            (s::UDP_REPLIED, ct.udp_replied),
+            (s::ICMP, ct.icmp),
+            (s::OTHER, ct.other),
+        ] {
+            timeouts_ns[usize::from(state)] = secs.saturating_mul(1_000_000_000);
+        }
+        Ok(dp::Config { timeouts_ns, gateway_mac: self.gateway_mac_bytes()?, _pad: [0; 2] })
+    }
+
+    /// Every setting with a comment above it and its default value; parses back to
+    /// [`Config::default`]. Settings whose default is derived at start are shown commented out.
+    pub fn default_toml() -> String {
+        let d = Config::default();
+        let ct = &d.conntrack;
+        format!(
+            r#"# versed settings. Every setting is optional; the values shown are the defaults.
+# Command-line flags (--listen, --state-dir, --host, --underlay, --store) override this file.
+
+# Address and port of the REST API (and of /metrics, /healthz).
+listen = "{listen}"
+
+# Directory of the daemon's own state: the embedded store's state.json lives here.
+state_dir = "{state_dir}"
+
+# bpffs directory where the dataplane's maps and links are pinned, so that they survive a
+# restart of versed. Default: "<state_dir>/bpf" (a bpffs is mounted there if none is).
+# bpf_dir = "{state_dir}/bpf"
+
+# Name of this host in the control plane; endpoints created here without a host are placed on
+# it. Default: this machine's hostname.
+# host = "my-host"
+
+# Interface facing the underlay network between hosts (unused while the store is embedded).
+# Default: none.
+# underlay = "eth1"
+
+# Where the desired state lives: "embedded" (a file in state_dir, one host) or
+# "etcd://HOST:PORT[,HOST:PORT...]" (several hosts; not available in this version).
+store = "{store}"
+
+# MTU of the workload interfaces (eth0 in each workload namespace and its host-side veth).
+mtu = {mtu}
+
+# MAC address the dataplane answers ARP requests with and writes as the source of frames it
+# delivers to workloads (the workloads' gateway).
+gateway_mac = "{gateway_mac}"
+
+# Idle timeouts of tracked connections, in seconds (a flow idle longer than this is forgotten,
+# and its next packet is judged by the rules again).
+[conntrack]
+# TCP connection once both sides have answered.
+tcp_established = {tcp_established}
+# TCP connection during its handshake.
+tcp_opening = {tcp_opening}
+# TCP connection after a FIN or RST.
+tcp_closing = {tcp_closing}
+# UDP flow after a reply was seen.
+udp_replied = {udp_replied}
+# UDP flow that has only gone one way.
+udp_one_way = {udp_one_way}
+# ICMP echo (ping) by identifier.
+icmp = {icmp}
+# Any other IP protocol, by addresses and protocol.
+other = {other}
+"#,
+            listen = d.listen,
+            state_dir = d.state_dir.display(),
+            store = d.store,
+            mtu = d.mtu,
+            gateway_mac = d.gateway_mac,
+            tcp_established = ct.tcp_established,
+            tcp_opening = ct.tcp_opening,
+            tcp_closing = ct.tcp_closing,
+            udp_replied = ct.udp_replied,
+            udp_one_way = ct.udp_one_way,
+            icmp = ct.icmp,
+            other = ct.other,
+        )
+    }
+}
+
+/// Host names travel in the API and (issue 3) as store keys: keep them plain.
+fn validate_host_name(host: &str) -> Result<()> {
+    let ok = !host.is_empty()
+        && host.len() <= 253
+        && host.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_'));
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::Invalid {
+            key: "host",
+            value: host.to_owned(),
+            reason: "expected 1 to 253 characters among letters, digits, '-', '.', '_'".into(),
+        })
+    }
+}
+
+/// Parses `aa:bb:cc:dd:ee:ff` (hex, case-insensitive).
+pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
+    let mut out = [0u8; 6];
+    let mut parts = s.split(':');
+    for b in &mut out {
+        let p = parts.next()?;
+        if p.len() != 2 {
+            return None;
+        }
+        *b = u8::from_str_radix(p, 16).ok()?;
+    }
+    parts.next().is_none().then_some(out)
+}
+
+/// This machine's hostname (the UTS namespace's; `ip netns exec` keeps it).
+pub fn hostname() -> std::io::Result<String> {
+    let mut buf = [0u8; 256];
+    // SAFETY: `buf` is a valid writable buffer of the length passed; gethostname writes at most
+    // that many bytes and we only read up to the first NUL within the buffer.
+    let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let len = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+    let name = String::from_utf8_lossy(&buf[..len]).into_owned();
+    if name.is_empty() {
+        return Err(std::io::Error::new(std::io::ErrorKind::NotFound, "the hostname is empty"));
+    }
+    Ok(name)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[test]
+    fn default_toml_parses_back_to_the_defaults_and_documents_every_setting() {
+        let text = Config::default_toml();
+        assert_eq!(Config::from_toml(&text).unwrap(), Config::default());
+        // Every key of the serialized defaults appears in the text, after a comment line.
+        let lines: Vec<&str> = text.lines().collect();
+        for key in [
+            "listen", "state_dir", "bpf_dir", "host", "underlay", "store", "mtu", "gateway_mac",
+            "tcp_established", "tcp_opening", "tcp_closing", "udp_replied", "udp_one_way", "icmp",
+            "other",
+        ] {
+            let i = lines
+                .iter()
+                .position(|l| l.trim_start_matches("# ").starts_with(&format!("{key} = ")))
+                .unwrap_or_else(|| panic!("{key} missing from the default config"));
+            assert!(lines[i - 1].starts_with('#'), "{key} has no comment above it");
+        }
+    }
+
+    #[test]
+    fn unknown_key_is_refused_naming_the_key() {
+        let err = Config::from_toml("listen = \"127.0.0.1:1\"\nlisen = 3\n").unwrap_err();
+        assert!(err.contains("lisen"), "{err}");
+        let err = Config::from_toml("[conntrack]\ntcp_establihsed = 3\n").unwrap_err();
+        assert!(err.contains("tcp_establihsed"), "{err}");
+    }
+
+    #[test]
+    fn wrong_type_is_refused_naming_the_key() {
+        let err = Config::from_toml("mtu = \"big\"\n").unwrap_err();
+        assert!(err.contains("mtu"), "{err}");
+    }
+
+    #[test]
+    fn flags_override_the_file() {
+        let dir = std::env::temp_dir().join(format!("verse-config-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("versed.toml");
+        std::fs::write(&file, "listen = \"127.0.0.1:9000\"\nhost = \"from-file\"\nmtu = 9000\n").unwrap();
+        let args = Args::parse_from([
+            "versed",
+            "--config",
+            file.to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:9001",
+            "--state-dir",
+            "/tmp/x",
+        ]);
+        let cfg = Config::load(&args).unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert_eq!(cfg.listen, "127.0.0.1:9001".parse().unwrap());
+        assert_eq!(cfg.host.as_deref(), Some("from-file"));
+        assert_eq!(cfg.mtu, 9000);
+        assert_eq!(cfg.bpf_dir(), PathBuf::from("/tmp/x/bpf"));
+    }
+
+    #[test]
+    fn etcd_store_is_refused_with_a_clear_error() {
+        let args = Args::parse_from(["versed", "--host", "h1", "--store", "etcd://127.0.0.1:2379"]);
+        let err = Config::load(&args).unwrap_err().to_string();
+        assert!(err.contains("store") && err.contains("etcd"), "{err}");
+        let args = Args::parse_from(["versed", "--host", "h1", "--store", "consul://x"]);
+        assert!(Config::load(&args).unwrap_err().to_string().contains("store"));
+        assert_eq!(
+            StoreKind::parse("etcd://a:1,b:2").unwrap(),
+            StoreKind::Etcd(vec!["a:1".into(), "b:2".into()])
+        );
+    }
+
+    #[test]
+    fn dataplane_config_carries_the_s9_timeouts_and_gateway_mac() {
+        let c = Config::default().dataplane_config().unwrap();
+        use dp::ct_state as s;
+        assert_eq!(c.timeouts_ns[usize::from(s::TCP_ESTABLISHED)], 432_000 * 1_000_000_000);
+        assert_eq!(c.timeouts_ns[usize::from(s::TCP_OPENING)], 60 * 1_000_000_000);
+        assert_eq!(c.timeouts_ns[usize::from(s::UDP_ONE_WAY)], 30 * 1_000_000_000);
+        assert_eq!(c.timeouts_ns[usize::from(s::UDP_REPLIED)], 180 * 1_000_000_000);
+        assert_eq!(c.timeouts_ns[usize::from(s::OTHER)], 600 * 1_000_000_000);
+        assert_eq!(c.gateway_mac, [0x02, 0x76, 0x65, 0x72, 0x73, 0x65]);
+    }
+
+    #[test]
+    fn invalid_values_name_their_setting() {
+        let mut c = Config { host: Some("h".into()), ..Config::default() };
+        c.gateway_mac = "02:76:65".into();
+        assert!(c.validate().unwrap_err().to_string().contains("gateway_mac"));
+        let c = Config { host: Some("h".into()), mtu: 10, ..Config::default() };
+        assert!(c.validate().unwrap_err().to_string().contains("mtu"));
+        let mut c = Config { host: Some("h".into()), ..Config::default() };
+        c.conntrack.icmp = 0;
+        assert!(c.validate().unwrap_err().to_string().contains("conntrack.icmp"));
+    }
+}

@@ -1,1 +1,702 @@
-//! TODO
+//! The userland side of the eBPF dataplane: loading the embedded object with its maps pinned
+//! under the daemon's own bpffs directory, attaching `from_endpoint` to endpoint veths (TCX
+//! ingress, links pinned), reading and writing the maps, and running the programs through
+//! `BPF_PROG_TEST_RUN` for tests and benchmarks.
+//!
+//! Contract:
+//! - State survives the daemon. [`Dataplane::load`] reuses every map already pinned under the
+//!   directory and never clears one; links pinned under `<dir>/links/<iface>` stay attached when
+//!   the daemon exits. [`Dataplane::attach_endpoint`] on an interface whose pinned link is live
+//!   swaps the program in the link atomically (`BPF_LINK_UPDATE`): there is no moment without
+//!   enforcement.
+//! - [`Dataplane::apply`] writes only the difference between two [`Desired`] states, adds and
+//!   changes before removals (policy and CIDR classes first, then routes, then endpoints; then
+//!   removals in the reverse order), so every packet during an edit is judged by the old or the
+//!   new rules, never by a state that has lost an allow both of them have.
+//! - Nothing here panics on kernel answers; every failure is an [`Error`] naming the call and the
+//!   object.
+use std::{
+    collections::BTreeMap,
+    ffi::CString,
+    io,
+    os::fd::{AsRawFd, FromRawFd, OwnedFd},
+    os::unix::ffi::OsStrExt,
+    path::{Path, PathBuf},
+};
+
+use aya::{
+    maps::{
+        lpm_trie::{Key, LpmTrie},
+        Array, HashMap, MapData, MapError, PerCpuArray,
+    },
+    programs::{
+        links::{FdLink, LinkError, PinnedLink},
+        tc::{SchedClassifierLink, TcAttachOptions},
+        LinkOrder, ProgramError, SchedClassifier, TcAttachType,
+    },
+    Ebpf, EbpfError, EbpfLoader, TestRun, TestRunOptions,
+};
+use dataplane_common::{
+    map_names, CidrKey, Config, CtEntry, CtKey, DropReason, Endpoint, PolicyKey, Route, RouteKey,
+    PROG_FROM_ENDPOINT,
+};
+
+use crate::compile::Desired;
+
+/// The dataplane object built by `controller/build.rs`.
+static OBJECT: &[u8] = aya::include_bytes_aligned!(env!("VERSE_DATAPLANE_OBJECT"));
+
+/// Name of the do-nothing classifier in the object, the benchmarks' baseline.
+pub const PROG_EMPTY: &str = "empty";
+
+/// `BPF_FS_MAGIC` from `include/uapi/linux/magic.h`.
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+
+/// Value written for every `VERSE_POLICY` entry: the program only tests presence.
+const POLICY_ALLOW: u8 = 1;
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Everything that can fail in this module.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// `statfs` on the bpffs directory failed (other than "does not exist").
+    #[error("statfs({path}) failed: {source}")]
+    Statfs { path: PathBuf, source: io::Error },
+    /// Creating the bpffs directory (or its `links` subdirectory) failed.
+    #[error("creating directory {path} failed: {source}")]
+    CreateDir { path: PathBuf, source: io::Error },
+    /// `mount -t bpf` on the directory failed.
+    #[error("mount(bpf, {path}) failed: {source}")]
+    Mount { path: PathBuf, source: io::Error },
+    /// Loading the object (creating or opening the pinned maps) failed.
+    #[error("loading the dataplane object with maps pinned under {dir} failed: {source}")]
+    LoadObject { dir: PathBuf, source: Box<EbpfError> },
+    /// The object lacks a program this module needs.
+    #[error("the dataplane object has no program {0}")]
+    MissingProgram(&'static str),
+    /// A program is not a TC classifier.
+    #[error("program {name} is not a TC classifier: {source}")]
+    ProgramType { name: &'static str, source: ProgramError },
+    /// The verifier (or the kernel) refused a program.
+    #[error("loading program {name} into the kernel failed: {source}")]
+    LoadProgram { name: &'static str, source: ProgramError },
+    /// Reading a program's kernel info failed.
+    #[error("reading the kernel info of program {name} failed: {source}")]
+    ProgramInfo { name: &'static str, source: ProgramError },
+    /// The object lacks a map this module needs.
+    #[error("the dataplane object has no map {0}")]
+    MissingMap(&'static str),
+    /// A map has another type or key/value size than `dataplane_common` says (for example a
+    /// pinned map left by an incompatible version).
+    #[error("map {name} does not have the expected type and layout: {source}")]
+    MapType { name: &'static str, source: MapError },
+    /// Reading (iterating or looking up) a map failed.
+    #[error("reading map {name} failed: {source}")]
+    MapRead { name: &'static str, source: MapError },
+    /// Inserting or updating an entry failed (a full map, for example).
+    #[error("writing {entry} into map {name} failed: {source}")]
+    MapWrite { name: &'static str, entry: String, source: MapError },
+    /// Deleting an entry failed.
+    #[error("deleting {entry} from map {name} failed: {source}")]
+    MapDelete { name: &'static str, entry: String, source: MapError },
+    /// The interface name does not resolve to an ifindex in this network namespace.
+    #[error("interface {iface} not found (if_nametoindex): {source}")]
+    Interface { iface: String, source: io::Error },
+    /// Attaching (TCX ingress) failed.
+    #[error("attaching {PROG_FROM_ENDPOINT} to {iface} (TCX ingress) failed: {source}")]
+    Attach { iface: String, source: ProgramError },
+    /// Converting the new link into a pinnable link failed.
+    #[error("taking the TCX link of {iface} failed: {source}")]
+    TakeLink { iface: String, source: LinkError },
+    /// Pinning the link failed.
+    #[error("pinning the TCX link of {iface} at {path} failed: {source}")]
+    PinLink { iface: String, path: PathBuf, source: aya::pin::PinError },
+    /// Opening or inspecting a pinned link failed.
+    #[error("inspecting the pinned link {path} failed ({call}): {source}")]
+    InspectLink { path: PathBuf, call: &'static str, source: io::Error },
+    /// Opening a pinned link through aya failed.
+    #[error("opening the pinned link {path} failed: {source}")]
+    OpenLink { path: PathBuf, source: LinkError },
+    /// Swapping the program of a live link failed.
+    #[error("replacing the program of the TCX link of {iface} (BPF_LINK_UPDATE) failed: {source}")]
+    UpdateLink { iface: String, source: ProgramError },
+    /// Removing a pinned link file failed.
+    #[error("removing the pinned link {path} failed: {source}")]
+    Unpin { path: PathBuf, source: io::Error },
+    /// `BPF_PROG_TEST_RUN` failed.
+    #[error("BPF_PROG_TEST_RUN of {name} failed: {source}")]
+    TestRun { name: &'static str, source: ProgramError },
+    /// A test-run input is unusable.
+    #[error("invalid test-run input: {0}")]
+    TestInput(String),
+}
+
+/// What one `BPF_PROG_TEST_RUN` returned.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TestRunOutput {
+    /// The program's return code (`TC_ACT_*`: 0 ok, 2 shot, 7 redirect).
+    pub return_code: u32,
+    /// The packet as the program left it.
+    pub packet: Vec<u8>,
+    /// Mean duration of one run in nanoseconds, as measured by the kernel.
+    pub duration_ns: u64,
+}
+
+/// What a pool run measured.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct PoolRunOutput {
+    /// Number of program runs.
+    pub runs: u64,
+    /// Mean kernel-measured nanoseconds per packet.
+    pub mean_ns: f64,
+    /// How many runs returned each return code.
+    pub return_codes: BTreeMap<u32, u64>,
+}
+
+/// `TC_ACT_*` return codes (`include/uapi/linux/pkt_cls.h`).
+pub mod tc_act {
+    pub const OK: u32 = 0;
+    pub const SHOT: u32 = 2;
+    pub const REDIRECT: u32 = 7;
+}
+
+/// The loaded dataplane: the programs and handles on every map.
+pub struct Dataplane {
+    bpf_dir: PathBuf,
+    ebpf: Ebpf,
+    endpoints: HashMap<MapData, u32, Endpoint>,
+    routes: HashMap<MapData, RouteKey, Route>,
+    cidrs: LpmTrie<MapData, CidrKey, u32>,
+    policy: LpmTrie<MapData, PolicyKey, u8>,
+    conntrack: HashMap<MapData, CtKey, CtEntry>,
+    drops: PerCpuArray<MapData, u64>,
+}
+
+impl std::fmt::Debug for Dataplane {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Dataplane").field("bpf_dir", &self.bpf_dir).finish_non_exhaustive()
+    }
+}
+
+impl Dataplane {
+    /// Loads the dataplane with its maps pinned under `bpf_dir` (mounting a bpffs there if it is
+    /// not one: `ip netns exec` remounts `/sys`, so the daemon keeps its own), and writes
+    /// `config` into `VERSE_CONFIG`. Maps already pinned there are reused as they are.
+    pub fn load(bpf_dir: &Path, config: &Config) -> Result<Self> {
+        ensure_bpffs(bpf_dir)?;
+        let links = bpf_dir.join("links");
+        std::fs::create_dir_all(&links)
+            .map_err(|source| Error::CreateDir { path: links.clone(), source })?;
+
+        let mut ebpf = EbpfLoader::new()
+            .default_map_pin_directory(bpf_dir)
+            .load(OBJECT)
+            .map_err(|source| Error::LoadObject {
+                dir: bpf_dir.to_path_buf(),
+                source: Box::new(source),
+            })?;
+        for name in [PROG_FROM_ENDPOINT, PROG_EMPTY] {
+            classifier_mut(&mut ebpf, name)?
+                .load()
+                .map_err(|source| Error::LoadProgram { name, source })?;
+        }
+
+        let mut config_map: Array<MapData, Config> = take_map(&mut ebpf, map_names::CONFIG)?;
+        config_map.set(0, config, 0).map_err(|source| Error::MapWrite {
+            name: map_names::CONFIG,
+            entry: "slot 0".into(),
+            source,
+        })?;
+
+        Ok(Dataplane {
+            bpf_dir: bpf_dir.to_path_buf(),
+            endpoints: take_map(&mut ebpf, map_names::ENDPOINTS)?,
+            routes: take_map(&mut ebpf, map_names::ROUTES)?,
+            cidrs: take_map(&mut ebpf, map_names::CIDRS)?,
+            policy: take_map(&mut ebpf, map_names::POLICY)?,
+            conntrack: take_map(&mut ebpf, map_names::CONNTRACK)?,
+            drops: take_map(&mut ebpf, map_names::DROPS)?,
+            ebpf,
+        })
+    }
+
+    /// The bpffs directory the maps and links are pinned under.
+    pub fn bpf_dir(&self) -> &Path {
+        &self.bpf_dir
+    }
+
+    /// Where the TCX link of `iface` is pinned.
+    pub fn link_pin_path(&self, iface: &str) -> PathBuf {
+        self.bpf_dir.join("links").join(iface)
+    }
+
+    /// Attaches `from_endpoint` at TCX ingress of `iface` and pins the link. Idempotent: a live
+    /// pinned link on the same ifindex is kept and its program swapped atomically for the one
+    /// loaded now; a stale pin (interface gone or recreated) is replaced.
+    pub fn attach_endpoint(&mut self, iface: &str) -> Result<()> {
+        let ifindex = ifindex(iface)?;
+        let path = self.link_pin_path(iface);
+        if path.exists() {
+            if pinned_tcx_ifindex(&path)? == Some(ifindex) {
+                let pinned = PinnedLink::from_pin(&path)
+                    .map_err(|source| Error::OpenLink { path: path.clone(), source })?;
+                let link = SchedClassifierLink::try_from(FdLink::from(pinned))
+                    .map_err(|source| Error::TakeLink { iface: iface.into(), source })?;
+                let prog = classifier_mut(&mut self.ebpf, PROG_FROM_ENDPOINT)?;
+                let id = prog
+                    .attach_to_link(link)
+                    .map_err(|source| Error::UpdateLink { iface: iface.into(), source })?;
+                // The pin holds the link; our descriptor can go.
+                let _link = prog
+                    .take_link(id)
+                    .map_err(|source| Error::UpdateLink { iface: iface.into(), source })?;
+                return Ok(());
+            }
+            std::fs::remove_file(&path)
+                .map_err(|source| Error::Unpin { path: path.clone(), source })?;
+        }
+        let prog = classifier_mut(&mut self.ebpf, PROG_FROM_ENDPOINT)?;
+        let id = prog
+            .attach_with_options(
+                iface,
+                TcAttachType::Ingress,
+                TcAttachOptions::TcxOrder(LinkOrder::default()),
+            )
+            .map_err(|source| Error::Attach { iface: iface.into(), source })?;
+        let link = prog
+            .take_link(id)
+            .map_err(|source| Error::Attach { iface: iface.into(), source })?;
+        let link = FdLink::try_from(link)
+            .map_err(|source| Error::TakeLink { iface: iface.into(), source })?;
+        link.pin(&path).map_err(|source| Error::PinLink { iface: iface.into(), path, source })?;
+        Ok(())
+    }
+
+    /// Detaches `from_endpoint` from `iface` by removing its pinned link. Idempotent.
+    pub fn detach_endpoint(&mut self, iface: &str) -> Result<()> {
+        let path = self.link_pin_path(iface);
+        match std::fs::remove_file(&path) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(source) => Err(Error::Unpin { path, source }),
+        }
+    }
+
+    /// Interfaces with a pinned link (attached, or stale until the next attach).
+    pub fn pinned_links(&self) -> Result<Vec<String>> {
+        let dir = self.bpf_dir.join("links");
+        let entries = std::fs::read_dir(&dir)
+            .map_err(|source| Error::InspectLink { path: dir.clone(), call: "readdir", source })?;
+        let mut out = Vec::new();
+        for entry in entries {
+            let entry = entry
+                .map_err(|source| Error::InspectLink { path: dir.clone(), call: "readdir", source })?;
+            out.push(entry.file_name().to_string_lossy().into_owned());
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    /// The current contents of `VERSE_ENDPOINTS`, `VERSE_ROUTES`, `VERSE_CIDRS`, `VERSE_POLICY`.
+    pub fn read(&self) -> Result<Desired> {
+        let mut desired = Desired::default();
+        for item in self.endpoints.iter() {
+            let (k, v) = item.map_err(read_err(map_names::ENDPOINTS))?;
+            desired.endpoints.insert(k, v);
+        }
+        for item in self.routes.iter() {
+            let (k, v) = item.map_err(read_err(map_names::ROUTES))?;
+            desired.routes.insert(k, v);
+        }
+        for item in self.cidrs.iter() {
+            let (k, v) = item.map_err(read_err(map_names::CIDRS))?;
+            desired.cidrs.insert((k.prefix_len(), k.data()), v);
+        }
+        for item in self.policy.iter() {
+            let (k, _) = item.map_err(read_err(map_names::POLICY))?;
+            desired.policy.insert((k.prefix_len(), k.data()));
+        }
+        Ok(desired)
+    }
+
+    /// Writes the difference between `current` (what the maps hold) and `desired`: new and
+    /// changed CIDR classes and policy entries, routes, endpoints; then removed endpoints,
+    /// routes, policy entries, CIDR classes.
+    pub fn apply(&mut self, current: &Desired, desired: &Desired) -> Result<()> {
+        for (&(len, key), &value) in &desired.cidrs {
+            if current.cidrs.get(&(len, key)) != Some(&value) {
+                self.cidrs.insert(&Key::new(len, key), value, 0).map_err(|source| {
+                    Error::MapWrite { name: map_names::CIDRS, entry: format!("{len}/{key:?}"), source }
+                })?;
+            }
+        }
+        for &(len, key) in desired.policy.difference(&current.policy) {
+            self.policy.insert(&Key::new(len, key), POLICY_ALLOW, 0).map_err(|source| {
+                Error::MapWrite { name: map_names::POLICY, entry: format!("{len}/{key:?}"), source }
+            })?;
+        }
+        for (key, value) in &desired.routes {
+            if current.routes.get(key) != Some(value) {
+                self.routes.insert(key, value, 0).map_err(|source| Error::MapWrite {
+                    name: map_names::ROUTES,
+                    entry: format!("{key:?}"),
+                    source,
+                })?;
+            }
+        }
+        for (key, value) in &desired.endpoints {
+            if current.endpoints.get(key) != Some(value) {
+                self.endpoints.insert(key, value, 0).map_err(|source| Error::MapWrite {
+                    name: map_names::ENDPOINTS,
+                    entry: format!("ifindex {key}"),
+                    source,
+                })?;
+            }
+        }
+        for key in current.endpoints.keys().filter(|k| !desired.endpoints.contains_key(k)) {
+            remove_ok_if_absent(self.endpoints.remove(key)).map_err(|source| Error::MapDelete {
+                name: map_names::ENDPOINTS,
+                entry: format!("ifindex {key}"),
+                source,
+            })?;
+        }
+        for key in current.routes.keys().filter(|k| !desired.routes.contains_key(k)) {
+            remove_ok_if_absent(self.routes.remove(key)).map_err(|source| Error::MapDelete {
+                name: map_names::ROUTES,
+                entry: format!("{key:?}"),
+                source,
+            })?;
+        }
+        for &(len, key) in current.policy.difference(&desired.policy) {
+            remove_ok_if_absent(self.policy.remove(&Key::new(len, key))).map_err(|source| {
+                Error::MapDelete { name: map_names::POLICY, entry: format!("{len}/{key:?}"), source }
+            })?;
+        }
+        for &(len, key) in current.cidrs.keys().filter(|k| !desired.cidrs.contains_key(k)) {
+            remove_ok_if_absent(self.cidrs.remove(&Key::new(len, key))).map_err(|source| {
+                Error::MapDelete { name: map_names::CIDRS, entry: format!("{len}/{key:?}"), source }
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Drop counters by reason, summed over CPUs. Every reason is present (zero if none).
+    pub fn drops(&self) -> Result<BTreeMap<DropReason, u64>> {
+        let mut out = BTreeMap::new();
+        for reason in DropReason::ALL {
+            let per_cpu =
+                self.drops.get(&(reason as u32), 0).map_err(read_err(map_names::DROPS))?;
+            out.insert(reason, per_cpu.iter().copied().fold(0u64, u64::wrapping_add));
+        }
+        Ok(out)
+    }
+
+    /// Every conntrack entry (live or expired but not yet reclaimed).
+    pub fn conntrack(&self) -> Result<Vec<(CtKey, CtEntry)>> {
+        self.conntrack
+            .iter()
+            .map(|item| item.map_err(read_err(map_names::CONNTRACK)))
+            .collect()
+    }
+
+    /// Removes every conntrack entry (tests and benchmarks start from a clean table with it).
+    pub fn clear_conntrack(&mut self) -> Result<()> {
+        let keys: Vec<CtKey> = self
+            .conntrack
+            .keys()
+            .collect::<Result<_, _>>()
+            .map_err(read_err(map_names::CONNTRACK))?;
+        for key in keys {
+            remove_ok_if_absent(self.conntrack.remove(&key)).map_err(|source| Error::MapDelete {
+                name: map_names::CONNTRACK,
+                entry: format!("{key:?}"),
+                source,
+            })?;
+        }
+        Ok(())
+    }
+
+    /// The number of instructions the verifier processed for `from_endpoint` (kernel >= 5.16).
+    pub fn verified_instruction_count(&self) -> Result<Option<u32>> {
+        let prog = classifier(&self.ebpf, PROG_FROM_ENDPOINT)?;
+        let info = prog
+            .info()
+            .map_err(|source| Error::ProgramInfo { name: PROG_FROM_ENDPOINT, source })?;
+        Ok(info.verified_instruction_count())
+    }
+
+    /// Runs `from_endpoint` once on `packet` (a whole Ethernet frame) as if it arrived on the
+    /// interface `ingress_ifindex` (a real device of the caller's network namespace, > 1).
+    ///
+    /// With `repeat > 1` the kernel runs the program that many times on the *same* buffer, so
+    /// every run after the first sees the previous run's rewrite (a delivered frame then carries
+    /// the gateway MAC as source and is dropped as spoofed): use `repeat = 1` for verdicts and
+    /// [`Dataplane::test_run_pool`] for timing.
+    pub fn test_run(&self, packet: &[u8], ingress_ifindex: u32, repeat: u32) -> Result<TestRunOutput> {
+        run(&self.ebpf, PROG_FROM_ENDPOINT, packet, ingress_ifindex, repeat)
+    }
+
+    /// [`Dataplane::test_run`] for the `empty` program: the baseline cost of a TC program run.
+    pub fn test_run_empty(&self, packet: &[u8], ingress_ifindex: u32, repeat: u32) -> Result<TestRunOutput> {
+        run(&self.ebpf, PROG_EMPTY, packet, ingress_ifindex, repeat)
+    }
+
+    /// Runs `from_endpoint` once on each packet of `packets`, in order (distinct flows defeat
+    /// caches and exercise conntrack creation the first time, hits the next), and reports the
+    /// mean kernel-measured time per packet. Every packet is run separately with `repeat = 1`
+    /// (see [`Dataplane::test_run`] for why).
+    pub fn test_run_pool(&self, packets: &[Vec<u8>], ingress_ifindex: u32) -> Result<PoolRunOutput> {
+        run_pool(&self.ebpf, PROG_FROM_ENDPOINT, packets, ingress_ifindex)
+    }
+
+    /// [`Dataplane::test_run_pool`] for the `empty` program.
+    pub fn test_run_pool_empty(&self, packets: &[Vec<u8>], ingress_ifindex: u32) -> Result<PoolRunOutput> {
+        run_pool(&self.ebpf, PROG_EMPTY, packets, ingress_ifindex)
+    }
+}
+
+fn read_err(name: &'static str) -> impl Fn(MapError) -> Error {
+    move |source| Error::MapRead { name, source }
+}
+
+/// A removal of an entry that is already gone (say, reclaimed by a concurrent writer) is done.
+fn remove_ok_if_absent(result: Result<(), MapError>) -> Result<(), MapError> {
+    match result {
+        Err(MapError::KeyNotFound) => Ok(()),
+        Err(MapError::SyscallError(ref e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => {
+            Ok(())
+        }
+        other => other,
+    }
+}
+
+fn take_map<M>(ebpf: &mut Ebpf, name: &'static str) -> Result<M>
+where
+    M: TryFrom<aya::maps::Map, Error = MapError>,
+{
+    let map = ebpf.take_map(name).ok_or(Error::MissingMap(name))?;
+    M::try_from(map).map_err(|source| Error::MapType { name, source })
+}
+
+fn classifier_mut<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut SchedClassifier> {
+    let prog = ebpf.program_mut(name).ok_or(Error::MissingProgram(name))?;
+    prog.try_into().map_err(|source| Error::ProgramType { name, source })
+}
+
+fn classifier<'a>(ebpf: &'a Ebpf, name: &'static str) -> Result<&'a SchedClassifier> {
+    let prog = ebpf.program(name).ok_or(Error::MissingProgram(name))?;
+    prog.try_into().map_err(|source| Error::ProgramType { name, source })
+}
+
+/// Offset of `ifindex` in `struct __sk_buff` (`include/uapi/linux/bpf.h`: eleven `__u32`
+/// fields precede it). `BPF_PROG_TEST_RUN` accepts a shorter context than the whole struct and
+/// zero-fills the rest; of these fields it only allows `mark`, `priority`, `ingress_ifindex`
+/// and `ifindex` to be non-zero (`convert___skb_to_skb` in `net/bpf/test_run.c`).
+const SKB_IFINDEX_OFFSET: usize = 40;
+
+fn skb_ctx(ifindex: u32) -> [u8; SKB_IFINDEX_OFFSET + 4] {
+    let mut ctx = [0u8; SKB_IFINDEX_OFFSET + 4];
+    ctx[SKB_IFINDEX_OFFSET..].copy_from_slice(&ifindex.to_ne_bytes());
+    ctx
+}
+
+fn run(
+    ebpf: &Ebpf,
+    name: &'static str,
+    packet: &[u8],
+    ifindex: u32,
+    repeat: u32,
+) -> Result<TestRunOutput> {
+    // The kernel builds the skb with eth_type_trans and refuses shorter input.
+    if packet.len() < 14 {
+        return Err(Error::TestInput(format!(
+            "a {}-byte packet is shorter than an Ethernet header",
+            packet.len()
+        )));
+    }
+    if ifindex <= 1 {
+        return Err(Error::TestInput(format!(
+            "ifindex {ifindex} names no device the kernel would use (must be > 1)"
+        )));
+    }
+    let prog = classifier(ebpf, name)?;
+    let ctx = skb_ctx(ifindex);
+    // The program never grows a packet; the slack only guards against ENOSPC.
+    let mut out = vec![0u8; packet.len() + 256];
+    let result = prog
+        .test_run(TestRunOptions {
+            data_in: Some(packet),
+            data_out: Some(&mut out),
+            ctx_in: Some(&ctx),
+            repeat: repeat.max(1),
+            ..TestRunOptions::default()
+        })
+        .map_err(|source| Error::TestRun { name, source })?;
+    out.truncate(result.data_size_out as usize);
+    Ok(TestRunOutput {
+        return_code: result.return_value,
+        packet: out,
+        duration_ns: u64::try_from(result.duration.as_nanos()).unwrap_or(u64::MAX),
+    })
+}
+
+fn run_pool(
+    ebpf: &Ebpf,
+    name: &'static str,
+    packets: &[Vec<u8>],
+    ifindex: u32,
+) -> Result<PoolRunOutput> {
+    let mut out = PoolRunOutput::default();
+    let mut total_ns: u128 = 0;
+    for packet in packets {
+        let r = run(ebpf, name, packet, ifindex, 1)?;
+        total_ns += u128::from(r.duration_ns);
+        out.runs += 1;
+        *out.return_codes.entry(r.return_code).or_default() += 1;
+    }
+    if out.runs > 0 {
+        out.mean_ns = total_ns as f64 / out.runs as f64;
+    }
+    Ok(out)
+}
+
+fn ifindex(iface: &str) -> Result<u32> {
+    let name = CString::new(iface).map_err(|e| Error::Interface {
+        iface: iface.into(),
+        source: io::Error::new(io::ErrorKind::InvalidInput, e),
+    })?;
+    // SAFETY: `name` is a valid NUL-terminated string that outlives the call.
+    let index = unsafe { libc::if_nametoindex(name.as_ptr()) };
+    if index == 0 {
+        return Err(Error::Interface { iface: iface.into(), source: io::Error::last_os_error() });
+    }
+    Ok(index)
+}
+
+/// Makes `dir` a bpffs mount point: creates it if missing and mounts a bpffs there unless one
+/// is already mounted (checked by `statfs` magic, not by parsing mount tables).
+fn ensure_bpffs(dir: &Path) -> Result<()> {
+    std::fs::create_dir_all(dir)
+        .map_err(|source| Error::CreateDir { path: dir.to_path_buf(), source })?;
+    let path = CString::new(dir.as_os_str().as_bytes()).map_err(|e| Error::Statfs {
+        path: dir.to_path_buf(),
+        source: io::Error::new(io::ErrorKind::InvalidInput, e),
+    })?;
+    // SAFETY: an all-zero `statfs` is a valid value of this plain C struct.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `path` is NUL-terminated and `st` is a valid, writable statfs.
+    if unsafe { libc::statfs(path.as_ptr(), &mut st) } != 0 {
+        return Err(Error::Statfs { path: dir.to_path_buf(), source: io::Error::last_os_error() });
+    }
+    #[allow(clippy::unnecessary_cast)] // f_type's width differs between libcs.
+    if st.f_type as i64 == BPF_FS_MAGIC {
+        return Ok(());
+    }
+    let fstype = c"bpf";
+    // SAFETY: every pointer is a NUL-terminated string that outlives the call; no data.
+    let rc = unsafe {
+        libc::mount(fstype.as_ptr(), path.as_ptr(), fstype.as_ptr(), 0, std::ptr::null())
+    };
+    if rc != 0 {
+        return Err(Error::Mount { path: dir.to_path_buf(), source: io::Error::last_os_error() });
+    }
+    Ok(())
+}
+
+/// `bpf(2)` commands and link constants (`include/uapi/linux/bpf.h`).
+const BPF_OBJ_GET: libc::c_long = 7;
+const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+const BPF_LINK_TYPE_TCX: u32 = 11;
+const BPF_TCX_INGRESS: u32 = 46;
+
+/// The ifindex a pinned TCX ingress link is attached to: `Some(0)` once its device is gone,
+/// `None` if the pin is no TCX ingress link at all.
+///
+/// Why raw `bpf(2)`: aya 0.14's `LinkInfo` does not expose the TCX part of `bpf_link_info`,
+/// which is the only way to tell a live link from one whose interface was deleted or recreated.
+fn pinned_tcx_ifindex(path: &Path) -> Result<Option<u32>> {
+    let inspect = |call: &'static str| {
+        let source = io::Error::last_os_error();
+        Error::InspectLink { path: path.to_path_buf(), call, source }
+    };
+    let cpath = CString::new(path.as_os_str().as_bytes()).map_err(|e| Error::InspectLink {
+        path: path.to_path_buf(),
+        call: "BPF_OBJ_GET",
+        source: io::Error::new(io::ErrorKind::InvalidInput, e),
+    })?;
+
+    // union bpf_attr, BPF_OBJ_GET member: pathname, bpf_fd, file_flags, path_fd.
+    #[repr(C)]
+    struct ObjGet {
+        pathname: u64,
+        bpf_fd: u32,
+        file_flags: u32,
+        path_fd: i32,
+        _pad: u32,
+    }
+    let attr = ObjGet { pathname: cpath.as_ptr() as u64, bpf_fd: 0, file_flags: 0, path_fd: 0, _pad: 0 };
+    // SAFETY: `attr` is a valid prefix of `union bpf_attr` for BPF_OBJ_GET (the kernel zero-fills
+    // the rest) and `cpath` outlives the call.
+    let fd = unsafe {
+        libc::syscall(libc::SYS_bpf, BPF_OBJ_GET, &attr as *const ObjGet, std::mem::size_of::<ObjGet>())
+    };
+    if fd < 0 {
+        return Err(inspect("BPF_OBJ_GET"));
+    }
+    // SAFETY: BPF_OBJ_GET returned a new descriptor that we own from here on.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+
+    // struct bpf_link_info: type, id, prog_id, (pad), then the per-type union; for TCX the
+    // union starts with ifindex, attach_type. A shorter buffer than the kernel's struct is
+    // allowed; the kernel fills what fits.
+    let mut info = [0u32; 8];
+    #[repr(C)]
+    struct InfoByFd {
+        bpf_fd: u32,
+        info_len: u32,
+        info: u64,
+    }
+    let attr = InfoByFd {
+        bpf_fd: fd.as_raw_fd() as u32,
+        info_len: std::mem::size_of_val(&info) as u32,
+        info: info.as_mut_ptr() as u64,
+    };
+    // SAFETY: `attr` is a valid prefix of `union bpf_attr` for BPF_OBJ_GET_INFO_BY_FD; `info` is
+    // writable for `info_len` bytes and outlives the call.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_OBJ_GET_INFO_BY_FD,
+            &attr as *const InfoByFd,
+            std::mem::size_of::<InfoByFd>(),
+        )
+    };
+    if rc < 0 {
+        return Err(inspect("BPF_OBJ_GET_INFO_BY_FD"));
+    }
+    if info[0] != BPF_LINK_TYPE_TCX || info[5] != BPF_TCX_INGRESS {
+        return Ok(None);
+    }
+    Ok(Some(info[4]))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn skb_ctx_puts_ifindex_where_the_kernel_reads_it() {
+        let ctx = skb_ctx(0x0102_0304);
+        assert_eq!(ctx.len(), 44);
+        assert!(ctx[..40].iter().all(|b| *b == 0));
+        assert_eq!(u32::from_ne_bytes([ctx[40], ctx[41], ctx[42], ctx[43]]), 0x0102_0304);
+    }
+
+    #[test]
+    fn the_embedded_object_is_an_ebpf_elf() {
+        assert_eq!(&OBJECT[..4], b"\x7fELF");
+        // e_machine = EM_BPF (247), little endian.
+        assert_eq!(u16::from_le_bytes([OBJECT[18], OBJECT[19]]), 247);
+    }
+}

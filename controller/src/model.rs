@@ -229,49 +229,664 @@ pub struct PatchEndpoint {
 impl State {
     /// `POST /v1/universes`. Also creates the universe's `default` group (S3).
     pub fn create_universe(&mut self, req: CreateUniverse) -> Result<Universe> {
-        let _ = req;
-        todo!("model: create_universe")
+        let name = check_name("name", &req.name)?;
+        let cidrs = universe_cidrs(&req)?;
+        if self.universes.values().any(|u| u.name == name) {
+            return Err(Error::conflict(
+                "duplicate",
+                Some("name"),
+                format!("name: a universe named {name:?} already exists"),
+            ));
+        }
+        let vni = self.free_vni().ok_or_else(|| {
+            Error::conflict("limit_exceeded", None, format!("all {MAX_VNI} VNIs are in use"))
+        })?;
+
+        let id = fresh_id("uni", |id| self.universes.contains_key(id));
+        let group_id = fresh_id("sg", |id| self.groups.contains_key(id));
+        let mut rule_ids = Vec::new();
+        for _ in 0..3 {
+            let rid = fresh_id("sgr", |id| self.rule_id_taken(id) || rule_ids.iter().any(|r| r == id));
+            rule_ids.push(rid);
+        }
+        let [r_in, r_out4, r_out6]: [String; 3] =
+            rule_ids.try_into().expect("three rule ids were made just above");
+        // S3: members of `default` talk freely to each other; everything may go out.
+        let default = SecurityGroup {
+            id: group_id.clone(),
+            universe: id.clone(),
+            name: DEFAULT_GROUP.to_owned(),
+            description: "default security group".to_owned(),
+            ingress: vec![allow_all(r_in, Direction::Ingress, Peer::Group(group_id.clone()))],
+            egress: default_egress(r_out4, r_out6),
+        };
+        let universe = Universe { id: id.clone(), name, cidrs, vni };
+        self.universes.insert(id, universe.clone());
+        self.groups.insert(group_id, default);
+        self.revision += 1;
+        Ok(universe)
     }
+
     /// `DELETE /v1/universes/{id}`: 409 while it has endpoints; removes its groups.
     pub fn delete_universe(&mut self, id: &str) -> Result<()> {
-        let _ = id;
-        todo!("model: delete_universe")
+        if !self.universes.contains_key(id) {
+            return Err(Error::not_found("universe", id));
+        }
+        let endpoints = self.endpoints.values().filter(|e| e.universe == id).count();
+        if endpoints > 0 {
+            return Err(Error::conflict(
+                "in_use",
+                None,
+                format!("universe {id} still has {endpoints} endpoint(s); delete them first"),
+            ));
+        }
+        self.universes.remove(id);
+        self.groups.retain(|_, g| g.universe != id);
+        // No endpoint of the universe is left, so neither is any identity of it; this only
+        // repairs a state that was inconsistent.
+        self.identities.retain(|_, i| i.universe != id);
+        self.revision += 1;
+        Ok(())
     }
+
     /// `POST /v1/security-groups`. A new group gets the S2 egress rules.
     pub fn create_group(&mut self, req: CreateGroup) -> Result<SecurityGroup> {
-        let _ = req;
-        todo!("model: create_group")
+        if !self.universes.contains_key(&req.universe) {
+            return Err(missing("universe", "universe", &req.universe));
+        }
+        let name = check_name("name", &req.name)?;
+        let description = check_description(req.description.as_deref())?;
+        if self.groups.values().any(|g| g.universe == req.universe && g.name == name) {
+            return Err(Error::conflict(
+                "duplicate",
+                Some("name"),
+                format!("name: universe {} already has a security group named {name:?}", req.universe),
+            ));
+        }
+        let id = fresh_id("sg", |id| self.groups.contains_key(id));
+        let r4 = fresh_id("sgr", |id| self.rule_id_taken(id));
+        let r6 = fresh_id("sgr", |id| self.rule_id_taken(id) || id == r4);
+        let group = SecurityGroup {
+            id: id.clone(),
+            universe: req.universe,
+            name,
+            description,
+            ingress: Vec::new(),
+            egress: default_egress(r4, r6),
+        };
+        self.groups.insert(id, group.clone());
+        self.revision += 1;
+        Ok(group)
     }
+
     /// `DELETE /v1/security-groups/{id}`: 409 while in use, referenced, or `default` (S3).
     pub fn delete_group(&mut self, id: &str) -> Result<()> {
-        let _ = id;
-        todo!("model: delete_group")
+        let group = self.groups.get(id).ok_or_else(|| Error::not_found("security group", id))?;
+        if group.name == DEFAULT_GROUP {
+            return Err(Error::conflict(
+                "protected",
+                None,
+                format!("security group {id} is the default group of universe {} (S3)", group.universe),
+            ));
+        }
+        if let Some(ep) = self.endpoints.values().find(|e| e.security_groups.iter().any(|g| g == id)) {
+            return Err(Error::conflict(
+                "in_use",
+                None,
+                format!("security group {id} is used by endpoint {}", ep.id),
+            ));
+        }
+        let referrer = self.groups.values().filter(|g| g.id != id).find(|g| {
+            g.ingress.iter().chain(&g.egress).any(|r| r.peer == Peer::Group(id.to_owned()))
+        });
+        if let Some(referrer) = referrer {
+            return Err(Error::conflict(
+                "in_use",
+                None,
+                format!("security group {id} is the peer of a rule of security group {}", referrer.id),
+            ));
+        }
+        self.groups.remove(id);
+        self.revision += 1;
+        Ok(())
     }
+
     /// `POST /v1/security-groups/{id}/rules`.
     pub fn add_rule(&mut self, group: &str, req: CreateRule) -> Result<Rule> {
-        let _ = (group, req);
-        todo!("model: add_rule")
+        let sg = self.groups.get(group).ok_or_else(|| Error::not_found("security group", group))?;
+        let mut rule = self.parse_rule(sg, req)?;
+        let same = |r: &&Rule| {
+            r.protocol == rule.protocol && r.ports == rule.ports && r.icmp == rule.icmp && r.peer == rule.peer
+        };
+        let list = match rule.direction {
+            Direction::Ingress => &sg.ingress,
+            Direction::Egress => &sg.egress,
+        };
+        if let Some(existing) = list.iter().find(same) {
+            return Err(Error::conflict(
+                "duplicate",
+                None,
+                format!("security group {group} already has this rule as {}", existing.id),
+            ));
+        }
+        let count = sg.ingress.len() + sg.egress.len();
+        if count >= MAX_RULES_PER_GROUP {
+            return Err(Error::conflict(
+                "limit_exceeded",
+                None,
+                format!(
+                    "security group {group} already has {count} rules, the most a group may have (S12)"
+                ),
+            ));
+        }
+        rule.id = fresh_id("sgr", |id| self.rule_id_taken(id));
+        let sg = self.groups.get_mut(group).expect("the group was found above and nothing removed it");
+        match rule.direction {
+            Direction::Ingress => sg.ingress.push(rule.clone()),
+            Direction::Egress => sg.egress.push(rule.clone()),
+        }
+        self.revision += 1;
+        Ok(rule)
     }
+
     /// `DELETE /v1/security-groups/{id}/rules/{rule_id}`.
     pub fn delete_rule(&mut self, group: &str, rule: &str) -> Result<()> {
-        let _ = (group, rule);
-        todo!("model: delete_rule")
+        let sg = self.groups.get_mut(group).ok_or_else(|| Error::not_found("security group", group))?;
+        let before = sg.ingress.len() + sg.egress.len();
+        sg.ingress.retain(|r| r.id != rule);
+        sg.egress.retain(|r| r.id != rule);
+        if sg.ingress.len() + sg.egress.len() == before {
+            return Err(Error::not_found("rule", &format!("{rule} of security group {group}")));
+        }
+        self.revision += 1;
+        Ok(())
     }
+
     /// `POST /v1/endpoints`; `default_host` is the host serving the request.
     pub fn create_endpoint(&mut self, req: CreateEndpoint, default_host: &str) -> Result<Endpoint> {
-        let _ = (req, default_host);
-        todo!("model: create_endpoint")
+        let universe =
+            self.universes.get(&req.universe).ok_or_else(|| missing("universe", "universe", &req.universe))?;
+        let host = match &req.host {
+            Some(h) => check_host(h)?,
+            None => default_host.to_owned(),
+        };
+        let netns = check_netns(&req.netns)?;
+        let ip = endpoint_ip(universe, &req.ip)?;
+        let groups = self.endpoint_groups(&universe.id, req.security_groups.as_deref())?;
+        if let Some(other) = self.endpoints.values().find(|e| e.universe == universe.id && e.ip == ip) {
+            return Err(Error::conflict(
+                "duplicate",
+                Some("ip"),
+                format!("ip: {ip} is already the address of endpoint {} in universe {}", other.id, universe.id),
+            ));
+        }
+        if let Some(other) = self.endpoints.values().find(|e| e.host == host && e.netns == netns) {
+            return Err(Error::conflict(
+                "duplicate",
+                Some("netns"),
+                format!("netns: namespace {netns:?} on host {host} already holds endpoint {}", other.id),
+            ));
+        }
+        let (number, identity) = self.identity_for(&universe.id, &groups)?;
+
+        let n = fresh_number(|n| self.endpoints.contains_key(&endpoint_id(n)));
+        let [a, b, c, d] = n.to_be_bytes();
+        let endpoint = Endpoint {
+            id: endpoint_id(n),
+            universe: universe.id.clone(),
+            host,
+            netns,
+            ip,
+            mac: format!("02:00:{a:02x}:{b:02x}:{c:02x}:{d:02x}"),
+            interface: format!("vx{n:08x}"),
+            security_groups: groups,
+            identity: number,
+        };
+        self.identities.insert(number, identity);
+        self.endpoints.insert(endpoint.id.clone(), endpoint.clone());
+        self.revision += 1;
+        Ok(endpoint)
     }
+
     /// `PATCH /v1/endpoints/{id}`: a new set of groups (S5), hence maybe a new identity.
     pub fn patch_endpoint(&mut self, id: &str, req: PatchEndpoint) -> Result<Endpoint> {
-        let _ = (id, req);
-        todo!("model: patch_endpoint")
+        let ep = self.endpoints.get(id).ok_or_else(|| Error::not_found("endpoint", id))?;
+        let groups = self.endpoint_groups(&ep.universe, Some(&req.security_groups))?;
+        let (number, identity) = self.identity_for(&ep.universe, &groups)?;
+        self.identities.insert(number, identity);
+        let ep = self.endpoints.get_mut(id).expect("the endpoint was found above and nothing removed it");
+        ep.security_groups = groups;
+        ep.identity = number;
+        let ep = ep.clone();
+        self.collect_identities();
+        self.revision += 1;
+        Ok(ep)
     }
+
     /// `DELETE /v1/endpoints/{id}`; returns what was removed (the caller removes the interface).
     pub fn delete_endpoint(&mut self, id: &str) -> Result<Endpoint> {
-        let _ = id;
-        todo!("model: delete_endpoint")
+        let ep = self.endpoints.remove(id).ok_or_else(|| Error::not_found("endpoint", id))?;
+        self.collect_identities();
+        self.revision += 1;
+        Ok(ep)
     }
+}
+
+// ---- Helpers of the edits ----
+
+/// VNIs are 24 bits (the VXLAN network identifier, RFC 7348 section 5).
+pub const MAX_VNI: u32 = 0xFF_FFFF;
+/// Universe CIDRs: wide enough to be useful, narrow enough to leave two hosts after the
+/// network, gateway and broadcast addresses.
+const UNIVERSE_PREFIX_MIN: u8 = 8;
+const UNIVERSE_PREFIX_MAX: u8 = 30;
+/// Names and descriptions, as long as EC2 allows.
+const MAX_TEXT: usize = 255;
+
+/// The CIDR of `universe` that contains `ip`, if any.
+pub fn cidr_of(universe: &Universe, ip: Ipv4Addr) -> Option<Ipv4Network> {
+    universe.cidrs.iter().copied().find(|c| c.contains(ip))
+}
+
+/// The gateway of `ip` in `universe`: the first host address of the CIDR that contains it. The
+/// workload's default route points there; the dataplane answers ARP for it.
+pub fn gateway(universe: &Universe, ip: Ipv4Addr) -> Option<Ipv4Addr> {
+    cidr_of(universe, ip).map(|c| Ipv4Addr::from(u32::from(c.network()) + 1))
+}
+
+/// Parses a MAC written `aa:bb:cc:dd:ee:ff` (as `Endpoint::mac` is).
+pub fn parse_mac(text: &str) -> Option<[u8; 6]> {
+    let mut mac = [0u8; 6];
+    let mut parts = text.split(':');
+    for byte in &mut mac {
+        let part = parts.next()?;
+        if part.len() != 2 {
+            return None;
+        }
+        *byte = u8::from_str_radix(part, 16).ok()?;
+    }
+    parts.next().is_none().then_some(mac)
+}
+
+/// 404 for an id that a request body refers to: names the field, unlike an id in the path.
+fn missing(field: &str, what: &str, id: &str) -> Error {
+    Error {
+        kind: ErrorKind::NotFound,
+        code: "not_found",
+        field: Some(field.to_owned()),
+        message: format!("{field}: {what} {id} not found"),
+    }
+}
+
+/// A random number whose id is not taken (ids carry 8 hex digits, 32 random bits).
+fn fresh_number(taken: impl Fn(u32) -> bool) -> u32 {
+    loop {
+        let n: u32 = rand::random();
+        if !taken(n) {
+            return n;
+        }
+    }
+}
+
+/// `prefix-` and 8 random lowercase hex digits, not `taken`.
+fn fresh_id(prefix: &str, taken: impl Fn(&str) -> bool) -> String {
+    let n = fresh_number(|n| taken(&format!("{prefix}-{n:08x}")));
+    format!("{prefix}-{n:08x}")
+}
+
+fn endpoint_id(n: u32) -> String {
+    format!("ep-{n:08x}")
+}
+
+fn allow_all(id: String, direction: Direction, peer: Peer) -> Rule {
+    Rule { id, direction, protocol: Protocol::All, ports: None, icmp: None, peer, description: String::new() }
+}
+
+/// S2: everything may go out, over IPv4 and IPv6.
+fn default_egress(v4: String, v6: String) -> Vec<Rule> {
+    let any4 = IpNetwork::V4(Ipv4Network::new(Ipv4Addr::UNSPECIFIED, 0).expect("/0 is a valid prefix"));
+    let any6 = IpNetwork::V6(
+        ipnetwork::Ipv6Network::new(std::net::Ipv6Addr::UNSPECIFIED, 0).expect("/0 is a valid prefix"),
+    );
+    vec![
+        allow_all(v4, Direction::Egress, Peer::Cidr(any4)),
+        allow_all(v6, Direction::Egress, Peer::Cidr(any6)),
+    ]
+}
+
+/// A name: not blank, at most 255 characters, no control characters.
+fn check_name(field: &str, name: &str) -> Result<String> {
+    if name.trim().is_empty() {
+        return Err(Error::invalid(field, "must not be empty"));
+    }
+    check_text(field, name)?;
+    Ok(name.to_owned())
+}
+
+fn check_description(description: Option<&str>) -> Result<String> {
+    let description = description.unwrap_or_default();
+    check_text("description", description)?;
+    Ok(description.to_owned())
+}
+
+fn check_text(field: &str, text: &str) -> Result<()> {
+    if text.chars().count() > MAX_TEXT {
+        return Err(Error::invalid(field, format!("longer than {MAX_TEXT} characters")));
+    }
+    if text.chars().any(char::is_control) {
+        return Err(Error::invalid(field, "must not contain control characters"));
+    }
+    Ok(())
+}
+
+/// A host name: what a DNS label sequence allows (RFC 1123), plus `_`.
+fn check_host(host: &str) -> Result<String> {
+    if host.is_empty() || host.len() > 253 {
+        return Err(Error::invalid("host", "must be 1 to 253 characters"));
+    }
+    if let Some(c) = host.chars().find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_'))) {
+        return Err(Error::invalid("host", format!("{host:?} contains {c:?}; use letters, digits, '-', '.', '_'")));
+    }
+    Ok(host.to_owned())
+}
+
+/// An `ip netns` name: a file name under /run/netns (iproute2 `is_valid_netns_name`: no `/`, not
+/// `.` or `..`, at most NAME_MAX bytes). Whitespace and control characters are refused too, as
+/// they only make trouble in scripts.
+fn check_netns(netns: &str) -> Result<String> {
+    if netns.is_empty() || netns.len() > 255 {
+        return Err(Error::invalid("netns", "must be 1 to 255 bytes"));
+    }
+    if netns == "." || netns == ".." {
+        return Err(Error::invalid("netns", format!("{netns:?} is not a namespace name")));
+    }
+    if let Some(c) = netns.chars().find(|c| *c == '/' || c.is_whitespace() || c.is_control()) {
+        return Err(Error::invalid("netns", format!("{netns:?} contains {c:?}")));
+    }
+    Ok(netns.to_owned())
+}
+
+/// Parses `address/prefix` into a canonical network (S4), keeping `field` for errors.
+fn parse_cidr(field: &str, text: &str) -> Result<IpNetwork> {
+    // A bare address would parse as a /32; asking for the prefix avoids a silent surprise.
+    if !text.contains('/') {
+        return Err(Error::invalid(field, format!("{text:?} is not a CIDR (expected address/prefix)")));
+    }
+    let net: IpNetwork =
+        text.parse().map_err(|e| Error::invalid(field, format!("{text:?} is not a CIDR: {e}")))?;
+    let canonical = match net {
+        IpNetwork::V4(n) => Ipv4Network::new(n.network(), n.prefix()).map(IpNetwork::V4),
+        IpNetwork::V6(n) => ipnetwork::Ipv6Network::new(n.network(), n.prefix()).map(IpNetwork::V6),
+    };
+    canonical.map_err(|e| Error::invalid(field, format!("{text:?}: {e}")))
+}
+
+/// The CIDRs of a universe request: `cidr` xor `cidrs`, IPv4, /8 to /30, canonical, disjoint.
+fn universe_cidrs(req: &CreateUniverse) -> Result<Vec<Ipv4Network>> {
+    let fields: Vec<(String, &str)> = match (&req.cidr, &req.cidrs) {
+        (Some(_), Some(_)) => return Err(Error::invalid("cidr", "give either cidr or cidrs, not both")),
+        (None, None) => return Err(Error::invalid("cidr", "a universe needs cidr or cidrs")),
+        (None, Some(list)) if list.is_empty() => {
+            return Err(Error::invalid("cidrs", "a universe needs at least one CIDR"))
+        }
+        (Some(one), None) => vec![("cidr".to_owned(), one.as_str())],
+        (None, Some(list)) => {
+            list.iter().enumerate().map(|(i, c)| (format!("cidrs[{i}]"), c.as_str())).collect()
+        }
+    };
+    let mut cidrs: Vec<Ipv4Network> = Vec::with_capacity(fields.len());
+    for (field, text) in &fields {
+        let net = match parse_cidr(field, text)? {
+            IpNetwork::V4(n) => n,
+            IpNetwork::V6(_) => return Err(Error::invalid(field, "IPv6 universes are not supported yet")),
+        };
+        if !(UNIVERSE_PREFIX_MIN..=UNIVERSE_PREFIX_MAX).contains(&net.prefix()) {
+            return Err(Error::invalid(
+                field,
+                format!("prefix /{} is outside /{UNIVERSE_PREFIX_MIN} to /{UNIVERSE_PREFIX_MAX}", net.prefix()),
+            ));
+        }
+        if let Some(i) = cidrs.iter().position(|c| c.overlaps(net)) {
+            return Err(Error::invalid(field, format!("{net} overlaps {} ({})", cidrs[i], fields[i].0)));
+        }
+        cidrs.push(net);
+    }
+    Ok(cidrs)
+}
+
+/// An endpoint address: IPv4, in one of the universe's CIDRs, and a usable host address there.
+fn endpoint_ip(universe: &Universe, text: &str) -> Result<Ipv4Addr> {
+    let ip: std::net::IpAddr =
+        text.parse().map_err(|_| Error::invalid("ip", format!("{text:?} is not an IP address")))?;
+    let std::net::IpAddr::V4(ip) = ip else {
+        return Err(Error::invalid("ip", "IPv6 endpoints are not supported yet"));
+    };
+    let Some(cidr) = cidr_of(universe, ip) else {
+        let cidrs: Vec<String> = universe.cidrs.iter().map(ToString::to_string).collect();
+        return Err(Error::invalid(
+            "ip",
+            format!("{ip} is outside universe {} ({})", universe.id, cidrs.join(", ")),
+        ));
+    };
+    let reserved = if ip == cidr.network() {
+        Some("network")
+    } else if ip == cidr.broadcast() {
+        Some("broadcast")
+    } else if Some(ip) == gateway(universe, ip) {
+        Some("gateway")
+    } else {
+        None
+    };
+    if let Some(what) = reserved {
+        return Err(Error::invalid("ip", format!("{ip} is the {what} address of {cidr}")));
+    }
+    Ok(ip)
+}
+
+/// S4 protocol: a name, a number 0–255, or a numeric string.
+fn parse_protocol(value: &serde_json::Value) -> Result<Protocol> {
+    let bad = || {
+        Error::invalid("protocol", format!("{value} is not tcp, udp, icmp, icmpv6, all or a number 0-255"))
+    };
+    match value {
+        serde_json::Value::String(s) => match s.to_ascii_lowercase().as_str() {
+            "all" => Ok(Protocol::All),
+            "tcp" => Ok(Protocol::TCP),
+            "udp" => Ok(Protocol::UDP),
+            "icmp" => Ok(Protocol::ICMP),
+            "icmpv6" => Ok(Protocol::ICMPV6),
+            n if !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()) => {
+                n.parse().map(Protocol::Number).map_err(|_| bad())
+            }
+            _ => Err(bad()),
+        },
+        serde_json::Value::Number(n) => {
+            n.as_u64().and_then(|n| u8::try_from(n).ok()).map(Protocol::Number).ok_or_else(bad)
+        }
+        serde_json::Value::Null => Err(Error::invalid("protocol", "is required")),
+        _ => Err(bad()),
+    }
+}
+
+fn port(field: &str, value: Option<i64>) -> Result<u16> {
+    let value = value.ok_or_else(|| Error::invalid(field, "is required for tcp and udp"))?;
+    u16::try_from(value).map_err(|_| Error::invalid(field, format!("{value} is outside 0 to 65535")))
+}
+
+/// An ICMP type or code: -1 (or absent) = any, else 0–255.
+fn icmp_value(field: &str, value: Option<i64>) -> Result<Option<u8>> {
+    match value {
+        None | Some(-1) => Ok(None),
+        Some(v) => u8::try_from(v)
+            .map(Some)
+            .map_err(|_| Error::invalid(field, format!("{v} is outside -1 to 255"))),
+    }
+}
+
+/// Refuses a field that `protocol` does not take.
+fn refuse(field: &str, value: Option<i64>, protocol: Protocol) -> Result<()> {
+    match value {
+        Some(_) => Err(Error::invalid(field, format!("protocol {} takes no {field}", protocol.name()))),
+        None => Ok(()),
+    }
+}
+
+type RuleMatch = (Option<(u16, u16)>, Option<(Option<u8>, Option<u8>)>);
+
+/// S4: ports for TCP/UDP, type/code for ICMP, nothing for the others.
+fn rule_match(protocol: Protocol, req: &CreateRule) -> Result<RuleMatch> {
+    if protocol == Protocol::TCP || protocol == Protocol::UDP {
+        refuse("icmp_type", req.icmp_type, protocol)?;
+        refuse("icmp_code", req.icmp_code, protocol)?;
+        let from = port("from_port", req.from_port)?;
+        let to = port("to_port", req.to_port)?;
+        if from > to {
+            return Err(Error::invalid("from_port", format!("{from} is above to_port {to}")));
+        }
+        Ok((Some((from, to)), None))
+    } else if protocol == Protocol::ICMP || protocol == Protocol::ICMPV6 {
+        refuse("from_port", req.from_port, protocol)?;
+        refuse("to_port", req.to_port, protocol)?;
+        let icmp_type = icmp_value("icmp_type", req.icmp_type)?;
+        let icmp_code = icmp_value("icmp_code", req.icmp_code)?;
+        if icmp_type.is_none() && icmp_code.is_some() {
+            return Err(Error::invalid("icmp_code", "a code needs an icmp_type"));
+        }
+        Ok((None, Some((icmp_type, icmp_code))))
+    } else {
+        refuse("from_port", req.from_port, protocol)?;
+        refuse("to_port", req.to_port, protocol)?;
+        refuse("icmp_type", req.icmp_type, protocol)?;
+        refuse("icmp_code", req.icmp_code, protocol)?;
+        Ok((None, None))
+    }
+}
+
+impl State {
+    fn free_vni(&self) -> Option<u32> {
+        let used: std::collections::BTreeSet<u32> = self.universes.values().map(|u| u.vni).collect();
+        smallest_free(used.into_iter(), MAX_VNI)
+    }
+
+    fn rule_id_taken(&self, id: &str) -> bool {
+        self.groups.values().any(|g| g.ingress.iter().chain(&g.egress).any(|r| r.id == id))
+    }
+
+    /// Validates a rule request against `group` (its universe for group peers); `id` is left
+    /// empty for the caller.
+    fn parse_rule(&self, group: &SecurityGroup, req: CreateRule) -> Result<Rule> {
+        let direction = match req.direction.as_str() {
+            "ingress" => Direction::Ingress,
+            "egress" => Direction::Egress,
+            other => return Err(Error::invalid("direction", format!("{other:?} is not ingress or egress"))),
+        };
+        let protocol = parse_protocol(&req.protocol)?;
+        let (ports, icmp) = rule_match(protocol, &req)?;
+        let peer = match (&req.cidr, &req.group) {
+            (Some(_), Some(_)) => return Err(Error::invalid("cidr", "give either cidr or group, not both")),
+            (None, None) => return Err(Error::invalid("cidr", "a rule needs a peer: cidr or group")),
+            (Some(cidr), None) => Peer::Cidr(parse_cidr("cidr", cidr)?),
+            (None, Some(peer)) => {
+                let other = self.groups.get(peer).ok_or_else(|| missing("group", "security group", peer))?;
+                if other.universe != group.universe {
+                    return Err(Error::invalid(
+                        "group",
+                        format!(
+                            "{peer} is in universe {}, not in {} with {}",
+                            other.universe, group.universe, group.id
+                        ),
+                    ));
+                }
+                Peer::Group(peer.clone())
+            }
+        };
+        let description = check_description(req.description.as_deref())?;
+        Ok(Rule { id: String::new(), direction, protocol, ports, icmp, peer, description })
+    }
+
+    /// The groups of an endpoint request: the universe's `default` when absent (S3), else 1–16
+    /// distinct groups of the same universe (S12).
+    fn endpoint_groups(&self, universe: &str, requested: Option<&[String]>) -> Result<Vec<String>> {
+        let Some(requested) = requested else {
+            let default = self.groups.values().find(|g| g.universe == universe && g.name == DEFAULT_GROUP);
+            return default
+                .map(|g| vec![g.id.clone()])
+                .ok_or_else(|| missing("security_groups", "default security group of universe", universe));
+        };
+        if requested.is_empty() {
+            return Err(Error::invalid("security_groups", "an endpoint needs at least one security group"));
+        }
+        if requested.len() > MAX_GROUPS_PER_ENDPOINT {
+            return Err(Error::conflict(
+                "limit_exceeded",
+                Some("security_groups"),
+                format!(
+                    "security_groups: {} groups given, an endpoint may have at most {MAX_GROUPS_PER_ENDPOINT} (S12)",
+                    requested.len()
+                ),
+            ));
+        }
+        for (i, id) in requested.iter().enumerate() {
+            let field = format!("security_groups[{i}]");
+            let group = self.groups.get(id).ok_or_else(|| missing(&field, "security group", id))?;
+            if group.universe != universe {
+                return Err(Error::invalid(
+                    &field,
+                    format!("{id} is in universe {}, not in {universe}", group.universe),
+                ));
+            }
+            if let Some(j) = requested[..i].iter().position(|g| g == id) {
+                return Err(Error::invalid(&field, format!("{id} is already security_groups[{j}]")));
+            }
+        }
+        Ok(requested.to_vec())
+    }
+
+    /// The identity of (universe, set of groups): the existing one, or the smallest free number.
+    /// The caller inserts it (a no-op when it exists).
+    fn identity_for(&self, universe: &str, groups: &[String]) -> Result<(u32, Identity)> {
+        let mut sorted = groups.to_vec();
+        sorted.sort();
+        let identity = Identity { universe: universe.to_owned(), groups: sorted };
+        if let Some((&n, _)) = self.identities.iter().find(|(_, i)| **i == identity) {
+            return Ok((n, identity));
+        }
+        // A number freed by this very edit is not free yet: handing it to another set of groups
+        // in the same revision would let the dataplane, while it applies the change, judge a
+        // packet by a mix of the old and the new policy of that number.
+        let n = smallest_free(self.identities.keys().copied(), dataplane_common::MAX_IDENTITY)
+            .ok_or_else(|| {
+                Error::conflict(
+                    "limit_exceeded",
+                    Some("security_groups"),
+                    format!(
+                        "all {} security identities (distinct sets of groups) are in use",
+                        dataplane_common::MAX_IDENTITY
+                    ),
+                )
+            })?;
+        Ok((n, identity))
+    }
+
+    /// Removes identities that no endpoint has any more.
+    fn collect_identities(&mut self) {
+        let used: std::collections::BTreeSet<u32> = self.endpoints.values().map(|e| e.identity).collect();
+        self.identities.retain(|n, _| used.contains(n));
+    }
+}
+
+/// The smallest number in 1..=max that `used` (ascending) does not hold.
+fn smallest_free(used: impl Iterator<Item = u32>, max: u32) -> Option<u32> {
+    let mut candidate = 1u32;
+    for n in used {
+        if n > candidate {
+            break;
+        }
+        if n == candidate {
+            candidate += 1;
+        }
+    }
+    (candidate <= max).then_some(candidate)
 }
 
 // ---- Wire form of rules and protocols ----
@@ -372,5 +987,761 @@ impl<'de> Deserialize<'de> for Rule {
             peer,
             description: j.description,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn universe(state: &mut State, name: &str, cidr: &str) -> Universe {
+        state
+            .create_universe(CreateUniverse { name: name.into(), cidr: Some(cidr.into()), cidrs: None })
+            .unwrap()
+    }
+
+    fn group(state: &mut State, universe: &str, name: &str) -> SecurityGroup {
+        state
+            .create_group(CreateGroup { universe: universe.into(), name: name.into(), description: None })
+            .unwrap()
+    }
+
+    fn default_group(state: &State, universe: &str) -> String {
+        state.groups.values().find(|g| g.universe == universe && g.name == DEFAULT_GROUP).unwrap().id.clone()
+    }
+
+    fn rule_req(value: serde_json::Value) -> CreateRule {
+        serde_json::from_value(value).unwrap()
+    }
+
+    fn endpoint_req(universe: &str, netns: &str, ip: &str, groups: Option<Vec<String>>) -> CreateEndpoint {
+        CreateEndpoint {
+            universe: universe.into(),
+            host: None,
+            netns: netns.into(),
+            ip: ip.into(),
+            security_groups: groups,
+        }
+    }
+
+    /// Asserts the refusal and that the state did not change (contract: whole or nothing).
+    #[track_caller]
+    fn refused<T: std::fmt::Debug>(
+        state: &mut State,
+        edit: impl FnOnce(&mut State) -> Result<T>,
+        kind: ErrorKind,
+        code: &str,
+        field: Option<&str>,
+    ) -> Error {
+        let before = state.clone();
+        let err = edit(state).expect_err("the edit must be refused");
+        assert_eq!((err.kind, err.code, err.field.as_deref()), (kind, code, field), "{err:?}");
+        assert_eq!(*state, before, "a refused edit must leave the state untouched");
+        err
+    }
+
+    fn is_id(id: &str, prefix: &str) -> bool {
+        id.strip_prefix(prefix).and_then(|s| s.strip_prefix('-')).is_some_and(|hex| {
+            hex.len() == 8 && hex.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        })
+    }
+
+    fn net(s: &str) -> IpNetwork {
+        s.parse().unwrap()
+    }
+
+    // ---- Universes ----
+
+    #[test]
+    fn create_universe_makes_ids_vni_and_bumps_revision() {
+        let mut s = State::default();
+        let u = universe(&mut s, "blue", "10.1.0.0/16");
+        assert!(is_id(&u.id, "uni"), "{}", u.id);
+        assert_eq!(u.vni, 1);
+        assert_eq!(u.cidrs, vec!["10.1.0.0/16".parse::<Ipv4Network>().unwrap()]);
+        assert_eq!(s.revision, 1);
+        assert_eq!(s.universes[&u.id], u);
+        let u2 = universe(&mut s, "red", "10.2.0.0/16");
+        assert_eq!(u2.vni, 2);
+        assert_eq!(s.revision, 2);
+    }
+
+    #[test]
+    fn s4_universe_cidrs_are_stored_canonical() {
+        let mut s = State::default();
+        let u = s
+            .create_universe(CreateUniverse {
+                name: "u".into(),
+                cidr: None,
+                cidrs: Some(vec!["10.1.2.3/16".into(), "192.168.7.9/24".into()]),
+            })
+            .unwrap();
+        assert_eq!(u.cidrs[0].to_string(), "10.1.0.0/16");
+        assert_eq!(u.cidrs[1].to_string(), "192.168.7.0/24");
+    }
+
+    #[test]
+    fn universes_may_overlap_each_other() {
+        let mut s = State::default();
+        let a = universe(&mut s, "a", "10.0.0.0/8");
+        let b = universe(&mut s, "b", "10.0.0.0/8");
+        assert_ne!(a.id, b.id);
+        assert_ne!(a.vni, b.vni);
+    }
+
+    #[test]
+    fn vni_is_the_smallest_free_one() {
+        let mut s = State::default();
+        let a = universe(&mut s, "a", "10.0.0.0/8");
+        universe(&mut s, "b", "10.0.0.0/8");
+        s.delete_universe(&a.id).unwrap();
+        assert_eq!(universe(&mut s, "c", "10.0.0.0/8").vni, 1);
+        assert_eq!(universe(&mut s, "d", "10.0.0.0/8").vni, 3);
+    }
+
+    #[test]
+    fn create_universe_refusals_name_the_field() {
+        use ErrorKind::*;
+        let mut s = State::default();
+        let req = |name: &str, cidr: Option<&str>, cidrs: Option<Vec<&str>>| CreateUniverse {
+            name: name.into(),
+            cidr: cidr.map(Into::into),
+            cidrs: cidrs.map(|v| v.into_iter().map(Into::into).collect()),
+        };
+        let cases: Vec<(CreateUniverse, &str)> = vec![
+            (req("", Some("10.0.0.0/8"), None), "name"),
+            (req("   ", Some("10.0.0.0/8"), None), "name"),
+            (req(&"x".repeat(256), Some("10.0.0.0/8"), None), "name"),
+            (req("u", None, None), "cidr"),
+            (req("u", Some("10.0.0.0/8"), Some(vec!["10.0.0.0/8"])), "cidr"),
+            (req("u", None, Some(vec![])), "cidrs"),
+            (req("u", Some("banana"), None), "cidr"),
+            (req("u", Some("10.0.0.0"), None), "cidr"),
+            (req("u", Some("10.0.0.0/33"), None), "cidr"),
+            (req("u", Some("10.0.0.0/7"), None), "cidr"),
+            (req("u", Some("10.0.0.0/31"), None), "cidr"),
+            (req("u", Some("fd00::/64"), None), "cidr"),
+            (req("u", None, Some(vec!["10.0.0.0/16", "fd00::/64"])), "cidrs[1]"),
+            (req("u", None, Some(vec!["10.0.0.0/16", "10.0.5.0/24"])), "cidrs[1]"),
+            (req("u", None, Some(vec!["10.0.0.0/16", "10.1.0.0/16", "10.0.0.0/16"])), "cidrs[2]"),
+        ];
+        for (r, field) in cases {
+            refused(&mut s, |s| s.create_universe(r), Invalid, "invalid_argument", Some(field));
+        }
+        let err = refused(
+            &mut s,
+            |s| s.create_universe(req("u", Some("fd00::/64"), None)),
+            Invalid,
+            "invalid_argument",
+            Some("cidr"),
+        );
+        assert!(err.message.contains("IPv6 universes are not supported yet"), "{}", err.message);
+        universe(&mut s, "u", "10.0.0.0/8");
+        refused(
+            &mut s,
+            |s| s.create_universe(req("u", Some("10.0.0.0/8"), None)),
+            Conflict,
+            "duplicate",
+            Some("name"),
+        );
+    }
+
+    #[test]
+    fn s3_a_universe_comes_with_its_default_group() {
+        let mut s = State::default();
+        let u = universe(&mut s, "u", "10.0.0.0/16");
+        let groups: Vec<&SecurityGroup> = s.groups.values().filter(|g| g.universe == u.id).collect();
+        assert_eq!(groups.len(), 1);
+        let g = groups[0];
+        assert!(is_id(&g.id, "sg"));
+        assert_eq!(g.name, DEFAULT_GROUP);
+        assert_eq!(g.ingress.len(), 1);
+        let r = &g.ingress[0];
+        assert!(is_id(&r.id, "sgr"));
+        assert_eq!((r.direction, r.protocol, r.ports, r.icmp), (Direction::Ingress, Protocol::All, None, None));
+        assert_eq!(r.peer, Peer::Group(g.id.clone()), "ingress all from default itself");
+        assert_s2_egress(g);
+    }
+
+    fn assert_s2_egress(g: &SecurityGroup) {
+        let peers: Vec<&Peer> = g.egress.iter().map(|r| &r.peer).collect();
+        assert_eq!(peers, vec![&Peer::Cidr(net("0.0.0.0/0")), &Peer::Cidr(net("::/0"))]);
+        for r in &g.egress {
+            assert_eq!((r.direction, r.protocol, r.ports, r.icmp), (Direction::Egress, Protocol::All, None, None));
+        }
+        assert_ne!(g.egress[0].id, g.egress[1].id);
+    }
+
+    #[test]
+    fn delete_universe_needs_no_endpoints_and_removes_its_groups() {
+        use ErrorKind::*;
+        let mut s = State::default();
+        refused(&mut s, |s| s.delete_universe("uni-00000000"), NotFound, "not_found", None);
+        let u = universe(&mut s, "u", "10.0.0.0/16");
+        let keep = universe(&mut s, "keep", "10.0.0.0/16");
+        group(&mut s, &u.id, "web");
+        let ep = s.create_endpoint(endpoint_req(&u.id, "ns1", "10.0.0.5", None), "h1").unwrap();
+        refused(&mut s, |s| s.delete_universe(&u.id), Conflict, "in_use", None);
+        s.delete_endpoint(&ep.id).unwrap();
+        let rev = s.revision;
+        s.delete_universe(&u.id).unwrap();
+        assert_eq!(s.revision, rev + 1);
+        assert!(!s.universes.contains_key(&u.id));
+        assert!(s.groups.values().all(|g| g.universe == keep.id));
+        assert_eq!(s.groups.len(), 1);
+    }
+
+    // ---- Groups ----
+
+    #[test]
+    fn s2_a_new_group_has_no_ingress_and_egress_all() {
+        let mut s = State::default();
+        let u = universe(&mut s, "u", "10.0.0.0/16");
+        let rev = s.revision;
+        let g = s
+            .create_group(CreateGroup { universe: u.id.clone(), name: "web".into(), description: Some("w".into()) })
+            .unwrap();
+        assert_eq!(s.revision, rev + 1);
+        assert!(is_id(&g.id, "sg"));
+        assert_eq!((g.name.as_str(), g.description.as_str(), g.universe.as_str()), ("web", "w", u.id.as_str()));
+        assert!(g.ingress.is_empty());
+        assert_s2_egress(&g);
+        assert_eq!(s.groups[&g.id], g);
+    }
+
+    #[test]
+    fn create_group_refusals_name_the_field() {
+        use ErrorKind::*;
+        let mut s = State::default();
+        let u = universe(&mut s, "u", "10.0.0.0/16");
+        let other = universe(&mut s, "other", "10.0.0.0/16");
+        let req = |u: &str, name: &str, d: Option<String>| CreateGroup {
+            universe: u.into(),
+            name: name.into(),
+            description: d,
+        };
+        refused(&mut s, |s| s.create_group(req("uni-00000000", "a", None)), NotFound, "not_found", Some("universe"));
+        refused(&mut s, |s| s.create_group(req(&u.id, "", None)), Invalid, "invalid_argument", Some("name"));
+        refused(&mut s, |s| s.create_group(req(&u.id, "a\nb", None)), Invalid, "invalid_argument", Some("name"));
+        refused(
+            &mut s,
+            |s| s.create_group(req(&u.id, "a", Some("d".repeat(256)))),
+            Invalid,
+            "invalid_argument",
+            Some("description"),
+        );
+        refused(&mut s, |s| s.create_group(req(&u.id, DEFAULT_GROUP, None)), Conflict, "duplicate", Some("name"));
+        group(&mut s, &u.id, "web");
+        refused(&mut s, |s| s.create_group(req(&u.id, "web", None)), Conflict, "duplicate", Some("name"));
+        // Names are per universe.
+        group(&mut s, &other.id, "web");
+    }
+
+    #[test]
+    fn delete_group_refuses_default_used_and_referenced_groups() {
+        use ErrorKind::*;
+        let mut s = State::default();
+        let u = universe(&mut s, "u", "10.0.0.0/16");
+        let default = default_group(&s, &u.id);
+        refused(&mut s, |s| s.delete_group("sg-00000000"), NotFound, "not_found", None);
+        refused(&mut s, |s| s.delete_group(&default), Conflict, "protected", None);
+
+        let used = group(&mut s, &u.id, "used");
+        let ep = s.create_endpoint(endpoint_req(&u.id, "ns1", "10.0.0.5", Some(vec![used.id.clone()])), "h").unwrap();
+        refused(&mut s, |s| s.delete_group(&used.id), Conflict, "in_use", None);
+        s.delete_endpoint(&ep.id).unwrap();
+
+        let peer = group(&mut s, &u.id, "peer");
+        let web = group(&mut s, &u.id, "web");
+        let r = s
+            .add_rule(&web.id, rule_req(json!({"direction": "ingress", "protocol": "tcp", "from_port": 22, "to_port": 22, "group": peer.id})))
+            .unwrap();
+        refused(&mut s, |s| s.delete_group(&peer.id), Conflict, "in_use", None);
+        s.delete_rule(&web.id, &r.id).unwrap();
+
+        // A rule that refers to its own group does not keep the group alive.
+        s.add_rule(&peer.id, rule_req(json!({"direction": "ingress", "protocol": "all", "group": peer.id})))
+            .unwrap();
+        let rev = s.revision;
+        s.delete_group(&peer.id).unwrap();
+        s.delete_group(&used.id).unwrap();
+        assert_eq!(s.revision, rev + 2);
+        assert!(!s.groups.contains_key(&peer.id));
+    }
+
+    // ---- Rules ----
+
+    fn rule_setup() -> (State, Universe, SecurityGroup) {
+        let mut s = State::default();
+        let u = universe(&mut s, "u", "10.0.0.0/16");
+        let g = group(&mut s, &u.id, "web");
+        (s, u, g)
+    }
+
+    #[test]
+    fn add_rule_stores_a_validated_rule() {
+        let (mut s, _, g) = rule_setup();
+        let rev = s.revision;
+        let r = s
+            .add_rule(
+                &g.id,
+                rule_req(json!({"direction": "ingress", "protocol": "tcp", "from_port": 80, "to_port": 443,
+                    "cidr": "10.1.2.3/16", "description": "web"})),
+            )
+            .unwrap();
+        assert_eq!(s.revision, rev + 1);
+        assert!(is_id(&r.id, "sgr"));
+        assert_eq!(r.direction, Direction::Ingress);
+        assert_eq!(r.protocol, Protocol::TCP);
+        assert_eq!(r.ports, Some((80, 443)));
+        assert_eq!(r.icmp, None);
+        assert_eq!(r.peer, Peer::Cidr(net("10.1.0.0/16")), "S4: stored canonical");
+        assert_eq!(r.description, "web");
+        assert_eq!(s.groups[&g.id].ingress, vec![r.clone()]);
+        let e = s
+            .add_rule(&g.id, rule_req(json!({"direction": "egress", "protocol": "udp", "from_port": 53, "to_port": 53, "cidr": "fd00:1:2:3::5/48"})))
+            .unwrap();
+        assert_eq!(e.peer, Peer::Cidr(net("fd00:1:2::/48")), "S4: IPv6 peers are stored canonical too");
+        assert_eq!(s.groups[&g.id].egress.last(), Some(&e));
+    }
+
+    #[test]
+    fn s4_protocols_normalize_names_numbers_and_numeric_strings() {
+        let (mut s, _, g) = rule_setup();
+        let cases = [
+            (json!("tcp"), Protocol::TCP),
+            (json!(6), Protocol::TCP),
+            (json!("6"), Protocol::TCP),
+            (json!("UDP"), Protocol::UDP),
+            (json!(17), Protocol::UDP),
+            (json!("icmp"), Protocol::ICMP),
+            (json!(1), Protocol::ICMP),
+            (json!("icmpv6"), Protocol::ICMPV6),
+            (json!("58"), Protocol::ICMPV6),
+            (json!("all"), Protocol::All),
+            (json!(47), Protocol::Number(47)),
+            (json!("0"), Protocol::Number(0)),
+            (json!(255), Protocol::Number(255)),
+        ];
+        for (i, (protocol, expected)) in cases.into_iter().enumerate() {
+            let mut body = json!({"direction": "ingress", "protocol": protocol, "cidr": format!("10.0.{i}.0/24")});
+            if expected == Protocol::TCP || expected == Protocol::UDP {
+                body["from_port"] = json!(1);
+                body["to_port"] = json!(2);
+            }
+            let r = s.add_rule(&g.id, rule_req(body)).unwrap();
+            assert_eq!(r.protocol, expected, "{protocol}");
+            if expected == Protocol::ICMP || expected == Protocol::ICMPV6 {
+                assert_eq!(r.icmp, Some((None, None)), "icmp defaults to any type, any code");
+            }
+        }
+    }
+
+    #[test]
+    fn add_rule_refusals_name_the_field() {
+        use ErrorKind::*;
+        let (mut s, _, g) = rule_setup();
+        let other_u = universe(&mut s, "other", "10.0.0.0/16");
+        let foreign = group(&mut s, &other_u.id, "foreign");
+        let tcp = |extra: serde_json::Value| {
+            let mut b = json!({"direction": "ingress", "protocol": "tcp", "from_port": 1, "to_port": 2, "cidr": "10.0.0.0/8"});
+            for (k, v) in extra.as_object().unwrap() {
+                if v.is_null() {
+                    b.as_object_mut().unwrap().remove(k);
+                } else {
+                    b[k] = v.clone();
+                }
+            }
+            b
+        };
+        let invalid = [
+            (tcp(json!({"direction": "sideways"})), "direction"),
+            (tcp(json!({"protocol": "gre"})), "protocol"),
+            (tcp(json!({"protocol": 256})), "protocol"),
+            (tcp(json!({"protocol": -1})), "protocol"),
+            (tcp(json!({"protocol": "-1"})), "protocol"),
+            (tcp(json!({"protocol": 6.5})), "protocol"),
+            (tcp(json!({"protocol": ""})), "protocol"),
+            (tcp(json!({"from_port": null})), "from_port"),
+            (tcp(json!({"to_port": null})), "to_port"),
+            (tcp(json!({"from_port": -1})), "from_port"),
+            (tcp(json!({"to_port": 65536})), "to_port"),
+            (tcp(json!({"from_port": 10, "to_port": 9})), "from_port"),
+            (tcp(json!({"icmp_type": 8})), "icmp_type"),
+            (tcp(json!({"icmp_code": 0})), "icmp_code"),
+            (tcp(json!({"protocol": "icmp", "from_port": null, "to_port": null, "icmp_code": 3})), "icmp_code"),
+            (tcp(json!({"protocol": "icmp", "from_port": null, "to_port": null, "icmp_type": -1, "icmp_code": 3})), "icmp_code"),
+            (tcp(json!({"protocol": "icmp", "from_port": null, "to_port": null, "icmp_type": 256})), "icmp_type"),
+            (tcp(json!({"protocol": "icmp", "from_port": null, "to_port": null, "icmp_type": -2})), "icmp_type"),
+            (tcp(json!({"protocol": "icmp", "from_port": null, "to_port": null, "icmp_type": 3, "icmp_code": 256})), "icmp_code"),
+            (tcp(json!({"protocol": "icmp", "to_port": null})), "from_port"),
+            (tcp(json!({"protocol": "icmpv6", "from_port": null})), "to_port"),
+            (tcp(json!({"protocol": "all", "to_port": null})), "from_port"),
+            (tcp(json!({"protocol": 47, "from_port": null, "to_port": null, "icmp_type": 1})), "icmp_type"),
+            (tcp(json!({"protocol": "all", "from_port": null, "to_port": null, "icmp_code": 1})), "icmp_code"),
+            (tcp(json!({"cidr": null})), "cidr"),
+            (tcp(json!({"group": g.id})), "cidr"),
+            (tcp(json!({"cidr": "10.0.0.300/8"})), "cidr"),
+            (tcp(json!({"cidr": "10.0.0.1"})), "cidr"),
+            (tcp(json!({"cidr": "10.0.0.0/33"})), "cidr"),
+            (tcp(json!({"cidr": null, "group": foreign.id})), "group"),
+            (tcp(json!({"description": "x".repeat(256)})), "description"),
+        ];
+        for (body, field) in invalid {
+            let text = body.to_string();
+            let err = s.add_rule(&g.id, rule_req(body)).expect_err(&text);
+            assert_eq!((err.kind, err.code, err.field.as_deref()), (Invalid, "invalid_argument", Some(field)), "{text}: {err:?}");
+            assert!(err.message.starts_with(field), "{}", err.message);
+        }
+        refused(&mut s, |s| s.add_rule(&g.id, rule_req(tcp(json!({"cidr": null, "group": "sg-00000000"})))), NotFound, "not_found", Some("group"));
+        refused(&mut s, |s| s.add_rule("sg-00000000", rule_req(tcp(json!({})))), NotFound, "not_found", None);
+        assert_eq!(s.groups[&g.id].ingress.len(), 0);
+    }
+
+    #[test]
+    fn s4_exact_duplicate_rule_is_a_conflict() {
+        use ErrorKind::*;
+        let (mut s, u, g) = rule_setup();
+        let body = json!({"direction": "ingress", "protocol": "tcp", "from_port": 22, "to_port": 22, "cidr": "10.0.0.0/8", "description": "a"});
+        s.add_rule(&g.id, rule_req(body.clone())).unwrap();
+        let mut again = body.clone();
+        again["cidr"] = json!("10.9.9.9/8"); // the same CIDR once canonical
+        again["description"] = json!("other words, same rule");
+        again["protocol"] = json!(6);
+        refused(&mut s, |s| s.add_rule(&g.id, rule_req(again)), Conflict, "duplicate", None);
+        // Any difference makes another rule.
+        for change in [
+            json!({"direction": "egress"}),
+            json!({"to_port": 23}),
+            json!({"protocol": "udp"}),
+            json!({"cidr": "10.0.0.0/9"}),
+            json!({"cidr": null, "group": default_group(&s, &u.id)}),
+        ] {
+            let mut b = body.clone();
+            for (k, v) in change.as_object().unwrap() {
+                if v.is_null() {
+                    b.as_object_mut().unwrap().remove(k);
+                } else {
+                    b[k] = v.clone();
+                }
+            }
+            s.add_rule(&g.id, rule_req(b)).unwrap();
+        }
+        let icmp = json!({"direction": "ingress", "protocol": "icmp", "icmp_type": 8, "cidr": "0.0.0.0/0"});
+        s.add_rule(&g.id, rule_req(icmp.clone())).unwrap();
+        let mut explicit_any = icmp.clone();
+        explicit_any["icmp_code"] = json!(-1);
+        refused(&mut s, |s| s.add_rule(&g.id, rule_req(explicit_any)), Conflict, "duplicate", None);
+        let mut code = icmp;
+        code["icmp_code"] = json!(0);
+        s.add_rule(&g.id, rule_req(code)).unwrap();
+    }
+
+    #[test]
+    fn s12_a_group_holds_at_most_1000_rules() {
+        let (mut s, _, g) = rule_setup();
+        // Two S2 egress rules are there already.
+        for port in 0..(MAX_RULES_PER_GROUP - 2) {
+            s.add_rule(&g.id, rule_req(json!({"direction": "ingress", "protocol": "tcp", "from_port": port, "to_port": port, "cidr": "10.0.0.0/8"})))
+                .unwrap();
+        }
+        let err = refused(
+            &mut s,
+            |s| s.add_rule(&g.id, rule_req(json!({"direction": "egress", "protocol": "udp", "from_port": 1, "to_port": 1, "cidr": "10.0.0.0/8"}))),
+            ErrorKind::Conflict,
+            "limit_exceeded",
+            None,
+        );
+        assert!(err.message.contains("1000"), "{}", err.message);
+    }
+
+    #[test]
+    fn delete_rule_removes_it_or_says_not_found() {
+        use ErrorKind::*;
+        let (mut s, _, g) = rule_setup();
+        let egress = s.groups[&g.id].egress[0].id.clone();
+        refused(&mut s, |s| s.delete_rule(&g.id, "sgr-00000000"), NotFound, "not_found", None);
+        refused(&mut s, |s| s.delete_rule("sg-00000000", &egress), NotFound, "not_found", None);
+        let rev = s.revision;
+        s.delete_rule(&g.id, &egress).unwrap();
+        assert_eq!(s.revision, rev + 1);
+        assert_eq!(s.groups[&g.id].egress.len(), 1);
+        refused(&mut s, |s| s.delete_rule(&g.id, &egress), NotFound, "not_found", None);
+    }
+
+    #[test]
+    fn rules_round_trip_through_the_stored_json() {
+        let (mut s, u, g) = rule_setup();
+        for body in [
+            json!({"direction": "ingress", "protocol": "icmp", "icmp_type": 3, "icmp_code": 4, "cidr": "10.0.0.0/8"}),
+            json!({"direction": "ingress", "protocol": "icmp", "icmp_type": 8, "cidr": "10.0.0.0/8"}),
+            json!({"direction": "ingress", "protocol": "icmpv6", "cidr": "::/0"}),
+            json!({"direction": "egress", "protocol": 47, "group": default_group(&s, &u.id)}),
+        ] {
+            s.add_rule(&g.id, rule_req(body)).unwrap();
+        }
+        s.create_endpoint(endpoint_req(&u.id, "ns", "10.0.0.9", None), "h").unwrap();
+        let text = serde_json::to_string(&s).unwrap();
+        let back: State = serde_json::from_str(&text).unwrap();
+        assert_eq!(back, s);
+    }
+
+    // ---- Endpoints ----
+
+    #[test]
+    fn create_endpoint_derives_mac_interface_and_default_group() {
+        let mut s = State::default();
+        let u = universe(&mut s, "u", "10.0.0.0/16");
+        let rev = s.revision;
+        let ep = s.create_endpoint(endpoint_req(&u.id, "ns1", "10.0.3.4", None), "h1").unwrap();
+        assert_eq!(s.revision, rev + 1);
+        assert!(is_id(&ep.id, "ep"));
+        let hex = &ep.id[3..];
+        assert_eq!(ep.interface, format!("vx{hex}"));
+        assert!(ep.interface.len() <= 15);
+        let mac = parse_mac(&ep.mac).unwrap();
+        assert_eq!(mac[0], 0x02, "locally administered, unicast");
+        assert_eq!(hex_bytes::<4>(hex), mac[2..6]);
+        assert_eq!((ep.host.as_str(), ep.netns.as_str(), ep.ip), ("h1", "ns1", Ipv4Addr::new(10, 0, 3, 4)));
+        assert_eq!(ep.security_groups, vec![default_group(&s, &u.id)], "S3: default group when absent");
+        assert_eq!(ep.identity, 1);
+        assert_eq!(s.identities[&1], Identity { universe: u.id.clone(), groups: ep.security_groups.clone() });
+        assert_eq!(s.endpoints[&ep.id], ep);
+
+        let other = s
+            .create_endpoint(
+                CreateEndpoint { host: Some("h2".into()), ..endpoint_req(&u.id, "ns1", "10.0.3.5", None) },
+                "h1",
+            )
+            .unwrap();
+        assert_eq!(other.host, "h2");
+        assert_eq!(other.identity, 1, "same universe and groups, same identity");
+        assert_ne!(other.mac, ep.mac);
+    }
+
+    fn hex_bytes<const N: usize>(text: &str) -> [u8; N] {
+        let mut out = [0; N];
+        for (i, b) in out.iter_mut().enumerate() {
+            *b = u8::from_str_radix(&text[2 * i..2 * i + 2], 16).unwrap();
+        }
+        out
+    }
+
+    #[test]
+    fn create_endpoint_refusals_name_the_field() {
+        use ErrorKind::*;
+        let mut s = State::default();
+        let u = s
+            .create_universe(CreateUniverse {
+                name: "u".into(),
+                cidr: None,
+                cidrs: Some(vec!["10.0.0.0/24".into(), "10.9.0.0/30".into()]),
+            })
+            .unwrap();
+        let other_u = universe(&mut s, "o", "10.0.0.0/24");
+        let foreign = group(&mut s, &other_u.id, "f");
+        let web = group(&mut s, &u.id, "web");
+        let ok = |ip: &str| endpoint_req(&u.id, "ns", ip, None);
+        let invalid: Vec<(CreateEndpoint, &str)> = vec![
+            (ok("banana"), "ip"),
+            (ok("10.0.0.5/24"), "ip"),
+            (ok("fd00::5"), "ip"),
+            (ok("10.1.0.5"), "ip"),
+            (ok("10.0.0.0"), "ip"),
+            (ok("10.0.0.255"), "ip"),
+            (ok("10.0.0.1"), "ip"),
+            (ok("10.9.0.0"), "ip"),
+            (ok("10.9.0.1"), "ip"),
+            (ok("10.9.0.3"), "ip"),
+            (CreateEndpoint { netns: "".into(), ..ok("10.0.0.5") }, "netns"),
+            (CreateEndpoint { netns: "a/b".into(), ..ok("10.0.0.5") }, "netns"),
+            (CreateEndpoint { netns: "..".into(), ..ok("10.0.0.5") }, "netns"),
+            (CreateEndpoint { netns: "a b".into(), ..ok("10.0.0.5") }, "netns"),
+            (CreateEndpoint { netns: "n".repeat(256), ..ok("10.0.0.5") }, "netns"),
+            (CreateEndpoint { host: Some("".into()), ..ok("10.0.0.5") }, "host"),
+            (CreateEndpoint { host: Some("a b".into()), ..ok("10.0.0.5") }, "host"),
+            (CreateEndpoint { security_groups: Some(vec![]), ..ok("10.0.0.5") }, "security_groups"),
+            (
+                CreateEndpoint { security_groups: Some(vec![web.id.clone(), foreign.id.clone()]), ..ok("10.0.0.5") },
+                "security_groups[1]",
+            ),
+            (
+                CreateEndpoint {
+                    security_groups: Some(vec![web.id.clone(), default_group(&s, &u.id), web.id.clone()]),
+                    ..ok("10.0.0.5")
+                },
+                "security_groups[2]",
+            ),
+        ];
+        for (req, field) in invalid {
+            let text = format!("{req:?}");
+            let err = s.create_endpoint(req, "h").expect_err(&text);
+            assert_eq!((err.kind, err.code, err.field.as_deref()), (Invalid, "invalid_argument", Some(field)), "{text}: {err:?}");
+        }
+        let err = s.create_endpoint(ok("fd00::5"), "h").unwrap_err();
+        assert!(err.message.contains("IPv6"), "{}", err.message);
+        refused(&mut s, |s| s.create_endpoint(endpoint_req("uni-00000000", "ns", "10.0.0.5", None), "h"), NotFound, "not_found", Some("universe"));
+        refused(
+            &mut s,
+            |s| s.create_endpoint(CreateEndpoint { security_groups: Some(vec![web.id.clone(), "sg-00000000".into()]), ..ok("10.0.0.5") }, "h"),
+            NotFound,
+            "not_found",
+            Some("security_groups[1]"),
+        );
+        let many: Vec<String> = (0..17).map(|i| group(&mut s, &u.id, &format!("g{i}")).id).collect();
+        refused(
+            &mut s,
+            |s| s.create_endpoint(CreateEndpoint { security_groups: Some(many.clone()), ..ok("10.0.0.5") }, "h"),
+            Conflict,
+            "limit_exceeded",
+            Some("security_groups"),
+        );
+        let sixteen = s
+            .create_endpoint(CreateEndpoint { security_groups: Some(many[..16].to_vec()), ..ok("10.0.0.5") }, "h")
+            .unwrap();
+        assert_eq!(sixteen.security_groups.len(), 16, "S12: 16 groups are allowed");
+
+        // Usable addresses at the edges of a CIDR, and of a /30.
+        s.create_endpoint(endpoint_req(&u.id, "ns2", "10.0.0.2", None), "h").unwrap();
+        s.create_endpoint(endpoint_req(&u.id, "ns3", "10.0.0.254", None), "h").unwrap();
+        s.create_endpoint(endpoint_req(&u.id, "ns4", "10.9.0.2", None), "h").unwrap();
+
+        refused(&mut s, |s| s.create_endpoint(endpoint_req(&u.id, "ns9", "10.0.0.5", None), "h"), Conflict, "duplicate", Some("ip"));
+        refused(&mut s, |s| s.create_endpoint(endpoint_req(&u.id, "ns", "10.0.0.6", None), "h"), Conflict, "duplicate", Some("netns"));
+        // The same address in another universe, the same namespace name on another host: fine.
+        s.create_endpoint(endpoint_req(&other_u.id, "ns9", "10.0.0.5", None), "h").unwrap();
+        s.create_endpoint(endpoint_req(&u.id, "ns", "10.0.0.6", None), "h2").unwrap();
+    }
+
+    #[test]
+    fn identities_are_shared_allocated_smallest_first_and_collected() {
+        let mut s = State::default();
+        let u = universe(&mut s, "u", "10.0.0.0/16");
+        let v = universe(&mut s, "v", "10.0.0.0/16");
+        let a = group(&mut s, &u.id, "a").id;
+        let b = group(&mut s, &u.id, "b").id;
+        let ep = |s: &mut State, uni: &str, ns: &str, ip: &str, groups: Vec<String>| {
+            s.create_endpoint(endpoint_req(uni, ns, ip, Some(groups)), "h").unwrap()
+        };
+        let e1 = ep(&mut s, &u.id, "n1", "10.0.0.11", vec![a.clone(), b.clone()]);
+        let e2 = ep(&mut s, &u.id, "n2", "10.0.0.12", vec![b.clone(), a.clone()]);
+        assert_eq!((e1.identity, e2.identity), (1, 1), "a set of groups: order does not matter");
+        let mut ab = vec![a.clone(), b.clone()];
+        ab.sort();
+        assert_eq!(s.identities[&1].groups, ab);
+        let e3 = ep(&mut s, &u.id, "n3", "10.0.0.13", vec![a.clone()]);
+        assert_eq!(e3.identity, 2);
+        let v_default = default_group(&s, &v.id);
+        let e4 = ep(&mut s, &v.id, "n4", "10.0.0.13", vec![v_default]);
+        assert_eq!(e4.identity, 3);
+
+        // PATCH moves an endpoint to the identity of its new set (S5), collecting the old one.
+        let rev = s.revision;
+        let p = s.patch_endpoint(&e3.id, PatchEndpoint { security_groups: vec![b.clone(), a.clone()] }).unwrap();
+        assert_eq!(s.revision, rev + 1);
+        assert_eq!(p.identity, 1);
+        assert_eq!(p.security_groups, vec![b.clone(), a.clone()]);
+        assert_eq!(s.endpoints[&e3.id], p);
+        assert!(!s.identities.contains_key(&2), "identity 2 has no endpoint left");
+        // The smallest free number is taken next.
+        let p = s.patch_endpoint(&e2.id, PatchEndpoint { security_groups: vec![b.clone()] }).unwrap();
+        assert_eq!(p.identity, 2);
+        // A number freed by an edit is not handed out by that same edit.
+        let p = s.patch_endpoint(&e2.id, PatchEndpoint { security_groups: vec![a.clone()] }).unwrap();
+        assert_eq!(p.identity, 4);
+        assert_eq!(s.identities.keys().copied().collect::<Vec<_>>(), vec![1, 3, 4]);
+
+        s.delete_endpoint(&e4.id).unwrap();
+        assert!(!s.identities.contains_key(&3));
+        s.delete_endpoint(&e1.id).unwrap();
+        assert!(s.identities.contains_key(&1), "e3 still has identity 1");
+        s.delete_endpoint(&e3.id).unwrap();
+        s.delete_endpoint(&e2.id).unwrap();
+        assert!(s.identities.is_empty());
+    }
+
+    #[test]
+    fn patch_and_delete_endpoint_refusals() {
+        use ErrorKind::*;
+        let mut s = State::default();
+        let u = universe(&mut s, "u", "10.0.0.0/16");
+        let o = universe(&mut s, "o", "10.0.0.0/16");
+        let e = s.create_endpoint(endpoint_req(&u.id, "n", "10.0.0.5", None), "h").unwrap();
+        let patch = |groups: Vec<String>| PatchEndpoint { security_groups: groups };
+        refused(&mut s, |s| s.patch_endpoint("ep-00000000", patch(vec![])), NotFound, "not_found", None);
+        refused(&mut s, |s| s.patch_endpoint(&e.id, patch(vec![])), Invalid, "invalid_argument", Some("security_groups"));
+        let foreign = default_group(&s, &o.id);
+        refused(&mut s, |s| s.patch_endpoint(&e.id, patch(vec![foreign])), Invalid, "invalid_argument", Some("security_groups[0]"));
+        refused(&mut s, |s| s.patch_endpoint(&e.id, patch(vec!["sg-00000000".into()])), NotFound, "not_found", Some("security_groups[0]"));
+        let many: Vec<String> = (0..17).map(|i| group(&mut s, &u.id, &format!("g{i}")).id).collect();
+        refused(&mut s, |s| s.patch_endpoint(&e.id, patch(many)), Conflict, "limit_exceeded", Some("security_groups"));
+        refused(&mut s, |s| s.delete_endpoint("ep-00000000"), NotFound, "not_found", None);
+    }
+
+    #[test]
+    fn identity_numbers_run_out_with_a_conflict() {
+        let mut s = State::default();
+        let u = universe(&mut s, "u", "10.0.0.0/16");
+        let g = default_group(&s, &u.id);
+        for n in 1..=dataplane_common::MAX_IDENTITY {
+            s.identities.insert(n, Identity { universe: "uni-elsewhere".into(), groups: vec![format!("sg-{n}")] });
+        }
+        refused(
+            &mut s,
+            |s| s.create_endpoint(endpoint_req(&u.id, "n", "10.0.0.5", Some(vec![g])), "h"),
+            ErrorKind::Conflict,
+            "limit_exceeded",
+            Some("security_groups"),
+        );
+    }
+
+    #[test]
+    fn gateway_is_the_first_host_of_the_containing_cidr() {
+        let mut s = State::default();
+        let u = s
+            .create_universe(CreateUniverse {
+                name: "u".into(),
+                cidr: None,
+                cidrs: Some(vec!["10.0.0.0/24".into(), "172.16.8.0/22".into()]),
+            })
+            .unwrap();
+        let ip = |s: &str| s.parse::<Ipv4Addr>().unwrap();
+        assert_eq!(gateway(&u, ip("10.0.0.77")), Some(ip("10.0.0.1")));
+        assert_eq!(gateway(&u, ip("172.16.10.3")), Some(ip("172.16.8.1")));
+        assert_eq!(cidr_of(&u, ip("172.16.10.3")), Some("172.16.8.0/22".parse().unwrap()));
+        assert_eq!(gateway(&u, ip("10.0.1.1")), None);
+        assert_eq!(cidr_of(&u, ip("10.0.1.1")), None);
+    }
+
+    #[test]
+    fn parse_mac_accepts_only_six_hex_pairs() {
+        assert_eq!(parse_mac("02:00:0a:ff:10:01"), Some([2, 0, 0x0a, 0xff, 0x10, 1]));
+        for bad in ["", "02:00:0a:ff:10", "02:00:0a:ff:10:01:02", "2:00:0a:ff:10:01", "02:00:0a:ff:10:zz"] {
+            assert_eq!(parse_mac(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn every_edit_bumps_the_revision_once() {
+        let mut s = State::default();
+        let u = universe(&mut s, "u", "10.0.0.0/16");
+        assert_eq!(s.revision, 1);
+        let g = group(&mut s, &u.id, "g");
+        assert_eq!(s.revision, 2);
+        let r = s.add_rule(&g.id, rule_req(json!({"direction": "ingress", "protocol": "all", "cidr": "0.0.0.0/0"}))).unwrap();
+        assert_eq!(s.revision, 3);
+        let e = s.create_endpoint(endpoint_req(&u.id, "n", "10.0.0.5", None), "h").unwrap();
+        assert_eq!(s.revision, 4);
+        s.patch_endpoint(&e.id, PatchEndpoint { security_groups: vec![g.id.clone()] }).unwrap();
+        assert_eq!(s.revision, 5);
+        s.delete_rule(&g.id, &r.id).unwrap();
+        assert_eq!(s.revision, 6);
+        s.delete_endpoint(&e.id).unwrap();
+        assert_eq!(s.revision, 7);
+        s.delete_group(&g.id).unwrap();
+        assert_eq!(s.revision, 8);
+        s.delete_universe(&u.id).unwrap();
+        assert_eq!(s.revision, 9);
     }
 }

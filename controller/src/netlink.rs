@@ -1,1 +1,499 @@
-//! TODO
+//! Endpoint plumbing: the veth pair of every endpoint, and the workload side of it.
+//!
+//! Contract: [`plumb`] is idempotent. It leaves, for one endpoint, a veth pair whose host side is
+//! `Endpoint::interface` in the namespace where versed runs and whose workload side is `eth0` in
+//! the `ip netns` namespace `Endpoint::netns`, with the endpoint's MAC, `IP/32`, the MTU, IPv6
+//! disabled on both sides, both sides and the workload's `lo` up, and
+//! `default via <gateway> dev eth0 onlink` in the workload. Calling it again on a plumbed endpoint
+//! re-asserts the same settings and returns the same ifindex (a restarted versed does this), so
+//! established flows are never disturbed. [`unplumb`] deletes the host side, which deletes the
+//! pair; an absent interface is not an error.
+//!
+//! A netlink socket belongs to the network namespace it was created in, and `setns` changes the
+//! namespace of one thread only. Work inside a workload namespace therefore runs on a dedicated OS
+//! thread that enters the namespace, opens its own rtnetlink connection there and ends when done,
+//! so no thread of the daemon's runtime ever leaves the daemon's namespace.
+//!
+//! The workload side is created directly inside the workload namespace under its final name
+//! (`IFLA_NET_NS_FD` and `IFLA_IFNAME` in the veth peer's attributes, as
+//! `ip link add … type veth peer name eth0 netns NS` does), rather than created under a temporary
+//! name, moved and renamed: one atomic request leaves no half-made interface behind in the
+//! daemon's namespace when something fails or the daemon dies midway.
+
+use std::fs::File;
+use std::future::Future;
+use std::io;
+use std::net::{IpAddr, Ipv4Addr};
+use std::os::fd::AsRawFd;
+
+use futures::TryStreamExt;
+use rtnetlink::packet_route::link::{InfoKind, LinkAttribute, LinkInfo, LinkMessage};
+use rtnetlink::packet_route::link::{InfoData, InfoVeth};
+use rtnetlink::{Handle, LinkMessageBuilder, LinkUnspec, LinkVeth, RouteMessageBuilder};
+
+use crate::model;
+
+/// Prefix of every host-side interface Verse makes (see `model::State::create_endpoint`).
+pub const INTERFACE_PREFIX: &str = "vx";
+/// Name of the workload side of the veth, inside the workload namespace.
+pub const WORKLOAD_IFACE: &str = "eth0";
+/// Where `ip netns` keeps its named namespaces (iproute2 `NETNS_RUN_DIR`).
+pub const NETNS_RUN_DIR: &str = "/run/netns";
+/// `IFNAMSIZ` minus the terminating NUL (`linux/if.h`).
+const MAX_IFNAME_LEN: usize = 15;
+
+/// Why plumbing failed. Every variant names the interface or namespace concerned.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The endpoint's host-side name cannot be an interface name.
+    #[error("invalid interface name {iface:?}: 1 to {MAX_IFNAME_LEN} bytes, no '/' or whitespace")]
+    InvalidInterfaceName { iface: String },
+    /// The endpoint's MAC is not six colon-separated hex bytes.
+    #[error("invalid MAC {mac:?} for interface {iface}")]
+    InvalidMac { iface: String, mac: String },
+    /// No rtnetlink socket could be opened.
+    #[error("failed to open an rtnetlink socket in {netns}: {source}")]
+    Connection { netns: String, source: io::Error },
+    /// `/run/netns/<name>` could not be opened (the namespace does not exist).
+    #[error("failed to open network namespace {netns} ({NETNS_RUN_DIR}/{netns}): {source}")]
+    OpenNetns { netns: String, source: io::Error },
+    /// `setns(CLONE_NEWNET)` into the workload namespace failed.
+    #[error("setns(CLONE_NEWNET) into {netns}: {source}")]
+    Setns { netns: String, source: io::Error },
+    /// The worker thread for a namespace could not be started or its runtime built.
+    #[error("failed to start the worker for namespace {netns}: {source}")]
+    Worker { netns: String, source: io::Error },
+    /// The worker thread for a namespace ended without an answer (it panicked).
+    #[error("the worker for namespace {netns} died without an answer")]
+    WorkerDied { netns: String },
+    /// `RTM_GETLINK` failed.
+    #[error("failed to look up interface {iface} in {netns}: {source}")]
+    GetLink { iface: String, netns: String, source: rtnetlink::Error },
+    /// An interface needed in the workload namespace is not there.
+    #[error("interface {iface} not found in {netns}")]
+    MissingLink { iface: String, netns: String },
+    /// The host-side name is taken by an interface that is not a Verse veth.
+    #[error("interface {iface} exists and is not a veth; refusing to touch it")]
+    ForeignInterface { iface: String },
+    /// `eth0` in the workload namespace is not the peer of the host side.
+    #[error("{WORKLOAD_IFACE} in {netns} (ifindex {found}) is not the peer of {iface} (ifindex {expected})")]
+    PeerMismatch { iface: String, netns: String, expected: u32, found: u32 },
+    /// `RTM_GETNSID` for the workload namespace failed.
+    #[error("failed to resolve the nsid of {netns}: {source}")]
+    GetNsid { netns: String, source: rtnetlink::Error },
+    /// `RTM_NEWLINK` (veth creation) failed.
+    #[error("failed to create veth {iface} <-> {WORKLOAD_IFACE} in {netns}: {source}")]
+    CreateVeth { iface: String, netns: String, source: rtnetlink::Error },
+    /// `RTM_SETLINK` (MTU, MAC, up) failed.
+    #[error("failed to set {what} of {iface} in {netns}: {source}")]
+    SetLink { iface: String, netns: String, what: &'static str, source: rtnetlink::Error },
+    /// `RTM_DELLINK` failed.
+    #[error("failed to delete interface {iface}: {source}")]
+    DeleteLink { iface: String, source: rtnetlink::Error },
+    /// `RTM_NEWADDR` failed.
+    #[error("failed to add address {addr}/32 to {iface} in {netns}: {source}")]
+    AddAddress { iface: String, netns: String, addr: Ipv4Addr, source: rtnetlink::Error },
+    /// `RTM_NEWROUTE` failed.
+    #[error("failed to add route default via {gateway} dev {iface} onlink in {netns}: {source}")]
+    AddRoute { iface: String, netns: String, gateway: Ipv4Addr, source: rtnetlink::Error },
+    /// Writing an IPv6 sysctl failed.
+    #[error("failed to write {path} in {netns}: {source}")]
+    Sysctl { path: String, netns: String, source: io::Error },
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// How the daemon's own namespace is named in errors.
+const HOST_NS: &str = "the host namespace";
+
+/// Plumbs `ep` (see the module contract) and returns the host-side ifindex.
+pub async fn plumb(ep: &model::Endpoint, mtu: u32, gateway: Ipv4Addr) -> Result<u32> {
+    let iface = ep.interface.clone();
+    check_ifname(&iface)?;
+    let mac = model::parse_mac(&ep.mac).ok_or_else(|| Error::InvalidMac { iface: iface.clone(), mac: ep.mac.clone() })?;
+    let handle = connect(HOST_NS)?;
+    // Held open for the whole call: the fd is what the kernel resolves `IFLA_NET_NS_FD` against,
+    // and it pins the namespace while we work.
+    let ns_file = open_netns(&ep.netns)?;
+
+    let mut existing = get_link_by_name(&handle, &iface, HOST_NS).await?;
+    if let Some(link) = &existing {
+        if link_kind(link) != Some(&InfoKind::Veth) {
+            return Err(Error::ForeignInterface { iface });
+        }
+        let nsid = handle
+            .link()
+            .get_netns_id(ep.netns.clone())
+            .execute()
+            .await
+            .map_err(|source| Error::GetNsid { netns: ep.netns.clone(), source })?;
+        let peer_nsid = link.attributes.iter().find_map(|a| match a {
+            LinkAttribute::LinkNetNsId(id) => Some(*id),
+            _ => None,
+        });
+        if nsid.is_none() || peer_nsid != nsid {
+            // A leftover of an endpoint that used the same name for another namespace (or whose
+            // workload namespace was deleted and made anew): only a fresh pair is right.
+            tracing::info!(%iface, netns = %ep.netns, "host side exists with its peer elsewhere; recreating the pair");
+            delete_link(&handle, link.header.index, &iface).await?;
+            existing = None;
+        }
+    }
+
+    let (ifindex, peer_index) = match existing {
+        Some(link) => (link.header.index, link_peer_index(&link)),
+        None => {
+            // `ip link add IFACE mtu MTU type veth peer name eth0 address MAC mtu MTU netns FD`.
+            let peer = LinkMessageBuilder::<LinkUnspec>::new()
+                .name(WORKLOAD_IFACE)
+                .address(mac.to_vec())
+                .mtu(mtu)
+                .setns_by_fd(ns_file.as_raw_fd())
+                .build();
+            let msg = LinkVeth::new(&iface, WORKLOAD_IFACE)
+                .set_info_data(InfoData::Veth(InfoVeth::Peer(peer)))
+                .mtu(mtu)
+                .build();
+            handle
+                .link()
+                .add(msg)
+                .execute()
+                .await
+                .map_err(|source| Error::CreateVeth { iface: iface.clone(), netns: ep.netns.clone(), source })?;
+            let link = get_link_by_name(&handle, &iface, HOST_NS)
+                .await?
+                .ok_or_else(|| Error::MissingLink { iface: iface.clone(), netns: HOST_NS.into() })?;
+            (link.header.index, link_peer_index(&link))
+        }
+    };
+
+    // IPv6 off before the link goes up, so it never gets a link-local address nor sends router
+    // solicitations: the dataplane drops IPv6 anyway (DropReason::Ipv6Unsupported).
+    disable_ipv6(&iface, HOST_NS)?;
+    handle
+        .link()
+        .set(LinkUnspec::new_with_index(ifindex).mtu(mtu).up().build())
+        .execute()
+        .await
+        .map_err(|source| Error::SetLink { iface: iface.clone(), netns: HOST_NS.into(), what: "mtu/up", source })?;
+
+    let ip = ep.ip;
+    let netns = ep.netns.clone();
+    let host_iface = iface.clone();
+    in_netns(ns_file, &ep.netns, move |h| async move {
+        configure_workload(h, &netns, &host_iface, peer_index, mac, mtu, ip, gateway).await
+    })
+    .await?;
+    Ok(ifindex)
+}
+
+/// Inside the workload namespace: `eth0` (MAC, MTU, IPv6 off, up, address, default route) and `lo`.
+#[allow(clippy::too_many_arguments)]
+async fn configure_workload(
+    h: Handle,
+    netns: &str,
+    host_iface: &str,
+    expected_peer: Option<u32>,
+    mac: [u8; 6],
+    mtu: u32,
+    ip: Ipv4Addr,
+    gateway: Ipv4Addr,
+) -> Result<()> {
+    let eth0 = get_link_by_name(&h, WORKLOAD_IFACE, netns)
+        .await?
+        .ok_or_else(|| Error::MissingLink { iface: WORKLOAD_IFACE.into(), netns: netns.into() })?;
+    let index = eth0.header.index;
+    if let Some(expected) = expected_peer {
+        if expected != index {
+            return Err(Error::PeerMismatch {
+                iface: host_iface.into(),
+                netns: netns.into(),
+                expected,
+                found: index,
+            });
+        }
+    }
+    let set_err = |what: &'static str| {
+        move |source| Error::SetLink { iface: WORKLOAD_IFACE.into(), netns: netns.into(), what, source }
+    };
+    let current_mac = eth0.attributes.iter().find_map(|a| match a {
+        LinkAttribute::Address(m) => Some(m.as_slice()),
+        _ => None,
+    });
+    if current_mac != Some(&mac[..]) {
+        h.link()
+            .set(LinkUnspec::new_with_index(index).address(mac.to_vec()).build())
+            .execute()
+            .await
+            .map_err(set_err("MAC"))?;
+    }
+    disable_ipv6(WORKLOAD_IFACE, netns)?;
+    h.link()
+        .set(LinkUnspec::new_with_index(index).mtu(mtu).up().build())
+        .execute()
+        .await
+        .map_err(set_err("mtu/up"))?;
+    h.address()
+        .add(index, IpAddr::V4(ip), 32)
+        .replace()
+        .execute()
+        .await
+        .map_err(|source| Error::AddAddress { iface: WORKLOAD_IFACE.into(), netns: netns.into(), addr: ip, source })?;
+
+    let lo = get_link_by_name(&h, "lo", netns)
+        .await?
+        .ok_or_else(|| Error::MissingLink { iface: "lo".into(), netns: netns.into() })?;
+    h.link()
+        .set(LinkUnspec::new_with_index(lo.header.index).up().build())
+        .execute()
+        .await
+        .map_err(|source| Error::SetLink { iface: "lo".into(), netns: netns.into(), what: "up", source })?;
+
+    // `onlink`: the gateway is in no subnet of eth0 (the address is a /32); the dataplane answers
+    // ARP for it (proxy ARP with the gateway MAC).
+    let route = RouteMessageBuilder::<Ipv4Addr>::new()
+        .gateway(gateway)
+        .output_interface(index)
+        .onlink()
+        .build();
+    h.route()
+        .add(route)
+        .replace()
+        .execute()
+        .await
+        .map_err(|source| Error::AddRoute { iface: WORKLOAD_IFACE.into(), netns: netns.into(), gateway, source })?;
+    Ok(())
+}
+
+/// Deletes the host side of an endpoint's veth (the kernel deletes its peer with it). An absent
+/// interface is not an error.
+pub async fn unplumb(iface: &str) -> Result<()> {
+    let handle = connect(HOST_NS)?;
+    let Some(link) = get_link_by_name(&handle, iface, HOST_NS).await? else {
+        return Ok(());
+    };
+    if link_kind(&link) != Some(&InfoKind::Veth) {
+        return Err(Error::ForeignInterface { iface: iface.into() });
+    }
+    delete_link(&handle, link.header.index, iface).await
+}
+
+/// The ifindex of interface `name` in the daemon's namespace, if it exists.
+pub async fn ifindex(name: &str) -> Result<Option<u32>> {
+    let handle = connect(HOST_NS)?;
+    Ok(get_link_by_name(&handle, name, HOST_NS).await?.map(|l| l.header.index))
+}
+
+/// Names of the host-side endpoint interfaces in the daemon's namespace: veths whose name starts
+/// with [`INTERFACE_PREFIX`]. Other kinds (a `vxlan0`, say) are never Verse's.
+pub async fn list_verse_interfaces() -> Result<Vec<String>> {
+    let handle = connect(HOST_NS)?;
+    let mut links = handle.link().get().execute();
+    let mut names = Vec::new();
+    loop {
+        let link = match links.try_next().await {
+            Ok(Some(link)) => link,
+            Ok(None) => break,
+            Err(source) => {
+                return Err(Error::GetLink { iface: "(all)".into(), netns: HOST_NS.into(), source });
+            }
+        };
+        if link_kind(&link) != Some(&InfoKind::Veth) {
+            continue;
+        }
+        if let Some(name) = link_name(&link) {
+            if name.starts_with(INTERFACE_PREFIX) {
+                names.push(name.to_owned());
+            }
+        }
+    }
+    names.sort();
+    Ok(names)
+}
+
+// ---- helpers ----
+
+fn connect(netns: &str) -> Result<Handle> {
+    let (conn, handle, _) =
+        rtnetlink::new_connection().map_err(|source| Error::Connection { netns: netns.into(), source })?;
+    tokio::spawn(conn);
+    Ok(handle)
+}
+
+fn open_netns(netns: &str) -> Result<File> {
+    // A name with a '/' would escape the directory of named namespaces.
+    if netns.is_empty() || netns.contains('/') || netns == "." || netns == ".." {
+        return Err(Error::OpenNetns {
+            netns: netns.into(),
+            source: io::Error::new(io::ErrorKind::InvalidInput, "not an `ip netns` name"),
+        });
+    }
+    File::open(format!("{NETNS_RUN_DIR}/{netns}")).map_err(|source| Error::OpenNetns { netns: netns.into(), source })
+}
+
+/// Runs `f` with an rtnetlink handle inside namespace `ns` (an open `/run/netns/<name>`), on a
+/// dedicated thread with its own single-threaded runtime.
+async fn in_netns<F, Fut, T>(ns: File, netns: &str, f: F) -> Result<T>
+where
+    F: FnOnce(Handle) -> Fut + Send + 'static,
+    Fut: Future<Output = Result<T>>,
+    T: Send + 'static,
+{
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let name = netns.to_owned();
+    let spawned = std::thread::Builder::new().name(format!("netns-{netns}")).spawn(move || {
+        let result = (|| {
+            // SAFETY: `ns` is an open file descriptor of a network namespace for the whole call;
+            // setns changes only this thread's namespace, and this thread ends after `f`, so no
+            // other code ever runs in the workload namespace.
+            if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                return Err(Error::Setns { netns: name.clone(), source: io::Error::last_os_error() });
+            }
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(|source| Error::Worker { netns: name.clone(), source })?;
+            rt.block_on(async {
+                let handle = connect(&name)?;
+                f(handle).await
+            })
+        })();
+        // The receiver is gone only if the caller was cancelled; nobody wants the answer then.
+        let _ = tx.send(result);
+    });
+    spawned.map_err(|source| Error::Worker { netns: netns.into(), source })?;
+    rx.await.map_err(|_| Error::WorkerDied { netns: netns.into() })?
+}
+
+async fn get_link_by_name(handle: &Handle, name: &str, netns: &str) -> Result<Option<LinkMessage>> {
+    let mut links = handle.link().get().match_name(name).execute();
+    match links.try_next().await {
+        Ok(link) => Ok(link),
+        Err(e) if is_errno(&e, libc::ENODEV) => Ok(None),
+        Err(source) => Err(Error::GetLink { iface: name.into(), netns: netns.into(), source }),
+    }
+}
+
+async fn delete_link(handle: &Handle, index: u32, iface: &str) -> Result<()> {
+    match handle.link().del(index).execute().await {
+        Ok(()) => Ok(()),
+        // Deleted meanwhile (by its peer's namespace going away, say): that is what we wanted.
+        Err(e) if is_errno(&e, libc::ENODEV) => Ok(()),
+        Err(source) => Err(Error::DeleteLink { iface: iface.into(), source }),
+    }
+}
+
+fn is_errno(e: &rtnetlink::Error, errno: i32) -> bool {
+    matches!(e, rtnetlink::Error::NetlinkError(m) if m.raw_code() == -errno)
+}
+
+fn link_kind(link: &LinkMessage) -> Option<&InfoKind> {
+    link.attributes.iter().find_map(|a| match a {
+        LinkAttribute::LinkInfo(infos) => infos.iter().find_map(|i| match i {
+            LinkInfo::Kind(k) => Some(k),
+            _ => None,
+        }),
+        _ => None,
+    })
+}
+
+fn link_name(link: &LinkMessage) -> Option<&str> {
+    link.attributes.iter().find_map(|a| match a {
+        LinkAttribute::IfName(n) => Some(n.as_str()),
+        _ => None,
+    })
+}
+
+/// `IFLA_LINK` of a veth: the ifindex of its peer, in the peer's namespace.
+fn link_peer_index(link: &LinkMessage) -> Option<u32> {
+    link.attributes.iter().find_map(|a| match a {
+        LinkAttribute::Link(i) => Some(*i),
+        _ => None,
+    })
+}
+
+/// Writes `disable_ipv6 = 1` for `iface` in the calling thread's namespace: `/proc/sys/net`
+/// resolves against the namespace of the thread that opens it. A kernel without IPv6 has no such
+/// file, which is as good as disabled.
+fn disable_ipv6(iface: &str, netns: &str) -> Result<()> {
+    let path = format!("/proc/sys/net/ipv6/conf/{iface}/disable_ipv6");
+    match std::fs::write(&path, b"1") {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound && !std::path::Path::new("/proc/sys/net/ipv6").exists() => Ok(()),
+        Err(source) => Err(Error::Sysctl { path, netns: netns.into(), source }),
+    }
+}
+
+fn check_ifname(iface: &str) -> Result<()> {
+    let ok = !iface.is_empty()
+        && iface.len() <= MAX_IFNAME_LEN
+        && iface != "."
+        && iface != ".."
+        && !iface.bytes().any(|b| b == b'/' || b == b':' || b.is_ascii_whitespace() || b == 0);
+    if ok { Ok(()) } else { Err(Error::InvalidInterfaceName { iface: iface.into() }) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn interface_names_respect_ifnamsiz() {
+        assert!(check_ifname("vx0123456789abc").is_ok());
+        assert!(check_ifname("vx0123456789abcd").is_err());
+        assert!(check_ifname("").is_err());
+        assert!(check_ifname("a/b").is_err());
+    }
+
+    /// Needs root: makes a namespace `vtn<pid>`, plumbs an endpoint into it twice, unplumbs it.
+    #[tokio::test]
+    #[ignore = "needs root and network namespaces"]
+    async fn plumb_is_idempotent_and_unplumb_removes_the_pair() {
+        struct Netns(String);
+        impl Drop for Netns {
+            fn drop(&mut self) {
+                let _ = std::process::Command::new("ip").args(["netns", "del", &self.0]).status();
+            }
+        }
+        fn ip_in(ns: &str, args: &[&str]) -> String {
+            let out = std::process::Command::new("ip").args(["-n", ns]).args(args).output().unwrap();
+            assert!(out.status.success(), "ip -n {ns} {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+            String::from_utf8(out.stdout).unwrap()
+        }
+        let pid = std::process::id();
+        let ns = Netns(format!("vtn{pid}"));
+        assert!(std::process::Command::new("ip").args(["netns", "add", &ns.0]).status().unwrap().success());
+        let ep = model::Endpoint {
+            id: "ep-00000001".into(),
+            universe: "uni-00000001".into(),
+            host: "h".into(),
+            netns: ns.0.clone(),
+            ip: Ipv4Addr::new(10, 99, 0, 5),
+            mac: "02:00:0a:63:00:05".into(),
+            interface: format!("vxt{pid}"),
+            security_groups: vec![],
+            identity: 1,
+        };
+        let _ = unplumb(&ep.interface).await;
+        let gw = Ipv4Addr::new(10, 99, 0, 1);
+        let first = plumb(&ep, 1400, gw).await.unwrap();
+        assert_eq!(ifindex(&ep.interface).await.unwrap(), Some(first));
+        assert!(list_verse_interfaces().await.unwrap().contains(&ep.interface));
+        let second = plumb(&ep, 1400, gw).await.unwrap();
+        assert_eq!(first, second, "a second plumb keeps the same pair");
+
+        let link = ip_in(&ns.0, &["-o", "link", "show", "eth0"]);
+        assert!(link.contains("02:00:0a:63:00:05") && link.contains("mtu 1400") && link.contains("UP"), "{link}");
+        let addrs = ip_in(&ns.0, &["-o", "addr", "show", "dev", "eth0"]);
+        assert!(addrs.contains("10.99.0.5/32") && !addrs.contains("inet6"), "{addrs}");
+        let routes = ip_in(&ns.0, &["route", "show"]);
+        assert!(routes.contains("default via 10.99.0.1 dev eth0") && routes.contains("onlink"), "{routes}");
+        let host_v6 = std::fs::read_to_string(format!("/proc/sys/net/ipv6/conf/{}/disable_ipv6", ep.interface)).unwrap();
+        assert_eq!(host_v6.trim(), "1");
+
+        unplumb(&ep.interface).await.unwrap();
+        assert_eq!(ifindex(&ep.interface).await.unwrap(), None);
+        unplumb(&ep.interface).await.unwrap();
+        assert!(!ip_in(&ns.0, &["-o", "link"]).contains("eth0"));
+    }
+}

@@ -1,1 +1,290 @@
-//! TODO
+//! Where the desired state lives.
+//!
+//! Contract: the desired state is one [`State`] document. [`Store::edit`] serializes edits: it
+//! runs the edit on a copy of the current state, refuses the result whole if the edit fails or
+//! its compiled form would not fit the dataplane (S12), otherwise persists it and only then
+//! publishes it to [`Store::subscribe`]rs. A published state is always durable, so a restart
+//! loses no acknowledged edit; a refused or failed edit changes nothing. Every change bumps the
+//! revision (S13).
+//!
+//! The embedded store (the default, one host) keeps the document as JSON in
+//! `<state_dir>/state.json`, replaced atomically (temporary file, fsync, rename, fsync of the
+//! directory), so the file is never seen half-written, even after a crash.
+
+use std::fs::File;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use tokio::sync::{watch, Mutex};
+
+use crate::model::{self, State};
+
+/// File name of the document in the state directory.
+pub const STATE_FILE: &str = "state.json";
+const TEMP_FILE: &str = "state.json.tmp";
+
+/// Why a store operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The edit was refused (invalid input, unknown id, conflict, or would not fit, S12);
+    /// nothing changed.
+    #[error(transparent)]
+    Rejected(#[from] model::Error),
+    /// The state directory could not be created.
+    #[error("failed to create state directory {path}: {source}")]
+    CreateDir { path: PathBuf, source: std::io::Error },
+    /// The state document could not be read.
+    #[error("failed to read {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    /// The state document is not valid JSON for a `State`.
+    #[error("state file {path} is corrupt: {source}")]
+    Parse { path: PathBuf, source: serde_json::Error },
+    /// The new state could not be made durable; nothing changed.
+    #[error("failed to persist the state to {path}: {source}")]
+    Write { path: PathBuf, source: std::io::Error },
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// A handle on the desired state; cheap to clone (every clone is the same store).
+#[derive(Clone)]
+pub enum Store {
+    /// A JSON file in the state directory (one host).
+    Embedded(Arc<Embedded>),
+}
+
+impl Store {
+    /// Opens (or creates) the embedded store in `state_dir`.
+    pub fn open_embedded(state_dir: impl AsRef<Path>) -> Result<Store> {
+        Ok(Store::Embedded(Arc::new(Embedded::open(state_dir.as_ref())?)))
+    }
+
+    /// The current desired state.
+    pub fn snapshot(&self) -> Arc<State> {
+        match self {
+            Store::Embedded(e) => e.tx.borrow().clone(),
+        }
+    }
+
+    /// Follows the desired state: the receiver sees every published state (or at least the
+    /// latest one, if it falls behind).
+    pub fn subscribe(&self) -> watch::Receiver<Arc<State>> {
+        match self {
+            Store::Embedded(e) => e.tx.subscribe(),
+        }
+    }
+
+    /// Applies `f` to a copy of the state. On success, the new state is checked to fit the
+    /// dataplane, persisted and published; returns `f`'s result and the new revision. An `f`
+    /// that changes nothing returns the current revision and writes nothing.
+    ///
+    /// Cancel-safe: once `f` has run, the commit finishes even if the caller is dropped.
+    pub async fn edit<T, F>(&self, f: F) -> Result<(T, u64)>
+    where
+        F: FnOnce(&mut State) -> model::Result<T> + Send,
+        T: Send + 'static,
+    {
+        match self {
+            Store::Embedded(e) => Embedded::edit(e, f).await,
+        }
+    }
+}
+
+/// The embedded store. Use it through [`Store`].
+pub struct Embedded {
+    path: PathBuf,
+    dir: PathBuf,
+    /// Held from reading the current state until the next one is published.
+    lock: Arc<Mutex<()>>,
+    tx: watch::Sender<Arc<State>>,
+}
+
+impl Embedded {
+    fn open(dir: &Path) -> Result<Embedded> {
+        std::fs::create_dir_all(dir).map_err(|source| Error::CreateDir { path: dir.to_owned(), source })?;
+        let path = dir.join(STATE_FILE);
+        let state = match std::fs::read(&path) {
+            Ok(bytes) => serde_json::from_slice::<State>(&bytes)
+                .map_err(|source| Error::Parse { path: path.clone(), source })?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => State::default(),
+            Err(source) => return Err(Error::Read { path, source }),
+        };
+        // A temporary file left by a crash before its rename holds an unacknowledged edit.
+        let temp = dir.join(TEMP_FILE);
+        match std::fs::remove_file(&temp) {
+            Ok(()) => tracing::warn!(path = %temp.display(), "removed an unfinished state write"),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(source) => return Err(Error::Write { path: temp, source }),
+        }
+        let (tx, _) = watch::channel(Arc::new(state));
+        Ok(Embedded { path, dir: dir.to_owned(), lock: Arc::new(Mutex::new(())), tx })
+    }
+
+    async fn edit<T, F>(this: &Arc<Embedded>, f: F) -> Result<(T, u64)>
+    where
+        F: FnOnce(&mut State) -> model::Result<T> + Send,
+        T: Send + 'static,
+    {
+        let guard = this.lock.clone().lock_owned().await;
+        let current = this.tx.borrow().clone();
+        let mut next = (*current).clone();
+        let out = f(&mut next)?;
+        if next == *current {
+            return Ok((out, current.revision));
+        }
+        if next.revision <= current.revision {
+            next.revision = current.revision + 1;
+        }
+        crate::compile::check_fits(&next)?;
+        let revision = next.revision;
+        let bytes = serde_json::to_vec_pretty(&next).map_err(|e| Error::Write {
+            path: this.path.clone(),
+            source: std::io::Error::other(format!("serializing the state: {e}")),
+        })?;
+        // The write, the publication and the release of the lock happen in one task that runs
+        // to completion even if this future is dropped, so a persisted state is always
+        // published and no other edit can start from the state it replaces.
+        let store = this.clone();
+        let commit = tokio::task::spawn_blocking(move || {
+            let _guard = guard;
+            store.write(&bytes)?;
+            store.tx.send_replace(Arc::new(next));
+            Ok::<_, Error>(())
+        });
+        match commit.await {
+            Ok(r) => r?,
+            Err(join) => {
+                return Err(Error::Write {
+                    path: this.path.clone(),
+                    source: std::io::Error::other(format!("the writing task failed: {join}")),
+                })
+            }
+        }
+        Ok((out, revision))
+    }
+
+    /// Replaces the state file atomically: write a temporary file, fsync it, rename it over
+    /// the old one, fsync the directory so that the rename itself is durable (rename(2) is
+    /// atomic but only durable once the directory is synced).
+    fn write(&self, bytes: &[u8]) -> Result<()> {
+        let temp = self.dir.join(TEMP_FILE);
+        let werr = |path: &Path| {
+            let path = path.to_owned();
+            move |source| Error::Write { path, source }
+        };
+        let mut file = File::create(&temp).map_err(werr(&temp))?;
+        file.write_all(bytes).map_err(werr(&temp))?;
+        file.sync_all().map_err(werr(&temp))?;
+        drop(file);
+        std::fs::rename(&temp, &self.path).map_err(werr(&self.path))?;
+        File::open(&self.dir).and_then(|d| d.sync_all()).map_err(werr(&self.dir))?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn temp_dir(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("verse-store-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        dir
+    }
+
+    fn add_universe(s: &mut State, id: &str) {
+        s.universes.insert(
+            id.into(),
+            model::Universe { id: id.into(), name: id.into(), cidrs: vec!["10.0.0.0/16".parse().unwrap()], vni: 1 },
+        );
+        s.revision += 1;
+    }
+
+    #[tokio::test]
+    async fn edits_persist_across_reopen_and_bump_the_revision() {
+        let dir = temp_dir("reopen");
+        let store = Store::open_embedded(&dir).unwrap();
+        let mut rx = store.subscribe();
+        let ((), rev) = store.edit(|s| Ok(add_universe(s, "uni-00000001"))).await.unwrap();
+        assert_eq!(rev, 1);
+        assert!(rx.has_changed().unwrap());
+        assert_eq!(rx.borrow_and_update().revision, 1);
+        // An edit that forgets to bump the revision still gets a new one (S13).
+        let ((), rev) = store
+            .edit(|s| {
+                s.universes.get_mut("uni-00000001").unwrap().name = "renamed".into();
+                Ok(())
+            })
+            .await
+            .unwrap();
+        assert_eq!(rev, 2);
+        drop(store);
+        let store = Store::open_embedded(&dir).unwrap();
+        let snap = store.snapshot();
+        assert_eq!(snap.revision, 2);
+        assert_eq!(snap.universes["uni-00000001"].name, "renamed");
+        assert!(!dir.join(TEMP_FILE).exists());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[tokio::test]
+    async fn refused_edit_changes_nothing() {
+        let dir = temp_dir("refused");
+        let store = Store::open_embedded(&dir).unwrap();
+        let rx = store.subscribe();
+        let err = store
+            .edit(|s| -> model::Result<()> {
+                add_universe(s, "uni-00000001");
+                Err(model::Error::invalid("name", "bad"))
+            })
+            .await
+            .unwrap_err();
+        assert!(matches!(err, Error::Rejected(ref e) if e.field.as_deref() == Some("name")));
+        assert_eq!(store.snapshot().revision, 0);
+        assert!(store.snapshot().universes.is_empty());
+        assert!(!rx.has_changed().unwrap());
+        assert!(!dir.join(STATE_FILE).exists());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[tokio::test]
+    async fn no_op_edit_keeps_the_revision() {
+        let dir = temp_dir("noop");
+        let store = Store::open_embedded(&dir).unwrap();
+        let (n, rev) = store.edit(|s| Ok(s.universes.len())).await.unwrap();
+        assert_eq!((n, rev), (0, 0));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[tokio::test]
+    async fn concurrent_edits_are_serialized() {
+        let dir = temp_dir("concurrent");
+        let store = Store::open_embedded(&dir).unwrap();
+        let mut tasks = Vec::new();
+        for i in 0..20 {
+            let store = store.clone();
+            tasks.push(tokio::spawn(async move {
+                store.edit(move |s| Ok(add_universe(s, &format!("uni-{i:08x}")))).await.unwrap().1
+            }));
+        }
+        let mut revs = Vec::new();
+        for t in tasks {
+            revs.push(t.await.unwrap());
+        }
+        revs.sort();
+        assert_eq!(revs, (1..=20).collect::<Vec<_>>());
+        assert_eq!(store.snapshot().universes.len(), 20);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn corrupt_state_file_is_reported_with_its_path() {
+        let dir = temp_dir("corrupt");
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join(STATE_FILE), b"{not json").unwrap();
+        let err = Store::open_embedded(&dir).err().unwrap().to_string();
+        assert!(err.contains("state.json"), "{err}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -1,1 +1,1022 @@
-//! TODO
+//! Reference model of the dataplane's verdict on one packet sent by a local endpoint (the TC
+//! program `from_endpoint`). Pure: no I/O, no clock; the caller passes `now_ns`.
+//!
+//! Contract: [`Host::judge`] decides from the *semantics* (shared/product.md S1–S11) and the
+//! high-level [`State`] — groups, rules, CIDR containment, membership through
+//! `Endpoint::security_groups` — never from the compiled maps, so that a differential test of
+//! the kernel program against this model catches compiler bugs (the nested-CIDR trap: one
+//! address matching a /8, a /16, a /24 and a group peer at once must be allowed if *any* of them
+//! allows, S1). The connection-tracking table is the model's own ([`Conntrack`]), keyed exactly
+//! like `VERSE_CT` (`dataplane_common::CtKey`): original direction, reverse lookup, ICMP echo by
+//! identifier.
+//!
+//! The walk, first failing check wins (each step names the `DropReason` it can return):
+//! 1. Frame shorter than an Ethernet header: `TruncatedEthernet`.
+//! 2. The ingress ifindex is not a local endpoint of this host: `UnknownEndpoint`.
+//! 3. Ethernet source is not the endpoint's MAC: `SpoofedMac`. Steps 2–3 come before the
+//!    ethertype, so no frame of any type is answered or counted past them for a stranger or a
+//!    forged source (aligned with `dataplane-ebpf`, whose order this is).
+//! 4. Ethertype: ARP -> [`Verdict::ArpReply`] or `ArpUnanswered`; IPv6 -> `Ipv6Unsupported`;
+//!    anything but IPv4 (802.1Q tags and 802.3 lengths included) -> `UnknownEthertype`.
+//! 5. IPv4 header: shorter than 20 bytes, version != 4, IHL < 5, IHL*4 beyond the frame, total
+//!    length below IHL*4 or beyond the frame: `MalformedIpv4`. Trailing Ethernet padding after
+//!    the datagram is allowed. The header checksum is not verified (the receiving stack does).
+//! 6. Source address is not the endpoint's: `SpoofedIp`.
+//! 7. MF set or fragment offset non-zero: `Fragment`.
+//! 8. L4 header beyond the *datagram* (total length, not the frame): TCP shorter than 20 bytes
+//!    or than its data offset (or data offset < 5), UDP or ICMP shorter than 8: `MalformedL4`.
+//! 9. Conntrack: the packet's key, then its reverse; an entry idle longer than its state's
+//!    timeout is a miss. Hit -> route (10) -> deliver, entry refreshed.
+//! 10. ICMP error (type 3, 11, 12) whose inner IPv4 header is addressed from the outer
+//!    destination (`inner.src == outer.dst`, as Linux conntrack requires) and whose inner flow
+//!    is tracked either way -> route -> deliver; conntrack is not touched.
+//! 11. Egress rules of the sender (peer = destination): `PolicyEgress`.
+//! 12. Destination must be a local endpoint of the sender's universe: `NoRoute` (also for
+//!    conntrack hits and related errors).
+//! 13. Ingress rules of the receiver (peer = source): `PolicyIngress`.
+//! 14. Create the conntrack entry, deliver: Ethernet source = gateway MAC, destination = the
+//!    receiver's MAC; nothing else in the frame changes (no TTL decrement).
+//!
+//! A packet that is dropped never creates or refreshes a conntrack entry.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::Ipv4Addr;
+
+use dataplane_common::{ct_state, Config, CtEntry, CtKey, DropReason};
+use ipnetwork::IpNetwork;
+
+use crate::model::{self, Direction, Peer, Protocol, State};
+
+pub const ETH_HLEN: usize = 14;
+pub const ETHERTYPE_IPV4: u16 = 0x0800;
+pub const ETHERTYPE_ARP: u16 = 0x0806;
+pub const ETHERTYPE_IPV6: u16 = 0x86DD;
+pub const IPPROTO_ICMP: u8 = 1;
+pub const IPPROTO_TCP: u8 = 6;
+pub const IPPROTO_UDP: u8 = 17;
+/// Length of an Ethernet/IPv4 ARP payload (RFC 826).
+pub const ARP_LEN: usize = 28;
+
+/// ICMP types (RFC 792).
+pub mod icmp_type {
+    pub const ECHO_REPLY: u8 = 0;
+    pub const DEST_UNREACHABLE: u8 = 3;
+    pub const ECHO_REQUEST: u8 = 8;
+    pub const TIME_EXCEEDED: u8 = 11;
+    pub const PARAMETER_PROBLEM: u8 = 12;
+}
+
+/// TCP flag bits (RFC 9293, byte 13 of the header).
+mod tcp_flag {
+    pub const FIN: u8 = 0x01;
+    pub const SYN: u8 = 0x02;
+    pub const RST: u8 = 0x04;
+    pub const ACK: u8 = 0x10;
+}
+
+/// What the dataplane does with the packet.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    /// Redirected into the namespace of the endpoint behind `ifindex`, as `frame`.
+    Deliver { ifindex: u32, frame: Vec<u8> },
+    /// An ARP reply sent back out of the ingress interface.
+    ArpReply { frame: Vec<u8> },
+    Drop(DropReason),
+}
+
+/// Idle timeouts by `ct_state` (S9), nanoseconds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Timeouts {
+    pub ns: [u64; ct_state::COUNT],
+}
+
+impl Default for Timeouts {
+    /// S9 defaults.
+    fn default() -> Self {
+        const S: u64 = 1_000_000_000;
+        let mut ns = [0; ct_state::COUNT];
+        ns[ct_state::TCP_OPENING as usize] = 60 * S;
+        ns[ct_state::TCP_ESTABLISHED as usize] = 432_000 * S;
+        ns[ct_state::TCP_CLOSING as usize] = 60 * S;
+        ns[ct_state::UDP_ONE_WAY as usize] = 30 * S;
+        ns[ct_state::UDP_REPLIED as usize] = 180 * S;
+        ns[ct_state::ICMP as usize] = 30 * S;
+        ns[ct_state::OTHER as usize] = 600 * S;
+        Timeouts { ns }
+    }
+}
+
+impl Timeouts {
+    pub fn from_config(config: &Config) -> Timeouts {
+        Timeouts { ns: config.timeouts_ns }
+    }
+
+    /// The timeout of `state`; an unknown state gets 0, i.e. it is expired at once (fail
+    /// closed: an entry the model does not understand admits nothing).
+    pub fn of(&self, state: u8) -> u64 {
+        self.ns.get(usize::from(state)).copied().unwrap_or(0)
+    }
+
+    fn expired(&self, entry: &CtEntry, now_ns: u64) -> bool {
+        // Idle *longer* than the timeout; wrapping like the kernel's u64 arithmetic.
+        now_ns.wrapping_sub(entry.last_seen_ns) > self.of(entry.state)
+    }
+}
+
+/// Which way a conntrack hit matched.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CtDirection {
+    /// The packet's own key is stored: it goes the way the flow was first seen.
+    Original,
+    /// The reversed key is stored: this is a reply.
+    Reply,
+}
+
+/// A write to the conntrack table (insert or overwrite).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CtUpdate {
+    pub key: CtKey,
+    pub entry: CtEntry,
+}
+
+/// The model's conntrack table. Unbounded (the test stays far below `VERSE_CT`'s capacity, so
+/// LRU eviction never happens); expired entries stay until overwritten, as in the kernel map.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Conntrack {
+    pub entries: HashMap<CtKey, CtEntry>,
+}
+
+impl Conntrack {
+    /// The packet's key first, then its reverse; expired entries are misses.
+    pub fn lookup(&self, key: &CtKey, now_ns: u64, t: &Timeouts) -> Option<(CtKey, CtEntry, CtDirection)> {
+        let live = |k: &CtKey| self.entries.get(k).filter(|e| !t.expired(e, now_ns)).map(|e| (*k, *e));
+        if let Some((k, e)) = live(key) {
+            return Some((k, e, CtDirection::Original));
+        }
+        let rev = key.reversed();
+        live(&rev).map(|(k, e)| (k, e, CtDirection::Reply))
+    }
+
+    pub fn apply(&mut self, update: &CtUpdate) {
+        self.entries.insert(update.key, update.entry);
+    }
+}
+
+/// The verdict and what it does to the conntrack table.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Outcome {
+    pub verdict: Verdict,
+    pub ct: Option<CtUpdate>,
+}
+
+impl Outcome {
+    fn drop(reason: DropReason) -> Outcome {
+        Outcome { verdict: Verdict::Drop(reason), ct: None }
+    }
+}
+
+/// A local endpoint as the model needs it.
+#[derive(Clone, Copy, Debug)]
+struct Local<'a> {
+    ep: &'a model::Endpoint,
+    ifindex: u32,
+    mac: [u8; 6],
+    vni: u32,
+}
+
+/// One host's view of the desired state: the environment every verdict is judged in.
+#[derive(Clone, Debug)]
+pub struct Host<'a> {
+    state: &'a State,
+    by_ifindex: BTreeMap<u32, Local<'a>>,
+    /// (universe id, address) -> local endpoint: where a packet can be delivered.
+    routes: HashMap<(&'a str, Ipv4Addr), Local<'a>>,
+    /// (universe id, address) -> endpoint anywhere: whose group membership a peer address has.
+    members: HashMap<(&'a str, Ipv4Addr), &'a model::Endpoint>,
+    gateway_mac: [u8; 6],
+    timeouts: Timeouts,
+}
+
+/// Parses `aa:bb:cc:dd:ee:ff`.
+pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
+    let mut mac = [0u8; 6];
+    let mut parts = s.split(':');
+    for b in &mut mac {
+        let p = parts.next()?;
+        if p.len() != 2 {
+            return None;
+        }
+        *b = u8::from_str_radix(p, 16).ok()?;
+    }
+    parts.next().is_none().then_some(mac)
+}
+
+impl<'a> Host<'a> {
+    /// `local` maps the host-side ifindex of each plumbed endpoint to its id. Endpoints of
+    /// other hosts, unknown ids, or ones whose universe or MAC is invalid are left out (their
+    /// packets are `UnknownEndpoint`, and nothing is delivered to them).
+    pub fn new(
+        state: &'a State,
+        host: &str,
+        local: &BTreeMap<u32, String>,
+        gateway_mac: [u8; 6],
+        timeouts: Timeouts,
+    ) -> Host<'a> {
+        let mut by_ifindex = BTreeMap::new();
+        let mut routes = HashMap::new();
+        for (&ifindex, id) in local {
+            let Some(ep) = state.endpoints.get(id) else { continue };
+            if ep.host != host {
+                continue;
+            }
+            let Some(uni) = state.universes.get(&ep.universe) else { continue };
+            let Some(mac) = parse_mac(&ep.mac) else { continue };
+            let l = Local { ep, ifindex, mac, vni: uni.vni };
+            by_ifindex.insert(ifindex, l);
+            routes.insert((ep.universe.as_str(), ep.ip), l);
+        }
+        let members = state.endpoints.values().map(|ep| ((ep.universe.as_str(), ep.ip), ep)).collect();
+        Host { state, by_ifindex, routes, members, gateway_mac, timeouts }
+    }
+
+    pub fn timeouts(&self) -> &Timeouts {
+        &self.timeouts
+    }
+
+    /// Judges one frame received from the endpoint behind `ifindex`; see the module docs.
+    pub fn judge(&self, ct: &Conntrack, now_ns: u64, ifindex: u32, frame: &[u8]) -> Outcome {
+        if frame.len() < ETH_HLEN {
+            return Outcome::drop(DropReason::TruncatedEthernet);
+        }
+        let Some(sender) = self.by_ifindex.get(&ifindex) else {
+            return Outcome::drop(DropReason::UnknownEndpoint);
+        };
+        if frame[6..12] != sender.mac {
+            return Outcome::drop(DropReason::SpoofedMac);
+        }
+        match be16(frame, 12) {
+            ETHERTYPE_IPV4 => {}
+            ETHERTYPE_ARP => return self.arp(frame, sender.ep.ip),
+            ETHERTYPE_IPV6 => return Outcome::drop(DropReason::Ipv6Unsupported),
+            _ => return Outcome::drop(DropReason::UnknownEthertype),
+        }
+        let pkt = match parse_ipv4(frame) {
+            Ok(p) => p,
+            Err(reason) => return Outcome::drop(reason),
+        };
+        if pkt.src != sender.ep.ip {
+            return Outcome::drop(DropReason::SpoofedIp);
+        }
+        if pkt.fragment {
+            return Outcome::drop(DropReason::Fragment);
+        }
+        let l4 = match parse_l4(frame, &pkt) {
+            Ok(l4) => l4,
+            Err(reason) => return Outcome::drop(reason),
+        };
+        let key = CtKey {
+            vni: sender.vni,
+            src: pkt.src.octets(),
+            dst: pkt.dst.octets(),
+            sport: l4.ct_ports.0,
+            dport: l4.ct_ports.1,
+            proto: pkt.proto,
+            _pad: [0; 3],
+        };
+        let universe = sender.ep.universe.as_str();
+        let route = self.routes.get(&(universe, pkt.dst));
+
+        if let Some((stored, entry, dir)) = ct.lookup(&key, now_ns, &self.timeouts) {
+            let Some(to) = route else { return Outcome::drop(DropReason::NoRoute) };
+            let state = next_state(Some((entry.state, dir)), pkt.proto, l4.tcp_flags);
+            let update = CtUpdate { key: stored, entry: ct_entry(now_ns, state) };
+            return Outcome { verdict: self.deliver(frame, to), ct: Some(update) };
+        }
+        if let Some(inner) = &l4.icmp_error_inner {
+            let related = inner.src == pkt.dst.octets()
+                && ct.lookup(&CtKey { vni: sender.vni, ..*inner }, now_ns, &self.timeouts).is_some();
+            if related {
+                let Some(to) = route else { return Outcome::drop(DropReason::NoRoute) };
+                return Outcome { verdict: self.deliver(frame, to), ct: None };
+            }
+        }
+        if !self.allows(sender.ep, Direction::Egress, pkt.dst, pkt.proto, &l4) {
+            return Outcome::drop(DropReason::PolicyEgress);
+        }
+        let Some(to) = route else { return Outcome::drop(DropReason::NoRoute) };
+        if !self.allows(to.ep, Direction::Ingress, pkt.src, pkt.proto, &l4) {
+            return Outcome::drop(DropReason::PolicyIngress);
+        }
+        let state = next_state(None, pkt.proto, l4.tcp_flags);
+        Outcome { verdict: self.deliver(frame, to), ct: Some(CtUpdate { key, entry: ct_entry(now_ns, state) }) }
+    }
+
+    /// [`Host::judge`], then applies the conntrack update.
+    pub fn judge_and_track(&self, ct: &mut Conntrack, now_ns: u64, ifindex: u32, frame: &[u8]) -> Verdict {
+        let out = self.judge(ct, now_ns, ifindex, frame);
+        if let Some(u) = &out.ct {
+            ct.apply(u);
+        }
+        out.verdict
+    }
+
+    fn deliver(&self, frame: &[u8], to: &Local<'_>) -> Verdict {
+        let mut out = frame.to_vec();
+        out[0..6].copy_from_slice(&to.mac);
+        out[6..12].copy_from_slice(&self.gateway_mac);
+        Verdict::Deliver { ifindex: to.ifindex, frame: out }
+    }
+
+    /// ARP proxy: every well-formed Ethernet/IPv4 request whose target is not the endpoint's
+    /// own address (duplicate-address probes, RFC 5227, and announcements stay unanswered) is
+    /// answered with the gateway MAC, in place: Ethernet destination = the request's source,
+    /// trailing padding kept.
+    fn arp(&self, frame: &[u8], own: Ipv4Addr) -> Outcome {
+        let a = ETH_HLEN;
+        if frame.len() < a + ARP_LEN {
+            return Outcome::drop(DropReason::ArpUnanswered);
+        }
+        let well_formed = be16(frame, a) == 1 // htype Ethernet
+            && be16(frame, a + 2) == ETHERTYPE_IPV4
+            && frame[a + 4] == 6
+            && frame[a + 5] == 4
+            && be16(frame, a + 6) == 1; // request
+        let sha = &frame[a + 8..a + 14];
+        let spa = &frame[a + 14..a + 18];
+        let tpa = &frame[a + 24..a + 28];
+        if !well_formed || tpa == own.octets() {
+            return Outcome::drop(DropReason::ArpUnanswered);
+        }
+        let mut out = frame.to_vec();
+        let (eth_src, sha, spa, tpa) = (frame[6..12].to_vec(), sha.to_vec(), spa.to_vec(), tpa.to_vec());
+        out[0..6].copy_from_slice(&eth_src);
+        out[6..12].copy_from_slice(&self.gateway_mac);
+        out[a + 6..a + 8].copy_from_slice(&2u16.to_be_bytes());
+        out[a + 8..a + 14].copy_from_slice(&self.gateway_mac);
+        out[a + 14..a + 18].copy_from_slice(&tpa);
+        out[a + 18..a + 24].copy_from_slice(&sha);
+        out[a + 24..a + 28].copy_from_slice(&spa);
+        Outcome { verdict: Verdict::ArpReply { frame: out }, ct: None }
+    }
+
+    /// S1: any rule of any group of `ep` in `dir` that matches the packet and the peer allows.
+    fn allows(&self, ep: &model::Endpoint, dir: Direction, peer: Ipv4Addr, proto: u8, l4: &L4) -> bool {
+        ep.security_groups.iter().filter_map(|g| self.state.groups.get(g)).any(|g| {
+            let rules = match dir {
+                Direction::Ingress => &g.ingress,
+                Direction::Egress => &g.egress,
+            };
+            rules.iter().any(|r| {
+                r.direction == dir
+                    && protocol_matches(r, proto, l4)
+                    && self.peer_matches(&r.peer, &ep.universe, peer)
+            })
+        })
+    }
+
+    /// A CIDR peer matches by containment (v6 CIDRs never match IPv4); a group peer matches the
+    /// address of an endpoint of the same universe that is a member now (S5).
+    fn peer_matches(&self, p: &Peer, universe: &str, addr: Ipv4Addr) -> bool {
+        match p {
+            Peer::Cidr(IpNetwork::V4(net)) => net.contains(addr),
+            Peer::Cidr(IpNetwork::V6(_)) => false,
+            Peer::Group(g) => self
+                .members
+                .get(&(universe, addr))
+                .is_some_and(|ep| ep.security_groups.iter().any(|m| m == g)),
+        }
+    }
+}
+
+/// S4: `all`; or the protocol number, then the port range (TCP/UDP, destination port) or the
+/// ICMP type and code. `icmpv6` rules concern IPv6 and never match an IPv4 packet.
+fn protocol_matches(r: &model::Rule, proto: u8, l4: &L4) -> bool {
+    match r.protocol {
+        Protocol::All => true,
+        Protocol::Number(58) => false,
+        Protocol::Number(n) if n != proto => false,
+        Protocol::Number(IPPROTO_TCP | IPPROTO_UDP) => {
+            r.ports.is_none_or(|(lo, hi)| (lo..=hi).contains(&l4.dport))
+        }
+        Protocol::Number(IPPROTO_ICMP) => match r.icmp {
+            None | Some((None, _)) => true,
+            Some((Some(t), c)) => l4.icmp_type_code.0 == t && c.is_none_or(|c| l4.icmp_type_code.1 == c),
+        },
+        Protocol::Number(_) => true,
+    }
+}
+
+fn ct_entry(now_ns: u64, state: u8) -> CtEntry {
+    CtEntry { last_seen_ns: now_ns, state, _pad: [0; 7] }
+}
+
+/// The connection-tracking state after a packet. `prev` is `None` when the packet creates the
+/// entry. TCP: FIN or RST -> closing; a SYN without ACK on a closing flow reopens it (the
+/// 5-tuple reused, as Linux conntrack does from CLOSE/TIME_WAIT); the first reply of an opening
+/// connection (the SYN-ACK) establishes it. UDP: one-way until a reply is seen.
+pub fn next_state(prev: Option<(u8, CtDirection)>, proto: u8, tcp_flags: u8) -> u8 {
+    match proto {
+        IPPROTO_TCP => {
+            let syn_only = tcp_flags & (tcp_flag::SYN | tcp_flag::ACK) == tcp_flag::SYN;
+            match prev {
+                _ if tcp_flags & (tcp_flag::FIN | tcp_flag::RST) != 0 => ct_state::TCP_CLOSING,
+                None => ct_state::TCP_OPENING,
+                Some((ct_state::TCP_CLOSING, _)) if syn_only => ct_state::TCP_OPENING,
+                Some((ct_state::TCP_OPENING, CtDirection::Reply)) => ct_state::TCP_ESTABLISHED,
+                Some((s, _)) => s,
+            }
+        }
+        IPPROTO_UDP => match prev {
+            None => ct_state::UDP_ONE_WAY,
+            Some((ct_state::UDP_ONE_WAY, CtDirection::Reply)) => ct_state::UDP_REPLIED,
+            Some((s, _)) => s,
+        },
+        IPPROTO_ICMP => ct_state::ICMP,
+        _ => ct_state::OTHER,
+    }
+}
+
+fn be16(b: &[u8], at: usize) -> u16 {
+    u16::from_be_bytes([b[at], b[at + 1]])
+}
+
+/// The parts of a valid IPv4 header the walk needs.
+struct Ipv4 {
+    src: Ipv4Addr,
+    dst: Ipv4Addr,
+    proto: u8,
+    fragment: bool,
+    /// Offset of the L4 header in the frame.
+    l4_off: usize,
+    /// End of the datagram in the frame (Ethernet padding after it is ignored).
+    end: usize,
+}
+
+fn parse_ipv4(frame: &[u8]) -> Result<Ipv4, DropReason> {
+    let ip = &frame[ETH_HLEN..];
+    if ip.len() < 20 || ip[0] >> 4 != 4 {
+        return Err(DropReason::MalformedIpv4);
+    }
+    let hlen = usize::from(ip[0] & 0x0f) * 4;
+    let total = usize::from(be16(ip, 2));
+    if hlen < 20 || hlen > ip.len() || total < hlen || total > ip.len() {
+        return Err(DropReason::MalformedIpv4);
+    }
+    let frag = be16(ip, 6);
+    Ok(Ipv4 {
+        src: Ipv4Addr::new(ip[12], ip[13], ip[14], ip[15]),
+        dst: Ipv4Addr::new(ip[16], ip[17], ip[18], ip[19]),
+        proto: ip[9],
+        fragment: frag & 0x3fff != 0, // MF or a non-zero offset (RFC 791)
+        l4_off: ETH_HLEN + hlen,
+        end: ETH_HLEN + total,
+    })
+}
+
+/// The parts of the L4 header the walk needs.
+struct L4 {
+    /// Conntrack ports (S7): TCP/UDP ports; ICMP echo id as `(id, 0)` for a request and
+    /// `(0, id)` for a reply; `(0, 0)` otherwise.
+    ct_ports: (u16, u16),
+    /// TCP/UDP destination port, else 0.
+    dport: u16,
+    icmp_type_code: (u8, u8),
+    tcp_flags: u8,
+    /// For an ICMP error carrying a parsable inner IPv4 header: the inner flow's key (vni 0).
+    icmp_error_inner: Option<CtKey>,
+}
+
+fn parse_l4(frame: &[u8], ip: &Ipv4) -> Result<L4, DropReason> {
+    let l4 = &frame[ip.l4_off..ip.end];
+    let mut out = L4 { ct_ports: (0, 0), dport: 0, icmp_type_code: (0, 0), tcp_flags: 0, icmp_error_inner: None };
+    match ip.proto {
+        IPPROTO_TCP => {
+            if l4.len() < 20 {
+                return Err(DropReason::MalformedL4);
+            }
+            let doff = usize::from(l4[12] >> 4) * 4;
+            if doff < 20 || doff > l4.len() {
+                return Err(DropReason::MalformedL4);
+            }
+            out.ct_ports = (be16(l4, 0), be16(l4, 2));
+            out.dport = be16(l4, 2);
+            out.tcp_flags = l4[13];
+        }
+        IPPROTO_UDP => {
+            if l4.len() < 8 {
+                return Err(DropReason::MalformedL4);
+            }
+            out.ct_ports = (be16(l4, 0), be16(l4, 2));
+            out.dport = be16(l4, 2);
+        }
+        IPPROTO_ICMP => {
+            if l4.len() < 8 {
+                return Err(DropReason::MalformedL4);
+            }
+            out.icmp_type_code = (l4[0], l4[1]);
+            out.ct_ports = icmp_ct_ports(l4[0], be16(l4, 4));
+            if matches!(
+                l4[0],
+                icmp_type::DEST_UNREACHABLE | icmp_type::TIME_EXCEEDED | icmp_type::PARAMETER_PROBLEM
+            ) {
+                out.icmp_error_inner = parse_inner(&l4[8..]);
+            }
+        }
+        _ => {}
+    }
+    Ok(out)
+}
+
+fn icmp_ct_ports(ty: u8, id: u16) -> (u16, u16) {
+    match ty {
+        icmp_type::ECHO_REQUEST => (id, 0),
+        icmp_type::ECHO_REPLY => (0, id),
+        _ => (0, 0),
+    }
+}
+
+/// The flow of the IPv4 header quoted in an ICMP error (RFC 792: the header plus 64 bits). It
+/// must have version 4, IHL >= 5 and the 8 bytes after its header, all within the error's
+/// datagram (not in Ethernet padding); its own total length is not checked (errors quote a
+/// prefix).
+/// Anything else makes the error unrelated: it is then judged by the rules like any ICMP.
+fn parse_inner(b: &[u8]) -> Option<CtKey> {
+    if b.len() < 20 || b[0] >> 4 != 4 {
+        return None;
+    }
+    let hlen = usize::from(b[0] & 0x0f) * 4;
+    if hlen < 20 || hlen > b.len() {
+        return None;
+    }
+    let proto = b[9];
+    let l4 = &b[hlen..];
+    if l4.len() < 8 {
+        return None;
+    }
+    let ports = match proto {
+        IPPROTO_TCP | IPPROTO_UDP => (be16(l4, 0), be16(l4, 2)),
+        IPPROTO_ICMP => icmp_ct_ports(l4[0], be16(l4, 4)),
+        _ => (0, 0),
+    };
+    Some(CtKey {
+        vni: 0,
+        src: [b[12], b[13], b[14], b[15]],
+        dst: [b[16], b[17], b[18], b[19]],
+        sport: ports.0,
+        dport: ports.1,
+        proto,
+        _pad: [0; 3],
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    //! Literal packets through the model, one test per semantic it proves.
+    use super::*;
+    use crate::model::{Endpoint, Rule, SecurityGroup, Universe};
+    use dataplane_common::DropReason as D;
+
+    const GW: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
+    const HOST: &str = "h1";
+    const S: u64 = 1_000_000_000;
+
+    fn mac_of(n: u8) -> [u8; 6] {
+        [0x02, 0xaa, 0, 0, 0, n]
+    }
+
+    fn rule(id: &str, dir: Direction, proto: Protocol, ports: Option<(u16, u16)>, peer: Peer) -> Rule {
+        Rule {
+            id: id.into(),
+            direction: dir,
+            protocol: proto,
+            ports,
+            icmp: None,
+            peer,
+            description: String::new(),
+        }
+    }
+    fn cidr(s: &str) -> Peer {
+        Peer::Cidr(s.parse().unwrap())
+    }
+    fn group(id: &str, uni: &str, ingress: Vec<Rule>, egress: Vec<Rule>) -> SecurityGroup {
+        SecurityGroup { id: id.into(), universe: uni.into(), name: id.into(), description: String::new(), ingress, egress }
+    }
+    fn egress_all(id: &str) -> Rule {
+        rule(id, Direction::Egress, Protocol::All, None, cidr("0.0.0.0/0"))
+    }
+
+    /// Two universes with the same CIDR (S3 default groups in both), plus `web` and `db` in the
+    /// first. Endpoint n has ifindex 10+n, MAC mac_of(n).
+    fn fixture() -> (State, BTreeMap<u32, String>) {
+        let mut st = State::default();
+        for (id, vni) in [("uni-1", 100), ("uni-2", 200)] {
+            st.universes.insert(
+                id.into(),
+                Universe { id: id.into(), name: id.into(), cidrs: vec!["10.0.0.0/16".parse().unwrap()], vni },
+            );
+        }
+        let def = |g: &str, u: &str| {
+            group(
+                g,
+                u,
+                vec![rule(&format!("{g}-i"), Direction::Ingress, Protocol::All, None, Peer::Group(g.into()))],
+                vec![egress_all(&format!("{g}-e"))],
+            )
+        };
+        st.groups.insert("sg-def1".into(), def("sg-def1", "uni-1"));
+        st.groups.insert("sg-def2".into(), def("sg-def2", "uni-2"));
+        st.groups.insert(
+            "sg-web".into(),
+            group(
+                "sg-web",
+                "uni-1",
+                vec![rule("r-web80", Direction::Ingress, Protocol::TCP, Some((80, 80)), cidr("0.0.0.0/0"))],
+                vec![egress_all("r-web-e")],
+            ),
+        );
+        st.groups.insert(
+            "sg-db".into(),
+            group(
+                "sg-db",
+                "uni-1",
+                vec![rule("r-db", Direction::Ingress, Protocol::TCP, Some((5432, 5432)), Peer::Group("sg-web".into()))],
+                vec![],
+            ),
+        );
+        let eps: [(u8, &str, &str, &[&str]); 5] = [
+            (1, "uni-1", "10.0.0.1", &["sg-def1"]),
+            (2, "uni-1", "10.0.0.2", &["sg-def1"]),
+            (3, "uni-1", "10.0.0.3", &["sg-web"]),
+            (4, "uni-1", "10.0.0.4", &["sg-db"]),
+            (5, "uni-2", "10.0.0.1", &["sg-def2"]),
+        ];
+        let mut local = BTreeMap::new();
+        for (n, uni, ip, groups) in eps {
+            let m = mac_of(n);
+            let id = format!("ep-{n}");
+            st.endpoints.insert(
+                id.clone(),
+                Endpoint {
+                    id: id.clone(),
+                    universe: uni.into(),
+                    host: HOST.into(),
+                    netns: format!("ns{n}"),
+                    ip: ip.parse().unwrap(),
+                    mac: format!("{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}", m[0], m[1], m[2], m[3], m[4], m[5]),
+                    interface: format!("veth{n}"),
+                    security_groups: groups.iter().map(|g| g.to_string()).collect(),
+                    identity: u32::from(n),
+                },
+            );
+            local.insert(10 + u32::from(n), id);
+        }
+        (st, local)
+    }
+
+    /// Ethernet + IPv4 (IHL 5, DF, TTL 64, checksum left 0: nobody verifies it) + `l4`.
+    fn ipv4(src_mac: [u8; 6], src: [u8; 4], dst: [u8; 4], proto: u8, l4: &[u8]) -> Vec<u8> {
+        let mut f = Vec::new();
+        f.extend_from_slice(&GW);
+        f.extend_from_slice(&src_mac);
+        f.extend_from_slice(&[0x08, 0x00]);
+        let total = (20 + l4.len()) as u16;
+        f.extend_from_slice(&[0x45, 0x00]);
+        f.extend_from_slice(&total.to_be_bytes());
+        f.extend_from_slice(&[0x12, 0x34, 0x40, 0x00, 64, proto, 0, 0]);
+        f.extend_from_slice(&src);
+        f.extend_from_slice(&dst);
+        f.extend_from_slice(l4);
+        f
+    }
+    fn tcp(sport: u16, dport: u16, flags: u8) -> Vec<u8> {
+        let mut t = Vec::new();
+        t.extend_from_slice(&sport.to_be_bytes());
+        t.extend_from_slice(&dport.to_be_bytes());
+        t.extend_from_slice(&[0, 0, 0, 1, 0, 0, 0, 0, 0x50, flags, 0xff, 0xff, 0, 0, 0, 0]);
+        t
+    }
+    fn udp(sport: u16, dport: u16) -> Vec<u8> {
+        let mut u = Vec::new();
+        u.extend_from_slice(&sport.to_be_bytes());
+        u.extend_from_slice(&dport.to_be_bytes());
+        u.extend_from_slice(&[0, 12, 0, 0, b'h', b'i', b'!', b'\n']);
+        u
+    }
+    fn icmp(ty: u8, code: u8, id: u16, payload: &[u8]) -> Vec<u8> {
+        let mut i = vec![ty, code, 0, 0];
+        i.extend_from_slice(&id.to_be_bytes());
+        i.extend_from_slice(&[0, 1]);
+        i.extend_from_slice(payload);
+        i
+    }
+    const A: [u8; 4] = [10, 0, 0, 1];
+    const B: [u8; 4] = [10, 0, 0, 2];
+    const W: [u8; 4] = [10, 0, 0, 3];
+    const DB: [u8; 4] = [10, 0, 0, 4];
+    const SYN: u8 = 0x02;
+    const SYNACK: u8 = 0x12;
+    const ACKF: u8 = 0x10;
+
+    fn host<'a>(st: &'a State, local: &BTreeMap<u32, String>) -> Host<'a> {
+        Host::new(st, HOST, local, GW, Timeouts::default())
+    }
+    fn delivered_to(v: &Verdict) -> Option<u32> {
+        match v {
+            Verdict::Deliver { ifindex, .. } => Some(*ifindex),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn s3_default_group_members_talk_and_frame_is_rewritten_for_the_receiver() {
+        let (st, local) = fixture();
+        let h = host(&st, &local);
+        let mut ct = Conntrack::default();
+        let f = ipv4(mac_of(1), A, B, IPPROTO_UDP, &udp(1000, 53));
+        let v = h.judge_and_track(&mut ct, S, 11, &f);
+        let mut want = f.clone();
+        want[0..6].copy_from_slice(&mac_of(2));
+        want[6..12].copy_from_slice(&GW);
+        assert_eq!(v, Verdict::Deliver { ifindex: 12, frame: want });
+        assert_eq!(ct.entries.len(), 1);
+    }
+
+    #[test]
+    fn s1_rules_union_any_group_allows() {
+        let (mut st, local) = fixture();
+        // ep-4 in db and web: web's port 80 from anywhere plus db's 5432 from web members.
+        st.endpoints.get_mut("ep-4").unwrap().security_groups = vec!["sg-db".into(), "sg-web".into()];
+        let h = host(&st, &local);
+        let ct = Conntrack::default();
+        let to80 = ipv4(mac_of(3), W, DB, IPPROTO_TCP, &tcp(40000, 80, SYN));
+        let to5432 = ipv4(mac_of(3), W, DB, IPPROTO_TCP, &tcp(40000, 5432, SYN));
+        let to81 = ipv4(mac_of(3), W, DB, IPPROTO_TCP, &tcp(40000, 81, SYN));
+        assert_eq!(delivered_to(&h.judge(&ct, S, 13, &to80).verdict), Some(14));
+        assert_eq!(delivered_to(&h.judge(&ct, S, 13, &to5432).verdict), Some(14));
+        assert_eq!(h.judge(&ct, S, 13, &to81).verdict, Verdict::Drop(D::PolicyIngress));
+    }
+
+    #[test]
+    fn s1_nested_cidrs_and_group_peer_each_allow_alone() {
+        let (mut st, local) = fixture();
+        let g = st.groups.get_mut("sg-def1").unwrap();
+        g.ingress = vec![
+            rule("n8", Direction::Ingress, Protocol::TCP, Some((1, 10)), cidr("10.0.0.0/8")),
+            rule("n16", Direction::Ingress, Protocol::TCP, Some((11, 20)), cidr("10.0.0.0/16")),
+            rule("n24", Direction::Ingress, Protocol::TCP, Some((21, 30)), cidr("10.0.0.0/24")),
+            rule("n32", Direction::Ingress, Protocol::TCP, Some((31, 40)), cidr("10.0.0.1/32")),
+            rule("ng", Direction::Ingress, Protocol::TCP, Some((41, 50)), Peer::Group("sg-def1".into())),
+        ];
+        let h = host(&st, &local);
+        let ct = Conntrack::default();
+        for port in 1..=50 {
+            let f = ipv4(mac_of(1), A, B, IPPROTO_TCP, &tcp(999, port, SYN));
+            assert_eq!(delivered_to(&h.judge(&ct, S, 11, &f).verdict), Some(12), "port {port}");
+        }
+        let f = ipv4(mac_of(1), A, B, IPPROTO_TCP, &tcp(999, 51, SYN));
+        assert_eq!(h.judge(&ct, S, 11, &f).verdict, Verdict::Drop(D::PolicyIngress));
+    }
+
+    #[test]
+    fn s5_group_peer_follows_membership() {
+        let (mut st, local) = fixture();
+        let h = host(&st, &local);
+        let ct = Conntrack::default();
+        // ep-1 (default only) -> db:5432 needs membership of web.
+        let f = ipv4(mac_of(1), A, DB, IPPROTO_TCP, &tcp(40000, 5432, SYN));
+        assert_eq!(h.judge(&ct, S, 11, &f).verdict, Verdict::Drop(D::PolicyIngress));
+        st.endpoints.get_mut("ep-1").unwrap().security_groups.push("sg-web".into());
+        let h = host(&st, &local);
+        assert_eq!(delivered_to(&h.judge(&ct, S, 11, &f).verdict), Some(14));
+    }
+
+    #[test]
+    fn s6_s7_replies_pass_whatever_the_rules_of_the_other_side() {
+        let (st, local) = fixture();
+        let h = host(&st, &local);
+        let mut ct = Conntrack::default();
+        // web -> db:5432 allowed; db has no egress rules at all.
+        let syn = ipv4(mac_of(3), W, DB, IPPROTO_TCP, &tcp(40000, 5432, SYN));
+        assert_eq!(delivered_to(&h.judge_and_track(&mut ct, S, 13, &syn)), Some(14));
+        let synack = ipv4(mac_of(4), DB, W, IPPROTO_TCP, &tcp(5432, 40000, SYNACK));
+        assert_eq!(delivered_to(&h.judge_and_track(&mut ct, S, 14, &synack)), Some(13));
+        let key = CtKey { vni: 100, src: W, dst: DB, sport: 40000, dport: 5432, proto: 6, _pad: [0; 3] };
+        assert_eq!(ct.entries[&key].state, ct_state::TCP_ESTABLISHED);
+        // A new flow from db (other source port) is not a reply: db has no egress.
+        let other = ipv4(mac_of(4), DB, W, IPPROTO_TCP, &tcp(5432, 40001, SYN));
+        assert_eq!(h.judge_and_track(&mut ct, S, 14, &other), Verdict::Drop(D::PolicyEgress));
+        // ICMP echo tracked by identifier: the reply with the same id passes, another id not.
+        let req = ipv4(mac_of(3), W, DB, IPPROTO_ICMP, &icmp(8, 0, 77, b"ping"));
+        assert_eq!(h.judge_and_track(&mut ct, S, 13, &req), Verdict::Drop(D::PolicyIngress));
+        let (mut st2, local2) = (st.clone(), local.clone());
+        st2.groups.get_mut("sg-db").unwrap().ingress.push(Rule {
+            icmp: Some((Some(8), None)),
+            ..rule("r-ping", Direction::Ingress, Protocol::ICMP, None, cidr("10.0.0.0/16"))
+        });
+        let h2 = host(&st2, &local2);
+        assert_eq!(delivered_to(&h2.judge_and_track(&mut ct, S, 13, &req)), Some(14));
+        let reply = ipv4(mac_of(4), DB, W, IPPROTO_ICMP, &icmp(0, 0, 77, b"ping"));
+        assert_eq!(delivered_to(&h2.judge_and_track(&mut ct, S, 14, &reply)), Some(13));
+        let stray = ipv4(mac_of(4), DB, W, IPPROTO_ICMP, &icmp(0, 0, 78, b"ping"));
+        assert_eq!(h2.judge_and_track(&mut ct, S, 14, &stray), Verdict::Drop(D::PolicyEgress));
+    }
+
+    #[test]
+    fn s6_icmp_errors_about_tracked_flows_are_admitted_others_judged_by_rules() {
+        let (st, local) = fixture();
+        let h = host(&st, &local);
+        let mut ct = Conntrack::default();
+        let syn = ipv4(mac_of(3), W, DB, IPPROTO_TCP, &tcp(40000, 5432, SYN));
+        assert!(delivered_to(&h.judge_and_track(&mut ct, S, 13, &syn)).is_some());
+        // db answers "fragmentation needed" quoting the SYN's IP header and first 8 bytes.
+        let quote = syn[ETH_HLEN..ETH_HLEN + 28].to_vec();
+        let ptb = ipv4(mac_of(4), DB, W, IPPROTO_ICMP, &icmp(3, 4, 0, &quote));
+        assert_eq!(delivered_to(&h.judge_and_track(&mut ct, S, 14, &ptb)), Some(13));
+        assert_eq!(ct.entries.len(), 1, "related errors create no entry");
+        // Quoting an untracked flow: judged by db's (empty) egress.
+        let untracked = ipv4(mac_of(3), W, DB, IPPROTO_TCP, &tcp(40001, 5432, SYN));
+        let q2 = untracked[ETH_HLEN..ETH_HLEN + 28].to_vec();
+        let e2 = ipv4(mac_of(4), DB, W, IPPROTO_ICMP, &icmp(3, 4, 0, &q2));
+        assert_eq!(h.judge_and_track(&mut ct, S, 14, &e2), Verdict::Drop(D::PolicyEgress));
+        // The quote of a tracked flow sent to someone else than its source: not related.
+        let (mut st3, local3) = (st.clone(), local.clone());
+        st3.groups.get_mut("sg-db").unwrap().egress.push(rule("x", Direction::Egress, Protocol::TCP, None, cidr("0.0.0.0/0")));
+        let h3 = host(&st3, &local3);
+        let wrong = ipv4(mac_of(4), DB, A, IPPROTO_ICMP, &icmp(3, 4, 0, &quote));
+        assert_eq!(h3.judge_and_track(&mut ct, S, 14, &wrong), Verdict::Drop(D::PolicyEgress));
+    }
+
+    #[test]
+    fn s8_removed_rule_keeps_tracked_flows_refuses_new_ones_until_idle_timeout() {
+        let (mut st, local) = fixture();
+        let mut ct = Conntrack::default();
+        let syn = ipv4(mac_of(1), A, W, IPPROTO_TCP, &tcp(40000, 80, SYN));
+        assert!(delivered_to(&host(&st, &local).judge_and_track(&mut ct, S, 11, &syn)).is_some());
+        st.groups.get_mut("sg-web").unwrap().ingress.clear();
+        let h = host(&st, &local);
+        let ack = ipv4(mac_of(1), A, W, IPPROTO_TCP, &tcp(40000, 80, ACKF));
+        assert!(delivered_to(&h.judge_and_track(&mut ct, 2 * S, 11, &ack)).is_some());
+        let new = ipv4(mac_of(1), A, W, IPPROTO_TCP, &tcp(40001, 80, SYN));
+        assert_eq!(h.judge_and_track(&mut ct, 2 * S, 11, &new), Verdict::Drop(D::PolicyIngress));
+        // Still opening (no reply seen): 60 s idle is fine, 60 s + 1 ns is not.
+        assert!(delivered_to(&h.judge_and_track(&mut ct, 62 * S, 11, &ack)).is_some());
+        assert_eq!(h.judge_and_track(&mut ct, 122 * S + 1, 11, &ack), Verdict::Drop(D::PolicyIngress));
+    }
+
+    #[test]
+    fn s9_timeouts_are_configurable() {
+        let (st, local) = fixture();
+        let mut t = Timeouts::default();
+        t.ns[ct_state::UDP_ONE_WAY as usize] = 5;
+        let mut st2 = st.clone();
+        let h = Host::new(&st, HOST, &local, GW, t);
+        let mut ct = Conntrack::default();
+        let f = ipv4(mac_of(3), W, A, IPPROTO_UDP, &udp(1, 2));
+        // web egress all; ep-1's default ingress only from default members: refused...
+        assert_eq!(h.judge_and_track(&mut ct, 0, 13, &f), Verdict::Drop(D::PolicyIngress));
+        // ...so use a flow that is allowed, then watch it expire after 5 ns.
+        st2.groups.get_mut("sg-def1").unwrap().ingress.push(rule("u", Direction::Ingress, Protocol::UDP, Some((2, 2)), cidr("10.0.0.3/32")));
+        let h2 = Host::new(&st2, HOST, &local, GW, t);
+        assert!(delivered_to(&h2.judge_and_track(&mut ct, 100, 13, &f)).is_some());
+        let back = ipv4(mac_of(1), A, W, IPPROTO_UDP, &udp(2, 1));
+        assert!(delivered_to(&h.judge_and_track(&mut ct, 105, 11, &back)).is_some());
+        let key = CtKey { vni: 100, src: W, dst: A, sport: 1, dport: 2, proto: 17, _pad: [0; 3] };
+        assert_eq!(ct.entries[&key].state, ct_state::UDP_REPLIED);
+        assert_eq!(t.of(ct_state::UDP_REPLIED), 180 * S);
+    }
+
+    #[test]
+    fn universes_are_isolated_even_with_the_same_addresses() {
+        let (st, local) = fixture();
+        let h = host(&st, &local);
+        let ct = Conntrack::default();
+        // ep-5 (uni-2, 10.0.0.1) to 10.0.0.2: exists only in uni-1.
+        let f = ipv4(mac_of(5), A, B, IPPROTO_UDP, &udp(1, 2));
+        assert_eq!(h.judge(&ct, S, 15, &f).verdict, Verdict::Drop(D::NoRoute));
+    }
+
+    #[test]
+    fn s10_spoofed_source_mac_or_ip_is_dropped() {
+        let (st, local) = fixture();
+        let h = host(&st, &local);
+        let ct = Conntrack::default();
+        let f = ipv4(mac_of(2), A, B, IPPROTO_UDP, &udp(1, 2));
+        assert_eq!(h.judge(&ct, S, 11, &f).verdict, Verdict::Drop(D::SpoofedMac));
+        let f = ipv4(mac_of(1), B, A, IPPROTO_UDP, &udp(1, 2));
+        assert_eq!(h.judge(&ct, S, 11, &f).verdict, Verdict::Drop(D::SpoofedIp));
+        let f = ipv4(mac_of(1), A, B, IPPROTO_UDP, &udp(1, 2));
+        assert_eq!(h.judge(&ct, S, 99, &f).verdict, Verdict::Drop(D::UnknownEndpoint));
+    }
+
+    #[test]
+    fn arp_requests_are_answered_with_the_gateway_mac() {
+        let (st, local) = fixture();
+        let h = host(&st, &local);
+        #[rustfmt::skip]
+        let req: [u8; 42] = [
+            0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x02, 0xaa, 0, 0, 0, 1, 0x08, 0x06,
+            0, 1, 0x08, 0x00, 6, 4, 0, 1,
+            0x02, 0xaa, 0, 0, 0, 1, 10, 0, 0, 1,
+            0, 0, 0, 0, 0, 0, 10, 0, 255, 254,
+        ];
+        #[rustfmt::skip]
+        let want: [u8; 42] = [
+            0x02, 0xaa, 0, 0, 0, 1, 0x02, 0, 0, 0, 0, 0x01, 0x08, 0x06,
+            0, 1, 0x08, 0x00, 6, 4, 0, 2,
+            0x02, 0, 0, 0, 0, 0x01, 10, 0, 255, 254,
+            0x02, 0xaa, 0, 0, 0, 1, 10, 0, 0, 1,
+        ];
+        let ct = Conntrack::default();
+        assert_eq!(h.judge(&ct, S, 11, &req).verdict, Verdict::ArpReply { frame: want.to_vec() });
+        let mut announce = req;
+        announce[38..42].copy_from_slice(&[10, 0, 0, 1]);
+        assert_eq!(h.judge(&ct, S, 11, &announce).verdict, Verdict::Drop(D::ArpUnanswered));
+        let mut probe = announce;
+        probe[28..32].copy_from_slice(&[0, 0, 0, 0]);
+        assert_eq!(h.judge(&ct, S, 11, &probe).verdict, Verdict::Drop(D::ArpUnanswered));
+        assert_eq!(h.judge(&ct, S, 12, &req).verdict, Verdict::Drop(D::SpoofedMac));
+        assert_eq!(h.judge(&ct, S, 99, &req).verdict, Verdict::Drop(D::UnknownEndpoint));
+        let mut reply = req;
+        reply[21] = 2;
+        assert_eq!(h.judge(&ct, S, 11, &reply).verdict, Verdict::Drop(D::ArpUnanswered));
+        assert_eq!(h.judge(&ct, S, 11, &req[..41]).verdict, Verdict::Drop(D::ArpUnanswered));
+    }
+
+    #[test]
+    fn s11_unparsable_packets_are_dropped_with_their_reason() {
+        let (st, local) = fixture();
+        let h = host(&st, &local);
+        let ct = Conntrack::default();
+        let j = |f: &[u8]| h.judge(&ct, S, 11, f).verdict;
+        let good = ipv4(mac_of(1), A, B, IPPROTO_TCP, &tcp(1, 2, SYN));
+        assert!(delivered_to(&j(&good)).is_some());
+        assert_eq!(j(&good[..13]), Verdict::Drop(D::TruncatedEthernet));
+        let mut v6 = good.clone();
+        v6[12..14].copy_from_slice(&[0x86, 0xdd]);
+        assert_eq!(j(&v6), Verdict::Drop(D::Ipv6Unsupported));
+        let mut vlan = good.clone();
+        vlan[12..14].copy_from_slice(&[0x81, 0x00]);
+        assert_eq!(j(&vlan), Verdict::Drop(D::UnknownEthertype));
+        // Every cut inside the IPv4 header, then inside TCP.
+        for cut in 14..34 {
+            assert_eq!(j(&good[..cut]), Verdict::Drop(D::MalformedIpv4), "cut {cut}");
+        }
+        for cut in 34..54 {
+            let mut f = good[..cut].to_vec();
+            f[16..18].copy_from_slice(&((cut - 14) as u16).to_be_bytes());
+            assert_eq!(j(&f), Verdict::Drop(D::MalformedL4), "cut {cut}");
+        }
+        let mut v5 = good.clone();
+        v5[14] = 0x55;
+        assert_eq!(j(&v5), Verdict::Drop(D::MalformedIpv4));
+        let mut ihl4 = good.clone();
+        ihl4[14] = 0x44;
+        assert_eq!(j(&ihl4), Verdict::Drop(D::MalformedIpv4));
+        let mut long = good.clone();
+        long[17] += 1;
+        assert_eq!(j(&long), Verdict::Drop(D::MalformedIpv4));
+        let mut mf = good.clone();
+        mf[20] = 0x20;
+        assert_eq!(j(&mf), Verdict::Drop(D::Fragment));
+        let mut off = good.clone();
+        off[21] = 0x01;
+        assert_eq!(j(&off), Verdict::Drop(D::Fragment));
+        // TCP data offset 4: malformed; padding after the datagram is fine.
+        let mut doff = good.clone();
+        doff[46] = 0x40;
+        assert_eq!(j(&doff), Verdict::Drop(D::MalformedL4));
+        let mut padded = good.clone();
+        padded.extend_from_slice(&[0; 6]);
+        assert!(delivered_to(&j(&padded)).is_some());
+    }
+
+    #[test]
+    fn ipv4_options_are_skipped_to_find_the_ports() {
+        let (st, local) = fixture();
+        let h = host(&st, &local);
+        let ct = Conntrack::default();
+        // ep-1 -> web:80 with 8 bytes of options (two NOPs and an end-of-list, padded).
+        let plain = ipv4(mac_of(1), A, W, IPPROTO_TCP, &tcp(1, 80, SYN));
+        let mut f = plain[..34].to_vec();
+        f.extend_from_slice(&[1, 1, 0, 0, 0, 0, 0, 0]);
+        f.extend_from_slice(&plain[34..]);
+        f[14] = 0x47;
+        let total = (f.len() - 14) as u16;
+        f[16..18].copy_from_slice(&total.to_be_bytes());
+        assert_eq!(delivered_to(&h.judge(&ct, S, 11, &f).verdict), Some(13));
+        let to81 = {
+            let mut g = f.clone();
+            g[14 + 28 + 3] = 81;
+            g
+        };
+        assert_eq!(h.judge(&ct, S, 11, &to81).verdict, Verdict::Drop(D::PolicyIngress));
+    }
+
+    #[test]
+    fn parse_mac_accepts_only_six_hex_pairs() {
+        assert_eq!(parse_mac("02:aa:00:00:00:01"), Some(mac_of(1)));
+        assert_eq!(parse_mac("02:aa:00:00:00"), None);
+        assert_eq!(parse_mac("02:aa:00:00:00:01:02"), None);
+        assert_eq!(parse_mac("02:aa:00:00:00:1"), None);
+    }
+}

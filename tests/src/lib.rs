@@ -1,1 +1,978 @@
+//! Harness for Verse's network-namespace integration tests.
+//!
+//! Contract: every resource a test makes — network namespaces, the bpffs mount of a daemon, its
+//! state directory, the daemon itself, the threads of traffic servers — is owned by a guard whose
+//! `Drop` removes it, also while the test unwinds from a failed assertion. Names carry a per-run
+//! prefix (`vt` + the process id + a counter) so parallel tests and parallel runs never collide.
+//! Waiting is always a bounded poll ([`wait_until`]), never a bare sleep used as synchronisation.
+//!
+//! A test builds a [`Host`] (a network namespace running `versed`, reached through [`Api`]),
+//! configures Verse only through the REST API, plugs [`Workload`]s (one namespace per endpoint)
+//! and then asserts what a user sees: a packet that arrives or not ([`tcp_connect`], [`ping`],
+//! [`udp_roundtrip`], [`TcpConn`]), an API status and error code ([`Response`]), a drop counter
+//! that moved ([`drops`]).
+//!
+//! Sockets are opened inside a namespace by a short-lived thread that joins it with `setns(2)`
+//! ([`Netns::enter`]); a socket stays in the namespace it was created in, so the rest of the test
+//! uses it from any thread.
 
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+pub use serde_json::{json, Value};
+
+// ---------------------------------------------------------------------------------------------
+// Names and polling
+// ---------------------------------------------------------------------------------------------
+
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+fn base36(mut n: u64) -> String {
+    const DIGITS: &[u8] = b"0123456789abcdefghijklmnopqrstuvwxyz";
+    let mut out = Vec::new();
+    loop {
+        out.push(DIGITS[(n % 36) as usize]);
+        n /= 36;
+        if n == 0 {
+            break;
+        }
+    }
+    out.reverse();
+    String::from_utf8(out).expect("ascii digits")
+}
+
+/// The prefix of every name this process makes: `vt` + the process id in base 36.
+pub fn run_prefix() -> String {
+    format!("vt{}", base36(u64::from(std::process::id())))
+}
+
+/// A name unique to this run and this call: `vt<pid36><n36><tag>`. Interface and namespace names
+/// must fit `IFNAMSIZ` (15 bytes), so tags are short.
+pub fn unique_name(tag: &str) -> String {
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    let name = format!("{}{}{}", run_prefix(), base36(u64::from(n)), tag);
+    assert!(name.len() <= 15, "name {name} is longer than 15 bytes: shorten the tag {tag:?}");
+    name
+}
+
+/// Polls `cond` every 20 ms until it holds or `timeout` passes; returns whether it held.
+pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if cond() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Runs a command to completion; panics with its command line and output if it fails.
+pub fn run_ok(cmd: &str, args: &[&str]) -> Output {
+    let out = Command::new(cmd)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("failed to start {cmd} {args:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd} {args:?} failed ({}): {}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+fn run_quiet(cmd: &str, args: &[&str]) -> Option<Output> {
+    Command::new(cmd).args(args).stdin(Stdio::null()).output().ok()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Namespaces
+// ---------------------------------------------------------------------------------------------
+
+/// Runs `f` on a thread that has joined the network namespace `/run/netns/<name>`.
+///
+/// Only that thread changes namespace; sockets it creates stay in the namespace wherever they
+/// are used afterwards. A panic inside `f` is propagated to the caller.
+pub fn enter_netns<T: Send, F: FnOnce() -> T + Send>(name: &str, f: F) -> T {
+    let path = format!("/run/netns/{name}");
+    std::thread::scope(|s| {
+        let handle = s.spawn(|| {
+            let file = File::open(&path).unwrap_or_else(|e| panic!("open {path}: {e}"));
+            // SAFETY: `file` is an open namespace file that outlives the call; setns(2) with
+            // CLONE_NEWNET only changes the network namespace of this thread, which ends when
+            // the closure returns.
+            let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+            assert_eq!(rc, 0, "setns({path}, CLONE_NEWNET): {}", io::Error::last_os_error());
+            f()
+        });
+        handle.join().unwrap_or_else(|p| std::panic::resume_unwind(p))
+    })
+}
+
+/// An `ip netns` namespace, deleted on drop. Its loopback is up.
+#[derive(Debug)]
+pub struct Netns {
+    name: String,
+}
+
+impl Netns {
+    pub fn new(tag: &str) -> Netns {
+        let name = unique_name(tag);
+        run_ok("ip", &["netns", "add", &name]);
+        let ns = Netns { name };
+        run_ok("ip", &["-n", &ns.name, "link", "set", "lo", "up"]);
+        ns
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// `ip -n <ns> args...`, which must succeed.
+    pub fn ip(&self, args: &[&str]) -> Output {
+        let mut all = vec!["-n", self.name.as_str()];
+        all.extend_from_slice(args);
+        run_ok("ip", &all)
+    }
+
+    /// `ip netns exec <ns> cmd args...`; the caller judges the outcome.
+    pub fn exec(&self, cmd: &str, args: &[&str]) -> Output {
+        Command::new("ip")
+            .args(["netns", "exec", &self.name, cmd])
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap_or_else(|e| panic!("failed to start ip netns exec {} {cmd}: {e}", self.name))
+    }
+
+    /// Runs `f` inside this namespace (see [`enter_netns`]).
+    pub fn enter<T: Send, F: FnOnce() -> T + Send>(&self, f: F) -> T {
+        enter_netns(&self.name, f)
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        if let Some(out) = run_quiet("ip", &["netns", "del", &self.name]) {
+            if !out.status.success() {
+                eprintln!("cleanup: ip netns del {}: {}", self.name, String::from_utf8_lossy(&out.stderr));
+            }
+        }
+    }
+}
+
+/// A directory under the system temp dir, removed (recursively) on drop.
+#[derive(Debug)]
+pub struct TempDir {
+    path: PathBuf,
+}
+
+impl TempDir {
+    pub fn new(tag: &str) -> TempDir {
+        let path = std::env::temp_dir().join(format!("verse-tests-{}", unique_name(tag)));
+        fs::create_dir_all(&path).unwrap_or_else(|e| panic!("mkdir {}: {e}", path.display()));
+        TempDir { path }
+    }
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        if let Err(e) = fs::remove_dir_all(&self.path) {
+            eprintln!("cleanup: rm -r {}: {e}", self.path.display());
+        }
+    }
+}
+
+/// A bpffs mounted in the root mount namespace, unmounted (and its mountpoint removed) on drop.
+///
+/// It must be mounted here, not by the daemon: `ip netns exec` gives the daemon a private mount
+/// namespace, and a bpffs mounted inside it would vanish, with the pinned maps and links, when
+/// the daemon exits. Mounted out here it survives a daemon restart, as a host's `/sys/fs/bpf`
+/// does.
+#[derive(Debug)]
+pub struct Bpffs {
+    path: PathBuf,
+}
+
+impl Bpffs {
+    pub fn mount(path: &Path) -> Bpffs {
+        fs::create_dir_all(path).unwrap_or_else(|e| panic!("mkdir {}: {e}", path.display()));
+        let p = path.to_str().expect("utf-8 path");
+        run_ok("mount", &["-t", "bpf", "bpf", p]);
+        Bpffs { path: path.to_owned() }
+    }
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for Bpffs {
+    fn drop(&mut self) {
+        let p = self.path.to_string_lossy().into_owned();
+        match run_quiet("umount", &[&p]) {
+            Some(out) if out.status.success() => {
+                let _ = fs::remove_dir(&self.path);
+            }
+            Some(out) => eprintln!("cleanup: umount {p}: {}", String::from_utf8_lossy(&out.stderr)),
+            None => eprintln!("cleanup: umount {p}: could not run umount"),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The daemon
+// ---------------------------------------------------------------------------------------------
+
+/// Where `versed` and `verse` are: `$VERSE_BIN_DIR`, else `$CARGO_TARGET_DIR/debug`, else the
+/// workspace's `target/debug`. `cargo xtask test` builds them first and sets `VERSE_BIN_DIR`.
+pub fn bin_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("VERSE_BIN_DIR") {
+        return PathBuf::from(dir);
+    }
+    if let Some(dir) = std::env::var_os("CARGO_TARGET_DIR") {
+        return PathBuf::from(dir).join("debug");
+    }
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join("target").join("debug")
+}
+
+fn binary(name: &str) -> PathBuf {
+    let path = bin_dir().join(name);
+    assert!(
+        path.is_file(),
+        "{} not found: build it with `cargo build -p controller --bins` (cargo xtask test does) \
+         or point VERSE_BIN_DIR at it",
+        path.display()
+    );
+    path
+}
+
+/// A running `versed` in a host namespace. Killed on drop; its log is printed if the test is
+/// failing. The state directory (and so the bpffs under it) belongs to the caller and survives
+/// [`Versed::restart`].
+#[derive(Debug)]
+pub struct Versed {
+    netns: String,
+    bin: PathBuf,
+    state_dir: PathBuf,
+    host: String,
+    port: u16,
+    log_path: PathBuf,
+    child: Option<Child>,
+}
+
+impl Versed {
+    /// Starts `ip netns exec <netns> versed --state-dir <state_dir> --listen 127.0.0.1:<port>
+    /// --host <host>` and waits (20 s at most) until `/healthz` answers 200.
+    pub fn start(netns: &str, state_dir: &Path, host: &str, port: u16) -> Versed {
+        let mut v = Versed {
+            netns: netns.to_owned(),
+            bin: binary("versed"),
+            state_dir: state_dir.to_owned(),
+            host: host.to_owned(),
+            port,
+            log_path: state_dir.join("versed.log"),
+            child: None,
+        };
+        v.spawn();
+        v
+    }
+
+    fn spawn(&mut self) {
+        let log = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log_path)
+            .unwrap_or_else(|e| panic!("open {}: {e}", self.log_path.display()));
+        let err = log.try_clone().expect("dup log fd");
+        let listen = format!("127.0.0.1:{}", self.port);
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &self.netns])
+            .arg(&self.bin)
+            .arg("--state-dir")
+            .arg(&self.state_dir)
+            .args(["--listen", &listen, "--host", &self.host])
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(err);
+        if std::env::var_os("RUST_LOG").is_none() {
+            cmd.env("RUST_LOG", "info");
+        }
+        let child = cmd.spawn().unwrap_or_else(|e| panic!("failed to start {}: {e}", self.bin.display()));
+        self.child = Some(child);
+        let api = self.api();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                panic!("versed exited during start-up ({status}); log:\n{}", self.log());
+            }
+            if let Ok(r) = api.request("GET", "/healthz", None, Duration::from_secs(2)) {
+                if r.status == 200 {
+                    return;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "versed did not answer /healthz with 200 within 20 s; log:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// The API of this daemon.
+    pub fn api(&self) -> Api {
+        Api { netns: self.netns.clone(), port: self.port }
+    }
+
+    /// The daemon's log so far.
+    pub fn log(&self) -> String {
+        fs::read_to_string(&self.log_path).unwrap_or_else(|e| format!("(no log at {}: {e})", self.log_path.display()))
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// Sends SIGTERM and waits (10 s at most) for the daemon to exit; returns its status.
+    pub fn stop(&mut self) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("versed is not running");
+        let pid = libc::pid_t::try_from(child.id()).expect("pid fits pid_t");
+        // SAFETY: kill(2) on the pid of our own child, which has not been reaped yet (we hold
+        // its `Child`), so the pid cannot have been reused.
+        unsafe { libc::kill(pid, libc::SIGTERM) };
+        let mut status = None;
+        let exited = wait_until(Duration::from_secs(10), || {
+            status = child.try_wait().ok().flatten();
+            status.is_some()
+        });
+        if !exited {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("versed did not exit within 10 s of SIGTERM; log:\n{}", self.log());
+        }
+        status.expect("exited")
+    }
+
+    /// Stops the daemon (SIGTERM) and starts it again with the same state directory and port.
+    pub fn restart(&mut self) {
+        self.stop();
+        self.spawn();
+    }
+
+    /// Starts the daemon again after [`Versed::stop`].
+    pub fn start_again(&mut self) {
+        assert!(self.child.is_none(), "versed is already running");
+        self.spawn();
+    }
+}
+
+impl Drop for Versed {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        if std::thread::panicking() || std::env::var_os("VERSE_TEST_SHOW_LOG").is_some() {
+            eprintln!("---- versed log ({}) ----\n{}---- end of versed log ----", self.host, self.log());
+        }
+    }
+}
+
+fn unique_port() -> u16 {
+    // Every daemon listens on the loopback of its own namespace, so ports cannot collide across
+    // tests; keeping them distinct anyway makes logs unambiguous.
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    20000 + ((std::process::id() % 1000) * 40 + n % 40) as u16
+}
+
+/// One Verse host: a network namespace running `versed` with its own state directory and bpffs.
+///
+/// Field order is drop order: the daemon dies first, then the bpffs is unmounted, the namespace
+/// deleted and the state directory removed.
+pub struct Host {
+    pub versed: Versed,
+    pub api: Api,
+    bpffs: Bpffs,
+    netns: Netns,
+    state: TempDir,
+    name: String,
+}
+
+impl Host {
+    /// A fresh host namespace with a daemon, ready to answer its API.
+    pub fn start() -> Host {
+        let netns = Netns::new("h");
+        let state = TempDir::new("s");
+        // `bpf_dir` defaults to `<state_dir>/bpf` in the daemon's configuration.
+        let bpffs = Bpffs::mount(&state.path().join("bpf"));
+        let name = format!("{}-host", netns.name());
+        let versed = Versed::start(netns.name(), state.path(), &name, unique_port());
+        let api = versed.api();
+        Host { versed, api, bpffs, netns, state, name }
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+    pub fn netns(&self) -> &Netns {
+        &self.netns
+    }
+    pub fn state_dir(&self) -> &Path {
+        self.state.path()
+    }
+    pub fn bpf_dir(&self) -> &Path {
+        self.bpffs.path()
+    }
+
+    /// Makes a workload namespace and plugs it as an endpoint (`POST /v1/endpoints`, which must
+    /// answer 201). `groups` empty means "none given", so the endpoint gets `default` (S3).
+    pub fn endpoint(&self, universe: &str, ip: &str, groups: &[&str]) -> Workload {
+        let ns = Netns::new("w");
+        let mut body = json!({"universe": universe, "netns": ns.name(), "ip": ip});
+        if !groups.is_empty() {
+            body["security_groups"] = json!(groups);
+        }
+        let r = self.api.post("/v1/endpoints", &body);
+        assert_eq!(r.status, 201, "POST /v1/endpoints {body}: {}", r.body);
+        let ep = r.json();
+        let s = |k: &str| ep[k].as_str().unwrap_or_else(|| panic!("endpoint.{k} missing in {ep}")).to_owned();
+        Workload {
+            id: s("id"),
+            ip: s("ip").parse().unwrap_or_else(|e| panic!("endpoint.ip in {ep}: {e}")),
+            mac: s("mac"),
+            interface: s("interface"),
+            json: ep,
+            ns,
+        }
+    }
+}
+
+/// A workload namespace plugged into Verse as one endpoint. Dropping it deletes the namespace
+/// (and with it the veth pair).
+#[derive(Debug)]
+pub struct Workload {
+    pub id: String,
+    pub ip: Ipv4Addr,
+    pub mac: String,
+    pub interface: String,
+    /// The endpoint as `POST /v1/endpoints` returned it.
+    pub json: Value,
+    pub ns: Netns,
+}
+
+impl Workload {
+    pub fn ns(&self) -> &Netns {
+        &self.ns
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The API
+// ---------------------------------------------------------------------------------------------
+
+/// An HTTP answer of the API.
+#[derive(Clone, Debug)]
+pub struct Response {
+    pub status: u16,
+    /// Header names in lower case.
+    pub headers: Vec<(String, String)>,
+    pub body: String,
+}
+
+impl Response {
+    /// The body as JSON; panics (naming the body) if it is not.
+    pub fn json(&self) -> Value {
+        serde_json::from_str(&self.body)
+            .unwrap_or_else(|e| panic!("response (status {}) is not JSON: {e}: {}", self.status, self.body))
+    }
+    pub fn header(&self, name: &str) -> Option<&str> {
+        let name = name.to_ascii_lowercase();
+        self.headers.iter().find(|(k, _)| *k == name).map(|(_, v)| v.as_str())
+    }
+    /// The `Verse-Revision` header, parsed.
+    pub fn revision(&self) -> Option<u64> {
+        self.header("verse-revision").and_then(|v| v.trim().parse().ok())
+    }
+    /// `error.code` of an error answer.
+    pub fn error_code(&self) -> String {
+        self.json()["error"]["code"].as_str().unwrap_or_else(|| panic!("no error.code in {}", self.body)).to_owned()
+    }
+    /// `error.message` of an error answer.
+    pub fn error_message(&self) -> String {
+        self.json()["error"]["message"].as_str().unwrap_or_else(|| panic!("no error.message in {}", self.body)).to_owned()
+    }
+}
+
+/// A client of one daemon's API, speaking HTTP/1.1 from inside the daemon's namespace (the API
+/// listens on that namespace's loopback).
+#[derive(Clone, Debug)]
+pub struct Api {
+    netns: String,
+    port: u16,
+}
+
+impl Api {
+    /// The base URL as seen from inside the host namespace (for the CLI, run with `ip netns
+    /// exec`).
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// One request; `timeout` bounds connecting and each read. API edits wait (10 s at most)
+    /// for the dataplane, so callers allow more than that.
+    pub fn request(&self, method: &str, path: &str, body: Option<&Value>, timeout: Duration) -> io::Result<Response> {
+        let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, self.port));
+        let mut stream = enter_netns(&self.netns, || TcpStream::connect_timeout(&addr, timeout))?;
+        stream.set_read_timeout(Some(timeout))?;
+        stream.set_write_timeout(Some(timeout))?;
+        let payload = body.map(|b| b.to_string()).unwrap_or_default();
+        let mut req = format!("{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{}\r\nConnection: close\r\n", self.port);
+        if body.is_some() {
+            req.push_str("Content-Type: application/json\r\n");
+        }
+        req.push_str(&format!("Content-Length: {}\r\n\r\n", payload.len()));
+        req.push_str(&payload);
+        stream.write_all(req.as_bytes())?;
+        let mut raw = Vec::new();
+        stream.read_to_end(&mut raw)?;
+        parse_http_response(&raw)
+    }
+
+    fn call(&self, method: &str, path: &str, body: Option<&Value>) -> Response {
+        self.request(method, path, body, Duration::from_secs(30))
+            .unwrap_or_else(|e| panic!("{method} {path}: {e}"))
+    }
+    pub fn get(&self, path: &str) -> Response {
+        self.call("GET", path, None)
+    }
+    pub fn post(&self, path: &str, body: &Value) -> Response {
+        self.call("POST", path, Some(body))
+    }
+    pub fn patch(&self, path: &str, body: &Value) -> Response {
+        self.call("PATCH", path, Some(body))
+    }
+    pub fn delete(&self, path: &str) -> Response {
+        self.call("DELETE", path, None)
+    }
+
+    fn created(&self, path: &str, body: &Value) -> Value {
+        let r = self.post(path, body);
+        assert_eq!(r.status, 201, "POST {path} {body}: {}", r.body);
+        r.json()
+    }
+
+    /// `POST /v1/universes {name, cidr}`, asserting 201; returns the universe.
+    pub fn create_universe(&self, name: &str, cidr: &str) -> Value {
+        self.created("/v1/universes", &json!({"name": name, "cidr": cidr}))
+    }
+    /// `POST /v1/security-groups`, asserting 201; returns the group.
+    pub fn create_group(&self, universe: &str, name: &str) -> Value {
+        self.created("/v1/security-groups", &json!({"universe": universe, "name": name}))
+    }
+    /// `POST /v1/security-groups/{group}/rules`, asserting 201; returns the rule.
+    pub fn add_rule(&self, group: &str, rule: &Value) -> Value {
+        self.created(&format!("/v1/security-groups/{group}/rules"), rule)
+    }
+    /// `DELETE /v1/security-groups/{group}/rules/{rule}`, asserting 204.
+    pub fn delete_rule(&self, group: &str, rule: &str) {
+        let r = self.delete(&format!("/v1/security-groups/{group}/rules/{rule}"));
+        assert_eq!(r.status, 204, "DELETE rule {rule} of {group}: {}", r.body);
+    }
+    /// `GET /v1/security-groups/{id}`, asserting 200.
+    pub fn group(&self, id: &str) -> Value {
+        let r = self.get(&format!("/v1/security-groups/{id}"));
+        assert_eq!(r.status, 200, "GET group {id}: {}", r.body);
+        r.json()
+    }
+    /// Removes every egress rule of a group, leaving it with no rules at all in that direction.
+    pub fn clear_egress(&self, group: &str) {
+        let g = self.group(group);
+        for rule in g["egress"].as_array().expect("egress is an array") {
+            self.delete_rule(group, rule["id"].as_str().expect("rule id"));
+        }
+    }
+    /// The `default` group of a universe (S3).
+    pub fn default_group(&self, universe: &str) -> Value {
+        let r = self.get(&format!("/v1/security-groups?universe={universe}"));
+        assert_eq!(r.status, 200, "GET security-groups of {universe}: {}", r.body);
+        r.json()
+            .as_array()
+            .expect("a collection is a JSON array")
+            .iter()
+            .find(|g| g["name"] == "default" && g["universe"] == universe)
+            .cloned()
+            .unwrap_or_else(|| panic!("universe {universe} has no default group: {}", r.body))
+    }
+    /// `PATCH /v1/endpoints/{id} {security_groups}`, asserting 200.
+    pub fn set_groups(&self, endpoint: &str, groups: &[&str]) -> Value {
+        let r = self.patch(&format!("/v1/endpoints/{endpoint}"), &json!({"security_groups": groups}));
+        assert_eq!(r.status, 200, "PATCH endpoint {endpoint} {groups:?}: {}", r.body);
+        r.json()
+    }
+    /// The Prometheus text of `/metrics`.
+    pub fn metrics(&self) -> String {
+        let r = self.get("/metrics");
+        assert_eq!(r.status, 200, "GET /metrics: {}", r.body);
+        r.body
+    }
+}
+
+fn bad(msg: impl Into<String>) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, msg.into())
+}
+
+/// Parses one HTTP/1.1 response (the whole connection's bytes, `Connection: close`).
+pub fn parse_http_response(raw: &[u8]) -> io::Result<Response> {
+    let end = raw.windows(4).position(|w| w == b"\r\n\r\n").ok_or_else(|| bad("no end of HTTP head"))?;
+    let head = std::str::from_utf8(&raw[..end]).map_err(|e| bad(format!("HTTP head not UTF-8: {e}")))?;
+    let mut lines = head.split("\r\n");
+    let status_line = lines.next().unwrap_or_default();
+    let status = status_line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| bad(format!("bad status line {status_line:?}")))?;
+    let headers: Vec<(String, String)> = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned()))
+        .collect();
+    let mut body = raw[end + 4..].to_vec();
+    let chunked = headers.iter().any(|(k, v)| k == "transfer-encoding" && v.eq_ignore_ascii_case("chunked"));
+    if chunked {
+        body = decode_chunked(&body)?;
+    } else if let Some((_, len)) = headers.iter().find(|(k, _)| k == "content-length") {
+        let len: usize = len.parse().map_err(|e| bad(format!("content-length {len:?}: {e}")))?;
+        if body.len() < len {
+            return Err(bad(format!("body shorter ({}) than content-length {len}", body.len())));
+        }
+        body.truncate(len);
+    }
+    let body = String::from_utf8(body).map_err(|e| bad(format!("body not UTF-8: {e}")))?;
+    Ok(Response { status, headers, body })
+}
+
+fn decode_chunked(mut data: &[u8]) -> io::Result<Vec<u8>> {
+    let mut out = Vec::new();
+    loop {
+        let eol = data.windows(2).position(|w| w == b"\r\n").ok_or_else(|| bad("chunk size line"))?;
+        let size_text = std::str::from_utf8(&data[..eol]).map_err(|_| bad("chunk size not UTF-8"))?;
+        let size_text = size_text.split(';').next().unwrap_or_default().trim();
+        let size = usize::from_str_radix(size_text, 16).map_err(|e| bad(format!("chunk size {size_text:?}: {e}")))?;
+        data = &data[eol + 2..];
+        if size == 0 {
+            return Ok(out);
+        }
+        if data.len() < size + 2 {
+            return Err(bad("truncated chunk"));
+        }
+        out.extend_from_slice(&data[..size]);
+        data = &data[size + 2..];
+    }
+}
+
+/// The sum of `verse_drops_total` samples with `reason="<reason>"` in `/metrics`.
+pub fn drops(api: &Api, reason: &str) -> u64 {
+    metric_sum(&api.metrics(), "verse_drops_total", &format!("reason=\"{reason}\""))
+}
+
+/// Sums the samples of `family` whose label set contains `label` (`name="value"`).
+pub fn metric_sum(text: &str, family: &str, label: &str) -> u64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let rest = l.strip_prefix(family)?;
+            let (labels, value) = rest.strip_prefix('{')?.split_once('}')?;
+            if !labels.split(',').any(|kv| kv.trim() == label) {
+                return None;
+            }
+            value.split_whitespace().next()?.parse::<f64>().ok()
+        })
+        .map(|v| v as u64)
+        .sum()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Traffic
+// ---------------------------------------------------------------------------------------------
+
+/// Whether a TCP connection from `ns` to `ip:port` is established within `timeout`.
+pub fn tcp_connect(ns: &Netns, ip: Ipv4Addr, port: u16, timeout: Duration) -> bool {
+    let addr = SocketAddr::from((ip, port));
+    ns.enter(|| TcpStream::connect_timeout(&addr, timeout)).is_ok()
+}
+
+/// Whether `ping -c1` from `ns` to `ip` gets an echo reply within `wait_s` seconds.
+pub fn ping_wait(ns: &Netns, ip: Ipv4Addr, wait_s: u32) -> bool {
+    ns.exec("ping", &["-c1", "-q", "-n", "-W", &wait_s.to_string(), &ip.to_string()]).status.success()
+}
+
+/// Whether one ICMP echo from `ns` to `ip` is answered within 2 s.
+pub fn ping(ns: &Netns, ip: Ipv4Addr) -> bool {
+    ping_wait(ns, ip, 2)
+}
+
+/// How a UDP exchange ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum UdpOutcome {
+    /// The answer's payload.
+    Reply(String),
+    /// An ICMP port unreachable came back (`ECONNREFUSED` on the connected socket).
+    Refused,
+    /// Nothing came back in time.
+    Timeout,
+    /// Some other error.
+    Error(String),
+}
+
+/// Sends `msg` from `ns` (optionally from `src`) to `ip:port` over UDP and waits for one answer.
+pub fn udp_exchange(ns: &Netns, src: Option<Ipv4Addr>, ip: Ipv4Addr, port: u16, msg: &str, timeout: Duration) -> UdpOutcome {
+    let bind = SocketAddr::from((src.unwrap_or(Ipv4Addr::UNSPECIFIED), 0));
+    let sock = match ns.enter(|| UdpSocket::bind(bind)) {
+        Ok(s) => s,
+        Err(e) => return UdpOutcome::Error(format!("bind {bind}: {e}")),
+    };
+    let run = || -> io::Result<String> {
+        sock.connect(SocketAddr::from((ip, port)))?;
+        sock.set_read_timeout(Some(timeout))?;
+        sock.send(msg.as_bytes())?;
+        let mut buf = [0u8; 2048];
+        let n = sock.recv(&mut buf)?;
+        Ok(String::from_utf8_lossy(&buf[..n]).into_owned())
+    };
+    match run() {
+        Ok(s) => UdpOutcome::Reply(s),
+        Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => UdpOutcome::Refused,
+        Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => UdpOutcome::Timeout,
+        Err(e) => UdpOutcome::Error(e.to_string()),
+    }
+}
+
+/// The answer of a [`UdpServer`] to `msg` sent from `ns`, or `None` if none came in `timeout`.
+pub fn udp_roundtrip(ns: &Netns, ip: Ipv4Addr, port: u16, msg: &str, timeout: Duration) -> Option<String> {
+    match udp_exchange(ns, None, ip, port, msg, timeout) {
+        UdpOutcome::Reply(s) => Some(s),
+        _ => None,
+    }
+}
+
+/// Stops and joins a server thread on drop.
+#[derive(Debug)]
+struct Stopper {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Drop for Stopper {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// A TCP server in a namespace that answers every line `msg\n` with `<banner>:msg\n`, on every
+/// connection, until dropped.
+#[derive(Debug)]
+pub struct TcpServer {
+    pub port: u16,
+    accepted: Arc<AtomicU32>,
+    _stopper: Stopper,
+}
+
+impl TcpServer {
+    pub fn start(ns: &Netns, port: u16, banner: &str) -> TcpServer {
+        let addr = SocketAddr::from((Ipv4Addr::UNSPECIFIED, port));
+        let listener = ns
+            .enter(|| TcpListener::bind(addr))
+            .unwrap_or_else(|e| panic!("bind TCP {addr} in {}: {e}", ns.name()));
+        listener.set_nonblocking(true).expect("non-blocking listener");
+        let stop = Arc::new(AtomicBool::new(false));
+        let accepted = Arc::new(AtomicU32::new(0));
+        let banner = banner.to_owned();
+        let thread = {
+            let stop = stop.clone();
+            let accepted = accepted.clone();
+            std::thread::spawn(move || {
+                let mut conns = Vec::new();
+                while !stop.load(Ordering::SeqCst) {
+                    match listener.accept() {
+                        Ok((stream, _)) => {
+                            accepted.fetch_add(1, Ordering::SeqCst);
+                            let stop = stop.clone();
+                            let banner = banner.clone();
+                            conns.push(std::thread::spawn(move || serve_lines(stream, &banner, &stop)));
+                        }
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                            std::thread::sleep(Duration::from_millis(10));
+                        }
+                        Err(_) => std::thread::sleep(Duration::from_millis(10)),
+                    }
+                }
+                for c in conns {
+                    let _ = c.join();
+                }
+            })
+        };
+        TcpServer { port, accepted, _stopper: Stopper { stop, thread: Some(thread) } }
+    }
+
+    /// Connections accepted so far.
+    pub fn accepted(&self) -> u32 {
+        self.accepted.load(Ordering::SeqCst)
+    }
+}
+
+fn serve_lines(mut stream: TcpStream, banner: &str, stop: &AtomicBool) {
+    let _ = stream.set_nonblocking(false);
+    let _ = stream.set_read_timeout(Some(Duration::from_millis(100)));
+    let mut pending = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !stop.load(Ordering::SeqCst) {
+        match stream.read(&mut buf) {
+            Ok(0) => return,
+            Ok(n) => {
+                pending.extend_from_slice(&buf[..n]);
+                while let Some(i) = pending.iter().position(|&b| b == b'\n') {
+                    let line: Vec<u8> = pending.drain(..=i).collect();
+                    let mut answer = format!("{banner}:").into_bytes();
+                    answer.extend_from_slice(&line);
+                    if stream.write_all(&answer).is_err() {
+                        return;
+                    }
+                }
+            }
+            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {}
+            Err(_) => return,
+        }
+    }
+}
+
+/// A UDP server in a namespace that answers every datagram `msg` with `<banner>:msg` and
+/// records the source of each, until dropped.
+#[derive(Debug)]
+pub struct UdpServer {
+    pub port: u16,
+    sources: Arc<Mutex<Vec<SocketAddr>>>,
+    _stopper: Stopper,
+}
+
+/// Starts a [`UdpServer`] (the brief's `udp_echo`).
+pub fn udp_echo(ns: &Netns, port: u16, banner: &str) -> UdpServer {
+    UdpServer::start(ns, port, banner)
+}
+
+impl UdpServer {
+    pub fn start(ns: &Netns, port: u16, banner: &str) -> UdpServer {
+        let addr = SocketAddr::from((Ipv4Addr::UNSPECIFIED, port));
+        let sock = ns.enter(|| UdpSocket::bind(addr)).unwrap_or_else(|e| panic!("bind UDP {addr} in {}: {e}", ns.name()));
+        sock.set_read_timeout(Some(Duration::from_millis(100))).expect("UDP read timeout");
+        let stop = Arc::new(AtomicBool::new(false));
+        let sources = Arc::new(Mutex::new(Vec::new()));
+        let banner = banner.to_owned();
+        let thread = {
+            let stop = stop.clone();
+            let sources = sources.clone();
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 2048];
+                while !stop.load(Ordering::SeqCst) {
+                    if let Ok((n, from)) = sock.recv_from(&mut buf) {
+                        sources.lock().expect("sources lock").push(from);
+                        let mut answer = format!("{banner}:").into_bytes();
+                        answer.extend_from_slice(&buf[..n]);
+                        let _ = sock.send_to(&answer, from);
+                    }
+                }
+            })
+        };
+        UdpServer { port, sources, _stopper: Stopper { stop, thread: Some(thread) } }
+    }
+
+    /// Sources of the datagrams received so far.
+    pub fn sources(&self) -> Vec<SocketAddr> {
+        self.sources.lock().expect("sources lock").clone()
+    }
+}
+
+/// A long-lived TCP connection from a namespace to a [`TcpServer`], exchanging lines on demand.
+#[derive(Debug)]
+pub struct TcpConn {
+    stream: TcpStream,
+    reader: BufReader<TcpStream>,
+}
+
+impl TcpConn {
+    pub fn open(ns: &Netns, ip: Ipv4Addr, port: u16, timeout: Duration) -> io::Result<TcpConn> {
+        let addr = SocketAddr::from((ip, port));
+        let stream = ns.enter(|| TcpStream::connect_timeout(&addr, timeout))?;
+        let reader = BufReader::new(stream.try_clone()?);
+        Ok(TcpConn { stream, reader })
+    }
+
+    /// Sends `msg` as one line and returns the server's answer line (without the newline).
+    pub fn exchange(&mut self, msg: &str, timeout: Duration) -> io::Result<String> {
+        self.stream.set_read_timeout(Some(timeout))?;
+        self.stream.write_all(format!("{msg}\n").as_bytes())?;
+        let mut line = String::new();
+        let n = self.reader.read_line(&mut line)?;
+        if n == 0 {
+            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "connection closed by the server"));
+        }
+        Ok(line.trim_end_matches('\n').to_owned())
+    }
+}
+
+/// One line exchanged over a fresh TCP connection: the server's answer, or `None`.
+pub fn tcp_roundtrip(ns: &Netns, ip: Ipv4Addr, port: u16, msg: &str, timeout: Duration) -> Option<String> {
+    let mut conn = TcpConn::open(ns, ip, port, timeout).ok()?;
+    conn.exchange(msg, timeout).ok()
+}
+
+/// Short timeouts for probes that are expected to fail, long ones for those that must succeed.
+pub const DENIED: Duration = Duration::from_millis(1000);
+pub const ALLOWED: Duration = Duration::from_secs(3);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_content_length_and_chunked_responses() {
+        let raw = b"HTTP/1.1 201 Created\r\nVerse-Revision: 7\r\ncontent-length: 2\r\n\r\n{}";
+        let r = parse_http_response(raw).unwrap();
+        assert_eq!((r.status, r.revision(), r.body.as_str()), (201, Some(7), "{}"));
+        let raw = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n";
+        assert_eq!(parse_http_response(raw).unwrap().body, "abcde");
+    }
+
+    #[test]
+    fn sums_drop_counters_by_reason() {
+        let text = "# HELP verse_drops_total x\nverse_drops_total{reason=\"policy_ingress\"} 3\n\
+                    verse_drops_total{reason=\"spoofed_ip\"} 1\nverse_drops_total{host=\"a\",reason=\"policy_ingress\"} 2\n";
+        assert_eq!(metric_sum(text, "verse_drops_total", "reason=\"policy_ingress\""), 5);
+        assert_eq!(metric_sum(text, "verse_drops_total", "reason=\"no_route\""), 0);
+    }
+
+    #[test]
+    fn names_fit_ifnamsiz() {
+        for _ in 0..100 {
+            assert!(unique_name("abcd").len() <= 15);
+        }
+    }
+}

@@ -1,0 +1,154 @@
+//! Bounds-checked header access. Every read goes through [`ptr_at`], which proves to the verifier
+//! (and to us) that the bytes lie inside the linear part of the skb; [`ensure`] pulls headers that
+//! a sender left in paged fragments into the linear part first, and only when needed, so the
+//! common case (headers already linear) costs one comparison.
+//!
+//! Header structs are byte arrays only (alignment 1): the packet is not aligned for wider loads,
+//! and byte fields keep Rust from assuming an alignment the packet does not have.
+use aya_ebpf::programs::TcContext;
+use core::mem::size_of;
+
+pub const ETH_HLEN: usize = 14;
+pub const ETH_P_IP: u16 = 0x0800;
+pub const ETH_P_ARP: u16 = 0x0806;
+pub const ETH_P_IPV6: u16 = 0x86DD;
+
+pub const IPPROTO_ICMP: u8 = 1;
+pub const IPPROTO_TCP: u8 = 6;
+pub const IPPROTO_UDP: u8 = 17;
+
+/// TCP flag bits (RFC 9293 section 3.1).
+pub const TCP_FIN: u8 = 0x01;
+pub const TCP_RST: u8 = 0x04;
+
+/// ICMP types (RFC 792): echo reply/request, and the errors that quote the datagram they are
+/// about (destination unreachable, time exceeded, parameter problem).
+pub const ICMP_ECHO_REPLY: u8 = 0;
+pub const ICMP_DEST_UNREACH: u8 = 3;
+pub const ICMP_ECHO_REQUEST: u8 = 8;
+pub const ICMP_TIME_EXCEEDED: u8 = 11;
+pub const ICMP_PARAMETER_PROBLEM: u8 = 12;
+
+/// Ethernet II header.
+#[repr(C)]
+pub struct EthHdr {
+    pub dst: [u8; 6],
+    pub src: [u8; 6],
+    pub ethertype: [u8; 2],
+}
+
+/// IPv4 header without options (RFC 791 section 3.1).
+#[repr(C)]
+pub struct Ipv4Hdr {
+    pub version_ihl: u8,
+    pub tos: u8,
+    pub tot_len: [u8; 2],
+    pub id: [u8; 2],
+    pub frag_off: [u8; 2],
+    pub ttl: u8,
+    pub proto: u8,
+    pub check: [u8; 2],
+    pub src: [u8; 4],
+    pub dst: [u8; 4],
+}
+
+/// Fragment offset and "more fragments" bits of `frag_off` (RFC 791).
+pub const IP_MF_OFFSET_MASK: u16 = 0x3FFF;
+
+/// The first 14 bytes of a TCP header: ports, sequence numbers, data offset and flags.
+#[repr(C)]
+pub struct TcpHdr {
+    pub sport: [u8; 2],
+    pub dport: [u8; 2],
+    pub seq: [u8; 4],
+    pub ack: [u8; 4],
+    pub doff_res: u8,
+    pub flags: u8,
+    pub window: [u8; 2],
+    pub check: [u8; 2],
+    pub urg: [u8; 2],
+}
+
+/// UDP header; also the port half of TCP (the first four bytes of both).
+#[repr(C)]
+pub struct UdpHdr {
+    pub sport: [u8; 2],
+    pub dport: [u8; 2],
+    pub len: [u8; 2],
+    pub check: [u8; 2],
+}
+
+/// ICMP header: type, code, checksum and the 4-byte "rest of header" (identifier and sequence
+/// for echo).
+#[repr(C)]
+pub struct IcmpHdr {
+    pub ty: u8,
+    pub code: u8,
+    pub check: [u8; 2],
+    pub id: [u8; 2],
+    pub seq: [u8; 2],
+}
+
+/// ARP for Ethernet/IPv4 (RFC 826).
+#[repr(C)]
+pub struct ArpHdr {
+    pub htype: [u8; 2],
+    pub ptype: [u8; 2],
+    pub hlen: u8,
+    pub plen: u8,
+    pub oper: [u8; 2],
+    pub sha: [u8; 6],
+    pub spa: [u8; 4],
+    pub tha: [u8; 6],
+    pub tpa: [u8; 4],
+}
+
+pub const ARP_HTYPE_ETHERNET: u16 = 1;
+pub const ARP_OP_REQUEST: u16 = 1;
+pub const ARP_OP_REPLY: u16 = 2;
+
+/// A pointer to a `T` at `offset` from the start of the frame, if the linear data holds all of
+/// it. The comparison is written on packet pointers so that the verifier can use it.
+#[inline(always)]
+pub fn ptr_at<T>(ctx: &TcContext, offset: usize) -> Option<*mut T> {
+    let start = ctx.data();
+    let end = ctx.data_end();
+    if start + offset + size_of::<T>() > end {
+        return None;
+    }
+    Some((start + offset) as *mut T)
+}
+
+/// Makes the first `len` bytes of the frame linear. False if the frame is shorter than `len`.
+/// Invalidates earlier packet pointers when it pulls: callers take pointers after it.
+#[inline(always)]
+pub fn ensure(ctx: &TcContext, len: usize) -> bool {
+    if ctx.data() + len <= ctx.data_end() {
+        return true;
+    }
+    if len > ctx.len() as usize {
+        return false;
+    }
+    ctx.pull_data(len as u32).is_ok()
+}
+
+#[inline(always)]
+pub fn be16(b: [u8; 2]) -> u16 {
+    u16::from_be_bytes(b)
+}
+
+/// Compares MACs without `bcmp`, which the BPF target cannot call.
+#[inline(always)]
+pub fn mac_eq(a: &[u8; 6], b: &[u8; 6]) -> bool {
+    let a_hi = u32::from_ne_bytes([a[0], a[1], a[2], a[3]]);
+    let b_hi = u32::from_ne_bytes([b[0], b[1], b[2], b[3]]);
+    let a_lo = u16::from_ne_bytes([a[4], a[5]]);
+    let b_lo = u16::from_ne_bytes([b[4], b[5]]);
+    (a_hi ^ b_hi) | u32::from(a_lo ^ b_lo) == 0
+}
+
+/// Compares IPv4 addresses as one word.
+#[inline(always)]
+pub fn ip_eq(a: &[u8; 4], b: &[u8; 4]) -> bool {
+    u32::from_ne_bytes(*a) == u32::from_ne_bytes(*b)
+}

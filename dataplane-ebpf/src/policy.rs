@@ -1,0 +1,51 @@
+//! Policy lookups (S1, S5): three longest-prefix lookups in `VERSE_POLICY`, one per way a rule
+//! can name the peer — its identity, its CIDR class, or `ANY` (0.0.0.0/0). Any hit allows. The
+//! number of lookups is fixed, whatever the number of rules (see `dataplane_common::PolicyKey`).
+use aya_ebpf::maps::lpm_trie::Key;
+use dataplane_common::{peer, policy_prefix, CidrKey, PolicyKey, CIDR_KEY_VNI_BITS};
+
+use crate::maps::{VERSE_CIDRS, VERSE_POLICY};
+
+/// The CIDR class of `ip` in universe `vni`: the peer value of the longest rule CIDR that
+/// contains it, if any.
+#[inline(always)]
+fn cidr_class(vni: u32, ip: [u8; 4]) -> Option<u32> {
+    let key = Key::new(CIDR_KEY_VNI_BITS + 32, CidrKey { vni: vni.to_be_bytes(), addr: ip });
+    VERSE_CIDRS.get(&key).copied()
+}
+
+/// True if the policy `policy` allows traffic in `direction` with the peer described by
+/// `peer_identity` (when the peer is a known endpoint) and `peer_ip`, for `proto` and `port`
+/// (destination port, or `type << 8 | code` for ICMP, 0 otherwise).
+#[inline(always)]
+pub fn allows(
+    policy: u32,
+    direction: u8,
+    peer_identity: Option<u32>,
+    vni: u32,
+    peer_ip: [u8; 4],
+    proto: u8,
+    port: u16,
+) -> bool {
+    let mut data = PolicyKey {
+        policy: policy.to_be_bytes(),
+        direction,
+        peer: [0; 4],
+        proto,
+        port: port.to_be_bytes(),
+    };
+    if let Some(identity) = peer_identity {
+        data.peer = identity.to_be_bytes();
+        if VERSE_POLICY.get(&Key::new(policy_prefix::FULL, data)).is_some() {
+            return true;
+        }
+    }
+    if let Some(class) = cidr_class(vni, peer_ip) {
+        data.peer = class.to_be_bytes();
+        if VERSE_POLICY.get(&Key::new(policy_prefix::FULL, data)).is_some() {
+            return true;
+        }
+    }
+    data.peer = peer::ANY.to_be_bytes();
+    VERSE_POLICY.get(&Key::new(policy_prefix::FULL, data)).is_some()
+}

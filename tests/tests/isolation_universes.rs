@@ -1,0 +1,76 @@
+//! Universes are isolated (no packet crosses from one to another), even with identical CIDRs and
+//! identical endpoint addresses on one host.
+use std::net::Ipv4Addr;
+use std::time::Duration;
+
+use tests::*;
+
+fn id(v: &Value) -> &str {
+    v["id"].as_str().expect("resource has an id")
+}
+
+/// Two universes with the same CIDR, each with a client at .10 and a server at .20: every
+/// client reaches its own universe's server (the answers carry the universe's name), never the
+/// other's, by TCP, UDP and ping.
+#[test]
+fn identical_addresses_in_two_universes_reach_only_their_own_peer() {
+    let host = Host::start();
+    let api = &host.api;
+    let red = api.create_universe("red", "10.40.0.0/24");
+    let blue = api.create_universe("blue", "10.40.0.0/24");
+    assert_ne!(red["vni"], blue["vni"], "each universe has its own VNI");
+    let red_c = host.endpoint(id(&red), "10.40.0.10", &[]);
+    let red_s = host.endpoint(id(&red), "10.40.0.20", &[]);
+    let blue_c = host.endpoint(id(&blue), "10.40.0.10", &[]);
+    let blue_s = host.endpoint(id(&blue), "10.40.0.20", &[]);
+    let _t_red = TcpServer::start(&red_s.ns, 7000, "red");
+    let _t_blue = TcpServer::start(&blue_s.ns, 7000, "blue");
+    let u_red = UdpServer::start(&red_s.ns, 7001, "red");
+    let u_blue = UdpServer::start(&blue_s.ns, 7001, "blue");
+    let server_ip: Ipv4Addr = "10.40.0.20".parse().unwrap();
+
+    for _ in 0..3 {
+        assert_eq!(tcp_roundtrip(&red_c.ns, server_ip, 7000, "hi", ALLOWED).as_deref(), Some("red:hi"));
+        assert_eq!(tcp_roundtrip(&blue_c.ns, server_ip, 7000, "hi", ALLOWED).as_deref(), Some("blue:hi"));
+        assert_eq!(udp_roundtrip(&red_c.ns, server_ip, 7001, "hi", ALLOWED).as_deref(), Some("red:hi"));
+        assert_eq!(udp_roundtrip(&blue_c.ns, server_ip, 7001, "hi", ALLOWED).as_deref(), Some("blue:hi"));
+    }
+    assert!(ping(&red_c.ns, server_ip));
+    assert!(ping(&blue_c.ns, server_ip));
+    assert_eq!(u_red.sources().len(), 3, "red's server saw only red's three datagrams");
+    assert_eq!(u_blue.sources().len(), 3, "blue's server saw only blue's three datagrams");
+}
+
+/// A port open only in the other universe is not reachable, and an address that exists only in
+/// the other universe has no route (`no_route` counted).
+#[test]
+fn services_and_addresses_of_another_universe_are_unreachable() {
+    let host = Host::start();
+    let api = &host.api;
+    let red = api.create_universe("red", "10.41.0.0/24");
+    let blue = api.create_universe("blue", "10.41.0.0/24");
+    let red_c = host.endpoint(id(&red), "10.41.0.10", &[]);
+    let _red_s = host.endpoint(id(&red), "10.41.0.20", &[]);
+    let blue_s = host.endpoint(id(&blue), "10.41.0.20", &[]);
+    let blue_only = host.endpoint(id(&blue), "10.41.0.30", &[]);
+    let listener = TcpServer::start(&blue_s.ns, 7002, "blue");
+    let _l2 = TcpServer::start(&blue_only.ns, 7002, "blue");
+    let blue_udp = UdpServer::start(&blue_only.ns, 7003, "blue");
+    let blue_c = host.endpoint(id(&blue), "10.41.0.10", &[]);
+    assert!(tcp_connect(&blue_c.ns, blue_s.ip, 7002, ALLOWED), "blue's own client reaches the port");
+
+    let accepted = listener.accepted();
+    assert!(!tcp_connect(&red_c.ns, blue_s.ip, 7002, DENIED), "red must not reach a port open only in blue");
+    assert_eq!(listener.accepted(), accepted, "blue's listener accepted nothing from red");
+
+    let before = drops(api, "no_route");
+    assert!(!ping(&red_c.ns, blue_only.ip), "10.41.0.30 exists only in blue");
+    assert!(!tcp_connect(&red_c.ns, blue_only.ip, 7002, DENIED), "10.41.0.30 exists only in blue");
+    assert_eq!(udp_roundtrip(&red_c.ns, blue_only.ip, 7003, "x", DENIED), None);
+    assert!(blue_udp.sources().is_empty(), "blue's UDP server received nothing from red");
+    assert!(
+        wait_until(Duration::from_secs(2), || drops(api, "no_route") >= before + 3),
+        "verse_drops_total{{reason=\"no_route\"}} moved from {before} to {}",
+        drops(api, "no_route")
+    );
+}

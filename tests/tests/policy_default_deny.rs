@@ -1,0 +1,82 @@
+//! Default deny (S2) and the `default` group (S3), seen from the workloads.
+use std::time::Duration;
+
+use tests::*;
+
+fn id(v: &Value) -> &str {
+    v["id"].as_str().expect("resource has an id")
+}
+
+/// S2: a new group has no ingress rules, so members of one new group cannot reach each other by
+/// ping, TCP or UDP, and every refused packet is counted as `policy_ingress`. A rule then opens
+/// the same flows, which proves the plumbing was never the reason.
+#[test]
+fn new_group_denies_ping_tcp_and_udp_between_its_members_until_a_rule_allows_them() {
+    let host = Host::start();
+    let api = &host.api;
+    let uni = api.create_universe("deny", "10.10.0.0/24");
+    let web = api.create_group(id(&uni), "web");
+    let a = host.endpoint(id(&uni), "10.10.0.10", &[id(&web)]);
+    let b = host.endpoint(id(&uni), "10.10.0.20", &[id(&web)]);
+    let _tcp = TcpServer::start(&b.ns, 8080, "b");
+    let _udp = UdpServer::start(&b.ns, 9090, "b");
+
+    let before = drops(api, "policy_ingress");
+    assert!(!ping(&a.ns, b.ip), "S2: ping between members of a new group must be refused");
+    assert!(!tcp_connect(&a.ns, b.ip, 8080, DENIED), "S2: TCP between members of a new group must be refused");
+    assert_eq!(udp_roundtrip(&a.ns, b.ip, 9090, "hello", DENIED), None, "S2: UDP must be refused");
+    assert!(
+        wait_until(Duration::from_secs(2), || drops(api, "policy_ingress") >= before + 3),
+        "verse_drops_total{{reason=\"policy_ingress\"}} moved from {before} to {}, expected +3 at least",
+        drops(api, "policy_ingress")
+    );
+
+    api.add_rule(id(&web), &json!({"direction": "ingress", "protocol": "all", "group": id(&web)}));
+    assert!(ping(&a.ns, b.ip), "an ingress rule for all protocols from the group must admit ping");
+    assert_eq!(tcp_roundtrip(&a.ns, b.ip, 8080, "x", ALLOWED).as_deref(), Some("b:x"));
+    assert_eq!(udp_roundtrip(&a.ns, b.ip, 9090, "y", ALLOWED).as_deref(), Some("b:y"));
+}
+
+/// S3: an endpoint created without groups is in `default`, whose members reach each other with
+/// every protocol, both ways.
+#[test]
+fn default_group_lets_its_members_reach_each_other() {
+    let host = Host::start();
+    let api = &host.api;
+    let uni = api.create_universe("dflt", "10.11.0.0/24");
+    let default = api.default_group(id(&uni));
+    let a = host.endpoint(id(&uni), "10.11.0.10", &[]);
+    let b = host.endpoint(id(&uni), "10.11.0.20", &[]);
+    assert_eq!(a.json["security_groups"], json!([id(&default)]), "S3: no groups given means default");
+
+    let _tcp_a = TcpServer::start(&a.ns, 8080, "a");
+    let _tcp_b = TcpServer::start(&b.ns, 8080, "b");
+    let _udp_b = UdpServer::start(&b.ns, 9090, "b");
+    assert!(ping(&a.ns, b.ip), "S3: default members ping each other");
+    assert!(ping(&b.ns, a.ip), "S3: default members ping each other (other way)");
+    assert_eq!(tcp_roundtrip(&a.ns, b.ip, 8080, "m", ALLOWED).as_deref(), Some("b:m"));
+    assert_eq!(tcp_roundtrip(&b.ns, a.ip, 8080, "n", ALLOWED).as_deref(), Some("a:n"));
+    assert_eq!(udp_roundtrip(&a.ns, b.ip, 9090, "u", ALLOWED).as_deref(), Some("b:u"));
+}
+
+/// S3: `default` admits its own members only; a member of another group (whose egress allows
+/// everything, S2) is refused at the receiver's ingress.
+#[test]
+fn default_group_refuses_endpoints_outside_it() {
+    let host = Host::start();
+    let api = &host.api;
+    let uni = api.create_universe("dout", "10.12.0.0/24");
+    let other = api.create_group(id(&uni), "other");
+    let inside = host.endpoint(id(&uni), "10.12.0.10", &[]);
+    let outside = host.endpoint(id(&uni), "10.12.0.20", &[id(&other)]);
+    let _tcp = TcpServer::start(&inside.ns, 8080, "in");
+
+    let before = drops(api, "policy_ingress");
+    assert!(!tcp_connect(&outside.ns, inside.ip, 8080, DENIED), "S3: default admits only its members");
+    assert!(!ping(&outside.ns, inside.ip), "S3: default admits only its members (ping)");
+    assert!(wait_until(Duration::from_secs(2), || drops(api, "policy_ingress") > before));
+
+    // The same workload, once a member of default, is admitted (S5).
+    api.set_groups(&outside.id, &[id(&other), id(&api.default_group(id(&uni)))]);
+    assert!(tcp_connect(&outside.ns, inside.ip, 8080, ALLOWED), "a member of default is admitted");
+}

@@ -1,0 +1,186 @@
+//! What each kind of rule admits (S1, S4, S6), seen from the workloads.
+use std::time::Duration;
+
+use tests::*;
+
+fn id(v: &Value) -> &str {
+    v["id"].as_str().expect("resource has an id")
+}
+
+/// S4: a CIDR peer admits sources inside the CIDR and only those; the CIDR is stored canonical.
+#[test]
+fn cidr_rule_admits_sources_inside_the_cidr_only() {
+    let host = Host::start();
+    let api = &host.api;
+    let uni = api.create_universe("cidr", "10.20.0.0/16");
+    let srv = api.create_group(id(&uni), "srv");
+    let rule = api.add_rule(
+        id(&srv),
+        &json!({"direction": "ingress", "protocol": "tcp", "from_port": 7000, "to_port": 7000, "cidr": "10.20.1.77/24"}),
+    );
+    assert_eq!(rule["cidr"], "10.20.1.0/24", "S4: CIDRs are stored canonical");
+    let server = host.endpoint(id(&uni), "10.20.0.10", &[id(&srv)]);
+    let inside = host.endpoint(id(&uni), "10.20.1.10", &[]);
+    let outside = host.endpoint(id(&uni), "10.20.2.10", &[]);
+    let _tcp = TcpServer::start(&server.ns, 7000, "srv");
+
+    assert_eq!(tcp_roundtrip(&inside.ns, server.ip, 7000, "in", ALLOWED).as_deref(), Some("srv:in"));
+    let before = drops(api, "policy_ingress");
+    assert!(!tcp_connect(&outside.ns, server.ip, 7000, DENIED), "a source outside 10.20.1.0/24 must be refused");
+    assert!(wait_until(Duration::from_secs(2), || drops(api, "policy_ingress") > before));
+}
+
+/// S5: a group peer admits the members of that group and nobody else.
+#[test]
+fn group_rule_admits_members_of_the_peer_group_only() {
+    let host = Host::start();
+    let api = &host.api;
+    let uni = api.create_universe("grp", "10.21.0.0/24");
+    let srv = api.create_group(id(&uni), "srv");
+    let cli = api.create_group(id(&uni), "cli");
+    api.add_rule(
+        id(&srv),
+        &json!({"direction": "ingress", "protocol": "tcp", "from_port": 7000, "to_port": 7000, "group": id(&cli)}),
+    );
+    let server = host.endpoint(id(&uni), "10.21.0.10", &[id(&srv)]);
+    let member = host.endpoint(id(&uni), "10.21.0.20", &[id(&cli)]);
+    let stranger = host.endpoint(id(&uni), "10.21.0.30", &[]);
+    let _tcp = TcpServer::start(&server.ns, 7000, "srv");
+
+    assert!(tcp_connect(&member.ns, server.ip, 7000, ALLOWED), "a member of the peer group is admitted");
+    assert!(!tcp_connect(&stranger.ns, server.ip, 7000, DENIED), "a non-member is refused");
+    assert!(!ping(&member.ns, server.ip), "the rule admits TCP 7000 only, not ping");
+}
+
+/// S4: a port range is inclusive at both ends and admits nothing just outside it, for TCP and
+/// for UDP.
+#[test]
+fn port_range_admits_ports_inside_and_refuses_ports_just_outside() {
+    let host = Host::start();
+    let api = &host.api;
+    let uni = api.create_universe("ports", "10.22.0.0/24");
+    let srv = api.create_group(id(&uni), "srv");
+    api.add_rule(id(&srv), &json!({"direction": "ingress", "protocol": "tcp", "from_port": 8000, "to_port": 8010, "cidr": "0.0.0.0/0"}));
+    api.add_rule(id(&srv), &json!({"direction": "ingress", "protocol": "udp", "from_port": 9001, "to_port": 9003, "cidr": "10.22.0.0/24"}));
+    let server = host.endpoint(id(&uni), "10.22.0.10", &[id(&srv)]);
+    let client = host.endpoint(id(&uni), "10.22.0.20", &[]);
+    let tcp_ports = [7999u16, 8000, 8005, 8010, 8011];
+    let udp_ports = [9000u16, 9001, 9003, 9004];
+    let _tcp: Vec<_> = tcp_ports.iter().map(|&p| TcpServer::start(&server.ns, p, "t")).collect();
+    let _udp: Vec<_> = udp_ports.iter().map(|&p| UdpServer::start(&server.ns, p, "u")).collect();
+
+    for port in [8000, 8005, 8010] {
+        assert!(tcp_connect(&client.ns, server.ip, port, ALLOWED), "TCP {port} is inside 8000-8010");
+    }
+    for port in [7999, 8011] {
+        assert!(!tcp_connect(&client.ns, server.ip, port, DENIED), "TCP {port} is just outside 8000-8010");
+    }
+    for port in [9001, 9003] {
+        assert_eq!(udp_roundtrip(&client.ns, server.ip, port, "p", ALLOWED).as_deref(), Some("u:p"), "UDP {port}");
+    }
+    for port in [9000, 9004] {
+        assert_eq!(udp_roundtrip(&client.ns, server.ip, port, "p", DENIED), None, "UDP {port} is outside 9001-9003");
+    }
+}
+
+/// S4: protocol `all` admits TCP, UDP and ICMP from its peer.
+#[test]
+fn protocol_all_admits_tcp_udp_and_icmp() {
+    let host = Host::start();
+    let api = &host.api;
+    let uni = api.create_universe("all", "10.23.0.0/24");
+    let srv = api.create_group(id(&uni), "srv");
+    let cli = api.create_group(id(&uni), "cli");
+    let server = host.endpoint(id(&uni), "10.23.0.10", &[id(&srv)]);
+    let client = host.endpoint(id(&uni), "10.23.0.20", &[id(&cli)]);
+    let _tcp = TcpServer::start(&server.ns, 4242, "s");
+    let _udp = UdpServer::start(&server.ns, 5353, "s");
+    assert!(!ping(&client.ns, server.ip), "no rule yet");
+
+    api.add_rule(id(&srv), &json!({"direction": "ingress", "protocol": "all", "group": id(&cli)}));
+    assert!(ping(&client.ns, server.ip), "protocol all admits ICMP");
+    assert_eq!(tcp_roundtrip(&client.ns, server.ip, 4242, "t", ALLOWED).as_deref(), Some("s:t"));
+    assert_eq!(udp_roundtrip(&client.ns, server.ip, 5353, "u", ALLOWED).as_deref(), Some("s:u"));
+}
+
+/// S4: an ICMP rule admits the ICMP type it names (echo request, 8) and not another (timestamp,
+/// 13), and admits no TCP.
+#[test]
+fn icmp_type_rule_admits_the_named_type_only() {
+    let host = Host::start();
+    let api = &host.api;
+    let uni = api.create_universe("icmp", "10.24.0.0/24");
+    let echo = api.create_group(id(&uni), "echo");
+    let stamp = api.create_group(id(&uni), "stamp");
+    let exact = api.create_group(id(&uni), "exact");
+    let all = json!("0.0.0.0/0");
+    api.add_rule(id(&echo), &json!({"direction": "ingress", "protocol": "icmp", "icmp_type": 8, "icmp_code": -1, "cidr": all}));
+    api.add_rule(id(&stamp), &json!({"direction": "ingress", "protocol": "icmp", "icmp_type": 13, "icmp_code": -1, "cidr": all}));
+    api.add_rule(id(&exact), &json!({"direction": "ingress", "protocol": "icmp", "icmp_type": 8, "icmp_code": 0, "cidr": all}));
+    let s_echo = host.endpoint(id(&uni), "10.24.0.10", &[id(&echo)]);
+    let s_stamp = host.endpoint(id(&uni), "10.24.0.11", &[id(&stamp)]);
+    let s_exact = host.endpoint(id(&uni), "10.24.0.12", &[id(&exact)]);
+    let client = host.endpoint(id(&uni), "10.24.0.20", &[]);
+    let _tcp = TcpServer::start(&s_echo.ns, 7000, "s");
+
+    assert!(ping(&client.ns, s_echo.ip), "icmp type 8 code any admits echo requests");
+    assert!(ping(&client.ns, s_exact.ip), "icmp type 8 code 0 admits echo requests");
+    assert!(!ping(&client.ns, s_stamp.ip), "icmp type 13 does not admit echo requests");
+    assert!(!tcp_connect(&client.ns, s_echo.ip, 7000, DENIED), "an ICMP rule admits no TCP");
+}
+
+/// S6: replies of an allowed flow pass although the server has no egress rule at all and the
+/// client no ingress rule; a flow in the other direction is still refused.
+#[test]
+fn replies_of_allowed_flows_pass_whatever_the_other_sides_rules() {
+    let host = Host::start();
+    let api = &host.api;
+    let uni = api.create_universe("reply", "10.25.0.0/24");
+    let srv = api.create_group(id(&uni), "srv");
+    let cli = api.create_group(id(&uni), "cli");
+    api.add_rule(id(&srv), &json!({"direction": "ingress", "protocol": "all", "group": id(&cli)}));
+    api.clear_egress(id(&srv));
+    assert_eq!(api.group(id(&srv))["egress"], json!([]), "the server's group has no egress rule left");
+    let server = host.endpoint(id(&uni), "10.25.0.10", &[id(&srv)]);
+    let client = host.endpoint(id(&uni), "10.25.0.20", &[id(&cli)]);
+    let _tcp_s = TcpServer::start(&server.ns, 7000, "s");
+    let _udp_s = UdpServer::start(&server.ns, 7001, "s");
+    let _tcp_c = TcpServer::start(&client.ns, 7000, "c");
+
+    assert!(ping(&client.ns, server.ip), "S6: the echo reply passes");
+    assert_eq!(tcp_roundtrip(&client.ns, server.ip, 7000, "q", ALLOWED).as_deref(), Some("s:q"), "S6: TCP replies pass");
+    assert_eq!(udp_roundtrip(&client.ns, server.ip, 7001, "q", ALLOWED).as_deref(), Some("s:q"), "S6: UDP replies pass");
+
+    let before = drops(api, "policy_egress") + drops(api, "policy_ingress");
+    assert!(!tcp_connect(&server.ns, client.ip, 7000, DENIED), "a new flow from the server is refused");
+    assert!(!ping(&server.ns, client.ip), "a new ping from the server is refused");
+    assert!(wait_until(Duration::from_secs(2), || drops(api, "policy_egress") + drops(api, "policy_ingress") > before));
+}
+
+/// S6: the ICMP port unreachable that answers an allowed UDP datagram to a closed port reaches
+/// the client (its socket sees ECONNREFUSED), though the client has no ingress rule and the
+/// server no egress rule; a datagram the rules refuse gets no answer at all.
+#[test]
+fn icmp_error_related_to_an_allowed_flow_reaches_the_client() {
+    let host = Host::start();
+    let api = &host.api;
+    let uni = api.create_universe("related", "10.26.0.0/24");
+    let srv = api.create_group(id(&uni), "srv");
+    let cli = api.create_group(id(&uni), "cli");
+    api.add_rule(id(&srv), &json!({"direction": "ingress", "protocol": "udp", "from_port": 9000, "to_port": 9000, "group": id(&cli)}));
+    api.clear_egress(id(&srv));
+    let server = host.endpoint(id(&uni), "10.26.0.10", &[id(&srv)]);
+    let client = host.endpoint(id(&uni), "10.26.0.20", &[id(&cli)]);
+
+    // Nothing listens on 9000: the server's kernel answers with ICMP port unreachable.
+    assert_eq!(
+        udp_exchange(&client.ns, None, server.ip, 9000, "knock", ALLOWED),
+        UdpOutcome::Refused,
+        "S6: the port unreachable of an allowed flow must reach the client"
+    );
+    assert_eq!(
+        udp_exchange(&client.ns, None, server.ip, 9001, "knock", DENIED),
+        UdpOutcome::Timeout,
+        "a datagram the rules refuse is dropped silently"
+    );
+}

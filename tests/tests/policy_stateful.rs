@@ -1,0 +1,74 @@
+//! Connection tracking across rule edits (S8) and membership changes (S5).
+use tests::*;
+
+fn id(v: &Value) -> &str {
+    v["id"].as_str().expect("resource has an id")
+}
+
+/// S8: deleting the rule that admitted a TCP connection leaves the connection working; a new
+/// connection of the same kind is refused at once.
+#[test]
+fn deleting_a_rule_keeps_its_established_connection_and_refuses_new_ones() {
+    let host = Host::start();
+    let api = &host.api;
+    let uni = api.create_universe("s8", "10.30.0.0/24");
+    let srv = api.create_group(id(&uni), "srv");
+    let rule = api.add_rule(
+        id(&srv),
+        &json!({"direction": "ingress", "protocol": "tcp", "from_port": 7000, "to_port": 7000, "cidr": "10.30.0.0/24"}),
+    );
+    let server = host.endpoint(id(&uni), "10.30.0.10", &[id(&srv)]);
+    let client = host.endpoint(id(&uni), "10.30.0.20", &[]);
+    let _tcp = TcpServer::start(&server.ns, 7000, "s");
+
+    let mut conn = TcpConn::open(&client.ns, server.ip, 7000, ALLOWED).expect("the rule admits the connection");
+    assert_eq!(conn.exchange("before", ALLOWED).expect("exchange before the edit"), "s:before");
+
+    api.delete_rule(id(&srv), id(&rule));
+    for i in 0..5 {
+        let msg = format!("after-{i}");
+        assert_eq!(
+            conn.exchange(&msg, ALLOWED).unwrap_or_else(|e| panic!("S8: the tracked connection was cut: {e}")),
+            format!("s:{msg}")
+        );
+    }
+    assert!(!tcp_connect(&client.ns, server.ip, 7000, DENIED), "S8: a new connection is judged by the new rules");
+    assert_eq!(conn.exchange("last", ALLOWED).expect("still alive after the refused attempt"), "s:last");
+}
+
+/// S5: joining the peer group of a rule admits an endpoint, leaving it refuses new flows, and an
+/// endpoint created later in the group is admitted, all with no edit of the rules.
+#[test]
+fn joining_and_leaving_a_group_changes_what_is_admitted_without_a_rule_edit() {
+    let host = Host::start();
+    let api = &host.api;
+    let uni = api.create_universe("s5", "10.31.0.0/24");
+    let srv = api.create_group(id(&uni), "srv");
+    let cli = api.create_group(id(&uni), "cli");
+    let other = api.create_group(id(&uni), "other");
+    api.add_rule(
+        id(&srv),
+        &json!({"direction": "ingress", "protocol": "tcp", "from_port": 7000, "to_port": 7000, "group": id(&cli)}),
+    );
+    let rules_before = api.group(id(&srv));
+    let server = host.endpoint(id(&uni), "10.31.0.10", &[id(&srv)]);
+    let client = host.endpoint(id(&uni), "10.31.0.20", &[id(&other)]);
+    let _tcp = TcpServer::start(&server.ns, 7000, "s");
+
+    assert!(!tcp_connect(&client.ns, server.ip, 7000, DENIED), "not yet a member of cli");
+    let patched = api.set_groups(&client.id, &[id(&other), id(&cli)]);
+    let mut got: Vec<&str> = patched["security_groups"].as_array().unwrap().iter().map(|g| g.as_str().unwrap()).collect();
+    got.sort_unstable();
+    let mut want = vec![id(&other), id(&cli)];
+    want.sort_unstable();
+    assert_eq!(got, want, "PATCH answers with the new groups");
+    assert!(tcp_connect(&client.ns, server.ip, 7000, ALLOWED), "S5: joining cli admits the client");
+
+    let late = host.endpoint(id(&uni), "10.31.0.30", &[id(&cli)]);
+    assert!(tcp_connect(&late.ns, server.ip, 7000, ALLOWED), "S5: a new member of cli is admitted");
+
+    api.set_groups(&client.id, &[id(&other)]);
+    assert!(!tcp_connect(&client.ns, server.ip, 7000, DENIED), "S5: leaving cli refuses new connections");
+    assert!(tcp_connect(&late.ns, server.ip, 7000, ALLOWED), "the other member is still admitted");
+    assert_eq!(api.group(id(&srv)), rules_before, "no rule of the server's group was edited");
+}

@@ -1,0 +1,83 @@
+//! Installs what building and running Verse needs on a fresh Debian machine, and nothing twice.
+//!
+//! The eBPF crate is compiled by Debian's `rustc-web` (rustc 1.96 with LLVM 22) whose sysroot
+//! carries a prebuilt `core` for `bpfel-unknown-none` (`libstd-rust-web-dev-bpf`): the machine's
+//! stable rustup toolchain has no such `core` and nightly `-Z build-std` is not available.
+//! bpf-linker 0.13.0 is built from crates.io against Debian's LLVM 22.
+use std::process::Command;
+
+use anyhow::{bail, Context, Result};
+
+/// Debian packages: the eBPF compiler and LLVM for bpf-linker, then the tools the daemon, the
+/// tests, the demo and the benchmarks run.
+const PACKAGES: &[&str] = &[
+    "rustc-web",
+    "libstd-rust-web-dev-bpf",
+    "llvm-22-dev",
+    "libpolly-22-dev",
+    "zlib1g-dev",
+    "libzstd-dev",
+    "iproute2",
+    "iputils-ping",
+    "iperf3",
+    "nftables",
+    "iptables",
+    "tcpdump",
+    "bpftool",
+    "xdp-tools",
+    "curl",
+];
+
+const BPF_LINKER_VERSION: &str = "0.13.0";
+
+pub fn run() -> Result<()> {
+    install_packages()?;
+    install_bpf_linker()?;
+    Ok(())
+}
+
+fn installed(pkg: &str) -> bool {
+    Command::new("dpkg-query")
+        .args(["-W", "-f=${Status}", pkg])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
+        .unwrap_or(false)
+}
+
+fn install_packages() -> Result<()> {
+    let missing: Vec<&str> = PACKAGES.iter().copied().filter(|p| !installed(p)).collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    eprintln!("xtask setup: installing Debian packages: {}", missing.join(" "));
+    crate::run(Command::new("apt-get").args(["update", "-q"]))?;
+    crate::run(
+        Command::new("apt-get")
+            .args(["install", "-y", "-q", "--no-install-recommends"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+    )
+}
+
+fn install_bpf_linker() -> Result<()> {
+    let current = Command::new("bpf-linker").arg("--version").output();
+    if let Ok(out) = current {
+        if String::from_utf8_lossy(&out.stdout).contains(BPF_LINKER_VERSION) {
+            return Ok(());
+        }
+    }
+    eprintln!("xtask setup: building bpf-linker {BPF_LINKER_VERSION} against LLVM 22");
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    crate::run(
+        Command::new(cargo)
+            .args(["install", "--no-default-features", "--features", "llvm-22"])
+            .arg(format!("bpf-linker@{BPF_LINKER_VERSION}"))
+            .env("LLVM_PREFIX", "/usr/lib/llvm-22"),
+    )
+    .context("cargo install bpf-linker")?;
+    let out = Command::new("bpf-linker").arg("--version").output();
+    match out {
+        Ok(o) if o.status.success() => Ok(()),
+        _ => bail!("bpf-linker was installed but is not on PATH (add ~/.cargo/bin to PATH)"),
+    }
+}
