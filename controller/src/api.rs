@@ -177,10 +177,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/security-groups/{id}/rules", post(add_rule))
         .route("/v1/security-groups/{id}/rules/{rule_id}", delete(delete_rule))
         .route("/v1/endpoints", post(create_endpoint).get(list_endpoints))
-        .route(
-            "/v1/endpoints/{id}",
-            get(get_endpoint).patch(patch_endpoint).delete(delete_endpoint),
-        )
+        .route("/v1/endpoints/{id}", get(get_endpoint).patch(patch_endpoint).delete(delete_endpoint))
         .route("/v1/hosts", get(list_hosts))
         .fallback(no_route)
         .method_not_allowed_fallback(method_not_allowed)
@@ -189,26 +186,30 @@ pub fn router(state: AppState) -> Router {
 
 // ---- Helpers ----
 
-/// Parses a request body as `T`, naming the field at fault on any error.
+/// Parses a request body as `T`, naming the field at fault on any error. The body must be a
+/// JSON object: it is parsed as a document first, because serde would otherwise also accept a
+/// struct written as an array, whose errors could not name fields.
 fn parse_body<T: DeserializeOwned>(body: Result<Bytes, BytesRejection>) -> Result<T, ApiError> {
     let body = body.map_err(|e| ApiError::invalid("body", e.body_text()))?;
-    let mut de = serde_json::Deserializer::from_slice(&body);
-    let value: T = serde_path_to_error::deserialize(&mut de).map_err(|e| {
+    let doc: serde_json::Value = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::invalid("body", format!("malformed JSON: {}", strip_position(&e))))?;
+    if !doc.is_object() {
+        return Err(ApiError::invalid("body", "expected a JSON object"));
+    }
+    serde_path_to_error::deserialize(doc).map_err(|e| {
         let path = e.path().to_string();
         let inner = e.into_inner();
-        let field = if inner.is_syntax() || inner.is_eof() {
-            "body".to_owned()
-        } else if path != "." {
+        let field = if path != "." {
             path
         } else {
             // Missing and unknown fields are reported at their parent; their name is the
             // first `quoted` word of serde's message ("missing field `name`").
-            backticked(&inner.to_string()).unwrap_or_else(|| "body".to_owned())
+            let msg = inner.to_string();
+            let named = msg.starts_with("missing field `") || msg.starts_with("unknown field `");
+            named.then(|| backticked(&msg)).flatten().unwrap_or_else(|| "body".to_owned())
         };
         ApiError::invalid(&field, strip_position(&inner))
-    })?;
-    de.end().map_err(|e| ApiError::invalid("body", strip_position(&e)))?;
-    Ok(value)
+    })
 }
 
 /// serde_json's message without its " at line L column C" suffix, which says nothing to an API
@@ -228,12 +229,18 @@ fn backticked(s: &str) -> Option<String> {
 }
 
 /// Validates query parameters against the allowed names; returns them as a map.
-fn query(q: Result<Query<Vec<(String, String)>>, QueryRejection>, allowed: &[&str]) -> Result<BTreeMap<String, String>, ApiError> {
+fn query(
+    q: Result<Query<Vec<(String, String)>>, QueryRejection>,
+    allowed: &[&str],
+) -> Result<BTreeMap<String, String>, ApiError> {
     let Query(pairs) = q.map_err(|e| ApiError::invalid("query", e.body_text()))?;
     let mut out = BTreeMap::new();
     for (k, v) in pairs {
         if !allowed.contains(&k.as_str()) {
-            return Err(ApiError::invalid(&k, format!("unknown query parameter (expected one of: {})", allowed.join(", "))));
+            return Err(ApiError::invalid(
+                &k,
+                format!("unknown query parameter (expected one of: {})", allowed.join(", ")),
+            ));
         }
         if out.insert(k.clone(), v).is_some() {
             return Err(ApiError::invalid(&k, "query parameter given more than once"));
@@ -252,7 +259,12 @@ fn json_ok<T: Serialize>(value: &T) -> Response {
 
 /// Commits an edit, waits until this host has realized it, and answers `status` with the
 /// revision header and `view(result)` as the body (none for 204).
-async fn mutate<T, F, V>(st: &AppState, status: StatusCode, f: F, view: impl FnOnce(T) -> Option<V>) -> ApiResult
+async fn mutate<T, F, V>(
+    st: &AppState,
+    status: StatusCode,
+    f: F,
+    view: impl FnOnce(T) -> Option<V>,
+) -> ApiResult
 where
     F: FnOnce(&mut State) -> model::Result<T> + Send,
     T: Send + 'static,
@@ -271,12 +283,13 @@ where
 /// Waits (bounded) until the local reconciler has realized `revision`.
 async fn wait_realized(st: &AppState, revision: u64) {
     let mut rx = st.realized.clone();
-    let outcome = tokio::time::timeout(REALIZE_TIMEOUT, rx.wait_for(|r| *r >= revision))
-        .await
-        .map(|r| r.map(|_| ()));
+    let outcome =
+        tokio::time::timeout(REALIZE_TIMEOUT, rx.wait_for(|r| *r >= revision)).await.map(|r| r.map(|_| ()));
     match outcome {
         Ok(Ok(())) => {}
-        Ok(Err(_)) => tracing::warn!(revision, "the reconciler is gone; returning before the edit is realized"),
+        Ok(Err(_)) => {
+            tracing::warn!(revision, "the reconciler is gone; returning before the edit is realized")
+        }
         Err(_) => tracing::warn!(
             revision,
             realized = *st.realized.borrow(),
@@ -329,14 +342,20 @@ async fn list_universes(AxState(st): AxState<AppState>) -> ApiResult {
     Ok(json_ok(&snap.universes.values().collect::<Vec<_>>()))
 }
 
-async fn get_universe(AxState(st): AxState<AppState>, id: Result<UrlPath<String>, PathRejection>) -> ApiResult {
+async fn get_universe(
+    AxState(st): AxState<AppState>,
+    id: Result<UrlPath<String>, PathRejection>,
+) -> ApiResult {
     let id = path(id)?;
     let snap = st.store.snapshot();
     let u = snap.universes.get(&id).ok_or_else(|| model::Error::not_found("universe", &id))?;
     Ok(json_ok(u))
 }
 
-async fn delete_universe(AxState(st): AxState<AppState>, id: Result<UrlPath<String>, PathRejection>) -> ApiResult {
+async fn delete_universe(
+    AxState(st): AxState<AppState>,
+    id: Result<UrlPath<String>, PathRejection>,
+) -> ApiResult {
     let id = path(id)?;
     mutate(&st, StatusCode::NO_CONTENT, move |s| s.delete_universe(&id), |()| None::<()>).await
 }
@@ -352,11 +371,8 @@ async fn list_groups(
 ) -> ApiResult {
     let q = query(q, &["universe"])?;
     let snap = st.store.snapshot();
-    let groups: Vec<_> = snap
-        .groups
-        .values()
-        .filter(|g| q.get("universe").is_none_or(|u| &g.universe == u))
-        .collect();
+    let groups: Vec<_> =
+        snap.groups.values().filter(|g| q.get("universe").is_none_or(|u| &g.universe == u)).collect();
     Ok(json_ok(&groups))
 }
 
@@ -367,7 +383,10 @@ async fn get_group(AxState(st): AxState<AppState>, id: Result<UrlPath<String>, P
     Ok(json_ok(g))
 }
 
-async fn delete_group(AxState(st): AxState<AppState>, id: Result<UrlPath<String>, PathRejection>) -> ApiResult {
+async fn delete_group(
+    AxState(st): AxState<AppState>,
+    id: Result<UrlPath<String>, PathRejection>,
+) -> ApiResult {
     let id = path(id)?;
     mutate(&st, StatusCode::NO_CONTENT, move |s| s.delete_group(&id), |()| None::<()>).await
 }
@@ -396,7 +415,8 @@ async fn create_endpoint(AxState(st): AxState<AppState>, body: Result<Bytes, Byt
         check_netns(&req.netns)?;
     }
     let host = st.host.clone();
-    mutate(&st, StatusCode::CREATED, move |s| s.create_endpoint(req, &host), |e| Some(EndpointView::from(&e))).await
+    mutate(&st, StatusCode::CREATED, move |s| s.create_endpoint(req, &host), |e| Some(EndpointView::from(&e)))
+        .await
 }
 
 async fn list_endpoints(
@@ -415,7 +435,10 @@ async fn list_endpoints(
     Ok(json_ok(&eps))
 }
 
-async fn get_endpoint(AxState(st): AxState<AppState>, id: Result<UrlPath<String>, PathRejection>) -> ApiResult {
+async fn get_endpoint(
+    AxState(st): AxState<AppState>,
+    id: Result<UrlPath<String>, PathRejection>,
+) -> ApiResult {
     let id = path(id)?;
     let snap = st.store.snapshot();
     let e = snap.endpoints.get(&id).ok_or_else(|| model::Error::not_found("endpoint", &id))?;
@@ -432,14 +455,22 @@ async fn patch_endpoint(
     mutate(&st, StatusCode::OK, move |s| s.patch_endpoint(&id, req), |e| Some(EndpointView::from(&e))).await
 }
 
-async fn delete_endpoint(AxState(st): AxState<AppState>, id: Result<UrlPath<String>, PathRejection>) -> ApiResult {
+async fn delete_endpoint(
+    AxState(st): AxState<AppState>,
+    id: Result<UrlPath<String>, PathRejection>,
+) -> ApiResult {
     let id = path(id)?;
     mutate(&st, StatusCode::NO_CONTENT, move |s| s.delete_endpoint(&id), |_| None::<()>).await
 }
 
 async fn list_hosts(AxState(st): AxState<AppState>) -> ApiResult {
     // The embedded store serves one host: this one, healthy since it answers.
-    let host = Host { name: st.host.clone(), underlay_ip: st.underlay_ip, revision: *st.realized.borrow(), healthy: true };
+    let host = Host {
+        name: st.host.clone(),
+        underlay_ip: st.underlay_ip,
+        revision: *st.realized.borrow(),
+        healthy: true,
+    };
     Ok(json_ok(&vec![host]))
 }
 
@@ -456,15 +487,17 @@ async fn metrics(AxState(st): AxState<AppState>) -> ApiResult {
             ));
         }
         Err(e) => {
-            return Err(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", format!("reading counters: {e}")))
+            return Err(ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                format!("reading counters: {e}"),
+            ))
         }
     };
-    let text = render_metrics(&st.store.snapshot(), *st.realized.borrow(), &stats)
-        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", format!("encoding metrics: {e}")))?;
-    Ok((
-        [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
-        text,
-    )
+    let text = render_metrics(&st.store.snapshot(), *st.realized.borrow(), &stats).map_err(|e| {
+        ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", format!("encoding metrics: {e}"))
+    })?;
+    Ok(([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], text)
         .into_response())
 }
 
@@ -509,14 +542,13 @@ async fn openapi() -> Response {
 pub fn openapi_document() -> serde_json::Value {
     use serde_json::json;
     let r = |name: &str| json!({ "$ref": format!("#/components/schemas/{name}") });
-    let body = |name: &str| json!({ "required": true, "content": { "application/json": { "schema": r(name) } } });
+    let body =
+        |name: &str| json!({ "required": true, "content": { "application/json": { "schema": r(name) } } });
     let ok = |desc: &str, schema: serde_json::Value| json!({ "description": desc, "content": { "application/json": { "schema": schema } } });
     let array = |name: &str| json!({ "type": "array", "items": r(name) });
     let err = |desc: &str| json!({ "description": desc, "content": { "application/json": { "schema": r("Error") } } });
     let rev = json!({ "Verse-Revision": { "$ref": "#/components/headers/Verse-Revision" } });
-    let created = |desc: &str, name: &str| {
-        json!({ "description": desc, "headers": rev, "content": { "application/json": { "schema": r(name) } } })
-    };
+    let created = |desc: &str, name: &str| json!({ "description": desc, "headers": rev, "content": { "application/json": { "schema": r(name) } } });
     let no_content = |desc: &str| json!({ "description": desc, "headers": rev });
     let id_param = |name: &str, desc: &str| json!({ "name": name, "in": "path", "required": true, "description": desc, "schema": { "type": "string" } });
     let query_param = |name: &str, desc: &str| json!({ "name": name, "in": "query", "required": false, "description": desc, "schema": { "type": "string" } });

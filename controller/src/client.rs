@@ -15,7 +15,9 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use crate::api::{EndpointView, ErrorBody, Host, REVISION_HEADER};
-use crate::model::{CreateEndpoint, CreateGroup, CreateRule, CreateUniverse, PatchEndpoint, Rule, SecurityGroup, Universe};
+use crate::model::{
+    CreateEndpoint, CreateGroup, CreateRule, CreateUniverse, PatchEndpoint, Rule, SecurityGroup, Universe,
+};
 
 /// The API address when none is given.
 pub const DEFAULT_API: &str = "http://127.0.0.1:7070";
@@ -33,12 +35,12 @@ pub enum Error {
     /// The API address is not a usable URL.
     #[error("invalid API address {url:?}: {reason}")]
     BadUrl { url: String, reason: String },
-    /// The request did not reach the server or no answer came back.
-    #[error("{method} {url}: {source}")]
-    Transport { method: Method, url: Url, source: reqwest::Error },
-    /// The server answered with something that is not what the API promises.
-    #[error("{method} {url}: unexpected answer: {reason}")]
-    Decode { method: Method, url: Url, reason: String },
+    /// The request (`METHOD URL`) did not reach the server or no answer came back.
+    #[error("{request}: {source}")]
+    Transport { request: String, source: reqwest::Error },
+    /// The server answered the request (`METHOD URL`) with something the API does not promise.
+    #[error("{request}: unexpected answer: {reason}")]
+    Decode { request: String, reason: String },
     /// [`Client::wait_revision`] ran out of time.
     #[error("timed out after {waited:?} waiting for revision {revision}; hosts: {hosts}")]
     Timeout { revision: u64, waited: Duration, hosts: String },
@@ -101,13 +103,13 @@ impl Client {
         let mut req: RequestBuilder = self.http.request(method.clone(), url.clone());
         if let Some(body) = body {
             let bytes = body.to_json().map_err(|e| Error::Decode {
-                method: method.clone(),
-                url: url.clone(),
+                request: request(&method, &url),
                 reason: format!("cannot encode the request: {e}"),
             })?;
             req = req.header(reqwest::header::CONTENT_TYPE, "application/json").body(bytes);
         }
-        let resp = req.send().map_err(|source| Error::Transport { method: method.clone(), url: url.clone(), source })?;
+        let resp =
+            req.send().map_err(|source| Error::Transport { request: request(&method, &url), source })?;
         let status = resp.status();
         if status.is_success() {
             return Ok(resp);
@@ -130,7 +132,12 @@ impl Client {
     }
 
     /// A mutation with a JSON answer: the answer and the revision.
-    fn mutate<T: DeserializeOwned>(&self, method: Method, segments: &[&str], body: &dyn ErasedJson) -> Result<(T, u64)> {
+    fn mutate<T: DeserializeOwned>(
+        &self,
+        method: Method,
+        segments: &[&str],
+        body: &dyn ErasedJson,
+    ) -> Result<(T, u64)> {
         let url = self.url(segments, &[]);
         let resp = self.send(method.clone(), url.clone(), Some(body))?;
         let revision = revision(&method, &url, &resp)?;
@@ -220,7 +227,14 @@ impl Client {
                 let hosts = match last {
                     Ok(hosts) => hosts
                         .iter()
-                        .map(|h| format!("{} at {}{}", h.name, h.revision, if h.healthy { "" } else { " (unhealthy)" }))
+                        .map(|h| {
+                            format!(
+                                "{} at {}{}",
+                                h.name,
+                                h.revision,
+                                if h.healthy { "" } else { " (unhealthy)" }
+                            )
+                        })
                         .collect::<Vec<_>>()
                         .join(", "),
                     Err(e) => return Err(e),
@@ -235,11 +249,16 @@ impl Client {
     pub fn healthz(&self) -> Result<()> {
         let url = self.url(&["healthz"], &[]);
         let resp = self.send(Method::GET, url.clone(), None)?;
-        let text = resp.text().map_err(|source| Error::Transport { method: Method::GET, url: url.clone(), source })?;
+        let text = resp
+            .text()
+            .map_err(|source| Error::Transport { request: request(&Method::GET, &url), source })?;
         if text.trim() == "ok" {
             Ok(())
         } else {
-            Err(Error::Decode { method: Method::GET, url, reason: format!("expected \"ok\", got {text:?}") })
+            Err(Error::Decode {
+                request: request(&Method::GET, &url),
+                reason: format!("expected \"ok\", got {text:?}"),
+            })
         }
     }
 
@@ -247,7 +266,7 @@ impl Client {
     pub fn metrics(&self) -> Result<String> {
         let url = self.url(&["metrics"], &[]);
         let resp = self.send(Method::GET, url.clone(), None)?;
-        resp.text().map_err(|source| Error::Transport { method: Method::GET, url, source })
+        resp.text().map_err(|source| Error::Transport { request: request(&Method::GET, &url), source })
     }
 
     /// `GET /v1/openapi.json`.
@@ -267,19 +286,23 @@ impl<T: Serialize> ErasedJson for T {
     }
 }
 
+/// `METHOD URL`, to say which request failed.
+fn request(method: &Method, url: &Url) -> String {
+    format!("{method} {url}")
+}
+
 fn decode<T: DeserializeOwned>(method: Method, url: Url, resp: Response) -> Result<T> {
-    let bytes = resp.bytes().map_err(|source| Error::Transport { method: method.clone(), url: url.clone(), source })?;
-    serde_json::from_slice(&bytes).map_err(|e| Error::Decode { method, url, reason: e.to_string() })
+    let bytes =
+        resp.bytes().map_err(|source| Error::Transport { request: request(&method, &url), source })?;
+    serde_json::from_slice(&bytes)
+        .map_err(|e| Error::Decode { request: request(&method, &url), reason: e.to_string() })
 }
 
 fn revision(method: &Method, url: &Url, resp: &Response) -> Result<u64> {
-    resp.headers()
-        .get(REVISION_HEADER)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse().ok())
-        .ok_or_else(|| Error::Decode {
-            method: method.clone(),
-            url: url.clone(),
+    resp.headers().get(REVISION_HEADER).and_then(|v| v.to_str().ok()).and_then(|v| v.parse().ok()).ok_or_else(
+        || Error::Decode {
+            request: request(method, url),
             reason: format!("missing or invalid {REVISION_HEADER} header"),
-        })
+        },
+    )
 }

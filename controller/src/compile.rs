@@ -11,6 +11,12 @@
 //! longest match of an address determines every rule CIDR that contains it, so expanding a rule
 //! over the classes nested in its CIDR keeps the union of S1 exact. `0.0.0.0/0` is the `ANY`
 //! peer and needs no expansion.
+//!
+//! The dataplane is IPv4 only: rules with an IPv6 CIDR peer or protocol `icmpv6` are stored and
+//! shown but compile to nothing. CIDR classes are numbered by [`CidrIds`]: an id stays with its
+//! CIDR for as long as some rule of the universe has it, and an id freed by one compile is not
+//! handed out again by the same compile (the reconciler adds before it removes, so a reused id
+//! would briefly give a new class the rules of an old one).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
@@ -63,10 +69,9 @@ pub fn compile(
             model::Error::invalid("mac", format!("endpoint {} has a malformed MAC {:?}", ep.id, ep.mac))
         })?;
         let ip = ep.ip.octets();
-        desired.endpoints.insert(
-            index,
-            dp::Endpoint { ip, mac, _pad: [0; 2], vni: universe.vni, identity: ep.identity },
-        );
+        desired
+            .endpoints
+            .insert(index, dp::Endpoint { ip, mac, _pad: [0; 2], vni: universe.vni, identity: ep.identity });
         desired.routes.insert(
             dp::RouteKey { vni: universe.vni, ip },
             dp::Route { ifindex: index, identity: ep.identity, mac, _pad: [0; 2] },
@@ -94,7 +99,9 @@ pub fn compile(
     let mut nested: BTreeMap<u32, BTreeMap<(u32, u8), u32>> = BTreeMap::new();
     for (&(vni, cidr), &id) in &numbered.ids {
         let key = dp::CidrKey { vni: vni.to_be_bytes(), addr: cidr.network().octets() };
-        desired.cidrs.insert((dp::CIDR_KEY_VNI_BITS + u32::from(cidr.prefix()), key), dp::peer::CIDR_FLAG | id);
+        desired
+            .cidrs
+            .insert((dp::CIDR_KEY_VNI_BITS + u32::from(cidr.prefix()), key), dp::peer::CIDR_FLAG | id);
         nested.entry(vni).or_default().insert((u32::from(cidr.network()), cidr.prefix()), id);
     }
 
@@ -118,8 +125,7 @@ pub fn compile(
             if group.universe != universe.id {
                 continue;
             }
-            let directions =
-                [(dp::DIRECTION_INGRESS, &group.ingress), (dp::DIRECTION_EGRESS, &group.egress)];
+            let directions = [(dp::DIRECTION_INGRESS, &group.ingress), (dp::DIRECTION_EGRESS, &group.egress)];
             for (direction, rules) in directions {
                 for rule in rules {
                     peers.clear();
@@ -128,13 +134,16 @@ pub fn compile(
                     rule_matches(rule, &mut matches);
                     for &peer in &peers {
                         for &(prefix, proto, port) in &matches {
-                            policy.push(prefix, dp::PolicyKey {
-                                policy: local.to_be_bytes(),
-                                direction,
-                                peer: peer.to_be_bytes(),
-                                proto,
-                                port: port.to_be_bytes(),
-                            })?;
+                            policy.push(
+                                prefix,
+                                dp::PolicyKey {
+                                    policy: local.to_be_bytes(),
+                                    direction,
+                                    peer: peer.to_be_bytes(),
+                                    proto,
+                                    port: port.to_be_bytes(),
+                                },
+                            )?;
                         }
                     }
                 }
@@ -321,5 +330,880 @@ impl<'a> PolicyEntries<'a> {
         self.compact();
         fits(self.host, dp::map_names::POLICY, self.entries.len(), dp::capacity::POLICY)?;
         Ok(self.entries.into_iter().collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{CreateEndpoint, CreateGroup, CreateRule, CreateUniverse, Direction, PatchEndpoint};
+    use rand::rngs::StdRng;
+    use rand::{Rng, SeedableRng};
+    use serde_json::json;
+    use std::collections::HashSet;
+    use std::net::Ipv4Addr;
+
+    const HOST: &str = "h1";
+
+    // ---- Building states ----
+
+    fn universe(s: &mut State, cidr: &str) -> model::Universe {
+        let name = format!("u{}", s.universes.len());
+        s.create_universe(CreateUniverse { name, cidr: Some(cidr.into()), cidrs: None }).unwrap()
+    }
+
+    fn group(s: &mut State, universe: &str, name: &str) -> String {
+        s.create_group(CreateGroup { universe: universe.into(), name: name.into(), description: None })
+            .unwrap()
+            .id
+    }
+
+    fn default_group(s: &State, universe: &str) -> String {
+        s.groups
+            .values()
+            .find(|g| g.universe == universe && g.name == model::DEFAULT_GROUP)
+            .unwrap()
+            .id
+            .clone()
+    }
+
+    fn rule(s: &mut State, group: &str, body: serde_json::Value) -> model::Rule {
+        let req: CreateRule = serde_json::from_value(body).unwrap();
+        s.add_rule(group, req).unwrap()
+    }
+
+    fn endpoint(s: &mut State, universe: &str, ip: &str, groups: &[&str]) -> model::Endpoint {
+        endpoint_on(s, HOST, universe, ip, groups)
+    }
+
+    fn endpoint_on(s: &mut State, host: &str, universe: &str, ip: &str, groups: &[&str]) -> model::Endpoint {
+        let netns = format!("ns-{ip}");
+        let groups = (!groups.is_empty()).then(|| groups.iter().map(|g| g.to_string()).collect());
+        let req = CreateEndpoint {
+            universe: universe.into(),
+            host: None,
+            netns,
+            ip: ip.into(),
+            security_groups: groups,
+        };
+        s.create_endpoint(req, host).unwrap()
+    }
+
+    /// Every endpoint is plumbed, at an ifindex derived from its address.
+    fn plumbed(ep: &model::Endpoint) -> Option<u32> {
+        Some(u32::from(ep.ip) & 0xFFFF)
+    }
+
+    fn compile_all(s: &State, ids: &mut CidrIds) -> Desired {
+        compile(s, HOST, &plumbed, ids).unwrap()
+    }
+
+    fn ip(s: &str) -> Ipv4Addr {
+        s.parse().unwrap()
+    }
+
+    // ---- The dataplane's lookups, emulated ----
+
+    fn key_bytes(k: &dp::PolicyKey) -> [u8; 12] {
+        let mut b = [0; 12];
+        b[0..4].copy_from_slice(&k.policy);
+        b[4] = k.direction;
+        b[5..9].copy_from_slice(&k.peer);
+        b[9] = k.proto;
+        b[10..12].copy_from_slice(&k.port);
+        b
+    }
+
+    fn key_from(b: [u8; 12]) -> dp::PolicyKey {
+        dp::PolicyKey {
+            policy: b[0..4].try_into().unwrap(),
+            direction: b[4],
+            peer: b[5..9].try_into().unwrap(),
+            proto: b[9],
+            port: b[10..12].try_into().unwrap(),
+        }
+    }
+
+    fn mask<const N: usize>(mut b: [u8; N], bits: u32) -> [u8; N] {
+        for (i, byte) in b.iter_mut().enumerate() {
+            let first = 8 * i as u32;
+            if bits <= first {
+                *byte = 0;
+            } else if bits < first + 8 {
+                *byte &= 0xFFu8 << (first + 8 - bits);
+            }
+        }
+        b
+    }
+
+    /// The kernel's LPM semantics, reduced to what the dataplane asks: is there an entry whose
+    /// first `prefix` bits equal the key's? Entries are stored canonical, so masking finds them.
+    struct Lpm {
+        policy: HashSet<(u32, dp::PolicyKey)>,
+        prefixes: Vec<u32>,
+    }
+
+    impl Lpm {
+        fn new(d: &Desired) -> Lpm {
+            let prefixes: BTreeSet<u32> = d.policy.iter().map(|(p, _)| *p).collect();
+            Lpm { policy: d.policy.iter().copied().collect(), prefixes: prefixes.into_iter().collect() }
+        }
+
+        fn hit(&self, key: dp::PolicyKey) -> bool {
+            let bytes = key_bytes(&key);
+            self.prefixes.iter().any(|&p| self.policy.contains(&(p, key_from(mask(bytes, p)))))
+        }
+    }
+
+    /// Longest match of (vni, ip) in `VERSE_CIDRS`.
+    fn class_of(d: &Desired, vni: u32, addr: Ipv4Addr) -> Option<u32> {
+        (1..=32u32).rev().find_map(|len| {
+            let key = dp::CidrKey { vni: vni.to_be_bytes(), addr: mask(addr.octets(), len) };
+            d.cidrs.get(&(dp::CIDR_KEY_VNI_BITS + len, key)).copied()
+        })
+    }
+
+    /// A packet as policy sees it: the local endpoint's identity, the direction, the peer (its
+    /// identity when it is an endpoint, and its address), protocol and port (ICMP: type << 8 | code).
+    #[derive(Clone, Copy, Debug)]
+    struct Query {
+        policy: u32,
+        direction: u8,
+        peer_identity: Option<u32>,
+        vni: u32,
+        peer_ip: Ipv4Addr,
+        proto: u8,
+        port: u16,
+    }
+
+    /// The dataplane's verdict: three lookups (identity, CIDR class, ANY); any hit allows.
+    fn dataplane_allows(lpm: &Lpm, d: &Desired, q: Query) -> bool {
+        let peers = [q.peer_identity, class_of(d, q.vni, q.peer_ip), Some(dp::peer::ANY)];
+        peers.into_iter().flatten().any(|peer| {
+            lpm.hit(dp::PolicyKey {
+                policy: q.policy.to_be_bytes(),
+                direction: q.direction,
+                peer: peer.to_be_bytes(),
+                proto: q.proto,
+                port: q.port.to_be_bytes(),
+            })
+        })
+    }
+
+    /// S1 straight from the rules: some rule of some group of the identity matches.
+    fn reference_allows(s: &State, q: Query) -> bool {
+        let identity = &s.identities[&q.policy];
+        let peer_groups = q.peer_identity.map(|p| &s.identities[&p].groups);
+        identity.groups.iter().map(|g| &s.groups[g]).any(|g| {
+            let rules = if q.direction == dp::DIRECTION_INGRESS { &g.ingress } else { &g.egress };
+            rules.iter().any(|r| {
+                let peer = match &r.peer {
+                    Peer::Group(id) => peer_groups.is_some_and(|groups| groups.contains(id)),
+                    Peer::Cidr(IpNetwork::V4(c)) => c.contains(q.peer_ip),
+                    Peer::Cidr(IpNetwork::V6(_)) => false,
+                };
+                let what = match r.protocol {
+                    Protocol::All => true,
+                    Protocol::ICMPV6 => false,
+                    Protocol::Number(p) if p != q.proto => false,
+                    Protocol::TCP | Protocol::UDP => r.ports.is_none_or(|(a, b)| (a..=b).contains(&q.port)),
+                    Protocol::ICMP => match r.icmp {
+                        None | Some((None, _)) => true,
+                        Some((Some(t), c)) => {
+                            (q.port >> 8) as u8 == t && c.is_none_or(|c| (q.port & 0xFF) as u8 == c)
+                        }
+                    },
+                    Protocol::Number(_) => true,
+                };
+                peer && what
+            })
+        })
+    }
+
+    const TCP: u8 = 6;
+    const UDP: u8 = 17;
+    const ICMP: u8 = 1;
+
+    fn query(policy: u32, direction: u8, vni: u32, peer: (Option<u32>, &str), proto: u8, port: u16) -> Query {
+        Query { policy, direction, peer_identity: peer.0, vni, peer_ip: ip(peer.1), proto, port }
+    }
+
+    // ---- Port ranges ----
+
+    fn check_blocks(from: u16, to: u16) {
+        let blocks: Vec<(u16, u32)> = port_blocks(from, to).collect();
+        assert!(blocks.len() <= 30, "{from}-{to}: {} blocks", blocks.len());
+        let mut next = u32::from(from);
+        for &(start, bits) in &blocks {
+            let size = 1u32 << bits;
+            assert_eq!(u32::from(start), next, "{from}-{to}: blocks are contiguous, in order");
+            assert_eq!(u32::from(start) % size, 0, "{from}-{to}: block {start}/{bits} is aligned");
+            next += size;
+        }
+        assert_eq!(next, u32::from(to) + 1, "{from}-{to}: the blocks end exactly at the range's end");
+    }
+
+    #[test]
+    fn port_blocks_cover_every_small_range_exactly() {
+        for from in 0..=300u16 {
+            for to in from..=300 {
+                check_blocks(from, to);
+            }
+        }
+    }
+
+    #[test]
+    fn port_blocks_cover_random_and_edge_ranges_exactly() {
+        let mut rng = StdRng::seed_from_u64(7);
+        for _ in 0..20_000 {
+            let (a, b): (u16, u16) = (rng.random(), rng.random());
+            check_blocks(a.min(b), a.max(b));
+        }
+        for (from, to) in
+            [(0, 0), (0, 65535), (65535, 65535), (1, 65534), (0, 1023), (1024, 65535), (32768, 65535)]
+        {
+            check_blocks(from, to);
+        }
+        assert_eq!(port_blocks(0, 65535).collect::<Vec<_>>(), vec![(0, 16)]);
+        assert_eq!(port_blocks(80, 80).collect::<Vec<_>>(), vec![(80, 0)]);
+        assert_eq!(port_blocks(8000, 8003).collect::<Vec<_>>(), vec![(8000, 2)]);
+        assert_eq!(port_blocks(1, 65534).count(), 30, "the worst case");
+    }
+
+    // ---- What the maps hold ----
+
+    #[test]
+    fn endpoints_and_routes_of_plumbed_local_endpoints_only() {
+        let mut s = State::default();
+        let u = universe(&mut s, "10.0.0.0/16");
+        let a = endpoint(&mut s, &u.id, "10.0.0.10", &[]);
+        let unplumbed = endpoint(&mut s, &u.id, "10.0.0.11", &[]);
+        let remote = endpoint_on(&mut s, "h2", &u.id, "10.0.0.12", &[]);
+        let ifindex = |ep: &model::Endpoint| (ep.id != unplumbed.id).then_some(7u32);
+        let d = compile(&s, HOST, &ifindex, &mut CidrIds::default()).unwrap();
+        let mac = model::parse_mac(&a.mac).unwrap();
+        assert_eq!(
+            d.endpoints,
+            BTreeMap::from([(
+                7,
+                dp::Endpoint { ip: [10, 0, 0, 10], mac, _pad: [0; 2], vni: u.vni, identity: a.identity }
+            )])
+        );
+        assert_eq!(
+            d.routes,
+            BTreeMap::from([(
+                dp::RouteKey { vni: u.vni, ip: [10, 0, 0, 10] },
+                dp::Route { ifindex: 7, identity: a.identity, mac, _pad: [0; 2] }
+            )])
+        );
+        let _ = remote;
+        // On h2 only the remote endpoint is local.
+        let d2 = compile(&s, "h2", &plumbed, &mut CidrIds::default()).unwrap();
+        assert_eq!(d2.endpoints.len(), 1);
+        assert_eq!(d2.endpoints.values().next().unwrap().ip, [10, 0, 0, 12]);
+    }
+
+    #[test]
+    fn s3_default_group_compiles_to_ingress_from_itself_and_egress_any() {
+        let mut s = State::default();
+        let u = universe(&mut s, "10.0.0.0/16");
+        let a = endpoint(&mut s, &u.id, "10.0.0.10", &[]);
+        let d = compile_all(&s, &mut CidrIds::default());
+        let l = a.identity.to_be_bytes();
+        let entry = |direction, peer: u32| {
+            (
+                dp::policy_prefix::PEER,
+                dp::PolicyKey { policy: l, direction, peer: peer.to_be_bytes(), proto: 0, port: [0; 2] },
+            )
+        };
+        assert_eq!(
+            d.policy,
+            BTreeSet::from([
+                entry(dp::DIRECTION_INGRESS, a.identity),
+                entry(dp::DIRECTION_EGRESS, dp::peer::ANY)
+            ]),
+            "S3 ingress all from default, S2 egress all to 0.0.0.0/0; ::/0 compiles to nothing"
+        );
+        assert!(d.cidrs.is_empty(), "/0 is the ANY peer, not a class");
+    }
+
+    #[test]
+    fn protocols_compile_to_their_prefix_lengths() {
+        use dp::policy_prefix::{FULL, PEER, PROTO};
+        let mut s = State::default();
+        let u = universe(&mut s, "10.0.0.0/16");
+        let g = group(&mut s, &u.id, "g");
+        let e = endpoint(&mut s, &u.id, "10.0.0.10", &[&g]);
+        let egress: Vec<String> = s.groups[&g].egress.iter().map(|r| r.id.clone()).collect();
+        for id in egress {
+            s.delete_rule(&g, &id).unwrap();
+        }
+        let any = "0.0.0.0/0";
+        for body in [
+            json!({"protocol": "all"}),
+            json!({"protocol": "tcp", "from_port": 0, "to_port": 65535}),
+            json!({"protocol": "udp", "from_port": 53, "to_port": 53}),
+            json!({"protocol": "tcp", "from_port": 8000, "to_port": 8003}),
+            json!({"protocol": "icmp"}),
+            json!({"protocol": "icmp", "icmp_type": 8}),
+            json!({"protocol": "icmp", "icmp_type": 3, "icmp_code": 4}),
+            json!({"protocol": "icmpv6"}),
+            json!({"protocol": 47}),
+        ] {
+            let mut body = body;
+            body["direction"] = json!("ingress");
+            body["cidr"] = json!(any);
+            rule(&mut s, &g, body);
+        }
+        rule(&mut s, &g, json!({"direction": "ingress", "protocol": "all", "cidr": "fd00::/8"}));
+        let d = compile_all(&s, &mut CidrIds::default());
+        let l = e.identity.to_be_bytes();
+        let k = |prefix, proto, port: u16| {
+            (
+                prefix,
+                dp::PolicyKey {
+                    policy: l,
+                    direction: dp::DIRECTION_INGRESS,
+                    peer: [0; 4],
+                    proto,
+                    port: port.to_be_bytes(),
+                },
+            )
+        };
+        let expected = BTreeSet::from([
+            k(PEER, 0, 0),
+            k(PROTO, TCP, 0),
+            k(FULL, UDP, 53),
+            k(PROTO + 14, TCP, 8000),
+            k(PROTO, ICMP, 0),
+            k(PROTO + 8, ICMP, 8 << 8),
+            k(FULL, ICMP, 3 << 8 | 4),
+            k(PROTO, 47, 0),
+        ]);
+        assert_eq!(d.policy, expected);
+    }
+
+    #[test]
+    fn every_entry_is_canonical_below_its_prefix() {
+        let (s, _) = random_state(&mut StdRng::seed_from_u64(1));
+        let d = compile_all(&s, &mut CidrIds::default());
+        for (prefix, key) in &d.policy {
+            assert_eq!(key_from(mask(key_bytes(key), *prefix)), *key, "{prefix} {key:?}");
+        }
+        for ((prefix, key), value) in &d.cidrs {
+            assert_eq!(mask(key.addr, prefix - dp::CIDR_KEY_VNI_BITS), key.addr);
+            assert!(value & dp::peer::CIDR_FLAG != 0);
+        }
+    }
+
+    #[test]
+    fn cidr_classes_are_emitted_with_vni_prefix_and_flagged_ids() {
+        let mut s = State::default();
+        let u = universe(&mut s, "10.0.0.0/16");
+        let v = universe(&mut s, "10.0.0.0/16");
+        let g = default_group(&s, &u.id);
+        let h = default_group(&s, &v.id);
+        endpoint(&mut s, &u.id, "10.0.0.10", &[]);
+        rule(&mut s, &g, json!({"direction": "ingress", "protocol": "all", "cidr": "10.1.0.0/16"}));
+        rule(&mut s, &g, json!({"direction": "egress", "protocol": "all", "cidr": "192.168.1.7/24"}));
+        rule(&mut s, &g, json!({"direction": "egress", "protocol": "all", "cidr": "fd00::/8"}));
+        // A universe without local endpoints contributes no classes.
+        rule(&mut s, &h, json!({"direction": "ingress", "protocol": "all", "cidr": "172.16.0.0/12"}));
+        let d = compile_all(&s, &mut CidrIds::default());
+        let vni = u.vni.to_be_bytes();
+        assert_eq!(
+            d.cidrs,
+            BTreeMap::from([
+                ((48, dp::CidrKey { vni, addr: [10, 1, 0, 0] }), dp::peer::CIDR_FLAG | 1),
+                ((56, dp::CidrKey { vni, addr: [192, 168, 1, 0] }), dp::peer::CIDR_FLAG | 2),
+            ])
+        );
+    }
+
+    /// The trap of the design notes: one address matched by a /16 rule, a /24 rule and a group
+    /// peer must get the union of all three (S1), not only the longest prefix or the identity.
+    #[test]
+    fn s1_nested_cidrs_and_group_peer_all_allow_the_same_address() {
+        let mut s = State::default();
+        let u = universe(&mut s, "10.1.0.0/16");
+        let server_g = group(&mut s, &u.id, "server");
+        let client_g = group(&mut s, &u.id, "client");
+        rule(
+            &mut s,
+            &server_g,
+            json!({"direction": "ingress", "protocol": "tcp", "from_port": 80, "to_port": 80, "cidr": "10.1.0.0/16"}),
+        );
+        rule(
+            &mut s,
+            &server_g,
+            json!({"direction": "ingress", "protocol": "tcp", "from_port": 443, "to_port": 443, "cidr": "10.1.2.0/24"}),
+        );
+        rule(
+            &mut s,
+            &server_g,
+            json!({"direction": "ingress", "protocol": "udp", "from_port": 53, "to_port": 53, "group": client_g}),
+        );
+        rule(
+            &mut s,
+            &server_g,
+            json!({"direction": "ingress", "protocol": "tcp", "from_port": 22, "to_port": 22, "cidr": "10.1.2.5/32"}),
+        );
+        let server = endpoint(&mut s, &u.id, "10.1.9.9", &[&server_g]);
+        let client = endpoint(&mut s, &u.id, "10.1.2.5", &[&client_g]);
+        let near = endpoint(&mut s, &u.id, "10.1.2.6", &[&client_g]);
+        let far = endpoint(&mut s, &u.id, "10.1.7.7", &[]);
+        let d = compile_all(&s, &mut CidrIds::default());
+        let lpm = Lpm::new(&d);
+        let ask = |peer: &model::Endpoint, proto, port| {
+            let q = query(
+                server.identity,
+                dp::DIRECTION_INGRESS,
+                u.vni,
+                (Some(peer.identity), &peer.ip.to_string()),
+                proto,
+                port,
+            );
+            let verdict = dataplane_allows(&lpm, &d, q);
+            assert_eq!(verdict, reference_allows(&s, q), "{q:?}");
+            verdict
+        };
+        // The client is in the /16, the /24, the /32 and the group: all four rules hold.
+        assert!(ask(&client, TCP, 80), "the /16 rule");
+        assert!(ask(&client, TCP, 443), "the /24 rule");
+        assert!(ask(&client, UDP, 53), "the group rule");
+        assert!(ask(&client, TCP, 22), "the /32 rule");
+        assert!(!ask(&client, TCP, 8080));
+        assert!(ask(&near, TCP, 80) && ask(&near, TCP, 443) && ask(&near, UDP, 53));
+        assert!(!ask(&near, TCP, 22), "not the /32");
+        assert!(ask(&far, TCP, 80), "in the /16 only");
+        assert!(!ask(&far, TCP, 443) && !ask(&far, UDP, 53) && !ask(&far, TCP, 22));
+        // An address outside every rule CIDR and not an endpoint.
+        let q = query(server.identity, dp::DIRECTION_INGRESS, u.vni, (None, "10.2.0.1"), TCP, 80);
+        assert!(!dataplane_allows(&lpm, &d, q));
+    }
+
+    /// S5: membership moves an endpoint between identities; rules are untouched.
+    #[test]
+    fn s5_joining_a_group_changes_what_is_allowed() {
+        let mut s = State::default();
+        let u = universe(&mut s, "10.1.0.0/16");
+        let db = group(&mut s, &u.id, "db");
+        let app = group(&mut s, &u.id, "app");
+        rule(
+            &mut s,
+            &db,
+            json!({"direction": "ingress", "protocol": "tcp", "from_port": 5432, "to_port": 5432, "group": app}),
+        );
+        let server = endpoint(&mut s, &u.id, "10.1.0.5", &[&db]);
+        let client = endpoint(&mut s, &u.id, "10.1.0.6", &[]);
+        let allowed = |s: &State| {
+            let d = compile_all(s, &mut CidrIds::default());
+            let c = &s.endpoints[&client.id];
+            let q = query(
+                server.identity,
+                dp::DIRECTION_INGRESS,
+                u.vni,
+                (Some(c.identity), "10.1.0.6"),
+                TCP,
+                5432,
+            );
+            dataplane_allows(&Lpm::new(&d), &d, q)
+        };
+        assert!(!allowed(&s));
+        let default = default_group(&s, &u.id);
+        s.patch_endpoint(&client.id, PatchEndpoint { security_groups: vec![default.clone(), app.clone()] })
+            .unwrap();
+        assert!(allowed(&s));
+        s.patch_endpoint(&client.id, PatchEndpoint { security_groups: vec![default] }).unwrap();
+        assert!(!allowed(&s));
+    }
+
+    // ---- Differential test against the reference model ----
+
+    /// A random universe whose rule CIDRs nest around a few addresses, with endpoints on them.
+    fn random_state(rng: &mut StdRng) -> (State, Vec<Ipv4Addr>) {
+        let mut s = State::default();
+        let u = universe(&mut s, "10.0.0.0/8");
+        let mut groups = vec![default_group(&s, &u.id)];
+        for i in 0..4 {
+            groups.push(group(&mut s, &u.id, &format!("g{i}")));
+        }
+        // Without the S2 egress rules, egress verdicts depend on the random rules too.
+        for g in &groups {
+            if rng.random_bool(0.6) {
+                let egress: Vec<String> = s.groups[g].egress.iter().map(|r| r.id.clone()).collect();
+                for r in egress {
+                    s.delete_rule(g, &r).unwrap();
+                }
+            }
+        }
+        let bases = [ip("10.1.2.3"), ip("10.1.2.200"), ip("10.1.77.7"), ip("10.200.0.9"), ip("10.1.3.30")];
+        // Endpoints sit on and next to the base addresses so that CIDRs of every length catch
+        // some and miss others.
+        let mut addresses: Vec<Ipv4Addr> = Vec::new();
+        for base in bases {
+            for delta in [0u32, 1, 64, 256] {
+                addresses.push(Ipv4Addr::from(u32::from(base) + delta));
+            }
+        }
+        for (i, &addr) in addresses.iter().enumerate() {
+            if rng.random_bool(0.3) {
+                continue;
+            }
+            let mut mine: Vec<&str> =
+                groups.iter().filter(|_| rng.random_bool(0.4)).map(String::as_str).collect();
+            if mine.is_empty() {
+                mine.push(&groups[i % groups.len()]);
+            }
+            let host = if rng.random_bool(0.2) { "h2" } else { HOST };
+            let _ = endpoint_on(&mut s, host, &u.id, &addr.to_string(), &mine);
+        }
+        for _ in 0..rng.random_range(5..40) {
+            let g = &groups[rng.random_range(0..groups.len())];
+            let direction = if rng.random_bool(0.5) { "ingress" } else { "egress" };
+            let mut body = match rng.random_range(0..8) {
+                0 => json!({"protocol": "all"}),
+                1 | 2 => {
+                    let a: u16 = rng.random_range(0..2000);
+                    let b = a + rng.random_range(0..300);
+                    json!({"protocol": if rng.random_bool(0.5) { "tcp" } else { "udp" }, "from_port": a, "to_port": b})
+                }
+                3 => json!({"protocol": "tcp", "from_port": 0, "to_port": 65535}),
+                4 => json!({"protocol": "icmp"}),
+                5 => {
+                    json!({"protocol": "icmp", "icmp_type": rng.random_range(0..4), "icmp_code": if rng.random_bool(0.5) { -1 } else { rng.random_range(0..3) }})
+                }
+                6 => json!({"protocol": if rng.random_bool(0.5) { json!(47) } else { json!("icmpv6") }}),
+                _ => json!({"protocol": "udp", "from_port": 53, "to_port": 53}),
+            };
+            body["direction"] = json!(direction);
+            match rng.random_range(0..10) {
+                0..=2 => body["group"] = json!(groups[rng.random_range(0..groups.len())]),
+                3 => body["cidr"] = json!(if rng.random_bool(0.5) { "0.0.0.0/0" } else { "fd00::/16" }),
+                _ => {
+                    let base = bases[rng.random_range(0..bases.len())];
+                    let len = rng.random_range(1..=32u8);
+                    body["cidr"] = json!(format!("{base}/{len}"));
+                }
+            }
+            let req: CreateRule = serde_json::from_value(body).unwrap();
+            // Random rules may repeat one another; a 409 is fine here.
+            let _ = s.add_rule(g, req);
+        }
+        (s, addresses)
+    }
+
+    #[test]
+    fn s1_compiled_policy_agrees_with_the_rules_on_random_states() {
+        let mut rng = StdRng::seed_from_u64(0x5e75e);
+        let mut checked = 0u64;
+        let mut allowed = 0u64;
+        for _ in 0..80 {
+            let (s, addresses) = random_state(&mut rng);
+            let d = compile_all(&s, &mut CidrIds::default());
+            let lpm = Lpm::new(&d);
+            let vni = s.universes.values().next().unwrap().vni;
+            let by_ip: HashMap<Ipv4Addr, u32> = s.endpoints.values().map(|e| (e.ip, e.identity)).collect();
+            let local: BTreeSet<u32> =
+                s.endpoints.values().filter(|e| e.host == HOST).map(|e| e.identity).collect();
+            for &policy in &local {
+                for &peer_ip in addresses.iter().chain(&[ip("10.9.9.9"), ip("192.0.2.1")]) {
+                    for direction in [dp::DIRECTION_INGRESS, dp::DIRECTION_EGRESS] {
+                        let probes: [(u8, u16); 8] = [
+                            (TCP, rng.random_range(0..2400)),
+                            (UDP, rng.random_range(0..2400)),
+                            (UDP, 53),
+                            (TCP, rng.random()),
+                            (ICMP, u16::from_be_bytes([rng.random_range(0..5), rng.random_range(0..4)])),
+                            (47, 0),
+                            (58, 0),
+                            (99, 0),
+                        ];
+                        for (proto, port) in probes {
+                            let q = Query {
+                                policy,
+                                direction,
+                                peer_identity: by_ip.get(&peer_ip).copied(),
+                                vni,
+                                peer_ip,
+                                proto,
+                                port,
+                            };
+                            let expected = reference_allows(&s, q);
+                            assert_eq!(dataplane_allows(&lpm, &d, q), expected, "{q:?}\n{s:#?}");
+                            checked += 1;
+                            allowed += u64::from(expected);
+                        }
+                    }
+                }
+            }
+        }
+        println!("{checked} verdicts checked, {allowed} allowed");
+        assert!(allowed > checked / 10 && allowed < checked * 9 / 10, "the cases must mix verdicts");
+    }
+
+    // ---- Determinism and stable numbering ----
+
+    #[test]
+    fn compile_is_deterministic() {
+        let (s, _) = random_state(&mut StdRng::seed_from_u64(3));
+        let mut ids = CidrIds::default();
+        let first = compile_all(&s, &mut ids);
+        let numbering = ids.ids.clone();
+        assert_eq!(compile_all(&s, &mut ids), first);
+        assert_eq!(ids.ids, numbering);
+        assert_eq!(compile_all(&s.clone(), &mut CidrIds::default()), first);
+    }
+
+    fn class_ids(d: &Desired) -> BTreeMap<String, u32> {
+        d.cidrs
+            .iter()
+            .map(|((p, k), v)| (format!("{}/{}", Ipv4Addr::from(k.addr), p - 32), v & !dp::peer::CIDR_FLAG))
+            .collect()
+    }
+
+    #[test]
+    fn cidr_ids_stay_stable_across_edits() {
+        let mut s = State::default();
+        let u = universe(&mut s, "10.0.0.0/8");
+        let g = default_group(&s, &u.id);
+        endpoint(&mut s, &u.id, "10.0.0.10", &[]);
+        let add = |s: &mut State, cidr: &str| {
+            rule(s, &g, json!({"direction": "ingress", "protocol": "all", "cidr": cidr})).id
+        };
+        let r1 = add(&mut s, "10.1.0.0/16");
+        let r2 = add(&mut s, "10.2.0.0/16");
+        let r3 = add(&mut s, "10.3.0.0/16");
+        let mut ids = CidrIds::default();
+        let d = compile_all(&s, &mut ids);
+        let before = class_ids(&d);
+        assert_eq!(
+            before,
+            BTreeMap::from([("10.1.0.0/16".into(), 1), ("10.2.0.0/16".into(), 2), ("10.3.0.0/16".into(), 3)])
+        );
+
+        // A new class sorting before the others takes a new number; nothing is renumbered.
+        add(&mut s, "10.0.5.0/24");
+        let d = compile_all(&s, &mut ids);
+        assert_eq!(class_ids(&d)["10.0.5.0/24"], 4);
+        for (cidr, id) in &before {
+            assert_eq!(class_ids(&d)[cidr], *id, "{cidr} kept its id");
+        }
+
+        // Removing a class and adding another in one edit: the freed id waits a compile.
+        s.delete_rule(&g, &r2).unwrap();
+        add(&mut s, "10.9.0.0/16");
+        let d = compile_all(&s, &mut ids);
+        let now = class_ids(&d);
+        assert!(!now.contains_key("10.2.0.0/16"), "unused classes are dropped");
+        assert_eq!(now["10.9.0.0/16"], 5, "id 2 was freed by this very compile");
+        assert_eq!((now["10.1.0.0/16"], now["10.3.0.0/16"], now["10.0.5.0/24"]), (1, 3, 4));
+        assert_eq!(ids.ids.len(), 4);
+        add(&mut s, "10.10.0.0/16");
+        let d = compile_all(&s, &mut ids);
+        assert_eq!(class_ids(&d)["10.10.0.0/16"], 2, "then the smallest free id is reused");
+
+        // A class that stays through its rules being replaced keeps its id.
+        s.delete_rule(&g, &r1).unwrap();
+        rule(
+            &mut s,
+            &g,
+            json!({"direction": "egress", "protocol": "tcp", "from_port": 1, "to_port": 1, "cidr": "10.1.0.0/16"}),
+        );
+        let _ = r3;
+        let d = compile_all(&s, &mut ids);
+        assert_eq!(class_ids(&d)["10.1.0.0/16"], 1);
+    }
+
+    #[test]
+    fn a_seed_with_a_duplicate_id_is_renumbered_not_trusted() {
+        let mut s = State::default();
+        let u = universe(&mut s, "10.0.0.0/8");
+        let g = default_group(&s, &u.id);
+        endpoint(&mut s, &u.id, "10.0.0.10", &[]);
+        rule(&mut s, &g, json!({"direction": "ingress", "protocol": "all", "cidr": "10.1.0.0/16"}));
+        rule(&mut s, &g, json!({"direction": "ingress", "protocol": "all", "cidr": "10.2.0.0/16"}));
+        let mut ids = CidrIds::default();
+        ids.ids.insert((u.vni, "10.1.0.0/16".parse().unwrap()), 7);
+        ids.ids.insert((u.vni, "10.2.0.0/16".parse().unwrap()), 7);
+        let d = compile_all(&s, &mut ids);
+        let classes = class_ids(&d);
+        assert_eq!(classes["10.1.0.0/16"], 7);
+        assert_eq!(classes["10.2.0.0/16"], 1);
+    }
+
+    #[test]
+    fn a_failed_compile_leaves_the_numbering_alone() {
+        let mut s = State::default();
+        let u = universe(&mut s, "10.0.0.0/8");
+        let g = default_group(&s, &u.id);
+        endpoint(&mut s, &u.id, "10.0.0.10", &[]);
+        rule(&mut s, &g, json!({"direction": "ingress", "protocol": "all", "cidr": "10.1.0.0/16"}));
+        let mut ids = CidrIds::default();
+        ids.ids.insert((u.vni, "10.7.0.0/16".parse().unwrap()), 1);
+        let before = ids.ids.clone();
+        let bad_mac = |ep: &model::Endpoint| Some(u32::from(ep.ip));
+        let mut broken = s.clone();
+        broken.endpoints.values_mut().for_each(|e| e.mac = "nonsense".into());
+        assert!(compile(&broken, HOST, &bad_mac, &mut ids).is_err());
+        assert_eq!(ids.ids, before);
+    }
+
+    // ---- S12: what does not fit is refused ----
+
+    #[test]
+    fn s12_too_many_endpoints_on_a_host_is_refused() {
+        let mut s = State::default();
+        let u = universe(&mut s, "10.0.0.0/16");
+        let g = default_group(&s, &u.id);
+        for i in 0..=dp::capacity::ENDPOINTS {
+            let n = 10 + i;
+            let ep = model::Endpoint {
+                id: format!("ep-{n:08x}"),
+                universe: u.id.clone(),
+                host: HOST.into(),
+                netns: format!("ns{n}"),
+                ip: Ipv4Addr::from(u32::from(ip("10.0.0.0")) + n),
+                mac: "02:00:00:00:00:01".into(),
+                interface: format!("vx{n:08x}"),
+                security_groups: vec![g.clone()],
+                identity: 1,
+            };
+            s.endpoints.insert(ep.id.clone(), ep);
+        }
+        s.identities.insert(1, model::Identity { universe: u.id.clone(), groups: vec![g] });
+        let err = check_fits(&s).unwrap_err();
+        assert_eq!((err.kind, err.code), (model::ErrorKind::Conflict, "limit_exceeded"));
+        assert!(err.message.contains(dp::map_names::ENDPOINTS), "{}", err.message);
+        let one_less = s.endpoints.keys().next().unwrap().clone();
+        s.endpoints.remove(&one_less);
+        check_fits(&s).unwrap();
+    }
+
+    #[test]
+    fn s12_a_policy_too_big_for_the_map_is_refused() {
+        let mut s = State::default();
+        let u = universe(&mut s, "10.0.0.0/8");
+        let classes = group(&mut s, &u.id, "classes");
+        // 998 /24 classes under 10.0.0.0/8; every rule for the /8 expands over all of them.
+        for i in 0..998u32 {
+            let cidr = format!("10.{}.{}.0/24", i / 250, i % 250);
+            rule(&mut s, &classes, json!({"direction": "egress", "protocol": "all", "cidr": cidr}));
+        }
+        let mut groups = vec![classes];
+        for k in 0..3u16 {
+            let g = group(&mut s, &u.id, &format!("wide{k}"));
+            for j in 0..800u16 {
+                let port = 1000 * k + j;
+                rule(
+                    &mut s,
+                    &g,
+                    json!({"direction": "ingress", "protocol": "tcp", "from_port": port, "to_port": port, "cidr": "10.0.0.0/8"}),
+                );
+            }
+            groups.push(g);
+        }
+        let g: Vec<&str> = groups.iter().map(String::as_str).collect();
+        endpoint(&mut s, &u.id, "10.9.0.5", &g);
+        let started = std::time::Instant::now();
+        let err = check_fits(&s).unwrap_err();
+        println!("refused in {:?}: {err}", started.elapsed());
+        assert_eq!((err.kind, err.code), (model::ErrorKind::Conflict, "limit_exceeded"));
+        assert!(err.message.contains(dp::map_names::POLICY), "{}", err.message);
+    }
+
+    #[test]
+    fn check_fits_accepts_an_ordinary_state_without_interfaces() {
+        let (s, _) = random_state(&mut StdRng::seed_from_u64(11));
+        check_fits(&s).unwrap();
+        check_fits(&State::default()).unwrap();
+    }
+
+    // ---- Speed ----
+
+    /// 100,000 rules in 100 groups of one universe, with every group on some local endpoint.
+    fn big_state() -> State {
+        let mut s = State::default();
+        let u = universe(&mut s, "10.0.0.0/8");
+        let mut rng = StdRng::seed_from_u64(100_000);
+        let groups: Vec<String> = (0..100).map(|i| group(&mut s, &u.id, &format!("g{i}"))).collect();
+        let mut next_rule = 0u32;
+        for g in &groups {
+            let sg = s.groups.get_mut(g).unwrap();
+            sg.egress.clear();
+            for _ in 0..model::MAX_RULES_PER_GROUP {
+                next_rule += 1;
+                let peer = match rng.random_range(0..100) {
+                    0..=9 => Peer::Group(groups[rng.random_range(0..groups.len())].clone()),
+                    10..=14 => Peer::Cidr("0.0.0.0/0".parse().unwrap()),
+                    15 => Peer::Cidr(format!("10.{}.0.0/16", rng.random_range(0..20)).parse().unwrap()),
+                    16..=59 => Peer::Cidr(
+                        format!("10.{}.{}.0/24", rng.random_range(0..20), rng.random_range(0..100))
+                            .parse()
+                            .unwrap(),
+                    ),
+                    _ => Peer::Cidr(
+                        format!("172.16.{}.{}/32", rng.random_range(0..40), rng.random::<u8>())
+                            .parse()
+                            .unwrap(),
+                    ),
+                };
+                let (protocol, ports, icmp) = match rng.random_range(0..10) {
+                    0 => (Protocol::All, None, None),
+                    1 => (Protocol::ICMP, None, Some((Some(rng.random_range(0..20)), None))),
+                    2 => {
+                        let a: u16 = rng.random_range(1024..60000);
+                        (Protocol::TCP, Some((a, a + rng.random_range(1..1000))), None)
+                    }
+                    3..=5 => (Protocol::UDP, Some((rng.random_range(1..65535), 0)), None),
+                    _ => (Protocol::TCP, Some((rng.random_range(1..65535), 0)), None),
+                };
+                let ports = ports.map(|(a, b): (u16, u16)| (a, b.max(a)));
+                let direction = if rng.random_bool(0.7) { Direction::Ingress } else { Direction::Egress };
+                let rule = model::Rule {
+                    id: format!("sgr-{next_rule:08x}"),
+                    direction,
+                    protocol,
+                    ports,
+                    icmp,
+                    peer,
+                    description: String::new(),
+                };
+                match direction {
+                    Direction::Ingress => sg.ingress.push(rule),
+                    Direction::Egress => sg.egress.push(rule),
+                }
+            }
+        }
+        for (i, chunk) in groups.chunks(model::MAX_GROUPS_PER_ENDPOINT).enumerate() {
+            let chunk: Vec<&str> = chunk.iter().map(String::as_str).collect();
+            for j in 0..3 {
+                endpoint(&mut s, &u.id, &format!("10.{i}.{j}.10"), &chunk);
+            }
+        }
+        s
+    }
+
+    #[test]
+    fn compiles_100_000_rules_fast() {
+        let s = big_state();
+        let rules: usize = s.groups.values().map(|g| g.ingress.len() + g.egress.len()).sum();
+        assert!(rules >= 100_000);
+        let mut ids = CidrIds::default();
+        let started = std::time::Instant::now();
+        let d = compile_all(&s, &mut ids);
+        let first = started.elapsed();
+        let started = std::time::Instant::now();
+        let again = compile_all(&s, &mut ids);
+        let second = started.elapsed();
+        assert_eq!(again, d);
+        println!(
+            "compiled {rules} rules into {} policy and {} CIDR entries in {first:?} (again: {second:?}, {} build)",
+            d.policy.len(),
+            d.cidrs.len(),
+            if cfg!(debug_assertions) { "debug" } else { "release" },
+        );
+        let budget = if cfg!(debug_assertions) { 20.0 } else { 1.0 };
+        assert!(first.as_secs_f64() < budget, "{first:?}");
     }
 }

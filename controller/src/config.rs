@@ -35,7 +35,11 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// `versed` command line. Flags override the settings of the file.
 #[derive(Clone, Debug, Default, clap::Parser)]
-#[command(name = "versed", version, about = "The Verse daemon: serves the API and programs this host's dataplane")]
+#[command(
+    name = "versed",
+    version,
+    about = "The Verse daemon: serves the API and programs this host's dataplane"
+)]
 pub struct Args {
     /// TOML settings file (see --print-default-config); without it, the defaults.
     #[arg(long, value_name = "FILE")]
@@ -72,7 +76,8 @@ pub enum StoreKind {
 impl StoreKind {
     /// Parses `embedded` or `etcd://HOST:PORT[,HOST:PORT...]`.
     pub fn parse(url: &str) -> Result<StoreKind> {
-        let invalid = |reason: &str| Error::Invalid { key: "store", value: url.to_owned(), reason: reason.to_owned() };
+        let invalid =
+            |reason: &str| Error::Invalid { key: "store", value: url.to_owned(), reason: reason.to_owned() };
         if url == "embedded" {
             return Ok(StoreKind::Embedded);
         }
@@ -191,7 +196,8 @@ impl Config {
 
     /// Parses a settings file (no flags, no validation beyond the TOML types).
     pub fn from_file(path: &Path) -> Result<Config> {
-        let text = std::fs::read_to_string(path).map_err(|source| Error::Read { path: path.to_owned(), source })?;
+        let text =
+            std::fs::read_to_string(path).map_err(|source| Error::Read { path: path.to_owned(), source })?;
         Config::from_toml(&text).map_err(|message| Error::Parse { path: path.to_owned(), message })
     }
 
@@ -427,8 +433,20 @@ mod tests {
         // Every key of the serialized defaults appears in the text, after a comment line.
         let lines: Vec<&str> = text.lines().collect();
         for key in [
-            "listen", "state_dir", "bpf_dir", "host", "underlay", "store", "mtu", "gateway_mac",
-            "tcp_established", "tcp_opening", "tcp_closing", "udp_replied", "udp_one_way", "icmp",
+            "listen",
+            "state_dir",
+            "bpf_dir",
+            "host",
+            "underlay",
+            "store",
+            "mtu",
+            "gateway_mac",
+            "tcp_established",
+            "tcp_opening",
+            "tcp_closing",
+            "udp_replied",
+            "udp_one_way",
+            "icmp",
             "other",
         ] {
             let i = lines

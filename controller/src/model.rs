@@ -4,6 +4,16 @@
 //! [`Error`] naming the field at fault and leaves the state untouched. Nothing here does I/O; the
 //! store persists a `State`, the API calls these functions, the compiler reads the result.
 //! Semantics are those of `shared/product.md` (S1–S13); the numbers are cited where they apply.
+//!
+//! Errors: 400 `invalid_argument` names the request field (`cidr`, `cidrs[1]`, `from_port`,
+//! `security_groups[3]`, ...). An id in the path that does not exist is a 404 without a field; an
+//! id in the body that does not exist (`universe`, `group`, `security_groups[i]`) is a 404 that
+//! names its field, and one that exists in another universe is a 400. Conflicts are 409:
+//! `duplicate`, `in_use`, `protected` (the `default` group, S3) and `limit_exceeded` (S12).
+//!
+//! Ids are a prefix (`uni-`, `sg-`, `sgr-`, `ep-`) and 8 random lowercase hex digits. An endpoint's
+//! MAC (`02:00:` and those 4 bytes) and host-side interface (`vx` and those 8 digits) derive from
+//! its id, so they are unique too. VNIs and identities are the smallest free numbers from 1.
 
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
@@ -336,9 +346,11 @@ impl State {
                 format!("security group {id} is used by endpoint {}", ep.id),
             ));
         }
-        let referrer = self.groups.values().filter(|g| g.id != id).find(|g| {
-            g.ingress.iter().chain(&g.egress).any(|r| r.peer == Peer::Group(id.to_owned()))
-        });
+        let referrer = self
+            .groups
+            .values()
+            .filter(|g| g.id != id)
+            .find(|g| g.ingress.iter().chain(&g.egress).any(|r| r.peer == Peer::Group(id.to_owned())));
         if let Some(referrer) = referrer {
             return Err(Error::conflict(
                 "in_use",
@@ -374,9 +386,7 @@ impl State {
             return Err(Error::conflict(
                 "limit_exceeded",
                 None,
-                format!(
-                    "security group {group} already has {count} rules, the most a group may have (S12)"
-                ),
+                format!("security group {group} already has {count} rules, the most a group may have (S12)"),
             ));
         }
         rule.id = fresh_id("sgr", |id| self.rule_id_taken(id));
@@ -404,8 +414,10 @@ impl State {
 
     /// `POST /v1/endpoints`; `default_host` is the host serving the request.
     pub fn create_endpoint(&mut self, req: CreateEndpoint, default_host: &str) -> Result<Endpoint> {
-        let universe =
-            self.universes.get(&req.universe).ok_or_else(|| missing("universe", "universe", &req.universe))?;
+        let universe = self
+            .universes
+            .get(&req.universe)
+            .ok_or_else(|| missing("universe", "universe", &req.universe))?;
         let host = match &req.host {
             Some(h) => check_host(h)?,
             None => default_host.to_owned(),
@@ -417,7 +429,10 @@ impl State {
             return Err(Error::conflict(
                 "duplicate",
                 Some("ip"),
-                format!("ip: {ip} is already the address of endpoint {} in universe {}", other.id, universe.id),
+                format!(
+                    "ip: {ip} is already the address of endpoint {} in universe {}",
+                    other.id, universe.id
+                ),
             ));
         }
         if let Some(other) = self.endpoints.values().find(|e| e.host == host && e.netns == netns) {
@@ -585,7 +600,10 @@ fn check_host(host: &str) -> Result<String> {
         return Err(Error::invalid("host", "must be 1 to 253 characters"));
     }
     if let Some(c) = host.chars().find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_'))) {
-        return Err(Error::invalid("host", format!("{host:?} contains {c:?}; use letters, digits, '-', '.', '_'")));
+        return Err(Error::invalid(
+            "host",
+            format!("{host:?} contains {c:?}; use letters, digits, '-', '.', '_'"),
+        ));
     }
     Ok(host.to_owned())
 }
@@ -643,7 +661,10 @@ fn universe_cidrs(req: &CreateUniverse) -> Result<Vec<Ipv4Network>> {
         if !(UNIVERSE_PREFIX_MIN..=UNIVERSE_PREFIX_MAX).contains(&net.prefix()) {
             return Err(Error::invalid(
                 field,
-                format!("prefix /{} is outside /{UNIVERSE_PREFIX_MIN} to /{UNIVERSE_PREFIX_MAX}", net.prefix()),
+                format!(
+                    "prefix /{} is outside /{UNIVERSE_PREFIX_MIN} to /{UNIVERSE_PREFIX_MAX}",
+                    net.prefix()
+                ),
             ));
         }
         if let Some(i) = cidrs.iter().position(|c| c.overlaps(net)) {
@@ -717,9 +738,9 @@ fn port(field: &str, value: Option<i64>) -> Result<u16> {
 fn icmp_value(field: &str, value: Option<i64>) -> Result<Option<u8>> {
     match value {
         None | Some(-1) => Ok(None),
-        Some(v) => u8::try_from(v)
-            .map(Some)
-            .map_err(|_| Error::invalid(field, format!("{v} is outside -1 to 255"))),
+        Some(v) => {
+            u8::try_from(v).map(Some).map_err(|_| Error::invalid(field, format!("{v} is outside -1 to 255")))
+        }
     }
 }
 
@@ -775,7 +796,7 @@ impl State {
     /// Validates a rule request against `group` (its universe for group peers); `id` is left
     /// empty for the caller.
     fn parse_rule(&self, group: &SecurityGroup, req: CreateRule) -> Result<Rule> {
-        let direction = match req.direction.as_str() {
+        let direction = match req.direction.to_ascii_lowercase().as_str() {
             "ingress" => Direction::Ingress,
             "egress" => Direction::Egress,
             other => return Err(Error::invalid("direction", format!("{other:?} is not ingress or egress"))),
@@ -854,8 +875,8 @@ impl State {
         // A number freed by this very edit is not free yet: handing it to another set of groups
         // in the same revision would let the dataplane, while it applies the change, judge a
         // packet by a mix of the old and the new policy of that number.
-        let n = smallest_free(self.identities.keys().copied(), dataplane_common::MAX_IDENTITY)
-            .ok_or_else(|| {
+        let n = smallest_free(self.identities.keys().copied(), dataplane_common::MAX_IDENTITY).ok_or_else(
+            || {
                 Error::conflict(
                     "limit_exceeded",
                     Some("security_groups"),
@@ -864,7 +885,8 @@ impl State {
                         dataplane_common::MAX_IDENTITY
                     ),
                 )
-            })?;
+            },
+        )?;
         Ok((n, identity))
     }
 
@@ -1159,7 +1181,10 @@ mod tests {
         assert_eq!(g.ingress.len(), 1);
         let r = &g.ingress[0];
         assert!(is_id(&r.id, "sgr"));
-        assert_eq!((r.direction, r.protocol, r.ports, r.icmp), (Direction::Ingress, Protocol::All, None, None));
+        assert_eq!(
+            (r.direction, r.protocol, r.ports, r.icmp),
+            (Direction::Ingress, Protocol::All, None, None)
+        );
         assert_eq!(r.peer, Peer::Group(g.id.clone()), "ingress all from default itself");
         assert_s2_egress(g);
     }
@@ -1168,7 +1193,10 @@ mod tests {
         let peers: Vec<&Peer> = g.egress.iter().map(|r| &r.peer).collect();
         assert_eq!(peers, vec![&Peer::Cidr(net("0.0.0.0/0")), &Peer::Cidr(net("::/0"))]);
         for r in &g.egress {
-            assert_eq!((r.direction, r.protocol, r.ports, r.icmp), (Direction::Egress, Protocol::All, None, None));
+            assert_eq!(
+                (r.direction, r.protocol, r.ports, r.icmp),
+                (Direction::Egress, Protocol::All, None, None)
+            );
         }
         assert_ne!(g.egress[0].id, g.egress[1].id);
     }
@@ -1200,11 +1228,18 @@ mod tests {
         let u = universe(&mut s, "u", "10.0.0.0/16");
         let rev = s.revision;
         let g = s
-            .create_group(CreateGroup { universe: u.id.clone(), name: "web".into(), description: Some("w".into()) })
+            .create_group(CreateGroup {
+                universe: u.id.clone(),
+                name: "web".into(),
+                description: Some("w".into()),
+            })
             .unwrap();
         assert_eq!(s.revision, rev + 1);
         assert!(is_id(&g.id, "sg"));
-        assert_eq!((g.name.as_str(), g.description.as_str(), g.universe.as_str()), ("web", "w", u.id.as_str()));
+        assert_eq!(
+            (g.name.as_str(), g.description.as_str(), g.universe.as_str()),
+            ("web", "w", u.id.as_str())
+        );
         assert!(g.ingress.is_empty());
         assert_s2_egress(&g);
         assert_eq!(s.groups[&g.id], g);
@@ -1221,9 +1256,21 @@ mod tests {
             name: name.into(),
             description: d,
         };
-        refused(&mut s, |s| s.create_group(req("uni-00000000", "a", None)), NotFound, "not_found", Some("universe"));
+        refused(
+            &mut s,
+            |s| s.create_group(req("uni-00000000", "a", None)),
+            NotFound,
+            "not_found",
+            Some("universe"),
+        );
         refused(&mut s, |s| s.create_group(req(&u.id, "", None)), Invalid, "invalid_argument", Some("name"));
-        refused(&mut s, |s| s.create_group(req(&u.id, "a\nb", None)), Invalid, "invalid_argument", Some("name"));
+        refused(
+            &mut s,
+            |s| s.create_group(req(&u.id, "a\nb", None)),
+            Invalid,
+            "invalid_argument",
+            Some("name"),
+        );
         refused(
             &mut s,
             |s| s.create_group(req(&u.id, "a", Some("d".repeat(256)))),
@@ -1231,7 +1278,13 @@ mod tests {
             "invalid_argument",
             Some("description"),
         );
-        refused(&mut s, |s| s.create_group(req(&u.id, DEFAULT_GROUP, None)), Conflict, "duplicate", Some("name"));
+        refused(
+            &mut s,
+            |s| s.create_group(req(&u.id, DEFAULT_GROUP, None)),
+            Conflict,
+            "duplicate",
+            Some("name"),
+        );
         group(&mut s, &u.id, "web");
         refused(&mut s, |s| s.create_group(req(&u.id, "web", None)), Conflict, "duplicate", Some("name"));
         // Names are per universe.
@@ -1248,7 +1301,9 @@ mod tests {
         refused(&mut s, |s| s.delete_group(&default), Conflict, "protected", None);
 
         let used = group(&mut s, &u.id, "used");
-        let ep = s.create_endpoint(endpoint_req(&u.id, "ns1", "10.0.0.5", Some(vec![used.id.clone()])), "h").unwrap();
+        let ep = s
+            .create_endpoint(endpoint_req(&u.id, "ns1", "10.0.0.5", Some(vec![used.id.clone()])), "h")
+            .unwrap();
         refused(&mut s, |s| s.delete_group(&used.id), Conflict, "in_use", None);
         s.delete_endpoint(&ep.id).unwrap();
 
@@ -1325,7 +1380,8 @@ mod tests {
             (json!(255), Protocol::Number(255)),
         ];
         for (i, (protocol, expected)) in cases.into_iter().enumerate() {
-            let mut body = json!({"direction": "ingress", "protocol": protocol, "cidr": format!("10.0.{i}.0/24")});
+            let mut body =
+                json!({"direction": "ingress", "protocol": protocol, "cidr": format!("10.0.{i}.0/24")});
             if expected == Protocol::TCP || expected == Protocol::UDP {
                 body["from_port"] = json!(1);
                 body["to_port"] = json!(2);
@@ -1370,16 +1426,38 @@ mod tests {
             (tcp(json!({"from_port": 10, "to_port": 9})), "from_port"),
             (tcp(json!({"icmp_type": 8})), "icmp_type"),
             (tcp(json!({"icmp_code": 0})), "icmp_code"),
-            (tcp(json!({"protocol": "icmp", "from_port": null, "to_port": null, "icmp_code": 3})), "icmp_code"),
-            (tcp(json!({"protocol": "icmp", "from_port": null, "to_port": null, "icmp_type": -1, "icmp_code": 3})), "icmp_code"),
-            (tcp(json!({"protocol": "icmp", "from_port": null, "to_port": null, "icmp_type": 256})), "icmp_type"),
-            (tcp(json!({"protocol": "icmp", "from_port": null, "to_port": null, "icmp_type": -2})), "icmp_type"),
-            (tcp(json!({"protocol": "icmp", "from_port": null, "to_port": null, "icmp_type": 3, "icmp_code": 256})), "icmp_code"),
+            (
+                tcp(json!({"protocol": "icmp", "from_port": null, "to_port": null, "icmp_code": 3})),
+                "icmp_code",
+            ),
+            (
+                tcp(
+                    json!({"protocol": "icmp", "from_port": null, "to_port": null, "icmp_type": -1, "icmp_code": 3}),
+                ),
+                "icmp_code",
+            ),
+            (
+                tcp(json!({"protocol": "icmp", "from_port": null, "to_port": null, "icmp_type": 256})),
+                "icmp_type",
+            ),
+            (
+                tcp(json!({"protocol": "icmp", "from_port": null, "to_port": null, "icmp_type": -2})),
+                "icmp_type",
+            ),
+            (
+                tcp(
+                    json!({"protocol": "icmp", "from_port": null, "to_port": null, "icmp_type": 3, "icmp_code": 256}),
+                ),
+                "icmp_code",
+            ),
             (tcp(json!({"protocol": "icmp", "to_port": null})), "from_port"),
             (tcp(json!({"protocol": "icmpv6", "from_port": null})), "to_port"),
             (tcp(json!({"protocol": "all", "to_port": null})), "from_port"),
             (tcp(json!({"protocol": 47, "from_port": null, "to_port": null, "icmp_type": 1})), "icmp_type"),
-            (tcp(json!({"protocol": "all", "from_port": null, "to_port": null, "icmp_code": 1})), "icmp_code"),
+            (
+                tcp(json!({"protocol": "all", "from_port": null, "to_port": null, "icmp_code": 1})),
+                "icmp_code",
+            ),
             (tcp(json!({"cidr": null})), "cidr"),
             (tcp(json!({"group": g.id})), "cidr"),
             (tcp(json!({"cidr": "10.0.0.300/8"})), "cidr"),
@@ -1391,10 +1469,20 @@ mod tests {
         for (body, field) in invalid {
             let text = body.to_string();
             let err = s.add_rule(&g.id, rule_req(body)).expect_err(&text);
-            assert_eq!((err.kind, err.code, err.field.as_deref()), (Invalid, "invalid_argument", Some(field)), "{text}: {err:?}");
+            assert_eq!(
+                (err.kind, err.code, err.field.as_deref()),
+                (Invalid, "invalid_argument", Some(field)),
+                "{text}: {err:?}"
+            );
             assert!(err.message.starts_with(field), "{}", err.message);
         }
-        refused(&mut s, |s| s.add_rule(&g.id, rule_req(tcp(json!({"cidr": null, "group": "sg-00000000"})))), NotFound, "not_found", Some("group"));
+        refused(
+            &mut s,
+            |s| s.add_rule(&g.id, rule_req(tcp(json!({"cidr": null, "group": "sg-00000000"})))),
+            NotFound,
+            "not_found",
+            Some("group"),
+        );
         refused(&mut s, |s| s.add_rule("sg-00000000", rule_req(tcp(json!({})))), NotFound, "not_found", None);
         assert_eq!(s.groups[&g.id].ingress.len(), 0);
     }
@@ -1448,7 +1536,9 @@ mod tests {
         }
         let err = refused(
             &mut s,
-            |s| s.add_rule(&g.id, rule_req(json!({"direction": "egress", "protocol": "udp", "from_port": 1, "to_port": 1, "cidr": "10.0.0.0/8"}))),
+            |s| {
+                s.add_rule(&g.id, rule_req(json!({"direction": "egress", "protocol": "udp", "from_port": 1, "to_port": 1, "cidr": "10.0.0.0/8"})))
+            },
             ErrorKind::Conflict,
             "limit_exceeded",
             None,
@@ -1563,7 +1653,10 @@ mod tests {
             (CreateEndpoint { host: Some("a b".into()), ..ok("10.0.0.5") }, "host"),
             (CreateEndpoint { security_groups: Some(vec![]), ..ok("10.0.0.5") }, "security_groups"),
             (
-                CreateEndpoint { security_groups: Some(vec![web.id.clone(), foreign.id.clone()]), ..ok("10.0.0.5") },
+                CreateEndpoint {
+                    security_groups: Some(vec![web.id.clone(), foreign.id.clone()]),
+                    ..ok("10.0.0.5")
+                },
                 "security_groups[1]",
             ),
             (
@@ -1577,14 +1670,32 @@ mod tests {
         for (req, field) in invalid {
             let text = format!("{req:?}");
             let err = s.create_endpoint(req, "h").expect_err(&text);
-            assert_eq!((err.kind, err.code, err.field.as_deref()), (Invalid, "invalid_argument", Some(field)), "{text}: {err:?}");
+            assert_eq!(
+                (err.kind, err.code, err.field.as_deref()),
+                (Invalid, "invalid_argument", Some(field)),
+                "{text}: {err:?}"
+            );
         }
         let err = s.create_endpoint(ok("fd00::5"), "h").unwrap_err();
         assert!(err.message.contains("IPv6"), "{}", err.message);
-        refused(&mut s, |s| s.create_endpoint(endpoint_req("uni-00000000", "ns", "10.0.0.5", None), "h"), NotFound, "not_found", Some("universe"));
         refused(
             &mut s,
-            |s| s.create_endpoint(CreateEndpoint { security_groups: Some(vec![web.id.clone(), "sg-00000000".into()]), ..ok("10.0.0.5") }, "h"),
+            |s| s.create_endpoint(endpoint_req("uni-00000000", "ns", "10.0.0.5", None), "h"),
+            NotFound,
+            "not_found",
+            Some("universe"),
+        );
+        refused(
+            &mut s,
+            |s| {
+                s.create_endpoint(
+                    CreateEndpoint {
+                        security_groups: Some(vec![web.id.clone(), "sg-00000000".into()]),
+                        ..ok("10.0.0.5")
+                    },
+                    "h",
+                )
+            },
             NotFound,
             "not_found",
             Some("security_groups[1]"),
@@ -1592,13 +1703,21 @@ mod tests {
         let many: Vec<String> = (0..17).map(|i| group(&mut s, &u.id, &format!("g{i}")).id).collect();
         refused(
             &mut s,
-            |s| s.create_endpoint(CreateEndpoint { security_groups: Some(many.clone()), ..ok("10.0.0.5") }, "h"),
+            |s| {
+                s.create_endpoint(
+                    CreateEndpoint { security_groups: Some(many.clone()), ..ok("10.0.0.5") },
+                    "h",
+                )
+            },
             Conflict,
             "limit_exceeded",
             Some("security_groups"),
         );
         let sixteen = s
-            .create_endpoint(CreateEndpoint { security_groups: Some(many[..16].to_vec()), ..ok("10.0.0.5") }, "h")
+            .create_endpoint(
+                CreateEndpoint { security_groups: Some(many[..16].to_vec()), ..ok("10.0.0.5") },
+                "h",
+            )
             .unwrap();
         assert_eq!(sixteen.security_groups.len(), 16, "S12: 16 groups are allowed");
 
@@ -1607,8 +1726,20 @@ mod tests {
         s.create_endpoint(endpoint_req(&u.id, "ns3", "10.0.0.254", None), "h").unwrap();
         s.create_endpoint(endpoint_req(&u.id, "ns4", "10.9.0.2", None), "h").unwrap();
 
-        refused(&mut s, |s| s.create_endpoint(endpoint_req(&u.id, "ns9", "10.0.0.5", None), "h"), Conflict, "duplicate", Some("ip"));
-        refused(&mut s, |s| s.create_endpoint(endpoint_req(&u.id, "ns", "10.0.0.6", None), "h"), Conflict, "duplicate", Some("netns"));
+        refused(
+            &mut s,
+            |s| s.create_endpoint(endpoint_req(&u.id, "ns9", "10.0.0.5", None), "h"),
+            Conflict,
+            "duplicate",
+            Some("ip"),
+        );
+        refused(
+            &mut s,
+            |s| s.create_endpoint(endpoint_req(&u.id, "ns", "10.0.0.6", None), "h"),
+            Conflict,
+            "duplicate",
+            Some("netns"),
+        );
         // The same address in another universe, the same namespace name on another host: fine.
         s.create_endpoint(endpoint_req(&other_u.id, "ns9", "10.0.0.5", None), "h").unwrap();
         s.create_endpoint(endpoint_req(&u.id, "ns", "10.0.0.6", None), "h2").unwrap();
@@ -1638,7 +1769,8 @@ mod tests {
 
         // PATCH moves an endpoint to the identity of its new set (S5), collecting the old one.
         let rev = s.revision;
-        let p = s.patch_endpoint(&e3.id, PatchEndpoint { security_groups: vec![b.clone(), a.clone()] }).unwrap();
+        let p =
+            s.patch_endpoint(&e3.id, PatchEndpoint { security_groups: vec![b.clone(), a.clone()] }).unwrap();
         assert_eq!(s.revision, rev + 1);
         assert_eq!(p.identity, 1);
         assert_eq!(p.security_groups, vec![b.clone(), a.clone()]);
@@ -1670,12 +1802,36 @@ mod tests {
         let e = s.create_endpoint(endpoint_req(&u.id, "n", "10.0.0.5", None), "h").unwrap();
         let patch = |groups: Vec<String>| PatchEndpoint { security_groups: groups };
         refused(&mut s, |s| s.patch_endpoint("ep-00000000", patch(vec![])), NotFound, "not_found", None);
-        refused(&mut s, |s| s.patch_endpoint(&e.id, patch(vec![])), Invalid, "invalid_argument", Some("security_groups"));
+        refused(
+            &mut s,
+            |s| s.patch_endpoint(&e.id, patch(vec![])),
+            Invalid,
+            "invalid_argument",
+            Some("security_groups"),
+        );
         let foreign = default_group(&s, &o.id);
-        refused(&mut s, |s| s.patch_endpoint(&e.id, patch(vec![foreign])), Invalid, "invalid_argument", Some("security_groups[0]"));
-        refused(&mut s, |s| s.patch_endpoint(&e.id, patch(vec!["sg-00000000".into()])), NotFound, "not_found", Some("security_groups[0]"));
+        refused(
+            &mut s,
+            |s| s.patch_endpoint(&e.id, patch(vec![foreign])),
+            Invalid,
+            "invalid_argument",
+            Some("security_groups[0]"),
+        );
+        refused(
+            &mut s,
+            |s| s.patch_endpoint(&e.id, patch(vec!["sg-00000000".into()])),
+            NotFound,
+            "not_found",
+            Some("security_groups[0]"),
+        );
         let many: Vec<String> = (0..17).map(|i| group(&mut s, &u.id, &format!("g{i}")).id).collect();
-        refused(&mut s, |s| s.patch_endpoint(&e.id, patch(many)), Conflict, "limit_exceeded", Some("security_groups"));
+        refused(
+            &mut s,
+            |s| s.patch_endpoint(&e.id, patch(many)),
+            Conflict,
+            "limit_exceeded",
+            Some("security_groups"),
+        );
         refused(&mut s, |s| s.delete_endpoint("ep-00000000"), NotFound, "not_found", None);
     }
 
@@ -1685,7 +1841,8 @@ mod tests {
         let u = universe(&mut s, "u", "10.0.0.0/16");
         let g = default_group(&s, &u.id);
         for n in 1..=dataplane_common::MAX_IDENTITY {
-            s.identities.insert(n, Identity { universe: "uni-elsewhere".into(), groups: vec![format!("sg-{n}")] });
+            s.identities
+                .insert(n, Identity { universe: "uni-elsewhere".into(), groups: vec![format!("sg-{n}")] });
         }
         refused(
             &mut s,
@@ -1729,7 +1886,12 @@ mod tests {
         assert_eq!(s.revision, 1);
         let g = group(&mut s, &u.id, "g");
         assert_eq!(s.revision, 2);
-        let r = s.add_rule(&g.id, rule_req(json!({"direction": "ingress", "protocol": "all", "cidr": "0.0.0.0/0"}))).unwrap();
+        let r = s
+            .add_rule(
+                &g.id,
+                rule_req(json!({"direction": "ingress", "protocol": "all", "cidr": "0.0.0.0/0"})),
+            )
+            .unwrap();
         assert_eq!(s.revision, 3);
         let e = s.create_endpoint(endpoint_req(&u.id, "n", "10.0.0.5", None), "h").unwrap();
         assert_eq!(s.revision, 4);

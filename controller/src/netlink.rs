@@ -3,11 +3,16 @@
 //! Contract: [`plumb`] is idempotent. It leaves, for one endpoint, a veth pair whose host side is
 //! `Endpoint::interface` in the namespace where versed runs and whose workload side is `eth0` in
 //! the `ip netns` namespace `Endpoint::netns`, with the endpoint's MAC, `IP/32`, the MTU, IPv6
-//! disabled on both sides, both sides and the workload's `lo` up, and
+//! disabled on both sides, the workload's `eth0` and `lo` up, and
 //! `default via <gateway> dev eth0 onlink` in the workload. Calling it again on a plumbed endpoint
 //! re-asserts the same settings and returns the same ifindex (a restarted versed does this), so
 //! established flows are never disturbed. [`unplumb`] deletes the host side, which deletes the
 //! pair; an absent interface is not an error.
+//!
+//! Fail closed: [`plumb`] leaves the host side as it found it, so a pair it creates stays down on
+//! the host side (and without carrier in the workload) until the caller has attached the
+//! dataplane program and brings it up with [`set_up`]. No packet of a new workload ever reaches
+//! the daemon's namespace unfiltered, where a host that forwards could route it anywhere.
 //!
 //! A netlink socket belongs to the network namespace it was created in, and `setns` changes the
 //! namespace of one thread only. Work inside a workload namespace therefore runs on a dedicated OS
@@ -27,8 +32,8 @@ use std::net::{IpAddr, Ipv4Addr};
 use std::os::fd::AsRawFd;
 
 use futures::TryStreamExt;
-use rtnetlink::packet_route::link::{InfoKind, LinkAttribute, LinkInfo, LinkMessage};
 use rtnetlink::packet_route::link::{InfoData, InfoVeth};
+use rtnetlink::packet_route::link::{InfoKind, LinkAttribute, LinkInfo, LinkMessage};
 use rtnetlink::{Handle, LinkMessageBuilder, LinkUnspec, LinkVeth, RouteMessageBuilder};
 
 use crate::model;
@@ -68,7 +73,11 @@ pub enum Error {
     WorkerDied { netns: String },
     /// `RTM_GETLINK` failed.
     #[error("failed to look up interface {iface} in {netns}: {source}")]
-    GetLink { iface: String, netns: String, source: rtnetlink::Error },
+    GetLink {
+        iface: String,
+        netns: String,
+        source: NlError,
+    },
     /// An interface needed in the workload namespace is not there.
     #[error("interface {iface} not found in {netns}")]
     MissingLink { iface: String, netns: String },
@@ -77,31 +86,66 @@ pub enum Error {
     ForeignInterface { iface: String },
     /// `eth0` in the workload namespace is not the peer of the host side.
     #[error("{WORKLOAD_IFACE} in {netns} (ifindex {found}) is not the peer of {iface} (ifindex {expected})")]
-    PeerMismatch { iface: String, netns: String, expected: u32, found: u32 },
+    PeerMismatch {
+        iface: String,
+        netns: String,
+        expected: u32,
+        found: u32,
+    },
     /// `RTM_GETNSID` for the workload namespace failed.
     #[error("failed to resolve the nsid of {netns}: {source}")]
-    GetNsid { netns: String, source: rtnetlink::Error },
+    GetNsid { netns: String, source: NlError },
     /// `RTM_NEWLINK` (veth creation) failed.
     #[error("failed to create veth {iface} <-> {WORKLOAD_IFACE} in {netns}: {source}")]
-    CreateVeth { iface: String, netns: String, source: rtnetlink::Error },
+    CreateVeth {
+        iface: String,
+        netns: String,
+        source: NlError,
+    },
     /// `RTM_SETLINK` (MTU, MAC, up) failed.
     #[error("failed to set {what} of {iface} in {netns}: {source}")]
-    SetLink { iface: String, netns: String, what: &'static str, source: rtnetlink::Error },
+    SetLink {
+        iface: String,
+        netns: String,
+        what: &'static str,
+        source: NlError,
+    },
     /// `RTM_DELLINK` failed.
     #[error("failed to delete interface {iface}: {source}")]
-    DeleteLink { iface: String, source: rtnetlink::Error },
+    DeleteLink { iface: String, source: NlError },
     /// `RTM_NEWADDR` failed.
     #[error("failed to add address {addr}/32 to {iface} in {netns}: {source}")]
-    AddAddress { iface: String, netns: String, addr: Ipv4Addr, source: rtnetlink::Error },
+    AddAddress {
+        iface: String,
+        netns: String,
+        addr: Ipv4Addr,
+        source: NlError,
+    },
+    /// `RTM_GETADDR` failed.
+    #[error("failed to list the addresses of {iface}: {source}")]
+    GetAddress { iface: String, source: NlError },
     /// `RTM_NEWROUTE` failed.
     #[error("failed to add route default via {gateway} dev {iface} onlink in {netns}: {source}")]
-    AddRoute { iface: String, netns: String, gateway: Ipv4Addr, source: rtnetlink::Error },
+    AddRoute {
+        iface: String,
+        netns: String,
+        gateway: Ipv4Addr,
+        source: NlError,
+    },
     /// Writing an IPv6 sysctl failed.
     #[error("failed to write {path} in {netns}: {source}")]
-    Sysctl { path: String, netns: String, source: io::Error },
+    Sysctl {
+        path: String,
+        netns: String,
+        source: io::Error,
+    },
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// An rtnetlink error, boxed: it carries the whole netlink message and would make every
+/// `Result` of this module large.
+pub type NlError = Box<rtnetlink::Error>;
 
 /// How the daemon's own namespace is named in errors.
 const HOST_NS: &str = "the host namespace";
@@ -110,7 +154,10 @@ const HOST_NS: &str = "the host namespace";
 pub async fn plumb(ep: &model::Endpoint, mtu: u32, gateway: Ipv4Addr) -> Result<u32> {
     let iface = ep.interface.clone();
     check_ifname(&iface)?;
-    let mac = model::parse_mac(&ep.mac).ok_or_else(|| Error::InvalidMac { iface: iface.clone(), mac: ep.mac.clone() })?;
+    let mac = model::parse_mac(&ep.mac).ok_or_else(|| Error::InvalidMac {
+        iface: iface.clone(),
+        mac: ep.mac.clone(),
+    })?;
     let handle = connect(HOST_NS)?;
     // Held open for the whole call: the fd is what the kernel resolves `IFLA_NET_NS_FD` against,
     // and it pins the namespace while we work.
@@ -126,7 +173,10 @@ pub async fn plumb(ep: &model::Endpoint, mtu: u32, gateway: Ipv4Addr) -> Result<
             .get_netns_id(ep.netns.clone())
             .execute()
             .await
-            .map_err(|source| Error::GetNsid { netns: ep.netns.clone(), source })?;
+            .map_err(|source| Error::GetNsid {
+                netns: ep.netns.clone(),
+                source: source.into(),
+            })?;
         let peer_nsid = link.attributes.iter().find_map(|a| match a {
             LinkAttribute::LinkNetNsId(id) => Some(*id),
             _ => None,
@@ -159,10 +209,17 @@ pub async fn plumb(ep: &model::Endpoint, mtu: u32, gateway: Ipv4Addr) -> Result<
                 .add(msg)
                 .execute()
                 .await
-                .map_err(|source| Error::CreateVeth { iface: iface.clone(), netns: ep.netns.clone(), source })?;
+                .map_err(|source| Error::CreateVeth {
+                    iface: iface.clone(),
+                    netns: ep.netns.clone(),
+                    source: source.into(),
+                })?;
             let link = get_link_by_name(&handle, &iface, HOST_NS)
                 .await?
-                .ok_or_else(|| Error::MissingLink { iface: iface.clone(), netns: HOST_NS.into() })?;
+                .ok_or_else(|| Error::MissingLink {
+                    iface: iface.clone(),
+                    netns: HOST_NS.into(),
+                })?;
             (link.header.index, link_peer_index(&link))
         }
     };
@@ -172,10 +229,15 @@ pub async fn plumb(ep: &model::Endpoint, mtu: u32, gateway: Ipv4Addr) -> Result<
     disable_ipv6(&iface, HOST_NS)?;
     handle
         .link()
-        .set(LinkUnspec::new_with_index(ifindex).mtu(mtu).up().build())
+        .set(LinkUnspec::new_with_index(ifindex).mtu(mtu).build())
         .execute()
         .await
-        .map_err(|source| Error::SetLink { iface: iface.clone(), netns: HOST_NS.into(), what: "mtu/up", source })?;
+        .map_err(|source| Error::SetLink {
+            iface: iface.clone(),
+            netns: HOST_NS.into(),
+            what: "mtu",
+            source: source.into(),
+        })?;
 
     let ip = ep.ip;
     let netns = ep.netns.clone();
@@ -201,7 +263,10 @@ async fn configure_workload(
 ) -> Result<()> {
     let eth0 = get_link_by_name(&h, WORKLOAD_IFACE, netns)
         .await?
-        .ok_or_else(|| Error::MissingLink { iface: WORKLOAD_IFACE.into(), netns: netns.into() })?;
+        .ok_or_else(|| Error::MissingLink {
+            iface: WORKLOAD_IFACE.into(),
+            netns: netns.into(),
+        })?;
     let index = eth0.header.index;
     if let Some(expected) = expected_peer {
         if expected != index {
@@ -214,7 +279,12 @@ async fn configure_workload(
         }
     }
     let set_err = |what: &'static str| {
-        move |source| Error::SetLink { iface: WORKLOAD_IFACE.into(), netns: netns.into(), what, source }
+        move |source: rtnetlink::Error| Error::SetLink {
+            iface: WORKLOAD_IFACE.into(),
+            netns: netns.into(),
+            what,
+            source: source.into(),
+        }
     };
     let current_mac = eth0.attributes.iter().find_map(|a| match a {
         LinkAttribute::Address(m) => Some(m.as_slice()),
@@ -222,7 +292,11 @@ async fn configure_workload(
     });
     if current_mac != Some(&mac[..]) {
         h.link()
-            .set(LinkUnspec::new_with_index(index).address(mac.to_vec()).build())
+            .set(
+                LinkUnspec::new_with_index(index)
+                    .address(mac.to_vec())
+                    .build(),
+            )
             .execute()
             .await
             .map_err(set_err("MAC"))?;
@@ -238,16 +312,29 @@ async fn configure_workload(
         .replace()
         .execute()
         .await
-        .map_err(|source| Error::AddAddress { iface: WORKLOAD_IFACE.into(), netns: netns.into(), addr: ip, source })?;
+        .map_err(|source| Error::AddAddress {
+            iface: WORKLOAD_IFACE.into(),
+            netns: netns.into(),
+            addr: ip,
+            source: source.into(),
+        })?;
 
     let lo = get_link_by_name(&h, "lo", netns)
         .await?
-        .ok_or_else(|| Error::MissingLink { iface: "lo".into(), netns: netns.into() })?;
+        .ok_or_else(|| Error::MissingLink {
+            iface: "lo".into(),
+            netns: netns.into(),
+        })?;
     h.link()
         .set(LinkUnspec::new_with_index(lo.header.index).up().build())
         .execute()
         .await
-        .map_err(|source| Error::SetLink { iface: "lo".into(), netns: netns.into(), what: "up", source })?;
+        .map_err(|source| Error::SetLink {
+            iface: "lo".into(),
+            netns: netns.into(),
+            what: "up",
+            source: source.into(),
+        })?;
 
     // `onlink`: the gateway is in no subnet of eth0 (the address is a /32); the dataplane answers
     // ARP for it (proxy ARP with the gateway MAC).
@@ -261,8 +348,36 @@ async fn configure_workload(
         .replace()
         .execute()
         .await
-        .map_err(|source| Error::AddRoute { iface: WORKLOAD_IFACE.into(), netns: netns.into(), gateway, source })?;
+        .map_err(|source| Error::AddRoute {
+            iface: WORKLOAD_IFACE.into(),
+            netns: netns.into(),
+            gateway,
+            source: source.into(),
+        })?;
     Ok(())
+}
+
+/// Brings interface `iface` of the daemon's namespace up (the host side of an endpoint, once the
+/// dataplane program is attached to it).
+pub async fn set_up(iface: &str) -> Result<()> {
+    let handle = connect(HOST_NS)?;
+    let link = get_link_by_name(&handle, iface, HOST_NS)
+        .await?
+        .ok_or_else(|| Error::MissingLink {
+            iface: iface.into(),
+            netns: HOST_NS.into(),
+        })?;
+    handle
+        .link()
+        .set(LinkUnspec::new_with_index(link.header.index).up().build())
+        .execute()
+        .await
+        .map_err(|source| Error::SetLink {
+            iface: iface.into(),
+            netns: HOST_NS.into(),
+            what: "up",
+            source: source.into(),
+        })
 }
 
 /// Deletes the host side of an endpoint's veth (the kernel deletes its peer with it). An absent
@@ -273,7 +388,9 @@ pub async fn unplumb(iface: &str) -> Result<()> {
         return Ok(());
     };
     if link_kind(&link) != Some(&InfoKind::Veth) {
-        return Err(Error::ForeignInterface { iface: iface.into() });
+        return Err(Error::ForeignInterface {
+            iface: iface.into(),
+        });
     }
     delete_link(&handle, link.header.index, iface).await
 }
@@ -281,7 +398,47 @@ pub async fn unplumb(iface: &str) -> Result<()> {
 /// The ifindex of interface `name` in the daemon's namespace, if it exists.
 pub async fn ifindex(name: &str) -> Result<Option<u32>> {
     let handle = connect(HOST_NS)?;
-    Ok(get_link_by_name(&handle, name, HOST_NS).await?.map(|l| l.header.index))
+    Ok(get_link_by_name(&handle, name, HOST_NS)
+        .await?
+        .map(|l| l.header.index))
+}
+
+/// The first IPv4 address of interface `name` in the daemon's namespace (`None` if it has none).
+pub async fn ipv4_address(name: &str) -> Result<Option<Ipv4Addr>> {
+    use rtnetlink::packet_route::address::{AddressAttribute, AddressMessage};
+    let handle = connect(HOST_NS)?;
+    let link = get_link_by_name(&handle, name, HOST_NS)
+        .await?
+        .ok_or_else(|| Error::MissingLink {
+            iface: name.into(),
+            netns: HOST_NS.into(),
+        })?;
+    let mut addrs = handle
+        .address()
+        .get()
+        .set_link_index_filter(link.header.index)
+        .execute();
+    loop {
+        let msg: AddressMessage = match addrs.try_next().await {
+            Ok(Some(msg)) => msg,
+            Ok(None) => return Ok(None),
+            Err(source) => {
+                return Err(Error::GetAddress {
+                    iface: name.into(),
+                    source: source.into(),
+                })
+            }
+        };
+        // The kernel filters by index only for strict-checking sockets; filter here too.
+        if msg.header.index != link.header.index {
+            continue;
+        }
+        for attr in &msg.attributes {
+            if let AddressAttribute::Address(IpAddr::V4(ip)) = attr {
+                return Ok(Some(*ip));
+            }
+        }
+    }
 }
 
 /// Names of the host-side endpoint interfaces in the daemon's namespace: veths whose name starts
@@ -295,7 +452,11 @@ pub async fn list_verse_interfaces() -> Result<Vec<String>> {
             Ok(Some(link)) => link,
             Ok(None) => break,
             Err(source) => {
-                return Err(Error::GetLink { iface: "(all)".into(), netns: HOST_NS.into(), source });
+                return Err(Error::GetLink {
+                    iface: "(all)".into(),
+                    netns: HOST_NS.into(),
+                    source: source.into(),
+                });
             }
         };
         if link_kind(&link) != Some(&InfoKind::Veth) {
@@ -314,8 +475,10 @@ pub async fn list_verse_interfaces() -> Result<Vec<String>> {
 // ---- helpers ----
 
 fn connect(netns: &str) -> Result<Handle> {
-    let (conn, handle, _) =
-        rtnetlink::new_connection().map_err(|source| Error::Connection { netns: netns.into(), source })?;
+    let (conn, handle, _) = rtnetlink::new_connection().map_err(|source| Error::Connection {
+        netns: netns.into(),
+        source,
+    })?;
     tokio::spawn(conn);
     Ok(handle)
 }
@@ -328,7 +491,10 @@ fn open_netns(netns: &str) -> Result<File> {
             source: io::Error::new(io::ErrorKind::InvalidInput, "not an `ip netns` name"),
         });
     }
-    File::open(format!("{NETNS_RUN_DIR}/{netns}")).map_err(|source| Error::OpenNetns { netns: netns.into(), source })
+    File::open(format!("{NETNS_RUN_DIR}/{netns}")).map_err(|source| Error::OpenNetns {
+        netns: netns.into(),
+        source,
+    })
 }
 
 /// Runs `f` with an rtnetlink handle inside namespace `ns` (an open `/run/netns/<name>`), on a
@@ -341,28 +507,41 @@ where
 {
     let (tx, rx) = tokio::sync::oneshot::channel();
     let name = netns.to_owned();
-    let spawned = std::thread::Builder::new().name(format!("netns-{netns}")).spawn(move || {
-        let result = (|| {
-            // SAFETY: `ns` is an open file descriptor of a network namespace for the whole call;
-            // setns changes only this thread's namespace, and this thread ends after `f`, so no
-            // other code ever runs in the workload namespace.
-            if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-                return Err(Error::Setns { netns: name.clone(), source: io::Error::last_os_error() });
-            }
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .map_err(|source| Error::Worker { netns: name.clone(), source })?;
-            rt.block_on(async {
-                let handle = connect(&name)?;
-                f(handle).await
-            })
-        })();
-        // The receiver is gone only if the caller was cancelled; nobody wants the answer then.
-        let _ = tx.send(result);
-    });
-    spawned.map_err(|source| Error::Worker { netns: netns.into(), source })?;
-    rx.await.map_err(|_| Error::WorkerDied { netns: netns.into() })?
+    let spawned = std::thread::Builder::new()
+        .name(format!("netns-{netns}"))
+        .spawn(move || {
+            let result = (|| {
+                // SAFETY: `ns` is an open file descriptor of a network namespace for the whole call;
+                // setns changes only this thread's namespace, and this thread ends after `f`, so no
+                // other code ever runs in the workload namespace.
+                if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                    return Err(Error::Setns {
+                        netns: name.clone(),
+                        source: io::Error::last_os_error(),
+                    });
+                }
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .map_err(|source| Error::Worker {
+                        netns: name.clone(),
+                        source,
+                    })?;
+                rt.block_on(async {
+                    let handle = connect(&name)?;
+                    f(handle).await
+                })
+            })();
+            // The receiver is gone only if the caller was cancelled; nobody wants the answer then.
+            let _ = tx.send(result);
+        });
+    spawned.map_err(|source| Error::Worker {
+        netns: netns.into(),
+        source,
+    })?;
+    rx.await.map_err(|_| Error::WorkerDied {
+        netns: netns.into(),
+    })?
 }
 
 async fn get_link_by_name(handle: &Handle, name: &str, netns: &str) -> Result<Option<LinkMessage>> {
@@ -370,7 +549,11 @@ async fn get_link_by_name(handle: &Handle, name: &str, netns: &str) -> Result<Op
     match links.try_next().await {
         Ok(link) => Ok(link),
         Err(e) if is_errno(&e, libc::ENODEV) => Ok(None),
-        Err(source) => Err(Error::GetLink { iface: name.into(), netns: netns.into(), source }),
+        Err(source) => Err(Error::GetLink {
+            iface: name.into(),
+            netns: netns.into(),
+            source: source.into(),
+        }),
     }
 }
 
@@ -379,7 +562,10 @@ async fn delete_link(handle: &Handle, index: u32, iface: &str) -> Result<()> {
         Ok(()) => Ok(()),
         // Deleted meanwhile (by its peer's namespace going away, say): that is what we wanted.
         Err(e) if is_errno(&e, libc::ENODEV) => Ok(()),
-        Err(source) => Err(Error::DeleteLink { iface: iface.into(), source }),
+        Err(source) => Err(Error::DeleteLink {
+            iface: iface.into(),
+            source: source.into(),
+        }),
     }
 }
 
@@ -419,8 +605,17 @@ fn disable_ipv6(iface: &str, netns: &str) -> Result<()> {
     let path = format!("/proc/sys/net/ipv6/conf/{iface}/disable_ipv6");
     match std::fs::write(&path, b"1") {
         Ok(()) => Ok(()),
-        Err(e) if e.kind() == io::ErrorKind::NotFound && !std::path::Path::new("/proc/sys/net/ipv6").exists() => Ok(()),
-        Err(source) => Err(Error::Sysctl { path, netns: netns.into(), source }),
+        Err(e)
+            if e.kind() == io::ErrorKind::NotFound
+                && !std::path::Path::new("/proc/sys/net/ipv6").exists() =>
+        {
+            Ok(())
+        }
+        Err(source) => Err(Error::Sysctl {
+            path,
+            netns: netns.into(),
+            source,
+        }),
     }
 }
 
@@ -429,8 +624,16 @@ fn check_ifname(iface: &str) -> Result<()> {
         && iface.len() <= MAX_IFNAME_LEN
         && iface != "."
         && iface != ".."
-        && !iface.bytes().any(|b| b == b'/' || b == b':' || b.is_ascii_whitespace() || b == 0);
-    if ok { Ok(()) } else { Err(Error::InvalidInterfaceName { iface: iface.into() }) }
+        && !iface
+            .bytes()
+            .any(|b| b == b'/' || b == b':' || b.is_ascii_whitespace() || b == 0);
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::InvalidInterfaceName {
+            iface: iface.into(),
+        })
+    }
 }
 
 #[cfg(test)]
@@ -452,17 +655,31 @@ mod tests {
         struct Netns(String);
         impl Drop for Netns {
             fn drop(&mut self) {
-                let _ = std::process::Command::new("ip").args(["netns", "del", &self.0]).status();
+                let _ = std::process::Command::new("ip")
+                    .args(["netns", "del", &self.0])
+                    .status();
             }
         }
         fn ip_in(ns: &str, args: &[&str]) -> String {
-            let out = std::process::Command::new("ip").args(["-n", ns]).args(args).output().unwrap();
-            assert!(out.status.success(), "ip -n {ns} {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+            let out = std::process::Command::new("ip")
+                .args(["-n", ns])
+                .args(args)
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "ip -n {ns} {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
             String::from_utf8(out.stdout).unwrap()
         }
         let pid = std::process::id();
         let ns = Netns(format!("vtn{pid}"));
-        assert!(std::process::Command::new("ip").args(["netns", "add", &ns.0]).status().unwrap().success());
+        assert!(std::process::Command::new("ip")
+            .args(["netns", "add", &ns.0])
+            .status()
+            .unwrap()
+            .success());
         let ep = model::Endpoint {
             id: "ep-00000001".into(),
             universe: "uni-00000001".into(),
@@ -477,18 +694,55 @@ mod tests {
         let _ = unplumb(&ep.interface).await;
         let gw = Ipv4Addr::new(10, 99, 0, 1);
         let first = plumb(&ep, 1400, gw).await.unwrap();
+        let host_link = || {
+            std::process::Command::new("ip")
+                .args(["-o", "link", "show", &ep.interface])
+                .output()
+                .unwrap()
+        };
+        let shown = String::from_utf8(host_link().stdout).unwrap();
+        assert!(
+            !shown.contains(",UP"),
+            "the host side stays down until set_up: {shown}"
+        );
+        set_up(&ep.interface).await.unwrap();
+        let shown = String::from_utf8(host_link().stdout).unwrap();
+        assert!(shown.contains(",UP"), "{shown}");
         assert_eq!(ifindex(&ep.interface).await.unwrap(), Some(first));
-        assert!(list_verse_interfaces().await.unwrap().contains(&ep.interface));
+        assert!(list_verse_interfaces()
+            .await
+            .unwrap()
+            .contains(&ep.interface));
         let second = plumb(&ep, 1400, gw).await.unwrap();
         assert_eq!(first, second, "a second plumb keeps the same pair");
+        let shown = String::from_utf8(host_link().stdout).unwrap();
+        assert!(
+            shown.contains(",UP"),
+            "a second plumb leaves the host side up: {shown}"
+        );
 
         let link = ip_in(&ns.0, &["-o", "link", "show", "eth0"]);
-        assert!(link.contains("02:00:0a:63:00:05") && link.contains("mtu 1400") && link.contains("UP"), "{link}");
+        assert!(
+            link.contains("02:00:0a:63:00:05")
+                && link.contains("mtu 1400")
+                && link.contains("LOWER_UP"),
+            "{link}"
+        );
         let addrs = ip_in(&ns.0, &["-o", "addr", "show", "dev", "eth0"]);
-        assert!(addrs.contains("10.99.0.5/32") && !addrs.contains("inet6"), "{addrs}");
+        assert!(
+            addrs.contains("10.99.0.5/32") && !addrs.contains("inet6"),
+            "{addrs}"
+        );
         let routes = ip_in(&ns.0, &["route", "show"]);
-        assert!(routes.contains("default via 10.99.0.1 dev eth0") && routes.contains("onlink"), "{routes}");
-        let host_v6 = std::fs::read_to_string(format!("/proc/sys/net/ipv6/conf/{}/disable_ipv6", ep.interface)).unwrap();
+        assert!(
+            routes.contains("default via 10.99.0.1 dev eth0") && routes.contains("onlink"),
+            "{routes}"
+        );
+        let host_v6 = std::fs::read_to_string(format!(
+            "/proc/sys/net/ipv6/conf/{}/disable_ipv6",
+            ep.interface
+        ))
+        .unwrap();
         assert_eq!(host_v6.trim(), "1");
 
         unplumb(&ep.interface).await.unwrap();

@@ -1,1 +1,481 @@
-//! TODO
+//! The reconciler: makes this host's endpoint interfaces and dataplane maps match the desired
+//! state, one published state at a time.
+//!
+//! Contract, for every state it sees (bursts coalesce: only the latest state is worked on):
+//! 1. every endpoint of this host is plumbed ([`netlink::plumb`]), the `from_endpoint` program
+//!    attached to its host side, and only then is the host side brought up; an endpoint that
+//!    fails is logged, left out of the maps, and retried later, while the others proceed;
+//! 2. the state is compiled for this host ([`compile::compile`]);
+//! 3. the dataplane is moved from what it holds to the compiled form, writing only the
+//!    differences ([`Dataplane::apply`]);
+//! 4. host-side interfaces of endpoints that are gone (already out of the maps after step 3) are
+//!    detached and deleted;
+//! 5. the state's revision is published as realized (S13). A state whose step 2 or 3 fails is
+//!    not published; it is retried with backoff until it succeeds or a newer state arrives.
+//!
+//! Nothing is cleared at start: the maps, pinned links and interfaces a previous run left keep
+//! enforcing, and the first round starts from what the pinned maps hold, so a restart writes
+//! nothing when nothing changed and keeps established flows.
+//!
+//! [`Reconciler::run`] may be cancelled at any await: every step is idempotent, and the next run
+//! converges from whatever the kernel holds.
+
+use std::collections::{BTreeSet, HashMap};
+use std::net::Ipv4Addr;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use dataplane_common as dp;
+use ipnetwork::Ipv4Network;
+
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use crate::compile::{self, CidrIds, Desired};
+use crate::dataplane::{self, Dataplane};
+use crate::model::{self, State};
+use crate::netlink;
+
+/// First retry delay after a failed round; doubles up to [`RETRY_MAX`].
+const RETRY_MIN: Duration = Duration::from_millis(500);
+const RETRY_MAX: Duration = Duration::from_secs(30);
+
+/// Why a round failed as a whole (one endpoint's plumbing failing does not fail the round).
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Reading the pinned maps at start failed.
+    #[error("failed to read the pinned dataplane maps: {0}")]
+    Read(#[source] Box<dataplane::Error>),
+    /// The state does not compile for this host (it would not fit the maps, S12).
+    #[error("failed to compile revision {revision} for host {host}: {source}")]
+    Compile {
+        revision: u64,
+        host: String,
+        source: model::Error,
+    },
+    /// Writing the maps failed.
+    #[error("failed to apply revision {revision} to the dataplane: {source}")]
+    Apply {
+        revision: u64,
+        source: Box<dataplane::Error>,
+    },
+    /// Listing the host-side interfaces failed.
+    #[error("failed to list endpoint interfaces: {0}")]
+    List(#[source] netlink::Error),
+}
+
+/// Why one local endpoint could not be put in the dataplane (the round goes on without it).
+#[derive(Debug, thiserror::Error)]
+pub enum EndpointError {
+    /// The state names a universe that does not exist (a corrupt state).
+    #[error("endpoint {endpoint}: universe {universe} not found")]
+    NoUniverse { endpoint: String, universe: String },
+    /// The endpoint's IP is in no CIDR of its universe, so it has no gateway.
+    #[error("endpoint {endpoint}: ip {ip} is in no CIDR of universe {universe}")]
+    NoGateway {
+        endpoint: String,
+        ip: Ipv4Addr,
+        universe: String,
+    },
+    /// Making its veth pair failed.
+    #[error("endpoint {endpoint}: {source}")]
+    Plumb {
+        endpoint: String,
+        source: netlink::Error,
+    },
+    /// Attaching `from_endpoint` to its host side failed.
+    #[error("endpoint {endpoint}: {source}")]
+    Attach {
+        endpoint: String,
+        source: dataplane::Error,
+    },
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// What a local endpoint was plumbed with; a change means plumbing it again.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct PlumbSpec {
+    interface: String,
+    netns: String,
+    ip: Ipv4Addr,
+    mac: String,
+    gateway: Ipv4Addr,
+}
+
+/// A local endpoint that this process has plumbed and attached.
+#[derive(Clone, Debug)]
+struct Plumbed {
+    spec: PlumbSpec,
+    ifindex: u32,
+}
+
+/// What one round did, beyond succeeding.
+#[derive(Debug, Default)]
+pub struct Outcome {
+    /// Local endpoints left out of the maps because plumbing or attaching failed.
+    pub failed_endpoints: Vec<String>,
+    /// Interfaces of gone endpoints that could not be removed.
+    pub failed_removals: Vec<String>,
+    /// Whether the maps had to change (a restart with nothing new writes nothing).
+    pub wrote_maps: bool,
+}
+
+impl Outcome {
+    fn needs_retry(&self) -> bool {
+        !self.failed_endpoints.is_empty() || !self.failed_removals.is_empty()
+    }
+}
+
+/// The dataplane, shared between the reconciler (the only writer) and readers of its counters
+/// (`/metrics`). The lock is never held across an await.
+pub type SharedDataplane = Arc<Mutex<Dataplane>>;
+
+/// Keeps this host's interfaces and dataplane in line with the desired state.
+pub struct Reconciler {
+    dataplane: SharedDataplane,
+    host: String,
+    mtu: u32,
+    cidr_ids: CidrIds,
+    /// What the maps hold: read from the pins at start, then what the last apply wrote.
+    applied: Desired,
+    /// Local endpoints plumbed and attached by this process, by endpoint id.
+    plumbed: HashMap<String, Plumbed>,
+}
+
+impl Reconciler {
+    /// Starts from what the pinned maps hold (nothing is cleared), numbering CIDR classes as
+    /// they are numbered there, so the first round writes only real differences.
+    pub fn new(dataplane: SharedDataplane, host: String, mtu: u32) -> Result<Reconciler> {
+        let applied = lock(&dataplane)
+            .read()
+            .map_err(|e| Error::Read(Box::new(e)))?;
+        let cidr_ids = seed_cidr_ids(&applied);
+        Ok(Reconciler {
+            dataplane,
+            host,
+            mtu,
+            cidr_ids,
+            applied,
+            plumbed: HashMap::new(),
+        })
+    }
+
+    /// Reconciles every state `states` publishes and publishes each realized revision on
+    /// `realized`, until `states` closes. See the module contract.
+    pub async fn run(
+        mut self,
+        mut states: watch::Receiver<Arc<State>>,
+        realized: watch::Sender<u64>,
+    ) {
+        let mut backoff = RETRY_MIN;
+        loop {
+            // `borrow_and_update` takes the latest state only: a burst of edits is one round.
+            let state = states.borrow_and_update().clone();
+            let retry_at = match self.reconcile(&state).await {
+                Ok(outcome) => {
+                    realized.send_replace(state.revision);
+                    tracing::info!(
+                        revision = state.revision,
+                        endpoints = self.applied.endpoints.len(),
+                        policy_entries = self.applied.policy.len(),
+                        cidr_classes = self.applied.cidrs.len(),
+                        wrote_maps = outcome.wrote_maps,
+                        "revision realized"
+                    );
+                    if outcome.needs_retry() {
+                        tracing::warn!(
+                            revision = state.revision,
+                            failed_endpoints = ?outcome.failed_endpoints,
+                            failed_removals = ?outcome.failed_removals,
+                            retry_in = ?backoff,
+                            "revision realized, except for some endpoints"
+                        );
+                        Some(next_retry(&mut backoff))
+                    } else {
+                        backoff = RETRY_MIN;
+                        None
+                    }
+                }
+                Err(e) => {
+                    tracing::error!(revision = state.revision, error = %e, retry_in = ?backoff, "reconcile failed");
+                    Some(next_retry(&mut backoff))
+                }
+            };
+            tokio::select! {
+                changed = states.changed() => {
+                    if changed.is_err() {
+                        tracing::info!("the store closed; the reconciler stops");
+                        return;
+                    }
+                }
+                _ = sleep_until(retry_at), if retry_at.is_some() => {}
+            }
+        }
+    }
+
+    /// One round for `state` (steps 1–4 of the module contract; the caller publishes).
+    pub async fn reconcile(&mut self, state: &State) -> Result<Outcome> {
+        let mut outcome = Outcome::default();
+        let local: Vec<&model::Endpoint> = state
+            .endpoints
+            .values()
+            .filter(|e| e.host == self.host)
+            .collect();
+
+        // 1. Plumb and attach. Endpoints gone from the state are forgotten here and their
+        //    interfaces removed in step 4, after the maps no longer name them.
+        self.plumbed
+            .retain(|id, _| state.endpoints.get(id).is_some_and(|e| e.host == self.host));
+        for ep in &local {
+            if let Err(e) = self.ensure_plumbed(state, ep).await {
+                tracing::error!(interface = %ep.interface, netns = %ep.netns, error = %e,
+                    "endpoint left out of the dataplane");
+                self.plumbed.remove(&ep.id);
+                outcome.failed_endpoints.push(ep.id.clone());
+            }
+        }
+
+        // 2. Compile, with only the endpoints that are plumbed and attached.
+        let plumbed = &self.plumbed;
+        let ifindex = |ep: &model::Endpoint| plumbed.get(&ep.id).map(|p| p.ifindex);
+        let desired = compile::compile(state, &self.host, &ifindex, &mut self.cidr_ids).map_err(
+            |source| Error::Compile {
+                revision: state.revision,
+                host: self.host.clone(),
+                source,
+            },
+        )?;
+
+        // 3. Write the differences.
+        if desired != self.applied {
+            let mut dataplane = lock(&self.dataplane);
+            if let Err(source) = dataplane.apply(&self.applied, &desired) {
+                // The maps now hold something between the two states: read them back so the
+                // next attempt diffs against the truth, and keep every CIDR class id they still
+                // hold reserved, so that no id is given to another class while the maps still
+                // carry it for the old one.
+                match dataplane.read() {
+                    Ok(now) => {
+                        self.cidr_ids = merge_cidr_ids(seed_cidr_ids(&now), &self.cidr_ids);
+                        self.applied = now;
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "failed to read the maps back after a failed apply")
+                    }
+                }
+                return Err(Error::Apply {
+                    revision: state.revision,
+                    source: Box::new(source),
+                });
+            }
+            self.applied = desired;
+            outcome.wrote_maps = true;
+        }
+
+        // 4. Remove the interfaces of endpoints that are gone, and link pins whose interface
+        //    went away by itself (its namespace was deleted, say).
+        let wanted: BTreeSet<&str> = local.iter().map(|e| e.interface.as_str()).collect();
+        let existing = netlink::list_verse_interfaces()
+            .await
+            .map_err(Error::List)?;
+        let pinned = lock(&self.dataplane).pinned_links();
+        match pinned {
+            Ok(pinned) => {
+                for iface in pinned
+                    .iter()
+                    .filter(|i| !wanted.contains(i.as_str()) && !existing.contains(i))
+                {
+                    if let Err(e) = lock(&self.dataplane).detach_endpoint(iface) {
+                        tracing::warn!(interface = %iface, error = %e, "failed to remove a stale link pin");
+                    }
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "failed to list the pinned links"),
+        }
+        for iface in existing {
+            if wanted.contains(iface.as_str()) {
+                continue;
+            }
+            if let Err(e) = lock(&self.dataplane).detach_endpoint(&iface) {
+                tracing::warn!(interface = %iface, error = %e, "failed to detach the program of a gone endpoint");
+            }
+            match netlink::unplumb(&iface).await {
+                Ok(()) => {
+                    tracing::info!(interface = %iface, "removed the interface of a gone endpoint")
+                }
+                Err(e) => {
+                    tracing::error!(interface = %iface, error = %e, "failed to remove the interface of a gone endpoint");
+                    outcome.failed_removals.push(iface);
+                }
+            }
+        }
+        Ok(outcome)
+    }
+
+    /// Plumbs and attaches `ep` unless this process already did so with the same settings.
+    async fn ensure_plumbed(
+        &mut self,
+        state: &State,
+        ep: &model::Endpoint,
+    ) -> Result<(), EndpointError> {
+        let universe =
+            state
+                .universes
+                .get(&ep.universe)
+                .ok_or_else(|| EndpointError::NoUniverse {
+                    endpoint: ep.id.clone(),
+                    universe: ep.universe.clone(),
+                })?;
+        let gateway = model::gateway(universe, ep.ip).ok_or_else(|| EndpointError::NoGateway {
+            endpoint: ep.id.clone(),
+            ip: ep.ip,
+            universe: universe.id.clone(),
+        })?;
+        let spec = PlumbSpec {
+            interface: ep.interface.clone(),
+            netns: ep.netns.clone(),
+            ip: ep.ip,
+            mac: ep.mac.clone(),
+            gateway,
+        };
+        if self.plumbed.get(&ep.id).is_some_and(|p| p.spec == spec) {
+            return Ok(());
+        }
+        let ifindex = netlink::plumb(ep, self.mtu, gateway)
+            .await
+            .map_err(|source| EndpointError::Plumb {
+                endpoint: ep.id.clone(),
+                source,
+            })?;
+        // Idempotent: after a restart the pinned link is found, kept, and its program swapped
+        // atomically for the one loaded now.
+        lock(&self.dataplane)
+            .attach_endpoint(&ep.interface)
+            .map_err(|source| EndpointError::Attach {
+                endpoint: ep.id.clone(),
+                source,
+            })?;
+        // Only now, with the program in place, may the workload's packets reach this namespace.
+        netlink::set_up(&ep.interface)
+            .await
+            .map_err(|source| EndpointError::Plumb {
+                endpoint: ep.id.clone(),
+                source,
+            })?;
+        tracing::info!(endpoint = %ep.id, interface = %ep.interface, ifindex, netns = %ep.netns, ip = %ep.ip,
+            "endpoint plumbed");
+        self.plumbed
+            .insert(ep.id.clone(), Plumbed { spec, ifindex });
+        Ok(())
+    }
+}
+
+fn next_retry(backoff: &mut Duration) -> Instant {
+    let at = Instant::now() + *backoff;
+    *backoff = (*backoff * 2).min(RETRY_MAX);
+    at
+}
+
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Locks the shared dataplane. A holder that panicked left the kernel maps as they were (every
+/// write is one syscall), and the reconciler diffs against what it reads, so a poisoned lock is
+/// still usable.
+fn lock(dataplane: &SharedDataplane) -> MutexGuard<'_, Dataplane> {
+    dataplane
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// The CIDR class numbering that `VERSE_CIDRS` holds: key (vni, CIDR), value `CIDR_FLAG | id`.
+/// Entries that cannot be Verse's (a prefix shorter than the VNI) are skipped; the compiler
+/// renumbers whatever it does not trust.
+pub fn seed_cidr_ids(maps: &Desired) -> CidrIds {
+    let mut ids = CidrIds::default();
+    for (&(prefix_len, key), &value) in &maps.cidrs {
+        let Some(prefix) = prefix_len
+            .checked_sub(dp::CIDR_KEY_VNI_BITS)
+            .and_then(|p| u8::try_from(p).ok())
+        else {
+            continue;
+        };
+        let Ok(cidr) = Ipv4Network::new(Ipv4Addr::from(key.addr), prefix) else {
+            continue;
+        };
+        ids.ids.insert(
+            (u32::from_be_bytes(key.vni), cidr),
+            value & !dp::peer::CIDR_FLAG,
+        );
+    }
+    ids
+}
+
+/// `held` (what the maps hold) plus the classes of `compiled` that `held` lacks, unless their id
+/// is already taken in `held`.
+fn merge_cidr_ids(mut held: CidrIds, compiled: &CidrIds) -> CidrIds {
+    let taken: BTreeSet<u32> = held.ids.values().copied().collect();
+    for (key, &id) in &compiled.ids {
+        if !held.ids.contains_key(key) && !taken.contains(&id) {
+            held.ids.insert(*key, id);
+        }
+    }
+    held
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cidr_ids_are_seeded_from_the_map_layout_the_compiler_writes() {
+        let mut maps = Desired::default();
+        let vni = 7u32;
+        maps.cidrs.insert(
+            (
+                48,
+                dp::CidrKey {
+                    vni: vni.to_be_bytes(),
+                    addr: [10, 1, 0, 0],
+                },
+            ),
+            dp::peer::CIDR_FLAG | 3,
+        );
+        maps.cidrs.insert(
+            (
+                56,
+                dp::CidrKey {
+                    vni: vni.to_be_bytes(),
+                    addr: [192, 168, 1, 0],
+                },
+            ),
+            dp::peer::CIDR_FLAG | 9,
+        );
+        // Not a Verse entry: shorter than the VNI.
+        maps.cidrs.insert((8, dp::CidrKey::default()), 1);
+        let ids = seed_cidr_ids(&maps);
+        assert_eq!(ids.ids.len(), 2);
+        assert_eq!(ids.ids[&(7, "10.1.0.0/16".parse().unwrap())], 3);
+        assert_eq!(ids.ids[&(7, "192.168.1.0/24".parse().unwrap())], 9);
+    }
+
+    #[test]
+    fn merged_cidr_ids_never_give_a_held_id_to_another_class() {
+        let a: Ipv4Network = "10.1.0.0/16".parse().unwrap();
+        let b: Ipv4Network = "10.2.0.0/16".parse().unwrap();
+        let c: Ipv4Network = "10.3.0.0/16".parse().unwrap();
+        let held = CidrIds {
+            ids: [((1, a), 5)].into_iter().collect(),
+        };
+        let compiled = CidrIds {
+            ids: [((1, b), 5), ((1, c), 6)].into_iter().collect(),
+        };
+        let merged = merge_cidr_ids(held, &compiled);
+        assert_eq!(merged.ids, [((1, a), 5), ((1, c), 6)].into_iter().collect());
+    }
+}

@@ -196,7 +196,12 @@ mod tests {
     fn add_universe(s: &mut State, id: &str) {
         s.universes.insert(
             id.into(),
-            model::Universe { id: id.into(), name: id.into(), cidrs: vec!["10.0.0.0/16".parse().unwrap()], vni: 1 },
+            model::Universe {
+                id: id.into(),
+                name: id.into(),
+                cidrs: vec!["10.0.0.0/16".parse().unwrap()],
+                vni: 1,
+            },
         );
         s.revision += 1;
     }
@@ -206,7 +211,13 @@ mod tests {
         let dir = temp_dir("reopen");
         let store = Store::open_embedded(&dir).unwrap();
         let mut rx = store.subscribe();
-        let ((), rev) = store.edit(|s| Ok(add_universe(s, "uni-00000001"))).await.unwrap();
+        let ((), rev) = store
+            .edit(|s| {
+                add_universe(s, "uni-00000001");
+                Ok(())
+            })
+            .await
+            .unwrap();
         assert_eq!(rev, 1);
         assert!(rx.has_changed().unwrap());
         assert_eq!(rx.borrow_and_update().revision, 1);
@@ -265,7 +276,11 @@ mod tests {
         for i in 0..20 {
             let store = store.clone();
             tasks.push(tokio::spawn(async move {
-                store.edit(move |s| Ok(add_universe(s, &format!("uni-{i:08x}")))).await.unwrap().1
+                let edit = move |s: &mut State| {
+                    add_universe(s, &format!("uni-{i:08x}"));
+                    Ok(())
+                };
+                store.edit(edit).await.unwrap().1
             }));
         }
         let mut revs = Vec::new();

@@ -5,8 +5,8 @@ use aya_ebpf::{bindings::TC_ACT_REDIRECT, helpers::bpf_redirect, programs::TcCon
 use dataplane_common::{DropReason, Endpoint};
 
 use crate::parse::{
-    be16, ensure, ip_eq, ptr_at, ArpHdr, EthHdr, ARP_HTYPE_ETHERNET, ARP_OP_REPLY,
-    ARP_OP_REQUEST, ETH_HLEN, ETH_P_IP,
+    be16, ensure, ip_eq, ptr_at, ArpHdr, EthHdr, ARP_HTYPE_ETHERNET, ARP_OP_REPLY, ARP_OP_REQUEST,
+    ETH_HLEN, ETH_P_IP,
 };
 
 /// Answers an Ethernet/IPv4 ARP request whose target is not the endpoint's own address (those

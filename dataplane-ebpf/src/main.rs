@@ -10,11 +10,16 @@
 //! 3. IPv4 header: 20 bytes, version 4, IHL >= 5, options present, `IHL*4 <= total length`,
 //!    `14 + total length <= frame length` (trailing Ethernet padding is allowed)
 //!    (`MalformedIpv4`); source is the endpoint's IP (`SpoofedIp`); not a fragment (`Fragment`).
-//! 4. L4 header at IHL*4, within the total length: TCP 20 bytes with data offset >= 5, UDP 8,
-//!    ICMP 8 (`MalformedL4`); other protocols are not parsed.
-//! 5. Conntrack hit on the packet's key or its reverse -> deliver (policy is skipped, S6).
-//! 6. ICMP destination unreachable / time exceeded / parameter problem quoting a flow tracked
-//!    either way -> deliver without policy and without a conntrack entry of its own (S6).
+//! 4. L4 header at IHL*4, within the total length (not the Ethernet padding): TCP 20 bytes and
+//!    its whole data offset (>= 5 words), UDP 8, ICMP 8 (`MalformedL4`); other protocols are not
+//!    parsed.
+//! 5. Conntrack hit (live) on the packet's key or its reverse -> no route: `NoRoute`; else the
+//!    flow is refreshed and the packet delivered (policy is skipped, S6). A dropped packet never
+//!    creates or refreshes a flow.
+//! 6. ICMP destination unreachable / time exceeded / parameter problem whose quoted IPv4 header
+//!    (and its first 8 payload bytes) lies within the datagram, is sent from the error's
+//!    destination, and names a flow tracked either way -> delivered like step 5, without policy
+//!    and without touching conntrack (S6). Otherwise the error is judged like any ICMP.
 //! 7. Route of (universe, destination) looked up; egress policy of the sender with the
 //!    destination as peer (`PolicyEgress`); no route -> `NoRoute` (this includes the gateway
 //!    address, which is no endpoint); ingress policy of the receiver with the sender as peer
@@ -40,8 +45,9 @@ use aya_ebpf::{
     macros::classifier,
     programs::TcContext,
 };
-use dataplane_common::{CtKey, DropReason, Endpoint, Route, RouteKey, DIRECTION_EGRESS,
-    DIRECTION_INGRESS};
+use dataplane_common::{
+    CtKey, DropReason, Endpoint, Route, RouteKey, DIRECTION_EGRESS, DIRECTION_INGRESS,
+};
 
 use crate::{
     maps::{VERSE_CONFIG, VERSE_ENDPOINTS, VERSE_ROUTES},
@@ -119,7 +125,14 @@ fn ipv4(
     // SAFETY: ptr_at proved the fixed IPv4 header is inside the linear data.
     let (version_ihl, tot_len, frag_off, proto, src, dst) = unsafe {
         let h = &*ip;
-        (h.version_ihl, be16(h.tot_len) as usize, be16(h.frag_off), h.proto, h.src, h.dst)
+        (
+            h.version_ihl,
+            be16(h.tot_len) as usize,
+            be16(h.frag_off),
+            h.proto,
+            h.src,
+            h.dst,
+        )
     };
     let ihl = ((version_ihl & 0x0F) as usize) * 4;
     if version_ihl >> 4 != 4
@@ -152,12 +165,19 @@ fn ipv4(
         _pad: [0; 3],
     };
     let now = conntrack::now();
-    let route_key = RouteKey { vni: endpoint.vni, ip: dst };
+    let route_key = RouteKey {
+        vni: endpoint.vni,
+        ip: dst,
+    };
     // SAFETY: copied out at once, see the endpoint lookup.
     let route: Option<Route> = unsafe { VERSE_ROUTES.get(&route_key) }.copied();
 
-    if conntrack::track(&key, now, &config.timeouts_ns, l4.tcp_flags) {
-        return deliver(ctx, route, config.gateway_mac);
+    if let Some(hit) = conntrack::lookup(&key, now, &config.timeouts_ns) {
+        let Some(route) = route else {
+            return Err(DropReason::NoRoute);
+        };
+        conntrack::refresh(hit, now, l4.tcp_flags);
+        return deliver(ctx, &route, config.gateway_mac);
     }
     if proto == IPPROTO_ICMP
         && matches!(
@@ -165,9 +185,16 @@ fn ipv4(
             ICMP_DEST_UNREACH | ICMP_TIME_EXCEEDED | ICMP_PARAMETER_PROBLEM
         )
     {
-        if let Some(quoted) = quoted_flow(ctx, endpoint.vni, l4_off + 8) {
-            if conntrack::is_tracked(&quoted, now, &config.timeouts_ns) {
-                return deliver(ctx, route, config.gateway_mac);
+        if let Some(quoted) = quoted_flow(ctx, endpoint.vni, l4_off + 8, ip_end) {
+            // An error is about a packet its sender received, so the quoted source is the
+            // error's destination (Linux conntrack requires the same).
+            if ip_eq(&quoted.src, &dst)
+                && conntrack::lookup(&quoted, now, &config.timeouts_ns).is_some()
+            {
+                let Some(route) = route else {
+                    return Err(DropReason::NoRoute);
+                };
+                return deliver(ctx, &route, config.gateway_mac);
             }
         }
     }
@@ -198,7 +225,7 @@ fn ipv4(
         return Err(DropReason::PolicyIngress);
     }
     conntrack::create(&key, now, conntrack::initial_state(proto, l4.tcp_flags));
-    deliver(ctx, Some(route), config.gateway_mac)
+    deliver(ctx, &route, config.gateway_mac)
 }
 
 #[inline(always)]
@@ -215,10 +242,17 @@ fn parse_l4(ctx: &TcContext, proto: u8, l4_off: usize, ip_end: usize) -> Result<
                 let h = &*tcp;
                 (be16(h.sport), be16(h.dport), h.doff_res, h.flags)
             };
-            if doff_res >> 4 < 5 {
+            let doff = ((doff_res >> 4) as usize) * 4;
+            if doff < core::mem::size_of::<TcpHdr>() || l4_off + doff > ip_end {
                 return Err(DropReason::MalformedL4);
             }
-            Ok(L4 { sport, dport, policy_port: dport, tcp_flags: flags, icmp_type: 0xFF })
+            Ok(L4 {
+                sport,
+                dport,
+                policy_port: dport,
+                tcp_flags: flags,
+                icmp_type: 0xFF,
+            })
         }
         IPPROTO_UDP => {
             let end = l4_off + core::mem::size_of::<UdpHdr>();
@@ -228,7 +262,13 @@ fn parse_l4(ctx: &TcContext, proto: u8, l4_off: usize, ip_end: usize) -> Result<
             let udp: *const UdpHdr = ptr_at(ctx, l4_off).ok_or(DropReason::MalformedL4)?;
             // SAFETY: ptr_at proved the UDP header is inside the linear data.
             let (sport, dport) = unsafe { (be16((*udp).sport), be16((*udp).dport)) };
-            Ok(L4 { sport, dport, policy_port: dport, tcp_flags: 0, icmp_type: 0xFF })
+            Ok(L4 {
+                sport,
+                dport,
+                policy_port: dport,
+                tcp_flags: 0,
+                icmp_type: 0xFF,
+            })
         }
         IPPROTO_ICMP => {
             let end = l4_off + core::mem::size_of::<IcmpHdr>();
@@ -247,7 +287,13 @@ fn parse_l4(ctx: &TcContext, proto: u8, l4_off: usize, ip_end: usize) -> Result<
                 icmp_type: ty,
             })
         }
-        _ => Ok(L4 { sport: 0, dport: 0, policy_port: 0, tcp_flags: 0, icmp_type: 0xFF }),
+        _ => Ok(L4 {
+            sport: 0,
+            dport: 0,
+            policy_port: 0,
+            tcp_flags: 0,
+            icmp_type: 0xFF,
+        }),
     }
 }
 
@@ -266,9 +312,9 @@ fn icmp_ports(ty: u8, id: u16) -> (u16, u16) {
 /// the first 8 bytes of its payload (RFC 792) must be present. None if it cannot be read, in
 /// which case the error is judged by policy like any ICMP message.
 #[inline(always)]
-fn quoted_flow(ctx: &TcContext, vni: u32, off: usize) -> Option<CtKey> {
+fn quoted_flow(ctx: &TcContext, vni: u32, off: usize, ip_end: usize) -> Option<CtKey> {
     const IP_MIN: usize = core::mem::size_of::<Ipv4Hdr>();
-    if !ensure(ctx, off + IP_MIN) {
+    if off + IP_MIN > ip_end || !ensure(ctx, off + IP_MIN) {
         return None;
     }
     let ip: *const Ipv4Hdr = ptr_at(ctx, off)?;
@@ -280,7 +326,7 @@ fn quoted_flow(ctx: &TcContext, vni: u32, off: usize) -> Option<CtKey> {
         return None;
     }
     let l4_off = off + ihl;
-    if !ensure(ctx, l4_off + 8) {
+    if l4_off + 8 > ip_end || !ensure(ctx, l4_off + 8) {
         return None;
     }
     let l4: *const IcmpHdr = ptr_at(ctx, l4_off)?;
@@ -295,15 +341,20 @@ fn quoted_flow(ctx: &TcContext, vni: u32, off: usize) -> Option<CtKey> {
         IPPROTO_ICMP => icmp_ports(b0, id),
         _ => (0, 0),
     };
-    Some(CtKey { vni, src, dst, sport, dport, proto, _pad: [0; 3] })
+    Some(CtKey {
+        vni,
+        src,
+        dst,
+        sport,
+        dport,
+        proto,
+        _pad: [0; 3],
+    })
 }
 
 /// Rewrites the Ethernet header for the receiver and redirects into its namespace.
 #[inline(always)]
-fn deliver(ctx: &TcContext, route: Option<Route>, gateway_mac: [u8; 6]) -> Result<i32, DropReason> {
-    let Some(route) = route else {
-        return Err(DropReason::NoRoute);
-    };
+fn deliver(ctx: &TcContext, route: &Route, gateway_mac: [u8; 6]) -> Result<i32, DropReason> {
     let eth: *mut EthHdr = ptr_at(ctx, 0).ok_or(DropReason::TruncatedEthernet)?;
     // SAFETY: ptr_at proved the Ethernet header is inside the linear data, which the TC
     // prologue made writable.

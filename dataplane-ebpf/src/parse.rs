@@ -19,7 +19,9 @@ pub const IPPROTO_UDP: u8 = 17;
 
 /// TCP flag bits (RFC 9293 section 3.1).
 pub const TCP_FIN: u8 = 0x01;
+pub const TCP_SYN: u8 = 0x02;
 pub const TCP_RST: u8 = 0x04;
+pub const TCP_ACK: u8 = 0x10;
 
 /// ICMP types (RFC 792): echo reply/request, and the errors that quote the datagram they are
 /// about (destination unreachable, time exceeded, parameter problem).

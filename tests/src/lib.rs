@@ -54,13 +54,54 @@ pub fn run_prefix() -> String {
     format!("vt{}", base36(u64::from(std::process::id())))
 }
 
-/// A name unique to this run and this call: `vt<pid36><n36><tag>`. Interface and namespace names
-/// must fit `IFNAMSIZ` (15 bytes), so tags are short.
+/// A name unique to this run and this call: `vt<pid36>-<n36><tag>`. Interface and namespace
+/// names must fit `IFNAMSIZ` (15 bytes), so tags are short. The first call also sweeps what
+/// runs that died without cleaning up left behind (see [`sweep_stale`]).
 pub fn unique_name(tag: &str) -> String {
+    static SWEEP: std::sync::Once = std::sync::Once::new();
+    SWEEP.call_once(sweep_stale);
     let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-    let name = format!("{}{}{}", run_prefix(), base36(u64::from(n)), tag);
+    let name = format!("{}-{}{}", run_prefix(), base36(u64::from(n)), tag);
     assert!(name.len() <= 15, "name {name} is longer than 15 bytes: shorten the tag {tag:?}");
     name
+}
+
+/// The process id encoded in a name made by [`unique_name`], if it is one.
+fn owner_pid(name: &str) -> Option<u32> {
+    let digits = name.strip_prefix("vt")?.split_once('-')?.0;
+    u32::from_str_radix(digits, 36).ok()
+}
+
+/// Removes the namespaces, bpffs mounts and state directories of test runs whose process is
+/// gone (killed before its guards could run), so a reused pid cannot collide with them.
+/// Daemons of such runs died with them (`PR_SET_PDEATHSIG`, see [`Versed`]).
+pub fn sweep_stale() {
+    let dead = |name: &str| owner_pid(name).is_some_and(|pid| !Path::new(&format!("/proc/{pid}")).exists());
+    if let Ok(entries) = fs::read_dir("/run/netns") {
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if dead(&name) {
+                let _ = run_quiet("ip", &["netns", "del", &name]);
+            }
+        }
+    }
+    let tmp = std::env::temp_dir();
+    let mounts = fs::read_to_string("/proc/self/mounts").unwrap_or_default();
+    if let Ok(entries) = fs::read_dir(&tmp) {
+        for e in entries.flatten() {
+            let file = e.file_name().to_string_lossy().into_owned();
+            let Some(name) = file.strip_prefix("verse-tests-") else { continue };
+            if !dead(name) {
+                continue;
+            }
+            let dir = e.path();
+            let prefix = dir.to_string_lossy().into_owned();
+            for mnt in mounts.lines().filter_map(|l| l.split_whitespace().nth(1)).filter(|m| m.starts_with(&prefix)) {
+                let _ = run_quiet("umount", &[mnt]);
+            }
+            let _ = fs::remove_dir_all(&dir);
+        }
+    }
 }
 
 /// Polls `cond` every 20 ms until it holds or `timeout` passes; returns whether it held.
@@ -312,6 +353,21 @@ impl Versed {
             .stderr(err);
         if std::env::var_os("RUST_LOG").is_none() {
             cmd.env("RUST_LOG", "info");
+        }
+        // `ip netns exec` execs the daemon in place, so the death signal set here reaches it:
+        // if the test process dies before its guards run, the daemon dies too instead of
+        // holding the namespace. (It fires when the spawning thread exits, so daemons are
+        // started from the test's own thread, which outlives its `Versed`.)
+        // SAFETY: prctl(PR_SET_PDEATHSIG) is async-signal-safe and touches no memory of the
+        // parent, as a pre_exec hook requires.
+        unsafe {
+            use std::os::unix::process::CommandExt;
+            cmd.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) != 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                Ok(())
+            });
         }
         let child = cmd.spawn().unwrap_or_else(|e| panic!("failed to start {}: {e}", self.bin.display()));
         self.child = Some(child);
@@ -970,9 +1026,83 @@ mod tests {
     }
 
     #[test]
-    fn names_fit_ifnamsiz() {
+    fn names_fit_ifnamsiz_and_name_their_owner() {
         for _ in 0..100 {
-            assert!(unique_name("abcd").len() <= 15);
+            let name = unique_name("abcd");
+            assert!(name.len() <= 15, "{name}");
+            assert_eq!(owner_pid(&name), Some(std::process::id()), "{name}");
         }
+        assert_eq!(owner_pid("vtzz-1h"), Some(35 * 36 + 35));
+        assert_eq!(owner_pid("other"), None);
+    }
+
+    /// The harness itself, over a plain veth pair with no Verse at all: if this fails, the
+    /// namespace tests' failures say nothing about Verse.
+    #[test]
+    fn traffic_helpers_work_over_a_plain_veth() {
+        let a = Netns::new("ta");
+        let b = Netns::new("tb");
+        let va = unique_name("va");
+        let vb = unique_name("vb");
+        run_ok("ip", &["link", "add", &va, "netns", a.name(), "type", "veth", "peer", "name", &vb, "netns", b.name()]);
+        a.ip(&["addr", "add", "198.18.7.1/24", "dev", &va]);
+        b.ip(&["addr", "add", "198.18.7.2/24", "dev", &vb]);
+        a.ip(&["link", "set", &va, "up"]);
+        b.ip(&["link", "set", &vb, "up"]);
+        let ip_b: Ipv4Addr = "198.18.7.2".parse().unwrap();
+        let _tcp = TcpServer::start(&b, 7000, "b");
+        let udp = UdpServer::start(&b, 7001, "b");
+        assert!(wait_until(Duration::from_secs(5), || ping(&a, ip_b)));
+        assert!(tcp_connect(&a, ip_b, 7000, ALLOWED));
+        assert!(!tcp_connect(&a, ip_b, 7999, ALLOWED), "nothing listens on 7999");
+        assert_eq!(tcp_roundtrip(&a, ip_b, 7000, "x", ALLOWED).as_deref(), Some("b:x"));
+        assert_eq!(udp_roundtrip(&a, ip_b, 7001, "y", ALLOWED).as_deref(), Some("b:y"));
+        assert_eq!(udp.sources().len(), 1);
+        assert_eq!(udp_exchange(&a, None, ip_b, 7999, "z", ALLOWED), UdpOutcome::Refused);
+        assert!(!ping(&a, "198.18.7.3".parse().unwrap()));
+        let mut conn = TcpConn::open(&a, ip_b, 7000, ALLOWED).unwrap();
+        for i in 0..3 {
+            assert_eq!(conn.exchange(&i.to_string(), ALLOWED).unwrap(), format!("b:{i}"));
+        }
+        b.ip(&["link", "set", &vb, "down"]);
+        assert_eq!(udp_exchange(&a, None, ip_b, 7001, "w", DENIED), UdpOutcome::Timeout);
+    }
+
+    #[test]
+    fn bpffs_guard_mounts_and_unmounts() {
+        let dir = TempDir::new("bt");
+        let mnt = dir.path().join("bpf");
+        {
+            let _fs = Bpffs::mount(&mnt);
+            let mounts = fs::read_to_string("/proc/self/mounts").unwrap();
+            assert!(mounts.lines().any(|l| l.contains(mnt.to_str().unwrap()) && l.contains(" bpf ")), "{mounts}");
+        }
+        let mounts = fs::read_to_string("/proc/self/mounts").unwrap();
+        assert!(!mounts.contains(mnt.to_str().unwrap()), "unmounted on drop");
+    }
+
+    #[test]
+    fn api_client_speaks_http_inside_a_namespace() {
+        let ns = Netns::new("tapi");
+        let listener = ns.enter(|| TcpListener::bind("127.0.0.1:7070")).unwrap();
+        let server = std::thread::spawn(move || {
+            let (mut s, _) = listener.accept().unwrap();
+            let mut req = Vec::new();
+            let mut buf = [0u8; 4096];
+            while !req.ends_with(b"}") {
+                let n = s.read(&mut buf).unwrap();
+                assert!(n > 0, "client closed early");
+                req.extend_from_slice(&buf[..n]);
+            }
+            let req = String::from_utf8_lossy(&req).into_owned();
+            let body = "{\"ok\":true}";
+            write!(s, "HTTP/1.1 201 Created\r\nverse-revision: 3\r\ncontent-length: {}\r\n\r\n{body}", body.len()).unwrap();
+            req
+        });
+        let api = Api { netns: ns.name().to_owned(), port: 7070 };
+        let r = api.post("/v1/universes", &json!({"name": "u"}));
+        assert_eq!((r.status, r.revision(), r.json()), (201, Some(3), json!({"ok": true})));
+        let req = server.join().unwrap();
+        assert!(req.starts_with("POST /v1/universes HTTP/1.1\r\n") && req.ends_with("{\"name\":\"u\"}"), "{req}");
     }
 }

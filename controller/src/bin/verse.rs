@@ -11,7 +11,9 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use serde::Serialize;
 use verse::api::{EndpointView, Host};
 use verse::client::{self, Client, DEFAULT_API};
-use verse::model::{CreateEndpoint, CreateGroup, CreateRule, CreateUniverse, PatchEndpoint, Rule, SecurityGroup, Universe};
+use verse::model::{
+    CreateEndpoint, CreateGroup, CreateRule, CreateUniverse, PatchEndpoint, Rule, SecurityGroup, Universe,
+};
 
 #[derive(Parser)]
 #[command(name = "verse", version, about = "Command-line client of the Verse API")]
@@ -70,8 +72,12 @@ enum UniverseCmd {
         cidrs: Vec<String>,
     },
     List,
-    Show { id: String },
-    Delete { id: String },
+    Show {
+        id: String,
+    },
+    Delete {
+        id: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -89,8 +95,12 @@ enum SgCmd {
         universe: Option<String>,
     },
     /// Show a group and its rules.
-    Show { id: String },
-    Delete { id: String },
+    Show {
+        id: String,
+    },
+    Delete {
+        id: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -154,14 +164,18 @@ enum EndpointCmd {
         #[arg(long)]
         host: Option<String>,
     },
-    Show { id: String },
+    Show {
+        id: String,
+    },
     /// Replace the security groups of an endpoint.
     Update {
         id: String,
         #[arg(long = "sg", value_name = "SG", required = true)]
         sgs: Vec<String>,
     },
-    Delete { id: String },
+    Delete {
+        id: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -369,7 +383,7 @@ impl Out {
                     (_, _, ty, code) if !ty.is_empty() => format!("type {ty} code {code}"),
                     _ => "all".into(),
                 };
-                let peer = if s("cidr").is_empty() { format!("sg {}", s("group")) } else { s("cidr") };
+                let peer = if s("cidr").is_empty() { s("group") } else { s("cidr") };
                 vec![s("id"), s("direction"), s("protocol"), ports, peer, s("description")]
             })
             .collect();
@@ -446,7 +460,9 @@ fn table(headers: &[&str], rows: Vec<Vec<String>>) {
 
 /// `80` or `8000-8100`.
 fn parse_ports(s: &str) -> Result<(i64, i64), String> {
-    let port = |p: &str| p.trim().parse::<u16>().map(i64::from).map_err(|_| format!("{p:?} is not a port (0-65535)"));
+    let port = |p: &str| {
+        p.trim().parse::<u16>().map(i64::from).map_err(|_| format!("{p:?} is not a port (0-65535)"))
+    };
     match s.split_once('-') {
         Some((a, b)) => Ok((port(a)?, port(b)?)),
         None => {

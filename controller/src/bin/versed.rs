@@ -1,1 +1,205 @@
-fn main() {}
+//! `versed`, the Verse daemon: serves the REST API and keeps this host's endpoint interfaces and
+//! eBPF dataplane in line with the desired state.
+//!
+//! It runs inside the network namespace of the host it serves. Stopping it (SIGTERM, SIGINT)
+//! stops the API and the reconciler only: pinned maps, pinned TCX links and endpoint interfaces
+//! stay in place, so the dataplane keeps enforcing the last realized state (and established
+//! flows keep flowing) until the next `versed` picks up from what is pinned.
+
+use std::io::IsTerminal;
+use std::process::ExitCode;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Parser;
+use tokio::sync::watch;
+use tracing_subscriber::EnvFilter;
+
+use verse::api::{self, AppState, Stats, StatsFn};
+use verse::config::{Args, Config};
+use verse::dataplane::Dataplane;
+use verse::netlink;
+use verse::reconcile::{Reconciler, SharedDataplane};
+use verse::store::Store;
+
+/// How long a stopping versed lets the reconciler finish the round it is in.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
+    let args = Args::parse();
+    if args.print_default_config {
+        print!("{}", Config::default_toml());
+        return ExitCode::SUCCESS;
+    }
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            tracing::error!(error = %e, "failed to start the tokio runtime");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(args)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
+    let config = Config::load(&args).context("loading the configuration")?;
+    let host = config.host_name().context("naming this host")?;
+    let bpf_dir = config.bpf_dir();
+
+    std::fs::create_dir_all(&config.state_dir).with_context(|| {
+        format!(
+            "creating the state directory {}",
+            config.state_dir.display()
+        )
+    })?;
+    // `Config::load` has validated `store`: this version serves the embedded store only.
+    let store = Store::open_embedded(&config.state_dir).with_context(|| {
+        format!(
+            "opening the embedded store in {}",
+            config.state_dir.display()
+        )
+    })?;
+
+    let underlay_ip = match &config.underlay {
+        Some(iface) => netlink::ipv4_address(iface)
+            .await
+            .with_context(|| format!("reading the address of the underlay interface {iface}"))?,
+        None => None,
+    };
+
+    warn_if_bpffs_is_ours(&bpf_dir);
+    let dp_config = config
+        .dataplane_config()
+        .context("building the dataplane settings")?;
+    let dataplane = Dataplane::load(&bpf_dir, &dp_config)
+        .with_context(|| format!("loading the dataplane (bpffs {})", bpf_dir.display()))?;
+    let dataplane: SharedDataplane = Arc::new(Mutex::new(dataplane));
+    let reconciler = Reconciler::new(dataplane.clone(), host.clone(), config.mtu)
+        .context("reading what the pinned maps hold")?;
+
+    let (realized_tx, realized_rx) = watch::channel(0u64);
+    let states = store.subscribe();
+
+    let stats: StatsFn = Arc::new(move || {
+        let drops = dataplane
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .drops()?;
+        Ok(Stats { drops })
+    });
+    let app = api::router(AppState {
+        store,
+        host: host.clone(),
+        underlay_ip,
+        realized: realized_rx,
+        stats,
+    });
+
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("listening on {}", config.listen))?;
+    tracing::info!(
+        host = %host,
+        listen = %config.listen,
+        state_dir = %config.state_dir.display(),
+        bpf_dir = %bpf_dir.display(),
+        store = %config.store,
+        "versed started"
+    );
+    let reconciling = tokio::spawn(reconciler.run(states, realized_tx));
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown_signal())
+        .await
+        .context("serving the API")?;
+
+    // The API (and with it the last handle on the store) is gone, so the reconciler stops after
+    // the round it is in. Cutting a long round short is safe too: every step is idempotent and
+    // the next start converges from what the kernel holds.
+    let mut reconciling = reconciling;
+    if tokio::time::timeout(SHUTDOWN_GRACE, &mut reconciling)
+        .await
+        .is_err()
+    {
+        tracing::warn!(grace = ?SHUTDOWN_GRACE, "the reconciler did not finish its round in time; stopping it");
+        reconciling.abort();
+    }
+    tracing::info!(
+        "versed stopped; pinned maps, links and interfaces stay in place and keep enforcing"
+    );
+    Ok(())
+}
+
+/// `BPF_FS_MAGIC` (`include/uapi/linux/magic.h`).
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+
+/// Warns when no bpffs is mounted at `dir` yet. The dataplane then mounts one itself, in this
+/// process's mount namespace; under `ip netns exec` that namespace is private to versed and dies
+/// with it, taking the pinned maps and links along: the dataplane would stop enforcing (and
+/// forget its connections) whenever versed is down. Mounting the bpffs beforehand, from the
+/// host's mount namespace, keeps it alive across restarts.
+fn warn_if_bpffs_is_ours(dir: &std::path::Path) {
+    use std::os::unix::ffi::OsStrExt;
+    let Ok(path) = std::ffi::CString::new(dir.as_os_str().as_bytes()) else {
+        return;
+    };
+    // SAFETY: an all-zero `statfs` is a valid value of this plain C struct.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `path` is NUL-terminated and outlives the call; `st` is a valid, writable statfs.
+    let rc = unsafe { libc::statfs(path.as_ptr(), &mut st) };
+    #[allow(clippy::unnecessary_cast)] // f_type's width differs between libcs.
+    if rc == 0 && st.f_type as i64 == BPF_FS_MAGIC {
+        return;
+    }
+    tracing::warn!(
+        bpf_dir = %dir.display(),
+        "no bpffs mounted at the bpf directory: versed mounts one in its own mount namespace, \
+         which under `ip netns exec` vanishes when versed exits, and the pinned maps and links \
+         with it; to keep enforcing while versed is down, run `mount -t bpf bpf {}` from the \
+         host's mount namespace before starting versed",
+        dir.display()
+    );
+}
+
+/// Resolves on the first SIGTERM or SIGINT.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot listen for SIGTERM; stop with SIGINT");
+            None
+        }
+    };
+    let term = async {
+        match term.as_mut() {
+            Some(s) => {
+                s.recv().await;
+            }
+            None => std::future::pending().await,
+        }
+    };
+    let int = async {
+        if let Err(e) = tokio::signal::ctrl_c().await {
+            tracing::warn!(error = %e, "cannot listen for SIGINT; stop with SIGTERM");
+            std::future::pending::<()>().await;
+        }
+    };
+    tokio::select! {
+        _ = term => tracing::info!("SIGTERM: stopping"),
+        _ = int => tracing::info!("SIGINT: stopping"),
+    }
+}
