@@ -25,6 +25,7 @@
 //! name, moved and renamed: one atomic request leaves no half-made interface behind in the
 //! daemon's namespace when something fails or the daemon dies midway.
 
+use std::collections::BTreeMap;
 use std::fs::File;
 use std::future::Future;
 use std::io;
@@ -40,6 +41,9 @@ use crate::model;
 
 /// Prefix of every host-side interface Verse makes (see `model::State::create_endpoint`).
 pub const INTERFACE_PREFIX: &str = "vx";
+/// Start of the alias (`IFLA_IFALIAS`) of every host-side interface [`plumb`] makes, followed
+/// by the endpoint id: the mark that tells Verse's interfaces from others.
+pub const ALIAS_PREFIX: &str = "verse endpoint ";
 /// Name of the workload side of the veth, inside the workload namespace.
 pub const WORKLOAD_IFACE: &str = "eth0";
 /// Where `ip netns` keeps its named namespaces (iproute2 `NETNS_RUN_DIR`).
@@ -81,8 +85,9 @@ pub enum Error {
     /// An interface needed in the workload namespace is not there.
     #[error("interface {iface} not found in {netns}")]
     MissingLink { iface: String, netns: String },
-    /// The host-side name is taken by an interface that is not a Verse veth.
-    #[error("interface {iface} exists and is not a veth; refusing to touch it")]
+    /// The host-side name is taken by an interface that is not a Verse veth (not a veth, or a
+    /// veth without Verse's alias whose peer is not in the endpoint's namespace).
+    #[error("interface {iface} exists and is not a Verse endpoint veth; refusing to touch it")]
     ForeignInterface { iface: String },
     /// `eth0` in the workload namespace is not the peer of the host side.
     #[error("{WORKLOAD_IFACE} in {netns} (ifindex {found}) is not the peer of {iface} (ifindex {expected})")]
@@ -182,8 +187,12 @@ pub async fn plumb(ep: &model::Endpoint, mtu: u32, gateway: Ipv4Addr) -> Result<
             _ => None,
         });
         if nsid.is_none() || peer_nsid != nsid {
-            // A leftover of an endpoint that used the same name for another namespace (or whose
-            // workload namespace was deleted and made anew): only a fresh pair is right.
+            // Ours (by its alias) but its peer is elsewhere: a leftover of an endpoint whose
+            // workload namespace was deleted and made anew, say. Only a fresh pair is right.
+            // Without the alias it is someone else's veth, and not ours to delete.
+            if !is_ours(link) {
+                return Err(Error::ForeignInterface { iface });
+            }
             tracing::info!(%iface, netns = %ep.netns, "host side exists with its peer elsewhere; recreating the pair");
             delete_link(&handle, link.header.index, &iface).await?;
             existing = None;
@@ -229,13 +238,18 @@ pub async fn plumb(ep: &model::Endpoint, mtu: u32, gateway: Ipv4Addr) -> Result<
     disable_ipv6(&iface, HOST_NS)?;
     handle
         .link()
-        .set(LinkUnspec::new_with_index(ifindex).mtu(mtu).build())
+        .set(
+            LinkUnspec::new_with_index(ifindex)
+                .mtu(mtu)
+                .alias(format!("{ALIAS_PREFIX}{}", ep.id))
+                .build(),
+        )
         .execute()
         .await
         .map_err(|source| Error::SetLink {
             iface: iface.clone(),
             netns: HOST_NS.into(),
-            what: "mtu",
+            what: "mtu/alias",
             source: source.into(),
         })?;
 
@@ -433,20 +447,35 @@ pub async fn ipv4_address(name: &str) -> Result<Option<Ipv4Addr>> {
         if msg.header.index != link.header.index {
             continue;
         }
-        for attr in &msg.attributes {
-            if let AddressAttribute::Address(IpAddr::V4(ip)) = attr {
-                return Ok(Some(*ip));
-            }
+        // IFA_LOCAL is the interface's own address; IFA_ADDRESS is the same except on
+        // point-to-point links, where it is the peer's (`linux/if_addr.h`).
+        let local = msg.attributes.iter().find_map(|a| match a {
+            AddressAttribute::Local(IpAddr::V4(ip)) => Some(*ip),
+            _ => None,
+        });
+        let address = msg.attributes.iter().find_map(|a| match a {
+            AddressAttribute::Address(IpAddr::V4(ip)) => Some(*ip),
+            _ => None,
+        });
+        if let Some(ip) = local.or(address) {
+            return Ok(Some(ip));
         }
     }
 }
 
 /// Names of the host-side endpoint interfaces in the daemon's namespace: veths whose name starts
-/// with [`INTERFACE_PREFIX`]. Other kinds (a `vxlan0`, say) are never Verse's.
+/// with [`INTERFACE_PREFIX`] and whose alias marks them as made by [`plumb`]. The reconciler
+/// deletes those that the state no longer has, so a veth someone else named `vx…` (or a
+/// `vxlan0`) is never taken for Verse's.
 pub async fn list_verse_interfaces() -> Result<Vec<String>> {
+    Ok(verse_interfaces().await?.into_keys().collect())
+}
+
+/// The interfaces of [`list_verse_interfaces`], each with its ifindex.
+pub async fn verse_interfaces() -> Result<BTreeMap<String, u32>> {
     let handle = connect(HOST_NS)?;
     let mut links = handle.link().get().execute();
-    let mut names = Vec::new();
+    let mut found = BTreeMap::new();
     loop {
         let link = match links.try_next().await {
             Ok(Some(link)) => link,
@@ -459,17 +488,16 @@ pub async fn list_verse_interfaces() -> Result<Vec<String>> {
                 });
             }
         };
-        if link_kind(&link) != Some(&InfoKind::Veth) {
+        if link_kind(&link) != Some(&InfoKind::Veth) || !is_ours(&link) {
             continue;
         }
         if let Some(name) = link_name(&link) {
             if name.starts_with(INTERFACE_PREFIX) {
-                names.push(name.to_owned());
+                found.insert(name.to_owned(), link.header.index);
             }
         }
     }
-    names.sort();
-    Ok(names)
+    Ok(found)
 }
 
 // ---- helpers ----
@@ -583,6 +611,13 @@ fn link_kind(link: &LinkMessage) -> Option<&InfoKind> {
     })
 }
 
+/// Whether `link` carries the alias [`plumb`] gives the host sides it makes.
+fn is_ours(link: &LinkMessage) -> bool {
+    link.attributes
+        .iter()
+        .any(|a| matches!(a, LinkAttribute::IfAlias(alias) if alias.starts_with(ALIAS_PREFIX)))
+}
+
 fn link_name(link: &LinkMessage) -> Option<&str> {
     link.attributes.iter().find_map(|a| match a {
         LinkAttribute::IfName(n) => Some(n.as_str()),
@@ -648,11 +683,23 @@ mod tests {
         assert!(check_ifname("a/b").is_err());
     }
 
-    /// Needs root: makes a namespace `vtn<pid>`, plumbs an endpoint into it twice, unplumbs it.
-    #[tokio::test]
+    /// Needs root. Runs in namespaces of its own: `vtn<pid>h` plays the daemon's namespace (the
+    /// test body runs on a thread that entered it), `vtn<pid>w` the workload's.
+    #[test]
     #[ignore = "needs root and network namespaces"]
-    async fn plumb_is_idempotent_and_unplumb_removes_the_pair() {
+    fn plumb_is_idempotent_and_unplumb_removes_the_pair() {
         struct Netns(String);
+        impl Netns {
+            fn add(name: String) -> Netns {
+                let ok = std::process::Command::new("ip")
+                    .args(["netns", "add", &name])
+                    .status()
+                    .unwrap()
+                    .success();
+                assert!(ok, "ip netns add {name}");
+                Netns(name)
+            }
+        }
         impl Drop for Netns {
             fn drop(&mut self) {
                 let _ = std::process::Command::new("ip")
@@ -660,84 +707,115 @@ mod tests {
                     .status();
             }
         }
-        fn ip_in(ns: &str, args: &[&str]) -> String {
-            let out = std::process::Command::new("ip")
-                .args(["-n", ns])
-                .args(args)
-                .output()
-                .unwrap();
-            assert!(
-                out.status.success(),
-                "ip -n {ns} {args:?}: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-            String::from_utf8(out.stdout).unwrap()
-        }
         let pid = std::process::id();
-        let ns = Netns(format!("vtn{pid}"));
-        assert!(std::process::Command::new("ip")
-            .args(["netns", "add", &ns.0])
-            .status()
-            .unwrap()
-            .success());
+        let host = Netns::add(format!("vtn{pid}h"));
+        let work = Netns::add(format!("vtn{pid}w"));
+        ip_in(&host.0, &["link", "set", "lo", "up"]);
+        let (host_ns, work_ns) = (host.0.clone(), work.0.clone());
+        let body = std::thread::spawn(move || {
+            let file = File::open(format!("{NETNS_RUN_DIR}/{host_ns}")).unwrap();
+            // SAFETY: `file` is an open namespace file; only this test thread changes namespace.
+            assert_eq!(
+                unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) },
+                0
+            );
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap()
+                .block_on(plumb_unplumb(host_ns, work_ns, pid));
+        });
+        let result = body.join();
+        drop((host, work));
+        if let Err(panic) = result {
+            std::panic::resume_unwind(panic);
+        }
+    }
+
+    fn ip_in(ns: &str, args: &[&str]) -> String {
+        let out = std::process::Command::new("ip")
+            .args(["-n", ns])
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "ip -n {ns} {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    async fn plumb_unplumb(host: String, work: String, pid: u32) {
         let ep = model::Endpoint {
             id: "ep-00000001".into(),
             universe: "uni-00000001".into(),
             host: "h".into(),
-            netns: ns.0.clone(),
+            netns: work.clone(),
             ip: Ipv4Addr::new(10, 99, 0, 5),
             mac: "02:00:0a:63:00:05".into(),
             interface: format!("vxt{pid}"),
             security_groups: vec![],
             identity: 1,
         };
-        let _ = unplumb(&ep.interface).await;
         let gw = Ipv4Addr::new(10, 99, 0, 1);
         let first = plumb(&ep, 1400, gw).await.unwrap();
-        let host_link = || {
-            std::process::Command::new("ip")
-                .args(["-o", "link", "show", &ep.interface])
-                .output()
-                .unwrap()
-        };
-        let shown = String::from_utf8(host_link().stdout).unwrap();
+        let host_link = || ip_in(&host, &["-o", "link", "show", &ep.interface]);
+        let shown = host_link();
         assert!(
             !shown.contains(",UP"),
             "the host side stays down until set_up: {shown}"
         );
         set_up(&ep.interface).await.unwrap();
-        let shown = String::from_utf8(host_link().stdout).unwrap();
-        assert!(shown.contains(",UP"), "{shown}");
+        let shown = host_link();
+        assert!(
+            shown.contains(",UP") && shown.contains("alias verse endpoint ep-00000001"),
+            "{shown}"
+        );
         assert_eq!(ifindex(&ep.interface).await.unwrap(), Some(first));
         assert!(list_verse_interfaces()
             .await
             .unwrap()
             .contains(&ep.interface));
+        // A veth that Verse did not make is never listed, whatever its name.
+        let foreign = format!("vxf{pid}");
+        ip_in(
+            &host,
+            &[
+                "link", "add", &foreign, "type", "veth", "peer", "name", "vxg",
+            ],
+        );
+        let listed = list_verse_interfaces().await.unwrap();
+        assert!(!listed.contains(&foreign), "{listed:?}");
+
         let second = plumb(&ep, 1400, gw).await.unwrap();
         assert_eq!(first, second, "a second plumb keeps the same pair");
-        let shown = String::from_utf8(host_link().stdout).unwrap();
+        let shown = host_link();
         assert!(
             shown.contains(",UP"),
             "a second plumb leaves the host side up: {shown}"
         );
 
-        let link = ip_in(&ns.0, &["-o", "link", "show", "eth0"]);
+        let link = ip_in(&work, &["-o", "link", "show", "eth0"]);
         assert!(
             link.contains("02:00:0a:63:00:05")
                 && link.contains("mtu 1400")
                 && link.contains("LOWER_UP"),
             "{link}"
         );
-        let addrs = ip_in(&ns.0, &["-o", "addr", "show", "dev", "eth0"]);
+        let addrs = ip_in(&work, &["-o", "addr", "show", "dev", "eth0"]);
         assert!(
             addrs.contains("10.99.0.5/32") && !addrs.contains("inet6"),
             "{addrs}"
         );
-        let routes = ip_in(&ns.0, &["route", "show"]);
+        let lo = ip_in(&work, &["-o", "link", "show", "lo"]);
+        assert!(lo.contains(",UP"), "{lo}");
+        let routes = ip_in(&work, &["route", "show"]);
         assert!(
             routes.contains("default via 10.99.0.1 dev eth0") && routes.contains("onlink"),
             "{routes}"
         );
+        // This thread is in the host namespace, so /proc/sys/net is the host's.
         let host_v6 = std::fs::read_to_string(format!(
             "/proc/sys/net/ipv6/conf/{}/disable_ipv6",
             ep.interface
@@ -745,9 +823,12 @@ mod tests {
         .unwrap();
         assert_eq!(host_v6.trim(), "1");
 
+        assert_eq!(ipv4_address("lo").await.unwrap(), Some(Ipv4Addr::LOCALHOST));
+        assert_eq!(ipv4_address(&ep.interface).await.unwrap(), None);
+
         unplumb(&ep.interface).await.unwrap();
         assert_eq!(ifindex(&ep.interface).await.unwrap(), None);
         unplumb(&ep.interface).await.unwrap();
-        assert!(!ip_in(&ns.0, &["-o", "link"]).contains("eth0"));
+        assert!(!ip_in(&work, &["-o", "link"]).contains("eth0"));
     }
 }

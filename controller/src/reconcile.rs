@@ -174,15 +174,19 @@ impl Reconciler {
             let state = states.borrow_and_update().clone();
             let retry_at = match self.reconcile(&state).await {
                 Ok(outcome) => {
-                    realized.send_replace(state.revision);
-                    tracing::info!(
-                        revision = state.revision,
-                        endpoints = self.applied.endpoints.len(),
-                        policy_entries = self.applied.policy.len(),
-                        cidr_classes = self.applied.cidrs.len(),
-                        wrote_maps = outcome.wrote_maps,
-                        "revision realized"
-                    );
+                    let previous = realized.send_replace(state.revision);
+                    // Retries of a realized revision that change nothing are not news.
+                    let news = previous != state.revision || outcome.wrote_maps;
+                    if news {
+                        tracing::info!(
+                            revision = state.revision,
+                            endpoints = self.applied.endpoints.len(),
+                            policy_entries = self.applied.policy.len(),
+                            cidr_classes = self.applied.cidrs.len(),
+                            wrote_maps = outcome.wrote_maps,
+                            "revision realized"
+                        );
+                    }
                     if outcome.needs_retry() {
                         tracing::warn!(
                             revision = state.revision,
@@ -224,9 +228,15 @@ impl Reconciler {
             .collect();
 
         // 1. Plumb and attach. Endpoints gone from the state are forgotten here and their
-        //    interfaces removed in step 4, after the maps no longer name them.
-        self.plumbed
-            .retain(|id, _| state.endpoints.get(id).is_some_and(|e| e.host == self.host));
+        //    interfaces removed in step 4, after the maps no longer name them. An endpoint whose
+        //    interface vanished or was made anew behind our back (its namespace was deleted,
+        //    say) is forgotten too, so it is plumbed again or, failing that, left out of the maps.
+        let existing = netlink::verse_interfaces().await.map_err(Error::List)?;
+        let host = &self.host;
+        self.plumbed.retain(|id, p| {
+            state.endpoints.get(id).is_some_and(|e| &e.host == host)
+                && existing.get(&p.spec.interface) == Some(&p.ifindex)
+        });
         for ep in &local {
             if let Err(e) = self.ensure_plumbed(state, ep).await {
                 tracing::error!(interface = %ep.interface, netns = %ep.netns, error = %e,
@@ -276,15 +286,12 @@ impl Reconciler {
         // 4. Remove the interfaces of endpoints that are gone, and link pins whose interface
         //    went away by itself (its namespace was deleted, say).
         let wanted: BTreeSet<&str> = local.iter().map(|e| e.interface.as_str()).collect();
-        let existing = netlink::list_verse_interfaces()
-            .await
-            .map_err(Error::List)?;
         let pinned = lock(&self.dataplane).pinned_links();
         match pinned {
             Ok(pinned) => {
                 for iface in pinned
                     .iter()
-                    .filter(|i| !wanted.contains(i.as_str()) && !existing.contains(i))
+                    .filter(|i| !wanted.contains(i.as_str()) && !existing.contains_key(*i))
                 {
                     if let Err(e) = lock(&self.dataplane).detach_endpoint(iface) {
                         tracing::warn!(interface = %iface, error = %e, "failed to remove a stale link pin");
@@ -293,7 +300,7 @@ impl Reconciler {
             }
             Err(e) => tracing::warn!(error = %e, "failed to list the pinned links"),
         }
-        for iface in existing {
+        for iface in existing.into_keys() {
             if wanted.contains(iface.as_str()) {
                 continue;
             }

@@ -314,13 +314,22 @@ pub struct Versed {
     host: String,
     port: u16,
     log_path: PathBuf,
+    config: Option<PathBuf>,
     child: Option<Child>,
 }
 
 impl Versed {
     /// Starts `ip netns exec <netns> versed --state-dir <state_dir> --listen 127.0.0.1:<port>
     /// --host <host>` and waits (20 s at most) until `/healthz` answers 200.
-    pub fn start(netns: &str, state_dir: &Path, host: &str, port: u16) -> Versed {
+    ///
+    /// `config`, if given, is the text of a settings file (`versed --config`); the flags above
+    /// override it.
+    pub fn start(netns: &str, state_dir: &Path, host: &str, port: u16, config: Option<&str>) -> Versed {
+        let config = config.map(|text| {
+            let path = state_dir.join("versed.toml");
+            fs::write(&path, text).unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
+            path
+        });
         let mut v = Versed {
             netns: netns.to_owned(),
             bin: binary("versed"),
@@ -328,6 +337,7 @@ impl Versed {
             host: host.to_owned(),
             port,
             log_path: state_dir.join("versed.log"),
+            config,
             child: None,
         };
         v.spawn();
@@ -347,8 +357,11 @@ impl Versed {
             .arg(&self.bin)
             .arg("--state-dir")
             .arg(&self.state_dir)
-            .args(["--listen", &listen, "--host", &self.host])
-            .stdin(Stdio::null())
+            .args(["--listen", &listen, "--host", &self.host]);
+        if let Some(config) = &self.config {
+            cmd.arg("--config").arg(config);
+        }
+        cmd.stdin(Stdio::null())
             .stdout(log)
             .stderr(err);
         if std::env::var_os("RUST_LOG").is_none() {
@@ -425,6 +438,13 @@ impl Versed {
         status.expect("exited")
     }
 
+    /// Kills the daemon with SIGKILL, as a crash would, and reaps it.
+    pub fn crash(&mut self) {
+        let mut child = self.child.take().expect("versed is not running");
+        child.kill().unwrap_or_else(|e| panic!("kill versed: {e}"));
+        let _ = child.wait();
+    }
+
     /// Stops the daemon (SIGTERM) and starts it again with the same state directory and port.
     pub fn restart(&mut self) {
         self.stop();
@@ -473,12 +493,18 @@ pub struct Host {
 impl Host {
     /// A fresh host namespace with a daemon, ready to answer its API.
     pub fn start() -> Host {
+        Host::start_with_config(None)
+    }
+
+    /// Like [`Host::start`], with a settings file for the daemon (TOML text, see `versed
+    /// --print-default-config`).
+    pub fn start_with_config(config: Option<&str>) -> Host {
         let netns = Netns::new("h");
         let state = TempDir::new("s");
         // `bpf_dir` defaults to `<state_dir>/bpf` in the daemon's configuration.
         let bpffs = Bpffs::mount(&state.path().join("bpf"));
         let name = format!("{}-host", netns.name());
-        let versed = Versed::start(netns.name(), state.path(), &name, unique_port());
+        let versed = Versed::start(netns.name(), state.path(), &name, unique_port(), config);
         let api = versed.api();
         Host { versed, api, bpffs, netns, state, name }
     }
@@ -889,10 +915,16 @@ impl TcpServer {
         TcpServer { port, accepted, _stopper: Stopper { stop, thread: Some(thread) } }
     }
 
-    /// Connections accepted so far.
+    /// Connections accepted so far. The accept loop polls (every 10 ms), so a connection a
+    /// client has just opened may be counted a moment later: poll with [`wait_until`].
     pub fn accepted(&self) -> u32 {
         self.accepted.load(Ordering::SeqCst)
     }
+}
+
+/// Starts a [`TcpServer`] whose banner is the namespace's name.
+pub fn tcp_listen(ns: &Netns, port: u16) -> TcpServer {
+    TcpServer::start(ns, port, ns.name())
 }
 
 fn serve_lines(mut stream: TcpStream, banner: &str, stop: &AtomicBool) {
@@ -1000,6 +1032,196 @@ pub fn tcp_roundtrip(ns: &Netns, ip: Ipv4Addr, port: u16, msg: &str, timeout: Du
     conn.exchange(msg, timeout).ok()
 }
 
+/// A raw IPv4 socket of protocol `proto` in `ns`, for protocols other than TCP, UDP and ICMP
+/// (S7 "other protocols"). The kernel writes the IP header of what is sent; what is received
+/// starts with the IP header.
+pub struct RawIpSocket {
+    fd: std::os::fd::OwnedFd,
+}
+
+impl RawIpSocket {
+    pub fn open(ns: &Netns, proto: u8) -> io::Result<RawIpSocket> {
+        use std::os::fd::FromRawFd;
+        let fd = ns.enter(|| {
+            // SAFETY: socket(2) takes no pointers; the result is checked below.
+            unsafe { libc::socket(libc::AF_INET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, i32::from(proto)) }
+        });
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `fd` is a new, valid descriptor that nothing else owns.
+        Ok(RawIpSocket { fd: unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) } })
+    }
+
+    pub fn send_to(&self, dst: Ipv4Addr, payload: &[u8]) -> io::Result<()> {
+        let addr = libc::sockaddr_in {
+            sin_family: libc::AF_INET as libc::sa_family_t,
+            // Ignored for raw IPv4 sockets (net/ipv4/raw.c, raw_sendmsg).
+            sin_port: 0,
+            sin_addr: libc::in_addr { s_addr: u32::from(dst).to_be() },
+            sin_zero: [0; 8],
+        };
+        // SAFETY: `payload` and `addr` are valid for the lengths given for the whole call.
+        let n = unsafe {
+            libc::sendto(
+                self.fd.as_raw_fd(),
+                payload.as_ptr().cast(),
+                payload.len(),
+                0,
+                (&raw const addr).cast(),
+                std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
+            )
+        };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// The next packet within `timeout`: its source and its payload (after the IP header).
+    pub fn recv(&self, timeout: Duration) -> io::Result<(Ipv4Addr, Vec<u8>)> {
+        let packet = self.recv_packet(timeout)?;
+        let ihl = usize::from(packet.first().copied().unwrap_or(0) & 0x0f) * 4;
+        if ihl < 20 || packet.len() < ihl {
+            return Err(bad(format!("raw packet of {} bytes with IHL {ihl}", packet.len())));
+        }
+        let src = Ipv4Addr::new(packet[12], packet[13], packet[14], packet[15]);
+        Ok((src, packet[ihl..].to_vec()))
+    }
+
+    /// The next packet within `timeout`, IP header included.
+    pub fn recv_packet(&self, timeout: Duration) -> io::Result<Vec<u8>> {
+        let tv = libc::timeval {
+            tv_sec: timeout.as_secs() as libc::time_t,
+            tv_usec: libc::suseconds_t::from(timeout.subsec_micros().max(1)),
+        };
+        // SAFETY: `tv` is a valid timeval for the length given.
+        let rc = unsafe {
+            libc::setsockopt(
+                self.fd.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_RCVTIMEO,
+                (&raw const tv).cast(),
+                std::mem::size_of::<libc::timeval>() as libc::socklen_t,
+            )
+        };
+        if rc != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let mut buf = [0u8; 2048];
+        // SAFETY: `buf` is writable for its whole length.
+        let n = unsafe { libc::recv(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(buf[..n as usize].to_vec())
+    }
+}
+
+/// A server answering every packet of IP protocol `proto` with `<banner>:payload`, until dropped.
+pub struct RawIpServer {
+    _stopper: Stopper,
+}
+
+impl RawIpServer {
+    pub fn start(ns: &Netns, proto: u8, banner: &str) -> RawIpServer {
+        let sock = RawIpSocket::open(ns, proto).unwrap_or_else(|e| panic!("raw socket {proto} in {}: {e}", ns.name()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let banner = banner.to_owned();
+        let thread = {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::SeqCst) {
+                    if let Ok((src, payload)) = sock.recv(Duration::from_millis(100)) {
+                        let mut answer = format!("{banner}:").into_bytes();
+                        answer.extend_from_slice(&payload);
+                        let _ = sock.send_to(src, &answer);
+                    }
+                }
+            })
+        };
+        RawIpServer { _stopper: Stopper { stop, thread: Some(thread) } }
+    }
+}
+
+/// Sends `msg` as IP protocol `proto` from `ns` to `ip` and returns the first answer from `ip`.
+pub fn raw_ip_roundtrip(ns: &Netns, ip: Ipv4Addr, proto: u8, msg: &str, timeout: Duration) -> Option<String> {
+    let sock = RawIpSocket::open(ns, proto).unwrap_or_else(|e| panic!("raw socket {proto} in {}: {e}", ns.name()));
+    sock.send_to(ip, msg.as_bytes()).ok()?;
+    let deadline = Instant::now() + timeout;
+    loop {
+        let left = deadline.checked_duration_since(Instant::now())?;
+        match sock.recv(left) {
+            Ok((src, payload)) if src == ip => return Some(String::from_utf8_lossy(&payload).into_owned()),
+            Ok(_) => {}
+            Err(_) => return None,
+        }
+    }
+}
+
+/// Sends one raw Ethernet frame (`frame` starts with the destination MAC) out of `iface` in `ns`
+/// through an `AF_PACKET` socket, as a workload that forges packets would.
+pub fn send_frame(ns: &Netns, iface: &str, frame: &[u8]) -> io::Result<()> {
+    let iface = std::ffi::CString::new(iface).map_err(|e| bad(format!("interface name: {e}")))?;
+    ns.enter(|| {
+        // SAFETY: `iface` is a NUL-terminated string that outlives the call.
+        let ifindex = unsafe { libc::if_nametoindex(iface.as_ptr()) };
+        if ifindex == 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: socket(2) takes no pointers; the result is checked below.
+        let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, 0) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `fd` is a new, valid descriptor that nothing else owns.
+        let fd = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+        // SAFETY: sockaddr_ll is plain data; all-zero is a valid value that is filled in below.
+        let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+        addr.sll_family = libc::AF_PACKET as u16;
+        addr.sll_ifindex = i32::try_from(ifindex).map_err(|e| bad(format!("ifindex {ifindex}: {e}")))?;
+        addr.sll_halen = 6;
+        let dst = frame.get(..6).ok_or_else(|| bad("a frame starts with a 6-byte destination MAC"))?;
+        addr.sll_addr[..6].copy_from_slice(dst);
+        // SAFETY: `frame` and `addr` are valid for the lengths given for the whole call.
+        let n = unsafe {
+            libc::sendto(
+                fd.as_raw_fd(),
+                frame.as_ptr().cast(),
+                frame.len(),
+                0,
+                (&raw const addr).cast(),
+                std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t,
+            )
+        };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    })
+}
+
+/// Parses a MAC written `aa:bb:cc:dd:ee:ff`.
+pub fn mac_bytes(text: &str) -> [u8; 6] {
+    let parts: Vec<u8> = text
+        .split(':')
+        .map(|p| u8::from_str_radix(p, 16).unwrap_or_else(|e| panic!("MAC {text:?}: {e}")))
+        .collect();
+    parts.try_into().unwrap_or_else(|_| panic!("MAC {text:?} is not 6 bytes"))
+}
+
+/// The RFC 1071 Internet checksum of `data`.
+pub fn inet_checksum(data: &[u8]) -> u16 {
+    let mut sum: u32 = data
+        .chunks(2)
+        .map(|c| u32::from(u16::from_be_bytes([c[0], c.get(1).copied().unwrap_or(0)])))
+        .sum();
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
 /// Short timeouts for probes that are expected to fail, long ones for those that must succeed.
 pub const DENIED: Duration = Duration::from_millis(1000);
 pub const ALLOWED: Duration = Duration::from_secs(3);
@@ -1064,6 +1286,9 @@ mod tests {
         for i in 0..3 {
             assert_eq!(conn.exchange(&i.to_string(), ALLOWED).unwrap(), format!("b:{i}"));
         }
+        let _raw = RawIpServer::start(&b, 253, "b");
+        assert_eq!(raw_ip_roundtrip(&a, ip_b, 253, "r", ALLOWED).as_deref(), Some("b:r"));
+        assert_eq!(raw_ip_roundtrip(&a, ip_b, 254, "r", DENIED), None, "nobody answers protocol 254");
         b.ip(&["link", "set", &vb, "down"]);
         assert_eq!(udp_exchange(&a, None, ip_b, 7001, "w", DENIED), UdpOutcome::Timeout);
     }

@@ -184,3 +184,86 @@ fn icmp_error_related_to_an_allowed_flow_reaches_the_client() {
         "a datagram the rules refuse is dropped silently"
     );
 }
+
+/// S4 and S7: a rule for a protocol number admits that protocol (tracked by addresses and
+/// protocol, so the answer passes though the client has no ingress rule) and no other.
+#[test]
+fn protocol_number_rule_admits_that_protocol_and_its_replies() {
+    let host = Host::start();
+    let api = &host.api;
+    let uni = api.create_universe("proto", "10.27.0.0/24");
+    let srv = api.create_group(id(&uni), "srv");
+    let cli = api.create_group(id(&uni), "cli");
+    let rule = api.add_rule(id(&srv), &json!({"direction": "ingress", "protocol": 253, "group": id(&cli)}));
+    assert_eq!(rule["protocol"], "253", "a protocol number is shown as its decimal string");
+    api.clear_egress(id(&srv));
+    let server = host.endpoint(id(&uni), "10.27.0.10", &[id(&srv)]);
+    let client = host.endpoint(id(&uni), "10.27.0.20", &[id(&cli)]);
+    let _p253 = RawIpServer::start(&server.ns, 253, "s");
+    let _p254 = RawIpServer::start(&server.ns, 254, "s");
+
+    assert_eq!(raw_ip_roundtrip(&client.ns, server.ip, 253, "x", ALLOWED).as_deref(), Some("s:x"));
+    let before = drops(api, "policy_ingress");
+    assert_eq!(raw_ip_roundtrip(&client.ns, server.ip, 254, "x", DENIED), None, "protocol 254 has no rule");
+    assert!(wait_until(Duration::from_secs(2), || drops(api, "policy_ingress") > before));
+    assert!(!ping(&client.ns, server.ip), "a protocol-253 rule admits no ICMP");
+}
+
+/// S1: all rules of all groups of an endpoint form one union. One source matches a /16 rule
+/// (port 7000), a /24 rule (port 7001), a /32 rule (7002) and a group rule (7003) of two
+/// different groups: every one of those ports is admitted, not only the longest match's.
+#[test]
+fn overlapping_cidr_and_group_rules_of_several_groups_all_apply() {
+    let host = Host::start();
+    let api = &host.api;
+    let uni = api.create_universe("union", "10.28.0.0/16");
+    let a = api.create_group(id(&uni), "a");
+    let b = api.create_group(id(&uni), "b");
+    let cli = api.create_group(id(&uni), "cli");
+    let tcp = |port: u16, peer: Value| {
+        let mut r = json!({"direction": "ingress", "protocol": "tcp", "from_port": port, "to_port": port});
+        r.as_object_mut().unwrap().extend(peer.as_object().unwrap().clone());
+        r
+    };
+    api.add_rule(id(&a), &tcp(7000, json!({"cidr": "10.28.0.0/16"})));
+    api.add_rule(id(&b), &tcp(7001, json!({"cidr": "10.28.1.0/24"})));
+    api.add_rule(id(&a), &tcp(7002, json!({"cidr": "10.28.1.10/32"})));
+    api.add_rule(id(&b), &tcp(7003, json!({"group": id(&cli)})));
+    let server = host.endpoint(id(&uni), "10.28.0.10", &[id(&a), id(&b)]);
+    let client = host.endpoint(id(&uni), "10.28.1.10", &[id(&cli)]);
+    let other = host.endpoint(id(&uni), "10.28.2.10", &[]);
+    let _servers: Vec<_> = (7000..=7004).map(|p| TcpServer::start(&server.ns, p, "s")).collect();
+
+    for port in 7000..=7003 {
+        assert!(tcp_connect(&client.ns, server.ip, port, ALLOWED), "S1: port {port} is admitted by one of the rules");
+    }
+    assert!(!tcp_connect(&client.ns, server.ip, 7004, DENIED), "no rule admits 7004");
+    assert!(tcp_connect(&other.ns, server.ip, 7000, ALLOWED), "10.28.2.10 is in the /16");
+    for port in 7001..=7003 {
+        assert!(!tcp_connect(&other.ns, server.ip, port, DENIED), "10.28.2.10 matches no rule for {port}");
+    }
+}
+
+/// Egress rules limit what a member may open: only TCP 7000 to the universe is allowed out, so
+/// 7001 is refused at the sender (`policy_egress`) though the receiver admits everything.
+#[test]
+fn egress_rules_limit_what_a_member_may_open() {
+    let host = Host::start();
+    let api = &host.api;
+    let uni = api.create_universe("egress", "10.29.0.0/24");
+    let narrow = api.create_group(id(&uni), "narrow");
+    let open = api.create_group(id(&uni), "open");
+    api.clear_egress(id(&narrow));
+    api.add_rule(id(&narrow), &json!({"direction": "egress", "protocol": "tcp", "from_port": 7000, "to_port": 7000, "cidr": "10.29.0.0/24"}));
+    api.add_rule(id(&open), &json!({"direction": "ingress", "protocol": "all", "cidr": "0.0.0.0/0"}));
+    let server = host.endpoint(id(&uni), "10.29.0.10", &[id(&open)]);
+    let client = host.endpoint(id(&uni), "10.29.0.20", &[id(&narrow)]);
+    let _s0 = TcpServer::start(&server.ns, 7000, "s");
+    let _s1 = TcpServer::start(&server.ns, 7001, "s");
+
+    assert!(tcp_connect(&client.ns, server.ip, 7000, ALLOWED), "egress admits TCP 7000");
+    let before = drops(api, "policy_egress");
+    assert!(!tcp_connect(&client.ns, server.ip, 7001, DENIED), "egress has no rule for 7001");
+    assert!(!ping(&client.ns, server.ip), "egress has no rule for ICMP");
+    assert!(wait_until(Duration::from_secs(2), || drops(api, "policy_egress") >= before + 2));
+}

@@ -1,0 +1,139 @@
+//! S11 fail closed, with real frames from a workload: what the dataplane cannot parse or judge is
+//! dropped and counted with its reason, never passed; IPv4 options are parsed, not refused.
+use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
+use std::os::fd::AsRawFd;
+use std::time::Duration;
+
+use tests::*;
+
+fn id(v: &Value) -> &str {
+    v["id"].as_str().expect("resource has an id")
+}
+
+/// The MAC the workload's kernel resolved for its gateway (the dataplane's ARP answer).
+fn gateway_mac(ns: &Netns, gateway: &str) -> [u8; 6] {
+    let out = String::from_utf8(ns.ip(&["neigh", "show", gateway]).stdout).unwrap();
+    let mac = out
+        .split_whitespace()
+        .skip_while(|w| *w != "lladdr")
+        .nth(1)
+        .unwrap_or_else(|| panic!("no neighbour entry for {gateway}: {out:?}"));
+    mac_bytes(mac)
+}
+
+/// Ethernet header + an IPv4 header (no options) of `proto` carrying `l4`.
+fn ipv4_frame(dst_mac: [u8; 6], src_mac: [u8; 6], src: Ipv4Addr, dst: Ipv4Addr, proto: u8, l4: &[u8]) -> Vec<u8> {
+    let mut ip = vec![0x45, 0, 0, 0, 0x12, 0x34, 0x40, 0, 64, proto, 0, 0];
+    let total = u16::try_from(20 + l4.len()).unwrap();
+    ip[2..4].copy_from_slice(&total.to_be_bytes());
+    ip.extend_from_slice(&src.octets());
+    ip.extend_from_slice(&dst.octets());
+    let sum = inet_checksum(&ip);
+    ip[10..12].copy_from_slice(&sum.to_be_bytes());
+    let mut frame = [dst_mac.as_slice(), src_mac.as_slice(), &[0x08, 0x00]].concat();
+    frame.extend_from_slice(&ip);
+    frame.extend_from_slice(l4);
+    frame
+}
+
+/// Frames of an unknown ethertype, IPv6, a malformed IPv4 header and a truncated TCP header,
+/// all from the endpoint's own MAC and IP, are each dropped with their reason.
+#[test]
+fn unparsable_frames_from_a_workload_are_dropped_and_counted_by_reason() {
+    let host = Host::start();
+    let api = &host.api;
+    let uni = api.create_universe("fc", "10.70.0.0/24");
+    let a = host.endpoint(id(&uni), "10.70.0.10", &[]);
+    let b = host.endpoint(id(&uni), "10.70.0.20", &[]);
+    assert!(ping(&a.ns, b.ip), "a well-formed packet passes");
+    let gw = gateway_mac(&a.ns, "10.70.0.1");
+    let me = mac_bytes(&a.mac);
+    let eth = |ethertype: u16| [gw.as_slice(), me.as_slice(), &ethertype.to_be_bytes()].concat();
+
+    let mut unknown = eth(0x88b5);
+    unknown.extend_from_slice(&[0u8; 46]);
+    let mut ipv6 = eth(0x86dd);
+    ipv6.extend_from_slice(&[0x60, 0, 0, 0, 0, 8, 17, 64]);
+    ipv6.extend_from_slice(&[0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x10]);
+    ipv6.extend_from_slice(&[0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x20]);
+    ipv6.extend_from_slice(&[0x30, 0x39, 0x23, 0x28, 0, 8, 0, 0]);
+    let mut bad_ihl = ipv4_frame(gw, me, a.ip, b.ip, 17, &[0x30, 0x39, 0x23, 0x28, 0, 8, 0, 0]);
+    bad_ihl[14] = 0x44; // version 4, IHL 4: shorter than the fixed header (RFC 791 section 3.1)
+    // A TCP segment needs 20 bytes of header; 8 are given.
+    let short_tcp = ipv4_frame(gw, me, a.ip, b.ip, 6, &[0x30, 0x39, 0x1f, 0x40, 0, 0, 0, 1]);
+
+    for (frame, reason) in [
+        (unknown, "unknown_ethertype"),
+        (ipv6, "ipv6_unsupported"),
+        (bad_ihl, "malformed_ipv4"),
+        (short_tcp, "malformed_l4"),
+    ] {
+        let before = drops(api, reason);
+        send_frame(&a.ns, "eth0", &frame).unwrap_or_else(|e| panic!("send {reason} frame: {e}"));
+        assert!(
+            wait_until(Duration::from_secs(2), || drops(api, reason) > before),
+            "S11: verse_drops_total{{reason=\"{reason}\"}} did not move from {before}"
+        );
+    }
+    assert!(ping(&a.ns, b.ip), "well-formed traffic still passes");
+}
+
+/// IPv4 fragments cannot be judged by port, so they are dropped and counted (`fragment`): a UDP
+/// datagram larger than the MTU gets no answer, a small one does.
+#[test]
+fn fragmented_datagrams_are_dropped_and_counted() {
+    let host = Host::start();
+    let api = &host.api;
+    let uni = api.create_universe("frag", "10.71.0.0/24");
+    let a = host.endpoint(id(&uni), "10.71.0.10", &[]);
+    let b = host.endpoint(id(&uni), "10.71.0.20", &[]);
+    let _udp = UdpServer::start(&b.ns, 9000, "b");
+    assert_eq!(udp_roundtrip(&a.ns, b.ip, 9000, "small", ALLOWED).as_deref(), Some("b:small"));
+
+    let before = drops(api, "fragment");
+    let big = "x".repeat(3000);
+    assert_eq!(udp_roundtrip(&a.ns, b.ip, 9000, &big, DENIED), None, "S11: fragments are dropped");
+    assert!(
+        wait_until(Duration::from_secs(2), || drops(api, "fragment") > before),
+        "verse_drops_total{{reason=\"fragment\"}} did not move from {before}"
+    );
+}
+
+/// IPv4 options are parsed (the transport header is found at IHL*4), so a datagram with options
+/// is judged by its real port: admitted on the allowed port, refused on another.
+#[test]
+fn datagrams_with_ipv4_options_are_judged_by_their_real_ports() {
+    let host = Host::start();
+    let api = &host.api;
+    let uni = api.create_universe("opts", "10.72.0.0/24");
+    let srv = api.create_group(id(&uni), "srv");
+    api.add_rule(id(&srv), &json!({"direction": "ingress", "protocol": "udp", "from_port": 9000, "to_port": 9000, "cidr": "10.72.0.0/24"}));
+    let a = host.endpoint(id(&uni), "10.72.0.10", &[]);
+    let b = host.endpoint(id(&uni), "10.72.0.20", &[id(&srv)]);
+    let _u0 = UdpServer::start(&b.ns, 9000, "b");
+    let _u1 = UdpServer::start(&b.ns, 9001, "b");
+
+    let with_options = |port: u16| -> Option<String> {
+        let sock = a.ns.enter(|| UdpSocket::bind(SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)))).unwrap();
+        // NOP, NOP, NOP, end of list: 4 bytes of options, IHL 6 (RFC 791 section 3.1).
+        let options = [1u8, 1, 1, 0];
+        // SAFETY: `options` is valid for the length given for the whole call.
+        let rc = unsafe {
+            libc::setsockopt(sock.as_raw_fd(), libc::IPPROTO_IP, libc::IP_OPTIONS, options.as_ptr().cast(), options.len() as libc::socklen_t)
+        };
+        assert_eq!(rc, 0, "setsockopt(IP_OPTIONS): {}", std::io::Error::last_os_error());
+        sock.set_read_timeout(Some(if port == 9000 { ALLOWED } else { DENIED })).unwrap();
+        sock.send_to(b"opt", SocketAddr::from((b.ip, port))).unwrap();
+        let mut buf = [0u8; 64];
+        sock.recv(&mut buf).ok().map(|n| String::from_utf8_lossy(&buf[..n]).into_owned())
+    };
+    // A raw socket in the receiver sees every UDP packet that arrives, header included.
+    let tap = RawIpSocket::open(&b.ns, 17).unwrap();
+    assert_eq!(with_options(9000).as_deref(), Some("b:opt"), "a datagram with options to the allowed port passes");
+    let arrived = tap.recv_packet(ALLOWED).expect("the receiver saw the datagram");
+    assert_eq!(arrived[0], 0x46, "it arrived with its options (IHL 6)");
+    let before = drops(api, "policy_ingress");
+    assert_eq!(with_options(9001), None, "a datagram with options to another port is refused");
+    assert!(wait_until(Duration::from_secs(2), || drops(api, "policy_ingress") > before));
+    assert_eq!(drops(api, "malformed_ipv4"), 0, "options are not malformed");
+}
