@@ -155,7 +155,8 @@ impl From<store::Error> for ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let body = ErrorBody { error: ErrorDetail { code: self.code.into(), message: self.message } };
+        let body =
+            ErrorBody { error: ErrorDetail { code: self.code.into(), message: self.message } };
         (self.status, Json(body)).into_response()
     }
 }
@@ -177,7 +178,10 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/security-groups/{id}/rules", post(add_rule))
         .route("/v1/security-groups/{id}/rules/{rule_id}", delete(delete_rule))
         .route("/v1/endpoints", post(create_endpoint).get(list_endpoints))
-        .route("/v1/endpoints/{id}", get(get_endpoint).patch(patch_endpoint).delete(delete_endpoint))
+        .route(
+            "/v1/endpoints/{id}",
+            get(get_endpoint).patch(patch_endpoint).delete(delete_endpoint),
+        )
         .route("/v1/hosts", get(list_hosts))
         .fallback(no_route)
         .method_not_allowed_fallback(method_not_allowed)
@@ -191,8 +195,9 @@ pub fn router(state: AppState) -> Router {
 /// struct written as an array, whose errors could not name fields.
 fn parse_body<T: DeserializeOwned>(body: Result<Bytes, BytesRejection>) -> Result<T, ApiError> {
     let body = body.map_err(|e| ApiError::invalid("body", e.body_text()))?;
-    let doc: serde_json::Value = serde_json::from_slice(&body)
-        .map_err(|e| ApiError::invalid("body", format!("malformed JSON: {}", strip_position(&e))))?;
+    let doc: serde_json::Value = serde_json::from_slice(&body).map_err(|e| {
+        ApiError::invalid("body", format!("malformed JSON: {}", strip_position(&e)))
+    })?;
     if !doc.is_object() {
         return Err(ApiError::invalid("body", "expected a JSON object"));
     }
@@ -283,12 +288,16 @@ where
 /// Waits (bounded) until the local reconciler has realized `revision`.
 async fn wait_realized(st: &AppState, revision: u64) {
     let mut rx = st.realized.clone();
-    let outcome =
-        tokio::time::timeout(REALIZE_TIMEOUT, rx.wait_for(|r| *r >= revision)).await.map(|r| r.map(|_| ()));
+    let outcome = tokio::time::timeout(REALIZE_TIMEOUT, rx.wait_for(|r| *r >= revision))
+        .await
+        .map(|r| r.map(|_| ()));
     match outcome {
         Ok(Ok(())) => {}
         Ok(Err(_)) => {
-            tracing::warn!(revision, "the reconciler is gone; returning before the edit is realized")
+            tracing::warn!(
+                revision,
+                "the reconciler is gone; returning before the edit is realized"
+            )
         }
         Err(_) => tracing::warn!(
             revision,
@@ -302,7 +311,10 @@ async fn wait_realized(st: &AppState, revision: u64) {
 /// A name `ip netns` could have made: one path component.
 fn check_netns(name: &str) -> Result<(), ApiError> {
     if name.is_empty() || name == "." || name == ".." || name.contains('/') || name.contains('\0') {
-        return Err(ApiError::invalid("netns", format!("{name:?} is not a network namespace name")));
+        return Err(ApiError::invalid(
+            "netns",
+            format!("{name:?} is not a network namespace name"),
+        ));
     }
     if NETNS_DIRS.iter().any(|d| Path::new(d).join(name).exists()) {
         Ok(())
@@ -321,7 +333,11 @@ async fn healthz() -> &'static str {
 }
 
 async fn no_route(method: Method, uri: Uri) -> ApiError {
-    ApiError::new(StatusCode::NOT_FOUND, "not_found", format!("no route for {method} {}", uri.path()))
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "not_found",
+        format!("no route for {method} {}", uri.path()),
+    )
 }
 
 async fn method_not_allowed(method: Method, uri: Uri) -> ApiError {
@@ -332,7 +348,10 @@ async fn method_not_allowed(method: Method, uri: Uri) -> ApiError {
     )
 }
 
-async fn create_universe(AxState(st): AxState<AppState>, body: Result<Bytes, BytesRejection>) -> ApiResult {
+async fn create_universe(
+    AxState(st): AxState<AppState>,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult {
     let req: model::CreateUniverse = parse_body(body)?;
     mutate(&st, StatusCode::CREATED, move |s| s.create_universe(req), Some).await
 }
@@ -360,7 +379,10 @@ async fn delete_universe(
     mutate(&st, StatusCode::NO_CONTENT, move |s| s.delete_universe(&id), |()| None::<()>).await
 }
 
-async fn create_group(AxState(st): AxState<AppState>, body: Result<Bytes, BytesRejection>) -> ApiResult {
+async fn create_group(
+    AxState(st): AxState<AppState>,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult {
     let req: model::CreateGroup = parse_body(body)?;
     mutate(&st, StatusCode::CREATED, move |s| s.create_group(req), Some).await
 }
@@ -371,12 +393,18 @@ async fn list_groups(
 ) -> ApiResult {
     let q = query(q, &["universe"])?;
     let snap = st.store.snapshot();
-    let groups: Vec<_> =
-        snap.groups.values().filter(|g| q.get("universe").is_none_or(|u| &g.universe == u)).collect();
+    let groups: Vec<_> = snap
+        .groups
+        .values()
+        .filter(|g| q.get("universe").is_none_or(|u| &g.universe == u))
+        .collect();
     Ok(json_ok(&groups))
 }
 
-async fn get_group(AxState(st): AxState<AppState>, id: Result<UrlPath<String>, PathRejection>) -> ApiResult {
+async fn get_group(
+    AxState(st): AxState<AppState>,
+    id: Result<UrlPath<String>, PathRejection>,
+) -> ApiResult {
     let id = path(id)?;
     let snap = st.store.snapshot();
     let g = snap.groups.get(&id).ok_or_else(|| model::Error::not_found("security group", &id))?;
@@ -406,17 +434,26 @@ async fn delete_rule(
     ids: Result<UrlPath<(String, String)>, PathRejection>,
 ) -> ApiResult {
     let (group, rule) = path(ids)?;
-    mutate(&st, StatusCode::NO_CONTENT, move |s| s.delete_rule(&group, &rule), |()| None::<()>).await
+    mutate(&st, StatusCode::NO_CONTENT, move |s| s.delete_rule(&group, &rule), |()| None::<()>)
+        .await
 }
 
-async fn create_endpoint(AxState(st): AxState<AppState>, body: Result<Bytes, BytesRejection>) -> ApiResult {
+async fn create_endpoint(
+    AxState(st): AxState<AppState>,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult {
     let req: model::CreateEndpoint = parse_body(body)?;
     if req.host.as_deref().is_none_or(|h| h == st.host) {
         check_netns(&req.netns)?;
     }
     let host = st.host.clone();
-    mutate(&st, StatusCode::CREATED, move |s| s.create_endpoint(req, &host), |e| Some(EndpointView::from(&e)))
-        .await
+    mutate(
+        &st,
+        StatusCode::CREATED,
+        move |s| s.create_endpoint(req, &host),
+        |e| Some(EndpointView::from(&e)),
+    )
+    .await
 }
 
 async fn list_endpoints(
@@ -452,7 +489,13 @@ async fn patch_endpoint(
 ) -> ApiResult {
     let id = path(id)?;
     let req: model::PatchEndpoint = parse_body(body)?;
-    mutate(&st, StatusCode::OK, move |s| s.patch_endpoint(&id, req), |e| Some(EndpointView::from(&e))).await
+    mutate(
+        &st,
+        StatusCode::OK,
+        move |s| s.patch_endpoint(&id, req),
+        |e| Some(EndpointView::from(&e)),
+    )
+    .await
 }
 
 async fn delete_endpoint(
@@ -494,15 +537,27 @@ async fn metrics(AxState(st): AxState<AppState>) -> ApiResult {
             ))
         }
     };
-    let text = render_metrics(&st.store.snapshot(), *st.realized.borrow(), &stats).map_err(|e| {
-        ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", format!("encoding metrics: {e}"))
-    })?;
-    Ok(([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], text)
+    let text =
+        render_metrics(&st.store.snapshot(), *st.realized.borrow(), &stats).map_err(|e| {
+            ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                format!("encoding metrics: {e}"),
+            )
+        })?;
+    Ok((
+        [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+        text,
+    )
         .into_response())
 }
 
 /// The `/metrics` text (OpenMetrics, which Prometheus reads).
-pub fn render_metrics(state: &State, realized: u64, stats: &Stats) -> Result<String, std::fmt::Error> {
+pub fn render_metrics(
+    state: &State,
+    realized: u64,
+    stats: &Stats,
+) -> Result<String, std::fmt::Error> {
     use prometheus_client::metrics::counter::Counter;
     use prometheus_client::metrics::family::Family;
     use prometheus_client::metrics::gauge::Gauge;
@@ -523,12 +578,27 @@ pub fn render_metrics(state: &State, realized: u64, stats: &Stats) -> Result<Str
         reg.register(name, help, g);
     };
     let rules: usize = state.groups.values().map(|g| g.ingress.len() + g.egress.len()).sum();
-    gauge(&mut reg, "endpoints", "Endpoints in the desired state (all hosts)", state.endpoints.len() as u64);
+    gauge(
+        &mut reg,
+        "endpoints",
+        "Endpoints in the desired state (all hosts)",
+        state.endpoints.len() as u64,
+    );
     gauge(&mut reg, "rules", "Security group rules in the desired state", rules as u64);
-    gauge(&mut reg, "security_groups", "Security groups in the desired state", state.groups.len() as u64);
+    gauge(
+        &mut reg,
+        "security_groups",
+        "Security groups in the desired state",
+        state.groups.len() as u64,
+    );
     gauge(&mut reg, "universes", "Universes in the desired state", state.universes.len() as u64);
     gauge(&mut reg, "revision", "Revision of the desired state (S13)", state.revision);
-    gauge(&mut reg, "realized_revision", "Revision realized in this host's dataplane (S13)", realized);
+    gauge(
+        &mut reg,
+        "realized_revision",
+        "Revision realized in this host's dataplane (S13)",
+        realized,
+    );
     let mut out = String::new();
     prometheus_client::encoding::text::encode(&mut out, &reg)?;
     Ok(out)
@@ -542,8 +612,7 @@ async fn openapi() -> Response {
 pub fn openapi_document() -> serde_json::Value {
     use serde_json::json;
     let r = |name: &str| json!({ "$ref": format!("#/components/schemas/{name}") });
-    let body =
-        |name: &str| json!({ "required": true, "content": { "application/json": { "schema": r(name) } } });
+    let body = |name: &str| json!({ "required": true, "content": { "application/json": { "schema": r(name) } } });
     let ok = |desc: &str, schema: serde_json::Value| json!({ "description": desc, "content": { "application/json": { "schema": schema } } });
     let array = |name: &str| json!({ "type": "array", "items": r(name) });
     let err = |desc: &str| json!({ "description": desc, "content": { "application/json": { "schema": r("Error") } } });

@@ -16,7 +16,8 @@ use serde::Serialize;
 
 use crate::api::{EndpointView, ErrorBody, Host, REVISION_HEADER};
 use crate::model::{
-    CreateEndpoint, CreateGroup, CreateRule, CreateUniverse, PatchEndpoint, Rule, SecurityGroup, Universe,
+    CreateEndpoint, CreateGroup, CreateRule, CreateUniverse, PatchEndpoint, Rule, SecurityGroup,
+    Universe,
 };
 
 /// The API address when none is given.
@@ -73,7 +74,8 @@ impl Client {
         if url.cannot_be_a_base() || !matches!(url.scheme(), "http" | "https") {
             return Err(bad("expected http://HOST:PORT".into()));
         }
-        let http = Http::builder().timeout(REQUEST_TIMEOUT).build().map_err(|e| bad(e.to_string()))?;
+        let http =
+            Http::builder().timeout(REQUEST_TIMEOUT).build().map_err(|e| bad(e.to_string()))?;
         Ok(Client { base: url, http })
     }
 
@@ -108,15 +110,18 @@ impl Client {
             })?;
             req = req.header(reqwest::header::CONTENT_TYPE, "application/json").body(bytes);
         }
-        let resp =
-            req.send().map_err(|source| Error::Transport { request: request(&method, &url), source })?;
+        let resp = req
+            .send()
+            .map_err(|source| Error::Transport { request: request(&method, &url), source })?;
         let status = resp.status();
         if status.is_success() {
             return Ok(resp);
         }
         let text = resp.text().unwrap_or_default();
         Err(match serde_json::from_str::<ErrorBody>(&text) {
-            Ok(b) => Error::Api { status: status.as_u16(), code: b.error.code, message: b.error.message },
+            Ok(b) => {
+                Error::Api { status: status.as_u16(), code: b.error.code, message: b.error.message }
+            }
             Err(_) => Error::Api {
                 status: status.as_u16(),
                 code: format!("http_{}", status.as_u16()),
@@ -125,7 +130,11 @@ impl Client {
         })
     }
 
-    fn get<T: DeserializeOwned>(&self, segments: &[&str], query: &[(&str, Option<&str>)]) -> Result<T> {
+    fn get<T: DeserializeOwned>(
+        &self,
+        segments: &[&str],
+        query: &[(&str, Option<&str>)],
+    ) -> Result<T> {
         let url = self.url(segments, query);
         let resp = self.send(Method::GET, url.clone(), None)?;
         decode(Method::GET, url, resp)
@@ -192,7 +201,11 @@ impl Client {
     pub fn create_endpoint(&self, req: &CreateEndpoint) -> Result<(EndpointView, u64)> {
         self.mutate(Method::POST, &["v1", "endpoints"], req)
     }
-    pub fn list_endpoints(&self, universe: Option<&str>, host: Option<&str>) -> Result<Vec<EndpointView>> {
+    pub fn list_endpoints(
+        &self,
+        universe: Option<&str>,
+        host: Option<&str>,
+    ) -> Result<Vec<EndpointView>> {
         self.get(&["v1", "endpoints"], &[("universe", universe), ("host", host)])
     }
     pub fn get_endpoint(&self, id: &str) -> Result<EndpointView> {
@@ -266,7 +279,8 @@ impl Client {
     pub fn metrics(&self) -> Result<String> {
         let url = self.url(&["metrics"], &[]);
         let resp = self.send(Method::GET, url.clone(), None)?;
-        resp.text().map_err(|source| Error::Transport { request: request(&Method::GET, &url), source })
+        resp.text()
+            .map_err(|source| Error::Transport { request: request(&Method::GET, &url), source })
     }
 
     /// `GET /v1/openapi.json`.
@@ -292,17 +306,20 @@ fn request(method: &Method, url: &Url) -> String {
 }
 
 fn decode<T: DeserializeOwned>(method: Method, url: Url, resp: Response) -> Result<T> {
-    let bytes =
-        resp.bytes().map_err(|source| Error::Transport { request: request(&method, &url), source })?;
+    let bytes = resp
+        .bytes()
+        .map_err(|source| Error::Transport { request: request(&method, &url), source })?;
     serde_json::from_slice(&bytes)
         .map_err(|e| Error::Decode { request: request(&method, &url), reason: e.to_string() })
 }
 
 fn revision(method: &Method, url: &Url, resp: &Response) -> Result<u64> {
-    resp.headers().get(REVISION_HEADER).and_then(|v| v.to_str().ok()).and_then(|v| v.parse().ok()).ok_or_else(
-        || Error::Decode {
+    resp.headers()
+        .get(REVISION_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+        .ok_or_else(|| Error::Decode {
             request: request(method, url),
             reason: format!("missing or invalid {REVISION_HEADER} header"),
-        },
-    )
+        })
 }

@@ -66,12 +66,16 @@ pub fn compile(
             continue;
         };
         let mac = model::parse_mac(&ep.mac).ok_or_else(|| {
-            model::Error::invalid("mac", format!("endpoint {} has a malformed MAC {:?}", ep.id, ep.mac))
+            model::Error::invalid(
+                "mac",
+                format!("endpoint {} has a malformed MAC {:?}", ep.id, ep.mac),
+            )
         })?;
         let ip = ep.ip.octets();
-        desired
-            .endpoints
-            .insert(index, dp::Endpoint { ip, mac, _pad: [0; 2], vni: universe.vni, identity: ep.identity });
+        desired.endpoints.insert(
+            index,
+            dp::Endpoint { ip, mac, _pad: [0; 2], vni: universe.vni, identity: ep.identity },
+        );
         desired.routes.insert(
             dp::RouteKey { vni: universe.vni, ip },
             dp::Route { ifindex: index, identity: ep.identity, mac, _pad: [0; 2] },
@@ -99,9 +103,10 @@ pub fn compile(
     let mut nested: BTreeMap<u32, BTreeMap<(u32, u8), u32>> = BTreeMap::new();
     for (&(vni, cidr), &id) in &numbered.ids {
         let key = dp::CidrKey { vni: vni.to_be_bytes(), addr: cidr.network().octets() };
-        desired
-            .cidrs
-            .insert((dp::CIDR_KEY_VNI_BITS + u32::from(cidr.prefix()), key), dp::peer::CIDR_FLAG | id);
+        desired.cidrs.insert(
+            (dp::CIDR_KEY_VNI_BITS + u32::from(cidr.prefix()), key),
+            dp::peer::CIDR_FLAG | id,
+        );
         nested.entry(vni).or_default().insert((u32::from(cidr.network()), cidr.prefix()), id);
     }
 
@@ -125,7 +130,8 @@ pub fn compile(
             if group.universe != universe.id {
                 continue;
             }
-            let directions = [(dp::DIRECTION_INGRESS, &group.ingress), (dp::DIRECTION_EGRESS, &group.egress)];
+            let directions =
+                [(dp::DIRECTION_INGRESS, &group.ingress), (dp::DIRECTION_EGRESS, &group.egress)];
             for (direction, rules) in directions {
                 for rule in rules {
                     peers.clear();
@@ -212,7 +218,9 @@ impl CidrIds {
 /// peer) or the rule has a group peer or an IPv6 CIDR.
 fn class_cidr(rule: &model::Rule) -> Option<Ipv4Network> {
     match rule.peer {
-        Peer::Cidr(IpNetwork::V4(c)) if c.prefix() > 0 => Ipv4Network::new(c.network(), c.prefix()).ok(),
+        Peer::Cidr(IpNetwork::V4(c)) if c.prefix() > 0 => {
+            Ipv4Network::new(c.network(), c.prefix()).ok()
+        }
         _ => None,
     }
 }
@@ -249,14 +257,18 @@ fn rule_matches(rule: &model::Rule, out: &mut Vec<(u32, u8, u16)>) {
         p @ (Protocol::TCP | Protocol::UDP) => {
             let Protocol::Number(proto) = p else { return };
             let (from, to) = rule.ports.unwrap_or((0, u16::MAX));
-            out.extend(port_blocks(from, to).map(|(start, bits)| (PROTO + 16 - bits, proto, start)));
+            out.extend(
+                port_blocks(from, to).map(|(start, bits)| (PROTO + 16 - bits, proto, start)),
+            );
         }
         Protocol::ICMP => {
             let proto = 1;
             match rule.icmp {
                 None | Some((None, _)) => out.push((PROTO, proto, 0)),
                 Some((Some(t), None)) => out.push((PROTO + 8, proto, u16::from(t) << 8)),
-                Some((Some(t), Some(c))) => out.push((FULL, proto, u16::from(t) << 8 | u16::from(c))),
+                Some((Some(t), Some(c))) => {
+                    out.push((FULL, proto, u16::from(t) << 8 | u16::from(c)))
+                }
             }
         }
         // The dataplane is IPv4 only: no ICMPv6 packet reaches policy.
@@ -336,7 +348,9 @@ impl<'a> PolicyEntries<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{CreateEndpoint, CreateGroup, CreateRule, CreateUniverse, Direction, PatchEndpoint};
+    use crate::model::{
+        CreateEndpoint, CreateGroup, CreateRule, CreateUniverse, Direction, PatchEndpoint,
+    };
     use rand::rngs::StdRng;
     use rand::{Rng, SeedableRng};
     use serde_json::json;
@@ -353,9 +367,13 @@ mod tests {
     }
 
     fn group(s: &mut State, universe: &str, name: &str) -> String {
-        s.create_group(CreateGroup { universe: universe.into(), name: name.into(), description: None })
-            .unwrap()
-            .id
+        s.create_group(CreateGroup {
+            universe: universe.into(),
+            name: name.into(),
+            description: None,
+        })
+        .unwrap()
+        .id
     }
 
     fn default_group(s: &State, universe: &str) -> String {
@@ -376,7 +394,13 @@ mod tests {
         endpoint_on(s, HOST, universe, ip, groups)
     }
 
-    fn endpoint_on(s: &mut State, host: &str, universe: &str, ip: &str, groups: &[&str]) -> model::Endpoint {
+    fn endpoint_on(
+        s: &mut State,
+        host: &str,
+        universe: &str,
+        ip: &str,
+        groups: &[&str],
+    ) -> model::Endpoint {
         let netns = format!("ns-{ip}");
         let groups = (!groups.is_empty()).then(|| groups.iter().map(|g| g.to_string()).collect());
         let req = CreateEndpoint {
@@ -446,7 +470,10 @@ mod tests {
     impl Lpm {
         fn new(d: &Desired) -> Lpm {
             let prefixes: BTreeSet<u32> = d.policy.iter().map(|(p, _)| *p).collect();
-            Lpm { policy: d.policy.iter().copied().collect(), prefixes: prefixes.into_iter().collect() }
+            Lpm {
+                policy: d.policy.iter().copied().collect(),
+                prefixes: prefixes.into_iter().collect(),
+            }
         }
 
         fn hit(&self, key: dp::PolicyKey) -> bool {
@@ -506,7 +533,9 @@ mod tests {
                     Protocol::All => true,
                     Protocol::ICMPV6 => false,
                     Protocol::Number(p) if p != q.proto => false,
-                    Protocol::TCP | Protocol::UDP => r.ports.is_none_or(|(a, b)| (a..=b).contains(&q.port)),
+                    Protocol::TCP | Protocol::UDP => {
+                        r.ports.is_none_or(|(a, b)| (a..=b).contains(&q.port))
+                    }
                     Protocol::ICMP => match r.icmp {
                         None | Some((None, _)) => true,
                         Some((Some(t), c)) => {
@@ -524,7 +553,14 @@ mod tests {
     const UDP: u8 = 17;
     const ICMP: u8 = 1;
 
-    fn query(policy: u32, direction: u8, vni: u32, peer: (Option<u32>, &str), proto: u8, port: u16) -> Query {
+    fn query(
+        policy: u32,
+        direction: u8,
+        vni: u32,
+        peer: (Option<u32>, &str),
+        proto: u8,
+        port: u16,
+    ) -> Query {
         Query { policy, direction, peer_identity: peer.0, vni, peer_ip: ip(peer.1), proto, port }
     }
 
@@ -540,7 +576,11 @@ mod tests {
             assert_eq!(u32::from(start) % size, 0, "{from}-{to}: block {start}/{bits} is aligned");
             next += size;
         }
-        assert_eq!(next, u32::from(to) + 1, "{from}-{to}: the blocks end exactly at the range's end");
+        assert_eq!(
+            next,
+            u32::from(to) + 1,
+            "{from}-{to}: the blocks end exactly at the range's end"
+        );
     }
 
     #[test]
@@ -559,9 +599,15 @@ mod tests {
             let (a, b): (u16, u16) = (rng.random(), rng.random());
             check_blocks(a.min(b), a.max(b));
         }
-        for (from, to) in
-            [(0, 0), (0, 65535), (65535, 65535), (1, 65534), (0, 1023), (1024, 65535), (32768, 65535)]
-        {
+        for (from, to) in [
+            (0, 0),
+            (0, 65535),
+            (65535, 65535),
+            (1, 65534),
+            (0, 1023),
+            (1024, 65535),
+            (32768, 65535),
+        ] {
             check_blocks(from, to);
         }
         assert_eq!(port_blocks(0, 65535).collect::<Vec<_>>(), vec![(0, 16)]);
@@ -586,7 +632,13 @@ mod tests {
             d.endpoints,
             BTreeMap::from([(
                 7,
-                dp::Endpoint { ip: [10, 0, 0, 10], mac, _pad: [0; 2], vni: u.vni, identity: a.identity }
+                dp::Endpoint {
+                    ip: [10, 0, 0, 10],
+                    mac,
+                    _pad: [0; 2],
+                    vni: u.vni,
+                    identity: a.identity
+                }
             )])
         );
         assert_eq!(
@@ -613,7 +665,13 @@ mod tests {
         let entry = |direction, peer: u32| {
             (
                 dp::policy_prefix::PEER,
-                dp::PolicyKey { policy: l, direction, peer: peer.to_be_bytes(), proto: 0, port: [0; 2] },
+                dp::PolicyKey {
+                    policy: l,
+                    direction,
+                    peer: peer.to_be_bytes(),
+                    proto: 0,
+                    port: [0; 2],
+                },
             )
         };
         assert_eq!(
@@ -705,10 +763,18 @@ mod tests {
         let h = default_group(&s, &v.id);
         endpoint(&mut s, &u.id, "10.0.0.10", &[]);
         rule(&mut s, &g, json!({"direction": "ingress", "protocol": "all", "cidr": "10.1.0.0/16"}));
-        rule(&mut s, &g, json!({"direction": "egress", "protocol": "all", "cidr": "192.168.1.7/24"}));
+        rule(
+            &mut s,
+            &g,
+            json!({"direction": "egress", "protocol": "all", "cidr": "192.168.1.7/24"}),
+        );
         rule(&mut s, &g, json!({"direction": "egress", "protocol": "all", "cidr": "fd00::/8"}));
         // A universe without local endpoints contributes no classes.
-        rule(&mut s, &h, json!({"direction": "ingress", "protocol": "all", "cidr": "172.16.0.0/12"}));
+        rule(
+            &mut s,
+            &h,
+            json!({"direction": "ingress", "protocol": "all", "cidr": "172.16.0.0/12"}),
+        );
         let d = compile_all(&s, &mut CidrIds::default());
         let vni = u.vni.to_be_bytes();
         assert_eq!(
@@ -811,8 +877,11 @@ mod tests {
         };
         assert!(!allowed(&s));
         let default = default_group(&s, &u.id);
-        s.patch_endpoint(&client.id, PatchEndpoint { security_groups: vec![default.clone(), app.clone()] })
-            .unwrap();
+        s.patch_endpoint(
+            &client.id,
+            PatchEndpoint { security_groups: vec![default.clone(), app.clone()] },
+        )
+        .unwrap();
         assert!(allowed(&s));
         s.patch_endpoint(&client.id, PatchEndpoint { security_groups: vec![default] }).unwrap();
         assert!(!allowed(&s));
@@ -837,7 +906,8 @@ mod tests {
                 }
             }
         }
-        let bases = [ip("10.1.2.3"), ip("10.1.2.200"), ip("10.1.77.7"), ip("10.200.0.9"), ip("10.1.3.30")];
+        let bases =
+            [ip("10.1.2.3"), ip("10.1.2.200"), ip("10.1.77.7"), ip("10.200.0.9"), ip("10.1.3.30")];
         // Endpoints sit on and next to the base addresses so that CIDRs of every length catch
         // some and miss others.
         let mut addresses: Vec<Ipv4Addr> = Vec::new();
@@ -873,13 +943,18 @@ mod tests {
                 5 => {
                     json!({"protocol": "icmp", "icmp_type": rng.random_range(0..4), "icmp_code": if rng.random_bool(0.5) { -1 } else { rng.random_range(0..3) }})
                 }
-                6 => json!({"protocol": if rng.random_bool(0.5) { json!(47) } else { json!("icmpv6") }}),
+                6 => {
+                    json!({"protocol": if rng.random_bool(0.5) { json!(47) } else { json!("icmpv6") }})
+                }
                 _ => json!({"protocol": "udp", "from_port": 53, "to_port": 53}),
             };
             body["direction"] = json!(direction);
             match rng.random_range(0..10) {
                 0..=2 => body["group"] = json!(groups[rng.random_range(0..groups.len())]),
-                3 => body["cidr"] = json!(if rng.random_bool(0.5) { "0.0.0.0/0" } else { "fd00::/16" }),
+                3 => {
+                    body["cidr"] =
+                        json!(if rng.random_bool(0.5) { "0.0.0.0/0" } else { "fd00::/16" })
+                }
                 _ => {
                     let base = bases[rng.random_range(0..bases.len())];
                     let len = rng.random_range(1..=32u8);
@@ -903,7 +978,8 @@ mod tests {
             let d = compile_all(&s, &mut CidrIds::default());
             let lpm = Lpm::new(&d);
             let vni = s.universes.values().next().unwrap().vni;
-            let by_ip: HashMap<Ipv4Addr, u32> = s.endpoints.values().map(|e| (e.ip, e.identity)).collect();
+            let by_ip: HashMap<Ipv4Addr, u32> =
+                s.endpoints.values().map(|e| (e.ip, e.identity)).collect();
             let local: BTreeSet<u32> =
                 s.endpoints.values().filter(|e| e.host == HOST).map(|e| e.identity).collect();
             for &policy in &local {
@@ -914,7 +990,13 @@ mod tests {
                             (UDP, rng.random_range(0..2400)),
                             (UDP, 53),
                             (TCP, rng.random()),
-                            (ICMP, u16::from_be_bytes([rng.random_range(0..5), rng.random_range(0..4)])),
+                            (
+                                ICMP,
+                                u16::from_be_bytes([
+                                    rng.random_range(0..5),
+                                    rng.random_range(0..4),
+                                ]),
+                            ),
                             (47, 0),
                             (58, 0),
                             (99, 0),
@@ -939,7 +1021,10 @@ mod tests {
             }
         }
         println!("{checked} verdicts checked, {allowed} allowed");
-        assert!(allowed > checked / 10 && allowed < checked * 9 / 10, "the cases must mix verdicts");
+        assert!(
+            allowed > checked / 10 && allowed < checked * 9 / 10,
+            "the cases must mix verdicts"
+        );
     }
 
     // ---- Determinism and stable numbering ----
@@ -958,7 +1043,9 @@ mod tests {
     fn class_ids(d: &Desired) -> BTreeMap<String, u32> {
         d.cidrs
             .iter()
-            .map(|((p, k), v)| (format!("{}/{}", Ipv4Addr::from(k.addr), p - 32), v & !dp::peer::CIDR_FLAG))
+            .map(|((p, k), v)| {
+                (format!("{}/{}", Ipv4Addr::from(k.addr), p - 32), v & !dp::peer::CIDR_FLAG)
+            })
             .collect()
     }
 
@@ -979,7 +1066,11 @@ mod tests {
         let before = class_ids(&d);
         assert_eq!(
             before,
-            BTreeMap::from([("10.1.0.0/16".into(), 1), ("10.2.0.0/16".into(), 2), ("10.3.0.0/16".into(), 3)])
+            BTreeMap::from([
+                ("10.1.0.0/16".into(), 1),
+                ("10.2.0.0/16".into(), 2),
+                ("10.3.0.0/16".into(), 3)
+            ])
         );
 
         // A new class sorting before the others takes a new number; nothing is renumbered.
@@ -1126,7 +1217,8 @@ mod tests {
         let mut s = State::default();
         let u = universe(&mut s, "10.0.0.0/8");
         let mut rng = StdRng::seed_from_u64(100_000);
-        let groups: Vec<String> = (0..100).map(|i| group(&mut s, &u.id, &format!("g{i}"))).collect();
+        let groups: Vec<String> =
+            (0..100).map(|i| group(&mut s, &u.id, &format!("g{i}"))).collect();
         let mut next_rule = 0u32;
         for g in &groups {
             let sg = s.groups.get_mut(g).unwrap();
@@ -1136,7 +1228,9 @@ mod tests {
                 let peer = match rng.random_range(0..100) {
                     0..=9 => Peer::Group(groups[rng.random_range(0..groups.len())].clone()),
                     10..=14 => Peer::Cidr("0.0.0.0/0".parse().unwrap()),
-                    15 => Peer::Cidr(format!("10.{}.0.0/16", rng.random_range(0..20)).parse().unwrap()),
+                    15 => Peer::Cidr(
+                        format!("10.{}.0.0/16", rng.random_range(0..20)).parse().unwrap(),
+                    ),
                     16..=59 => Peer::Cidr(
                         format!("10.{}.{}.0/24", rng.random_range(0..20), rng.random_range(0..100))
                             .parse()
@@ -1159,7 +1253,8 @@ mod tests {
                     _ => (Protocol::TCP, Some((rng.random_range(1..65535), 0)), None),
                 };
                 let ports = ports.map(|(a, b): (u16, u16)| (a, b.max(a)));
-                let direction = if rng.random_bool(0.7) { Direction::Ingress } else { Direction::Egress };
+                let direction =
+                    if rng.random_bool(0.7) { Direction::Ingress } else { Direction::Egress };
                 let rule = model::Rule {
                     id: format!("sgr-{next_rule:08x}"),
                     direction,

@@ -76,8 +76,11 @@ pub enum StoreKind {
 impl StoreKind {
     /// Parses `embedded` or `etcd://HOST:PORT[,HOST:PORT...]`.
     pub fn parse(url: &str) -> Result<StoreKind> {
-        let invalid =
-            |reason: &str| Error::Invalid { key: "store", value: url.to_owned(), reason: reason.to_owned() };
+        let invalid = |reason: &str| Error::Invalid {
+            key: "store",
+            value: url.to_owned(),
+            reason: reason.to_owned(),
+        };
         if url == "embedded" {
             return Ok(StoreKind::Embedded);
         }
@@ -196,8 +199,8 @@ impl Config {
 
     /// Parses a settings file (no flags, no validation beyond the TOML types).
     pub fn from_file(path: &Path) -> Result<Config> {
-        let text =
-            std::fs::read_to_string(path).map_err(|source| Error::Read { path: path.to_owned(), source })?;
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| Error::Read { path: path.to_owned(), source })?;
         Config::from_toml(&text).map_err(|message| Error::Parse { path: path.to_owned(), message })
     }
 
@@ -214,7 +217,8 @@ impl Config {
                 return Err(Error::Invalid {
                     key: "store",
                     value: self.store.clone(),
-                    reason: "the etcd store is not available in this version; use \"embedded\"".into(),
+                    reason: "the etcd store is not available in this version; use \"embedded\""
+                        .into(),
                 })
             }
         }
@@ -476,7 +480,8 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("verse-config-test-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let file = dir.join("versed.toml");
-        std::fs::write(&file, "listen = \"127.0.0.1:9000\"\nhost = \"from-file\"\nmtu = 9000\n").unwrap();
+        std::fs::write(&file, "listen = \"127.0.0.1:9000\"\nhost = \"from-file\"\nmtu = 9000\n")
+            .unwrap();
         let args = Args::parse_from([
             "versed",
             "--config",

@@ -71,61 +71,35 @@ pub enum Error {
     Mount { path: PathBuf, source: io::Error },
     /// Loading the object (creating or opening the pinned maps) failed.
     #[error("loading the dataplane object with maps pinned under {dir} failed: {source}")]
-    LoadObject {
-        dir: PathBuf,
-        source: Box<EbpfError>,
-    },
+    LoadObject { dir: PathBuf, source: Box<EbpfError> },
     /// The object lacks a program this module needs.
     #[error("the dataplane object has no program {0}")]
     MissingProgram(&'static str),
     /// A program is not a TC classifier.
     #[error("program {name} is not a TC classifier: {source}")]
-    ProgramType {
-        name: &'static str,
-        source: ProgramError,
-    },
+    ProgramType { name: &'static str, source: ProgramError },
     /// The verifier (or the kernel) refused a program.
     #[error("loading program {name} into the kernel failed: {source}")]
-    LoadProgram {
-        name: &'static str,
-        source: ProgramError,
-    },
+    LoadProgram { name: &'static str, source: ProgramError },
     /// Reading a program's kernel info failed.
     #[error("reading the kernel info of program {name} failed: {source}")]
-    ProgramInfo {
-        name: &'static str,
-        source: ProgramError,
-    },
+    ProgramInfo { name: &'static str, source: ProgramError },
     /// The object lacks a map this module needs.
     #[error("the dataplane object has no map {0}")]
     MissingMap(&'static str),
     /// A map has another type or key/value size than `dataplane_common` says (for example a
     /// pinned map left by an incompatible version).
     #[error("map {name} does not have the expected type and layout: {source}")]
-    MapType {
-        name: &'static str,
-        source: MapError,
-    },
+    MapType { name: &'static str, source: MapError },
     /// Reading (iterating or looking up) a map failed.
     #[error("reading map {name} failed: {source}")]
-    MapRead {
-        name: &'static str,
-        source: MapError,
-    },
+    MapRead { name: &'static str, source: MapError },
     /// Inserting or updating an entry failed (a full map, for example).
     #[error("writing {entry} into map {name} failed: {source}")]
-    MapWrite {
-        name: &'static str,
-        entry: String,
-        source: MapError,
-    },
+    MapWrite { name: &'static str, entry: String, source: MapError },
     /// Deleting an entry failed.
     #[error("deleting {entry} from map {name} failed: {source}")]
-    MapDelete {
-        name: &'static str,
-        entry: String,
-        source: MapError,
-    },
+    MapDelete { name: &'static str, entry: String, source: MapError },
     /// The interface name does not resolve to an ifindex in this network namespace.
     #[error("interface {iface} not found (if_nametoindex): {source}")]
     Interface { iface: String, source: io::Error },
@@ -137,18 +111,10 @@ pub enum Error {
     TakeLink { iface: String, source: LinkError },
     /// Pinning the link failed.
     #[error("pinning the TCX link of {iface} at {path} failed: {source}")]
-    PinLink {
-        iface: String,
-        path: PathBuf,
-        source: aya::pin::PinError,
-    },
+    PinLink { iface: String, path: PathBuf, source: aya::pin::PinError },
     /// Opening or inspecting a pinned link failed.
     #[error("inspecting the pinned link {path} failed ({call}): {source}")]
-    InspectLink {
-        path: PathBuf,
-        call: &'static str,
-        source: io::Error,
-    },
+    InspectLink { path: PathBuf, call: &'static str, source: io::Error },
     /// Opening a pinned link through aya failed.
     #[error("opening the pinned link {path} failed: {source}")]
     OpenLink { path: PathBuf, source: LinkError },
@@ -160,10 +126,7 @@ pub enum Error {
     Unpin { path: PathBuf, source: io::Error },
     /// `BPF_PROG_TEST_RUN` failed.
     #[error("BPF_PROG_TEST_RUN of {name} failed: {source}")]
-    TestRun {
-        name: &'static str,
-        source: ProgramError,
-    },
+    TestRun { name: &'static str, source: ProgramError },
     /// A test-run input is unusable.
     #[error("invalid test-run input: {0}")]
     TestInput(String),
@@ -223,9 +186,7 @@ pub struct Dataplane {
 
 impl std::fmt::Debug for Dataplane {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Dataplane")
-            .field("bpf_dir", &self.bpf_dir)
-            .finish_non_exhaustive()
+        f.debug_struct("Dataplane").field("bpf_dir", &self.bpf_dir).finish_non_exhaustive()
     }
 }
 
@@ -236,18 +197,12 @@ impl Dataplane {
     pub fn load(bpf_dir: &Path, config: &Config) -> Result<Self> {
         ensure_bpffs(bpf_dir)?;
         let links = bpf_dir.join("links");
-        std::fs::create_dir_all(&links).map_err(|source| Error::CreateDir {
-            path: links.clone(),
-            source,
-        })?;
+        std::fs::create_dir_all(&links)
+            .map_err(|source| Error::CreateDir { path: links.clone(), source })?;
 
-        let mut ebpf = EbpfLoader::new()
-            .default_map_pin_directory(bpf_dir)
-            .load(OBJECT)
-            .map_err(|source| Error::LoadObject {
-                dir: bpf_dir.to_path_buf(),
-                source: Box::new(source),
-            })?;
+        let mut ebpf = EbpfLoader::new().default_map_pin_directory(bpf_dir).load(OBJECT).map_err(
+            |source| Error::LoadObject { dir: bpf_dir.to_path_buf(), source: Box::new(source) },
+        )?;
         for name in [PROG_FROM_ENDPOINT, PROG_EMPTY] {
             classifier_mut(&mut ebpf, name)?
                 .load()
@@ -255,13 +210,11 @@ impl Dataplane {
         }
 
         let mut config_map: Array<MapData, Config> = take_map(&mut ebpf, map_names::CONFIG)?;
-        config_map
-            .set(0, config, 0)
-            .map_err(|source| Error::MapWrite {
-                name: map_names::CONFIG,
-                entry: "slot 0".into(),
-                source,
-            })?;
+        config_map.set(0, config, 0).map_err(|source| Error::MapWrite {
+            name: map_names::CONFIG,
+            entry: "slot 0".into(),
+            source,
+        })?;
 
         Ok(Dataplane {
             bpf_dir: bpf_dir.to_path_buf(),
@@ -293,35 +246,22 @@ impl Dataplane {
         let path = self.link_pin_path(iface);
         if path.exists() {
             if pinned_tcx_ifindex(&path)? == Some(ifindex) {
-                let pinned = PinnedLink::from_pin(&path).map_err(|source| Error::OpenLink {
-                    path: path.clone(),
-                    source,
-                })?;
-                let link =
-                    SchedClassifierLink::try_from(FdLink::from(pinned)).map_err(|source| {
-                        Error::TakeLink {
-                            iface: iface.into(),
-                            source,
-                        }
-                    })?;
+                let pinned = PinnedLink::from_pin(&path)
+                    .map_err(|source| Error::OpenLink { path: path.clone(), source })?;
+                let link = SchedClassifierLink::try_from(FdLink::from(pinned))
+                    .map_err(|source| Error::TakeLink { iface: iface.into(), source })?;
                 let prog = classifier_mut(&mut self.ebpf, PROG_FROM_ENDPOINT)?;
                 let id = prog
                     .attach_to_link(link)
-                    .map_err(|source| Error::UpdateLink {
-                        iface: iface.into(),
-                        source,
-                    })?;
+                    .map_err(|source| Error::UpdateLink { iface: iface.into(), source })?;
                 // The pin holds the link; our descriptor can go.
-                let _link = prog.take_link(id).map_err(|source| Error::UpdateLink {
-                    iface: iface.into(),
-                    source,
-                })?;
+                let _link = prog
+                    .take_link(id)
+                    .map_err(|source| Error::UpdateLink { iface: iface.into(), source })?;
                 return Ok(());
             }
-            std::fs::remove_file(&path).map_err(|source| Error::Unpin {
-                path: path.clone(),
-                source,
-            })?;
+            std::fs::remove_file(&path)
+                .map_err(|source| Error::Unpin { path: path.clone(), source })?;
         }
         let prog = classifier_mut(&mut self.ebpf, PROG_FROM_ENDPOINT)?;
         let id = prog
@@ -330,23 +270,12 @@ impl Dataplane {
                 TcAttachType::Ingress,
                 TcAttachOptions::TcxOrder(LinkOrder::default()),
             )
-            .map_err(|source| Error::Attach {
-                iface: iface.into(),
-                source,
-            })?;
-        let link = prog.take_link(id).map_err(|source| Error::Attach {
-            iface: iface.into(),
-            source,
-        })?;
-        let link = FdLink::try_from(link).map_err(|source| Error::TakeLink {
-            iface: iface.into(),
-            source,
-        })?;
-        link.pin(&path).map_err(|source| Error::PinLink {
-            iface: iface.into(),
-            path,
-            source,
-        })?;
+            .map_err(|source| Error::Attach { iface: iface.into(), source })?;
+        let link =
+            prog.take_link(id).map_err(|source| Error::Attach { iface: iface.into(), source })?;
+        let link = FdLink::try_from(link)
+            .map_err(|source| Error::TakeLink { iface: iface.into(), source })?;
+        link.pin(&path).map_err(|source| Error::PinLink { iface: iface.into(), path, source })?;
         Ok(())
     }
 
@@ -420,62 +349,46 @@ impl Dataplane {
     pub fn apply(&mut self, current: &Desired, desired: &Desired) -> Result<()> {
         for (&(len, key), &value) in &desired.cidrs {
             if current.cidrs.get(&(len, key)) != Some(&value) {
-                self.cidrs
-                    .insert(&Key::new(len, key), value, 0)
-                    .map_err(|source| Error::MapWrite {
+                self.cidrs.insert(&Key::new(len, key), value, 0).map_err(|source| {
+                    Error::MapWrite {
                         name: map_names::CIDRS,
                         entry: format!("{len}/{key:?}"),
                         source,
-                    })?;
+                    }
+                })?;
             }
         }
         for &(len, key) in desired.policy.difference(&current.policy) {
-            self.policy
-                .insert(&Key::new(len, key), POLICY_ALLOW, 0)
-                .map_err(|source| Error::MapWrite {
-                    name: map_names::POLICY,
-                    entry: format!("{len}/{key:?}"),
-                    source,
-                })?;
+            self.policy.insert(&Key::new(len, key), POLICY_ALLOW, 0).map_err(|source| {
+                Error::MapWrite { name: map_names::POLICY, entry: format!("{len}/{key:?}"), source }
+            })?;
         }
         for (key, value) in &desired.routes {
             if current.routes.get(key) != Some(value) {
-                self.routes
-                    .insert(key, value, 0)
-                    .map_err(|source| Error::MapWrite {
-                        name: map_names::ROUTES,
-                        entry: format!("{key:?}"),
-                        source,
-                    })?;
+                self.routes.insert(key, value, 0).map_err(|source| Error::MapWrite {
+                    name: map_names::ROUTES,
+                    entry: format!("{key:?}"),
+                    source,
+                })?;
             }
         }
         for (key, value) in &desired.endpoints {
             if current.endpoints.get(key) != Some(value) {
-                self.endpoints
-                    .insert(key, value, 0)
-                    .map_err(|source| Error::MapWrite {
-                        name: map_names::ENDPOINTS,
-                        entry: format!("ifindex {key}"),
-                        source,
-                    })?;
+                self.endpoints.insert(key, value, 0).map_err(|source| Error::MapWrite {
+                    name: map_names::ENDPOINTS,
+                    entry: format!("ifindex {key}"),
+                    source,
+                })?;
             }
         }
-        for key in current
-            .endpoints
-            .keys()
-            .filter(|k| !desired.endpoints.contains_key(k))
-        {
+        for key in current.endpoints.keys().filter(|k| !desired.endpoints.contains_key(k)) {
             remove_ok_if_absent(self.endpoints.remove(key)).map_err(|source| Error::MapDelete {
                 name: map_names::ENDPOINTS,
                 entry: format!("ifindex {key}"),
                 source,
             })?;
         }
-        for key in current
-            .routes
-            .keys()
-            .filter(|k| !desired.routes.contains_key(k))
-        {
+        for key in current.routes.keys().filter(|k| !desired.routes.contains_key(k)) {
             remove_ok_if_absent(self.routes.remove(key)).map_err(|source| Error::MapDelete {
                 name: map_names::ROUTES,
                 entry: format!("{key:?}"),
@@ -491,17 +404,9 @@ impl Dataplane {
                 }
             })?;
         }
-        for &(len, key) in current
-            .cidrs
-            .keys()
-            .filter(|k| !desired.cidrs.contains_key(k))
-        {
+        for &(len, key) in current.cidrs.keys().filter(|k| !desired.cidrs.contains_key(k)) {
             remove_ok_if_absent(self.cidrs.remove(&Key::new(len, key))).map_err(|source| {
-                Error::MapDelete {
-                    name: map_names::CIDRS,
-                    entry: format!("{len}/{key:?}"),
-                    source,
-                }
+                Error::MapDelete { name: map_names::CIDRS, entry: format!("{len}/{key:?}"), source }
             })?;
         }
         Ok(())
@@ -511,24 +416,16 @@ impl Dataplane {
     pub fn drops(&self) -> Result<BTreeMap<DropReason, u64>> {
         let mut out = BTreeMap::new();
         for reason in DropReason::ALL {
-            let per_cpu = self
-                .drops
-                .get(&(reason as u32), 0)
-                .map_err(read_err(map_names::DROPS))?;
-            out.insert(
-                reason,
-                per_cpu.iter().copied().fold(0u64, u64::wrapping_add),
-            );
+            let per_cpu =
+                self.drops.get(&(reason as u32), 0).map_err(read_err(map_names::DROPS))?;
+            out.insert(reason, per_cpu.iter().copied().fold(0u64, u64::wrapping_add));
         }
         Ok(out)
     }
 
     /// Every conntrack entry (live or expired but not yet reclaimed).
     pub fn conntrack(&self) -> Result<Vec<(CtKey, CtEntry)>> {
-        self.conntrack
-            .iter()
-            .map(|item| item.map_err(read_err(map_names::CONNTRACK)))
-            .collect()
+        self.conntrack.iter().map(|item| item.map_err(read_err(map_names::CONNTRACK))).collect()
     }
 
     /// Removes every conntrack entry (tests and benchmarks start from a clean table with it).
@@ -540,11 +437,7 @@ impl Dataplane {
             .map_err(read_err(map_names::CONNTRACK))?;
         for key in keys {
             remove_ok_if_absent(self.conntrack.remove(&key)).map_err(|source| {
-                Error::MapDelete {
-                    name: map_names::CONNTRACK,
-                    entry: format!("{key:?}"),
-                    source,
-                }
+                Error::MapDelete { name: map_names::CONNTRACK, entry: format!("{key:?}"), source }
             })?;
         }
         Ok(())
@@ -558,10 +451,9 @@ impl Dataplane {
     /// Size and verifier cost of `from_endpoint` as loaded (for reports and benchmarks).
     pub fn program_stats(&self) -> Result<ProgramStats> {
         let prog = classifier(&self.ebpf, PROG_FROM_ENDPOINT)?;
-        let info = prog.info().map_err(|source| Error::ProgramInfo {
-            name: PROG_FROM_ENDPOINT,
-            source,
-        })?;
+        let info = prog
+            .info()
+            .map_err(|source| Error::ProgramInfo { name: PROG_FROM_ENDPOINT, source })?;
         Ok(ProgramStats {
             verified_instructions: info.verified_instruction_count(),
             translated_bytes: info.size_translated(),
@@ -583,13 +475,7 @@ impl Dataplane {
         ingress_ifindex: u32,
         repeat: u32,
     ) -> Result<TestRunOutput> {
-        run(
-            &self.ebpf,
-            PROG_FROM_ENDPOINT,
-            packet,
-            ingress_ifindex,
-            repeat,
-        )
+        run(&self.ebpf, PROG_FROM_ENDPOINT, packet, ingress_ifindex, repeat)
     }
 
     /// [`Dataplane::test_run`] for the `empty` program: the baseline cost of a TC program run.
@@ -649,14 +535,12 @@ where
 
 fn classifier_mut<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut SchedClassifier> {
     let prog = ebpf.program_mut(name).ok_or(Error::MissingProgram(name))?;
-    prog.try_into()
-        .map_err(|source| Error::ProgramType { name, source })
+    prog.try_into().map_err(|source| Error::ProgramType { name, source })
 }
 
 fn classifier<'a>(ebpf: &'a Ebpf, name: &'static str) -> Result<&'a SchedClassifier> {
     let prog = ebpf.program(name).ok_or(Error::MissingProgram(name))?;
-    prog.try_into()
-        .map_err(|source| Error::ProgramType { name, source })
+    prog.try_into().map_err(|source| Error::ProgramType { name, source })
 }
 
 /// Offset of `ifindex` in `struct __sk_buff` (`include/uapi/linux/bpf.h`: eleven `__u32`
@@ -739,10 +623,7 @@ fn ifindex(iface: &str) -> Result<u32> {
     // SAFETY: `name` is a valid NUL-terminated string that outlives the call.
     let index = unsafe { libc::if_nametoindex(name.as_ptr()) };
     if index == 0 {
-        return Err(Error::Interface {
-            iface: iface.into(),
-            source: io::Error::last_os_error(),
-        });
+        return Err(Error::Interface { iface: iface.into(), source: io::Error::last_os_error() });
     }
     Ok(index)
 }
@@ -750,10 +631,8 @@ fn ifindex(iface: &str) -> Result<u32> {
 /// Makes `dir` a bpffs mount point: creates it if missing and mounts a bpffs there unless one
 /// is already mounted (checked by `statfs` magic, not by parsing mount tables).
 fn ensure_bpffs(dir: &Path) -> Result<()> {
-    std::fs::create_dir_all(dir).map_err(|source| Error::CreateDir {
-        path: dir.to_path_buf(),
-        source,
-    })?;
+    std::fs::create_dir_all(dir)
+        .map_err(|source| Error::CreateDir { path: dir.to_path_buf(), source })?;
     let path = CString::new(dir.as_os_str().as_bytes()).map_err(|e| Error::Statfs {
         path: dir.to_path_buf(),
         source: io::Error::new(io::ErrorKind::InvalidInput, e),
@@ -762,10 +641,7 @@ fn ensure_bpffs(dir: &Path) -> Result<()> {
     let mut st: libc::statfs = unsafe { std::mem::zeroed() };
     // SAFETY: `path` is NUL-terminated and `st` is a valid, writable statfs.
     if unsafe { libc::statfs(path.as_ptr(), &mut st) } != 0 {
-        return Err(Error::Statfs {
-            path: dir.to_path_buf(),
-            source: io::Error::last_os_error(),
-        });
+        return Err(Error::Statfs { path: dir.to_path_buf(), source: io::Error::last_os_error() });
     }
     #[allow(clippy::unnecessary_cast)] // f_type's width differs between libcs.
     if st.f_type as i64 == BPF_FS_MAGIC {
@@ -774,19 +650,10 @@ fn ensure_bpffs(dir: &Path) -> Result<()> {
     let fstype = c"bpf";
     // SAFETY: every pointer is a NUL-terminated string that outlives the call; no data.
     let rc = unsafe {
-        libc::mount(
-            fstype.as_ptr(),
-            path.as_ptr(),
-            fstype.as_ptr(),
-            0,
-            std::ptr::null(),
-        )
+        libc::mount(fstype.as_ptr(), path.as_ptr(), fstype.as_ptr(), 0, std::ptr::null())
     };
     if rc != 0 {
-        return Err(Error::Mount {
-            path: dir.to_path_buf(),
-            source: io::Error::last_os_error(),
-        });
+        return Err(Error::Mount { path: dir.to_path_buf(), source: io::Error::last_os_error() });
     }
     Ok(())
 }
@@ -805,11 +672,7 @@ const BPF_TCX_INGRESS: u32 = 46;
 fn pinned_tcx_ifindex(path: &Path) -> Result<Option<u32>> {
     let inspect = |call: &'static str| {
         let source = io::Error::last_os_error();
-        Error::InspectLink {
-            path: path.to_path_buf(),
-            call,
-            source,
-        }
+        Error::InspectLink { path: path.to_path_buf(), call, source }
     };
     let cpath = CString::new(path.as_os_str().as_bytes()).map_err(|e| Error::InspectLink {
         path: path.to_path_buf(),
@@ -826,13 +689,8 @@ fn pinned_tcx_ifindex(path: &Path) -> Result<Option<u32>> {
         path_fd: i32,
         _pad: u32,
     }
-    let attr = ObjGet {
-        pathname: cpath.as_ptr() as u64,
-        bpf_fd: 0,
-        file_flags: 0,
-        path_fd: 0,
-        _pad: 0,
-    };
+    let attr =
+        ObjGet { pathname: cpath.as_ptr() as u64, bpf_fd: 0, file_flags: 0, path_fd: 0, _pad: 0 };
     // SAFETY: `attr` is a valid prefix of `union bpf_attr` for BPF_OBJ_GET (the kernel zero-fills
     // the rest) and `cpath` outlives the call.
     let fd = unsafe {
@@ -892,10 +750,7 @@ mod tests {
         let ctx = skb_ctx(0x0102_0304);
         assert_eq!(ctx.len(), 44);
         assert!(ctx[..40].iter().all(|b| *b == 0));
-        assert_eq!(
-            u32::from_ne_bytes([ctx[40], ctx[41], ctx[42], ctx[43]]),
-            0x0102_0304
-        );
+        assert_eq!(u32::from_ne_bytes([ctx[40], ctx[41], ctx[42], ctx[43]]), 0x0102_0304);
     }
 
     #[test]

@@ -71,7 +71,12 @@ impl Error {
         }
     }
     pub fn conflict(code: &'static str, field: Option<&str>, message: impl Into<String>) -> Error {
-        Error { kind: ErrorKind::Conflict, code, field: field.map(str::to_owned), message: message.into() }
+        Error {
+            kind: ErrorKind::Conflict,
+            code,
+            field: field.map(str::to_owned),
+            message: message.into(),
+        }
     }
 }
 
@@ -256,7 +261,8 @@ impl State {
         let group_id = fresh_id("sg", |id| self.groups.contains_key(id));
         let mut rule_ids = Vec::new();
         for _ in 0..3 {
-            let rid = fresh_id("sgr", |id| self.rule_id_taken(id) || rule_ids.iter().any(|r| r == id));
+            let rid =
+                fresh_id("sgr", |id| self.rule_id_taken(id) || rule_ids.iter().any(|r| r == id));
             rule_ids.push(rid);
         }
         let [r_in, r_out4, r_out6]: [String; 3] =
@@ -310,7 +316,10 @@ impl State {
             return Err(Error::conflict(
                 "duplicate",
                 Some("name"),
-                format!("name: universe {} already has a security group named {name:?}", req.universe),
+                format!(
+                    "name: universe {} already has a security group named {name:?}",
+                    req.universe
+                ),
             ));
         }
         let id = fresh_id("sg", |id| self.groups.contains_key(id));
@@ -336,26 +345,32 @@ impl State {
             return Err(Error::conflict(
                 "protected",
                 None,
-                format!("security group {id} is the default group of universe {} (S3)", group.universe),
+                format!(
+                    "security group {id} is the default group of universe {} (S3)",
+                    group.universe
+                ),
             ));
         }
-        if let Some(ep) = self.endpoints.values().find(|e| e.security_groups.iter().any(|g| g == id)) {
+        if let Some(ep) =
+            self.endpoints.values().find(|e| e.security_groups.iter().any(|g| g == id))
+        {
             return Err(Error::conflict(
                 "in_use",
                 None,
                 format!("security group {id} is used by endpoint {}", ep.id),
             ));
         }
-        let referrer = self
-            .groups
-            .values()
-            .filter(|g| g.id != id)
-            .find(|g| g.ingress.iter().chain(&g.egress).any(|r| r.peer == Peer::Group(id.to_owned())));
+        let referrer = self.groups.values().filter(|g| g.id != id).find(|g| {
+            g.ingress.iter().chain(&g.egress).any(|r| r.peer == Peer::Group(id.to_owned()))
+        });
         if let Some(referrer) = referrer {
             return Err(Error::conflict(
                 "in_use",
                 None,
-                format!("security group {id} is the peer of a rule of security group {}", referrer.id),
+                format!(
+                    "security group {id} is the peer of a rule of security group {}",
+                    referrer.id
+                ),
             ));
         }
         self.groups.remove(id);
@@ -368,7 +383,10 @@ impl State {
         let sg = self.groups.get(group).ok_or_else(|| Error::not_found("security group", group))?;
         let mut rule = self.parse_rule(sg, req)?;
         let same = |r: &&Rule| {
-            r.protocol == rule.protocol && r.ports == rule.ports && r.icmp == rule.icmp && r.peer == rule.peer
+            r.protocol == rule.protocol
+                && r.ports == rule.ports
+                && r.icmp == rule.icmp
+                && r.peer == rule.peer
         };
         let list = match rule.direction {
             Direction::Ingress => &sg.ingress,
@@ -390,7 +408,8 @@ impl State {
             ));
         }
         rule.id = fresh_id("sgr", |id| self.rule_id_taken(id));
-        let sg = self.groups.get_mut(group).expect("the group was found above and nothing removed it");
+        let sg =
+            self.groups.get_mut(group).expect("the group was found above and nothing removed it");
         match rule.direction {
             Direction::Ingress => sg.ingress.push(rule.clone()),
             Direction::Egress => sg.egress.push(rule.clone()),
@@ -401,7 +420,8 @@ impl State {
 
     /// `DELETE /v1/security-groups/{id}/rules/{rule_id}`.
     pub fn delete_rule(&mut self, group: &str, rule: &str) -> Result<()> {
-        let sg = self.groups.get_mut(group).ok_or_else(|| Error::not_found("security group", group))?;
+        let sg =
+            self.groups.get_mut(group).ok_or_else(|| Error::not_found("security group", group))?;
         let before = sg.ingress.len() + sg.egress.len();
         sg.ingress.retain(|r| r.id != rule);
         sg.egress.retain(|r| r.id != rule);
@@ -425,7 +445,9 @@ impl State {
         let netns = check_netns(&req.netns)?;
         let ip = endpoint_ip(universe, &req.ip)?;
         let groups = self.endpoint_groups(&universe.id, req.security_groups.as_deref())?;
-        if let Some(other) = self.endpoints.values().find(|e| e.universe == universe.id && e.ip == ip) {
+        if let Some(other) =
+            self.endpoints.values().find(|e| e.universe == universe.id && e.ip == ip)
+        {
             return Err(Error::conflict(
                 "duplicate",
                 Some("ip"),
@@ -439,7 +461,10 @@ impl State {
             return Err(Error::conflict(
                 "duplicate",
                 Some("netns"),
-                format!("netns: namespace {netns:?} on host {host} already holds endpoint {}", other.id),
+                format!(
+                    "netns: namespace {netns:?} on host {host} already holds endpoint {}",
+                    other.id
+                ),
             ));
         }
         let (number, identity) = self.identity_for(&universe.id, &groups)?;
@@ -469,7 +494,10 @@ impl State {
         let groups = self.endpoint_groups(&ep.universe, Some(&req.security_groups))?;
         let (number, identity) = self.identity_for(&ep.universe, &groups)?;
         self.identities.insert(number, identity);
-        let ep = self.endpoints.get_mut(id).expect("the endpoint was found above and nothing removed it");
+        let ep = self
+            .endpoints
+            .get_mut(id)
+            .expect("the endpoint was found above and nothing removed it");
         ep.security_groups = groups;
         ep.identity = number;
         let ep = ep.clone();
@@ -554,14 +582,24 @@ fn endpoint_id(n: u32) -> String {
 }
 
 fn allow_all(id: String, direction: Direction, peer: Peer) -> Rule {
-    Rule { id, direction, protocol: Protocol::All, ports: None, icmp: None, peer, description: String::new() }
+    Rule {
+        id,
+        direction,
+        protocol: Protocol::All,
+        ports: None,
+        icmp: None,
+        peer,
+        description: String::new(),
+    }
 }
 
 /// S2: everything may go out, over IPv4 and IPv6.
 fn default_egress(v4: String, v6: String) -> Vec<Rule> {
-    let any4 = IpNetwork::V4(Ipv4Network::new(Ipv4Addr::UNSPECIFIED, 0).expect("/0 is a valid prefix"));
+    let any4 =
+        IpNetwork::V4(Ipv4Network::new(Ipv4Addr::UNSPECIFIED, 0).expect("/0 is a valid prefix"));
     let any6 = IpNetwork::V6(
-        ipnetwork::Ipv6Network::new(std::net::Ipv6Addr::UNSPECIFIED, 0).expect("/0 is a valid prefix"),
+        ipnetwork::Ipv6Network::new(std::net::Ipv6Addr::UNSPECIFIED, 0)
+            .expect("/0 is a valid prefix"),
     );
     vec![
         allow_all(v4, Direction::Egress, Peer::Cidr(any4)),
@@ -599,7 +637,9 @@ fn check_host(host: &str) -> Result<String> {
     if host.is_empty() || host.len() > 253 {
         return Err(Error::invalid("host", "must be 1 to 253 characters"));
     }
-    if let Some(c) = host.chars().find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_'))) {
+    if let Some(c) =
+        host.chars().find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_')))
+    {
         return Err(Error::invalid(
             "host",
             format!("{host:?} contains {c:?}; use letters, digits, '-', '.', '_'"),
@@ -628,7 +668,10 @@ fn check_netns(netns: &str) -> Result<String> {
 fn parse_cidr(field: &str, text: &str) -> Result<IpNetwork> {
     // A bare address would parse as a /32; asking for the prefix avoids a silent surprise.
     if !text.contains('/') {
-        return Err(Error::invalid(field, format!("{text:?} is not a CIDR (expected address/prefix)")));
+        return Err(Error::invalid(
+            field,
+            format!("{text:?} is not a CIDR (expected address/prefix)"),
+        ));
     }
     let net: IpNetwork =
         text.parse().map_err(|e| Error::invalid(field, format!("{text:?} is not a CIDR: {e}")))?;
@@ -642,7 +685,9 @@ fn parse_cidr(field: &str, text: &str) -> Result<IpNetwork> {
 /// The CIDRs of a universe request: `cidr` xor `cidrs`, IPv4, /8 to /30, canonical, disjoint.
 fn universe_cidrs(req: &CreateUniverse) -> Result<Vec<Ipv4Network>> {
     let fields: Vec<(String, &str)> = match (&req.cidr, &req.cidrs) {
-        (Some(_), Some(_)) => return Err(Error::invalid("cidr", "give either cidr or cidrs, not both")),
+        (Some(_), Some(_)) => {
+            return Err(Error::invalid("cidr", "give either cidr or cidrs, not both"))
+        }
         (None, None) => return Err(Error::invalid("cidr", "a universe needs cidr or cidrs")),
         (None, Some(list)) if list.is_empty() => {
             return Err(Error::invalid("cidrs", "a universe needs at least one CIDR"))
@@ -656,7 +701,9 @@ fn universe_cidrs(req: &CreateUniverse) -> Result<Vec<Ipv4Network>> {
     for (field, text) in &fields {
         let net = match parse_cidr(field, text)? {
             IpNetwork::V4(n) => n,
-            IpNetwork::V6(_) => return Err(Error::invalid(field, "IPv6 universes are not supported yet")),
+            IpNetwork::V6(_) => {
+                return Err(Error::invalid(field, "IPv6 universes are not supported yet"))
+            }
         };
         if !(UNIVERSE_PREFIX_MIN..=UNIVERSE_PREFIX_MAX).contains(&net.prefix()) {
             return Err(Error::invalid(
@@ -668,7 +715,10 @@ fn universe_cidrs(req: &CreateUniverse) -> Result<Vec<Ipv4Network>> {
             ));
         }
         if let Some(i) = cidrs.iter().position(|c| c.overlaps(net)) {
-            return Err(Error::invalid(field, format!("{net} overlaps {} ({})", cidrs[i], fields[i].0)));
+            return Err(Error::invalid(
+                field,
+                format!("{net} overlaps {} ({})", cidrs[i], fields[i].0),
+            ));
         }
         cidrs.push(net);
     }
@@ -707,7 +757,10 @@ fn endpoint_ip(universe: &Universe, text: &str) -> Result<Ipv4Addr> {
 /// S4 protocol: a name, a number 0–255, or a numeric string.
 fn parse_protocol(value: &serde_json::Value) -> Result<Protocol> {
     let bad = || {
-        Error::invalid("protocol", format!("{value} is not tcp, udp, icmp, icmpv6, all or a number 0-255"))
+        Error::invalid(
+            "protocol",
+            format!("{value} is not tcp, udp, icmp, icmpv6, all or a number 0-255"),
+        )
     };
     match value {
         serde_json::Value::String(s) => match s.to_ascii_lowercase().as_str() {
@@ -731,23 +784,26 @@ fn parse_protocol(value: &serde_json::Value) -> Result<Protocol> {
 
 fn port(field: &str, value: Option<i64>) -> Result<u16> {
     let value = value.ok_or_else(|| Error::invalid(field, "is required for tcp and udp"))?;
-    u16::try_from(value).map_err(|_| Error::invalid(field, format!("{value} is outside 0 to 65535")))
+    u16::try_from(value)
+        .map_err(|_| Error::invalid(field, format!("{value} is outside 0 to 65535")))
 }
 
 /// An ICMP type or code: -1 (or absent) = any, else 0–255.
 fn icmp_value(field: &str, value: Option<i64>) -> Result<Option<u8>> {
     match value {
         None | Some(-1) => Ok(None),
-        Some(v) => {
-            u8::try_from(v).map(Some).map_err(|_| Error::invalid(field, format!("{v} is outside -1 to 255")))
-        }
+        Some(v) => u8::try_from(v)
+            .map(Some)
+            .map_err(|_| Error::invalid(field, format!("{v} is outside -1 to 255"))),
     }
 }
 
 /// Refuses a field that `protocol` does not take.
 fn refuse(field: &str, value: Option<i64>, protocol: Protocol) -> Result<()> {
     match value {
-        Some(_) => Err(Error::invalid(field, format!("protocol {} takes no {field}", protocol.name()))),
+        Some(_) => {
+            Err(Error::invalid(field, format!("protocol {} takes no {field}", protocol.name())))
+        }
         None => Ok(()),
     }
 }
@@ -785,7 +841,8 @@ fn rule_match(protocol: Protocol, req: &CreateRule) -> Result<RuleMatch> {
 
 impl State {
     fn free_vni(&self) -> Option<u32> {
-        let used: std::collections::BTreeSet<u32> = self.universes.values().map(|u| u.vni).collect();
+        let used: std::collections::BTreeSet<u32> =
+            self.universes.values().map(|u| u.vni).collect();
         smallest_free(used.into_iter(), MAX_VNI)
     }
 
@@ -799,16 +856,28 @@ impl State {
         let direction = match req.direction.to_ascii_lowercase().as_str() {
             "ingress" => Direction::Ingress,
             "egress" => Direction::Egress,
-            other => return Err(Error::invalid("direction", format!("{other:?} is not ingress or egress"))),
+            other => {
+                return Err(Error::invalid(
+                    "direction",
+                    format!("{other:?} is not ingress or egress"),
+                ))
+            }
         };
         let protocol = parse_protocol(&req.protocol)?;
         let (ports, icmp) = rule_match(protocol, &req)?;
         let peer = match (&req.cidr, &req.group) {
-            (Some(_), Some(_)) => return Err(Error::invalid("cidr", "give either cidr or group, not both")),
-            (None, None) => return Err(Error::invalid("cidr", "a rule needs a peer: cidr or group")),
+            (Some(_), Some(_)) => {
+                return Err(Error::invalid("cidr", "give either cidr or group, not both"))
+            }
+            (None, None) => {
+                return Err(Error::invalid("cidr", "a rule needs a peer: cidr or group"))
+            }
             (Some(cidr), None) => Peer::Cidr(parse_cidr("cidr", cidr)?),
             (None, Some(peer)) => {
-                let other = self.groups.get(peer).ok_or_else(|| missing("group", "security group", peer))?;
+                let other = self
+                    .groups
+                    .get(peer)
+                    .ok_or_else(|| missing("group", "security group", peer))?;
                 if other.universe != group.universe {
                     return Err(Error::invalid(
                         "group",
@@ -829,13 +898,17 @@ impl State {
     /// distinct groups of the same universe (S12).
     fn endpoint_groups(&self, universe: &str, requested: Option<&[String]>) -> Result<Vec<String>> {
         let Some(requested) = requested else {
-            let default = self.groups.values().find(|g| g.universe == universe && g.name == DEFAULT_GROUP);
-            return default
-                .map(|g| vec![g.id.clone()])
-                .ok_or_else(|| missing("security_groups", "default security group of universe", universe));
+            let default =
+                self.groups.values().find(|g| g.universe == universe && g.name == DEFAULT_GROUP);
+            return default.map(|g| vec![g.id.clone()]).ok_or_else(|| {
+                missing("security_groups", "default security group of universe", universe)
+            });
         };
         if requested.is_empty() {
-            return Err(Error::invalid("security_groups", "an endpoint needs at least one security group"));
+            return Err(Error::invalid(
+                "security_groups",
+                "an endpoint needs at least one security group",
+            ));
         }
         if requested.len() > MAX_GROUPS_PER_ENDPOINT {
             return Err(Error::conflict(
@@ -857,7 +930,10 @@ impl State {
                 ));
             }
             if let Some(j) = requested[..i].iter().position(|g| g == id) {
-                return Err(Error::invalid(&field, format!("{id} is already security_groups[{j}]")));
+                return Err(Error::invalid(
+                    &field,
+                    format!("{id} is already security_groups[{j}]"),
+                ));
             }
         }
         Ok(requested.to_vec())
@@ -875,8 +951,8 @@ impl State {
         // A number freed by this very edit is not free yet: handing it to another set of groups
         // in the same revision would let the dataplane, while it applies the change, judge a
         // packet by a mix of the old and the new policy of that number.
-        let n = smallest_free(self.identities.keys().copied(), dataplane_common::MAX_IDENTITY).ok_or_else(
-            || {
+        let n = smallest_free(self.identities.keys().copied(), dataplane_common::MAX_IDENTITY)
+            .ok_or_else(|| {
                 Error::conflict(
                     "limit_exceeded",
                     Some("security_groups"),
@@ -885,14 +961,14 @@ impl State {
                         dataplane_common::MAX_IDENTITY
                     ),
                 )
-            },
-        )?;
+            })?;
         Ok((n, identity))
     }
 
     /// Removes identities that no endpoint has any more.
     fn collect_identities(&mut self) {
-        let used: std::collections::BTreeSet<u32> = self.endpoints.values().map(|e| e.identity).collect();
+        let used: std::collections::BTreeSet<u32> =
+            self.endpoints.values().map(|e| e.identity).collect();
         self.identities.retain(|n, _| used.contains(n));
     }
 }
@@ -1019,25 +1095,44 @@ mod tests {
 
     fn universe(state: &mut State, name: &str, cidr: &str) -> Universe {
         state
-            .create_universe(CreateUniverse { name: name.into(), cidr: Some(cidr.into()), cidrs: None })
+            .create_universe(CreateUniverse {
+                name: name.into(),
+                cidr: Some(cidr.into()),
+                cidrs: None,
+            })
             .unwrap()
     }
 
     fn group(state: &mut State, universe: &str, name: &str) -> SecurityGroup {
         state
-            .create_group(CreateGroup { universe: universe.into(), name: name.into(), description: None })
+            .create_group(CreateGroup {
+                universe: universe.into(),
+                name: name.into(),
+                description: None,
+            })
             .unwrap()
     }
 
     fn default_group(state: &State, universe: &str) -> String {
-        state.groups.values().find(|g| g.universe == universe && g.name == DEFAULT_GROUP).unwrap().id.clone()
+        state
+            .groups
+            .values()
+            .find(|g| g.universe == universe && g.name == DEFAULT_GROUP)
+            .unwrap()
+            .id
+            .clone()
     }
 
     fn rule_req(value: serde_json::Value) -> CreateRule {
         serde_json::from_value(value).unwrap()
     }
 
-    fn endpoint_req(universe: &str, netns: &str, ip: &str, groups: Option<Vec<String>>) -> CreateEndpoint {
+    fn endpoint_req(
+        universe: &str,
+        netns: &str,
+        ip: &str,
+        groups: Option<Vec<String>>,
+    ) -> CreateEndpoint {
         CreateEndpoint {
             universe: universe.into(),
             host: None,
@@ -1173,7 +1268,8 @@ mod tests {
     fn s3_a_universe_comes_with_its_default_group() {
         let mut s = State::default();
         let u = universe(&mut s, "u", "10.0.0.0/16");
-        let groups: Vec<&SecurityGroup> = s.groups.values().filter(|g| g.universe == u.id).collect();
+        let groups: Vec<&SecurityGroup> =
+            s.groups.values().filter(|g| g.universe == u.id).collect();
         assert_eq!(groups.len(), 1);
         let g = groups[0];
         assert!(is_id(&g.id, "sg"));
@@ -1263,7 +1359,13 @@ mod tests {
             "not_found",
             Some("universe"),
         );
-        refused(&mut s, |s| s.create_group(req(&u.id, "", None)), Invalid, "invalid_argument", Some("name"));
+        refused(
+            &mut s,
+            |s| s.create_group(req(&u.id, "", None)),
+            Invalid,
+            "invalid_argument",
+            Some("name"),
+        );
         refused(
             &mut s,
             |s| s.create_group(req(&u.id, "a\nb", None)),
@@ -1286,7 +1388,13 @@ mod tests {
             Some("name"),
         );
         group(&mut s, &u.id, "web");
-        refused(&mut s, |s| s.create_group(req(&u.id, "web", None)), Conflict, "duplicate", Some("name"));
+        refused(
+            &mut s,
+            |s| s.create_group(req(&u.id, "web", None)),
+            Conflict,
+            "duplicate",
+            Some("name"),
+        );
         // Names are per universe.
         group(&mut s, &other.id, "web");
     }
@@ -1302,7 +1410,10 @@ mod tests {
 
         let used = group(&mut s, &u.id, "used");
         let ep = s
-            .create_endpoint(endpoint_req(&u.id, "ns1", "10.0.0.5", Some(vec![used.id.clone()])), "h")
+            .create_endpoint(
+                endpoint_req(&u.id, "ns1", "10.0.0.5", Some(vec![used.id.clone()])),
+                "h",
+            )
             .unwrap();
         refused(&mut s, |s| s.delete_group(&used.id), Conflict, "in_use", None);
         s.delete_endpoint(&ep.id).unwrap();
@@ -1316,8 +1427,11 @@ mod tests {
         s.delete_rule(&web.id, &r.id).unwrap();
 
         // A rule that refers to its own group does not keep the group alive.
-        s.add_rule(&peer.id, rule_req(json!({"direction": "ingress", "protocol": "all", "group": peer.id})))
-            .unwrap();
+        s.add_rule(
+            &peer.id,
+            rule_req(json!({"direction": "ingress", "protocol": "all", "group": peer.id})),
+        )
+        .unwrap();
         let rev = s.revision;
         s.delete_group(&peer.id).unwrap();
         s.delete_group(&used.id).unwrap();
@@ -1357,7 +1471,11 @@ mod tests {
         let e = s
             .add_rule(&g.id, rule_req(json!({"direction": "egress", "protocol": "udp", "from_port": 53, "to_port": 53, "cidr": "fd00:1:2:3::5/48"})))
             .unwrap();
-        assert_eq!(e.peer, Peer::Cidr(net("fd00:1:2::/48")), "S4: IPv6 peers are stored canonical too");
+        assert_eq!(
+            e.peer,
+            Peer::Cidr(net("fd00:1:2::/48")),
+            "S4: IPv6 peers are stored canonical too"
+        );
         assert_eq!(s.groups[&g.id].egress.last(), Some(&e));
     }
 
@@ -1380,8 +1498,7 @@ mod tests {
             (json!(255), Protocol::Number(255)),
         ];
         for (i, (protocol, expected)) in cases.into_iter().enumerate() {
-            let mut body =
-                json!({"direction": "ingress", "protocol": protocol, "cidr": format!("10.0.{i}.0/24")});
+            let mut body = json!({"direction": "ingress", "protocol": protocol, "cidr": format!("10.0.{i}.0/24")});
             if expected == Protocol::TCP || expected == Protocol::UDP {
                 body["from_port"] = json!(1);
                 body["to_port"] = json!(2);
@@ -1427,7 +1544,9 @@ mod tests {
             (tcp(json!({"icmp_type": 8})), "icmp_type"),
             (tcp(json!({"icmp_code": 0})), "icmp_code"),
             (
-                tcp(json!({"protocol": "icmp", "from_port": null, "to_port": null, "icmp_code": 3})),
+                tcp(
+                    json!({"protocol": "icmp", "from_port": null, "to_port": null, "icmp_code": 3}),
+                ),
                 "icmp_code",
             ),
             (
@@ -1437,11 +1556,15 @@ mod tests {
                 "icmp_code",
             ),
             (
-                tcp(json!({"protocol": "icmp", "from_port": null, "to_port": null, "icmp_type": 256})),
+                tcp(
+                    json!({"protocol": "icmp", "from_port": null, "to_port": null, "icmp_type": 256}),
+                ),
                 "icmp_type",
             ),
             (
-                tcp(json!({"protocol": "icmp", "from_port": null, "to_port": null, "icmp_type": -2})),
+                tcp(
+                    json!({"protocol": "icmp", "from_port": null, "to_port": null, "icmp_type": -2}),
+                ),
                 "icmp_type",
             ),
             (
@@ -1453,7 +1576,10 @@ mod tests {
             (tcp(json!({"protocol": "icmp", "to_port": null})), "from_port"),
             (tcp(json!({"protocol": "icmpv6", "from_port": null})), "to_port"),
             (tcp(json!({"protocol": "all", "to_port": null})), "from_port"),
-            (tcp(json!({"protocol": 47, "from_port": null, "to_port": null, "icmp_type": 1})), "icmp_type"),
+            (
+                tcp(json!({"protocol": 47, "from_port": null, "to_port": null, "icmp_type": 1})),
+                "icmp_type",
+            ),
             (
                 tcp(json!({"protocol": "all", "from_port": null, "to_port": null, "icmp_code": 1})),
                 "icmp_code",
@@ -1483,7 +1609,13 @@ mod tests {
             "not_found",
             Some("group"),
         );
-        refused(&mut s, |s| s.add_rule("sg-00000000", rule_req(tcp(json!({})))), NotFound, "not_found", None);
+        refused(
+            &mut s,
+            |s| s.add_rule("sg-00000000", rule_req(tcp(json!({})))),
+            NotFound,
+            "not_found",
+            None,
+        );
         assert_eq!(s.groups[&g.id].ingress.len(), 0);
     }
 
@@ -1593,15 +1725,28 @@ mod tests {
         let mac = parse_mac(&ep.mac).unwrap();
         assert_eq!(mac[0], 0x02, "locally administered, unicast");
         assert_eq!(hex_bytes::<4>(hex), mac[2..6]);
-        assert_eq!((ep.host.as_str(), ep.netns.as_str(), ep.ip), ("h1", "ns1", Ipv4Addr::new(10, 0, 3, 4)));
-        assert_eq!(ep.security_groups, vec![default_group(&s, &u.id)], "S3: default group when absent");
+        assert_eq!(
+            (ep.host.as_str(), ep.netns.as_str(), ep.ip),
+            ("h1", "ns1", Ipv4Addr::new(10, 0, 3, 4))
+        );
+        assert_eq!(
+            ep.security_groups,
+            vec![default_group(&s, &u.id)],
+            "S3: default group when absent"
+        );
         assert_eq!(ep.identity, 1);
-        assert_eq!(s.identities[&1], Identity { universe: u.id.clone(), groups: ep.security_groups.clone() });
+        assert_eq!(
+            s.identities[&1],
+            Identity { universe: u.id.clone(), groups: ep.security_groups.clone() }
+        );
         assert_eq!(s.endpoints[&ep.id], ep);
 
         let other = s
             .create_endpoint(
-                CreateEndpoint { host: Some("h2".into()), ..endpoint_req(&u.id, "ns1", "10.0.3.5", None) },
+                CreateEndpoint {
+                    host: Some("h2".into()),
+                    ..endpoint_req(&u.id, "ns1", "10.0.3.5", None)
+                },
                 "h1",
             )
             .unwrap();
@@ -1661,7 +1806,11 @@ mod tests {
             ),
             (
                 CreateEndpoint {
-                    security_groups: Some(vec![web.id.clone(), default_group(&s, &u.id), web.id.clone()]),
+                    security_groups: Some(vec![
+                        web.id.clone(),
+                        default_group(&s, &u.id),
+                        web.id.clone(),
+                    ]),
                     ..ok("10.0.0.5")
                 },
                 "security_groups[2]",
@@ -1700,7 +1849,8 @@ mod tests {
             "not_found",
             Some("security_groups[1]"),
         );
-        let many: Vec<String> = (0..17).map(|i| group(&mut s, &u.id, &format!("g{i}")).id).collect();
+        let many: Vec<String> =
+            (0..17).map(|i| group(&mut s, &u.id, &format!("g{i}")).id).collect();
         refused(
             &mut s,
             |s| {
@@ -1769,18 +1919,21 @@ mod tests {
 
         // PATCH moves an endpoint to the identity of its new set (S5), collecting the old one.
         let rev = s.revision;
-        let p =
-            s.patch_endpoint(&e3.id, PatchEndpoint { security_groups: vec![b.clone(), a.clone()] }).unwrap();
+        let p = s
+            .patch_endpoint(&e3.id, PatchEndpoint { security_groups: vec![b.clone(), a.clone()] })
+            .unwrap();
         assert_eq!(s.revision, rev + 1);
         assert_eq!(p.identity, 1);
         assert_eq!(p.security_groups, vec![b.clone(), a.clone()]);
         assert_eq!(s.endpoints[&e3.id], p);
         assert!(!s.identities.contains_key(&2), "identity 2 has no endpoint left");
         // The smallest free number is taken next.
-        let p = s.patch_endpoint(&e2.id, PatchEndpoint { security_groups: vec![b.clone()] }).unwrap();
+        let p =
+            s.patch_endpoint(&e2.id, PatchEndpoint { security_groups: vec![b.clone()] }).unwrap();
         assert_eq!(p.identity, 2);
         // A number freed by an edit is not handed out by that same edit.
-        let p = s.patch_endpoint(&e2.id, PatchEndpoint { security_groups: vec![a.clone()] }).unwrap();
+        let p =
+            s.patch_endpoint(&e2.id, PatchEndpoint { security_groups: vec![a.clone()] }).unwrap();
         assert_eq!(p.identity, 4);
         assert_eq!(s.identities.keys().copied().collect::<Vec<_>>(), vec![1, 3, 4]);
 
@@ -1801,7 +1954,13 @@ mod tests {
         let o = universe(&mut s, "o", "10.0.0.0/16");
         let e = s.create_endpoint(endpoint_req(&u.id, "n", "10.0.0.5", None), "h").unwrap();
         let patch = |groups: Vec<String>| PatchEndpoint { security_groups: groups };
-        refused(&mut s, |s| s.patch_endpoint("ep-00000000", patch(vec![])), NotFound, "not_found", None);
+        refused(
+            &mut s,
+            |s| s.patch_endpoint("ep-00000000", patch(vec![])),
+            NotFound,
+            "not_found",
+            None,
+        );
         refused(
             &mut s,
             |s| s.patch_endpoint(&e.id, patch(vec![])),
@@ -1824,7 +1983,8 @@ mod tests {
             "not_found",
             Some("security_groups[0]"),
         );
-        let many: Vec<String> = (0..17).map(|i| group(&mut s, &u.id, &format!("g{i}")).id).collect();
+        let many: Vec<String> =
+            (0..17).map(|i| group(&mut s, &u.id, &format!("g{i}")).id).collect();
         refused(
             &mut s,
             |s| s.patch_endpoint(&e.id, patch(many)),
@@ -1841,8 +2001,10 @@ mod tests {
         let u = universe(&mut s, "u", "10.0.0.0/16");
         let g = default_group(&s, &u.id);
         for n in 1..=dataplane_common::MAX_IDENTITY {
-            s.identities
-                .insert(n, Identity { universe: "uni-elsewhere".into(), groups: vec![format!("sg-{n}")] });
+            s.identities.insert(
+                n,
+                Identity { universe: "uni-elsewhere".into(), groups: vec![format!("sg-{n}")] },
+            );
         }
         refused(
             &mut s,
@@ -1874,7 +2036,9 @@ mod tests {
     #[test]
     fn parse_mac_accepts_only_six_hex_pairs() {
         assert_eq!(parse_mac("02:00:0a:ff:10:01"), Some([2, 0, 0x0a, 0xff, 0x10, 1]));
-        for bad in ["", "02:00:0a:ff:10", "02:00:0a:ff:10:01:02", "2:00:0a:ff:10:01", "02:00:0a:ff:10:zz"] {
+        for bad in
+            ["", "02:00:0a:ff:10", "02:00:0a:ff:10:01:02", "2:00:0a:ff:10:01", "02:00:0a:ff:10:zz"]
+        {
             assert_eq!(parse_mac(bad), None, "{bad}");
         }
     }

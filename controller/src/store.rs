@@ -102,7 +102,8 @@ pub struct Embedded {
 
 impl Embedded {
     fn open(dir: &Path) -> Result<Embedded> {
-        std::fs::create_dir_all(dir).map_err(|source| Error::CreateDir { path: dir.to_owned(), source })?;
+        std::fs::create_dir_all(dir)
+            .map_err(|source| Error::CreateDir { path: dir.to_owned(), source })?;
         let path = dir.join(STATE_FILE);
         let state = match std::fs::read(&path) {
             Ok(bytes) => serde_json::from_slice::<State>(&bytes)

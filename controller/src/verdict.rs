@@ -113,9 +113,7 @@ impl Default for Timeouts {
 
 impl Timeouts {
     pub fn from_config(config: &Config) -> Timeouts {
-        Timeouts {
-            ns: config.timeouts_ns,
-        }
+        Timeouts { ns: config.timeouts_ns }
     }
 
     /// The timeout of `state`; an unknown state gets 0, i.e. it is expired at once (fail
@@ -161,12 +159,8 @@ impl Conntrack {
         now_ns: u64,
         t: &Timeouts,
     ) -> Option<(CtKey, CtEntry, CtDirection)> {
-        let live = |k: &CtKey| {
-            self.entries
-                .get(k)
-                .filter(|e| !t.expired(e, now_ns))
-                .map(|e| (*k, *e))
-        };
+        let live =
+            |k: &CtKey| self.entries.get(k).filter(|e| !t.expired(e, now_ns)).map(|e| (*k, *e));
         if let Some((k, e)) = live(key) {
             return Some((k, e, CtDirection::Original));
         }
@@ -188,10 +182,7 @@ pub struct Outcome {
 
 impl Outcome {
     fn drop(reason: DropReason) -> Outcome {
-        Outcome {
-            verdict: Verdict::Drop(reason),
-            ct: None,
-        }
+        Outcome { verdict: Verdict::Drop(reason), ct: None }
     }
 }
 
@@ -243,28 +234,13 @@ impl<'a> Host<'a> {
             let Some(mac) = parse_mac(&ep.mac) else {
                 continue;
             };
-            let l = Local {
-                ep,
-                ifindex,
-                mac,
-                vni: uni.vni,
-            };
+            let l = Local { ep, ifindex, mac, vni: uni.vni };
             by_ifindex.insert(ifindex, l);
             routes.insert((ep.universe.as_str(), ep.ip), l);
         }
-        let members = state
-            .endpoints
-            .values()
-            .map(|ep| ((ep.universe.as_str(), ep.ip), ep))
-            .collect();
-        Host {
-            state,
-            by_ifindex,
-            routes,
-            members,
-            gateway_mac,
-            timeouts,
-        }
+        let members =
+            state.endpoints.values().map(|ep| ((ep.universe.as_str(), ep.ip), ep)).collect();
+        Host { state, by_ifindex, routes, members, gateway_mac, timeouts }
     }
 
     pub fn timeouts(&self) -> &Timeouts {
@@ -319,35 +295,19 @@ impl<'a> Host<'a> {
                 return Outcome::drop(DropReason::NoRoute);
             };
             let state = next_state(Some((entry.state, dir)), pkt.proto, l4.tcp_flags);
-            let update = CtUpdate {
-                key: stored,
-                entry: ct_entry(now_ns, state),
-            };
-            return Outcome {
-                verdict: self.deliver(frame, to),
-                ct: Some(update),
-            };
+            let update = CtUpdate { key: stored, entry: ct_entry(now_ns, state) };
+            return Outcome { verdict: self.deliver(frame, to), ct: Some(update) };
         }
         if let Some(inner) = &l4.icmp_error_inner {
             let related = inner.src == pkt.dst.octets()
                 && ct
-                    .lookup(
-                        &CtKey {
-                            vni: sender.vni,
-                            ..*inner
-                        },
-                        now_ns,
-                        &self.timeouts,
-                    )
+                    .lookup(&CtKey { vni: sender.vni, ..*inner }, now_ns, &self.timeouts)
                     .is_some();
             if related {
                 let Some(to) = route else {
                     return Outcome::drop(DropReason::NoRoute);
                 };
-                return Outcome {
-                    verdict: self.deliver(frame, to),
-                    ct: None,
-                };
+                return Outcome { verdict: self.deliver(frame, to), ct: None };
             }
         }
         if !self.allows(sender.ep, Direction::Egress, pkt.dst, pkt.proto, &l4) {
@@ -362,10 +322,7 @@ impl<'a> Host<'a> {
         let state = next_state(None, pkt.proto, l4.tcp_flags);
         Outcome {
             verdict: self.deliver(frame, to),
-            ct: Some(CtUpdate {
-                key,
-                entry: ct_entry(now_ns, state),
-            }),
+            ct: Some(CtUpdate { key, entry: ct_entry(now_ns, state) }),
         }
     }
 
@@ -388,10 +345,7 @@ impl<'a> Host<'a> {
         let mut out = frame.to_vec();
         out[0..6].copy_from_slice(&to.mac);
         out[6..12].copy_from_slice(&self.gateway_mac);
-        Verdict::Deliver {
-            ifindex: to.ifindex,
-            frame: out,
-        }
+        Verdict::Deliver { ifindex: to.ifindex, frame: out }
     }
 
     /// ARP proxy: every well-formed Ethernet/IPv4 request whose target is not the endpoint's
@@ -415,12 +369,8 @@ impl<'a> Host<'a> {
             return Outcome::drop(DropReason::ArpUnanswered);
         }
         let mut out = frame.to_vec();
-        let (eth_src, sha, spa, tpa) = (
-            frame[6..12].to_vec(),
-            sha.to_vec(),
-            spa.to_vec(),
-            tpa.to_vec(),
-        );
+        let (eth_src, sha, spa, tpa) =
+            (frame[6..12].to_vec(), sha.to_vec(), spa.to_vec(), tpa.to_vec());
         out[0..6].copy_from_slice(&eth_src);
         out[6..12].copy_from_slice(&self.gateway_mac);
         out[a + 6..a + 8].copy_from_slice(&2u16.to_be_bytes());
@@ -428,10 +378,7 @@ impl<'a> Host<'a> {
         out[a + 14..a + 18].copy_from_slice(&tpa);
         out[a + 18..a + 24].copy_from_slice(&sha);
         out[a + 24..a + 28].copy_from_slice(&spa);
-        Outcome {
-            verdict: Verdict::ArpReply { frame: out },
-            ct: None,
-        }
+        Outcome { verdict: Verdict::ArpReply { frame: out }, ct: None }
     }
 
     /// S1: any rule of any group of `ep` in `dir` that matches the packet and the peer allows.
@@ -443,20 +390,17 @@ impl<'a> Host<'a> {
         proto: u8,
         l4: &L4,
     ) -> bool {
-        ep.security_groups
-            .iter()
-            .filter_map(|g| self.state.groups.get(g))
-            .any(|g| {
-                let rules = match dir {
-                    Direction::Ingress => &g.ingress,
-                    Direction::Egress => &g.egress,
-                };
-                rules.iter().any(|r| {
-                    r.direction == dir
-                        && protocol_matches(r, proto, l4)
-                        && self.peer_matches(&r.peer, &ep.universe, peer)
-                })
+        ep.security_groups.iter().filter_map(|g| self.state.groups.get(g)).any(|g| {
+            let rules = match dir {
+                Direction::Ingress => &g.ingress,
+                Direction::Egress => &g.egress,
+            };
+            rules.iter().any(|r| {
+                r.direction == dir
+                    && protocol_matches(r, proto, l4)
+                    && self.peer_matches(&r.peer, &ep.universe, peer)
             })
+        })
     }
 
     /// A CIDR peer matches by containment (v6 CIDRs never match IPv4); a group peer matches the
@@ -494,11 +438,7 @@ fn protocol_matches(r: &model::Rule, proto: u8, l4: &L4) -> bool {
 }
 
 fn ct_entry(now_ns: u64, state: u8) -> CtEntry {
-    CtEntry {
-        last_seen_ns: now_ns,
-        state,
-        _pad: [0; 7],
-    }
+    CtEntry { last_seen_ns: now_ns, state, _pad: [0; 7] }
 }
 
 /// The connection-tracking state after a packet. `prev` is `None` when the packet creates the
@@ -714,13 +654,7 @@ mod tests {
         }
     }
     fn egress_all(id: &str) -> Rule {
-        rule(
-            id,
-            Direction::Egress,
-            Protocol::All,
-            None,
-            cidr("0.0.0.0/0"),
-        )
+        rule(id, Direction::Egress, Protocol::All, None, cidr("0.0.0.0/0"))
     }
 
     /// Two universes with the same CIDR (S3 default groups in both), plus `web` and `db` in the
@@ -881,13 +815,7 @@ mod tests {
         let mut want = f.clone();
         want[0..6].copy_from_slice(&mac_of(2));
         want[6..12].copy_from_slice(&GW);
-        assert_eq!(
-            v,
-            Verdict::Deliver {
-                ifindex: 12,
-                frame: want
-            }
-        );
+        assert_eq!(v, Verdict::Deliver { ifindex: 12, frame: want });
         assert_eq!(ct.entries.len(), 1);
     }
 
@@ -903,14 +831,8 @@ mod tests {
         let to5432 = ipv4(mac_of(3), W, DB, IPPROTO_TCP, &tcp(40000, 5432, SYN));
         let to81 = ipv4(mac_of(3), W, DB, IPPROTO_TCP, &tcp(40000, 81, SYN));
         assert_eq!(delivered_to(&h.judge(&ct, S, 13, &to80).verdict), Some(14));
-        assert_eq!(
-            delivered_to(&h.judge(&ct, S, 13, &to5432).verdict),
-            Some(14)
-        );
-        assert_eq!(
-            h.judge(&ct, S, 13, &to81).verdict,
-            Verdict::Drop(D::PolicyIngress)
-        );
+        assert_eq!(delivered_to(&h.judge(&ct, S, 13, &to5432).verdict), Some(14));
+        assert_eq!(h.judge(&ct, S, 13, &to81).verdict, Verdict::Drop(D::PolicyIngress));
     }
 
     #[test]
@@ -918,34 +840,10 @@ mod tests {
         let (mut st, local) = fixture();
         let g = st.groups.get_mut("sg-def1").unwrap();
         g.ingress = vec![
-            rule(
-                "n8",
-                Direction::Ingress,
-                Protocol::TCP,
-                Some((1, 10)),
-                cidr("10.0.0.0/8"),
-            ),
-            rule(
-                "n16",
-                Direction::Ingress,
-                Protocol::TCP,
-                Some((11, 20)),
-                cidr("10.0.0.0/16"),
-            ),
-            rule(
-                "n24",
-                Direction::Ingress,
-                Protocol::TCP,
-                Some((21, 30)),
-                cidr("10.0.0.0/24"),
-            ),
-            rule(
-                "n32",
-                Direction::Ingress,
-                Protocol::TCP,
-                Some((31, 40)),
-                cidr("10.0.0.1/32"),
-            ),
+            rule("n8", Direction::Ingress, Protocol::TCP, Some((1, 10)), cidr("10.0.0.0/8")),
+            rule("n16", Direction::Ingress, Protocol::TCP, Some((11, 20)), cidr("10.0.0.0/16")),
+            rule("n24", Direction::Ingress, Protocol::TCP, Some((21, 30)), cidr("10.0.0.0/24")),
+            rule("n32", Direction::Ingress, Protocol::TCP, Some((31, 40)), cidr("10.0.0.1/32")),
             rule(
                 "ng",
                 Direction::Ingress,
@@ -958,17 +856,10 @@ mod tests {
         let ct = Conntrack::default();
         for port in 1..=50 {
             let f = ipv4(mac_of(1), A, B, IPPROTO_TCP, &tcp(999, port, SYN));
-            assert_eq!(
-                delivered_to(&h.judge(&ct, S, 11, &f).verdict),
-                Some(12),
-                "port {port}"
-            );
+            assert_eq!(delivered_to(&h.judge(&ct, S, 11, &f).verdict), Some(12), "port {port}");
         }
         let f = ipv4(mac_of(1), A, B, IPPROTO_TCP, &tcp(999, 51, SYN));
-        assert_eq!(
-            h.judge(&ct, S, 11, &f).verdict,
-            Verdict::Drop(D::PolicyIngress)
-        );
+        assert_eq!(h.judge(&ct, S, 11, &f).verdict, Verdict::Drop(D::PolicyIngress));
     }
 
     #[test]
@@ -978,15 +869,8 @@ mod tests {
         let ct = Conntrack::default();
         // ep-1 (default only) -> db:5432 needs membership of web.
         let f = ipv4(mac_of(1), A, DB, IPPROTO_TCP, &tcp(40000, 5432, SYN));
-        assert_eq!(
-            h.judge(&ct, S, 11, &f).verdict,
-            Verdict::Drop(D::PolicyIngress)
-        );
-        st.endpoints
-            .get_mut("ep-1")
-            .unwrap()
-            .security_groups
-            .push("sg-web".into());
+        assert_eq!(h.judge(&ct, S, 11, &f).verdict, Verdict::Drop(D::PolicyIngress));
+        st.endpoints.get_mut("ep-1").unwrap().security_groups.push("sg-web".into());
         let h = host(&st, &local);
         assert_eq!(delivered_to(&h.judge(&ct, S, 11, &f).verdict), Some(14));
     }
@@ -998,63 +882,29 @@ mod tests {
         let mut ct = Conntrack::default();
         // web -> db:5432 allowed; db has no egress rules at all.
         let syn = ipv4(mac_of(3), W, DB, IPPROTO_TCP, &tcp(40000, 5432, SYN));
-        assert_eq!(
-            delivered_to(&h.judge_and_track(&mut ct, S, 13, &syn)),
-            Some(14)
-        );
+        assert_eq!(delivered_to(&h.judge_and_track(&mut ct, S, 13, &syn)), Some(14));
         let synack = ipv4(mac_of(4), DB, W, IPPROTO_TCP, &tcp(5432, 40000, SYNACK));
-        assert_eq!(
-            delivered_to(&h.judge_and_track(&mut ct, S, 14, &synack)),
-            Some(13)
-        );
-        let key = CtKey {
-            vni: 100,
-            src: W,
-            dst: DB,
-            sport: 40000,
-            dport: 5432,
-            proto: 6,
-            _pad: [0; 3],
-        };
+        assert_eq!(delivered_to(&h.judge_and_track(&mut ct, S, 14, &synack)), Some(13));
+        let key =
+            CtKey { vni: 100, src: W, dst: DB, sport: 40000, dport: 5432, proto: 6, _pad: [0; 3] };
         assert_eq!(ct.entries[&key].state, ct_state::TCP_ESTABLISHED);
         // A new flow from db (other source port) is not a reply: db has no egress.
         let other = ipv4(mac_of(4), DB, W, IPPROTO_TCP, &tcp(5432, 40001, SYN));
-        assert_eq!(
-            h.judge_and_track(&mut ct, S, 14, &other),
-            Verdict::Drop(D::PolicyEgress)
-        );
+        assert_eq!(h.judge_and_track(&mut ct, S, 14, &other), Verdict::Drop(D::PolicyEgress));
         // ICMP echo tracked by identifier: the reply with the same id passes, another id not.
         let req = ipv4(mac_of(3), W, DB, IPPROTO_ICMP, &icmp(8, 0, 77, b"ping"));
-        assert_eq!(
-            h.judge_and_track(&mut ct, S, 13, &req),
-            Verdict::Drop(D::PolicyIngress)
-        );
+        assert_eq!(h.judge_and_track(&mut ct, S, 13, &req), Verdict::Drop(D::PolicyIngress));
         let (mut st2, local2) = (st.clone(), local.clone());
         st2.groups.get_mut("sg-db").unwrap().ingress.push(Rule {
             icmp: Some((Some(8), None)),
-            ..rule(
-                "r-ping",
-                Direction::Ingress,
-                Protocol::ICMP,
-                None,
-                cidr("10.0.0.0/16"),
-            )
+            ..rule("r-ping", Direction::Ingress, Protocol::ICMP, None, cidr("10.0.0.0/16"))
         });
         let h2 = host(&st2, &local2);
-        assert_eq!(
-            delivered_to(&h2.judge_and_track(&mut ct, S, 13, &req)),
-            Some(14)
-        );
+        assert_eq!(delivered_to(&h2.judge_and_track(&mut ct, S, 13, &req)), Some(14));
         let reply = ipv4(mac_of(4), DB, W, IPPROTO_ICMP, &icmp(0, 0, 77, b"ping"));
-        assert_eq!(
-            delivered_to(&h2.judge_and_track(&mut ct, S, 14, &reply)),
-            Some(13)
-        );
+        assert_eq!(delivered_to(&h2.judge_and_track(&mut ct, S, 14, &reply)), Some(13));
         let stray = ipv4(mac_of(4), DB, W, IPPROTO_ICMP, &icmp(0, 0, 78, b"ping"));
-        assert_eq!(
-            h2.judge_and_track(&mut ct, S, 14, &stray),
-            Verdict::Drop(D::PolicyEgress)
-        );
+        assert_eq!(h2.judge_and_track(&mut ct, S, 14, &stray), Verdict::Drop(D::PolicyEgress));
     }
 
     #[test]
@@ -1067,19 +917,13 @@ mod tests {
         // db answers "fragmentation needed" quoting the SYN's IP header and first 8 bytes.
         let quote = syn[ETH_HLEN..ETH_HLEN + 28].to_vec();
         let ptb = ipv4(mac_of(4), DB, W, IPPROTO_ICMP, &icmp(3, 4, 0, &quote));
-        assert_eq!(
-            delivered_to(&h.judge_and_track(&mut ct, S, 14, &ptb)),
-            Some(13)
-        );
+        assert_eq!(delivered_to(&h.judge_and_track(&mut ct, S, 14, &ptb)), Some(13));
         assert_eq!(ct.entries.len(), 1, "related errors create no entry");
         // Quoting an untracked flow: judged by db's (empty) egress.
         let untracked = ipv4(mac_of(3), W, DB, IPPROTO_TCP, &tcp(40001, 5432, SYN));
         let q2 = untracked[ETH_HLEN..ETH_HLEN + 28].to_vec();
         let e2 = ipv4(mac_of(4), DB, W, IPPROTO_ICMP, &icmp(3, 4, 0, &q2));
-        assert_eq!(
-            h.judge_and_track(&mut ct, S, 14, &e2),
-            Verdict::Drop(D::PolicyEgress)
-        );
+        assert_eq!(h.judge_and_track(&mut ct, S, 14, &e2), Verdict::Drop(D::PolicyEgress));
         // The quote of a tracked flow sent to someone else than its source: not related.
         let (mut st3, local3) = (st.clone(), local.clone());
         st3.groups.get_mut("sg-db").unwrap().egress.push(rule(
@@ -1091,10 +935,7 @@ mod tests {
         ));
         let h3 = host(&st3, &local3);
         let wrong = ipv4(mac_of(4), DB, A, IPPROTO_ICMP, &icmp(3, 4, 0, &quote));
-        assert_eq!(
-            h3.judge_and_track(&mut ct, S, 14, &wrong),
-            Verdict::Drop(D::PolicyEgress)
-        );
+        assert_eq!(h3.judge_and_track(&mut ct, S, 14, &wrong), Verdict::Drop(D::PolicyEgress));
     }
 
     #[test]
@@ -1108,10 +949,7 @@ mod tests {
         let ack = ipv4(mac_of(1), A, W, IPPROTO_TCP, &tcp(40000, 80, ACKF));
         assert!(delivered_to(&h.judge_and_track(&mut ct, 2 * S, 11, &ack)).is_some());
         let new = ipv4(mac_of(1), A, W, IPPROTO_TCP, &tcp(40001, 80, SYN));
-        assert_eq!(
-            h.judge_and_track(&mut ct, 2 * S, 11, &new),
-            Verdict::Drop(D::PolicyIngress)
-        );
+        assert_eq!(h.judge_and_track(&mut ct, 2 * S, 11, &new), Verdict::Drop(D::PolicyIngress));
         // Still opening (no reply seen): 60 s idle is fine, 60 s + 1 ns is not.
         assert!(delivered_to(&h.judge_and_track(&mut ct, 62 * S, 11, &ack)).is_some());
         assert_eq!(
@@ -1130,10 +968,7 @@ mod tests {
         let mut ct = Conntrack::default();
         let f = ipv4(mac_of(3), W, A, IPPROTO_UDP, &udp(1, 2));
         // web egress all; ep-1's default ingress only from default members: refused...
-        assert_eq!(
-            h.judge_and_track(&mut ct, 0, 13, &f),
-            Verdict::Drop(D::PolicyIngress)
-        );
+        assert_eq!(h.judge_and_track(&mut ct, 0, 13, &f), Verdict::Drop(D::PolicyIngress));
         // ...so use a flow that is allowed, then watch it expire after 5 ns.
         st2.groups.get_mut("sg-def1").unwrap().ingress.push(rule(
             "u",
@@ -1146,15 +981,7 @@ mod tests {
         assert!(delivered_to(&h2.judge_and_track(&mut ct, 100, 13, &f)).is_some());
         let back = ipv4(mac_of(1), A, W, IPPROTO_UDP, &udp(2, 1));
         assert!(delivered_to(&h.judge_and_track(&mut ct, 105, 11, &back)).is_some());
-        let key = CtKey {
-            vni: 100,
-            src: W,
-            dst: A,
-            sport: 1,
-            dport: 2,
-            proto: 17,
-            _pad: [0; 3],
-        };
+        let key = CtKey { vni: 100, src: W, dst: A, sport: 1, dport: 2, proto: 17, _pad: [0; 3] };
         assert_eq!(ct.entries[&key].state, ct_state::UDP_REPLIED);
         assert_eq!(t.of(ct_state::UDP_REPLIED), 180 * S);
     }
@@ -1175,17 +1002,11 @@ mod tests {
         let h = host(&st, &local);
         let ct = Conntrack::default();
         let f = ipv4(mac_of(2), A, B, IPPROTO_UDP, &udp(1, 2));
-        assert_eq!(
-            h.judge(&ct, S, 11, &f).verdict,
-            Verdict::Drop(D::SpoofedMac)
-        );
+        assert_eq!(h.judge(&ct, S, 11, &f).verdict, Verdict::Drop(D::SpoofedMac));
         let f = ipv4(mac_of(1), B, A, IPPROTO_UDP, &udp(1, 2));
         assert_eq!(h.judge(&ct, S, 11, &f).verdict, Verdict::Drop(D::SpoofedIp));
         let f = ipv4(mac_of(1), A, B, IPPROTO_UDP, &udp(1, 2));
-        assert_eq!(
-            h.judge(&ct, S, 99, &f).verdict,
-            Verdict::Drop(D::UnknownEndpoint)
-        );
+        assert_eq!(h.judge(&ct, S, 99, &f).verdict, Verdict::Drop(D::UnknownEndpoint));
     }
 
     #[test]
@@ -1207,42 +1028,19 @@ mod tests {
             0x02, 0xaa, 0, 0, 0, 1, 10, 0, 0, 1,
         ];
         let ct = Conntrack::default();
-        assert_eq!(
-            h.judge(&ct, S, 11, &req).verdict,
-            Verdict::ArpReply {
-                frame: want.to_vec()
-            }
-        );
+        assert_eq!(h.judge(&ct, S, 11, &req).verdict, Verdict::ArpReply { frame: want.to_vec() });
         let mut announce = req;
         announce[38..42].copy_from_slice(&[10, 0, 0, 1]);
-        assert_eq!(
-            h.judge(&ct, S, 11, &announce).verdict,
-            Verdict::Drop(D::ArpUnanswered)
-        );
+        assert_eq!(h.judge(&ct, S, 11, &announce).verdict, Verdict::Drop(D::ArpUnanswered));
         let mut probe = announce;
         probe[28..32].copy_from_slice(&[0, 0, 0, 0]);
-        assert_eq!(
-            h.judge(&ct, S, 11, &probe).verdict,
-            Verdict::Drop(D::ArpUnanswered)
-        );
-        assert_eq!(
-            h.judge(&ct, S, 12, &req).verdict,
-            Verdict::Drop(D::SpoofedMac)
-        );
-        assert_eq!(
-            h.judge(&ct, S, 99, &req).verdict,
-            Verdict::Drop(D::UnknownEndpoint)
-        );
+        assert_eq!(h.judge(&ct, S, 11, &probe).verdict, Verdict::Drop(D::ArpUnanswered));
+        assert_eq!(h.judge(&ct, S, 12, &req).verdict, Verdict::Drop(D::SpoofedMac));
+        assert_eq!(h.judge(&ct, S, 99, &req).verdict, Verdict::Drop(D::UnknownEndpoint));
         let mut reply = req;
         reply[21] = 2;
-        assert_eq!(
-            h.judge(&ct, S, 11, &reply).verdict,
-            Verdict::Drop(D::ArpUnanswered)
-        );
-        assert_eq!(
-            h.judge(&ct, S, 11, &req[..41]).verdict,
-            Verdict::Drop(D::ArpUnanswered)
-        );
+        assert_eq!(h.judge(&ct, S, 11, &reply).verdict, Verdict::Drop(D::ArpUnanswered));
+        assert_eq!(h.judge(&ct, S, 11, &req[..41]).verdict, Verdict::Drop(D::ArpUnanswered));
     }
 
     #[test]
@@ -1262,11 +1060,7 @@ mod tests {
         assert_eq!(j(&vlan), Verdict::Drop(D::UnknownEthertype));
         // Every cut inside the IPv4 header, then inside TCP.
         for cut in 14..34 {
-            assert_eq!(
-                j(&good[..cut]),
-                Verdict::Drop(D::MalformedIpv4),
-                "cut {cut}"
-            );
+            assert_eq!(j(&good[..cut]), Verdict::Drop(D::MalformedIpv4), "cut {cut}");
         }
         for cut in 34..54 {
             let mut f = good[..cut].to_vec();
@@ -1316,9 +1110,6 @@ mod tests {
             g[14 + 28 + 3] = 81;
             g
         };
-        assert_eq!(
-            h.judge(&ct, S, 11, &to81).verdict,
-            Verdict::Drop(D::PolicyIngress)
-        );
+        assert_eq!(h.judge(&ct, S, 11, &to81).verdict, Verdict::Drop(D::PolicyIngress));
     }
 }

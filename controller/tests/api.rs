@@ -57,8 +57,13 @@ fn api_with(reconciler: bool) -> Api {
         drops.insert(DropReason::PolicyIngress, 3);
         Ok(Stats { drops })
     });
-    let state =
-        AppState { store: store.clone(), host: HOST.into(), underlay_ip: None, realized: realized_rx, stats };
+    let state = AppState {
+        store: store.clone(),
+        host: HOST.into(),
+        underlay_ip: None,
+        realized: realized_rx,
+        stats,
+    };
     Api { app: api::router(state), store, realized, _dir: dir }
 }
 
@@ -70,13 +75,16 @@ impl Api {
     async fn call(&self, method: Method, uri: &str, body: Option<&str>) -> Answer {
         let req = Request::builder().method(method).uri(uri);
         let req = match body {
-            Some(b) => req.header("content-type", "application/json").body(Body::from(b.to_owned())),
+            Some(b) => {
+                req.header("content-type", "application/json").body(Body::from(b.to_owned()))
+            }
             None => req.body(Body::empty()),
         }
         .unwrap();
         let resp = self.app.clone().oneshot(req).await.unwrap();
         let status = resp.status();
-        let revision = resp.headers().get("Verse-Revision").map(|v| v.to_str().unwrap().parse().unwrap());
+        let revision =
+            resp.headers().get("Verse-Revision").map(|v| v.to_str().unwrap().parse().unwrap());
         let bytes = resp.into_body().collect().await.unwrap().to_bytes();
         let text = String::from_utf8(bytes.to_vec()).unwrap();
         let body = serde_json::from_str(&text).unwrap_or(Value::Null);
@@ -104,7 +112,8 @@ impl Api {
     }
     /// An endpoint on another host: no local namespace is needed.
     async fn remote_endpoint(&self, universe: &str, ip: &str, sgs: Option<Vec<&str>>) -> Answer {
-        let mut req = json!({"universe": universe, "host": "host-b", "netns": format!("ns-{ip}"), "ip": ip});
+        let mut req =
+            json!({"universe": universe, "host": "host-b", "netns": format!("ns-{ip}"), "ip": ip});
         if let Some(sgs) = sgs {
             req["security_groups"] = json!(sgs);
         }
@@ -145,7 +154,9 @@ async fn create_universe_returns_201_with_canonical_cidrs_vni_and_revision() {
     assert_eq!(u["cidrs"], json!(["10.1.0.0/16"]));
     assert!(u["vni"].as_u64().unwrap() <= 0xFF_FFFF);
 
-    let a = api.post("/v1/universes", json!({"name": "red", "cidrs": ["10.2.0.0/24", "10.3.0.0/24"]})).await;
+    let a = api
+        .post("/v1/universes", json!({"name": "red", "cidrs": ["10.2.0.0/24", "10.3.0.0/24"]}))
+        .await;
     assert_eq!(a.status, StatusCode::CREATED, "{}", a.text);
     assert_eq!(a.revision, Some(2));
     assert_eq!(a.body["cidrs"], json!(["10.2.0.0/24", "10.3.0.0/24"]));
@@ -174,17 +185,17 @@ async fn universe_gets_a_default_group_that_cannot_be_deleted_s3() {
 async fn universe_body_errors_are_400_naming_the_field() {
     let api = api();
     let cases: Vec<(&str, &str)> = vec![
-        (r#"{"cidr": "10.0.0.0/16"}"#, "name"),            // missing field
+        (r#"{"cidr": "10.0.0.0/16"}"#, "name"), // missing field
         (r#"{"name": 5, "cidr": "10.0.0.0/16"}"#, "name"), // wrong type
         (r#"{"name": "x", "cidr": "10.0.0.0/16", "colour": "red"}"#, "colour"), // unknown field
         (r#"{"name": "x", "cidr": "10.0.0.0/16""#, "body"), // malformed JSON
-        ("", "body"),                                      // empty body
-        (r#"[1, 2]"#, "body"),                             // not an object
+        ("", "body"),                           // empty body
+        (r#"[1, 2]"#, "body"),                  // not an object
         (r#"{"name": "x", "cidr": "10.0.0.0/16"} trailing"#, "body"), // trailing garbage
         (r#"{"name": "x", "cidrs": "10.0.0.0/16"}"#, "cidrs"), // wrong type
         (r#"{"name": "x", "cidrs": ["10.0.0.0/16", 7]}"#, "cidrs[1]"), // wrong type, nested
         (r#"{"name": "x", "cidr": "10.0.0.300/16"}"#, "cidr"), // invalid CIDR
-        (r#"{"name": "x"}"#, "cidr"),                      // no CIDR
+        (r#"{"name": "x"}"#, "cidr"),           // no CIDR
         (r#"{"name": "x", "cidr": "10.0.0.0/16", "cidrs": ["10.1.0.0/16"]}"#, "cidr"), // both
         (r#"{"name": "", "cidr": "10.0.0.0/16"}"#, "name"), // empty name
     ];
@@ -209,8 +220,16 @@ async fn duplicate_universe_name_is_409() {
 #[tokio::test]
 async fn universe_unknown_id_is_404_and_delete_with_endpoints_is_409() {
     let api = api();
-    api.get("/v1/universes/uni-00000000").await.error(StatusCode::NOT_FOUND, "not_found", "uni-00000000");
-    api.delete("/v1/universes/uni-00000000").await.error(StatusCode::NOT_FOUND, "not_found", "uni-00000000");
+    api.get("/v1/universes/uni-00000000").await.error(
+        StatusCode::NOT_FOUND,
+        "not_found",
+        "uni-00000000",
+    );
+    api.delete("/v1/universes/uni-00000000").await.error(
+        StatusCode::NOT_FOUND,
+        "not_found",
+        "uni-00000000",
+    );
 
     let u = api.universe("blue", "10.1.0.0/16").await;
     let ep = api.remote_endpoint(&id(&u), "10.1.0.5", None).await;
@@ -236,7 +255,10 @@ async fn create_group_returns_201_with_s2_rules() {
     let api = api();
     let u = api.universe("blue", "10.1.0.0/16").await;
     let a = api
-        .post("/v1/security-groups", json!({"universe": id(&u), "name": "web", "description": "front"}))
+        .post(
+            "/v1/security-groups",
+            json!({"universe": id(&u), "name": "web", "description": "front"}),
+        )
         .await;
     assert_eq!(a.status, StatusCode::CREATED, "{}", a.text);
     assert_eq!(a.revision, Some(2));
@@ -270,12 +292,17 @@ async fn group_errors_name_the_field() {
         let a = api.call(Method::POST, "/v1/security-groups", Some(&body)).await;
         a.error(StatusCode::BAD_REQUEST, "invalid_argument", field);
     }
-    let a = api.post("/v1/security-groups", json!({"universe": "uni-00000000", "name": "web"})).await;
+    let a =
+        api.post("/v1/security-groups", json!({"universe": "uni-00000000", "name": "web"})).await;
     a.error(StatusCode::NOT_FOUND, "not_found", "universe");
     api.group(&uid, "web").await;
     let a = api.post("/v1/security-groups", json!({"universe": uid, "name": "web"})).await;
     a.error(StatusCode::CONFLICT, "duplicate", "name");
-    api.get("/v1/security-groups/sg-00000000").await.error(StatusCode::NOT_FOUND, "not_found", "sg-00000000");
+    api.get("/v1/security-groups/sg-00000000").await.error(
+        StatusCode::NOT_FOUND,
+        "not_found",
+        "sg-00000000",
+    );
     api.delete("/v1/security-groups/sg-00000000").await.error(
         StatusCode::NOT_FOUND,
         "not_found",
@@ -297,7 +324,8 @@ async fn group_list_filters_by_universe() {
     let all = api.get("/v1/security-groups").await.body;
     assert_eq!(all.as_array().unwrap().len(), 3);
     let only_blue = api.get(&format!("/v1/security-groups?universe={blue}")).await.body;
-    let names: Vec<_> = only_blue.as_array().unwrap().iter().map(|g| g["name"].as_str().unwrap()).collect();
+    let names: Vec<_> =
+        only_blue.as_array().unwrap().iter().map(|g| g["name"].as_str().unwrap()).collect();
     assert_eq!(names.len(), 2);
     assert!(only_blue.as_array().unwrap().iter().all(|g| g["universe"] == blue.as_str()));
     let only_red = api.get(&format!("/v1/security-groups?universe={red}")).await.body;
@@ -313,7 +341,11 @@ async fn group_in_use_or_referenced_cannot_be_deleted() {
     let db = id(&api.group(&u, "db").await);
     let ep = api.remote_endpoint(&u, "10.1.0.5", Some(vec![&web])).await;
     assert_eq!(ep.status, StatusCode::CREATED, "{}", ep.text);
-    api.delete(&format!("/v1/security-groups/{web}")).await.error(StatusCode::CONFLICT, "in_use", &web);
+    api.delete(&format!("/v1/security-groups/{web}")).await.error(
+        StatusCode::CONFLICT,
+        "in_use",
+        &web,
+    );
 
     let r = api
         .post(
@@ -323,7 +355,11 @@ async fn group_in_use_or_referenced_cannot_be_deleted() {
         .await;
     assert_eq!(r.status, StatusCode::CREATED, "{}", r.text);
     api.delete(&format!("/v1/endpoints/{}", id(&ep.body))).await;
-    api.delete(&format!("/v1/security-groups/{web}")).await.error(StatusCode::CONFLICT, "in_use", &web);
+    api.delete(&format!("/v1/security-groups/{web}")).await.error(
+        StatusCode::CONFLICT,
+        "in_use",
+        &web,
+    );
 
     let a = api.delete(&format!("/v1/security-groups/{db}/rules/{}", id(&r.body))).await;
     assert_eq!(a.status, StatusCode::NO_CONTENT);
@@ -411,12 +447,15 @@ async fn rule_errors_name_the_field() {
         a.error(StatusCode::BAD_REQUEST, "invalid_argument", field);
     }
     // A peer group of another universe.
-    let a = api.post(&uri, json!({"direction": "ingress", "protocol": "all", "group": foreign})).await;
+    let a =
+        api.post(&uri, json!({"direction": "ingress", "protocol": "all", "group": foreign})).await;
     a.error(StatusCode::BAD_REQUEST, "invalid_argument", "group");
     // 404s: the group of the path, the peer group.
     let a = api.post("/v1/security-groups/sg-00000000/rules", base.clone()).await;
     a.error(StatusCode::NOT_FOUND, "not_found", "sg-00000000");
-    let a = api.post(&uri, json!({"direction": "ingress", "protocol": "all", "group": "sg-00000000"})).await;
+    let a = api
+        .post(&uri, json!({"direction": "ingress", "protocol": "all", "group": "sg-00000000"}))
+        .await;
     a.error(StatusCode::NOT_FOUND, "not_found", "group");
     // 409: an exact duplicate (S4), also when the CIDR is written differently.
     let a = api.post(&uri, base.clone()).await;
@@ -482,7 +521,10 @@ async fn create_endpoint_returns_201_without_internal_fields() {
     assert_eq!(a.revision, Some(before + 1));
     let e = a.body.as_object().unwrap();
     let keys: Vec<_> = e.keys().map(String::as_str).collect();
-    assert_eq!(keys, ["host", "id", "interface", "ip", "mac", "netns", "security_groups", "universe"]);
+    assert_eq!(
+        keys,
+        ["host", "id", "interface", "ip", "mac", "netns", "security_groups", "universe"]
+    );
     assert!(e["id"].as_str().unwrap().starts_with("ep-"));
     assert_eq!(e["host"], "host-b");
     assert_eq!(e["ip"], "10.1.0.5");
@@ -507,10 +549,13 @@ async fn local_endpoint_needs_an_existing_netns() {
     let a = api.post("/v1/endpoints", json!({"universe": u, "netns": ns, "ip": "10.1.0.5"})).await;
     a.error(StatusCode::BAD_REQUEST, "invalid_argument", "netns");
     assert!(a.body["error"]["message"].as_str().unwrap().contains(&ns));
-    let a =
-        api.post("/v1/endpoints", json!({"universe": u, "host": HOST, "netns": ns, "ip": "10.1.0.5"})).await;
+    let a = api
+        .post("/v1/endpoints", json!({"universe": u, "host": HOST, "netns": ns, "ip": "10.1.0.5"}))
+        .await;
     a.error(StatusCode::BAD_REQUEST, "invalid_argument", "netns");
-    let a = api.post("/v1/endpoints", json!({"universe": u, "netns": "../etc", "ip": "10.1.0.5"})).await;
+    let a = api
+        .post("/v1/endpoints", json!({"universe": u, "netns": "../etc", "ip": "10.1.0.5"}))
+        .await;
     a.error(StatusCode::BAD_REQUEST, "invalid_argument", "netns");
     assert_eq!(api.get("/v1/endpoints").await.body, json!([]));
 }
@@ -528,7 +573,10 @@ async fn endpoint_errors_name_the_field() {
         (json!({"host": "host-b", "netns": "n", "ip": "10.1.0.5"}), "universe"),
         (json!({"universe": u, "host": "host-b", "netns": "n"}), "ip"),
         (json!({"universe": u, "host": "host-b", "netns": "n", "ip": 5}), "ip"),
-        (json!({"universe": u, "host": "host-b", "netns": "n", "ip": "10.1.0.5", "mac": "x"}), "mac"),
+        (
+            json!({"universe": u, "host": "host-b", "netns": "n", "ip": "10.1.0.5", "mac": "x"}),
+            "mac",
+        ),
         (ep("10.1.0.500", json!([web])), "ip"),
         (ep("10.3.0.5", json!([web])), "ip"),
         (ep("10.1.0.5", json!([])), "security_groups"),
@@ -558,9 +606,15 @@ async fn endpoint_errors_name_the_field() {
     let a = api.post("/v1/endpoints", ep("10.1.0.5", json!(many))).await;
     a.error(StatusCode::CONFLICT, "limit_exceeded", "security_groups");
     // Duplicate IP in the universe; duplicate namespace on a host.
-    assert_eq!(api.post("/v1/endpoints", ep("10.1.0.5", json!([web]))).await.status, StatusCode::CREATED);
+    assert_eq!(
+        api.post("/v1/endpoints", ep("10.1.0.5", json!([web]))).await.status,
+        StatusCode::CREATED
+    );
     let a = api
-        .post("/v1/endpoints", json!({"universe": u, "host": "host-b", "netns": "other", "ip": "10.1.0.5"}))
+        .post(
+            "/v1/endpoints",
+            json!({"universe": u, "host": "host-b", "netns": "other", "ip": "10.1.0.5"}),
+        )
         .await;
     a.error(StatusCode::CONFLICT, "duplicate", "ip");
     let a = api
@@ -580,7 +634,9 @@ async fn patch_endpoint_changes_groups_and_reports_errors() {
     let db = id(&api.group(&u, "db").await);
     let ep = id(&api.remote_endpoint(&u, "10.1.0.5", Some(vec![&web])).await.body);
     let uri = format!("/v1/endpoints/{ep}");
-    let a = api.call(Method::PATCH, &uri, Some(&json!({"security_groups": [web, db]}).to_string())).await;
+    let a = api
+        .call(Method::PATCH, &uri, Some(&json!({"security_groups": [web, db]}).to_string()))
+        .await;
     assert_eq!(a.status, StatusCode::OK, "{}", a.text);
     assert!(a.revision.is_some());
     assert_eq!(a.body["security_groups"], json!([web, db]));
@@ -624,11 +680,17 @@ async fn endpoint_list_filters_by_universe_and_host() {
     let red = id(&api.universe("red", "10.1.0.0/16").await);
     api.remote_endpoint(&blue, "10.1.0.5", None).await;
     let a = api
-        .post("/v1/endpoints", json!({"universe": red, "host": "host-b", "netns": "red-5", "ip": "10.1.0.5"}))
+        .post(
+            "/v1/endpoints",
+            json!({"universe": red, "host": "host-b", "netns": "red-5", "ip": "10.1.0.5"}),
+        )
         .await;
     assert_eq!(a.status, StatusCode::CREATED, "{}", a.text);
     let a = api
-        .post("/v1/endpoints", json!({"universe": red, "host": "host-c", "netns": "n", "ip": "10.1.0.6"}))
+        .post(
+            "/v1/endpoints",
+            json!({"universe": red, "host": "host-c", "netns": "n", "ip": "10.1.0.6"}),
+        )
         .await;
     assert_eq!(a.status, StatusCode::CREATED, "{}", a.text);
     let count = |v: Value| v.as_array().unwrap().len();
@@ -638,15 +700,31 @@ async fn endpoint_list_filters_by_universe_and_host() {
     assert_eq!(count(api.get("/v1/endpoints?host=host-c").await.body), 1);
     assert_eq!(count(api.get(&format!("/v1/endpoints?universe={red}&host=host-b")).await.body), 1);
     assert_eq!(count(api.get("/v1/endpoints?host=nowhere").await.body), 0);
-    api.get("/v1/endpoints?hots=x").await.error(StatusCode::BAD_REQUEST, "invalid_argument", "hots");
-    api.get("/v1/endpoints?host=a&host=b").await.error(StatusCode::BAD_REQUEST, "invalid_argument", "host");
+    api.get("/v1/endpoints?hots=x").await.error(
+        StatusCode::BAD_REQUEST,
+        "invalid_argument",
+        "hots",
+    );
+    api.get("/v1/endpoints?host=a&host=b").await.error(
+        StatusCode::BAD_REQUEST,
+        "invalid_argument",
+        "host",
+    );
 }
 
 #[tokio::test]
 async fn endpoint_get_and_delete_unknown_are_404() {
     let api = api();
-    api.get("/v1/endpoints/ep-00000000").await.error(StatusCode::NOT_FOUND, "not_found", "ep-00000000");
-    api.delete("/v1/endpoints/ep-00000000").await.error(StatusCode::NOT_FOUND, "not_found", "ep-00000000");
+    api.get("/v1/endpoints/ep-00000000").await.error(
+        StatusCode::NOT_FOUND,
+        "not_found",
+        "ep-00000000",
+    );
+    api.delete("/v1/endpoints/ep-00000000").await.error(
+        StatusCode::NOT_FOUND,
+        "not_found",
+        "ep-00000000",
+    );
 }
 
 // ---- Revisions, hosts, service routes ----
@@ -784,8 +862,12 @@ async fn openapi_describes_every_route() {
     }
     // Request schemas list exactly the fields the server accepts.
     let accepts = |schema: &str| -> Vec<String> {
-        let mut v: Vec<String> =
-            doc["components"]["schemas"][schema]["properties"].as_object().unwrap().keys().cloned().collect();
+        let mut v: Vec<String> = doc["components"]["schemas"][schema]["properties"]
+            .as_object()
+            .unwrap()
+            .keys()
+            .cloned()
+            .collect();
         v.sort();
         v
     };

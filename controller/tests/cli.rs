@@ -89,7 +89,8 @@ fn cli_creates_lists_updates_and_deletes_every_noun() {
     assert_eq!(u["cidrs"], serde_json::json!(["10.1.0.0/16"]));
     assert_eq!(err.trim(), "revision 1");
     let uid = id(&u).to_owned();
-    let (u2, _) = s.json(&["universe", "create", "red", "--cidr", "10.2.0.0/24", "--cidr", "10.3.0.0/24"]);
+    let (u2, _) =
+        s.json(&["universe", "create", "red", "--cidr", "10.2.0.0/24", "--cidr", "10.3.0.0/24"]);
     assert_eq!(u2["cidrs"].as_array().unwrap().len(), 2);
 
     let (list, _) = s.json(&["universe", "list"]);
@@ -216,7 +217,10 @@ fn cli_exits_1_with_the_server_message_on_api_errors() {
     let s = server();
     let out = s.verse(&["universe", "show", "uni-00000000"]);
     assert_eq!(out.status.code(), Some(1));
-    assert_eq!(String::from_utf8_lossy(&out.stderr).trim(), "verse: universe uni-00000000 not found");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr).trim(),
+        "verse: universe uni-00000000 not found"
+    );
     assert!(out.stdout.is_empty());
 
     let out = s.verse(&["universe", "create", "x", "--cidr", "10.0.0.0/33"]);
@@ -255,7 +259,17 @@ fn cli_exits_2_on_usage_errors() {
             "--group",
             "sg-2",
         ],
-        vec!["rule", "add", "sg-1", "--direction", "up", "--protocol", "tcp", "--cidr", "0.0.0.0/0"],
+        vec![
+            "rule",
+            "add",
+            "sg-1",
+            "--direction",
+            "up",
+            "--protocol",
+            "tcp",
+            "--cidr",
+            "0.0.0.0/0",
+        ],
         vec![
             "rule",
             "add",
@@ -276,7 +290,12 @@ fn cli_exits_2_on_usage_errors() {
         vec!["frobnicate"],
     ] {
         let out = s.verse(&args);
-        assert_eq!(out.status.code(), Some(2), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        assert_eq!(
+            out.status.code(),
+            Some(2),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     let out = Command::new(env!("CARGO_BIN_EXE_verse"))
         .args(["--api", "not a url", "host", "list"])
@@ -312,7 +331,11 @@ fn client_returns_typed_results_revisions_and_api_errors() {
         .unwrap();
     assert_eq!(rev, 1);
     let (g, rev) = c
-        .create_group(&CreateGroup { universe: u.id.clone(), name: "web".into(), description: None })
+        .create_group(&CreateGroup {
+            universe: u.id.clone(),
+            name: "web".into(),
+            description: None,
+        })
         .unwrap();
     assert_eq!(rev, 2);
     assert_eq!(c.get_group(&g.id).unwrap(), g);

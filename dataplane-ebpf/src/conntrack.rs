@@ -79,10 +79,7 @@ pub fn lookup(key: &CtKey, now: u64, timeouts: &[u64; ct_state::COUNT]) -> Optio
     if let Some(entry) = VERSE_CT.get_ptr_mut(key) {
         // SAFETY: the kernel returned a pointer to a live value of this map's value type.
         if !expired(unsafe { &*entry }, now, timeouts) {
-            return Some(Hit {
-                entry,
-                reply: false,
-            });
+            return Some(Hit { entry, reply: false });
         }
     }
     let reverse = key.reversed();
@@ -110,10 +107,6 @@ pub fn refresh(hit: Hit, now: u64, tcp_flags: u8) {
 /// flow's replies are then judged by policy.
 #[inline(always)]
 pub fn create(key: &CtKey, now: u64, state: u8) {
-    let entry = CtEntry {
-        last_seen_ns: now,
-        state,
-        _pad: [0; 7],
-    };
+    let entry = CtEntry { last_seen_ns: now, state, _pad: [0; 7] };
     let _ = VERSE_CT.insert(key, &entry, 0);
 }

@@ -125,14 +125,7 @@ fn ipv4(
     // SAFETY: ptr_at proved the fixed IPv4 header is inside the linear data.
     let (version_ihl, tot_len, frag_off, proto, src, dst) = unsafe {
         let h = &*ip;
-        (
-            h.version_ihl,
-            be16(h.tot_len) as usize,
-            be16(h.frag_off),
-            h.proto,
-            h.src,
-            h.dst,
-        )
+        (h.version_ihl, be16(h.tot_len) as usize, be16(h.frag_off), h.proto, h.src, h.dst)
     };
     let ihl = ((version_ihl & 0x0F) as usize) * 4;
     if version_ihl >> 4 != 4
@@ -165,10 +158,7 @@ fn ipv4(
         _pad: [0; 3],
     };
     let now = conntrack::now();
-    let route_key = RouteKey {
-        vni: endpoint.vni,
-        ip: dst,
-    };
+    let route_key = RouteKey { vni: endpoint.vni, ip: dst };
     // SAFETY: copied out at once, see the endpoint lookup.
     let route: Option<Route> = unsafe { VERSE_ROUTES.get(&route_key) }.copied();
 
@@ -180,10 +170,7 @@ fn ipv4(
         return deliver(ctx, &route, config.gateway_mac);
     }
     if proto == IPPROTO_ICMP
-        && matches!(
-            l4.icmp_type,
-            ICMP_DEST_UNREACH | ICMP_TIME_EXCEEDED | ICMP_PARAMETER_PROBLEM
-        )
+        && matches!(l4.icmp_type, ICMP_DEST_UNREACH | ICMP_TIME_EXCEEDED | ICMP_PARAMETER_PROBLEM)
     {
         if let Some(quoted) = quoted_flow(ctx, endpoint.vni, l4_off + 8, ip_end) {
             // An error is about a packet its sender received, so the quoted source is the
@@ -246,13 +233,7 @@ fn parse_l4(ctx: &TcContext, proto: u8, l4_off: usize, ip_end: usize) -> Result<
             if doff < core::mem::size_of::<TcpHdr>() || l4_off + doff > ip_end {
                 return Err(DropReason::MalformedL4);
             }
-            Ok(L4 {
-                sport,
-                dport,
-                policy_port: dport,
-                tcp_flags: flags,
-                icmp_type: 0xFF,
-            })
+            Ok(L4 { sport, dport, policy_port: dport, tcp_flags: flags, icmp_type: 0xFF })
         }
         IPPROTO_UDP => {
             let end = l4_off + core::mem::size_of::<UdpHdr>();
@@ -262,13 +243,7 @@ fn parse_l4(ctx: &TcContext, proto: u8, l4_off: usize, ip_end: usize) -> Result<
             let udp: *const UdpHdr = ptr_at(ctx, l4_off).ok_or(DropReason::MalformedL4)?;
             // SAFETY: ptr_at proved the UDP header is inside the linear data.
             let (sport, dport) = unsafe { (be16((*udp).sport), be16((*udp).dport)) };
-            Ok(L4 {
-                sport,
-                dport,
-                policy_port: dport,
-                tcp_flags: 0,
-                icmp_type: 0xFF,
-            })
+            Ok(L4 { sport, dport, policy_port: dport, tcp_flags: 0, icmp_type: 0xFF })
         }
         IPPROTO_ICMP => {
             let end = l4_off + core::mem::size_of::<IcmpHdr>();
@@ -287,13 +262,7 @@ fn parse_l4(ctx: &TcContext, proto: u8, l4_off: usize, ip_end: usize) -> Result<
                 icmp_type: ty,
             })
         }
-        _ => Ok(L4 {
-            sport: 0,
-            dport: 0,
-            policy_port: 0,
-            tcp_flags: 0,
-            icmp_type: 0xFF,
-        }),
+        _ => Ok(L4 { sport: 0, dport: 0, policy_port: 0, tcp_flags: 0, icmp_type: 0xFF }),
     }
 }
 
@@ -341,15 +310,7 @@ fn quoted_flow(ctx: &TcContext, vni: u32, off: usize, ip_end: usize) -> Option<C
         IPPROTO_ICMP => icmp_ports(b0, id),
         _ => (0, 0),
     };
-    Some(CtKey {
-        vni,
-        src,
-        dst,
-        sport,
-        dport,
-        proto,
-        _pad: [0; 3],
-    })
+    Some(CtKey { vni, src, dst, sport, dport, proto, _pad: [0; 3] })
 }
 
 /// Rewrites the Ethernet header for the receiver and redirects into its namespace.

@@ -10,13 +10,7 @@ use crate::maps::{VERSE_CIDRS, VERSE_POLICY};
 /// contains it, if any.
 #[inline(always)]
 fn cidr_class(vni: u32, ip: [u8; 4]) -> Option<u32> {
-    let key = Key::new(
-        CIDR_KEY_VNI_BITS + 32,
-        CidrKey {
-            vni: vni.to_be_bytes(),
-            addr: ip,
-        },
-    );
+    let key = Key::new(CIDR_KEY_VNI_BITS + 32, CidrKey { vni: vni.to_be_bytes(), addr: ip });
     VERSE_CIDRS.get(&key).copied()
 }
 
@@ -42,24 +36,16 @@ pub fn allows(
     };
     if let Some(identity) = peer_identity {
         data.peer = identity.to_be_bytes();
-        if VERSE_POLICY
-            .get(&Key::new(policy_prefix::FULL, data))
-            .is_some()
-        {
+        if VERSE_POLICY.get(&Key::new(policy_prefix::FULL, data)).is_some() {
             return true;
         }
     }
     if let Some(class) = cidr_class(vni, peer_ip) {
         data.peer = class.to_be_bytes();
-        if VERSE_POLICY
-            .get(&Key::new(policy_prefix::FULL, data))
-            .is_some()
-        {
+        if VERSE_POLICY.get(&Key::new(policy_prefix::FULL, data)).is_some() {
             return true;
         }
     }
     data.peer = peer::ANY.to_be_bytes();
-    VERSE_POLICY
-        .get(&Key::new(policy_prefix::FULL, data))
-        .is_some()
+    VERSE_POLICY.get(&Key::new(policy_prefix::FULL, data)).is_some()
 }

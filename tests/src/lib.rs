@@ -76,7 +76,9 @@ fn owner_pid(name: &str) -> Option<u32> {
 /// gone (killed before its guards could run), so a reused pid cannot collide with them.
 /// Daemons of such runs died with them (`PR_SET_PDEATHSIG`, see [`Versed`]).
 pub fn sweep_stale() {
-    let dead = |name: &str| owner_pid(name).is_some_and(|pid| !Path::new(&format!("/proc/{pid}")).exists());
+    let dead = |name: &str| {
+        owner_pid(name).is_some_and(|pid| !Path::new(&format!("/proc/{pid}")).exists())
+    };
     if let Ok(entries) = fs::read_dir("/run/netns") {
         for e in entries.flatten() {
             let name = e.file_name().to_string_lossy().into_owned();
@@ -90,13 +92,19 @@ pub fn sweep_stale() {
     if let Ok(entries) = fs::read_dir(&tmp) {
         for e in entries.flatten() {
             let file = e.file_name().to_string_lossy().into_owned();
-            let Some(name) = file.strip_prefix("verse-tests-") else { continue };
+            let Some(name) = file.strip_prefix("verse-tests-") else {
+                continue;
+            };
             if !dead(name) {
                 continue;
             }
             let dir = e.path();
             let prefix = dir.to_string_lossy().into_owned();
-            for mnt in mounts.lines().filter_map(|l| l.split_whitespace().nth(1)).filter(|m| m.starts_with(&prefix)) {
+            for mnt in mounts
+                .lines()
+                .filter_map(|l| l.split_whitespace().nth(1))
+                .filter(|m| m.starts_with(&prefix))
+            {
                 let _ = run_quiet("umount", &[mnt]);
             }
             let _ = fs::remove_dir_all(&dir);
@@ -209,7 +217,11 @@ impl Drop for Netns {
     fn drop(&mut self) {
         if let Some(out) = run_quiet("ip", &["netns", "del", &self.name]) {
             if !out.status.success() {
-                eprintln!("cleanup: ip netns del {}: {}", self.name, String::from_utf8_lossy(&out.stderr));
+                eprintln!(
+                    "cleanup: ip netns del {}: {}",
+                    self.name,
+                    String::from_utf8_lossy(&out.stderr)
+                );
             }
         }
     }
@@ -324,7 +336,13 @@ impl Versed {
     ///
     /// `config`, if given, is the text of a settings file (`versed --config`); the flags above
     /// override it.
-    pub fn start(netns: &str, state_dir: &Path, host: &str, port: u16, config: Option<&str>) -> Versed {
+    pub fn start(
+        netns: &str,
+        state_dir: &Path,
+        host: &str,
+        port: u16,
+        config: Option<&str>,
+    ) -> Versed {
         let config = config.map(|text| {
             let path = state_dir.join("versed.toml");
             fs::write(&path, text).unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
@@ -361,9 +379,7 @@ impl Versed {
         if let Some(config) = &self.config {
             cmd.arg("--config").arg(config);
         }
-        cmd.stdin(Stdio::null())
-            .stdout(log)
-            .stderr(err);
+        cmd.stdin(Stdio::null()).stdout(log).stderr(err);
         if std::env::var_os("RUST_LOG").is_none() {
             cmd.env("RUST_LOG", "info");
         }
@@ -382,7 +398,8 @@ impl Versed {
                 Ok(())
             });
         }
-        let child = cmd.spawn().unwrap_or_else(|e| panic!("failed to start {}: {e}", self.bin.display()));
+        let child =
+            cmd.spawn().unwrap_or_else(|e| panic!("failed to start {}: {e}", self.bin.display()));
         self.child = Some(child);
         let api = self.api();
         let deadline = Instant::now() + Duration::from_secs(20);
@@ -411,7 +428,8 @@ impl Versed {
 
     /// The daemon's log so far.
     pub fn log(&self) -> String {
-        fs::read_to_string(&self.log_path).unwrap_or_else(|e| format!("(no log at {}: {e})", self.log_path.display()))
+        fs::read_to_string(&self.log_path)
+            .unwrap_or_else(|e| format!("(no log at {}: {e})", self.log_path.display()))
     }
 
     pub fn pid(&self) -> Option<u32> {
@@ -465,7 +483,11 @@ impl Drop for Versed {
             let _ = child.wait();
         }
         if std::thread::panicking() || std::env::var_os("VERSE_TEST_SHOW_LOG").is_some() {
-            eprintln!("---- versed log ({}) ----\n{}---- end of versed log ----", self.host, self.log());
+            eprintln!(
+                "---- versed log ({}) ----\n{}---- end of versed log ----",
+                self.host,
+                self.log()
+            );
         }
     }
 }
@@ -533,7 +555,9 @@ impl Host {
         let r = self.api.post("/v1/endpoints", &body);
         assert_eq!(r.status, 201, "POST /v1/endpoints {body}: {}", r.body);
         let ep = r.json();
-        let s = |k: &str| ep[k].as_str().unwrap_or_else(|| panic!("endpoint.{k} missing in {ep}")).to_owned();
+        let s = |k: &str| {
+            ep[k].as_str().unwrap_or_else(|| panic!("endpoint.{k} missing in {ep}")).to_owned()
+        };
         Workload {
             id: s("id"),
             ip: s("ip").parse().unwrap_or_else(|e| panic!("endpoint.ip in {ep}: {e}")),
@@ -580,8 +604,9 @@ pub struct Response {
 impl Response {
     /// The body as JSON; panics (naming the body) if it is not.
     pub fn json(&self) -> Value {
-        serde_json::from_str(&self.body)
-            .unwrap_or_else(|e| panic!("response (status {}) is not JSON: {e}: {}", self.status, self.body))
+        serde_json::from_str(&self.body).unwrap_or_else(|e| {
+            panic!("response (status {}) is not JSON: {e}: {}", self.status, self.body)
+        })
     }
     pub fn header(&self, name: &str) -> Option<&str> {
         let name = name.to_ascii_lowercase();
@@ -593,11 +618,17 @@ impl Response {
     }
     /// `error.code` of an error answer.
     pub fn error_code(&self) -> String {
-        self.json()["error"]["code"].as_str().unwrap_or_else(|| panic!("no error.code in {}", self.body)).to_owned()
+        self.json()["error"]["code"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no error.code in {}", self.body))
+            .to_owned()
     }
     /// `error.message` of an error answer.
     pub fn error_message(&self) -> String {
-        self.json()["error"]["message"].as_str().unwrap_or_else(|| panic!("no error.message in {}", self.body)).to_owned()
+        self.json()["error"]["message"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no error.message in {}", self.body))
+            .to_owned()
     }
 }
 
@@ -618,13 +649,22 @@ impl Api {
 
     /// One request; `timeout` bounds connecting and each read. API edits wait (10 s at most)
     /// for the dataplane, so callers allow more than that.
-    pub fn request(&self, method: &str, path: &str, body: Option<&Value>, timeout: Duration) -> io::Result<Response> {
+    pub fn request(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&Value>,
+        timeout: Duration,
+    ) -> io::Result<Response> {
         let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, self.port));
         let mut stream = enter_netns(&self.netns, || TcpStream::connect_timeout(&addr, timeout))?;
         stream.set_read_timeout(Some(timeout))?;
         stream.set_write_timeout(Some(timeout))?;
         let payload = body.map(|b| b.to_string()).unwrap_or_default();
-        let mut req = format!("{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{}\r\nConnection: close\r\n", self.port);
+        let mut req = format!(
+            "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{}\r\nConnection: close\r\n",
+            self.port
+        );
         if body.is_some() {
             req.push_str("Content-Type: application/json\r\n");
         }
@@ -703,7 +743,8 @@ impl Api {
     }
     /// `PATCH /v1/endpoints/{id} {security_groups}`, asserting 200.
     pub fn set_groups(&self, endpoint: &str, groups: &[&str]) -> Value {
-        let r = self.patch(&format!("/v1/endpoints/{endpoint}"), &json!({"security_groups": groups}));
+        let r =
+            self.patch(&format!("/v1/endpoints/{endpoint}"), &json!({"security_groups": groups}));
         assert_eq!(r.status, 200, "PATCH endpoint {endpoint} {groups:?}: {}", r.body);
         r.json()
     }
@@ -721,8 +762,10 @@ fn bad(msg: impl Into<String>) -> io::Error {
 
 /// Parses one HTTP/1.1 response (the whole connection's bytes, `Connection: close`).
 pub fn parse_http_response(raw: &[u8]) -> io::Result<Response> {
-    let end = raw.windows(4).position(|w| w == b"\r\n\r\n").ok_or_else(|| bad("no end of HTTP head"))?;
-    let head = std::str::from_utf8(&raw[..end]).map_err(|e| bad(format!("HTTP head not UTF-8: {e}")))?;
+    let end =
+        raw.windows(4).position(|w| w == b"\r\n\r\n").ok_or_else(|| bad("no end of HTTP head"))?;
+    let head =
+        std::str::from_utf8(&raw[..end]).map_err(|e| bad(format!("HTTP head not UTF-8: {e}")))?;
     let mut lines = head.split("\r\n");
     let status_line = lines.next().unwrap_or_default();
     let status = status_line
@@ -735,7 +778,8 @@ pub fn parse_http_response(raw: &[u8]) -> io::Result<Response> {
         .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned()))
         .collect();
     let mut body = raw[end + 4..].to_vec();
-    let chunked = headers.iter().any(|(k, v)| k == "transfer-encoding" && v.eq_ignore_ascii_case("chunked"));
+    let chunked =
+        headers.iter().any(|(k, v)| k == "transfer-encoding" && v.eq_ignore_ascii_case("chunked"));
     if chunked {
         body = decode_chunked(&body)?;
     } else if let Some((_, len)) = headers.iter().find(|(k, _)| k == "content-length") {
@@ -752,10 +796,13 @@ pub fn parse_http_response(raw: &[u8]) -> io::Result<Response> {
 fn decode_chunked(mut data: &[u8]) -> io::Result<Vec<u8>> {
     let mut out = Vec::new();
     loop {
-        let eol = data.windows(2).position(|w| w == b"\r\n").ok_or_else(|| bad("chunk size line"))?;
-        let size_text = std::str::from_utf8(&data[..eol]).map_err(|_| bad("chunk size not UTF-8"))?;
+        let eol =
+            data.windows(2).position(|w| w == b"\r\n").ok_or_else(|| bad("chunk size line"))?;
+        let size_text =
+            std::str::from_utf8(&data[..eol]).map_err(|_| bad("chunk size not UTF-8"))?;
         let size_text = size_text.split(';').next().unwrap_or_default().trim();
-        let size = usize::from_str_radix(size_text, 16).map_err(|e| bad(format!("chunk size {size_text:?}: {e}")))?;
+        let size = usize::from_str_radix(size_text, 16)
+            .map_err(|e| bad(format!("chunk size {size_text:?}: {e}")))?;
         data = &data[eol + 2..];
         if size == 0 {
             return Ok(out);
@@ -801,7 +848,9 @@ pub fn tcp_connect(ns: &Netns, ip: Ipv4Addr, port: u16, timeout: Duration) -> bo
 
 /// Whether `ping -c1` from `ns` to `ip` gets an echo reply within `wait_s` seconds.
 pub fn ping_wait(ns: &Netns, ip: Ipv4Addr, wait_s: u32) -> bool {
-    ns.exec("ping", &["-c1", "-q", "-n", "-W", &wait_s.to_string(), &ip.to_string()]).status.success()
+    ns.exec("ping", &["-c1", "-q", "-n", "-W", &wait_s.to_string(), &ip.to_string()])
+        .status
+        .success()
 }
 
 /// Whether one ICMP echo from `ns` to `ip` is answered within 2 s.
@@ -823,7 +872,14 @@ pub enum UdpOutcome {
 }
 
 /// Sends `msg` from `ns` (optionally from `src`) to `ip:port` over UDP and waits for one answer.
-pub fn udp_exchange(ns: &Netns, src: Option<Ipv4Addr>, ip: Ipv4Addr, port: u16, msg: &str, timeout: Duration) -> UdpOutcome {
+pub fn udp_exchange(
+    ns: &Netns,
+    src: Option<Ipv4Addr>,
+    ip: Ipv4Addr,
+    port: u16,
+    msg: &str,
+    timeout: Duration,
+) -> UdpOutcome {
     let bind = SocketAddr::from((src.unwrap_or(Ipv4Addr::UNSPECIFIED), 0));
     let sock = match ns.enter(|| UdpSocket::bind(bind)) {
         Ok(s) => s,
@@ -840,13 +896,21 @@ pub fn udp_exchange(ns: &Netns, src: Option<Ipv4Addr>, ip: Ipv4Addr, port: u16, 
     match run() {
         Ok(s) => UdpOutcome::Reply(s),
         Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => UdpOutcome::Refused,
-        Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => UdpOutcome::Timeout,
+        Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
+            UdpOutcome::Timeout
+        }
         Err(e) => UdpOutcome::Error(e.to_string()),
     }
 }
 
 /// The answer of a [`UdpServer`] to `msg` sent from `ns`, or `None` if none came in `timeout`.
-pub fn udp_roundtrip(ns: &Netns, ip: Ipv4Addr, port: u16, msg: &str, timeout: Duration) -> Option<String> {
+pub fn udp_roundtrip(
+    ns: &Netns,
+    ip: Ipv4Addr,
+    port: u16,
+    msg: &str,
+    timeout: Duration,
+) -> Option<String> {
     match udp_exchange(ns, None, ip, port, msg, timeout) {
         UdpOutcome::Reply(s) => Some(s),
         _ => None,
@@ -899,7 +963,9 @@ impl TcpServer {
                             accepted.fetch_add(1, Ordering::SeqCst);
                             let stop = stop.clone();
                             let banner = banner.clone();
-                            conns.push(std::thread::spawn(move || serve_lines(stream, &banner, &stop)));
+                            conns.push(std::thread::spawn(move || {
+                                serve_lines(stream, &banner, &stop)
+                            }));
                         }
                         Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                             std::thread::sleep(Duration::from_millis(10));
@@ -969,7 +1035,9 @@ pub fn udp_echo(ns: &Netns, port: u16, banner: &str) -> UdpServer {
 impl UdpServer {
     pub fn start(ns: &Netns, port: u16, banner: &str) -> UdpServer {
         let addr = SocketAddr::from((Ipv4Addr::UNSPECIFIED, port));
-        let sock = ns.enter(|| UdpSocket::bind(addr)).unwrap_or_else(|e| panic!("bind UDP {addr} in {}: {e}", ns.name()));
+        let sock = ns
+            .enter(|| UdpSocket::bind(addr))
+            .unwrap_or_else(|e| panic!("bind UDP {addr} in {}: {e}", ns.name()));
         sock.set_read_timeout(Some(Duration::from_millis(100))).expect("UDP read timeout");
         let stop = Arc::new(AtomicBool::new(false));
         let sources = Arc::new(Mutex::new(Vec::new()));
@@ -1020,14 +1088,23 @@ impl TcpConn {
         let mut line = String::new();
         let n = self.reader.read_line(&mut line)?;
         if n == 0 {
-            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "connection closed by the server"));
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "connection closed by the server",
+            ));
         }
         Ok(line.trim_end_matches('\n').to_owned())
     }
 }
 
 /// One line exchanged over a fresh TCP connection: the server's answer, or `None`.
-pub fn tcp_roundtrip(ns: &Netns, ip: Ipv4Addr, port: u16, msg: &str, timeout: Duration) -> Option<String> {
+pub fn tcp_roundtrip(
+    ns: &Netns,
+    ip: Ipv4Addr,
+    port: u16,
+    msg: &str,
+    timeout: Duration,
+) -> Option<String> {
     let mut conn = TcpConn::open(ns, ip, port, timeout).ok()?;
     conn.exchange(msg, timeout).ok()
 }
@@ -1044,7 +1121,9 @@ impl RawIpSocket {
         use std::os::fd::FromRawFd;
         let fd = ns.enter(|| {
             // SAFETY: socket(2) takes no pointers; the result is checked below.
-            unsafe { libc::socket(libc::AF_INET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, i32::from(proto)) }
+            unsafe {
+                libc::socket(libc::AF_INET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, i32::from(proto))
+            }
         });
         if fd < 0 {
             return Err(io::Error::last_os_error());
@@ -1125,7 +1204,8 @@ pub struct RawIpServer {
 
 impl RawIpServer {
     pub fn start(ns: &Netns, proto: u8, banner: &str) -> RawIpServer {
-        let sock = RawIpSocket::open(ns, proto).unwrap_or_else(|e| panic!("raw socket {proto} in {}: {e}", ns.name()));
+        let sock = RawIpSocket::open(ns, proto)
+            .unwrap_or_else(|e| panic!("raw socket {proto} in {}: {e}", ns.name()));
         let stop = Arc::new(AtomicBool::new(false));
         let banner = banner.to_owned();
         let thread = {
@@ -1145,14 +1225,23 @@ impl RawIpServer {
 }
 
 /// Sends `msg` as IP protocol `proto` from `ns` to `ip` and returns the first answer from `ip`.
-pub fn raw_ip_roundtrip(ns: &Netns, ip: Ipv4Addr, proto: u8, msg: &str, timeout: Duration) -> Option<String> {
-    let sock = RawIpSocket::open(ns, proto).unwrap_or_else(|e| panic!("raw socket {proto} in {}: {e}", ns.name()));
+pub fn raw_ip_roundtrip(
+    ns: &Netns,
+    ip: Ipv4Addr,
+    proto: u8,
+    msg: &str,
+    timeout: Duration,
+) -> Option<String> {
+    let sock = RawIpSocket::open(ns, proto)
+        .unwrap_or_else(|e| panic!("raw socket {proto} in {}: {e}", ns.name()));
     sock.send_to(ip, msg.as_bytes()).ok()?;
     let deadline = Instant::now() + timeout;
     loop {
         let left = deadline.checked_duration_since(Instant::now())?;
         match sock.recv(left) {
-            Ok((src, payload)) if src == ip => return Some(String::from_utf8_lossy(&payload).into_owned()),
+            Ok((src, payload)) if src == ip => {
+                return Some(String::from_utf8_lossy(&payload).into_owned())
+            }
             Ok(_) => {}
             Err(_) => return None,
         }
@@ -1179,9 +1268,11 @@ pub fn send_frame(ns: &Netns, iface: &str, frame: &[u8]) -> io::Result<()> {
         // SAFETY: sockaddr_ll is plain data; all-zero is a valid value that is filled in below.
         let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
         addr.sll_family = libc::AF_PACKET as u16;
-        addr.sll_ifindex = i32::try_from(ifindex).map_err(|e| bad(format!("ifindex {ifindex}: {e}")))?;
+        addr.sll_ifindex =
+            i32::try_from(ifindex).map_err(|e| bad(format!("ifindex {ifindex}: {e}")))?;
         addr.sll_halen = 6;
-        let dst = frame.get(..6).ok_or_else(|| bad("a frame starts with a 6-byte destination MAC"))?;
+        let dst =
+            frame.get(..6).ok_or_else(|| bad("a frame starts with a 6-byte destination MAC"))?;
         addr.sll_addr[..6].copy_from_slice(dst);
         // SAFETY: `frame` and `addr` are valid for the lengths given for the whole call.
         let n = unsafe {
@@ -1266,7 +1357,23 @@ mod tests {
         let b = Netns::new("tb");
         let va = unique_name("va");
         let vb = unique_name("vb");
-        run_ok("ip", &["link", "add", &va, "netns", a.name(), "type", "veth", "peer", "name", &vb, "netns", b.name()]);
+        run_ok(
+            "ip",
+            &[
+                "link",
+                "add",
+                &va,
+                "netns",
+                a.name(),
+                "type",
+                "veth",
+                "peer",
+                "name",
+                &vb,
+                "netns",
+                b.name(),
+            ],
+        );
         a.ip(&["addr", "add", "198.18.7.1/24", "dev", &va]);
         b.ip(&["addr", "add", "198.18.7.2/24", "dev", &vb]);
         a.ip(&["link", "set", &va, "up"]);
@@ -1288,7 +1395,11 @@ mod tests {
         }
         let _raw = RawIpServer::start(&b, 253, "b");
         assert_eq!(raw_ip_roundtrip(&a, ip_b, 253, "r", ALLOWED).as_deref(), Some("b:r"));
-        assert_eq!(raw_ip_roundtrip(&a, ip_b, 254, "r", DENIED), None, "nobody answers protocol 254");
+        assert_eq!(
+            raw_ip_roundtrip(&a, ip_b, 254, "r", DENIED),
+            None,
+            "nobody answers protocol 254"
+        );
         b.ip(&["link", "set", &vb, "down"]);
         assert_eq!(udp_exchange(&a, None, ip_b, 7001, "w", DENIED), UdpOutcome::Timeout);
     }
@@ -1300,7 +1411,10 @@ mod tests {
         {
             let _fs = Bpffs::mount(&mnt);
             let mounts = fs::read_to_string("/proc/self/mounts").unwrap();
-            assert!(mounts.lines().any(|l| l.contains(mnt.to_str().unwrap()) && l.contains(" bpf ")), "{mounts}");
+            assert!(
+                mounts.lines().any(|l| l.contains(mnt.to_str().unwrap()) && l.contains(" bpf ")),
+                "{mounts}"
+            );
         }
         let mounts = fs::read_to_string("/proc/self/mounts").unwrap();
         assert!(!mounts.contains(mnt.to_str().unwrap()), "unmounted on drop");
@@ -1321,13 +1435,21 @@ mod tests {
             }
             let req = String::from_utf8_lossy(&req).into_owned();
             let body = "{\"ok\":true}";
-            write!(s, "HTTP/1.1 201 Created\r\nverse-revision: 3\r\ncontent-length: {}\r\n\r\n{body}", body.len()).unwrap();
+            write!(
+                s,
+                "HTTP/1.1 201 Created\r\nverse-revision: 3\r\ncontent-length: {}\r\n\r\n{body}",
+                body.len()
+            )
+            .unwrap();
             req
         });
         let api = Api { netns: ns.name().to_owned(), port: 7070 };
         let r = api.post("/v1/universes", &json!({"name": "u"}));
         assert_eq!((r.status, r.revision(), r.json()), (201, Some(3), json!({"ok": true})));
         let req = server.join().unwrap();
-        assert!(req.starts_with("POST /v1/universes HTTP/1.1\r\n") && req.ends_with("{\"name\":\"u\"}"), "{req}");
+        assert!(
+            req.starts_with("POST /v1/universes HTTP/1.1\r\n") && req.ends_with("{\"name\":\"u\"}"),
+            "{req}"
+        );
     }
 }

@@ -54,29 +54,109 @@ fn rule_errors_are_400_or_404_and_name_the_field() {
     let foreign = api.create_group(id(&other_uni), "f");
     let any = "0.0.0.0/0";
     let cases = [
-        (json!({"direction": "sideways", "protocol": "tcp", "from_port": 1, "to_port": 2, "cidr": any}), 400, "direction"),
-        (json!({"direction": "ingress", "protocol": "tcpx", "from_port": 1, "to_port": 2, "cidr": any}), 400, "protocol"),
+        (
+            json!({"direction": "sideways", "protocol": "tcp", "from_port": 1, "to_port": 2, "cidr": any}),
+            400,
+            "direction",
+        ),
+        (
+            json!({"direction": "ingress", "protocol": "tcpx", "from_port": 1, "to_port": 2, "cidr": any}),
+            400,
+            "protocol",
+        ),
         (json!({"direction": "ingress", "protocol": 256, "cidr": any}), 400, "protocol"),
         (json!({"direction": "ingress", "protocol": "-1", "cidr": any}), 400, "protocol"),
         (json!({"direction": "ingress", "cidr": any}), 400, "protocol"),
-        (json!({"direction": "ingress", "protocol": "tcp", "to_port": 80, "cidr": any}), 400, "from_port"),
-        (json!({"direction": "ingress", "protocol": "udp", "from_port": 80, "cidr": any}), 400, "to_port"),
-        (json!({"direction": "ingress", "protocol": "tcp", "from_port": 90, "to_port": 80, "cidr": any}), 400, "from_port"),
-        (json!({"direction": "ingress", "protocol": "tcp", "from_port": 1, "to_port": 70000, "cidr": any}), 400, "to_port"),
-        (json!({"direction": "ingress", "protocol": "tcp", "from_port": -5, "to_port": 80, "cidr": any}), 400, "from_port"),
-        (json!({"direction": "ingress", "protocol": "tcp", "from_port": 1, "to_port": 2, "icmp_type": 8, "cidr": any}), 400, "icmp_type"),
-        (json!({"direction": "ingress", "protocol": "icmp", "icmp_type": 300, "cidr": any}), 400, "icmp_type"),
-        (json!({"direction": "ingress", "protocol": "icmp", "icmp_type": 3, "icmp_code": -7, "cidr": any}), 400, "icmp_code"),
-        (json!({"direction": "ingress", "protocol": "icmp", "icmp_code": 0, "cidr": any}), 400, "icmp_code"),
-        (json!({"direction": "ingress", "protocol": "icmp", "from_port": 1, "to_port": 2, "cidr": any}), 400, "from_port"),
-        (json!({"direction": "ingress", "protocol": "all", "from_port": 1, "to_port": 2, "cidr": any}), 400, "from_port"),
-        (json!({"direction": "ingress", "protocol": "tcp", "from_port": 1, "to_port": 2}), 400, "cidr"),
-        (json!({"direction": "ingress", "protocol": "tcp", "from_port": 1, "to_port": 2, "cidr": any, "group": id(&g)}), 400, "cidr"),
-        (json!({"direction": "ingress", "protocol": "tcp", "from_port": 1, "to_port": 2, "cidr": "10.0.0.0/40"}), 400, "cidr"),
-        (json!({"direction": "ingress", "protocol": "tcp", "from_port": 1, "to_port": 2, "cidr": "nonsense"}), 400, "cidr"),
-        (json!({"direction": "ingress", "protocol": "tcp", "from_port": 1, "to_port": 2, "group": id(&foreign)}), 400, "group"),
-        (json!({"direction": "ingress", "protocol": "tcp", "from_port": 1, "to_port": 2, "group": "sg-00000000"}), 404, "group"),
-        (json!({"direction": "ingress", "protocol": "tcp", "from_port": 1, "to_port": 2, "cidr": any, "port": 3}), 400, "port"),
+        (
+            json!({"direction": "ingress", "protocol": "tcp", "to_port": 80, "cidr": any}),
+            400,
+            "from_port",
+        ),
+        (
+            json!({"direction": "ingress", "protocol": "udp", "from_port": 80, "cidr": any}),
+            400,
+            "to_port",
+        ),
+        (
+            json!({"direction": "ingress", "protocol": "tcp", "from_port": 90, "to_port": 80, "cidr": any}),
+            400,
+            "from_port",
+        ),
+        (
+            json!({"direction": "ingress", "protocol": "tcp", "from_port": 1, "to_port": 70000, "cidr": any}),
+            400,
+            "to_port",
+        ),
+        (
+            json!({"direction": "ingress", "protocol": "tcp", "from_port": -5, "to_port": 80, "cidr": any}),
+            400,
+            "from_port",
+        ),
+        (
+            json!({"direction": "ingress", "protocol": "tcp", "from_port": 1, "to_port": 2, "icmp_type": 8, "cidr": any}),
+            400,
+            "icmp_type",
+        ),
+        (
+            json!({"direction": "ingress", "protocol": "icmp", "icmp_type": 300, "cidr": any}),
+            400,
+            "icmp_type",
+        ),
+        (
+            json!({"direction": "ingress", "protocol": "icmp", "icmp_type": 3, "icmp_code": -7, "cidr": any}),
+            400,
+            "icmp_code",
+        ),
+        (
+            json!({"direction": "ingress", "protocol": "icmp", "icmp_code": 0, "cidr": any}),
+            400,
+            "icmp_code",
+        ),
+        (
+            json!({"direction": "ingress", "protocol": "icmp", "from_port": 1, "to_port": 2, "cidr": any}),
+            400,
+            "from_port",
+        ),
+        (
+            json!({"direction": "ingress", "protocol": "all", "from_port": 1, "to_port": 2, "cidr": any}),
+            400,
+            "from_port",
+        ),
+        (
+            json!({"direction": "ingress", "protocol": "tcp", "from_port": 1, "to_port": 2}),
+            400,
+            "cidr",
+        ),
+        (
+            json!({"direction": "ingress", "protocol": "tcp", "from_port": 1, "to_port": 2, "cidr": any, "group": id(&g)}),
+            400,
+            "cidr",
+        ),
+        (
+            json!({"direction": "ingress", "protocol": "tcp", "from_port": 1, "to_port": 2, "cidr": "10.0.0.0/40"}),
+            400,
+            "cidr",
+        ),
+        (
+            json!({"direction": "ingress", "protocol": "tcp", "from_port": 1, "to_port": 2, "cidr": "nonsense"}),
+            400,
+            "cidr",
+        ),
+        (
+            json!({"direction": "ingress", "protocol": "tcp", "from_port": 1, "to_port": 2, "group": id(&foreign)}),
+            400,
+            "group",
+        ),
+        (
+            json!({"direction": "ingress", "protocol": "tcp", "from_port": 1, "to_port": 2, "group": "sg-00000000"}),
+            404,
+            "group",
+        ),
+        (
+            json!({"direction": "ingress", "protocol": "tcp", "from_port": 1, "to_port": 2, "cidr": any, "port": 3}),
+            400,
+            "port",
+        ),
     ];
     let path = format!("/v1/security-groups/{}/rules", id(&g));
     for (body, status, field) in cases {
@@ -106,30 +186,62 @@ fn endpoint_errors_are_400_404_or_409_and_name_the_field() {
         (json!({"universe": u, "netns": n, "ip": "10.3.0.255"}), 400, "invalid_argument", "ip"),
         (json!({"universe": u, "netns": n}), 400, "invalid_argument", "ip"),
         (json!({"universe": u, "ip": "10.3.0.5"}), 400, "invalid_argument", "netns"),
-        (json!({"universe": u, "netns": "../etc", "ip": "10.3.0.5"}), 400, "invalid_argument", "netns"),
-        (json!({"universe": "uni-00000000", "netns": n, "ip": "10.3.0.5"}), 404, "not_found", "universe"),
-        (json!({"universe": u, "netns": n, "ip": "10.3.0.5", "security_groups": []}), 400, "invalid_argument", "security_groups"),
-        (json!({"universe": u, "netns": n, "ip": "10.3.0.5", "security_groups": ["sg-00000000"]}), 404, "not_found", "security_groups"),
-        (json!({"universe": u, "netns": n, "ip": "10.3.0.5", "security_groups": [id(&foreign)]}), 400, "invalid_argument", "security_groups"),
+        (
+            json!({"universe": u, "netns": "../etc", "ip": "10.3.0.5"}),
+            400,
+            "invalid_argument",
+            "netns",
+        ),
+        (
+            json!({"universe": "uni-00000000", "netns": n, "ip": "10.3.0.5"}),
+            404,
+            "not_found",
+            "universe",
+        ),
+        (
+            json!({"universe": u, "netns": n, "ip": "10.3.0.5", "security_groups": []}),
+            400,
+            "invalid_argument",
+            "security_groups",
+        ),
+        (
+            json!({"universe": u, "netns": n, "ip": "10.3.0.5", "security_groups": ["sg-00000000"]}),
+            404,
+            "not_found",
+            "security_groups",
+        ),
+        (
+            json!({"universe": u, "netns": n, "ip": "10.3.0.5", "security_groups": [id(&foreign)]}),
+            400,
+            "invalid_argument",
+            "security_groups",
+        ),
     ];
     for (body, status, code, field) in cases {
         assert_error(&api.post("/v1/endpoints", &body), status, code, field);
     }
 
     // S12: 17 groups is over the limit, 16 is fine.
-    let groups: Vec<String> = (0..17).map(|i| id(&api.create_group(u, &format!("g{i}"))).to_owned()).collect();
-    let r = api.post("/v1/endpoints", &json!({"universe": u, "netns": n, "ip": "10.3.0.5", "security_groups": groups}));
+    let groups: Vec<String> =
+        (0..17).map(|i| id(&api.create_group(u, &format!("g{i}"))).to_owned()).collect();
+    let r = api.post(
+        "/v1/endpoints",
+        &json!({"universe": u, "netns": n, "ip": "10.3.0.5", "security_groups": groups}),
+    );
     assert_error(&r, 409, "limit_exceeded", "security_groups");
 
-    let ep = host.endpoint(u, "10.3.0.5", &groups[..16].iter().map(String::as_str).collect::<Vec<_>>());
+    let ep =
+        host.endpoint(u, "10.3.0.5", &groups[..16].iter().map(String::as_str).collect::<Vec<_>>());
     assert_eq!(ep.json["security_groups"].as_array().unwrap().len(), 16);
     let r = api.patch(&format!("/v1/endpoints/{}", ep.id), &json!({"security_groups": groups}));
     assert_error(&r, 409, "limit_exceeded", "security_groups");
 
     let ns2 = Netns::new("y");
-    let r = api.post("/v1/endpoints", &json!({"universe": u, "netns": ns2.name(), "ip": "10.3.0.5"}));
+    let r =
+        api.post("/v1/endpoints", &json!({"universe": u, "netns": ns2.name(), "ip": "10.3.0.5"}));
     assert_error(&r, 409, "duplicate", "ip");
-    let r = api.post("/v1/endpoints", &json!({"universe": u, "netns": ep.ns.name(), "ip": "10.3.0.6"}));
+    let r =
+        api.post("/v1/endpoints", &json!({"universe": u, "netns": ep.ns.name(), "ip": "10.3.0.6"}));
     assert_error(&r, 409, "duplicate", "netns");
 }
 
@@ -139,7 +251,8 @@ fn an_endpoint_in_a_namespace_that_does_not_exist_is_refused() {
     let api = &host.api;
     let uni = api.create_universe("n", "10.5.0.0/24");
     let missing = format!("{}-nope", run_prefix());
-    let r = api.post("/v1/endpoints", &json!({"universe": id(&uni), "netns": missing, "ip": "10.5.0.5"}));
+    let r = api
+        .post("/v1/endpoints", &json!({"universe": id(&uni), "netns": missing, "ip": "10.5.0.5"}));
     assert_error(&r, 400, "invalid_argument", "netns");
     assert_eq!(api.get("/v1/endpoints").json(), json!([]), "nothing half-made stays behind");
 }
@@ -166,7 +279,11 @@ fn unknown_ids_in_paths_are_404() {
     for r in cases {
         assert_eq!(r.status, 404, "{}", r.body);
         assert_eq!(r.error_code(), "not_found", "{}", r.body);
-        assert!(r.error_message().contains("00000000"), "the message names the unknown id: {}", r.body);
+        assert!(
+            r.error_message().contains("00000000"),
+            "the message names the unknown id: {}",
+            r.body
+        );
     }
 }
 
@@ -179,7 +296,10 @@ fn deleting_what_is_in_use_is_409() {
     let used = api.create_group(u, "used");
     let referenced = api.create_group(u, "referenced");
     let referrer = api.create_group(u, "referrer");
-    api.add_rule(id(&referrer), &json!({"direction": "ingress", "protocol": "all", "group": id(&referenced)}));
+    api.add_rule(
+        id(&referrer),
+        &json!({"direction": "ingress", "protocol": "all", "group": id(&referenced)}),
+    );
     let ep = host.endpoint(u, "10.7.0.10", &[id(&used)]);
     let default = api.default_group(u);
 
@@ -190,22 +310,40 @@ fn deleting_what_is_in_use_is_409() {
     assert!(r.error_message().contains(&ep.id), "the message names the endpoint: {}", r.body);
     let r = api.delete(&format!("/v1/security-groups/{}", id(&referenced)));
     assert_eq!((r.status, r.error_code().as_str()), (409, "in_use"), "{}", r.body);
-    assert!(r.error_message().contains(id(&referrer)), "the message names the referring group: {}", r.body);
+    assert!(
+        r.error_message().contains(id(&referrer)),
+        "the message names the referring group: {}",
+        r.body
+    );
     let r = api.delete(&format!("/v1/security-groups/{}", id(&default)));
-    assert_eq!((r.status, r.error_code().as_str()), (409, "protected"), "S3: default cannot be deleted: {}", r.body);
+    assert_eq!(
+        (r.status, r.error_code().as_str()),
+        (409, "protected"),
+        "S3: default cannot be deleted: {}",
+        r.body
+    );
 
     // Once nothing uses them, the same deletes succeed.
     let r = api.delete(&format!("/v1/endpoints/{}", ep.id));
     assert_eq!(r.status, 204, "{}", r.body);
     assert!(
-        wait_until(std::time::Duration::from_secs(5), || ep.ns.exec("ip", &["link", "show", "eth0"]).status.code() != Some(0)),
+        wait_until(std::time::Duration::from_secs(5), || ep
+            .ns
+            .exec("ip", &["link", "show", "eth0"])
+            .status
+            .code()
+            != Some(0)),
         "deleting the endpoint removes its interface"
     );
     assert_eq!(api.delete(&format!("/v1/security-groups/{}", id(&used))).status, 204);
     assert_eq!(api.delete(&format!("/v1/security-groups/{}", id(&referrer))).status, 204);
     assert_eq!(api.delete(&format!("/v1/security-groups/{}", id(&referenced))).status, 204);
     assert_eq!(api.delete(&format!("/v1/universes/{u}")).status, 204);
-    assert_eq!(api.get(&format!("/v1/security-groups/{}", id(&default))).status, 404, "the universe's groups went with it");
+    assert_eq!(
+        api.get(&format!("/v1/security-groups/{}", id(&default))).status,
+        404,
+        "the universe's groups went with it"
+    );
 }
 
 #[test]
@@ -240,7 +378,10 @@ fn the_thousand_and_first_rule_of_a_group_is_409() {
     let r = api.post(&path, &json!({"direction": "ingress", "protocol": "udp", "from_port": 1, "to_port": 1, "cidr": "0.0.0.0/0"}));
     assert_eq!((r.status, r.error_code().as_str()), (409, "limit_exceeded"), "{}", r.body);
     let got = api.group(id(&g));
-    assert_eq!(got["ingress"].as_array().unwrap().len() + got["egress"].as_array().unwrap().len(), 1000);
+    assert_eq!(
+        got["ingress"].as_array().unwrap().len() + got["egress"].as_array().unwrap().len(),
+        1000
+    );
 }
 
 #[test]
@@ -264,17 +405,26 @@ fn created_resources_have_the_contract_shape_and_bump_the_revision() {
     assert_eq!(default["ingress"][0]["group"], default["id"]);
     assert_eq!(default["ingress"][0]["protocol"], "all");
 
-    let r = api.post("/v1/security-groups", &json!({"universe": id(&uni), "name": "web", "description": "front"}));
+    let r = api.post(
+        "/v1/security-groups",
+        &json!({"universe": id(&uni), "name": "web", "description": "front"}),
+    );
     assert_eq!(r.status, 201, "{}", r.body);
     let rev2 = r.revision().expect("Verse-Revision");
     assert!(rev2 > rev1, "S13: every edit bumps the revision ({rev1} then {rev2})");
     let g = r.json();
     assert!(id(&g).starts_with("sg-"));
-    assert_eq!((g["universe"].as_str(), g["name"].as_str(), g["description"].as_str()), (Some(id(&uni)), Some("web"), Some("front")));
+    assert_eq!(
+        (g["universe"].as_str(), g["name"].as_str(), g["description"].as_str()),
+        (Some(id(&uni)), Some("web"), Some("front"))
+    );
     assert_eq!(g["ingress"], json!([]), "S2: no ingress rules");
     let egress = g["egress"].as_array().expect("egress array");
     let cidrs: Vec<&str> = egress.iter().map(|r| r["cidr"].as_str().unwrap_or("")).collect();
-    assert!(cidrs.contains(&"0.0.0.0/0") && cidrs.contains(&"::/0"), "S2: egress all, v4 and v6: {egress:?}");
+    assert!(
+        cidrs.contains(&"0.0.0.0/0") && cidrs.contains(&"::/0"),
+        "S2: egress all, v4 and v6: {egress:?}"
+    );
     assert!(egress.iter().all(|r| r["protocol"] == "all"));
 
     let r = api.post(
@@ -287,11 +437,28 @@ fn created_resources_have_the_contract_shape_and_bump_the_revision() {
     let rule = r.json();
     assert!(id(&rule).starts_with("sgr-"));
     assert_eq!(
-        (&rule["direction"], &rule["protocol"], &rule["from_port"], &rule["to_port"], &rule["cidr"], &rule["description"]),
-        (&json!("ingress"), &json!("tcp"), &json!(443), &json!(443), &json!("192.0.2.0/24"), &json!("https"))
+        (
+            &rule["direction"],
+            &rule["protocol"],
+            &rule["from_port"],
+            &rule["to_port"],
+            &rule["cidr"],
+            &rule["description"]
+        ),
+        (
+            &json!("ingress"),
+            &json!("tcp"),
+            &json!(443),
+            &json!(443),
+            &json!("192.0.2.0/24"),
+            &json!("https")
+        )
     );
     let icmp = api.add_rule(id(&g), &json!({"direction": "ingress", "protocol": "icmp", "icmp_type": 8, "icmp_code": -1, "group": id(&g)}));
-    assert_eq!((&icmp["icmp_type"], &icmp["icmp_code"], &icmp["group"]), (&json!(8), &json!(-1), &json!(id(&g))));
+    assert_eq!(
+        (&icmp["icmp_type"], &icmp["icmp_code"], &icmp["group"]),
+        (&json!(8), &json!(-1), &json!(id(&g)))
+    );
     assert_eq!(api.group(id(&g))["ingress"].as_array().unwrap().len(), 2);
 
     let ns = Netns::new("e");
@@ -314,18 +481,39 @@ fn created_resources_have_the_contract_shape_and_bump_the_revision() {
     let link = String::from_utf8(ns.ip(&["addr", "show", "dev", "eth0"]).stdout).unwrap();
     assert!(link.contains("10.10.0.5/32") && link.contains(mac), "workload eth0: {link}");
     let host_link = host.netns().exec("ip", &["link", "show", "dev", iface]);
-    assert!(host_link.status.success(), "host side {iface} exists: {}", String::from_utf8_lossy(&host_link.stderr));
+    assert!(
+        host_link.status.success(),
+        "host side {iface} exists: {}",
+        String::from_utf8_lossy(&host_link.stderr)
+    );
 
     let list = api.get(&format!("/v1/endpoints?universe={}&host={}", id(&uni), host.name())).json();
     assert_eq!(list, json!([ep.clone()]));
-    assert_eq!(api.get("/v1/endpoints?universe=uni-00000000").json(), json!([]), "the filter filters");
-    assert_eq!(api.get(&format!("/v1/security-groups?universe={}", id(&uni))).json().as_array().unwrap().len(), 2);
+    assert_eq!(
+        api.get("/v1/endpoints?universe=uni-00000000").json(),
+        json!([]),
+        "the filter filters"
+    );
+    assert_eq!(
+        api.get(&format!("/v1/security-groups?universe={}", id(&uni)))
+            .json()
+            .as_array()
+            .unwrap()
+            .len(),
+        2
+    );
 
     // S13: the host reports the revision it realized.
     let hosts = api.get("/v1/hosts");
     assert_eq!(hosts.status, 200, "{}", hosts.body);
     let hosts = hosts.json();
-    let me = hosts.as_array().unwrap().iter().find(|h| h["name"] == host.name()).cloned().unwrap_or_else(|| panic!("{hosts}"));
+    let me = hosts
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|h| h["name"] == host.name())
+        .cloned()
+        .unwrap_or_else(|| panic!("{hosts}"));
     assert!(me["revision"].as_u64().unwrap_or(0) >= rev4, "realized revision: {me}");
     assert_eq!(me["healthy"], true);
     assert!(me.get("underlay_ip").is_some(), "{me}");

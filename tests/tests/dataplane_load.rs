@@ -41,11 +41,7 @@ fn config() -> Config {
     timeouts_ns[ct_state::UDP_REPLIED as usize] = 180 * s;
     timeouts_ns[ct_state::ICMP as usize] = 30 * s;
     timeouts_ns[ct_state::OTHER as usize] = 600 * s;
-    Config {
-        timeouts_ns,
-        gateway_mac: GATEWAY_MAC,
-        _pad: [0; 2],
-    }
+    Config { timeouts_ns, gateway_mac: GATEWAY_MAC, _pad: [0; 2] }
 }
 
 // ---- literal frames ------------------------------------------------------------------------
@@ -73,20 +69,7 @@ fn ethernet(dst: [u8; 6], src: [u8; 6], ethertype: u16, payload: &[u8]) -> Vec<u
 
 fn ipv4(src: [u8; 4], dst: [u8; 4], proto: u8, payload: &[u8]) -> Vec<u8> {
     let total = 20 + payload.len();
-    let mut h = vec![
-        0x45,
-        0,
-        (total >> 8) as u8,
-        total as u8,
-        0,
-        1,
-        0x40,
-        0,
-        64,
-        proto,
-        0,
-        0,
-    ];
+    let mut h = vec![0x45, 0, (total >> 8) as u8, total as u8, 0, 1, 0x40, 0, 64, proto, 0, 0];
     h.extend_from_slice(&src);
     h.extend_from_slice(&dst);
     let c = checksum(&h);
@@ -115,12 +98,7 @@ fn tcp_frame(
     dport: u16,
     flags: u8,
 ) -> Vec<u8> {
-    ethernet(
-        GATEWAY_MAC,
-        mac,
-        0x0800,
-        &ipv4(src, dst, 6, &tcp(sport, dport, flags)),
-    )
+    ethernet(GATEWAY_MAC, mac, 0x0800, &ipv4(src, dst, 6, &tcp(sport, dport, flags)))
 }
 
 fn arp_request(sha: [u8; 6], spa: [u8; 4], tpa: [u8; 4]) -> Vec<u8> {
@@ -136,26 +114,13 @@ fn arp_request(sha: [u8; 6], spa: [u8; 4], tpa: [u8; 4]) -> Vec<u8> {
 
 /// A can send anything anywhere (egress all); B admits TCP/80 from A. Nothing else.
 fn desired(if_a: u32, if_b: u32) -> Desired {
-    let endpoint = |ip, mac, identity| Endpoint {
-        ip,
-        mac,
-        _pad: [0; 2],
-        vni: VNI,
-        identity,
-    };
-    let route = |ifindex, identity, mac| Route {
-        ifindex,
-        identity,
-        mac,
-        _pad: [0; 2],
-    };
+    let endpoint = |ip, mac, identity| Endpoint { ip, mac, _pad: [0; 2], vni: VNI, identity };
+    let route = |ifindex, identity, mac| Route { ifindex, identity, mac, _pad: [0; 2] };
     let mut d = Desired::default();
     d.endpoints.insert(if_a, endpoint(IP_A, MAC_A, ID_A));
     d.endpoints.insert(if_b, endpoint(IP_B, MAC_B, ID_B));
-    d.routes
-        .insert(RouteKey { vni: VNI, ip: IP_A }, route(if_a, ID_A, MAC_A));
-    d.routes
-        .insert(RouteKey { vni: VNI, ip: IP_B }, route(if_b, ID_B, MAC_B));
+    d.routes.insert(RouteKey { vni: VNI, ip: IP_A }, route(if_a, ID_A, MAC_A));
+    d.routes.insert(RouteKey { vni: VNI, ip: IP_B }, route(if_b, ID_B, MAC_B));
     d.policy.insert((
         policy_prefix::PEER,
         PolicyKey {
@@ -199,12 +164,7 @@ fn verse_ifindex(iface: &str) -> u32 {
     let name = std::ffi::CString::new(iface).expect("interface name");
     // SAFETY: `name` is NUL-terminated and outlives the call.
     let index = unsafe { libc::if_nametoindex(name.as_ptr()) };
-    assert_ne!(
-        index,
-        0,
-        "if_nametoindex({iface}): {}",
-        std::io::Error::last_os_error()
-    );
+    assert_ne!(index, 0, "if_nametoindex({iface}): {}", std::io::Error::last_os_error());
     index
 }
 
@@ -248,38 +208,19 @@ fn judge_packets(bpf_dir: &Path, if_a: u32, if_b: u32, if_wa: u32) {
     // A second attach (a restarted daemon) keeps the pinned link.
     dp.attach_endpoint("ha").expect("attach ha again");
     assert!(dp.link_pin_path("ha").exists() && dp.link_pin_path("hb").exists());
-    assert_eq!(
-        dp.pinned_links().expect("list links"),
-        vec!["ha".to_string(), "hb".to_string()]
-    );
+    assert_eq!(dp.pinned_links().expect("list links"), vec!["ha".to_string(), "hb".to_string()]);
 
     let want = desired(if_a, if_b);
     dp.apply(&Desired::default(), &want).expect("apply");
-    assert_eq!(
-        dp.read().expect("read maps"),
-        want,
-        "the maps hold exactly what was applied"
-    );
+    assert_eq!(dp.read().expect("read maps"), want, "the maps hold exactly what was applied");
 
     // A TCP SYN that B's ingress allows: delivered to B with the gateway as source.
     let syn = tcp_frame(MAC_A, IP_A, IP_B, 40000, 80, SYN);
     let out = dp.test_run(&syn, if_a, 1).expect("run SYN");
-    assert_eq!(
-        out.return_code,
-        tc_act::REDIRECT,
-        "allowed SYN is redirected"
-    );
+    assert_eq!(out.return_code, tc_act::REDIRECT, "allowed SYN is redirected");
     assert_eq!(&out.packet[0..6], &MAC_B, "destination MAC is B's");
-    assert_eq!(
-        &out.packet[6..12],
-        &GATEWAY_MAC,
-        "source MAC is the gateway's"
-    );
-    assert_eq!(
-        &out.packet[12..],
-        &syn[12..],
-        "nothing but the MACs is rewritten (no TTL change)"
-    );
+    assert_eq!(&out.packet[6..12], &GATEWAY_MAC, "source MAC is the gateway's");
+    assert_eq!(&out.packet[12..], &syn[12..], "nothing but the MACs is rewritten (no TTL change)");
     let ct = dp.conntrack().expect("read conntrack");
     assert_eq!(ct.len(), 1, "the SYN created one flow: {ct:?}");
     assert_eq!(ct[0].1.state, ct_state::TCP_OPENING);
@@ -287,70 +228,39 @@ fn judge_packets(bpf_dir: &Path, if_a: u32, if_b: u32, if_wa: u32) {
     // The reply is admitted by conntrack (S6), although nothing allows B -> A by policy.
     let syn_ack = tcp_frame(MAC_B, IP_B, IP_A, 80, 40000, SYN_ACK);
     let out = dp.test_run(&syn_ack, if_b, 1).expect("run SYN-ACK");
-    assert_eq!(
-        out.return_code,
-        tc_act::REDIRECT,
-        "the reply of a tracked flow is delivered"
-    );
+    assert_eq!(out.return_code, tc_act::REDIRECT, "the reply of a tracked flow is delivered");
     assert_eq!(&out.packet[0..6], &MAC_A);
     let ct = dp.conntrack().expect("read conntrack");
-    assert_eq!(
-        ct[0].1.state,
-        ct_state::TCP_ESTABLISHED,
-        "a reply establishes the flow"
-    );
+    assert_eq!(ct[0].1.state, ct_state::TCP_ESTABLISHED, "a reply establishes the flow");
 
     // A new flow from B to A is judged by policy: B may send nothing (no egress rule).
     let before = drops_of(&dp, DropReason::PolicyEgress);
     let syn_ba = tcp_frame(MAC_B, IP_B, IP_A, 40001, 80, SYN);
-    assert_eq!(
-        dp.test_run(&syn_ba, if_b, 1).expect("run").return_code,
-        tc_act::SHOT
-    );
-    assert_eq!(
-        drops_of(&dp, DropReason::PolicyEgress),
-        before + 1,
-        "counted as policy_egress"
-    );
+    assert_eq!(dp.test_run(&syn_ba, if_b, 1).expect("run").return_code, tc_act::SHOT);
+    assert_eq!(drops_of(&dp, DropReason::PolicyEgress), before + 1, "counted as policy_egress");
 
     // Port 81 is not allowed by B's ingress.
     let before = drops_of(&dp, DropReason::PolicyIngress);
     let denied = tcp_frame(MAC_A, IP_A, IP_B, 40000, 81, SYN);
-    assert_eq!(
-        dp.test_run(&denied, if_a, 1).expect("run").return_code,
-        tc_act::SHOT
-    );
-    assert_eq!(
-        drops_of(&dp, DropReason::PolicyIngress),
-        before + 1,
-        "counted as policy_ingress"
-    );
+    assert_eq!(dp.test_run(&denied, if_a, 1).expect("run").return_code, tc_act::SHOT);
+    assert_eq!(drops_of(&dp, DropReason::PolicyIngress), before + 1, "counted as policy_ingress");
 
     // Spoofed source IP (S10).
     let before = drops_of(&dp, DropReason::SpoofedIp);
     let spoofed = tcp_frame(MAC_A, [10, 0, 0, 9], IP_B, 40000, 80, SYN);
-    assert_eq!(
-        dp.test_run(&spoofed, if_a, 1).expect("run").return_code,
-        tc_act::SHOT
-    );
+    assert_eq!(dp.test_run(&spoofed, if_a, 1).expect("run").return_code, tc_act::SHOT);
     assert_eq!(drops_of(&dp, DropReason::SpoofedIp), before + 1);
 
     // Spoofed source MAC (S10).
     let before = drops_of(&dp, DropReason::SpoofedMac);
     let spoofed = tcp_frame([0x02, 0, 0, 0, 0, 0x99], IP_A, IP_B, 40000, 80, SYN);
-    assert_eq!(
-        dp.test_run(&spoofed, if_a, 1).expect("run").return_code,
-        tc_act::SHOT
-    );
+    assert_eq!(dp.test_run(&spoofed, if_a, 1).expect("run").return_code, tc_act::SHOT);
     assert_eq!(drops_of(&dp, DropReason::SpoofedMac), before + 1);
 
     // The gateway address is no endpoint.
     let before = drops_of(&dp, DropReason::NoRoute);
     let to_gw = tcp_frame(MAC_A, IP_A, GATEWAY, 40000, 80, SYN);
-    assert_eq!(
-        dp.test_run(&to_gw, if_a, 1).expect("run").return_code,
-        tc_act::SHOT
-    );
+    assert_eq!(dp.test_run(&to_gw, if_a, 1).expect("run").return_code, tc_act::SHOT);
     assert_eq!(drops_of(&dp, DropReason::NoRoute), before + 1);
 
     // ARP for the gateway is answered in place with the gateway MAC, back to the asker.
@@ -369,10 +279,7 @@ fn judge_packets(bpf_dir: &Path, if_a: u32, if_b: u32, if_wa: u32) {
     // ARP for one's own address (duplicate address detection) stays unanswered.
     let before = drops_of(&dp, DropReason::ArpUnanswered);
     let dad = arp_request(MAC_A, [0; 4], IP_A);
-    assert_eq!(
-        dp.test_run(&dad, if_a, 1).expect("run").return_code,
-        tc_act::SHOT
-    );
+    assert_eq!(dp.test_run(&dad, if_a, 1).expect("run").return_code, tc_act::SHOT);
     assert_eq!(drops_of(&dp, DropReason::ArpUnanswered), before + 1);
 
     // An unknown interface is no endpoint: the workload side wa has no entry.
@@ -387,44 +294,25 @@ fn judge_packets(bpf_dir: &Path, if_a: u32, if_b: u32, if_wa: u32) {
     with_options[14] = 0x46;
     with_options[16..18].copy_from_slice(&(24u16 + 20).to_be_bytes());
     with_options.splice(34..34, [1u8, 1, 1, 0]);
-    assert_eq!(
-        dp.test_run(&with_options, if_a, 1)
-            .expect("run")
-            .return_code,
-        tc_act::REDIRECT
-    );
+    assert_eq!(dp.test_run(&with_options, if_a, 1).expect("run").return_code, tc_act::REDIRECT);
 
     // Fragments cannot be judged by port (S11).
     let before = drops_of(&dp, DropReason::Fragment);
     let mut fragment = tcp_frame(MAC_A, IP_A, IP_B, 40000, 80, SYN);
     fragment[20] = 0x20; // MF
-    assert_eq!(
-        dp.test_run(&fragment, if_a, 1).expect("run").return_code,
-        tc_act::SHOT
-    );
+    assert_eq!(dp.test_run(&fragment, if_a, 1).expect("run").return_code, tc_act::SHOT);
     assert_eq!(drops_of(&dp, DropReason::Fragment), before + 1);
 
     // A truncated TCP header.
     let before = drops_of(&dp, DropReason::MalformedL4);
-    let short = ethernet(
-        GATEWAY_MAC,
-        MAC_A,
-        0x0800,
-        &ipv4(IP_A, IP_B, 6, &[0, 1, 0, 80]),
-    );
-    assert_eq!(
-        dp.test_run(&short, if_a, 1).expect("run").return_code,
-        tc_act::SHOT
-    );
+    let short = ethernet(GATEWAY_MAC, MAC_A, 0x0800, &ipv4(IP_A, IP_B, 6, &[0, 1, 0, 80]));
+    assert_eq!(dp.test_run(&short, if_a, 1).expect("run").return_code, tc_act::SHOT);
     assert_eq!(drops_of(&dp, DropReason::MalformedL4), before + 1);
 
     // IPv6 is dropped, not passed (S11).
     let before = drops_of(&dp, DropReason::Ipv6Unsupported);
     let v6 = ethernet(GATEWAY_MAC, MAC_A, 0x86DD, &[0x60; 40]);
-    assert_eq!(
-        dp.test_run(&v6, if_a, 1).expect("run").return_code,
-        tc_act::SHOT
-    );
+    assert_eq!(dp.test_run(&v6, if_a, 1).expect("run").return_code, tc_act::SHOT);
     assert_eq!(drops_of(&dp, DropReason::Ipv6Unsupported), before + 1);
 
     // An ICMP error from B about the tracked A->B flow reaches A without any ICMP rule (S6);
@@ -437,21 +325,10 @@ fn judge_packets(bpf_dir: &Path, if_a: u32, if_b: u32, if_wa: u32) {
         icmp[2..4].copy_from_slice(&c.to_be_bytes());
         ethernet(GATEWAY_MAC, MAC_B, 0x0800, &ipv4(IP_B, IP_A, 1, &icmp))
     };
-    let out = dp
-        .test_run(&icmp_error(40000), if_b, 1)
-        .expect("run ICMP error");
-    assert_eq!(
-        out.return_code,
-        tc_act::REDIRECT,
-        "related ICMP error admitted"
-    );
+    let out = dp.test_run(&icmp_error(40000), if_b, 1).expect("run ICMP error");
+    assert_eq!(out.return_code, tc_act::REDIRECT, "related ICMP error admitted");
     let before = drops_of(&dp, DropReason::PolicyEgress);
-    assert_eq!(
-        dp.test_run(&icmp_error(1), if_b, 1)
-            .expect("run")
-            .return_code,
-        tc_act::SHOT
-    );
+    assert_eq!(dp.test_run(&icmp_error(1), if_b, 1).expect("run").return_code, tc_act::SHOT);
     assert_eq!(
         drops_of(&dp, DropReason::PolicyEgress),
         before + 1,
@@ -463,46 +340,22 @@ fn judge_packets(bpf_dir: &Path, if_a: u32, if_b: u32, if_wa: u32) {
     // A second load over the same bpffs reuses the pinned maps and keeps the links.
     drop(dp);
     let mut again = Dataplane::load(bpf_dir, &config()).expect("load again");
-    assert_eq!(
-        again.read().expect("read"),
-        want,
-        "pinned maps survive a reload"
-    );
-    again
-        .attach_endpoint("ha")
-        .expect("re-attach over a live link");
-    assert_eq!(
-        again.link_ifindex("ha").expect("link info"),
-        Some(if_a),
-        "the live link is kept"
-    );
+    assert_eq!(again.read().expect("read"), want, "pinned maps survive a reload");
+    again.attach_endpoint("ha").expect("re-attach over a live link");
+    assert_eq!(again.link_ifindex("ha").expect("link info"), Some(if_a), "the live link is kept");
 
     // A recreated interface leaves a stale pin behind; attaching replaces it.
     run_here("ip", &["link", "del", "hb"]);
-    assert_eq!(
-        again.link_ifindex("hb").expect("link info"),
-        Some(0),
-        "the link lost its device"
-    );
-    run_here(
-        "ip",
-        &["link", "add", "hb", "type", "veth", "peer", "name", "wb"],
-    );
+    assert_eq!(again.link_ifindex("hb").expect("link info"), Some(0), "the link lost its device");
+    run_here("ip", &["link", "add", "hb", "type", "veth", "peer", "name", "wb"]);
     let new_if_b = verse_ifindex("hb");
     assert_ne!(new_if_b, if_b);
-    again
-        .attach_endpoint("hb")
-        .expect("attach over a stale pin");
+    again.attach_endpoint("hb").expect("attach over a stale pin");
     assert_eq!(again.link_ifindex("hb").expect("link info"), Some(new_if_b));
-    assert_eq!(
-        again.test_run(&syn, if_a, 1).expect("run").return_code,
-        tc_act::REDIRECT
-    );
+    assert_eq!(again.test_run(&syn, if_a, 1).expect("run").return_code, tc_act::REDIRECT);
 
     // Removing everything leaves the maps empty.
-    again
-        .apply(&want, &Desired::default())
-        .expect("apply removal");
+    again.apply(&want, &Desired::default()).expect("apply removal");
     assert_eq!(again.read().expect("read"), Desired::default());
     again.detach_endpoint("ha").expect("detach ha");
     again.detach_endpoint("hb").expect("detach hb");
@@ -514,9 +367,8 @@ fn judge_packets(bpf_dir: &Path, if_a: u32, if_b: u32, if_wa: u32) {
 /// 1,024 distinct flows. Printed, not asserted: timing on a shared 2-core machine is noisy.
 fn measure(dp: &mut Dataplane, if_a: u32) {
     dp.clear_conntrack().expect("clear conntrack");
-    let pool: Vec<Vec<u8>> = (0..1024u16)
-        .map(|i| tcp_frame(MAC_A, IP_A, IP_B, 10_000 + i, 80, SYN))
-        .collect();
+    let pool: Vec<Vec<u8>> =
+        (0..1024u16).map(|i| tcp_frame(MAC_A, IP_A, IP_B, 10_000 + i, 80, SYN)).collect();
     let empty = dp.test_run_pool_empty(&pool, if_a).expect("empty pool");
     let new = dp.test_run_pool(&pool, if_a).expect("new flows");
     let established = dp.test_run_pool(&pool, if_a).expect("established flows");
@@ -525,16 +377,8 @@ fn measure(dp: &mut Dataplane, if_a: u32) {
         BTreeMap::from([(tc_act::REDIRECT, 1024)]),
         "every new flow allowed"
     );
-    assert_eq!(
-        established.return_codes,
-        BTreeMap::from([(tc_act::REDIRECT, 1024)])
-    );
-    let flows: HashSet<_> = dp
-        .conntrack()
-        .expect("ct")
-        .into_iter()
-        .map(|(k, _)| k)
-        .collect();
+    assert_eq!(established.return_codes, BTreeMap::from([(tc_act::REDIRECT, 1024)]));
+    let flows: HashSet<_> = dp.conntrack().expect("ct").into_iter().map(|(k, _)| k).collect();
     assert_eq!(flows.len(), 1024);
     eprintln!(
         "BPF_PROG_TEST_RUN ns/packet over 1024 flows: empty {:.1}, new flow {:.1}, established {:.1}",

@@ -38,10 +38,7 @@ const HOST: &str = "h1";
 const GW: [u8; 6] = [0x02, 0xfe, 0, 0, 0, 0x01];
 
 fn now_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
     // SAFETY: `ts` is a valid, writable timespec; CLOCK_MONOTONIC is the clock of
     // bpf_ktime_get_ns, which the kernel program stamps conntrack entries with.
     let rc = unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
@@ -68,24 +65,15 @@ fn rule(
     proto: serde_json::Value,
     spec: serde_json::Value,
 ) -> String {
-    let mut req = CreateRule {
-        direction: dir.into(),
-        protocol: proto,
-        ..CreateRule::default()
-    };
+    let mut req = CreateRule { direction: dir.into(), protocol: proto, ..CreateRule::default() };
     let get = |k: &str| spec.get(k).and_then(|v| v.as_i64());
     req.from_port = get("from");
     req.to_port = get("to");
     req.icmp_type = get("type");
     req.icmp_code = get("code");
     req.cidr = spec.get("cidr").and_then(|v| v.as_str()).map(str::to_owned);
-    req.group = spec
-        .get("group")
-        .and_then(|v| v.as_str())
-        .map(str::to_owned);
-    st.add_rule(g, req)
-        .unwrap_or_else(|e| panic!("add_rule {g} {spec}: {e}"))
-        .id
+    req.group = spec.get("group").and_then(|v| v.as_str()).map(str::to_owned);
+    st.add_rule(g, req).unwrap_or_else(|e| panic!("add_rule {g} {spec}: {e}")).id
 }
 
 fn clear_egress(st: &mut State, g: &str) {
@@ -119,13 +107,9 @@ fn build_state() -> (State, BTreeMap<&'static str, String>, Names) {
             .clone()
     };
     let group = |st: &mut State, u: &str, name: &str| {
-        st.create_group(CreateGroup {
-            universe: u.into(),
-            name: name.into(),
-            description: None,
-        })
-        .expect("create group")
-        .id
+        st.create_group(CreateGroup { universe: u.into(), name: name.into(), description: None })
+            .expect("create group")
+            .id
     };
     let (def_a, def_b) = (default_of(&st, &a), default_of(&st, &b));
     let web = group(&mut st, &a, "web");
@@ -157,13 +141,7 @@ fn build_state() -> (State, BTreeMap<&'static str, String>, Names) {
         json!({"type": 8, "code": -1, "cidr": "10.0.1.0/24"}),
     );
     // db: only from web members and a narrow range; egress limited (no S2 default).
-    rule(
-        &mut st,
-        &db,
-        "ingress",
-        json!("tcp"),
-        json!({"from": 5432, "to": 5432, "group": web}),
-    );
+    rule(&mut st, &db, "ingress", json!("tcp"), json!({"from": 5432, "to": 5432, "group": web}));
     rule(
         &mut st,
         &db,
@@ -179,13 +157,7 @@ fn build_state() -> (State, BTreeMap<&'static str, String>, Names) {
         json!({"from": 53, "to": 53, "cidr": "10.0.0.0/8"}),
     );
     clear_egress(&mut st, &db);
-    rule(
-        &mut st,
-        &db,
-        "egress",
-        json!("tcp"),
-        json!({"from": 1, "to": 1023, "group": web}),
-    );
+    rule(&mut st, &db, "egress", json!("tcp"), json!({"from": 1, "to": 1023, "group": web}));
     rule(
         &mut st,
         &db,
@@ -193,13 +165,7 @@ fn build_state() -> (State, BTreeMap<&'static str, String>, Names) {
         json!("udp"),
         json!({"from": 53, "to": 53, "cidr": "10.0.2.0/24"}),
     );
-    rule(
-        &mut st,
-        &db,
-        "egress",
-        json!("icmp"),
-        json!({"type": 3, "code": 4, "cidr": "0.0.0.0/0"}),
-    );
+    rule(&mut st, &db, "egress", json!("icmp"), json!({"type": 3, "code": 4, "cidr": "0.0.0.0/0"}));
     // mgmt: the nesting trap — /8, /16, /24, /32 and a group peer, each a different port range,
     // all matching 10.0.1.10; plus protocol numbers and ICMP type/code.
     rule(
@@ -230,13 +196,7 @@ fn build_state() -> (State, BTreeMap<&'static str, String>, Names) {
         json!("tcp"),
         json!({"from": 300, "to": 399, "cidr": "10.0.1.10/32"}),
     );
-    rule(
-        &mut st,
-        &mgmt,
-        "ingress",
-        json!("tcp"),
-        json!({"from": 400, "to": 499, "group": web}),
-    );
+    rule(&mut st, &mgmt, "ingress", json!("tcp"), json!({"from": 400, "to": 499, "group": web}));
     rule(
         &mut st,
         &mgmt,
@@ -245,13 +205,7 @@ fn build_state() -> (State, BTreeMap<&'static str, String>, Names) {
         json!({"from": 1000, "to": 1999, "cidr": "10.0.1.0/25"}),
     );
     rule(&mut st, &mgmt, "ingress", json!(47), json!({"group": db}));
-    rule(
-        &mut st,
-        &mgmt,
-        "ingress",
-        json!("132"),
-        json!({"cidr": "10.0.0.0/16"}),
-    );
+    rule(&mut st, &mgmt, "ingress", json!("132"), json!({"cidr": "10.0.0.0/16"}));
     rule(
         &mut st,
         &mgmt,
@@ -273,36 +227,12 @@ fn build_state() -> (State, BTreeMap<&'static str, String>, Names) {
         json!("icmpv6"),
         json!({"type": -1, "code": -1, "cidr": "0.0.0.0/0"}),
     );
-    rule(
-        &mut st,
-        &mgmt,
-        "ingress",
-        json!("all"),
-        json!({"cidr": "10.0.1.11/32"}),
-    );
+    rule(&mut st, &mgmt, "ingress", json!("all"), json!({"cidr": "10.0.1.11/32"}));
     // ops: all from mgmt members; egress only to mgmt, tcp.
-    rule(
-        &mut st,
-        &ops,
-        "ingress",
-        json!("all"),
-        json!({"group": mgmt}),
-    );
+    rule(&mut st, &ops, "ingress", json!("all"), json!({"group": mgmt}));
     clear_egress(&mut st, &ops);
-    rule(
-        &mut st,
-        &ops,
-        "egress",
-        json!("tcp"),
-        json!({"from": 0, "to": 65535, "group": mgmt}),
-    );
-    rule(
-        &mut st,
-        &ops,
-        "egress",
-        json!("all"),
-        json!({"cidr": "10.0.2.128/25"}),
-    );
+    rule(&mut st, &ops, "egress", json!("tcp"), json!({"from": 0, "to": 65535, "group": mgmt}));
+    rule(&mut st, &ops, "egress", json!("all"), json!({"cidr": "10.0.2.128/25"}));
     // b: its web takes HTTP from anyone.
     rule(
         &mut st,
@@ -446,15 +376,12 @@ struct Gen {
     flows: Vec<Flow>,
 }
 
-const INTERESTING_PORTS: [u16; 16] = [
-    22, 53, 80, 150, 250, 350, 450, 1500, 5432, 5500, 8050, 0, 1, 1023, 65535, 443,
-];
+const INTERESTING_PORTS: [u16; 16] =
+    [22, 53, 80, 150, 250, 350, 450, 1500, 5432, 5500, 8050, 0, 1, 1023, 65535, 443];
 
 impl Gen {
     fn ep_by_ip(&self, universe: &str, ip: Ipv4Addr) -> Option<usize> {
-        self.eps
-            .iter()
-            .position(|e| e.universe == universe && e.ip == ip)
+        self.eps.iter().position(|e| e.universe == universe && e.ip == ip)
     }
 
     fn dst_for(&mut self, from: usize) -> Ipv4Addr {
@@ -503,9 +430,8 @@ impl Gen {
         } else {
             (orig, flow.dst, flow.sport, flow.dport)
         };
-        let payload: Vec<u8> = (0..self.rng.random_range(0..24))
-            .map(|_| self.rng.random())
-            .collect();
+        let payload: Vec<u8> =
+            (0..self.rng.random_range(0..24)).map(|_| self.rng.random()).collect();
         let l4 = match flow.proto {
             6 => tcp_hdr(sport, dport, flags, &payload),
             17 => udp_hdr(sport, dport, &payload),
@@ -517,10 +443,7 @@ impl Gen {
             1 => icmp_hdr((flow.dport >> 8) as u8, flow.dport as u8, 0, &payload),
             _ => payload,
         };
-        Some((
-            ep.ifindex,
-            ipv4_packet(ep.mac, ep.ip, dst, flow.proto, &[], &l4),
-        ))
+        Some((ep.ifindex, ipv4_packet(ep.mac, ep.ip, dst, flow.proto, &[], &l4)))
     }
 
     fn new_flow(&mut self) -> Flow {
@@ -533,30 +456,12 @@ impl Gen {
             13..=14 => (1, self.rng.random(), 0),
             // ICMP non-echo: dport carries type << 8 | code for flow_packet.
             15 => {
-                let t = *[13u8, 3, 11, 5, 17, 42]
-                    .choose(&mut self.rng)
-                    .expect("types");
-                (
-                    1,
-                    0,
-                    u16::from(t) << 8 | u16::from(self.rng.random_range(0..5u8)),
-                )
+                let t = *[13u8, 3, 11, 5, 17, 42].choose(&mut self.rng).expect("types");
+                (1, 0, u16::from(t) << 8 | u16::from(self.rng.random_range(0..5u8)))
             }
-            _ => (
-                *[47u8, 132, 58, 0, 255, 89]
-                    .choose(&mut self.rng)
-                    .expect("protos"),
-                0,
-                0,
-            ),
+            _ => (*[47u8, 132, 58, 0, 255, 89].choose(&mut self.rng).expect("protos"), 0, 0),
         };
-        Flow {
-            from,
-            dst,
-            proto,
-            sport,
-            dport,
-        }
+        Flow { from, dst, proto, sport, dport }
     }
 
     /// One packet: what it is (for the report), the ingress ifindex and the frame.
@@ -565,32 +470,20 @@ impl Gen {
         if r < 30 || self.flows.is_empty() {
             let flow = self.new_flow();
             let flags = self.tcp_flags();
-            let (i, f) = self
-                .flow_packet(&flow, false, flags)
-                .expect("originator is local");
+            let (i, f) = self.flow_packet(&flow, false, flags).expect("originator is local");
             self.flows.push(flow.clone());
             return (format!("new {flow:?} flags {flags:#x}"), i, f);
         }
         let flow = self.flows.choose(&mut self.rng).expect("flows").clone();
         if r < 55 {
-            let flags = if self.rng.random_bool(0.7) {
-                0x12
-            } else {
-                self.tcp_flags()
-            };
+            let flags = if self.rng.random_bool(0.7) { 0x12 } else { self.tcp_flags() };
             if let Some((i, f)) = self.flow_packet(&flow, true, flags) {
                 return (format!("reply {flow:?} flags {flags:#x}"), i, f);
             }
         }
         if r < 70 {
-            let flags = if self.rng.random_bool(0.7) {
-                0x10
-            } else {
-                self.tcp_flags()
-            };
-            let (i, f) = self
-                .flow_packet(&flow, false, flags)
-                .expect("originator is local");
+            let flags = if self.rng.random_bool(0.7) { 0x10 } else { self.tcp_flags() };
+            let (i, f) = self.flow_packet(&flow, false, flags).expect("originator is local");
             return (format!("again {flow:?} flags {flags:#x}"), i, f);
         }
         if r < 80 {
@@ -605,9 +498,7 @@ impl Gen {
     /// An ICMP error quoting `flow`'s packet, sent by its destination back to its source
     /// (related), or by someone else, or quoting a mangled header.
     fn icmp_error(&mut self, flow: &Flow) -> (String, u32, Vec<u8>) {
-        let (_, quoted) = self
-            .flow_packet(flow, false, 0x02)
-            .expect("originator is local");
+        let (_, quoted) = self.flow_packet(flow, false, 0x02).expect("originator is local");
         let orig = self.eps[flow.from].clone();
         let mut quote = quoted[14..].to_vec();
         quote.truncate(28 + self.rng.random_range(0..8));
@@ -647,11 +538,7 @@ impl Gen {
                 f[16..18].copy_from_slice(&total.to_be_bytes());
             }
         }
-        (
-            format!("icmp error type {ty} variant {variant} about {flow:?}"),
-            s.ifindex,
-            f,
-        )
+        (format!("icmp error type {ty} variant {variant} about {flow:?}"), s.ifindex, f)
     }
 
     fn arp(&mut self) -> (String, u32, Vec<u8>) {
@@ -681,9 +568,8 @@ impl Gen {
 
     /// A valid packet of `flow` broken in one way.
     fn malformed(&mut self, flow: &Flow) -> (String, u32, Vec<u8>) {
-        let (mut ifindex, mut f) = self
-            .flow_packet(flow, false, 0x02)
-            .expect("originator is local");
+        let (mut ifindex, mut f) =
+            self.flow_packet(flow, false, 0x02).expect("originator is local");
         let variant = self.rng.random_range(0..18);
         let set_total =
             |f: &mut Vec<u8>, t: usize| f[16..18].copy_from_slice(&(t as u16).to_be_bytes());
@@ -728,9 +614,7 @@ impl Gen {
             10 => f[14] = 0x40 | self.rng.random_range(0..5), // IHL < 5
             11 => f[14] = (self.rng.random_range(0..16u8) << 4) | 5, // any version
             12 => {
-                let t = [
-                    0x86dd_u16, 0x8100, 0x88cc, 0x0842, 0x0000, 0x05dc, 0x88a8, 0xffff,
-                ];
+                let t = [0x86dd_u16, 0x8100, 0x88cc, 0x0842, 0x0000, 0x05dc, 0x88a8, 0xffff];
                 let e = *t.choose(&mut self.rng).expect("types");
                 f[12..14].copy_from_slice(&e.to_be_bytes());
             }
@@ -738,31 +622,19 @@ impl Gen {
             14 => {
                 // Source IP of another endpoint or none.
                 let other = self.eps.choose(&mut self.rng).expect("eps").ip;
-                let ip = if self.rng.random_bool(0.5) {
-                    other
-                } else {
-                    Ipv4Addr::new(10, 0, 3, 3)
-                };
+                let ip = if self.rng.random_bool(0.5) { other } else { Ipv4Addr::new(10, 0, 3, 3) };
                 f[26..30].copy_from_slice(&ip.octets());
             }
             15 => ifindex = self.stranger,
             16 => {
                 // TCP data offset below 5 or beyond the segment.
                 if f[23] == 6 && f.len() >= 54 {
-                    f[46] = if self.rng.random_bool(0.5) {
-                        0x40
-                    } else {
-                        0xf0
-                    };
+                    f[46] = if self.rng.random_bool(0.5) { 0x40 } else { 0xf0 };
                 }
             }
             _ => f.truncate(14), // Ethernet header only
         }
-        (
-            format!("malformed variant {variant} of {flow:?}"),
-            ifindex,
-            f,
-        )
+        (format!("malformed variant {variant} of {flow:?}"), ifindex, f)
     }
 }
 
@@ -844,11 +716,8 @@ impl Run {
             // bpf_prog_test_run_skb); those cannot be compared, the unit tests of the model
             // cover them.
             Err(e) if os_error(&e) == Some(libc::EINVAL) => {
-                let ethertype = if frame.len() >= 14 {
-                    u16::from_be_bytes([frame[12], frame[13]])
-                } else {
-                    0
-                };
+                let ethertype =
+                    if frame.len() >= 14 { u16::from_be_bytes([frame[12], frame[13]]) } else { 0 };
                 *self.refused.entry((ethertype, frame.len())).or_default() += 1;
                 return;
             }
@@ -904,12 +773,7 @@ impl Run {
 
     /// After a disagreement, continue from the kernel's conntrack table.
     fn resync_ct(&mut self) {
-        self.ct.entries = self
-            .dp
-            .conntrack()
-            .expect("read VERSE_CT")
-            .into_iter()
-            .collect();
+        self.ct.entries = self.dp.conntrack().expect("read VERSE_CT").into_iter().collect();
     }
 
     /// Keys and states of both tables must match; kernel stamps are at or after the model's.
@@ -921,12 +785,8 @@ impl Run {
             .into_iter()
             .map(|(k, e)| (ct_label(&k), e.state))
             .collect();
-        let model: BTreeMap<String, u8> = self
-            .ct
-            .entries
-            .iter()
-            .map(|(k, e)| (ct_label(k), e.state))
-            .collect();
+        let model: BTreeMap<String, u8> =
+            self.ct.entries.iter().map(|(k, e)| (ct_label(k), e.state)).collect();
         if kernel != model {
             let ks: BTreeSet<_> = kernel.iter().collect();
             let ms: BTreeSet<_> = model.iter().collect();
@@ -942,14 +802,10 @@ impl Run {
 
 #[test]
 fn kernel_program_agrees_with_the_reference_model_on_generated_packets() {
-    let seed: u64 = std::env::var("VERSE_MODEL_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0x5eed_2026);
-    let per_phase: usize = std::env::var("VERSE_MODEL_PACKETS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(2000);
+    let seed: u64 =
+        std::env::var("VERSE_MODEL_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(0x5eed_2026);
+    let per_phase: usize =
+        std::env::var("VERSE_MODEL_PACKETS").ok().and_then(|s| s.parse().ok()).unwrap_or(2000);
     eprintln!("dataplane_model: seed {seed} (VERSE_MODEL_SEED), {per_phase} packets per phase");
 
     let ns = Netns::new("dm");
@@ -961,16 +817,7 @@ fn kernel_program_agrees_with_the_reference_model_on_generated_packets() {
     // endpoint. (veth rather than dummy: the dummy module may be missing.)
     let shorts: Vec<&'static str> = eps.keys().copied().collect();
     for i in 0..=shorts.len() {
-        ns.ip(&[
-            "link",
-            "add",
-            &format!("d{i}"),
-            "type",
-            "veth",
-            "peer",
-            "name",
-            &format!("p{i}"),
-        ]);
+        ns.ip(&["link", "add", &format!("d{i}"), "type", "veth", "peer", "name", &format!("p{i}")]);
     }
     let report = ns.enter(|| {
         let index = |name: &str| {
@@ -990,11 +837,7 @@ fn kernel_program_agrees_with_the_reference_model_on_generated_packets() {
         let stranger = index(&format!("d{}", shorts.len()));
 
         let timeouts = Timeouts::default();
-        let config = Config {
-            timeouts_ns: timeouts.ns,
-            gateway_mac: GW,
-            _pad: [0; 2],
-        };
+        let config = Config { timeouts_ns: timeouts.ns, gateway_mac: GW, _pad: [0; 2] };
         let dp = Dataplane::load(bpffs.path(), &config).expect("load the dataplane");
         let mut run = Run {
             dp,
@@ -1039,18 +882,14 @@ fn kernel_program_agrees_with_the_reference_model_on_generated_packets() {
         for (p, phase) in phases.iter().enumerate() {
             match p {
                 1 => {
-                    state
-                        .delete_rule(&names.web_group, &names.web_http_rule)
-                        .expect("revoke rule");
+                    state.delete_rule(&names.web_group, &names.web_http_rule).expect("revoke rule");
                     program(&mut run, &state, &mut applied);
                 }
                 2 => {
                     state
                         .patch_endpoint(
                             &names.mover,
-                            PatchEndpoint {
-                                security_groups: names.mover_groups_after.clone(),
-                            },
+                            PatchEndpoint { security_groups: names.mover_groups_after.clone() },
                         )
                         .expect("patch endpoint");
                     program(&mut run, &state, &mut applied);
@@ -1060,12 +899,7 @@ fn kernel_program_agrees_with_the_reference_model_on_generated_packets() {
             let host = Host::new(&state, HOST, &local, GW, timeouts);
             for n in 0..per_phase {
                 let (what, ifindex, frame) = gen.next();
-                run.send(
-                    &host,
-                    &format!("[{phase}, packet {n}] {what}"),
-                    ifindex,
-                    &frame,
-                );
+                run.send(&host, &format!("[{phase}, packet {n}] {what}"), ifindex, &frame);
                 if n % 500 == 499 {
                     run.compare_ct(&format!("{phase}, packet {n}"));
                 }
@@ -1080,11 +914,7 @@ fn kernel_program_agrees_with_the_reference_model_on_generated_packets() {
             *t = 300_000_000;
         }
         short.ns[ct_state::TCP_ESTABLISHED as usize] = 3_600_000_000_000;
-        let config = Config {
-            timeouts_ns: short.ns,
-            gateway_mac: GW,
-            _pad: [0; 2],
-        };
+        let config = Config { timeouts_ns: short.ns, gateway_mac: GW, _pad: [0; 2] };
         run.dp = Dataplane::load(bpffs.path(), &config).expect("reload with short timeouts");
         std::thread::sleep(std::time::Duration::from_millis(700));
         let host = Host::new(&state, HOST, &local, GW, short);
@@ -1110,20 +940,12 @@ fn kernel_program_agrees_with_the_reference_model_on_generated_packets() {
         for (kind, (count, example)) in &run.disagreements {
             let _ = write!(out, "\n=== {count} x {kind}; first:\n{example}\n");
         }
-        (
-            run.disagreements.is_empty(),
-            out,
-            run.delivered,
-            run.drops_seen.len(),
-        )
+        (run.disagreements.is_empty(), out, run.delivered, run.drops_seen.len())
     });
     let (ok, text, delivered, reasons) = report;
     eprintln!("{text}");
     assert!(ok, "kernel and model disagree (seed {seed}):\n{text}");
     // The generator must have exercised both outcomes broadly, or agreement proves little.
-    assert!(
-        delivered > per_phase / 10,
-        "too few packets delivered: {delivered}"
-    );
+    assert!(delivered > per_phase / 10, "too few packets delivered: {delivered}");
     assert!(reasons >= 10, "too few drop reasons exercised: {reasons}");
 }

@@ -65,7 +65,9 @@ fn sending_from_an_address_that_is_not_the_endpoints_is_dropped_and_counted() {
 }
 
 fn ns_ping_from(ns: &Netns, src: Ipv4Addr, dst: Ipv4Addr) -> bool {
-    ns.exec("ping", &["-c1", "-q", "-n", "-W", "1", "-I", &src.to_string(), &dst.to_string()]).status.success()
+    ns.exec("ping", &["-c1", "-q", "-n", "-W", "1", "-I", &src.to_string(), &dst.to_string()])
+        .status
+        .success()
 }
 
 /// A workload that changes its MAC is dropped (`spoofed_mac`) until it takes its own MAC back.
@@ -83,7 +85,11 @@ fn sending_from_a_mac_that_is_not_the_endpoints_is_dropped_and_counted() {
 
     let before = drops(api, "spoofed_mac");
     set_mac(&a.ns, "02:66:66:66:66:66");
-    assert_eq!(udp_roundtrip(&a.ns, b.ip, 9000, "forged", DENIED), None, "S10: a forged MAC must be dropped");
+    assert_eq!(
+        udp_roundtrip(&a.ns, b.ip, 9000, "forged", DENIED),
+        None,
+        "S10: a forged MAC must be dropped"
+    );
     assert!(!tcp_connect(&a.ns, b.ip, 7000, DENIED), "S10: a forged MAC must be dropped (TCP)");
     assert!(!ping(&a.ns, b.ip), "S10: a forged MAC must be dropped (ping)");
     assert_eq!(server.sources().len(), received, "the receiver saw nothing from the forged MAC");
@@ -94,5 +100,9 @@ fn sending_from_a_mac_that_is_not_the_endpoints_is_dropped_and_counted() {
     );
 
     set_mac(&a.ns, &a.mac);
-    assert_eq!(udp_roundtrip(&a.ns, b.ip, 9000, "back", ALLOWED).as_deref(), Some("b:back"), "own MAC passes again");
+    assert_eq!(
+        udp_roundtrip(&a.ns, b.ip, 9000, "back", ALLOWED).as_deref(),
+        Some("b:back"),
+        "own MAC passes again"
+    );
 }

@@ -30,10 +30,22 @@ fn identical_addresses_in_two_universes_reach_only_their_own_peer() {
     let server_ip: Ipv4Addr = "10.40.0.20".parse().unwrap();
 
     for _ in 0..3 {
-        assert_eq!(tcp_roundtrip(&red_c.ns, server_ip, 7000, "hi", ALLOWED).as_deref(), Some("red:hi"));
-        assert_eq!(tcp_roundtrip(&blue_c.ns, server_ip, 7000, "hi", ALLOWED).as_deref(), Some("blue:hi"));
-        assert_eq!(udp_roundtrip(&red_c.ns, server_ip, 7001, "hi", ALLOWED).as_deref(), Some("red:hi"));
-        assert_eq!(udp_roundtrip(&blue_c.ns, server_ip, 7001, "hi", ALLOWED).as_deref(), Some("blue:hi"));
+        assert_eq!(
+            tcp_roundtrip(&red_c.ns, server_ip, 7000, "hi", ALLOWED).as_deref(),
+            Some("red:hi")
+        );
+        assert_eq!(
+            tcp_roundtrip(&blue_c.ns, server_ip, 7000, "hi", ALLOWED).as_deref(),
+            Some("blue:hi")
+        );
+        assert_eq!(
+            udp_roundtrip(&red_c.ns, server_ip, 7001, "hi", ALLOWED).as_deref(),
+            Some("red:hi")
+        );
+        assert_eq!(
+            udp_roundtrip(&blue_c.ns, server_ip, 7001, "hi", ALLOWED).as_deref(),
+            Some("blue:hi")
+        );
     }
     assert!(ping(&red_c.ns, server_ip));
     assert!(ping(&blue_c.ns, server_ip));
@@ -57,12 +69,21 @@ fn services_and_addresses_of_another_universe_are_unreachable() {
     let _l2 = TcpServer::start(&blue_only.ns, 7002, "blue");
     let blue_udp = UdpServer::start(&blue_only.ns, 7003, "blue");
     let blue_c = host.endpoint(id(&blue), "10.41.0.10", &[]);
-    assert!(tcp_connect(&blue_c.ns, blue_s.ip, 7002, ALLOWED), "blue's own client reaches the port");
+    assert!(
+        tcp_connect(&blue_c.ns, blue_s.ip, 7002, ALLOWED),
+        "blue's own client reaches the port"
+    );
 
     // The accept loop counts asynchronously: wait until blue's own connection is counted.
-    assert!(wait_until(Duration::from_secs(2), || listener.accepted() == 1), "blue's connection was accepted");
+    assert!(
+        wait_until(Duration::from_secs(2), || listener.accepted() == 1),
+        "blue's connection was accepted"
+    );
     let accepted = listener.accepted();
-    assert!(!tcp_connect(&red_c.ns, blue_s.ip, 7002, DENIED), "red must not reach a port open only in blue");
+    assert!(
+        !tcp_connect(&red_c.ns, blue_s.ip, 7002, DENIED),
+        "red must not reach a port open only in blue"
+    );
     // A connection from red would have been accepted well within the probe's second.
     assert_eq!(listener.accepted(), accepted, "blue's listener accepted nothing from red");
 
@@ -84,14 +105,18 @@ fn services_and_addresses_of_another_universe_are_unreachable() {
 fn endpoints_in_different_cidrs_of_one_universe_reach_each_other() {
     let host = Host::start();
     let api = &host.api;
-    let r = api.post("/v1/universes", &json!({"name": "two", "cidrs": ["10.42.0.0/24", "172.16.5.0/24"]}));
+    let r = api
+        .post("/v1/universes", &json!({"name": "two", "cidrs": ["10.42.0.0/24", "172.16.5.0/24"]}));
     assert_eq!(r.status, 201, "{}", r.body);
     let uni = r.json();
     let a = host.endpoint(id(&uni), "10.42.0.10", &[]);
     let b = host.endpoint(id(&uni), "172.16.5.10", &[]);
     let _t = TcpServer::start(&b.ns, 7000, "b");
     let routes = String::from_utf8(b.ns.ip(&["route", "show", "default"]).stdout).unwrap();
-    assert!(routes.contains("via 172.16.5.1"), "the gateway is the first address of the endpoint's CIDR: {routes}");
+    assert!(
+        routes.contains("via 172.16.5.1"),
+        "the gateway is the first address of the endpoint's CIDR: {routes}"
+    );
     assert!(ping(&a.ns, b.ip));
     assert!(ping(&b.ns, a.ip));
     assert_eq!(tcp_roundtrip(&a.ns, b.ip, 7000, "x", ALLOWED).as_deref(), Some("b:x"));

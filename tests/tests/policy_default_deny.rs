@@ -23,7 +23,10 @@ fn new_group_denies_ping_tcp_and_udp_between_its_members_until_a_rule_allows_the
 
     let before = drops(api, "policy_ingress");
     assert!(!ping(&a.ns, b.ip), "S2: ping between members of a new group must be refused");
-    assert!(!tcp_connect(&a.ns, b.ip, 8080, DENIED), "S2: TCP between members of a new group must be refused");
+    assert!(
+        !tcp_connect(&a.ns, b.ip, 8080, DENIED),
+        "S2: TCP between members of a new group must be refused"
+    );
     assert_eq!(udp_roundtrip(&a.ns, b.ip, 9090, "hello", DENIED), None, "S2: UDP must be refused");
     assert!(
         wait_until(Duration::from_secs(2), || drops(api, "policy_ingress") >= before + 3),
@@ -47,7 +50,11 @@ fn default_group_lets_its_members_reach_each_other() {
     let default = api.default_group(id(&uni));
     let a = host.endpoint(id(&uni), "10.11.0.10", &[]);
     let b = host.endpoint(id(&uni), "10.11.0.20", &[]);
-    assert_eq!(a.json["security_groups"], json!([id(&default)]), "S3: no groups given means default");
+    assert_eq!(
+        a.json["security_groups"],
+        json!([id(&default)]),
+        "S3: no groups given means default"
+    );
 
     let _tcp_a = TcpServer::start(&a.ns, 8080, "a");
     let _tcp_b = TcpServer::start(&b.ns, 8080, "b");
@@ -72,7 +79,10 @@ fn default_group_refuses_endpoints_outside_it() {
     let _tcp = TcpServer::start(&inside.ns, 8080, "in");
 
     let before = drops(api, "policy_ingress");
-    assert!(!tcp_connect(&outside.ns, inside.ip, 8080, DENIED), "S3: default admits only its members");
+    assert!(
+        !tcp_connect(&outside.ns, inside.ip, 8080, DENIED),
+        "S3: default admits only its members"
+    );
     assert!(!ping(&outside.ns, inside.ip), "S3: default admits only its members (ping)");
     assert!(wait_until(Duration::from_secs(2), || drops(api, "policy_ingress") > before));
 

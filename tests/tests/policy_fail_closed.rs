@@ -22,7 +22,14 @@ fn gateway_mac(ns: &Netns, gateway: &str) -> [u8; 6] {
 }
 
 /// Ethernet header + an IPv4 header (no options) of `proto` carrying `l4`.
-fn ipv4_frame(dst_mac: [u8; 6], src_mac: [u8; 6], src: Ipv4Addr, dst: Ipv4Addr, proto: u8, l4: &[u8]) -> Vec<u8> {
+fn ipv4_frame(
+    dst_mac: [u8; 6],
+    src_mac: [u8; 6],
+    src: Ipv4Addr,
+    dst: Ipv4Addr,
+    proto: u8,
+    l4: &[u8],
+) -> Vec<u8> {
     let mut ip = vec![0x45, 0, 0, 0, 0x12, 0x34, 0x40, 0, 64, proto, 0, 0];
     let total = u16::try_from(20 + l4.len()).unwrap();
     ip[2..4].copy_from_slice(&total.to_be_bytes());
@@ -59,7 +66,7 @@ fn unparsable_frames_from_a_workload_are_dropped_and_counted_by_reason() {
     ipv6.extend_from_slice(&[0x30, 0x39, 0x23, 0x28, 0, 8, 0, 0]);
     let mut bad_ihl = ipv4_frame(gw, me, a.ip, b.ip, 17, &[0x30, 0x39, 0x23, 0x28, 0, 8, 0, 0]);
     bad_ihl[14] = 0x44; // version 4, IHL 4: shorter than the fixed header (RFC 791 section 3.1)
-    // A TCP segment needs 20 bytes of header; 8 are given.
+                        // A TCP segment needs 20 bytes of header; 8 are given.
     let short_tcp = ipv4_frame(gw, me, a.ip, b.ip, 6, &[0x30, 0x39, 0x1f, 0x40, 0, 0, 0, 1]);
 
     for (frame, reason) in [
@@ -114,12 +121,19 @@ fn datagrams_with_ipv4_options_are_judged_by_their_real_ports() {
     let _u1 = UdpServer::start(&b.ns, 9001, "b");
 
     let with_options = |port: u16| -> Option<String> {
-        let sock = a.ns.enter(|| UdpSocket::bind(SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)))).unwrap();
+        let sock =
+            a.ns.enter(|| UdpSocket::bind(SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)))).unwrap();
         // NOP, NOP, NOP, end of list: 4 bytes of options, IHL 6 (RFC 791 section 3.1).
         let options = [1u8, 1, 1, 0];
         // SAFETY: `options` is valid for the length given for the whole call.
         let rc = unsafe {
-            libc::setsockopt(sock.as_raw_fd(), libc::IPPROTO_IP, libc::IP_OPTIONS, options.as_ptr().cast(), options.len() as libc::socklen_t)
+            libc::setsockopt(
+                sock.as_raw_fd(),
+                libc::IPPROTO_IP,
+                libc::IP_OPTIONS,
+                options.as_ptr().cast(),
+                options.len() as libc::socklen_t,
+            )
         };
         assert_eq!(rc, 0, "setsockopt(IP_OPTIONS): {}", std::io::Error::last_os_error());
         sock.set_read_timeout(Some(if port == 9000 { ALLOWED } else { DENIED })).unwrap();
@@ -129,7 +143,11 @@ fn datagrams_with_ipv4_options_are_judged_by_their_real_ports() {
     };
     // A raw socket in the receiver sees every UDP packet that arrives, header included.
     let tap = RawIpSocket::open(&b.ns, 17).unwrap();
-    assert_eq!(with_options(9000).as_deref(), Some("b:opt"), "a datagram with options to the allowed port passes");
+    assert_eq!(
+        with_options(9000).as_deref(),
+        Some("b:opt"),
+        "a datagram with options to the allowed port passes"
+    );
     let arrived = tap.recv_packet(ALLOWED).expect("the receiver saw the datagram");
     assert_eq!(arrived[0], 0x46, "it arrived with its options (IHL 6)");
     let before = drops(api, "policy_ingress");

@@ -24,9 +24,15 @@ fn cidr_rule_admits_sources_inside_the_cidr_only() {
     let outside = host.endpoint(id(&uni), "10.20.2.10", &[]);
     let _tcp = TcpServer::start(&server.ns, 7000, "srv");
 
-    assert_eq!(tcp_roundtrip(&inside.ns, server.ip, 7000, "in", ALLOWED).as_deref(), Some("srv:in"));
+    assert_eq!(
+        tcp_roundtrip(&inside.ns, server.ip, 7000, "in", ALLOWED).as_deref(),
+        Some("srv:in")
+    );
     let before = drops(api, "policy_ingress");
-    assert!(!tcp_connect(&outside.ns, server.ip, 7000, DENIED), "a source outside 10.20.1.0/24 must be refused");
+    assert!(
+        !tcp_connect(&outside.ns, server.ip, 7000, DENIED),
+        "a source outside 10.20.1.0/24 must be refused"
+    );
     assert!(wait_until(Duration::from_secs(2), || drops(api, "policy_ingress") > before));
 }
 
@@ -47,7 +53,10 @@ fn group_rule_admits_members_of_the_peer_group_only() {
     let stranger = host.endpoint(id(&uni), "10.21.0.30", &[]);
     let _tcp = TcpServer::start(&server.ns, 7000, "srv");
 
-    assert!(tcp_connect(&member.ns, server.ip, 7000, ALLOWED), "a member of the peer group is admitted");
+    assert!(
+        tcp_connect(&member.ns, server.ip, 7000, ALLOWED),
+        "a member of the peer group is admitted"
+    );
     assert!(!tcp_connect(&stranger.ns, server.ip, 7000, DENIED), "a non-member is refused");
     assert!(!ping(&member.ns, server.ip), "the rule admits TCP 7000 only, not ping");
 }
@@ -70,16 +79,30 @@ fn port_range_admits_ports_inside_and_refuses_ports_just_outside() {
     let _udp: Vec<_> = udp_ports.iter().map(|&p| UdpServer::start(&server.ns, p, "u")).collect();
 
     for port in [8000, 8005, 8010] {
-        assert!(tcp_connect(&client.ns, server.ip, port, ALLOWED), "TCP {port} is inside 8000-8010");
+        assert!(
+            tcp_connect(&client.ns, server.ip, port, ALLOWED),
+            "TCP {port} is inside 8000-8010"
+        );
     }
     for port in [7999, 8011] {
-        assert!(!tcp_connect(&client.ns, server.ip, port, DENIED), "TCP {port} is just outside 8000-8010");
+        assert!(
+            !tcp_connect(&client.ns, server.ip, port, DENIED),
+            "TCP {port} is just outside 8000-8010"
+        );
     }
     for port in [9001, 9003] {
-        assert_eq!(udp_roundtrip(&client.ns, server.ip, port, "p", ALLOWED).as_deref(), Some("u:p"), "UDP {port}");
+        assert_eq!(
+            udp_roundtrip(&client.ns, server.ip, port, "p", ALLOWED).as_deref(),
+            Some("u:p"),
+            "UDP {port}"
+        );
     }
     for port in [9000, 9004] {
-        assert_eq!(udp_roundtrip(&client.ns, server.ip, port, "p", DENIED), None, "UDP {port} is outside 9001-9003");
+        assert_eq!(
+            udp_roundtrip(&client.ns, server.ip, port, "p", DENIED),
+            None,
+            "UDP {port} is outside 9001-9003"
+        );
     }
 }
 
@@ -140,7 +163,11 @@ fn replies_of_allowed_flows_pass_whatever_the_other_sides_rules() {
     let cli = api.create_group(id(&uni), "cli");
     api.add_rule(id(&srv), &json!({"direction": "ingress", "protocol": "all", "group": id(&cli)}));
     api.clear_egress(id(&srv));
-    assert_eq!(api.group(id(&srv))["egress"], json!([]), "the server's group has no egress rule left");
+    assert_eq!(
+        api.group(id(&srv))["egress"],
+        json!([]),
+        "the server's group has no egress rule left"
+    );
     let server = host.endpoint(id(&uni), "10.25.0.10", &[id(&srv)]);
     let client = host.endpoint(id(&uni), "10.25.0.20", &[id(&cli)]);
     let _tcp_s = TcpServer::start(&server.ns, 7000, "s");
@@ -148,13 +175,26 @@ fn replies_of_allowed_flows_pass_whatever_the_other_sides_rules() {
     let _tcp_c = TcpServer::start(&client.ns, 7000, "c");
 
     assert!(ping(&client.ns, server.ip), "S6: the echo reply passes");
-    assert_eq!(tcp_roundtrip(&client.ns, server.ip, 7000, "q", ALLOWED).as_deref(), Some("s:q"), "S6: TCP replies pass");
-    assert_eq!(udp_roundtrip(&client.ns, server.ip, 7001, "q", ALLOWED).as_deref(), Some("s:q"), "S6: UDP replies pass");
+    assert_eq!(
+        tcp_roundtrip(&client.ns, server.ip, 7000, "q", ALLOWED).as_deref(),
+        Some("s:q"),
+        "S6: TCP replies pass"
+    );
+    assert_eq!(
+        udp_roundtrip(&client.ns, server.ip, 7001, "q", ALLOWED).as_deref(),
+        Some("s:q"),
+        "S6: UDP replies pass"
+    );
 
     let before = drops(api, "policy_egress") + drops(api, "policy_ingress");
-    assert!(!tcp_connect(&server.ns, client.ip, 7000, DENIED), "a new flow from the server is refused");
+    assert!(
+        !tcp_connect(&server.ns, client.ip, 7000, DENIED),
+        "a new flow from the server is refused"
+    );
     assert!(!ping(&server.ns, client.ip), "a new ping from the server is refused");
-    assert!(wait_until(Duration::from_secs(2), || drops(api, "policy_egress") + drops(api, "policy_ingress") > before));
+    assert!(wait_until(Duration::from_secs(2), || drops(api, "policy_egress")
+        + drops(api, "policy_ingress")
+        > before));
 }
 
 /// S6: the ICMP port unreachable that answers an allowed UDP datagram to a closed port reaches
@@ -194,7 +234,8 @@ fn protocol_number_rule_admits_that_protocol_and_its_replies() {
     let uni = api.create_universe("proto", "10.27.0.0/24");
     let srv = api.create_group(id(&uni), "srv");
     let cli = api.create_group(id(&uni), "cli");
-    let rule = api.add_rule(id(&srv), &json!({"direction": "ingress", "protocol": 253, "group": id(&cli)}));
+    let rule = api
+        .add_rule(id(&srv), &json!({"direction": "ingress", "protocol": 253, "group": id(&cli)}));
     assert_eq!(rule["protocol"], "253", "a protocol number is shown as its decimal string");
     api.clear_egress(id(&srv));
     let server = host.endpoint(id(&uni), "10.27.0.10", &[id(&srv)]);
@@ -204,7 +245,11 @@ fn protocol_number_rule_admits_that_protocol_and_its_replies() {
 
     assert_eq!(raw_ip_roundtrip(&client.ns, server.ip, 253, "x", ALLOWED).as_deref(), Some("s:x"));
     let before = drops(api, "policy_ingress");
-    assert_eq!(raw_ip_roundtrip(&client.ns, server.ip, 254, "x", DENIED), None, "protocol 254 has no rule");
+    assert_eq!(
+        raw_ip_roundtrip(&client.ns, server.ip, 254, "x", DENIED),
+        None,
+        "protocol 254 has no rule"
+    );
     assert!(wait_until(Duration::from_secs(2), || drops(api, "policy_ingress") > before));
     assert!(!ping(&client.ns, server.ip), "a protocol-253 rule admits no ICMP");
 }
@@ -221,7 +266,8 @@ fn overlapping_cidr_and_group_rules_of_several_groups_all_apply() {
     let b = api.create_group(id(&uni), "b");
     let cli = api.create_group(id(&uni), "cli");
     let tcp = |port: u16, peer: Value| {
-        let mut r = json!({"direction": "ingress", "protocol": "tcp", "from_port": port, "to_port": port});
+        let mut r =
+            json!({"direction": "ingress", "protocol": "tcp", "from_port": port, "to_port": port});
         r.as_object_mut().unwrap().extend(peer.as_object().unwrap().clone());
         r
     };
@@ -235,12 +281,18 @@ fn overlapping_cidr_and_group_rules_of_several_groups_all_apply() {
     let _servers: Vec<_> = (7000..=7004).map(|p| TcpServer::start(&server.ns, p, "s")).collect();
 
     for port in 7000..=7003 {
-        assert!(tcp_connect(&client.ns, server.ip, port, ALLOWED), "S1: port {port} is admitted by one of the rules");
+        assert!(
+            tcp_connect(&client.ns, server.ip, port, ALLOWED),
+            "S1: port {port} is admitted by one of the rules"
+        );
     }
     assert!(!tcp_connect(&client.ns, server.ip, 7004, DENIED), "no rule admits 7004");
     assert!(tcp_connect(&other.ns, server.ip, 7000, ALLOWED), "10.28.2.10 is in the /16");
     for port in 7001..=7003 {
-        assert!(!tcp_connect(&other.ns, server.ip, port, DENIED), "10.28.2.10 matches no rule for {port}");
+        assert!(
+            !tcp_connect(&other.ns, server.ip, port, DENIED),
+            "10.28.2.10 matches no rule for {port}"
+        );
     }
 }
 
@@ -255,7 +307,10 @@ fn egress_rules_limit_what_a_member_may_open() {
     let open = api.create_group(id(&uni), "open");
     api.clear_egress(id(&narrow));
     api.add_rule(id(&narrow), &json!({"direction": "egress", "protocol": "tcp", "from_port": 7000, "to_port": 7000, "cidr": "10.29.0.0/24"}));
-    api.add_rule(id(&open), &json!({"direction": "ingress", "protocol": "all", "cidr": "0.0.0.0/0"}));
+    api.add_rule(
+        id(&open),
+        &json!({"direction": "ingress", "protocol": "all", "cidr": "0.0.0.0/0"}),
+    );
     let server = host.endpoint(id(&uni), "10.29.0.10", &[id(&open)]);
     let client = host.endpoint(id(&uni), "10.29.0.20", &[id(&narrow)]);
     let _s0 = TcpServer::start(&server.ns, 7000, "s");

@@ -21,19 +21,27 @@ fn deleting_a_rule_keeps_its_established_connection_and_refuses_new_ones() {
     let client = host.endpoint(id(&uni), "10.30.0.20", &[]);
     let _tcp = TcpServer::start(&server.ns, 7000, "s");
 
-    let mut conn = TcpConn::open(&client.ns, server.ip, 7000, ALLOWED).expect("the rule admits the connection");
+    let mut conn = TcpConn::open(&client.ns, server.ip, 7000, ALLOWED)
+        .expect("the rule admits the connection");
     assert_eq!(conn.exchange("before", ALLOWED).expect("exchange before the edit"), "s:before");
 
     api.delete_rule(id(&srv), id(&rule));
     for i in 0..5 {
         let msg = format!("after-{i}");
         assert_eq!(
-            conn.exchange(&msg, ALLOWED).unwrap_or_else(|e| panic!("S8: the tracked connection was cut: {e}")),
+            conn.exchange(&msg, ALLOWED)
+                .unwrap_or_else(|e| panic!("S8: the tracked connection was cut: {e}")),
             format!("s:{msg}")
         );
     }
-    assert!(!tcp_connect(&client.ns, server.ip, 7000, DENIED), "S8: a new connection is judged by the new rules");
-    assert_eq!(conn.exchange("last", ALLOWED).expect("still alive after the refused attempt"), "s:last");
+    assert!(
+        !tcp_connect(&client.ns, server.ip, 7000, DENIED),
+        "S8: a new connection is judged by the new rules"
+    );
+    assert_eq!(
+        conn.exchange("last", ALLOWED).expect("still alive after the refused attempt"),
+        "s:last"
+    );
 }
 
 /// S5: joining the peer group of a rule admits an endpoint, leaving it refuses new flows, and an
@@ -57,7 +65,12 @@ fn joining_and_leaving_a_group_changes_what_is_admitted_without_a_rule_edit() {
 
     assert!(!tcp_connect(&client.ns, server.ip, 7000, DENIED), "not yet a member of cli");
     let patched = api.set_groups(&client.id, &[id(&other), id(&cli)]);
-    let mut got: Vec<&str> = patched["security_groups"].as_array().unwrap().iter().map(|g| g.as_str().unwrap()).collect();
+    let mut got: Vec<&str> = patched["security_groups"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|g| g.as_str().unwrap())
+        .collect();
     got.sort_unstable();
     let mut want = vec![id(&other), id(&cli)];
     want.sort_unstable();
@@ -68,7 +81,10 @@ fn joining_and_leaving_a_group_changes_what_is_admitted_without_a_rule_edit() {
     assert!(tcp_connect(&late.ns, server.ip, 7000, ALLOWED), "S5: a new member of cli is admitted");
 
     api.set_groups(&client.id, &[id(&other)]);
-    assert!(!tcp_connect(&client.ns, server.ip, 7000, DENIED), "S5: leaving cli refuses new connections");
+    assert!(
+        !tcp_connect(&client.ns, server.ip, 7000, DENIED),
+        "S5: leaving cli refuses new connections"
+    );
     assert!(tcp_connect(&late.ns, server.ip, 7000, ALLOWED), "the other member is still admitted");
     assert_eq!(api.group(id(&srv)), rules_before, "no rule of the server's group was edited");
 }
@@ -104,14 +120,20 @@ fn a_connection_whose_rule_was_deleted_ends_when_idle_past_its_timeout() {
     let mut n = 0;
     while std::time::Instant::now() < quiet_until {
         n += 1;
-        assert_eq!(busy.exchange(&n.to_string(), ALLOWED).expect("S8: a busy tracked connection lives on"), format!("s:{n}"));
+        assert_eq!(
+            busy.exchange(&n.to_string(), ALLOWED).expect("S8: a busy tracked connection lives on"),
+            format!("s:{n}")
+        );
         std::thread::sleep(std::time::Duration::from_millis(500));
     }
     assert!(
         idle.exchange("late", DENIED).is_err(),
         "S8/S9: a connection idle past its timeout is judged by the rules again, and its rule is gone"
     );
-    assert_eq!(busy.exchange("still", ALLOWED).expect("the busy connection is unaffected"), "s:still");
+    assert_eq!(
+        busy.exchange("still", ALLOWED).expect("the busy connection is unaffected"),
+        "s:still"
+    );
 }
 
 /// An address freed by a deleted endpoint and given to a new endpoint in another group is judged

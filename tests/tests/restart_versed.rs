@@ -13,7 +13,8 @@ fn snapshot(api: &Api) -> Value {
     for path in ["/v1/universes", "/v1/security-groups", "/v1/endpoints"] {
         let r = api.get(path);
         assert_eq!(r.status, 200, "GET {path}: {}", r.body);
-        let mut items = r.json().as_array().cloned().unwrap_or_else(|| panic!("{path} is not an array"));
+        let mut items =
+            r.json().as_array().cloned().unwrap_or_else(|| panic!("{path} is not an array"));
         items.sort_by(|a, b| a["id"].as_str().cmp(&b["id"].as_str()));
         all.insert(path.to_owned(), Value::Array(items));
     }
@@ -40,9 +41,13 @@ fn restart_keeps_connections_policy_and_state() {
     let intruder = host.endpoint(id(&uni), "10.60.0.30", &[id(&intruders)]);
     let _tcp = TcpServer::start(&server.ns, 7000, "s");
 
-    let mut conn = TcpConn::open(&client.ns, server.ip, 7000, ALLOWED).expect("the rule admits the client");
+    let mut conn =
+        TcpConn::open(&client.ns, server.ip, 7000, ALLOWED).expect("the rule admits the client");
     assert_eq!(conn.exchange("before", ALLOWED).unwrap(), "s:before");
-    assert!(!tcp_connect(&intruder.ns, server.ip, 7000, DENIED), "the intruder is refused before the restart");
+    assert!(
+        !tcp_connect(&intruder.ns, server.ip, 7000, DENIED),
+        "the intruder is refused before the restart"
+    );
     let before = snapshot(&api);
 
     let stop = AtomicBool::new(false);
@@ -57,20 +62,24 @@ fn restart_keeps_connections_policy_and_state() {
                 probes.fetch_add(1, Ordering::SeqCst);
             }
         });
-        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            assert!(wait_until(Duration::from_secs(5), || probes.load(Ordering::SeqCst) >= 2));
-            let status = host.versed.stop();
-            eprintln!("versed stopped: {status}");
-            assert_eq!(
-                conn.exchange("while-stopped", ALLOWED).expect("the connection works while versed is down"),
-                "s:while-stopped"
-            );
-            let during = probes.load(Ordering::SeqCst);
-            assert!(wait_until(Duration::from_secs(5), || probes.load(Ordering::SeqCst) >= during + 2));
-            host.versed.start_again();
-            let after = probes.load(Ordering::SeqCst);
-            assert!(wait_until(Duration::from_secs(5), || probes.load(Ordering::SeqCst) >= after + 3));
-        }));
+        let result =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                assert!(wait_until(Duration::from_secs(5), || probes.load(Ordering::SeqCst) >= 2));
+                let status = host.versed.stop();
+                eprintln!("versed stopped: {status}");
+                assert_eq!(
+                    conn.exchange("while-stopped", ALLOWED)
+                        .expect("the connection works while versed is down"),
+                    "s:while-stopped"
+                );
+                let during = probes.load(Ordering::SeqCst);
+                assert!(wait_until(Duration::from_secs(5), || probes.load(Ordering::SeqCst)
+                    >= during + 2));
+                host.versed.start_again();
+                let after = probes.load(Ordering::SeqCst);
+                assert!(wait_until(Duration::from_secs(5), || probes.load(Ordering::SeqCst)
+                    >= after + 3));
+            }));
         stop.store(true, Ordering::SeqCst);
         if let Err(p) = result {
             std::panic::resume_unwind(p);
@@ -81,21 +90,33 @@ fn restart_keeps_connections_policy_and_state() {
 
     for i in 0..3 {
         let msg = format!("after-{i}");
-        assert_eq!(conn.exchange(&msg, ALLOWED).expect("the connection survives the restart"), format!("s:{msg}"));
+        assert_eq!(
+            conn.exchange(&msg, ALLOWED).expect("the connection survives the restart"),
+            format!("s:{msg}")
+        );
     }
     assert_eq!(snapshot(&api), before, "universes, groups and endpoints survive the restart");
-    assert!(tcp_connect(&client.ns, server.ip, 7000, ALLOWED), "new allowed connections after the restart");
+    assert!(
+        tcp_connect(&client.ns, server.ip, 7000, ALLOWED),
+        "new allowed connections after the restart"
+    );
     assert!(!tcp_connect(&intruder.ns, server.ip, 7000, DENIED), "still refused after the restart");
 
     let rule = api.add_rule(
         id(&srv),
         &json!({"direction": "ingress", "protocol": "tcp", "from_port": 7000, "to_port": 7000, "group": id(&intruders)}),
     );
-    assert!(tcp_connect(&intruder.ns, server.ip, 7000, ALLOWED), "an edit after the restart takes effect");
+    assert!(
+        tcp_connect(&intruder.ns, server.ip, 7000, ALLOWED),
+        "an edit after the restart takes effect"
+    );
     api.delete_rule(id(&srv), id(&rule));
     assert!(!tcp_connect(&intruder.ns, server.ip, 7000, DENIED), "and so does its removal");
     let late = host.endpoint(id(&uni), "10.60.0.40", &[id(&cli)]);
-    assert!(tcp_connect(&late.ns, server.ip, 7000, ALLOWED), "an endpoint plugged after the restart works");
+    assert!(
+        tcp_connect(&late.ns, server.ip, 7000, ALLOWED),
+        "an endpoint plugged after the restart works"
+    );
 }
 
 /// A daemon killed with SIGKILL (a crash: no clean-up at all) comes back with its state, the
@@ -120,7 +141,13 @@ fn a_crashed_daemon_comes_back_without_losing_state_or_opening_holes() {
     let name = host.name().to_owned();
     let revision = |api: &Api| -> u64 {
         let hosts = api.get("/v1/hosts").json();
-        hosts.as_array().unwrap().iter().find(|h| h["name"] == name).and_then(|h| h["revision"].as_u64()).unwrap()
+        hosts
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|h| h["name"] == name)
+            .and_then(|h| h["revision"].as_u64())
+            .unwrap()
     };
     let realized = revision(&api);
 
@@ -140,6 +167,9 @@ fn a_crashed_daemon_comes_back_without_losing_state_or_opening_holes() {
     assert_eq!(conn.exchange("up", ALLOWED).expect("the connection survives"), "s:up");
     assert!(!tcp_connect(&stranger.ns, server.ip, 7000, DENIED), "still refused after the crash");
     api.delete_rule(id(&srv), id(&rule));
-    assert!(!tcp_connect(&client.ns, server.ip, 7000, DENIED), "an edit after the crash takes effect");
+    assert!(
+        !tcp_connect(&client.ns, server.ip, 7000, DENIED),
+        "an edit after the crash takes effect"
+    );
     assert_eq!(conn.exchange("tracked", ALLOWED).expect("S8 holds across the crash"), "s:tracked");
 }

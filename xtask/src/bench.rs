@@ -39,7 +39,18 @@ fn tcp_throughput(out: &mut Vec<BenchRecord>) -> Result<()> {
     // Bare path: two namespaces, one veth pair, no program.
     let bare_a = Netns::new("ba");
     let bare_b = Netns::new("bb");
-    bare_a.ip(&["link", "add", "eth0", "type", "veth", "peer", "name", "eth1", "netns", bare_b.name()]);
+    bare_a.ip(&[
+        "link",
+        "add",
+        "eth0",
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "eth1",
+        "netns",
+        bare_b.name(),
+    ]);
     bare_b.ip(&["link", "set", "eth1", "name", "eth0"]);
     for (ns, addr) in [(&bare_a, "10.9.0.10/24"), (&bare_b, "10.9.0.20/24")] {
         ns.ip(&["addr", "add", addr, "dev", "eth0"]);
@@ -71,7 +82,13 @@ fn tcp_throughput(out: &mut Vec<BenchRecord>) -> Result<()> {
     let config = json!({"tool": "iperf3", "streams": 1, "seconds": TCP_SECONDS, "rounds": TCP_ROUNDS,
                         "mtu": 1500, "bare_runs_gbps": bare, "verse_runs_gbps": verse});
     out.push(BenchRecord::new("tcp_bare_veth", bare_m, "Gbit/s", None, config.clone()));
-    out.push(BenchRecord::new("tcp_verse_one_host", verse_m, "Gbit/s", Some(("tcp_bare_veth", verse_m / bare_m)), config));
+    out.push(BenchRecord::new(
+        "tcp_verse_one_host",
+        verse_m,
+        "Gbit/s",
+        Some(("tcp_bare_veth", verse_m / bare_m)),
+        config,
+    ));
     Ok(())
 }
 
@@ -95,8 +112,10 @@ fn iperf3(client: &Netns, server_ns: &Netns, server: Ipv4Addr) -> Result<f64> {
             .context("run iperf3 -c")?;
         if out.status.success() {
             let _ = srv.wait();
-            let v: serde_json::Value = serde_json::from_slice(&out.stdout).context("iperf3 -J output")?;
-            let bps = v["end"]["sum_received"]["bits_per_second"].as_f64().context("end.sum_received")?;
+            let v: serde_json::Value =
+                serde_json::from_slice(&out.stdout).context("iperf3 -J output")?;
+            let bps =
+                v["end"]["sum_received"]["bits_per_second"].as_f64().context("end.sum_received")?;
             return Ok(bps / 1e9);
         }
         last = String::from_utf8_lossy(&out.stdout).into_owned();

@@ -109,13 +109,7 @@ fn rules_for(
     next_id: &mut u32,
 ) -> Vec<Rule> {
     let (p16, p24, p32) = cidr_pool();
-    let matching = [
-        "10.1.0.0/16",
-        "10.1.0.0/24",
-        "10.1.0.10/32",
-        "group",
-        "0.0.0.0/0",
-    ];
+    let matching = ["10.1.0.0/16", "10.1.0.0/24", "10.1.0.10/32", "group", "0.0.0.0/0"];
     (0..n)
         .map(|j| {
             let peer = if all_match {
@@ -137,12 +131,7 @@ fn rules_for(
             *next_id += 1;
             // 64 ports per rule leave room for the widest range; the group shifts the base.
             let from = 1 + (j as u16) * 64 + (g % 8) as u16;
-            tcp_rule(
-                format!("sgr-{:08x}", *next_id),
-                from,
-                WIDTHS[(j + g) % WIDTHS.len()],
-                peer,
-            )
+            tcp_rule(format!("sgr-{:08x}", *next_id), from, WIDTHS[(j + g) % WIDTHS.len()], peer)
         })
         .collect()
 }
@@ -161,13 +150,9 @@ fn build(groups: usize, rules_per_group: usize, all_match: bool) -> Result<(Stat
         .map_err(|e| anyhow::anyhow!("create universe: {e}"))?
         .id;
     let group = |st: &mut State, name: String| {
-        st.create_group(CreateGroup {
-            universe: uni.clone(),
-            name,
-            description: None,
-        })
-        .map(|g| g.id)
-        .map_err(|e| anyhow::anyhow!("create group: {e}"))
+        st.create_group(CreateGroup { universe: uni.clone(), name, description: None })
+            .map(|g| g.id)
+            .map_err(|e| anyhow::anyhow!("create group: {e}"))
     };
     let client = group(&mut st, "client".into())?;
     let mut rng = Rng(0xbe7c_4000 + groups as u64 * 7 + rules_per_group as u64);
@@ -179,18 +164,8 @@ fn build(groups: usize, rules_per_group: usize, all_match: bool) -> Result<(Stat
         // O(rules) per call, which is fine for an API but not for 100,000 calls in a row.
         let sg = st.groups.get_mut(&id).context("group just made")?;
         sg.egress.clear();
-        sg.ingress = rules_for(
-            g,
-            rules_per_group,
-            &client,
-            all_match,
-            &mut rng,
-            &mut next_id,
-        );
-        ensure!(
-            sg.ingress.len() <= model::MAX_RULES_PER_GROUP,
-            "S12: too many rules in a group"
-        );
+        sg.ingress = rules_for(g, rules_per_group, &client, all_match, &mut rng, &mut next_id);
+        ensure!(sg.ingress.len() <= model::MAX_RULES_PER_GROUP, "S12: too many rules in a group");
         rx.push(id);
     }
     let mut eps = Vec::new();
@@ -208,30 +183,12 @@ fn build(groups: usize, rules_per_group: usize, all_match: bool) -> Result<(Stat
         .map(|e| e.id)
         .map_err(|e| anyhow::anyhow!("create endpoint {name}: {e}"))
     };
-    eps.push(ep(
-        &mut st,
-        "sender",
-        SENDER_IP.to_string(),
-        vec![client.clone()],
-    )?);
+    eps.push(ep(&mut st, "sender", SENDER_IP.to_string(), vec![client.clone()])?);
     for r in 0..RECEIVERS {
-        let mine: Vec<String> = rx
-            .iter()
-            .skip(r * GROUPS_PER_RECEIVER)
-            .take(GROUPS_PER_RECEIVER)
-            .cloned()
-            .collect();
-        let mine = if mine.is_empty() {
-            vec![rx[r % rx.len()].clone()]
-        } else {
-            mine
-        };
-        eps.push(ep(
-            &mut st,
-            &format!("rx{r}"),
-            format!("10.5.0.{}", 10 + r),
-            mine,
-        )?);
+        let mine: Vec<String> =
+            rx.iter().skip(r * GROUPS_PER_RECEIVER).take(GROUPS_PER_RECEIVER).cloned().collect();
+        let mine = if mine.is_empty() { vec![rx[r % rx.len()].clone()] } else { mine };
+        eps.push(ep(&mut st, &format!("rx{r}"), format!("10.5.0.{}", 10 + r), mine)?);
     }
     Ok((st, eps))
 }
@@ -245,9 +202,7 @@ fn syn(src_mac: [u8; 6], dst: Ipv4Addr, sport: u16, dport: u16) -> Vec<u8> {
     let mut f = Vec::with_capacity(64);
     f.extend_from_slice(&[0x02, 0, 0, 0, 0, 1]);
     f.extend_from_slice(&src_mac);
-    f.extend_from_slice(&[
-        0x08, 0x00, 0x45, 0x00, 0x00, 40, 0x12, 0x34, 0x40, 0x00, 64, 6, 0, 0,
-    ]);
+    f.extend_from_slice(&[0x08, 0x00, 0x45, 0x00, 0x00, 40, 0x12, 0x34, 0x40, 0x00, 64, 6, 0, 0]);
     f.extend_from_slice(&SENDER_IP.octets());
     f.extend_from_slice(&dst.octets());
     f.extend_from_slice(&sport.to_be_bytes());
@@ -277,11 +232,7 @@ fn pool(st: &State, eps: &[String]) -> Result<Vec<Vec<u8>>> {
                 Peer::Group(g) => client_groups.contains(g),
             })
             .collect();
-        ensure!(
-            !allowed.is_empty(),
-            "receiver {} has no rule that admits the sender",
-            rx.id
-        );
+        ensure!(!allowed.is_empty(), "receiver {} has no rule that admits the sender", rx.id);
         let r = allowed[rng.below(allowed.len())];
         let (lo, hi) = r.ports.context("bench rules are TCP with ports")?;
         let dport = lo + rng.below(usize::from(hi - lo) + 1) as u16;
@@ -355,11 +306,7 @@ fn load(
 ) -> Result<Loaded> {
     let sender = &st.endpoints[&eps[0]];
     let smac = mac(&sender.mac)?;
-    let config = Config {
-        timeouts_ns: timeouts.ns,
-        gateway_mac: smac,
-        _pad: [0; 2],
-    };
+    let config = Config { timeouts_ns: timeouts.ns, gateway_mac: smac, _pad: [0; 2] };
     let dp_dir = dir.join(name);
     let mut dp =
         Dataplane::load(&dp_dir, &config).with_context(|| format!("load dataplane for {name}"))?;
@@ -369,14 +316,9 @@ fn load(
         .map_err(|e| anyhow::anyhow!("compile {name}: {e}"))?;
     let compile_s = t.elapsed().as_secs_f64();
     let t = Instant::now();
-    dp.apply(&Desired::default(), &desired)
-        .with_context(|| format!("apply {name}"))?;
+    dp.apply(&Desired::default(), &desired).with_context(|| format!("apply {name}"))?;
     let apply_s = t.elapsed().as_secs_f64();
-    let rules: usize = st
-        .groups
-        .values()
-        .map(|g| g.ingress.len() + g.egress.len())
-        .sum();
+    let rules: usize = st.groups.values().map(|g| g.ingress.len() + g.egress.len()).sum();
     let pool = pool(st, eps)?;
     let sender_ifindex = ifindex[&eps[0]];
 
@@ -401,10 +343,7 @@ fn load(
         );
     }
     let drops_after: u64 = dp.drops()?.values().sum();
-    ensure!(
-        drops_after == drops_before,
-        "{name}: the first pass dropped packets"
-    );
+    ensure!(drops_after == drops_before, "{name}: the first pass dropped packets");
     let ct_entries = dp.conntrack()?.len();
     if established {
         ensure!(
@@ -423,19 +362,8 @@ fn load(
     obj.insert("apply_s".into(), json!(apply_s));
     obj.insert("ct_timeouts_ns".into(), json!(timeouts.ns));
     obj.insert("ct_entries_after_first_pass".into(), json!(ct_entries));
-    obj.insert(
-        "verified_instructions".into(),
-        json!(dp.verified_instruction_count()?),
-    );
-    Ok(Loaded {
-        name,
-        dp,
-        pool,
-        sender_ifindex,
-        repeat: 1,
-        config,
-        samples: Vec::new(),
-    })
+    obj.insert("verified_instructions".into(), json!(dp.verified_instruction_count()?));
+    Ok(Loaded { name, dp, pool, sender_ifindex, repeat: 1, config, samples: Vec::new() })
 }
 
 pub fn run(out: &mut Vec<BenchRecord>) -> Result<()> {
@@ -448,27 +376,13 @@ pub fn run(out: &mut Vec<BenchRecord>) -> Result<()> {
     let small = build(1, 10, true)?;
     let mid = build(100, 100, false)?;
     let large = build(100, 1000, false)?;
-    eprintln!(
-        "bench_micro: states built in {:.1} s",
-        t.elapsed().as_secs_f64()
-    );
+    eprintln!("bench_micro: states built in {:.1} s", t.elapsed().as_secs_f64());
     // Endpoint ids are numbered alike in each state (same creation order): one set of veths.
     for i in 0..=RECEIVERS {
-        ns.ip(&[
-            "link",
-            "add",
-            &format!("b{i}"),
-            "type",
-            "veth",
-            "peer",
-            "name",
-            &format!("c{i}"),
-        ]);
+        ns.ip(&["link", "add", &format!("b{i}"), "type", "veth", "peer", "name", &format!("c{i}")]);
     }
-    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
-        .unwrap_or_default()
-        .trim()
-        .to_owned();
+    let kernel =
+        std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim().to_owned();
 
     let records = ns.enter(|| -> Result<Vec<BenchRecord>> {
         let index = |name: &str| -> Result<u32> {
@@ -587,20 +501,4 @@ pub fn run(out: &mut Vec<BenchRecord>) -> Result<()> {
     drop(tmp);
     drop(ns);
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    /// The micro-benchmark alone (root, about a minute):
-    /// `cargo test -p xtask bench_micro -- --ignored --nocapture`.
-    #[test]
-    #[ignore = "needs root and a minute; run by `cargo xtask bench`"]
-    fn bench_micro_alone() {
-        let mut records = Vec::new();
-        super::run(&mut records).expect("bench_micro");
-        crate::results::print_table(&records);
-        for r in &records {
-            println!("{} {}", r.name, r.config);
-        }
-    }
 }

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use serde_json::Value;
-use tests::{tcp_connect, ping, Host, Netns, TcpServer, Workload};
+use tests::{ping, tcp_connect, Host, Netns, TcpServer, Workload};
 
 struct Cli<'a> {
     host: &'a Host,
@@ -45,7 +45,8 @@ impl Cli<'_> {
         let mut full = vec!["-o", "json"];
         full.extend_from_slice(args);
         let out = self.run(&full)?;
-        let v: Value = serde_json::from_str(&out).with_context(|| format!("verse output: {out}"))?;
+        let v: Value =
+            serde_json::from_str(&out).with_context(|| format!("verse output: {out}"))?;
         Ok(v["id"].as_str().context("id in verse output")?.to_owned())
     }
 }
@@ -72,16 +73,42 @@ pub fn run(bin_dir: &Path) -> Result<()> {
 
     println!("\n== Security groups in `shop`: clients -> web:80 -> db:5432");
     let clients = cli.create(&["sg", "create", "--universe", &shop, "clients"])?;
-    let web = cli.create(&["sg", "create", "--universe", &shop, "web", "--description", "HTTP tier"])?;
+    let web =
+        cli.create(&["sg", "create", "--universe", &shop, "web", "--description", "HTTP tier"])?;
     let db = cli.create(&["sg", "create", "--universe", &shop, "db"])?;
-    cli.run(&["rule", "add", &web, "--direction", "ingress", "--protocol", "tcp", "--ports", "80", "--group", &clients])?;
-    cli.run(&["rule", "add", &db, "--direction", "ingress", "--protocol", "tcp", "--ports", "5432", "--group", &web])?;
+    cli.run(&[
+        "rule",
+        "add",
+        &web,
+        "--direction",
+        "ingress",
+        "--protocol",
+        "tcp",
+        "--ports",
+        "80",
+        "--group",
+        &clients,
+    ])?;
+    cli.run(&[
+        "rule",
+        "add",
+        &db,
+        "--direction",
+        "ingress",
+        "--protocol",
+        "tcp",
+        "--ports",
+        "5432",
+        "--group",
+        &web,
+    ])?;
     cli.run(&["sg", "show", &web])?;
 
     println!("\n== Endpoints: one network namespace each");
     let ep = |uni: &str, ip: &str, sg: Option<&str>| -> Result<Workload> {
         let ns = Netns::new("d");
-        let mut args = vec!["endpoint", "create", "--universe", uni, "--netns", ns.name(), "--ip", ip];
+        let mut args =
+            vec!["endpoint", "create", "--universe", uni, "--netns", ns.name(), "--ip", ip];
         if let Some(sg) = sg {
             args.extend_from_slice(&["--sg", sg]);
         }
@@ -112,30 +139,73 @@ pub fn run(bin_dir: &Path) -> Result<()> {
     let (ip_web, ip_db) = (Ipv4Addr::new(10, 0, 0, 10), Ipv4Addr::new(10, 0, 0, 30));
 
     println!("\n== Traffic in `shop`");
-    check("client -> web:80 (clients may reach web)", true, tcp_connect(client.ns(), ip_web, 80, t))?;
-    check("client -> db:5432 (only web may reach db)", false, tcp_connect(client.ns(), ip_db, 5432, t))?;
+    check(
+        "client -> web:80 (clients may reach web)",
+        true,
+        tcp_connect(client.ns(), ip_web, 80, t),
+    )?;
+    check(
+        "client -> db:5432 (only web may reach db)",
+        false,
+        tcp_connect(client.ns(), ip_db, 5432, t),
+    )?;
     check("web -> db:5432 (group references group)", true, tcp_connect(web1.ns(), ip_db, 5432, t))?;
     check("client ping web (no ICMP rule: default deny)", false, ping(client.ns(), ip_web))?;
 
     println!("\n== Allow ICMP echo from clients to web; no restart, no reconnect");
-    cli.run(&["rule", "add", &web, "--direction", "ingress", "--protocol", "icmp", "--icmp-type", "8", "--icmp-code", "-1", "--group", &clients])?;
+    cli.run(&[
+        "rule",
+        "add",
+        &web,
+        "--direction",
+        "ingress",
+        "--protocol",
+        "icmp",
+        "--icmp-type",
+        "8",
+        "--icmp-code",
+        "-1",
+        "--group",
+        &clients,
+    ])?;
     check("client ping web", true, ping(client.ns(), ip_web))?;
 
     println!("\n== Membership, not rules: move the client into `web` (S5)");
     cli.run(&["endpoint", "update", &client.id, "--sg", &web])?;
-    check("client -> db:5432 now that it is in web", true, tcp_connect(client.ns(), ip_db, 5432, t))?;
+    check(
+        "client -> db:5432 now that it is in web",
+        true,
+        tcp_connect(client.ns(), ip_db, 5432, t),
+    )?;
 
     println!("\n== `lab` has the same addresses and its own default group (S3)");
-    check("lab 10.0.0.20 -> 10.0.0.10:80 (lab's own server)", true, tcp_connect(lab_b.ns(), ip_web, 80, t))?;
-    check("lab 10.0.0.20 -> 10.0.0.30:5432 (exists only in shop)", false, tcp_connect(lab_b.ns(), ip_db, 5432, t))?;
+    check(
+        "lab 10.0.0.20 -> 10.0.0.10:80 (lab's own server)",
+        true,
+        tcp_connect(lab_b.ns(), ip_web, 80, t),
+    )?;
+    check(
+        "lab 10.0.0.20 -> 10.0.0.30:5432 (exists only in shop)",
+        false,
+        tcp_connect(lab_b.ns(), ip_db, 5432, t),
+    )?;
 
     println!("\n== Spoofing: lab-b sends from an address that is not its own");
     lab_b.ns().ip(&["addr", "add", "10.0.0.99/32", "dev", "eth0"]);
-    let spoofed = lab_b.ns().exec("ping", &["-c", "1", "-W", "1", "-I", "10.0.0.99", "10.0.0.10"]).status.success();
+    let spoofed = lab_b
+        .ns()
+        .exec("ping", &["-c", "1", "-W", "1", "-I", "10.0.0.99", "10.0.0.10"])
+        .status
+        .success();
     check("spoofed source 10.0.0.99", false, spoofed)?;
 
     println!("\n== Drop counters (GET /metrics)");
-    for line in host.api.metrics().lines().filter(|l| l.starts_with("verse_drops_total") && !l.ends_with(" 0")) {
+    for line in host
+        .api
+        .metrics()
+        .lines()
+        .filter(|l| l.starts_with("verse_drops_total") && !l.ends_with(" 0"))
+    {
         println!("  {line}");
     }
     cli.run(&["host", "list"])?;

@@ -86,10 +86,7 @@ fn build(release: bool) -> Result<()> {
 fn test(args: &[String]) -> Result<()> {
     require_root("test")?;
     build(false)?;
-    run(cargo()
-        .args(["test", "--no-fail-fast"])
-        .args(args)
-        .env("VERSE_BIN_DIR", bin_dir(false)))
+    run(cargo().args(["test", "--no-fail-fast"]).args(args).env("VERSE_BIN_DIR", bin_dir(false)))
 }
 
 fn require_root(what: &str) -> Result<()> {

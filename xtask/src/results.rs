@@ -43,7 +43,8 @@ pub fn write(records: &[BenchRecord]) -> Result<()> {
     fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
     let path = dir.join("results.json");
     let doc = serde_json::json!({ "records": records });
-    fs::write(&path, serde_json::to_vec_pretty(&doc)?).with_context(|| format!("write {}", path.display()))?;
+    fs::write(&path, serde_json::to_vec_pretty(&doc)?)
+        .with_context(|| format!("write {}", path.display()))?;
     eprintln!("wrote {}", path.display());
     Ok(())
 }

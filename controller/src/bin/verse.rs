@@ -12,7 +12,8 @@ use serde::Serialize;
 use verse::api::{EndpointView, Host};
 use verse::client::{self, Client, DEFAULT_API};
 use verse::model::{
-    CreateEndpoint, CreateGroup, CreateRule, CreateUniverse, PatchEndpoint, Rule, SecurityGroup, Universe,
+    CreateEndpoint, CreateGroup, CreateRule, CreateUniverse, PatchEndpoint, Rule, SecurityGroup,
+    Universe,
 };
 
 #[derive(Parser)]
@@ -409,7 +410,10 @@ impl Out {
                 ]
             })
             .collect();
-        table(&["ID", "UNIVERSE", "HOST", "NETNS", "IP", "MAC", "INTERFACE", "SECURITY_GROUPS"], rows);
+        table(
+            &["ID", "UNIVERSE", "HOST", "NETNS", "IP", "MAC", "INTERFACE", "SECURITY_GROUPS"],
+            rows,
+        );
     }
 
     fn hosts(&self, hs: &[Host]) {

@@ -77,19 +77,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let host = config.host_name().context("naming this host")?;
     let bpf_dir = config.bpf_dir();
 
-    std::fs::create_dir_all(&config.state_dir).with_context(|| {
-        format!(
-            "creating the state directory {}",
-            config.state_dir.display()
-        )
-    })?;
+    std::fs::create_dir_all(&config.state_dir)
+        .with_context(|| format!("creating the state directory {}", config.state_dir.display()))?;
     // `Config::load` has validated `store`: this version serves the embedded store only.
-    let store = Store::open_embedded(&config.state_dir).with_context(|| {
-        format!(
-            "opening the embedded store in {}",
-            config.state_dir.display()
-        )
-    })?;
+    let store = Store::open_embedded(&config.state_dir)
+        .with_context(|| format!("opening the embedded store in {}", config.state_dir.display()))?;
 
     let underlay_ip = match &config.underlay {
         Some(iface) => netlink::ipv4_address(iface)
@@ -99,9 +91,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     };
 
     warn_if_bpffs_is_ours(&bpf_dir);
-    let dp_config = config
-        .dataplane_config()
-        .context("building the dataplane settings")?;
+    let dp_config = config.dataplane_config().context("building the dataplane settings")?;
     let dataplane = Dataplane::load(&bpf_dir, &dp_config)
         .with_context(|| format!("loading the dataplane (bpffs {})", bpf_dir.display()))?;
     let dataplane: SharedDataplane = Arc::new(Mutex::new(dataplane));
@@ -112,10 +102,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let states = store.subscribe();
 
     let stats: StatsFn = Arc::new(move || {
-        let drops = dataplane
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .drops()?;
+        let drops = dataplane.lock().unwrap_or_else(PoisonError::into_inner).drops()?;
         Ok(Stats { drops })
     });
     let app = api::router(AppState {
@@ -147,10 +134,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     // the round it is in. Cutting a long round short is safe too: every step is idempotent and
     // the next start converges from what the kernel holds.
     let mut reconciling = reconciling;
-    if tokio::time::timeout(SHUTDOWN_GRACE, &mut reconciling)
-        .await
-        .is_err()
-    {
+    if tokio::time::timeout(SHUTDOWN_GRACE, &mut reconciling).await.is_err() {
         tracing::warn!(grace = ?SHUTDOWN_GRACE, "the reconciler did not finish its round in time; stopping it");
         reconciling.abort();
     }
