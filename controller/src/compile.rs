@@ -78,7 +78,7 @@ pub fn compile(
         );
         desired.routes.insert(
             dp::RouteKey { vni: universe.vni, ip },
-            dp::Route { ifindex: index, identity: ep.identity, mac, _pad: [0; 2] },
+            dp::Route { ifindex: index, identity: ep.identity, mac, _pad: [0; 2], underlay: [0; 4] },
         );
         local_identities.insert(ep.identity);
         local_universes.insert(universe.id.as_str());
@@ -645,7 +645,7 @@ mod tests {
             d.routes,
             BTreeMap::from([(
                 dp::RouteKey { vni: u.vni, ip: [10, 0, 0, 10] },
-                dp::Route { ifindex: 7, identity: a.identity, mac, _pad: [0; 2] }
+                dp::Route { ifindex: 7, identity: a.identity, mac, _pad: [0; 2], underlay: [0; 4] }
             )])
         );
         let _ = remote;

@@ -303,7 +303,12 @@ impl Config {
         ] {
             timeouts_ns[usize::from(state)] = secs.saturating_mul(1_000_000_000);
         }
-        Ok(dp::Config { timeouts_ns, gateway_mac: self.gateway_mac_bytes()?, _pad: [0; 2] })
+        // The underlay fields are filled in by versed once it has looked the interface up.
+        Ok(dp::Config {
+            timeouts_ns,
+            gateway_mac: self.gateway_mac_bytes()?,
+            ..dp::Config::default()
+        })
     }
 
     /// Every setting with a comment above it and its default value; parses back to

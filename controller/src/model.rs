@@ -188,6 +188,18 @@ pub struct State {
     /// Identities in use, by number (1..=`dataplane_common::MAX_IDENTITY`). An identity is made
     /// when an endpoint first needs its set of groups and removed when no endpoint has it.
     pub identities: BTreeMap<u32, Identity>,
+    /// Hosts of the fleet, by name. A `versed` registers its own host at start; endpoints of
+    /// other hosts are reached through their `underlay_ip`.
+    #[serde(default)]
+    pub hosts: BTreeMap<String, HostRecord>,
+}
+
+/// A host as the desired state knows it (liveness and realized revision are reported apart).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostRecord {
+    pub name: String,
+    /// Address on the underlay network; `None` for a host without one (single-host setups).
+    pub underlay_ip: Option<Ipv4Addr>,
 }
 
 // ---- Requests: what the API accepts (deserialized with field paths for errors) ----

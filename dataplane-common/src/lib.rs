@@ -16,10 +16,19 @@ pub mod map_names {
     pub const CONNTRACK: &str = "VERSE_CT";
     pub const CONFIG: &str = "VERSE_CONFIG";
     pub const DROPS: &str = "VERSE_DROPS";
+    pub const HOSTS: &str = "VERSE_HOSTS";
 }
 
 /// Name of the TC program attached (TCX ingress) to the host side of every endpoint veth.
 pub const PROG_FROM_ENDPOINT: &str = "from_endpoint";
+/// Name of the program that receives encapsulated traffic on the underlay interface.
+pub const PROG_FROM_UNDERLAY: &str = "from_underlay";
+
+/// UDP destination port of the encapsulation (IANA VXLAN, RFC 7348).
+pub const VXLAN_PORT: u16 = 4789;
+/// Bytes the encapsulation adds inside the underlay MTU: outer IPv4 20 + UDP 8 + VXLAN 8 +
+/// inner Ethernet 14. An endpoint's MTU is the underlay MTU minus this.
+pub const ENCAP_OVERHEAD: u32 = 50;
 
 /// Capacities of the maps. The compiler refuses an edit whose compiled form would not fit (S12).
 pub mod capacity {
@@ -28,6 +37,7 @@ pub mod capacity {
     pub const CIDRS: u32 = 262_144;
     pub const POLICY: u32 = 2_097_152;
     pub const CONNTRACK: u32 = 262_144;
+    pub const HOSTS: u32 = 4096;
     /// Slots of the drop counter array; every `DropReason` code is below this.
     pub const DROPS: u32 = 64;
 }
@@ -67,10 +77,23 @@ pub enum DropReason {
     ArpUnanswered = 13,
     /// A delivery helper (redirect) failed.
     RedirectFailed = 14,
+    /// Encapsulated traffic from an underlay address that is no known host (S10).
+    UnknownHost = 15,
+    /// Encapsulated traffic naming a VNI that is no universe of this fleet.
+    UnknownUniverse = 16,
+    /// The inner source is not an endpoint that the control plane places on the sending host,
+    /// in that universe (S10).
+    NotPlacedOnSender = 17,
+    /// The inner destination is not an endpoint of this host.
+    NotLocal = 18,
+    /// A truncated or malformed outer header, VXLAN header or inner frame.
+    MalformedEncap = 19,
+    /// Too big to wrap for the underlay MTU; an ICMP "fragmentation needed" went back.
+    FragNeeded = 20,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 14] = [
+    pub const ALL: [DropReason; 20] = [
         DropReason::TruncatedEthernet,
         DropReason::UnknownEthertype,
         DropReason::Ipv6Unsupported,
@@ -85,6 +108,12 @@ impl DropReason {
         DropReason::PolicyIngress,
         DropReason::ArpUnanswered,
         DropReason::RedirectFailed,
+        DropReason::UnknownHost,
+        DropReason::UnknownUniverse,
+        DropReason::NotPlacedOnSender,
+        DropReason::NotLocal,
+        DropReason::MalformedEncap,
+        DropReason::FragNeeded,
     ];
 
     /// The label used in metrics and the CLI.
@@ -104,6 +133,12 @@ impl DropReason {
             DropReason::PolicyIngress => "policy_ingress",
             DropReason::ArpUnanswered => "arp_unanswered",
             DropReason::RedirectFailed => "redirect_failed",
+            DropReason::UnknownHost => "unknown_host",
+            DropReason::UnknownUniverse => "unknown_universe",
+            DropReason::NotPlacedOnSender => "not_placed_on_sender",
+            DropReason::NotLocal => "not_local",
+            DropReason::MalformedEncap => "malformed_encap",
+            DropReason::FragNeeded => "frag_needed",
         }
     }
 
@@ -140,13 +175,17 @@ pub struct RouteKey {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct Route {
-    /// Host-side veth of the endpoint (local endpoints).
+    /// Host-side veth of the endpoint (local endpoints); 0 for an endpoint on another host.
     pub ifindex: u32,
     /// Security identity of the endpoint.
     pub identity: u32,
     /// MAC of the endpoint, written as the destination of delivered frames.
     pub mac: [u8; 6],
     pub _pad: [u8; 2],
+    /// Underlay IPv4 address of the host the endpoint is placed on, network order; all zero for
+    /// a local endpoint. Encapsulated traffic claiming this endpoint as its inner source is
+    /// accepted only from this address (S10).
+    pub underlay: [u8; 4],
 }
 
 /// `VERSE_CIDRS` LPM key data (after the kernel's `prefixlen`): universe then address, both
@@ -263,7 +302,18 @@ pub struct Config {
     /// MAC the dataplane answers ARP with and writes as the source of delivered frames.
     pub gateway_mac: [u8; 6],
     pub _pad: [u8; 2],
+    /// The underlay interface (0: none, this host sends nothing to other hosts).
+    pub underlay_ifindex: u32,
+    /// This host's underlay IPv4 address, network order: the outer source.
+    pub underlay_ip: [u8; 4],
+    /// MTU of the underlay interface (outer IPv4 packet size).
+    pub underlay_mtu: u32,
+    pub _pad2: [u8; 4],
 }
+
+/// `VERSE_HOSTS`: underlay IPv4 address (network order) -> host number (non-zero). Encapsulated
+/// traffic from any other address is dropped (S10).
+pub type HostKey = [u8; 4];
 
 #[cfg(feature = "user")]
 mod pod {
@@ -288,12 +338,12 @@ mod tests {
     fn layouts_have_no_implicit_padding() {
         assert_eq!(size_of::<Endpoint>(), 20);
         assert_eq!(size_of::<RouteKey>(), 8);
-        assert_eq!(size_of::<Route>(), 16);
+        assert_eq!(size_of::<Route>(), 20);
         assert_eq!(size_of::<CidrKey>(), 8);
         assert_eq!(size_of::<PolicyKey>(), 12);
         assert_eq!(size_of::<CtKey>(), 20);
         assert_eq!(size_of::<CtEntry>(), 16);
-        assert_eq!(size_of::<Config>(), 64);
+        assert_eq!(size_of::<Config>(), 80);
     }
 
     #[test]

@@ -41,7 +41,7 @@ fn config() -> Config {
     timeouts_ns[ct_state::UDP_REPLIED as usize] = 180 * s;
     timeouts_ns[ct_state::ICMP as usize] = 30 * s;
     timeouts_ns[ct_state::OTHER as usize] = 600 * s;
-    Config { timeouts_ns, gateway_mac: GATEWAY_MAC, _pad: [0; 2] }
+    Config { timeouts_ns, gateway_mac: GATEWAY_MAC, ..Config::default() }
 }
 
 // ---- literal frames ------------------------------------------------------------------------
@@ -115,7 +115,7 @@ fn arp_request(sha: [u8; 6], spa: [u8; 4], tpa: [u8; 4]) -> Vec<u8> {
 /// A can send anything anywhere (egress all); B admits TCP/80 from A. Nothing else.
 fn desired(if_a: u32, if_b: u32) -> Desired {
     let endpoint = |ip, mac, identity| Endpoint { ip, mac, _pad: [0; 2], vni: VNI, identity };
-    let route = |ifindex, identity, mac| Route { ifindex, identity, mac, _pad: [0; 2] };
+    let route = |ifindex, identity, mac| Route { ifindex, identity, mac, _pad: [0; 2], underlay: [0; 4] };
     let mut d = Desired::default();
     d.endpoints.insert(if_a, endpoint(IP_A, MAC_A, ID_A));
     d.endpoints.insert(if_b, endpoint(IP_B, MAC_B, ID_B));

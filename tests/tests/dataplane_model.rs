@@ -837,7 +837,7 @@ fn kernel_program_agrees_with_the_reference_model_on_generated_packets() {
         let stranger = index(&format!("d{}", shorts.len()));
 
         let timeouts = Timeouts::default();
-        let config = Config { timeouts_ns: timeouts.ns, gateway_mac: GW, _pad: [0; 2] };
+        let config = Config { timeouts_ns: timeouts.ns, gateway_mac: GW, ..Config::default() };
         let dp = Dataplane::load(bpffs.path(), &config).expect("load the dataplane");
         let mut run = Run {
             dp,
@@ -914,7 +914,7 @@ fn kernel_program_agrees_with_the_reference_model_on_generated_packets() {
             *t = 300_000_000;
         }
         short.ns[ct_state::TCP_ESTABLISHED as usize] = 3_600_000_000_000;
-        let config = Config { timeouts_ns: short.ns, gateway_mac: GW, _pad: [0; 2] };
+        let config = Config { timeouts_ns: short.ns, gateway_mac: GW, ..Config::default() };
         run.dp = Dataplane::load(bpffs.path(), &config).expect("reload with short timeouts");
         std::thread::sleep(std::time::Duration::from_millis(700));
         let host = Host::new(&state, HOST, &local, GW, short);

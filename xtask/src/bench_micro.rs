@@ -306,7 +306,7 @@ fn load(
 ) -> Result<Loaded> {
     let sender = &st.endpoints[&eps[0]];
     let smac = mac(&sender.mac)?;
-    let config = Config { timeouts_ns: timeouts.ns, gateway_mac: smac, _pad: [0; 2] };
+    let config = Config { timeouts_ns: timeouts.ns, gateway_mac: smac, ..Config::default() };
     let dp_dir = dir.join(name);
     let mut dp =
         Dataplane::load(&dp_dir, &config).with_context(|| format!("load dataplane for {name}"))?;
