@@ -15,6 +15,8 @@
 //! Sockets are opened inside a namespace by a short-lived thread that joins it with `setns(2)`
 //! ([`Netns::enter`]); a socket stays in the namespace it was created in, so the rest of the test
 //! uses it from any thread.
+//!
+//! Several hosts sharing one etcd over an IP underlay: see [`fleet`].
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufRead, BufReader, Read, Write};
@@ -28,6 +30,9 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 pub use serde_json::{json, Value};
+
+pub mod fleet;
+pub use fleet::{bulk_send, underlay_ip, BulkSink, Etcd, Fleet, VxlanGbp};
 
 // ---------------------------------------------------------------------------------------------
 // Names and polling
@@ -327,6 +332,8 @@ pub struct Versed {
     port: u16,
     log_path: PathBuf,
     config: Option<PathBuf>,
+    /// Further flags after the ones [`Versed::start`] always passes (`--store`, `--underlay`).
+    extra_args: Vec<String>,
     child: Option<Child>,
 }
 
@@ -343,6 +350,19 @@ impl Versed {
         port: u16,
         config: Option<&str>,
     ) -> Versed {
+        Versed::start_with_args(netns, state_dir, host, port, config, &[])
+    }
+
+    /// Like [`Versed::start`], with `extra_args` appended to the command line (for example
+    /// `--store etcd://198.18.0.254:2379 --underlay ul0`); they survive restarts.
+    pub fn start_with_args(
+        netns: &str,
+        state_dir: &Path,
+        host: &str,
+        port: u16,
+        config: Option<&str>,
+        extra_args: &[&str],
+    ) -> Versed {
         let config = config.map(|text| {
             let path = state_dir.join("versed.toml");
             fs::write(&path, text).unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
@@ -356,6 +376,7 @@ impl Versed {
             port,
             log_path: state_dir.join("versed.log"),
             config,
+            extra_args: extra_args.iter().map(|a| (*a).to_owned()).collect(),
             child: None,
         };
         v.spawn();
@@ -379,6 +400,7 @@ impl Versed {
         if let Some(config) = &self.config {
             cmd.arg("--config").arg(config);
         }
+        cmd.args(&self.extra_args);
         cmd.stdin(Stdio::null()).stdout(log).stderr(err);
         if std::env::var_os("RUST_LOG").is_none() {
             cmd.env("RUST_LOG", "info");
@@ -522,13 +544,27 @@ impl Host {
     /// --print-default-config`).
     pub fn start_with_config(config: Option<&str>) -> Host {
         let netns = Netns::new("h");
+        let name = format!("{}-host", netns.name());
+        Host::start_in(netns, &name, config, &[])
+    }
+
+    /// A daemon named `name` in a namespace the caller has prepared (for example with an
+    /// underlay interface already in it), started with `extra_args` (see
+    /// [`Versed::start_with_args`]). The host owns the namespace from now on.
+    pub fn start_in(netns: Netns, name: &str, config: Option<&str>, extra_args: &[&str]) -> Host {
         let state = TempDir::new("s");
         // `bpf_dir` defaults to `<state_dir>/bpf` in the daemon's configuration.
         let bpffs = Bpffs::mount(&state.path().join("bpf"));
-        let name = format!("{}-host", netns.name());
-        let versed = Versed::start(netns.name(), state.path(), &name, unique_port(), config);
+        let versed = Versed::start_with_args(
+            netns.name(),
+            state.path(),
+            name,
+            unique_port(),
+            config,
+            extra_args,
+        );
         let api = versed.api();
-        Host { versed, api, bpffs, netns, state, name }
+        Host { versed, api, bpffs, netns, state, name: name.to_owned() }
     }
 
     pub fn name(&self) -> &str {
@@ -547,25 +583,7 @@ impl Host {
     /// Makes a workload namespace and plugs it as an endpoint (`POST /v1/endpoints`, which must
     /// answer 201). `groups` empty means "none given", so the endpoint gets `default` (S3).
     pub fn endpoint(&self, universe: &str, ip: &str, groups: &[&str]) -> Workload {
-        let ns = Netns::new("w");
-        let mut body = json!({"universe": universe, "netns": ns.name(), "ip": ip});
-        if !groups.is_empty() {
-            body["security_groups"] = json!(groups);
-        }
-        let r = self.api.post("/v1/endpoints", &body);
-        assert_eq!(r.status, 201, "POST /v1/endpoints {body}: {}", r.body);
-        let ep = r.json();
-        let s = |k: &str| {
-            ep[k].as_str().unwrap_or_else(|| panic!("endpoint.{k} missing in {ep}")).to_owned()
-        };
-        Workload {
-            id: s("id"),
-            ip: s("ip").parse().unwrap_or_else(|e| panic!("endpoint.ip in {ep}: {e}")),
-            mac: s("mac"),
-            interface: s("interface"),
-            json: ep,
-            ns,
-        }
+        self.api.create_endpoint(None, universe, ip, groups)
     }
 }
 
@@ -657,23 +675,7 @@ impl Api {
         timeout: Duration,
     ) -> io::Result<Response> {
         let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, self.port));
-        let mut stream = enter_netns(&self.netns, || TcpStream::connect_timeout(&addr, timeout))?;
-        stream.set_read_timeout(Some(timeout))?;
-        stream.set_write_timeout(Some(timeout))?;
-        let payload = body.map(|b| b.to_string()).unwrap_or_default();
-        let mut req = format!(
-            "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{}\r\nConnection: close\r\n",
-            self.port
-        );
-        if body.is_some() {
-            req.push_str("Content-Type: application/json\r\n");
-        }
-        req.push_str(&format!("Content-Length: {}\r\n\r\n", payload.len()));
-        req.push_str(&payload);
-        stream.write_all(req.as_bytes())?;
-        let mut raw = Vec::new();
-        stream.read_to_end(&mut raw)?;
-        parse_http_response(&raw)
+        http_request(&self.netns, addr, method, path, body, timeout)
     }
 
     fn call(&self, method: &str, path: &str, body: Option<&Value>) -> Response {
@@ -748,12 +750,77 @@ impl Api {
         assert_eq!(r.status, 200, "PATCH endpoint {endpoint} {groups:?}: {}", r.body);
         r.json()
     }
+    /// Makes a workload namespace and plugs it as an endpoint through this API (`POST
+    /// /v1/endpoints`, which must answer 201), placed on `host` (`None`: the host serving the
+    /// request). `groups` empty means "none given", so the endpoint gets `default` (S3).
+    pub fn create_endpoint(
+        &self,
+        host: Option<&str>,
+        universe: &str,
+        ip: &str,
+        groups: &[&str],
+    ) -> Workload {
+        let ns = Netns::new("w");
+        let mut body = json!({"universe": universe, "netns": ns.name(), "ip": ip});
+        if let Some(host) = host {
+            body["host"] = json!(host);
+        }
+        if !groups.is_empty() {
+            body["security_groups"] = json!(groups);
+        }
+        let r = self.post("/v1/endpoints", &body);
+        assert_eq!(r.status, 201, "POST /v1/endpoints {body}: {}", r.body);
+        let ep = r.json();
+        let s = |k: &str| {
+            ep[k].as_str().unwrap_or_else(|| panic!("endpoint.{k} missing in {ep}")).to_owned()
+        };
+        Workload {
+            id: s("id"),
+            ip: s("ip").parse().unwrap_or_else(|e| panic!("endpoint.ip in {ep}: {e}")),
+            mac: s("mac"),
+            interface: s("interface"),
+            json: ep,
+            ns,
+        }
+    }
+    /// `GET /v1/hosts`, asserting 200: `[{name, underlay_ip, revision, healthy}]`.
+    pub fn hosts(&self) -> Vec<Value> {
+        let r = self.get("/v1/hosts");
+        assert_eq!(r.status, 200, "GET /v1/hosts: {}", r.body);
+        r.json().as_array().cloned().unwrap_or_else(|| panic!("hosts is not an array: {}", r.body))
+    }
     /// The Prometheus text of `/metrics`.
     pub fn metrics(&self) -> String {
         let r = self.get("/metrics");
         assert_eq!(r.status, 200, "GET /metrics: {}", r.body);
         r.body
     }
+}
+
+/// One HTTP/1.1 request to `addr` from inside the namespace `netns` (`Connection: close`);
+/// `timeout` bounds connecting and each read and write.
+pub fn http_request(
+    netns: &str,
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    body: Option<&Value>,
+    timeout: Duration,
+) -> io::Result<Response> {
+    let mut stream = enter_netns(netns, || TcpStream::connect_timeout(&addr, timeout))?;
+    stream.set_read_timeout(Some(timeout))?;
+    stream.set_write_timeout(Some(timeout))?;
+    let payload = body.map(|b| b.to_string()).unwrap_or_default();
+    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+    if body.is_some() {
+        req.push_str("Content-Type: application/json\r\n");
+    }
+    req.push_str(&format!("Content-Length: {}\r\n\r\n", payload.len()));
+    req.push_str(&payload);
+    stream.write_all(req.as_bytes())?;
+    let mut raw = Vec::new();
+    stream.read_to_end(&mut raw)?;
+    parse_http_response(&raw)
 }
 
 fn bad(msg: impl Into<String>) -> io::Error {

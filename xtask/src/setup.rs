@@ -26,6 +26,13 @@ const PACKAGES: &[&str] = &[
     "bpftool",
     "xdp-tools",
     "curl",
+    // The fleet's control plane: etcd for tests and the demo, etcdctl to inspect it.
+    "etcd-server",
+    "etcd-client",
+    // The etcd-client crate compiles etcd's protos at build time: protoc, and the well-known
+    // types (google/protobuf/*.proto) its protos import.
+    "protobuf-compiler",
+    "libprotobuf-dev",
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";

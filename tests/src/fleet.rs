@@ -1,0 +1,575 @@
+//! Fleet harness: several Verse hosts joined by an IP underlay and sharing one etcd.
+//!
+//! Contract (the same as the rest of the harness): every namespace, daemon, data directory and
+//! interface made here is owned by a guard whose `Drop` removes it, also while a failing test
+//! unwinds; names carry the per-run prefix ([`crate::unique_name`]); every wait is a bounded poll.
+//!
+//! The network ([`Fleet::start`]):
+//!
+//! ```text
+//!   underlay namespace <prefix>-u: bridge br0 198.18.0.254/24, etcd listening on it
+//!     ├── veth ── host namespace 1: ul0 198.18.0.1/24, versed --underlay ul0 --store etcd://…
+//!     ├── veth ── host namespace 2: ul0 198.18.0.2/24, versed …
+//!     ├── …
+//!     └── veth ── extra underlay nodes ([`Fleet::underlay_node`]), e.g. a forger of packets
+//! ```
+//!
+//! Nothing here is connected to the machine's own namespace: the underlay is a closed bridge,
+//! so no test packet can leave for the real network. Workloads are plugged through the API of
+//! any host and placed on any host ([`Fleet::endpoint_via`]), as the fleet's contract allows.
+
+use std::fs::{self, OpenOptions};
+use std::io::{self, Read, Write};
+use std::net::{Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::{
+    bad, http_request, inet_checksum, unique_name, unique_port, wait_until, Api, Host, Netns,
+    RawIpSocket, Stopper, TempDir, Value, Workload,
+};
+
+/// The address of the underlay bridge in the underlay namespace, where etcd listens.
+pub const ETCD_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 254);
+
+/// The name of the underlay interface in every host namespace (not `eth0`, which is the name
+/// of every workload's interface).
+pub const UNDERLAY_IFACE: &str = "ul0";
+
+/// The bridge inside the underlay namespace (a private namespace, so the name cannot collide).
+const BRIDGE: &str = "br0";
+
+/// The underlay address of host `i` (counting from 0): 198.18.0.<i+1>.
+pub fn underlay_ip(i: usize) -> Ipv4Addr {
+    let last = u8::try_from(i + 1).ok().filter(|n| *n < 254).expect("at most 253 hosts");
+    Ipv4Addr::new(198, 18, 0, last)
+}
+
+/// How long a fleet waits for etcd, the daemons and their registration.
+const START_TIMEOUT: Duration = Duration::from_secs(30);
+
+// ---------------------------------------------------------------------------------------------
+// etcd
+// ---------------------------------------------------------------------------------------------
+
+/// A one-member etcd (Debian's `etcd`, 3.4) in a namespace, with its data in a temporary
+/// directory. Killed and its directory removed on drop; its log is printed if the test fails.
+#[derive(Debug)]
+pub struct Etcd {
+    child: Option<Child>,
+    netns: String,
+    addr: SocketAddr,
+    log_path: PathBuf,
+    // Dropped after the process is dead (see `Drop`).
+    dir: TempDir,
+}
+
+impl Etcd {
+    /// Starts etcd inside `netns` serving clients on `ip` (which must be an address of that
+    /// namespace) and waits (20 s at most) until `GET /health` says it is healthy.
+    pub fn start(netns: &Netns, ip: Ipv4Addr) -> Etcd {
+        let dir = TempDir::new("e");
+        let (client_port, peer_port) = (unique_port(), unique_port());
+        let client = format!("http://{ip}:{client_port}");
+        // The peer URL is on loopback: a one-member cluster has no peers to reach.
+        let peer = format!("http://127.0.0.1:{peer_port}");
+        let log_path = dir.path().join("etcd.log");
+        let log = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)
+            .unwrap_or_else(|e| panic!("open {}: {e}", log_path.display()));
+        let err = log.try_clone().expect("dup log fd");
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", netns.name(), "etcd", "--name", "verse-test", "--data-dir"])
+            .arg(dir.path().join("data"))
+            .args(["--listen-client-urls", &client, "--advertise-client-urls", &client])
+            .args(["--listen-peer-urls", &peer, "--initial-advertise-peer-urls", &peer])
+            .args(["--initial-cluster", &format!("verse-test={peer}")])
+            .args(["--initial-cluster-state", "new", "--logger", "zap", "--log-outputs", "stderr"])
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(err);
+        // As for versed: if the test process dies before its guards run, etcd dies with it.
+        // SAFETY: prctl(PR_SET_PDEATHSIG) is async-signal-safe and touches no memory of the
+        // parent, as a pre_exec hook requires.
+        unsafe {
+            use std::os::unix::process::CommandExt;
+            cmd.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) != 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child = cmd.spawn().unwrap_or_else(|e| {
+            panic!("failed to start etcd (install the Debian package etcd-server): {e}")
+        });
+        let mut etcd = Etcd {
+            child: Some(child),
+            netns: netns.name().to_owned(),
+            addr: SocketAddr::from((ip, client_port)),
+            log_path,
+            dir,
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(status) = etcd.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                panic!("etcd exited during start-up ({status}); log:\n{}", etcd.log());
+            }
+            if etcd.healthy() {
+                return etcd;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "etcd did not report healthy within 20 s; log:\n{}",
+                etcd.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Whether `GET /health` answers `{"health":"true"}`.
+    pub fn healthy(&self) -> bool {
+        http_request(&self.netns, self.addr, "GET", "/health", None, Duration::from_secs(2))
+            .is_ok_and(|r| r.status == 200 && r.body.contains("\"true\""))
+    }
+
+    /// The directory holding etcd's data and log.
+    pub fn dir(&self) -> &std::path::Path {
+        self.dir.path()
+    }
+
+    /// The client endpoint, `IP:PORT`.
+    pub fn endpoint(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The `--store` URL of versed for this etcd.
+    pub fn store_url(&self) -> String {
+        format!("etcd://{}", self.addr)
+    }
+
+    /// etcd's log so far.
+    pub fn log(&self) -> String {
+        fs::read_to_string(&self.log_path)
+            .unwrap_or_else(|e| format!("(no log at {}: {e})", self.log_path.display()))
+    }
+
+    /// `etcdctl get --prefix <prefix> --keys-only`, run in etcd's namespace: the keys under
+    /// `prefix` (for tests that look at what the store holds).
+    pub fn keys(&self, prefix: &str) -> Vec<String> {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &self.netns, "etcdctl"])
+            .arg(format!("--endpoints=http://{}", self.addr))
+            .args(["get", "--prefix", "--keys-only", prefix])
+            .env("ETCDCTL_API", "3")
+            .stdin(Stdio::null())
+            .output()
+            .unwrap_or_else(|e| panic!("failed to start etcdctl: {e}"));
+        assert!(out.status.success(), "etcdctl get: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter(|l| !l.is_empty())
+            .map(str::to_owned)
+            .collect()
+    }
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        if std::thread::panicking() || std::env::var_os("VERSE_TEST_SHOW_LOG").is_some() {
+            let log = self.log();
+            // etcd is chatty: the end of its log is what explains a failure.
+            let tail: Vec<&str> = log.lines().rev().take(60).collect();
+            eprintln!("---- etcd log (last {} lines) ----", tail.len());
+            for line in tail.iter().rev() {
+                eprintln!("{line}");
+            }
+            eprintln!("---- end of etcd log ----");
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The fleet
+// ---------------------------------------------------------------------------------------------
+
+/// Several hosts running `versed` with the etcd store and an underlay interface, joined by a
+/// bridge. Field order is drop order: the daemons die (and their namespaces, with the underlay
+/// veths, go) first, then etcd, then the underlay namespace.
+pub struct Fleet {
+    hosts: Vec<Host>,
+    /// The bridge-side end of each host's underlay veth, in the underlay namespace.
+    ports: Vec<String>,
+    etcd: Etcd,
+    underlay: Netns,
+}
+
+impl Fleet {
+    /// `n` hosts named `host-a`, `host-b`, … (see [`Fleet::start_named`]).
+    pub fn start(n: usize) -> Fleet {
+        assert!((1..=26).contains(&n), "between 1 and 26 hosts");
+        let names: Vec<String> = (0..n).map(|i| format!("host-{}", (b'a' + i as u8) as char)).collect();
+        let names: Vec<&str> = names.iter().map(String::as_str).collect();
+        Fleet::start_named(&names)
+    }
+
+    /// One host per name: the underlay namespace with its bridge and etcd, then for each host
+    /// a namespace with `ul0` (198.18.0.<i+1>/24) on the bridge and `versed --store etcd://…
+    /// --underlay ul0 --host <name>`. Returns once every host answers its API and `GET
+    /// /v1/hosts` lists every host healthy (30 s at most).
+    pub fn start_named(names: &[&str]) -> Fleet {
+        let underlay = Netns::new("u");
+        underlay.ip(&["link", "add", BRIDGE, "type", "bridge"]);
+        underlay.ip(&["addr", "add", &format!("{ETCD_IP}/24"), "dev", BRIDGE]);
+        underlay.ip(&["link", "set", BRIDGE, "up"]);
+        let etcd = Etcd::start(&underlay, ETCD_IP);
+        let mut fleet = Fleet { hosts: Vec::new(), ports: Vec::new(), etcd, underlay };
+        let store = fleet.etcd.store_url();
+        for (i, name) in names.iter().enumerate() {
+            let ns = Netns::new("h");
+            let port = fleet.plug(&ns, underlay_ip(i));
+            fleet.ports.push(port);
+            let host = Host::start_in(
+                ns,
+                name,
+                None,
+                &["--store", &store, "--underlay", UNDERLAY_IFACE],
+            );
+            fleet.hosts.push(host);
+        }
+        let all_healthy = wait_until(START_TIMEOUT, || {
+            fleet.host_statuses_quiet().is_some_and(|hs| {
+                names.iter().all(|n| {
+                    hs.iter().any(|h| h["name"] == *n && h["healthy"] == Value::Bool(true))
+                })
+            })
+        });
+        assert!(
+            all_healthy,
+            "not every host is listed healthy by GET /v1/hosts within {START_TIMEOUT:?}: {:?}",
+            fleet.host_statuses_quiet()
+        );
+        fleet
+    }
+
+    /// Connects `ns` to the bridge: `ul0` with `ip`/24 in `ns`, a port with a unique name in
+    /// the underlay namespace. Returns the port's name.
+    fn plug(&self, ns: &Netns, ip: Ipv4Addr) -> String {
+        let port = unique_name("p");
+        // Both ends are created directly in their namespaces, so `ul0` never exists in (or
+        // collides with anything of) the machine's own namespace.
+        crate::run_ok(
+            "ip",
+            &[
+                "link",
+                "add",
+                UNDERLAY_IFACE,
+                "netns",
+                ns.name(),
+                "type",
+                "veth",
+                "peer",
+                "name",
+                &port,
+                "netns",
+                self.underlay.name(),
+            ],
+        );
+        self.underlay.ip(&["link", "set", &port, "master", BRIDGE, "up"]);
+        ns.ip(&["addr", "add", &format!("{ip}/24"), "dev", UNDERLAY_IFACE]);
+        ns.ip(&["link", "set", UNDERLAY_IFACE, "up"]);
+        port
+    }
+
+    pub fn len(&self) -> usize {
+        self.hosts.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.hosts.is_empty()
+    }
+
+    /// Host `i` (counting from 0): its namespace, daemon and API.
+    pub fn host(&self, i: usize) -> &Host {
+        &self.hosts[i]
+    }
+
+    /// Host `i`, mutably (to stop and restart its daemon).
+    pub fn host_mut(&mut self, i: usize) -> &mut Host {
+        &mut self.hosts[i]
+    }
+
+    pub fn hosts(&self) -> &[Host] {
+        &self.hosts
+    }
+
+    /// The API of host `i`.
+    pub fn api(&self, i: usize) -> &Api {
+        &self.hosts[i].api
+    }
+
+    pub fn etcd(&self) -> &Etcd {
+        &self.etcd
+    }
+
+    pub fn underlay(&self) -> &Netns {
+        &self.underlay
+    }
+
+    /// Plugs a new workload as an endpoint placed on host `on`, asking the API of host `via`.
+    pub fn endpoint_via(
+        &self,
+        via: usize,
+        on: usize,
+        universe: &str,
+        ip: &str,
+        groups: &[&str],
+    ) -> Workload {
+        self.api(via).create_endpoint(Some(self.host(on).name()), universe, ip, groups)
+    }
+
+    /// Plugs a new workload as an endpoint placed on host `on`, through the API of the next
+    /// host (so every such call also exercises placement by another host's API).
+    pub fn endpoint(&self, on: usize, universe: &str, ip: &str, groups: &[&str]) -> Workload {
+        self.endpoint_via((on + 1) % self.len(), on, universe, ip, groups)
+    }
+
+    /// `GET /v1/hosts` from the first host whose daemon answers, or `None`.
+    fn host_statuses_quiet(&self) -> Option<Vec<Value>> {
+        self.hosts.iter().find_map(|h| {
+            let r = h.api.request("GET", "/v1/hosts", None, Duration::from_secs(5)).ok()?;
+            (r.status == 200).then(|| r.json().as_array().cloned()).flatten()
+        })
+    }
+
+    /// The entry of host `name` in `GET /v1/hosts` asked of host `via`.
+    pub fn host_status(&self, via: usize, name: &str) -> Option<Value> {
+        self.api(via).hosts().into_iter().find(|h| h["name"] == name)
+    }
+
+    /// Waits (bounded by `timeout`) until `GET /v1/hosts` (asked of host `via`) lists every
+    /// host of the fleet healthy with a realized revision of at least `revision`.
+    pub fn wait_realized(&self, via: usize, revision: u64, timeout: Duration) -> bool {
+        wait_until(timeout, || {
+            let hs = self.api(via).hosts();
+            self.hosts.iter().all(|host| {
+                hs.iter().any(|h| {
+                    h["name"] == host.name()
+                        && h["healthy"] == Value::Bool(true)
+                        && h["revision"].as_u64().is_some_and(|r| r >= revision)
+                })
+            })
+        })
+    }
+
+    /// Sets the MTU of the whole underlay: both ends of every host's veth (the bridge follows
+    /// its ports). Endpoints made before keep their MTU, so traffic must discover the path MTU.
+    pub fn set_underlay_mtu(&self, mtu: u32) {
+        let mtu = mtu.to_string();
+        for (host, port) in self.hosts.iter().zip(&self.ports) {
+            self.underlay.ip(&["link", "set", port, "mtu", &mtu]);
+            host.netns().ip(&["link", "set", UNDERLAY_IFACE, "mtu", &mtu]);
+        }
+    }
+
+    /// A namespace that is not a host, plugged into the underlay bridge as `ul0` with `ip`
+    /// (a machine on the hosts' network that Verse does not know, or a forger of packets).
+    /// Deleting the namespace (dropping it) unplugs it.
+    pub fn underlay_node(&self, ip: Ipv4Addr) -> Netns {
+        let ns = Netns::new("n");
+        self.plug(&ns, ip);
+        ns
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Forged encapsulated packets
+// ---------------------------------------------------------------------------------------------
+
+/// `VXLAN_PORT` of the wire format (UDP destination port of encapsulated traffic).
+pub const VXLAN_PORT: u16 = 4789;
+
+/// An encapsulated packet as the wire format describes it (VXLAN with the Group Policy
+/// extension), carrying one inner IPv4/UDP datagram. Built by hand so a test can forge any
+/// field: the outer source, the VNI, the group policy id, the inner addresses.
+#[derive(Clone, Debug)]
+pub struct VxlanGbp {
+    pub outer_src: Ipv4Addr,
+    pub outer_dst: Ipv4Addr,
+    /// Group Policy ID: the sender's identity.
+    pub group: u16,
+    pub vni: u32,
+    /// VXLAN flags byte: G (0x80) | I (0x08) in a well-formed packet.
+    pub flags: u8,
+    pub inner_dst_mac: [u8; 6],
+    pub inner_src_mac: [u8; 6],
+    pub inner_src: Ipv4Addr,
+    pub inner_dst: Ipv4Addr,
+    pub src_port: u16,
+    pub dst_port: u16,
+    pub payload: Vec<u8>,
+}
+
+impl VxlanGbp {
+    /// The whole outer IPv4 packet (header included), checksums computed.
+    pub fn packet(&self) -> Vec<u8> {
+        let inner_udp_len = 8 + self.payload.len();
+        let inner_ip_len = 20 + inner_udp_len;
+        let mut inner = Vec::with_capacity(14 + inner_ip_len);
+        inner.extend_from_slice(&self.inner_dst_mac);
+        inner.extend_from_slice(&self.inner_src_mac);
+        inner.extend_from_slice(&0x0800u16.to_be_bytes());
+        inner.extend_from_slice(&ipv4_header(
+            self.inner_src,
+            self.inner_dst,
+            17,
+            inner_ip_len,
+            false,
+        ));
+        inner.extend_from_slice(&self.src_port.to_be_bytes());
+        inner.extend_from_slice(&self.dst_port.to_be_bytes());
+        inner.extend_from_slice(&(inner_udp_len as u16).to_be_bytes());
+        // A zero UDP checksum means "none" in IPv4.
+        inner.extend_from_slice(&[0, 0]);
+        inner.extend_from_slice(&self.payload);
+
+        let vxlan_len = 8 + inner.len();
+        let outer_udp_len = 8 + vxlan_len;
+        let mut out = ipv4_header(self.outer_src, self.outer_dst, 17, 20 + outer_udp_len, true);
+        out.extend_from_slice(&(49152u16 + (self.src_port % 16384)).to_be_bytes());
+        out.extend_from_slice(&VXLAN_PORT.to_be_bytes());
+        out.extend_from_slice(&(outer_udp_len as u16).to_be_bytes());
+        out.extend_from_slice(&[0, 0]);
+        out.push(self.flags);
+        out.push(0);
+        out.extend_from_slice(&self.group.to_be_bytes());
+        out.extend_from_slice(&self.vni.to_be_bytes()[1..]);
+        out.push(0);
+        out.extend_from_slice(&inner);
+        out
+    }
+
+    /// Sends the packet from `ns` through a raw IP socket (`IPPROTO_RAW`: the packet carries
+    /// its own IP header, so its outer source can be any address).
+    pub fn send_from(&self, ns: &Netns) -> io::Result<()> {
+        let sock = RawIpSocket::open(ns, libc::IPPROTO_RAW as u8)?;
+        sock.send_to(self.outer_dst, &self.packet())
+    }
+}
+
+fn ipv4_header(src: Ipv4Addr, dst: Ipv4Addr, proto: u8, total_len: usize, df: bool) -> Vec<u8> {
+    let mut h = vec![0u8; 20];
+    h[0] = 0x45;
+    h[2..4].copy_from_slice(&(total_len as u16).to_be_bytes());
+    if df {
+        h[6] = 0x40;
+    }
+    h[8] = 64;
+    h[9] = proto;
+    h[12..16].copy_from_slice(&src.octets());
+    h[16..20].copy_from_slice(&dst.octets());
+    let sum = inet_checksum(&h);
+    h[10..12].copy_from_slice(&sum.to_be_bytes());
+    h
+}
+
+// ---------------------------------------------------------------------------------------------
+// Bulk transfers
+// ---------------------------------------------------------------------------------------------
+
+/// A TCP server that reads every connection to its end and answers with the number of bytes
+/// it received (decimal, one line), until dropped.
+pub struct BulkSink {
+    pub port: u16,
+    _stopper: Stopper,
+}
+
+impl BulkSink {
+    pub fn start(ns: &Netns, port: u16) -> BulkSink {
+        let addr = SocketAddr::from((Ipv4Addr::UNSPECIFIED, port));
+        let listener = ns
+            .enter(|| TcpListener::bind(addr))
+            .unwrap_or_else(|e| panic!("bind TCP {addr} in {}: {e}", ns.name()));
+        listener.set_nonblocking(true).expect("non-blocking listener");
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let mut conns = Vec::new();
+                while !stop.load(Ordering::SeqCst) {
+                    match listener.accept() {
+                        Ok((stream, _)) => {
+                            let stop = stop.clone();
+                            conns.push(std::thread::spawn(move || sink(stream, &stop)));
+                        }
+                        Err(_) => std::thread::sleep(Duration::from_millis(10)),
+                    }
+                }
+                for c in conns {
+                    let _ = c.join();
+                }
+            })
+        };
+        BulkSink { port, _stopper: Stopper { stop, thread: Some(thread) } }
+    }
+}
+
+fn sink(mut stream: TcpStream, stop: &AtomicBool) {
+    let _ = stream.set_nonblocking(false);
+    let _ = stream.set_read_timeout(Some(Duration::from_millis(200)));
+    let mut total: u64 = 0;
+    let mut buf = vec![0u8; 256 * 1024];
+    while !stop.load(Ordering::SeqCst) {
+        match stream.read(&mut buf) {
+            Ok(0) => {
+                let _ = stream.write_all(format!("{total}\n").as_bytes());
+                return;
+            }
+            Ok(n) => total += n as u64,
+            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {}
+            Err(_) => return,
+        }
+    }
+}
+
+/// Sends `bytes` bytes from `ns` to a [`BulkSink`] at `ip:port` on one TCP connection and
+/// returns how many the sink says it received. `timeout` bounds the whole transfer.
+pub fn bulk_send(
+    ns: &Netns,
+    ip: Ipv4Addr,
+    port: u16,
+    bytes: u64,
+    timeout: Duration,
+) -> io::Result<u64> {
+    let deadline = Instant::now() + timeout;
+    let addr = SocketAddr::from((ip, port));
+    let mut stream = ns.enter(|| TcpStream::connect_timeout(&addr, Duration::from_secs(5)))?;
+    let chunk = vec![0x5au8; 64 * 1024];
+    let mut sent: u64 = 0;
+    while sent < bytes {
+        let left = deadline
+            .checked_duration_since(Instant::now())
+            .ok_or_else(|| io::Error::new(io::ErrorKind::TimedOut, format!("sent {sent} of {bytes} bytes in {timeout:?}")))?;
+        stream.set_write_timeout(Some(left))?;
+        let n = chunk.len().min(usize::try_from(bytes - sent).unwrap_or(usize::MAX));
+        stream.write_all(&chunk[..n])?;
+        sent += n as u64;
+    }
+    stream.shutdown(Shutdown::Write)?;
+    let left = deadline
+        .checked_duration_since(Instant::now())
+        .unwrap_or(Duration::from_millis(1));
+    stream.set_read_timeout(Some(left))?;
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer)?;
+    answer.trim().parse().map_err(|e| bad(format!("sink answered {answer:?}: {e}")))
+}
