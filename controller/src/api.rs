@@ -5,9 +5,15 @@
 //! the field at fault), 404 (unknown id or route) or 409 (duplicate, in use, limit). Request
 //! bodies are parsed here, from bytes, so that malformed JSON, a wrong type, an unknown or a
 //! missing field are 400s naming the field too. Mutations carry the new revision in the
-//! `Verse-Revision` header and return only once this host's reconciler has realized that
-//! revision (bounded by [`REALIZE_TIMEOUT`]; past it they return anyway and log a warning), so
-//! when `POST /v1/endpoints` returns, the interface exists and its policy is in force.
+//! `Verse-Revision` header and return only once every healthy host of the fleet has realized
+//! that revision (S13): this host's reconciler, and every other host whose liveness record is
+//! fresh in the store (bounded by [`REALIZE_TIMEOUT`]; past it they return anyway and log a
+//! warning naming the hosts behind). So when `POST /v1/endpoints` returns, the interface exists,
+//! its policy is in force, and every host that must admit its traffic has its route. A host
+//! that turns unhealthy during the wait is no longer waited for.
+//!
+//! `GET /v1/hosts` lists the store's hosts; this host is always in it, healthy (it answers),
+//! with the revision its reconciler has realized (fresher than its report in the store).
 //!
 //! The handlers only translate: every edit is a function of [`crate::model`], committed through
 //! [`Store::edit`].
@@ -63,15 +69,8 @@ pub struct AppState {
     pub stats: StatsFn,
 }
 
-/// One host as `GET /v1/hosts` shows it.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Host {
-    pub name: String,
-    pub underlay_ip: Option<Ipv4Addr>,
-    /// The revision the host has realized in its dataplane (S13).
-    pub revision: u64,
-    pub healthy: bool,
-}
+/// One host as `GET /v1/hosts` shows it: the store's view of it.
+pub use crate::store::HostStatus as Host;
 
 /// An endpoint as the API shows it (the model's endpoint without its internal identity).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -145,6 +144,10 @@ impl From<store::Error> for ApiError {
     fn from(e: store::Error) -> ApiError {
         match e {
             store::Error::Rejected(e) => e.into(),
+            other if other.is_unavailable() => {
+                tracing::error!(error = %other, "store unavailable");
+                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", other.to_string())
+            }
             other => {
                 tracing::error!(error = %other, "store failure");
                 ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", other.to_string())
@@ -271,7 +274,7 @@ async fn mutate<T, F, V>(
     view: impl FnOnce(T) -> Option<V>,
 ) -> ApiResult
 where
-    F: FnOnce(&mut State) -> model::Result<T> + Send,
+    F: FnMut(&mut State) -> model::Result<T> + Send,
     T: Send + 'static,
     V: Serialize,
 {
@@ -285,27 +288,53 @@ where
     })
 }
 
-/// Waits (bounded) until the local reconciler has realized `revision`.
+/// Waits (bounded by [`REALIZE_TIMEOUT`]) until this host's reconciler and every other healthy
+/// host have realized `revision`.
 async fn wait_realized(st: &AppState, revision: u64) {
-    let mut rx = st.realized.clone();
-    let outcome = tokio::time::timeout(REALIZE_TIMEOUT, rx.wait_for(|r| *r >= revision))
-        .await
-        .map(|r| r.map(|_| ()));
-    match outcome {
+    let mut local = st.realized.clone();
+    let mut hosts = st.store.subscribe_hosts();
+    let behind = |hosts: &[Host]| -> Vec<String> {
+        hosts
+            .iter()
+            .filter(|h| h.name != st.host && h.healthy && h.revision < revision)
+            .map(|h| format!("{} at {}", h.name, h.revision))
+            .collect()
+    };
+    let all = async {
+        local.wait_for(|r| *r >= revision).await.map_err(|_| "this host's reconciler is gone")?;
+        hosts
+            .wait_for(|h| behind(h).is_empty())
+            .await
+            .map_err(|_| "the store stopped following the hosts")?;
+        Ok::<(), &str>(())
+    };
+    match tokio::time::timeout(REALIZE_TIMEOUT, all).await {
         Ok(Ok(())) => {}
-        Ok(Err(_)) => {
-            tracing::warn!(
-                revision,
-                "the reconciler is gone; returning before the edit is realized"
-            )
+        Ok(Err(why)) => {
+            tracing::warn!(revision, "{why}; returning before the edit is realized everywhere")
         }
         Err(_) => tracing::warn!(
             revision,
-            realized = *st.realized.borrow(),
+            realized_here = *st.realized.borrow(),
+            behind = ?behind(&st.store.hosts()),
             timeout_s = REALIZE_TIMEOUT.as_secs(),
-            "revision not realized in time; returning before the edit is in force"
+            "revision not realized by every healthy host in time; returning before the edit is \
+             in force everywhere"
         ),
     }
+}
+
+/// The hosts as `GET /v1/hosts` shows them: the store's, with this host as it knows itself.
+fn hosts_view(st: &AppState) -> Vec<Host> {
+    let mut hosts: Vec<Host> = st.store.hosts().into_iter().filter(|h| h.name != st.host).collect();
+    hosts.push(Host {
+        name: st.host.clone(),
+        underlay_ip: st.underlay_ip,
+        revision: *st.realized.borrow(),
+        healthy: true,
+    });
+    hosts.sort_by(|a, b| a.name.cmp(&b.name));
+    hosts
 }
 
 /// A name `ip netns` could have made: one path component.
@@ -353,7 +382,7 @@ async fn create_universe(
     body: Result<Bytes, BytesRejection>,
 ) -> ApiResult {
     let req: model::CreateUniverse = parse_body(body)?;
-    mutate(&st, StatusCode::CREATED, move |s| s.create_universe(req), Some).await
+    mutate(&st, StatusCode::CREATED, move |s| s.create_universe(req.clone()), Some).await
 }
 
 async fn list_universes(AxState(st): AxState<AppState>) -> ApiResult {
@@ -384,7 +413,7 @@ async fn create_group(
     body: Result<Bytes, BytesRejection>,
 ) -> ApiResult {
     let req: model::CreateGroup = parse_body(body)?;
-    mutate(&st, StatusCode::CREATED, move |s| s.create_group(req), Some).await
+    mutate(&st, StatusCode::CREATED, move |s| s.create_group(req.clone()), Some).await
 }
 
 async fn list_groups(
@@ -426,7 +455,7 @@ async fn add_rule(
 ) -> ApiResult {
     let id = path(id)?;
     let req: model::CreateRule = parse_body(body)?;
-    mutate(&st, StatusCode::CREATED, move |s| s.add_rule(&id, req), Some).await
+    mutate(&st, StatusCode::CREATED, move |s| s.add_rule(&id, req.clone()), Some).await
 }
 
 async fn delete_rule(
@@ -450,7 +479,7 @@ async fn create_endpoint(
     mutate(
         &st,
         StatusCode::CREATED,
-        move |s| s.create_endpoint(req, &host),
+        move |s| s.create_endpoint(req.clone(), &host),
         |e| Some(EndpointView::from(&e)),
     )
     .await
@@ -492,7 +521,7 @@ async fn patch_endpoint(
     mutate(
         &st,
         StatusCode::OK,
-        move |s| s.patch_endpoint(&id, req),
+        move |s| s.patch_endpoint(&id, req.clone()),
         |e| Some(EndpointView::from(&e)),
     )
     .await
@@ -507,14 +536,7 @@ async fn delete_endpoint(
 }
 
 async fn list_hosts(AxState(st): AxState<AppState>) -> ApiResult {
-    // The embedded store serves one host: this one, healthy since it answers.
-    let host = Host {
-        name: st.host.clone(),
-        underlay_ip: st.underlay_ip,
-        revision: *st.realized.borrow(),
-        healthy: true,
-    };
-    Ok(json_ok(&vec![host]))
+    Ok(json_ok(&hosts_view(&st)))
 }
 
 async fn metrics(AxState(st): AxState<AppState>) -> ApiResult {
@@ -630,7 +652,7 @@ pub fn openapi_document() -> serde_json::Value {
         "info": {
             "title": "Verse API",
             "version": env!("CARGO_PKG_VERSION"),
-            "description": "Universes, security groups, rules and endpoints of a Verse fleet. Every mutation returns the revision it produced in the Verse-Revision header and returns once the serving host has realized it."
+            "description": "Universes, security groups, rules and endpoints of a Verse fleet. Every mutation returns the revision it produced in the Verse-Revision header and returns once every healthy host has realized it (bounded by 10 s). A mutation answers 503 (code unavailable) when the store (etcd) cannot be reached."
         },
         "paths": {
             "/healthz": { "get": { "summary": "Liveness", "responses": { "200": { "description": "The daemon is up", "content": { "text/plain": { "schema": { "type": "string", "enum": ["ok"] } } } } } } },
@@ -670,7 +692,7 @@ pub fn openapi_document() -> serde_json::Value {
             },
             "/v1/endpoints": {
                 "post": { "summary": "Create an endpoint: plug a workload namespace into a universe", "requestBody": body("CreateEndpoint"),
-                    "responses": { "201": created("The endpoint; on return its interface exists and its policy is in force", "Endpoint"), "400": e400, "404": err("Unknown universe or group"), "409": e409 } },
+                    "responses": { "201": created("The endpoint; on return its interface exists, its policy is in force, and every healthy host has realized it", "Endpoint"), "400": e400, "404": err("Unknown universe or group"), "409": e409 } },
                 "get": { "summary": "List endpoints", "parameters": [query_param("universe", "Only the endpoints of this universe"), query_param("host", "Only the endpoints on this host")],
                     "responses": { "200": ok("The endpoints", array("Endpoint")), "400": err("Unknown query parameter") } }
             },

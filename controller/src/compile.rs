@@ -36,6 +36,11 @@ pub struct Desired {
     pub cidrs: BTreeMap<(u32, dp::CidrKey), u32>,
     /// `VERSE_POLICY`: (prefix length, key); presence allows.
     pub policy: BTreeSet<(u32, dp::PolicyKey)>,
+    /// `VERSE_HOSTS`: underlay address of every *other* host that has one -> host number
+    /// (1-based position of the host in name order; the dataplane tests presence only).
+    pub hosts: BTreeMap<dp::HostKey, u32>,
+    /// `VERSE_VNIS`: the VNI of every universe of the fleet.
+    pub vnis: BTreeSet<u32>,
 }
 
 /// Stable numbering of CIDR classes, so that an edit renumbers nothing. The reconciler seeds it
@@ -78,13 +83,56 @@ pub fn compile(
         );
         desired.routes.insert(
             dp::RouteKey { vni: universe.vni, ip },
-            dp::Route { ifindex: index, identity: ep.identity, mac, _pad: [0; 2], underlay: [0; 4] },
+            dp::Route {
+                ifindex: index,
+                identity: ep.identity,
+                mac,
+                _pad: [0; 2],
+                underlay: [0; 4],
+            },
         );
         local_identities.insert(ep.identity);
         local_universes.insert(universe.id.as_str());
     }
     fits(host, dp::map_names::ENDPOINTS, desired.endpoints.len(), dp::capacity::ENDPOINTS)?;
+
+    // The other hosts, and the endpoints placed on them: reached through the underlay, and the
+    // only sources encapsulated traffic from that host may claim (S10). A host without an
+    // underlay address is unreachable, so its endpoints get no route.
+    let mut underlays: HashMap<&str, [u8; 4]> = HashMap::new();
+    for (n, record) in state.hosts.values().enumerate() {
+        let Some(ip) = record.underlay_ip.filter(|_| record.name != host) else { continue };
+        underlays.insert(record.name.as_str(), ip.octets());
+        let number = u32::try_from(n + 1).unwrap_or(u32::MAX);
+        desired.hosts.insert(ip.octets(), number);
+    }
+    fits(host, dp::map_names::HOSTS, desired.hosts.len(), dp::capacity::HOSTS)?;
+    for ep in state.endpoints.values().filter(|e| e.host != host) {
+        let (Some(&underlay), Some(universe)) =
+            (underlays.get(ep.host.as_str()), state.universes.get(&ep.universe))
+        else {
+            continue;
+        };
+        let mac = model::parse_mac(&ep.mac).ok_or_else(|| {
+            model::Error::invalid(
+                "mac",
+                format!("endpoint {} has a malformed MAC {:?}", ep.id, ep.mac),
+            )
+        })?;
+        let key = dp::RouteKey { vni: universe.vni, ip: ep.ip.octets() };
+        // An address taken by a local endpoint stays local: the model refuses duplicates, so
+        // this only guards against a corrupt state sending local traffic away.
+        if desired.routes.contains_key(&key) {
+            continue;
+        }
+        desired.routes.insert(
+            key,
+            dp::Route { ifindex: 0, identity: ep.identity, mac, _pad: [0; 2], underlay },
+        );
+    }
     fits(host, dp::map_names::ROUTES, desired.routes.len(), dp::capacity::ROUTES)?;
+    desired.vnis = state.universes.values().map(|u| u.vni).collect();
+    fits(host, dp::map_names::VNIS, desired.vnis.len(), dp::capacity::VNIS)?;
 
     // CIDR classes of the universes present here.
     let mut wanted = BTreeSet::new();
@@ -846,6 +894,101 @@ mod tests {
         // An address outside every rule CIDR and not an endpoint.
         let q = query(server.identity, dp::DIRECTION_INGRESS, u.vni, (None, "10.2.0.1"), TCP, 80);
         assert!(!dataplane_allows(&lpm, &d, q));
+    }
+
+    fn host(s: &mut State, name: &str, underlay: Option<&str>) {
+        let underlay_ip = underlay.map(|ip| ip.parse().unwrap());
+        s.hosts.insert(name.into(), model::HostRecord { name: name.into(), underlay_ip });
+    }
+
+    #[test]
+    fn endpoints_of_other_hosts_are_routed_through_their_host_underlay() {
+        let mut s = State::default();
+        host(&mut s, HOST, Some("198.18.0.1"));
+        host(&mut s, "h2", Some("198.18.0.2"));
+        host(&mut s, "h3", Some("198.18.0.3"));
+        host(&mut s, "no-underlay", None);
+        let u = universe(&mut s, "10.0.0.0/16");
+        let v = universe(&mut s, "10.1.0.0/16");
+        let local = endpoint(&mut s, &u.id, "10.0.0.10", &[]);
+        let on_h2 = endpoint_on(&mut s, "h2", &u.id, "10.0.0.12", &[]);
+        let on_h3 = endpoint_on(&mut s, "h3", &v.id, "10.1.0.13", &[]);
+        let _unreachable = endpoint_on(&mut s, "no-underlay", &u.id, "10.0.0.14", &[]);
+        let _unknown_host = endpoint_on(&mut s, "h9", &u.id, "10.0.0.15", &[]);
+        let d = compile_all(&s, &mut CidrIds::default());
+
+        let route = |ep: &model::Endpoint, ifindex, underlay| {
+            let vni = s.universes[&ep.universe].vni;
+            let mac = model::parse_mac(&ep.mac).unwrap();
+            (
+                dp::RouteKey { vni, ip: ep.ip.octets() },
+                dp::Route { ifindex, identity: ep.identity, mac, _pad: [0; 2], underlay },
+            )
+        };
+        assert_eq!(
+            d.routes,
+            BTreeMap::from([
+                route(&local, plumbed(&local).unwrap(), [0; 4]),
+                route(&on_h2, 0, [198, 18, 0, 2]),
+                route(&on_h3, 0, [198, 18, 0, 3]),
+            ]),
+            "local endpoints by ifindex, remote ones by their host's underlay; none for hosts \
+             without an underlay address or unknown to the state"
+        );
+        assert_eq!(d.endpoints.len(), 1, "only local endpoints are endpoints here");
+        let hosts: Vec<[u8; 4]> = d.hosts.keys().copied().collect();
+        assert_eq!(hosts, vec![[198, 18, 0, 2], [198, 18, 0, 3]], "every other host, not this one");
+        assert!(d.hosts.values().all(|&n| n != 0), "host numbers are non-zero");
+        assert_eq!(d.vnis, BTreeSet::from([u.vni, v.vni]), "every universe of the fleet");
+
+        // Seen from h2, this host is the remote one.
+        let d2 = compile(&s, "h2", &plumbed, &mut CidrIds::default()).unwrap();
+        assert_eq!(
+            d2.hosts.keys().copied().collect::<Vec<_>>(),
+            vec![[198, 18, 0, 1], [198, 18, 0, 3]]
+        );
+        assert_eq!(d2.routes[&route(&local, 0, [0; 4]).0].underlay, [198, 18, 0, 1]);
+        assert_eq!(d2.routes[&route(&on_h2, 0, [0; 4]).0].ifindex, plumbed(&on_h2).unwrap());
+
+        // Without hosts in the state (one host), nothing changes from before.
+        let mut single = s.clone();
+        single.hosts.clear();
+        let d1 = compile_all(&single, &mut CidrIds::default());
+        assert_eq!(d1.routes.len(), 1);
+        assert!(d1.hosts.is_empty());
+    }
+
+    #[test]
+    fn group_rules_admit_members_on_other_hosts_by_identity() {
+        let mut s = State::default();
+        host(&mut s, HOST, Some("198.18.0.1"));
+        host(&mut s, "h2", Some("198.18.0.2"));
+        let u = universe(&mut s, "10.0.0.0/16");
+        let web = group(&mut s, &u.id, "web");
+        let db = group(&mut s, &u.id, "db");
+        rule(
+            &mut s,
+            &db,
+            json!({"direction": "ingress", "protocol": "tcp", "from_port": 5432, "to_port": 5432, "group": web}),
+        );
+        let local_db = endpoint(&mut s, &u.id, "10.0.0.10", &[&db]);
+        let remote_web = endpoint_on(&mut s, "h2", &u.id, "10.0.0.20", &[&web]);
+        let d = compile_all(&s, &mut CidrIds::default());
+        let lpm = Lpm::new(&d);
+        let q = |port| {
+            query(
+                local_db.identity,
+                dp::DIRECTION_INGRESS,
+                u.vni,
+                (Some(remote_web.identity), "10.0.0.20"),
+                TCP,
+                port,
+            )
+        };
+        assert!(dataplane_allows(&lpm, &d, q(5432)), "the remote member's identity is admitted");
+        assert!(!dataplane_allows(&lpm, &d, q(5433)));
+        // Only local identities have policies here: the remote endpoint's are compiled on h2.
+        assert!(d.policy.iter().all(|(_, k)| u32::from_be_bytes(k.policy) == local_db.identity));
     }
 
     /// S5: membership moves an endpoint between identities; rules are untouched.

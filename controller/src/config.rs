@@ -140,6 +140,10 @@ pub struct Config {
     pub host: Option<String>,
     pub underlay: Option<String>,
     pub store: String,
+    /// Key prefix of the fleet's state in etcd.
+    pub etcd_prefix: String,
+    /// Seconds a host stays healthy after its versed last renewed its liveness in etcd.
+    pub etcd_lease_ttl: u64,
     pub mtu: u32,
     pub gateway_mac: String,
     pub conntrack: Conntrack,
@@ -154,6 +158,8 @@ impl Default for Config {
             host: None,
             underlay: None,
             store: "embedded".into(),
+            etcd_prefix: crate::store::etcd::DEFAULT_PREFIX.into(),
+            etcd_lease_ttl: crate::store::etcd::DEFAULT_LEASE_TTL.as_secs(),
             mtu: 1500,
             gateway_mac: "02:76:65:72:73:65".into(),
             conntrack: Conntrack::default(),
@@ -211,16 +217,25 @@ impl Config {
 
     /// Checks every setting that parses but might not be usable.
     pub fn validate(&self) -> Result<()> {
-        match StoreKind::parse(&self.store)? {
-            StoreKind::Embedded => {}
-            StoreKind::Etcd(_) => {
-                return Err(Error::Invalid {
-                    key: "store",
-                    value: self.store.clone(),
-                    reason: "the etcd store is not available in this version; use \"embedded\""
-                        .into(),
-                })
-            }
+        StoreKind::parse(&self.store)?;
+        let p = &self.etcd_prefix;
+        if !p.starts_with('/')
+            || !p.ends_with('/')
+            || p.contains("//")
+            || p.contains(char::is_whitespace)
+        {
+            return Err(Error::Invalid {
+                key: "etcd_prefix",
+                value: p.clone(),
+                reason: "expected a key prefix that starts and ends with '/' (\"/verse/\")".into(),
+            });
+        }
+        if !(1..=3600).contains(&self.etcd_lease_ttl) {
+            return Err(Error::Invalid {
+                key: "etcd_lease_ttl",
+                value: self.etcd_lease_ttl.to_string(),
+                reason: "must be within 1..=3600 seconds".into(),
+            });
         }
         if let Some(host) = &self.host {
             validate_host_name(host)?;
@@ -263,6 +278,23 @@ impl Config {
             }
         }
         Ok(())
+    }
+
+    /// Where the desired state lives (`store`, already validated by [`Config::load`]).
+    pub fn store_kind(&self) -> Result<StoreKind> {
+        StoreKind::parse(&self.store)
+    }
+
+    /// The etcd settings, when `store` names an etcd cluster.
+    pub fn etcd_options(&self) -> Result<Option<crate::store::EtcdOptions>> {
+        Ok(match self.store_kind()? {
+            StoreKind::Embedded => None,
+            StoreKind::Etcd(endpoints) => Some(crate::store::EtcdOptions {
+                endpoints,
+                prefix: self.etcd_prefix.clone(),
+                lease_ttl: std::time::Duration::from_secs(self.etcd_lease_ttl),
+            }),
+        })
     }
 
     /// The bpffs directory where maps and links are pinned.
@@ -339,8 +371,15 @@ state_dir = "{state_dir}"
 # underlay = "eth1"
 
 # Where the desired state lives: "embedded" (a file in state_dir, one host) or
-# "etcd://HOST:PORT[,HOST:PORT...]" (several hosts; not available in this version).
+# "etcd://HOST:PORT[,HOST:PORT...]" (an etcd cluster shared by every host of the fleet).
 store = "{store}"
+
+# etcd store: prefix of every key of the fleet's state (several fleets can share one etcd).
+etcd_prefix = "{etcd_prefix}"
+
+# etcd store: seconds after which a host whose versed stopped renewing its liveness record
+# (stopped, crashed, or cut off from etcd) is shown unhealthy, and no longer waited for.
+etcd_lease_ttl = {etcd_lease_ttl}
 
 # MTU of the workload interfaces (eth0 in each workload namespace and its host-side veth).
 mtu = {mtu}
@@ -370,6 +409,8 @@ other = {other}
             listen = d.listen,
             state_dir = d.state_dir.display(),
             store = d.store,
+            etcd_prefix = d.etcd_prefix,
+            etcd_lease_ttl = d.etcd_lease_ttl,
             mtu = d.mtu,
             gateway_mac = d.gateway_mac,
             tcp_established = ct.tcp_established,
@@ -448,6 +489,8 @@ mod tests {
             "host",
             "underlay",
             "store",
+            "etcd_prefix",
+            "etcd_lease_ttl",
             "mtu",
             "gateway_mac",
             "tcp_established",
@@ -505,10 +548,29 @@ mod tests {
     }
 
     #[test]
-    fn etcd_store_is_refused_with_a_clear_error() {
-        let args = Args::parse_from(["versed", "--host", "h1", "--store", "etcd://127.0.0.1:2379"]);
-        let err = Config::load(&args).unwrap_err().to_string();
-        assert!(err.contains("store") && err.contains("etcd"), "{err}");
+    fn etcd_store_is_accepted_and_bad_store_urls_are_refused() {
+        let args = Args::parse_from([
+            "versed",
+            "--host",
+            "h1",
+            "--store",
+            "etcd://127.0.0.1:2379,10.0.0.2:2379",
+        ]);
+        let cfg = Config::load(&args).unwrap();
+        let etcd = cfg.etcd_options().unwrap().unwrap();
+        assert_eq!(etcd.endpoints, ["127.0.0.1:2379", "10.0.0.2:2379"]);
+        assert_eq!(etcd.prefix, "/verse/");
+        assert_eq!(etcd.lease_ttl, std::time::Duration::from_secs(5));
+        assert_eq!(
+            Config { host: Some("h".into()), ..Config::default() }.etcd_options().unwrap(),
+            None
+        );
+        let c = Config { host: Some("h".into()), etcd_prefix: "verse".into(), ..Config::default() };
+        assert!(c.validate().unwrap_err().to_string().contains("etcd_prefix"));
+        let c = Config { host: Some("h".into()), etcd_lease_ttl: 0, ..Config::default() };
+        assert!(c.validate().unwrap_err().to_string().contains("etcd_lease_ttl"));
+        let args = Args::parse_from(["versed", "--host", "h1", "--store", "etcd://nohost"]);
+        assert!(Config::load(&args).unwrap_err().to_string().contains("store"));
         let args = Args::parse_from(["versed", "--host", "h1", "--store", "consul://x"]);
         assert!(Config::load(&args).unwrap_err().to_string().contains("store"));
         assert_eq!(

@@ -1,18 +1,19 @@
 //! The userland side of the eBPF dataplane: loading the embedded object with its maps pinned
-//! under the daemon's own bpffs directory, attaching `from_endpoint` to endpoint veths (TCX
-//! ingress, links pinned), reading and writing the maps, and running the programs through
-//! `BPF_PROG_TEST_RUN` for tests and benchmarks.
+//! under the daemon's own bpffs directory, attaching `from_endpoint` to endpoint veths and
+//! `from_underlay` to the underlay interface (TCX ingress, links pinned), reading and writing
+//! the maps, and running the programs through `BPF_PROG_TEST_RUN` for tests and benchmarks.
 //!
 //! Contract:
 //! - State survives the daemon. [`Dataplane::load`] reuses every map already pinned under the
 //!   directory and never clears one; links pinned under `<dir>/links/<iface>` stay attached when
-//!   the daemon exits. [`Dataplane::attach_endpoint`] on an interface whose pinned link is live
-//!   swaps the program in the link atomically (`BPF_LINK_UPDATE`): there is no moment without
-//!   enforcement.
+//!   the daemon exits (the underlay's under `<dir>/underlay/<iface>`, apart, so that the
+//!   reconciler's sweep of stale endpoint links never touches it). [`Dataplane::attach_endpoint`]
+//!   and [`Dataplane::attach_underlay`] on an interface whose pinned link is live swap the
+//!   program in the link atomically (`BPF_LINK_UPDATE`): there is no moment without enforcement.
 //! - [`Dataplane::apply`] writes only the difference between two [`Desired`] states, adds and
-//!   changes before removals (policy and CIDR classes first, then routes, then endpoints; then
-//!   removals in the reverse order), so every packet during an edit is judged by the old or the
-//!   new rules, never by a state that has lost an allow both of them have.
+//!   changes before removals (hosts, universes, policy and CIDR classes first, then routes, then
+//!   endpoints; then removals in the reverse order), so every packet during an edit is judged by
+//!   the old or the new rules, never by a state that has lost an allow both of them have.
 //! - Nothing here panics on kernel answers; every failure is an [`Error`] naming the call and the
 //!   object.
 use std::{
@@ -37,8 +38,8 @@ use aya::{
     Ebpf, EbpfError, EbpfLoader, TestRun, TestRunOptions,
 };
 use dataplane_common::{
-    map_names, CidrKey, Config, CtEntry, CtKey, DropReason, Endpoint, PolicyKey, Route, RouteKey,
-    PROG_FROM_ENDPOINT,
+    map_names, CidrKey, Config, CtEntry, CtKey, DropReason, Endpoint, HostKey, PolicyKey, Route,
+    RouteKey, VniKey, PROG_FROM_ENDPOINT, PROG_FROM_UNDERLAY,
 };
 
 use crate::compile::Desired;
@@ -54,6 +55,9 @@ const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 
 /// Value written for every `VERSE_POLICY` entry: the program only tests presence.
 const POLICY_ALLOW: u8 = 1;
+
+/// Value written for every `VERSE_VNIS` entry: the program only tests presence.
+const VNI_PRESENT: u8 = 1;
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
@@ -104,8 +108,8 @@ pub enum Error {
     #[error("interface {iface} not found (if_nametoindex): {source}")]
     Interface { iface: String, source: io::Error },
     /// Attaching (TCX ingress) failed.
-    #[error("attaching {PROG_FROM_ENDPOINT} to {iface} (TCX ingress) failed: {source}")]
-    Attach { iface: String, source: ProgramError },
+    #[error("attaching {program} to {iface} (TCX ingress) failed: {source}")]
+    Attach { program: &'static str, iface: String, source: ProgramError },
     /// Converting the new link into a pinnable link failed.
     #[error("taking the TCX link of {iface} failed: {source}")]
     TakeLink { iface: String, source: LinkError },
@@ -181,6 +185,8 @@ pub struct Dataplane {
     cidrs: LpmTrie<MapData, CidrKey, u32>,
     policy: LpmTrie<MapData, PolicyKey, u8>,
     conntrack: HashMap<MapData, CtKey, CtEntry>,
+    hosts: HashMap<MapData, HostKey, u32>,
+    vnis: HashMap<MapData, VniKey, u8>,
     drops: PerCpuArray<MapData, u64>,
 }
 
@@ -196,14 +202,16 @@ impl Dataplane {
     /// `config` into `VERSE_CONFIG`. Maps already pinned there are reused as they are.
     pub fn load(bpf_dir: &Path, config: &Config) -> Result<Self> {
         ensure_bpffs(bpf_dir)?;
-        let links = bpf_dir.join("links");
-        std::fs::create_dir_all(&links)
-            .map_err(|source| Error::CreateDir { path: links.clone(), source })?;
+        for sub in ["links", "underlay"] {
+            let dir = bpf_dir.join(sub);
+            std::fs::create_dir_all(&dir)
+                .map_err(|source| Error::CreateDir { path: dir.clone(), source })?;
+        }
 
         let mut ebpf = EbpfLoader::new().default_map_pin_directory(bpf_dir).load(OBJECT).map_err(
             |source| Error::LoadObject { dir: bpf_dir.to_path_buf(), source: Box::new(source) },
         )?;
-        for name in [PROG_FROM_ENDPOINT, PROG_EMPTY] {
+        for name in [PROG_FROM_ENDPOINT, PROG_FROM_UNDERLAY, PROG_EMPTY] {
             classifier_mut(&mut ebpf, name)?
                 .load()
                 .map_err(|source| Error::LoadProgram { name, source })?;
@@ -223,6 +231,8 @@ impl Dataplane {
             cidrs: take_map(&mut ebpf, map_names::CIDRS)?,
             policy: take_map(&mut ebpf, map_names::POLICY)?,
             conntrack: take_map(&mut ebpf, map_names::CONNTRACK)?,
+            hosts: take_map(&mut ebpf, map_names::HOSTS)?,
+            vnis: take_map(&mut ebpf, map_names::VNIS)?,
             drops: take_map(&mut ebpf, map_names::DROPS)?,
             ebpf,
         })
@@ -242,40 +252,26 @@ impl Dataplane {
     /// pinned link on the same ifindex is kept and its program swapped atomically for the one
     /// loaded now; a stale pin (interface gone or recreated) is replaced.
     pub fn attach_endpoint(&mut self, iface: &str) -> Result<()> {
-        let ifindex = ifindex(iface)?;
         let path = self.link_pin_path(iface);
-        if path.exists() {
-            if pinned_tcx_ifindex(&path)? == Some(ifindex) {
-                let pinned = PinnedLink::from_pin(&path)
-                    .map_err(|source| Error::OpenLink { path: path.clone(), source })?;
-                let link = SchedClassifierLink::try_from(FdLink::from(pinned))
-                    .map_err(|source| Error::TakeLink { iface: iface.into(), source })?;
-                let prog = classifier_mut(&mut self.ebpf, PROG_FROM_ENDPOINT)?;
-                let id = prog
-                    .attach_to_link(link)
-                    .map_err(|source| Error::UpdateLink { iface: iface.into(), source })?;
-                // The pin holds the link; our descriptor can go.
-                let _link = prog
-                    .take_link(id)
-                    .map_err(|source| Error::UpdateLink { iface: iface.into(), source })?;
-                return Ok(());
-            }
-            std::fs::remove_file(&path)
-                .map_err(|source| Error::Unpin { path: path.clone(), source })?;
+        attach_pinned(&mut self.ebpf, PROG_FROM_ENDPOINT, iface, &path)
+    }
+
+    /// Where the TCX link of the underlay interface `iface` is pinned.
+    pub fn underlay_pin_path(&self, iface: &str) -> PathBuf {
+        self.bpf_dir.join("underlay").join(iface)
+    }
+
+    /// Attaches `from_underlay` at TCX ingress of the underlay interface `iface` and pins the
+    /// link, idempotent like [`Dataplane::attach_endpoint`]. Pins of other underlay interfaces
+    /// (a changed `--underlay`) are removed, so one interface at a time receives for Verse.
+    pub fn attach_underlay(&mut self, iface: &str) -> Result<()> {
+        let path = self.underlay_pin_path(iface);
+        attach_pinned(&mut self.ebpf, PROG_FROM_UNDERLAY, iface, &path)?;
+        let dir = self.bpf_dir.join("underlay");
+        for other in pins_in(&dir)?.into_iter().filter(|name| name != iface) {
+            let path = dir.join(other);
+            remove_pin(&path)?;
         }
-        let prog = classifier_mut(&mut self.ebpf, PROG_FROM_ENDPOINT)?;
-        let id = prog
-            .attach_with_options(
-                iface,
-                TcAttachType::Ingress,
-                TcAttachOptions::TcxOrder(LinkOrder::default()),
-            )
-            .map_err(|source| Error::Attach { iface: iface.into(), source })?;
-        let link =
-            prog.take_link(id).map_err(|source| Error::Attach { iface: iface.into(), source })?;
-        let link = FdLink::try_from(link)
-            .map_err(|source| Error::TakeLink { iface: iface.into(), source })?;
-        link.pin(&path).map_err(|source| Error::PinLink { iface: iface.into(), path, source })?;
         Ok(())
     }
 
@@ -292,36 +288,16 @@ impl Dataplane {
 
     /// Detaches `from_endpoint` from `iface` by removing its pinned link. Idempotent.
     pub fn detach_endpoint(&mut self, iface: &str) -> Result<()> {
-        let path = self.link_pin_path(iface);
-        match std::fs::remove_file(&path) {
-            Ok(()) => Ok(()),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-            Err(source) => Err(Error::Unpin { path, source }),
-        }
+        remove_pin(&self.link_pin_path(iface))
     }
 
-    /// Interfaces with a pinned link (attached, or stale until the next attach).
+    /// Endpoint interfaces with a pinned link (attached, or stale until the next attach).
     pub fn pinned_links(&self) -> Result<Vec<String>> {
-        let dir = self.bpf_dir.join("links");
-        let entries = std::fs::read_dir(&dir).map_err(|source| Error::InspectLink {
-            path: dir.clone(),
-            call: "readdir",
-            source,
-        })?;
-        let mut out = Vec::new();
-        for entry in entries {
-            let entry = entry.map_err(|source| Error::InspectLink {
-                path: dir.clone(),
-                call: "readdir",
-                source,
-            })?;
-            out.push(entry.file_name().to_string_lossy().into_owned());
-        }
-        out.sort();
-        Ok(out)
+        pins_in(&self.bpf_dir.join("links"))
     }
 
-    /// The current contents of `VERSE_ENDPOINTS`, `VERSE_ROUTES`, `VERSE_CIDRS`, `VERSE_POLICY`.
+    /// The current contents of `VERSE_ENDPOINTS`, `VERSE_ROUTES`, `VERSE_CIDRS`, `VERSE_POLICY`,
+    /// `VERSE_HOSTS`, `VERSE_VNIS`.
     pub fn read(&self) -> Result<Desired> {
         let mut desired = Desired::default();
         for item in self.endpoints.iter() {
@@ -340,13 +316,36 @@ impl Dataplane {
             let (k, _) = item.map_err(read_err(map_names::POLICY))?;
             desired.policy.insert((k.prefix_len(), k.data()));
         }
+        for item in self.hosts.iter() {
+            let (k, v) = item.map_err(read_err(map_names::HOSTS))?;
+            desired.hosts.insert(k, v);
+        }
+        for item in self.vnis.keys() {
+            desired.vnis.insert(item.map_err(read_err(map_names::VNIS))?);
+        }
         Ok(desired)
     }
 
     /// Writes the difference between `current` (what the maps hold) and `desired`: new and
-    /// changed CIDR classes and policy entries, routes, endpoints; then removed endpoints,
-    /// routes, policy entries, CIDR classes.
+    /// changed hosts, universes, CIDR classes and policy entries, routes, endpoints; then removed
+    /// endpoints, routes, policy entries, CIDR classes, universes, hosts.
     pub fn apply(&mut self, current: &Desired, desired: &Desired) -> Result<()> {
+        for (key, &value) in &desired.hosts {
+            if current.hosts.get(key) != Some(&value) {
+                self.hosts.insert(key, value, 0).map_err(|source| Error::MapWrite {
+                    name: map_names::HOSTS,
+                    entry: format!("host {}", std::net::Ipv4Addr::from(*key)),
+                    source,
+                })?;
+            }
+        }
+        for &vni in desired.vnis.difference(&current.vnis) {
+            self.vnis.insert(vni, VNI_PRESENT, 0).map_err(|source| Error::MapWrite {
+                name: map_names::VNIS,
+                entry: format!("vni {vni}"),
+                source,
+            })?;
+        }
         for (&(len, key), &value) in &desired.cidrs {
             if current.cidrs.get(&(len, key)) != Some(&value) {
                 self.cidrs.insert(&Key::new(len, key), value, 0).map_err(|source| {
@@ -407,6 +406,20 @@ impl Dataplane {
         for &(len, key) in current.cidrs.keys().filter(|k| !desired.cidrs.contains_key(k)) {
             remove_ok_if_absent(self.cidrs.remove(&Key::new(len, key))).map_err(|source| {
                 Error::MapDelete { name: map_names::CIDRS, entry: format!("{len}/{key:?}"), source }
+            })?;
+        }
+        for vni in current.vnis.difference(&desired.vnis) {
+            remove_ok_if_absent(self.vnis.remove(vni)).map_err(|source| Error::MapDelete {
+                name: map_names::VNIS,
+                entry: format!("vni {vni}"),
+                source,
+            })?;
+        }
+        for key in current.hosts.keys().filter(|k| !desired.hosts.contains_key(*k)) {
+            remove_ok_if_absent(self.hosts.remove(key)).map_err(|source| Error::MapDelete {
+                name: map_names::HOSTS,
+                entry: format!("host {}", std::net::Ipv4Addr::from(*key)),
+                source,
             })?;
         }
         Ok(())
@@ -476,6 +489,12 @@ impl Dataplane {
         repeat: u32,
     ) -> Result<TestRunOutput> {
         run(&self.ebpf, PROG_FROM_ENDPOINT, packet, ingress_ifindex, repeat)
+    }
+
+    /// Runs `from_underlay` once on `packet` (a whole Ethernet frame) as if it arrived on the
+    /// interface `ingress_ifindex` (see [`Dataplane::test_run`]).
+    pub fn test_run_underlay(&self, packet: &[u8], ingress_ifindex: u32) -> Result<TestRunOutput> {
+        run(&self.ebpf, PROG_FROM_UNDERLAY, packet, ingress_ifindex, 1)
     }
 
     /// [`Dataplane::test_run`] for the `empty` program: the baseline cost of a TC program run.
@@ -576,7 +595,8 @@ fn run(
     }
     let prog = classifier(ebpf, name)?;
     let ctx = skb_ctx(ifindex);
-    // The program never grows a packet; the slack only guards against ENOSPC.
+    // `from_endpoint` grows a packet by the encapsulation (50 bytes) at most; an ICMP error it
+    // makes instead is shorter than any packet that needs one.
     let mut out = vec![0u8; packet.len() + 256];
     let result = prog
         .test_run(TestRunOptions {
@@ -612,6 +632,71 @@ fn run_pool(
     if out.runs > 0 {
         out.mean_ns = total_ns as f64 / out.runs as f64;
     }
+    Ok(out)
+}
+
+/// Attaches `program` at TCX ingress of `iface` with its link pinned at `path` (see
+/// [`Dataplane::attach_endpoint`] for the idempotence).
+fn attach_pinned(ebpf: &mut Ebpf, program: &'static str, iface: &str, path: &Path) -> Result<()> {
+    let ifindex = ifindex(iface)?;
+    if path.exists() {
+        if pinned_tcx_ifindex(path)? == Some(ifindex) {
+            let pinned = PinnedLink::from_pin(path)
+                .map_err(|source| Error::OpenLink { path: path.to_path_buf(), source })?;
+            let link = SchedClassifierLink::try_from(FdLink::from(pinned))
+                .map_err(|source| Error::TakeLink { iface: iface.into(), source })?;
+            let prog = classifier_mut(ebpf, program)?;
+            let id = prog
+                .attach_to_link(link)
+                .map_err(|source| Error::UpdateLink { iface: iface.into(), source })?;
+            // The pin holds the link; our descriptor can go.
+            let _link = prog
+                .take_link(id)
+                .map_err(|source| Error::UpdateLink { iface: iface.into(), source })?;
+            return Ok(());
+        }
+        remove_pin(path)?;
+    }
+    let prog = classifier_mut(ebpf, program)?;
+    let id = prog
+        .attach_with_options(
+            iface,
+            TcAttachType::Ingress,
+            TcAttachOptions::TcxOrder(LinkOrder::default()),
+        )
+        .map_err(|source| Error::Attach { program, iface: iface.into(), source })?;
+    let link = prog.take_link(id).map_err(|source| Error::Attach {
+        program,
+        iface: iface.into(),
+        source,
+    })?;
+    let link =
+        FdLink::try_from(link).map_err(|source| Error::TakeLink { iface: iface.into(), source })?;
+    link.pin(path).map_err(|source| Error::PinLink {
+        iface: iface.into(),
+        path: path.to_path_buf(),
+        source,
+    })?;
+    Ok(())
+}
+
+/// Removes a pinned link (detaching it unless someone else holds it). Idempotent.
+fn remove_pin(path: &Path) -> Result<()> {
+    match std::fs::remove_file(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(source) => Err(Error::Unpin { path: path.to_path_buf(), source }),
+    }
+}
+
+/// Names of the pins in `dir`, sorted.
+fn pins_in(dir: &Path) -> Result<Vec<String>> {
+    let readdir = |source| Error::InspectLink { path: dir.to_path_buf(), call: "readdir", source };
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).map_err(readdir)? {
+        out.push(entry.map_err(readdir)?.file_name().to_string_lossy().into_owned());
+    }
+    out.sort();
     Ok(out)
 }
 

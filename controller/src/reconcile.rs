@@ -19,6 +19,10 @@
 //!
 //! [`Reconciler::run`] may be cancelled at any await: every step is idempotent, and the next run
 //! converges from whatever the kernel holds.
+//!
+//! A host with an underlay ([`Underlay::lookup`], once at start) reaches the endpoints of other
+//! hosts through it: its endpoints get the underlay's MTU minus the encapsulation overhead, so
+//! that every packet they send fits the underlay once wrapped.
 
 use std::collections::{BTreeSet, HashMap};
 use std::net::Ipv4Addr;
@@ -55,6 +59,118 @@ pub enum Error {
     /// Listing the host-side interfaces failed.
     #[error("failed to list endpoint interfaces: {0}")]
     List(#[source] netlink::Error),
+}
+
+/// Why the underlay interface cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum UnderlayError {
+    /// No interface of that name in the daemon's namespace.
+    #[error("underlay interface {iface} not found")]
+    Missing { iface: String },
+    /// The interface has no IPv4 address to send from and receive on.
+    #[error("underlay interface {iface} has no IPv4 address")]
+    NoAddress { iface: String },
+    /// Asking the kernel about the interface failed.
+    #[error("looking up underlay interface {iface}: {source}")]
+    Netlink { iface: String, source: netlink::Error },
+    /// Reading its MTU failed.
+    #[error("reading the MTU of underlay interface {iface} (SIOCGIFMTU): {source}")]
+    Mtu { iface: String, source: std::io::Error },
+    /// Its MTU leaves too little room for a workload packet.
+    #[error(
+        "underlay interface {iface} has MTU {mtu}, below the {min} needed for the encapsulation \
+         ({overhead} bytes) and a workload MTU that can quote a refused packet in an ICMP error"
+    )]
+    MtuTooSmall { iface: String, mtu: u32, min: u32, overhead: u32 },
+}
+
+/// This host's underlay interface, as the kernel reported it at start.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Underlay {
+    pub iface: String,
+    pub ifindex: u32,
+    /// The outer source of everything this host wraps; other hosts know it from the store.
+    pub ip: Ipv4Addr,
+    pub mtu: u32,
+}
+
+/// Smallest workload MTU with an underlay: the dataplane's "fragmentation needed" quotes the
+/// first 128 bytes of the refused packet, so a refused packet must be longer than that.
+const MIN_ENDPOINT_MTU: u32 = 128;
+
+impl Underlay {
+    /// Looks `iface` up in the daemon's namespace: its index, first IPv4 address and MTU.
+    pub async fn lookup(iface: &str) -> Result<Underlay, UnderlayError> {
+        let netlink_err = |source| UnderlayError::Netlink { iface: iface.into(), source };
+        let ifindex = netlink::ifindex(iface)
+            .await
+            .map_err(netlink_err)?
+            .ok_or_else(|| UnderlayError::Missing { iface: iface.into() })?;
+        let ip = netlink::ipv4_address(iface)
+            .await
+            .map_err(netlink_err)?
+            .ok_or_else(|| UnderlayError::NoAddress { iface: iface.into() })?;
+        let mtu = interface_mtu(iface)
+            .map_err(|source| UnderlayError::Mtu { iface: iface.into(), source })?;
+        let min = MIN_ENDPOINT_MTU + dp::ENCAP_OVERHEAD;
+        if mtu < min {
+            return Err(UnderlayError::MtuTooSmall {
+                iface: iface.into(),
+                mtu,
+                min,
+                overhead: dp::ENCAP_OVERHEAD,
+            });
+        }
+        Ok(Underlay { iface: iface.into(), ifindex, ip, mtu })
+    }
+
+    /// The MTU of this host's endpoints: what is left of the underlay's after the encapsulation.
+    pub fn endpoint_mtu(&self) -> u32 {
+        self.mtu - dp::ENCAP_OVERHEAD
+    }
+
+    /// Fills the underlay settings of the dataplane's configuration.
+    pub fn configure(&self, config: &mut dp::Config) {
+        config.underlay_ifindex = self.ifindex;
+        config.underlay_ip = self.ip.octets();
+        config.underlay_mtu = self.mtu;
+    }
+}
+
+/// The MTU of `iface` in the daemon's network namespace. An ioctl on a socket rather than
+/// `/sys/class/net`: `/sys` shows the namespace of whoever mounted it, which under `setns(2)`
+/// is not ours.
+fn interface_mtu(iface: &str) -> std::io::Result<u32> {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    let name = iface.as_bytes();
+    if name.len() >= libc::IFNAMSIZ || name.contains(&0) {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("{iface:?} is no interface name"),
+        ));
+    }
+    // SAFETY: socket(2) with constant arguments; the result is checked below.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: socket(2) returned a new descriptor that we own from here on.
+    let sock = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: an all-zero `ifreq` is a valid value of this plain C struct.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (dst, src) in req.ifr_name.iter_mut().zip(name) {
+        *dst = *src as libc::c_char;
+    }
+    // SAFETY: `req` is a valid ifreq with a NUL-terminated name (checked length, zeroed rest);
+    // SIOCGIFMTU writes only `ifr_mtu` inside it.
+    if unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFMTU, &mut req) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: SIOCGIFMTU succeeded, so the union holds `ifru_mtu`.
+    let mtu = unsafe { req.ifr_ifru.ifru_mtu };
+    u32::try_from(mtu).map_err(|_| {
+        std::io::Error::new(std::io::ErrorKind::InvalidData, format!("negative MTU {mtu}"))
+    })
 }
 
 /// Why one local endpoint could not be put in the dataplane (the round goes on without it).
@@ -136,11 +252,13 @@ impl Reconciler {
     }
 
     /// Reconciles every state `states` publishes and publishes each realized revision on
-    /// `realized`, until `states` closes. See the module contract.
+    /// `realized`, until `states` closes or `stop` changes; a round under way is finished first.
+    /// See the module contract.
     pub async fn run(
         mut self,
         mut states: watch::Receiver<Arc<State>>,
         realized: watch::Sender<u64>,
+        mut stop: watch::Receiver<()>,
     ) {
         let mut backoff = RETRY_MIN;
         loop {
@@ -188,6 +306,10 @@ impl Reconciler {
                     }
                 }
                 _ = sleep_until(retry_at), if retry_at.is_some() => {}
+                _ = stop.changed() => {
+                    tracing::info!("asked to stop; the reconciler stops");
+                    return;
+                }
             }
         }
     }

@@ -750,6 +750,33 @@ async fn mutation_returns_only_once_its_revision_is_realized() {
 }
 
 #[tokio::test]
+async fn mutation_waits_for_every_healthy_host_s13() {
+    let api = api();
+    // Another host of the store, healthy, that realizes each revision 300 ms late.
+    api.store.register_host("host-b", Some("198.18.0.2".parse().unwrap())).await.unwrap();
+    let store = api.store.clone();
+    let mut rx = api.store.subscribe();
+    tokio::spawn(async move {
+        rx.changed().await.unwrap();
+        let rev = rx.borrow().revision;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        store.report_realized("host-b", rev);
+    });
+    let start = Instant::now();
+    let a = api.post("/v1/universes", json!({"name": "blue", "cidr": "10.1.0.0/16"})).await;
+    assert_eq!(a.status, StatusCode::CREATED);
+    assert!(start.elapsed() >= Duration::from_millis(300), "returned before host-b realized it");
+    let hosts = api.get("/v1/hosts").await.body;
+    assert_eq!(
+        hosts,
+        json!([
+            {"name": HOST, "underlay_ip": null, "revision": 1, "healthy": true},
+            {"name": "host-b", "underlay_ip": "198.18.0.2", "revision": 1, "healthy": true},
+        ])
+    );
+}
+
+#[tokio::test]
 async fn revisions_increase_by_one_per_mutation_s13() {
     let api = api();
     let mut revs = Vec::new();

@@ -17,6 +17,7 @@ pub mod map_names {
     pub const CONFIG: &str = "VERSE_CONFIG";
     pub const DROPS: &str = "VERSE_DROPS";
     pub const HOSTS: &str = "VERSE_HOSTS";
+    pub const VNIS: &str = "VERSE_VNIS";
 }
 
 /// Name of the TC program attached (TCX ingress) to the host side of every endpoint veth.
@@ -38,6 +39,8 @@ pub mod capacity {
     pub const POLICY: u32 = 2_097_152;
     pub const CONNTRACK: u32 = 262_144;
     pub const HOSTS: u32 = 4096;
+    /// Universes of the fleet (VNIs are 24 bits; the model hands them out smallest first).
+    pub const VNIS: u32 = 65536;
     /// Slots of the drop counter array; every `DropReason` code is below this.
     pub const DROPS: u32 = 64;
 }
@@ -314,6 +317,10 @@ pub struct Config {
 /// `VERSE_HOSTS`: underlay IPv4 address (network order) -> host number (non-zero). Encapsulated
 /// traffic from any other address is dropped (S10).
 pub type HostKey = [u8; 4];
+
+/// `VERSE_VNIS`: VNI (native u32) -> 1, one entry per universe of the fleet. Encapsulated traffic
+/// naming any other VNI is dropped (`UnknownUniverse`).
+pub type VniKey = u32;
 
 #[cfg(feature = "user")]
 mod pod {

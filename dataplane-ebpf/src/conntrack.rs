@@ -26,7 +26,9 @@ pub fn now() -> u64 {
 #[inline(always)]
 fn expired(entry: &CtEntry, now: u64, timeouts: &[u64; ct_state::COUNT]) -> bool {
     match timeouts.get(entry.state as usize) {
-        Some(timeout) => now.wrapping_sub(entry.last_seen_ns) > *timeout,
+        // Saturating: another CPU may have refreshed the entry after this program read `now`,
+        // leaving `last_seen_ns` slightly ahead of it; that entry is fresh, not 2^64 ns old.
+        Some(timeout) => now.saturating_sub(entry.last_seen_ns) > *timeout,
         None => true,
     }
 }

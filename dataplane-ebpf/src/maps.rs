@@ -7,7 +7,8 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
 };
 use dataplane_common::{
-    capacity, CidrKey, Config, CtEntry, CtKey, Endpoint, PolicyKey, Route, RouteKey,
+    capacity, CidrKey, Config, CtEntry, CtKey, Endpoint, HostKey, PolicyKey, Route, RouteKey,
+    VniKey,
 };
 
 /// Host-side veth ifindex -> the endpoint behind it.
@@ -41,3 +42,12 @@ pub static VERSE_CONFIG: Array<Config> = Array::pinned(1, 0);
 /// Drop counters, indexed by `DropReason` code, one per CPU (no atomics on the hot path).
 #[map]
 pub static VERSE_DROPS: PerCpuArray<u64> = PerCpuArray::pinned(capacity::DROPS, 0);
+
+/// Underlay address of every other host of the fleet -> host number. Encapsulated traffic from
+/// any other address is dropped (S10).
+#[map]
+pub static VERSE_HOSTS: HashMap<HostKey, u32> = HashMap::pinned(capacity::HOSTS, 0);
+
+/// The VNI of every universe of the fleet (value unused, 1).
+#[map]
+pub static VERSE_VNIS: HashMap<VniKey, u8> = HashMap::pinned(capacity::VNIS, 0);

@@ -154,3 +154,31 @@ pub fn mac_eq(a: &[u8; 6], b: &[u8; 6]) -> bool {
 pub fn ip_eq(a: &[u8; 4], b: &[u8; 4]) -> bool {
     u32::from_ne_bytes(*a) == u32::from_ne_bytes(*b)
 }
+
+/// Folds a sum of 16-bit words into the one's complement checksum (RFC 1071).
+#[inline(always)]
+pub fn csum_fold(sum: u64) -> u16 {
+    let sum = (sum & 0xFFFF_FFFF) + (sum >> 32);
+    let sum = (sum & 0xFFFF) + (sum >> 16);
+    let sum = (sum & 0xFFFF) + (sum >> 16);
+    let sum = (sum & 0xFFFF) + (sum >> 16);
+    !(sum as u16)
+}
+
+/// The header checksum of an IPv4 header without options (its `check` field must be zero),
+/// computed from the fields, not from packet memory.
+#[inline(always)]
+pub fn ipv4_checksum(h: &Ipv4Hdr) -> u16 {
+    let w = |a: u8, b: u8| u64::from(u16::from_be_bytes([a, b]));
+    let sum = w(h.version_ihl, h.tos)
+        + w(h.tot_len[0], h.tot_len[1])
+        + w(h.id[0], h.id[1])
+        + w(h.frag_off[0], h.frag_off[1])
+        + w(h.ttl, h.proto)
+        + w(h.check[0], h.check[1])
+        + w(h.src[0], h.src[1])
+        + w(h.src[2], h.src[3])
+        + w(h.dst[0], h.dst[1])
+        + w(h.dst[2], h.dst[3]);
+    csum_fold(sum)
+}

@@ -19,8 +19,7 @@ use tracing_subscriber::EnvFilter;
 use verse::api::{self, AppState, Stats, StatsFn};
 use verse::config::{Args, Config};
 use verse::dataplane::Dataplane;
-use verse::netlink;
-use verse::reconcile::{Reconciler, SharedDataplane};
+use verse::reconcile::{Reconciler, SharedDataplane, Underlay};
 use verse::store::Store;
 
 /// How long a stopping versed lets the reconciler finish the round it is in.
@@ -79,27 +78,53 @@ async fn run(args: Args) -> anyhow::Result<()> {
 
     std::fs::create_dir_all(&config.state_dir)
         .with_context(|| format!("creating the state directory {}", config.state_dir.display()))?;
-    // `Config::load` has validated `store`: this version serves the embedded store only.
-    let store = Store::open_embedded(&config.state_dir)
-        .with_context(|| format!("opening the embedded store in {}", config.state_dir.display()))?;
-
-    let underlay_ip = match &config.underlay {
-        Some(iface) => netlink::ipv4_address(iface)
-            .await
-            .with_context(|| format!("reading the address of the underlay interface {iface}"))?,
+    let underlay = match &config.underlay {
+        Some(iface) => Some(Underlay::lookup(iface).await.context("reading the underlay")?),
         None => None,
     };
+    let underlay_ip = underlay.as_ref().map(|u| u.ip);
+
+    let store = Store::open(&config)
+        .await
+        .with_context(|| format!("opening the store {}", config.store))?;
 
     warn_if_bpffs_is_ours(&bpf_dir);
-    let dp_config = config.dataplane_config().context("building the dataplane settings")?;
-    let dataplane = Dataplane::load(&bpf_dir, &dp_config)
+    let mut dp_config = config.dataplane_config().context("building the dataplane settings")?;
+    if let Some(u) = &underlay {
+        u.configure(&mut dp_config);
+    }
+    let mut dataplane = Dataplane::load(&bpf_dir, &dp_config)
         .with_context(|| format!("loading the dataplane (bpffs {})", bpf_dir.display()))?;
+    if let Some(u) = &underlay {
+        // Before this host is announced: other hosts send here once they learn its address.
+        dataplane.attach_underlay(&u.iface).context("attaching to the underlay")?;
+    }
     let dataplane: SharedDataplane = Arc::new(Mutex::new(dataplane));
-    let reconciler = Reconciler::new(dataplane.clone(), host.clone(), config.mtu)
+    // With an underlay, every packet an endpoint sends must fit it once wrapped.
+    let endpoint_mtu = underlay.as_ref().map_or(config.mtu, Underlay::endpoint_mtu);
+    let reconciler = Reconciler::new(dataplane.clone(), host.clone(), endpoint_mtu)
         .context("reading what the pinned maps hold")?;
+
+    store.register_host(&host, underlay_ip).await.context("registering this host")?;
 
     let (realized_tx, realized_rx) = watch::channel(0u64);
     let states = store.subscribe();
+    // The store tells the fleet what this host has realized (S13); never blocks. The task ends
+    // when the reconciler drops `realized_tx`.
+    let reporting = {
+        let store = store.clone();
+        let host = host.clone();
+        let mut realized = realized_rx.clone();
+        tokio::spawn(async move {
+            loop {
+                let revision = *realized.borrow_and_update();
+                store.report_realized(&host, revision);
+                if realized.changed().await.is_err() {
+                    break;
+                }
+            }
+        })
+    };
 
     let stats: StatsFn = Arc::new(move || {
         let drops = dataplane.lock().unwrap_or_else(PoisonError::into_inner).drops()?;
@@ -122,22 +147,27 @@ async fn run(args: Args) -> anyhow::Result<()> {
         state_dir = %config.state_dir.display(),
         bpf_dir = %bpf_dir.display(),
         store = %config.store,
+        underlay = ?underlay,
+        endpoint_mtu,
         "versed started"
     );
-    let reconciling = tokio::spawn(reconciler.run(states, realized_tx));
+    let (stop_tx, stop_rx) = watch::channel(());
+    let reconciling = tokio::spawn(reconciler.run(states, realized_tx, stop_rx));
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown_signal())
         .await
         .context("serving the API")?;
 
-    // The API (and with it the last handle on the store) is gone, so the reconciler stops after
-    // the round it is in. Cutting a long round short is safe too: every step is idempotent and
-    // the next start converges from what the kernel holds.
+    // The API is gone; the reconciler stops after the round it is in. Cutting a long round
+    // short is safe too: every step is idempotent and the next start converges from what the
+    // kernel holds.
+    let _ = stop_tx.send(());
     let mut reconciling = reconciling;
     if tokio::time::timeout(SHUTDOWN_GRACE, &mut reconciling).await.is_err() {
         tracing::warn!(grace = ?SHUTDOWN_GRACE, "the reconciler did not finish its round in time; stopping it");
         reconciling.abort();
     }
+    let _ = reporting.await;
     tracing::info!(
         "versed stopped; pinned maps, links and interfaces stay in place and keep enforcing"
     );

@@ -1,95 +1,26 @@
-//! Where the desired state lives.
+//! The embedded store (the default): one host, nothing to install.
 //!
-//! Contract: the desired state is one [`State`] document. [`Store::edit`] serializes edits: it
-//! runs the edit on a copy of the current state, refuses the result whole if the edit fails or
-//! its compiled form would not fit the dataplane (S12), otherwise persists it and only then
-//! publishes it to [`Store::subscribe`]rs. A published state is always durable, so a restart
-//! loses no acknowledged edit; a refused or failed edit changes nothing. Every change bumps the
-//! revision (S13).
-//!
-//! The embedded store (the default, one host) keeps the document as JSON in
-//! `<state_dir>/state.json`, replaced atomically (temporary file, fsync, rename, fsync of the
-//! directory), so the file is never seen half-written, even after a crash.
+//! Contract (see the parent module for what every store guarantees): the document is kept as
+//! JSON in `<state_dir>/state.json`, replaced atomically (temporary file, fsync, rename, fsync of
+//! the directory), so the file is never seen half-written, even after a crash. Hosts live in
+//! memory only: the hosts registered through this store (normally the one `versed` that owns
+//! it) are always healthy, and their realized revision is the last one reported.
 
+use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::Write;
+use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use tokio::sync::{watch, Mutex};
 
+use super::{apply_edit, Error, HostStatus, Result};
 use crate::model::{self, State};
 
 /// File name of the document in the state directory.
 pub const STATE_FILE: &str = "state.json";
 const TEMP_FILE: &str = "state.json.tmp";
-
-/// Why a store operation failed.
-#[derive(Debug, thiserror::Error)]
-pub enum Error {
-    /// The edit was refused (invalid input, unknown id, conflict, or would not fit, S12);
-    /// nothing changed.
-    #[error(transparent)]
-    Rejected(#[from] model::Error),
-    /// The state directory could not be created.
-    #[error("failed to create state directory {path}: {source}")]
-    CreateDir { path: PathBuf, source: std::io::Error },
-    /// The state document could not be read.
-    #[error("failed to read {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
-    /// The state document is not valid JSON for a `State`.
-    #[error("state file {path} is corrupt: {source}")]
-    Parse { path: PathBuf, source: serde_json::Error },
-    /// The new state could not be made durable; nothing changed.
-    #[error("failed to persist the state to {path}: {source}")]
-    Write { path: PathBuf, source: std::io::Error },
-}
-
-pub type Result<T, E = Error> = std::result::Result<T, E>;
-
-/// A handle on the desired state; cheap to clone (every clone is the same store).
-#[derive(Clone)]
-pub enum Store {
-    /// A JSON file in the state directory (one host).
-    Embedded(Arc<Embedded>),
-}
-
-impl Store {
-    /// Opens (or creates) the embedded store in `state_dir`.
-    pub fn open_embedded(state_dir: impl AsRef<Path>) -> Result<Store> {
-        Ok(Store::Embedded(Arc::new(Embedded::open(state_dir.as_ref())?)))
-    }
-
-    /// The current desired state.
-    pub fn snapshot(&self) -> Arc<State> {
-        match self {
-            Store::Embedded(e) => e.tx.borrow().clone(),
-        }
-    }
-
-    /// Follows the desired state: the receiver sees every published state (or at least the
-    /// latest one, if it falls behind).
-    pub fn subscribe(&self) -> watch::Receiver<Arc<State>> {
-        match self {
-            Store::Embedded(e) => e.tx.subscribe(),
-        }
-    }
-
-    /// Applies `f` to a copy of the state. On success, the new state is checked to fit the
-    /// dataplane, persisted and published; returns `f`'s result and the new revision. An `f`
-    /// that changes nothing returns the current revision and writes nothing.
-    ///
-    /// Cancel-safe: once `f` has run, the commit finishes even if the caller is dropped.
-    pub async fn edit<T, F>(&self, f: F) -> Result<(T, u64)>
-    where
-        F: FnOnce(&mut State) -> model::Result<T> + Send,
-        T: Send + 'static,
-    {
-        match self {
-            Store::Embedded(e) => Embedded::edit(e, f).await,
-        }
-    }
-}
 
 /// The embedded store. Use it through [`Store`].
 pub struct Embedded {
@@ -98,10 +29,12 @@ pub struct Embedded {
     /// Held from reading the current state until the next one is published.
     lock: Arc<Mutex<()>>,
     tx: watch::Sender<Arc<State>>,
+    /// The hosts registered here, by name; `healthy` is always true.
+    hosts: watch::Sender<Arc<Vec<HostStatus>>>,
 }
 
 impl Embedded {
-    fn open(dir: &Path) -> Result<Embedded> {
+    pub(super) fn open(dir: &Path) -> Result<Embedded> {
         std::fs::create_dir_all(dir)
             .map_err(|source| Error::CreateDir { path: dir.to_owned(), source })?;
         let path = dir.join(STATE_FILE);
@@ -119,25 +52,61 @@ impl Embedded {
             Err(source) => return Err(Error::Write { path: temp, source }),
         }
         let (tx, _) = watch::channel(Arc::new(state));
-        Ok(Embedded { path, dir: dir.to_owned(), lock: Arc::new(Mutex::new(())), tx })
+        let (hosts, _) = watch::channel(Arc::new(Vec::new()));
+        Ok(Embedded { path, dir: dir.to_owned(), lock: Arc::new(Mutex::new(())), tx, hosts })
     }
 
-    async fn edit<T, F>(this: &Arc<Embedded>, f: F) -> Result<(T, u64)>
+    pub(super) fn snapshot(&self) -> Arc<State> {
+        self.tx.borrow().clone()
+    }
+
+    pub(super) fn subscribe(&self) -> watch::Receiver<Arc<State>> {
+        self.tx.subscribe()
+    }
+
+    pub(super) fn subscribe_hosts(&self) -> watch::Receiver<Arc<Vec<HostStatus>>> {
+        self.hosts.subscribe()
+    }
+
+    pub(super) fn register_host(&self, name: &str, underlay_ip: Option<Ipv4Addr>) {
+        self.update_host(name, |h| h.underlay_ip = underlay_ip);
+    }
+
+    pub(super) fn report_realized(&self, name: &str, revision: u64) {
+        self.update_host(name, |h| h.revision = revision);
+    }
+
+    fn update_host(&self, name: &str, change: impl FnOnce(&mut HostStatus)) {
+        self.hosts.send_if_modified(|hosts| {
+            let mut by_name: BTreeMap<String, HostStatus> =
+                hosts.iter().map(|h| (h.name.clone(), h.clone())).collect();
+            let host = by_name.entry(name.to_owned()).or_insert_with(|| HostStatus {
+                name: name.to_owned(),
+                underlay_ip: None,
+                revision: 0,
+                healthy: true,
+            });
+            let before = host.clone();
+            change(host);
+            if *host == before && hosts.iter().any(|h| h.name == name) {
+                return false;
+            }
+            *hosts = Arc::new(by_name.into_values().collect());
+            true
+        });
+    }
+
+    pub(super) async fn edit<T, F>(this: &Arc<Embedded>, mut f: F) -> Result<(T, u64)>
     where
-        F: FnOnce(&mut State) -> model::Result<T> + Send,
+        F: FnMut(&mut State) -> model::Result<T> + Send,
         T: Send + 'static,
     {
         let guard = this.lock.clone().lock_owned().await;
         let current = this.tx.borrow().clone();
-        let mut next = (*current).clone();
-        let out = f(&mut next)?;
-        if next == *current {
+        let (out, next) = apply_edit(&current, &mut f)?;
+        let Some(next) = next else {
             return Ok((out, current.revision));
-        }
-        if next.revision <= current.revision {
-            next.revision = current.revision + 1;
-        }
-        crate::compile::check_fits(&next)?;
+        };
         let revision = next.revision;
         let bytes = serde_json::to_vec_pretty(&next).map_err(|e| Error::Write {
             path: this.path.clone(),
@@ -187,6 +156,7 @@ impl Embedded {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::Store;
 
     fn temp_dir(name: &str) -> PathBuf {
         let dir = std::env::temp_dir().join(format!("verse-store-{name}-{}", std::process::id()));
@@ -291,6 +261,30 @@ mod tests {
         revs.sort();
         assert_eq!(revs, (1..=20).collect::<Vec<_>>());
         assert_eq!(store.snapshot().universes.len(), 20);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[tokio::test]
+    async fn registered_hosts_are_healthy_with_their_last_reported_revision() {
+        let dir = temp_dir("hosts");
+        let store = Store::open_embedded(&dir).unwrap();
+        let mut rx = store.subscribe_hosts();
+        assert!(store.hosts().is_empty());
+        let ip = Some(Ipv4Addr::new(198, 18, 0, 1));
+        store.register_host("h1", ip).await.unwrap();
+        assert!(rx.has_changed().unwrap());
+        rx.mark_unchanged();
+        store.report_realized("h1", 4);
+        store.report_realized("h1", 4);
+        assert_eq!(
+            *rx.borrow_and_update().as_ref(),
+            [HostStatus { name: "h1".into(), underlay_ip: ip, revision: 4, healthy: true }]
+        );
+        store.register_host("h1", ip).await.unwrap();
+        assert!(!rx.has_changed().unwrap(), "nothing changed, nothing published");
+        // Hosts live in memory: the desired state (and its revision) is untouched.
+        assert_eq!(store.snapshot().revision, 0);
+        assert!(store.register_host("a/b", None).await.is_err());
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -1,0 +1,243 @@
+//! Where the desired state lives, and how the hosts of the fleet report on it.
+//!
+//! Contract: the desired state is one [`State`] document. [`Store::edit`] serializes edits: it
+//! runs the edit on a copy of the current state, refuses the result whole if the edit fails or
+//! its compiled form would not fit the dataplane (S12), otherwise persists it and only then
+//! publishes it to [`Store::subscribe`]rs. A published state is always durable, so a restart
+//! loses no acknowledged edit; a refused or failed edit changes nothing. Every change bumps the
+//! revision (S13). When `edit` returns, [`Store::snapshot`] shows the edit (or a later state).
+//!
+//! An edit closure may run more than once (the etcd store re-runs it on a fresh state when
+//! another host's edit got in first), so it is `FnMut` and must compute its result from the
+//! state it is given only.
+//!
+//! Hosts: a `versed` announces its host with [`Store::register_host`] (recorded in
+//! `State::hosts`, so every host learns its underlay address) and reports the revision its
+//! dataplane has realized with [`Store::report_realized`]. [`Store::hosts`] lists every known
+//! host with its realized revision and whether it is alive (S13).
+//!
+//! Two implementations, same behaviour:
+//! - [`embedded`] (the default): a JSON file in the state directory, one host, always healthy.
+//! - [`etcd`]: one key per object under a prefix of an etcd cluster, shared by every host; see
+//!   that module for the key layout, transactions and liveness.
+
+pub mod embedded;
+pub mod etcd;
+
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+
+use crate::model::{self, State};
+
+pub use embedded::{Embedded, STATE_FILE};
+pub use etcd::{Etcd, EtcdOptions};
+
+/// Why a store operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The edit was refused (invalid input, unknown id, conflict, or would not fit, S12);
+    /// nothing changed.
+    #[error(transparent)]
+    Rejected(#[from] model::Error),
+    /// The state directory could not be created.
+    #[error("failed to create state directory {path}: {source}")]
+    CreateDir { path: PathBuf, source: std::io::Error },
+    /// The state document could not be read.
+    #[error("failed to read {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    /// The state document is not valid JSON for a `State`.
+    #[error("state file {path} is corrupt: {source}")]
+    Parse { path: PathBuf, source: serde_json::Error },
+    /// The new state could not be made durable; nothing changed.
+    #[error("failed to persist the state to {path}: {source}")]
+    Write { path: PathBuf, source: std::io::Error },
+    /// The etcd client could not be set up (bad endpoint, ...).
+    #[error("failed to connect to etcd at {endpoints}: {source}")]
+    Connect { endpoints: String, source: etcd_client::Error },
+    /// An etcd request failed (etcd unreachable, no leader, request too large, ...).
+    #[error("etcd {op} failed: {source}")]
+    Etcd { op: &'static str, source: etcd_client::Error },
+    /// An etcd request got no answer in time.
+    #[error("etcd {op} timed out after {after:?}")]
+    Timeout { op: &'static str, after: Duration },
+    /// A key under the prefix does not hold what this version of Verse writes there.
+    #[error("etcd key {key} is corrupt: {reason}")]
+    Corrupt { key: String, reason: String },
+    /// The `store` setting is unusable.
+    #[error(transparent)]
+    Config(#[from] crate::config::Error),
+    /// Other writers kept winning the race for the same revision.
+    #[error("edit abandoned after {attempts} attempts: other edits kept committing first")]
+    Contention { attempts: u32 },
+}
+
+impl Error {
+    /// Whether the store could not be reached (as opposed to a refused edit or a local
+    /// failure): the API answers 503 then.
+    pub fn is_unavailable(&self) -> bool {
+        matches!(self, Error::Etcd { .. } | Error::Timeout { .. } | Error::Contention { .. })
+    }
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// One host of the fleet as the control plane sees it (`GET /v1/hosts`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostStatus {
+    pub name: String,
+    /// Address on the underlay network, as the host registered it.
+    pub underlay_ip: Option<Ipv4Addr>,
+    /// The revision the host has reported realized in its dataplane (S13); the last one known
+    /// if the host is not healthy, 0 if it never reported.
+    pub revision: u64,
+    /// The host's `versed` is alive: it keeps its liveness record fresh (always true for the
+    /// embedded store's hosts).
+    pub healthy: bool,
+}
+
+/// A handle on the desired state; cheap to clone (every clone is the same store). The store's
+/// background work (etcd watch, liveness) stops when the last clone is dropped.
+#[derive(Clone)]
+pub enum Store {
+    /// A JSON file in the state directory (one host).
+    Embedded(Arc<Embedded>),
+    /// An etcd cluster shared by the fleet.
+    Etcd(Arc<Etcd>),
+}
+
+impl Store {
+    /// Opens the store the settings name: the embedded store in `config.state_dir`, or the etcd
+    /// cluster of `config.store` (see [`Store::open_etcd`]: this waits for etcd).
+    pub async fn open(config: &crate::config::Config) -> Result<Store> {
+        match config.etcd_options()? {
+            None => Store::open_embedded(&config.state_dir),
+            Some(options) => Store::open_etcd(options).await,
+        }
+    }
+
+    /// Opens (or creates) the embedded store in `state_dir`.
+    pub fn open_embedded(state_dir: impl AsRef<Path>) -> Result<Store> {
+        Ok(Store::Embedded(Arc::new(Embedded::open(state_dir.as_ref())?)))
+    }
+
+    /// Connects to etcd, reads the desired state under `options.prefix` and starts following
+    /// it. Waits (retrying with backoff, logging each failure) until etcd answers: until then
+    /// there is no state to publish, and an empty one would tell the reconciler to remove
+    /// everything. Fails at once only on a malformed endpoint.
+    pub async fn open_etcd(options: EtcdOptions) -> Result<Store> {
+        Ok(Store::Etcd(Etcd::open(options).await?))
+    }
+
+    /// The current desired state.
+    pub fn snapshot(&self) -> Arc<State> {
+        match self {
+            Store::Embedded(e) => e.snapshot(),
+            Store::Etcd(e) => e.snapshot(),
+        }
+    }
+
+    /// Follows the desired state: the receiver sees every published state (or at least the
+    /// latest one, if it falls behind). It closes when the store is dropped.
+    pub fn subscribe(&self) -> watch::Receiver<Arc<State>> {
+        match self {
+            Store::Embedded(e) => e.subscribe(),
+            Store::Etcd(e) => e.subscribe(),
+        }
+    }
+
+    /// Applies `f` to a copy of the state. On success, the new state is checked to fit the
+    /// dataplane, persisted and published; returns `f`'s result and the new revision. An `f`
+    /// that changes nothing returns the current revision and writes nothing. `f` may be called
+    /// more than once (see the module docs); only the result of the call that committed is
+    /// returned.
+    ///
+    /// Cancel-safe: a commit is atomic (one file rename, one etcd transaction), so dropping the
+    /// future leaves either the old or the new state, never a mix.
+    pub async fn edit<T, F>(&self, f: F) -> Result<(T, u64)>
+    where
+        F: FnMut(&mut State) -> model::Result<T> + Send,
+        T: Send + 'static,
+    {
+        match self {
+            Store::Embedded(e) => Embedded::edit(e, f).await,
+            Store::Etcd(e) => e.edit(f).await,
+        }
+    }
+
+    /// Announces `name` as a host of the fleet: records it (with its underlay address) in the
+    /// desired state if it is new or changed, and starts keeping its liveness record fresh, so
+    /// that [`Store::hosts`] shows it healthy for as long as this store lives. Idempotent.
+    pub async fn register_host(&self, name: &str, underlay_ip: Option<Ipv4Addr>) -> Result<()> {
+        check_host_name(name)?;
+        match self {
+            Store::Embedded(e) => {
+                e.register_host(name, underlay_ip);
+                Ok(())
+            }
+            Store::Etcd(e) => e.register_host(name, underlay_ip).await,
+        }
+    }
+
+    /// Reports that host `name` (normally this one) has realized `revision` in its dataplane.
+    /// Never blocks: the etcd store publishes it in the background, the latest report winning,
+    /// once the host is registered through this store ([`Store::register_host`]).
+    pub fn report_realized(&self, name: &str, revision: u64) {
+        match self {
+            Store::Embedded(e) => e.report_realized(name, revision),
+            Store::Etcd(e) => e.report_realized(name, revision),
+        }
+    }
+
+    /// Every known host, by name: registered in the desired state or alive.
+    pub fn hosts(&self) -> Vec<HostStatus> {
+        self.subscribe_hosts().borrow().as_ref().clone()
+    }
+
+    /// Follows [`Store::hosts`]: the receiver is marked changed whenever a host registers,
+    /// reports a revision, or becomes healthy or unhealthy.
+    pub fn subscribe_hosts(&self) -> watch::Receiver<Arc<Vec<HostStatus>>> {
+        match self {
+            Store::Embedded(e) => e.subscribe_hosts(),
+            Store::Etcd(e) => e.subscribe_hosts(),
+        }
+    }
+}
+
+/// Applies `f` to a copy of `current` and bumps the revision if anything changed. Returns
+/// `None` for the state when nothing changed. Shared by both stores.
+fn apply_edit<T, F>(current: &State, f: &mut F) -> Result<(T, Option<State>)>
+where
+    F: FnMut(&mut State) -> model::Result<T>,
+{
+    let mut next = current.clone();
+    let out = f(&mut next)?;
+    if next == *current {
+        return Ok((out, None));
+    }
+    // An edit that forgets to bump the revision still gets a new one (S13).
+    if next.revision <= current.revision {
+        next.revision = current.revision + 1;
+    }
+    crate::compile::check_fits(&next)?;
+    Ok((out, Some(next)))
+}
+
+/// Host names become store keys (`hosts/<name>`): keep them to one plain path component.
+fn check_host_name(name: &str) -> Result<(), model::Error> {
+    let ok = !name.is_empty()
+        && name.len() <= 253
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_'));
+    if ok {
+        Ok(())
+    } else {
+        Err(model::Error::invalid(
+            "host",
+            format!("{name:?}: expected 1 to 253 characters among letters, digits, '-', '.', '_'"),
+        ))
+    }
+}

@@ -1,0 +1,201 @@
+//! `from_endpoint`: the TC (TCX ingress) program on the host side of every endpoint veth, i.e.
+//! on every packet a workload sends. It decides everything for traffic between endpoints of this
+//! host and delivers allowed packets straight into the receiver's namespace; traffic for an
+//! endpoint of another host is judged by the sender's egress rules here, wrapped and sent over
+//! the underlay, where that host's `from_underlay` applies the receiver's ingress rules.
+//!
+//! The walk, in order (the first failing step drops and counts its `DropReason`):
+//! 1. Ethernet header present (`TruncatedEthernet`); the skb's ifindex names the endpoint
+//!    (`UnknownEndpoint`); the source MAC is the endpoint's (`SpoofedMac`).
+//! 2. ARP -> [`arp::answer`] (`ArpUnanswered`); IPv6 -> `Ipv6Unsupported`; anything but IPv4 ->
+//!    `UnknownEthertype`.
+//! 3. IPv4 header ([`flow::ipv4_header`], `MalformedIpv4`); source is the endpoint's IP
+//!    (`SpoofedIp`); not a fragment (`Fragment`).
+//! 4. L4 header ([`flow::l4`], `MalformedL4`).
+//! 5. Conntrack hit (live) on the packet's key or its reverse -> no route: `NoRoute`; else the
+//!    packet is sent on (step 8) and, once it passed the MTU check, its flow refreshed (policy
+//!    is skipped, S6). A dropped packet never creates or refreshes a flow.
+//! 6. ICMP destination unreachable / time exceeded / parameter problem whose quoted IPv4 header
+//!    (and its first 8 payload bytes) lies within the datagram, is sent from the error's
+//!    destination, and names a flow tracked either way -> sent on like step 5, without policy
+//!    and without touching conntrack (S6). Otherwise the error is judged like any ICMP.
+//! 7. Route of (universe, destination) looked up; egress policy of the sender with the
+//!    destination as peer (`PolicyEgress`); no route -> `NoRoute` (this includes the gateway
+//!    address, which is no endpoint); for a local receiver its ingress policy with the sender as
+//!    peer (`PolicyIngress`); a conntrack entry is created.
+//! 8. Sending on. A local receiver: [`deliver::to_endpoint`]. A receiver on another host (route
+//!    ifindex 0): this host needs an underlay (`NoRoute` otherwise); a packet that would not fit
+//!    the underlay once wrapped is answered with an ICMP "fragmentation needed"
+//!    ([`icmp::frag_needed`], counted `FragNeeded`); else [`encap::wrap`] and out through the
+//!    underlay (`RedirectFailed`).
+use aya_ebpf::programs::TcContext;
+use dataplane_common::{
+    Config, DropReason, Endpoint, Route, RouteKey, DIRECTION_EGRESS, DIRECTION_INGRESS,
+};
+
+use crate::{
+    arp, conntrack, deliver, encap,
+    flow::{self, Ipv4, L4},
+    icmp,
+    maps::{VERSE_CONFIG, VERSE_ENDPOINTS, VERSE_ROUTES},
+    parse::*,
+    policy,
+};
+
+#[inline(always)]
+pub fn walk(ctx: &TcContext) -> Result<i32, DropReason> {
+    if !ensure(ctx, ETH_HLEN) {
+        return Err(DropReason::TruncatedEthernet);
+    }
+    // SAFETY: `skb` is the context pointer the kernel passed to this program; reads of
+    // `ifindex` are rewritten by the verifier into a read of `skb->dev->ifindex`.
+    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    // SAFETY: the value is copied out at once; a concurrent update can at worst give a mix of
+    // the old and new endpoint record, each of which the controller wrote.
+    let endpoint: Endpoint = match unsafe { VERSE_ENDPOINTS.get(&ifindex) } {
+        Some(e) => *e,
+        None => return Err(DropReason::UnknownEndpoint),
+    };
+    let eth: *mut EthHdr = ptr_at(ctx, 0).ok_or(DropReason::TruncatedEthernet)?;
+    // SAFETY: ptr_at proved the Ethernet header is inside the linear data.
+    let (src_ok, ethertype) =
+        unsafe { (mac_eq(&(*eth).src, &endpoint.mac), be16((*eth).ethertype)) };
+    if !src_ok {
+        return Err(DropReason::SpoofedMac);
+    }
+    // Slot 0 of an array always exists; the check is for the verifier.
+    let config = VERSE_CONFIG.get(0).ok_or(DropReason::RedirectFailed)?;
+    match ethertype {
+        ETH_P_IP => ipv4(ctx, &endpoint, ifindex, config),
+        ETH_P_ARP => arp::answer(ctx, &endpoint, ifindex, config.gateway_mac),
+        ETH_P_IPV6 => Err(DropReason::Ipv6Unsupported),
+        _ => Err(DropReason::UnknownEthertype),
+    }
+}
+
+#[inline(always)]
+fn ipv4(
+    ctx: &TcContext,
+    endpoint: &Endpoint,
+    ifindex: u32,
+    config: &Config,
+) -> Result<i32, DropReason> {
+    let ip = flow::ipv4_header(ctx, ETH_HLEN)?;
+    if !ip_eq(&ip.src, &endpoint.ip) {
+        return Err(DropReason::SpoofedIp);
+    }
+    if ip.frag_off & IP_MF_OFFSET_MASK != 0 {
+        return Err(DropReason::Fragment);
+    }
+    let l4 = flow::l4(ctx, ip.proto, ip.l4_off, ip.ip_end)?;
+
+    let key = flow::ct_key(endpoint.vni, &ip, &l4);
+    let now = conntrack::now();
+    let route_key = RouteKey { vni: endpoint.vni, ip: ip.dst };
+    // SAFETY: copied out at once, see the endpoint lookup.
+    let route: Option<Route> = unsafe { VERSE_ROUTES.get(&route_key) }.copied();
+
+    if let Some(hit) = conntrack::lookup(&key, now, &config.timeouts_ns) {
+        let Some(route) = route else {
+            return Err(DropReason::NoRoute);
+        };
+        if route.ifindex != 0 {
+            conntrack::refresh(hit, now, l4.tcp_flags);
+            return deliver::to_endpoint(ctx, &route, config.gateway_mac);
+        }
+        if let Some(mtu) = remote_too_big(ctx, config, &ip, &l4)? {
+            return icmp::frag_needed(ctx, endpoint, ifindex, config.gateway_mac, &ip, mtu);
+        }
+        conntrack::refresh(hit, now, l4.tcp_flags);
+        return encap::wrap(ctx, config, &route, endpoint.identity, endpoint.vni);
+    }
+    if flow::is_icmp_error(ip.proto, l4.icmp_type) {
+        if let Some(quoted) = flow::quoted_flow(ctx, endpoint.vni, ip.l4_off + 8, ip.ip_end) {
+            // An error is about a packet its sender received, so the quoted source is the
+            // error's destination (Linux conntrack requires the same).
+            if ip_eq(&quoted.src, &ip.dst)
+                && conntrack::lookup(&quoted, now, &config.timeouts_ns).is_some()
+            {
+                let Some(route) = route else {
+                    return Err(DropReason::NoRoute);
+                };
+                return send(ctx, endpoint, ifindex, config, &route, &ip, &l4);
+            }
+        }
+    }
+
+    if !policy::allows(
+        endpoint.identity,
+        DIRECTION_EGRESS,
+        route.map(|r| r.identity),
+        endpoint.vni,
+        ip.dst,
+        ip.proto,
+        l4.policy_port,
+    ) {
+        return Err(DropReason::PolicyEgress);
+    }
+    let Some(route) = route else {
+        return Err(DropReason::NoRoute);
+    };
+    // A receiver on another host applies its own ingress rules (from_underlay).
+    if route.ifindex != 0
+        && !policy::allows(
+            route.identity,
+            DIRECTION_INGRESS,
+            Some(endpoint.identity),
+            endpoint.vni,
+            ip.src,
+            ip.proto,
+            l4.policy_port,
+        )
+    {
+        return Err(DropReason::PolicyIngress);
+    }
+    if route.ifindex == 0 {
+        if let Some(mtu) = remote_too_big(ctx, config, &ip, &l4)? {
+            return icmp::frag_needed(ctx, endpoint, ifindex, config.gateway_mac, &ip, mtu);
+        }
+    }
+    conntrack::create(&key, now, conntrack::initial_state(ip.proto, l4.tcp_flags));
+    if route.ifindex != 0 {
+        return deliver::to_endpoint(ctx, &route, config.gateway_mac);
+    }
+    encap::wrap(ctx, config, &route, endpoint.identity, endpoint.vni)
+}
+
+/// Sends an admitted packet that touches no conntrack state (a related ICMP error) on: into a
+/// local endpoint, or wrapped to another host.
+#[inline(always)]
+fn send(
+    ctx: &TcContext,
+    endpoint: &Endpoint,
+    ifindex: u32,
+    config: &Config,
+    route: &Route,
+    ip: &Ipv4,
+    l4: &L4,
+) -> Result<i32, DropReason> {
+    if route.ifindex != 0 {
+        return deliver::to_endpoint(ctx, route, config.gateway_mac);
+    }
+    if let Some(mtu) = remote_too_big(ctx, config, ip, l4)? {
+        return icmp::frag_needed(ctx, endpoint, ifindex, config.gateway_mac, ip, mtu);
+    }
+    encap::wrap(ctx, config, route, endpoint.identity, endpoint.vni)
+}
+
+/// For a packet to another host: `NoRoute` without an underlay, else the underlay MTU if the
+/// packet would not fit it once wrapped.
+#[inline(always)]
+fn remote_too_big(
+    ctx: &TcContext,
+    config: &Config,
+    ip: &Ipv4,
+    l4: &L4,
+) -> Result<Option<u32>, DropReason> {
+    if config.underlay_ifindex == 0 {
+        return Err(DropReason::NoRoute);
+    }
+    encap::too_big(ctx, config, ip.ihl + l4.hdr_len as usize)
+}

@@ -1,0 +1,197 @@
+//! An IPv4 packet as conntrack and policy see it, parsed fail-closed, wherever it sits in the
+//! frame: right after the Ethernet header (`from_endpoint`), or after the outer headers of the
+//! encapsulation (`from_underlay`). Both hooks parse with the same functions, so a packet is
+//! judged the same whichever way it came.
+//!
+//! Contract: [`ipv4_header`] checks the fixed header (20 bytes, version 4, IHL >= 5,
+//! `IHL*4 <= total length`, `offset + total length <= frame length`; trailing Ethernet padding
+//! is allowed) and makes the whole header with options linear (`MalformedIpv4`); [`l4`] checks
+//! the L4 header within the total length, not the padding: TCP 20 bytes and its whole data
+//! offset (>= 5 words), UDP 8, ICMP 8 (`MalformedL4`); other protocols are not parsed.
+use aya_ebpf::programs::TcContext;
+use dataplane_common::{CtKey, DropReason};
+
+use crate::parse::*;
+
+/// The fixed IPv4 header fields the walks use.
+pub struct Ipv4 {
+    pub src: [u8; 4],
+    pub dst: [u8; 4],
+    pub proto: u8,
+    pub frag_off: u16,
+    /// Header length with options, bytes.
+    pub ihl: usize,
+    /// Offset of the L4 header in the frame.
+    pub l4_off: usize,
+    /// Offset of the end of the IPv4 datagram in the frame (Ethernet padding may follow).
+    pub ip_end: usize,
+}
+
+/// Parses the IPv4 header at `off` (see the module contract).
+#[inline(always)]
+pub fn ipv4_header(ctx: &TcContext, off: usize) -> Result<Ipv4, DropReason> {
+    const IP_MIN: usize = core::mem::size_of::<Ipv4Hdr>();
+    if !ensure(ctx, off + IP_MIN) {
+        return Err(DropReason::MalformedIpv4);
+    }
+    let ip: *const Ipv4Hdr = ptr_at(ctx, off).ok_or(DropReason::MalformedIpv4)?;
+    // SAFETY: ptr_at proved the fixed IPv4 header is inside the linear data.
+    let (version_ihl, tot_len, frag_off, proto, src, dst) = unsafe {
+        let h = &*ip;
+        (h.version_ihl, be16(h.tot_len) as usize, be16(h.frag_off), h.proto, h.src, h.dst)
+    };
+    let ihl = ((version_ihl & 0x0F) as usize) * 4;
+    if version_ihl >> 4 != 4 || ihl < IP_MIN || tot_len < ihl || off + tot_len > ctx.len() as usize
+    {
+        return Err(DropReason::MalformedIpv4);
+    }
+    if !ensure(ctx, off + ihl) {
+        return Err(DropReason::MalformedIpv4);
+    }
+    Ok(Ipv4 { src, dst, proto, frag_off, ihl, l4_off: off + ihl, ip_end: off + tot_len })
+}
+
+/// What conntrack and policy need to know about the L4 header.
+pub struct L4 {
+    /// Conntrack ports (see `CtKey` for ICMP echo).
+    pub sport: u16,
+    pub dport: u16,
+    /// The port of policy keys: destination port, or `type << 8 | code` for ICMP.
+    pub policy_port: u16,
+    pub tcp_flags: u8,
+    /// ICMP type, or 0xFF for anything that is not ICMP.
+    pub icmp_type: u8,
+    /// Length of the L4 header (TCP with options), 0 for protocols that are not parsed: with
+    /// the IPv4 header length and the GSO size it gives the size of one segment on the wire.
+    pub hdr_len: u16,
+}
+
+#[inline(always)]
+pub fn l4(ctx: &TcContext, proto: u8, l4_off: usize, ip_end: usize) -> Result<L4, DropReason> {
+    match proto {
+        IPPROTO_TCP => {
+            let end = l4_off + core::mem::size_of::<TcpHdr>();
+            if end > ip_end || !ensure(ctx, end) {
+                return Err(DropReason::MalformedL4);
+            }
+            let tcp: *const TcpHdr = ptr_at(ctx, l4_off).ok_or(DropReason::MalformedL4)?;
+            // SAFETY: ptr_at proved the TCP header is inside the linear data.
+            let (sport, dport, doff_res, flags) = unsafe {
+                let h = &*tcp;
+                (be16(h.sport), be16(h.dport), h.doff_res, h.flags)
+            };
+            let doff = ((doff_res >> 4) as usize) * 4;
+            if doff < core::mem::size_of::<TcpHdr>() || l4_off + doff > ip_end {
+                return Err(DropReason::MalformedL4);
+            }
+            Ok(L4 {
+                sport,
+                dport,
+                policy_port: dport,
+                tcp_flags: flags,
+                icmp_type: 0xFF,
+                hdr_len: doff as u16,
+            })
+        }
+        IPPROTO_UDP => {
+            let end = l4_off + core::mem::size_of::<UdpHdr>();
+            if end > ip_end || !ensure(ctx, end) {
+                return Err(DropReason::MalformedL4);
+            }
+            let udp: *const UdpHdr = ptr_at(ctx, l4_off).ok_or(DropReason::MalformedL4)?;
+            // SAFETY: ptr_at proved the UDP header is inside the linear data.
+            let (sport, dport) = unsafe { (be16((*udp).sport), be16((*udp).dport)) };
+            Ok(L4 { sport, dport, policy_port: dport, tcp_flags: 0, icmp_type: 0xFF, hdr_len: 8 })
+        }
+        IPPROTO_ICMP => {
+            let end = l4_off + core::mem::size_of::<IcmpHdr>();
+            if end > ip_end || !ensure(ctx, end) {
+                return Err(DropReason::MalformedL4);
+            }
+            let icmp: *const IcmpHdr = ptr_at(ctx, l4_off).ok_or(DropReason::MalformedL4)?;
+            // SAFETY: ptr_at proved the ICMP header is inside the linear data.
+            let (ty, code, id) = unsafe { ((*icmp).ty, (*icmp).code, be16((*icmp).id)) };
+            let (sport, dport) = icmp_ports(ty, id);
+            Ok(L4 {
+                sport,
+                dport,
+                policy_port: (ty as u16) << 8 | code as u16,
+                tcp_flags: 0,
+                icmp_type: ty,
+                hdr_len: 8,
+            })
+        }
+        _ => {
+            Ok(L4 { sport: 0, dport: 0, policy_port: 0, tcp_flags: 0, icmp_type: 0xFF, hdr_len: 0 })
+        }
+    }
+}
+
+/// True for the ICMP messages that quote the datagram they are about (RFC 792): destination
+/// unreachable, time exceeded, parameter problem.
+#[inline(always)]
+pub fn is_icmp_error(proto: u8, icmp_type: u8) -> bool {
+    proto == IPPROTO_ICMP
+        && matches!(icmp_type, ICMP_DEST_UNREACH | ICMP_TIME_EXCEEDED | ICMP_PARAMETER_PROBLEM)
+}
+
+/// Conntrack ports of an ICMP message (see `CtKey`): echo request `(id, 0)`, echo reply
+/// `(0, id)`, anything else `(0, 0)`.
+#[inline(always)]
+fn icmp_ports(ty: u8, id: u16) -> (u16, u16) {
+    match ty {
+        ICMP_ECHO_REQUEST => (id, 0),
+        ICMP_ECHO_REPLY => (0, id),
+        _ => (0, 0),
+    }
+}
+
+/// The flow quoted by an ICMP error whose quoted IPv4 header starts at `off`: its header and
+/// the first 8 bytes of its payload (RFC 792) must be present. None if it cannot be read, in
+/// which case the error is judged by policy like any ICMP message.
+#[inline(always)]
+pub fn quoted_flow(ctx: &TcContext, vni: u32, off: usize, ip_end: usize) -> Option<CtKey> {
+    const IP_MIN: usize = core::mem::size_of::<Ipv4Hdr>();
+    if off + IP_MIN > ip_end || !ensure(ctx, off + IP_MIN) {
+        return None;
+    }
+    let ip: *const Ipv4Hdr = ptr_at(ctx, off)?;
+    // SAFETY: ptr_at proved the quoted fixed header is inside the linear data.
+    let (version_ihl, proto, src, dst) =
+        unsafe { ((*ip).version_ihl, (*ip).proto, (*ip).src, (*ip).dst) };
+    let ihl = ((version_ihl & 0x0F) as usize) * 4;
+    if version_ihl >> 4 != 4 || ihl < IP_MIN {
+        return None;
+    }
+    let l4_off = off + ihl;
+    if l4_off + 8 > ip_end || !ensure(ctx, l4_off + 8) {
+        return None;
+    }
+    let l4: *const IcmpHdr = ptr_at(ctx, l4_off)?;
+    // SAFETY: ptr_at proved the quoted 8 bytes are inside the linear data. `IcmpHdr` is just a
+    // view of 8 bytes here; for TCP and UDP its first four bytes are the ports.
+    let (b0, b1, b2, b3, id) = unsafe {
+        let h = &*l4;
+        (h.ty, h.code, h.check[0], h.check[1], be16(h.id))
+    };
+    let (sport, dport) = match proto {
+        IPPROTO_TCP | IPPROTO_UDP => (u16::from_be_bytes([b0, b1]), u16::from_be_bytes([b2, b3])),
+        IPPROTO_ICMP => icmp_ports(b0, id),
+        _ => (0, 0),
+    };
+    Some(CtKey { vni, src, dst, sport, dport, proto, _pad: [0; 3] })
+}
+
+/// The conntrack key of a packet in `vni`.
+#[inline(always)]
+pub fn ct_key(vni: u32, ip: &Ipv4, l4: &L4) -> CtKey {
+    CtKey {
+        vni,
+        src: ip.src,
+        dst: ip.dst,
+        sport: l4.sport,
+        dport: l4.dport,
+        proto: ip.proto,
+        _pad: [0; 3],
+    }
+}

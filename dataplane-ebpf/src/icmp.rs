@@ -1,0 +1,122 @@
+//! "Fragmentation needed" for packets too big to wrap (path MTU discovery, RFC 1191): the
+//! packet is turned in place into an ICMP destination unreachable, code 4, with the next-hop MTU
+//! of the path through the underlay (its MTU minus the encapsulation overhead), and sent back
+//! out of the sender's own veth to the workload.
+//!
+//! The error comes from the packet's destination address (the hop is invisible to workloads,
+//! and the workload's route back to that address is its default route, so reverse-path filters
+//! accept it). It quotes the first [`QUOTE`] bytes of the packet: the IPv4 header with any
+//! options and at least 8 bytes of payload, which is all RFC 792 asks for.
+use aya_ebpf::{
+    bindings::{bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, TC_ACT_REDIRECT},
+    helpers::{bpf_csum_diff, bpf_redirect, bpf_skb_change_tail},
+    programs::TcContext,
+};
+use dataplane_common::{DropReason, Endpoint, ENCAP_OVERHEAD};
+
+use crate::{drop, flow::Ipv4, parse::*};
+
+/// Bytes of the refused packet quoted in the error: a multiple of 4 (for `bpf_csum_diff`) that
+/// holds the longest IPv4 header (60) and 8 bytes of payload with room to spare.
+pub const QUOTE: usize = 128;
+
+/// ICMP destination unreachable, code "fragmentation needed and DF set" (RFC 792).
+const ICMP_FRAG_NEEDED: u8 = 4;
+/// IPTOS_PREC_INTERNETCONTROL, the TOS Linux gives its ICMP errors.
+const TOS_INTERNETCONTROL: u8 = 0xC0;
+
+const IP_LEN: usize = core::mem::size_of::<Ipv4Hdr>();
+const ICMP_LEN: usize = core::mem::size_of::<IcmpHdr>();
+
+/// Replaces the packet with the error and sends it back to `endpoint` through `ifindex`, the
+/// host side of its veth. `underlay_mtu` is the MTU the wrapped packet exceeded. The packet is
+/// counted as `FragNeeded` either way; when the error cannot be built it is simply dropped.
+#[inline(always)]
+pub fn frag_needed(
+    ctx: &TcContext,
+    endpoint: &Endpoint,
+    ifindex: u32,
+    gateway_mac: [u8; 6],
+    ip: &Ipv4,
+    underlay_mtu: u32,
+) -> Result<i32, DropReason> {
+    if ip.ip_end < ETH_HLEN + QUOTE {
+        // Only an underlay MTU below QUOTE + the overhead gets here.
+        return Err(DropReason::FragNeeded);
+    }
+    // Truncate to the quote first: it also ends GSO for a super-packet, which lets the room
+    // for the new headers be made without touching segmentation state.
+    // SAFETY: `skb` is this program's context.
+    if unsafe { bpf_skb_change_tail(ctx.skb.skb, (ETH_HLEN + QUOTE) as u32, 0) } != 0 {
+        return Err(DropReason::FragNeeded);
+    }
+    ctx.adjust_room((IP_LEN + ICMP_LEN) as i32, BPF_ADJ_ROOM_MAC, 0)
+        .map_err(|_| DropReason::FragNeeded)?;
+    const END: usize = ETH_HLEN + IP_LEN + ICMP_LEN + QUOTE;
+    if !ensure(ctx, END) {
+        return Err(DropReason::FragNeeded);
+    }
+    let eth: *mut EthHdr = ptr_at(ctx, 0).ok_or(DropReason::FragNeeded)?;
+    let iph: *mut Ipv4Hdr = ptr_at(ctx, ETH_HLEN).ok_or(DropReason::FragNeeded)?;
+    let icmp: *mut [u8; ICMP_LEN + QUOTE] =
+        ptr_at(ctx, ETH_HLEN + IP_LEN).ok_or(DropReason::FragNeeded)?;
+
+    let next_hop_mtu = underlay_mtu.saturating_sub(ENCAP_OVERHEAD).min(0xFFFF) as u16;
+    let mtu = next_hop_mtu.to_be_bytes();
+    // SAFETY: ptr_at proved the ICMP header and the quote lie within the linear data, which the
+    // TC prologue made writable.
+    unsafe {
+        let m = &mut *icmp;
+        // type, code, checksum (0 while summing), unused, next-hop MTU (RFC 1191 section 4).
+        m[0] = ICMP_DEST_UNREACH;
+        m[1] = ICMP_FRAG_NEEDED;
+        m[2] = 0;
+        m[3] = 0;
+        m[4] = 0;
+        m[5] = 0;
+        m[6] = mtu[0];
+        m[7] = mtu[1];
+    }
+    // SAFETY: `icmp` points at ICMP_LEN + QUOTE bytes of packet data (proved above), a size that
+    // is a multiple of 4 as bpf_csum_diff requires; a null `from` of size 0 is allowed.
+    let sum = unsafe {
+        bpf_csum_diff(core::ptr::null_mut(), 0, icmp as *mut u32, (ICMP_LEN + QUOTE) as u32, 0)
+    };
+    if sum < 0 {
+        return Err(DropReason::FragNeeded);
+    }
+    // bpf_csum_diff sums 16-bit words as the CPU loads them (`csum_partial`), so the folded
+    // result is stored in CPU order, not converted to network order.
+    let check = csum_fold(sum as u64 & 0xFFFF_FFFF).to_ne_bytes();
+
+    let mut reply = Ipv4Hdr {
+        version_ihl: 0x45,
+        tos: TOS_INTERNETCONTROL,
+        tot_len: ((IP_LEN + ICMP_LEN + QUOTE) as u16).to_be_bytes(),
+        id: [0; 2],
+        frag_off: [0; 2],
+        ttl: 64,
+        proto: IPPROTO_ICMP,
+        check: [0; 2],
+        src: ip.dst,
+        dst: endpoint.ip,
+    };
+    reply.check = ipv4_checksum(&reply).to_be_bytes();
+    // SAFETY: as above, for the Ethernet and IPv4 headers.
+    unsafe {
+        let m = &mut *icmp;
+        m[2] = check[0];
+        m[3] = check[1];
+        *iph = reply;
+        (*eth).dst = endpoint.mac;
+        (*eth).src = gateway_mac;
+        (*eth).ethertype = ETH_P_IP.to_be_bytes();
+    }
+    // SAFETY: bpf_redirect takes plain integers. Egress of the host side: into the workload.
+    let rc = unsafe { bpf_redirect(ifindex, 0) };
+    if rc != TC_ACT_REDIRECT as i64 {
+        return Err(DropReason::FragNeeded);
+    }
+    drop::count(DropReason::FragNeeded);
+    Ok(TC_ACT_REDIRECT as i32)
+}

@@ -1,0 +1,191 @@
+//! `from_underlay`: the TC (TCX ingress) program on the underlay interface, i.e. on every packet
+//! the host receives from its network. It takes the encapsulated traffic of other hosts' endpoints
+//! (see [`encap`] for the wire format), judges it with the receiver's ingress rules, unwraps it
+//! and delivers it into the receiver's namespace.
+//!
+//! The underlay is the host's own network (the API, etcd, ssh ride on it): anything that is not
+//! an IPv4/UDP packet to this host's underlay address on port 4789 is passed untouched
+//! (`TC_ACT_OK`), as are non-first fragments (no UDP header to tell). What is addressed to the
+//! VXLAN port of this host is Verse's, and from then on the walk fails closed (the first failing
+//! step drops and counts its `DropReason`):
+//! 1. Outer IPv4 without options and not a first fragment (we never send either), total length
+//!    within the frame, UDP length = IPv4 payload length, the VXLAN header and inner Ethernet
+//!    header present, VXLAN flags exactly G | I (`MalformedEncap`).
+//! 2. The outer source is a host of the fleet (`VERSE_HOSTS`, `UnknownHost`, S10).
+//! 3. The VNI is a universe of the fleet (`VERSE_VNIS`, `UnknownUniverse`).
+//! 4. The inner frame is parsed like `from_endpoint` parses a workload's: inner IPv6
+//!    `Ipv6Unsupported`, not IPv4 `UnknownEthertype`, then `MalformedIpv4`, `Fragment`,
+//!    `MalformedL4`.
+//! 5. The inner source is an endpoint placed on the sending host: its route is remote with the
+//!    outer source as underlay (`NotPlacedOnSender`, S10).
+//! 6. The inner destination is an endpoint of this host (`NotLocal`).
+//! 7. Conntrack hit (live) on the packet's key or its reverse -> refreshed and delivered (S6);
+//!    a related ICMP error (as in `from_endpoint`) -> delivered.
+//! 8. Otherwise the receiver's ingress policy with peer = the identity carried in the VXLAN-GBP
+//!    header (and the inner source's CIDR class, and ANY) (`PolicyIngress`); a conntrack entry
+//!    is created.
+//! 9. Unwrap ([`encap::unwrap`]) and deliver ([`deliver::to_endpoint`]) (`RedirectFailed`).
+use aya_ebpf::{bindings::TC_ACT_OK, programs::TcContext};
+use dataplane_common::{
+    Config, DropReason, Route, RouteKey, DIRECTION_INGRESS, ENCAP_OVERHEAD, VXLAN_PORT,
+};
+
+use crate::{
+    conntrack, deliver,
+    encap::{self, Outer, INNER_ETH_OFF, INNER_IP_OFF, VXLAN_FLAGS},
+    flow,
+    maps::{VERSE_CONFIG, VERSE_HOSTS, VERSE_ROUTES, VERSE_VNIS},
+    parse::*,
+    policy,
+};
+
+/// IPv4 fragment offset bits and the "more fragments" bit of `frag_off` (RFC 791).
+const IP_OFFSET_MASK: u16 = 0x1FFF;
+const IP_MF: u16 = 0x2000;
+
+const PASS: i32 = TC_ACT_OK as i32;
+
+#[inline(always)]
+pub fn walk(ctx: &TcContext) -> Result<i32, DropReason> {
+    const IP_MIN: usize = core::mem::size_of::<Ipv4Hdr>();
+    const UDP_LEN: usize = core::mem::size_of::<UdpHdr>();
+    if !ensure(ctx, ETH_HLEN + IP_MIN) {
+        return Ok(PASS);
+    }
+    let eth: *const EthHdr = ptr_at(ctx, 0).ok_or(DropReason::TruncatedEthernet)?;
+    let ip: *const Ipv4Hdr = ptr_at(ctx, ETH_HLEN).ok_or(DropReason::MalformedIpv4)?;
+    // SAFETY: ptr_at proved both headers are inside the linear data.
+    let (ethertype, version_ihl, tot_len, frag_off, proto, src, dst) = unsafe {
+        let h = &*ip;
+        (
+            be16((*eth).ethertype),
+            h.version_ihl,
+            be16(h.tot_len) as usize,
+            be16(h.frag_off),
+            h.proto,
+            h.src,
+            h.dst,
+        )
+    };
+    let config = VERSE_CONFIG.get(0).ok_or(DropReason::RedirectFailed)?;
+    let ihl = ((version_ihl & 0x0F) as usize) * 4;
+    if ethertype != ETH_P_IP
+        || version_ihl >> 4 != 4
+        || ihl < IP_MIN
+        || proto != IPPROTO_UDP
+        || frag_off & IP_OFFSET_MASK != 0
+        || config.underlay_ifindex == 0
+        || !ip_eq(&dst, &config.underlay_ip)
+    {
+        return Ok(PASS);
+    }
+    // The UDP header sits after the options, if any: find the port before deciding it is ours.
+    let udp_off = ETH_HLEN + ihl;
+    if !ensure(ctx, udp_off + UDP_LEN) {
+        return Ok(PASS);
+    }
+    let udp: *const UdpHdr = ptr_at(ctx, udp_off).ok_or(DropReason::MalformedEncap)?;
+    // SAFETY: ptr_at proved the UDP header is inside the linear data.
+    let (dport, udp_len) = unsafe { (be16((*udp).dport), be16((*udp).len) as usize) };
+    if dport != VXLAN_PORT {
+        return Ok(PASS);
+    }
+
+    // Ours from here on: fail closed.
+    if ihl != IP_MIN
+        || frag_off & IP_MF != 0
+        || ETH_HLEN + tot_len > ctx.len() as usize
+        || tot_len < ENCAP_OVERHEAD as usize
+        || udp_len != tot_len - IP_MIN
+        || !ensure(ctx, INNER_IP_OFF)
+    {
+        return Err(DropReason::MalformedEncap);
+    }
+    // SAFETY: the value is only tested for presence.
+    if unsafe { VERSE_HOSTS.get(&src) }.is_none() {
+        return Err(DropReason::UnknownHost);
+    }
+    let outer: *const Outer = ptr_at(ctx, ETH_HLEN).ok_or(DropReason::MalformedEncap)?;
+    let inner_eth: *const EthHdr = ptr_at(ctx, INNER_ETH_OFF).ok_or(DropReason::MalformedEncap)?;
+    // SAFETY: ptr_at proved the outer headers and the inner Ethernet header are inside the
+    // linear data.
+    let (flags, group, vni, inner_type) = unsafe {
+        let v = &(*outer).vxlan;
+        (v.flags, be16(v.group), v.vni, be16((*inner_eth).ethertype))
+    };
+    if flags != VXLAN_FLAGS {
+        return Err(DropReason::MalformedEncap);
+    }
+    let vni = u32::from_be_bytes([0, vni[0], vni[1], vni[2]]);
+    // SAFETY: the value is only tested for presence.
+    if unsafe { VERSE_VNIS.get(&vni) }.is_none() {
+        return Err(DropReason::UnknownUniverse);
+    }
+    match inner_type {
+        ETH_P_IP => {}
+        ETH_P_IPV6 => return Err(DropReason::Ipv6Unsupported),
+        _ => return Err(DropReason::UnknownEthertype),
+    }
+    inner(ctx, config, src, vni, u32::from(group))
+}
+
+/// Steps 4–9 for the inner IPv4 packet of universe `vni`, sent by host `host` on behalf of an
+/// endpoint of identity `identity`.
+#[inline(always)]
+fn inner(
+    ctx: &TcContext,
+    config: &Config,
+    host: [u8; 4],
+    vni: u32,
+    identity: u32,
+) -> Result<i32, DropReason> {
+    let ip = flow::ipv4_header(ctx, INNER_IP_OFF)?;
+    if ip.frag_off & IP_MF_OFFSET_MASK != 0 {
+        return Err(DropReason::Fragment);
+    }
+    let l4 = flow::l4(ctx, ip.proto, ip.l4_off, ip.ip_end)?;
+
+    // SAFETY: copied out at once; each value is one the controller wrote.
+    let from: Option<Route> = unsafe { VERSE_ROUTES.get(&RouteKey { vni, ip: ip.src }) }.copied();
+    match from {
+        Some(r) if r.ifindex == 0 && ip_eq(&r.underlay, &host) => {}
+        _ => return Err(DropReason::NotPlacedOnSender),
+    }
+    // SAFETY: as above.
+    let to: Route = match unsafe { VERSE_ROUTES.get(&RouteKey { vni, ip: ip.dst }) } {
+        Some(r) if r.ifindex != 0 => *r,
+        _ => return Err(DropReason::NotLocal),
+    };
+
+    let key = flow::ct_key(vni, &ip, &l4);
+    let now = conntrack::now();
+    if let Some(hit) = conntrack::lookup(&key, now, &config.timeouts_ns) {
+        conntrack::refresh(hit, now, l4.tcp_flags);
+        encap::unwrap(ctx)?;
+        return deliver::to_endpoint(ctx, &to, config.gateway_mac);
+    }
+    if flow::is_icmp_error(ip.proto, l4.icmp_type) {
+        if let Some(quoted) = flow::quoted_flow(ctx, vni, ip.l4_off + 8, ip.ip_end) {
+            if ip_eq(&quoted.src, &ip.dst)
+                && conntrack::lookup(&quoted, now, &config.timeouts_ns).is_some()
+            {
+                encap::unwrap(ctx)?;
+                return deliver::to_endpoint(ctx, &to, config.gateway_mac);
+            }
+        }
+    }
+    if !policy::allows(
+        to.identity,
+        DIRECTION_INGRESS,
+        Some(identity),
+        vni,
+        ip.src,
+        ip.proto,
+        l4.policy_port,
+    ) {
+        return Err(DropReason::PolicyIngress);
+    }
+    conntrack::create(&key, now, conntrack::initial_state(ip.proto, l4.tcp_flags));
+    encap::unwrap(ctx)?;
+    deliver::to_endpoint(ctx, &to, config.gateway_mac)
+}

@@ -1,0 +1,449 @@
+//! The encapsulation between hosts, byte by byte: `from_endpoint` wrapping a packet for an
+//! endpoint of another host, `from_underlay` unwrapping what another host sent, every forged
+//! case dropped with its reason (S10), and the ICMP "fragmentation needed" of path MTU
+//! discovery. Run through `BPF_PROG_TEST_RUN` on literal frames with maps written by hand (no
+//! compiler, no daemon). Needs root (bpf, netns, mount); skipped otherwise.
+//!
+//! This host is 198.18.0.1 on the underlay device `u0` (MTU 1500). Endpoint A (10.0.0.2,
+//! identity 1) is local; B (10.0.0.3, identity 2) is placed on host 198.18.0.2, C (10.0.0.4,
+//! identity 3) on host 198.18.0.3. A may send anything; A admits TCP/80 from identity 2.
+
+use std::path::Path;
+
+use dataplane_common::{
+    ct_state, policy_prefix, Config, DropReason, Endpoint, PolicyKey, Route, RouteKey,
+    DIRECTION_EGRESS, DIRECTION_INGRESS,
+};
+use tests::{Bpffs, Netns, TempDir};
+use verse::compile::Desired;
+use verse::dataplane::{tc_act, Dataplane};
+
+const GATEWAY_MAC: [u8; 6] = [0x02, 0x00, 0x00, 0x00, 0x00, 0x01];
+const MAC_A: [u8; 6] = [0x02, 0xAA, 0x00, 0x00, 0x00, 0x02];
+const MAC_B: [u8; 6] = [0x02, 0xBB, 0x00, 0x00, 0x00, 0x03];
+const MAC_C: [u8; 6] = [0x02, 0xCC, 0x00, 0x00, 0x00, 0x04];
+const IP_A: [u8; 4] = [10, 0, 0, 2];
+const IP_B: [u8; 4] = [10, 0, 0, 3];
+const IP_C: [u8; 4] = [10, 0, 0, 4];
+const VNI: u32 = 7;
+const ID_A: u32 = 1;
+const ID_B: u32 = 2;
+const ID_C: u32 = 3;
+const HERE: [u8; 4] = [198, 18, 0, 1];
+const HOST_B: [u8; 4] = [198, 18, 0, 2];
+const HOST_C: [u8; 4] = [198, 18, 0, 3];
+const UNDERLAY_MTU: u32 = 1500;
+
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+fn config(underlay_ifindex: u32) -> Config {
+    let s = 1_000_000_000u64;
+    let mut timeouts_ns = [0u64; ct_state::COUNT];
+    timeouts_ns[ct_state::TCP_OPENING as usize] = 60 * s;
+    timeouts_ns[ct_state::TCP_ESTABLISHED as usize] = 432_000 * s;
+    timeouts_ns[ct_state::TCP_CLOSING as usize] = 60 * s;
+    timeouts_ns[ct_state::UDP_ONE_WAY as usize] = 30 * s;
+    timeouts_ns[ct_state::UDP_REPLIED as usize] = 180 * s;
+    timeouts_ns[ct_state::ICMP as usize] = 30 * s;
+    timeouts_ns[ct_state::OTHER as usize] = 600 * s;
+    Config {
+        timeouts_ns,
+        gateway_mac: GATEWAY_MAC,
+        underlay_ifindex,
+        underlay_ip: HERE,
+        underlay_mtu: UNDERLAY_MTU,
+        ..Config::default()
+    }
+}
+
+// ---- literal frames ------------------------------------------------------------------------
+
+fn checksum(bytes: &[u8]) -> u16 {
+    let mut sum = 0u32;
+    for chunk in bytes.chunks(2) {
+        let word = u16::from_be_bytes([chunk[0], *chunk.get(1).unwrap_or(&0)]);
+        sum += u32::from(word);
+    }
+    while sum > 0xFFFF {
+        sum = (sum & 0xFFFF) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+fn ethernet(dst: [u8; 6], src: [u8; 6], ethertype: u16, payload: &[u8]) -> Vec<u8> {
+    let mut f = Vec::with_capacity(14 + payload.len());
+    f.extend_from_slice(&dst);
+    f.extend_from_slice(&src);
+    f.extend_from_slice(&ethertype.to_be_bytes());
+    f.extend_from_slice(payload);
+    f
+}
+
+fn ipv4(src: [u8; 4], dst: [u8; 4], proto: u8, payload: &[u8]) -> Vec<u8> {
+    let total = 20 + payload.len();
+    let mut h = vec![0x45, 0, (total >> 8) as u8, total as u8, 0, 1, 0x40, 0, 64, proto, 0, 0];
+    h.extend_from_slice(&src);
+    h.extend_from_slice(&dst);
+    let c = checksum(&h);
+    h[10..12].copy_from_slice(&c.to_be_bytes());
+    h.extend_from_slice(payload);
+    h
+}
+
+const SYN: u8 = 0x02;
+const SYN_ACK: u8 = 0x12;
+
+fn tcp(sport: u16, dport: u16, flags: u8, payload: usize) -> Vec<u8> {
+    let mut t = Vec::with_capacity(20 + payload);
+    t.extend_from_slice(&sport.to_be_bytes());
+    t.extend_from_slice(&dport.to_be_bytes());
+    t.extend_from_slice(&[0, 0, 0, 1, 0, 0, 0, 0, 0x50, flags, 0xFF, 0xFF, 0, 0, 0, 0]);
+    t.extend((0..payload).map(|i| i as u8));
+    t
+}
+
+/// An IPv4/TCP packet (no Ethernet header).
+fn tcp_packet(src: [u8; 4], dst: [u8; 4], sport: u16, dport: u16, flags: u8) -> Vec<u8> {
+    ipv4(src, dst, 6, &tcp(sport, dport, flags, 0))
+}
+
+/// What a workload with `mac` sends to the gateway.
+fn from_workload(mac: [u8; 6], packet: &[u8]) -> Vec<u8> {
+    ethernet(GATEWAY_MAC, mac, 0x0800, packet)
+}
+
+/// The VXLAN-GBP header of the README's wire format.
+fn vxlan(flags: u8, identity: u16, vni: u32) -> [u8; 8] {
+    let g = identity.to_be_bytes();
+    let v = vni.to_be_bytes();
+    [flags, 0, g[0], g[1], v[1], v[2], v[3], 0]
+}
+
+/// A frame as host `from` sends it to this host: outer Ethernet/IPv4/UDP 4789, `vxlan`, then
+/// the inner Ethernet frame carrying `inner`.
+fn wrapped(
+    from: [u8; 4],
+    to: [u8; 4],
+    vxlan: [u8; 8],
+    inner_dst: [u8; 6],
+    inner: &[u8],
+) -> Vec<u8> {
+    let mut payload = Vec::new();
+    payload.extend_from_slice(&vxlan);
+    payload.extend_from_slice(&ethernet(inner_dst, GATEWAY_MAC, 0x0800, inner));
+    let udp_len = 8 + payload.len();
+    let mut udp = Vec::new();
+    udp.extend_from_slice(&50000u16.to_be_bytes());
+    udp.extend_from_slice(&4789u16.to_be_bytes());
+    udp.extend_from_slice(&(udp_len as u16).to_be_bytes());
+    udp.extend_from_slice(&[0, 0]);
+    udp.extend_from_slice(&payload);
+    let mut ip = ipv4(from, to, 17, &udp);
+    ip[6] = 0x40; // DF
+    ip[10..12].copy_from_slice(&[0, 0]);
+    let c = checksum(&ip[..20]);
+    ip[10..12].copy_from_slice(&c.to_be_bytes());
+    ethernet([0x02, 0x55, 0, 0, 0, 1], [0x02, 0x55, 0, 0, 0, 2], 0x0800, &ip)
+}
+
+/// B's TCP packet to A, as host B wraps it.
+fn from_b(sport: u16, dport: u16, flags: u8) -> Vec<u8> {
+    wrapped(
+        HOST_B,
+        HERE,
+        vxlan(0x88, ID_B as u16, VNI),
+        MAC_A,
+        &tcp_packet(IP_B, IP_A, sport, dport, flags),
+    )
+}
+
+// ---- the maps, by hand ---------------------------------------------------------------------
+
+fn desired(if_a: u32) -> Desired {
+    let mut d = Desired::default();
+    d.endpoints
+        .insert(if_a, Endpoint { ip: IP_A, mac: MAC_A, _pad: [0; 2], vni: VNI, identity: ID_A });
+    let route =
+        |ifindex, identity, mac, underlay| Route { ifindex, identity, mac, _pad: [0; 2], underlay };
+    d.routes.insert(RouteKey { vni: VNI, ip: IP_A }, route(if_a, ID_A, MAC_A, [0; 4]));
+    d.routes.insert(RouteKey { vni: VNI, ip: IP_B }, route(0, ID_B, MAC_B, HOST_B));
+    d.routes.insert(RouteKey { vni: VNI, ip: IP_C }, route(0, ID_C, MAC_C, HOST_C));
+    d.hosts.insert(HOST_B, 2);
+    d.hosts.insert(HOST_C, 3);
+    d.vnis.insert(VNI);
+    d.policy.insert((
+        policy_prefix::PEER,
+        PolicyKey {
+            policy: ID_A.to_be_bytes(),
+            direction: DIRECTION_EGRESS,
+            peer: [0; 4],
+            proto: 0,
+            port: [0; 2],
+        },
+    ));
+    d.policy.insert((
+        policy_prefix::FULL,
+        PolicyKey {
+            policy: ID_A.to_be_bytes(),
+            direction: DIRECTION_INGRESS,
+            peer: ID_B.to_be_bytes(),
+            proto: 6,
+            port: 80u16.to_be_bytes(),
+        },
+    ));
+    d
+}
+
+fn ifindex(ns: &Netns, iface: &str) -> u32 {
+    let out = ns.ip(&["-o", "link", "show", iface]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.split(':')
+        .next()
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no ifindex for {iface}: {text}"))
+}
+
+fn drops_of(dp: &Dataplane, reason: DropReason) -> u64 {
+    dp.drops().expect("read drop counters")[&reason]
+}
+
+/// Runs `from_underlay` on `frame` and asserts it is dropped and counted as `reason`.
+fn assert_underlay_drop(dp: &Dataplane, if_u: u32, frame: &[u8], reason: DropReason, what: &str) {
+    let before = drops_of(dp, reason);
+    let out = dp.test_run_underlay(frame, if_u).expect("run from_underlay");
+    assert_eq!(out.return_code, tc_act::SHOT, "{what}: dropped");
+    assert_eq!(drops_of(dp, reason), before + 1, "{what}: counted as {}", reason.label());
+}
+
+#[test]
+fn encapsulation_wraps_unwraps_refuses_forgeries_and_answers_too_big() {
+    if !is_root() {
+        eprintln!("skipped: dataplane_encap needs root (bpf, netns, mount)");
+        return;
+    }
+    let ns = Netns::new("dpe");
+    let dir = TempDir::new("dpe");
+    let bpffs = Bpffs::mount(&dir.path().join("bpf"));
+    ns.ip(&["link", "add", "ha", "type", "veth", "peer", "name", "wa"]);
+    ns.ip(&["link", "add", "u0", "type", "veth", "peer", "name", "u1"]);
+    for dev in ["ha", "wa", "u0", "u1"] {
+        ns.ip(&["link", "set", dev, "up"]);
+    }
+    ns.ip(&["link", "set", "u0", "mtu", &UNDERLAY_MTU.to_string()]);
+    ns.ip(&["addr", "add", "198.18.0.1/24", "dev", "u0"]);
+    let if_a = ifindex(&ns, "ha");
+    let if_u = ifindex(&ns, "u0");
+    ns.enter(|| judge(bpffs.path(), if_a, if_u));
+}
+
+fn judge(bpf_dir: &Path, if_a: u32, if_u: u32) {
+    let mut dp = Dataplane::load(bpf_dir, &config(if_u)).expect("load the dataplane");
+    dp.attach_endpoint("ha").expect("attach ha");
+    dp.attach_underlay("u0").expect("attach the underlay");
+    dp.attach_underlay("u0").expect("attaching the underlay again keeps the link");
+    assert!(dp.underlay_pin_path("u0").exists(), "the underlay link is pinned");
+    assert_eq!(dp.pinned_links().expect("list"), vec!["ha".to_string()], "apart from endpoints");
+    let want = desired(if_a);
+    dp.apply(&Desired::default(), &want).expect("apply");
+    assert_eq!(dp.read().expect("read"), want, "hosts and universes read back as applied");
+
+    wraps_exactly_the_documented_header(&dp, if_a);
+    unwraps_and_delivers(&mut dp, if_a, if_u);
+    refuses_forgeries(&dp, if_u);
+    passes_what_is_not_ours(&dp, if_u);
+    answers_too_big_with_frag_needed(&dp, if_a);
+
+    dp.apply(&want, &Desired::default()).expect("apply removal");
+    assert_eq!(dp.read().expect("read"), Desired::default(), "hosts and universes removed");
+}
+
+fn wraps_exactly_the_documented_header(dp: &Dataplane, if_a: u32) {
+    let inner = tcp_packet(IP_A, IP_B, 40000, 80, SYN);
+    let frame = from_workload(MAC_A, &inner);
+    let out = dp.test_run(&frame, if_a, 1).expect("run from_endpoint");
+    assert_eq!(out.return_code, tc_act::REDIRECT, "sent to the underlay");
+    let p = &out.packet;
+    assert_eq!(p.len(), frame.len() + 50, "50 bytes of encapsulation");
+    assert_eq!(&p[12..14], &[0x08, 0x00], "outer Ethernet type IPv4");
+    // Outer IPv4.
+    let ip = &p[14..34];
+    let outer_len = (inner.len() + 50) as u16;
+    assert_eq!(ip[0], 0x45, "IPv4, no options");
+    assert_eq!(ip[1], 0, "TOS 0");
+    assert_eq!(&ip[2..4], &outer_len.to_be_bytes(), "total length");
+    assert_eq!(&ip[4..6], &[0, 0], "ID 0");
+    assert_eq!(&ip[6..8], &[0x40, 0x00], "DF set");
+    assert_eq!(ip[8], 64, "TTL 64");
+    assert_eq!(ip[9], 17, "UDP");
+    assert_eq!(checksum(ip), 0, "outer header checksum valid");
+    assert_eq!(&ip[12..16], &HERE, "outer source = this host");
+    assert_eq!(&ip[16..20], &HOST_B, "outer destination = B's host");
+    // UDP.
+    let udp = &p[34..42];
+    let sport = u16::from_be_bytes([udp[0], udp[1]]);
+    assert!(sport >= 49152, "source port {sport} in 49152..=65535");
+    assert_eq!(&udp[2..4], &4789u16.to_be_bytes(), "VXLAN port");
+    assert_eq!(&udp[4..6], &(outer_len - 20).to_be_bytes(), "UDP length");
+    assert_eq!(&udp[6..8], &[0, 0], "no UDP checksum");
+    // VXLAN-GBP.
+    assert_eq!(&p[42..50], &vxlan(0x88, ID_A as u16, VNI), "flags G|I, A's identity, the VNI");
+    assert_eq!(&p[42..50], &[0x88, 0, 0, 1, 0, 0, 7, 0]);
+    // Inner frame.
+    assert_eq!(&p[50..56], &MAC_B, "inner destination = B's MAC");
+    assert_eq!(&p[56..62], &GATEWAY_MAC, "inner source = the gateway");
+    assert_eq!(&p[62..64], &[0x08, 0x00]);
+    assert_eq!(&p[64..], &inner[..], "the workload's packet, untouched");
+
+    // The same flow always takes the same source port (ECMP keeps it on one path).
+    let again = dp.test_run(&frame, if_a, 1).expect("run again");
+    assert_eq!(&again.packet[34..36], &udp[0..2], "stable source port per flow");
+}
+
+fn unwraps_and_delivers(dp: &mut Dataplane, if_a: u32, if_u: u32) {
+    dp.clear_conntrack().expect("clear conntrack");
+    let syn = from_b(41000, 80, SYN);
+    let out = dp.test_run_underlay(&syn, if_u).expect("run from_underlay");
+    assert_eq!(out.return_code, tc_act::REDIRECT, "allowed by A's ingress: delivered");
+    let inner = tcp_packet(IP_B, IP_A, 41000, 80, SYN);
+    assert_eq!(&out.packet[0..6], &MAC_A, "to A's MAC");
+    assert_eq!(&out.packet[6..12], &GATEWAY_MAC, "from the gateway");
+    assert_eq!(&out.packet[12..14], &[0x08, 0x00]);
+    assert_eq!(&out.packet[14..], &inner[..], "exactly the inner packet");
+    let ct = dp.conntrack().expect("ct");
+    assert_eq!(ct.len(), 1, "one flow created: {ct:?}");
+
+    // A's reply goes back wrapped without any policy (S6): A's egress allows all anyway, so
+    // prove it with the ingress side: B's reply to A's reply is admitted by conntrack alone.
+    let reply = from_workload(MAC_A, &tcp_packet(IP_A, IP_B, 80, 41000, SYN_ACK));
+    let out = dp.test_run(&reply, if_a, 1).expect("run reply");
+    assert_eq!(out.return_code, tc_act::REDIRECT);
+    assert_eq!(&out.packet[30..34], &HOST_B, "wrapped to B's host");
+    let ct = dp.conntrack().expect("ct");
+    assert_eq!(ct[0].1.state, ct_state::TCP_ESTABLISHED, "the reply established the flow");
+
+    // Port 81 is not admitted: a new flow judged by A's ingress with B's identity.
+    assert_underlay_drop(dp, if_u, &from_b(41001, 81, SYN), DropReason::PolicyIngress, "port 81");
+
+    // The identity in the header is what policy judges: the same packet claiming identity 3
+    // (which A does not admit) is refused although its source is B.
+    let claims_c = wrapped(
+        HOST_B,
+        HERE,
+        vxlan(0x88, ID_C as u16, VNI),
+        MAC_A,
+        &tcp_packet(IP_B, IP_A, 41002, 80, SYN),
+    );
+    assert_underlay_drop(dp, if_u, &claims_c, DropReason::PolicyIngress, "another identity");
+}
+
+fn refuses_forgeries(dp: &Dataplane, if_u: u32) {
+    let syn = tcp_packet(IP_B, IP_A, 42000, 80, SYN);
+    let good_vxlan = vxlan(0x88, ID_B as u16, VNI);
+
+    let unknown = wrapped([198, 18, 0, 9], HERE, good_vxlan, MAC_A, &syn);
+    assert_underlay_drop(dp, if_u, &unknown, DropReason::UnknownHost, "unknown host");
+
+    // C's host sending B's traffic: B is not placed there (S10).
+    let misplaced = wrapped(HOST_C, HERE, good_vxlan, MAC_A, &syn);
+    assert_underlay_drop(dp, if_u, &misplaced, DropReason::NotPlacedOnSender, "wrong placement");
+    // A local endpoint's address as the inner source.
+    let local_src = wrapped(HOST_B, HERE, good_vxlan, MAC_A, &tcp_packet(IP_A, IP_A, 1, 80, SYN));
+    assert_underlay_drop(dp, if_u, &local_src, DropReason::NotPlacedOnSender, "local source");
+    // No endpoint at all.
+    let nobody =
+        wrapped(HOST_B, HERE, good_vxlan, MAC_A, &tcp_packet([10, 0, 0, 99], IP_A, 1, 80, SYN));
+    assert_underlay_drop(dp, if_u, &nobody, DropReason::NotPlacedOnSender, "unknown source");
+
+    let wrong_vni = wrapped(HOST_B, HERE, vxlan(0x88, ID_B as u16, 8), MAC_A, &syn);
+    assert_underlay_drop(dp, if_u, &wrong_vni, DropReason::UnknownUniverse, "unknown VNI");
+
+    let not_local = wrapped(HOST_B, HERE, good_vxlan, MAC_C, &tcp_packet(IP_B, IP_C, 1, 80, SYN));
+    assert_underlay_drop(dp, if_u, &not_local, DropReason::NotLocal, "destination not here");
+
+    for flags in [0x08, 0x80, 0x89, 0x00] {
+        let bad = wrapped(HOST_B, HERE, vxlan(flags, ID_B as u16, VNI), MAC_A, &syn);
+        assert_underlay_drop(
+            dp,
+            if_u,
+            &bad,
+            DropReason::MalformedEncap,
+            &format!("flags {flags:#x}"),
+        );
+    }
+    // Truncated: the VXLAN header and nothing else.
+    let mut truncated = wrapped(HOST_B, HERE, good_vxlan, MAC_A, &syn);
+    truncated.truncate(14 + 20 + 8 + 8);
+    truncated[16..18].copy_from_slice(&36u16.to_be_bytes());
+    truncated[24..26].copy_from_slice(&[0, 0]);
+    let c = checksum(&truncated[14..34]);
+    truncated[24..26].copy_from_slice(&c.to_be_bytes());
+    truncated[38..40].copy_from_slice(&16u16.to_be_bytes());
+    assert_underlay_drop(dp, if_u, &truncated, DropReason::MalformedEncap, "truncated");
+    // A UDP length that disagrees with the IPv4 length.
+    let mut bad_len = wrapped(HOST_B, HERE, good_vxlan, MAC_A, &syn);
+    bad_len[38..40].copy_from_slice(&9u16.to_be_bytes());
+    assert_underlay_drop(dp, if_u, &bad_len, DropReason::MalformedEncap, "UDP length");
+
+    // The inner frame is parsed fail-closed like a workload's.
+    let mut inner_fragment = syn.clone();
+    inner_fragment[6] = 0x20; // MF
+    let frag = wrapped(HOST_B, HERE, good_vxlan, MAC_A, &inner_fragment);
+    assert_underlay_drop(dp, if_u, &frag, DropReason::Fragment, "inner fragment");
+    let short = wrapped(HOST_B, HERE, good_vxlan, MAC_A, &ipv4(IP_B, IP_A, 6, &[0, 1, 0, 80]));
+    assert_underlay_drop(dp, if_u, &short, DropReason::MalformedL4, "inner TCP truncated");
+}
+
+fn passes_what_is_not_ours(dp: &Dataplane, if_u: u32) {
+    let syn = tcp_packet(IP_B, IP_A, 42000, 80, SYN);
+    // VXLAN for another address of the underlay, and other UDP to this host: the host's own.
+    let elsewhere = wrapped(HOST_B, [198, 18, 0, 77], vxlan(0x88, 2, VNI), MAC_A, &syn);
+    assert_eq!(dp.test_run_underlay(&elsewhere, if_u).expect("run").return_code, tc_act::OK);
+    let mut dns = wrapped(HOST_B, HERE, vxlan(0x88, 2, VNI), MAC_A, &syn);
+    dns[36..38].copy_from_slice(&53u16.to_be_bytes());
+    assert_eq!(dp.test_run_underlay(&dns, if_u).expect("run").return_code, tc_act::OK);
+    // TCP to this host (the API, ssh), ARP.
+    let api = ethernet(
+        [2, 0x55, 0, 0, 0, 1],
+        [2, 0x55, 0, 0, 0, 2],
+        0x0800,
+        &tcp_packet(HOST_B, HERE, 1, 4789, SYN),
+    );
+    assert_eq!(dp.test_run_underlay(&api, if_u).expect("run").return_code, tc_act::OK);
+    let arp = ethernet([0xFF; 6], [2, 0x55, 0, 0, 0, 2], 0x0806, &[0u8; 28]);
+    assert_eq!(dp.test_run_underlay(&arp, if_u).expect("run").return_code, tc_act::OK);
+}
+
+fn answers_too_big_with_frag_needed(dp: &Dataplane, if_a: u32) {
+    // 1450 bytes of IPv4 fit a 1500 underlay once wrapped; 1451 do not.
+    let fits = from_workload(MAC_A, &ipv4(IP_A, IP_B, 6, &tcp(40100, 80, SYN, 1450 - 40)));
+    let out = dp.test_run(&fits, if_a, 1).expect("run");
+    assert_eq!(out.return_code, tc_act::REDIRECT);
+    assert_eq!(out.packet.len(), 14 + 1500, "a full-size wrapped packet");
+
+    let before = drops_of(dp, DropReason::FragNeeded);
+    let big = ipv4(IP_A, IP_B, 6, &tcp(40101, 80, SYN, 1451 - 40));
+    let out = dp.test_run(&from_workload(MAC_A, &big), if_a, 1).expect("run");
+    assert_eq!(out.return_code, tc_act::REDIRECT, "the error goes back to the workload");
+    assert_eq!(drops_of(dp, DropReason::FragNeeded), before + 1, "counted as frag_needed");
+    let p = &out.packet;
+    assert_eq!(p.len(), 14 + 20 + 8 + 128, "headers and a 128-byte quote");
+    assert_eq!(&p[0..6], &MAC_A, "to the sender");
+    assert_eq!(&p[6..12], &GATEWAY_MAC, "from the gateway");
+    assert_eq!(&p[12..14], &[0x08, 0x00]);
+    let ip = &p[14..34];
+    assert_eq!(ip[0], 0x45);
+    assert_eq!(&ip[2..4], &156u16.to_be_bytes(), "total length");
+    assert_eq!(ip[9], 1, "ICMP");
+    assert_eq!(checksum(ip), 0, "IPv4 header checksum valid");
+    assert_eq!(&ip[12..16], &IP_B, "from the unreachable destination");
+    assert_eq!(&ip[16..20], &IP_A, "to the sender");
+    let icmp = &p[34..];
+    assert_eq!(&icmp[0..2], &[3, 4], "destination unreachable, fragmentation needed");
+    assert_eq!(checksum(icmp), 0, "ICMP checksum valid");
+    assert_eq!(&icmp[4..6], &[0, 0], "unused");
+    assert_eq!(&icmp[6..8], &1450u16.to_be_bytes(), "next-hop MTU = underlay MTU - 50");
+    assert_eq!(&icmp[8..], &big[..128], "the refused packet's first 128 bytes");
+}
