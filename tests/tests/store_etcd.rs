@@ -1,0 +1,537 @@
+//! The etcd store against a real etcd (Debian's `etcd`, 3.4) on loopback: two `Store`s on one
+//! etcd behave as two hosts of a fleet. Edits through one reach the other's subscription,
+//! concurrent edits from both are all kept with strictly increasing revisions (S13), hosts
+//! register and turn unhealthy when their lease lapses, a store rides out an etcd restart, and
+//! an API mutation returns only once every healthy host has realized it. No root needed.
+
+use std::io;
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::watch;
+use verse::api::{self, AppState, Stats};
+use verse::model::{self, State};
+use verse::store::{EtcdOptions, HostStatus, Store};
+
+/// Bound of every wait in these tests.
+const WAIT: Duration = Duration::from_secs(20);
+
+/// A one-member etcd on 127.0.0.1 with its data in a temporary directory; killed on drop.
+struct Etcd {
+    child: Option<Child>,
+    dir: tempfile::TempDir,
+    client_port: u16,
+    peer_port: u16,
+}
+
+/// A port that was free a moment ago (the kernel picks it; etcd binds it right after).
+fn free_port() -> u16 {
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
+    l.local_addr().expect("local_addr").port()
+}
+
+impl Etcd {
+    fn start() -> Etcd {
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let mut etcd = Etcd { child: None, dir, client_port: free_port(), peer_port: free_port() };
+        etcd.spawn();
+        etcd
+    }
+
+    fn spawn(&mut self) {
+        let client = format!("http://127.0.0.1:{}", self.client_port);
+        let peer = format!("http://127.0.0.1:{}", self.peer_port);
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_path())
+            .expect("etcd log file");
+        let err = log.try_clone().expect("dup log fd");
+        let mut cmd = Command::new("etcd");
+        cmd.args(["--name", "verse-store-test", "--data-dir"])
+            .arg(self.dir.path().join("data"))
+            .args(["--listen-client-urls", &client, "--advertise-client-urls", &client])
+            .args(["--listen-peer-urls", &peer, "--initial-advertise-peer-urls", &peer])
+            .args(["--initial-cluster", &format!("verse-store-test={peer}")])
+            .args(["--logger", "zap", "--log-outputs", "stderr"])
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(err);
+        // SAFETY: prctl(PR_SET_PDEATHSIG) is async-signal-safe and touches no memory of the
+        // parent, as a pre_exec hook requires. It kills etcd if the test process dies first.
+        unsafe {
+            use std::os::unix::process::CommandExt;
+            cmd.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) != 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("failed to start etcd (Debian package etcd-server): {e}"));
+        self.child = Some(child);
+        let deadline = Instant::now() + WAIT;
+        let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, self.client_port));
+        while TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_err() {
+            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                panic!("etcd exited during start-up ({status}); log:\n{}", self.log());
+            }
+            assert!(Instant::now() < deadline, "etcd did not listen in time; log:\n{}", self.log());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    fn log_path(&self) -> PathBuf {
+        self.dir.path().join("etcd.log")
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+
+    fn options(&self, ttl: Duration) -> EtcdOptions {
+        EtcdOptions {
+            endpoints: vec![format!("127.0.0.1:{}", self.client_port)],
+            prefix: "/verse-test/".into(),
+            lease_ttl: ttl,
+        }
+    }
+
+    async fn store(&self, ttl: Duration) -> Store {
+        tokio::time::timeout(WAIT, Store::open_etcd(self.options(ttl)))
+            .await
+            .expect("etcd store did not open in time")
+            .expect("open the etcd store")
+    }
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        self.stop();
+        if std::thread::panicking() {
+            eprintln!("---- etcd log ----\n{}\n---- end of etcd log ----", self.log());
+        }
+    }
+}
+
+fn universe(name: &str) -> model::CreateUniverse {
+    model::CreateUniverse { name: name.into(), cidr: Some("10.1.0.0/16".into()), cidrs: None }
+}
+
+/// Waits until the state published to `rx` satisfies `ok`.
+async fn wait_state(rx: &mut watch::Receiver<Arc<State>>, what: &str, ok: impl Fn(&State) -> bool) {
+    tokio::time::timeout(WAIT, rx.wait_for(|s| ok(s)))
+        .await
+        .unwrap_or_else(|_| panic!("timed out waiting for {what}"))
+        .expect("the store closed its subscription");
+}
+
+/// Waits until the hosts of `store` satisfy `ok`; returns them.
+async fn wait_hosts(
+    store: &Store,
+    what: &str,
+    ok: impl Fn(&[HostStatus]) -> bool,
+) -> Vec<HostStatus> {
+    let mut rx = store.subscribe_hosts();
+    let hosts = tokio::time::timeout(WAIT, rx.wait_for(|h| ok(h)))
+        .await
+        .unwrap_or_else(|_| panic!("timed out waiting for {what}; hosts: {:?}", store.hosts()))
+        .expect("the store closed its hosts");
+    hosts.as_ref().clone()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn edit_through_one_store_appears_in_the_others_subscription() {
+    let etcd = Etcd::start();
+    let a = etcd.store(Duration::from_secs(5)).await;
+    let b = etcd.store(Duration::from_secs(5)).await;
+    let mut rx = b.subscribe();
+
+    let (u, rev) = a.edit(|s| s.create_universe(universe("blue"))).await.unwrap();
+    assert_eq!(rev, 1);
+    assert!(a.snapshot().universes.contains_key(&u.id), "the editor sees its own edit at once");
+    wait_state(&mut rx, "the universe on the other store", |s| s.revision >= rev).await;
+    assert_eq!(*b.snapshot(), *a.snapshot(), "both stores publish the same state");
+    assert!(b.snapshot().universes.contains_key(&u.id));
+    assert_eq!(b.snapshot().groups.len(), 1, "with its default group (S3)");
+
+    // And back: an edit through b that deletes it reaches a.
+    let mut rx = a.subscribe();
+    let id = u.id.clone();
+    let ((), rev) = b.edit(|s| s.delete_universe(&id)).await.unwrap();
+    assert_eq!(rev, 2);
+    wait_state(&mut rx, "the deletion on the first store", |s| s.revision >= 2).await;
+    assert!(a.snapshot().universes.is_empty() && a.snapshot().groups.is_empty());
+
+    // A refused edit changes nothing anywhere.
+    let err = a
+        .edit(|s| -> model::Result<()> {
+            s.create_universe(universe("red"))?;
+            Err(model::Error::invalid("name", "refused on purpose"))
+        })
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("refused on purpose"), "{err}");
+    assert_eq!(a.snapshot().revision, 2);
+    // A store opened afterwards reads the same state from etcd.
+    let c = etcd.store(Duration::from_secs(5)).await;
+    assert_eq!(*c.snapshot(), *a.snapshot());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_edits_from_two_stores_are_all_kept_with_increasing_revisions() {
+    let etcd = Etcd::start();
+    let a = etcd.store(Duration::from_secs(5)).await;
+    let b = etcd.store(Duration::from_secs(5)).await;
+    const EACH: usize = 12;
+    let mut tasks = Vec::new();
+    for (side, store) in [("a", &a), ("b", &b)] {
+        for i in 0..EACH {
+            let store = store.clone();
+            tasks.push(tokio::spawn(async move {
+                let name = format!("{side}{i}");
+                let (u, rev) = store.edit(|s| s.create_universe(universe(&name))).await.unwrap();
+                (u, rev)
+            }));
+        }
+    }
+    let mut revs = Vec::new();
+    let mut vnis = Vec::new();
+    for t in tasks {
+        let (u, rev) = t.await.unwrap();
+        revs.push(rev);
+        vnis.push(u.vni);
+    }
+    revs.sort();
+    // Every create bumps the revision by one, so no edit was lost or merged with another.
+    assert_eq!(revs, (1..=2 * EACH as u64).collect::<Vec<_>>());
+    vnis.sort();
+    vnis.dedup();
+    assert_eq!(vnis.len(), 2 * EACH, "an edit re-run after a conflict picked a fresh VNI");
+    for store in [&a, &b] {
+        let mut rx = store.subscribe();
+        wait_state(&mut rx, "every edit", |s| s.revision == 2 * EACH as u64).await;
+        let snap = store.snapshot();
+        assert_eq!(snap.universes.len(), 2 * EACH);
+        assert_eq!(snap.groups.len(), 2 * EACH);
+    }
+    assert_eq!(*a.snapshot(), *b.snapshot());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn registered_host_is_healthy_until_its_lease_lapses() {
+    let etcd = Etcd::start();
+    let ttl = Duration::from_secs(2);
+    let a = etcd.store(ttl).await;
+    let b = etcd.store(ttl).await;
+    let ip = Ipv4Addr::new(198, 18, 0, 1);
+    a.register_host("h1", Some(ip)).await.unwrap();
+    // Registering again changes nothing.
+    let rev = b.snapshot().revision;
+    a.register_host("h1", Some(ip)).await.unwrap();
+    a.report_realized("h1", 1);
+    let hosts = wait_hosts(&b, "h1 healthy at revision 1", |h| {
+        h.iter().any(|h| h.name == "h1" && h.healthy && h.revision == 1)
+    })
+    .await;
+    assert_eq!(
+        hosts,
+        [HostStatus { name: "h1".into(), underlay_ip: Some(ip), revision: 1, healthy: true }]
+    );
+    let mut rx = b.subscribe();
+    wait_state(&mut rx, "h1 in the desired state", |s| s.hosts.contains_key("h1")).await;
+    assert_eq!(b.snapshot().hosts["h1"].underlay_ip, Some(ip));
+    assert!(b.snapshot().revision <= rev.max(1), "a second registration bumps nothing");
+
+    // The lease is kept alive well past its TTL while the store lives.
+    tokio::time::sleep(ttl * 2).await;
+    assert!(b.hosts().iter().any(|h| h.name == "h1" && h.healthy), "{:?}", b.hosts());
+
+    // The store (its versed) goes away: within about a TTL, h1 is unhealthy everywhere,
+    // keeping its last realized revision; its record stays in the desired state.
+    drop(a);
+    let gone = Instant::now();
+    let hosts =
+        wait_hosts(&b, "h1 unhealthy", |h| h.iter().any(|h| h.name == "h1" && !h.healthy)).await;
+    assert!(gone.elapsed() <= ttl + Duration::from_secs(3), "took {:?}", gone.elapsed());
+    assert_eq!(
+        hosts,
+        [HostStatus { name: "h1".into(), underlay_ip: Some(ip), revision: 1, healthy: false }]
+    );
+    assert!(b.snapshot().hosts.contains_key("h1"));
+
+    // A new versed on h1 makes it healthy again.
+    let a = etcd.store(ttl).await;
+    a.register_host("h1", Some(ip)).await.unwrap();
+    a.report_realized("h1", 3);
+    wait_hosts(&b, "h1 healthy again", |h| {
+        h.iter().any(|h| h.name == "h1" && h.healthy && h.revision == 3)
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn store_keeps_its_state_while_etcd_is_down_and_catches_up_after() {
+    let mut etcd = Etcd::start();
+    let ttl = Duration::from_secs(2);
+    let a = etcd.store(ttl).await;
+    let b = etcd.store(ttl).await;
+    let (u, _) = a.edit(|s| s.create_universe(universe("blue"))).await.unwrap();
+    b.register_host("h2", None).await.unwrap();
+    b.report_realized("h2", 2);
+    wait_hosts(&a, "h2 healthy", |h| h.iter().any(|h| h.name == "h2" && h.healthy)).await;
+
+    etcd.stop();
+    // Edits fail (and say why); the published state stays, so a reconciler keeps enforcing it.
+    let err = a.edit(|s| s.create_universe(universe("red"))).await.unwrap_err();
+    assert!(err.is_unavailable(), "{err}");
+    assert!(b.snapshot().universes.contains_key(&u.id));
+    assert!(!b.subscribe().has_changed().unwrap());
+
+    etcd.spawn();
+    // The first edits after the restart may race the reconnection; retry within the bound.
+    let deadline = Instant::now() + WAIT;
+    let (green, rev) = loop {
+        match a.edit(|s| s.create_universe(universe("green"))).await {
+            Ok(done) => break done,
+            Err(e) => {
+                assert!(Instant::now() < deadline, "no edit went through after the restart: {e}");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    };
+    let mut rx = b.subscribe();
+    wait_state(&mut rx, "the edit made after etcd came back", |s| s.revision >= rev).await;
+    assert!(b.snapshot().universes.contains_key(&green.id));
+    // h2's liveness was renewed: it is healthy with its realized revision.
+    b.report_realized("h2", rev);
+    wait_hosts(&a, "h2 healthy after the restart", |h| {
+        h.iter().any(|h| h.name == "h2" && h.healthy && h.revision == rev)
+    })
+    .await;
+}
+
+/// A TCP proxy in front of etcd that can cut a store off (every connection closed, new ones
+/// refused) and let it back, while other stores keep talking to etcd directly.
+struct Proxy {
+    port: u16,
+    open: Arc<std::sync::atomic::AtomicBool>,
+    conns: Arc<std::sync::Mutex<Vec<tokio::task::AbortHandle>>>,
+    accept: tokio::task::JoinHandle<()>,
+}
+
+impl Proxy {
+    async fn start(target: u16) -> Proxy {
+        use std::sync::atomic::Ordering;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let open = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let conns: Arc<std::sync::Mutex<Vec<tokio::task::AbortHandle>>> = Arc::default();
+        let (o, c) = (open.clone(), conns.clone());
+        let accept = tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                if !o.load(Ordering::SeqCst) {
+                    continue; // dropped: refused
+                }
+                let task = tokio::spawn(async move {
+                    if let Ok(mut outbound) =
+                        tokio::net::TcpStream::connect(("127.0.0.1", target)).await
+                    {
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                    }
+                });
+                c.lock().unwrap().push(task.abort_handle());
+            }
+        });
+        Proxy { port, open, conns, accept }
+    }
+
+    fn cut(&self) {
+        self.open.store(false, std::sync::atomic::Ordering::SeqCst);
+        for c in self.conns.lock().unwrap().drain(..) {
+            c.abort();
+        }
+    }
+
+    fn heal(&self) {
+        self.open.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.cut();
+        self.accept.abort();
+    }
+}
+
+/// `etcdctl` against `etcd`, asserting success; returns its standard output.
+fn etcdctl(etcd: &Etcd, args: &[&str]) -> String {
+    let out = Command::new("etcdctl")
+        .env("ETCDCTL_API", "3")
+        .arg("--endpoints")
+        .arg(format!("127.0.0.1:{}", etcd.client_port))
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("failed to run etcdctl (Debian package etcd-client): {e}"));
+    assert!(out.status.success(), "etcdctl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_cut_off_from_etcd_turns_unhealthy_then_catches_up_past_a_compaction() {
+    let etcd = Etcd::start();
+    let ttl = Duration::from_secs(2);
+    let proxy = Proxy::start(etcd.client_port).await;
+    let a = etcd.store(ttl).await;
+    let mut options = etcd.options(ttl);
+    options.endpoints = vec![format!("127.0.0.1:{}", proxy.port)];
+    let b = tokio::time::timeout(WAIT, Store::open_etcd(options)).await.unwrap().unwrap();
+    let (blue, _) = a.edit(|s| s.create_universe(universe("blue"))).await.unwrap();
+    b.register_host("h2", None).await.unwrap();
+    b.report_realized("h2", 2);
+    wait_hosts(&a, "h2 healthy", |h| h.iter().any(|h| h.name == "h2" && h.healthy)).await;
+    let mut rx = b.subscribe();
+    wait_state(&mut rx, "blue on the cut-off store", |s| s.universes.contains_key(&blue.id)).await;
+    let before = b.snapshot();
+
+    proxy.cut();
+    // Cut off for longer than its lease: h2 is unhealthy for the rest of the fleet.
+    wait_hosts(&a, "h2 unhealthy", |h| h.iter().any(|h| h.name == "h2" && !h.healthy)).await;
+    // Meanwhile the fleet edits, and etcd compacts the history the cut-off store would need.
+    let (green, rev) = a.edit(|s| s.create_universe(universe("green"))).await.unwrap();
+    let id = blue.id.clone();
+    let ((), rev2) = a.edit(|s| s.delete_universe(&id)).await.unwrap();
+    assert!(rev2 > rev);
+    let status = etcdctl(&etcd, &["endpoint", "status", "-w", "json"]);
+    let status: serde_json::Value = serde_json::from_str(&status).unwrap();
+    let etcd_rev = status[0]["Status"]["header"]["revision"].as_i64().unwrap();
+    etcdctl(&etcd, &["compact", &etcd_rev.to_string()]);
+    // The cut-off store still publishes the last state it had (its dataplane keeps enforcing it).
+    assert_eq!(*b.snapshot(), *before);
+
+    proxy.heal();
+    wait_state(&mut rx, "the edits made while cut off", |s| s.revision >= rev2).await;
+    let snap = b.snapshot();
+    assert!(snap.universes.contains_key(&green.id) && !snap.universes.contains_key(&blue.id));
+    assert_eq!(*snap, *a.snapshot());
+    // And its liveness is renewed.
+    b.report_realized("h2", rev2);
+    wait_hosts(&a, "h2 healthy again", |h| {
+        h.iter().any(|h| h.name == "h2" && h.healthy && h.revision == rev2)
+    })
+    .await;
+}
+
+/// The API of a host over store `store`, serving on a free loopback port, with a fake
+/// reconciler that realizes each revision at once.
+async fn serve(store: Store, host: &str) -> String {
+    let (realized, realized_rx) = watch::channel(0u64);
+    let mut rx = store.subscribe();
+    let reporter = store.clone();
+    let name = host.to_owned();
+    tokio::spawn(async move {
+        loop {
+            let rev = rx.borrow_and_update().revision;
+            realized.send_replace(rev);
+            reporter.report_realized(&name, rev);
+            if rx.changed().await.is_err() {
+                break;
+            }
+        }
+    });
+    let stats: api::StatsFn = Arc::new(|| Ok(Stats::default()));
+    let app = api::router(AppState {
+        store,
+        host: host.into(),
+        underlay_ip: None,
+        realized: realized_rx,
+        stats,
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    url
+}
+
+/// Runs `f` with the CLI's (blocking) client of the API at `url`, off the async runtime.
+async fn cli<T: Send + 'static>(
+    url: &str,
+    f: impl FnOnce(&verse::client::Client) -> T + Send + 'static,
+) -> T {
+    let url = url.to_owned();
+    tokio::task::spawn_blocking(move || f(&verse::client::Client::new(&url).unwrap()))
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_mutation_returns_once_every_healthy_host_realized_it() {
+    let etcd = Etcd::start();
+    let ttl = Duration::from_secs(2);
+    let a = etcd.store(ttl).await;
+    a.register_host("h1", None).await.unwrap();
+    let url = serve(a.clone(), "h1").await;
+
+    // h2 is alive but slow: it realizes each revision 1.5 s late.
+    let b = etcd.store(ttl).await;
+    b.register_host("h2", Some(Ipv4Addr::new(198, 18, 0, 2))).await.unwrap();
+    let slow = b.clone();
+    let slow_task = tokio::spawn(async move {
+        let mut rx = slow.subscribe();
+        loop {
+            let rev = rx.borrow_and_update().revision;
+            tokio::time::sleep(Duration::from_millis(1500)).await;
+            slow.report_realized("h2", rev);
+            if rx.changed().await.is_err() {
+                break;
+            }
+        }
+    });
+    wait_hosts(&a, "h2 healthy", |h| h.iter().any(|h| h.name == "h2" && h.healthy)).await;
+
+    let (start, (u, rev)) = cli(&url, |c| {
+        let start = Instant::now();
+        (start, c.create_universe(&universe("blue")).unwrap())
+    })
+    .await;
+    assert!(start.elapsed() >= Duration::from_millis(1400), "returned before h2 realized it");
+    assert!(a.snapshot().universes.contains_key(&u.id));
+    let hosts = a.hosts();
+    let h2 = hosts.iter().find(|h| h.name == "h2").unwrap();
+    assert!(h2.revision >= rev && h2.healthy, "{hosts:?}");
+
+    // GET /v1/hosts shows both, sorted, with their realized revisions (S13).
+    let listed = cli(&url, |c| c.list_hosts().unwrap()).await;
+    let names: Vec<_> = listed.iter().map(|h| (h.name.as_str(), h.healthy)).collect();
+    assert_eq!(names, [("h1", true), ("h2", true)]);
+    assert!(listed.iter().all(|h| h.revision >= rev), "{listed:?}");
+    assert_eq!(listed[1].underlay_ip, Some(Ipv4Addr::new(198, 18, 0, 2)));
+
+    // h2 dies: once its lease lapses it is no longer waited for.
+    slow_task.abort();
+    let _ = slow_task.await;
+    drop(b);
+    wait_hosts(&a, "h2 unhealthy", |h| h.iter().any(|h| h.name == "h2" && !h.healthy)).await;
+    let (elapsed, waited) = cli(&url, |c| {
+        let start = Instant::now();
+        let (_, rev) = c.create_universe(&universe("red")).unwrap();
+        let elapsed = start.elapsed();
+        (elapsed, c.wait_revision(rev, Duration::from_secs(5)))
+    })
+    .await;
+    assert!(elapsed < Duration::from_secs(2), "waited {elapsed:?} for a dead host");
+    assert!(waited.is_ok(), "`verse wait` ignores unhealthy hosts: {waited:?}");
+}
