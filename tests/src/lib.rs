@@ -760,6 +760,18 @@ impl Api {
         ip: &str,
         groups: &[&str],
     ) -> Workload {
+        self.create_endpoint_at(host, universe, ip, groups).0
+    }
+
+    /// Like [`Api::create_endpoint`], also returning the revision the creation produced
+    /// (`Verse-Revision`).
+    pub fn create_endpoint_at(
+        &self,
+        host: Option<&str>,
+        universe: &str,
+        ip: &str,
+        groups: &[&str],
+    ) -> (Workload, u64) {
         let ns = Netns::new("w");
         let mut body = json!({"universe": universe, "netns": ns.name(), "ip": ip});
         if let Some(host) = host {
@@ -774,14 +786,16 @@ impl Api {
         let s = |k: &str| {
             ep[k].as_str().unwrap_or_else(|| panic!("endpoint.{k} missing in {ep}")).to_owned()
         };
-        Workload {
+        let revision = r.revision().unwrap_or_else(|| panic!("no Verse-Revision: {:?}", r.headers));
+        let workload = Workload {
             id: s("id"),
             ip: s("ip").parse().unwrap_or_else(|e| panic!("endpoint.ip in {ep}: {e}")),
             mac: s("mac"),
             interface: s("interface"),
             json: ep,
             ns,
-        }
+        };
+        (workload, revision)
     }
     /// `GET /v1/hosts`, asserting 200: `[{name, underlay_ip, revision, healthy}]`.
     pub fn hosts(&self) -> Vec<Value> {

@@ -1,54 +1,125 @@
-//! `cargo xtask demo`: Verse on one host, driven the way an operator would, with the `verse` CLI.
+//! `cargo xtask demo`: a Verse fleet of three hosts, driven the way an operator would, with the
+//! `verse` CLI.
 //!
-//! Two universes share the CIDR 10.0.0.0/24. In `shop`, a `web` tier admits HTTP from `clients`,
-//! a `db` tier admits PostgreSQL only from `web` (a group referencing a group). `lab` reuses the
-//! same addresses and never sees `shop`. The demo then shows real traffic that passes and traffic
-//! that is dropped, the drop counters, and finally cleans everything up (the guards of the test
-//! harness remove namespaces, the daemon and its bpffs even if a step fails).
+//! The demo builds the fleet's network out of namespaces (an underlay namespace holding a bridge
+//! and etcd on 198.18.0.254, three host namespaces `alpha`, `bravo`, `charlie` on 198.18.0.1-3,
+//! each running `versed --store etcd://… --underlay ul0`). Two universes share the CIDR
+//! 10.0.0.0/24 and are spread over all three hosts. In `shop`, a `web` tier admits HTTP from
+//! `clients`, a `db` tier admits PostgreSQL only from `web` (a group referencing a group); `lab`
+//! reuses the same addresses on other hosts and never sees `shop`. Every command goes to some
+//! host's API and takes effect on all of them. The demo shows traffic that passes and traffic
+//! that is dropped, a membership change, spoofing from a workload and forged encapsulated
+//! packets from a machine on the underlay, a host whose daemon stops (its dataplane keeps
+//! enforcing, the fleet marks it unhealthy and goes on without it, and it catches up when it
+//! starts again), the drop counters of each host, the hosts with the revision each has
+//! realized, and cleans everything up (the test harness's guards remove namespaces, daemons,
+//! etcd and bpffs mounts even if a step fails).
+use std::cell::Cell;
 use std::net::Ipv4Addr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use serde_json::Value;
-use tests::{ping, tcp_connect, Host, Netns, TcpServer, Workload};
+use tests::{
+    drops, mac_bytes, ping, tcp_connect, underlay_ip, Fleet, Netns, TcpServer, VxlanGbp, Workload,
+};
 
+/// The hosts of the demo fleet.
+const HOSTS: [&str; 3] = ["alpha", "bravo", "charlie"];
+
+/// `verse` run inside one host's namespace against that host's API.
 struct Cli<'a> {
-    host: &'a Host,
-    bin: std::path::PathBuf,
+    fleet: &'a Fleet,
+    bin: PathBuf,
+    /// The revision the last mutation produced (`verse` prints it on stderr).
+    revision: Cell<u64>,
 }
 
 impl Cli<'_> {
-    /// Runs `verse ARGS` inside the host namespace (where the API listens), echoing the command
-    /// and its table output; returns the JSON form when asked for one.
-    fn run(&self, args: &[&str]) -> Result<String> {
-        println!("\n$ verse {}", args.join(" "));
+    /// Runs `verse ARGS` against host `via`'s API, echoing the command and its output (the
+    /// revision a mutation produced is printed on stderr); returns stdout.
+    fn run(&self, via: usize, args: &[&str]) -> Result<String> {
+        let host = self.fleet.host(via);
+        println!("\n{}$ verse {}", host.name(), args.join(" "));
         let out = Command::new("ip")
-            .args(["netns", "exec", self.host.netns().name()])
+            .args(["netns", "exec", host.netns().name()])
             .arg(&self.bin)
             .arg("--api")
-            .arg(self.host.api.url())
+            .arg(host.api.url())
             .args(args)
             .output()
             .context("run verse")?;
         let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-        print!("{stdout}");
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
         if !out.status.success() {
-            bail!("verse {} failed: {}", args.join(" "), String::from_utf8_lossy(&out.stderr));
+            bail!("verse {} failed: {stderr}", args.join(" "));
+        }
+        print!("{stdout}");
+        for line in stderr.lines() {
+            println!("  ({line})");
+            if let Some(rev) = line.strip_prefix("revision ").and_then(|r| r.trim().parse().ok()) {
+                self.revision.set(rev);
+            }
         }
         Ok(stdout)
     }
 
-    /// Like `run` with `-o json`, returning the object's `id`.
-    fn create(&self, args: &[&str]) -> Result<String> {
+    /// Like `run` with `-o json`, returning the object.
+    fn json(&self, via: usize, args: &[&str]) -> Result<Value> {
         let mut full = vec!["-o", "json"];
         full.extend_from_slice(args);
-        let out = self.run(&full)?;
-        let v: Value =
-            serde_json::from_str(&out).with_context(|| format!("verse output: {out}"))?;
+        let out = self.run(via, &full)?;
+        serde_json::from_str(&out).with_context(|| format!("verse output: {out}"))
+    }
+
+    /// Like `json`, returning the object's `id`.
+    fn create(&self, via: usize, args: &[&str]) -> Result<String> {
+        let v = self.json(via, args)?;
         Ok(v["id"].as_str().context("id in verse output")?.to_owned())
     }
+
+    /// A new workload namespace plugged as an endpoint placed on host `on`, created through
+    /// host `via`'s API.
+    fn endpoint(
+        &self,
+        via: usize,
+        on: usize,
+        uni: &str,
+        ip: &str,
+        sg: Option<&str>,
+    ) -> Result<Workload> {
+        let ns = Netns::new("d");
+        let mut args = vec![
+            "endpoint",
+            "create",
+            "--universe",
+            uni,
+            "--host",
+            HOSTS[on],
+            "--netns",
+            ns.name(),
+            "--ip",
+            ip,
+        ];
+        if let Some(sg) = sg {
+            args.extend_from_slice(&["--sg", sg]);
+        }
+        let v = self.json(via, &args)?;
+        Ok(Workload {
+            id: v["id"].as_str().context("endpoint.id")?.to_owned(),
+            ip: ip.parse()?,
+            mac: v["mac"].as_str().unwrap_or_default().to_owned(),
+            interface: v["interface"].as_str().unwrap_or_default().to_owned(),
+            json: v,
+            ns,
+        })
+    }
+}
+
+fn args(v: &[String]) -> Vec<&str> {
+    v.iter().map(String::as_str).collect()
 }
 
 fn check(what: &str, expected: bool, actual: bool) -> Result<()> {
@@ -63,129 +134,124 @@ fn check(what: &str, expected: bool, actual: bool) -> Result<()> {
 
 pub fn run(bin_dir: &Path) -> Result<()> {
     std::env::set_var("VERSE_BIN_DIR", bin_dir);
-    println!("== Starting versed (embedded store) in a host namespace");
-    let host = Host::start();
-    let cli = Cli { host: &host, bin: bin_dir.join("verse") };
+    println!("== The fleet's network: an underlay bridge, etcd on 198.18.0.254, three hosts");
+    let mut fleet = Fleet::start_named(&HOSTS);
+    for (i, name) in HOSTS.iter().enumerate() {
+        println!(
+            "  {name}: namespace {}, underlay ul0 {}",
+            fleet.host(i).netns().name(),
+            underlay_ip(i)
+        );
+    }
+    println!("  etcd: {}", fleet.etcd().store_url());
+    let verse = bin_dir.join("verse");
+    let cli = Cli { fleet: &fleet, bin: verse.clone(), revision: Cell::new(0) };
+    let (alpha, bravo, charlie) = (0, 1, 2);
+    cli.run(alpha, &["host", "list"])?;
 
-    println!("\n== Two universes with the same CIDR");
-    let shop = cli.create(&["universe", "create", "shop", "--cidr", "10.0.0.0/24"])?;
-    let lab = cli.create(&["universe", "create", "lab", "--cidr", "10.0.0.0/24"])?;
+    println!("\n== Two universes with the same CIDR, created through different hosts");
+    let shop = cli.json(alpha, &["universe", "create", "shop", "--cidr", "10.0.0.0/24"])?;
+    let shop_vni = shop["vni"].as_u64().and_then(|v| u32::try_from(v).ok()).context("vni")?;
+    let shop = shop["id"].as_str().context("universe id")?.to_owned();
+    let lab = cli.create(bravo, &["universe", "create", "lab", "--cidr", "10.0.0.0/24"])?;
 
     println!("\n== Security groups in `shop`: clients -> web:80 -> db:5432");
-    let clients = cli.create(&["sg", "create", "--universe", &shop, "clients"])?;
-    let web =
-        cli.create(&["sg", "create", "--universe", &shop, "web", "--description", "HTTP tier"])?;
-    let db = cli.create(&["sg", "create", "--universe", &shop, "db"])?;
-    cli.run(&[
-        "rule",
-        "add",
-        &web,
-        "--direction",
-        "ingress",
-        "--protocol",
-        "tcp",
-        "--ports",
-        "80",
-        "--group",
-        &clients,
-    ])?;
-    cli.run(&[
-        "rule",
-        "add",
-        &db,
-        "--direction",
-        "ingress",
-        "--protocol",
-        "tcp",
-        "--ports",
-        "5432",
-        "--group",
-        &web,
-    ])?;
-    cli.run(&["sg", "show", &web])?;
-
-    println!("\n== Endpoints: one network namespace each");
-    let ep = |uni: &str, ip: &str, sg: Option<&str>| -> Result<Workload> {
-        let ns = Netns::new("d");
-        let mut args =
-            vec!["endpoint", "create", "--universe", uni, "--netns", ns.name(), "--ip", ip];
-        if let Some(sg) = sg {
-            args.extend_from_slice(&["--sg", sg]);
-        }
-        let mut full = vec!["-o", "json"];
-        full.extend_from_slice(&args);
-        let out = cli.run(&full)?;
-        let v: Value = serde_json::from_str(&out).context("endpoint JSON")?;
-        Ok(Workload {
-            id: v["id"].as_str().context("endpoint.id")?.to_owned(),
-            ip: ip.parse()?,
-            mac: v["mac"].as_str().unwrap_or_default().to_owned(),
-            interface: v["interface"].as_str().unwrap_or_default().to_owned(),
-            json: v,
-            ns,
-        })
+    let clients = cli.create(charlie, &["sg", "create", "--universe", &shop, "clients"])?;
+    let web = cli.create(
+        alpha,
+        &["sg", "create", "--universe", &shop, "web", "--description", "HTTP tier"],
+    )?;
+    let db = cli.create(bravo, &["sg", "create", "--universe", &shop, "db"])?;
+    let tcp_from = |sg: &str, port: &str, from: &str| -> Vec<String> {
+        ["rule", "add", sg, "--direction", "ingress", "--protocol", "tcp", "--ports", port]
+            .into_iter()
+            .chain(["--group", from])
+            .map(str::to_owned)
+            .collect()
     };
-    let client = ep(&shop, "10.0.0.20", Some(&clients))?;
-    let web1 = ep(&shop, "10.0.0.10", Some(&web))?;
-    let db1 = ep(&shop, "10.0.0.30", Some(&db))?;
-    let lab_a = ep(&lab, "10.0.0.10", None)?;
-    let lab_b = ep(&lab, "10.0.0.20", None)?;
-    cli.run(&["endpoint", "list"])?;
+    cli.run(charlie, &args(&tcp_from(&web, "80", &clients)))?;
+    cli.run(alpha, &args(&tcp_from(&db, "5432", &web)))?;
+    cli.run(bravo, &["sg", "show", &web])?;
+
+    println!("\n== Endpoints spread over the hosts (one network namespace each)");
+    let client = cli.endpoint(alpha, alpha, &shop, "10.0.0.20", Some(&clients))?;
+    let web1 = cli.endpoint(alpha, bravo, &shop, "10.0.0.10", Some(&web))?;
+    let db1 = cli.endpoint(bravo, charlie, &shop, "10.0.0.30", Some(&db))?;
+    let lab_a = cli.endpoint(charlie, charlie, &lab, "10.0.0.10", None)?;
+    let lab_b = cli.endpoint(charlie, bravo, &lab, "10.0.0.20", None)?;
+    cli.run(charlie, &["endpoint", "list"])?;
 
     let _web_srv = TcpServer::start(web1.ns(), 80, "shop-web");
     let _db_srv = TcpServer::start(db1.ns(), 5432, "shop-db");
+    let _db_ssh = TcpServer::start(db1.ns(), 22, "shop-db-ssh");
     let _lab_srv = TcpServer::start(lab_a.ns(), 80, "lab-a");
     let t = Duration::from_secs(1);
     let (ip_web, ip_db) = (Ipv4Addr::new(10, 0, 0, 10), Ipv4Addr::new(10, 0, 0, 30));
 
-    println!("\n== Traffic in `shop`");
+    println!("\n== Traffic in `shop`, across hosts over the encapsulating underlay");
     check(
-        "client -> web:80 (clients may reach web)",
+        "client (alpha) -> web:80 (bravo): clients may reach web",
         true,
         tcp_connect(client.ns(), ip_web, 80, t),
     )?;
     check(
-        "client -> db:5432 (only web may reach db)",
+        "client (alpha) -> db:5432 (charlie): only web may reach db",
         false,
         tcp_connect(client.ns(), ip_db, 5432, t),
     )?;
-    check("web -> db:5432 (group references group)", true, tcp_connect(web1.ns(), ip_db, 5432, t))?;
-    check("client ping web (no ICMP rule: default deny)", false, ping(client.ns(), ip_web))?;
-
-    println!("\n== Allow ICMP echo from clients to web; no restart, no reconnect");
-    cli.run(&[
-        "rule",
-        "add",
-        &web,
-        "--direction",
-        "ingress",
-        "--protocol",
-        "icmp",
-        "--icmp-type",
-        "8",
-        "--icmp-code",
-        "-1",
-        "--group",
-        &clients,
-    ])?;
-    check("client ping web", true, ping(client.ns(), ip_web))?;
-
-    println!("\n== Membership, not rules: move the client into `web` (S5)");
-    cli.run(&["endpoint", "update", &client.id, "--sg", &web])?;
     check(
-        "client -> db:5432 now that it is in web",
+        "web (bravo) -> db:5432 (charlie): a group references a group",
+        true,
+        tcp_connect(web1.ns(), ip_db, 5432, t),
+    )?;
+    check(
+        "web (bravo) -> db:22 (charlie): no rule for ssh",
+        false,
+        tcp_connect(web1.ns(), ip_db, 22, t),
+    )?;
+    check(
+        "client (alpha) ping web (bravo): no ICMP rule, default deny",
+        false,
+        ping(client.ns(), ip_web),
+    )?;
+
+    println!("\n== Allow ICMP echo from clients to web, through charlie; no restart, no reconnect");
+    cli.run(
+        charlie,
+        &[
+            "rule",
+            "add",
+            &web,
+            "--direction",
+            "ingress",
+            "--protocol",
+            "icmp",
+            "--icmp-type",
+            "8",
+            "--icmp-code",
+            "-1",
+            "--group",
+            &clients,
+        ],
+    )?;
+    check("client (alpha) ping web (bravo)", true, ping(client.ns(), ip_web))?;
+
+    println!("\n== Membership, not rules: move the client into `web` through bravo (S5)");
+    cli.run(bravo, &["endpoint", "update", &client.id, "--sg", &web])?;
+    check(
+        "client (alpha) -> db:5432 (charlie) now that it is in web",
         true,
         tcp_connect(client.ns(), ip_db, 5432, t),
     )?;
 
-    println!("\n== `lab` has the same addresses and its own default group (S3)");
+    println!("\n== `lab` has the same addresses on other hosts and its own default group (S3)");
     check(
-        "lab 10.0.0.20 -> 10.0.0.10:80 (lab's own server)",
+        "lab 10.0.0.20 (bravo) -> 10.0.0.10:80: lab's own server on charlie",
         true,
         tcp_connect(lab_b.ns(), ip_web, 80, t),
     )?;
     check(
-        "lab 10.0.0.20 -> 10.0.0.30:5432 (exists only in shop)",
+        "lab 10.0.0.20 (bravo) -> 10.0.0.30:5432: exists only in shop",
         false,
         tcp_connect(lab_b.ns(), ip_db, 5432, t),
     )?;
@@ -199,17 +265,97 @@ pub fn run(bin_dir: &Path) -> Result<()> {
         .success();
     check("spoofed source 10.0.0.99", false, spoofed)?;
 
-    println!("\n== Drop counters (GET /metrics)");
-    for line in host
-        .api
-        .metrics()
-        .lines()
-        .filter(|l| l.starts_with("verse_drops_total") && !l.ends_with(" 0"))
-    {
-        println!("  {line}");
+    println!("\n== Forged encapsulation: a machine on the underlay (198.18.0.200) that is no host");
+    let intruder_ip = Ipv4Addr::new(198, 18, 0, 200);
+    let intruder = fleet.underlay_node(intruder_ip);
+    let before = drops(&fleet.host(bravo).api, "unknown_host");
+    let forged = VxlanGbp {
+        outer_src: intruder_ip,
+        outer_dst: underlay_ip(bravo),
+        group: 0,
+        vni: shop_vni,
+        flags: 0x88,
+        inner_dst_mac: mac_bytes(&web1.mac),
+        inner_src_mac: [0x02, 0, 0, 0, 0, 0x01],
+        inner_src: client.ip,
+        inner_dst: web1.ip,
+        src_port: 40000,
+        dst_port: 80,
+        payload: b"forged".to_vec(),
+    };
+    println!("  sending a VXLAN-GBP packet claiming to carry shop's client to web on bravo");
+    forged.send_from(&intruder).context("send the forged packet")?;
+    let counted = tests::wait_until(Duration::from_secs(3), || {
+        drops(&fleet.host(bravo).api, "unknown_host") > before
+    });
+    check("forged packet from an unknown underlay address", false, !counted)?;
+
+    println!("\n== charlie's daemon stops: its dataplane keeps enforcing what it last realized");
+    drop(cli);
+    let status = fleet.host_mut(charlie).versed.stop();
+    println!("  versed on charlie exited ({status})");
+    check(
+        "client (alpha) -> db:5432 (charlie), versed down",
+        true,
+        tcp_connect(client.ns(), ip_db, 5432, t),
+    )?;
+    check(
+        "web (bravo) -> db:22 (charlie), versed down",
+        false,
+        tcp_connect(web1.ns(), ip_db, 22, t),
+    )?;
+    println!("  waiting for charlie's lease to lapse ...");
+    let lapsed = tests::wait_until(Duration::from_secs(30), || {
+        fleet.host_status(alpha, HOSTS[charlie]).is_some_and(|h| h["healthy"] == false)
+    });
+    if !lapsed {
+        bail!("charlie is still listed healthy 30 s after its daemon stopped");
     }
-    cli.run(&["host", "list"])?;
-    println!("\n== Done: cleaning up namespaces, the daemon and its bpffs");
-    drop((client, web1, db1, lab_a, lab_b));
+    let cli = Cli { fleet: &fleet, bin: verse.clone(), revision: Cell::new(0) };
+    cli.run(alpha, &["host", "list"])?;
+
+    println!("\n== The fleet goes on without charlie: allow ssh from web to db, through alpha");
+    cli.run(alpha, &args(&tcp_from(&db, "22", &web)))?;
+    let ssh_rule = cli.revision.get();
+    cli.run(bravo, &["wait", "--revision", &ssh_rule.to_string(), "--timeout", "10s"])?;
+    check(
+        "web (bravo) -> db:22 (charlie): charlie has not realized the rule",
+        false,
+        tcp_connect(web1.ns(), ip_db, 22, t),
+    )?;
+
+    println!("\n== charlie's daemon starts again and catches up from etcd");
+    drop(cli);
+    fleet.host_mut(charlie).versed.start_again();
+    let cli = Cli { fleet: &fleet, bin: verse, revision: Cell::new(0) };
+    // `verse wait` waits for the healthy hosts; charlie is healthy again once it has
+    // re-registered, so wait for that first.
+    let back = tests::wait_until(Duration::from_secs(30), || {
+        fleet.host_status(alpha, HOSTS[charlie]).is_some_and(|h| h["healthy"] == true)
+    });
+    if !back {
+        bail!("charlie is not listed healthy 30 s after its daemon restarted");
+    }
+    cli.run(alpha, &["wait", "--revision", &ssh_rule.to_string(), "--timeout", "30s"])?;
+    check("web (bravo) -> db:22 (charlie)", true, tcp_connect(web1.ns(), ip_db, 22, t))?;
+
+    println!("\n== Drop counters of each host (GET /metrics)");
+    for (i, name) in HOSTS.iter().enumerate() {
+        let metrics = fleet.host(i).api.metrics();
+        let counted: Vec<&str> = metrics
+            .lines()
+            .filter(|l| l.starts_with("verse_drops_total") && !l.ends_with(" 0"))
+            .collect();
+        println!("  {name}:{}", if counted.is_empty() { " no drops" } else { "" });
+        for line in counted {
+            println!("    {line}");
+        }
+    }
+
+    println!("\n== Every host has realized the last edit (S13)");
+    cli.run(charlie, &["host", "list"])?;
+
+    println!("\n== Done: cleaning up namespaces, daemons, etcd and bpffs mounts");
+    drop((client, web1, db1, lab_a, lab_b, intruder));
     Ok(())
 }

@@ -1,0 +1,115 @@
+//! S10 across hosts: a host accepts encapsulated traffic only from the underlay IPs of known
+//! hosts, only for endpoints the control plane places on the sending host, and only for its own
+//! endpoints in the universe the VNI names. Forged VXLAN-GBP packets, crafted by hand and sent
+//! with a raw socket from a namespace plugged into the underlay bridge, are dropped by the
+//! receiving host and counted under their reason (S11).
+use std::net::Ipv4Addr;
+use std::time::Duration;
+
+use tests::*;
+
+fn id(v: &Value) -> &str {
+    v["id"].as_str().expect("resource has an id")
+}
+
+fn vni(v: &Value) -> u32 {
+    v["vni"].as_u64().and_then(|n| u32::try_from(n).ok()).expect("universe has a vni")
+}
+
+/// Blue and red share 10.0.0.0/24. Blue: target T 10.0.0.10 on host C (admits UDP 9000 from
+/// anywhere), S 10.0.0.20 on host B, O 10.0.0.30 on host A. Red: 10.0.0.20 on host B,
+/// 10.0.0.10 on host A. A forger sits on the underlay at 198.18.0.200.
+///
+/// A well-formed packet claiming to come from host B for S reaches T (so the crafting is right
+/// and every drop below is the check it names); then each forgery is dropped on host C:
+/// - from 198.18.0.200, no host: `unknown_host`;
+/// - from host B's address for O, which is on host A: `not_placed_on_sender`;
+/// - red's VNI for 10.0.0.20 -> 10.0.0.10 (red's .20 is on B, red's .10 is on A, not C):
+///   `not_local`, and blue's T never sees it;
+/// - a VNI that is no universe: `unknown_universe`;
+/// - VXLAN flags without the I bit: `malformed_encap`.
+#[test]
+fn forged_encapsulated_packets_are_dropped_and_counted() {
+    let fleet = Fleet::start(3);
+    let api = fleet.api(0);
+    let blue = api.create_universe("blue", "10.0.0.0/24");
+    let red = api.create_universe("red", "10.0.0.0/24");
+    let open = api.create_group(id(&blue), "open");
+    api.add_rule(
+        id(&open),
+        &json!({"direction": "ingress", "protocol": "udp", "from_port": 9000, "to_port": 9000, "cidr": "0.0.0.0/0"}),
+    );
+    let target = fleet.endpoint(2, id(&blue), "10.0.0.10", &[id(&open)]);
+    let sender = fleet.endpoint(1, id(&blue), "10.0.0.20", &[]);
+    let _other = fleet.endpoint(0, id(&blue), "10.0.0.30", &[]);
+    let _red20 = fleet.endpoint(1, id(&red), "10.0.0.20", &[]);
+    let _red10 = fleet.endpoint(0, id(&red), "10.0.0.10", &[]);
+    let server = UdpServer::start(&target.ns, 9000, "t");
+
+    // The real path works: S (B) -> T (C) on UDP 9000.
+    assert_eq!(
+        udp_roundtrip(&sender.ns, target.ip, 9000, "real", ALLOWED).as_deref(),
+        Some("t:real")
+    );
+    let received = || server.sources().len();
+    assert_eq!(received(), 1);
+
+    let forger_ip = Ipv4Addr::new(198, 18, 0, 200);
+    let forger = fleet.underlay_node(forger_ip);
+    let host_b = underlay_ip(1);
+    let host_c = underlay_ip(2);
+    let good = VxlanGbp {
+        outer_src: host_b,
+        outer_dst: host_c,
+        group: 0,
+        vni: vni(&blue),
+        flags: 0x88,
+        inner_dst_mac: mac_bytes(&target.mac),
+        inner_src_mac: [0x02, 0, 0, 0, 0, 0x01],
+        inner_src: sender.ip,
+        inner_dst: target.ip,
+        src_port: 40000,
+        dst_port: 9000,
+        payload: b"control".to_vec(),
+    };
+    good.send_from(&forger).expect("send the control packet");
+    assert!(
+        wait_until(Duration::from_secs(3), || received() == 2),
+        "a well-formed packet from a known host for an endpoint placed on it is delivered \
+         (so the forgeries below differ only in what they forge)"
+    );
+
+    let c = fleet.api(2);
+    let unknown_vni = vni(&blue).max(vni(&red)) + 1000;
+    let forgeries: Vec<(&str, VxlanGbp)> = vec![
+        ("unknown_host", VxlanGbp { outer_src: forger_ip, ..good.clone() }),
+        (
+            "not_placed_on_sender",
+            VxlanGbp { inner_src: Ipv4Addr::new(10, 0, 0, 30), ..good.clone() },
+        ),
+        ("not_local", VxlanGbp { vni: vni(&red), ..good.clone() }),
+        ("unknown_universe", VxlanGbp { vni: unknown_vni, ..good.clone() }),
+        ("malformed_encap", VxlanGbp { flags: 0x80, ..good.clone() }),
+    ];
+    for (reason, packet) in forgeries {
+        let before = drops(c, reason);
+        for _ in 0..3 {
+            packet.send_from(&forger).unwrap_or_else(|e| panic!("send the {reason} forgery: {e}"));
+        }
+        assert!(
+            wait_until(Duration::from_secs(3), || drops(c, reason) >= before + 3),
+            "host C counts three {reason} drops (before {before}, now {})",
+            drops(c, reason)
+        );
+        assert_eq!(received(), 2, "the {reason} forgery never reached the workload");
+    }
+    // The forgeries landed on host C only: the other hosts saw none of them.
+    for i in 0..2 {
+        for reason in ["unknown_host", "not_placed_on_sender", "not_local"] {
+            assert_eq!(drops(fleet.api(i), reason), 0, "host {i} {reason}");
+        }
+    }
+    // Traffic the forger addresses to hosts but not as VXLAN is none of Verse's business: the
+    // underlay stays the hosts' own network (ping works).
+    assert!(ping(&forger, host_c), "plain underlay traffic to a host passes");
+}

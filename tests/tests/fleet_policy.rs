@@ -1,0 +1,219 @@
+//! Security groups across hosts: three hosts sharing one etcd, workloads spread over all of
+//! them, traffic carried over the underlay. Cross-host TCP, UDP and ICMP pass or drop exactly
+//! as the groups say (S1, S5), never from one universe to another even with identical CIDRs and
+//! addresses, and an edit made through one host's API is in force on every host when it returns
+//! (S13).
+use std::net::Ipv4Addr;
+use std::time::Duration;
+
+use tests::*;
+
+fn id(v: &Value) -> &str {
+    v["id"].as_str().expect("resource has an id")
+}
+
+fn ip(s: &str) -> Ipv4Addr {
+    s.parse().expect("IPv4 literal")
+}
+
+fn tcp_rule(port: u16, group: &str) -> Value {
+    json!({"direction": "ingress", "protocol": "tcp", "from_port": port, "to_port": port, "group": group})
+}
+
+/// Host A (0), B (1), C (2). Universe `blue` and `red` both 10.0.0.0/24, each with endpoints on
+/// every host, and the same addresses placed on different hosts in each:
+///
+/// | address   | blue                | red            |
+/// |-----------|---------------------|----------------|
+/// | 10.0.0.10 | web on C  [web]     | x on A [default] |
+/// | 10.0.0.20 | client on B [clients] | y on C [default] |
+/// | 10.0.0.30 | db on A   [db]      | z on B [default] |
+/// | 10.0.0.40 | stranger on A [default] | —         |
+///
+/// web admits TCP 80, UDP 53 and ICMP echo from `clients`; db admits TCP 5432 from `web`.
+#[test]
+fn cross_host_traffic_follows_the_groups_and_never_crosses_universes() {
+    let fleet = Fleet::start(3);
+    let api = fleet.api(0);
+    let blue = api.create_universe("blue", "10.0.0.0/24");
+    // Created through another host: any host's API accepts any edit.
+    let red = fleet.api(1).create_universe("red", "10.0.0.0/24");
+    assert_ne!(blue["vni"], red["vni"], "each universe has its own VNI");
+    let (blue, red) = (id(&blue), id(&red));
+    let clients = api.create_group(blue, "clients");
+    let web = fleet.api(2).create_group(blue, "web");
+    let db = api.create_group(blue, "db");
+    let (clients, web, db) = (id(&clients), id(&web), id(&db));
+    api.add_rule(web, &tcp_rule(80, clients));
+    api.add_rule(
+        web,
+        &json!({"direction": "ingress", "protocol": "udp", "from_port": 53, "to_port": 53, "group": clients}),
+    );
+    fleet.api(1).add_rule(
+        web,
+        &json!({"direction": "ingress", "protocol": "icmp", "icmp_type": 8, "icmp_code": -1, "group": clients}),
+    );
+    api.add_rule(db, &tcp_rule(5432, web));
+
+    let b_web = fleet.endpoint(2, blue, "10.0.0.10", &[web]);
+    let b_client = fleet.endpoint(1, blue, "10.0.0.20", &[clients]);
+    let b_db = fleet.endpoint(0, blue, "10.0.0.30", &[db]);
+    let b_stranger = fleet.endpoint(0, blue, "10.0.0.40", &[]);
+    let r_x = fleet.endpoint(0, red, "10.0.0.10", &[]);
+    let r_y = fleet.endpoint(2, red, "10.0.0.20", &[]);
+    let r_z = fleet.endpoint(1, red, "10.0.0.30", &[]);
+    for (w, host) in [(&b_web, 2), (&b_client, 1), (&b_db, 0), (&r_x, 0), (&r_y, 2), (&r_z, 1)] {
+        assert_eq!(w.json["host"], fleet.host(host).name(), "placed where asked: {}", w.json);
+    }
+    // Every host lists every endpoint, whichever host created it.
+    for i in 0..3 {
+        let r = fleet.api(i).get("/v1/endpoints");
+        assert_eq!(r.json().as_array().map(Vec::len), Some(7), "host {i}: {}", r.body);
+    }
+
+    let _web_tcp = TcpServer::start(&b_web.ns, 80, "blue-web");
+    let _web_tcp81 = TcpServer::start(&b_web.ns, 81, "blue-web");
+    let web_udp = UdpServer::start(&b_web.ns, 53, "blue-web");
+    let _db_tcp = TcpServer::start(&b_db.ns, 5432, "blue-db");
+    let _x_tcp = TcpServer::start(&r_x.ns, 80, "red-x");
+    let x_udp = UdpServer::start(&r_x.ns, 53, "red-x");
+    let _z_tcp = TcpServer::start(&r_z.ns, 5432, "red-z");
+    let (dot10, dot20, dot30, dot40) =
+        (ip("10.0.0.10"), ip("10.0.0.20"), ip("10.0.0.30"), ip("10.0.0.40"));
+
+    // Allowed across hosts, by TCP, UDP and ICMP, and answered by blue's own web.
+    assert_eq!(
+        tcp_roundtrip(&b_client.ns, dot10, 80, "get", ALLOWED).as_deref(),
+        Some("blue-web:get"),
+        "blue client (B) -> blue web (C) TCP 80"
+    );
+    assert_eq!(
+        udp_roundtrip(&b_client.ns, dot10, 53, "q", ALLOWED).as_deref(),
+        Some("blue-web:q"),
+        "blue client (B) -> blue web (C) UDP 53"
+    );
+    assert!(ping(&b_client.ns, dot10), "blue client (B) pings blue web (C)");
+    assert_eq!(
+        tcp_roundtrip(&b_web.ns, dot30, 5432, "sql", ALLOWED).as_deref(),
+        Some("blue-db:sql"),
+        "blue web (C) -> blue db (A): a group admits another group"
+    );
+    // A long connection keeps working across many exchanges.
+    let mut conn = TcpConn::open(&b_client.ns, dot10, 80, ALLOWED).expect("client -> web:80");
+    for i in 0..20 {
+        assert_eq!(conn.exchange(&i.to_string(), ALLOWED).unwrap(), format!("blue-web:{i}"));
+    }
+
+    // Denied across hosts: counted by the host whose rules say no.
+    let c_ingress = drops(fleet.api(2), "policy_ingress");
+    assert!(!tcp_connect(&b_client.ns, dot10, 81, DENIED), "web admits no TCP 81");
+    assert!(!tcp_connect(&b_stranger.ns, dot10, 80, DENIED), "stranger (A) is not in clients");
+    assert_eq!(
+        udp_exchange(&b_stranger.ns, None, dot10, 53, "q", DENIED),
+        UdpOutcome::Timeout,
+        "stranger (A) -> web UDP 53"
+    );
+    assert!(!ping(&b_stranger.ns, dot10), "stranger (A) may not ping web (C)");
+    assert!(
+        drops(fleet.api(2), "policy_ingress") >= c_ingress + 4,
+        "host C counts the denied packets as policy_ingress"
+    );
+    assert!(!tcp_connect(&b_client.ns, dot30, 5432, DENIED), "db (A) admits only web");
+    assert!(
+        !ping(&b_web.ns, dot20),
+        "clients has no ingress rule: web (C) may not ping client (B)"
+    );
+    assert_eq!(web_udp.sources().len(), 1, "web saw only the allowed datagram");
+
+    // Red: the same addresses lead to red's endpoints on other hosts, never to blue's.
+    assert_eq!(
+        tcp_roundtrip(&r_y.ns, dot10, 80, "get", ALLOWED).as_deref(),
+        Some("red-x:get"),
+        "red y (C) -> 10.0.0.10 is red x on A, not blue web on C"
+    );
+    assert_eq!(
+        udp_roundtrip(&r_y.ns, dot10, 53, "q", ALLOWED).as_deref(),
+        Some("red-x:q"),
+        "red y (C) -> 10.0.0.10 UDP is red x"
+    );
+    assert_eq!(
+        tcp_roundtrip(&r_x.ns, dot30, 5432, "sql", ALLOWED).as_deref(),
+        Some("red-z:sql"),
+        "red x (A) -> 10.0.0.30 is red z on B, not blue db on A"
+    );
+    assert!(ping(&r_x.ns, dot20), "red x (A) pings red y (C): red's default admits red's default");
+    assert!(!ping(&r_x.ns, dot40), "10.0.0.40 exists only in blue");
+    assert!(!tcp_connect(&r_z.ns, dot10, 81, DENIED), "TCP 81 is open only on blue's 10.0.0.10");
+    assert_eq!(web_udp.sources().len(), 1, "blue web never saw red's datagram");
+    assert_eq!(x_udp.sources().len(), 1, "red x saw red's datagram only");
+    drop(conn);
+}
+
+/// Membership and rules edited through one host's API are in force on the other hosts when
+/// the call returns (S5, S13): host B's client reaches host C's web only while it is in
+/// `clients`, with the PATCH made through host A's API; a rule added through host B admits a
+/// new port on host C; and leaving the group, through host C's API, closes both again.
+#[test]
+fn membership_change_through_host_a_takes_effect_on_host_c() {
+    let fleet = Fleet::start(3);
+    let (a, b) = (fleet.api(0), fleet.api(1));
+    let uni = a.create_universe("shop", "10.1.0.0/24");
+    let uni = id(&uni);
+    let clients = a.create_group(uni, "clients");
+    let web = a.create_group(uni, "web");
+    let (clients, web) = (id(&clients), id(&web));
+    a.add_rule(web, &tcp_rule(80, clients));
+    let client = fleet.endpoint_via(0, 1, uni, "10.1.0.20", &[]);
+    let server = fleet.endpoint_via(0, 2, uni, "10.1.0.10", &[web]);
+    let _srv80 = TcpServer::start(&server.ns, 80, "web");
+    let _srv8080 = TcpServer::start(&server.ns, 8080, "web");
+    let web_ip = server.ip;
+
+    assert!(!tcp_connect(&client.ns, web_ip, 80, DENIED), "default is not clients");
+
+    let r =
+        a.patch(&format!("/v1/endpoints/{}", client.id), &json!({"security_groups": [clients]}));
+    assert_eq!(r.status, 200, "PATCH through host A: {}", r.body);
+    let rev = r.revision().expect("a mutation answers Verse-Revision");
+    // When the API answers, every healthy host has realized the edit (S13), as the serving
+    // host's GET /v1/hosts shows (it knows its own realized revision first-hand; the other
+    // hosts' reports are what it waited for) ...
+    for h in a.hosts() {
+        assert_eq!(h["healthy"], true, "{h}");
+        assert!(h["revision"].as_u64().is_some_and(|r| r >= rev), "host realized {rev}: {h}");
+    }
+    // ... and every other host's view converges on it: each host's report reaches etcd and
+    // the others' watches a moment later.
+    assert!(
+        fleet.wait_realized(2, rev, Duration::from_secs(5)),
+        "C's view: {:?}",
+        fleet.api(2).hosts()
+    );
+    // ... so host C admits the client at once, no waiting.
+    assert_eq!(
+        tcp_roundtrip(&client.ns, web_ip, 80, "in", ALLOWED).as_deref(),
+        Some("web:in"),
+        "client joined clients through host A; host C admits it"
+    );
+    assert!(!tcp_connect(&client.ns, web_ip, 8080, DENIED), "no rule for 8080 yet");
+
+    b.add_rule(web, &tcp_rule(8080, clients));
+    assert_eq!(
+        tcp_roundtrip(&client.ns, web_ip, 8080, "alt", ALLOWED).as_deref(),
+        Some("web:alt"),
+        "rule added through host B is in force on host C"
+    );
+    // A new endpoint is ready when its creation returns: host C already routes and admits it
+    // (placed on host A, created through host C's API, used at once).
+    let late = fleet.endpoint_via(2, 0, uni, "10.1.0.30", &[clients]);
+    assert_eq!(
+        tcp_roundtrip(&late.ns, web_ip, 80, "new", ALLOWED).as_deref(),
+        Some("web:new"),
+        "an endpoint created a moment ago on host A reaches host C"
+    );
+
+    let default = a.default_group(uni);
+    fleet.api(2).set_groups(&client.id, &[id(&default)]);
+    assert!(!tcp_connect(&client.ns, web_ip, 80, DENIED), "client left clients: denied again");
+    assert!(!tcp_connect(&client.ns, web_ip, 8080, DENIED), "and on 8080");
+}
