@@ -38,8 +38,8 @@ use aya::{
     Ebpf, EbpfError, EbpfLoader, TestRun, TestRunOptions,
 };
 use dataplane_common::{
-    map_names, CidrKey, Config, CtEntry, CtKey, DropReason, Endpoint, HostKey, PolicyKey, Route,
-    RouteKey, VniKey, PROG_FROM_ENDPOINT, PROG_FROM_UNDERLAY,
+    capacity, map_names, CidrKey, Config, CtEntry, CtKey, CtValue, DropReason, Endpoint, HostKey,
+    PolicyKey, Route, RouteKey, VniKey, PROG_FROM_ENDPOINT, PROG_FROM_UNDERLAY,
 };
 
 use crate::compile::Desired;
@@ -181,10 +181,12 @@ pub struct Dataplane {
     bpf_dir: PathBuf,
     ebpf: Ebpf,
     endpoints: HashMap<MapData, u32, Endpoint>,
+    endpoint_slots: Array<MapData, Endpoint>,
+    epoch: Array<MapData, u32>,
     routes: HashMap<MapData, RouteKey, Route>,
     cidrs: LpmTrie<MapData, CidrKey, u32>,
     policy: LpmTrie<MapData, PolicyKey, u8>,
-    conntrack: HashMap<MapData, CtKey, CtEntry>,
+    conntrack: HashMap<MapData, CtKey, CtValue>,
     hosts: HashMap<MapData, HostKey, u32>,
     vnis: HashMap<MapData, VniKey, u8>,
     drops: PerCpuArray<MapData, u64>,
@@ -224,9 +226,11 @@ impl Dataplane {
             source,
         })?;
 
-        Ok(Dataplane {
+        let mut dataplane = Dataplane {
             bpf_dir: bpf_dir.to_path_buf(),
             endpoints: take_map(&mut ebpf, map_names::ENDPOINTS)?,
+            endpoint_slots: take_map(&mut ebpf, map_names::ENDPOINT_SLOTS)?,
+            epoch: take_map(&mut ebpf, map_names::EPOCH)?,
             routes: take_map(&mut ebpf, map_names::ROUTES)?,
             cidrs: take_map(&mut ebpf, map_names::CIDRS)?,
             policy: take_map(&mut ebpf, map_names::POLICY)?,
@@ -235,6 +239,80 @@ impl Dataplane {
             vnis: take_map(&mut ebpf, map_names::VNIS)?,
             drops: take_map(&mut ebpf, map_names::DROPS)?,
             ebpf,
+        };
+        // A previous daemon may have died between a route write and its bump: whatever the
+        // pinned conntrack entries cached is looked up again.
+        dataplane.bump_epoch()?;
+        Ok(dataplane)
+    }
+
+    /// Invalidates every delivery cached in conntrack (see `dataplane_common::CtHop`): the next
+    /// packet of each flow looks its route up again. Skips 0, which means "no epoch".
+    fn bump_epoch(&mut self) -> Result<()> {
+        let current = self.epoch.get(&0, 0).map_err(read_err(map_names::EPOCH))?;
+        let next = current.wrapping_add(1).max(1);
+        self.epoch.set(0, next, 0).map_err(|source| Error::MapWrite {
+            name: map_names::EPOCH,
+            entry: format!("slot 0 = {next}"),
+            source,
+        })
+    }
+
+    /// The current route epoch (tests).
+    pub fn epoch(&self) -> Result<u32> {
+        self.epoch.get(&0, 0).map_err(read_err(map_names::EPOCH))
+    }
+
+    /// Writes the endpoint behind `ifindex` where the program looks first: its slot in
+    /// `VERSE_EP_SLOTS` if it has one (and a VNI, since a slot with VNI 0 is empty), else
+    /// `VERSE_ENDPOINTS`.
+    fn write_endpoint(&mut self, ifindex: u32, endpoint: &Endpoint) -> Result<()> {
+        let write_err = |name| {
+            move |source| Error::MapWrite { name, entry: format!("ifindex {ifindex}"), source }
+        };
+        if has_slot(ifindex, endpoint) {
+            self.endpoint_slots
+                .set(ifindex, endpoint, 0)
+                .map_err(write_err(map_names::ENDPOINT_SLOTS))?;
+            // An older daemon may have put it in the hash: the slot now shadows that entry, and
+            // leaving it would resurrect the endpoint if the slot is cleared.
+            remove_ok_if_absent(self.endpoints.remove(&ifindex)).map_err(|source| {
+                Error::MapDelete {
+                    name: map_names::ENDPOINTS,
+                    entry: format!("ifindex {ifindex}"),
+                    source,
+                }
+            })
+        } else {
+            self.endpoints.insert(ifindex, endpoint, 0).map_err(write_err(map_names::ENDPOINTS))?;
+            if ifindex < capacity::ENDPOINT_SLOTS {
+                // A VNI-0 endpoint cannot live in a slot; an older value there would shadow it.
+                // Cleared after the hash write, so the interface is never without an endpoint.
+                self.clear_slot(ifindex)?;
+            }
+            Ok(())
+        }
+    }
+
+    /// Removes the endpoint behind `ifindex` from wherever it is.
+    fn remove_endpoint(&mut self, ifindex: u32) -> Result<()> {
+        if ifindex < capacity::ENDPOINT_SLOTS {
+            self.clear_slot(ifindex)?;
+        }
+        remove_ok_if_absent(self.endpoints.remove(&ifindex)).map_err(|source| Error::MapDelete {
+            name: map_names::ENDPOINTS,
+            entry: format!("ifindex {ifindex}"),
+            source,
+        })
+    }
+
+    fn clear_slot(&mut self, ifindex: u32) -> Result<()> {
+        self.endpoint_slots.set(ifindex, Endpoint::default(), 0).map_err(|source| {
+            Error::MapDelete {
+                name: map_names::ENDPOINT_SLOTS,
+                entry: format!("ifindex {ifindex}"),
+                source,
+            }
         })
     }
 
@@ -304,6 +382,13 @@ impl Dataplane {
             let (k, v) = item.map_err(read_err(map_names::ENDPOINTS))?;
             desired.endpoints.insert(k, v);
         }
+        // Slots win over the hash, as in the program.
+        for (ifindex, item) in (0..).zip(self.endpoint_slots.iter()) {
+            let v = item.map_err(read_err(map_names::ENDPOINT_SLOTS))?;
+            if v.vni != 0 {
+                desired.endpoints.insert(ifindex, v);
+            }
+        }
         for item in self.routes.iter() {
             let (k, v) = item.map_err(read_err(map_names::ROUTES))?;
             desired.routes.insert(k, v);
@@ -362,8 +447,10 @@ impl Dataplane {
                 Error::MapWrite { name: map_names::POLICY, entry: format!("{len}/{key:?}"), source }
             })?;
         }
+        let mut routes_written = false;
         for (key, value) in &desired.routes {
             if current.routes.get(key) != Some(value) {
+                routes_written = true;
                 self.routes.insert(key, value, 0).map_err(|source| Error::MapWrite {
                     name: map_names::ROUTES,
                     entry: format!("{key:?}"),
@@ -371,21 +458,21 @@ impl Dataplane {
                 })?;
             }
         }
-        for (key, value) in &desired.endpoints {
-            if current.endpoints.get(key) != Some(value) {
-                self.endpoints.insert(key, value, 0).map_err(|source| Error::MapWrite {
-                    name: map_names::ENDPOINTS,
-                    entry: format!("ifindex {key}"),
-                    source,
-                })?;
+        let mut written = routes_written;
+        for (&key, value) in &desired.endpoints {
+            if current.endpoints.get(&key) != Some(value) {
+                self.write_endpoint(key, value)?;
+                written = true;
             }
         }
-        for key in current.endpoints.keys().filter(|k| !desired.endpoints.contains_key(k)) {
-            remove_ok_if_absent(self.endpoints.remove(key)).map_err(|source| Error::MapDelete {
-                name: map_names::ENDPOINTS,
-                entry: format!("ifindex {key}"),
-                source,
-            })?;
+        // Flows cached a delivery under the old routes: from here on they look the new ones up.
+        if written {
+            self.bump_epoch()?;
+        }
+        let mut removed = false;
+        for &key in current.endpoints.keys().filter(|k| !desired.endpoints.contains_key(k)) {
+            self.remove_endpoint(key)?;
+            removed = true;
         }
         for key in current.routes.keys().filter(|k| !desired.routes.contains_key(k)) {
             remove_ok_if_absent(self.routes.remove(key)).map_err(|source| Error::MapDelete {
@@ -393,6 +480,13 @@ impl Dataplane {
                 entry: format!("{key:?}"),
                 source,
             })?;
+            removed = true;
+        }
+        // Before the reconciler deletes the removed endpoints' interfaces (whose ifindexes may
+        // then be reused): no cached delivery to them survives this bump. A packet that read the
+        // old epoch is still running its program, and the interface outlives it (RCU).
+        if removed {
+            self.bump_epoch()?;
         }
         for &(len, key) in current.policy.difference(&desired.policy) {
             remove_ok_if_absent(self.policy.remove(&Key::new(len, key))).map_err(|source| {
@@ -436,8 +530,17 @@ impl Dataplane {
         Ok(out)
     }
 
-    /// Every conntrack entry (live or expired but not yet reclaimed).
+    /// Every conntrack entry (live or expired but not yet reclaimed): its flow state, without
+    /// the delivery cache (see [`Dataplane::conntrack_values`]).
     pub fn conntrack(&self) -> Result<Vec<(CtKey, CtEntry)>> {
+        self.conntrack
+            .iter()
+            .map(|item| item.map(|(k, v)| (k, v.entry)).map_err(read_err(map_names::CONNTRACK)))
+            .collect()
+    }
+
+    /// Every conntrack entry with its cached deliveries.
+    pub fn conntrack_values(&self) -> Result<Vec<(CtKey, CtValue)>> {
         self.conntrack.iter().map(|item| item.map_err(read_err(map_names::CONNTRACK))).collect()
     }
 
@@ -527,6 +630,11 @@ impl Dataplane {
     ) -> Result<PoolRunOutput> {
         run_pool(&self.ebpf, PROG_EMPTY, packets, ingress_ifindex)
     }
+}
+
+/// Whether the endpoint behind `ifindex` lives in `VERSE_EP_SLOTS` (else in `VERSE_ENDPOINTS`).
+fn has_slot(ifindex: u32, endpoint: &Endpoint) -> bool {
+    ifindex < capacity::ENDPOINT_SLOTS && endpoint.vni != 0
 }
 
 fn read_err(name: &'static str) -> impl Fn(MapError) -> Error {

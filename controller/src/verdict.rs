@@ -25,7 +25,7 @@
 //! 7. MF set or fragment offset non-zero: `Fragment`.
 //! 8. L4 header beyond the *datagram* (total length, not the frame): TCP shorter than 20 bytes
 //!    or than its data offset (or data offset < 5), UDP or ICMP shorter than 8: `MalformedL4`.
-//! 9. Conntrack: the packet's key, then its reverse; an entry idle longer than its state's
+//! 9. Conntrack: the packet's key, then its reverse; an entry idle for at least its state's
 //!    timeout is a miss. Hit -> route (12) -> deliver, entry refreshed.
 //! 10. ICMP error (type 3, 11, 12) whose inner IPv4 header is addressed from the outer
 //!     destination (`inner.src == outer.dst`, as Linux conntrack requires) and whose inner flow
@@ -123,8 +123,9 @@ impl Timeouts {
     }
 
     fn expired(&self, entry: &CtEntry, now_ns: u64) -> bool {
-        // Idle *longer* than the timeout; wrapping like the kernel's u64 arithmetic.
-        now_ns.wrapping_sub(entry.last_seen_ns) > self.of(entry.state)
+        // Idle for at least the timeout, as in the kernel, whose clock advances by ticks (a
+        // timeout of 0 expires an entry of the same tick); wrapping like its u64 arithmetic.
+        now_ns.wrapping_sub(entry.last_seen_ns) >= self.of(entry.state)
     }
 }
 
@@ -950,10 +951,10 @@ mod tests {
         assert!(delivered_to(&h.judge_and_track(&mut ct, 2 * S, 11, &ack)).is_some());
         let new = ipv4(mac_of(1), A, W, IPPROTO_TCP, &tcp(40001, 80, SYN));
         assert_eq!(h.judge_and_track(&mut ct, 2 * S, 11, &new), Verdict::Drop(D::PolicyIngress));
-        // Still opening (no reply seen): 60 s idle is fine, 60 s + 1 ns is not.
-        assert!(delivered_to(&h.judge_and_track(&mut ct, 62 * S, 11, &ack)).is_some());
+        // Still opening (no reply seen): 60 s - 1 ns idle is fine, 60 s is not.
+        assert!(delivered_to(&h.judge_and_track(&mut ct, 62 * S - 1, 11, &ack)).is_some());
         assert_eq!(
-            h.judge_and_track(&mut ct, 122 * S + 1, 11, &ack),
+            h.judge_and_track(&mut ct, 122 * S - 1, 11, &ack),
             Verdict::Drop(D::PolicyIngress)
         );
     }
@@ -980,7 +981,8 @@ mod tests {
         let h2 = Host::new(&st2, HOST, &local, GW, t);
         assert!(delivered_to(&h2.judge_and_track(&mut ct, 100, 13, &f)).is_some());
         let back = ipv4(mac_of(1), A, W, IPPROTO_UDP, &udp(2, 1));
-        assert!(delivered_to(&h.judge_and_track(&mut ct, 105, 11, &back)).is_some());
+        // Idle 4 ns of 5: still live.
+        assert!(delivered_to(&h.judge_and_track(&mut ct, 104, 11, &back)).is_some());
         let key = CtKey { vni: 100, src: W, dst: A, sport: 1, dport: 2, proto: 17, _pad: [0; 3] };
         assert_eq!(ct.entries[&key].state, ct_state::UDP_REPLIED);
         assert_eq!(t.of(ct_state::UDP_REPLIED), 180 * S);

@@ -18,6 +18,8 @@ pub mod map_names {
     pub const DROPS: &str = "VERSE_DROPS";
     pub const HOSTS: &str = "VERSE_HOSTS";
     pub const VNIS: &str = "VERSE_VNIS";
+    pub const ENDPOINT_SLOTS: &str = "VERSE_EP_SLOTS";
+    pub const EPOCH: &str = "VERSE_EPOCH";
 }
 
 /// Name of the TC program attached (TCX ingress) to the host side of every endpoint veth.
@@ -43,6 +45,9 @@ pub mod capacity {
     pub const VNIS: u32 = 65536;
     /// Slots of the drop counter array; every `DropReason` code is below this.
     pub const DROPS: u32 = 64;
+    /// Slots of `VERSE_EP_SLOTS`: endpoints whose ifindex is below this live there (an array
+    /// lookup, which the verifier inlines); the others in `VERSE_ENDPOINTS`.
+    pub const ENDPOINT_SLOTS: u32 = 65536;
 }
 
 /// Why a packet was dropped. One table for the dataplane, the metrics and the docs. Codes are
@@ -151,6 +156,9 @@ impl DropReason {
 }
 
 /// `VERSE_ENDPOINTS`: key = ifindex (u32) of the host-side veth of an endpoint on this host.
+/// `VERSE_EP_SLOTS` (array indexed by ifindex, for ifindexes below
+/// `capacity::ENDPOINT_SLOTS`): the same value; a slot whose `vni` is 0 holds no endpoint (VNI 0
+/// is no universe), and the program then falls back to `VERSE_ENDPOINTS`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct Endpoint {
@@ -277,11 +285,42 @@ impl CtKey {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct CtEntry {
-    /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC) of the last packet either way.
+    /// `bpf_ktime_get_coarse_ns()` (CLOCK_MONOTONIC_COARSE, advancing by scheduler ticks) of the
+    /// last packet either way.
     pub last_seen_ns: u64,
     /// One of `ct_state`; selects the idle timeout.
     pub state: u8,
     pub _pad: [u8; 7],
+}
+
+/// Where a flow's packets in one direction were last delivered, cached in its conntrack entry so
+/// that an established flow skips the route lookup. Valid only while `epoch` equals the value
+/// in `VERSE_EPOCH` (and is not 0): the controller bumps that after every change to
+/// `VERSE_ROUTES` or the endpoint maps, so a cached delivery is never older than the routes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct CtHop {
+    /// `VERSE_EPOCH` as read *before* the route lookup this hop was copied from; 0 = empty.
+    pub epoch: u32,
+    /// `Route::ifindex`: the receiver's host-side veth, 0 for a receiver on another host.
+    pub ifindex: u32,
+    /// `Route::mac`.
+    pub mac: [u8; 6],
+    pub _pad: [u8; 2],
+    /// `Route::underlay`.
+    pub underlay: [u8; 4],
+}
+
+/// `VERSE_CT` value: the flow's state (the part the reference model knows) and the delivery
+/// cache of each direction (an optimisation the verdict never depends on).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct CtValue {
+    pub entry: CtEntry,
+    /// Delivery of packets in the flow's original direction (to the key's `dst`).
+    pub original: CtHop,
+    /// Delivery of replies (to the key's `src`).
+    pub reply: CtHop,
 }
 
 /// Connection-tracking states; each indexes `Config::timeouts_ns` (S9).
@@ -333,6 +372,8 @@ mod pod {
     unsafe impl aya::Pod for super::PolicyKey {}
     unsafe impl aya::Pod for super::CtKey {}
     unsafe impl aya::Pod for super::CtEntry {}
+    unsafe impl aya::Pod for super::CtHop {}
+    unsafe impl aya::Pod for super::CtValue {}
     unsafe impl aya::Pod for super::Config {}
 }
 
@@ -350,6 +391,8 @@ mod tests {
         assert_eq!(size_of::<PolicyKey>(), 12);
         assert_eq!(size_of::<CtKey>(), 20);
         assert_eq!(size_of::<CtEntry>(), 16);
+        assert_eq!(size_of::<CtHop>(), 20);
+        assert_eq!(size_of::<CtValue>(), 56);
         assert_eq!(size_of::<Config>(), 80);
     }
 

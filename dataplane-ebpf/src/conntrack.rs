@@ -7,28 +7,61 @@
 //! RST in either direction moves it to closing, and a SYN without ACK reopens a closing flow (the
 //! 5-tuple reused, as Linux conntrack does from CLOSE/TIME_WAIT). UDP is one-way until a reply,
 //! then replied. ICMP and other protocols have one state each.
-use aya_ebpf::helpers::bpf_ktime_get_ns;
-use dataplane_common::{ct_state, CtEntry, CtKey};
+//!
+//! Delivery cache: each entry also remembers, per direction, where the last delivered packet
+//! went ([`CtHop`]: the receiver's ifindex and MAC, or the underlay address of its host), stamped
+//! with the route epoch (`VERSE_EPOCH`) read *before* the route lookup it was copied from. A hit
+//! whose hop carries the current epoch delivers without looking the route up; any other hit looks
+//! it up and caches the answer ([`refresh_and_cache`]). Since the controller bumps the epoch after
+//! every route or endpoint change, a cached hop is never staler than a lookup would be. Hops are
+//! only ever written by replacing the whole value (an atomic swap of the LRU element), never in
+//! place, so a reader never sees a hop torn between two writers.
+use aya_ebpf::helpers::{bpf_jiffies64, bpf_ktime_get_coarse_ns};
+use dataplane_common::{ct_state, CtEntry, CtHop, CtKey, CtValue, Route};
 
 use crate::{
-    maps::VERSE_CT,
+    flow,
+    maps::{VERSE_CLOCK, VERSE_CT, VERSE_EPOCH},
     parse::{IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
 };
 
+/// The conntrack clock: `CLOCK_MONOTONIC_COARSE` (`bpf_ktime_get_coarse_ns`), nanoseconds that
+/// advance once per scheduler tick, fine enough for timeouts of seconds. Read through a per-CPU
+/// copy keyed by `jiffies` (`bpf_jiffies64`, which the verifier inlines into a memory load): the
+/// helper, an out-of-line call that was a tenth of the established path, runs once per tick and
+/// CPU. A program interrupted on its CPU between the two stores of a refresh can leave the copy
+/// one tick behind, for one tick: conntrack time is tick-precise anyway.
 #[inline(always)]
 pub fn now() -> u64 {
-    // SAFETY: bpf_ktime_get_ns has no preconditions.
-    unsafe { bpf_ktime_get_ns() }
+    // SAFETY: bpf_jiffies64 has no preconditions.
+    let jiffies = unsafe { bpf_jiffies64() };
+    if let Some(clock) = VERSE_CLOCK.get_ptr_mut(0) {
+        // SAFETY: slot 0 of this CPU's copy; nothing else runs on this CPU during the program
+        // but a program that interrupts it (see above).
+        let clock = unsafe { &mut *clock };
+        if clock.jiffies == jiffies {
+            return clock.ns;
+        }
+        // SAFETY: bpf_ktime_get_coarse_ns has no preconditions.
+        let ns = unsafe { bpf_ktime_get_coarse_ns() };
+        clock.jiffies = jiffies;
+        clock.ns = ns;
+        return ns;
+    }
+    // SAFETY: as above.
+    unsafe { bpf_ktime_get_coarse_ns() }
 }
 
-/// True if `entry` has been idle longer than its state's timeout (or has a state we do not know,
+/// True if `entry` has been idle for at least its state's timeout (or has a state we do not know,
 /// which is treated as expired: fail closed).
 #[inline(always)]
 fn expired(entry: &CtEntry, now: u64, timeouts: &[u64; ct_state::COUNT]) -> bool {
     match timeouts.get(entry.state as usize) {
         // Saturating: another CPU may have refreshed the entry after this program read `now`,
         // leaving `last_seen_ns` slightly ahead of it; that entry is fresh, not 2^64 ns old.
-        Some(timeout) => now.saturating_sub(entry.last_seen_ns) > *timeout,
+        // At least the timeout, not more: the clock advances by ticks, and a timeout of 0 must
+        // expire an entry made within the same tick.
+        Some(timeout) => now.saturating_sub(entry.last_seen_ns) >= *timeout,
         None => true,
     }
 }
@@ -68,27 +101,56 @@ fn next_state(state: u8, reply: bool, tcp_flags: u8) -> u8 {
     }
 }
 
+/// The current route epoch. Read it before looking a route up whose answer will be cached.
+#[inline(always)]
+pub fn epoch() -> u32 {
+    // Slot 0 of an array always exists; 0 (no epoch yet) disables the cache.
+    VERSE_EPOCH.get(0).copied().unwrap_or(0)
+}
+
+/// The hop to cache for `route`, looked up after `epoch` was read.
+#[inline(always)]
+pub fn hop(route: &Route, epoch: u32) -> CtHop {
+    CtHop { epoch, ifindex: route.ifindex, mac: route.mac, _pad: [0; 2], underlay: route.underlay }
+}
+
 /// A live conntrack entry found for a packet.
 pub struct Hit {
-    entry: *mut CtEntry,
+    value: *mut CtValue,
     /// The packet travels in the flow's reply direction.
     reply: bool,
+}
+
+impl Hit {
+    /// The cached delivery for this packet's direction, if it was cached under `epoch`.
+    #[inline(always)]
+    pub fn cached(&self, epoch: u32) -> Option<CtHop> {
+        // SAFETY: the pointer came from a lookup in this program run; map values stay valid for
+        // the whole run (RCU), and hops are never written in place (see the module doc).
+        let v = unsafe { &*self.value };
+        let hop = if self.reply { v.reply } else { v.original };
+        if hop.epoch == epoch && epoch != 0 {
+            Some(hop)
+        } else {
+            None
+        }
+    }
 }
 
 /// Looks `key` up, then its reverse; expired entries are misses.
 #[inline(always)]
 pub fn lookup(key: &CtKey, now: u64, timeouts: &[u64; ct_state::COUNT]) -> Option<Hit> {
-    if let Some(entry) = VERSE_CT.get_ptr_mut(key) {
+    if let Some(value) = VERSE_CT.get_ptr_mut(key) {
         // SAFETY: the kernel returned a pointer to a live value of this map's value type.
-        if !expired(unsafe { &*entry }, now, timeouts) {
-            return Some(Hit { entry, reply: false });
+        if !expired(unsafe { &(*value).entry }, now, timeouts) {
+            return Some(Hit { value, reply: false });
         }
     }
-    let reverse = key.reversed();
-    if let Some(entry) = VERSE_CT.get_ptr_mut(&reverse) {
+    let reverse = flow::reversed(key);
+    if let Some(value) = VERSE_CT.get_ptr_mut(&reverse) {
         // SAFETY: as above.
-        if !expired(unsafe { &*entry }, now, timeouts) {
-            return Some(Hit { entry, reply: true });
+        if !expired(unsafe { &(*value).entry }, now, timeouts) {
+            return Some(Hit { value, reply: true });
         }
     }
     None
@@ -100,15 +162,43 @@ pub fn refresh(hit: Hit, now: u64, tcp_flags: u8) {
     // SAFETY: the pointer came from a lookup in this program run, and map values stay valid for
     // the whole run (RCU); the worst a concurrent update can do is interleave two refreshes of
     // the same flow.
-    let entry = unsafe { &mut *hit.entry };
+    let entry = unsafe { &mut (*hit.value).entry };
     entry.state = next_state(entry.state, hit.reply, tcp_flags);
     entry.last_seen_ns = now;
 }
 
-/// Records a new flow allowed by policy. A failed insert (out of memory) is not a hole: the
-/// flow's replies are then judged by policy.
+/// [`refresh`], and caches `hop` for the packet's direction: the whole value is replaced (see
+/// the module doc). `key` is the packet's own key. A refresh racing with this one on another CPU
+/// may be lost, which costs at most one packet's worth of idle time or state change, as
+/// interleaved refreshes already can. If the replacement fails (out of memory), the entry is
+/// refreshed in place, uncached.
 #[inline(always)]
-pub fn create(key: &CtKey, now: u64, state: u8) {
-    let entry = CtEntry { last_seen_ns: now, state, _pad: [0; 7] };
-    let _ = VERSE_CT.insert(key, &entry, 0);
+pub fn refresh_and_cache(hit: Hit, key: &CtKey, now: u64, tcp_flags: u8, hop: CtHop) {
+    // SAFETY: as in `refresh`; the value is copied out.
+    let mut value = unsafe { *hit.value };
+    value.entry.state = next_state(value.entry.state, hit.reply, tcp_flags);
+    value.entry.last_seen_ns = now;
+    let stored = if hit.reply {
+        value.reply = hop;
+        flow::reversed(key)
+    } else {
+        value.original = hop;
+        *key
+    };
+    if VERSE_CT.insert(&stored, &value, 0).is_err() {
+        refresh(hit, now, tcp_flags);
+    }
+}
+
+/// Records a new flow allowed by policy, with `original` as the cached delivery of its first
+/// direction (an empty hop for none). A failed insert (out of memory) is not a hole: the flow's
+/// replies are then judged by policy.
+#[inline(always)]
+pub fn create(key: &CtKey, now: u64, state: u8, original: CtHop) {
+    let value = CtValue {
+        entry: CtEntry { last_seen_ns: now, state, _pad: [0; 7] },
+        original,
+        reply: CtHop::default(),
+    };
+    let _ = VERSE_CT.insert(key, &value, 0);
 }

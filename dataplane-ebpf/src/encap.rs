@@ -28,7 +28,7 @@ use aya_ebpf::{
     helpers::{bpf_check_mtu, bpf_get_hash_recalc, bpf_redirect_neigh},
     programs::TcContext,
 };
-use dataplane_common::{Config, DropReason, Route, ENCAP_OVERHEAD, VXLAN_PORT};
+use dataplane_common::{Config, DropReason, ENCAP_OVERHEAD, VXLAN_PORT};
 
 use crate::parse::*;
 
@@ -110,14 +110,15 @@ pub fn too_big(
     Ok(if fits { None } else { Some(mtu) })
 }
 
-/// Wraps the frame for the host `route.underlay` and hands it to the underlay interface through
-/// the host's routes and neighbours (`bpf_redirect_neigh`). `identity` is the sender's, `vni`
-/// the universe's. Fails with `RedirectFailed` when a helper refuses.
+/// Wraps the frame for the receiver `mac` on the host `underlay` and hands it to the underlay
+/// interface through the host's routes and neighbours (`bpf_redirect_neigh`). `identity` is the
+/// sender's, `vni` the universe's. Fails with `RedirectFailed` when a helper refuses.
 #[inline(always)]
 pub fn wrap(
     ctx: &TcContext,
     config: &Config,
-    route: &Route,
+    mac: [u8; 6],
+    underlay: [u8; 4],
     identity: u32,
     vni: u32,
 ) -> Result<i32, DropReason> {
@@ -148,7 +149,7 @@ pub fn wrap(
         proto: IPPROTO_UDP,
         check: [0; 2],
         src: config.underlay_ip,
-        dst: route.underlay,
+        dst: underlay,
     };
     ip.check = ipv4_checksum(&ip).to_be_bytes();
     let sport = SPORT_BASE | (hash & SPORT_MASK) as u16;
@@ -176,8 +177,7 @@ pub fn wrap(
             vni: [vni[1], vni[2], vni[3]],
             reserved: 0,
         };
-        o.inner =
-            EthHdr { dst: route.mac, src: config.gateway_mac, ethertype: ETH_P_IP.to_be_bytes() };
+        o.inner = EthHdr { dst: mac, src: config.gateway_mac, ethertype: ETH_P_IP.to_be_bytes() };
     }
     // SAFETY: a null `params` with length 0 asks the kernel to look the next hop up itself.
     let rc = unsafe { bpf_redirect_neigh(config.underlay_ifindex, core::ptr::null_mut(), 0, 0) };

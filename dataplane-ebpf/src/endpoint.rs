@@ -6,15 +6,17 @@
 //!
 //! The walk, in order (the first failing step drops and counts its `DropReason`):
 //! 1. Ethernet header present (`TruncatedEthernet`); the skb's ifindex names the endpoint
-//!    (`UnknownEndpoint`); the source MAC is the endpoint's (`SpoofedMac`).
+//!    (its slot in `VERSE_EP_SLOTS`, else `VERSE_ENDPOINTS`; `UnknownEndpoint`); the source MAC is the endpoint's (`SpoofedMac`).
 //! 2. ARP -> [`arp::answer`] (`ArpUnanswered`); IPv6 -> `Ipv6Unsupported`; anything but IPv4 ->
 //!    `UnknownEthertype`.
 //! 3. IPv4 header ([`flow::ipv4_header`], `MalformedIpv4`); source is the endpoint's IP
 //!    (`SpoofedIp`); not a fragment (`Fragment`).
 //! 4. L4 header ([`flow::l4`], `MalformedL4`).
-//! 5. Conntrack hit (live) on the packet's key or its reverse -> no route: `NoRoute`; else the
-//!    packet is sent on (step 8) and, once it passed the MTU check, its flow refreshed (policy
-//!    is skipped, S6). A dropped packet never creates or refreshes a flow.
+//! 5. Conntrack hit (live) on the packet's key or its reverse -> the delivery cached in the
+//!    entry for this direction if it carries the current route epoch (no route lookup: the
+//!    established path), else the route (none: `NoRoute`), which is then cached; the packet is
+//!    sent on (step 8) and, once it passed the MTU check, its flow refreshed (policy is skipped,
+//!    S6). A dropped packet never creates or refreshes a flow.
 //! 6. ICMP destination unreachable / time exceeded / parameter problem whose quoted IPv4 header
 //!    (and its first 8 payload bytes) lies within the datagram, is sent from the error's
 //!    destination, and names a flow tracked either way -> sent on like step 5, without policy
@@ -22,7 +24,7 @@
 //! 7. Route of (universe, destination) looked up; egress policy of the sender with the
 //!    destination as peer (`PolicyEgress`); no route -> `NoRoute` (this includes the gateway
 //!    address, which is no endpoint); for a local receiver its ingress policy with the sender as
-//!    peer (`PolicyIngress`); a conntrack entry is created.
+//!    peer (`PolicyIngress`); a conntrack entry is created, caching this delivery.
 //! 8. Sending on. A local receiver: [`deliver::to_endpoint`]. A receiver on another host (route
 //!    ifindex 0): this host needs an underlay (`NoRoute` otherwise); a packet that would not fit
 //!    the underlay once wrapped is answered with an ICMP "fragmentation needed"
@@ -30,14 +32,14 @@
 //!    underlay (`RedirectFailed`).
 use aya_ebpf::programs::TcContext;
 use dataplane_common::{
-    Config, DropReason, Endpoint, Route, RouteKey, DIRECTION_EGRESS, DIRECTION_INGRESS,
+    capacity, Config, DropReason, Endpoint, Route, RouteKey, DIRECTION_EGRESS, DIRECTION_INGRESS,
 };
 
 use crate::{
     arp, conntrack, deliver, encap,
     flow::{self, Ipv4, L4},
     icmp,
-    maps::{VERSE_CONFIG, VERSE_ENDPOINTS, VERSE_ROUTES},
+    maps::{VERSE_CONFIG, VERSE_ENDPOINTS, VERSE_EP_SLOTS, VERSE_ROUTES},
     parse::*,
     policy,
 };
@@ -50,12 +52,7 @@ pub fn walk(ctx: &TcContext) -> Result<i32, DropReason> {
     // SAFETY: `skb` is the context pointer the kernel passed to this program; reads of
     // `ifindex` are rewritten by the verifier into a read of `skb->dev->ifindex`.
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
-    // SAFETY: the value is copied out at once; a concurrent update can at worst give a mix of
-    // the old and new endpoint record, each of which the controller wrote.
-    let endpoint: Endpoint = match unsafe { VERSE_ENDPOINTS.get(&ifindex) } {
-        Some(e) => *e,
-        None => return Err(DropReason::UnknownEndpoint),
-    };
+    let endpoint = endpoint_of(ifindex).ok_or(DropReason::UnknownEndpoint)?;
     let eth: *mut EthHdr = ptr_at(ctx, 0).ok_or(DropReason::TruncatedEthernet)?;
     // SAFETY: ptr_at proved the Ethernet header is inside the linear data.
     let (src_ok, ethertype) =
@@ -91,24 +88,35 @@ fn ipv4(
 
     let key = flow::ct_key(endpoint.vni, &ip, &l4);
     let now = conntrack::now();
-    let route_key = RouteKey { vni: endpoint.vni, ip: ip.dst };
-    // SAFETY: copied out at once, see the endpoint lookup.
-    let route: Option<Route> = unsafe { VERSE_ROUTES.get(&route_key) }.copied();
+    // Before any route lookup: a hop is cached under the epoch read *before* the lookup it
+    // copies, so a route changed meanwhile leaves it stale, never wrongly current.
+    let epoch = conntrack::epoch();
 
     if let Some(hit) = conntrack::lookup(&key, now, &config.timeouts_ns) {
-        let Some(route) = route else {
-            return Err(DropReason::NoRoute);
+        // The established path: the delivery cached under the current epoch, else the route.
+        let (hop, cached) = match hit.cached(epoch) {
+            Some(hop) => (hop, true),
+            None => match route_of(endpoint.vni, ip.dst) {
+                Some(route) => (conntrack::hop(&route, epoch), false),
+                None => return Err(DropReason::NoRoute),
+            },
         };
-        if route.ifindex != 0 {
+        if hop.ifindex == 0 {
+            if let Some(mtu) = remote_too_big(ctx, config, &ip, &l4)? {
+                return icmp::frag_needed(ctx, endpoint, ifindex, config.gateway_mac, &ip, mtu);
+            }
+        }
+        if cached {
             conntrack::refresh(hit, now, l4.tcp_flags);
-            return deliver::to_endpoint(ctx, &route, config.gateway_mac);
+        } else {
+            conntrack::refresh_and_cache(hit, &key, now, l4.tcp_flags, hop);
         }
-        if let Some(mtu) = remote_too_big(ctx, config, &ip, &l4)? {
-            return icmp::frag_needed(ctx, endpoint, ifindex, config.gateway_mac, &ip, mtu);
+        if hop.ifindex != 0 {
+            return deliver::to_endpoint(ctx, hop.ifindex, hop.mac, config.gateway_mac);
         }
-        conntrack::refresh(hit, now, l4.tcp_flags);
-        return encap::wrap(ctx, config, &route, endpoint.identity, endpoint.vni);
+        return encap::wrap(ctx, config, hop.mac, hop.underlay, endpoint.identity, endpoint.vni);
     }
+    let route = route_of(endpoint.vni, ip.dst);
     if flow::is_icmp_error(ip.proto, l4.icmp_type) {
         if let Some(quoted) = flow::quoted_flow(ctx, endpoint.vni, ip.l4_off + 8, ip.ip_end) {
             // An error is about a packet its sender received, so the quoted source is the
@@ -157,11 +165,36 @@ fn ipv4(
             return icmp::frag_needed(ctx, endpoint, ifindex, config.gateway_mac, &ip, mtu);
         }
     }
-    conntrack::create(&key, now, conntrack::initial_state(ip.proto, l4.tcp_flags));
+    let state = conntrack::initial_state(ip.proto, l4.tcp_flags);
+    conntrack::create(&key, now, state, conntrack::hop(&route, epoch));
     if route.ifindex != 0 {
-        return deliver::to_endpoint(ctx, &route, config.gateway_mac);
+        return deliver::to_endpoint(ctx, route.ifindex, route.mac, config.gateway_mac);
     }
-    encap::wrap(ctx, config, &route, endpoint.identity, endpoint.vni)
+    encap::wrap(ctx, config, route.mac, route.underlay, endpoint.identity, endpoint.vni)
+}
+
+/// The route of (universe, address), copied out.
+#[inline(always)]
+fn route_of(vni: u32, ip: [u8; 4]) -> Option<Route> {
+    // SAFETY: copied out at once; a concurrent update can at worst give a mix of the old and new
+    // route, each of which the controller wrote.
+    unsafe { VERSE_ROUTES.get(&RouteKey { vni, ip }) }.copied()
+}
+
+/// The endpoint behind the host-side veth `ifindex`: its slot in `VERSE_EP_SLOTS` (an inlined
+/// array lookup) if it has one and it is filled, else `VERSE_ENDPOINTS`.
+#[inline(always)]
+fn endpoint_of(ifindex: u32) -> Option<Endpoint> {
+    if ifindex < capacity::ENDPOINT_SLOTS {
+        if let Some(e) = VERSE_EP_SLOTS.get(ifindex) {
+            if e.vni != 0 {
+                return Some(*e);
+            }
+        }
+    }
+    // SAFETY: the value is copied out at once; a concurrent update can at worst give a mix of
+    // the old and new endpoint record, each of which the controller wrote.
+    unsafe { VERSE_ENDPOINTS.get(&ifindex) }.copied()
 }
 
 /// Sends an admitted packet that touches no conntrack state (a related ICMP error) on: into a
@@ -177,12 +210,12 @@ fn send(
     l4: &L4,
 ) -> Result<i32, DropReason> {
     if route.ifindex != 0 {
-        return deliver::to_endpoint(ctx, route, config.gateway_mac);
+        return deliver::to_endpoint(ctx, route.ifindex, route.mac, config.gateway_mac);
     }
     if let Some(mtu) = remote_too_big(ctx, config, ip, l4)? {
         return icmp::frag_needed(ctx, endpoint, ifindex, config.gateway_mac, ip, mtu);
     }
-    encap::wrap(ctx, config, route, endpoint.identity, endpoint.vni)
+    encap::wrap(ctx, config, route.mac, route.underlay, endpoint.identity, endpoint.vni)
 }
 
 /// For a packet to another host: `NoRoute` without an underlay, else the underlay MTU if the

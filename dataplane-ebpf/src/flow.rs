@@ -179,19 +179,40 @@ pub fn quoted_flow(ctx: &TcContext, vni: u32, off: usize, ip_end: usize) -> Opti
         IPPROTO_ICMP => icmp_ports(b0, id),
         _ => (0, 0),
     };
-    Some(CtKey { vni, src, dst, sport, dport, proto, _pad: [0; 3] })
+    Some(key(vni, src, dst, sport, dport, proto))
 }
 
 /// The conntrack key of a packet in `vni`.
 #[inline(always)]
 pub fn ct_key(vni: u32, ip: &Ipv4, l4: &L4) -> CtKey {
-    CtKey {
-        vni,
-        src: ip.src,
-        dst: ip.dst,
-        sport: l4.sport,
-        dport: l4.dport,
-        proto: ip.proto,
-        _pad: [0; 3],
+    key(vni, ip.src, ip.dst, l4.sport, l4.dport, ip.proto)
+}
+
+/// `key` reversed (`CtKey::reversed`, built like [`key`]).
+#[inline(always)]
+pub fn reversed(k: &CtKey) -> CtKey {
+    key(k.vni, k.dst, k.src, k.dport, k.sport, k.proto)
+}
+
+/// A conntrack key with zero padding. Why not a struct literal: LLVM lowers the 3-byte
+/// `_pad: [0; 3]` to a call of `memset` (a BPF-to-BPF call on the hot path, even when the key is
+/// zeroed first); storing `proto` and the padding as one 32-bit word avoids it.
+#[inline(always)]
+fn key(vni: u32, src: [u8; 4], dst: [u8; 4], sport: u16, dport: u16, proto: u8) -> CtKey {
+    const _: () =
+        assert!(core::mem::offset_of!(CtKey, proto) == 16 && core::mem::size_of::<CtKey>() == 20);
+    let mut k = core::mem::MaybeUninit::<CtKey>::uninit();
+    let p = k.as_mut_ptr();
+    // SAFETY: every byte of the key is written exactly once: the five fields before `proto`
+    // through their places, then bytes 16..20 (`proto` and `_pad`, checked above) as one
+    // unaligned word whose first byte in memory is `proto` and the others 0.
+    unsafe {
+        core::ptr::addr_of_mut!((*p).vni).write(vni);
+        core::ptr::addr_of_mut!((*p).src).write(src);
+        core::ptr::addr_of_mut!((*p).dst).write(dst);
+        core::ptr::addr_of_mut!((*p).sport).write(sport);
+        core::ptr::addr_of_mut!((*p).dport).write(dport);
+        p.cast::<u8>().add(16).cast::<u32>().write_unaligned(u32::from(proto).to_le());
+        k.assume_init()
     }
 }

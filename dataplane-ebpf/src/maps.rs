@@ -7,11 +7,18 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
 };
 use dataplane_common::{
-    capacity, CidrKey, Config, CtEntry, CtKey, Endpoint, HostKey, PolicyKey, Route, RouteKey,
+    capacity, CidrKey, Config, CtKey, CtValue, Endpoint, HostKey, PolicyKey, Route, RouteKey,
     VniKey,
 };
 
-/// Host-side veth ifindex -> the endpoint behind it.
+/// Host-side veth ifindex -> the endpoint behind it, for ifindexes below
+/// `capacity::ENDPOINT_SLOTS`: an array, whose lookups the verifier inlines (a few instructions
+/// instead of a hash). A slot with `vni == 0` is empty.
+#[map]
+pub static VERSE_EP_SLOTS: Array<Endpoint> = Array::pinned(capacity::ENDPOINT_SLOTS, 0);
+
+/// Host-side veth ifindex -> the endpoint behind it, for ifindexes that have no slot in
+/// `VERSE_EP_SLOTS` (ifindexes are allocated cyclically and can grow past any bound).
 #[map]
 pub static VERSE_ENDPOINTS: HashMap<u32, Endpoint> = HashMap::pinned(capacity::ENDPOINTS, 0);
 
@@ -33,7 +40,25 @@ pub static VERSE_POLICY: LpmTrie<PolicyKey, u8> = LpmTrie::pinned(capacity::POLI
 /// recently used flows go first; a flow evicted that way is judged again by policy (S11: a full
 /// map never opens a hole).
 #[map]
-pub static VERSE_CT: LruHashMap<CtKey, CtEntry> = LruHashMap::pinned(capacity::CONNTRACK, 0);
+pub static VERSE_CT: LruHashMap<CtKey, CtValue> = LruHashMap::pinned(capacity::CONNTRACK, 0);
+
+/// One slot per CPU: the conntrack clock's copy (see `conntrack::now`). Not pinned: it is a
+/// cache of the kernel's clock, meaningless to another load.
+#[map]
+pub static VERSE_CLOCK: PerCpuArray<Clock> = PerCpuArray::with_max_entries(1, 0);
+
+/// `jiffies` and the coarse clock read at that jiffy.
+#[repr(C)]
+pub struct Clock {
+    pub jiffies: u64,
+    pub ns: u64,
+}
+
+/// Slot 0: the route epoch, bumped by the controller after every change to `VERSE_ROUTES` or the
+/// endpoint maps; a delivery cached in a conntrack entry is valid only under the epoch it was
+/// cached in (see `dataplane_common::CtHop`).
+#[map]
+pub static VERSE_EPOCH: Array<u32> = Array::pinned(1, 0);
 
 /// Slot 0: the settings the controller writes at start.
 #[map]

@@ -27,7 +27,7 @@
 //! 9. Unwrap ([`encap::unwrap`]) and deliver ([`deliver::to_endpoint`]) (`RedirectFailed`).
 use aya_ebpf::{bindings::TC_ACT_OK, programs::TcContext};
 use dataplane_common::{
-    Config, DropReason, Route, RouteKey, DIRECTION_INGRESS, ENCAP_OVERHEAD, VXLAN_PORT,
+    Config, CtHop, DropReason, Route, RouteKey, DIRECTION_INGRESS, ENCAP_OVERHEAD, VXLAN_PORT,
 };
 
 use crate::{
@@ -162,7 +162,7 @@ fn inner(
     if let Some(hit) = conntrack::lookup(&key, now, &config.timeouts_ns) {
         conntrack::refresh(hit, now, l4.tcp_flags);
         encap::unwrap(ctx)?;
-        return deliver::to_endpoint(ctx, &to, config.gateway_mac);
+        return deliver::to_endpoint(ctx, to.ifindex, to.mac, config.gateway_mac);
     }
     if flow::is_icmp_error(ip.proto, l4.icmp_type) {
         if let Some(quoted) = flow::quoted_flow(ctx, vni, ip.l4_off + 8, ip.ip_end) {
@@ -170,7 +170,7 @@ fn inner(
                 && conntrack::lookup(&quoted, now, &config.timeouts_ns).is_some()
             {
                 encap::unwrap(ctx)?;
-                return deliver::to_endpoint(ctx, &to, config.gateway_mac);
+                return deliver::to_endpoint(ctx, to.ifindex, to.mac, config.gateway_mac);
             }
         }
     }
@@ -185,7 +185,9 @@ fn inner(
     ) {
         return Err(DropReason::PolicyIngress);
     }
-    conntrack::create(&key, now, conntrack::initial_state(ip.proto, l4.tcp_flags));
+    // No delivery is cached: this hook's hit path needs the source's route anyway (S10).
+    let state = conntrack::initial_state(ip.proto, l4.tcp_flags);
+    conntrack::create(&key, now, state, CtHop::default());
     encap::unwrap(ctx)?;
-    deliver::to_endpoint(ctx, &to, config.gateway_mac)
+    deliver::to_endpoint(ctx, to.ifindex, to.mac, config.gateway_mac)
 }

@@ -386,3 +386,131 @@ fn measure(dp: &mut Dataplane, if_a: u32) {
     );
     dp.clear_conntrack().expect("clear conntrack");
 }
+
+/// Conntrack entries cache where each direction of a flow is delivered (`CtHop`), valid under
+/// the route epoch. An endpoint deleted while its flows are live, and an interface index reused
+/// by another endpoint in the same edit, must never receive those flows' packets: the edit
+/// bumps the epoch, the cached hop is stale, the route lookup decides. Also: endpoints on an
+/// ifindex beyond the slot array live in the hash, transparently.
+#[test]
+fn a_reused_ifindex_never_receives_a_stale_flow() {
+    if !is_root() {
+        eprintln!("skipped: dataplane_load needs root (bpf, netns, mount)");
+        return;
+    }
+    let ns = Netns::new("dpr");
+    let dir = TempDir::new("dpr");
+    let bpffs = Bpffs::mount(&dir.path().join("bpf"));
+    ns.ip(&["link", "add", "ha", "type", "veth", "peer", "name", "wa"]);
+    ns.ip(&["link", "add", "hb", "type", "veth", "peer", "name", "wb"]);
+    ns.ip(&["link", "add", "hc", "type", "veth", "peer", "name", "wc"]);
+    // Past the slots of VERSE_EP_SLOTS: this endpoint lives in VERSE_ENDPOINTS.
+    let big = dataplane_common::capacity::ENDPOINT_SLOTS + 4464;
+    ns.ip(&["link", "add", "hd", "index", &big.to_string(), "type", "veth", "peer", "name", "wd"]);
+    let (if_a, if_b, if_c, if_d) =
+        (ifindex(&ns, "ha"), ifindex(&ns, "hb"), ifindex(&ns, "hc"), ifindex(&ns, "hd"));
+    assert_eq!(if_d, big);
+    ns.enter(|| reused_ifindex(bpffs.path(), if_a, if_b, if_c, if_d));
+}
+
+fn reused_ifindex(bpf_dir: &Path, if_a: u32, if_b: u32, if_c: u32, if_d: u32) {
+    const IP_C: [u8; 4] = [10, 0, 0, 4];
+    const IP_D: [u8; 4] = [10, 0, 0, 5];
+    const MAC_C: [u8; 6] = [0x02, 0xCC, 0x00, 0x00, 0x00, 0x04];
+    const MAC_B2: [u8; 6] = [0x02, 0xBB, 0x00, 0x00, 0x00, 0x13];
+    const MAC_D: [u8; 6] = [0x02, 0xDD, 0x00, 0x00, 0x00, 0x05];
+    const ID_C: u32 = 3;
+    let mut dp = Dataplane::load(bpf_dir, &config()).expect("load the dataplane");
+    let endpoint = |ip, mac, identity| Endpoint { ip, mac, _pad: [0; 2], vni: VNI, identity };
+    let route = |ifindex, identity, mac| Route { ifindex, identity, mac, _pad: [0; 2], underlay: [0; 4] };
+    // C admits what B admits: TCP/80 from A.
+    let admit_from_a = |d: &mut Desired, id: u32| {
+        d.policy.insert((
+            policy_prefix::FULL,
+            PolicyKey {
+                policy: id.to_be_bytes(),
+                direction: DIRECTION_INGRESS,
+                peer: ID_A.to_be_bytes(),
+                proto: 6,
+                port: 80u16.to_be_bytes(),
+            },
+        ));
+    };
+    // D sends with A's identity (egress all) from an ifindex beyond the slots.
+    let mut ab = desired(if_a, if_b);
+    ab.endpoints.insert(if_d, endpoint(IP_D, MAC_D, ID_A));
+    ab.routes.insert(RouteKey { vni: VNI, ip: IP_D }, route(if_d, ID_A, MAC_D));
+    admit_from_a(&mut ab, ID_C);
+    dp.apply(&Desired::default(), &ab).expect("apply A, B, D");
+    assert_eq!(dp.read().expect("read"), ab, "slots and hash read back as one map");
+
+    // The cached delivery of the A -> B flow below.
+    let hop_to_b = |dp: &Dataplane| {
+        let ct = dp.conntrack_values().expect("read conntrack");
+        let (_, v) = ct
+            .into_iter()
+            .find(|(k, _)| (k.src, k.dst, k.sport) == (IP_A, IP_B, 41000))
+            .expect("the flow is tracked");
+        v.original
+    };
+    // A -> B established; its delivery is cached under the current epoch.
+    let syn = tcp_frame(MAC_A, IP_A, IP_B, 41000, 80, SYN);
+    let ack = tcp_frame(MAC_A, IP_A, IP_B, 41000, 80, 0x10);
+    assert_eq!(dp.test_run(&syn, if_a, 1).expect("run").return_code, tc_act::REDIRECT);
+    let syn_ack = tcp_frame(MAC_B, IP_B, IP_A, 80, 41000, SYN_ACK);
+    assert_eq!(dp.test_run(&syn_ack, if_b, 1).expect("run").return_code, tc_act::REDIRECT);
+    let out = dp.test_run(&ack, if_a, 1).expect("run");
+    assert_eq!(out.return_code, tc_act::REDIRECT);
+    assert_eq!(&out.packet[0..6], &MAC_B);
+    let hop = hop_to_b(&dp);
+    assert_eq!((hop.ifindex, hop.mac), (if_b, MAC_B));
+    assert_eq!(hop.epoch, dp.epoch().expect("epoch"), "cached under the current epoch");
+    // D (hash, not slot) reaches B too.
+    let syn_d = tcp_frame(MAC_D, IP_D, IP_B, 41001, 80, SYN);
+    assert_eq!(dp.test_run(&syn_d, if_d, 1).expect("run").return_code, tc_act::REDIRECT);
+
+    // One edit deletes B and puts C on B's interface (the ifindex reused at once).
+    let mut ac = ab.clone();
+    ac.endpoints.insert(if_b, endpoint(IP_C, MAC_C, ID_C));
+    ac.routes.remove(&RouteKey { vni: VNI, ip: IP_B });
+    ac.routes.insert(RouteKey { vni: VNI, ip: IP_C }, route(if_b, ID_C, MAC_C));
+    let epoch = dp.epoch().expect("epoch");
+    dp.apply(&ab, &ac).expect("apply: B gone, C on its ifindex");
+    assert!(dp.epoch().expect("epoch") > epoch, "the edit bumped the epoch");
+    assert_eq!(dp.read().expect("read"), ac);
+    // The flow to B is still tracked, but nothing delivers it: B has no route.
+    let before = drops_of(&dp, DropReason::NoRoute);
+    for _ in 0..3 {
+        assert_eq!(dp.test_run(&ack, if_a, 1).expect("run").return_code, tc_act::SHOT);
+    }
+    assert_eq!(drops_of(&dp, DropReason::NoRoute), before + 3, "no_route, not C");
+    // B's old frames on that interface are C's now: spoofed (S10).
+    let before = drops_of(&dp, DropReason::SpoofedMac);
+    assert_eq!(dp.test_run(&syn_ack, if_b, 1).expect("run").return_code, tc_act::SHOT);
+    assert_eq!(drops_of(&dp, DropReason::SpoofedMac), before + 1);
+    // C gets its own flows.
+    let syn_c = tcp_frame(MAC_A, IP_A, IP_C, 41002, 80, SYN);
+    let out = dp.test_run(&syn_c, if_a, 1).expect("run");
+    assert_eq!(out.return_code, tc_act::REDIRECT);
+    assert_eq!(&out.packet[0..6], &MAC_C);
+
+    // B comes back with its address on another interface and MAC: its live flow follows it.
+    let mut acb = ac.clone();
+    acb.endpoints.insert(if_c, endpoint(IP_B, MAC_B2, ID_B));
+    acb.routes.insert(RouteKey { vni: VNI, ip: IP_B }, route(if_c, ID_B, MAC_B2));
+    dp.apply(&ac, &acb).expect("apply: B on another interface");
+    let out = dp.test_run(&ack, if_a, 1).expect("run");
+    assert_eq!(out.return_code, tc_act::REDIRECT, "the tracked flow reaches the new B");
+    assert_eq!(&out.packet[0..6], &MAC_B2, "addressed to the new B, not to C");
+    let hop = hop_to_b(&dp);
+    assert_eq!((hop.ifindex, hop.mac), (if_c, MAC_B2), "the cache now names B's interface");
+    assert_eq!(hop.epoch, dp.epoch().expect("epoch"));
+
+    // Removing D clears the hash entry; removing the rest clears the slots.
+    dp.apply(&acb, &Desired::default()).expect("apply removal");
+    assert_eq!(dp.read().expect("read"), Desired::default());
+    let before = drops_of(&dp, DropReason::UnknownEndpoint);
+    assert_eq!(dp.test_run(&syn_d, if_d, 1).expect("run").return_code, tc_act::SHOT);
+    assert_eq!(dp.test_run(&ack, if_a, 1).expect("run").return_code, tc_act::SHOT);
+    assert_eq!(drops_of(&dp, DropReason::UnknownEndpoint), before + 2);
+}

@@ -9,7 +9,7 @@
 //!   that the full path judges (conntrack miss both ways, egress policy, route, ingress policy,
 //!   conntrack create, rewrite, redirect). The packet pool is distinct flows; because the kernel
 //!   repeats one packet `repeat` times, those copies load with every conntrack timeout at 0: the
-//!   entry the previous run made is then expired (idle > 0 ns) and counts as a miss, and the
+//!   entry the previous run made is then expired (idle >= 0 ns, even within one clock tick) and counts as a miss, and the
 //!   create overwrites it, which is the new-flow path at the same cost.
 //!
 //! Every pool packet is allowed by a rule (checked against the reference model
