@@ -5,6 +5,8 @@
 //! - Micro (`bench_micro`): ns per packet of `from_endpoint` through BPF_PROG_TEST_RUN.
 //! - TCP: one iperf3 stream between two endpoints on one host through Verse, against the same
 //!   two namespaces joined by a bare veth pair with no program at all.
+//! - Fleet (`bench_fleet`): across hosts, TCP throughput and request/response latency against
+//!   plain routing and kernel VXLAN + nftables, and edit-to-enforcement time on three hosts.
 use std::net::Ipv4Addr;
 use std::path::Path;
 use std::process::Command;
@@ -16,7 +18,7 @@ use tests::{Host, Netns};
 use crate::results::BenchRecord;
 
 /// Seconds per iperf3 run, and runs per path (interleaved: bare, verse, bare, verse, ...).
-const TCP_SECONDS: u32 = 5;
+pub(crate) const TCP_SECONDS: u32 = 5;
 const TCP_ROUNDS: usize = 3;
 
 pub fn run(bin_dir: &Path) -> Result<()> {
@@ -25,12 +27,15 @@ pub fn run(bin_dir: &Path) -> Result<()> {
     let mut records = Vec::new();
     crate::bench_micro::run(&mut records)?;
     tcp_throughput(&mut records)?;
+    crate::bench_fleet::run(&mut records)?;
+    crate::bench_rate::run(&mut records)?;
+    crate::bench_control::run(&mut records)?;
     crate::results::write(&records)?;
     crate::results::print_table(&records);
     Ok(())
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
+pub(crate) fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     v[v.len() / 2]
 }
@@ -93,16 +98,29 @@ fn tcp_throughput(out: &mut Vec<BenchRecord>) -> Result<()> {
 }
 
 /// One iperf3 run from `client` to a server started in `server_ns`; Gbit/s received.
-fn iperf3(client: &Netns, server_ns: &Netns, server: Ipv4Addr) -> Result<f64> {
-    let mut srv = Command::new("ip")
-        .args(["netns", "exec", server_ns.name(), "iperf3", "-s", "-1", "-B"])
-        .arg(server.to_string())
-        .stdout(std::process::Stdio::null())
-        .spawn()
-        .context("start iperf3 -s")?;
-    // The server needs a moment to listen; retry the client instead of sleeping blindly.
+///
+/// iperf3 3.12 with `-J` exits 0 even when it could not connect (the JSON then holds `error`),
+/// so success is judged by the JSON. The server is started afresh for every attempt (`-1`
+/// serves one client, and may be left waiting by a client that failed), waited for until it
+/// listens, and killed if it outlives its client.
+pub(crate) fn iperf3(client: &Netns, server_ns: &Netns, server: Ipv4Addr) -> Result<f64> {
     let mut last = String::new();
-    for _ in 0..50 {
+    for _ in 0..5 {
+        let srv = Command::new("ip")
+            .args(["netns", "exec", server_ns.name(), "iperf3", "-s", "-1", "-B"])
+            .arg(server.to_string())
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .context("start iperf3 -s")?;
+        let mut srv = KillOnDrop(srv);
+        let listening = tests::wait_until(std::time::Duration::from_secs(5), || {
+            let out = server_ns.exec("ss", &["-Hltn", "src", &format!("{server}:5201")]);
+            !String::from_utf8_lossy(&out.stdout).trim().is_empty()
+        });
+        if !listening {
+            last = format!("iperf3 -s did not listen on {server}:5201 in {}", server_ns.name());
+            continue;
+        }
         let out = Command::new("ip")
             .args(["netns", "exec", client.name(), "iperf3", "-J", "-t"])
             .arg(TCP_SECONDS.to_string())
@@ -110,17 +128,38 @@ fn iperf3(client: &Netns, server_ns: &Netns, server: Ipv4Addr) -> Result<f64> {
             .arg(server.to_string())
             .output()
             .context("run iperf3 -c")?;
-        if out.status.success() {
-            let _ = srv.wait();
-            let v: serde_json::Value =
-                serde_json::from_slice(&out.stdout).context("iperf3 -J output")?;
-            let bps =
-                v["end"]["sum_received"]["bits_per_second"].as_f64().context("end.sum_received")?;
-            return Ok(bps / 1e9);
+        let v: Option<serde_json::Value> = serde_json::from_slice(&out.stdout).ok();
+        let bps = v
+            .as_ref()
+            .filter(|v| v.get("error").is_none())
+            .and_then(|v| v["end"]["sum_received"]["bits_per_second"].as_f64());
+        match bps {
+            Some(bps) if out.status.success() => {
+                // The server ends by itself once its client is done; bounded all the same.
+                tests::wait_until(std::time::Duration::from_secs(5), || {
+                    srv.0.try_wait().ok().flatten().is_some()
+                });
+                return Ok(bps / 1e9);
+            }
+            _ => {
+                last = format!(
+                    "{}{}",
+                    String::from_utf8_lossy(&out.stdout),
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
         }
-        last = String::from_utf8_lossy(&out.stdout).into_owned();
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
-    let _ = srv.kill();
-    bail!("iperf3 never connected to {server}: {last}")
+    bail!("iperf3 from {} to {server} failed: {last}", client.name())
+}
+
+/// A child process killed (and reaped) when dropped.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }

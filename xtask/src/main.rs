@@ -8,7 +8,10 @@ use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 
 mod bench;
+mod bench_control;
+mod bench_fleet;
 mod bench_micro;
+mod bench_rate;
 mod demo;
 mod results;
 mod setup;

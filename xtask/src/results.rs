@@ -15,6 +15,12 @@ pub struct BenchRecord {
     pub baseline: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub ratio: Option<f64>,
+    /// The goal this figure is held to (e.g. `>= 1.10x` of the ratio, `< 100 ms` of the value),
+    /// and whether this run met it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub target: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub target_met: Option<bool>,
     /// The exact configuration of the run.
     pub config: serde_json::Value,
 }
@@ -33,8 +39,17 @@ impl BenchRecord {
             unit: unit.to_owned(),
             baseline: baseline.map(|(b, _)| b.to_owned()),
             ratio: baseline.map(|(_, r)| r),
+            target: None,
+            target_met: None,
             config,
         }
+    }
+
+    /// The same record with its target and whether it was met.
+    pub fn with_target(mut self, target: &str, met: bool) -> BenchRecord {
+        self.target = Some(target.to_owned());
+        self.target_met = Some(met);
+        self
     }
 }
 
@@ -51,17 +66,23 @@ pub fn write(records: &[BenchRecord]) -> Result<()> {
 
 /// The table as markdown, ready for the README.
 pub fn print_table(records: &[BenchRecord]) {
-    println!("| measurement | value | baseline | ratio |");
-    println!("|---|---:|---|---:|");
+    println!("| measurement | value | baseline | ratio | target |");
+    println!("|---|---:|---|---:|---|");
     for r in records {
         let ratio = r.ratio.map(|x| format!("{x:.2}x")).unwrap_or_default();
+        let target = match (&r.target, r.target_met) {
+            (Some(t), Some(true)) => format!("{t} (met)"),
+            (Some(t), _) => format!("{t} (**missed**)"),
+            (None, _) => String::new(),
+        };
         println!(
-            "| {} | {:.2} {} | {} | {} |",
+            "| {} | {:.2} {} | {} | {} | {} |",
             r.name,
             r.value,
             r.unit,
             r.baseline.as_deref().unwrap_or(""),
-            ratio
+            ratio,
+            target
         );
     }
 }
