@@ -28,8 +28,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::{
-    bad, http_request, inet_checksum, unique_name, unique_port, wait_until, Api, Host, Netns,
-    RawIpSocket, Stopper, TempDir, Value, Workload,
+    bad, frames, http_request, unique_name, unique_port, wait_until, Api, Host, Netns, RawIpSocket,
+    Stopper, TempDir, Value, Workload,
 };
 
 /// The address of the underlay bridge in the underlay namespace, where etcd listens.
@@ -94,17 +94,7 @@ impl Etcd {
             .stdout(log)
             .stderr(err);
         // As for versed: if the test process dies before its guards run, etcd dies with it.
-        // SAFETY: prctl(PR_SET_PDEATHSIG) is async-signal-safe and touches no memory of the
-        // parent, as a pre_exec hook requires.
-        unsafe {
-            use std::os::unix::process::CommandExt;
-            cmd.pre_exec(|| {
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) != 0 {
-                    return Err(io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
+        crate::die_with_parent(&mut cmd);
         let child = cmd.spawn().unwrap_or_else(|e| {
             panic!("failed to start etcd (install the Debian package etcd-server): {e}")
         });
@@ -424,40 +414,21 @@ pub struct VxlanGbp {
 impl VxlanGbp {
     /// The whole outer IPv4 packet (header included), checksums computed.
     pub fn packet(&self) -> Vec<u8> {
-        let inner_udp_len = 8 + self.payload.len();
-        let inner_ip_len = 20 + inner_udp_len;
-        let mut inner = Vec::with_capacity(14 + inner_ip_len);
-        inner.extend_from_slice(&self.inner_dst_mac);
-        inner.extend_from_slice(&self.inner_src_mac);
-        inner.extend_from_slice(&0x0800u16.to_be_bytes());
-        inner.extend_from_slice(&ipv4_header(
-            self.inner_src,
-            self.inner_dst,
+        let inner_udp = frames::udp(self.src_port, self.dst_port, &self.payload);
+        let inner_ip = frames::ipv4_with(
+            self.inner_src.octets(),
+            self.inner_dst.octets(),
             17,
-            inner_ip_len,
+            0,
             false,
-        ));
-        inner.extend_from_slice(&self.src_port.to_be_bytes());
-        inner.extend_from_slice(&self.dst_port.to_be_bytes());
-        inner.extend_from_slice(&(inner_udp_len as u16).to_be_bytes());
-        // A zero UDP checksum means "none" in IPv4.
-        inner.extend_from_slice(&[0, 0]);
-        inner.extend_from_slice(&self.payload);
-
-        let vxlan_len = 8 + inner.len();
-        let outer_udp_len = 8 + vxlan_len;
-        let mut out = ipv4_header(self.outer_src, self.outer_dst, 17, 20 + outer_udp_len, true);
-        out.extend_from_slice(&(49152u16 + (self.src_port % 16384)).to_be_bytes());
-        out.extend_from_slice(&VXLAN_PORT.to_be_bytes());
-        out.extend_from_slice(&(outer_udp_len as u16).to_be_bytes());
-        out.extend_from_slice(&[0, 0]);
-        out.push(self.flags);
-        out.push(0);
-        out.extend_from_slice(&self.group.to_be_bytes());
-        out.extend_from_slice(&self.vni.to_be_bytes()[1..]);
-        out.push(0);
-        out.extend_from_slice(&inner);
-        out
+            &inner_udp,
+        );
+        let inner =
+            frames::ethernet(self.inner_dst_mac, self.inner_src_mac, frames::ETH_IPV4, &inner_ip);
+        let vxlan = [&frames::vxlan_gbp(self.flags, self.group, self.vni)[..], &inner].concat();
+        let sport = 49152u16 + (self.src_port % 16384);
+        let outer_udp = frames::udp(sport, VXLAN_PORT, &vxlan);
+        frames::ipv4_with(self.outer_src.octets(), self.outer_dst.octets(), 17, 0, true, &outer_udp)
     }
 
     /// Sends the packet from `ns` through a raw IP socket (`IPPROTO_RAW`: the packet carries
@@ -466,22 +437,6 @@ impl VxlanGbp {
         let sock = RawIpSocket::open(ns, libc::IPPROTO_RAW as u8)?;
         sock.send_to(self.outer_dst, &self.packet())
     }
-}
-
-fn ipv4_header(src: Ipv4Addr, dst: Ipv4Addr, proto: u8, total_len: usize, df: bool) -> Vec<u8> {
-    let mut h = vec![0u8; 20];
-    h[0] = 0x45;
-    h[2..4].copy_from_slice(&(total_len as u16).to_be_bytes());
-    if df {
-        h[6] = 0x40;
-    }
-    h[8] = 64;
-    h[9] = proto;
-    h[12..16].copy_from_slice(&src.octets());
-    h[16..20].copy_from_slice(&dst.octets());
-    let sum = inet_checksum(&h);
-    h[10..12].copy_from_slice(&sum.to_be_bytes());
-    h
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -663,13 +618,13 @@ mod tests {
         }
         .packet();
         assert_eq!(p.len(), 20 + 8 + 8 + 14 + 20 + 8 + 2);
-        assert_eq!(inet_checksum(&p[..20]), 0, "outer IPv4 checksum");
+        assert_eq!(frames::checksum(&p[..20]), 0, "outer IPv4 checksum");
         assert_eq!(p[6] & 0x40, 0x40, "DF");
         assert_eq!(u16::from_be_bytes([p[22], p[23]]), VXLAN_PORT);
         assert!(u16::from_be_bytes([p[20], p[21]]) >= 49152);
         assert_eq!(&p[28..36], &[0x88, 0, 0x12, 0x34, 0xab, 0xcd, 0xef, 0]);
         assert_eq!(&p[48..50], &[0x08, 0x00], "inner ethertype");
-        assert_eq!(inet_checksum(&p[50..70]), 0, "inner IPv4 checksum");
+        assert_eq!(frames::checksum(&p[50..70]), 0, "inner IPv4 checksum");
         assert_eq!(&p[p.len() - 2..], b"hi");
     }
 }

@@ -16,7 +16,8 @@
 //! ([`Netns::enter`]); a socket stays in the namespace it was created in, so the rest of the test
 //! uses it from any thread.
 //!
-//! Several hosts sharing one etcd over an IP underlay: see [`fleet`].
+//! Several hosts sharing one etcd over an IP underlay: see [`fleet`]. Packets built from literal
+//! bytes: see [`frames`].
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufRead, BufReader, Read, Write};
@@ -32,6 +33,7 @@ use std::time::{Duration, Instant};
 pub use serde_json::{json, Value};
 
 pub mod fleet;
+pub mod frames;
 pub use fleet::{bulk_send, underlay_ip, BulkSink, Etcd, Fleet, VxlanGbp};
 
 // ---------------------------------------------------------------------------------------------
@@ -182,6 +184,28 @@ pub struct Netns {
     name: String,
 }
 
+/// Makes the child started by `cmd` receive SIGKILL when the thread that spawns it exits, so a
+/// daemon never outlives a test process killed before its guards could run.
+pub fn die_with_parent(cmd: &mut Command) {
+    // SAFETY: prctl(PR_SET_PDEATHSIG) is async-signal-safe and touches no memory of the
+    // parent, as a pre_exec hook requires.
+    unsafe {
+        use std::os::unix::process::CommandExt;
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
+/// Whether the test runs as root (tests that need bpf, netns or mount skip otherwise).
+pub fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
 impl Netns {
     pub fn new(tag: &str) -> Netns {
         let name = unique_name(tag);
@@ -200,6 +224,17 @@ impl Netns {
         let mut all = vec!["-n", self.name.as_str()];
         all.extend_from_slice(args);
         run_ok("ip", &all)
+    }
+
+    /// The ifindex of `iface` in this namespace (read through iproute2: /sys shows the
+    /// namespace of whoever mounted it).
+    pub fn ifindex(&self, iface: &str) -> u32 {
+        let out = self.ip(&["-o", "link", "show", iface]);
+        let text = String::from_utf8_lossy(&out.stdout);
+        text.split(':')
+            .next()
+            .and_then(|n| n.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no ifindex for {iface} in {}: {text}", self.name))
     }
 
     /// `ip netns exec <ns> cmd args...`; the caller judges the outcome.
@@ -409,17 +444,7 @@ impl Versed {
         // if the test process dies before its guards run, the daemon dies too instead of
         // holding the namespace. (It fires when the spawning thread exits, so daemons are
         // started from the test's own thread, which outlives its `Versed`.)
-        // SAFETY: prctl(PR_SET_PDEATHSIG) is async-signal-safe and touches no memory of the
-        // parent, as a pre_exec hook requires.
-        unsafe {
-            use std::os::unix::process::CommandExt;
-            cmd.pre_exec(|| {
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) != 0 {
-                    return Err(io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
+        die_with_parent(&mut cmd);
         let child =
             cmd.spawn().unwrap_or_else(|e| panic!("failed to start {}: {e}", self.bin.display()));
         self.child = Some(child);
@@ -1380,18 +1405,6 @@ pub fn mac_bytes(text: &str) -> [u8; 6] {
         .map(|p| u8::from_str_radix(p, 16).unwrap_or_else(|e| panic!("MAC {text:?}: {e}")))
         .collect();
     parts.try_into().unwrap_or_else(|_| panic!("MAC {text:?} is not 6 bytes"))
-}
-
-/// The RFC 1071 Internet checksum of `data`.
-pub fn inet_checksum(data: &[u8]) -> u16 {
-    let mut sum: u32 = data
-        .chunks(2)
-        .map(|c| u32::from(u16::from_be_bytes([c[0], c.get(1).copied().unwrap_or(0)])))
-        .sum();
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    !(sum as u16)
 }
 
 /// Short timeouts for probes that are expected to fail, long ones for those that must succeed.

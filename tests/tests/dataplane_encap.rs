@@ -14,7 +14,11 @@ use dataplane_common::{
     ct_state, policy_prefix, Config, DropReason, Endpoint, PolicyKey, Route, RouteKey,
     DIRECTION_EGRESS, DIRECTION_INGRESS,
 };
-use tests::{Bpffs, Netns, TempDir};
+use tests::fleet::VXLAN_PORT;
+use tests::frames::{
+    checksum, ethernet, ipv4, tcp, udp, vxlan_gbp, ETH_ARP, ETH_IPV4, SYN, SYN_ACK,
+};
+use tests::{is_root, Bpffs, Netns, TempDir};
 use verse::compile::Desired;
 use verse::dataplane::{tc_act, Dataplane};
 
@@ -34,76 +38,20 @@ const HOST_B: [u8; 4] = [198, 18, 0, 2];
 const HOST_C: [u8; 4] = [198, 18, 0, 3];
 const UNDERLAY_MTU: u32 = 1500;
 
-fn is_root() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    unsafe { libc::geteuid() == 0 }
-}
-
+/// The daemon's default settings (S9 timeouts) with this test's gateway MAC and underlay.
 fn config(underlay_ifindex: u32) -> Config {
-    let s = 1_000_000_000u64;
-    let mut timeouts_ns = [0u64; ct_state::COUNT];
-    timeouts_ns[ct_state::TCP_OPENING as usize] = 60 * s;
-    timeouts_ns[ct_state::TCP_ESTABLISHED as usize] = 432_000 * s;
-    timeouts_ns[ct_state::TCP_CLOSING as usize] = 60 * s;
-    timeouts_ns[ct_state::UDP_ONE_WAY as usize] = 30 * s;
-    timeouts_ns[ct_state::UDP_REPLIED as usize] = 180 * s;
-    timeouts_ns[ct_state::ICMP as usize] = 30 * s;
-    timeouts_ns[ct_state::OTHER as usize] = 600 * s;
+    let defaults = verse::config::Config::default();
+    let config = defaults.dataplane_config().expect("the default config is valid");
     Config {
-        timeouts_ns,
         gateway_mac: GATEWAY_MAC,
         underlay_ifindex,
         underlay_ip: HERE,
         underlay_mtu: UNDERLAY_MTU,
-        ..Config::default()
+        ..config
     }
 }
 
 // ---- literal frames ------------------------------------------------------------------------
-
-fn checksum(bytes: &[u8]) -> u16 {
-    let mut sum = 0u32;
-    for chunk in bytes.chunks(2) {
-        let word = u16::from_be_bytes([chunk[0], *chunk.get(1).unwrap_or(&0)]);
-        sum += u32::from(word);
-    }
-    while sum > 0xFFFF {
-        sum = (sum & 0xFFFF) + (sum >> 16);
-    }
-    !(sum as u16)
-}
-
-fn ethernet(dst: [u8; 6], src: [u8; 6], ethertype: u16, payload: &[u8]) -> Vec<u8> {
-    let mut f = Vec::with_capacity(14 + payload.len());
-    f.extend_from_slice(&dst);
-    f.extend_from_slice(&src);
-    f.extend_from_slice(&ethertype.to_be_bytes());
-    f.extend_from_slice(payload);
-    f
-}
-
-fn ipv4(src: [u8; 4], dst: [u8; 4], proto: u8, payload: &[u8]) -> Vec<u8> {
-    let total = 20 + payload.len();
-    let mut h = vec![0x45, 0, (total >> 8) as u8, total as u8, 0, 1, 0x40, 0, 64, proto, 0, 0];
-    h.extend_from_slice(&src);
-    h.extend_from_slice(&dst);
-    let c = checksum(&h);
-    h[10..12].copy_from_slice(&c.to_be_bytes());
-    h.extend_from_slice(payload);
-    h
-}
-
-const SYN: u8 = 0x02;
-const SYN_ACK: u8 = 0x12;
-
-fn tcp(sport: u16, dport: u16, flags: u8, payload: usize) -> Vec<u8> {
-    let mut t = Vec::with_capacity(20 + payload);
-    t.extend_from_slice(&sport.to_be_bytes());
-    t.extend_from_slice(&dport.to_be_bytes());
-    t.extend_from_slice(&[0, 0, 0, 1, 0, 0, 0, 0, 0x50, flags, 0xFF, 0xFF, 0, 0, 0, 0]);
-    t.extend((0..payload).map(|i| i as u8));
-    t
-}
 
 /// An IPv4/TCP packet (no Ethernet header).
 fn tcp_packet(src: [u8; 4], dst: [u8; 4], sport: u16, dport: u16, flags: u8) -> Vec<u8> {
@@ -112,14 +60,7 @@ fn tcp_packet(src: [u8; 4], dst: [u8; 4], sport: u16, dport: u16, flags: u8) -> 
 
 /// What a workload with `mac` sends to the gateway.
 fn from_workload(mac: [u8; 6], packet: &[u8]) -> Vec<u8> {
-    ethernet(GATEWAY_MAC, mac, 0x0800, packet)
-}
-
-/// The VXLAN-GBP header of the README's wire format.
-fn vxlan(flags: u8, identity: u16, vni: u32) -> [u8; 8] {
-    let g = identity.to_be_bytes();
-    let v = vni.to_be_bytes();
-    [flags, 0, g[0], g[1], v[1], v[2], v[3], 0]
+    ethernet(GATEWAY_MAC, mac, ETH_IPV4, packet)
 }
 
 /// A frame as host `from` sends it to this host: outer Ethernet/IPv4/UDP 4789, `vxlan`, then
@@ -131,22 +72,9 @@ fn wrapped(
     inner_dst: [u8; 6],
     inner: &[u8],
 ) -> Vec<u8> {
-    let mut payload = Vec::new();
-    payload.extend_from_slice(&vxlan);
-    payload.extend_from_slice(&ethernet(inner_dst, GATEWAY_MAC, 0x0800, inner));
-    let udp_len = 8 + payload.len();
-    let mut udp = Vec::new();
-    udp.extend_from_slice(&50000u16.to_be_bytes());
-    udp.extend_from_slice(&4789u16.to_be_bytes());
-    udp.extend_from_slice(&(udp_len as u16).to_be_bytes());
-    udp.extend_from_slice(&[0, 0]);
-    udp.extend_from_slice(&payload);
-    let mut ip = ipv4(from, to, 17, &udp);
-    ip[6] = 0x40; // DF
-    ip[10..12].copy_from_slice(&[0, 0]);
-    let c = checksum(&ip[..20]);
-    ip[10..12].copy_from_slice(&c.to_be_bytes());
-    ethernet([0x02, 0x55, 0, 0, 0, 1], [0x02, 0x55, 0, 0, 0, 2], 0x0800, &ip)
+    let payload = [&vxlan[..], &ethernet(inner_dst, GATEWAY_MAC, ETH_IPV4, inner)].concat();
+    let ip = ipv4(from, to, 17, &udp(50000, VXLAN_PORT, &payload));
+    ethernet([0x02, 0x55, 0, 0, 0, 1], [0x02, 0x55, 0, 0, 0, 2], ETH_IPV4, &ip)
 }
 
 /// B's TCP packet to A, as host B wraps it.
@@ -154,7 +82,7 @@ fn from_b(sport: u16, dport: u16, flags: u8) -> Vec<u8> {
     wrapped(
         HOST_B,
         HERE,
-        vxlan(0x88, ID_B as u16, VNI),
+        vxlan_gbp(0x88, ID_B as u16, VNI),
         MAC_A,
         &tcp_packet(IP_B, IP_A, sport, dport, flags),
     )
@@ -197,15 +125,6 @@ fn desired(if_a: u32) -> Desired {
     d
 }
 
-fn ifindex(ns: &Netns, iface: &str) -> u32 {
-    let out = ns.ip(&["-o", "link", "show", iface]);
-    let text = String::from_utf8_lossy(&out.stdout);
-    text.split(':')
-        .next()
-        .and_then(|n| n.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no ifindex for {iface}: {text}"))
-}
-
 fn drops_of(dp: &Dataplane, reason: DropReason) -> u64 {
     dp.drops().expect("read drop counters")[&reason]
 }
@@ -234,8 +153,8 @@ fn encapsulation_wraps_unwraps_refuses_forgeries_and_answers_too_big() {
     }
     ns.ip(&["link", "set", "u0", "mtu", &UNDERLAY_MTU.to_string()]);
     ns.ip(&["addr", "add", "198.18.0.1/24", "dev", "u0"]);
-    let if_a = ifindex(&ns, "ha");
-    let if_u = ifindex(&ns, "u0");
+    let if_a = ns.ifindex("ha");
+    let if_u = ns.ifindex("u0");
     ns.enter(|| judge(bpffs.path(), if_a, if_u));
 }
 
@@ -285,11 +204,11 @@ fn wraps_exactly_the_documented_header(dp: &Dataplane, if_a: u32) {
     let udp = &p[34..42];
     let sport = u16::from_be_bytes([udp[0], udp[1]]);
     assert!(sport >= 49152, "source port {sport} in 49152..=65535");
-    assert_eq!(&udp[2..4], &4789u16.to_be_bytes(), "VXLAN port");
+    assert_eq!(&udp[2..4], &VXLAN_PORT.to_be_bytes(), "VXLAN port");
     assert_eq!(&udp[4..6], &(outer_len - 20).to_be_bytes(), "UDP length");
     assert_eq!(&udp[6..8], &[0, 0], "no UDP checksum");
     // VXLAN-GBP.
-    assert_eq!(&p[42..50], &vxlan(0x88, ID_A as u16, VNI), "flags G|I, A's identity, the VNI");
+    assert_eq!(&p[42..50], &vxlan_gbp(0x88, ID_A as u16, VNI), "flags G|I, A's identity, the VNI");
     assert_eq!(&p[42..50], &[0x88, 0, 0, 1, 0, 0, 7, 0]);
     // Inner frame.
     assert_eq!(&p[50..56], &MAC_B, "inner destination = B's MAC");
@@ -332,7 +251,7 @@ fn unwraps_and_delivers(dp: &mut Dataplane, if_a: u32, if_u: u32) {
     let claims_c = wrapped(
         HOST_B,
         HERE,
-        vxlan(0x88, ID_C as u16, VNI),
+        vxlan_gbp(0x88, ID_C as u16, VNI),
         MAC_A,
         &tcp_packet(IP_B, IP_A, 41002, 80, SYN),
     );
@@ -341,7 +260,7 @@ fn unwraps_and_delivers(dp: &mut Dataplane, if_a: u32, if_u: u32) {
 
 fn refuses_forgeries(dp: &Dataplane, if_u: u32) {
     let syn = tcp_packet(IP_B, IP_A, 42000, 80, SYN);
-    let good_vxlan = vxlan(0x88, ID_B as u16, VNI);
+    let good_vxlan = vxlan_gbp(0x88, ID_B as u16, VNI);
 
     let unknown = wrapped([198, 18, 0, 9], HERE, good_vxlan, MAC_A, &syn);
     assert_underlay_drop(dp, if_u, &unknown, DropReason::UnknownHost, "unknown host");
@@ -357,14 +276,14 @@ fn refuses_forgeries(dp: &Dataplane, if_u: u32) {
         wrapped(HOST_B, HERE, good_vxlan, MAC_A, &tcp_packet([10, 0, 0, 99], IP_A, 1, 80, SYN));
     assert_underlay_drop(dp, if_u, &nobody, DropReason::NotPlacedOnSender, "unknown source");
 
-    let wrong_vni = wrapped(HOST_B, HERE, vxlan(0x88, ID_B as u16, 8), MAC_A, &syn);
+    let wrong_vni = wrapped(HOST_B, HERE, vxlan_gbp(0x88, ID_B as u16, 8), MAC_A, &syn);
     assert_underlay_drop(dp, if_u, &wrong_vni, DropReason::UnknownUniverse, "unknown VNI");
 
     let not_local = wrapped(HOST_B, HERE, good_vxlan, MAC_C, &tcp_packet(IP_B, IP_C, 1, 80, SYN));
     assert_underlay_drop(dp, if_u, &not_local, DropReason::NotLocal, "destination not here");
 
     for flags in [0x08, 0x80, 0x89, 0x00] {
-        let bad = wrapped(HOST_B, HERE, vxlan(flags, ID_B as u16, VNI), MAC_A, &syn);
+        let bad = wrapped(HOST_B, HERE, vxlan_gbp(flags, ID_B as u16, VNI), MAC_A, &syn);
         assert_underlay_drop(
             dp,
             if_u,
@@ -399,20 +318,20 @@ fn refuses_forgeries(dp: &Dataplane, if_u: u32) {
 fn passes_what_is_not_ours(dp: &Dataplane, if_u: u32) {
     let syn = tcp_packet(IP_B, IP_A, 42000, 80, SYN);
     // VXLAN for another address of the underlay, and other UDP to this host: the host's own.
-    let elsewhere = wrapped(HOST_B, [198, 18, 0, 77], vxlan(0x88, 2, VNI), MAC_A, &syn);
+    let elsewhere = wrapped(HOST_B, [198, 18, 0, 77], vxlan_gbp(0x88, 2, VNI), MAC_A, &syn);
     assert_eq!(dp.test_run_underlay(&elsewhere, if_u).expect("run").return_code, tc_act::OK);
-    let mut dns = wrapped(HOST_B, HERE, vxlan(0x88, 2, VNI), MAC_A, &syn);
+    let mut dns = wrapped(HOST_B, HERE, vxlan_gbp(0x88, 2, VNI), MAC_A, &syn);
     dns[36..38].copy_from_slice(&53u16.to_be_bytes());
     assert_eq!(dp.test_run_underlay(&dns, if_u).expect("run").return_code, tc_act::OK);
     // TCP to this host (the API, ssh), ARP.
     let api = ethernet(
         [2, 0x55, 0, 0, 0, 1],
         [2, 0x55, 0, 0, 0, 2],
-        0x0800,
+        ETH_IPV4,
         &tcp_packet(HOST_B, HERE, 1, 4789, SYN),
     );
     assert_eq!(dp.test_run_underlay(&api, if_u).expect("run").return_code, tc_act::OK);
-    let arp = ethernet([0xFF; 6], [2, 0x55, 0, 0, 0, 2], 0x0806, &[0u8; 28]);
+    let arp = ethernet([0xFF; 6], [2, 0x55, 0, 0, 0, 2], ETH_ARP, &[0u8; 28]);
     assert_eq!(dp.test_run_underlay(&arp, if_u).expect("run").return_code, tc_act::OK);
 }
 

@@ -12,7 +12,8 @@ use dataplane_common::{
     ct_state, policy_prefix, Config, DropReason, Endpoint, PolicyKey, Route, RouteKey,
     DIRECTION_EGRESS, DIRECTION_INGRESS,
 };
-use tests::{Bpffs, Netns, TempDir};
+use tests::frames::{arp_request, ethernet, icmp, ipv4, tcp, ETH_IPV4, ETH_IPV6, SYN, SYN_ACK};
+use tests::{is_root, Bpffs, Netns, TempDir};
 use verse::compile::Desired;
 use verse::dataplane::{tc_act, Dataplane};
 
@@ -26,68 +27,14 @@ const VNI: u32 = 7;
 const ID_A: u32 = 1;
 const ID_B: u32 = 2;
 
-fn is_root() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    unsafe { libc::geteuid() == 0 }
-}
-
+/// The daemon's default settings (S9 timeouts) with this test's gateway MAC.
 fn config() -> Config {
-    let s = 1_000_000_000u64;
-    let mut timeouts_ns = [0u64; ct_state::COUNT];
-    timeouts_ns[ct_state::TCP_OPENING as usize] = 60 * s;
-    timeouts_ns[ct_state::TCP_ESTABLISHED as usize] = 432_000 * s;
-    timeouts_ns[ct_state::TCP_CLOSING as usize] = 60 * s;
-    timeouts_ns[ct_state::UDP_ONE_WAY as usize] = 30 * s;
-    timeouts_ns[ct_state::UDP_REPLIED as usize] = 180 * s;
-    timeouts_ns[ct_state::ICMP as usize] = 30 * s;
-    timeouts_ns[ct_state::OTHER as usize] = 600 * s;
-    Config { timeouts_ns, gateway_mac: GATEWAY_MAC, ..Config::default() }
+    let defaults = verse::config::Config::default();
+    let config = defaults.dataplane_config().expect("the default config is valid");
+    Config { gateway_mac: GATEWAY_MAC, ..config }
 }
 
 // ---- literal frames ------------------------------------------------------------------------
-
-fn checksum(bytes: &[u8]) -> u16 {
-    let mut sum = 0u32;
-    for chunk in bytes.chunks(2) {
-        let word = u16::from_be_bytes([chunk[0], *chunk.get(1).unwrap_or(&0)]);
-        sum += u32::from(word);
-    }
-    while sum > 0xFFFF {
-        sum = (sum & 0xFFFF) + (sum >> 16);
-    }
-    !(sum as u16)
-}
-
-fn ethernet(dst: [u8; 6], src: [u8; 6], ethertype: u16, payload: &[u8]) -> Vec<u8> {
-    let mut f = Vec::with_capacity(14 + payload.len());
-    f.extend_from_slice(&dst);
-    f.extend_from_slice(&src);
-    f.extend_from_slice(&ethertype.to_be_bytes());
-    f.extend_from_slice(payload);
-    f
-}
-
-fn ipv4(src: [u8; 4], dst: [u8; 4], proto: u8, payload: &[u8]) -> Vec<u8> {
-    let total = 20 + payload.len();
-    let mut h = vec![0x45, 0, (total >> 8) as u8, total as u8, 0, 1, 0x40, 0, 64, proto, 0, 0];
-    h.extend_from_slice(&src);
-    h.extend_from_slice(&dst);
-    let c = checksum(&h);
-    h[10..12].copy_from_slice(&c.to_be_bytes());
-    h.extend_from_slice(payload);
-    h
-}
-
-const SYN: u8 = 0x02;
-const SYN_ACK: u8 = 0x12;
-
-fn tcp(sport: u16, dport: u16, flags: u8) -> Vec<u8> {
-    let mut t = Vec::with_capacity(20);
-    t.extend_from_slice(&sport.to_be_bytes());
-    t.extend_from_slice(&dport.to_be_bytes());
-    t.extend_from_slice(&[0, 0, 0, 1, 0, 0, 0, 0, 0x50, flags, 0xFF, 0xFF, 0, 0, 0, 0]);
-    t
-}
 
 /// A TCP frame as the workload with `mac` sends it to the gateway.
 fn tcp_frame(
@@ -98,16 +45,7 @@ fn tcp_frame(
     dport: u16,
     flags: u8,
 ) -> Vec<u8> {
-    ethernet(GATEWAY_MAC, mac, 0x0800, &ipv4(src, dst, 6, &tcp(sport, dport, flags)))
-}
-
-fn arp_request(sha: [u8; 6], spa: [u8; 4], tpa: [u8; 4]) -> Vec<u8> {
-    let mut a = vec![0, 1, 0x08, 0x00, 6, 4, 0, 1];
-    a.extend_from_slice(&sha);
-    a.extend_from_slice(&spa);
-    a.extend_from_slice(&[0; 6]);
-    a.extend_from_slice(&tpa);
-    ethernet([0xFF; 6], sha, 0x0806, &a)
+    ethernet(GATEWAY_MAC, mac, ETH_IPV4, &ipv4(src, dst, 6, &tcp(sport, dport, flags, 0)))
 }
 
 // ---- the maps, by hand ---------------------------------------------------------------------
@@ -115,7 +53,8 @@ fn arp_request(sha: [u8; 6], spa: [u8; 4], tpa: [u8; 4]) -> Vec<u8> {
 /// A can send anything anywhere (egress all); B admits TCP/80 from A. Nothing else.
 fn desired(if_a: u32, if_b: u32) -> Desired {
     let endpoint = |ip, mac, identity| Endpoint { ip, mac, _pad: [0; 2], vni: VNI, identity };
-    let route = |ifindex, identity, mac| Route { ifindex, identity, mac, _pad: [0; 2], underlay: [0; 4] };
+    let route =
+        |ifindex, identity, mac| Route { ifindex, identity, mac, _pad: [0; 2], underlay: [0; 4] };
     let mut d = Desired::default();
     d.endpoints.insert(if_a, endpoint(IP_A, MAC_A, ID_A));
     d.endpoints.insert(if_b, endpoint(IP_B, MAC_B, ID_B));
@@ -142,16 +81,6 @@ fn desired(if_a: u32, if_b: u32) -> Desired {
         },
     ));
     d
-}
-
-fn ifindex(ns: &Netns, iface: &str) -> u32 {
-    // /sys shows the namespace of whoever mounted it, so read the index through iproute2.
-    let out = ns.ip(&["-o", "link", "show", iface]);
-    let text = String::from_utf8_lossy(&out.stdout);
-    text.split(':')
-        .next()
-        .and_then(|n| n.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no ifindex for {iface}: {text}"))
 }
 
 /// Runs a command from the calling thread, so in the namespace that thread has joined.
@@ -190,9 +119,9 @@ fn dataplane_loads_attaches_and_judges_packets() {
     for dev in ["ha", "wa", "hb", "wb"] {
         ns.ip(&["link", "set", dev, "up"]);
     }
-    let if_a = ifindex(&ns, "ha");
-    let if_b = ifindex(&ns, "hb");
-    let if_wa = ifindex(&ns, "wa");
+    let if_a = ns.ifindex("ha");
+    let if_b = ns.ifindex("hb");
+    let if_wa = ns.ifindex("wa");
 
     ns.enter(|| judge_packets(bpffs.path(), if_a, if_b, if_wa));
 }
@@ -305,25 +234,22 @@ fn judge_packets(bpf_dir: &Path, if_a: u32, if_b: u32, if_wa: u32) {
 
     // A truncated TCP header.
     let before = drops_of(&dp, DropReason::MalformedL4);
-    let short = ethernet(GATEWAY_MAC, MAC_A, 0x0800, &ipv4(IP_A, IP_B, 6, &[0, 1, 0, 80]));
+    let short = ethernet(GATEWAY_MAC, MAC_A, ETH_IPV4, &ipv4(IP_A, IP_B, 6, &[0, 1, 0, 80]));
     assert_eq!(dp.test_run(&short, if_a, 1).expect("run").return_code, tc_act::SHOT);
     assert_eq!(drops_of(&dp, DropReason::MalformedL4), before + 1);
 
     // IPv6 is dropped, not passed (S11).
     let before = drops_of(&dp, DropReason::Ipv6Unsupported);
-    let v6 = ethernet(GATEWAY_MAC, MAC_A, 0x86DD, &[0x60; 40]);
+    let v6 = ethernet(GATEWAY_MAC, MAC_A, ETH_IPV6, &[0x60; 40]);
     assert_eq!(dp.test_run(&v6, if_a, 1).expect("run").return_code, tc_act::SHOT);
     assert_eq!(drops_of(&dp, DropReason::Ipv6Unsupported), before + 1);
 
     // An ICMP error from B about the tracked A->B flow reaches A without any ICMP rule (S6);
     // the same error quoting an untracked flow is judged by policy (B has no egress rule).
     let icmp_error = |sport: u16| {
-        let quoted = ipv4(IP_A, IP_B, 6, &tcp(sport, 80, SYN)[..8]);
-        let mut icmp = vec![3, 4, 0, 0, 0, 0, 0x05, 0xDC];
-        icmp.extend_from_slice(&quoted);
-        let c = checksum(&icmp);
-        icmp[2..4].copy_from_slice(&c.to_be_bytes());
-        ethernet(GATEWAY_MAC, MAC_B, 0x0800, &ipv4(IP_B, IP_A, 1, &icmp))
+        let quoted = ipv4(IP_A, IP_B, 6, &tcp(sport, 80, SYN, 0)[..8]);
+        let icmp = icmp(3, 4, [0, 0, 0x05, 0xDC], &quoted);
+        ethernet(GATEWAY_MAC, MAC_B, ETH_IPV4, &ipv4(IP_B, IP_A, 1, &icmp))
     };
     let out = dp.test_run(&icmp_error(40000), if_b, 1).expect("run ICMP error");
     assert_eq!(out.return_code, tc_act::REDIRECT, "related ICMP error admitted");
@@ -408,7 +334,7 @@ fn a_reused_ifindex_never_receives_a_stale_flow() {
     let big = dataplane_common::capacity::ENDPOINT_SLOTS + 4464;
     ns.ip(&["link", "add", "hd", "index", &big.to_string(), "type", "veth", "peer", "name", "wd"]);
     let (if_a, if_b, if_c, if_d) =
-        (ifindex(&ns, "ha"), ifindex(&ns, "hb"), ifindex(&ns, "hc"), ifindex(&ns, "hd"));
+        (ns.ifindex("ha"), ns.ifindex("hb"), ns.ifindex("hc"), ns.ifindex("hd"));
     assert_eq!(if_d, big);
     ns.enter(|| reused_ifindex(bpffs.path(), if_a, if_b, if_c, if_d));
 }
@@ -422,7 +348,8 @@ fn reused_ifindex(bpf_dir: &Path, if_a: u32, if_b: u32, if_c: u32, if_d: u32) {
     const ID_C: u32 = 3;
     let mut dp = Dataplane::load(bpf_dir, &config()).expect("load the dataplane");
     let endpoint = |ip, mac, identity| Endpoint { ip, mac, _pad: [0; 2], vni: VNI, identity };
-    let route = |ifindex, identity, mac| Route { ifindex, identity, mac, _pad: [0; 2], underlay: [0; 4] };
+    let route =
+        |ifindex, identity, mac| Route { ifindex, identity, mac, _pad: [0; 2], underlay: [0; 4] };
     // C admits what B admits: TCP/80 from A.
     let admit_from_a = |d: &mut Desired, id: u32| {
         d.policy.insert((

@@ -323,16 +323,6 @@ fn tcp_hdr(sport: u16, dport: u16, flags: u8, payload: &[u8]) -> Vec<u8> {
     t
 }
 
-fn udp_hdr(sport: u16, dport: u16, payload: &[u8]) -> Vec<u8> {
-    let mut u = Vec::new();
-    u.extend_from_slice(&sport.to_be_bytes());
-    u.extend_from_slice(&dport.to_be_bytes());
-    u.extend_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
-    u.extend_from_slice(&[0, 0]);
-    u.extend_from_slice(payload);
-    u
-}
-
 fn icmp_hdr(ty: u8, code: u8, id: u16, payload: &[u8]) -> Vec<u8> {
     let mut i = vec![ty, code, 0, 0];
     i.extend_from_slice(&id.to_be_bytes());
@@ -437,7 +427,7 @@ impl Gen {
             (0..self.rng.random_range(0..24)).map(|_| self.rng.random()).collect();
         let l4 = match flow.proto {
             6 => tcp_hdr(sport, dport, flags, &payload),
-            17 => udp_hdr(sport, dport, &payload),
+            17 => tests::frames::udp(sport, dport, &payload),
             // Echo: the id is the flow's sport; a reply is type 0.
             1 if flow.dport == 0 || reply => {
                 let id = flow.sport;

@@ -30,17 +30,8 @@ fn ipv4_frame(
     proto: u8,
     l4: &[u8],
 ) -> Vec<u8> {
-    let mut ip = vec![0x45, 0, 0, 0, 0x12, 0x34, 0x40, 0, 64, proto, 0, 0];
-    let total = u16::try_from(20 + l4.len()).unwrap();
-    ip[2..4].copy_from_slice(&total.to_be_bytes());
-    ip.extend_from_slice(&src.octets());
-    ip.extend_from_slice(&dst.octets());
-    let sum = inet_checksum(&ip);
-    ip[10..12].copy_from_slice(&sum.to_be_bytes());
-    let mut frame = [dst_mac.as_slice(), src_mac.as_slice(), &[0x08, 0x00]].concat();
-    frame.extend_from_slice(&ip);
-    frame.extend_from_slice(l4);
-    frame
+    let ip = frames::ipv4_with(src.octets(), dst.octets(), proto, 0x1234, true, l4);
+    frames::ethernet(dst_mac, src_mac, frames::ETH_IPV4, &ip)
 }
 
 /// Frames of an unknown ethertype, IPv6, a malformed IPv4 header and a truncated TCP header,

@@ -5,6 +5,20 @@ fn id(v: &Value) -> &str {
     v["id"].as_str().expect("resource has an id")
 }
 
+/// A universe with groups srv, cli and other in which srv admits TCP/7000 from cli; returns
+/// the universe and the three groups.
+fn srv_admits_cli(api: &Api, name: &str, cidr: &str) -> [Value; 4] {
+    let uni = api.create_universe(name, cidr);
+    let srv = api.create_group(id(&uni), "srv");
+    let cli = api.create_group(id(&uni), "cli");
+    let other = api.create_group(id(&uni), "other");
+    api.add_rule(
+        id(&srv),
+        &json!({"direction": "ingress", "protocol": "tcp", "from_port": 7000, "to_port": 7000, "group": id(&cli)}),
+    );
+    [uni, srv, cli, other]
+}
+
 /// S8: deleting the rule that admitted a TCP connection leaves the connection working; a new
 /// connection of the same kind is refused at once.
 #[test]
@@ -50,14 +64,7 @@ fn deleting_a_rule_keeps_its_established_connection_and_refuses_new_ones() {
 fn joining_and_leaving_a_group_changes_what_is_admitted_without_a_rule_edit() {
     let host = Host::start();
     let api = &host.api;
-    let uni = api.create_universe("s5", "10.31.0.0/24");
-    let srv = api.create_group(id(&uni), "srv");
-    let cli = api.create_group(id(&uni), "cli");
-    let other = api.create_group(id(&uni), "other");
-    api.add_rule(
-        id(&srv),
-        &json!({"direction": "ingress", "protocol": "tcp", "from_port": 7000, "to_port": 7000, "group": id(&cli)}),
-    );
+    let [uni, srv, cli, other] = srv_admits_cli(api, "s5", "10.31.0.0/24");
     let rules_before = api.group(id(&srv));
     let server = host.endpoint(id(&uni), "10.31.0.10", &[id(&srv)]);
     let client = host.endpoint(id(&uni), "10.31.0.20", &[id(&other)]);
@@ -142,14 +149,7 @@ fn a_connection_whose_rule_was_deleted_ends_when_idle_past_its_timeout() {
 fn a_reused_address_gets_the_policy_of_its_new_endpoint() {
     let host = Host::start();
     let api = &host.api;
-    let uni = api.create_universe("reuse", "10.33.0.0/24");
-    let srv = api.create_group(id(&uni), "srv");
-    let cli = api.create_group(id(&uni), "cli");
-    let other = api.create_group(id(&uni), "other");
-    api.add_rule(
-        id(&srv),
-        &json!({"direction": "ingress", "protocol": "tcp", "from_port": 7000, "to_port": 7000, "group": id(&cli)}),
-    );
+    let [uni, srv, cli, other] = srv_admits_cli(api, "reuse", "10.33.0.0/24");
     let server = host.endpoint(id(&uni), "10.33.0.10", &[id(&srv)]);
     let old = host.endpoint(id(&uni), "10.33.0.20", &[id(&cli)]);
     let _tcp = TcpServer::start(&server.ns, 7000, "s");

@@ -4,7 +4,6 @@
 //! register and turn unhealthy when their lease lapses, a store rides out an etcd restart, and
 //! an API mutation returns only once every healthy host has realized it. No root needed.
 
-use std::io;
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -60,17 +59,8 @@ impl Etcd {
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(err);
-        // SAFETY: prctl(PR_SET_PDEATHSIG) is async-signal-safe and touches no memory of the
-        // parent, as a pre_exec hook requires. It kills etcd if the test process dies first.
-        unsafe {
-            use std::os::unix::process::CommandExt;
-            cmd.pre_exec(|| {
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) != 0 {
-                    return Err(io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
+        // etcd dies if the test process dies first.
+        tests::die_with_parent(&mut cmd);
         let child = cmd
             .spawn()
             .unwrap_or_else(|e| panic!("failed to start etcd (Debian package etcd-server): {e}"));
