@@ -7,6 +7,12 @@
 //!   two namespaces joined by a bare veth pair with no program at all.
 //! - Fleet (`bench_fleet`): across hosts, TCP throughput and request/response latency against
 //!   plain routing and kernel VXLAN + nftables, and edit-to-enforcement time on three hosts.
+//! - Rate (`bench_rate`): denied traffic dropped on the underlay, against nftables and iptables.
+//! - Control (`bench_control`): compiling and loading rules, against `nft -f` and
+//!   `iptables-restore`.
+//!
+//! It also writes `target/bench/report.md` and PNG plots, and with `--check` fails if a ratio
+//! worsened by more than 15% against `xtask/bench-baseline.json` (`baseline`).
 use std::net::Ipv4Addr;
 use std::path::Path;
 use std::process::Command;
@@ -19,19 +25,54 @@ use crate::results::BenchRecord;
 
 /// Seconds per iperf3 run, and runs per path (interleaved: bare, verse, bare, verse, ...).
 pub(crate) const TCP_SECONDS: u32 = 5;
-const TCP_ROUNDS: usize = 3;
+const TCP_ROUNDS: usize = 5;
 
-pub fn run(bin_dir: &Path) -> Result<()> {
+/// The tiers of `cargo xtask bench`, each runnable alone with `--tier`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Tier {
+    /// ns per packet through BPF_PROG_TEST_RUN (`bench_micro`).
+    Micro,
+    /// One TCP stream between two endpoints of one host, against a bare veth pair.
+    Tcp,
+    /// Across hosts: TCP, latency, edit-to-enforcement (`bench_fleet`).
+    Fleet,
+    /// Packet rate of dropping denied traffic, against nftables and iptables (`bench_rate`).
+    Rate,
+    /// Loading rules, against `nft -f` and `iptables-restore` (`bench_control`).
+    Control,
+}
+
+pub fn run(bin_dir: &Path, tiers: &[Tier], check: bool, save_baseline: bool) -> Result<()> {
     // The harness finds `versed` through this variable; the benchmark uses the release build.
     std::env::set_var("VERSE_BIN_DIR", bin_dir);
+    let want = |t: Tier| tiers.is_empty() || tiers.contains(&t);
     let mut records = Vec::new();
-    crate::bench_micro::run(&mut records)?;
-    tcp_throughput(&mut records)?;
-    crate::bench_fleet::run(&mut records)?;
-    crate::bench_rate::run(&mut records)?;
-    crate::bench_control::run(&mut records)?;
+    if want(Tier::Micro) {
+        crate::bench_micro::run(&mut records)?;
+    }
+    if want(Tier::Tcp) {
+        tcp_throughput(&mut records)?;
+    }
+    if want(Tier::Fleet) {
+        crate::bench_fleet::run(&mut records)?;
+    }
+    if want(Tier::Rate) {
+        crate::bench_rate::run(&mut records)?;
+    }
+    if want(Tier::Control) {
+        crate::bench_control::run(&mut records)?;
+    }
+    crate::results::fill_spread(&mut records);
     crate::results::write(&records)?;
+    let plots = crate::plots::draw(&records, &crate::root().join("target/bench"))?;
+    crate::results::write_report(&records, &plots)?;
     crate::results::print_table(&records);
+    if save_baseline {
+        crate::baseline::save(&records)?;
+    }
+    if check {
+        crate::baseline::check(&records)?;
+    }
     Ok(())
 }
 
@@ -86,14 +127,22 @@ fn tcp_throughput(out: &mut Vec<BenchRecord>) -> Result<()> {
     let (bare_m, verse_m) = (median(bare.clone()), median(verse.clone()));
     let config = json!({"tool": "iperf3", "streams": 1, "seconds": TCP_SECONDS, "rounds": TCP_ROUNDS,
                         "mtu": 1500, "bare_runs_gbps": bare, "verse_runs_gbps": verse});
-    out.push(BenchRecord::new("tcp_bare_veth", bare_m, "Gbit/s", None, config.clone()));
-    out.push(BenchRecord::new(
-        "tcp_verse_one_host",
-        verse_m,
-        "Gbit/s",
-        Some(("tcp_bare_veth", verse_m / bare_m)),
-        config,
-    ));
+    out.push(
+        BenchRecord::new("tcp_bare_veth", bare_m, "Gbit/s", None, config.clone())
+            .with_spread(&bare),
+    );
+    let ratio = verse_m / bare_m;
+    out.push(
+        BenchRecord::new(
+            "tcp_verse_one_host",
+            verse_m,
+            "Gbit/s",
+            Some(("tcp_bare_veth", ratio)),
+            config,
+        )
+        .with_spread(&verse)
+        .with_target(">= 0.85x", ratio >= 0.85),
+    );
     Ok(())
 }
 

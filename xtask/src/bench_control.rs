@@ -498,4 +498,3 @@ pub fn run(out: &mut Vec<BenchRecord>) -> Result<()> {
     drop(ns);
     Ok(())
 }
-

@@ -475,13 +475,17 @@ pub fn run(out: &mut Vec<BenchRecord>) -> Result<()> {
                 o.insert("repeat".into(), json!(l.repeat));
                 o.insert("samples".into(), json!(l.samples));
             }
-            recs.push(BenchRecord::new(
+            let mut rec = BenchRecord::new(
                 &format!("micro_{}", l.name),
                 m,
                 "ns/packet",
                 Some(("micro_empty_program", m / empty)),
                 c,
-            ));
+            );
+            if l.name == "established" {
+                rec = rec.with_target("<= 3.00x", m / empty <= 3.0);
+            }
+            recs.push(rec);
         }
         let (b, d) = (by_name["new_flow_10_rules"], by_name["new_flow_100k_rules"]);
         recs.push(BenchRecord::new(
@@ -490,7 +494,7 @@ pub fn run(out: &mut Vec<BenchRecord>) -> Result<()> {
             "x",
             Some(("micro_new_flow_10_rules", d / b)),
             json!({"numerator": "micro_new_flow_100k_rules", "denominator": "micro_new_flow_10_rules", "statistic": "ratio of medians"}),
-        ));
+        ).with_target("<= 1.50x", d / b <= 1.5));
         Ok(recs)
     })?;
     if records.is_empty() {

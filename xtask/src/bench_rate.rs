@@ -761,4 +761,3 @@ pub fn run(out: &mut Vec<BenchRecord>) -> Result<()> {
     drop(gen);
     Ok(())
 }
-

@@ -7,12 +7,14 @@ use std::process::Command;
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 
+mod baseline;
 mod bench;
 mod bench_control;
 mod bench_fleet;
 mod bench_micro;
 mod bench_rate;
 mod demo;
+mod plots;
 mod results;
 mod setup;
 
@@ -39,8 +41,19 @@ enum Cmd {
     /// Set up, build, and show Verse at work: universes, groups and endpoints in namespaces,
     /// with traffic allowed and denied. Cleans up after itself.
     Demo,
-    /// Set up, build (release), and run the benchmarks; writes target/bench/results.json.
-    Bench,
+    /// Set up, build (release), and run the benchmarks; writes target/bench/results.json,
+    /// report.md and PNG plots.
+    Bench {
+        /// Run only these tiers (repeatable); all of them by default.
+        #[arg(long = "tier", value_enum)]
+        tiers: Vec<bench::Tier>,
+        /// Fail if a ratio worsened by more than 15% against xtask/bench-baseline.json.
+        #[arg(long)]
+        check: bool,
+        /// Store this run's ratios as the new baseline.
+        #[arg(long)]
+        save_baseline: bool,
+    },
 }
 
 fn main() -> Result<()> {
@@ -53,10 +66,18 @@ fn main() -> Result<()> {
             build(false)?;
             demo::run(&bin_dir(false))
         }
-        Cmd::Bench => {
+        Cmd::Bench { tiers, check, save_baseline } => {
             require_root("bench")?;
+            if cfg!(debug_assertions) {
+                // The benchmarks time work done in this process too (compiling rules, writing
+                // maps, the latency client): run them from an optimized xtask.
+                let args: Vec<String> = std::env::args().skip(1).collect();
+                return run(cargo()
+                    .args(["run", "--quiet", "--release", "-p", "xtask", "--"])
+                    .args(args));
+            }
             build(true)?;
-            bench::run(&bin_dir(true))
+            bench::run(&bin_dir(true), &tiers, check, save_baseline)
         }
     }
 }

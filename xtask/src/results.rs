@@ -21,6 +21,11 @@ pub struct BenchRecord {
     pub target: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub target_met: Option<bool>,
+    /// Smallest and largest of the repeated measurements whose median is `value`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub min: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max: Option<f64>,
     /// The exact configuration of the run.
     pub config: serde_json::Value,
 }
@@ -41,8 +46,17 @@ impl BenchRecord {
             ratio: baseline.map(|(_, r)| r),
             target: None,
             target_met: None,
+            min: None,
+            max: None,
             config,
         }
+    }
+
+    /// The same record with the smallest and largest of the runs whose median it holds.
+    pub fn with_spread(mut self, runs: &[f64]) -> BenchRecord {
+        self.min = runs.iter().copied().reduce(f64::min);
+        self.max = runs.iter().copied().reduce(f64::max);
+        self
     }
 
     /// The same record with its target and whether it was met.
@@ -50,6 +64,41 @@ impl BenchRecord {
         self.target = Some(target.to_owned());
         self.target_met = Some(met);
         self
+    }
+}
+
+/// The repeated samples of a record, where its configuration lists them (`samples`,
+/// `samples_<unit>`, `runs_<unit>`, possibly per path: `{"verse": [...], ...}`), in the record's
+/// unit, so that every table shows median [min, max].
+fn samples(r: &BenchRecord) -> Option<Vec<f64>> {
+    let obj = r.config.as_object()?;
+    let (key, v) = obj.iter().find(|(k, _)| {
+        k.as_str() == "samples" || k.starts_with("samples_") || k.starts_with("runs_")
+    })?;
+    // A ratio record (`a_vs_b`) holds the value of `a`.
+    let subject = r.name.split("_vs_").next().unwrap_or(&r.name);
+    let list = match v {
+        serde_json::Value::Array(xs) => xs,
+        serde_json::Value::Object(paths) => {
+            paths.iter().find(|(p, _)| subject.ends_with(p.as_str()))?.1.as_array()?
+        }
+        _ => return None,
+    };
+    let scale = match (key.rsplit('_').next(), r.unit.as_str()) {
+        (Some("s"), "ms") => 1e3,
+        _ => 1.0,
+    };
+    let xs: Vec<f64> = list.iter().filter_map(|x| x.as_f64()).map(|x| x * scale).collect();
+    (!xs.is_empty()).then_some(xs)
+}
+
+/// Fills `min` and `max` from the samples in the configuration where a tier did not.
+pub fn fill_spread(records: &mut [BenchRecord]) {
+    for r in records.iter_mut().filter(|r| r.min.is_none()) {
+        if let Some(xs) = samples(r) {
+            r.min = xs.iter().copied().reduce(f64::min);
+            r.max = xs.iter().copied().reduce(f64::max);
+        }
     }
 }
 
@@ -64,10 +113,11 @@ pub fn write(records: &[BenchRecord]) -> Result<()> {
     Ok(())
 }
 
-/// The table as markdown, ready for the README.
-pub fn print_table(records: &[BenchRecord]) {
-    println!("| measurement | value | baseline | ratio | target |");
-    println!("|---|---:|---|---:|---|");
+/// The table as markdown, ready for the README: median [min, max] of the repeated runs.
+pub fn table(records: &[BenchRecord]) -> String {
+    let mut out =
+        String::from("| measurement | value: median [min, max] | baseline | ratio | target |\n");
+    out.push_str("|---|---:|---|---:|---|\n");
     for r in records {
         let ratio = r.ratio.map(|x| format!("{x:.2}x")).unwrap_or_default();
         let target = match (&r.target, r.target_met) {
@@ -75,14 +125,48 @@ pub fn print_table(records: &[BenchRecord]) {
             (Some(t), _) => format!("{t} (**missed**)"),
             (None, _) => String::new(),
         };
-        println!(
-            "| {} | {:.2} {} | {} | {} | {} |",
+        let spread = match (r.min, r.max) {
+            (Some(lo), Some(hi)) => format!(" [{lo:.2}, {hi:.2}]"),
+            _ => String::new(),
+        };
+        out.push_str(&format!(
+            "| {} | {:.2}{} {} | {} | {} | {} |\n",
             r.name,
             r.value,
+            spread,
             r.unit,
             r.baseline.as_deref().unwrap_or(""),
             ratio,
             target
-        );
+        ));
     }
+    out
+}
+
+pub fn print_table(records: &[BenchRecord]) {
+    print!("{}", table(records));
+}
+
+/// `target/bench/report.md`: the table, the plots, and where the configurations are.
+pub fn write_report(records: &[BenchRecord], plots: &[String]) -> Result<()> {
+    let path = crate::root().join("target/bench/report.md");
+    let mut doc = String::from("# Verse benchmarks\n\n");
+    doc.push_str(&format!(
+        "Kernel {}; every ratio against a baseline measured in the same run; configurations in \
+         `results.json`.\n\n",
+        kernel_release()
+    ));
+    doc.push_str(&table(records));
+    for p in plots {
+        doc.push_str(&format!("\n![{p}]({p})\n"));
+    }
+    fs::write(&path, doc).with_context(|| format!("write {}", path.display()))?;
+    eprintln!("wrote {}", path.display());
+    Ok(())
+}
+
+fn kernel_release() -> String {
+    fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_default()
 }

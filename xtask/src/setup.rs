@@ -26,6 +26,8 @@ const PACKAGES: &[&str] = &[
     "bpftool",
     "xdp-tools",
     "curl",
+    // The font of the benchmark plots.
+    "fonts-dejavu-core",
     // The fleet's control plane: etcd for tests and the demo, etcdctl to inspect it.
     "etcd-server",
     "etcd-client",
