@@ -49,6 +49,8 @@ static OBJECT: &[u8] = aya::include_bytes_aligned!(env!("VERSE_DATAPLANE_OBJECT"
 
 /// Name of the do-nothing classifier in the object, the benchmarks' baseline.
 pub const PROG_EMPTY: &str = "empty";
+/// Benchmark probe: the IPv4/L4 parse alone (never attached).
+pub const PROG_PARSE_ONLY: &str = "parse_only";
 
 /// `BPF_FS_MAGIC` from `include/uapi/linux/magic.h`.
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
@@ -213,7 +215,7 @@ impl Dataplane {
         let mut ebpf = EbpfLoader::new().default_map_pin_directory(bpf_dir).load(OBJECT).map_err(
             |source| Error::LoadObject { dir: bpf_dir.to_path_buf(), source: Box::new(source) },
         )?;
-        for name in [PROG_FROM_ENDPOINT, PROG_FROM_UNDERLAY, PROG_EMPTY] {
+        for name in [PROG_FROM_ENDPOINT, PROG_FROM_UNDERLAY, PROG_EMPTY, PROG_PARSE_ONLY] {
             classifier_mut(&mut ebpf, name)?
                 .load()
                 .map_err(|source| Error::LoadProgram { name, source })?;
@@ -608,6 +610,18 @@ impl Dataplane {
         repeat: u32,
     ) -> Result<TestRunOutput> {
         run(&self.ebpf, PROG_EMPTY, packet, ingress_ifindex, repeat)
+    }
+
+    /// [`Dataplane::test_run`] for the `parse_only` benchmark probe: the parse every walk starts
+    /// with (`TC_ACT_OK` for a parsed IPv4 packet, `TC_ACT_SHOT` otherwise; the frame is left
+    /// unchanged, so `repeat > 1` is safe).
+    pub fn test_run_parse_only(
+        &self,
+        packet: &[u8],
+        ingress_ifindex: u32,
+        repeat: u32,
+    ) -> Result<TestRunOutput> {
+        run(&self.ebpf, PROG_PARSE_ONLY, packet, ingress_ifindex, repeat)
     }
 
     /// Runs `from_endpoint` once on each packet of `packets`, in order (distinct flows defeat

@@ -5,6 +5,7 @@
 //! - [`from_underlay`] (TCX ingress of the underlay interface: every packet the host receives
 //!   from other hosts) — [`underlay`] has its walk.
 //! - `empty` passes everything: the baseline of the benchmarks.
+//! - `parse_only` is a benchmark probe, never attached: the IPv4/L4 parse of [`flow`] alone.
 //!
 //! Shared: [`parse`] (bounds-checked header access), [`flow`] (IPv4 and L4 as conntrack and
 //! policy see them), [`conntrack`], [`policy`], [`arp`], [`encap`] (the wire format between
@@ -48,6 +49,40 @@ pub fn from_underlay(ctx: TcContext) -> i32 {
 #[classifier]
 pub fn empty(_ctx: TcContext) -> i32 {
     TC_ACT_OK as i32
+}
+
+/// Benchmark probe (never attached): the parse every walk starts with — Ethernet type, IPv4
+/// header ([`flow::ipv4_header`]), fragment check, L4 header ([`flow::l4`]) — and nothing else.
+/// `TC_ACT_OK` for a parsed IPv4 packet, `TC_ACT_SHOT` (uncounted) otherwise. The parsed fields
+/// are folded into the skb mark so that the compiler cannot drop their loads.
+#[classifier]
+pub fn parse_only(ctx: TcContext) -> i32 {
+    use parse::*;
+    let parsed = (|| -> Result<u32, dataplane_common::DropReason> {
+        let eth: *mut EthHdr =
+            ptr_at(&ctx, 0).ok_or(dataplane_common::DropReason::TruncatedEthernet)?;
+        // SAFETY: ptr_at proved the Ethernet header is inside the linear data.
+        if be16(unsafe { (*eth).ethertype }) != ETH_P_IP {
+            return Err(dataplane_common::DropReason::UnknownEthertype);
+        }
+        let ip = flow::ipv4_header(&ctx, ETH_HLEN)?;
+        if ip.frag_off & IP_MF_OFFSET_MASK != 0 {
+            return Err(dataplane_common::DropReason::Fragment);
+        }
+        let l4 = flow::l4(&ctx, ip.proto, ip.l4_off, ip.ip_end)?;
+        Ok(u32::from_ne_bytes(ip.src)
+            ^ u32::from_ne_bytes(ip.dst)
+            ^ (u32::from(l4.sport) << 16 | u32::from(l4.dport))
+            ^ u32::from(ip.proto)
+            ^ u32::from(l4.tcp_flags) << 8)
+    })();
+    match parsed {
+        Ok(fold) => {
+            ctx.set_mark(fold);
+            TC_ACT_OK as i32
+        }
+        Err(_) => aya_ebpf::bindings::TC_ACT_SHOT as i32,
+    }
 }
 
 #[cfg(not(test))]

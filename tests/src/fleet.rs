@@ -201,6 +201,8 @@ pub struct Fleet {
     ports: Vec<String>,
     etcd: Etcd,
     underlay: Netns,
+    /// The MTU every underlay veth gets when plugged (both ends).
+    mtu: u32,
 }
 
 impl Fleet {
@@ -218,7 +220,23 @@ impl Fleet {
     /// --underlay ul0 --host <name>`. Returns once every host answers its API and `GET
     /// /v1/hosts` lists every host healthy (30 s at most).
     pub fn start_named(names: &[&str]) -> Fleet {
+        Fleet::start_named_with_mtu(names, 1500)
+    }
+
+    /// `n` hosts as [`Fleet::start`], on an underlay whose every link has `mtu` before any
+    /// daemon starts (versed derives its endpoints' MTU from its underlay's when it starts, so
+    /// [`Fleet::set_underlay_mtu`] after the start does not change it).
+    pub fn start_with_underlay_mtu(n: usize, mtu: u32) -> Fleet {
+        assert!((1..=26).contains(&n), "between 1 and 26 hosts");
+        let names: Vec<String> =
+            (0..n).map(|i| format!("host-{}", (b'a' + i as u8) as char)).collect();
+        let names: Vec<&str> = names.iter().map(String::as_str).collect();
+        Fleet::start_named_with_mtu(&names, mtu)
+    }
+
+    fn start_named_with_mtu(names: &[&str], mtu: u32) -> Fleet {
         let mut fleet = Fleet::network();
+        fleet.mtu = mtu;
         let store = fleet.etcd.store_url();
         for (i, name) in names.iter().enumerate() {
             let ns = Netns::new("h");
@@ -250,11 +268,11 @@ impl Fleet {
         underlay.ip(&["addr", "add", &format!("{ETCD_IP}/24"), "dev", BRIDGE]);
         underlay.ip(&["link", "set", BRIDGE, "up"]);
         let etcd = Etcd::start(&underlay, ETCD_IP);
-        Fleet { hosts: Vec::new(), ports: Vec::new(), etcd, underlay }
+        Fleet { hosts: Vec::new(), ports: Vec::new(), etcd, underlay, mtu: 1500 }
     }
 
     /// Connects `ns` to the bridge: `ul0` with `ip`/24 in `ns`, a port with a unique name in
-    /// the underlay namespace. Returns the port's name.
+    /// the underlay namespace, both at the fleet's underlay MTU. Returns the port's name.
     fn plug(&self, ns: &Netns, ip: Ipv4Addr) -> String {
         let port = unique_name("p");
         // Both ends are created directly in their namespaces, so `ul0` never exists in (or
@@ -276,9 +294,11 @@ impl Fleet {
                 self.underlay.name(),
             ],
         );
-        self.underlay.ip(&["link", "set", &port, "master", BRIDGE, "up"]);
+        // The bridge's own MTU follows its ports' (it was never set by hand).
+        let mtu = self.mtu.to_string();
+        self.underlay.ip(&["link", "set", &port, "mtu", &mtu, "master", BRIDGE, "up"]);
         ns.ip(&["addr", "add", &format!("{ip}/24"), "dev", UNDERLAY_IFACE]);
-        ns.ip(&["link", "set", UNDERLAY_IFACE, "up"]);
+        ns.ip(&["link", "set", UNDERLAY_IFACE, "mtu", &mtu, "up"]);
         port
     }
 

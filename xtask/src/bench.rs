@@ -5,8 +5,9 @@
 //! - Micro (`bench_micro`): ns per packet of `from_endpoint` through BPF_PROG_TEST_RUN.
 //! - TCP: one iperf3 stream between two endpoints on one host through Verse, against the same
 //!   two namespaces joined by a bare veth pair with no program at all.
-//! - Fleet (`bench_fleet`): across hosts, TCP throughput and request/response latency against
-//!   plain routing and kernel VXLAN + nftables, and edit-to-enforcement time on three hosts.
+//! - Fleet (`bench_fleet`): across hosts, TCP throughput (with CPU per Gbit/s) and
+//!   request/response latency against plain routing and kernel VXLAN + nftables at underlay
+//!   MTU 1500 and 9000, and edit-to-enforcement time on one host and on three.
 //! - Rate (`bench_rate`): denied traffic dropped on the underlay, against nftables and iptables.
 //! - Control (`bench_control`): compiling and loading rules, against `nft -f` and
 //!   `iptables-restore`.
@@ -153,6 +154,41 @@ fn tcp_throughput(out: &mut Vec<BenchRecord>) -> Result<()> {
 /// serves one client, and may be left waiting by a client that failed), waited for until it
 /// listens, and killed if it outlives its client.
 pub(crate) fn iperf3(client: &Netns, server_ns: &Netns, server: Ipv4Addr) -> Result<f64> {
+    iperf3_run(client, server_ns, server).map(|r| r.gbps)
+}
+
+/// One iperf3 run ([`iperf3`]) with the CPU it cost.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct IperfRun {
+    /// Gbit/s received.
+    pub gbps: f64,
+    /// iperf3's `cpu_utilization_percent`: `host_total` (the client, sending) and
+    /// `remote_total` (the server), each in percent of one CPU over the run.
+    pub client_cpu_pct: f64,
+    pub server_cpu_pct: f64,
+    /// The whole machine's busy time (user, nice, system, irq, softirq, steal) from
+    /// `/proc/stat` over the client's run, in percent of one CPU (so up to 100 x CPUs).
+    pub machine_cpu_pct: f64,
+}
+
+/// Busy and total jiffies of all CPUs from the first line of `/proc/stat`, and the CPU count.
+fn proc_stat() -> Option<(u64, u64, usize)> {
+    let text = std::fs::read_to_string("/proc/stat").ok()?;
+    let mut lines = text.lines();
+    let f: Vec<u64> =
+        lines.next()?.split_whitespace().skip(1).take(8).filter_map(|x| x.parse().ok()).collect();
+    if f.len() < 8 {
+        return None;
+    }
+    let total: u64 = f.iter().sum();
+    // idle and iowait are the idle time.
+    let busy = total - f[3] - f[4];
+    let cpus = lines.filter(|l| l.starts_with("cpu")).count();
+    Some((busy, total, cpus.max(1)))
+}
+
+/// [`iperf3`], with the CPU cost of the run.
+pub(crate) fn iperf3_run(client: &Netns, server_ns: &Netns, server: Ipv4Addr) -> Result<IperfRun> {
     let mut last = String::new();
     for _ in 0..5 {
         let srv = Command::new("ip")
@@ -170,6 +206,7 @@ pub(crate) fn iperf3(client: &Netns, server_ns: &Netns, server: Ipv4Addr) -> Res
             last = format!("iperf3 -s did not listen on {server}:5201 in {}", server_ns.name());
             continue;
         }
+        let before = proc_stat();
         let out = Command::new("ip")
             .args(["netns", "exec", client.name(), "iperf3", "-J", "-t"])
             .arg(TCP_SECONDS.to_string())
@@ -177,6 +214,12 @@ pub(crate) fn iperf3(client: &Netns, server_ns: &Netns, server: Ipv4Addr) -> Res
             .arg(server.to_string())
             .output()
             .context("run iperf3 -c")?;
+        let machine_cpu_pct = match (before, proc_stat()) {
+            (Some((b0, t0, cpus)), Some((b1, t1, _))) if t1 > t0 => {
+                (b1.saturating_sub(b0)) as f64 / (t1 - t0) as f64 * 100.0 * cpus as f64
+            }
+            _ => f64::NAN,
+        };
         let v: Option<serde_json::Value> = serde_json::from_slice(&out.stdout).ok();
         let bps = v
             .as_ref()
@@ -188,7 +231,14 @@ pub(crate) fn iperf3(client: &Netns, server_ns: &Netns, server: Ipv4Addr) -> Res
                 tests::wait_until(std::time::Duration::from_secs(5), || {
                     srv.0.try_wait().ok().flatten().is_some()
                 });
-                return Ok(bps / 1e9);
+                let cpu = v.as_ref().map(|v| &v["end"]["cpu_utilization_percent"]);
+                let pct = |k: &str| cpu.and_then(|c| c[k].as_f64()).unwrap_or(f64::NAN);
+                return Ok(IperfRun {
+                    gbps: bps / 1e9,
+                    client_cpu_pct: pct("host_total"),
+                    server_cpu_pct: pct("remote_total"),
+                    machine_cpu_pct,
+                });
             }
             _ => {
                 last = format!(

@@ -1,4 +1,4 @@
-//! Fleet benchmarks (issue 3): Verse between hosts against the kernel's own ways of doing the
+//! Fleet benchmarks (issues 3 and 4): Verse between hosts against the kernel's own ways of doing the
 //! same, every path measured in the same run, interleaved, on the same underlay bridge.
 //!
 //! Paths between a client workload (10.20.0.10) on one host and a server workload (10.20.0.20)
@@ -7,18 +7,27 @@
 //! - `routed`: static /32 routes, `ip_forward` on, no overlay, no firewall (the floor);
 //! - `vxlan_nft`: a kernel VXLAN device (VNI 42, UDP 4789, point to point) in each host
 //!   namespace carrying the workloads' traffic, and in each host namespace an nftables forward
-//!   chain with conntrack enforcing the same policy as Verse (established/related, then the
-//!   allowed TCP ports, then drop): the kernel peer of what Verse does;
+//!   chain with conntrack enforcing the same policy as Verse with named sets (established/
+//!   related, then the universe's addresses and allowed TCP ports by set lookup, then drop):
+//!   the kernel peer of what Verse does;
 //! - `verse`: a two-host [`Fleet`], one universe, both workloads in a group admitting the
 //!   benchmark's TCP ports.
 //!
-//! Measurements:
+//! Measurements, the TCP and latency ones at underlay MTU 1500 and again, on a fresh fleet
+//! whose underlay is at 9000 before versed starts, at 9000 (records suffixed `_mtu9000`;
+//! workload MTUs: routed = underlay, VXLAN and Verse = underlay - 50):
 //! - TCP throughput: one iperf3 stream, interleaved rounds, median; Verse against `vxlan_nft`
 //!   (target >= 1.1x) and against `routed` (target >= 0.8x).
+//! - CPU per Gbit/s of the same runs (`tcp_cpu_per_gbps_<path>`): iperf3's own CPU figures of
+//!   sender and receiver (`-J`, `cpu_utilization_percent` host_total + remote_total) over the
+//!   run's Gbit/s, median of the runs; Verse against `vxlan_nft`. The whole machine's
+//!   `/proc/stat` busy time per Gbit/s is kept in the configuration beside it.
 //! - Request/response latency: a TCP ping-pong of 64-byte messages (Nagle off) run inside the
 //!   namespaces, interleaved rounds pooled, p50 and p99; Verse p99 against `vxlan_nft` p99
 //!   (target <= 1.0x).
-//! - Edit to enforcement on a three-host fleet: an API call on host 0 either adds an ingress
+//! - Edit to enforcement on a three-host fleet (`edit_to_enforce_*`), and on a one-host fleet
+//!   with both workloads on that host and the edits through its API
+//!   (`edit_to_enforce_one_host_*`): an API call on host 0 either adds an ingress
 //!   rule admitting a new TCP port on a workload of host 2, or makes the client workload of
 //!   host 1 a member of a group that workload admits (alternating); the time from sending the
 //!   call until a connection from the client to that port completes, probed concurrently with
@@ -37,7 +46,7 @@ use anyhow::{anyhow, bail, ensure, Context, Result};
 use serde_json::{json, Value};
 use tests::{Fleet, Netns, Workload};
 
-use crate::bench::{iperf3, median, TCP_SECONDS};
+use crate::bench::{iperf3_run, median, IperfRun, TCP_SECONDS};
 use crate::results::BenchRecord;
 
 const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(10, 20, 0, 10);
@@ -52,9 +61,9 @@ const RR_PORT: u16 = 7000;
 const ROUTED_HOSTS: [Ipv4Addr; 2] = [Ipv4Addr::new(198, 18, 0, 11), Ipv4Addr::new(198, 18, 0, 12)];
 const VXLAN_HOSTS: [Ipv4Addr; 2] = [Ipv4Addr::new(198, 18, 0, 21), Ipv4Addr::new(198, 18, 0, 22)];
 const VXLAN_VNI: &str = "42";
-/// The underlay MTU is 1500; VXLAN over IPv4 costs 50 bytes, as in Verse.
-const UNDERLAY_MTU: u32 = 1500;
-const OVERLAY_MTU: u32 = UNDERLAY_MTU - 50;
+/// The underlay MTUs measured; VXLAN over IPv4 costs 50 bytes, as in Verse.
+const UNDERLAY_MTUS: [u32; 2] = [1500, 9000];
+const VXLAN_OVERHEAD: u32 = 50;
 
 const TCP_ROUNDS: usize = 5;
 const RR_MESSAGE: usize = 64;
@@ -74,9 +83,22 @@ const PROBE_PENDING: usize = 64;
 const EDIT_TIMEOUT: Duration = Duration::from_secs(5);
 
 pub fn run(out: &mut Vec<BenchRecord>) -> Result<()> {
-    cross_host(out)?;
-    edit_to_enforce(out)?;
+    for mtu in UNDERLAY_MTUS {
+        cross_host(out, mtu)?;
+    }
+    edit_to_enforce(out, 3)?;
+    edit_to_enforce(out, 1)?;
     Ok(())
+}
+
+/// The suffix of the records measured at underlay MTU `mtu`: none at 1500 (the names the
+/// stored baseline knows), `_mtu<mtu>` otherwise.
+fn mtu_suffix(mtu: u32) -> String {
+    if mtu == 1500 {
+        String::new()
+    } else {
+        format!("_mtu{mtu}")
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -111,15 +133,16 @@ fn ns_run(ns: &Netns, cmd: &str, args: &[&str]) -> Result<()> {
 }
 
 impl Baseline {
-    fn build(fleet: &Fleet, kind: Kind) -> Result<Baseline> {
+    /// The hosts are plugged into `fleet`'s underlay, whose MTU is `underlay_mtu`.
+    fn build(fleet: &Fleet, kind: Kind, underlay_mtu: u32) -> Result<Baseline> {
         let underlay = match kind {
             Kind::Routed => ROUTED_HOSTS,
             Kind::VxlanNft => VXLAN_HOSTS,
         };
         let wl_ips = [CLIENT_IP, SERVER_IP];
         let mtu = match kind {
-            Kind::Routed => UNDERLAY_MTU,
-            Kind::VxlanNft => OVERLAY_MTU,
+            Kind::Routed => underlay_mtu,
+            Kind::VxlanNft => underlay_mtu - VXLAN_OVERHEAD,
         }
         .to_string();
         let hosts = [fleet.underlay_node(underlay[0]), fleet.underlay_node(underlay[1])];
@@ -145,7 +168,8 @@ impl Baseline {
                 ],
             );
             host.ip(&["addr", "add", &format!("{GATEWAY_IP}/32"), "dev", "w0"]);
-            host.ip(&["link", "set", "w0", "up"]);
+            // Both ends of the veth at the workload's MTU: a veth drops what exceeds its peer's.
+            host.ip(&["link", "set", "w0", "mtu", &mtu, "up"]);
             host.ip(&["route", "add", &format!("{}/32", wl_ips[i]), "dev", "w0"]);
             wl.ip(&["addr", "add", &format!("{}/32", wl_ips[i]), "dev", "eth0"]);
             wl.ip(&["link", "set", "eth0", "mtu", &mtu, "up"]);
@@ -174,7 +198,7 @@ impl Baseline {
                         tests::fleet::UNDERLAY_IFACE,
                     ]);
                     host.ip(&["addr", "add", &format!("10.99.0.{}/24", i + 1), "dev", "vx0"]);
-                    host.ip(&["link", "set", "vx0", "up"]);
+                    host.ip(&["link", "set", "vx0", "mtu", &mtu, "up"]);
                     host.ip(&["route", "add", &peer_wl, "via", &format!("10.99.0.{}", other + 1)]);
                     load_nft(host)?;
                 }
@@ -185,16 +209,25 @@ impl Baseline {
     }
 }
 
-/// The nftables peer of the Verse policy of this benchmark, in a host namespace's forward path:
-/// replies and related packets of tracked flows pass, new flows only to the allowed TCP ports
-/// within the universe, everything else is dropped.
+/// The nftables peer of the Verse policy of this benchmark, in a host namespace's forward path,
+/// written with named sets as a policy for many peers would be (the universe's addresses, the
+/// allowed TCP ports): replies and related packets of tracked flows pass, new flows only to the
+/// allowed TCP ports within the universe, everything else is dropped.
 fn load_nft(host: &Netns) -> Result<()> {
     let ruleset = format!(
         "table inet verse_bench {{\n\
+         \tset universe {{\n\
+         \t\ttype ipv4_addr; flags interval;\n\
+         \t\telements = {{ {UNIVERSE_CIDR} }}\n\
+         \t}}\n\
+         \tset allowed_tcp {{\n\
+         \t\ttype inet_service;\n\
+         \t\telements = {{ {IPERF_PORT}, {RR_PORT} }}\n\
+         \t}}\n\
          \tchain forward {{\n\
          \t\ttype filter hook forward priority filter; policy drop;\n\
          \t\tct state established,related accept\n\
-         \t\tip saddr {UNIVERSE_CIDR} ip daddr {UNIVERSE_CIDR} tcp dport {{ {IPERF_PORT}, {RR_PORT} }} accept\n\
+         \t\tip saddr @universe ip daddr @universe tcp dport @allowed_tcp accept\n\
          \t}}\n\
          }}\n"
     );
@@ -227,9 +260,12 @@ fn expect(r: io::Result<tests::Response>, want: u16, what: &str) -> Result<Value
 // Throughput and latency across two hosts
 // ---------------------------------------------------------------------------------------------
 
-fn cross_host(out: &mut Vec<BenchRecord>) -> Result<()> {
-    // Declared first, dropped last: the baselines hang off its underlay bridge.
-    let fleet = Fleet::start(2);
+fn cross_host(out: &mut Vec<BenchRecord>, underlay_mtu: u32) -> Result<()> {
+    let sfx = mtu_suffix(underlay_mtu);
+    let overlay_mtu = underlay_mtu - VXLAN_OVERHEAD;
+    // Declared first, dropped last: the baselines hang off its underlay bridge. The underlay's
+    // MTU is set before versed starts, since versed derives its endpoints' MTU from it then.
+    let fleet = Fleet::start_with_underlay_mtu(2, underlay_mtu);
     let api = fleet.api(0);
     let uni = id(&api.create_universe("bench", UNIVERSE_CIDR), "universe")?;
     let group = id(&api.create_group(&uni, "bench"), "group")?;
@@ -242,65 +278,140 @@ fn cross_host(out: &mut Vec<BenchRecord>) -> Result<()> {
     }
     let v_client: Workload = fleet.endpoint(0, &uni, &CLIENT_IP.to_string(), &[&group]);
     let v_server: Workload = fleet.endpoint(1, &uni, &SERVER_IP.to_string(), &[&group]);
-    let routed = Baseline::build(&fleet, Kind::Routed)?;
-    let vxlan = Baseline::build(&fleet, Kind::VxlanNft)?;
+    let verse_mtu = workload_mtu(v_client.ns())?;
+    ensure!(
+        verse_mtu == overlay_mtu,
+        "Verse gave its workload MTU {verse_mtu} on an underlay of MTU {underlay_mtu} \
+         (want {overlay_mtu})"
+    );
+    let routed = Baseline::build(&fleet, Kind::Routed, underlay_mtu)?;
+    let vxlan = Baseline::build(&fleet, Kind::VxlanNft, underlay_mtu)?;
     let paths = [
         Path { name: "routed", client: &routed.client, server: &routed.server },
         Path { name: "vxlan_nft", client: &vxlan.client, server: &vxlan.server },
         Path { name: "verse", client: v_client.ns(), server: v_server.ns() },
     ];
 
-    // Throughput.
-    let mut runs: Vec<Vec<f64>> = vec![Vec::new(); paths.len()];
+    // Throughput, and what it cost in CPU.
+    let mut runs: Vec<Vec<IperfRun>> = vec![Vec::new(); paths.len()];
     for round in 0..TCP_ROUNDS {
-        let mut line = format!("bench_fleet: tcp round {round}:");
+        let mut line = format!("bench_fleet: mtu {underlay_mtu} tcp round {round}:");
         for (p, r) in paths.iter().zip(runs.iter_mut()) {
-            let g = iperf3(p.client, p.server, SERVER_IP).with_context(|| p.name)?;
-            line += &format!(" {} {g:.2}", p.name);
-            r.push(g);
+            let run = iperf3_run(p.client, p.server, SERVER_IP).with_context(|| p.name)?;
+            line += &format!(
+                " {} {:.2} Gbit/s ({:.0}% + {:.0}% CPU)",
+                p.name, run.gbps, run.client_cpu_pct, run.server_cpu_pct
+            );
+            r.push(run);
         }
-        eprintln!("{line} Gbit/s");
+        eprintln!("{line}");
     }
-    let gbps: Vec<f64> = runs.iter().map(|r| median(r.clone())).collect();
+    let gbps_runs: Vec<Vec<f64>> =
+        runs.iter().map(|r| r.iter().map(|x| x.gbps).collect()).collect();
+    // CPU per Gbit/s of each run: both iperf3 processes' CPU (sender and receiver, in percent
+    // of one CPU) over the run's throughput; the statistic is the median of the runs' ratios.
+    let cpu_runs: Vec<Vec<f64>> = runs
+        .iter()
+        .map(|r| r.iter().map(|x| (x.client_cpu_pct + x.server_cpu_pct) / x.gbps).collect())
+        .collect();
+    let machine_cpu_runs: Vec<Vec<f64>> =
+        runs.iter().map(|r| r.iter().map(|x| x.machine_cpu_pct / x.gbps).collect()).collect();
+    let per_path = |v: &[Vec<f64>]| {
+        paths
+            .iter()
+            .zip(v)
+            .map(|(p, xs)| (p.name.to_owned(), json!(xs)))
+            .collect::<serde_json::Map<_, _>>()
+    };
+    let gbps: Vec<f64> = gbps_runs.iter().map(|r| median(r.clone())).collect();
     let config = json!({
         "tool": "iperf3", "streams": 1, "seconds": TCP_SECONDS, "rounds": TCP_ROUNDS,
         "statistic": "median of interleaved rounds",
-        "underlay": "veth pairs on one Linux bridge, MTU 1500",
-        "workload_mtu": {"routed": UNDERLAY_MTU, "vxlan_nft": OVERLAY_MTU, "verse": OVERLAY_MTU},
+        "underlay": format!("veth pairs on one Linux bridge, MTU {underlay_mtu} (set before \
+                             versed starts)"),
+        "underlay_mtu": underlay_mtu,
+        "workload_mtu": {"routed": underlay_mtu, "vxlan_nft": overlay_mtu, "verse": verse_mtu},
         "vxlan_nft": "kernel vxlan device (VNI 42, dstport 4789, point to point) + nftables \
-                      forward chain: ct established,related accept; tcp dport {5201,7000} accept; \
-                      policy drop",
-        "runs_gbps": {"routed": runs[0], "vxlan_nft": runs[1], "verse": runs[2]},
+                      forward chain with named sets: ct established,related accept; ip saddr \
+                      @universe ip daddr @universe tcp dport @allowed_tcp accept; policy drop",
+        "runs_gbps": per_path(&gbps_runs),
     });
     let [routed_g, vxlan_g, verse_g] = [gbps[0], gbps[1], gbps[2]];
-    out.push(BenchRecord::new("tcp_cross_host_routed", routed_g, "Gbit/s", None, config.clone()));
-    out.push(BenchRecord::new(
-        "tcp_cross_host_vxlan_nft",
-        vxlan_g,
-        "Gbit/s",
-        Some(("tcp_cross_host_routed", vxlan_g / routed_g)),
-        config.clone(),
-    ));
+    let name = |base: &str| format!("{base}{sfx}");
+    out.push(
+        BenchRecord::new(&name("tcp_cross_host_routed"), routed_g, "Gbit/s", None, config.clone())
+            .with_spread(&gbps_runs[0]),
+    );
     out.push(
         BenchRecord::new(
-            "tcp_cross_host_verse",
-            verse_g,
+            &name("tcp_cross_host_vxlan_nft"),
+            vxlan_g,
             "Gbit/s",
-            Some(("tcp_cross_host_vxlan_nft", verse_g / vxlan_g)),
+            Some((&name("tcp_cross_host_routed"), vxlan_g / routed_g)),
             config.clone(),
         )
-        .with_target(">= 1.10x", verse_g / vxlan_g >= 1.1),
+        .with_spread(&gbps_runs[1]),
     );
     out.push(
         BenchRecord::new(
-            "tcp_cross_host_verse_vs_routed",
+            &name("tcp_cross_host_verse"),
             verse_g,
             "Gbit/s",
-            Some(("tcp_cross_host_routed", verse_g / routed_g)),
+            Some((&name("tcp_cross_host_vxlan_nft"), verse_g / vxlan_g)),
+            config.clone(),
+        )
+        .with_spread(&gbps_runs[2])
+        .with_target(">= 1.10x", verse_g / vxlan_g >= 1.1),
+    );
+    // The ratio record's name keeps `_vs_routed` last, as the tables read it.
+    out.push(
+        BenchRecord::new(
+            &format!("tcp_cross_host_verse{sfx}_vs_routed"),
+            verse_g,
+            "Gbit/s",
+            Some((&name("tcp_cross_host_routed"), verse_g / routed_g)),
             config,
         )
+        .with_spread(&gbps_runs[2])
         .with_target(">= 0.80x", verse_g / routed_g >= 0.8),
     );
+
+    let cpu: Vec<f64> = cpu_runs.iter().map(|r| median(r.clone())).collect();
+    let machine_cpu: Vec<f64> = machine_cpu_runs.iter().map(|r| median(r.clone())).collect();
+    let config = json!({
+        "tool": "iperf3 -J", "streams": 1, "seconds": TCP_SECONDS, "rounds": TCP_ROUNDS,
+        "underlay_mtu": underlay_mtu,
+        "method": "per run: (cpu_utilization_percent.host_total + remote_total) / Gbit/s, i.e. \
+                   the CPU time of the sending and the receiving iperf3 process (user + system, \
+                   in percent of one CPU) per Gbit/s; the statistic is the median of the runs",
+        "caveat": "softirq work the kernel accounts to no process (e.g. on another CPU) is not \
+                   in iperf3's figure; machine_cpu_pct_per_gbps has the whole machine's busy \
+                   time from /proc/stat over the run, which other work on the shared machine \
+                   also fills",
+        "machine_cpu_pct_per_gbps": per_path(&machine_cpu_runs),
+        "machine_cpu_pct_per_gbps_median": paths.iter().zip(&machine_cpu)
+            .map(|(p, m)| (p.name.to_owned(), json!(m)))
+            .collect::<serde_json::Map<_, _>>(),
+        "samples": per_path(&cpu_runs),
+    });
+    for (i, p) in paths.iter().enumerate() {
+        let baseline = match p.name {
+            "verse" => Some((name("tcp_cpu_per_gbps_vxlan_nft"), cpu[2] / cpu[1])),
+            "vxlan_nft" => Some((name("tcp_cpu_per_gbps_routed"), cpu[1] / cpu[0])),
+            _ => None,
+        };
+        out.push(
+            BenchRecord::new(
+                &name(&format!("tcp_cpu_per_gbps_{}", p.name)),
+                cpu[i],
+                // Not "…/s": the baseline gate reads units ending in "/s" as higher-is-better.
+                "%CPU/(Gbit/s)",
+                baseline.as_ref().map(|(b, r)| (b.as_str(), *r)),
+                config.clone(),
+            )
+            .with_spread(&cpu_runs[i]),
+        );
+    }
 
     // Request/response latency.
     // One warmed-up connection per path, then short interleaved rounds, so that the noise of
@@ -325,7 +436,7 @@ fn cross_host(out: &mut Vec<BenchRecord>) -> Result<()> {
         let pct = |q: usize| f64::from(s[(s.len() * q / 100).min(s.len() - 1)]) / 1000.0;
         stats.push((p.name, pct(50), pct(99), f64::from(s[s.len() - 1]) / 1000.0));
         eprintln!(
-            "bench_fleet: rr {}: p50 {:.1} us, p99 {:.1} us, max {:.1} us",
+            "bench_fleet: mtu {underlay_mtu} rr {}: p50 {:.1} us, p99 {:.1} us, max {:.1} us",
             p.name,
             pct(50),
             pct(99),
@@ -339,6 +450,7 @@ fn cross_host(out: &mut Vec<BenchRecord>) -> Result<()> {
         "message_bytes": RR_MESSAGE, "warmup_round_trips": RR_WARMUP, "rounds": RR_ROUNDS,
         "round_trips_per_round": RR_PER_ROUND,
         "statistic": "percentile of all round trips of all interleaved rounds",
+        "underlay_mtu": underlay_mtu,
         "max_us": stats.iter().map(|(n, _, _, m)| (n.to_string(), json!(m)))
             .collect::<serde_json::Map<_, _>>(),
     });
@@ -347,21 +459,28 @@ fn cross_host(out: &mut Vec<BenchRecord>) -> Result<()> {
     for (name, p50, p99, _) in &stats {
         let (b50, b99) = if *name == "verse" {
             (
-                Some(("rr_latency_p50_vxlan_nft", v50 / x50)),
-                Some(("rr_latency_p99_vxlan_nft", v99 / x99)),
+                Some((format!("rr_latency_p50_vxlan_nft{sfx}"), v50 / x50)),
+                Some((format!("rr_latency_p99_vxlan_nft{sfx}"), v99 / x99)),
             )
         } else {
             (None, None)
         };
+        let b50 = b50.as_ref().map(|(b, r)| (b.as_str(), *r));
+        let b99 = b99.as_ref().map(|(b, r)| (b.as_str(), *r));
         out.push(BenchRecord::new(
-            &format!("rr_latency_p50_{name}"),
+            &format!("rr_latency_p50_{name}{sfx}"),
             *p50,
             "µs",
             b50,
             config.clone(),
         ));
-        let p99_rec =
-            BenchRecord::new(&format!("rr_latency_p99_{name}"), *p99, "µs", b99, config.clone());
+        let p99_rec = BenchRecord::new(
+            &format!("rr_latency_p99_{name}{sfx}"),
+            *p99,
+            "µs",
+            b99,
+            config.clone(),
+        );
         out.push(if *name == "verse" {
             p99_rec.with_target("<= 1.00x", v99 / x99 <= 1.0)
         } else {
@@ -369,6 +488,14 @@ fn cross_host(out: &mut Vec<BenchRecord>) -> Result<()> {
         });
     }
     Ok(())
+}
+
+/// The MTU of `eth0` in the workload namespace `ns`.
+fn workload_mtu(ns: &Netns) -> Result<u32> {
+    let out = ns.exec("cat", &["/sys/class/net/eth0/mtu"]);
+    ensure!(out.status.success(), "read eth0's MTU in {}", ns.name());
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.trim().parse().with_context(|| format!("eth0's MTU in {}: {text:?}", ns.name()))
 }
 
 /// A TCP ping-pong connection across one path: a server thread echoing `RR_MESSAGE`-byte
@@ -446,8 +573,11 @@ impl PingPong {
 // Edit to enforcement across three hosts
 // ---------------------------------------------------------------------------------------------
 
-fn edit_to_enforce(out: &mut Vec<BenchRecord>) -> Result<()> {
-    let fleet = Fleet::start(3);
+/// Edit to enforcement on a fleet of `hosts` hosts (3: client on host 1, target on host 2, API
+/// of host 0; 1: everything on the one host, edited through its own API).
+fn edit_to_enforce(out: &mut Vec<BenchRecord>, hosts: usize) -> Result<()> {
+    let fleet = Fleet::start(hosts);
+    let (client_host, server_host) = (1 % hosts, 2 % hosts);
     let api = fleet.api(0);
     let uni = id(&api.create_universe("edits", UNIVERSE_CIDR), "universe")?;
     let clients = id(&api.create_group(&uni, "clients"), "group")?;
@@ -458,8 +588,8 @@ fn edit_to_enforce(out: &mut Vec<BenchRecord>) -> Result<()> {
         &json!({"direction": "ingress", "protocol": "tcp", "from_port": MEMBERS_PORT,
                 "to_port": MEMBERS_PORT, "group": members}),
     );
-    let client = fleet.endpoint(1, &uni, &CLIENT_IP.to_string(), &[&clients]);
-    let server = fleet.endpoint(2, &uni, &SERVER_IP.to_string(), &[&target]);
+    let client = fleet.endpoint(client_host, &uni, &CLIENT_IP.to_string(), &[&clients]);
+    let server = fleet.endpoint(server_host, &uni, &SERVER_IP.to_string(), &[&target]);
     let _members_listener = listen(&server.ns, MEMBERS_PORT)?;
 
     // The probe must see a denied port as denied, or every figure below would be zero: a port
@@ -546,10 +676,19 @@ fn edit_to_enforce(out: &mut Vec<BenchRecord>) -> Result<()> {
     let worst_of = |v: &[f64]| v.iter().copied().fold(0.0, f64::max);
     let (med, worst) = (median(all.clone()), worst_of(&all));
     eprintln!(
-        "bench_fleet: {EDITS} edits: median {med:.1} ms, worst {worst:.1} ms ({failures} failures)"
+        "bench_fleet: {hosts} host(s), {EDITS} edits: median {med:.1} ms, worst {worst:.1} ms \
+         ({failures} failures)"
     );
+    let placement = if hosts == 1 {
+        "client and target workloads on host 0, API of host 0".to_owned()
+    } else {
+        format!(
+            "client workload on host {client_host}, target workload on host {server_host}, \
+                 API of host 0"
+        )
+    };
     let config = json!({
-        "hosts": 3, "store": "etcd (one member, on the underlay bridge)",
+        "hosts": hosts, "store": "etcd (one member, on the underlay bridge)",
         "edits": EDITS,
         "edit_kinds": {
             "rule": "POST /v1/security-groups/{target}/rules on host 0: ingress TCP <new port> \
@@ -558,7 +697,7 @@ fn edit_to_enforce(out: &mut Vec<BenchRecord>) -> Result<()> {
                            target admits on one TCP port; undone (untimed) before the next edit",
             "order": "alternating, rule first",
         },
-        "placement": "client workload on host 1, target workload on host 2, API of host 0",
+        "placement": placement,
         "clock": "from sending the API request until a TCP handshake from the client completes",
         "probe": format!("a new non-blocking connect every {} ms, up to {PROBE_PENDING} pending",
                          PROBE_INTERVAL.as_millis()),
@@ -569,12 +708,14 @@ fn edit_to_enforce(out: &mut Vec<BenchRecord>) -> Result<()> {
         "api_answer_ms_worst": worst_of(&api_ms),
         "runs_ms": {"rule": ms[0], "membership": ms[1]},
     });
+    // The three-host figures keep the names the stored baseline knows.
+    let prefix = if hosts == 1 { "edit_to_enforce_one_host" } else { "edit_to_enforce" };
     out.push(
-        BenchRecord::new("edit_to_enforce_median_ms", med, "ms", None, config.clone())
+        BenchRecord::new(&format!("{prefix}_median_ms"), med, "ms", None, config.clone())
             .with_target("< 100 ms", med < 100.0),
     );
     out.push(
-        BenchRecord::new("edit_to_enforce_worst_ms", worst, "ms", None, config)
+        BenchRecord::new(&format!("{prefix}_worst_ms"), worst, "ms", None, config)
             .with_target("< 500 ms", worst < 500.0),
     );
     Ok(())

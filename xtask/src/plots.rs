@@ -37,30 +37,42 @@ pub fn draw(records: &[BenchRecord], dir: &Path) -> Result<Vec<String>> {
     let rules = |prefix: &str, suffix: &str, ns: &[u64]| -> Vec<(f64, String)> {
         ns.iter().map(|n| (*n as f64, format!("{prefix}{n}{suffix}"))).collect()
     };
+    // Micro tier: new flows against rules (1 .. 100k) and against distinct CIDR prefixes
+    // (1 .. 100k), with the levels that do not depend on them.
+    let level = |label, name: &str| Series {
+        label,
+        points: value(records, name).map(|v| vec![(1.0, v), (100_000.0, v)]).unwrap_or_default(),
+    };
+    let named = |label, prefix: &str, suffix: &str, xs: &[(f64, &str)]| {
+        let names: Vec<(f64, String)> =
+            xs.iter().map(|(x, n)| (*x, format!("{prefix}{n}{suffix}"))).collect();
+        series(records, label, &names)
+    };
     let micro = [
-        Series {
-            label: "new flow",
-            points: [(10.0, "10"), (10_000.0, "10k"), (100_000.0, "100k")]
-                .iter()
-                .filter_map(|(x, n)| {
-                    value(records, &format!("micro_new_flow_{n}_rules")).map(|v| (*x, v))
-                })
-                .collect(),
-        },
-        Series {
-            label: "established flow",
-            points: value(records, "micro_established")
-                .map(|v| vec![(10.0, v), (100_000.0, v)])
-                .unwrap_or_default(),
-        },
-        Series {
-            label: "empty program",
-            points: value(records, "micro_empty_program")
-                .map(|v| vec![(10.0, v), (100_000.0, v)])
-                .unwrap_or_default(),
-        },
+        named(
+            "new flow vs rules",
+            "micro_new_flow_",
+            "_rules",
+            &[(1.0, "1"), (10.0, "10"), (100.0, "100"), (1e3, "1k"), (1e4, "10k"), (1e5, "100k")],
+        ),
+        named(
+            "new flow vs CIDR prefixes",
+            "micro_new_flow_",
+            "_cidrs",
+            &[(1.0, "1"), (1e3, "1k"), (1e5, "100k")],
+        ),
+        level("established flow", "micro_established"),
+        level("parse only (probe)", "micro_parse_only"),
+        level("empty program (floor)", "micro_empty_program"),
     ];
-    if plot(dir, "micro_rules.png", "from_endpoint: ns per packet vs rules", "ns/packet", &micro)? {
+    if plot(
+        dir,
+        "micro_rules.png",
+        "from_endpoint: ns per packet vs rules / CIDR prefixes",
+        "rules or CIDR prefixes",
+        "ns/packet",
+        &micro,
+    )? {
         written.push("micro_rules.png".to_owned());
     }
 
@@ -71,7 +83,8 @@ pub fn draw(records: &[BenchRecord], dir: &Path) -> Result<Vec<String>> {
         series(records, "iptables-nft chain", &rules("rate_iptables_nft_", "", &n)),
         series(records, "iptables-legacy chain", &rules("rate_iptables_legacy_", "", &n)),
     ];
-    if plot(dir, "rate_rules.png", "Denied traffic dropped: Mpps vs rules", "Mpps", &rate)? {
+    if plot(dir, "rate_rules.png", "Denied traffic dropped: Mpps vs rules", "rules", "Mpps", &rate)?
+    {
         written.push("rate_rules.png".to_owned());
     }
 
@@ -82,14 +95,21 @@ pub fn draw(records: &[BenchRecord], dir: &Path) -> Result<Vec<String>> {
         series(records, "iptables-nft-restore", &rules("control_iptables_nft_", "", &n)),
         series(records, "iptables-legacy-restore", &rules("control_iptables_legacy_", "", &n)),
     ];
-    if plot(dir, "control_rules.png", "Loading rules: ms vs rules", "ms", &control)? {
+    if plot(dir, "control_rules.png", "Loading rules: ms vs rules", "rules", "ms", &control)? {
         written.push("control_rules.png".to_owned());
     }
     Ok(written)
 }
 
 /// One log-log plot; false (and no file) when no series has two points.
-fn plot(dir: &Path, file: &str, title: &str, unit: &str, lines: &[Series]) -> Result<bool> {
+fn plot(
+    dir: &Path,
+    file: &str,
+    title: &str,
+    x_desc: &str,
+    unit: &str,
+    lines: &[Series],
+) -> Result<bool> {
     let lines: Vec<&Series> = lines.iter().filter(|s| s.points.len() >= 2).collect();
     if lines.is_empty() {
         return Ok(false);
@@ -111,7 +131,7 @@ fn plot(dir: &Path, file: &str, title: &str, unit: &str, lines: &[Series]) -> Re
         .map_err(|e| anyhow!("{file}: {e}"))?;
     chart
         .configure_mesh()
-        .x_desc("rules")
+        .x_desc(x_desc)
         .y_desc(unit)
         .draw()
         .map_err(|e| anyhow!("{file}: {e}"))?;
