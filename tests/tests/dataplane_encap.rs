@@ -139,10 +139,10 @@ fn assert_underlay_drop(dp: &Dataplane, if_u: u32, frame: &[u8], reason: DropRea
 
 #[test]
 fn encapsulation_wraps_unwraps_refuses_forgeries_and_answers_too_big() {
-    if !is_root() {
-        eprintln!("skipped: dataplane_encap needs root (bpf, netns, mount)");
-        return;
-    }
+    assert!(
+        is_root(),
+        "dataplane_encap needs root (bpf, netns, mount): run it with `cargo xtask test`"
+    );
     let ns = Netns::new("dpe");
     let dir = TempDir::new("dpe");
     let bpffs = Bpffs::mount(&dir.path().join("bpf"));

@@ -103,10 +103,10 @@ fn drops_of(dp: &Dataplane, reason: DropReason) -> u64 {
 
 #[test]
 fn dataplane_loads_attaches_and_judges_packets() {
-    if !is_root() {
-        eprintln!("skipped: dataplane_load needs root (bpf, netns, mount)");
-        return;
-    }
+    assert!(
+        is_root(),
+        "dataplane_load needs root (bpf, netns, mount): run it with `cargo xtask test`"
+    );
     let ns = Netns::new("dpl");
     let dir = TempDir::new("dpl");
     let bpf_dir = dir.path().join("bpf");
@@ -320,10 +320,10 @@ fn measure(dp: &mut Dataplane, if_a: u32) {
 /// ifindex beyond the slot array live in the hash, transparently.
 #[test]
 fn a_reused_ifindex_never_receives_a_stale_flow() {
-    if !is_root() {
-        eprintln!("skipped: dataplane_load needs root (bpf, netns, mount)");
-        return;
-    }
+    assert!(
+        is_root(),
+        "dataplane_load needs root (bpf, netns, mount): run it with `cargo xtask test`"
+    );
     let ns = Netns::new("dpr");
     let dir = TempDir::new("dpr");
     let bpffs = Bpffs::mount(&dir.path().join("bpf"));
