@@ -32,7 +32,8 @@
 //!    underlay (`RedirectFailed`).
 use aya_ebpf::programs::TcContext;
 use dataplane_common::{
-    capacity, Config, DropReason, Endpoint, Route, RouteKey, DIRECTION_EGRESS, DIRECTION_INGRESS,
+    capacity, Config, CtHop, DropReason, Endpoint, Route, RouteKey, DIRECTION_EGRESS,
+    DIRECTION_INGRESS,
 };
 
 use crate::{
@@ -101,20 +102,15 @@ fn ipv4(
                 None => return Err(DropReason::NoRoute),
             },
         };
-        if hop.ifindex == 0 {
-            if let Some(mtu) = remote_too_big(ctx, config, &ip, &l4)? {
-                return icmp::frag_needed(ctx, endpoint, ifindex, config.gateway_mac, &ip, mtu);
-            }
+        if let Some(mtu) = too_big(ctx, config, &hop, &ip, &l4)? {
+            return icmp::frag_needed(ctx, endpoint, ifindex, config.gateway_mac, &ip, mtu);
         }
         if cached {
             conntrack::refresh(hit, now, l4.tcp_flags);
         } else {
             conntrack::refresh_and_cache(hit, &key, now, l4.tcp_flags, hop);
         }
-        if hop.ifindex != 0 {
-            return deliver::to_endpoint(ctx, hop.ifindex, hop.mac, config.gateway_mac);
-        }
-        return encap::wrap(ctx, config, hop.mac, hop.underlay, endpoint.identity, endpoint.vni);
+        return forward(ctx, endpoint, config, &hop);
     }
     let route = route_of(endpoint.vni, ip.dst);
     if flow::is_icmp_error(ip.proto, l4.icmp_type) {
@@ -127,7 +123,11 @@ fn ipv4(
                 let Some(route) = route else {
                     return Err(DropReason::NoRoute);
                 };
-                return send(ctx, endpoint, ifindex, config, &route, &ip, &l4);
+                let hop = conntrack::hop(&route, epoch);
+                if let Some(mtu) = too_big(ctx, config, &hop, &ip, &l4)? {
+                    return icmp::frag_needed(ctx, endpoint, ifindex, config.gateway_mac, &ip, mtu);
+                }
+                return forward(ctx, endpoint, config, &hop);
             }
         }
     }
@@ -160,17 +160,12 @@ fn ipv4(
     {
         return Err(DropReason::PolicyIngress);
     }
-    if route.ifindex == 0 {
-        if let Some(mtu) = remote_too_big(ctx, config, &ip, &l4)? {
-            return icmp::frag_needed(ctx, endpoint, ifindex, config.gateway_mac, &ip, mtu);
-        }
+    let hop = conntrack::hop(&route, epoch);
+    if let Some(mtu) = too_big(ctx, config, &hop, &ip, &l4)? {
+        return icmp::frag_needed(ctx, endpoint, ifindex, config.gateway_mac, &ip, mtu);
     }
-    let state = conntrack::initial_state(ip.proto, l4.tcp_flags);
-    conntrack::create(&key, now, state, conntrack::hop(&route, epoch));
-    if route.ifindex != 0 {
-        return deliver::to_endpoint(ctx, route.ifindex, route.mac, config.gateway_mac);
-    }
-    encap::wrap(ctx, config, route.mac, route.underlay, endpoint.identity, endpoint.vni)
+    conntrack::create(&key, now, conntrack::initial_state(ip.proto, l4.tcp_flags), hop);
+    forward(ctx, endpoint, config, &hop)
 }
 
 /// The route of (universe, address), copied out.
@@ -197,36 +192,34 @@ fn endpoint_of(ifindex: u32) -> Option<Endpoint> {
     unsafe { VERSE_ENDPOINTS.get(&ifindex) }.copied()
 }
 
-/// Sends an admitted packet that touches no conntrack state (a related ICMP error) on: into a
-/// local endpoint, or wrapped to another host.
+/// Sends an admitted packet on (step 8): into a local endpoint, or wrapped to another host.
+/// The caller has checked [`too_big`] first, so that a refused packet touches no flow.
 #[inline(always)]
-fn send(
+fn forward(
     ctx: &TcContext,
     endpoint: &Endpoint,
-    ifindex: u32,
     config: &Config,
-    route: &Route,
-    ip: &Ipv4,
-    l4: &L4,
+    hop: &CtHop,
 ) -> Result<i32, DropReason> {
-    if route.ifindex != 0 {
-        return deliver::to_endpoint(ctx, route.ifindex, route.mac, config.gateway_mac);
+    if hop.ifindex != 0 {
+        return deliver::to_endpoint(ctx, hop.ifindex, hop.mac, config.gateway_mac);
     }
-    if let Some(mtu) = remote_too_big(ctx, config, ip, l4)? {
-        return icmp::frag_needed(ctx, endpoint, ifindex, config.gateway_mac, ip, mtu);
-    }
-    encap::wrap(ctx, config, route.mac, route.underlay, endpoint.identity, endpoint.vni)
+    encap::wrap(ctx, config, hop.mac, hop.underlay, endpoint.identity, endpoint.vni)
 }
 
-/// For a packet to another host: `NoRoute` without an underlay, else the underlay MTU if the
-/// packet would not fit it once wrapped.
+/// For a packet going to `hop`: nothing for a local receiver; for another host `NoRoute`
+/// without an underlay, else the underlay MTU if the packet would not fit it once wrapped.
 #[inline(always)]
-fn remote_too_big(
+fn too_big(
     ctx: &TcContext,
     config: &Config,
+    hop: &CtHop,
     ip: &Ipv4,
     l4: &L4,
 ) -> Result<Option<u32>, DropReason> {
+    if hop.ifindex != 0 {
+        return Ok(None);
+    }
     if config.underlay_ifindex == 0 {
         return Err(DropReason::NoRoute);
     }
