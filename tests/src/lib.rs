@@ -19,6 +19,7 @@
 //! Several hosts sharing one etcd over an IP underlay: see [`fleet`]. Packets built from literal
 //! bytes: see [`frames`].
 
+use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
@@ -30,6 +31,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use dataplane_common::DropReason;
 pub use serde_json::{json, Value};
 
 pub mod fleet;
@@ -200,7 +202,8 @@ pub fn die_with_parent(cmd: &mut Command) {
     }
 }
 
-/// Whether the test runs as root (tests that need bpf, netns or mount skip otherwise).
+/// Whether the test runs as root. Tests that need bpf, netns or mount assert it first, so
+/// without root they fail with a message saying so (they never pass by skipping).
 pub fn is_root() -> bool {
     // SAFETY: geteuid has no preconditions.
     unsafe { libc::geteuid() == 0 }
@@ -483,6 +486,11 @@ impl Versed {
         self.child.as_ref().map(Child::id)
     }
 
+    /// Whether the daemon was started and not stopped, crashed or reaped since.
+    pub fn is_running(&self) -> bool {
+        self.child.is_some()
+    }
+
     /// Sends SIGTERM and waits (10 s at most) for the daemon to exit; returns its status.
     pub fn stop(&mut self) -> std::process::ExitStatus {
         let mut child = self.child.take().expect("versed is not running");
@@ -609,6 +617,23 @@ impl Host {
     /// answer 201). `groups` empty means "none given", so the endpoint gets `default` (S3).
     pub fn endpoint(&self, universe: &str, ip: &str, groups: &[&str]) -> Workload {
         self.api.create_endpoint(None, universe, ip, groups)
+    }
+
+    /// This host's drop counters, every reason present: `verse_drops_total` of its `/metrics`
+    /// while its daemon runs, else the pinned drop map the daemon's `/metrics` reads (the
+    /// dataplane keeps counting while no daemon runs, and the counts outlive it).
+    pub fn drop_counts(&self) -> BTreeMap<String, u64> {
+        if self.versed.is_running() {
+            drop_counts(&self.api)
+        } else {
+            pinned_drop_counts(self.bpf_dir())
+        }
+    }
+
+    /// This host's drop counter for `reason` (see [`Host::drop_counts`]); panics on a reason
+    /// the dataplane does not have, so a misspelt reason cannot make a test pass.
+    pub fn drops(&self, reason: &str) -> u64 {
+        counter(&self.drop_counts(), reason)
     }
 }
 
@@ -921,25 +946,118 @@ fn decode_chunked(mut data: &[u8]) -> io::Result<Vec<u8>> {
     }
 }
 
-/// The sum of `verse_drops_total` samples with `reason="<reason>"` in `/metrics`.
+/// The `verse_drops_total` counter of `reason` in the `/metrics` of the daemon behind `api`;
+/// panics on a reason the daemon does not report, so a misspelt reason cannot make a test pass.
+/// [`Host::drops`] also works while the daemon is stopped.
 pub fn drops(api: &Api, reason: &str) -> u64 {
-    metric_sum(&api.metrics(), "verse_drops_total", &format!("reason=\"{reason}\""))
+    counter(&drop_counts(api), reason)
 }
 
-/// Sums the samples of `family` whose label set contains `label` (`name="value"`).
-pub fn metric_sum(text: &str, family: &str, label: &str) -> u64 {
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter_map(|l| {
-            let rest = l.strip_prefix(family)?;
-            let (labels, value) = rest.strip_prefix('{')?.split_once('}')?;
-            if !labels.split(',').any(|kv| kv.trim() == label) {
-                return None;
-            }
-            value.split_whitespace().next()?.parse::<f64>().ok()
-        })
-        .map(|v| v as u64)
-        .sum()
+/// Every `verse_drops_total` counter in the `/metrics` of the daemon behind `api`, by reason.
+pub fn drop_counts(api: &Api) -> BTreeMap<String, u64> {
+    let text = api.metrics();
+    let counts = drop_counts_in(&text);
+    assert!(!counts.is_empty(), "no verse_drops_total in /metrics:\n{text}");
+    counts
+}
+
+/// The `verse_drops_total` samples of a `/metrics` text, summed by their `reason` label.
+pub fn drop_counts_in(text: &str) -> BTreeMap<String, u64> {
+    let mut counts = BTreeMap::new();
+    for line in text.lines().filter(|l| !l.starts_with('#')) {
+        let Some((labels, value)) =
+            line.strip_prefix("verse_drops_total{").and_then(|rest| rest.split_once('}'))
+        else {
+            continue;
+        };
+        let reason = labels
+            .split(',')
+            .find_map(|kv| kv.trim().strip_prefix("reason=\""))
+            .and_then(|v| v.strip_suffix('"'));
+        let value = value.split_whitespace().next().and_then(|v| v.parse::<f64>().ok());
+        if let (Some(reason), Some(value)) = (reason, value) {
+            *counts.entry(reason.to_owned()).or_insert(0) += value as u64;
+        }
+    }
+    counts
+}
+
+/// The drop counters of the dataplane whose maps are pinned under `bpf_dir`, by reason label,
+/// read from its `VERSE_DROPS` map (a per-CPU array indexed by reason code) with `bpftool`.
+pub fn pinned_drop_counts(bpf_dir: &Path) -> BTreeMap<String, u64> {
+    let map = bpf_dir.join(dataplane_common::map_names::DROPS);
+    let out = run_ok("bpftool", &["-j", "map", "dump", "pinned", &map.to_string_lossy()]);
+    let entries: Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("bpftool map dump {}: {e}", map.display()));
+    let bytes = |v: &Value| -> Vec<u8> {
+        v.as_array()
+            .unwrap_or_else(|| panic!("bpftool printed {v} for bytes"))
+            .iter()
+            .map(|b| {
+                let b = b.as_str().and_then(|b| b.strip_prefix("0x"));
+                b.and_then(|b| u8::from_str_radix(b, 16).ok())
+                    .unwrap_or_else(|| panic!("bpftool printed {v} for bytes"))
+            })
+            .collect()
+    };
+    let mut counts: BTreeMap<String, u64> =
+        DropReason::ALL.iter().map(|r| (r.label().to_owned(), 0)).collect();
+    for entry in entries.as_array().unwrap_or_else(|| panic!("bpftool printed {entries}")) {
+        let key: [u8; 4] = bytes(&entry["key"]).try_into().expect("a 4-byte key");
+        let Some(reason) = DropReason::from_code(u32::from_le_bytes(key)) else {
+            continue;
+        };
+        for cpu in entry["values"].as_array().expect("per-CPU values") {
+            let value: [u8; 8] = bytes(&cpu["value"]).try_into().expect("an 8-byte counter");
+            *counts.get_mut(reason.label()).expect("every reason") += u64::from_le_bytes(value);
+        }
+    }
+    counts
+}
+
+/// The counter of `reason` in the drop map pinned under `bpf_dir` (see [`pinned_drop_counts`]).
+pub fn pinned_drops(bpf_dir: &Path, reason: DropReason) -> u64 {
+    counter(&pinned_drop_counts(bpf_dir), reason.label())
+}
+
+fn counter(counts: &BTreeMap<String, u64>, reason: &str) -> u64 {
+    *counts
+        .get(reason)
+        .unwrap_or_else(|| panic!("no drop reason {reason:?}; the reasons are {:?}", counts.keys()))
+}
+
+/// How long a drop may take to show in the counters after the probe that caused it returned.
+const COUNTED: Duration = Duration::from_secs(2);
+
+/// Asserts that `probe` is stopped by the dataplane of `host` *for `reason`*: the probe (which
+/// returns whether it got through) must fail, and `host`'s `reason` counter must move.
+///
+/// A probe proves nothing unless it would succeed if the packet arrived: aim it at a listening
+/// TCP or UDP socket (or a workload, which answers echo requests), and show elsewhere in the
+/// test that the same listener answers a peer that is allowed. The counter then says why the
+/// packet did not arrive, so a drop for another reason (or no drop at all: nobody listening)
+/// fails; the message lists the counters that did move.
+#[track_caller]
+pub fn assert_dropped(host: &Host, reason: &str, what: &str, probe: impl FnOnce() -> bool) {
+    let before = host.drop_counts();
+    let was = counter(&before, reason);
+    assert!(!probe(), "{what}: got through, but host {} must drop it ({reason})", host.name());
+    let mut after = before.clone();
+    let counted = wait_until(COUNTED, || {
+        after = host.drop_counts();
+        counter(&after, reason) > was
+    });
+    let moved: BTreeMap<&String, String> = after
+        .iter()
+        .filter(|(k, v)| before.get(*k) != Some(*v))
+        .map(|(k, v)| (k, format!("{} -> {v}", before.get(k).copied().unwrap_or(0))))
+        .collect();
+    assert!(
+        counted,
+        "{what}: did not get through, but host {} did not count it as {reason} (still {was}); \
+         the counters that moved: {moved:?}",
+        host.name()
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1303,6 +1421,35 @@ impl RawIpSocket {
     }
 }
 
+/// The packets of one IP protocol that arrive in a namespace, whatever socket they are for, as
+/// a raw socket sees them: the receiver's view, for probes whose answer could not come back even
+/// if the probe arrived (a forged source address or MAC).
+pub struct Tap {
+    sock: RawIpSocket,
+}
+
+impl Tap {
+    /// Starts seeing packets of protocol `proto` (6 TCP, 17 UDP, 1 ICMP) arriving in `ns`.
+    pub fn open(ns: &Netns, proto: u8) -> Tap {
+        let sock = RawIpSocket::open(ns, proto)
+            .unwrap_or_else(|e| panic!("raw socket {proto} in {}: {e}", ns.name()));
+        Tap { sock }
+    }
+
+    /// Whether a packet from `src` arrives within `timeout` (packets from others are skipped).
+    pub fn saw_from(&self, src: Ipv4Addr, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+            match self.sock.recv(left) {
+                Ok((from, _)) if from == src => return true,
+                Ok(_) => {}
+                Err(_) => return false,
+            }
+        }
+        false
+    }
+}
+
 /// A server answering every packet of IP protocol `proto` with `<banner>:payload`, until dropped.
 pub struct RawIpServer {
     _stopper: Stopper,
@@ -1428,8 +1575,12 @@ mod tests {
     fn sums_drop_counters_by_reason() {
         let text = "# HELP verse_drops_total x\nverse_drops_total{reason=\"policy_ingress\"} 3\n\
                     verse_drops_total{reason=\"spoofed_ip\"} 1\nverse_drops_total{host=\"a\",reason=\"policy_ingress\"} 2\n";
-        assert_eq!(metric_sum(text, "verse_drops_total", "reason=\"policy_ingress\""), 5);
-        assert_eq!(metric_sum(text, "verse_drops_total", "reason=\"no_route\""), 0);
+        let counts = drop_counts_in(text);
+        assert_eq!(counts.get("policy_ingress"), Some(&5));
+        assert_eq!(counts.get("spoofed_ip"), Some(&1));
+        assert_eq!(counts.get("no_route"), None);
+        assert_eq!(counter(&counts, "policy_ingress"), 5);
+        assert!(std::panic::catch_unwind(|| counter(&counts, "policy_ingres")).is_err());
     }
 
     #[test]

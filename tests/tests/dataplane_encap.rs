@@ -2,7 +2,8 @@
 //! endpoint of another host, `from_underlay` unwrapping what another host sent, every forged
 //! case dropped with its reason (S10), and the ICMP "fragmentation needed" of path MTU
 //! discovery. Run through `BPF_PROG_TEST_RUN` on literal frames with maps written by hand (no
-//! compiler, no daemon). Needs root (bpf, netns, mount); skipped otherwise.
+//! compiler, no daemon). Needs root (bpf, netns, mount): without it the test fails at once,
+//! saying so.
 //!
 //! This host is 198.18.0.1 on the underlay device `u0` (MTU 1500). Endpoint A (10.0.0.2,
 //! identity 1) is local; B (10.0.0.3, identity 2) is placed on host 198.18.0.2, C (10.0.0.4,
@@ -18,7 +19,7 @@ use tests::fleet::VXLAN_PORT;
 use tests::frames::{
     checksum, ethernet, ipv4, tcp, udp, vxlan_gbp, ETH_ARP, ETH_IPV4, SYN, SYN_ACK,
 };
-use tests::{is_root, Bpffs, Netns, TempDir};
+use tests::{is_root, pinned_drops, Bpffs, Netns, TempDir};
 use verse::compile::Desired;
 use verse::dataplane::{tc_act, Dataplane};
 
@@ -125,16 +126,17 @@ fn desired(if_a: u32) -> Desired {
     d
 }
 
-fn drops_of(dp: &Dataplane, reason: DropReason) -> u64 {
-    dp.drops().expect("read drop counters")[&reason]
-}
-
 /// Runs `from_underlay` on `frame` and asserts it is dropped and counted as `reason`.
 fn assert_underlay_drop(dp: &Dataplane, if_u: u32, frame: &[u8], reason: DropReason, what: &str) {
-    let before = drops_of(dp, reason);
+    let before = pinned_drops(dp.bpf_dir(), reason);
     let out = dp.test_run_underlay(frame, if_u).expect("run from_underlay");
     assert_eq!(out.return_code, tc_act::SHOT, "{what}: dropped");
-    assert_eq!(drops_of(dp, reason), before + 1, "{what}: counted as {}", reason.label());
+    assert_eq!(
+        pinned_drops(dp.bpf_dir(), reason),
+        before + 1,
+        "{what}: counted as {}",
+        reason.label()
+    );
 }
 
 #[test]
@@ -342,11 +344,15 @@ fn answers_too_big_with_frag_needed(dp: &Dataplane, if_a: u32) {
     assert_eq!(out.return_code, tc_act::REDIRECT);
     assert_eq!(out.packet.len(), 14 + 1500, "a full-size wrapped packet");
 
-    let before = drops_of(dp, DropReason::FragNeeded);
+    let before = pinned_drops(dp.bpf_dir(), DropReason::FragNeeded);
     let big = ipv4(IP_A, IP_B, 6, &tcp(40101, 80, SYN, 1451 - 40));
     let out = dp.test_run(&from_workload(MAC_A, &big), if_a, 1).expect("run");
     assert_eq!(out.return_code, tc_act::REDIRECT, "the error goes back to the workload");
-    assert_eq!(drops_of(dp, DropReason::FragNeeded), before + 1, "counted as frag_needed");
+    assert_eq!(
+        pinned_drops(dp.bpf_dir(), DropReason::FragNeeded),
+        before + 1,
+        "counted as frag_needed"
+    );
     let p = &out.packet;
     assert_eq!(p.len(), 14 + 20 + 8 + 128, "headers and a 128-byte quote");
     assert_eq!(&p[0..6], &MAC_A, "to the sender");

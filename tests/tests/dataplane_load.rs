@@ -1,6 +1,6 @@
 //! The dataplane loads, attaches and judges packets: `from_endpoint` run through
 //! `BPF_PROG_TEST_RUN` on hand-written frames, with maps written by hand (no compiler, no
-//! daemon). Needs root (bpf, netns, mount); skipped otherwise.
+//! daemon). Needs root (bpf, netns, mount): without it each test fails at once, saying so.
 //!
 //! Everything lives in a private network namespace and a private bpffs, both removed on drop,
 //! also when an assertion fails.
@@ -13,7 +13,7 @@ use dataplane_common::{
     DIRECTION_EGRESS, DIRECTION_INGRESS,
 };
 use tests::frames::{arp_request, ethernet, icmp, ipv4, tcp, ETH_IPV4, ETH_IPV6, SYN, SYN_ACK};
-use tests::{is_root, Bpffs, Netns, TempDir};
+use tests::{is_root, pinned_drops, Bpffs, Netns, TempDir};
 use verse::compile::Desired;
 use verse::dataplane::{tc_act, Dataplane};
 
@@ -97,10 +97,6 @@ fn verse_ifindex(iface: &str) -> u32 {
     index
 }
 
-fn drops_of(dp: &Dataplane, reason: DropReason) -> u64 {
-    dp.drops().expect("read drop counters")[&reason]
-}
-
 #[test]
 fn dataplane_loads_attaches_and_judges_packets() {
     assert!(
@@ -163,34 +159,42 @@ fn judge_packets(bpf_dir: &Path, if_a: u32, if_b: u32, if_wa: u32) {
     assert_eq!(ct[0].1.state, ct_state::TCP_ESTABLISHED, "a reply establishes the flow");
 
     // A new flow from B to A is judged by policy: B may send nothing (no egress rule).
-    let before = drops_of(&dp, DropReason::PolicyEgress);
+    let before = pinned_drops(dp.bpf_dir(), DropReason::PolicyEgress);
     let syn_ba = tcp_frame(MAC_B, IP_B, IP_A, 40001, 80, SYN);
     assert_eq!(dp.test_run(&syn_ba, if_b, 1).expect("run").return_code, tc_act::SHOT);
-    assert_eq!(drops_of(&dp, DropReason::PolicyEgress), before + 1, "counted as policy_egress");
+    assert_eq!(
+        pinned_drops(dp.bpf_dir(), DropReason::PolicyEgress),
+        before + 1,
+        "counted as policy_egress"
+    );
 
     // Port 81 is not allowed by B's ingress.
-    let before = drops_of(&dp, DropReason::PolicyIngress);
+    let before = pinned_drops(dp.bpf_dir(), DropReason::PolicyIngress);
     let denied = tcp_frame(MAC_A, IP_A, IP_B, 40000, 81, SYN);
     assert_eq!(dp.test_run(&denied, if_a, 1).expect("run").return_code, tc_act::SHOT);
-    assert_eq!(drops_of(&dp, DropReason::PolicyIngress), before + 1, "counted as policy_ingress");
+    assert_eq!(
+        pinned_drops(dp.bpf_dir(), DropReason::PolicyIngress),
+        before + 1,
+        "counted as policy_ingress"
+    );
 
     // Spoofed source IP (S10).
-    let before = drops_of(&dp, DropReason::SpoofedIp);
+    let before = pinned_drops(dp.bpf_dir(), DropReason::SpoofedIp);
     let spoofed = tcp_frame(MAC_A, [10, 0, 0, 9], IP_B, 40000, 80, SYN);
     assert_eq!(dp.test_run(&spoofed, if_a, 1).expect("run").return_code, tc_act::SHOT);
-    assert_eq!(drops_of(&dp, DropReason::SpoofedIp), before + 1);
+    assert_eq!(pinned_drops(dp.bpf_dir(), DropReason::SpoofedIp), before + 1);
 
     // Spoofed source MAC (S10).
-    let before = drops_of(&dp, DropReason::SpoofedMac);
+    let before = pinned_drops(dp.bpf_dir(), DropReason::SpoofedMac);
     let spoofed = tcp_frame([0x02, 0, 0, 0, 0, 0x99], IP_A, IP_B, 40000, 80, SYN);
     assert_eq!(dp.test_run(&spoofed, if_a, 1).expect("run").return_code, tc_act::SHOT);
-    assert_eq!(drops_of(&dp, DropReason::SpoofedMac), before + 1);
+    assert_eq!(pinned_drops(dp.bpf_dir(), DropReason::SpoofedMac), before + 1);
 
     // The gateway address is no endpoint.
-    let before = drops_of(&dp, DropReason::NoRoute);
+    let before = pinned_drops(dp.bpf_dir(), DropReason::NoRoute);
     let to_gw = tcp_frame(MAC_A, IP_A, GATEWAY, 40000, 80, SYN);
     assert_eq!(dp.test_run(&to_gw, if_a, 1).expect("run").return_code, tc_act::SHOT);
-    assert_eq!(drops_of(&dp, DropReason::NoRoute), before + 1);
+    assert_eq!(pinned_drops(dp.bpf_dir(), DropReason::NoRoute), before + 1);
 
     // ARP for the gateway is answered in place with the gateway MAC, back to the asker.
     let req = arp_request(MAC_A, IP_A, GATEWAY);
@@ -206,16 +210,16 @@ fn judge_packets(bpf_dir: &Path, if_a: u32, if_b: u32, if_wa: u32) {
     assert_eq!(&p[38..42], &IP_A, "target IP");
 
     // ARP for one's own address (duplicate address detection) stays unanswered.
-    let before = drops_of(&dp, DropReason::ArpUnanswered);
+    let before = pinned_drops(dp.bpf_dir(), DropReason::ArpUnanswered);
     let dad = arp_request(MAC_A, [0; 4], IP_A);
     assert_eq!(dp.test_run(&dad, if_a, 1).expect("run").return_code, tc_act::SHOT);
-    assert_eq!(drops_of(&dp, DropReason::ArpUnanswered), before + 1);
+    assert_eq!(pinned_drops(dp.bpf_dir(), DropReason::ArpUnanswered), before + 1);
 
     // An unknown interface is no endpoint: the workload side wa has no entry.
-    let before = drops_of(&dp, DropReason::UnknownEndpoint);
+    let before = pinned_drops(dp.bpf_dir(), DropReason::UnknownEndpoint);
     let out = dp.test_run(&syn, if_wa, 1).expect("run on wa");
     assert_eq!(out.return_code, tc_act::SHOT);
-    assert_eq!(drops_of(&dp, DropReason::UnknownEndpoint), before + 1);
+    assert_eq!(pinned_drops(dp.bpf_dir(), DropReason::UnknownEndpoint), before + 1);
 
     // IPv4 options are skipped (L4 at IHL*4): a SYN with a 4-byte NOP option header is judged
     // like any SYN.
@@ -226,23 +230,23 @@ fn judge_packets(bpf_dir: &Path, if_a: u32, if_b: u32, if_wa: u32) {
     assert_eq!(dp.test_run(&with_options, if_a, 1).expect("run").return_code, tc_act::REDIRECT);
 
     // Fragments cannot be judged by port (S11).
-    let before = drops_of(&dp, DropReason::Fragment);
+    let before = pinned_drops(dp.bpf_dir(), DropReason::Fragment);
     let mut fragment = tcp_frame(MAC_A, IP_A, IP_B, 40000, 80, SYN);
     fragment[20] = 0x20; // MF
     assert_eq!(dp.test_run(&fragment, if_a, 1).expect("run").return_code, tc_act::SHOT);
-    assert_eq!(drops_of(&dp, DropReason::Fragment), before + 1);
+    assert_eq!(pinned_drops(dp.bpf_dir(), DropReason::Fragment), before + 1);
 
     // A truncated TCP header.
-    let before = drops_of(&dp, DropReason::MalformedL4);
+    let before = pinned_drops(dp.bpf_dir(), DropReason::MalformedL4);
     let short = ethernet(GATEWAY_MAC, MAC_A, ETH_IPV4, &ipv4(IP_A, IP_B, 6, &[0, 1, 0, 80]));
     assert_eq!(dp.test_run(&short, if_a, 1).expect("run").return_code, tc_act::SHOT);
-    assert_eq!(drops_of(&dp, DropReason::MalformedL4), before + 1);
+    assert_eq!(pinned_drops(dp.bpf_dir(), DropReason::MalformedL4), before + 1);
 
     // IPv6 is dropped, not passed (S11).
-    let before = drops_of(&dp, DropReason::Ipv6Unsupported);
+    let before = pinned_drops(dp.bpf_dir(), DropReason::Ipv6Unsupported);
     let v6 = ethernet(GATEWAY_MAC, MAC_A, ETH_IPV6, &[0x60; 40]);
     assert_eq!(dp.test_run(&v6, if_a, 1).expect("run").return_code, tc_act::SHOT);
-    assert_eq!(drops_of(&dp, DropReason::Ipv6Unsupported), before + 1);
+    assert_eq!(pinned_drops(dp.bpf_dir(), DropReason::Ipv6Unsupported), before + 1);
 
     // An ICMP error from B about the tracked A->B flow reaches A without any ICMP rule (S6);
     // the same error quoting an untracked flow is judged by policy (B has no egress rule).
@@ -253,10 +257,10 @@ fn judge_packets(bpf_dir: &Path, if_a: u32, if_b: u32, if_wa: u32) {
     };
     let out = dp.test_run(&icmp_error(40000), if_b, 1).expect("run ICMP error");
     assert_eq!(out.return_code, tc_act::REDIRECT, "related ICMP error admitted");
-    let before = drops_of(&dp, DropReason::PolicyEgress);
+    let before = pinned_drops(dp.bpf_dir(), DropReason::PolicyEgress);
     assert_eq!(dp.test_run(&icmp_error(1), if_b, 1).expect("run").return_code, tc_act::SHOT);
     assert_eq!(
-        drops_of(&dp, DropReason::PolicyEgress),
+        pinned_drops(dp.bpf_dir(), DropReason::PolicyEgress),
         before + 1,
         "unrelated error judged by policy"
     );
@@ -406,15 +410,15 @@ fn reused_ifindex(bpf_dir: &Path, if_a: u32, if_b: u32, if_c: u32, if_d: u32) {
     assert!(dp.epoch().expect("epoch") > epoch, "the edit bumped the epoch");
     assert_eq!(dp.read().expect("read"), ac);
     // The flow to B is still tracked, but nothing delivers it: B has no route.
-    let before = drops_of(&dp, DropReason::NoRoute);
+    let before = pinned_drops(dp.bpf_dir(), DropReason::NoRoute);
     for _ in 0..3 {
         assert_eq!(dp.test_run(&ack, if_a, 1).expect("run").return_code, tc_act::SHOT);
     }
-    assert_eq!(drops_of(&dp, DropReason::NoRoute), before + 3, "no_route, not C");
+    assert_eq!(pinned_drops(dp.bpf_dir(), DropReason::NoRoute), before + 3, "no_route, not C");
     // B's old frames on that interface are C's now: spoofed (S10).
-    let before = drops_of(&dp, DropReason::SpoofedMac);
+    let before = pinned_drops(dp.bpf_dir(), DropReason::SpoofedMac);
     assert_eq!(dp.test_run(&syn_ack, if_b, 1).expect("run").return_code, tc_act::SHOT);
-    assert_eq!(drops_of(&dp, DropReason::SpoofedMac), before + 1);
+    assert_eq!(pinned_drops(dp.bpf_dir(), DropReason::SpoofedMac), before + 1);
     // C gets its own flows.
     let syn_c = tcp_frame(MAC_A, IP_A, IP_C, 41002, 80, SYN);
     let out = dp.test_run(&syn_c, if_a, 1).expect("run");
@@ -436,8 +440,8 @@ fn reused_ifindex(bpf_dir: &Path, if_a: u32, if_b: u32, if_c: u32, if_d: u32) {
     // Removing D clears the hash entry; removing the rest clears the slots.
     dp.apply(&acb, &Desired::default()).expect("apply removal");
     assert_eq!(dp.read().expect("read"), Desired::default());
-    let before = drops_of(&dp, DropReason::UnknownEndpoint);
+    let before = pinned_drops(dp.bpf_dir(), DropReason::UnknownEndpoint);
     assert_eq!(dp.test_run(&syn_d, if_d, 1).expect("run").return_code, tc_act::SHOT);
     assert_eq!(dp.test_run(&ack, if_a, 1).expect("run").return_code, tc_act::SHOT);
-    assert_eq!(drops_of(&dp, DropReason::UnknownEndpoint), before + 2);
+    assert_eq!(pinned_drops(dp.bpf_dir(), DropReason::UnknownEndpoint), before + 2);
 }
