@@ -1,6 +1,4 @@
 //! What each kind of rule admits (S1, S4, S6), seen from the workloads.
-use std::time::Duration;
-
 use tests::*;
 
 fn id(v: &Value) -> &str {
@@ -28,12 +26,9 @@ fn cidr_rule_admits_sources_inside_the_cidr_only() {
         tcp_roundtrip(&inside.ns, server.ip, 7000, "in", ALLOWED).as_deref(),
         Some("srv:in")
     );
-    let before = drops(api, "policy_ingress");
-    assert!(
-        !tcp_connect(&outside.ns, server.ip, 7000, DENIED),
-        "a source outside 10.20.1.0/24 must be refused"
-    );
-    assert!(wait_until(Duration::from_secs(2), || drops(api, "policy_ingress") > before));
+    assert_dropped(&host, "policy_ingress", "a source outside 10.20.1.0/24", || {
+        tcp_connect(&outside.ns, server.ip, 7000, DENIED)
+    });
 }
 
 /// S5: a group peer admits the members of that group and nobody else.
@@ -57,8 +52,12 @@ fn group_rule_admits_members_of_the_peer_group_only() {
         tcp_connect(&member.ns, server.ip, 7000, ALLOWED),
         "a member of the peer group is admitted"
     );
-    assert!(!tcp_connect(&stranger.ns, server.ip, 7000, DENIED), "a non-member is refused");
-    assert!(!ping(&member.ns, server.ip), "the rule admits TCP 7000 only, not ping");
+    assert_dropped(&host, "policy_ingress", "a non-member -> TCP 7000", || {
+        tcp_connect(&stranger.ns, server.ip, 7000, DENIED)
+    });
+    assert_dropped(&host, "policy_ingress", "the rule admits TCP 7000 only, not ping", || {
+        ping(&member.ns, server.ip)
+    });
 }
 
 /// S4: a port range is inclusive at both ends and admits nothing just outside it, for TCP and
@@ -85,10 +84,9 @@ fn port_range_admits_ports_inside_and_refuses_ports_just_outside() {
         );
     }
     for port in [7999, 8011] {
-        assert!(
-            !tcp_connect(&client.ns, server.ip, port, DENIED),
-            "TCP {port} is just outside 8000-8010"
-        );
+        assert_dropped(&host, "policy_ingress", &format!("TCP {port}, outside 8000-8010"), || {
+            tcp_connect(&client.ns, server.ip, port, DENIED)
+        });
     }
     for port in [9001, 9003] {
         assert_eq!(
@@ -98,10 +96,23 @@ fn port_range_admits_ports_inside_and_refuses_ports_just_outside() {
         );
     }
     for port in [9000, 9004] {
+        assert_dropped(&host, "policy_ingress", &format!("UDP {port}, outside 9001-9003"), || {
+            udp_roundtrip(&client.ns, server.ip, port, "p", DENIED).is_some()
+        });
+    }
+    // The listeners just outside the ranges answer once a rule admits them.
+    api.add_rule(
+        id(&srv),
+        &json!({"direction": "ingress", "protocol": "all", "cidr": "10.22.0.20/32"}),
+    );
+    for port in [7999, 8011] {
+        assert!(tcp_connect(&client.ns, server.ip, port, ALLOWED), "TCP {port} listens");
+    }
+    for port in [9000, 9004] {
         assert_eq!(
-            udp_roundtrip(&client.ns, server.ip, port, "p", DENIED),
-            None,
-            "UDP {port} is outside 9001-9003"
+            udp_roundtrip(&client.ns, server.ip, port, "p", ALLOWED).as_deref(),
+            Some("u:p"),
+            "UDP {port} listens"
         );
     }
 }
@@ -118,7 +129,13 @@ fn protocol_all_admits_tcp_udp_and_icmp() {
     let client = host.endpoint(id(&uni), "10.23.0.20", &[id(&cli)]);
     let _tcp = TcpServer::start(&server.ns, 4242, "s");
     let _udp = UdpServer::start(&server.ns, 5353, "s");
-    assert!(!ping(&client.ns, server.ip), "no rule yet");
+    assert_dropped(&host, "policy_ingress", "ping, no rule yet", || ping(&client.ns, server.ip));
+    assert_dropped(&host, "policy_ingress", "TCP, no rule yet", || {
+        tcp_connect(&client.ns, server.ip, 4242, DENIED)
+    });
+    assert_dropped(&host, "policy_ingress", "UDP, no rule yet", || {
+        udp_roundtrip(&client.ns, server.ip, 5353, "u", DENIED).is_some()
+    });
 
     api.add_rule(id(&srv), &json!({"direction": "ingress", "protocol": "all", "group": id(&cli)}));
     assert!(ping(&client.ns, server.ip), "protocol all admits ICMP");
@@ -148,8 +165,17 @@ fn icmp_type_rule_admits_the_named_type_only() {
 
     assert!(ping(&client.ns, s_echo.ip), "icmp type 8 code any admits echo requests");
     assert!(ping(&client.ns, s_exact.ip), "icmp type 8 code 0 admits echo requests");
-    assert!(!ping(&client.ns, s_stamp.ip), "icmp type 13 does not admit echo requests");
-    assert!(!tcp_connect(&client.ns, s_echo.ip, 7000, DENIED), "an ICMP rule admits no TCP");
+    assert_dropped(&host, "policy_ingress", "icmp type 13 does not admit echo requests", || {
+        ping(&client.ns, s_stamp.ip)
+    });
+    assert_dropped(&host, "policy_ingress", "an ICMP rule admits no TCP", || {
+        tcp_connect(&client.ns, s_echo.ip, 7000, DENIED)
+    });
+    // Both refused workloads answer once a rule admits them.
+    api.add_rule(id(&stamp), &json!({"direction": "ingress", "protocol": "icmp", "icmp_type": 8, "icmp_code": -1, "cidr": all}));
+    api.add_rule(id(&echo), &json!({"direction": "ingress", "protocol": "tcp", "from_port": 7000, "to_port": 7000, "cidr": all}));
+    assert!(ping(&client.ns, s_stamp.ip), "the timestamp-only endpoint answers echo requests");
+    assert!(tcp_connect(&client.ns, s_echo.ip, 7000, ALLOWED), "TCP 7000 listens");
 }
 
 /// S6: replies of an allowed flow pass although the server has no egress rule at all and the
@@ -186,15 +212,22 @@ fn replies_of_allowed_flows_pass_whatever_the_other_sides_rules() {
         "S6: UDP replies pass"
     );
 
-    let before = drops(api, "policy_egress") + drops(api, "policy_ingress");
-    assert!(
-        !tcp_connect(&server.ns, client.ip, 7000, DENIED),
-        "a new flow from the server is refused"
+    // The server's group has no egress rule: its new flows stop at its own egress.
+    assert_dropped(&host, "policy_egress", "a new TCP flow from the server", || {
+        tcp_connect(&server.ns, client.ip, 7000, DENIED)
+    });
+    assert_dropped(&host, "policy_egress", "a new ping from the server", || {
+        ping(&server.ns, client.ip)
+    });
+    // Once both sides' rules allow it, the same listener answers the server.
+    api.add_rule(id(&srv), &json!({"direction": "egress", "protocol": "all", "cidr": "0.0.0.0/0"}));
+    api.add_rule(id(&cli), &json!({"direction": "ingress", "protocol": "all", "group": id(&srv)}));
+    assert_eq!(
+        tcp_roundtrip(&server.ns, client.ip, 7000, "r", ALLOWED).as_deref(),
+        Some("c:r"),
+        "the client's listener answers a flow the rules allow"
     );
-    assert!(!ping(&server.ns, client.ip), "a new ping from the server is refused");
-    assert!(wait_until(Duration::from_secs(2), || drops(api, "policy_egress")
-        + drops(api, "policy_ingress")
-        > before));
+    assert!(ping(&server.ns, client.ip), "and the client answers pings");
 }
 
 /// S6: the ICMP port unreachable that answers an allowed UDP datagram to a closed port reaches
@@ -211,6 +244,7 @@ fn icmp_error_related_to_an_allowed_flow_reaches_the_client() {
     api.clear_egress(id(&srv));
     let server = host.endpoint(id(&uni), "10.26.0.10", &[id(&srv)]);
     let client = host.endpoint(id(&uni), "10.26.0.20", &[id(&cli)]);
+    let _udp9001 = UdpServer::start(&server.ns, 9001, "s");
 
     // Nothing listens on 9000: the server's kernel answers with ICMP port unreachable.
     assert_eq!(
@@ -218,10 +252,16 @@ fn icmp_error_related_to_an_allowed_flow_reaches_the_client() {
         UdpOutcome::Refused,
         "S6: the port unreachable of an allowed flow must reach the client"
     );
+    // 9001 listens, but the rules refuse it: no answer, no error, counted.
+    assert_dropped(&host, "policy_ingress", "a datagram the rules refuse (UDP 9001)", || {
+        udp_exchange(&client.ns, None, server.ip, 9001, "knock", DENIED) != UdpOutcome::Timeout
+    });
+    // The same listener answers once a rule admits 9001.
+    api.add_rule(id(&srv), &json!({"direction": "ingress", "protocol": "udp", "from_port": 9001, "to_port": 9001, "group": id(&cli)}));
     assert_eq!(
-        udp_exchange(&client.ns, None, server.ip, 9001, "knock", DENIED),
-        UdpOutcome::Timeout,
-        "a datagram the rules refuse is dropped silently"
+        udp_roundtrip(&client.ns, server.ip, 9001, "knock", ALLOWED).as_deref(),
+        Some("s:knock"),
+        "9001 listens"
     );
 }
 
@@ -244,14 +284,15 @@ fn protocol_number_rule_admits_that_protocol_and_its_replies() {
     let _p254 = RawIpServer::start(&server.ns, 254, "s");
 
     assert_eq!(raw_ip_roundtrip(&client.ns, server.ip, 253, "x", ALLOWED).as_deref(), Some("s:x"));
-    let before = drops(api, "policy_ingress");
-    assert_eq!(
-        raw_ip_roundtrip(&client.ns, server.ip, 254, "x", DENIED),
-        None,
-        "protocol 254 has no rule"
-    );
-    assert!(wait_until(Duration::from_secs(2), || drops(api, "policy_ingress") > before));
-    assert!(!ping(&client.ns, server.ip), "a protocol-253 rule admits no ICMP");
+    assert_dropped(&host, "policy_ingress", "protocol 254 has no rule", || {
+        raw_ip_roundtrip(&client.ns, server.ip, 254, "x", DENIED).is_some()
+    });
+    assert_dropped(&host, "policy_ingress", "a protocol-253 rule admits no ICMP", || {
+        ping(&client.ns, server.ip)
+    });
+    // The same server answers protocol 254 once a rule admits it.
+    api.add_rule(id(&srv), &json!({"direction": "ingress", "protocol": 254, "group": id(&cli)}));
+    assert_eq!(raw_ip_roundtrip(&client.ns, server.ip, 254, "x", ALLOWED).as_deref(), Some("s:x"));
 }
 
 /// S1: all rules of all groups of an endpoint form one union. One source matches a /16 rule
@@ -286,13 +327,14 @@ fn overlapping_cidr_and_group_rules_of_several_groups_all_apply() {
             "S1: port {port} is admitted by one of the rules"
         );
     }
-    assert!(!tcp_connect(&client.ns, server.ip, 7004, DENIED), "no rule admits 7004");
+    assert_dropped(&host, "policy_ingress", "no rule admits 7004", || {
+        tcp_connect(&client.ns, server.ip, 7004, DENIED)
+    });
     assert!(tcp_connect(&other.ns, server.ip, 7000, ALLOWED), "10.28.2.10 is in the /16");
     for port in 7001..=7003 {
-        assert!(
-            !tcp_connect(&other.ns, server.ip, port, DENIED),
-            "10.28.2.10 matches no rule for {port}"
-        );
+        assert_dropped(&host, "policy_ingress", &format!("10.28.2.10 -> {port}: no rule"), || {
+            tcp_connect(&other.ns, server.ip, port, DENIED)
+        });
     }
 }
 
@@ -317,8 +359,14 @@ fn egress_rules_limit_what_a_member_may_open() {
     let _s1 = TcpServer::start(&server.ns, 7001, "s");
 
     assert!(tcp_connect(&client.ns, server.ip, 7000, ALLOWED), "egress admits TCP 7000");
-    let before = drops(api, "policy_egress");
-    assert!(!tcp_connect(&client.ns, server.ip, 7001, DENIED), "egress has no rule for 7001");
-    assert!(!ping(&client.ns, server.ip), "egress has no rule for ICMP");
-    assert!(wait_until(Duration::from_secs(2), || drops(api, "policy_egress") >= before + 2));
+    assert_dropped(&host, "policy_egress", "egress has no rule for TCP 7001", || {
+        tcp_connect(&client.ns, server.ip, 7001, DENIED)
+    });
+    assert_dropped(&host, "policy_egress", "egress has no rule for ICMP", || {
+        ping(&client.ns, server.ip)
+    });
+    // Another endpoint, whose egress allows all, reaches the same listener and pings.
+    let free = host.endpoint(id(&uni), "10.29.0.30", &[]);
+    assert!(tcp_connect(&free.ns, server.ip, 7001, ALLOWED), "TCP 7001 listens");
+    assert!(ping(&free.ns, server.ip), "the server answers pings");
 }
