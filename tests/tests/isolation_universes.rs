@@ -53,50 +53,73 @@ fn identical_addresses_in_two_universes_reach_only_their_own_peer() {
     assert_eq!(u_blue.sources().len(), 3, "blue's server saw only blue's three datagrams");
 }
 
-/// A port open only in the other universe is not reachable, and an address that exists only in
-/// the other universe has no route (`no_route` counted).
+/// Blue's rules admit anyone (all protocols from 0.0.0.0/0), so only the isolation of
+/// universes stands between red and blue. A port open only in blue, at an address both have, is
+/// answered by red's own endpoint (whose answer says so) and never by blue's listener; an
+/// address that exists only in blue has no route from red (`no_route`, per probe), although it
+/// listens and blue's own client reaches it.
 #[test]
 fn services_and_addresses_of_another_universe_are_unreachable() {
     let host = Host::start();
     let api = &host.api;
     let red = api.create_universe("red", "10.41.0.0/24");
     let blue = api.create_universe("blue", "10.41.0.0/24");
+    let open = api.create_group(id(&blue), "open");
+    api.add_rule(
+        id(&open),
+        &json!({"direction": "ingress", "protocol": "all", "cidr": "0.0.0.0/0"}),
+    );
     let red_c = host.endpoint(id(&red), "10.41.0.10", &[]);
-    let _red_s = host.endpoint(id(&red), "10.41.0.20", &[]);
-    let blue_s = host.endpoint(id(&blue), "10.41.0.20", &[]);
-    let blue_only = host.endpoint(id(&blue), "10.41.0.30", &[]);
-    let listener = TcpServer::start(&blue_s.ns, 7002, "blue");
-    let _l2 = TcpServer::start(&blue_only.ns, 7002, "blue");
-    let blue_udp = UdpServer::start(&blue_only.ns, 7003, "blue");
+    let red_s = host.endpoint(id(&red), "10.41.0.20", &[]);
+    let blue_s = host.endpoint(id(&blue), "10.41.0.20", &[id(&open)]);
+    let blue_only = host.endpoint(id(&blue), "10.41.0.30", &[id(&open)]);
     let blue_c = host.endpoint(id(&blue), "10.41.0.10", &[]);
-    assert!(
-        tcp_connect(&blue_c.ns, blue_s.ip, 7002, ALLOWED),
+    let listener = TcpServer::start(&blue_s.ns, 7002, "blue");
+    let _red_listener = TcpServer::start(&red_s.ns, 7002, "red");
+    let only_tcp = TcpServer::start(&blue_only.ns, 7002, "blue-only");
+    let only_udp = UdpServer::start(&blue_only.ns, 7003, "blue-only");
+
+    // Blue's own client reaches every listener (so a refusal below is not a dead listener).
+    assert_eq!(
+        tcp_roundtrip(&blue_c.ns, blue_s.ip, 7002, "b", ALLOWED).as_deref(),
+        Some("blue:b"),
         "blue's own client reaches the port"
     );
+    assert_eq!(
+        tcp_roundtrip(&blue_c.ns, blue_only.ip, 7002, "b", ALLOWED).as_deref(),
+        Some("blue-only:b")
+    );
+    assert_eq!(
+        udp_roundtrip(&blue_c.ns, blue_only.ip, 7003, "b", ALLOWED).as_deref(),
+        Some("blue-only:b")
+    );
+    assert!(ping(&blue_c.ns, blue_only.ip), "blue's own client pings 10.41.0.30");
+    // The accept loop counts asynchronously: wait until blue's own connections are counted.
+    assert!(
+        wait_until(Duration::from_secs(2), || listener.accepted() == 1 && only_tcp.accepted() == 1),
+        "blue's connections were accepted"
+    );
 
-    // The accept loop counts asynchronously: wait until blue's own connection is counted.
-    assert!(
-        wait_until(Duration::from_secs(2), || listener.accepted() == 1),
-        "blue's connection was accepted"
+    // 10.41.0.20 exists in both: red's client gets red's answer, blue's listener nothing.
+    assert_eq!(
+        tcp_roundtrip(&red_c.ns, blue_s.ip, 7002, "r", ALLOWED).as_deref(),
+        Some("red:r"),
+        "red's client reaches red's 10.41.0.20, not blue's"
     );
-    let accepted = listener.accepted();
-    assert!(
-        !tcp_connect(&red_c.ns, blue_s.ip, 7002, DENIED),
-        "red must not reach a port open only in blue"
-    );
-    // A connection from red would have been accepted well within the probe's second.
-    assert_eq!(listener.accepted(), accepted, "blue's listener accepted nothing from red");
-
-    let before = drops(api, "no_route");
-    assert!(!ping(&red_c.ns, blue_only.ip), "10.41.0.30 exists only in blue");
-    assert!(!tcp_connect(&red_c.ns, blue_only.ip, 7002, DENIED), "10.41.0.30 exists only in blue");
-    assert_eq!(udp_roundtrip(&red_c.ns, blue_only.ip, 7003, "x", DENIED), None);
-    assert!(blue_udp.sources().is_empty(), "blue's UDP server received nothing from red");
-    assert!(
-        wait_until(Duration::from_secs(2), || drops(api, "no_route") >= before + 3),
-        "verse_drops_total{{reason=\"no_route\"}} moved from {before} to {}",
-        drops(api, "no_route")
-    );
+    // 10.41.0.30 exists only in blue.
+    assert_dropped(&host, "no_route", "red ping 10.41.0.30 (only in blue)", || {
+        ping(&red_c.ns, blue_only.ip)
+    });
+    assert_dropped(&host, "no_route", "red TCP 10.41.0.30:7002 (only in blue)", || {
+        tcp_connect(&red_c.ns, blue_only.ip, 7002, DENIED)
+    });
+    assert_dropped(&host, "no_route", "red UDP 10.41.0.30:7003 (only in blue)", || {
+        udp_roundtrip(&red_c.ns, blue_only.ip, 7003, "x", DENIED).is_some()
+    });
+    // A connection from red would have been accepted well within the probes' seconds.
+    assert_eq!(listener.accepted(), 1, "blue's listener accepted nothing from red");
+    assert_eq!(only_tcp.accepted(), 1, "blue-only's listener accepted nothing from red");
+    assert_eq!(only_udp.sources().len(), 1, "blue's UDP server received blue's datagram only");
 }
 
 /// A universe with two CIDRs is one network: endpoints in either CIDR reach each other (each
