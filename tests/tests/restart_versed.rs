@@ -23,7 +23,8 @@ fn snapshot(api: &Api) -> Value {
 
 /// While `versed` is stopped with SIGTERM and started again: a long-lived TCP connection keeps
 /// exchanging data (also while no daemon runs), a denied flow probed in a loop never gets
-/// through, universes, groups and endpoints survive, and an edit made afterwards takes effect.
+/// through and every probe is counted `policy_ingress` (the pinned counters outlive the
+/// daemon), universes, groups and endpoints survive, and an edit made afterwards takes effect.
 #[test]
 fn restart_keeps_connections_policy_and_state() {
     let mut host = Host::start();
@@ -44,11 +45,11 @@ fn restart_keeps_connections_policy_and_state() {
     let mut conn =
         TcpConn::open(&client.ns, server.ip, 7000, ALLOWED).expect("the rule admits the client");
     assert_eq!(conn.exchange("before", ALLOWED).unwrap(), "s:before");
-    assert!(
-        !tcp_connect(&intruder.ns, server.ip, 7000, DENIED),
-        "the intruder is refused before the restart"
-    );
+    assert_dropped(&host, "policy_ingress", "the intruder before the restart", || {
+        tcp_connect(&intruder.ns, server.ip, 7000, DENIED)
+    });
     let before = snapshot(&api);
+    let refused_before = host.drops("policy_ingress");
 
     let stop = AtomicBool::new(false);
     let probes = AtomicU32::new(0);
@@ -86,7 +87,11 @@ fn restart_keeps_connections_policy_and_state() {
         }
     });
     assert_eq!(breaches.load(Ordering::SeqCst), 0, "a denied probe got through during the restart");
-    assert!(probes.load(Ordering::SeqCst) >= 7, "the probe loop ran");
+    let probes = u64::from(probes.load(Ordering::SeqCst));
+    assert!(probes >= 7, "the probe loop ran");
+    // Each probe's SYN (at least one each) was refused by policy, not lost for another reason.
+    let refused = host.drops("policy_ingress") - refused_before;
+    assert!(refused >= probes, "{probes} probes, {refused} policy_ingress drops");
 
     for i in 0..3 {
         let msg = format!("after-{i}");
@@ -100,7 +105,9 @@ fn restart_keeps_connections_policy_and_state() {
         tcp_connect(&client.ns, server.ip, 7000, ALLOWED),
         "new allowed connections after the restart"
     );
-    assert!(!tcp_connect(&intruder.ns, server.ip, 7000, DENIED), "still refused after the restart");
+    assert_dropped(&host, "policy_ingress", "the intruder after the restart", || {
+        tcp_connect(&intruder.ns, server.ip, 7000, DENIED)
+    });
 
     let rule = api.add_rule(
         id(&srv),
@@ -111,7 +118,9 @@ fn restart_keeps_connections_policy_and_state() {
         "an edit after the restart takes effect"
     );
     api.delete_rule(id(&srv), id(&rule));
-    assert!(!tcp_connect(&intruder.ns, server.ip, 7000, DENIED), "and so does its removal");
+    assert_dropped(&host, "policy_ingress", "the intruder once its rule is removed again", || {
+        tcp_connect(&intruder.ns, server.ip, 7000, DENIED)
+    });
     let late = host.endpoint(id(&uni), "10.60.0.40", &[id(&cli)]);
     assert!(
         tcp_connect(&late.ns, server.ip, 7000, ALLOWED),
@@ -153,7 +162,10 @@ fn a_crashed_daemon_comes_back_without_losing_state_or_opening_holes() {
 
     host.versed.crash();
     assert_eq!(conn.exchange("down", ALLOWED).expect("the dataplane keeps forwarding"), "s:down");
-    assert!(!tcp_connect(&stranger.ns, server.ip, 7000, DENIED), "and keeps refusing");
+    // Read from the pinned drop map: no daemon serves /metrics.
+    assert_dropped(&host, "policy_ingress", "the stranger while no daemon runs", || {
+        tcp_connect(&stranger.ns, server.ip, 7000, DENIED)
+    });
     host.versed.start_again();
 
     assert_eq!(snapshot(&api), before, "state survives a crash");
@@ -165,11 +177,15 @@ fn a_crashed_daemon_comes_back_without_losing_state_or_opening_holes() {
         revision(&api)
     );
     assert_eq!(conn.exchange("up", ALLOWED).expect("the connection survives"), "s:up");
-    assert!(!tcp_connect(&stranger.ns, server.ip, 7000, DENIED), "still refused after the crash");
+    assert_dropped(&host, "policy_ingress", "the stranger after the crash", || {
+        tcp_connect(&stranger.ns, server.ip, 7000, DENIED)
+    });
     api.delete_rule(id(&srv), id(&rule));
-    assert!(
-        !tcp_connect(&client.ns, server.ip, 7000, DENIED),
-        "an edit after the crash takes effect"
+    assert_dropped(
+        &host,
+        "policy_ingress",
+        "the client once its rule is deleted after the crash",
+        || tcp_connect(&client.ns, server.ip, 7000, DENIED),
     );
     assert_eq!(conn.exchange("tracked", ALLOWED).expect("S8 holds across the crash"), "s:tracked");
 }
