@@ -79,7 +79,7 @@ fn forged_encapsulated_packets_are_dropped_and_counted() {
          (so the forgeries below differ only in what they forge)"
     );
 
-    let c = fleet.api(2);
+    let c = fleet.host(2);
     let unknown_vni = vni(&blue).max(vni(&red)) + 1000;
     let forgeries: Vec<(&str, VxlanGbp)> = vec![
         ("unknown_host", VxlanGbp { outer_src: forger_ip, ..good.clone() }),
@@ -92,21 +92,22 @@ fn forged_encapsulated_packets_are_dropped_and_counted() {
         ("malformed_encap", VxlanGbp { flags: 0x80, ..good.clone() }),
     ];
     for (reason, packet) in forgeries {
-        let before = drops(c, reason);
-        for _ in 0..3 {
-            packet.send_from(&forger).unwrap_or_else(|e| panic!("send the {reason} forgery: {e}"));
-        }
-        assert!(
-            wait_until(Duration::from_secs(3), || drops(c, reason) >= before + 3),
-            "host C counts three {reason} drops (before {before}, now {})",
-            drops(c, reason)
-        );
+        let before = c.drops(reason);
+        assert_dropped(c, reason, &format!("a {reason} forgery to T's listener"), || {
+            for _ in 0..3 {
+                packet
+                    .send_from(&forger)
+                    .unwrap_or_else(|e| panic!("send the {reason} forgery: {e}"));
+            }
+            wait_until(DENIED, || received() > 2)
+        });
+        assert!(c.drops(reason) >= before + 3, "host C counts each of the three {reason} drops");
         assert_eq!(received(), 2, "the {reason} forgery never reached the workload");
     }
     // The forgeries landed on host C only: the other hosts saw none of them.
     for i in 0..2 {
         for reason in ["unknown_host", "not_placed_on_sender", "not_local"] {
-            assert_eq!(drops(fleet.api(i), reason), 0, "host {i} {reason}");
+            assert_eq!(fleet.host(i).drops(reason), 0, "host {i} {reason}");
         }
     }
     // Traffic the forger addresses to hosts but not as VXLAN is none of Verse's business: the

@@ -29,8 +29,17 @@ fn tcp_rule(port: u16, group: &str) -> Value {
 /// | 10.0.0.20 | client on B [clients] | y on C [default] |
 /// | 10.0.0.30 | db on A   [db]      | z on B [default] |
 /// | 10.0.0.40 | stranger on A [default] | —         |
+/// | 10.0.0.50 | open on C [open]    | —              |
 ///
-/// web admits TCP 80, UDP 53 and ICMP echo from `clients`; db admits TCP 5432 from `web`.
+/// web admits TCP 80, UDP 53 and ICMP echo from `clients`, and TCP 8443 from anywhere
+/// (0.0.0.0/0); db admits TCP 5432 from `web`; open admits TCP 8443 and ICMP echo from anywhere.
+///
+/// Every refused probe aims at a listening socket (or a workload answering echo requests) that
+/// an allowed peer reaches, and asserts the drop counter of the host that must refuse it moved
+/// for its reason. Across universes, blue's rules admit red's probes (0.0.0.0/0), so only the
+/// isolation stops them: red's traffic to an address that exists only in blue is `no_route` on
+/// the red sender's host, and red's traffic to an address both universes have reaches red's
+/// endpoint (its answer says so), never blue's listener on the same address and port.
 #[test]
 fn cross_host_traffic_follows_the_groups_and_never_crosses_universes() {
     let fleet = Fleet::start(3);
@@ -54,11 +63,21 @@ fn cross_host_traffic_follows_the_groups_and_never_crosses_universes() {
         &json!({"direction": "ingress", "protocol": "icmp", "icmp_type": 8, "icmp_code": -1, "group": clients}),
     );
     api.add_rule(db, &tcp_rule(5432, web));
+    let anywhere = |port: u16| json!({"direction": "ingress", "protocol": "tcp", "from_port": port, "to_port": port, "cidr": "0.0.0.0/0"});
+    api.add_rule(web, &anywhere(8443));
+    let open = api.create_group(blue, "open");
+    let open = id(&open);
+    api.add_rule(open, &anywhere(8443));
+    api.add_rule(
+        open,
+        &json!({"direction": "ingress", "protocol": "icmp", "icmp_type": 8, "icmp_code": -1, "cidr": "0.0.0.0/0"}),
+    );
 
     let b_web = fleet.endpoint(2, blue, "10.0.0.10", &[web]);
     let b_client = fleet.endpoint(1, blue, "10.0.0.20", &[clients]);
     let b_db = fleet.endpoint(0, blue, "10.0.0.30", &[db]);
     let b_stranger = fleet.endpoint(0, blue, "10.0.0.40", &[]);
+    let b_open = fleet.endpoint(2, blue, "10.0.0.50", &[open]);
     let r_x = fleet.endpoint(0, red, "10.0.0.10", &[]);
     let r_y = fleet.endpoint(2, red, "10.0.0.20", &[]);
     let r_z = fleet.endpoint(1, red, "10.0.0.30", &[]);
@@ -68,18 +87,22 @@ fn cross_host_traffic_follows_the_groups_and_never_crosses_universes() {
     // Every host lists every endpoint, whichever host created it.
     for i in 0..3 {
         let r = fleet.api(i).get("/v1/endpoints");
-        assert_eq!(r.json().as_array().map(Vec::len), Some(7), "host {i}: {}", r.body);
+        assert_eq!(r.json().as_array().map(Vec::len), Some(8), "host {i}: {}", r.body);
     }
 
     let _web_tcp = TcpServer::start(&b_web.ns, 80, "blue-web");
     let _web_tcp81 = TcpServer::start(&b_web.ns, 81, "blue-web");
+    let web_tcp8443 = TcpServer::start(&b_web.ns, 8443, "blue-web");
+    let open_tcp = TcpServer::start(&b_open.ns, 8443, "blue-open");
     let web_udp = UdpServer::start(&b_web.ns, 53, "blue-web");
     let _db_tcp = TcpServer::start(&b_db.ns, 5432, "blue-db");
     let _x_tcp = TcpServer::start(&r_x.ns, 80, "red-x");
+    let _x_tcp8443 = TcpServer::start(&r_x.ns, 8443, "red-x");
     let x_udp = UdpServer::start(&r_x.ns, 53, "red-x");
     let _z_tcp = TcpServer::start(&r_z.ns, 5432, "red-z");
-    let (dot10, dot20, dot30, dot40) =
-        (ip("10.0.0.10"), ip("10.0.0.20"), ip("10.0.0.30"), ip("10.0.0.40"));
+    let (dot10, dot20, dot30, dot50) =
+        (ip("10.0.0.10"), ip("10.0.0.20"), ip("10.0.0.30"), ip("10.0.0.50"));
+    let (host_a, host_b, host_c) = (fleet.host(0), fleet.host(1), fleet.host(2));
 
     // Allowed across hosts, by TCP, UDP and ICMP, and answered by blue's own web.
     assert_eq!(
@@ -104,25 +127,42 @@ fn cross_host_traffic_follows_the_groups_and_never_crosses_universes() {
         assert_eq!(conn.exchange(&i.to_string(), ALLOWED).unwrap(), format!("blue-web:{i}"));
     }
 
-    // Denied across hosts: counted by the host whose rules say no.
-    let c_ingress = drops(fleet.api(2), "policy_ingress");
-    assert!(!tcp_connect(&b_client.ns, dot10, 81, DENIED), "web admits no TCP 81");
-    assert!(!tcp_connect(&b_stranger.ns, dot10, 80, DENIED), "stranger (A) is not in clients");
+    // Blue's 8443 rules admit anyone: blue's own endpoints on other hosts reach both listeners.
     assert_eq!(
-        udp_exchange(&b_stranger.ns, None, dot10, 53, "q", DENIED),
-        UdpOutcome::Timeout,
-        "stranger (A) -> web UDP 53"
+        tcp_roundtrip(&b_stranger.ns, dot10, 8443, "s", ALLOWED).as_deref(),
+        Some("blue-web:s"),
+        "blue stranger (A) -> blue web (C) TCP 8443, admitted from 0.0.0.0/0"
     );
-    assert!(!ping(&b_stranger.ns, dot10), "stranger (A) may not ping web (C)");
-    assert!(
-        drops(fleet.api(2), "policy_ingress") >= c_ingress + 4,
-        "host C counts the denied packets as policy_ingress"
+    assert_eq!(
+        tcp_roundtrip(&b_client.ns, dot50, 8443, "c", ALLOWED).as_deref(),
+        Some("blue-open:c"),
+        "blue client (B) -> blue open (C) TCP 8443"
     );
-    assert!(!tcp_connect(&b_client.ns, dot30, 5432, DENIED), "db (A) admits only web");
-    assert!(
-        !ping(&b_web.ns, dot20),
-        "clients has no ingress rule: web (C) may not ping client (B)"
+    assert!(ping(&b_stranger.ns, dot50), "blue stranger (A) pings blue open (C)");
+
+    // Denied across hosts: counted by the host whose rules say no, the receiver's.
+    assert_dropped(host_c, "policy_ingress", "blue client (B) -> web:81: no rule for 81", || {
+        tcp_connect(&b_client.ns, dot10, 81, DENIED)
+    });
+    assert_dropped(host_c, "policy_ingress", "blue stranger (A) -> web:80: not in clients", || {
+        tcp_connect(&b_stranger.ns, dot10, 80, DENIED)
+    });
+    assert_dropped(host_c, "policy_ingress", "blue stranger (A) -> web UDP 53", || {
+        udp_exchange(&b_stranger.ns, None, dot10, 53, "q", DENIED) != UdpOutcome::Timeout
+    });
+    assert_dropped(host_c, "policy_ingress", "blue stranger (A) pings web (C)", || {
+        ping(&b_stranger.ns, dot10)
+    });
+    assert_dropped(
+        host_a,
+        "policy_ingress",
+        "blue client (B) -> db:5432 (A): db admits web",
+        || tcp_connect(&b_client.ns, dot30, 5432, DENIED),
     );
+    // The client answers echo requests (blue's own rules decide): only its rules stop this.
+    assert_dropped(host_b, "policy_ingress", "web (C) pings client (B): no ingress rule", || {
+        ping(&b_web.ns, dot20)
+    });
     assert_eq!(web_udp.sources().len(), 1, "web saw only the allowed datagram");
 
     // Red: the same addresses lead to red's endpoints on other hosts, never to blue's.
@@ -142,8 +182,25 @@ fn cross_host_traffic_follows_the_groups_and_never_crosses_universes() {
         "red x (A) -> 10.0.0.30 is red z on B, not blue db on A"
     );
     assert!(ping(&r_x.ns, dot20), "red x (A) pings red y (C): red's default admits red's default");
-    assert!(!ping(&r_x.ns, dot40), "10.0.0.40 exists only in blue");
-    assert!(!tcp_connect(&r_z.ns, dot10, 81, DENIED), "TCP 81 is open only on blue's 10.0.0.10");
+    // Blue's web admits TCP 8443 from anywhere and listens on it; so does red's x at the same
+    // address: red z's connection is answered by red x, and blue's listener sees nothing.
+    let web_accepted = web_tcp8443.accepted();
+    assert_eq!(
+        tcp_roundtrip(&r_z.ns, dot10, 8443, "z", ALLOWED).as_deref(),
+        Some("red-x:z"),
+        "red z (B) -> 10.0.0.10:8443 is red x on A, not blue web on C (which admits anyone)"
+    );
+    // 10.0.0.50 exists only in blue, where it admits anyone and listens: only the isolation of
+    // universes stops red, on red's own host, before anything leaves it.
+    let open_accepted = open_tcp.accepted();
+    assert_dropped(host_b, "no_route", "red z (B) -> 10.0.0.50:8443, only in blue", || {
+        tcp_connect(&r_z.ns, dot50, 8443, DENIED)
+    });
+    assert_dropped(host_a, "no_route", "red x (A) pings 10.0.0.50, only in blue", || {
+        ping(&r_x.ns, dot50)
+    });
+    assert_eq!(web_tcp8443.accepted(), web_accepted, "blue web accepted nothing from red");
+    assert_eq!(open_tcp.accepted(), open_accepted, "blue open accepted nothing from red");
     assert_eq!(web_udp.sources().len(), 1, "blue web never saw red's datagram");
     assert_eq!(x_udp.sources().len(), 1, "red x saw red's datagram only");
     drop(conn);
@@ -168,8 +225,11 @@ fn membership_change_through_host_a_takes_effect_on_host_c() {
     let _srv80 = TcpServer::start(&server.ns, 80, "web");
     let _srv8080 = TcpServer::start(&server.ns, 8080, "web");
     let web_ip = server.ip;
+    let c = fleet.host(2);
 
-    assert!(!tcp_connect(&client.ns, web_ip, 80, DENIED), "default is not clients");
+    assert_dropped(c, "policy_ingress", "client -> web:80: default is not clients", || {
+        tcp_connect(&client.ns, web_ip, 80, DENIED)
+    });
 
     let r =
         a.patch(&format!("/v1/endpoints/{}", client.id), &json!({"security_groups": [clients]}));
@@ -195,7 +255,9 @@ fn membership_change_through_host_a_takes_effect_on_host_c() {
         Some("web:in"),
         "client joined clients through host A; host C admits it"
     );
-    assert!(!tcp_connect(&client.ns, web_ip, 8080, DENIED), "no rule for 8080 yet");
+    assert_dropped(c, "policy_ingress", "client -> web:8080: no rule for 8080 yet", || {
+        tcp_connect(&client.ns, web_ip, 8080, DENIED)
+    });
 
     b.add_rule(web, &tcp_rule(8080, clients));
     assert_eq!(
@@ -214,6 +276,10 @@ fn membership_change_through_host_a_takes_effect_on_host_c() {
 
     let default = a.default_group(uni);
     fleet.api(2).set_groups(&client.id, &[id(&default)]);
-    assert!(!tcp_connect(&client.ns, web_ip, 80, DENIED), "client left clients: denied again");
-    assert!(!tcp_connect(&client.ns, web_ip, 8080, DENIED), "and on 8080");
+    assert_dropped(c, "policy_ingress", "client left clients: web:80 denied again", || {
+        tcp_connect(&client.ns, web_ip, 80, DENIED)
+    });
+    assert_dropped(c, "policy_ingress", "client left clients: web:8080 denied again", || {
+        tcp_connect(&client.ns, web_ip, 8080, DENIED)
+    });
 }

@@ -3,6 +3,9 @@
 //! go unhealthy when its lease lapses (GET /v1/hosts) and does not wait for it; edits made
 //! through other hosts meanwhile are realized by the host when its versed starts again, which
 //! then reports itself healthy with the fleet's revision (S13).
+//!
+//! Every refused probe aims at a listening socket and asserts the drop counter of host C (read
+//! from its pinned drop map while its daemon is down) moved for the reason that should stop it.
 use std::time::{Duration, Instant};
 
 use tests::*;
@@ -39,9 +42,13 @@ fn a_stopped_host_keeps_enforcing_and_catches_up_on_restart() {
     let _srv80 = TcpServer::start(&server.ns, 80, "web");
     let _srv8080 = TcpServer::start(&server.ns, 8080, "web");
     let _srv81 = TcpServer::start(&server.ns, 81, "web");
+    let _srv82 = TcpServer::start(&server.ns, 82, "web");
     let web_ip = server.ip;
+    let c = fleet.host(2);
     assert_eq!(tcp_roundtrip(&client.ns, web_ip, 80, "a", ALLOWED).as_deref(), Some("web:a"));
-    assert!(!tcp_connect(&stranger.ns, web_ip, 80, DENIED));
+    assert_dropped(c, "policy_ingress", "stranger (B) -> web:80 (C)", || {
+        tcp_connect(&stranger.ns, web_ip, 80, DENIED)
+    });
     let mut conn = TcpConn::open(&client.ns, web_ip, 80, ALLOWED).expect("client -> web:80");
     assert_eq!(conn.exchange("before", ALLOWED).unwrap(), "web:before");
 
@@ -49,11 +56,18 @@ fn a_stopped_host_keeps_enforcing_and_catches_up_on_restart() {
     let status = fleet.host_mut(2).versed.stop();
     assert!(status.success(), "versed exits cleanly on SIGTERM: {status}");
 
-    // C keeps enforcing: the tracked connection, new allowed flows, denied flows.
+    // C keeps enforcing: the tracked connection, new allowed flows, denied flows (counted in
+    // C's pinned drop map: no daemon answers /metrics).
+    let c = fleet.host(2);
+    assert!(!c.versed.is_running());
     assert_eq!(conn.exchange("during", ALLOWED).unwrap(), "web:during");
     assert_eq!(tcp_roundtrip(&client.ns, web_ip, 80, "b", ALLOWED).as_deref(), Some("web:b"));
-    assert!(!tcp_connect(&stranger.ns, web_ip, 80, DENIED), "still denied with versed down");
-    assert!(!tcp_connect(&client.ns, web_ip, 8080, DENIED), "no rule for 8080");
+    assert_dropped(c, "policy_ingress", "stranger -> web:80 with C's versed down", || {
+        tcp_connect(&stranger.ns, web_ip, 80, DENIED)
+    });
+    assert_dropped(c, "policy_ingress", "client -> web:8080, no rule yet, C's versed down", || {
+        tcp_connect(&client.ns, web_ip, 8080, DENIED)
+    });
 
     // The fleet notices when C's lease lapses; A and B stay healthy.
     assert!(
@@ -94,10 +108,28 @@ fn a_stopped_host_keeps_enforcing_and_catches_up_on_restart() {
         .expect("revision");
     assert_eq!(c_now, c_revision, "a stopped host realizes nothing");
 
-    // C still judges by what it last realized: the edits are not in force there yet.
-    assert!(!tcp_connect(&client.ns, web_ip, 8080, DENIED), "C has not realized the 8080 rule");
-    assert!(!tcp_connect(&stranger.ns, web_ip, 80, DENIED), "C does not know stranger joined");
-    assert!(!tcp_connect(&newbie.ns, web_ip, 80, DENIED), "C has no route for the new endpoint");
+    // C still judges by what it last realized: the edits are not in force there yet (A and B
+    // have realized them, so each of these packets leaves its sender's host and is refused by
+    // C's dataplane).
+    let c = fleet.host(2);
+    assert_dropped(c, "policy_ingress", "client -> web:8080: C has not realized the rule", || {
+        tcp_connect(&client.ns, web_ip, 8080, DENIED)
+    });
+    assert_dropped(c, "policy_ingress", "stranger -> web:80: C does not know it joined", || {
+        tcp_connect(&stranger.ns, web_ip, 80, DENIED)
+    });
+    // C could not answer the newbie even if it let the SYN in (it has no route back to it):
+    // a tap in web's namespace tells whether the SYN arrived.
+    let tap = Tap::open(&server.ns, 6);
+    assert_dropped(
+        c,
+        "not_placed_on_sender",
+        "newbie (B) -> web:80: C does not know the endpoint is placed on B",
+        || {
+            tcp_connect(&newbie.ns, web_ip, 80, DENIED)
+                || tap.saw_from(newbie.ip, Duration::from_millis(100))
+        },
+    );
     assert!(tcp_connect(&client.ns, web_ip, 81, ALLOWED), "C still has the removed rule for 81");
 
     // C's daemon starts again and catches up on every edit it missed.
@@ -128,9 +160,11 @@ fn a_stopped_host_keeps_enforcing_and_catches_up_on_restart() {
         "web:after",
         "the old connection lives on"
     );
-    assert!(
-        !tcp_connect(&client.ns, web_ip, 81, DENIED),
-        "the rule removed meanwhile is gone on C"
-    );
-    assert!(!tcp_connect(&client.ns, web_ip, 82, DENIED), "and nothing else opened");
+    let c = fleet.host(2);
+    assert_dropped(c, "policy_ingress", "client -> web:81: the rule removed meanwhile", || {
+        tcp_connect(&client.ns, web_ip, 81, DENIED)
+    });
+    assert_dropped(c, "policy_ingress", "client -> web:82: nothing else opened", || {
+        tcp_connect(&client.ns, web_ip, 82, DENIED)
+    });
 }
