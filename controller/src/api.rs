@@ -1,6 +1,6 @@
-//! The REST API (`/v1`, JSON) of the product contract, served by every `versed`.
+//! The REST API (`/v1`, JSON), served by every `versed`.
 //!
-//! Contract: every route of `shared/product.md` ("REST API"). Collections are JSON arrays.
+//! Contract: every route of the README's "REST API" table. Collections are JSON arrays.
 //! Errors are `{"error": {"code", "message"}}` with 400 (invalid input; the message starts with
 //! the field at fault), 404 (unknown id or route) or 409 (duplicate, in use, limit). Request
 //! bodies are parsed here, from bytes, so that malformed JSON, a wrong type, an unknown or a
@@ -166,8 +166,8 @@ impl IntoResponse for ApiError {
 
 type ApiResult = Result<Response, ApiError>;
 
-/// The API's router, every route of the contract plus `/healthz`, `/metrics` and
-/// `/v1/openapi.json`.
+/// The API's router: every route of the README's "REST API" table, `/healthz`, `/metrics` and
+/// `/v1/openapi.json` among them.
 pub fn router(state: AppState) -> Router {
     use axum::routing::{delete, post};
     Router::new()

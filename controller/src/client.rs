@@ -1,7 +1,7 @@
 //! A typed, blocking client of the REST API: what `verse` (the CLI), the integration tests and
 //! the demo speak.
 //!
-//! Contract: one method per route of the contract. A mutation returns its result and the
+//! Contract: one method per route of the REST API (README, "REST API"). A mutation returns its result and the
 //! revision it produced (the `Verse-Revision` header). Any non-2xx answer becomes
 //! [`Error::Api`] with the server's code and message, unchanged. Must not be called from inside
 //! an async runtime (it uses `reqwest::blocking`).

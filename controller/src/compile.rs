@@ -834,8 +834,9 @@ mod tests {
         );
     }
 
-    /// The trap of the design notes: one address matched by a /16 rule, a /24 rule and a group
-    /// peer must get the union of all three (S1), not only the longest prefix or the identity.
+    /// The trap that CIDR classes avoid (README, "How it works"): one address matched by a /16
+    /// rule, a /24 rule and a group peer must get the union of all three (S1), not only the
+    /// longest prefix or the identity.
     #[test]
     fn s1_nested_cidrs_and_group_peer_all_allow_the_same_address() {
         let mut s = State::default();

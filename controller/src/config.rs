@@ -424,7 +424,8 @@ other = {other}
     }
 }
 
-/// Host names travel in the API and (issue 3) as store keys: keep them plain.
+/// Host names travel in the API and as store keys (`hosts/<name>`, `alive/<name>`): keep them
+/// plain.
 fn validate_host_name(host: &str) -> Result<()> {
     let ok = !host.is_empty()
         && host.len() <= 253

@@ -3,7 +3,8 @@
 //! Contract: an edit either succeeds whole (and bumps `State::revision`, S13) or returns an
 //! [`Error`] naming the field at fault and leaves the state untouched. Nothing here does I/O; the
 //! store persists a `State`, the API calls these functions, the compiler reads the result.
-//! Semantics are those of `shared/product.md` (S1–S13); the numbers are cited where they apply.
+//! Semantics are those of the README ("Concepts", S1–S13); the numbers are cited where they
+//! apply.
 //!
 //! Errors: 400 `invalid_argument` names the request field (`cidr`, `cidrs[1]`, `from_port`,
 //! `security_groups[3]`, ...). An id in the path that does not exist is a 404 without a field; an

@@ -1,7 +1,7 @@
 //! Reference model of the dataplane's verdict on one packet sent by a local endpoint (the TC
 //! program `from_endpoint`). Pure: no I/O, no clock; the caller passes `now_ns`.
 //!
-//! Contract: [`Host::judge`] decides from the *semantics* (shared/product.md S1–S11) and the
+//! Contract: [`Host::judge`] decides from the *semantics* (README, "Concepts", S1–S11) and the
 //! high-level [`State`] — groups, rules, CIDR containment, membership through
 //! `Endpoint::security_groups` — never from the compiled maps, so that a differential test of
 //! the kernel program against this model catches compiler bugs (the nested-CIDR trap: one

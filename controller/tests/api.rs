@@ -1,6 +1,6 @@
-//! The REST API in process: every route, every 400/404/409 of the contract, the shapes of the
-//! 201s and the `Verse-Revision` header. No root needed: the store lives in a temporary
-//! directory and a fake reconciler realizes every revision as soon as it is published.
+//! The REST API in process: every route, every 400/404/409 of the README's "REST API", the
+//! shapes of the 201s and the `Verse-Revision` header. No root needed: the store lives in a
+//! temporary directory and a fake reconciler realizes every revision as soon as it is published.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;

@@ -1251,7 +1251,7 @@ pub struct UdpServer {
     _stopper: Stopper,
 }
 
-/// Starts a [`UdpServer`] (the brief's `udp_echo`).
+/// Starts a [`UdpServer`].
 pub fn udp_echo(ns: &Netns, port: u16, banner: &str) -> UdpServer {
     UdpServer::start(ns, port, banner)
 }
