@@ -1,21 +1,17 @@
 //! `cargo xtask`: the one entry point for setting up, building, demonstrating, testing and
 //! benchmarking Verse. Every command installs what it needs first (`setup`), so a fresh Debian
 //! machine needs nothing but this repository and a Rust toolchain.
+//!
+//! This crate therefore depends on nothing that needs what set-up installs: the daemon's
+//! build needs protoc (etcd's protos) and Debian's rustc with bpf-linker (the eBPF programs).
+//! The demo (`tests/src/bin/demo.rs`) and the benchmarks (`bench/`, binary `verse-bench`) are
+//! binaries of their own that xtask builds and runs through cargo once the machine is set up.
 use std::path::PathBuf;
 use std::process::Command;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 
-mod baseline;
-mod bench;
-mod bench_control;
-mod bench_fleet;
-mod bench_micro;
-mod bench_rate;
-mod demo;
-mod plots;
-mod results;
 mod setup;
 
 #[derive(Parser)]
@@ -38,19 +34,19 @@ enum Cmd {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
-    /// Set up, build, and show Verse at work: universes, groups and endpoints in namespaces,
-    /// with traffic allowed and denied. Cleans up after itself.
+    /// Set up, build, and show Verse at work: three hosts, universes, groups and endpoints in
+    /// namespaces, with traffic allowed and denied. Cleans up after itself.
     Demo,
-    /// Set up, build (release), and run the benchmarks; writes target/bench/results.json,
-    /// report.md and PNG plots.
+    /// Set up, build (release), and run the benchmarks (`verse-bench`); writes
+    /// target/bench/results.json, report.md and PNG plots.
     Bench {
         /// Run only these tiers (repeatable); all of them by default.
-        #[arg(long = "tier", value_enum)]
-        tiers: Vec<bench::Tier>,
-        /// Fail if a ratio worsened by more than 15% against xtask/bench-baseline.json.
+        #[arg(long = "tier", value_parser = ["micro", "tcp", "fleet", "rate", "control"])]
+        tiers: Vec<String>,
+        /// Fail if a ratio worsened by more than 15% against bench/baseline.json.
         #[arg(long)]
         check: bool,
-        /// Store this run's ratios as the new baseline.
+        /// Store this run's ratios in bench/baseline.json as the new baseline.
         #[arg(long)]
         save_baseline: bool,
     },
@@ -59,36 +55,59 @@ enum Cmd {
 fn main() -> Result<()> {
     match Cli::parse().command {
         Cmd::Setup => setup::run(),
-        Cmd::Build => build(false),
-        Cmd::Test { args } => test(&args),
+        Cmd::Build => build(Profile::Debug),
+        Cmd::Test { args } => {
+            require_root("test")?;
+            build(Profile::Debug)?;
+            run(cargo()
+                .args(["test", "--no-fail-fast"])
+                .args(args)
+                .env("VERSE_BIN_DIR", bin_dir(Profile::Debug)))
+        }
         Cmd::Demo => {
             require_root("demo")?;
-            build(false)?;
-            demo::run(&bin_dir(false))
+            build(Profile::Debug)?;
+            run(cargo()
+                .args(["run", "--quiet", "-p", "tests", "--bin", "demo"])
+                .env("VERSE_BIN_DIR", bin_dir(Profile::Debug)))
         }
         Cmd::Bench { tiers, check, save_baseline } => {
             require_root("bench")?;
-            if cfg!(debug_assertions) {
-                // The benchmarks time work done in this process too (compiling rules, writing
-                // maps, the latency client): run them from an optimized xtask.
-                let args: Vec<String> = std::env::args().skip(1).collect();
-                return run(cargo()
-                    .args(["run", "--quiet", "--release", "-p", "xtask", "--"])
-                    .args(args));
+            // The benchmarks time work done in their own process too (compiling rules, writing
+            // maps, the latency client): everything runs from a release build.
+            build(Profile::Release)?;
+            let mut cmd = cargo();
+            cmd.args(["run", "--quiet", "--release", "-p", "bench", "--"]);
+            for tier in &tiers {
+                cmd.args(["--tier", tier]);
             }
-            build(true)?;
-            bench::run(&bin_dir(true), &tiers, check, save_baseline)
+            if check {
+                cmd.arg("--check");
+            }
+            if save_baseline {
+                cmd.arg("--save-baseline");
+            }
+            run(cmd.env("VERSE_BIN_DIR", bin_dir(Profile::Release)))
         }
     }
 }
 
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Profile {
+    Debug,
+    Release,
+}
+
 /// The workspace root (xtask lives one level below it).
-pub fn root() -> PathBuf {
+fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root").to_path_buf()
 }
 
-pub fn bin_dir(release: bool) -> PathBuf {
-    root().join("target").join(if release { "release" } else { "debug" })
+/// Where cargo puts `versed` and `verse` for `profile`.
+fn bin_dir(profile: Profile) -> PathBuf {
+    let target =
+        std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or(root().join("target"));
+    target.join(if profile == Profile::Release { "release" } else { "debug" })
 }
 
 fn cargo() -> Command {
@@ -97,20 +116,16 @@ fn cargo() -> Command {
     cmd
 }
 
-fn build(release: bool) -> Result<()> {
+/// Sets the machine up, then builds the daemon and the CLI (and, through controller/build.rs,
+/// the eBPF dataplane).
+fn build(profile: Profile) -> Result<()> {
     setup::run()?;
     let mut cmd = cargo();
     cmd.args(["build", "-p", "controller", "--bins"]);
-    if release {
+    if profile == Profile::Release {
         cmd.arg("--release");
     }
     run(&mut cmd)
-}
-
-fn test(args: &[String]) -> Result<()> {
-    require_root("test")?;
-    build(false)?;
-    run(cargo().args(["test", "--no-fail-fast"]).args(args).env("VERSE_BIN_DIR", bin_dir(false)))
 }
 
 fn require_root(what: &str) -> Result<()> {
@@ -122,7 +137,7 @@ fn require_root(what: &str) -> Result<()> {
 }
 
 /// Runs a command to completion, failing with its command line if it fails.
-pub fn run(cmd: &mut Command) -> Result<()> {
+fn run(cmd: &mut Command) -> Result<()> {
     let status = cmd.status().with_context(|| format!("failed to start {cmd:?}"))?;
     if !status.success() {
         bail!("{cmd:?} failed: {status}");

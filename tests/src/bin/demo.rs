@@ -1,5 +1,6 @@
-//! `cargo xtask demo`: a Verse fleet of three hosts, driven the way an operator would, with the
-//! `verse` CLI.
+//! The demo: a Verse fleet of three hosts, driven the way an operator would, with the `verse`
+//! CLI. `cargo xtask demo` sets the machine up, builds `versed` and `verse`, and runs this
+//! binary (as root) with `VERSE_BIN_DIR` pointing at them.
 //!
 //! The demo builds the fleet's network out of namespaces (an underlay namespace holding a bridge
 //! and etcd on 198.18.0.254, three host namespaces `alpha`, `bravo`, `charlie` on 198.18.0.1-3,
@@ -16,7 +17,7 @@
 //! etcd and bpffs mounts even if a step fails).
 use std::cell::Cell;
 use std::net::Ipv4Addr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
@@ -132,8 +133,11 @@ fn check(what: &str, expected: bool, actual: bool) -> Result<()> {
     Ok(())
 }
 
-pub fn run(bin_dir: &Path) -> Result<()> {
-    std::env::set_var("VERSE_BIN_DIR", bin_dir);
+fn main() -> Result<()> {
+    if !tests::is_root() {
+        bail!("the demo needs root: it creates network namespaces and loads eBPF programs");
+    }
+    let bin_dir = tests::bin_dir();
     println!("== The fleet's network: an underlay bridge, etcd on 198.18.0.254, three hosts");
     let mut fleet = Fleet::start_named(&HOSTS);
     for (i, name) in HOSTS.iter().enumerate() {

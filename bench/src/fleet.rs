@@ -1,4 +1,4 @@
-//! Fleet benchmarks (issues 3 and 4): Verse between hosts against the kernel's own ways of doing the
+//! Fleet benchmarks: Verse between hosts against the kernel's own ways of doing the
 //! same, every path measured in the same run, interleaved, on the same underlay bridge.
 //!
 //! Paths between a client workload (10.20.0.10) on one host and a server workload (10.20.0.20)
@@ -46,7 +46,8 @@ use anyhow::{anyhow, bail, ensure, Context, Result};
 use serde_json::{json, Value};
 use tests::{Fleet, Netns, Workload};
 
-use crate::bench::{iperf3_run, median, IperfRun, TCP_SECONDS};
+use crate::iperf::{iperf3_run, IperfRun, TCP_SECONDS};
+use crate::median;
 use crate::results::BenchRecord;
 
 const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(10, 20, 0, 10);

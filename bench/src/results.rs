@@ -1,4 +1,4 @@
-//! Benchmark records and `target/bench/results.json` (format: shared/product.md, "Benchmarks"):
+//! Benchmark records and `target/bench/results.json` (the README, "Performance"):
 //! one record per measurement with `name`, `value`, `unit`, and, where it is compared with
 //! something measured in the same run, the `baseline` name and the `ratio` value / baseline.
 use std::fs;
@@ -103,7 +103,7 @@ pub fn fill_spread(records: &mut [BenchRecord]) {
 }
 
 pub fn write(records: &[BenchRecord]) -> Result<()> {
-    let dir = crate::root().join("target/bench");
+    let dir = crate::out_dir();
     fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
     let path = dir.join("results.json");
     let doc = serde_json::json!({ "records": records });
@@ -149,7 +149,7 @@ pub fn print_table(records: &[BenchRecord]) {
 
 /// `target/bench/report.md`: the table, the plots, and where the configurations are.
 pub fn write_report(records: &[BenchRecord], plots: &[String]) -> Result<()> {
-    let path = crate::root().join("target/bench/report.md");
+    let path = crate::out_dir().join("report.md");
     let mut doc = String::from("# Verse benchmarks\n\n");
     doc.push_str(&format!(
         "Kernel {}; every ratio against a baseline measured in the same run; configurations in \

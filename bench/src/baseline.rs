@@ -1,5 +1,5 @@
 //! The regression gate: `cargo xtask bench --check` compares this run's ratios with the stored
-//! baseline (`xtask/bench-baseline.json`) and fails if one worsens by more than 15%;
+//! baseline (`bench/baseline.json`) and fails if one worsens by more than 15%;
 //! `--save-baseline` stores this run's ratios as the new baseline.
 //!
 //! Ratios, not absolute values, because the machine is shared: a ratio compares two things
@@ -16,7 +16,7 @@ use crate::results::BenchRecord;
 const TOLERANCE: f64 = 0.15;
 
 fn path() -> PathBuf {
-    crate::root().join("xtask/bench-baseline.json")
+    crate::root().join("bench/baseline.json")
 }
 
 /// Whether a larger ratio is better for this record. Throughput and packet-rate comparisons

@@ -1,0 +1,135 @@
+//! `verse-bench`: the benchmarks, separate from the tests. `cargo xtask bench` sets the machine
+//! up, builds `versed` and this binary in release mode and runs it; run alone, it finds
+//! `versed` in `$VERSE_BIN_DIR`, else beside itself (`target/release`).
+//!
+//! Every figure is reported with a ratio to a baseline measured in the same run (the machine is
+//! shared and noisy), and written with its configuration to `target/bench/results.json`.
+//!
+//! - Micro (`micro`): ns per packet of `from_endpoint` through BPF_PROG_TEST_RUN.
+//! - TCP (`tcp`): one iperf3 stream between two endpoints on one host through Verse, against
+//!   the same two namespaces joined by a bare veth pair with no program at all.
+//! - Fleet (`fleet`): across hosts, TCP throughput (with CPU per Gbit/s) and request/response
+//!   latency against plain routing and kernel VXLAN + nftables at underlay MTU 1500 and 9000,
+//!   and edit-to-enforcement time on one host and on three.
+//! - Rate (`rate`): denied traffic dropped on the underlay, against nftables and iptables.
+//! - Control (`control`): compiling and loading rules, against `nft -f` and `iptables-restore`.
+//!
+//! It also writes `target/bench/report.md` and PNG plots, and with `--check` fails if a ratio
+//! worsened by more than 15% against `bench/baseline.json` (`baseline`).
+use std::path::PathBuf;
+
+use anyhow::{bail, Result};
+use clap::Parser;
+
+mod baseline;
+mod control;
+mod fleet;
+mod iperf;
+mod micro;
+mod plots;
+mod rate;
+mod results;
+mod tcp;
+
+/// The tiers, each runnable alone with `--tier`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum Tier {
+    /// ns per packet through BPF_PROG_TEST_RUN (`micro`).
+    Micro,
+    /// One TCP stream between two endpoints of one host, against a bare veth pair (`tcp`).
+    Tcp,
+    /// Across hosts: TCP, latency, edit-to-enforcement (`fleet`).
+    Fleet,
+    /// Packet rate of dropping denied traffic, against nftables and iptables (`rate`).
+    Rate,
+    /// Loading rules, against `nft -f` and `iptables-restore` (`control`).
+    Control,
+}
+
+#[derive(Parser)]
+#[command(name = "verse-bench", about = "The benchmarks of Verse (run by `cargo xtask bench`)")]
+struct Cli {
+    /// Run only these tiers (repeatable); all of them by default.
+    #[arg(long = "tier", value_enum)]
+    tiers: Vec<Tier>,
+    /// Fail if a ratio worsened by more than 15% against bench/baseline.json.
+    #[arg(long)]
+    check: bool,
+    /// Store this run's ratios as the new baseline.
+    #[arg(long)]
+    save_baseline: bool,
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!("the benchmarks need root: they create network namespaces and load eBPF programs");
+    }
+    // The harness finds `versed` through this variable: the release build beside this binary
+    // unless told otherwise.
+    let bin_dir = match std::env::var_os("VERSE_BIN_DIR") {
+        Some(dir) => PathBuf::from(dir),
+        None => {
+            let exe = std::env::current_exe()?;
+            let dir = exe.parent().map(PathBuf::from).unwrap_or_default();
+            std::env::set_var("VERSE_BIN_DIR", &dir);
+            dir
+        }
+    };
+    if !bin_dir.join("versed").is_file() {
+        bail!(
+            "no versed in {}: build it with `cargo build --release -p controller --bins` (or run \
+             `cargo xtask bench`, which does), or point VERSE_BIN_DIR at it",
+            bin_dir.display()
+        );
+    }
+    let want = |t: Tier| cli.tiers.is_empty() || cli.tiers.contains(&t);
+    let mut records = Vec::new();
+    if want(Tier::Micro) {
+        micro::run(&mut records)?;
+    }
+    if want(Tier::Tcp) {
+        tcp::run(&mut records)?;
+    }
+    if want(Tier::Fleet) {
+        fleet::run(&mut records)?;
+    }
+    if want(Tier::Rate) {
+        rate::run(&mut records)?;
+    }
+    if want(Tier::Control) {
+        control::run(&mut records)?;
+    }
+    results::fill_spread(&mut records);
+    results::write(&records)?;
+    let plots = plots::draw(&records, &out_dir())?;
+    results::write_report(&records, &plots)?;
+    results::print_table(&records);
+    if cli.save_baseline {
+        baseline::save(&records)?;
+    }
+    if cli.check {
+        baseline::check(&records)?;
+    }
+    Ok(())
+}
+
+/// The workspace root (this crate lives one level below it).
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root").to_path_buf()
+}
+
+/// Where the results, the report and the plots go: `target/bench` (or `$CARGO_TARGET_DIR/bench`).
+fn out_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root().join("target"))
+        .join("bench")
+}
+
+/// The median of `v` (the upper one of an even count).
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
