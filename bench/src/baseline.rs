@@ -10,22 +10,13 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 
-use crate::results::BenchRecord;
+use crate::results::{BenchRecord, Better};
 
 /// How much worse a ratio may get before the gate fails.
 const TOLERANCE: f64 = 0.15;
 
 fn path() -> PathBuf {
     crate::root().join("bench/baseline.json")
-}
-
-/// Whether a larger ratio is better for this record. Throughput and packet-rate comparisons
-/// (Gbit/s, Mpps, and the `rate_*_vs_*` records, which divide packet rates) improve upwards;
-/// times (ns, µs, ms) improve downwards.
-fn higher_is_better(r: &BenchRecord) -> bool {
-    r.unit.ends_with("/s")
-        || r.unit == "Mpps"
-        || (r.name.starts_with("rate_") && r.name.contains("_vs_"))
 }
 
 pub fn save(records: &[BenchRecord]) -> Result<()> {
@@ -49,7 +40,11 @@ pub fn check(records: &[BenchRecord]) -> Result<()> {
             continue;
         };
         compared += 1;
-        let change = if higher_is_better(r) { then / now - 1.0 } else { now / then - 1.0 };
+        // How much worse, in the direction the record states.
+        let change = match r.better {
+            Some(Better::Higher) => then / now - 1.0,
+            Some(Better::Lower) | None => now / then - 1.0,
+        };
         if change > TOLERANCE {
             worse.push(format!(
                 "{}: {now:.3}x, baseline {then:.3}x ({:+.0}%)",

@@ -44,7 +44,7 @@ use verse::model::{
     self, CreateEndpoint, CreateGroup, CreateUniverse, Direction, Peer, Protocol, Rule, State,
 };
 
-use crate::results::BenchRecord;
+use crate::results::{BenchRecord, Unit};
 
 const HOST: &str = "bench";
 const ROUNDS: usize = 5;
@@ -457,22 +457,25 @@ pub fn run(out: &mut Vec<BenchRecord>) -> Result<()> {
                 c["receivers"] = json!(size.receivers.len());
             }
             let mut rec =
-                BenchRecord::new(&format!("control_{tool}_{}", size.n), m * 1e3, "ms", None, c);
+                BenchRecord::new(&format!("control_{tool}_{}", size.n), m * 1e3, Unit::Ms, None, c);
             if tool == "verse" && size.n == 100_000 {
                 rec = rec.with_target("< 1000 ms", m < 1.0);
             }
             out.push(rec);
         }
         let v = medians["verse"];
+        let verse_ms: Vec<f64> =
+            size.samples.get("verse").into_iter().flatten().map(|s| s * 1e3).collect();
         for peer in &TOOLS[1..] {
             let Some(&p) = medians.get(peer) else { continue };
             let mut rec = BenchRecord::new(
                 &format!("control_verse_vs_{peer}_{}", size.n),
                 v * 1e3,
-                "ms",
+                Unit::Ms,
                 Some((&format!("control_{peer}_{}", size.n), v / p)),
                 json!({"ratio": "Verse time / peer time (medians); below 1 is faster", "verse_ms": v * 1e3, "peer_ms": p * 1e3}),
-            );
+            )
+            .with_spread(&verse_ms);
             if *peer == "nft" && size.n == 10_000 {
                 rec = rec.with_target("<= 1.00x", v / p <= 1.0);
             }
@@ -486,7 +489,7 @@ pub fn run(out: &mut Vec<BenchRecord>) -> Result<()> {
     out.push(BenchRecord::new(
         "control_verse_map_memory_per_10k_rules",
         delta_total as f64 / 1024.0,
-        "KiB",
+        Unit::KiB,
         None,
         json!({"method": "sum over maps of bytes_memlock (bpftool) with the 10,000-rule state minus with empty maps; an LPM trie reports entries x node size (intermediate nodes not counted); hash and array maps are preallocated at their capacity and do not grow",
                "policy_map_entries": sizes.iter().find(|s| s.n == 10_000).map(|s| s.policy_entries),

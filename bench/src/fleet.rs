@@ -48,7 +48,7 @@ use tests::{Fleet, Netns, Workload};
 
 use crate::iperf::{iperf3_run, IperfRun, TCP_SECONDS};
 use crate::median;
-use crate::results::BenchRecord;
+use crate::results::{BenchRecord, Unit};
 
 const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(10, 20, 0, 10);
 const SERVER_IP: Ipv4Addr = Ipv4Addr::new(10, 20, 0, 20);
@@ -340,14 +340,20 @@ fn cross_host(out: &mut Vec<BenchRecord>, underlay_mtu: u32) -> Result<()> {
     let [routed_g, vxlan_g, verse_g] = [gbps[0], gbps[1], gbps[2]];
     let name = |base: &str| format!("{base}{sfx}");
     out.push(
-        BenchRecord::new(&name("tcp_cross_host_routed"), routed_g, "Gbit/s", None, config.clone())
-            .with_spread(&gbps_runs[0]),
+        BenchRecord::new(
+            &name("tcp_cross_host_routed"),
+            routed_g,
+            Unit::Gbps,
+            None,
+            config.clone(),
+        )
+        .with_spread(&gbps_runs[0]),
     );
     out.push(
         BenchRecord::new(
             &name("tcp_cross_host_vxlan_nft"),
             vxlan_g,
-            "Gbit/s",
+            Unit::Gbps,
             Some((&name("tcp_cross_host_routed"), vxlan_g / routed_g)),
             config.clone(),
         )
@@ -357,7 +363,7 @@ fn cross_host(out: &mut Vec<BenchRecord>, underlay_mtu: u32) -> Result<()> {
         BenchRecord::new(
             &name("tcp_cross_host_verse"),
             verse_g,
-            "Gbit/s",
+            Unit::Gbps,
             Some((&name("tcp_cross_host_vxlan_nft"), verse_g / vxlan_g)),
             config.clone(),
         )
@@ -369,7 +375,7 @@ fn cross_host(out: &mut Vec<BenchRecord>, underlay_mtu: u32) -> Result<()> {
         BenchRecord::new(
             &format!("tcp_cross_host_verse{sfx}_vs_routed"),
             verse_g,
-            "Gbit/s",
+            Unit::Gbps,
             Some((&name("tcp_cross_host_routed"), verse_g / routed_g)),
             config,
         )
@@ -405,8 +411,7 @@ fn cross_host(out: &mut Vec<BenchRecord>, underlay_mtu: u32) -> Result<()> {
             BenchRecord::new(
                 &name(&format!("tcp_cpu_per_gbps_{}", p.name)),
                 cpu[i],
-                // Not "…/s": the baseline gate reads units ending in "/s" as higher-is-better.
-                "%CPU/(Gbit/s)",
+                Unit::CpuPctPerGbps,
                 baseline.as_ref().map(|(b, r)| (b.as_str(), *r)),
                 config.clone(),
             )
@@ -471,14 +476,14 @@ fn cross_host(out: &mut Vec<BenchRecord>, underlay_mtu: u32) -> Result<()> {
         out.push(BenchRecord::new(
             &format!("rr_latency_p50_{name}{sfx}"),
             *p50,
-            "µs",
+            Unit::Us,
             b50,
             config.clone(),
         ));
         let p99_rec = BenchRecord::new(
             &format!("rr_latency_p99_{name}{sfx}"),
             *p99,
-            "µs",
+            Unit::Us,
             b99,
             config.clone(),
         );
@@ -712,11 +717,11 @@ fn edit_to_enforce(out: &mut Vec<BenchRecord>, hosts: usize) -> Result<()> {
     // The three-host figures keep the names the stored baseline knows.
     let prefix = if hosts == 1 { "edit_to_enforce_one_host" } else { "edit_to_enforce" };
     out.push(
-        BenchRecord::new(&format!("{prefix}_median_ms"), med, "ms", None, config.clone())
+        BenchRecord::new(&format!("{prefix}_median_ms"), med, Unit::Ms, None, config.clone())
             .with_target("< 100 ms", med < 100.0),
     );
     out.push(
-        BenchRecord::new(&format!("{prefix}_worst_ms"), worst, "ms", None, config)
+        BenchRecord::new(&format!("{prefix}_worst_ms"), worst, Unit::Ms, None, config)
             .with_target("< 500 ms", worst < 500.0),
     );
     Ok(())

@@ -22,6 +22,7 @@ use anyhow::{bail, Result};
 use clap::Parser;
 
 mod baseline;
+mod bpf;
 mod control;
 mod fleet;
 mod iperf;

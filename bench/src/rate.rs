@@ -29,10 +29,12 @@
 //!
 //! Method: the number of frames is calibrated per DUT so one measurement lasts about 0.8 s;
 //! DUTs are measured interleaved for 5 rounds; each record is the median Mpps with min, max and
-//! the samples in its configuration, ns/packet beside it, and ratios Verse / peer.
+//! the samples in its configuration (ns/packet there too), and each Verse figure again against
+//! each peer (`rate_<verse>_vs_<peer>`): Verse's Mpps and the ratio Verse / peer of the rates,
+//! higher is better.
 use std::io;
 use std::net::Ipv4Addr;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::OwnedFd;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -48,7 +50,8 @@ use verse::model::{
     State,
 };
 
-use crate::results::BenchRecord;
+use crate::bpf;
+use crate::results::{BenchRecord, Unit};
 
 const ROUNDS: usize = 5;
 const TARGET: Duration = Duration::from_millis(800);
@@ -62,147 +65,6 @@ const RECEIVER_IP: Ipv4Addr = Ipv4Addr::new(10, 5, 0, 10);
 const DENIED_PORT: u16 = 9999;
 /// The CPU the generator runs on.
 const GEN_CPU: usize = 1;
-
-/// Raw `bpf(2)`: the generator and the XDP programs are two instructions each, not worth an
-/// object file.
-mod sys {
-    use super::*;
-
-    const BPF_PROG_LOAD: libc::c_long = 5;
-    const BPF_PROG_TEST_RUN: libc::c_long = 10;
-    const BPF_LINK_CREATE: libc::c_long = 28;
-    const BPF_PROG_TYPE_XDP: u32 = 6;
-    const BPF_XDP: u32 = 37;
-    const BPF_F_TEST_XDP_LIVE_FRAMES: u32 = 1 << 1;
-    pub const XDP_DROP: i32 = 1;
-    pub const XDP_PASS: i32 = 2;
-    pub const XDP_TX: i32 = 3;
-
-    /// `union bpf_attr` for `BPF_PROG_LOAD` (the prefix we use; the rest must be zero).
-    #[repr(C)]
-    #[derive(Default)]
-    struct ProgLoad {
-        prog_type: u32,
-        insn_cnt: u32,
-        insns: u64,
-        license: u64,
-        log_level: u32,
-        log_size: u32,
-        log_buf: u64,
-        kern_version: u32,
-        prog_flags: u32,
-        prog_name: [u8; 16],
-        rest: [u64; 16],
-    }
-
-    /// `union bpf_attr` for `BPF_PROG_TEST_RUN`.
-    #[repr(C)]
-    #[derive(Default)]
-    struct TestRun {
-        prog_fd: u32,
-        retval: u32,
-        data_size_in: u32,
-        data_size_out: u32,
-        data_in: u64,
-        data_out: u64,
-        repeat: u32,
-        duration: u32,
-        ctx_size_in: u32,
-        ctx_size_out: u32,
-        ctx_in: u64,
-        ctx_out: u64,
-        flags: u32,
-        cpu: u32,
-        batch_size: u32,
-        _pad: u32,
-        rest: [u64; 8],
-    }
-
-    /// `union bpf_attr` for `BPF_LINK_CREATE`.
-    #[repr(C)]
-    #[derive(Default)]
-    struct LinkCreate {
-        prog_fd: u32,
-        target_ifindex: u32,
-        attach_type: u32,
-        flags: u32,
-        rest: [u64; 8],
-    }
-
-    fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> io::Result<i64> {
-        // SAFETY: `attr` is a valid, initialised `#[repr(C)]` prefix of `union bpf_attr` with
-        // every unused byte zero, and its size is passed along; the kernel reads (and for
-        // TEST_RUN writes) only within that size.
-        let r = unsafe {
-            libc::syscall(libc::SYS_bpf, cmd, attr as *mut T, std::mem::size_of::<T>() as u32)
-        };
-        if r < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(r)
-    }
-
-    /// Loads an XDP program that returns `action` and does nothing else.
-    pub fn xdp_return(action: i32, name: &str) -> Result<OwnedFd> {
-        // mov64 r0, action; exit
-        let mut mov = [0u8; 8];
-        mov[0] = 0xb7;
-        mov[4..8].copy_from_slice(&action.to_le_bytes());
-        let insns = [u64::from_le_bytes(mov), 0x95];
-        let license = b"GPL\0";
-        let mut attr = ProgLoad {
-            prog_type: BPF_PROG_TYPE_XDP,
-            insn_cnt: insns.len() as u32,
-            insns: insns.as_ptr() as u64,
-            license: license.as_ptr() as u64,
-            ..Default::default()
-        };
-        for (d, s) in attr.prog_name.iter_mut().zip(name.bytes().take(15)) {
-            *d = s;
-        }
-        let fd = bpf(BPF_PROG_LOAD, &mut attr)
-            .with_context(|| format!("BPF_PROG_LOAD of the XDP program {name}"))?;
-        // SAFETY: the kernel just returned this descriptor to us; nothing else owns it.
-        Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
-    }
-
-    /// Attaches `prog` as the XDP program of `ifindex` (in the caller's network namespace)
-    /// through a BPF link: closing the returned descriptor detaches it.
-    pub fn attach_xdp(prog: &OwnedFd, ifindex: u32) -> Result<OwnedFd> {
-        let mut attr = LinkCreate {
-            prog_fd: prog.as_raw_fd() as u32,
-            target_ifindex: ifindex,
-            attach_type: BPF_XDP,
-            ..Default::default()
-        };
-        let fd = bpf(BPF_LINK_CREATE, &mut attr)
-            .with_context(|| format!("BPF_LINK_CREATE (XDP) on ifindex {ifindex}"))?;
-        // SAFETY: as above.
-        Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
-    }
-
-    /// Sends `frame` `repeat` times out of `ifindex` (in the caller's network namespace) through
-    /// the live-frames test run of `prog` (an `XDP_TX` program).
-    pub fn live_frames(prog: &OwnedFd, frame: &[u8], ifindex: u32, repeat: u32) -> Result<()> {
-        // struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index,
-        // egress_ifindex.
-        let ctx: [u32; 6] = [0, frame.len() as u32, 0, ifindex, 0, 0];
-        let mut attr = TestRun {
-            prog_fd: prog.as_raw_fd() as u32,
-            data_size_in: frame.len() as u32,
-            data_in: frame.as_ptr() as u64,
-            repeat,
-            ctx_size_in: std::mem::size_of_val(&ctx) as u32,
-            ctx_in: ctx.as_ptr() as u64,
-            flags: BPF_F_TEST_XDP_LIVE_FRAMES,
-            ..Default::default()
-        };
-        bpf(BPF_PROG_TEST_RUN, &mut attr).with_context(|| {
-            format!("BPF_PROG_TEST_RUN (XDP live frames) out of ifindex {ifindex}")
-        })?;
-        Ok(())
-    }
-}
 
 /// What a DUT counts its drops with.
 enum Counter {
@@ -424,7 +286,7 @@ fn measure(gen: &Netns, prog: &OwnedFd, d: &Dut, dps: &[Dataplane]) -> Result<(f
     let before = read_counter(d, dps)?;
     let elapsed = on_generator(gen, || {
         let t = Instant::now();
-        sys::live_frames(prog, &d.frame, d.gen_ifindex, d.repeat)?;
+        bpf::live_frames(prog, &d.frame, d.gen_ifindex, d.repeat)?;
         Ok(t.elapsed())
     })?;
     let after = read_counter(d, dps)?;
@@ -463,7 +325,7 @@ fn plumb(gen: &Netns, i: usize, xdp: &OwnedFd) -> Result<Plumbed> {
     ns.ip(&["link", "set", "ul0", "up"]);
     ns.ip(&["link", "set", "lo", "up"]);
     let ul0_ifindex = ifindex_of(&ns, "ul0")?;
-    let xdp_link = ns.enter(|| sys::attach_xdp(xdp, ul0_ifindex))?;
+    let xdp_link = ns.enter(|| bpf::attach_xdp(xdp, ul0_ifindex))?;
     Ok(Plumbed {
         gen_ifindex: ifindex_of(gen, &g)?,
         ul0_mac: mac_of(&ns, "ul0")?,
@@ -618,9 +480,9 @@ pub fn run(out: &mut Vec<BenchRecord>) -> Result<()> {
     let gen = Netns::new("rg");
     let tmp = TempDir::new("rt");
     let bpffs = Bpffs::mount(&tmp.path().join("bpf"));
-    let tx = sys::xdp_return(sys::XDP_TX, "vbench_tx")?;
-    let pass = sys::xdp_return(sys::XDP_PASS, "vbench_pass")?;
-    let xdp_drop = sys::xdp_return(sys::XDP_DROP, "vbench_drop")?;
+    let tx = bpf::xdp_return(bpf::XDP_TX, "vbench_tx")?;
+    let pass = bpf::xdp_return(bpf::XDP_PASS, "vbench_pass")?;
+    let xdp_drop = bpf::xdp_return(bpf::XDP_DROP, "vbench_drop")?;
     let kernel =
         std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim().to_owned();
 
@@ -705,19 +567,22 @@ pub fn run(out: &mut Vec<BenchRecord>) -> Result<()> {
         c["counted_fraction"] = json!(d.delivered);
         c["ns_per_packet"] = json!(1e3 / m);
         c["frame_bytes"] = json!(d.frame.len());
-        out.push(BenchRecord::new(&format!("rate_{}", d.name), m, "Mpps", None, c.clone()));
+        out.push(BenchRecord::new(&format!("rate_{}", d.name), m, Unit::Mpps, None, c.clone()));
         if d.name.starts_with("verse_") {
             for peer in peers(&d.name) {
                 let Some(&pm) = medians.get(&peer) else { continue };
                 let ratio = m / pm;
+                // The value is Verse's rate, in the unit of the ratio: packets dropped per second.
                 let mut rec = BenchRecord::new(
                     &format!("rate_{}_vs_{peer}", d.name),
-                    1e3 / m,
-                    "ns/packet",
+                    m,
+                    Unit::Mpps,
                     Some((&format!("rate_{peer}"), ratio)),
-                    json!({"ratio": "Mpps Verse / Mpps peer (medians)", "verse_mpps": m, "peer_mpps": pm,
+                    json!({"ratio": "Mpps Verse / Mpps peer (medians); above 1 Verse drops faster",
+                           "verse_mpps": m, "peer_mpps": pm,
                            "verse_ns_per_packet": 1e3 / m, "peer_ns_per_packet": 1e3 / pm}),
-                );
+                )
+                .with_spread(&d.samples);
                 if peer == "nft_netdev_drop" {
                     rec = rec.with_target(">= 2.00x", ratio >= 2.0);
                 }
@@ -743,7 +608,7 @@ pub fn run(out: &mut Vec<BenchRecord>) -> Result<()> {
                 BenchRecord::new(
                     &format!("rate_gap_growth_iptables_{backend}"),
                     last / gaps[0],
-                    "x",
+                    Unit::Factor,
                     None,
                     json!({"gaps_verse_over_iptables": gaps, "rule_counts": RULE_COUNTS,
                            "value": "gap at the largest N / gap at the smallest N"}),

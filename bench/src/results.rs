@@ -1,20 +1,96 @@
-//! Benchmark records and `target/bench/results.json` (the README, "Performance"):
-//! one record per measurement with `name`, `value`, `unit`, and, where it is compared with
-//! something measured in the same run, the `baseline` name and the `ratio` value / baseline.
+//! Benchmark records and `target/bench/results.json` (the README, "Performance"): one record per
+//! measurement with `name`, `value` and `unit` (one unit per record), and, where it is compared
+//! with something measured in the same run, the `baseline` name, the `ratio` value / baseline
+//! (both in the record's unit) and `better`: whether a `higher` or a `lower` ratio is better.
 use std::fs;
 
 use anyhow::{Context, Result};
-use serde::Serialize;
+use serde::{Serialize, Serializer};
+
+/// The unit of a record's value; it fixes which way a ratio of two such values is better.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Unit {
+    /// Nanoseconds per packet (time: lower is better).
+    NsPerPacket,
+    /// Gbit/s received (throughput: higher is better).
+    Gbps,
+    /// Millions of packets per second (packet rate: higher is better).
+    Mpps,
+    /// Milliseconds (time: lower is better).
+    Ms,
+    /// Microseconds (time: lower is better).
+    Us,
+    /// Percent of one CPU per Gbit/s (cost: lower is better).
+    CpuPctPerGbps,
+    /// Kibibytes of memory (cost: lower is better).
+    KiB,
+    /// A dimensionless factor, e.g. how much a gap grew. Never compared with a baseline: a ratio
+    /// of factors has no direction of its own.
+    Factor,
+}
+
+impl Unit {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Unit::NsPerPacket => "ns/packet",
+            Unit::Gbps => "Gbit/s",
+            Unit::Mpps => "Mpps",
+            Unit::Ms => "ms",
+            Unit::Us => "µs",
+            Unit::CpuPctPerGbps => "%CPU/(Gbit/s)",
+            Unit::KiB => "KiB",
+            Unit::Factor => "x",
+        }
+    }
+
+    /// Which way a ratio of two values in this unit is better.
+    fn better(self) -> Option<Better> {
+        match self {
+            Unit::Gbps | Unit::Mpps => Some(Better::Higher),
+            Unit::NsPerPacket | Unit::Ms | Unit::Us | Unit::CpuPctPerGbps | Unit::KiB => {
+                Some(Better::Lower)
+            }
+            Unit::Factor => None,
+        }
+    }
+}
+
+impl Serialize for Unit {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
+}
+
+/// Which way a record's ratio is better.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Better {
+    Higher,
+    Lower,
+}
+
+impl Better {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Better::Higher => "higher is better",
+            Better::Lower => "lower is better",
+        }
+    }
+}
 
 #[derive(Clone, Debug, Serialize)]
 pub struct BenchRecord {
     pub name: String,
     pub value: f64,
-    pub unit: String,
+    pub unit: Unit,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub baseline: Option<String>,
+    /// `value` / the baseline's value, both in `unit`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub ratio: Option<f64>,
+    /// Whether a higher or a lower `ratio` is better (set with it, from the unit).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub better: Option<Better>,
     /// The goal this figure is held to (e.g. `>= 1.10x` of the ratio, `< 100 ms` of the value),
     /// and whether this run met it.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -31,19 +107,30 @@ pub struct BenchRecord {
 }
 
 impl BenchRecord {
+    /// A record of `value` in `unit`; with `baseline`, the name of the record it is compared
+    /// with and the ratio `value` / that record's value (which must be in the same unit).
+    ///
+    /// Panics if a ratio is given for a unit without a direction ([`Unit::Factor`]): that is a
+    /// mistake in the benchmark's code, not in its measurements.
     pub fn new(
         name: &str,
         value: f64,
-        unit: &str,
+        unit: Unit,
         baseline: Option<(&str, f64)>,
         config: serde_json::Value,
     ) -> BenchRecord {
+        let better = baseline.map(|_| {
+            unit.better().unwrap_or_else(|| {
+                panic!("{name}: a ratio of values in `{}` has no direction", unit.as_str())
+            })
+        });
         BenchRecord {
             name: name.to_owned(),
             value,
-            unit: unit.to_owned(),
+            unit,
             baseline: baseline.map(|(b, _)| b.to_owned()),
             ratio: baseline.map(|(_, r)| r),
+            better,
             target: None,
             target_met: None,
             min: None,
@@ -84,8 +171,8 @@ fn samples(r: &BenchRecord) -> Option<Vec<f64>> {
         }
         _ => return None,
     };
-    let scale = match (key.rsplit('_').next(), r.unit.as_str()) {
-        (Some("s"), "ms") => 1e3,
+    let scale = match (key.rsplit('_').next(), r.unit) {
+        (Some("s"), Unit::Ms) => 1e3,
         _ => 1.0,
     };
     let xs: Vec<f64> = list.iter().filter_map(|x| x.as_f64()).map(|x| x * scale).collect();
@@ -113,13 +200,16 @@ pub fn write(records: &[BenchRecord]) -> Result<()> {
     Ok(())
 }
 
-/// The table as markdown, ready for the README: median [min, max] of the repeated runs.
+/// The table as markdown, ready for the README: median [min, max] of the repeated runs, and for
+/// a ratio which way is better.
 pub fn table(records: &[BenchRecord]) -> String {
-    let mut out =
-        String::from("| measurement | value: median [min, max] | baseline | ratio | target |\n");
-    out.push_str("|---|---:|---|---:|---|\n");
+    let mut out = String::from(
+        "| measurement | value: median [min, max] | baseline | ratio | better | target |\n",
+    );
+    out.push_str("|---|---:|---|---:|---|---|\n");
     for r in records {
         let ratio = r.ratio.map(|x| format!("{x:.2}x")).unwrap_or_default();
+        let better = r.better.map(Better::as_str).unwrap_or_default();
         let target = match (&r.target, r.target_met) {
             (Some(t), Some(true)) => format!("{t} (met)"),
             (Some(t), _) => format!("{t} (**missed**)"),
@@ -130,13 +220,14 @@ pub fn table(records: &[BenchRecord]) -> String {
             _ => String::new(),
         };
         out.push_str(&format!(
-            "| {} | {:.2}{} {} | {} | {} | {} |\n",
+            "| {} | {:.2}{} {} | {} | {} | {} | {} |\n",
             r.name,
             r.value,
             spread,
-            r.unit,
+            r.unit.as_str(),
             r.baseline.as_deref().unwrap_or(""),
             ratio,
+            better,
             target
         ));
     }
@@ -152,8 +243,9 @@ pub fn write_report(records: &[BenchRecord], plots: &[String]) -> Result<()> {
     let path = crate::out_dir().join("report.md");
     let mut doc = String::from("# Verse benchmarks\n\n");
     doc.push_str(&format!(
-        "Kernel {}; every ratio against a baseline measured in the same run; configurations in \
-         `results.json`.\n\n",
+        "Kernel {}; every ratio is the record's value over its baseline's, both in the record's \
+         unit and measured in the same run; `better` says whether a higher or a lower ratio is \
+         better. Configurations in `results.json`.\n\n",
         kernel_release()
     ));
     doc.push_str(&table(records));

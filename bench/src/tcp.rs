@@ -8,7 +8,7 @@ use tests::{Host, Netns};
 
 use crate::iperf::{iperf3, TCP_SECONDS};
 use crate::median;
-use crate::results::BenchRecord;
+use crate::results::{BenchRecord, Unit};
 
 /// Runs per path (interleaved: bare, verse, bare, verse, ...).
 const TCP_ROUNDS: usize = 5;
@@ -60,7 +60,7 @@ pub fn run(out: &mut Vec<BenchRecord>) -> Result<()> {
     let config = json!({"tool": "iperf3", "streams": 1, "seconds": TCP_SECONDS, "rounds": TCP_ROUNDS,
                         "mtu": 1500, "bare_runs_gbps": bare, "verse_runs_gbps": verse});
     out.push(
-        BenchRecord::new("tcp_bare_veth", bare_m, "Gbit/s", None, config.clone())
+        BenchRecord::new("tcp_bare_veth", bare_m, Unit::Gbps, None, config.clone())
             .with_spread(&bare),
     );
     let ratio = verse_m / bare_m;
@@ -68,7 +68,7 @@ pub fn run(out: &mut Vec<BenchRecord>) -> Result<()> {
         BenchRecord::new(
             "tcp_verse_one_host",
             verse_m,
-            "Gbit/s",
+            Unit::Gbps,
             Some(("tcp_bare_veth", ratio)),
             config,
         )
