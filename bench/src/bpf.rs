@@ -1,6 +1,7 @@
 //! Raw `bpf(2)` for the benchmarks' own programs, each two instructions (return a constant), not
 //! worth an object file: the rate tier's packet generator (`XDP_TX` in live-frames test runs)
-//! and its `XDP_PASS`/`XDP_DROP` receivers.
+//! and its `XDP_PASS`/`XDP_DROP` receivers, and the tcp tier's trivial TC and XDP programs that
+//! show what a hook costs a TCP stream by itself.
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
@@ -9,12 +10,15 @@ use anyhow::{Context, Result};
 const BPF_PROG_LOAD: libc::c_long = 5;
 const BPF_PROG_TEST_RUN: libc::c_long = 10;
 const BPF_LINK_CREATE: libc::c_long = 28;
+const BPF_PROG_TYPE_SCHED_CLS: u32 = 3;
 const BPF_PROG_TYPE_XDP: u32 = 6;
 const BPF_XDP: u32 = 37;
+const BPF_TCX_INGRESS: u32 = 46;
 const BPF_F_TEST_XDP_LIVE_FRAMES: u32 = 1 << 1;
 pub const XDP_DROP: i32 = 1;
 pub const XDP_PASS: i32 = 2;
 pub const XDP_TX: i32 = 3;
+pub const TC_ACT_OK: i32 = 0;
 
 /// `union bpf_attr` for `BPF_PROG_LOAD` (the prefix we use; the rest must be zero).
 #[repr(C)]
@@ -86,6 +90,13 @@ pub fn xdp_return(action: i32, name: &str) -> Result<OwnedFd> {
         .with_context(|| format!("BPF_PROG_LOAD of the XDP program {name}"))
 }
 
+/// Loads a TC classifier that returns `action` and does nothing else (with `TC_ACT_OK`, the
+/// same as the dataplane's `empty` program).
+pub fn tc_return(action: i32, name: &str) -> Result<OwnedFd> {
+    load_return(BPF_PROG_TYPE_SCHED_CLS, action, name)
+        .with_context(|| format!("BPF_PROG_LOAD of the TC program {name}"))
+}
+
 /// Loads a program of `prog_type` made of `mov64 r0, action; exit`.
 fn load_return(prog_type: u32, action: i32, name: &str) -> io::Result<OwnedFd> {
     let mut mov = [0u8; 8];
@@ -113,6 +124,13 @@ fn load_return(prog_type: u32, action: i32, name: &str) -> io::Result<OwnedFd> {
 pub fn attach_xdp(prog: &OwnedFd, ifindex: u32) -> Result<OwnedFd> {
     link_create(prog, ifindex, BPF_XDP)
         .with_context(|| format!("BPF_LINK_CREATE (XDP) on ifindex {ifindex}"))
+}
+
+/// Attaches `prog` at TCX ingress of `ifindex` (in the caller's network namespace), where the
+/// dataplane's programs run, through a BPF link: closing the returned descriptor detaches it.
+pub fn attach_tcx_ingress(prog: &OwnedFd, ifindex: u32) -> Result<OwnedFd> {
+    link_create(prog, ifindex, BPF_TCX_INGRESS)
+        .with_context(|| format!("BPF_LINK_CREATE (TCX ingress) on ifindex {ifindex}"))
 }
 
 fn link_create(prog: &OwnedFd, ifindex: u32, attach_type: u32) -> io::Result<OwnedFd> {

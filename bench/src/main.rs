@@ -7,7 +7,9 @@
 //!
 //! - Micro (`micro`): ns per packet of `from_endpoint` through BPF_PROG_TEST_RUN.
 //! - TCP (`tcp`): one iperf3 stream between two endpoints on one host through Verse, against
-//!   the same two namespaces joined by a bare veth pair with no program at all.
+//!   two namespaces joined by a bare veth pair with no program at all; and over the same pair
+//!   with a trivial TC program, and with a trivial XDP program (with and without GRO), which
+//!   shows why Verse's hooks are TC.
 //! - Fleet (`fleet`): across hosts, TCP throughput (with CPU per Gbit/s) and request/response
 //!   latency against plain routing and kernel VXLAN + nftables at underlay MTU 1500 and 9000,
 //!   and edit-to-enforcement time on one host and on three.
@@ -37,7 +39,8 @@ mod tcp;
 enum Tier {
     /// ns per packet through BPF_PROG_TEST_RUN (`micro`).
     Micro,
-    /// One TCP stream between two endpoints of one host, against a bare veth pair (`tcp`).
+    /// One TCP stream between two endpoints of one host, against a bare veth pair, and over that
+    /// pair with a trivial TC or XDP program (`tcp`).
     Tcp,
     /// Across hosts: TCP, latency, edit-to-enforcement (`fleet`).
     Fleet,

@@ -25,6 +25,8 @@ const PACKAGES: &[&str] = &[
     "tcpdump",
     "bpftool",
     "xdp-tools",
+    // The benchmarks read and set offloads (GRO) of their veths.
+    "ethtool",
     "curl",
     // The font of the benchmark plots.
     "fonts-dejavu-core",
