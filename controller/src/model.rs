@@ -18,6 +18,7 @@
 
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
+use std::time::{Duration, SystemTime};
 
 use ipnetwork::{IpNetwork, Ipv4Network};
 use serde::{Deserialize, Serialize};
@@ -193,6 +194,9 @@ pub struct State {
     /// other hosts are reached through their `underlay_ip`.
     #[serde(default)]
     pub hosts: BTreeMap<String, HostRecord>,
+    /// API tokens, by id (S15): what every host of the fleet checks a bearer token against.
+    #[serde(default)]
+    pub tokens: BTreeMap<String, Token>,
 }
 
 /// A host as the desired state knows it (liveness and realized revision are reported apart).
@@ -201,6 +205,89 @@ pub struct HostRecord {
     pub name: String,
     /// Address on the underlay network; `None` for a host without one (single-host setups).
     pub underlay_ip: Option<Ipv4Addr>,
+}
+
+/// A point in time, stored and shown in RFC 3339, UTC (`2026-12-01T10:00:00Z`, with as many
+/// fractional digits as it has).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Timestamp(pub SystemTime);
+
+impl Timestamp {
+    pub fn now() -> Timestamp {
+        Timestamp(SystemTime::now())
+    }
+    /// Parses RFC 3339 in UTC (`...Z`).
+    pub fn parse(text: &str) -> Option<Timestamp> {
+        humantime::parse_rfc3339(text.trim()).ok().map(Timestamp)
+    }
+}
+
+impl std::fmt::Display for Timestamp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", humantime::format_rfc3339(self.0))
+    }
+}
+
+impl Serialize for Timestamp {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for Timestamp {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        Timestamp::parse(&text).ok_or_else(|| {
+            serde::de::Error::custom(format!("{text:?} is not an RFC 3339 time in UTC"))
+        })
+    }
+}
+
+/// What a token may do (S15). The access rules themselves are in `crate::auth`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// Everything: universes, groups, rules, endpoints, hosts, tokens, the whole audit trail.
+    Admin,
+    /// Groups, rules and endpoints of one universe; reads that universe.
+    Editor,
+    /// Reads one universe; without a universe, reads the whole fleet (and `/metrics`).
+    Viewer,
+}
+
+impl Role {
+    pub fn name(self) -> &'static str {
+        match self {
+            Role::Admin => "admin",
+            Role::Editor => "editor",
+            Role::Viewer => "viewer",
+        }
+    }
+}
+
+/// An API token as the store keeps it (and, without `hash`, as the API shows it): never the
+/// secret, only its SHA-256.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Token {
+    /// `tok-` followed by 8 hex digits; the secret starts with `vt_` and the same digits.
+    pub id: String,
+    pub role: Role,
+    /// The universe an editor or viewer is confined to; `None` for an admin (and for a
+    /// fleet-wide viewer).
+    pub universe: Option<String>,
+    pub description: String,
+    pub created: Timestamp,
+    /// After this the token is refused (401); `None`: never expires.
+    pub expires: Option<Timestamp>,
+    /// Lowercase hex SHA-256 of the whole secret.
+    pub hash: String,
+}
+
+impl Token {
+    /// Whether the token has expired at `now`.
+    pub fn expired(&self, now: SystemTime) -> bool {
+        self.expires.is_some_and(|e| e.0 <= now)
+    }
 }
 
 // ---- Requests: what the API accepts (deserialized with field paths for errors) ----
@@ -250,6 +337,26 @@ pub struct CreateEndpoint {
 #[serde(deny_unknown_fields)]
 pub struct PatchEndpoint {
     pub security_groups: Vec<String>,
+}
+
+/// `POST /v1/tokens`. `expires` is an RFC 3339 time in UTC (`2027-01-01T00:00:00Z`) or a
+/// lifetime from now (`90d`, `12h`, `30m`, `1h 30m`).
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateToken {
+    pub role: Role,
+    pub universe: Option<String>,
+    pub expires: Option<String>,
+    pub description: Option<String>,
+}
+
+/// What the caller of [`State::create_token`] decided outside the edit (which may run more
+/// than once): the token's id, the hash of its secret, and the time of the request.
+#[derive(Clone, Debug)]
+pub struct TokenSecret {
+    pub id: String,
+    pub hash: String,
+    pub now: SystemTime,
 }
 
 // ---- Edits. Each validates everything first, then changes `self` and bumps the revision. ----
@@ -311,6 +418,9 @@ impl State {
         }
         self.universes.remove(id);
         self.groups.retain(|_, g| g.universe != id);
+        // Tokens confined to it would outlive it, and a later universe that drew the same id
+        // would inherit them: they go with it.
+        self.tokens.retain(|_, t| t.universe.as_deref() != Some(id));
         // No endpoint of the universe is left, so neither is any identity of it; this only
         // repairs a state that was inconsistent.
         self.identities.retain(|_, i| i.universe != id);
@@ -470,14 +580,12 @@ impl State {
                 ),
             ));
         }
-        if let Some(other) = self.endpoints.values().find(|e| e.host == host && e.netns == netns) {
+        if self.endpoints.values().any(|e| e.host == host && e.netns == netns) {
             return Err(Error::conflict(
                 "duplicate",
                 Some("netns"),
-                format!(
-                    "netns: namespace {netns:?} on host {host} already holds endpoint {}",
-                    other.id
-                ),
+                // No id: the endpoint there may belong to a universe the caller cannot see.
+                format!("netns: namespace {netns:?} on host {host} already holds an endpoint"),
             ));
         }
         let (number, identity) = self.identity_for(&universe.id, &groups)?;
@@ -526,6 +634,89 @@ impl State {
         self.revision += 1;
         Ok(ep)
     }
+
+    /// `POST /v1/tokens` (S15): an admin is fleet-wide; an editor names its universe; a viewer
+    /// names one or, without one, reads the whole fleet.
+    pub fn create_token(&mut self, req: CreateToken, secret: &TokenSecret) -> Result<Token> {
+        match (req.role, &req.universe) {
+            (Role::Admin, Some(_)) => {
+                return Err(Error::invalid(
+                    "universe",
+                    "an admin token is not confined to a universe: leave universe out",
+                ))
+            }
+            (Role::Editor, None) => {
+                return Err(Error::invalid("universe", "an editor token needs a universe"))
+            }
+            (_, Some(u)) if !self.universes.contains_key(u) => {
+                return Err(missing("universe", "universe", u))
+            }
+            _ => {}
+        }
+        let expires = match req.expires.as_deref() {
+            None => None,
+            Some(text) => Some(token_expiry(text, secret.now)?),
+        };
+        let description = check_description(req.description.as_deref())?;
+        if self.tokens.contains_key(&secret.id) {
+            return Err(Error::conflict(
+                "duplicate",
+                None,
+                format!("token id {} is taken; ask again", secret.id),
+            ));
+        }
+        let token = Token {
+            id: secret.id.clone(),
+            role: req.role,
+            universe: req.universe,
+            description,
+            created: Timestamp(secret.now),
+            expires,
+            hash: secret.hash.clone(),
+        };
+        self.tokens.insert(token.id.clone(), token.clone());
+        self.revision += 1;
+        Ok(token)
+    }
+
+    /// `DELETE /v1/tokens/{id}`: the token is refused from the revision this produces on.
+    pub fn delete_token(&mut self, id: &str) -> Result<Token> {
+        let token = self.tokens.remove(id).ok_or_else(|| Error::not_found("token", id))?;
+        self.revision += 1;
+        Ok(token)
+    }
+}
+
+/// The longest a token may live: a typo (`90y`) should not mint a token for ever.
+pub const MAX_TOKEN_LIFETIME: Duration = Duration::from_secs(10 * 366 * 24 * 3600);
+
+/// `expires` of a token request: an RFC 3339 time in UTC, or a lifetime from `now`; in the
+/// future, at most [`MAX_TOKEN_LIFETIME`] away.
+fn token_expiry(text: &str, now: SystemTime) -> Result<Timestamp> {
+    let at = match Timestamp::parse(text) {
+        Some(t) => t.0,
+        None => {
+            let lifetime = humantime::parse_duration(text.trim()).map_err(|e| {
+                Error::invalid(
+                    "expires",
+                    format!(
+                        "{text:?} is neither an RFC 3339 time in UTC (2027-01-01T00:00:00Z) nor \
+                         a lifetime (90d, 12h, 30m): {e}"
+                    ),
+                )
+            })?;
+            now.checked_add(lifetime).ok_or_else(|| Error::invalid("expires", "too far away"))?
+        }
+    };
+    match at.duration_since(now) {
+        Err(_) | Ok(Duration::ZERO) => {
+            Err(Error::invalid("expires", format!("{text:?} is not in the future")))
+        }
+        Ok(d) if d > MAX_TOKEN_LIFETIME => {
+            Err(Error::invalid("expires", format!("{text:?} is more than 10 years away")))
+        }
+        Ok(_) => Ok(Timestamp(at)),
+    }
 }
 
 // ---- Helpers of the edits ----
@@ -565,7 +756,7 @@ pub fn parse_mac(text: &str) -> Option<[u8; 6]> {
 }
 
 /// 404 for an id that a request body refers to: names the field, unlike an id in the path.
-fn missing(field: &str, what: &str, id: &str) -> Error {
+pub fn missing(field: &str, what: &str, id: &str) -> Error {
     Error {
         kind: ErrorKind::NotFound,
         code: "not_found",
@@ -2082,5 +2273,107 @@ mod tests {
         assert_eq!(s.revision, 8);
         s.delete_universe(&u.id).unwrap();
         assert_eq!(s.revision, 9);
+    }
+
+    fn token_req(role: Role, universe: Option<&str>, expires: Option<&str>) -> CreateToken {
+        CreateToken {
+            role,
+            universe: universe.map(str::to_owned),
+            expires: expires.map(str::to_owned),
+            description: None,
+        }
+    }
+
+    fn secret(id: &str, now: SystemTime) -> TokenSecret {
+        TokenSecret { id: id.into(), hash: "ab".repeat(32), now }
+    }
+
+    #[test]
+    fn tokens_s15_scope_matches_the_role_and_expiry_is_in_the_future() {
+        let mut s = State::default();
+        let u = universe(&mut s, "blue", "10.1.0.0/16");
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+        let t = s.create_token(token_req(Role::Admin, None, None), &secret("tok-1", now)).unwrap();
+        assert_eq!((t.role, t.universe.as_deref(), t.expires), (Role::Admin, None, None));
+        assert_eq!(s.revision, 2, "a token is an edit of the desired state (S13)");
+        let t = s
+            .create_token(token_req(Role::Editor, Some(&u.id), Some("90d")), &secret("tok-2", now))
+            .unwrap();
+        assert_eq!(t.expires, Some(Timestamp(now + Duration::from_secs(90 * 86400))));
+        assert!(!t.expired(now) && t.expired(now + Duration::from_secs(90 * 86400)));
+        let t = s
+            .create_token(
+                token_req(Role::Viewer, None, Some("2027-06-01T08:00:00Z")),
+                &secret("tok-3", now),
+            )
+            .unwrap();
+        assert_eq!(t.expires.unwrap().to_string(), "2027-06-01T08:00:00Z");
+
+        let inv = ErrorKind::Invalid;
+        let admin_in_universe = token_req(Role::Admin, Some(&u.id), None);
+        refused(
+            &mut s,
+            |s| s.create_token(admin_in_universe, &secret("tok-4", now)),
+            inv,
+            "invalid_argument",
+            Some("universe"),
+        );
+        refused(
+            &mut s,
+            |s| s.create_token(token_req(Role::Editor, None, None), &secret("tok-4", now)),
+            inv,
+            "invalid_argument",
+            Some("universe"),
+        );
+        refused(
+            &mut s,
+            |s| {
+                s.create_token(
+                    token_req(Role::Viewer, Some("uni-00000000"), None),
+                    &secret("t", now),
+                )
+            },
+            ErrorKind::NotFound,
+            "not_found",
+            Some("universe"),
+        );
+        for bad in ["yesterday", "2020-01-01T00:00:00Z", "0s", "20y"] {
+            let req = token_req(Role::Viewer, None, Some(bad));
+            let err = refused(
+                &mut s,
+                |s| s.create_token(req, &secret("tok-5", now)),
+                inv,
+                "invalid_argument",
+                Some("expires"),
+            );
+            assert!(err.message.contains(bad), "{err:?}");
+        }
+        refused(
+            &mut s,
+            |s| s.create_token(token_req(Role::Admin, None, None), &secret("tok-1", now)),
+            ErrorKind::Conflict,
+            "duplicate",
+            None,
+        );
+        // The secret's hash is stored; serialized tokens round-trip.
+        let json = serde_json::to_string(&s).unwrap();
+        assert_eq!(serde_json::from_str::<State>(&json).unwrap(), s);
+    }
+
+    #[test]
+    fn deleting_a_universe_revokes_its_tokens_and_deleting_a_token_bumps_the_revision() {
+        let mut s = State::default();
+        let blue = universe(&mut s, "blue", "10.1.0.0/16");
+        let red = universe(&mut s, "red", "10.2.0.0/16");
+        let now = SystemTime::now();
+        for (id, u) in [("tok-b", &blue.id), ("tok-r", &red.id)] {
+            s.create_token(token_req(Role::Viewer, Some(u), None), &secret(id, now)).unwrap();
+        }
+        s.delete_universe(&blue.id).unwrap();
+        assert_eq!(s.tokens.keys().collect::<Vec<_>>(), ["tok-r"]);
+        let rev = s.revision;
+        s.delete_token("tok-r").unwrap();
+        assert_eq!(s.revision, rev + 1);
+        refused(&mut s, |s| s.delete_token("tok-r"), ErrorKind::NotFound, "not_found", None);
     }
 }

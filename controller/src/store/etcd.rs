@@ -3,8 +3,8 @@
 //! Contract (see the parent module for what every store guarantees):
 //! - Layout: every key lives under one prefix (default [`DEFAULT_PREFIX`]), one key per object,
 //!   values in JSON: `universes/<id>`, `groups/<id>` (with its rules), `endpoints/<id>`,
-//!   `identities/<n>`, `hosts/<name>` ([`HostRecord`]), and `revision` (the state's revision,
-//!   decimal, S13). Liveness lives beside it: `alive/<name>`, the host's realized revision in
+//!   `identities/<n>`, `hosts/<name>` ([`HostRecord`]), `tokens/<id>` (API tokens: the hash of
+//!   the secret, never the secret), and `revision` (the state's revision, decimal, S13). Liveness lives beside it: `alive/<name>`, the host's realized revision in
 //!   decimal, attached to a lease of the host's.
 //! - Edits are read-modify-write in one etcd transaction: read every key, run the edit, write
 //!   the keys that changed and delete the ones that are gone, on the condition that the
@@ -683,6 +683,10 @@ fn encode(prefix: &str, state: &State) -> Result<BTreeMap<String, Vec<u8>>> {
         let key = format!("hosts/{name}");
         out.insert(key.clone(), json(prefix, &key, v)?);
     }
+    for (id, v) in &state.tokens {
+        let key = format!("tokens/{id}");
+        out.insert(key.clone(), json(prefix, &key, v)?);
+    }
     Ok(out)
 }
 
@@ -739,6 +743,11 @@ fn decode<'a>(prefix: &str, kvs: impl IntoIterator<Item = (&'a str, &'a [u8])>) 
                 let v: HostRecord = json(value).map_err(corrupt)?;
                 check(id, &v.name).map_err(corrupt)?;
                 state.hosts.insert(id.to_owned(), v);
+            }
+            "tokens" => {
+                let v: model::Token = json(value).map_err(corrupt)?;
+                check(id, &v.id).map_err(corrupt)?;
+                state.tokens.insert(id.to_owned(), v);
             }
             "alive" => {}
             _ => tracing::warn!(key = %format!("{prefix}{key}"), "ignoring an unknown key"),
@@ -811,6 +820,18 @@ mod tests {
             "h2".into(),
             HostRecord { name: "h2".into(), underlay_ip: Some(Ipv4Addr::new(198, 18, 0, 2)) },
         );
+        let secret = model::TokenSecret {
+            id: "tok-0000000a".into(),
+            hash: "0".repeat(64),
+            now: std::time::SystemTime::now(),
+        };
+        let req = model::CreateToken {
+            role: model::Role::Editor,
+            universe: s.universes.keys().next().cloned(),
+            expires: Some("1h".into()),
+            description: Some("ci".into()),
+        };
+        s.create_token(req, &secret).unwrap();
         s
     }
 
@@ -820,7 +841,9 @@ mod tests {
         let keys = encode("/v/", &s).unwrap();
         let kinds: Vec<&str> =
             keys.keys().map(|k| k.split_once('/').map_or(k.as_str(), |(kind, _)| kind)).collect();
-        for kind in ["universes", "groups", "endpoints", "identities", "hosts", "revision"] {
+        for kind in
+            ["universes", "groups", "endpoints", "identities", "hosts", "tokens", "revision"]
+        {
             assert!(kinds.contains(&kind), "no {kind} key in {keys:?}");
         }
         assert_eq!(keys["revision"], s.revision.to_string().into_bytes());
