@@ -15,6 +15,14 @@
 //! `GET /v1/hosts` lists the store's hosts; this host is always in it, healthy (it answers),
 //! with the revision its reconciler has realized (fresher than its report in the store).
 //!
+//! Access (S15): every route but `/healthz` and `/v1/openapi.json` is behind
+//! [`crate::auth::authenticate`] (401 without a principal) and, outside it,
+//! [`crate::audit::record`]. Each handler asks [`crate::auth::decide`] through its [`Caller`]:
+//! an object of a universe the caller does not see answers exactly as a missing one would (the
+//! same 404, the same message), lists leave such objects out, and ids in a request body that
+//! name such objects are "not found" too; a role that may not do something is a 403 (code
+//! `forbidden`). For an edit the check runs inside the edit, on the state it applies to.
+//!
 //! The handlers only translate: every edit is a function of [`crate::model`], committed through
 //! [`Store::edit`].
 
@@ -26,7 +34,8 @@ use std::time::Duration;
 
 use axum::body::Bytes;
 use axum::extract::rejection::{BytesRejection, PathRejection, QueryRejection};
-use axum::extract::{Path as UrlPath, Query, State as AxState};
+use axum::extract::{FromRequestParts, Path as UrlPath, Query, State as AxState};
+use axum::http::request::Parts;
 use axum::http::{header, HeaderName, HeaderValue, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -36,7 +45,9 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
-use crate::model::{self, ErrorKind, State};
+use crate::audit::{self, Auditor, Note};
+use crate::auth::{self, Decision, Op, Principal, Resource};
+use crate::model::{self, ErrorKind, Role, State, Timestamp};
 use crate::store::{self, Store};
 
 /// Header carrying the revision a mutation produced (S13).
@@ -67,6 +78,20 @@ pub struct AppState {
     /// The revision this host's reconciler has realized in the dataplane.
     pub realized: watch::Receiver<u64>,
     pub stats: StatsFn,
+    /// The audit trail's counters.
+    pub audit: Arc<Auditor>,
+}
+
+impl AppState {
+    pub fn new(
+        store: Store,
+        host: String,
+        underlay_ip: Option<Ipv4Addr>,
+        realized: watch::Receiver<u64>,
+        stats: StatsFn,
+    ) -> AppState {
+        AppState { store, host, underlay_ip, realized, stats, audit: Arc::default() }
+    }
 }
 
 /// One host as `GET /v1/hosts` shows it: the store's view of it.
@@ -112,6 +137,10 @@ pub struct ErrorDetail {
     pub message: String,
 }
 
+/// The `error.code` of an error response, in the response's extensions (for the audit trail).
+#[derive(Clone, Copy, Debug)]
+pub struct ErrorCode(pub &'static str);
+
 /// An error response.
 #[derive(Debug)]
 pub struct ApiError {
@@ -135,6 +164,7 @@ impl From<model::Error> for ApiError {
             ErrorKind::Invalid => StatusCode::BAD_REQUEST,
             ErrorKind::NotFound => StatusCode::NOT_FOUND,
             ErrorKind::Conflict => StatusCode::CONFLICT,
+            ErrorKind::Forbidden => StatusCode::FORBIDDEN,
         };
         ApiError::new(status, e.code, e.message)
     }
@@ -144,6 +174,10 @@ impl From<store::Error> for ApiError {
     fn from(e: store::Error) -> ApiError {
         match e {
             store::Error::Rejected(e) => e.into(),
+            e @ store::Error::Denied { .. } => {
+                tracing::error!(error = %e, "the store refused this host's credentials");
+                ApiError::new(StatusCode::FORBIDDEN, "store_forbidden", e.to_string())
+            }
             other if other.is_unavailable() => {
                 tracing::error!(error = %other, "store unavailable");
                 ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", other.to_string())
@@ -160,20 +194,97 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let body =
             ErrorBody { error: ErrorDetail { code: self.code.into(), message: self.message } };
-        (self.status, Json(body)).into_response()
+        let mut resp = (self.status, Json(body)).into_response();
+        resp.extensions_mut().insert(ErrorCode(self.code));
+        resp
+    }
+}
+
+/// Who is asking (put in the request by [`auth::authenticate`]) and the audit note of the
+/// request; every handler behind authentication takes one.
+pub struct Caller {
+    pub principal: Principal,
+    pub note: Note,
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for Caller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Caller, ApiError> {
+        let principal = parts.extensions.get::<Principal>().cloned().ok_or_else(|| {
+            ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                "this route is not behind authentication",
+            )
+        })?;
+        let note = parts.extensions.get::<Note>().cloned().unwrap_or_default();
+        Ok(Caller { principal, note })
+    }
+}
+
+impl Caller {
+    /// May the caller do `op` to a `resource` of `universe`? If the universe is hidden from
+    /// it, the error is `hidden()`: what the request would get if the object did not exist.
+    /// Notes the universe for the audit trail once it is known to be visible.
+    fn allow(
+        &self,
+        resource: Resource,
+        op: Op,
+        universe: &str,
+        hidden: impl FnOnce() -> model::Error,
+    ) -> model::Result<()> {
+        match auth::decide(&self.principal, resource, op, Some(universe)) {
+            Decision::Allow => {
+                self.note.universe(universe);
+                Ok(())
+            }
+            Decision::NotFound => Err(hidden()),
+            Decision::Forbidden => {
+                self.note.universe(universe);
+                Err(model::Error::forbidden(auth::forbidden_message(&self.principal, resource, op)))
+            }
+        }
+    }
+
+    /// Whether the caller may read a `resource` of `universe` (lists keep what this allows).
+    fn reads(&self, resource: Resource, universe: &str) -> bool {
+        auth::decide(&self.principal, resource, Op::Read, Some(universe)) == Decision::Allow
+    }
+
+    /// 403 unless the caller's role may do `op` to `resource` at all (no universe involved).
+    fn require(&self, resource: Resource, op: Op) -> Result<(), ApiError> {
+        match auth::decide(&self.principal, resource, op, None) {
+            Decision::Allow => Ok(()),
+            _ => {
+                Err(model::Error::forbidden(auth::forbidden_message(&self.principal, resource, op))
+                    .into())
+            }
+        }
+    }
+
+    /// A security group named in a request body (`field`) that lives in a universe the caller
+    /// does not see is "not found", as if it did not exist.
+    fn hide_group(&self, state: &State, field: &str, id: &str) -> model::Result<()> {
+        match state.groups.get(id) {
+            Some(g) if !self.principal.sees(&g.universe) => {
+                Err(model::missing(field, "security group", id))
+            }
+            _ => Ok(()),
+        }
     }
 }
 
 type ApiResult = Result<Response, ApiError>;
 
 /// The API's router: every route of the README's "REST API" table, `/healthz`, `/metrics` and
-/// `/v1/openapi.json` among them.
+/// `/v1/openapi.json` among them. Every route but `/healthz` and `/v1/openapi.json` (and every unknown
+/// route) is behind authentication and the audit trail (see the module docs).
 pub fn router(state: AppState) -> Router {
+    use axum::middleware::from_fn_with_state;
     use axum::routing::{delete, post};
-    Router::new()
-        .route("/healthz", get(healthz))
+    let guarded = Router::new()
         .route("/metrics", get(metrics))
-        .route("/v1/openapi.json", get(openapi))
         .route("/v1/universes", post(create_universe).get(list_universes))
         .route("/v1/universes/{id}", get(get_universe).delete(delete_universe))
         .route("/v1/security-groups", post(create_group).get(list_groups))
@@ -186,8 +297,18 @@ pub fn router(state: AppState) -> Router {
             get(get_endpoint).patch(patch_endpoint).delete(delete_endpoint),
         )
         .route("/v1/hosts", get(list_hosts))
+        .route("/v1/tokens", post(create_token).get(list_tokens))
+        .route("/v1/tokens/{id}", delete(delete_token))
+        .route("/v1/audit", get(query_audit))
         .fallback(no_route)
         .method_not_allowed_fallback(method_not_allowed)
+        // The last layer is the outermost: the audit trail sees what authentication refused.
+        .layer(from_fn_with_state(state.clone(), auth::authenticate))
+        .layer(from_fn_with_state(state.clone(), audit::record));
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/v1/openapi.json", get(openapi))
+        .merge(guarded)
         .with_state(state)
 }
 
@@ -379,45 +500,81 @@ async fn method_not_allowed(method: Method, uri: Uri) -> ApiError {
 
 async fn create_universe(
     AxState(st): AxState<AppState>,
+    caller: Caller,
     body: Result<Bytes, BytesRejection>,
 ) -> ApiResult {
+    caller.require(Resource::Universe, Op::Write)?;
     let req: model::CreateUniverse = parse_body(body)?;
-    mutate(&st, StatusCode::CREATED, move |s| s.create_universe(req.clone()), Some).await
+    let note = caller.note.clone();
+    let view = move |u: model::Universe| {
+        note.universe(&u.id);
+        note.object(&u.id);
+        Some(u)
+    };
+    mutate(&st, StatusCode::CREATED, move |s| s.create_universe(req.clone()), view).await
 }
 
-async fn list_universes(AxState(st): AxState<AppState>) -> ApiResult {
+async fn list_universes(AxState(st): AxState<AppState>, caller: Caller) -> ApiResult {
     let snap = st.store.snapshot();
-    Ok(json_ok(&snap.universes.values().collect::<Vec<_>>()))
+    let visible: Vec<_> =
+        snap.universes.values().filter(|u| caller.reads(Resource::Universe, &u.id)).collect();
+    Ok(json_ok(&visible))
 }
 
 async fn get_universe(
     AxState(st): AxState<AppState>,
+    caller: Caller,
     id: Result<UrlPath<String>, PathRejection>,
 ) -> ApiResult {
     let id = path(id)?;
     let snap = st.store.snapshot();
-    let u = snap.universes.get(&id).ok_or_else(|| model::Error::not_found("universe", &id))?;
+    let missing = || model::Error::not_found("universe", &id);
+    let u = snap.universes.get(&id).ok_or_else(missing)?;
+    caller.allow(Resource::Universe, Op::Read, &u.id, missing)?;
     Ok(json_ok(u))
 }
 
 async fn delete_universe(
     AxState(st): AxState<AppState>,
+    caller: Caller,
     id: Result<UrlPath<String>, PathRejection>,
 ) -> ApiResult {
     let id = path(id)?;
-    mutate(&st, StatusCode::NO_CONTENT, move |s| s.delete_universe(&id), |()| None::<()>).await
+    caller.note.object(&id);
+    let edit = |s: &mut State| {
+        if s.universes.contains_key(&id) {
+            caller.allow(Resource::Universe, Op::Write, &id, || {
+                model::Error::not_found("universe", &id)
+            })?;
+        }
+        s.delete_universe(&id)
+    };
+    mutate(&st, StatusCode::NO_CONTENT, edit, |()| None::<()>).await
 }
 
 async fn create_group(
     AxState(st): AxState<AppState>,
+    caller: Caller,
     body: Result<Bytes, BytesRejection>,
 ) -> ApiResult {
     let req: model::CreateGroup = parse_body(body)?;
-    mutate(&st, StatusCode::CREATED, move |s| s.create_group(req.clone()), Some).await
+    let edit = |s: &mut State| {
+        caller.allow(Resource::Group, Op::Write, &req.universe, || {
+            model::missing("universe", "universe", &req.universe)
+        })?;
+        s.create_group(req.clone())
+    };
+    let note = caller.note.clone();
+    let view = move |g: model::SecurityGroup| {
+        note.object(&g.id);
+        Some(g)
+    };
+    mutate(&st, StatusCode::CREATED, edit, view).await
 }
 
 async fn list_groups(
     AxState(st): AxState<AppState>,
+    caller: Caller,
     q: Result<Query<Vec<(String, String)>>, QueryRejection>,
 ) -> ApiResult {
     let q = query(q, &["universe"])?;
@@ -426,67 +583,130 @@ async fn list_groups(
         .groups
         .values()
         .filter(|g| q.get("universe").is_none_or(|u| &g.universe == u))
+        .filter(|g| caller.reads(Resource::Group, &g.universe))
         .collect();
     Ok(json_ok(&groups))
 }
 
 async fn get_group(
     AxState(st): AxState<AppState>,
+    caller: Caller,
     id: Result<UrlPath<String>, PathRejection>,
 ) -> ApiResult {
     let id = path(id)?;
     let snap = st.store.snapshot();
-    let g = snap.groups.get(&id).ok_or_else(|| model::Error::not_found("security group", &id))?;
+    let missing = || model::Error::not_found("security group", &id);
+    let g = snap.groups.get(&id).ok_or_else(missing)?;
+    caller.allow(Resource::Group, Op::Read, &g.universe, missing)?;
     Ok(json_ok(g))
+}
+
+/// The check of an edit of group `id`: its universe must be visible and writable.
+fn allow_group_write(caller: &Caller, s: &State, id: &str) -> model::Result<()> {
+    match s.groups.get(id) {
+        Some(g) => caller.allow(Resource::Group, Op::Write, &g.universe, || {
+            model::Error::not_found("security group", id)
+        }),
+        // The edit itself says it is not found.
+        None => Ok(()),
+    }
 }
 
 async fn delete_group(
     AxState(st): AxState<AppState>,
+    caller: Caller,
     id: Result<UrlPath<String>, PathRejection>,
 ) -> ApiResult {
     let id = path(id)?;
-    mutate(&st, StatusCode::NO_CONTENT, move |s| s.delete_group(&id), |()| None::<()>).await
+    caller.note.object(&id);
+    let edit = |s: &mut State| {
+        allow_group_write(&caller, s, &id)?;
+        s.delete_group(&id)
+    };
+    mutate(&st, StatusCode::NO_CONTENT, edit, |()| None::<()>).await
 }
 
 async fn add_rule(
     AxState(st): AxState<AppState>,
+    caller: Caller,
     id: Result<UrlPath<String>, PathRejection>,
     body: Result<Bytes, BytesRejection>,
 ) -> ApiResult {
     let id = path(id)?;
+    caller.note.object(&id);
     let req: model::CreateRule = parse_body(body)?;
-    mutate(&st, StatusCode::CREATED, move |s| s.add_rule(&id, req.clone()), Some).await
+    let edit = |s: &mut State| {
+        allow_group_write(&caller, s, &id)?;
+        if let Some(peer) = &req.group {
+            caller.hide_group(s, "group", peer)?;
+        }
+        s.add_rule(&id, req.clone())
+    };
+    let note = caller.note.clone();
+    let view = move |r: model::Rule| {
+        note.object(&r.id);
+        Some(r)
+    };
+    mutate(&st, StatusCode::CREATED, edit, view).await
 }
 
 async fn delete_rule(
     AxState(st): AxState<AppState>,
+    caller: Caller,
     ids: Result<UrlPath<(String, String)>, PathRejection>,
 ) -> ApiResult {
     let (group, rule) = path(ids)?;
-    mutate(&st, StatusCode::NO_CONTENT, move |s| s.delete_rule(&group, &rule), |()| None::<()>)
-        .await
+    caller.note.object(&group);
+    caller.note.object(&rule);
+    let edit = |s: &mut State| {
+        allow_group_write(&caller, s, &group)?;
+        s.delete_rule(&group, &rule)
+    };
+    mutate(&st, StatusCode::NO_CONTENT, edit, |()| None::<()>).await
+}
+
+/// The checks of a new endpoint: its universe visible and writable, its groups visible.
+fn allow_new_endpoint(
+    caller: &Caller,
+    s: &State,
+    req: &model::CreateEndpoint,
+) -> model::Result<()> {
+    caller.allow(Resource::Endpoint, Op::Write, &req.universe, || {
+        model::missing("universe", "universe", &req.universe)
+    })?;
+    for (i, g) in req.security_groups.iter().flatten().enumerate() {
+        caller.hide_group(s, &format!("security_groups[{i}]"), g)?;
+    }
+    Ok(())
 }
 
 async fn create_endpoint(
     AxState(st): AxState<AppState>,
+    caller: Caller,
     body: Result<Bytes, BytesRejection>,
 ) -> ApiResult {
     let req: model::CreateEndpoint = parse_body(body)?;
+    // Checked before looking at this host's namespaces, and again in the edit.
+    allow_new_endpoint(&caller, &st.store.snapshot(), &req)?;
     if req.host.as_deref().is_none_or(|h| h == st.host) {
         check_netns(&req.netns)?;
     }
     let host = st.host.clone();
-    mutate(
-        &st,
-        StatusCode::CREATED,
-        move |s| s.create_endpoint(req.clone(), &host),
-        |e| Some(EndpointView::from(&e)),
-    )
-    .await
+    let edit = |s: &mut State| {
+        allow_new_endpoint(&caller, s, &req)?;
+        s.create_endpoint(req.clone(), &host)
+    };
+    let note = caller.note.clone();
+    let view = move |e: model::Endpoint| {
+        note.object(&e.id);
+        Some(EndpointView::from(&e))
+    };
+    mutate(&st, StatusCode::CREATED, edit, view).await
 }
 
 async fn list_endpoints(
     AxState(st): AxState<AppState>,
+    caller: Caller,
     q: Result<Query<Vec<(String, String)>>, QueryRejection>,
 ) -> ApiResult {
     let q = query(q, &["universe", "host"])?;
@@ -496,6 +716,7 @@ async fn list_endpoints(
         .values()
         .filter(|e| q.get("universe").is_none_or(|u| &e.universe == u))
         .filter(|e| q.get("host").is_none_or(|h| &e.host == h))
+        .filter(|e| caller.reads(Resource::Endpoint, &e.universe))
         .map(EndpointView::from)
         .collect();
     Ok(json_ok(&eps))
@@ -503,43 +724,208 @@ async fn list_endpoints(
 
 async fn get_endpoint(
     AxState(st): AxState<AppState>,
+    caller: Caller,
     id: Result<UrlPath<String>, PathRejection>,
 ) -> ApiResult {
     let id = path(id)?;
     let snap = st.store.snapshot();
-    let e = snap.endpoints.get(&id).ok_or_else(|| model::Error::not_found("endpoint", &id))?;
+    let missing = || model::Error::not_found("endpoint", &id);
+    let e = snap.endpoints.get(&id).ok_or_else(missing)?;
+    caller.allow(Resource::Endpoint, Op::Read, &e.universe, missing)?;
     Ok(json_ok(&EndpointView::from(e)))
+}
+
+/// The check of an edit of endpoint `id`: its universe must be visible and writable.
+fn allow_endpoint_write(caller: &Caller, s: &State, id: &str) -> model::Result<()> {
+    match s.endpoints.get(id) {
+        Some(e) => caller.allow(Resource::Endpoint, Op::Write, &e.universe, || {
+            model::Error::not_found("endpoint", id)
+        }),
+        None => Ok(()),
+    }
 }
 
 async fn patch_endpoint(
     AxState(st): AxState<AppState>,
+    caller: Caller,
     id: Result<UrlPath<String>, PathRejection>,
     body: Result<Bytes, BytesRejection>,
 ) -> ApiResult {
     let id = path(id)?;
+    caller.note.object(&id);
     let req: model::PatchEndpoint = parse_body(body)?;
-    mutate(
-        &st,
-        StatusCode::OK,
-        move |s| s.patch_endpoint(&id, req.clone()),
-        |e| Some(EndpointView::from(&e)),
-    )
-    .await
+    let edit = |s: &mut State| {
+        allow_endpoint_write(&caller, s, &id)?;
+        for (i, g) in req.security_groups.iter().enumerate() {
+            caller.hide_group(s, &format!("security_groups[{i}]"), g)?;
+        }
+        s.patch_endpoint(&id, req.clone())
+    };
+    mutate(&st, StatusCode::OK, edit, |e| Some(EndpointView::from(&e))).await
 }
 
 async fn delete_endpoint(
     AxState(st): AxState<AppState>,
+    caller: Caller,
     id: Result<UrlPath<String>, PathRejection>,
 ) -> ApiResult {
     let id = path(id)?;
-    mutate(&st, StatusCode::NO_CONTENT, move |s| s.delete_endpoint(&id), |_| None::<()>).await
+    caller.note.object(&id);
+    let edit = |s: &mut State| {
+        allow_endpoint_write(&caller, s, &id)?;
+        s.delete_endpoint(&id)
+    };
+    mutate(&st, StatusCode::NO_CONTENT, edit, |_| None::<()>).await
 }
 
-async fn list_hosts(AxState(st): AxState<AppState>) -> ApiResult {
+async fn list_hosts(AxState(st): AxState<AppState>, caller: Caller) -> ApiResult {
+    caller.require(Resource::Host, Op::Read)?;
     Ok(json_ok(&hosts_view(&st)))
 }
 
-async fn metrics(AxState(st): AxState<AppState>) -> ApiResult {
+/// A token as the API shows it: everything but the hash of its secret.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenView {
+    pub id: String,
+    pub role: Role,
+    pub universe: Option<String>,
+    pub description: String,
+    pub created: Timestamp,
+    pub expires: Option<Timestamp>,
+}
+
+impl From<&model::Token> for TokenView {
+    fn from(t: &model::Token) -> TokenView {
+        TokenView {
+            id: t.id.clone(),
+            role: t.role,
+            universe: t.universe.clone(),
+            description: t.description.clone(),
+            created: t.created,
+            expires: t.expires,
+        }
+    }
+}
+
+/// The answer of `POST /v1/tokens`: the token and, this once, its secret.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CreatedToken {
+    pub id: String,
+    pub role: Role,
+    pub universe: Option<String>,
+    pub description: String,
+    pub created: Timestamp,
+    pub expires: Option<Timestamp>,
+    /// The secret: `Authorization: Bearer <token>`. Not shown again, not stored.
+    pub token: String,
+}
+
+async fn create_token(
+    AxState(st): AxState<AppState>,
+    caller: Caller,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult {
+    caller.require(Resource::Token, Op::Write)?;
+    let req: model::CreateToken = parse_body(body)?;
+    if let Some(u) = &req.universe {
+        caller.note.universe(u);
+    }
+    let fresh = auth::new_secret().map_err(|e| {
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            format!("cannot draw a random token: {e}"),
+        )
+    })?;
+    caller.note.object(&fresh.id);
+    let secret = model::TokenSecret {
+        id: fresh.id.clone(),
+        hash: fresh.hash.clone(),
+        now: std::time::SystemTime::now(),
+    };
+    let token = fresh.secret;
+    let view = move |t: model::Token| {
+        let v = TokenView::from(&t);
+        Some(CreatedToken {
+            id: v.id,
+            role: v.role,
+            universe: v.universe,
+            description: v.description,
+            created: v.created,
+            expires: v.expires,
+            token,
+        })
+    };
+    mutate(&st, StatusCode::CREATED, move |s| s.create_token(req.clone(), &secret), view).await
+}
+
+async fn list_tokens(AxState(st): AxState<AppState>, caller: Caller) -> ApiResult {
+    caller.require(Resource::Token, Op::Read)?;
+    let snap = st.store.snapshot();
+    Ok(json_ok(&snap.tokens.values().map(TokenView::from).collect::<Vec<_>>()))
+}
+
+async fn delete_token(
+    AxState(st): AxState<AppState>,
+    caller: Caller,
+    id: Result<UrlPath<String>, PathRejection>,
+) -> ApiResult {
+    caller.require(Resource::Token, Op::Write)?;
+    let id = path(id)?;
+    caller.note.object(&id);
+    mutate(&st, StatusCode::NO_CONTENT, move |s| s.delete_token(&id), |_| None::<()>).await
+}
+
+/// `since` of `GET /v1/audit`: an RFC 3339 time in UTC, or how long ago (`1h`, `30m`).
+fn parse_since(text: &str) -> Result<std::time::SystemTime, ApiError> {
+    if let Some(t) = Timestamp::parse(text) {
+        return Ok(t.0);
+    }
+    let ago = humantime::parse_duration(text.trim()).map_err(|e| {
+        ApiError::invalid(
+            "since",
+            format!("{text:?} is neither an RFC 3339 time in UTC nor a duration (1h, 30m): {e}"),
+        )
+    })?;
+    Ok(std::time::SystemTime::now().checked_sub(ago).unwrap_or(std::time::UNIX_EPOCH))
+}
+
+async fn query_audit(
+    AxState(st): AxState<AppState>,
+    caller: Caller,
+    q: Result<Query<Vec<(String, String)>>, QueryRejection>,
+) -> ApiResult {
+    caller.require(Resource::Audit, Op::Read)?;
+    let q = query(q, &["universe", "since", "limit"])?;
+    let since = q.get("since").map(|s| parse_since(s)).transpose()?;
+    let limit = match q.get("limit") {
+        None => audit::DEFAULT_LIMIT,
+        Some(l) => {
+            l.parse::<usize>().ok().filter(|n| (1..=audit::MAX_LIMIT).contains(n)).ok_or_else(
+                || {
+                    ApiError::invalid(
+                        "limit",
+                        format!("{l:?} is not a number within 1..={}", audit::MAX_LIMIT),
+                    )
+                },
+            )?
+        }
+    };
+    // A confined principal sees its universe's records only; another universe's are as
+    // absent as its objects.
+    let universe = match (caller.principal.universe(), q.get("universe")) {
+        (Some(own), Some(asked)) if own != asked => {
+            return Ok(json_ok(&Vec::<audit::AuditRecord>::new()))
+        }
+        (Some(own), _) => Some(own.to_owned()),
+        (None, asked) => asked.cloned(),
+    };
+    let records = st.store.query_audit(&audit::Query { since, universe, limit }).await?;
+    Ok(json_ok(&records))
+}
+
+async fn metrics(AxState(st): AxState<AppState>, caller: Caller) -> ApiResult {
+    caller.require(Resource::Metrics, Op::Read)?;
     let read = st.stats.clone();
     let stats = match tokio::task::spawn_blocking(move || read()).await {
         Ok(Ok(s)) => s,
@@ -559,8 +945,8 @@ async fn metrics(AxState(st): AxState<AppState>) -> ApiResult {
             ))
         }
     };
-    let text =
-        render_metrics(&st.store.snapshot(), *st.realized.borrow(), &stats).map_err(|e| {
+    let text = render_metrics(&st.store.snapshot(), *st.realized.borrow(), &stats, &st.audit)
+        .map_err(|e| {
             ApiError::new(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "internal",
@@ -579,6 +965,7 @@ pub fn render_metrics(
     state: &State,
     realized: u64,
     stats: &Stats,
+    audit: &Auditor,
 ) -> Result<String, std::fmt::Error> {
     use prometheus_client::metrics::counter::Counter;
     use prometheus_client::metrics::family::Family;
@@ -621,6 +1008,23 @@ pub fn render_metrics(
         "Revision realized in this host's dataplane (S13)",
         realized,
     );
+    let counter = |reg: &mut Registry, name: &str, help: &str, v: u64| {
+        let c = Counter::<u64>::default();
+        c.inc_by(v);
+        reg.register(name, help, c);
+    };
+    counter(
+        &mut reg,
+        "audit_write_failures",
+        "Audit records this host could not write to the store (each one logged)",
+        audit.failures(),
+    );
+    counter(
+        &mut reg,
+        "audit_suppressed",
+        "Requests refused for their credentials beyond the rate this host records",
+        audit.suppressed(),
+    );
     let mut out = String::new();
     prometheus_client::encoding::text::encode(&mut out, &reg)?;
     Ok(out)
@@ -647,12 +1051,12 @@ pub fn openapi_document() -> serde_json::Value {
     let e404 = err("Unknown id");
     let e409 = err("Conflict: duplicate, in use, or limit reached");
 
-    json!({
+    let mut doc = json!({
         "openapi": "3.0.3",
         "info": {
             "title": "Verse API",
             "version": env!("CARGO_PKG_VERSION"),
-            "description": "Universes, security groups, rules and endpoints of a Verse fleet. Every mutation returns the revision it produced in the Verse-Revision header and returns once every healthy host has realized it (bounded by 10 s). A mutation answers 503 (code unavailable) when the store (etcd) cannot be reached."
+            "description": "Universes, security groups, rules and endpoints of a Verse fleet. Every request but /healthz and /v1/openapi.json needs a token (Authorization: Bearer); objects of universes a token cannot see answer 404. Every mutation returns the revision it produced in the Verse-Revision header and returns once every healthy host has realized it (bounded by 10 s). A mutation answers 503 (code unavailable) when the store (etcd) cannot be reached."
         },
         "paths": {
             "/healthz": { "get": { "summary": "Liveness", "responses": { "200": { "description": "The daemon is up", "content": { "text/plain": { "schema": { "type": "string", "enum": ["ok"] } } } } } } },
@@ -705,6 +1109,24 @@ pub fn openapi_document() -> serde_json::Value {
             },
             "/v1/hosts": {
                 "get": { "summary": "Hosts and the revision each has realized (S13)", "responses": { "200": ok("The hosts", array("Host")) } }
+            },
+            "/v1/tokens": {
+                "post": { "summary": "Create an API token (admin only); its secret is in the answer, once", "requestBody": body("CreateToken"),
+                    "responses": { "201": created("The token and its secret", "CreatedToken"), "400": e400, "404": err("Unknown universe"), "409": e409 } },
+                "get": { "summary": "List API tokens, without their secrets (admin only)", "responses": { "200": ok("The tokens", array("Token")) } }
+            },
+            "/v1/tokens/{id}": {
+                "parameters": [id_param("id", "Token id (tok-...)")],
+                "delete": { "summary": "Revoke a token: every host refuses it once this returns", "responses": { "204": no_content("Revoked"), "404": e404 } }
+            },
+            "/v1/audit": {
+                "get": { "summary": "The audit trail of the fleet: every mutation and every refused credential, newest last (a principal confined to a universe sees that universe's records)",
+                    "parameters": [
+                        query_param("universe", "Only this universe's records"),
+                        query_param("since", "Only records since this RFC 3339 time (UTC), or this long ago (1h, 30m)"),
+                        { "name": "limit", "in": "query", "required": false, "description": "At most this many, the newest (default 1000)", "schema": { "type": "integer", "minimum": 1, "maximum": 10000 } }
+                    ],
+                    "responses": { "200": ok("The records", array("AuditRecord")), "400": err("Invalid query parameter") } }
             }
         },
         "components": {
@@ -782,8 +1204,57 @@ pub fn openapi_document() -> serde_json::Value {
                     "name": { "type": "string" },
                     "underlay_ip": { "type": "string", "format": "ipv4", "nullable": true },
                     "revision": { "type": "integer", "format": "int64", "description": "Revision realized in the host's dataplane" },
-                    "healthy": { "type": "boolean" } } }
+                    "healthy": { "type": "boolean" } } },
+                "CreateToken": { "type": "object", "additionalProperties": false, "required": ["role"],
+                    "description": "admin: no universe. editor: a universe. viewer: a universe, or none to read the whole fleet.",
+                    "properties": {
+                        "role": { "type": "string", "enum": ["admin", "editor", "viewer"] },
+                        "universe": { "type": "string", "description": "Universe id the token is confined to" },
+                        "expires": { "type": "string", "description": "RFC 3339 time in UTC (2027-01-01T00:00:00Z) or a lifetime (90d, 12h); at most 10 years" },
+                        "description": { "type": "string" } } },
+                "Token": { "type": "object", "required": ["id", "role", "universe", "description", "created", "expires"], "properties": {
+                    "id": { "type": "string", "pattern": "^tok-[0-9a-f]{8}$" },
+                    "role": { "type": "string", "enum": ["admin", "editor", "viewer"] },
+                    "universe": { "type": "string", "nullable": true },
+                    "description": { "type": "string" },
+                    "created": { "type": "string", "format": "date-time" },
+                    "expires": { "type": "string", "format": "date-time", "nullable": true } } },
+                "CreatedToken": { "allOf": [ r("Token"), { "type": "object", "required": ["token"], "properties": {
+                    "token": { "type": "string", "pattern": "^vt_[0-9a-f]{8}_[0-9a-f]{64}$", "description": "The secret, for Authorization: Bearer; shown once, never stored" } } } ] },
+                "AuditRecord": { "type": "object", "required": ["time", "host", "principal", "source", "action", "objects", "status"], "properties": {
+                    "time": { "type": "string", "format": "date-time" },
+                    "host": { "type": "string", "description": "The host whose API served the request" },
+                    "principal": { "type": "string", "description": "tok-..., local-root, or unauthenticated" },
+                    "source": { "type": "string", "description": "ADDR:PORT, or unix (uid U, pid P) for the local socket" },
+                    "action": { "type": "string", "description": "Method and route: POST /v1/security-groups/{id}/rules" },
+                    "universe": { "type": "string" },
+                    "objects": { "type": "array", "items": { "type": "string" }, "description": "Ids the request named or created" },
+                    "status": { "type": "integer" },
+                    "revision": { "type": "integer", "format": "int64", "description": "Revision the mutation produced" },
+                    "detail": { "type": "string", "description": "Error code of a refusal; for a refused credential, why (and the token id claimed)" } } }
+            },
+            "securitySchemes": {
+                "bearer": { "type": "http", "scheme": "bearer", "description": "An API token (vt_...); see POST /v1/tokens. Root on a host may instead use the local unix socket <state-dir>/api.sock without a token." }
+            }
+        },
+        "security": [ { "bearer": [] } ]
+    });
+    // Every route but the two public ones needs a principal, and may refuse it for its role.
+    let public = ["/healthz", "/v1/openapi.json"];
+    if let Some(paths) = doc["paths"].as_object_mut() {
+        for (path, item) in paths.iter_mut() {
+            let Some(item) = item.as_object_mut() else { continue };
+            for (_, op) in item.iter_mut().filter(|(m, _)| *m != "parameters") {
+                if public.contains(&path.as_str()) {
+                    op["security"] = json!([]);
+                    continue;
+                }
+                op["responses"]["401"] =
+                    err("No valid token (missing, unknown, revoked, expired or malformed)");
+                op["responses"]["403"] =
+                    err("The principal's role may not do this (code forbidden)");
             }
         }
-    })
+    }
+    doc
 }

@@ -4,20 +4,28 @@
 //! Contract: one method per route of the REST API (README, "REST API"). A mutation returns its result and the
 //! revision it produced (the `Verse-Revision` header). Any non-2xx answer becomes
 //! [`Error::Api`] with the server's code and message, unchanged. Must not be called from inside
-//! an async runtime (it uses `reqwest::blocking`).
+//! an async runtime (it blocks).
+//!
+//! Two transports: `http://HOST:PORT` (reqwest), and `unix:PATH`, the local socket of a
+//! `versed` (root only; hyper over a tokio `UnixStream`, as reqwest speaks TCP only). A token
+//! ([`Client::with_token`]) is sent on either as `Authorization: Bearer`.
 
+use std::path::PathBuf;
+use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use reqwest::blocking::{Client as Http, RequestBuilder, Response};
+use reqwest::blocking::Client as Http;
+use reqwest::header::{HeaderMap, HeaderValue, AUTHORIZATION, CONTENT_TYPE};
 use reqwest::{Method, Url};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-use crate::api::{EndpointView, ErrorBody, Host, REVISION_HEADER};
+use crate::api::{CreatedToken, EndpointView, ErrorBody, Host, TokenView, REVISION_HEADER};
+use crate::audit::AuditRecord;
 use crate::model::{
-    CreateEndpoint, CreateGroup, CreateRule, CreateUniverse, PatchEndpoint, Rule, SecurityGroup,
-    Universe,
+    CreateEndpoint, CreateGroup, CreateRule, CreateToken, CreateUniverse, PatchEndpoint, Rule,
+    SecurityGroup, Universe,
 };
 
 /// The API address when none is given.
@@ -38,7 +46,7 @@ pub enum Error {
     BadUrl { url: String, reason: String },
     /// The request (`METHOD URL`) did not reach the server or no answer came back.
     #[error("{request}: {source}")]
-    Transport { request: String, source: reqwest::Error },
+    Transport { request: String, source: Box<dyn std::error::Error + Send + Sync> },
     /// The server answered the request (`METHOD URL`) with something the API does not promise.
     #[error("{request}: unexpected answer: {reason}")]
     Decode { request: String, reason: String },
@@ -63,23 +71,73 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 #[derive(Clone, Debug)]
 pub struct Client {
     base: Url,
-    http: Http,
+    transport: Transport,
+    token: Option<String>,
+}
+
+#[derive(Clone, Debug)]
+enum Transport {
+    Http(Http),
+    Unix(Arc<UnixTransport>),
+}
+
+/// HTTP/1.1 over the local unix socket, one connection per request.
+struct UnixTransport {
+    path: PathBuf,
+    runtime: tokio::runtime::Runtime,
+}
+
+impl std::fmt::Debug for UnixTransport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UnixTransport").field("path", &self.path).finish()
+    }
+}
+
+/// An answer, read whole.
+struct Reply {
+    status: u16,
+    headers: HeaderMap,
+    body: Vec<u8>,
 }
 
 impl Client {
-    /// A client of the API at `base` (`http://HOST:PORT`, maybe with a path prefix).
+    /// A client of the API at `base`: `http://HOST:PORT` (maybe with a path prefix), or
+    /// `unix:PATH` for the local socket of a `versed` (`unix:/var/lib/verse/api.sock`).
     pub fn new(base: &str) -> Result<Client> {
         let bad = |reason: String| Error::BadUrl { url: base.to_owned(), reason };
+        if let Some(path) = base.strip_prefix("unix:") {
+            let path = path.strip_prefix("//").unwrap_or(path);
+            if !path.starts_with('/') {
+                return Err(bad("expected unix:/ABSOLUTE/PATH".into()));
+            }
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(|e| bad(format!("cannot start the client's runtime: {e}")))?;
+            let unix = UnixTransport { path: PathBuf::from(path), runtime };
+            let url = Url::parse("http://localhost/").map_err(|e| bad(e.to_string()))?;
+            return Ok(Client {
+                base: url,
+                transport: Transport::Unix(Arc::new(unix)),
+                token: None,
+            });
+        }
         let url = Url::parse(base).map_err(|e| bad(e.to_string()))?;
         if url.cannot_be_a_base() || !matches!(url.scheme(), "http" | "https") {
-            return Err(bad("expected http://HOST:PORT".into()));
+            return Err(bad("expected http://HOST:PORT or unix:/PATH".into()));
         }
         let http =
             Http::builder().timeout(REQUEST_TIMEOUT).build().map_err(|e| bad(e.to_string()))?;
-        Ok(Client { base: url, http })
+        Ok(Client { base: url, transport: Transport::Http(http), token: None })
     }
 
-    /// The API address.
+    /// The same client, sending `token` as `Authorization: Bearer <token>`.
+    pub fn with_token(mut self, token: impl Into<String>) -> Client {
+        self.token = Some(token.into());
+        self
+    }
+
+    /// The API address (`http://localhost/` for the local socket).
     pub fn base(&self) -> &Url {
         &self.base
     }
@@ -100,32 +158,68 @@ impl Client {
         url
     }
 
-    /// Sends a request; returns the successful response or the server's error.
-    fn send(&self, method: Method, url: Url, body: Option<&dyn ErasedJson>) -> Result<Response> {
-        let mut req: RequestBuilder = self.http.request(method.clone(), url.clone());
-        if let Some(body) = body {
-            let bytes = body.to_json().map_err(|e| Error::Decode {
-                request: request(&method, &url),
-                reason: format!("cannot encode the request: {e}"),
-            })?;
-            req = req.header(reqwest::header::CONTENT_TYPE, "application/json").body(bytes);
-        }
-        let resp = req
-            .send()
-            .map_err(|source| Error::Transport { request: request(&method, &url), source })?;
-        let status = resp.status();
-        if status.is_success() {
-            return Ok(resp);
-        }
-        let text = resp.text().unwrap_or_default();
-        Err(match serde_json::from_str::<ErrorBody>(&text) {
-            Ok(b) => {
-                Error::Api { status: status.as_u16(), code: b.error.code, message: b.error.message }
+    /// `METHOD URL` as the user would recognize it (`unix:PATH/v1/...` on the local socket).
+    fn describe(&self, method: &Method, url: &Url) -> String {
+        match &self.transport {
+            Transport::Http(_) => format!("{method} {url}"),
+            Transport::Unix(u) => {
+                let query = url.query().map(|q| format!("?{q}")).unwrap_or_default();
+                format!("{method} unix:{}{}{query}", u.path.display(), url.path())
             }
+        }
+    }
+
+    /// Sends a request; returns the successful answer or the server's error.
+    fn send(&self, method: Method, url: Url, body: Option<&dyn ErasedJson>) -> Result<Reply> {
+        let described = self.describe(&method, &url);
+        let bytes = match body {
+            Some(body) => Some(body.to_json().map_err(|e| Error::Decode {
+                request: described.clone(),
+                reason: format!("cannot encode the request: {e}"),
+            })?),
+            None => None,
+        };
+        let mut headers = HeaderMap::new();
+        if bytes.is_some() {
+            headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        }
+        if let Some(token) = &self.token {
+            let value =
+                HeaderValue::from_str(&format!("Bearer {token}")).map_err(|_| Error::BadUrl {
+                    url: described.clone(),
+                    reason: "the token holds characters a header cannot carry".into(),
+                })?;
+            headers.insert(AUTHORIZATION, value);
+        }
+        let transport = |source: Box<dyn std::error::Error + Send + Sync>| Error::Transport {
+            request: described.clone(),
+            source,
+        };
+        let reply = match &self.transport {
+            Transport::Http(http) => {
+                let mut req = http.request(method.clone(), url.clone()).headers(headers);
+                if let Some(bytes) = bytes {
+                    req = req.body(bytes);
+                }
+                let resp = req.send().map_err(|e| transport(e.into()))?;
+                let status = resp.status().as_u16();
+                let headers = resp.headers().clone();
+                let body = resp.bytes().map_err(|e| transport(e.into()))?.to_vec();
+                Reply { status, headers, body }
+            }
+            Transport::Unix(unix) => unix.send(method, &url, headers, bytes).map_err(transport)?,
+        };
+        if (200..300).contains(&reply.status) {
+            return Ok(reply);
+        }
+        let text = String::from_utf8_lossy(&reply.body).into_owned();
+        let status = reply.status;
+        Err(match serde_json::from_str::<ErrorBody>(&text) {
+            Ok(b) => Error::Api { status, code: b.error.code, message: b.error.message },
             Err(_) => Error::Api {
-                status: status.as_u16(),
-                code: format!("http_{}", status.as_u16()),
-                message: if text.is_empty() { status.to_string() } else { text },
+                status,
+                code: format!("http_{status}"),
+                message: if text.is_empty() { format!("HTTP {status}") } else { text },
             },
         })
     }
@@ -136,8 +230,9 @@ impl Client {
         query: &[(&str, Option<&str>)],
     ) -> Result<T> {
         let url = self.url(segments, query);
-        let resp = self.send(Method::GET, url.clone(), None)?;
-        decode(Method::GET, url, resp)
+        let described = self.describe(&Method::GET, &url);
+        let reply = self.send(Method::GET, url, None)?;
+        decode(described, &reply)
     }
 
     /// A mutation with a JSON answer: the answer and the revision.
@@ -148,16 +243,18 @@ impl Client {
         body: &dyn ErasedJson,
     ) -> Result<(T, u64)> {
         let url = self.url(segments, &[]);
-        let resp = self.send(method.clone(), url.clone(), Some(body))?;
-        let revision = revision(&method, &url, &resp)?;
-        Ok((decode(method, url, resp)?, revision))
+        let described = self.describe(&method, &url);
+        let reply = self.send(method, url, Some(body))?;
+        let revision = revision(&described, &reply)?;
+        Ok((decode(described, &reply)?, revision))
     }
 
     /// A `DELETE`: the revision.
     fn delete(&self, segments: &[&str]) -> Result<u64> {
         let url = self.url(segments, &[]);
-        let resp = self.send(Method::DELETE, url.clone(), None)?;
-        revision(&Method::DELETE, &url, &resp)
+        let described = self.describe(&Method::DELETE, &url);
+        let reply = self.send(Method::DELETE, url, None)?;
+        revision(&described, &reply)
     }
 
     // ---- Universes ----
@@ -218,6 +315,32 @@ impl Client {
         self.delete(&["v1", "endpoints", id])
     }
 
+    // ---- Tokens and the audit trail ----
+
+    /// `POST /v1/tokens`: the token with its secret (shown this once).
+    pub fn create_token(&self, req: &CreateToken) -> Result<(CreatedToken, u64)> {
+        self.mutate(Method::POST, &["v1", "tokens"], req)
+    }
+    pub fn list_tokens(&self) -> Result<Vec<TokenView>> {
+        self.get(&["v1", "tokens"], &[])
+    }
+    pub fn delete_token(&self, id: &str) -> Result<u64> {
+        self.delete(&["v1", "tokens", id])
+    }
+    /// `GET /v1/audit`: `since` is an RFC 3339 time or how long ago (`1h`).
+    pub fn audit(
+        &self,
+        universe: Option<&str>,
+        since: Option<&str>,
+        limit: Option<usize>,
+    ) -> Result<Vec<AuditRecord>> {
+        let limit = limit.map(|l| l.to_string());
+        self.get(
+            &["v1", "audit"],
+            &[("universe", universe), ("since", since), ("limit", limit.as_deref())],
+        )
+    }
+
     // ---- Hosts and service routes ----
 
     pub fn list_hosts(&self) -> Result<Vec<Host>> {
@@ -261,15 +384,14 @@ impl Client {
     /// `GET /healthz`: `Ok(())` when the daemon answers "ok".
     pub fn healthz(&self) -> Result<()> {
         let url = self.url(&["healthz"], &[]);
-        let resp = self.send(Method::GET, url.clone(), None)?;
-        let text = resp
-            .text()
-            .map_err(|source| Error::Transport { request: request(&Method::GET, &url), source })?;
+        let described = self.describe(&Method::GET, &url);
+        let reply = self.send(Method::GET, url, None)?;
+        let text = String::from_utf8_lossy(&reply.body);
         if text.trim() == "ok" {
             Ok(())
         } else {
             Err(Error::Decode {
-                request: request(&Method::GET, &url),
+                request: described,
                 reason: format!("expected \"ok\", got {text:?}"),
             })
         }
@@ -278,9 +400,10 @@ impl Client {
     /// `GET /metrics`: the Prometheus text.
     pub fn metrics(&self) -> Result<String> {
         let url = self.url(&["metrics"], &[]);
-        let resp = self.send(Method::GET, url.clone(), None)?;
-        resp.text()
-            .map_err(|source| Error::Transport { request: request(&Method::GET, &url), source })
+        let described = self.describe(&Method::GET, &url);
+        let reply = self.send(Method::GET, url, None)?;
+        String::from_utf8(reply.body)
+            .map_err(|e| Error::Decode { request: described, reason: e.to_string() })
     }
 
     /// `GET /v1/openapi.json`.
@@ -300,26 +423,64 @@ impl<T: Serialize> ErasedJson for T {
     }
 }
 
-/// `METHOD URL`, to say which request failed.
-fn request(method: &Method, url: &Url) -> String {
-    format!("{method} {url}")
+impl UnixTransport {
+    fn send(
+        &self,
+        method: Method,
+        url: &Url,
+        headers: HeaderMap,
+        body: Option<Vec<u8>>,
+    ) -> std::result::Result<Reply, Box<dyn std::error::Error + Send + Sync>> {
+        use http_body_util::{BodyExt, Full};
+        use hyper_util::rt::TokioIo;
+        let target = match url.query() {
+            Some(q) => format!("{}?{q}", url.path()),
+            None => url.path().to_owned(),
+        };
+        let exchange = async {
+            let stream = tokio::net::UnixStream::connect(&self.path).await.map_err(|e| {
+                std::io::Error::new(e.kind(), format!("connecting to {}: {e}", self.path.display()))
+            })?;
+            let (mut sender, conn) =
+                hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+            let driver = tokio::spawn(conn);
+            let mut req = hyper::Request::builder()
+                .method(method)
+                .uri(target)
+                .header(hyper::header::HOST, "localhost");
+            if let Some(h) = req.headers_mut() {
+                h.extend(headers);
+            }
+            let req = req.body(Full::new(bytes::Bytes::from(body.unwrap_or_default())))?;
+            let resp = sender.send_request(req).await?;
+            let status = resp.status().as_u16();
+            let headers = resp.headers().clone();
+            let body = resp.into_body().collect().await?.to_bytes().to_vec();
+            driver.abort();
+            Ok::<_, Box<dyn std::error::Error + Send + Sync>>(Reply { status, headers, body })
+        };
+        self.runtime.block_on(async {
+            match tokio::time::timeout(REQUEST_TIMEOUT, exchange).await {
+                Ok(reply) => reply,
+                Err(_) => Err(format!("no answer within {REQUEST_TIMEOUT:?}").into()),
+            }
+        })
+    }
 }
 
-fn decode<T: DeserializeOwned>(method: Method, url: Url, resp: Response) -> Result<T> {
-    let bytes = resp
-        .bytes()
-        .map_err(|source| Error::Transport { request: request(&method, &url), source })?;
-    serde_json::from_slice(&bytes)
-        .map_err(|e| Error::Decode { request: request(&method, &url), reason: e.to_string() })
+fn decode<T: DeserializeOwned>(request: String, reply: &Reply) -> Result<T> {
+    serde_json::from_slice(&reply.body)
+        .map_err(|e| Error::Decode { request, reason: e.to_string() })
 }
 
-fn revision(method: &Method, url: &Url, resp: &Response) -> Result<u64> {
-    resp.headers()
+fn revision(request: &str, reply: &Reply) -> Result<u64> {
+    reply
+        .headers
         .get(REVISION_HEADER)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse().ok())
         .ok_or_else(|| Error::Decode {
-            request: request(method, url),
+            request: request.to_owned(),
             reason: format!("missing or invalid {REVISION_HEADER} header"),
         })
 }

@@ -13,6 +13,8 @@ use std::path::{Path, PathBuf};
 use dataplane_common as dp;
 use serde::{Deserialize, Serialize};
 
+use crate::store::AuditRetention;
+
 /// What went wrong with the configuration.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -62,6 +64,10 @@ pub struct Args {
     /// Control-plane store: `embedded` or `etcd://HOST:PORT[,HOST:PORT...]` (overrides `store`).
     #[arg(long, value_name = "URL")]
     pub store: Option<String>,
+    /// File holding an admin token to register if the store has none (overrides
+    /// `admin_token_file`).
+    #[arg(long, value_name = "FILE")]
+    pub admin_token_file: Option<PathBuf>,
 }
 
 /// Where the desired state lives, parsed from the `store` setting.
@@ -146,6 +152,17 @@ pub struct Config {
     pub etcd_lease_ttl: u64,
     pub mtu: u32,
     pub gateway_mac: String,
+    /// `None`: `<state_dir>/api.sock` (see [`Config::api_socket`]).
+    pub api_socket: Option<PathBuf>,
+    /// A file holding the first admin token (instead of one made into the state directory).
+    pub admin_token_file: Option<PathBuf>,
+    /// The etcd user this host authenticates as (etcd RBAC), with `etcd_password_file`.
+    pub etcd_user: Option<String>,
+    pub etcd_password_file: Option<PathBuf>,
+    /// Audit records kept (about; the oldest go first).
+    pub audit_retention_records: usize,
+    /// Days an audit record is kept.
+    pub audit_retention_days: u64,
     pub conntrack: Conntrack,
 }
 
@@ -162,6 +179,12 @@ impl Default for Config {
             etcd_lease_ttl: crate::store::etcd::DEFAULT_LEASE_TTL.as_secs(),
             mtu: 1500,
             gateway_mac: "02:76:65:72:73:65".into(),
+            api_socket: None,
+            admin_token_file: None,
+            etcd_user: None,
+            etcd_password_file: None,
+            audit_retention_records: AuditRetention::default().max_records,
+            audit_retention_days: AuditRetention::default().max_age.as_secs() / 86400,
             conntrack: Conntrack::default(),
         }
     }
@@ -195,6 +218,9 @@ impl Config {
         }
         if let Some(v) = &args.store {
             cfg.store = v.clone();
+        }
+        if let Some(v) = &args.admin_token_file {
+            cfg.admin_token_file = Some(v.clone());
         }
         if cfg.host.is_none() {
             cfg.host = Some(hostname().map_err(Error::Hostname)?);
@@ -248,6 +274,27 @@ impl Config {
             });
         }
         self.gateway_mac_bytes()?;
+        if self.etcd_user.is_some() != self.etcd_password_file.is_some() {
+            return Err(Error::Invalid {
+                key: "etcd_user",
+                value: self.etcd_user.clone().unwrap_or_default(),
+                reason: "etcd_user and etcd_password_file go together".into(),
+            });
+        }
+        if self.audit_retention_records == 0 {
+            return Err(Error::Invalid {
+                key: "audit_retention_records",
+                value: "0".into(),
+                reason: "must be at least 1".into(),
+            });
+        }
+        if !(1..=36_500).contains(&self.audit_retention_days) {
+            return Err(Error::Invalid {
+                key: "audit_retention_days",
+                value: self.audit_retention_days.to_string(),
+                reason: "must be within 1..=36500".into(),
+            });
+        }
         if let Some(u) = &self.underlay {
             if u.is_empty() || u.len() > 15 || u.contains('/') || u.contains(char::is_whitespace) {
                 return Err(Error::Invalid {
@@ -285,16 +332,42 @@ impl Config {
         StoreKind::parse(&self.store)
     }
 
-    /// The etcd settings, when `store` names an etcd cluster.
+    /// The etcd settings, when `store` names an etcd cluster (this reads the password file).
     pub fn etcd_options(&self) -> Result<Option<crate::store::EtcdOptions>> {
+        let user = match (&self.etcd_user, &self.etcd_password_file) {
+            (Some(user), Some(path)) => {
+                let text = std::fs::read_to_string(path)
+                    .map_err(|source| Error::Read { path: path.clone(), source })?;
+                let password = text.trim_end_matches(['\n', '\r']).to_owned();
+                Some((user.clone(), password))
+            }
+            _ => None,
+        };
         Ok(match self.store_kind()? {
             StoreKind::Embedded => None,
             StoreKind::Etcd(endpoints) => Some(crate::store::EtcdOptions {
                 endpoints,
                 prefix: self.etcd_prefix.clone(),
                 lease_ttl: std::time::Duration::from_secs(self.etcd_lease_ttl),
+                user,
+                audit_retention: self.audit_retention(),
             }),
         })
+    }
+
+    /// How much of the audit trail the store keeps.
+    pub fn audit_retention(&self) -> AuditRetention {
+        AuditRetention {
+            max_records: self.audit_retention_records,
+            max_age: std::time::Duration::from_secs(
+                self.audit_retention_days.saturating_mul(86400),
+            ),
+        }
+    }
+
+    /// The local unix socket of the API (root only).
+    pub fn api_socket(&self) -> PathBuf {
+        self.api_socket.clone().unwrap_or_else(|| self.state_dir.join(crate::auth::SOCKET_FILE))
     }
 
     /// The bpffs directory where maps and links are pinned.
@@ -350,13 +423,30 @@ impl Config {
         let ct = &d.conntrack;
         format!(
             r#"# versed settings. Every setting is optional; the values shown are the defaults.
-# Command-line flags (--listen, --state-dir, --host, --underlay, --store) override this file.
+# Command-line flags (--listen, --state-dir, --host, --underlay, --store, --admin-token-file)
+# override this file.
 
-# Address and port of the REST API (and of /metrics, /healthz).
+# Address and port of the REST API (and of /metrics, /healthz). Every request but /healthz
+# and /v1/openapi.json needs a token (Authorization: Bearer ...), see the README, "Access".
 listen = "{listen}"
 
-# Directory of the daemon's own state: the embedded store's state.json lives here.
+# Directory of the daemon's own state (created mode 0700): the embedded store's state.json and
+# audit trail, the first admin token (admin.token, mode 0600) and the local socket live here.
 state_dir = "{state_dir}"
+
+# The local unix socket of the API (mode 0600): root on this host gets in without a token,
+# as an admin. Default: "<state_dir>/api.sock".
+# api_socket = "{state_dir}/api.sock"
+
+# A file holding an admin token (vt_<8 hex>_<64 hex>) to register at start if the store has no
+# valid admin token. Default: none; then versed makes one into "<state_dir>/admin.token".
+# admin_token_file = "/etc/verse/admin.token"
+
+# Audit trail (every mutation and every refused credential, in the store): how many records
+# to keep, about (the oldest go first)...
+audit_retention_records = {audit_records}
+# ...and for how many days.
+audit_retention_days = {audit_days}
 
 # bpffs directory where the dataplane's maps and links are pinned, so that they survive a
 # restart of versed. Default: "<state_dir>/bpf" (a bpffs is mounted there if none is).
@@ -380,6 +470,11 @@ etcd_prefix = "{etcd_prefix}"
 # etcd store: seconds after which a host whose versed stopped renewing its liveness record
 # (stopped, crashed, or cut off from etcd) is shown unhealthy, and no longer waited for.
 etcd_lease_ttl = {etcd_lease_ttl}
+
+# etcd store: the etcd user this host authenticates as, and a file holding its password (etcd
+# RBAC; see the README, "etcd access control", for the roles a host needs). Default: none.
+# etcd_user = "verse-host-a"
+# etcd_password_file = "/etc/verse/etcd-password"
 
 # MTU of the workload interfaces (eth0 in each workload namespace and its host-side veth).
 mtu = {mtu}
@@ -411,6 +506,8 @@ other = {other}
             store = d.store,
             etcd_prefix = d.etcd_prefix,
             etcd_lease_ttl = d.etcd_lease_ttl,
+            audit_records = d.audit_retention_records,
+            audit_days = d.audit_retention_days,
             mtu = d.mtu,
             gateway_mac = d.gateway_mac,
             tcp_established = ct.tcp_established,
@@ -494,6 +591,12 @@ mod tests {
             "etcd_lease_ttl",
             "mtu",
             "gateway_mac",
+            "api_socket",
+            "admin_token_file",
+            "etcd_user",
+            "etcd_password_file",
+            "audit_retention_records",
+            "audit_retention_days",
             "tcp_established",
             "tcp_opening",
             "tcp_closing",

@@ -10,8 +10,11 @@
 //! - [`netlink`]: endpoint plumbing (veth pairs, namespaces, addresses, routes).
 //! - [`reconcile`]: makes the dataplane and the interfaces match the desired state.
 //! - [`api`]: the REST API; [`client`]: the CLI's side of it.
+//! - [`auth`]: principals, tokens and who may do what (S15); [`audit`]: the audit trail.
 //! - [`config`]: the daemon's settings.
 pub mod api;
+pub mod audit;
+pub mod auth;
 pub mod client;
 pub mod compile;
 pub mod config;

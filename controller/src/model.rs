@@ -40,6 +40,8 @@ pub enum ErrorKind {
     NotFound,
     /// 409: a duplicate, a resource still in use, or a limit reached.
     Conflict,
+    /// 403: the principal sees the object but its role does not allow the edit (S15).
+    Forbidden,
 }
 
 /// A refused edit. `code` is a stable machine-readable string (`invalid_argument`, `not_found`,
@@ -70,6 +72,14 @@ impl Error {
             code: "not_found",
             field: None,
             message: format!("{what} {id} not found"),
+        }
+    }
+    pub fn forbidden(message: impl Into<String>) -> Error {
+        Error {
+            kind: ErrorKind::Forbidden,
+            code: "forbidden",
+            field: None,
+            message: message.into(),
         }
     }
     pub fn conflict(code: &'static str, field: Option<&str>, message: impl Into<String>) -> Error {

@@ -1,12 +1,15 @@
 //! The REST API in process: every route, every 400/404/409 of the README's "REST API", the
-//! shapes of the 201s and the `Verse-Revision` header. No root needed: the store lives in a
-//! temporary directory and a fake reconciler realizes every revision as soon as it is published.
+//! shapes of the 201s and the `Verse-Revision` header, and who may do what (S15, the README's
+//! "Access"): every role against every route. No root needed: the store lives in a temporary directory and a fake reconciler
+//! realizes every revision as soon as it is published. Requests carry the admin token that
+//! `versed` would make at first start, unless a test says otherwise.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::body::Body;
+use axum::extract::ConnectInfo;
 use axum::http::{Method, Request, StatusCode};
 use axum::Router;
 use dataplane_common::DropReason;
@@ -15,6 +18,7 @@ use serde_json::{json, Value};
 use tokio::sync::watch;
 use tower::ServiceExt;
 use verse::api::{self, AppState, Stats};
+use verse::auth;
 use verse::store::Store;
 
 const HOST: &str = "host-a";
@@ -23,6 +27,10 @@ struct Api {
     app: Router,
     store: Store,
     realized: watch::Sender<u64>,
+    /// The first admin token (as `versed` makes it into the state directory).
+    admin: String,
+    /// The revision after that token was made: the first edit of a test makes `base + 1`.
+    base: u64,
     _dir: tempfile::TempDir,
 }
 
@@ -33,10 +41,16 @@ struct Answer {
     text: String,
 }
 
-/// A router over a fresh store. With `reconciler`, a task realizes each revision at once.
-fn api_with(reconciler: bool) -> Api {
+/// A router over a fresh store with its first admin token. With `reconciler`, a task realizes
+/// each revision at once.
+async fn api_with(reconciler: bool) -> Api {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open_embedded(dir.path()).unwrap();
+    let made = auth::bootstrap_admin(&store, dir.path(), None).await.unwrap();
+    assert!(matches!(made, auth::Bootstrap::Generated { .. }), "{made:?}");
+    let admin = std::fs::read_to_string(dir.path().join(auth::ADMIN_TOKEN_FILE)).unwrap();
+    let admin = admin.trim().to_owned();
+    let base = store.snapshot().revision;
     let (realized, realized_rx) = watch::channel(0u64);
     if reconciler {
         let mut rx = store.subscribe();
@@ -57,23 +71,39 @@ fn api_with(reconciler: bool) -> Api {
         drops.insert(DropReason::PolicyIngress, 3);
         Ok(Stats { drops })
     });
-    let state = AppState {
-        store: store.clone(),
-        host: HOST.into(),
-        underlay_ip: None,
-        realized: realized_rx,
-        stats,
-    };
-    Api { app: api::router(state), store, realized, _dir: dir }
+    let state = AppState::new(store.clone(), HOST.into(), None, realized_rx, stats);
+    Api { app: api::router(state), store, realized, admin, base, _dir: dir }
 }
 
-fn api() -> Api {
-    api_with(true)
+async fn api() -> Api {
+    api_with(true).await
+}
+
+/// How a request authenticates.
+#[derive(Clone, Copy, Debug)]
+enum As<'a> {
+    /// `Authorization: Bearer <token>`.
+    Token(&'a str),
+    /// No credentials at all.
+    Nobody,
+    /// On the local unix socket, as this uid (what the socket's listener puts in the request).
+    Local(u32),
 }
 
 impl Api {
     async fn call(&self, method: Method, uri: &str, body: Option<&str>) -> Answer {
-        let req = Request::builder().method(method).uri(uri);
+        self.call_as(As::Token(&self.admin), method, uri, body).await
+    }
+
+    async fn call_as(&self, who: As<'_>, method: Method, uri: &str, body: Option<&str>) -> Answer {
+        let mut req = Request::builder().method(method).uri(uri);
+        match who {
+            As::Token(t) => req = req.header("authorization", format!("Bearer {t}")),
+            As::Nobody => {}
+            As::Local(uid) => {
+                req = req.extension(ConnectInfo(auth::LocalPeer { uid: Some(uid), pid: None }))
+            }
+        }
         let req = match body {
             Some(b) => {
                 req.header("content-type", "application/json").body(Body::from(b.to_owned()))
@@ -142,10 +172,10 @@ fn id(v: &Value) -> String {
 
 #[tokio::test]
 async fn create_universe_returns_201_with_canonical_cidrs_vni_and_revision() {
-    let api = api();
+    let api = api().await;
     let a = api.post("/v1/universes", json!({"name": "blue", "cidr": "10.1.2.3/16"})).await;
     assert_eq!(a.status, StatusCode::CREATED, "{}", a.text);
-    assert_eq!(a.revision, Some(1));
+    assert_eq!(a.revision, Some(api.base + 1));
     let u = a.body.as_object().unwrap();
     let keys: Vec<_> = u.keys().map(String::as_str).collect();
     assert_eq!(keys, ["cidrs", "id", "name", "vni"]);
@@ -158,7 +188,7 @@ async fn create_universe_returns_201_with_canonical_cidrs_vni_and_revision() {
         .post("/v1/universes", json!({"name": "red", "cidrs": ["10.2.0.0/24", "10.3.0.0/24"]}))
         .await;
     assert_eq!(a.status, StatusCode::CREATED, "{}", a.text);
-    assert_eq!(a.revision, Some(2));
+    assert_eq!(a.revision, Some(api.base + 2));
     assert_eq!(a.body["cidrs"], json!(["10.2.0.0/24", "10.3.0.0/24"]));
 
     let list = api.get("/v1/universes").await;
@@ -171,7 +201,7 @@ async fn create_universe_returns_201_with_canonical_cidrs_vni_and_revision() {
 
 #[tokio::test]
 async fn universe_gets_a_default_group_that_cannot_be_deleted_s3() {
-    let api = api();
+    let api = api().await;
     let u = api.universe("blue", "10.1.0.0/16").await;
     let groups = api.get(&format!("/v1/security-groups?universe={}", id(&u))).await;
     let groups = groups.body.as_array().unwrap().clone();
@@ -183,7 +213,7 @@ async fn universe_gets_a_default_group_that_cannot_be_deleted_s3() {
 
 #[tokio::test]
 async fn universe_body_errors_are_400_naming_the_field() {
-    let api = api();
+    let api = api().await;
     let cases: Vec<(&str, &str)> = vec![
         (r#"{"cidr": "10.0.0.0/16"}"#, "name"), // missing field
         (r#"{"name": 5, "cidr": "10.0.0.0/16"}"#, "name"), // wrong type
@@ -206,12 +236,12 @@ async fn universe_body_errors_are_400_naming_the_field() {
         let msg = a.body["error"]["message"].as_str().unwrap();
         assert!(msg.starts_with(field), "body {body}: message {msg:?} should start with {field:?}");
     }
-    assert_eq!(api.store.snapshot().revision, 0, "no refused edit changed anything");
+    assert_eq!(api.store.snapshot().revision, api.base, "no refused edit changed anything");
 }
 
 #[tokio::test]
 async fn duplicate_universe_name_is_409() {
-    let api = api();
+    let api = api().await;
     api.universe("blue", "10.1.0.0/16").await;
     let a = api.post("/v1/universes", json!({"name": "blue", "cidr": "10.2.0.0/16"})).await;
     a.error(StatusCode::CONFLICT, "duplicate", "name");
@@ -219,7 +249,7 @@ async fn duplicate_universe_name_is_409() {
 
 #[tokio::test]
 async fn universe_unknown_id_is_404_and_delete_with_endpoints_is_409() {
-    let api = api();
+    let api = api().await;
     api.get("/v1/universes/uni-00000000").await.error(
         StatusCode::NOT_FOUND,
         "not_found",
@@ -252,7 +282,7 @@ async fn universe_unknown_id_is_404_and_delete_with_endpoints_is_409() {
 
 #[tokio::test]
 async fn create_group_returns_201_with_s2_rules() {
-    let api = api();
+    let api = api().await;
     let u = api.universe("blue", "10.1.0.0/16").await;
     let a = api
         .post(
@@ -261,7 +291,7 @@ async fn create_group_returns_201_with_s2_rules() {
         )
         .await;
     assert_eq!(a.status, StatusCode::CREATED, "{}", a.text);
-    assert_eq!(a.revision, Some(2));
+    assert_eq!(a.revision, Some(api.base + 2));
     let g = &a.body;
     let keys: Vec<_> = g.as_object().unwrap().keys().map(String::as_str).collect();
     assert_eq!(keys, ["description", "egress", "id", "ingress", "name", "universe"]);
@@ -279,7 +309,7 @@ async fn create_group_returns_201_with_s2_rules() {
 
 #[tokio::test]
 async fn group_errors_name_the_field() {
-    let api = api();
+    let api = api().await;
     let u = api.universe("blue", "10.1.0.0/16").await;
     let uid = id(&u);
     let bad = |body: &str| body.to_owned();
@@ -317,7 +347,7 @@ async fn group_errors_name_the_field() {
 
 #[tokio::test]
 async fn group_list_filters_by_universe() {
-    let api = api();
+    let api = api().await;
     let blue = id(&api.universe("blue", "10.1.0.0/16").await);
     let red = id(&api.universe("red", "10.1.0.0/16").await);
     api.group(&blue, "web").await;
@@ -335,7 +365,7 @@ async fn group_list_filters_by_universe() {
 
 #[tokio::test]
 async fn group_in_use_or_referenced_cannot_be_deleted() {
-    let api = api();
+    let api = api().await;
     let u = id(&api.universe("blue", "10.1.0.0/16").await);
     let web = id(&api.group(&u, "web").await);
     let db = id(&api.group(&u, "db").await);
@@ -372,7 +402,7 @@ async fn group_in_use_or_referenced_cannot_be_deleted() {
 
 #[tokio::test]
 async fn add_rule_returns_201_with_the_rule_and_canonical_cidr() {
-    let api = api();
+    let api = api().await;
     let u = id(&api.universe("blue", "10.1.0.0/16").await);
     let web = id(&api.group(&u, "web").await);
     let before = api.store.snapshot().revision;
@@ -410,7 +440,7 @@ async fn add_rule_returns_201_with_the_rule_and_canonical_cidr() {
 
 #[tokio::test]
 async fn rule_errors_name_the_field() {
-    let api = api();
+    let api = api().await;
     let u = id(&api.universe("blue", "10.1.0.0/16").await);
     let web = id(&api.group(&u, "web").await);
     let other_u = id(&api.universe("red", "10.9.0.0/16").await);
@@ -477,7 +507,7 @@ async fn rule_errors_name_the_field() {
 
 #[tokio::test]
 async fn group_rule_limit_is_409_s12() {
-    let api = api();
+    let api = api().await;
     let u = id(&api.universe("blue", "10.1.0.0/16").await);
     let web = id(&api.group(&u, "web").await);
     // The group has its two S2 egress rules; fill it to 1000 in one store edit to keep it fast.
@@ -512,7 +542,7 @@ async fn group_rule_limit_is_409_s12() {
 
 #[tokio::test]
 async fn create_endpoint_returns_201_without_internal_fields() {
-    let api = api();
+    let api = api().await;
     let u = id(&api.universe("blue", "10.1.0.0/16").await);
     let web = id(&api.group(&u, "web").await);
     let before = api.store.snapshot().revision;
@@ -543,7 +573,7 @@ async fn create_endpoint_returns_201_without_internal_fields() {
 
 #[tokio::test]
 async fn local_endpoint_needs_an_existing_netns() {
-    let api = api();
+    let api = api().await;
     let u = id(&api.universe("blue", "10.1.0.0/16").await);
     let ns = format!("verse-test-absent-{}", std::process::id());
     let a = api.post("/v1/endpoints", json!({"universe": u, "netns": ns, "ip": "10.1.0.5"})).await;
@@ -562,7 +592,7 @@ async fn local_endpoint_needs_an_existing_netns() {
 
 #[tokio::test]
 async fn endpoint_errors_name_the_field() {
-    let api = api();
+    let api = api().await;
     let u = id(&api.universe("blue", "10.1.0.0/16").await);
     let other = id(&api.universe("red", "10.2.0.0/16").await);
     let foreign = id(&api.group(&other, "x").await);
@@ -628,7 +658,7 @@ async fn endpoint_errors_name_the_field() {
 
 #[tokio::test]
 async fn patch_endpoint_changes_groups_and_reports_errors() {
-    let api = api();
+    let api = api().await;
     let u = id(&api.universe("blue", "10.1.0.0/16").await);
     let web = id(&api.group(&u, "web").await);
     let db = id(&api.group(&u, "db").await);
@@ -675,7 +705,7 @@ async fn patch_endpoint_changes_groups_and_reports_errors() {
 
 #[tokio::test]
 async fn endpoint_list_filters_by_universe_and_host() {
-    let api = api();
+    let api = api().await;
     let blue = id(&api.universe("blue", "10.1.0.0/16").await);
     let red = id(&api.universe("red", "10.1.0.0/16").await);
     api.remote_endpoint(&blue, "10.1.0.5", None).await;
@@ -714,7 +744,7 @@ async fn endpoint_list_filters_by_universe_and_host() {
 
 #[tokio::test]
 async fn endpoint_get_and_delete_unknown_are_404() {
-    let api = api();
+    let api = api().await;
     api.get("/v1/endpoints/ep-00000000").await.error(
         StatusCode::NOT_FOUND,
         "not_found",
@@ -731,7 +761,7 @@ async fn endpoint_get_and_delete_unknown_are_404() {
 
 #[tokio::test]
 async fn mutation_returns_only_once_its_revision_is_realized() {
-    let api = api_with(false);
+    let api = api_with(false).await;
     let tx = api.realized.clone();
     let mut rx = api.store.subscribe();
     tokio::spawn(async move {
@@ -746,12 +776,16 @@ async fn mutation_returns_only_once_its_revision_is_realized() {
     assert!(start.elapsed() >= Duration::from_millis(300), "returned before realization");
     assert_eq!(*api.realized.borrow(), a.revision.unwrap());
     let hosts = api.get("/v1/hosts").await.body;
-    assert_eq!(hosts, json!([{"name": HOST, "underlay_ip": null, "revision": 1, "healthy": true}]));
+    let rev = api.base + 1;
+    assert_eq!(
+        hosts,
+        json!([{"name": HOST, "underlay_ip": null, "revision": rev, "healthy": true}])
+    );
 }
 
 #[tokio::test]
 async fn mutation_waits_for_every_healthy_host_s13() {
-    let api = api();
+    let api = api().await;
     // Another host of the store, healthy, that realizes each revision 300 ms late.
     api.store.register_host("host-b", Some("198.18.0.2".parse().unwrap())).await.unwrap();
     let store = api.store.clone();
@@ -767,18 +801,19 @@ async fn mutation_waits_for_every_healthy_host_s13() {
     assert_eq!(a.status, StatusCode::CREATED);
     assert!(start.elapsed() >= Duration::from_millis(300), "returned before host-b realized it");
     let hosts = api.get("/v1/hosts").await.body;
+    let rev = api.base + 1;
     assert_eq!(
         hosts,
         json!([
-            {"name": HOST, "underlay_ip": null, "revision": 1, "healthy": true},
-            {"name": "host-b", "underlay_ip": "198.18.0.2", "revision": 1, "healthy": true},
+            {"name": HOST, "underlay_ip": null, "revision": rev, "healthy": true},
+            {"name": "host-b", "underlay_ip": "198.18.0.2", "revision": rev, "healthy": true},
         ])
     );
 }
 
 #[tokio::test]
 async fn revisions_increase_by_one_per_mutation_s13() {
-    let api = api();
+    let api = api().await;
     let mut revs = Vec::new();
     let u = api.post("/v1/universes", json!({"name": "blue", "cidr": "10.1.0.0/16"})).await;
     revs.push(u.revision.unwrap());
@@ -794,14 +829,15 @@ async fn revisions_increase_by_one_per_mutation_s13() {
             .revision
             .unwrap(),
     );
-    assert_eq!(revs, [1, 2, 3, 4]);
+    let b = api.base;
+    assert_eq!(revs, [b + 1, b + 2, b + 3, b + 4]);
     // Reads carry no revision header.
     assert_eq!(api.get("/v1/universes").await.revision, None);
 }
 
 #[tokio::test]
 async fn healthz_metrics_and_unknown_routes() {
-    let api = api();
+    let api = api().await;
     let a = api.get("/healthz").await;
     assert_eq!((a.status, a.text.as_str()), (StatusCode::OK, "ok"));
 
@@ -818,13 +854,14 @@ async fn healthz_metrics_and_unknown_routes() {
         let line = format!("verse_drops_total{{reason=\"{}\"}} {want}", reason.label());
         assert!(m.text.lines().any(|l| l == line), "missing {line:?} in\n{}", m.text);
     }
+    for line in
+        ["verse_endpoints 1", "verse_universes 1", "verse_security_groups 1", "verse_rules 3"]
+    {
+        assert!(m.text.lines().any(|l| l == line), "missing {line:?} in\n{}", m.text);
+    }
     for line in [
-        "verse_endpoints 1",
-        "verse_universes 1",
-        "verse_security_groups 1",
-        "verse_rules 3",
-        "verse_revision 2",
-        "verse_realized_revision 2",
+        format!("verse_revision {}", api.base + 2),
+        format!("verse_realized_revision {}", api.base + 2),
     ] {
         assert!(m.text.lines().any(|l| l == line), "missing {line:?} in\n{}", m.text);
     }
@@ -839,7 +876,7 @@ async fn healthz_metrics_and_unknown_routes() {
 
 #[tokio::test]
 async fn openapi_describes_every_route() {
-    let api = api();
+    let api = api().await;
     let doc = api.get("/v1/openapi.json").await;
     assert_eq!(doc.status, StatusCode::OK);
     let doc = doc.body;
@@ -858,13 +895,16 @@ async fn openapi_describes_every_route() {
         ("/v1/endpoints", &["get", "post"]),
         ("/v1/endpoints/{id}", &["get", "patch", "delete"]),
         ("/v1/hosts", &["get"]),
+        ("/v1/tokens", &["get", "post"]),
+        ("/v1/tokens/{id}", &["delete"]),
+        ("/v1/audit", &["get"]),
     ] {
         let item = paths.get(path).unwrap_or_else(|| panic!("{path} missing"));
         for m in methods {
             assert!(item.get(*m).is_some(), "{m} {path} missing");
         }
     }
-    assert_eq!(paths.len(), 12, "a path the router does not serve is described");
+    assert_eq!(paths.len(), 15, "a path the router does not serve is described");
     // Every $ref resolves.
     fn refs(v: &Value, out: &mut Vec<String>) {
         match v {
@@ -923,6 +963,13 @@ async fn openapi_describes_every_route() {
         accepts("PatchEndpoint"),
         fields(serde_json::to_value(verse::model::PatchEndpoint::default()).unwrap())
     );
+    let token = verse::model::CreateToken {
+        role: verse::model::Role::Viewer,
+        universe: None,
+        expires: None,
+        description: None,
+    };
+    assert_eq!(accepts("CreateToken"), fields(serde_json::to_value(token).unwrap()));
 }
 
 #[tokio::test]
@@ -947,4 +994,496 @@ async fn state_survives_a_restart_of_the_store() {
     assert_eq!(snap.revision, rev);
     assert!(snap.universes.contains_key(&uid));
     assert_eq!(snap.groups.len(), 1, "the default group persisted too");
+}
+
+// ---- Access (S15): every role against every route ----
+
+/// One universe's objects, made by the admin.
+struct Fixture {
+    uni: String,
+    group: String,
+    endpoint: String,
+}
+
+impl Api {
+    async fn fixture(&self, name: &str, cidr: &str, ip: &str) -> Fixture {
+        let uni = id(&self.universe(name, cidr).await);
+        let group = id(&self.group(&uni, "web").await);
+        let rule = self
+            .post(
+                &format!("/v1/security-groups/{group}/rules"),
+                json!({"direction": "ingress", "protocol": "tcp", "from_port": 80, "to_port": 80, "cidr": "10.0.0.0/8"}),
+            )
+            .await;
+        assert_eq!(rule.status, StatusCode::CREATED, "{}", rule.text);
+        let ep = self.remote_endpoint(&uni, ip, Some(vec![&group])).await;
+        assert_eq!(ep.status, StatusCode::CREATED, "{}", ep.text);
+        Fixture { uni, group, endpoint: id(&ep.body) }
+    }
+
+    /// A token made through the API by the admin; returns its secret and id.
+    async fn token(&self, role: &str, universe: Option<&str>) -> (String, String) {
+        let mut req = json!({"role": role});
+        if let Some(u) = universe {
+            req["universe"] = json!(u);
+        }
+        let a = self.post("/v1/tokens", req).await;
+        assert_eq!(a.status, StatusCode::CREATED, "{}", a.text);
+        (a.body["token"].as_str().unwrap().to_owned(), id(&a.body))
+    }
+}
+
+/// Which universe a request aims at, for a principal confined to the first one.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Target {
+    /// Not in a universe (or a list of everything).
+    Fleet,
+    Own,
+    Other,
+}
+
+/// A fresh address in universe `uni` (a /16): `<net>.<third + n / 200>.<10 + n % 200>`.
+async fn ip_in(api: &Api, uni: &str, third: u32, n: u32) -> String {
+    let u = api.get(&format!("/v1/universes/{uni}")).await.body;
+    let net = u["cidrs"][0].as_str().unwrap().trim_end_matches(".0.0/16").to_owned();
+    format!("{net}.{}.{}", third + n / 200, 10 + n % 200)
+}
+
+/// The request of `route` aimed at `f` (`n` makes names, ports and addresses unique). Routes
+/// that delete get a throwaway object made by the admin first, so an allowed delete does not
+/// take the fixture away.
+async fn request(api: &Api, route: &str, f: &Fixture, n: u32) -> (Method, String, Option<Value>) {
+    match route {
+        "GET /v1/universes" => (Method::GET, "/v1/universes".into(), None),
+        "GET /v1/universes/{id}" => (Method::GET, format!("/v1/universes/{}", f.uni), None),
+        "POST /v1/universes" => (
+            Method::POST,
+            "/v1/universes".into(),
+            Some(json!({"name": format!("new{n}"), "cidr": "10.200.0.0/24"})),
+        ),
+        "DELETE /v1/universes/{id}" => (Method::DELETE, format!("/v1/universes/{}", f.uni), None),
+        "GET /v1/security-groups" => (Method::GET, "/v1/security-groups".into(), None),
+        "GET /v1/security-groups/{id}" => {
+            (Method::GET, format!("/v1/security-groups/{}", f.group), None)
+        }
+        "POST /v1/security-groups" => (
+            Method::POST,
+            "/v1/security-groups".into(),
+            Some(json!({"universe": f.uni, "name": format!("g{n}")})),
+        ),
+        "DELETE /v1/security-groups/{id}" => {
+            let g = id(&api.group(&f.uni, &format!("tmp{n}")).await);
+            (Method::DELETE, format!("/v1/security-groups/{g}"), None)
+        }
+        "POST /v1/security-groups/{id}/rules" => (
+            Method::POST,
+            format!("/v1/security-groups/{}/rules", f.group),
+            Some(
+                json!({"direction": "ingress", "protocol": "udp", "from_port": 1000 + n, "to_port": 1000 + n, "cidr": "10.0.0.0/8"}),
+            ),
+        ),
+        "DELETE /v1/security-groups/{id}/rules/{rule_id}" => {
+            let g = id(&api.group(&f.uni, &format!("tmp{n}")).await);
+            let g_rules = api.get(&format!("/v1/security-groups/{g}")).await.body;
+            let r = id(&g_rules["egress"][0]);
+            (Method::DELETE, format!("/v1/security-groups/{g}/rules/{r}"), None)
+        }
+        "GET /v1/endpoints" => (Method::GET, "/v1/endpoints".into(), None),
+        "GET /v1/endpoints/{id}" => (Method::GET, format!("/v1/endpoints/{}", f.endpoint), None),
+        "POST /v1/endpoints" => (
+            Method::POST,
+            "/v1/endpoints".into(),
+            Some(
+                json!({"universe": f.uni, "host": "host-b", "netns": format!("ns-new{n}"), "ip": ip_in(api, &f.uni, 50, n).await}),
+            ),
+        ),
+        "PATCH /v1/endpoints/{id}" => (
+            Method::PATCH,
+            format!("/v1/endpoints/{}", f.endpoint),
+            Some(json!({"security_groups": [f.group]})),
+        ),
+        "DELETE /v1/endpoints/{id}" => {
+            let ip = ip_in(api, &f.uni, 100, n).await;
+            let e = api.remote_endpoint(&f.uni, &ip, None).await;
+            assert_eq!(e.status, StatusCode::CREATED, "{}", e.text);
+            (Method::DELETE, format!("/v1/endpoints/{}", id(&e.body)), None)
+        }
+        "GET /v1/hosts" => (Method::GET, "/v1/hosts".into(), None),
+        "POST /v1/tokens" => {
+            (Method::POST, "/v1/tokens".into(), Some(json!({"role": "viewer", "universe": f.uni})))
+        }
+        "GET /v1/tokens" => (Method::GET, "/v1/tokens".into(), None),
+        "DELETE /v1/tokens/{id}" => {
+            let (_, t) = api.token("viewer", Some(&f.uni)).await;
+            (Method::DELETE, format!("/v1/tokens/{t}"), None)
+        }
+        "GET /v1/audit" => (Method::GET, "/v1/audit".into(), None),
+        "GET /metrics" => (Method::GET, "/metrics".into(), None),
+        "GET /healthz" => (Method::GET, "/healthz".into(), None),
+        "GET /v1/openapi.json" => (Method::GET, "/v1/openapi.json".into(), None),
+        other => panic!("no request for {other}"),
+    }
+}
+
+#[tokio::test]
+async fn every_role_against_every_route_s15() {
+    let api = api().await;
+    let a = api.fixture("alpha", "10.1.0.0/16", "10.1.0.5").await;
+    let b = api.fixture("bravo", "10.2.0.0/16", "10.2.0.5").await;
+    let (editor, _) = api.token("editor", Some(&a.uni)).await;
+    let (viewer, _) = api.token("viewer", Some(&a.uni)).await;
+    let (fleet, _) = api.token("viewer", None).await;
+    let admin = api.admin.clone();
+
+    use Target::*;
+    // Expected status per principal: admin, editor of alpha, viewer of alpha, fleet-wide
+    // viewer, no credentials. Root on the local socket expects what the admin does; another
+    // uid on it what no credentials do.
+    #[rustfmt::skip]
+    let table: &[(&str, Target, [u16; 5])] = &[
+        ("GET /v1/universes",                               Fleet, [200, 200, 200, 200, 401]),
+        ("GET /v1/universes/{id}",                          Own,   [200, 200, 200, 200, 401]),
+        ("GET /v1/universes/{id}",                          Other, [200, 404, 404, 200, 401]),
+        ("POST /v1/universes",                              Fleet, [201, 403, 403, 403, 401]),
+        ("DELETE /v1/universes/{id}",                       Own,   [204, 403, 403, 403, 401]),
+        ("DELETE /v1/universes/{id}",                       Other, [204, 404, 404, 403, 401]),
+        ("GET /v1/security-groups",                         Fleet, [200, 200, 200, 200, 401]),
+        ("GET /v1/security-groups/{id}",                    Own,   [200, 200, 200, 200, 401]),
+        ("GET /v1/security-groups/{id}",                    Other, [200, 404, 404, 200, 401]),
+        ("POST /v1/security-groups",                        Own,   [201, 201, 403, 403, 401]),
+        ("POST /v1/security-groups",                        Other, [201, 404, 404, 403, 401]),
+        ("DELETE /v1/security-groups/{id}",                 Own,   [204, 204, 403, 403, 401]),
+        ("DELETE /v1/security-groups/{id}",                 Other, [204, 404, 404, 403, 401]),
+        ("POST /v1/security-groups/{id}/rules",             Own,   [201, 201, 403, 403, 401]),
+        ("POST /v1/security-groups/{id}/rules",             Other, [201, 404, 404, 403, 401]),
+        ("DELETE /v1/security-groups/{id}/rules/{rule_id}", Own,   [204, 204, 403, 403, 401]),
+        ("DELETE /v1/security-groups/{id}/rules/{rule_id}", Other, [204, 404, 404, 403, 401]),
+        ("GET /v1/endpoints",                               Fleet, [200, 200, 200, 200, 401]),
+        ("GET /v1/endpoints/{id}",                          Own,   [200, 200, 200, 200, 401]),
+        ("GET /v1/endpoints/{id}",                          Other, [200, 404, 404, 200, 401]),
+        ("POST /v1/endpoints",                              Own,   [201, 201, 403, 403, 401]),
+        ("POST /v1/endpoints",                              Other, [201, 404, 404, 403, 401]),
+        ("PATCH /v1/endpoints/{id}",                        Own,   [200, 200, 403, 403, 401]),
+        ("PATCH /v1/endpoints/{id}",                        Other, [200, 404, 404, 403, 401]),
+        ("DELETE /v1/endpoints/{id}",                       Own,   [204, 204, 403, 403, 401]),
+        ("DELETE /v1/endpoints/{id}",                       Other, [204, 404, 404, 403, 401]),
+        ("GET /v1/hosts",                                   Fleet, [200, 200, 200, 200, 401]),
+        ("POST /v1/tokens",                                 Own,   [201, 403, 403, 403, 401]),
+        ("GET /v1/tokens",                                  Fleet, [200, 403, 403, 403, 401]),
+        ("DELETE /v1/tokens/{id}",                          Fleet, [204, 403, 403, 403, 401]),
+        ("GET /v1/audit",                                   Fleet, [200, 200, 200, 200, 401]),
+        ("GET /metrics",                                    Fleet, [200, 403, 403, 200, 401]),
+        ("GET /healthz",                                    Fleet, [200, 200, 200, 200, 200]),
+        ("GET /v1/openapi.json",                            Fleet, [200, 200, 200, 200, 200]),
+    ];
+    // Every route of the router is in the table.
+    let doc = api.get("/v1/openapi.json").await.body;
+    for (path, item) in doc["paths"].as_object().unwrap() {
+        for method in item.as_object().unwrap().keys().filter(|k| *k != "parameters") {
+            let route = format!("{} {path}", method.to_uppercase());
+            assert!(table.iter().any(|(r, ..)| *r == route), "{route} is not in the table");
+        }
+    }
+
+    let principals: [(&str, As, usize); 7] = [
+        ("admin", As::Token(&admin), 0),
+        ("editor", As::Token(&editor), 1),
+        ("viewer", As::Token(&viewer), 2),
+        ("fleet viewer", As::Token(&fleet), 3),
+        ("no credentials", As::Nobody, 4),
+        ("local root", As::Local(0), 0),
+        ("local uid 1000", As::Local(1000), 4),
+    ];
+    let mut n = 0;
+    for (route, target, expected) in table {
+        for (who, as_, column) in principals {
+            n += 1;
+            let scratch;
+            let f = match (target, column) {
+                // An allowed delete of a universe takes a throwaway one.
+                (_, 0) if route.starts_with("DELETE /v1/universes") => {
+                    let u = id(&api.universe(&format!("tmp{n}"), "10.250.0.0/24").await);
+                    scratch = Fixture { uni: u, group: String::new(), endpoint: String::new() };
+                    &scratch
+                }
+                (Other, _) => &b,
+                _ => &a,
+            };
+            let (method, uri, body) = request(&api, route, f, n).await;
+            let before = api.store.snapshot().revision;
+            let body = body.map(|b| b.to_string());
+            let answer = api.call_as(as_, method, &uri, body.as_deref()).await;
+            let want = expected[column];
+            assert_eq!(
+                answer.status.as_u16(),
+                want,
+                "{who}: {route} ({target:?}) -> {uri}: {}",
+                answer.text
+            );
+            if want >= 400 {
+                assert_eq!(
+                    api.store.snapshot().revision,
+                    before,
+                    "{who}: {route}: a refusal changed the state"
+                );
+                let code = match want {
+                    401 => "unauthenticated",
+                    403 => "forbidden",
+                    _ => "not_found",
+                };
+                assert_eq!(answer.body["error"]["code"], code, "{who}: {route}: {}", answer.text);
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_confined_token_sees_nothing_of_other_universes_s15() {
+    let api = api().await;
+    let a = api.fixture("alpha", "10.1.0.0/16", "10.1.0.5").await;
+    let b = api.fixture("bravo", "10.2.0.0/16", "10.2.0.5").await;
+    let (editor, _) = api.token("editor", Some(&a.uni)).await;
+    let ed = As::Token(&editor);
+    let api = &api;
+    let get = |uri: String| async move { api.call_as(ed, Method::GET, &uri, None).await };
+
+    // Lists are filtered.
+    let ids = |v: &Value| -> Vec<String> { v.as_array().unwrap().iter().map(id).collect() };
+    assert_eq!(ids(&get("/v1/universes".into()).await.body), vec![a.uni.clone()]);
+    let groups = ids(&get("/v1/security-groups".into()).await.body);
+    assert!(groups.contains(&a.group) && !groups.contains(&b.group), "{groups:?}");
+    assert!(ids(&get(format!("/v1/security-groups?universe={}", b.uni)).await.body).is_empty());
+    assert_eq!(ids(&get("/v1/endpoints".into()).await.body), vec![a.endpoint.clone()]);
+
+    // Another universe's object answers exactly as an id that does not exist.
+    let hidden = get(format!("/v1/security-groups/{}", b.group)).await;
+    let absent = get("/v1/security-groups/sg-00000000".into()).await;
+    assert_eq!(hidden.status, absent.status);
+    assert_eq!(
+        hidden.body["error"]["message"].as_str().unwrap().replace(&b.group, "ID"),
+        absent.body["error"]["message"].as_str().unwrap().replace("sg-00000000", "ID")
+    );
+
+    // Ids of another universe in a request body are "not found" too, naming the field (not
+    // the 400 that would tell the id exists elsewhere).
+    let before = api.store.snapshot().revision;
+    let peer = api
+        .call_as(
+            ed,
+            Method::POST,
+            &format!("/v1/security-groups/{}/rules", a.group),
+            Some(&json!({"direction": "ingress", "protocol": "tcp", "from_port": 22, "to_port": 22, "group": b.group}).to_string()),
+        )
+        .await;
+    peer.error(StatusCode::NOT_FOUND, "not_found", "group");
+    let ep = api
+        .call_as(
+            ed,
+            Method::POST,
+            "/v1/endpoints",
+            Some(&json!({"universe": a.uni, "host": "host-b", "netns": "ns-x", "ip": "10.1.0.9", "security_groups": [b.group]}).to_string()),
+        )
+        .await;
+    ep.error(StatusCode::NOT_FOUND, "not_found", "security_groups[0]");
+    let patch = api
+        .call_as(
+            ed,
+            Method::PATCH,
+            &format!("/v1/endpoints/{}", a.endpoint),
+            Some(&json!({"security_groups": [a.group, b.group]}).to_string()),
+        )
+        .await;
+    patch.error(StatusCode::NOT_FOUND, "not_found", "security_groups[1]");
+    let moved = api
+        .call_as(
+            ed,
+            Method::POST,
+            "/v1/security-groups",
+            Some(&json!({"universe": b.uni, "name": "mine"}).to_string()),
+        )
+        .await;
+    moved.error(StatusCode::NOT_FOUND, "not_found", "universe");
+    assert_eq!(api.store.snapshot().revision, before);
+
+    // Its audit trail holds its universe's records only.
+    let trail = get("/v1/audit".into()).await.body;
+    let trail = trail.as_array().unwrap();
+    assert!(!trail.is_empty());
+    assert!(trail.iter().all(|r| r["universe"] == a.uni.as_str()), "{trail:?}");
+    assert!(get(format!("/v1/audit?universe={}", b.uni)).await.body.as_array().unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn unknown_revoked_expired_and_malformed_tokens_are_401_and_audited() {
+    let api = api().await;
+    let (secret, tid) = api.token("viewer", None).await;
+    let ok = api.call_as(As::Token(&secret), Method::GET, "/v1/universes", None).await;
+    assert_eq!(ok.status, StatusCode::OK, "{}", ok.text);
+
+    // Revoked: 401 at once, and a JSON error.
+    let del = api.delete(&format!("/v1/tokens/{tid}")).await;
+    assert_eq!(del.status, StatusCode::NO_CONTENT, "{}", del.text);
+    let revoked = api.call_as(As::Token(&secret), Method::GET, "/v1/universes", None).await;
+    revoked.error(StatusCode::UNAUTHORIZED, "unauthenticated", &tid);
+
+    // Expired: the holder of the right secret is told so.
+    let (secret, tid) = api.token("viewer", None).await;
+    let past = verse::model::Timestamp(std::time::SystemTime::now() - Duration::from_secs(1));
+    api.store
+        .edit(|s| {
+            s.tokens.get_mut(&tid).unwrap().expires = Some(past);
+            s.revision += 1;
+            Ok(())
+        })
+        .await
+        .unwrap();
+    let expired = api.call_as(As::Token(&secret), Method::GET, "/v1/universes", None).await;
+    expired.error(StatusCode::UNAUTHORIZED, "unauthenticated", "expired");
+
+    // The right id with a wrong secret, a malformed token, none at all.
+    let forged = format!("{}{}", &api.admin[..12], "0".repeat(64));
+    let f =
+        api.call_as(As::Token(&forged), Method::DELETE, "/v1/universes/uni-00000001", None).await;
+    f.error(StatusCode::UNAUTHORIZED, "unauthenticated", "unknown or revoked");
+    let m = api.call_as(As::Token("hunter2"), Method::GET, "/v1/hosts", None).await;
+    m.error(StatusCode::UNAUTHORIZED, "unauthenticated", "malformed");
+    let none = api.call_as(As::Nobody, Method::POST, "/v1/universes", Some("{}")).await;
+    none.error(StatusCode::UNAUTHORIZED, "unauthenticated", "Bearer");
+
+    // Each refusal is in the trail (a GET without any token is not: it is not a mutation and
+    // claims nothing).
+    let trail = api.get("/v1/audit").await.body;
+    let refused: Vec<&Value> =
+        trail.as_array().unwrap().iter().filter(|r| r["status"] == 401).collect();
+    let details: Vec<&str> = refused.iter().map(|r| r["detail"].as_str().unwrap()).collect();
+    assert_eq!(details.len(), 5, "{refused:#?}");
+    assert!(details[0].starts_with("unknown_or_revoked_token"), "{details:?}");
+    assert!(details[1].starts_with("expired_token"), "{details:?}");
+    assert!(details[2].starts_with("unknown_or_revoked_token"), "{details:?}");
+    assert_eq!(details[3], "malformed_token");
+    assert_eq!(details[4], "no_token");
+    assert!(refused.iter().all(|r| r["principal"] == "unauthenticated"));
+    assert_eq!(refused[2]["action"], "DELETE /v1/universes/{id}");
+}
+
+#[tokio::test]
+async fn the_audit_trail_records_accepted_and_refused_mutations_with_their_revision() {
+    let api = api().await;
+    let a = api.fixture("alpha", "10.1.0.0/16", "10.1.0.5").await;
+    let (viewer, vid) = api.token("viewer", Some(&a.uni)).await;
+    let refused = api
+        .call_as(As::Token(&viewer), Method::DELETE, &format!("/v1/endpoints/{}", a.endpoint), None)
+        .await;
+    assert_eq!(refused.status, StatusCode::FORBIDDEN);
+    let dup = api.post("/v1/security-groups", json!({"universe": a.uni, "name": "web"})).await;
+    assert_eq!(dup.status, StatusCode::CONFLICT);
+
+    let trail = api.get(&format!("/v1/audit?universe={}", a.uni)).await.body;
+    let trail = trail.as_array().unwrap();
+    let actions: Vec<(&str, u64)> = trail
+        .iter()
+        .map(|r| (r["action"].as_str().unwrap(), r["status"].as_u64().unwrap()))
+        .collect();
+    assert_eq!(
+        actions,
+        [
+            ("POST /v1/universes", 201),
+            ("POST /v1/security-groups", 201),
+            ("POST /v1/security-groups/{id}/rules", 201),
+            ("POST /v1/endpoints", 201),
+            ("POST /v1/tokens", 201),
+            ("DELETE /v1/endpoints/{id}", 403),
+            ("POST /v1/security-groups", 409),
+        ]
+    );
+    let created = &trail[0];
+    assert_eq!(created["principal"], api.admin[..11].replace("vt_", "tok-"));
+    assert_eq!(created["host"], HOST);
+    assert_eq!(created["objects"], json!([a.uni]));
+    assert_eq!(created["revision"], api.base + 1);
+    assert!(verse::model::Timestamp::parse(created["time"].as_str().unwrap()).is_some());
+    let endpoint = &trail[3];
+    assert_eq!(endpoint["objects"], json!([a.endpoint]));
+    let denied = &trail[5];
+    assert_eq!(denied["principal"], vid);
+    assert_eq!(denied["detail"], "forbidden");
+    assert_eq!(denied["objects"], json!([a.endpoint]));
+    assert!(denied.get("revision").is_none());
+    assert_eq!(trail[6]["detail"], "duplicate");
+
+    // `since` and `limit`.
+    let t = created["time"].as_str().unwrap();
+    let later = api.get(&format!("/v1/audit?since={t}&limit=2")).await.body;
+    let later: Vec<_> = later.as_array().unwrap().iter().map(|r| r["action"].clone()).collect();
+    assert_eq!(later, [json!("DELETE /v1/endpoints/{id}"), json!("POST /v1/security-groups")]);
+    assert_eq!(api.get("/v1/audit?since=1h").await.body.as_array().unwrap().len(), 7);
+    api.get("/v1/audit?since=yesterday").await.error(
+        StatusCode::BAD_REQUEST,
+        "invalid_argument",
+        "since",
+    );
+    api.get("/v1/audit?limit=0").await.error(StatusCode::BAD_REQUEST, "invalid_argument", "limit");
+}
+
+#[tokio::test]
+async fn tokens_are_shown_once_listed_without_secrets_and_validated() {
+    let api = api().await;
+    let u = id(&api.universe("blue", "10.1.0.0/16").await);
+    let a = api
+        .post(
+            "/v1/tokens",
+            json!({"role": "editor", "universe": u, "expires": "30d", "description": "ci"}),
+        )
+        .await;
+    assert_eq!(a.status, StatusCode::CREATED, "{}", a.text);
+    assert!(a.revision.is_some());
+    let keys: Vec<_> = a.body.as_object().unwrap().keys().map(String::as_str).collect();
+    assert_eq!(keys, ["created", "description", "expires", "id", "role", "token", "universe"]);
+    let secret = a.body["token"].as_str().unwrap();
+    assert!(secret.starts_with("vt_"), "{secret}");
+    let list = api.get("/v1/tokens").await;
+    assert_eq!(list.status, StatusCode::OK);
+    assert!(!list.text.contains(&secret[12..]), "a list shows no secret");
+    assert!(!list.text.contains("hash"), "nor its hash: {}", list.text);
+    let listed = list.body.as_array().unwrap();
+    assert_eq!(listed.len(), 2, "the first admin token and this one");
+    assert!(listed.iter().any(|t| t["id"] == a.body["id"] && t["universe"] == u.as_str()));
+
+    for (body, field) in [
+        (json!({"role": "root"}), "role"),
+        (json!({"role": "admin", "universe": u}), "universe"),
+        (json!({"role": "editor"}), "universe"),
+        (json!({"role": "viewer", "universe": "uni-00000000"}), "universe"),
+        (json!({"role": "viewer", "expires": "soon"}), "expires"),
+        (json!({"role": "viewer", "expires": "2001-01-01T00:00:00Z"}), "expires"),
+        (json!({"role": "viewer", "secret": "x"}), "secret"),
+    ] {
+        let a = api.post("/v1/tokens", body.clone()).await;
+        assert!(a.status.is_client_error(), "{body}: {}", a.text);
+        assert!(a.body["error"]["message"].as_str().unwrap().contains(field), "{body}: {}", a.text);
+    }
+    api.delete("/v1/tokens/tok-00000000").await.error(
+        StatusCode::NOT_FOUND,
+        "not_found",
+        "tok-00000000",
+    );
+}
+
+#[tokio::test]
+async fn local_socket_root_is_admin_and_other_uids_are_refused() {
+    let api = api().await;
+    let a = api
+        .call_as(
+            As::Local(0),
+            Method::POST,
+            "/v1/universes",
+            Some(r#"{"name": "blue", "cidr": "10.1.0.0/16"}"#),
+        )
+        .await;
+    assert_eq!(a.status, StatusCode::CREATED, "{}", a.text);
+    let trail = api.get("/v1/audit").await.body;
+    let last = trail.as_array().unwrap().last().unwrap().clone();
+    assert_eq!(last["principal"], auth::LOCAL_ROOT);
+    let nonroot = api.call_as(As::Local(1000), Method::GET, "/v1/universes", None).await;
+    nonroot.error(StatusCode::UNAUTHORIZED, "unauthenticated", "root only");
 }

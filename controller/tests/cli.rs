@@ -1,8 +1,11 @@
 //! The `verse` CLI and the typed client against a real API server on loopback (an ephemeral
-//! port; the store in a temporary directory, a fake reconciler realizing every revision). No
-//! root needed, no namespace: endpoints are placed on another host so none is plumbed.
+//! port; the store in a temporary directory, a fake reconciler realizing every revision) and on
+//! a local unix socket. No namespace: endpoints are placed on another host so none is plumbed.
+//! The CLI authenticates with the admin token `versed` would make at first start (through
+//! `VERSE_TOKEN` unless a test says otherwise), and never reads the user's own config file.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::process::{Command, Output};
 use std::sync::Arc;
 use std::time::Duration;
@@ -10,23 +13,38 @@ use std::time::Duration;
 use serde_json::Value;
 use tokio::sync::watch;
 use verse::api::{self, AppState, Stats};
+use verse::auth;
 use verse::client::{self, Client};
 use verse::model::{CreateGroup, CreateUniverse};
 use verse::store::Store;
 
-/// A running API server; stops with the test process.
+/// A running API server, on TCP and on a local unix socket; stops with the test process.
 struct Server {
     addr: SocketAddr,
-    _dir: tempfile::TempDir,
+    /// The local socket (root only).
+    socket: PathBuf,
+    /// The first admin token.
+    admin: String,
+    /// The revision after the admin token was made.
+    base: u64,
+    /// An empty `XDG_CONFIG_HOME`: the CLI finds no config file there.
+    xdg: PathBuf,
+    dir: tempfile::TempDir,
 }
 
 fn server() -> Server {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open_embedded(dir.path()).unwrap();
+    let socket = dir.path().join(auth::SOCKET_FILE);
+    let xdg = dir.path().join("xdg");
+    std::fs::create_dir(&xdg).unwrap();
+    let state_dir = dir.path().to_owned();
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         rt.block_on(async move {
+            auth::bootstrap_admin(&store, &state_dir, None).await.unwrap();
+            let base = store.snapshot().revision;
             let (realized, realized_rx) = watch::channel(0u64);
             let mut states = store.subscribe();
             tokio::spawn(async move {
@@ -38,34 +56,54 @@ fn server() -> Server {
                     }
                 }
             });
-            let state = AppState {
+            let state = AppState::new(
                 store,
-                host: "host-a".into(),
-                underlay_ip: Some("198.18.0.1".parse().unwrap()),
-                realized: realized_rx,
-                stats: Arc::new(|| Ok(Stats::default())),
-            };
+                "host-a".into(),
+                Some("198.18.0.1".parse().unwrap()),
+                realized_rx,
+                Arc::new(|| Ok(Stats::default())),
+            );
+            let app = api::router(state);
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-            tx.send(listener.local_addr().unwrap()).unwrap();
-            axum::serve(listener, api::router(state)).await.unwrap();
+            let local = auth::bind_local_socket(&state_dir.join(auth::SOCKET_FILE)).unwrap();
+            tx.send((listener.local_addr().unwrap(), base)).unwrap();
+            let unix = app.clone().into_make_service_with_connect_info::<auth::LocalPeer>();
+            tokio::spawn(async move { axum::serve(local, unix).await.unwrap() });
+            let tcp = app.into_make_service_with_connect_info::<SocketAddr>();
+            axum::serve(listener, tcp).await.unwrap();
         });
     });
-    let addr = rx.recv_timeout(Duration::from_secs(10)).unwrap();
-    Server { addr, _dir: dir }
+    let (addr, base) = rx.recv_timeout(Duration::from_secs(10)).unwrap();
+    let admin = std::fs::read_to_string(dir.path().join(auth::ADMIN_TOKEN_FILE)).unwrap();
+    Server { addr, socket, admin: admin.trim().to_owned(), base, xdg, dir }
 }
 
 impl Server {
     fn url(&self) -> String {
         format!("http://{}", self.addr)
     }
+    /// `verse` with nothing from the user's environment: no API, token, context or config.
+    fn bare(&self) -> Command {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_verse"));
+        for var in ["VERSE_API", "VERSE_TOKEN", "VERSE_CONTEXT", "VERSE_CONFIG"] {
+            cmd.env_remove(var);
+        }
+        cmd.env("XDG_CONFIG_HOME", &self.xdg);
+        cmd
+    }
+    /// `verse --api <this server> ARGS` with the admin token in `VERSE_TOKEN`.
     fn verse(&self, args: &[&str]) -> Output {
-        Command::new(env!("CARGO_BIN_EXE_verse"))
-            .env_remove("VERSE_API")
+        self.bare()
+            .env("VERSE_TOKEN", &self.admin)
             .arg("--api")
             .arg(self.url())
             .args(args)
             .output()
             .unwrap()
+    }
+    /// The admin's typed client.
+    fn client(&self) -> Client {
+        Client::new(&self.url()).unwrap().with_token(&self.admin)
     }
     /// Runs `verse -o json ARGS`, expects success, returns stdout as JSON and stderr.
     fn json(&self, args: &[&str]) -> (Value, String) {
@@ -87,7 +125,7 @@ fn cli_creates_lists_updates_and_deletes_every_noun() {
     let s = server();
     let (u, err) = s.json(&["universe", "create", "blue", "--cidr", "10.1.2.0/16"]);
     assert_eq!(u["cidrs"], serde_json::json!(["10.1.0.0/16"]));
-    assert_eq!(err.trim(), "revision 1");
+    assert_eq!(err.trim(), format!("revision {}", s.base + 1));
     let uid = id(&u).to_owned();
     let (u2, _) =
         s.json(&["universe", "create", "red", "--cidr", "10.2.0.0/24", "--cidr", "10.3.0.0/24"]);
@@ -100,7 +138,7 @@ fn cli_creates_lists_updates_and_deletes_every_noun() {
 
     let (g, err) = s.json(&["sg", "create", "--universe", &uid, "web", "--description", "front"]);
     assert_eq!(g["description"], "front");
-    assert_eq!(err.trim(), "revision 3");
+    assert_eq!(err.trim(), format!("revision {}", s.base + 3));
     let gid = id(&g).to_owned();
     let (groups, _) = s.json(&["sg", "list", "--universe", &uid]);
     assert_eq!(groups.as_array().unwrap().len(), 2, "web and default");
@@ -184,7 +222,7 @@ fn cli_creates_lists_updates_and_deletes_every_noun() {
     assert_eq!(hosts[0]["name"], "host-a");
     assert_eq!(hosts[0]["underlay_ip"], "198.18.0.1");
     let rev = hosts[0]["revision"].as_u64().unwrap();
-    assert_eq!(rev, 8, "two universes, a group, three rules, an endpoint, an update");
+    assert_eq!(rev, s.base + 8, "two universes, a group, three rules, an endpoint, an update");
     let (waited, _) = s.json(&["wait", "--revision", &rev.to_string(), "--timeout", "2s"]);
     assert_eq!(waited, hosts);
 
@@ -228,10 +266,7 @@ fn cli_exits_1_with_the_server_message_on_api_errors() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("cidr:"));
 
     // Unreachable API: exit 1 with what failed.
-    let out = Command::new(env!("CARGO_BIN_EXE_verse"))
-        .args(["--api", "http://127.0.0.1:1", "host", "list"])
-        .output()
-        .unwrap();
+    let out = s.bare().args(["--api", "http://127.0.0.1:1", "host", "list"]).output().unwrap();
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("127.0.0.1:1"));
 
@@ -297,18 +332,17 @@ fn cli_exits_2_on_usage_errors() {
             String::from_utf8_lossy(&out.stderr)
         );
     }
-    let out = Command::new(env!("CARGO_BIN_EXE_verse"))
-        .args(["--api", "not a url", "host", "list"])
-        .output()
-        .unwrap();
+    let out = s.bare().args(["--api", "not a url", "host", "list"]).output().unwrap();
     assert_eq!(out.status.code(), Some(2));
 }
 
 #[test]
 fn cli_reads_the_api_address_from_verse_api() {
     let s = server();
-    let out = Command::new(env!("CARGO_BIN_EXE_verse"))
+    let out = s
+        .bare()
         .env("VERSE_API", s.url())
+        .env("VERSE_TOKEN", &s.admin)
         .args(["-o", "json", "host", "list"])
         .output()
         .unwrap();
@@ -320,7 +354,7 @@ fn cli_reads_the_api_address_from_verse_api() {
 #[test]
 fn client_returns_typed_results_revisions_and_api_errors() {
     let s = server();
-    let c = Client::new(&s.url()).unwrap();
+    let c = s.client();
     c.healthz().unwrap();
     let (u, rev) = c
         .create_universe(&CreateUniverse {
@@ -329,7 +363,7 @@ fn client_returns_typed_results_revisions_and_api_errors() {
             cidrs: None,
         })
         .unwrap();
-    assert_eq!(rev, 1);
+    assert_eq!(rev, s.base + 1);
     let (g, rev) = c
         .create_group(&CreateGroup {
             universe: u.id.clone(),
@@ -337,13 +371,13 @@ fn client_returns_typed_results_revisions_and_api_errors() {
             description: None,
         })
         .unwrap();
-    assert_eq!(rev, 2);
+    assert_eq!(rev, s.base + 2);
     assert_eq!(c.get_group(&g.id).unwrap(), g);
     assert_eq!(c.list_groups(Some(&u.id)).unwrap().len(), 2);
     assert_eq!(c.list_groups(Some("uni-00000000")).unwrap().len(), 0);
-    let hosts = c.wait_revision(2, Duration::from_secs(5)).unwrap();
-    assert_eq!(hosts[0].revision, 2);
-    assert!(c.metrics().unwrap().contains("verse_revision 2"));
+    let hosts = c.wait_revision(rev, Duration::from_secs(5)).unwrap();
+    assert_eq!(hosts[0].revision, rev);
+    assert!(c.metrics().unwrap().contains(&format!("verse_revision {rev}")));
     assert!(c.openapi().unwrap()["paths"]["/v1/hosts"].is_object());
 
     match c.delete_universe("uni-00000000").unwrap_err() {
@@ -357,4 +391,179 @@ fn client_returns_typed_results_revisions_and_api_errors() {
     assert!(matches!(err, client::Error::Timeout { revision: 50, .. }), "{err}");
     // Ids are path segments, percent-encoded, never path syntax.
     assert_eq!(c.get_universe("../hosts").unwrap_err().status(), Some(404));
+}
+
+/// stderr of a finished `verse`, for messages.
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[test]
+fn cli_takes_its_token_from_the_flag_the_environment_or_a_config_context() {
+    let s = server();
+    let list = ["-o", "json", "universe", "list"];
+    // No token: the server's 401, exit 1.
+    let out = s.bare().args(["--api", &s.url()]).args(list).output().unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(stderr(&out).contains("needs a token"), "{}", stderr(&out));
+    // --token, VERSE_TOKEN.
+    let out = s.bare().args(["--api", &s.url(), "--token", &s.admin]).args(list).output().unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = s.bare().env("VERSE_TOKEN", &s.admin).args(["--api", &s.url()]).args(list).output();
+    assert!(out.unwrap().status.success());
+
+    // A config file with contexts: a token file relative to the config's directory, an inline
+    // token, and the current context.
+    let conf_dir = s.dir.path().join("conf");
+    std::fs::create_dir(&conf_dir).unwrap();
+    std::fs::write(conf_dir.join("admin.token"), format!("{}\n", s.admin)).unwrap();
+    let config = conf_dir.join("config.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "current_context = \"good\"\n\
+             [contexts.good]\napi = \"{url}\"\ntoken_file = \"admin.token\"\n\
+             [contexts.stale]\napi = \"{url}\"\ntoken = \"vt_00000000_{zeros}\"\n",
+            url = s.url(),
+            zeros = "0".repeat(64)
+        ),
+    )
+    .unwrap();
+    let conf = config.to_str().unwrap();
+    let out = s.bare().args(["--config", conf]).args(list).output().unwrap();
+    assert!(out.status.success(), "current context: {}", stderr(&out));
+    let out = s.bare().args(["--config", conf, "--context", "stale"]).args(list).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("unknown or revoked"), "{}", stderr(&out));
+    // The flag wins over the context; the context's API is used.
+    let out = s
+        .bare()
+        .env("VERSE_CONTEXT", "stale")
+        .args(["--config", conf, "--token", &s.admin])
+        .args(list)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    // The default file under XDG_CONFIG_HOME.
+    std::fs::create_dir(s.xdg.join("verse")).unwrap();
+    std::fs::copy(&config, s.xdg.join("verse/config.toml")).unwrap();
+    std::fs::copy(conf_dir.join("admin.token"), s.xdg.join("verse/admin.token")).unwrap();
+    let out = s.bare().args(list).output().unwrap();
+    assert!(out.status.success(), "default config file: {}", stderr(&out));
+    // Unusable configuration: exit 2, naming what is wrong.
+    let out = s.bare().args(["--config", conf, "--context", "nope"]).args(list).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("nope") && stderr(&out).contains("good"), "{}", stderr(&out));
+    let out = s.bare().args(["--config", "/nonexistent/verse.toml"]).args(list).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    std::fs::write(&config, "current_context = \"x\"\n[contexts.x]\napi = 5\n").unwrap();
+    let out = s.bare().args(["--config", conf]).args(list).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("api"), "{}", stderr(&out));
+}
+
+#[test]
+fn cli_creates_a_scoped_token_that_does_what_its_role_says_then_revokes_it() {
+    let s = server();
+    let (blue, _) = s.json(&["universe", "create", "blue", "--cidr", "10.1.0.0/16"]);
+    let (red, _) = s.json(&["universe", "create", "red", "--cidr", "10.2.0.0/16"]);
+    let (blue, red) = (id(&blue).to_owned(), id(&red).to_owned());
+
+    // Table output: the secret alone on stdout, what it is on stderr.
+    let out = s.verse(&[
+        "token",
+        "create",
+        "--role",
+        "editor",
+        "--universe",
+        &blue,
+        "--expires",
+        "1h",
+        "--description",
+        "ci",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let secret = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    assert!(auth::secret_id(&secret).is_some(), "{secret:?}");
+    assert!(stderr(&out).contains("editor of") && stderr(&out).contains("shown once"));
+    let tid = auth::secret_id(&secret).unwrap();
+
+    let as_editor = |args: &[&str]| {
+        s.bare().args(["--api", &s.url(), "--token", &secret]).args(args).output().unwrap()
+    };
+    let out = as_editor(&["-o", "json", "sg", "create", "--universe", &blue, "web"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = as_editor(&["sg", "create", "--universe", &red, "web"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("not found"), "another universe does not exist for it");
+    let out = as_editor(&["universe", "create", "green", "--cidr", "10.3.0.0/16"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("may not change universes"), "{}", stderr(&out));
+    let out = as_editor(&["-o", "json", "universe", "list"]);
+    let listed: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(listed.as_array().unwrap().len(), 1);
+    let out = as_editor(&["token", "list"]);
+    assert_eq!(out.status.code(), Some(1), "tokens are the admin's");
+
+    let (tokens, _) = s.json(&["token", "list"]);
+    let listed = tokens.as_array().unwrap().iter().find(|t| t["id"] == tid.as_str()).unwrap();
+    assert_eq!(
+        (listed["role"].as_str(), listed["universe"].as_str()),
+        (Some("editor"), Some(blue.as_str()))
+    );
+    assert!(!String::from_utf8_lossy(&s.verse(&["token", "list"]).stdout).contains(&secret));
+
+    // The audit trail, filtered by universe and time, shows the editor's accepted and refused
+    // edits.
+    let (trail, _) = s.json(&["audit", "--universe", &blue, "--since", "1h"]);
+    let mine: Vec<(&str, u64)> = trail
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["principal"] == tid.as_str())
+        .map(|r| (r["action"].as_str().unwrap(), r["status"].as_u64().unwrap()))
+        .collect();
+    assert_eq!(mine, [("POST /v1/security-groups", 201)]);
+    let out = s.verse(&["audit", "--limit", "3"]);
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert_eq!(text.lines().count(), 4, "a header and 3 records:\n{text}");
+    assert!(text.starts_with("TIME "), "{text}");
+
+    // Revoked: refused at once.
+    let out = s.verse(&["token", "delete", &tid]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = as_editor(&["universe", "list"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("unknown or revoked"), "{}", stderr(&out));
+}
+
+#[test]
+fn cli_and_client_speak_the_local_socket_without_a_token() {
+    let s = server();
+    let api = format!("unix:{}", s.socket.display());
+    // Tests run as root: the socket's peer is uid 0, hence local-root.
+    let out = s
+        .bare()
+        .args(["--api", &api, "-o", "json", "universe", "create", "blue", "--cidr", "10.1.0.0/16"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let c = Client::new(&api).unwrap();
+    c.healthz().unwrap();
+    assert_eq!(c.list_universes().unwrap().len(), 1);
+    let trail = c.audit(None, None, Some(1)).unwrap();
+    assert_eq!(trail[0].principal, auth::LOCAL_ROOT);
+    assert!(trail[0].source.starts_with("unix (uid 0"), "{}", trail[0].source);
+    // A token on the socket is that token, not local-root.
+    let bad = Client::new(&api).unwrap().with_token(format!("vt_00000000_{}", "0".repeat(64)));
+    assert_eq!(bad.list_universes().unwrap_err().status(), Some(401));
+    // The socket is root's only.
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&s.socket).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600, "{mode:o}");
+    // Not a socket path: a clear error.
+    assert!(Client::new("unix:relative/path").is_err());
+    let gone = Client::new("unix:/nonexistent/api.sock").unwrap();
+    let err = gone.list_hosts().unwrap_err().to_string();
+    assert!(err.contains("/nonexistent/api.sock"), "{err}");
 }

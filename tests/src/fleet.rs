@@ -14,6 +14,10 @@
 //!     └── veth ── extra underlay nodes ([`Fleet::underlay_node`]), e.g. a forger of packets
 //! ```
 //!
+//! Every host is started with the same operator-given admin token (`--admin-token-file`,
+//! [`Fleet::admin_token`]): the first host registers it in etcd, the others find it there, and
+//! every host's [`Api`] sends it.
+//!
 //! Nothing here is connected to the machine's own namespace: the underlay is a closed bridge,
 //! so no test packet can leave for the real network. Workloads are plugged through the API of
 //! any host and placed on any host ([`Fleet::endpoint_via`]), as the fleet's contract allows.
@@ -203,6 +207,8 @@ pub struct Fleet {
     underlay: Netns,
     /// The MTU every underlay veth gets when plugged (both ends).
     mtu: u32,
+    /// Holds `admin.token`, the operator's admin token every host is started with.
+    secrets: TempDir,
 }
 
 impl Fleet {
@@ -238,12 +244,15 @@ impl Fleet {
         let mut fleet = Fleet::network();
         fleet.mtu = mtu;
         let store = fleet.etcd.store_url();
+        let token_file = fleet.admin_token_file();
+        let token_file = token_file.to_str().expect("a UTF-8 temporary path");
         for (i, name) in names.iter().enumerate() {
             let ns = Netns::new("h");
             let port = fleet.plug(&ns, underlay_ip(i));
             fleet.ports.push(port);
-            let host =
-                Host::start_in(ns, name, None, &["--store", &store, "--underlay", UNDERLAY_IFACE]);
+            let args =
+                ["--store", &store, "--underlay", UNDERLAY_IFACE, "--admin-token-file", token_file];
+            let host = Host::start_in(ns, name, None, &args);
             fleet.hosts.push(host);
         }
         let all_healthy = wait_until(START_TIMEOUT, || {
@@ -268,7 +277,30 @@ impl Fleet {
         underlay.ip(&["addr", "add", &format!("{ETCD_IP}/24"), "dev", BRIDGE]);
         underlay.ip(&["link", "set", BRIDGE, "up"]);
         let etcd = Etcd::start(&underlay, ETCD_IP);
-        Fleet { hosts: Vec::new(), ports: Vec::new(), etcd, underlay, mtu: 1500 }
+        let secrets = TempDir::new("k");
+        let token = crate::random_token();
+        let file = secrets.path().join("admin.token");
+        {
+            use std::os::unix::fs::OpenOptionsExt;
+            let mut f = OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&file)
+                .unwrap_or_else(|e| panic!("create {}: {e}", file.display()));
+            writeln!(f, "{token}").unwrap_or_else(|e| panic!("write {}: {e}", file.display()));
+        }
+        Fleet { hosts: Vec::new(), ports: Vec::new(), etcd, underlay, mtu: 1500, secrets }
+    }
+
+    /// The file of the operator's admin token that every host is started with.
+    pub fn admin_token_file(&self) -> PathBuf {
+        self.secrets.path().join("admin.token")
+    }
+
+    /// The operator's admin token (valid on every host).
+    pub fn admin_token(&self) -> String {
+        fs::read_to_string(self.admin_token_file()).expect("the admin token file").trim().to_owned()
     }
 
     /// Connects `ns` to the bridge: `ul0` with `ip`/24 in `ns`, a port with a unique name in

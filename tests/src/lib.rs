@@ -7,7 +7,8 @@
 //! Waiting is always a bounded poll ([`wait_until`]), never a bare sleep used as synchronisation.
 //!
 //! A test builds a [`Host`] (a network namespace running `versed`, reached through [`Api`]),
-//! configures Verse only through the REST API, plugs [`Workload`]s (one namespace per endpoint)
+//! configures Verse only through the REST API (as the host's admin: [`Api`] sends the token
+//! `versed` wrote to its state directory at first start, or the one the harness gave it), plugs [`Workload`]s (one namespace per endpoint)
 //! and then asserts what a user sees: a packet that arrives or not ([`tcp_connect`], [`ping`],
 //! [`udp_roundtrip`], [`TcpConn`]), an API status and error code ([`Response`]), a drop counter
 //! that moved ([`drops`]).
@@ -375,6 +376,23 @@ pub struct Versed {
     child: Option<Child>,
 }
 
+/// A file of a token: the value of `--admin-token-file` in `args`, if there is one.
+fn admin_token_flag(args: &[String]) -> Option<PathBuf> {
+    let i = args.iter().position(|a| a == "--admin-token-file")?;
+    args.get(i + 1).map(PathBuf::from)
+}
+
+/// A fresh token in the form `versed` accepts (`vt_<8 hex>_<64 hex>`), from the kernel's
+/// random source: what an operator makes for `admin_token_file`.
+pub fn random_token() -> String {
+    let mut bytes = [0u8; 36];
+    File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut bytes))
+        .expect("read /dev/urandom");
+    let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    format!("vt_{}_{}", &hex[..8], &hex[8..])
+}
+
 impl Versed {
     /// Starts `ip netns exec <netns> versed --state-dir <state_dir> --listen 127.0.0.1:<port>
     /// --host <host>` and waits (20 s at most) until `/healthz` answers 200.
@@ -471,9 +489,19 @@ impl Versed {
         }
     }
 
-    /// The API of this daemon.
+    /// The API of this daemon, as its admin: the token of `--admin-token-file` if it was
+    /// started with one, else the one it wrote to `<state-dir>/admin.token` (none if neither
+    /// exists: then requests carry no token).
     pub fn api(&self) -> Api {
-        Api { netns: self.netns.clone(), port: self.port }
+        let file = admin_token_flag(&self.extra_args)
+            .unwrap_or_else(|| self.state_dir.join("admin.token"));
+        let token = fs::read_to_string(file).ok().map(|t| t.trim().to_owned());
+        Api { netns: self.netns.clone(), port: self.port, token }
+    }
+
+    /// The local unix socket of this daemon (root only; no token needed).
+    pub fn socket(&self) -> PathBuf {
+        self.state_dir.join("api.sock")
     }
 
     /// The daemon's log so far.
@@ -701,11 +729,13 @@ impl Response {
 }
 
 /// A client of one daemon's API, speaking HTTP/1.1 from inside the daemon's namespace (the API
-/// listens on that namespace's loopback).
+/// listens on that namespace's loopback), with a bearer token (the admin's unless
+/// [`Api::with_token`] says otherwise).
 #[derive(Clone, Debug)]
 pub struct Api {
     netns: String,
     port: u16,
+    token: Option<String>,
 }
 
 impl Api {
@@ -713,6 +743,16 @@ impl Api {
     /// exec`).
     pub fn url(&self) -> String {
         format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// The token this client sends (`VERSE_TOKEN` for the CLI).
+    pub fn token(&self) -> Option<&str> {
+        self.token.as_deref()
+    }
+
+    /// The same API as another principal (`None`: no credentials at all).
+    pub fn with_token(&self, token: Option<&str>) -> Api {
+        Api { token: token.map(str::to_owned), ..self.clone() }
     }
 
     /// One request; `timeout` bounds connecting and each read. API edits wait (10 s at most)
@@ -725,7 +765,7 @@ impl Api {
         timeout: Duration,
     ) -> io::Result<Response> {
         let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, self.port));
-        http_request(&self.netns, addr, method, path, body, timeout)
+        http_request_as(&self.netns, addr, method, path, body, self.token.as_deref(), timeout)
     }
 
     fn call(&self, method: &str, path: &str, body: Option<&Value>) -> Response {
@@ -871,11 +911,27 @@ pub fn http_request(
     body: Option<&Value>,
     timeout: Duration,
 ) -> io::Result<Response> {
+    http_request_as(netns, addr, method, path, body, None, timeout)
+}
+
+/// [`http_request`] with `Authorization: Bearer <token>` when a token is given.
+pub fn http_request_as(
+    netns: &str,
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    body: Option<&Value>,
+    token: Option<&str>,
+    timeout: Duration,
+) -> io::Result<Response> {
     let mut stream = enter_netns(netns, || TcpStream::connect_timeout(&addr, timeout))?;
     stream.set_read_timeout(Some(timeout))?;
     stream.set_write_timeout(Some(timeout))?;
     let payload = body.map(|b| b.to_string()).unwrap_or_default();
     let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+    if let Some(token) = token {
+        req.push_str(&format!("Authorization: Bearer {token}\r\n"));
+    }
     if body.is_some() {
         req.push_str("Content-Type: application/json\r\n");
     }
@@ -1688,7 +1744,7 @@ mod tests {
             .unwrap();
             req
         });
-        let api = Api { netns: ns.name().to_owned(), port: 7070 };
+        let api = Api { netns: ns.name().to_owned(), port: 7070, token: Some("vt_x".into()) };
         let r = api.post("/v1/universes", &json!({"name": "u"}));
         assert_eq!((r.status, r.revision(), r.json()), (201, Some(3), json!({"ok": true})));
         let req = server.join().unwrap();
@@ -1696,5 +1752,6 @@ mod tests {
             req.starts_with("POST /v1/universes HTTP/1.1\r\n") && req.ends_with("{\"name\":\"u\"}"),
             "{req}"
         );
+        assert!(req.contains("\r\nAuthorization: Bearer vt_x\r\n"), "{req}");
     }
 }

@@ -93,9 +93,9 @@ impl Etcd {
 
     fn options(&self, ttl: Duration) -> EtcdOptions {
         EtcdOptions {
-            endpoints: vec![format!("127.0.0.1:{}", self.client_port)],
             prefix: "/verse-test/".into(),
             lease_ttl: ttl,
+            ..EtcdOptions::new(vec![format!("127.0.0.1:{}", self.client_port)])
         }
     }
 
@@ -425,9 +425,19 @@ async fn a_store_cut_off_from_etcd_turns_unhealthy_then_catches_up_past_a_compac
     .await;
 }
 
+/// An API served in process: its URL and an admin token.
+struct Served {
+    url: String,
+    token: String,
+    _dir: tempfile::TempDir,
+}
+
 /// The API of a host over store `store`, serving on a free loopback port, with a fake
-/// reconciler that realizes each revision at once.
-async fn serve(store: Store, host: &str) -> String {
+/// reconciler that realizes each revision at once, and the fleet's first admin token.
+async fn serve(store: Store, host: &str) -> Served {
+    let dir = tempfile::tempdir().unwrap();
+    verse::auth::bootstrap_admin(&store, dir.path(), None).await.unwrap();
+    let token = std::fs::read_to_string(dir.path().join(verse::auth::ADMIN_TOKEN_FILE)).unwrap();
     let (realized, realized_rx) = watch::channel(0u64);
     let mut rx = store.subscribe();
     let reporter = store.clone();
@@ -443,28 +453,25 @@ async fn serve(store: Store, host: &str) -> String {
         }
     });
     let stats: api::StatsFn = Arc::new(|| Ok(Stats::default()));
-    let app = api::router(AppState {
-        store,
-        host: host.into(),
-        underlay_ip: None,
-        realized: realized_rx,
-        stats,
-    });
+    let app = api::router(AppState::new(store, host.into(), None, realized_rx, stats));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
     tokio::spawn(async move { axum::serve(listener, app).await });
-    url
+    Served { url, token: token.trim().to_owned(), _dir: dir }
 }
 
-/// Runs `f` with the CLI's (blocking) client of the API at `url`, off the async runtime.
+/// Runs `f` with the CLI's (blocking) client of the API `api` (as its admin), off the async
+/// runtime.
 async fn cli<T: Send + 'static>(
-    url: &str,
+    api: &Served,
     f: impl FnOnce(&verse::client::Client) -> T + Send + 'static,
 ) -> T {
-    let url = url.to_owned();
-    tokio::task::spawn_blocking(move || f(&verse::client::Client::new(&url).unwrap()))
-        .await
-        .unwrap()
+    let (url, token) = (api.url.clone(), api.token.clone());
+    tokio::task::spawn_blocking(move || {
+        f(&verse::client::Client::new(&url).unwrap().with_token(token))
+    })
+    .await
+    .unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -524,4 +531,74 @@ async fn api_mutation_returns_once_every_healthy_host_realized_it() {
     .await;
     assert!(elapsed < Duration::from_secs(2), "waited {elapsed:?} for a dead host");
     assert!(waited.is_ok(), "`verse wait` ignores unhealthy hosts: {waited:?}");
+}
+
+fn audit_record(host: &str, n: u64, universe: Option<&str>) -> verse::audit::AuditRecord {
+    verse::audit::AuditRecord {
+        time: model::Timestamp(std::time::SystemTime::now()),
+        host: host.into(),
+        principal: "tok-00000001".into(),
+        source: "127.0.0.1:1".into(),
+        action: "POST /v1/security-groups".into(),
+        universe: universe.map(str::to_owned),
+        objects: vec![],
+        status: 201,
+        revision: Some(n),
+        detail: None,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn audit_records_of_every_store_are_read_from_any_apart_from_the_state_and_trimmed() {
+    use verse::audit::Query;
+    use verse::store::AuditRetention;
+    let etcd = Etcd::start();
+    let a = etcd.store(Duration::from_secs(5)).await;
+    let b = etcd.store(Duration::from_secs(5)).await;
+    let (blue, _) = a.edit(|s| s.create_universe(universe("blue"))).await.unwrap();
+    let rx = b.subscribe();
+    let before = b.snapshot();
+    // More than one page of records, from both stores, interleaved.
+    for n in 0..1100u64 {
+        let (store, host) = if n % 2 == 0 { (&a, "h1") } else { (&b, "h2") };
+        let u = (n % 3 == 0).then_some(blue.id.as_str());
+        store.append_audit(&audit_record(host, n, u)).await.unwrap();
+    }
+    // The trail is not desired state: no revision, nothing published.
+    assert_eq!(*b.snapshot(), *before);
+    assert!(!rx.has_changed().unwrap());
+    let all = Query { since: None, universe: None, limit: 10_000 };
+    for store in [&a, &b] {
+        let got = store.query_audit(&all).await.unwrap();
+        let ns: Vec<u64> = got.iter().filter_map(|r| r.revision).collect();
+        assert_eq!(ns, (0..1100).collect::<Vec<_>>(), "every record, oldest first");
+    }
+    let newest = Query { since: None, universe: Some(blue.id.clone()), limit: 2 };
+    let got: Vec<u64> =
+        b.query_audit(&newest).await.unwrap().iter().filter_map(|r| r.revision).collect();
+    assert_eq!(got, [1095, 1098]);
+    // An edit still reads only the state (the audit range is skipped) and works.
+    let (_, rev) = b.edit(|s| s.create_universe(universe("red"))).await.unwrap();
+    assert_eq!(rev, 2);
+
+    // A store with a smaller retention trims the trail as it opens, to the newest records.
+    let mut options = etcd.options(Duration::from_secs(5));
+    options.audit_retention =
+        AuditRetention { max_records: 100, max_age: Duration::from_secs(3600) };
+    let c = tokio::time::timeout(WAIT, Store::open_etcd(options)).await.unwrap().unwrap();
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let n =
+            etcdctl(&etcd, &["get", "--prefix", "--keys-only", "/verse-test/audit/", "-w", "json"]);
+        let count =
+            serde_json::from_str::<serde_json::Value>(&n).unwrap()["count"].as_u64().unwrap_or(0);
+        if count == 100 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the trail was not trimmed to 100 records: {count}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let got = c.query_audit(&all).await.unwrap();
+    assert_eq!(got.first().and_then(|r| r.revision), Some(1000), "the oldest went first");
+    assert_eq!(got.len(), 100);
 }

@@ -1,27 +1,60 @@
 //! `verse`: the command-line client of the Verse API. Same nouns as the API: universe, sg,
-//! rule, endpoint, host.
+//! rule, endpoint, host, token, audit.
+//!
+//! Where and as whom (first found wins): `--api`/`VERSE_API` and `--token`/`VERSE_TOKEN`; then
+//! the context of the config file (`--context`/`VERSE_CONTEXT`, else its `current_context`);
+//! then, as root with no token, the local socket of the host's `versed`
+//! (`unix:/var/lib/verse/api.sock`, if it exists); else `http://127.0.0.1:7070` without a
+//! token. The config file (`--config`/`VERSE_CONFIG`, default
+//! `$XDG_CONFIG_HOME/verse/config.toml` or `~/.config/verse/config.toml`) is TOML:
+//!
+//! ```toml
+//! current_context = "prod"
+//! [contexts.prod]
+//! api = "http://10.0.0.1:7070"
+//! token_file = "~/.config/verse/prod.token"   # or: token = "vt_..."
+//! [contexts.local]
+//! api = "unix:/var/lib/verse/api.sock"
+//! ```
 //!
 //! Exit status: 0 on success, 1 when the server refused the request or could not be reached
-//! (its message on stderr), 2 on a usage error.
+//! (its message on stderr), 2 on a usage error (or an unusable config file).
 
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use serde::Serialize;
-use verse::api::{EndpointView, Host};
+use serde::{Deserialize, Serialize};
+use verse::api::{CreatedToken, EndpointView, Host, TokenView};
+use verse::audit::AuditRecord;
 use verse::client::{self, Client, DEFAULT_API};
 use verse::model::{
-    CreateEndpoint, CreateGroup, CreateRule, CreateUniverse, PatchEndpoint, Rule, SecurityGroup,
-    Universe,
+    CreateEndpoint, CreateGroup, CreateRule, CreateToken, CreateUniverse, PatchEndpoint, Role,
+    Rule, SecurityGroup, Universe,
 };
+
+/// The local socket of a `versed` with the default `state_dir`.
+const DEFAULT_SOCKET: &str = "/var/lib/verse/api.sock";
 
 #[derive(Parser)]
 #[command(name = "verse", version, about = "Command-line client of the Verse API")]
 struct Cli {
-    /// API address of a versed.
-    #[arg(long, global = true, env = "VERSE_API", default_value = DEFAULT_API, value_name = "URL")]
-    api: String,
+    /// API of a versed: http://HOST:PORT, or unix:PATH for its local socket (root only).
+    /// Default: the context's; else, as root without a token, unix:/var/lib/verse/api.sock;
+    /// else http://127.0.0.1:7070.
+    #[arg(long, global = true, env = "VERSE_API", value_name = "URL")]
+    api: Option<String>,
+    /// API token (vt_...). Default: the context's.
+    #[arg(long, global = true, env = "VERSE_TOKEN", hide_env_values = true, value_name = "TOKEN")]
+    token: Option<String>,
+    /// A context of the config file. Default: its current_context.
+    #[arg(long, global = true, env = "VERSE_CONTEXT", value_name = "NAME")]
+    context: Option<String>,
+    /// Config file. Default: $XDG_CONFIG_HOME/verse/config.toml (~/.config/verse/config.toml).
+    #[arg(long, global = true, env = "VERSE_CONFIG", value_name = "FILE")]
+    config: Option<PathBuf>,
     /// Output format.
     #[arg(short = 'o', long = "output", global = true, value_enum, default_value_t = Format::Table)]
     output: Format,
@@ -52,6 +85,21 @@ enum Command {
     /// Hosts and the revision each has realized.
     #[command(subcommand)]
     Host(HostCmd),
+    /// API tokens (admin only).
+    #[command(subcommand)]
+    Token(TokenCmd),
+    /// The audit trail: every mutation and every refused credential, newest last.
+    Audit {
+        /// Only this universe's records.
+        #[arg(long)]
+        universe: Option<String>,
+        /// Only records since an RFC 3339 time (UTC) or this long ago: 1h, 30m, 7d.
+        #[arg(long)]
+        since: Option<String>,
+        /// At most this many, the newest (server default 1000).
+        #[arg(long)]
+        limit: Option<usize>,
+    },
     /// Wait until every healthy host has realized a revision.
     Wait {
         /// The revision to wait for (printed on stderr by every mutation).
@@ -184,10 +232,156 @@ enum HostCmd {
     List,
 }
 
+#[derive(Subcommand)]
+enum TokenCmd {
+    /// Create a token; prints its secret, which is not shown again.
+    Create {
+        #[arg(long, value_enum)]
+        role: RoleArg,
+        /// The universe an editor or viewer is confined to (a viewer without one reads the
+        /// whole fleet).
+        #[arg(long)]
+        universe: Option<String>,
+        /// An RFC 3339 time (UTC) or a lifetime: 90d, 12h.
+        #[arg(long)]
+        expires: Option<String>,
+        #[arg(long)]
+        description: Option<String>,
+    },
+    /// List tokens (never their secrets).
+    List,
+    /// Revoke a token, on every host at once.
+    Delete { id: String },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum RoleArg {
+    Admin,
+    Editor,
+    Viewer,
+}
+
+impl From<RoleArg> for Role {
+    fn from(r: RoleArg) -> Role {
+        match r {
+            RoleArg::Admin => Role::Admin,
+            RoleArg::Editor => Role::Editor,
+            RoleArg::Viewer => Role::Viewer,
+        }
+    }
+}
+
+/// The config file.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ConfigFile {
+    current_context: Option<String>,
+    #[serde(default)]
+    contexts: BTreeMap<String, Context>,
+}
+
+/// Where one API is and how to authenticate to it.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Context {
+    api: Option<String>,
+    token: Option<String>,
+    /// A file holding the token (relative to the config file's directory; `~/` is home).
+    token_file: Option<PathBuf>,
+}
+
+/// `~/x` under `$HOME`; a relative path under `base`.
+fn resolve(path: &Path, base: &Path) -> PathBuf {
+    if let (Ok(rest), Some(home)) = (path.strip_prefix("~"), std::env::var_os("HOME")) {
+        return PathBuf::from(home).join(rest);
+    }
+    base.join(path)
+}
+
+/// The default config file, if a home or config directory is known.
+fn default_config() -> Option<PathBuf> {
+    if let Some(dir) = std::env::var_os("XDG_CONFIG_HOME").filter(|d| !d.is_empty()) {
+        return Some(PathBuf::from(dir).join("verse").join("config.toml"));
+    }
+    std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".config/verse/config.toml"))
+}
+
+/// The API address and token to use (see the module docs for the order).
+fn connection(cli: &Cli) -> Result<(String, Option<String>), String> {
+    let (path, explicit) = match &cli.config {
+        Some(p) => (Some(p.clone()), true),
+        None => (default_config(), false),
+    };
+    let file = match &path {
+        Some(p) => match std::fs::read_to_string(p) {
+            Ok(text) => toml::from_str::<ConfigFile>(&text)
+                .map_err(|e| format!("config file {}: {e}", p.display()))?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !explicit => {
+                ConfigFile::default()
+            }
+            Err(e) => return Err(format!("config file {}: {e}", p.display())),
+        },
+        None => ConfigFile::default(),
+    };
+    let base = path.as_deref().and_then(Path::parent).unwrap_or(Path::new("."));
+    let name = cli.context.clone().or(file.current_context.clone());
+    let context = match &name {
+        Some(n) => file.contexts.get(n).ok_or_else(|| {
+            let known: Vec<&str> = file.contexts.keys().map(String::as_str).collect();
+            format!(
+                "no context {n:?} in {} (known: {})",
+                path.as_deref().map_or("the config file".into(), |p| p.display().to_string()),
+                if known.is_empty() { "none".into() } else { known.join(", ") }
+            )
+        })?,
+        None => &Context::default(),
+    };
+    let token = match (&cli.token, &context.token, &context.token_file) {
+        (Some(t), _, _) => Some(t.clone()),
+        (None, Some(_), Some(_)) => {
+            return Err(format!(
+                "context {:?}: give token or token_file, not both",
+                name.unwrap_or_default()
+            ))
+        }
+        (None, Some(t), None) => Some(t.clone()),
+        (None, None, Some(f)) => {
+            let f = resolve(f, base);
+            let text = std::fs::read_to_string(&f)
+                .map_err(|e| format!("token_file {}: {e}", f.display()))?;
+            Some(text.trim().to_owned())
+        }
+        (None, None, None) => None,
+    };
+    let api = match (&cli.api, &context.api) {
+        (Some(a), _) | (None, Some(a)) => a.clone(),
+        (None, None) => {
+            // SAFETY: geteuid has no preconditions and cannot fail.
+            let root = unsafe { libc::geteuid() } == 0;
+            if root && token.is_none() && Path::new(DEFAULT_SOCKET).exists() {
+                format!("unix:{DEFAULT_SOCKET}")
+            } else {
+                DEFAULT_API.to_owned()
+            }
+        }
+    };
+    Ok((api, token))
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let client = match Client::new(&cli.api) {
+    let (api, token) = match connection(&cli) {
         Ok(c) => c,
+        Err(e) => {
+            eprintln!("verse: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let client = match Client::new(&api) {
+        Ok(c) => match token {
+            Some(t) => c.with_token(t),
+            None => c,
+        },
         Err(e) => {
             eprintln!("verse: {e}");
             return ExitCode::from(2);
@@ -277,6 +471,19 @@ fn run(c: &Client, fmt: Format, cmd: Command) -> client::Result<()> {
             EndpointCmd::Delete { id } => out.deleted(&id, c.delete_endpoint(&id)?),
         },
         Command::Host(HostCmd::List) => out.hosts(&c.list_hosts()?),
+        Command::Token(cmd) => match cmd {
+            TokenCmd::Create { role, universe, expires, description } => {
+                let req = CreateToken { role: role.into(), universe, expires, description };
+                let (t, rev) = c.create_token(&req)?;
+                out.mutated(rev);
+                out.created_token(&t);
+            }
+            TokenCmd::List => out.tokens(&c.list_tokens()?),
+            TokenCmd::Delete { id } => out.deleted(&id, c.delete_token(&id)?),
+        },
+        Command::Audit { universe, since, limit } => {
+            out.audit(&c.audit(universe.as_deref(), since.as_deref(), limit)?)
+        }
         Command::Wait { revision, timeout } => {
             let hosts = c.wait_revision(revision, timeout)?;
             out.hosts(&hosts);
@@ -412,6 +619,79 @@ impl Out {
             .collect();
         table(
             &["ID", "UNIVERSE", "HOST", "NETNS", "IP", "MAC", "INTERFACE", "SECURITY_GROUPS"],
+            rows,
+        );
+    }
+
+    /// The secret alone on stdout (`TOKEN=$(verse token create ...)`), the rest on stderr.
+    fn created_token(&self, t: &CreatedToken) {
+        if self.fmt == Format::Json {
+            return self.json(t);
+        }
+        let scope = t.universe.as_deref().map_or("fleet-wide".to_owned(), |u| format!("of {u}"));
+        let expires = t.expires.map_or("never expires".to_owned(), |e| format!("expires {e}"));
+        eprintln!(
+            "token {} ({} {scope}, {expires}): the secret below is shown once; store it now",
+            t.id,
+            t.role.name()
+        );
+        println!("{}", t.token);
+    }
+
+    fn tokens(&self, ts: &[TokenView]) {
+        if self.fmt == Format::Json {
+            return self.json(ts);
+        }
+        let rows = ts
+            .iter()
+            .map(|t| {
+                vec![
+                    t.id.clone(),
+                    t.role.name().to_owned(),
+                    t.universe.clone().unwrap_or_else(|| "-".into()),
+                    t.expires.map_or_else(|| "never".into(), |e| e.to_string()),
+                    t.created.to_string(),
+                    t.description.clone(),
+                ]
+            })
+            .collect();
+        table(&["ID", "ROLE", "UNIVERSE", "EXPIRES", "CREATED", "DESCRIPTION"], rows);
+    }
+
+    fn audit(&self, rs: &[AuditRecord]) {
+        if self.fmt == Format::Json {
+            return self.json(rs);
+        }
+        let rows = rs
+            .iter()
+            .map(|r| {
+                vec![
+                    r.time.to_string(),
+                    r.host.clone(),
+                    r.principal.clone(),
+                    r.source.clone(),
+                    r.action.clone(),
+                    r.status.to_string(),
+                    r.revision.map_or_else(|| "-".into(), |v| v.to_string()),
+                    r.universe.clone().unwrap_or_else(|| "-".into()),
+                    r.objects.join(","),
+                    r.detail.clone().unwrap_or_default(),
+                ]
+            })
+            .collect();
+        table(
+            &[
+                "TIME",
+                "HOST",
+                "PRINCIPAL",
+                "SOURCE",
+                "ACTION",
+                "STATUS",
+                "REVISION",
+                "UNIVERSE",
+                "OBJECTS",
+                "DETAIL",
+            ],
             rows,
         );
     }

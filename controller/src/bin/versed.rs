@@ -1,6 +1,10 @@
 //! `versed`, the Verse daemon: serves the REST API and keeps this host's endpoint interfaces and
 //! eBPF dataplane in line with the desired state.
 //!
+//! It serves the API on `listen` (TCP; every request needs a token) and on the local unix
+//! socket `<state-dir>/api.sock` (root only; no token needed). At start it makes sure the store
+//! has an admin token (see `auth::bootstrap_admin`).
+//!
 //! It runs inside the network namespace of the host it serves. Stopping it (SIGTERM, SIGINT)
 //! stops the API and the reconciler only: pinned maps, pinned TCX links and endpoint interfaces
 //! stay in place, so the dataplane keeps enforcing the last realized state (and established
@@ -17,6 +21,7 @@ use tokio::sync::watch;
 use tracing_subscriber::EnvFilter;
 
 use verse::api::{self, AppState, Stats, StatsFn};
+use verse::auth::{self, Bootstrap, LocalPeer};
 use verse::config::{Args, Config};
 use verse::dataplane::Dataplane;
 use verse::reconcile::{Reconciler, SharedDataplane, Underlay};
@@ -76,8 +81,17 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let host = config.host_name().context("naming this host")?;
     let bpf_dir = config.bpf_dir();
 
-    std::fs::create_dir_all(&config.state_dir)
-        .with_context(|| format!("creating the state directory {}", config.state_dir.display()))?;
+    {
+        use std::os::unix::fs::DirBuilderExt;
+        // Root only: it holds the admin token, the local socket and the audit trail.
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&config.state_dir)
+            .with_context(|| {
+                format!("creating the state directory {}", config.state_dir.display())
+            })?;
+    }
     let underlay = match &config.underlay {
         Some(iface) => Some(Underlay::lookup(iface).await.context("reading the underlay")?),
         None => None,
@@ -106,6 +120,24 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .context("reading what the pinned maps hold")?;
 
     store.register_host(&host, underlay_ip).await.context("registering this host")?;
+    match auth::bootstrap_admin(&store, &config.state_dir, config.admin_token_file.as_deref())
+        .await
+        .context("setting up the first admin token")?
+    {
+        Bootstrap::Present => {}
+        Bootstrap::Registered { id } => {
+            tracing::info!(token = %id, "registered the admin token of admin_token_file")
+        }
+        Bootstrap::Ignored { id } => tracing::warn!(
+            token = %id,
+            "the store already has admin tokens: the token of admin_token_file was not registered"
+        ),
+        Bootstrap::Generated { id, file } => tracing::info!(
+            token = %id,
+            file = %file.display(),
+            "no admin token in the store: made one (read it from the file, as root)"
+        ),
+    }
 
     let (realized_tx, realized_rx) = watch::channel(0u64);
     let states = store.subscribe();
@@ -130,20 +162,17 @@ async fn run(args: Args) -> anyhow::Result<()> {
         let drops = dataplane.lock().unwrap_or_else(PoisonError::into_inner).drops()?;
         Ok(Stats { drops })
     });
-    let app = api::router(AppState {
-        store,
-        host: host.clone(),
-        underlay_ip,
-        realized: realized_rx,
-        stats,
-    });
+    let app = api::router(AppState::new(store, host.clone(), underlay_ip, realized_rx, stats));
 
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("listening on {}", config.listen))?;
+    let socket_path = config.api_socket();
+    let local = auth::bind_local_socket(&socket_path).context("serving the local API socket")?;
     tracing::info!(
         host = %host,
         listen = %config.listen,
+        socket = %socket_path.display(),
         state_dir = %config.state_dir.display(),
         bpf_dir = %bpf_dir.display(),
         store = %config.store,
@@ -153,10 +182,27 @@ async fn run(args: Args) -> anyhow::Result<()> {
     );
     let (stop_tx, stop_rx) = watch::channel(());
     let reconciling = tokio::spawn(reconciler.run(states, realized_tx, stop_rx));
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown_signal())
-        .await
-        .context("serving the API")?;
+    // One signal stops both listeners.
+    let (stop_api_tx, stop_api) = watch::channel(false);
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        let _ = stop_api_tx.send(true);
+    });
+    let stopped = |mut rx: watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+    let tcp = axum::serve(
+        listener,
+        app.clone().into_make_service_with_connect_info::<std::net::SocketAddr>(),
+    )
+    .with_graceful_shutdown(stopped(stop_api.clone()));
+    let unix = axum::serve(local, app.into_make_service_with_connect_info::<LocalPeer>())
+        .with_graceful_shutdown(stopped(stop_api));
+    let served = tokio::try_join!(async { tcp.await.context("serving the API") }, async {
+        unix.await.context("serving the local API socket")
+    },);
+    let _ = std::fs::remove_file(&socket_path);
+    served?;
 
     // The API is gone; the reconciler stops after the round it is in. Cutting a long round
     // short is safe too: every step is idempotent and the next start converges from what the

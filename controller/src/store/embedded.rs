@@ -5,22 +5,33 @@
 //! the directory), so the file is never seen half-written, even after a crash. Hosts live in
 //! memory only: the hosts registered through this store (normally the one `versed` that owns
 //! it) are always healthy, and their realized revision is the last one reported.
+//!
+//! The audit trail is `<state_dir>/audit.jsonl` (mode 0600), one JSON record per line, appended
+//! and fsynced record by record. When it holds half of the retained records it becomes
+//! `audit.jsonl.1` (replacing the one before) and a new file starts, so the two files hold at
+//! most `max_records`; records older than `max_age` are never shown.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::fs::File;
-use std::io::Write;
+use std::io::{BufRead, BufReader, Write};
 use std::net::Ipv4Addr;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, PoisonError};
+use std::time::SystemTime;
 
 use tokio::sync::{watch, Mutex};
 
-use super::{apply_edit, Error, HostStatus, Result};
+use super::{apply_edit, audit_matches, AuditRetention, Error, HostStatus, Result};
+use crate::audit::{AuditRecord, Query as AuditQuery};
 use crate::model::{self, State};
 
 /// File name of the document in the state directory.
 pub const STATE_FILE: &str = "state.json";
 const TEMP_FILE: &str = "state.json.tmp";
+/// File names of the audit trail in the state directory: the current file, the one before.
+pub const AUDIT_FILE: &str = "audit.jsonl";
+pub const AUDIT_FILE_OLD: &str = "audit.jsonl.1";
 
 /// The embedded store. Use it through [`Store`].
 pub struct Embedded {
@@ -31,10 +42,26 @@ pub struct Embedded {
     tx: watch::Sender<Arc<State>>,
     /// The hosts registered here, by name; `healthy` is always true.
     hosts: watch::Sender<Arc<Vec<HostStatus>>>,
+    audit: Arc<AuditLog>,
+}
+
+/// The audit files. The lock is held for a whole append (or read), so a rotation never
+/// interleaves with either.
+struct AuditLog {
+    dir: PathBuf,
+    retention: AuditRetention,
+    file: std::sync::Mutex<AuditFile>,
+}
+
+struct AuditFile {
+    /// Open for appending; `None` until the first append after opening or a rotation.
+    file: Option<File>,
+    /// Records in the current file.
+    records: usize,
 }
 
 impl Embedded {
-    pub(super) fn open(dir: &Path) -> Result<Embedded> {
+    pub(super) fn open(dir: &Path, retention: AuditRetention) -> Result<Embedded> {
         std::fs::create_dir_all(dir)
             .map_err(|source| Error::CreateDir { path: dir.to_owned(), source })?;
         let path = dir.join(STATE_FILE);
@@ -51,9 +78,42 @@ impl Embedded {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(source) => return Err(Error::Write { path: temp, source }),
         }
+        let audit_path = dir.join(AUDIT_FILE);
+        let records = match File::open(&audit_path) {
+            Ok(f) => BufReader::new(f).lines().count(),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => 0,
+            Err(source) => return Err(Error::Audit { path: audit_path, source }),
+        };
+        let audit = Arc::new(AuditLog {
+            dir: dir.to_owned(),
+            retention,
+            file: std::sync::Mutex::new(AuditFile { file: None, records }),
+        });
         let (tx, _) = watch::channel(Arc::new(state));
         let (hosts, _) = watch::channel(Arc::new(Vec::new()));
-        Ok(Embedded { path, dir: dir.to_owned(), lock: Arc::new(Mutex::new(())), tx, hosts })
+        Ok(Embedded { path, dir: dir.to_owned(), lock: Arc::new(Mutex::new(())), tx, hosts, audit })
+    }
+
+    pub(super) async fn append_audit(&self, record: &AuditRecord) -> Result<()> {
+        let mut line = serde_json::to_vec(record).map_err(|e| Error::Audit {
+            path: self.audit.dir.join(AUDIT_FILE),
+            source: std::io::Error::other(format!("serializing the record: {e}")),
+        })?;
+        line.push(b'\n');
+        let audit = self.audit.clone();
+        let path = self.audit.dir.join(AUDIT_FILE);
+        tokio::task::spawn_blocking(move || audit.append(&line))
+            .await
+            .map_err(|e| Error::Audit { path, source: std::io::Error::other(e.to_string()) })?
+    }
+
+    pub(super) async fn query_audit(&self, query: &AuditQuery) -> Result<Vec<AuditRecord>> {
+        let audit = self.audit.clone();
+        let query = query.clone();
+        let path = self.audit.dir.join(AUDIT_FILE);
+        tokio::task::spawn_blocking(move || audit.query(&query))
+            .await
+            .map_err(|e| Error::Audit { path, source: std::io::Error::other(e.to_string()) })?
     }
 
     pub(super) fn snapshot(&self) -> Arc<State> {
@@ -150,6 +210,73 @@ impl Embedded {
         std::fs::rename(&temp, &self.path).map_err(werr(&self.path))?;
         File::open(&self.dir).and_then(|d| d.sync_all()).map_err(werr(&self.dir))?;
         Ok(())
+    }
+}
+
+impl AuditLog {
+    fn per_file(&self) -> usize {
+        (self.retention.max_records / 2).max(1)
+    }
+
+    fn append(&self, line: &[u8]) -> Result<()> {
+        let path = self.dir.join(AUDIT_FILE);
+        let err = |source| Error::Audit { path: path.clone(), source };
+        let mut f = self.file.lock().unwrap_or_else(PoisonError::into_inner);
+        if f.file.is_none() {
+            let file = std::fs::OpenOptions::new()
+                .append(true)
+                .create(true)
+                .mode(0o600)
+                .open(&path)
+                .map_err(err)?;
+            f.file = Some(file);
+        }
+        let file = f.file.as_mut().expect("opened just above");
+        // One write of a whole line on an O_APPEND file: a crash leaves whole lines, or a
+        // last partial line that reading skips.
+        file.write_all(line).and_then(|()| file.sync_data()).map_err(err)?;
+        f.records += 1;
+        if f.records >= self.per_file() {
+            f.file = None;
+            f.records = 0;
+            let old = self.dir.join(AUDIT_FILE_OLD);
+            std::fs::rename(&path, &old)
+                .and_then(|()| File::open(&self.dir)?.sync_all())
+                .map_err(err)?;
+        }
+        Ok(())
+    }
+
+    fn query(&self, q: &AuditQuery) -> Result<Vec<AuditRecord>> {
+        let _f = self.file.lock().unwrap_or_else(PoisonError::into_inner);
+        let oldest =
+            SystemTime::now().checked_sub(self.retention.max_age).unwrap_or(SystemTime::UNIX_EPOCH);
+        let mut out = VecDeque::new();
+        for name in [AUDIT_FILE_OLD, AUDIT_FILE] {
+            let path = self.dir.join(name);
+            let file = match File::open(&path) {
+                Ok(f) => f,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(source) => return Err(Error::Audit { path, source }),
+            };
+            for line in BufReader::new(file).split(b'\n') {
+                let line = line.map_err(|source| Error::Audit { path: path.clone(), source })?;
+                if line.is_empty() {
+                    continue;
+                }
+                let Ok(rec) = serde_json::from_slice::<AuditRecord>(&line) else {
+                    tracing::warn!(path = %path.display(), "skipping an audit line that does not parse");
+                    continue;
+                };
+                if audit_matches(&rec, q, oldest) {
+                    out.push_back(rec);
+                    if out.len() > q.limit {
+                        out.pop_front();
+                    }
+                }
+            }
+        }
+        Ok(out.into())
     }
 }
 
@@ -285,6 +412,65 @@ mod tests {
         // Hosts live in memory: the desired state (and its revision) is untouched.
         assert_eq!(store.snapshot().revision, 0);
         assert!(store.register_host("a/b", None).await.is_err());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    fn record(n: u64, universe: Option<&str>) -> AuditRecord {
+        AuditRecord {
+            time: model::Timestamp(SystemTime::now()),
+            host: "h1".into(),
+            principal: "tok-00000001".into(),
+            source: "127.0.0.1:1".into(),
+            action: "POST /v1/universes".into(),
+            universe: universe.map(str::to_owned),
+            objects: vec![],
+            status: 201,
+            revision: Some(n),
+            detail: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn audit_trail_is_appended_rotated_within_its_retention_and_filtered() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = temp_dir("audit");
+        let retention =
+            AuditRetention { max_records: 10, max_age: std::time::Duration::from_secs(3600) };
+        let store = Store::open_embedded_with(&dir, retention).unwrap();
+        for n in 1..=23 {
+            let u = if n % 2 == 0 { Some("uni-a") } else { None };
+            store.append_audit(&record(n, u)).await.unwrap();
+        }
+        let mode = std::fs::metadata(dir.join(AUDIT_FILE)).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        let all = AuditQuery { since: None, universe: None, limit: 100 };
+        let kept: Vec<u64> =
+            store.query_audit(&all).await.unwrap().iter().filter_map(|r| r.revision).collect();
+        // Two files of 5: the newest 10 at most, at least 5; here 20 went out in 4 rotations.
+        assert_eq!(kept, (16..=23).collect::<Vec<_>>());
+        let q = AuditQuery { since: None, universe: Some("uni-a".into()), limit: 2 };
+        let a: Vec<u64> =
+            store.query_audit(&q).await.unwrap().iter().filter_map(|r| r.revision).collect();
+        assert_eq!(a, [20, 22]);
+        let future = SystemTime::now() + std::time::Duration::from_secs(60);
+        let q = AuditQuery { since: Some(future), universe: None, limit: 100 };
+        assert!(store.query_audit(&q).await.unwrap().is_empty());
+        // Reopened, the count of the current file carries on; a torn last line is skipped.
+        drop(store);
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(dir.join(AUDIT_FILE))
+            .unwrap()
+            .write_all(b"{\"time\": \"20")
+            .unwrap();
+        let store = Store::open_embedded_with(&dir, retention).unwrap();
+        let kept = store.query_audit(&all).await.unwrap();
+        assert_eq!(kept.len(), 8);
+        // Records older than the retention age are not shown.
+        let mut old = record(99, None);
+        old.time = model::Timestamp(SystemTime::now() - std::time::Duration::from_secs(7200));
+        store.append_audit(&old).await.unwrap();
+        assert!(store.query_audit(&all).await.unwrap().iter().all(|r| r.revision != Some(99)));
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

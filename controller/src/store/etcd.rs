@@ -23,6 +23,16 @@
 //!   deletes the key and every host shows this one unhealthy; the task renews everything as soon
 //!   as it can.
 //!
+//! - Audit trail: `audit/<time in ns, 20 digits>-<host>-<n>`, one key per record (JSON), apart
+//!   from the desired state: a read of the state skips the `audit/` range, and the watch drops
+//!   its events. Every host trims the trail every [`AUDIT_TRIM_INTERVAL`]: records older than
+//!   the retention age go (one range delete, keys sort by time), then the oldest beyond the
+//!   retained count.
+//! - Credentials: with `EtcdOptions::user`, the client authenticates as that etcd user (and
+//!   renews its auth token when etcd expires it). A request etcd refuses for that user's
+//!   permissions is [`Error::Denied`], not "unavailable": retrying cannot help. The README
+//!   ("etcd access control") lists which keys a host reads and writes.
+//!
 //! etcd limits one transaction to `--max-txn-ops` operations (128 by default) and one request to
 //! `--max-request-bytes` (1.5 MiB): an edit that changes more objects than that is refused by
 //! etcd as a whole, with etcd's message.
@@ -33,8 +43,8 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use etcd_client::{
-    Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, PutOptions, Txn, TxnOp,
-    WatchOptions,
+    Client, Compare, CompareOp, ConnectOptions, DeleteOptions, EventType, GetOptions, PutOptions,
+    SortOrder, SortTarget, Txn, TxnOp, TxnOpResponse, WatchOptions,
 };
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -42,7 +52,8 @@ use tokio::sync::watch;
 use tokio::task::AbortHandle;
 use tokio::time::{Instant, MissedTickBehavior};
 
-use super::{apply_edit, Error, HostStatus, Result};
+use super::{apply_edit, audit_matches, AuditRetention, Error, HostStatus, Result};
+use crate::audit::{AuditRecord, Query as AuditQuery};
 use crate::model::{self, HostRecord, State};
 
 /// Default key prefix of the fleet's state.
@@ -71,6 +82,13 @@ const MAX_MESSAGE: usize = 256 << 20;
 /// Relative keys (under the prefix).
 const REVISION: &str = "revision";
 const ALIVE: &str = "alive/";
+const AUDIT: &str = "audit/";
+/// The first key after every `audit/…` key (`'/' + 1`).
+const AUDIT_END: &str = "audit0";
+/// How often each host trims the audit trail to its retention.
+pub const AUDIT_TRIM_INTERVAL: Duration = Duration::from_secs(30);
+/// Records read per request by a query of the audit trail.
+const AUDIT_PAGE: i64 = 1000;
 
 /// How to reach etcd and where the state lives there.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -81,12 +99,22 @@ pub struct EtcdOptions {
     pub prefix: String,
     /// Time-to-live of this host's liveness record (at least one second).
     pub lease_ttl: Duration,
+    /// The etcd user this host authenticates as, and its password (`None`: no etcd auth).
+    pub user: Option<(String, String)>,
+    /// How much of the audit trail to keep.
+    pub audit_retention: AuditRetention,
 }
 
 impl EtcdOptions {
-    /// The endpoints with the default prefix and lease TTL.
+    /// The endpoints with the default prefix, lease TTL and audit retention, no etcd user.
     pub fn new(endpoints: Vec<String>) -> EtcdOptions {
-        EtcdOptions { endpoints, prefix: DEFAULT_PREFIX.to_owned(), lease_ttl: DEFAULT_LEASE_TTL }
+        EtcdOptions {
+            endpoints,
+            prefix: DEFAULT_PREFIX.to_owned(),
+            lease_ttl: DEFAULT_LEASE_TTL,
+            user: None,
+            audit_retention: AuditRetention::default(),
+        }
     }
 }
 
@@ -108,6 +136,9 @@ struct Shared {
     applied: watch::Sender<i64>,
     /// Realized revisions reported for the hosts this store keeps alive, by name.
     local: Mutex<BTreeMap<String, Local>>,
+    audit_retention: AuditRetention,
+    /// Numbers the audit records of this store, so two in the same nanosecond differ.
+    audit_seq: std::sync::atomic::AtomicU64,
 }
 
 struct Local {
@@ -167,14 +198,31 @@ impl Etcd {
                 )),
             });
         }
-        let connect = ConnectOptions::new()
+        let mut connect = ConnectOptions::new()
             .with_connect_timeout(REQUEST_TIMEOUT)
             .with_keep_alive(KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT)
             .with_keep_alive_while_idle(true);
-        // Connecting is lazy: this fails only on a malformed endpoint.
-        let client = Client::connect(&options.endpoints, Some(connect))
-            .await
-            .map_err(|source| Error::Connect { endpoints: endpoints.clone(), source })?;
+        if let Some((user, password)) = &options.user {
+            connect = connect.with_user(user, password).with_auto_token_refresh(true);
+        }
+        // Without a user, connecting is lazy: this fails only on a malformed endpoint. With a
+        // user it authenticates at once: wait for etcd as the first read below does, but fail
+        // at once if etcd refuses the credentials.
+        let mut delay = RETRY_MIN;
+        let client = loop {
+            match Client::connect(&options.endpoints, Some(connect.clone())).await {
+                Ok(c) => break c,
+                Err(source) if options.user.is_some() && !credentials_refused(&source) => {
+                    tracing::warn!(
+                        etcd = %endpoints, error = %source, retry_in = ?delay,
+                        "cannot authenticate to etcd yet; retrying"
+                    );
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(RETRY_MAX);
+                }
+                Err(source) => return Err(Error::Connect { endpoints: endpoints.clone(), source }),
+            }
+        };
         let mut prefix = options.prefix;
         if !prefix.ends_with('/') {
             prefix.push('/');
@@ -190,6 +238,8 @@ impl Etcd {
             hosts,
             applied,
             local: Mutex::new(BTreeMap::new()),
+            audit_retention: options.audit_retention,
+            audit_seq: std::sync::atomic::AtomicU64::new(0),
         });
 
         let mut delay = RETRY_MIN;
@@ -222,7 +272,11 @@ impl Etcd {
         );
 
         let follow = tokio::spawn(shared.clone().follow(cache));
-        Ok(Arc::new(Etcd { shared, tasks: Mutex::new(vec![follow.abort_handle()]) }))
+        let trim = tokio::spawn(shared.clone().trim_audit());
+        Ok(Arc::new(Etcd {
+            shared,
+            tasks: Mutex::new(vec![follow.abort_handle(), trim.abort_handle()]),
+        }))
     }
 
     pub(super) fn snapshot(&self) -> Arc<State> {
@@ -316,6 +370,61 @@ impl Etcd {
         Ok(())
     }
 
+    pub(super) async fn append_audit(&self, record: &AuditRecord) -> Result<()> {
+        let sh = &self.shared;
+        let nanos = record.time.0.duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+        let n = sh.audit_seq.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let key = sh.key(&format!("{AUDIT}{:020}-{}-{n}", nanos.as_nanos(), record.host));
+        let value = serde_json::to_vec(record).map_err(|e| Error::Corrupt {
+            key: key.clone(),
+            reason: format!("cannot serialize: {e}"),
+        })?;
+        timed("put (audit record)", sh.client.kv_client().put(key, value, None)).await?;
+        Ok(())
+    }
+
+    /// Pages through the trail from the newest record back until `query.limit` match.
+    pub(super) async fn query_audit(&self, query: &AuditQuery) -> Result<Vec<AuditRecord>> {
+        let sh = &self.shared;
+        let oldest = std::time::SystemTime::now()
+            .checked_sub(sh.audit_retention.max_age)
+            .unwrap_or(std::time::UNIX_EPOCH);
+        let floor = query.since.map_or(oldest, |s| s.max(oldest));
+        let start = sh.key(&format!("{AUDIT}{:020}", nanos_since_epoch(floor)));
+        let mut end = sh.key(AUDIT_END);
+        let mut out = Vec::new();
+        let mut kv = sh.client.kv_client().max_decoding_message_size(MAX_MESSAGE);
+        while out.len() < query.limit {
+            let options = GetOptions::new()
+                .with_range(end.clone())
+                .with_sort(SortTarget::Key, SortOrder::Descend)
+                .with_limit(AUDIT_PAGE);
+            let resp =
+                timed("range (read the audit trail)", kv.get(start.clone(), Some(options))).await?;
+            for kv in resp.kvs() {
+                match serde_json::from_slice::<AuditRecord>(kv.value()) {
+                    Ok(rec) if audit_matches(&rec, query, oldest) => out.push(rec),
+                    Ok(_) => {}
+                    Err(e) => tracing::warn!(
+                        key = %String::from_utf8_lossy(kv.key()), error = %e,
+                        "skipping an audit record that does not parse"
+                    ),
+                }
+                if out.len() == query.limit {
+                    break;
+                }
+            }
+            match resp.kvs().last() {
+                Some(last) if resp.kvs().len() as i64 == AUDIT_PAGE => {
+                    end = String::from_utf8_lossy(last.key()).into_owned();
+                }
+                _ => break,
+            }
+        }
+        out.reverse();
+        Ok(out)
+    }
+
     pub(super) fn report_realized(&self, name: &str, revision: u64) {
         let mut local = lock(&self.shared.local);
         match local.get(name) {
@@ -335,25 +444,82 @@ impl Shared {
         format!("{}{relative}", self.prefix)
     }
 
-    /// Reads every key under the prefix at one etcd revision.
+    /// Reads every key under the prefix but the audit trail, at one etcd revision: the keys
+    /// before `audit/` and the keys after it, in one transaction.
     async fn read(&self) -> Result<Snapshot> {
         let mut kv = self.client.kv_client().max_decoding_message_size(MAX_MESSAGE);
-        let resp = timed(
-            "range (read the desired state)",
-            kv.get(self.prefix.clone(), Some(GetOptions::new().with_prefix())),
-        )
-        .await?;
+        let mut end = self.prefix.clone().into_bytes();
+        // The prefix ends with '/': the first key after every key under it ends with '0'.
+        if let Some(last) = end.last_mut() {
+            *last += 1;
+        }
+        let ranges = vec![
+            TxnOp::get(self.prefix.clone(), Some(GetOptions::new().with_range(self.key(AUDIT)))),
+            TxnOp::get(self.key(AUDIT_END), Some(GetOptions::new().with_range(end))),
+        ];
+        let resp =
+            timed("range (read the desired state)", kv.txn(Txn::new().and_then(ranges))).await?;
         let mut cache =
             Cache { revision: resp.header().map_or(0, |h| h.revision()), ..Cache::default() };
         let mut revision_mod = 0;
-        for kv in resp.kvs() {
-            let Some(rel) = self.relative(kv.key()) else { continue };
-            if rel == REVISION {
-                revision_mod = kv.mod_revision();
+        for op in resp.op_responses() {
+            let TxnOpResponse::Get(range) = op else { continue };
+            for kv in range.kvs() {
+                let Some(rel) = self.relative(kv.key()) else { continue };
+                if rel == REVISION {
+                    revision_mod = kv.mod_revision();
+                }
+                cache.put(rel, kv.value(), &self.prefix);
             }
-            cache.put(rel, kv.value(), &self.prefix);
         }
         Ok(Snapshot { cache, revision_mod })
+    }
+
+    /// Keeps the audit trail within its retention, for as long as the store lives (every host
+    /// does it; the deletes are idempotent).
+    async fn trim_audit(self: Arc<Shared>) {
+        let mut tick = tokio::time::interval(AUDIT_TRIM_INTERVAL);
+        tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            if let Err(e) = self.trim_audit_once().await {
+                tracing::warn!(error = %e, "trimming the audit trail failed; trying again later");
+            }
+        }
+    }
+
+    async fn trim_audit_once(&self) -> Result<()> {
+        let retention = self.audit_retention;
+        let mut kv = self.client.kv_client();
+        let cutoff = std::time::SystemTime::now()
+            .checked_sub(retention.max_age)
+            .unwrap_or(std::time::UNIX_EPOCH);
+        let below = self.key(&format!("{AUDIT}{:020}", nanos_since_epoch(cutoff)));
+        let aged = DeleteOptions::new().with_range(below);
+        timed("delete (expired audit records)", kv.delete(self.key(AUDIT), Some(aged))).await?;
+        let count = GetOptions::new().with_range(self.key(AUDIT_END)).with_count_only();
+        let n = timed("count (audit records)", kv.get(self.key(AUDIT), Some(count))).await?.count();
+        let max = i64::try_from(retention.max_records).unwrap_or(i64::MAX);
+        if n > max {
+            let oldest = GetOptions::new()
+                .with_range(self.key(AUDIT_END))
+                .with_keys_only()
+                .with_limit(n - max);
+            let resp = timed("range (oldest audit records)", kv.get(self.key(AUDIT), Some(oldest)))
+                .await?;
+            if let Some(last) = resp.kvs().last() {
+                let mut end = last.key().to_vec();
+                end.push(0);
+                let over = DeleteOptions::new().with_range(end);
+                timed(
+                    "delete (audit records over the count)",
+                    kv.delete(self.key(AUDIT), Some(over)),
+                )
+                .await?;
+                tracing::info!(removed = n - max, "trimmed the audit trail to its retained count");
+            }
+        }
+        Ok(())
     }
 
     /// The key relative to the prefix, if it is under it and UTF-8.
@@ -625,6 +791,9 @@ impl Shared {
 impl Cache {
     /// Records a put of `rel`; returns whether it is a desired-state key.
     fn put(&mut self, rel: &str, value: &[u8], prefix: &str) -> bool {
+        if rel.starts_with(AUDIT) {
+            return false;
+        }
         if let Some(name) = rel.strip_prefix(ALIVE) {
             let revision = std::str::from_utf8(value).ok().and_then(|t| t.trim().parse().ok());
             let revision = revision.unwrap_or_else(|| {
@@ -642,6 +811,9 @@ impl Cache {
     /// Records a delete of `rel`; returns whether it is a desired-state key. A host whose
     /// liveness record is gone keeps its last realized revision, unhealthy.
     fn delete(&mut self, rel: &str) -> bool {
+        if rel.starts_with(AUDIT) {
+            return false;
+        }
         if let Some(name) = rel.strip_prefix(ALIVE) {
             if let Some(entry) = self.alive.get_mut(name) {
                 entry.1 = false;
@@ -749,7 +921,7 @@ fn decode<'a>(prefix: &str, kvs: impl IntoIterator<Item = (&'a str, &'a [u8])>) 
                 check(id, &v.id).map_err(corrupt)?;
                 state.tokens.insert(id.to_owned(), v);
             }
-            "alive" => {}
+            "alive" | "audit" => {}
             _ => tracing::warn!(key = %format!("{prefix}{key}"), "ignoring an unknown key"),
         }
     }
@@ -763,9 +935,24 @@ async fn timed<T>(
 ) -> Result<T> {
     match tokio::time::timeout(REQUEST_TIMEOUT, request).await {
         Ok(Ok(v)) => Ok(v),
+        Ok(Err(etcd_client::Error::GRpcStatus(s))) if s.code() == tonic::Code::PermissionDenied => {
+            Err(Error::Denied { op, message: s.message().to_owned() })
+        }
         Ok(Err(source)) => Err(Error::Etcd { op, source }),
         Err(_) => Err(Error::Timeout { op, after: REQUEST_TIMEOUT }),
     }
+}
+
+/// Whether etcd refused a client's credentials (as opposed to not answering): wrong user or
+/// password, or auth not enabled on etcd.
+fn credentials_refused(e: &etcd_client::Error) -> bool {
+    matches!(e, etcd_client::Error::GRpcStatus(s)
+        if matches!(s.code(), tonic::Code::InvalidArgument | tonic::Code::FailedPrecondition
+            | tonic::Code::PermissionDenied | tonic::Code::Unauthenticated))
+}
+
+fn nanos_since_epoch(t: std::time::SystemTime) -> u128 {
+    t.duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos()
 }
 
 /// Locks a mutex that is never held across an await or a panic-prone section.

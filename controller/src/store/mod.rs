@@ -16,8 +16,13 @@
 //! dataplane has realized with [`Store::report_realized`]. [`Store::hosts`] lists every known
 //! host with its realized revision and whether it is alive (S13).
 //!
+//! The audit trail (`crate::audit`) lives in the store too, apart from the desired state:
+//! [`Store::append_audit`] adds a record durably, [`Store::query_audit`] reads the newest
+//! records that match, and the store keeps at most [`AuditRetention`] of them.
+//!
 //! Two implementations, same behaviour:
-//! - [`embedded`] (the default): a JSON file in the state directory, one host, always healthy.
+//! - [`embedded`] (the default): a JSON file in the state directory, one host, always healthy;
+//!   the audit trail in an append-only file beside it.
 //! - [`etcd`]: one key per object under a prefix of an etcd cluster, shared by every host; see
 //!   that module for the key layout, transactions and liveness.
 
@@ -32,6 +37,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
+use crate::audit::{AuditRecord, Query as AuditQuery};
 use crate::model::{self, State};
 
 pub use embedded::{Embedded, STATE_FILE};
@@ -74,6 +80,32 @@ pub enum Error {
     /// Other writers kept winning the race for the same revision.
     #[error("edit abandoned after {attempts} attempts: other edits kept committing first")]
     Contention { attempts: u32 },
+    /// The audit trail could not be written or read.
+    #[error("audit trail {path}: {source}")]
+    Audit { path: PathBuf, source: std::io::Error },
+    /// etcd refused this host's credentials the operation (its etcd role does not allow it):
+    /// retrying through this host cannot help.
+    #[error(
+        "etcd refused {op}: this host's etcd user may not do it ({message}); see the README, \
+         \"etcd access control\""
+    )]
+    Denied { op: &'static str, message: String },
+}
+
+/// How much of the audit trail the store keeps (settings `audit_retention_records` and
+/// `audit_retention_days`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AuditRetention {
+    /// At most about this many records (the oldest go first).
+    pub max_records: usize,
+    /// Records older than this are dropped (and never shown).
+    pub max_age: Duration,
+}
+
+impl Default for AuditRetention {
+    fn default() -> AuditRetention {
+        AuditRetention { max_records: 100_000, max_age: Duration::from_secs(90 * 24 * 3600) }
+    }
 }
 
 impl Error {
@@ -82,6 +114,13 @@ impl Error {
     pub fn is_unavailable(&self) -> bool {
         matches!(self, Error::Etcd { .. } | Error::Timeout { .. } | Error::Contention { .. })
     }
+}
+
+/// Whether an audit record matches a query (time and universe; the limit is the caller's).
+fn audit_matches(r: &AuditRecord, q: &AuditQuery, oldest: std::time::SystemTime) -> bool {
+    r.time.0 >= oldest
+        && q.since.is_none_or(|s| r.time.0 >= s)
+        && q.universe.as_ref().is_none_or(|u| r.universe.as_ref() == Some(u))
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -115,14 +154,22 @@ impl Store {
     /// cluster of `config.store` (see [`Store::open_etcd`]: this waits for etcd).
     pub async fn open(config: &crate::config::Config) -> Result<Store> {
         match config.etcd_options()? {
-            None => Store::open_embedded(&config.state_dir),
+            None => Store::open_embedded_with(&config.state_dir, config.audit_retention()),
             Some(options) => Store::open_etcd(options).await,
         }
     }
 
-    /// Opens (or creates) the embedded store in `state_dir`.
+    /// Opens (or creates) the embedded store in `state_dir`, with the default audit retention.
     pub fn open_embedded(state_dir: impl AsRef<Path>) -> Result<Store> {
-        Ok(Store::Embedded(Arc::new(Embedded::open(state_dir.as_ref())?)))
+        Store::open_embedded_with(state_dir, AuditRetention::default())
+    }
+
+    /// Opens (or creates) the embedded store in `state_dir`.
+    pub fn open_embedded_with(
+        state_dir: impl AsRef<Path>,
+        retention: AuditRetention,
+    ) -> Result<Store> {
+        Ok(Store::Embedded(Arc::new(Embedded::open(state_dir.as_ref(), retention)?)))
     }
 
     /// Connects to etcd, reads the desired state under `options.prefix` and starts following
@@ -196,6 +243,24 @@ impl Store {
     /// Every known host, by name: registered in the desired state or alive.
     pub fn hosts(&self) -> Vec<HostStatus> {
         self.subscribe_hosts().borrow().as_ref().clone()
+    }
+
+    /// Adds `record` to the audit trail; returns once it is durable (fsynced to the file, or
+    /// committed in etcd).
+    pub async fn append_audit(&self, record: &AuditRecord) -> Result<()> {
+        match self {
+            Store::Embedded(e) => e.append_audit(record).await,
+            Store::Etcd(e) => e.append_audit(record).await,
+        }
+    }
+
+    /// The newest `query.limit` records of the trail that match `query` and are within the
+    /// retention, oldest first.
+    pub async fn query_audit(&self, query: &AuditQuery) -> Result<Vec<AuditRecord>> {
+        match self {
+            Store::Embedded(e) => e.query_audit(query).await,
+            Store::Etcd(e) => e.query_audit(query).await,
+        }
     }
 
     /// Follows [`Store::hosts`]: the receiver is marked changed whenever a host registers,

@@ -30,7 +30,8 @@ use tests::{
 /// The hosts of the demo fleet.
 const HOSTS: [&str; 3] = ["alpha", "bravo", "charlie"];
 
-/// `verse` run inside one host's namespace against that host's API.
+/// `verse` run inside one host's namespace against that host's API, as the fleet's admin (the
+/// operator's admin token every host was started with, in `VERSE_TOKEN`).
 struct Cli<'a> {
     fleet: &'a Fleet,
     bin: PathBuf,
@@ -50,6 +51,7 @@ impl Cli<'_> {
             .arg("--api")
             .arg(host.api.url())
             .args(args)
+            .env("VERSE_TOKEN", self.fleet.admin_token())
             .output()
             .context("run verse")?;
         let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
