@@ -81,17 +81,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let host = config.host_name().context("naming this host")?;
     let bpf_dir = config.bpf_dir();
 
-    {
-        use std::os::unix::fs::DirBuilderExt;
-        // Root only: it holds the admin token, the local socket and the audit trail.
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(&config.state_dir)
-            .with_context(|| {
-                format!("creating the state directory {}", config.state_dir.display())
-            })?;
-    }
+    root_only_dir(&config.state_dir)?;
     let underlay = match &config.underlay {
         Some(iface) => Some(Underlay::lookup(iface).await.context("reading the underlay")?),
         None => None,
@@ -217,6 +207,25 @@ async fn run(args: Args) -> anyhow::Result<()> {
     tracing::info!(
         "versed stopped; pinned maps, links and interfaces stay in place and keep enforcing"
     );
+    Ok(())
+}
+
+/// Creates the state directory, or tightens it, to mode 0700: it holds the first admin token,
+/// the local socket, the desired state (with the hashes of the tokens) and the audit trail.
+fn root_only_dir(dir: &std::path::Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    let ctx = || format!("creating the state directory {}", dir.display());
+    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).with_context(ctx)?;
+    let mode = std::fs::metadata(dir).with_context(ctx)?.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+            .with_context(|| format!("making the state directory {} root's only", dir.display()))?;
+        tracing::info!(
+            state_dir = %dir.display(),
+            was = format!("{mode:o}"),
+            "made the state directory root's only (0700)"
+        );
+    }
     Ok(())
 }
 

@@ -203,7 +203,13 @@ impl Embedded {
             let path = path.to_owned();
             move |source| Error::Write { path, source }
         };
-        let mut file = File::create(&temp).map_err(werr(&temp))?;
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&temp)
+            .map_err(werr(&temp))?;
         file.write_all(bytes).map_err(werr(&temp))?;
         file.sync_all().map_err(werr(&temp))?;
         drop(file);
