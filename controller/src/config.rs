@@ -684,6 +684,36 @@ mod tests {
     }
 
     #[test]
+    fn etcd_credentials_and_audit_retention_reach_the_store_options() {
+        let dir = std::env::temp_dir().join(format!("verse-config-etcd-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let pw = dir.join("pw");
+        std::fs::write(&pw, "s3cret\n").unwrap();
+        let c = Config {
+            host: Some("h".into()),
+            store: "etcd://127.0.0.1:2379".into(),
+            etcd_user: Some("verse-h".into()),
+            etcd_password_file: Some(pw.clone()),
+            audit_retention_records: 50,
+            audit_retention_days: 2,
+            ..Config::default()
+        };
+        c.validate().unwrap();
+        let o = c.etcd_options().unwrap().unwrap();
+        assert_eq!(o.user, Some(("verse-h".into(), "s3cret".into())));
+        assert_eq!(o.audit_retention.max_records, 50);
+        assert_eq!(o.audit_retention.max_age, std::time::Duration::from_secs(2 * 86400));
+        let c = Config { etcd_password_file: None, ..c };
+        assert!(c.validate().unwrap_err().to_string().contains("etcd_user"));
+        let c = Config { etcd_user: None, etcd_password_file: Some(dir.join("missing")), ..c };
+        assert!(c.validate().is_err());
+        std::fs::remove_dir_all(&dir).unwrap();
+        let c = Config { host: Some("h".into()), audit_retention_records: 0, ..Config::default() };
+        assert!(c.validate().unwrap_err().to_string().contains("audit_retention_records"));
+        assert_eq!(Config::default().api_socket(), PathBuf::from("/var/lib/verse/api.sock"));
+    }
+
+    #[test]
     fn dataplane_config_carries_the_s9_timeouts_and_gateway_mac() {
         let c = Config::default().dataplane_config().unwrap();
         use dp::ct_state as s;

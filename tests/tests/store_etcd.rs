@@ -438,6 +438,12 @@ async fn serve(store: Store, host: &str) -> Served {
     let dir = tempfile::tempdir().unwrap();
     verse::auth::bootstrap_admin(&store, dir.path(), None).await.unwrap();
     let token = std::fs::read_to_string(dir.path().join(verse::auth::ADMIN_TOKEN_FILE)).unwrap();
+    serve_as(store, host, token.trim(), dir).await
+}
+
+/// Like [`serve`], for a fleet whose admin token `token` already exists.
+async fn serve_as(store: Store, host: &str, token: &str, dir: tempfile::TempDir) -> Served {
+    let token = token.to_owned();
     let (realized, realized_rx) = watch::channel(0u64);
     let mut rx = store.subscribe();
     let reporter = store.clone();
@@ -601,4 +607,98 @@ async fn audit_records_of_every_store_are_read_from_any_apart_from_the_state_and
     let got = c.query_audit(&all).await.unwrap();
     assert_eq!(got.first().and_then(|r| r.revision), Some(1000), "the oldest went first");
     assert_eq!(got.len(), 100);
+}
+
+/// `etcdctl --user root:<pw> ARGS` (once auth is enabled).
+fn etcdctl_root(etcd: &Etcd, args: &[&str]) -> String {
+    let mut all = vec!["--user", "root:root-pw"];
+    all.extend_from_slice(args);
+    etcdctl(etcd, &all)
+}
+
+/// The etcd access control the README describes, on a real etcd with auth enabled: an
+/// API-serving host reads and writes the whole prefix; an enforce-only host (`h2`) reads it and
+/// writes only its own liveness and host record, the revision key and the audit trail. What a
+/// host's etcd user may not do is refused as such (the API's 403 `store_forbidden`), not as an
+/// outage; wrong or missing credentials fail the start at once instead of waiting for ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hosts_authenticate_to_etcd_and_its_roles_confine_them() {
+    let etcd = Etcd::start();
+    let p = "/verse-test/";
+    etcdctl(&etcd, &["user", "add", "root:root-pw", "--interactive=false"]);
+    etcdctl(&etcd, &["role", "add", "verse-api"]);
+    etcdctl(&etcd, &["role", "grant-permission", "verse-api", "--prefix=true", "readwrite", p]);
+    etcdctl(&etcd, &["user", "add", "api-host:api-pw", "--interactive=false"]);
+    etcdctl(&etcd, &["user", "grant-role", "api-host", "verse-api"]);
+    etcdctl(&etcd, &["role", "add", "verse-h2"]);
+    etcdctl(&etcd, &["role", "grant-permission", "verse-h2", "--prefix=true", "read", p]);
+    for key in ["alive/h2", "hosts/h2", "revision"] {
+        etcdctl(
+            &etcd,
+            &["role", "grant-permission", "verse-h2", "readwrite", &format!("{p}{key}")],
+        );
+    }
+    let audit = format!("{p}audit/");
+    etcdctl(&etcd, &["role", "grant-permission", "verse-h2", "--prefix=true", "readwrite", &audit]);
+    etcdctl(&etcd, &["user", "add", "h2:h2-pw", "--interactive=false"]);
+    etcdctl(&etcd, &["user", "grant-role", "h2", "verse-h2"]);
+    etcdctl(&etcd, &["auth", "enable"]);
+
+    let ttl = Duration::from_secs(2);
+    let as_user = |user: &str, pw: &str| {
+        let mut o = etcd.options(ttl);
+        o.user = Some((user.to_owned(), pw.to_owned()));
+        o
+    };
+    let a = tokio::time::timeout(WAIT, Store::open_etcd(as_user("api-host", "api-pw")))
+        .await
+        .unwrap()
+        .unwrap();
+    a.register_host("h1", None).await.unwrap();
+    let (blue, _) = a.edit(|s| s.create_universe(universe("blue"))).await.unwrap();
+    let api_a = serve(a.clone(), "h1").await;
+
+    // The enforce-only host reads the state, registers, keeps itself alive, audits.
+    let b = tokio::time::timeout(WAIT, Store::open_etcd(as_user("h2", "h2-pw")))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(b.snapshot().universes.contains_key(&blue.id));
+    b.register_host("h2", Some(Ipv4Addr::new(198, 18, 0, 2))).await.unwrap();
+    b.report_realized("h2", a.snapshot().revision);
+    wait_hosts(&a, "h2 healthy", |h| h.iter().any(|h| h.name == "h2" && h.healthy)).await;
+    b.append_audit(&audit_record("h2", 1, None)).await.unwrap();
+    // It may not change the desired state, nor pose as another host: refused for what it is.
+    let err = b.edit(|s| s.create_universe(universe("red"))).await.unwrap_err();
+    assert!(matches!(err, verse::store::Error::Denied { .. }), "{err}");
+    assert!(!err.is_unavailable());
+    let err = b.register_host("h3", None).await.unwrap_err();
+    assert!(matches!(err, verse::store::Error::Denied { .. }), "{err}");
+    // Through its API: a 403 that says why, not a 503.
+    let dir = tempfile::tempdir().unwrap();
+    let api_b = serve_as(b.clone(), "h2", &api_a.token, dir).await;
+    let refused = cli(&api_b, |c| c.create_universe(&universe("red")).unwrap_err()).await;
+    match refused {
+        verse::client::Error::Api { status, code, message } => {
+            assert_eq!((status, code.as_str()), (403, "store_forbidden"));
+            assert!(message.contains("etcd"), "{message}");
+        }
+        other => panic!("expected a 403, got {other}"),
+    }
+    // Reads through it work (and the refusal is in the trail, written with its own rights).
+    let trail = cli(&api_b, |c| c.audit(None, None, None).unwrap()).await;
+    assert!(trail.iter().any(|r| r.status == 403 && r.host == "h2"), "{trail:?}");
+    let listed = cli(&api_b, |c| c.list_universes().unwrap()).await;
+    assert_eq!(listed.len(), 1);
+
+    // Wrong password, no user: the store fails to open at once, naming etcd's reason.
+    let started = Instant::now();
+    let err = Store::open_etcd(as_user("h2", "wrong")).await.err().expect("refused");
+    assert!(err.to_string().contains("authentication failed"), "{err}");
+    let err = Store::open_etcd(etcd.options(ttl)).await.err().expect("refused");
+    assert!(err.to_string().contains("user name"), "{err}");
+    assert!(started.elapsed() < Duration::from_secs(10), "waited {:?}", started.elapsed());
+    // Without credentials, etcdctl sees nothing either; as root it sees h2 alive.
+    let keys = etcdctl_root(&etcd, &["get", "--prefix", "--keys-only", "/verse-test/alive/"]);
+    assert!(keys.contains("/verse-test/alive/h2"), "{keys}");
 }

@@ -246,7 +246,11 @@ impl Etcd {
         let cache = loop {
             match shared.read().await {
                 Ok(snap) => break snap.cache,
-                Err(e @ Error::Corrupt { .. }) => return Err(e),
+                // Waiting cannot help these: a corrupt key, or credentials etcd refuses.
+                Err(e @ (Error::Corrupt { .. } | Error::Denied { .. })) => return Err(e),
+                Err(Error::Etcd { source, .. }) if credentials_refused(&source) => {
+                    return Err(Error::Connect { endpoints: endpoints.clone(), source })
+                }
                 Err(e) => {
                     tracing::warn!(
                         etcd = %endpoints, error = %e, retry_in = ?delay,
@@ -482,8 +486,19 @@ impl Shared {
         tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
         loop {
             tick.tick().await;
-            if let Err(e) = self.trim_audit_once().await {
-                tracing::warn!(error = %e, "trimming the audit trail failed; trying again later");
+            match self.trim_audit_once().await {
+                Ok(()) => {}
+                Err(e @ Error::Denied { .. }) => {
+                    tracing::info!(
+                        error = %e,
+                        "this host's etcd user may not trim the audit trail: leaving it to the \
+                         hosts that may"
+                    );
+                    return;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "trimming the audit trail failed; trying again later")
+                }
             }
         }
     }
