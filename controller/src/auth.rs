@@ -304,8 +304,9 @@ impl Refusal {
 pub fn verify(state: &State, secret: &str, now: SystemTime) -> Result<Principal, Refusal> {
     let id = secret_id(secret).ok_or(Refusal::Malformed)?;
     let unknown = || Refusal::Unknown { id: id.clone() };
-    let token = state.tokens.get(&id).ok_or_else(unknown)?;
+    // Hashed before the lookup, so an unknown id costs what a known one does.
     let presented = hash_secret(secret);
+    let token = state.tokens.get(&id).ok_or_else(unknown)?;
     if !bool::from(presented.as_bytes().ct_eq(token.hash.as_bytes())) {
         return Err(unknown());
     }
