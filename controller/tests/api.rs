@@ -18,8 +18,8 @@ use serde_json::{json, Value};
 use tokio::sync::watch;
 use tower::ServiceExt;
 use verse::api::{self, AppState, Stats};
-use verse::auth;
 use verse::store::Store;
+use verse::{audit, auth};
 
 const HOST: &str = "host-a";
 
@@ -1486,4 +1486,41 @@ async fn local_socket_root_is_admin_and_other_uids_are_refused() {
     assert_eq!(last["principal"], auth::LOCAL_ROOT);
     let nonroot = api.call_as(As::Local(1000), Method::GET, "/v1/universes", None).await;
     nonroot.error(StatusCode::UNAUTHORIZED, "unauthenticated", "root only");
+}
+
+#[tokio::test]
+async fn an_audit_record_that_cannot_be_written_is_counted_and_the_answer_stands() {
+    let api = api().await;
+    // The trail's file cannot be opened: a directory sits where it goes.
+    std::fs::create_dir(api._dir.path().join(verse::store::embedded::AUDIT_FILE)).unwrap();
+    let a = api.post("/v1/universes", json!({"name": "blue", "cidr": "10.1.0.0/16"})).await;
+    assert_eq!(a.status, StatusCode::CREATED, "{}", a.text);
+    let m = api.get("/metrics").await.text;
+    assert!(m.lines().any(|l| l == "verse_audit_write_failures_total 1"), "{m}");
+    assert!(m.lines().any(|l| l == "verse_audit_suppressed_total 0"), "{m}");
+}
+
+#[tokio::test]
+async fn a_flood_of_bad_tokens_is_recorded_up_to_a_bound_and_counted_beyond() {
+    let api = api().await;
+    let bogus = format!("vt_00000000_{}", "0".repeat(64));
+    let start = Instant::now();
+    for _ in 0..400 {
+        let a = api.call_as(As::Token(&bogus), Method::GET, "/v1/universes", None).await;
+        assert_eq!(a.status, StatusCode::UNAUTHORIZED);
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    let trail = api.get("/v1/audit?limit=10000").await.body;
+    let recorded = trail.as_array().unwrap().len() as f64;
+    let bound = audit::REFUSALS_BURST + audit::REFUSALS_PER_SECOND * elapsed + 1.0;
+    assert!(recorded <= bound, "{recorded} records of refusals in {elapsed} s, bound {bound}");
+    assert!(recorded >= audit::REFUSALS_BURST, "the first ones are all recorded: {recorded}");
+    let m = api.get("/metrics").await.text;
+    let suppressed: f64 = m
+        .lines()
+        .find_map(|l| l.strip_prefix("verse_audit_suppressed_total "))
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert_eq!(suppressed + recorded, 400.0, "every refusal recorded or counted");
 }

@@ -562,7 +562,9 @@ async fn audit_records_of_every_store_are_read_from_any_apart_from_the_state_and
     let a = etcd.store(Duration::from_secs(5)).await;
     let b = etcd.store(Duration::from_secs(5)).await;
     let (blue, _) = a.edit(|s| s.create_universe(universe("blue"))).await.unwrap();
-    let rx = b.subscribe();
+    let mut rx = b.subscribe();
+    wait_state(&mut rx, "blue on the other store", |s| s.universes.contains_key(&blue.id)).await;
+    rx.mark_unchanged();
     let before = b.snapshot();
     // More than one page of records, from both stores, interleaved.
     for n in 0..1100u64 {
