@@ -150,7 +150,7 @@ pub struct ApiError {
 }
 
 impl ApiError {
-    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> ApiError {
+    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> ApiError {
         ApiError { status, code, message: message.into() }
     }
     fn invalid(field: &str, message: impl std::fmt::Display) -> ApiError {
@@ -318,7 +318,13 @@ pub fn router(state: AppState) -> Router {
 /// JSON object: it is parsed as a document first, because serde would otherwise also accept a
 /// struct written as an array, whose errors could not name fields.
 fn parse_body<T: DeserializeOwned>(body: Result<Bytes, BytesRejection>) -> Result<T, ApiError> {
-    let body = body.map_err(|e| ApiError::invalid("body", e.body_text()))?;
+    // 413 when the body is over the limit, 400 otherwise.
+    let body = body.map_err(|e| match e.status() {
+        StatusCode::PAYLOAD_TOO_LARGE => {
+            ApiError::new(e.status(), "payload_too_large", format!("body: {}", e.body_text()))
+        }
+        _ => ApiError::invalid("body", e.body_text()),
+    })?;
     let doc: serde_json::Value = serde_json::from_slice(&body).map_err(|e| {
         ApiError::invalid("body", format!("malformed JSON: {}", strip_position(&e)))
     })?;
@@ -505,13 +511,15 @@ async fn create_universe(
 ) -> ApiResult {
     caller.require(Resource::Universe, Op::Write)?;
     let req: model::CreateUniverse = parse_body(body)?;
+    // Checked before the store's lock is taken: a request with many CIDRs delays no other edit.
+    let new = req.check()?;
     let note = caller.note.clone();
     let view = move |u: model::Universe| {
         note.universe(&u.id);
         note.object(&u.id);
         Some(u)
     };
-    mutate(&st, StatusCode::CREATED, move |s| s.create_universe(req.clone()), view).await
+    mutate(&st, StatusCode::CREATED, move |s| s.add_universe(new.clone()), view).await
 }
 
 async fn list_universes(AxState(st): AxState<AppState>, caller: Caller) -> ApiResult {
@@ -635,12 +643,14 @@ async fn add_rule(
     let id = path(id)?;
     caller.note.object(&id);
     let req: model::CreateRule = parse_body(body)?;
+    // Checked before the store's lock is taken.
+    let rule = req.check()?;
     let edit = |s: &mut State| {
         allow_group_write(&caller, s, &id)?;
         if let Some(peer) = &req.group {
             caller.hide_group(s, "group", peer)?;
         }
-        s.add_rule(&id, req.clone())
+        s.insert_rule(&id, rule.clone())
     };
     let note = caller.note.clone();
     let view = move |r: model::Rule| {
