@@ -3,12 +3,15 @@
 //!
 //! Contract: one method per route of the REST API (README, "REST API"). A mutation returns its result and the
 //! revision it produced (the `Verse-Revision` header). Any non-2xx answer becomes
-//! [`Error::Api`] with the server's code and message, unchanged. Must not be called from inside
-//! an async runtime (it blocks).
+//! [`Error::Api`] with the server's code and message, unchanged, except `429` (rate limited),
+//! which is retried after the server's `Retry-After`, a few times, before it is returned. Must
+//! not be called from inside an async runtime (it blocks).
 //!
-//! Two transports: `http://HOST:PORT` (reqwest), and `unix:PATH`, the local socket of a
-//! `versed` (root only; hyper over a tokio `UnixStream`, as reqwest speaks TCP only). A token
-//! ([`Client::with_token`]) is sent on either as `Authorization: Bearer`.
+//! Two transports: `http://HOST:PORT` or `https://HOST:PORT` (reqwest), and `unix:PATH`, the
+//! local socket of a `versed` (root only; hyper over a tokio `UnixStream`, as reqwest speaks TCP
+//! only). Over `https://` the server's certificate is verified against the system's roots, a CA
+//! file, or a pinned fingerprint ([`ClientTls`]). A token ([`Client::with_token`]) is sent on
+//! either as `Authorization: Bearer`.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -44,9 +47,13 @@ pub enum Error {
     /// The API address is not a usable URL.
     #[error("invalid API address {url:?}: {reason}")]
     BadUrl { url: String, reason: String },
-    /// The request (`METHOD URL`) did not reach the server or no answer came back.
-    #[error("{request}: {source}")]
+    /// The request (`METHOD URL`) did not reach the server or no answer came back (with the
+    /// causes, such as a certificate the client does not trust).
+    #[error("{request}: {}", chain(source.as_ref()))]
     Transport { request: String, source: Box<dyn std::error::Error + Send + Sync> },
+    /// The TLS settings are unusable (an unreadable CA file, a malformed fingerprint).
+    #[error(transparent)]
+    Tls(#[from] crate::tls::Error),
     /// The server answered the request (`METHOD URL`) with something the API does not promise.
     #[error("{request}: unexpected answer: {reason}")]
     Decode { request: String, reason: String },
@@ -66,6 +73,27 @@ impl Error {
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// An error and its causes, joined by ": " (reqwest's own message leaves the cause out).
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let msg = c.to_string();
+        if !text.ends_with(&msg) {
+            text.push_str(": ");
+            text.push_str(&msg);
+        }
+        cause = c.source();
+    }
+    text
+}
+
+/// How many times a rate-limited (429) request is sent again, and the longest wait between two.
+const RATE_LIMIT_RETRIES: u32 = 5;
+const RATE_LIMIT_MAX_WAIT: Duration = Duration::from_secs(10);
+
+pub use crate::tls::ClientTls;
 
 /// A client of one `versed`.
 #[derive(Clone, Debug)]
@@ -101,9 +129,15 @@ struct Reply {
 }
 
 impl Client {
-    /// A client of the API at `base`: `http://HOST:PORT` (maybe with a path prefix), or
-    /// `unix:PATH` for the local socket of a `versed` (`unix:/var/lib/verse/api.sock`).
+    /// A client of the API at `base`: `http://HOST:PORT` or `https://HOST:PORT` (maybe with a
+    /// path prefix; over TLS trusting the system's roots), or `unix:PATH` for the local socket
+    /// of a `versed` (`unix:/var/lib/verse/api.sock`).
     pub fn new(base: &str) -> Result<Client> {
+        Client::with_tls(base, &ClientTls::default())
+    }
+
+    /// A client of the API at `base` that trusts what `tls` says over `https://`.
+    pub fn with_tls(base: &str, tls: &ClientTls) -> Result<Client> {
         let bad = |reason: String| Error::BadUrl { url: base.to_owned(), reason };
         if let Some(path) = base.strip_prefix("unix:") {
             let path = path.strip_prefix("//").unwrap_or(path);
@@ -124,10 +158,13 @@ impl Client {
         }
         let url = Url::parse(base).map_err(|e| bad(e.to_string()))?;
         if url.cannot_be_a_base() || !matches!(url.scheme(), "http" | "https") {
-            return Err(bad("expected http://HOST:PORT or unix:/PATH".into()));
+            return Err(bad("expected http://HOST:PORT, https://HOST:PORT or unix:/PATH".into()));
         }
-        let http =
-            Http::builder().timeout(REQUEST_TIMEOUT).build().map_err(|e| bad(e.to_string()))?;
+        let mut builder = Http::builder().timeout(REQUEST_TIMEOUT).use_rustls_tls();
+        if let Some(config) = tls.rustls_config()? {
+            builder = builder.use_preconfigured_tls(config);
+        }
+        let http = builder.build().map_err(|e| bad(chain(&e)))?;
         Ok(Client { base: url, transport: Transport::Http(http), token: None })
     }
 
@@ -169,7 +206,8 @@ impl Client {
         }
     }
 
-    /// Sends a request; returns the successful answer or the server's error.
+    /// Sends a request; returns the successful answer or the server's error. A 429 is sent
+    /// again after its `Retry-After`, up to [`RATE_LIMIT_RETRIES`] times.
     fn send(&self, method: Method, url: Url, body: Option<&dyn ErasedJson>) -> Result<Reply> {
         let described = self.describe(&method, &url);
         let bytes = match body {
@@ -195,19 +233,37 @@ impl Client {
             request: described.clone(),
             source,
         };
-        let reply = match &self.transport {
-            Transport::Http(http) => {
-                let mut req = http.request(method.clone(), url.clone()).headers(headers);
-                if let Some(bytes) = bytes {
-                    req = req.body(bytes);
+        let mut attempt = 0;
+        let reply = loop {
+            let reply = match &self.transport {
+                Transport::Http(http) => {
+                    let mut req =
+                        http.request(method.clone(), url.clone()).headers(headers.clone());
+                    if let Some(bytes) = &bytes {
+                        req = req.body(bytes.clone());
+                    }
+                    let resp = req.send().map_err(|e| transport(e.into()))?;
+                    let status = resp.status().as_u16();
+                    let headers = resp.headers().clone();
+                    let body = resp.bytes().map_err(|e| transport(e.into()))?.to_vec();
+                    Reply { status, headers, body }
                 }
-                let resp = req.send().map_err(|e| transport(e.into()))?;
-                let status = resp.status().as_u16();
-                let headers = resp.headers().clone();
-                let body = resp.bytes().map_err(|e| transport(e.into()))?.to_vec();
-                Reply { status, headers, body }
+                Transport::Unix(unix) => unix
+                    .send(method.clone(), &url, headers.clone(), bytes.clone())
+                    .map_err(transport)?,
+            };
+            if reply.status != 429 || attempt >= RATE_LIMIT_RETRIES {
+                break reply;
             }
-            Transport::Unix(unix) => unix.send(method, &url, headers, bytes).map_err(transport)?,
+            attempt += 1;
+            let wait = reply
+                .headers
+                .get(reqwest::header::RETRY_AFTER)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .map_or(Duration::from_secs(1), Duration::from_secs)
+                .min(RATE_LIMIT_MAX_WAIT);
+            thread::sleep(wait);
         };
         if (200..300).contains(&reply.status) {
             return Ok(reply);

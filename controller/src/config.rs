@@ -68,6 +68,10 @@ pub struct Args {
     /// `admin_token_file`).
     #[arg(long, value_name = "FILE")]
     pub admin_token_file: Option<PathBuf>,
+    /// Serve the API over plain HTTP even on an address that is not loopback (sets
+    /// `api.insecure_http`): anyone on the path can read and change every request.
+    #[arg(long)]
+    pub insecure_http: bool,
 }
 
 /// Where the desired state lives, parsed from the `store` setting.
@@ -150,6 +154,13 @@ pub struct Config {
     pub etcd_prefix: String,
     /// Seconds a host stays healthy after its versed last renewed its liveness in etcd.
     pub etcd_lease_ttl: u64,
+    /// etcd store over TLS: the CA that signed etcd's certificate (PEM). Setting it turns TLS
+    /// on for every etcd endpoint.
+    pub etcd_ca_file: Option<PathBuf>,
+    /// etcd store over TLS: this host's client certificate and key (PEM), for etcd's
+    /// `--client-cert-auth`.
+    pub etcd_cert_file: Option<PathBuf>,
+    pub etcd_key_file: Option<PathBuf>,
     pub mtu: u32,
     pub gateway_mac: String,
     /// `None`: `<state_dir>/api.sock` (see [`Config::api_socket`]).
@@ -164,6 +175,73 @@ pub struct Config {
     /// Days an audit record is kept.
     pub audit_retention_days: u64,
     pub conntrack: Conntrack,
+    pub api: ApiSettings,
+}
+
+/// When the API is served over TLS (`api.tls`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TlsMode {
+    /// TLS when a certificate is given or the listen address is not loopback.
+    #[default]
+    Auto,
+    /// Always TLS.
+    On,
+    /// Plain HTTP (on a non-loopback address only with `insecure_http`).
+    Off,
+}
+
+/// The API server: TLS, connection limits, request limits (`[api]`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ApiSettings {
+    pub tls: TlsMode,
+    pub tls_cert_file: Option<PathBuf>,
+    pub tls_key_file: Option<PathBuf>,
+    pub insecure_http: bool,
+    pub max_connections: u32,
+    /// Seconds.
+    pub header_timeout: u64,
+    /// Seconds.
+    pub idle_timeout: u64,
+    /// Seconds.
+    pub body_timeout: u64,
+    pub max_body_bytes: u64,
+    pub read_rate: u32,
+    pub read_burst: u32,
+    pub write_rate: u32,
+    pub write_burst: u32,
+}
+
+impl Default for ApiSettings {
+    fn default() -> ApiSettings {
+        ApiSettings {
+            tls: TlsMode::Auto,
+            tls_cert_file: None,
+            tls_key_file: None,
+            insecure_http: false,
+            max_connections: 1024,
+            header_timeout: 10,
+            idle_timeout: 60,
+            body_timeout: 30,
+            max_body_bytes: 1 << 20,
+            read_rate: 100,
+            read_burst: 200,
+            write_rate: 50,
+            write_burst: 100,
+        }
+    }
+}
+
+/// How the API is served, as [`Config::api_transport`] decides it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ApiTransport {
+    /// Plain HTTP; `insecure` when on an address that is not loopback (explicitly asked for).
+    Http { insecure: bool },
+    /// TLS with the certificate and key of these files.
+    TlsFiles { cert: PathBuf, key: PathBuf },
+    /// TLS with the self-signed pair kept in (or generated into) `<state_dir>/tls/`.
+    TlsSelfSigned,
 }
 
 impl Default for Config {
@@ -177,6 +255,9 @@ impl Default for Config {
             store: "embedded".into(),
             etcd_prefix: crate::store::etcd::DEFAULT_PREFIX.into(),
             etcd_lease_ttl: crate::store::etcd::DEFAULT_LEASE_TTL.as_secs(),
+            etcd_ca_file: None,
+            etcd_cert_file: None,
+            etcd_key_file: None,
             mtu: 1500,
             gateway_mac: "02:76:65:72:73:65".into(),
             api_socket: None,
@@ -186,6 +267,7 @@ impl Default for Config {
             audit_retention_records: AuditRetention::default().max_records,
             audit_retention_days: AuditRetention::default().max_age.as_secs() / 86400,
             conntrack: Conntrack::default(),
+            api: ApiSettings::default(),
         }
     }
 }
@@ -221,6 +303,9 @@ impl Config {
         }
         if let Some(v) = &args.admin_token_file {
             cfg.admin_token_file = Some(v.clone());
+        }
+        if args.insecure_http {
+            cfg.api.insecure_http = true;
         }
         if cfg.host.is_none() {
             cfg.host = Some(hostname().map_err(Error::Hostname)?);
@@ -304,6 +389,28 @@ impl Config {
                 });
             }
         }
+        self.validate_etcd_tls()?;
+        self.api_transport()?;
+        let api = &self.api;
+        for (key, value, range) in [
+            ("api.max_connections", u64::from(api.max_connections), 1..=1_000_000u64),
+            ("api.header_timeout", api.header_timeout, 1..=3600),
+            ("api.idle_timeout", api.idle_timeout, 1..=86_400),
+            ("api.body_timeout", api.body_timeout, 1..=3600),
+            ("api.max_body_bytes", api.max_body_bytes, 1024..=(1 << 30)),
+            ("api.read_rate", u64::from(api.read_rate), 1..=1_000_000),
+            ("api.read_burst", u64::from(api.read_burst), 1..=1_000_000),
+            ("api.write_rate", u64::from(api.write_rate), 1..=1_000_000),
+            ("api.write_burst", u64::from(api.write_burst), 1..=1_000_000),
+        ] {
+            if !range.contains(&value) {
+                return Err(Error::Invalid {
+                    key,
+                    value: value.to_string(),
+                    reason: format!("must be within {}..={}", range.start(), range.end()),
+                });
+            }
+        }
         let ct = &self.conntrack;
         for (key, secs) in [
             ("conntrack.tcp_established", ct.tcp_established),
@@ -325,6 +432,125 @@ impl Config {
             }
         }
         Ok(())
+    }
+
+    /// How the API is served (see `api.tls` in [`Config::default_toml`]): refuses plain HTTP on
+    /// an address that is not loopback unless `api.insecure_http` asks for it, and settings that
+    /// contradict each other.
+    pub fn api_transport(&self) -> Result<ApiTransport> {
+        let api = &self.api;
+        let loopback = crate::server::is_loopback(self.listen.ip());
+        let invalid = |key: &'static str, value: String, reason: &str| Error::Invalid {
+            key,
+            value,
+            reason: reason.to_owned(),
+        };
+        let files = match (&api.tls_cert_file, &api.tls_key_file) {
+            (Some(cert), Some(key)) => Some((cert.clone(), key.clone())),
+            (None, None) => None,
+            (Some(cert), None) => {
+                return Err(invalid(
+                    "api.tls_key_file",
+                    String::new(),
+                    &format!("api.tls_cert_file = {cert:?} needs its key too"),
+                ))
+            }
+            (None, Some(key)) => {
+                return Err(invalid(
+                    "api.tls_cert_file",
+                    String::new(),
+                    &format!("api.tls_key_file = {key:?} needs its certificate too"),
+                ))
+            }
+        };
+        let plain = match api.tls {
+            TlsMode::On => false,
+            TlsMode::Off => true,
+            TlsMode::Auto => api.insecure_http || (files.is_none() && loopback),
+        };
+        if plain {
+            if files.is_some() {
+                return Err(invalid(
+                    "api.tls",
+                    format!("{:?}", api.tls).to_lowercase(),
+                    "plain HTTP was asked for (api.tls = \"off\" or insecure_http) but a certificate is given",
+                ));
+            }
+            if !loopback && !api.insecure_http {
+                return Err(invalid(
+                    "api.tls",
+                    "off".into(),
+                    &format!(
+                        "refusing plain HTTP on {}, which is not a loopback address: give \
+                         api.tls_cert_file and api.tls_key_file, or leave api.tls = \"auto\" for a \
+                         self-signed certificate, or set api.insecure_http = true (--insecure-http)",
+                        self.listen
+                    ),
+                ));
+            }
+            return Ok(ApiTransport::Http { insecure: !loopback });
+        }
+        if api.insecure_http {
+            return Err(invalid(
+                "api.insecure_http",
+                "true".into(),
+                "contradicts api.tls = \"on\"",
+            ));
+        }
+        Ok(match files {
+            Some((cert, key)) => ApiTransport::TlsFiles { cert, key },
+            None => ApiTransport::TlsSelfSigned,
+        })
+    }
+
+    /// The etcd TLS files come as a CA alone, or a CA with a client certificate and key.
+    fn validate_etcd_tls(&self) -> Result<()> {
+        let given = |v: &Option<PathBuf>| v.is_some();
+        let (ca, cert, key) =
+            (given(&self.etcd_ca_file), given(&self.etcd_cert_file), given(&self.etcd_key_file));
+        if cert != key {
+            return Err(Error::Invalid {
+                key: if cert { "etcd_key_file" } else { "etcd_cert_file" },
+                value: String::new(),
+                reason: "etcd_cert_file and etcd_key_file go together".into(),
+            });
+        }
+        if cert && !ca {
+            return Err(Error::Invalid {
+                key: "etcd_ca_file",
+                value: String::new(),
+                reason: "a client certificate for etcd needs etcd_ca_file (the CA of etcd's \
+                         certificate) too"
+                    .into(),
+            });
+        }
+        Ok(())
+    }
+
+    /// The limits of the API's server ([`crate::server`]).
+    pub fn server_settings(&self) -> crate::server::Settings {
+        crate::server::Settings {
+            max_connections: usize::try_from(self.api.max_connections).unwrap_or(usize::MAX),
+            header_timeout: std::time::Duration::from_secs(self.api.header_timeout),
+            idle_timeout: std::time::Duration::from_secs(self.api.idle_timeout),
+        }
+    }
+
+    /// The per-request limits of the API ([`crate::limits`]).
+    pub fn limit_settings(&self) -> crate::limits::Settings {
+        let api = &self.api;
+        crate::limits::Settings {
+            max_body_bytes: usize::try_from(api.max_body_bytes).unwrap_or(usize::MAX),
+            body_timeout: std::time::Duration::from_secs(api.body_timeout),
+            reads: crate::limits::Rate {
+                per_second: f64::from(api.read_rate),
+                burst: f64::from(api.read_burst),
+            },
+            writes: crate::limits::Rate {
+                per_second: f64::from(api.write_rate),
+                burst: f64::from(api.write_burst),
+            },
+        }
     }
 
     /// Where the desired state lives (`store`, already validated by [`Config::load`]).
@@ -351,6 +577,10 @@ impl Config {
                 lease_ttl: std::time::Duration::from_secs(self.etcd_lease_ttl),
                 user,
                 audit_retention: self.audit_retention(),
+                tls: self.etcd_ca_file.as_ref().map(|ca| crate::store::EtcdTls {
+                    ca_file: ca.clone(),
+                    identity: self.etcd_cert_file.clone().zip(self.etcd_key_file.clone()),
+                }),
             }),
         })
     }
@@ -423,8 +653,8 @@ impl Config {
         let ct = &d.conntrack;
         format!(
             r#"# versed settings. Every setting is optional; the values shown are the defaults.
-# Command-line flags (--listen, --state-dir, --host, --underlay, --store, --admin-token-file)
-# override this file.
+# Command-line flags (--listen, --state-dir, --host, --underlay, --store, --admin-token-file,
+# --insecure-http) override this file.
 
 # Address and port of the REST API (and of /metrics, /healthz). Every request but /healthz
 # and /v1/openapi.json needs a token (Authorization: Bearer ...), see the README, "Access".
@@ -471,6 +701,16 @@ etcd_prefix = "{etcd_prefix}"
 # (stopped, crashed, or cut off from etcd) is shown unhealthy, and no longer waited for.
 etcd_lease_ttl = {etcd_lease_ttl}
 
+# etcd store over TLS (etcd started with --cert-file/--key-file, and maybe
+# --client-cert-auth): the CA of etcd's certificate, PEM. Setting it turns TLS on for every
+# etcd endpoint. Default: none (plain gRPC).
+# etcd_ca_file = "/etc/verse/etcd-ca.pem"
+
+# etcd store over TLS: this host's client certificate and its key, PEM, when etcd asks clients
+# for one (--client-cert-auth). Both or neither. Default: none.
+# etcd_cert_file = "/etc/verse/etcd-client.pem"
+# etcd_key_file = "/etc/verse/etcd-client.key"
+
 # etcd store: the etcd user this host authenticates as, and a file holding its password (etcd
 # RBAC; see the README, "etcd access control", for the roles a host needs). Default: none.
 # etcd_user = "verse-host-a"
@@ -500,6 +740,43 @@ udp_one_way = {udp_one_way}
 icmp = {icmp}
 # Any other IP protocol, by addresses and protocol.
 other = {other}
+
+# The REST API's server.
+[api]
+# TLS: "auto" serves TLS when a certificate is given or `listen` is not a loopback address,
+# and plain HTTP on loopback otherwise; "on" always serves TLS; "off" serves plain HTTP, which
+# versed refuses on an address that is not loopback unless insecure_http = true.
+tls = "{tls}"
+# Certificate chain (leaf first) and private key, PEM. Without them, TLS uses a self-signed
+# pair that versed generates at first start into <state_dir>/tls/ (api.crt, api.key) and keeps;
+# its SHA-256 fingerprint is in the log at every start. Default: none.
+# tls_cert_file = "/etc/verse/api.crt"
+# tls_key_file = "/etc/verse/api.key"
+# Serve plain HTTP even on an address that is not loopback (--insecure-http): anyone on the
+# path can read the requests and change them.
+insecure_http = {insecure_http}
+# Connections served at once. At the cap, a new connection closes the one that has waited the
+# longest without a request in progress; at most half of the open-file limit (versed raises
+# its soft limit to the hard limit at start).
+max_connections = {max_connections}
+# Seconds a connection has to send a whole request head (and, first, its TLS handshake), from
+# its opening or from the first byte of the head.
+header_timeout = {header_timeout}
+# Seconds a connection may stay open between requests.
+idle_timeout = {idle_timeout}
+# Seconds a request body may take to arrive after its head (then 408).
+body_timeout = {body_timeout}
+# Largest request body, in bytes (larger: 413).
+max_body_bytes = {max_body_bytes}
+# Reads (GET) a second each principal (today: each client address) may make; beyond its rate
+# and burst a request is answered 429 with Retry-After.
+read_rate = {read_rate}
+# Reads a principal may save up for a burst.
+read_burst = {read_burst}
+# Writes (every other method) a second each principal may make.
+write_rate = {write_rate}
+# Writes a principal may save up for a burst.
+write_burst = {write_burst}
 "#,
             listen = d.listen,
             state_dir = d.state_dir.display(),
@@ -517,6 +794,17 @@ other = {other}
             udp_one_way = ct.udp_one_way,
             icmp = ct.icmp,
             other = ct.other,
+            tls = format!("{:?}", d.api.tls).to_lowercase(),
+            insecure_http = d.api.insecure_http,
+            max_connections = d.api.max_connections,
+            header_timeout = d.api.header_timeout,
+            idle_timeout = d.api.idle_timeout,
+            body_timeout = d.api.body_timeout,
+            max_body_bytes = d.api.max_body_bytes,
+            read_rate = d.api.read_rate,
+            read_burst = d.api.read_burst,
+            write_rate = d.api.write_rate,
+            write_burst = d.api.write_burst,
         )
     }
 }
@@ -604,6 +892,22 @@ mod tests {
             "udp_one_way",
             "icmp",
             "other",
+            "etcd_ca_file",
+            "etcd_cert_file",
+            "etcd_key_file",
+            "tls",
+            "tls_cert_file",
+            "tls_key_file",
+            "insecure_http",
+            "max_connections",
+            "header_timeout",
+            "idle_timeout",
+            "body_timeout",
+            "max_body_bytes",
+            "read_rate",
+            "read_burst",
+            "write_rate",
+            "write_burst",
         ] {
             let i = lines
                 .iter()
@@ -726,6 +1030,86 @@ mod tests {
     }
 
     #[test]
+    fn plain_http_only_on_loopback_unless_asked_and_tls_otherwise() {
+        let with = |listen: &str, api: ApiSettings| Config {
+            host: Some("h".into()),
+            listen: listen.parse().unwrap(),
+            api,
+            ..Config::default()
+        };
+        let t = |c: Config| c.api_transport();
+        // The default: plain HTTP on loopback, a self-signed certificate anywhere else.
+        assert_eq!(
+            t(with("127.0.0.1:7070", ApiSettings::default())).unwrap(),
+            ApiTransport::Http { insecure: false }
+        );
+        assert_eq!(
+            t(with("0.0.0.0:7070", ApiSettings::default())).unwrap(),
+            ApiTransport::TlsSelfSigned
+        );
+        assert_eq!(
+            t(with("[::1]:7070", ApiSettings { tls: TlsMode::On, ..ApiSettings::default() }))
+                .unwrap(),
+            ApiTransport::TlsSelfSigned
+        );
+        let files = ApiSettings {
+            tls_cert_file: Some("/c".into()),
+            tls_key_file: Some("/k".into()),
+            ..ApiSettings::default()
+        };
+        assert_eq!(
+            t(with("127.0.0.1:7070", files.clone())).unwrap(),
+            ApiTransport::TlsFiles { cert: "/c".into(), key: "/k".into() }
+        );
+        // Plain HTTP elsewhere only when asked for.
+        let off = ApiSettings { tls: TlsMode::Off, ..ApiSettings::default() };
+        let err = t(with("198.18.0.1:7070", off.clone())).unwrap_err().to_string();
+        assert!(err.contains("insecure_http") && err.contains("198.18.0.1"), "{err}");
+        let insecure = ApiSettings { insecure_http: true, ..ApiSettings::default() };
+        assert_eq!(
+            t(with("0.0.0.0:7070", insecure.clone())).unwrap(),
+            ApiTransport::Http { insecure: true }
+        );
+        let args =
+            Args::parse_from(["versed", "--host", "h", "--listen", "0.0.0.0:1", "--insecure-http"]);
+        assert_eq!(
+            Config::load(&args).unwrap().api_transport().unwrap(),
+            ApiTransport::Http { insecure: true }
+        );
+        // Contradictions are refused, naming a setting.
+        let half = ApiSettings { tls_cert_file: Some("/c".into()), ..ApiSettings::default() };
+        assert!(t(with("127.0.0.1:1", half)).unwrap_err().to_string().contains("api.tls_key_file"));
+        let both = ApiSettings { insecure_http: true, ..files };
+        assert!(t(with("127.0.0.1:1", both)).unwrap_err().to_string().contains("api.tls"));
+        let on = ApiSettings { tls: TlsMode::On, insecure_http: true, ..ApiSettings::default() };
+        assert!(t(with("127.0.0.1:1", on)).unwrap_err().to_string().contains("insecure_http"));
+        let toml = "[api]\ntls = \"sometimes\"\n";
+        assert!(Config::from_toml(toml).unwrap_err().contains("tls"));
+    }
+
+    #[test]
+    fn etcd_tls_files_go_together() {
+        let c = Config {
+            host: Some("h".into()),
+            etcd_cert_file: Some("/c".into()),
+            ..Config::default()
+        };
+        assert!(c.validate().unwrap_err().to_string().contains("etcd_key_file"));
+        let c = Config {
+            host: Some("h".into()),
+            etcd_cert_file: Some("/c".into()),
+            etcd_key_file: Some("/k".into()),
+            ..Config::default()
+        };
+        assert!(c.validate().unwrap_err().to_string().contains("etcd_ca_file"));
+        let args = Args::parse_from(["versed", "--host", "h", "--store", "etcd://127.0.0.1:2379"]);
+        let mut c = Config::load(&args).unwrap();
+        c.etcd_ca_file = Some("/ca".into());
+        let tls = c.etcd_options().unwrap().unwrap().tls.unwrap();
+        assert_eq!((tls.ca_file, tls.identity), ("/ca".into(), None));
+    }
+
+    #[test]
     fn invalid_values_name_their_setting() {
         let mut c = Config { host: Some("h".into()), ..Config::default() };
         c.gateway_mac = "02:76:65".into();
@@ -735,5 +1119,11 @@ mod tests {
         let mut c = Config { host: Some("h".into()), ..Config::default() };
         c.conntrack.icmp = 0;
         assert!(c.validate().unwrap_err().to_string().contains("conntrack.icmp"));
+        let mut c = Config { host: Some("h".into()), ..Config::default() };
+        c.api.max_connections = 0;
+        assert!(c.validate().unwrap_err().to_string().contains("api.max_connections"));
+        let mut c = Config { host: Some("h".into()), ..Config::default() };
+        c.api.write_rate = 0;
+        assert!(c.validate().unwrap_err().to_string().contains("api.write_rate"));
     }
 }

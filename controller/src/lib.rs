@@ -11,6 +11,8 @@
 //! - [`reconcile`]: makes the dataplane and the interfaces match the desired state.
 //! - [`api`]: the REST API; [`client`]: the CLI's side of it.
 //! - [`auth`]: principals, tokens and who may do what (S15); [`audit`]: the audit trail.
+//! - [`server`]: the API's listeners, TLS and connection limits; [`limits`]: its per-request
+//!   limits (body size and time, rates); [`tls`]: certificates and what a client trusts.
 //! - [`config`]: the daemon's settings.
 pub mod api;
 pub mod audit;
@@ -19,8 +21,11 @@ pub mod client;
 pub mod compile;
 pub mod config;
 pub mod dataplane;
+pub mod limits;
 pub mod model;
 pub mod netlink;
 pub mod reconcile;
+pub mod server;
 pub mod store;
+pub mod tls;
 pub mod verdict;

@@ -2519,8 +2519,7 @@ mod tests {
 
     /// The pairwise definition [`first_overlap`] replaces.
     fn first_overlap_pairwise(cidrs: &[Ipv4Network]) -> Option<(usize, usize)> {
-        (0..cidrs.len())
-            .find_map(|i| (0..i).find(|&j| cidrs[j].overlaps(cidrs[i])).map(|j| (i, j)))
+        (0..cidrs.len()).find_map(|i| (0..i).find(|&j| cidrs[j].overlaps(cidrs[i])).map(|j| (i, j)))
     }
 
     proptest::proptest! {
@@ -2640,7 +2639,9 @@ mod tests {
         let r = s
             .add_rule(
                 &g.id,
-                rule_req(json!({"direction": "ingress", "protocol": "all", "cidr": "::ffff:0:0/95"})),
+                rule_req(
+                    json!({"direction": "ingress", "protocol": "all", "cidr": "::ffff:0:0/95"}),
+                ),
             )
             .unwrap();
         assert!(matches!(r.peer, Peer::Cidr(IpNetwork::V6(_))));

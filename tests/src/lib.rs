@@ -359,6 +359,18 @@ fn binary(name: &str) -> PathBuf {
     path
 }
 
+/// Runs the `verse` CLI inside the network namespace `netns` (`ip netns exec`), with `args`;
+/// the caller judges the outcome.
+pub fn verse_cli(netns: &str, args: &[&str]) -> Output {
+    Command::new("ip")
+        .args(["netns", "exec", netns])
+        .arg(binary("verse"))
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("failed to run verse {args:?} in {netns}: {e}"))
+}
+
 /// A running `versed` in a host namespace. Killed on drop; its log is printed if the test is
 /// failing. The state directory (and so the bpffs under it) belongs to the caller and survives
 /// [`Versed::restart`].
@@ -476,7 +488,9 @@ impl Versed {
                 panic!("versed exited during start-up ({status}); log:\n{}", self.log());
             }
             if let Ok(r) = api.request("GET", "/healthz", None, Duration::from_secs(2)) {
-                if r.status == 200 {
+                // A daemon serving TLS answers this plain request with 400 `tls_required`,
+                // which proves it is up just as well.
+                if r.status == 200 || (r.status == 400 && r.body.contains("\"tls_required\"")) {
                     return;
                 }
             }

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::watch;
 use verse::api::{self, AppState, Stats};
 use verse::model::{self, State};
-use verse::store::{EtcdOptions, HostStatus, Store};
+use verse::store::{EtcdOptions, EtcdTls, HostStatus, Store};
 
 /// Bound of every wait in these tests.
 const WAIT: Duration = Duration::from_secs(20);
@@ -24,6 +24,50 @@ struct Etcd {
     dir: tempfile::TempDir,
     client_port: u16,
     peer_port: u16,
+    /// Serving clients over TLS, asking each for a certificate signed by `ca`.
+    tls: Option<Certs>,
+}
+
+/// PEM files made by the test: a CA, etcd's certificate (for 127.0.0.1) and a client's, both
+/// signed by it.
+struct Certs {
+    ca: PathBuf,
+    server: (PathBuf, PathBuf),
+    client: (PathBuf, PathBuf),
+}
+
+impl Certs {
+    fn make(dir: &std::path::Path, tag: &str) -> Certs {
+        let ca_key = rcgen::KeyPair::generate().unwrap();
+        let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        ca_params.distinguished_name.push(rcgen::DnType::CommonName, format!("etcd CA {tag}"));
+        let ca_cert = ca_params.self_signed(&ca_key).unwrap();
+        let issuer = rcgen::Issuer::new(ca_params, ca_key);
+        let write = |name: &str, text: String| {
+            let path = dir.join(format!("{tag}-{name}"));
+            std::fs::write(&path, text).unwrap();
+            path
+        };
+        let leaf = |names: Vec<String>, usage: rcgen::ExtendedKeyUsagePurpose, name: &str| {
+            let key = rcgen::KeyPair::generate().unwrap();
+            let mut params = rcgen::CertificateParams::new(names).unwrap();
+            params.extended_key_usages = vec![usage];
+            params.distinguished_name.push(rcgen::DnType::CommonName, name);
+            let cert = params.signed_by(&key, &issuer).unwrap();
+            (
+                write(&format!("{name}.pem"), cert.pem()),
+                write(&format!("{name}.key"), key.serialize_pem()),
+            )
+        };
+        let server = leaf(
+            vec!["127.0.0.1".into(), "localhost".into()],
+            rcgen::ExtendedKeyUsagePurpose::ServerAuth,
+            "etcd",
+        );
+        let client = leaf(vec![], rcgen::ExtendedKeyUsagePurpose::ClientAuth, "host-a");
+        Certs { ca: write("ca.pem", ca_cert.pem()), server, client }
+    }
 }
 
 /// A port that was free a moment ago (the kernel picks it; etcd binds it right after).
@@ -35,13 +79,25 @@ fn free_port() -> u16 {
 impl Etcd {
     fn start() -> Etcd {
         let dir = tempfile::tempdir().expect("temporary directory");
-        let mut etcd = Etcd { child: None, dir, client_port: free_port(), peer_port: free_port() };
+        let mut etcd =
+            Etcd { child: None, dir, client_port: free_port(), peer_port: free_port(), tls: None };
+        etcd.spawn();
+        etcd
+    }
+
+    /// Like [`Etcd::start`], serving clients over TLS only, with client certificates required.
+    fn start_tls() -> Etcd {
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let tls = Some(Certs::make(dir.path(), "good"));
+        let mut etcd =
+            Etcd { child: None, dir, client_port: free_port(), peer_port: free_port(), tls };
         etcd.spawn();
         etcd
     }
 
     fn spawn(&mut self) {
-        let client = format!("http://127.0.0.1:{}", self.client_port);
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        let client = format!("{scheme}://127.0.0.1:{}", self.client_port);
         let peer = format!("http://127.0.0.1:{}", self.peer_port);
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -59,6 +115,15 @@ impl Etcd {
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(err);
+        if let Some(c) = &self.tls {
+            cmd.arg("--cert-file")
+                .arg(&c.server.0)
+                .arg("--key-file")
+                .arg(&c.server.1)
+                .arg("--trusted-ca-file")
+                .arg(&c.ca)
+                .arg("--client-cert-auth");
+        }
         // etcd dies if the test process dies first.
         tests::die_with_parent(&mut cmd);
         let child = cmd
@@ -703,4 +768,73 @@ async fn hosts_authenticate_to_etcd_and_its_roles_confine_them() {
     // Without credentials, etcdctl sees nothing either; as root it sees h2 alive.
     let keys = etcdctl_root(&etcd, &["get", "--prefix", "--keys-only", "/verse-test/alive/"]);
     assert!(keys.contains("/verse-test/alive/h2"), "{keys}");
+}
+
+/// TLS to etcd (`etcd_ca_file`, `etcd_cert_file`, `etcd_key_file`): with etcd's CA and a client
+/// certificate it signed, the store works as over plain gRPC, the settings read through the
+/// daemon's configuration; with another CA, or without a client certificate, nothing is read
+/// or written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_store_speaks_tls_to_etcd_with_a_client_certificate_and_refuses_a_wrong_ca() {
+    let etcd = Etcd::start_tls();
+    let certs = etcd.tls.as_ref().unwrap();
+    let dir = etcd.dir.path().to_owned();
+
+    // Through the daemon's settings, as versed opens it.
+    let config_text = format!(
+        "store = \"etcd://127.0.0.1:{}\"\netcd_prefix = \"/verse-test/\"\nhost = \"a\"\n\
+         etcd_ca_file = {:?}\netcd_cert_file = {:?}\netcd_key_file = {:?}\n",
+        etcd.client_port, certs.ca, certs.client.0, certs.client.1
+    );
+    let path = dir.join("versed.toml");
+    std::fs::write(&path, config_text).unwrap();
+    let config = verse::config::Config::load(&verse::config::Args {
+        config: Some(path),
+        ..Default::default()
+    })
+    .unwrap();
+    let store = tokio::time::timeout(WAIT, Store::open(&config))
+        .await
+        .expect("the store opens over TLS in time")
+        .expect("open the etcd store over TLS");
+    let (u, rev) = store.edit(|s| s.create_universe(universe("blue"))).await.unwrap();
+    assert_eq!(rev, 1);
+    // A second store, as another host, sees it: the data really went through etcd.
+    let options = EtcdOptions {
+        tls: Some(EtcdTls { ca_file: certs.ca.clone(), identity: Some(certs.client.clone()) }),
+        ..etcd.options(Duration::from_secs(5))
+    };
+    let other =
+        tokio::time::timeout(WAIT, Store::open_etcd(options.clone())).await.unwrap().unwrap();
+    assert!(other.snapshot().universes.contains_key(&u.id));
+    // etcd really serves TLS only: plain gRPC gets nothing.
+    let plain = tokio::time::timeout(
+        Duration::from_secs(3),
+        Store::open_etcd(etcd.options(Duration::from_secs(5))),
+    )
+    .await;
+    assert!(plain.is_err(), "plain gRPC to a TLS-only etcd must not read the state");
+
+    // Another CA: etcd's certificate is not trusted; open keeps retrying, reads nothing.
+    let wrong = Certs::make(&dir, "wrong");
+    let bad_ca = EtcdOptions {
+        tls: Some(EtcdTls { ca_file: wrong.ca.clone(), identity: Some(certs.client.clone()) }),
+        ..options.clone()
+    };
+    let r = tokio::time::timeout(Duration::from_secs(3), Store::open_etcd(bad_ca)).await;
+    assert!(r.is_err(), "a store trusting another CA must not reach etcd");
+    // No client certificate, or one from another CA: etcd (--client-cert-auth) refuses.
+    let anonymous = EtcdOptions {
+        tls: Some(EtcdTls { ca_file: certs.ca.clone(), identity: None }),
+        ..options.clone()
+    };
+    let r = tokio::time::timeout(Duration::from_secs(3), Store::open_etcd(anonymous)).await;
+    assert!(r.is_err(), "a store without a client certificate must not reach etcd");
+    let foreign = EtcdOptions {
+        tls: Some(EtcdTls { ca_file: certs.ca.clone(), identity: Some(wrong.client.clone()) }),
+        ..options
+    };
+    let r = tokio::time::timeout(Duration::from_secs(3), Store::open_etcd(foreign)).await;
+    assert!(r.is_err(), "a client certificate from another CA must be refused");
+    assert_eq!(store.snapshot().revision, 1);
 }

@@ -5,14 +5,17 @@
 //! the context of the config file (`--context`/`VERSE_CONTEXT`, else its `current_context`);
 //! then, as root with no token, the local socket of the host's `versed`
 //! (`unix:/var/lib/verse/api.sock`, if it exists); else `http://127.0.0.1:7070` without a
-//! token. The config file (`--config`/`VERSE_CONFIG`, default
+//! token. Over `https://`, the certificate is checked against `--ca-file`/`VERSE_CA_FILE` or
+//! pinned by `--fingerprint`/`VERSE_TLS_FINGERPRINT`, else the context's `ca_file` or
+//! `fingerprint`, else the system's roots. The config file (`--config`/`VERSE_CONFIG`, default
 //! `$XDG_CONFIG_HOME/verse/config.toml` or `~/.config/verse/config.toml`) is TOML:
 //!
 //! ```toml
 //! current_context = "prod"
 //! [contexts.prod]
-//! api = "http://10.0.0.1:7070"
+//! api = "https://10.0.0.1:7070"
 //! token_file = "~/.config/verse/prod.token"   # or: token = "vt_..."
+//! ca_file = "~/.config/verse/prod-ca.pem"     # or: fingerprint = "<sha256 of versed's certificate>"
 //! [contexts.local]
 //! api = "unix:/var/lib/verse/api.sock"
 //! ```
@@ -41,9 +44,9 @@ const DEFAULT_SOCKET: &str = "/var/lib/verse/api.sock";
 #[derive(Parser)]
 #[command(name = "verse", version, about = "Command-line client of the Verse API")]
 struct Cli {
-    /// API of a versed: http://HOST:PORT, or unix:PATH for its local socket (root only).
-    /// Default: the context's; else, as root without a token, unix:/var/lib/verse/api.sock;
-    /// else http://127.0.0.1:7070.
+    /// API of a versed: https://HOST:PORT (or http:// on loopback), or unix:PATH for its local
+    /// socket (root only). Default: the context's; else, as root without a token,
+    /// unix:/var/lib/verse/api.sock; else http://127.0.0.1:7070.
     #[arg(long, global = true, env = "VERSE_API", value_name = "URL")]
     api: Option<String>,
     /// API token (vt_...). Default: the context's.
@@ -55,6 +58,15 @@ struct Cli {
     /// Config file. Default: $XDG_CONFIG_HOME/verse/config.toml (~/.config/verse/config.toml).
     #[arg(long, global = true, env = "VERSE_CONFIG", value_name = "FILE")]
     config: Option<PathBuf>,
+    /// Over https://, trust only the certificates of this PEM file (the CA of versed's
+    /// certificate, or versed's self-signed <state-dir>/tls/api.crt) instead of the system's.
+    /// Default: the context's ca_file.
+    #[arg(long, global = true, env = "VERSE_CA_FILE", value_name = "FILE")]
+    ca_file: Option<PathBuf>,
+    /// Over https://, accept exactly the certificate with this SHA-256 fingerprint (as versed
+    /// logs it at start), whatever its name or issuer. Default: the context's fingerprint.
+    #[arg(long, global = true, env = "VERSE_TLS_FINGERPRINT", value_name = "SHA256")]
+    fingerprint: Option<String>,
     /// Output format.
     #[arg(short = 'o', long = "output", global = true, value_enum, default_value_t = Format::Table)]
     output: Format,
@@ -288,6 +300,17 @@ struct Context {
     token: Option<String>,
     /// A file holding the token (relative to the config file's directory; `~/` is home).
     token_file: Option<PathBuf>,
+    /// The PEM file of the certificates to trust over https:// (relative like `token_file`).
+    ca_file: Option<PathBuf>,
+    /// The SHA-256 fingerprint of the one certificate to accept over https://.
+    fingerprint: Option<String>,
+}
+
+/// Where to send requests, as whom, and what to trust over TLS.
+struct Connection {
+    api: String,
+    token: Option<String>,
+    tls: client::ClientTls,
 }
 
 /// `~/x` under `$HOME`; a relative path under `base`.
@@ -306,8 +329,8 @@ fn default_config() -> Option<PathBuf> {
     std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".config/verse/config.toml"))
 }
 
-/// The API address and token to use (see the module docs for the order).
-fn connection(cli: &Cli) -> Result<(String, Option<String>), String> {
+/// The API address, token and TLS trust to use (see the module docs for the order).
+fn connection(cli: &Cli) -> Result<Connection, String> {
     let (path, explicit) = match &cli.config {
         Some(p) => (Some(p.clone()), true),
         None => (default_config(), false),
@@ -365,20 +388,35 @@ fn connection(cli: &Cli) -> Result<(String, Option<String>), String> {
             }
         }
     };
-    Ok((api, token))
+    // What to trust over TLS: the command line's, if it says anything, else the context's.
+    let tls = if cli.ca_file.is_some() || cli.fingerprint.is_some() {
+        client::ClientTls { ca_file: cli.ca_file.clone(), fingerprint: cli.fingerprint.clone() }
+    } else {
+        if context.ca_file.is_some() && context.fingerprint.is_some() {
+            return Err(format!(
+                "context {:?}: give ca_file or fingerprint, not both",
+                name.unwrap_or_default()
+            ));
+        }
+        client::ClientTls {
+            ca_file: context.ca_file.as_deref().map(|f| resolve(f, base)),
+            fingerprint: context.fingerprint.clone(),
+        }
+    };
+    Ok(Connection { api, token, tls })
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let (api, token) = match connection(&cli) {
+    let conn = match connection(&cli) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("verse: {e}");
             return ExitCode::from(2);
         }
     };
-    let client = match Client::new(&api) {
-        Ok(c) => match token {
+    let client = match Client::with_tls(&conn.api, &conn.tls) {
+        Ok(c) => match conn.token {
             Some(t) => c.with_token(t),
             None => c,
         },

@@ -26,6 +26,7 @@ use verse::config::{Args, Config};
 use verse::dataplane::Dataplane;
 use verse::reconcile::{Reconciler, SharedDataplane, Underlay};
 use verse::store::Store;
+use verse::{limits, server};
 
 /// How long a stopping versed lets the reconciler finish the round it is in.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
@@ -154,6 +155,24 @@ async fn run(args: Args) -> anyhow::Result<()> {
     });
     let app = api::router(AppState::new(store, host.clone(), underlay_ip, realized_rx, stats));
 
+    let tls = server::tls_from_config(&config, &host)?;
+    let app = limits::apply(app, limits::Limits::new(config.limit_settings()));
+    let mut server_settings = config.server_settings();
+    match server::raise_fd_limit() {
+        Ok(fds) => {
+            let cap = server::effective_cap(server_settings.max_connections, fds);
+            if cap < server_settings.max_connections {
+                tracing::warn!(
+                    max_connections = server_settings.max_connections,
+                    open_file_limit = fds,
+                    cap,
+                    "api.max_connections is above half the open-file limit; capping it"
+                );
+            }
+            server_settings.max_connections = cap;
+        }
+        Err(e) => tracing::warn!(error = %e, "could not raise the open-file limit"),
+    }
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("listening on {}", config.listen))?;
@@ -168,6 +187,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
         store = %config.store,
         underlay = ?underlay,
         endpoint_mtu,
+        tls = tls.is_some(),
+        max_connections = server_settings.max_connections,
         "versed started"
     );
     let (stop_tx, stop_rx) = watch::channel(());
@@ -181,16 +202,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let stopped = |mut rx: watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|s| *s).await;
     };
-    let tcp = axum::serve(
-        listener,
-        app.clone().into_make_service_with_connect_info::<std::net::SocketAddr>(),
-    )
-    .with_graceful_shutdown(stopped(stop_api.clone()));
+    let tcp = server::serve(listener, app.clone(), tls, server_settings, stopped(stop_api.clone()));
     let unix = axum::serve(local, app.into_make_service_with_connect_info::<LocalPeer>())
         .with_graceful_shutdown(stopped(stop_api));
-    let served = tokio::try_join!(async { tcp.await.context("serving the API") }, async {
-        unix.await.context("serving the local API socket")
-    },);
+    let ((), served) =
+        tokio::join!(tcp, async { unix.await.context("serving the local API socket") });
     let _ = std::fs::remove_file(&socket_path);
     served?;
 

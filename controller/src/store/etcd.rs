@@ -99,14 +99,48 @@ pub struct EtcdOptions {
     pub prefix: String,
     /// Time-to-live of this host's liveness record (at least one second).
     pub lease_ttl: Duration,
-    /// The etcd user this host authenticates as, and its password (`None`: no etcd auth).
+    /// The etcd user this host authenticates as, and its password (`None`: no etcd user, or
+    /// the user named by the client certificate's CN when etcd checks client certificates).
     pub user: Option<(String, String)>,
     /// How much of the audit trail to keep.
     pub audit_retention: AuditRetention,
+    /// TLS to etcd (`https://` for every endpoint); `None`: plain gRPC.
+    pub tls: Option<EtcdTls>,
+}
+
+/// TLS to etcd: the CA of etcd's certificate, and this host's client certificate and key
+/// (PEM files) when etcd asks clients for one (`--client-cert-auth`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EtcdTls {
+    pub ca_file: std::path::PathBuf,
+    /// (certificate, key).
+    pub identity: Option<(std::path::PathBuf, std::path::PathBuf)>,
+}
+
+impl EtcdTls {
+    /// etcd-client's TLS options, from the files.
+    fn options(&self, endpoints: &str) -> Result<etcd_client::TlsOptions> {
+        let read = |path: &std::path::Path| {
+            std::fs::read(path).map_err(|e| Error::Connect {
+                endpoints: endpoints.to_owned(),
+                source: etcd_client::Error::InvalidArgs(format!(
+                    "reading the TLS file {}: {e}",
+                    path.display()
+                )),
+            })
+        };
+        let mut tls = etcd_client::TlsOptions::new()
+            .ca_certificate(etcd_client::Certificate::from_pem(read(&self.ca_file)?));
+        if let Some((cert, key)) = &self.identity {
+            tls = tls.identity(etcd_client::Identity::from_pem(read(cert)?, read(key)?));
+        }
+        Ok(tls)
+    }
 }
 
 impl EtcdOptions {
-    /// The endpoints with the default prefix, lease TTL and audit retention, no etcd user.
+    /// The endpoints with the default prefix, lease TTL and audit retention, without TLS or
+    /// an etcd user.
     pub fn new(endpoints: Vec<String>) -> EtcdOptions {
         EtcdOptions {
             endpoints,
@@ -114,6 +148,7 @@ impl EtcdOptions {
             lease_ttl: DEFAULT_LEASE_TTL,
             user: None,
             audit_retention: AuditRetention::default(),
+            tls: None,
         }
     }
 }
@@ -202,12 +237,17 @@ impl Etcd {
             .with_connect_timeout(REQUEST_TIMEOUT)
             .with_keep_alive(KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT)
             .with_keep_alive_while_idle(true);
+        if let Some(tls) = &options.tls {
+            // rustls (ring) through tonic; endpoints without a scheme become https://.
+            crate::tls::provider();
+            connect = connect.with_tls(tls.options(&endpoints)?);
+        }
         if let Some((user, password)) = &options.user {
             connect = connect.with_user(user, password).with_auto_token_refresh(true);
         }
-        // Without a user, connecting is lazy: this fails only on a malformed endpoint. With a
-        // user it authenticates at once: wait for etcd as the first read below does, but fail
-        // at once if etcd refuses the credentials.
+        // Without a user, connecting is lazy: this fails only on a malformed endpoint (or
+        // unreadable TLS files, above). With a user it authenticates at once: wait for etcd as
+        // the first read below does, but fail at once if etcd refuses the credentials.
         let mut delay = RETRY_MIN;
         let client = loop {
             match Client::connect(&options.endpoints, Some(connect.clone())).await {

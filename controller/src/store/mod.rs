@@ -41,7 +41,7 @@ use crate::audit::{AuditRecord, Query as AuditQuery};
 use crate::model::{self, State};
 
 pub use embedded::{Embedded, STATE_FILE};
-pub use etcd::{Etcd, EtcdOptions};
+pub use etcd::{Etcd, EtcdOptions, EtcdTls};
 
 /// Why a store operation failed.
 #[derive(Debug, thiserror::Error)]
