@@ -100,9 +100,30 @@ pub struct Universe {
     pub id: String,
     pub name: String,
     /// Canonical IPv4 CIDRs (S4 canonical form).
+    #[serde(serialize_with = "serialize_cidrs")]
     pub cidrs: Vec<Ipv4Network>,
     /// 24-bit network id, unique in the fleet, carried in every encapsulated packet.
     pub vni: u32,
+}
+
+/// CIDRs as strings, each formatted into one reused buffer. A universe may have tens of
+/// thousands, and the state is written whole at every edit, under the store's lock: this is
+/// several times cheaper than formatting each through serde's `collect_str`.
+fn serialize_cidrs<S: serde::Serializer>(
+    cidrs: &[Ipv4Network],
+    serializer: S,
+) -> std::result::Result<S::Ok, S::Error> {
+    use serde::ser::SerializeSeq;
+    use std::fmt::Write;
+    let mut seq = serializer.serialize_seq(Some(cidrs.len()))?;
+    let mut text = String::with_capacity(18);
+    for c in cidrs {
+        text.clear();
+        // Writing to a String cannot fail.
+        let _ = write!(text, "{}/{}", c.ip(), c.prefix());
+        seq.serialize_element(text.as_str())?;
+    }
+    seq.end()
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
