@@ -75,8 +75,8 @@ pub struct AppState {
     pub host: String,
     /// This host's underlay address, if it has one (shown by `GET /v1/hosts`).
     pub underlay_ip: Option<Ipv4Addr>,
-    /// The revision this host's reconciler has realized in the dataplane.
-    pub realized: watch::Receiver<u64>,
+    /// What this host's reconciler has realized in the dataplane (S13).
+    pub realized: watch::Receiver<store::Realized>,
     pub stats: StatsFn,
     /// The audit trail's counters.
     pub audit: Arc<Auditor>,
@@ -87,7 +87,7 @@ impl AppState {
         store: Store,
         host: String,
         underlay_ip: Option<Ipv4Addr>,
-        realized: watch::Receiver<u64>,
+        realized: watch::Receiver<store::Realized>,
         stats: StatsFn,
     ) -> AppState {
         AppState { store, host, underlay_ip, realized, stats, audit: Arc::default() }
@@ -153,7 +153,7 @@ impl ApiError {
     pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> ApiError {
         ApiError { status, code, message: message.into() }
     }
-    fn invalid(field: &str, message: impl std::fmt::Display) -> ApiError {
+    pub fn invalid(field: &str, message: impl std::fmt::Display) -> ApiError {
         ApiError::new(StatusCode::BAD_REQUEST, "invalid_argument", format!("{field}: {message}"))
     }
 }
@@ -407,12 +407,17 @@ where
 {
     let (out, revision) = st.store.edit(f).await?;
     wait_realized(st, revision).await;
+    Ok(revision_response(status, revision, view(out)))
+}
+
+/// An answer to a mutation: `status`, the revision header, and `body` if any.
+fn revision_response<V: Serialize>(status: StatusCode, revision: u64, body: Option<V>) -> Response {
     let rev = HeaderValue::from(revision);
     let name = HeaderName::from_static(REVISION_HEADER);
-    Ok(match view(out) {
+    match body {
         Some(body) => (status, [(name, rev)], Json(body)).into_response(),
         None => (status, [(name, rev)]).into_response(),
-    })
+    }
 }
 
 /// Waits (bounded by [`REALIZE_TIMEOUT`]) until this host's reconciler and every other healthy
@@ -428,7 +433,10 @@ async fn wait_realized(st: &AppState, revision: u64) {
             .collect()
     };
     let all = async {
-        local.wait_for(|r| *r >= revision).await.map_err(|_| "this host's reconciler is gone")?;
+        local
+            .wait_for(|r| r.revision >= revision)
+            .await
+            .map_err(|_| "this host's reconciler is gone")?;
         hosts
             .wait_for(|h| behind(h).is_empty())
             .await
@@ -442,7 +450,7 @@ async fn wait_realized(st: &AppState, revision: u64) {
         }
         Err(_) => tracing::warn!(
             revision,
-            realized_here = *st.realized.borrow(),
+            realized_here = st.realized.borrow().revision,
             behind = ?behind(&st.store.hosts()),
             timeout_s = REALIZE_TIMEOUT.as_secs(),
             "revision not realized by every healthy host in time; returning before the edit is \
@@ -457,7 +465,8 @@ fn hosts_view(st: &AppState) -> Vec<Host> {
     hosts.push(Host {
         name: st.host.clone(),
         underlay_ip: st.underlay_ip,
-        revision: *st.realized.borrow(),
+        revision: st.realized.borrow().revision,
+        errors: st.realized.borrow().errors.clone(),
         healthy: true,
     });
     hosts.sort_by(|a, b| a.name.cmp(&b.name));
@@ -696,22 +705,113 @@ async fn create_endpoint(
     body: Result<Bytes, BytesRejection>,
 ) -> ApiResult {
     let req: model::CreateEndpoint = parse_body(body)?;
-    // Checked before looking at this host's namespaces, and again in the edit.
+    // Checked before looking at this host's namespaces or the fleet's hosts, and again in the
+    // edit.
     allow_new_endpoint(&caller, &st.store.snapshot(), &req)?;
-    if req.host.as_deref().is_none_or(|h| h == st.host) {
-        check_netns(&req.netns)?;
+    match req.host.as_deref() {
+        None => check_netns(&req.netns)?,
+        Some(h) if h == st.host => check_netns(&req.netns)?,
+        Some(h) => check_placement(&st, h)?,
     }
     let host = st.host.clone();
     let edit = |s: &mut State| {
         allow_new_endpoint(&caller, s, &req)?;
         s.create_endpoint(req.clone(), &host)
     };
-    let note = caller.note.clone();
-    let view = move |e: model::Endpoint| {
-        note.object(&e.id);
-        Some(EndpointView::from(&e))
+    let (ep, revision) = st.store.edit(edit).await?;
+    caller.note.object(&ep.id);
+    wait_realized(&st, revision).await;
+    if let Err(e) = endpoint_realized(&st, &ep, revision) {
+        // Not in force on its host: removed again, so nothing is left half-applied.
+        tracing::warn!(endpoint = %ep.id, host = %ep.host, error = %e.message,
+            "endpoint not realized on its host; removing it again");
+        roll_back_endpoint(&st, &ep.id).await;
+        return Err(e);
+    }
+    Ok(revision_response(StatusCode::CREATED, revision, Some(EndpointView::from(&ep))))
+}
+
+/// An endpoint may only be placed on a host of the fleet (one that has registered), and only
+/// while that host is healthy: its versed plumbs it.
+fn check_placement(st: &AppState, host: &str) -> Result<(), ApiError> {
+    model::check_host(host)?;
+    let hosts = st.store.hosts();
+    match hosts.iter().find(|h| h.name == host) {
+        None => {
+            let mut known: Vec<&str> = hosts.iter().map(|h| h.name.as_str()).collect();
+            known.push(&st.host);
+            known.sort_unstable();
+            known.dedup();
+            Err(ApiError::new(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                format!("host: host {host} is not in the fleet (its hosts: {})", known.join(", ")),
+            ))
+        }
+        Some(h) if !h.healthy => Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            format!(
+                "host: host {host} is not healthy (its versed is stopped or cut off from the \
+                 store), so it cannot plumb the endpoint; nothing was created"
+            ),
+        )),
+        Some(_) => Ok(()),
+    }
+}
+
+/// Whether `ep`'s host has realized `revision` with `ep` in force (S13): an error naming the
+/// host and the cause if it reported a failure for it, or did not get that far in time.
+fn endpoint_realized(st: &AppState, ep: &model::Endpoint, revision: u64) -> Result<(), ApiError> {
+    let (realized, errors) = if ep.host == st.host {
+        let r = st.realized.borrow();
+        (r.revision, r.errors.clone())
+    } else {
+        match st.store.hosts().into_iter().find(|h| h.name == ep.host) {
+            Some(h) if h.healthy => (h.revision, h.errors),
+            _ => (0, Vec::new()),
+        }
     };
-    mutate(&st, StatusCode::CREATED, edit, view).await
+    if let Some(e) = errors.iter().find(|e| e.endpoint == ep.id) {
+        let cause = format!("host {} could not plumb endpoint {}: {}", ep.host, ep.id, e.message);
+        return Err(match e.code.as_str() {
+            "invalid_argument" => ApiError::invalid("netns", cause),
+            "conflict" => ApiError::new(StatusCode::CONFLICT, "conflict", cause),
+            _ => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "not_realized", cause),
+        });
+    }
+    if realized < revision {
+        return Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            format!(
+                "host: host {} did not realize revision {revision} within {} s (it is at \
+                 {realized}), so the endpoint is not in force there; it was removed again",
+                ep.host,
+                REALIZE_TIMEOUT.as_secs()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Removes an endpoint that could not be realized, and waits for its hosts to follow.
+async fn roll_back_endpoint(st: &AppState, id: &str) {
+    let id = id.to_owned();
+    let removal = st
+        .store
+        .edit(move |s| {
+            if s.endpoints.contains_key(&id) {
+                s.delete_endpoint(&id).map(|_| ())
+            } else {
+                Ok(())
+            }
+        })
+        .await;
+    match removal {
+        Ok(((), revision)) => wait_realized(st, revision).await,
+        Err(e) => tracing::error!(error = %e, "failed to remove an endpoint that was not realized"),
+    }
 }
 
 async fn list_endpoints(
@@ -955,14 +1055,15 @@ async fn metrics(AxState(st): AxState<AppState>, caller: Caller) -> ApiResult {
             ))
         }
     };
-    let text = render_metrics(&st.store.snapshot(), *st.realized.borrow(), &stats, &st.audit)
-        .map_err(|e| {
-            ApiError::new(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "internal",
-                format!("encoding metrics: {e}"),
-            )
-        })?;
+    let text =
+        render_metrics(&st.store.snapshot(), st.realized.borrow().revision, &stats, &st.audit)
+            .map_err(|e| {
+                ApiError::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "internal",
+                    format!("encoding metrics: {e}"),
+                )
+            })?;
     Ok((
         [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
         text,

@@ -945,7 +945,7 @@ fn check_text(field: &str, text: &str) -> Result<()> {
 }
 
 /// A host name: what a DNS label sequence allows (RFC 1123), plus `_`.
-fn check_host(host: &str) -> Result<String> {
+pub fn check_host(host: &str) -> Result<String> {
     if host.is_empty() || host.len() > 253 {
         return Err(Error::invalid("host", "must be 1 to 253 characters"));
     }

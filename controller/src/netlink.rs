@@ -435,9 +435,26 @@ fn open_netns(netns: &str) -> Result<File> {
             source: io::Error::new(io::ErrorKind::InvalidInput, "not an `ip netns` name"),
         });
     }
-    File::open(format!("{NETNS_RUN_DIR}/{netns}"))
-        .map_err(|source| Error::OpenNetns { netns: netns.into(), source })
+    let file = File::open(format!("{NETNS_RUN_DIR}/{netns}"))
+        .map_err(|source| Error::OpenNetns { netns: netns.into(), source })?;
+    // A file that is not a namespace (a leftover of `ip netns` after a failed `add`, say) would
+    // only fail later with a bare EINVAL from the kernel: say what it is now.
+    // SAFETY: an all-zero `statfs` is a valid value of this plain C struct.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: the descriptor is open for the duration of the call; `st` is valid and writable.
+    let rc = unsafe { libc::fstatfs(file.as_raw_fd(), &mut st) };
+    #[allow(clippy::unnecessary_cast)] // f_type's width differs between libcs.
+    if rc != 0 || st.f_type as i64 != NSFS_MAGIC {
+        return Err(Error::OpenNetns {
+            netns: netns.into(),
+            source: io::Error::new(io::ErrorKind::InvalidInput, "not a network namespace"),
+        });
+    }
+    Ok(file)
 }
+
+/// `NSFS_MAGIC` (`include/uapi/linux/magic.h`): the filesystem of namespace files.
+const NSFS_MAGIC: i64 = 0x6e73_6673;
 
 /// Runs `f` with an rtnetlink handle inside namespace `ns` (an open `/run/netns/<name>`), on a
 /// dedicated thread with its own single-threaded runtime.

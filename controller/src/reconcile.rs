@@ -10,8 +10,10 @@
 //!    differences ([`Dataplane::apply`]);
 //! 4. host-side interfaces of endpoints that are gone (already out of the maps after step 3) are
 //!    detached and deleted;
-//! 5. the state's revision is published as realized (S13). A state whose step 2 or 3 fails is
-//!    not published; it is retried with backoff until it succeeds or a newer state arrives.
+//! 5. the state's revision is published as realized (S13), with the endpoints of step 1 and 4
+//!    that failed as its errors ([`Realized`]): the revision is in force for everything else,
+//!    and the failed ones are retried with backoff. A state whose step 2 or 3 fails is not
+//!    published; it is retried with backoff until it succeeds or a newer state arrives.
 //!
 //! Nothing is cleared at start: the maps, pinned links and interfaces a previous run left keep
 //! enforcing, and the first round starts from what the pinned maps hold, so a restart writes
@@ -39,6 +41,7 @@ use crate::compile::{self, CidrIds, Desired};
 use crate::dataplane::{self, Dataplane};
 use crate::model::{self, State};
 use crate::netlink;
+use crate::store::{HostError, Realized};
 
 /// First retry delay after a failed round; doubles up to [`RETRY_MAX`].
 const RETRY_MIN: Duration = Duration::from_millis(500);
@@ -212,8 +215,8 @@ struct Plumbed {
 /// What one round did, beyond succeeding.
 #[derive(Debug, Default)]
 pub struct Outcome {
-    /// Local endpoints left out of the maps because plumbing or attaching failed.
-    pub failed_endpoints: Vec<String>,
+    /// Local endpoints left out of the maps because plumbing or attaching failed, and why.
+    pub failed_endpoints: Vec<HostError>,
     /// Interfaces of gone endpoints that could not be removed.
     pub failed_removals: Vec<String>,
     /// Whether the maps had to change (a restart with nothing new writes nothing).
@@ -223,6 +226,45 @@ pub struct Outcome {
 impl Outcome {
     fn needs_retry(&self) -> bool {
         !self.failed_endpoints.is_empty() || !self.failed_removals.is_empty()
+    }
+
+    /// What the host reports it could not realize (S13): the endpoints that failed, and the
+    /// gone endpoints whose interface is still there.
+    fn errors(&self) -> Vec<HostError> {
+        let mut errors = self.failed_endpoints.clone();
+        for iface in &self.failed_removals {
+            let endpoint = iface
+                .strip_prefix(netlink::INTERFACE_PREFIX)
+                .map_or_else(|| iface.clone(), |n| format!("ep-{n}"));
+            errors.push(HostError {
+                endpoint,
+                code: "internal".into(),
+                message: format!("interface {iface} of a deleted endpoint could not be removed"),
+            });
+        }
+        errors
+    }
+}
+
+impl EndpointError {
+    /// How a client should take this failure (see [`HostError::code`]).
+    pub fn code(&self) -> &'static str {
+        use netlink::Error as N;
+        match self {
+            // The namespace is missing on this host, or not a namespace.
+            EndpointError::Plumb { source: N::OpenNetns { .. } | N::Setns { .. }, .. } => {
+                "invalid_argument"
+            }
+            // Something of the same name is in the way.
+            EndpointError::Plumb {
+                source: N::ForeignInterface { .. } | N::PeerMismatch { .. },
+                ..
+            } => "conflict",
+            EndpointError::Plumb { source: N::CreateVeth { source, .. }, .. } if matches!(&**source, rtnetlink::Error::NetlinkError(m) if m.raw_code() == -libc::EEXIST) => {
+                "conflict"
+            }
+            _ => "internal",
+        }
     }
 }
 
@@ -257,7 +299,7 @@ impl Reconciler {
     pub async fn run(
         mut self,
         mut states: watch::Receiver<Arc<State>>,
-        realized: watch::Sender<u64>,
+        realized: watch::Sender<Realized>,
         mut stop: watch::Receiver<()>,
     ) {
         let mut backoff = RETRY_MIN;
@@ -266,9 +308,10 @@ impl Reconciler {
             let state = states.borrow_and_update().clone();
             let retry_at = match self.reconcile(&state).await {
                 Ok(outcome) => {
-                    let previous = realized.send_replace(state.revision);
+                    let report = Realized { revision: state.revision, errors: outcome.errors() };
+                    let previous = realized.send_replace(report.clone());
                     // Retries of a realized revision that change nothing are not news.
-                    let news = previous != state.revision || outcome.wrote_maps;
+                    let news = previous != report || outcome.wrote_maps;
                     if news {
                         tracing::info!(
                             revision = state.revision,
@@ -282,7 +325,7 @@ impl Reconciler {
                     if outcome.needs_retry() {
                         tracing::warn!(
                             revision = state.revision,
-                            failed_endpoints = ?outcome.failed_endpoints,
+                            failed_endpoints = ?outcome.failed_endpoints.iter().map(|e| &e.endpoint).collect::<Vec<_>>(),
                             failed_removals = ?outcome.failed_removals,
                             retry_in = ?backoff,
                             "revision realized, except for some endpoints"
@@ -335,7 +378,11 @@ impl Reconciler {
                 tracing::error!(interface = %ep.interface, netns = %ep.netns, error = %e,
                     "endpoint left out of the dataplane");
                 self.plumbed.remove(&ep.id);
-                outcome.failed_endpoints.push(ep.id.clone());
+                outcome.failed_endpoints.push(HostError {
+                    endpoint: ep.id.clone(),
+                    code: e.code().into(),
+                    message: e.to_string(),
+                });
             }
         }
 

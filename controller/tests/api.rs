@@ -18,7 +18,7 @@ use serde_json::{json, Value};
 use tokio::sync::watch;
 use tower::ServiceExt;
 use verse::api::{self, AppState, Stats};
-use verse::store::Store;
+use verse::store::{Realized, Store};
 use verse::{audit, auth};
 
 const HOST: &str = "host-a";
@@ -26,7 +26,7 @@ const HOST: &str = "host-a";
 struct Api {
     app: Router,
     store: Store,
-    realized: watch::Sender<u64>,
+    realized: watch::Sender<Realized>,
     /// The first admin token (as `versed` makes it into the state directory).
     admin: String,
     /// The revision after that token was made: the first edit of a test makes `base + 1`.
@@ -42,23 +42,32 @@ struct Answer {
 }
 
 /// A router over a fresh store with its first admin token. With `reconciler`, a task realizes
-/// each revision at once.
-async fn api_with(reconciler: bool) -> Api {
+/// each revision at once, here and on `remotes` (other hosts of the fleet, registered in the
+/// store).
+async fn api_of(reconciler: bool, remotes: &[&str]) -> Api {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open_embedded(dir.path()).unwrap();
+    for host in remotes {
+        store.register_host(host, None).await.unwrap();
+    }
     let made = auth::bootstrap_admin(&store, dir.path(), None).await.unwrap();
     assert!(matches!(made, auth::Bootstrap::Generated { .. }), "{made:?}");
     let admin = std::fs::read_to_string(dir.path().join(auth::ADMIN_TOKEN_FILE)).unwrap();
     let admin = admin.trim().to_owned();
     let base = store.snapshot().revision;
-    let (realized, realized_rx) = watch::channel(0u64);
+    let (realized, realized_rx) = watch::channel(Realized::default());
     if reconciler {
         let mut rx = store.subscribe();
         let tx = realized.clone();
+        let reporter = store.clone();
+        let remotes: Vec<String> = remotes.iter().map(|h| h.to_string()).collect();
         tokio::spawn(async move {
             loop {
                 let rev = rx.borrow_and_update().revision;
-                tx.send_replace(rev);
+                for host in &remotes {
+                    reporter.report_realized(host, rev);
+                }
+                tx.send_replace(Realized::at(rev));
                 if rx.changed().await.is_err() {
                     break;
                 }
@@ -75,8 +84,14 @@ async fn api_with(reconciler: bool) -> Api {
     Api { app: api::router(state), store, realized, admin, base, _dir: dir }
 }
 
+/// A router over a fresh store, this host alone.
+async fn api_with(reconciler: bool) -> Api {
+    api_of(reconciler, &[]).await
+}
+
+/// A router over a fresh store with a reconciler, in a fleet with `host-b` and `host-c`.
 async fn api() -> Api {
-    api_with(true).await
+    api_of(true, &["host-b", "host-c"]).await
 }
 
 /// How a request authenticates.
@@ -622,10 +637,20 @@ async fn endpoint_errors_name_the_field() {
     let a = api
         .post(
             "/v1/endpoints",
-            json!({"universe": "uni-00000000", "host": "h", "netns": "n", "ip": "10.1.0.5"}),
+            json!({"universe": "uni-00000000", "host": "host-b", "netns": "n", "ip": "10.1.0.5"}),
         )
         .await;
     a.error(StatusCode::NOT_FOUND, "not_found", "universe");
+    // A host that is not in the fleet would never plumb it: refused, naming the host.
+    let a = api
+        .post(
+            "/v1/endpoints",
+            json!({"universe": u, "host": "elsewhere", "netns": "n", "ip": "10.1.0.5"}),
+        )
+        .await;
+    a.error(StatusCode::NOT_FOUND, "not_found", "host");
+    assert!(a.text.contains("elsewhere") && a.text.contains("host-b"), "{}", a.text);
+    assert_eq!(api.get("/v1/endpoints").await.body, json!([]), "nothing was created");
     let a = api.post("/v1/endpoints", ep("10.1.0.5", json!(["sg-00000000"]))).await;
     a.error(StatusCode::NOT_FOUND, "not_found", "security_groups[0]");
     // S12: 17 groups.
@@ -768,24 +793,24 @@ async fn mutation_returns_only_once_its_revision_is_realized() {
         rx.changed().await.unwrap();
         let rev = rx.borrow().revision;
         tokio::time::sleep(Duration::from_millis(300)).await;
-        tx.send_replace(rev);
+        tx.send_replace(Realized::at(rev));
     });
     let start = Instant::now();
     let a = api.post("/v1/universes", json!({"name": "blue", "cidr": "10.1.0.0/16"})).await;
     assert_eq!(a.status, StatusCode::CREATED);
     assert!(start.elapsed() >= Duration::from_millis(300), "returned before realization");
-    assert_eq!(*api.realized.borrow(), a.revision.unwrap());
+    assert_eq!(api.realized.borrow().revision, a.revision.unwrap());
     let hosts = api.get("/v1/hosts").await.body;
     let rev = api.base + 1;
     assert_eq!(
         hosts,
-        json!([{"name": HOST, "underlay_ip": null, "revision": rev, "healthy": true}])
+        json!([{"name": HOST, "underlay_ip": null, "revision": rev, "healthy": true, "errors": []}])
     );
 }
 
 #[tokio::test]
 async fn mutation_waits_for_every_healthy_host_s13() {
-    let api = api().await;
+    let api = api_with(true).await;
     // Another host of the store, healthy, that realizes each revision 300 ms late.
     api.store.register_host("host-b", Some("198.18.0.2".parse().unwrap())).await.unwrap();
     let store = api.store.clone();
@@ -805,8 +830,8 @@ async fn mutation_waits_for_every_healthy_host_s13() {
     assert_eq!(
         hosts,
         json!([
-            {"name": HOST, "underlay_ip": null, "revision": rev, "healthy": true},
-            {"name": "host-b", "underlay_ip": "198.18.0.2", "revision": rev, "healthy": true},
+            {"name": HOST, "underlay_ip": null, "revision": rev, "healthy": true, "errors": []},
+            {"name": "host-b", "underlay_ip": "198.18.0.2", "revision": rev, "healthy": true, "errors": []},
         ])
     );
 }

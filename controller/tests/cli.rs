@@ -16,7 +16,7 @@ use verse::api::{self, AppState, Stats};
 use verse::auth;
 use verse::client::{self, Client};
 use verse::model::{CreateGroup, CreateUniverse};
-use verse::store::Store;
+use verse::store::{Realized, Store};
 
 /// A running API server, on TCP and on a local unix socket; stops with the test process.
 struct Server {
@@ -43,14 +43,19 @@ fn server() -> Server {
     std::thread::spawn(move || {
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         rt.block_on(async move {
+            // host-b, where the endpoints go, is another host of the fleet that realizes every
+            // revision at once, like this one.
+            store.register_host("host-b", None).await.unwrap();
             auth::bootstrap_admin(&store, &state_dir, None).await.unwrap();
             let base = store.snapshot().revision;
-            let (realized, realized_rx) = watch::channel(0u64);
+            let (realized, realized_rx) = watch::channel(Realized::default());
             let mut states = store.subscribe();
+            let reporter = store.clone();
             tokio::spawn(async move {
                 loop {
                     let rev = states.borrow_and_update().revision;
-                    realized.send_replace(rev);
+                    reporter.report_realized("host-b", rev);
+                    realized.send_replace(Realized::at(rev));
                     if states.changed().await.is_err() {
                         break;
                     }
@@ -85,7 +90,14 @@ impl Server {
     /// `verse` with nothing from the user's environment: no API, token, context or config.
     fn bare(&self) -> Command {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_verse"));
-        for var in ["VERSE_API", "VERSE_TOKEN", "VERSE_CONTEXT", "VERSE_CONFIG"] {
+        for var in [
+            "VERSE_API",
+            "VERSE_TOKEN",
+            "VERSE_CONTEXT",
+            "VERSE_CONFIG",
+            "VERSE_CA_FILE",
+            "VERSE_TLS_FINGERPRINT",
+        ] {
             cmd.env_remove(var);
         }
         cmd.env("XDG_CONFIG_HOME", &self.xdg);

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::watch;
 use verse::api::{self, AppState, Stats};
 use verse::model::{self, State};
-use verse::store::{EtcdOptions, EtcdTls, HostStatus, Store};
+use verse::store::{EtcdOptions, EtcdTls, HostStatus, Realized, Store};
 
 /// Bound of every wait in these tests.
 const WAIT: Duration = Duration::from_secs(20);
@@ -303,7 +303,13 @@ async fn registered_host_is_healthy_until_its_lease_lapses() {
     .await;
     assert_eq!(
         hosts,
-        [HostStatus { name: "h1".into(), underlay_ip: Some(ip), revision: 1, healthy: true }]
+        [HostStatus {
+            name: "h1".into(),
+            underlay_ip: Some(ip),
+            revision: 1,
+            healthy: true,
+            errors: vec![]
+        }]
     );
     let mut rx = b.subscribe();
     wait_state(&mut rx, "h1 in the desired state", |s| s.hosts.contains_key("h1")).await;
@@ -323,7 +329,13 @@ async fn registered_host_is_healthy_until_its_lease_lapses() {
     assert!(gone.elapsed() <= ttl + Duration::from_secs(3), "took {:?}", gone.elapsed());
     assert_eq!(
         hosts,
-        [HostStatus { name: "h1".into(), underlay_ip: Some(ip), revision: 1, healthy: false }]
+        [HostStatus {
+            name: "h1".into(),
+            underlay_ip: Some(ip),
+            revision: 1,
+            healthy: false,
+            errors: vec![]
+        }]
     );
     assert!(b.snapshot().hosts.contains_key("h1"));
 
@@ -509,14 +521,14 @@ async fn serve(store: Store, host: &str) -> Served {
 /// Like [`serve`], for a fleet whose admin token `token` already exists.
 async fn serve_as(store: Store, host: &str, token: &str, dir: tempfile::TempDir) -> Served {
     let token = token.to_owned();
-    let (realized, realized_rx) = watch::channel(0u64);
+    let (realized, realized_rx) = watch::channel(Realized::default());
     let mut rx = store.subscribe();
     let reporter = store.clone();
     let name = host.to_owned();
     tokio::spawn(async move {
         loop {
             let rev = rx.borrow_and_update().revision;
-            realized.send_replace(rev);
+            realized.send_replace(Realized::at(rev));
             reporter.report_realized(&name, rev);
             if rx.changed().await.is_err() {
                 break;

@@ -25,7 +25,7 @@ use verse::auth::{self, Bootstrap, LocalPeer};
 use verse::config::{Args, Config};
 use verse::dataplane::Dataplane;
 use verse::reconcile::{Reconciler, SharedDataplane, Underlay};
-use verse::store::Store;
+use verse::store::{Realized, Store};
 use verse::{limits, server};
 
 /// How long a stopping versed lets the reconciler finish the round it is in.
@@ -130,7 +130,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         ),
     }
 
-    let (realized_tx, realized_rx) = watch::channel(0u64);
+    let (realized_tx, realized_rx) = watch::channel(Realized::default());
     let states = store.subscribe();
     // The store tells the fleet what this host has realized (S13); never blocks. The task ends
     // when the reconciler drops `realized_tx`.
@@ -140,8 +140,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
         let mut realized = realized_rx.clone();
         tokio::spawn(async move {
             loop {
-                let revision = *realized.borrow_and_update();
-                store.report_realized(&host, revision);
+                let report = realized.borrow_and_update().clone();
+                store.report(&host, report);
                 if realized.changed().await.is_err() {
                     break;
                 }

@@ -132,8 +132,11 @@ impl Embedded {
         self.update_host(name, |h| h.underlay_ip = underlay_ip);
     }
 
-    pub(super) fn report_realized(&self, name: &str, revision: u64) {
-        self.update_host(name, |h| h.revision = revision);
+    pub(super) fn report(&self, name: &str, realized: super::Realized) {
+        self.update_host(name, |h| {
+            h.revision = realized.revision;
+            h.errors = realized.errors;
+        });
     }
 
     fn update_host(&self, name: &str, change: impl FnOnce(&mut HostStatus)) {
@@ -145,6 +148,7 @@ impl Embedded {
                 underlay_ip: None,
                 revision: 0,
                 healthy: true,
+                errors: Vec::new(),
             });
             let before = host.clone();
             change(host);
@@ -411,7 +415,13 @@ mod tests {
         store.report_realized("h1", 4);
         assert_eq!(
             *rx.borrow_and_update().as_ref(),
-            [HostStatus { name: "h1".into(), underlay_ip: ip, revision: 4, healthy: true }]
+            [HostStatus {
+                name: "h1".into(),
+                underlay_ip: ip,
+                revision: 4,
+                healthy: true,
+                errors: vec![]
+            }]
         );
         store.register_host("h1", ip).await.unwrap();
         assert!(!rx.has_changed().unwrap(), "nothing changed, nothing published");

@@ -4,8 +4,9 @@
 //! - Layout: every key lives under one prefix (default [`DEFAULT_PREFIX`]), one key per object,
 //!   values in JSON: `universes/<id>`, `groups/<id>` (with its rules), `endpoints/<id>`,
 //!   `identities/<n>`, `hosts/<name>` ([`HostRecord`]), `tokens/<id>` (API tokens: the hash of
-//!   the secret, never the secret), and `revision` (the state's revision, decimal, S13). Liveness lives beside it: `alive/<name>`, the host's realized revision in
-//!   decimal, attached to a lease of the host's.
+//!   the secret, never the secret), and `revision` (the state's revision, decimal, S13).
+//!   Liveness lives beside it: `alive/<name>`, what the host has realized ([`Realized`] as
+//!   JSON; a bare decimal revision is read too), attached to a lease of the host's.
 //! - Edits are read-modify-write in one etcd transaction: read every key, run the edit, write
 //!   the keys that changed and delete the ones that are gone, on the condition that the
 //!   `revision` key's `mod_revision` is still the one read. Two hosts editing at once: one
@@ -52,7 +53,7 @@ use tokio::sync::watch;
 use tokio::task::AbortHandle;
 use tokio::time::{Instant, MissedTickBehavior};
 
-use super::{apply_edit, audit_matches, AuditRetention, Error, HostStatus, Result};
+use super::{apply_edit, audit_matches, AuditRetention, Error, HostStatus, Realized, Result};
 use crate::audit::{AuditRecord, Query as AuditQuery};
 use crate::model::{self, HostRecord, State};
 
@@ -177,7 +178,7 @@ struct Shared {
 }
 
 struct Local {
-    realized: watch::Sender<u64>,
+    realized: watch::Sender<Realized>,
     /// Whether its liveness task runs (started by `register_host`).
     alive: bool,
 }
@@ -187,8 +188,8 @@ struct Local {
 struct Cache {
     /// Desired-state keys (relative) and their values.
     desired: BTreeMap<String, Vec<u8>>,
-    /// Hosts by name: the last realized revision seen, and whether `alive/<name>` exists.
-    alive: BTreeMap<String, (u64, bool)>,
+    /// Hosts by name: the last report seen, and whether `alive/<name>` exists.
+    alive: BTreeMap<String, (Realized, bool)>,
     /// The etcd revision this cache reflects.
     revision: i64,
 }
@@ -400,9 +401,10 @@ impl Etcd {
         .await?;
         let realized = {
             let mut local = lock(&self.shared.local);
-            let entry = local
-                .entry(name.to_owned())
-                .or_insert_with(|| Local { realized: watch::channel(0).0, alive: false });
+            let entry = local.entry(name.to_owned()).or_insert_with(|| Local {
+                realized: watch::channel(Realized::default()).0,
+                alive: false,
+            });
             if entry.alive {
                 return Ok(());
             }
@@ -469,14 +471,14 @@ impl Etcd {
         Ok(out)
     }
 
-    pub(super) fn report_realized(&self, name: &str, revision: u64) {
+    pub(super) fn report(&self, name: &str, report: Realized) {
         let mut local = lock(&self.shared.local);
         match local.get(name) {
             Some(l) => {
-                l.realized.send_replace(revision);
+                l.realized.send_replace(report);
             }
             None => {
-                let (realized, _) = watch::channel(revision);
+                let (realized, _) = watch::channel(report);
                 local.insert(name.to_owned(), Local { realized, alive: false });
             }
         }
@@ -626,22 +628,25 @@ impl Shared {
             .hosts
             .values()
             .map(|h| {
-                let (revision, healthy) = cache.alive.get(&h.name).copied().unwrap_or((0, false));
+                let (realized, healthy) =
+                    cache.alive.get(&h.name).cloned().unwrap_or((Realized::default(), false));
                 let status = HostStatus {
                     name: h.name.clone(),
                     underlay_ip: h.underlay_ip,
-                    revision,
+                    revision: realized.revision,
                     healthy,
+                    errors: realized.errors,
                 };
                 (h.name.as_str(), status)
             })
             .collect();
-        for (name, &(revision, healthy)) in &cache.alive {
+        for (name, (realized, healthy)) in &cache.alive {
             hosts.entry(name).or_insert_with(|| HostStatus {
                 name: name.clone(),
                 underlay_ip: None,
-                revision,
-                healthy,
+                revision: realized.revision,
+                healthy: *healthy,
+                errors: realized.errors.clone(),
             });
         }
         let hosts: Vec<HostStatus> = hosts.into_values().collect();
@@ -751,7 +756,7 @@ impl Shared {
     }
 
     /// Keeps `alive/<name>` alive for as long as the store lives.
-    async fn keep_alive(self: Arc<Shared>, name: String, mut realized: watch::Receiver<u64>) {
+    async fn keep_alive(self: Arc<Shared>, name: String, mut realized: watch::Receiver<Realized>) {
         let mut delay = RETRY_MIN;
         loop {
             let started = Instant::now();
@@ -768,7 +773,7 @@ impl Shared {
 
     /// One lease: grant it, put the liveness record under it, keep it alive and rewrite the
     /// record on each new realized revision, until something fails.
-    async fn alive_session(&self, name: &str, realized: &mut watch::Receiver<u64>) -> Error {
+    async fn alive_session(&self, name: &str, realized: &mut watch::Receiver<Realized>) -> Error {
         let ttl_s = i64::try_from(self.lease_ttl.as_secs()).unwrap_or(i64::MAX).max(1);
         let key = self.key(&format!("{ALIVE}{name}"));
         let mut lease = self.client.lease_client();
@@ -784,15 +789,16 @@ impl Shared {
                 Err(e) => return e,
             };
         let mut kv = self.client.kv_client();
-        let mut revision = *realized.borrow_and_update();
+        let mut report = realized.borrow_and_update().clone();
         let put = PutOptions::new().with_lease(id);
         if let Err(e) =
-            timed("put (liveness)", kv.put(key.clone(), revision.to_string(), Some(put.clone())))
+            timed("put (liveness)", kv.put(key.clone(), encode_report(&report), Some(put.clone())))
                 .await
         {
             return e;
         }
-        tracing::info!(host = %name, lease = id, ttl = ?ttl, revision, "host alive in etcd");
+        tracing::info!(host = %name, lease = id, ttl = ?ttl, revision = report.revision,
+            "host alive in etcd");
         let mut tick = tokio::time::interval(ttl / 3);
         tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
         tick.tick().await;
@@ -825,12 +831,12 @@ impl Shared {
                             source: etcd_client::Error::Internal("realized revision channel closed".into()),
                         };
                     }
-                    let next = *realized.borrow_and_update();
-                    if next != revision {
-                        revision = next;
+                    let next = realized.borrow_and_update().clone();
+                    if next != report {
+                        report = next;
                         if let Err(e) = timed(
                             "put (liveness)",
-                            kv.put(key.clone(), revision.to_string(), Some(put.clone())),
+                            kv.put(key.clone(), encode_report(&report), Some(put.clone())),
                         )
                         .await
                         {
@@ -850,12 +856,11 @@ impl Cache {
             return false;
         }
         if let Some(name) = rel.strip_prefix(ALIVE) {
-            let revision = std::str::from_utf8(value).ok().and_then(|t| t.trim().parse().ok());
-            let revision = revision.unwrap_or_else(|| {
-                tracing::warn!(key = %format!("{prefix}{rel}"), "liveness record is not a revision; counting it as 0");
-                0
+            let report = decode_report(value).unwrap_or_else(|| {
+                tracing::warn!(key = %format!("{prefix}{rel}"), "liveness record is not a report; counting it as revision 0");
+                Realized::default()
             });
-            self.alive.insert(name.to_owned(), (revision, true));
+            self.alive.insert(name.to_owned(), (report, true));
             false
         } else {
             self.desired.insert(rel.to_owned(), value.to_vec());
@@ -878,6 +883,21 @@ impl Cache {
             self.desired.remove(rel).is_some()
         }
     }
+}
+
+/// A liveness record's value: the report as JSON.
+fn encode_report(report: &Realized) -> String {
+    serde_json::to_string(report).unwrap_or_else(|_| report.revision.to_string())
+}
+
+/// A liveness record's value: a report as JSON, or a bare decimal revision (as older versions
+/// wrote it).
+fn decode_report(value: &[u8]) -> Option<Realized> {
+    let text = std::str::from_utf8(value).ok()?.trim();
+    if let Ok(revision) = text.parse::<u64>() {
+        return Some(Realized::at(revision));
+    }
+    serde_json::from_str(text).ok()
 }
 
 /// The desired state as keys (relative to the prefix) and values. See the module contract.
@@ -1118,9 +1138,23 @@ mod tests {
     fn cache_tracks_liveness_apart_from_the_state() {
         let mut c = Cache::default();
         assert!(!c.put("alive/h1", b"12", "/v/"));
-        assert_eq!(c.alive["h1"], (12, true));
+        assert_eq!(c.alive["h1"], (Realized::at(12), true));
         assert!(!c.delete("alive/h1"));
-        assert_eq!(c.alive["h1"], (12, false), "an expired host keeps its last revision");
+        assert_eq!(
+            c.alive["h1"],
+            (Realized::at(12), false),
+            "an expired host keeps its last revision"
+        );
+        let failed = Realized {
+            revision: 13,
+            errors: vec![super::super::HostError {
+                endpoint: "ep-00000001".into(),
+                code: "invalid_argument".into(),
+                message: "no namespace".into(),
+            }],
+        };
+        assert!(!c.put("alive/h1", encode_report(&failed).as_bytes(), "/v/"));
+        assert_eq!(c.alive["h1"], (failed, true), "errors travel with the revision");
         assert!(c.put("revision", b"3", "/v/"));
         assert!(c.delete("revision"));
         assert!(!c.delete("revision"));

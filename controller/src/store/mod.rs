@@ -13,7 +13,8 @@
 //!
 //! Hosts: a `versed` announces its host with [`Store::register_host`] (recorded in
 //! `State::hosts`, so every host learns its underlay address) and reports the revision its
-//! dataplane has realized with [`Store::report_realized`]. [`Store::hosts`] lists every known
+//! dataplane has realized with [`Store::report_realized`] (or [`Store::report`], with what it
+//! could not realize). [`Store::hosts`] lists every known
 //! host with its realized revision and whether it is alive (S13).
 //!
 //! The audit trail (`crate::audit`) lives in the store too, apart from the desired state:
@@ -137,6 +138,38 @@ pub struct HostStatus {
     /// The host's `versed` is alive: it keeps its liveness record fresh (always true for the
     /// embedded store's hosts).
     pub healthy: bool,
+    /// The endpoints of this host that it could not realize (S13): `revision` is in force for
+    /// everything else.
+    #[serde(default)]
+    pub errors: Vec<HostError>,
+}
+
+/// What a host reports of its dataplane (S13): the newest revision it has realized, for every
+/// endpoint but those in `errors`, which it could not plumb (or whose interface it could not
+/// remove) and keeps retrying.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Realized {
+    pub revision: u64,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub errors: Vec<HostError>,
+}
+
+impl Realized {
+    /// A revision realized whole.
+    pub fn at(revision: u64) -> Realized {
+        Realized { revision, errors: Vec::new() }
+    }
+}
+
+/// One endpoint a host could not realize, and why.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostError {
+    pub endpoint: String,
+    /// `invalid_argument` (the request cannot work on that host as it is: the endpoint's
+    /// namespace does not exist there, say), `conflict` (something in the way: an interface of
+    /// the same name), or `internal`.
+    pub code: String,
+    pub message: String,
 }
 
 /// A handle on the desired state; cheap to clone (every clone is the same store). The store's
@@ -234,9 +267,14 @@ impl Store {
     /// Never blocks: the etcd store publishes it in the background, the latest report winning,
     /// once the host is registered through this store ([`Store::register_host`]).
     pub fn report_realized(&self, name: &str, revision: u64) {
+        self.report(name, Realized::at(revision));
+    }
+
+    /// Like [`Store::report_realized`], with the endpoints the host could not realize.
+    pub fn report(&self, name: &str, realized: Realized) {
         match self {
-            Store::Embedded(e) => e.report_realized(name, revision),
-            Store::Etcd(e) => e.report_realized(name, revision),
+            Store::Embedded(e) => e.report(name, realized),
+            Store::Etcd(e) => e.report(name, realized),
         }
     }
 
