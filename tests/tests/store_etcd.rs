@@ -850,3 +850,46 @@ async fn the_store_speaks_tls_to_etcd_with_a_client_certificate_and_refuses_a_wr
     assert!(r.is_err(), "a client certificate from another CA must be refused");
     assert_eq!(store.snapshot().revision, 1);
 }
+
+/// A universe whose groups would not fit one etcd transaction (128 operations) cannot be
+/// deleted at once: a 409 that says what to do, not a 503 that no retry cures; nothing changes;
+/// with fewer groups the same delete goes through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deleting_a_universe_too_big_for_one_transaction_is_a_409_saying_what_to_do() {
+    let etcd = Etcd::start();
+    let store = etcd.store(Duration::from_secs(5)).await;
+    store.register_host("h1", None).await.unwrap();
+    let url = serve(store.clone(), "h1").await;
+    let (u, _) = store.edit(|s| s.create_universe(universe("big"))).await.unwrap();
+    let mut groups = Vec::new();
+    for i in 0..130 {
+        let req =
+            model::CreateGroup { universe: u.id.clone(), name: format!("g{i}"), description: None };
+        let (g, _) = store.edit(move |s| s.create_group(req.clone())).await.unwrap();
+        groups.push(g.id);
+    }
+    let before = store.snapshot();
+
+    let id = u.id.clone();
+    let err = cli(&url, move |c| c.delete_universe(&id)).await.unwrap_err();
+    let verse::client::Error::Api { status, code, message } = err else {
+        panic!("expected an API error, got {err}");
+    };
+    assert_eq!((status, code.as_str()), (409, "limit_exceeded"), "{message}");
+    assert!(
+        message.contains("131 security groups") && message.contains("delete some"),
+        "{message}"
+    );
+    assert_eq!(store.snapshot().revision, before.revision, "nothing changed");
+    assert!(store.snapshot().universes.contains_key(&u.id));
+
+    // Ten groups fewer, and the universe goes with its 121 groups in one transaction.
+    for g in &groups[..10] {
+        let g = g.clone();
+        store.edit(move |s| s.delete_group(&g)).await.unwrap();
+    }
+    let id = u.id.clone();
+    cli(&url, move |c| c.delete_universe(&id)).await.expect("the delete now fits");
+    let after = store.snapshot();
+    assert!(after.universes.is_empty() && after.groups.is_empty(), "everything went at once");
+}

@@ -35,8 +35,11 @@
 //!   ("etcd access control") lists which keys a host reads and writes.
 //!
 //! etcd limits one transaction to `--max-txn-ops` operations (128 by default) and one request to
-//! `--max-request-bytes` (1.5 MiB): an edit that changes more objects than that is refused by
-//! etcd as a whole, with etcd's message.
+//! `--max-request-bytes` (1.5 MiB). An edit that would change more than [`MAX_TXN_OPS`] keys is
+//! refused before it is sent, and one etcd refuses as invalid (too many operations, too
+//! large) is refused the same way: a 409 `limit_exceeded` saying what to do, never a 503, since
+//! sending it again cannot help. (Deleting a universe deletes its groups in the same
+//! transaction: one with more than 125 groups is refused until some of its groups are deleted.)
 
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
@@ -79,6 +82,9 @@ const RETRY_MIN: Duration = Duration::from_millis(100);
 const RETRY_MAX: Duration = Duration::from_secs(5);
 /// Largest message accepted from etcd (a full read of a large state): gRPC's default is 4 MiB.
 const MAX_MESSAGE: usize = 256 << 20;
+
+/// Most keys one edit may change: etcd's default `--max-txn-ops`.
+pub const MAX_TXN_OPS: usize = 128;
 
 /// Relative keys (under the prefix).
 const REVISION: &str = "revision";
@@ -363,13 +369,30 @@ impl Etcd {
             for key in before.keys().filter(|k| !after.contains_key(*k)) {
                 ops.push(TxnOp::delete(sh.key(key), None));
             }
+            if ops.len() > MAX_TXN_OPS {
+                return Err(too_many_keys(&current, &next, ops.len()).into());
+            }
             // A missing key compares with mod_revision 0, so the first edit of an empty
             // store is guarded too.
             let guard =
                 Compare::mod_revision(sh.key(REVISION), CompareOp::Equal, snap.revision_mod);
             let txn = Txn::new().when(vec![guard]).and_then(ops);
             let mut kv = sh.client.kv_client();
-            let resp = timed("transaction (commit an edit)", kv.txn(txn)).await?;
+            let resp = match timed("transaction (commit an edit)", kv.txn(txn)).await {
+                Err(Error::Etcd { source: etcd_client::Error::GRpcStatus(status), .. })
+                    if status.code() == tonic::Code::InvalidArgument =>
+                {
+                    // etcd's own limits (a lower --max-txn-ops, --max-request-bytes): this
+                    // edit will never pass.
+                    return Err(model::Error::conflict(
+                        "limit_exceeded",
+                        None,
+                        format!("etcd refused this edit as too large: {}", status.message()),
+                    )
+                    .into());
+                }
+                other => other?,
+            };
             if resp.succeeded() {
                 let committed = resp.header().map_or(0, |h| h.revision());
                 sh.wait_applied(committed).await;
@@ -883,6 +906,34 @@ impl Cache {
             self.desired.remove(rel).is_some()
         }
     }
+}
+
+/// The refusal of an edit that changes more than [`MAX_TXN_OPS`] keys, saying what to do.
+fn too_many_keys(current: &State, next: &State, keys: usize) -> model::Error {
+    let gone: Vec<&String> =
+        current.universes.keys().filter(|id| !next.universes.contains_key(*id)).collect();
+    let hint = match gone.as_slice() {
+        [id] => {
+            let groups = current.groups.values().filter(|g| &g.universe == *id).count();
+            let tokens =
+                current.tokens.values().filter(|t| t.universe.as_ref() == Some(*id)).count();
+            format!(
+                ": universe {id} has {groups} security groups and {tokens} API tokens, all \
+                 deleted with it; delete some of them first (a universe can be deleted with at \
+                 most {} of its groups and tokens together)",
+                MAX_TXN_OPS - 3
+            )
+        }
+        _ => ": split it into smaller edits".to_owned(),
+    };
+    model::Error::conflict(
+        "limit_exceeded",
+        None,
+        format!(
+            "this edit changes {keys} keys in etcd at once, more than the {MAX_TXN_OPS} \
+             operations one etcd transaction may hold (etcd --max-txn-ops){hint}"
+        ),
+    )
 }
 
 /// A liveness record's value: the report as JSON.
