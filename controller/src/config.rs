@@ -72,6 +72,11 @@ pub struct Args {
     /// `api.insecure_http`): anyone on the path can read and change every request.
     #[arg(long)]
     pub insecure_http: bool,
+    /// Start from an empty desired state even though the state file is missing (or etcd holds
+    /// none) while the dataplane still holds a previous run's: every endpoint and rule it
+    /// enforces is removed. Without it, versed refuses to start then, and says how to recover.
+    #[arg(long)]
+    pub empty_state: bool,
 }
 
 /// Where the desired state lives, parsed from the `store` setting.

@@ -293,6 +293,13 @@ impl Reconciler {
         Ok(Reconciler { dataplane, host, mtu, cidr_ids, applied, plumbed: HashMap::new() })
     }
 
+    /// What the pinned maps held at start (from a previous run): endpoints, routes to remote
+    /// ones and policy entries, all counted.
+    pub fn inherited(&self) -> usize {
+        let a = &self.applied;
+        a.endpoints.len() + a.routes.len() + a.policy.len() + a.cidrs.len()
+    }
+
     /// Reconciles every state `states` publishes and publishes each realized revision on
     /// `realized`, until `states` closes or `stop` changes; a round under way is finished first.
     /// See the module contract.

@@ -452,6 +452,12 @@ impl Versed {
     }
 
     fn spawn(&mut self) {
+        self.spawn_with(&[]);
+        self.wait_ready();
+    }
+
+    /// Starts the daemon with `once` appended to its arguments for this start only.
+    fn spawn_with(&mut self, once: &[&str]) {
         let log = OpenOptions::new()
             .create(true)
             .append(true)
@@ -468,7 +474,7 @@ impl Versed {
         if let Some(config) = &self.config {
             cmd.arg("--config").arg(config);
         }
-        cmd.args(&self.extra_args);
+        cmd.args(&self.extra_args).args(once);
         cmd.stdin(Stdio::null()).stdout(log).stderr(err);
         if std::env::var_os("RUST_LOG").is_none() {
             cmd.env("RUST_LOG", "info");
@@ -481,6 +487,10 @@ impl Versed {
         let child =
             cmd.spawn().unwrap_or_else(|e| panic!("failed to start {}: {e}", self.bin.display()));
         self.child = Some(child);
+    }
+
+    /// Waits (20 s at most) until the daemon answers, panicking with its log if it exits.
+    fn wait_ready(&mut self) {
         let api = self.api();
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
@@ -570,6 +580,33 @@ impl Versed {
     pub fn start_again(&mut self) {
         assert!(self.child.is_none(), "versed is already running");
         self.spawn();
+    }
+
+    /// Like [`Versed::start_again`], with `args` added for this start only.
+    pub fn start_again_with(&mut self, args: &[&str]) {
+        assert!(self.child.is_none(), "versed is already running");
+        self.spawn_with(args);
+        self.wait_ready();
+    }
+
+    /// Starts the daemon again after [`Versed::stop`], expecting it to refuse to start: waits
+    /// (20 s at most) for it to exit, and returns its exit status and what it logged on this
+    /// start. Panics if it serves its API instead.
+    pub fn start_again_expecting_exit(&mut self) -> (std::process::ExitStatus, String) {
+        assert!(self.child.is_none(), "versed is already running");
+        let logged = self.log().len();
+        self.spawn_with(&[]);
+        let mut status = None;
+        let exited = wait_until(Duration::from_secs(20), || {
+            status = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten());
+            status.is_some()
+        });
+        if !exited {
+            panic!("versed did not exit within 20 s; log:\n{}", self.log());
+        }
+        self.child = None;
+        let log = self.log();
+        (status.expect("exited"), log.get(logged..).unwrap_or_default().to_owned())
     }
 }
 

@@ -189,3 +189,50 @@ fn a_crashed_daemon_comes_back_without_losing_state_or_opening_holes() {
     );
     assert_eq!(conn.exchange("tracked", ALLOWED).expect("S8 holds across the crash"), "s:tracked");
 }
+
+/// A deleted state file is not an empty desired state: versed refuses to start (the dataplane
+/// would lose every endpoint and rule), says how to recover, and after `cp state.json.last-good
+/// state.json` starts with everything in place. `--empty-state` starts afresh on purpose.
+#[test]
+fn a_lost_state_file_stops_the_start_until_it_is_restored_from_its_last_good_copy() {
+    let mut host = Host::start();
+    let api = host.api.clone();
+    let uni = api.create_universe("keep", "10.61.0.0/24");
+    let a = host.endpoint(id(&uni), "10.61.0.10", &[]);
+    let b = host.endpoint(id(&uni), "10.61.0.20", &[]);
+    assert!(ping(&a.ns, b.ip), "default group: members talk");
+    let before = snapshot(&api);
+    let state = host.state_dir().join("state.json");
+    let copy = host.state_dir().join("state.json.last-good");
+    assert_eq!(
+        std::fs::read(&state).unwrap(),
+        std::fs::read(&copy).unwrap(),
+        "the copy is current"
+    );
+
+    host.versed.stop();
+    std::fs::remove_file(&state).unwrap();
+    let (status, log) = host.versed.start_again_expecting_exit();
+    assert!(!status.success(), "versed must refuse to start: {log}");
+    assert!(log.contains("refusing to start") && log.contains("state.json.last-good"), "{log}");
+    assert!(log.contains("--empty-state"), "says how to start afresh: {log}");
+    // Nothing was torn down meanwhile: the pinned dataplane still enforces.
+    assert!(ping(&a.ns, b.ip), "the dataplane keeps the endpoints while versed is refused");
+
+    std::fs::copy(&copy, &state).unwrap();
+    host.versed.start_again();
+    assert_eq!(snapshot(&api), before, "everything is back");
+    assert!(ping(&a.ns, b.ip));
+
+    // Lost again, and this time a fresh start is what the operator wants.
+    host.versed.stop();
+    std::fs::remove_file(&state).unwrap();
+    host.versed.start_again_with(&["--empty-state"]);
+    // The admin token went with the state: versed made a new one.
+    let api = host.versed.api();
+    assert_eq!(api.get("/v1/universes").json(), json!([]));
+    assert!(
+        wait_until(Duration::from_secs(10), || !ping(&a.ns, b.ip)),
+        "an empty desired state removes the endpoints"
+    );
+}

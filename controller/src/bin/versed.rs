@@ -110,6 +110,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let reconciler = Reconciler::new(dataplane.clone(), host.clone(), endpoint_mtu)
         .context("reading what the pinned maps hold")?;
 
+    refuse_a_lost_state(&config, &store, &reconciler, args.empty_state)?;
     store.register_host(&host, underlay_ip).await.context("registering this host")?;
     match auth::bootstrap_admin(&store, &config.state_dir, config.admin_token_file.as_deref())
         .await
@@ -243,6 +244,68 @@ fn root_only_dir(dir: &std::path::Path) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// Refuses to start from an empty desired state (no edit was ever stored: the state file is
+/// missing, or etcd holds nothing under the prefix) while this host still has a previous run's
+/// state (the embedded store's last-good copy, or anything in the pinned maps): the first
+/// round would remove every endpoint and rule the dataplane enforces. `--empty-state` accepts
+/// it.
+fn refuse_a_lost_state(
+    config: &Config,
+    store: &Store,
+    reconciler: &Reconciler,
+    empty_state: bool,
+) -> anyhow::Result<()> {
+    if store.snapshot().revision != 0 {
+        return Ok(());
+    }
+    let copy = config.state_dir.join(verse::store::LAST_GOOD_FILE);
+    let state_file = config.state_dir.join(verse::store::STATE_FILE);
+    let embedded = matches!(store, Store::Embedded(_));
+    let has_copy = embedded && copy.exists();
+    let inherited = reconciler.inherited();
+    if !has_copy && inherited == 0 {
+        return Ok(());
+    }
+    let what = match (has_copy, inherited) {
+        (true, 0) => format!("its last good copy {} is there", copy.display()),
+        (true, n) => format!(
+            "its last good copy {} is there, and the pinned dataplane holds {n} entries of a \
+             previous run",
+            copy.display()
+        ),
+        (false, n) => format!("the pinned dataplane holds {n} entries of a previous run"),
+    };
+    if empty_state {
+        tracing::warn!(
+            "starting from an empty desired state as asked (--empty-state) although {what}: \
+            everything the dataplane enforced is removed"
+        );
+        return Ok(());
+    }
+    let recover = if embedded {
+        format!(
+            "restore it with `cp {} {}` and start versed again",
+            copy.display(),
+            state_file.display()
+        )
+    } else {
+        format!(
+            "check the store ({}) and etcd_prefix ({}): they name a fleet with no state",
+            config.store, config.etcd_prefix
+        )
+    };
+    anyhow::bail!(
+        "refusing to start: the desired state is empty ({}), but {what}; starting would remove \
+         every endpoint and rule this host enforces. To recover, {recover}. To start afresh and \
+         remove them, start versed once with --empty-state",
+        if embedded {
+            format!("{} is missing", state_file.display())
+        } else {
+            "etcd holds none".to_owned()
+        }
+    )
 }
 
 /// `BPF_FS_MAGIC` (`include/uapi/linux/magic.h`).

@@ -2,7 +2,10 @@
 //!
 //! Contract (see the parent module for what every store guarantees): the document is kept as
 //! JSON in `<state_dir>/state.json`, replaced atomically (temporary file, fsync, rename, fsync of
-//! the directory), so the file is never seen half-written, even after a crash. Hosts live in
+//! the directory), so the file is never seen half-written, even after a crash. A second copy,
+//! `<state_dir>/state.json.last-good`, is written the same way right after it: the state to
+//! restore if `state.json` is lost or damaged (versed refuses to start without `state.json`
+//! while the copy, or the dataplane of a previous run, is there). Hosts live in
 //! memory only: the hosts registered through this store (normally the one `versed` that owns
 //! it) are always healthy, and their realized revision is the last one reported.
 //!
@@ -28,7 +31,10 @@ use crate::model::{self, State};
 
 /// File name of the document in the state directory.
 pub const STATE_FILE: &str = "state.json";
+/// File name of its copy, written after it at every commit.
+pub const LAST_GOOD_FILE: &str = "state.json.last-good";
 const TEMP_FILE: &str = "state.json.tmp";
+const LAST_GOOD_TEMP: &str = "state.json.last-good.tmp";
 /// File names of the audit trail in the state directory: the current file, the one before.
 pub const AUDIT_FILE: &str = "audit.jsonl";
 pub const AUDIT_FILE_OLD: &str = "audit.jsonl.1";
@@ -66,17 +72,21 @@ impl Embedded {
             .map_err(|source| Error::CreateDir { path: dir.to_owned(), source })?;
         let path = dir.join(STATE_FILE);
         let state = match std::fs::read(&path) {
-            Ok(bytes) => serde_json::from_slice::<State>(&bytes)
-                .map_err(|source| Error::Parse { path: path.clone(), source })?,
+            Ok(bytes) => serde_json::from_slice::<State>(&bytes).map_err(|source| {
+                Error::Parse { path: path.clone(), source, copy: dir.join(LAST_GOOD_FILE) }
+            })?,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => State::default(),
             Err(source) => return Err(Error::Read { path, source }),
         };
         // A temporary file left by a crash before its rename holds an unacknowledged edit.
-        let temp = dir.join(TEMP_FILE);
-        match std::fs::remove_file(&temp) {
-            Ok(()) => tracing::warn!(path = %temp.display(), "removed an unfinished state write"),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(source) => return Err(Error::Write { path: temp, source }),
+        for temp in [dir.join(TEMP_FILE), dir.join(LAST_GOOD_TEMP)] {
+            match std::fs::remove_file(&temp) {
+                Ok(()) => {
+                    tracing::warn!(path = %temp.display(), "removed an unfinished state write")
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(source) => return Err(Error::Write { path: temp, source }),
+            }
         }
         let audit_path = dir.join(AUDIT_FILE);
         let records = match File::open(&audit_path) {
@@ -198,26 +208,30 @@ impl Embedded {
         Ok((out, revision))
     }
 
-    /// Replaces the state file atomically: write a temporary file, fsync it, rename it over
-    /// the old one, fsync the directory so that the rename itself is durable (rename(2) is
-    /// atomic but only durable once the directory is synced).
+    /// Replaces the state file, then its last-good copy, each atomically: write a temporary
+    /// file, fsync it, rename it over the old one; then fsync the directory so that the renames
+    /// are durable (rename(2) is atomic but only durable once the directory is synced).
     fn write(&self, bytes: &[u8]) -> Result<()> {
-        let temp = self.dir.join(TEMP_FILE);
         let werr = |path: &Path| {
             let path = path.to_owned();
             move |source| Error::Write { path, source }
         };
-        let mut file = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&temp)
-            .map_err(werr(&temp))?;
-        file.write_all(bytes).map_err(werr(&temp))?;
-        file.sync_all().map_err(werr(&temp))?;
-        drop(file);
-        std::fs::rename(&temp, &self.path).map_err(werr(&self.path))?;
+        for (temp, target) in
+            [(TEMP_FILE, self.path.clone()), (LAST_GOOD_TEMP, self.dir.join(LAST_GOOD_FILE))]
+        {
+            let temp = self.dir.join(temp);
+            let mut file = std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(&temp)
+                .map_err(werr(&temp))?;
+            file.write_all(bytes).map_err(werr(&temp))?;
+            file.sync_all().map_err(werr(&temp))?;
+            drop(file);
+            std::fs::rename(&temp, &target).map_err(werr(&target))?;
+        }
         File::open(&self.dir).and_then(|d| d.sync_all()).map_err(werr(&self.dir))?;
         Ok(())
     }
@@ -344,6 +358,11 @@ mod tests {
         assert_eq!(snap.revision, 2);
         assert_eq!(snap.universes["uni-00000001"].name, "renamed");
         assert!(!dir.join(TEMP_FILE).exists());
+        // The last-good copy is the same document.
+        assert_eq!(
+            std::fs::read(dir.join(LAST_GOOD_FILE)).unwrap(),
+            std::fs::read(dir.join(STATE_FILE)).unwrap()
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
@@ -491,12 +510,13 @@ mod tests {
     }
 
     #[test]
-    fn corrupt_state_file_is_reported_with_its_path() {
+    fn corrupt_state_file_is_reported_with_its_path_and_the_copy_to_restore() {
         let dir = temp_dir("corrupt");
         std::fs::create_dir_all(&dir).unwrap();
         std::fs::write(dir.join(STATE_FILE), b"{not json").unwrap();
         let err = Store::open_embedded(&dir).err().unwrap().to_string();
         assert!(err.contains("state.json"), "{err}");
+        assert!(err.contains(LAST_GOOD_FILE), "says how to recover: {err}");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -41,7 +41,7 @@ use tokio::sync::watch;
 use crate::audit::{AuditRecord, Query as AuditQuery};
 use crate::model::{self, State};
 
-pub use embedded::{Embedded, STATE_FILE};
+pub use embedded::{Embedded, LAST_GOOD_FILE, STATE_FILE};
 pub use etcd::{Etcd, EtcdOptions, EtcdTls};
 
 /// Why a store operation failed.
@@ -58,8 +58,13 @@ pub enum Error {
     #[error("failed to read {path}: {source}")]
     Read { path: PathBuf, source: std::io::Error },
     /// The state document is not valid JSON for a `State`.
-    #[error("state file {path} is corrupt: {source}")]
-    Parse { path: PathBuf, source: serde_json::Error },
+    #[error(
+        "state file {path} is corrupt: {source} (restore the last good state with `cp {} {}`, \
+         after keeping the corrupt file aside)",
+        copy.display(),
+        path.display()
+    )]
+    Parse { path: PathBuf, source: serde_json::Error, copy: PathBuf },
     /// The new state could not be made durable; nothing changed.
     #[error("failed to persist the state to {path}: {source}")]
     Write { path: PathBuf, source: std::io::Error },
