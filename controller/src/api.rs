@@ -473,20 +473,20 @@ fn hosts_view(st: &AppState) -> Vec<Host> {
     hosts
 }
 
-/// A name `ip netns` could have made: one path component.
-fn check_netns(name: &str) -> Result<(), ApiError> {
-    if name.is_empty() || name == "." || name == ".." || name.contains('/') || name.contains('\0') {
-        return Err(ApiError::invalid(
-            "netns",
-            format!("{name:?} is not a network namespace name"),
-        ));
-    }
+/// A namespace that exists on this host, by a name `ip netns` could have made.
+fn check_netns(name: &str, host: &str) -> Result<(), ApiError> {
+    model::check_netns(name)?;
     if NETNS_DIRS.iter().any(|d| Path::new(d).join(name).exists()) {
         Ok(())
     } else {
-        Err(ApiError::invalid(
-            "netns",
-            format!("network namespace {name:?} does not exist on this host (create it with `ip netns add {name}`)"),
+        // Like an id in the body that does not exist: a 404 naming the field.
+        Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!(
+                "netns: network namespace {name:?} does not exist on host {host} (create it with \
+                 `ip netns add {name}`)"
+            ),
         ))
     }
 }
@@ -709,8 +709,8 @@ async fn create_endpoint(
     // edit.
     allow_new_endpoint(&caller, &st.store.snapshot(), &req)?;
     match req.host.as_deref() {
-        None => check_netns(&req.netns)?,
-        Some(h) if h == st.host => check_netns(&req.netns)?,
+        None => check_netns(&req.netns, &st.host)?,
+        Some(h) if h == st.host => check_netns(&req.netns, &st.host)?,
         Some(h) => check_placement(&st, h)?,
     }
     let host = st.host.clone();
@@ -776,6 +776,9 @@ fn endpoint_realized(st: &AppState, ep: &model::Endpoint, revision: u64) -> Resu
         let cause = format!("host {} could not plumb endpoint {}: {}", ep.host, ep.id, e.message);
         return Err(match e.code.as_str() {
             "invalid_argument" => ApiError::invalid("netns", cause),
+            "not_found" => {
+                ApiError::new(StatusCode::NOT_FOUND, "not_found", format!("netns: {cause}"))
+            }
             "conflict" => ApiError::new(StatusCode::CONFLICT, "conflict", cause),
             _ => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "not_realized", cause),
         });
@@ -986,18 +989,15 @@ async fn delete_token(
     mutate(&st, StatusCode::NO_CONTENT, move |s| s.delete_token(&id), |_| None::<()>).await
 }
 
-/// `since` of `GET /v1/audit`: an RFC 3339 time in UTC, or how long ago (`1h`, `30m`).
+/// `since` of `GET /v1/audit`: an RFC 3339 time in UTC, or how long ago (`1h`, `30m`; see
+/// [`model::parse_time`]).
 fn parse_since(text: &str) -> Result<std::time::SystemTime, ApiError> {
-    if let Some(t) = Timestamp::parse(text) {
-        return Ok(t.0);
+    let now = std::time::SystemTime::now();
+    match model::parse_time(text) {
+        Some(model::Time::At(t)) => Ok(t),
+        Some(model::Time::Span(ago)) => Ok(now.checked_sub(ago).unwrap_or(std::time::UNIX_EPOCH)),
+        None => Err(ApiError::invalid("since", model::time_syntax(text))),
     }
-    let ago = humantime::parse_duration(text.trim()).map_err(|e| {
-        ApiError::invalid(
-            "since",
-            format!("{text:?} is neither an RFC 3339 time in UTC nor a duration (1h, 30m): {e}"),
-        )
-    })?;
-    Ok(std::time::SystemTime::now().checked_sub(ago).unwrap_or(std::time::UNIX_EPOCH))
 }
 
 async fn query_audit(
@@ -1011,14 +1011,19 @@ async fn query_audit(
     let limit = match q.get("limit") {
         None => audit::DEFAULT_LIMIT,
         Some(l) => {
-            l.parse::<usize>().ok().filter(|n| (1..=audit::MAX_LIMIT).contains(n)).ok_or_else(
-                || {
+            // Decimal digits without a sign or a leading zero, as the OpenAPI document says.
+            let decimal =
+                !l.starts_with('0') && !l.is_empty() && l.bytes().all(|c| c.is_ascii_digit());
+            decimal
+                .then(|| l.parse::<usize>().ok())
+                .flatten()
+                .filter(|n| (1..=audit::MAX_LIMIT).contains(n))
+                .ok_or_else(|| {
                     ApiError::invalid(
                         "limit",
                         format!("{l:?} is not a number within 1..={}", audit::MAX_LIMIT),
                     )
-                },
-            )?
+                })?
         }
     };
     // A confined principal sees its universe's records only; another universe's are as
@@ -1145,227 +1150,7 @@ async fn openapi() -> Response {
     json_ok(&openapi_document())
 }
 
-/// The OpenAPI 3 description of this API.
+/// The OpenAPI 3 description of this API (see [`crate::openapi`]).
 pub fn openapi_document() -> serde_json::Value {
-    use serde_json::json;
-    let r = |name: &str| json!({ "$ref": format!("#/components/schemas/{name}") });
-    let body = |name: &str| json!({ "required": true, "content": { "application/json": { "schema": r(name) } } });
-    let ok = |desc: &str, schema: serde_json::Value| json!({ "description": desc, "content": { "application/json": { "schema": schema } } });
-    let array = |name: &str| json!({ "type": "array", "items": r(name) });
-    let err = |desc: &str| json!({ "description": desc, "content": { "application/json": { "schema": r("Error") } } });
-    let rev = json!({ "Verse-Revision": { "$ref": "#/components/headers/Verse-Revision" } });
-    let created = |desc: &str, name: &str| json!({ "description": desc, "headers": rev, "content": { "application/json": { "schema": r(name) } } });
-    let no_content = |desc: &str| json!({ "description": desc, "headers": rev });
-    let id_param = |name: &str, desc: &str| json!({ "name": name, "in": "path", "required": true, "description": desc, "schema": { "type": "string" } });
-    let query_param = |name: &str, desc: &str| json!({ "name": name, "in": "query", "required": false, "description": desc, "schema": { "type": "string" } });
-    let e400 = err("Invalid input; the message names the field at fault");
-    let e404 = err("Unknown id");
-    let e409 = err("Conflict: duplicate, in use, or limit reached");
-
-    let mut doc = json!({
-        "openapi": "3.0.3",
-        "info": {
-            "title": "Verse API",
-            "version": env!("CARGO_PKG_VERSION"),
-            "description": "Universes, security groups, rules and endpoints of a Verse fleet. Every request but /healthz and /v1/openapi.json needs a token (Authorization: Bearer); objects of universes a token cannot see answer 404. Every mutation returns the revision it produced in the Verse-Revision header and returns once every healthy host has realized it (bounded by 10 s). A mutation answers 503 (code unavailable) when the store (etcd) cannot be reached."
-        },
-        "paths": {
-            "/healthz": { "get": { "summary": "Liveness", "responses": { "200": { "description": "The daemon is up", "content": { "text/plain": { "schema": { "type": "string", "enum": ["ok"] } } } } } } },
-            "/metrics": { "get": { "summary": "Prometheus metrics (OpenMetrics text)", "responses": {
-                "200": { "description": "verse_drops_total{reason}, verse_endpoints, verse_rules, verse_security_groups, verse_universes, verse_revision, verse_realized_revision", "content": { "application/openmetrics-text": { "schema": { "type": "string" } } } },
-                "500": err("The dataplane counters could not be read") } } },
-            "/v1/openapi.json": { "get": { "summary": "This document", "responses": { "200": { "description": "OpenAPI 3 document", "content": { "application/json": { "schema": { "type": "object" } } } } } } },
-            "/v1/universes": {
-                "post": { "summary": "Create a universe (and its default group)", "requestBody": body("CreateUniverse"),
-                    "responses": { "201": created("The universe", "Universe"), "400": e400, "409": e409 } },
-                "get": { "summary": "List universes", "responses": { "200": ok("Every universe", array("Universe")) } }
-            },
-            "/v1/universes/{id}": {
-                "parameters": [id_param("id", "Universe id (uni-...)")],
-                "get": { "summary": "Show a universe", "responses": { "200": ok("The universe", r("Universe")), "404": e404 } },
-                "delete": { "summary": "Delete a universe and its groups", "responses": { "204": no_content("Deleted"), "404": e404, "409": err("The universe still has endpoints") } }
-            },
-            "/v1/security-groups": {
-                "post": { "summary": "Create a security group (S2: no ingress rule, egress to all)", "requestBody": body("CreateSecurityGroup"),
-                    "responses": { "201": created("The group", "SecurityGroup"), "400": e400, "404": err("Unknown universe"), "409": e409 } },
-                "get": { "summary": "List security groups", "parameters": [query_param("universe", "Only the groups of this universe")],
-                    "responses": { "200": ok("The groups", array("SecurityGroup")), "400": err("Unknown query parameter") } }
-            },
-            "/v1/security-groups/{id}": {
-                "parameters": [id_param("id", "Security group id (sg-...)")],
-                "get": { "summary": "Show a security group with its rules", "responses": { "200": ok("The group", r("SecurityGroup")), "404": e404 } },
-                "delete": { "summary": "Delete a security group", "responses": { "204": no_content("Deleted"), "404": e404, "409": err("The group is in use by an endpoint, referenced by a rule, or a default group") } }
-            },
-            "/v1/security-groups/{id}/rules": {
-                "parameters": [id_param("id", "Security group id (sg-...)")],
-                "post": { "summary": "Add a rule", "requestBody": body("CreateRule"),
-                    "responses": { "201": created("The rule", "Rule"), "400": e400, "404": err("Unknown group (or peer group)"), "409": err("Duplicate rule, or 1000 rules per group reached, or the dataplane would not fit it") } }
-            },
-            "/v1/security-groups/{id}/rules/{rule_id}": {
-                "parameters": [id_param("id", "Security group id (sg-...)"), id_param("rule_id", "Rule id (sgr-...)")],
-                "delete": { "summary": "Delete a rule (tracked connections it allowed go on, S8)", "responses": { "204": no_content("Deleted"), "404": e404 } }
-            },
-            "/v1/endpoints": {
-                "post": { "summary": "Create an endpoint: plug a workload namespace into a universe", "requestBody": body("CreateEndpoint"),
-                    "responses": { "201": created("The endpoint; on return its interface exists, its policy is in force, and every healthy host has realized it", "Endpoint"), "400": e400, "404": err("Unknown universe or group"), "409": e409 } },
-                "get": { "summary": "List endpoints", "parameters": [query_param("universe", "Only the endpoints of this universe"), query_param("host", "Only the endpoints on this host")],
-                    "responses": { "200": ok("The endpoints", array("Endpoint")), "400": err("Unknown query parameter") } }
-            },
-            "/v1/endpoints/{id}": {
-                "parameters": [id_param("id", "Endpoint id (ep-...)")],
-                "get": { "summary": "Show an endpoint", "responses": { "200": ok("The endpoint", r("Endpoint")), "404": e404 } },
-                "patch": { "summary": "Replace the security groups of an endpoint (S5)", "requestBody": body("PatchEndpoint"),
-                    "responses": { "200": { "description": "The endpoint", "headers": rev, "content": { "application/json": { "schema": r("Endpoint") } } }, "400": e400, "404": e404, "409": e409 } },
-                "delete": { "summary": "Delete an endpoint and its interface", "responses": { "204": no_content("Deleted"), "404": e404 } }
-            },
-            "/v1/hosts": {
-                "get": { "summary": "Hosts and the revision each has realized (S13)", "responses": { "200": ok("The hosts", array("Host")) } }
-            },
-            "/v1/tokens": {
-                "post": { "summary": "Create an API token (admin only); its secret is in the answer, once", "requestBody": body("CreateToken"),
-                    "responses": { "201": created("The token and its secret", "CreatedToken"), "400": e400, "404": err("Unknown universe"), "409": e409 } },
-                "get": { "summary": "List API tokens, without their secrets (admin only)", "responses": { "200": ok("The tokens", array("Token")) } }
-            },
-            "/v1/tokens/{id}": {
-                "parameters": [id_param("id", "Token id (tok-...)")],
-                "delete": { "summary": "Revoke a token: every host refuses it once this returns", "responses": { "204": no_content("Revoked"), "404": e404 } }
-            },
-            "/v1/audit": {
-                "get": { "summary": "The audit trail of the fleet: every mutation and every refused credential, newest last (a principal confined to a universe sees that universe's records)",
-                    "parameters": [
-                        query_param("universe", "Only this universe's records"),
-                        query_param("since", "Only records since this RFC 3339 time (UTC), or this long ago (1h, 30m)"),
-                        { "name": "limit", "in": "query", "required": false, "description": "At most this many, the newest (default 1000)", "schema": { "type": "integer", "minimum": 1, "maximum": 10000 } }
-                    ],
-                    "responses": { "200": ok("The records", array("AuditRecord")), "400": err("Invalid query parameter") } }
-            }
-        },
-        "components": {
-            "headers": {
-                "Verse-Revision": { "description": "Revision of the desired state after this edit (S13)", "schema": { "type": "integer", "format": "int64", "minimum": 0 } }
-            },
-            "schemas": {
-                "Error": { "type": "object", "required": ["error"], "properties": { "error": {
-                    "type": "object", "required": ["code", "message"], "properties": {
-                        "code": { "type": "string", "description": "invalid_argument, not_found, duplicate, in_use, limit_exceeded, protected, ..." },
-                        "message": { "type": "string", "description": "For 400s, starts with the field at fault" } } } } },
-                "CreateUniverse": { "type": "object", "additionalProperties": false, "required": ["name"],
-                    "description": "Exactly one of cidr and cidrs.",
-                    "properties": {
-                        "name": { "type": "string" },
-                        "cidr": { "type": "string", "example": "10.1.0.0/16" },
-                        "cidrs": { "type": "array", "items": { "type": "string" }, "minItems": 1 } } },
-                "Universe": { "type": "object", "required": ["id", "name", "cidrs", "vni"], "properties": {
-                    "id": { "type": "string", "pattern": "^uni-[0-9a-f]{8}$" },
-                    "name": { "type": "string" },
-                    "cidrs": { "type": "array", "items": { "type": "string" }, "description": "Canonical IPv4 CIDRs" },
-                    "vni": { "type": "integer", "minimum": 0, "maximum": 16777215 } } },
-                "CreateSecurityGroup": { "type": "object", "additionalProperties": false, "required": ["universe", "name"], "properties": {
-                    "universe": { "type": "string", "description": "Universe id" },
-                    "name": { "type": "string" },
-                    "description": { "type": "string" } } },
-                "SecurityGroup": { "type": "object", "required": ["id", "universe", "name", "description", "ingress", "egress"], "properties": {
-                    "id": { "type": "string", "pattern": "^sg-[0-9a-f]{8}$" },
-                    "universe": { "type": "string" },
-                    "name": { "type": "string" },
-                    "description": { "type": "string" },
-                    "ingress": { "type": "array", "items": r("Rule") },
-                    "egress": { "type": "array", "items": r("Rule") } } },
-                "CreateRule": { "type": "object", "additionalProperties": false, "required": ["direction", "protocol"],
-                    "description": "Exactly one of cidr and group. tcp/udp take from_port and to_port (inclusive); icmp/icmpv6 take icmp_type and icmp_code (-1 = any).",
-                    "properties": {
-                        "direction": { "type": "string", "enum": ["ingress", "egress"] },
-                        "protocol": { "oneOf": [ { "type": "string", "description": "tcp, udp, icmp, icmpv6, all, or a number 0-255 as a string" }, { "type": "integer", "minimum": 0, "maximum": 255 } ] },
-                        "from_port": { "type": "integer", "minimum": 0, "maximum": 65535 },
-                        "to_port": { "type": "integer", "minimum": 0, "maximum": 65535 },
-                        "icmp_type": { "type": "integer", "minimum": -1, "maximum": 255 },
-                        "icmp_code": { "type": "integer", "minimum": -1, "maximum": 255 },
-                        "cidr": { "type": "string", "description": "Peer CIDR; stored canonical" },
-                        "group": { "type": "string", "description": "Peer security group id, same universe" },
-                        "description": { "type": "string" } } },
-                "Rule": { "type": "object", "required": ["id", "direction", "protocol", "description"], "properties": {
-                    "id": { "type": "string", "pattern": "^sgr-[0-9a-f]{8}$" },
-                    "direction": { "type": "string", "enum": ["ingress", "egress"] },
-                    "protocol": { "type": "string", "description": "tcp, udp, icmp, icmpv6, all, or a number" },
-                    "from_port": { "type": "integer" },
-                    "to_port": { "type": "integer" },
-                    "icmp_type": { "type": "integer", "description": "-1 = any" },
-                    "icmp_code": { "type": "integer", "description": "-1 = any" },
-                    "cidr": { "type": "string" },
-                    "group": { "type": "string" },
-                    "description": { "type": "string" } } },
-                "CreateEndpoint": { "type": "object", "additionalProperties": false, "required": ["universe", "netns", "ip"], "properties": {
-                    "universe": { "type": "string", "description": "Universe id" },
-                    "host": { "type": "string", "description": "Host to place it on; default: the host serving the request" },
-                    "netns": { "type": "string", "description": "An existing `ip netns` namespace on that host" },
-                    "ip": { "type": "string", "format": "ipv4", "description": "Within one of the universe's CIDRs" },
-                    "security_groups": { "type": "array", "items": { "type": "string" }, "maxItems": 16, "description": "Group ids; default: the universe's default group" } } },
-                "PatchEndpoint": { "type": "object", "additionalProperties": false, "required": ["security_groups"], "properties": {
-                    "security_groups": { "type": "array", "items": { "type": "string" }, "maxItems": 16 } } },
-                "Endpoint": { "type": "object", "required": ["id", "universe", "host", "netns", "ip", "mac", "interface", "security_groups"], "properties": {
-                    "id": { "type": "string", "pattern": "^ep-[0-9a-f]{8}$" },
-                    "universe": { "type": "string" },
-                    "host": { "type": "string" },
-                    "netns": { "type": "string" },
-                    "ip": { "type": "string", "format": "ipv4" },
-                    "mac": { "type": "string" },
-                    "interface": { "type": "string", "description": "Host-side veth" },
-                    "security_groups": { "type": "array", "items": { "type": "string" } } } },
-                "Host": { "type": "object", "required": ["name", "underlay_ip", "revision", "healthy"], "properties": {
-                    "name": { "type": "string" },
-                    "underlay_ip": { "type": "string", "format": "ipv4", "nullable": true },
-                    "revision": { "type": "integer", "format": "int64", "description": "Revision realized in the host's dataplane" },
-                    "healthy": { "type": "boolean" } } },
-                "CreateToken": { "type": "object", "additionalProperties": false, "required": ["role"],
-                    "description": "admin: no universe. editor: a universe. viewer: a universe, or none to read the whole fleet.",
-                    "properties": {
-                        "role": { "type": "string", "enum": ["admin", "editor", "viewer"] },
-                        "universe": { "type": "string", "description": "Universe id the token is confined to" },
-                        "expires": { "type": "string", "description": "RFC 3339 time in UTC (2027-01-01T00:00:00Z) or a lifetime (90d, 12h); at most 10 years" },
-                        "description": { "type": "string" } } },
-                "Token": { "type": "object", "required": ["id", "role", "universe", "description", "created", "expires"], "properties": {
-                    "id": { "type": "string", "pattern": "^tok-[0-9a-f]{8}$" },
-                    "role": { "type": "string", "enum": ["admin", "editor", "viewer"] },
-                    "universe": { "type": "string", "nullable": true },
-                    "description": { "type": "string" },
-                    "created": { "type": "string", "format": "date-time" },
-                    "expires": { "type": "string", "format": "date-time", "nullable": true } } },
-                "CreatedToken": { "allOf": [ r("Token"), { "type": "object", "required": ["token"], "properties": {
-                    "token": { "type": "string", "pattern": "^vt_[0-9a-f]{8}_[0-9a-f]{64}$", "description": "The secret, for Authorization: Bearer; shown once, never stored" } } } ] },
-                "AuditRecord": { "type": "object", "required": ["time", "host", "principal", "source", "action", "objects", "status"], "properties": {
-                    "time": { "type": "string", "format": "date-time" },
-                    "host": { "type": "string", "description": "The host whose API served the request" },
-                    "principal": { "type": "string", "description": "tok-..., local-root, or unauthenticated" },
-                    "source": { "type": "string", "description": "ADDR:PORT, or unix (uid U, pid P) for the local socket" },
-                    "action": { "type": "string", "description": "Method and route: POST /v1/security-groups/{id}/rules" },
-                    "universe": { "type": "string" },
-                    "objects": { "type": "array", "items": { "type": "string" }, "description": "Ids the request named or created" },
-                    "status": { "type": "integer" },
-                    "revision": { "type": "integer", "format": "int64", "description": "Revision the mutation produced" },
-                    "detail": { "type": "string", "description": "Error code of a refusal; for a refused credential, why (and the token id claimed)" } } }
-            },
-            "securitySchemes": {
-                "bearer": { "type": "http", "scheme": "bearer", "description": "An API token (vt_...); see POST /v1/tokens. Root on a host may instead use the local unix socket <state-dir>/api.sock without a token." }
-            }
-        },
-        "security": [ { "bearer": [] } ]
-    });
-    // Every route but the two public ones needs a principal, and may refuse it for its role.
-    let public = ["/healthz", "/v1/openapi.json"];
-    if let Some(paths) = doc["paths"].as_object_mut() {
-        for (path, item) in paths.iter_mut() {
-            let Some(item) = item.as_object_mut() else { continue };
-            for (_, op) in item.iter_mut().filter(|(m, _)| *m != "parameters") {
-                if public.contains(&path.as_str()) {
-                    op["security"] = json!([]);
-                    continue;
-                }
-                op["responses"]["401"] =
-                    err("No valid token (missing, unknown, revoked, expired or malformed)");
-                op["responses"]["403"] =
-                    err("The principal's role may not do this (code forbidden)");
-            }
-        }
-    }
-    doc
+    crate::openapi::document()
 }

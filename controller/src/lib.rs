@@ -9,7 +9,7 @@
 //! - [`dataplane`]: loading, pinning and attaching the eBPF programs; reading and writing maps.
 //! - [`netlink`]: endpoint plumbing (veth pairs, namespaces, addresses, routes).
 //! - [`reconcile`]: makes the dataplane and the interfaces match the desired state.
-//! - [`api`]: the REST API; [`client`]: the CLI's side of it.
+//! - [`api`]: the REST API, described by [`openapi`]; [`client`]: the CLI's side of it.
 //! - [`auth`]: principals, tokens and who may do what (S15); [`audit`]: the audit trail.
 //! - [`server`]: the API's listeners, TLS and connection limits; [`limits`]: its per-request
 //!   limits (body size and time, rates); [`tls`]: certificates and what a client trusts.
@@ -24,6 +24,7 @@ pub mod dataplane;
 pub mod limits;
 pub mod model;
 pub mod netlink;
+pub mod openapi;
 pub mod reconcile;
 pub mod server;
 pub mod store;

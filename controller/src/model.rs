@@ -9,7 +9,7 @@
 //! Errors: 400 `invalid_argument` names the request field (`cidr`, `cidrs[1]`, `from_port`,
 //! `security_groups[3]`, ...). An id in the path that does not exist is a 404 without a field; an
 //! id in the body that does not exist (`universe`, `group`, `security_groups[i]`) is a 404 that
-//! names its field, and one that exists in another universe is a 400. Conflicts are 409:
+//! names its field, and so is one of another universe. Conflicts are 409:
 //! `duplicate`, `in_use`, `protected` (the `default` group, S3) and `limit_exceeded` (S12).
 //!
 //! Ids are a prefix (`uni-`, `sg-`, `sgr-`, `ep-`) and 8 random lowercase hex digits. An endpoint's
@@ -323,11 +323,24 @@ impl Token {
 
 // ---- Requests: what the API accepts (deserialized with field paths for errors) ----
 
+/// An optional request field that, when present, must hold a value: `null` is refused like any
+/// other wrong type (the OpenAPI document does not declare these fields nullable). Used with
+/// `#[serde(default)]`, so an absent field is `None`.
+fn present<'de, D, T>(d: D) -> std::result::Result<Option<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    T::deserialize(d).map(Some)
+}
+
 #[derive(Clone, Debug, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct CreateUniverse {
     pub name: String,
+    #[serde(default, deserialize_with = "present", skip_serializing_if = "Option::is_none")]
     pub cidr: Option<String>,
+    #[serde(default, deserialize_with = "present", skip_serializing_if = "Option::is_none")]
     pub cidrs: Option<Vec<String>>,
 }
 
@@ -336,6 +349,7 @@ pub struct CreateUniverse {
 pub struct CreateGroup {
     pub universe: String,
     pub name: String,
+    #[serde(default, deserialize_with = "present", skip_serializing_if = "Option::is_none")]
     pub description: Option<String>,
 }
 
@@ -345,12 +359,19 @@ pub struct CreateGroup {
 pub struct CreateRule {
     pub direction: String,
     pub protocol: serde_json::Value,
+    #[serde(default, deserialize_with = "present", skip_serializing_if = "Option::is_none")]
     pub from_port: Option<i64>,
+    #[serde(default, deserialize_with = "present", skip_serializing_if = "Option::is_none")]
     pub to_port: Option<i64>,
+    #[serde(default, deserialize_with = "present", skip_serializing_if = "Option::is_none")]
     pub icmp_type: Option<i64>,
+    #[serde(default, deserialize_with = "present", skip_serializing_if = "Option::is_none")]
     pub icmp_code: Option<i64>,
+    #[serde(default, deserialize_with = "present", skip_serializing_if = "Option::is_none")]
     pub cidr: Option<String>,
+    #[serde(default, deserialize_with = "present", skip_serializing_if = "Option::is_none")]
     pub group: Option<String>,
+    #[serde(default, deserialize_with = "present", skip_serializing_if = "Option::is_none")]
     pub description: Option<String>,
 }
 
@@ -358,9 +379,11 @@ pub struct CreateRule {
 #[serde(deny_unknown_fields)]
 pub struct CreateEndpoint {
     pub universe: String,
+    #[serde(default, deserialize_with = "present", skip_serializing_if = "Option::is_none")]
     pub host: Option<String>,
     pub netns: String,
     pub ip: String,
+    #[serde(default, deserialize_with = "present", skip_serializing_if = "Option::is_none")]
     pub security_groups: Option<Vec<String>>,
 }
 
@@ -376,8 +399,11 @@ pub struct PatchEndpoint {
 #[serde(deny_unknown_fields)]
 pub struct CreateToken {
     pub role: Role,
+    #[serde(default, deserialize_with = "present", skip_serializing_if = "Option::is_none")]
     pub universe: Option<String>,
+    #[serde(default, deserialize_with = "present", skip_serializing_if = "Option::is_none")]
     pub expires: Option<String>,
+    #[serde(default, deserialize_with = "present", skip_serializing_if = "Option::is_none")]
     pub description: Option<String>,
 }
 
@@ -604,13 +630,7 @@ impl State {
             let other =
                 self.groups.get(peer).ok_or_else(|| missing("group", "security group", peer))?;
             if other.universe != sg.universe {
-                return Err(Error::invalid(
-                    "group",
-                    format!(
-                        "{peer} is in universe {}, not in {} with {}",
-                        other.universe, sg.universe, sg.id
-                    ),
-                ));
+                return Err(elsewhere("group", peer, &sg.universe));
             }
         }
         let same = |r: &&Rule| {
@@ -798,21 +818,12 @@ impl State {
 /// The longest a token may live: a typo (`90y`) should not mint a token for ever.
 pub const MAX_TOKEN_LIFETIME: Duration = Duration::from_secs(10 * 366 * 24 * 3600);
 
-/// `expires` of a token request: an RFC 3339 time in UTC, or a lifetime from `now`; in the
-/// future, at most [`MAX_TOKEN_LIFETIME`] away.
+/// `expires` of a token request: an RFC 3339 time in UTC, or a lifetime from `now` (see
+/// [`parse_time`]); in the future, at most [`MAX_TOKEN_LIFETIME`] away.
 fn token_expiry(text: &str, now: SystemTime) -> Result<Timestamp> {
-    let at = match Timestamp::parse(text) {
-        Some(t) => t.0,
-        None => {
-            let lifetime = humantime::parse_duration(text.trim()).map_err(|e| {
-                Error::invalid(
-                    "expires",
-                    format!(
-                        "{text:?} is neither an RFC 3339 time in UTC (2027-01-01T00:00:00Z) nor \
-                         a lifetime (90d, 12h, 30m): {e}"
-                    ),
-                )
-            })?;
+    let at = match parse_time(text).ok_or_else(|| Error::invalid("expires", time_syntax(text)))? {
+        Time::At(at) => at,
+        Time::Span(lifetime) => {
             now.checked_add(lifetime).ok_or_else(|| Error::invalid("expires", "too far away"))?
         }
     };
@@ -825,6 +836,78 @@ fn token_expiry(text: &str, now: SystemTime) -> Result<Timestamp> {
         }
         Ok(_) => Ok(Timestamp(at)),
     }
+}
+
+/// A time in a request ([`parse_time`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Time {
+    /// A point in time.
+    At(SystemTime),
+    /// A span of time, from now (a token's lifetime) or back from now (`since`).
+    Span(Duration),
+}
+
+/// Seconds of each unit of a span.
+const SPAN_UNITS: [(u8, u64); 6] =
+    [(b's', 1), (b'm', 60), (b'h', 3600), (b'd', 86_400), (b'w', 7 * 86_400), (b'y', 365 * 86_400)];
+
+/// Parses a time as requests give one (`expires` of a token, `since` of the audit trail),
+/// exactly one of:
+/// - RFC 3339 in UTC, `YYYY-MM-DDTHH:MM:SSZ`, maybe with 1 to 9 digits of a second
+///   (`2027-01-01T00:00:00Z`), a real date from 1970 on;
+/// - a span: whole numbers (0, or 1 to 9 digits without a leading 0) each with a unit, `s`, `m`,
+///   `h`, `d`, `w` or `y` (365 days), separated by single spaces (`90d`, `1h 30m`).
+///
+/// Nothing else, not even surrounding spaces: the OpenAPI document states the same language as
+/// a pattern.
+pub fn parse_time(text: &str) -> Option<Time> {
+    let b = text.as_bytes();
+    let digits = |r: std::ops::Range<usize>| b[r].iter().all(u8::is_ascii_digit);
+    let rfc3339 = b.len() >= 20
+        && digits(0..4)
+        && b[4] == b'-'
+        && digits(5..7)
+        && b[7] == b'-'
+        && digits(8..10)
+        && b[10] == b'T'
+        && digits(11..13)
+        && b[13] == b':'
+        && digits(14..16)
+        && b[16] == b':'
+        && digits(17..19)
+        && match &b[19..] {
+            [b'Z'] => true,
+            [b'.', frac @ .., b'Z'] => {
+                (1..=9).contains(&frac.len()) && frac.iter().all(u8::is_ascii_digit)
+            }
+            _ => false,
+        };
+    if rfc3339 {
+        return humantime::parse_rfc3339(text).ok().map(Time::At);
+    }
+    let mut total: u64 = 0;
+    for part in text.split(' ') {
+        let (number, unit) = part.split_at(part.len().checked_sub(1)?);
+        let seconds = SPAN_UNITS.iter().find(|(u, _)| unit.as_bytes() == [*u])?.1;
+        let well_formed = number == "0"
+            || (1..=9).contains(&number.len())
+                && !number.starts_with('0')
+                && number.bytes().all(|c| c.is_ascii_digit());
+        if !well_formed {
+            return None;
+        }
+        let n: u64 = number.parse().ok()?;
+        total = total.saturating_add(n.saturating_mul(seconds));
+    }
+    Some(Time::Span(Duration::from_secs(total)))
+}
+
+/// The message of a time [`parse_time`] refuses.
+pub fn time_syntax(text: &str) -> String {
+    format!(
+        "{text:?} is neither an RFC 3339 time in UTC (2027-01-01T00:00:00Z) nor a span of whole \
+         units s, m, h, d, w, y separated by single spaces (90d, 12h, 1h 30m)"
+    )
 }
 
 // ---- Helpers of the edits ----
@@ -870,6 +953,18 @@ pub fn missing(field: &str, what: &str, id: &str) -> Error {
         code: "not_found",
         field: Some(field.to_owned()),
         message: format!("{field}: {what} {id} not found"),
+    }
+}
+
+/// 404 for a security group of another universe that a request body refers to: within the
+/// universe of the request it does not exist (and, to a principal of this universe alone, the
+/// other universe does not either: S15).
+fn elsewhere(field: &str, group: &str, universe: &str) -> Error {
+    Error {
+        kind: ErrorKind::NotFound,
+        code: "not_found",
+        field: Some(field.to_owned()),
+        message: format!("{field}: security group {group} not found in universe {universe}"),
     }
 }
 
@@ -961,17 +1056,20 @@ pub fn check_host(host: &str) -> Result<String> {
 }
 
 /// An `ip netns` name: a file name under /run/netns (iproute2 `is_valid_netns_name`: no `/`, not
-/// `.` or `..`, at most NAME_MAX bytes). Whitespace and control characters are refused too, as
-/// they only make trouble in scripts.
-fn check_netns(netns: &str) -> Result<String> {
+/// `.` or `..`, at most NAME_MAX bytes), in printable ASCII without spaces: other bytes only
+/// make trouble in scripts, and the API's OpenAPI pattern says exactly this.
+pub fn check_netns(netns: &str) -> Result<String> {
     if netns.is_empty() || netns.len() > 255 {
-        return Err(Error::invalid("netns", "must be 1 to 255 bytes"));
+        return Err(Error::invalid("netns", "must be 1 to 255 characters"));
     }
     if netns == "." || netns == ".." {
         return Err(Error::invalid("netns", format!("{netns:?} is not a namespace name")));
     }
-    if let Some(c) = netns.chars().find(|c| *c == '/' || c.is_whitespace() || c.is_control()) {
-        return Err(Error::invalid("netns", format!("{netns:?} contains {c:?}")));
+    if let Some(c) = netns.chars().find(|c| *c == '/' || !c.is_ascii_graphic()) {
+        return Err(Error::invalid(
+            "netns",
+            format!("{netns:?} contains {c:?}; use printable ASCII without '/' or spaces"),
+        ));
     }
     Ok(netns.to_owned())
 }
@@ -1287,10 +1385,7 @@ impl State {
             let field = format!("security_groups[{i}]");
             let group = self.groups.get(id).ok_or_else(|| missing(&field, "security group", id))?;
             if group.universe != universe {
-                return Err(Error::invalid(
-                    &field,
-                    format!("{id} is in universe {}, not in {universe}", group.universe),
-                ));
+                return Err(elsewhere(&field, id, universe));
             }
             if let Some(j) = requested[..i].iter().position(|g| g == id) {
                 return Err(Error::invalid(
@@ -1952,9 +2047,16 @@ mod tests {
             (tcp(json!({"cidr": "10.0.0.300/8"})), "cidr"),
             (tcp(json!({"cidr": "10.0.0.1"})), "cidr"),
             (tcp(json!({"cidr": "10.0.0.0/33"})), "cidr"),
-            (tcp(json!({"cidr": null, "group": foreign.id})), "group"),
             (tcp(json!({"description": "x".repeat(256)})), "description"),
         ];
+        // A peer group of another universe does not exist in this one.
+        let err = s
+            .add_rule(&g.id, rule_req(tcp(json!({"cidr": null, "group": foreign.id}))))
+            .unwrap_err();
+        assert_eq!(
+            (err.kind, err.code, err.field.as_deref()),
+            (NotFound, "not_found", Some("group"))
+        );
         for (body, field) in invalid {
             let text = body.to_string();
             let err = s.add_rule(&g.id, rule_req(body)).expect_err(&text);
@@ -2162,13 +2264,6 @@ mod tests {
             (CreateEndpoint { security_groups: Some(vec![]), ..ok("10.0.0.5") }, "security_groups"),
             (
                 CreateEndpoint {
-                    security_groups: Some(vec![web.id.clone(), foreign.id.clone()]),
-                    ..ok("10.0.0.5")
-                },
-                "security_groups[1]",
-            ),
-            (
-                CreateEndpoint {
                     security_groups: Some(vec![
                         web.id.clone(),
                         default_group(&s, &u.id),
@@ -2187,7 +2282,17 @@ mod tests {
                 (Invalid, "invalid_argument", Some(field)),
                 "{text}: {err:?}"
             );
-        }
+        } // A group of another universe does not exist in this one.
+        let req = CreateEndpoint {
+            security_groups: Some(vec![web.id.clone(), foreign.id.clone()]),
+            ..ok("10.0.0.5")
+        };
+        let err = s.create_endpoint(req, "h").unwrap_err();
+        assert_eq!(
+            (err.kind, err.code, err.field.as_deref()),
+            (NotFound, "not_found", Some("security_groups[1]"))
+        );
+
         let err = s.create_endpoint(ok("fd00::5"), "h").unwrap_err();
         assert!(err.message.contains("IPv6"), "{}", err.message);
         refused(
@@ -2335,8 +2440,8 @@ mod tests {
         refused(
             &mut s,
             |s| s.patch_endpoint(&e.id, patch(vec![foreign])),
-            Invalid,
-            "invalid_argument",
+            NotFound,
+            "not_found",
             Some("security_groups[0]"),
         );
         refused(
@@ -2445,6 +2550,44 @@ mod tests {
 
     fn secret(id: &str, now: SystemTime) -> TokenSecret {
         TokenSecret { id: id.into(), hash: "ab".repeat(32), now }
+    }
+
+    #[test]
+    fn request_times_are_rfc3339_in_utc_or_spans_of_whole_units_and_nothing_else() {
+        let at = |t: &str| Some(Time::At(humantime::parse_rfc3339(t).unwrap()));
+        let span = |secs: u64| Some(Time::Span(Duration::from_secs(secs)));
+        assert_eq!(parse_time("2027-01-01T00:00:00Z"), at("2027-01-01T00:00:00Z"));
+        assert_eq!(parse_time("2028-02-29T23:59:59.5Z"), at("2028-02-29T23:59:59.5Z"));
+        assert_eq!(parse_time("90d"), span(90 * 86_400));
+        assert_eq!(parse_time("1h 30m"), span(5400));
+        assert_eq!(parse_time("0s"), span(0));
+        assert_eq!(parse_time("2y 1w 1s"), span(2 * 365 * 86_400 + 7 * 86_400 + 1));
+        for bad in [
+            "",
+            " 1h",
+            "1h ",
+            "1h  30m",
+            "1 h",
+            "01h",
+            "1.5h",
+            "1H",
+            "1M",
+            "1000000000s",
+            "h",
+            "1",
+            "2027-01-01t00:00:00z",
+            "2027-01-01 00:00:00Z",
+            "2027-01-01T00:00:00",
+            "2027-01-01T00:00:00+00:00",
+            "2027-01-01T00:00:00.Z",
+            "2027-01-01T00:00:00.1234567890Z",
+            "2027-02-30T00:00:00Z",
+            "2027-13-01T00:00:00Z",
+            "1969-12-31T23:59:59Z",
+            "+2027-01-01T00:00:00Z",
+        ] {
+            assert_eq!(parse_time(bad), None, "{bad:?}");
+        }
     }
 
     #[test]

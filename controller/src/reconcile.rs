@@ -251,7 +251,13 @@ impl EndpointError {
     pub fn code(&self) -> &'static str {
         use netlink::Error as N;
         match self {
-            // The namespace is missing on this host, or not a namespace.
+            // The namespace does not exist on this host.
+            EndpointError::Plumb { source: N::OpenNetns { source, .. }, .. }
+                if source.kind() == std::io::ErrorKind::NotFound =>
+            {
+                "not_found"
+            }
+            // It is there but is no namespace.
             EndpointError::Plumb { source: N::OpenNetns { .. } | N::Setns { .. }, .. } => {
                 "invalid_argument"
             }

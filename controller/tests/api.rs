@@ -491,10 +491,10 @@ async fn rule_errors_name_the_field() {
         assert_eq!(a.status, StatusCode::BAD_REQUEST, "{body}: {}", a.text);
         a.error(StatusCode::BAD_REQUEST, "invalid_argument", field);
     }
-    // A peer group of another universe.
+    // A peer group of another universe does not exist in this one.
     let a =
         api.post(&uri, json!({"direction": "ingress", "protocol": "all", "group": foreign})).await;
-    a.error(StatusCode::BAD_REQUEST, "invalid_argument", "group");
+    a.error(StatusCode::NOT_FOUND, "not_found", "group");
     // 404s: the group of the path, the peer group.
     let a = api.post("/v1/security-groups/sg-00000000/rules", base.clone()).await;
     a.error(StatusCode::NOT_FOUND, "not_found", "sg-00000000");
@@ -592,12 +592,13 @@ async fn local_endpoint_needs_an_existing_netns() {
     let u = id(&api.universe("blue", "10.1.0.0/16").await);
     let ns = format!("verse-test-absent-{}", std::process::id());
     let a = api.post("/v1/endpoints", json!({"universe": u, "netns": ns, "ip": "10.1.0.5"})).await;
-    a.error(StatusCode::BAD_REQUEST, "invalid_argument", "netns");
+    // Like an id that does not exist: a 404 naming the field.
+    a.error(StatusCode::NOT_FOUND, "not_found", "netns");
     assert!(a.body["error"]["message"].as_str().unwrap().contains(&ns));
     let a = api
         .post("/v1/endpoints", json!({"universe": u, "host": HOST, "netns": ns, "ip": "10.1.0.5"}))
         .await;
-    a.error(StatusCode::BAD_REQUEST, "invalid_argument", "netns");
+    a.error(StatusCode::NOT_FOUND, "not_found", "netns");
     let a = api
         .post("/v1/endpoints", json!({"universe": u, "netns": "../etc", "ip": "10.1.0.5"}))
         .await;
@@ -626,7 +627,6 @@ async fn endpoint_errors_name_the_field() {
         (ep("10.3.0.5", json!([web])), "ip"),
         (ep("10.1.0.5", json!([])), "security_groups"),
         (ep("10.1.0.5", json!([web, web])), "security_groups[1]"),
-        (ep("10.1.0.5", json!([foreign])), "security_groups[0]"),
         (ep("10.1.0.5", json!("web")), "security_groups"),
         (json!({"universe": u, "host": "bad host", "netns": "n", "ip": "10.1.0.5"}), "host"),
     ] {
@@ -641,6 +641,9 @@ async fn endpoint_errors_name_the_field() {
         )
         .await;
     a.error(StatusCode::NOT_FOUND, "not_found", "universe");
+    // A group of another universe does not exist in this one.
+    let a = api.post("/v1/endpoints", ep("10.1.0.5", json!([foreign]))).await;
+    a.error(StatusCode::NOT_FOUND, "not_found", "security_groups[0]");
     // A host that is not in the fleet would never plumb it: refused, naming the host.
     let a = api
         .post(
@@ -970,19 +973,51 @@ async fn openapi_describes_every_route() {
     };
     assert_eq!(
         accepts("CreateUniverse"),
-        fields(serde_json::to_value(verse::model::CreateUniverse::default()).unwrap())
+        fields(
+            serde_json::to_value(verse::model::CreateUniverse {
+                cidr: Some(String::new()),
+                cidrs: Some(vec![]),
+                ..Default::default()
+            })
+            .unwrap()
+        )
     );
     assert_eq!(
         accepts("CreateSecurityGroup"),
-        fields(serde_json::to_value(verse::model::CreateGroup::default()).unwrap())
+        fields(
+            serde_json::to_value(verse::model::CreateGroup {
+                description: Some(String::new()),
+                ..Default::default()
+            })
+            .unwrap()
+        )
     );
     assert_eq!(
         accepts("CreateRule"),
-        fields(serde_json::to_value(verse::model::CreateRule::default()).unwrap())
+        fields(
+            serde_json::to_value(verse::model::CreateRule {
+                from_port: Some(0),
+                to_port: Some(0),
+                icmp_type: Some(0),
+                icmp_code: Some(0),
+                cidr: Some(String::new()),
+                group: Some(String::new()),
+                description: Some(String::new()),
+                ..Default::default()
+            })
+            .unwrap()
+        )
     );
     assert_eq!(
         accepts("CreateEndpoint"),
-        fields(serde_json::to_value(verse::model::CreateEndpoint::default()).unwrap())
+        fields(
+            serde_json::to_value(verse::model::CreateEndpoint {
+                host: Some(String::new()),
+                security_groups: Some(vec![]),
+                ..Default::default()
+            })
+            .unwrap()
+        )
     );
     assert_eq!(
         accepts("PatchEndpoint"),
@@ -990,9 +1025,9 @@ async fn openapi_describes_every_route() {
     );
     let token = verse::model::CreateToken {
         role: verse::model::Role::Viewer,
-        universe: None,
-        expires: None,
-        description: None,
+        universe: Some(String::new()),
+        expires: Some(String::new()),
+        description: Some(String::new()),
     };
     assert_eq!(accepts("CreateToken"), fields(serde_json::to_value(token).unwrap()));
 }
@@ -1201,14 +1236,29 @@ async fn every_role_against_every_route_s15() {
         ("GET /healthz",                                    Fleet, [200, 200, 200, 200, 200]),
         ("GET /v1/openapi.json",                            Fleet, [200, 200, 200, 200, 200]),
     ];
-    // Every route of the router is in the table.
+    // Every route of the router is in the table, and the document declares every status the
+    // table expects of it (401 and 403 included).
     let doc = api.get("/v1/openapi.json").await.body;
     for (path, item) in doc["paths"].as_object().unwrap() {
         for method in item.as_object().unwrap().keys().filter(|k| *k != "parameters") {
             let route = format!("{} {path}", method.to_uppercase());
             assert!(table.iter().any(|(r, ..)| *r == route), "{route} is not in the table");
+            let declared = &item[method]["responses"];
+            for (_, _, statuses) in table.iter().filter(|(r, ..)| *r == route) {
+                for status in statuses {
+                    assert!(
+                        declared.get(status.to_string()).is_some(),
+                        "{route} answers {status} but the document does not say so"
+                    );
+                }
+            }
+            // Exactly the public routes need no principal.
+            let public = item[method]["security"] == json!([]);
+            assert_eq!(public, declared.get("401").is_none(), "{route}: security and 401 agree");
         }
     }
+    assert_eq!(doc["security"], json!([{"bearer": []}]));
+    assert_eq!(doc["components"]["securitySchemes"]["bearer"]["scheme"], "bearer");
 
     let principals: [(&str, As, usize); 7] = [
         ("admin", As::Token(&admin), 0),

@@ -144,7 +144,7 @@ fn rule_errors_are_400_or_404_and_name_the_field() {
         ),
         (
             json!({"direction": "ingress", "protocol": "tcp", "from_port": 1, "to_port": 2, "group": id(&foreign)}),
-            400,
+            404,
             "group",
         ),
         (
@@ -212,8 +212,8 @@ fn endpoint_errors_are_400_404_or_409_and_name_the_field() {
         ),
         (
             json!({"universe": u, "netns": n, "ip": "10.3.0.5", "security_groups": [id(&foreign)]}),
-            400,
-            "invalid_argument",
+            404,
+            "not_found",
             "security_groups",
         ),
     ];
@@ -253,7 +253,9 @@ fn an_endpoint_in_a_namespace_that_does_not_exist_is_refused() {
     let missing = format!("{}-nope", run_prefix());
     let r = api
         .post("/v1/endpoints", &json!({"universe": id(&uni), "netns": missing, "ip": "10.5.0.5"}));
-    assert_error(&r, 400, "invalid_argument", "netns");
+    // Like an id that does not exist: a 404 naming the field (and the host).
+    assert_error(&r, 404, "not_found", "netns");
+    assert!(r.error_message().contains(host.name()), "{}", r.body);
     assert_eq!(api.get("/v1/endpoints").json(), json!([]), "nothing half-made stays behind");
 }
 

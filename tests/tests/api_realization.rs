@@ -124,7 +124,7 @@ fn an_endpoint_that_breaks_later_stays_and_its_host_reports_it_while_other_edits
     let errors = status["errors"].as_array().unwrap();
     assert_eq!(errors.len(), 1, "{status}");
     assert_eq!(errors[0]["endpoint"], json!(ep));
-    assert_eq!(errors[0]["code"], json!("invalid_argument"));
+    assert_eq!(errors[0]["code"], json!("not_found"), "its namespace is gone");
     assert!(errors[0]["message"].as_str().unwrap().contains("network namespace"), "{status}");
     // The endpoint stays until it is deleted; then the report is clean again.
     assert_eq!(api.get(&format!("/v1/endpoints/{ep}")).status, 200);
@@ -144,7 +144,8 @@ fn a_host_of_the_fleet_that_cannot_plumb_an_endpoint_makes_the_call_fail_on_anot
         "/v1/endpoints",
         &json!({"universe": id(&uni), "host": b, "netns": unique_name("gone"), "ip": "10.1.0.5"}),
     );
-    assert_eq!(r.status, 400, "{}", r.body);
+    assert_eq!(r.status, 404, "{}", r.body);
+    assert_eq!(r.error_code(), "not_found");
     let msg = r.error_message();
     assert!(msg.starts_with("netns:") && msg.contains(&b), "names host B and the cause: {msg}");
     assert!(msg.contains("network namespace"), "{msg}");

@@ -37,6 +37,8 @@ const PACKAGES: &[&str] = &[
     // types (google/protobuf/*.proto) its protos import.
     "protobuf-compiler",
     "libprotobuf-dev",
+    // The API fuzz runs schemathesis (PyPI) from a virtual environment (see install_schemathesis).
+    "python3-venv",
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
@@ -44,6 +46,7 @@ const BPF_LINKER_VERSION: &str = "0.13.0";
 pub fn run() -> Result<()> {
     install_packages()?;
     install_bpf_linker()?;
+    install_schemathesis()?;
     Ok(())
 }
 
@@ -91,4 +94,35 @@ fn install_bpf_linker() -> Result<()> {
         Ok(o) if o.status.success() => Ok(()),
         _ => bail!("bpf-linker was installed but is not on PATH (add ~/.cargo/bin to PATH)"),
     }
+}
+
+/// The schema-driven fuzz of the API (tests/tests/api_fuzz.rs) runs schemathesis, from the
+/// Python package registry, in a virtual environment under target/: nothing is installed
+/// system-wide, and the test finds it at [`SCHEMATHESIS_DIR`]`/bin/schemathesis`.
+const SCHEMATHESIS_VERSION: &str = "4.32.5";
+const SCHEMATHESIS_DIR: &str = "target/schemathesis";
+
+fn install_schemathesis() -> Result<()> {
+    let venv = crate::root().join(SCHEMATHESIS_DIR);
+    let python = venv.join("bin/python");
+    let current = Command::new(&python)
+        .args(["-c", "import importlib.metadata as m; print(m.version('schemathesis'))"])
+        .output();
+    if let Ok(out) = current {
+        if String::from_utf8_lossy(&out.stdout).trim() == SCHEMATHESIS_VERSION {
+            return Ok(());
+        }
+    }
+    eprintln!(
+        "xtask setup: installing schemathesis {SCHEMATHESIS_VERSION} into {}",
+        venv.display()
+    );
+    crate::run(Command::new("python3").arg("-m").arg("venv").arg(&venv))
+        .context("python3 -m venv (Debian: python3-venv)")?;
+    crate::run(
+        Command::new(venv.join("bin/pip"))
+            .args(["install", "--quiet", "--disable-pip-version-check"])
+            .arg(format!("schemathesis=={SCHEMATHESIS_VERSION}")),
+    )
+    .context("pip install schemathesis")
 }

@@ -170,9 +170,9 @@ impl Realized {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HostError {
     pub endpoint: String,
-    /// `invalid_argument` (the request cannot work on that host as it is: the endpoint's
-    /// namespace does not exist there, say), `conflict` (something in the way: an interface of
-    /// the same name), or `internal`.
+    /// `not_found` (the endpoint's namespace does not exist on that host), `invalid_argument`
+    /// (the request cannot work there as it is: that namespace is not one), `conflict`
+    /// (something in the way: an interface of the same name), or `internal`.
     pub code: String,
     pub message: String,
 }

@@ -1,0 +1,114 @@
+"""schemathesis hooks of the API fuzz (tests/tests/api_fuzz.rs).
+
+The OpenAPI document says everything about a request that JSON Schema can say. A few rules of
+the server relate values in a way it cannot, and the document states them in words:
+
+- the CIDRs of one universe must not overlap each other;
+- a rule's from_port must not be above its to_port;
+- a token's expires, shaped as the pattern says, must be a real date (no February 30th) in the
+  future and at most 10 years away, or a lifetime above zero and at most 10 years;
+- the audit trail's since, shaped as the pattern says, must be a real date.
+
+A request breaking one of them is a 400 however valid its parts are. These hooks keep such
+requests out of the generated data, so that a request the fuzz counts as valid is valid, and any
+400 it gets is a real disagreement between the document and the server. (They drop invalid
+requests as well as valid ones: that only leaves some invalid requests unsent.)
+"""
+import datetime
+import ipaddress
+import re
+
+import schemathesis
+
+# What the document's pattern for times allows (controller/src/openapi.rs, time()).
+_RFC3339 = re.compile(
+    r"^([0-9]{4})-([0-9]{2})-([0-9]{2})T([0-9]{2}):([0-9]{2}):([0-9]{2})(?:\.[0-9]{1,9})?Z$"
+)
+_SPAN = re.compile(r"^(0|[1-9][0-9]{0,8})([smhdwy])$")
+_UNIT = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400, "y": 365 * 86400}
+# The longest lifetime of a token, and a margin around the bounds of expires so that the clock
+# moving while a request is sent decides nothing.
+_TEN_YEARS = 10 * 366 * 86400
+_MARGIN = 3600
+
+
+def _time(text):
+    """("at", datetime) or ("span", seconds) for a time the server parses, else None."""
+    if not isinstance(text, str):
+        return None
+    m = _RFC3339.match(text)
+    if m:
+        year, month, day, hour, minute, second = (int(g) for g in m.groups())
+        if year < 1970:
+            return None
+        try:
+            at = datetime.datetime(
+                year, month, day, hour, minute, min(second, 59), tzinfo=datetime.timezone.utc
+            )
+        except ValueError:
+            return None
+        return ("at", at)
+    total = 0
+    for part in text.split(" "):
+        m = _SPAN.match(part)
+        if not m:
+            return None
+        total += int(m.group(1)) * _UNIT[m.group(2)]
+    return ("span", total)
+
+
+def _good_expiry(text):
+    t = _time(text)
+    if t is None:
+        return False
+    if t[0] == "span":
+        seconds = t[1]
+    else:
+        seconds = (t[1] - datetime.datetime.now(datetime.timezone.utc)).total_seconds()
+    return _MARGIN < seconds < _TEN_YEARS - _MARGIN
+
+
+def _overlapping(cidrs):
+    nets = []
+    for text in cidrs:
+        if not isinstance(text, str):
+            return False
+        try:
+            nets.append(ipaddress.ip_network(text, strict=False))
+        except ValueError:
+            return False
+    return any(
+        a.version == b.version and a.overlaps(b)
+        for i, a in enumerate(nets)
+        for b in nets[i + 1 :]
+    )
+
+
+@schemathesis.hook
+def filter_body(context, body):
+    if not isinstance(body, dict) or context.operation is None:
+        return True
+    path, method = context.operation.path, context.operation.method.upper()
+    if method == "POST" and path == "/v1/universes":
+        cidrs = body.get("cidrs")
+        if isinstance(cidrs, list) and _overlapping(cidrs):
+            return False
+    if method == "POST" and path == "/v1/security-groups/{id}/rules":
+        low, high = body.get("from_port"), body.get("to_port")
+        if isinstance(low, int) and isinstance(high, int) and low > high:
+            return False
+    if method == "POST" and path == "/v1/tokens":
+        if isinstance(body.get("expires"), str) and not _good_expiry(body["expires"]):
+            return False
+    return True
+
+
+@schemathesis.hook
+def filter_query(context, query):
+    if not isinstance(query, dict) or context.operation is None:
+        return True
+    if context.operation.method.upper() == "GET" and context.operation.path == "/v1/audit":
+        since = query.get("since")
+        if isinstance(since, str) and _time(since) is None:
+            return False
+    return True
