@@ -68,8 +68,8 @@ impl std::fmt::Display for RateKey {
 /// The principal of a request if it carries one, else its peer address (the server puts the
 /// peer in [`ConnectInfo`]). The one place that decides who shares a rate limit.
 pub fn rate_key(req: &Request) -> RateKey {
-    // Authentication (issue 9) puts the request's principal in its extensions; key on it here
-    // once it does, ahead of the address.
+    // Once requests are authenticated, the authentication layer puts the request's principal
+    // in its extensions: key on it here, ahead of the address.
     match req.extensions().get::<ConnectInfo<SocketAddr>>() {
         Some(ConnectInfo(peer)) => RateKey::Peer(peer.ip()),
         None => RateKey::Unknown,

@@ -958,7 +958,7 @@ pub fn missing(field: &str, what: &str, id: &str) -> Error {
 
 /// 404 for a security group of another universe that a request body refers to: within the
 /// universe of the request it does not exist (and, to a principal of this universe alone, the
-/// other universe does not either: S15).
+/// other universe does not either).
 fn elsewhere(field: &str, group: &str, universe: &str) -> Error {
     Error {
         kind: ErrorKind::NotFound,
