@@ -2,7 +2,8 @@
 //!
 //! Contract: every route of the README's "REST API" table. Collections are JSON arrays.
 //! Errors are `{"error": {"code", "message"}}` with 400 (invalid input; the message starts with
-//! the field at fault), 404 (unknown id or route) or 409 (duplicate, in use, limit). Request
+//! the field at fault), 401 and 403 (access, below), 404 (unknown id or route), 409 (duplicate,
+//! in use, limit), and the limits' 408, 413 and 429 ([`crate::limits`]). Request
 //! bodies are parsed here, from bytes, so that malformed JSON, a wrong type, an unknown or a
 //! missing field are 400s naming the field too. Mutations carry the new revision in the
 //! `Verse-Revision` header and return only once every healthy host of the fleet has realized
@@ -16,8 +17,9 @@
 //! with the revision its reconciler has realized (fresher than its report in the store).
 //!
 //! Access (S15): every route but `/healthz` and `/v1/openapi.json` is behind
-//! [`crate::auth::authenticate`] (401 without a principal) and, outside it,
-//! [`crate::audit::record`]. Each handler asks [`crate::auth::decide`] through its [`Caller`]:
+//! [`crate::auth::authenticate`] (401 without a principal), the rate limit of that principal,
+//! and, outside both, [`crate::audit::record`] (see [`router`] for the order of the layers).
+//! Each handler asks [`crate::auth::decide`] through its [`Caller`]:
 //! an object of a universe the caller does not see answers exactly as a missing one would (the
 //! same 404, the same message), lists leave such objects out, and ids in a request body that
 //! name such objects are "not found" too; a role that may not do something is a 403 (code
@@ -47,6 +49,7 @@ use tokio::sync::watch;
 
 use crate::audit::{self, Auditor, Note};
 use crate::auth::{self, Decision, Op, Principal, Resource};
+use crate::limits::{self, Limits};
 use crate::model::{self, ErrorKind, Role, State, Timestamp};
 use crate::store::{self, Store};
 
@@ -80,6 +83,8 @@ pub struct AppState {
     pub stats: StatsFn,
     /// The audit trail's counters.
     pub audit: Arc<Auditor>,
+    /// The per-request limits (rates, bodies); `None`: none (in-process tests).
+    pub limits: Option<Arc<Limits>>,
 }
 
 impl AppState {
@@ -90,7 +95,12 @@ impl AppState {
         realized: watch::Receiver<store::Realized>,
         stats: StatsFn,
     ) -> AppState {
-        AppState { store, host, underlay_ip, realized, stats, audit: Arc::default() }
+        AppState { store, host, underlay_ip, realized, stats, audit: Arc::default(), limits: None }
+    }
+
+    /// The same, with the per-request limits of [`crate::limits`].
+    pub fn with_limits(self, limits: Arc<Limits>) -> AppState {
+        AppState { limits: Some(limits), ..self }
     }
 }
 
@@ -278,11 +288,20 @@ impl Caller {
 type ApiResult = Result<Response, ApiError>;
 
 /// The API's router: every route of the README's "REST API" table, `/healthz`, `/metrics` and
-/// `/v1/openapi.json` among them. Every route but `/healthz` and `/v1/openapi.json` (and every unknown
-/// route) is behind authentication and the audit trail (see the module docs).
+/// `/v1/openapi.json` among them.
+///
+/// Every route but `/healthz` and `/v1/openapi.json` (and every unknown route) passes, in this
+/// order: the audit trail ([`audit::record`], which so sees every answer below it, 401s and
+/// 429s included); authentication ([`auth::authenticate`]: who is asking); the rate limit,
+/// keyed on that principal, or on the address of a request without one
+/// ([`limits::limit_rate`]); the 401 of a request without a principal ([`auth::require`]);
+/// the body limits ([`limits::limit_body`]: nothing reads a body before, so only a principal
+/// within its rate ever has one read); the handler. `/v1/openapi.json` is rate limited by
+/// address; `/healthz` is not limited.
 pub fn router(state: AppState) -> Router {
-    use axum::middleware::from_fn_with_state;
+    use axum::middleware::{from_fn, from_fn_with_state};
     use axum::routing::{delete, post};
+    let limits = state.limits.clone();
     let guarded = Router::new()
         .route("/metrics", get(metrics))
         .route("/v1/universes", post(create_universe).get(list_universes))
@@ -302,14 +321,16 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/audit", get(query_audit))
         .fallback(no_route)
         .method_not_allowed_fallback(method_not_allowed)
-        // The last layer is the outermost: the audit trail sees what authentication refused.
+        // The last layer added is the outermost.
+        .layer(from_fn_with_state(limits.clone(), limits::limit_body))
+        .layer(from_fn(auth::require))
+        .layer(from_fn_with_state(limits.clone(), limits::limit_rate))
         .layer(from_fn_with_state(state.clone(), auth::authenticate))
         .layer(from_fn_with_state(state.clone(), audit::record));
-    Router::new()
-        .route("/healthz", get(healthz))
+    let public = Router::new()
         .route("/v1/openapi.json", get(openapi))
-        .merge(guarded)
-        .with_state(state)
+        .layer(from_fn_with_state(limits, limits::limit_rate));
+    Router::new().route("/healthz", get(healthz)).merge(public).merge(guarded).with_state(state)
 }
 
 // ---- Helpers ----
@@ -1138,7 +1159,7 @@ pub fn render_metrics(
     counter(
         &mut reg,
         "audit_suppressed",
-        "Requests refused for their credentials beyond the rate this host records",
+        "Requests refused for their credentials or their rate beyond what this host records",
         audit.suppressed(),
     );
     let mut out = String::new();

@@ -2,9 +2,10 @@
 //! its credentials, recorded in the store so that every host's API shows the whole fleet's.
 //!
 //! Contract:
-//! - [`record`] (a middleware outside authentication) writes one [`AuditRecord`] per request
-//!   whose method changes something (POST, PUT, PATCH, DELETE), whatever its answer, and per
-//!   request of any method refused because its token is unknown, revoked, expired or malformed.
+//! - [`record`] (a middleware outside authentication and the rate limit) writes one
+//!   [`AuditRecord`] per request whose method changes something (POST, PUT, PATCH, DELETE),
+//!   whatever its answer, and per request of any method refused because its token is unknown,
+//!   revoked, expired or malformed.
 //!   A record holds the time, the host that served it, the principal (`tok-…`, `local-root`,
 //!   or `unauthenticated` with the claimed token id), the source address, the action (method
 //!   and route), the universe and object ids involved (what handlers [`Note`]d), the status,
@@ -12,11 +13,12 @@
 //! - The record is written before the answer leaves. A record that cannot be written is
 //!   logged (at error, with the record) and counted (`verse_audit_write_failures_total`); the
 //!   request's answer is not changed by it.
-//! - Refusals for credentials cost the refused client nothing, so what they can write is
-//!   bounded: at most [`REFUSALS_PER_SECOND`] per host on average (bursts of
-//!   [`REFUSALS_BURST`]); beyond that they are counted (`verse_audit_suppressed_total`) and
-//!   logged once per second, not stored, so a flood of bad tokens cannot push the fleet's real
-//!   records out of the bounded trail.
+//! - Refusals for credentials, and mutations refused for the rate limit (429), cost the refused
+//!   client nothing, so what they can write is bounded: at most [`REFUSALS_PER_SECOND`] per host
+//!   on average (bursts of [`REFUSALS_BURST`]); beyond that they are counted
+//!   (`verse_audit_suppressed_total`) and logged once per second, not stored, so a flood of bad
+//!   tokens or of writes cannot push the fleet's real records out of the bounded trail, nor
+//!   turn into a flood of writes to the store.
 //! - Storage and retention are the store's (`Store::append_audit`, `Store::query_audit`).
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -140,12 +142,12 @@ impl Auditor {
     pub fn failures(&self) -> u64 {
         self.failures.load(Ordering::Relaxed)
     }
-    /// Refusals for credentials not recorded because of the bound.
+    /// Refusals for credentials or the rate limit not recorded because of the bound.
     pub fn suppressed(&self) -> u64 {
         self.suppressed.load(Ordering::Relaxed)
     }
 
-    /// Whether one more refusal for credentials may be recorded now.
+    /// Whether one more refusal for credentials or the rate limit may be recorded now.
     fn admit_refusal(&self) -> bool {
         let mut b = self.bucket.lock().unwrap_or_else(PoisonError::into_inner);
         let now = Instant::now();
@@ -161,8 +163,8 @@ impl Auditor {
             b.warned = Some(now);
             tracing::warn!(
                 suppressed_total = n,
-                "too many requests refused for their credentials: not recording each of them in \
-                 the audit trail (counted in verse_audit_suppressed_total)"
+                "too many requests refused for their credentials or their rate: not recording each \
+                 of them in the audit trail (counted in verse_audit_suppressed_total)"
             );
         }
         false
@@ -201,10 +203,11 @@ pub async fn record(AxState(st): AxState<AppState>, mut req: Request, next: Next
     if !is_mutation(&method) && !credential_refused {
         return resp;
     }
-    if n.refusal.is_some() && !st.audit.admit_refusal() {
+    let status = resp.status();
+    let flood = n.refusal.is_some() || status == axum::http::StatusCode::TOO_MANY_REQUESTS;
+    if flood && !st.audit.admit_refusal() {
         return resp;
     }
-    let status = resp.status();
     let revision = resp
         .headers()
         .get(REVISION_HEADER)

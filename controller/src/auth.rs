@@ -5,7 +5,7 @@
 //!   `local-root`, a request without a token on the local unix socket (`<state-dir>/api.sock`,
 //!   mode 0600: only root can connect, and the peer's uid, read from the socket, must be 0).
 //!   `GET /healthz` and `GET /v1/openapi.json` need no principal; everything else without one
-//!   is a 401 (the router applies [`authenticate`]).
+//!   is a 401 (the router applies [`authenticate`], then the rate limit, then [`require`]).
 //! - A token's secret is `vt_<8 hex>_<64 hex>` (256 random bits from the OS); its id is
 //!   `tok-<the same 8 hex>`. The store keeps the token (`model::Token`) with the SHA-256 of the
 //!   secret only, so a token made on one host is known to every host at once, and deleting it
@@ -332,13 +332,10 @@ pub struct LocalPeer {
     pub pid: Option<i32>,
 }
 
-impl
-    axum::extract::connect_info::Connected<
-        axum::serve::IncomingStream<'_, tokio::net::UnixListener>,
-    > for LocalPeer
-{
-    fn connect_info(stream: axum::serve::IncomingStream<'_, tokio::net::UnixListener>) -> Self {
-        match stream.io().peer_cred() {
+impl LocalPeer {
+    /// The peer of a connection to the local socket, from the kernel (`SO_PEERCRED`).
+    pub fn of(stream: &tokio::net::UnixStream) -> LocalPeer {
+        match stream.peer_cred() {
             Ok(cred) => LocalPeer { uid: Some(cred.uid()), pid: cred.pid() },
             Err(e) => {
                 tracing::warn!(error = %e, "cannot read the credentials of a local API client");
@@ -348,13 +345,31 @@ impl
     }
 }
 
+impl std::fmt::Display for LocalPeer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let uid = self.uid.map_or_else(|| "?".to_owned(), |u| u.to_string());
+        let pid = self.pid.map_or_else(|| "?".to_owned(), |p| p.to_string());
+        write!(f, "unix (uid {uid}, pid {pid})")
+    }
+}
+
+/// For `axum::serve` over the local socket (in-process tests); `versed` serves it with
+/// [`crate::server::serve`].
+impl
+    axum::extract::connect_info::Connected<
+        axum::serve::IncomingStream<'_, tokio::net::UnixListener>,
+    > for LocalPeer
+{
+    fn connect_info(stream: axum::serve::IncomingStream<'_, tokio::net::UnixListener>) -> Self {
+        LocalPeer::of(stream.io())
+    }
+}
+
 /// Where a request came from, for the audit trail: `ADDR:PORT` over TCP, `unix (uid U, pid P)`
 /// on the local socket, `unknown` for a request with no connection (in-process).
 pub fn source(req: &Request) -> String {
     if let Some(ConnectInfo(p)) = req.extensions().get::<ConnectInfo<LocalPeer>>() {
-        let uid = p.uid.map_or_else(|| "?".to_owned(), |u| u.to_string());
-        let pid = p.pid.map_or_else(|| "?".to_owned(), |p| p.to_string());
-        return format!("unix (uid {uid}, pid {pid})");
+        return p.to_string();
     }
     if let Some(ConnectInfo(addr)) = req.extensions().get::<ConnectInfo<std::net::SocketAddr>>() {
         return addr.to_string();
@@ -381,9 +396,10 @@ pub fn principal(req: &Request, state: &State, now: SystemTime) -> Result<Princi
     }
 }
 
-/// The middleware of every route that needs a principal: puts the [`Principal`] in the
-/// request's extensions (handlers and later layers, such as a rate limiter, read it there), or
-/// answers 401 with a JSON error and `WWW-Authenticate: Bearer`.
+/// The first middleware of every route that needs a principal: resolves it, and puts the
+/// [`Principal`] in the request's extensions (the rate limit, the handlers and the audit trail
+/// read it there), or else the [`Refusal`], which [`require`] answers (after the rate limit,
+/// so that a flood of bad credentials is limited too).
 pub async fn authenticate(
     AxState(st): AxState<AppState>,
     mut req: Request,
@@ -397,23 +413,30 @@ pub async fn authenticate(
                 note.principal(p.name());
             }
             req.extensions_mut().insert(p);
-            next.run(req).await
         }
         Err(refusal) => {
             if let Some(note) = &note {
                 note.refused(&refusal);
             }
-            let body = ErrorBody {
-                error: ErrorDetail { code: "unauthenticated".into(), message: refusal.message() },
-            };
-            let mut resp = (StatusCode::UNAUTHORIZED, Json(body)).into_response();
-            resp.headers_mut().insert(
-                header::WWW_AUTHENTICATE,
-                HeaderValue::from_static("Bearer realm=\"verse\""),
-            );
-            resp
+            req.extensions_mut().insert(refusal);
         }
     }
+    next.run(req).await
+}
+
+/// Lets a request with a [`Principal`] on; answers any other 401, with a JSON error and
+/// `WWW-Authenticate: Bearer`, saying why ([`authenticate`] resolved it).
+pub async fn require(req: Request, next: Next) -> Response {
+    if req.extensions().get::<Principal>().is_some() {
+        return next.run(req).await;
+    }
+    let refusal = req.extensions().get::<Refusal>().cloned().unwrap_or(Refusal::Missing);
+    let body =
+        ErrorBody { error: ErrorDetail { code: "unauthenticated".into(), message: refusal.message() } };
+    let mut resp = (StatusCode::UNAUTHORIZED, Json(body)).into_response();
+    resp.headers_mut()
+        .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer realm=\"verse\""));
+    resp
 }
 
 // ---- The local socket ----

@@ -5,14 +5,19 @@
 //! - Rates: each principal ([`rate_key`]) has two token buckets, one for reads (`GET`, `HEAD`)
 //!   and one for writes (every other method), refilled at `per_second` up to `burst`. A request
 //!   that finds its bucket empty is answered `429 rate_limited` with `Retry-After` (the whole
-//!   seconds until a token is back) and is not served; other principals are not affected.
+//!   seconds until a token is back) and is not served; other principals are not affected. A
+//!   request without a principal (no token, or one refused: it is about to get a 401) counts
+//!   against its address instead, so a flood of bad or missing credentials is limited too, and
+//!   never against a principal whose token it names.
 //! - Bodies: a body longer than `max_body_bytes` is answered `413 payload_too_large`, from its
 //!   `Content-Length` before anything is read, or as soon as more than that has arrived; a body
 //!   that has not fully arrived `body_timeout` after the request head is answered
 //!   `408 request_timeout`. The handler only ever sees a whole body within the limit.
 //!
-//! Apply with [`apply`]. The rate limit must see the authenticated principal: it runs inside
-//! (after) any authentication layer.
+//! [`crate::api::router`] places the two layers ([`limit_rate`], [`limit_body`]): the rate limit
+//! inside authentication, which puts the [`Principal`] in the request's extensions (but before
+//! a refused credential is answered 401); the body limit innermost, so that only a request of a
+//! principal within its rate ever has its body read.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -22,11 +27,11 @@ use std::time::{Duration, Instant};
 use axum::body::Body;
 use axum::extract::{ConnectInfo, Request, State};
 use axum::http::{header, HeaderValue, Method, StatusCode};
-use axum::middleware::{from_fn_with_state, Next};
+use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use axum::Router;
 
 use crate::api::ApiError;
+use crate::auth::{LocalPeer, Principal};
 
 /// A token bucket's settings: `per_second` tokens a second, at most `burst` saved up.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -47,10 +52,12 @@ pub struct Settings {
 /// Who a request counts against.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum RateKey {
-    /// An authenticated principal, by name.
+    /// An authenticated principal, by name (`tok-…`, `local-root`).
     Principal(String),
-    /// An address (requests that carry no principal).
+    /// An address over TCP (requests that carry no principal).
     Peer(IpAddr),
+    /// A uid on the local socket (requests that carry no principal: not root, no token).
+    LocalUid(Option<u32>),
     /// Neither is known (a router served without a socket, in tests).
     Unknown,
 }
@@ -60,18 +67,25 @@ impl std::fmt::Display for RateKey {
         match self {
             RateKey::Principal(p) => write!(f, "principal {p}"),
             RateKey::Peer(ip) => write!(f, "address {ip}"),
+            RateKey::LocalUid(Some(uid)) => write!(f, "uid {uid} on the local socket"),
+            RateKey::LocalUid(None) => write!(f, "an unknown uid on the local socket"),
             RateKey::Unknown => write!(f, "this client"),
         }
     }
 }
 
-/// The principal of a request if it carries one, else its peer address (the server puts the
-/// peer in [`ConnectInfo`]). The one place that decides who shares a rate limit.
+/// The principal of a request if it has one (authentication put it in the request's
+/// extensions), else its peer: the address over TCP, the uid on the local socket (the server
+/// puts the peer in [`ConnectInfo`]). The one place that decides who shares a rate limit.
 pub fn rate_key(req: &Request) -> RateKey {
-    // Once requests are authenticated, the authentication layer puts the request's principal
-    // in its extensions: key on it here, ahead of the address.
-    match req.extensions().get::<ConnectInfo<SocketAddr>>() {
-        Some(ConnectInfo(peer)) => RateKey::Peer(peer.ip()),
+    if let Some(p) = req.extensions().get::<Principal>() {
+        return RateKey::Principal(p.name().to_owned());
+    }
+    if let Some(ConnectInfo(peer)) = req.extensions().get::<ConnectInfo<SocketAddr>>() {
+        return RateKey::Peer(peer.ip());
+    }
+    match req.extensions().get::<ConnectInfo<LocalPeer>>() {
+        Some(ConnectInfo(peer)) => RateKey::LocalUid(peer.uid),
         None => RateKey::Unknown,
     }
 }
@@ -138,18 +152,13 @@ impl Limits {
     }
 }
 
-/// `router` with the limits of the module contract.
-pub fn apply(router: Router, limits: Arc<Limits>) -> Router {
-    // The last layer added runs first: the rate is checked before any body is read.
-    router
-        .layer(from_fn_with_state(limits.clone(), limit_body))
-        .layer(from_fn_with_state(limits, limit_rate))
-}
-
-async fn limit_rate(State(limits): State<Arc<Limits>>, req: Request, next: Next) -> Response {
-    if req.uri().path() == "/healthz" {
-        return next.run(req).await;
-    }
+/// The rate limit of the module contract, as a middleware (`None`: no limit).
+pub async fn limit_rate(
+    State(limits): State<Option<Arc<Limits>>>,
+    req: Request,
+    next: Next,
+) -> Response {
+    let Some(limits) = limits else { return next.run(req).await };
     let write = !matches!(*req.method(), Method::GET | Method::HEAD);
     let key = rate_key(&req);
     match limits.take(key.clone(), write, Instant::now()) {
@@ -180,7 +189,13 @@ fn too_large(max: usize) -> Response {
     .into_response()
 }
 
-async fn limit_body(State(limits): State<Arc<Limits>>, req: Request, next: Next) -> Response {
+/// The body limits of the module contract, as a middleware (`None`: no limit here).
+pub async fn limit_body(
+    State(limits): State<Option<Arc<Limits>>>,
+    req: Request,
+    next: Next,
+) -> Response {
+    let Some(limits) = limits else { return next.run(req).await };
     let Settings { max_body_bytes: max, body_timeout, .. } = limits.settings;
     let declared = req
         .headers()
@@ -258,5 +273,27 @@ mod tests {
         assert!(limits.take(a.clone(), true, now).is_err());
         assert!(limits.take(a, false, now).is_ok(), "reads are counted apart from writes");
         assert!(limits.take(b, true, now).is_ok(), "another address is not affected");
+    }
+
+    #[test]
+    fn the_principal_is_the_key_and_the_peer_only_without_one() {
+        let peer: SocketAddr = "198.18.0.7:5555".parse().unwrap();
+        let request = || Request::new(Body::empty());
+        let mut req = request();
+        req.extensions_mut().insert(ConnectInfo(peer));
+        assert_eq!(rate_key(&req), RateKey::Peer(peer.ip()), "no principal: the address");
+        let token = Principal::Token {
+            id: "tok-0000abcd".into(),
+            role: crate::model::Role::Viewer,
+            universe: None,
+        };
+        req.extensions_mut().insert(token);
+        assert_eq!(rate_key(&req), RateKey::Principal("tok-0000abcd".into()));
+        let mut req = request();
+        req.extensions_mut().insert(ConnectInfo(LocalPeer { uid: Some(1000), pid: None }));
+        assert_eq!(rate_key(&req), RateKey::LocalUid(Some(1000)));
+        req.extensions_mut().insert(Principal::LocalRoot);
+        assert_eq!(rate_key(&req), RateKey::Principal("local-root".into()));
+        assert_eq!(rate_key(&request()), RateKey::Unknown);
     }
 }

@@ -3,16 +3,19 @@
 //! [`crate::limits`]'.)
 //!
 //! Contract:
-//! - HTTP/1.1 (hyper) over TLS ([`ServerTls`]) or plain TCP. On a TLS listener, a connection
-//!   whose first byte is not a TLS handshake gets a plain-text `400` saying to use `https://`,
-//!   and is closed.
+//! - HTTP/1.1 (hyper) over TLS ([`ServerTls`]) or plain TCP ([`serve`]), or over the local
+//!   unix socket ([`serve_local`]: no TLS; the peer's credentials, [`LocalPeer`], are what
+//!   authenticates it). On a TLS listener, a connection whose first byte is not a TLS handshake
+//!   gets a plain-text `400` saying to use `https://`, and is closed. Each request carries its
+//!   peer as [`ConnectInfo`]: the `SocketAddr` over TCP, the [`LocalPeer`] on the socket.
 //! - Deadlines of a connection: from its acceptance, its TLS handshake and first request head
 //!   must have arrived within `header_timeout`; every later request head within
 //!   `header_timeout` of its first byte (so a head sent a byte at a time is cut off); between
 //!   requests it may stay idle `idle_timeout`. Past a deadline it is closed. A request being
 //!   served has none here: its body has one ([`crate::limits`]) and the handlers bound their
 //!   own waits.
-//! - At most `max_connections` at once. A connection arriving at the cap closes the oldest one
+//! - At most `max_connections` at once, per listener (the local socket has its own table: a
+//!   flood over TCP never closes root's connection on the socket). A connection arriving at the cap closes the oldest one
 //!   that is not serving a request; when every connection is serving one, accepting waits
 //!   until one is done. Idle and slow clients therefore never lock others out and never use
 //!   more file descriptors than the cap.
@@ -35,10 +38,11 @@ use axum::Router;
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 use tokio::sync::{watch, Notify};
 use tower::ServiceExt;
 
+use crate::auth::LocalPeer;
 use crate::tls::ServerTls;
 
 /// How long [`serve`] lets connections finish their requests once asked to stop: a mutation
@@ -213,12 +217,12 @@ impl Table {
 
 /// The stream of a connection, marking the start of a request head when bytes arrive on an
 /// idle connection.
-struct Watched {
-    inner: TcpStream,
+struct Watched<S> {
+    inner: S,
     conn: Arc<Conn>,
 }
 
-impl AsyncRead for Watched {
+impl<S: AsyncRead + Unpin> AsyncRead for Watched<S> {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -236,7 +240,7 @@ impl AsyncRead for Watched {
     }
 }
 
-impl AsyncWrite for Watched {
+impl<S: AsyncWrite + Unpin> AsyncWrite for Watched<S> {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -271,7 +275,59 @@ impl Drop for ServeGuard {
     }
 }
 
-/// What [`serve`] shares with every connection task.
+/// What [`run`] accepts connections from: a TCP listener or the local unix socket.
+trait Listener: Send + 'static {
+    type Stream: AsyncRead + AsyncWrite + Unpin + Send + 'static;
+    /// Who is at the other end: what the requests carry as [`ConnectInfo`].
+    type Peer: Clone + std::fmt::Display + Send + Sync + 'static;
+    fn accept(&self) -> impl Future<Output = std::io::Result<(Self::Stream, Self::Peer)>> + Send;
+    /// Serves one accepted connection until it ends.
+    fn drive(
+        shared: Arc<Shared>,
+        stream: Self::Stream,
+        peer: Self::Peer,
+        conn: Arc<Conn>,
+    ) -> impl Future<Output = Result<(), String>> + Send;
+}
+
+impl Listener for TcpListener {
+    type Stream = TcpStream;
+    type Peer = SocketAddr;
+    async fn accept(&self) -> std::io::Result<(TcpStream, SocketAddr)> {
+        let (stream, peer) = TcpListener::accept(self).await?;
+        let _ = stream.set_nodelay(true);
+        Ok((stream, peer))
+    }
+    async fn drive(
+        shared: Arc<Shared>,
+        stream: TcpStream,
+        peer: SocketAddr,
+        conn: Arc<Conn>,
+    ) -> Result<(), String> {
+        connection(&shared, stream, peer, conn).await
+    }
+}
+
+impl Listener for UnixListener {
+    type Stream = UnixStream;
+    type Peer = LocalPeer;
+    async fn accept(&self) -> std::io::Result<(UnixStream, LocalPeer)> {
+        let (stream, _) = UnixListener::accept(self).await?;
+        let peer = LocalPeer::of(&stream);
+        Ok((stream, peer))
+    }
+    async fn drive(
+        shared: Arc<Shared>,
+        stream: UnixStream,
+        peer: LocalPeer,
+        conn: Arc<Conn>,
+    ) -> Result<(), String> {
+        let io = Watched { inner: stream, conn: conn.clone() };
+        http(&shared, TokioIo::new(io), peer, conn).await
+    }
+}
+
+/// What [`run`] shares with every connection task.
 struct Shared {
     app: Router,
     tls: Option<tokio_rustls::TlsAcceptor>,
@@ -283,6 +339,27 @@ struct Shared {
 /// Serves `app` on `listener` until `shutdown` resolves (see the module contract).
 pub async fn serve(
     listener: TcpListener,
+    app: Router,
+    tls: Option<ServerTls>,
+    settings: Settings,
+    shutdown: impl Future<Output = ()>,
+) {
+    run(listener, app, tls, settings, shutdown).await;
+}
+
+/// Serves `app` on the local unix socket `listener` until `shutdown` resolves, with the same
+/// connection limits as over TCP (see the module contract).
+pub async fn serve_local(
+    listener: UnixListener,
+    app: Router,
+    settings: Settings,
+    shutdown: impl Future<Output = ()>,
+) {
+    run(listener, app, None, settings, shutdown).await;
+}
+
+async fn run<L: Listener>(
+    listener: L,
     app: Router,
     tls: Option<ServerTls>,
     settings: Settings,
@@ -327,7 +404,7 @@ pub async fn serve(
             last_report = Instant::now();
         }
         let (stream, peer) = tokio::select! {
-            accepted = listener.accept() => match accepted {
+            accepted = Listener::accept(&listener) => match accepted {
                 Ok(a) => a,
                 Err(e) => {
                     // Out of descriptors (EMFILE) or a connection reset before it was
@@ -339,12 +416,11 @@ pub async fn serve(
             },
             _ = &mut shutdown => break,
         };
-        let _ = stream.set_nodelay(true);
         let (id, conn) = shared.table.open();
         let shared = shared.clone();
         tokio::spawn(async move {
             let outcome = tokio::select! {
-                r = connection(&shared, stream, peer, conn.clone()) => r,
+                r = L::drive(shared.clone(), stream, peer.clone(), conn.clone()) => r,
                 _ = conn.expired(&shared.settings) => Err(format!("closed: no request within its deadline ({:?})", conn.phase())),
                 _ = conn.evict.notified() => Err("closed to make room for another connection".into()),
             };
@@ -412,18 +488,19 @@ async fn connection(
     }
 }
 
-async fn http<I>(
+async fn http<I, P>(
     shared: &Shared,
     io: TokioIo<I>,
-    peer: SocketAddr,
+    peer: P,
     conn: Arc<Conn>,
 ) -> Result<(), String>
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    P: Clone + Send + Sync + 'static,
 {
     let app = shared.app.clone();
     let service = hyper::service::service_fn(move |mut req: hyper::Request<Incoming>| {
-        req.extensions_mut().insert(ConnectInfo(peer));
+        req.extensions_mut().insert(ConnectInfo(peer.clone()));
         conn.set(Phase::Busy);
         let guard = ServeGuard(conn.clone());
         let app = app.clone();

@@ -3,11 +3,15 @@
 //! socket's mode were loosened, the daemon still refuses a peer that is not uid 0 (it reads the
 //! peer's credentials from the socket). Over TCP the same request without a token is a 401.
 //! The first admin token is in the state directory, mode 0600, in a directory only root can
-//! enter.
+//! enter. The socket is served with the same connection limits as TCP: the cap and the
+//! deadlines hold there too.
+use std::io::{Read, Write};
 use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Command, Output};
+use std::time::{Duration, Instant};
 
 use tests::*;
 
@@ -101,4 +105,82 @@ fn root_gets_in_on_the_local_socket_and_no_one_else_does() {
     let out = verse_on_socket(&socket, 0, &["-o", "json", "universe", "list"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(host.api.get("/v1/universes").status, 200, "the admin token still works");
+}
+
+/// Whether the server has closed `s` (a read sees the end of the stream or a reset).
+fn closed_by_server(s: &mut UnixStream) -> bool {
+    s.set_read_timeout(Some(Duration::from_millis(5))).unwrap();
+    let mut buf = [0u8; 512];
+    match s.read(&mut buf) {
+        Ok(0) => true,
+        Ok(_) => false,
+        Err(e) => {
+            !matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut)
+        }
+    }
+}
+
+#[test]
+fn the_local_socket_has_the_connection_cap_and_deadlines_of_tcp() {
+    const CAP: usize = 16;
+    let host = Host::start_with_config(Some(&format!(
+        "[api]\nmax_connections = {CAP}\nheader_timeout = 2\nidle_timeout = 3\n"
+    )));
+    let socket = host.versed.socket();
+    let pid = host.versed.pid().expect("versed runs");
+    let fds = || std::fs::read_dir(format!("/proc/{pid}/fd")).map(|d| d.count()).unwrap_or(0);
+    let before = fds();
+
+    // Twice the cap, connected and silent: the oldest are closed to make room, and root still
+    // gets in.
+    let mut idle: Vec<UnixStream> = (0..2 * CAP)
+        .map(|i| UnixStream::connect(&socket).unwrap_or_else(|e| panic!("connection {i}: {e}")))
+        .collect();
+    assert!(
+        wait_until(Duration::from_secs(2), || {
+            idle.iter_mut().map(closed_by_server).filter(|c| *c).count() >= CAP
+        }),
+        "connections over the cap are closed"
+    );
+    let closed = idle.iter_mut().map(closed_by_server).filter(|c| *c).count();
+    assert!(closed <= CAP + 1, "{closed} closed: only those over the cap (and one for the next)");
+    assert!(fds() <= before + CAP + 8, "versed holds {} descriptors (had {before})", fds());
+    let out = verse_on_socket(&socket, 0, &["-o", "json", "universe", "list"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    drop(idle);
+
+    // A head sent a byte at a time is cut off at header_timeout.
+    let mut slow = UnixStream::connect(&socket).unwrap();
+    let head = b"GET /v1/universes HTTP/1.1\r\nHost: verse\r\nX-Slow: ";
+    let start = Instant::now();
+    let mut cut_at = None;
+    for i in 0..150 {
+        let byte = head.get(i).copied().unwrap_or(b'a');
+        if slow.write_all(&[byte]).is_err() || closed_by_server(&mut slow) {
+            cut_at = Some(start.elapsed());
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let cut_at = cut_at.expect("a head trickling in for 15 s must be cut off");
+    eprintln!("local socket: slow head cut off after {cut_at:?} (header_timeout 2 s)");
+    assert!(
+        cut_at >= Duration::from_millis(1500) && cut_at < Duration::from_millis(4500),
+        "cut off after {cut_at:?}, expected about 2 s"
+    );
+
+    // A keep-alive connection, served, then idle: closed after idle_timeout.
+    let mut kept = UnixStream::connect(&socket).unwrap();
+    kept.write_all(b"GET /v1/universes HTTP/1.1\r\nHost: verse\r\n\r\n").unwrap();
+    kept.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut buf = [0u8; 1024];
+    let n = kept.read(&mut buf).unwrap();
+    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"), "root is served");
+    let start = Instant::now();
+    assert!(wait_until(Duration::from_secs(10), || closed_by_server(&mut kept)));
+    let idle_cut = start.elapsed();
+    assert!(
+        idle_cut >= Duration::from_millis(2500) && idle_cut < Duration::from_millis(5500),
+        "idle connection cut after {idle_cut:?}, expected about 3 s"
+    );
 }

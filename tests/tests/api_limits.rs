@@ -184,11 +184,13 @@ fn a_head_sent_a_byte_at_a_time_and_an_idle_connection_are_cut_off_at_their_time
     assert!(took < Duration::from_secs(2));
 }
 
-/// One HTTP/1.1 request from `src` (an address of the namespace) to `target`.
+/// One HTTP/1.1 request from `src` (an address of the namespace) to `target`, with
+/// `Authorization: Bearer <token>` when a token is given.
 fn request_from(
     ns: &Netns,
     src: Ipv4Addr,
     target: SocketAddr,
+    token: Option<&str>,
     method: &str,
     path: &str,
     body: &str,
@@ -204,8 +206,9 @@ fn request_from(
     let mut stream = stream.unwrap_or_else(|e| panic!("connect from {src}: {e}"));
     stream.set_nonblocking(false).unwrap();
     stream.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let auth = token.map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();
     let req = format!(
-        "{method} {path} HTTP/1.1\r\nHost: verse\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        "{method} {path} HTTP/1.1\r\nHost: verse\r\nConnection: close\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
         body.len()
     );
     stream.write_all(req.as_bytes()).unwrap();
@@ -214,8 +217,16 @@ fn request_from(
     parse_http_response(&raw).unwrap()
 }
 
+/// The Retry-After of a 429, checked: code `rate_limited`, 1 or 2 s at 2 writes a second.
+fn retry_after(r: &Response) -> u64 {
+    assert_eq!(r.error_code(), "rate_limited", "{}", r.body);
+    let after: u64 = r.header("retry-after").and_then(|v| v.parse().ok()).expect("Retry-After");
+    assert!((1..=2).contains(&after), "Retry-After {after}");
+    after
+}
+
 #[test]
-fn a_burst_beyond_the_rate_limit_gets_429_while_another_address_is_served() {
+fn a_burst_beyond_a_principals_rate_gets_429_while_other_principals_are_served() {
     let host = Host::start_with_config(Some(
         "[api]\nwrite_rate = 2\nwrite_burst = 5\nread_rate = 50\nread_burst = 50\n",
     ));
@@ -223,40 +234,87 @@ fn a_burst_beyond_the_rate_limit_gets_429_while_another_address_is_served() {
     host.netns().ip(&["addr", "add", "127.0.0.2/8", "dev", "lo"]);
     let me = Ipv4Addr::LOCALHOST;
     let other = Ipv4Addr::new(127, 0, 0, 2);
+    // Two principals besides the first admin (whose writes make them).
+    let token = |role: &str| {
+        let r = host.api.post("/v1/tokens", &json!({ "role": role }));
+        assert_eq!(r.status, 201, "{}", r.body);
+        r.json()["token"].as_str().expect("the secret").to_owned()
+    };
+    let (a, b) = (token("admin"), token("admin"));
 
-    // 20 writes as fast as they go (invalid ones, answered 400 when served).
-    let statuses: Vec<Response> = (0..20)
-        .map(|_| request_from(host.netns(), me, target, "POST", "/v1/universes", "{}"))
+    // 20 writes of principal a as fast as they go (invalid ones, answered 400 when served).
+    let burst: Vec<Response> = (0..20)
+        .map(|_| request_from(host.netns(), me, target, Some(&a), "POST", "/v1/universes", "{}"))
         .collect();
-    let served = statuses.iter().filter(|r| r.status == 400).count();
-    let limited: Vec<&Response> = statuses.iter().filter(|r| r.status == 429).collect();
+    // From another address right after, it is the same principal: limited too.
+    let moved = request_from(host.netns(), other, target, Some(&a), "POST", "/v1/universes", "{}");
+    let served = burst.iter().filter(|r| r.status == 400).count();
+    let limited: Vec<&Response> = burst.iter().filter(|r| r.status == 429).collect();
     eprintln!(
-        "burst of 20 writes (write_rate 2/s, burst 5): {served} served, {} answered 429",
-        limited.len()
+        "burst of 20 writes of one principal (write_rate 2/s, burst 5): {served} served, {} \
+         answered 429 (Retry-After {:?} s)",
+        limited.len(),
+        limited.iter().filter_map(|r| r.header("retry-after")).collect::<Vec<_>>()
     );
-    assert_eq!(served + limited.len(), 20, "only 400s and 429s: {statuses:?}");
-    assert!(
-        (5..=7).contains(&served),
-        "the burst of 5 (and what refilled) is served, not {served}"
-    );
-    for r in &limited {
-        assert_eq!(r.error_code(), "rate_limited", "{}", r.body);
-        let after: u64 = r.header("retry-after").and_then(|v| v.parse().ok()).expect("Retry-After");
-        assert!((1..=2).contains(&after), "Retry-After {after}");
-    }
-    // Reads are counted apart, and another address has its own buckets.
-    let read = request_from(host.netns(), me, target, "GET", "/v1/universes", "");
+    assert_eq!(served + limited.len(), 20, "only 400s and 429s: {burst:?}");
+    assert!((5..=7).contains(&served), "the burst of 5 (and what refilled) is served, not {served}");
+    let after = limited.iter().map(|r| retry_after(r)).last().expect("some 429s");
+    let a_id = format!("tok-{}", a.split('_').nth(1).unwrap());
+    assert!(limited[0].error_message().contains(&a_id), "names the principal: {}", limited[0].body);
+    assert_eq!(moved.status, 429, "a principal's limit follows it: {}", moved.body);
+    retry_after(&moved);
+
+    // Its reads are counted apart.
+    let read = request_from(host.netns(), me, target, Some(&a), "GET", "/v1/universes", "");
     assert_eq!(read.status, 200, "{}", read.body);
-    let theirs = request_from(host.netns(), other, target, "POST", "/v1/universes", "{}");
-    assert_eq!(theirs.status, 400, "another address is not limited: {}", theirs.body);
+
+    // Another principal on the same address is not limited.
+    let theirs = request_from(host.netns(), me, target, Some(&b), "POST", "/v1/universes", "{}");
+    assert_eq!(theirs.status, 400, "another principal is not limited: {}", theirs.body);
     let valid = json!({"name": "theirs", "cidr": "10.3.0.0/16"}).to_string();
-    let theirs = request_from(host.netns(), other, target, "POST", "/v1/universes", &valid);
+    let theirs = request_from(host.netns(), me, target, Some(&b), "POST", "/v1/universes", &valid);
     assert_eq!(theirs.status, 201, "{}", theirs.body);
-    // After Retry-After, the limited address is served again.
-    let after: u64 = limited.last().unwrap().header("retry-after").unwrap().parse().unwrap();
+
+    // Requests without a principal count against their address: a flood of no token, or of a
+    // forged secret naming b's token id, is limited there and costs b nothing.
+    let b_id = b.split('_').nth(1).expect("vt_<id>_<secret>");
+    let forged = format!("vt_{b_id}_{}", "0".repeat(64));
+    let flood: Vec<u16> = (0..20)
+        .map(|i| {
+            let t = if i % 2 == 0 { None } else { Some(forged.as_str()) };
+            request_from(host.netns(), other, target, t, "POST", "/v1/universes", "{}").status
+        })
+        .collect();
+    let refused = flood.iter().filter(|s| **s == 401).count();
+    let flood_limited = flood.iter().filter(|s| **s == 429).count();
+    eprintln!(
+        "flood of 20 writes without a valid token from one address: {refused} answered 401, \
+         {flood_limited} answered 429"
+    );
+    assert_eq!(refused + flood_limited, 20, "only 401s and 429s: {flood:?}");
+    assert!((5..=7).contains(&refused), "the address's burst of 5 is answered 401: {flood:?}");
+    let theirs = request_from(host.netns(), other, target, Some(&b), "POST", "/v1/universes", "{}");
+    assert_eq!(theirs.status, 400, "b is not limited by a flood naming it: {}", theirs.body);
+
+    // After Retry-After, the limited principal is served again.
     std::thread::sleep(Duration::from_secs(after));
-    let again = request_from(host.netns(), me, target, "POST", "/v1/universes", "{}");
+    let again = request_from(host.netns(), me, target, Some(&a), "POST", "/v1/universes", "{}");
     assert_eq!(again.status, 400, "served again after Retry-After: {}", again.body);
+    // The audit trail holds the refused writes, under the principal (the rate limit is
+    // inside authentication) and the address's, under `unauthenticated`.
+    let trail = host.api.get("/v1/audit").json();
+    let records = trail.as_array().expect("the trail");
+    let count = |principal: &str, status: u64| {
+        records.iter().filter(|r| r["principal"] == principal && r["status"] == status).count()
+    };
+    assert_eq!(count(&a_id, 429), limited.len() + 1, "a's 429s are audited as a's");
+    assert_eq!(count(&a_id, 400), served + 1, "and its served writes");
+    let unauthenticated: Vec<u64> = records
+        .iter()
+        .filter(|r| r["principal"].as_str().is_some_and(|p| p.starts_with("unauthenticated")))
+        .filter_map(|r| r["status"].as_u64())
+        .collect();
+    assert_eq!(unauthenticated.len(), 20, "every write of the flood is audited: {unauthenticated:?}");
 }
 
 #[test]
@@ -264,12 +322,14 @@ fn a_body_over_the_limit_gets_413_before_it_is_read_or_as_soon_as_it_is_over() {
     let host = Host::start(); // api.max_body_bytes: 1 MiB
     let target = addr(&host);
     const LIMIT: usize = 1 << 20;
+    // A body is only ever read for a principal within its rate: these are the admin's.
+    let auth = format!("Authorization: Bearer {}\r\n", host.api.token().expect("the admin token"));
 
     // Announced too long: refused from the head, before any of it is sent.
     let mut s = host.netns().enter(|| TcpStream::connect(target)).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     let head = format!(
-        "POST /v1/universes HTTP/1.1\r\nHost: verse\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        "POST /v1/universes HTTP/1.1\r\nHost: verse\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\n\r\n",
         2 * LIMIT
     );
     s.write_all(head.as_bytes()).unwrap();
@@ -284,8 +344,8 @@ fn a_body_over_the_limit_gets_413_before_it_is_read_or_as_soon_as_it_is_over() {
     let mut s = host.netns().enter(|| TcpStream::connect(target)).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     let mut writer = s.try_clone().unwrap();
+    let head = format!("POST /v1/universes HTTP/1.1\r\nHost: verse\r\n{auth}Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n");
     let sender = std::thread::spawn(move || {
-        let head = "POST /v1/universes HTTP/1.1\r\nHost: verse\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n";
         let _ = writer.write_all(head.as_bytes());
         let chunk = vec![b' '; 64 * 1024];
         for _ in 0..40 {

@@ -21,7 +21,7 @@ use tokio::sync::watch;
 use tracing_subscriber::EnvFilter;
 
 use verse::api::{self, AppState, Stats, StatsFn};
-use verse::auth::{self, Bootstrap, LocalPeer};
+use verse::auth::{self, Bootstrap};
 use verse::config::{Args, Config};
 use verse::dataplane::Dataplane;
 use verse::reconcile::{Reconciler, SharedDataplane, Underlay};
@@ -154,10 +154,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
         let drops = dataplane.lock().unwrap_or_else(PoisonError::into_inner).drops()?;
         Ok(Stats { drops })
     });
-    let app = api::router(AppState::new(store, host.clone(), underlay_ip, realized_rx, stats));
+    let limits = limits::Limits::new(config.limit_settings());
+    let app = api::router(
+        AppState::new(store, host.clone(), underlay_ip, realized_rx, stats).with_limits(limits),
+    );
 
     let tls = server::tls_from_config(&config, &host)?;
-    let app = limits::apply(app, limits::Limits::new(config.limit_settings()));
     let mut server_settings = config.server_settings();
     match server::raise_fd_limit() {
         Ok(fds) => {
@@ -203,13 +205,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let stopped = |mut rx: watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|s| *s).await;
     };
+    // Both listeners with the same connection limits, each its own table of connections.
     let tcp = server::serve(listener, app.clone(), tls, server_settings, stopped(stop_api.clone()));
-    let unix = axum::serve(local, app.into_make_service_with_connect_info::<LocalPeer>())
-        .with_graceful_shutdown(stopped(stop_api));
-    let ((), served) =
-        tokio::join!(tcp, async { unix.await.context("serving the local API socket") });
+    let unix = server::serve_local(local, app, server_settings, stopped(stop_api));
+    tokio::join!(tcp, unix);
     let _ = std::fs::remove_file(&socket_path);
-    served?;
 
     // The API is gone; the reconciler stops after the round it is in. Cutting a long round
     // short is safe too: every step is idempotent and the next start converges from what the
