@@ -104,7 +104,8 @@ fn protocol(family: &str) -> Value {
 /// A time as requests give one ([`crate::model::parse_time`]): RFC 3339 in UTC, or a span of
 /// whole units.
 fn time() -> String {
-    let date = "[0-9]{4}-(?:0[1-9]|1[0-2])-(?:0[1-9]|[12][0-9]|3[01])";
+    // Years from 1970, as the server's parser takes them.
+    let date = "(?:19[7-9][0-9]|[2-9][0-9]{3})-(?:0[1-9]|1[0-2])-(?:0[1-9]|[12][0-9]|3[01])";
     let clock = "(?:[01][0-9]|2[0-3]):[0-5][0-9]:(?:[0-5][0-9]|60)(?:\\.[0-9]{1,9})?";
     let span = "(?:0|[1-9][0-9]{0,8})[smhdwy]";
     format!("^(?:{date}T{clock}Z|{span}(?: {span})*)$")

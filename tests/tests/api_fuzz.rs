@@ -5,9 +5,10 @@
 //! document declares; every request the document calls valid accepted (2xx, or 404/409 for ids
 //! and conflicts it cannot know); every request it calls invalid refused with a 4xx. The rules
 //! a schema cannot express are kept out of the generated data by tests/fuzz/verse_hooks.py. The
-//! fuzz acts as the admin (the token versed made into its state directory); schemathesis checks
-//! on its own that every operation but the two public ones refuses a request without the token
-//! or with a wrong one (401).
+//! fuzz acts as the admin (the token versed made into its state directory; the hooks keep it
+//! from revoking that token, whose id it sees in GET /v1/tokens); schemathesis checks on its own
+//! that every operation but the two public ones refuses a request without the token or with a
+//! wrong one (401).
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -72,6 +73,8 @@ fn the_api_holds_to_its_openapi_document_under_a_schema_driven_fuzz() {
     let admin = std::fs::read_to_string(host.state_dir().join("admin.token"))
         .expect("versed wrote the first admin token into its state directory");
     let authorization = format!("Authorization: Bearer {}", admin.trim());
+    // tok-<the 8 hex of vt_<8 hex>_<secret>>: the hooks keep the fuzz from revoking it.
+    let token_id = format!("tok-{}", admin.trim().split('_').nth(1).expect("vt_<id>_<secret>"));
     let schema = format!("{}/v1/openapi.json", host.api.url());
     let examples = std::env::var("VERSE_FUZZ_EXAMPLES").unwrap_or_else(|_| MAX_EXAMPLES.into());
     let seed = std::env::var("VERSE_FUZZ_SEED").unwrap_or_else(|_| SEED.into());
@@ -91,6 +94,7 @@ fn the_api_holds_to_its_openapi_document_under_a_schema_driven_fuzz() {
         .current_dir(report.path())
         .env("SCHEMATHESIS_HOOKS", "verse_hooks")
         .env("PYTHONPATH", &hooks)
+        .env("VERSE_FUZZ_TOKEN_ID", &token_id)
         .output()
         .expect("run schemathesis");
     let took = start.elapsed();
@@ -104,6 +108,8 @@ fn the_api_holds_to_its_openapi_document_under_a_schema_driven_fuzz() {
     );
     // The daemon is still up and serving, and the fuzz got past the 404s to the handlers.
     assert_eq!(host.api.get("/healthz").status, 200);
+    let r = host.api.get("/v1/tokens");
+    assert_eq!(r.status, 200, "the fuzz's token still works: {}", r.body);
     let count = |path: &str| host.api.get(path).json().as_array().map_or(0, Vec::len);
     let revision = host.api.hosts()[0]["revision"].as_u64().unwrap_or(0);
     eprintln!(
