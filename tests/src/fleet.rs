@@ -240,21 +240,39 @@ impl Fleet {
         Fleet::start_named_with_mtu(&names, mtu)
     }
 
+    /// `n` hosts as [`Fleet::start`], each daemon started with the settings file `config`
+    /// (TOML text). Returns once every daemon answers, without waiting for the fleet to be
+    /// healthy: with TLS on, the plain-HTTP [`Api`](crate::Api) cannot ask; the caller waits.
+    pub fn start_with_config(n: usize, config: &str) -> Fleet {
+        assert!((1..=26).contains(&n), "between 1 and 26 hosts");
+        let names: Vec<String> =
+            (0..n).map(|i| format!("host-{}", (b'a' + i as u8) as char)).collect();
+        let names: Vec<&str> = names.iter().map(String::as_str).collect();
+        let mut fleet = Fleet::network();
+        fleet.start_hosts(&names, Some(config));
+        fleet
+    }
+
+    /// Starts a daemon per name on the fleet's network and etcd, with `config`.
+    fn start_hosts(&mut self, names: &[&str], config: Option<&str>) {
+        let store = self.etcd.store_url();
+        let token_file = self.admin_token_file();
+        let token_file = token_file.to_str().expect("a UTF-8 temporary path");
+        for name in names {
+            let ns = Netns::new("h");
+            let port = self.plug(&ns, underlay_ip(self.hosts.len()));
+            self.ports.push(port);
+            let args =
+                ["--store", &store, "--underlay", UNDERLAY_IFACE, "--admin-token-file", token_file];
+            let host = Host::start_in(ns, name, config, &args);
+            self.hosts.push(host);
+        }
+    }
+
     fn start_named_with_mtu(names: &[&str], mtu: u32) -> Fleet {
         let mut fleet = Fleet::network();
         fleet.mtu = mtu;
-        let store = fleet.etcd.store_url();
-        let token_file = fleet.admin_token_file();
-        let token_file = token_file.to_str().expect("a UTF-8 temporary path");
-        for (i, name) in names.iter().enumerate() {
-            let ns = Netns::new("h");
-            let port = fleet.plug(&ns, underlay_ip(i));
-            fleet.ports.push(port);
-            let args =
-                ["--store", &store, "--underlay", UNDERLAY_IFACE, "--admin-token-file", token_file];
-            let host = Host::start_in(ns, name, None, &args);
-            fleet.hosts.push(host);
-        }
+        fleet.start_hosts(names, None);
         let all_healthy = wait_until(START_TIMEOUT, || {
             fleet.host_statuses_quiet().is_some_and(|hs| {
                 names.iter().all(|n| {
