@@ -431,8 +431,9 @@ pub async fn require(req: Request, next: Next) -> Response {
         return next.run(req).await;
     }
     let refusal = req.extensions().get::<Refusal>().cloned().unwrap_or(Refusal::Missing);
-    let body =
-        ErrorBody { error: ErrorDetail { code: "unauthenticated".into(), message: refusal.message() } };
+    let body = ErrorBody {
+        error: ErrorDetail { code: "unauthenticated".into(), message: refusal.message() },
+    };
     let mut resp = (StatusCode::UNAUTHORIZED, Json(body)).into_response();
     resp.headers_mut()
         .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer realm=\"verse\""));

@@ -488,12 +488,7 @@ async fn connection(
     }
 }
 
-async fn http<I, P>(
-    shared: &Shared,
-    io: TokioIo<I>,
-    peer: P,
-    conn: Arc<Conn>,
-) -> Result<(), String>
+async fn http<I, P>(shared: &Shared, io: TokioIo<I>, peer: P, conn: Arc<Conn>) -> Result<(), String>
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     P: Clone + Send + Sync + 'static,

@@ -257,8 +257,12 @@ fn a_burst_beyond_a_principals_rate_gets_429_while_other_principals_are_served()
         limited.iter().filter_map(|r| r.header("retry-after")).collect::<Vec<_>>()
     );
     assert_eq!(served + limited.len(), 20, "only 400s and 429s: {burst:?}");
-    assert!((5..=7).contains(&served), "the burst of 5 (and what refilled) is served, not {served}");
-    let after = limited.iter().map(|r| retry_after(r)).last().expect("some 429s");
+    assert!(
+        (5..=7).contains(&served),
+        "the burst of 5 (and what refilled) is served, not {served}"
+    );
+    let afters: Vec<u64> = limited.iter().map(|r| retry_after(r)).collect();
+    let after = *afters.last().expect("some 429s");
     let a_id = format!("tok-{}", a.split('_').nth(1).unwrap());
     assert!(limited[0].error_message().contains(&a_id), "names the principal: {}", limited[0].body);
     assert_eq!(moved.status, 429, "a principal's limit follows it: {}", moved.body);
@@ -314,7 +318,11 @@ fn a_burst_beyond_a_principals_rate_gets_429_while_other_principals_are_served()
         .filter(|r| r["principal"].as_str().is_some_and(|p| p.starts_with("unauthenticated")))
         .filter_map(|r| r["status"].as_u64())
         .collect();
-    assert_eq!(unauthenticated.len(), 20, "every write of the flood is audited: {unauthenticated:?}");
+    assert_eq!(
+        unauthenticated.len(),
+        20,
+        "every write of the flood is audited: {unauthenticated:?}"
+    );
 }
 
 #[test]

@@ -260,8 +260,17 @@ fn a_fleet_set_up_as_the_readme_says_gives_a_scoped_token_exactly_its_role() {
     let web = stdout_json(&shop_(&["-o", "json", "sg", "create", "--universe", &shop, "web"]));
     assert_eq!(web["universe"], shop.as_str());
     let out = shop_(&[
-        "rule", "add", &id(&web), "--direction", "ingress", "--protocol", "tcp", "--ports", "80",
-        "--cidr", "10.20.0.0/24",
+        "rule",
+        "add",
+        &id(&web),
+        "--direction",
+        "ingress",
+        "--protocol",
+        "tcp",
+        "--ports",
+        "80",
+        "--cidr",
+        "10.20.0.0/24",
     ]);
     assert!(out.status.success(), "an editor adds rules in its universe: {}", stderr(&out));
     let listed = stdout_json(&shop_(&["-o", "json", "universe", "list"]));
@@ -270,7 +279,11 @@ fn a_fleet_set_up_as_the_readme_says_gives_a_scoped_token_exactly_its_role() {
     assert_eq!(names, ["shop"], "it sees its universe only");
     let out = shop_(&["sg", "create", "--universe", &other, "web"]);
     assert_eq!(out.status.code(), Some(1));
-    assert!(stderr(&out).contains("not found"), "another universe does not exist for it: {}", stderr(&out));
+    assert!(
+        stderr(&out).contains("not found"),
+        "another universe does not exist for it: {}",
+        stderr(&out)
+    );
     let out = shop_(&["universe", "create", "mine", "--cidr", "10.22.0.0/24"]);
     assert_eq!(out.status.code(), Some(1));
     assert!(stderr(&out).contains("may not change universes"), "{}", stderr(&out));
