@@ -509,6 +509,45 @@ impl VxlanGbp {
     }
 }
 
+/// What the headers of an encapsulated frame on the underlay say (see [`vxlan_seen`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VxlanSeen {
+    pub outer_src: Ipv4Addr,
+    pub outer_dst: Ipv4Addr,
+    /// Group Policy ID: the identity the sender claims.
+    pub group: u16,
+    pub vni: u32,
+    pub inner_src: Ipv4Addr,
+    pub inner_dst: Ipv4Addr,
+}
+
+/// Reads an Ethernet frame captured on the underlay as VXLAN-GBP (UDP to [`VXLAN_PORT`]) carrying
+/// an inner IPv4 packet, if it is one: what a machine that can watch the underlay learns.
+pub fn vxlan_seen(frame: &[u8]) -> Option<VxlanSeen> {
+    let ip = frame.get(14..)?;
+    if frame.get(12..14)? != [0x08, 0x00] || ip.len() < 20 || ip[0] >> 4 != 4 || ip[9] != 17 {
+        return None;
+    }
+    let ihl = usize::from(ip[0] & 0x0f) * 4;
+    let udp = ip.get(ihl..)?;
+    if udp.len() < 8 + 8 + 14 + 20 || u16::from_be_bytes([udp[2], udp[3]]) != VXLAN_PORT {
+        return None;
+    }
+    let vxlan = &udp[8..16];
+    let inner = &udp[16 + 14..];
+    if udp[16 + 12..16 + 14] != [0x08, 0x00] {
+        return None;
+    }
+    Some(VxlanSeen {
+        outer_src: Ipv4Addr::new(ip[12], ip[13], ip[14], ip[15]),
+        outer_dst: Ipv4Addr::new(ip[16], ip[17], ip[18], ip[19]),
+        group: u16::from_be_bytes([vxlan[2], vxlan[3]]),
+        vni: u32::from_be_bytes([0, vxlan[4], vxlan[5], vxlan[6]]),
+        inner_src: Ipv4Addr::new(inner[12], inner[13], inner[14], inner[15]),
+        inner_dst: Ipv4Addr::new(inner[16], inner[17], inner[18], inner[19]),
+    })
+}
+
 // ---------------------------------------------------------------------------------------------
 // Bulk transfers
 // ---------------------------------------------------------------------------------------------
