@@ -1,16 +1,22 @@
-//! Reference model of the dataplane's verdict on one packet sent by a local endpoint (the TC
-//! program `from_endpoint`). Pure: no I/O, no clock; the caller passes `now_ns`.
+//! Reference model of the dataplane's verdict on one packet, for both hooks: a packet sent by a
+//! local endpoint (the TC program `from_endpoint`, [`Host::judge`]) and a frame received on the
+//! underlay (`from_underlay`, [`Host::judge_underlay`]). Pure: no I/O, no clock; the caller
+//! passes `now_ns`.
 //!
-//! Contract: [`Host::judge`] decides from the *semantics* (README, "Concepts", S1–S11) and the
+//! Contract: the model decides from the *semantics* (README, "Concepts", S1–S11) and the
 //! high-level [`State`] — groups, rules, CIDR containment, membership through
 //! `Endpoint::security_groups` — never from the compiled maps, so that a differential test of
-//! the kernel program against this model catches compiler bugs (the nested-CIDR trap: one
+//! the kernel programs against this model catches compiler bugs (the nested-CIDR trap: one
 //! address matching a /8, a /16, a /24 and a group peer at once must be allowed if *any* of them
 //! allows, S1). The connection-tracking table is the model's own ([`Conntrack`]), keyed exactly
-//! like `VERSE_CT` (`dataplane_common::CtKey`): original direction, reverse lookup, ICMP echo by
-//! identifier.
+//! like `VERSE_CT` (`dataplane_common::CtKey`) and shared by both hooks as the map is: original
+//! direction, reverse lookup, ICMP echo by identifier.
 //!
-//! The walk, first failing check wins (each step names the `DropReason` it can return):
+//! Routes: a local endpoint (plumbed: it has a host-side ifindex) is reached by delivery into its
+//! namespace; an endpoint placed on another host that has an underlay address is reached by
+//! wrapping (the wire format of the README), when this host has an underlay ([`Underlay`]).
+//!
+//! `from_endpoint`, first failing check wins (each step names the `DropReason` it can return):
 //! 1. Frame shorter than an Ethernet header: `TruncatedEthernet`.
 //! 2. The ingress ifindex is not a local endpoint of this host: `UnknownEndpoint`.
 //! 3. Ethernet source is not the endpoint's MAC: `SpoofedMac`. Steps 2–3 come before the
@@ -26,23 +32,39 @@
 //! 8. L4 header beyond the *datagram* (total length, not the frame): TCP shorter than 20 bytes
 //!    or than its data offset (or data offset < 5), UDP or ICMP shorter than 8: `MalformedL4`.
 //! 9. Conntrack: the packet's key, then its reverse; an entry idle for at least its state's
-//!    timeout is a miss. Hit -> route (12) -> deliver, entry refreshed.
+//!    timeout is a miss. Hit -> route (12) -> send (14), entry refreshed.
 //! 10. ICMP error (type 3, 11, 12) whose inner IPv4 header is addressed from the outer
 //!     destination (`inner.src == outer.dst`, as Linux conntrack requires) and whose inner flow
-//!     is tracked either way -> route -> deliver; conntrack is not touched.
+//!     is tracked either way -> route -> send; conntrack is not touched.
 //! 11. Egress rules of the sender (peer = destination): `PolicyEgress`.
-//! 12. Destination must be a local endpoint of the sender's universe: `NoRoute` (also for
-//!     conntrack hits and related errors).
-//! 13. Ingress rules of the receiver (peer = source): `PolicyIngress`.
-//! 14. Create the conntrack entry, deliver: Ethernet source = gateway MAC, destination = the
-//!     receiver's MAC; nothing else in the frame changes (no TTL decrement).
+//! 12. Destination must be an endpoint of the sender's universe with a route: `NoRoute` (also
+//!     for conntrack hits and related errors).
+//! 13. A local receiver's ingress rules (peer = source): `PolicyIngress`. (A receiver on
+//!     another host applies its own, in its `from_underlay`.)
+//! 14. Send. To a local receiver: Ethernet source = gateway MAC, destination = the receiver's
+//!     MAC; nothing else in the frame changes (no TTL decrement) ([`Verdict::Deliver`]). To a
+//!     receiver on another host: without an underlay `NoRoute`; a frame that would not fit the
+//!     underlay MTU once wrapped (frame length + 50 - 14 > MTU, what `bpf_check_mtu` computes)
+//!     is answered with ICMP "fragmentation needed" ([`Verdict::FragNeeded`], counted
+//!     `FragNeeded`, or only counted when shorter than the 128-byte quote) and touches no flow;
+//!     else wrapped ([`Verdict::Wrap`]). The conntrack entry is created (new flows) or
+//!     refreshed (hits) only when the packet is sent.
+//!
+//! `from_underlay` ([`Host::judge_underlay`]): anything that is not IPv4/UDP to port 4789 of
+//! this host's underlay address (or a non-first fragment) is [`Verdict::Pass`]; from there on:
+//! `MalformedEncap` (options, MF, lengths, VXLAN flags other than G|I), `UnknownHost`,
+//! `UnknownUniverse`, the inner frame parsed like a workload's (`Ipv6Unsupported`,
+//! `UnknownEthertype`, `MalformedIpv4`, `Fragment`, `MalformedL4`), the inner source placed on
+//! the sending host (`NotPlacedOnSender`), the inner destination local (`NotLocal`), conntrack
+//! hit or related error (as above), else the receiver's ingress rules with the inner source as
+//! peer (`PolicyIngress`); unwrapped and delivered.
 //!
 //! A packet that is dropped never creates or refreshes a conntrack entry.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::Ipv4Addr;
 
-use dataplane_common::{ct_state, Config, CtEntry, CtKey, DropReason};
+use dataplane_common::{ct_state, Config, CtEntry, CtKey, DropReason, ENCAP_OVERHEAD, VXLAN_PORT};
 use ipnetwork::IpNetwork;
 
 use crate::model::{self, parse_mac, Direction, Peer, Protocol, State};
@@ -86,6 +108,19 @@ pub enum Verdict {
     ArpReply {
         frame: Vec<u8>,
     },
+    /// Wrapped for another host and handed to the underlay, as `frame`. The outer UDP source
+    /// port (bytes 34..36) is a hash of the flow the kernel computes: the model leaves it 0 and
+    /// a comparison must skip it (it is in 49152..=65535).
+    Wrap {
+        frame: Vec<u8>,
+    },
+    /// Refused as too big to wrap and answered with an ICMP "fragmentation needed", `frame`,
+    /// sent back into the sender's namespace; counted as `DropReason::FragNeeded`.
+    FragNeeded {
+        frame: Vec<u8>,
+    },
+    /// Not Verse's: passed on untouched (`from_underlay` only).
+    Pass,
     Drop(DropReason),
 }
 
@@ -196,23 +231,55 @@ struct Local<'a> {
     vni: u32,
 }
 
+/// An endpoint placed on another host, reached over the underlay.
+#[derive(Clone, Copy, Debug)]
+struct Remote {
+    mac: [u8; 6],
+    /// The underlay address of its host.
+    underlay: Ipv4Addr,
+}
+
+/// Where an address of a universe lives, as this host's routes say.
+#[derive(Clone, Copy, Debug)]
+enum Place<'a> {
+    Local(Local<'a>),
+    Remote(Remote),
+}
+
+/// This host's underlay, when it has one (`Config::underlay_ifindex != 0`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Underlay {
+    /// This host's underlay address: the outer source of what it wraps, the outer destination
+    /// of what it accepts.
+    pub ip: Ipv4Addr,
+    /// MTU of the underlay interface (outer IPv4 packet size).
+    pub mtu: u32,
+}
+
 /// One host's view of the desired state: the environment every verdict is judged in.
 #[derive(Clone, Debug)]
 pub struct Host<'a> {
     state: &'a State,
     by_ifindex: BTreeMap<u32, Local<'a>>,
-    /// (universe id, address) -> local endpoint: where a packet can be delivered.
-    routes: HashMap<(&'a str, Ipv4Addr), Local<'a>>,
+    /// (universe id, address) -> where a packet to that address goes.
+    routes: HashMap<(&'a str, Ipv4Addr), Place<'a>>,
     /// (universe id, address) -> endpoint anywhere: whose group membership a peer address has.
     members: HashMap<(&'a str, Ipv4Addr), &'a model::Endpoint>,
+    /// VNI -> universe id, for every universe of the fleet.
+    vnis: HashMap<u32, &'a str>,
+    /// Underlay addresses of the other hosts of the fleet that have one.
+    hosts: BTreeSet<Ipv4Addr>,
+    underlay: Option<Underlay>,
     gateway_mac: [u8; 6],
     timeouts: Timeouts,
 }
 
 impl<'a> Host<'a> {
     /// `local` maps the host-side ifindex of each plumbed endpoint to its id. Endpoints of
-    /// other hosts, unknown ids, or ones whose universe or MAC is invalid are left out (their
-    /// packets are `UnknownEndpoint`, and nothing is delivered to them).
+    /// this host that are not in it, unknown ids, or ones whose universe or MAC is invalid are
+    /// left out (their packets are `UnknownEndpoint`, and nothing is delivered to them).
+    /// Endpoints placed on other hosts with an underlay address are routes over the underlay
+    /// (as the compiler makes them); this host has no underlay until [`Host::with_underlay`].
     pub fn new(
         state: &'a State,
         host: &str,
@@ -222,6 +289,14 @@ impl<'a> Host<'a> {
     ) -> Host<'a> {
         let mut by_ifindex = BTreeMap::new();
         let mut routes = HashMap::new();
+        let mut hosts = BTreeSet::new();
+        let mut underlays = HashMap::new();
+        for record in state.hosts.values() {
+            if let Some(ip) = record.underlay_ip.filter(|_| record.name != host) {
+                hosts.insert(ip);
+                underlays.insert(record.name.as_str(), ip);
+            }
+        }
         for (&ifindex, id) in local {
             let Some(ep) = state.endpoints.get(id) else {
                 continue;
@@ -237,11 +312,41 @@ impl<'a> Host<'a> {
             };
             let l = Local { ep, ifindex, mac, vni: uni.vni };
             by_ifindex.insert(ifindex, l);
-            routes.insert((ep.universe.as_str(), ep.ip), l);
+            routes.insert((ep.universe.as_str(), ep.ip), Place::Local(l));
+        }
+        for ep in state.endpoints.values().filter(|e| e.host != host) {
+            let (Some(&underlay), Some(mac)) =
+                (underlays.get(ep.host.as_str()), parse_mac(&ep.mac))
+            else {
+                continue;
+            };
+            if state.universes.contains_key(&ep.universe) {
+                routes
+                    .entry((ep.universe.as_str(), ep.ip))
+                    .or_insert(Place::Remote(Remote { mac, underlay }));
+            }
         }
         let members =
             state.endpoints.values().map(|ep| ((ep.universe.as_str(), ep.ip), ep)).collect();
-        Host { state, by_ifindex, routes, members, gateway_mac, timeouts }
+        let vnis = state.universes.values().map(|u| (u.vni, u.id.as_str())).collect();
+        Host {
+            state,
+            by_ifindex,
+            routes,
+            members,
+            vnis,
+            hosts,
+            underlay: None,
+            gateway_mac,
+            timeouts,
+        }
+    }
+
+    /// This host with an underlay: it wraps traffic for other hosts' endpoints and accepts
+    /// theirs.
+    pub fn with_underlay(mut self, underlay: Underlay) -> Host<'a> {
+        self.underlay = Some(underlay);
+        self
     }
 
     pub fn timeouts(&self) -> &Timeouts {
@@ -265,7 +370,7 @@ impl<'a> Host<'a> {
             ETHERTYPE_IPV6 => return Outcome::drop(DropReason::Ipv6Unsupported),
             _ => return Outcome::drop(DropReason::UnknownEthertype),
         }
-        let pkt = match parse_ipv4(frame) {
+        let pkt = match parse_ipv4(frame, ETH_HLEN) {
             Ok(p) => p,
             Err(reason) => return Outcome::drop(reason),
         };
@@ -289,7 +394,7 @@ impl<'a> Host<'a> {
             _pad: [0; 3],
         };
         let universe = sender.ep.universe.as_str();
-        let route = self.routes.get(&(universe, pkt.dst));
+        let route = self.routes.get(&(universe, pkt.dst)).copied();
 
         if let Some((stored, entry, dir)) = ct.lookup(&key, now_ns, &self.timeouts) {
             let Some(to) = route else {
@@ -297,19 +402,13 @@ impl<'a> Host<'a> {
             };
             let state = next_state(Some((entry.state, dir)), pkt.proto, l4.tcp_flags);
             let update = CtUpdate { key: stored, entry: ct_entry(now_ns, state) };
-            return Outcome { verdict: self.deliver(frame, to), ct: Some(update) };
+            return self.send(frame, sender, &pkt, to, Some(update));
         }
-        if let Some(inner) = &l4.icmp_error_inner {
-            let related = inner.src == pkt.dst.octets()
-                && ct
-                    .lookup(&CtKey { vni: sender.vni, ..*inner }, now_ns, &self.timeouts)
-                    .is_some();
-            if related {
-                let Some(to) = route else {
-                    return Outcome::drop(DropReason::NoRoute);
-                };
-                return Outcome { verdict: self.deliver(frame, to), ct: None };
-            }
+        if self.related(ct, now_ns, sender.vni, &pkt, &l4) {
+            let Some(to) = route else {
+                return Outcome::drop(DropReason::NoRoute);
+            };
+            return self.send(frame, sender, &pkt, to, None);
         }
         if !self.allows(sender.ep, Direction::Egress, pkt.dst, pkt.proto, &l4) {
             return Outcome::drop(DropReason::PolicyEgress);
@@ -317,14 +416,217 @@ impl<'a> Host<'a> {
         let Some(to) = route else {
             return Outcome::drop(DropReason::NoRoute);
         };
+        if let Place::Local(l) = to {
+            if !self.allows(l.ep, Direction::Ingress, pkt.src, pkt.proto, &l4) {
+                return Outcome::drop(DropReason::PolicyIngress);
+            }
+        }
+        let state = next_state(None, pkt.proto, l4.tcp_flags);
+        self.send(frame, sender, &pkt, to, Some(CtUpdate { key, entry: ct_entry(now_ns, state) }))
+    }
+
+    /// Judges one frame received on the underlay interface; see the module docs.
+    pub fn judge_underlay(&self, ct: &Conntrack, now_ns: u64, frame: &[u8]) -> Outcome {
+        const IP_MIN: usize = 20;
+        const UDP_LEN: usize = 8;
+        /// Offsets in a wrapped frame: the VXLAN header, the inner Ethernet and IPv4 headers.
+        const VXLAN_OFF: usize = ETH_HLEN + IP_MIN + UDP_LEN;
+        const INNER_ETH_OFF: usize = VXLAN_OFF + 8;
+        const INNER_IP_OFF: usize = INNER_ETH_OFF + ETH_HLEN;
+        let pass = Outcome { verdict: Verdict::Pass, ct: None };
+        if frame.len() < ETH_HLEN + IP_MIN {
+            return pass;
+        }
+        let ip = &frame[ETH_HLEN..];
+        let ihl = usize::from(ip[0] & 0x0f) * 4;
+        let total = usize::from(be16(ip, 2));
+        let frag = be16(ip, 6);
+        let dst = Ipv4Addr::new(ip[16], ip[17], ip[18], ip[19]);
+        let Some(underlay) = self.underlay else {
+            return pass;
+        };
+        if be16(frame, 12) != ETHERTYPE_IPV4
+            || ip[0] >> 4 != 4
+            || ihl < IP_MIN
+            || ip[9] != IPPROTO_UDP
+            || frag & 0x1fff != 0
+            || dst != underlay.ip
+        {
+            return pass;
+        }
+        let udp_off = ETH_HLEN + ihl;
+        if frame.len() < udp_off + UDP_LEN || be16(frame, udp_off + 2) != VXLAN_PORT {
+            return pass;
+        }
+        // Verse's from here on.
+        if ihl != IP_MIN
+            || frag & 0x2000 != 0
+            || ETH_HLEN + total > frame.len()
+            || total < ENCAP_OVERHEAD as usize
+            || usize::from(be16(frame, udp_off + 4)) != total - IP_MIN
+            || frame.len() < INNER_IP_OFF
+        {
+            return Outcome::drop(DropReason::MalformedEncap);
+        }
+        let outer_src = Ipv4Addr::new(ip[12], ip[13], ip[14], ip[15]);
+        if !self.hosts.contains(&outer_src) {
+            return Outcome::drop(DropReason::UnknownHost);
+        }
+        if frame[VXLAN_OFF] != 0x88 {
+            return Outcome::drop(DropReason::MalformedEncap);
+        }
+        let vni = u32::from_be_bytes([
+            0,
+            frame[VXLAN_OFF + 4],
+            frame[VXLAN_OFF + 5],
+            frame[VXLAN_OFF + 6],
+        ]);
+        let Some(&universe) = self.vnis.get(&vni) else {
+            return Outcome::drop(DropReason::UnknownUniverse);
+        };
+        match be16(frame, INNER_ETH_OFF + 12) {
+            ETHERTYPE_IPV4 => {}
+            ETHERTYPE_IPV6 => return Outcome::drop(DropReason::Ipv6Unsupported),
+            _ => return Outcome::drop(DropReason::UnknownEthertype),
+        }
+        let pkt = match parse_ipv4(frame, INNER_IP_OFF) {
+            Ok(p) => p,
+            Err(reason) => return Outcome::drop(reason),
+        };
+        if pkt.fragment {
+            return Outcome::drop(DropReason::Fragment);
+        }
+        let l4 = match parse_l4(frame, &pkt) {
+            Ok(l4) => l4,
+            Err(reason) => return Outcome::drop(reason),
+        };
+        match self.routes.get(&(universe, pkt.src)) {
+            Some(Place::Remote(r)) if r.underlay == outer_src => {}
+            _ => return Outcome::drop(DropReason::NotPlacedOnSender),
+        }
+        let Some(Place::Local(to)) = self.routes.get(&(universe, pkt.dst)) else {
+            return Outcome::drop(DropReason::NotLocal);
+        };
+        let key = CtKey {
+            vni,
+            src: pkt.src.octets(),
+            dst: pkt.dst.octets(),
+            sport: l4.ct_ports.0,
+            dport: l4.ct_ports.1,
+            proto: pkt.proto,
+            _pad: [0; 3],
+        };
+        let unwrapped = || {
+            let mut inner = frame[..ETH_HLEN].to_vec();
+            inner.extend_from_slice(&frame[INNER_IP_OFF..]);
+            self.deliver(&inner, to)
+        };
+        if let Some((stored, entry, dir)) = ct.lookup(&key, now_ns, &self.timeouts) {
+            let state = next_state(Some((entry.state, dir)), pkt.proto, l4.tcp_flags);
+            let update = CtUpdate { key: stored, entry: ct_entry(now_ns, state) };
+            return Outcome { verdict: unwrapped(), ct: Some(update) };
+        }
+        if self.related(ct, now_ns, vni, &pkt, &l4) {
+            return Outcome { verdict: unwrapped(), ct: None };
+        }
+        // The peer is judged by its groups: the model agrees with the kernel, which takes the
+        // header's identity, only on frames whose identity is the sender's.
         if !self.allows(to.ep, Direction::Ingress, pkt.src, pkt.proto, &l4) {
             return Outcome::drop(DropReason::PolicyIngress);
         }
         let state = next_state(None, pkt.proto, l4.tcp_flags);
-        Outcome {
-            verdict: self.deliver(frame, to),
-            ct: Some(CtUpdate { key, entry: ct_entry(now_ns, state) }),
+        Outcome { verdict: unwrapped(), ct: Some(CtUpdate { key, entry: ct_entry(now_ns, state) }) }
+    }
+
+    /// S6: an ICMP error about a flow that is tracked either way, quoting a packet its sender
+    /// received (`inner.src == outer.dst`, as Linux conntrack requires).
+    fn related(&self, ct: &Conntrack, now_ns: u64, vni: u32, pkt: &Ipv4, l4: &L4) -> bool {
+        let Some(inner) = &l4.icmp_error_inner else {
+            return false;
+        };
+        inner.src == pkt.dst.octets()
+            && ct.lookup(&CtKey { vni, ..*inner }, now_ns, &self.timeouts).is_some()
+    }
+
+    /// Step 14 of `from_endpoint`: delivers to a local receiver, or wraps for another host
+    /// (answering "fragmentation needed" instead when the wrapped frame would not fit). `ct` is
+    /// the conntrack write of a packet that is sent; it is dropped with the packet otherwise.
+    fn send(
+        &self,
+        frame: &[u8],
+        sender: &Local<'_>,
+        pkt: &Ipv4,
+        to: Place<'_>,
+        ct: Option<CtUpdate>,
+    ) -> Outcome {
+        let remote = match to {
+            Place::Local(l) => return Outcome { verdict: self.deliver(frame, &l), ct },
+            Place::Remote(r) => r,
+        };
+        let Some(underlay) = self.underlay else {
+            return Outcome::drop(DropReason::NoRoute);
+        };
+        // bpf_check_mtu: the frame plus the overhead against the MTU plus the Ethernet header.
+        if frame.len() + ENCAP_OVERHEAD as usize > underlay.mtu as usize + ETH_HLEN {
+            return self.frag_needed(frame, sender, pkt, underlay.mtu);
         }
+        let outer_len = frame.len() - ETH_HLEN + ENCAP_OVERHEAD as usize;
+        let mut out = Vec::with_capacity(frame.len() + ENCAP_OVERHEAD as usize);
+        // The outer Ethernet header is the packet's own, type IPv4 (the neighbour subsystem
+        // writes the addresses after the program).
+        out.extend_from_slice(&frame[..ETH_HLEN]);
+        let mut ip = vec![0x45, 0];
+        ip.extend_from_slice(&(outer_len as u16).to_be_bytes());
+        ip.extend_from_slice(&[0, 0, 0x40, 0, 64, IPPROTO_UDP, 0, 0]);
+        ip.extend_from_slice(&underlay.ip.octets());
+        ip.extend_from_slice(&remote.underlay.octets());
+        let c = checksum(&ip);
+        ip[10..12].copy_from_slice(&c.to_be_bytes());
+        out.extend_from_slice(&ip);
+        out.extend_from_slice(&[0, 0]); // source port: a flow hash, see `Verdict::Wrap`
+        out.extend_from_slice(&VXLAN_PORT.to_be_bytes());
+        out.extend_from_slice(&((outer_len - 20) as u16).to_be_bytes());
+        out.extend_from_slice(&[0, 0]);
+        let vni = sender.vni.to_be_bytes();
+        out.extend_from_slice(&[0x88, 0]);
+        out.extend_from_slice(&(sender.ep.identity as u16).to_be_bytes());
+        out.extend_from_slice(&[vni[1], vni[2], vni[3], 0]);
+        out.extend_from_slice(&remote.mac);
+        out.extend_from_slice(&self.gateway_mac);
+        out.extend_from_slice(&ETHERTYPE_IPV4.to_be_bytes());
+        out.extend_from_slice(&frame[ETH_HLEN..]);
+        Outcome { verdict: Verdict::Wrap { frame: out }, ct }
+    }
+
+    /// The ICMP "fragmentation needed" (type 3 code 4, RFC 1191) that `from_endpoint` sends back
+    /// for a packet too big to wrap: from the packet's destination to the sender, quoting the
+    /// first 128 bytes of the packet, next-hop MTU = underlay MTU - 50. A datagram shorter than
+    /// the quote is only counted.
+    fn frag_needed(&self, frame: &[u8], sender: &Local<'_>, pkt: &Ipv4, mtu: u32) -> Outcome {
+        const QUOTE: usize = 128;
+        if pkt.end < ETH_HLEN + QUOTE {
+            return Outcome::drop(DropReason::FragNeeded);
+        }
+        let mut out = Vec::with_capacity(ETH_HLEN + 28 + QUOTE);
+        out.extend_from_slice(&sender.mac);
+        out.extend_from_slice(&self.gateway_mac);
+        out.extend_from_slice(&ETHERTYPE_IPV4.to_be_bytes());
+        let mut ip = vec![0x45, 0xc0];
+        ip.extend_from_slice(&((20 + 8 + QUOTE) as u16).to_be_bytes());
+        ip.extend_from_slice(&[0, 0, 0, 0, 64, IPPROTO_ICMP, 0, 0]);
+        ip.extend_from_slice(&pkt.dst.octets());
+        ip.extend_from_slice(&sender.ep.ip.octets());
+        let c = checksum(&ip);
+        ip[10..12].copy_from_slice(&c.to_be_bytes());
+        out.extend_from_slice(&ip);
+        let next_hop = mtu.saturating_sub(ENCAP_OVERHEAD).min(0xffff) as u16;
+        let mut icmp = vec![icmp_type::DEST_UNREACHABLE, 4, 0, 0, 0, 0];
+        icmp.extend_from_slice(&next_hop.to_be_bytes());
+        icmp.extend_from_slice(&frame[ETH_HLEN..ETH_HLEN + QUOTE]);
+        let c = checksum(&icmp);
+        icmp[2..4].copy_from_slice(&c.to_be_bytes());
+        out.extend_from_slice(&icmp);
+        Outcome { verdict: Verdict::FragNeeded { frame: out }, ct: None }
     }
 
     /// [`Host::judge`], then applies the conntrack update.
@@ -472,6 +774,18 @@ fn be16(b: &[u8], at: usize) -> u16 {
     u16::from_be_bytes([b[at], b[at + 1]])
 }
 
+/// The RFC 1071 Internet checksum of `bytes` (an odd last byte padded with zero).
+fn checksum(bytes: &[u8]) -> u16 {
+    let mut sum: u32 = bytes
+        .chunks(2)
+        .map(|c| u32::from(u16::from_be_bytes([c[0], c.get(1).copied().unwrap_or(0)])))
+        .sum();
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
 /// The parts of a valid IPv4 header the walk needs.
 struct Ipv4 {
     src: Ipv4Addr,
@@ -484,8 +798,10 @@ struct Ipv4 {
     end: usize,
 }
 
-fn parse_ipv4(frame: &[u8]) -> Result<Ipv4, DropReason> {
-    let ip = &frame[ETH_HLEN..];
+/// The IPv4 header at `off` (after the Ethernet header, or after the encapsulation); its
+/// lengths are checked against the frame.
+fn parse_ipv4(frame: &[u8], off: usize) -> Result<Ipv4, DropReason> {
+    let ip = &frame[off..];
     if ip.len() < 20 || ip[0] >> 4 != 4 {
         return Err(DropReason::MalformedIpv4);
     }
@@ -500,8 +816,8 @@ fn parse_ipv4(frame: &[u8]) -> Result<Ipv4, DropReason> {
         dst: Ipv4Addr::new(ip[16], ip[17], ip[18], ip[19]),
         proto: ip[9],
         fragment: frag & 0x3fff != 0, // MF or a non-zero offset (RFC 791)
-        l4_off: ETH_HLEN + hlen,
-        end: ETH_HLEN + total,
+        l4_off: off + hlen,
+        end: off + total,
     })
 }
 
@@ -1113,5 +1429,153 @@ mod tests {
             g
         };
         assert_eq!(h.judge(&ct, S, 11, &to81).verdict, Verdict::Drop(D::PolicyIngress));
+    }
+
+    // ---- Two hosts: wrap, frag-needed, unwrap ------------------------------------------------
+
+    const HERE: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
+    const THERE: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
+    const R: [u8; 4] = [10, 0, 0, 6];
+    const UNDERLAY: Underlay = Underlay { ip: HERE, mtu: 1500 };
+
+    /// The fixture on host h1 (198.18.0.1), plus ep-6 (10.0.0.6, sg-web, identity 6) placed on
+    /// host h2 (198.18.0.2).
+    fn fleet_fixture() -> (State, BTreeMap<u32, String>) {
+        let (mut st, local) = fixture();
+        for (name, ip) in [(HOST, HERE), ("h2", THERE)] {
+            st.hosts.insert(
+                name.into(),
+                model::HostRecord { name: name.into(), underlay_ip: Some(ip) },
+            );
+        }
+        let mut remote = st.endpoints["ep-3"].clone();
+        remote.id = "ep-6".into();
+        remote.host = "h2".into();
+        remote.ip = Ipv4Addr::from(R);
+        remote.mac = "02:aa:00:00:00:06".into();
+        remote.identity = 6;
+        st.endpoints.insert("ep-6".into(), remote);
+        (st, local)
+    }
+
+    /// What host `from` sends this host for the inner IPv4 packet `inner` (no Ethernet header):
+    /// outer Ethernet/IPv4/UDP 4789, VXLAN-GBP with `group` and `vni`, inner Ethernet to `mac`.
+    fn wrapped(from: Ipv4Addr, group: u16, vni: u32, mac: [u8; 6], inner: &[u8]) -> Vec<u8> {
+        let mut f = vec![0x02, 0x55, 0, 0, 0, 1, 0x02, 0x55, 0, 0, 0, 2, 0x08, 0x00];
+        let total = (20 + 8 + 8 + 14 + inner.len()) as u16;
+        f.extend_from_slice(&[0x45, 0]);
+        f.extend_from_slice(&total.to_be_bytes());
+        f.extend_from_slice(&[0, 0, 0x40, 0, 64, IPPROTO_UDP, 0, 0]);
+        f.extend_from_slice(&from.octets());
+        f.extend_from_slice(&HERE.octets());
+        f.extend_from_slice(&[0xc0, 0x01, 0x12, 0xb5]);
+        f.extend_from_slice(&(total - 20).to_be_bytes());
+        f.extend_from_slice(&[0, 0, 0x88, 0]);
+        f.extend_from_slice(&group.to_be_bytes());
+        f.extend_from_slice(&vni.to_be_bytes()[1..]);
+        f.push(0);
+        f.extend_from_slice(&mac);
+        f.extend_from_slice(&GW);
+        f.extend_from_slice(&[0x08, 0x00]);
+        f.extend_from_slice(inner);
+        f
+    }
+
+    #[test]
+    fn remote_receivers_are_wrapped_or_answered_frag_needed_and_need_an_underlay() {
+        let (st, local) = fleet_fixture();
+        let no_underlay = host(&st, &local);
+        let h = host(&st, &local).with_underlay(UNDERLAY);
+        let mut ct = Conntrack::default();
+        // ep-1 (egress all) to ep-6 on h2: the receiver's rules are h2's business.
+        let syn = ipv4(mac_of(1), A, R, IPPROTO_TCP, &tcp(40000, 22, SYN));
+        assert_eq!(no_underlay.judge(&ct, S, 11, &syn).verdict, Verdict::Drop(D::NoRoute));
+        let out = h.judge(&ct, S, 11, &syn);
+        let Verdict::Wrap { frame } = &out.verdict else { panic!("{:?}", out.verdict) };
+        assert_eq!(frame.len(), syn.len() + 50);
+        assert_eq!(&frame[..14], &syn[..14], "the outer Ethernet header is the packet's own");
+        assert_eq!(&frame[14..16], &[0x45, 0]);
+        assert_eq!(&frame[16..18], &((syn.len() + 36) as u16).to_be_bytes());
+        assert_eq!(&frame[20..24], &[0x40, 0, 64, 17], "DF, TTL 64, UDP");
+        assert_eq!(checksum(&frame[14..34]), 0, "outer header checksum");
+        assert_eq!(&frame[26..34], &[198, 18, 0, 1, 198, 18, 0, 2]);
+        assert_eq!(&frame[34..36], &[0, 0], "the source port is left to the comparison");
+        assert_eq!(&frame[36..42], &[0x12, 0xb5, 0, (syn.len() + 16) as u8, 0, 0]);
+        assert_eq!(&frame[42..50], &[0x88, 0, 0, 1, 0, 0, 100, 0], "ep-1's identity, uni-1");
+        assert_eq!(&frame[50..56], &mac_of(6));
+        assert_eq!(&frame[56..62], &GW);
+        assert_eq!(&frame[62..], &syn[12..], "type, then the packet untouched");
+        ct.apply(&out.ct.expect("the flow is tracked"));
+        // 1451 bytes of IPv4 do not fit a 1500-byte underlay once wrapped: frag-needed back.
+        let big =
+            ipv4(mac_of(1), A, R, IPPROTO_TCP, &[tcp(40001, 22, SYN), vec![7; 1411]].concat());
+        let out = h.judge(&ct, S, 11, &big);
+        assert_eq!(out.ct, None, "a refused packet tracks nothing");
+        let Verdict::FragNeeded { frame } = &out.verdict else { panic!("{:?}", out.verdict) };
+        assert_eq!(frame.len(), 14 + 20 + 8 + 128);
+        assert_eq!(&frame[..12], &[mac_of(1), GW].concat());
+        assert_eq!(&frame[26..34], &[10, 0, 0, 6, 10, 0, 0, 1], "from the destination");
+        assert_eq!(checksum(&frame[14..34]), 0);
+        assert_eq!(&frame[34..36], &[3, 4]);
+        assert_eq!(checksum(&frame[34..]), 0);
+        assert_eq!(&frame[40..42], &1450u16.to_be_bytes());
+        assert_eq!(&frame[42..], &big[14..142]);
+        let fits =
+            ipv4(mac_of(1), A, R, IPPROTO_TCP, &[tcp(40001, 22, SYN), vec![7; 1410]].concat());
+        assert!(matches!(h.judge(&ct, S, 11, &fits).verdict, Verdict::Wrap { .. }));
+        // A reply from ep-6 through h2 is unwrapped and delivered by conntrack.
+        let reply = ipv4(mac_of(6), R, A, IPPROTO_TCP, &tcp(22, 40000, SYNACK));
+        let w = wrapped(THERE, 6, 100, mac_of(1), &reply[14..]);
+        let out = h.judge_underlay(&ct, S, &w);
+        let mut want = reply.clone();
+        want[..12].copy_from_slice(&[mac_of(1), GW].concat());
+        assert_eq!(out.verdict, Verdict::Deliver { ifindex: 11, frame: want });
+        assert_eq!(out.ct.map(|u| u.entry.state), Some(ct_state::TCP_ESTABLISHED));
+    }
+
+    #[test]
+    fn underlay_frames_are_checked_in_order_then_judged_by_the_receivers_rules() {
+        let (st, local) = fleet_fixture();
+        let h = host(&st, &local).with_underlay(UNDERLAY);
+        let ct = Conntrack::default();
+        let j = |f: &[u8]| h.judge_underlay(&ct, S, f).verdict;
+        let to_web = ipv4(mac_of(6), R, W, IPPROTO_TCP, &tcp(1, 80, SYN));
+        let good = wrapped(THERE, 6, 100, mac_of(3), &to_web[14..]);
+        let mut want = to_web.clone();
+        want[..12].copy_from_slice(&[mac_of(3), GW].concat());
+        assert_eq!(j(&good), Verdict::Deliver { ifindex: 13, frame: want });
+        // Not Verse's: passed.
+        assert_eq!(host(&st, &local).judge_underlay(&ct, S, &good).verdict, Verdict::Pass);
+        let mut other_port = good.clone();
+        other_port[36..38].copy_from_slice(&53u16.to_be_bytes());
+        assert_eq!(j(&other_port), Verdict::Pass);
+        let mut elsewhere = good.clone();
+        elsewhere[33] = 9;
+        assert_eq!(j(&elsewhere), Verdict::Pass);
+        assert_eq!(j(&good[..33]), Verdict::Pass);
+        // Fail closed in order.
+        let mut mf = good.clone();
+        mf[20] = 0x20;
+        assert_eq!(j(&mf), Verdict::Drop(D::MalformedEncap));
+        let unknown = wrapped(Ipv4Addr::new(198, 18, 0, 9), 6, 100, mac_of(3), &to_web[14..]);
+        assert_eq!(j(&unknown), Verdict::Drop(D::UnknownHost));
+        let mut flags = good.clone();
+        flags[42] = 0x08;
+        assert_eq!(j(&flags), Verdict::Drop(D::MalformedEncap));
+        let bad_vni = wrapped(THERE, 6, 300, mac_of(3), &to_web[14..]);
+        assert_eq!(j(&bad_vni), Verdict::Drop(D::UnknownUniverse));
+        let mut v6 = good.clone();
+        v6[62..64].copy_from_slice(&[0x86, 0xdd]);
+        assert_eq!(j(&v6), Verdict::Drop(D::Ipv6Unsupported));
+        let local_src = ipv4(mac_of(1), A, W, IPPROTO_TCP, &tcp(1, 80, SYN));
+        let forged = wrapped(THERE, 1, 100, mac_of(3), &local_src[14..]);
+        assert_eq!(j(&forged), Verdict::Drop(D::NotPlacedOnSender));
+        let to_nobody = ipv4(mac_of(6), R, [10, 0, 0, 99], IPPROTO_TCP, &tcp(1, 80, SYN));
+        let nobody = wrapped(THERE, 6, 100, mac_of(3), &to_nobody[14..]);
+        assert_eq!(j(&nobody), Verdict::Drop(D::NotLocal));
+        // ep-6 (sg-web) is no member of default: ep-1 does not admit it.
+        let to_a = ipv4(mac_of(6), R, A, IPPROTO_TCP, &tcp(1, 80, SYN));
+        let denied = wrapped(THERE, 6, 100, mac_of(1), &to_a[14..]);
+        assert_eq!(j(&denied), Verdict::Drop(D::PolicyIngress));
     }
 }

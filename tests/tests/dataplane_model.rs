@@ -1,16 +1,22 @@
-//! Differential test: the kernel program `from_endpoint`, run through `BPF_PROG_TEST_RUN`, against
-//! the reference model `verse::verdict`, packet by packet.
+//! Differential test: the kernel programs `from_endpoint` and `from_underlay`, run through
+//! `BPF_PROG_TEST_RUN`, against the reference model `verse::verdict`, packet by packet.
 //!
 //! The state has two universes with the same CIDR, groups referencing groups, nested CIDR rules
 //! (/8, /16, /24, /32 and a group peer all matching one address), port ranges, ICMP type/code
-//! rules, protocol numbers and `all` rules; it is compiled with `verse::compile::compile` and
-//! written to the maps. Endpoints are bound to veth devices of a private network namespace
-//! (the kernel resolves the test run's ifindex there). A seeded generator then sends thousands of
-//! packets — valid flows, replies, continuations, ICMP errors quoting tracked and untracked flows,
-//! ARP variants, spoofed sources, and malformed frames cut at every header boundary — to both, in
-//! the same order, so that conntrack evolves the same way on both sides. Mid-run a rule is
+//! rules, protocol numbers and `all` rules, and endpoints on this host and on two other hosts of
+//! a fleet; it is compiled with `verse::compile::compile` and written to the maps. Local
+//! endpoints are bound to veth devices of a private network namespace (the kernel resolves the
+//! test run's ifindex there), and the underlay is a veth there too (this host 198.18.0.1, MTU
+//! 1500). A seeded generator then sends thousands of packets — valid flows, replies,
+//! continuations, ICMP errors quoting tracked and untracked flows, ARP variants, spoofed sources,
+//! and malformed frames cut at every header boundary — to both, in the same order, so that
+//! conntrack evolves the same way on both sides. What a local endpoint sends goes through
+//! `from_endpoint` (delivered, or wrapped for another host, or answered "fragmentation needed"
+//! when too big); what an endpoint of another host sends arrives wrapped on the underlay through
+//! `from_underlay`, with forged and malformed encapsulations and frames that are not Verse's. Mid-run a rule is
 //! revoked (S8) and an endpoint changes groups (S5). Compared for every packet: the return code,
-//! the output frame, and which `VERSE_DROPS` counter moved; every few hundred packets and at the
+//! the output frame (for a wrapped frame, all but the outer UDP source port, a flow hash the
+//! kernel computes), and which `VERSE_DROPS` counter moved; every few hundred packets and at the
 //! end, the conntrack tables (keys and states). The deliveries the kernel caches in its entries
 //! (`CtValue::original`/`reply`) are an optimisation the model has no counterpart for:
 //! `Dataplane::conntrack` leaves them out, so they are never compared; the frames they produce
@@ -34,11 +40,18 @@ use serde_json::json;
 use tests::{Bpffs, Netns, TempDir};
 use verse::compile::{compile, CidrIds, Desired};
 use verse::dataplane::{tc_act, Dataplane};
-use verse::model::{CreateEndpoint, CreateGroup, CreateRule, CreateUniverse, PatchEndpoint, State};
-use verse::verdict::{Conntrack, Host, Timeouts, Verdict};
+use verse::model::{
+    CreateEndpoint, CreateGroup, CreateRule, CreateUniverse, HostRecord, PatchEndpoint, State,
+};
+use verse::verdict::{Conntrack, Host, Timeouts, Underlay, Verdict};
 
 const HOST: &str = "h1";
 const GW: [u8; 6] = [0x02, 0xfe, 0, 0, 0, 0x01];
+/// This host on the underlay, and the two other hosts of the fleet.
+const HERE: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
+const OTHER_HOSTS: [(&str, Ipv4Addr); 2] =
+    [("h2", Ipv4Addr::new(198, 18, 0, 2)), ("h3", Ipv4Addr::new(198, 18, 0, 3))];
+const UNDERLAY_MTU: u32 = 1500;
 
 fn now_ns() -> u64 {
     let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
@@ -245,30 +258,41 @@ fn build_state() -> (State, BTreeMap<&'static str, String>, Names) {
         json!({"from": 80, "to": 80, "cidr": "0.0.0.0/0"}),
     );
 
+    st.hosts.insert(HOST.into(), HostRecord { name: HOST.into(), underlay_ip: Some(HERE) });
+    for (name, ip) in OTHER_HOSTS {
+        st.hosts.insert(name.into(), HostRecord { name: name.into(), underlay_ip: Some(ip) });
+    }
     let mut eps = BTreeMap::new();
-    let mut ep = |st: &mut State, short: &'static str, u: &str, ip: &str, groups: &[&String]| {
-        let e = st
-            .create_endpoint(
-                CreateEndpoint {
-                    universe: u.into(),
-                    host: None,
-                    netns: format!("ns-{short}"),
-                    ip: ip.into(),
-                    security_groups: Some(groups.iter().map(|g| g.to_string()).collect()),
-                },
-                HOST,
-            )
-            .unwrap_or_else(|e| panic!("create endpoint {short}: {e}"));
-        eps.insert(short, e.id);
-    };
-    ep(&mut st, "a-web", &a, "10.0.1.10", &[&def_a, &web]);
-    ep(&mut st, "a-db", &a, "10.0.1.11", &[&db]);
-    ep(&mut st, "a-mgmt", &a, "10.0.1.12", &[&mgmt, &def_a]);
-    ep(&mut st, "a-webdb", &a, "10.0.2.5", &[&web, &db]);
-    ep(&mut st, "a-ops", &a, "10.0.2.200", &[&ops]);
-    ep(&mut st, "a-plain", &a, "10.0.0.7", &[&def_a]);
-    ep(&mut st, "b-def", &b, "10.0.1.10", &[&def_b]);
-    ep(&mut st, "b-web", &b, "10.0.1.12", &[&def_b, &web_b]);
+    let mut ep =
+        |st: &mut State, short: &'static str, host: &str, u: &str, ip: &str, groups: &[&String]| {
+            let e = st
+                .create_endpoint(
+                    CreateEndpoint {
+                        universe: u.into(),
+                        host: Some(host.into()),
+                        netns: format!("ns-{short}"),
+                        ip: ip.into(),
+                        security_groups: Some(groups.iter().map(|g| g.to_string()).collect()),
+                    },
+                    HOST,
+                )
+                .unwrap_or_else(|e| panic!("create endpoint {short}: {e}"));
+            eps.insert(short, e.id);
+        };
+    ep(&mut st, "a-web", HOST, &a, "10.0.1.10", &[&def_a, &web]);
+    ep(&mut st, "a-db", HOST, &a, "10.0.1.11", &[&db]);
+    ep(&mut st, "a-mgmt", HOST, &a, "10.0.1.12", &[&mgmt, &def_a]);
+    ep(&mut st, "a-webdb", HOST, &a, "10.0.2.5", &[&web, &db]);
+    ep(&mut st, "a-ops", HOST, &a, "10.0.2.200", &[&ops]);
+    ep(&mut st, "a-plain", HOST, &a, "10.0.0.7", &[&def_a]);
+    ep(&mut st, "b-def", HOST, &b, "10.0.1.10", &[&def_b]);
+    ep(&mut st, "b-web", HOST, &b, "10.0.1.12", &[&def_b, &web_b]);
+    // On the other hosts: reached wrapped, and sending wrapped.
+    ep(&mut st, "r-web", "h2", &a, "10.0.1.20", &[&def_a, &web]);
+    ep(&mut st, "r-mgmt", "h3", &a, "10.0.1.21", &[&mgmt]);
+    ep(&mut st, "r-plain", "h2", &a, "10.0.2.130", &[&def_a]);
+    ep(&mut st, "r-ops", "h3", &a, "10.0.2.201", &[&ops]);
+    ep(&mut st, "rb-web", "h3", &b, "10.0.1.13", &[&def_b, &web_b]);
     let names = Names {
         web_http_rule,
         web_group: web.clone(),
@@ -352,13 +376,26 @@ struct Flow {
     dport: u16,
 }
 
-/// A local endpoint as the generator sees it.
+/// An endpoint as the generator sees it: on this host (`host` is `None`, `ifindex` its
+/// host-side veth) or placed on another host (`host` its underlay address).
 #[derive(Clone, Debug)]
 struct Ep {
     ifindex: u32,
     ip: Ipv4Addr,
     mac: [u8; 6],
     universe: String,
+    vni: u32,
+    identity: u16,
+    host: Option<Ipv4Addr>,
+}
+
+/// Where a generated frame enters the dataplane.
+#[derive(Clone, Copy, Debug)]
+enum Hook {
+    /// Sent by the workload behind this host-side ifindex: `from_endpoint`.
+    Endpoint(u32),
+    /// Received on the underlay: `from_underlay`.
+    Underlay,
 }
 
 struct Gen {
@@ -372,20 +409,57 @@ struct Gen {
 const INTERESTING_PORTS: [u16; 16] =
     [22, 53, 80, 150, 250, 350, 450, 1500, 5432, 5500, 8050, 0, 1, 1023, 65535, 443];
 
+/// What a frame claims in the VXLAN-GBP header and where it comes from on the underlay.
+struct Encap {
+    outer_src: Ipv4Addr,
+    outer_dst: Ipv4Addr,
+    flags: u8,
+    group: u16,
+    vni: u32,
+}
+
+/// `frame` (an Ethernet frame as its workload sent it) as a host puts it on the underlay: outer
+/// Ethernet, IPv4, UDP to 4789, VXLAN-GBP, inner Ethernet (from the gateway), the packet.
+fn wrap(e: &Encap, frame: &[u8]) -> Vec<u8> {
+    let mut inner = eth(GW, GW, u16::from_be_bytes([frame[12], frame[13]]));
+    inner.extend_from_slice(&frame[14..]);
+    let v = e.vni.to_be_bytes();
+    let g = e.group.to_be_bytes();
+    let vxlan = [e.flags, 0, g[0], g[1], v[1], v[2], v[3], 0];
+    let payload = [&vxlan[..], &inner].concat();
+    let ip = tests::frames::ipv4(
+        e.outer_src.octets(),
+        e.outer_dst.octets(),
+        17,
+        &tests::frames::udp(50123, 4789, &payload),
+    );
+    let mut f = eth([0x02, 0x55, 0, 0, 0, 1], [0x02, 0x55, 0, 0, 0, 2], 0x0800);
+    f.extend_from_slice(&ip);
+    f
+}
+
 impl Gen {
     fn ep_by_ip(&self, universe: &str, ip: Ipv4Addr) -> Option<usize> {
         self.eps.iter().position(|e| e.universe == universe && e.ip == ip)
     }
 
+    fn locals(&self) -> Vec<usize> {
+        (0..self.eps.len()).filter(|&i| self.eps[i].host.is_none()).collect()
+    }
+
     fn dst_for(&mut self, from: usize) -> Ipv4Addr {
         let r = self.rng.random_range(0..10);
-        if r < 7 {
+        if self.eps[from].host.is_some() && r < 8 {
+            // What another host sends here is mostly for this host's endpoints.
+            let locals = self.locals();
+            self.eps[*locals.choose(&mut self.rng).expect("local eps")].ip
+        } else if r < 7 {
             self.eps.choose(&mut self.rng).expect("endpoints").ip
         } else {
             let others = [
                 Ipv4Addr::new(10, 0, 1, 99),
                 Ipv4Addr::new(10, 0, 0, 1),
-                Ipv4Addr::new(10, 0, 2, 130),
+                Ipv4Addr::new(10, 0, 2, 131),
                 Ipv4Addr::new(10, 9, 0, 1),
                 Ipv4Addr::new(192, 168, 1, 1),
                 Ipv4Addr::new(255, 255, 255, 255),
@@ -413,18 +487,45 @@ impl Gen {
         }
     }
 
-    /// The frame of `flow`'s next packet, sent by its originator (`reply = false`) or by the
-    /// destination endpoint (`reply = true`, None if the destination is no local endpoint).
-    fn flow_packet(&mut self, flow: &Flow, reply: bool, flags: u8) -> Option<(u32, Vec<u8>)> {
+    /// The true encapsulation of what endpoint `i` (of another host) sends.
+    fn encap_of(&self, i: usize) -> Encap {
+        let e = &self.eps[i];
+        Encap {
+            outer_src: e.host.expect("a remote endpoint"),
+            outer_dst: HERE,
+            flags: 0x88,
+            group: e.identity,
+            vni: e.vni,
+        }
+    }
+
+    /// Where the frame `sender` sends enters: its veth, or the underlay, wrapped by its host.
+    fn emit(&self, sender: usize, frame: Vec<u8>) -> (Hook, Vec<u8>) {
+        match self.eps[sender].host {
+            None => (Hook::Endpoint(self.eps[sender].ifindex), frame),
+            Some(_) => (Hook::Underlay, wrap(&self.encap_of(sender), &frame)),
+        }
+    }
+
+    /// The frame of `flow`'s next packet as its sender sends it: the originator
+    /// (`reply = false`) or the destination endpoint (`reply = true`, None if the destination
+    /// is no endpoint). Returns the sender's index.
+    fn packet(&mut self, flow: &Flow, reply: bool, flags: u8) -> Option<(usize, Vec<u8>)> {
         let orig = self.eps[flow.from].clone();
-        let (ep, dst, sport, dport) = if reply {
+        let (sender, dst, sport, dport) = if reply {
             let i = self.ep_by_ip(&orig.universe, flow.dst)?;
-            (self.eps[i].clone(), orig.ip, flow.dport, flow.sport)
+            (i, orig.ip, flow.dport, flow.sport)
         } else {
-            (orig, flow.dst, flow.sport, flow.dport)
+            (flow.from, flow.dst, flow.sport, flow.dport)
         };
-        let payload: Vec<u8> =
-            (0..self.rng.random_range(0..24)).map(|_| self.rng.random()).collect();
+        let ep = self.eps[sender].clone();
+        // Now and then a packet too big to wrap for a 1500-byte underlay.
+        let len = if self.rng.random_bool(0.05) {
+            self.rng.random_range(1380..1480)
+        } else {
+            self.rng.random_range(0..24)
+        };
+        let payload: Vec<u8> = (0..len).map(|_| self.rng.random()).collect();
         let l4 = match flow.proto {
             6 => tcp_hdr(sport, dport, flags, &payload),
             17 => tests::frames::udp(sport, dport, &payload),
@@ -436,7 +537,13 @@ impl Gen {
             1 => icmp_hdr((flow.dport >> 8) as u8, flow.dport as u8, 0, &payload),
             _ => payload,
         };
-        Some((ep.ifindex, ipv4_packet(ep.mac, ep.ip, dst, flow.proto, &[], &l4)))
+        Some((sender, ipv4_packet(ep.mac, ep.ip, dst, flow.proto, &[], &l4)))
+    }
+
+    /// [`Gen::packet`], entering where its sender's frames enter.
+    fn flow_packet(&mut self, flow: &Flow, reply: bool, flags: u8) -> Option<(Hook, Vec<u8>)> {
+        let (sender, f) = self.packet(flow, reply, flags)?;
+        Some(self.emit(sender, f))
     }
 
     fn new_flow(&mut self) -> Flow {
@@ -457,47 +564,50 @@ impl Gen {
         Flow { from, dst, proto, sport, dport }
     }
 
-    /// One packet: what it is (for the report), the ingress ifindex and the frame.
-    fn next(&mut self) -> (String, u32, Vec<u8>) {
+    /// One packet: what it is (for the report), where it enters and the frame.
+    fn next(&mut self) -> (String, Hook, Vec<u8>) {
         let r = self.rng.random_range(0..100);
         if r < 30 || self.flows.is_empty() {
             let flow = self.new_flow();
             let flags = self.tcp_flags();
-            let (i, f) = self.flow_packet(&flow, false, flags).expect("originator is local");
+            let (h, f) = self.flow_packet(&flow, false, flags).expect("the originator exists");
             self.flows.push(flow.clone());
-            return (format!("new {flow:?} flags {flags:#x}"), i, f);
+            return (format!("new {flow:?} flags {flags:#x}"), h, f);
         }
         let flow = self.flows.choose(&mut self.rng).expect("flows").clone();
         if r < 55 {
             let flags = if self.rng.random_bool(0.7) { 0x12 } else { self.tcp_flags() };
-            if let Some((i, f)) = self.flow_packet(&flow, true, flags) {
-                return (format!("reply {flow:?} flags {flags:#x}"), i, f);
+            if let Some((h, f)) = self.flow_packet(&flow, true, flags) {
+                return (format!("reply {flow:?} flags {flags:#x}"), h, f);
             }
         }
         if r < 70 {
             let flags = if self.rng.random_bool(0.7) { 0x10 } else { self.tcp_flags() };
-            let (i, f) = self.flow_packet(&flow, false, flags).expect("originator is local");
-            return (format!("again {flow:?} flags {flags:#x}"), i, f);
+            let (h, f) = self.flow_packet(&flow, false, flags).expect("the originator exists");
+            return (format!("again {flow:?} flags {flags:#x}"), h, f);
         }
         if r < 80 {
             return self.icmp_error(&flow);
         }
-        if r < 86 {
+        if r < 84 {
             return self.arp();
+        }
+        if r < 92 {
+            return self.forged_encap(&flow);
         }
         self.malformed(&flow)
     }
 
     /// An ICMP error quoting `flow`'s packet, sent by its destination back to its source
     /// (related), or by someone else, or quoting a mangled header.
-    fn icmp_error(&mut self, flow: &Flow) -> (String, u32, Vec<u8>) {
-        let (_, quoted) = self.flow_packet(flow, false, 0x02).expect("originator is local");
+    fn icmp_error(&mut self, flow: &Flow) -> (String, Hook, Vec<u8>) {
+        let (_, quoted) = self.packet(flow, false, 0x02).expect("the originator exists");
         let orig = self.eps[flow.from].clone();
         let mut quote = quoted[14..].to_vec();
         quote.truncate(28 + self.rng.random_range(0..8));
         let ty = *[3u8, 11, 12].choose(&mut self.rng).expect("types");
         let variant = self.rng.random_range(0..6);
-        // The sender: the flow's destination if local (the usual case), else any endpoint.
+        // The sender: the flow's destination if it is an endpoint (the usual case), else any.
         let mut sender = self
             .ep_by_ip(&orig.universe, flow.dst)
             .unwrap_or_else(|| self.rng.random_range(0..self.eps.len()));
@@ -531,11 +641,13 @@ impl Gen {
                 f[16..18].copy_from_slice(&total.to_be_bytes());
             }
         }
-        (format!("icmp error type {ty} variant {variant} about {flow:?}"), s.ifindex, f)
+        let (h, f) = self.emit(sender, f);
+        (format!("icmp error type {ty} variant {variant} about {flow:?}"), h, f)
     }
 
-    fn arp(&mut self) -> (String, u32, Vec<u8>) {
-        let e = self.eps.choose(&mut self.rng).expect("eps").clone();
+    fn arp(&mut self) -> (String, Hook, Vec<u8>) {
+        let locals = self.locals();
+        let e = self.eps[*locals.choose(&mut self.rng).expect("local eps")].clone();
         let targets = [
             Ipv4Addr::new(10, 0, 0, 1),
             Ipv4Addr::new(10, 0, 1, 11),
@@ -556,14 +668,94 @@ impl Gen {
             7 => f[28..32].copy_from_slice(&[0; 4]), // probe (RFC 5227) when tpa is own
             _ => f[22..28].copy_from_slice(&[0x02, 0x11, 0x22, 0x33, 0x44, 0x55]), // sha != src
         }
-        (format!("arp variant {variant} tpa {tpa}"), e.ifindex, f)
+        (format!("arp variant {variant} tpa {tpa}"), Hook::Endpoint(e.ifindex), f)
+    }
+
+    /// A packet of `flow` as the underlay carries it, forged or broken in one way, or not
+    /// Verse's at all (S10, S11).
+    fn forged_encap(&mut self, flow: &Flow) -> (String, Hook, Vec<u8>) {
+        let reply = self.rng.random_bool(0.5);
+        let (sender, inner) = match self.packet(flow, reply, 0x02) {
+            Some(p) => p,
+            None => self.packet(flow, false, 0x02).expect("the originator exists"),
+        };
+        let mut e = match self.eps[sender].host {
+            Some(_) => self.encap_of(sender),
+            // A local endpoint's packet, claimed by another host.
+            None => Encap {
+                outer_src: OTHER_HOSTS[0].1,
+                outer_dst: HERE,
+                flags: 0x88,
+                group: self.eps[sender].identity,
+                vni: self.eps[sender].vni,
+            },
+        };
+        let variant = self.rng.random_range(0..17);
+        let mut cut = None;
+        match variant {
+            0 => e.outer_src = Ipv4Addr::new(198, 18, 0, 77), // no host
+            1 => {
+                // The other host of the fleet, or this one.
+                let hosts = [OTHER_HOSTS[0].1, OTHER_HOSTS[1].1, HERE];
+                e.outer_src = *hosts.choose(&mut self.rng).expect("hosts");
+            }
+            2 => e.vni = *[e.vni ^ 1, 999_999, 0].choose(&mut self.rng).expect("vnis"),
+            3 => e.flags = *[0x08, 0x80, 0x89, 0x00, 0xff].choose(&mut self.rng).expect("flags"),
+            4 => e.outer_dst = Ipv4Addr::new(198, 18, 0, 5), // another address of the underlay
+            _ => {}
+        }
+        let mut f = wrap(&e, &inner);
+        let set_total =
+            |f: &mut Vec<u8>, t: usize| f[16..18].copy_from_slice(&(t as u16).to_be_bytes());
+        match variant {
+            5 => f[36..38].copy_from_slice(&4790u16.to_be_bytes()), // another UDP port
+            6 => f[23] = 6,                                         // not UDP
+            7 => f[21] = self.rng.random_range(1..=255),            // a non-first fragment
+            8 => f[20] |= 0x20,                                     // a first fragment (MF)
+            9 => {
+                // Outer IPv4 options.
+                f.splice(34..34, [1u8, 1, 1, 1]);
+                f[14] = 0x46;
+                let t = usize::from(u16::from_be_bytes([f[16], f[17]])) + 4;
+                set_total(&mut f, t);
+            }
+            10 => {
+                let l = self.rng.random_range(0..0xffffu16);
+                f[38..40].copy_from_slice(&l.to_be_bytes()); // UDP length
+            }
+            11 => cut = Some(self.rng.random_range(34..f.len())), // truncated
+            12 => {
+                let t = *[0usize, 20, 49, 50, 51, f.len(), f.len() + 7]
+                    .choose(&mut self.rng)
+                    .expect("lengths");
+                set_total(&mut f, t);
+            }
+            13 => {
+                let t = *[0x86dd_u16, 0x0806, 0x8100].choose(&mut self.rng).expect("types");
+                f[62..64].copy_from_slice(&t.to_be_bytes()); // inner ethertype
+            }
+            14 => f.extend_from_slice(&[0u8; 18]), // Ethernet padding after the datagram
+            15 => {
+                // The inner packet broken like a workload's.
+                let (_, _, broken) = self.malformed(flow);
+                if broken.len() >= 14 {
+                    f = wrap(&e, &broken);
+                }
+            }
+            16 => f[12..14].copy_from_slice(&[0x86, 0xdd]), // outer IPv6
+            _ => {}
+        }
+        if let Some(c) = cut {
+            f.truncate(c);
+        }
+        (format!("encapsulation variant {variant} of {flow:?} reply={reply}"), Hook::Underlay, f)
     }
 
     /// A valid packet of `flow` broken in one way.
-    fn malformed(&mut self, flow: &Flow) -> (String, u32, Vec<u8>) {
-        let (mut ifindex, mut f) =
-            self.flow_packet(flow, false, 0x02).expect("originator is local");
+    fn malformed(&mut self, flow: &Flow) -> (String, Hook, Vec<u8>) {
+        let (sender, mut f) = self.packet(flow, false, 0x02).expect("the originator exists");
         let variant = self.rng.random_range(0..18);
+        let mut stranger = false;
         let set_total =
             |f: &mut Vec<u8>, t: usize| f[16..18].copy_from_slice(&(t as u16).to_be_bytes());
         match variant {
@@ -618,7 +810,7 @@ impl Gen {
                 let ip = if self.rng.random_bool(0.5) { other } else { Ipv4Addr::new(10, 0, 3, 3) };
                 f[26..30].copy_from_slice(&ip.octets());
             }
-            15 => ifindex = self.stranger,
+            15 => stranger = true,
             16 => {
                 // TCP data offset below 5 or beyond the segment.
                 if f[23] == 6 && f.len() >= 54 {
@@ -627,7 +819,9 @@ impl Gen {
             }
             _ => f.truncate(14), // Ethernet header only
         }
-        (format!("malformed variant {variant} of {flow:?}"), ifindex, f)
+        let (h, f) =
+            if stranger { (Hook::Endpoint(self.stranger), f) } else { self.emit(sender, f) };
+        (format!("malformed variant {variant} of {flow:?}"), h, f)
     }
 }
 
@@ -651,12 +845,46 @@ fn kernel_verdict(rc: u32, frame: &[u8], moved: &[(DropReason, u64)]) -> String 
     format!("rc {rc}, drops moved {moved:?}, frame {}", hexdump(frame))
 }
 
-fn model_agrees(rc: u32, frame: &[u8], moved: &[(DropReason, u64)], model: &Verdict) -> bool {
+/// Whether the kernel's result is the model's verdict. `input` is the frame the program ran on.
+fn model_agrees(
+    rc: u32,
+    input: &[u8],
+    frame: &[u8],
+    moved: &[(DropReason, u64)],
+    model: &Verdict,
+) -> bool {
     match model {
         Verdict::Deliver { frame: want, .. } | Verdict::ArpReply { frame: want } => {
             rc == tc_act::REDIRECT && frame == want.as_slice() && moved.is_empty()
         }
+        Verdict::Wrap { frame: want } => {
+            // All but the outer UDP source port, a flow hash in the dynamic range.
+            let sport = frame.get(34..36).map(|p| u16::from_be_bytes([p[0], p[1]]));
+            rc == tc_act::REDIRECT
+                && moved.is_empty()
+                && frame.len() == want.len()
+                && frame[..34] == want[..34]
+                && frame[36..] == want[36..]
+                && sport.is_some_and(|p| p >= 49152)
+        }
+        Verdict::FragNeeded { frame: want } => {
+            rc == tc_act::REDIRECT
+                && frame == want.as_slice()
+                && moved == [(DropReason::FragNeeded, 1)]
+        }
+        Verdict::Pass => rc == tc_act::OK && frame == input && moved.is_empty(),
         Verdict::Drop(reason) => rc == tc_act::SHOT && moved == [(*reason, 1)],
+    }
+}
+
+fn verdict_name(v: &Verdict) -> String {
+    match v {
+        Verdict::Drop(r) => format!("{r:?}"),
+        Verdict::Deliver { .. } => "Deliver".into(),
+        Verdict::ArpReply { .. } => "ArpReply".into(),
+        Verdict::Wrap { .. } => "Wrap".into(),
+        Verdict::FragNeeded { .. } => "FragNeeded".into(),
+        Verdict::Pass => "Pass".into(),
     }
 }
 
@@ -686,10 +914,15 @@ fn ct_label(k: &CtKey) -> String {
 
 struct Run {
     dp: Dataplane,
+    /// The underlay device (`from_underlay`'s test runs arrive on it).
+    underlay_ifindex: u32,
     ct: Conntrack,
     disagreements: BTreeMap<String, (usize, String)>,
     packets: usize,
     delivered: usize,
+    /// Packets by the hook they entered, and underlay frames passed as not Verse's.
+    through_underlay: usize,
+    passed: usize,
     drops_seen: BTreeMap<DropReason, usize>,
     /// Frames the kernel's test run refused, by (ethertype, length).
     refused: BTreeMap<(u16, usize), usize>,
@@ -700,10 +933,16 @@ impl Run {
         self.dp.drops().expect("read VERSE_DROPS")
     }
 
-    fn send(&mut self, host: &Host<'_>, what: &str, ifindex: u32, frame: &[u8]) {
+    fn send(&mut self, host: &Host<'_>, what: &str, hook: Hook, frame: &[u8]) {
         let before = self.drops();
         let now = now_ns();
-        let out = match self.dp.test_run(frame, ifindex, 1) {
+        let (ifindex, result) = match hook {
+            Hook::Endpoint(i) => (i, self.dp.test_run(frame, i, 1)),
+            Hook::Underlay => {
+                (self.underlay_ifindex, self.dp.test_run_underlay(frame, self.underlay_ifindex))
+            }
+        };
+        let out = match result {
             Ok(out) => out,
             // The kernel refuses some short frames before the program runs (EINVAL from
             // bpf_prog_test_run_skb); those cannot be compared, the unit tests of the model
@@ -725,13 +964,23 @@ impl Run {
             .filter(|&(r, n)| *n != before[r])
             .map(|(r, n)| (*r, n.wrapping_sub(before[r])))
             .collect();
-        let outcome = host.judge(&self.ct, now, ifindex, frame);
+        let outcome = match hook {
+            Hook::Endpoint(i) => host.judge(&self.ct, now, i, frame),
+            Hook::Underlay => host.judge_underlay(&self.ct, now, frame),
+        };
         self.packets += 1;
+        if let Hook::Underlay = hook {
+            self.through_underlay += 1;
+        }
         match &outcome.verdict {
             Verdict::Drop(r) => *self.drops_seen.entry(*r).or_default() += 1,
+            Verdict::FragNeeded { .. } => {
+                *self.drops_seen.entry(DropReason::FragNeeded).or_default() += 1
+            }
+            Verdict::Pass => self.passed += 1,
             _ => self.delivered += 1,
         }
-        if model_agrees(out.return_code, &out.packet, &moved, &outcome.verdict) {
+        if model_agrees(out.return_code, frame, &out.packet, &moved, &outcome.verdict) {
             if let Some(u) = &outcome.ct {
                 self.ct.apply(u);
             }
@@ -739,20 +988,19 @@ impl Run {
         }
         let model = match &outcome.verdict {
             Verdict::Drop(r) => format!("drop {r:?}"),
+            Verdict::Pass => "pass".into(),
             Verdict::Deliver { ifindex, frame } => {
                 format!("deliver to {ifindex}, frame {}", hexdump(frame))
             }
             Verdict::ArpReply { frame } => format!("arp reply, frame {}", hexdump(frame)),
+            Verdict::Wrap { frame } => format!("wrap, frame {}", hexdump(frame)),
+            Verdict::FragNeeded { frame } => format!("frag needed, frame {}", hexdump(frame)),
         };
         let kind = format!(
-            "kernel rc {} {:?} vs model {}",
+            "{hook:?}: kernel rc {} {:?} vs model {}",
             out.return_code,
             moved.iter().map(|m| m.0).collect::<Vec<_>>(),
-            match &outcome.verdict {
-                Verdict::Drop(r) => format!("{r:?}"),
-                Verdict::Deliver { .. } => "Deliver".into(),
-                Verdict::ArpReply { .. } => "ArpReply".into(),
-            }
+            verdict_name(&outcome.verdict)
         );
         let detail = format!(
             "{what}\n  ingress ifindex {ifindex}, packet {}\n  kernel: {}\n  model: {model}",
@@ -806,12 +1054,19 @@ fn kernel_program_agrees_with_the_reference_model_on_generated_packets() {
     let bpffs = Bpffs::mount(&tmp.path().join("bpf"));
     let (mut state, eps, names) = build_state();
 
-    // One veth per endpoint (its ifindex is the endpoint's host-side ifindex) and one that is no
-    // endpoint. (veth rather than dummy: the dummy module may be missing.)
-    let shorts: Vec<&'static str> = eps.keys().copied().collect();
+    // One veth per local endpoint (its ifindex is the endpoint's host-side ifindex), one that is
+    // no endpoint, and the underlay. (veth rather than dummy: the dummy module may be missing.)
+    let shorts: Vec<&'static str> =
+        eps.iter().filter(|(_, id)| state.endpoints[*id].host == HOST).map(|(s, _)| *s).collect();
     for i in 0..=shorts.len() {
         ns.ip(&["link", "add", &format!("d{i}"), "type", "veth", "peer", "name", &format!("p{i}")]);
     }
+    ns.ip(&["link", "add", "u0", "type", "veth", "peer", "name", "u1"]);
+    for dev in ["u0", "u1"] {
+        ns.ip(&["link", "set", dev, "up"]);
+    }
+    ns.ip(&["link", "set", "u0", "mtu", &UNDERLAY_MTU.to_string()]);
+    ns.ip(&["addr", "add", &format!("{HERE}/24"), "dev", "u0"]);
     let report = ns.enter(|| {
         let index = |name: &str| {
             let c = std::ffi::CString::new(name).expect("name");
@@ -828,16 +1083,29 @@ fn kernel_program_agrees_with_the_reference_model_on_generated_packets() {
         let local: BTreeMap<u32, String> =
             ifindex_of.iter().map(|(id, i)| (*i, id.clone())).collect();
         let stranger = index(&format!("d{}", shorts.len()));
+        let underlay_ifindex = index("u0");
+        let underlay = Underlay { ip: HERE, mtu: UNDERLAY_MTU };
+        let config_with = |timeouts: &Timeouts| Config {
+            timeouts_ns: timeouts.ns,
+            gateway_mac: GW,
+            underlay_ifindex,
+            underlay_ip: HERE.octets(),
+            underlay_mtu: UNDERLAY_MTU,
+            ..Config::default()
+        };
 
         let timeouts = Timeouts::default();
-        let config = Config { timeouts_ns: timeouts.ns, gateway_mac: GW, ..Config::default() };
-        let dp = Dataplane::load(bpffs.path(), &config).expect("load the dataplane");
+        let dp =
+            Dataplane::load(bpffs.path(), &config_with(&timeouts)).expect("load the dataplane");
         let mut run = Run {
             dp,
+            underlay_ifindex,
             ct: Conntrack::default(),
             disagreements: BTreeMap::new(),
             packets: 0,
             delivered: 0,
+            through_underlay: 0,
+            passed: 0,
             drops_seen: BTreeMap::new(),
             refused: BTreeMap::new(),
         };
@@ -851,18 +1119,24 @@ fn kernel_program_agrees_with_the_reference_model_on_generated_packets() {
         };
         program(&mut run, &state, &mut applied);
 
-        let mut gen = Gen {
-            rng: StdRng::seed_from_u64(seed),
-            eps: state
+        let gen_eps = |state: &State| -> Vec<Ep> {
+            state
                 .endpoints
                 .values()
                 .map(|e| Ep {
-                    ifindex: ifindex_of[&e.id],
+                    ifindex: ifindex_of.get(&e.id).copied().unwrap_or(0),
                     ip: e.ip,
                     mac: verse::model::parse_mac(&e.mac).expect("endpoint mac"),
                     universe: e.universe.clone(),
+                    vni: state.universes[&e.universe].vni,
+                    identity: u16::try_from(e.identity).expect("identities fit 16 bits"),
+                    host: OTHER_HOSTS.iter().find(|(n, _)| *n == e.host).map(|(_, ip)| *ip),
                 })
-                .collect(),
+                .collect()
+        };
+        let mut gen = Gen {
+            rng: StdRng::seed_from_u64(seed),
+            eps: gen_eps(&state),
             stranger,
             flows: Vec::new(),
         };
@@ -889,10 +1163,11 @@ fn kernel_program_agrees_with_the_reference_model_on_generated_packets() {
                 }
                 _ => {}
             }
-            let host = Host::new(&state, HOST, &local, GW, timeouts);
+            gen.eps = gen_eps(&state);
+            let host = Host::new(&state, HOST, &local, GW, timeouts).with_underlay(underlay);
             for n in 0..per_phase {
-                let (what, ifindex, frame) = gen.next();
-                run.send(&host, &format!("[{phase}, packet {n}] {what}"), ifindex, &frame);
+                let (what, hook, frame) = gen.next();
+                run.send(&host, &format!("[{phase}, packet {n}] {what}"), hook, &frame);
                 if n % 500 == 499 {
                     run.compare_ct(&format!("{phase}, packet {n}"));
                 }
@@ -907,18 +1182,18 @@ fn kernel_program_agrees_with_the_reference_model_on_generated_packets() {
             *t = 300_000_000;
         }
         short.ns[ct_state::TCP_ESTABLISHED as usize] = 3_600_000_000_000;
-        let config = Config { timeouts_ns: short.ns, gateway_mac: GW, ..Config::default() };
-        run.dp = Dataplane::load(bpffs.path(), &config).expect("reload with short timeouts");
+        run.dp = Dataplane::load(bpffs.path(), &config_with(&short))
+            .expect("reload with short timeouts");
         std::thread::sleep(std::time::Duration::from_millis(700));
-        let host = Host::new(&state, HOST, &local, GW, short);
+        let host = Host::new(&state, HOST, &local, GW, short).with_underlay(underlay);
         let flows = gen.flows.clone();
         for (n, flow) in flows.iter().enumerate().take(per_phase) {
             let reply = n % 2 == 1;
-            if let Some((ifindex, frame)) = gen.flow_packet(flow, reply, 0x10) {
+            if let Some((hook, frame)) = gen.flow_packet(flow, reply, 0x10) {
                 run.send(
                     &host,
                     &format!("[expiry, packet {n}] reply={reply} {flow:?}"),
-                    ifindex,
+                    hook,
                     &frame,
                 );
             }
@@ -926,19 +1201,28 @@ fn kernel_program_agrees_with_the_reference_model_on_generated_packets() {
         run.compare_ct("end of expiry phase");
 
         let mut out = format!(
-            "{} packets: {} delivered or answered, drops by reason {:?}\n\
+            "{} packets ({} through the underlay, {} of them passed as not Verse's): {} \
+             delivered, wrapped or answered, drops by reason {:?}\n\
              refused by the kernel's test run, by (ethertype, length): {:?}\n",
-            run.packets, run.delivered, run.drops_seen, run.refused
+            run.packets,
+            run.through_underlay,
+            run.passed,
+            run.delivered,
+            run.drops_seen,
+            run.refused
         );
         for (kind, (count, example)) in &run.disagreements {
             let _ = write!(out, "\n=== {count} x {kind}; first:\n{example}\n");
         }
-        (run.disagreements.is_empty(), out, run.delivered, run.drops_seen.len())
+        (run.disagreements.is_empty(), out, run.delivered, run.drops_seen.clone())
     });
     let (ok, text, delivered, reasons) = report;
     eprintln!("{text}");
     assert!(ok, "kernel and model disagree (seed {seed}):\n{text}");
     // The generator must have exercised both outcomes broadly, or agreement proves little.
     assert!(delivered > per_phase / 10, "too few packets delivered: {delivered}");
-    assert!(reasons >= 10, "too few drop reasons exercised: {reasons}");
+    assert!(reasons.len() >= 16, "too few drop reasons exercised: {reasons:?}");
+    for r in [DropReason::UnknownHost, DropReason::NotPlacedOnSender, DropReason::FragNeeded] {
+        assert!(reasons.contains_key(&r), "{r:?} never exercised: {reasons:?}");
+    }
 }
