@@ -31,8 +31,11 @@
 //! 7. MF set or fragment offset non-zero: `Fragment`.
 //! 8. L4 header beyond the *datagram* (total length, not the frame): TCP shorter than 20 bytes
 //!    or than its data offset (or data offset < 5), UDP or ICMP shorter than 8: `MalformedL4`.
-//! 9. Conntrack: the packet's key, then its reverse; an entry idle for at least its state's
-//!    timeout is a miss. Hit -> route (12) -> send (14), entry refreshed.
+//! 9. Conntrack: the packet's key, then its reverse, as far as its [`Role`] allows (S7: a TCP
+//!    SYN without ACK, RST or FIN, or an ICMP echo request, matches only a flow's original
+//!    direction; an echo reply only its reply direction; other ICMP is never tracked); an entry
+//!    idle for at least its state's timeout is a miss. Hit -> route (12) -> send (14), entry
+//!    refreshed.
 //! 10. ICMP error (type 3, 11, 12) whose inner IPv4 header is addressed from the outer
 //!     destination (`inner.src == outer.dst`, as Linux conntrack requires) and whose inner flow
 //!     is tracked either way -> route -> send; conntrack is not touched.
@@ -48,7 +51,10 @@
 //!     is answered with ICMP "fragmentation needed" ([`Verdict::FragNeeded`], counted
 //!     `FragNeeded`, or only counted when shorter than the 128-byte quote) and touches no flow;
 //!     else wrapped ([`Verdict::Wrap`]). The conntrack entry is created (new flows) or
-//!     refreshed (hits) only when the packet is sent.
+//!     refreshed (hits) only when the packet is sent; only a packet whose role begins flows
+//!     creates one ([`creates`]: a TCP SYN, an echo request, UDP, other protocols), in its own
+//!     direction. Any other admitted packet is sent untracked (Linux conntrack with
+//!     `nf_conntrack_tcp_loose = 0`: no flow is picked up mid-stream).
 //!
 //! `from_underlay` ([`Host::judge_underlay`]): anything that is not IPv4/UDP to port 4789 of
 //! this host's underlay address (or a non-first fragment) is [`Verdict::Pass`]; from there on:
@@ -173,6 +179,42 @@ pub enum CtDirection {
     Reply,
 }
 
+/// What a packet may do in connection tracking (S7), from its header alone.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    /// Begins a flow in its own direction, and matches a flow only in its original direction:
+    /// a TCP SYN without ACK, RST or FIN; an ICMP echo request. (A SYN in the reply direction of
+    /// a flow is judged as the new packet it is, and never reopens that flow.)
+    Opens,
+    /// Matches a flow either way and begins one when none matches: UDP and other protocols,
+    /// whose headers do not tell a first packet from a reply.
+    Any,
+    /// Matches a flow either way, never begins one: every other TCP segment (ACK, FIN, RST, ...).
+    Continues,
+    /// Matches a flow only in its reply direction, never begins one: an ICMP echo reply.
+    Answers,
+    /// Never tracked: every other ICMP message (an error is related to a flow, or judged).
+    Untracked,
+}
+
+/// The [`Role`] of a packet of protocol `proto` with these TCP flags or this ICMP type.
+pub fn role(proto: u8, tcp_flags: u8, icmp_type: u8) -> Role {
+    use tcp_flag::{ACK, FIN, RST, SYN};
+    match proto {
+        IPPROTO_TCP if tcp_flags & (SYN | ACK | RST | FIN) == SYN => Role::Opens,
+        IPPROTO_TCP => Role::Continues,
+        IPPROTO_ICMP if icmp_type == icmp_type::ECHO_REQUEST => Role::Opens,
+        IPPROTO_ICMP if icmp_type == icmp_type::ECHO_REPLY => Role::Answers,
+        IPPROTO_ICMP => Role::Untracked,
+        _ => Role::Any,
+    }
+}
+
+/// True if a packet of this role, admitted with no flow matching it, begins a flow.
+pub fn creates(role: Role) -> bool {
+    matches!(role, Role::Opens | Role::Any)
+}
+
 /// A write to the conntrack table (insert or overwrite).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct CtUpdate {
@@ -202,6 +244,32 @@ impl Conntrack {
         }
         let rev = key.reversed();
         live(&rev).map(|(k, e)| (k, e, CtDirection::Reply))
+    }
+
+    /// [`Conntrack::lookup`], each way only if a packet of `role` may match that way: the
+    /// packet's own key unless it only answers, its reverse unless it only opens, nothing for
+    /// an untracked message.
+    pub fn lookup_as(
+        &self,
+        key: &CtKey,
+        role: Role,
+        now_ns: u64,
+        t: &Timeouts,
+    ) -> Option<(CtKey, CtEntry, CtDirection)> {
+        let live =
+            |k: &CtKey| self.entries.get(k).filter(|e| !t.expired(e, now_ns)).map(|e| (*k, *e));
+        if role == Role::Untracked {
+            return None;
+        }
+        if role != Role::Answers {
+            if let Some((k, e)) = live(key) {
+                return Some((k, e, CtDirection::Original));
+            }
+        }
+        if role == Role::Opens {
+            return None;
+        }
+        live(&key.reversed()).map(|(k, e)| (k, e, CtDirection::Reply))
     }
 
     pub fn apply(&mut self, update: &CtUpdate) {
@@ -395,8 +463,9 @@ impl<'a> Host<'a> {
         };
         let universe = sender.ep.universe.as_str();
         let route = self.routes.get(&(universe, pkt.dst)).copied();
+        let role = role(pkt.proto, l4.tcp_flags, l4.icmp_type_code.0);
 
-        if let Some((stored, entry, dir)) = ct.lookup(&key, now_ns, &self.timeouts) {
+        if let Some((stored, entry, dir)) = ct.lookup_as(&key, role, now_ns, &self.timeouts) {
             let Some(to) = route else {
                 return Outcome::drop(DropReason::NoRoute);
             };
@@ -421,8 +490,11 @@ impl<'a> Host<'a> {
                 return Outcome::drop(DropReason::PolicyIngress);
             }
         }
-        let state = next_state(None, pkt.proto, l4.tcp_flags);
-        self.send(frame, sender, &pkt, to, Some(CtUpdate { key, entry: ct_entry(now_ns, state) }))
+        let created = creates(role).then(|| {
+            let state = next_state(None, pkt.proto, l4.tcp_flags);
+            CtUpdate { key, entry: ct_entry(now_ns, state) }
+        });
+        self.send(frame, sender, &pkt, to, created)
     }
 
     /// Judges one frame received on the underlay interface; see the module docs.
@@ -521,7 +593,8 @@ impl<'a> Host<'a> {
             inner.extend_from_slice(&frame[INNER_IP_OFF..]);
             self.deliver(&inner, to)
         };
-        if let Some((stored, entry, dir)) = ct.lookup(&key, now_ns, &self.timeouts) {
+        let role = role(pkt.proto, l4.tcp_flags, l4.icmp_type_code.0);
+        if let Some((stored, entry, dir)) = ct.lookup_as(&key, role, now_ns, &self.timeouts) {
             let state = next_state(Some((entry.state, dir)), pkt.proto, l4.tcp_flags);
             let update = CtUpdate { key: stored, entry: ct_entry(now_ns, state) };
             return Outcome { verdict: unwrapped(), ct: Some(update) };
@@ -534,8 +607,11 @@ impl<'a> Host<'a> {
         if !self.allows(to.ep, Direction::Ingress, pkt.src, pkt.proto, &l4) {
             return Outcome::drop(DropReason::PolicyIngress);
         }
-        let state = next_state(None, pkt.proto, l4.tcp_flags);
-        Outcome { verdict: unwrapped(), ct: Some(CtUpdate { key, entry: ct_entry(now_ns, state) }) }
+        let created = creates(role).then(|| {
+            let state = next_state(None, pkt.proto, l4.tcp_flags);
+            CtUpdate { key, entry: ct_entry(now_ns, state) }
+        });
+        Outcome { verdict: unwrapped(), ct: created }
     }
 
     /// S6: an ICMP error about a flow that is tracked either way, quoting a packet its sender
@@ -745,18 +821,24 @@ fn ct_entry(now_ns: u64, state: u8) -> CtEntry {
 }
 
 /// The connection-tracking state after a packet. `prev` is `None` when the packet creates the
-/// entry. TCP: FIN or RST -> closing; a SYN without ACK on a closing flow reopens it (the
-/// 5-tuple reused, as Linux conntrack does from CLOSE/TIME_WAIT); the first reply of an opening
-/// connection (the SYN-ACK) establishes it. UDP: one-way until a reply is seen.
+/// entry (for TCP only a SYN does, [`Role::Opens`]). TCP: FIN or RST -> closing; a SYN without
+/// ACK on a closing flow reopens it (the 5-tuple reused, as Linux conntrack does from
+/// CLOSE/TIME_WAIT; only in the original direction, the only one a SYN matches); a SYN-ACK in
+/// the reply direction establishes an opening connection (any other reply leaves it opening).
+/// UDP: one-way until a reply is seen.
 pub fn next_state(prev: Option<(u8, CtDirection)>, proto: u8, tcp_flags: u8) -> u8 {
     match proto {
         IPPROTO_TCP => {
-            let syn_only = tcp_flags & (tcp_flag::SYN | tcp_flag::ACK) == tcp_flag::SYN;
+            let (syn, ack) = (tcp_flag::SYN, tcp_flag::ACK);
+            let syn_only = tcp_flags & (syn | ack) == syn;
+            let syn_ack = tcp_flags & (syn | ack) == syn | ack;
             match prev {
                 _ if tcp_flags & (tcp_flag::FIN | tcp_flag::RST) != 0 => ct_state::TCP_CLOSING,
                 None => ct_state::TCP_OPENING,
                 Some((ct_state::TCP_CLOSING, _)) if syn_only => ct_state::TCP_OPENING,
-                Some((ct_state::TCP_OPENING, CtDirection::Reply)) => ct_state::TCP_ESTABLISHED,
+                Some((ct_state::TCP_OPENING, CtDirection::Reply)) if syn_ack => {
+                    ct_state::TCP_ESTABLISHED
+                }
                 Some((s, _)) => s,
             }
         }
@@ -1429,6 +1511,130 @@ mod tests {
             g
         };
         assert_eq!(h.judge(&ct, S, 11, &to81).verdict, Verdict::Drop(D::PolicyIngress));
+    }
+
+    // ---- Direction (S7) -------------------------------------------------------------------
+
+    fn ct_key(src: [u8; 4], dst: [u8; 4], sport: u16, dport: u16, proto: u8) -> CtKey {
+        CtKey { vni: 100, src, dst, sport, dport, proto, _pad: [0; 3] }
+    }
+
+    #[test]
+    fn s7_roles_of_every_tcp_flag_combination_and_icmp_type() {
+        for flags in 0..=255u8 {
+            let opens = flags & 0x02 != 0 && flags & (0x10 | 0x04 | 0x01) == 0;
+            let want = if opens { Role::Opens } else { Role::Continues };
+            assert_eq!(role(IPPROTO_TCP, flags, 0), want, "flags {flags:#04x}");
+        }
+        for ty in 0..=255u8 {
+            let want = match ty {
+                8 => Role::Opens,
+                0 => Role::Answers,
+                _ => Role::Untracked,
+            };
+            assert_eq!(role(IPPROTO_ICMP, 0, ty), want, "ICMP type {ty}");
+        }
+        assert_eq!(role(IPPROTO_UDP, 0xff, 0xff), Role::Any);
+        assert_eq!(role(47, 0, 0), Role::Any);
+        assert!(creates(Role::Opens) && creates(Role::Any));
+        assert!(!creates(Role::Continues) && !creates(Role::Answers) && !creates(Role::Untracked));
+    }
+
+    #[test]
+    fn s7_only_a_syn_creates_a_tcp_flow_and_matches_only_its_own_way() {
+        let (st, local) = fixture();
+        let h = host(&st, &local);
+        let mut ct = Conntrack::default();
+        // web (egress all) may send db anything on 5432 (db admits it from web members); db may
+        // open nothing (no egress rule).
+        let back = |sport: u16| ipv4(mac_of(4), DB, W, IPPROTO_TCP, &tcp(5432, sport, SYN));
+        // ACK, FIN+ACK, RST, RST+ACK, PSH+ACK, SYN+FIN, SYN+RST, SYN+ACK, nothing at all.
+        for (i, flags) in [0x10, 0x11, 0x04, 0x14, 0x18, 0x03, 0x06, 0x12, 0x00].iter().enumerate()
+        {
+            let port = 41000 + i as u16;
+            let pkt = ipv4(mac_of(3), W, DB, IPPROTO_TCP, &tcp(port, 5432, *flags));
+            let out = h.judge(&ct, S, 13, &pkt);
+            assert_eq!(delivered_to(&out.verdict), Some(14), "flags {flags:#x}: the rules allow");
+            assert_eq!(out.ct, None, "flags {flags:#x}: no flow without a SYN (tcp_loose = 0)");
+            // So db's SYN back on the same ports is a new packet, which db may not send.
+            assert_eq!(
+                h.judge_and_track(&mut ct, S, 14, &back(port)),
+                Verdict::Drop(D::PolicyEgress)
+            );
+        }
+        assert!(ct.entries.is_empty());
+
+        // A SYN creates the flow; db's SYN in its reply direction is no hit.
+        let syn = ipv4(mac_of(3), W, DB, IPPROTO_TCP, &tcp(42000, 5432, SYN));
+        assert_eq!(delivered_to(&h.judge_and_track(&mut ct, S, 13, &syn)), Some(14));
+        let key = ct_key(W, DB, 42000, 5432, IPPROTO_TCP);
+        assert_eq!(ct.entries[&key].state, ct_state::TCP_OPENING);
+        assert_eq!(h.judge_and_track(&mut ct, S, 14, &back(42000)), Verdict::Drop(D::PolicyEgress));
+        // A bare ACK in reply is the flow's (delivered) but does not establish it; a SYN-ACK does.
+        let ack = ipv4(mac_of(4), DB, W, IPPROTO_TCP, &tcp(5432, 42000, ACKF));
+        assert_eq!(delivered_to(&h.judge_and_track(&mut ct, S, 14, &ack)), Some(13));
+        assert_eq!(ct.entries[&key].state, ct_state::TCP_OPENING);
+        let synack = ipv4(mac_of(4), DB, W, IPPROTO_TCP, &tcp(5432, 42000, SYNACK));
+        assert_eq!(delivered_to(&h.judge_and_track(&mut ct, S, 14, &synack)), Some(13));
+        assert_eq!(ct.entries[&key].state, ct_state::TCP_ESTABLISHED);
+        // Closing: db's SYN in the reply direction still does not reopen it...
+        let fin = ipv4(mac_of(3), W, DB, IPPROTO_TCP, &tcp(42000, 5432, 0x11));
+        assert_eq!(delivered_to(&h.judge_and_track(&mut ct, S, 13, &fin)), Some(14));
+        assert_eq!(ct.entries[&key].state, ct_state::TCP_CLOSING);
+        assert_eq!(h.judge_and_track(&mut ct, S, 14, &back(42000)), Verdict::Drop(D::PolicyEgress));
+        assert_eq!(ct.entries[&key].state, ct_state::TCP_CLOSING);
+        // ...web's SYN in the original direction does (the 5-tuple reused).
+        assert_eq!(delivered_to(&h.judge_and_track(&mut ct, 2 * S, 13, &syn)), Some(14));
+        assert_eq!(ct.entries[&key].state, ct_state::TCP_OPENING);
+        assert_eq!(ct.entries.len(), 1);
+    }
+
+    #[test]
+    fn s7_a_reply_direction_syn_the_rules_allow_opens_a_flow_of_its_own() {
+        let (st, local) = fixture();
+        let h = host(&st, &local);
+        let mut ct = Conntrack::default();
+        // ep-1 and ep-2 (default) admit each other.
+        let ab = ipv4(mac_of(1), A, B, IPPROTO_TCP, &tcp(1000, 2000, SYN));
+        assert_eq!(delivered_to(&h.judge_and_track(&mut ct, S, 11, &ab)), Some(12));
+        let ba = ipv4(mac_of(2), B, A, IPPROTO_TCP, &tcp(2000, 1000, SYN));
+        assert_eq!(delivered_to(&h.judge_and_track(&mut ct, S, 12, &ba)), Some(11));
+        assert_eq!(ct.entries[&ct_key(A, B, 1000, 2000, 6)].state, ct_state::TCP_OPENING);
+        assert_eq!(ct.entries[&ct_key(B, A, 2000, 1000, 6)].state, ct_state::TCP_OPENING);
+    }
+
+    #[test]
+    fn s7_echo_requests_open_flows_echo_replies_only_answer_other_icmp_is_untracked() {
+        let (mut st, local) = fixture();
+        st.groups.get_mut("sg-db").unwrap().ingress.push(rule(
+            "icmp",
+            Direction::Ingress,
+            Protocol::ICMP,
+            None,
+            cidr("0.0.0.0/0"),
+        ));
+        let h = host(&st, &local);
+        let mut ct = Conntrack::default();
+        // web (egress all) may send db any ICMP; db may send nothing of its own.
+        let web = |ty: u8, id: u16| ipv4(mac_of(3), W, DB, IPPROTO_ICMP, &icmp(ty, 0, id, b"x"));
+        let db = |ty: u8, id: u16| ipv4(mac_of(4), DB, W, IPPROTO_ICMP, &icmp(ty, 0, id, b"x"));
+        // An echo reply opens nothing: db's echo request with that id is its own, refused.
+        let out = h.judge(&ct, S, 13, &web(0, 7));
+        assert_eq!((delivered_to(&out.verdict), out.ct), (Some(14), None));
+        assert_eq!(h.judge_and_track(&mut ct, S, 14, &db(8, 7)), Verdict::Drop(D::PolicyEgress));
+        // An echo request opens a flow its reply matches, and a request back does not.
+        assert!(delivered_to(&h.judge_and_track(&mut ct, S, 13, &web(8, 9))).is_some());
+        assert_eq!(delivered_to(&h.judge_and_track(&mut ct, S, 14, &db(0, 9))), Some(13));
+        assert_eq!(h.judge_and_track(&mut ct, S, 14, &db(8, 9)), Verdict::Drop(D::PolicyEgress));
+        // Other ICMP (a timestamp request) is delivered by the rules and tracked never: its
+        // reply is db's own traffic. Not even an echo flow of identifier 0, whose key is
+        // (0, 0) like theirs, admits them.
+        let out = h.judge(&ct, S, 13, &web(13, 0));
+        assert_eq!((delivered_to(&out.verdict), out.ct), (Some(14), None));
+        assert!(delivered_to(&h.judge_and_track(&mut ct, S, 13, &web(8, 0))).is_some());
+        assert_eq!(h.judge_and_track(&mut ct, S, 14, &db(14, 0)), Verdict::Drop(D::PolicyEgress));
+        assert_eq!(delivered_to(&h.judge_and_track(&mut ct, S, 14, &db(0, 0))), Some(13));
+        assert_eq!(ct.entries.len(), 2, "the two echo flows");
     }
 
     // ---- Two hosts: wrap, frag-needed, unwrap ------------------------------------------------

@@ -3,10 +3,20 @@
 //! timeout of its state is a miss (it is left for the LRU to reclaim or for a new flow to
 //! overwrite). Lookups touch nothing: only a packet that is delivered refreshes its flow.
 //!
-//! States: TCP is opening until a packet is seen in the reply direction, then established; FIN or
-//! RST in either direction moves it to closing, and a SYN without ACK reopens a closing flow (the
-//! 5-tuple reused, as Linux conntrack does from CLOSE/TIME_WAIT). UDP is one-way until a reply,
-//! then replied. ICMP and other protocols have one state each.
+//! Direction (S7): what a packet may do is its [`Role`], read from its header alone. Only a
+//! packet that can begin a flow creates one, in its own direction: a TCP SYN (without ACK, RST or
+//! FIN), an ICMP echo request, or any UDP or other-protocol packet. A TCP segment without SYN
+//! continues a tracked flow either way but never creates one (Linux conntrack with
+//! `nf_conntrack_tcp_loose = 0`); a SYN or an echo request matches a flow only in its original
+//! direction (in the reply direction it is no hit: it is judged as the new packet it is); an
+//! echo reply matches only in the reply direction and never creates. Other ICMP messages are
+//! never tracked: an error is related to a flow or judged by the rules, each time (S6).
+//!
+//! States: TCP is opening until a SYN-ACK is seen in the reply direction, then established; FIN
+//! or RST in either direction moves it to closing, and a SYN without ACK in the original
+//! direction reopens a closing flow (the 5-tuple reused, as Linux conntrack does from
+//! CLOSE/TIME_WAIT). UDP is one-way until a reply, then replied. ICMP echo and other protocols
+//! have one state each.
 //!
 //! Delivery cache: each entry also remembers, per direction, where the last delivered packet
 //! went ([`CtHop`]: the receiver's ifindex and MAC, or the underlay address of its host), stamped
@@ -22,7 +32,10 @@ use dataplane_common::{ct_state, CtEntry, CtHop, CtKey, CtValue, Route};
 use crate::{
     flow,
     maps::{VERSE_CLOCK, VERSE_CT, VERSE_EPOCH},
-    parse::{IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
+    parse::{
+        ICMP_ECHO_REPLY, ICMP_ECHO_REQUEST, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, TCP_ACK,
+        TCP_FIN, TCP_RST, TCP_SYN,
+    },
 };
 
 /// The conntrack clock: `CLOCK_MONOTONIC_COARSE` (`bpf_ktime_get_coarse_ns`), nanoseconds that
@@ -66,11 +79,48 @@ fn expired(entry: &CtEntry, now: u64, timeouts: &[u64; ct_state::COUNT]) -> bool
     }
 }
 
-/// The state of a new flow's first packet.
+/// What a packet may do in connection tracking (S7), from its header alone (see the module doc).
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// Begins a flow in its own direction, and matches a flow only in its original direction:
+    /// a TCP SYN without ACK, RST or FIN; an ICMP echo request.
+    Opens,
+    /// Matches a flow either way and begins one when none matches: UDP and other protocols,
+    /// whose headers do not tell a first packet from a reply.
+    Any,
+    /// Matches a flow either way, never begins one: every other TCP segment.
+    Continues,
+    /// Matches a flow only in its reply direction, never begins one: an ICMP echo reply.
+    Answers,
+    /// Never tracked: every other ICMP message.
+    Untracked,
+}
+
+/// The [`Role`] of a packet of protocol `proto` with these TCP flags or this ICMP type.
 #[inline(always)]
-pub fn initial_state(proto: u8, tcp_flags: u8) -> u8 {
+pub fn role(proto: u8, tcp_flags: u8, icmp_type: u8) -> Role {
     match proto {
-        IPPROTO_TCP if tcp_flags & (TCP_FIN | TCP_RST) != 0 => ct_state::TCP_CLOSING,
+        IPPROTO_TCP if tcp_flags & (TCP_SYN | TCP_ACK | TCP_RST | TCP_FIN) == TCP_SYN => {
+            Role::Opens
+        }
+        IPPROTO_TCP => Role::Continues,
+        IPPROTO_ICMP if icmp_type == ICMP_ECHO_REQUEST => Role::Opens,
+        IPPROTO_ICMP if icmp_type == ICMP_ECHO_REPLY => Role::Answers,
+        IPPROTO_ICMP => Role::Untracked,
+        _ => Role::Any,
+    }
+}
+
+/// True if a packet of this role, admitted by policy with no flow matching it, begins a flow.
+#[inline(always)]
+pub fn creates(role: Role) -> bool {
+    matches!(role, Role::Opens | Role::Any)
+}
+
+/// The state of a new flow's first packet (which [`creates`] it).
+#[inline(always)]
+pub fn initial_state(proto: u8) -> u8 {
+    match proto {
         IPPROTO_TCP => ct_state::TCP_OPENING,
         IPPROTO_UDP => ct_state::UDP_ONE_WAY,
         IPPROTO_ICMP => ct_state::ICMP,
@@ -85,12 +135,13 @@ fn next_state(state: u8, reply: bool, tcp_flags: u8) -> u8 {
             if tcp_flags & (TCP_FIN | TCP_RST) != 0 {
                 ct_state::TCP_CLOSING
             } else if state == ct_state::TCP_CLOSING {
+                // Only a SYN in the original direction gets here (`Role::Opens`).
                 if tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
                     ct_state::TCP_OPENING
                 } else {
                     state
                 }
-            } else if reply {
+            } else if reply && tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN | TCP_ACK {
                 ct_state::TCP_ESTABLISHED
             } else {
                 state
@@ -137,14 +188,24 @@ impl Hit {
     }
 }
 
-/// Looks `key` up, then its reverse; expired entries are misses.
+/// The flow of a packet with key `key` and role `role`: `key` (the packet goes the flow's
+/// original way), then its reverse (a reply), each only if the role may match that way
+/// ([`Role`]); expired entries are misses.
 #[inline(always)]
-pub fn lookup(key: &CtKey, now: u64, timeouts: &[u64; ct_state::COUNT]) -> Option<Hit> {
-    if let Some(value) = VERSE_CT.get_ptr_mut(key) {
-        // SAFETY: the kernel returned a pointer to a live value of this map's value type.
-        if !expired(unsafe { &(*value).entry }, now, timeouts) {
-            return Some(Hit { value, reply: false });
+pub fn lookup(key: &CtKey, role: Role, now: u64, timeouts: &[u64; ct_state::COUNT]) -> Option<Hit> {
+    if role == Role::Untracked {
+        return None;
+    }
+    if role != Role::Answers {
+        if let Some(value) = VERSE_CT.get_ptr_mut(key) {
+            // SAFETY: the kernel returned a pointer to a live value of this map's value type.
+            if !expired(unsafe { &(*value).entry }, now, timeouts) {
+                return Some(Hit { value, reply: false });
+            }
         }
+    }
+    if role == Role::Opens {
+        return None;
     }
     let reverse = flow::reversed(key);
     if let Some(value) = VERSE_CT.get_ptr_mut(&reverse) {
@@ -154,6 +215,12 @@ pub fn lookup(key: &CtKey, now: u64, timeouts: &[u64; ct_state::COUNT]) -> Optio
         }
     }
     None
+}
+
+/// Whether the flow `key` is tracked, either way (the flow an ICMP error quotes).
+#[inline(always)]
+pub fn tracked(key: &CtKey, now: u64, timeouts: &[u64; ct_state::COUNT]) -> bool {
+    lookup(key, Role::Any, now, timeouts).is_some()
 }
 
 /// Refreshes the flow of a packet that is being delivered: last seen, state.

@@ -12,11 +12,13 @@
 //! 3. IPv4 header ([`flow::ipv4_header`], `MalformedIpv4`); source is the endpoint's IP
 //!    (`SpoofedIp`); not a fragment (`Fragment`).
 //! 4. L4 header ([`flow::l4`], `MalformedL4`).
-//! 5. Conntrack hit (live) on the packet's key or its reverse -> the delivery cached in the
-//!    entry for this direction if it carries the current route epoch (no route lookup: the
-//!    established path), else the route (none: `NoRoute`), which is then cached; the packet is
-//!    sent on (step 8) and, once it passed the MTU check, its flow refreshed (policy is skipped,
-//!    S6). A dropped packet never creates or refreshes a flow.
+//! 5. Conntrack hit (live) on the packet's key or its reverse, as far as its role allows
+//!    ([`conntrack::Role`], S7: a TCP SYN or an echo request only the original way, an echo
+//!    reply only the reply way, other ICMP never) -> the delivery cached in the entry for this
+//!    direction if it carries the current route epoch (no route lookup: the established path),
+//!    else the route (none: `NoRoute`), which is then cached; the packet is sent on (step 8)
+//!    and, once it passed the MTU check, its flow refreshed (policy is skipped, S6). A dropped
+//!    packet never creates or refreshes a flow.
 //! 6. ICMP destination unreachable / time exceeded / parameter problem whose quoted IPv4 header
 //!    (and its first 8 payload bytes) lies within the datagram, is sent from the error's
 //!    destination, and names a flow tracked either way -> sent on like step 5, without policy
@@ -24,7 +26,10 @@
 //! 7. Route of (universe, destination) looked up; egress policy of the sender with the
 //!    destination as peer (`PolicyEgress`); no route -> `NoRoute` (this includes the gateway
 //!    address, which is no endpoint); for a local receiver its ingress policy with the sender as
-//!    peer (`PolicyIngress`); a conntrack entry is created, caching this delivery.
+//!    peer (`PolicyIngress`); a packet whose role begins flows ([`conntrack::creates`]: a TCP
+//!    SYN, an ICMP echo request, UDP, other protocols) creates its conntrack entry, caching this
+//!    delivery; any other (a TCP segment without SYN, an echo reply, other ICMP) is sent on
+//!    untracked.
 //! 8. Sending on. A local receiver: [`deliver::to_endpoint`]. A receiver on another host (route
 //!    ifindex 0): this host needs an underlay (`NoRoute` otherwise); a packet that would not fit
 //!    the underlay once wrapped is answered with an ICMP "fragmentation needed"
@@ -88,12 +93,13 @@ fn ipv4(
     let l4 = flow::l4(ctx, ip.proto, ip.l4_off, ip.ip_end)?;
 
     let key = flow::ct_key(endpoint.vni, &ip, &l4);
+    let role = conntrack::role(ip.proto, l4.tcp_flags, l4.icmp_type);
     let now = conntrack::now();
     // Before any route lookup: a hop is cached under the epoch read *before* the lookup it
     // copies, so a route changed meanwhile leaves it stale, never wrongly current.
     let epoch = conntrack::epoch();
 
-    if let Some(hit) = conntrack::lookup(&key, now, &config.timeouts_ns) {
+    if let Some(hit) = conntrack::lookup(&key, role, now, &config.timeouts_ns) {
         // The established path: the delivery cached under the current epoch, else the route.
         let (hop, cached) = match hit.cached(epoch) {
             Some(hop) => (hop, true),
@@ -117,8 +123,7 @@ fn ipv4(
         if let Some(quoted) = flow::quoted_flow(ctx, endpoint.vni, ip.l4_off + 8, ip.ip_end) {
             // An error is about a packet its sender received, so the quoted source is the
             // error's destination (Linux conntrack requires the same).
-            if ip_eq(&quoted.src, &ip.dst)
-                && conntrack::lookup(&quoted, now, &config.timeouts_ns).is_some()
+            if ip_eq(&quoted.src, &ip.dst) && conntrack::tracked(&quoted, now, &config.timeouts_ns)
             {
                 let Some(route) = route else {
                     return Err(DropReason::NoRoute);
@@ -164,7 +169,9 @@ fn ipv4(
     if let Some(mtu) = too_big(ctx, config, &hop, &ip, &l4)? {
         return icmp::frag_needed(ctx, endpoint, ifindex, config.gateway_mac, &ip, mtu);
     }
-    conntrack::create(&key, now, conntrack::initial_state(ip.proto, l4.tcp_flags), hop);
+    if conntrack::creates(role) {
+        conntrack::create(&key, now, conntrack::initial_state(ip.proto), hop);
+    }
     forward(ctx, endpoint, config, &hop)
 }
 

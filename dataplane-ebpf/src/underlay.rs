@@ -19,11 +19,12 @@
 //! 5. The inner source is an endpoint placed on the sending host: its route is remote with the
 //!    outer source as underlay (`NotPlacedOnSender`, S10).
 //! 6. The inner destination is an endpoint of this host (`NotLocal`).
-//! 7. Conntrack hit (live) on the packet's key or its reverse -> refreshed and delivered (S6);
-//!    a related ICMP error (as in `from_endpoint`) -> delivered.
+//! 7. Conntrack hit (live) on the packet's key or its reverse, as far as its role allows (as in
+//!    `from_endpoint`, S7) -> refreshed and delivered (S6); a related ICMP error (as in
+//!    `from_endpoint`) -> delivered.
 //! 8. Otherwise the receiver's ingress policy with peer = the identity carried in the VXLAN-GBP
-//!    header (and the inner source's CIDR class, and ANY) (`PolicyIngress`); a conntrack entry
-//!    is created.
+//!    header (and the inner source's CIDR class, and ANY) (`PolicyIngress`); a packet whose role
+//!    begins flows creates its conntrack entry, any other is delivered untracked.
 //! 9. Unwrap ([`encap::unwrap`]) and deliver ([`deliver::to_endpoint`]) (`RedirectFailed`).
 use aya_ebpf::{bindings::TC_ACT_OK, programs::TcContext};
 use dataplane_common::{
@@ -158,16 +159,16 @@ fn inner(
     };
 
     let key = flow::ct_key(vni, &ip, &l4);
+    let role = conntrack::role(ip.proto, l4.tcp_flags, l4.icmp_type);
     let now = conntrack::now();
-    if let Some(hit) = conntrack::lookup(&key, now, &config.timeouts_ns) {
+    if let Some(hit) = conntrack::lookup(&key, role, now, &config.timeouts_ns) {
         conntrack::refresh(hit, now, l4.tcp_flags);
         encap::unwrap(ctx)?;
         return deliver::to_endpoint(ctx, to.ifindex, to.mac, config.gateway_mac);
     }
     if flow::is_icmp_error(ip.proto, l4.icmp_type) {
         if let Some(quoted) = flow::quoted_flow(ctx, vni, ip.l4_off + 8, ip.ip_end) {
-            if ip_eq(&quoted.src, &ip.dst)
-                && conntrack::lookup(&quoted, now, &config.timeouts_ns).is_some()
+            if ip_eq(&quoted.src, &ip.dst) && conntrack::tracked(&quoted, now, &config.timeouts_ns)
             {
                 encap::unwrap(ctx)?;
                 return deliver::to_endpoint(ctx, to.ifindex, to.mac, config.gateway_mac);
@@ -186,8 +187,9 @@ fn inner(
         return Err(DropReason::PolicyIngress);
     }
     // No delivery is cached: this hook's hit path needs the source's route anyway (S10).
-    let state = conntrack::initial_state(ip.proto, l4.tcp_flags);
-    conntrack::create(&key, now, state, CtHop::default());
+    if conntrack::creates(role) {
+        conntrack::create(&key, now, conntrack::initial_state(ip.proto), CtHop::default());
+    }
     encap::unwrap(ctx)?;
     deliver::to_endpoint(ctx, to.ifindex, to.mac, config.gateway_mac)
 }

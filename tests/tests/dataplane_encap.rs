@@ -17,7 +17,7 @@ use dataplane_common::{
 };
 use tests::fleet::VXLAN_PORT;
 use tests::frames::{
-    checksum, ethernet, ipv4, tcp, udp, vxlan_gbp, ETH_ARP, ETH_IPV4, SYN, SYN_ACK,
+    checksum, ethernet, ipv4, tcp, udp, vxlan_gbp, ACK, ETH_ARP, ETH_IPV4, SYN, SYN_ACK,
 };
 use tests::{is_root, pinned_drops, Bpffs, Netns, TempDir};
 use verse::compile::Desired;
@@ -173,6 +173,7 @@ fn judge(bpf_dir: &Path, if_a: u32, if_u: u32) {
 
     wraps_exactly_the_documented_header(&dp, if_a);
     unwraps_and_delivers(&mut dp, if_a, if_u);
+    direction_holds_across_hosts(&mut dp, if_a, if_u);
     refuses_forgeries(&dp, if_u);
     passes_what_is_not_ours(&dp, if_u);
     answers_too_big_with_frag_needed(&dp, if_a);
@@ -258,6 +259,29 @@ fn unwraps_and_delivers(dp: &mut Dataplane, if_a: u32, if_u: u32) {
         &tcp_packet(IP_B, IP_A, 41002, 80, SYN),
     );
     assert_underlay_drop(dp, if_u, &claims_c, DropReason::PolicyIngress, "another identity");
+}
+
+/// S7 across hosts: A's segment without SYN to B opens no flow on this host, so B's SYN back
+/// arrives as a new packet and A's ingress rules refuse it; a SYN from B in the reply direction
+/// of A's flow is no hit either; B's SYN-ACK is the flow's reply.
+fn direction_holds_across_hosts(dp: &mut Dataplane, if_a: u32, if_u: u32) {
+    dp.clear_conntrack().expect("clear conntrack");
+    let dp = &*dp;
+    let run = |frame: &[u8]| dp.test_run(frame, if_a, 1).expect("run from_endpoint").return_code;
+    let ack = from_workload(MAC_A, &tcp_packet(IP_A, IP_B, 5555, 6000, ACK));
+    assert_eq!(run(&ack), tc_act::REDIRECT, "A's egress allows it: wrapped to B");
+    assert!(dp.conntrack().expect("ct").is_empty(), "no flow without SYN");
+    let back = from_b(6000, 5555, SYN);
+    assert_underlay_drop(dp, if_u, &back, DropReason::PolicyIngress, "B's SYN after A's ACK");
+    let syn = from_workload(MAC_A, &tcp_packet(IP_A, IP_B, 5556, 6000, SYN));
+    assert_eq!(run(&syn), tc_act::REDIRECT);
+    let back = from_b(6000, 5556, SYN);
+    assert_underlay_drop(dp, if_u, &back, DropReason::PolicyIngress, "a SYN the reply way");
+    let out = dp.test_run_underlay(&from_b(6000, 5556, SYN_ACK), if_u).expect("run");
+    assert_eq!(out.return_code, tc_act::REDIRECT, "the SYN-ACK is the flow's reply");
+    let ct = dp.conntrack().expect("ct");
+    assert_eq!(ct.len(), 1);
+    assert_eq!(ct[0].1.state, ct_state::TCP_ESTABLISHED);
 }
 
 fn refuses_forgeries(dp: &Dataplane, if_u: u32) {

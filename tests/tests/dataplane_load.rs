@@ -265,6 +265,7 @@ fn judge_packets(bpf_dir: &Path, if_a: u32, if_b: u32, if_wa: u32) {
         "unrelated error judged by policy"
     );
 
+    only_a_syn_in_its_own_direction_opens_a_tcp_flow(&mut dp, if_a, if_b);
     measure(&mut dp, if_a);
 
     // A second load over the same bpffs reuses the pinned maps and keeps the links.
@@ -291,6 +292,53 @@ fn judge_packets(bpf_dir: &Path, if_a: u32, if_b: u32, if_wa: u32) {
     again.detach_endpoint("hb").expect("detach hb");
     again.detach_endpoint("hb").expect("detach is idempotent");
     assert!(again.pinned_links().expect("list").is_empty());
+}
+
+/// S7, direction: A may send B anything on TCP/80, B may send nothing of its own (no egress
+/// rule). A segment without SYN opens no flow, so B's SYN back on the same ports is judged (and
+/// refused by B's egress); a SYN in the reply direction of a flow is no hit; a reply without SYN
+/// does not establish an opening flow; only the original SYN reopens a closing one.
+fn only_a_syn_in_its_own_direction_opens_a_tcp_flow(dp: &mut Dataplane, if_a: u32, if_b: u32) {
+    dp.clear_conntrack().expect("clear conntrack");
+    let dp = &*dp;
+    let back = |sport: u16| tcp_frame(MAC_B, IP_B, IP_A, 80, sport, SYN);
+    let refused = |frame: &[u8], what: &str| {
+        let before = pinned_drops(dp.bpf_dir(), DropReason::PolicyEgress);
+        let out = dp.test_run(frame, if_b, 1).expect("run from B");
+        assert_eq!(out.return_code, tc_act::SHOT, "{what}: refused");
+        assert_eq!(
+            pinned_drops(dp.bpf_dir(), DropReason::PolicyEgress),
+            before + 1,
+            "{what}: policy_egress"
+        );
+    };
+    for (i, flags) in [0x10u8, 0x11, 0x04, 0x14, 0x18, 0x03, 0x06, 0x12, 0x00].iter().enumerate() {
+        let port = 43000 + i as u16;
+        let out =
+            dp.test_run(&tcp_frame(MAC_A, IP_A, IP_B, port, 80, *flags), if_a, 1).expect("run");
+        assert_eq!(out.return_code, tc_act::REDIRECT, "flags {flags:#x}: the rules allow it");
+        assert!(dp.conntrack().expect("ct").is_empty(), "flags {flags:#x}: no flow without SYN");
+        refused(&back(port), &format!("B's SYN after A's {flags:#x}"));
+    }
+    let state = |dp: &Dataplane| dp.conntrack().expect("ct").first().map(|(_, e)| e.state);
+    let syn = tcp_frame(MAC_A, IP_A, IP_B, 44000, 80, SYN);
+    assert_eq!(dp.test_run(&syn, if_a, 1).expect("run").return_code, tc_act::REDIRECT);
+    assert_eq!(state(dp), Some(ct_state::TCP_OPENING));
+    refused(&back(44000), "a SYN in the reply direction of an opening flow");
+    let ack_back = tcp_frame(MAC_B, IP_B, IP_A, 80, 44000, 0x10);
+    assert_eq!(dp.test_run(&ack_back, if_b, 1).expect("run").return_code, tc_act::REDIRECT);
+    assert_eq!(state(dp), Some(ct_state::TCP_OPENING), "an ACK in reply does not establish");
+    let syn_ack = tcp_frame(MAC_B, IP_B, IP_A, 80, 44000, SYN_ACK);
+    assert_eq!(dp.test_run(&syn_ack, if_b, 1).expect("run").return_code, tc_act::REDIRECT);
+    assert_eq!(state(dp), Some(ct_state::TCP_ESTABLISHED), "the SYN-ACK does");
+    let fin = tcp_frame(MAC_A, IP_A, IP_B, 44000, 80, 0x11);
+    assert_eq!(dp.test_run(&fin, if_a, 1).expect("run").return_code, tc_act::REDIRECT);
+    assert_eq!(state(dp), Some(ct_state::TCP_CLOSING));
+    refused(&back(44000), "a SYN in the reply direction of a closing flow");
+    assert_eq!(state(dp), Some(ct_state::TCP_CLOSING), "not reopened");
+    assert_eq!(dp.test_run(&syn, if_a, 1).expect("run").return_code, tc_act::REDIRECT);
+    assert_eq!(state(dp), Some(ct_state::TCP_OPENING), "A's own SYN reopens it");
+    assert_eq!(dp.conntrack().expect("ct").len(), 1);
 }
 
 /// Mean ns/packet of the empty program, of new flows and of established flows, over a pool of

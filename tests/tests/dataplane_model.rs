@@ -477,12 +477,16 @@ impl Gen {
         }
     }
 
+    /// TCP flags: mostly the usual ones, and every combination now and then (S7: only a SYN
+    /// without ACK, RST or FIN opens a flow, and only in its own direction).
     fn tcp_flags(&mut self) -> u8 {
-        match self.rng.random_range(0..10) {
-            0..=5 => 0x02,          // SYN
-            6 => 0x10,              // ACK
-            7 => 0x11,              // FIN ACK
-            8 => 0x04,              // RST
+        match self.rng.random_range(0..14) {
+            0..=4 => 0x02,          // SYN
+            5 => 0x10,              // ACK
+            6 => 0x11,              // FIN ACK
+            7 => 0x04,              // RST
+            8 => 0xc2,              // SYN with ECE and CWR (an ECN setup)
+            9 | 10 => 0x12,         // SYN ACK
             _ => self.rng.random(), // anything
         }
     }
@@ -530,11 +534,15 @@ impl Gen {
             6 => tcp_hdr(sport, dport, flags, &payload),
             17 => tests::frames::udp(sport, dport, &payload),
             // Echo: the id is the flow's sport; a reply is type 0.
-            1 if flow.dport == 0 || reply => {
-                let id = flow.sport;
-                icmp_hdr(if reply { 0 } else { 8 }, 0, id, &payload)
+            1 if flow.dport == 0 => icmp_hdr(if reply { 0 } else { 8 }, 0, flow.sport, &payload),
+            // Another type first (an echo reply among them); back, a request, a reply, a
+            // timestamp reply or the same type, with the same identifier.
+            1 => {
+                let (ty, code) = ((flow.dport >> 8) as u8, flow.dport as u8);
+                let ty =
+                    if reply { *[8, 0, 14, ty].choose(&mut self.rng).expect("types") } else { ty };
+                icmp_hdr(ty, code, flow.sport, &payload)
             }
-            1 => icmp_hdr((flow.dport >> 8) as u8, flow.dport as u8, 0, &payload),
             _ => payload,
         };
         Some((sender, ipv4_packet(ep.mac, ep.ip, dst, flow.proto, &[], &l4)))
@@ -554,10 +562,12 @@ impl Gen {
             9..=12 => (17, self.rng.random_range(1024..65535), self.port()),
             // ICMP echo: sport = id, dport = 0.
             13..=14 => (1, self.rng.random(), 0),
-            // ICMP non-echo: dport carries type << 8 | code for flow_packet.
+            // ICMP of another type: dport carries type << 8 | code for flow_packet, sport the
+            // identifier.
             15 => {
-                let t = *[13u8, 3, 11, 5, 17, 42].choose(&mut self.rng).expect("types");
-                (1, 0, u16::from(t) << 8 | u16::from(self.rng.random_range(0..5u8)))
+                let t = *[0u8, 13, 3, 11, 5, 17, 42].choose(&mut self.rng).expect("types");
+                let id = if self.rng.random_bool(0.5) { 0 } else { self.rng.random() };
+                (1, id, u16::from(t) << 8 | u16::from(self.rng.random_range(0..5u8)))
             }
             _ => (*[47u8, 132, 58, 0, 255, 89].choose(&mut self.rng).expect("protos"), 0, 0),
         };
@@ -576,13 +586,21 @@ impl Gen {
         }
         let flow = self.flows.choose(&mut self.rng).expect("flows").clone();
         if r < 55 {
-            let flags = if self.rng.random_bool(0.7) { 0x12 } else { self.tcp_flags() };
+            let flags = match self.rng.random_range(0..20) {
+                0..=9 => 0x12,   // SYN ACK
+                10..=12 => 0x02, // a SYN in the reply direction
+                _ => self.tcp_flags(),
+            };
             if let Some((h, f)) = self.flow_packet(&flow, true, flags) {
                 return (format!("reply {flow:?} flags {flags:#x}"), h, f);
             }
         }
         if r < 70 {
-            let flags = if self.rng.random_bool(0.7) { 0x10 } else { self.tcp_flags() };
+            let flags = match self.rng.random_range(0..10) {
+                0..=5 => 0x10, // ACK
+                6 => 0x02,     // a SYN again (reopens a closing flow)
+                _ => self.tcp_flags(),
+            };
             let (h, f) = self.flow_packet(&flow, false, flags).expect("the originator exists");
             return (format!("again {flow:?} flags {flags:#x}"), h, f);
         }
