@@ -36,9 +36,14 @@
 //!    direction; an echo reply only its reply direction; other ICMP is never tracked); an entry
 //!    idle for at least its state's timeout is a miss. Hit -> route (12) -> send (14), entry
 //!    refreshed.
-//! 10. ICMP error (type 3, 11, 12) whose inner IPv4 header is addressed from the outer
-//!     destination (`inner.src == outer.dst`, as Linux conntrack requires) and whose inner flow
-//!     is tracked either way -> route -> send; conntrack is not touched.
+//! 10. ICMP error related to a tracked flow (S6) -> route -> send; conntrack is not touched.
+//!     Related: an error type and code ([`is_error`]: destination unreachable 0-15, time
+//!     exceeded 0-1, parameter problem 0-2), at most `ICMP_ERROR_MAX_LEN` (576) bytes of IPv4
+//!     (RFC 1812), quoting an IPv4 header and 8 bytes within the datagram whose source is the
+//!     error's destination and whose destination is the error's source (the flow's peer answers
+//!     about a packet it received; a third party's error is not related, whatever it quotes),
+//!     that flow tracked either way. Anything else is ordinary ICMP (steps 11-14), never
+//!     tracked.
 //! 11. Egress rules of the sender (peer = destination): `PolicyEgress`.
 //! 12. Destination must be an endpoint of the sender's universe with a route: `NoRoute` (also
 //!     for conntrack hits and related errors).
@@ -70,7 +75,9 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::Ipv4Addr;
 
-use dataplane_common::{ct_state, Config, CtEntry, CtKey, DropReason, ENCAP_OVERHEAD, VXLAN_PORT};
+use dataplane_common::{
+    ct_state, Config, CtEntry, CtKey, DropReason, ENCAP_OVERHEAD, ICMP_ERROR_MAX_LEN, VXLAN_PORT,
+};
 use ipnetwork::IpNetwork;
 
 use crate::model::{self, parse_mac, Direction, Peer, Protocol, State};
@@ -92,6 +99,19 @@ pub mod icmp_type {
     pub const ECHO_REQUEST: u8 = 8;
     pub const TIME_EXCEEDED: u8 = 11;
     pub const PARAMETER_PROBLEM: u8 = 12;
+}
+
+/// True for the ICMP types and codes that are errors (RFC 792, RFC 1812 5.2.7.1): destination
+/// unreachable codes 0-15, time exceeded 0-1, parameter problem 0-2. Any other ICMP message is
+/// never related to a flow (S6).
+pub fn is_error(proto: u8, (ty, code): (u8, u8)) -> bool {
+    proto == IPPROTO_ICMP
+        && match ty {
+            icmp_type::DEST_UNREACHABLE => code <= 15,
+            icmp_type::TIME_EXCEEDED => code <= 1,
+            icmp_type::PARAMETER_PROBLEM => code <= 2,
+            _ => false,
+        }
 }
 
 /// TCP flag bits (RFC 9293, byte 13 of the header).
@@ -614,13 +634,17 @@ impl<'a> Host<'a> {
         Outcome { verdict: unwrapped(), ct: created }
     }
 
-    /// S6: an ICMP error about a flow that is tracked either way, quoting a packet its sender
-    /// received (`inner.src == outer.dst`, as Linux conntrack requires).
+    /// S6: an ICMP error ([`is_error`]) no longer than a router's (`ICMP_ERROR_MAX_LEN`) from the
+    /// quoted packet's destination to its source (the flow's peer answering about a packet it
+    /// received), about a flow tracked either way.
     fn related(&self, ct: &Conntrack, now_ns: u64, vni: u32, pkt: &Ipv4, l4: &L4) -> bool {
         let Some(inner) = &l4.icmp_error_inner else {
             return false;
         };
-        inner.src == pkt.dst.octets()
+        is_error(pkt.proto, l4.icmp_type_code)
+            && pkt.total <= ICMP_ERROR_MAX_LEN
+            && inner.src == pkt.dst.octets()
+            && inner.dst == pkt.src.octets()
             && ct.lookup(&CtKey { vni, ..*inner }, now_ns, &self.timeouts).is_some()
     }
 
@@ -878,6 +902,8 @@ struct Ipv4 {
     l4_off: usize,
     /// End of the datagram in the frame (Ethernet padding after it is ignored).
     end: usize,
+    /// The datagram's total length.
+    total: usize,
 }
 
 /// The IPv4 header at `off` (after the Ethernet header, or after the encapsulation); its
@@ -900,6 +926,7 @@ fn parse_ipv4(frame: &[u8], off: usize) -> Result<Ipv4, DropReason> {
         fragment: frag & 0x3fff != 0, // MF or a non-zero offset (RFC 791)
         l4_off: off + hlen,
         end: off + total,
+        total,
     })
 }
 
@@ -1637,6 +1664,80 @@ mod tests {
         assert_eq!(ct.entries.len(), 2, "the two echo flows");
     }
 
+    // ---- Related ICMP errors (S6) -----------------------------------------------------------
+
+    /// An ICMP error of `ty`/`code` quoting `quote`, zero-padded to `total` bytes of IPv4.
+    fn error_frame(
+        mac: [u8; 6],
+        src: [u8; 4],
+        dst: [u8; 4],
+        (ty, code): (u8, u8),
+        quote: &[u8],
+        total: usize,
+    ) -> Vec<u8> {
+        let mut payload = quote.to_vec();
+        payload.resize(payload.len().max(total.saturating_sub(28)), 0);
+        ipv4(mac, src, dst, IPPROTO_ICMP, &icmp(ty, code, 0, &payload))
+    }
+
+    #[test]
+    fn s6_related_errors_come_from_the_peer_are_errors_and_no_longer_than_a_routers() {
+        let (st, local) = fixture();
+        let h = host(&st, &local);
+        let mut ct = Conntrack::default();
+        // web -> db:5432 tracked. db has no egress rule, web admits only TCP/80: whatever is
+        // not related is refused, by db's egress or web's ingress.
+        let syn = ipv4(mac_of(3), W, DB, IPPROTO_TCP, &tcp(40000, 5432, SYN));
+        assert!(delivered_to(&h.judge_and_track(&mut ct, S, 13, &syn)).is_some());
+        let quote = syn[ETH_HLEN..ETH_HLEN + 28].to_vec();
+        let from_db = |kind, total| error_frame(mac_of(4), DB, W, kind, &quote, total);
+        let related = h.judge(&ct, S, 14, &from_db((3, 3), 56));
+        assert_eq!(delivered_to(&related.verdict), Some(13), "the peer's port unreachable");
+        assert_eq!(related.ct, None, "a related error touches no flow");
+
+        // Every type and code: only the errors are related.
+        for ty in 0..=255u8 {
+            for code in 0..=20u8 {
+                let want = is_error(IPPROTO_ICMP, (ty, code));
+                assert_eq!(
+                    want,
+                    matches!((ty, code), (3, 0..=15) | (11, 0..=1) | (12, 0..=2)),
+                    "{ty}/{code}"
+                );
+                let v = h.judge(&ct, S, 14, &from_db((ty, code), 56)).verdict;
+                if want {
+                    assert_eq!(delivered_to(&v), Some(13), "type {ty} code {code} is related");
+                } else {
+                    assert_eq!(v, Verdict::Drop(D::PolicyEgress), "type {ty} code {code}: judged");
+                }
+            }
+        }
+        // No longer than a router's error.
+        assert_eq!(delivered_to(&h.judge(&ct, S, 14, &from_db((3, 4), 576)).verdict), Some(13));
+        let long = from_db((3, 4), 577);
+        assert_eq!(h.judge(&ct, S, 14, &long).verdict, Verdict::Drop(D::PolicyEgress));
+        let long = from_db((11, 0), 1256);
+        assert_eq!(h.judge(&ct, S, 14, &long).verdict, Verdict::Drop(D::PolicyEgress));
+
+        // A stranger (ep-1: egress all) quoting web's flow with db: judged by web's ingress.
+        for kind in [(3, 3), (3, 4), (11, 0), (12, 0)] {
+            let stranger = error_frame(mac_of(1), A, W, kind, &quote, 56);
+            assert_eq!(h.judge(&ct, S, 11, &stranger).verdict, Verdict::Drop(D::PolicyIngress));
+        }
+        // The peer quoting the flow with the addresses swapped (as if web had sent it the
+        // error's way): not the packet web sent, not related.
+        let mut swapped = quote.clone();
+        swapped[12..16].copy_from_slice(&DB);
+        swapped[16..20].copy_from_slice(&W);
+        let v = h.judge(&ct, S, 14, &error_frame(mac_of(4), DB, W, (3, 3), &swapped, 56)).verdict;
+        assert_eq!(v, Verdict::Drop(D::PolicyEgress));
+        // The flow's reply direction: db's SYN-ACK quoted by web, sent back to db, is related.
+        let synack = ipv4(mac_of(4), DB, W, IPPROTO_TCP, &tcp(5432, 40000, SYNACK));
+        let err = error_frame(mac_of(3), W, DB, (3, 3), &synack[ETH_HLEN..ETH_HLEN + 28], 56);
+        assert_eq!(delivered_to(&h.judge(&ct, S, 13, &err).verdict), Some(14));
+        assert_eq!(ct.entries.len(), 1);
+    }
+
     // ---- Two hosts: wrap, frag-needed, unwrap ------------------------------------------------
 
     const HERE: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
@@ -1783,5 +1884,39 @@ mod tests {
         let to_a = ipv4(mac_of(6), R, A, IPPROTO_TCP, &tcp(1, 80, SYN));
         let denied = wrapped(THERE, 6, 100, mac_of(1), &to_a[14..]);
         assert_eq!(j(&denied), Verdict::Drop(D::PolicyIngress));
+    }
+
+    #[test]
+    fn s6_related_errors_over_the_underlay_come_from_the_peer_placed_on_the_sending_host() {
+        let (mut st, local) = fleet_fixture();
+        // ep-7 on h2 too: a stranger to web's flow with ep-6.
+        let mut stranger = st.endpoints["ep-6"].clone();
+        stranger.id = "ep-7".into();
+        stranger.ip = Ipv4Addr::new(10, 0, 0, 7);
+        stranger.mac = "02:aa:00:00:00:07".into();
+        st.endpoints.insert("ep-7".into(), stranger);
+        let h = host(&st, &local).with_underlay(UNDERLAY);
+        let mut ct = Conntrack::default();
+        let syn = ipv4(mac_of(3), W, R, IPPROTO_TCP, &tcp(40000, 22, SYN));
+        let out = h.judge(&ct, S, 13, &syn);
+        assert!(matches!(out.verdict, Verdict::Wrap { .. }));
+        ct.apply(&out.ct.expect("tracked"));
+        let quote = syn[ETH_HLEN..ETH_HLEN + 28].to_vec();
+        // web admits only TCP/80: what is not related is refused by its ingress rules.
+        let error = |from: [u8; 4], kind, total| {
+            let f = error_frame(mac_of(6), from, W, kind, &quote, total);
+            wrapped(THERE, 6, 100, mac_of(3), &f[ETH_HLEN..])
+        };
+        let v = h.judge_underlay(&ct, S, &error(R, (3, 4), 56));
+        assert_eq!(delivered_to(&v.verdict), Some(13), "the peer's frag-needed is related");
+        assert_eq!(v.ct, None);
+        for (from, kind, total, what) in [
+            ([10, 0, 0, 7], (3, 4), 56, "a stranger on the same host"),
+            (R, (3, 4), 577, "longer than a router's"),
+            (R, (3, 16), 56, "not an error code"),
+        ] {
+            let v = h.judge_underlay(&ct, S, &error(from, kind, total)).verdict;
+            assert_eq!(v, Verdict::Drop(D::PolicyIngress), "{what}");
+        }
     }
 }

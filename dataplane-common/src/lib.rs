@@ -33,6 +33,10 @@ pub const VXLAN_PORT: u16 = 4789;
 /// inner Ethernet 14. An endpoint's MTU is the underlay MTU minus this.
 pub const ENCAP_OVERHEAD: u32 = 50;
 
+/// The longest ICMP error that can be related to a tracked flow (S6): what a router sends,
+/// at most 576 bytes of IPv4 datagram (RFC 1812 4.3.2.3). A longer one is ordinary ICMP.
+pub const ICMP_ERROR_MAX_LEN: usize = 576;
+
 /// Capacities of the maps. The compiler refuses an edit whose compiled form would not fit (S12).
 pub mod capacity {
     pub const ENDPOINTS: u32 = 4096;

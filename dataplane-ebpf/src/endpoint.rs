@@ -19,10 +19,10 @@
 //!    else the route (none: `NoRoute`), which is then cached; the packet is sent on (step 8)
 //!    and, once it passed the MTU check, its flow refreshed (policy is skipped, S6). A dropped
 //!    packet never creates or refreshes a flow.
-//! 6. ICMP destination unreachable / time exceeded / parameter problem whose quoted IPv4 header
-//!    (and its first 8 payload bytes) lies within the datagram, is sent from the error's
-//!    destination, and names a flow tracked either way -> sent on like step 5, without policy
-//!    and without touching conntrack (S6). Otherwise the error is judged like any ICMP.
+//! 6. An ICMP error related to a tracked flow ([`related::error`]: an error type and code, at
+//!    most 576 bytes, from the quoted packet's destination to its source, the quoted flow
+//!    tracked) -> sent on like step 5, without policy and without touching conntrack (S6).
+//!    Otherwise the message is judged like any ICMP.
 //! 7. Route of (universe, destination) looked up; egress policy of the sender with the
 //!    destination as peer (`PolicyEgress`); no route -> `NoRoute` (this includes the gateway
 //!    address, which is no endpoint); for a local receiver its ingress policy with the sender as
@@ -47,7 +47,7 @@ use crate::{
     icmp,
     maps::{VERSE_CONFIG, VERSE_ENDPOINTS, VERSE_EP_SLOTS, VERSE_ROUTES},
     parse::*,
-    policy,
+    policy, related,
 };
 
 #[inline(always)]
@@ -119,22 +119,17 @@ fn ipv4(
         return forward(ctx, endpoint, config, &hop);
     }
     let route = route_of(endpoint.vni, ip.dst);
-    if flow::is_icmp_error(ip.proto, l4.icmp_type) {
-        if let Some(quoted) = flow::quoted_flow(ctx, endpoint.vni, ip.l4_off + 8, ip.ip_end) {
-            // An error is about a packet its sender received, so the quoted source is the
-            // error's destination (Linux conntrack requires the same).
-            if ip_eq(&quoted.src, &ip.dst) && conntrack::tracked(&quoted, now, &config.timeouts_ns)
-            {
-                let Some(route) = route else {
-                    return Err(DropReason::NoRoute);
-                };
-                let hop = conntrack::hop(&route, epoch);
-                if let Some(mtu) = too_big(ctx, config, &hop, &ip, &l4)? {
-                    return icmp::frag_needed(ctx, endpoint, ifindex, config.gateway_mac, &ip, mtu);
-                }
-                return forward(ctx, endpoint, config, &hop);
-            }
+    if role == conntrack::Role::Untracked
+        && related::error(ctx, endpoint.vni, &ip, &l4, now, &config.timeouts_ns)
+    {
+        let Some(route) = route else {
+            return Err(DropReason::NoRoute);
+        };
+        let hop = conntrack::hop(&route, epoch);
+        if let Some(mtu) = too_big(ctx, config, &hop, &ip, &l4)? {
+            return icmp::frag_needed(ctx, endpoint, ifindex, config.gateway_mac, &ip, mtu);
         }
+        return forward(ctx, endpoint, config, &hop);
     }
 
     if !policy::allows(

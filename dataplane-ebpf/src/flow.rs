@@ -127,14 +127,6 @@ pub fn l4(ctx: &TcContext, proto: u8, l4_off: usize, ip_end: usize) -> Result<L4
     }
 }
 
-/// True for the ICMP messages that quote the datagram they are about (RFC 792): destination
-/// unreachable, time exceeded, parameter problem.
-#[inline(always)]
-pub fn is_icmp_error(proto: u8, icmp_type: u8) -> bool {
-    proto == IPPROTO_ICMP
-        && matches!(icmp_type, ICMP_DEST_UNREACH | ICMP_TIME_EXCEEDED | ICMP_PARAMETER_PROBLEM)
-}
-
 /// Conntrack ports of an ICMP message (see `CtKey`): echo request `(id, 0)`, echo reply
 /// `(0, id)`, anything else `(0, 0)`.
 #[inline(always)]

@@ -8,9 +8,9 @@
 //! - `parse_only` is a benchmark probe, never attached: the IPv4/L4 parse of [`flow`] alone.
 //!
 //! Shared: [`parse`] (bounds-checked header access), [`flow`] (IPv4 and L4 as conntrack and
-//! policy see them), [`conntrack`], [`policy`], [`arp`], [`encap`] (the wire format between
-//! hosts), [`icmp`] (path MTU errors), [`deliver`] (into an endpoint's namespace), [`drop`]
-//! (counted drops), [`maps`].
+//! policy see them), [`conntrack`], [`related`] (ICMP errors related to a flow), [`policy`],
+//! [`arp`], [`encap`] (the wire format between hosts), [`icmp`] (path MTU errors), [`deliver`]
+//! (into an endpoint's namespace), [`drop`] (counted drops), [`maps`].
 #![no_std]
 #![no_main]
 
@@ -25,6 +25,7 @@ mod icmp;
 mod maps;
 mod parse;
 mod policy;
+mod related;
 mod underlay;
 
 use aya_ebpf::{bindings::TC_ACT_OK, macros::classifier, programs::TcContext};

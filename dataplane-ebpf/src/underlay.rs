@@ -20,8 +20,9 @@
 //!    outer source as underlay (`NotPlacedOnSender`, S10).
 //! 6. The inner destination is an endpoint of this host (`NotLocal`).
 //! 7. Conntrack hit (live) on the packet's key or its reverse, as far as its role allows (as in
-//!    `from_endpoint`, S7) -> refreshed and delivered (S6); a related ICMP error (as in
-//!    `from_endpoint`) -> delivered.
+//!    `from_endpoint`, S7) -> refreshed and delivered (S6); an ICMP error related to a tracked
+//!    flow ([`related::error`], as in `from_endpoint`: its inner source, placed on the sending
+//!    host by step 5, is the quoted packet's destination) -> delivered.
 //! 8. Otherwise the receiver's ingress policy with peer = the identity carried in the VXLAN-GBP
 //!    header (and the inner source's CIDR class, and ANY) (`PolicyIngress`); a packet whose role
 //!    begins flows creates its conntrack entry, any other is delivered untracked.
@@ -37,7 +38,7 @@ use crate::{
     flow,
     maps::{VERSE_CONFIG, VERSE_HOSTS, VERSE_ROUTES, VERSE_VNIS},
     parse::*,
-    policy,
+    policy, related,
 };
 
 /// IPv4 fragment offset bits and the "more fragments" bit of `frag_off` (RFC 791).
@@ -166,14 +167,11 @@ fn inner(
         encap::unwrap(ctx)?;
         return deliver::to_endpoint(ctx, to.ifindex, to.mac, config.gateway_mac);
     }
-    if flow::is_icmp_error(ip.proto, l4.icmp_type) {
-        if let Some(quoted) = flow::quoted_flow(ctx, vni, ip.l4_off + 8, ip.ip_end) {
-            if ip_eq(&quoted.src, &ip.dst) && conntrack::tracked(&quoted, now, &config.timeouts_ns)
-            {
-                encap::unwrap(ctx)?;
-                return deliver::to_endpoint(ctx, to.ifindex, to.mac, config.gateway_mac);
-            }
-        }
+    if role == conntrack::Role::Untracked
+        && related::error(ctx, vni, &ip, &l4, now, &config.timeouts_ns)
+    {
+        encap::unwrap(ctx)?;
+        return deliver::to_endpoint(ctx, to.ifindex, to.mac, config.gateway_mac);
     }
     if !policy::allows(
         to.identity,

@@ -17,7 +17,7 @@ use dataplane_common::{
 };
 use tests::fleet::VXLAN_PORT;
 use tests::frames::{
-    checksum, ethernet, ipv4, tcp, udp, vxlan_gbp, ACK, ETH_ARP, ETH_IPV4, SYN, SYN_ACK,
+    checksum, ethernet, icmp, ipv4, tcp, udp, vxlan_gbp, ACK, ETH_ARP, ETH_IPV4, SYN, SYN_ACK,
 };
 use tests::{is_root, pinned_drops, Bpffs, Netns, TempDir};
 use verse::compile::Desired;
@@ -174,6 +174,7 @@ fn judge(bpf_dir: &Path, if_a: u32, if_u: u32) {
     wraps_exactly_the_documented_header(&dp, if_a);
     unwraps_and_delivers(&mut dp, if_a, if_u);
     direction_holds_across_hosts(&mut dp, if_a, if_u);
+    related_errors_across_hosts_come_only_from_the_peer(&mut dp, if_a, if_u);
     refuses_forgeries(&dp, if_u);
     passes_what_is_not_ours(&dp, if_u);
     answers_too_big_with_frag_needed(&dp, if_a);
@@ -282,6 +283,37 @@ fn direction_holds_across_hosts(dp: &mut Dataplane, if_a: u32, if_u: u32) {
     let ct = dp.conntrack().expect("ct");
     assert_eq!(ct.len(), 1);
     assert_eq!(ct[0].1.state, ct_state::TCP_ESTABLISHED);
+}
+
+/// S6 across hosts: an ICMP error about A's flow with B, arriving wrapped, is related only from
+/// B (placed on host B), only if it is an error no longer than a router's; C's error about the
+/// same flow, a non-error code and an oversized error are judged by A's ingress rules (which
+/// admit no ICMP).
+fn related_errors_across_hosts_come_only_from_the_peer(dp: &mut Dataplane, if_a: u32, if_u: u32) {
+    dp.clear_conntrack().expect("clear conntrack");
+    let dp = &*dp;
+    let syn = from_workload(MAC_A, &tcp_packet(IP_A, IP_B, 5600, 22, SYN));
+    assert_eq!(dp.test_run(&syn, if_a, 1).expect("run").return_code, tc_act::REDIRECT);
+    let quote = tcp_packet(IP_A, IP_B, 5600, 22, SYN)[..28].to_vec();
+    let error = |from: [u8; 4], (ty, code): (u8, u8), total: usize| {
+        let mut payload = quote.clone();
+        payload.resize(payload.len().max(total.saturating_sub(28)), 0);
+        let packet = ipv4(from, IP_A, 1, &icmp(ty, code, [0; 4], &payload));
+        let (host, id) = if from == IP_B { (HOST_B, ID_B) } else { (HOST_C, ID_C) };
+        wrapped(host, HERE, vxlan_gbp(0x88, id as u16, VNI), MAC_A, &packet)
+    };
+    let out = dp.test_run_underlay(&error(IP_B, (3, 4), 56), if_u).expect("run");
+    assert_eq!(out.return_code, tc_act::REDIRECT, "the peer's frag-needed is related");
+    let out = dp.test_run_underlay(&error(IP_B, (3, 3), 576), if_u).expect("run");
+    assert_eq!(out.return_code, tc_act::REDIRECT, "576 bytes is a router's size");
+    for (from, kind, total, what) in [
+        (IP_C, (3, 4), 56, "a stranger on another host"),
+        (IP_B, (3, 3), 577, "577 bytes"),
+        (IP_B, (3, 16), 56, "no error code"),
+    ] {
+        assert_underlay_drop(dp, if_u, &error(from, kind, total), DropReason::PolicyIngress, what);
+    }
+    assert_eq!(dp.conntrack().expect("ct").len(), 1, "errors track nothing");
 }
 
 fn refuses_forgeries(dp: &Dataplane, if_u: u32) {

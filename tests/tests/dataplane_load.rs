@@ -112,17 +112,19 @@ fn dataplane_loads_attaches_and_judges_packets() {
     // only real devices for the skb's ifindex).
     ns.ip(&["link", "add", "ha", "type", "veth", "peer", "name", "wa"]);
     ns.ip(&["link", "add", "hb", "type", "veth", "peer", "name", "wb"]);
-    for dev in ["ha", "wa", "hb", "wb"] {
+    ns.ip(&["link", "add", "hc", "type", "veth", "peer", "name", "wc"]);
+    for dev in ["ha", "wa", "hb", "wb", "hc", "wc"] {
         ns.ip(&["link", "set", dev, "up"]);
     }
     let if_a = ns.ifindex("ha");
     let if_b = ns.ifindex("hb");
+    let if_c = ns.ifindex("hc");
     let if_wa = ns.ifindex("wa");
 
-    ns.enter(|| judge_packets(bpffs.path(), if_a, if_b, if_wa));
+    ns.enter(|| judge_packets(bpffs.path(), if_a, if_b, if_c, if_wa));
 }
 
-fn judge_packets(bpf_dir: &Path, if_a: u32, if_b: u32, if_wa: u32) {
+fn judge_packets(bpf_dir: &Path, if_a: u32, if_b: u32, if_c: u32, if_wa: u32) {
     let mut dp = Dataplane::load(bpf_dir, &config()).expect("load the dataplane");
     let stats = dp.program_stats().expect("program info");
     eprintln!("from_endpoint: {stats:?}");
@@ -266,6 +268,7 @@ fn judge_packets(bpf_dir: &Path, if_a: u32, if_b: u32, if_wa: u32) {
     );
 
     only_a_syn_in_its_own_direction_opens_a_tcp_flow(&mut dp, if_a, if_b);
+    related_errors_come_only_from_the_peer(&mut dp, &want, if_a, if_b, if_c);
     measure(&mut dp, if_a);
 
     // A second load over the same bpffs reuses the pinned maps and keeps the links.
@@ -339,6 +342,89 @@ fn only_a_syn_in_its_own_direction_opens_a_tcp_flow(dp: &mut Dataplane, if_a: u3
     assert_eq!(dp.test_run(&syn, if_a, 1).expect("run").return_code, tc_act::REDIRECT);
     assert_eq!(state(dp), Some(ct_state::TCP_OPENING), "A's own SYN reopens it");
     assert_eq!(dp.conntrack().expect("ct").len(), 1);
+}
+
+/// S6: an ICMP error about A's flow with B is related only from B, only if it is an error and
+/// no longer than a router's (576 bytes); else it is judged (B may send nothing, A admits
+/// nothing). A third endpoint C (egress all) is a stranger to the flow: its errors are judged
+/// by A's ingress rules.
+fn related_errors_come_only_from_the_peer(
+    dp: &mut Dataplane,
+    want: &Desired,
+    if_a: u32,
+    if_b: u32,
+    if_c: u32,
+) {
+    const IP_C: [u8; 4] = [10, 0, 0, 4];
+    const MAC_C: [u8; 6] = [0x02, 0xCC, 0x00, 0x00, 0x00, 0x04];
+    const ID_C: u32 = 3;
+    let mut with_c = want.clone();
+    with_c
+        .endpoints
+        .insert(if_c, Endpoint { ip: IP_C, mac: MAC_C, _pad: [0; 2], vni: VNI, identity: ID_C });
+    with_c.routes.insert(
+        RouteKey { vni: VNI, ip: IP_C },
+        Route { ifindex: if_c, identity: ID_C, mac: MAC_C, _pad: [0; 2], underlay: [0; 4] },
+    );
+    with_c.policy.insert((
+        policy_prefix::PEER,
+        PolicyKey {
+            policy: ID_C.to_be_bytes(),
+            direction: DIRECTION_EGRESS,
+            peer: 0u32.to_be_bytes(),
+            proto: 0,
+            port: [0; 2],
+        },
+    ));
+    dp.apply(want, &with_c).expect("add C");
+    dp.clear_conntrack().expect("clear conntrack");
+    let syn = tcp_frame(MAC_A, IP_A, IP_B, 45000, 80, SYN);
+    assert_eq!(dp.test_run(&syn, if_a, 1).expect("run").return_code, tc_act::REDIRECT);
+    let quote = ipv4(IP_A, IP_B, 6, &tcp(45000, 80, SYN, 0))[..28].to_vec();
+    let error = |mac, src, (ty, code): (u8, u8), total: usize| {
+        let mut payload = quote.clone();
+        payload.resize(payload.len().max(total.saturating_sub(28)), 0);
+        ethernet(GATEWAY_MAC, mac, ETH_IPV4, &ipv4(src, IP_A, 1, &icmp(ty, code, [0; 4], &payload)))
+    };
+    let judged = |frame: &[u8], ifindex, reason, what: &str| {
+        let before = pinned_drops(dp.bpf_dir(), reason);
+        assert_eq!(
+            dp.test_run(frame, ifindex, 1).expect("run").return_code,
+            tc_act::SHOT,
+            "{what}"
+        );
+        assert_eq!(
+            pinned_drops(dp.bpf_dir(), reason),
+            before + 1,
+            "{what}: counted as {}",
+            reason.label()
+        );
+    };
+    let related = |frame: &[u8], what: &str| {
+        let out = dp.test_run(frame, if_b, 1).expect("run");
+        assert_eq!(out.return_code, tc_act::REDIRECT, "{what}: related");
+        assert_eq!(&out.packet[0..6], &MAC_A, "{what}: to A");
+    };
+    for kind in [(3, 3), (3, 4), (11, 0), (12, 0)] {
+        judged(
+            &error(MAC_C, IP_C, kind, 56),
+            if_c,
+            DropReason::PolicyIngress,
+            "a stranger's error",
+        );
+    }
+    for kind in [(3, 0), (3, 15), (11, 1), (12, 2)] {
+        related(&error(MAC_B, IP_B, kind, 56), &format!("the peer's {kind:?}"));
+    }
+    for kind in [(3, 16), (11, 2), (12, 3), (4, 0), (5, 1)] {
+        let f = error(MAC_B, IP_B, kind, 56);
+        judged(&f, if_b, DropReason::PolicyEgress, &format!("{kind:?} is no error"));
+    }
+    related(&error(MAC_B, IP_B, (3, 4), 576), "576 bytes");
+    judged(&error(MAC_B, IP_B, (3, 4), 577), if_b, DropReason::PolicyEgress, "577 bytes");
+    judged(&error(MAC_B, IP_B, (3, 3), 1256), if_b, DropReason::PolicyEgress, "1256 bytes");
+    assert_eq!(dp.conntrack().expect("ct").len(), 1, "errors track nothing");
+    dp.apply(&with_c, want).expect("remove C");
 }
 
 /// Mean ns/packet of the empty program, of new flows and of established flows, over a pool of

@@ -404,6 +404,11 @@ struct Gen {
     /// ifindex of a real device that is no endpoint.
     stranger: u32,
     flows: Vec<Flow>,
+    /// Flows whose first packet created a conntrack entry (the run reports it): what related
+    /// ICMP errors are mostly about.
+    tracked: Vec<Flow>,
+    /// The flow the last packet began, if it began one.
+    last_new: Option<Flow>,
 }
 
 const INTERESTING_PORTS: [u16; 16] =
@@ -576,12 +581,14 @@ impl Gen {
 
     /// One packet: what it is (for the report), where it enters and the frame.
     fn next(&mut self) -> (String, Hook, Vec<u8>) {
+        self.last_new = None;
         let r = self.rng.random_range(0..100);
         if r < 30 || self.flows.is_empty() {
             let flow = self.new_flow();
             let flags = self.tcp_flags();
             let (h, f) = self.flow_packet(&flow, false, flags).expect("the originator exists");
             self.flows.push(flow.clone());
+            self.last_new = Some(flow.clone());
             return (format!("new {flow:?} flags {flags:#x}"), h, f);
         }
         let flow = self.flows.choose(&mut self.rng).expect("flows").clone();
@@ -605,7 +612,11 @@ impl Gen {
             return (format!("again {flow:?} flags {flags:#x}"), h, f);
         }
         if r < 80 {
-            return self.icmp_error(&flow);
+            let about = match self.tracked.choose(&mut self.rng) {
+                Some(t) if self.rng.random_bool(0.7) => t.clone(),
+                _ => flow,
+            };
+            return self.icmp_error(&about);
         }
         if r < 84 {
             return self.arp();
@@ -623,8 +634,22 @@ impl Gen {
         let orig = self.eps[flow.from].clone();
         let mut quote = quoted[14..].to_vec();
         quote.truncate(28 + self.rng.random_range(0..8));
-        let ty = *[3u8, 11, 12].choose(&mut self.rng).expect("types");
-        let variant = self.rng.random_range(0..6);
+        // Mostly the types that quote a datagram, every code of them (errors or not), and now
+        // and then any type at all.
+        let ty = match self.rng.random_range(0..10) {
+            0..=7 => *[3u8, 11, 12].choose(&mut self.rng).expect("types"),
+            8 => *[0u8, 4, 5, 8, 13, 14].choose(&mut self.rng).expect("types"),
+            _ => self.rng.random(),
+        };
+        // Codes at the edges of the error ranges (unreachable 0-15, time exceeded 0-1,
+        // parameter problem 0-2) most of the time.
+        let code = match self.rng.random_range(0..10) {
+            0..=5 => *[0u8, 1, 2, 3, 4, 15, 16].choose(&mut self.rng).expect("codes"),
+            6..=8 => self.rng.random_range(0..=20),
+            _ => self.rng.random(),
+        };
+        // Half the time the usual case: the flow's peer about the flow, to its source.
+        let variant = if self.rng.random_bool(0.5) { 0 } else { self.rng.random_range(1..6) };
         // The sender: the flow's destination if it is an endpoint (the usual case), else any.
         let mut sender = self
             .ep_by_ip(&orig.universe, flow.dst)
@@ -648,8 +673,15 @@ impl Gen {
             4 => quote[0] = 0x46, // options claimed, ports then read 4 bytes later
             _ => sender = self.rng.random_range(0..self.eps.len()),
         }
+        // Mostly the size of an error; a router's limit (576 bytes of IPv4) and one byte more;
+        // longer.
+        let total: usize = match self.rng.random_range(0..10) {
+            0..=7 => 0,
+            8 => *[576, 577].choose(&mut self.rng).expect("sizes"),
+            _ => self.rng.random_range(578..1400),
+        };
+        quote.resize(quote.len().max(total.saturating_sub(28)), 0);
         let s = self.eps[sender].clone();
-        let code = self.rng.random_range(0..5);
         let mut f = ipv4_packet(s.mac, s.ip, to, 1, &[], &icmp_hdr(ty, code, 0, &quote));
         if self.rng.random_bool(0.2) {
             // The quote continues in Ethernet padding beyond the datagram.
@@ -660,7 +692,9 @@ impl Gen {
             }
         }
         let (h, f) = self.emit(sender, f);
-        (format!("icmp error type {ty} variant {variant} about {flow:?}"), h, f)
+        let what =
+            format!("icmp type {ty} code {code} variant {variant}, {total} bytes, about {flow:?}");
+        (what, h, f)
     }
 
     fn arp(&mut self) -> (String, Hook, Vec<u8>) {
@@ -951,7 +985,9 @@ impl Run {
         self.dp.drops().expect("read VERSE_DROPS")
     }
 
-    fn send(&mut self, host: &Host<'_>, what: &str, hook: Hook, frame: &[u8]) {
+    /// Runs `frame` through the kernel and the model; true if the packet created or refreshed a
+    /// conntrack entry (in the model, once both agreed).
+    fn send(&mut self, host: &Host<'_>, what: &str, hook: Hook, frame: &[u8]) -> bool {
         let before = self.drops();
         let now = now_ns();
         let (ifindex, result) = match hook {
@@ -969,7 +1005,7 @@ impl Run {
                 let ethertype =
                     if frame.len() >= 14 { u16::from_be_bytes([frame[12], frame[13]]) } else { 0 };
                 *self.refused.entry((ethertype, frame.len())).or_default() += 1;
-                return;
+                return false;
             }
             Err(e) => panic!(
                 "BPF_PROG_TEST_RUN on {what} (ifindex {ifindex}, {} bytes): {e:?}",
@@ -1002,7 +1038,7 @@ impl Run {
             if let Some(u) = &outcome.ct {
                 self.ct.apply(u);
             }
-            return;
+            return outcome.ct.is_some();
         }
         let model = match &outcome.verdict {
             Verdict::Drop(r) => format!("drop {r:?}"),
@@ -1028,6 +1064,7 @@ impl Run {
         let e = self.disagreements.entry(kind).or_insert((0, detail));
         e.0 += 1;
         self.resync_ct();
+        false
     }
 
     /// After a disagreement, continue from the kernel's conntrack table.
@@ -1157,6 +1194,8 @@ fn kernel_program_agrees_with_the_reference_model_on_generated_packets() {
             eps: gen_eps(&state),
             stranger,
             flows: Vec::new(),
+            tracked: Vec::new(),
+            last_new: None,
         };
 
         let phases = [
@@ -1185,7 +1224,9 @@ fn kernel_program_agrees_with_the_reference_model_on_generated_packets() {
             let host = Host::new(&state, HOST, &local, GW, timeouts).with_underlay(underlay);
             for n in 0..per_phase {
                 let (what, hook, frame) = gen.next();
-                run.send(&host, &format!("[{phase}, packet {n}] {what}"), hook, &frame);
+                if run.send(&host, &format!("[{phase}, packet {n}] {what}"), hook, &frame) {
+                    gen.tracked.extend(gen.last_new.take());
+                }
                 if n % 500 == 499 {
                     run.compare_ct(&format!("{phase}, packet {n}"));
                 }
@@ -1208,12 +1249,8 @@ fn kernel_program_agrees_with_the_reference_model_on_generated_packets() {
         for (n, flow) in flows.iter().enumerate().take(per_phase) {
             let reply = n % 2 == 1;
             if let Some((hook, frame)) = gen.flow_packet(flow, reply, 0x10) {
-                run.send(
-                    &host,
-                    &format!("[expiry, packet {n}] reply={reply} {flow:?}"),
-                    hook,
-                    &frame,
-                );
+                let what = format!("[expiry, packet {n}] reply={reply} {flow:?}");
+                run.send(&host, &what, hook, &frame);
             }
         }
         run.compare_ct("end of expiry phase");
