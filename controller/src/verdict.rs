@@ -66,9 +66,11 @@
 //! `MalformedEncap` (options, MF, lengths, VXLAN flags other than G|I), `UnknownHost`,
 //! `UnknownUniverse`, the inner frame parsed like a workload's (`Ipv6Unsupported`,
 //! `UnknownEthertype`, `MalformedIpv4`, `Fragment`, `MalformedL4`), the inner source placed on
-//! the sending host (`NotPlacedOnSender`), the inner destination local (`NotLocal`), conntrack
-//! hit or related error (as above), else the receiver's ingress rules with the inner source as
-//! peer (`PolicyIngress`); unwrapped and delivered.
+//! the sending host (`NotPlacedOnSender`), the Group Policy ID the identity the control plane
+//! gives that endpoint (`IdentityMismatch`: the header is a claim, never the peer's identity),
+//! the inner destination local (`NotLocal`), conntrack hit or related error (as above), else
+//! the receiver's ingress rules with the inner source as peer (its groups) (`PolicyIngress`);
+//! unwrapped and delivered.
 //!
 //! A packet that is dropped never creates or refreshes a conntrack entry.
 
@@ -322,6 +324,8 @@ struct Local<'a> {
 /// An endpoint placed on another host, reached over the underlay.
 #[derive(Clone, Copy, Debug)]
 struct Remote {
+    /// The identity the control plane gives it: the only one its frames may claim (S10).
+    identity: u32,
     mac: [u8; 6],
     /// The underlay address of its host.
     underlay: Ipv4Addr,
@@ -409,9 +413,11 @@ impl<'a> Host<'a> {
                 continue;
             };
             if state.universes.contains_key(&ep.universe) {
-                routes
-                    .entry((ep.universe.as_str(), ep.ip))
-                    .or_insert(Place::Remote(Remote { mac, underlay }));
+                routes.entry((ep.universe.as_str(), ep.ip)).or_insert(Place::Remote(Remote {
+                    identity: ep.identity,
+                    mac,
+                    underlay,
+                }));
             }
         }
         let members =
@@ -567,6 +573,7 @@ impl<'a> Host<'a> {
         if frame[VXLAN_OFF] != 0x88 {
             return Outcome::drop(DropReason::MalformedEncap);
         }
+        let claimed = u32::from(be16(frame, VXLAN_OFF + 2));
         let vni = u32::from_be_bytes([
             0,
             frame[VXLAN_OFF + 4],
@@ -593,7 +600,11 @@ impl<'a> Host<'a> {
             Err(reason) => return Outcome::drop(reason),
         };
         match self.routes.get(&(universe, pkt.src)) {
-            Some(Place::Remote(r)) if r.underlay == outer_src => {}
+            Some(Place::Remote(r)) if r.underlay == outer_src => {
+                if r.identity != claimed {
+                    return Outcome::drop(DropReason::IdentityMismatch);
+                }
+            }
             _ => return Outcome::drop(DropReason::NotPlacedOnSender),
         }
         let Some(Place::Local(to)) = self.routes.get(&(universe, pkt.dst)) else {
@@ -622,8 +633,6 @@ impl<'a> Host<'a> {
         if self.related(ct, now_ns, vni, &pkt, &l4) {
             return Outcome { verdict: unwrapped(), ct: None };
         }
-        // The peer is judged by its groups: the model agrees with the kernel, which takes the
-        // header's identity, only on frames whose identity is the sender's.
         if !self.allows(to.ep, Direction::Ingress, pkt.src, pkt.proto, &l4) {
             return Outcome::drop(DropReason::PolicyIngress);
         }
@@ -1884,6 +1893,14 @@ mod tests {
         let to_a = ipv4(mac_of(6), R, A, IPPROTO_TCP, &tcp(1, 80, SYN));
         let denied = wrapped(THERE, 6, 100, mac_of(1), &to_a[14..]);
         assert_eq!(j(&denied), Verdict::Drop(D::PolicyIngress));
+        // S10: the header's identity must be the one the control plane gives ep-6 (6). Claiming
+        // ep-1's (1, a member of default, which ep-1 admits) is dropped, as is any other.
+        for claimed in [1u16, 5, 0, 0xffff] {
+            let forged = wrapped(THERE, claimed, 100, mac_of(1), &to_a[14..]);
+            assert_eq!(j(&forged), Verdict::Drop(D::IdentityMismatch), "identity {claimed}");
+            let forged = wrapped(THERE, claimed, 100, mac_of(3), &to_web[14..]);
+            assert_eq!(j(&forged), Verdict::Drop(D::IdentityMismatch), "identity {claimed}");
+        }
     }
 
     #[test]

@@ -102,10 +102,13 @@ pub enum DropReason {
     MalformedEncap = 19,
     /// Too big to wrap for the underlay MTU; an ICMP "fragmentation needed" went back.
     FragNeeded = 20,
+    /// Encapsulated traffic whose Group Policy ID is not the identity the control plane gives
+    /// its inner source endpoint (S10).
+    IdentityMismatch = 21,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 20] = [
+    pub const ALL: [DropReason; 21] = [
         DropReason::TruncatedEthernet,
         DropReason::UnknownEthertype,
         DropReason::Ipv6Unsupported,
@@ -126,6 +129,7 @@ impl DropReason {
         DropReason::NotLocal,
         DropReason::MalformedEncap,
         DropReason::FragNeeded,
+        DropReason::IdentityMismatch,
     ];
 
     /// The label used in metrics and the CLI.
@@ -151,6 +155,7 @@ impl DropReason {
             DropReason::NotLocal => "not_local",
             DropReason::MalformedEncap => "malformed_encap",
             DropReason::FragNeeded => "frag_needed",
+            DropReason::IdentityMismatch => "identity_mismatch",
         }
     }
 

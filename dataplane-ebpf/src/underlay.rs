@@ -18,15 +18,18 @@
 //!    `MalformedL4`.
 //! 5. The inner source is an endpoint placed on the sending host: its route is remote with the
 //!    outer source as underlay (`NotPlacedOnSender`, S10).
-//! 6. The inner destination is an endpoint of this host (`NotLocal`).
-//! 7. Conntrack hit (live) on the packet's key or its reverse, as far as its role allows (as in
+//! 6. The Group Policy ID of the VXLAN-GBP header is the identity the control plane gives that
+//!    endpoint, the one in its route (`IdentityMismatch`, S10): the header is a claim the sender
+//!    makes, checked, never believed.
+//! 7. The inner destination is an endpoint of this host (`NotLocal`).
+//! 8. Conntrack hit (live) on the packet's key or its reverse, as far as its role allows (as in
 //!    `from_endpoint`, S7) -> refreshed and delivered (S6); an ICMP error related to a tracked
 //!    flow ([`related::error`], as in `from_endpoint`: its inner source, placed on the sending
 //!    host by step 5, is the quoted packet's destination) -> delivered.
-//! 8. Otherwise the receiver's ingress policy with peer = the identity carried in the VXLAN-GBP
-//!    header (and the inner source's CIDR class, and ANY) (`PolicyIngress`); a packet whose role
-//!    begins flows creates its conntrack entry, any other is delivered untracked.
-//! 9. Unwrap ([`encap::unwrap`]) and deliver ([`deliver::to_endpoint`]) (`RedirectFailed`).
+//! 9. Otherwise the receiver's ingress policy with peer = the inner source's identity (from its
+//!    route; then its CIDR class; then ANY) (`PolicyIngress`); a packet whose role begins flows
+//!    creates its conntrack entry, any other is delivered untracked.
+//! 10. Unwrap ([`encap::unwrap`]) and deliver ([`deliver::to_endpoint`]) (`RedirectFailed`).
 use aya_ebpf::{bindings::TC_ACT_OK, programs::TcContext};
 use dataplane_common::{
     Config, CtHop, DropReason, Route, RouteKey, DIRECTION_INGRESS, ENCAP_OVERHEAD, VXLAN_PORT,
@@ -131,15 +134,15 @@ pub fn walk(ctx: &TcContext) -> Result<i32, DropReason> {
     inner(ctx, config, src, vni, u32::from(group))
 }
 
-/// Steps 4–9 for the inner IPv4 packet of universe `vni`, sent by host `host` on behalf of an
-/// endpoint of identity `identity`.
+/// Steps 4–10 for the inner IPv4 packet of universe `vni`, sent by host `host`, whose header
+/// claims the identity `claimed`.
 #[inline(always)]
 fn inner(
     ctx: &TcContext,
     config: &Config,
     host: [u8; 4],
     vni: u32,
-    identity: u32,
+    claimed: u32,
 ) -> Result<i32, DropReason> {
     let ip = flow::ipv4_header(ctx, INNER_IP_OFF)?;
     if ip.frag_off & IP_MF_OFFSET_MASK != 0 {
@@ -149,9 +152,12 @@ fn inner(
 
     // SAFETY: copied out at once; each value is one the controller wrote.
     let from: Option<Route> = unsafe { VERSE_ROUTES.get(&RouteKey { vni, ip: ip.src }) }.copied();
-    match from {
-        Some(r) if r.ifindex == 0 && ip_eq(&r.underlay, &host) => {}
+    let identity = match from {
+        Some(r) if r.ifindex == 0 && ip_eq(&r.underlay, &host) => r.identity,
         _ => return Err(DropReason::NotPlacedOnSender),
+    };
+    if identity != claimed {
+        return Err(DropReason::IdentityMismatch);
     }
     // SAFETY: as above.
     let to: Route = match unsafe { VERSE_ROUTES.get(&RouteKey { vni, ip: ip.dst }) } {

@@ -250,8 +250,9 @@ fn unwraps_and_delivers(dp: &mut Dataplane, if_a: u32, if_u: u32) {
     // Port 81 is not admitted: a new flow judged by A's ingress with B's identity.
     assert_underlay_drop(dp, if_u, &from_b(41001, 81, SYN), DropReason::PolicyIngress, "port 81");
 
-    // The identity in the header is what policy judges: the same packet claiming identity 3
-    // (which A does not admit) is refused although its source is B.
+    // S10: the identity is the one the control plane gives the inner source, never the header's
+    // word. B's packet claiming C's identity is dropped, whatever A admits; so is C's packet
+    // claiming B's (which A would admit on 80).
     let claims_c = wrapped(
         HOST_B,
         HERE,
@@ -259,7 +260,24 @@ fn unwraps_and_delivers(dp: &mut Dataplane, if_a: u32, if_u: u32) {
         MAC_A,
         &tcp_packet(IP_B, IP_A, 41002, 80, SYN),
     );
-    assert_underlay_drop(dp, if_u, &claims_c, DropReason::PolicyIngress, "another identity");
+    assert_underlay_drop(dp, if_u, &claims_c, DropReason::IdentityMismatch, "B claiming C");
+    let claims_b = wrapped(
+        HOST_C,
+        HERE,
+        vxlan_gbp(0x88, ID_B as u16, VNI),
+        MAC_A,
+        &tcp_packet(IP_C, IP_A, 41003, 80, SYN),
+    );
+    assert_underlay_drop(dp, if_u, &claims_b, DropReason::IdentityMismatch, "C claiming B");
+    // C with its own identity is judged by A's rules, which admit only B.
+    let true_c = wrapped(
+        HOST_C,
+        HERE,
+        vxlan_gbp(0x88, ID_C as u16, VNI),
+        MAC_A,
+        &tcp_packet(IP_C, IP_A, 41004, 80, SYN),
+    );
+    assert_underlay_drop(dp, if_u, &true_c, DropReason::PolicyIngress, "C as itself");
 }
 
 /// S7 across hosts: A's segment without SYN to B opens no flow on this host, so B's SYN back

@@ -13,7 +13,9 @@
 //! conntrack evolves the same way on both sides. What a local endpoint sends goes through
 //! `from_endpoint` (delivered, or wrapped for another host, or answered "fragmentation needed"
 //! when too big); what an endpoint of another host sends arrives wrapped on the underlay through
-//! `from_underlay`, with forged and malformed encapsulations and frames that are not Verse's. Mid-run a rule is
+//! `from_underlay`, with forged encapsulations (unknown hosts, sources not placed on the
+//! sending host, identities other than the sender's, unknown VNIs), malformed ones, and frames
+//! that are not Verse's. Mid-run a rule is
 //! revoked (S8) and an endpoint changes groups (S5). Compared for every packet: the return code,
 //! the output frame (for a wrapped frame, all but the outer UDP source port, a flow hash the
 //! kernel computes), and which `VERSE_DROPS` counter moved; every few hundred packets and at the
@@ -742,9 +744,14 @@ impl Gen {
                 vni: self.eps[sender].vni,
             },
         };
-        let variant = self.rng.random_range(0..17);
+        let variant = self.rng.random_range(0..19);
         let mut cut = None;
         match variant {
+            // Another identity than the sender's (S10): another endpoint's, or any number.
+            17 | 18 => {
+                let other = self.eps.choose(&mut self.rng).expect("eps").identity;
+                e.group = if variant == 17 { other } else { self.rng.random() };
+            }
             0 => e.outer_src = Ipv4Addr::new(198, 18, 0, 77), // no host
             1 => {
                 // The other host of the fleet, or this one.
@@ -1277,7 +1284,12 @@ fn kernel_program_agrees_with_the_reference_model_on_generated_packets() {
     // The generator must have exercised both outcomes broadly, or agreement proves little.
     assert!(delivered > per_phase / 10, "too few packets delivered: {delivered}");
     assert!(reasons.len() >= 16, "too few drop reasons exercised: {reasons:?}");
-    for r in [DropReason::UnknownHost, DropReason::NotPlacedOnSender, DropReason::FragNeeded] {
+    for r in [
+        DropReason::UnknownHost,
+        DropReason::NotPlacedOnSender,
+        DropReason::IdentityMismatch,
+        DropReason::FragNeeded,
+    ] {
         assert!(reasons.contains_key(&r), "{r:?} never exercised: {reasons:?}");
     }
 }

@@ -1,8 +1,9 @@
 //! S10 across hosts: a host accepts encapsulated traffic only from the underlay IPs of known
-//! hosts, only for endpoints the control plane places on the sending host, and only for its own
-//! endpoints in the universe the VNI names. Forged VXLAN-GBP packets, crafted by hand and sent
-//! with a raw socket from a namespace plugged into the underlay bridge, are dropped by the
-//! receiving host and counted under their reason (S11).
+//! hosts, only for endpoints the control plane places on the sending host, with the identity the
+//! control plane gives them, and only for its own endpoints in the universe the VNI names.
+//! Forged VXLAN-GBP packets, crafted by hand and sent with a raw socket from a namespace plugged
+//! into the underlay bridge, are dropped by the receiving host and counted under their reason
+//! (S11).
 use std::net::Ipv4Addr;
 use std::time::Duration;
 
@@ -24,10 +25,11 @@ fn vni(v: &Value) -> u32 {
 /// and every drop below is the check it names); then each forgery is dropped on host C:
 /// - from 198.18.0.200, no host: `unknown_host`;
 /// - from host B's address for O, which is on host A: `not_placed_on_sender`;
-/// - red's VNI for 10.0.0.20 -> 10.0.0.10 (red's .20 is on B, red's .10 is on A, not C):
-///   `not_local`, and blue's T never sees it;
+/// - red's VNI (and red 10.0.0.20's identity) for 10.0.0.20 -> 10.0.0.10 (red's .20 is on B,
+///   red's .10 is on A, not C): `not_local`, and blue's T never sees it;
 /// - a VNI that is no universe: `unknown_universe`;
-/// - VXLAN flags without the I bit: `malformed_encap`.
+/// - VXLAN flags without the I bit: `malformed_encap`;
+/// - another identity than S's in the Group Policy ID: `identity_mismatch`.
 #[test]
 fn forged_encapsulated_packets_are_dropped_and_counted() {
     let fleet = Fleet::start(3);
@@ -42,17 +44,34 @@ fn forged_encapsulated_packets_are_dropped_and_counted() {
     let target = fleet.endpoint(2, id(&blue), "10.0.0.10", &[id(&open)]);
     let sender = fleet.endpoint(1, id(&blue), "10.0.0.20", &[]);
     let _other = fleet.endpoint(0, id(&blue), "10.0.0.30", &[]);
-    let _red20 = fleet.endpoint(1, id(&red), "10.0.0.20", &[]);
-    let _red10 = fleet.endpoint(0, id(&red), "10.0.0.10", &[]);
+    let red20 = fleet.endpoint(1, id(&red), "10.0.0.20", &[]);
+    let red10 = fleet.endpoint(0, id(&red), "10.0.0.10", &[]);
     let server = UdpServer::start(&target.ns, 9000, "t");
 
-    // The real path works: S (B) -> T (C) on UDP 9000.
+    // The real path works: S (B) -> T (C) on UDP 9000. Its header carries S's identity, which
+    // the forger reads off the wire (S10: a receiver checks it against the control plane's).
+    let capture = tests::PacketCapture::open(fleet.host(2).netns(), tests::fleet::UNDERLAY_IFACE)
+        .expect("capture on host C's underlay");
     assert_eq!(
         udp_roundtrip(&sender.ns, target.ip, 9000, "real", ALLOWED).as_deref(),
         Some("t:real")
     );
     let received = || server.sources().len();
     assert_eq!(received(), 1);
+    let seen = capture
+        .find(Duration::from_secs(3), |f| vxlan_seen(f).is_some_and(|v| v.inner_src == sender.ip))
+        .and_then(|f| vxlan_seen(&f))
+        .expect("S's encapsulated datagram on host C's underlay");
+    // Red's 10.0.0.20 has an identity of its own, seen on host A's underlay.
+    let capture_a = tests::PacketCapture::open(fleet.host(0).netns(), tests::fleet::UNDERLAY_IFACE)
+        .expect("capture on host A's underlay");
+    assert!(ping(&red20.ns, red10.ip), "red's default group admits its members");
+    let red_seen = capture_a
+        .find(Duration::from_secs(3), |f| {
+            vxlan_seen(f).is_some_and(|v| v.inner_src == red20.ip && v.vni == vni(&red))
+        })
+        .and_then(|f| vxlan_seen(&f))
+        .expect("red 10.0.0.20's encapsulated ping on host A's underlay");
 
     let forger_ip = Ipv4Addr::new(198, 18, 0, 200);
     let forger = fleet.underlay_node(forger_ip);
@@ -61,7 +80,7 @@ fn forged_encapsulated_packets_are_dropped_and_counted() {
     let good = VxlanGbp {
         outer_src: host_b,
         outer_dst: host_c,
-        group: 0,
+        group: seen.group,
         vni: vni(&blue),
         flags: 0x88,
         inner_dst_mac: mac_bytes(&target.mac),
@@ -87,9 +106,10 @@ fn forged_encapsulated_packets_are_dropped_and_counted() {
             "not_placed_on_sender",
             VxlanGbp { inner_src: Ipv4Addr::new(10, 0, 0, 30), ..good.clone() },
         ),
-        ("not_local", VxlanGbp { vni: vni(&red), ..good.clone() }),
+        ("not_local", VxlanGbp { vni: vni(&red), group: red_seen.group, ..good.clone() }),
         ("unknown_universe", VxlanGbp { vni: unknown_vni, ..good.clone() }),
         ("malformed_encap", VxlanGbp { flags: 0x80, ..good.clone() }),
+        ("identity_mismatch", VxlanGbp { group: seen.group ^ 0x100, ..good.clone() }),
     ];
     for (reason, packet) in forgeries {
         let before = c.drops(reason);
@@ -106,7 +126,7 @@ fn forged_encapsulated_packets_are_dropped_and_counted() {
     }
     // The forgeries landed on host C only: the other hosts saw none of them.
     for i in 0..2 {
-        for reason in ["unknown_host", "not_placed_on_sender", "not_local"] {
+        for reason in ["unknown_host", "not_placed_on_sender", "not_local", "identity_mismatch"] {
             assert_eq!(fleet.host(i).drops(reason), 0, "host {i} {reason}");
         }
     }

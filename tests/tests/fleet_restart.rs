@@ -88,7 +88,8 @@ fn a_stopped_host_keeps_enforcing_and_catches_up_on_restart() {
         fleet.api(0).post(&format!("/v1/security-groups/{web}/rules"), &tcp_rule(8080, clients));
     assert_eq!(rule.status, 201, "{}", rule.body);
     // Joining `clients` together with a new group gives the stranger an identity (a set of
-    // groups) that C has never seen; joining `clients` alone would give it the client's.
+    // groups) that C has never seen; joining `clients` alone would give it the client's. Its
+    // host B wraps its frames with that new identity, which C's routes do not give it yet.
     let tagged = fleet.api(1).create_group(uni, "tagged");
     let r = fleet.api(1).patch(
         &format!("/v1/endpoints/{}", stranger.id),
@@ -115,7 +116,9 @@ fn a_stopped_host_keeps_enforcing_and_catches_up_on_restart() {
     assert_dropped(c, "policy_ingress", "client -> web:8080: C has not realized the rule", || {
         tcp_connect(&client.ns, web_ip, 8080, DENIED)
     });
-    assert_dropped(c, "policy_ingress", "stranger -> web:80: C does not know it joined", || {
+    // S10: C judges the stranger by the identity its own routes give it, and its frames claim
+    // another (the new one): they are dropped as such until C realizes the change.
+    assert_dropped(c, "identity_mismatch", "stranger -> web:80: C does not know it joined", || {
         tcp_connect(&stranger.ns, web_ip, 80, DENIED)
     });
     // C could not answer the newbie even if it let the SYN in (it has no route back to it):
