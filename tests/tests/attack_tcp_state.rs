@@ -46,12 +46,24 @@ fn world(name: &str, cidr: &str, a_ip: &str, b_ip: &str) -> World {
 /// Waits until `capture` sees a TCP segment `src:sport -> dst:dport` with exactly `flags`.
 fn saw_segment(
     capture: &PacketCapture,
+    src: (Ipv4Addr, u16),
+    dst: (Ipv4Addr, u16),
+    flags: u8,
+) -> bool {
+    saw_segment_within(capture, Duration::from_secs(3), src, dst, flags)
+}
+
+/// Whether `capture` sees, within `timeout`, a TCP segment `src:sport -> dst:dport` with
+/// exactly `flags`.
+fn saw_segment_within(
+    capture: &PacketCapture,
+    timeout: Duration,
     (src, sport): (Ipv4Addr, u16),
     (dst, dport): (Ipv4Addr, u16),
     flags: u8,
 ) -> bool {
     capture
-        .find(Duration::from_secs(3), |f| {
+        .find(timeout, |f| {
             tcp_segment(f).is_some_and(|s| {
                 s.src == src
                     && s.dst == dst
@@ -81,7 +93,9 @@ fn a_packet_without_syn_opens_no_way_back_for_the_peer() {
     });
 
     let raw = RawIpSocket::open(&w.a.ns, 6).expect("raw TCP socket in A");
+    let raw_b = RawIpSocket::open(&w.b.ns, 6).expect("raw TCP socket in B");
     let capture = PacketCapture::open(&w.b.ns, "eth0").expect("capture on B's eth0");
+    let capture_a = PacketCapture::open(&w.a.ns, "eth0").expect("capture on A's eth0");
     for (i, (flags, label)) in flag_sets.iter().enumerate() {
         let a_port = 6000 + i as u16;
         // The crafted segment (TCP checksum 0: Verse does not read it; B's stack discards it,
@@ -98,6 +112,15 @@ fn a_packet_without_syn_opens_no_way_back_for_the_peer() {
             tcp_connect_from(&w.b.ns, (w.b.ip, B_PORT), (w.a.ip, a_port), DENIED).is_ok()
         });
         assert_eq!(listeners[i].accepted(), 0, "{label}: A's listener accepted nothing");
+
+        // Nor do B's segments without SYN come back as replies (what Linux conntrack with its
+        // default `nf_conntrack_tcp_loose = 1` would let through: it picks A's segment up as an
+        // established connection). Nothing of B's reaches A's interface.
+        let what = format!("B's PSH+ACK to A:{a_port} after A's {label} (S7: no reply to it)");
+        assert_dropped(&w.host, "policy_ingress", &what, || {
+            raw_b.send_to(w.a.ip, &tcp(B_PORT, a_port, 0x18, 16)).expect("send B's segment");
+            saw_segment_within(&capture_a, DENIED, (w.b.ip, B_PORT), (w.a.ip, a_port), 0x18)
+        });
     }
 }
 
