@@ -9,6 +9,7 @@
 //! - [`dataplane`]: loading, pinning and attaching the eBPF programs; reading and writing maps.
 //! - [`netlink`]: endpoint plumbing (veth pairs, namespaces, addresses, routes).
 //! - [`reconcile`]: makes the dataplane and the interfaces match the desired state.
+//! - [`sim`]: simulated hosts (the real control plane over in-memory maps), for scale tests.
 //! - [`api`]: the REST API, described by [`openapi`]; [`client`]: the CLI's side of it.
 //! - [`auth`]: principals, tokens and who may do what (S15); [`audit`]: the audit trail.
 //! - [`server`]: the API's listeners, TLS and connection limits; [`limits`]: its per-request
@@ -27,6 +28,7 @@ pub mod netlink;
 pub mod openapi;
 pub mod reconcile;
 pub mod server;
+pub mod sim;
 pub mod store;
 pub mod tls;
 pub mod verdict;

@@ -25,6 +25,12 @@
 //! A host with an underlay ([`Underlay::lookup`], once at start) reaches the endpoints of other
 //! hosts through it: its endpoints get the underlay's MTU minus the encapsulation overhead, so
 //! that every packet they send fits the underlay once wrapped.
+//!
+//! What the reconciler drives is a [`Target`]: this machine's kernel (netlink and the eBPF maps
+//! of a [`Dataplane`]), or a simulated host's in-memory map set ([`SimMaps`], `versed
+//! --simulate-hosts`). The two differ in steps 1 and 4 only (a simulated endpoint is "plumbed"
+//! with a synthetic ifindex and has no interface to remove) and in what step 3 writes into
+//! (both through [`MapSet`]); the store, the compiler and the bookkeeping are the same code.
 
 use std::collections::{BTreeSet, HashMap};
 use std::net::Ipv4Addr;
@@ -41,6 +47,7 @@ use crate::compile::{self, CidrIds, Desired};
 use crate::dataplane::{self, Dataplane};
 use crate::model::{self, State};
 use crate::netlink;
+use crate::sim::SimMaps;
 use crate::store::{HostError, Realized};
 
 /// First retry delay after a failed round; doubles up to [`RETRY_MAX`].
@@ -52,13 +59,13 @@ const RETRY_MAX: Duration = Duration::from_secs(30);
 pub enum Error {
     /// Reading the pinned maps at start failed.
     #[error("failed to read the pinned dataplane maps: {0}")]
-    Read(#[source] Box<dataplane::Error>),
+    Read(#[source] MapSetError),
     /// The state does not compile for this host (it would not fit the maps, S12).
     #[error("failed to compile revision {revision} for host {host}: {source}")]
     Compile { revision: u64, host: String, source: model::Error },
     /// Writing the maps failed.
     #[error("failed to apply revision {revision} to the dataplane: {source}")]
-    Apply { revision: u64, source: Box<dataplane::Error> },
+    Apply { revision: u64, source: MapSetError },
     /// Listing the host-side interfaces failed.
     #[error("failed to list endpoint interfaces: {0}")]
     List(#[source] netlink::Error),
@@ -278,9 +285,46 @@ impl EndpointError {
 /// (`/metrics`). The lock is never held across an await.
 pub type SharedDataplane = Arc<Mutex<Dataplane>>;
 
+/// A simulated host's maps, shared between its reconciler (the only writer) and whoever reports
+/// on the simulation.
+pub type SharedSimMaps = Arc<Mutex<SimMaps>>;
+
+/// Why reading or writing a map set failed.
+pub type MapSetError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The maps the reconciler writes: the kernel's ([`Dataplane`]) or a simulated host's
+/// ([`SimMaps`]). Same contract as [`Dataplane::read`] and [`Dataplane::apply`].
+pub trait MapSet {
+    /// What the maps hold.
+    fn read(&self) -> Result<Desired, MapSetError>;
+    /// Writes the difference between `current` (what the maps hold) and `desired`.
+    fn apply(&mut self, current: &Desired, desired: &Desired) -> Result<(), MapSetError>;
+}
+
+impl MapSet for Dataplane {
+    fn read(&self) -> Result<Desired, MapSetError> {
+        Ok(Dataplane::read(self)?)
+    }
+    fn apply(&mut self, current: &Desired, desired: &Desired) -> Result<(), MapSetError> {
+        Ok(Dataplane::apply(self, current, desired)?)
+    }
+}
+
+/// What the reconciler drives (see the module docs).
+pub enum Target {
+    /// This machine: endpoint interfaces through netlink, the maps of the eBPF dataplane.
+    Kernel(SharedDataplane),
+    /// A simulated host: no interfaces, endpoints numbered from [`SIM_FIRST_IFINDEX`], the
+    /// maps in memory.
+    Simulated(SharedSimMaps),
+}
+
+/// The first synthetic ifindex of a simulated host's endpoints.
+pub const SIM_FIRST_IFINDEX: u32 = 1000;
+
 /// Keeps this host's interfaces and dataplane in line with the desired state.
 pub struct Reconciler {
-    dataplane: SharedDataplane,
+    target: Target,
     host: String,
     mtu: u32,
     cidr_ids: CidrIds,
@@ -288,15 +332,34 @@ pub struct Reconciler {
     applied: Desired,
     /// Local endpoints plumbed and attached by this process, by endpoint id.
     plumbed: HashMap<String, Plumbed>,
+    /// The next synthetic ifindex of a simulated host.
+    next_sim_ifindex: u32,
 }
 
 impl Reconciler {
     /// Starts from what the pinned maps hold (nothing is cleared), numbering CIDR classes as
     /// they are numbered there, so the first round writes only real differences.
     pub fn new(dataplane: SharedDataplane, host: String, mtu: u32) -> Result<Reconciler> {
-        let applied = lock(&dataplane).read().map_err(|e| Error::Read(Box::new(e)))?;
+        Reconciler::with_target(Target::Kernel(dataplane), host, mtu)
+    }
+
+    /// The reconciler of a simulated host, starting from what `maps` hold.
+    pub fn simulated(maps: SharedSimMaps, host: String) -> Result<Reconciler> {
+        Reconciler::with_target(Target::Simulated(maps), host, 1500)
+    }
+
+    fn with_target(target: Target, host: String, mtu: u32) -> Result<Reconciler> {
+        let applied = with_maps(&target, |m| m.read()).map_err(Error::Read)?;
         let cidr_ids = seed_cidr_ids(&applied);
-        Ok(Reconciler { dataplane, host, mtu, cidr_ids, applied, plumbed: HashMap::new() })
+        Ok(Reconciler {
+            target,
+            host,
+            mtu,
+            cidr_ids,
+            applied,
+            plumbed: HashMap::new(),
+            next_sim_ifindex: SIM_FIRST_IFINDEX,
+        })
     }
 
     /// What the pinned maps held at start (from a previous run): endpoints, routes to remote
@@ -380,7 +443,13 @@ impl Reconciler {
         //    interfaces removed in step 4, after the maps no longer name them. An endpoint whose
         //    interface vanished or was made anew behind our back (its namespace was deleted,
         //    say) is forgotten too, so it is plumbed again or, failing that, left out of the maps.
-        let existing = netlink::verse_interfaces().await.map_err(Error::List)?;
+        let existing = match &self.target {
+            Target::Kernel(_) => netlink::verse_interfaces().await.map_err(Error::List)?,
+            // A simulated endpoint's "interface" lives as long as the reconciler says.
+            Target::Simulated(_) => {
+                self.plumbed.values().map(|p| (p.spec.interface.clone(), p.ifindex)).collect()
+            }
+        };
         let host = &self.host;
         self.plumbed.retain(|id, p| {
             state.endpoints.get(id).is_some_and(|e| &e.host == host)
@@ -408,13 +477,17 @@ impl Reconciler {
 
         // 3. Write the differences.
         if desired != self.applied {
-            let mut dataplane = lock(&self.dataplane);
-            if let Err(source) = dataplane.apply(&self.applied, &desired) {
+            let applied = &self.applied;
+            let failed = with_maps(&self.target, |maps| {
+                let source = maps.apply(applied, &desired).err()?;
                 // The maps now hold something between the two states: read them back so the
                 // next attempt diffs against the truth, and keep every CIDR class id they still
                 // hold reserved, so that no id is given to another class while the maps still
                 // carry it for the old one.
-                match dataplane.read() {
+                Some((source, maps.read()))
+            });
+            if let Some((source, now)) = failed {
+                match now {
                     Ok(now) => {
                         self.cidr_ids = merge_cidr_ids(seed_cidr_ids(&now), &self.cidr_ids);
                         self.applied = now;
@@ -423,23 +496,26 @@ impl Reconciler {
                         tracing::error!(error = %e, "failed to read the maps back after a failed apply")
                     }
                 }
-                return Err(Error::Apply { revision: state.revision, source: Box::new(source) });
+                return Err(Error::Apply { revision: state.revision, source });
             }
             self.applied = desired;
             outcome.wrote_maps = true;
         }
 
-        // 4. Remove the interfaces of endpoints that are gone, and link pins whose interface
+        // 4. (The kernel only.) Remove the interfaces of endpoints that are gone, and link pins whose interface
         //    went away by itself (its namespace was deleted, say).
+        let Target::Kernel(dataplane) = &self.target else {
+            return Ok(outcome);
+        };
         let wanted: BTreeSet<&str> = local.iter().map(|e| e.interface.as_str()).collect();
-        let pinned = lock(&self.dataplane).pinned_links();
+        let pinned = lock(dataplane).pinned_links();
         match pinned {
             Ok(pinned) => {
                 for iface in pinned
                     .iter()
                     .filter(|i| !wanted.contains(i.as_str()) && !existing.contains_key(*i))
                 {
-                    if let Err(e) = lock(&self.dataplane).detach_endpoint(iface) {
+                    if let Err(e) = lock(dataplane).detach_endpoint(iface) {
                         tracing::warn!(interface = %iface, error = %e, "failed to remove a stale link pin");
                     }
                 }
@@ -450,7 +526,7 @@ impl Reconciler {
             if wanted.contains(iface.as_str()) {
                 continue;
             }
-            if let Err(e) = lock(&self.dataplane).detach_endpoint(&iface) {
+            if let Err(e) = lock(dataplane).detach_endpoint(&iface) {
                 tracing::warn!(interface = %iface, error = %e, "failed to detach the program of a gone endpoint");
             }
             match netlink::unplumb(&iface).await {
@@ -490,12 +566,21 @@ impl Reconciler {
         if self.plumbed.get(&ep.id).is_some_and(|p| p.spec == spec) {
             return Ok(());
         }
+        let dataplane = match &self.target {
+            Target::Kernel(dataplane) => dataplane,
+            Target::Simulated(_) => {
+                let ifindex = self.next_sim_ifindex;
+                self.next_sim_ifindex += 1;
+                self.plumbed.insert(ep.id.clone(), Plumbed { spec, ifindex });
+                return Ok(());
+            }
+        };
         let ifindex = netlink::plumb(ep, self.mtu, gateway)
             .await
             .map_err(|source| EndpointError::Plumb { endpoint: ep.id.clone(), source })?;
         // Idempotent: after a restart the pinned link is found, kept, and its program swapped
         // atomically for the one loaded now.
-        lock(&self.dataplane)
+        lock(dataplane)
             .attach_endpoint(&ep.interface)
             .map_err(|source| EndpointError::Attach { endpoint: ep.id.clone(), source })?;
         // Only now, with the program in place, may the workload's packets reach this namespace.
@@ -522,11 +607,19 @@ async fn sleep_until(at: Option<Instant>) {
     }
 }
 
-/// Locks the shared dataplane. A holder that panicked left the kernel maps as they were (every
-/// write is one syscall), and the reconciler diffs against what it reads, so a poisoned lock is
-/// still usable.
-fn lock(dataplane: &SharedDataplane) -> MutexGuard<'_, Dataplane> {
-    dataplane.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+/// Locks the shared dataplane (or a simulated host's maps). A holder that panicked left the
+/// kernel maps as they were (every write is one syscall), and the reconciler diffs against what
+/// it reads, so a poisoned lock is still usable.
+fn lock<T>(maps: &Mutex<T>) -> MutexGuard<'_, T> {
+    maps.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Runs `f` on the maps `target` writes, locked.
+fn with_maps<R>(target: &Target, f: impl FnOnce(&mut dyn MapSet) -> R) -> R {
+    match target {
+        Target::Kernel(dataplane) => f(&mut *lock(dataplane)),
+        Target::Simulated(maps) => f(&mut *lock(maps)),
+    }
 }
 
 /// The CIDR class numbering that `VERSE_CIDRS` holds: key (vni, CIDR), value `CIDR_FLAG | id`.
@@ -593,5 +686,74 @@ mod tests {
         let compiled = CidrIds { ids: [((1, b), 5), ((1, c), 6)].into_iter().collect() };
         let merged = merge_cidr_ids(held, &compiled);
         assert_eq!(merged.ids, [((1, a), 5), ((1, c), 6)].into_iter().collect());
+    }
+
+    /// Two endpoints on the simulated host, one elsewhere: the simulated host's maps get its own
+    /// endpoints under synthetic ifindexes, a route to the remote one through its host's
+    /// underlay, and lose the entries of an endpoint once it is deleted.
+    #[tokio::test]
+    async fn a_simulated_host_realizes_the_state_in_its_in_memory_maps() {
+        let mut s = State::default();
+        let u = s
+            .create_universe(model::CreateUniverse {
+                name: "blue".into(),
+                cidr: Some("10.1.0.0/16".into()),
+                cidrs: None,
+            })
+            .unwrap();
+        for (name, last) in [("sim-0001", 1), ("sim-0002", 2)] {
+            s.hosts.insert(
+                name.into(),
+                model::HostRecord {
+                    name: name.into(),
+                    underlay_ip: Some(Ipv4Addr::new(198, 19, 0, last)),
+                },
+            );
+        }
+        let mut ids = Vec::new();
+        for (host, ip) in
+            [("sim-0001", "10.1.0.5"), ("sim-0001", "10.1.0.6"), ("sim-0002", "10.1.0.7")]
+        {
+            let ep = s
+                .create_endpoint(
+                    model::CreateEndpoint {
+                        universe: u.id.clone(),
+                        host: Some(host.into()),
+                        netns: format!("ns-{ip}"),
+                        ip: ip.into(),
+                        security_groups: None,
+                    },
+                    "sim-0001",
+                )
+                .unwrap();
+            ids.push(ep.id);
+        }
+        s.revision += 1;
+
+        let maps: SharedSimMaps = Arc::new(Mutex::new(SimMaps::new()));
+        let mut r = Reconciler::simulated(maps.clone(), "sim-0001".into()).unwrap();
+        let outcome = r.reconcile(&s).await.unwrap();
+        assert!(outcome.wrote_maps && !outcome.needs_retry(), "{outcome:?}");
+        let held = lock(&maps).maps().clone();
+        let ifindexes: Vec<u32> = held.endpoints.keys().copied().collect();
+        assert_eq!(ifindexes, [SIM_FIRST_IFINDEX, SIM_FIRST_IFINDEX + 1]);
+        assert_eq!(held.routes.len(), 3);
+        let remote = held.routes[&dp::RouteKey { vni: u.vni, ip: [10, 1, 0, 7] }];
+        assert_eq!((remote.ifindex, remote.underlay), (0, [198, 19, 0, 2]));
+        assert_eq!(held.hosts.keys().collect::<Vec<_>>(), [&[198, 19, 0, 2]]);
+        assert_eq!(held, r.applied, "the reconciler's bookkeeping is what the maps hold");
+
+        // The same state again writes nothing.
+        assert!(!r.reconcile(&s).await.unwrap().wrote_maps);
+        s.delete_endpoint(&ids[0]).unwrap();
+        s.revision += 1;
+        assert!(r.reconcile(&s).await.unwrap().wrote_maps);
+        let held = lock(&maps).maps().clone();
+        let kept = r.plumbed[&ids[1]].ifindex;
+        assert_eq!(held.endpoints.keys().copied().collect::<Vec<_>>(), [kept]);
+        assert!(!held.routes.contains_key(&dp::RouteKey { vni: u.vni, ip: [10, 1, 0, 5] }));
+        let counts = lock(&maps).counts();
+        assert_eq!(counts.applies, 2);
+        assert!(counts.removed >= 2, "{counts:?}");
     }
 }
