@@ -1081,15 +1081,20 @@ async fn metrics(AxState(st): AxState<AppState>, caller: Caller) -> ApiResult {
             ))
         }
     };
-    let text =
-        render_metrics(&st.store.snapshot(), st.realized.borrow().revision, &stats, &st.audit)
-            .map_err(|e| {
-                ApiError::new(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    "internal",
-                    format!("encoding metrics: {e}"),
-                )
-            })?;
+    let text = render_metrics(
+        &st.store.snapshot(),
+        st.realized.borrow().revision,
+        &stats,
+        &st.audit,
+        st.store.watch_stats(),
+    )
+    .map_err(|e| {
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            format!("encoding metrics: {e}"),
+        )
+    })?;
     Ok((
         [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
         text,
@@ -1103,6 +1108,7 @@ pub fn render_metrics(
     realized: u64,
     stats: &Stats,
     audit: &Auditor,
+    watch: crate::store::WatchStats,
 ) -> Result<String, std::fmt::Error> {
     use prometheus_client::metrics::counter::Counter;
     use prometheus_client::metrics::family::Family;
@@ -1161,6 +1167,18 @@ pub fn render_metrics(
         "audit_suppressed",
         "Requests refused for their credentials or their rate beyond what this host records",
         audit.suppressed(),
+    );
+    counter(
+        &mut reg,
+        "store_watch_events",
+        "Events the store's etcd watch received (0 with the embedded store)",
+        watch.events,
+    );
+    counter(
+        &mut reg,
+        "store_watch_bytes",
+        "Bytes of the watch responses the store received from etcd (protobuf and gRPC prefix)",
+        watch.bytes,
     );
     let mut out = String::new();
     prometheus_client::encoding::text::encode(&mut out, &reg)?;

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::watch;
 use verse::api::{self, AppState, Stats};
 use verse::model::{self, State};
-use verse::store::{EtcdOptions, EtcdTls, HostStatus, Realized, Store};
+use verse::store::{EtcdOptions, EtcdTls, HostStatus, Realized, Store, WatchStats};
 
 /// Bound of every wait in these tests.
 const WAIT: Duration = Duration::from_secs(20);
@@ -892,4 +892,53 @@ async fn deleting_a_universe_too_big_for_one_transaction_is_a_409_saying_what_to
     cli(&url, move |c| c.delete_universe(&id)).await.expect("the delete now fits");
     let after = store.snapshot();
     assert!(after.universes.is_empty() && after.groups.is_empty(), "everything went at once");
+}
+
+/// A store counts what its watch received: one response and one event per key put under its
+/// prefix, and at least the keys' and values' bytes (plus the fixed fields etcd adds).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_stats_count_every_response_event_and_byte_received() {
+    let etcd = Etcd::start();
+    let options = etcd.options(Duration::from_secs(5));
+    let store = etcd.store(Duration::from_secs(5)).await;
+    // The first read is no watch event; etcd confirms the watch with a response of its own.
+    let deadline = Instant::now() + WAIT;
+    while store.watch_stats().responses == 0 {
+        assert!(Instant::now() < deadline, "the watch was never created");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let before = store.watch_stats();
+    assert_eq!((before.responses, before.events), (1, 0), "{before:?}");
+    let client = verse::store::etcd::connect(&options).await.unwrap();
+    let mut kv = client.kv_client();
+    let mut payload = 0u64;
+    for n in 0..3 {
+        let (key, value) = (format!("{}noise/{n}", options.prefix), "x".repeat(100 * (n + 1)));
+        payload += (key.len() + value.len()) as u64;
+        kv.put(key, value, None).await.unwrap();
+    }
+    // Keys outside the prefix are not watched.
+    kv.put("/elsewhere/key", "y", None).await.unwrap();
+    let deadline = Instant::now() + WAIT;
+    while store.watch_stats().events < 3 {
+        assert!(Instant::now() < deadline, "the watch got {:?}", store.watch_stats());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let now = store.watch_stats();
+    let got = WatchStats {
+        responses: now.responses - before.responses,
+        events: now.events - before.events,
+        bytes: now.bytes - before.bytes,
+    };
+    // etcd may send the events of revisions that follow each other closely in one response.
+    assert_eq!(got.events, 3, "{got:?}");
+    assert!((1..=3).contains(&got.responses), "{got:?}");
+    // Per event its framing and three revisions (at least 10 bytes beyond key and value); per
+    // response gRPC's 5-byte prefix and a header (ids, revision, term: about 30 bytes): at most
+    // 80 bytes an event beyond key and value.
+    assert!(
+        got.bytes >= payload + 3 * 10 && got.bytes <= payload + 3 * 80,
+        "{got:?}, payload {payload}"
+    );
 }

@@ -43,6 +43,7 @@
 
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
@@ -181,6 +182,106 @@ struct Shared {
     audit_retention: AuditRetention,
     /// Numbers the audit records of this store, so two in the same nanosecond differ.
     audit_seq: std::sync::atomic::AtomicU64,
+    /// What the watch received.
+    received: WatchCounters,
+}
+
+/// What a store's watch has received since the store opened (`Store::watch_stats`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct WatchStats {
+    /// Watch responses (etcd sends the events of one revision in one response).
+    pub responses: u64,
+    /// Events (one per key put or deleted).
+    pub events: u64,
+    /// Bytes of the responses as etcd encodes them (protobuf plus gRPC's 5-byte message
+    /// prefix; HTTP/2 framing and TLS not counted).
+    pub bytes: u64,
+}
+
+#[derive(Default)]
+struct WatchCounters {
+    responses: AtomicU64,
+    events: AtomicU64,
+    bytes: AtomicU64,
+}
+
+impl WatchCounters {
+    fn count(&self, resp: &etcd_client::WatchResponse) {
+        self.responses.fetch_add(1, Ordering::Relaxed);
+        self.events.fetch_add(resp.events().len() as u64, Ordering::Relaxed);
+        self.bytes.fetch_add(GRPC_PREFIX + encoded_len(resp), Ordering::Relaxed);
+    }
+
+    fn get(&self) -> WatchStats {
+        WatchStats {
+            responses: self.responses.load(Ordering::Relaxed),
+            events: self.events.load(Ordering::Relaxed),
+            bytes: self.bytes.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// gRPC's length-prefixed message: a compression flag and a 4-byte length.
+const GRPC_PREFIX: u64 = 5;
+
+/// The size of `resp` in etcd's protobuf encoding (`etcdserverpb.WatchResponse`): what etcd
+/// sent for it, computed from its fields (etcd-client does not keep the bytes).
+fn encoded_len(resp: &etcd_client::WatchResponse) -> u64 {
+    fn varint(v: u64) -> u64 {
+        u64::from((64 - (v | 1).leading_zeros()).div_ceil(7))
+    }
+    // A scalar field: one tag byte (field numbers below 16) and the varint, if not default.
+    fn scalar(v: i64) -> u64 {
+        if v == 0 {
+            0
+        } else {
+            1 + varint(v as u64)
+        }
+    }
+    // A length-delimited field of `len` bytes.
+    fn bytes(len: u64, always: bool) -> u64 {
+        if len == 0 && !always {
+            0
+        } else {
+            1 + varint(len) + len
+        }
+    }
+    fn kv(kv: &etcd_client::KeyValue) -> u64 {
+        bytes(kv.key().len() as u64, false)
+            + scalar(kv.create_revision())
+            + scalar(kv.mod_revision())
+            + scalar(kv.version())
+            + bytes(kv.value().len() as u64, false)
+            + scalar(kv.lease())
+    }
+    let header = resp.header().map_or(0, |h| {
+        let len = scalar(h.cluster_id() as i64)
+            + scalar(h.member_id() as i64)
+            + scalar(h.revision())
+            + scalar(h.raft_term() as i64);
+        bytes(len, true)
+    });
+    let events: u64 = resp
+        .events()
+        .iter()
+        .map(|e| {
+            let ty = match e.event_type() {
+                EventType::Put => 0,
+                EventType::Delete => 1,
+            };
+            let len = scalar(ty)
+                + e.kv().map_or(0, |k| bytes(kv(k), true))
+                + e.prev_kv().map_or(0, |k| bytes(kv(k), true));
+            bytes(len, true)
+        })
+        .sum();
+    header
+        + scalar(resp.watch_id())
+        + scalar(i64::from(resp.created()))
+        + scalar(i64::from(resp.canceled()))
+        + scalar(resp.compact_revision())
+        + bytes(resp.cancel_reason().len() as u64, false)
+        + events
 }
 
 struct Local {
@@ -224,52 +325,17 @@ impl Drop for Etcd {
 
 impl Etcd {
     pub(super) async fn open(options: EtcdOptions) -> Result<Arc<Etcd>> {
+        let client = connect(&options).await?;
+        Etcd::open_with_client(options, client).await
+    }
+
+    /// [`Etcd::open`] over a client that others may share (a clone of one [`connect`] made):
+    /// this store's watch and lease are its own streams on that client's connections.
+    pub(super) async fn open_with_client(
+        options: EtcdOptions,
+        client: Client,
+    ) -> Result<Arc<Etcd>> {
         let endpoints = options.endpoints.join(",");
-        if options.endpoints.is_empty() {
-            return Err(Error::Connect {
-                endpoints,
-                source: etcd_client::Error::InvalidArgs("no endpoint given".into()),
-            });
-        }
-        if options.lease_ttl < Duration::from_secs(1) {
-            return Err(Error::Connect {
-                endpoints,
-                source: etcd_client::Error::InvalidArgs(format!(
-                    "lease TTL {:?} is under one second",
-                    options.lease_ttl
-                )),
-            });
-        }
-        let mut connect = ConnectOptions::new()
-            .with_connect_timeout(REQUEST_TIMEOUT)
-            .with_keep_alive(KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT)
-            .with_keep_alive_while_idle(true);
-        if let Some(tls) = &options.tls {
-            // rustls (ring) through tonic; endpoints without a scheme become https://.
-            crate::tls::provider();
-            connect = connect.with_tls(tls.options(&endpoints)?);
-        }
-        if let Some((user, password)) = &options.user {
-            connect = connect.with_user(user, password).with_auto_token_refresh(true);
-        }
-        // Without a user, connecting is lazy: this fails only on a malformed endpoint (or
-        // unreadable TLS files, above). With a user it authenticates at once: wait for etcd as
-        // the first read below does, but fail at once if etcd refuses the credentials.
-        let mut delay = RETRY_MIN;
-        let client = loop {
-            match Client::connect(&options.endpoints, Some(connect.clone())).await {
-                Ok(c) => break c,
-                Err(source) if options.user.is_some() && !credentials_refused(&source) => {
-                    tracing::warn!(
-                        etcd = %endpoints, error = %source, retry_in = ?delay,
-                        "cannot authenticate to etcd yet; retrying"
-                    );
-                    tokio::time::sleep(delay).await;
-                    delay = (delay * 2).min(RETRY_MAX);
-                }
-                Err(source) => return Err(Error::Connect { endpoints: endpoints.clone(), source }),
-            }
-        };
         let mut prefix = options.prefix;
         if !prefix.ends_with('/') {
             prefix.push('/');
@@ -287,6 +353,7 @@ impl Etcd {
             local: Mutex::new(BTreeMap::new()),
             audit_retention: options.audit_retention,
             audit_seq: std::sync::atomic::AtomicU64::new(0),
+            received: WatchCounters::default(),
         });
 
         let mut delay = RETRY_MIN;
@@ -332,6 +399,10 @@ impl Etcd {
 
     pub(super) fn snapshot(&self) -> Arc<State> {
         self.shared.state.borrow().clone()
+    }
+
+    pub(super) fn watch_stats(&self) -> WatchStats {
+        self.shared.received.get()
     }
 
     pub(super) fn subscribe(&self) -> watch::Receiver<Arc<State>> {
@@ -758,6 +829,7 @@ impl Shared {
                     )),
                 });
             }
+            self.received.count(&resp);
             // The stream works: the next failure starts its backoff afresh.
             *delay = RETRY_MIN;
             let mut desired_changed = false;
@@ -1052,6 +1124,57 @@ fn decode<'a>(prefix: &str, kvs: impl IntoIterator<Item = (&'a str, &'a [u8])>) 
         }
     }
     Ok(state)
+}
+
+/// A client of the etcd cluster `options` names (connections are made lazily: this fails only
+/// on a malformed endpoint or option). Clones share its connections.
+pub async fn connect(options: &EtcdOptions) -> Result<Client> {
+    let endpoints = options.endpoints.join(",");
+    if options.endpoints.is_empty() {
+        return Err(Error::Connect {
+            endpoints,
+            source: etcd_client::Error::InvalidArgs("no endpoint given".into()),
+        });
+    }
+    if options.lease_ttl < Duration::from_secs(1) {
+        return Err(Error::Connect {
+            endpoints,
+            source: etcd_client::Error::InvalidArgs(format!(
+                "lease TTL {:?} is under one second",
+                options.lease_ttl
+            )),
+        });
+    }
+    let mut connect = ConnectOptions::new()
+        .with_connect_timeout(REQUEST_TIMEOUT)
+        .with_keep_alive(KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT)
+        .with_keep_alive_while_idle(true);
+    if let Some(tls) = &options.tls {
+        // rustls (ring) through tonic; endpoints without a scheme become https://.
+        crate::tls::provider();
+        connect = connect.with_tls(tls.options(&endpoints)?);
+    }
+    if let Some((user, password)) = &options.user {
+        connect = connect.with_user(user, password).with_auto_token_refresh(true);
+    }
+    // Without a user, connecting is lazy: this fails only on a malformed endpoint (or
+    // unreadable TLS files, above). With a user it authenticates at once: wait for etcd as the
+    // first read of a store does, but fail at once if etcd refuses the credentials.
+    let mut delay = RETRY_MIN;
+    loop {
+        match Client::connect(&options.endpoints, Some(connect.clone())).await {
+            Ok(c) => return Ok(c),
+            Err(source) if options.user.is_some() && !credentials_refused(&source) => {
+                tracing::warn!(
+                    etcd = %endpoints, error = %source, retry_in = ?delay,
+                    "cannot authenticate to etcd yet; retrying"
+                );
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(RETRY_MAX);
+            }
+            Err(source) => return Err(Error::Connect { endpoints, source }),
+        }
+    }
 }
 
 /// Runs one etcd request with [`REQUEST_TIMEOUT`], naming it in the error.

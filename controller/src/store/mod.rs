@@ -42,7 +42,7 @@ use crate::audit::{AuditRecord, Query as AuditQuery};
 use crate::model::{self, State};
 
 pub use embedded::{Embedded, LAST_GOOD_FILE, STATE_FILE};
-pub use etcd::{Etcd, EtcdOptions, EtcdTls};
+pub use etcd::{Etcd, EtcdOptions, EtcdTls, WatchStats};
 
 /// Why a store operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -216,6 +216,23 @@ impl Store {
     /// everything. Fails at once only on a malformed endpoint.
     pub async fn open_etcd(options: EtcdOptions) -> Result<Store> {
         Ok(Store::Etcd(Etcd::open(options).await?))
+    }
+
+    /// [`Store::open_etcd`] on a client made by [`etcd::connect`] that other stores may share
+    /// (simulated hosts, `crate::sim`): the watch and the lease are still this store's own.
+    pub async fn open_etcd_with_client(
+        options: EtcdOptions,
+        client: etcd_client::Client,
+    ) -> Result<Store> {
+        Ok(Store::Etcd(Etcd::open_with_client(options, client).await?))
+    }
+
+    /// What this store's watch has received since it opened (nothing for the embedded store).
+    pub fn watch_stats(&self) -> WatchStats {
+        match self {
+            Store::Embedded(_) => WatchStats::default(),
+            Store::Etcd(e) => e.watch_stats(),
+        }
     }
 
     /// The current desired state.
