@@ -77,6 +77,16 @@ pub struct Args {
     /// enforces is removed. Without it, versed refuses to start then, and says how to recover.
     #[arg(long)]
     pub empty_state: bool,
+    /// Run N simulated hosts instead of this one (scale tests; needs an etcd store): each runs
+    /// the control plane over in-memory maps; `--listen` serves `GET /v1/simulation` only.
+    #[arg(long, value_name = "N", help_heading = "Simulation")]
+    pub simulate_hosts: Option<usize>,
+    /// Names of the simulated hosts: this prefix and a four-digit number from 0001.
+    #[arg(long, value_name = "PREFIX", default_value = "sim-", help_heading = "Simulation")]
+    pub simulate_prefix: String,
+    /// etcd clients (gRPC connections) the simulated hosts share; 0: one per host.
+    #[arg(long, value_name = "K", default_value_t = 0, help_heading = "Simulation")]
+    pub simulate_connections: usize,
 }
 
 /// Where the desired state lives, parsed from the `store` setting.

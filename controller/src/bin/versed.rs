@@ -25,6 +25,7 @@ use verse::auth::{self, Bootstrap};
 use verse::config::{Args, Config};
 use verse::dataplane::Dataplane;
 use verse::reconcile::{Reconciler, SharedDataplane, Underlay};
+use verse::sim::{self, SimFleet, SimOptions};
 use verse::store::{Realized, Store};
 use verse::{limits, server};
 
@@ -79,6 +80,9 @@ fn error_chain(e: &anyhow::Error) -> String {
 
 async fn run(args: Args) -> anyhow::Result<()> {
     let config = Config::load(&args).context("loading the configuration")?;
+    if let Some(hosts) = args.simulate_hosts {
+        return simulate(&config, &args, hosts).await;
+    }
     let host = config.host_name().context("naming this host")?;
     let bpf_dir = config.bpf_dir();
 
@@ -306,6 +310,36 @@ fn refuse_a_lost_state(
             "etcd holds none".to_owned()
         }
     )
+}
+
+/// `versed --simulate-hosts N`: N simulated hosts (see `verse::sim`) until SIGTERM or SIGINT,
+/// their report served at `GET /v1/simulation` on `listen`.
+async fn simulate(config: &Config, args: &Args, hosts: usize) -> anyhow::Result<()> {
+    let etcd = config
+        .etcd_options()?
+        .context("--simulate-hosts needs an etcd store (--store etcd://HOST:PORT)")?;
+    let fleet = SimFleet::start(SimOptions {
+        hosts,
+        prefix: args.simulate_prefix.clone(),
+        etcd,
+        connections: args.simulate_connections,
+        start_concurrency: 16,
+    })
+    .await
+    .context("starting the simulated hosts")?;
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("listening on {}", config.listen))?;
+    tracing::info!(hosts, prefix = %args.simulate_prefix, listen = %config.listen,
+        store = %config.store, "simulating hosts");
+    let fleet = Arc::new(fleet);
+    axum::serve(listener, sim::router(fleet.clone()))
+        .with_graceful_shutdown(shutdown_signal())
+        .await
+        .context("serving the simulation's report")?;
+    drop(fleet);
+    tracing::info!("simulation stopped");
+    Ok(())
 }
 
 /// `BPF_FS_MAGIC` (`include/uapi/linux/magic.h`).
