@@ -1127,7 +1127,8 @@ fn decode<'a>(prefix: &str, kvs: impl IntoIterator<Item = (&'a str, &'a [u8])>) 
 }
 
 /// A client of the etcd cluster `options` names (connections are made lazily: this fails only
-/// on a malformed endpoint or option). Clones share its connections.
+/// on a malformed endpoint or option). Clones share its connections. Requests go to one member
+/// and move on to the next when it cannot be reached (`store/failover.rs`).
 pub async fn connect(options: &EtcdOptions) -> Result<Client> {
     let endpoints = options.endpoints.join(",");
     if options.endpoints.is_empty() {
@@ -1160,9 +1161,16 @@ pub async fn connect(options: &EtcdOptions) -> Result<Client> {
     // Without a user, connecting is lazy: this fails only on a malformed endpoint (or
     // unreadable TLS files, above). With a user it authenticates at once: wait for etcd as the
     // first read of a store does, but fail at once if etcd refuses the credentials.
+    // One member at a time, moving on when it cannot be reached (see `failover`).
     let mut delay = RETRY_MIN;
     loop {
-        match Client::connect(&options.endpoints, Some(connect.clone())).await {
+        match Client::connect_with_balanced_channel(
+            &options.endpoints,
+            Some(connect.clone()),
+            super::failover::Failover,
+        )
+        .await
+        {
             Ok(c) => return Ok(c),
             Err(source) if options.user.is_some() && !credentials_refused(&source) => {
                 tracing::warn!(

@@ -29,6 +29,7 @@
 
 pub mod embedded;
 pub mod etcd;
+mod failover;
 
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
