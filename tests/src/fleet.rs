@@ -7,7 +7,8 @@
 //! The network ([`Fleet::start`]):
 //!
 //! ```text
-//!   underlay namespace <prefix>-u: bridge br0 198.18.0.254/24, etcd listening on it
+//!   underlay namespace <prefix>-u: bridge br0 198.18.0.254/24, and three etcd members on
+//!   198.18.0.251-253 (one process each, a real three-member cluster)
 //!     ├── veth ── host namespace 1: ul0 198.18.0.1/24, versed --underlay ul0 --store etcd://…
 //!     ├── veth ── host namespace 2: ul0 198.18.0.2/24, versed …
 //!     ├── …
@@ -32,12 +33,20 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::{
-    bad, frames, http_request, unique_name, unique_port, wait_until, Api, Host, Netns, RawIpSocket,
-    Stopper, TempDir, Value, Workload,
+    bad, frames, http_request, unique_name, wait_until, Api, Host, Netns, RawIpSocket, Stopper,
+    TempDir, Value, Workload,
 };
 
-/// The address of the underlay bridge in the underlay namespace, where etcd listens.
-pub const ETCD_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 254);
+/// The address of the underlay bridge itself in the underlay namespace.
+pub const BRIDGE_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 254);
+
+/// The addresses of the three etcd members on the underlay bridge (each member listens for
+/// clients on 2379 and for its peers on 2380 of its own address).
+pub const ETCD_IPS: [Ipv4Addr; 3] = [
+    Ipv4Addr::new(198, 18, 0, 251),
+    Ipv4Addr::new(198, 18, 0, 252),
+    Ipv4Addr::new(198, 18, 0, 253),
+];
 
 /// The name of the underlay interface in every host namespace (not `eth0`, which is the name
 /// of every workload's interface).
@@ -46,9 +55,9 @@ pub const UNDERLAY_IFACE: &str = "ul0";
 /// The bridge inside the underlay namespace (a private namespace, so the name cannot collide).
 const BRIDGE: &str = "br0";
 
-/// The underlay address of host `i` (counting from 0): 198.18.0.<i+1>.
+/// The underlay address of host `i` (counting from 0): 198.18.0.<i+1>, below the etcd members'.
 pub fn underlay_ip(i: usize) -> Ipv4Addr {
-    let last = u8::try_from(i + 1).ok().filter(|n| *n < 254).expect("at most 253 hosts");
+    let last = u8::try_from(i + 1).ok().filter(|n| *n < 251).expect("at most 250 hosts");
     Ipv4Addr::new(198, 18, 0, last)
 }
 
@@ -59,41 +68,106 @@ const START_TIMEOUT: Duration = Duration::from_secs(30);
 // etcd
 // ---------------------------------------------------------------------------------------------
 
-/// A one-member etcd (Debian's `etcd`, 3.4) in a namespace, with its data in a temporary
-/// directory. Killed and its directory removed on drop; its log is printed if the test fails.
+const ETCD_CLIENT_PORT: u16 = 2379;
+const ETCD_PEER_PORT: u16 = 2380;
+
+/// A three-member etcd cluster (Debian's `etcd`, 3.4) in one namespace, one process per member
+/// at [`ETCD_IPS`], each with its data in a temporary directory. Members are killed and their
+/// directories removed on drop; their logs are printed if the test fails.
 #[derive(Debug)]
 pub struct Etcd {
-    child: Option<Child>,
+    members: Vec<EtcdMember>,
     netns: String,
-    addr: SocketAddr,
+}
+
+#[derive(Debug)]
+struct EtcdMember {
+    name: String,
+    ip: Ipv4Addr,
+    child: Option<Child>,
     log_path: PathBuf,
     // Dropped after the process is dead (see `Drop`).
     dir: TempDir,
 }
 
+/// One member as `etcdctl endpoint status` reports it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MemberStatus {
+    /// Position of the member in [`ETCD_IPS`].
+    pub index: usize,
+    pub member_id: u64,
+    /// The member id of the leader this member knows of (0: none).
+    pub leader: u64,
+    pub raft_term: u64,
+    pub db_size: u64,
+}
+
+impl EtcdMember {
+    fn client_url(&self) -> String {
+        format!("http://{}:{ETCD_CLIENT_PORT}", self.ip)
+    }
+
+    fn peer_url(&self) -> String {
+        format!("http://{}:{ETCD_PEER_PORT}", self.ip)
+    }
+
+    fn log(&self) -> String {
+        fs::read_to_string(&self.log_path)
+            .unwrap_or_else(|e| format!("(no log at {}: {e})", self.log_path.display()))
+    }
+}
+
 impl Etcd {
-    /// Starts etcd inside `netns` serving clients on `ip` (which must be an address of that
-    /// namespace) and waits (20 s at most) until `GET /health` says it is healthy.
-    pub fn start(netns: &Netns, ip: Ipv4Addr) -> Etcd {
-        let dir = TempDir::new("e");
-        let (client_port, peer_port) = (unique_port(), unique_port());
-        let client = format!("http://{ip}:{client_port}");
-        // The peer URL is on loopback: a one-member cluster has no peers to reach.
-        let peer = format!("http://127.0.0.1:{peer_port}");
-        let log_path = dir.path().join("etcd.log");
+    /// Starts the three members inside `netns` (whose bridge must hold [`ETCD_IPS`]) and waits
+    /// (30 s at most) until each says it is healthy (`GET /health`: it has a leader).
+    pub fn start(netns: &Netns) -> Etcd {
+        let members = ETCD_IPS
+            .iter()
+            .enumerate()
+            .map(|(i, &ip)| EtcdMember {
+                name: format!("etcd-{i}"),
+                ip,
+                child: None,
+                log_path: PathBuf::new(),
+                dir: TempDir::new("e"),
+            })
+            .collect();
+        let mut etcd = Etcd { members, netns: netns.name().to_owned() };
+        for i in 0..etcd.members.len() {
+            etcd.spawn(i, "new");
+        }
+        etcd.wait_healthy(Duration::from_secs(30), "start-up");
+        etcd
+    }
+
+    /// `--initial-cluster`: every member by name and peer URL.
+    fn initial_cluster(&self) -> String {
+        let peers: Vec<String> =
+            self.members.iter().map(|m| format!("{}={}", m.name, m.peer_url())).collect();
+        peers.join(",")
+    }
+
+    fn spawn(&mut self, i: usize, cluster_state: &str) {
+        let initial_cluster = self.initial_cluster();
+        let netns = self.netns.clone();
+        let m = &mut self.members[i];
+        m.log_path = m.dir.path().join("etcd.log");
         let log = OpenOptions::new()
             .create(true)
             .append(true)
-            .open(&log_path)
-            .unwrap_or_else(|e| panic!("open {}: {e}", log_path.display()));
+            .open(&m.log_path)
+            .unwrap_or_else(|e| panic!("open {}: {e}", m.log_path.display()));
         let err = log.try_clone().expect("dup log fd");
+        let (client, peer) = (m.client_url(), m.peer_url());
         let mut cmd = Command::new("ip");
-        cmd.args(["netns", "exec", netns.name(), "etcd", "--name", "verse-test", "--data-dir"])
-            .arg(dir.path().join("data"))
+        cmd.args(["netns", "exec", &netns, "etcd", "--name", &m.name, "--data-dir"])
+            .arg(m.dir.path().join("data"))
             .args(["--listen-client-urls", &client, "--advertise-client-urls", &client])
             .args(["--listen-peer-urls", &peer, "--initial-advertise-peer-urls", &peer])
-            .args(["--initial-cluster", &format!("verse-test={peer}")])
-            .args(["--initial-cluster-state", "new", "--logger", "zap", "--log-outputs", "stderr"])
+            .args(["--initial-cluster", &initial_cluster])
+            .args(["--initial-cluster-token", &netns])
+            .args(["--initial-cluster-state", cluster_state])
+            .args(["--logger", "zap", "--log-outputs", "stderr"])
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(err);
@@ -102,92 +176,198 @@ impl Etcd {
         let child = cmd.spawn().unwrap_or_else(|e| {
             panic!("failed to start etcd (install the Debian package etcd-server): {e}")
         });
-        let mut etcd = Etcd {
-            child: Some(child),
-            netns: netns.name().to_owned(),
-            addr: SocketAddr::from((ip, client_port)),
-            log_path,
-            dir,
-        };
-        let deadline = Instant::now() + Duration::from_secs(20);
+        m.child = Some(child);
+    }
+
+    /// Waits until every running member answers `GET /health` with `"true"`.
+    fn wait_healthy(&mut self, timeout: Duration, what: &str) {
+        let deadline = Instant::now() + timeout;
         loop {
-            if let Some(status) = etcd.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
-                panic!("etcd exited during start-up ({status}); log:\n{}", etcd.log());
+            for m in &mut self.members {
+                if let Some(status) = m.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                    panic!(
+                        "etcd member {} exited during {what} ({status}); log:\n{}",
+                        m.name,
+                        m.log()
+                    );
+                }
             }
-            if etcd.healthy() {
-                return etcd;
+            let running: Vec<usize> =
+                (0..self.members.len()).filter(|&i| self.members[i].child.is_some()).collect();
+            if running.iter().all(|&i| self.member_healthy(i)) {
+                return;
             }
             assert!(
                 Instant::now() < deadline,
-                "etcd did not report healthy within 20 s; log:\n{}",
-                etcd.log()
+                "etcd members did not all report healthy within {timeout:?} ({what}); logs:\n{}",
+                self.logs()
             );
             std::thread::sleep(Duration::from_millis(50));
         }
     }
 
-    /// Whether `GET /health` answers `{"health":"true"}`.
-    pub fn healthy(&self) -> bool {
-        http_request(&self.netns, self.addr, "GET", "/health", None, Duration::from_secs(2))
+    /// Whether member `i` answers `GET /health` with `{"health":"true"}`.
+    pub fn member_healthy(&self, i: usize) -> bool {
+        let addr = SocketAddr::from((self.members[i].ip, ETCD_CLIENT_PORT));
+        http_request(&self.netns, addr, "GET", "/health", None, Duration::from_secs(2))
             .is_ok_and(|r| r.status == 200 && r.body.contains("\"true\""))
     }
 
-    /// The directory holding etcd's data and log.
-    pub fn dir(&self) -> &std::path::Path {
-        self.dir.path()
+    /// Whether every running member is healthy.
+    pub fn healthy(&self) -> bool {
+        (0..self.members.len())
+            .filter(|&i| self.members[i].child.is_some())
+            .all(|i| self.member_healthy(i))
     }
 
-    /// The client endpoint, `IP:PORT`.
+    /// The directory holding member `i`'s data and log.
+    pub fn dir(&self, i: usize) -> &std::path::Path {
+        self.members[i].dir.path()
+    }
+
+    /// The client endpoint of the first running member, `IP:PORT`.
     pub fn endpoint(&self) -> SocketAddr {
-        self.addr
+        let m = self.members.iter().find(|m| m.child.is_some()).expect("an etcd member runs");
+        SocketAddr::from((m.ip, ETCD_CLIENT_PORT))
     }
 
-    /// The `--store` URL of versed for this etcd.
+    /// Every member's client endpoint, `IP:PORT`.
+    pub fn endpoints(&self) -> Vec<SocketAddr> {
+        self.members.iter().map(|m| SocketAddr::from((m.ip, ETCD_CLIENT_PORT))).collect()
+    }
+
+    /// The `--store` URL of versed for this cluster: every member.
     pub fn store_url(&self) -> String {
-        format!("etcd://{}", self.addr)
+        let list: Vec<String> = self.endpoints().iter().map(SocketAddr::to_string).collect();
+        format!("etcd://{}", list.join(","))
     }
 
-    /// etcd's log so far.
-    pub fn log(&self) -> String {
-        fs::read_to_string(&self.log_path)
-            .unwrap_or_else(|e| format!("(no log at {}: {e})", self.log_path.display()))
+    /// The namespace the members run in.
+    pub fn netns(&self) -> &str {
+        &self.netns
     }
 
-    /// `etcdctl get --prefix <prefix> --keys-only`, run in etcd's namespace: the keys under
-    /// `prefix` (for tests that look at what the store holds).
-    pub fn keys(&self, prefix: &str) -> Vec<String> {
+    /// `etcdctl ARGS` against every running member, run in etcd's namespace; its stdout.
+    pub fn etcdctl(&self, args: &[&str]) -> String {
+        let endpoints: Vec<String> =
+            self.members.iter().filter(|m| m.child.is_some()).map(EtcdMember::client_url).collect();
         let out = Command::new("ip")
             .args(["netns", "exec", &self.netns, "etcdctl"])
-            .arg(format!("--endpoints=http://{}", self.addr))
-            .args(["get", "--prefix", "--keys-only", prefix])
+            .arg(format!("--endpoints={}", endpoints.join(",")))
+            .args(["--command-timeout=10s"])
+            .args(args)
             .env("ETCDCTL_API", "3")
             .stdin(Stdio::null())
             .output()
             .unwrap_or_else(|e| panic!("failed to start etcdctl: {e}"));
-        assert!(out.status.success(), "etcdctl get: {}", String::from_utf8_lossy(&out.stderr));
-        String::from_utf8_lossy(&out.stdout)
+        assert!(out.status.success(), "etcdctl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// `etcdctl get --prefix <prefix> --keys-only`: the keys under `prefix` (for tests that
+    /// look at what the store holds).
+    pub fn keys(&self, prefix: &str) -> Vec<String> {
+        self.etcdctl(&["get", "--prefix", "--keys-only", prefix])
             .lines()
             .filter(|l| !l.is_empty())
             .map(str::to_owned)
             .collect()
     }
+
+    /// `etcdctl endpoint status` of every running member (members that do not answer are left
+    /// out).
+    pub fn status(&self) -> Vec<MemberStatus> {
+        let mut out = Vec::new();
+        for (index, m) in self.members.iter().enumerate().filter(|(_, m)| m.child.is_some()) {
+            let text = Command::new("ip")
+                .args(["netns", "exec", &self.netns, "etcdctl"])
+                .arg(format!("--endpoints={}", m.client_url()))
+                .args(["--command-timeout=3s", "endpoint", "status", "-w", "json"])
+                .env("ETCDCTL_API", "3")
+                .stdin(Stdio::null())
+                .output()
+                .ok()
+                .filter(|o| o.status.success())
+                .map(|o| String::from_utf8_lossy(&o.stdout).into_owned());
+            let Some(v) = text.and_then(|t| serde_json::from_str::<Value>(&t).ok()) else {
+                continue;
+            };
+            let s = &v[0]["Status"];
+            let n = |v: &Value| v.as_u64().unwrap_or(0);
+            out.push(MemberStatus {
+                index,
+                member_id: n(&s["header"]["member_id"]),
+                leader: n(&s["leader"]),
+                raft_term: n(&s["raft_term"]),
+                db_size: n(&s["dbSize"]),
+            });
+        }
+        out
+    }
+
+    /// The member every running member names as leader, by its position in [`ETCD_IPS`], once
+    /// they agree (bounded by `timeout`).
+    pub fn leader(&self, timeout: Duration) -> Option<usize> {
+        let mut found = None;
+        wait_until(timeout, || {
+            let st = self.status();
+            let running = self.members.iter().filter(|m| m.child.is_some()).count();
+            found = st
+                .iter()
+                .find(|m| m.leader != 0 && m.member_id == m.leader)
+                .filter(|l| st.len() == running && st.iter().all(|m| m.leader == l.member_id))
+                .map(|l| l.index);
+            found.is_some()
+        });
+        found
+    }
+
+    /// Kills member `i` with SIGKILL, as a crash would, and reaps it.
+    pub fn kill(&mut self, i: usize) {
+        let m = &mut self.members[i];
+        let mut child = m.child.take().expect("etcd member is not running");
+        child.kill().unwrap_or_else(|e| panic!("kill etcd member {}: {e}", m.name));
+        let _ = child.wait();
+    }
+
+    /// Starts member `i` again on its data directory and waits until the cluster is healthy.
+    pub fn restart(&mut self, i: usize) {
+        assert!(self.members[i].child.is_none(), "etcd member {i} is running");
+        self.spawn(i, "existing");
+        self.wait_healthy(Duration::from_secs(30), "a restart");
+    }
+
+    /// Every member's log, the last 60 lines each (etcd is chatty: the end explains a failure).
+    pub fn logs(&self) -> String {
+        let mut out = String::new();
+        for m in &self.members {
+            let log = m.log();
+            let tail: Vec<&str> = log.lines().rev().take(60).collect();
+            out.push_str(&format!(
+                "---- etcd log of {} (last {} lines) ----\n",
+                m.name,
+                tail.len()
+            ));
+            for line in tail.iter().rev() {
+                out.push_str(line);
+                out.push('\n');
+            }
+        }
+        out.push_str("---- end of etcd logs ----\n");
+        out
+    }
 }
 
 impl Drop for Etcd {
     fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
+        for m in &mut self.members {
+            if let Some(mut child) = m.child.take() {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
         }
         if std::thread::panicking() || std::env::var_os("VERSE_TEST_SHOW_LOG").is_some() {
-            let log = self.log();
-            // etcd is chatty: the end of its log is what explains a failure.
-            let tail: Vec<&str> = log.lines().rev().take(60).collect();
-            eprintln!("---- etcd log (last {} lines) ----", tail.len());
-            for line in tail.iter().rev() {
-                eprintln!("{line}");
-            }
-            eprintln!("---- end of etcd log ----");
+            eprintln!("{}", self.logs());
         }
     }
 }
@@ -288,13 +468,15 @@ impl Fleet {
         fleet
     }
 
-    /// The underlay namespace with its bridge and etcd, and no host yet.
+    /// The underlay namespace with its bridge and the three etcd members, and no host yet.
     pub fn network() -> Fleet {
         let underlay = Netns::new("u");
         underlay.ip(&["link", "add", BRIDGE, "type", "bridge"]);
-        underlay.ip(&["addr", "add", &format!("{ETCD_IP}/24"), "dev", BRIDGE]);
+        for ip in std::iter::once(BRIDGE_IP).chain(ETCD_IPS) {
+            underlay.ip(&["addr", "add", &format!("{ip}/24"), "dev", BRIDGE]);
+        }
         underlay.ip(&["link", "set", BRIDGE, "up"]);
-        let etcd = Etcd::start(&underlay, ETCD_IP);
+        let etcd = Etcd::start(&underlay);
         let secrets = TempDir::new("k");
         let token = crate::random_token();
         let file = secrets.path().join("admin.token");
@@ -381,6 +563,11 @@ impl Fleet {
 
     pub fn etcd(&self) -> &Etcd {
         &self.etcd
+    }
+
+    /// The etcd cluster, mutably (to kill and restart members).
+    pub fn etcd_mut(&mut self) -> &mut Etcd {
+        &mut self.etcd
     }
 
     pub fn underlay(&self) -> &Netns {
@@ -655,16 +842,15 @@ mod tests {
         let a = net.underlay_node(underlay_ip(0));
         let b = net.underlay_node(underlay_ip(1));
         assert!(wait_until(Duration::from_secs(5), || ping(&a, underlay_ip(1))));
-        let health = http_request(
-            b.name(),
-            net.etcd().endpoint(),
-            "GET",
-            "/health",
-            None,
-            Duration::from_secs(5),
-        )
-        .expect("etcd answers from a node on the bridge");
-        assert_eq!(health.status, 200, "{}", health.body);
+        // Every etcd member answers a node on the bridge, and they agree on one leader.
+        for addr in net.etcd().endpoints() {
+            let health =
+                http_request(b.name(), addr, "GET", "/health", None, Duration::from_secs(5))
+                    .expect("an etcd member answers from a node on the bridge");
+            assert_eq!(health.status, 200, "{addr}: {}", health.body);
+        }
+        assert!(net.etcd().leader(Duration::from_secs(10)).is_some(), "{:?}", net.etcd().status());
+        assert_eq!(net.etcd().status().len(), 3);
         // A forged packet leaves with the outer source it claims and arrives as VXLAN.
         let listener = b
             .enter(|| std::net::UdpSocket::bind((Ipv4Addr::UNSPECIFIED, VXLAN_PORT)))

@@ -626,7 +626,7 @@ impl Drop for Versed {
     }
 }
 
-fn unique_port() -> u16 {
+pub(crate) fn unique_port() -> u16 {
     // Every daemon listens on the loopback of its own namespace, so ports cannot collide across
     // tests; keeping them distinct anyway makes logs unambiguous.
     let n = COUNTER.fetch_add(1, Ordering::Relaxed);

@@ -3,18 +3,18 @@
 //! binary (as root) with `VERSE_BIN_DIR` pointing at them.
 //!
 //! The demo builds the fleet's network out of namespaces (an underlay namespace holding a bridge
-//! and etcd on 198.18.0.254, three host namespaces `alpha`, `bravo`, `charlie` on 198.18.0.1-3,
-//! each running `versed --store etcd://… --underlay ul0`). Two universes share the CIDR
-//! 10.0.0.0/24 and are spread over all three hosts. In `shop`, a `web` tier admits HTTP from
-//! `clients`, a `db` tier admits PostgreSQL only from `web` (a group referencing a group); `lab`
-//! reuses the same addresses on other hosts and never sees `shop`. Every command goes to some
-//! host's API and takes effect on all of them. The demo shows traffic that passes and traffic
-//! that is dropped, a membership change, spoofing from a workload and forged encapsulated
+//! and a three-member etcd cluster on 198.18.0.251-253, three host namespaces `alpha`, `bravo`,
+//! `charlie` on 198.18.0.1-3, each running `versed --store etcd://… --underlay ul0`). Two universes
+//! share the CIDR 10.0.0.0/24 and are spread over all three hosts. In `shop`, a `web` tier admits
+//! HTTP from `clients`, a `db` tier admits PostgreSQL only from `web` (a group referencing a
+//! group); `lab` reuses the same addresses on other hosts and never sees `shop`. Every command goes
+//! to some host's API and takes effect on all of them. The demo shows traffic that passes and
+//! traffic that is dropped, a membership change, spoofing from a workload and forged encapsulated
 //! packets from a machine on the underlay, a host whose daemon stops (its dataplane keeps
-//! enforcing, the fleet marks it unhealthy and goes on without it, and it catches up when it
-//! starts again), the drop counters of each host, the hosts with the revision each has
-//! realized, and cleans everything up (the test harness's guards remove namespaces, daemons,
-//! etcd and bpffs mounts even if a step fails).
+//! enforcing, the fleet marks it unhealthy and goes on without it, and it catches up when it starts
+//! again), the drop counters of each host, the hosts with the revision each has realized, and
+//! cleans everything up (the test harness's guards remove namespaces, daemons, etcd and bpffs
+//! mounts even if a step fails).
 use std::cell::Cell;
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
@@ -140,7 +140,10 @@ fn main() -> Result<()> {
         bail!("the demo needs root: it creates network namespaces and loads eBPF programs");
     }
     let bin_dir = tests::bin_dir();
-    println!("== The fleet's network: an underlay bridge, etcd on 198.18.0.254, three hosts");
+    println!(
+        "== The fleet's network: an underlay bridge, a three-member etcd on 198.18.0.251-253, \
+         three hosts"
+    );
     let mut fleet = Fleet::start_named(&HOSTS);
     for (i, name) in HOSTS.iter().enumerate() {
         println!(
