@@ -33,8 +33,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::{
-    bad, frames, http_request, unique_name, wait_until, Api, Host, Netns, RawIpSocket, Stopper,
-    TempDir, Value, Workload,
+    bad, frames, http_request, unique_name, unique_port, wait_until, Api, Host, Netns, RawIpSocket,
+    Stopper, TempDir, Value, Workload,
 };
 
 /// The address of the underlay bridge itself in the underlay namespace.
@@ -637,6 +637,173 @@ impl Fleet {
         let ns = Netns::new("n");
         self.plug(&ns, ip);
         ns
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Simulated hosts
+// ---------------------------------------------------------------------------------------------
+
+/// `versed --simulate-hosts N` in the underlay namespace, joined to the fleet's etcd: N hosts
+/// running the real control plane over in-memory maps (see the README, "Scale"), named
+/// `<prefix>0001` …, with underlay addresses in 198.19.0.0/16 that nothing routes. Killed on
+/// drop (their leases then lapse); its log is printed if the test fails.
+pub struct Simulation {
+    child: Option<Child>,
+    netns: String,
+    port: u16,
+    hosts: usize,
+    prefix: String,
+    log_path: PathBuf,
+    _dir: TempDir,
+}
+
+impl Fleet {
+    /// Starts `hosts` simulated hosts named `<prefix>0001` … on the fleet's etcd, sharing
+    /// `connections` etcd clients (0: one each), and waits (bounded by `timeout`) until every one
+    /// is started and listed healthy by `GET /v1/hosts` of host 0 (if the fleet has hosts).
+    pub fn simulate(
+        &self,
+        hosts: usize,
+        prefix: &str,
+        connections: usize,
+        timeout: Duration,
+    ) -> Simulation {
+        let dir = TempDir::new("m");
+        let port = unique_port();
+        let log_path = dir.path().join("simulation.log");
+        let log = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)
+            .unwrap_or_else(|e| panic!("open {}: {e}", log_path.display()));
+        let err = log.try_clone().expect("dup log fd");
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", self.underlay.name()])
+            .arg(crate::binary("versed"))
+            .arg("--state-dir")
+            .arg(dir.path())
+            .args(["--listen", &format!("127.0.0.1:{port}"), "--store", &self.etcd.store_url()])
+            .args(["--simulate-hosts", &hosts.to_string(), "--simulate-prefix", prefix])
+            .args(["--simulate-connections", &connections.to_string()])
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(err);
+        // A thousand hosts logging every round would measure the log more than the hosts.
+        if std::env::var_os("RUST_LOG").is_none() {
+            cmd.env("RUST_LOG", "warn");
+        }
+        crate::die_with_parent(&mut cmd);
+        let child = cmd.spawn().unwrap_or_else(|e| panic!("failed to start the simulation: {e}"));
+        let mut sim = Simulation {
+            child: Some(child),
+            netns: self.underlay.name().to_owned(),
+            port,
+            hosts,
+            prefix: prefix.to_owned(),
+            log_path,
+            _dir: dir,
+        };
+        let started = wait_until(timeout, || {
+            if let Some(status) = sim.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                panic!("the simulation exited ({status}); log:\n{}", sim.log());
+            }
+            sim.report_quiet().is_some_and(|r| r["started"].as_u64() == Some(hosts as u64))
+        });
+        assert!(
+            started,
+            "the simulated hosts did not all start within {timeout:?}: {:?}",
+            sim.summary()
+        );
+        if !self.hosts.is_empty() {
+            let names = sim.names();
+            let healthy = wait_until(timeout, || {
+                let listed = self.api(0).hosts();
+                names.iter().all(|n| {
+                    listed.iter().any(|h| h["name"] == *n && h["healthy"] == Value::Bool(true))
+                })
+            });
+            assert!(healthy, "not every simulated host is listed healthy within {timeout:?}");
+        }
+        sim
+    }
+
+    /// Waits (bounded by `timeout`) until `GET /v1/hosts` of host `via` lists every host of
+    /// `names` healthy with a realized revision of at least `revision`.
+    pub fn wait_names_realized(
+        &self,
+        via: usize,
+        names: &[String],
+        revision: u64,
+        timeout: Duration,
+    ) -> bool {
+        wait_until(timeout, || {
+            let listed = self.api(via).hosts();
+            names.iter().all(|n| {
+                listed.iter().any(|h| {
+                    h["name"] == *n
+                        && h["healthy"] == Value::Bool(true)
+                        && h["revision"].as_u64().is_some_and(|r| r >= revision)
+                })
+            })
+        })
+    }
+}
+
+impl Simulation {
+    /// The simulated hosts' names, `<prefix>0001` ….
+    pub fn names(&self) -> Vec<String> {
+        (1..=self.hosts).map(|i| format!("{}{i:04}", self.prefix)).collect()
+    }
+
+    /// `GET /v1/simulation`: per host its realized revision, map entries, map writes and what
+    /// its watch received; the process's memory (see `verse::sim::SimReport`).
+    pub fn report(&self) -> Value {
+        self.report_quiet()
+            .unwrap_or_else(|| panic!("the simulation does not answer; log:\n{}", self.log()))
+    }
+
+    fn report_quiet(&self) -> Option<Value> {
+        let addr = SocketAddr::from(([127, 0, 0, 1], self.port));
+        let r =
+            http_request(&self.netns, addr, "GET", "/v1/simulation", None, Duration::from_secs(10))
+                .ok()?;
+        (r.status == 200).then(|| r.json())
+    }
+
+    /// The report without the per-host part.
+    pub fn summary(&self) -> Option<Value> {
+        let mut r = self.report_quiet()?;
+        r.as_object_mut()?.remove("per_host");
+        Some(r)
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// The simulation's log so far.
+    pub fn log(&self) -> String {
+        fs::read_to_string(&self.log_path)
+            .unwrap_or_else(|e| format!("(no log at {}: {e})", self.log_path.display()))
+    }
+}
+
+impl Drop for Simulation {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        if std::thread::panicking() || std::env::var_os("VERSE_TEST_SHOW_LOG").is_some() {
+            let log = self.log();
+            let tail: Vec<&str> = log.lines().rev().take(80).collect();
+            eprintln!("---- simulation log (last {} lines) ----", tail.len());
+            for line in tail.iter().rev() {
+                eprintln!("{line}");
+            }
+            eprintln!("---- end of simulation log ----");
+        }
     }
 }
 

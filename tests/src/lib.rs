@@ -37,7 +37,9 @@ pub use serde_json::{json, Value};
 
 pub mod fleet;
 pub mod frames;
-pub use fleet::{bulk_send, underlay_ip, vxlan_seen, BulkSink, Etcd, Fleet, VxlanGbp, VxlanSeen};
+pub use fleet::{
+    bulk_send, underlay_ip, vxlan_seen, BulkSink, Etcd, Fleet, Simulation, VxlanGbp, VxlanSeen,
+};
 
 // ---------------------------------------------------------------------------------------------
 // Names and polling
@@ -348,7 +350,7 @@ pub fn bin_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join("target").join("debug")
 }
 
-fn binary(name: &str) -> PathBuf {
+pub(crate) fn binary(name: &str) -> PathBuf {
     let path = bin_dir().join(name);
     assert!(
         path.is_file(),
