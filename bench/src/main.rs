@@ -14,7 +14,10 @@
 //!   latency against plain routing and kernel VXLAN + nftables at underlay MTU 1500 and 9000,
 //!   and edit-to-enforcement time on one host and on three.
 //! - Rate (`rate`): denied traffic dropped on the underlay, against nftables and iptables.
-//! - Control (`control`): compiling and loading rules, against `nft -f` and `iptables-restore`.
+//! - Control (`control`): compiling and loading rules, against `nft -f` and `iptables-restore`
+//!   (part `loads`); a thousand simulated hosts and three real ones on one three-member etcd:
+//!   edit to realized on every host, watch events, bytes per host, memory per host (part
+//!   `hosts`, see `hosts.rs`).
 //!
 //! It also writes `target/bench/report.md` and PNG plots, and with `--check` fails if a ratio
 //! worsened by more than 15% against `bench/baseline.json` (`baseline`).
@@ -27,6 +30,7 @@ mod baseline;
 mod bpf;
 mod control;
 mod fleet;
+mod hosts;
 mod iperf;
 mod micro;
 mod plots;
@@ -62,6 +66,28 @@ struct Cli {
     /// Store this run's ratios as the new baseline.
     #[arg(long)]
     save_baseline: bool,
+    /// Run only these parts of the tiers (repeatable; all by default). The control tier has
+    /// `loads` and `hosts`.
+    #[arg(long = "part")]
+    parts: Vec<String>,
+    /// Simulated hosts of the control tier's `hosts` part.
+    #[arg(long, default_value_t = 1000)]
+    sim_hosts: usize,
+    /// Endpoints placed on each simulated host.
+    #[arg(long, default_value_t = 10)]
+    sim_endpoints: usize,
+    /// Universes the endpoints are spread over.
+    #[arg(long, default_value_t = 100)]
+    sim_universes: usize,
+    /// Edits timed.
+    #[arg(long, default_value_t = 25)]
+    sim_edits: usize,
+    /// etcd clients the simulated hosts share (0: one each, as real hosts).
+    #[arg(long, default_value_t = 0)]
+    sim_connections: usize,
+    /// Seconds allowed for the simulated hosts to join, and again for placing the endpoints.
+    #[arg(long, default_value_t = 1800)]
+    sim_budget: u64,
 }
 
 fn main() -> Result<()> {
@@ -102,8 +128,22 @@ fn main() -> Result<()> {
     if want(Tier::Rate) {
         rate::run(&mut records)?;
     }
+    let part = |p: &str| cli.parts.is_empty() || cli.parts.iter().any(|x| x == p);
     if want(Tier::Control) {
-        control::run(&mut records)?;
+        if part("loads") {
+            control::run(&mut records)?;
+        }
+        if part("hosts") {
+            let scale = hosts::Scale {
+                hosts: cli.sim_hosts,
+                endpoints_per_host: cli.sim_endpoints,
+                universes: cli.sim_universes,
+                edits: cli.sim_edits,
+                connections: cli.sim_connections,
+                budget_s: cli.sim_budget,
+            };
+            hosts::run(&mut records, &scale)?;
+        }
     }
     results::fill_spread(&mut records);
     results::write(&records)?;

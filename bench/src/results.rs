@@ -22,8 +22,10 @@ pub enum Unit {
     Us,
     /// Percent of one CPU per Gbit/s (cost: lower is better).
     CpuPctPerGbps,
-    /// Kibibytes of memory (cost: lower is better).
+    /// Kibibytes of memory or of data received (cost: lower is better).
     KiB,
+    /// Events per second a service had to send (cost: lower is better).
+    EventsPerS,
     /// A dimensionless factor, e.g. how much a gap grew. Never compared with a baseline: a ratio
     /// of factors has no direction of its own.
     Factor,
@@ -39,6 +41,7 @@ impl Unit {
             Unit::Us => "µs",
             Unit::CpuPctPerGbps => "%CPU/(Gbit/s)",
             Unit::KiB => "KiB",
+            Unit::EventsPerS => "events/s",
             Unit::Factor => "x",
         }
     }
@@ -47,9 +50,12 @@ impl Unit {
     fn better(self) -> Option<Better> {
         match self {
             Unit::Gbps | Unit::Mpps => Some(Better::Higher),
-            Unit::NsPerPacket | Unit::Ms | Unit::Us | Unit::CpuPctPerGbps | Unit::KiB => {
-                Some(Better::Lower)
-            }
+            Unit::NsPerPacket
+            | Unit::Ms
+            | Unit::Us
+            | Unit::CpuPctPerGbps
+            | Unit::KiB
+            | Unit::EventsPerS => Some(Better::Lower),
             Unit::Factor => None,
         }
     }

@@ -49,6 +49,13 @@ enum Cmd {
         /// Store this run's ratios in bench/baseline.json as the new baseline.
         #[arg(long)]
         save_baseline: bool,
+        /// Run only these parts of the tiers (repeatable): the control tier has `loads` and
+        /// `hosts`.
+        #[arg(long = "part")]
+        parts: Vec<String>,
+        /// Further options for `verse-bench` (`--sim-hosts N`, ...; see `verse-bench --help`).
+        #[arg(last = true)]
+        extra: Vec<String>,
     },
 }
 
@@ -71,7 +78,7 @@ fn main() -> Result<()> {
                 .args(["run", "--quiet", "-p", "tests", "--bin", "demo"])
                 .env("VERSE_BIN_DIR", bin_dir(Profile::Debug)))
         }
-        Cmd::Bench { tiers, check, save_baseline } => {
+        Cmd::Bench { tiers, check, save_baseline, parts, extra } => {
             require_root("bench")?;
             // The benchmarks time work done in their own process too (compiling rules, writing
             // maps, the latency client): everything runs from a release build.
@@ -87,6 +94,10 @@ fn main() -> Result<()> {
             if save_baseline {
                 cmd.arg("--save-baseline");
             }
+            for part in &parts {
+                cmd.args(["--part", part]);
+            }
+            cmd.args(&extra);
             run(cmd.env("VERSE_BIN_DIR", bin_dir(Profile::Release)))
         }
     }
