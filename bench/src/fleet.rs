@@ -694,7 +694,7 @@ fn edit_to_enforce(out: &mut Vec<BenchRecord>, hosts: usize) -> Result<()> {
         )
     };
     let config = json!({
-        "hosts": hosts, "store": "etcd (one member, on the underlay bridge)",
+        "hosts": hosts, "store": "etcd (three members, one process each, on the underlay bridge)",
         "edits": EDITS,
         "edit_kinds": {
             "rule": "POST /v1/security-groups/{target}/rules on host 0: ingress TCP <new port> \
