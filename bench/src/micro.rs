@@ -473,7 +473,8 @@ fn load(
 mod encap {
     use super::*;
     use dataplane_common::{
-        policy_prefix, Endpoint, PolicyKey, Route, RouteKey, DIRECTION_EGRESS, DIRECTION_INGRESS,
+        policy_prefix, Endpoint, PolicyKey, PolicyValue, Route, RouteKey, DIRECTION_EGRESS,
+        DIRECTION_INGRESS,
     };
     use tests::fleet::VXLAN_PORT;
     use tests::frames::{ethernet, ipv4, tcp, udp, vxlan_gbp, ETH_IPV4, SYN};
@@ -518,26 +519,32 @@ mod encap {
             d.hosts.insert(*h, n as u32 + 2);
         }
         d.vnis.insert(VNI);
-        d.policy.insert((
-            policy_prefix::PEER,
-            PolicyKey {
-                policy: ID_A.to_be_bytes(),
-                direction: DIRECTION_EGRESS,
-                peer: [0; 4],
-                proto: 0,
-                port: [0; 2],
-            },
-        ));
-        d.policy.insert((
-            policy_prefix::FULL,
-            PolicyKey {
-                policy: ID_A.to_be_bytes(),
-                direction: DIRECTION_INGRESS,
-                peer: ID_REMOTE.to_be_bytes(),
-                proto: 6,
-                port: 80u16.to_be_bytes(),
-            },
-        ));
+        d.policy.insert(
+            (
+                policy_prefix::PEER,
+                PolicyKey {
+                    policy: ID_A.to_be_bytes(),
+                    direction: DIRECTION_EGRESS,
+                    peer: [0; 4],
+                    proto: 0,
+                    port: [0; 2],
+                },
+            ),
+            PolicyValue::default(),
+        );
+        d.policy.insert(
+            (
+                policy_prefix::FULL,
+                PolicyKey {
+                    policy: ID_A.to_be_bytes(),
+                    direction: DIRECTION_INGRESS,
+                    peer: ID_REMOTE.to_be_bytes(),
+                    proto: 6,
+                    port: 80u16.to_be_bytes(),
+                },
+            ),
+            PolicyValue::default(),
+        );
         d
     }
 

@@ -38,19 +38,22 @@ use axum::body::Bytes;
 use axum::extract::rejection::{BytesRejection, PathRejection, QueryRejection};
 use axum::extract::{FromRequestParts, Path as UrlPath, Query, State as AxState};
 use axum::http::request::Parts;
-use axum::http::{header, HeaderName, HeaderValue, Method, StatusCode, Uri};
+use axum::http::{header, HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
-use dataplane_common::DropReason;
+use dataplane_common::{event_kind, DropCount, DropReason, EventLimiter, Hook};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
 use crate::audit::{self, Auditor, Note};
 use crate::auth::{self, Decision, Op, Principal, Resource};
+use crate::events::{self, Filter, Hub, Notice, StreamItem};
+use crate::hits::{GroupView, Hits, HitsFrom, MissingHost, RuleStats};
 use crate::limits::{self, Limits};
 use crate::model::{self, ErrorKind, Role, State, Timestamp};
+use crate::relay;
 use crate::store::{self, Store};
 
 /// Header carrying the revision a mutation produced (S13).
@@ -63,8 +66,12 @@ pub const NETNS_DIRS: [&str; 2] = ["/var/run/netns", "/run/netns"];
 /// Counters read from this host's dataplane, for `/metrics`.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Stats {
-    /// Packets dropped, by reason, summed over CPUs. Reasons missing here count as 0.
-    pub drops: BTreeMap<DropReason, u64>,
+    /// Drops by reason and hook, packets and bytes, summed over CPUs. Pairs missing here count
+    /// as 0.
+    pub drops: BTreeMap<(DropReason, Hook), DropCount>,
+    /// New flows admitted per rule on this host (key: the rule id's bits), for every rule the
+    /// host's policy entries name.
+    pub rule_hits: BTreeMap<u32, u64>,
 }
 
 /// Reads [`Stats`] from the dataplane; called on every scrape of `/metrics`.
@@ -78,11 +85,18 @@ pub struct AppState {
     pub host: String,
     /// This host's underlay address, if it has one (shown by `GET /v1/hosts`).
     pub underlay_ip: Option<Ipv4Addr>,
-    /// What this host's reconciler has realized in the dataplane (S13).
+    /// Where the other hosts reach this API (shown by `GET /v1/hosts`).
+    pub api_url: Option<String>,
+    /// The revision this host's reconciler has realized in the dataplane.
     pub realized: watch::Receiver<store::Realized>,
     pub stats: StatsFn,
     /// The audit trail's counters.
     pub audit: Arc<Auditor>,
+    /// This host's verdict events.
+    pub events: Arc<Hub>,
+    /// The client that asks the other hosts for their share of a fleet-wide answer (`None`
+    /// if it could not be made: then they are reported missing).
+    pub relay: Option<reqwest::Client>,
     /// The per-request limits (rates, bodies); `None`: none (in-process tests).
     pub limits: Option<Arc<Limits>>,
 }
@@ -95,7 +109,33 @@ impl AppState {
         realized: watch::Receiver<store::Realized>,
         stats: StatsFn,
     ) -> AppState {
-        AppState { store, host, underlay_ip, realized, stats, audit: Arc::default(), limits: None }
+        let relay = relay::client()
+            .map_err(|e| tracing::error!(error = %e, "cannot make the client of relayed requests"))
+            .ok();
+        AppState {
+            events: Arc::new(Hub::new(&host, 0)),
+            store,
+            host,
+            underlay_ip,
+            api_url: None,
+            realized,
+            stats,
+            audit: Arc::default(),
+            relay,
+            limits: None,
+        }
+    }
+
+    /// The same state, announcing `url` as where the other hosts reach this API.
+    pub fn with_api_url(mut self, url: Option<String>) -> AppState {
+        self.api_url = url;
+        self
+    }
+
+    /// The same state, with this host's event hub.
+    pub fn with_events(mut self, hub: Arc<Hub>) -> AppState {
+        self.events = hub;
+        self
     }
 
     /// The same, with the per-request limits of [`crate::limits`].
@@ -319,6 +359,8 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/tokens", post(create_token).get(list_tokens))
         .route("/v1/tokens/{id}", delete(delete_token))
         .route("/v1/audit", get(query_audit))
+        .route("/v1/events", get(stream_events))
+        .route("/v1/rule-stats", get(rule_stats))
         .fallback(no_route)
         .method_not_allowed_fallback(method_not_allowed)
         // The last layer added is the outermost.
@@ -486,6 +528,7 @@ fn hosts_view(st: &AppState) -> Vec<Host> {
     hosts.push(Host {
         name: st.host.clone(),
         underlay_ip: st.underlay_ip,
+        api: st.api_url.clone(),
         revision: st.realized.borrow().revision,
         errors: st.realized.borrow().errors.clone(),
         healthy: true,
@@ -629,6 +672,7 @@ async fn list_groups(
 async fn get_group(
     AxState(st): AxState<AppState>,
     caller: Caller,
+    headers: HeaderMap,
     id: Result<UrlPath<String>, PathRejection>,
 ) -> ApiResult {
     let id = path(id)?;
@@ -636,7 +680,145 @@ async fn get_group(
     let missing = || model::Error::not_found("security group", &id);
     let g = snap.groups.get(&id).ok_or_else(missing)?;
     caller.allow(Resource::Group, Op::Read, &g.universe, missing)?;
-    Ok(json_ok(g))
+    let (rows, from) = fleet_rule_stats(&st, &caller, &headers, None, Some(&id), None).await;
+    let sums: BTreeMap<&str, Hits> = rows.iter().map(|r| (r.rule.as_str(), r.hits)).collect();
+    Ok(json_ok(&GroupView::new(g, |rule| sums.get(rule).copied().unwrap_or_default(), from)))
+}
+
+/// Reads this host's dataplane counters, off the async threads.
+async fn read_stats(st: &AppState) -> Result<Stats, String> {
+    let read = st.stats.clone();
+    match tokio::task::spawn_blocking(move || read()).await {
+        Ok(Ok(s)) => Ok(s),
+        Ok(Err(e)) => Err(format!("failed to read the dataplane counters: {e:#}")),
+        Err(e) => Err(format!("reading counters: {e}")),
+    }
+}
+
+/// The rows of this host's rule counters: every rule of `state` the host counts.
+fn local_rule_stats(state: &State, hits: &BTreeMap<u32, u64>) -> Vec<RuleStats> {
+    let mut rows = Vec::new();
+    for g in state.groups.values() {
+        for r in g.ingress.iter().chain(&g.egress) {
+            let Some(&flows) = model::rule_bits(&r.id).and_then(|b| hits.get(&b)) else {
+                continue;
+            };
+            rows.push(RuleStats {
+                rule: r.id.clone(),
+                group: g.id.clone(),
+                universe: g.universe.clone(),
+                hits: Hits { flows },
+            });
+        }
+    }
+    rows
+}
+
+/// The rule counters of every host (or of `host`), summed per rule, of the rules the caller may
+/// read (and `universe`, `group` if given); with the hosts counted and those that did not
+/// answer.
+async fn fleet_rule_stats(
+    st: &AppState,
+    caller: &Caller,
+    headers: &HeaderMap,
+    universe: Option<&str>,
+    group: Option<&str>,
+    host: Option<&str>,
+) -> (Vec<RuleStats>, HitsFrom) {
+    let mut from = HitsFrom::default();
+    let mut rows: Vec<RuleStats> = Vec::new();
+    if host.is_none_or(|h| h == st.host) {
+        match read_stats(st).await {
+            Ok(stats) => {
+                rows.extend(local_rule_stats(&st.store.snapshot(), &stats.rule_hits));
+                from.hosts.push(st.host.clone());
+            }
+            Err(error) => from.missing.push(MissingHost { host: st.host.clone(), error }),
+        }
+    }
+    let (peers, missing) = relay::peers(&st.store.hosts(), &st.host, host);
+    from.missing.extend(missing.into_iter().map(|(host, error)| MissingHost { host, error }));
+    let mut query: Vec<(&str, String)> = Vec::new();
+    if let Some(u) = universe {
+        query.push(("universe", u.to_owned()));
+    }
+    if let Some(g) = group {
+        query.push(("group", g.to_owned()));
+    }
+    let token = bearer(headers);
+    let asks = peers.into_iter().map(|peer| {
+        let client = st.relay.clone();
+        let token = token.clone();
+        let query = query.clone();
+        async move {
+            let answer = match (client, token) {
+                (None, _) => Err("this host cannot make HTTP requests".to_owned()),
+                (_, None) => Err("the request carries no token to present to it (root on the \
+                                  local socket sees this host only; use a token for the fleet)"
+                    .to_owned()),
+                (Some(c), Some(t)) => {
+                    relay::get_json::<Vec<RuleStats>>(&c, &peer, "/v1/rule-stats", &query, &t).await
+                }
+            };
+            (peer.name, answer)
+        }
+    });
+    for (name, answer) in futures::future::join_all(asks).await {
+        match answer {
+            Ok(r) => {
+                rows.extend(r);
+                from.hosts.push(name);
+            }
+            Err(error) => from.missing.push(MissingHost { host: name, error }),
+        }
+    }
+    from.hosts.sort();
+    let mut sums: BTreeMap<String, RuleStats> = BTreeMap::new();
+    for r in rows {
+        if universe.is_some_and(|u| u != r.universe)
+            || group.is_some_and(|g| g != r.group)
+            || !caller.reads(Resource::Group, &r.universe)
+        {
+            continue;
+        }
+        match sums.get_mut(&r.rule) {
+            Some(sum) => sum.hits += r.hits,
+            None => {
+                sums.insert(r.rule.clone(), r);
+            }
+        }
+    }
+    (sums.into_values().collect(), from)
+}
+
+/// `GET /v1/rule-stats?universe=&group=&host=`: new flows admitted per rule, summed over the
+/// fleet (or one host). A host asked with `host=` its own name answers for itself only.
+async fn rule_stats(
+    AxState(st): AxState<AppState>,
+    caller: Caller,
+    headers: HeaderMap,
+    q: Result<Query<Vec<(String, String)>>, QueryRejection>,
+) -> ApiResult {
+    caller.require(Resource::Group, Op::Read)?;
+    let q = query(q, &["universe", "group", "host"])?;
+    let (rows, from) = fleet_rule_stats(
+        &st,
+        &caller,
+        &headers,
+        q.get("universe").map(String::as_str),
+        q.get("group").map(String::as_str),
+        q.get("host").map(String::as_str),
+    )
+    .await;
+    // A host that is asked for one host's counters and cannot give them says so.
+    if let Some(m) = from.missing.iter().find(|m| q.get("host") == Some(&m.host)) {
+        return Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "host_unavailable",
+            format!("{}: {}", m.host, m.error),
+        ));
+    }
+    Ok(json_ok(&rows))
 }
 
 /// The check of an edit of group `id`: its universe must be visible and writable.
@@ -1060,31 +1242,193 @@ async fn query_audit(
     Ok(json_ok(&records))
 }
 
-async fn metrics(AxState(st): AxState<AppState>, caller: Caller) -> ApiResult {
-    caller.require(Resource::Metrics, Op::Read)?;
-    let read = st.stats.clone();
-    let stats = match tokio::task::spawn_blocking(move || read()).await {
-        Ok(Ok(s)) => s,
-        Ok(Err(e)) => {
-            tracing::error!(error = %format!("{e:#}"), "reading dataplane counters");
-            return Err(ApiError::new(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "internal",
-                format!("failed to read the dataplane counters: {e:#}"),
-            ));
-        }
-        Err(e) => {
-            return Err(ApiError::new(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "internal",
-                format!("reading counters: {e}"),
-            ))
+/// Most recent events a stream may start with (`recent=`), per host.
+pub const MAX_RECENT: usize = 100_000;
+
+/// The bearer token of a request, to present to the other hosts when relaying it.
+fn bearer(headers: &HeaderMap) -> Option<String> {
+    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = value.split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim().to_owned())
+}
+
+/// A notice about `host`, from this host.
+fn notice(host: &str, message: String) -> Arc<StreamItem> {
+    Arc::new(StreamItem::Notice(Notice { time: Timestamp::now(), host: host.to_owned(), message }))
+}
+
+/// `GET /v1/events`: the verdict events of every host (or of `host=`), filtered, as JSON
+/// lines or server-sent events. `recent=N` starts with the N most recent events each host
+/// kept; `follow=false` ends the stream after them.
+async fn stream_events(
+    AxState(st): AxState<AppState>,
+    caller: Caller,
+    headers: HeaderMap,
+    q: Result<Query<Vec<(String, String)>>, QueryRejection>,
+) -> ApiResult {
+    use futures::stream::{self, StreamExt};
+    caller.require(Resource::Endpoint, Op::Read)?;
+    let mut allowed: Vec<&str> = events::FILTER_PARAMS.to_vec();
+    allowed.extend(["recent", "follow"]);
+    let mut q = query(q, &allowed)?;
+    let recent = match q.remove("recent") {
+        None => 0,
+        Some(n) => n.parse::<usize>().ok().filter(|n| *n <= MAX_RECENT).ok_or_else(|| {
+            ApiError::invalid("recent", format!("{n:?} is not a number within 0..={MAX_RECENT}"))
+        })?,
+    };
+    let follow = match q.remove("follow").as_deref() {
+        None | Some("true") => true,
+        Some("false") => false,
+        Some(v) => {
+            return Err(ApiError::invalid("follow", format!("{v:?} is neither true nor false")))
         }
     };
+    let mut filter = Filter::parse(&q).map_err(|(field, msg)| ApiError::invalid(&field, msg))?;
+    let sse = headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.contains("text/event-stream"));
+    let content_type = if sse { "text/event-stream" } else { "application/x-ndjson" };
+    let visible = filter.confine(caller.principal.universe());
+
+    let mut streams: Vec<stream::BoxStream<'static, Arc<StreamItem>>> = Vec::new();
+    if visible {
+        let me = st.host.clone();
+        if filter.host.as_deref().is_none_or(|h| h == me) {
+            streams.push(local_events(st.events.clone(), filter.clone(), recent, follow));
+        }
+        let (peers, missing) = relay::peers(&st.store.hosts(), &me, filter.host.as_deref());
+        let missing: Vec<Arc<StreamItem>> = missing
+            .into_iter()
+            .map(|(host, why)| notice(&host, format!("{host}: events not shown: {why}")))
+            .collect();
+        streams.push(stream::iter(missing).boxed());
+        let token = bearer(&headers);
+        let mut relayed = filter.to_query();
+        relayed.push(("recent", recent.to_string()));
+        relayed.push(("follow", follow.to_string()));
+        for peer in peers {
+            let (Some(client), Some(token)) = (st.relay.clone(), token.clone()) else {
+                let why = if st.relay.is_none() {
+                    "this host cannot make HTTP requests"
+                } else {
+                    "the request carries no token to present to it (root on the local socket \
+                     sees this host only; use a token for the fleet)"
+                };
+                streams.push(
+                    stream::iter([notice(
+                        &peer.name,
+                        format!("{}: events not shown: {why}", peer.name),
+                    )])
+                    .boxed(),
+                );
+                continue;
+            };
+            let name = peer.name.clone();
+            let keep = filter.clone();
+            let lines =
+                relay::lines::<StreamItem>(client, peer, "/v1/events", relayed.clone(), token)
+                    .filter_map(move |item| {
+                        let out = match item {
+                            // The host asked applied the filter; checked again all the same.
+                            Ok(StreamItem::Event(e)) if !keep.matches(&e) => None,
+                            Ok(item) => Some(Arc::new(item)),
+                            Err(why) => {
+                                Some(notice(&name, format!("{name}: events stopped: {why}")))
+                            }
+                        };
+                        std::future::ready(out)
+                    });
+            streams.push(lines.boxed());
+        }
+    }
+    let body = stream::select_all(streams).map(move |item| {
+        let mut line = serde_json::to_vec(&*item).unwrap_or_default();
+        let framed = if sse {
+            let mut out = b"data: ".to_vec();
+            out.append(&mut line);
+            out.extend_from_slice(b"\n\n");
+            out
+        } else {
+            line.push(b'\n');
+            line
+        };
+        Ok::<_, std::convert::Infallible>(Bytes::from(framed))
+    });
+    Ok((
+        [(header::CONTENT_TYPE, content_type), (header::CACHE_CONTROL, "no-cache")],
+        axum::body::Body::from_stream(body),
+    )
+        .into_response())
+}
+
+/// This host's events that `filter` keeps: the `recent` most recent, then (with `follow`) the
+/// live ones. A stream that reads too slowly to keep up is told how many it missed.
+fn local_events(
+    hub: Arc<Hub>,
+    filter: Filter,
+    recent: usize,
+    follow: bool,
+) -> futures::stream::BoxStream<'static, Arc<StreamItem>> {
+    use futures::stream::{self, StreamExt};
+    let keep = move |i: &StreamItem| match i {
+        StreamItem::Event(e) => filter.matches(e),
+        StreamItem::Notice(n) => filter.host.as_ref().is_none_or(|h| *h == n.host),
+    };
+    // Subscribed before the history is read: an item published in between is in both, and
+    // skipped the second time.
+    let live = follow.then(|| hub.subscribe());
+    let history = if recent > 0 { hub.recent(recent, &keep) } else { Vec::new() };
+    let seen: Vec<Arc<StreamItem>> = history.clone();
+    let head = stream::iter(history);
+    let Some(rx) = live else {
+        return head.boxed();
+    };
+    let host = hub.host().to_owned();
+    let tail = stream::unfold((rx, seen), move |(mut rx, mut seen)| {
+        let keep = keep.clone();
+        let host = host.clone();
+        async move {
+            loop {
+                match rx.recv().await {
+                    Ok(item) => {
+                        if !seen.is_empty() {
+                            if seen.iter().any(|s| Arc::ptr_eq(s, &item)) {
+                                continue;
+                            }
+                            seen.clear();
+                        }
+                        if keep(&item) {
+                            return Some((item, (rx, seen)));
+                        }
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                        let msg = format!(
+                            "{host}: {n} events not shown: this stream was read too slowly"
+                        );
+                        return Some((notice(&host, msg), (rx, seen)));
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return None,
+                }
+            }
+        }
+    });
+    head.chain(tail).boxed()
+}
+
+async fn metrics(AxState(st): AxState<AppState>, caller: Caller) -> ApiResult {
+    caller.require(Resource::Metrics, Op::Read)?;
+    let stats = read_stats(&st).await.map_err(|e| {
+        tracing::error!(error = %e, "reading dataplane counters");
+        ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e)
+    })?;
+    let events = st.events.counts();
     let text = render_metrics(
         &st.store.snapshot(),
         st.realized.borrow().revision,
         &stats,
+        &events,
         &st.audit,
         st.store.watch_stats(),
     )
@@ -1107,6 +1451,7 @@ pub fn render_metrics(
     state: &State,
     realized: u64,
     stats: &Stats,
+    events: &EventLimiter,
     audit: &Auditor,
     watch: crate::store::WatchStats,
 ) -> Result<String, std::fmt::Error> {
@@ -1119,11 +1464,58 @@ pub fn render_metrics(
     // nothing is cached between scrapes.
     let mut reg = Registry::with_prefix("verse");
     let drops = Family::<Vec<(String, String)>, Counter>::default();
+    let drop_bytes = Family::<Vec<(String, String)>, Counter>::default();
     for reason in DropReason::ALL {
-        let n = stats.drops.get(&reason).copied().unwrap_or(0);
-        drops.get_or_create(&vec![("reason".to_owned(), reason.label().to_owned())]).inc_by(n);
+        for hook in Hook::ALL {
+            let n = stats.drops.get(&(reason, hook)).copied().unwrap_or_default();
+            let labels = vec![
+                ("reason".to_owned(), reason.label().to_owned()),
+                ("hook".to_owned(), hook.label().to_owned()),
+            ];
+            drops.get_or_create(&labels).inc_by(n.packets);
+            drop_bytes.get_or_create(&labels).inc_by(n.bytes);
+        }
     }
-    reg.register("drops", "Packets dropped by the dataplane, by reason", drops);
+    reg.register("drops", "Packets dropped by the dataplane, by reason and hook", drops);
+    reg.register(
+        "drop_bytes",
+        "Bytes of the packets dropped by the dataplane, by reason and hook",
+        drop_bytes,
+    );
+    let outcomes = Family::<Vec<(String, String)>, Counter>::default();
+    for (kind, name) in [(event_kind::DROP, "drop"), (event_kind::NEW_FLOW, "new_flow")] {
+        let k = usize::from(kind);
+        for (outcome, n) in [
+            ("emitted", events.emitted[k]),
+            ("suppressed", events.suppressed[k]),
+            ("lost", events.lost[k]),
+        ] {
+            let labels = vec![
+                ("kind".to_owned(), name.to_owned()),
+                ("outcome".to_owned(), outcome.to_owned()),
+            ];
+            outcomes.get_or_create(&labels).inc_by(n);
+        }
+    }
+    reg.register(
+        "events",
+        "Verdict events the dataplane had to report, by kind and what became of them (emitted, suppressed by the rate limit, lost for want of room in the ring buffer)",
+        outcomes,
+    );
+    let rule_hits = Family::<Vec<(String, String)>, Counter>::default();
+    for row in local_rule_stats(state, &stats.rule_hits) {
+        let labels = vec![
+            ("universe".to_owned(), row.universe),
+            ("group".to_owned(), row.group),
+            ("rule".to_owned(), row.rule),
+        ];
+        rule_hits.get_or_create(&labels).inc_by(row.hits.flows);
+    }
+    reg.register(
+        "rule_hits",
+        "New flows admitted by each rule on this host (every rule whose entries the host holds; 0 if it never matched)",
+        rule_hits,
+    );
     let gauge = |reg: &mut Registry, name: &str, help: &str, v: u64| {
         let g = Gauge::<i64>::default();
         g.set(i64::try_from(v).unwrap_or(i64::MAX));

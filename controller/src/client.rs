@@ -26,6 +26,8 @@ use serde::Serialize;
 
 use crate::api::{CreatedToken, EndpointView, ErrorBody, Host, TokenView, REVISION_HEADER};
 use crate::audit::AuditRecord;
+use crate::events::StreamItem;
+use crate::hits::{GroupView, RuleStats};
 use crate::model::{
     CreateEndpoint, CreateGroup, CreateRule, CreateToken, CreateUniverse, PatchEndpoint, Rule,
     SecurityGroup, Universe,
@@ -339,6 +341,97 @@ impl Client {
     pub fn get_group(&self, id: &str) -> Result<SecurityGroup> {
         self.get(&["v1", "security-groups", id], &[])
     }
+    /// The group with each rule's hits summed over the fleet.
+    pub fn group_view(&self, id: &str) -> Result<GroupView> {
+        self.get(&["v1", "security-groups", id], &[])
+    }
+    pub fn rule_stats(
+        &self,
+        universe: Option<&str>,
+        group: Option<&str>,
+        host: Option<&str>,
+    ) -> Result<Vec<RuleStats>> {
+        self.get(&["v1", "rule-stats"], &[("universe", universe), ("group", group), ("host", host)])
+    }
+
+    /// `GET /v1/events?<query>`: calls `each` with every line as it arrives, until the stream
+    /// ends or `each` returns false. No timeout: a followed stream lasts until it is stopped.
+    pub fn events(
+        &self,
+        query: &[(&str, Option<&str>)],
+        mut each: impl FnMut(StreamItem) -> bool,
+    ) -> Result<()> {
+        use std::io::BufRead;
+        let url = self.url(&["v1", "events"], query);
+        let described = self.describe(&Method::GET, &url);
+        let mut headers = HeaderMap::new();
+        if let Some(token) = &self.token {
+            let value =
+                HeaderValue::from_str(&format!("Bearer {token}")).map_err(|_| Error::BadUrl {
+                    url: described.clone(),
+                    reason: "the token holds characters a header cannot carry".into(),
+                })?;
+            headers.insert(AUTHORIZATION, value);
+        }
+        let transport = |source: Box<dyn std::error::Error + Send + Sync>| Error::Transport {
+            request: described.clone(),
+            source,
+        };
+        let mut line_of = |line: &[u8]| -> Result<bool> {
+            if line.iter().all(u8::is_ascii_whitespace) {
+                return Ok(true);
+            }
+            let item = serde_json::from_slice::<StreamItem>(line).map_err(|e| Error::Decode {
+                request: described.clone(),
+                reason: format!("a line that is no event: {e}"),
+            })?;
+            Ok(each(item))
+        };
+        let api_error = |status: u16, body: &[u8]| {
+            let text = String::from_utf8_lossy(body).into_owned();
+            match serde_json::from_str::<ErrorBody>(&text) {
+                Ok(b) => Error::Api { status, code: b.error.code, message: b.error.message },
+                Err(_) => Error::Api { status, code: format!("http_{status}"), message: text },
+            }
+        };
+        match &self.transport {
+            Transport::Http(_) => {
+                let http =
+                    Http::builder().timeout(None).build().map_err(|e| transport(e.into()))?;
+                let resp = http
+                    .get(url.clone())
+                    .headers(headers)
+                    .send()
+                    .map_err(|e| transport(e.into()))?;
+                let status = resp.status().as_u16();
+                if !(200..300).contains(&status) {
+                    let body = resp.bytes().map_err(|e| transport(e.into()))?;
+                    return Err(api_error(status, &body));
+                }
+                let mut reader = std::io::BufReader::new(resp);
+                let mut line = Vec::new();
+                loop {
+                    line.clear();
+                    let n = reader.read_until(b'\n', &mut line).map_err(|e| transport(e.into()))?;
+                    if n == 0 || !line_of(&line)? {
+                        return Ok(());
+                    }
+                }
+            }
+            Transport::Unix(unix) => unix
+                .stream(&url, headers, &mut |status, chunk| {
+                    if !(200..300).contains(&status) {
+                        return Err(api_error(status, chunk));
+                    }
+                    line_of(chunk)
+                })
+                .map_err(|e| match e {
+                    StreamError::Transport(e) => transport(e),
+                    StreamError::Stop(e) => e,
+                }),
+        }
+    }
+
     pub fn delete_group(&self, id: &str) -> Result<u64> {
         self.delete(&["v1", "security-groups", id])
     }
@@ -479,7 +572,71 @@ impl<T: Serialize> ErasedJson for T {
     }
 }
 
+/// Why [`UnixTransport::stream`] ended early.
+enum StreamError {
+    Transport(Box<dyn std::error::Error + Send + Sync>),
+    Stop(Error),
+}
+
 impl UnixTransport {
+    /// A `GET` whose answer is read as it comes: `each` is called with the status and every
+    /// line (a whole body for an error status); it ends the stream with `Ok(false)` or an error.
+    fn stream(
+        &self,
+        url: &Url,
+        headers: HeaderMap,
+        each: &mut dyn FnMut(u16, &[u8]) -> Result<bool>,
+    ) -> std::result::Result<(), StreamError> {
+        use http_body_util::{BodyExt, Empty};
+        use hyper_util::rt::TokioIo;
+        let target = match url.query() {
+            Some(q) => format!("{}?{q}", url.path()),
+            None => url.path().to_owned(),
+        };
+        let t = |e: Box<dyn std::error::Error + Send + Sync>| StreamError::Transport(e);
+        self.runtime.block_on(async {
+            let stream = tokio::net::UnixStream::connect(&self.path)
+                .await
+                .map_err(|e| t(format!("connecting to {}: {e}", self.path.display()).into()))?;
+            let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+                .await
+                .map_err(|e| t(e.into()))?;
+            let driver = tokio::spawn(conn);
+            let mut req = hyper::Request::builder()
+                .method(Method::GET)
+                .uri(target)
+                .header(hyper::header::HOST, "localhost");
+            if let Some(h) = req.headers_mut() {
+                h.extend(headers);
+            }
+            let req = req.body(Empty::<bytes::Bytes>::new()).map_err(|e| t(e.into()))?;
+            let resp = sender.send_request(req).await.map_err(|e| t(e.into()))?;
+            let status = resp.status().as_u16();
+            let mut body = resp.into_body();
+            if !(200..300).contains(&status) {
+                let all = body.collect().await.map_err(|e| t(e.into()))?.to_bytes();
+                each(status, &all).map_err(StreamError::Stop)?;
+                driver.abort();
+                return Ok(());
+            }
+            let mut buf: Vec<u8> = Vec::new();
+            while let Some(frame) = body.frame().await {
+                let frame = frame.map_err(|e| t(e.into()))?;
+                let Some(data) = frame.data_ref() else { continue };
+                buf.extend_from_slice(data);
+                while let Some(i) = buf.iter().position(|b| *b == b'\n') {
+                    let line: Vec<u8> = buf.drain(..=i).collect();
+                    if !each(status, &line).map_err(StreamError::Stop)? {
+                        driver.abort();
+                        return Ok(());
+                    }
+                }
+            }
+            driver.abort();
+            Ok(())
+        })
+    }
+
     fn send(
         &self,
         method: Method,

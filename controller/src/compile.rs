@@ -34,13 +34,15 @@ pub struct Desired {
     pub routes: BTreeMap<dp::RouteKey, dp::Route>,
     /// `VERSE_CIDRS`: (prefix length, key) -> CIDR class peer value (`peer::CIDR_FLAG | n`).
     pub cidrs: BTreeMap<(u32, dp::CidrKey), u32>,
-    /// `VERSE_POLICY`: (prefix length, key); presence allows.
-    pub policy: BTreeSet<(u32, dp::PolicyKey)>,
+    /// `VERSE_POLICY`: (prefix length, key) -> the rule it came from; presence allows.
+    pub policy: BTreeMap<(u32, dp::PolicyKey), dp::PolicyValue>,
     /// `VERSE_HOSTS`: underlay address of every *other* host that has one -> host number
     /// (1-based position of the host in name order; the dataplane tests presence only).
     pub hosts: BTreeMap<dp::HostKey, u32>,
     /// `VERSE_VNIS`: the VNI of every universe of the fleet.
     pub vnis: BTreeSet<u32>,
+    /// `VERSE_RULE_HITS` keys: every rule the policy entries name (its new flows are counted).
+    pub rules: BTreeSet<u32>,
 }
 
 /// Stable numbering of CIDR classes, so that an edit renumbers nothing. The reconciler seeds it
@@ -182,6 +184,8 @@ pub fn compile(
                 [(dp::DIRECTION_INGRESS, &group.ingress), (dp::DIRECTION_EGRESS, &group.egress)];
             for (direction, rules) in directions {
                 for rule in rules {
+                    // A rule id that is no `sgr-` id (a corrupt state) allows without a name.
+                    let value = dp::PolicyValue { rule: model::rule_bits(&rule.id).unwrap_or(0) };
                     peers.clear();
                     rule_peers(rule, &members, classes, &mut peers);
                     matches.clear();
@@ -197,6 +201,7 @@ pub fn compile(
                                     proto,
                                     port: port.to_be_bytes(),
                                 },
+                                value,
                             )?;
                         }
                     }
@@ -205,6 +210,8 @@ pub fn compile(
         }
     }
     desired.policy = policy.finish()?;
+    desired.rules = desired.policy.values().map(|v| v.rule).filter(|r| *r != 0).collect();
+    fits(host, dp::map_names::RULE_HITS, desired.rules.len(), dp::capacity::RULE_HITS)?;
     *cidr_ids = numbered;
     Ok(desired)
 }
@@ -361,10 +368,12 @@ fn fits(host: &str, map: &str, len: usize, capacity: u32) -> model::Result<()> {
 
 /// Policy entries as they are produced: collected unsorted (rules of several groups repeat each
 /// other), compacted whenever they pass twice the capacity, so memory stays bounded while a
-/// state too big for the map is detected.
+/// state too big for the map is detected. When several rules produce the same entry, the first
+/// pushed names it (`dataplane_common::PolicyValue`): compaction is a stable sort that keeps the
+/// first of equal keys.
 struct PolicyEntries<'a> {
     host: &'a str,
-    entries: Vec<(u32, dp::PolicyKey)>,
+    entries: Vec<((u32, dp::PolicyKey), dp::PolicyValue)>,
 }
 
 impl<'a> PolicyEntries<'a> {
@@ -372,8 +381,13 @@ impl<'a> PolicyEntries<'a> {
         PolicyEntries { host, entries: Vec::new() }
     }
 
-    fn push(&mut self, prefix: u32, key: dp::PolicyKey) -> model::Result<()> {
-        self.entries.push((prefix, key));
+    fn push(
+        &mut self,
+        prefix: u32,
+        key: dp::PolicyKey,
+        value: dp::PolicyValue,
+    ) -> model::Result<()> {
+        self.entries.push(((prefix, key), value));
         if self.entries.len() > 2 * dp::capacity::POLICY as usize {
             self.compact();
             fits(self.host, dp::map_names::POLICY, self.entries.len(), dp::capacity::POLICY)?;
@@ -382,11 +396,11 @@ impl<'a> PolicyEntries<'a> {
     }
 
     fn compact(&mut self) {
-        self.entries.sort_unstable();
-        self.entries.dedup();
+        self.entries.sort_by_key(|(k, _)| *k);
+        self.entries.dedup_by_key(|(k, _)| *k);
     }
 
-    fn finish(mut self) -> model::Result<BTreeSet<(u32, dp::PolicyKey)>> {
+    fn finish(mut self) -> model::Result<BTreeMap<(u32, dp::PolicyKey), dp::PolicyValue>> {
         self.compact();
         fits(self.host, dp::map_names::POLICY, self.entries.len(), dp::capacity::POLICY)?;
         Ok(self.entries.into_iter().collect())
@@ -517,9 +531,9 @@ mod tests {
 
     impl Lpm {
         fn new(d: &Desired) -> Lpm {
-            let prefixes: BTreeSet<u32> = d.policy.iter().map(|(p, _)| *p).collect();
+            let prefixes: BTreeSet<u32> = d.policy.keys().map(|(p, _)| *p).collect();
             Lpm {
-                policy: d.policy.iter().copied().collect(),
+                policy: d.policy.keys().copied().collect(),
                 prefixes: prefixes.into_iter().collect(),
             }
         }
@@ -722,13 +736,18 @@ mod tests {
                 },
             )
         };
+        let g = &s.groups[&default_group(&s, &u.id)];
+        let named = |r: &model::Rule| dp::PolicyValue { rule: model::rule_bits(&r.id).unwrap() };
+        let v4_egress =
+            g.egress.iter().find(|r| r.peer == Peer::Cidr("0.0.0.0/0".parse().unwrap()));
         assert_eq!(
             d.policy,
-            BTreeSet::from([
-                entry(dp::DIRECTION_INGRESS, a.identity),
-                entry(dp::DIRECTION_EGRESS, dp::peer::ANY)
+            BTreeMap::from([
+                (entry(dp::DIRECTION_INGRESS, a.identity), named(&g.ingress[0])),
+                (entry(dp::DIRECTION_EGRESS, dp::peer::ANY), named(v4_egress.unwrap())),
             ]),
-            "S3 ingress all from default, S2 egress all to 0.0.0.0/0; ::/0 compiles to nothing"
+            "S3 ingress all from default, S2 egress all to 0.0.0.0/0; ::/0 compiles to nothing; \
+             each entry names its rule"
         );
         assert!(d.cidrs.is_empty(), "/0 is the ANY peer, not a class");
     }
@@ -786,14 +805,74 @@ mod tests {
             k(FULL, ICMP, 3 << 8 | 4),
             k(PROTO, 47, 0),
         ]);
-        assert_eq!(d.policy, expected);
+        assert_eq!(d.policy.keys().copied().collect::<BTreeSet<_>>(), expected);
+        // Each entry names the rule it came from: rules were added in the order of `expected`'s
+        // construction above, one entry each.
+        let rules = &s.groups[&g].ingress;
+        let by_rule: Vec<u32> = [
+            k(PEER, 0, 0),
+            k(PROTO, TCP, 0),
+            k(FULL, UDP, 53),
+            k(PROTO + 14, TCP, 8000),
+            k(PROTO, ICMP, 0),
+            k(PROTO + 8, ICMP, 8 << 8),
+            k(FULL, ICMP, 3 << 8 | 4),
+        ]
+        .iter()
+        .map(|key| d.policy[key].rule)
+        .collect();
+        let want: Vec<u32> = rules[..7].iter().map(|r| model::rule_bits(&r.id).unwrap()).collect();
+        assert_eq!(by_rule, want);
+        assert_eq!(d.policy[&k(PROTO, 47, 0)].rule, model::rule_bits(&rules[8].id).unwrap());
+    }
+
+    /// When several rules produce the same entry, it names the first the compiler visits: the
+    /// identity's groups by id, each group's rules in order.
+    #[test]
+    fn an_entry_produced_by_several_rules_names_the_first() {
+        let mut s = State::default();
+        let u = universe(&mut s, "10.0.0.0/16");
+        let g1 = group(&mut s, &u.id, "one");
+        let g2 = group(&mut s, &u.id, "two");
+        let (first, second) = if g1 < g2 { (g1, g2) } else { (g2, g1) };
+        let body = || json!({"direction": "ingress", "protocol": "tcp", "from_port": 80, "to_port": 80, "cidr": "10.0.0.0/8"});
+        let wide = || json!({"direction": "ingress", "protocol": "tcp", "from_port": 80, "to_port": 80, "cidr": "0.0.0.0/0"});
+        let in_second = rule(&mut s, &second, body());
+        let in_first_wide = rule(&mut s, &first, wide());
+        let in_first = rule(&mut s, &first, body());
+        let e = endpoint(&mut s, &u.id, "10.0.0.10", &[&first, &second]);
+        let d = compile_all(&s, &mut CidrIds::default());
+        let class_entries: Vec<dp::PolicyValue> = d
+            .policy
+            .iter()
+            .filter(|((_, k), _)| {
+                u32::from_be_bytes(k.policy) == e.identity
+                    && k.direction == dp::DIRECTION_INGRESS
+                    && u32::from_be_bytes(k.peer) & dp::peer::CIDR_FLAG != 0
+            })
+            .map(|(_, v)| *v)
+            .collect();
+        assert!(!class_entries.is_empty());
+        for v in class_entries {
+            assert_eq!(
+                v.rule,
+                model::rule_bits(&in_first.id).unwrap(),
+                "{in_first:?} over {in_second:?}"
+            );
+        }
+        let any = d
+            .policy
+            .iter()
+            .find(|((_, k), _)| k.direction == dp::DIRECTION_INGRESS && k.peer == [0; 4])
+            .map(|(_, v)| v.rule);
+        assert_eq!(any, model::rule_bits(&in_first_wide.id));
     }
 
     #[test]
     fn every_entry_is_canonical_below_its_prefix() {
         let (s, _) = random_state(&mut StdRng::seed_from_u64(1));
         let d = compile_all(&s, &mut CidrIds::default());
-        for (prefix, key) in &d.policy {
+        for (prefix, key) in d.policy.keys() {
             assert_eq!(key_from(mask(key_bytes(key), *prefix)), *key, "{prefix} {key:?}");
         }
         for ((prefix, key), value) in &d.cidrs {
@@ -899,7 +978,8 @@ mod tests {
 
     fn host(s: &mut State, name: &str, underlay: Option<&str>) {
         let underlay_ip = underlay.map(|ip| ip.parse().unwrap());
-        s.hosts.insert(name.into(), model::HostRecord { name: name.into(), underlay_ip });
+        s.hosts
+            .insert(name.into(), model::HostRecord { name: name.into(), underlay_ip, api: None });
     }
 
     #[test]
@@ -989,7 +1069,7 @@ mod tests {
         assert!(dataplane_allows(&lpm, &d, q(5432)), "the remote member's identity is admitted");
         assert!(!dataplane_allows(&lpm, &d, q(5433)));
         // Only local identities have policies here: the remote endpoint's are compiled on h2.
-        assert!(d.policy.iter().all(|(_, k)| u32::from_be_bytes(k.policy) == local_db.identity));
+        assert!(d.policy.keys().all(|(_, k)| u32::from_be_bytes(k.policy) == local_db.identity));
     }
 
     /// S5: membership moves an endpoint between identities; rules are untouched.

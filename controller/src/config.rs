@@ -153,6 +153,22 @@ impl Default for Conntrack {
     }
 }
 
+/// Verdict events, flow logs and counters (`[observability]`); see [`Config::default_toml`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Observability {
+    pub events: bool,
+    pub event_rate: u32,
+    pub event_burst: u32,
+    pub event_history: u32,
+}
+
+impl Default for Observability {
+    fn default() -> Observability {
+        Observability { events: true, event_rate: 1000, event_burst: 1000, event_history: 10_000 }
+    }
+}
+
 /// The daemon's settings. See [`Config::default_toml`] for each one's meaning.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -189,8 +205,11 @@ pub struct Config {
     pub audit_retention_records: usize,
     /// Days an audit record is kept.
     pub audit_retention_days: u64,
+    /// `None`: derived from `listen` and the underlay (see [`Config::api_url`]).
+    pub advertise_api: Option<String>,
     pub conntrack: Conntrack,
     pub api: ApiSettings,
+    pub observability: Observability,
 }
 
 /// When the API is served over TLS (`api.tls`).
@@ -281,8 +300,10 @@ impl Default for Config {
             etcd_password_file: None,
             audit_retention_records: AuditRetention::default().max_records,
             audit_retention_days: AuditRetention::default().max_age.as_secs() / 86400,
+            advertise_api: None,
             conntrack: Conntrack::default(),
             api: ApiSettings::default(),
+            observability: Observability::default(),
         }
     }
 }
@@ -407,6 +428,14 @@ impl Config {
         self.validate_etcd_tls()?;
         self.api_transport()?;
         let api = &self.api;
+        if let Some(url) = &self.advertise_api {
+            parse_api_url(url).map_err(|reason| Error::Invalid {
+                key: "advertise_api",
+                value: url.clone(),
+                reason,
+            })?;
+        }
+        let o = &self.observability;
         for (key, value, range) in [
             ("api.max_connections", u64::from(api.max_connections), 1..=1_000_000u64),
             ("api.header_timeout", api.header_timeout, 1..=3600),
@@ -417,6 +446,9 @@ impl Config {
             ("api.read_burst", u64::from(api.read_burst), 1..=1_000_000),
             ("api.write_rate", u64::from(api.write_rate), 1..=1_000_000),
             ("api.write_burst", u64::from(api.write_burst), 1..=1_000_000),
+            ("observability.event_rate", u64::from(o.event_rate), 1..=10_000_000u64),
+            ("observability.event_burst", u64::from(o.event_burst), 1..=10_000_000),
+            ("observability.event_history", u64::from(o.event_history), 0..=1_000_000),
         ] {
             if !range.contains(&value) {
                 return Err(Error::Invalid {
@@ -653,12 +685,44 @@ impl Config {
         ] {
             timeouts_ns[usize::from(state)] = secs.saturating_mul(1_000_000_000);
         }
+        let o = &self.observability;
+        let mut flags = 0;
+        if o.events {
+            flags |= dp::config_flags::EVENTS;
+        }
+        let event_interval_ns = 1_000_000_000 / u64::from(o.event_rate.max(1));
         // The underlay fields are filled in by versed once it has looked the interface up.
         Ok(dp::Config {
             timeouts_ns,
             gateway_mac: self.gateway_mac_bytes()?,
+            flags,
+            event_interval_ns,
+            event_burst_ns: event_interval_ns.saturating_mul(u64::from(o.event_burst)),
             ..dp::Config::default()
         })
+    }
+
+    /// Where the other hosts of the fleet reach this host's API: `advertise_api`, else
+    /// `<scheme>://<listen>` when `listen` is a specific address that is not loopback, else
+    /// `<scheme>://<underlay_ip>:<port>` when `listen` is a wildcard and this host has an
+    /// underlay (`https` when the API is served over TLS, see [`Config::api_transport`]);
+    /// `None` when they cannot (listening on loopback only).
+    pub fn api_url(&self, underlay_ip: Option<std::net::Ipv4Addr>) -> Option<String> {
+        if let Some(url) = &self.advertise_api {
+            return Some(url.trim_end_matches('/').to_owned());
+        }
+        let ip = self.listen.ip();
+        if ip.is_loopback() {
+            return None;
+        }
+        let scheme = match self.api_transport() {
+            Ok(ApiTransport::Http { .. }) => "http",
+            _ => "https",
+        };
+        if ip.is_unspecified() {
+            return underlay_ip.map(|u| format!("{scheme}://{u}:{}", self.listen.port()));
+        }
+        Some(format!("{scheme}://{}", self.listen))
     }
 
     /// Every setting with a comment above it and its default value; parses back to
@@ -738,6 +802,14 @@ mtu = {mtu}
 # delivers to workloads (the workloads' gateway).
 gateway_mac = "{gateway_mac}"
 
+# Where the other hosts of the fleet reach this host's API, to relay its verdict events, flow
+# logs and rule counters into one view (GET /v1/events and others; see the README, "Why was my
+# packet dropped?"). Relayed requests carry the caller's token. Default: "http://<listen>" when
+# listen is a specific address that is not loopback, "http://<underlay address>:<port>" when
+# listen is 0.0.0.0; none when listen is loopback (then this host's events are seen only
+# through its own API).
+# advertise_api = "http://198.18.0.1:7070"
+
 # Idle timeouts of tracked connections, in seconds (a flow idle longer than this is forgotten,
 # and its next packet is judged by the rules again).
 [conntrack]
@@ -792,6 +864,19 @@ read_burst = {read_burst}
 write_rate = {write_rate}
 # Writes a principal may save up for a burst.
 write_burst = {write_burst}
+# Why was my packet dropped? Verdict events (README, "Why was my packet dropped?").
+[observability]
+# Report verdict events (each dropped packet, each new flow admitted by policy) from the
+# dataplane to versed (GET /v1/events, verse monitor).
+events = {events}
+# Each CPU reports at most this many events of a kind (drops, new flows) per second on
+# average...
+event_rate = {event_rate}
+# ...and at most this many at once. Beyond that, events are counted (verse_events_total
+# {{outcome="suppressed"}}) but not reported: a flood costs a bounded share of a CPU.
+event_burst = {event_burst}
+# Recent events kept in memory for GET /v1/events?recent=N.
+event_history = {event_history}
 "#,
             listen = d.listen,
             state_dir = d.state_dir.display(),
@@ -820,6 +905,10 @@ write_burst = {write_burst}
             read_burst = d.api.read_burst,
             write_rate = d.api.write_rate,
             write_burst = d.api.write_burst,
+            events = d.observability.events,
+            event_rate = d.observability.event_rate,
+            event_burst = d.observability.event_burst,
+            event_history = d.observability.event_history,
         )
     }
 }
@@ -838,6 +927,23 @@ fn validate_host_name(host: &str) -> Result<()> {
             value: host.to_owned(),
             reason: "expected 1 to 253 characters among letters, digits, '-', '.', '_'".into(),
         })
+    }
+}
+
+/// Checks an API address other hosts use: `http://HOST:PORT` (or `https://`), no path.
+pub fn parse_api_url(url: &str) -> std::result::Result<(), String> {
+    let rest = url
+        .strip_prefix("http://")
+        .or_else(|| url.strip_prefix("https://"))
+        .ok_or("expected http://HOST:PORT")?;
+    let rest = rest.trim_end_matches('/');
+    let ok = rest.rsplit_once(':').is_some_and(|(h, p)| {
+        !h.is_empty() && !h.contains('/') && p.parse::<u16>().is_ok_and(|p| p != 0)
+    });
+    if ok {
+        Ok(())
+    } else {
+        Err("expected http://HOST:PORT".into())
     }
 }
 
@@ -923,6 +1029,11 @@ mod tests {
             "read_burst",
             "write_rate",
             "write_burst",
+            "advertise_api",
+            "events",
+            "event_rate",
+            "event_burst",
+            "event_history",
         ] {
             let i = lines
                 .iter()
@@ -1140,5 +1251,46 @@ mod tests {
         let mut c = Config { host: Some("h".into()), ..Config::default() };
         c.api.write_rate = 0;
         assert!(c.validate().unwrap_err().to_string().contains("api.write_rate"));
+        let mut c = Config { host: Some("h".into()), ..Config::default() };
+        c.observability.event_rate = 0;
+        assert!(c.validate().unwrap_err().to_string().contains("observability.event_rate"));
+        let c = Config {
+            host: Some("h".into()),
+            advertise_api: Some("198.18.0.1:7070".into()),
+            ..Config::default()
+        };
+        assert!(c.validate().unwrap_err().to_string().contains("advertise_api"));
+    }
+
+    #[test]
+    fn the_api_url_other_hosts_use() {
+        let mut api = ApiSettings::default();
+        api.tls = TlsMode::Off;
+        api.insecure_http = true;
+        let at = |listen: &str| Config {
+            listen: listen.parse().unwrap(),
+            api: api.clone(),
+            ..Config::default()
+        };
+        let ul = Some("198.18.0.3".parse().unwrap());
+        let tls = Config { listen: "10.1.2.3:9".parse().unwrap(), ..Config::default() };
+        assert_eq!(tls.api_url(ul).as_deref(), Some("https://10.1.2.3:9"), "TLS by default");
+        assert_eq!(at("127.0.0.1:7070").api_url(ul), None);
+        assert_eq!(at("0.0.0.0:7070").api_url(ul).as_deref(), Some("http://198.18.0.3:7070"));
+        assert_eq!(at("0.0.0.0:7070").api_url(None), None);
+        assert_eq!(at("10.1.2.3:9").api_url(ul).as_deref(), Some("http://10.1.2.3:9"));
+        let c = Config { advertise_api: Some("http://h3:7070/".into()), ..at("127.0.0.1:1") };
+        assert_eq!(c.api_url(ul).as_deref(), Some("http://h3:7070"));
+    }
+
+    #[test]
+    fn observability_reaches_the_dataplane_config() {
+        let mut c = Config::default();
+        let d = c.dataplane_config().unwrap();
+        assert_eq!(d.flags, dp::config_flags::EVENTS);
+        assert_eq!(d.event_interval_ns, 1_000_000);
+        assert_eq!(d.event_burst_ns, 1_000_000_000);
+        c.observability.events = false;
+        assert_eq!(c.dataplane_config().unwrap().flags, 0);
     }
 }

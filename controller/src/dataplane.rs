@@ -28,7 +28,7 @@ use std::{
 use aya::{
     maps::{
         lpm_trie::{Key, LpmTrie},
-        Array, HashMap, MapData, MapError, PerCpuArray,
+        Array, HashMap, MapData, MapError, PerCpuArray, PerCpuHashMap, PerCpuValues, RingBuf,
     },
     programs::{
         links::{FdLink, LinkError, PinnedLink},
@@ -38,8 +38,9 @@ use aya::{
     Ebpf, EbpfError, EbpfLoader, TestRun, TestRunOptions,
 };
 use dataplane_common::{
-    capacity, map_names, CidrKey, Config, CtEntry, CtKey, CtValue, DropReason, Endpoint, HostKey,
-    PolicyKey, Route, RouteKey, VniKey, PROG_FROM_ENDPOINT, PROG_FROM_UNDERLAY,
+    capacity, drop_slot, map_names, CidrKey, Config, CtEntry, CtKey, CtValue, DropCount,
+    DropReason, Endpoint, EventLimiter, Hook, HostKey, PolicyKey, PolicyValue, Route, RouteKey,
+    VniKey, PROG_FROM_ENDPOINT, PROG_FROM_UNDERLAY,
 };
 
 use crate::compile::Desired;
@@ -54,9 +55,6 @@ pub const PROG_PARSE_ONLY: &str = "parse_only";
 
 /// `BPF_FS_MAGIC` from `include/uapi/linux/magic.h`.
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
-
-/// Value written for every `VERSE_POLICY` entry: the program only tests presence.
-const POLICY_ALLOW: u8 = 1;
 
 /// Value written for every `VERSE_VNIS` entry: the program only tests presence.
 const VNI_PRESENT: u8 = 1;
@@ -187,11 +185,15 @@ pub struct Dataplane {
     epoch: Array<MapData, u32>,
     routes: HashMap<MapData, RouteKey, Route>,
     cidrs: LpmTrie<MapData, CidrKey, u32>,
-    policy: LpmTrie<MapData, PolicyKey, u8>,
+    policy: LpmTrie<MapData, PolicyKey, PolicyValue>,
     conntrack: HashMap<MapData, CtKey, CtValue>,
     hosts: HashMap<MapData, HostKey, u32>,
     vnis: HashMap<MapData, VniKey, u8>,
-    drops: PerCpuArray<MapData, u64>,
+    drops: PerCpuArray<MapData, DropCount>,
+    event_limits: PerCpuArray<MapData, EventLimiter>,
+    rule_hits: PerCpuHashMap<MapData, u32, u64>,
+    /// `VERSE_EVENTS`, until [`Dataplane::take_events`] hands it to its reader.
+    events: Option<RingBuf<MapData>>,
 }
 
 impl std::fmt::Debug for Dataplane {
@@ -240,6 +242,9 @@ impl Dataplane {
             hosts: take_map(&mut ebpf, map_names::HOSTS)?,
             vnis: take_map(&mut ebpf, map_names::VNIS)?,
             drops: take_map(&mut ebpf, map_names::DROPS)?,
+            event_limits: take_map(&mut ebpf, map_names::EVENT_LIMITS)?,
+            rule_hits: take_map(&mut ebpf, map_names::RULE_HITS)?,
+            events: Some(take_map(&mut ebpf, map_names::EVENTS)?),
             ebpf,
         };
         // A previous daemon may have died between a route write and its bump: whatever the
@@ -400,8 +405,8 @@ impl Dataplane {
             desired.cidrs.insert((k.prefix_len(), k.data()), v);
         }
         for item in self.policy.iter() {
-            let (k, _) = item.map_err(read_err(map_names::POLICY))?;
-            desired.policy.insert((k.prefix_len(), k.data()));
+            let (k, v) = item.map_err(read_err(map_names::POLICY))?;
+            desired.policy.insert((k.prefix_len(), k.data()), v);
         }
         for item in self.hosts.iter() {
             let (k, v) = item.map_err(read_err(map_names::HOSTS))?;
@@ -409,6 +414,9 @@ impl Dataplane {
         }
         for item in self.vnis.keys() {
             desired.vnis.insert(item.map_err(read_err(map_names::VNIS))?);
+        }
+        for item in self.rule_hits.keys() {
+            desired.rules.insert(item.map_err(read_err(map_names::RULE_HITS))?);
         }
         Ok(desired)
     }
@@ -444,10 +452,31 @@ impl Dataplane {
                 })?;
             }
         }
-        for &(len, key) in desired.policy.difference(&current.policy) {
-            self.policy.insert(&Key::new(len, key), POLICY_ALLOW, 0).map_err(|source| {
-                Error::MapWrite { name: map_names::POLICY, entry: format!("{len}/{key:?}"), source }
-            })?;
+        // Each rule's counter before the first entry naming it (a new rule counts from 0).
+        for &rule in desired.rules.difference(&current.rules) {
+            let write_err = |source| Error::MapWrite {
+                name: map_names::RULE_HITS,
+                entry: format!("rule {rule:08x}"),
+                source,
+            };
+            let zeros = aya::util::nr_cpus()
+                .map_err(|(_, e)| e)
+                .and_then(|n| PerCpuValues::try_from(vec![0u64; n]))
+                .map_err(|e| write_err(MapError::IoError(e)))?;
+            self.rule_hits.insert(rule, zeros, 0).map_err(write_err)?;
+        }
+        // New entries, and entries now credited to another rule (the value is replaced in
+        // place: the entry never disappears).
+        for (&(len, key), value) in &desired.policy {
+            if current.policy.get(&(len, key)) != Some(value) {
+                self.policy.insert(&Key::new(len, key), value, 0).map_err(|source| {
+                    Error::MapWrite {
+                        name: map_names::POLICY,
+                        entry: format!("{len}/{key:?}"),
+                        source,
+                    }
+                })?;
+            }
         }
         let mut routes_written = false;
         for (key, value) in &desired.routes {
@@ -490,11 +519,20 @@ impl Dataplane {
         if removed {
             self.bump_epoch()?;
         }
-        for &(len, key) in current.policy.difference(&desired.policy) {
+        for &(len, key) in current.policy.keys().filter(|k| !desired.policy.contains_key(k)) {
             remove_ok_if_absent(self.policy.remove(&Key::new(len, key))).map_err(|source| {
                 Error::MapDelete {
                     name: map_names::POLICY,
                     entry: format!("{len}/{key:?}"),
+                    source,
+                }
+            })?;
+        }
+        for rule in current.rules.difference(&desired.rules) {
+            remove_ok_if_absent(self.rule_hits.remove(rule)).map_err(|source| {
+                Error::MapDelete {
+                    name: map_names::RULE_HITS,
+                    entry: format!("rule {rule:08x}"),
                     source,
                 }
             })?;
@@ -521,15 +559,67 @@ impl Dataplane {
         Ok(())
     }
 
-    /// Drop counters by reason, summed over CPUs. Every reason is present (zero if none).
+    /// Packets dropped by reason (at either hook), summed over CPUs. Every reason is present
+    /// (zero if none).
     pub fn drops(&self) -> Result<BTreeMap<DropReason, u64>> {
-        let mut out = BTreeMap::new();
-        for reason in DropReason::ALL {
-            let per_cpu =
-                self.drops.get(&(reason as u32), 0).map_err(read_err(map_names::DROPS))?;
-            out.insert(reason, per_cpu.iter().copied().fold(0u64, u64::wrapping_add));
+        let mut out: BTreeMap<DropReason, u64> = DropReason::ALL.iter().map(|r| (*r, 0)).collect();
+        for ((reason, _), count) in self.drop_counts()? {
+            if let Some(n) = out.get_mut(&reason) {
+                *n = n.wrapping_add(count.packets);
+            }
         }
         Ok(out)
+    }
+
+    /// Drops by reason and hook, packets and bytes, summed over CPUs. Every pair is present.
+    pub fn drop_counts(&self) -> Result<BTreeMap<(DropReason, Hook), DropCount>> {
+        let mut out = BTreeMap::new();
+        for reason in DropReason::ALL {
+            for hook in Hook::ALL {
+                let per_cpu = self
+                    .drops
+                    .get(&drop_slot(reason, hook), 0)
+                    .map_err(read_err(map_names::DROPS))?;
+                let sum = per_cpu.iter().fold(DropCount::default(), |a, c| DropCount {
+                    packets: a.packets.wrapping_add(c.packets),
+                    bytes: a.bytes.wrapping_add(c.bytes),
+                });
+                out.insert((reason, hook), sum);
+            }
+        }
+        Ok(out)
+    }
+
+    /// What became of the events each CPU had to report (`VERSE_EV_LIMITS`), summed over CPUs
+    /// (the token buckets' times are left 0).
+    pub fn event_counts(&self) -> Result<EventLimiter> {
+        let per_cpu = self.event_limits.get(&0, 0).map_err(read_err(map_names::EVENT_LIMITS))?;
+        let mut out = EventLimiter::default();
+        for c in per_cpu.iter() {
+            for k in 0..out.emitted.len() {
+                out.emitted[k] = out.emitted[k].wrapping_add(c.emitted[k]);
+                out.suppressed[k] = out.suppressed[k].wrapping_add(c.suppressed[k]);
+                out.lost[k] = out.lost[k].wrapping_add(c.lost[k]);
+            }
+        }
+        Ok(out)
+    }
+
+    /// New flows admitted per rule on this host (key: the rule id's bits), summed over CPUs:
+    /// every rule the policy entries name, 0 if it never matched.
+    pub fn rule_hits(&self) -> Result<BTreeMap<u32, u64>> {
+        let mut out = BTreeMap::new();
+        for item in self.rule_hits.iter() {
+            let (rule, per_cpu) = item.map_err(read_err(map_names::RULE_HITS))?;
+            out.insert(rule, per_cpu.iter().copied().fold(0u64, u64::wrapping_add));
+        }
+        Ok(out)
+    }
+
+    /// The ring buffer of verdict events (`VERSE_EVENTS`), for its one reader; `None` once
+    /// taken.
+    pub fn take_events(&mut self) -> Option<RingBuf<MapData>> {
+        self.events.take()
     }
 
     /// Every conntrack entry (live or expired but not yet reclaimed): its flow state, without

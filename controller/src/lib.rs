@@ -7,10 +7,13 @@
 //!   which the kernel programs are tested.
 //! - [`store`]: where the desired state lives (embedded file store).
 //! - [`dataplane`]: loading, pinning and attaching the eBPF programs; reading and writing maps.
+//! - [`events`]: the dataplane's verdict events as the API streams them; [`hits`]: per-rule
+//!   hit counters.
 //! - [`netlink`]: endpoint plumbing (veth pairs, namespaces, addresses, routes).
 //! - [`reconcile`]: makes the dataplane and the interfaces match the desired state.
 //! - [`sim`]: simulated hosts (the real control plane over in-memory maps), for scale tests.
-//! - [`api`]: the REST API, described by [`openapi`]; [`client`]: the CLI's side of it.
+//! - [`api`]: the REST API, described by [`openapi`]; [`client`]: the CLI's side of it;
+//!   [`relay`]: one view of the fleet from any host.
 //! - [`auth`]: principals, tokens and who may do what (S15); [`audit`]: the audit trail.
 //! - [`server`]: the API's listeners, TLS and connection limits; [`limits`]: its per-request
 //!   limits (body size and time, rates); [`tls`]: certificates and what a client trusts.
@@ -22,11 +25,14 @@ pub mod client;
 pub mod compile;
 pub mod config;
 pub mod dataplane;
+pub mod events;
+pub mod hits;
 pub mod limits;
 pub mod model;
 pub mod netlink;
 pub mod openapi;
 pub mod reconcile;
+pub mod relay;
 pub mod server;
 pub mod sim;
 pub mod store;

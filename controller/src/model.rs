@@ -236,6 +236,10 @@ pub struct HostRecord {
     pub name: String,
     /// Address on the underlay network; `None` for a host without one (single-host setups).
     pub underlay_ip: Option<Ipv4Addr>,
+    /// Where the other hosts reach this host's API (`http://ADDR:PORT`), to relay its events,
+    /// flow logs and counters; `None` if they cannot.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api: Option<String>,
 }
 
 /// A point in time, stored and shown in RFC 3339, UTC (`2026-12-01T10:00:00Z`, with as many
@@ -968,11 +972,12 @@ fn elsewhere(field: &str, group: &str, universe: &str) -> Error {
     }
 }
 
-/// A random number whose id is not taken (ids carry 8 hex digits, 32 random bits).
+/// A random number whose id is not taken (ids carry 8 hex digits, 32 random bits). Never 0: the
+/// dataplane names a rule by its id's bits, and 0 there means "no rule".
 fn fresh_number(taken: impl Fn(u32) -> bool) -> u32 {
     loop {
         let n: u32 = rand::random();
-        if !taken(n) {
+        if n != 0 && !taken(n) {
             return n;
         }
     }
@@ -982,6 +987,16 @@ fn fresh_number(taken: impl Fn(u32) -> bool) -> u32 {
 fn fresh_id(prefix: &str, taken: impl Fn(&str) -> bool) -> String {
     let n = fresh_number(|n| taken(&format!("{prefix}-{n:08x}")));
     format!("{prefix}-{n:08x}")
+}
+
+/// The 32 bits of a rule id (`sgr-` and 8 hex digits), as the dataplane names the rule
+/// (`dataplane_common::PolicyValue::rule`); `None` for anything else and for `sgr-00000000`.
+pub fn rule_bits(id: &str) -> Option<u32> {
+    let hex = id.strip_prefix("sgr-")?;
+    if hex.len() != 8 || !hex.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
+        return None;
+    }
+    u32::from_str_radix(hex, 16).ok().filter(|&n| n != 0)
 }
 
 fn endpoint_id(n: u32) -> String {

@@ -32,7 +32,7 @@
 //! with a synthetic ifindex and has no interface to remove) and in what step 3 writes into
 //! (both through [`MapSet`]); the store, the compiler and the bookkeeping are the same code.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::Ipv4Addr;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -334,6 +334,8 @@ pub struct Reconciler {
     plumbed: HashMap<String, Plumbed>,
     /// The next synthetic ifindex of a simulated host.
     next_sim_ifindex: u32,
+    /// The endpoints in the maps, by host-side ifindex, as of the last round (for events).
+    local: watch::Sender<Arc<BTreeMap<u32, String>>>,
 }
 
 impl Reconciler {
@@ -351,6 +353,7 @@ impl Reconciler {
     fn with_target(target: Target, host: String, mtu: u32) -> Result<Reconciler> {
         let applied = with_maps(&target, |m| m.read()).map_err(Error::Read)?;
         let cidr_ids = seed_cidr_ids(&applied);
+        let local = watch::channel(Arc::new(BTreeMap::new())).0;
         Ok(Reconciler {
             target,
             host,
@@ -359,7 +362,14 @@ impl Reconciler {
             applied,
             plumbed: HashMap::new(),
             next_sim_ifindex: SIM_FIRST_IFINDEX,
+            local,
         })
+    }
+
+    /// Follows the local endpoints the maps hold: host-side ifindex -> endpoint id, published
+    /// after every round that wrote the maps.
+    pub fn local_endpoints(&self) -> watch::Receiver<Arc<BTreeMap<u32, String>>> {
+        self.local.subscribe()
     }
 
     /// What the pinned maps held at start (from a previous run): endpoints, routes to remote
@@ -501,6 +511,19 @@ impl Reconciler {
             self.applied = desired;
             outcome.wrote_maps = true;
         }
+        let in_maps: BTreeMap<u32, String> = self
+            .plumbed
+            .iter()
+            .filter(|(_, p)| self.applied.endpoints.contains_key(&p.ifindex))
+            .map(|(id, p)| (p.ifindex, id.clone()))
+            .collect();
+        self.local.send_if_modified(|cur| {
+            if **cur == in_maps {
+                return false;
+            }
+            *cur = Arc::new(in_maps);
+            true
+        });
 
         // 4. (The kernel only.) Remove the interfaces of endpoints that are gone, and link pins whose interface
         //    went away by itself (its namespace was deleted, say).
@@ -707,6 +730,7 @@ mod tests {
                 model::HostRecord {
                     name: name.into(),
                     underlay_ip: Some(Ipv4Addr::new(198, 19, 0, last)),
+                    api: None,
                 },
             );
         }

@@ -80,6 +80,7 @@ impl SimMaps {
             + m.policy.len()
             + m.hosts.len()
             + m.vnis.len()
+            + m.rules.len()
     }
 
     pub fn counts(&self) -> MapCounts {
@@ -101,7 +102,15 @@ impl MapSet for SimMaps {
         put_changed(&mut m.hosts, &current.hosts, &desired.hosts, names::HOSTS, cap::HOSTS, c)?;
         put_new(&mut m.vnis, &current.vnis, &desired.vnis, names::VNIS, cap::VNIS, c)?;
         put_changed(&mut m.cidrs, &current.cidrs, &desired.cidrs, names::CIDRS, cap::CIDRS, c)?;
-        put_new(&mut m.policy, &current.policy, &desired.policy, names::POLICY, cap::POLICY, c)?;
+        put_new(&mut m.rules, &current.rules, &desired.rules, names::RULE_HITS, cap::RULE_HITS, c)?;
+        put_changed(
+            &mut m.policy,
+            &current.policy,
+            &desired.policy,
+            names::POLICY,
+            cap::POLICY,
+            c,
+        )?;
         put_changed(
             &mut m.routes,
             &current.routes,
@@ -127,7 +136,8 @@ impl MapSet for SimMaps {
             c,
         );
         remove_gone(&mut m.routes, current.routes.keys(), |k| desired.routes.contains_key(k), c);
-        remove_gone_set(&mut m.policy, current.policy.difference(&desired.policy), c);
+        remove_gone(&mut m.policy, current.policy.keys(), |k| desired.policy.contains_key(k), c);
+        remove_gone_set(&mut m.rules, current.rules.difference(&desired.rules), c);
         remove_gone(&mut m.cidrs, current.cidrs.keys(), |k| desired.cidrs.contains_key(k), c);
         remove_gone_set(&mut m.vnis, current.vnis.difference(&desired.vnis), c);
         remove_gone(&mut m.hosts, current.hosts.keys(), |k| desired.hosts.contains_key(k), c);

@@ -1761,7 +1761,7 @@ mod tests {
         for (name, ip) in [(HOST, HERE), ("h2", THERE)] {
             st.hosts.insert(
                 name.into(),
-                model::HostRecord { name: name.into(), underlay_ip: Some(ip) },
+                model::HostRecord { name: name.into(), underlay_ip: Some(ip), api: None },
             );
         }
         let mut remote = st.endpoints["ep-3"].clone();

@@ -12,7 +12,7 @@ use axum::body::Body;
 use axum::extract::ConnectInfo;
 use axum::http::{Method, Request, StatusCode};
 use axum::Router;
-use dataplane_common::DropReason;
+use dataplane_common::{DropCount, DropReason, Hook};
 use http_body_util::BodyExt;
 use serde_json::{json, Value};
 use tokio::sync::watch;
@@ -76,9 +76,10 @@ async fn api_of(reconciler: bool, remotes: &[&str]) -> Api {
     }
     let stats: api::StatsFn = Arc::new(|| {
         let mut drops = BTreeMap::new();
-        drops.insert(DropReason::SpoofedIp, 7);
-        drops.insert(DropReason::PolicyIngress, 3);
-        Ok(Stats { drops })
+        let n = |packets| DropCount { packets, bytes: packets * 60 };
+        drops.insert((DropReason::SpoofedIp, Hook::FromEndpoint), n(7));
+        drops.insert((DropReason::PolicyIngress, Hook::FromUnderlay), n(3));
+        Ok(Stats { drops, ..Stats::default() })
     });
     let state = AppState::new(store.clone(), HOST.into(), None, realized_rx, stats);
     Api { app: api::router(state), store, realized, admin, base, _dir: dir }
@@ -319,7 +320,20 @@ async fn create_group_returns_201_with_s2_rules() {
     assert_eq!(cidrs, [json!("0.0.0.0/0"), json!("::/0")]);
     assert!(g["egress"].as_array().unwrap().iter().all(|r| r["protocol"] == "all"));
     let shown = api.get(&format!("/v1/security-groups/{}", id(g))).await;
-    assert_eq!(shown.body, *g);
+    assert_eq!(without_hits(&shown.body), *g);
+    // This host counts no rule of the new group yet: every rule shows 0 new flows.
+    for r in shown.body["egress"].as_array().unwrap() {
+        assert_eq!(r["hits"], json!({"flows": 0}), "{r}");
+    }
+    // The other hosts of the store registered no API address: their counters are missing, and
+    // the answer says so rather than showing their share as 0.
+    assert_eq!(shown.body["hits_from"]["hosts"], json!([HOST]));
+    let missing = shown.body["hits_from"]["missing"].as_array().unwrap();
+    assert!(!missing.is_empty());
+    for m in missing {
+        assert_ne!(m["host"], HOST);
+        assert!(m["error"].as_str().unwrap().contains("advertise_api"), "{m}");
+    }
 }
 
 #[tokio::test]
@@ -437,7 +451,7 @@ async fn add_rule_returns_201_with_the_rule_and_canonical_cidr() {
     assert_eq!((r["from_port"].clone(), r["to_port"].clone()), (json!(80), json!(443)));
     assert_eq!(r["cidr"], "192.168.0.0/16");
     assert_eq!(r["description"], "http");
-    let g = api.get(&format!("/v1/security-groups/{web}")).await.body;
+    let g = without_hits(&api.get(&format!("/v1/security-groups/{web}")).await.body);
     assert_eq!(g["ingress"], json!([r]));
 
     // ICMP with -1 (any code), a protocol given as a number.
@@ -874,12 +888,23 @@ async fn healthz_metrics_and_unknown_routes() {
     let m = api.get("/metrics").await;
     assert_eq!(m.status, StatusCode::OK);
     for reason in DropReason::ALL {
-        let want = match reason {
-            DropReason::SpoofedIp => 7,
-            DropReason::PolicyIngress => 3,
-            _ => 0,
-        };
-        let line = format!("verse_drops_total{{reason=\"{}\"}} {want}", reason.label());
+        for hook in Hook::ALL {
+            let want = match (reason, hook) {
+                (DropReason::SpoofedIp, Hook::FromEndpoint) => 7,
+                (DropReason::PolicyIngress, Hook::FromUnderlay) => 3,
+                _ => 0,
+            };
+            let labels = format!("{{reason=\"{}\",hook=\"{}\"}}", reason.label(), hook.label());
+            for line in [
+                format!("verse_drops_total{labels} {want}"),
+                format!("verse_drop_bytes_total{labels} {}", want * 60),
+            ] {
+                assert!(m.text.lines().any(|l| l == line), "missing {line:?} in\n{}", m.text);
+            }
+        }
+    }
+    for outcome in ["emitted", "suppressed", "lost"] {
+        let line = format!("verse_events_total{{kind=\"drop\",outcome=\"{outcome}\"}} 0");
         assert!(m.text.lines().any(|l| l == line), "missing {line:?} in\n{}", m.text);
     }
     for line in
@@ -1598,4 +1623,20 @@ async fn a_flood_of_bad_tokens_is_recorded_up_to_a_bound_and_counted_beyond() {
         .parse()
         .unwrap();
     assert_eq!(suppressed + recorded, 400.0, "every refusal recorded or counted");
+}
+
+/// A group as `GET /v1/security-groups/{id}` shows it, without the hit counters it adds.
+fn without_hits(g: &Value) -> Value {
+    let mut g = g.clone();
+    if let Some(o) = g.as_object_mut() {
+        o.remove("hits_from");
+    }
+    for dir in ["ingress", "egress"] {
+        for r in g[dir].as_array_mut().into_iter().flatten() {
+            if let Some(o) = r.as_object_mut() {
+                o.remove("hits");
+            }
+        }
+    }
+    g
 }

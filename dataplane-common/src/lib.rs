@@ -4,6 +4,11 @@
 //! Nothing here is written twice: `dataplane-ebpf` reads these types in the kernel, `controller`
 //! writes them (with the `user` feature, which adds `aya::Pod`). Multi-byte fields that the
 //! kernel compares bit by bit (LPM keys) are byte arrays in network order; the others are native.
+//!
+//! Observability (README, "Why was my packet dropped?"): drops are counted per (reason, hook)
+//! with bytes ([`DropCount`]); verdicts are reported as [`Event`]s through a ring buffer,
+//! rate-limited per CPU ([`EventLimiter`]); every policy entry names the rule that produced it
+//! ([`PolicyValue`]) and new flows are counted per rule ([`RuleHits`]).
 #![no_std]
 
 /// Names of the pinned maps. Each is the ELF map name and the file name under the daemon's bpffs
@@ -20,6 +25,9 @@ pub mod map_names {
     pub const VNIS: &str = "VERSE_VNIS";
     pub const ENDPOINT_SLOTS: &str = "VERSE_EP_SLOTS";
     pub const EPOCH: &str = "VERSE_EPOCH";
+    pub const EVENTS: &str = "VERSE_EVENTS";
+    pub const EVENT_LIMITS: &str = "VERSE_EV_LIMITS";
+    pub const RULE_HITS: &str = "VERSE_RULE_HITS";
 }
 
 /// Name of the TC program attached (TCX ingress) to the host side of every endpoint veth.
@@ -47,8 +55,16 @@ pub mod capacity {
     pub const HOSTS: u32 = 4096;
     /// Universes of the fleet (VNIs are 24 bits; the model hands them out smallest first).
     pub const VNIS: u32 = 65536;
-    /// Slots of the drop counter array; every `DropReason` code is below this.
+    /// Drop reason codes: every `DropReason` code is below this. `VERSE_DROPS` has
+    /// `DROPS * Hook::COUNT` slots (see [`drop_slot`](super::drop_slot)).
     pub const DROPS: u32 = 64;
+    /// Bytes of the `VERSE_EVENTS` ring buffer (a power of two, a multiple of the page size):
+    /// about 13,000 events before the daemon must have read them.
+    pub const EVENTS: u32 = 1 << 20;
+    /// Entries of `VERSE_RULE_HITS`: distinct rules whose entries one host holds (at most one
+    /// per policy entry). Not preallocated: memory follows the rules. The compiler refuses a
+    /// state whose rules on one host would need more (S12).
+    pub const RULE_HITS: u32 = POLICY;
     /// Slots of `VERSE_EP_SLOTS`: endpoints whose ifindex is below this live there (an array
     /// lookup, which the verifier inlines); the others in `VERSE_ENDPOINTS`.
     pub const ENDPOINT_SLOTS: u32 = 65536;
@@ -87,7 +103,8 @@ pub enum DropReason {
     /// ARP that the dataplane does not answer (not a request, malformed, or asking for the
     /// sender's own address).
     ArpUnanswered = 13,
-    /// A delivery helper (redirect) failed.
+    /// A redirect helper (`bpf_redirect_peer`, `bpf_redirect_neigh`, `bpf_redirect`) refused
+    /// the packet.
     RedirectFailed = 14,
     /// Encapsulated traffic from an underlay address that is no known host (S10).
     UnknownHost = 15,
@@ -105,10 +122,21 @@ pub enum DropReason {
     /// Encapsulated traffic whose Group Policy ID is not the identity the control plane gives
     /// its inner source endpoint (S10).
     IdentityMismatch = 21,
+    /// The dataplane's settings (`VERSE_CONFIG` slot 0) could not be read.
+    NoConfig = 22,
+    /// `bpf_check_mtu` failed for the underlay device (it is gone).
+    MtuCheckFailed = 23,
+    /// Wrapping or unwrapping failed: `bpf_skb_adjust_room` refused, or the outer headers
+    /// could not be written in the room it made.
+    EncapFailed = 24,
+    /// The destination is an endpoint of another host, and this host has no underlay.
+    NoUnderlay = 25,
+    /// Too big to wrap, and the ICMP "fragmentation needed" could not be built or sent.
+    FragNeededUnsent = 26,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 21] = [
+    pub const ALL: [DropReason; 26] = [
         DropReason::TruncatedEthernet,
         DropReason::UnknownEthertype,
         DropReason::Ipv6Unsupported,
@@ -130,6 +158,11 @@ impl DropReason {
         DropReason::MalformedEncap,
         DropReason::FragNeeded,
         DropReason::IdentityMismatch,
+        DropReason::NoConfig,
+        DropReason::MtuCheckFailed,
+        DropReason::EncapFailed,
+        DropReason::NoUnderlay,
+        DropReason::FragNeededUnsent,
     ];
 
     /// The label used in metrics and the CLI.
@@ -156,12 +189,67 @@ impl DropReason {
             DropReason::MalformedEncap => "malformed_encap",
             DropReason::FragNeeded => "frag_needed",
             DropReason::IdentityMismatch => "identity_mismatch",
+            DropReason::NoConfig => "no_config",
+            DropReason::MtuCheckFailed => "mtu_check_failed",
+            DropReason::EncapFailed => "encap_failed",
+            DropReason::NoUnderlay => "no_underlay",
+            DropReason::FragNeededUnsent => "frag_needed_unsent",
         }
     }
 
     pub fn from_code(code: u32) -> Option<DropReason> {
         DropReason::ALL.iter().copied().find(|r| *r as u32 == code)
     }
+
+    pub fn from_label(label: &str) -> Option<DropReason> {
+        DropReason::ALL.iter().copied().find(|r| r.label() == label)
+    }
+}
+
+/// The programs that judge packets, as drop counters and events name them.
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Hook {
+    /// `from_endpoint`: what a workload sends.
+    FromEndpoint = 0,
+    /// `from_underlay`: what other hosts send.
+    FromUnderlay = 1,
+}
+
+impl Hook {
+    pub const COUNT: u32 = 2;
+    pub const ALL: [Hook; 2] = [Hook::FromEndpoint, Hook::FromUnderlay];
+
+    /// The label used in metrics, events and the CLI: the program's name.
+    pub const fn label(self) -> &'static str {
+        match self {
+            Hook::FromEndpoint => PROG_FROM_ENDPOINT,
+            Hook::FromUnderlay => PROG_FROM_UNDERLAY,
+        }
+    }
+
+    pub fn from_code(code: u8) -> Option<Hook> {
+        Hook::ALL.iter().copied().find(|h| *h as u8 == code)
+    }
+
+    pub fn from_label(label: &str) -> Option<Hook> {
+        Hook::ALL.iter().copied().find(|h| h.label() == label)
+    }
+}
+
+/// The slot of `VERSE_DROPS` that counts `reason` at `hook`.
+pub const fn drop_slot(reason: DropReason, hook: Hook) -> u32 {
+    reason as u32 * Hook::COUNT + hook as u32
+}
+
+/// `VERSE_DROPS` value (a per-CPU array of `capacity::DROPS * Hook::COUNT` slots, see
+/// [`drop_slot`]): the packets dropped for one reason at one hook, and their bytes (`skb->len`
+/// as the hook saw it: the whole frame, with the encapsulation at `from_underlay`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct DropCount {
+    pub packets: u64,
+    pub bytes: u64,
 }
 
 /// `VERSE_ENDPOINTS`: key = ifindex (u32) of the host-side veth of an endpoint on this host.
@@ -220,7 +308,8 @@ pub struct CidrKey {
 /// Bits of `CidrKey` before the address.
 pub const CIDR_KEY_VNI_BITS: u32 = 32;
 
-/// `VERSE_POLICY` LPM key data. One trie holds every policy of the host; an entry allows.
+/// `VERSE_POLICY` LPM key data. One trie holds every policy of the host; an entry allows, and
+/// its value ([`PolicyValue`]) names the rule it came from.
 ///
 /// Bits, most significant first: policy (the local endpoint's identity), direction, peer,
 /// protocol, port. A rule for "all protocols" stops its prefix after the peer; a rule for one
@@ -236,6 +325,27 @@ pub struct PolicyKey {
     pub proto: u8,
     pub port: [u8; 2],
 }
+
+/// `VERSE_POLICY` value: the user rule that produced the entry.
+///
+/// Several rules can produce the same entry (the same key and prefix): the entry names one of
+/// them, the first in the order the compiler visits them (the identity's groups by id, each
+/// group's rules in order). A packet admitted by several entries is credited to the one its
+/// lookups find first: an identity peer before a CIDR class before `ANY`, and within one lookup
+/// the longest prefix (the narrowest protocol and port match).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default, PartialOrd, Ord)]
+pub struct PolicyValue {
+    /// The rule's id: the 32 bits of its `sgr-` hex digits (never 0, which means no rule).
+    pub rule: u32,
+}
+
+/// `VERSE_RULE_HITS` (a per-CPU hash, key = `PolicyValue::rule`, value = u64): the new flows
+/// each rule admitted on this host (conntrack entries it created). The controller inserts a
+/// zeroed entry for every rule the host's policy entries name and removes those no entry names
+/// any more; the kernel only adds to entries that exist (a lookup, never an insert, so a
+/// flood cannot fill the map).
+pub type RuleHitsValue = u64;
 
 /// Prefix lengths within `PolicyKey`.
 pub mod policy_prefix {
@@ -359,7 +469,92 @@ pub struct Config {
     pub underlay_ip: [u8; 4],
     /// MTU of the underlay interface (outer IPv4 packet size).
     pub underlay_mtu: u32,
-    pub _pad2: [u8; 4],
+    /// `config_flags`: what the dataplane reports besides its verdicts.
+    pub flags: u32,
+    /// Events: each CPU may write one event of a kind per this many nanoseconds on average
+    /// (the token bucket's refill; 0: no limit)...
+    pub event_interval_ns: u64,
+    /// ...and at most this many nanoseconds' worth at once (the bucket's depth, `burst *
+    /// interval`).
+    pub event_burst_ns: u64,
+}
+
+/// Bits of `Config::flags`.
+pub mod config_flags {
+    /// Write verdict events (drops, new flows) to `VERSE_EVENTS`.
+    pub const EVENTS: u32 = 1;
+}
+
+/// Kinds of [`Event`] (`Event::kind`); also the index of each kind's token bucket and counters
+/// in [`EventLimiter`].
+pub mod event_kind {
+    /// A packet dropped (`Event::reason` says why).
+    pub const DROP: u8 = 0;
+    /// A new flow admitted by policy (a conntrack entry made).
+    pub const NEW_FLOW: u8 = 1;
+    pub const COUNT: usize = 2;
+}
+
+/// `VERSE_EVENTS` (a ring buffer) record: one verdict, as the hook saw the packet. Fields the
+/// hook did not know are 0 (a drop before the packet was parsed has no addresses).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Event {
+    /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC) when the packet was judged.
+    pub time_ns: u64,
+    /// `event_kind`.
+    pub kind: u8,
+    /// `Hook` code.
+    pub hook: u8,
+    /// IP protocol of the (inner) IPv4 packet; 0 if none was parsed.
+    pub proto: u8,
+    /// TCP flags of the packet (0 for other protocols).
+    pub tcp_flags: u8,
+    /// `DropReason` code of a drop; 0 for a new flow.
+    pub reason: u32,
+    /// Host-side ifindex of the local endpoint the hook judged for: the sender at
+    /// `from_endpoint`, the receiver at `from_underlay`; 0 if none is known.
+    pub ifindex: u32,
+    /// The universe (VNI); 0 if not known.
+    pub vni: u32,
+    /// (Inner) IPv4 source and destination, network order.
+    pub src: [u8; 4],
+    pub dst: [u8; 4],
+    /// TCP/UDP source port; the ICMP echo identifier; else 0.
+    pub sport: u16,
+    /// TCP/UDP destination port; ICMP `type << 8 | code` (the port of policy keys).
+    pub dport: u16,
+    /// Identities of the source and destination endpoints (0: not an endpoint, or unknown).
+    /// At `from_underlay` the source's is the one its VXLAN-GBP header carried.
+    pub src_identity: u32,
+    pub dst_identity: u32,
+    /// New flow: the rule ids that admitted it, the sender's egress rule and the receiver's
+    /// ingress rule (0: not judged at this hook).
+    pub rule_egress: u32,
+    pub rule_ingress: u32,
+    /// `skb->len` at the hook.
+    pub len: u32,
+    /// The other host's underlay address, network order: the outer source at `from_underlay`,
+    /// the receiver's host when `from_endpoint` sends to another host; 0 otherwise.
+    pub peer_host: [u8; 4],
+    pub _pad: [u8; 4],
+}
+
+/// `VERSE_EV_LIMITS` value (a per-CPU array of one slot): each CPU's token buckets, one per
+/// `event_kind`, and what became of the events it had to report. A bucket is kept as the
+/// theoretical arrival time of its next event (GCRA): an event at time `t` is written if
+/// `t + burst >= tat + interval`, and then `tat = max(tat, t) + interval`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct EventLimiter {
+    /// Theoretical arrival time per kind, ns of the conntrack clock.
+    pub tat_ns: [u64; event_kind::COUNT],
+    /// Events written to `VERSE_EVENTS`, per kind.
+    pub emitted: [u64; event_kind::COUNT],
+    /// Events the bucket refused (a flood beyond the rate), per kind.
+    pub suppressed: [u64; event_kind::COUNT],
+    /// Events the ring buffer had no room for (the daemon fell behind), per kind.
+    pub lost: [u64; event_kind::COUNT],
 }
 
 /// `VERSE_HOSTS`: underlay IPv4 address (network order) -> host number (non-zero). Encapsulated
@@ -384,10 +579,15 @@ mod pod {
     unsafe impl aya::Pod for super::CtHop {}
     unsafe impl aya::Pod for super::CtValue {}
     unsafe impl aya::Pod for super::Config {}
+    unsafe impl aya::Pod for super::DropCount {}
+    unsafe impl aya::Pod for super::PolicyValue {}
+    unsafe impl aya::Pod for super::Event {}
+    unsafe impl aya::Pod for super::EventLimiter {}
 }
 
 #[cfg(test)]
 mod tests {
+    extern crate std;
     use super::*;
     use core::mem::size_of;
 
@@ -402,7 +602,11 @@ mod tests {
         assert_eq!(size_of::<CtEntry>(), 16);
         assert_eq!(size_of::<CtHop>(), 20);
         assert_eq!(size_of::<CtValue>(), 56);
-        assert_eq!(size_of::<Config>(), 80);
+        assert_eq!(size_of::<Config>(), 96);
+        assert_eq!(size_of::<DropCount>(), 16);
+        assert_eq!(size_of::<PolicyValue>(), 4);
+        assert_eq!(size_of::<Event>(), 64);
+        assert_eq!(size_of::<EventLimiter>(), 64);
     }
 
     #[test]
@@ -410,6 +614,24 @@ mod tests {
         for r in DropReason::ALL {
             assert_eq!(DropReason::from_code(r as u32), Some(r));
             assert!((r as u32) < capacity::DROPS);
+            assert_eq!(DropReason::from_label(r.label()), Some(r));
+        }
+        let labels: std::collections::BTreeSet<_> =
+            DropReason::ALL.iter().map(|r| r.label()).collect();
+        assert_eq!(labels.len(), DropReason::ALL.len(), "labels are distinct");
+    }
+
+    #[test]
+    fn drop_slots_are_distinct_and_within_the_map() {
+        let mut seen = std::collections::BTreeSet::new();
+        for r in DropReason::ALL {
+            for h in Hook::ALL {
+                let slot = drop_slot(r, h);
+                assert!(slot < capacity::DROPS * Hook::COUNT);
+                assert!(seen.insert(slot));
+                assert_eq!(Hook::from_label(h.label()), Some(h));
+                assert_eq!(Hook::from_code(h as u8), Some(h));
+            }
         }
     }
 

@@ -1,23 +1,28 @@
-//! Drops (S11): every packet the dataplane refuses is counted by reason in `VERSE_DROPS`
-//! (per CPU; the controller sums) and shot.
-use aya_ebpf::bindings::TC_ACT_SHOT;
-use dataplane_common::DropReason;
+//! Drops (S11): every packet the dataplane refuses is counted in `VERSE_DROPS` by reason and
+//! hook, packets and bytes (per CPU; the controller sums), reported as an event
+//! ([`events::dropped`], rate-limited) and shot.
+use aya_ebpf::{bindings::TC_ACT_SHOT, programs::TcContext};
+use dataplane_common::{drop_slot, DropReason, Hook};
 
-use crate::maps::VERSE_DROPS;
+use crate::{events, maps::VERSE_DROPS};
 
 #[inline(always)]
-pub fn drop(reason: DropReason) -> i32 {
-    count(reason);
+pub fn drop(ctx: &TcContext, hook: Hook, reason: DropReason) -> i32 {
+    count(ctx, hook, reason);
+    events::dropped(ctx, hook, reason);
     TC_ACT_SHOT as i32
 }
 
 /// Counts a refused packet without deciding its fate: a too-big packet is refused but answered
 /// (`FragNeeded`), so its program returns a redirect.
 #[inline(always)]
-pub fn count(reason: DropReason) {
-    if let Some(counter) = VERSE_DROPS.get_ptr_mut(reason as u32) {
+pub fn count(ctx: &TcContext, hook: Hook, reason: DropReason) {
+    if let Some(counter) = VERSE_DROPS.get_ptr_mut(drop_slot(reason, hook)) {
         // SAFETY: a per-CPU slot of this program's own array: no other writer runs on this CPU
         // while we hold it (BPF programs are not preempted by each other on one CPU in TC).
-        unsafe { *counter += 1 };
+        unsafe {
+            (*counter).packets += 1;
+            (*counter).bytes += u64::from(ctx.len());
+        }
     }
 }

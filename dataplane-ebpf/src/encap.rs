@@ -79,7 +79,7 @@ const _: () = assert!(core::mem::size_of::<Outer>() == ENCAP_OVERHEAD as usize);
 /// ordinary packet is checked by `bpf_check_mtu` with the overhead added; a GSO super-packet is
 /// checked segment by segment (`l3_l4_hdr_len` + the GSO size + the overhead), because
 /// `bpf_check_mtu` passes every GSO packet unless asked to check segments, which it only does
-/// without a length difference. `Err` when the underlay device is gone.
+/// without a length difference. `MtuCheckFailed` when the underlay device is gone.
 #[inline(always)]
 pub fn too_big(
     ctx: &TcContext,
@@ -98,7 +98,7 @@ pub fn too_big(
         )
     };
     if rc < 0 {
-        return Err(DropReason::RedirectFailed);
+        return Err(DropReason::MtuCheckFailed);
     }
     // SAFETY: a read of `gso_size` from the context, which the verifier allows for TC.
     let gso_size = unsafe { (*ctx.skb.skb).gso_size } as usize;
@@ -112,7 +112,8 @@ pub fn too_big(
 
 /// Wraps the frame for the receiver `mac` on the host `underlay` and hands it to the underlay
 /// interface through the host's routes and neighbours (`bpf_redirect_neigh`). `identity` is the
-/// sender's, `vni` the universe's. Fails with `RedirectFailed` when a helper refuses.
+/// sender's, `vni` the universe's. Fails with `EncapFailed` when the room for the headers
+/// cannot be made or written, `RedirectFailed` when the redirect refuses.
 #[inline(always)]
 pub fn wrap(
     ctx: &TcContext,
@@ -131,13 +132,13 @@ pub fn wrap(
         // BPF_F_ADJ_ROOM_ENCAP_L2(len): the inner MAC header length, in the top byte.
         | (ETH_HLEN as u64) << 56;
     ctx.adjust_room(ENCAP_OVERHEAD as i32, BPF_ADJ_ROOM_MAC, flags)
-        .map_err(|_| DropReason::RedirectFailed)?;
+        .map_err(|_| DropReason::EncapFailed)?;
     let outer_len = (ctx.len() as usize).saturating_sub(ETH_HLEN);
     if outer_len > 0xFFFF || !ensure(ctx, INNER_IP_OFF) {
-        return Err(DropReason::RedirectFailed);
+        return Err(DropReason::EncapFailed);
     }
-    let eth: *mut EthHdr = ptr_at(ctx, 0).ok_or(DropReason::RedirectFailed)?;
-    let outer: *mut Outer = ptr_at(ctx, ETH_HLEN).ok_or(DropReason::RedirectFailed)?;
+    let eth: *mut EthHdr = ptr_at(ctx, 0).ok_or(DropReason::EncapFailed)?;
+    let outer: *mut Outer = ptr_at(ctx, ETH_HLEN).ok_or(DropReason::EncapFailed)?;
 
     let mut ip = Ipv4Hdr {
         version_ihl: 0x45,
@@ -188,10 +189,11 @@ pub fn wrap(
 }
 
 /// Removes the outer IPv4, UDP and VXLAN headers and the inner Ethernet header, leaving the
-/// outer Ethernet header (already of type IPv4) in front of the inner IPv4 packet.
+/// outer Ethernet header (already of type IPv4) in front of the inner IPv4 packet
+/// (`EncapFailed` if the kernel refuses).
 #[inline(always)]
 pub fn unwrap(ctx: &TcContext) -> Result<(), DropReason> {
     let flags = BPF_F_ADJ_ROOM_FIXED_GSO as u64 | BPF_F_ADJ_ROOM_DECAP_L3_IPV4 as u64;
     ctx.adjust_room(-(ENCAP_OVERHEAD as i32), BPF_ADJ_ROOM_MAC, flags)
-        .map_err(|_| DropReason::RedirectFailed)
+        .map_err(|_| DropReason::EncapFailed)
 }

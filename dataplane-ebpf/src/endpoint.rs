@@ -31,18 +31,19 @@
 //!    delivery; any other (a TCP segment without SYN, an echo reply, other ICMP) is sent on
 //!    untracked.
 //! 8. Sending on. A local receiver: [`deliver::to_endpoint`]. A receiver on another host (route
-//!    ifindex 0): this host needs an underlay (`NoRoute` otherwise); a packet that would not fit
-//!    the underlay once wrapped is answered with an ICMP "fragmentation needed"
-//!    ([`icmp::frag_needed`], counted `FragNeeded`); else [`encap::wrap`] and out through the
-//!    underlay (`RedirectFailed`).
+//!    ifindex 0): this host needs an underlay (`NoUnderlay` otherwise); a packet that would not
+//!    fit the underlay once wrapped is answered with an ICMP "fragmentation needed"
+//!    ([`icmp::frag_needed`], counted `FragNeeded`, or `FragNeededUnsent` when it cannot be
+//!    sent); else [`encap::wrap`] and out through the underlay (`MtuCheckFailed`,
+//!    `EncapFailed`, `RedirectFailed`).
 use aya_ebpf::programs::TcContext;
 use dataplane_common::{
-    capacity, Config, CtHop, DropReason, Endpoint, Route, RouteKey, DIRECTION_EGRESS,
-    DIRECTION_INGRESS,
+    capacity, Config, CtHop, DropReason, Endpoint, Hook, PolicyValue, Route, RouteKey,
+    DIRECTION_EGRESS, DIRECTION_INGRESS,
 };
 
 use crate::{
-    arp, conntrack, deliver, encap,
+    arp, conntrack, deliver, encap, events,
     flow::{self, Ipv4, L4},
     icmp,
     maps::{VERSE_CONFIG, VERSE_ENDPOINTS, VERSE_EP_SLOTS, VERSE_ROUTES},
@@ -67,7 +68,7 @@ pub fn walk(ctx: &TcContext) -> Result<i32, DropReason> {
         return Err(DropReason::SpoofedMac);
     }
     // Slot 0 of an array always exists; the check is for the verifier.
-    let config = VERSE_CONFIG.get(0).ok_or(DropReason::RedirectFailed)?;
+    let config = VERSE_CONFIG.get(0).ok_or(DropReason::NoConfig)?;
     match ethertype {
         ETH_P_IP => ipv4(ctx, &endpoint, ifindex, config),
         ETH_P_ARP => arp::answer(ctx, &endpoint, ifindex, config.gateway_mac),
@@ -132,7 +133,7 @@ fn ipv4(
         return forward(ctx, endpoint, config, &hop);
     }
 
-    if !policy::allows(
+    let Some(egress) = policy::rule(
         endpoint.identity,
         DIRECTION_EGRESS,
         route.map(|r| r.identity),
@@ -140,15 +141,16 @@ fn ipv4(
         ip.dst,
         ip.proto,
         l4.policy_port,
-    ) {
+    ) else {
         return Err(DropReason::PolicyEgress);
-    }
+    };
     let Some(route) = route else {
         return Err(DropReason::NoRoute);
     };
     // A receiver on another host applies its own ingress rules (from_underlay).
-    if route.ifindex != 0
-        && !policy::allows(
+    let mut ingress = PolicyValue::default();
+    if route.ifindex != 0 {
+        match policy::rule(
             route.identity,
             DIRECTION_INGRESS,
             Some(endpoint.identity),
@@ -156,9 +158,10 @@ fn ipv4(
             ip.src,
             ip.proto,
             l4.policy_port,
-        )
-    {
-        return Err(DropReason::PolicyIngress);
+        ) {
+            Some(v) => ingress = v,
+            None => return Err(DropReason::PolicyIngress),
+        }
     }
     let hop = conntrack::hop(&route, epoch);
     if let Some(mtu) = too_big(ctx, config, &hop, &ip, &l4)? {
@@ -166,13 +169,30 @@ fn ipv4(
     }
     if conntrack::creates(role) {
         conntrack::create(&key, now, conntrack::initial_state(ip.proto), hop);
+        let who = events::Parties {
+            ifindex,
+            vni: endpoint.vni,
+            src_identity: endpoint.identity,
+            dst_identity: route.identity,
+            peer_host: route.underlay,
+        };
+        events::admitted(
+            ctx,
+            config,
+            Hook::FromEndpoint,
+            &who,
+            &ip,
+            &l4,
+            egress.rule,
+            ingress.rule,
+        );
     }
     forward(ctx, endpoint, config, &hop)
 }
 
 /// The route of (universe, address), copied out.
 #[inline(always)]
-fn route_of(vni: u32, ip: [u8; 4]) -> Option<Route> {
+pub fn route_of(vni: u32, ip: [u8; 4]) -> Option<Route> {
     // SAFETY: copied out at once; a concurrent update can at worst give a mix of the old and new
     // route, each of which the controller wrote.
     unsafe { VERSE_ROUTES.get(&RouteKey { vni, ip }) }.copied()
@@ -181,7 +201,7 @@ fn route_of(vni: u32, ip: [u8; 4]) -> Option<Route> {
 /// The endpoint behind the host-side veth `ifindex`: its slot in `VERSE_EP_SLOTS` (an inlined
 /// array lookup) if it has one and it is filled, else `VERSE_ENDPOINTS`.
 #[inline(always)]
-fn endpoint_of(ifindex: u32) -> Option<Endpoint> {
+pub fn endpoint_of(ifindex: u32) -> Option<Endpoint> {
     if ifindex < capacity::ENDPOINT_SLOTS {
         if let Some(e) = VERSE_EP_SLOTS.get(ifindex) {
             if e.vni != 0 {
@@ -209,7 +229,7 @@ fn forward(
     encap::wrap(ctx, config, hop.mac, hop.underlay, endpoint.identity, endpoint.vni)
 }
 
-/// For a packet going to `hop`: nothing for a local receiver; for another host `NoRoute`
+/// For a packet going to `hop`: nothing for a local receiver; for another host `NoUnderlay`
 /// without an underlay, else the underlay MTU if the packet would not fit it once wrapped.
 #[inline(always)]
 fn too_big(
@@ -223,7 +243,7 @@ fn too_big(
         return Ok(None);
     }
     if config.underlay_ifindex == 0 {
-        return Err(DropReason::NoRoute);
+        return Err(DropReason::NoUnderlay);
     }
     encap::too_big(ctx, config, ip.ihl + l4.hdr_len as usize)
 }

@@ -12,9 +12,9 @@ use aya_ebpf::{
     helpers::{bpf_csum_diff, bpf_redirect, bpf_skb_change_tail},
     programs::TcContext,
 };
-use dataplane_common::{DropReason, Endpoint, ENCAP_OVERHEAD};
+use dataplane_common::{DropReason, Endpoint, Hook, ENCAP_OVERHEAD};
 
-use crate::{drop, flow::Ipv4, parse::*};
+use crate::{drop, events, flow::Ipv4, parse::*};
 
 /// Bytes of the refused packet quoted in the error: a multiple of 4 (for `bpf_csum_diff`) that
 /// holds the longest IPv4 header (60) and 8 bytes of payload with room to spare.
@@ -30,7 +30,8 @@ const ICMP_LEN: usize = core::mem::size_of::<IcmpHdr>();
 
 /// Replaces the packet with the error and sends it back to `endpoint` through `ifindex`, the
 /// host side of its veth. `underlay_mtu` is the MTU the wrapped packet exceeded. The packet is
-/// counted as `FragNeeded` either way; when the error cannot be built it is simply dropped.
+/// reported (as it was) and counted `FragNeeded` once the error is on its way; when the error
+/// cannot be built or sent it is dropped as `FragNeededUnsent`.
 #[inline(always)]
 pub fn frag_needed(
     ctx: &TcContext,
@@ -42,24 +43,27 @@ pub fn frag_needed(
 ) -> Result<i32, DropReason> {
     if ip.ip_end < ETH_HLEN + QUOTE {
         // Only an underlay MTU below QUOTE + the overhead gets here.
-        return Err(DropReason::FragNeeded);
+        return Err(DropReason::FragNeededUnsent);
     }
+    // Reported before the packet becomes the error (whose send may still fail: then the drop
+    // is reported again, as `FragNeededUnsent`).
+    events::dropped(ctx, Hook::FromEndpoint, DropReason::FragNeeded);
     // Truncate to the quote first: it also ends GSO for a super-packet, which lets the room
     // for the new headers be made without touching segmentation state.
     // SAFETY: `skb` is this program's context.
     if unsafe { bpf_skb_change_tail(ctx.skb.skb, (ETH_HLEN + QUOTE) as u32, 0) } != 0 {
-        return Err(DropReason::FragNeeded);
+        return Err(DropReason::FragNeededUnsent);
     }
     ctx.adjust_room((IP_LEN + ICMP_LEN) as i32, BPF_ADJ_ROOM_MAC, 0)
-        .map_err(|_| DropReason::FragNeeded)?;
+        .map_err(|_| DropReason::FragNeededUnsent)?;
     const END: usize = ETH_HLEN + IP_LEN + ICMP_LEN + QUOTE;
     if !ensure(ctx, END) {
-        return Err(DropReason::FragNeeded);
+        return Err(DropReason::FragNeededUnsent);
     }
-    let eth: *mut EthHdr = ptr_at(ctx, 0).ok_or(DropReason::FragNeeded)?;
-    let iph: *mut Ipv4Hdr = ptr_at(ctx, ETH_HLEN).ok_or(DropReason::FragNeeded)?;
+    let eth: *mut EthHdr = ptr_at(ctx, 0).ok_or(DropReason::FragNeededUnsent)?;
+    let iph: *mut Ipv4Hdr = ptr_at(ctx, ETH_HLEN).ok_or(DropReason::FragNeededUnsent)?;
     let icmp: *mut [u8; ICMP_LEN + QUOTE] =
-        ptr_at(ctx, ETH_HLEN + IP_LEN).ok_or(DropReason::FragNeeded)?;
+        ptr_at(ctx, ETH_HLEN + IP_LEN).ok_or(DropReason::FragNeededUnsent)?;
 
     let next_hop_mtu = underlay_mtu.saturating_sub(ENCAP_OVERHEAD).min(0xFFFF) as u16;
     let mtu = next_hop_mtu.to_be_bytes();
@@ -83,7 +87,7 @@ pub fn frag_needed(
         bpf_csum_diff(core::ptr::null_mut(), 0, icmp as *mut u32, (ICMP_LEN + QUOTE) as u32, 0)
     };
     if sum < 0 {
-        return Err(DropReason::FragNeeded);
+        return Err(DropReason::FragNeededUnsent);
     }
     // bpf_csum_diff sums 16-bit words as the CPU loads them (`csum_partial`), so the folded
     // result is stored in CPU order, not converted to network order.
@@ -115,8 +119,8 @@ pub fn frag_needed(
     // SAFETY: bpf_redirect takes plain integers. Egress of the host side: into the workload.
     let rc = unsafe { bpf_redirect(ifindex, 0) };
     if rc != TC_ACT_REDIRECT as i64 {
-        return Err(DropReason::FragNeeded);
+        return Err(DropReason::FragNeededUnsent);
     }
-    drop::count(DropReason::FragNeeded);
+    drop::count(ctx, Hook::FromEndpoint, DropReason::FragNeeded);
     Ok(TC_ACT_REDIRECT as i32)
 }

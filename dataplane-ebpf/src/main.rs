@@ -10,7 +10,7 @@
 //! Shared: [`parse`] (bounds-checked header access), [`flow`] (IPv4 and L4 as conntrack and
 //! policy see them), [`conntrack`], [`related`] (ICMP errors related to a flow), [`policy`],
 //! [`arp`], [`encap`] (the wire format between hosts), [`icmp`] (path MTU errors), [`deliver`]
-//! (into an endpoint's namespace), [`drop`] (counted drops), [`maps`].
+//! (into an endpoint's namespace), [`drop`] (counted drops), [`events`] (verdict events to the daemon), [`maps`].
 #![no_std]
 #![no_main]
 
@@ -20,6 +20,7 @@ mod deliver;
 mod drop;
 mod encap;
 mod endpoint;
+mod events;
 mod flow;
 mod icmp;
 mod maps;
@@ -29,12 +30,13 @@ mod related;
 mod underlay;
 
 use aya_ebpf::{bindings::TC_ACT_OK, macros::classifier, programs::TcContext};
+use dataplane_common::Hook;
 
 #[classifier]
 pub fn from_endpoint(ctx: TcContext) -> i32 {
     match endpoint::walk(&ctx) {
         Ok(action) => action,
-        Err(reason) => drop::drop(reason),
+        Err(reason) => drop::drop(&ctx, Hook::FromEndpoint, reason),
     }
 }
 
@@ -42,7 +44,7 @@ pub fn from_endpoint(ctx: TcContext) -> i32 {
 pub fn from_underlay(ctx: TcContext) -> i32 {
     match underlay::walk(&ctx) {
         Ok(action) => action,
-        Err(reason) => drop::drop(reason),
+        Err(reason) => drop::drop(&ctx, Hook::FromUnderlay, reason),
     }
 }
 

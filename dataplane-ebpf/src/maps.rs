@@ -2,13 +2,14 @@
 //! restarted `versed` reuses them (the controller's loader sets the directory). Names, sizes and
 //! layouts come from `dataplane_common`; the statics are named exactly like
 //! `dataplane_common::map_names` because the ELF symbol is the map name.
+use aya_ebpf::bindings::BPF_F_NO_PREALLOC;
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
 };
 use dataplane_common::{
-    capacity, CidrKey, Config, CtKey, CtValue, Endpoint, HostKey, PolicyKey, Route, RouteKey,
-    VniKey,
+    capacity, CidrKey, Config, CtKey, CtValue, DropCount, Endpoint, EventLimiter, Hook, HostKey,
+    PolicyKey, PolicyValue, Route, RouteKey, VniKey,
 };
 
 /// Host-side veth ifindex -> the endpoint behind it, for ifindexes below
@@ -31,10 +32,10 @@ pub static VERSE_ROUTES: HashMap<RouteKey, Route> = HashMap::pinned(capacity::RO
 #[map]
 pub static VERSE_CIDRS: LpmTrie<CidrKey, u32> = LpmTrie::pinned(capacity::CIDRS, 0);
 
-/// Every policy of the host; the presence of a matching prefix allows. The value is unused
-/// (the controller writes 1).
+/// Every policy of the host; the presence of a matching prefix allows, and the value names the
+/// rule that produced it.
 #[map]
-pub static VERSE_POLICY: LpmTrie<PolicyKey, u8> = LpmTrie::pinned(capacity::POLICY, 0);
+pub static VERSE_POLICY: LpmTrie<PolicyKey, PolicyValue> = LpmTrie::pinned(capacity::POLICY, 0);
 
 /// Connection tracking, keyed by the flow's original direction. LRU: when full, the least
 /// recently used flows go first; a flow evicted that way is judged again by policy (S11: a full
@@ -64,9 +65,25 @@ pub static VERSE_EPOCH: Array<u32> = Array::pinned(1, 0);
 #[map]
 pub static VERSE_CONFIG: Array<Config> = Array::pinned(1, 0);
 
-/// Drop counters, indexed by `DropReason` code, one per CPU (no atomics on the hot path).
+/// Drop counters, indexed by `dataplane_common::drop_slot` (reason and hook), one per CPU (no
+/// atomics on the hot path).
 #[map]
-pub static VERSE_DROPS: PerCpuArray<u64> = PerCpuArray::pinned(capacity::DROPS, 0);
+pub static VERSE_DROPS: PerCpuArray<DropCount> =
+    PerCpuArray::pinned(capacity::DROPS * Hook::COUNT, 0);
+
+/// Verdict events for the daemon (see `events`). Not pinned: a restarted daemon makes a new one
+/// with its programs; what the old one held when no daemon read it is gone.
+#[map]
+pub static VERSE_EVENTS: RingBuf = RingBuf::with_byte_size(capacity::EVENTS, 0);
+
+/// New flows admitted per rule (key: `PolicyValue::rule`), per CPU; the controller makes and
+/// removes the entries, the kernel only adds to them.
+#[map]
+pub static VERSE_RULE_HITS: PerCpuHashMap<u32, u64> = PerCpuHashMap::pinned(capacity::RULE_HITS, 0);
+
+/// Slot 0, per CPU: the token buckets of the events and what became of them (see `events`).
+#[map]
+pub static VERSE_EV_LIMITS: PerCpuArray<EventLimiter> = PerCpuArray::pinned(1, 0);
 
 /// Underlay address of every other host of the fleet -> host number. Encapsulated traffic from
 /// any other address is dropped (S10).

@@ -1,8 +1,10 @@
 //! Policy lookups (S1, S5): three longest-prefix lookups in `VERSE_POLICY`, one per way a rule
-//! can name the peer — its identity, its CIDR class, or `ANY` (0.0.0.0/0). Any hit allows. The
-//! number of lookups is fixed, whatever the number of rules (see `dataplane_common::PolicyKey`).
+//! can name the peer — its identity, its CIDR class, or `ANY` (0.0.0.0/0). Any hit allows, and
+//! the first hit names the rule credited with the verdict (see `dataplane_common::PolicyValue`).
+//! The number of lookups is fixed, whatever the number of rules (see
+//! `dataplane_common::PolicyKey`).
 use aya_ebpf::maps::lpm_trie::Key;
-use dataplane_common::{peer, policy_prefix, CidrKey, PolicyKey, CIDR_KEY_VNI_BITS};
+use dataplane_common::{peer, policy_prefix, CidrKey, PolicyKey, PolicyValue, CIDR_KEY_VNI_BITS};
 
 use crate::maps::{VERSE_CIDRS, VERSE_POLICY};
 
@@ -14,11 +16,12 @@ fn cidr_class(vni: u32, ip: [u8; 4]) -> Option<u32> {
     VERSE_CIDRS.get(&key).copied()
 }
 
-/// True if the policy `policy` allows traffic in `direction` with the peer described by
-/// `peer_identity` (when the peer is a known endpoint) and `peer_ip`, for `proto` and `port`
-/// (destination port, or `type << 8 | code` for ICMP, 0 otherwise).
+/// The entry of the policy `policy` that allows traffic in `direction` with the peer described
+/// by `peer_identity` (when the peer is a known endpoint) and `peer_ip`, for `proto` and `port`
+/// (destination port, or `type << 8 | code` for ICMP, 0 otherwise): the first of the three
+/// lookups that hits. `None`: denied.
 #[inline(always)]
-pub fn allows(
+pub fn rule(
     policy: u32,
     direction: u8,
     peer_identity: Option<u32>,
@@ -26,7 +29,7 @@ pub fn allows(
     peer_ip: [u8; 4],
     proto: u8,
     port: u16,
-) -> bool {
+) -> Option<PolicyValue> {
     let mut data = PolicyKey {
         policy: policy.to_be_bytes(),
         direction,
@@ -36,16 +39,16 @@ pub fn allows(
     };
     if let Some(identity) = peer_identity {
         data.peer = identity.to_be_bytes();
-        if VERSE_POLICY.get(&Key::new(policy_prefix::FULL, data)).is_some() {
-            return true;
+        if let Some(v) = VERSE_POLICY.get(&Key::new(policy_prefix::FULL, data)) {
+            return Some(*v);
         }
     }
     if let Some(class) = cidr_class(vni, peer_ip) {
         data.peer = class.to_be_bytes();
-        if VERSE_POLICY.get(&Key::new(policy_prefix::FULL, data)).is_some() {
-            return true;
+        if let Some(v) = VERSE_POLICY.get(&Key::new(policy_prefix::FULL, data)) {
+            return Some(*v);
         }
     }
     data.peer = peer::ANY.to_be_bytes();
-    VERSE_POLICY.get(&Key::new(policy_prefix::FULL, data)).is_some()
+    VERSE_POLICY.get(&Key::new(policy_prefix::FULL, data)).copied()
 }

@@ -29,16 +29,17 @@
 //! 9. Otherwise the receiver's ingress policy with peer = the inner source's identity (from its
 //!    route; then its CIDR class; then ANY) (`PolicyIngress`); a packet whose role begins flows
 //!    creates its conntrack entry, any other is delivered untracked.
-//! 10. Unwrap ([`encap::unwrap`]) and deliver ([`deliver::to_endpoint`]) (`RedirectFailed`).
+//! 10. Unwrap ([`encap::unwrap`], `EncapFailed`) and deliver ([`deliver::to_endpoint`],
+//!    `RedirectFailed`).
 use aya_ebpf::{bindings::TC_ACT_OK, programs::TcContext};
 use dataplane_common::{
-    Config, CtHop, DropReason, Route, RouteKey, DIRECTION_INGRESS, ENCAP_OVERHEAD, VXLAN_PORT,
+    Config, CtHop, DropReason, Hook, Route, RouteKey, DIRECTION_INGRESS, ENCAP_OVERHEAD, VXLAN_PORT,
 };
 
 use crate::{
     conntrack, deliver,
     encap::{self, Outer, INNER_ETH_OFF, INNER_IP_OFF, VXLAN_FLAGS},
-    flow,
+    events, flow,
     maps::{VERSE_CONFIG, VERSE_HOSTS, VERSE_ROUTES, VERSE_VNIS},
     parse::*,
     policy, related,
@@ -72,7 +73,7 @@ pub fn walk(ctx: &TcContext) -> Result<i32, DropReason> {
             h.dst,
         )
     };
-    let config = VERSE_CONFIG.get(0).ok_or(DropReason::RedirectFailed)?;
+    let config = VERSE_CONFIG.get(0).ok_or(DropReason::NoConfig)?;
     let ihl = ((version_ihl & 0x0F) as usize) * 4;
     if ethertype != ETH_P_IP
         || version_ihl >> 4 != 4
@@ -179,7 +180,7 @@ fn inner(
         encap::unwrap(ctx)?;
         return deliver::to_endpoint(ctx, to.ifindex, to.mac, config.gateway_mac);
     }
-    if !policy::allows(
+    let Some(ingress) = policy::rule(
         to.identity,
         DIRECTION_INGRESS,
         Some(identity),
@@ -187,12 +188,20 @@ fn inner(
         ip.src,
         ip.proto,
         l4.policy_port,
-    ) {
+    ) else {
         return Err(DropReason::PolicyIngress);
-    }
+    };
     // No delivery is cached: this hook's hit path needs the source's route anyway (S10).
     if conntrack::creates(role) {
         conntrack::create(&key, now, conntrack::initial_state(ip.proto), CtHop::default());
+        let who = events::Parties {
+            ifindex: to.ifindex,
+            vni,
+            src_identity: identity,
+            dst_identity: to.identity,
+            peer_host: host,
+        };
+        events::admitted(ctx, config, Hook::FromUnderlay, &who, &ip, &l4, 0, ingress.rule);
     }
     encap::unwrap(ctx)?;
     deliver::to_endpoint(ctx, to.ifindex, to.mac, config.gateway_mac)

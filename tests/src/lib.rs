@@ -1103,8 +1103,9 @@ pub fn drop_counts_in(text: &str) -> BTreeMap<String, u64> {
     counts
 }
 
-/// The drop counters of the dataplane whose maps are pinned under `bpf_dir`, by reason label,
-/// read from its `VERSE_DROPS` map (a per-CPU array indexed by reason code) with `bpftool`.
+/// The drop counters of the dataplane whose maps are pinned under `bpf_dir`, by reason label
+/// (packets at either hook), read from its `VERSE_DROPS` map (a per-CPU array of
+/// `DropCount {packets, bytes}` indexed by `drop_slot(reason, hook)`) with `bpftool`.
 pub fn pinned_drop_counts(bpf_dir: &Path) -> BTreeMap<String, u64> {
     let map = bpf_dir.join(dataplane_common::map_names::DROPS);
     let out = run_ok("bpftool", &["-j", "map", "dump", "pinned", &map.to_string_lossy()]);
@@ -1125,12 +1126,14 @@ pub fn pinned_drop_counts(bpf_dir: &Path) -> BTreeMap<String, u64> {
         DropReason::ALL.iter().map(|r| (r.label().to_owned(), 0)).collect();
     for entry in entries.as_array().unwrap_or_else(|| panic!("bpftool printed {entries}")) {
         let key: [u8; 4] = bytes(&entry["key"]).try_into().expect("a 4-byte key");
-        let Some(reason) = DropReason::from_code(u32::from_le_bytes(key)) else {
+        let slot = u32::from_le_bytes(key);
+        let Some(reason) = DropReason::from_code(slot / dataplane_common::Hook::COUNT) else {
             continue;
         };
         for cpu in entry["values"].as_array().expect("per-CPU values") {
-            let value: [u8; 8] = bytes(&cpu["value"]).try_into().expect("an 8-byte counter");
-            *counts.get_mut(reason.label()).expect("every reason") += u64::from_le_bytes(value);
+            let value = bytes(&cpu["value"]);
+            let packets: [u8; 8] = value[..8].try_into().expect("a 16-byte DropCount");
+            *counts.get_mut(reason.label()).expect("every reason") += u64::from_le_bytes(packets);
         }
     }
     counts

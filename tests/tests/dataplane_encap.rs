@@ -12,7 +12,7 @@
 use std::path::Path;
 
 use dataplane_common::{
-    ct_state, policy_prefix, Config, DropReason, Endpoint, PolicyKey, Route, RouteKey,
+    ct_state, policy_prefix, Config, DropReason, Endpoint, PolicyKey, PolicyValue, Route, RouteKey,
     DIRECTION_EGRESS, DIRECTION_INGRESS,
 };
 use tests::fleet::VXLAN_PORT;
@@ -103,26 +103,32 @@ fn desired(if_a: u32) -> Desired {
     d.hosts.insert(HOST_B, 2);
     d.hosts.insert(HOST_C, 3);
     d.vnis.insert(VNI);
-    d.policy.insert((
-        policy_prefix::PEER,
-        PolicyKey {
-            policy: ID_A.to_be_bytes(),
-            direction: DIRECTION_EGRESS,
-            peer: [0; 4],
-            proto: 0,
-            port: [0; 2],
-        },
-    ));
-    d.policy.insert((
-        policy_prefix::FULL,
-        PolicyKey {
-            policy: ID_A.to_be_bytes(),
-            direction: DIRECTION_INGRESS,
-            peer: ID_B.to_be_bytes(),
-            proto: 6,
-            port: 80u16.to_be_bytes(),
-        },
-    ));
+    d.policy.insert(
+        (
+            policy_prefix::PEER,
+            PolicyKey {
+                policy: ID_A.to_be_bytes(),
+                direction: DIRECTION_EGRESS,
+                peer: [0; 4],
+                proto: 0,
+                port: [0; 2],
+            },
+        ),
+        PolicyValue::default(),
+    );
+    d.policy.insert(
+        (
+            policy_prefix::FULL,
+            PolicyKey {
+                policy: ID_A.to_be_bytes(),
+                direction: DIRECTION_INGRESS,
+                peer: ID_B.to_be_bytes(),
+                proto: 6,
+                port: 80u16.to_be_bytes(),
+            },
+        ),
+        PolicyValue::default(),
+    );
     d
 }
 

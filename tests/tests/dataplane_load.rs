@@ -9,7 +9,7 @@ use std::collections::{BTreeMap, HashSet};
 use std::path::Path;
 
 use dataplane_common::{
-    ct_state, policy_prefix, Config, DropReason, Endpoint, PolicyKey, Route, RouteKey,
+    ct_state, policy_prefix, Config, DropReason, Endpoint, PolicyKey, PolicyValue, Route, RouteKey,
     DIRECTION_EGRESS, DIRECTION_INGRESS,
 };
 use tests::frames::{arp_request, ethernet, icmp, ipv4, tcp, ETH_IPV4, ETH_IPV6, SYN, SYN_ACK};
@@ -60,26 +60,32 @@ fn desired(if_a: u32, if_b: u32) -> Desired {
     d.endpoints.insert(if_b, endpoint(IP_B, MAC_B, ID_B));
     d.routes.insert(RouteKey { vni: VNI, ip: IP_A }, route(if_a, ID_A, MAC_A));
     d.routes.insert(RouteKey { vni: VNI, ip: IP_B }, route(if_b, ID_B, MAC_B));
-    d.policy.insert((
-        policy_prefix::PEER,
-        PolicyKey {
-            policy: ID_A.to_be_bytes(),
-            direction: DIRECTION_EGRESS,
-            peer: 0u32.to_be_bytes(),
-            proto: 0,
-            port: [0; 2],
-        },
-    ));
-    d.policy.insert((
-        policy_prefix::FULL,
-        PolicyKey {
-            policy: ID_B.to_be_bytes(),
-            direction: DIRECTION_INGRESS,
-            peer: ID_A.to_be_bytes(),
-            proto: 6,
-            port: 80u16.to_be_bytes(),
-        },
-    ));
+    d.policy.insert(
+        (
+            policy_prefix::PEER,
+            PolicyKey {
+                policy: ID_A.to_be_bytes(),
+                direction: DIRECTION_EGRESS,
+                peer: 0u32.to_be_bytes(),
+                proto: 0,
+                port: [0; 2],
+            },
+        ),
+        PolicyValue::default(),
+    );
+    d.policy.insert(
+        (
+            policy_prefix::FULL,
+            PolicyKey {
+                policy: ID_B.to_be_bytes(),
+                direction: DIRECTION_INGRESS,
+                peer: ID_A.to_be_bytes(),
+                proto: 6,
+                port: 80u16.to_be_bytes(),
+            },
+        ),
+        PolicyValue::default(),
+    );
     d
 }
 
@@ -366,16 +372,19 @@ fn related_errors_come_only_from_the_peer(
         RouteKey { vni: VNI, ip: IP_C },
         Route { ifindex: if_c, identity: ID_C, mac: MAC_C, _pad: [0; 2], underlay: [0; 4] },
     );
-    with_c.policy.insert((
-        policy_prefix::PEER,
-        PolicyKey {
-            policy: ID_C.to_be_bytes(),
-            direction: DIRECTION_EGRESS,
-            peer: 0u32.to_be_bytes(),
-            proto: 0,
-            port: [0; 2],
-        },
-    ));
+    with_c.policy.insert(
+        (
+            policy_prefix::PEER,
+            PolicyKey {
+                policy: ID_C.to_be_bytes(),
+                direction: DIRECTION_EGRESS,
+                peer: 0u32.to_be_bytes(),
+                proto: 0,
+                port: [0; 2],
+            },
+        ),
+        PolicyValue::default(),
+    );
     dp.apply(want, &with_c).expect("add C");
     dp.clear_conntrack().expect("clear conntrack");
     let syn = tcp_frame(MAC_A, IP_A, IP_B, 45000, 80, SYN);
@@ -490,16 +499,19 @@ fn reused_ifindex(bpf_dir: &Path, if_a: u32, if_b: u32, if_c: u32, if_d: u32) {
         |ifindex, identity, mac| Route { ifindex, identity, mac, _pad: [0; 2], underlay: [0; 4] };
     // C admits what B admits: TCP/80 from A.
     let admit_from_a = |d: &mut Desired, id: u32| {
-        d.policy.insert((
-            policy_prefix::FULL,
-            PolicyKey {
-                policy: id.to_be_bytes(),
-                direction: DIRECTION_INGRESS,
-                peer: ID_A.to_be_bytes(),
-                proto: 6,
-                port: 80u16.to_be_bytes(),
-            },
-        ));
+        d.policy.insert(
+            (
+                policy_prefix::FULL,
+                PolicyKey {
+                    policy: id.to_be_bytes(),
+                    direction: DIRECTION_INGRESS,
+                    peer: ID_A.to_be_bytes(),
+                    proto: 6,
+                    port: 80u16.to_be_bytes(),
+                },
+            ),
+            PolicyValue::default(),
+        );
     };
     // D sends with A's identity (egress all) from an ifindex beyond the slots.
     let mut ab = desired(if_a, if_b);

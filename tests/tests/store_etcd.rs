@@ -306,6 +306,7 @@ async fn registered_host_is_healthy_until_its_lease_lapses() {
         [HostStatus {
             name: "h1".into(),
             underlay_ip: Some(ip),
+            api: None,
             revision: 1,
             healthy: true,
             errors: vec![]
@@ -332,6 +333,7 @@ async fn registered_host_is_healthy_until_its_lease_lapses() {
         [HostStatus {
             name: "h1".into(),
             underlay_ip: Some(ip),
+            api: None,
             revision: 1,
             healthy: false,
             errors: vec![]

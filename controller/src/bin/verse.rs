@@ -33,6 +33,8 @@ use serde::{Deserialize, Serialize};
 use verse::api::{CreatedToken, EndpointView, Host, TokenView};
 use verse::audit::AuditRecord;
 use verse::client::{self, Client, DEFAULT_API};
+use verse::events::StreamItem;
+use verse::hits::GroupView;
 use verse::model::{
     CreateEndpoint, CreateGroup, CreateRule, CreateToken, CreateUniverse, PatchEndpoint, Role,
     Rule, SecurityGroup, Universe,
@@ -112,6 +114,42 @@ enum Command {
         #[arg(long)]
         limit: Option<usize>,
     },
+    /// The live verdict events of every host: dropped packets and new flows admitted by policy,
+    /// with the rule that admitted them or what a policy drop searched (README, "Why was my
+    /// packet dropped?").
+    Monitor {
+        #[arg(long)]
+        universe: Option<String>,
+        /// The local endpoint judged, or either endpoint of the packet.
+        #[arg(long)]
+        endpoint: Option<String>,
+        /// A group whose rule admitted the flow, or whose rules a policy drop searched.
+        #[arg(long)]
+        group: Option<String>,
+        #[arg(long, value_parser = ["admitted", "dropped"])]
+        verdict: Option<String>,
+        /// A drop reason (README, "How it works").
+        #[arg(long)]
+        reason: Option<String>,
+        /// A rule id (sgr-...) that admitted the flow.
+        #[arg(long)]
+        rule: Option<String>,
+        /// tcp, udp, icmp or a protocol number.
+        #[arg(long)]
+        protocol: Option<String>,
+        /// Either port.
+        #[arg(long)]
+        port: Option<u16>,
+        /// One host's events only.
+        #[arg(long)]
+        host: Option<String>,
+        /// Start with up to this many of the most recent events of each host.
+        #[arg(long, default_value_t = 0)]
+        recent: usize,
+        /// Print the recent events and stop, instead of following the live ones.
+        #[arg(long)]
+        no_follow: bool,
+    },
     /// Wait until every healthy host has realized a revision.
     Wait {
         /// The revision to wait for (printed on stderr by every mutation).
@@ -170,6 +208,14 @@ enum RuleCmd {
     Add(RuleAdd),
     /// Delete a rule of a security group.
     Delete { sg: String, rule: String },
+    /// The rules of a security group.
+    List {
+        sg: String,
+        /// With the new flows each rule admitted, summed over the fleet (HITS; 0: it never
+        /// matched).
+        #[arg(long)]
+        stats: bool,
+    },
 }
 
 #[derive(Args)]
@@ -483,6 +529,12 @@ fn run(c: &Client, fmt: Format, cmd: Command) -> client::Result<()> {
                 out.rules(&[r], false);
             }
             RuleCmd::Delete { sg, rule } => out.deleted(&rule, c.delete_rule(&sg, &rule)?),
+            RuleCmd::List { sg, stats: false } => {
+                let g = c.get_group(&sg)?;
+                let rules: Vec<Rule> = g.ingress.iter().chain(&g.egress).cloned().collect();
+                out.rules(&rules, true);
+            }
+            RuleCmd::List { sg, stats: true } => out.rule_stats(&c.group_view(&sg)?),
         },
         Command::Endpoint(cmd) => match cmd {
             EndpointCmd::Create { universe, netns, ip, sgs, host } => {
@@ -522,12 +574,130 @@ fn run(c: &Client, fmt: Format, cmd: Command) -> client::Result<()> {
         Command::Audit { universe, since, limit } => {
             out.audit(&c.audit(universe.as_deref(), since.as_deref(), limit)?)
         }
+        Command::Monitor {
+            universe,
+            endpoint,
+            group,
+            verdict,
+            reason,
+            rule,
+            protocol,
+            port,
+            host,
+            recent,
+            no_follow,
+        } => {
+            let port = port.map(|p| p.to_string());
+            let recent = recent.to_string();
+            let follow = (!no_follow).to_string();
+            let query = [
+                ("universe", universe.as_deref()),
+                ("endpoint", endpoint.as_deref()),
+                ("group", group.as_deref()),
+                ("verdict", verdict.as_deref()),
+                ("reason", reason.as_deref()),
+                ("rule", rule.as_deref()),
+                ("protocol", protocol.as_deref()),
+                ("port", port.as_deref()),
+                ("host", host.as_deref()),
+                ("recent", Some(recent.as_str())),
+                ("follow", Some(follow.as_str())),
+            ];
+            if fmt != Format::Json {
+                println!("{}", monitor_row(None));
+            }
+            c.events(&query, |item| {
+                match fmt {
+                    Format::Json => match serde_json::to_string(&item) {
+                        Ok(line) => println!("{line}"),
+                        Err(e) => eprintln!("verse: cannot print an event as JSON: {e}"),
+                    },
+                    _ => println!("{}", monitor_row(Some(&item))),
+                }
+                // A closed stdout (verse monitor | head) ends the stream.
+                use std::io::Write;
+                std::io::stdout().flush().is_ok()
+            })?;
+        }
         Command::Wait { revision, timeout } => {
             let hosts = c.wait_revision(revision, timeout)?;
             out.hosts(&hosts);
         }
     }
     Ok(())
+}
+
+/// A rule as the tables show it: ID, DIRECTION, PROTOCOL, PORTS, PEER, DESCRIPTION.
+fn rule_cells(r: &Rule) -> Vec<String> {
+    let v = serde_json::to_value(r).unwrap_or_default();
+    let s = |k: &str| match v.get(k) {
+        Some(serde_json::Value::String(s)) => s.clone(),
+        Some(serde_json::Value::Number(n)) => n.to_string(),
+        _ => String::new(),
+    };
+    let ports = match (s("from_port"), s("to_port"), s("icmp_type"), s("icmp_code")) {
+        (f, t, _, _) if !f.is_empty() && f == t => f,
+        (f, t, _, _) if !f.is_empty() => format!("{f}-{t}"),
+        (_, _, ty, code) if !ty.is_empty() => format!("type {ty} code {code}"),
+        _ => "all".into(),
+    };
+    let peer = if s("cidr").is_empty() { s("group") } else { s("cidr") };
+    vec![s("id"), s("direction"), s("protocol"), ports, peer, s("description")]
+}
+
+/// One line of `verse monitor`'s table; the header for `None`.
+fn monitor_row(item: Option<&StreamItem>) -> String {
+    let cells: Vec<String> = match item {
+        None => ["TIME", "HOST", "VERDICT", "REASON", "ENDPOINT", "FLOW", "RULE", "MESSAGE"]
+            .map(str::to_owned)
+            .to_vec(),
+        Some(StreamItem::Notice(n)) => {
+            vec![
+                n.time.to_string(),
+                n.host.clone(),
+                "notice".into(),
+                String::new(),
+                String::new(),
+                String::new(),
+                String::new(),
+                n.message.clone(),
+            ]
+        }
+        Some(StreamItem::Event(e)) => {
+            let addr = |ip: Option<std::net::Ipv4Addr>, port: Option<u16>| match (ip, port) {
+                (Some(ip), Some(p)) => format!("{ip}:{p}"),
+                (Some(ip), None) => ip.to_string(),
+                (None, _) => "?".into(),
+            };
+            let flow = format!(
+                "{} {} -> {}",
+                e.protocol.as_deref().unwrap_or("-"),
+                addr(e.src, e.sport),
+                addr(e.dst, e.dport)
+            );
+            let rules: Vec<&str> = e.rules.iter().map(|r| r.id.as_str()).collect();
+            vec![
+                e.time.to_string(),
+                e.host.clone(),
+                e.verdict.name().into(),
+                e.reason.clone().unwrap_or_default(),
+                e.endpoint.clone().unwrap_or_default(),
+                flow,
+                rules.join(","),
+                e.message.clone(),
+            ]
+        }
+    };
+    // Fixed widths: rows are printed as they come.
+    let widths = [30, 10, 9, 18, 12, 40, 26];
+    let mut line = String::new();
+    for (i, cell) in cells.iter().enumerate() {
+        match widths.get(i) {
+            Some(&w) => line.push_str(&format!("{cell:<w$} ")),
+            None => line.push_str(cell),
+        }
+    }
+    line.trim_end().to_owned()
 }
 
 /// Prints results in the chosen format: aligned tables, or pretty JSON (a `show` of one object
@@ -610,29 +780,40 @@ impl Out {
         self.rules(&rules, true);
     }
 
+    fn rule_stats(&self, g: &GroupView) {
+        if self.fmt == Format::Json {
+            return self.json(g);
+        }
+        let rows = g
+            .ingress
+            .iter()
+            .chain(&g.egress)
+            .map(|r| {
+                let mut cells = rule_cells(&r.rule);
+                cells.insert(5, r.hits.flows.to_string());
+                cells.insert(
+                    6,
+                    if r.hits.flows == 0 { "never matched".into() } else { String::new() },
+                );
+                cells
+            })
+            .collect();
+        table(&["ID", "DIRECTION", "PROTOCOL", "PORTS", "PEER", "HITS", "", "DESCRIPTION"], rows);
+        let from = &g.hits_from;
+        eprintln!(
+            "counted on: {}",
+            if from.hosts.is_empty() { "no host".into() } else { from.hosts.join(", ") }
+        );
+        for m in &from.missing {
+            eprintln!("not counted: {}: {}", m.host, m.error);
+        }
+    }
+
     fn rules(&self, rs: &[Rule], list: bool) {
         if self.fmt == Format::Json {
             return self.json_items(rs, list);
         }
-        let rows = rs
-            .iter()
-            .map(|r| {
-                let v = serde_json::to_value(r).unwrap_or_default();
-                let s = |k: &str| match v.get(k) {
-                    Some(serde_json::Value::String(s)) => s.clone(),
-                    Some(serde_json::Value::Number(n)) => n.to_string(),
-                    _ => String::new(),
-                };
-                let ports = match (s("from_port"), s("to_port"), s("icmp_type"), s("icmp_code")) {
-                    (f, t, _, _) if !f.is_empty() && f == t => f,
-                    (f, t, _, _) if !f.is_empty() => format!("{f}-{t}"),
-                    (_, _, ty, code) if !ty.is_empty() => format!("type {ty} code {code}"),
-                    _ => "all".into(),
-                };
-                let peer = if s("cidr").is_empty() { s("group") } else { s("cidr") };
-                vec![s("id"), s("direction"), s("protocol"), ports, peer, s("description")]
-            })
-            .collect();
+        let rows = rs.iter().map(rule_cells).collect();
         table(&["ID", "DIRECTION", "PROTOCOL", "PORTS", "PEER", "DESCRIPTION"], rows);
     }
 

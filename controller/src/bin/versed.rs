@@ -24,6 +24,7 @@ use verse::api::{self, AppState, Stats, StatsFn};
 use verse::auth::{self, Bootstrap};
 use verse::config::{Args, Config};
 use verse::dataplane::Dataplane;
+use verse::events::{self, Hub, Sources};
 use verse::reconcile::{Reconciler, SharedDataplane, Underlay};
 use verse::sim::{self, SimFleet, SimOptions};
 use verse::store::{Realized, Store};
@@ -108,6 +109,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         // Before this host is announced: other hosts send here once they learn its address.
         dataplane.attach_underlay(&u.iface).context("attaching to the underlay")?;
     }
+    let event_ring = dataplane.take_events();
     let dataplane: SharedDataplane = Arc::new(Mutex::new(dataplane));
     // With an underlay, every packet an endpoint sends must fit it once wrapped.
     let endpoint_mtu = underlay.as_ref().map_or(config.mtu, Underlay::endpoint_mtu);
@@ -115,7 +117,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .context("reading what the pinned maps hold")?;
 
     refuse_a_lost_state(&config, &store, &reconciler, args.empty_state)?;
-    store.register_host(&host, underlay_ip).await.context("registering this host")?;
+    let api_url = config.api_url(underlay_ip);
+    store
+        .register_host_with_api(&host, underlay_ip, api_url.clone())
+        .await
+        .context("registering this host")?;
     match auth::bootstrap_admin(&store, &config.state_dir, config.admin_token_file.as_deref())
         .await
         .context("setting up the first admin token")?
@@ -154,13 +160,46 @@ async fn run(args: Args) -> anyhow::Result<()> {
         })
     };
 
+    // Verdict events: drained from the ring buffer, rendered, kept and streamed by the hub; the
+    // counts of what the dataplane could not report are read once a second.
+    let hub = Arc::new(Hub::new(&host, config.observability.event_history as usize));
+    let sources = Sources { states: store.subscribe(), local: reconciler.local_endpoints() };
+    let draining = match event_ring {
+        Some(ring) if config.observability.events => {
+            Some(tokio::spawn(events::drain(ring, hub.clone(), sources)))
+        }
+        _ => None,
+    };
+    let counting = {
+        let hub = hub.clone();
+        let dataplane = dataplane.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                tick.tick().await;
+                // Never waits for the reconciler: a busy lock skips a tick.
+                let counts = match dataplane.try_lock() {
+                    Ok(dp) => dp.event_counts(),
+                    Err(_) => continue,
+                };
+                match counts {
+                    Ok(c) => hub.update_counts(c),
+                    Err(e) => tracing::warn!(error = %e, "reading the event counters"),
+                }
+            }
+        })
+    };
+
     let stats: StatsFn = Arc::new(move || {
-        let drops = dataplane.lock().unwrap_or_else(PoisonError::into_inner).drops()?;
-        Ok(Stats { drops })
+        let dp = dataplane.lock().unwrap_or_else(PoisonError::into_inner);
+        Ok(Stats { drops: dp.drop_counts()?, rule_hits: dp.rule_hits()? })
     });
     let limits = limits::Limits::new(config.limit_settings());
     let app = api::router(
-        AppState::new(store, host.clone(), underlay_ip, realized_rx, stats).with_limits(limits),
+        AppState::new(store, host.clone(), underlay_ip, realized_rx, stats)
+            .with_limits(limits)
+            .with_api_url(api_url.clone())
+            .with_events(hub),
     );
 
     let tls = server::tls_from_config(&config, &host)?;
@@ -196,6 +235,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         endpoint_mtu,
         tls = tls.is_some(),
         max_connections = server_settings.max_connections,
+        api_url = ?api_url,
         "versed started"
     );
     let (stop_tx, stop_rx) = watch::channel(());
@@ -225,6 +265,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
         reconciling.abort();
     }
     let _ = reporting.await;
+    counting.abort();
+    if let Some(d) = draining {
+        d.abort();
+    }
     tracing::info!(
         "versed stopped; pinned maps, links and interfaces stay in place and keep enforcing"
     );

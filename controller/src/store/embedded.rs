@@ -138,8 +138,16 @@ impl Embedded {
         self.hosts.subscribe()
     }
 
-    pub(super) fn register_host(&self, name: &str, underlay_ip: Option<Ipv4Addr>) {
-        self.update_host(name, |h| h.underlay_ip = underlay_ip);
+    pub(super) fn register_host(
+        &self,
+        name: &str,
+        underlay_ip: Option<Ipv4Addr>,
+        api: Option<String>,
+    ) {
+        self.update_host(name, |h| {
+            h.underlay_ip = underlay_ip;
+            h.api = api;
+        });
     }
 
     pub(super) fn report(&self, name: &str, realized: super::Realized) {
@@ -156,6 +164,7 @@ impl Embedded {
             let host = by_name.entry(name.to_owned()).or_insert_with(|| HostStatus {
                 name: name.to_owned(),
                 underlay_ip: None,
+                api: None,
                 revision: 0,
                 healthy: true,
                 errors: Vec::new(),
@@ -437,6 +446,7 @@ mod tests {
             [HostStatus {
                 name: "h1".into(),
                 underlay_ip: ip,
+                api: None,
                 revision: 4,
                 healthy: true,
                 errors: vec![]

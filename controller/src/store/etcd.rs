@@ -483,8 +483,9 @@ impl Etcd {
         &self,
         name: &str,
         underlay_ip: Option<Ipv4Addr>,
+        api: Option<String>,
     ) -> Result<()> {
-        let record = HostRecord { name: name.to_owned(), underlay_ip };
+        let record = HostRecord { name: name.to_owned(), underlay_ip, api };
         self.edit(|s| {
             if s.hosts.get(name) != Some(&record) {
                 s.hosts.insert(name.to_owned(), record.clone());
@@ -727,6 +728,7 @@ impl Shared {
                 let status = HostStatus {
                     name: h.name.clone(),
                     underlay_ip: h.underlay_ip,
+                    api: h.api.clone(),
                     revision: realized.revision,
                     healthy,
                     errors: realized.errors,
@@ -738,6 +740,7 @@ impl Shared {
             hosts.entry(name).or_insert_with(|| HostStatus {
                 name: name.clone(),
                 underlay_ip: None,
+                api: None,
                 revision: realized.revision,
                 healthy: *healthy,
                 errors: realized.errors.clone(),
@@ -1262,7 +1265,11 @@ mod tests {
         .unwrap();
         s.hosts.insert(
             "h2".into(),
-            HostRecord { name: "h2".into(), underlay_ip: Some(Ipv4Addr::new(198, 18, 0, 2)) },
+            HostRecord {
+                name: "h2".into(),
+                underlay_ip: Some(Ipv4Addr::new(198, 18, 0, 2)),
+                api: Some("http://198.18.0.2:7070".into()),
+            },
         );
         let secret = model::TokenSecret {
             id: "tok-0000000a".into(),
