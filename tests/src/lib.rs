@@ -873,11 +873,23 @@ impl Api {
         let r = self.delete(&format!("/v1/security-groups/{group}/rules/{rule}"));
         assert_eq!(r.status, 204, "DELETE rule {rule} of {group}: {}", r.body);
     }
-    /// `GET /v1/security-groups/{id}`, asserting 200.
+    /// The group as it is defined: `GET /v1/security-groups/{id}` without the hit counters it
+    /// adds (`hits` of each rule, `hits_from`), which traffic moves. Asserts 200.
     pub fn group(&self, id: &str) -> Value {
         let r = self.get(&format!("/v1/security-groups/{id}"));
         assert_eq!(r.status, 200, "GET group {id}: {}", r.body);
-        r.json()
+        let mut g = r.json();
+        if let Some(o) = g.as_object_mut() {
+            o.remove("hits_from");
+        }
+        for dir in ["ingress", "egress"] {
+            for rule in g[dir].as_array_mut().into_iter().flatten() {
+                if let Some(o) = rule.as_object_mut() {
+                    o.remove("hits");
+                }
+            }
+        }
+        g
     }
     /// Removes every egress rule of a group, leaving it with no rules at all in that direction.
     pub fn clear_egress(&self, group: &str) {
