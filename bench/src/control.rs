@@ -144,6 +144,7 @@ fn build(n: usize) -> Result<(State, Vec<String>)> {
                 netns: name.clone(),
                 ip,
                 security_groups: Some(groups),
+                conntrack_budget: None,
             },
             HOST,
         )

@@ -236,6 +236,7 @@ fn build_with(
                 netns: name.into(),
                 ip,
                 security_groups: Some(groups),
+                conntrack_budget: None,
             },
             HOST,
         )

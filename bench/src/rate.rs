@@ -212,6 +212,7 @@ fn verse_state(n: usize) -> Result<(State, String, u32, u32)> {
                 netns: format!("w{ip}"),
                 ip: ip.to_string(),
                 security_groups: Some(groups),
+                conntrack_budget: None,
             },
             host,
         )

@@ -471,6 +471,7 @@ mod tests {
             netns,
             ip: ip.into(),
             security_groups: groups,
+            conntrack_budget: None,
         };
         s.create_endpoint(req, host).unwrap()
     }
@@ -1383,6 +1384,9 @@ mod tests {
                 interface: format!("vx{n:08x}"),
                 security_groups: vec![g.clone()],
                 identity: 1,
+                conntrack_budget: 1,
+                serial: u64::from(n),
+                slot: i + 1,
             };
             s.endpoints.insert(ep.id.clone(), ep);
         }

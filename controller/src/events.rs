@@ -857,6 +857,7 @@ mod tests {
                     netns: format!("ns{ip}"),
                     ip: ip.into(),
                     security_groups: Some(vec![g.to_owned()]),
+                    conntrack_budget: None,
                 },
                 "h1",
             )

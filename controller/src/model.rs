@@ -14,7 +14,20 @@
 //!
 //! Ids are a prefix (`uni-`, `sg-`, `sgr-`, `ep-`) and 8 random lowercase hex digits. An endpoint's
 //! MAC (`02:00:` and those 4 bytes) and host-side interface (`vx` and those 8 digits) derive from
-//! its id, so they are unique too. VNIs and identities are the smallest free numbers from 1.
+//! its id, so they are unique too. Identities are the smallest free numbers from 1.
+//!
+//! What must never be reused is never reused (S7): VNIs are handed out in increasing order, each
+//! once ([`State::vnis_issued`]), so no state of a deleted universe can ever match a universe made
+//! later; endpoints get a serial number the same way ([`State::serials_issued`]), which the
+//! dataplane binds every tracked flow to. Both counters are part of the desired state and
+//! persisted with it.
+//!
+//! Conntrack budgets (S14): every endpoint has one (`conntrack_budget`, by default
+//! [`DEFAULT_CONNTRACK_BUDGET`]), and the budgets of the endpoints placed on one host add up to
+//! at most the capacity of its conntrack map (`dataplane_common::capacity::CONNTRACK`): an
+//! endpoint that would not fit is refused with a 409, never over-committed, so no endpoint can
+//! ever find the map full because of another. Each endpoint of a host also has a *slot* there
+//! (1 to `capacity::ENDPOINTS`), the index of its budget counters in the dataplane.
 
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
@@ -29,6 +42,9 @@ pub const MAX_GROUPS_PER_ENDPOINT: usize = 16;
 pub const MAX_RULES_PER_GROUP: usize = 1000;
 /// Name of the group every universe has (S3).
 pub const DEFAULT_GROUP: &str = "default";
+/// Conntrack budget of an endpoint created without one (S14); the daemon's setting
+/// `conntrack.endpoint_budget` defaults to it. 64 endpoints at this budget fill a host.
+pub const DEFAULT_CONNTRACK_BUDGET: u32 = 4096;
 
 /// What kind of failure an edit met; the API maps it to a status code.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -196,6 +212,15 @@ pub struct Endpoint {
     /// Security identity (not shown by the API): one per distinct (universe, set of groups).
     #[serde(skip_serializing_if = "is_zero", default)]
     pub identity: u32,
+    /// Flows the endpoint may have tracked at once on its host (S14).
+    #[serde(default)]
+    pub conntrack_budget: u32,
+    /// Serial number (not shown by the API): unique in the fleet, never reused (S7).
+    #[serde(default)]
+    pub serial: u64,
+    /// Slot on its host (not shown by the API): the index of its budget counters there.
+    #[serde(default)]
+    pub slot: u32,
 }
 
 fn is_zero(v: &u32) -> bool {
@@ -228,6 +253,12 @@ pub struct State {
     /// API tokens, by id (S15): what every host of the fleet checks a bearer token against.
     #[serde(default)]
     pub tokens: BTreeMap<String, Token>,
+    /// The last VNI handed out; the next universe gets a larger one (VNIs are never reused).
+    #[serde(default)]
+    pub vnis_issued: u32,
+    /// The last endpoint serial handed out; the next endpoint gets a larger one.
+    #[serde(default)]
+    pub serials_issued: u64,
 }
 
 /// A host as the desired state knows it (liveness and realized revision are reported apart).
@@ -389,6 +420,8 @@ pub struct CreateEndpoint {
     pub ip: String,
     #[serde(default, deserialize_with = "present", skip_serializing_if = "Option::is_none")]
     pub security_groups: Option<Vec<String>>,
+    /// S14; absent: [`DEFAULT_CONNTRACK_BUDGET`] (the API fills in the daemon's setting).
+    pub conntrack_budget: Option<i64>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize, Serialize)]
@@ -490,8 +523,12 @@ impl State {
                 format!("name: a universe named {name:?} already exists"),
             ));
         }
-        let vni = self.free_vni().ok_or_else(|| {
-            Error::conflict("limit_exceeded", None, format!("all {MAX_VNI} VNIs are in use"))
+        let vni = self.next_vni().ok_or_else(|| {
+            Error::conflict(
+                "limit_exceeded",
+                None,
+                format!("all {MAX_VNI} VNIs have been handed out (a VNI is never reused)"),
+            )
         })?;
 
         let id = fresh_id("uni", |id| self.universes.contains_key(id));
@@ -514,6 +551,7 @@ impl State {
             egress: default_egress(r_out4, r_out6),
         };
         let universe = Universe { id: id.clone(), name, cidrs, vni };
+        self.vnis_issued = vni;
         self.universes.insert(id, universe.clone());
         self.groups.insert(group_id, default);
         self.revision += 1;
@@ -720,6 +758,9 @@ impl State {
                 format!("netns: namespace {netns:?} on host {host} already holds an endpoint"),
             ));
         }
+        let budget = self.conntrack_budget(&host, req.conntrack_budget)?;
+        let slot = self.free_slot(&host)?;
+        let serial = self.next_serial()?;
         let (number, identity) = self.identity_for(&universe.id, &groups)?;
 
         let n = fresh_number(|n| self.endpoints.contains_key(&endpoint_id(n)));
@@ -734,7 +775,11 @@ impl State {
             interface: format!("vx{n:08x}"),
             security_groups: groups,
             identity: number,
+            conntrack_budget: budget,
+            serial,
+            slot,
         };
+        self.serials_issued = serial;
         self.identities.insert(number, identity);
         self.endpoints.insert(endpoint.id.clone(), endpoint.clone());
         self.revision += 1;
@@ -1360,10 +1405,100 @@ fn rule_match(protocol: Protocol, req: &CreateRule) -> Result<RuleMatch> {
 }
 
 impl State {
-    fn free_vni(&self) -> Option<u32> {
+    /// The VNI of the next universe: above every VNI ever handed out (and, for a state written
+    /// before VNIs were counted, above every VNI in use).
+    fn next_vni(&self) -> Option<u32> {
+        let top = self.universes.values().map(|u| u.vni).fold(self.vnis_issued, u32::max);
+        top.checked_add(1).filter(|v| *v <= MAX_VNI)
+    }
+
+    /// The serial of the next endpoint, likewise.
+    fn next_serial(&self) -> Result<u64> {
+        let top = self.endpoints.values().map(|e| e.serial).fold(self.serials_issued, u64::max);
+        top.checked_add(1).ok_or_else(|| {
+            Error::conflict("limit_exceeded", None, "every endpoint serial has been handed out")
+        })
+    }
+
+    /// The smallest slot (1 to `capacity::ENDPOINTS`) that no endpoint of `host` has.
+    fn free_slot(&self, host: &str) -> Result<u32> {
         let used: std::collections::BTreeSet<u32> =
-            self.universes.values().map(|u| u.vni).collect();
-        smallest_free(used.into_iter(), MAX_VNI)
+            self.endpoints.values().filter(|e| e.host == host).map(|e| e.slot).collect();
+        smallest_free(used.into_iter().filter(|s| *s > 0), dataplane_common::capacity::ENDPOINTS)
+            .ok_or_else(|| {
+                Error::conflict(
+                    "limit_exceeded",
+                    Some("host"),
+                    format!(
+                        "host: {host} already has {} endpoints, as many as its dataplane holds",
+                        dataplane_common::capacity::ENDPOINTS
+                    ),
+                )
+            })
+    }
+
+    /// The budget of a new endpoint on `host` (S14): `requested` or the default, from 1 to the
+    /// conntrack capacity, and within what the budgets of the endpoints already on `host` leave
+    /// of that capacity (409 otherwise: budgets are never over-committed).
+    fn conntrack_budget(&self, host: &str, requested: Option<i64>) -> Result<u32> {
+        const FIELD: &str = "conntrack_budget";
+        let capacity = dataplane_common::capacity::CONNTRACK;
+        let budget = match requested {
+            None => DEFAULT_CONNTRACK_BUDGET,
+            Some(b) => {
+                u32::try_from(b).ok().filter(|b| (1..=capacity).contains(b)).ok_or_else(|| {
+                    Error::invalid(FIELD, format!("{b} is not within 1..={capacity} flows"))
+                })?
+            }
+        };
+        let reserved: u64 = self
+            .endpoints
+            .values()
+            .filter(|e| e.host == host)
+            .map(|e| u64::from(e.conntrack_budget))
+            .sum();
+        let left = u64::from(capacity).saturating_sub(reserved);
+        if u64::from(budget) > left {
+            return Err(Error::conflict(
+                "limit_exceeded",
+                Some(FIELD),
+                format!(
+                    "{FIELD}: {budget} flows do not fit host {host}: the budgets of its endpoints \
+                     leave {left} of its {capacity} tracked flows (S14)"
+                ),
+            ));
+        }
+        Ok(budget)
+    }
+
+    /// Gives the endpoints of a state written before serials, slots and budgets existed the
+    /// ones they lack (in id order, so every host that reads the state computes the same), and
+    /// counts the VNIs and serials in use as handed out. A no-op on any state this version
+    /// wrote. The stores call it on what they read.
+    pub fn complete_legacy(&mut self) {
+        let top_vni = self.universes.values().map(|u| u.vni).max().unwrap_or(0);
+        self.vnis_issued = self.vnis_issued.max(top_vni);
+        let top_serial = self.endpoints.values().map(|e| e.serial).max().unwrap_or(0);
+        self.serials_issued = self.serials_issued.max(top_serial);
+        let ids: Vec<String> = self.endpoints.keys().cloned().collect();
+        for id in ids {
+            let (host, needs_serial, needs_slot, needs_budget) = {
+                let e = &self.endpoints[&id];
+                (e.host.clone(), e.serial == 0, e.slot == 0, e.conntrack_budget == 0)
+            };
+            let slot = if needs_slot { self.free_slot(&host).unwrap_or(0) } else { 0 };
+            let e = self.endpoints.get_mut(&id).expect("id listed just above");
+            if needs_serial {
+                self.serials_issued += 1;
+                e.serial = self.serials_issued;
+            }
+            if needs_slot {
+                e.slot = slot;
+            }
+            if needs_budget {
+                e.conntrack_budget = DEFAULT_CONNTRACK_BUDGET;
+            }
+        }
     }
 
     fn rule_id_taken(&self, id: &str) -> bool {
@@ -1612,6 +1747,7 @@ mod tests {
             netns: netns.into(),
             ip: ip.into(),
             security_groups: groups,
+            conntrack_budget: None,
         }
     }
 
@@ -1681,13 +1817,37 @@ mod tests {
     }
 
     #[test]
-    fn vni_is_the_smallest_free_one() {
+    fn s7_vnis_are_never_reused() {
         let mut s = State::default();
         let a = universe(&mut s, "a", "10.0.0.0/8");
-        universe(&mut s, "b", "10.0.0.0/8");
+        let b = universe(&mut s, "b", "10.0.0.0/8");
+        s.delete_universe(&b.id).unwrap();
         s.delete_universe(&a.id).unwrap();
-        assert_eq!(universe(&mut s, "c", "10.0.0.0/8").vni, 1);
-        assert_eq!(universe(&mut s, "d", "10.0.0.0/8").vni, 3);
+        assert_eq!(universe(&mut s, "c", "10.0.0.0/8").vni, 3, "neither 1 nor 2 comes back");
+        assert_eq!(s.vnis_issued, 3);
+        // Persisted with the state: a state read back goes on from there.
+        let mut back: State = serde_json::from_str(&serde_json::to_string(&s).unwrap()).unwrap();
+        assert_eq!(universe(&mut back, "d", "10.0.0.0/8").vni, 4);
+    }
+
+    #[test]
+    fn vnis_run_out_with_a_conflict() {
+        let mut s = State { vnis_issued: MAX_VNI - 1, ..State::default() };
+        assert_eq!(universe(&mut s, "last", "10.0.0.0/8").vni, MAX_VNI);
+        let err = refused(
+            &mut s,
+            |s| {
+                s.create_universe(CreateUniverse {
+                    name: "one-too-many".into(),
+                    cidr: Some("10.0.0.0/8".into()),
+                    cidrs: None,
+                })
+            },
+            ErrorKind::Conflict,
+            "limit_exceeded",
+            None,
+        );
+        assert!(err.message.contains("never reused"), "{}", err.message);
     }
 
     #[test]
@@ -2233,6 +2393,123 @@ mod tests {
         assert_eq!(other.host, "h2");
         assert_eq!(other.identity, 1, "same universe and groups, same identity");
         assert_ne!(other.mac, ep.mac);
+    }
+
+    #[test]
+    fn s7_endpoint_serials_increase_and_are_never_reused() {
+        let mut s = State::default();
+        let u = universe(&mut s, "u", "10.0.0.0/16");
+        let a = s.create_endpoint(endpoint_req(&u.id, "a", "10.0.0.5", None), "h").unwrap();
+        let b = s.create_endpoint(endpoint_req(&u.id, "b", "10.0.0.6", None), "h").unwrap();
+        assert_eq!((a.serial, b.serial), (1, 2));
+        s.delete_endpoint(&b.id).unwrap();
+        // The same address, namespace and host again: a new serial.
+        let b2 = s.create_endpoint(endpoint_req(&u.id, "b", "10.0.0.6", None), "h").unwrap();
+        assert_eq!(b2.serial, 3);
+        assert_eq!(s.serials_issued, 3);
+        let mut back: State = serde_json::from_str(&serde_json::to_string(&s).unwrap()).unwrap();
+        s.delete_endpoint(&b2.id).unwrap();
+        back.delete_endpoint(&b2.id).unwrap();
+        let c = back.create_endpoint(endpoint_req(&u.id, "c", "10.0.0.7", None), "h").unwrap();
+        assert_eq!(c.serial, 4, "the counter is part of the persisted state");
+    }
+
+    #[test]
+    fn s14_budgets_default_fit_their_host_and_are_never_over_committed() {
+        use dataplane_common::capacity::CONNTRACK;
+        let mut s = State::default();
+        let u = universe(&mut s, "u", "10.0.0.0/16");
+        let req = |netns: &str, ip: &str, budget: Option<i64>| CreateEndpoint {
+            conntrack_budget: budget,
+            ..endpoint_req(&u.id, netns, ip, None)
+        };
+        let a = s.create_endpoint(req("a", "10.0.0.5", None), "h1").unwrap();
+        assert_eq!(a.conntrack_budget, DEFAULT_CONNTRACK_BUDGET);
+        for bad in [0, -1, i64::from(CONNTRACK) + 1, i64::MAX] {
+            let e = refused(
+                &mut s,
+                |s| s.create_endpoint(req("b", "10.0.0.6", Some(bad)), "h1"),
+                ErrorKind::Invalid,
+                "invalid_argument",
+                Some("conntrack_budget"),
+            );
+            assert!(e.message.starts_with("conntrack_budget: "), "{}", e.message);
+        }
+        // The rest of h1's capacity fits exactly; one flow more does not.
+        let left = i64::from(CONNTRACK - DEFAULT_CONNTRACK_BUDGET);
+        let e = refused(
+            &mut s,
+            |s| s.create_endpoint(req("b", "10.0.0.6", Some(left + 1)), "h1"),
+            ErrorKind::Conflict,
+            "limit_exceeded",
+            Some("conntrack_budget"),
+        );
+        assert!(e.message.contains(&format!("leave {left} of")), "{}", e.message);
+        let b = s.create_endpoint(req("b", "10.0.0.6", Some(left)), "h1").unwrap();
+        refused(
+            &mut s,
+            |s| s.create_endpoint(req("c", "10.0.0.7", Some(1)), "h1"),
+            ErrorKind::Conflict,
+            "limit_exceeded",
+            Some("conntrack_budget"),
+        );
+        // Another host has its own capacity; a deletion gives the budget back.
+        s.create_endpoint(req("c", "10.0.0.7", Some(i64::from(CONNTRACK))), "h2").unwrap();
+        s.delete_endpoint(&b.id).unwrap();
+        s.create_endpoint(req("d", "10.0.0.8", Some(1)), "h1").unwrap();
+        let reserved: u64 = s
+            .endpoints
+            .values()
+            .filter(|e| e.host == "h1")
+            .map(|e| u64::from(e.conntrack_budget))
+            .sum();
+        assert!(reserved <= u64::from(CONNTRACK));
+    }
+
+    #[test]
+    fn slots_are_per_host_the_smallest_free_from_1() {
+        let mut s = State::default();
+        let u = universe(&mut s, "u", "10.0.0.0/16");
+        let mk = |s: &mut State, n: &str, ip: &str, host: &str| {
+            s.create_endpoint(endpoint_req(&u.id, n, ip, None), host).unwrap()
+        };
+        let a = mk(&mut s, "a", "10.0.0.5", "h1");
+        let b = mk(&mut s, "b", "10.0.0.6", "h1");
+        let c = mk(&mut s, "c", "10.0.0.7", "h2");
+        assert_eq!((a.slot, b.slot, c.slot), (1, 2, 1));
+        s.delete_endpoint(&a.id).unwrap();
+        assert_eq!(mk(&mut s, "d", "10.0.0.8", "h1").slot, 1);
+    }
+
+    #[test]
+    fn a_legacy_state_gets_serials_slots_and_budgets_the_same_way_on_every_host() {
+        let mut s = State::default();
+        let u = universe(&mut s, "u", "10.0.0.0/16");
+        for (n, ip) in [("a", "10.0.0.5"), ("b", "10.0.0.6")] {
+            s.create_endpoint(endpoint_req(&u.id, n, ip, None), "h").unwrap();
+        }
+        let mut legacy = s.clone();
+        legacy.vnis_issued = 0;
+        legacy.serials_issued = 0;
+        for e in legacy.endpoints.values_mut() {
+            (e.serial, e.slot, e.conntrack_budget) = (0, 0, 0);
+        }
+        let mut one = legacy.clone();
+        one.complete_legacy();
+        let mut two = legacy;
+        two.complete_legacy();
+        assert_eq!(one, two);
+        assert_eq!((one.vnis_issued, one.serials_issued), (1, 2));
+        let mut serials: Vec<u64> = one.endpoints.values().map(|e| e.serial).collect();
+        serials.sort_unstable();
+        assert_eq!(serials, [1, 2]);
+        assert!(one
+            .endpoints
+            .values()
+            .all(|e| e.slot > 0 && e.conntrack_budget == DEFAULT_CONNTRACK_BUDGET));
+        let mut done = s.clone();
+        done.complete_legacy();
+        assert_eq!(done, s, "a no-op on a current state");
     }
 
     fn hex_bytes<const N: usize>(text: &str) -> [u8; N] {

@@ -746,6 +746,7 @@ mod tests {
                         netns: format!("ns-{ip}"),
                         ip: ip.into(),
                         security_groups: None,
+                        conntrack_budget: None,
                     },
                     "sim-0001",
                 )

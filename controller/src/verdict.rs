@@ -1179,6 +1179,9 @@ mod tests {
                     interface: format!("veth{n}"),
                     security_groups: groups.iter().map(|g| g.to_string()).collect(),
                     identity: u32::from(n),
+                    conntrack_budget: 1000,
+                    serial: u64::from(n),
+                    slot: u32::from(n),
                 },
             );
             local.insert(10 + u32::from(n), id);

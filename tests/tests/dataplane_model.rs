@@ -279,6 +279,7 @@ fn build_state() -> (State, BTreeMap<&'static str, String>, Names) {
                         netns: format!("ns-{short}"),
                         ip: ip.into(),
                         security_groups: Some(groups.iter().map(|g| g.to_string()).collect()),
+                        conntrack_budget: None,
                     },
                     HOST,
                 )

@@ -69,6 +69,9 @@ async fn plumb_unplumb(host: String, work: String, pid: u32) {
         interface: format!("vxt{pid}"),
         security_groups: vec![],
         identity: 1,
+        conntrack_budget: 1,
+        serial: 1,
+        slot: 1,
     };
     let gw = Ipv4Addr::new(10, 99, 0, 1);
     let first = plumb(&ep, 1400, gw).await.unwrap();

@@ -544,6 +544,7 @@ fn run(c: &Client, fmt: Format, cmd: Command) -> client::Result<()> {
                     netns,
                     ip,
                     security_groups: (!sgs.is_empty()).then_some(sgs),
+                    conntrack_budget: None,
                 };
                 let (e, rev) = c.create_endpoint(&req)?;
                 out.mutated(rev);

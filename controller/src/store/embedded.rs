@@ -71,13 +71,14 @@ impl Embedded {
         std::fs::create_dir_all(dir)
             .map_err(|source| Error::CreateDir { path: dir.to_owned(), source })?;
         let path = dir.join(STATE_FILE);
-        let state = match std::fs::read(&path) {
+        let mut state = match std::fs::read(&path) {
             Ok(bytes) => serde_json::from_slice::<State>(&bytes).map_err(|source| {
                 Error::Parse { path: path.clone(), source, copy: dir.join(LAST_GOOD_FILE) }
             })?,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => State::default(),
             Err(source) => return Err(Error::Read { path, source }),
         };
+        state.complete_legacy();
         // A temporary file left by a crash before its rename holds an unacknowledged edit.
         for temp in [dir.join(TEMP_FILE), dir.join(LAST_GOOD_TEMP)] {
             match std::fs::remove_file(&temp) {

@@ -4,7 +4,8 @@
 //! - Layout: every key lives under one prefix (default [`DEFAULT_PREFIX`]), one key per object,
 //!   values in JSON: `universes/<id>`, `groups/<id>` (with its rules), `endpoints/<id>`,
 //!   `identities/<n>`, `hosts/<name>` ([`HostRecord`]), `tokens/<id>` (API tokens: the hash of
-//!   the secret, never the secret), and `revision` (the state's revision, decimal, S13).
+//!   the secret, never the secret), `counters` (the VNIs and endpoint serials handed out so far,
+//!   which are never handed out again, S7), and `revision` (the state's revision, decimal, S13).
 //!   Liveness lives beside it: `alive/<name>`, what the host has realized ([`Realized`] as
 //!   JSON; a bare decimal revision is read too), attached to a lease of the host's.
 //! - Edits are read-modify-write in one etcd transaction: read every key, run the edit, write
@@ -89,6 +90,14 @@ pub const MAX_TXN_OPS: usize = 128;
 
 /// Relative keys (under the prefix).
 const REVISION: &str = "revision";
+const COUNTERS: &str = "counters";
+
+/// The value of the `counters` key.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+struct Counters {
+    vnis_issued: u32,
+    serials_issued: u64,
+}
 const ALIVE: &str = "alive/";
 const AUDIT: &str = "audit/";
 /// The first key after every `audit/…` key (`'/' + 1`).
@@ -1036,6 +1045,9 @@ fn encode(prefix: &str, state: &State) -> Result<BTreeMap<String, Vec<u8>>> {
     }
     let mut out = BTreeMap::new();
     out.insert(REVISION.to_owned(), state.revision.to_string().into_bytes());
+    let counters =
+        Counters { vnis_issued: state.vnis_issued, serials_issued: state.serials_issued };
+    out.insert(COUNTERS.to_owned(), json(prefix, COUNTERS, &counters)?);
     for (id, v) in &state.universes {
         let key = format!("universes/{id}");
         out.insert(key.clone(), json(prefix, &key, v)?);
@@ -1087,6 +1099,12 @@ fn decode<'a>(prefix: &str, kvs: impl IntoIterator<Item = (&'a str, &'a [u8])>) 
                 .ok_or_else(|| corrupt("not a decimal revision".into()))?;
             continue;
         }
+        if key == COUNTERS {
+            let c: Counters = json(value).map_err(corrupt)?;
+            state.vnis_issued = c.vnis_issued;
+            state.serials_issued = c.serials_issued;
+            continue;
+        }
         let Some((kind, id)) = key.split_once('/') else {
             tracing::warn!(key = %format!("{prefix}{key}"), "ignoring an unknown key");
             continue;
@@ -1126,6 +1144,7 @@ fn decode<'a>(prefix: &str, kvs: impl IntoIterator<Item = (&'a str, &'a [u8])>) 
             _ => tracing::warn!(key = %format!("{prefix}{key}"), "ignoring an unknown key"),
         }
     }
+    state.complete_legacy();
     Ok(state)
 }
 
@@ -1259,6 +1278,7 @@ mod tests {
                 netns: "ns".into(),
                 ip: "10.1.0.5".into(),
                 security_groups: Some(vec![g.id]),
+                conntrack_budget: None,
             },
             "h1",
         )
@@ -1292,12 +1312,20 @@ mod tests {
         let keys = encode("/v/", &s).unwrap();
         let kinds: Vec<&str> =
             keys.keys().map(|k| k.split_once('/').map_or(k.as_str(), |(kind, _)| kind)).collect();
-        for kind in
-            ["universes", "groups", "endpoints", "identities", "hosts", "tokens", "revision"]
-        {
+        for kind in [
+            "universes",
+            "groups",
+            "endpoints",
+            "identities",
+            "hosts",
+            "tokens",
+            "revision",
+            "counters",
+        ] {
             assert!(kinds.contains(&kind), "no {kind} key in {keys:?}");
         }
         assert_eq!(keys["revision"], s.revision.to_string().into_bytes());
+        assert_eq!((s.vnis_issued, s.serials_issued), (1, 1));
         let back = decode("/v/", keys.iter().map(|(k, v)| (k.as_str(), &v[..]))).unwrap();
         assert_eq!(back, s);
     }
