@@ -3,8 +3,10 @@
 //!
 //! Why not aya-build: its default is nightly rustup with `-Z build-std`, which this project
 //! cannot use (no nightly `rust-src`). Debian's `rustc-web` ships a rustc whose sysroot has a
-//! prebuilt `core` for `bpfel-unknown-none` (`libstd-rust-web-dev-bpf`), and aya-ebpf's
-//! unstable features are enabled for that crate alone with a crate-scoped `RUSTC_BOOTSTRAP`.
+//! prebuilt `core` for `bpfel-unknown-none` (`libstd-rust-web-dev-bpf`), and unstable features
+//! are enabled with a crate-scoped `RUSTC_BOOTSTRAP` for two crates alone: aya-ebpf's, and
+//! `asm_experimental_arch` for the dataplane's atomic counters (`dataplane-ebpf/src/atomic.rs`:
+//! the BPF target has no atomic read-modify-write in `core`).
 //! `cargo xtask setup` installs that compiler and bpf-linker.
 use std::{env, path::PathBuf, process::Command};
 
@@ -35,7 +37,7 @@ fn main() {
         .arg("--target-dir")
         .arg(&target_dir)
         .env("RUSTC", BPF_RUSTC)
-        .env("RUSTC_BOOTSTRAP", "aya_ebpf");
+        .env("RUSTC_BOOTSTRAP", "aya_ebpf,verse_dataplane");
     // The outer build's settings describe the host build, not this one.
     for var in [
         "RUSTC_WRAPPER",

@@ -48,7 +48,7 @@ use ::tests::{Bpffs, Netns, TempDir};
 use anyhow::{bail, ensure, Context, Result};
 use dataplane_common::{ct_state, Config};
 use serde_json::json;
-use verse::compile::{compile, CidrIds, Desired};
+use verse::compile::{compile, CidrIds, Desired, OwnerBudget};
 use verse::dataplane::{tc_act, Dataplane};
 use verse::model::{
     self, CreateEndpoint, CreateGroup, CreateUniverse, Direction, Peer, Protocol, Rule, State,
@@ -500,21 +500,34 @@ mod encap {
     /// routes, hosts and universe: what `compile` makes for such a fleet.
     fn desired(if_a: u32) -> Desired {
         let mut d = Desired::default();
+        // A is serial 1 in slot 1; the remotes are serials 2 and up.
         d.endpoints.insert(
             if_a,
-            Endpoint { ip: IP_A, mac: MAC_A, _pad: [0; 2], vni: VNI, identity: ID_A },
+            Endpoint {
+                ip: IP_A,
+                mac: MAC_A,
+                _pad: [0; 2],
+                vni: VNI,
+                identity: ID_A,
+                slot: 1,
+                serial: 1,
+            },
         );
-        let route = |ifindex, identity, mac, underlay| Route {
+        d.ct_owners.insert(1, OwnerBudget { serial: 1, budget: POOL as u64 * 2 });
+        let route = |ifindex, identity, mac, underlay, serial| Route {
             ifindex,
             identity,
             mac,
             _pad: [0; 2],
             underlay,
+            slot: if ifindex == 0 { 0 } else { 1 },
+            serial,
         };
-        d.routes.insert(RouteKey { vni: VNI, ip: IP_A }, route(if_a, ID_A, MAC_A, [0; 4]));
+        d.routes.insert(RouteKey { vni: VNI, ip: IP_A }, route(if_a, ID_A, MAC_A, [0; 4], 1));
         for i in 0..REMOTES {
             let (ip, mac, host) = remote(i);
-            d.routes.insert(RouteKey { vni: VNI, ip }, route(0, ID_REMOTE, mac, host));
+            let serial = 2 + i as u64;
+            d.routes.insert(RouteKey { vni: VNI, ip }, route(0, ID_REMOTE, mac, host, serial));
         }
         for (n, h) in HOSTS.iter().enumerate() {
             d.hosts.insert(*h, n as u32 + 2);

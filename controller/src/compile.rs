@@ -43,6 +43,30 @@ pub struct Desired {
     pub vnis: BTreeSet<u32>,
     /// `VERSE_RULE_HITS` keys: every rule the policy entries name (its new flows are counted).
     pub rules: BTreeSet<u32>,
+    /// `VERSE_CT_OWNERS`: slot -> the local endpoint that has it and its conntrack budget (S14).
+    pub ct_owners: BTreeMap<u32, OwnerBudget>,
+}
+
+/// A slot of `VERSE_CT_OWNERS` as the controller writes it (the counters in it are the
+/// dataplane's).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord)]
+pub struct OwnerBudget {
+    /// `model::Endpoint::serial` of the endpoint that has the slot.
+    pub serial: u64,
+    /// Its `conntrack_budget`.
+    pub budget: u64,
+}
+
+impl Desired {
+    /// The serials of every endpoint the maps name (local endpoints and routes): the endpoints
+    /// whose conntrack entries may stay (see `reconcile`).
+    pub fn serials(&self) -> BTreeSet<u64> {
+        self.endpoints
+            .values()
+            .map(|e| e.serial)
+            .chain(self.routes.values().map(|r| r.serial))
+            .collect()
+    }
 }
 
 /// Stable numbering of CIDR classes, so that an edit renumbers nothing. The reconciler seeds it
@@ -68,6 +92,7 @@ pub fn compile(
     // Local, plumbed endpoints: the keys of VERSE_ENDPOINTS and the routes between them.
     let mut local_identities = BTreeSet::new();
     let mut local_universes = BTreeSet::new();
+    let mut slots = Vec::new();
     for ep in state.endpoints.values().filter(|e| e.host == host) {
         let (Some(index), Some(universe)) = (ifindex(ep), state.universes.get(&ep.universe)) else {
             continue;
@@ -79,9 +104,23 @@ pub fn compile(
             )
         })?;
         let ip = ep.ip.octets();
+        let slot = ep.slot;
+        slots.push((
+            slot,
+            ep,
+            OwnerBudget { serial: ep.serial, budget: u64::from(ep.conntrack_budget) },
+        ));
         desired.endpoints.insert(
             index,
-            dp::Endpoint { ip, mac, _pad: [0; 2], vni: universe.vni, identity: ep.identity },
+            dp::Endpoint {
+                ip,
+                mac,
+                _pad: [0; 2],
+                vni: universe.vni,
+                identity: ep.identity,
+                slot,
+                serial: ep.serial,
+            },
         );
         desired.routes.insert(
             dp::RouteKey { vni: universe.vni, ip },
@@ -91,12 +130,29 @@ pub fn compile(
                 mac,
                 _pad: [0; 2],
                 underlay: [0; 4],
+                slot,
+                serial: ep.serial,
             },
         );
         local_identities.insert(ep.identity);
         local_universes.insert(universe.id.as_str());
     }
     fits(host, dp::map_names::ENDPOINTS, desired.endpoints.len(), dp::capacity::ENDPOINTS)?;
+    // The model gives every endpoint of a host its own slot; a state that does not (corrupt)
+    // would mix two endpoints' budgets, so it is refused.
+    for (slot, ep, owner) in slots {
+        let taken = desired.ct_owners.insert(slot, owner).is_some();
+        if taken || !(1..=dp::capacity::ENDPOINTS).contains(&slot) {
+            return Err(model::Error::invalid(
+                "slot",
+                format!(
+                    "endpoint {} has slot {slot}, not one of its own in 1..={} on host {host}",
+                    ep.id,
+                    dp::capacity::ENDPOINTS
+                ),
+            ));
+        }
+    }
 
     // The other hosts, and the endpoints placed on them: reached through the underlay, and the
     // only sources encapsulated traffic from that host may claim (S10). A host without an
@@ -129,7 +185,15 @@ pub fn compile(
         }
         desired.routes.insert(
             key,
-            dp::Route { ifindex: 0, identity: ep.identity, mac, _pad: [0; 2], underlay },
+            dp::Route {
+                ifindex: 0,
+                identity: ep.identity,
+                mac,
+                _pad: [0; 2],
+                underlay,
+                slot: 0,
+                serial: ep.serial,
+            },
         );
     }
     fits(host, dp::map_names::ROUTES, desired.routes.len(), dp::capacity::ROUTES)?;
@@ -700,7 +764,9 @@ mod tests {
                     mac,
                     _pad: [0; 2],
                     vni: u.vni,
-                    identity: a.identity
+                    identity: a.identity,
+                    slot: a.slot,
+                    serial: a.serial,
                 }
             )])
         );
@@ -708,9 +774,26 @@ mod tests {
             d.routes,
             BTreeMap::from([(
                 dp::RouteKey { vni: u.vni, ip: [10, 0, 0, 10] },
-                dp::Route { ifindex: 7, identity: a.identity, mac, _pad: [0; 2], underlay: [0; 4] }
+                dp::Route {
+                    ifindex: 7,
+                    identity: a.identity,
+                    mac,
+                    _pad: [0; 2],
+                    underlay: [0; 4],
+                    slot: a.slot,
+                    serial: a.serial,
+                }
             )])
         );
+        // S14: the plumbed local endpoint's budget, in its slot.
+        assert_eq!(
+            d.ct_owners,
+            BTreeMap::from([(
+                a.slot,
+                OwnerBudget { serial: a.serial, budget: u64::from(a.conntrack_budget) }
+            )])
+        );
+        assert_eq!((a.slot, unplumbed.slot), (1, 2));
         let _ = remote;
         // On h2 only the remote endpoint is local.
         let d2 = compile(&s, "h2", &plumbed, &mut CidrIds::default()).unwrap();
@@ -1004,7 +1087,16 @@ mod tests {
             let mac = model::parse_mac(&ep.mac).unwrap();
             (
                 dp::RouteKey { vni, ip: ep.ip.octets() },
-                dp::Route { ifindex, identity: ep.identity, mac, _pad: [0; 2], underlay },
+                dp::Route {
+                    ifindex,
+                    identity: ep.identity,
+                    mac,
+                    _pad: [0; 2],
+                    underlay,
+                    // S7: every route names its endpoint's serial; S14: a local one its slot.
+                    slot: if ifindex == 0 { 0 } else { ep.slot },
+                    serial: ep.serial,
+                },
             )
         };
         assert_eq!(
@@ -1394,7 +1486,7 @@ mod tests {
         let err = check_fits(&s).unwrap_err();
         assert_eq!((err.kind, err.code), (model::ErrorKind::Conflict, "limit_exceeded"));
         assert!(err.message.contains(dp::map_names::ENDPOINTS), "{}", err.message);
-        let one_less = s.endpoints.keys().next().unwrap().clone();
+        let one_less = s.endpoints.keys().next_back().unwrap().clone();
         s.endpoints.remove(&one_less);
         check_fits(&s).unwrap();
     }

@@ -126,7 +126,7 @@ impl StoreKind {
     }
 }
 
-/// Idle timeouts of tracked connections, seconds (S9).
+/// Connection tracking: idle timeouts, seconds (S9); budgets (S14); garbage collection.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Conntrack {
@@ -137,6 +137,10 @@ pub struct Conntrack {
     pub udp_one_way: u64,
     pub icmp: u64,
     pub other: u64,
+    /// Budget of an endpoint created through this daemon's API without one.
+    pub endpoint_budget: u32,
+    /// Longest time between two garbage collections, seconds.
+    pub gc_interval: u64,
 }
 
 impl Default for Conntrack {
@@ -149,6 +153,8 @@ impl Default for Conntrack {
             udp_one_way: 30,
             icmp: 30,
             other: 600,
+            endpoint_budget: crate::model::DEFAULT_CONNTRACK_BUDGET,
+            gc_interval: 30,
         }
     }
 }
@@ -478,6 +484,23 @@ impl Config {
                 });
             }
         }
+        if !(1..=dp::capacity::CONNTRACK).contains(&ct.endpoint_budget) {
+            return Err(Error::Invalid {
+                key: "conntrack.endpoint_budget",
+                value: ct.endpoint_budget.to_string(),
+                reason: format!(
+                    "must be within 1..={} (the flows one host tracks)",
+                    dp::capacity::CONNTRACK
+                ),
+            });
+        }
+        if !(1..=3600).contains(&ct.gc_interval) {
+            return Err(Error::Invalid {
+                key: "conntrack.gc_interval",
+                value: ct.gc_interval.to_string(),
+                reason: "must be within 1..=3600 seconds".into(),
+            });
+        }
         Ok(())
     }
 
@@ -598,6 +621,11 @@ impl Config {
                 burst: f64::from(api.write_burst),
             },
         }
+    }
+
+    /// The garbage collection interval (`conntrack.gc_interval`).
+    pub fn gc_interval(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(self.conntrack.gc_interval)
     }
 
     /// Where the desired state lives (`store`, already validated by [`Config::load`]).
@@ -810,8 +838,9 @@ gateway_mac = "{gateway_mac}"
 # through its own API).
 # advertise_api = "http://198.18.0.1:7070"
 
-# Idle timeouts of tracked connections, in seconds (a flow idle longer than this is forgotten,
-# and its next packet is judged by the rules again).
+# Connection tracking. Idle timeouts of tracked connections, in seconds (a flow idle longer than
+# this is forgotten, and its next packet is judged by the rules again); budgets; garbage
+# collection.
 [conntrack]
 # TCP connection once both sides have answered.
 tcp_established = {tcp_established}
@@ -827,6 +856,17 @@ udp_one_way = {udp_one_way}
 icmp = {icmp}
 # Any other IP protocol, by addresses and protocol.
 other = {other}
+# Conntrack budget of an endpoint created through this daemon's API without
+# `conntrack_budget`: the flows it may have tracked at once on its host. New flows beyond it
+# are dropped for that endpoint alone (drop reason conntrack_budget_exceeded). The budgets of
+# the endpoints of one host add up to at most {capacity} flows; an endpoint that would not fit
+# is refused (409).
+endpoint_budget = {endpoint_budget}
+# Longest time, in seconds, between two garbage collections of the conntrack table (expired
+# flows, and flows of deleted endpoints, give their owner's budget back when collected).
+# Collections also run sooner, for an endpoint that has used 90% of its budget, once one of its
+# flows expires (at most once per 20 times the duration of the last collection, and per second).
+gc_interval = {gc_interval}
 
 # The REST API's server.
 [api]
@@ -909,6 +949,9 @@ event_history = {event_history}
             event_rate = d.observability.event_rate,
             event_burst = d.observability.event_burst,
             event_history = d.observability.event_history,
+            endpoint_budget = ct.endpoint_budget,
+            gc_interval = ct.gc_interval,
+            capacity = dp::capacity::CONNTRACK,
         )
     }
 }
@@ -1034,6 +1077,8 @@ mod tests {
             "event_rate",
             "event_burst",
             "event_history",
+            "endpoint_budget",
+            "gc_interval",
         ] {
             let i = lines
                 .iter()
@@ -1254,6 +1299,14 @@ mod tests {
         let mut c = Config { host: Some("h".into()), ..Config::default() };
         c.observability.event_rate = 0;
         assert!(c.validate().unwrap_err().to_string().contains("observability.event_rate"));
+        let mut c = Config { host: Some("h".into()), ..Config::default() };
+        c.conntrack.endpoint_budget = 0;
+        assert!(c.validate().unwrap_err().to_string().contains("conntrack.endpoint_budget"));
+        c.conntrack.endpoint_budget = dp::capacity::CONNTRACK + 1;
+        assert!(c.validate().unwrap_err().to_string().contains("conntrack.endpoint_budget"));
+        let mut c = Config { host: Some("h".into()), ..Config::default() };
+        c.conntrack.gc_interval = 0;
+        assert!(c.validate().unwrap_err().to_string().contains("conntrack.gc_interval"));
         let c = Config {
             host: Some("h".into()),
             advertise_api: Some("198.18.0.1:7070".into()),

@@ -14,13 +14,15 @@
 //!   changes before removals (hosts, universes, policy and CIDR classes first, then routes, then
 //!   endpoints; then removals in the reverse order), so every packet during an edit is judged by
 //!   the old or the new rules, never by a state that has lost an allow both of them have.
+//! - Conntrack entries are only ever deleted through [`Dataplane::collect_conntrack`], which
+//!   keeps each endpoint's budget counter exact (see [`crate::conntrack`]).
 //! - Nothing here panics on kernel answers; every failure is an [`Error`] naming the call and the
 //!   object.
 use std::{
     collections::BTreeMap,
     ffi::CString,
     io,
-    os::fd::{AsRawFd, FromRawFd, OwnedFd},
+    os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd},
     os::unix::ffi::OsStrExt,
     path::{Path, PathBuf},
 };
@@ -28,7 +30,8 @@ use std::{
 use aya::{
     maps::{
         lpm_trie::{Key, LpmTrie},
-        Array, HashMap, MapData, MapError, PerCpuArray, PerCpuHashMap, PerCpuValues, RingBuf,
+        Array, HashMap, IterableMap, MapData, MapError, PerCpuArray, PerCpuHashMap, PerCpuValues,
+        RingBuf,
     },
     programs::{
         links::{FdLink, LinkError, PinnedLink},
@@ -38,12 +41,13 @@ use aya::{
     Ebpf, EbpfError, EbpfLoader, TestRun, TestRunOptions,
 };
 use dataplane_common::{
-    capacity, drop_slot, map_names, CidrKey, Config, CtEntry, CtKey, CtValue, DropCount,
+    capacity, drop_slot, map_names, CidrKey, Config, CtEntry, CtKey, CtOwner, CtValue, DropCount,
     DropReason, Endpoint, EventLimiter, Hook, HostKey, PolicyKey, PolicyValue, Route, RouteKey,
     VniKey, PROG_FROM_ENDPOINT, PROG_FROM_UNDERLAY,
 };
 
-use crate::compile::Desired;
+use crate::compile::{Desired, OwnerBudget};
+use crate::conntrack::{self, Collected, Owners};
 
 /// The dataplane object built by `controller/build.rs`.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(env!("VERSE_DATAPLANE_OBJECT"));
@@ -128,6 +132,15 @@ pub enum Error {
     /// Removing a pinned link file failed.
     #[error("removing the pinned link {path} failed: {source}")]
     Unpin { path: PathBuf, source: io::Error },
+    /// Mapping a map into this process's memory failed.
+    #[error("mmap of map {name} failed: {source}")]
+    Mmap { name: &'static str, source: io::Error },
+    /// A conntrack table operation the maps module of aya does not offer failed.
+    #[error("{call} on map {name} failed: {source}")]
+    Conntrack { call: &'static str, name: &'static str, source: io::Error },
+    /// A slot of `VERSE_CT_OWNERS` beyond the array.
+    #[error("slot {slot} is beyond map {name}")]
+    NoSlot { name: &'static str, slot: u32 },
     /// `BPF_PROG_TEST_RUN` failed.
     #[error("BPF_PROG_TEST_RUN of {name} failed: {source}")]
     TestRun { name: &'static str, source: ProgramError },
@@ -194,6 +207,9 @@ pub struct Dataplane {
     rule_hits: PerCpuHashMap<MapData, u32, u64>,
     /// `VERSE_EVENTS`, until [`Dataplane::take_events`] hands it to its reader.
     events: Option<RingBuf<MapData>>,
+    /// `VERSE_CT_OWNERS`, mapped into this process (the map itself stays open below).
+    ct_owners: Owners,
+    _ct_owners_map: Array<MapData, CtOwner>,
 }
 
 impl std::fmt::Debug for Dataplane {
@@ -230,7 +246,12 @@ impl Dataplane {
             source,
         })?;
 
+        let ct_owners_map: Array<MapData, CtOwner> = take_map(&mut ebpf, map_names::CT_OWNERS)?;
+        let ct_owners = Owners::map(ct_owners_map.map().fd().as_fd(), capacity::CT_OWNERS)
+            .map_err(|source| Error::Mmap { name: map_names::CT_OWNERS, source })?;
         let mut dataplane = Dataplane {
+            ct_owners,
+            _ct_owners_map: ct_owners_map,
             bpf_dir: bpf_dir.to_path_buf(),
             endpoints: take_map(&mut ebpf, map_names::ENDPOINTS)?,
             endpoint_slots: take_map(&mut ebpf, map_names::ENDPOINT_SLOTS)?,
@@ -382,9 +403,12 @@ impl Dataplane {
     }
 
     /// The current contents of `VERSE_ENDPOINTS`, `VERSE_ROUTES`, `VERSE_CIDRS`, `VERSE_POLICY`,
-    /// `VERSE_HOSTS`, `VERSE_VNIS`.
+    /// `VERSE_HOSTS`, `VERSE_VNIS`, and the assigned slots of `VERSE_CT_OWNERS`.
     pub fn read(&self) -> Result<Desired> {
         let mut desired = Desired::default();
+        for (slot, o) in self.ct_owners.assigned() {
+            desired.ct_owners.insert(slot, OwnerBudget { serial: o.serial, budget: o.budget });
+        }
         for item in self.endpoints.iter() {
             let (k, v) = item.map_err(read_err(map_names::ENDPOINTS))?;
             desired.endpoints.insert(k, v);
@@ -422,9 +446,17 @@ impl Dataplane {
     }
 
     /// Writes the difference between `current` (what the maps hold) and `desired`: new and
-    /// changed hosts, universes, CIDR classes and policy entries, routes, endpoints; then removed
-    /// endpoints, routes, policy entries, CIDR classes, universes, hosts.
+    /// changed hosts, universes, CIDR classes and policy entries, budgets, routes, endpoints; then
+    /// removed endpoints, routes, budgets, policy entries, CIDR classes, universes, hosts.
     pub fn apply(&mut self, current: &Desired, desired: &Desired) -> Result<()> {
+        // Before the endpoints that spend them.
+        for (&slot, owner) in &desired.ct_owners {
+            if current.ct_owners.get(&slot) != Some(owner)
+                && !self.ct_owners.assign(slot, owner.serial, owner.budget)
+            {
+                return Err(Error::NoSlot { name: map_names::CT_OWNERS, slot });
+            }
+        }
         for (key, &value) in &desired.hosts {
             if current.hosts.get(key) != Some(&value) {
                 self.hosts.insert(key, value, 0).map_err(|source| Error::MapWrite {
@@ -518,6 +550,10 @@ impl Dataplane {
         // old epoch is still running its program, and the interface outlives it (RCU).
         if removed {
             self.bump_epoch()?;
+        }
+        // The entries charged to a freed slot stay counted until they are collected.
+        for &slot in current.ct_owners.keys().filter(|k| !desired.ct_owners.contains_key(k)) {
+            self.ct_owners.assign(slot, 0, 0);
         }
         for &(len, key) in current.policy.keys().filter(|k| !desired.policy.contains_key(k)) {
             remove_ok_if_absent(self.policy.remove(&Key::new(len, key))).map_err(|source| {
@@ -625,30 +661,43 @@ impl Dataplane {
     /// Every conntrack entry (live or expired but not yet reclaimed): its flow state, without
     /// the delivery cache (see [`Dataplane::conntrack_values`]).
     pub fn conntrack(&self) -> Result<Vec<(CtKey, CtEntry)>> {
-        self.conntrack
-            .iter()
-            .map(|item| item.map(|(k, v)| (k, v.entry)).map_err(read_err(map_names::CONNTRACK)))
-            .collect()
+        Ok(self.conntrack_values()?.into_iter().map(|(k, v)| (k, v.entry)).collect())
     }
 
     /// Every conntrack entry with its cached deliveries.
     pub fn conntrack_values(&self) -> Result<Vec<(CtKey, CtValue)>> {
-        self.conntrack.iter().map(|item| item.map_err(read_err(map_names::CONNTRACK))).collect()
+        conntrack::read_all(self.conntrack.map().fd().as_fd()).map_err(|source| Error::Conntrack {
+            call: "BPF_MAP_LOOKUP_BATCH",
+            name: map_names::CONNTRACK,
+            source,
+        })
     }
 
-    /// Removes every conntrack entry (tests and benchmarks start from a clean table with it).
+    /// Removes every conntrack entry, releasing each from its owner's budget (tests and
+    /// benchmarks start from a clean table with it).
     pub fn clear_conntrack(&mut self) -> Result<()> {
-        let keys: Vec<CtKey> = self
-            .conntrack
-            .keys()
-            .collect::<Result<_, _>>()
-            .map_err(read_err(map_names::CONNTRACK))?;
-        for key in keys {
-            remove_ok_if_absent(self.conntrack.remove(&key)).map_err(|source| {
-                Error::MapDelete { name: map_names::CONNTRACK, entry: format!("{key:?}"), source }
-            })?;
-        }
+        self.collect_conntrack(&|_| true, &mut |_| {})?;
         Ok(())
+    }
+
+    /// Garbage collection of `VERSE_CT` (see [`crate::conntrack::collect`]): deletes the entries
+    /// `garbage` calls garbage, releasing each from its owner's budget; `kept` sees the others.
+    pub fn collect_conntrack(
+        &self,
+        garbage: &dyn Fn(&CtEntry) -> bool,
+        kept: &mut dyn FnMut(&CtEntry),
+    ) -> Result<Collected> {
+        let fd = self.conntrack.map().fd().as_fd();
+        conntrack::collect(fd, &self.ct_owners, garbage, kept).map_err(|source| Error::Conntrack {
+            call: "garbage collection",
+            name: map_names::CONNTRACK,
+            source,
+        })
+    }
+
+    /// Every slot of `VERSE_CT_OWNERS` that an endpoint has: its budget and counters.
+    pub fn ct_owners(&self) -> BTreeMap<u32, CtOwner> {
+        self.ct_owners.assigned()
     }
 
     /// The number of instructions the verifier processed for `from_endpoint` (kernel >= 5.16).

@@ -483,6 +483,9 @@ pub fn describe(reason: DropReason) -> &'static str {
         DropReason::FragNeededUnsent => {
             "too big to wrap, and the ICMP \"fragmentation needed\" could not be sent"
         }
+        DropReason::ConntrackBudgetExceeded => {
+            "a new flow of an endpoint whose conntrack budget is spent"
+        }
     }
 }
 

@@ -9,6 +9,8 @@
 //! - [`dataplane`]: loading, pinning and attaching the eBPF programs; reading and writing maps.
 //! - [`events`]: the dataplane's verdict events as the API streams them; [`hits`]: per-rule
 //!   hit counters.
+//! - [`conntrack`]: the controller's side of connection tracking: budget counters shared with
+//!   the kernel, garbage collection of the table.
 //! - [`netlink`]: endpoint plumbing (veth pairs, namespaces, addresses, routes).
 //! - [`reconcile`]: makes the dataplane and the interfaces match the desired state.
 //! - [`sim`]: simulated hosts (the real control plane over in-memory maps), for scale tests.
@@ -24,6 +26,7 @@ pub mod auth;
 pub mod client;
 pub mod compile;
 pub mod config;
+pub mod conntrack;
 pub mod dataplane;
 pub mod events;
 pub mod hits;

@@ -8,12 +8,19 @@
 //! 2. the state is compiled for this host ([`compile::compile`]);
 //! 3. the dataplane is moved from what it holds to the compiled form, writing only the
 //!    differences ([`Dataplane::apply`]);
-//! 4. host-side interfaces of endpoints that are gone (already out of the maps after step 3) are
+//! 4. if an endpoint the maps named is gone (here or on another host), every conntrack entry
+//!    that names it is deleted ([`Dataplane::collect_conntrack`] with [`verdict::is_garbage`]:
+//!    the flows of deleted endpoints end on every host, S7), with expired entries on the way;
+//! 5. host-side interfaces of endpoints that are gone (already out of the maps after step 3) are
 //!    detached and deleted;
-//! 5. the state's revision is published as realized (S13), with the endpoints of step 1 and 4
+//! 6. the state's revision is published as realized (S13), with the endpoints of step 1 and 5
 //!    that failed as its errors ([`Realized`]): the revision is in force for everything else,
-//!    and the failed ones are retried with backoff. A state whose step 2 or 3 fails is not
+//!    and the failed ones are retried with backoff. A state whose step 2, 3 or 4 fails is not
 //!    published; it is retried with backoff until it succeeds or a newer state arrives.
+//!
+//! Between rounds the same task collects conntrack garbage on a [`conntrack::Schedule`]
+//! (expired entries, and any entry of an endpoint the maps no longer name), so that budgets
+//! are given back; see [`crate::conntrack`].
 //!
 //! Nothing is cleared at start: the maps, pinned links and interfaces a previous run left keep
 //! enforcing, and the first round starts from what the pinned maps hold, so a restart writes
@@ -44,11 +51,13 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::compile::{self, CidrIds, Desired};
+use crate::conntrack::{self, Collected};
 use crate::dataplane::{self, Dataplane};
 use crate::model::{self, State};
 use crate::netlink;
 use crate::sim::SimMaps;
 use crate::store::{HostError, Realized};
+use crate::verdict::{self, Timeouts};
 
 /// First retry delay after a failed round; doubles up to [`RETRY_MAX`].
 const RETRY_MIN: Duration = Duration::from_millis(500);
@@ -69,7 +78,36 @@ pub enum Error {
     /// Listing the host-side interfaces failed.
     #[error("failed to list endpoint interfaces: {0}")]
     List(#[source] netlink::Error),
+    /// Deleting the conntrack entries of deleted endpoints failed.
+    #[error("failed to delete the flows of deleted endpoints (revision {revision}): {source}")]
+    Flush { revision: u64, source: Box<dataplane::Error> },
 }
+
+/// Conntrack garbage collection, as `/metrics` shows it.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct GcStats {
+    /// Collections run (periodic, under pressure, and the flushes of deleted endpoints).
+    pub runs: u64,
+    pub scanned: u64,
+    pub deleted: u64,
+    pub restored: u64,
+    /// Total wall time spent collecting.
+    pub seconds: f64,
+    /// The last collection.
+    pub last: Collected,
+}
+
+/// Settings of connection tracking the reconciler needs.
+#[derive(Clone, Debug)]
+pub struct CtSettings {
+    /// The idle timeouts the dataplane applies (S9), for garbage collection.
+    pub timeouts: Timeouts,
+    /// Longest time between two garbage collections.
+    pub gc_interval: Duration,
+}
+
+/// How often the reconciler looks whether a garbage collection is due.
+const GC_TICK: Duration = Duration::from_secs(1);
 
 /// Why the underlay interface cannot be used.
 #[derive(Debug, thiserror::Error)]
@@ -336,24 +374,45 @@ pub struct Reconciler {
     next_sim_ifindex: u32,
     /// The endpoints in the maps, by host-side ifindex, as of the last round (for events).
     local: watch::Sender<Arc<BTreeMap<u32, String>>>,
+    ct: CtSettings,
+    gc: conntrack::Schedule,
+    gc_stats: Arc<Mutex<GcStats>>,
+    /// Endpoints gone from the maps whose conntrack entries are not deleted yet.
+    flush_pending: usize,
 }
 
 impl Reconciler {
     /// Starts from what the pinned maps hold (nothing is cleared), numbering CIDR classes as
     /// they are numbered there, so the first round writes only real differences.
-    pub fn new(dataplane: SharedDataplane, host: String, mtu: u32) -> Result<Reconciler> {
-        Reconciler::with_target(Target::Kernel(dataplane), host, mtu)
+    /// `gc_stats` receives what every garbage collection did.
+    pub fn new(
+        dataplane: SharedDataplane,
+        host: String,
+        mtu: u32,
+        ct: CtSettings,
+        gc_stats: Arc<Mutex<GcStats>>,
+    ) -> Result<Reconciler> {
+        Reconciler::with_target(Target::Kernel(dataplane), host, mtu, ct, gc_stats)
     }
 
-    /// The reconciler of a simulated host, starting from what `maps` hold.
+    /// The reconciler of a simulated host, starting from what `maps` hold. It has no conntrack
+    /// table (no packets), so it collects nothing.
     pub fn simulated(maps: SharedSimMaps, host: String) -> Result<Reconciler> {
-        Reconciler::with_target(Target::Simulated(maps), host, 1500)
+        let ct = CtSettings { timeouts: Timeouts::default(), gc_interval: Duration::from_secs(30) };
+        Reconciler::with_target(Target::Simulated(maps), host, 1500, ct, Arc::default())
     }
 
-    fn with_target(target: Target, host: String, mtu: u32) -> Result<Reconciler> {
+    fn with_target(
+        target: Target,
+        host: String,
+        mtu: u32,
+        ct: CtSettings,
+        gc_stats: Arc<Mutex<GcStats>>,
+    ) -> Result<Reconciler> {
         let applied = with_maps(&target, |m| m.read()).map_err(Error::Read)?;
         let cidr_ids = seed_cidr_ids(&applied);
         let local = watch::channel(Arc::new(BTreeMap::new())).0;
+        let gc = conntrack::Schedule::new(ct.gc_interval);
         Ok(Reconciler {
             target,
             host,
@@ -363,6 +422,10 @@ impl Reconciler {
             plumbed: HashMap::new(),
             next_sim_ifindex: SIM_FIRST_IFINDEX,
             local,
+            ct,
+            gc,
+            gc_stats,
+            flush_pending: 0,
         })
     }
 
@@ -389,6 +452,8 @@ impl Reconciler {
         mut stop: watch::Receiver<()>,
     ) {
         let mut backoff = RETRY_MIN;
+        let mut gc_tick = tokio::time::interval(GC_TICK);
+        gc_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             // `borrow_and_update` takes the latest state only: a burst of edits is one round.
             let state = states.borrow_and_update().clone();
@@ -427,20 +492,95 @@ impl Reconciler {
                     Some(next_retry(&mut backoff))
                 }
             };
-            tokio::select! {
-                changed = states.changed() => {
-                    if changed.is_err() {
-                        tracing::info!("the store closed; the reconciler stops");
+            loop {
+                tokio::select! {
+                    changed = states.changed() => {
+                        if changed.is_err() {
+                            tracing::info!("the store closed; the reconciler stops");
+                            return;
+                        }
+                    }
+                    _ = sleep_until(retry_at), if retry_at.is_some() => {}
+                    _ = stop.changed() => {
+                        tracing::info!("asked to stop; the reconciler stops");
                         return;
                     }
+                    _ = gc_tick.tick() => {
+                        self.collect_if_due();
+                        continue;
+                    }
                 }
-                _ = sleep_until(retry_at), if retry_at.is_some() => {}
-                _ = stop.changed() => {
-                    tracing::info!("asked to stop; the reconciler stops");
-                    return;
-                }
+                break;
             }
         }
+    }
+
+    /// The kernel's dataplane, unless this host is simulated (which has no conntrack).
+    fn kernel(&self) -> Option<SharedDataplane> {
+        match &self.target {
+            Target::Kernel(dataplane) => Some(dataplane.clone()),
+            Target::Simulated(_) => None,
+        }
+    }
+
+    /// Runs a garbage collection of conntrack if the schedule says it is due. A failure is
+    /// logged; the next tick tries again.
+    pub fn collect_if_due(&mut self) {
+        let Some(dataplane) = self.kernel() else {
+            return;
+        };
+        let owners = lock(&dataplane).ct_owners();
+        if !self.gc.due(Instant::now().into_std(), now_ns(), &owners) {
+            return;
+        }
+        if let Err(e) = self.collect(&owners) {
+            tracing::error!(error = %e, "conntrack garbage collection failed");
+        }
+    }
+
+    /// One garbage collection: expired entries, and those naming an endpoint the maps do not
+    /// (see [`verdict::is_garbage`]). `owners` are the counters read before (for the schedule's
+    /// notion of pressure).
+    fn collect(
+        &mut self,
+        owners: &std::collections::BTreeMap<u32, dp::CtOwner>,
+    ) -> Result<Collected, dataplane::Error> {
+        let Some(dataplane) = self.kernel() else {
+            return Ok(Collected::default());
+        };
+        let start = Instant::now().into_std();
+        let now = now_ns();
+        let live = self.applied.serials();
+        let timeouts = self.ct.timeouts;
+        let alive = |serial: u64| live.contains(&serial);
+        let garbage = |e: &dp::CtEntry| verdict::is_garbage(e, now, &timeouts, &alive);
+        // The earliest expiry among the entries of owners under pressure: when to look again.
+        let mut due: Option<u64> = None;
+        let pressed: BTreeSet<u32> =
+            owners.iter().filter(|(_, o)| self.gc.pressed(o)).map(|(s, _)| *s).collect();
+        let mut kept = |e: &dp::CtEntry| {
+            if pressed.contains(&e.owner_slot) {
+                let at = e.last_seen_ns.saturating_add(timeouts.of(e.state));
+                due = Some(due.map_or(at, |d| d.min(at)));
+            }
+        };
+        let report = lock(&dataplane).collect_conntrack(&garbage, &mut kept)?;
+        self.gc.done(start, &report, due);
+        let mut stats = self.gc_stats.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        stats.runs += 1;
+        stats.scanned += report.scanned;
+        stats.deleted += report.deleted;
+        stats.restored += report.restored;
+        stats.seconds += report.duration.as_secs_f64();
+        stats.last = report;
+        tracing::debug!(
+            scanned = report.scanned,
+            deleted = report.deleted,
+            restored = report.restored,
+            took = ?report.duration,
+            "conntrack garbage collected"
+        );
+        Ok(report)
     }
 
     /// One round for `state` (steps 1–4 of the module contract; the caller publishes).
@@ -508,6 +648,8 @@ impl Reconciler {
                 }
                 return Err(Error::Apply { revision: state.revision, source });
             }
+            let gone = self.applied.serials().difference(&desired.serials()).count();
+            self.flush_pending += gone;
             self.applied = desired;
             outcome.wrote_maps = true;
         }
@@ -525,7 +667,27 @@ impl Reconciler {
             true
         });
 
-        // 4. (The kernel only.) Remove the interfaces of endpoints that are gone, and link pins whose interface
+        // 4. The flows of endpoints that are gone, on this host, before the revision counts as
+        //    realized (a failed flush is retried with the round). A simulated host has none.
+        if self.flush_pending > 0 {
+            if let Some(dataplane) = self.kernel() {
+                let owners = lock(&dataplane).ct_owners();
+                let report = self.collect(&owners).map_err(|source| Error::Flush {
+                    revision: state.revision,
+                    source: Box::new(source),
+                })?;
+                tracing::info!(
+                    endpoints = self.flush_pending,
+                    deleted = report.deleted,
+                    took = ?report.duration,
+                    "deleted the conntrack entries of endpoints that are gone"
+                );
+            }
+            self.flush_pending = 0;
+        }
+
+        // 5. (The kernel only.) Remove the interfaces of endpoints that are gone, and link pins
+        //    whose interface
         //    went away by itself (its namespace was deleted, say).
         let Target::Kernel(dataplane) = &self.target else {
             return Ok(outcome);
@@ -615,6 +777,15 @@ impl Reconciler {
         self.plumbed.insert(ep.id.clone(), Plumbed { spec, ifindex });
         Ok(())
     }
+}
+
+/// The conntrack clock: `CLOCK_MONOTONIC_COARSE`, which the dataplane stamps entries with
+/// (`bpf_ktime_get_coarse_ns`).
+pub fn now_ns() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: `ts` is a valid, writable timespec; CLOCK_MONOTONIC_COARSE always exists on Linux.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
+    u64::try_from(ts.tv_sec).unwrap_or(0) * 1_000_000_000 + u64::try_from(ts.tv_nsec).unwrap_or(0)
 }
 
 fn next_retry(backoff: &mut Duration) -> Instant {

@@ -119,6 +119,15 @@ impl MapSet for SimMaps {
             cap::ROUTES,
             c,
         )?;
+        // The conntrack budget slots (S14), written before the endpoints that use them.
+        put_changed(
+            &mut m.ct_owners,
+            &current.ct_owners,
+            &desired.ct_owners,
+            names::CT_OWNERS,
+            cap::CT_OWNERS,
+            c,
+        )?;
         // Endpoints below the slot count live in the slot array, the others in the hash.
         let slots = cap::ENDPOINT_SLOTS;
         put_changed(
@@ -133,6 +142,12 @@ impl MapSet for SimMaps {
             &mut m.endpoints,
             current.endpoints.keys(),
             |k| desired.endpoints.contains_key(k),
+            c,
+        );
+        remove_gone(
+            &mut m.ct_owners,
+            current.ct_owners.keys(),
+            |k| desired.ct_owners.contains_key(k),
             c,
         );
         remove_gone(&mut m.routes, current.routes.keys(), |k| desired.routes.contains_key(k), c);
@@ -500,6 +515,8 @@ mod tests {
                 mac: [2, 0, 0, 0, 0, n],
                 _pad: [0; 2],
                 underlay: [1; 4],
+                slot: 0,
+                serial: u64::from(n),
             },
         )
     }

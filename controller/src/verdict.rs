@@ -33,17 +33,20 @@
 //!    or than its data offset (or data offset < 5), UDP or ICMP shorter than 8: `MalformedL4`.
 //! 9. Conntrack: the packet's key, then its reverse, as far as its [`Role`] allows (S7: a TCP
 //!    SYN without ACK, RST or FIN, or an ICMP echo request, matches only a flow's original
-//!    direction; an echo reply only its reply direction; other ICMP is never tracked); an entry
-//!    idle for at least its state's timeout is a miss. Hit -> route (12) -> send (14), entry
-//!    refreshed.
+//!    direction; an echo reply only its reply direction; other ICMP is never tracked); the first
+//!    entry that is live (idle for less than its state's timeout) and whose endpoint on the
+//!    sender's side is the sender (by serial) is the candidate. Its receiver must be the
+//!    endpoint of the other side: no route -> `NoRoute`; a route to another endpoint (a later
+//!    one with the same address) -> no hit, go on with 10. Hit -> send (14), entry refreshed.
 //! 10. ICMP error related to a tracked flow (S6) -> route -> send; conntrack is not touched.
 //!     Related: an error type and code ([`is_error`]: destination unreachable 0-15, time
 //!     exceeded 0-1, parameter problem 0-2), at most `ICMP_ERROR_MAX_LEN` (576) bytes of IPv4
 //!     (RFC 1812), quoting an IPv4 header and 8 bytes within the datagram whose source is the
 //!     error's destination and whose destination is the error's source (the flow's peer answers
 //!     about a packet it received; a third party's error is not related, whatever it quotes),
-//!     that flow tracked either way. Anything else is ordinary ICMP (steps 11-14), never
-//!     tracked.
+//!     to a destination with a route, that flow tracked either way between the error's receiver
+//!     and its sender (a hit as in 9 for a packet of the quoted flow sent by the receiver).
+//!     Anything else is ordinary ICMP (steps 11-14), never tracked.
 //! 11. Egress rules of the sender (peer = destination): `PolicyEgress`.
 //! 12. Destination must be an endpoint of the sender's universe with a route: `NoRoute` (also
 //!     for conntrack hits and related errors).
@@ -58,8 +61,12 @@
 //!     else wrapped ([`Verdict::Wrap`]). The conntrack entry is created (new flows) or
 //!     refreshed (hits) only when the packet is sent; only a packet whose role begins flows
 //!     creates one ([`creates`]: a TCP SYN, an echo request, UDP, other protocols), in its own
-//!     direction. Any other admitted packet is sent untracked (Linux conntrack with
-//!     `nf_conntrack_tcp_loose = 0`: no flow is picked up mid-stream).
+//!     direction, owned by the sender (S14): an entry of the sender's already under the key
+//!     (expired, or bound to a receiver since deleted) is replaced; an entry of another owner
+//!     there leaves the flow untracked (sent, no entry); otherwise, if the sender owns as many
+//!     entries as its budget, `ConntrackBudgetExceeded` (after the route and MTU checks). Any
+//!     other admitted packet is sent untracked (Linux conntrack with `nf_conntrack_tcp_loose =
+//!     0`: no flow is picked up mid-stream).
 //!
 //! `from_underlay` ([`Host::judge_underlay`]): anything that is not IPv4/UDP to port 4789 of
 //! this host's underlay address (or a non-first fragment) is [`Verdict::Pass`]; from there on:
@@ -68,17 +75,20 @@
 //! `UnknownEthertype`, `MalformedIpv4`, `Fragment`, `MalformedL4`), the inner source placed on
 //! the sending host (`NotPlacedOnSender`), the Group Policy ID the identity the control plane
 //! gives that endpoint (`IdentityMismatch`: the header is a claim, never the peer's identity),
-//! the inner destination local (`NotLocal`), conntrack hit or related error (as above), else
-//! the receiver's ingress rules with the inner source as peer (its groups) (`PolicyIngress`);
-//! unwrapped and delivered.
+//! the inner destination local (`NotLocal`), conntrack hit (bound to the inner source and the
+//! receiver, by serial) or related error (as above), else the receiver's ingress rules with the
+//! inner source as peer (its groups) (`PolicyIngress`), a new flow owned by the receiver and
+//! charged to its budget (`ConntrackBudgetExceeded`); unwrapped and delivered.
 //!
-//! A packet that is dropped never creates or refreshes a conntrack entry.
+//! A packet that is dropped never creates or refreshes a conntrack entry. Entries leave the
+//! table only through [`Conntrack::collect`], the controller's garbage collection.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::Ipv4Addr;
 
 use dataplane_common::{
-    ct_state, Config, CtEntry, CtKey, DropReason, ENCAP_OVERHEAD, ICMP_ERROR_MAX_LEN, VXLAN_PORT,
+    ct_owner, ct_state, Config, CtEntry, CtKey, DropReason, ENCAP_OVERHEAD, ICMP_ERROR_MAX_LEN,
+    VXLAN_PORT,
 };
 use ipnetwork::IpNetwork;
 
@@ -185,11 +195,25 @@ impl Timeouts {
         self.ns.get(usize::from(state)).copied().unwrap_or(0)
     }
 
-    fn expired(&self, entry: &CtEntry, now_ns: u64) -> bool {
-        // Idle for at least the timeout, as in the kernel, whose clock advances by ticks (a
-        // timeout of 0 expires an entry of the same tick); wrapping like its u64 arithmetic.
-        now_ns.wrapping_sub(entry.last_seen_ns) >= self.of(entry.state)
+    /// Whether `entry` has been idle for at least its state's timeout at `now_ns`, as in the
+    /// kernel, whose clock advances by ticks (a timeout of 0 expires an entry of the same tick).
+    /// Saturating like the kernel: an entry stamped after `now_ns` (refreshed on another CPU
+    /// after the clock was read) is fresh.
+    pub fn expired(&self, entry: &CtEntry, now_ns: u64) -> bool {
+        now_ns.saturating_sub(entry.last_seen_ns) >= self.of(entry.state)
     }
+}
+
+/// Whether the controller's garbage collection deletes `entry` at `now_ns`: it has expired, or
+/// one of its endpoints is no longer one `live` knows (by serial: deleted, S7). The daemon runs
+/// this very predicate over the kernel's map (`reconcile`).
+pub fn is_garbage(
+    entry: &CtEntry,
+    now_ns: u64,
+    timeouts: &Timeouts,
+    live: &dyn Fn(u64) -> bool,
+) -> bool {
+    timeouts.expired(entry, now_ns) || !live(entry.src_serial) || !live(entry.dst_serial)
 }
 
 /// Which way a conntrack hit matched.
@@ -244,58 +268,84 @@ pub struct CtUpdate {
     pub entry: CtEntry,
 }
 
-/// The model's conntrack table. Unbounded (the test stays far below `VERSE_CT`'s capacity, so
-/// LRU eviction never happens); expired entries stay until overwritten, as in the kernel map.
+/// The model's conntrack table, keyed exactly like `VERSE_CT`. Entries stay, expired or not,
+/// until [`Conntrack::collect`] removes them (the kernel map is no LRU: nothing is evicted). An
+/// owner's budget use is the number of entries charged to its slot, which is what the kernel's
+/// counter holds, since only the controller deletes entries and subtracts as it does.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Conntrack {
     pub entries: HashMap<CtKey, CtEntry>,
 }
 
+/// A live entry bound to the sender: the stored key, the entry, the direction of the packet.
+pub type CtHit = (CtKey, CtEntry, CtDirection);
+
 impl Conntrack {
-    /// The packet's key first, then its reverse; expired entries are misses.
+    /// The packet's key first, then its reverse: the first entry that is live and whose
+    /// endpoint on the sender's side is `sender` (a serial). Also the entry stored under the
+    /// packet's own key, whatever it is (see [`Host::judge`], step 14). A packet of any role.
     pub fn lookup(
         &self,
         key: &CtKey,
+        sender: u64,
         now_ns: u64,
         t: &Timeouts,
-    ) -> Option<(CtKey, CtEntry, CtDirection)> {
-        let live =
-            |k: &CtKey| self.entries.get(k).filter(|e| !t.expired(e, now_ns)).map(|e| (*k, *e));
-        if let Some((k, e)) = live(key) {
-            return Some((k, e, CtDirection::Original));
-        }
-        let rev = key.reversed();
-        live(&rev).map(|(k, e)| (k, e, CtDirection::Reply))
+    ) -> (Option<CtHit>, Option<CtEntry>) {
+        self.lookup_as(key, Role::Any, sender, now_ns, t)
     }
 
     /// [`Conntrack::lookup`], each way only if a packet of `role` may match that way: the
     /// packet's own key unless it only answers, its reverse unless it only opens, nothing for
-    /// an untracked message.
+    /// an untracked message (whose own key does not matter either: it never creates a flow).
     pub fn lookup_as(
         &self,
         key: &CtKey,
         role: Role,
+        sender: u64,
         now_ns: u64,
         t: &Timeouts,
-    ) -> Option<(CtKey, CtEntry, CtDirection)> {
-        let live =
-            |k: &CtKey| self.entries.get(k).filter(|e| !t.expired(e, now_ns)).map(|e| (*k, *e));
+    ) -> (Option<CtHit>, Option<CtEntry>) {
         if role == Role::Untracked {
-            return None;
+            return (None, None);
         }
+        let own = self.entries.get(key).copied();
         if role != Role::Answers {
-            if let Some((k, e)) = live(key) {
-                return Some((k, e, CtDirection::Original));
+            if let Some(e) = own.filter(|e| e.src_serial == sender && !t.expired(e, now_ns)) {
+                return (Some((*key, e, CtDirection::Original)), own);
             }
         }
         if role == Role::Opens {
-            return None;
+            return (None, own);
         }
-        live(&key.reversed()).map(|(k, e)| (k, e, CtDirection::Reply))
+        let rev = key.reversed();
+        let reply =
+            self.entries.get(&rev).filter(|e| e.dst_serial == sender && !t.expired(e, now_ns));
+        (reply.map(|e| (rev, *e, CtDirection::Reply)), own)
     }
 
     pub fn apply(&mut self, update: &CtUpdate) {
         self.entries.insert(update.key, update.entry);
+    }
+
+    /// Entries charged to `slot`.
+    pub fn used(&self, slot: u32) -> u64 {
+        self.entries.values().filter(|e| e.owner_slot == slot).count() as u64
+    }
+
+    /// Garbage collection, as the controller runs it ([`is_garbage`]): removes expired entries
+    /// and those of endpoints `live` does not know; returns how many went.
+    pub fn collect(&mut self, now_ns: u64, t: &Timeouts, live: &dyn Fn(u64) -> bool) -> usize {
+        let before = self.entries.len();
+        self.entries.retain(|_, e| !is_garbage(e, now_ns, t, live));
+        before - self.entries.len()
+    }
+}
+
+/// The serial the receiver of a packet must have for a hit in direction `dir` on `entry`.
+fn receiver_serial(entry: &CtEntry, dir: CtDirection) -> u64 {
+    match dir {
+        CtDirection::Original => entry.dst_serial,
+        CtDirection::Reply => entry.src_serial,
     }
 }
 
@@ -312,7 +362,7 @@ impl Outcome {
     }
 }
 
-/// A local endpoint as the model needs it.
+/// A local endpoint as the model needs it (its serial, slot and budget are `ep`'s).
 #[derive(Clone, Copy, Debug)]
 struct Local<'a> {
     ep: &'a model::Endpoint,
@@ -329,6 +379,8 @@ struct Remote {
     mac: [u8; 6],
     /// The underlay address of its host.
     underlay: Ipv4Addr,
+    /// Its serial (S7).
+    serial: u64,
 }
 
 /// Where an address of a universe lives, as this host's routes say.
@@ -336,6 +388,16 @@ struct Remote {
 enum Place<'a> {
     Local(Local<'a>),
     Remote(Remote),
+}
+
+impl Place<'_> {
+    /// The serial of the endpoint there (S7).
+    fn serial(&self) -> u64 {
+        match self {
+            Place::Local(l) => l.ep.serial,
+            Place::Remote(r) => r.serial,
+        }
+    }
 }
 
 /// This host's underlay, when it has one (`Config::underlay_ifindex != 0`).
@@ -417,6 +479,7 @@ impl<'a> Host<'a> {
                     identity: ep.identity,
                     mac,
                     underlay,
+                    serial: ep.serial,
                 }));
             }
         }
@@ -491,19 +554,24 @@ impl<'a> Host<'a> {
         let route = self.routes.get(&(universe, pkt.dst)).copied();
         let role = role(pkt.proto, l4.tcp_flags, l4.icmp_type_code.0);
 
-        if let Some((stored, entry, dir)) = ct.lookup_as(&key, role, now_ns, &self.timeouts) {
+        let (hit, own) = ct.lookup_as(&key, role, sender.ep.serial, now_ns, &self.timeouts);
+        if let Some((stored, entry, dir)) = hit {
             let Some(to) = route else {
                 return Outcome::drop(DropReason::NoRoute);
             };
-            let state = next_state(Some((entry.state, dir)), pkt.proto, l4.tcp_flags);
-            let update = CtUpdate { key: stored, entry: ct_entry(now_ns, state) };
-            return self.send(frame, sender, &pkt, to, Some(update));
+            // Bound to the receiver too: an endpoint made since with the address is no hit.
+            if to.serial() == receiver_serial(&entry, dir) {
+                let state = next_state(Some((entry.state, dir)), pkt.proto, l4.tcp_flags);
+                let refreshed = CtEntry { last_seen_ns: now_ns, state, ..entry };
+                let update = CtUpdate { key: stored, entry: refreshed };
+                return self.send(frame, sender, &pkt, to, Ok(Some(update)));
+            }
         }
-        if self.related(ct, now_ns, sender.vni, &pkt, &l4) {
-            let Some(to) = route else {
-                return Outcome::drop(DropReason::NoRoute);
-            };
-            return self.send(frame, sender, &pkt, to, None);
+        let related = route.filter(|to| {
+            self.related(ct, now_ns, sender.vni, &pkt, &l4, (sender.ep.serial, to.serial()))
+        });
+        if let Some(to) = related {
+            return self.send(frame, sender, &pkt, to, Ok(None));
         }
         if !self.allows(sender.ep, Direction::Egress, pkt.dst, pkt.proto, &l4) {
             return Outcome::drop(DropReason::PolicyEgress);
@@ -516,10 +584,20 @@ impl<'a> Host<'a> {
                 return Outcome::drop(DropReason::PolicyIngress);
             }
         }
-        let created = creates(role).then(|| {
-            let state = next_state(None, pkt.proto, l4.tcp_flags);
-            CtUpdate { key, entry: ct_entry(now_ns, state) }
-        });
+        let created = if creates(role) {
+            let entry = CtEntry {
+                last_seen_ns: now_ns,
+                src_serial: sender.ep.serial,
+                dst_serial: to.serial(),
+                owner_slot: sender.ep.slot,
+                state: next_state(None, pkt.proto, l4.tcp_flags),
+                owner: ct_owner::SRC,
+                _pad: [0; 2],
+            };
+            create(ct, key, own, entry, sender.ep.conntrack_budget)
+        } else {
+            Ok(None)
+        };
         self.send(frame, sender, &pkt, to, created)
     }
 
@@ -599,13 +677,12 @@ impl<'a> Host<'a> {
             Ok(l4) => l4,
             Err(reason) => return Outcome::drop(reason),
         };
-        match self.routes.get(&(universe, pkt.src)) {
-            Some(Place::Remote(r)) if r.underlay == outer_src => {
-                if r.identity != claimed {
-                    return Outcome::drop(DropReason::IdentityMismatch);
-                }
-            }
+        let from = match self.routes.get(&(universe, pkt.src)) {
+            Some(Place::Remote(r)) if r.underlay == outer_src => *r,
             _ => return Outcome::drop(DropReason::NotPlacedOnSender),
+        };
+        if from.identity != claimed {
+            return Outcome::drop(DropReason::IdentityMismatch);
         }
         let Some(Place::Local(to)) = self.routes.get(&(universe, pkt.dst)) else {
             return Outcome::drop(DropReason::NotLocal);
@@ -625,28 +702,55 @@ impl<'a> Host<'a> {
             self.deliver(&inner, to)
         };
         let role = role(pkt.proto, l4.tcp_flags, l4.icmp_type_code.0);
-        if let Some((stored, entry, dir)) = ct.lookup_as(&key, role, now_ns, &self.timeouts) {
+        let (hit, own) = ct.lookup_as(&key, role, from.serial, now_ns, &self.timeouts);
+        if let Some((stored, entry, dir)) =
+            hit.filter(|h| receiver_serial(&h.1, h.2) == to.ep.serial)
+        {
             let state = next_state(Some((entry.state, dir)), pkt.proto, l4.tcp_flags);
-            let update = CtUpdate { key: stored, entry: ct_entry(now_ns, state) };
+            let refreshed = CtEntry { last_seen_ns: now_ns, state, ..entry };
+            let update = CtUpdate { key: stored, entry: refreshed };
             return Outcome { verdict: unwrapped(), ct: Some(update) };
         }
-        if self.related(ct, now_ns, vni, &pkt, &l4) {
+        if self.related(ct, now_ns, vni, &pkt, &l4, (from.serial, to.ep.serial)) {
             return Outcome { verdict: unwrapped(), ct: None };
         }
         if !self.allows(to.ep, Direction::Ingress, pkt.src, pkt.proto, &l4) {
             return Outcome::drop(DropReason::PolicyIngress);
         }
-        let created = creates(role).then(|| {
-            let state = next_state(None, pkt.proto, l4.tcp_flags);
-            CtUpdate { key, entry: ct_entry(now_ns, state) }
-        });
+        let created = if creates(role) {
+            // Charged to the local receiver (S14).
+            let entry = CtEntry {
+                last_seen_ns: now_ns,
+                src_serial: from.serial,
+                dst_serial: to.ep.serial,
+                owner_slot: to.ep.slot,
+                state: next_state(None, pkt.proto, l4.tcp_flags),
+                owner: ct_owner::DST,
+                _pad: [0; 2],
+            };
+            match create(ct, key, own, entry, to.ep.conntrack_budget) {
+                Ok(update) => update,
+                Err(reason) => return Outcome::drop(reason),
+            }
+        } else {
+            None
+        };
         Outcome { verdict: unwrapped(), ct: created }
     }
 
     /// S6: an ICMP error ([`is_error`]) no longer than a router's (`ICMP_ERROR_MAX_LEN`) from the
     /// quoted packet's destination to its source (the flow's peer answering about a packet it
-    /// received), about a flow tracked either way.
-    fn related(&self, ct: &Conntrack, now_ns: u64, vni: u32, pkt: &Ipv4, l4: &L4) -> bool {
+    /// received), about a flow tracked either way between the very endpoints (serials) that
+    /// send and receive the error: `(sender, receiver)` (S7).
+    fn related(
+        &self,
+        ct: &Conntrack,
+        now_ns: u64,
+        vni: u32,
+        pkt: &Ipv4,
+        l4: &L4,
+        (sender, receiver): (u64, u64),
+    ) -> bool {
         let Some(inner) = &l4.icmp_error_inner else {
             return false;
         };
@@ -654,23 +758,30 @@ impl<'a> Host<'a> {
             && pkt.total <= ICMP_ERROR_MAX_LEN
             && inner.src == pkt.dst.octets()
             && inner.dst == pkt.src.octets()
-            && ct.lookup(&CtKey { vni, ..*inner }, now_ns, &self.timeouts).is_some()
+            // The quoted packet went from the error's receiver to its sender.
+            && ct
+                .lookup(&CtKey { vni, ..*inner }, receiver, now_ns, &self.timeouts)
+                .0
+                .is_some_and(|(_, e, dir)| receiver_serial(&e, dir) == sender)
     }
 
     /// Step 14 of `from_endpoint`: delivers to a local receiver, or wraps for another host
     /// (answering "fragmentation needed" instead when the wrapped frame would not fit). `ct` is
-    /// the conntrack write of a packet that is sent; it is dropped with the packet otherwise.
+    /// the conntrack write of a packet that is sent; it is dropped with the packet otherwise. It
+    /// is an error when a new flow is refused for its owner's budget (S14): that drop comes after
+    /// the checks of the route and the MTU, as in the kernel.
     fn send(
         &self,
         frame: &[u8],
         sender: &Local<'_>,
         pkt: &Ipv4,
         to: Place<'_>,
-        ct: Option<CtUpdate>,
+        ct: Result<Option<CtUpdate>, DropReason>,
     ) -> Outcome {
-        let remote = match to {
-            Place::Local(l) => return Outcome { verdict: self.deliver(frame, &l), ct },
-            Place::Remote(r) => r,
+        let remote = match (to, ct) {
+            (Place::Local(_), Err(reason)) => return Outcome::drop(reason),
+            (Place::Local(l), Ok(ct)) => return Outcome { verdict: self.deliver(frame, &l), ct },
+            (Place::Remote(r), _) => r,
         };
         let Some(underlay) = self.underlay else {
             return Outcome::drop(DropReason::NoRoute);
@@ -679,6 +790,10 @@ impl<'a> Host<'a> {
         if frame.len() + ENCAP_OVERHEAD as usize > underlay.mtu as usize + ETH_HLEN {
             return self.frag_needed(frame, sender, pkt, underlay.mtu);
         }
+        let ct = match ct {
+            Ok(ct) => ct,
+            Err(reason) => return Outcome::drop(reason),
+        };
         let outer_len = frame.len() - ETH_HLEN + ENCAP_OVERHEAD as usize;
         let mut out = Vec::with_capacity(frame.len() + ENCAP_OVERHEAD as usize);
         // The outer Ethernet header is the packet's own, type IPv4 (the neighbour subsystem
@@ -849,8 +964,30 @@ fn protocol_matches(r: &model::Rule, proto: u8, l4: &L4) -> bool {
     }
 }
 
-fn ct_entry(now_ns: u64, state: u8) -> CtEntry {
-    CtEntry { last_seen_ns: now_ns, state, _pad: [0; 7] }
+/// The conntrack write of a new flow `entry` under `key` (step 14, S14), where `own` is what the
+/// table holds under that key: an entry of the same owner (expired, or bound to an endpoint
+/// since deleted) is replaced at no charge; an entry of another owner is left for the collector
+/// and the flow goes untracked (`None`); otherwise the flow is charged to its owner, and refused
+/// (`ConntrackBudgetExceeded`) when the owner already holds `budget` entries.
+fn create(
+    ct: &Conntrack,
+    key: CtKey,
+    own: Option<CtEntry>,
+    entry: CtEntry,
+    budget: u32,
+) -> Result<Option<CtUpdate>, DropReason> {
+    match own {
+        Some(old)
+            if old.owner_slot == entry.owner_slot && old.owner_serial() == entry.owner_serial() =>
+        {
+            Ok(Some(CtUpdate { key, entry }))
+        }
+        Some(_) => Ok(None),
+        None if ct.used(entry.owner_slot) >= u64::from(budget) => {
+            Err(DropReason::ConntrackBudgetExceeded)
+        }
+        None => Ok(Some(CtUpdate { key, entry })),
+    }
 }
 
 /// The connection-tracking state after a packet. `prev` is `None` when the packet creates the
@@ -1423,6 +1560,91 @@ mod tests {
         let key = CtKey { vni: 100, src: W, dst: A, sport: 1, dport: 2, proto: 17, _pad: [0; 3] };
         assert_eq!(ct.entries[&key].state, ct_state::UDP_REPLIED);
         assert_eq!(t.of(ct_state::UDP_REPLIED), 180 * S);
+    }
+
+    /// Replaces endpoint `id` by a new one (new serial, same address, ifindex, MAC and slot)
+    /// in `groups`, as a deletion and a re-creation would.
+    fn recreate(st: &mut State, id: &str, groups: &[&str]) {
+        let ep = st.endpoints.get_mut(id).unwrap();
+        ep.serial += 100;
+        ep.security_groups = groups.iter().map(|g| g.to_string()).collect();
+    }
+
+    #[test]
+    fn s7_a_recreated_endpoint_inherits_no_flow_in_either_direction() {
+        let (mut st, local) = fixture();
+        let mut ct = Conntrack::default();
+        // web -> db:5432, answered: a tracked, established flow.
+        let syn = ipv4(mac_of(3), W, DB, IPPROTO_TCP, &tcp(40000, 5432, SYN));
+        let synack = ipv4(mac_of(4), DB, W, IPPROTO_TCP, &tcp(5432, 40000, SYNACK));
+        let ack = ipv4(mac_of(3), W, DB, IPPROTO_TCP, &tcp(40000, 5432, ACKF));
+        let h = host(&st, &local);
+        assert_eq!(delivered_to(&h.judge_and_track(&mut ct, S, 13, &syn)), Some(14));
+        assert_eq!(delivered_to(&h.judge_and_track(&mut ct, S, 14, &synack)), Some(13));
+        // web is deleted and made again with its address in `default`: db admits only web
+        // members, and has no egress rule at all. Both directions are judged as new flows.
+        recreate(&mut st, "ep-3", &["sg-def1"]);
+        let h = host(&st, &local);
+        assert_eq!(h.judge(&ct, 2 * S, 13, &ack).verdict, Verdict::Drop(D::PolicyIngress));
+        assert_eq!(h.judge(&ct, 2 * S, 14, &synack).verdict, Verdict::Drop(D::PolicyEgress));
+        // db made again instead, in `default` (which admits only its members, and web's group
+        // admits TCP/80 only): the same from the other side.
+        let (mut st, local) = fixture();
+        recreate(&mut st, "ep-4", &["sg-def1"]);
+        let h = host(&st, &local);
+        assert_eq!(h.judge(&ct, 2 * S, 13, &ack).verdict, Verdict::Drop(D::PolicyIngress));
+        assert_eq!(h.judge(&ct, 2 * S, 14, &synack).verdict, Verdict::Drop(D::PolicyIngress));
+        // Garbage collection removes the flow once an endpoint of it is gone.
+        let live = |serial: u64| st.endpoints.values().any(|e| e.serial == serial);
+        assert_eq!(ct.collect(2 * S, &Timeouts::default(), &live), 1);
+        assert!(ct.entries.is_empty());
+    }
+
+    #[test]
+    fn s14_new_flows_beyond_the_budget_are_dropped_for_their_owner_alone() {
+        let (mut st, local) = fixture();
+        st.endpoints.get_mut("ep-1").unwrap().conntrack_budget = 2;
+        let h = host(&st, &local);
+        let mut ct = Conntrack::default();
+        let to_b = |sport| ipv4(mac_of(1), A, B, IPPROTO_UDP, &udp(sport, 53));
+        assert!(delivered_to(&h.judge_and_track(&mut ct, S, 11, &to_b(1))).is_some());
+        assert!(delivered_to(&h.judge_and_track(&mut ct, S, 11, &to_b(2))).is_some());
+        assert_eq!(ct.used(1), 2);
+        assert_eq!(
+            h.judge(&ct, S, 11, &to_b(3)).verdict,
+            Verdict::Drop(D::ConntrackBudgetExceeded)
+        );
+        // Its tracked flows go on both ways; another endpoint's new flows are not affected.
+        assert!(delivered_to(&h.judge_and_track(&mut ct, S, 11, &to_b(1))).is_some());
+        let back = ipv4(mac_of(2), B, A, IPPROTO_UDP, &udp(53, 2));
+        assert!(delivered_to(&h.judge_and_track(&mut ct, S, 12, &back)).is_some());
+        let from_b = ipv4(mac_of(2), B, A, IPPROTO_UDP, &udp(7, 8));
+        assert!(delivered_to(&h.judge_and_track(&mut ct, S, 12, &from_b)).is_some());
+        assert_eq!((ct.used(1), ct.used(2)), (2, 1));
+        // An expired flow of its own (one-way UDP, 30 s) is replaced at no charge, even at the
+        // budget.
+        let later = S + 31 * S;
+        assert!(delivered_to(&h.judge_and_track(&mut ct, later, 11, &to_b(1))).is_some());
+        assert_eq!(ct.used(1), 2);
+        // Collecting the expired flows gives the budget back.
+        let live = |_: u64| true;
+        assert_eq!(ct.collect(later + 181 * S, &Timeouts::default(), &live), 3);
+        assert!(delivered_to(&h.judge_and_track(&mut ct, later + 182 * S, 11, &to_b(3))).is_some());
+    }
+
+    #[test]
+    fn s14_an_entry_of_another_owner_under_the_key_leaves_a_new_flow_untracked() {
+        let (mut st, local) = fixture();
+        let mut ct = Conntrack::default();
+        let f = ipv4(mac_of(1), A, B, IPPROTO_UDP, &udp(1, 53));
+        assert!(delivered_to(&host(&st, &local).judge_and_track(&mut ct, S, 11, &f)).is_some());
+        // ep-1 made again before its flows were collected: the new one's flow of the same
+        // 5-tuple is delivered but not tracked, and the old entry stays for the collector.
+        recreate(&mut st, "ep-1", &["sg-def1"]);
+        let h = host(&st, &local);
+        let out = h.judge(&ct, 2 * S, 11, &f);
+        assert!(delivered_to(&out.verdict).is_some());
+        assert_eq!(out.ct, None);
     }
 
     #[test]

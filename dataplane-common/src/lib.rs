@@ -28,6 +28,7 @@ pub mod map_names {
     pub const EVENTS: &str = "VERSE_EVENTS";
     pub const EVENT_LIMITS: &str = "VERSE_EV_LIMITS";
     pub const RULE_HITS: &str = "VERSE_RULE_HITS";
+    pub const CT_OWNERS: &str = "VERSE_CT_OWNERS";
 }
 
 /// Name of the TC program attached (TCX ingress) to the host side of every endpoint veth.
@@ -68,7 +69,14 @@ pub mod capacity {
     /// Slots of `VERSE_EP_SLOTS`: endpoints whose ifindex is below this live there (an array
     /// lookup, which the verifier inlines); the others in `VERSE_ENDPOINTS`.
     pub const ENDPOINT_SLOTS: u32 = 65536;
+    /// Slots of `VERSE_CT_OWNERS`: one per local endpoint (`Endpoint::slot`, 1 to
+    /// `ENDPOINTS`); slot 0 is never given out, so a zeroed value owns no budget.
+    pub const CT_OWNERS: u32 = ENDPOINTS + 1;
 }
+
+/// `BPF_F_MMAPABLE` (`include/uapi/linux/bpf.h`): an array the controller maps into its memory,
+/// so that it updates counters with the same atomic instructions as the kernel programs.
+pub const MAP_F_MMAPABLE: u32 = 1 << 10;
 
 /// Why a packet was dropped. One table for the dataplane, the metrics and the docs. Codes are
 /// stable: a retired code stays reserved and is never reused.
@@ -133,10 +141,13 @@ pub enum DropReason {
     NoUnderlay = 25,
     /// Too big to wrap, and the ICMP "fragmentation needed" could not be built or sent.
     FragNeededUnsent = 26,
+    /// A new flow whose owner (the sending endpoint, or the local receiver of traffic from
+    /// another host) already has as many tracked flows as its conntrack budget allows (S14).
+    ConntrackBudgetExceeded = 27,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 26] = [
+    pub const ALL: [DropReason; 27] = [
         DropReason::TruncatedEthernet,
         DropReason::UnknownEthertype,
         DropReason::Ipv6Unsupported,
@@ -163,6 +174,7 @@ impl DropReason {
         DropReason::EncapFailed,
         DropReason::NoUnderlay,
         DropReason::FragNeededUnsent,
+        DropReason::ConntrackBudgetExceeded,
     ];
 
     /// The label used in metrics and the CLI.
@@ -194,6 +206,7 @@ impl DropReason {
             DropReason::EncapFailed => "encap_failed",
             DropReason::NoUnderlay => "no_underlay",
             DropReason::FragNeededUnsent => "frag_needed_unsent",
+            DropReason::ConntrackBudgetExceeded => "conntrack_budget_exceeded",
         }
     }
 
@@ -269,6 +282,12 @@ pub struct Endpoint {
     /// Security identity: one per distinct (universe, set of groups). Also the key of the
     /// endpoint's policy in `VERSE_POLICY`.
     pub identity: u32,
+    /// The endpoint's slot in `VERSE_CT_OWNERS`: the conntrack budget its new flows are
+    /// charged to (1 to `capacity::ENDPOINTS`, unique on this host).
+    pub slot: u32,
+    /// The endpoint's serial: unique in the fleet and never reused. Conntrack entries record the
+    /// serials of both endpoints of a flow and match no other endpoint (S7).
+    pub serial: u64,
 }
 
 /// `VERSE_ROUTES` key: an address within a universe.
@@ -294,6 +313,11 @@ pub struct Route {
     /// a local endpoint. Encapsulated traffic claiming this endpoint as its inner source is
     /// accepted only from this address (S10).
     pub underlay: [u8; 4],
+    /// `Endpoint::slot` of a local endpoint (the budget that flows it receives from other hosts
+    /// are charged to); 0 for an endpoint on another host.
+    pub slot: u32,
+    /// `Endpoint::serial` of the endpoint, wherever it is.
+    pub serial: u64,
 }
 
 /// `VERSE_CIDRS` LPM key data (after the kernel's `prefixlen`): universe then address, both
@@ -400,16 +424,71 @@ impl CtKey {
     }
 }
 
-/// `VERSE_CT` value.
+/// `VERSE_CT` value: the flow's state, the endpoints it belongs to, and its owner.
+///
+/// A flow is bound to the serials of its two endpoints (S7): a packet matches it only if its
+/// sender and receiver are those very endpoints, so an endpoint created later with the same
+/// address never inherits it. Every entry is charged to one local endpoint, its owner (the
+/// sender of its first packet, or the local receiver when that came from another host): the
+/// owner's slot in `VERSE_CT_OWNERS` counts it until the entry is deleted (S14).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct CtEntry {
     /// `bpf_ktime_get_coarse_ns()` (CLOCK_MONOTONIC_COARSE, advancing by scheduler ticks) of the
     /// last packet either way.
     pub last_seen_ns: u64,
+    /// Serial of the endpoint at the key's `src` (the flow's originator).
+    pub src_serial: u64,
+    /// Serial of the endpoint at the key's `dst`.
+    pub dst_serial: u64,
+    /// The owner's slot in `VERSE_CT_OWNERS`.
+    pub owner_slot: u32,
     /// One of `ct_state`; selects the idle timeout.
     pub state: u8,
-    pub _pad: [u8; 7],
+    /// Which endpoint owns the entry: `ct_owner::SRC` or `ct_owner::DST`.
+    pub owner: u8,
+    pub _pad: [u8; 2],
+}
+
+impl CtEntry {
+    /// The serial of the entry's owner.
+    pub const fn owner_serial(&self) -> u64 {
+        if self.owner == ct_owner::DST {
+            self.dst_serial
+        } else {
+            self.src_serial
+        }
+    }
+}
+
+/// Values of `CtEntry::owner`.
+pub mod ct_owner {
+    /// The originator owns the flow (it was created by `from_endpoint`).
+    pub const SRC: u8 = 0;
+    /// The receiver owns the flow (it came from another host and was created by
+    /// `from_underlay`).
+    pub const DST: u8 = 1;
+}
+
+/// `VERSE_CT_OWNERS` value (array indexed by `Endpoint::slot`, mapped into the controller's
+/// memory): one local endpoint's conntrack budget and what it uses. One cache line each, so
+/// that endpoints on different CPUs never contend for one.
+///
+/// `used` is the number of `VERSE_CT` entries whose `owner_slot` is this slot: the kernel adds
+/// one (atomically) when it inserts an entry and the controller subtracts one (atomically) for
+/// every entry it deletes. `serial` and `budget` are written by the controller only.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct CtOwner {
+    /// Serial of the endpoint that has the slot; 0 for a free slot. The kernel does not read it.
+    pub serial: u64,
+    /// Flows the endpoint may have tracked at once (S14); 0 for a free slot.
+    pub budget: u64,
+    /// Entries charged to the slot.
+    pub used: u64,
+    /// New flows dropped because `used` had reached `budget`.
+    pub exceeded: u64,
+    pub _pad: [u64; 4],
 }
 
 /// Where a flow's packets in one direction were last delivered, cached in its conntrack entry so
@@ -578,6 +657,7 @@ mod pod {
     unsafe impl aya::Pod for super::CtEntry {}
     unsafe impl aya::Pod for super::CtHop {}
     unsafe impl aya::Pod for super::CtValue {}
+    unsafe impl aya::Pod for super::CtOwner {}
     unsafe impl aya::Pod for super::Config {}
     unsafe impl aya::Pod for super::DropCount {}
     unsafe impl aya::Pod for super::PolicyValue {}
@@ -593,15 +673,16 @@ mod tests {
 
     #[test]
     fn layouts_have_no_implicit_padding() {
-        assert_eq!(size_of::<Endpoint>(), 20);
+        assert_eq!(size_of::<Endpoint>(), 32);
         assert_eq!(size_of::<RouteKey>(), 8);
-        assert_eq!(size_of::<Route>(), 20);
+        assert_eq!(size_of::<Route>(), 32);
         assert_eq!(size_of::<CidrKey>(), 8);
         assert_eq!(size_of::<PolicyKey>(), 12);
         assert_eq!(size_of::<CtKey>(), 20);
-        assert_eq!(size_of::<CtEntry>(), 16);
+        assert_eq!(size_of::<CtEntry>(), 32);
         assert_eq!(size_of::<CtHop>(), 20);
-        assert_eq!(size_of::<CtValue>(), 56);
+        assert_eq!(size_of::<CtValue>(), 72);
+        assert_eq!(size_of::<CtOwner>(), 64);
         assert_eq!(size_of::<Config>(), 96);
         assert_eq!(size_of::<DropCount>(), 16);
         assert_eq!(size_of::<PolicyValue>(), 4);

@@ -1,7 +1,25 @@
-//! Connection tracking (S6, S7, S9). One LRU entry per flow, keyed in the flow's original
-//! direction; a packet looks up its own key, then the reverse. An entry idle longer than the
-//! timeout of its state is a miss (it is left for the LRU to reclaim or for a new flow to
-//! overwrite). Lookups touch nothing: only a packet that is delivered refreshes its flow.
+//! Connection tracking (S6, S7, S9, S14). One entry per flow in a plain hash, keyed in the
+//! flow's original direction; a packet looks up its own key, then the reverse. An entry idle
+//! longer than the timeout of its state is a miss. Lookups touch nothing: only a packet that is
+//! delivered refreshes its flow.
+//!
+//! Binding (S7): an entry records the serials of the flow's two endpoints (`CtEntry::src_serial`,
+//! `dst_serial`), and matches a packet only if its sender is the endpoint of its side of the flow
+//! and its receiver the other. The sender is checked in [`lookup`]; the receiver by the caller,
+//! against the route it delivers by ([`Hit::receiver_serial`]), or implicitly when it delivers
+//! by the hop cached in the entry: a hop is cached only after that check passed, and stays
+//! current only while the routes are unchanged (see below). An endpoint made later with the
+//! same address, in the same or a re-created universe, therefore never inherits a flow: its
+//! packets are judged by policy as new flows.
+//!
+//! Budgets (S14): every entry is charged to its owner (the sending endpoint for flows made by
+//! `from_endpoint`, the local receiver for flows made by `from_underlay`), in the owner's slot of
+//! `VERSE_CT_OWNERS`. [`create`] adds one to `used` before inserting, atomically, and refuses the
+//! flow when `used` had already reached `budget`; only the controller deletes entries (expired
+//! ones, and those of deleted endpoints), subtracting one for each. The map is no LRU: nothing
+//! is ever evicted for room, and the budgets of a host's endpoints add up to at most its
+//! capacity, so no endpoint's flows can push out another's. The established path never touches
+//! the budget.
 //!
 //! Direction (S7): what a packet may do is its [`Role`], read from its header alone. Only a
 //! packet that can begin a flow creates one, in its own direction: a TCP SYN (without ACK, RST or
@@ -24,19 +42,23 @@
 //! whose hop carries the current epoch delivers without looking the route up; any other hit looks
 //! it up and caches the answer ([`refresh_and_cache`]). Since the controller bumps the epoch after
 //! every route or endpoint change, a cached hop is never staler than a lookup would be. Hops are
-//! only ever written by replacing the whole value (an atomic swap of the LRU element), never in
-//! place, so a reader never sees a hop torn between two writers.
+//! only ever written by replacing the whole value, never in place, so a reader never sees a hop
+//! torn between two writers.
 use aya_ebpf::helpers::{bpf_jiffies64, bpf_ktime_get_coarse_ns};
-use dataplane_common::{ct_state, CtEntry, CtHop, CtKey, CtValue, Route};
+use dataplane_common::{ct_state, CtEntry, CtHop, CtKey, CtValue, DropReason, Route};
 
 use crate::{
-    flow,
-    maps::{VERSE_CLOCK, VERSE_CT, VERSE_EPOCH},
+    atomic, flow,
+    maps::{VERSE_CLOCK, VERSE_CT, VERSE_CT_OWNERS, VERSE_EPOCH},
     parse::{
         ICMP_ECHO_REPLY, ICMP_ECHO_REQUEST, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, TCP_ACK,
         TCP_FIN, TCP_RST, TCP_SYN,
     },
 };
+
+/// `bpf_map_update_elem` flags (`include/uapi/linux/bpf.h`).
+const BPF_NOEXIST: u64 = 1;
+const BPF_EXIST: u64 = 2;
 
 /// The conntrack clock: `CLOCK_MONOTONIC_COARSE` (`bpf_ktime_get_coarse_ns`), nanoseconds that
 /// advance once per scheduler tick, fine enough for timeouts of seconds. Read through a per-CPU
@@ -165,7 +187,7 @@ pub fn hop(route: &Route, epoch: u32) -> CtHop {
     CtHop { epoch, ifindex: route.ifindex, mac: route.mac, _pad: [0; 2], underlay: route.underlay }
 }
 
-/// A live conntrack entry found for a packet.
+/// A live conntrack entry found for a packet, bound to its sender.
 pub struct Hit {
     value: *mut CtValue,
     /// The packet travels in the flow's reply direction.
@@ -186,41 +208,83 @@ impl Hit {
             None
         }
     }
+
+    /// The serial the packet's receiver must have for the entry to match it (the endpoint of the
+    /// other side of the flow).
+    #[inline(always)]
+    pub fn receiver_serial(&self) -> u64 {
+        // SAFETY: as in `cached`.
+        let e = unsafe { &(*self.value).entry };
+        if self.reply {
+            e.src_serial
+        } else {
+            e.dst_serial
+        }
+    }
 }
 
-/// The flow of a packet with key `key` and role `role`: `key` (the packet goes the flow's
-/// original way), then its reverse (a reply), each only if the role may match that way
-/// ([`Role`]); expired entries are misses.
+/// What a lookup found for a packet.
+pub struct Found {
+    /// A live entry bound to the sender, if any.
+    pub hit: Option<Hit>,
+    /// The entry stored under the packet's own key, whatever its state: a new flow of the same
+    /// key replaces it or leaves it (see [`create`]).
+    pub own: Option<*mut CtValue>,
+}
+
+/// The flow of a packet with key `key` and role `role`, sent by the endpoint of serial `sender`:
+/// `key` (the packet goes the flow's original way), then its reverse (a reply), each only if the
+/// role may match that way ([`Role`]); the first live entry whose endpoint on the sender's side
+/// is `sender` is the hit. Expired entries and entries of other endpoints are misses.
 #[inline(always)]
-pub fn lookup(key: &CtKey, role: Role, now: u64, timeouts: &[u64; ct_state::COUNT]) -> Option<Hit> {
+pub fn lookup(
+    key: &CtKey,
+    role: Role,
+    sender: u64,
+    now: u64,
+    timeouts: &[u64; ct_state::COUNT],
+) -> Found {
     if role == Role::Untracked {
-        return None;
+        // Never tracked, so never created either: the entry under the key does not matter.
+        return Found { hit: None, own: None };
     }
+    let own = VERSE_CT.get_ptr_mut(key);
     if role != Role::Answers {
-        if let Some(value) = VERSE_CT.get_ptr_mut(key) {
+        if let Some(value) = own {
             // SAFETY: the kernel returned a pointer to a live value of this map's value type.
-            if !expired(unsafe { &(*value).entry }, now, timeouts) {
-                return Some(Hit { value, reply: false });
+            let e = unsafe { &(*value).entry };
+            if e.src_serial == sender && !expired(e, now, timeouts) {
+                return Found { hit: Some(Hit { value, reply: false }), own };
             }
         }
     }
     if role == Role::Opens {
-        return None;
+        return Found { hit: None, own };
     }
     let reverse = flow::reversed(key);
     if let Some(value) = VERSE_CT.get_ptr_mut(&reverse) {
         // SAFETY: as above.
-        if !expired(unsafe { &(*value).entry }, now, timeouts) {
-            return Some(Hit { value, reply: true });
+        let e = unsafe { &(*value).entry };
+        if e.dst_serial == sender && !expired(e, now, timeouts) {
+            return Found { hit: Some(Hit { value, reply: true }), own };
         }
     }
-    None
+    Found { hit: None, own }
 }
 
-/// Whether the flow `key` is tracked, either way (the flow an ICMP error quotes).
+/// Whether `key` (or its reverse) is a live flow of `sender` to `receiver` (serials), either
+/// way: the flow an ICMP error quotes.
 #[inline(always)]
-pub fn tracked(key: &CtKey, now: u64, timeouts: &[u64; ct_state::COUNT]) -> bool {
-    lookup(key, Role::Any, now, timeouts).is_some()
+pub fn tracked(
+    key: &CtKey,
+    sender: u64,
+    receiver: u64,
+    now: u64,
+    timeouts: &[u64; ct_state::COUNT],
+) -> bool {
+    lookup(key, Role::Any, sender, now, timeouts)
+        .hit
+        .is_some_and(|h| h.receiver_serial() == receiver)
 }
 
 /// Refreshes the flow of a packet that is being delivered: last seen, state.
@@ -235,10 +299,10 @@ pub fn refresh(hit: Hit, now: u64, tcp_flags: u8) {
 }
 
 /// [`refresh`], and caches `hop` for the packet's direction: the whole value is replaced (see
-/// the module doc). `key` is the packet's own key. A refresh racing with this one on another CPU
-/// may be lost, which costs at most one packet's worth of idle time or state change, as
-/// interleaved refreshes already can. If the replacement fails (out of memory), the entry is
-/// refreshed in place, uncached.
+/// the module doc), only if the entry still exists (`BPF_EXIST`: an entry the controller deleted
+/// meanwhile is not brought back uncharged; the flow's next packet is judged as new). `key` is
+/// the packet's own key. A refresh racing with this one on another CPU may be lost, which costs
+/// at most one packet's worth of idle time or state change, as interleaved refreshes already can.
 #[inline(always)]
 pub fn refresh_and_cache(hit: Hit, key: &CtKey, now: u64, tcp_flags: u8, hop: CtHop) {
     // SAFETY: as in `refresh`; the value is copied out.
@@ -252,20 +316,77 @@ pub fn refresh_and_cache(hit: Hit, key: &CtKey, now: u64, tcp_flags: u8, hop: Ct
         value.original = hop;
         *key
     };
-    if VERSE_CT.insert(&stored, &value, 0).is_err() {
-        refresh(hit, now, tcp_flags);
+    let _ = VERSE_CT.insert(&stored, &value, BPF_EXIST);
+}
+
+/// The entry of a new flow: `src`/`dst` are the serials of the endpoints at the key's source and
+/// destination, `owner` (`ct_owner::SRC` or `DST`) says which of them it is charged to, in slot
+/// `owner_slot`; `original` is the delivery of its first direction (an empty hop for none).
+#[inline(always)]
+pub fn entry(
+    now: u64,
+    state: u8,
+    src: u64,
+    dst: u64,
+    owner: u8,
+    owner_slot: u32,
+    original: CtHop,
+) -> CtValue {
+    CtValue {
+        entry: CtEntry {
+            last_seen_ns: now,
+            src_serial: src,
+            dst_serial: dst,
+            owner_slot,
+            state,
+            owner,
+            _pad: [0; 2],
+        },
+        original,
+        reply: CtHop::default(),
     }
 }
 
-/// Records a new flow allowed by policy, with `original` as the cached delivery of its first
-/// direction (an empty hop for none). A failed insert (out of memory) is not a hole: the flow's
-/// replies are then judged by policy.
+/// Records a new flow allowed by policy (S14):
+/// - an entry of the same owner already under `key` (expired, or made for an endpoint since
+///   deleted: `found.own`) is replaced, at no charge: it was charged when it was made;
+/// - an entry of another owner under `key` is left alone (only the controller deletes entries,
+///   and this can only be one of a deleted endpoint, which it is about to delete): the packet
+///   goes on untracked, and its replies are judged by policy;
+/// - otherwise the owner's `used` is incremented first, and if it had already reached the
+///   owner's budget the flow is refused (`ConntrackBudgetExceeded`, counted in the owner's
+///   `exceeded` too); an insert that fails (the same flow made meanwhile on another CPU) gives
+///   the charge back.
 #[inline(always)]
-pub fn create(key: &CtKey, now: u64, state: u8, original: CtHop) {
-    let value = CtValue {
-        entry: CtEntry { last_seen_ns: now, state, _pad: [0; 7] },
-        original,
-        reply: CtHop::default(),
-    };
-    let _ = VERSE_CT.insert(key, &value, 0);
+pub fn create(key: &CtKey, own: Option<*mut CtValue>, value: &CtValue) -> Result<(), DropReason> {
+    let e = &value.entry;
+    if let Some(old) = own {
+        // SAFETY: the pointer came from a lookup in this program run (RCU); the fields are
+        // copied out, and a concurrent replacement can only make this check moot, not unsafe.
+        let (slot, serial) = unsafe { ((*old).entry.owner_slot, (*old).entry.owner_serial()) };
+        if slot != e.owner_slot || serial != e.owner_serial() {
+            return Ok(());
+        }
+        if VERSE_CT.insert(key, value, BPF_EXIST).is_ok() {
+            return Ok(());
+        }
+        // Deleted by the controller meanwhile: a fresh insert, charged, below.
+    }
+    let owner =
+        VERSE_CT_OWNERS.get_ptr_mut(e.owner_slot).ok_or(DropReason::ConntrackBudgetExceeded)?;
+    // SAFETY: `owner` points at a live value of VERSE_CT_OWNERS (an array: values are never
+    // freed), 8-byte aligned like every field of `CtOwner`.
+    unsafe {
+        let used = core::ptr::addr_of_mut!((*owner).used);
+        let before = atomic::fetch_add(used, 1);
+        if before >= core::ptr::read_volatile(core::ptr::addr_of!((*owner).budget)) {
+            atomic::add(used, u64::MAX);
+            atomic::add(core::ptr::addr_of_mut!((*owner).exceeded), 1);
+            return Err(DropReason::ConntrackBudgetExceeded);
+        }
+        if VERSE_CT.insert(key, value, BPF_NOEXIST).is_err() {
+            atomic::add(used, u64::MAX);
+        }
+    }
+    Ok(())
 }

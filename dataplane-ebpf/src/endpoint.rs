@@ -12,24 +12,27 @@
 //! 3. IPv4 header ([`flow::ipv4_header`], `MalformedIpv4`); source is the endpoint's IP
 //!    (`SpoofedIp`); not a fragment (`Fragment`).
 //! 4. L4 header ([`flow::l4`], `MalformedL4`).
-//! 5. Conntrack hit (live) on the packet's key or its reverse, as far as its role allows
-//!    ([`conntrack::Role`], S7: a TCP SYN or an echo request only the original way, an echo
-//!    reply only the reply way, other ICMP never) -> the delivery cached in the entry for this
-//!    direction if it carries the current route epoch (no route lookup: the established path),
-//!    else the route (none: `NoRoute`), which is then cached; the packet is sent on (step 8)
-//!    and, once it passed the MTU check, its flow refreshed (policy is skipped, S6). A dropped
-//!    packet never creates or refreshes a flow.
+//! 5. Conntrack hit (live, bound to this sender: [`conntrack::lookup`]) on the packet's key or
+//!    its reverse, as far as its role allows ([`conntrack::Role`], S7: a TCP SYN or an echo
+//!    request only the original way, an echo reply only the reply way, other ICMP never) -> the
+//!    delivery cached in the entry for this direction if it carries the current route epoch (no
+//!    route lookup: the established path), else the route (none: `NoRoute`; an endpoint other
+//!    than the flow's: no hit, go on with step 6), which is then cached; the packet is sent on
+//!    (step 8) and, once it passed the MTU check, its flow refreshed (policy is skipped, S6). A
+//!    dropped packet never creates or refreshes a flow.
 //! 6. An ICMP error related to a tracked flow ([`related::error`]: an error type and code, at
 //!    most 576 bytes, from the quoted packet's destination to its source, the quoted flow
-//!    tracked) -> sent on like step 5, without policy and without touching conntrack (S6).
-//!    Otherwise the message is judged like any ICMP.
+//!    tracked between the error's receiver, the endpoint the route names, and its sender) -> sent
+//!    on like step 5, without policy and without touching conntrack (S6). Otherwise the message
+//!    is judged like any ICMP.
 //! 7. Route of (universe, destination) looked up; egress policy of the sender with the
 //!    destination as peer (`PolicyEgress`); no route -> `NoRoute` (this includes the gateway
 //!    address, which is no endpoint); for a local receiver its ingress policy with the sender as
 //!    peer (`PolicyIngress`); a packet whose role begins flows ([`conntrack::creates`]: a TCP
-//!    SYN, an ICMP echo request, UDP, other protocols) creates its conntrack entry, caching this
-//!    delivery; any other (a TCP segment without SYN, an echo reply, other ICMP) is sent on
-//!    untracked.
+//!    SYN, an ICMP echo request, UDP, other protocols) creates its conntrack entry, owned by the
+//!    sender and charged to its budget (`ConntrackBudgetExceeded` when it is spent, S14),
+//!    caching this delivery; any other (a TCP segment without SYN, an echo reply, other ICMP) is
+//!    sent on untracked.
 //! 8. Sending on. A local receiver: [`deliver::to_endpoint`]. A receiver on another host (route
 //!    ifindex 0): this host needs an underlay (`NoUnderlay` otherwise); a packet that would not
 //!    fit the underlay once wrapped is answered with an ICMP "fragmentation needed"
@@ -38,7 +41,7 @@
 //!    `EncapFailed`, `RedirectFailed`).
 use aya_ebpf::programs::TcContext;
 use dataplane_common::{
-    capacity, Config, CtHop, DropReason, Endpoint, Hook, PolicyValue, Route, RouteKey,
+    capacity, ct_owner, Config, CtHop, DropReason, Endpoint, Hook, PolicyValue, Route, RouteKey,
     DIRECTION_EGRESS, DIRECTION_INGRESS,
 };
 
@@ -100,32 +103,56 @@ fn ipv4(
     // copies, so a route changed meanwhile leaves it stale, never wrongly current.
     let epoch = conntrack::epoch();
 
-    if let Some(hit) = conntrack::lookup(&key, role, now, &config.timeouts_ns) {
-        // The established path: the delivery cached under the current epoch, else the route.
+    let found = conntrack::lookup(&key, role, endpoint.serial, now, &config.timeouts_ns);
+    // The route, when it was looked up for a hit whose receiver turned out to be another
+    // endpoint than the flow's (the new-flow path below uses it).
+    let mut looked_up = None;
+    if let Some(hit) = found.hit {
+        // The established path: the delivery cached under the current epoch (its receiver was
+        // checked when it was cached, and the routes have not changed since), else the route.
         let (hop, cached) = match hit.cached(epoch) {
-            Some(hop) => (hop, true),
+            Some(hop) => (Some(hop), true),
             None => match route_of(endpoint.vni, ip.dst) {
-                Some(route) => (conntrack::hop(&route, epoch), false),
+                Some(route) if route.serial == hit.receiver_serial() => {
+                    (Some(conntrack::hop(&route, epoch)), false)
+                }
+                Some(route) => {
+                    looked_up = Some(route);
+                    (None, false)
+                }
                 None => return Err(DropReason::NoRoute),
             },
         };
-        if let Some(mtu) = too_big(ctx, config, &hop, &ip, &l4)? {
-            return icmp::frag_needed(ctx, endpoint, ifindex, config.gateway_mac, &ip, mtu);
+        if let Some(hop) = hop {
+            if let Some(mtu) = too_big(ctx, config, &hop, &ip, &l4)? {
+                return icmp::frag_needed(ctx, endpoint, ifindex, config.gateway_mac, &ip, mtu);
+            }
+            if cached {
+                conntrack::refresh(hit, now, l4.tcp_flags);
+            } else {
+                conntrack::refresh_and_cache(hit, &key, now, l4.tcp_flags, hop);
+            }
+            return forward(ctx, endpoint, config, &hop);
         }
-        if cached {
-            conntrack::refresh(hit, now, l4.tcp_flags);
-        } else {
-            conntrack::refresh_and_cache(hit, &key, now, l4.tcp_flags, hop);
-        }
-        return forward(ctx, endpoint, config, &hop);
     }
-    let route = route_of(endpoint.vni, ip.dst);
-    if role == conntrack::Role::Untracked
-        && related::error(ctx, endpoint.vni, &ip, &l4, now, &config.timeouts_ns)
-    {
-        let Some(route) = route else {
-            return Err(DropReason::NoRoute);
-        };
+    let route = match looked_up {
+        Some(route) => Some(route),
+        None => route_of(endpoint.vni, ip.dst),
+    };
+    // An error about a flow between its receiver (the endpoint the route names) and its sender.
+    let related_to = route.filter(|r| {
+        role == conntrack::Role::Untracked
+            && related::error(
+                ctx,
+                endpoint.vni,
+                &ip,
+                &l4,
+                (endpoint.serial, r.serial),
+                now,
+                &config.timeouts_ns,
+            )
+    });
+    if let Some(route) = related_to {
         let hop = conntrack::hop(&route, epoch);
         if let Some(mtu) = too_big(ctx, config, &hop, &ip, &l4)? {
             return icmp::frag_needed(ctx, endpoint, ifindex, config.gateway_mac, &ip, mtu);
@@ -168,7 +195,16 @@ fn ipv4(
         return icmp::frag_needed(ctx, endpoint, ifindex, config.gateway_mac, &ip, mtu);
     }
     if conntrack::creates(role) {
-        conntrack::create(&key, now, conntrack::initial_state(ip.proto), hop);
+        let entry = conntrack::entry(
+            now,
+            conntrack::initial_state(ip.proto),
+            endpoint.serial,
+            route.serial,
+            ct_owner::SRC,
+            endpoint.slot,
+            hop,
+        );
+        conntrack::create(&key, found.own, &entry)?;
         let who = events::Parties {
             ifindex,
             vni: endpoint.vni,

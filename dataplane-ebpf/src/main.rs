@@ -10,11 +10,15 @@
 //! Shared: [`parse`] (bounds-checked header access), [`flow`] (IPv4 and L4 as conntrack and
 //! policy see them), [`conntrack`], [`related`] (ICMP errors related to a flow), [`policy`],
 //! [`arp`], [`encap`] (the wire format between hosts), [`icmp`] (path MTU errors), [`deliver`]
-//! (into an endpoint's namespace), [`drop`] (counted drops), [`events`] (verdict events to the daemon), [`maps`].
+//! (into an endpoint's namespace), [`drop`] (counted drops), [`events`] (verdict events to the
+//! daemon), [`atomic`] (atomic counters), [`maps`].
 #![no_std]
 #![no_main]
+// Atomic read-modify-write for the conntrack budgets (see `atomic`).
+#![cfg_attr(target_arch = "bpf", feature(asm_experimental_arch))]
 
 mod arp;
+mod atomic;
 mod conntrack;
 mod deliver;
 mod drop;

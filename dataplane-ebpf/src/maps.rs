@@ -5,11 +5,11 @@
 use aya_ebpf::bindings::BPF_F_NO_PREALLOC;
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
+    maps::{Array, HashMap, LpmTrie, PerCpuArray, PerCpuHashMap, RingBuf},
 };
 use dataplane_common::{
-    capacity, CidrKey, Config, CtKey, CtValue, DropCount, Endpoint, EventLimiter, Hook, HostKey,
-    PolicyKey, PolicyValue, Route, RouteKey, VniKey,
+    capacity, CidrKey, Config, CtKey, CtOwner, CtValue, DropCount, Endpoint, EventLimiter, Hook,
+    HostKey, PolicyKey, PolicyValue, Route, RouteKey, VniKey, MAP_F_MMAPABLE,
 };
 
 /// Host-side veth ifindex -> the endpoint behind it, for ifindexes below
@@ -37,11 +37,20 @@ pub static VERSE_CIDRS: LpmTrie<CidrKey, u32> = LpmTrie::pinned(capacity::CIDRS,
 #[map]
 pub static VERSE_POLICY: LpmTrie<PolicyKey, PolicyValue> = LpmTrie::pinned(capacity::POLICY, 0);
 
-/// Connection tracking, keyed by the flow's original direction. LRU: when full, the least
-/// recently used flows go first; a flow evicted that way is judged again by policy (S11: a full
-/// map never opens a hole).
+/// Connection tracking, keyed by the flow's original direction. A plain, preallocated hash: the
+/// kernel never evicts an entry to make room for another (an LRU would let one endpoint's flood
+/// push out everyone's flows). Room is shared out instead: every entry is charged to its owner's
+/// budget in `VERSE_CT_OWNERS`, the budgets of a host's endpoints add up to at most this
+/// capacity (the controller refuses more), and the controller deletes expired entries and those
+/// of deleted endpoints (see `conntrack`).
 #[map]
-pub static VERSE_CT: LruHashMap<CtKey, CtValue> = LruHashMap::pinned(capacity::CONNTRACK, 0);
+pub static VERSE_CT: HashMap<CtKey, CtValue> = HashMap::pinned(capacity::CONNTRACK, 0);
+
+/// `Endpoint::slot` -> that endpoint's conntrack budget and usage (S14). Mapped into the
+/// controller's memory (`BPF_F_MMAPABLE`), which subtracts from `used` with the same atomic
+/// instructions the programs add with.
+#[map]
+pub static VERSE_CT_OWNERS: Array<CtOwner> = Array::pinned(capacity::CT_OWNERS, MAP_F_MMAPABLE);
 
 /// One slot per CPU: the conntrack clock's copy (see `conntrack::now`). Not pinned: it is a
 /// cache of the kernel's clock, meaningless to another load.

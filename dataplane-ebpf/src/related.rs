@@ -10,7 +10,9 @@
 //! - it comes from the quoted packet's destination and goes to the quoted packet's source: the
 //!   flow's peer answering about a packet it received (a third party's error about somebody
 //!   else's flow is not related, whatever it quotes);
-//! - the quoted flow is tracked, either way.
+//! - the quoted flow is tracked, either way, between the very endpoints (by serial) that are
+//!   the error's receiver and sender (S7: an endpoint made later with one of their addresses
+//!   does not inherit the flow's errors either).
 //!
 //! A related error is delivered without policy and touches no flow; anything else is judged by
 //! the sender's egress and the receiver's ingress rules like any ICMP, and never tracked. The
@@ -39,12 +41,14 @@ pub fn is_error(proto: u8, icmp_type: u8, code: u8) -> bool {
 }
 
 /// True if the packet (`ip`, `l4`, in universe `vni`) is an ICMP error related to a tracked flow.
+/// `(sender, receiver)` are the serials of the endpoints sending and receiving the error.
 #[inline(always)]
 pub fn error(
     ctx: &TcContext,
     vni: u32,
     ip: &Ipv4,
     l4: &L4,
+    (sender, receiver): (u64, u64),
     now: u64,
     timeouts: &[u64; ct_state::COUNT],
 ) -> bool {
@@ -59,5 +63,6 @@ pub fn error(
     };
     ip_eq(&quoted.src, &ip.dst)
         && ip_eq(&quoted.dst, &ip.src)
-        && conntrack::tracked(&quoted, now, timeouts)
+        // The quoted packet went from the error's receiver to its sender.
+        && conntrack::tracked(&quoted, receiver, sender, now, timeouts)
 }

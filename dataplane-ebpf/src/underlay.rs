@@ -22,18 +22,21 @@
 //!    endpoint, the one in its route (`IdentityMismatch`, S10): the header is a claim the sender
 //!    makes, checked, never believed.
 //! 7. The inner destination is an endpoint of this host (`NotLocal`).
-//! 8. Conntrack hit (live) on the packet's key or its reverse, as far as its role allows (as in
-//!    `from_endpoint`, S7) -> refreshed and delivered (S6); an ICMP error related to a tracked
-//!    flow ([`related::error`], as in `from_endpoint`: its inner source, placed on the sending
-//!    host by step 5, is the quoted packet's destination) -> delivered.
+//! 8. Conntrack hit (live, and bound to the inner source and destination endpoints, S7) on the
+//!    packet's key or its reverse, as far as its role allows (as in `from_endpoint`, S7) ->
+//!    refreshed and delivered (S6); an ICMP error related to a tracked flow
+//!    ([`related::error`], as in `from_endpoint`: its inner source, placed on the sending host by
+//!    step 5, is the quoted packet's destination) -> delivered.
 //! 9. Otherwise the receiver's ingress policy with peer = the inner source's identity (from its
 //!    route; then its CIDR class; then ANY) (`PolicyIngress`); a packet whose role begins flows
-//!    creates its conntrack entry, any other is delivered untracked.
+//!    creates its conntrack entry, owned by the receiver and charged to its budget
+//!    (`ConntrackBudgetExceeded` when it is spent, S14); any other is delivered untracked.
 //! 10. Unwrap ([`encap::unwrap`], `EncapFailed`) and deliver ([`deliver::to_endpoint`],
 //!    `RedirectFailed`).
 use aya_ebpf::{bindings::TC_ACT_OK, programs::TcContext};
 use dataplane_common::{
-    Config, CtHop, DropReason, Hook, Route, RouteKey, DIRECTION_INGRESS, ENCAP_OVERHEAD, VXLAN_PORT,
+    ct_owner, Config, CtHop, DropReason, Hook, Route, RouteKey, DIRECTION_INGRESS, ENCAP_OVERHEAD,
+    VXLAN_PORT,
 };
 
 use crate::{
@@ -152,12 +155,11 @@ fn inner(
     let l4 = flow::l4(ctx, ip.proto, ip.l4_off, ip.ip_end)?;
 
     // SAFETY: copied out at once; each value is one the controller wrote.
-    let from: Option<Route> = unsafe { VERSE_ROUTES.get(&RouteKey { vni, ip: ip.src }) }.copied();
-    let identity = match from {
-        Some(r) if r.ifindex == 0 && ip_eq(&r.underlay, &host) => r.identity,
+    let from: Route = match unsafe { VERSE_ROUTES.get(&RouteKey { vni, ip: ip.src }) } {
+        Some(r) if r.ifindex == 0 && ip_eq(&r.underlay, &host) => *r,
         _ => return Err(DropReason::NotPlacedOnSender),
     };
-    if identity != claimed {
+    if from.identity != claimed {
         return Err(DropReason::IdentityMismatch);
     }
     // SAFETY: as above.
@@ -169,13 +171,14 @@ fn inner(
     let key = flow::ct_key(vni, &ip, &l4);
     let role = conntrack::role(ip.proto, l4.tcp_flags, l4.icmp_type);
     let now = conntrack::now();
-    if let Some(hit) = conntrack::lookup(&key, role, now, &config.timeouts_ns) {
+    let found = conntrack::lookup(&key, role, from.serial, now, &config.timeouts_ns);
+    if let Some(hit) = found.hit.filter(|h| h.receiver_serial() == to.serial) {
         conntrack::refresh(hit, now, l4.tcp_flags);
         encap::unwrap(ctx)?;
         return deliver::to_endpoint(ctx, to.ifindex, to.mac, config.gateway_mac);
     }
     if role == conntrack::Role::Untracked
-        && related::error(ctx, vni, &ip, &l4, now, &config.timeouts_ns)
+        && related::error(ctx, vni, &ip, &l4, (from.serial, to.serial), now, &config.timeouts_ns)
     {
         encap::unwrap(ctx)?;
         return deliver::to_endpoint(ctx, to.ifindex, to.mac, config.gateway_mac);
@@ -183,7 +186,7 @@ fn inner(
     let Some(ingress) = policy::rule(
         to.identity,
         DIRECTION_INGRESS,
-        Some(identity),
+        Some(from.identity),
         vni,
         ip.src,
         ip.proto,
@@ -193,11 +196,20 @@ fn inner(
     };
     // No delivery is cached: this hook's hit path needs the source's route anyway (S10).
     if conntrack::creates(role) {
-        conntrack::create(&key, now, conntrack::initial_state(ip.proto), CtHop::default());
+        let entry = conntrack::entry(
+            now,
+            conntrack::initial_state(ip.proto),
+            from.serial,
+            to.serial,
+            ct_owner::DST,
+            to.slot,
+            CtHop::default(),
+        );
+        conntrack::create(&key, found.own, &entry)?;
         let who = events::Parties {
             ifindex: to.ifindex,
             vni,
-            src_identity: identity,
+            src_identity: from.identity,
             dst_identity: to.identity,
             peer_host: host,
         };

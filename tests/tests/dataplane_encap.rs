@@ -20,7 +20,7 @@ use tests::frames::{
     checksum, ethernet, icmp, ipv4, tcp, udp, vxlan_gbp, ACK, ETH_ARP, ETH_IPV4, SYN, SYN_ACK,
 };
 use tests::{is_root, pinned_drops, Bpffs, Netns, TempDir};
-use verse::compile::Desired;
+use verse::compile::{Desired, OwnerBudget};
 use verse::dataplane::{tc_act, Dataplane};
 
 const GATEWAY_MAC: [u8; 6] = [0x02, 0x00, 0x00, 0x00, 0x00, 0x01];
@@ -93,10 +93,29 @@ fn from_b(sport: u16, dport: u16, flags: u8) -> Vec<u8> {
 
 fn desired(if_a: u32) -> Desired {
     let mut d = Desired::default();
-    d.endpoints
-        .insert(if_a, Endpoint { ip: IP_A, mac: MAC_A, _pad: [0; 2], vni: VNI, identity: ID_A });
-    let route =
-        |ifindex, identity, mac, underlay| Route { ifindex, identity, mac, _pad: [0; 2], underlay };
+    // Serials are the identities here; A, the one local endpoint, has slot 1.
+    d.endpoints.insert(
+        if_a,
+        Endpoint {
+            ip: IP_A,
+            mac: MAC_A,
+            _pad: [0; 2],
+            vni: VNI,
+            identity: ID_A,
+            slot: 1,
+            serial: u64::from(ID_A),
+        },
+    );
+    d.ct_owners.insert(1, OwnerBudget { serial: u64::from(ID_A), budget: 1000 });
+    let route = |ifindex, identity, mac, underlay| Route {
+        ifindex,
+        identity,
+        mac,
+        _pad: [0; 2],
+        underlay,
+        slot: if ifindex == 0 { 0 } else { 1 },
+        serial: u64::from(identity),
+    };
     d.routes.insert(RouteKey { vni: VNI, ip: IP_A }, route(if_a, ID_A, MAC_A, [0; 4]));
     d.routes.insert(RouteKey { vni: VNI, ip: IP_B }, route(0, ID_B, MAC_B, HOST_B));
     d.routes.insert(RouteKey { vni: VNI, ip: IP_C }, route(0, ID_C, MAC_C, HOST_C));

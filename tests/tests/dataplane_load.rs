@@ -14,7 +14,7 @@ use dataplane_common::{
 };
 use tests::frames::{arp_request, ethernet, icmp, ipv4, tcp, ETH_IPV4, ETH_IPV6, SYN, SYN_ACK};
 use tests::{is_root, pinned_drops, Bpffs, Netns, TempDir};
-use verse::compile::Desired;
+use verse::compile::{Desired, OwnerBudget};
 use verse::dataplane::{tc_act, Dataplane};
 
 const GATEWAY_MAC: [u8; 6] = [0x02, 0x00, 0x00, 0x00, 0x00, 0x01];
@@ -50,16 +50,45 @@ fn tcp_frame(
 
 // ---- the maps, by hand ---------------------------------------------------------------------
 
+/// Every endpoint here has the last byte of its address as its conntrack slot and serial.
+fn slot_of(ip: [u8; 4]) -> u32 {
+    u32::from(ip[3])
+}
+fn serial_of(ip: [u8; 4]) -> u64 {
+    u64::from(ip[3])
+}
+/// Gives the endpoint at `ip` its slot, with a budget far above what a test uses.
+fn own(d: &mut Desired, ip: [u8; 4]) {
+    d.ct_owners.insert(slot_of(ip), OwnerBudget { serial: serial_of(ip), budget: 4096 });
+}
+
 /// A can send anything anywhere (egress all); B admits TCP/80 from A. Nothing else.
 fn desired(if_a: u32, if_b: u32) -> Desired {
-    let endpoint = |ip, mac, identity| Endpoint { ip, mac, _pad: [0; 2], vni: VNI, identity };
-    let route =
-        |ifindex, identity, mac| Route { ifindex, identity, mac, _pad: [0; 2], underlay: [0; 4] };
+    let endpoint = |ip: [u8; 4], mac, identity| Endpoint {
+        ip,
+        mac,
+        _pad: [0; 2],
+        vni: VNI,
+        identity,
+        slot: slot_of(ip),
+        serial: serial_of(ip),
+    };
+    let route = |ifindex, identity, mac, ip: [u8; 4]| Route {
+        ifindex,
+        identity,
+        mac,
+        _pad: [0; 2],
+        underlay: [0; 4],
+        slot: slot_of(ip),
+        serial: serial_of(ip),
+    };
     let mut d = Desired::default();
     d.endpoints.insert(if_a, endpoint(IP_A, MAC_A, ID_A));
     d.endpoints.insert(if_b, endpoint(IP_B, MAC_B, ID_B));
-    d.routes.insert(RouteKey { vni: VNI, ip: IP_A }, route(if_a, ID_A, MAC_A));
-    d.routes.insert(RouteKey { vni: VNI, ip: IP_B }, route(if_b, ID_B, MAC_B));
+    own(&mut d, IP_A);
+    own(&mut d, IP_B);
+    d.routes.insert(RouteKey { vni: VNI, ip: IP_A }, route(if_a, ID_A, MAC_A, IP_A));
+    d.routes.insert(RouteKey { vni: VNI, ip: IP_B }, route(if_b, ID_B, MAC_B, IP_B));
     d.policy.insert(
         (
             policy_prefix::PEER,
@@ -365,12 +394,30 @@ fn related_errors_come_only_from_the_peer(
     const MAC_C: [u8; 6] = [0x02, 0xCC, 0x00, 0x00, 0x00, 0x04];
     const ID_C: u32 = 3;
     let mut with_c = want.clone();
-    with_c
-        .endpoints
-        .insert(if_c, Endpoint { ip: IP_C, mac: MAC_C, _pad: [0; 2], vni: VNI, identity: ID_C });
+    with_c.endpoints.insert(
+        if_c,
+        Endpoint {
+            ip: IP_C,
+            mac: MAC_C,
+            _pad: [0; 2],
+            vni: VNI,
+            identity: ID_C,
+            slot: slot_of(IP_C),
+            serial: serial_of(IP_C),
+        },
+    );
+    own(&mut with_c, IP_C);
     with_c.routes.insert(
         RouteKey { vni: VNI, ip: IP_C },
-        Route { ifindex: if_c, identity: ID_C, mac: MAC_C, _pad: [0; 2], underlay: [0; 4] },
+        Route {
+            ifindex: if_c,
+            identity: ID_C,
+            mac: MAC_C,
+            _pad: [0; 2],
+            underlay: [0; 4],
+            slot: slot_of(IP_C),
+            serial: serial_of(IP_C),
+        },
     );
     with_c.policy.insert(
         (
@@ -494,9 +541,24 @@ fn reused_ifindex(bpf_dir: &Path, if_a: u32, if_b: u32, if_c: u32, if_d: u32) {
     const MAC_D: [u8; 6] = [0x02, 0xDD, 0x00, 0x00, 0x00, 0x05];
     const ID_C: u32 = 3;
     let mut dp = Dataplane::load(bpf_dir, &config()).expect("load the dataplane");
-    let endpoint = |ip, mac, identity| Endpoint { ip, mac, _pad: [0; 2], vni: VNI, identity };
-    let route =
-        |ifindex, identity, mac| Route { ifindex, identity, mac, _pad: [0; 2], underlay: [0; 4] };
+    let endpoint = |ip: [u8; 4], mac, identity| Endpoint {
+        ip,
+        mac,
+        _pad: [0; 2],
+        vni: VNI,
+        identity,
+        slot: slot_of(ip),
+        serial: serial_of(ip),
+    };
+    let route = |ifindex, identity, mac, ip: [u8; 4]| Route {
+        ifindex,
+        identity,
+        mac,
+        _pad: [0; 2],
+        underlay: [0; 4],
+        slot: slot_of(ip),
+        serial: serial_of(ip),
+    };
     // C admits what B admits: TCP/80 from A.
     let admit_from_a = |d: &mut Desired, id: u32| {
         d.policy.insert(
@@ -516,7 +578,8 @@ fn reused_ifindex(bpf_dir: &Path, if_a: u32, if_b: u32, if_c: u32, if_d: u32) {
     // D sends with A's identity (egress all) from an ifindex beyond the slots.
     let mut ab = desired(if_a, if_b);
     ab.endpoints.insert(if_d, endpoint(IP_D, MAC_D, ID_A));
-    ab.routes.insert(RouteKey { vni: VNI, ip: IP_D }, route(if_d, ID_A, MAC_D));
+    own(&mut ab, IP_D);
+    ab.routes.insert(RouteKey { vni: VNI, ip: IP_D }, route(if_d, ID_A, MAC_D, IP_D));
     admit_from_a(&mut ab, ID_C);
     dp.apply(&Desired::default(), &ab).expect("apply A, B, D");
     assert_eq!(dp.read().expect("read"), ab, "slots and hash read back as one map");
@@ -549,8 +612,10 @@ fn reused_ifindex(bpf_dir: &Path, if_a: u32, if_b: u32, if_c: u32, if_d: u32) {
     // One edit deletes B and puts C on B's interface (the ifindex reused at once).
     let mut ac = ab.clone();
     ac.endpoints.insert(if_b, endpoint(IP_C, MAC_C, ID_C));
+    ac.ct_owners.remove(&slot_of(IP_B));
+    own(&mut ac, IP_C);
     ac.routes.remove(&RouteKey { vni: VNI, ip: IP_B });
-    ac.routes.insert(RouteKey { vni: VNI, ip: IP_C }, route(if_b, ID_C, MAC_C));
+    ac.routes.insert(RouteKey { vni: VNI, ip: IP_C }, route(if_b, ID_C, MAC_C, IP_C));
     let epoch = dp.epoch().expect("epoch");
     dp.apply(&ab, &ac).expect("apply: B gone, C on its ifindex");
     assert!(dp.epoch().expect("epoch") > epoch, "the edit bumped the epoch");
@@ -574,7 +639,8 @@ fn reused_ifindex(bpf_dir: &Path, if_a: u32, if_b: u32, if_c: u32, if_d: u32) {
     // B comes back with its address on another interface and MAC: its live flow follows it.
     let mut acb = ac.clone();
     acb.endpoints.insert(if_c, endpoint(IP_B, MAC_B2, ID_B));
-    acb.routes.insert(RouteKey { vni: VNI, ip: IP_B }, route(if_c, ID_B, MAC_B2));
+    own(&mut acb, IP_B);
+    acb.routes.insert(RouteKey { vni: VNI, ip: IP_B }, route(if_c, ID_B, MAC_B2, IP_B));
     dp.apply(&ac, &acb).expect("apply: B on another interface");
     let out = dp.test_run(&ack, if_a, 1).expect("run");
     assert_eq!(out.return_code, tc_act::REDIRECT, "the tracked flow reaches the new B");

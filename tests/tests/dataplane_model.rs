@@ -15,11 +15,18 @@
 //! when too big); what an endpoint of another host sends arrives wrapped on the underlay through
 //! `from_underlay`, with forged encapsulations (unknown hosts, sources not placed on the
 //! sending host, identities other than the sender's, unknown VNIs), malformed ones, and frames
-//! that are not Verse's. Mid-run a rule is
-//! revoked (S8) and an endpoint changes groups (S5). Compared for every packet: the return code,
-//! the output frame (for a wrapped frame, all but the outer UDP source port, a flow hash the
-//! kernel computes), and which `VERSE_DROPS` counter moved; every few hundred packets and at the
-//! end, the conntrack tables (keys and states). The deliveries the kernel caches in its entries
+//! that are not Verse's. Mid-run a rule is revoked (S8), an endpoint changes groups (S5), an
+//! endpoint is deleted and made again at its address and interface (a new serial, other groups:
+//! S7, neither side may let it inherit the old one's flows), and garbage is collected (expired
+//! entries and those of the deleted endpoint, by the controller's own collector on the kernel's
+//! map and `Conntrack::collect` on the model's). Two endpoints have small conntrack budgets,
+//! which the generator spends, so that refusals at the limit (S14) and the replacement of an
+//! owner's own entries are compared too. Compared for every packet: the return code, the output
+//! frame (for a wrapped frame, all but the outer UDP source port, a flow hash the kernel
+//! computes), and which `VERSE_DROPS` counter moved; every few hundred packets and at the end,
+//! the conntrack tables (keys, states, the serials of both endpoints and the owner) and every
+//! owner's budget counter against the entries charged to it in the model. The deliveries the
+//! kernel caches in its entries
 //! (`CtValue::original`/`reply`) are an optimisation the model has no counterpart for:
 //! `Dataplane::conntrack` leaves them out, so they are never compared; the frames they produce
 //! are, packet by packet. Both sides read `CLOCK_MONOTONIC_COARSE`.
@@ -34,7 +41,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
 use std::net::Ipv4Addr;
 
-use dataplane_common::{ct_state, Config, CtKey, DropReason};
+use dataplane_common::{ct_state, Config, CtEntry, CtKey, DropReason};
 use rand::rngs::StdRng;
 use rand::seq::IndexedRandom;
 use rand::{Rng, SeedableRng};
@@ -45,7 +52,7 @@ use verse::dataplane::{tc_act, Dataplane};
 use verse::model::{
     CreateEndpoint, CreateGroup, CreateRule, CreateUniverse, HostRecord, PatchEndpoint, State,
 };
-use verse::verdict::{Conntrack, Host, Timeouts, Underlay, Verdict};
+use verse::verdict::{is_garbage, Conntrack, Host, Timeouts, Underlay, Verdict};
 
 const HOST: &str = "h1";
 const GW: [u8; 6] = [0x02, 0xfe, 0, 0, 0, 0x01];
@@ -74,7 +81,13 @@ struct Names {
     web_group: String,
     mover: String,
     mover_groups_after: Vec<String>,
+    /// Deleted and made again at its address (S7), in `reborn_groups`.
+    reborn: String,
+    reborn_groups: Vec<String>,
 }
+
+/// The conntrack budget of the endpoints that spend theirs in this test (S14).
+const SMALL_BUDGET: i64 = 12;
 
 fn rule(
     st: &mut State,
@@ -269,42 +282,49 @@ fn build_state() -> (State, BTreeMap<&'static str, String>, Names) {
         );
     }
     let mut eps = BTreeMap::new();
-    let mut ep =
-        |st: &mut State, short: &'static str, host: &str, u: &str, ip: &str, groups: &[&String]| {
-            let e = st
-                .create_endpoint(
-                    CreateEndpoint {
-                        universe: u.into(),
-                        host: Some(host.into()),
-                        netns: format!("ns-{short}"),
-                        ip: ip.into(),
-                        security_groups: Some(groups.iter().map(|g| g.to_string()).collect()),
-                        conntrack_budget: None,
-                    },
-                    HOST,
-                )
-                .unwrap_or_else(|e| panic!("create endpoint {short}: {e}"));
-            eps.insert(short, e.id);
-        };
-    ep(&mut st, "a-web", HOST, &a, "10.0.1.10", &[&def_a, &web]);
-    ep(&mut st, "a-db", HOST, &a, "10.0.1.11", &[&db]);
-    ep(&mut st, "a-mgmt", HOST, &a, "10.0.1.12", &[&mgmt, &def_a]);
-    ep(&mut st, "a-webdb", HOST, &a, "10.0.2.5", &[&web, &db]);
-    ep(&mut st, "a-ops", HOST, &a, "10.0.2.200", &[&ops]);
-    ep(&mut st, "a-plain", HOST, &a, "10.0.0.7", &[&def_a]);
-    ep(&mut st, "b-def", HOST, &b, "10.0.1.10", &[&def_b]);
-    ep(&mut st, "b-web", HOST, &b, "10.0.1.12", &[&def_b, &web_b]);
+    let mut ep = |st: &mut State,
+                  short: &'static str,
+                  host: &str,
+                  u: &str,
+                  ip: &str,
+                  groups: &[&String],
+                  budget: Option<i64>| {
+        let e = st
+            .create_endpoint(
+                CreateEndpoint {
+                    universe: u.into(),
+                    host: Some(host.into()),
+                    netns: format!("ns-{short}"),
+                    ip: ip.into(),
+                    security_groups: Some(groups.iter().map(|g| g.to_string()).collect()),
+                    conntrack_budget: budget,
+                },
+                HOST,
+            )
+            .unwrap_or_else(|e| panic!("create endpoint {short}: {e}"));
+        eps.insert(short, e.id);
+    };
+    ep(&mut st, "a-web", HOST, &a, "10.0.1.10", &[&def_a, &web], None);
+    ep(&mut st, "a-db", HOST, &a, "10.0.1.11", &[&db], None);
+    ep(&mut st, "a-mgmt", HOST, &a, "10.0.1.12", &[&mgmt, &def_a], None);
+    ep(&mut st, "a-webdb", HOST, &a, "10.0.2.5", &[&web, &db], None);
+    ep(&mut st, "a-ops", HOST, &a, "10.0.2.200", &[&ops], None);
+    ep(&mut st, "a-plain", HOST, &a, "10.0.0.7", &[&def_a], Some(SMALL_BUDGET));
+    ep(&mut st, "b-def", HOST, &b, "10.0.1.10", &[&def_b], Some(SMALL_BUDGET));
+    ep(&mut st, "b-web", HOST, &b, "10.0.1.12", &[&def_b, &web_b], None);
     // On the other hosts: reached wrapped, and sending wrapped.
-    ep(&mut st, "r-web", "h2", &a, "10.0.1.20", &[&def_a, &web]);
-    ep(&mut st, "r-mgmt", "h3", &a, "10.0.1.21", &[&mgmt]);
-    ep(&mut st, "r-plain", "h2", &a, "10.0.2.130", &[&def_a]);
-    ep(&mut st, "r-ops", "h3", &a, "10.0.2.201", &[&ops]);
-    ep(&mut st, "rb-web", "h3", &b, "10.0.1.13", &[&def_b, &web_b]);
+    ep(&mut st, "r-web", "h2", &a, "10.0.1.20", &[&def_a, &web], None);
+    ep(&mut st, "r-mgmt", "h3", &a, "10.0.1.21", &[&mgmt], None);
+    ep(&mut st, "r-plain", "h2", &a, "10.0.2.130", &[&def_a], None);
+    ep(&mut st, "r-ops", "h3", &a, "10.0.2.201", &[&ops], None);
+    ep(&mut st, "rb-web", "h3", &b, "10.0.1.13", &[&def_b, &web_b], None);
     let names = Names {
         web_http_rule,
         web_group: web.clone(),
         mover: eps["a-plain"].clone(),
         mover_groups_after: vec![def_a.clone(), web.clone(), mgmt.clone()],
+        reborn: eps["a-web"].clone(),
+        reborn_groups: vec![db.clone()],
     };
     (st, eps, names)
 }
@@ -964,6 +984,14 @@ fn os_error(e: &(dyn std::error::Error + 'static)) -> Option<i32> {
     None
 }
 
+/// What is compared of an entry: state, endpoint serials (source, destination), owner slot and
+/// side.
+type CtFacts = (u8, u64, u64, u32, u8);
+
+fn facts(e: &CtEntry) -> CtFacts {
+    (e.state, e.src_serial, e.dst_serial, e.owner_slot, e.owner)
+}
+
 fn ct_label(k: &CtKey) -> String {
     format!(
         "vni {} {}:{} -> {}:{} proto {}",
@@ -990,6 +1018,8 @@ struct Run {
     drops_seen: BTreeMap<DropReason, usize>,
     /// Frames the kernel's test run refused, by (ethertype, length).
     refused: BTreeMap<(u16, usize), usize>,
+    /// Entries garbage collection removed (model side).
+    collected: usize,
 }
 
 impl Run {
@@ -1079,22 +1109,48 @@ impl Run {
         false
     }
 
+    /// Garbage collection on both sides at `now`, with the endpoints of `state` alive: the
+    /// controller's collector on the kernel's map, `Conntrack::collect` on the model's.
+    fn collect(&mut self, state: &State, now: u64, timeouts: &Timeouts, at: &str) {
+        let live: BTreeSet<u64> = state.endpoints.values().map(|e| e.serial).collect();
+        let alive = |serial: u64| live.contains(&serial);
+        let garbage = |e: &CtEntry| is_garbage(e, now, timeouts, &alive);
+        let report = self.dp.collect_conntrack(&garbage, &mut |_| {}).expect("collect");
+        let gone = self.ct.collect(now, timeouts, &alive);
+        eprintln!(
+            "dataplane_model: {at}: collected {} in the kernel, {gone} in the model",
+            report.deleted
+        );
+        self.collected += gone;
+        self.compare_ct(at);
+    }
+
     /// After a disagreement, continue from the kernel's conntrack table.
     fn resync_ct(&mut self) {
         self.ct.entries = self.dp.conntrack().expect("read VERSE_CT").into_iter().collect();
     }
 
-    /// Keys and states of both tables must match; kernel stamps are at or after the model's.
+    /// Keys, states, endpoints and owners of both tables must match (the kernel's stamps are
+    /// its own clock's), and every owner's budget counter the number of entries charged to it.
     fn compare_ct(&mut self, at: &str) {
-        let kernel: BTreeMap<String, u8> = self
+        let kernel: BTreeMap<String, CtFacts> = self
             .dp
             .conntrack()
             .expect("read VERSE_CT")
             .into_iter()
-            .map(|(k, e)| (ct_label(&k), e.state))
+            .map(|(k, e)| (ct_label(&k), facts(&e)))
             .collect();
-        let model: BTreeMap<String, u8> =
-            self.ct.entries.iter().map(|(k, e)| (ct_label(k), e.state)).collect();
+        let model: BTreeMap<String, CtFacts> =
+            self.ct.entries.iter().map(|(k, e)| (ct_label(k), facts(e))).collect();
+        for (slot, owner) in self.dp.ct_owners() {
+            let charged = self.ct.used(slot);
+            if owner.used != charged {
+                let kind = "budget counter differs from the entries charged".to_string();
+                let detail =
+                    format!("{at}: slot {slot}: kernel used {}, model {charged}", owner.used);
+                self.disagreements.entry(kind).or_insert((0, detail)).0 += 1;
+            }
+        }
         if kernel != model {
             let ks: BTreeSet<_> = kernel.iter().collect();
             let ms: BTreeSet<_> = model.iter().collect();
@@ -1147,8 +1203,6 @@ fn kernel_program_agrees_with_the_reference_model_on_generated_packets() {
             .enumerate()
             .map(|(i, s)| (eps[s].clone(), index(&format!("d{i}"))))
             .collect();
-        let local: BTreeMap<u32, String> =
-            ifindex_of.iter().map(|(id, i)| (*i, id.clone())).collect();
         let stranger = index(&format!("d{}", shorts.len()));
         let underlay_ifindex = index("u0");
         let underlay = Underlay { ip: HERE, mtu: UNDERLAY_MTU };
@@ -1175,18 +1229,23 @@ fn kernel_program_agrees_with_the_reference_model_on_generated_packets() {
             passed: 0,
             drops_seen: BTreeMap::new(),
             refused: BTreeMap::new(),
+            collected: 0,
         };
         let mut cidr_ids = CidrIds::default();
-        let lookup = |ep: &verse::model::Endpoint| ifindex_of.get(&ep.id).copied();
+        let mut ifindex_of = ifindex_of;
         let mut applied = Desired::default();
-        let mut program = |run: &mut Run, state: &State, applied: &mut Desired| {
+        let mut program = |run: &mut Run,
+                           state: &State,
+                           applied: &mut Desired,
+                           ifindex_of: &BTreeMap<String, u32>| {
+            let lookup = |ep: &verse::model::Endpoint| ifindex_of.get(&ep.id).copied();
             let desired = compile(state, HOST, &lookup, &mut cidr_ids).expect("compile");
             run.dp.apply(applied, &desired).expect("apply");
             *applied = desired;
         };
-        program(&mut run, &state, &mut applied);
+        program(&mut run, &state, &mut applied, &ifindex_of);
 
-        let gen_eps = |state: &State| -> Vec<Ep> {
+        let gen_eps = |state: &State, ifindex_of: &BTreeMap<String, u32>| -> Vec<Ep> {
             state
                 .endpoints
                 .values()
@@ -1203,7 +1262,7 @@ fn kernel_program_agrees_with_the_reference_model_on_generated_packets() {
         };
         let mut gen = Gen {
             rng: StdRng::seed_from_u64(seed),
-            eps: gen_eps(&state),
+            eps: gen_eps(&state, &ifindex_of),
             stranger,
             flows: Vec::new(),
             tracked: Vec::new(),
@@ -1214,12 +1273,14 @@ fn kernel_program_agrees_with_the_reference_model_on_generated_packets() {
             "initial state",
             "after revoking web's tcp/80 rule (S8)",
             "after a membership change (S5)",
+            "after a-web is deleted and made again at its address in db's group (S7)",
+            "after garbage collection of the deleted endpoint's flows",
         ];
         for (p, phase) in phases.iter().enumerate() {
             match p {
                 1 => {
                     state.delete_rule(&names.web_group, &names.web_http_rule).expect("revoke rule");
-                    program(&mut run, &state, &mut applied);
+                    program(&mut run, &state, &mut applied, &ifindex_of);
                 }
                 2 => {
                     state
@@ -1228,11 +1289,37 @@ fn kernel_program_agrees_with_the_reference_model_on_generated_packets() {
                             PatchEndpoint { security_groups: names.mover_groups_after.clone() },
                         )
                         .expect("patch endpoint");
-                    program(&mut run, &state, &mut applied);
+                    program(&mut run, &state, &mut applied, &ifindex_of);
                 }
+                3 => {
+                    // Deleted and made again on the same interface: the flows of the old one
+                    // are still in both tables (no collection yet); only the binding to serials
+                    // keeps the new one from matching them.
+                    let old = state.delete_endpoint(&names.reborn).expect("delete endpoint");
+                    let new = state
+                        .create_endpoint(
+                            CreateEndpoint {
+                                universe: old.universe.clone(),
+                                host: None,
+                                netns: old.netns.clone(),
+                                ip: old.ip.to_string(),
+                                security_groups: Some(names.reborn_groups.clone()),
+                                conntrack_budget: Some(SMALL_BUDGET),
+                            },
+                            HOST,
+                        )
+                        .expect("make the endpoint again");
+                    assert_ne!(new.serial, old.serial);
+                    let ifindex = ifindex_of.remove(&old.id).expect("reborn ifindex");
+                    ifindex_of.insert(new.id.clone(), ifindex);
+                    program(&mut run, &state, &mut applied, &ifindex_of);
+                }
+                4 => run.collect(&state, now_ns(), &timeouts, "garbage collection"),
                 _ => {}
             }
-            gen.eps = gen_eps(&state);
+            gen.eps = gen_eps(&state, &ifindex_of);
+            let local: BTreeMap<u32, String> =
+                ifindex_of.iter().map(|(id, i)| (*i, id.clone())).collect();
             let host = Host::new(&state, HOST, &local, GW, timeouts).with_underlay(underlay);
             for n in 0..per_phase {
                 let (what, hook, frame) = gen.next();
@@ -1256,6 +1343,8 @@ fn kernel_program_agrees_with_the_reference_model_on_generated_packets() {
         run.dp = Dataplane::load(bpffs.path(), &config_with(&short))
             .expect("reload with short timeouts");
         std::thread::sleep(std::time::Duration::from_millis(700));
+        let local: BTreeMap<u32, String> =
+            ifindex_of.iter().map(|(id, i)| (*i, id.clone())).collect();
         let host = Host::new(&state, HOST, &local, GW, short).with_underlay(underlay);
         let flows = gen.flows.clone();
         for (n, flow) in flows.iter().enumerate().take(per_phase) {
@@ -1266,17 +1355,23 @@ fn kernel_program_agrees_with_the_reference_model_on_generated_packets() {
             }
         }
         run.compare_ct("end of expiry phase");
+        // Everything has expired but established TCP: collected on both sides, and every
+        // budget given back exactly.
+        run.collect(&state, now_ns(), &short, "collection after expiry");
+        assert!(run.collected > 0, "garbage collection removed nothing");
 
         let mut out = format!(
             "{} packets ({} through the underlay, {} of them passed as not Verse's): {} \
              delivered, wrapped or answered, drops by reason {:?}\n\
-             refused by the kernel's test run, by (ethertype, length): {:?}\n",
+             refused by the kernel's test run, by (ethertype, length): {:?}\n\
+             entries collected: {}\n",
             run.packets,
             run.through_underlay,
             run.passed,
             run.delivered,
             run.drops_seen,
-            run.refused
+            run.refused,
+            run.collected
         );
         for (kind, (count, example)) in &run.disagreements {
             let _ = write!(out, "\n=== {count} x {kind}; first:\n{example}\n");
@@ -1294,6 +1389,7 @@ fn kernel_program_agrees_with_the_reference_model_on_generated_packets() {
         DropReason::NotPlacedOnSender,
         DropReason::IdentityMismatch,
         DropReason::FragNeeded,
+        DropReason::ConntrackBudgetExceeded,
     ] {
         assert!(reasons.contains_key(&r), "{r:?} never exercised: {reasons:?}");
     }

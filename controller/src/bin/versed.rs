@@ -25,9 +25,10 @@ use verse::auth::{self, Bootstrap};
 use verse::config::{Args, Config};
 use verse::dataplane::Dataplane;
 use verse::events::{self, Hub, Sources};
-use verse::reconcile::{Reconciler, SharedDataplane, Underlay};
+use verse::reconcile::{CtSettings, GcStats, Reconciler, SharedDataplane, Underlay};
 use verse::sim::{self, SimFleet, SimOptions};
 use verse::store::{Realized, Store};
+use verse::verdict::Timeouts;
 use verse::{limits, server};
 
 /// How long a stopping versed lets the reconciler finish the round it is in.
@@ -113,8 +114,14 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let dataplane: SharedDataplane = Arc::new(Mutex::new(dataplane));
     // With an underlay, every packet an endpoint sends must fit it once wrapped.
     let endpoint_mtu = underlay.as_ref().map_or(config.mtu, Underlay::endpoint_mtu);
-    let reconciler = Reconciler::new(dataplane.clone(), host.clone(), endpoint_mtu)
-        .context("reading what the pinned maps hold")?;
+    let gc_stats = Arc::new(Mutex::new(GcStats::default()));
+    let ct = CtSettings {
+        timeouts: Timeouts::from_config(&dp_config),
+        gc_interval: config.gc_interval(),
+    };
+    let reconciler =
+        Reconciler::new(dataplane.clone(), host.clone(), endpoint_mtu, ct, gc_stats.clone())
+            .context("reading what the pinned maps hold")?;
 
     refuse_a_lost_state(&config, &store, &reconciler, args.empty_state)?;
     let api_url = config.api_url(underlay_ip);

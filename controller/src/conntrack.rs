@@ -1,0 +1,419 @@
+//! The controller's side of connection tracking (S7, S9, S14): the budget counters shared with
+//! the kernel, and garbage collection of `VERSE_CT`, which is no LRU and so never frees an entry
+//! by itself (see `dataplane-ebpf/src/conntrack.rs` for the kernel's side).
+//!
+//! Contract:
+//! - [`Owners`] maps `VERSE_CT_OWNERS` into this process. `used` of a slot is the number of
+//!   `VERSE_CT` entries charged to it: the kernel adds one per entry it inserts, and whoever
+//!   deletes an entry subtracts one for it; only this module deletes entries, always with
+//!   `BPF_MAP_LOOKUP_AND_DELETE_ELEM`, which tells it which entry it deleted, so it releases the
+//!   slot of the very entry that went. Every change to `used` is an atomic instruction on the
+//!   shared memory, like the kernel's.
+//! - [`collect`] reads the whole table in batches (`BPF_MAP_LOOKUP_BATCH`) and deletes the
+//!   entries a predicate calls garbage (expired, or naming an endpoint that is gone: see
+//!   `verdict::is_garbage`). An entry a packet refreshed or replaced between the read and the
+//!   delete may be deleted with it; the delete returns what it removed, and if that is no
+//!   garbage any more it is put back (`BPF_NOEXIST`: unless a packet made the flow anew
+//!   meanwhile, charging it then, in which case the removed entry is released). The race left
+//!   is benign: a packet that refreshes a flow at the very moment it is deleted refreshes a
+//!   deleted entry, and the flow's next packet is judged by policy as a new flow (S11: fail
+//!   closed), as it would be had it come a moment after the timeout.
+//! - [`Schedule`] decides when to collect: every `interval`, and sooner when an endpoint has
+//!   used most of its budget and one of its entries is due to expire, but never more often than
+//!   a multiple of the time the last collection took (its cost is bounded).
+use std::collections::BTreeMap;
+use std::io;
+use std::os::fd::{AsRawFd, BorrowedFd};
+use std::ptr::NonNull;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use dataplane_common::{CtEntry, CtKey, CtOwner, CtValue};
+
+/// `bpf(2)` commands (`include/uapi/linux/bpf.h`).
+const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
+const BPF_MAP_LOOKUP_AND_DELETE_ELEM: libc::c_long = 21;
+const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
+/// `BPF_NOEXIST`: create a new element only.
+const BPF_NOEXIST: u64 = 1;
+
+/// Entries read per `BPF_MAP_LOOKUP_BATCH`. The kernel returns whole buckets and fails with
+/// `ENOSPC` if one bucket does not fit; buckets hold a handful of entries.
+const BATCH: usize = 4096;
+
+/// `VERSE_CT_OWNERS`, mapped shared into this process.
+pub struct Owners {
+    ptr: NonNull<CtOwner>,
+    slots: u32,
+    bytes: usize,
+}
+
+// SAFETY: the mapping is plain shared memory that every access reads or writes through atomic
+// operations; it lives until `Drop`, which needs `&mut self`.
+unsafe impl Send for Owners {}
+// SAFETY: as above: `&Owners` only allows atomic accesses.
+unsafe impl Sync for Owners {}
+
+impl std::fmt::Debug for Owners {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Owners").field("slots", &self.slots).finish_non_exhaustive()
+    }
+}
+
+impl Owners {
+    /// Maps the array behind `fd` (created with `BPF_F_MMAPABLE`, `slots` values of `CtOwner`).
+    pub fn map(fd: BorrowedFd<'_>, slots: u32) -> io::Result<Owners> {
+        // SAFETY: sysconf has no preconditions.
+        let page = usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) })
+            .map_err(|_| io::Error::other("sysconf(_SC_PAGESIZE) failed"))?;
+        let len = std::mem::size_of::<CtOwner>() * slots as usize;
+        let bytes = len.div_ceil(page) * page;
+        // SAFETY: a fresh shared mapping of a BPF array the kernel allows to be mapped; `bytes`
+        // does not exceed the array's size rounded up to pages, as `bpf_map_mmap` requires.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                bytes,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                fd.as_raw_fd(),
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        let ptr = NonNull::new(ptr.cast::<CtOwner>()).ok_or_else(|| io::Error::other("mmap"))?;
+        Ok(Owners { ptr, slots, bytes })
+    }
+
+    /// The field at `offset` (a multiple of 8 within `CtOwner`) of `slot`, as an atomic.
+    fn field(&self, slot: u32, offset: usize) -> Option<&AtomicU64> {
+        if slot >= self.slots {
+            return None;
+        }
+        // SAFETY: `slot` is within the mapping, whose values are `CtOwner`s (8-byte aligned,
+        // made of u64s); the kernel and this process access them only atomically, and the
+        // mapping outlives `&self`.
+        unsafe {
+            let p = self.ptr.as_ptr().add(slot as usize).cast::<u8>().add(offset).cast::<u64>();
+            Some(AtomicU64::from_ptr(p))
+        }
+    }
+
+    /// A copy of `slot` (each field read atomically), or `None` beyond the array.
+    pub fn get(&self, slot: u32) -> Option<CtOwner> {
+        let read = |offset| self.field(slot, offset).map(|f| f.load(Ordering::Relaxed));
+        Some(CtOwner {
+            serial: read(std::mem::offset_of!(CtOwner, serial))?,
+            budget: read(std::mem::offset_of!(CtOwner, budget))?,
+            used: read(std::mem::offset_of!(CtOwner, used))?,
+            exceeded: read(std::mem::offset_of!(CtOwner, exceeded))?,
+            _pad: [0; 4],
+        })
+    }
+
+    /// Gives `slot` to the endpoint of `serial` with `budget` (0, 0: frees it). `used` is left
+    /// alone: it counts the entries charged to the slot, which leave one by one. `exceeded`
+    /// starts again from 0 when the slot changes hands. False beyond the array.
+    pub fn assign(&self, slot: u32, serial: u64, budget: u64) -> bool {
+        let (Some(s), Some(b), Some(x)) = (
+            self.field(slot, std::mem::offset_of!(CtOwner, serial)),
+            self.field(slot, std::mem::offset_of!(CtOwner, budget)),
+            self.field(slot, std::mem::offset_of!(CtOwner, exceeded)),
+        ) else {
+            return false;
+        };
+        if s.swap(serial, Ordering::Relaxed) != serial {
+            x.store(0, Ordering::Relaxed);
+        }
+        b.store(budget, Ordering::Relaxed);
+        true
+    }
+
+    /// Releases one entry charged to `slot` (never below 0).
+    pub fn release(&self, slot: u32) {
+        if let Some(used) = self.field(slot, std::mem::offset_of!(CtOwner, used)) {
+            let _ = used.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |u| u.checked_sub(1));
+        }
+    }
+
+    /// Every slot with an endpoint (serial non-zero), by slot.
+    pub fn assigned(&self) -> BTreeMap<u32, CtOwner> {
+        (0..self.slots)
+            .filter_map(|slot| self.get(slot).map(|o| (slot, o)))
+            .filter(|(_, o)| o.serial != 0)
+            .collect()
+    }
+}
+
+impl Drop for Owners {
+    fn drop(&mut self) {
+        // SAFETY: the mapping was made by `Owners::map` with this address and length, and no
+        // reference into it outlives `self`.
+        unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.bytes) };
+    }
+}
+
+/// `union bpf_attr` for the element commands: map_fd, (pad), key, value, flags.
+#[repr(C)]
+struct ElemAttr {
+    map_fd: u32,
+    _pad: u32,
+    key: u64,
+    value: u64,
+    flags: u64,
+}
+
+/// `union bpf_attr` for the batch commands (`struct { ... } batch`).
+#[repr(C)]
+struct BatchAttr {
+    in_batch: u64,
+    out_batch: u64,
+    keys: u64,
+    values: u64,
+    count: u32,
+    map_fd: u32,
+    elem_flags: u64,
+    flags: u64,
+}
+
+/// `bpf(cmd, attr)`.
+///
+/// # Safety
+/// `attr` must be the `bpf_attr` layout of `cmd`, and every pointer in it valid for what `cmd`
+/// reads or writes.
+unsafe fn bpf<A>(cmd: libc::c_long, attr: &mut A) -> io::Result<()> {
+    // SAFETY: guaranteed by the caller.
+    let rc = unsafe {
+        libc::syscall(libc::SYS_bpf, cmd, attr as *mut A, std::mem::size_of::<A>() as u32)
+    };
+    if rc < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
+/// Every entry of the conntrack table behind `fd`, read in batches. Entries added or deleted
+/// meanwhile may or may not be seen.
+pub fn read_all(fd: BorrowedFd<'_>) -> io::Result<Vec<(CtKey, CtValue)>> {
+    let mut out = Vec::new();
+    let mut keys = vec![CtKey::default(); BATCH];
+    let mut values = vec![CtValue::default(); BATCH];
+    let mut token = 0u32;
+    let mut first = true;
+    loop {
+        let mut next = 0u32;
+        let mut attr = BatchAttr {
+            in_batch: if first { 0 } else { &raw mut token as u64 },
+            out_batch: &raw mut next as u64,
+            keys: keys.as_mut_ptr() as u64,
+            values: values.as_mut_ptr() as u64,
+            count: BATCH as u32,
+            map_fd: fd.as_raw_fd() as u32,
+            elem_flags: 0,
+            flags: 0,
+        };
+        // SAFETY: `attr` is the batch layout; `keys` and `values` hold `count` elements of the
+        // map's key and value types; the tokens are u32, as hash maps use.
+        let rc = unsafe { bpf(BPF_MAP_LOOKUP_BATCH, &mut attr) };
+        let n = attr.count as usize;
+        out.extend(keys[..n].iter().copied().zip(values[..n].iter().copied()));
+        match rc {
+            Ok(()) => {}
+            // The end of the table (with the last entries, if any).
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(out),
+            Err(e) => return Err(e),
+        }
+        token = next;
+        first = false;
+    }
+}
+
+/// Deletes `key` and returns the value it held (`None`: no such entry).
+pub fn take(fd: BorrowedFd<'_>, key: &CtKey) -> io::Result<Option<CtValue>> {
+    let mut value = CtValue::default();
+    let mut attr = ElemAttr {
+        map_fd: fd.as_raw_fd() as u32,
+        _pad: 0,
+        key: key as *const CtKey as u64,
+        value: &raw mut value as u64,
+        flags: 0,
+    };
+    // SAFETY: `attr` is the element layout; `key` and `value` are the map's types and outlive
+    // the call.
+    match unsafe { bpf(BPF_MAP_LOOKUP_AND_DELETE_ELEM, &mut attr) } {
+        Ok(()) => Ok(Some(value)),
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// Inserts `key` unless it exists; false if it does.
+fn put_back(fd: BorrowedFd<'_>, key: &CtKey, value: &CtValue) -> io::Result<bool> {
+    let mut attr = ElemAttr {
+        map_fd: fd.as_raw_fd() as u32,
+        _pad: 0,
+        key: key as *const CtKey as u64,
+        value: value as *const CtValue as u64,
+        flags: BPF_NOEXIST,
+    };
+    // SAFETY: `attr` is the element layout; `key` and `value` outlive the call.
+    match unsafe { bpf(BPF_MAP_UPDATE_ELEM, &mut attr) } {
+        Ok(()) => Ok(true),
+        Err(e) if e.raw_os_error() == Some(libc::EEXIST) => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+/// What one collection did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Collected {
+    /// Entries read.
+    pub scanned: u64,
+    /// Entries deleted (and released from their owner's budget).
+    pub deleted: u64,
+    /// Entries deleted and put back because a packet had made them live again meanwhile.
+    pub restored: u64,
+    /// Wall time of the whole collection.
+    pub duration: Duration,
+}
+
+/// Collects the table behind `table`: every entry `garbage` calls garbage is deleted and
+/// released from its owner's budget in `owners` (see the module contract for the races);
+/// `kept` sees every other entry read.
+pub fn collect(
+    table: BorrowedFd<'_>,
+    owners: &Owners,
+    garbage: &dyn Fn(&CtEntry) -> bool,
+    kept: &mut dyn FnMut(&CtEntry),
+) -> io::Result<Collected> {
+    let start = Instant::now();
+    let mut report = Collected::default();
+    for (key, value) in read_all(table)? {
+        report.scanned += 1;
+        if !garbage(&value.entry) {
+            kept(&value.entry);
+            continue;
+        }
+        let Some(gone) = take(table, &key)? else {
+            continue;
+        };
+        if !garbage(&gone.entry) && put_back(table, &key, &gone)? {
+            report.restored += 1;
+            kept(&gone.entry);
+            continue;
+        }
+        owners.release(gone.entry.owner_slot);
+        report.deleted += 1;
+    }
+    report.duration = start.elapsed();
+    Ok(report)
+}
+
+/// When to collect next (see the module contract). Pure: the caller passes the time.
+#[derive(Clone, Debug)]
+pub struct Schedule {
+    /// Longest time between two collections.
+    pub interval: Duration,
+    /// Shortest time between two, as a multiple of how long the last one took ...
+    pub cost_factor: u32,
+    /// ... and at least this.
+    pub min_gap: Duration,
+    /// An endpoint with at least this share of its budget used (per mille) is under pressure.
+    pub pressure_permille: u64,
+    last_start: Option<Instant>,
+    last_duration: Duration,
+    /// The earliest monotonic-clock time (ns) at which an entry of an endpoint under pressure
+    /// expires, as the last collection saw it.
+    due_ns: Option<u64>,
+}
+
+impl Schedule {
+    pub fn new(interval: Duration) -> Schedule {
+        Schedule {
+            interval,
+            cost_factor: 20,
+            min_gap: Duration::from_secs(1),
+            pressure_permille: 900,
+            last_start: None,
+            last_duration: Duration::ZERO,
+            due_ns: None,
+        }
+    }
+
+    /// Whether `owner` is under pressure: most of its budget used.
+    pub fn pressed(&self, owner: &CtOwner) -> bool {
+        owner.budget > 0 && owner.used.saturating_mul(1000) >= owner.budget * self.pressure_permille
+    }
+
+    /// Whether to collect at `now` (`now_ns` on the conntrack clock), given the owners' counters.
+    pub fn due(&self, now: Instant, now_ns: u64, owners: &BTreeMap<u32, CtOwner>) -> bool {
+        let Some(last) = self.last_start else {
+            return true;
+        };
+        let since = now.saturating_duration_since(last);
+        if since >= self.interval {
+            return true;
+        }
+        let gap = self.min_gap.max(self.last_duration * self.cost_factor);
+        if since < gap || !owners.values().any(|o| self.pressed(o)) {
+            return false;
+        }
+        // Under pressure: when an entry of a pressed owner is due, or, if the last collection
+        // saw none of theirs (the pressure is new), at once.
+        self.due_ns.is_none_or(|due| now_ns >= due)
+    }
+
+    /// Records a collection that started at `start` and what it found: `due_ns` is the earliest
+    /// expiry of a kept entry of an owner under pressure, if any.
+    pub fn done(&mut self, start: Instant, report: &Collected, due_ns: Option<u64>) {
+        self.last_start = Some(start);
+        self.last_duration = report.duration;
+        self.due_ns = due_ns;
+    }
+
+    /// The time the last collection took.
+    pub fn last_duration(&self) -> Duration {
+        self.last_duration
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn owner(budget: u64, used: u64) -> CtOwner {
+        CtOwner { serial: 1, budget, used, ..CtOwner::default() }
+    }
+
+    #[test]
+    fn collects_at_start_then_every_interval() {
+        let mut s = Schedule::new(Duration::from_secs(30));
+        let t0 = Instant::now();
+        let calm: BTreeMap<u32, CtOwner> = [(1, owner(100, 10))].into_iter().collect();
+        assert!(s.due(t0, 0, &calm));
+        s.done(t0, &Collected { duration: Duration::from_millis(5), ..Collected::default() }, None);
+        assert!(!s.due(t0 + Duration::from_secs(29), 0, &calm));
+        assert!(s.due(t0 + Duration::from_secs(30), 0, &calm));
+    }
+
+    #[test]
+    fn collects_sooner_under_pressure_but_not_more_often_than_its_cost_allows() {
+        let mut s = Schedule::new(Duration::from_secs(30));
+        let t0 = Instant::now();
+        let pressed: BTreeMap<u32, CtOwner> = [(1, owner(100, 95))].into_iter().collect();
+        // The last collection took 100 ms: not again within 20 x 100 ms = 2 s.
+        let took = Collected { duration: Duration::from_millis(100), ..Collected::default() };
+        s.done(t0, &took, None);
+        assert!(!s.due(t0 + Duration::from_millis(1500), 0, &pressed));
+        assert!(s.due(t0 + Duration::from_millis(2000), 0, &pressed), "new pressure: at once");
+        // It saw the pressed owner's first entry expire at 10 s on the conntrack clock.
+        s.done(t0, &took, Some(10_000_000_000));
+        assert!(!s.due(t0 + Duration::from_secs(3), 9_999_999_999, &pressed));
+        assert!(s.due(t0 + Duration::from_secs(3), 10_000_000_000, &pressed));
+        assert!(s.pressed(&owner(100, 90)) && !s.pressed(&owner(100, 89)));
+        assert!(!s.pressed(&owner(0, 0)), "a free slot is never pressed");
+    }
+}
