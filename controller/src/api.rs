@@ -42,7 +42,7 @@ use axum::http::{header, HeaderMap, HeaderName, HeaderValue, Method, StatusCode,
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
-use dataplane_common::{event_kind, DropCount, DropReason, EventLimiter, Hook};
+use dataplane_common::{event_kind, CtOwner, DropCount, DropReason, EventLimiter, Hook};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
@@ -53,6 +53,7 @@ use crate::events::{self, Filter, Hub, Notice, StreamItem};
 use crate::hits::{GroupView, Hits, HitsFrom, MissingHost, RuleStats};
 use crate::limits::{self, Limits};
 use crate::model::{self, ErrorKind, Role, State, Timestamp};
+use crate::reconcile::GcStats;
 use crate::relay;
 use crate::store::{self, Store};
 
@@ -63,8 +64,8 @@ pub const REALIZE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Where `ip netns add` puts named namespaces (iproute2 `NETNS_RUN_DIR`, and its older path).
 pub const NETNS_DIRS: [&str; 2] = ["/var/run/netns", "/run/netns"];
 
-/// Counters read from this host's dataplane, for `/metrics`.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+/// Counters read from this host's dataplane, for `/metrics` and the endpoints' `conntrack`.
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct Stats {
     /// Drops by reason and hook, packets and bytes, summed over CPUs. Pairs missing here count
     /// as 0.
@@ -72,6 +73,18 @@ pub struct Stats {
     /// New flows admitted per rule on this host (key: the rule id's bits), for every rule the
     /// host's policy entries name.
     pub rule_hits: BTreeMap<u32, u64>,
+    /// The conntrack budget slots of this host's endpoints, by slot (S14).
+    pub ct_owners: BTreeMap<u32, CtOwner>,
+    /// What conntrack garbage collection has done.
+    pub gc: GcStats,
+}
+
+impl Stats {
+    /// The budget and use of `e` if it is an endpoint of this host (`host`) that the dataplane
+    /// knows (its slot holds its serial).
+    pub fn usage(&self, host: &str, e: &model::Endpoint) -> Option<CtOwner> {
+        self.ct_owners.get(&e.slot).filter(|o| e.host == host && o.serial == e.serial).copied()
+    }
 }
 
 /// Reads [`Stats`] from the dataplane; called on every scrape of `/metrics`.
@@ -99,9 +112,13 @@ pub struct AppState {
     pub relay: Option<reqwest::Client>,
     /// The per-request limits (rates, bodies); `None`: none (in-process tests).
     pub limits: Option<Arc<Limits>>,
+    /// `conntrack_budget` of an endpoint created without one (`conntrack.endpoint_budget`).
+    pub default_conntrack_budget: u32,
 }
 
 impl AppState {
+    /// The state of a host whose endpoints get [`model::DEFAULT_CONNTRACK_BUDGET`] unless
+    /// they ask for another ([`AppState::with_conntrack_budget`] changes that default).
     pub fn new(
         store: Store,
         host: String,
@@ -123,6 +140,7 @@ impl AppState {
             audit: Arc::default(),
             relay,
             limits: None,
+            default_conntrack_budget: model::DEFAULT_CONNTRACK_BUDGET,
         }
     }
 
@@ -142,12 +160,19 @@ impl AppState {
     pub fn with_limits(self, limits: Arc<Limits>) -> AppState {
         AppState { limits: Some(limits), ..self }
     }
+
+    /// Endpoints created without a `conntrack_budget` get `budget`.
+    pub fn with_conntrack_budget(mut self, budget: u32) -> AppState {
+        self.default_conntrack_budget = budget;
+        self
+    }
 }
 
 /// One host as `GET /v1/hosts` shows it: the store's view of it.
 pub use crate::store::HostStatus as Host;
 
-/// An endpoint as the API shows it (the model's endpoint without its internal identity).
+/// An endpoint as the API shows it (the model's endpoint without its internal identity,
+/// serial and slot).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct EndpointView {
     pub id: String,
@@ -158,6 +183,35 @@ pub struct EndpointView {
     pub mac: String,
     pub interface: String,
     pub security_groups: Vec<String>,
+    /// Flows it may have tracked at once (S14).
+    pub conntrack_budget: u32,
+    /// Its budget in use, read from its host's dataplane: shown by `GET` on the API of the host
+    /// the endpoint is placed on (the only host whose conntrack table charges it), absent
+    /// elsewhere and in the answers to edits.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub conntrack: Option<ConntrackUsage>,
+}
+
+/// An endpoint's conntrack budget and use on its host.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConntrackUsage {
+    pub budget: u64,
+    /// Tracked flows charged to it (live, or expired and not yet collected).
+    pub used: u64,
+    pub available: u64,
+    /// New flows refused because the budget was spent, since it was placed there.
+    pub exceeded: u64,
+}
+
+impl From<CtOwner> for ConntrackUsage {
+    fn from(o: CtOwner) -> ConntrackUsage {
+        ConntrackUsage {
+            budget: o.budget,
+            used: o.used,
+            available: o.budget.saturating_sub(o.used),
+            exceeded: o.exceeded,
+        }
+    }
 }
 
 impl From<&model::Endpoint> for EndpointView {
@@ -171,6 +225,8 @@ impl From<&model::Endpoint> for EndpointView {
             mac: e.mac.clone(),
             interface: e.interface.clone(),
             security_groups: e.security_groups.clone(),
+            conntrack_budget: e.conntrack_budget,
+            conntrack: None,
         }
     }
 }
@@ -907,7 +963,7 @@ async fn create_endpoint(
     caller: Caller,
     body: Result<Bytes, BytesRejection>,
 ) -> ApiResult {
-    let req: model::CreateEndpoint = parse_body(body)?;
+    let mut req: model::CreateEndpoint = parse_body(body)?;
     // Checked before looking at this host's namespaces or the fleet's hosts, and again in the
     // edit.
     allow_new_endpoint(&caller, &st.store.snapshot(), &req)?;
@@ -916,6 +972,7 @@ async fn create_endpoint(
         Some(h) if h == st.host => check_netns(&req.netns, &st.host)?,
         Some(h) => check_placement(&st, h)?,
     }
+    req.conntrack_budget.get_or_insert(i64::from(st.default_conntrack_budget));
     let host = st.host.clone();
     let edit = |s: &mut State| {
         allow_new_endpoint(&caller, s, &req)?;
@@ -1027,14 +1084,20 @@ async fn list_endpoints(
 ) -> ApiResult {
     let q = query(q, &["universe", "host"])?;
     let snap = st.store.snapshot();
-    let eps: Vec<EndpointView> = snap
+    let chosen: Vec<&model::Endpoint> = snap
         .endpoints
         .values()
         .filter(|e| q.get("universe").is_none_or(|u| &e.universe == u))
         .filter(|e| q.get("host").is_none_or(|h| &e.host == h))
         .filter(|e| caller.reads(Resource::Endpoint, &e.universe))
-        .map(EndpointView::from)
         .collect();
+    let stats = if chosen.iter().any(|e| e.host == st.host) {
+        Some(stats_or_500(&st).await?)
+    } else {
+        None
+    };
+    let eps: Vec<EndpointView> =
+        chosen.into_iter().map(|e| view_with_usage(&st, stats.as_ref(), e)).collect();
     Ok(json_ok(&eps))
 }
 
@@ -1048,7 +1111,23 @@ async fn get_endpoint(
     let missing = || model::Error::not_found("endpoint", &id);
     let e = snap.endpoints.get(&id).ok_or_else(missing)?;
     caller.allow(Resource::Endpoint, Op::Read, &e.universe, missing)?;
-    Ok(json_ok(&EndpointView::from(e)))
+    let stats = if e.host == st.host { Some(stats_or_500(&st).await?) } else { None };
+    Ok(json_ok(&view_with_usage(&st, stats.as_ref(), e)))
+}
+
+/// `e` as the API shows it, with its conntrack use if `stats` (this host's) has it.
+fn view_with_usage(st: &AppState, stats: Option<&Stats>, e: &model::Endpoint) -> EndpointView {
+    let mut view = EndpointView::from(e);
+    view.conntrack = stats.and_then(|s| s.usage(&st.host, e)).map(ConntrackUsage::from);
+    view
+}
+
+/// [`read_stats`], a failure answered 500.
+async fn stats_or_500(st: &AppState) -> Result<Stats, ApiError> {
+    read_stats(st).await.map_err(|e| {
+        tracing::error!(error = %e, "reading dataplane counters");
+        ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e)
+    })
 }
 
 /// The check of an edit of endpoint `id`: its universe must be visible and writable.
@@ -1426,6 +1505,7 @@ async fn metrics(AxState(st): AxState<AppState>, caller: Caller) -> ApiResult {
     let events = st.events.counts();
     let text = render_metrics(
         &st.store.snapshot(),
+        &st.host,
         st.realized.borrow().revision,
         &stats,
         &events,
@@ -1446,9 +1526,10 @@ async fn metrics(AxState(st): AxState<AppState>, caller: Caller) -> ApiResult {
         .into_response())
 }
 
-/// The `/metrics` text (OpenMetrics, which Prometheus reads).
+/// The `/metrics` text (OpenMetrics, which Prometheus reads) of host `host`.
 pub fn render_metrics(
     state: &State,
+    host: &str,
     realized: u64,
     stats: &Stats,
     events: &EventLimiter,
@@ -1543,6 +1624,42 @@ pub fn render_metrics(
         "Revision realized in this host's dataplane (S13)",
         realized,
     );
+
+    // S14: per endpoint of this host.
+    let label = |e: &model::Endpoint| vec![("endpoint".to_owned(), e.id.clone())];
+    let budget = Family::<Vec<(String, String)>, Gauge<i64>>::default();
+    let used = Family::<Vec<(String, String)>, Gauge<i64>>::default();
+    let available = Family::<Vec<(String, String)>, Gauge<i64>>::default();
+    let exceeded = Family::<Vec<(String, String)>, Counter>::default();
+    let as_i64 = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+    for e in state.endpoints.values() {
+        let Some(o) = stats.usage(host, e) else { continue };
+        budget.get_or_create(&label(e)).set(as_i64(o.budget));
+        used.get_or_create(&label(e)).set(as_i64(o.used));
+        available.get_or_create(&label(e)).set(as_i64(o.budget.saturating_sub(o.used)));
+        exceeded.get_or_create(&label(e)).inc_by(o.exceeded);
+    }
+    reg.register(
+        "conntrack_budget",
+        "Conntrack budget of each endpoint of this host: flows it may have tracked at once (S14)",
+        budget,
+    );
+    reg.register(
+        "conntrack_used",
+        "Tracked flows charged to each endpoint of this host (live, or expired and not yet collected)",
+        used,
+    );
+    reg.register(
+        "conntrack_available",
+        "Flows each endpoint of this host may still start before its budget is spent",
+        available,
+    );
+    reg.register(
+        "conntrack_budget_exceeded",
+        "New flows of each endpoint of this host dropped because its conntrack budget was spent",
+        exceeded,
+    );
+    let gc = &stats.gc;
     let counter = |reg: &mut Registry, name: &str, help: &str, v: u64| {
         let c = Counter::<u64>::default();
         c.inc_by(v);
@@ -1571,6 +1688,40 @@ pub fn render_metrics(
         "store_watch_bytes",
         "Bytes of the watch responses the store received from etcd (protobuf and gRPC prefix)",
         watch.bytes,
+    );
+    counter(
+        &mut reg,
+        "conntrack_gc_runs",
+        "Garbage collections of the conntrack table (periodic, under budget pressure, and after endpoints were deleted)",
+        gc.runs,
+    );
+    counter(
+        &mut reg,
+        "conntrack_gc_scanned",
+        "Conntrack entries read by garbage collection",
+        gc.scanned,
+    );
+    counter(
+        &mut reg,
+        "conntrack_gc_deleted",
+        "Conntrack entries deleted by garbage collection (expired, or of deleted endpoints)",
+        gc.deleted,
+    );
+    let seconds = Counter::<f64, std::sync::atomic::AtomicU64>::default();
+    seconds.inc_by(gc.seconds);
+    reg.register("conntrack_gc_seconds", "Time spent in conntrack garbage collection", seconds);
+    let last = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
+    last.set(gc.last.duration.as_secs_f64());
+    reg.register(
+        "conntrack_gc_last_duration_seconds",
+        "Duration of the last conntrack garbage collection",
+        last,
+    );
+    gauge(
+        &mut reg,
+        "conntrack_gc_last_scanned",
+        "Conntrack entries the last garbage collection read",
+        gc.last.scanned,
     );
     let mut out = String::new();
     prometheus_client::encoding::text::encode(&mut out, &reg)?;

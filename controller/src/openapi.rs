@@ -168,6 +168,14 @@ pub fn document() -> Value {
     };
     let no_auth = json!([]);
     let v6 = ipv6();
+    // S14: an endpoint's use of its conntrack budget (apart: the document is one json! call).
+    let conntrack_usage = json!({ "type": "object", "required": ["budget", "used", "available", "exceeded"], "additionalProperties": false,
+        "description": "Shown by GET on the API of the endpoint's own host (the only one whose conntrack table charges it)",
+        "properties": {
+            "budget": { "type": "integer", "minimum": 0 },
+            "used": { "type": "integer", "minimum": 0, "description": "Tracked flows charged to it" },
+            "available": { "type": "integer", "minimum": 0 },
+            "exceeded": { "type": "integer", "minimum": 0, "description": "New flows refused for want of budget" } } });
 
     json!({
         "openapi": "3.0.3",
@@ -179,7 +187,7 @@ pub fn document() -> Value {
         "paths": {
             "/healthz": { "get": { "summary": "Liveness", "security": no_auth, "responses": { "200": { "description": "The daemon is up", "content": { "text/plain": { "schema": { "type": "string", "enum": ["ok"] } } } } } } },
             "/metrics": { "get": { "summary": "Prometheus metrics (OpenMetrics text): admins and fleet-wide viewers", "responses": read(json!({
-                "200": { "description": "verse_drops_total{reason}, verse_endpoints, verse_rules, verse_security_groups, verse_universes, verse_revision, verse_realized_revision", "content": { "application/openmetrics-text": { "schema": { "type": "string" } } } },
+                "200": { "description": "verse_drops_total{reason}, verse_endpoints, verse_rules, verse_security_groups, verse_universes, verse_revision, verse_realized_revision; per endpoint of this host verse_conntrack_budget, verse_conntrack_used, verse_conntrack_available, verse_conntrack_budget_exceeded_total {endpoint}; verse_conntrack_gc_runs_total, verse_conntrack_gc_scanned_total, verse_conntrack_gc_deleted_total, verse_conntrack_gc_seconds_total, verse_conntrack_gc_last_duration_seconds, verse_conntrack_gc_last_scanned", "content": { "application/openmetrics-text": { "schema": { "type": "string" } } } },
                 "403": e403_role,
                 "500": err("The dataplane counters could not be read") })) } },
             "/v1/openapi.json": { "get": { "summary": "This document", "security": no_auth, "responses": public(json!({ "200": { "description": "OpenAPI 3 document", "content": { "application/json": { "schema": { "type": "object" } } } } })) } },
@@ -334,10 +342,11 @@ pub fn document() -> Value {
                         "host": { "type": "string", "pattern": "^[A-Za-z0-9._-]{1,253}$", "description": "Host to place it on, a host of the fleet; default: the host serving the request" },
                         "netns": { "type": "string", "pattern": r"^(?:[!-\-0-~][!-.0-~]{0,254}|\.[!-\-0-~][!-.0-~]{0,253}|\.\.[!-.0-~]{1,253})$", "description": "An existing `ip netns` namespace on that host (404 if it does not exist there): printable ASCII, no '/', not . or .." },
                         "ip": { "type": "string", "pattern": format!("^{IPV4}$"), "description": "IPv4, within one of the universe's CIDRs" },
-                        "security_groups": { "type": "array", "items": { "type": "string" }, "minItems": 1, "maxItems": 16, "uniqueItems": true, "description": "Group ids of the universe; default: the universe's default group" } } },
+                        "security_groups": { "type": "array", "items": { "type": "string" }, "minItems": 1, "maxItems": 16, "uniqueItems": true, "description": "Group ids of the universe; default: the universe's default group" },
+                        "conntrack_budget": { "type": "integer", "minimum": 1, "maximum": dataplane_common::capacity::CONNTRACK, "description": "Flows it may have tracked at once on its host (S14); default: the serving daemon's conntrack.endpoint_budget. The budgets of one host's endpoints add up to at most its conntrack capacity (409 limit_exceeded otherwise)." } } },
                 "PatchEndpoint": { "type": "object", "additionalProperties": false, "required": ["security_groups"], "properties": {
                     "security_groups": { "type": "array", "items": { "type": "string" }, "minItems": 1, "maxItems": 16, "uniqueItems": true } } },
-                "Endpoint": { "type": "object", "required": ["id", "universe", "host", "netns", "ip", "mac", "interface", "security_groups"], "properties": {
+                "Endpoint": { "type": "object", "required": ["id", "universe", "host", "netns", "ip", "mac", "interface", "security_groups", "conntrack_budget"], "properties": {
                     "id": { "type": "string", "pattern": "^ep-[0-9a-f]{8}$" },
                     "universe": { "type": "string" },
                     "host": { "type": "string" },
@@ -345,7 +354,9 @@ pub fn document() -> Value {
                     "ip": { "type": "string", "format": "ipv4" },
                     "mac": { "type": "string", "pattern": "^02:00(?::[0-9a-f]{2}){4}$" },
                     "interface": { "type": "string", "description": "Host-side veth" },
-                    "security_groups": { "type": "array", "items": { "type": "string" } } } },
+                    "security_groups": { "type": "array", "items": { "type": "string" } },
+                    "conntrack_budget": { "type": "integer", "minimum": 1, "description": "Flows it may have tracked at once (S14)" },
+                    "conntrack": conntrack_usage } },
                 "Host": { "type": "object", "required": ["name", "underlay_ip", "revision", "healthy", "errors"], "properties": {
                     "name": { "type": "string" },
                     "underlay_ip": { "type": "string", "format": "ipv4", "nullable": true },

@@ -580,10 +580,22 @@ async fn create_endpoint_returns_201_without_internal_fields() {
     assert_eq!(a.revision, Some(before + 1));
     let e = a.body.as_object().unwrap();
     let keys: Vec<_> = e.keys().map(String::as_str).collect();
+    // No identity, serial or slot: those are internal.
     assert_eq!(
         keys,
-        ["host", "id", "interface", "ip", "mac", "netns", "security_groups", "universe"]
+        [
+            "conntrack_budget",
+            "host",
+            "id",
+            "interface",
+            "ip",
+            "mac",
+            "netns",
+            "security_groups",
+            "universe"
+        ]
     );
+    assert_eq!(e["conntrack_budget"], verse::model::DEFAULT_CONNTRACK_BUDGET);
     assert!(e["id"].as_str().unwrap().starts_with("ep-"));
     assert_eq!(e["host"], "host-b");
     assert_eq!(e["ip"], "10.1.0.5");

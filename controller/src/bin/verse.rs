@@ -264,6 +264,10 @@ enum EndpointCmd {
         /// Host to place it on (default: the host serving the API).
         #[arg(long)]
         host: Option<String>,
+        /// Flows it may have tracked at once (default: the serving daemon's
+        /// `conntrack.endpoint_budget`).
+        #[arg(long, value_name = "FLOWS")]
+        conntrack_budget: Option<i64>,
     },
     List {
         #[arg(long)]
@@ -537,14 +541,14 @@ fn run(c: &Client, fmt: Format, cmd: Command) -> client::Result<()> {
             RuleCmd::List { sg, stats: true } => out.rule_stats(&c.group_view(&sg)?),
         },
         Command::Endpoint(cmd) => match cmd {
-            EndpointCmd::Create { universe, netns, ip, sgs, host } => {
+            EndpointCmd::Create { universe, netns, ip, sgs, host, conntrack_budget } => {
                 let req = CreateEndpoint {
                     universe,
                     host,
                     netns,
                     ip,
                     security_groups: (!sgs.is_empty()).then_some(sgs),
-                    conntrack_budget: None,
+                    conntrack_budget,
                 };
                 let (e, rev) = c.create_endpoint(&req)?;
                 out.mutated(rev);
@@ -834,11 +838,25 @@ impl Out {
                     e.mac.clone(),
                     e.interface.clone(),
                     e.security_groups.join(","),
+                    match e.conntrack {
+                        Some(u) => format!("{}/{}", u.used, u.budget),
+                        None => format!("-/{}", e.conntrack_budget),
+                    },
                 ]
             })
             .collect();
         table(
-            &["ID", "UNIVERSE", "HOST", "NETNS", "IP", "MAC", "INTERFACE", "SECURITY_GROUPS"],
+            &[
+                "ID",
+                "UNIVERSE",
+                "HOST",
+                "NETNS",
+                "IP",
+                "MAC",
+                "INTERFACE",
+                "SECURITY_GROUPS",
+                "CONNTRACK",
+            ],
             rows,
         );
     }

@@ -199,14 +199,21 @@ async fn run(args: Args) -> anyhow::Result<()> {
 
     let stats: StatsFn = Arc::new(move || {
         let dp = dataplane.lock().unwrap_or_else(PoisonError::into_inner);
-        Ok(Stats { drops: dp.drop_counts()?, rule_hits: dp.rule_hits()? })
+        let gc = gc_stats.lock().unwrap_or_else(PoisonError::into_inner).clone();
+        Ok(Stats {
+            drops: dp.drop_counts()?,
+            rule_hits: dp.rule_hits()?,
+            ct_owners: dp.ct_owners(),
+            gc,
+        })
     });
     let limits = limits::Limits::new(config.limit_settings());
     let app = api::router(
         AppState::new(store, host.clone(), underlay_ip, realized_rx, stats)
             .with_limits(limits)
             .with_api_url(api_url.clone())
-            .with_events(hub),
+            .with_events(hub)
+            .with_conntrack_budget(config.conntrack.endpoint_budget),
     );
 
     let tls = server::tls_from_config(&config, &host)?;
