@@ -27,7 +27,7 @@ use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -1115,6 +1115,23 @@ pub fn drop_counts_in(text: &str) -> BTreeMap<String, u64> {
     counts
 }
 
+/// The sum of the samples of metric `family` in a `/metrics` text that carry the label `label`
+/// (written `name="value"`).
+pub fn metric_sum(text: &str, family: &str, label: &str) -> u64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let rest = l.strip_prefix(family)?;
+            let (labels, value) = rest.strip_prefix('{')?.split_once('}')?;
+            if !labels.split(',').any(|kv| kv.trim() == label) {
+                return None;
+            }
+            value.split_whitespace().next()?.parse::<f64>().ok()
+        })
+        .map(|v| v as u64)
+        .sum()
+}
+
 /// The drop counters of the dataplane whose maps are pinned under `bpf_dir`, by reason label
 /// (packets at either hook), read from its `VERSE_DROPS` map (a per-CPU array of
 /// `DropCount {packets, bytes}` indexed by `drop_slot(reason, hook)`) with `bpftool`.
@@ -1679,6 +1696,140 @@ pub fn send_frame(ns: &Netns, iface: &str, frame: &[u8]) -> io::Result<()> {
         }
         Ok(())
     })
+}
+
+/// Sends `flows` distinct UDP flows from `ns` to `dst`, `per_flow` datagrams each (every flow
+/// of a batch once, then again), as fast as `sendmmsg(2)` goes, from one thread pinned to each
+/// CPU: a flood of new flows. Flow `i` goes from port `first_sport + i / 60000` to port
+/// `1 + i % 60000`. Returns the datagrams the kernel accepted (a full queue refuses some).
+pub fn udp_flood(ns: &Netns, dst: Ipv4Addr, first_sport: u16, flows: u32, per_flow: u32) -> u64 {
+    const PER_SPORT: u32 = 60_000;
+    const BATCH: u32 = 256;
+    let sports = flows.div_ceil(PER_SPORT);
+    // SAFETY: sysconf has no preconditions.
+    let cpus =
+        usize::try_from(unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) }).unwrap_or(1).max(1);
+    let sockets: Vec<(u16, UdpSocket)> = (0..sports)
+        .map(|k| {
+            let sport = first_sport + u16::try_from(k).expect("few source ports");
+            let bind = SocketAddr::from((Ipv4Addr::UNSPECIFIED, sport));
+            let sock = ns
+                .enter(|| UdpSocket::bind(bind))
+                .unwrap_or_else(|e| panic!("bind UDP {bind} in {}: {e}", ns.name()));
+            (sport, sock)
+        })
+        .collect();
+    let sent = AtomicU64::new(0);
+    std::thread::scope(|scope| {
+        for cpu in 0..cpus {
+            let (sockets, sent) = (&sockets, &sent);
+            scope.spawn(move || {
+                // SAFETY: an all-zero cpu_set_t is empty; CPU_SET writes within it; pid 0 is
+                // the calling thread.
+                unsafe {
+                    let mut set: libc::cpu_set_t = std::mem::zeroed();
+                    libc::CPU_SET(cpu, &mut set);
+                    libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
+                }
+                for (k, (_, sock)) in sockets.iter().enumerate() {
+                    let in_this = (flows - k as u32 * PER_SPORT).min(PER_SPORT);
+                    // This thread's share of the destination ports of this socket.
+                    let share: Vec<u16> = (0..in_this)
+                        .filter(|i| *i as usize % cpus == cpu)
+                        .map(|i| u16::try_from(1 + i).expect("ports"))
+                        .collect();
+                    for batch in share.chunks(BATCH as usize) {
+                        for _ in 0..per_flow {
+                            sent.fetch_add(send_batch(sock, dst, batch), Ordering::Relaxed);
+                        }
+                    }
+                }
+            });
+        }
+    });
+    sent.load(Ordering::Relaxed)
+}
+
+/// One `sendmmsg(2)` of a one-byte datagram to each port of `ports` at `dst`; returns how many
+/// the kernel took.
+fn send_batch(sock: &UdpSocket, dst: Ipv4Addr, ports: &[u16]) -> u64 {
+    let mut payload = [b'f'];
+    let mut addrs: Vec<libc::sockaddr_in> = ports
+        .iter()
+        .map(|p| libc::sockaddr_in {
+            sin_family: libc::AF_INET as libc::sa_family_t,
+            sin_port: p.to_be(),
+            sin_addr: libc::in_addr { s_addr: u32::from(dst).to_be() },
+            sin_zero: [0; 8],
+        })
+        .collect();
+    let mut iov = libc::iovec { iov_base: payload.as_mut_ptr().cast(), iov_len: 1 };
+    let mut msgs: Vec<libc::mmsghdr> = addrs
+        .iter_mut()
+        .map(|a| {
+            // SAFETY: an all-zero mmsghdr is a valid value of this plain C struct.
+            let mut m: libc::mmsghdr = unsafe { std::mem::zeroed() };
+            m.msg_hdr.msg_name = (a as *mut libc::sockaddr_in).cast();
+            m.msg_hdr.msg_namelen = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+            m.msg_hdr.msg_iov = &mut iov;
+            m.msg_hdr.msg_iovlen = 1;
+            m
+        })
+        .collect();
+    let mut done = 0usize;
+    while done < msgs.len() {
+        // SAFETY: every header points at a live address and the one-byte iovec, valid for the
+        // call; `done < len`.
+        let n = unsafe {
+            libc::sendmmsg(
+                sock.as_raw_fd(),
+                msgs.as_mut_ptr().add(done),
+                (msgs.len() - done) as u32,
+                0,
+            )
+        };
+        if n <= 0 {
+            // A refused datagram (ENOBUFS, or an ICMP error reported back): skip it.
+            done += 1;
+        } else {
+            done += n as usize;
+        }
+    }
+    msgs.len() as u64
+}
+
+/// The keys of the conntrack table pinned under a daemon's bpffs (`VERSE_CT`), read with
+/// `bpftool`: so a test can check what a host still tracks, whatever the daemon does.
+pub fn conntrack_keys(bpf_dir: &Path) -> Vec<dataplane_common::CtKey> {
+    let pin = bpf_dir.join(dataplane_common::map_names::CONNTRACK);
+    let out = run_ok("bpftool", &["-j", "map", "dump", "pinned", &pin.to_string_lossy()]);
+    let dump: Value = serde_json::from_slice(&out.stdout).expect("bpftool prints JSON");
+    dump.as_array()
+        .expect("a map dump is an array")
+        .iter()
+        .map(|e| {
+            let bytes: Vec<u8> = e["key"]
+                .as_array()
+                .expect("raw key bytes")
+                .iter()
+                .map(|b| {
+                    let t = b.as_str().expect("a hex byte");
+                    u8::from_str_radix(t.trim_start_matches("0x"), 16).expect("hex")
+                })
+                .collect();
+            assert_eq!(bytes.len(), std::mem::size_of::<dataplane_common::CtKey>());
+            let u16_at = |i: usize| u16::from_ne_bytes([bytes[i], bytes[i + 1]]);
+            dataplane_common::CtKey {
+                vni: u32::from_ne_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]),
+                src: [bytes[4], bytes[5], bytes[6], bytes[7]],
+                dst: [bytes[8], bytes[9], bytes[10], bytes[11]],
+                sport: u16_at(12),
+                dport: u16_at(14),
+                proto: bytes[16],
+                _pad: [0; 3],
+            }
+        })
+        .collect()
 }
 
 /// Parses a MAC written `aa:bb:cc:dd:ee:ff`.
