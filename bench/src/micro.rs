@@ -661,6 +661,73 @@ mod encap {
     }
 }
 
+/// Conntrack garbage collection over a full table (`capacity::CONNTRACK` entries, as the daemon
+/// runs it: batch reads, then one lookup-and-delete per garbage entry): the time to scan it when
+/// nothing is garbage, and to collect it when everything is. `ROUNDS` of each, the table written
+/// afresh before each collection.
+fn gc(
+    dir: &Path,
+    shape: &dyn Fn(serde_json::Value) -> serde_json::Value,
+) -> Result<Vec<BenchRecord>> {
+    use dataplane_common::{capacity, CtEntry, CtKey, CtValue};
+    let dp =
+        Dataplane::load(&dir.join("ct_gc"), &Config::default()).context("load for the GC bench")?;
+    let n = capacity::CONNTRACK as usize;
+    let entries: Vec<(CtKey, CtValue)> = (0..n)
+        .map(|i| {
+            let i = i as u32;
+            let key = CtKey {
+                vni: 1 + i % 7,
+                src: [10, 1, (i >> 8) as u8, i as u8],
+                dst: [10, 2, (i >> 24) as u8, (i >> 16) as u8],
+                sport: (i % 50_000) as u16,
+                dport: 443,
+                proto: 6,
+                _pad: [0; 3],
+            };
+            let entry = CtEntry {
+                last_seen_ns: 1,
+                src_serial: 1,
+                dst_serial: 2,
+                owner_slot: 1,
+                state: 1,
+                ..CtEntry::default()
+            };
+            (key, CtValue { entry, ..CtValue::default() })
+        })
+        .collect();
+    let (mut scans, mut collects) = (Vec::new(), Vec::new());
+    for round in 0..ROUNDS {
+        dp.write_conntrack(&entries).context("fill the conntrack table")?;
+        let scan = dp.collect_conntrack(&|_| false, &mut |_| {})?;
+        ensure!(
+            scan.scanned as usize == n && scan.deleted == 0,
+            "scan saw {} entries",
+            scan.scanned
+        );
+        let collect = dp.collect_conntrack(&|_| true, &mut |_| {})?;
+        ensure!(collect.deleted as usize == n, "collected {} entries of {n}", collect.deleted);
+        eprintln!(
+            "bench_micro: round {round}: conntrack scan of {n} entries {:.1} ms, collection {:.1} ms",
+            scan.duration.as_secs_f64() * 1e3,
+            collect.duration.as_secs_f64() * 1e3
+        );
+        scans.push(scan.duration.as_secs_f64() * 1e3);
+        collects.push(collect.duration.as_secs_f64() * 1e3);
+    }
+    let config = |what: &str, samples: &[f64]| {
+        shape(json!({"scenario": what, "entries": n, "samples_ms": samples,
+            "ns_per_entry": median(samples) * 1e6 / n as f64,
+            "method": "controller's collector (BPF_MAP_LOOKUP_BATCH of 4096, then BPF_MAP_LOOKUP_AND_DELETE_ELEM per garbage entry), wall time"}))
+    };
+    Ok(vec![
+        BenchRecord::new("micro_ct_gc_scan_full_table", median(&scans), Unit::Ms, None,
+            config("garbage collection of a full conntrack table with nothing to collect (the periodic run's floor)", &scans)).with_spread(&scans),
+        BenchRecord::new("micro_ct_gc_full_table", median(&collects), Unit::Ms, None,
+            config("garbage collection of a full conntrack table that is all garbage (the worst case: every entry deleted)", &collects)).with_spread(&collects),
+    ])
+}
+
 pub fn run(out: &mut Vec<BenchRecord>) -> Result<()> {
     let ns = Netns::new("bm");
     let tmp = TempDir::new("bm");
@@ -859,6 +926,7 @@ pub fn run(out: &mut Vec<BenchRecord>) -> Result<()> {
             }
             recs.push(rec);
         }
+        recs.extend(gc(dir, &shape)?);
         // The cost of a new flow at 100,000 rules against 10: the value is the 100k figure.
         let (b, d) = (by_name["new_flow_10_rules"], by_name["new_flow_100k_rules"]);
         let d_samples = all.iter().find(|l| l.name == "new_flow_100k_rules").map(|l| l.samples.clone()).unwrap_or_default();

@@ -231,6 +231,30 @@ pub fn read_all(fd: BorrowedFd<'_>) -> io::Result<Vec<(CtKey, CtValue)>> {
     }
 }
 
+/// Writes `entries` into the table behind `fd` in batches (`BPF_MAP_UPDATE_BATCH`), charging
+/// nobody: for tests and benchmarks that need a full table.
+pub fn write_all(fd: BorrowedFd<'_>, entries: &[(CtKey, CtValue)]) -> io::Result<()> {
+    const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
+    for chunk in entries.chunks(BATCH) {
+        let keys: Vec<CtKey> = chunk.iter().map(|e| e.0).collect();
+        let values: Vec<CtValue> = chunk.iter().map(|e| e.1).collect();
+        let mut attr = BatchAttr {
+            in_batch: 0,
+            out_batch: 0,
+            keys: keys.as_ptr() as u64,
+            values: values.as_ptr() as u64,
+            count: chunk.len() as u32,
+            map_fd: fd.as_raw_fd() as u32,
+            elem_flags: 0,
+            flags: 0,
+        };
+        // SAFETY: `attr` is the batch layout; `keys` and `values` hold `count` elements of the
+        // map's types and outlive the call.
+        unsafe { bpf(BPF_MAP_UPDATE_BATCH, &mut attr) }?;
+    }
+    Ok(())
+}
+
 /// Deletes `key` and returns the value it held (`None`: no such entry).
 pub fn take(fd: BorrowedFd<'_>, key: &CtKey) -> io::Result<Option<CtValue>> {
     let mut value = CtValue::default();

@@ -695,6 +695,14 @@ impl Dataplane {
         })
     }
 
+    /// Writes conntrack entries directly, charging nobody's budget: for benchmarks and tests
+    /// that need a full table (the dataplane itself charges every entry it makes).
+    pub fn write_conntrack(&self, entries: &[(CtKey, CtValue)]) -> Result<()> {
+        conntrack::write_all(self.conntrack.map().fd().as_fd(), entries).map_err(|source| {
+            Error::Conntrack { call: "BPF_MAP_UPDATE_BATCH", name: map_names::CONNTRACK, source }
+        })
+    }
+
     /// Every slot of `VERSE_CT_OWNERS` that an endpoint has: its budget and counters.
     pub fn ct_owners(&self) -> BTreeMap<u32, CtOwner> {
         self.ct_owners.assigned()
