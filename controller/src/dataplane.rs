@@ -793,6 +793,134 @@ impl Dataplane {
     }
 }
 
+/// The maps the programs write as they judge a packet. A trace run ([`TraceRunner`]) gets
+/// private copies of these, so that pushing a synthesized frame through the real programs
+/// creates no flow in the live conntrack table (no hole: a test-run SYN would otherwise admit
+/// the receiver's replies to its 5-tuple) and moves no live counter. Every other map is the live,
+/// pinned one, which the programs only read. A map that the programs start writing must be
+/// added here (the test `a_trace_run_changes_no_live_map` compares every live map before and
+/// after runs).
+pub const WRITTEN_BY_PROGRAMS: [&str; 2] = [map_names::CONNTRACK, map_names::DROPS];
+
+/// Capacity of a trace run's private conntrack table: it holds the few live entries the run may
+/// look up, and what the run creates.
+const TRACE_CONNTRACK_CAPACITY: u32 = 64;
+
+/// A second load of the programs that reads the live maps but writes only private ones (see
+/// [`WRITTEN_BY_PROGRAMS`]): what `verse trace --run` pushes its frame through.
+pub struct TraceRunner {
+    ebpf: Ebpf,
+    conntrack: HashMap<MapData, CtKey, CtValue>,
+    drops: PerCpuArray<MapData, u64>,
+}
+
+impl std::fmt::Debug for TraceRunner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TraceRunner").finish_non_exhaustive()
+    }
+}
+
+/// What one trace run did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TraceRunOutput {
+    pub output: TestRunOutput,
+    /// The reason whose (private) drop counter moved, if one did.
+    pub dropped: Option<DropReason>,
+}
+
+impl Dataplane {
+    /// Loads the programs again for trace runs: every map is the live one pinned under this
+    /// dataplane's directory except the ones the programs write, which are made afresh (pinned
+    /// under `<dir>/trace/` only for the load, then unpinned: they live as long as the runner).
+    pub fn trace_runner(&self) -> Result<TraceRunner> {
+        let dir = self.bpf_dir.join("trace");
+        std::fs::create_dir_all(&dir)
+            .map_err(|source| Error::CreateDir { path: dir.clone(), source })?;
+        for name in WRITTEN_BY_PROGRAMS {
+            remove_pin(&dir.join(name))?;
+        }
+        let mut loader = EbpfLoader::new();
+        loader.default_map_pin_directory(&self.bpf_dir);
+        for name in WRITTEN_BY_PROGRAMS {
+            loader.map_pin_path(name, dir.join(name));
+        }
+        loader.map_max_entries(map_names::CONNTRACK, TRACE_CONNTRACK_CAPACITY);
+        let loaded = loader.load(OBJECT).map_err(|source| Error::LoadObject {
+            dir: self.bpf_dir.clone(),
+            source: Box::new(source),
+        });
+        // The private maps are held by the loaded object from here on.
+        for name in WRITTEN_BY_PROGRAMS {
+            remove_pin(&dir.join(name))?;
+        }
+        let mut ebpf = loaded?;
+        for name in [PROG_FROM_ENDPOINT, PROG_FROM_UNDERLAY] {
+            classifier_mut(&mut ebpf, name)?
+                .load()
+                .map_err(|source| Error::LoadProgram { name, source })?;
+        }
+        Ok(TraceRunner {
+            conntrack: take_map(&mut ebpf, map_names::CONNTRACK)?,
+            drops: take_map(&mut ebpf, map_names::DROPS)?,
+            ebpf,
+        })
+    }
+}
+
+impl TraceRunner {
+    /// Runs `hook` (`from_endpoint` or `from_underlay`) once on `frame` as if it arrived on
+    /// `ifindex`, with the private conntrack table holding exactly `conntrack` (the live entries
+    /// the packet may hit), and reports which drop counter moved.
+    pub fn run(
+        &mut self,
+        hook: &str,
+        frame: &[u8],
+        ifindex: u32,
+        conntrack: &[(CtKey, CtEntry)],
+    ) -> Result<TraceRunOutput> {
+        let name = match hook {
+            PROG_FROM_ENDPOINT => PROG_FROM_ENDPOINT,
+            PROG_FROM_UNDERLAY => PROG_FROM_UNDERLAY,
+            other => return Err(Error::TestInput(format!("no hook {other:?}"))),
+        };
+        let keys: Vec<CtKey> = self
+            .conntrack
+            .keys()
+            .collect::<Result<_, _>>()
+            .map_err(read_err(map_names::CONNTRACK))?;
+        for key in keys {
+            remove_ok_if_absent(self.conntrack.remove(&key)).map_err(|source| {
+                Error::MapDelete { name: map_names::CONNTRACK, entry: format!("{key:?}"), source }
+            })?;
+        }
+        for (key, entry) in conntrack {
+            let value = CtValue { entry: *entry, ..CtValue::default() };
+            self.conntrack.insert(key, value, 0).map_err(|source| Error::MapWrite {
+                name: map_names::CONNTRACK,
+                entry: format!("{key:?}"),
+                source,
+            })?;
+        }
+        let before = self.drop_counts()?;
+        let output = run(&self.ebpf, name, frame, ifindex, 1)?;
+        let after = self.drop_counts()?;
+        let dropped = DropReason::ALL
+            .into_iter()
+            .find(|r| after.get(r).copied().unwrap_or(0) > before.get(r).copied().unwrap_or(0));
+        Ok(TraceRunOutput { output, dropped })
+    }
+
+    fn drop_counts(&self) -> Result<BTreeMap<DropReason, u64>> {
+        let mut out = BTreeMap::new();
+        for reason in DropReason::ALL {
+            let per_cpu =
+                self.drops.get(&(reason as u32), 0).map_err(read_err(map_names::DROPS))?;
+            out.insert(reason, per_cpu.iter().copied().fold(0u64, u64::wrapping_add));
+        }
+        Ok(out)
+    }
+}
+
 /// Whether the endpoint behind `ifindex` lives in `VERSE_EP_SLOTS` (else in `VERSE_ENDPOINTS`).
 fn has_slot(ifindex: u32, endpoint: &Endpoint) -> bool {
     ifindex < capacity::ENDPOINT_SLOTS && endpoint.vni != 0

@@ -40,4 +40,5 @@ pub mod server;
 pub mod sim;
 pub mod store;
 pub mod tls;
+pub mod trace;
 pub mod verdict;

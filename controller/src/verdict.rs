@@ -917,16 +917,44 @@ impl<'a> Host<'a> {
         proto: u8,
         l4: &L4,
     ) -> bool {
-        ep.security_groups.iter().filter_map(|g| self.state.groups.get(g)).any(|g| {
+        self.admitting(ep, dir, peer, proto, l4.dport, l4.icmp_type_code).next().is_some()
+    }
+
+    /// The rules of `ep`'s groups in `dir` that admit a packet of protocol `proto` (TCP/UDP
+    /// destination port `dport`, ICMP type and code `icmp`) whose peer (destination for
+    /// egress, source for ingress) is `peer`: the groups in the endpoint's order, each group's
+    /// rules in their order. Any one of them admits the packet (S1); `verse trace` names the
+    /// first.
+    pub fn admitting<'s>(
+        &'s self,
+        ep: &'s model::Endpoint,
+        dir: Direction,
+        peer: Ipv4Addr,
+        proto: u8,
+        dport: u16,
+        icmp: (u8, u8),
+    ) -> impl Iterator<Item = (&'a model::SecurityGroup, &'a model::Rule)> + 's {
+        let l4 = L4 {
+            ct_ports: (0, 0),
+            dport,
+            icmp_type_code: icmp,
+            tcp_flags: 0,
+            icmp_error_inner: None,
+        };
+        ep.security_groups.iter().filter_map(|g| self.state.groups.get(g)).flat_map(move |g| {
             let rules = match dir {
                 Direction::Ingress => &g.ingress,
                 Direction::Egress => &g.egress,
             };
-            rules.iter().any(|r| {
-                r.direction == dir
-                    && protocol_matches(r, proto, l4)
-                    && self.peer_matches(&r.peer, &ep.universe, peer)
-            })
+            let l4 = l4.clone();
+            rules
+                .iter()
+                .filter(move |r| {
+                    r.direction == dir
+                        && protocol_matches(r, proto, &l4)
+                        && self.peer_matches(&r.peer, &ep.universe, peer)
+                })
+                .map(move |r| (g, r))
         })
     }
 
@@ -1077,6 +1105,7 @@ fn parse_ipv4(frame: &[u8], off: usize) -> Result<Ipv4, DropReason> {
 }
 
 /// The parts of the L4 header the walk needs.
+#[derive(Clone)]
 struct L4 {
     /// Conntrack ports (S7): TCP/UDP ports; ICMP echo id as `(id, 0)` for a request and
     /// `(0, id)` for a reply; `(0, 0)` otherwise.

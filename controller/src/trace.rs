@@ -1,0 +1,1246 @@
+//! `verse trace`: the verdict the dataplane would reach on one packet, step by step, computed
+//! from what a host has realized, with no traffic sent. Pure: the daemon passes what it read
+//! (the realized [`State`], the kernel maps, the conntrack table, the clock) in a [`Realized`].
+//!
+//! Contract:
+//! - A trace is asked of one host ([`trace`]) and covers the hooks that run *on that host*: the
+//!   sender's `from_endpoint` when the sender is placed here; the receiver's `from_underlay`
+//!   when the receiver is placed here and the sender on another host. A packet that leaves for
+//!   another host ends this host's part with [`Action::Wrap`] naming that host; the caller (the
+//!   CLI) asks that host next.
+//! - The walk follows the reference model's order (`crate::verdict`, the module docs), every
+//!   step naming what it checked: anti-spoofing, conntrack (is there a live flow, and what a new
+//!   flow gets), the sender's egress rules, the route (local, another host via the underlay,
+//!   none), the receiver's ingress rules (with the peer identity this host's routes give the
+//!   source), and names the deciding rule (group and rule id) or, for a policy drop, what was
+//!   searched. Rule matching is the model's own ([`crate::verdict::Host::admitting`]).
+//! - Where the reference model covers the hook (a sender and a receiver on the same host), the
+//!   trace also carries the model's verdict on the very frame it synthesized
+//!   ([`TraceAnswer::model`]), so that a disagreement between the walk and the model shows.
+//! - The evaluated state is the one this host last realized; [`TraceAnswer::maps_match`] says
+//!   whether the kernel maps hold exactly its compiled form (false while a newer revision is
+//!   being applied, or if the maps were changed behind the daemon's back).
+//! - The synthesized packet is what a workload would send for a *new* flow: a TCP SYN, a UDP
+//!   datagram, an ICMP message (echo request by default). Its source port, when not given, is
+//!   one no live flow uses. Live flows between the same addresses are listed in the conntrack
+//!   step.
+
+use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
+use std::sync::Arc;
+
+use dataplane_common::{ct_state, Config, CtEntry, CtKey, DropReason, VXLAN_PORT};
+use serde::{Deserialize, Serialize};
+
+use crate::compile::{self, Desired};
+use crate::model::{self, Direction, State};
+use crate::verdict::{self, Conntrack, Timeouts, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP};
+
+/// The hook names, as the dataplane's programs are named.
+pub const HOOK_FROM_ENDPOINT: &str = "from_endpoint";
+pub const HOOK_FROM_UNDERLAY: &str = "from_underlay";
+
+/// ICMP echo identifier of a synthesized echo request ("tr").
+pub const TRACE_ECHO_ID: u16 = 0x7472;
+/// First source port tried when the request gives none.
+const DEFAULT_SPORT: u16 = 49_152;
+
+/// What a host has realized, as its daemon read it for one trace.
+#[derive(Clone, Debug)]
+pub struct Realized {
+    /// The desired state of the revision this host last realized.
+    pub state: Arc<State>,
+    /// What the kernel maps hold (`Dataplane::read`).
+    pub maps: Desired,
+    /// Every entry of `VERSE_CT`.
+    pub conntrack: Vec<(CtKey, CtEntry)>,
+    /// The conntrack clock now (`CLOCK_MONOTONIC_COARSE`, what `bpf_ktime_get_coarse_ns` reads).
+    pub now_ns: u64,
+    /// `VERSE_CONFIG` as this daemon wrote it.
+    pub config: Config,
+    /// This host's underlay address, if it has one.
+    pub underlay_ip: Option<Ipv4Addr>,
+}
+
+/// The body of `POST /v1/trace`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TraceRequest {
+    /// `ep-…`, or an address of the universe.
+    pub from: String,
+    /// `ep-…`, or an address of the universe.
+    pub to: String,
+    /// The universe, needed only when neither `from` nor `to` is an endpoint id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub universe: Option<String>,
+    /// `tcp`, `udp`, `icmp`, or a protocol number.
+    pub protocol: String,
+    /// TCP/UDP destination port (required for them).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
+    /// TCP/UDP source port; default: one no live flow uses.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sport: Option<u16>,
+    /// ICMP type (default 8, echo request).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub icmp_type: Option<u8>,
+    /// ICMP code (default 0).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub icmp_code: Option<u8>,
+    /// Also push the synthesized frame through the real program (`BPF_PROG_TEST_RUN`).
+    #[serde(default)]
+    pub run: bool,
+}
+
+/// The packet a trace judges.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Packet {
+    pub universe: String,
+    pub vni: u32,
+    pub src: Ipv4Addr,
+    pub dst: Ipv4Addr,
+    /// The endpoint that owns `src`, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub src_endpoint: Option<String>,
+    /// The endpoint that owns `dst`, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dst_endpoint: Option<String>,
+    pub protocol: String,
+    /// IP protocol number.
+    pub proto: u8,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sport: Option<u16>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dport: Option<u16>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub icmp_type: Option<u8>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub icmp_code: Option<u8>,
+}
+
+impl Packet {
+    /// `tcp/443`, `udp/53`, `icmp type 8 code 0`, `proto 47`.
+    pub fn service(&self) -> String {
+        match (self.proto, self.dport, self.icmp_type) {
+            (IPPROTO_TCP | IPPROTO_UDP, Some(p), _) => format!("{}/{p}", self.protocol),
+            (IPPROTO_ICMP, _, Some(t)) => {
+                format!("icmp type {t} code {}", self.icmp_code.unwrap_or(0))
+            }
+            (n, ..) => format!("protocol {n}"),
+        }
+    }
+}
+
+/// How a step ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Outcome {
+    /// The check passed; the walk goes on.
+    Pass,
+    /// The packet is dropped here.
+    Drop,
+    /// The packet is decided here without the later checks (a live flow, a related error).
+    Accept,
+    /// Something worth knowing that decides nothing.
+    Info,
+}
+
+/// A rule of a security group.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RuleRef {
+    pub group: String,
+    pub group_name: String,
+    pub rule: String,
+    pub direction: Direction,
+}
+
+/// One check of the walk.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Step {
+    pub host: String,
+    pub hook: String,
+    /// `endpoint`, `anti_spoofing`, `conntrack`, `egress`, `route`, `underlay`, `destination`,
+    /// `ingress`.
+    pub check: String,
+    pub outcome: Outcome,
+    pub detail: String,
+    /// The drop reason, for a drop (the label of `/metrics`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// The rule that admitted the packet.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rule: Option<RuleRef>,
+    /// For a policy check: the groups whose rules were searched.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub searched: Vec<String>,
+}
+
+/// What happens to the packet on this host.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Action {
+    /// Delivered into the receiver's namespace.
+    Deliver,
+    /// Wrapped and sent over the underlay to another host (which judges it next).
+    Wrap,
+    /// Not the dataplane's: handed to the host's own stack untouched (`from_underlay` only).
+    Pass,
+    Drop,
+}
+
+/// The end of a walk (or of a model evaluation, or of a kernel run).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Decision {
+    pub action: Action,
+    /// The drop reason's label, for a drop.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+impl Decision {
+    fn drop(r: DropReason) -> Decision {
+        Decision { action: Action::Drop, reason: Some(r.label().to_owned()) }
+    }
+    fn of(action: Action) -> Decision {
+        Decision { action, reason: None }
+    }
+}
+
+/// The verdict of the walk.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Verdict {
+    pub action: Action,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// The rules that admitted a new flow (the sender's egress rule, the receiver's ingress
+    /// rule, as far as this host judged them).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub rules: Vec<RuleRef>,
+    /// The host a wrapped packet goes to (it judges the receiver's ingress).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_host: Option<String>,
+    /// One sentence.
+    pub summary: String,
+}
+
+impl Verdict {
+    pub fn decision(&self) -> Decision {
+        Decision { action: self.action, reason: self.reason.clone() }
+    }
+}
+
+/// What the real program did with the synthesized frame (`BPF_PROG_TEST_RUN`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KernelRun {
+    pub hook: String,
+    pub action: Action,
+    /// The reason whose drop counter moved, for a drop.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// `TC_ACT_*`: 0 ok, 2 shot, 7 redirect.
+    pub return_code: u32,
+    /// The frame's length as the program left it.
+    pub frame_len: usize,
+}
+
+impl KernelRun {
+    pub fn decision(&self) -> Decision {
+        Decision { action: self.action, reason: self.reason.clone() }
+    }
+}
+
+/// The answer of `POST /v1/trace`: this host's part of the packet's path.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TraceAnswer {
+    /// The host that answered (whose maps were read).
+    pub host: String,
+    /// The revision this host has realized: the state the walk evaluated.
+    pub revision: u64,
+    /// Whether the kernel maps hold exactly the compiled form of that revision.
+    pub maps_match: bool,
+    pub packet: Packet,
+    pub steps: Vec<Step>,
+    pub verdict: Verdict,
+    /// The reference model's verdict on the same frame, where the model covers the hook.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<Decision>,
+    /// What the kernel did, with `run`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kernel: Option<KernelRun>,
+}
+
+/// Where a daemon's traces come from: what its host has realized, and its kernel programs.
+pub trait Source: Send + Sync {
+    /// Reads what this host has realized, now.
+    fn realized(&self) -> anyhow::Result<Realized>;
+    /// Pushes `input` through the real program, on private conntrack and counters (see
+    /// `dataplane::TraceRunner`).
+    fn run(&self, input: &RunInput) -> anyhow::Result<KernelRun>;
+}
+
+/// `TC_ACT_*` return codes (`include/uapi/linux/pkt_cls.h`).
+const TC_ACT_OK: u32 = 0;
+const TC_ACT_SHOT: u32 = 2;
+const TC_ACT_REDIRECT: u32 = 7;
+
+/// What a kernel run's return code, output frame and moved drop counter mean.
+pub fn kernel_run(
+    hook: &str,
+    input: &[u8],
+    return_code: u32,
+    output: &[u8],
+    dropped: Option<DropReason>,
+) -> KernelRun {
+    let wrapped = output.len() >= input.len() + dataplane_common::ENCAP_OVERHEAD as usize
+        && output.get(23) == Some(&IPPROTO_UDP)
+        && output.get(36..38) == Some(&VXLAN_PORT.to_be_bytes()[..]);
+    let (action, reason) = match (return_code, dropped) {
+        (_, Some(r)) => (Action::Drop, Some(r.label().to_owned())),
+        (TC_ACT_SHOT, None) => (Action::Drop, None),
+        (TC_ACT_REDIRECT, None) if wrapped => (Action::Wrap, None),
+        (TC_ACT_REDIRECT, None) => (Action::Deliver, None),
+        (TC_ACT_OK, None) => (Action::Pass, None),
+        (_, None) => (Action::Drop, None),
+    };
+    KernelRun { hook: hook.to_owned(), action, reason, return_code, frame_len: output.len() }
+}
+
+/// Parses the query of `GET /v1/trace` (already checked for unknown and repeated names).
+pub fn request_from_query(q: &BTreeMap<String, String>) -> model::Result<TraceRequest> {
+    let text = |name: &str| -> model::Result<String> {
+        q.get(name).cloned().ok_or_else(|| model::Error::invalid(name, "required"))
+    };
+    fn number<T: std::str::FromStr>(
+        q: &BTreeMap<String, String>,
+        name: &str,
+        what: &str,
+    ) -> model::Result<Option<T>> {
+        q.get(name)
+            .map(|v| {
+                v.parse::<T>()
+                    .map_err(|_| model::Error::invalid(name, format!("{v:?} is not {what}")))
+            })
+            .transpose()
+    }
+    let run = match q.get("run").map(String::as_str) {
+        None | Some("false") => false,
+        Some("true") => true,
+        Some(v) => return Err(model::Error::invalid("run", format!("{v:?} is not true or false"))),
+    };
+    Ok(TraceRequest {
+        from: text("from")?,
+        to: text("to")?,
+        universe: q.get("universe").cloned(),
+        protocol: text("protocol")?,
+        port: number(q, "port", "a port (0-65535)")?,
+        sport: number(q, "sport", "a port (0-65535)")?,
+        icmp_type: number(q, "icmp_type", "an ICMP type (0-255)")?,
+        icmp_code: number(q, "icmp_code", "an ICMP code (0-255)")?,
+        run,
+    })
+}
+
+/// The query parameters of `GET /v1/trace`.
+pub const QUERY: [&str; 9] =
+    ["from", "to", "universe", "protocol", "port", "sport", "icmp_type", "icmp_code", "run"];
+
+/// The universe a request is about, as far as the ids in it tell (for access checks before
+/// anything else is looked at): the `universe` field, else the universe of an endpoint id.
+/// Unknown ids are left to [`resolve`].
+pub fn universes_named(state: &State, req: &TraceRequest) -> Vec<(&'static str, String)> {
+    let mut out = Vec::new();
+    if let Some(u) = &req.universe {
+        out.push(("universe", u.clone()));
+    }
+    for (field, id) in [("from", &req.from), ("to", &req.to)] {
+        if let Some(e) = state.endpoints.get(id) {
+            out.push((field, e.universe.clone()));
+        }
+    }
+    out
+}
+
+/// What a kernel run needs: the hook, the frame, the ingress ifindex, and the conntrack entries
+/// the program may look up (copied into the run's private table).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RunInput {
+    pub hook: &'static str,
+    pub frame: Vec<u8>,
+    pub ifindex: u32,
+    pub conntrack: Vec<(CtKey, CtEntry)>,
+}
+
+/// A request resolved against a state: who sends what to whom.
+#[derive(Clone, Debug)]
+pub struct Resolved {
+    pub packet: Packet,
+    /// The host the sender is placed on (`None`: no endpoint has the source address).
+    pub sender_host: Option<String>,
+    pub receiver_host: Option<String>,
+}
+
+/// Resolves `req` against `state`: the universe, both addresses and their endpoints, the
+/// protocol and ports. Errors name the field (400) or say what is missing (404).
+pub fn resolve(state: &State, req: &TraceRequest) -> model::Result<Resolved> {
+    let ep = |field: &str, id: &str| -> model::Result<model::Endpoint> {
+        state.endpoints.get(id).cloned().ok_or_else(|| model::missing(field, "endpoint", id))
+    };
+    let from_ep = if req.from.starts_with("ep-") { Some(ep("from", &req.from)?) } else { None };
+    let to_ep = if req.to.starts_with("ep-") { Some(ep("to", &req.to)?) } else { None };
+    let universe = match (&from_ep, &to_ep, &req.universe) {
+        (Some(a), Some(b), _) if a.universe != b.universe => {
+            return Err(model::Error::invalid(
+                "to",
+                format!(
+                    "{} is in universe {}, {} in {}: universes never reach each other",
+                    a.id, a.universe, b.id, b.universe
+                ),
+            ))
+        }
+        (Some(e), _, u) | (None, Some(e), u) => {
+            if let Some(u) = u.as_ref().filter(|u| **u != e.universe) {
+                return Err(model::Error::invalid(
+                    "universe",
+                    format!("{} is in universe {}, not {u}", e.id, e.universe),
+                ));
+            }
+            e.universe.clone()
+        }
+        (None, None, Some(u)) => u.clone(),
+        (None, None, None) => {
+            return Err(model::Error::invalid(
+                "universe",
+                "needed when neither from nor to is an endpoint id (ep-...)",
+            ))
+        }
+    };
+    let uni = state
+        .universes
+        .get(&universe)
+        .ok_or_else(|| model::missing("universe", "universe", &universe))?;
+    let addr = |field: &str, text: &str, ep: &Option<model::Endpoint>| -> model::Result<_> {
+        match ep {
+            Some(e) => Ok((e.ip, Some(e.clone()))),
+            None => {
+                let ip: Ipv4Addr = text.parse().map_err(|_| {
+                    model::Error::invalid(
+                        field,
+                        format!("{text:?} is neither ep-... nor an IPv4 address"),
+                    )
+                })?;
+                let owner = state
+                    .endpoints
+                    .values()
+                    .find(|e| e.universe == universe && e.ip == ip)
+                    .cloned();
+                Ok((ip, owner))
+            }
+        }
+    };
+    let (src, src_ep) = addr("from", &req.from, &from_ep)?;
+    let (dst, dst_ep) = addr("to", &req.to, &to_ep)?;
+    if src_ep.is_none() {
+        return Err(model::Error::conflict(
+            "no_sender",
+            Some("from"),
+            format!(
+                "from: no endpoint of universe {universe} has address {src}; every packet of a \
+                 universe is sent by one of its endpoints (a forged source is dropped as \
+                 spoofed_ip where it enters, or not_placed_on_sender off the underlay)"
+            ),
+        ));
+    }
+    let (protocol, proto) = match req.protocol.to_ascii_lowercase().as_str() {
+        "tcp" => ("tcp".to_owned(), IPPROTO_TCP),
+        "udp" => ("udp".to_owned(), IPPROTO_UDP),
+        "icmp" => ("icmp".to_owned(), IPPROTO_ICMP),
+        other => match other.parse::<u8>() {
+            Ok(n) => (model::Protocol::Number(n).name(), n),
+            Err(_) => {
+                return Err(model::Error::invalid(
+                    "protocol",
+                    format!("{other:?}: expected tcp, udp, icmp or a protocol number 0-255"),
+                ))
+            }
+        },
+    };
+    let ported = matches!(proto, IPPROTO_TCP | IPPROTO_UDP);
+    if ported && req.port.is_none() {
+        return Err(model::Error::invalid("port", format!("required for {protocol}")));
+    }
+    if !ported && (req.port.is_some() || req.sport.is_some()) {
+        let field = if req.port.is_some() { "port" } else { "sport" };
+        return Err(model::Error::invalid(field, format!("{protocol} has no ports")));
+    }
+    if proto != IPPROTO_ICMP && (req.icmp_type.is_some() || req.icmp_code.is_some()) {
+        let field = if req.icmp_type.is_some() { "icmp_type" } else { "icmp_code" };
+        return Err(model::Error::invalid(field, "only for icmp"));
+    }
+    let packet = Packet {
+        universe: universe.clone(),
+        vni: uni.vni,
+        src,
+        dst,
+        src_endpoint: src_ep.as_ref().map(|e| e.id.clone()),
+        dst_endpoint: dst_ep.as_ref().map(|e| e.id.clone()),
+        protocol,
+        proto,
+        sport: if ported { req.sport } else { None },
+        dport: if ported { req.port } else { None },
+        icmp_type: (proto == IPPROTO_ICMP).then(|| req.icmp_type.unwrap_or(8)),
+        icmp_code: (proto == IPPROTO_ICMP).then(|| req.icmp_code.unwrap_or(0)),
+    };
+    Ok(Resolved {
+        packet,
+        sender_host: src_ep.map(|e| e.host),
+        receiver_host: dst_ep.map(|e| e.host),
+    })
+}
+
+/// Why this host cannot trace a request.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum NotHere {
+    /// Neither the sender nor the receiver is placed on this host: ask `host`.
+    AskHost { host: String },
+}
+
+/// This host's part of the packet's path (see the module contract), with the frame a kernel run
+/// would take. `Err` when no hook of this host sees the packet.
+pub fn trace(
+    host: &str,
+    r: &Realized,
+    req: &TraceRequest,
+) -> model::Result<Result<(TraceAnswer, Option<RunInput>), NotHere>> {
+    let mut resolved = resolve(&r.state, req)?;
+    let sender_host = resolved.sender_host.clone().unwrap_or_default();
+    let walk = Walk::new(host, r);
+    if resolved.packet.sport.is_none() && matches!(resolved.packet.proto, IPPROTO_TCP | IPPROTO_UDP)
+    {
+        resolved.packet.sport = Some(walk.free_sport(&resolved.packet));
+    }
+    let (steps, verdict, model, run) = if sender_host == host {
+        walk.from_endpoint(&resolved.packet)
+    } else if resolved.receiver_host.as_deref() == Some(host) {
+        walk.from_underlay(&resolved.packet, &sender_host)
+    } else {
+        return Ok(Err(NotHere::AskHost { host: sender_host }));
+    };
+    let answer = TraceAnswer {
+        host: host.to_owned(),
+        revision: r.state.revision,
+        maps_match: walk.maps_match(),
+        packet: resolved.packet,
+        steps,
+        verdict,
+        model,
+        kernel: None,
+    };
+    Ok(Ok((answer, run)))
+}
+
+/// A step under construction.
+fn step(host: &str, hook: &str, check: &str, outcome: Outcome, detail: String) -> Step {
+    Step {
+        host: host.to_owned(),
+        hook: hook.to_owned(),
+        check: check.to_owned(),
+        outcome,
+        detail,
+        reason: None,
+        rule: None,
+        searched: Vec::new(),
+    }
+}
+
+type WalkResult = (Vec<Step>, Verdict, Option<Decision>, Option<RunInput>);
+
+/// The environment of one walk.
+struct Walk<'a> {
+    host: &'a str,
+    r: &'a Realized,
+    /// ifindex of each plumbed local endpoint, by endpoint id (from the kernel's endpoint map).
+    plumbed: BTreeMap<String, u32>,
+    timeouts: Timeouts,
+    ct: Conntrack,
+}
+
+impl<'a> Walk<'a> {
+    fn new(host: &'a str, r: &'a Realized) -> Walk<'a> {
+        let st = &r.state;
+        let mut plumbed = BTreeMap::new();
+        for (&ifindex, e) in &r.maps.endpoints {
+            let ip = Ipv4Addr::from(e.ip);
+            let owner = st.endpoints.values().find(|ep| {
+                ep.host == host
+                    && ep.ip == ip
+                    && st.universes.get(&ep.universe).is_some_and(|u| u.vni == e.vni)
+            });
+            if let Some(ep) = owner {
+                plumbed.insert(ep.id.clone(), ifindex);
+            }
+        }
+        let ct = Conntrack { entries: r.conntrack.iter().copied().collect() };
+        Walk { host, r, plumbed, timeouts: Timeouts::from_config(&r.config), ct }
+    }
+
+    /// The kernel maps hold exactly the compiled form of the realized state.
+    fn maps_match(&self) -> bool {
+        let plumbed = &self.plumbed;
+        let ifindex = |ep: &model::Endpoint| plumbed.get(&ep.id).copied();
+        let mut ids = crate::reconcile::seed_cidr_ids(&self.r.maps);
+        compile::compile(&self.r.state, self.host, &ifindex, &mut ids)
+            .is_ok_and(|compiled| compiled == self.r.maps)
+    }
+
+    fn model_host(&self) -> verdict::Host<'a> {
+        let local: BTreeMap<u32, String> =
+            self.plumbed.iter().map(|(id, &ix)| (ix, id.clone())).collect();
+        verdict::Host::new(
+            &self.r.state,
+            self.host,
+            &local,
+            self.r.config.gateway_mac,
+            self.timeouts,
+        )
+    }
+
+    fn key(&self, p: &Packet) -> CtKey {
+        let (sport, dport) = ct_ports(p);
+        CtKey {
+            vni: p.vni,
+            src: p.src.octets(),
+            dst: p.dst.octets(),
+            sport,
+            dport,
+            proto: p.proto,
+            _pad: [0; 3],
+        }
+    }
+
+    /// A source port no live flow from `p.src` to `p.dst:dport` uses (either way).
+    fn free_sport(&self, p: &Packet) -> u16 {
+        let mut q = p.clone();
+        for port in DEFAULT_SPORT..=u16::MAX {
+            q.sport = Some(port);
+            if self.ct.lookup(&self.key(&q), self.r.now_ns, &self.timeouts).is_none() {
+                return port;
+            }
+        }
+        DEFAULT_SPORT
+    }
+
+    /// The identity this host's routes give `ip` of the packet's universe.
+    fn identity(&self, p: &Packet, ip: Ipv4Addr) -> Option<u32> {
+        let key = dataplane_common::RouteKey { vni: p.vni, ip: ip.octets() };
+        self.r.maps.routes.get(&key).map(|r| r.identity)
+    }
+
+    fn ident_text(&self, p: &Packet, ip: Ipv4Addr) -> String {
+        match self.identity(p, ip) {
+            Some(i) => format!("identity {i}"),
+            None => "no identity: no endpoint this host routes to".to_owned(),
+        }
+    }
+
+    /// The conntrack step: the packet's own flow (a hit decides), and the live flows between the
+    /// same addresses on the same protocol and destination port.
+    fn conntrack(&self, hook: &str, p: &Packet) -> (Step, bool) {
+        let key = self.key(p);
+        let now = self.r.now_ns;
+        let hit = self.ct.lookup(&key, now, &self.timeouts);
+        if let Some((_, entry, dir)) = hit {
+            let idle = now.wrapping_sub(entry.last_seen_ns) / 1_000_000_000;
+            let way = match dir {
+                verdict::CtDirection::Original => "in its original direction",
+                verdict::CtDirection::Reply => "as a reply",
+            };
+            let detail = format!(
+                "a live flow matches {way} ({}, idle {idle} s of {} s): the packet passes as part \
+                 of it, whatever the rules say now (S8)",
+                state_name(entry.state),
+                self.timeouts.of(entry.state) / 1_000_000_000
+            );
+            return (step(self.host, hook, "conntrack", Outcome::Accept, detail), true);
+        }
+        let mut others = Vec::new();
+        for (k, e) in &self.ct.entries {
+            if self.timeouts.of(e.state) <= now.wrapping_sub(e.last_seen_ns)
+                || k.vni != p.vni
+                || k.proto != p.proto
+            {
+                continue;
+            }
+            let fwd =
+                k.src == key.src && k.dst == key.dst && (p.dport.is_none() || k.dport == key.dport);
+            let rev =
+                k.src == key.dst && k.dst == key.src && (p.dport.is_none() || k.sport == key.dport);
+            if fwd || rev {
+                others.push(format!(
+                    "{}:{} -> {}:{} {}",
+                    Ipv4Addr::from(k.src),
+                    k.sport,
+                    Ipv4Addr::from(k.dst),
+                    k.dport,
+                    state_name(e.state)
+                ));
+            }
+        }
+        others.sort();
+        let live = if others.is_empty() {
+            "no live flow between these addresses for this service".to_owned()
+        } else {
+            format!("live flows between these addresses for this service: {}", others.join(", "))
+        };
+        let created = state_name(verdict::next_state(None, p.proto, tcp_flags(p)));
+        let detail = format!(
+            "no live flow matches this packet ({live}); as a new flow it is judged by the rules \
+             below and, if admitted, tracked as {created}"
+        );
+        (step(self.host, hook, "conntrack", Outcome::Info, detail), false)
+    }
+
+    /// A policy step: the first rule of `ep`'s groups that admits the packet in `dir`.
+    fn policy(
+        &self,
+        hook: &str,
+        p: &Packet,
+        ep: &model::Endpoint,
+        dir: Direction,
+    ) -> (Step, Option<RuleRef>) {
+        let host = self.model_host();
+        let (peer, check, word) = match dir {
+            Direction::Egress => (p.dst, "egress", "to"),
+            Direction::Ingress => (p.src, "ingress", "from"),
+        };
+        let icmp = (p.icmp_type.unwrap_or(0), p.icmp_code.unwrap_or(0));
+        let first = host.admitting(ep, dir, peer, p.proto, p.dport.unwrap_or(0), icmp).next().map(
+            |(g, r)| RuleRef {
+                group: g.id.clone(),
+                group_name: g.name.clone(),
+                rule: r.id.clone(),
+                direction: dir,
+            },
+        );
+        let groups = ep.security_groups.clone();
+        let ident = self.ident_text(p, peer);
+        match first {
+            Some(rule) => {
+                let detail = format!(
+                    "rule {} of group {} ({}) admits {} {word} {peer} ({ident})",
+                    rule.rule,
+                    rule.group,
+                    rule.group_name,
+                    p.service()
+                );
+                let mut s = step(self.host, hook, check, Outcome::Pass, detail);
+                s.rule = Some(rule.clone());
+                s.searched = groups;
+                (s, Some(rule))
+            }
+            None => {
+                let detail = format!(
+                    "no {check} rule of groups {} of {} admits {} {word} {peer} ({ident})",
+                    if groups.is_empty() { "(none)".to_owned() } else { groups.join(", ") },
+                    ep.id,
+                    p.service()
+                );
+                let reason = match dir {
+                    Direction::Egress => DropReason::PolicyEgress,
+                    Direction::Ingress => DropReason::PolicyIngress,
+                };
+                let mut s = step(self.host, hook, check, Outcome::Drop, detail);
+                s.reason = Some(reason.label().to_owned());
+                s.searched = groups;
+                (s, None)
+            }
+        }
+    }
+
+    fn dropped(
+        &self,
+        steps: Vec<Step>,
+        reason: DropReason,
+        model: Option<Decision>,
+        run: Option<RunInput>,
+    ) -> WalkResult {
+        let summary = steps.last().map(|s| s.detail.clone()).unwrap_or_default();
+        let v = Verdict {
+            action: Action::Drop,
+            reason: Some(reason.label().to_owned()),
+            rules: Vec::new(),
+            next_host: None,
+            summary,
+        };
+        (steps, v, model, run)
+    }
+
+    /// The sender's hook on this host, and the receiver's too when it is local.
+    fn from_endpoint(&self, p: &Packet) -> WalkResult {
+        const HOOK: &str = HOOK_FROM_ENDPOINT;
+        let st = &self.r.state;
+        let sender_id = p.src_endpoint.clone().unwrap_or_default();
+        let Some(sender) = st.endpoints.get(&sender_id) else {
+            return self.dropped(Vec::new(), DropReason::UnknownEndpoint, None, None);
+        };
+        let mut steps = Vec::new();
+        let Some(&ifindex) = self.plumbed.get(&sender.id) else {
+            let mut s = step(
+                self.host,
+                HOOK,
+                "endpoint",
+                Outcome::Drop,
+                format!(
+                "{} is placed on {} but not in its dataplane (its interface {} is not plumbed, \
+                 see GET /v1/hosts errors): nothing it sends is judged, every frame is dropped",
+                sender.id, self.host, sender.interface
+            ),
+            );
+            s.reason = Some(DropReason::UnknownEndpoint.label().to_owned());
+            steps.push(s);
+            return self.dropped(steps, DropReason::UnknownEndpoint, None, None);
+        };
+        let frame = self.frame(p, sender);
+        let model_host = self.model_host();
+        let model =
+            decision_of(&model_host.judge(&self.ct, self.r.now_ns, ifindex, &frame).verdict);
+        let conntrack: Vec<(CtKey, CtEntry)> = {
+            let key = self.key(p);
+            let rev = key.reversed();
+            self.ct
+                .entries
+                .iter()
+                .filter(|(k, _)| **k == key || **k == rev)
+                .map(|(k, e)| (*k, *e))
+                .collect()
+        };
+        let run = Some(RunInput { hook: HOOK, frame: frame.clone(), ifindex, conntrack });
+        steps.push(step(
+            self.host,
+            HOOK,
+            "endpoint",
+            Outcome::Pass,
+            format!(
+                "{} ({}) sends from interface {} (ifindex {ifindex}), {}",
+                sender.id,
+                sender.ip,
+                sender.interface,
+                self.ident_text(p, sender.ip)
+            ),
+        ));
+        steps.push(step(
+            self.host,
+            HOOK,
+            "anti_spoofing",
+            Outcome::Pass,
+            format!(
+                "source MAC {} and source address {} are {}'s own (S10)",
+                sender.mac, sender.ip, sender.id
+            ),
+        ));
+        let route = self.route(p);
+        let (ct_step, hit) = self.conntrack(HOOK, p);
+        steps.push(ct_step);
+        let mut rules = Vec::new();
+        if !hit {
+            let (s, rule) = self.policy(HOOK, p, sender, Direction::Egress);
+            steps.push(s);
+            match rule {
+                Some(r) => rules.push(r),
+                None => return self.dropped(steps, DropReason::PolicyEgress, model, run),
+            }
+        }
+        let (route_step, place) = route;
+        steps.push(route_step);
+        let place = match place {
+            Some(place) => place,
+            None => return self.dropped(steps, DropReason::NoRoute, model, run),
+        };
+        match place {
+            Place::Local(receiver) => {
+                if !hit {
+                    let (s, rule) = self.policy(HOOK, p, receiver, Direction::Ingress);
+                    steps.push(s);
+                    match rule {
+                        Some(r) => rules.push(r),
+                        None => return self.dropped(steps, DropReason::PolicyIngress, model, run),
+                    }
+                }
+                let summary = if hit {
+                    format!("delivered to {} as part of a live flow", receiver.id)
+                } else {
+                    format!(
+                        "delivered to {} and tracked: admitted by {}",
+                        receiver.id,
+                        rules
+                            .iter()
+                            .map(|r| format!("{} of {}", r.rule, r.group))
+                            .collect::<Vec<_>>()
+                            .join(" and ")
+                    )
+                };
+                let v = Verdict {
+                    action: Action::Deliver,
+                    reason: None,
+                    rules,
+                    next_host: None,
+                    summary,
+                };
+                (steps, v, model, run)
+            }
+            Place::Remote { host, .. } => {
+                let summary = format!(
+                    "wrapped for {host}, whose from_underlay judges {}'s ingress rules next{}",
+                    p.dst_endpoint.clone().unwrap_or_default(),
+                    if hit { " (as part of a live flow here)" } else { "" }
+                );
+                let v = Verdict {
+                    action: Action::Wrap,
+                    reason: None,
+                    rules,
+                    next_host: Some(host),
+                    summary,
+                };
+                // The reference model of this revision does not cover wrapping (see crate::verdict).
+                (steps, v, None, run)
+            }
+        }
+    }
+
+    /// Where the destination lives, as this host routes it.
+    fn route(&self, p: &Packet) -> (Step, Option<Place<'a>>) {
+        const HOOK: &str = HOOK_FROM_ENDPOINT;
+        let st = &self.r.state;
+        let owner = p.dst_endpoint.as_ref().and_then(|id| st.endpoints.get(id));
+        let none = |detail: String| {
+            let mut s = step(self.host, HOOK, "route", Outcome::Drop, detail);
+            s.reason = Some(DropReason::NoRoute.label().to_owned());
+            (s, None)
+        };
+        let Some(ep) = owner else {
+            return none(format!("no endpoint of universe {} has address {}", p.universe, p.dst));
+        };
+        if ep.host == self.host {
+            return match self.plumbed.get(&ep.id) {
+                Some(ix) => (
+                    step(
+                        self.host,
+                        HOOK,
+                        "route",
+                        Outcome::Pass,
+                        format!("{} is local: interface {} (ifindex {ix})", ep.id, ep.interface),
+                    ),
+                    Some(Place::Local(ep)),
+                ),
+                None => none(format!(
+                    "{} is placed on {} but not plumbed in its dataplane",
+                    ep.id, self.host
+                )),
+            };
+        }
+        let underlay = st.hosts.get(&ep.host).and_then(|h| h.underlay_ip);
+        match (self.r.underlay_ip, underlay) {
+            (Some(_), Some(ip)) => (
+                step(
+                    self.host,
+                    HOOK,
+                    "route",
+                    Outcome::Pass,
+                    format!(
+                        "{} is on {} : wrapped (VXLAN-GBP, VNI {}) to its underlay address {ip}",
+                        ep.id, ep.host, p.vni
+                    ),
+                ),
+                Some(Place::Remote { host: ep.host.clone() }),
+            ),
+            (None, _) => {
+                none(format!("{} is on {}, and {} has no underlay", ep.id, ep.host, self.host))
+            }
+            (_, None) => {
+                none(format!("{} is on {}, which has no underlay address", ep.id, ep.host))
+            }
+        }
+    }
+
+    /// The receiver's hook on this host, for a packet wrapped by `sender_host`.
+    fn from_underlay(&self, p: &Packet, sender_host: &str) -> WalkResult {
+        const HOOK: &str = HOOK_FROM_UNDERLAY;
+        let st = &self.r.state;
+        let mut steps = Vec::new();
+        let sender_ul = st.hosts.get(sender_host).and_then(|h| h.underlay_ip);
+        let run_input = |this: &Walk<'_>| -> Option<RunInput> {
+            let ul = this.r.underlay_ip?;
+            let src_ul = sender_ul?;
+            let sender = st.endpoints.get(p.src_endpoint.as_deref()?)?;
+            let inner = this.frame(p, sender);
+            let mut inner = inner;
+            // The sender's dataplane rewrote the Ethernet header for the receiver.
+            if let Some(dst) = p
+                .dst_endpoint
+                .as_ref()
+                .and_then(|id| st.endpoints.get(id))
+                .and_then(|e| model::parse_mac(&e.mac))
+            {
+                inner[0..6].copy_from_slice(&dst);
+                inner[6..12].copy_from_slice(&this.r.config.gateway_mac);
+            }
+            let frame = wrap(&inner, src_ul, ul, sender.identity, p.vni);
+            let key = this.key(p);
+            let rev = key.reversed();
+            let conntrack = this
+                .ct
+                .entries
+                .iter()
+                .filter(|(k, _)| **k == key || **k == rev)
+                .map(|(k, e)| (*k, *e))
+                .collect();
+            Some(RunInput { hook: HOOK, frame, ifindex: this.r.config.underlay_ifindex, conntrack })
+        };
+        let run = run_input(self);
+        let Some(ul) = self.r.underlay_ip else {
+            steps.push(step(
+                self.host,
+                HOOK,
+                "underlay",
+                Outcome::Drop,
+                format!("{} has no underlay: it receives nothing from {sender_host}", self.host),
+            ));
+            return self.dropped(steps, DropReason::UnknownHost, None, None);
+        };
+        let Some(src_ul) = sender_ul else {
+            let mut s = step(
+                self.host,
+                HOOK,
+                "underlay",
+                Outcome::Drop,
+                format!("{sender_host} has no underlay address this host knows"),
+            );
+            s.reason = Some(DropReason::UnknownHost.label().to_owned());
+            steps.push(s);
+            return self.dropped(steps, DropReason::UnknownHost, None, run);
+        };
+        steps.push(step(
+            self.host,
+            HOOK,
+            "underlay",
+            Outcome::Pass,
+            format!(
+                "wrapped by {sender_host} ({src_ul}) to {ul}: a known host, VNI {} is universe {}",
+                p.vni, p.universe
+            ),
+        ));
+        let sender = p.src_endpoint.as_ref().and_then(|id| st.endpoints.get(id));
+        let placed = sender.is_some_and(|e| e.host == sender_host);
+        if !placed {
+            let mut s = step(
+                self.host,
+                HOOK,
+                "anti_spoofing",
+                Outcome::Drop,
+                format!("{} is not an endpoint placed on {sender_host} (S10)", p.src),
+            );
+            s.reason = Some(DropReason::NotPlacedOnSender.label().to_owned());
+            steps.push(s);
+            return self.dropped(steps, DropReason::NotPlacedOnSender, None, run);
+        }
+        steps.push(step(
+            self.host,
+            HOOK,
+            "anti_spoofing",
+            Outcome::Pass,
+            format!(
+                "{} ({}) is placed on {sender_host}, the sending host (S10); {}",
+                p.src_endpoint.clone().unwrap_or_default(),
+                p.src,
+                self.ident_text(p, p.src)
+            ),
+        ));
+        let receiver = p.dst_endpoint.as_ref().and_then(|id| st.endpoints.get(id));
+        let local = receiver.filter(|e| e.host == self.host && self.plumbed.contains_key(&e.id));
+        let Some(receiver) = local else {
+            let mut s = step(
+                self.host,
+                HOOK,
+                "destination",
+                Outcome::Drop,
+                format!("{} is no endpoint of this host", p.dst),
+            );
+            s.reason = Some(DropReason::NotLocal.label().to_owned());
+            steps.push(s);
+            return self.dropped(steps, DropReason::NotLocal, None, run);
+        };
+        steps.push(step(
+            self.host,
+            HOOK,
+            "destination",
+            Outcome::Pass,
+            format!(
+                "{} is local: interface {} (ifindex {})",
+                receiver.id, receiver.interface, self.plumbed[&receiver.id]
+            ),
+        ));
+        let (ct_step, hit) = self.conntrack(HOOK, p);
+        steps.push(ct_step);
+        let mut rules = Vec::new();
+        if !hit {
+            let (s, rule) = self.policy(HOOK, p, receiver, Direction::Ingress);
+            steps.push(s);
+            match rule {
+                Some(r) => rules.push(r),
+                None => return self.dropped(steps, DropReason::PolicyIngress, None, run),
+            }
+        }
+        let summary = match rules.first() {
+            Some(r) => format!(
+                "delivered to {} and tracked: admitted by {} of {}",
+                receiver.id, r.rule, r.group
+            ),
+            None => format!("delivered to {} as part of a live flow", receiver.id),
+        };
+        let v = Verdict { action: Action::Deliver, reason: None, rules, next_host: None, summary };
+        (steps, v, None, run)
+    }
+
+    /// The frame `sender` puts on its veth for `p`.
+    fn frame(&self, p: &Packet, sender: &model::Endpoint) -> Vec<u8> {
+        let mac = model::parse_mac(&sender.mac).unwrap_or_default();
+        synthesize(p, mac, self.r.config.gateway_mac)
+    }
+}
+
+/// Where a packet goes.
+#[derive(Clone, Debug)]
+enum Place<'a> {
+    Local(&'a model::Endpoint),
+    Remote { host: String },
+}
+
+fn ct_ports(p: &Packet) -> (u16, u16) {
+    match p.proto {
+        IPPROTO_TCP | IPPROTO_UDP => (p.sport.unwrap_or(0), p.dport.unwrap_or(0)),
+        IPPROTO_ICMP => match p.icmp_type {
+            Some(8) => (TRACE_ECHO_ID, 0),
+            Some(0) => (0, TRACE_ECHO_ID),
+            _ => (0, 0),
+        },
+        _ => (0, 0),
+    }
+}
+
+/// A new TCP flow begins with a SYN.
+fn tcp_flags(p: &Packet) -> u8 {
+    if p.proto == IPPROTO_TCP {
+        0x02
+    } else {
+        0
+    }
+}
+
+fn state_name(s: u8) -> &'static str {
+    match s {
+        ct_state::TCP_OPENING => "tcp opening",
+        ct_state::TCP_ESTABLISHED => "tcp established",
+        ct_state::TCP_CLOSING => "tcp closing",
+        ct_state::UDP_ONE_WAY => "udp one-way",
+        ct_state::UDP_REPLIED => "udp replied",
+        ct_state::ICMP => "icmp",
+        ct_state::OTHER => "other",
+        _ => "unknown",
+    }
+}
+
+/// The model's verdict as a decision (`None` for what a trace never synthesizes).
+fn decision_of(v: &verdict::Verdict) -> Option<Decision> {
+    match v {
+        verdict::Verdict::Deliver { .. } => Some(Decision::of(Action::Deliver)),
+        verdict::Verdict::Drop(r) => Some(Decision::drop(*r)),
+        verdict::Verdict::Wrap { .. } => Some(Decision::of(Action::Wrap)),
+        verdict::Verdict::FragNeeded { .. } => Some(Decision::drop(DropReason::FragNeeded)),
+        verdict::Verdict::Pass => Some(Decision::of(Action::Pass)),
+        verdict::Verdict::ArpReply { .. } => None,
+    }
+}
+
+fn checksum(bytes: &[u8]) -> u16 {
+    let mut sum: u32 = bytes
+        .chunks(2)
+        .map(|c| u32::from(u16::from_be_bytes([c[0], c.get(1).copied().unwrap_or(0)])))
+        .sum();
+    while sum > 0xFFFF {
+        sum = (sum & 0xFFFF) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+fn ipv4(src: Ipv4Addr, dst: Ipv4Addr, proto: u8, payload: &[u8]) -> Vec<u8> {
+    let total = (20 + payload.len()) as u16;
+    let mut h = vec![0x45, 0];
+    h.extend_from_slice(&total.to_be_bytes());
+    h.extend_from_slice(&[0x74, 0x72, 0x40, 0, 64, proto, 0, 0]);
+    h.extend_from_slice(&src.octets());
+    h.extend_from_slice(&dst.octets());
+    let c = checksum(&h);
+    h[10..12].copy_from_slice(&c.to_be_bytes());
+    h.extend_from_slice(payload);
+    h
+}
+
+/// The Ethernet frame a workload with MAC `src_mac` sends for `p` (to the gateway MAC): a TCP
+/// SYN, a UDP datagram with 4 bytes, an ICMP message with 8 bytes (an echo carries
+/// [`TRACE_ECHO_ID`]; an error type quotes nothing, so it is related to no flow), or 8 bytes of
+/// another protocol.
+pub fn synthesize(p: &Packet, src_mac: [u8; 6], gateway_mac: [u8; 6]) -> Vec<u8> {
+    let l4 = match p.proto {
+        IPPROTO_TCP => {
+            let mut t = Vec::with_capacity(20);
+            t.extend_from_slice(&p.sport.unwrap_or(0).to_be_bytes());
+            t.extend_from_slice(&p.dport.unwrap_or(0).to_be_bytes());
+            t.extend_from_slice(&[0, 0, 0, 1, 0, 0, 0, 0, 0x50, 0x02, 0xff, 0xff, 0, 0, 0, 0]);
+            t
+        }
+        IPPROTO_UDP => {
+            let mut u = Vec::with_capacity(12);
+            u.extend_from_slice(&p.sport.unwrap_or(0).to_be_bytes());
+            u.extend_from_slice(&p.dport.unwrap_or(0).to_be_bytes());
+            u.extend_from_slice(&[0, 12, 0, 0, b't', b'r', b'c', b'e']);
+            u
+        }
+        IPPROTO_ICMP => {
+            let (sport, dport) = ct_ports(p);
+            let id = sport.max(dport);
+            let mut i = vec![p.icmp_type.unwrap_or(8), p.icmp_code.unwrap_or(0), 0, 0];
+            i.extend_from_slice(&id.to_be_bytes());
+            i.extend_from_slice(&[0, 1]);
+            i.extend_from_slice(&[0; 8]);
+            let c = checksum(&i);
+            i[2..4].copy_from_slice(&c.to_be_bytes());
+            i
+        }
+        _ => vec![0; 8],
+    };
+    let mut f = Vec::with_capacity(14 + 20 + l4.len());
+    f.extend_from_slice(&gateway_mac);
+    f.extend_from_slice(&src_mac);
+    f.extend_from_slice(&0x0800u16.to_be_bytes());
+    f.extend_from_slice(&ipv4(p.src, p.dst, p.proto, &l4));
+    f
+}
+
+/// `inner` wrapped as a host sends it on the underlay (README, wire format): outer IPv4 from
+/// `src` to `dst`, UDP to port 4789, VXLAN with the Group Policy extension carrying the sender's
+/// `identity` and `vni`. The outer Ethernet addresses are left zero (no hook reads them).
+pub fn wrap(inner: &[u8], src: Ipv4Addr, dst: Ipv4Addr, identity: u32, vni: u32) -> Vec<u8> {
+    let mut vx = Vec::with_capacity(16 + inner.len());
+    let len = (8 + 8 + inner.len()) as u16;
+    vx.extend_from_slice(&49_152u16.to_be_bytes());
+    vx.extend_from_slice(&VXLAN_PORT.to_be_bytes());
+    vx.extend_from_slice(&len.to_be_bytes());
+    vx.extend_from_slice(&[0, 0]);
+    let g = (identity as u16).to_be_bytes();
+    let v = vni.to_be_bytes();
+    vx.extend_from_slice(&[0x88, 0, g[0], g[1], v[1], v[2], v[3], 0]);
+    vx.extend_from_slice(inner);
+    let mut f = vec![0u8; 12];
+    f.extend_from_slice(&0x0800u16.to_be_bytes());
+    f.extend_from_slice(&ipv4(src, dst, IPPROTO_UDP, &vx));
+    f
+}
