@@ -56,6 +56,7 @@ use crate::model::{self, ErrorKind, Role, State, Timestamp};
 use crate::reconcile::GcStats;
 use crate::relay;
 use crate::store::{self, Store};
+use crate::trace;
 
 /// Header carrying the revision a mutation produced (S13).
 pub const REVISION_HEADER: &str = "verse-revision";
@@ -114,6 +115,8 @@ pub struct AppState {
     pub limits: Option<Arc<Limits>>,
     /// `conntrack_budget` of an endpoint created without one (`conntrack.endpoint_budget`).
     pub default_conntrack_budget: u32,
+    /// This host's realized maps and kernel programs, for `GET /v1/trace` (none: 503).
+    pub trace: Option<Arc<dyn trace::Source>>,
 }
 
 impl AppState {
@@ -141,6 +144,7 @@ impl AppState {
             relay,
             limits: None,
             default_conntrack_budget: model::DEFAULT_CONNTRACK_BUDGET,
+            trace: None,
         }
     }
 
@@ -153,6 +157,12 @@ impl AppState {
     /// The same state, with this host's event hub.
     pub fn with_events(mut self, hub: Arc<Hub>) -> AppState {
         self.events = hub;
+        self
+    }
+
+    /// The same state, answering `GET /v1/trace` from `source`.
+    pub fn with_trace(mut self, source: Arc<dyn trace::Source>) -> AppState {
+        self.trace = Some(source);
         self
     }
 
@@ -417,6 +427,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/audit", get(query_audit))
         .route("/v1/events", get(stream_events))
         .route("/v1/rule-stats", get(rule_stats))
+        .route("/v1/trace", get(trace_packet))
         .fallback(no_route)
         .method_not_allowed_fallback(method_not_allowed)
         // The last layer added is the outermost.
@@ -1494,6 +1505,85 @@ fn local_events(
         }
     });
     head.chain(tail).boxed()
+}
+
+/// `GET /v1/trace`: this host's part of a packet's path (see [`crate::trace`]). Universes the
+/// caller does not see answer as if their ids did not exist; `run` needs the right to run
+/// traces (editors and admins).
+async fn trace_packet(
+    AxState(st): AxState<AppState>,
+    caller: Caller,
+    q: Result<Query<Vec<(String, String)>>, QueryRejection>,
+) -> ApiResult {
+    let q = query(q, &trace::QUERY)?;
+    let req = trace::request_from_query(&q)?;
+    {
+        let snap = st.store.snapshot();
+        for (field, universe) in trace::universes_named(&snap, &req) {
+            let id = match field {
+                "from" => req.from.clone(),
+                "to" => req.to.clone(),
+                _ => universe.clone(),
+            };
+            let what = if field == "universe" { "universe" } else { "endpoint" };
+            caller
+                .allow(Resource::Trace, Op::Read, &universe, || model::missing(field, what, &id))?;
+            if req.run {
+                caller.allow(Resource::Trace, Op::Write, &universe, || {
+                    model::missing(field, what, &id)
+                })?;
+            }
+        }
+    }
+    let Some(source) = st.trace.clone() else {
+        return Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            format!("{} has no dataplane to trace", st.host),
+        ));
+    };
+    let host = st.host.clone();
+    let internal = |what: &str, e: anyhow::Error| {
+        tracing::error!(error = %format!("{e:#}"), "{what}");
+        ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", format!("{what}: {e:#}"))
+    };
+    let work = tokio::task::spawn_blocking(move || -> Result<trace::TraceAnswer, ApiError> {
+        let realized =
+            source.realized().map_err(|e| internal("reading what this host realized", e))?;
+        // The realized state may lag the current one: ids are checked again against it.
+        for (field, universe) in trace::universes_named(&realized.state, &req) {
+            if !caller.reads(Resource::Trace, &universe) {
+                let id = if field == "from" { &req.from } else { &req.to };
+                return Err(model::missing(field, "endpoint", id).into());
+            }
+        }
+        let (mut answer, run) = match trace::trace(&host, &realized, &req)? {
+            Ok(done) => done,
+            Err(trace::NotHere::AskHost { host: there }) => {
+                return Err(ApiError::new(
+                    StatusCode::CONFLICT,
+                    "wrong_host",
+                    format!(
+                        "from: the sender is placed on {there}, and the receiver is not on {host}: \
+                         ask {there}'s API"
+                    ),
+                ))
+            }
+        };
+        if let (true, Some(input)) = (req.run, run) {
+            answer.kernel =
+                Some(source.run(&input).map_err(|e| internal("running the kernel program", e))?);
+        }
+        Ok(answer)
+    });
+    match work.await {
+        Ok(answer) => Ok(json_ok(&answer?)),
+        Err(e) => Err(ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            format!("tracing: {e}"),
+        )),
+    }
 }
 
 async fn metrics(AxState(st): AxState<AppState>, caller: Caller) -> ApiResult {

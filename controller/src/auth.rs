@@ -113,6 +113,10 @@ pub enum Resource {
     Audit,
     /// `GET /metrics`: fleet-wide counts and this host's drop counters, not per universe.
     Metrics,
+    /// `GET /v1/trace` of a packet of a universe: reading its verdict from this host's maps
+    /// (read), and pushing it through the real programs with `run` (write: it executes the
+    /// dataplane, on private maps).
+    Trace,
 }
 
 impl Resource {
@@ -125,6 +129,7 @@ impl Resource {
             Resource::Token => "tokens",
             Resource::Audit => "the audit trail",
             Resource::Metrics => "the metrics",
+            Resource::Trace => "packet traces (run: through the kernel programs)",
         }
     }
 }
@@ -183,6 +188,8 @@ pub const GRANTS: &[Grant] = {
         grant(Token, Write, false, false, false),
         grant(Audit, Read, true, true, true),
         grant(Metrics, Read, false, false, true),
+        grant(Trace, Read, true, true, true),
+        grant(Trace, Write, true, false, false),
     ]
 };
 
@@ -674,7 +681,7 @@ mod tests {
         let viewer = token(Role::Viewer, Some("uni-a"));
         let fleet = token(Role::Viewer, None);
         for p in [&admin, &Principal::LocalRoot] {
-            for r in [Universe, Group, Endpoint, Host, Token, Audit, Metrics] {
+            for r in [Universe, Group, Endpoint, Host, Token, Audit, Metrics, Trace] {
                 for op in [Read, Write] {
                     assert_eq!(decide(p, r, op, Some("uni-b")), Allow);
                 }
@@ -695,6 +702,11 @@ mod tests {
         assert_eq!(decide(&fleet, Endpoint, Write, Some("uni-b")), Forbidden);
         assert_eq!(decide(&fleet, Metrics, Read, None), Allow);
         assert_eq!(decide(&fleet, Token, Read, None), Forbidden);
+        assert_eq!(decide(&viewer, Trace, Read, Some("uni-a")), Allow);
+        assert_eq!(decide(&viewer, Trace, Write, Some("uni-a")), Forbidden);
+        assert_eq!(decide(&editor, Trace, Write, Some("uni-a")), Allow);
+        assert_eq!(decide(&editor, Trace, Read, Some("uni-b")), NotFound);
+        assert_eq!(decide(&fleet, Trace, Write, Some("uni-b")), Forbidden);
         // Host writes have no grant row: refused to all but admins.
         assert_eq!(decide(&editor, Host, Write, None), Forbidden);
     }

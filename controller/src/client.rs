@@ -32,6 +32,7 @@ use crate::model::{
     CreateEndpoint, CreateGroup, CreateRule, CreateToken, CreateUniverse, PatchEndpoint, Rule,
     SecurityGroup, Universe,
 };
+use crate::trace::{TraceAnswer, TraceRequest};
 
 /// The API address when none is given.
 pub const DEFAULT_API: &str = "http://127.0.0.1:7070";
@@ -487,6 +488,28 @@ impl Client {
         self.get(
             &["v1", "audit"],
             &[("universe", universe), ("since", since), ("limit", limit.as_deref())],
+        )
+    }
+
+    /// `GET /v1/trace`: this host's part of the packet's path.
+    pub fn trace(&self, req: &TraceRequest) -> Result<TraceAnswer> {
+        let num = |v: Option<u16>| v.map(|v| v.to_string());
+        let (port, sport) = (num(req.port), num(req.sport));
+        let (ty, code) =
+            (req.icmp_type.map(|v| v.to_string()), req.icmp_code.map(|v| v.to_string()));
+        self.get(
+            &["v1", "trace"],
+            &[
+                ("from", Some(req.from.as_str())),
+                ("to", Some(req.to.as_str())),
+                ("universe", req.universe.as_deref()),
+                ("protocol", Some(req.protocol.as_str())),
+                ("port", port.as_deref()),
+                ("sport", sport.as_deref()),
+                ("icmp_type", ty.as_deref()),
+                ("icmp_code", code.as_deref()),
+                ("run", req.run.then_some("true")),
+            ],
         )
     }
 

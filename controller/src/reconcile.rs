@@ -360,8 +360,13 @@ pub enum Target {
 /// The first synthetic ifindex of a simulated host's endpoints.
 pub const SIM_FIRST_IFINDEX: u32 = 1000;
 
+/// The state of the revision the reconciler last realized (what `verse trace` evaluates).
+pub type RealizedState = Arc<Mutex<Arc<State>>>;
+
 /// Keeps this host's interfaces and dataplane in line with the desired state.
 pub struct Reconciler {
+    /// Set to each state once it is realized.
+    realized_state: Option<RealizedState>,
     target: Target,
     host: String,
     mtu: u32,
@@ -414,6 +419,7 @@ impl Reconciler {
         let local = watch::channel(Arc::new(BTreeMap::new())).0;
         let gc = conntrack::Schedule::new(ct.gc_interval);
         Ok(Reconciler {
+            realized_state: None,
             target,
             host,
             mtu,
@@ -433,6 +439,12 @@ impl Reconciler {
     /// after every round that wrote the maps.
     pub fn local_endpoints(&self) -> watch::Receiver<Arc<BTreeMap<u32, String>>> {
         self.local.subscribe()
+    }
+
+    /// The same reconciler, also keeping each realized state in `slot`.
+    pub fn with_realized_state(mut self, slot: RealizedState) -> Reconciler {
+        self.realized_state = Some(slot);
+        self
     }
 
     /// What the pinned maps held at start (from a previous run): endpoints, routes to remote
@@ -459,6 +471,10 @@ impl Reconciler {
             let state = states.borrow_and_update().clone();
             let retry_at = match self.reconcile(&state).await {
                 Ok(outcome) => {
+                    if let Some(slot) = &self.realized_state {
+                        *slot.lock().unwrap_or_else(std::sync::PoisonError::into_inner) =
+                            state.clone();
+                    }
                     let report = Realized { revision: state.revision, errors: outcome.errors() };
                     let previous = realized.send_replace(report.clone());
                     // Retries of a realized revision that change nothing are not news.

@@ -81,8 +81,32 @@ async fn api_of(reconciler: bool, remotes: &[&str]) -> Api {
         drops.insert((DropReason::PolicyIngress, Hook::FromUnderlay), n(3));
         Ok(Stats { drops, ..Stats::default() })
     });
-    let state = AppState::new(store.clone(), HOST.into(), None, realized_rx, stats);
+    let nothing = Arc::new(NothingPlumbed { store: store.clone() });
+    let state =
+        AppState::new(store.clone(), HOST.into(), None, realized_rx, stats).with_trace(nothing);
     Api { app: api::router(state), store, realized, admin, base, _dir: dir }
+}
+
+/// The traces of a host with no dataplane maps: what this host has realized is the store's
+/// state, and nothing is plumbed (no kernel here).
+struct NothingPlumbed {
+    store: Store,
+}
+
+impl verse::trace::Source for NothingPlumbed {
+    fn realized(&self) -> anyhow::Result<verse::trace::Realized> {
+        Ok(verse::trace::Realized {
+            state: self.store.snapshot(),
+            maps: Default::default(),
+            conntrack: Vec::new(),
+            now_ns: 0,
+            config: Default::default(),
+            underlay_ip: None,
+        })
+    }
+    fn run(&self, _: &verse::trace::RunInput) -> anyhow::Result<verse::trace::KernelRun> {
+        anyhow::bail!("no kernel in this test")
+    }
 }
 
 /// A router over a fresh store, this host alone.
@@ -963,13 +987,14 @@ async fn openapi_describes_every_route() {
         ("/v1/tokens", &["get", "post"]),
         ("/v1/tokens/{id}", &["delete"]),
         ("/v1/audit", &["get"]),
+        ("/v1/trace", &["get"]),
     ] {
         let item = paths.get(path).unwrap_or_else(|| panic!("{path} missing"));
         for m in methods {
             assert!(item.get(*m).is_some(), "{m} {path} missing");
         }
     }
-    assert_eq!(paths.len(), 15, "a path the router does not serve is described");
+    assert_eq!(paths.len(), 16, "a path the router does not serve is described");
     // Every $ref resolves.
     fn refs(v: &Value, out: &mut Vec<String>) {
         match v {
@@ -1216,6 +1241,16 @@ async fn request(api: &Api, route: &str, f: &Fixture, n: u32) -> (Method, String
         }
         "GET /v1/audit" => (Method::GET, "/v1/audit".into(), None),
         "GET /metrics" => (Method::GET, "/metrics".into(), None),
+        "GET /v1/trace" => (
+            Method::GET,
+            format!("/v1/trace?from={}&to=10.9.9.9&protocol=tcp&port=80", f.endpoint),
+            None,
+        ),
+        "GET /v1/trace?run" => (
+            Method::GET,
+            format!("/v1/trace?from={}&to=10.9.9.9&protocol=tcp&port=80&run=true", f.endpoint),
+            None,
+        ),
         "GET /healthz" => (Method::GET, "/healthz".into(), None),
         "GET /v1/openapi.json" => (Method::GET, "/v1/openapi.json".into(), None),
         other => panic!("no request for {other}"),
@@ -1270,6 +1305,11 @@ async fn every_role_against_every_route_s15() {
         ("DELETE /v1/tokens/{id}",                          Fleet, [204, 403, 403, 403, 401]),
         ("GET /v1/audit",                                   Fleet, [200, 200, 200, 200, 401]),
         ("GET /metrics",                                    Fleet, [200, 403, 403, 200, 401]),
+        // Endpoints of the fixtures are on host-b: this host answers that it is not theirs.
+        ("GET /v1/trace",                                   Own,   [409, 409, 409, 409, 401]),
+        ("GET /v1/trace",                                   Other, [409, 404, 404, 409, 401]),
+        ("GET /v1/trace?run",                               Own,   [409, 409, 403, 403, 401]),
+        ("GET /v1/trace?run",                               Other, [409, 404, 404, 403, 401]),
         ("GET /healthz",                                    Fleet, [200, 200, 200, 200, 200]),
         ("GET /v1/openapi.json",                            Fleet, [200, 200, 200, 200, 200]),
     ];
@@ -1341,6 +1381,7 @@ async fn every_role_against_every_route_s15() {
                 let code = match want {
                     401 => "unauthenticated",
                     403 => "forbidden",
+                    409 => "wrong_host",
                     _ => "not_found",
                 };
                 assert_eq!(answer.body["error"]["code"], code, "{who}: {route}: {}", answer.text);

@@ -1458,6 +1458,11 @@ impl TcpConn {
         Ok(TcpConn { stream, reader })
     }
 
+    /// The connection's local (source) port.
+    pub fn local_port(&self) -> u16 {
+        self.stream.local_addr().map(|a| a.port()).unwrap_or(0)
+    }
+
     /// Sends `msg` as one line and returns the server's answer line (without the newline).
     pub fn exchange(&mut self, msg: &str, timeout: Duration) -> io::Result<String> {
         self.stream.set_read_timeout(Some(timeout))?;

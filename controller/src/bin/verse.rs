@@ -150,6 +150,10 @@ enum Command {
         #[arg(long)]
         no_follow: bool,
     },
+    /// Why would a packet pass or be dropped? The verdict the dataplane would reach, step by
+    /// step, from the maps the hosts have realized (no traffic sent): the sender's host, then
+    /// the receiver's if it is another.
+    Trace(TraceArgs),
     /// Wait until every healthy host has realized a revision.
     Wait {
         /// The revision to wait for (printed on stderr by every mutation).
@@ -159,6 +163,41 @@ enum Command {
         #[arg(long, default_value = "30s", value_parser = parse_duration)]
         timeout: Duration,
     },
+}
+
+#[derive(Args)]
+struct TraceArgs {
+    /// The sender: an endpoint id (ep-...) or an address of the universe.
+    #[arg(long)]
+    from: String,
+    /// The receiver: an endpoint id (ep-...) or an address of the universe.
+    #[arg(long)]
+    to: String,
+    /// tcp, udp, icmp, or a protocol number.
+    #[arg(long)]
+    protocol: String,
+    /// TCP/UDP destination port.
+    #[arg(long)]
+    port: Option<u16>,
+    /// TCP/UDP source port (default: one no live flow uses).
+    #[arg(long)]
+    sport: Option<u16>,
+    /// ICMP type (default 8, echo request).
+    #[arg(long)]
+    icmp_type: Option<u8>,
+    /// ICMP code (default 0).
+    #[arg(long)]
+    icmp_code: Option<u8>,
+    /// The universe, when neither --from nor --to is an endpoint id.
+    #[arg(long)]
+    universe: Option<String>,
+    /// Also push a synthesized frame through the real programs (BPF_PROG_TEST_RUN) on each
+    /// host involved, on private conntrack and counters, and show what the kernel did.
+    #[arg(long)]
+    run: bool,
+    /// The API of a host of the fleet, when it is not the one --api names: NAME=URL (repeat).
+    #[arg(long = "host-api", value_name = "NAME=URL", value_parser = parse_host_api)]
+    host_apis: Vec<(String, String)>,
 }
 
 #[derive(Subcommand)]
@@ -465,6 +504,7 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    let (host_token, host_tls) = (conn.token.clone(), conn.tls.clone());
     let client = match Client::with_tls(&conn.api, &conn.tls) {
         Ok(c) => match conn.token {
             Some(t) => c.with_token(t),
@@ -475,7 +515,8 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    match run(&client, cli.output, cli.command) {
+    let hosts = HostClients { default: client.clone(), token: host_token, tls: host_tls };
+    match run(&client, &hosts, cli.output, cli.command) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             match &e {
@@ -487,7 +528,7 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(c: &Client, fmt: Format, cmd: Command) -> client::Result<()> {
+fn run(c: &Client, hosts: &HostClients, fmt: Format, cmd: Command) -> client::Result<()> {
     let out = Out { fmt };
     match cmd {
         Command::Universe(cmd) => match cmd {
@@ -624,6 +665,7 @@ fn run(c: &Client, fmt: Format, cmd: Command) -> client::Result<()> {
                 std::io::stdout().flush().is_ok()
             })?;
         }
+        Command::Trace(args) => trace(c, hosts, &out, args)?,
         Command::Wait { revision, timeout } => {
             let hosts = c.wait_revision(revision, timeout)?;
             out.hosts(&hosts);
@@ -703,6 +745,112 @@ fn monitor_row(item: Option<&StreamItem>) -> String {
         }
     }
     line.trim_end().to_owned()
+}
+
+/// How to reach the API of another host of the fleet: with the same token, trusting what the
+/// main client trusts over https:// (a CA file serves a fleet; a pinned fingerprint matches one
+/// host's certificate only).
+struct HostClients {
+    default: Client,
+    token: Option<String>,
+    tls: client::ClientTls,
+}
+
+/// `NAME=URL`.
+fn parse_host_api(s: &str) -> Result<(String, String), String> {
+    let (name, url) = s.split_once('=').ok_or_else(|| format!("{s:?}: expected NAME=URL"))?;
+    Client::new(url).map_err(|e| e.to_string())?;
+    Ok((name.to_owned(), url.to_owned()))
+}
+
+/// `verse trace`: the sender's host first, then the receiver's if the packet is wrapped for it.
+fn trace(c: &Client, hosts: &HostClients, out: &Out, a: TraceArgs) -> client::Result<()> {
+    use verse::trace::{Action, TraceRequest};
+    let req = TraceRequest {
+        from: a.from.clone(),
+        to: a.to.clone(),
+        universe: a.universe.clone(),
+        protocol: a.protocol.clone(),
+        port: a.port,
+        sport: a.sport,
+        icmp_type: a.icmp_type,
+        icmp_code: a.icmp_code,
+        run: a.run,
+    };
+    let client_of = |host: &str| -> client::Result<Client> {
+        match a.host_apis.iter().find(|(n, _)| n == host) {
+            Some((_, url)) => {
+                let cl = Client::with_tls(url, &hosts.tls)?;
+                Ok(match &hosts.token {
+                    Some(t) => cl.with_token(t.clone()),
+                    None => cl,
+                })
+            }
+            None => Ok(hosts.default.clone()),
+        }
+    };
+    // The sender's host: the one that places the sender endpoint.
+    let sender_host = sender_host(c, &req)?;
+    let first = client_of(&sender_host)?.trace(&req).map_err(|e| on_host(e, &sender_host))?;
+    let mut hops = vec![first];
+    if let Some(last) = hops.last() {
+        if last.verdict.action == Action::Wrap {
+            let next = last.verdict.next_host.clone().unwrap_or_default();
+            let mut req = req.clone();
+            // The same packet: the receiver's host judges the sender's source port too.
+            req.sport = last.packet.sport;
+            let answer = client_of(&next)?.trace(&req).map_err(|e| on_host(e, &next))?;
+            hops.push(answer);
+        }
+    }
+    out.trace(&hops);
+    Ok(())
+}
+
+/// The host the sender of `req` is placed on.
+fn sender_host(c: &Client, req: &verse::trace::TraceRequest) -> client::Result<String> {
+    if req.from.starts_with("ep-") {
+        return Ok(c.get_endpoint(&req.from)?.host);
+    }
+    let universe = match (&req.universe, req.to.starts_with("ep-")) {
+        (Some(u), _) => u.clone(),
+        (None, true) => c.get_endpoint(&req.to)?.universe,
+        (None, false) => {
+            return Err(client::Error::Api {
+                status: 400,
+                code: "invalid_argument".into(),
+                message: "universe: needed when neither --from nor --to is an endpoint id".into(),
+            })
+        }
+    };
+    let eps = c.list_endpoints(Some(&universe), None)?;
+    eps.iter().find(|e| e.ip.to_string() == req.from).map(|e| e.host.clone()).ok_or_else(|| {
+        client::Error::Api {
+            status: 409,
+            code: "no_sender".into(),
+            message: format!(
+                "from: no endpoint of universe {universe} has address {}; every packet of a \
+                 universe is sent by one of its endpoints",
+                req.from
+            ),
+        }
+    })
+}
+
+/// A refusal of another host's API, with the hint of how to reach it.
+fn on_host(e: client::Error, host: &str) -> client::Error {
+    match e {
+        client::Error::Api { status, code, message } if code == "wrong_host" => {
+            client::Error::Api {
+                status,
+                code,
+                message: format!(
+                    "{message} (this API is not {host}'s: give it with --host-api {host}=URL)"
+                ),
+            }
+        }
+        other => other,
+    }
 }
 
 /// Prints results in the chosen format: aligned tables, or pretty JSON (a `show` of one object
@@ -932,6 +1080,73 @@ impl Out {
             ],
             rows,
         );
+    }
+
+    fn trace(&self, hops: &[verse::trace::TraceAnswer]) {
+        use verse::trace::{Action, Decision};
+        if self.fmt == Format::Json {
+            return self.json(&serde_json::json!({ "hops": hops }));
+        }
+        let Some(first) = hops.first() else { return };
+        let p = &first.packet;
+        let name = |ep: &Option<String>| ep.as_ref().map(|e| format!(" ({e})")).unwrap_or_default();
+        println!(
+            "packet: {}{} -> {}{} {} in universe {}{}",
+            p.src,
+            name(&p.src_endpoint),
+            p.dst,
+            name(&p.dst_endpoint),
+            p.service(),
+            p.universe,
+            p.sport.map(|s| format!(", source port {s}")).unwrap_or_default()
+        );
+        for h in hops {
+            let fresh = if h.maps_match { "maps match it" } else { "MAPS DIFFER FROM IT" };
+            println!("{}: revision {} realized, {fresh}", h.host, h.revision);
+        }
+        println!();
+        let rows = hops
+            .iter()
+            .flat_map(|h| &h.steps)
+            .map(|s| {
+                let result = match (&s.reason, s.outcome) {
+                    (Some(r), _) => format!("drop ({r})"),
+                    (None, o) => serde_json::to_value(o)
+                        .ok()
+                        .and_then(|v| v.as_str().map(str::to_owned))
+                        .unwrap_or_default(),
+                };
+                vec![s.host.clone(), s.hook.clone(), s.check.clone(), result, s.detail.clone()]
+            })
+            .collect();
+        table(&["HOST", "HOOK", "CHECK", "RESULT", "DETAIL"], rows);
+        println!();
+        let word = |d: &Decision| {
+            let a = match d.action {
+                Action::Deliver => "deliver",
+                Action::Wrap => "wrap",
+                Action::Pass => "pass",
+                Action::Drop => "drop",
+            };
+            match &d.reason {
+                Some(r) => format!("{a} ({r})"),
+                None => a.to_owned(),
+            }
+        };
+        for h in hops {
+            println!("{}: {} — {}", h.host, word(&h.verdict.decision()), h.verdict.summary);
+            if let Some(m) = &h.model {
+                println!("{}: reference model: {}", h.host, word(m));
+            }
+            if let Some(k) = &h.kernel {
+                println!(
+                    "{}: kernel ({}, BPF_PROG_TEST_RUN): {}",
+                    h.host,
+                    k.hook,
+                    word(&k.decision())
+                );
+            }
+        }
     }
 
     fn hosts(&self, hs: &[Host]) {

@@ -24,11 +24,13 @@ use verse::api::{self, AppState, Stats, StatsFn};
 use verse::auth::{self, Bootstrap};
 use verse::config::{Args, Config};
 use verse::dataplane::Dataplane;
+use verse::dataplane::TraceRunner;
 use verse::events::{self, Hub, Sources};
-use verse::reconcile::{CtSettings, GcStats, Reconciler, SharedDataplane, Underlay};
+use verse::reconcile::{CtSettings, GcStats, RealizedState, Reconciler, SharedDataplane, Underlay};
 use verse::sim::{self, SimFleet, SimOptions};
 use verse::store::{Realized, Store};
 use verse::verdict::Timeouts;
+use verse::trace::{self, KernelRun, RunInput};
 use verse::{limits, server};
 
 /// How long a stopping versed lets the reconciler finish the round it is in.
@@ -114,6 +116,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let dataplane: SharedDataplane = Arc::new(Mutex::new(dataplane));
     // With an underlay, every packet an endpoint sends must fit it once wrapped.
     let endpoint_mtu = underlay.as_ref().map_or(config.mtu, Underlay::endpoint_mtu);
+    let realized_state: RealizedState = Arc::default();
     let gc_stats = Arc::new(Mutex::new(GcStats::default()));
     let ct = CtSettings {
         timeouts: Timeouts::from_config(&dp_config),
@@ -121,7 +124,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
     };
     let reconciler =
         Reconciler::new(dataplane.clone(), host.clone(), endpoint_mtu, ct, gc_stats.clone())
-            .context("reading what the pinned maps hold")?;
+            .context("reading what the pinned maps hold")?
+            .with_realized_state(realized_state.clone());
 
     refuse_a_lost_state(&config, &store, &reconciler, args.empty_state)?;
     let api_url = config.api_url(underlay_ip);
@@ -197,6 +201,13 @@ async fn run(args: Args) -> anyhow::Result<()> {
         })
     };
 
+    let tracer = Arc::new(Tracer {
+        dataplane: dataplane.clone(),
+        realized: realized_state,
+        config: dp_config,
+        underlay_ip,
+        runner: Mutex::new(None),
+    });
     let stats: StatsFn = Arc::new(move || {
         let dp = dataplane.lock().unwrap_or_else(PoisonError::into_inner);
         let gc = gc_stats.lock().unwrap_or_else(PoisonError::into_inner).clone();
@@ -213,7 +224,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
             .with_limits(limits)
             .with_api_url(api_url.clone())
             .with_events(hub)
-            .with_conntrack_budget(config.conntrack.endpoint_budget),
+            .with_conntrack_budget(config.conntrack.endpoint_budget)
+            .with_trace(tracer),
     );
 
     let tls = server::tls_from_config(&config, &host)?;
@@ -287,6 +299,65 @@ async fn run(args: Args) -> anyhow::Result<()> {
         "versed stopped; pinned maps, links and interfaces stay in place and keep enforcing"
     );
     Ok(())
+}
+
+/// `GET /v1/trace`'s view of this host: the realized state, the kernel maps, and a second load
+/// of the programs for runs (made at the first run, kept).
+struct Tracer {
+    dataplane: SharedDataplane,
+    realized: RealizedState,
+    config: dataplane_common::Config,
+    underlay_ip: Option<std::net::Ipv4Addr>,
+    runner: Mutex<Option<TraceRunner>>,
+}
+
+impl trace::Source for Tracer {
+    fn realized(&self) -> anyhow::Result<trace::Realized> {
+        let state = self.realized.lock().unwrap_or_else(PoisonError::into_inner).clone();
+        let dp = self.dataplane.lock().unwrap_or_else(PoisonError::into_inner);
+        let maps = dp.read().context("reading the dataplane maps")?;
+        let conntrack = dp.conntrack().context("reading the conntrack table")?;
+        drop(dp);
+        Ok(trace::Realized {
+            state,
+            maps,
+            conntrack,
+            now_ns: coarse_now_ns(),
+            config: self.config,
+            underlay_ip: self.underlay_ip,
+        })
+    }
+
+    fn run(&self, input: &RunInput) -> anyhow::Result<KernelRun> {
+        let mut runner = self.runner.lock().unwrap_or_else(PoisonError::into_inner);
+        if runner.is_none() {
+            let dp = self.dataplane.lock().unwrap_or_else(PoisonError::into_inner);
+            *runner = Some(dp.trace_runner().context("loading the programs for trace runs")?);
+        }
+        let Some(runner) = runner.as_mut() else {
+            anyhow::bail!("no trace runner");
+        };
+        let out = runner
+            .run(input.hook, &input.frame, input.ifindex, &input.conntrack)
+            .with_context(|| format!("running {}", input.hook))?;
+        Ok(trace::kernel_run(
+            input.hook,
+            &input.frame,
+            out.output.return_code,
+            &out.output.packet,
+            out.dropped,
+        ))
+    }
+}
+
+/// `CLOCK_MONOTONIC_COARSE` in nanoseconds: the clock of conntrack entries
+/// (`bpf_ktime_get_coarse_ns`).
+fn coarse_now_ns() -> u64 {
+    // SAFETY: an all-zero timespec is a valid value of this plain C struct.
+    let mut ts: libc::timespec = unsafe { std::mem::zeroed() };
+    // SAFETY: `ts` is a valid, writable timespec; the clock id is a constant the kernel knows.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
+    (ts.tv_sec as u64).saturating_mul(1_000_000_000).saturating_add(ts.tv_nsec as u64)
 }
 
 /// Creates the state directory, or tightens it, to mode 0700: it holds the first admin token,
