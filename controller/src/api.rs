@@ -16,9 +16,10 @@
 //! `GET /v1/hosts` lists the store's hosts; this host is always in it, healthy (it answers),
 //! with the revision its reconciler has realized (fresher than its report in the store).
 //!
-//! Access (S15): every route but `/healthz` and `/v1/openapi.json` is behind
-//! [`crate::auth::authenticate`] (401 without a principal), the rate limit of that principal,
-//! and, outside both, [`crate::audit::record`] (see [`router`] for the order of the layers).
+//! Access (S15): every route but `/healthz`, `/v1/openapi.json` and the web page's assets
+//! (`/ui`, [`crate::ui`], which hold no data) is behind [`crate::auth::authenticate`] (401
+//! without a principal), the rate limit of that principal, and, outside both,
+//! [`crate::audit::record`] (see [`router`] for the order of the layers).
 //! Each handler asks [`crate::auth::decide`] through its [`Caller`]:
 //! an object of a universe the caller does not see answers exactly as a missing one would (the
 //! same 404, the same message), lists leave such objects out, and ids in a request body that
@@ -438,6 +439,7 @@ pub fn router(state: AppState) -> Router {
         .layer(from_fn_with_state(state.clone(), audit::record));
     let public = Router::new()
         .route("/v1/openapi.json", get(openapi))
+        .merge(crate::ui::routes())
         .layer(from_fn_with_state(limits, limits::limit_rate));
     Router::new().route("/healthz", get(healthz)).merge(public).merge(guarded).with_state(state)
 }

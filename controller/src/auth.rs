@@ -4,8 +4,9 @@
 //! - Every API request acts as a [`Principal`]: a token (`Authorization: Bearer <secret>`), or
 //!   `local-root`, a request without a token on the local unix socket (`<state-dir>/api.sock`,
 //!   mode 0600: only root can connect, and the peer's uid, read from the socket, must be 0).
-//!   `GET /healthz` and `GET /v1/openapi.json` need no principal; everything else without one
-//!   is a 401 (the router applies [`authenticate`], then the rate limit, then [`require`]).
+//!   `GET /healthz`, `GET /v1/openapi.json` and the web page's assets (`/ui`, no data in them)
+//!   need no principal; everything else without one is a 401 (the router applies
+//!   [`authenticate`], then the rate limit, then [`require`]).
 //! - A token's secret is `vt_<8 hex>_<64 hex>` (256 random bits from the OS); its id is
 //!   `tok-<the same 8 hex>`. The store keeps the token (`model::Token`) with the SHA-256 of the
 //!   secret only, so a token made on one host is known to every host at once, and deleting it

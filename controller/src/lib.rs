@@ -19,6 +19,8 @@
 //! - [`auth`]: principals, tokens and who may do what (S15); [`audit`]: the audit trail.
 //! - [`server`]: the API's listeners, TLS and connection limits; [`limits`]: its per-request
 //!   limits (body size and time, rates); [`tls`]: certificates and what a client trusts.
+//! - [`trace`]: `verse trace`, a packet's verdict step by step from what a host realized.
+//! - [`ui`]: the web page at `/ui`.
 //! - [`config`]: the daemon's settings.
 pub mod api;
 pub mod audit;
@@ -41,4 +43,5 @@ pub mod sim;
 pub mod store;
 pub mod tls;
 pub mod trace;
+pub mod ui;
 pub mod verdict;

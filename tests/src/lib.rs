@@ -628,7 +628,8 @@ impl Drop for Versed {
     }
 }
 
-pub(crate) fn unique_port() -> u16 {
+/// A TCP port for a listener of this test process (distinct within the run).
+pub fn unique_port() -> u16 {
     // Every daemon listens on the loopback of its own namespace, so ports cannot collide across
     // tests; keeping them distinct anyway makes logs unambiguous.
     let n = COUNTER.fetch_add(1, Ordering::Relaxed);

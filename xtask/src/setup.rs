@@ -39,6 +39,9 @@ const PACKAGES: &[&str] = &[
     "libprotobuf-dev",
     // The API fuzz runs schemathesis (PyPI) from a virtual environment (see install_schemathesis).
     "python3-venv",
+    // The web page's test drives headless Chromium over WebDriver (tests/tests/ui_browser.rs).
+    "chromium",
+    "chromium-driver",
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
