@@ -4,13 +4,59 @@
 //! the universe, its groups and rules, the endpoints per host and the hosts; the token is
 //! entered in the page, kept in sessionStorage only and sent in a header; markup in a user's
 //! text is shown as text; the assets carry a strict Content-Security-Policy.
+//!
+//! The page shows rule hit counters and live events only where the daemon serves them
+//! (`GET /v1/rule-stats`, `GET /v1/events`); where it does not, the page must say so and show
+//! no number and no row in their place. The test asks the daemon which it is and holds the page
+//! to that answer. A machine without Chromium fails this test: `cargo xtask setup` installs it.
 
+use std::io::ErrorKind;
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use fantoccini::{ClientBuilder, Locator};
 use serde_json::{json, Value};
 use tests::*;
+
+/// Debian's Chromium, as `chromium` installs it (the `/usr/bin/chromium` wrapper is a script).
+const CHROMIUM: &str = "/usr/lib/chromium/chromium";
+
+/// Fails (never skips) when the browser or its driver is missing, naming the fix.
+fn require_browser() {
+    assert!(
+        Path::new(CHROMIUM).is_file(),
+        "{CHROMIUM} is missing: this test needs Debian's chromium (`cargo xtask setup` installs it)"
+    );
+    let driver = Command::new("chromedriver").arg("--version").output();
+    assert!(
+        driver.as_ref().is_ok_and(|o| o.status.success()),
+        "chromedriver does not run ({:?}): this test needs Debian's chromium-driver \
+         (`cargo xtask setup` installs it)",
+        driver.map(|o| o.status)
+    );
+}
+
+/// What the daemon serves beyond the fleet's objects: rule hit counters and an event stream.
+struct Serves {
+    rule_stats: bool,
+    events: bool,
+}
+
+impl Serves {
+    fn ask(api: &Api) -> Serves {
+        let r = api.get("/v1/rule-stats");
+        assert!(r.status == 200 || r.status == 404, "GET /v1/rule-stats: {} {}", r.status, r.body);
+        // A stream keeps the connection open: its reads time out; a missing route answers 404.
+        let events = match api.request("GET", "/v1/events", None, Duration::from_secs(3)) {
+            Ok(r) if r.status == 404 => false,
+            Ok(r) => panic!("GET /v1/events answered and closed: {} {}", r.status, r.body),
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => true,
+            Err(e) => panic!("GET /v1/events: {e}"),
+        };
+        Serves { rule_stats: r.status == 200, events }
+    }
+}
 
 /// chromedriver in a namespace, killed on drop.
 struct Driver {
@@ -64,6 +110,7 @@ where
 
 #[test]
 fn the_page_shows_a_provoked_drop_and_the_fleet_with_a_token_under_a_strict_csp() {
+    require_browser();
     let host = Host::start();
     let api = &host.api;
     let uni = api.create_universe("webshop", "10.11.0.0/16")["id"].as_str().unwrap().to_owned();
@@ -110,6 +157,8 @@ fn the_page_shows_a_provoked_drop_and_the_fleet_with_a_token_under_a_strict_csp(
         assert_eq!(r.header("x-content-type-options"), Some("nosniff"), "{asset}");
     }
     assert_eq!(api.with_token(None).get("/v1/universes").status, 401);
+    let serves = Serves::ask(api);
+    eprintln!("the daemon serves rule stats: {}, events: {}", serves.rule_stats, serves.events);
 
     let token = api.token().expect("the admin token").to_owned();
     let url = format!("{}/ui", api.url());
@@ -125,12 +174,13 @@ fn the_page_shows_a_provoked_drop_and_the_fleet_with_a_token_under_a_strict_csp(
         host.name().to_owned(),
     );
     let port = driver.port;
+    let (client_ns, server_ip) = (&client.ns, server.ip);
     let failure: Option<String> = host.netns().enter(move || {
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         rt.block_on(async move {
             let caps: serde_json::Map<String, Value> = serde_json::from_value(json!({
                 "goog:chromeOptions": {
-                    "binary": "/usr/lib/chromium/chromium",
+                    "binary": CHROMIUM,
                     "args": ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
                              "--no-first-run", "--disable-background-networking",
                              "--disable-component-update", "--disable-sync",
@@ -180,6 +230,68 @@ fn the_page_shows_a_provoked_drop_and_the_fleet_with_a_token_under_a_strict_csp(
                         let shown = text_of(id).await.unwrap_or_default();
                         let status = text_of("status").await.unwrap_or_default();
                         return Err(format!("#{id} does not show {words:?}: {shown:?} (status: {status:?})"));
+                    }
+                }
+                // Rule hit counters: a count where the daemon counts (this rule never matched:
+                // the client is outside 10.11.9.0/24), else "not counted" and why, no number.
+                let hits_cell = c
+                    .execute(
+                        "return [...document.querySelectorAll('table.rules tbody tr')]\
+                         .filter(tr => tr.children[0].textContent === arguments[0])\
+                         .map(tr => tr.children[5].textContent)",
+                        vec![json!(rule2)],
+                    )
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let groups_text = text_of("groups").await.unwrap_or_default();
+                if serves.rule_stats {
+                    if hits_cell != json!(["never matched"]) {
+                        return Err(format!("the rule's hits: {hits_cell} (the API counts them)"));
+                    }
+                } else if hits_cell != json!(["not counted"])
+                    || !groups_text.contains("does not count rule hits (GET /v1/rule-stats: 404)")
+                {
+                    return Err(format!(
+                        "the daemon counts no rule hits, the page must say so: {hits_cell} {groups_text:?}"
+                    ));
+                }
+                // Events: the provoked drop, live, where the daemon streams them (a drop is
+                // provoked again while waiting: a stream shows what happens once it is open);
+                // else the page says there is no stream and shows no row.
+                if serves.events {
+                    let shown = eventually(Duration::from_secs(30), || {
+                        tcp_connect(client_ns, server_ip, 5432, Duration::from_millis(300));
+                        let t = text_of("events");
+                        let server_id = server_id.clone();
+                        async move {
+                            t.await.filter(|t| {
+                                t.contains("dropped") && t.contains("policy_ingress") && t.contains(&server_id)
+                            })
+                        }
+                    })
+                    .await;
+                    if shown.is_none() {
+                        let t = text_of("events").await.unwrap_or_default();
+                        return Err(format!("the events table does not show the drop: {t:?}"));
+                    }
+                } else {
+                    let state = eventually(Duration::from_secs(20), || {
+                        let t = text_of("events-section");
+                        async move { t.await.filter(|t| t.contains("not served by this daemon")) }
+                    })
+                    .await;
+                    let rows = c
+                        .execute("return document.querySelectorAll('#events tbody tr:not(.note)').length", vec![])
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    let events_text = text_of("events").await.unwrap_or_default();
+                    if state.is_none()
+                        || rows != json!(0)
+                        || !events_text.contains("serves no event stream (GET /v1/events: 404)")
+                    {
+                        return Err(format!(
+                            "no event stream, the page must say so and show no event: {rows} rows, {events_text:?}"
+                        ));
                     }
                 }
                 // A group's description with markup is shown as text, and nothing ran.

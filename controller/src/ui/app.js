@@ -89,15 +89,39 @@ function ports(r) {
   return "all";
 }
 
-// `hits` of a rule (per-rule counters): a number, or an object of counts. Absent when the
-// daemon does not count.
+// Per-rule hit counters, when this daemon serves them (`GET /v1/rule-stats`: one row per rule
+// that a host counted, `{rule, group, universe, flows, packets}`), else `null`: then the page
+// says that rules are not counted and shows no number. Nothing is ever inferred.
+let ruleStats = null;
+let ruleStatsWhy = "";
+
+// The hits of rule `r`: its own `hits` field when the API gives one, else the rule-stats row.
 function hits(r) {
-  const h = r.hits;
-  if (h === undefined || h === null) return { text: "—", never: false };
-  if (typeof h === "number") return { text: h === 0 ? "never matched" : String(h), never: h === 0 };
-  const parts = Object.entries(h).map(([k, v]) => k + " " + v);
-  const total = Object.values(h).reduce((a, v) => a + (typeof v === "number" ? v : 0), 0);
-  return { text: total === 0 ? "never matched" : parts.join(", "), never: total === 0 };
+  let h = r.hits;
+  if ((h === undefined || h === null) && ruleStats) h = ruleStats.get(r.id) || { flows: 0, packets: 0 };
+  if (h === undefined || h === null) return { text: "not counted", never: false, counted: false };
+  if (typeof h === "number") return { text: h === 0 ? "never matched" : String(h), never: h === 0, counted: true };
+  const flows = Number(h.flows || 0), packets = Number(h.packets || 0);
+  if (flows === 0 && packets === 0) return { text: "never matched", never: true, counted: true };
+  return { text: flows + " flows, " + packets + " packets", never: false, counted: true };
+}
+
+async function loadRuleStats() {
+  try {
+    const rows = await json("/v1/rule-stats");
+    const m = new Map();
+    for (const r of rows) {
+      const prev = m.get(r.rule) || { flows: 0, packets: 0 };
+      m.set(r.rule, { flows: prev.flows + Number(r.flows || 0), packets: prev.packets + Number(r.packets || 0) });
+    }
+    ruleStats = m;
+    ruleStatsWhy = "";
+  } catch (e) {
+    ruleStats = null;
+    ruleStatsWhy = e instanceof ApiError && e.status === 404
+      ? "This daemon does not count rule hits (GET /v1/rule-stats: 404): no counts are shown."
+      : "Rule hit counters could not be read: " + e.message;
+  }
 }
 
 function renderGroups(groups, universes) {
@@ -114,17 +138,21 @@ function renderGroups(groups, universes) {
     t.appendChild(head);
     const body = el("tbody");
     const rules = [...(g.ingress || []), ...(g.egress || [])];
+    let uncounted = false;
     for (const r of rules) {
       const tr = row([r.id, r.direction, r.protocol, ports(r), r.cidr || r.group || "", "", r.description || ""]);
       const hc = hits(r);
       const td = tr.children[5];
       td.textContent = hc.text;
+      td.classList.add(hc.counted ? "hits" : "uncounted");
       if (hc.never) td.classList.add("never");
+      if (!hc.counted) uncounted = true;
       body.appendChild(tr);
     }
     if (rules.length === 0) body.appendChild(row(["no rules", "", "", "", "", "", ""]));
     t.appendChild(body);
     out.push(t);
+    if (uncounted && ruleStatsWhy) out.push(el("p", ruleStatsWhy, "note hits-note"));
   }
   $("groups").replaceChildren(...out);
 }
@@ -154,14 +182,46 @@ function renderEndpoints(endpoints) {
   $("endpoints").replaceChildren(...out);
 }
 
-// `verse_drops_total{reason="..."} N` lines of /metrics.
+// The `verse_drops_total` samples of a Prometheus text: `{labels, value}` with every label
+// (reason, and hook where the daemon counts per hook).
 function parseDrops(text) {
   const out = [];
   for (const line of text.split("\n")) {
-    const m = /^verse_drops_total\{reason="([a-z_0-9]+)"\} (\d+)/.exec(line);
-    if (m) out.push([m[1], Number(m[2])]);
+    const m = /^verse_drops_total\{([^}]*)\}\s+([0-9.eE+]+)/.exec(line);
+    if (!m) continue;
+    const labels = {};
+    for (const kv of m[1].matchAll(/([a-zA-Z_][a-zA-Z0-9_]*)="([^"]*)"/g)) labels[kv[1]] = kv[2];
+    out.push({ labels, value: Number(m[2]) });
   }
   return out;
+}
+
+function renderDrops(text) {
+  const samples = parseDrops(text);
+  const note = $("drops-note");
+  if (samples.length === 0) {
+    fill("drops", []);
+    note.hidden = false;
+    note.textContent = "This daemon's /metrics has no verse_drops_total: its drops cannot be shown.";
+    return;
+  }
+  const hooked = samples.some((s) => s.labels.hook !== undefined);
+  $("drops-hook").hidden = !hooked;
+  const rows = samples
+    .filter((s) => s.value > 0)
+    .sort((a, b) => b.value - a.value)
+    .map((s) => {
+      const tr = row([s.labels.reason || "?", s.labels.hook || "", s.value]);
+      tr.children[1].hidden = !hooked;
+      return tr;
+    });
+  if (rows.length === 0) {
+    const none = row(["no drops", "", ""]);
+    none.children[1].hidden = !hooked;
+    rows.push(none);
+  }
+  fill("drops", rows);
+  note.hidden = true;
 }
 
 async function refresh() {
@@ -171,13 +231,11 @@ async function refresh() {
     ]);
     fill("hosts", hosts.map((h) => row([h.name, h.underlay_ip || "—", h.revision, h.healthy ? "yes" : "no"])));
     fill("universes", universes.map((u) => row([u.id, u.name, u.vni, (u.cidrs || []).join(", ")])));
+    await loadRuleStats();
     renderGroups(groups, universes);
     renderEndpoints(endpoints);
     try {
-      const text = await (await api("/metrics", "text/plain")).text();
-      const drops = parseDrops(text).filter(([, n]) => n > 0);
-      fill("drops", drops.length ? drops.map(([r, n]) => row([r, n])) : [row(["no drops", ""])]);
-      $("drops-note").hidden = true;
+      renderDrops(await (await api("/metrics", "text/plain")).text());
     } catch (e) {
       fill("drops", []);
       $("drops-note").hidden = false;
@@ -207,14 +265,28 @@ function eventText(ev) {
   return Object.values(ev).map((v) => (typeof v === "object" && v !== null ? JSON.stringify(v) : String(v))).join(" ").toLowerCase();
 }
 
+// An event's verdict: "dropped" or "admitted" (GET /v1/events).
 function isDrop(ev) {
-  const v = String(ev.verdict || ev.action || "").toLowerCase();
-  return v === "drop" || v === "dropped" || v === "reject" || (!!ev.reason && v === "");
+  return String(ev.verdict || "").toLowerCase() === "dropped";
 }
 
 function addr(ip, port) {
   if (!ip) return "";
-  return port !== undefined && port !== null && port !== 0 ? ip + ":" + port : ip;
+  return port !== undefined && port !== null ? ip + ":" + port : ip;
+}
+
+// What decided: the rules that admitted a new flow, or the groups a policy drop searched.
+function decidedBy(ev) {
+  if (Array.isArray(ev.rules) && ev.rules.length) {
+    return {
+      rule: ev.rules.map((r) => r.id + (r.direction ? " (" + r.direction + ")" : "")).join(", "),
+      group: ev.rules.map((r) => r.group_name ? r.group_name + " " + r.group : r.group).join(", "),
+    };
+  }
+  if (ev.searched && Array.isArray(ev.searched.groups)) {
+    return { rule: "no " + (ev.searched.direction || "") + " rule admits", group: ev.searched.groups.join(", ") };
+  }
+  return { rule: "", group: "" };
 }
 
 function renderEvents() {
@@ -224,21 +296,33 @@ function renderEvents() {
   for (let i = events.length - 1; i >= 0; i--) {
     const ev = events[i];
     const drop = isDrop(ev);
-    if (verdict === "drop" && !drop) continue;
-    if (verdict === "admit" && drop) continue;
+    if (verdict === "dropped" && !drop) continue;
+    if (verdict === "admitted" && drop) continue;
     if (text && !eventText(ev).includes(text)) continue;
-    const rule = ev.rule && typeof ev.rule === "object" ? ev.rule.rule || ev.rule.id : ev.rule;
-    const group = ev.group || (ev.rule && typeof ev.rule === "object" ? ev.rule.group : "");
+    const by = decidedBy(ev);
+    const proto = ev.protocol || "";
+    const service = ev.icmp_type !== undefined && ev.icmp_type !== null
+      ? proto + " " + ev.icmp_type + "/" + ev.icmp_code : proto;
     const tr = row([
-      ev.time || "", ev.host || "", drop ? "drop" : (ev.verdict || "admit"), ev.reason || "",
-      ev.endpoint || "", ev.universe || "", addr(ev.src, ev.sport), addr(ev.dst, ev.dport),
-      ev.protocol || ev.proto || "", rule || "", group || "",
+      ev.time || "", ev.host || "", ev.verdict || "", ev.reason || "", ev.endpoint || "",
+      ev.universe || "", addr(ev.src, ev.sport), addr(ev.dst, ev.dport), service, by.rule, by.group,
     ], drop ? "drop" : "admit");
     tr.children[2].classList.add("verdict");
+    if (ev.message) tr.title = ev.message;
     rows.push(tr);
+  }
+  if (rows.length === 0) {
+    const empty = row([eventsNote || "No events yet.", "", "", "", "", "", "", "", "", "", ""]);
+    empty.children[0].colSpan = 11;
+    while (empty.children.length > 1) empty.removeChild(empty.lastChild);
+    empty.classList.add("note");
+    rows.push(empty);
   }
   fill("events", rows);
 }
+
+// What the stream itself says (no stream, refused, notices of hosts).
+let eventsNote = "";
 
 async function followEvents() {
   if (eventsAbort) eventsAbort.abort();
@@ -254,14 +338,20 @@ async function followEvents() {
         signal: abort.signal,
       });
       if (resp.status === 404) {
-        state.textContent = "(this daemon serves no event stream)";
+        state.textContent = "(not served by this daemon)";
+        eventsNote = "This daemon serves no event stream (GET /v1/events: 404): no drops or flows can be shown live. The drop counters below are its only record of drops.";
+        renderEvents();
         return;
       }
       if (!resp.ok) {
         state.textContent = "(events refused: " + resp.status + ")";
+        eventsNote = "The event stream was refused (" + resp.status + ").";
+        renderEvents();
         if (resp.status === 401 || resp.status === 403) return;
       } else {
         state.textContent = "(live)";
+        eventsNote = "No events yet.";
+        renderEvents();
         const reader = resp.body.getReader();
         const decoder = new TextDecoder();
         let pending = "";
@@ -275,10 +365,15 @@ async function followEvents() {
             const line = pending.slice(0, nl).trim();
             pending = pending.slice(nl + 1);
             if (!line) continue;
-            try {
-              events.push(JSON.parse(line));
+            let rec;
+            try { rec = JSON.parse(line); } catch (_) { continue; /* not JSON: not an event */ }
+            if (rec.kind === "notice") {
+              $("events-notice").textContent = (rec.host ? rec.host + ": " : "") + (rec.message || "");
+              $("events-notice").hidden = false;
+            } else if (rec.kind === "event" || rec.kind === undefined) {
+              events.push(rec);
               changed = true;
-            } catch (_) { /* a line that is not an event */ }
+            }
           }
           if (events.length > MAX_EVENTS) events = events.slice(events.length - MAX_EVENTS);
           if (changed) renderEvents();
