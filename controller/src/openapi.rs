@@ -177,6 +177,41 @@ pub fn document() -> Value {
             "available": { "type": "integer", "minimum": 0 },
             "exceeded": { "type": "integer", "minimum": 0, "description": "New flows refused for want of budget" } } });
 
+    // `GET /v1/trace` and its answer, apart: one literal would be deeper than the macro allows.
+    let trace_path = json!({
+                "get": { "summary": "Why would a packet pass or be dropped? The verdict this host's dataplane would reach, step by step, from the maps it has realized (no traffic sent): the sender's from_endpoint if the sender is placed here, else the receiver's from_underlay if the receiver is (409 wrong_host otherwise). With run=true (editors, admins) the synthesized frame also goes through the real program (BPF_PROG_TEST_RUN) on private conntrack and counters. Rules between the parameters (400 otherwise): port is required for tcp and udp (6, 17) and refused for any other protocol, as is sport; icmp_type and icmp_code only for icmp (1); universe is required when neither from nor to is an endpoint id; from and to endpoints of two universes are refused. An endpoint outside the universe given is not found (404); a from address no endpoint of the universe has is a 409 (no_sender).",
+                    "parameters": [
+                        { "name": "from", "in": "query", "required": true, "description": "The sender: an endpoint id, or an address of the universe", "schema": { "type": "string", "pattern": format!("^(?:ep-[0-9a-f]{{8}}|{IPV4})$") } },
+                        { "name": "to", "in": "query", "required": true, "description": "The receiver: an endpoint id, or an address of the universe", "schema": { "type": "string", "pattern": format!("^(?:ep-[0-9a-f]{{8}}|{IPV4})$") } },
+                        { "name": "universe", "in": "query", "required": false, "description": "Universe id; required when neither from nor to is an endpoint id", "schema": { "type": "string", "pattern": "^uni-[0-9a-f]{8}$" } },
+                        { "name": "protocol", "in": "query", "required": true, "description": "tcp, udp, icmp (any case), or a protocol number 0-255", "schema": { "type": "string", "pattern": "^(?:[tT][cC][pP]|[uU][dD][pP]|[iI][cC][mM][pP]|0|[1-9][0-9]?|1[0-9]{2}|2[0-4][0-9]|25[0-5])$" } },
+                        { "name": "port", "in": "query", "required": false, "description": "TCP/UDP destination port (required for them, refused otherwise)", "schema": { "type": "integer", "minimum": 0, "maximum": 65535 } },
+                        { "name": "sport", "in": "query", "required": false, "description": "TCP/UDP source port (default: one no live flow uses; refused for other protocols)", "schema": { "type": "integer", "minimum": 0, "maximum": 65535 } },
+                        { "name": "icmp_type", "in": "query", "required": false, "description": "ICMP type (icmp only; default 8, echo request)", "schema": { "type": "integer", "minimum": 0, "maximum": 255 } },
+                        { "name": "icmp_code", "in": "query", "required": false, "description": "ICMP code (icmp only; default 0)", "schema": { "type": "integer", "minimum": 0, "maximum": 255 } },
+                        { "name": "run", "in": "query", "required": false, "description": "Also push the frame through the real program (editors and admins)", "schema": { "type": "boolean" } }
+                    ],
+                    "responses": read(json!({ "200": ok("This host's part of the packet's path", r("TraceAnswer")), "400": e400, "403": e403_role, "404": err("Unknown endpoint or universe, or an endpoint outside the universe given"),
+                        "409": err("no_sender: no endpoint of the universe has the from address; wrong_host: neither the sender nor the receiver is on this host"), "500": err("The dataplane's maps could not be read, or the run failed"), "503": err("This host has no dataplane") })) }
+            });
+    let trace_answer = json!({ "type": "object", "required": ["host", "revision", "maps_match", "packet", "steps", "verdict"], "properties": {
+                    "host": { "type": "string", "description": "The host whose maps were read" },
+                    "revision": { "type": "integer", "format": "int64", "minimum": 0, "description": "The revision it has realized: the state evaluated" },
+                    "maps_match": { "type": "boolean", "description": "The kernel maps hold exactly that revision's compiled form" },
+                    "packet": { "type": "object", "description": "universe, vni, src, dst, src_endpoint, dst_endpoint, protocol, proto, sport, dport, icmp_type, icmp_code" },
+                    "steps": { "type": "array", "items": { "type": "object", "required": ["host", "hook", "check", "outcome", "detail"], "properties": {
+                        "host": { "type": "string" }, "hook": { "type": "string", "enum": ["from_endpoint", "from_underlay"] },
+                        "check": { "type": "string", "description": "endpoint, anti_spoofing, conntrack, egress, route, underlay, destination, ingress" },
+                        "outcome": { "type": "string", "enum": ["pass", "drop", "accept", "info"] },
+                        "detail": { "type": "string" }, "reason": { "type": "string" },
+                        "rule": { "type": "object", "description": "group, group_name, rule, direction: the rule that admitted the packet" },
+                        "searched": { "type": "array", "items": { "type": "string" }, "description": "The groups whose rules a policy check searched" } } } },
+                    "verdict": { "type": "object", "required": ["action", "summary"], "properties": {
+                        "action": { "type": "string", "enum": ["deliver", "wrap", "pass", "drop"] }, "reason": { "type": "string" },
+                        "rules": { "type": "array", "items": { "type": "object" } }, "next_host": { "type": "string" }, "summary": { "type": "string" } } },
+                    "model": { "type": "object", "description": "The reference model's action and reason on the same frame" },
+                    "kernel": { "type": "object", "description": "With run: hook, action, reason (the drop counter that moved), return_code, frame_len" } } });
+
     json!({
         "openapi": "3.0.3",
         "info": {
@@ -251,6 +286,7 @@ pub fn document() -> Value {
                 "parameters": [id_param("id", "Token id (tok-...)")],
                 "delete": { "summary": "Revoke a token: every host refuses it once this returns (admins)", "responses": write(json!({ "204": no_content("Revoked"), "404": e404 })) }
             },
+            "/v1/trace": trace_path,
             "/v1/audit": {
                 "get": { "summary": "The audit trail of the fleet: every mutation and every refused credential, oldest first (a principal confined to a universe sees that universe's records)",
                     "parameters": [
@@ -388,6 +424,7 @@ pub fn document() -> Value {
                     "expires": { "type": "string", "format": "date-time", "nullable": true } } },
                 "CreatedToken": { "allOf": [ r("Token"), { "type": "object", "required": ["token"], "properties": {
                     "token": { "type": "string", "pattern": "^vt_[0-9a-f]{8}_[0-9a-f]{64}$", "description": "The secret, for Authorization: Bearer; shown once, never stored" } } } ] },
+                "TraceAnswer": trace_answer,
                 "AuditRecord": { "type": "object", "required": ["time", "host", "principal", "source", "action", "objects", "status"], "properties": {
                     "time": { "type": "string", "format": "date-time" },
                     "host": { "type": "string", "description": "The host whose API served the request" },

@@ -398,11 +398,16 @@ pub fn resolve(state: &State, req: &TraceRequest) -> model::Result<Resolved> {
             ))
         }
         (Some(e), _, u) | (None, Some(e), u) => {
+            // The universe given scopes the ids: an endpoint outside it is not found there.
             if let Some(u) = u.as_ref().filter(|u| **u != e.universe) {
-                return Err(model::Error::invalid(
-                    "universe",
-                    format!("{} is in universe {}, not {u}", e.id, e.universe),
-                ));
+                let field =
+                    if from_ep.as_ref().is_some_and(|f| f.id == e.id) { "from" } else { "to" };
+                return Err(model::Error {
+                    kind: model::ErrorKind::NotFound,
+                    code: "not_found",
+                    field: Some(field.to_owned()),
+                    message: format!("{field}: endpoint {} not found in universe {u}", e.id),
+                });
             }
             e.universe.clone()
         }
@@ -454,9 +459,10 @@ pub fn resolve(state: &State, req: &TraceRequest) -> model::Result<Resolved> {
         "tcp" => ("tcp".to_owned(), IPPROTO_TCP),
         "udp" => ("udp".to_owned(), IPPROTO_UDP),
         "icmp" => ("icmp".to_owned(), IPPROTO_ICMP),
-        other => match other.parse::<u8>() {
-            Ok(n) => (model::Protocol::Number(n).name(), n),
-            Err(_) => {
+        // A number as written canonically: no sign, no leading zero.
+        other => match other.parse::<u8>().ok().filter(|n| n.to_string() == other) {
+            Some(n) => (model::Protocol::Number(n).name(), n),
+            None => {
                 return Err(model::Error::invalid(
                     "protocol",
                     format!("{other:?}: expected tcp, udp, icmp or a protocol number 0-255"),

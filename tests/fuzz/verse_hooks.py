@@ -7,7 +7,10 @@ the server relate values in a way it cannot, and the document states them in wor
 - a rule's from_port must not be above its to_port;
 - a token's expires, shaped as the pattern says, must be a real date (no February 30th) in the
   future and at most 10 years away, or a lifetime above zero and at most 10 years;
-- the audit trail's since, shaped as the pattern says, must be a real date.
+- the audit trail's since, shaped as the pattern says, must be a real date;
+- a trace (GET /v1/trace) takes port only for tcp and udp (6, 17), and requires it there, sport
+  only for them, icmp_type and icmp_code only for icmp (1), and a universe when neither from
+  nor to is an endpoint id.
 
 A request breaking one of them is a 400 however valid its parts are. These hooks keep such
 requests out of the generated data, so that a request the fuzz counts as valid is valid, and any
@@ -118,7 +121,23 @@ def _query_breaks_a_rule(operation, query):
         since = query.get("since")
         if isinstance(since, str) and _time(since) is None:
             return True
+    if operation.method.upper() == "GET" and operation.path == "/v1/trace":
+        return _trace_breaks_a_rule(query)
     return False
+
+
+def _trace_breaks_a_rule(query):
+    protocol = str(query.get("protocol", "")).lower()
+    ported = protocol in ("tcp", "udp", "6", "17")
+    icmp = protocol in ("icmp", "1")
+    if ported and "port" not in query:
+        return True
+    if not ported and ("port" in query or "sport" in query):
+        return True
+    if not icmp and ("icmp_type" in query or "icmp_code" in query):
+        return True
+    by_id = any(str(query.get(f, "")).startswith("ep-") for f in ("from", "to"))
+    return not by_id and "universe" not in query
 
 
 @schemathesis.hook

@@ -60,11 +60,16 @@ fn the_api_holds_to_its_openapi_document_under_a_schema_driven_fuzz() {
             "[dictionaries.universes]\nvalues = [\"{uni}\"]\n\
              [dictionaries.groups]\nvalues = [\"{web}\", \"{default}\"]\n\
              [dictionaries.ids]\nvalues = [\"{uni}\", \"{web}\", \"{default}\", \"{}\"]\n\
+             [dictionaries.endpoints]\nvalues = [\"{}\", \"10.77.0.10\", \"10.77.0.11\"]\n\
              [parameters]\n\
+             \"query.universe\" = {{ dictionary = \"universes\", probability = 0.5 }}\n\
+             \"query.from\" = {{ dictionary = \"endpoints\", probability = 0.5 }}\n\
+             \"query.to\" = {{ dictionary = \"endpoints\", probability = 0.5 }}\n\
              \"body.universe\" = {{ dictionary = \"universes\", probability = 0.5 }}\n\
              \"body.group\" = {{ dictionary = \"groups\", probability = 0.5 }}\n\
              \"body.security_groups[*]\" = {{ dictionary = \"groups\", probability = 0.5 }}\n\
              \"path.id\" = {{ dictionary = \"ids\", probability = 0.5 }}\n",
+            w.id,
             w.id
         ),
     )
