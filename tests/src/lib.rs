@@ -979,6 +979,72 @@ impl Api {
     }
 }
 
+/// The API of one host made reachable from another host's namespace: a TCP relay listening on
+/// the loopback of `from` that connects each client to `api` inside its own namespace (every
+/// daemon listens on its namespace's loopback only). Stops accepting on drop.
+pub struct ApiRelay {
+    port: u16,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl ApiRelay {
+    pub fn start(from: &Netns, api: &Api) -> ApiRelay {
+        let port = unique_port();
+        let listener = from
+            .enter(|| TcpListener::bind((Ipv4Addr::LOCALHOST, port)))
+            .unwrap_or_else(|e| panic!("relay listener in {}: {e}", from.name()));
+        listener.set_nonblocking(true).expect("non-blocking relay listener");
+        let (netns, target) =
+            (api.netns.clone(), SocketAddr::from((Ipv4Addr::LOCALHOST, api.port)));
+        let stop = Arc::new(AtomicBool::new(false));
+        let stopped = stop.clone();
+        let thread = std::thread::spawn(move || {
+            while !stopped.load(Ordering::Relaxed) {
+                let client = match listener.accept() {
+                    Ok((c, _)) => c,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        std::thread::sleep(Duration::from_millis(20));
+                        continue;
+                    }
+                    Err(_) => return,
+                };
+                let Ok(upstream) = enter_netns(&netns, || TcpStream::connect(target)) else {
+                    continue;
+                };
+                let _ = client.set_nonblocking(false);
+                let (Ok(mut c2), Ok(mut u2)) = (client.try_clone(), upstream.try_clone()) else {
+                    continue;
+                };
+                let (mut c1, mut u1) = (client, upstream);
+                std::thread::spawn(move || {
+                    let _ = io::copy(&mut c1, &mut u1);
+                    let _ = u1.shutdown(std::net::Shutdown::Write);
+                });
+                std::thread::spawn(move || {
+                    let _ = io::copy(&mut u2, &mut c2);
+                    let _ = c2.shutdown(std::net::Shutdown::Write);
+                });
+            }
+        });
+        ApiRelay { port, stop, thread: Some(thread) }
+    }
+
+    /// The relayed API's URL, as seen from inside the namespace the relay listens in.
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for ApiRelay {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
 /// One HTTP/1.1 request to `addr` from inside the namespace `netns` (`Connection: close`);
 /// `timeout` bounds connecting and each read and write.
 pub fn http_request(

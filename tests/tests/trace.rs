@@ -37,6 +37,17 @@ fn assert_agree(t: &Value, want: &str) {
     assert_eq!(t["maps_match"], true, "{t:#}");
 }
 
+/// Across hosts: the walk and the kernel agree; the reference model of this revision judges
+/// `from_endpoint` only, and a packet wrapped for another host or received from one is beyond
+/// it (`crate::verdict`), so the answer carries no model verdict there.
+fn assert_walk_and_kernel_agree(t: &Value, want: &str) {
+    let (walk, _, kernel) = verdicts(t);
+    assert_eq!(walk, want, "the walk: {t:#}");
+    assert_eq!(kernel, want, "the kernel: {t:#}");
+    assert_eq!(t["model"], Value::Null, "{t:#}");
+    assert_eq!(t["maps_match"], true, "{t:#}");
+}
+
 fn step<'a>(t: &'a Value, check: &str) -> &'a Value {
     t["steps"]
         .as_array()
@@ -293,4 +304,131 @@ fn on_random_policies_trace_model_and_kernel_agree() {
     for want in ["deliver", "drop (policy_egress)", "drop (policy_ingress)", "drop (no_route)"] {
         assert!(seen.contains_key(want), "the random policies never gave {want}: {seen:?}");
     }
+}
+
+/// `verse trace` (the CLI) in host `via`'s namespace against its API, with `extra` arguments.
+fn cli_trace(host: &Host, token: &str, args: &[&str]) -> (bool, String, String) {
+    let mut full = vec!["--api".to_owned(), host.api.url(), "--token".to_owned(), token.to_owned()];
+    full.push("trace".to_owned());
+    full.extend(args.iter().map(|a| a.to_string()));
+    let full: Vec<&str> = full.iter().map(String::as_str).collect();
+    let out = host.netns().exec(&bin_dir().join("verse").display().to_string(), &full);
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Two hosts: the sender's host wraps (walk and kernel agree, naming the next host), the
+/// receiver's host judges the same packet in from_underlay (walk and kernel agree, naming the
+/// ingress rule or what was searched), and the real packet meets the same fate. The CLI asks
+/// each host's API in turn, and says so when it cannot reach one rather than show another
+/// host's answer as that host's part.
+#[test]
+fn across_hosts_each_host_traces_its_hook_and_agrees_with_the_kernel() {
+    let fleet = Fleet::start(2);
+    let (a, b) = (fleet.host(0), fleet.host(1));
+    let api = fleet.api(0);
+    let uni = api.create_universe("shop", "10.7.0.0/16")["id"].as_str().unwrap().to_owned();
+    let web = api.create_group(&uni, "web")["id"].as_str().unwrap().to_owned();
+    let db = api.create_group(&uni, "db")["id"].as_str().unwrap().to_owned();
+    let rule = api.add_rule(
+        &db,
+        &json!({"direction": "ingress", "protocol": "tcp", "from_port": 5432, "to_port": 5432, "group": web}),
+    )["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let w = fleet.endpoint(0, &uni, "10.7.0.2", &[&web]);
+    let other = fleet.endpoint(0, &uni, "10.7.0.4", &[]);
+    let d = fleet.endpoint(1, &uni, "10.7.0.3", &[&db]);
+    let _server = tcp_listen(&d.ns, 5432);
+    let (before_a, before_b) = (live(a), live(b));
+
+    // Admitted: host-a wraps for host-b; host-b admits by db's rule.
+    let t = trace(api, &w.id, &d.id, "tcp", "&port=5432");
+    assert_walk_and_kernel_agree(&t, "wrap");
+    assert_eq!(t["host"], a.name(), "{t:#}");
+    assert_eq!(t["verdict"]["next_host"], b.name(), "{t:#}");
+    assert_eq!(step(&t, "route")["outcome"], "pass", "{t:#}");
+    let sport = t["packet"]["sport"].as_u64().unwrap();
+    let t = trace(fleet.api(1), &w.id, &d.id, "tcp", &format!("&port=5432&sport={sport}"));
+    assert_eq!(t["host"], b.name(), "{t:#}");
+    assert_walk_and_kernel_agree(&t, "deliver");
+    assert_eq!(step(&t, "ingress")["rule"]["rule"], rule.as_str(), "{t:#}");
+    assert_eq!(step(&t, "anti_spoofing")["outcome"], "pass", "{t:#}");
+    assert_eq!(t["kernel"]["hook"], "from_underlay", "{t:#}");
+
+    // Denied: host-a still wraps (egress to all), host-b drops by policy, naming db.
+    let t = trace(api, &other.id, &d.id, "tcp", "&port=5432");
+    assert_walk_and_kernel_agree(&t, "wrap");
+    let sport = t["packet"]["sport"].as_u64().unwrap();
+    let t = trace(fleet.api(1), &other.id, &d.id, "tcp", &format!("&port=5432&sport={sport}"));
+    assert_walk_and_kernel_agree(&t, "drop (policy_ingress)");
+    assert_eq!(step(&t, "ingress")["searched"], json!([db]), "{t:#}");
+    // ICMP echo: db admits none; the walk, the model and the kernel say so on host-b.
+    let t = trace(api, &w.id, &d.id, "icmp", "");
+    assert_walk_and_kernel_agree(&t, "wrap");
+    let t = trace(fleet.api(1), &w.id, &d.id, "icmp", "");
+    assert_walk_and_kernel_agree(&t, "drop (policy_ingress)");
+    // The runs opened no flow and counted nothing on either host.
+    assert_eq!(live(a), before_a, "trace runs changed host-a's live conntrack or counters");
+    assert_eq!(live(b), before_b, "trace runs changed host-b's live conntrack or counters");
+
+    // The real packets meet the same fates.
+    assert!(tcp_connect(&w.ns, d.ip, 5432, Duration::from_secs(3)), "web reaches db across hosts");
+    assert_dropped(b, "policy_ingress", "other (host-a) -> db:5432 (host-b)", || {
+        tcp_connect(&other.ns, d.ip, 5432, Duration::from_millis(500))
+    });
+
+    // The CLI: host-a's API, and host-b's through a relay into host-a's namespace.
+    let token = fleet.admin_token();
+    let relay = ApiRelay::start(a.netns(), fleet.api(1));
+    let host_api = format!("{}={}", b.name(), relay.url());
+    let (ok, text, err) = cli_trace(
+        a,
+        &token,
+        &[
+            "--from",
+            &other.id,
+            "--to",
+            &d.id,
+            "--protocol",
+            "tcp",
+            "--port",
+            "5432",
+            "--run",
+            "--host-api",
+            &host_api,
+        ],
+    );
+    assert!(ok, "{text}\n{err}");
+    for want in [
+        format!("{}: wrap", a.name()),
+        format!("{}: kernel (from_endpoint, BPF_PROG_TEST_RUN): wrap", a.name()),
+        format!("{}: drop (policy_ingress)", b.name()),
+        format!("{}: kernel (from_underlay, BPF_PROG_TEST_RUN): drop (policy_ingress)", b.name()),
+    ] {
+        assert!(text.contains(&want), "{want:?} not in:\n{text}");
+    }
+    // Without host-b's API the CLI says what it could not trace, and fails.
+    let (ok, text, err) = cli_trace(
+        a,
+        &token,
+        &["--from", &other.id, "--to", &d.id, "--protocol", "tcp", "--port", "5432"],
+    );
+    assert!(!ok, "an incomplete trace must fail:\n{text}");
+    assert!(text.contains(&format!("{}: NOT TRACED (from_underlay)", b.name())), "{text}");
+    assert!(!text.contains(&format!("{}: drop", b.name())), "{text}");
+    assert!(err.contains("incomplete"), "{err}");
+    // Asked of the receiver's host only: its part, and the sender's marked as not traced.
+    let (ok, text, _) = cli_trace(
+        b,
+        &token,
+        &["--from", &other.id, "--to", &d.id, "--protocol", "tcp", "--port", "5432"],
+    );
+    assert!(!ok, "{text}");
+    assert!(text.contains(&format!("{}: drop (policy_ingress)", b.name())), "{text}");
+    assert!(text.contains(&format!("{}: NOT TRACED (from_endpoint)", a.name())), "{text}");
 }

@@ -789,22 +789,65 @@ fn trace(c: &Client, hosts: &HostClients, out: &Out, a: TraceArgs) -> client::Re
             None => Ok(hosts.default.clone()),
         }
     };
-    // The sender's host: the one that places the sender endpoint.
+    // The sender's host: the one that places the sender endpoint. Each hop must come from the
+    // host it is about: an API of another host answers for its own hooks (or refuses), and an
+    // answer from the wrong host is never shown as that host's part.
     let sender_host = sender_host(c, &req)?;
     let first = client_of(&sender_host)?.trace(&req).map_err(|e| on_host(e, &sender_host))?;
+    let mut untraced = Vec::new();
+    if first.host != sender_host {
+        untraced.push(Untraced {
+            host: sender_host.clone(),
+            hook: "from_endpoint",
+            why: format!(
+                "the sender's hook runs on {sender_host}, and this API is {}'s: give {sender_host}'s \
+                 API with --host-api {sender_host}=URL",
+                first.host
+            ),
+        });
+    }
     let mut hops = vec![first];
-    if let Some(last) = hops.last() {
-        if last.verdict.action == Action::Wrap {
-            let next = last.verdict.next_host.clone().unwrap_or_default();
-            let mut req = req.clone();
-            // The same packet: the receiver's host judges the sender's source port too.
-            req.sport = last.packet.sport;
-            let answer = client_of(&next)?.trace(&req).map_err(|e| on_host(e, &next))?;
-            hops.push(answer);
+    if untraced.is_empty() {
+        if let Some(last) = hops.last() {
+            if last.verdict.action == Action::Wrap {
+                let next = last.verdict.next_host.clone().unwrap_or_default();
+                let mut req = req.clone();
+                // The same packet: the receiver's host judges the sender's source port too.
+                req.sport = last.packet.sport;
+                let answer = client_of(&next)?.trace(&req).map_err(|e| on_host(e, &next))?;
+                if answer.host == next {
+                    hops.push(answer);
+                } else {
+                    untraced.push(Untraced {
+                        host: next.clone(),
+                        hook: "from_underlay",
+                        why: format!(
+                            "the packet is wrapped for {next}, whose from_underlay judges it next, \
+                             and this API is {}'s: give {next}'s API with --host-api {next}=URL",
+                            answer.host
+                        ),
+                    });
+                }
+            }
         }
     }
-    out.trace(&hops);
-    Ok(())
+    out.trace(&hops, &untraced);
+    match untraced.first() {
+        None => Ok(()),
+        Some(u) => Err(client::Error::Api {
+            status: 0,
+            code: "incomplete".into(),
+            message: format!("the trace is incomplete: {} ({}) was not traced", u.host, u.hook),
+        }),
+    }
+}
+
+/// A hop of the packet's path that `verse trace` could not ask its host about.
+#[derive(serde::Serialize)]
+struct Untraced {
+    host: String,
+    hook: &'static str,
+    why: String,
 }
 
 /// The host the sender of `req` is placed on.
@@ -1082,10 +1125,10 @@ impl Out {
         );
     }
 
-    fn trace(&self, hops: &[verse::trace::TraceAnswer]) {
+    fn trace(&self, hops: &[verse::trace::TraceAnswer], untraced: &[Untraced]) {
         use verse::trace::{Action, Decision};
         if self.fmt == Format::Json {
-            return self.json(&serde_json::json!({ "hops": hops }));
+            return self.json(&serde_json::json!({ "hops": hops, "untraced": untraced }));
         }
         let Some(first) = hops.first() else { return };
         let p = &first.packet;
@@ -1146,6 +1189,9 @@ impl Out {
                     word(&k.decision())
                 );
             }
+        }
+        for u in untraced {
+            println!("{}: NOT TRACED ({}) — {}", u.host, u.hook, u.why);
         }
     }
 
