@@ -744,9 +744,17 @@ impl<'a> Walk<'a> {
                 (s, Some(rule))
             }
             None => {
+                // Each group searched, with its name: `sg-… (db)`.
+                let named: Vec<String> = groups
+                    .iter()
+                    .map(|g| match self.r.state.groups.get(g) {
+                        Some(group) => format!("{g} ({})", group.name),
+                        None => g.clone(),
+                    })
+                    .collect();
                 let detail = format!(
                     "no {check} rule of groups {} of {} admits {} {word} {peer} ({ident})",
-                    if groups.is_empty() { "(none)".to_owned() } else { groups.join(", ") },
+                    if named.is_empty() { "(none)".to_owned() } else { named.join(", ") },
                     ep.id,
                     p.service()
                 );
@@ -952,7 +960,7 @@ impl<'a> Walk<'a> {
                     "route",
                     Outcome::Pass,
                     format!(
-                        "{} is on {} : wrapped (VXLAN-GBP, VNI {}) to its underlay address {ip}",
+                        "{} is on {}: wrapped (VXLAN-GBP, VNI {}) to its underlay address {ip}",
                         ep.id, ep.host, p.vni
                     ),
                 ),

@@ -108,7 +108,10 @@ fn trace_names_the_deciding_rule_or_what_was_searched_and_agrees_with_model_and_
     assert_agree(&t, "drop (policy_ingress)");
     let ingress = step(&t, "ingress");
     let detail = ingress["detail"].as_str().unwrap();
-    assert!(detail.contains(&format!("no ingress rule of groups {db}")), "{detail}");
+    assert!(
+        detail.contains(&format!("no ingress rule of groups {db} (db) of {}", d.id)),
+        "{detail}"
+    );
     assert!(detail.contains("admits tcp/5432 from 10.7.0.4 (identity "), "{detail}");
     assert_eq!(ingress["searched"], json!([db]));
     // The real packet is dropped for that reason too.

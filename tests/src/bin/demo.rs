@@ -9,7 +9,7 @@
 //! HTTP from `clients`, a `db` tier admits PostgreSQL only from `web` (a group referencing a
 //! group); `lab` reuses the same addresses on other hosts and never sees `shop`. Every command goes
 //! to some host's API and takes effect on all of them. The demo shows traffic that passes and
-//! traffic that is dropped, a membership change, spoofing from a workload and forged encapsulated
+//! traffic that is dropped (and `verse trace` saying why), a membership change, spoofing from a workload and forged encapsulated
 //! packets from a machine on the underlay, a host whose daemon stops (its dataplane keeps
 //! enforcing, the fleet marks it unhealthy and goes on without it, and it catches up when it starts
 //! again), the drop counters of each host, the hosts with the revision each has realized, and
@@ -223,6 +223,40 @@ fn main() -> Result<()> {
         false,
         ping(client.ns(), ip_web),
     )?;
+
+    println!("\n== Why was client -> db:5432 dropped? `verse trace` (no traffic sent)");
+    println!(
+        "  alpha judges the sender's hook, charlie the receiver's: the CLI asks each host's API"
+    );
+    println!("  (charlie's is relayed into alpha's namespace for the demo; --run also pushes the");
+    println!("  synthesized frame through each host's real program, on private state)");
+    let charlie_api = tests::ApiRelay::start(fleet.host(alpha).netns(), fleet.api(charlie));
+    let trace = cli.run(
+        alpha,
+        &[
+            "trace",
+            "--from",
+            &client.id,
+            "--to",
+            "10.0.0.30",
+            "--protocol",
+            "tcp",
+            "--port",
+            "5432",
+            "--run",
+            "--host-api",
+            &format!("charlie={}", charlie_api.url()),
+        ],
+    )?;
+    let explained = [
+        "charlie: drop (policy_ingress)",
+        "charlie: kernel (from_underlay, BPF_PROG_TEST_RUN): drop (policy_ingress)",
+    ];
+    if let Some(missing) = explained.iter().find(|w| !trace.contains(*w)) {
+        bail!("verse trace did not explain the drop: {missing:?} is not in its output");
+    }
+    println!("  [ok] charlie's ingress rules drop it, and its kernel program agrees");
+    drop(charlie_api);
 
     println!("\n== Allow ICMP echo from clients to web, through charlie; no restart, no reconnect");
     cli.run(
