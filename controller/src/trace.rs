@@ -14,9 +14,12 @@
 //!   none), the receiver's ingress rules (with the peer identity this host's routes give the
 //!   source), and names the deciding rule (group and rule id) or, for a policy drop, what was
 //!   searched. Rule matching is the model's own ([`crate::verdict::Host::admitting`]).
-//! - Where the reference model covers the hook (a sender and a receiver on the same host), the
-//!   trace also carries the model's verdict on the very frame it synthesized
-//!   ([`TraceAnswer::model`]), so that a disagreement between the walk and the model shows.
+//! - The trace also carries the reference model's verdict on the very frame it synthesized
+//!   ([`TraceAnswer::model`]): `judge` for the sender's hook (deliver, wrap, or the drop),
+//!   `judge_underlay` on the wrapped frame for the receiver's, so that a disagreement between
+//!   the walk and the model shows. Conntrack matching follows S7 as the model does
+//!   ([`crate::verdict::role`]): a SYN or an echo request matches a flow only in its original
+//!   direction, and only a packet that begins flows is tracked once admitted.
 //! - The evaluated state is the one this host last realized; [`TraceAnswer::maps_match`] says
 //!   whether the kernel maps hold exactly its compiled form (false while a newer revision is
 //!   being applied, or if the maps were changed behind the daemon's back).
@@ -261,7 +264,7 @@ pub struct TraceAnswer {
     pub packet: Packet,
     pub steps: Vec<Step>,
     pub verdict: Verdict,
-    /// The reference model's verdict on the same frame, where the model covers the hook.
+    /// The reference model's verdict on the same frame (none where no frame reaches the hook).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub model: Option<Decision>,
     /// What the kernel did, with `run`.
@@ -601,13 +604,20 @@ impl<'a> Walk<'a> {
     fn model_host(&self) -> verdict::Host<'a> {
         let local: BTreeMap<u32, String> =
             self.plumbed.iter().map(|(id, &ix)| (ix, id.clone())).collect();
-        verdict::Host::new(
+        let host = verdict::Host::new(
             &self.r.state,
             self.host,
             &local,
             self.r.config.gateway_mac,
             self.timeouts,
-        )
+        );
+        // The dataplane has an underlay when its settings name the interface.
+        match self.r.underlay_ip {
+            Some(ip) if self.r.config.underlay_ifindex != 0 => {
+                host.with_underlay(verdict::Underlay { ip, mtu: self.r.config.underlay_mtu })
+            }
+            _ => host,
+        }
     }
 
     fn key(&self, p: &Packet) -> CtKey {
@@ -653,7 +663,10 @@ impl<'a> Walk<'a> {
     fn conntrack(&self, hook: &str, p: &Packet) -> (Step, bool) {
         let key = self.key(p);
         let now = self.r.now_ns;
-        let hit = self.ct.lookup(&key, now, &self.timeouts);
+        // What the packet may match (S7): a SYN or an echo request only a flow's original
+        // direction, an echo reply only its reply direction, other ICMP nothing.
+        let role = verdict::role(p.proto, tcp_flags(p), p.icmp_type.unwrap_or(0));
+        let hit = self.ct.lookup_as(&key, role, now, &self.timeouts);
         if let Some((_, entry, dir)) = hit {
             let idle = now.wrapping_sub(entry.last_seen_ns) / 1_000_000_000;
             let way = match dir {
@@ -697,11 +710,21 @@ impl<'a> Walk<'a> {
         } else {
             format!("live flows between these addresses for this service: {}", others.join(", "))
         };
-        let created = state_name(verdict::next_state(None, p.proto, tcp_flags(p)));
-        let detail = format!(
-            "no live flow matches this packet ({live}); as a new flow it is judged by the rules \
-             below and, if admitted, tracked as {created}"
-        );
+        let matches = match role {
+            verdict::Role::Opens => "no live flow matches this packet in its original direction",
+            verdict::Role::Answers => "no live flow matches this echo reply in its reply direction",
+            verdict::Role::Untracked => "this ICMP message belongs to no flow (S7)",
+            verdict::Role::Any | verdict::Role::Continues => "no live flow matches this packet",
+        };
+        let tracked = if verdict::creates(role) {
+            format!(
+                "if admitted, tracked as {}",
+                state_name(verdict::next_state(None, p.proto, tcp_flags(p)))
+            )
+        } else {
+            "if admitted, sent untracked: it begins no flow (S7)".to_owned()
+        };
+        let detail = format!("{matches} ({live}); it is judged by the rules below and, {tracked}");
         (step(self.host, hook, "conntrack", Outcome::Info, detail), false)
     }
 
@@ -914,8 +937,7 @@ impl<'a> Walk<'a> {
                     next_host: Some(host),
                     summary,
                 };
-                // The reference model of this revision does not cover wrapping (see crate::verdict).
-                (steps, v, None, run)
+                (steps, v, model, run)
             }
         }
     }
@@ -1011,15 +1033,23 @@ impl<'a> Walk<'a> {
         };
         let run = run_input(self);
         let Some(ul) = self.r.underlay_ip else {
-            steps.push(step(
+            let mut s = step(
                 self.host,
                 HOOK,
                 "underlay",
                 Outcome::Drop,
                 format!("{} has no underlay: it receives nothing from {sender_host}", self.host),
-            ));
+            );
+            s.reason = Some(DropReason::UnknownHost.label().to_owned());
+            steps.push(s);
             return self.dropped(steps, DropReason::UnknownHost, None, None);
         };
+        // The reference model's from_underlay on the very frame a run takes.
+        let model = run.as_ref().and_then(|r| {
+            decision_of(
+                &self.model_host().judge_underlay(&self.ct, self.r.now_ns, &r.frame).verdict,
+            )
+        });
         let Some(src_ul) = sender_ul else {
             let mut s = step(
                 self.host,
@@ -1030,7 +1060,7 @@ impl<'a> Walk<'a> {
             );
             s.reason = Some(DropReason::UnknownHost.label().to_owned());
             steps.push(s);
-            return self.dropped(steps, DropReason::UnknownHost, None, run);
+            return self.dropped(steps, DropReason::UnknownHost, model, run);
         };
         steps.push(step(
             self.host,
@@ -1054,7 +1084,7 @@ impl<'a> Walk<'a> {
             );
             s.reason = Some(DropReason::NotPlacedOnSender.label().to_owned());
             steps.push(s);
-            return self.dropped(steps, DropReason::NotPlacedOnSender, None, run);
+            return self.dropped(steps, DropReason::NotPlacedOnSender, model, run);
         }
         steps.push(step(
             self.host,
@@ -1062,7 +1092,8 @@ impl<'a> Walk<'a> {
             "anti_spoofing",
             Outcome::Pass,
             format!(
-                "{} ({}) is placed on {sender_host}, the sending host (S10); {}",
+                "{} ({}) is placed on {sender_host}, the sending host, and the Group Policy ID it \
+                 carries is the identity the control plane gives it (S10); {}",
                 p.src_endpoint.clone().unwrap_or_default(),
                 p.src,
                 self.ident_text(p, p.src)
@@ -1080,7 +1111,7 @@ impl<'a> Walk<'a> {
             );
             s.reason = Some(DropReason::NotLocal.label().to_owned());
             steps.push(s);
-            return self.dropped(steps, DropReason::NotLocal, None, run);
+            return self.dropped(steps, DropReason::NotLocal, model, run);
         };
         steps.push(step(
             self.host,
@@ -1100,7 +1131,7 @@ impl<'a> Walk<'a> {
             steps.push(s);
             match rule {
                 Some(r) => rules.push(r),
-                None => return self.dropped(steps, DropReason::PolicyIngress, None, run),
+                None => return self.dropped(steps, DropReason::PolicyIngress, model, run),
             }
         }
         let summary = match rules.first() {
@@ -1111,7 +1142,7 @@ impl<'a> Walk<'a> {
             None => format!("delivered to {} as part of a live flow", receiver.id),
         };
         let v = Verdict { action: Action::Deliver, reason: None, rules, next_host: None, summary };
-        (steps, v, None, run)
+        (steps, v, model, run)
     }
 
     /// The frame `sender` puts on its veth for `p`.
