@@ -250,12 +250,13 @@ fn main() -> Result<()> {
     )?;
     let explained = [
         "charlie: drop (policy_ingress)",
+        "charlie: reference model: drop (policy_ingress)",
         "charlie: kernel (from_underlay, BPF_PROG_TEST_RUN): drop (policy_ingress)",
     ];
     if let Some(missing) = explained.iter().find(|w| !trace.contains(*w)) {
         bail!("verse trace did not explain the drop: {missing:?} is not in its output");
     }
-    println!("  [ok] charlie's ingress rules drop it, and its kernel program agrees");
+    println!("  [ok] charlie's ingress rules drop it; the model and the kernel agree");
     drop(charlie_api);
 
     println!("\n== Allow ICMP echo from clients to web, through charlie; no restart, no reconnect");
