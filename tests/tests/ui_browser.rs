@@ -262,10 +262,14 @@ fn the_page_shows_a_provoked_drop_and_the_fleet_with_a_token_under_a_strict_csp(
                     let shown = eventually(Duration::from_secs(30), || {
                         tcp_connect(client_ns, server_ip, 5432, Duration::from_millis(300));
                         let t = text_of("events");
-                        let server_id = server_id.clone();
+                        // At from_endpoint the endpoint judged is the sender.
+                        let client_id = client_id.clone();
                         async move {
                             t.await.filter(|t| {
-                                t.contains("dropped") && t.contains("policy_ingress") && t.contains(&server_id)
+                                t.contains("dropped")
+                                    && t.contains("policy_ingress")
+                                    && t.contains(&client_id)
+                                    && t.contains("10.11.0.3:5432")
                             })
                         }
                     })

@@ -98,12 +98,15 @@ let ruleStatsWhy = "";
 // The hits of rule `r`: its own `hits` field when the API gives one, else the rule-stats row.
 function hits(r) {
   let h = r.hits;
-  if ((h === undefined || h === null) && ruleStats) h = ruleStats.get(r.id) || { flows: 0, packets: 0 };
+  if ((h === undefined || h === null) && ruleStats) h = ruleStats.get(r.id) || { flows: 0 };
   if (h === undefined || h === null) return { text: "not counted", never: false, counted: false };
   if (typeof h === "number") return { text: h === 0 ? "never matched" : String(h), never: h === 0, counted: true };
-  const flows = Number(h.flows || 0), packets = Number(h.packets || 0);
+  // Only what the daemon counts: flows always, packets where it reports them.
+  const flows = Number(h.flows || 0);
+  const hasPackets = typeof h.packets === "number";
+  const packets = hasPackets ? h.packets : 0;
   if (flows === 0 && packets === 0) return { text: "never matched", never: true, counted: true };
-  return { text: flows + " flows, " + packets + " packets", never: false, counted: true };
+  return { text: flows + " flows" + (hasPackets ? ", " + packets + " packets" : ""), never: false, counted: true };
 }
 
 async function loadRuleStats() {
@@ -111,8 +114,10 @@ async function loadRuleStats() {
     const rows = await json("/v1/rule-stats");
     const m = new Map();
     for (const r of rows) {
-      const prev = m.get(r.rule) || { flows: 0, packets: 0 };
-      m.set(r.rule, { flows: prev.flows + Number(r.flows || 0), packets: prev.packets + Number(r.packets || 0) });
+      const prev = m.get(r.rule) || { flows: 0 };
+      const sum = { flows: prev.flows + Number(r.flows || 0) };
+      if (typeof r.packets === "number") sum.packets = (prev.packets || 0) + r.packets;
+      m.set(r.rule, sum);
     }
     ruleStats = m;
     ruleStatsWhy = "";
