@@ -798,9 +798,15 @@ impl Dataplane {
 /// creates no flow in the live conntrack table (no hole: a test-run SYN would otherwise admit
 /// the receiver's replies to its 5-tuple) and moves no live counter. Every other map is the live,
 /// pinned one, which the programs only read. A map that the programs start writing must be
-/// added here (the test `a_trace_run_changes_no_live_map` compares every live map before and
-/// after runs).
-pub const WRITTEN_BY_PROGRAMS: [&str; 2] = [map_names::CONNTRACK, map_names::DROPS];
+/// added here (`tests/tests/trace.rs` checks that runs move no live conntrack entry, drop
+/// counter, rule hit counter or event).
+pub const WRITTEN_BY_PROGRAMS: [&str; 5] = [
+    map_names::CONNTRACK,
+    map_names::DROPS,
+    map_names::EVENTS,
+    map_names::EVENT_LIMITS,
+    map_names::RULE_HITS,
+];
 
 /// Capacity of a trace run's private conntrack table: it holds the few live entries the run may
 /// look up, and what the run creates.
@@ -811,7 +817,7 @@ const TRACE_CONNTRACK_CAPACITY: u32 = 64;
 pub struct TraceRunner {
     ebpf: Ebpf,
     conntrack: HashMap<MapData, CtKey, CtValue>,
-    drops: PerCpuArray<MapData, u64>,
+    drops: PerCpuArray<MapData, DropCount>,
 }
 
 impl std::fmt::Debug for TraceRunner {
@@ -910,12 +916,19 @@ impl TraceRunner {
         Ok(TraceRunOutput { output, dropped })
     }
 
+    /// Packets dropped by reason, at either hook, in the private counters.
     fn drop_counts(&self) -> Result<BTreeMap<DropReason, u64>> {
         let mut out = BTreeMap::new();
         for reason in DropReason::ALL {
-            let per_cpu =
-                self.drops.get(&(reason as u32), 0).map_err(read_err(map_names::DROPS))?;
-            out.insert(reason, per_cpu.iter().copied().fold(0u64, u64::wrapping_add));
+            let mut sum = 0u64;
+            for hook in Hook::ALL {
+                let per_cpu = self
+                    .drops
+                    .get(&drop_slot(reason, hook), 0)
+                    .map_err(read_err(map_names::DROPS))?;
+                sum = per_cpu.iter().fold(sum, |a, c| a.wrapping_add(c.packets));
+            }
+            out.insert(reason, sum);
         }
         Ok(out)
     }

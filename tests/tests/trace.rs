@@ -44,15 +44,30 @@ fn step<'a>(t: &'a Value, check: &str) -> &'a Value {
         .unwrap_or_else(|| panic!("no {check} step in {t:#}"))
 }
 
-/// The live conntrack entries and drop counters, as the daemon sees them.
-fn live(host: &Host) -> (usize, BTreeMap<String, u64>) {
+/// The live conntrack entries, and the drop counters, rule hit counters and verdict events of
+/// the daemon's `/metrics` (read after the second its event counts take to be refreshed).
+fn live(host: &Host) -> (usize, BTreeMap<String, u64>, Vec<String>) {
     let dump = Command::new("bpftool")
         .args(["-j", "map", "dump", "pinned"])
         .arg(host.bpf_dir().join("VERSE_CT"))
         .output()
         .expect("bpftool runs");
     let entries: Value = serde_json::from_slice(&dump.stdout).unwrap_or(Value::Array(Vec::new()));
-    (entries.as_array().map_or(0, Vec::len), host.drop_counts())
+    std::thread::sleep(Duration::from_millis(1500));
+    // Sorted: /metrics lists the samples of a family in no set order.
+    let mut counters: Vec<String> = host
+        .api
+        .metrics()
+        .lines()
+        .filter(|l| l.starts_with("verse_rule_hits_total") || l.starts_with("verse_events_total"))
+        .map(str::to_owned)
+        .collect();
+    counters.sort();
+    assert!(
+        counters.iter().any(|l| l.starts_with("verse_events_total")),
+        "no event counts in /metrics"
+    );
+    (entries.as_array().map_or(0, Vec::len), host.drop_counts(), counters)
 }
 
 #[test]
