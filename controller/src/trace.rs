@@ -638,7 +638,10 @@ impl<'a> Walk<'a> {
         let mut q = p.clone();
         for port in DEFAULT_SPORT..=u16::MAX {
             q.sport = Some(port);
-            if self.ct.lookup(&self.key(&q), self.r.now_ns, &self.timeouts).is_none() {
+            // No entry under the key either way, live or not, of any endpoint.
+            let key = self.key(&q);
+            if !self.ct.entries.contains_key(&key) && !self.ct.entries.contains_key(&key.reversed())
+            {
                 return port;
             }
         }
@@ -666,7 +669,21 @@ impl<'a> Walk<'a> {
         // What the packet may match (S7): a SYN or an echo request only a flow's original
         // direction, an echo reply only its reply direction, other ICMP nothing.
         let role = verdict::role(p.proto, tcp_flags(p), p.icmp_type.unwrap_or(0));
-        let hit = self.ct.lookup_as(&key, role, now, &self.timeouts);
+        // A flow is bound to the endpoints it was made for (their serials): one made for an
+        // endpoint since deleted, whose address another has now, is no hit.
+        let serial = |id: &Option<String>| {
+            id.as_ref().and_then(|id| self.r.state.endpoints.get(id)).map(|e| e.serial)
+        };
+        let (sender, receiver) = (serial(&p.src_endpoint), serial(&p.dst_endpoint));
+        let hit = self.ct.lookup_as(&key, role, sender.unwrap_or(0), now, &self.timeouts).0.filter(
+            |(_, e, dir)| {
+                let bound = match dir {
+                    verdict::CtDirection::Original => e.dst_serial,
+                    verdict::CtDirection::Reply => e.src_serial,
+                };
+                sender.is_some() && receiver == Some(bound)
+            },
+        );
         if let Some((_, entry, dir)) = hit {
             let idle = now.wrapping_sub(entry.last_seen_ns) / 1_000_000_000;
             let way = match dir {
@@ -1367,6 +1384,7 @@ mod tests {
                 netns: format!("ns{i}"),
                 ip: format!("10.0.0.{}", 2 + i),
                 security_groups: (!mine.is_empty()).then_some(mine),
+                conntrack_budget: None,
             };
             eps.push(s.create_endpoint(req, HOSTS[usize::from(i % 2)].0).unwrap());
         }
@@ -1411,7 +1429,14 @@ mod tests {
             };
             // Idle 0 s to 2 minutes: some are past their timeout.
             let idle = rng.random_range(0..120u64) * 1_000_000_000;
-            let entry = CtEntry { last_seen_ns: NOW - idle, state, ..CtEntry::default() };
+            // Bound to the endpoints it was made for, as the dataplane binds its flows.
+            let entry = CtEntry {
+                last_seen_ns: NOW - idle,
+                state,
+                src_serial: src.serial,
+                dst_serial: dst.serial,
+                ..CtEntry::default()
+            };
             ct.push((key, entry));
         }
         ct
