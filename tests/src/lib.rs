@@ -629,11 +629,15 @@ impl Drop for Versed {
 }
 
 /// A TCP port for a listener of this test process (distinct within the run).
+///
+/// Below Linux's ephemeral range (32768-60999 by default): a client polling a port that nobody
+/// listens on yet can be given that very port as its own source and connect to itself (TCP
+/// simultaneous open), and the daemon that then binds it fails with "Address already in use".
 pub fn unique_port() -> u16 {
     // Every daemon listens on the loopback of its own namespace, so ports cannot collide across
     // tests; keeping them distinct anyway makes logs unambiguous.
     let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-    20000 + ((std::process::id() % 1000) * 40 + n % 40) as u16
+    10000 + ((std::process::id() % 500) * 40 + n % 40) as u16
 }
 
 /// One Verse host: a network namespace running `versed` with its own state directory and bpffs.
