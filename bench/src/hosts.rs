@@ -63,9 +63,12 @@ fn id(v: &Value) -> Result<String> {
     v["id"].as_str().map(str::to_owned).ok_or_else(|| anyhow!("no id in {v}"))
 }
 
+/// Per host, each revision it reported and when the observer first saw it.
+type History = Arc<Mutex<HashMap<String, Vec<(u64, Instant)>>>>;
+
 /// The time at which each host first reported each revision, as an observer store sees it.
 struct Observer {
-    history: Arc<Mutex<HashMap<String, Vec<(u64, Instant)>>>>,
+    history: History,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     thread: Option<std::thread::JoinHandle<Result<()>>>,
 }
@@ -73,7 +76,7 @@ struct Observer {
 impl Observer {
     /// Follows the hosts of the store at `options` from inside `netns`.
     fn start(netns: &str, options: EtcdOptions) -> Result<Observer> {
-        let history: Arc<Mutex<HashMap<String, Vec<(u64, Instant)>>>> = Arc::default();
+        let history: History = Arc::default();
         let (stop, mut stopped) = tokio::sync::oneshot::channel::<()>();
         let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(), String>>();
         let netns = netns.to_owned();

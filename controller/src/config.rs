@@ -1317,9 +1317,7 @@ mod tests {
 
     #[test]
     fn the_api_url_other_hosts_use() {
-        let mut api = ApiSettings::default();
-        api.tls = TlsMode::Off;
-        api.insecure_http = true;
+        let api = ApiSettings { tls: TlsMode::Off, insecure_http: true, ..ApiSettings::default() };
         let at = |listen: &str| Config {
             listen: listen.parse().unwrap(),
             api: api.clone(),

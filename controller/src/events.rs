@@ -28,6 +28,7 @@ use crate::model::{self, Direction, Protocol, State, Timestamp};
 /// One line of `GET /v1/events`: `{"kind": "event", ...}` or `{"kind": "notice", ...}`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "lowercase")]
+#[allow(clippy::large_enum_variant, reason = "one item per line of a stream, serialized at once")]
 pub enum StreamItem {
     Event(EventRecord),
     Notice(Notice),

@@ -829,6 +829,7 @@ impl<'a> Walk<'a> {
     }
 
     /// The sender's hook on this host, and the receiver's too when it is local.
+    #[allow(clippy::wrong_self_convention, reason = "named after the hook it walks")]
     fn from_endpoint(&self, p: &Packet) -> WalkResult {
         const HOOK: &str = HOOK_FROM_ENDPOINT;
         let st = &self.r.state;
@@ -1015,6 +1016,7 @@ impl<'a> Walk<'a> {
     }
 
     /// The receiver's hook on this host, for a packet wrapped by `sender_host`.
+    #[allow(clippy::wrong_self_convention, reason = "named after the hook it walks")]
     fn from_underlay(&self, p: &Packet, sender_host: &str) -> WalkResult {
         const HOOK: &str = HOOK_FROM_UNDERLAY;
         let st = &self.r.state;

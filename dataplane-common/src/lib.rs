@@ -646,23 +646,31 @@ pub type VniKey = u32;
 
 #[cfg(feature = "user")]
 mod pod {
-    // SAFETY: every type below is `#[repr(C)]`, `Copy`, made only of integers and byte arrays,
-    // with explicit padding fields, so any bit pattern is valid and there are no hidden bytes.
-    unsafe impl aya::Pod for super::Endpoint {}
-    unsafe impl aya::Pod for super::RouteKey {}
-    unsafe impl aya::Pod for super::Route {}
-    unsafe impl aya::Pod for super::CidrKey {}
-    unsafe impl aya::Pod for super::PolicyKey {}
-    unsafe impl aya::Pod for super::CtKey {}
-    unsafe impl aya::Pod for super::CtEntry {}
-    unsafe impl aya::Pod for super::CtHop {}
-    unsafe impl aya::Pod for super::CtValue {}
-    unsafe impl aya::Pod for super::CtOwner {}
-    unsafe impl aya::Pod for super::Config {}
-    unsafe impl aya::Pod for super::DropCount {}
-    unsafe impl aya::Pod for super::PolicyValue {}
-    unsafe impl aya::Pod for super::Event {}
-    unsafe impl aya::Pod for super::EventLimiter {}
+    macro_rules! pod {
+        ($($ty:ident),* $(,)?) => {$(
+            // SAFETY: the type is `#[repr(C)]`, `Copy`, made only of integers and byte arrays,
+            // with explicit padding fields (`layouts_have_no_implicit_padding` checks the sizes),
+            // so any bit pattern is a valid value and it has no uninitialised bytes.
+            unsafe impl aya::Pod for super::$ty {}
+        )*};
+    }
+    pod!(
+        Endpoint,
+        RouteKey,
+        Route,
+        CidrKey,
+        PolicyKey,
+        CtKey,
+        CtEntry,
+        CtHop,
+        CtValue,
+        CtOwner,
+        Config,
+        DropCount,
+        PolicyValue,
+        Event,
+        EventLimiter,
+    );
 }
 
 #[cfg(test)]

@@ -13,7 +13,9 @@
 //! (into an endpoint's namespace), [`drop`] (counted drops), [`events`] (verdict events to the
 //! daemon), [`atomic`] (atomic counters), [`maps`].
 #![no_std]
-#![no_main]
+// On the host (`cargo build --workspace`) the crate builds as an ordinary binary that refuses to
+// run: the programs only mean something when loaded into the kernel.
+#![cfg_attr(target_arch = "bpf", no_main)]
 // Atomic read-modify-write for the conntrack budgets (see `atomic`).
 #![cfg_attr(target_arch = "bpf", feature(asm_experimental_arch))]
 
@@ -92,8 +94,14 @@ pub fn parse_only(ctx: TcContext) -> i32 {
     }
 }
 
-#[cfg(not(test))]
+#[cfg(target_arch = "bpf")]
 #[panic_handler]
 fn panic(_info: &core::panic::PanicInfo) -> ! {
     loop {}
+}
+
+/// The host build of the BPF programs (aya-ebpf links std there): nothing to run.
+#[cfg(not(target_arch = "bpf"))]
+fn main() {
+    panic!("verse-dataplane is an eBPF object (bpfel-unknown-none), loaded by versed");
 }

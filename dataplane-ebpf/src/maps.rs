@@ -2,7 +2,6 @@
 //! restarted `versed` reuses them (the controller's loader sets the directory). Names, sizes and
 //! layouts come from `dataplane_common`; the statics are named exactly like
 //! `dataplane_common::map_names` because the ELF symbol is the map name.
-use aya_ebpf::bindings::BPF_F_NO_PREALLOC;
 use aya_ebpf::{
     macros::map,
     maps::{Array, HashMap, LpmTrie, PerCpuArray, PerCpuHashMap, RingBuf},

@@ -69,8 +69,7 @@ fn the_api_holds_to_its_openapi_document_under_a_schema_driven_fuzz() {
              \"body.group\" = {{ dictionary = \"groups\", probability = 0.5 }}\n\
              \"body.security_groups[*]\" = {{ dictionary = \"groups\", probability = 0.5 }}\n\
              \"path.id\" = {{ dictionary = \"ids\", probability = 0.5 }}\n",
-            w.id,
-            w.id
+            w.id, w.id
         ),
     )
     .unwrap();

@@ -27,8 +27,10 @@ enum Cmd {
     Setup,
     /// Set up, then build the daemon, the CLI and the eBPF dataplane.
     Build,
-    /// Set up, build, and run every test: unit tests and, as root, the namespace integration
-    /// tests and the kernel-versus-model differential test.
+    /// Set up, check the formatting (`cargo fmt --check`) and the lints (`cargo clippy
+    /// --all-targets -- -D warnings`), build, and run every test: unit tests and, as root, the
+    /// namespace integration tests and the kernel-versus-model differential test. A formatting
+    /// or lint failure fails the run before any test.
     Test {
         /// Extra arguments for `cargo test` (a filter, `--nocapture`, ...).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
@@ -66,6 +68,7 @@ fn main() -> Result<()> {
         Cmd::Test { args } => {
             require_root("test")?;
             build(Profile::Debug)?;
+            lint()?;
             run(cargo()
                 .args(["test", "--no-fail-fast"])
                 .args(args)
@@ -137,6 +140,14 @@ fn build(profile: Profile) -> Result<()> {
         cmd.arg("--release");
     }
     run(&mut cmd)
+}
+
+/// The habits the tools enforce: rustfmt's layout (rustfmt.toml) and the workspace lints
+/// (`[workspace.lints]` in Cargo.toml, every other clippy warning denied too), over the default
+/// members and all their targets (the BPF-only crate is checked by its own build).
+fn lint() -> Result<()> {
+    run(cargo().args(["fmt", "--all", "--check"]))?;
+    run(cargo().args(["clippy", "--all-targets", "--", "-D", "warnings"]))
 }
 
 fn require_root(what: &str) -> Result<()> {

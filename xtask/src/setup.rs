@@ -47,6 +47,7 @@ const PACKAGES: &[&str] = &[
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
 pub fn run() -> Result<()> {
+    install_rust_components()?;
     install_packages()?;
     install_bpf_linker()?;
     install_schemathesis()?;
@@ -74,6 +75,20 @@ fn install_packages() -> Result<()> {
             .args(&missing)
             .env("DEBIAN_FRONTEND", "noninteractive"),
     )
+}
+
+/// `cargo xtask test` checks the formatting and the lints first: rustup's rustfmt and clippy.
+fn install_rust_components() -> Result<()> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let have = |tool: &str| {
+        Command::new(&cargo).args([tool, "--version"]).output().is_ok_and(|o| o.status.success())
+    };
+    if have("fmt") && have("clippy") {
+        return Ok(());
+    }
+    eprintln!("xtask setup: installing the rustfmt and clippy components");
+    crate::run(Command::new("rustup").args(["component", "add", "rustfmt", "clippy"]))
+        .context("rustup component add rustfmt clippy")
 }
 
 fn install_bpf_linker() -> Result<()> {

@@ -29,8 +29,8 @@ use verse::events::{self, Hub, Sources};
 use verse::reconcile::{CtSettings, GcStats, RealizedState, Reconciler, SharedDataplane, Underlay};
 use verse::sim::{self, SimFleet, SimOptions};
 use verse::store::{Realized, Store};
-use verse::verdict::Timeouts;
 use verse::trace::{self, KernelRun, RunInput};
+use verse::verdict::Timeouts;
 use verse::{limits, server};
 
 /// How long a stopping versed lets the reconciler finish the round it is in.
