@@ -381,7 +381,7 @@ fn rule_matches(rule: &model::Rule, out: &mut Vec<(u32, u8, u16)>) {
             );
         }
         Protocol::ICMP => {
-            let proto = 1;
+            let proto = dp::wire::IPPROTO_ICMP;
             match rule.icmp {
                 None | Some((None, _)) => out.push((PROTO, proto, 0)),
                 Some((Some(t), None)) => out.push((PROTO + 8, proto, u16::from(t) << 8)),

@@ -145,14 +145,16 @@ pub struct Conntrack {
 
 impl Default for Conntrack {
     fn default() -> Conntrack {
+        use dp::ct_state as s;
+        let secs = |state: u8| s::DEFAULT_TIMEOUT_SECS[usize::from(state)];
         Conntrack {
-            tcp_established: 432_000,
-            tcp_opening: 60,
-            tcp_closing: 60,
-            udp_replied: 180,
-            udp_one_way: 30,
-            icmp: 30,
-            other: 600,
+            tcp_established: secs(s::TCP_ESTABLISHED),
+            tcp_opening: secs(s::TCP_OPENING),
+            tcp_closing: secs(s::TCP_CLOSING),
+            udp_replied: secs(s::UDP_REPLIED),
+            udp_one_way: secs(s::UDP_ONE_WAY),
+            icmp: secs(s::ICMP),
+            other: secs(s::OTHER),
             endpoint_budget: crate::model::DEFAULT_CONNTRACK_BUDGET,
             gc_interval: 30,
         }

@@ -33,6 +33,7 @@ use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 use std::time::{Duration, SystemTime};
 
+use dataplane_common::wire;
 use ipnetwork::{IpNetwork, Ipv4Network};
 use serde::{Deserialize, Serialize};
 
@@ -1325,11 +1326,7 @@ fn parse_protocol(value: &serde_json::Value) -> Result<Protocol> {
     };
     match value {
         serde_json::Value::String(s) => match s.to_ascii_lowercase().as_str() {
-            "all" => Ok(Protocol::All),
-            "tcp" => Ok(Protocol::TCP),
-            "udp" => Ok(Protocol::UDP),
-            "icmp" => Ok(Protocol::ICMP),
-            "icmpv6" => Ok(Protocol::ICMPV6),
+            name if let Some(p) = Protocol::from_name(name) => Ok(p),
             // Decimal without leading zeros, as the OpenAPI pattern says.
             n if !n.is_empty()
                 && n.bytes().all(|b| b.is_ascii_digit())
@@ -1598,21 +1595,34 @@ fn smallest_free(used: impl Iterator<Item = u32>, max: u32) -> Option<u32> {
 // ---- Wire form of rules and protocols ----
 
 impl Protocol {
-    pub const TCP: Protocol = Protocol::Number(6);
-    pub const UDP: Protocol = Protocol::Number(17);
-    pub const ICMP: Protocol = Protocol::Number(1);
+    pub const TCP: Protocol = Protocol::Number(wire::IPPROTO_TCP);
+    pub const UDP: Protocol = Protocol::Number(wire::IPPROTO_UDP);
+    pub const ICMP: Protocol = Protocol::Number(wire::IPPROTO_ICMP);
     pub const ICMPV6: Protocol = Protocol::Number(58);
+
+    /// The protocols with a name (S4), and the name; every other number is written as itself.
+    const NAMED: [(&'static str, Protocol); 5] = [
+        ("all", Protocol::All),
+        ("tcp", Protocol::TCP),
+        ("udp", Protocol::UDP),
+        ("icmp", Protocol::ICMP),
+        ("icmpv6", Protocol::ICMPV6),
+    ];
 
     /// The name the API shows: `tcp`, `udp`, `icmp`, `icmpv6`, `all`, else the number.
     pub fn name(self) -> String {
-        match self {
-            Protocol::All => "all".into(),
-            Protocol::Number(6) => "tcp".into(),
-            Protocol::Number(17) => "udp".into(),
-            Protocol::Number(1) => "icmp".into(),
-            Protocol::Number(58) => "icmpv6".into(),
-            Protocol::Number(n) => n.to_string(),
+        match Self::NAMED.iter().find(|(_, p)| *p == self) {
+            Some((name, _)) => (*name).into(),
+            None => match self {
+                Protocol::Number(n) => n.to_string(),
+                Protocol::All => unreachable!("`all` is named"),
+            },
         }
+    }
+
+    /// The protocol of a name (lower case), if it is one of [`Protocol::name`]'s.
+    pub fn from_name(name: &str) -> Option<Protocol> {
+        Self::NAMED.iter().find(|(n, _)| *n == name).map(|&(_, p)| p)
     }
 }
 
@@ -1666,13 +1676,9 @@ impl<'de> Deserialize<'de> for Rule {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
         use serde::de::Error as _;
         let j = RuleJson::deserialize(d)?;
-        let protocol = match j.protocol.as_str() {
-            "all" => Protocol::All,
-            "tcp" => Protocol::TCP,
-            "udp" => Protocol::UDP,
-            "icmp" => Protocol::ICMP,
-            "icmpv6" => Protocol::ICMPV6,
-            n => Protocol::Number(n.parse().map_err(D::Error::custom)?),
+        let protocol = match Protocol::from_name(&j.protocol) {
+            Some(p) => p,
+            None => Protocol::Number(j.protocol.parse().map_err(D::Error::custom)?),
         };
         let opt = |v: Option<i16>| v.and_then(|v| u8::try_from(v).ok());
         let peer = match (j.cidr, j.group) {

@@ -37,7 +37,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::compile::{self, Desired};
 use crate::model::{self, Direction, State};
-use crate::verdict::{self, Conntrack, Timeouts, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP};
+use crate::verdict::{
+    self, Conntrack, Timeouts, ETHERTYPE_IPV4, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP,
+};
 
 /// The hook names, as the dataplane's programs are named.
 pub const HOOK_FROM_ENDPOINT: &str = "from_endpoint";
@@ -1284,7 +1286,7 @@ pub fn synthesize(p: &Packet, src_mac: [u8; 6], gateway_mac: [u8; 6]) -> Vec<u8>
     let mut f = Vec::with_capacity(14 + 20 + l4.len());
     f.extend_from_slice(&gateway_mac);
     f.extend_from_slice(&src_mac);
-    f.extend_from_slice(&0x0800u16.to_be_bytes());
+    f.extend_from_slice(&ETHERTYPE_IPV4.to_be_bytes());
     f.extend_from_slice(&ipv4(p.src, p.dst, p.proto, &l4));
     f
 }
@@ -1304,7 +1306,7 @@ pub fn wrap(inner: &[u8], src: Ipv4Addr, dst: Ipv4Addr, identity: u32, vni: u32)
     vx.extend_from_slice(&[0x88, 0, g[0], g[1], v[1], v[2], v[3], 0]);
     vx.extend_from_slice(inner);
     let mut f = vec![0u8; 12];
-    f.extend_from_slice(&0x0800u16.to_be_bytes());
+    f.extend_from_slice(&ETHERTYPE_IPV4.to_be_bytes());
     f.extend_from_slice(&ipv4(src, dst, IPPROTO_UDP, &vx));
     f
 }

@@ -94,24 +94,14 @@ use ipnetwork::IpNetwork;
 
 use crate::model::{self, parse_mac, Direction, Peer, Protocol, State};
 
-pub const ETH_HLEN: usize = 14;
-pub const ETHERTYPE_IPV4: u16 = 0x0800;
-pub const ETHERTYPE_ARP: u16 = 0x0806;
-pub const ETHERTYPE_IPV6: u16 = 0x86DD;
-pub const IPPROTO_ICMP: u8 = 1;
-pub const IPPROTO_TCP: u8 = 6;
-pub const IPPROTO_UDP: u8 = 17;
-/// Length of an Ethernet/IPv4 ARP payload (RFC 826).
-pub const ARP_LEN: usize = 28;
-
-/// ICMP types (RFC 792).
-pub mod icmp_type {
-    pub const ECHO_REPLY: u8 = 0;
-    pub const DEST_UNREACHABLE: u8 = 3;
-    pub const ECHO_REQUEST: u8 = 8;
-    pub const TIME_EXCEEDED: u8 = 11;
-    pub const PARAMETER_PROBLEM: u8 = 12;
-}
+pub use dataplane_common::wire::{
+    ARP_LEN, ETHERTYPE_ARP, ETHERTYPE_IPV4, ETHERTYPE_IPV6, ETH_HLEN, IPPROTO_ICMP, IPPROTO_TCP,
+    IPPROTO_UDP,
+};
+use dataplane_common::wire::{
+    ICMP_DEST_UNREACH, ICMP_ECHO_REPLY, ICMP_ECHO_REQUEST, ICMP_PARAMETER_PROBLEM,
+    ICMP_TIME_EXCEEDED, IP_MF_OFFSET_MASK, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN,
+};
 
 /// True for the ICMP types and codes that are errors (RFC 792, RFC 1812 5.2.7.1): destination
 /// unreachable codes 0-15, time exceeded 0-1, parameter problem 0-2. Any other ICMP message is
@@ -119,19 +109,11 @@ pub mod icmp_type {
 pub fn is_error(proto: u8, (ty, code): (u8, u8)) -> bool {
     proto == IPPROTO_ICMP
         && match ty {
-            icmp_type::DEST_UNREACHABLE => code <= 15,
-            icmp_type::TIME_EXCEEDED => code <= 1,
-            icmp_type::PARAMETER_PROBLEM => code <= 2,
+            ICMP_DEST_UNREACH => code <= 15,
+            ICMP_TIME_EXCEEDED => code <= 1,
+            ICMP_PARAMETER_PROBLEM => code <= 2,
             _ => false,
         }
-}
-
-/// TCP flag bits (RFC 9293, byte 13 of the header).
-mod tcp_flag {
-    pub const FIN: u8 = 0x01;
-    pub const SYN: u8 = 0x02;
-    pub const RST: u8 = 0x04;
-    pub const ACK: u8 = 0x10;
 }
 
 /// What the dataplane does with the packet.
@@ -171,16 +153,7 @@ pub struct Timeouts {
 impl Default for Timeouts {
     /// S9 defaults.
     fn default() -> Self {
-        const S: u64 = 1_000_000_000;
-        let mut ns = [0; ct_state::COUNT];
-        ns[ct_state::TCP_OPENING as usize] = 60 * S;
-        ns[ct_state::TCP_ESTABLISHED as usize] = 432_000 * S;
-        ns[ct_state::TCP_CLOSING as usize] = 60 * S;
-        ns[ct_state::UDP_ONE_WAY as usize] = 30 * S;
-        ns[ct_state::UDP_REPLIED as usize] = 180 * S;
-        ns[ct_state::ICMP as usize] = 30 * S;
-        ns[ct_state::OTHER as usize] = 600 * S;
-        Timeouts { ns }
+        Timeouts { ns: ct_state::DEFAULT_TIMEOUT_SECS.map(|secs| secs * 1_000_000_000) }
     }
 }
 
@@ -245,12 +218,13 @@ pub enum Role {
 
 /// The [`Role`] of a packet of protocol `proto` with these TCP flags or this ICMP type.
 pub fn role(proto: u8, tcp_flags: u8, icmp_type: u8) -> Role {
-    use tcp_flag::{ACK, FIN, RST, SYN};
     match proto {
-        IPPROTO_TCP if tcp_flags & (SYN | ACK | RST | FIN) == SYN => Role::Opens,
+        IPPROTO_TCP if tcp_flags & (TCP_SYN | TCP_ACK | TCP_RST | TCP_FIN) == TCP_SYN => {
+            Role::Opens
+        }
         IPPROTO_TCP => Role::Continues,
-        IPPROTO_ICMP if icmp_type == icmp_type::ECHO_REQUEST => Role::Opens,
-        IPPROTO_ICMP if icmp_type == icmp_type::ECHO_REPLY => Role::Answers,
+        IPPROTO_ICMP if icmp_type == ICMP_ECHO_REQUEST => Role::Opens,
+        IPPROTO_ICMP if icmp_type == ICMP_ECHO_REPLY => Role::Answers,
         IPPROTO_ICMP => Role::Untracked,
         _ => Role::Any,
     }
@@ -844,7 +818,7 @@ impl<'a> Host<'a> {
         ip[10..12].copy_from_slice(&c.to_be_bytes());
         out.extend_from_slice(&ip);
         let next_hop = mtu.saturating_sub(ENCAP_OVERHEAD).min(0xffff) as u16;
-        let mut icmp = vec![icmp_type::DEST_UNREACHABLE, 4, 0, 0, 0, 0];
+        let mut icmp = vec![ICMP_DEST_UNREACH, 4, 0, 0, 0, 0];
         icmp.extend_from_slice(&next_hop.to_be_bytes());
         icmp.extend_from_slice(&frame[ETH_HLEN..ETH_HLEN + QUOTE]);
         let c = checksum(&icmp);
@@ -1027,11 +1001,11 @@ fn create(
 pub fn next_state(prev: Option<(u8, CtDirection)>, proto: u8, tcp_flags: u8) -> u8 {
     match proto {
         IPPROTO_TCP => {
-            let (syn, ack) = (tcp_flag::SYN, tcp_flag::ACK);
+            let (syn, ack) = (TCP_SYN, TCP_ACK);
             let syn_only = tcp_flags & (syn | ack) == syn;
             let syn_ack = tcp_flags & (syn | ack) == syn | ack;
             match prev {
-                _ if tcp_flags & (tcp_flag::FIN | tcp_flag::RST) != 0 => ct_state::TCP_CLOSING,
+                _ if tcp_flags & (TCP_FIN | TCP_RST) != 0 => ct_state::TCP_CLOSING,
                 None => ct_state::TCP_OPENING,
                 Some((ct_state::TCP_CLOSING, _)) if syn_only => ct_state::TCP_OPENING,
                 Some((ct_state::TCP_OPENING, CtDirection::Reply)) if syn_ack => {
@@ -1097,7 +1071,7 @@ fn parse_ipv4(frame: &[u8], off: usize) -> Result<Ipv4, DropReason> {
         src: Ipv4Addr::new(ip[12], ip[13], ip[14], ip[15]),
         dst: Ipv4Addr::new(ip[16], ip[17], ip[18], ip[19]),
         proto: ip[9],
-        fragment: frag & 0x3fff != 0, // MF or a non-zero offset (RFC 791)
+        fragment: frag & IP_MF_OFFSET_MASK != 0, // MF or a non-zero offset
         l4_off: off + hlen,
         end: off + total,
         total,
@@ -1153,12 +1127,7 @@ fn parse_l4(frame: &[u8], ip: &Ipv4) -> Result<L4, DropReason> {
             }
             out.icmp_type_code = (l4[0], l4[1]);
             out.ct_ports = icmp_ct_ports(l4[0], be16(l4, 4));
-            if matches!(
-                l4[0],
-                icmp_type::DEST_UNREACHABLE
-                    | icmp_type::TIME_EXCEEDED
-                    | icmp_type::PARAMETER_PROBLEM
-            ) {
+            if matches!(l4[0], ICMP_DEST_UNREACH | ICMP_TIME_EXCEEDED | ICMP_PARAMETER_PROBLEM) {
                 out.icmp_error_inner = parse_inner(&l4[8..]);
             }
         }
@@ -1169,8 +1138,8 @@ fn parse_l4(frame: &[u8], ip: &Ipv4) -> Result<L4, DropReason> {
 
 fn icmp_ct_ports(ty: u8, id: u16) -> (u16, u16) {
     match ty {
-        icmp_type::ECHO_REQUEST => (id, 0),
-        icmp_type::ECHO_REPLY => (0, id),
+        ICMP_ECHO_REQUEST => (id, 0),
+        ICMP_ECHO_REPLY => (0, id),
         _ => (0, 0),
     }
 }

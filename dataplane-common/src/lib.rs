@@ -36,6 +36,46 @@ pub const PROG_FROM_ENDPOINT: &str = "from_endpoint";
 /// Name of the program that receives encapsulated traffic on the underlay interface.
 pub const PROG_FROM_UNDERLAY: &str = "from_underlay";
 
+/// Numbers of the wire formats the dataplane reads and writes, for the kernel programs
+/// (`dataplane-ebpf/src/parse.rs` re-exports them), the reference model (`controller`'s
+/// `verdict.rs`) and the tests' frame builders alike.
+pub mod wire {
+    /// Length of an Ethernet II header.
+    pub const ETH_HLEN: usize = 14;
+    /// EtherTypes (IEEE 802.3).
+    pub const ETHERTYPE_IPV4: u16 = 0x0800;
+    pub const ETHERTYPE_ARP: u16 = 0x0806;
+    pub const ETHERTYPE_IPV6: u16 = 0x86DD;
+
+    /// IPv4 protocol numbers (IANA).
+    pub const IPPROTO_ICMP: u8 = 1;
+    pub const IPPROTO_TCP: u8 = 6;
+    pub const IPPROTO_UDP: u8 = 17;
+
+    /// Fragment offset and "more fragments" bits of the IPv4 `frag_off` field (RFC 791).
+    pub const IP_MF_OFFSET_MASK: u16 = 0x3FFF;
+
+    /// TCP flag bits (RFC 9293 section 3.1, byte 13 of the header).
+    pub const TCP_FIN: u8 = 0x01;
+    pub const TCP_SYN: u8 = 0x02;
+    pub const TCP_RST: u8 = 0x04;
+    pub const TCP_ACK: u8 = 0x10;
+
+    /// ICMP types (RFC 792): echo reply/request, and the errors that quote the datagram they
+    /// are about (destination unreachable, time exceeded, parameter problem).
+    pub const ICMP_ECHO_REPLY: u8 = 0;
+    pub const ICMP_DEST_UNREACH: u8 = 3;
+    pub const ICMP_ECHO_REQUEST: u8 = 8;
+    pub const ICMP_TIME_EXCEEDED: u8 = 11;
+    pub const ICMP_PARAMETER_PROBLEM: u8 = 12;
+
+    /// ARP for Ethernet/IPv4 (RFC 826): payload length, hardware type, operations.
+    pub const ARP_LEN: usize = 28;
+    pub const ARP_HTYPE_ETHERNET: u16 = 1;
+    pub const ARP_OP_REQUEST: u16 = 1;
+    pub const ARP_OP_REPLY: u16 = 2;
+}
+
 /// UDP destination port of the encapsulation (IANA VXLAN, RFC 7348).
 pub const VXLAN_PORT: u16 = 4789;
 /// Bytes the encapsulation adds inside the underlay MTU: outer IPv4 20 + UDP 8 + VXLAN 8 +
@@ -531,6 +571,20 @@ pub mod ct_state {
     pub const ICMP: u8 = 5;
     pub const OTHER: u8 = 6;
     pub const COUNT: usize = 7;
+
+    /// The S9 default idle timeout of each state, seconds (the daemon's `[conntrack]` settings
+    /// start from these; the reference model's default timeouts are these).
+    pub const DEFAULT_TIMEOUT_SECS: [u64; COUNT] = {
+        let mut t = [0; COUNT];
+        t[TCP_OPENING as usize] = 60;
+        t[TCP_ESTABLISHED as usize] = 432_000;
+        t[TCP_CLOSING as usize] = 60;
+        t[UDP_ONE_WAY as usize] = 30;
+        t[UDP_REPLIED as usize] = 180;
+        t[ICMP as usize] = 30;
+        t[OTHER as usize] = 600;
+        t
+    };
 }
 
 /// `VERSE_CONFIG` (array, one slot): settings the controller writes at start.

@@ -6,7 +6,7 @@ use dataplane_common::{DropReason, Endpoint};
 
 use crate::parse::{
     be16, ensure, ip_eq, ptr_at, ArpHdr, EthHdr, ARP_HTYPE_ETHERNET, ARP_OP_REPLY, ARP_OP_REQUEST,
-    ETH_HLEN, ETH_P_IP,
+    ETHERTYPE_IPV4, ETH_HLEN,
 };
 
 /// Answers an Ethernet/IPv4 ARP request whose target is not the endpoint's own address (those
@@ -28,7 +28,7 @@ pub fn answer(
     unsafe {
         let a = &mut *arp;
         if be16(a.htype) != ARP_HTYPE_ETHERNET
-            || be16(a.ptype) != ETH_P_IP
+            || be16(a.ptype) != ETHERTYPE_IPV4
             || a.hlen != 6
             || a.plen != 4
             || be16(a.oper) != ARP_OP_REQUEST

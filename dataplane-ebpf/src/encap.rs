@@ -161,7 +161,7 @@ pub fn wrap(
     // above, which invalidated earlier pointers), and the TC prologue made it writable.
     unsafe {
         // The neighbour subsystem writes the addresses; the type is already IPv4.
-        (*eth).ethertype = ETH_P_IP.to_be_bytes();
+        (*eth).ethertype = ETHERTYPE_IPV4.to_be_bytes();
         let o = &mut *outer;
         o.ip = ip;
         o.udp = UdpHdr {
@@ -178,7 +178,8 @@ pub fn wrap(
             vni: [vni[1], vni[2], vni[3]],
             reserved: 0,
         };
-        o.inner = EthHdr { dst: mac, src: config.gateway_mac, ethertype: ETH_P_IP.to_be_bytes() };
+        o.inner =
+            EthHdr { dst: mac, src: config.gateway_mac, ethertype: ETHERTYPE_IPV4.to_be_bytes() };
     }
     // SAFETY: a null `params` with length 0 asks the kernel to look the next hop up itself.
     let rc = unsafe { bpf_redirect_neigh(config.underlay_ifindex, core::ptr::null_mut(), 0, 0) };

@@ -73,9 +73,9 @@ pub fn walk(ctx: &TcContext) -> Result<i32, DropReason> {
     // Slot 0 of an array always exists; the check is for the verifier.
     let config = VERSE_CONFIG.get(0).ok_or(DropReason::NoConfig)?;
     match ethertype {
-        ETH_P_IP => ipv4(ctx, &endpoint, ifindex, config),
-        ETH_P_ARP => arp::answer(ctx, &endpoint, ifindex, config.gateway_mac),
-        ETH_P_IPV6 => Err(DropReason::Ipv6Unsupported),
+        ETHERTYPE_IPV4 => ipv4(ctx, &endpoint, ifindex, config),
+        ETHERTYPE_ARP => arp::answer(ctx, &endpoint, ifindex, config.gateway_mac),
+        ETHERTYPE_IPV6 => Err(DropReason::Ipv6Unsupported),
         _ => Err(DropReason::UnknownEthertype),
     }
 }

@@ -182,7 +182,7 @@ fn from_endpoint(ctx: &TcContext, e: &mut Event) {
         e.vni = ep.vni;
         e.src_identity = ep.identity;
     }
-    if ethertype(ctx) == Some(ETH_P_IP) {
+    if ethertype(ctx) == Some(ETHERTYPE_IPV4) {
         packet(ctx, ETH_HLEN, e);
     }
     if e.vni != 0 && e.proto != 0 {
@@ -198,7 +198,7 @@ fn from_endpoint(ctx: &TcContext, e: &mut Event) {
 /// before it was refused) is read as a plain frame.
 #[inline(always)]
 fn from_underlay(ctx: &TcContext, e: &mut Event) {
-    if ethertype(ctx) != Some(ETH_P_IP) {
+    if ethertype(ctx) != Some(ETHERTYPE_IPV4) {
         return;
     }
     let Some(outer) = vxlan(ctx) else {

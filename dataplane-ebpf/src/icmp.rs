@@ -114,7 +114,7 @@ pub fn frag_needed(
         *iph = reply;
         (*eth).dst = endpoint.mac;
         (*eth).src = gateway_mac;
-        (*eth).ethertype = ETH_P_IP.to_be_bytes();
+        (*eth).ethertype = ETHERTYPE_IPV4.to_be_bytes();
     }
     // SAFETY: bpf_redirect takes plain integers. Egress of the host side: into the workload.
     let rc = unsafe { bpf_redirect(ifindex, 0) };

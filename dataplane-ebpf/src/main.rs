@@ -71,7 +71,7 @@ pub fn parse_only(ctx: TcContext) -> i32 {
         let eth: *mut EthHdr =
             ptr_at(&ctx, 0).ok_or(dataplane_common::DropReason::TruncatedEthernet)?;
         // SAFETY: ptr_at proved the Ethernet header is inside the linear data.
-        if be16(unsafe { (*eth).ethertype }) != ETH_P_IP {
+        if be16(unsafe { (*eth).ethertype }) != ETHERTYPE_IPV4 {
             return Err(dataplane_common::DropReason::UnknownEthertype);
         }
         let ip = flow::ipv4_header(&ctx, ETH_HLEN)?;

@@ -8,28 +8,12 @@
 use aya_ebpf::programs::TcContext;
 use core::mem::size_of;
 
-pub const ETH_HLEN: usize = 14;
-pub const ETH_P_IP: u16 = 0x0800;
-pub const ETH_P_ARP: u16 = 0x0806;
-pub const ETH_P_IPV6: u16 = 0x86DD;
-
-pub const IPPROTO_ICMP: u8 = 1;
-pub const IPPROTO_TCP: u8 = 6;
-pub const IPPROTO_UDP: u8 = 17;
-
-/// TCP flag bits (RFC 9293 section 3.1).
-pub const TCP_FIN: u8 = 0x01;
-pub const TCP_SYN: u8 = 0x02;
-pub const TCP_RST: u8 = 0x04;
-pub const TCP_ACK: u8 = 0x10;
-
-/// ICMP types (RFC 792): echo reply/request, and the errors that quote the datagram they are
-/// about (destination unreachable, time exceeded, parameter problem).
-pub const ICMP_ECHO_REPLY: u8 = 0;
-pub const ICMP_DEST_UNREACH: u8 = 3;
-pub const ICMP_ECHO_REQUEST: u8 = 8;
-pub const ICMP_TIME_EXCEEDED: u8 = 11;
-pub const ICMP_PARAMETER_PROBLEM: u8 = 12;
+pub use dataplane_common::wire::{
+    ARP_HTYPE_ETHERNET, ARP_OP_REPLY, ARP_OP_REQUEST, ETHERTYPE_ARP, ETHERTYPE_IPV4,
+    ETHERTYPE_IPV6, ETH_HLEN, ICMP_DEST_UNREACH, ICMP_ECHO_REPLY, ICMP_ECHO_REQUEST,
+    ICMP_PARAMETER_PROBLEM, ICMP_TIME_EXCEEDED, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP,
+    IP_MF_OFFSET_MASK, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN,
+};
 
 /// Ethernet II header.
 #[repr(C)]
@@ -53,9 +37,6 @@ pub struct Ipv4Hdr {
     pub src: [u8; 4],
     pub dst: [u8; 4],
 }
-
-/// Fragment offset and "more fragments" bits of `frag_off` (RFC 791).
-pub const IP_MF_OFFSET_MASK: u16 = 0x3FFF;
 
 /// The first 14 bytes of a TCP header: ports, sequence numbers, data offset and flags.
 #[repr(C)]
@@ -104,10 +85,6 @@ pub struct ArpHdr {
     pub tha: [u8; 6],
     pub tpa: [u8; 4],
 }
-
-pub const ARP_HTYPE_ETHERNET: u16 = 1;
-pub const ARP_OP_REQUEST: u16 = 1;
-pub const ARP_OP_REPLY: u16 = 2;
 
 /// A pointer to a `T` at `offset` from the start of the frame, if the linear data holds all of
 /// it. The comparison is written on packet pointers so that the verifier can use it.

@@ -78,7 +78,7 @@ pub fn walk(ctx: &TcContext) -> Result<i32, DropReason> {
     };
     let config = VERSE_CONFIG.get(0).ok_or(DropReason::NoConfig)?;
     let ihl = ((version_ihl & 0x0F) as usize) * 4;
-    if ethertype != ETH_P_IP
+    if ethertype != ETHERTYPE_IPV4
         || version_ihl >> 4 != 4
         || ihl < IP_MIN
         || proto != IPPROTO_UDP
@@ -131,8 +131,8 @@ pub fn walk(ctx: &TcContext) -> Result<i32, DropReason> {
         return Err(DropReason::UnknownUniverse);
     }
     match inner_type {
-        ETH_P_IP => {}
-        ETH_P_IPV6 => return Err(DropReason::Ipv6Unsupported),
+        ETHERTYPE_IPV4 => {}
+        ETHERTYPE_IPV6 => return Err(DropReason::Ipv6Unsupported),
         _ => return Err(DropReason::UnknownEthertype),
     }
     inner(ctx, config, src, vni, u32::from(group))

@@ -812,7 +812,7 @@ impl Drop for Simulation {
 // ---------------------------------------------------------------------------------------------
 
 /// `VXLAN_PORT` of the wire format (UDP destination port of encapsulated traffic).
-pub const VXLAN_PORT: u16 = 4789;
+pub use dataplane_common::VXLAN_PORT;
 
 /// An encapsulated packet as the wire format describes it (VXLAN with the Group Policy
 /// extension), carrying one inner IPv4/UDP datagram. Built by hand so a test can forge any

@@ -7,16 +7,12 @@
 //! UDP: checksum 0, which IPv4 reads as "none"; ICMP: checksum computed). A test that needs a
 //! broken header builds the good one and then overwrites the bytes it wants to break.
 
-/// EtherType of IPv4.
-pub const ETH_IPV4: u16 = 0x0800;
-/// EtherType of ARP.
-pub const ETH_ARP: u16 = 0x0806;
-/// EtherType of IPv6.
-pub const ETH_IPV6: u16 = 0x86DD;
-
-/// TCP flags.
-pub const SYN: u8 = 0x02;
-pub const ACK: u8 = 0x10;
+/// EtherTypes and TCP flags, from the wire numbers the kernel and the model use, under the short
+/// names the tests write.
+pub use dataplane_common::wire::{
+    ETHERTYPE_ARP as ETH_ARP, ETHERTYPE_IPV4 as ETH_IPV4, ETHERTYPE_IPV6 as ETH_IPV6,
+    TCP_ACK as ACK, TCP_SYN as SYN,
+};
 pub const SYN_ACK: u8 = SYN | ACK;
 
 /// The RFC 1071 Internet checksum of `bytes` (an odd last byte is padded with zero). Over a

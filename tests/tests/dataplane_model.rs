@@ -41,11 +41,12 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
 use std::net::Ipv4Addr;
 
-use dataplane_common::{ct_state, Config, CtEntry, CtKey, DropReason};
+use dataplane_common::{ct_state, Config, CtEntry, CtKey, DropReason, VXLAN_PORT};
 use rand::rngs::StdRng;
 use rand::seq::IndexedRandom;
 use rand::{Rng, SeedableRng};
 use serde_json::json;
+use tests::frames::{ETH_ARP, ETH_IPV4};
 use tests::{Bpffs, Netns, TempDir};
 use verse::compile::{compile, CidrIds, Desired};
 use verse::dataplane::{tc_act, Dataplane};
@@ -351,7 +352,7 @@ fn ipv4_packet(
     l4: &[u8],
 ) -> Vec<u8> {
     assert!(options.len().is_multiple_of(4) && options.len() <= 40);
-    let mut f = eth(GW, src_mac, 0x0800);
+    let mut f = eth(GW, src_mac, ETH_IPV4);
     let ihl = 5 + options.len() / 4;
     let total = (ihl * 4 + l4.len()) as u16;
     f.push(0x40 | ihl as u8);
@@ -383,7 +384,7 @@ fn icmp_hdr(ty: u8, code: u8, id: u16, payload: &[u8]) -> Vec<u8> {
 }
 
 fn arp_packet(eth_src: [u8; 6], sha: [u8; 6], spa: Ipv4Addr, tpa: Ipv4Addr, oper: u16) -> Vec<u8> {
-    let mut f = eth([0xff; 6], eth_src, 0x0806);
+    let mut f = eth([0xff; 6], eth_src, ETH_ARP);
     f.extend_from_slice(&[0, 1, 0x08, 0x00, 6, 4]);
     f.extend_from_slice(&oper.to_be_bytes());
     f.extend_from_slice(&sha);
@@ -463,9 +464,9 @@ fn wrap(e: &Encap, frame: &[u8]) -> Vec<u8> {
         e.outer_src.octets(),
         e.outer_dst.octets(),
         17,
-        &tests::frames::udp(50123, 4789, &payload),
+        &tests::frames::udp(50123, VXLAN_PORT, &payload),
     );
-    let mut f = eth([0x02, 0x55, 0, 0, 0, 1], [0x02, 0x55, 0, 0, 0, 2], 0x0800);
+    let mut f = eth([0x02, 0x55, 0, 0, 0, 1], [0x02, 0x55, 0, 0, 0, 2], ETH_IPV4);
     f.extend_from_slice(&ip);
     f
 }
