@@ -100,7 +100,10 @@ fn panic(_info: &core::panic::PanicInfo) -> ! {
     loop {}
 }
 
-/// The host build of the BPF programs (aya-ebpf links std there): nothing to run.
+// The host build of the BPF programs: std's panic handler and entry point, nothing to run.
+#[cfg(not(target_arch = "bpf"))]
+extern crate std;
+
 #[cfg(not(target_arch = "bpf"))]
 fn main() {
     panic!("verse-dataplane is an eBPF object (bpfel-unknown-none), loaded by versed");
