@@ -687,7 +687,8 @@ impl<'a> Walk<'a> {
             },
         );
         if let Some((_, entry, dir)) = hit {
-            let idle = now.wrapping_sub(entry.last_seen_ns) / 1_000_000_000;
+            // Saturating, as expiry is judged: an entry stamped after `now` is fresh.
+            let idle = now.saturating_sub(entry.last_seen_ns) / 1_000_000_000;
             let way = match dir {
                 verdict::CtDirection::Original => "in its original direction",
                 verdict::CtDirection::Reply => "as a reply",
@@ -702,10 +703,7 @@ impl<'a> Walk<'a> {
         }
         let mut others = Vec::new();
         for (k, e) in &self.ct.entries {
-            if self.timeouts.of(e.state) <= now.wrapping_sub(e.last_seen_ns)
-                || k.vni != p.vni
-                || k.proto != p.proto
-            {
+            if self.timeouts.expired(e, now) || k.vni != p.vni || k.proto != p.proto {
                 continue;
             }
             let fwd =
@@ -907,10 +905,16 @@ impl<'a> Walk<'a> {
             }
         }
         let (route_step, place) = route;
+        // The route step names its reason: no route, or no underlay to reach another host.
+        let no_place = if route_step.reason.as_deref() == Some(DropReason::NoUnderlay.label()) {
+            DropReason::NoUnderlay
+        } else {
+            DropReason::NoRoute
+        };
         steps.push(route_step);
         let place = match place {
             Some(place) => place,
-            None => return self.dropped(steps, DropReason::NoRoute, model, run),
+            None => return self.dropped(steps, no_place, model, run),
         };
         match place {
             Place::Local(receiver) => {
@@ -1009,7 +1013,10 @@ impl<'a> Walk<'a> {
                 Some(Place::Remote { host: ep.host.clone() }),
             ),
             (None, _) => {
-                none(format!("{} is on {}, and {} has no underlay", ep.id, ep.host, self.host))
+                let (mut s, place) =
+                    none(format!("{} is on {}, and {} has no underlay", ep.id, ep.host, self.host));
+                s.reason = Some(DropReason::NoUnderlay.label().to_owned());
+                (s, place)
             }
             (_, None) => {
                 none(format!("{} is on {}, which has no underlay address", ep.id, ep.host))

@@ -54,7 +54,7 @@
 //!     another host applies its own, in its `from_underlay`.)
 //! 14. Send. To a local receiver: Ethernet source = gateway MAC, destination = the receiver's
 //!     MAC; nothing else in the frame changes (no TTL decrement) ([`Verdict::Deliver`]). To a
-//!     receiver on another host: without an underlay `NoRoute`; a frame that would not fit the
+//!     receiver on another host: without an underlay `NoUnderlay`; a frame that would not fit the
 //!     underlay MTU once wrapped (frame length + 50 - 14 > MTU, what `bpf_check_mtu` computes)
 //!     is answered with ICMP "fragmentation needed" ([`Verdict::FragNeeded`], counted
 //!     `FragNeeded`, or only counted when shorter than the 128-byte quote) and touches no flow;
@@ -758,7 +758,7 @@ impl<'a> Host<'a> {
             (Place::Remote(r), _) => r,
         };
         let Some(underlay) = self.underlay else {
-            return Outcome::drop(DropReason::NoRoute);
+            return Outcome::drop(DropReason::NoUnderlay);
         };
         // bpf_check_mtu: the frame plus the overhead against the MTU plus the Ethernet header.
         if frame.len() + ENCAP_OVERHEAD as usize > underlay.mtu as usize + ETH_HLEN {
@@ -2028,7 +2028,8 @@ mod tests {
         let mut ct = Conntrack::default();
         // ep-1 (egress all) to ep-6 on h2: the receiver's rules are h2's business.
         let syn = ipv4(mac_of(1), A, R, IPPROTO_TCP, &tcp(40000, 22, SYN));
-        assert_eq!(no_underlay.judge(&ct, S, 11, &syn).verdict, Verdict::Drop(D::NoRoute));
+        // As the kernel counts it (`no_underlay`), not as a missing route.
+        assert_eq!(no_underlay.judge(&ct, S, 11, &syn).verdict, Verdict::Drop(D::NoUnderlay));
         let out = h.judge(&ct, S, 11, &syn);
         let Verdict::Wrap { frame } = &out.verdict else { panic!("{:?}", out.verdict) };
         assert_eq!(frame.len(), syn.len() + 50);

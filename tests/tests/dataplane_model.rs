@@ -1334,6 +1334,31 @@ fn kernel_program_agrees_with_the_reference_model_on_generated_packets() {
             run.compare_ct(&format!("end of {phase}"));
         }
 
+        // A host without an underlay: what its workloads send to endpoints of other hosts (new
+        // flows and live ones alike) is dropped as `NoUnderlay` by the kernel and the model
+        // both. Only `from_endpoint`: such a host receives nothing wrapped.
+        let no_underlay = Config {
+            underlay_ifindex: 0,
+            underlay_ip: [0; 4],
+            underlay_mtu: 0,
+            ..config_with(&timeouts)
+        };
+        run.dp = Dataplane::load(bpffs.path(), &no_underlay).expect("reload without an underlay");
+        let local: BTreeMap<u32, String> =
+            ifindex_of.iter().map(|(id, i)| (*i, id.clone())).collect();
+        let host = Host::new(&state, HOST, &local, GW, timeouts);
+        for n in 0..per_phase {
+            let (what, hook, frame) = gen.next();
+            if let Hook::Underlay = hook {
+                gen.last_new = None;
+                continue;
+            }
+            if run.send(&host, &format!("[no underlay, packet {n}] {what}"), hook, &frame) {
+                gen.tracked.extend(gen.last_new.take());
+            }
+        }
+        run.compare_ct("end of the phase without an underlay");
+
         // Idle timeouts (S9): reload with short timeouts over the same pinned maps, let the
         // flows expire, and send their packets again.
         let mut short = Timeouts::default();
@@ -1391,6 +1416,7 @@ fn kernel_program_agrees_with_the_reference_model_on_generated_packets() {
         DropReason::IdentityMismatch,
         DropReason::FragNeeded,
         DropReason::ConntrackBudgetExceeded,
+        DropReason::NoUnderlay,
     ] {
         assert!(reasons.contains_key(&r), "{r:?} never exercised: {reasons:?}");
     }
