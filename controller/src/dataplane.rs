@@ -97,16 +97,16 @@ pub enum Error {
     MissingMap(&'static str),
     /// A map has another type or key/value size than `dataplane_common` says (for example a
     /// pinned map left by an incompatible version).
-    #[error("map {name} does not have the expected type and layout: {source}")]
+    #[error("map {name} does not have the expected type and layout: {}", Chain(.source))]
     MapType { name: &'static str, source: MapError },
     /// Reading (iterating or looking up) a map failed.
-    #[error("reading map {name} failed: {source}")]
+    #[error("reading map {name} failed: {}", Chain(.source))]
     MapRead { name: &'static str, source: MapError },
     /// Inserting or updating an entry failed (a full map, for example).
-    #[error("writing {entry} into map {name} failed: {source}")]
+    #[error("writing {entry} into map {name} failed: {}", Chain(.source))]
     MapWrite { name: &'static str, entry: String, source: MapError },
     /// Deleting an entry failed.
-    #[error("deleting {entry} from map {name} failed: {source}")]
+    #[error("deleting {entry} from map {name} failed: {}", Chain(.source))]
     MapDelete { name: &'static str, entry: String, source: MapError },
     /// The interface name does not resolve to an ifindex in this network namespace.
     #[error("interface {iface} not found (if_nametoindex): {source}")]
@@ -147,6 +147,24 @@ pub enum Error {
     /// A test-run input is unusable.
     #[error("invalid test-run input: {0}")]
     TestInput(String),
+}
+
+/// An error and every error under it, joined by `: `. aya's `MapError` names the call that
+/// failed and keeps what the kernel said (ENOMEM, E2BIG, ...) as its source, which its own text
+/// leaves out: without this, a log line or a message built from the text of a map error read
+/// "`bpf_map_update_elem` failed" and nothing about why.
+struct Chain<'a>(&'a (dyn std::error::Error + 'static));
+
+impl std::fmt::Display for Chain<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0)?;
+        let mut cause = self.0.source();
+        while let Some(c) = cause {
+            write!(f, ": {c}")?;
+            cause = c.source();
+        }
+        Ok(())
+    }
 }
 
 /// What one `BPF_PROG_TEST_RUN` returned.
@@ -1246,6 +1264,22 @@ mod tests {
         assert_eq!(ctx.len(), 44);
         assert!(ctx[..40].iter().all(|b| *b == 0));
         assert_eq!(u32::from_ne_bytes([ctx[40], ctx[41], ctx[42], ctx[43]]), 0x0102_0304);
+    }
+
+    #[test]
+    fn a_map_error_says_what_the_kernel_answered() {
+        let e = Error::MapWrite {
+            name: map_names::POLICY,
+            entry: "an entry".into(),
+            source: MapError::SyscallError(aya::sys::SyscallError {
+                call: "bpf_map_update_elem",
+                io_error: io::Error::from_raw_os_error(libc::ENOMEM),
+            }),
+        };
+        let text = e.to_string();
+        assert!(text.starts_with("writing an entry into map VERSE_POLICY failed: "), "{text}");
+        assert!(text.contains("bpf_map_update_elem"), "{text}");
+        assert!(text.contains(&io::Error::from_raw_os_error(libc::ENOMEM).to_string()), "{text}");
     }
 
     #[test]
