@@ -28,6 +28,17 @@
 //! `parse_only` runs the benchmark probe of the same name (the parse of `flow.rs` alone) on the
 //! `new_flow_10_rules` pool.
 //!
+//! The cost of verdict events (README, "Why was my packet dropped?"): `denied_10_rules` is the
+//! drop path (a SYN to a port no rule of the 10-rule state admits: conntrack miss, egress,
+//! route, ingress, `policy_ingress` counted), and `established_events_on`,
+//! `new_flow_10_rules_events_on` and `denied_10_rules_events_on` are those three paths on copies
+//! whose `Config` has events on with versed's default rate limit (`config_flags::EVENTS`, 1000
+//! events a second per CPU and kind, burst 1000). Each is measured right after its events-off
+//! twin in every round, its ring buffer read dry after each measurement (outside the timed runs,
+//! as the daemon's reader runs elsewhere), and reported as `*_events_on_vs_off`: the median over
+//! the rounds of on / off (target 1.1x). Past the burst, nearly every event is refused by the
+//! per-CPU bucket and counted `suppressed` (the records' `event_counts`).
+//!
 //! Every pool packet of the rule scenarios is allowed by a rule (checked against the reference
 //! model `verse::verdict` and by a first kernel pass that must redirect every packet without a
 //! drop; the encapsulation pools by the first pass). `Config.gateway_mac` is the sender's own
@@ -46,7 +57,7 @@ use std::time::{Duration, Instant};
 
 use ::tests::{Bpffs, Netns, TempDir};
 use anyhow::{bail, ensure, Context, Result};
-use dataplane_common::{ct_state, Config};
+use dataplane_common::{ct_state, Config, DropReason};
 use serde_json::json;
 use verse::compile::{compile, CidrIds, Desired, OwnerBudget};
 use verse::dataplane::{tc_act, Dataplane};
@@ -301,6 +312,17 @@ fn pool(st: &State, eps: &[String]) -> Result<Vec<Vec<u8>>> {
     Ok(out)
 }
 
+/// `POOL` distinct TCP SYNs from the sender to the receivers on `DENIED_PORT`: refused by the
+/// receivers' ingress rules (the sender's egress allows everything, S2).
+fn denied_pool(st: &State, eps: &[String]) -> Result<Vec<Vec<u8>>> {
+    let smac = mac(&st.endpoints[&eps[0]].mac)?;
+    Ok((0..POOL)
+        .map(|k| {
+            syn(smac, st.endpoints[&eps[1 + k % RECEIVERS]].ip, 10_000 + k as u16, DENIED_PORT)
+        })
+        .collect())
+}
+
 /// How a scenario is run.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Mode {
@@ -336,6 +358,14 @@ struct Loaded {
     repeat: u32,
     config: serde_json::Value,
     samples: Vec<f64>,
+    /// What the scenario's program must return for every pool packet (`TC_ACT_REDIRECT`, or
+    /// `TC_ACT_SHOT` for the denied scenarios).
+    want: u32,
+    /// Reads the copy's event ring buffer dry, as the daemon's reader does (`None`: events off
+    /// in this copy, or the ring shared with another scenario's copy); returns events read.
+    drain: Option<Box<dyn FnMut() -> u64>>,
+    /// Events read from the ring buffer by `drain`.
+    events_read: u64,
 }
 
 impl Loaded {
@@ -356,7 +386,7 @@ impl Loaded {
                     self.dp.test_run(p, self.ifindex, per_call)
                 }
                 .with_context(|| format!("BPF_PROG_TEST_RUN ({})", self.name))?;
-                let want = if program == Program::Scenario { tc_act::REDIRECT } else { tc_act::OK };
+                let want = if program == Program::Scenario { self.want } else { tc_act::OK };
                 ensure!(
                     out.return_code == want,
                     "{}: return code {} instead of {want}",
@@ -367,6 +397,14 @@ impl Loaded {
             }
         }
         Ok(total / (self.pool.len() as f64 * f64::from(passes)))
+    }
+
+    /// Empties the event ring buffer (outside the timed runs: the daemon's reader runs on
+    /// another CPU).
+    fn drain(&mut self) {
+        if let Some(d) = self.drain.as_mut() {
+            self.events_read += d();
+        }
     }
 
     /// Picks `repeat` so that one measurement takes about `TARGET`.
@@ -387,6 +425,50 @@ fn median(v: &[f64]) -> f64 {
     v[v.len() / 2]
 }
 
+/// What a scenario's copy of the dataplane does besides its state.
+#[derive(Clone, Copy, Default)]
+struct Variant {
+    /// Verdict events on: `config_flags::EVENTS` with the rate limit of versed's defaults, as
+    /// versed configures its dataplane unless told otherwise (`[observability] events`).
+    events: bool,
+    /// The pool's packets are denied (a port no rule admits): the drop path.
+    denied: bool,
+}
+
+/// A destination port no rule of the benchmark states admits (their ports are below 1,000).
+const DENIED_PORT: u16 = 65_000;
+
+/// `config` with verdict events on as versed's default settings put them (flags and rate
+/// limit), or off.
+fn with_events(config: Config, on: bool) -> Result<Config> {
+    if !on {
+        return Ok(Config { flags: 0, ..config });
+    }
+    let daemon = verse::config::Config::default().dataplane_config()?;
+    ensure!(
+        daemon.flags & dataplane_common::config_flags::EVENTS != 0,
+        "versed's defaults have verdict events off"
+    );
+    Ok(Config {
+        flags: daemon.flags,
+        event_interval_ns: daemon.event_interval_ns,
+        event_burst_ns: daemon.event_burst_ns,
+        ..config
+    })
+}
+
+/// Takes the event ring buffer of `dp` (if `on`) and returns what reads it dry.
+fn drainer(dp: &mut Dataplane, on: bool) -> Option<Box<dyn FnMut() -> u64>> {
+    let mut ring = if on { dp.take_events() } else { None }?;
+    Some(Box::new(move || {
+        let mut n = 0;
+        while ring.next().is_some() {
+            n += 1;
+        }
+        n
+    }))
+}
+
 #[allow(clippy::too_many_arguments)]
 fn load(
     name: &'static str,
@@ -396,11 +478,16 @@ fn load(
     ifindex: &BTreeMap<String, u32>,
     timeouts: Timeouts,
     established: bool,
+    variant: Variant,
     shape: serde_json::Value,
 ) -> Result<Loaded> {
     let sender = &st.endpoints[&eps[0]];
     let smac = mac(&sender.mac)?;
-    let config = Config { timeouts_ns: timeouts.ns, gateway_mac: smac, ..Config::default() };
+    let config = with_events(
+        Config { timeouts_ns: timeouts.ns, gateway_mac: smac, ..Config::default() },
+        variant.events,
+    )?;
+    let config_events = (config.event_interval_ns, config.event_burst_ns);
     let dp_dir = dir.join(name);
     let mut dp =
         Dataplane::load(&dp_dir, &config).with_context(|| format!("load dataplane for {name}"))?;
@@ -413,32 +500,42 @@ fn load(
     dp.apply(&Desired::default(), &desired).with_context(|| format!("apply {name}"))?;
     let apply_s = t.elapsed().as_secs_f64();
     let rules: usize = st.groups.values().map(|g| g.ingress.len() + g.egress.len()).sum();
-    let pool = pool(st, eps)?;
+    let pool = if variant.denied { denied_pool(st, eps)? } else { pool(st, eps)? };
     let sender_ifindex = ifindex[&eps[0]];
+    let want = if variant.denied { tc_act::SHOT } else { tc_act::REDIRECT };
 
-    // Every packet must be a delivery for the model, and for the kernel on a first pass.
+    // Every packet must be a delivery (a drop by policy, denied) for the model, and for the
+    // kernel on a first pass.
     let local: BTreeMap<u32, String> = ifindex.iter().map(|(id, i)| (*i, id.clone())).collect();
     let host = Host::new(st, HOST, &local, smac, timeouts);
     let ct = Conntrack::default();
     for p in &pool {
         let v = host.judge(&ct, 0, sender_ifindex, p).verdict;
-        ensure!(
-            matches!(v, Verdict::Deliver { .. }),
-            "{name}: the model does not deliver a pool packet: {v:?}"
-        );
+        let ok = if variant.denied {
+            matches!(v, Verdict::Drop(r) if r == DropReason::PolicyIngress)
+        } else {
+            matches!(v, Verdict::Deliver { .. })
+        };
+        ensure!(ok, "{name}: the model's verdict on a pool packet is {v:?}");
     }
     let drops_before: u64 = dp.drops()?.values().sum();
     for p in &pool {
         let out = dp.test_run(p, sender_ifindex, 1)?;
-        ensure!(
-            out.return_code == tc_act::REDIRECT,
-            "{name}: first pass returned {}",
-            out.return_code
-        );
+        ensure!(out.return_code == want, "{name}: first pass returned {}", out.return_code);
     }
     let drops_after: u64 = dp.drops()?.values().sum();
-    ensure!(drops_after == drops_before, "{name}: the first pass dropped packets");
+    let dropped = if variant.denied { pool.len() as u64 } else { 0 };
+    ensure!(
+        drops_after - drops_before == dropped,
+        "{name}: the first pass dropped {} packets, not {dropped}",
+        drops_after - drops_before
+    );
     let ct_entries = dp.conntrack()?.len();
+    let mut drain = drainer(&mut dp, variant.events);
+    let first_events = drain.as_mut().map(|d| d()).unwrap_or(0);
+    if variant.events {
+        ensure!(first_events > 0, "{name}: events on, but the first pass reported none");
+    }
     if established {
         ensure!(
             ct_entries >= pool.len(),
@@ -457,6 +554,13 @@ fn load(
     obj.insert("ct_timeouts_ns".into(), json!(timeouts.ns));
     obj.insert("ct_entries_after_first_pass".into(), json!(ct_entries));
     obj.insert("verified_instructions".into(), json!(dp.verified_instruction_count()?));
+    obj.insert("events".into(), json!(if variant.events {
+        json!({"on": true, "event_interval_ns": config_events.0, "event_burst_ns": config_events.1,
+            "reader": "the ring buffer read dry after every measurement, outside the timed runs",
+            "first_pass_events": first_events})
+    } else {
+        json!({"on": false})
+    }));
     Ok(Loaded {
         name,
         dp: Rc::new(dp),
@@ -466,6 +570,9 @@ fn load(
         repeat: 1,
         config,
         samples: Vec::new(),
+        want,
+        drain,
+        events_read: 0,
     })
 }
 
@@ -653,6 +760,9 @@ mod encap {
                 repeat: 1,
                 config,
                 samples: Vec::new(),
+                want: tc_act::REDIRECT,
+                drain: None,
+                events_read: 0,
             });
         }
         let unwrap = out.pop().context("two scenarios")?;
@@ -800,19 +910,38 @@ pub fn run(out: &mut Vec<BenchRecord>) -> Result<()> {
         let peers = "45% /32, 30% /24, 2% /16, 13% group, 10% 0.0.0.0/0 from 4 /16, 64 /24, 256 /32";
         let dir = bpffs.path();
         let (small_st, small_eps) = &states[1].1;
-        let mut all = vec![load("established", dir, small_st, small_eps, &ifindexes(small_eps)?, Timeouts::default(), true,
+        let mut all = vec![load("established", dir, small_st, small_eps, &ifindexes(small_eps)?, Timeouts::default(), true, Variant::default(),
             shape(json!({"scenario": "established flows: every run a conntrack hit on an entry made by a first pass (S9 timeouts; the hit path is the same for every state)", "groups": 1, "rules_per_group": 10, "run": endpoint_packets})))?];
         for (name, (st, eps), groups, per_group) in &states {
-            all.push(load(name, dir, st, eps, &ifindexes(eps)?, zero, false,
+            all.push(load(name, dir, st, eps, &ifindexes(eps)?, zero, false, Variant::default(),
                 shape(json!({"scenario": "new flow every run (conntrack timeouts 0)", "groups": groups, "rules_per_group": per_group,
                     "peers": if *per_group > 10 { peers } else { "all contain the sender" }, "port_range_widths": WIDTHS, "run": endpoint_packets})))?);
         }
         for (name, (st, eps), prefixes) in &cidr_states {
-            all.push(load(name, dir, st, eps, &ifindexes(eps)?, zero, false,
+            all.push(load(name, dir, st, eps, &ifindexes(eps)?, zero, false, Variant::default(),
                 shape(json!({"scenario": "new flow every run (conntrack timeouts 0); the sender is admitted through the CIDR class of its /32",
                     "distinct_cidr_prefixes": prefixes, "rules": "one TCP/80 ingress rule per prefix, /32s from the sender's address upwards, the sender's in every group",
                     "groups": prefixes.div_ceil(CIDR_CHUNK).max(1), "run": endpoint_packets})))?);
         }
+        // The cost of verdict events (README, "Why was my packet dropped?"): the established,
+        // new-flow and denied paths with events on, each against the same path with them off,
+        // all on the 10-rule state.
+        let on = Variant { events: true, denied: false };
+        let denied = Variant { events: false, denied: true };
+        let denied_on = Variant { events: true, denied: true };
+        let small_if = ifindexes(small_eps)?;
+        let denied_packets = json!({
+            "program": "from_endpoint",
+            "packets": format!("TCP SYN, 54 bytes, distinct (dst, sport), to port {DENIED_PORT}, which no rule admits: dropped as policy_ingress (model and kernel checked)"),
+        });
+        all.push(load("established_events_on", dir, small_st, small_eps, &small_if, Timeouts::default(), true, on,
+            shape(json!({"scenario": "micro_established with verdict events on (versed's default rate limit); an established packet reports nothing", "groups": 1, "rules_per_group": 10, "run": endpoint_packets})))?);
+        all.push(load("new_flow_10_rules_events_on", dir, small_st, small_eps, &small_if, zero, false, on,
+            shape(json!({"scenario": "micro_new_flow_10_rules with verdict events on (versed's default rate limit): every run a new flow to report", "groups": 1, "rules_per_group": 10, "run": endpoint_packets})))?);
+        all.push(load("denied_10_rules", dir, small_st, small_eps, &small_if, Timeouts::default(), false, denied,
+            shape(json!({"scenario": "denied: every run a new flow that the receiver's ingress rules refuse (conntrack miss, egress, route, ingress, drop counted)", "groups": 1, "rules_per_group": 10, "run": denied_packets})))?);
+        all.push(load("denied_10_rules_events_on", dir, small_st, small_eps, &small_if, Timeouts::default(), false, denied_on,
+            shape(json!({"scenario": "micro_denied_10_rules with verdict events on (versed's default rate limit): every run a drop to report", "groups": 1, "rules_per_group": 10, "run": denied_packets})))?);
         let n_repeat = all.len();
         let (if_a, if_u) = (index("ea")?, index("u0")?);
         let encap_shape = |what: &str| shape(json!({
@@ -853,14 +982,29 @@ pub fn run(out: &mut Vec<BenchRecord>) -> Result<()> {
             l.repeat = keep;
             v
         };
+        // Measurement order: each scenario with events on right after the same scenario with
+        // them off, so that the pair sees the same load.
+        let on_suffix = "_events_on";
+        let mut order: Vec<usize> = Vec::new();
+        for (i, l) in all.iter().enumerate() {
+            if l.name.ends_with(on_suffix) {
+                continue;
+            }
+            order.push(i);
+            let partner = format!("{}{on_suffix}", l.name);
+            order.extend(all.iter().position(|m| m.name == partner));
+        }
+        ensure!(order.len() == all.len(), "a scenario with events on has no partner");
         let t = Instant::now();
         for round in 0..ROUNDS {
             empty_samples.push(empty(&mut all[base], Program::Empty, empty_repeat)?);
             single_samples.push(empty(&mut all[single_base], Program::Empty, single_passes)?);
             parse_samples.push(empty(&mut all[base], Program::ParseOnly, parse_repeat)?);
-            for l in all.iter_mut() {
+            for &i in &order {
+                let l = &mut all[i];
                 let v = l.measure(Program::Scenario)?;
                 l.samples.push(v);
+                l.drain();
             }
             eprintln!(
                 "bench_micro: round {round}: empty {:.1} ns, single-run empty {:.1} ns, parse only {:.1} ns, {}",
@@ -905,6 +1049,13 @@ pub fn run(out: &mut Vec<BenchRecord>) -> Result<()> {
             by_name.insert(l.name, m);
             let mut c = l.config.clone();
             if let Some(o) = c.as_object_mut() {
+                if l.drain.is_some() {
+                    let counts = l.dp.event_counts()?;
+                    o.insert("event_counts".into(), json!({
+                        "read_during_rounds": l.events_read,
+                        "emitted": counts.emitted, "suppressed": counts.suppressed, "lost": counts.lost,
+                        "kinds": ["drop", "new_flow"]}));
+                }
                 o.insert(if l.mode == Mode::Repeat { "repeat" } else { "passes" }.into(), json!(l.repeat));
                 o.insert("samples".into(), json!(l.samples));
                 o.insert("range".into(), spread(&l.samples));
@@ -937,6 +1088,29 @@ pub fn run(out: &mut Vec<BenchRecord>) -> Result<()> {
             Some(("micro_new_flow_10_rules", d / b)),
             json!({"numerator": "micro_new_flow_100k_rules", "denominator": "micro_new_flow_10_rules", "statistic": "ratio of medians"}),
         ).with_spread(&d_samples).with_target("<= 1.50x", d / b <= 1.5));
+        // Events on against off, each pair measured interleaved in the same rounds.
+        for (on, off) in [
+            ("established_events_on", "established"),
+            ("new_flow_10_rules_events_on", "new_flow_10_rules"),
+            ("denied_10_rules_events_on", "denied_10_rules"),
+        ] {
+            let samples = |name: &str| all.iter().find(|l| l.name == name).map(|l| l.samples.clone()).unwrap_or_default();
+            let (son, soff) = (samples(on), samples(off));
+            // Each round measured the pair back to back: the median of the rounds' ratios is
+            // less at the mercy of the load changing between rounds than a ratio of medians.
+            let paired: Vec<f64> = son.iter().zip(&soff).map(|(a, b)| a / b).collect();
+            let ratio = median(&paired);
+            recs.push(BenchRecord::new(
+                &format!("micro_{on}_vs_off"),
+                by_name[on],
+                Unit::NsPerPacket,
+                Some((&format!("micro_{off}"), ratio)),
+                json!({"numerator": format!("micro_{on}"), "denominator": format!("micro_{off}"),
+                    "statistic": "median over the rounds of on / off, each round measuring the pair back to back",
+                    "ratios_per_round": paired, "ratio_of_medians": by_name[on] / by_name[off],
+                    "what": "the cost of verdict events on this path (README, \"Why was my packet dropped?\")"}),
+            ).with_spread(&son).with_target("<= 1.10x", ratio <= 1.1));
+        }
         Ok(recs)
     })?;
     if records.is_empty() {
