@@ -70,8 +70,9 @@ struct Cli {
     /// `loads` and `hosts`.
     #[arg(long = "part")]
     parts: Vec<String>,
-    /// Simulated hosts of the control tier's `hosts` part.
-    #[arg(long, default_value_t = 1000)]
+    /// Simulated hosts of the control tier's `hosts` part (50 complete on a shared 2-core
+    /// machine; `--sim-hosts 1000 --sim-budget 1800` is the thousand-host run, README "Scale").
+    #[arg(long, default_value_t = 50)]
     sim_hosts: usize,
     /// Endpoints placed on each simulated host.
     #[arg(long, default_value_t = 10)]
@@ -85,8 +86,10 @@ struct Cli {
     /// etcd clients the simulated hosts share (0: one each, as real hosts).
     #[arg(long, default_value_t = 0)]
     sim_connections: usize,
-    /// Seconds allowed for the simulated hosts to join, and again for placing the endpoints.
-    #[arg(long, default_value_t = 1800)]
+    /// Seconds allowed for the simulated hosts to join, and again for placing the endpoints,
+    /// for every host to realize the placed state, and for the edits (each phase): the part
+    /// ends in about four budgets whatever the machine's load.
+    #[arg(long, default_value_t = 300)]
     sim_budget: u64,
 }
 
