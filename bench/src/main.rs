@@ -5,7 +5,9 @@
 //! Every figure is reported with a ratio to a baseline measured in the same run (the machine is
 //! shared and noisy), and written with its configuration to `target/bench/results.json`.
 //!
-//! - Micro (`micro`): ns per packet of `from_endpoint` through BPF_PROG_TEST_RUN.
+//! - Micro (`micro`): ns per packet of `from_endpoint` through BPF_PROG_TEST_RUN, with verdict
+//!   events on and off; and the latency of the daemon's API while a workload floods denied
+//!   packets (`flood`).
 //! - TCP (`tcp`): one iperf3 stream between two endpoints on one host through Verse, against
 //!   two namespaces joined by a bare veth pair with no program at all; and over the same pair
 //!   with a trivial TC program, and with a trivial XDP program (with and without GRO), which
@@ -30,6 +32,7 @@ mod baseline;
 mod bpf;
 mod control;
 mod fleet;
+mod flood;
 mod hosts;
 mod iperf;
 mod micro;
@@ -121,6 +124,7 @@ fn main() -> Result<()> {
     let mut records = Vec::new();
     if want(Tier::Micro) {
         micro::run(&mut records)?;
+        flood::run(&mut records)?;
     }
     if want(Tier::Tcp) {
         tcp::run(&mut records)?;
