@@ -216,9 +216,8 @@ pub fn compile(
     // a contiguous range of networks, so expansion is a range scan, not a search of all.
     let mut nested: BTreeMap<u32, BTreeMap<(u32, u8), u32>> = BTreeMap::new();
     for (&(vni, cidr), &id) in &numbered.ids {
-        let key = dp::CidrKey { vni: vni.to_be_bytes(), addr: cidr.network().octets() };
         desired.cidrs.insert(
-            (dp::CIDR_KEY_VNI_BITS + u32::from(cidr.prefix()), key),
+            dp::CidrKey::encode(vni, cidr.network().octets(), cidr.prefix()),
             dp::peer::CIDR_FLAG | id,
         );
         nested.entry(vni).or_default().insert((u32::from(cidr.network()), cidr.prefix()), id);
@@ -611,10 +610,9 @@ mod tests {
 
     /// Longest match of (vni, ip) in `VERSE_CIDRS`.
     fn class_of(d: &Desired, vni: u32, addr: Ipv4Addr) -> Option<u32> {
-        (1..=32u32).rev().find_map(|len| {
-            let key = dp::CidrKey { vni: vni.to_be_bytes(), addr: mask(addr.octets(), len) };
-            d.cidrs.get(&(dp::CIDR_KEY_VNI_BITS + len, key)).copied()
-        })
+        (1..=32u8)
+            .rev()
+            .find_map(|len| d.cidrs.get(&dp::CidrKey::encode(vni, addr.octets(), len)).copied())
     }
 
     /// A packet as policy sees it: the local endpoint's identity, the direction, the peer (its

@@ -838,15 +838,13 @@ fn with_maps<R>(target: &Target, f: impl FnOnce(&mut dyn MapSet) -> R) -> R {
 pub fn seed_cidr_ids(maps: &Desired) -> CidrIds {
     let mut ids = CidrIds::default();
     for (&(prefix_len, key), &value) in &maps.cidrs {
-        let Some(prefix) =
-            prefix_len.checked_sub(dp::CIDR_KEY_VNI_BITS).and_then(|p| u8::try_from(p).ok())
-        else {
+        let Some((vni, addr, prefix)) = dp::CidrKey::decode(prefix_len, &key) else {
             continue;
         };
-        let Ok(cidr) = Ipv4Network::new(Ipv4Addr::from(key.addr), prefix) else {
+        let Ok(cidr) = Ipv4Network::new(Ipv4Addr::from(addr), prefix) else {
             continue;
         };
-        ids.ids.insert((u32::from_be_bytes(key.vni), cidr), value & !dp::peer::CIDR_FLAG);
+        ids.ids.insert((vni, cidr), value & !dp::peer::CIDR_FLAG);
     }
     ids
 }

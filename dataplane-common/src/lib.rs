@@ -372,6 +372,26 @@ pub struct CidrKey {
 /// Bits of `CidrKey` before the address.
 pub const CIDR_KEY_VNI_BITS: u32 = 32;
 
+impl CidrKey {
+    /// The `VERSE_CIDRS` key of `addr/len` in universe `vni`: the trie's prefix length and the
+    /// key data, the address masked to its first `len` bits (`len` above 32 counts as 32).
+    pub const fn encode(vni: u32, addr: [u8; 4], len: u8) -> (u32, CidrKey) {
+        let len = if len > 32 { 32 } else { len };
+        let mask = if len == 0 { 0 } else { u32::MAX << (32 - len as u32) };
+        let addr = (u32::from_be_bytes(addr) & mask).to_be_bytes();
+        (CIDR_KEY_VNI_BITS + len as u32, CidrKey { vni: vni.to_be_bytes(), addr })
+    }
+
+    /// What [`CidrKey::encode`] wrote: (vni, network address, CIDR length), or `None` for a
+    /// prefix length it never writes or an address with bits beyond the prefix.
+    pub fn decode(prefix_len: u32, key: &CidrKey) -> Option<(u32, [u8; 4], u8)> {
+        let len = u8::try_from(prefix_len.checked_sub(CIDR_KEY_VNI_BITS)?).ok()?;
+        let vni = u32::from_be_bytes(key.vni);
+        (len <= 32 && CidrKey::encode(vni, key.addr, len) == (prefix_len, *key))
+            .then_some((vni, key.addr, len))
+    }
+}
+
 /// `VERSE_POLICY` LPM key data. One trie holds every policy of the host; an entry allows, and
 /// its value ([`PolicyValue`]) names the rule it came from.
 ///
@@ -732,6 +752,23 @@ mod tests {
     extern crate std;
     use super::*;
     use core::mem::size_of;
+
+    #[test]
+    fn cidr_keys_decode_to_what_was_encoded() {
+        let (prefix, key) = CidrKey::encode(7, [10, 1, 2, 3], 16);
+        assert_eq!(prefix, 48);
+        assert_eq!(key, CidrKey { vni: [0, 0, 0, 7], addr: [10, 1, 0, 0] }, "masked");
+        assert_eq!(CidrKey::decode(prefix, &key), Some((7, [10, 1, 0, 0], 16)));
+        for len in [0u8, 1, 8, 24, 31, 32] {
+            let (p, k) = CidrKey::encode(0x00ab_cdef, [192, 168, 255, 255], len);
+            let (vni, addr, l) = CidrKey::decode(p, &k).expect("decodes");
+            assert_eq!((vni, l, CidrKey::encode(vni, addr, l)), (0x00ab_cdef, len, (p, k)));
+        }
+        // Never written by encode: shorter than the VNI, longer than an address, host bits set.
+        assert_eq!(CidrKey::decode(31, &key), None);
+        assert_eq!(CidrKey::decode(65, &key), None);
+        assert_eq!(CidrKey::decode(40, &CidrKey { vni: [0; 4], addr: [10, 1, 0, 0] }), None);
+    }
 
     #[test]
     fn layouts_have_no_implicit_padding() {
