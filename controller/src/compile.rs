@@ -1450,7 +1450,7 @@ mod tests {
         let before = ids.ids.clone();
         let bad_mac = |ep: &model::Endpoint| Some(u32::from(ep.ip));
         let mut broken = s.clone();
-        broken.endpoints.values_mut().for_each(|e| e.mac = "nonsense".into());
+        broken.endpoints.update_all(|_, e| e.mac = "nonsense".into());
         assert!(compile(&broken, HOST, &bad_mac, &mut ids).is_err());
         assert_eq!(ids.ids, before);
     }

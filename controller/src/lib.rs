@@ -2,6 +2,7 @@
 //!
 //! One module per concept of the product:
 //! - [`model`]: universes, security groups, rules, endpoints; every edit as a pure function.
+//! - [`table`]: the persistent, journaled maps the desired state is made of.
 //! - [`compile`]: desired state -> the entries of the dataplane's maps (pure).
 //! - [`verdict`]: a reference model of the dataplane's verdict on a packet (pure), against
 //!   which the kernel programs are tested.
@@ -42,6 +43,7 @@ pub mod server;
 pub mod sim;
 pub mod store;
 pub mod tls;
+pub mod table;
 pub mod trace;
 pub mod ui;
 pub mod verdict;

@@ -29,13 +29,14 @@
 //! ever find the map full because of another. Each endpoint of a host also has a *slot* there
 //! (1 to `capacity::ENDPOINTS`), the index of its budget counters in the dataplane.
 
-use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 use std::time::{Duration, SystemTime};
 
 use dataplane_common::wire;
 use ipnetwork::{IpNetwork, Ipv4Network};
 use serde::{Deserialize, Serialize};
+
+pub use crate::table::Table;
 
 /// S12: at most this many groups on one endpoint.
 pub const MAX_GROUPS_PER_ENDPOINT: usize = 16;
@@ -241,19 +242,19 @@ pub struct Identity {
 pub struct State {
     /// Bumped by every successful edit (S13).
     pub revision: u64,
-    pub universes: BTreeMap<String, Universe>,
-    pub groups: BTreeMap<String, SecurityGroup>,
-    pub endpoints: BTreeMap<String, Endpoint>,
+    pub universes: Table<String, Universe>,
+    pub groups: Table<String, SecurityGroup>,
+    pub endpoints: Table<String, Endpoint>,
     /// Identities in use, by number (1..=`dataplane_common::MAX_IDENTITY`). An identity is made
     /// when an endpoint first needs its set of groups and removed when no endpoint has it.
-    pub identities: BTreeMap<u32, Identity>,
+    pub identities: Table<u32, Identity>,
     /// Hosts of the fleet, by name. A `versed` registers its own host at start; endpoints of
     /// other hosts are reached through their `underlay_ip`.
     #[serde(default)]
-    pub hosts: BTreeMap<String, HostRecord>,
+    pub hosts: Table<String, HostRecord>,
     /// API tokens, by id (S15): what every host of the fleet checks a bearer token against.
     #[serde(default)]
-    pub tokens: BTreeMap<String, Token>,
+    pub tokens: Table<String, Token>,
     /// The last VNI handed out; the next universe gets a larger one (VNIs are never reused).
     #[serde(default)]
     pub vnis_issued: u32,
