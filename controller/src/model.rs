@@ -263,6 +263,29 @@ pub struct State {
     pub serials_issued: u64,
 }
 
+impl State {
+    /// Whether an edit changed anything since the journals were last cleared (see
+    /// [`crate::table`]).
+    pub fn is_changed(&self) -> bool {
+        self.universes.is_changed()
+            || self.groups.is_changed()
+            || self.endpoints.is_changed()
+            || self.identities.is_changed()
+            || self.hosts.is_changed()
+            || self.tokens.is_changed()
+    }
+
+    /// Forgets the journals: what follows is the next edit.
+    pub fn clear_changes(&mut self) {
+        self.universes.clear_changes();
+        self.groups.clear_changes();
+        self.endpoints.clear_changes();
+        self.identities.clear_changes();
+        self.hosts.clear_changes();
+        self.tokens.clear_changes();
+    }
+}
+
 /// A host as the desired state knows it (liveness and realized revision are reported apart).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HostRecord {

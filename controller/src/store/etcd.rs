@@ -1,34 +1,41 @@
 //! The etcd store: the desired state of a fleet, shared by every host's `versed`.
 //!
 //! Contract (see the parent module for what every store guarantees):
-//! - Layout: every key lives under one prefix (default [`DEFAULT_PREFIX`]), one key per object,
-//!   values in JSON: `universes/<id>`, `groups/<id>` (with its rules), `endpoints/<id>`,
-//!   `identities/<n>`, `hosts/<name>` ([`HostRecord`]), `tokens/<id>` (API tokens: the hash of
-//!   the secret, never the secret), `counters` (the VNIs and endpoint serials handed out so far,
-//!   which are never handed out again, S7), and `revision` (the state's revision, decimal, S13).
-//!   Liveness lives beside it: `alive/<name>`, what the host has realized ([`Realized`] as
-//!   JSON; a bare decimal revision is read too), attached to a lease of the host's.
-//! - Edits are read-modify-write in one etcd transaction: read every key, run the edit, write
-//!   the keys that changed and delete the ones that are gone, on the condition that the
-//!   `revision` key's `mod_revision` is still the one read. Two hosts editing at once: one
-//!   commits, the other reads again and re-runs its edit on the new state (so the closure must
-//!   be re-runnable); no edit is lost and revisions strictly increase.
-//! - Following: every store watches the whole prefix from the etcd revision it last applied and
-//!   republishes the [`State`] whenever a desired-state key changes. When etcd is unreachable the
-//!   last state stays published (the dataplane keeps enforcing it); when it comes back the watch
-//!   resumes from the last applied revision, or, if etcd has compacted that history away,
-//!   everything is read again.
+//! - Layout: every key lives under one prefix (default [`DEFAULT_PREFIX`]), laid out as
+//!   [`layout`](super::layout) says: a universe's groups, rules (one key each), endpoints and
+//!   identities under `u/<uni>/`, the catalog of universes, hosts, claims and placements beside
+//!   it. Liveness lives beside them too: `alive/<name>`, what the host has realized
+//!   ([`Realized`] as JSON; a bare decimal revision is read too), attached to a lease of the
+//!   host's.
+//! - Revisions: the state's revision (S13) is etcd's own: the revision of the last change of the
+//!   desired state this store has applied, and an edit's revision is the revision of its
+//!   transaction. Monotonic, and no key is written by every edit.
+//! - Following: every store watches the prefix and applies each event to its in-memory state
+//!   (a [`State`] of persistent tables: applying an event costs what it changes), publishing
+//!   the state after each transaction. When etcd is unreachable the last state stays published
+//!   (the dataplane keeps enforcing it); when it comes back the watch resumes from the last
+//!   applied revision, or, if etcd has compacted that history away, everything is read again.
+//! - Edits run on that in-memory state, never on a fresh read: the edit runs on a copy (O(1)),
+//!   its journal says which keys it changed, and one transaction writes those keys on the
+//!   condition that the guards of [`layout::delta`](super::layout::delta) hold (the version key
+//!   of each universe it changes, as the state saw it; claims absent). An edit of another
+//!   universe never conflicts; when one of the same universe got in first, the edit waits until
+//!   the watch has applied the revision that refused it and runs again on the new state.
 //! - Liveness: [`Store::register_host`](super::Store::register_host) puts `hosts/<name>` (an edit)
-//!   and starts a task that grants a lease of [`EtcdOptions::lease_ttl`], puts `alive/<name>`
-//!   under it and keeps it alive (every third of the TTL); each reported realized revision is
+//!   and starts keeping `alive/<name>` alive under a lease of [`EtcdOptions::lease_ttl`]
+//!   (renewed every third of the TTL) on a thread of its own with its own etcd connection, so
+//!   that no amount of edit work can delay a renewal; each reported realized revision is
 //!   written there. If the store is dropped, or the host cannot reach etcd for a TTL, etcd
-//!   deletes the key and every host shows this one unhealthy; the task renews everything as soon
-//!   as it can.
+//!   deletes the key and every host shows this one unhealthy; the thread renews everything as
+//!   soon as it can.
+//! - History: etcd keeps every revision until it is compacted. Run etcd with
+//!   `--auto-compaction-mode=periodic --auto-compaction-retention=5m` (README, "Scale"); a
+//!   watch that falls behind a compaction reads the state again.
 //!
 //! - Audit trail: `audit/<time in ns, 20 digits>-<host>-<n>`, one key per record (JSON), apart
-//!   from the desired state: a read of the state skips the `audit/` range, and the watch drops
-//!   its events. Every host trims the trail every [`AUDIT_TRIM_INTERVAL`]: records older than
-//!   the retention age go (one range delete, keys sort by time), then the oldest beyond the
+//!   from the desired state: a read of the state skips the `audit/` range, and the watch leaves
+//!   it out. Every host trims the trail every [`AUDIT_TRIM_INTERVAL`]: records older than the
+//!   retention age go (one range delete, keys sort by time), then the oldest beyond the
 //!   retained count.
 //! - Credentials: with `EtcdOptions::user`, the client authenticates as that etcd user (and
 //!   renews its auth token when etcd expires it). A request etcd refuses for that user's
@@ -36,11 +43,9 @@
 //!   ("etcd access control") lists which keys a host reads and writes.
 //!
 //! etcd limits one transaction to `--max-txn-ops` operations (128 by default) and one request to
-//! `--max-request-bytes` (1.5 MiB). An edit that would change more than [`MAX_TXN_OPS`] keys is
-//! refused before it is sent, and one etcd refuses as invalid (too many operations, too
-//! large) is refused the same way: a 409 `limit_exceeded` saying what to do, never a 503, since
-//! sending it again cannot help. (Deleting a universe deletes its groups in the same
-//! transaction: one with more than 125 groups is refused until some of its groups are deleted.)
+//! `--max-request-bytes` (1.5 MiB). No edit of the model writes more than a handful of keys (a
+//! universe is deleted by one range delete); an edit that would exceed a limit is refused whole
+//! as a 409 `limit_exceeded`.
 
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
@@ -52,13 +57,12 @@ use etcd_client::{
     Client, Compare, CompareOp, ConnectOptions, DeleteOptions, EventType, GetOptions, PutOptions,
     SortOrder, SortTarget, Txn, TxnOp, TxnOpResponse, WatchOptions,
 };
-use serde::de::DeserializeOwned;
-use serde::Serialize;
 use tokio::sync::watch;
 use tokio::task::AbortHandle;
 use tokio::time::{Instant, MissedTickBehavior};
 
-use super::{apply_edit, audit_matches, AuditRetention, Error, HostStatus, Realized, Result};
+use super::layout::{self, Guard, Op};
+use super::{audit_matches, AuditRetention, Error, HostStatus, Realized, Result};
 use crate::audit::{AuditRecord, Query as AuditQuery};
 use crate::model::{self, HostRecord, State};
 
@@ -74,30 +78,20 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 /// is noticed within interval + timeout, and the watch restarts.
 const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(2);
 const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(2);
-/// How long an edit waits for this store's watch to deliver its own commit, so that
-/// `snapshot()` shows it on return (past it the edit returns anyway, committed).
+/// How long an edit waits for this store's watch to deliver a revision (its own commit, so that
+/// `snapshot()` shows it on return; or the one that refused it, before it runs again).
 const APPLY_TIMEOUT: Duration = Duration::from_secs(10);
-/// Attempts of one edit against concurrent edits before giving up.
+/// Attempts of one edit against concurrent edits of the same universe before giving up.
 const MAX_ATTEMPTS: u32 = 64;
 /// Backoff of reconnections (watch, liveness, first read).
 const RETRY_MIN: Duration = Duration::from_millis(100);
 const RETRY_MAX: Duration = Duration::from_secs(5);
 /// Largest message accepted from etcd (a full read of a large state): gRPC's default is 4 MiB.
 const MAX_MESSAGE: usize = 256 << 20;
-
-/// Most keys one edit may change: etcd's default `--max-txn-ops`.
+/// etcd's default `--max-txn-ops`.
 pub const MAX_TXN_OPS: usize = 128;
 
 /// Relative keys (under the prefix).
-const REVISION: &str = "revision";
-const COUNTERS: &str = "counters";
-
-/// The value of the `counters` key.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-struct Counters {
-    vnis_issued: u32,
-    serials_issued: u64,
-}
 const ALIVE: &str = "alive/";
 const AUDIT: &str = "audit/";
 /// The first key after every `audit/…` key (`'/' + 1`).
@@ -171,20 +165,31 @@ impl EtcdOptions {
 }
 
 /// The etcd store. Use it through [`Store`](super::Store). Dropping it stops its watch and its
-/// liveness tasks (the leases then lapse).
+/// liveness threads (the leases then lapse).
 pub struct Etcd {
     shared: Arc<Shared>,
     tasks: Mutex<Vec<AbortHandle>>,
+    /// Dropped with the store: each liveness thread stops when its sender is gone.
+    liveness: Mutex<Vec<tokio::sync::oneshot::Sender<()>>>,
 }
 
 /// What the background tasks share with the handle.
 struct Shared {
     client: Client,
+    /// How `client` was made, for the liveness threads' own connections.
+    options: EtcdOptions,
+    /// Whether liveness runs on a thread and a connection of its own (a store opened with
+    /// [`Etcd::open`], a real host), or as a task on the shared client (simulated hosts, which
+    /// share connections by design, see `crate::sim`).
+    own_liveness: bool,
     prefix: String,
     lease_ttl: Duration,
+    /// The state published to subscribers.
     state: watch::Sender<Arc<State>>,
+    /// What edits run on: the state with the guards' revisions, consistent with each other.
+    view: watch::Sender<Arc<View>>,
     hosts: watch::Sender<Arc<Vec<HostStatus>>>,
-    /// The etcd revision that `state` and `hosts` reflect.
+    /// The etcd revision that `view` and `hosts` reflect.
     applied: watch::Sender<i64>,
     /// Realized revisions reported for the hosts this store keeps alive, by name.
     local: Mutex<BTreeMap<String, Local>>,
@@ -196,7 +201,7 @@ struct Shared {
 }
 
 /// What a store's watch has received since the store opened (`Store::watch_stats`).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct WatchStats {
     /// Watch responses (etcd sends the events of one revision in one response).
     pub responses: u64,
@@ -295,26 +300,45 @@ fn encoded_len(resp: &etcd_client::WatchResponse) -> u64 {
 
 struct Local {
     realized: watch::Sender<Realized>,
-    /// Whether its liveness task runs (started by `register_host`).
+    /// Whether its liveness thread runs (started by `register_host`).
     alive: bool,
 }
 
-/// What this store knows of the keys under the prefix.
+/// The desired state as this store last applied it, with the `mod_revision`s the guards of an
+/// edit compare (see [`layout::Guard`]). Cheap to clone (persistent maps).
+#[derive(Clone, Debug, Default)]
+struct View {
+    state: Arc<State>,
+    /// `u/<uni>/version`, by universe.
+    versions: imbl::HashMap<String, i64>,
+    /// `catalog`.
+    catalog: i64,
+    /// Other guarded keys (`hosts/<name>`, `tokens/<id>`), relative.
+    keys: imbl::HashMap<String, i64>,
+}
+
+impl View {
+    fn mod_revision(&self, guard: &Guard) -> i64 {
+        match guard {
+            Guard::Universe(u) => self.versions.get(u).copied().unwrap_or(0),
+            Guard::Catalog => self.catalog,
+            Guard::Unchanged(k) => self.keys.get(k).copied().unwrap_or(0),
+            Guard::Absent(_) => 0,
+        }
+    }
+}
+
+/// What the follower task keeps.
 #[derive(Default)]
 struct Cache {
-    /// Desired-state keys (relative) and their values.
-    desired: BTreeMap<String, Vec<u8>>,
-    /// Hosts by name: the last report seen, and whether `alive/<name>` exists.
+    state: State,
+    versions: imbl::HashMap<String, i64>,
+    catalog: i64,
+    keys: imbl::HashMap<String, i64>,
+    /// Hosts by name: the last realized revision seen, and whether `alive/<name>` exists.
     alive: BTreeMap<String, (Realized, bool)>,
     /// The etcd revision this cache reflects.
     revision: i64,
-}
-
-/// One consistent read of every key under the prefix.
-struct Snapshot {
-    cache: Cache,
-    /// `mod_revision` of the `revision` key (0: absent, an empty store).
-    revision_mod: i64,
 }
 
 /// Why a watch stream ended.
@@ -329,34 +353,48 @@ impl Drop for Etcd {
         for task in lock(&self.tasks).drain(..) {
             task.abort();
         }
+        lock(&self.liveness).clear();
     }
 }
 
 impl Etcd {
     pub(super) async fn open(options: EtcdOptions) -> Result<Arc<Etcd>> {
         let client = connect(&options).await?;
-        Etcd::open_with_client(options, client).await
+        Etcd::open_on(options, client, true).await
     }
 
     /// [`Etcd::open`] over a client that others may share (a clone of one [`connect`] made):
-    /// this store's watch and lease are its own streams on that client's connections.
+    /// this store's watch and lease are its own streams on that client's connections (the
+    /// lease kept by a task on that client, not on a thread of its own).
     pub(super) async fn open_with_client(
         options: EtcdOptions,
         client: Client,
     ) -> Result<Arc<Etcd>> {
+        Etcd::open_on(options, client, false).await
+    }
+
+    async fn open_on(
+        options: EtcdOptions,
+        client: Client,
+        own_liveness: bool,
+    ) -> Result<Arc<Etcd>> {
         let endpoints = options.endpoints.join(",");
-        let mut prefix = options.prefix;
+        let mut prefix = options.prefix.clone();
         if !prefix.ends_with('/') {
             prefix.push('/');
         }
         let (state, _) = watch::channel(Arc::new(State::default()));
+        let (view, _) = watch::channel(Arc::new(View::default()));
         let (hosts, _) = watch::channel(Arc::new(Vec::new()));
         let (applied, _) = watch::channel(0);
         let shared = Arc::new(Shared {
             client,
+            options: options.clone(),
+            own_liveness,
             prefix,
             lease_ttl: options.lease_ttl,
             state,
+            view,
             hosts,
             applied,
             local: Mutex::new(BTreeMap::new()),
@@ -366,9 +404,11 @@ impl Etcd {
         });
 
         let mut delay = RETRY_MIN;
+        // The first state must decode: publishing nothing (or an empty state) instead would
+        // make the reconciler tear the dataplane down.
         let cache = loop {
             match shared.read().await {
-                Ok(snap) => break snap.cache,
+                Ok(cache) => break cache,
                 // Waiting cannot help these: a corrupt key, or credentials etcd refuses.
                 Err(e @ (Error::Corrupt { .. } | Error::Denied { .. })) => return Err(e),
                 Err(Error::Etcd { source, .. }) if credentials_refused(&source) => {
@@ -384,17 +424,12 @@ impl Etcd {
                 }
             }
         };
-        // The first state must decode: publishing nothing (or an empty state) instead would
-        // make the reconciler tear the dataplane down.
-        let first =
-            decode(&shared.prefix, cache.desired.iter().map(|(k, v)| (k.as_str(), &v[..])))?;
-        shared.state.send_replace(Arc::new(first));
-        shared.publish(&cache, false);
+        shared.publish(&cache, true);
         tracing::info!(
             etcd = %endpoints,
             prefix = %shared.prefix,
             etcd_revision = cache.revision,
-            revision = shared.state.borrow().revision,
+            revision = cache.state.revision,
             "following the desired state in etcd"
         );
 
@@ -403,6 +438,7 @@ impl Etcd {
         Ok(Arc::new(Etcd {
             shared,
             tasks: Mutex::new(vec![follow.abort_handle(), trim.abort_handle()]),
+            liveness: Mutex::new(Vec::new()),
         }))
     }
 
@@ -429,34 +465,54 @@ impl Etcd {
         T: Send + 'static,
     {
         let sh = &self.shared;
-        let mut delay = Duration::from_millis(5);
         for attempt in 1..=MAX_ATTEMPTS {
-            let snap = sh.read().await?;
-            let current =
-                decode(&sh.prefix, snap.cache.desired.iter().map(|(k, v)| (k.as_str(), &v[..])))?;
-            let (out, next) = apply_edit(&current, &mut f)?;
-            let Some(next) = next else {
-                return Ok((out, current.revision));
-            };
-            let before = encode(&sh.prefix, &current)?;
-            let after = encode(&sh.prefix, &next)?;
-            let mut ops = Vec::new();
-            for (key, value) in &after {
-                if before.get(key) != Some(value) {
-                    ops.push(TxnOp::put(sh.key(key), value.clone(), None));
-                }
+            let view = sh.view.borrow().clone();
+            let base = &view.state;
+            let mut next = State::clone(base);
+            let out = f(&mut next)?;
+            if !next.is_changed() {
+                return Ok((out, base.revision));
             }
-            for key in before.keys().filter(|k| !after.contains_key(*k)) {
-                ops.push(TxnOp::delete(sh.key(key), None));
+            crate::compile::check_fits(&next)?;
+            let delta = layout::delta(base, &next)?;
+            if delta.is_empty() {
+                return Ok((out, base.revision));
             }
-            if ops.len() > MAX_TXN_OPS {
-                return Err(too_many_keys(&current, &next, ops.len()).into());
+            let compares: Vec<Compare> = delta
+                .guards
+                .iter()
+                .map(|g| match g {
+                    Guard::Absent(k) => Compare::create_revision(sh.key(k), CompareOp::Equal, 0),
+                    Guard::Universe(u) => Compare::mod_revision(
+                        sh.key(&layout::version_key(u)),
+                        CompareOp::Equal,
+                        view.mod_revision(g),
+                    ),
+                    Guard::Catalog => Compare::mod_revision(
+                        sh.key(layout::CATALOG),
+                        CompareOp::Equal,
+                        view.mod_revision(g),
+                    ),
+                    Guard::Unchanged(k) => {
+                        Compare::mod_revision(sh.key(k), CompareOp::Equal, view.mod_revision(g))
+                    }
+                })
+                .collect();
+            let ops: Vec<TxnOp> = delta.ops.iter().map(|op| sh.txn_op(op)).collect();
+            if ops.len() > MAX_TXN_OPS || compares.len() > MAX_TXN_OPS {
+                return Err(model::Error::conflict(
+                    "limit_exceeded",
+                    None,
+                    format!(
+                        "this edit changes {} keys in etcd at once, more than the {MAX_TXN_OPS} \
+                         operations one etcd transaction may hold (etcd --max-txn-ops): split it \
+                         into smaller edits",
+                        ops.len()
+                    ),
+                )
+                .into());
             }
-            // A missing key compares with mod_revision 0, so the first edit of an empty
-            // store is guarded too.
-            let guard =
-                Compare::mod_revision(sh.key(REVISION), CompareOp::Equal, snap.revision_mod);
-            let txn = Txn::new().when(vec![guard]).and_then(ops);
+            let txn = Txn::new().when(compares).and_then(ops);
             let mut kv = sh.client.kv_client();
             let resp = match timed("transaction (commit an edit)", kv.txn(txn)).await {
                 Err(Error::Etcd { source: etcd_client::Error::GRpcStatus(status), .. })
@@ -473,16 +529,21 @@ impl Etcd {
                 }
                 other => other?,
             };
+            let at = resp.header().map_or(0, |h| h.revision());
             if resp.succeeded() {
-                let committed = resp.header().map_or(0, |h| h.revision());
-                sh.wait_applied(committed).await;
-                return Ok((out, next.revision));
+                sh.wait_applied(at).await;
+                sh.clean_up(delta.cleanup).await;
+                return Ok((out, u64::try_from(at).unwrap_or(0)));
             }
-            tracing::debug!(attempt, "another edit committed first; running the edit again");
-            // Jitter, so that two hosts that keep colliding drift apart.
-            let ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX);
-            tokio::time::sleep(Duration::from_millis(rand::random_range(0..=ms))).await;
-            delay = (delay * 2).min(Duration::from_millis(500));
+            // Another edit of the same universe (or a claim) got in first: run again on the
+            // state that includes it, as soon as the watch has applied it.
+            tracing::debug!(attempt, etcd_revision = at, "a guard failed; running the edit again");
+            sh.wait_applied(at).await;
+            if attempt > 8 {
+                // Many collisions in a row: let the others drift apart.
+                let ms = rand::random_range(0..=u64::from(attempt.min(40)));
+                tokio::time::sleep(Duration::from_millis(ms)).await;
+            }
         }
         Err(Error::Contention { attempts: MAX_ATTEMPTS })
     }
@@ -505,18 +566,33 @@ impl Etcd {
         .await?;
         let realized = {
             let mut local = lock(&self.shared.local);
-            let entry = local.entry(name.to_owned()).or_insert_with(|| Local {
-                realized: watch::channel(Realized::default()).0,
-                alive: false,
-            });
+            let entry = local
+                .entry(name.to_owned())
+                .or_insert_with(|| Local { realized: watch::channel(Realized::default()).0, alive: false });
             if entry.alive {
                 return Ok(());
             }
             entry.alive = true;
             entry.realized.subscribe()
         };
-        let task = tokio::spawn(self.shared.clone().keep_alive(name.to_owned(), realized));
-        lock(&self.tasks).push(task.abort_handle());
+        if !self.shared.own_liveness {
+            let task = tokio::spawn(self.shared.clone().keep_alive(name.to_owned(), realized));
+            lock(&self.tasks).push(task.abort_handle());
+            return Ok(());
+        }
+        let (stop, stopped) = tokio::sync::oneshot::channel();
+        let shared = self.shared.clone();
+        let name = name.to_owned();
+        let thread = std::thread::Builder::new()
+            .name(format!("liveness-{name}"))
+            .spawn(move || shared.liveness_thread(name, realized, stopped));
+        if let Err(e) = thread {
+            return Err(Error::Etcd {
+                op: "lease keep-alive",
+                source: etcd_client::Error::Internal(format!("cannot start its thread: {e}")),
+            });
+        }
+        lock(&self.liveness).push(stop);
         Ok(())
     }
 
@@ -594,35 +670,95 @@ impl Shared {
         format!("{}{relative}", self.prefix)
     }
 
-    /// Reads every key under the prefix but the audit trail, at one etcd revision: the keys
-    /// before `audit/` and the keys after it, in one transaction.
-    async fn read(&self) -> Result<Snapshot> {
-        let mut kv = self.client.kv_client().max_decoding_message_size(MAX_MESSAGE);
+    /// The key ranges this store follows: everything under the prefix but the audit trail.
+    fn ranges(&self) -> Vec<(String, Vec<u8>)> {
         let mut end = self.prefix.clone().into_bytes();
         // The prefix ends with '/': the first key after every key under it ends with '0'.
         if let Some(last) = end.last_mut() {
             *last += 1;
         }
-        let ranges = vec![
-            TxnOp::get(self.prefix.clone(), Some(GetOptions::new().with_range(self.key(AUDIT)))),
-            TxnOp::get(self.key(AUDIT_END), Some(GetOptions::new().with_range(end))),
-        ];
+        vec![(self.prefix.clone(), self.key(AUDIT).into_bytes()), (self.key(AUDIT_END), end)]
+    }
+
+    fn txn_op(&self, op: &Op) -> TxnOp {
+        match op {
+            Op::Put { key, value } => TxnOp::put(self.key(key), value.clone(), None),
+            Op::Delete { key } => TxnOp::delete(self.key(key), None),
+            Op::DeletePrefix { prefix } => {
+                TxnOp::delete(self.key(prefix), Some(DeleteOptions::new().with_prefix()))
+            }
+        }
+    }
+
+    /// Deletes keys an edit left for afterwards (claims of the groups of a deleted universe), a
+    /// transaction of at most [`MAX_TXN_OPS`] at a time. Best effort: a claim left behind only
+    /// keeps its id from being drawn again.
+    async fn clean_up(&self, keys: Vec<String>) {
+        for chunk in keys.chunks(MAX_TXN_OPS) {
+            let ops: Vec<TxnOp> = chunk.iter().map(|k| TxnOp::delete(self.key(k), None)).collect();
+            let mut kv = self.client.kv_client();
+            if let Err(e) = timed("delete (claims)", kv.txn(Txn::new().and_then(ops))).await {
+                tracing::warn!(error = %e, "could not delete the claims of a deleted universe");
+                return;
+            }
+        }
+    }
+
+    /// Reads every key under the prefix at one etcd revision.
+    async fn read(&self) -> Result<Cache> {
+        let mut kv = self.client.kv_client().max_decoding_message_size(MAX_MESSAGE);
+        let ranges = self
+            .ranges()
+            .into_iter()
+            .map(|(start, end)| TxnOp::get(start, Some(GetOptions::new().with_range(end))))
+            .collect::<Vec<_>>();
         let resp =
             timed("range (read the desired state)", kv.txn(Txn::new().and_then(ranges))).await?;
         let mut cache =
             Cache { revision: resp.header().map_or(0, |h| h.revision()), ..Cache::default() };
-        let mut revision_mod = 0;
-        for op in resp.op_responses() {
-            let TxnOpResponse::Get(range) = op else { continue };
-            for kv in range.kvs() {
+        let all: Vec<etcd_client::KeyValue> = resp
+            .op_responses()
+            .into_iter()
+            .filter_map(|op| match op {
+                TxnOpResponse::Get(range) => Some(range.kvs().to_vec()),
+                _ => None,
+            })
+            .flatten()
+            .collect();
+        // Keys in the order they were created, one batch per transaction: rules then come in
+        // the order the watch appended them (see `layout::apply`).
+        let mut kvs: Vec<&etcd_client::KeyValue> = all.iter().collect();
+        kvs.sort_by(|a, b| (a.create_revision(), a.key()).cmp(&(b.create_revision(), b.key())));
+        // The revision of the last change of the desired state: every change writes a guard
+        // key (a universe's version, the catalog) or a host record.
+        let mut last_change = 0;
+        let mut start = 0;
+        while start < kvs.len() {
+            let created = kvs[start].create_revision();
+            let end = kvs[start..]
+                .iter()
+                .position(|kv| kv.create_revision() != created)
+                .map_or(kvs.len(), |n| start + n);
+            let mut events = Vec::new();
+            for kv in &kvs[start..end] {
                 let Some(rel) = self.relative(kv.key()) else { continue };
-                if rel == REVISION {
-                    revision_mod = kv.mod_revision();
+                cache.record(rel, Some(kv.value()), kv.mod_revision(), &self.prefix);
+                let state = layout::is_state(rel);
+                if state
+                    || matches!(layout::kind(rel), layout::Kind::Catalog | layout::Kind::Version(_))
+                {
+                    last_change = last_change.max(kv.mod_revision());
                 }
-                cache.put(rel, kv.value(), &self.prefix);
+                if state {
+                    events.push(layout::Event { key: rel, value: Some(kv.value()) });
+                }
             }
+            layout::apply(&mut cache.state, &events)?;
+            start = end;
         }
-        Ok(Snapshot { cache, revision_mod })
+        cache.state.clear_changes();
+        cache.state.revision = u64::try_from(last_change).unwrap_or(0);
+        Ok(cache)
     }
 
     /// Keeps the audit trail within its retention, for as long as the store lives (every host
@@ -702,32 +838,25 @@ impl Shared {
             tracing::warn!(
                 etcd_revision = revision,
                 applied = *self.applied.borrow(),
-                "the watch has not delivered a committed edit in time; returning anyway"
+                "the watch has not delivered a revision in time; going on anyway"
             );
         }
     }
 
-    /// Publishes what `cache` holds: the state (when `desired_changed`, and only if it
-    /// decodes), the hosts, then the applied etcd revision.
+    /// Publishes what `cache` holds: the view edits run on, the state (when
+    /// `desired_changed`), the hosts, then the applied etcd revision.
     fn publish(&self, cache: &Cache, desired_changed: bool) {
+        let state = Arc::new(cache.state.clone());
+        // The view first: a subscriber woken by the state may edit at once, on the view.
+        self.view.send_replace(Arc::new(View {
+            state: state.clone(),
+            versions: cache.versions.clone(),
+            catalog: cache.catalog,
+            keys: cache.keys.clone(),
+        }));
         if desired_changed {
-            match decode(&self.prefix, cache.desired.iter().map(|(k, v)| (k.as_str(), &v[..]))) {
-                Ok(state) => {
-                    self.state.send_if_modified(|cur| {
-                        if **cur == state {
-                            return false;
-                        }
-                        *cur = Arc::new(state);
-                        true
-                    });
-                }
-                Err(e) => tracing::error!(
-                    error = %e, etcd_revision = cache.revision,
-                    "the desired state in etcd does not decode; keeping the last good one"
-                ),
-            }
+            self.state.send_replace(state.clone());
         }
-        let state = self.state.borrow().clone();
         let mut hosts: BTreeMap<&str, HostStatus> = state
             .hosts
             .values()
@@ -784,8 +913,11 @@ impl Shared {
                     );
                     loop {
                         match self.read().await {
-                            Ok(snap) => {
-                                cache = snap.cache;
+                            Ok(mut fresh) => {
+                                // Monotonic (S13), even if the read shows an older revision.
+                                fresh.state.revision =
+                                    fresh.state.revision.max(cache.state.revision);
+                                cache = fresh;
                                 self.publish(&cache, true);
                                 break;
                             }
@@ -811,13 +943,27 @@ impl Shared {
 
     /// One watch stream from `cache.revision + 1`, applied to `cache` until it ends.
     async fn watch(&self, cache: &mut Cache, delay: &mut Duration) -> WatchEnd {
-        let options = WatchOptions::new().with_prefix().with_start_revision(cache.revision + 1);
         let mut client = self.client.watch_client().max_decoding_message_size(MAX_MESSAGE);
-        let mut stream =
-            match timed("watch", client.watch(self.prefix.clone(), Some(options))).await {
-                Ok(s) => s,
-                Err(e) => return WatchEnd::Failed(e),
-            };
+        let mut ranges = self.ranges().into_iter();
+        let options = |end: Vec<u8>| {
+            WatchOptions::new().with_range(end).with_start_revision(cache.revision + 1)
+        };
+        let Some((start, end)) = ranges.next() else {
+            return WatchEnd::Failed(Error::Etcd {
+                op: "watch",
+                source: etcd_client::Error::WatchError("no range to watch".into()),
+            });
+        };
+        let mut stream = match timed("watch", client.watch(start, Some(options(end)))).await {
+            Ok(s) => s,
+            Err(e) => return WatchEnd::Failed(e),
+        };
+        // The other ranges on the same stream.
+        for (start, end) in ranges {
+            if let Err(source) = stream.watch(start, Some(options(end))).await {
+                return WatchEnd::Failed(Error::Etcd { op: "watch", source });
+            }
+        }
         loop {
             let resp = match stream.message().await {
                 Ok(Some(resp)) => resp,
@@ -844,30 +990,93 @@ impl Shared {
             self.received.count(&resp);
             // The stream works: the next failure starts its backoff afresh.
             *delay = RETRY_MIN;
+            if resp.events().is_empty() {
+                continue;
+            }
             let mut desired_changed = false;
-            for event in resp.events() {
-                let Some(kv) = event.kv() else { continue };
-                let Some(rel) = self.relative(kv.key()) else { continue };
-                // etcd sends every event of one revision (one transaction) in one response,
-                // so the state published below is never half an edit.
-                desired_changed |= match event.event_type() {
-                    EventType::Put => cache.put(rel, kv.value(), &self.prefix),
-                    EventType::Delete => cache.delete(rel),
-                };
-                cache.revision = cache.revision.max(kv.mod_revision());
+            // etcd sends every event of one revision (one transaction) in one response; each
+            // transaction is applied as one batch, so a published state is never half an edit.
+            let events = resp.events();
+            let mut start = 0;
+            while start < events.len() {
+                let rev = events[start].kv().map_or(0, |kv| kv.mod_revision());
+                let end = events[start..]
+                    .iter()
+                    .position(|e| e.kv().map_or(0, |kv| kv.mod_revision()) != rev)
+                    .map_or(events.len(), |n| start + n);
+                let mut batch = Vec::new();
+                for event in &events[start..end] {
+                    let Some(kv) = event.kv() else { continue };
+                    let Some(rel) = self.relative(kv.key()) else { continue };
+                    let value = match event.event_type() {
+                        EventType::Put => Some(kv.value()),
+                        EventType::Delete => None,
+                    };
+                    cache.record(rel, value, kv.mod_revision(), &self.prefix);
+                    if layout::is_state(rel) {
+                        batch.push(layout::Event { key: rel, value });
+                    }
+                }
+                match layout::apply(&mut cache.state, &batch) {
+                    Ok(changed) => {
+                        if changed {
+                            cache.state.revision = u64::try_from(rev).unwrap_or(0);
+                            desired_changed = true;
+                        }
+                    }
+                    Err(e) => tracing::error!(
+                        error = %e, etcd_revision = rev,
+                        "a change of the desired state in etcd does not decode; skipping it"
+                    ),
+                }
+                cache.state.clear_changes();
+                cache.revision = cache.revision.max(rev);
+                start = end;
             }
-            if !resp.events().is_empty() {
-                self.publish(cache, desired_changed);
+            if let Some(h) = resp.header() {
+                cache.revision = cache.revision.max(h.revision());
             }
+            self.publish(cache, desired_changed);
         }
     }
 
+    /// The liveness thread of host `name`: its own runtime and its own etcd connection, so that
+    /// renewals never wait behind edits; until `stop` fires (or its sender is dropped).
+    fn liveness_thread(
+        self: Arc<Shared>,
+        name: String,
+        realized: watch::Receiver<Realized>,
+        stop: tokio::sync::oneshot::Receiver<()>,
+    ) {
+        let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::error!(host = %name, error = %e, "cannot start the liveness runtime");
+                return;
+            }
+        };
+        runtime.block_on(async move {
+            tokio::select! {
+                _ = stop => {}
+                () = self.keep_alive(name, realized) => {}
+            }
+        });
+    }
+
     /// Keeps `alive/<name>` alive for as long as the store lives.
-    async fn keep_alive(self: Arc<Shared>, name: String, mut realized: watch::Receiver<Realized>) {
+    async fn keep_alive(self: Arc<Self>, name: String, mut realized: watch::Receiver<Realized>) {
         let mut delay = RETRY_MIN;
         loop {
             let started = Instant::now();
-            let e = self.alive_session(&name, &mut realized).await;
+            let client = if self.own_liveness {
+                connect(&self.options).await
+            } else {
+                Ok(self.client.clone())
+            };
+            let e = match client {
+                Ok(client) => self.alive_session(&client, &name, &mut realized).await,
+                Err(e) => e,
+            };
             if started.elapsed() > self.lease_ttl {
                 delay = RETRY_MIN;
             }
@@ -880,10 +1089,15 @@ impl Shared {
 
     /// One lease: grant it, put the liveness record under it, keep it alive and rewrite the
     /// record on each new realized revision, until something fails.
-    async fn alive_session(&self, name: &str, realized: &mut watch::Receiver<Realized>) -> Error {
+    async fn alive_session(
+        &self,
+        client: &Client,
+        name: &str,
+        realized: &mut watch::Receiver<Realized>,
+    ) -> Error {
         let ttl_s = i64::try_from(self.lease_ttl.as_secs()).unwrap_or(i64::MAX).max(1);
         let key = self.key(&format!("{ALIVE}{name}"));
-        let mut lease = self.client.lease_client();
+        let mut lease = client.lease_client();
         // etcd may grant more than asked (its minimum is 1.5 election timeouts): renew at the
         // pace of what was granted.
         let (id, ttl) = match timed("lease grant", lease.grant(ttl_s, None)).await {
@@ -895,7 +1109,7 @@ impl Shared {
                 Ok(k) => k,
                 Err(e) => return e,
             };
-        let mut kv = self.client.kv_client();
+        let mut kv = client.kv_client();
         let mut report = realized.borrow_and_update().clone();
         let put = PutOptions::new().with_lease(id);
         if let Err(e) =
@@ -931,7 +1145,7 @@ impl Shared {
                 }
                 changed = realized.changed() => {
                     if changed.is_err() {
-                        // The sender lives in `self.local`, as long as this task: unreachable,
+                        // The sender lives in `self.local`, as long as this thread: unreachable,
                         // but a lost sender must not turn into a busy loop.
                         return Error::Etcd {
                             op: "put (liveness)",
@@ -957,67 +1171,51 @@ impl Shared {
 }
 
 impl Cache {
-    /// Records a put of `rel`; returns whether it is a desired-state key.
-    fn put(&mut self, rel: &str, value: &[u8], prefix: &str) -> bool {
-        if rel.starts_with(AUDIT) {
-            return false;
-        }
+    /// Records what a key read back says of guards and liveness (the state itself is applied
+    /// by [`layout::apply`]).
+    fn record(&mut self, rel: &str, value: Option<&[u8]>, mod_revision: i64, prefix: &str) {
         if let Some(name) = rel.strip_prefix(ALIVE) {
-            let report = decode_report(value).unwrap_or_else(|| {
-                tracing::warn!(key = %format!("{prefix}{rel}"), "liveness record is not a report; counting it as revision 0");
-                Realized::default()
-            });
-            self.alive.insert(name.to_owned(), (report, true));
-            false
-        } else {
-            self.desired.insert(rel.to_owned(), value.to_vec());
-            true
-        }
-    }
-
-    /// Records a delete of `rel`; returns whether it is a desired-state key. A host whose
-    /// liveness record is gone keeps its last realized revision, unhealthy.
-    fn delete(&mut self, rel: &str) -> bool {
-        if rel.starts_with(AUDIT) {
-            return false;
-        }
-        if let Some(name) = rel.strip_prefix(ALIVE) {
-            if let Some(entry) = self.alive.get_mut(name) {
-                entry.1 = false;
+            match value {
+                Some(value) => {
+                    let report = decode_report(value).unwrap_or_else(|| {
+                        tracing::warn!(key = %format!("{prefix}{rel}"), "liveness record is not a report; counting it as revision 0");
+                        Realized::default()
+                    });
+                    self.alive.insert(name.to_owned(), (report, true));
+                }
+                // A host whose liveness record is gone keeps its last realized revision,
+                // unhealthy.
+                None => {
+                    if let Some(entry) = self.alive.get_mut(name) {
+                        entry.1 = false;
+                    }
+                }
             }
-            false
-        } else {
-            self.desired.remove(rel).is_some()
+            return;
+        }
+        match layout::kind(rel) {
+            layout::Kind::Version(uni) => match value {
+                Some(_) => {
+                    self.versions.insert(uni.to_owned(), mod_revision);
+                }
+                None => {
+                    self.versions.remove(uni);
+                }
+            },
+            layout::Kind::Catalog => {
+                self.catalog = if value.is_some() { mod_revision } else { 0 };
+            }
+            layout::Kind::Host(_) | layout::Kind::Token(_) => match value {
+                Some(_) => {
+                    self.keys.insert(rel.to_owned(), mod_revision);
+                }
+                None => {
+                    self.keys.remove(rel);
+                }
+            },
+            _ => {}
         }
     }
-}
-
-/// The refusal of an edit that changes more than [`MAX_TXN_OPS`] keys, saying what to do.
-fn too_many_keys(current: &State, next: &State, keys: usize) -> model::Error {
-    let gone: Vec<&String> =
-        current.universes.keys().filter(|id| !next.universes.contains_key(*id)).collect();
-    let hint = match gone.as_slice() {
-        [id] => {
-            let groups = current.groups.values().filter(|g| &g.universe == *id).count();
-            let tokens =
-                current.tokens.values().filter(|t| t.universe.as_ref() == Some(*id)).count();
-            format!(
-                ": universe {id} has {groups} security groups and {tokens} API tokens, all \
-                 deleted with it; delete some of them first (a universe can be deleted with at \
-                 most {} of its groups and tokens together)",
-                MAX_TXN_OPS - 3
-            )
-        }
-        _ => ": split it into smaller edits".to_owned(),
-    };
-    model::Error::conflict(
-        "limit_exceeded",
-        None,
-        format!(
-            "this edit changes {keys} keys in etcd at once, more than the {MAX_TXN_OPS} \
-             operations one etcd transaction may hold (etcd --max-txn-ops){hint}"
-        ),
-    )
 }
 
 /// A liveness record's value: the report as JSON.
@@ -1033,119 +1231,6 @@ fn decode_report(value: &[u8]) -> Option<Realized> {
         return Some(Realized::at(revision));
     }
     serde_json::from_str(text).ok()
-}
-
-/// The desired state as keys (relative to the prefix) and values. See the module contract.
-fn encode(prefix: &str, state: &State) -> Result<BTreeMap<String, Vec<u8>>> {
-    fn json<V: Serialize>(prefix: &str, key: &str, v: &V) -> Result<Vec<u8>> {
-        serde_json::to_vec(v).map_err(|e| Error::Corrupt {
-            key: format!("{prefix}{key}"),
-            reason: format!("cannot serialize: {e}"),
-        })
-    }
-    let mut out = BTreeMap::new();
-    out.insert(REVISION.to_owned(), state.revision.to_string().into_bytes());
-    let counters =
-        Counters { vnis_issued: state.vnis_issued, serials_issued: state.serials_issued };
-    out.insert(COUNTERS.to_owned(), json(prefix, COUNTERS, &counters)?);
-    for (id, v) in &state.universes {
-        let key = format!("universes/{id}");
-        out.insert(key.clone(), json(prefix, &key, v)?);
-    }
-    for (id, v) in &state.groups {
-        let key = format!("groups/{id}");
-        out.insert(key.clone(), json(prefix, &key, v)?);
-    }
-    for (id, v) in &state.endpoints {
-        let key = format!("endpoints/{id}");
-        out.insert(key.clone(), json(prefix, &key, v)?);
-    }
-    for (n, v) in &state.identities {
-        let key = format!("identities/{n}");
-        out.insert(key.clone(), json(prefix, &key, v)?);
-    }
-    for (name, v) in &state.hosts {
-        let key = format!("hosts/{name}");
-        out.insert(key.clone(), json(prefix, &key, v)?);
-    }
-    for (id, v) in &state.tokens {
-        let key = format!("tokens/{id}");
-        out.insert(key.clone(), json(prefix, &key, v)?);
-    }
-    Ok(out)
-}
-
-/// The desired state from keys relative to the prefix (liveness keys are skipped). Fails on
-/// the first key that does not hold what [`encode`] writes, naming it; keys of an unknown kind
-/// are ignored with a warning (a newer version may have written them).
-fn decode<'a>(prefix: &str, kvs: impl IntoIterator<Item = (&'a str, &'a [u8])>) -> Result<State> {
-    fn json<T: DeserializeOwned>(value: &[u8]) -> Result<T, String> {
-        serde_json::from_slice(value).map_err(|e| format!("not the JSON expected: {e}"))
-    }
-    fn check(id: &str, field: &str) -> Result<(), String> {
-        if id == field {
-            Ok(())
-        } else {
-            Err(format!("holds the object {field:?}, not {id:?}"))
-        }
-    }
-    let mut state = State::default();
-    for (key, value) in kvs {
-        let corrupt = |reason: String| Error::Corrupt { key: format!("{prefix}{key}"), reason };
-        if key == REVISION {
-            state.revision = std::str::from_utf8(value)
-                .ok()
-                .and_then(|t| t.trim().parse().ok())
-                .ok_or_else(|| corrupt("not a decimal revision".into()))?;
-            continue;
-        }
-        if key == COUNTERS {
-            let c: Counters = json(value).map_err(corrupt)?;
-            state.vnis_issued = c.vnis_issued;
-            state.serials_issued = c.serials_issued;
-            continue;
-        }
-        let Some((kind, id)) = key.split_once('/') else {
-            tracing::warn!(key = %format!("{prefix}{key}"), "ignoring an unknown key");
-            continue;
-        };
-        match kind {
-            "universes" => {
-                let v: model::Universe = json(value).map_err(corrupt)?;
-                check(id, &v.id).map_err(corrupt)?;
-                state.universes.insert(id.to_owned(), v);
-            }
-            "groups" => {
-                let v: model::SecurityGroup = json(value).map_err(corrupt)?;
-                check(id, &v.id).map_err(corrupt)?;
-                state.groups.insert(id.to_owned(), v);
-            }
-            "endpoints" => {
-                let v: model::Endpoint = json(value).map_err(corrupt)?;
-                check(id, &v.id).map_err(corrupt)?;
-                state.endpoints.insert(id.to_owned(), v);
-            }
-            "identities" => {
-                let n: u32 = id.parse().map_err(|_| corrupt("not an identity number".into()))?;
-                let v: model::Identity = json(value).map_err(corrupt)?;
-                state.identities.insert(n, v);
-            }
-            "hosts" => {
-                let v: HostRecord = json(value).map_err(corrupt)?;
-                check(id, &v.name).map_err(corrupt)?;
-                state.hosts.insert(id.to_owned(), v);
-            }
-            "tokens" => {
-                let v: model::Token = json(value).map_err(corrupt)?;
-                check(id, &v.id).map_err(corrupt)?;
-                state.tokens.insert(id.to_owned(), v);
-            }
-            "alive" | "audit" => {}
-            _ => tracing::warn!(key = %format!("{prefix}{key}"), "ignoring an unknown key"),
-        }
-    }
-    state.complete_legacy();
-    Ok(state)
 }
 
 /// A client of the etcd cluster `options` names (connections are made lazily: this fails only
@@ -1243,120 +1328,12 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 mod tests {
     use super::*;
 
-    fn sample() -> State {
-        let mut s = State::default();
-        let u = s
-            .create_universe(model::CreateUniverse {
-                name: "blue".into(),
-                cidr: Some("10.1.0.0/16".into()),
-                cidrs: None,
-            })
-            .unwrap();
-        let g = s
-            .create_group(model::CreateGroup {
-                universe: u.id.clone(),
-                name: "web".into(),
-                description: None,
-            })
-            .unwrap();
-        s.add_rule(
-            &g.id,
-            model::CreateRule {
-                direction: "ingress".into(),
-                protocol: serde_json::json!("tcp"),
-                from_port: Some(80),
-                to_port: Some(80),
-                cidr: Some("10.0.0.0/8".into()),
-                ..Default::default()
-            },
-        )
-        .unwrap();
-        s.create_endpoint(
-            model::CreateEndpoint {
-                universe: u.id,
-                host: Some("h2".into()),
-                netns: "ns".into(),
-                ip: "10.1.0.5".into(),
-                security_groups: Some(vec![g.id]),
-                conntrack_budget: None,
-            },
-            "h1",
-        )
-        .unwrap();
-        s.hosts.insert(
-            "h2".into(),
-            HostRecord {
-                name: "h2".into(),
-                underlay_ip: Some(Ipv4Addr::new(198, 18, 0, 2)),
-                api: Some("http://198.18.0.2:7070".into()),
-            },
-        );
-        let secret = model::TokenSecret {
-            id: "tok-0000000a".into(),
-            hash: "0".repeat(64),
-            now: std::time::SystemTime::now(),
-        };
-        let req = model::CreateToken {
-            role: model::Role::Editor,
-            universe: s.universes.keys().next().cloned(),
-            expires: Some("1h".into()),
-            description: Some("ci".into()),
-        };
-        s.create_token(req, &secret).unwrap();
-        s
-    }
-
     #[test]
-    fn state_round_trips_through_one_key_per_object() {
-        let s = sample();
-        let keys = encode("/v/", &s).unwrap();
-        let kinds: Vec<&str> =
-            keys.keys().map(|k| k.split_once('/').map_or(k.as_str(), |(kind, _)| kind)).collect();
-        for kind in [
-            "universes",
-            "groups",
-            "endpoints",
-            "identities",
-            "hosts",
-            "tokens",
-            "revision",
-            "counters",
-        ] {
-            assert!(kinds.contains(&kind), "no {kind} key in {keys:?}");
-        }
-        assert_eq!(keys["revision"], s.revision.to_string().into_bytes());
-        assert_eq!((s.vnis_issued, s.serials_issued), (1, 1));
-        let back = decode("/v/", keys.iter().map(|(k, v)| (k.as_str(), &v[..]))).unwrap();
-        assert_eq!(back, s);
-    }
-
-    #[test]
-    fn a_corrupt_key_is_named_and_liveness_keys_are_not_state() {
-        let s = sample();
-        let mut keys = encode("/v/", &s).unwrap();
-        keys.insert("alive/h2".into(), b"7".to_vec());
-        keys.insert("future/thing".into(), b"{}".to_vec());
-        let back = decode("/v/", keys.iter().map(|(k, v)| (k.as_str(), &v[..]))).unwrap();
-        assert_eq!(back, s);
-        let id = s.universes.keys().next().unwrap().clone();
-        keys.insert(format!("universes/{id}"), b"{not json".to_vec());
-        let err = decode("/v/", keys.iter().map(|(k, v)| (k.as_str(), &v[..]))).unwrap_err();
-        assert!(err.to_string().contains(&format!("/v/universes/{id}")), "{err}");
-        keys.insert(
-            format!("universes/{id}"),
-            encode("/v/", &s).unwrap()[&format!("universes/{id}")].clone(),
-        );
-        keys.insert("revision".into(), b"x".to_vec());
-        let err = decode("/v/", keys.iter().map(|(k, v)| (k.as_str(), &v[..]))).unwrap_err();
-        assert!(err.to_string().contains("/v/revision"), "{err}");
-    }
-
-    #[test]
-    fn cache_tracks_liveness_apart_from_the_state() {
+    fn cache_tracks_liveness_and_guards_apart_from_the_state() {
         let mut c = Cache::default();
-        assert!(!c.put("alive/h1", b"12", "/v/"));
+        c.record("alive/h1", Some(b"12"), 5, "/v/");
         assert_eq!(c.alive["h1"], (Realized::at(12), true));
-        assert!(!c.delete("alive/h1"));
+        c.record("alive/h1", None, 6, "/v/");
         assert_eq!(
             c.alive["h1"],
             (Realized::at(12), false),
@@ -1370,10 +1347,22 @@ mod tests {
                 message: "no namespace".into(),
             }],
         };
-        assert!(!c.put("alive/h1", encode_report(&failed).as_bytes(), "/v/"));
+        c.record("alive/h1", Some(encode_report(&failed).as_bytes()), 6, "/v/");
         assert_eq!(c.alive["h1"], (failed, true), "errors travel with the revision");
-        assert!(c.put("revision", b"3", "/v/"));
-        assert!(c.delete("revision"));
-        assert!(!c.delete("revision"));
+        c.record("u/uni-1/version", Some(b""), 7, "/v/");
+        c.record("catalog", Some(b""), 8, "/v/");
+        c.record("hosts/h1", Some(b"{}"), 9, "/v/");
+        let view = View {
+            state: Arc::default(),
+            versions: c.versions.clone(),
+            catalog: c.catalog,
+            keys: c.keys.clone(),
+        };
+        assert_eq!(view.mod_revision(&Guard::Universe("uni-1".into())), 7);
+        assert_eq!(view.mod_revision(&Guard::Universe("uni-2".into())), 0);
+        assert_eq!(view.mod_revision(&Guard::Catalog), 8);
+        assert_eq!(view.mod_revision(&Guard::Unchanged("hosts/h1".into())), 9);
+        c.record("u/uni-1/version", None, 10, "/v/");
+        assert!(c.versions.get("uni-1").is_none());
     }
 }

@@ -30,6 +30,7 @@
 pub mod embedded;
 pub mod etcd;
 mod failover;
+pub mod layout;
 
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
@@ -348,15 +349,17 @@ impl Store {
     }
 }
 
-/// Applies `f` to a copy of `current` and bumps the revision if anything changed. Returns
-/// `None` for the state when nothing changed. Shared by both stores.
+/// Applies `f` to a copy of `current` (O(1): persistent tables) and bumps the revision if
+/// anything changed. Returns `None` for the state when nothing changed: the tables' journals
+/// say so, the two states are never compared.
 fn apply_edit<T, F>(current: &State, f: &mut F) -> Result<(T, Option<State>)>
 where
     F: FnMut(&mut State) -> model::Result<T>,
 {
     let mut next = current.clone();
+    next.clear_changes();
     let out = f(&mut next)?;
-    if next == *current {
+    if !next.is_changed() {
         return Ok((out, None));
     }
     // An edit that forgets to bump the revision still gets a new one (S13).

@@ -1,0 +1,890 @@
+//! The desired state as keys and values: the layout both stores keep, what an edit writes, and
+//! how keys read back (one at a time, as a watch delivers them) become a [`State`].
+//!
+//! Contract. Keys are relative (the etcd store puts its prefix before them); values are JSON.
+//!
+//! ```text
+//! universes/<uni>               a universe (the fleet's catalog of universes)
+//! catalog                       guard of every universe creation and deletion (empty value)
+//! u/<uni>/version               guard of every edit inside the universe (empty value)
+//! u/<uni>/groups/<sg>           a security group without its rules
+//! u/<uni>/rules/<sg>/<sgr>      one rule of a group
+//! u/<uni>/endpoints/<ep>        an endpoint
+//! u/<uni>/identities/<n>        a security identity
+//! ids/<sg|ep>                   claim of a group's or an endpoint's id (value: its universe)
+//! identities/<n>                claim of an identity number (value: its universe)
+//! placement/<host>/<netns>      an endpoint on a host ({"endpoint", "universe"}); claims the
+//!                               namespace on that host
+//! hosts/<name>                  a host of the fleet
+//! tokens/<id>                   an API token (the hash of its secret, never the secret)
+//! ```
+//!
+//! Everything of a universe lives under `u/<uni>/`: deleting a universe is one range delete,
+//! however many groups and rules it has, and a host can follow one universe by watching one
+//! prefix. A rule is its own key, so adding a rule writes one rule and the universe's guard,
+//! never the whole group.
+//!
+//! [`delta`] turns the journal of an edit (see [`crate::table`]) into the writes it needs and
+//! the guards that make it safe ([`Guard`]): an edit inside a universe compares that universe's
+//! `version` key (and rewrites it), so edits of different universes never conflict and edits of
+//! one universe serialize; universes are created and deleted under the `catalog` key (names and
+//! VNIs are unique in the fleet); ids, identity numbers and namespaces are claimed by keys that
+//! must be absent (`create`), so two universes cannot take the same one at once.
+//!
+//! [`Loader`] builds a state from keys read back (a full read, a watch's events, an embedded
+//! log's records), one batch (one transaction) at a time.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde::{Deserialize, Serialize};
+
+use super::Error;
+use crate::model::{
+    self, Endpoint, HostRecord, Identity, Rule, SecurityGroup, State, Token, Universe,
+};
+
+pub const CATALOG: &str = "catalog";
+pub const UNIVERSES: &str = "universes/";
+pub const U: &str = "u/";
+pub const IDS: &str = "ids/";
+pub const IDENTITY_CLAIMS: &str = "identities/";
+pub const PLACEMENT: &str = "placement/";
+pub const HOSTS: &str = "hosts/";
+pub const TOKENS: &str = "tokens/";
+
+/// The prefix of everything of universe `uni`.
+pub fn universe_prefix(uni: &str) -> String {
+    format!("{U}{uni}/")
+}
+
+pub fn version_key(uni: &str) -> String {
+    format!("{U}{uni}/version")
+}
+
+fn group_key(g: &SecurityGroup) -> String {
+    format!("{U}{}/groups/{}", g.universe, g.id)
+}
+
+fn rules_prefix(uni: &str, group: &str) -> String {
+    format!("{U}{uni}/rules/{group}/")
+}
+
+fn rule_key(uni: &str, group: &str, rule: &str) -> String {
+    format!("{U}{uni}/rules/{group}/{rule}")
+}
+
+fn endpoint_key(e: &Endpoint) -> String {
+    format!("{U}{}/endpoints/{}", e.universe, e.id)
+}
+
+fn identity_key(n: u32, i: &Identity) -> String {
+    format!("{U}{}/identities/{n}", i.universe)
+}
+
+fn placement_key(e: &Endpoint) -> String {
+    format!("{PLACEMENT}{}/{}", e.host, e.netns)
+}
+
+/// One write of an edit.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Op {
+    Put {
+        key: String,
+        value: String,
+    },
+    Delete {
+        key: String,
+    },
+    /// Every key that starts with `prefix`.
+    DeletePrefix {
+        prefix: String,
+    },
+}
+
+/// What must hold for an edit to commit, checked against the store as it is at commit time.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Guard {
+    /// `u/<uni>/version` is as the edit's state saw it (then the edit rewrites it).
+    Universe(String),
+    /// `catalog` is as the edit's state saw it (then the edit rewrites it).
+    Catalog,
+    /// The key is absent: a claim.
+    Absent(String),
+    /// The key is as the edit's state saw it.
+    Unchanged(String),
+}
+
+/// The writes of one edit and their guards.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Delta {
+    pub ops: Vec<Op>,
+    pub guards: BTreeSet<Guard>,
+    /// Keys to delete once the edit has committed, apart from it (the id claims of the groups of
+    /// a deleted universe: however many there are, the universe goes in one transaction).
+    pub cleanup: Vec<String>,
+}
+
+impl Delta {
+    pub fn is_empty(&self) -> bool {
+        self.ops.is_empty()
+    }
+
+    fn put<V: Serialize>(&mut self, key: String, value: &V) -> Result<(), Error> {
+        let value = serde_json::to_string(value).map_err(|e| Error::Corrupt {
+            key: key.clone(),
+            reason: format!("cannot serialize: {e}"),
+        })?;
+        self.ops.push(Op::Put { key, value });
+        Ok(())
+    }
+
+    fn delete(&mut self, key: String) {
+        self.ops.push(Op::Delete { key });
+    }
+
+    /// The universes whose `version` keys this edit rewrites.
+    pub fn universes(&self) -> impl Iterator<Item = &str> + '_ {
+        self.guards.iter().filter_map(|g| match g {
+            Guard::Universe(u) => Some(u.as_str()),
+            _ => None,
+        })
+    }
+}
+
+/// A group as its key holds it: everything but the rules.
+#[derive(Serialize, Deserialize)]
+struct GroupRecord {
+    id: String,
+    universe: String,
+    name: String,
+    description: String,
+}
+
+/// The value of a `placement/` key.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Placement {
+    pub endpoint: String,
+    pub universe: String,
+}
+
+/// The writes and guards of the edit that turned `before` into `after` (whose journals hold the
+/// edit's changes: see [`crate::table`]). Costs what the edit changed, plus, for a changed group,
+/// a comparison of its rules (at most 1000, S12).
+pub fn delta(before: &State, after: &State) -> Result<Delta, Error> {
+    let mut d = Delta::default();
+    let mut gone_universes = BTreeSet::new();
+    for (id, was) in after.universes.changes() {
+        let now = after.universes.get(id);
+        if now == was.as_deref() {
+            continue;
+        }
+        d.guards.insert(Guard::Catalog);
+        match now {
+            Some(u) => {
+                d.put(format!("{UNIVERSES}{id}"), u)?;
+                if was.is_none() {
+                    // A new universe: its version key must not exist yet.
+                    d.guards.insert(Guard::Absent(version_key(id)));
+                    d.ops.push(Op::Put { key: version_key(id), value: String::new() });
+                }
+            }
+            None => {
+                d.delete(format!("{UNIVERSES}{id}"));
+                d.ops.push(Op::DeletePrefix { prefix: universe_prefix(id) });
+                d.guards.insert(Guard::Universe(id.clone()));
+                gone_universes.insert(id.as_str());
+            }
+        }
+    }
+    let inside_gone = |uni: &str| gone_universes.contains(uni);
+    let mut touched = BTreeSet::new();
+
+    for (id, was) in after.groups.changes() {
+        let now = after.groups.get(id);
+        match (was.as_deref(), now) {
+            (Some(a), Some(b)) if a == b => continue,
+            (None, None) => continue,
+            (_, Some(g)) => {
+                touched.insert(g.universe.clone());
+                let record = GroupRecord {
+                    id: g.id.clone(),
+                    universe: g.universe.clone(),
+                    name: g.name.clone(),
+                    description: g.description.clone(),
+                };
+                let meta_changed = was.as_deref().is_none_or(|w| {
+                    w.name != g.name || w.description != g.description || w.universe != g.universe
+                });
+                if meta_changed {
+                    d.put(group_key(g), &record)?;
+                }
+                if was.is_none() {
+                    d.guards.insert(Guard::Absent(format!("{IDS}{id}")));
+                    d.ops.push(Op::Put { key: format!("{IDS}{id}"), value: g.universe.clone() });
+                }
+                let old: BTreeMap<&str, &Rule> = was
+                    .as_deref()
+                    .map(|w| {
+                        w.ingress.iter().chain(&w.egress).map(|r| (r.id.as_str(), r)).collect()
+                    })
+                    .unwrap_or_default();
+                let new: BTreeMap<&str, &Rule> =
+                    g.ingress.iter().chain(&g.egress).map(|r| (r.id.as_str(), r)).collect();
+                // In the group's order: a watch appends new rules in the order of the writes.
+                for r in g.ingress.iter().chain(&g.egress) {
+                    if old.get(r.id.as_str()) != Some(&r) {
+                        d.put(rule_key(&g.universe, id, &r.id), r)?;
+                    }
+                }
+                for rid in old.keys().filter(|r| !new.contains_key(*r)) {
+                    d.delete(rule_key(&g.universe, id, rid));
+                }
+            }
+            (Some(w), None) => {
+                if inside_gone(&w.universe) {
+                    // Its keys go with the universe's range delete; its id claim goes after.
+                    d.cleanup.push(format!("{IDS}{id}"));
+                    continue;
+                }
+                touched.insert(w.universe.clone());
+                d.delete(group_key(w));
+                d.ops.push(Op::DeletePrefix { prefix: rules_prefix(&w.universe, id) });
+                d.delete(format!("{IDS}{id}"));
+            }
+        }
+    }
+
+    for (id, was) in after.endpoints.changes() {
+        let now = after.endpoints.get(id);
+        match (was.as_deref(), now) {
+            (Some(a), Some(b)) if a == b => continue,
+            (None, None) => continue,
+            (was, Some(e)) => {
+                touched.insert(e.universe.clone());
+                d.put(endpoint_key(e), e)?;
+                let placement = Placement { endpoint: e.id.clone(), universe: e.universe.clone() };
+                match was {
+                    None => {
+                        d.guards.insert(Guard::Absent(format!("{IDS}{id}")));
+                        d.ops
+                            .push(Op::Put { key: format!("{IDS}{id}"), value: e.universe.clone() });
+                        d.guards.insert(Guard::Absent(placement_key(e)));
+                        d.put(placement_key(e), &placement)?;
+                    }
+                    Some(w) if w.host != e.host || w.netns != e.netns => {
+                        d.delete(placement_key(w));
+                        d.guards.insert(Guard::Absent(placement_key(e)));
+                        d.put(placement_key(e), &placement)?;
+                    }
+                    Some(_) => {}
+                }
+            }
+            (Some(w), None) => {
+                d.delete(format!("{IDS}{id}"));
+                d.delete(placement_key(w));
+                if inside_gone(&w.universe) {
+                    continue;
+                }
+                touched.insert(w.universe.clone());
+                d.delete(endpoint_key(w));
+            }
+        }
+    }
+
+    for (n, was) in after.identities.changes() {
+        let now = after.identities.get(n);
+        match (was.as_deref(), now) {
+            (Some(a), Some(b)) if a == b => continue,
+            (None, None) => continue,
+            (was, Some(i)) => {
+                touched.insert(i.universe.clone());
+                d.put(identity_key(*n, i), i)?;
+                match was {
+                    None => {
+                        d.guards.insert(Guard::Absent(format!("{IDENTITY_CLAIMS}{n}")));
+                        d.ops.push(Op::Put {
+                            key: format!("{IDENTITY_CLAIMS}{n}"),
+                            value: i.universe.clone(),
+                        });
+                    }
+                    Some(w) if w.universe != i.universe => {
+                        // Never done by the model; kept consistent all the same.
+                        d.delete(identity_key(*n, w));
+                        d.ops.push(Op::Put {
+                            key: format!("{IDENTITY_CLAIMS}{n}"),
+                            value: i.universe.clone(),
+                        });
+                    }
+                    Some(_) => {}
+                }
+            }
+            (Some(w), None) => {
+                d.delete(format!("{IDENTITY_CLAIMS}{n}"));
+                if inside_gone(&w.universe) {
+                    continue;
+                }
+                touched.insert(w.universe.clone());
+                d.delete(identity_key(*n, w));
+            }
+        }
+    }
+
+    for (name, was) in after.hosts.changes() {
+        let now = after.hosts.get(name);
+        if now == was.as_deref() {
+            continue;
+        }
+        let key = format!("{HOSTS}{name}");
+        match now {
+            Some(h) => {
+                d.guards.insert(if was.is_none() {
+                    Guard::Absent(key.clone())
+                } else {
+                    Guard::Unchanged(key.clone())
+                });
+                d.put(key, h)?;
+            }
+            None => {
+                d.guards.insert(Guard::Unchanged(key.clone()));
+                d.delete(key);
+            }
+        }
+    }
+
+    for (id, was) in after.tokens.changes() {
+        let now = after.tokens.get(id);
+        if now == was.as_deref() {
+            continue;
+        }
+        let key = format!("{TOKENS}{id}");
+        match now {
+            Some(t) => {
+                d.guards.insert(if was.is_none() {
+                    Guard::Absent(key.clone())
+                } else {
+                    Guard::Unchanged(key.clone())
+                });
+                d.put(key, t)?;
+            }
+            None => {
+                d.guards.insert(Guard::Unchanged(key.clone()));
+                d.delete(key);
+            }
+        }
+    }
+
+    for uni in touched {
+        if inside_gone(&uni) {
+            continue;
+        }
+        // A universe created by this very edit is guarded by its absent version key.
+        if before.universes.contains_key(&uni) || !after.universes.contains_key(&uni) {
+            d.guards.insert(Guard::Universe(uni.clone()));
+        }
+        d.ops.push(Op::Put { key: version_key(&uni), value: String::new() });
+    }
+    if d.guards.contains(&Guard::Catalog) {
+        d.ops.push(Op::Put { key: CATALOG.to_owned(), value: String::new() });
+    }
+    // One write per key: the last one wins (the version keys are written once above).
+    dedup_ops(&mut d.ops);
+    Ok(d)
+}
+
+/// Keeps the last write of each key, in order.
+fn dedup_ops(ops: &mut Vec<Op>) {
+    let mut seen = BTreeSet::new();
+    let mut out = Vec::with_capacity(ops.len());
+    for op in ops.drain(..).rev() {
+        let key = match &op {
+            Op::Put { key, .. } | Op::Delete { key } => key.clone(),
+            Op::DeletePrefix { prefix } => format!("{prefix}\u{0}prefix"),
+        };
+        if seen.insert(key) {
+            out.push(op);
+        }
+    }
+    out.reverse();
+    *ops = out;
+}
+
+/// What a key is, for reading it back.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Kind<'a> {
+    Universe(&'a str),
+    Catalog,
+    Version(&'a str),
+    Group {
+        uni: &'a str,
+        id: &'a str,
+    },
+    Rule {
+        uni: &'a str,
+        group: &'a str,
+        id: &'a str,
+    },
+    Endpoint {
+        uni: &'a str,
+        id: &'a str,
+    },
+    Identity {
+        uni: &'a str,
+        n: &'a str,
+    },
+    Host(&'a str),
+    Token(&'a str),
+    /// Claims and placements: kept by the store, not part of the state.
+    Claim,
+    /// Anything else (liveness, audit, idempotency records, keys of a newer version).
+    Other,
+}
+
+pub fn kind(key: &str) -> Kind<'_> {
+    if key == CATALOG {
+        return Kind::Catalog;
+    }
+    if let Some(id) = key.strip_prefix(UNIVERSES) {
+        return Kind::Universe(id);
+    }
+    if let Some(name) = key.strip_prefix(HOSTS) {
+        return Kind::Host(name);
+    }
+    if let Some(id) = key.strip_prefix(TOKENS) {
+        return Kind::Token(id);
+    }
+    if key.starts_with(IDS) || key.starts_with(IDENTITY_CLAIMS) || key.starts_with(PLACEMENT) {
+        return Kind::Claim;
+    }
+    let Some(rest) = key.strip_prefix(U) else { return Kind::Other };
+    let Some((uni, rest)) = rest.split_once('/') else { return Kind::Other };
+    if rest == "version" {
+        return Kind::Version(uni);
+    }
+    let Some((what, rest)) = rest.split_once('/') else { return Kind::Other };
+    match what {
+        "groups" => Kind::Group { uni, id: rest },
+        "rules" => match rest.split_once('/') {
+            Some((group, id)) => Kind::Rule { uni, group, id },
+            None => Kind::Other,
+        },
+        "endpoints" => Kind::Endpoint { uni, id: rest },
+        "identities" => Kind::Identity { uni, n: rest },
+        _ => Kind::Other,
+    }
+}
+
+/// Whether a key holds part of the desired state (as opposed to guards, claims, liveness...).
+pub fn is_state(key: &str) -> bool {
+    matches!(
+        kind(key),
+        Kind::Universe(_)
+            | Kind::Group { .. }
+            | Kind::Rule { .. }
+            | Kind::Endpoint { .. }
+            | Kind::Identity { .. }
+            | Kind::Host(_)
+            | Kind::Token(_)
+    )
+}
+
+/// One key read back: put (with its value) or deleted.
+pub struct Event<'a> {
+    pub key: &'a str,
+    pub value: Option<&'a [u8]>,
+}
+
+/// Applies one batch of events (one transaction, or a whole read) to `state`. Within a batch,
+/// groups are applied before their rules and rules are deleted before their groups, so the
+/// order of the keys in the batch does not matter; a put of a rule whose group is unknown is
+/// ignored with a warning (etcd never shows one: a group and its rules are written and deleted
+/// together). Returns whether the state changed. Fails on the first value that does not decode,
+/// naming its key; `state` may then hold part of the batch.
+pub fn apply(state: &mut State, events: &[Event<'_>]) -> Result<bool, Error> {
+    fn json<T: serde::de::DeserializeOwned>(key: &str, value: &[u8]) -> Result<T, Error> {
+        serde_json::from_slice(value).map_err(|e| Error::Corrupt {
+            key: key.to_owned(),
+            reason: format!("not the JSON expected: {e}"),
+        })
+    }
+    fn check(key: &str, id: &str, field: &str) -> Result<(), Error> {
+        if id == field {
+            Ok(())
+        } else {
+            Err(Error::Corrupt {
+                key: key.to_owned(),
+                reason: format!("holds the object {field:?}, not {id:?}"),
+            })
+        }
+    }
+    let mut changed = false;
+    // Rules in key order (by group, then id): new rules of one transaction are appended in the
+    // same order however the transaction listed them, so a watch and a full read agree.
+    let mut rules: Vec<&Event<'_>> =
+        events.iter().filter(|e| matches!(kind(e.key), Kind::Rule { .. })).collect();
+    rules.sort_by_key(|e| e.key);
+    let others = events.iter().filter(|e| !matches!(kind(e.key), Kind::Rule { .. }));
+    // Pass 1: everything but rules; pass 2: rules.
+    for pass in [1, 2] {
+        let batch: Box<dyn Iterator<Item = &Event<'_>>> =
+            if pass == 1 { Box::new(others.clone()) } else { Box::new(rules.iter().copied()) };
+        for ev in batch {
+            let k = kind(ev.key);
+            let is_rule = matches!(k, Kind::Rule { .. });
+            if (pass == 2) != is_rule {
+                continue;
+            }
+            match (k, ev.value) {
+                (Kind::Universe(id), Some(v)) => {
+                    let u: Universe = json(ev.key, v)?;
+                    check(ev.key, id, &u.id)?;
+                    changed |= state.universes.get(id) != Some(&u);
+                    state.universes.insert(id.to_owned(), u);
+                }
+                (Kind::Universe(id), None) => changed |= state.universes.remove(id).is_some(),
+                (Kind::Group { uni, id }, Some(v)) => {
+                    let r: GroupRecord = json(ev.key, v)?;
+                    check(ev.key, id, &r.id)?;
+                    check(ev.key, uni, &r.universe)?;
+                    match state.groups.get_mut(id) {
+                        Some(g) => {
+                            g.name = r.name;
+                            g.description = r.description;
+                            g.universe = r.universe;
+                        }
+                        None => {
+                            let g = SecurityGroup {
+                                id: r.id,
+                                universe: r.universe,
+                                name: r.name,
+                                description: r.description,
+                                ingress: Vec::new(),
+                                egress: Vec::new(),
+                            };
+                            state.groups.insert(id.to_owned(), g);
+                        }
+                    }
+                    changed = true;
+                }
+                (Kind::Group { id, .. }, None) => changed |= state.groups.remove(id).is_some(),
+                (Kind::Rule { group, id, .. }, Some(v)) => {
+                    let r: Rule = json(ev.key, v)?;
+                    check(ev.key, id, &r.id)?;
+                    let Some(g) = state.groups.get_mut(group) else {
+                        tracing::warn!(key = ev.key, "ignoring a rule of an unknown group");
+                        continue;
+                    };
+                    g.ingress.retain(|x| x.id != r.id || r.direction != model::Direction::Egress);
+                    g.egress.retain(|x| x.id != r.id || r.direction != model::Direction::Ingress);
+                    let list = match r.direction {
+                        model::Direction::Ingress => &mut g.ingress,
+                        model::Direction::Egress => &mut g.egress,
+                    };
+                    match list.iter_mut().find(|x| x.id == r.id) {
+                        Some(x) => *x = r,
+                        None => list.push(r),
+                    }
+                    changed = true;
+                }
+                (Kind::Rule { group, id, .. }, None) => {
+                    // The group may be gone already (deleted in the same batch).
+                    if state
+                        .groups
+                        .get(group)
+                        .is_some_and(|g| g.ingress.iter().chain(&g.egress).any(|r| r.id == id))
+                    {
+                        let g = state.groups.get_mut(group).expect("found just above");
+                        g.ingress.retain(|r| r.id != id);
+                        g.egress.retain(|r| r.id != id);
+                        changed = true;
+                    }
+                }
+                (Kind::Endpoint { uni, id }, Some(v)) => {
+                    let e: Endpoint = json(ev.key, v)?;
+                    check(ev.key, id, &e.id)?;
+                    check(ev.key, uni, &e.universe)?;
+                    changed |= state.endpoints.get(id) != Some(&e);
+                    state.endpoints.insert(id.to_owned(), e);
+                }
+                (Kind::Endpoint { id, .. }, None) => {
+                    changed |= state.endpoints.remove(id).is_some()
+                }
+                (Kind::Identity { uni, n }, value) => {
+                    let n: u32 = n.parse().map_err(|_| Error::Corrupt {
+                        key: ev.key.to_owned(),
+                        reason: "not an identity number".into(),
+                    })?;
+                    match value {
+                        Some(v) => {
+                            let i: Identity = json(ev.key, v)?;
+                            check(ev.key, uni, &i.universe)?;
+                            changed |= state.identities.get(&n) != Some(&i);
+                            state.identities.insert(n, i);
+                        }
+                        None => changed |= state.identities.remove(&n).is_some(),
+                    }
+                }
+                (Kind::Host(name), Some(v)) => {
+                    let h: HostRecord = json(ev.key, v)?;
+                    check(ev.key, name, &h.name)?;
+                    changed |= state.hosts.get(name) != Some(&h);
+                    state.hosts.insert(name.to_owned(), h);
+                }
+                (Kind::Host(name), None) => changed |= state.hosts.remove(name).is_some(),
+                (Kind::Token(id), Some(v)) => {
+                    let t: Token = json(ev.key, v)?;
+                    check(ev.key, id, &t.id)?;
+                    changed |= state.tokens.get(id) != Some(&t);
+                    state.tokens.insert(id.to_owned(), t);
+                }
+                (Kind::Token(id), None) => changed |= state.tokens.remove(id).is_some(),
+                (Kind::Catalog | Kind::Version(_) | Kind::Claim, _) => {}
+                (Kind::Other, _) => {}
+            }
+        }
+    }
+    Ok(changed)
+}
+
+/// Every key and value of `state` (what a full write of it would put), in key order. For tests
+/// and for the embedded store's snapshots.
+pub fn encode_all(state: &State) -> Result<BTreeMap<String, String>, Error> {
+    let mut fresh = State::default();
+    for (k, v) in &state.universes {
+        fresh.universes.insert(k.clone(), v.clone());
+    }
+    for (k, v) in &state.groups {
+        fresh.groups.insert(k.clone(), v.clone());
+    }
+    for (k, v) in &state.endpoints {
+        fresh.endpoints.insert(k.clone(), v.clone());
+    }
+    for (k, v) in &state.identities {
+        fresh.identities.insert(*k, v.clone());
+    }
+    for (k, v) in &state.hosts {
+        fresh.hosts.insert(k.clone(), v.clone());
+    }
+    for (k, v) in &state.tokens {
+        fresh.tokens.insert(k.clone(), v.clone());
+    }
+    let d = delta(&State::default(), &fresh)?;
+    let mut out = BTreeMap::new();
+    for op in d.ops {
+        if let Op::Put { key, value } = op {
+            out.insert(key, value);
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{CreateEndpoint, CreateGroup, CreateRule, CreateUniverse};
+
+    pub(crate) fn sample() -> State {
+        let mut s = State::default();
+        let u = s
+            .create_universe(CreateUniverse {
+                name: "blue".into(),
+                cidr: Some("10.1.0.0/16".into()),
+                cidrs: None,
+            })
+            .unwrap();
+        let g = s
+            .create_group(CreateGroup {
+                universe: u.id.clone(),
+                name: "web".into(),
+                description: None,
+            })
+            .unwrap();
+        s.add_rule(
+            &g.id,
+            CreateRule {
+                direction: "ingress".into(),
+                protocol: serde_json::json!("tcp"),
+                from_port: Some(80),
+                to_port: Some(80),
+                cidr: Some("10.0.0.0/8".into()),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        s.create_endpoint(
+            CreateEndpoint {
+                universe: u.id,
+                host: Some("h2".into()),
+                netns: "ns".into(),
+                ip: "10.1.0.5".into(),
+                security_groups: Some(vec![g.id]),
+            },
+            "h1",
+        )
+        .unwrap();
+        s.hosts.insert(
+            "h2".into(),
+            HostRecord {
+                name: "h2".into(),
+                underlay_ip: Some("198.18.0.2".parse().unwrap()),
+                api: Some("http://198.18.0.2:7070".into()),
+            },
+        );
+        s.clear_changes();
+        s
+    }
+
+    /// `s` with its revision and the order of each group's rules left out: a full read orders
+    /// rules by their keys' creation, which a map of keys does not keep.
+    fn normal(s: &State) -> State {
+        let mut s = s.clone();
+        s.revision = 0;
+        s.groups.update_all(|_, g| {
+            g.ingress.sort_by(|a, b| a.id.cmp(&b.id));
+            g.egress.sort_by(|a, b| a.id.cmp(&b.id));
+        });
+        s.clear_changes();
+        s
+    }
+
+    fn load(kvs: &BTreeMap<String, String>) -> State {
+        let events: Vec<Event> =
+            kvs.iter().map(|(k, v)| Event { key: k, value: Some(v.as_bytes()) }).collect();
+        let mut s = State::default();
+        apply(&mut s, &events).unwrap();
+        s.clear_changes();
+        s
+    }
+
+    /// Applies a delta's ops to a key-value map, as etcd would.
+    fn commit(kvs: &mut BTreeMap<String, String>, d: &Delta) -> Vec<(String, Option<String>)> {
+        let mut events = Vec::new();
+        for op in &d.ops {
+            match op {
+                Op::Put { key, value } => {
+                    kvs.insert(key.clone(), value.clone());
+                    events.push((key.clone(), Some(value.clone())));
+                }
+                Op::Delete { key } => {
+                    if kvs.remove(key).is_some() {
+                        events.push((key.clone(), None));
+                    }
+                }
+                Op::DeletePrefix { prefix } => {
+                    let gone: Vec<String> =
+                        kvs.keys().filter(|k| k.starts_with(prefix.as_str())).cloned().collect();
+                    for k in gone {
+                        kvs.remove(&k);
+                        events.push((k, None));
+                    }
+                }
+            }
+        }
+        for key in &d.cleanup {
+            kvs.remove(key);
+        }
+        events
+    }
+
+    #[test]
+    fn a_state_round_trips_through_its_keys() {
+        let s = sample();
+        let kvs = encode_all(&s).unwrap();
+        let uni = s.universes.keys().next().unwrap().clone();
+        for prefix in [
+            format!("universes/{uni}"),
+            format!("u/{uni}/version"),
+            format!("u/{uni}/groups/"),
+            format!("u/{uni}/rules/"),
+            format!("u/{uni}/endpoints/"),
+            format!("u/{uni}/identities/"),
+            "ids/".to_owned(),
+            "identities/".to_owned(),
+            "placement/h2/ns".to_owned(),
+            "hosts/h2".to_owned(),
+        ] {
+            assert!(kvs.keys().any(|k| k.starts_with(&prefix)), "no {prefix} in {kvs:#?}");
+        }
+        assert_eq!(normal(&load(&kvs)), normal(&s));
+    }
+
+    /// Every edit writes only what it changes, and the keys it writes, applied as a watch
+    /// would deliver them, give the state the edit made.
+    #[test]
+    fn edits_write_what_they_change_and_read_back_as_the_edit_made_them() {
+        let mut s = sample();
+        let mut kvs = encode_all(&s).unwrap();
+        let uni = s.universes.keys().next().unwrap().clone();
+        let web = s.groups.values().find(|g| g.name == "web").unwrap().id.clone();
+        let check = |before: &State, after: &mut State, kvs: &mut BTreeMap<String, String>| {
+            let d = delta(before, after).unwrap();
+            let events = commit(kvs, &d);
+            let mut cache = before.clone();
+            let evs: Vec<Event> = events
+                .iter()
+                .map(|(k, v)| Event { key: k, value: v.as_ref().map(|v| v.as_bytes()) })
+                .collect();
+            apply(&mut cache, &evs).unwrap();
+            after.clear_changes();
+            assert_eq!(normal(&cache), normal(after), "the watch's view of the edit");
+            assert_eq!(normal(&load(kvs)), normal(after), "a full read after the edit");
+            d
+        };
+        // A rule: one rule key and the universe's version.
+        let before = s.clone();
+        s.add_rule(
+            &web,
+            CreateRule {
+                direction: "egress".into(),
+                protocol: serde_json::json!("udp"),
+                from_port: Some(53),
+                to_port: Some(53),
+                cidr: Some("10.9.0.0/16".into()),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let d = check(&before, &mut s, &mut kvs);
+        assert_eq!(d.ops.len(), 2, "{d:?}");
+        assert_eq!(d.guards, BTreeSet::from([Guard::Universe(uni.clone())]));
+        // Deleting a group with rules.
+        let before = s.clone();
+        let g = s
+            .create_group(CreateGroup {
+                universe: uni.clone(),
+                name: "db".into(),
+                description: None,
+            })
+            .unwrap();
+        let d = check(&before, &mut s, &mut kvs);
+        assert!(d.guards.contains(&Guard::Absent(format!("ids/{}", g.id))));
+        let before = s.clone();
+        s.delete_group(&g.id).unwrap();
+        check(&before, &mut s, &mut kvs);
+        assert!(!kvs.keys().any(|k| k.contains(&g.id)), "{kvs:#?}");
+        // Endpoints: delete the only one (its identity goes), then the universe.
+        let ep = s.endpoints.keys().next().unwrap().clone();
+        let before = s.clone();
+        s.delete_endpoint(&ep).unwrap();
+        check(&before, &mut s, &mut kvs);
+        let before = s.clone();
+        s.delete_universe(&uni).unwrap();
+        let d = check(&before, &mut s, &mut kvs);
+        assert!(d.ops.contains(&Op::DeletePrefix { prefix: format!("u/{uni}/") }));
+        assert!(d.ops.len() < 10, "a universe is deleted by a range: {d:?}");
+        let left: Vec<&String> = kvs.keys().filter(|k| !k.starts_with("hosts/")).collect();
+        assert_eq!(left, ["catalog"], "nothing of the universe outlives it");
+    }
+
+    #[test]
+    fn keys_are_classified() {
+        assert_eq!(
+            kind("u/uni-1/rules/sg-1/sgr-2"),
+            Kind::Rule { uni: "uni-1", group: "sg-1", id: "sgr-2" }
+        );
+        assert_eq!(kind("u/uni-1/version"), Kind::Version("uni-1"));
+        assert_eq!(kind("alive/h1"), Kind::Other);
+        assert_eq!(kind("placement/h1/ns"), Kind::Claim);
+        assert!(is_state("hosts/h1") && !is_state("catalog"));
+    }
+}
