@@ -368,7 +368,7 @@ fn rule_peers(
 }
 
 /// What a rule matches after the peer, as (prefix length, protocol, port) of `PolicyKey`.
-fn rule_matches(rule: &model::Rule, out: &mut Vec<(u32, u8, u16)>) {
+pub(crate) fn rule_matches(rule: &model::Rule, out: &mut Vec<(u32, u8, u16)>) {
     use dp::policy_prefix::{FULL, PEER, PROTO};
     match rule.protocol {
         Protocol::All => out.push((PEER, 0, 0)),

@@ -3,6 +3,7 @@
 //! One module per concept of the product:
 //! - [`model`]: universes, security groups, rules, endpoints; every edit as a pure function.
 //! - [`table`]: the persistent, journaled maps the desired state is made of.
+//! - [`index`]: indices of the desired state, and the incremental S12 fit check.
 //! - [`compile`]: desired state -> the entries of the dataplane's maps (pure).
 //! - [`verdict`]: a reference model of the dataplane's verdict on a packet (pure), against
 //!   which the kernel programs are tested.
@@ -34,6 +35,7 @@ pub mod dataplane;
 pub mod events;
 pub mod hits;
 pub mod limits;
+pub mod index;
 pub mod model;
 pub mod netlink;
 pub mod openapi;

@@ -261,6 +261,9 @@ pub struct State {
     /// The last endpoint serial handed out; the next endpoint gets a larger one.
     #[serde(default)]
     pub serials_issued: u64,
+    /// Derived lookups and counts (`crate::index`), never stored.
+    #[serde(skip)]
+    pub(crate) idx: crate::index::Index,
 }
 
 impl State {
@@ -540,8 +543,9 @@ impl State {
     /// [`State::create_universe`] for a request already checked on its own (the API checks it
     /// before it takes the store's lock): only what depends on the state is checked here.
     pub fn add_universe(&mut self, new: NewUniverse) -> Result<Universe> {
+        self.reindex();
         let NewUniverse { name, cidrs } = new;
-        if self.universes.values().any(|u| u.name == name) {
+        if self.idx.universe_names.contains_key(&name) {
             return Err(Error::conflict(
                 "duplicate",
                 Some("name"),
@@ -585,10 +589,11 @@ impl State {
 
     /// `DELETE /v1/universes/{id}`: 409 while it has endpoints; removes its groups.
     pub fn delete_universe(&mut self, id: &str) -> Result<()> {
+        self.reindex();
         if !self.universes.contains_key(id) {
             return Err(Error::not_found("universe", id));
         }
-        let endpoints = self.endpoints.values().filter(|e| e.universe == id).count();
+        let endpoints = self.idx.universe_endpoints.get(id).map_or(0, |e| e.len());
         if endpoints > 0 {
             return Err(Error::conflict(
                 "in_use",
@@ -597,25 +602,30 @@ impl State {
             ));
         }
         self.universes.remove(id);
-        self.groups.retain(|_, g| g.universe != id);
+        for g in self.idx.universe_groups.get(id).cloned().unwrap_or_default() {
+            self.groups.remove(&g);
+        }
         // Tokens confined to it would outlive it, and a later universe that drew the same id
         // would inherit them: they go with it.
         self.tokens.retain(|_, t| t.universe.as_deref() != Some(id));
         // No endpoint of the universe is left, so neither is any identity of it; this only
         // repairs a state that was inconsistent.
-        self.identities.retain(|_, i| i.universe != id);
+        for n in self.idx.universe_identities.get(id).cloned().unwrap_or_default() {
+            self.identities.remove(&n);
+        }
         self.revision += 1;
         Ok(())
     }
 
     /// `POST /v1/security-groups`. A new group gets the S2 egress rules.
     pub fn create_group(&mut self, req: CreateGroup) -> Result<SecurityGroup> {
+        self.reindex();
         if !self.universes.contains_key(&req.universe) {
             return Err(missing("universe", "universe", &req.universe));
         }
         let name = check_name("name", &req.name)?;
         let description = check_description(req.description.as_deref())?;
-        if self.groups.values().any(|g| g.universe == req.universe && g.name == name) {
+        if self.idx.group_names.contains_key(&(req.universe.clone(), name.clone())) {
             return Err(Error::conflict(
                 "duplicate",
                 Some("name"),
@@ -643,6 +653,7 @@ impl State {
 
     /// `DELETE /v1/security-groups/{id}`: 409 while in use, referenced, or `default` (S3).
     pub fn delete_group(&mut self, id: &str) -> Result<()> {
+        self.reindex();
         let group = self.groups.get(id).ok_or_else(|| Error::not_found("security group", id))?;
         if group.name == DEFAULT_GROUP {
             return Err(Error::conflict(
@@ -654,18 +665,21 @@ impl State {
                 ),
             ));
         }
-        if let Some(ep) =
-            self.endpoints.values().find(|e| e.security_groups.iter().any(|g| g == id))
-        {
+        let user = self.idx.group_identities.get(id).and_then(|ids| {
+            ids.iter().find_map(|n| self.idx.identity_endpoints.get(n)?.iter().next().cloned())
+        });
+        if let Some(ep) = user {
             return Err(Error::conflict(
                 "in_use",
                 None,
-                format!("security group {id} is used by endpoint {}", ep.id),
+                format!("security group {id} is used by endpoint {ep}"),
             ));
         }
-        let referrer = self.groups.values().filter(|g| g.id != id).find(|g| {
-            g.ingress.iter().chain(&g.egress).any(|r| r.peer == Peer::Group(id.to_owned()))
-        });
+        let referrer = self
+            .idx
+            .group_referrers
+            .get(id)
+            .and_then(|r| r.keys().find(|g| g.as_str() != id).and_then(|g| self.groups.get(g)));
         if let Some(referrer) = referrer {
             return Err(Error::conflict(
                 "in_use",
@@ -692,6 +706,7 @@ impl State {
     /// [`State::add_rule`] for a rule already checked on its own ([`CreateRule::check`]): the
     /// peer group, the duplicate check (S4) and the limit (S12) are checked here.
     pub fn insert_rule(&mut self, group: &str, mut rule: Rule) -> Result<Rule> {
+        self.reindex();
         let sg = self.groups.get(group).ok_or_else(|| Error::not_found("security group", group))?;
         if let Peer::Group(peer) = &rule.peer {
             let other =
@@ -752,6 +767,7 @@ impl State {
 
     /// `POST /v1/endpoints`; `default_host` is the host serving the request.
     pub fn create_endpoint(&mut self, req: CreateEndpoint, default_host: &str) -> Result<Endpoint> {
+        self.reindex();
         let universe = self
             .universes
             .get(&req.universe)
@@ -763,8 +779,11 @@ impl State {
         let netns = check_netns(&req.netns)?;
         let ip = endpoint_ip(universe, &req.ip)?;
         let groups = self.endpoint_groups(&universe.id, req.security_groups.as_deref())?;
-        if let Some(other) =
-            self.endpoints.values().find(|e| e.universe == universe.id && e.ip == ip)
+        if let Some(other) = self
+            .idx
+            .endpoint_ips
+            .get(&(universe.id.clone(), ip))
+            .and_then(|id| self.endpoints.get(id))
         {
             return Err(Error::conflict(
                 "duplicate",
@@ -775,7 +794,7 @@ impl State {
                 ),
             ));
         }
-        if self.endpoints.values().any(|e| e.host == host && e.netns == netns) {
+        if self.idx.endpoint_netns.contains_key(&(host.clone(), netns.clone())) {
             return Err(Error::conflict(
                 "duplicate",
                 Some("netns"),
@@ -813,6 +832,7 @@ impl State {
 
     /// `PATCH /v1/endpoints/{id}`: a new set of groups (S5), hence maybe a new identity.
     pub fn patch_endpoint(&mut self, id: &str, req: PatchEndpoint) -> Result<Endpoint> {
+        self.reindex();
         let ep = self.endpoints.get(id).ok_or_else(|| Error::not_found("endpoint", id))?;
         let groups = self.endpoint_groups(&ep.universe, Some(&req.security_groups))?;
         let (number, identity) = self.identity_for(&ep.universe, &groups)?;
@@ -821,18 +841,20 @@ impl State {
             .endpoints
             .get_mut(id)
             .expect("the endpoint was found above and nothing removed it");
+        let old = ep.identity;
         ep.security_groups = groups;
         ep.identity = number;
         let ep = ep.clone();
-        self.collect_identities();
+        self.collect_identity(old);
         self.revision += 1;
         Ok(ep)
     }
 
     /// `DELETE /v1/endpoints/{id}`; returns what was removed (the caller removes the interface).
     pub fn delete_endpoint(&mut self, id: &str) -> Result<Endpoint> {
+        self.reindex();
         let ep = self.endpoints.remove(id).ok_or_else(|| Error::not_found("endpoint", id))?;
-        self.collect_identities();
+        self.collect_identity(ep.identity);
         self.revision += 1;
         Ok(ep)
     }
@@ -1445,7 +1467,7 @@ impl State {
     fn free_slot(&self, host: &str) -> Result<u32> {
         let used: std::collections::BTreeSet<u32> =
             self.endpoints.values().filter(|e| e.host == host).map(|e| e.slot).collect();
-        smallest_free(used.into_iter().filter(|s| *s > 0), dataplane_common::capacity::ENDPOINTS)
+        crate::index::smallest_free(used.into_iter().filter(|s| *s > 0), dataplane_common::capacity::ENDPOINTS)
             .ok_or_else(|| {
                 Error::conflict(
                     "limit_exceeded",
@@ -1523,7 +1545,7 @@ impl State {
     }
 
     fn rule_id_taken(&self, id: &str) -> bool {
-        self.groups.values().any(|g| g.ingress.iter().chain(&g.egress).any(|r| r.id == id))
+        self.idx.rule_ids.contains_key(id)
     }
 
     /// The groups of an endpoint request: the universe's `default` when absent (S3), else 1–16
@@ -1531,8 +1553,8 @@ impl State {
     fn endpoint_groups(&self, universe: &str, requested: Option<&[String]>) -> Result<Vec<String>> {
         let Some(requested) = requested else {
             let default =
-                self.groups.values().find(|g| g.universe == universe && g.name == DEFAULT_GROUP);
-            return default.map(|g| vec![g.id.clone()]).ok_or_else(|| {
+                self.idx.group_names.get(&(universe.to_owned(), DEFAULT_GROUP.to_owned()));
+            return default.map(|g| vec![g.clone()]).ok_or_else(|| {
                 missing("security_groups", "default security group of universe", universe)
             });
         };
@@ -1574,46 +1596,38 @@ impl State {
         let mut sorted = groups.to_vec();
         sorted.sort();
         let identity = Identity { universe: universe.to_owned(), groups: sorted };
-        if let Some((&n, _)) = self.identities.iter().find(|(_, i)| **i == identity) {
+        if let Some(&n) =
+            self.idx.identity_sets.get(&(identity.universe.clone(), identity.groups.clone()))
+        {
             return Ok((n, identity));
         }
         // A number freed by this very edit is not free yet: handing it to another set of groups
         // in the same revision would let the dataplane, while it applies the change, judge a
         // packet by a mix of the old and the new policy of that number.
-        let n = smallest_free(self.identities.keys().copied(), dataplane_common::MAX_IDENTITY)
-            .ok_or_else(|| {
-                Error::conflict(
-                    "limit_exceeded",
-                    Some("security_groups"),
-                    format!(
-                        "all {} security identities (distinct sets of groups) are in use",
-                        dataplane_common::MAX_IDENTITY
-                    ),
-                )
-            })?;
+        let n = crate::index::smallest_free(
+            self.identities.keys().copied(),
+            dataplane_common::MAX_IDENTITY,
+        )
+        .ok_or_else(|| {
+            Error::conflict(
+                "limit_exceeded",
+                Some("security_groups"),
+                format!(
+                    "all {} security identities (distinct sets of groups) are in use",
+                    dataplane_common::MAX_IDENTITY
+                ),
+            )
+        })?;
         Ok((n, identity))
     }
 
-    /// Removes identities that no endpoint has any more.
-    fn collect_identities(&mut self) {
-        let used: std::collections::BTreeSet<u32> =
-            self.endpoints.values().map(|e| e.identity).collect();
-        self.identities.retain(|n, _| used.contains(n));
-    }
-}
-
-/// The smallest number in 1..=max that `used` (ascending) does not hold.
-fn smallest_free(used: impl Iterator<Item = u32>, max: u32) -> Option<u32> {
-    let mut candidate = 1u32;
-    for n in used {
-        if n > candidate {
-            break;
-        }
-        if n == candidate {
-            candidate += 1;
+    /// Removes identity `n` if no endpoint has it any more.
+    fn collect_identity(&mut self, n: u32) {
+        self.reindex();
+        if self.idx.identity_endpoints.get(&n).is_none_or(|e| e.is_empty()) {
+            self.identities.remove(&n);
         }
     }
-    (candidate <= max).then_some(candidate)
 }
 
 // ---- Wire form of rules and protocols ----

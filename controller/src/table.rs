@@ -22,12 +22,15 @@ pub type Before<V> = Option<Arc<V>>;
 #[derive(Clone)]
 pub struct Table<K: Ord + Clone, V> {
     map: OrdMap<K, Arc<V>>,
+    /// For the store: taken once per edit.
     changes: BTreeMap<K, Before<V>>,
+    /// For the state's indices (`crate::index`): taken whenever they catch up.
+    pending: BTreeMap<K, Before<V>>,
 }
 
 impl<K: Ord + Clone, V> Default for Table<K, V> {
     fn default() -> Self {
-        Table { map: OrdMap::new(), changes: BTreeMap::new() }
+        Table { map: OrdMap::new(), changes: BTreeMap::new(), pending: BTreeMap::new() }
     }
 }
 
@@ -95,6 +98,10 @@ impl<K: Ord + Clone, V: Clone> Table<K, V> {
         if !self.changes.contains_key(key) {
             let before = self.map.get(key).cloned();
             self.changes.insert(key.clone(), before);
+        }
+        if !self.pending.contains_key(key) {
+            let before = self.map.get(key).cloned();
+            self.pending.insert(key.clone(), before);
         }
     }
 
@@ -178,6 +185,12 @@ impl<K: Ord + Clone, V: Clone> Table<K, V> {
     pub fn clear_changes(&mut self) {
         self.changes.clear();
     }
+
+    /// Takes the changes not yet seen by the indices of the state (a journal of its own, so
+    /// that the indices and the store each see every change once).
+    pub fn take_pending(&mut self) -> BTreeMap<K, Before<V>> {
+        std::mem::take(&mut self.pending)
+    }
 }
 
 impl<K: Ord + Clone, V: Clone> FromIterator<(K, V)> for Table<K, V> {
@@ -185,6 +198,7 @@ impl<K: Ord + Clone, V: Clone> FromIterator<(K, V)> for Table<K, V> {
         Table {
             map: iter.into_iter().map(|(k, v)| (k, Arc::new(v))).collect(),
             changes: BTreeMap::new(),
+            pending: BTreeMap::new(),
         }
     }
 }

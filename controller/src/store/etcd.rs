@@ -473,7 +473,7 @@ impl Etcd {
             if !next.is_changed() {
                 return Ok((out, base.revision));
             }
-            crate::compile::check_fits(&next)?;
+            next.check_fits()?;
             let delta = layout::delta(base, &next)?;
             if delta.is_empty() {
                 return Ok((out, base.revision));
@@ -756,6 +756,7 @@ impl Shared {
             layout::apply(&mut cache.state, &events)?;
             start = end;
         }
+        cache.state.take_touched_hosts();
         cache.state.clear_changes();
         cache.state.revision = u64::try_from(last_change).unwrap_or(0);
         Ok(cache)
@@ -1029,6 +1030,8 @@ impl Shared {
                         "a change of the desired state in etcd does not decode; skipping it"
                     ),
                 }
+                // The indices catch up with the batch (what an edit on this state looks up).
+                cache.state.take_touched_hosts();
                 cache.state.clear_changes();
                 cache.revision = cache.revision.max(rev);
                 start = end;

@@ -366,7 +366,7 @@ where
     if next.revision <= current.revision {
         next.revision = current.revision + 1;
     }
-    crate::compile::check_fits(&next)?;
+    next.check_fits()?;
     Ok((out, Some(next)))
 }
 
