@@ -291,6 +291,15 @@ impl From<store::Error> for ApiError {
     fn from(e: store::Error) -> ApiError {
         match e {
             store::Error::Rejected(e) => e.into(),
+            e @ store::Error::KeyReused { .. } => ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "idempotency_key_reused",
+                e.to_string(),
+            ),
+            e @ store::Error::Unknown { .. } => {
+                tracing::error!(error = %e, "edit outcome unknown");
+                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "outcome_unknown", e.to_string())
+            }
             e @ store::Error::Denied { .. } => {
                 tracing::error!(error = %e, "the store refused this host's credentials");
                 ApiError::new(StatusCode::FORBIDDEN, "store_forbidden", e.to_string())
@@ -524,31 +533,157 @@ fn json_ok<T: Serialize>(value: &T) -> Response {
     (StatusCode::OK, Json(value)).into_response()
 }
 
-/// Commits an edit, waits until this host has realized it, and answers `status` with the
-/// revision header and `view(result)` as the body (none for 204).
+/// Header of a client's idempotency key: a retry of a mutation with the same key answers the
+/// first outcome instead of editing again (kept for `store::IDEMPOTENCY_TTL`). Every mutation
+/// answers with the key it was recorded under (the client's, or one made up for it).
+pub const IDEMPOTENCY_HEADER: &str = "idempotency-key";
+/// Set (to `true`) on the answer of a retry: what was answered the first time.
+pub const REPLAYED_HEADER: &str = "idempotent-replayed";
+
+/// What a mutation request is, for its idempotency record: method, path, idempotency key.
+pub struct Mutation {
+    method: Method,
+    path: String,
+    key: Option<String>,
+    bad_key: Option<String>,
+}
+
+impl<S: Send + Sync> axum::extract::FromRequestParts<S> for Mutation {
+    type Rejection = std::convert::Infallible;
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        _: &S,
+    ) -> Result<Self, Self::Rejection> {
+        let (key, bad_key) = match parts.headers.get(IDEMPOTENCY_HEADER) {
+            None => (None, None),
+            Some(v) => match v.to_str() {
+                Ok(k)
+                    if !k.is_empty()
+                        && k.len() <= 255
+                        && k.bytes().all(|b| b.is_ascii_graphic()) =>
+                {
+                    (Some(k.to_owned()), None)
+                }
+                _ => (None, Some("1 to 255 visible ASCII characters".to_owned())),
+            },
+        };
+        Ok(Mutation {
+            method: parts.method.clone(),
+            path: parts.uri.path().to_owned(),
+            key,
+            bad_key,
+        })
+    }
+}
+
+impl Mutation {
+    /// The idempotency record's identity: the client's key (or a fresh one) and what the
+    /// request was (a key sent again with another request is refused).
+    fn idempotency(&self, body: Option<&[u8]>) -> Result<store::Idempotency, ApiError> {
+        use sha2::Digest;
+        if let Some(why) = &self.bad_key {
+            return Err(ApiError::invalid("Idempotency-Key", why));
+        }
+        let digest: String = sha2::Sha256::digest(body.unwrap_or_default())
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        let fingerprint = format!("{} {} {digest}", self.method, self.path);
+        Ok(match &self.key {
+            Some(k) => store::Idempotency { key: k.clone(), fingerprint, from_client: true },
+            None => store::Idempotency {
+                key: format!("verse-{:032x}", rand::random::<u128>()),
+                fingerprint,
+                from_client: false,
+            },
+        })
+    }
+}
+
+/// Commits an edit (recorded under its idempotency key: the edit's result itself, so that a
+/// replay goes through `view` as the first answer did), waits until this host has realized it,
+/// and answers `status` with the revision header and `view(result)` as the body (none for 204).
+/// A retry of a recorded edit answers what was answered the first time; with `record_body`
+/// false only the status and revision are recorded (a new token's secret is shown once).
 async fn mutate<T, F, V>(
     st: &AppState,
+    idem: store::Idempotency,
     status: StatusCode,
     f: F,
     view: impl FnOnce(T) -> Option<V>,
 ) -> ApiResult
 where
     F: FnMut(&mut State) -> model::Result<T> + Send,
-    T: Send + 'static,
+    T: Serialize + DeserializeOwned + Send + 'static,
     V: Serialize,
 {
-    let (out, revision) = st.store.edit(f).await?;
-    wait_realized(st, revision).await;
-    Ok(revision_response(status, revision, view(out)))
+    mutate_with(st, idem, status, f, view, true).await
 }
 
-/// An answer to a mutation: `status`, the revision header, and `body` if any.
-fn revision_response<V: Serialize>(status: StatusCode, revision: u64, body: Option<V>) -> Response {
+async fn mutate_with<T, F, V>(
+    st: &AppState,
+    idem: store::Idempotency,
+    status: StatusCode,
+    f: F,
+    view: impl FnOnce(T) -> Option<V>,
+    record_body: bool,
+) -> ApiResult
+where
+    F: FnMut(&mut State) -> model::Result<T> + Send,
+    T: Serialize + DeserializeOwned + Send + 'static,
+    V: Serialize,
+{
+    let respond = move |out: &T| {
+        (status.as_u16(), record_body.then(|| serde_json::to_value(out).ok()).flatten())
+    };
+    let key_header = (
+        HeaderName::from_static(IDEMPOTENCY_HEADER),
+        HeaderValue::from_str(&idem.key).unwrap_or(HeaderValue::from_static("invalid")),
+    );
+    let name = HeaderName::from_static(REVISION_HEADER);
+    match st.store.edit_recorded(&idem, f, respond).await? {
+        store::Outcome::Applied { out, revision } => {
+            wait_realized(st, revision).await;
+            let rev = HeaderValue::from(revision);
+            Ok(match view(out) {
+                Some(body) => (status, [(name, rev), key_header], Json(body)).into_response(),
+                None => (status, [(name, rev), key_header]).into_response(),
+            })
+        }
+        store::Outcome::Replayed(rec) => {
+            wait_realized(st, rec.revision).await;
+            let status = StatusCode::from_u16(rec.status).unwrap_or(StatusCode::OK);
+            let headers = [
+                (name, HeaderValue::from(rec.revision)),
+                key_header,
+                (HeaderName::from_static(REPLAYED_HEADER), HeaderValue::from_static("true")),
+            ];
+            let body = rec.body.and_then(|b| serde_json::from_value::<T>(b).ok()).and_then(view);
+            Ok(match body {
+                Some(body) => (status, headers, Json(body)).into_response(),
+                None => (status, headers).into_response(),
+            })
+        }
+    }
+}
+
+/// An answer to a mutation: `status`, the revision header, the idempotency key, and `body` if
+/// any.
+fn revision_response<V: Serialize>(
+    status: StatusCode,
+    revision: u64,
+    key: &str,
+    body: Option<V>,
+) -> Response {
     let rev = HeaderValue::from(revision);
     let name = HeaderName::from_static(REVISION_HEADER);
+    let key_header = (
+        HeaderName::from_static(IDEMPOTENCY_HEADER),
+        HeaderValue::from_str(key).unwrap_or(HeaderValue::from_static("invalid")),
+    );
     match body {
-        Some(body) => (status, [(name, rev)], Json(body)).into_response(),
-        None => (status, [(name, rev)]).into_response(),
+        Some(body) => (status, [(name, rev), key_header], Json(body)).into_response(),
+        None => (status, [(name, rev), key_header]).into_response(),
     }
 }
 
@@ -649,8 +784,10 @@ async fn method_not_allowed(method: Method, uri: Uri) -> ApiError {
 async fn create_universe(
     AxState(st): AxState<AppState>,
     caller: Caller,
+    m: Mutation,
     body: Result<Bytes, BytesRejection>,
 ) -> ApiResult {
+    let idem = m.idempotency(body.as_deref().ok())?;
     caller.require(Resource::Universe, Op::Write)?;
     let req: model::CreateUniverse = parse_body(body)?;
     // Checked before the store's lock is taken: a request with many CIDRs delays no other edit.
@@ -661,7 +798,7 @@ async fn create_universe(
         note.object(&u.id);
         Some(u)
     };
-    mutate(&st, StatusCode::CREATED, move |s| s.add_universe(new.clone()), view).await
+    mutate(&st, idem, StatusCode::CREATED, move |s| s.add_universe(new.clone()), view).await
 }
 
 async fn list_universes(AxState(st): AxState<AppState>, caller: Caller) -> ApiResult {
@@ -687,8 +824,10 @@ async fn get_universe(
 async fn delete_universe(
     AxState(st): AxState<AppState>,
     caller: Caller,
+    m: Mutation,
     id: Result<UrlPath<String>, PathRejection>,
 ) -> ApiResult {
+    let idem = m.idempotency(None)?;
     let id = path(id)?;
     caller.note.object(&id);
     let edit = |s: &mut State| {
@@ -699,14 +838,16 @@ async fn delete_universe(
         }
         s.delete_universe(&id)
     };
-    mutate(&st, StatusCode::NO_CONTENT, edit, |()| None::<()>).await
+    mutate(&st, idem, StatusCode::NO_CONTENT, edit, |()| None::<()>).await
 }
 
 async fn create_group(
     AxState(st): AxState<AppState>,
     caller: Caller,
+    m: Mutation,
     body: Result<Bytes, BytesRejection>,
 ) -> ApiResult {
+    let idem = m.idempotency(body.as_deref().ok())?;
     let req: model::CreateGroup = parse_body(body)?;
     let edit = |s: &mut State| {
         caller.allow(Resource::Group, Op::Write, &req.universe, || {
@@ -719,7 +860,7 @@ async fn create_group(
         note.object(&g.id);
         Some(g)
     };
-    mutate(&st, StatusCode::CREATED, edit, view).await
+    mutate(&st, idem, StatusCode::CREATED, edit, view).await
 }
 
 async fn list_groups(
@@ -904,23 +1045,27 @@ fn allow_group_write(caller: &Caller, s: &State, id: &str) -> model::Result<()> 
 async fn delete_group(
     AxState(st): AxState<AppState>,
     caller: Caller,
+    m: Mutation,
     id: Result<UrlPath<String>, PathRejection>,
 ) -> ApiResult {
+    let idem = m.idempotency(None)?;
     let id = path(id)?;
     caller.note.object(&id);
     let edit = |s: &mut State| {
         allow_group_write(&caller, s, &id)?;
         s.delete_group(&id)
     };
-    mutate(&st, StatusCode::NO_CONTENT, edit, |()| None::<()>).await
+    mutate(&st, idem, StatusCode::NO_CONTENT, edit, |()| None::<()>).await
 }
 
 async fn add_rule(
     AxState(st): AxState<AppState>,
     caller: Caller,
+    m: Mutation,
     id: Result<UrlPath<String>, PathRejection>,
     body: Result<Bytes, BytesRejection>,
 ) -> ApiResult {
+    let idem = m.idempotency(body.as_deref().ok())?;
     let id = path(id)?;
     caller.note.object(&id);
     let req: model::CreateRule = parse_body(body)?;
@@ -938,14 +1083,16 @@ async fn add_rule(
         note.object(&r.id);
         Some(r)
     };
-    mutate(&st, StatusCode::CREATED, edit, view).await
+    mutate(&st, idem, StatusCode::CREATED, edit, view).await
 }
 
 async fn delete_rule(
     AxState(st): AxState<AppState>,
     caller: Caller,
+    m: Mutation,
     ids: Result<UrlPath<(String, String)>, PathRejection>,
 ) -> ApiResult {
+    let idem = m.idempotency(None)?;
     let (group, rule) = path(ids)?;
     caller.note.object(&group);
     caller.note.object(&rule);
@@ -953,7 +1100,7 @@ async fn delete_rule(
         allow_group_write(&caller, s, &group)?;
         s.delete_rule(&group, &rule)
     };
-    mutate(&st, StatusCode::NO_CONTENT, edit, |()| None::<()>).await
+    mutate(&st, idem, StatusCode::NO_CONTENT, edit, |()| None::<()>).await
 }
 
 /// The checks of a new endpoint: its universe visible and writable, its groups visible.
@@ -974,8 +1121,10 @@ fn allow_new_endpoint(
 async fn create_endpoint(
     AxState(st): AxState<AppState>,
     caller: Caller,
+    m: Mutation,
     body: Result<Bytes, BytesRejection>,
 ) -> ApiResult {
+    let idem = m.idempotency(body.as_deref().ok())?;
     let mut req: model::CreateEndpoint = parse_body(body)?;
     // Checked before looking at this host's namespaces or the fleet's hosts, and again in the
     // edit.
@@ -991,7 +1140,43 @@ async fn create_endpoint(
         allow_new_endpoint(&caller, s, &req)?;
         s.create_endpoint(req.clone(), &host)
     };
-    let (ep, revision) = st.store.edit(edit).await?;
+    let respond = |ep: &model::Endpoint| {
+        (StatusCode::CREATED.as_u16(), serde_json::to_value(EndpointView::from(ep)).ok())
+    };
+    let (ep, revision) = match st.store.edit_recorded(&idem, edit, respond).await? {
+        store::Outcome::Applied { out, revision } => (out, revision),
+        store::Outcome::Replayed(rec) => {
+            // The first attempt's endpoint, if it is still there (it is removed again when its
+            // host could not realize it: then that attempt was answered an error).
+            let id = rec.body.as_ref().and_then(|b| b["id"].as_str()).unwrap_or_default();
+            let snap = st.store.snapshot();
+            let Some(ep) = snap.endpoints.get(id).cloned() else {
+                return Err(ApiError::new(
+                    StatusCode::CONFLICT,
+                    "conflict",
+                    format!(
+                        "Idempotency-Key: the request sent first with this key created endpoint \
+                         {id}, which is gone (removed, or never realized on its host): send the \
+                         request again with a new key"
+                    ),
+                ));
+            };
+            caller.note.object(&ep.id);
+            wait_realized(&st, rec.revision).await;
+            endpoint_realized(&st, &ep, rec.revision)?;
+            let mut response = revision_response(
+                StatusCode::CREATED,
+                rec.revision,
+                &idem.key,
+                Some(EndpointView::from(&ep)),
+            );
+            response.headers_mut().insert(
+                HeaderName::from_static(REPLAYED_HEADER),
+                HeaderValue::from_static("true"),
+            );
+            return Ok(response);
+        }
+    };
     caller.note.object(&ep.id);
     wait_realized(&st, revision).await;
     if let Err(e) = endpoint_realized(&st, &ep, revision) {
@@ -1001,7 +1186,7 @@ async fn create_endpoint(
         roll_back_endpoint(&st, &ep.id).await;
         return Err(e);
     }
-    Ok(revision_response(StatusCode::CREATED, revision, Some(EndpointView::from(&ep))))
+    Ok(revision_response(StatusCode::CREATED, revision, &idem.key, Some(EndpointView::from(&ep))))
 }
 
 /// An endpoint may only be placed on a host of the fleet (one that has registered), and only
@@ -1156,9 +1341,11 @@ fn allow_endpoint_write(caller: &Caller, s: &State, id: &str) -> model::Result<(
 async fn patch_endpoint(
     AxState(st): AxState<AppState>,
     caller: Caller,
+    m: Mutation,
     id: Result<UrlPath<String>, PathRejection>,
     body: Result<Bytes, BytesRejection>,
 ) -> ApiResult {
+    let idem = m.idempotency(body.as_deref().ok())?;
     let id = path(id)?;
     caller.note.object(&id);
     let req: model::PatchEndpoint = parse_body(body)?;
@@ -1169,21 +1356,23 @@ async fn patch_endpoint(
         }
         s.patch_endpoint(&id, req.clone())
     };
-    mutate(&st, StatusCode::OK, edit, |e| Some(EndpointView::from(&e))).await
+    mutate(&st, idem, StatusCode::OK, edit, |e| Some(EndpointView::from(&e))).await
 }
 
 async fn delete_endpoint(
     AxState(st): AxState<AppState>,
     caller: Caller,
+    m: Mutation,
     id: Result<UrlPath<String>, PathRejection>,
 ) -> ApiResult {
+    let idem = m.idempotency(None)?;
     let id = path(id)?;
     caller.note.object(&id);
     let edit = |s: &mut State| {
         allow_endpoint_write(&caller, s, &id)?;
         s.delete_endpoint(&id)
     };
-    mutate(&st, StatusCode::NO_CONTENT, edit, |_| None::<()>).await
+    mutate(&st, idem, StatusCode::NO_CONTENT, edit, |_| None::<()>).await
 }
 
 async fn list_hosts(AxState(st): AxState<AppState>, caller: Caller) -> ApiResult {
@@ -1231,8 +1420,10 @@ pub struct CreatedToken {
 async fn create_token(
     AxState(st): AxState<AppState>,
     caller: Caller,
+    m: Mutation,
     body: Result<Bytes, BytesRejection>,
 ) -> ApiResult {
+    let idem = m.idempotency(body.as_deref().ok())?;
     caller.require(Resource::Token, Op::Write)?;
     let req: model::CreateToken = parse_body(body)?;
     if let Some(u) = &req.universe {
@@ -1264,7 +1455,15 @@ async fn create_token(
             token,
         })
     };
-    mutate(&st, StatusCode::CREATED, move |s| s.create_token(req.clone(), &secret), view).await
+    mutate_with(
+        &st,
+        idem,
+        StatusCode::CREATED,
+        move |s| s.create_token(req.clone(), &secret),
+        view,
+        false,
+    )
+    .await
 }
 
 async fn list_tokens(AxState(st): AxState<AppState>, caller: Caller) -> ApiResult {
@@ -1276,12 +1475,14 @@ async fn list_tokens(AxState(st): AxState<AppState>, caller: Caller) -> ApiResul
 async fn delete_token(
     AxState(st): AxState<AppState>,
     caller: Caller,
+    m: Mutation,
     id: Result<UrlPath<String>, PathRejection>,
 ) -> ApiResult {
+    let idem = m.idempotency(None)?;
     caller.require(Resource::Token, Op::Write)?;
     let id = path(id)?;
     caller.note.object(&id);
-    mutate(&st, StatusCode::NO_CONTENT, move |s| s.delete_token(&id), |_| None::<()>).await
+    mutate(&st, idem, StatusCode::NO_CONTENT, move |s| s.delete_token(&id), |_| None::<()>).await
 }
 
 /// `since` of `GET /v1/audit`: an RFC 3339 time in UTC, or how long ago (`1h`, `30m`; see

@@ -668,8 +668,8 @@ async fn audit_records_of_every_store_are_read_from_any_apart_from_the_state_and
         b.query_audit(&newest).await.unwrap().iter().filter_map(|r| r.revision).collect();
     assert_eq!(got, [1095, 1098]);
     // An edit still reads only the state (the audit range is skipped) and works.
-    let (_, rev) = b.edit(|s| s.create_universe(universe("red"))).await.unwrap();
-    assert_eq!(rev, 2);
+    let (red, rev) = b.edit(|s| s.create_universe(universe("red"))).await.unwrap();
+    assert!(rev > before.revision && b.snapshot().universes.contains_key(&red.id));
 
     // A store with a smaller retention trims the trail as it opens, to the newest records.
     let mut options = etcd.options(Duration::from_secs(5));
@@ -879,6 +879,220 @@ async fn deleting_a_universe_too_big_for_one_transaction_of_keys_takes_one_range
     assert!(after.universes.is_empty() && after.groups.is_empty(), "everything went at once");
     let left = etcdctl(&etcd, &["get", "--prefix", "--keys-only", &format!("/verse-test/u/{}/", u.id)]);
     assert!(left.trim().is_empty(), "nothing of it is left in etcd: {left}");
+
+fn group(universe: &str, name: &str) -> model::CreateGroup {
+    model::CreateGroup { universe: universe.into(), name: name.into(), description: None }
+}
+
+fn tcp_rule(port: u16) -> model::CreateRule {
+    model::CreateRule {
+        direction: "ingress".into(),
+        protocol: serde_json::json!("tcp"),
+        from_port: Some(port.into()),
+        to_port: Some(port.into()),
+        cidr: Some("10.0.0.0/8".into()),
+        ..Default::default()
+    }
+}
+
+/// Two hosts editing two universes at once never get in each other's way (no commit is
+/// refused), and two hosts editing one group at once serialize: every rule of both is kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn edits_of_different_universes_never_conflict_and_edits_of_one_are_all_kept() {
+    let etcd = Etcd::start();
+    let a = etcd.store(Duration::from_secs(5)).await;
+    let b = etcd.store(Duration::from_secs(5)).await;
+    let (blue, _) = a.edit(|s| s.create_universe(universe("blue"))).await.unwrap();
+    let (red, _) = b.edit(|s| s.create_universe(universe("red"))).await.unwrap();
+    let (gb, _) = a.edit(|s| s.create_group(group(&blue.id, "web"))).await.unwrap();
+    let (gr, rev) = b.edit(|s| s.create_group(group(&red.id, "web"))).await.unwrap();
+    let mut rx = a.subscribe();
+    wait_state(&mut rx, "both groups on a", |s| s.revision >= rev).await;
+    let before = (a.conflicts(), b.conflicts());
+    const N: u16 = 40;
+    let run = |store: Store, group: String| {
+        tokio::spawn(async move {
+            for port in 1..=N {
+                let g = group.clone();
+                store.edit(move |s| s.add_rule(&g, tcp_rule(port))).await.unwrap();
+            }
+        })
+    };
+    let (ta, tb) = (run(a.clone(), gb.id.clone()), run(b.clone(), gr.id.clone()));
+    ta.await.unwrap();
+    tb.await.unwrap();
+    assert_eq!(
+        (a.conflicts(), b.conflicts()),
+        before,
+        "edits of different universes never refuse each other"
+    );
+
+    // Both hosts add rules to one group at once: they collide, and nothing is lost.
+    let (ta, tb) = (
+        tokio::spawn({
+            let (a, g) = (a.clone(), gb.id.clone());
+            async move {
+                for port in 1001..=1000 + N {
+                    let g = g.clone();
+                    a.edit(move |s| s.add_rule(&g, tcp_rule(port))).await.unwrap();
+                }
+            }
+        }),
+        tokio::spawn({
+            let (b, g) = (b.clone(), gb.id.clone());
+            async move {
+                for port in 2001..=2000 + N {
+                    let g = g.clone();
+                    b.edit(move |s| s.add_rule(&g, tcp_rule(port))).await.unwrap();
+                }
+            }
+        }),
+    );
+    ta.await.unwrap();
+    tb.await.unwrap();
+    let rev = b.snapshot().revision.max(a.snapshot().revision);
+    for store in [&a, &b] {
+        let mut rx = store.subscribe();
+        wait_state(&mut rx, "every rule", |s| s.revision >= rev).await;
+        let g = &store.snapshot().groups[&gb.id];
+        assert_eq!(g.ingress.len(), 3 * usize::from(N), "every rule of both hosts is kept");
+    }
+    assert_eq!(*a.snapshot(), *b.snapshot());
+    eprintln!(
+        "conflicts on one group: a {} b {}",
+        a.conflicts() - before.0,
+        b.conflicts() - before.1
+    );
+}
+
+/// A universe of 500 groups and 5,000 rules goes in one edit (one range delete, however many
+/// keys), leaving nothing of it in etcd.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_universe_of_500_groups_and_5000_rules_is_deleted_whole() {
+    let etcd = Etcd::start();
+    let a = etcd.store(Duration::from_secs(5)).await;
+    let b = etcd.store(Duration::from_secs(5)).await;
+    let (u, _) = a.edit(|s| s.create_universe(universe("big"))).await.unwrap();
+    // Groups ten at a time, rules a hundred at a time (each edit within etcd's 128 operations).
+    let mut groups = Vec::new();
+    for batch in 0..50 {
+        let id = u.id.clone();
+        let (made, _) = a
+            .edit(move |s| {
+                (0..10)
+                    .map(|i| s.create_group(group(&id, &format!("g{batch}-{i}"))).map(|g| g.id))
+                    .collect::<model::Result<Vec<String>>>()
+            })
+            .await
+            .unwrap();
+        groups.extend(made);
+    }
+    for (n, chunk) in groups.chunks(10).enumerate() {
+        let chunk = chunk.to_vec();
+        a.edit(move |s| {
+            for (i, g) in chunk.iter().enumerate() {
+                for port in 0..10u16 {
+                    s.add_rule(g, tcp_rule(1 + port + 10 * u16::try_from(i + 10 * n).unwrap()))?;
+                }
+            }
+            Ok(())
+        })
+        .await
+        .unwrap();
+    }
+    let snap = a.snapshot();
+    let rules: usize = snap.groups.values().map(|g| g.ingress.len() + g.egress.len()).sum();
+    assert_eq!(snap.groups.len(), 501);
+    assert!(rules >= 5000, "{rules} rules");
+    let keys = |prefix: &str| -> usize {
+        etcdctl(&etcd, &["get", "--prefix", "--keys-only", prefix])
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .count()
+    };
+    let before = keys(&format!("/verse-test/u/{}/", u.id));
+    assert!(before > 6000, "{before} keys");
+
+    let id = u.id.clone();
+    let ((), rev) = a.edit(move |s| s.delete_universe(&id)).await.unwrap();
+    let mut rx = b.subscribe();
+    wait_state(&mut rx, "the deletion on b", |s| s.revision >= rev).await;
+    assert!(b.snapshot().universes.is_empty() && b.snapshot().groups.is_empty());
+    assert_eq!(keys(&format!("/verse-test/u/{}/", u.id)), 0, "nothing of it is left in etcd");
+    assert_eq!(keys("/verse-test/ids/"), 0, "its groups' id claims are gone too");
+}
+
+/// With an idempotency key, an edit sent twice (from two hosts) is applied once and answered
+/// twice the same; the same key with another request is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retried_edit_with_the_same_key_is_applied_once() {
+    use verse::store::{Idempotency, Outcome};
+    let etcd = Etcd::start();
+    let a = etcd.store(Duration::from_secs(5)).await;
+    let b = etcd.store(Duration::from_secs(5)).await;
+    let idem = Idempotency {
+        key: "retry-1".into(),
+        fingerprint: "POST /v1/universes x".into(),
+        from_client: true,
+    };
+    let respond = |u: &model::Universe| (201, Some(serde_json::json!({"id": u.id})));
+    let first =
+        a.edit_recorded(&idem, |s| s.create_universe(universe("blue")), respond).await.unwrap();
+    let Outcome::Applied { out, revision } = first else { panic!("the first is applied") };
+    let again =
+        b.edit_recorded(&idem, |s| s.create_universe(universe("blue")), respond).await.unwrap();
+    let Outcome::Replayed(rec) = again else { panic!("the retry is answered, not applied") };
+    assert_eq!(
+        (rec.status, rec.revision, rec.body),
+        (201, revision, Some(serde_json::json!({"id": out.id})))
+    );
+    let mut rx = b.subscribe();
+    wait_state(&mut rx, "the universe on b", |s| s.revision >= revision).await;
+    assert_eq!(b.snapshot().universes.len(), 1);
+    let other = Idempotency { fingerprint: "POST /v1/universes y".into(), ..idem.clone() };
+    let err =
+        b.edit_recorded(&other, |s| s.create_universe(universe("red")), respond).await.unwrap_err();
+    assert!(err.to_string().contains("another request"), "{err}");
+}
+
+/// An edit whose commit never reaches etcd (its store is cut off) fails only once it is
+/// fenced off: the client told "failed" can count on it not having happened, then or later,
+/// and a retry with the same key applies it once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_edit_told_failed_did_not_happen() {
+    use verse::store::{Idempotency, Outcome};
+    let etcd = Etcd::start();
+    let proxy = Proxy::start(etcd.client_port).await;
+    let a = etcd.store(Duration::from_secs(5)).await;
+    let mut options = etcd.options(Duration::from_secs(5));
+    options.endpoints = vec![format!("127.0.0.1:{}", proxy.port)];
+    let b = tokio::time::timeout(WAIT, Store::open_etcd(options)).await.unwrap().unwrap();
+    let idem = Idempotency {
+        key: "cut-1".into(),
+        fingerprint: "POST /v1/universes z".into(),
+        from_client: true,
+    };
+    let respond = |u: &model::Universe| (201, Some(serde_json::json!({"id": u.id})));
+    proxy.cut();
+    let heal = tokio::spawn(async move {
+        // Back while the edit is settling its outcome.
+        tokio::time::sleep(Duration::from_secs(7)).await;
+        proxy.heal();
+        proxy
+    });
+    let err =
+        b.edit_recorded(&idem, |s| s.create_universe(universe("cut")), respond).await.unwrap_err();
+    eprintln!("told: {err}");
+    let _proxy = heal.await.unwrap();
+    assert!(a.snapshot().universes.is_empty(), "the failed edit did not happen");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(a.snapshot().universes.is_empty(), "and never will");
+    let retry =
+        b.edit_recorded(&idem, |s| s.create_universe(universe("cut")), respond).await.unwrap();
+    assert!(matches!(retry, Outcome::Applied { .. }), "the retry with the same key applies it");
+    let again =
+        b.edit_recorded(&idem, |s| s.create_universe(universe("cut")), respond).await.unwrap();
+    assert!(matches!(again, Outcome::Replayed(_)), "once");
 }
 
 /// A store counts what its watch received: one response and one event per key put under its

@@ -1,53 +1,97 @@
 //! The embedded store (the default): one host, nothing to install.
 //!
-//! Contract (see the parent module for what every store guarantees): the document is kept as
-//! JSON in `<state_dir>/state.json`, replaced atomically (temporary file, fsync, rename, fsync of
-//! the directory), so the file is never seen half-written, even after a crash. A second copy,
-//! `<state_dir>/state.json.last-good`, is written the same way right after it: the state to
-//! restore if `state.json` is lost or damaged (versed refuses to start without `state.json`
-//! while the copy, or the dataplane of a previous run, is there). Hosts live in
-//! memory only: the hosts registered through this store (normally the one `versed` that owns
-//! it) are always healthy, and their realized revision is the last one reported.
+//! Contract (see the parent module for what every store guarantees): an edit costs what it
+//! changes. Each edit appends one line to `<state_dir>/state.log`: the keys it writes, as the
+//! etcd store would write them ([`layout`](super::layout)), its revision and its idempotency
+//! record; the line is fsynced before the edit is published, so a published edit survives a
+//! crash. The whole state is written to `<state_dir>/state.json` only now and then (at the
+//! first edit, then every [`SNAPSHOT_EVERY`] edits), atomically (temporary file, fsync, rename,
+//! fsync of the directory; then its copy `<state_dir>/state.json.last-good` the same way: what
+//! to restore if `state.json` is lost or damaged, as versed says when it refuses to start
+//! without `state.json` while the copy, or the dataplane of a previous run, is there) and off
+//! the edit path: the log is first set aside as
+//! `state.log.old` (new edits go to a fresh log), the snapshot of the state at that moment is
+//! written in the background, then the old log is removed. Opening reads `state.json` and
+//! replays the logs' lines newer than it; a last line cut short by a crash (never acknowledged)
+//! is ignored.
+//!
+//! Hosts live in memory only: the hosts registered through this store (normally the one
+//! `versed` that owns it) are always healthy, and their realized revision is the last one
+//! reported. Idempotency records live in memory and in the log, for [`IDEMPOTENCY_TTL`]. The
+//! snapshot and the log are root's only (mode 0600).
 //!
 //! The audit trail is `<state_dir>/audit.jsonl` (mode 0600), one JSON record per line, appended
 //! and fsynced record by record. When it holds half of the retained records it becomes
 //! `audit.jsonl.1` (replacing the one before) and a new file starts, so the two files hold at
 //! most `max_records`; records older than `max_age` are never shown.
 
-use std::collections::{BTreeMap, VecDeque};
-use std::fs::File;
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Write};
 use std::net::Ipv4Addr;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, PoisonError};
-use std::time::SystemTime;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex as StdMutex, PoisonError};
+use std::time::{SystemTime, UNIX_EPOCH};
 
+use serde::{Deserialize, Serialize};
 use tokio::sync::{watch, Mutex};
 
-use super::{apply_edit, audit_matches, AuditRetention, Error, HostStatus, Result};
+use super::layout::{self, Op};
+use super::{
+    apply_edit, audit_matches, AuditRetention, Error, HostStatus, Idempotency, Outcome, Recorded,
+    Result, IDEMPOTENCY_TTL,
+};
 use crate::audit::{AuditRecord, Query as AuditQuery};
 use crate::model::{self, State};
 
-/// File name of the document in the state directory.
+/// File name of the snapshot in the state directory.
 pub const STATE_FILE: &str = "state.json";
 /// File name of its copy, written after it at every commit.
 pub const LAST_GOOD_FILE: &str = "state.json.last-good";
 const TEMP_FILE: &str = "state.json.tmp";
 const LAST_GOOD_TEMP: &str = "state.json.last-good.tmp";
+/// File names of the log of edits since the snapshot, and of the one being folded into it.
+pub const LOG_FILE: &str = "state.log";
+const OLD_LOG_FILE: &str = "state.log.old";
 /// File names of the audit trail in the state directory: the current file, the one before.
 pub const AUDIT_FILE: &str = "audit.jsonl";
 pub const AUDIT_FILE_OLD: &str = "audit.jsonl.1";
+/// Edits between two snapshots.
+pub const SNAPSHOT_EVERY: u64 = 1000;
 
-/// The embedded store. Use it through [`Store`].
+/// One line of the log: one edit.
+#[derive(Serialize, Deserialize)]
+struct Entry {
+    revision: u64,
+    ops: Vec<Op>,
+    /// Idempotency records: the edit's own, or, on the first line of a log, every record
+    /// still alive (carried over from the log a snapshot folded in).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    records: Vec<LoggedRecord>,
+}
+
+#[derive(Clone, Serialize, Deserialize)]
+struct LoggedRecord {
+    digest: String,
+    record: Recorded,
+    /// Seconds since the Unix epoch after which it is forgotten.
+    expires: u64,
+}
+
+/// The embedded store. Use it through [`Store`](super::Store).
 pub struct Embedded {
-    path: PathBuf,
     dir: PathBuf,
     /// Held from reading the current state until the next one is published.
-    lock: Arc<Mutex<()>>,
+    lock: Arc<Mutex<Log>>,
     tx: watch::Sender<Arc<State>>,
     /// The hosts registered here, by name; `healthy` is always true.
     hosts: watch::Sender<Arc<Vec<HostStatus>>>,
+    /// Idempotency records by digest.
+    records: StdMutex<HashMap<String, LoggedRecord>>,
+    /// A snapshot is being written in the background.
+    snapshotting: Arc<AtomicBool>,
     audit: Arc<AuditLog>,
 }
 
@@ -66,31 +110,60 @@ struct AuditFile {
     records: usize,
 }
 
+/// The open log and how many edits it holds.
+struct Log {
+    file: File,
+    entries: u64,
+    /// Whether `state.json` exists.
+    snapshot: bool,
+}
+
+fn now_secs() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_secs()
+}
+
 impl Embedded {
     pub(super) fn open(dir: &Path, retention: AuditRetention) -> Result<Embedded> {
         std::fs::create_dir_all(dir)
             .map_err(|source| Error::CreateDir { path: dir.to_owned(), source })?;
         let path = dir.join(STATE_FILE);
-        let mut state = match std::fs::read(&path) {
-            Ok(bytes) => serde_json::from_slice::<State>(&bytes).map_err(|source| {
-                Error::Parse { path: path.clone(), source, copy: dir.join(LAST_GOOD_FILE) }
-            })?,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => State::default(),
+        let (mut state, snapshot) = match std::fs::read(&path) {
+            Ok(bytes) => (
+                serde_json::from_slice::<State>(&bytes).map_err(|source| Error::Parse {
+                    path: path.clone(),
+                    source,
+                    copy: dir.join(LAST_GOOD_FILE),
+                })?,
+                true,
+            ),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => (State::default(), false),
             Err(source) => return Err(Error::Read { path, source }),
         };
-        state.complete_legacy();
-        // A temporary file left by a crash before its rename holds an unacknowledged edit.
+        // A temporary file left by a crash before its rename is a snapshot never completed.
         for temp in [dir.join(TEMP_FILE), dir.join(LAST_GOOD_TEMP)] {
             match std::fs::remove_file(&temp) {
-                Ok(()) => {
-                    tracing::warn!(path = %temp.display(), "removed an unfinished state write")
-                }
+                Ok(()) => tracing::warn!(path = %temp.display(), "removed an unfinished snapshot"),
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
                 Err(source) => return Err(Error::Write { path: temp, source }),
             }
         }
+        let mut records = HashMap::new();
+        let mut entries = 0;
+        for name in [OLD_LOG_FILE, LOG_FILE] {
+            entries = replay(&dir.join(name), &mut state, &mut records)?;
+        }
+        state.clear_changes();
+        state.reindex();
+        state.take_touched_hosts();
+        let log_path = dir.join(LOG_FILE);
+        let file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .mode(0o600)
+            .open(&log_path)
+            .map_err(|source| Error::Write { path: log_path, source })?;
         let audit_path = dir.join(AUDIT_FILE);
-        let records = match File::open(&audit_path) {
+        let audit_records = match File::open(&audit_path) {
             Ok(f) => BufReader::new(f).lines().count(),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => 0,
             Err(source) => return Err(Error::Audit { path: audit_path, source }),
@@ -98,13 +171,20 @@ impl Embedded {
         let audit = Arc::new(AuditLog {
             dir: dir.to_owned(),
             retention,
-            file: std::sync::Mutex::new(AuditFile { file: None, records }),
+            file: std::sync::Mutex::new(AuditFile { file: None, records: audit_records }),
         });
         let (tx, _) = watch::channel(Arc::new(state));
         let (hosts, _) = watch::channel(Arc::new(Vec::new()));
-        Ok(Embedded { path, dir: dir.to_owned(), lock: Arc::new(Mutex::new(())), tx, hosts, audit })
+        Ok(Embedded {
+            dir: dir.to_owned(),
+            lock: Arc::new(Mutex::new(Log { file, entries, snapshot })),
+            tx,
+            hosts,
+            records: StdMutex::new(records),
+            snapshotting: Arc::new(AtomicBool::new(false)),
+            audit,
+        })
     }
-
     pub(super) async fn append_audit(&self, record: &AuditRecord) -> Result<()> {
         let mut line = serde_json::to_vec(record).map_err(|e| Error::Audit {
             path: self.audit.dir.join(AUDIT_FILE),
@@ -180,64 +260,209 @@ impl Embedded {
         });
     }
 
-    pub(super) async fn edit<T, F>(this: &Arc<Embedded>, mut f: F) -> Result<(T, u64)>
+    pub(super) async fn edit<T, F>(this: &Arc<Embedded>, f: F) -> Result<(T, u64)>
     where
         F: FnMut(&mut State) -> model::Result<T> + Send,
         T: Send + 'static,
     {
-        let guard = this.lock.clone().lock_owned().await;
+        type Respond<T> = fn(&T) -> (u16, Option<serde_json::Value>);
+        match Embedded::run(this, f, None::<(&Idempotency, Respond<T>)>).await? {
+            Outcome::Applied { out, revision } => Ok((out, revision)),
+            Outcome::Replayed(_) => unreachable!("an edit without a key is never replayed"),
+        }
+    }
+
+    pub(super) async fn edit_recorded<T, F, R>(
+        this: &Arc<Embedded>,
+        idem: &Idempotency,
+        f: F,
+        respond: R,
+    ) -> Result<Outcome<T>>
+    where
+        F: FnMut(&mut State) -> model::Result<T> + Send,
+        R: Fn(&T) -> (u16, Option<serde_json::Value>) + Send,
+        T: Send + 'static,
+    {
+        Embedded::run(this, f, Some((idem, respond))).await
+    }
+
+    fn recorded(&self, idem: &Idempotency) -> Result<Option<Recorded>> {
+        let mut records = self.records.lock().unwrap_or_else(PoisonError::into_inner);
+        let now = now_secs();
+        records.retain(|_, r| r.expires > now);
+        match records.get(&idem.digest()) {
+            Some(r) if r.record.fingerprint != idem.fingerprint => {
+                Err(Error::KeyReused { key: idem.key.clone() })
+            }
+            Some(r) => Ok(Some(r.record.clone())),
+            None => Ok(None),
+        }
+    }
+
+    async fn run<T, F, R>(
+        this: &Arc<Embedded>,
+        mut f: F,
+        record: Option<(&Idempotency, R)>,
+    ) -> Result<Outcome<T>>
+    where
+        F: FnMut(&mut State) -> model::Result<T> + Send,
+        R: Fn(&T) -> (u16, Option<serde_json::Value>) + Send,
+        T: Send + 'static,
+    {
+        let mut guard = this.lock.clone().lock_owned().await;
+        if let Some((idem, _)) = &record {
+            // Under the lock: a concurrent retry of the same request waits for the first.
+            if let Some(rec) = this.recorded(idem)? {
+                return Ok(Outcome::Replayed(rec));
+            }
+        }
         let current = this.tx.borrow().clone();
         let (out, next) = apply_edit(&current, &mut f)?;
         let Some(next) = next else {
-            return Ok((out, current.revision));
+            return Ok(Outcome::Applied { out, revision: current.revision });
         };
         let revision = next.revision;
-        let bytes = serde_json::to_vec_pretty(&next).map_err(|e| Error::Write {
-            path: this.path.clone(),
-            source: std::io::Error::other(format!("serializing the state: {e}")),
+        let delta = layout::delta(&current, &next)?;
+        let logged = record.as_ref().map(|(idem, respond)| {
+            let (status, body) = respond(&out);
+            LoggedRecord {
+                digest: idem.digest(),
+                record: Recorded { fingerprint: idem.fingerprint.clone(), status, body, revision },
+                expires: now_secs() + IDEMPOTENCY_TTL.as_secs(),
+            }
+        });
+        let entry = Entry { revision, ops: delta.ops, records: logged.iter().cloned().collect() };
+        let mut line = serde_json::to_vec(&entry).map_err(|e| Error::Write {
+            path: this.dir.join(LOG_FILE),
+            source: std::io::Error::other(format!("serializing the edit: {e}")),
         })?;
-        // The write, the publication and the release of the lock happen in one task that runs
-        // to completion even if this future is dropped, so a persisted state is always
+        line.push(b'\n');
+        // The append, the publication and the release of the lock happen in one task that
+        // runs to completion even if this future is dropped, so a logged edit is always
         // published and no other edit can start from the state it replaces.
         let store = this.clone();
+        let mut next = next;
+        next.clear_changes();
         let commit = tokio::task::spawn_blocking(move || {
-            let _guard = guard;
-            store.write(&bytes)?;
-            store.tx.send_replace(Arc::new(next));
+            let log = &mut *guard;
+            let path = store.dir.join(LOG_FILE);
+            log.file
+                .write_all(&line)
+                .and_then(|()| log.file.sync_data())
+                .map_err(|source| Error::Write { path, source })?;
+            log.entries += 1;
+            if let Some(r) = logged {
+                store
+                    .records
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .insert(r.digest.clone(), r);
+            }
+            let next = Arc::new(next);
+            store.tx.send_replace(next.clone());
+            if !log.snapshot || log.entries >= SNAPSHOT_EVERY {
+                store.start_snapshot(log, next);
+            }
             Ok::<_, Error>(())
         });
         match commit.await {
             Ok(r) => r?,
             Err(join) => {
                 return Err(Error::Write {
-                    path: this.path.clone(),
+                    path: this.dir.join(LOG_FILE),
                     source: std::io::Error::other(format!("the writing task failed: {join}")),
                 })
             }
         }
-        Ok((out, revision))
+        Ok(Outcome::Applied { out, revision })
     }
 
-    /// Replaces the state file, then its last-good copy, each atomically: write a temporary
-    /// file, fsync it, rename it over the old one; then fsync the directory so that the renames
-    /// are durable (rename(2) is atomic but only durable once the directory is synced).
-    fn write(&self, bytes: &[u8]) -> Result<()> {
+    /// Sets the log aside and writes a snapshot of `state` (which includes every edit of the
+    /// set-aside log) in the background; then drops the set-aside log. The first snapshot is
+    /// written at once, so that `state.json` exists from the first edit on.
+    fn start_snapshot(self: &Arc<Self>, log: &mut Log, state: Arc<State>) {
+        if self.snapshotting.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        // The new log starts with the idempotency records still alive: the old one goes.
+        let now = now_secs();
+        let alive: Vec<LoggedRecord> = self
+            .records
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .values()
+            .filter(|r| r.expires > now)
+            .cloned()
+            .collect();
+        let carried = Entry { revision: state.revision, ops: Vec::new(), records: alive };
+        let rotated = (|| {
+            let mut first = serde_json::to_vec(&carried).map_err(std::io::Error::other)?;
+            first.push(b'\n');
+            std::fs::rename(self.dir.join(LOG_FILE), self.dir.join(OLD_LOG_FILE))?;
+            let mut file = OpenOptions::new()
+                .create(true)
+                .append(true)
+                .mode(0o600)
+                .open(self.dir.join(LOG_FILE))?;
+            file.write_all(&first)?;
+            file.sync_data()?;
+            File::open(&self.dir)?.sync_all()?;
+            Ok::<_, std::io::Error>(file)
+        })();
+        match rotated {
+            Ok(file) => {
+                log.file = file;
+                log.entries = 0;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "could not set the log aside for a snapshot; trying later");
+                self.snapshotting.store(false, Ordering::SeqCst);
+                return;
+            }
+        }
+        let first = !log.snapshot;
+        log.snapshot = true;
+        let store = self.clone();
+        let write = move || {
+            let result = store.write_snapshot(&state).and_then(|()| {
+                std::fs::remove_file(store.dir.join(OLD_LOG_FILE))
+                    .map_err(|source| Error::Write { path: store.dir.join(OLD_LOG_FILE), source })
+            });
+            if let Err(e) = result {
+                tracing::warn!(error = %e, "writing a snapshot of the state failed; the log keeps every edit");
+            }
+            store.snapshotting.store(false, Ordering::SeqCst);
+        };
+        if first {
+            write();
+        } else {
+            std::thread::spawn(write);
+        }
+    }
+
+    /// Replaces the snapshot, then its last-good copy, each atomically: write a temporary file,
+    /// fsync it, rename it over the old one; then fsync the directory so that the renames are
+    /// durable.
+    fn write_snapshot(&self, state: &State) -> Result<()> {
+        let path = self.dir.join(STATE_FILE);
+        let temp = self.dir.join(TEMP_FILE);
         let werr = |path: &Path| {
             let path = path.to_owned();
             move |source| Error::Write { path, source }
         };
-        for (temp, target) in
-            [(TEMP_FILE, self.path.clone()), (LAST_GOOD_TEMP, self.dir.join(LAST_GOOD_FILE))]
-        {
-            let temp = self.dir.join(temp);
-            let mut file = std::fs::OpenOptions::new()
+        let bytes = serde_json::to_vec(state).map_err(|e| Error::Write {
+            path: path.clone(),
+            source: std::io::Error::other(format!("serializing the state: {e}")),
+        })?;
+        for (temp, target) in [(temp, path), (self.dir.join(LAST_GOOD_TEMP), self.dir.join(LAST_GOOD_FILE))] {
+            let mut file = OpenOptions::new()
                 .write(true)
                 .create(true)
                 .truncate(true)
                 .mode(0o600)
                 .open(&temp)
                 .map_err(werr(&temp))?;
-            file.write_all(bytes).map_err(werr(&temp))?;
+            file.write_all(&bytes).map_err(werr(&temp))?;
             file.sync_all().map_err(werr(&temp))?;
             drop(file);
             std::fs::rename(&temp, &target).map_err(werr(&target))?;
@@ -314,6 +539,77 @@ impl AuditLog {
     }
 }
 
+/// Applies the lines of the log at `path` newer than `state` to it; returns how many lines it
+/// holds. A last line without its newline was never acknowledged: it is ignored.
+fn replay(
+    path: &Path,
+    state: &mut State,
+    records: &mut HashMap<String, LoggedRecord>,
+) -> Result<u64> {
+    let file = match File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+        Err(source) => return Err(Error::Read { path: path.to_owned(), source }),
+    };
+    let now = now_secs();
+    let mut lines = 0;
+    for line in BufReader::new(file).split(b'\n') {
+        let line = line.map_err(|source| Error::Read { path: path.to_owned(), source })?;
+        if line.is_empty() {
+            continue;
+        }
+        let entry: Entry = match serde_json::from_slice(&line) {
+            Ok(e) => e,
+            Err(e) if e.is_eof() => {
+                tracing::warn!(path = %path.display(), "ignoring a log line cut short (an edit never acknowledged)");
+                continue;
+            }
+            Err(source) => {
+                return Err(Error::Parse {
+                    path: path.to_owned(),
+                    source,
+                    copy: path.with_file_name(LAST_GOOD_FILE),
+                })
+            }
+        };
+        lines += 1;
+        for r in entry.records.into_iter().filter(|r| r.expires > now) {
+            records.insert(r.digest.clone(), r);
+        }
+        if entry.revision <= state.revision {
+            continue;
+        }
+        apply_ops(state, &entry.ops)?;
+        state.revision = entry.revision;
+    }
+    Ok(lines)
+}
+
+/// Applies the writes of one edit to `state`.
+fn apply_ops(state: &mut State, ops: &[Op]) -> Result<()> {
+    let mut keys: Vec<(String, Option<String>)> = Vec::new();
+    for op in ops {
+        match op {
+            Op::Put { key, value } => keys.push((key.clone(), Some(value.clone()))),
+            Op::Delete { key } => keys.push((key.clone(), None)),
+            Op::DeletePrefix { prefix } => {
+                keys.extend(layout::keys_under(state, prefix).into_iter().map(|k| (k, None)))
+            }
+        }
+    }
+    let events: Vec<layout::Event> = keys
+        .iter()
+        .filter(|(k, _)| layout::is_state(k))
+        .map(|(k, v)| layout::Event { key: k, value: v.as_deref().map(str::as_bytes) })
+        .collect();
+    layout::apply(state, &events)?;
+    Ok(())
+}
+
+/// How long after the last write the tests wait for a background snapshot.
+#[cfg(test)]
+const SNAPSHOT_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -353,6 +649,7 @@ mod tests {
         assert_eq!(rev, 1);
         assert!(rx.has_changed().unwrap());
         assert_eq!(rx.borrow_and_update().revision, 1);
+        assert!(dir.join(STATE_FILE).exists(), "the first edit writes a snapshot");
         // An edit that forgets to bump the revision still gets a new one (S13).
         let ((), rev) = store
             .edit(|s| {
@@ -373,6 +670,133 @@ mod tests {
             std::fs::read(dir.join(LAST_GOOD_FILE)).unwrap(),
             std::fs::read(dir.join(STATE_FILE)).unwrap()
         );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// The log holds what each edit changed, not the state: its lines stay small however large
+    /// the state grows; snapshots fold it in, and a reopen replays what is newer than them.
+    #[tokio::test]
+    async fn each_edit_appends_what_it_changed_and_snapshots_fold_the_log() {
+        let dir = temp_dir("log");
+        let store = Store::open_embedded(&dir).unwrap();
+        let (u, _) = store
+            .edit(|s| {
+                s.create_universe(model::CreateUniverse {
+                    name: "u".into(),
+                    cidr: Some("10.0.0.0/16".into()),
+                    cidrs: None,
+                })
+            })
+            .await
+            .unwrap();
+        let mut groups = Vec::new();
+        for name in ["g1", "g2"] {
+            let (g, _) = store
+                .edit(|s| {
+                    s.create_group(model::CreateGroup {
+                        universe: u.id.clone(),
+                        name: name.into(),
+                        description: None,
+                    })
+                })
+                .await
+                .unwrap();
+            groups.push(g.id);
+        }
+        let mut sizes = Vec::new();
+        for i in 0..(SNAPSHOT_EVERY + 10) {
+            let before = std::fs::metadata(dir.join(LOG_FILE)).map_or(0, |m| m.len());
+            let port = i64::try_from(i % 60000).unwrap() + 1;
+            let g = groups[usize::try_from(i % 2).unwrap()].clone();
+            store
+                .edit(move |s| {
+                    s.add_rule(
+                        &g,
+                        model::CreateRule {
+                            direction: "ingress".into(),
+                            protocol: serde_json::json!("tcp"),
+                            from_port: Some(port),
+                            to_port: Some(port),
+                            cidr: Some(format!("10.{}.0.0/16", i / 1000)),
+                            ..Default::default()
+                        },
+                    )
+                })
+                .await
+                .unwrap();
+            let after = std::fs::metadata(dir.join(LOG_FILE)).map_or(0, |m| m.len());
+            if after > before {
+                sizes.push(after - before);
+            }
+        }
+        let largest = sizes.iter().max().copied().unwrap_or(0);
+        assert!(largest < 1024, "a rule's line stays small: {largest} bytes");
+        let deadline = std::time::Instant::now() + SNAPSHOT_WAIT;
+        while dir.join(OLD_LOG_FILE).exists() {
+            assert!(std::time::Instant::now() < deadline, "the background snapshot never ended");
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        let snapshot: State =
+            serde_json::from_slice(&std::fs::read(dir.join(STATE_FILE)).unwrap()).unwrap();
+        let live = store.snapshot();
+        assert!(
+            snapshot.revision > 2 && snapshot.revision < live.revision,
+            "{}",
+            snapshot.revision
+        );
+        drop(store);
+        let reopened = Store::open_embedded(&dir).unwrap().snapshot();
+        assert_eq!(*reopened, *live, "snapshot plus log replay give the state back");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_line_cut_short_by_a_crash_is_ignored() {
+        let dir = temp_dir("torn");
+        let store = Store::open_embedded(&dir).unwrap();
+        store.edit(|s| Ok(add_universe(s, "uni-00000001"))).await.unwrap();
+        store.edit(|s| Ok(add_universe(s, "uni-00000002"))).await.unwrap();
+        drop(store);
+        let mut log = OpenOptions::new().append(true).open(dir.join(LOG_FILE)).unwrap();
+        log.write_all(b"{\"revision\":3,\"ops\":[{\"put\":{\"key\":\"univ").unwrap();
+        drop(log);
+        let store = Store::open_embedded(&dir).unwrap();
+        assert_eq!(store.snapshot().revision, 2);
+        assert_eq!(store.snapshot().universes.len(), 2);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_recorded_edit_is_answered_again_not_applied_again() {
+        let dir = temp_dir("idem");
+        let store = Store::open_embedded(&dir).unwrap();
+        let idem =
+            Idempotency { key: "k1".into(), fingerprint: "POST /x".into(), from_client: true };
+        let respond = |u: &model::Universe| (201, Some(serde_json::json!({"id": u.id})));
+        let create = |name: &'static str| {
+            move |s: &mut State| {
+                s.create_universe(model::CreateUniverse {
+                    name: name.into(),
+                    cidr: Some("10.0.0.0/16".into()),
+                    cidrs: None,
+                })
+            }
+        };
+        let first = store.edit_recorded(&idem, create("a"), respond).await.unwrap();
+        let Outcome::Applied { out, revision } = first else { panic!("applied the first time") };
+        let again = store.edit_recorded(&idem, create("a"), respond).await.unwrap();
+        let Outcome::Replayed(rec) = again else { panic!("replayed the second time") };
+        assert_eq!((rec.status, rec.revision), (201, revision));
+        assert_eq!(rec.body, Some(serde_json::json!({"id": out.id})));
+        assert_eq!(store.snapshot().universes.len(), 1, "applied once");
+        let other = Idempotency { fingerprint: "POST /y".into(), ..idem.clone() };
+        let err = store.edit_recorded(&other, create("b"), respond).await.unwrap_err();
+        assert!(matches!(err, Error::KeyReused { .. }), "{err}");
+        // Across a restart too.
+        drop(store);
+        let store = Store::open_embedded(&dir).unwrap();
+        let again = store.edit_recorded(&idem, create("a"), respond).await.unwrap();
+        assert!(matches!(again, Outcome::Replayed(_)));
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -62,7 +62,10 @@ use tokio::task::AbortHandle;
 use tokio::time::{Instant, MissedTickBehavior};
 
 use super::layout::{self, Guard, Op};
-use super::{audit_matches, AuditRetention, Error, HostStatus, Realized, Result};
+use super::{
+    audit_matches, AuditRetention, Error, HostStatus, Idempotency, Outcome, Realized, Recorded,
+    Result, IDEMPOTENCY_TTL,
+};
 use crate::audit::{AuditRecord, Query as AuditQuery};
 use crate::model::{self, HostRecord, State};
 
@@ -100,6 +103,14 @@ const AUDIT_END: &str = "audit0";
 pub const AUDIT_TRIM_INTERVAL: Duration = Duration::from_secs(30);
 /// Records read per request by a query of the audit trail.
 const AUDIT_PAGE: i64 = 1000;
+/// Idempotency records: `~idem/<sha256 of the key>`, under a lease. `~` sorts after every other
+/// key, so the records lie outside the ranges the watch follows (they are not state).
+const IDEMPOTENCY: &str = "~idem/";
+const IDEMPOTENCY_END: &str = "~idem0";
+/// A recorded response body larger than this is not kept (the status and revision are).
+const MAX_RECORDED_BODY: usize = 64 << 10;
+/// How long an edit whose commit got no answer tries to settle its outcome.
+const SETTLE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// How to reach etcd and where the state lives there.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -198,6 +209,10 @@ struct Shared {
     audit_seq: std::sync::atomic::AtomicU64,
     /// What the watch received.
     received: WatchCounters,
+    /// The lease of the idempotency records written lately, and when it was granted.
+    idem_lease: tokio::sync::Mutex<Option<(i64, Instant)>>,
+    /// Commits refused by a guard (another edit of the same universe got in first).
+    conflicts: std::sync::atomic::AtomicU64,
 }
 
 /// What a store's watch has received since the store opened (`Store::watch_stats`).
@@ -401,6 +416,8 @@ impl Etcd {
             audit_retention: options.audit_retention,
             audit_seq: std::sync::atomic::AtomicU64::new(0),
             received: WatchCounters::default(),
+            idem_lease: tokio::sync::Mutex::new(None),
+            conflicts: std::sync::atomic::AtomicU64::new(0),
         });
 
         let mut delay = RETRY_MIN;
@@ -454,14 +471,51 @@ impl Etcd {
         self.shared.state.subscribe()
     }
 
+    pub(super) fn conflicts(&self) -> u64 {
+        self.shared.conflicts.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     pub(super) fn subscribe_hosts(&self) -> watch::Receiver<Arc<Vec<HostStatus>>> {
         self.shared.hosts.subscribe()
     }
 
     /// See [`Store::edit`](super::Store::edit) and the module contract.
-    pub(super) async fn edit<T, F>(&self, mut f: F) -> Result<(T, u64)>
+    pub(super) async fn edit<T, F>(&self, f: F) -> Result<(T, u64)>
     where
         F: FnMut(&mut State) -> model::Result<T> + Send,
+        T: Send + 'static,
+    {
+        type Respond<T> = fn(&T) -> (u16, Option<serde_json::Value>);
+        match self.run(f, None::<(&Idempotency, Respond<T>)>).await? {
+            Outcome::Applied { out, revision } => Ok((out, revision)),
+            Outcome::Replayed(_) => unreachable!("an edit without a key is never replayed"),
+        }
+    }
+
+    /// See [`Store::edit_recorded`](super::Store::edit_recorded).
+    pub(super) async fn edit_recorded<T, F, R>(
+        &self,
+        idem: &Idempotency,
+        f: F,
+        respond: R,
+    ) -> Result<Outcome<T>>
+    where
+        F: FnMut(&mut State) -> model::Result<T> + Send,
+        R: Fn(&T) -> (u16, Option<serde_json::Value>) + Send,
+        T: Send + 'static,
+    {
+        if idem.from_client {
+            if let Some(rec) = self.shared.recorded(idem).await? {
+                return Ok(Outcome::Replayed(rec));
+            }
+        }
+        self.run(f, Some((idem, respond))).await
+    }
+
+    async fn run<T, F, R>(&self, mut f: F, record: Option<(&Idempotency, R)>) -> Result<Outcome<T>>
+    where
+        F: FnMut(&mut State) -> model::Result<T> + Send,
+        R: Fn(&T) -> (u16, Option<serde_json::Value>) + Send,
         T: Send + 'static,
     {
         let sh = &self.shared;
@@ -471,14 +525,14 @@ impl Etcd {
             let mut next = State::clone(base);
             let out = f(&mut next)?;
             if !next.is_changed() {
-                return Ok((out, base.revision));
+                return Ok(Outcome::Applied { out, revision: base.revision });
             }
             next.check_fits()?;
             let delta = layout::delta(base, &next)?;
             if delta.is_empty() {
-                return Ok((out, base.revision));
+                return Ok(Outcome::Applied { out, revision: base.revision });
             }
-            let compares: Vec<Compare> = delta
+            let mut compares: Vec<Compare> = delta
                 .guards
                 .iter()
                 .map(|g| match g {
@@ -498,7 +552,21 @@ impl Etcd {
                     }
                 })
                 .collect();
-            let ops: Vec<TxnOp> = delta.ops.iter().map(|op| sh.txn_op(op)).collect();
+            let mut ops: Vec<TxnOp> = delta.ops.iter().map(|op| sh.txn_op(op)).collect();
+            if let Some((idem, respond)) = &record {
+                let (status, body) = respond(&out);
+                let rec = Recorded {
+                    fingerprint: idem.fingerprint.clone(),
+                    status,
+                    body: body.filter(|b| b.to_string().len() <= MAX_RECORDED_BODY),
+                    revision: 0,
+                };
+                let key = sh.key(&format!("{IDEMPOTENCY}{}", idem.digest()));
+                compares.push(Compare::create_revision(key.clone(), CompareOp::Equal, 0));
+                let lease = sh.idempotency_lease().await?;
+                let value = serde_json::to_vec(&rec).unwrap_or_default();
+                ops.push(TxnOp::put(key, value, Some(PutOptions::new().with_lease(lease))));
+            }
             if ops.len() > MAX_TXN_OPS || compares.len() > MAX_TXN_OPS {
                 return Err(model::Error::conflict(
                     "limit_exceeded",
@@ -527,16 +595,38 @@ impl Etcd {
                     )
                     .into());
                 }
-                other => other?,
+                // Refused for this host's etcd user: nothing was written.
+                Err(e @ Error::Denied { .. }) => return Err(e),
+                Err(e) => match &record {
+                    // The commit may or may not have happened: settle it before answering.
+                    Some((idem, _)) => {
+                        return match sh.settle(idem, e).await? {
+                            Some(revision) => {
+                                sh.wait_applied(i64::try_from(revision).unwrap_or(0)).await;
+                                Ok(Outcome::Applied { out, revision })
+                            }
+                            None => unreachable!("settle fails when the edit did not happen"),
+                        };
+                    }
+                    None => return Err(e),
+                },
+                Ok(resp) => resp,
             };
             let at = resp.header().map_or(0, |h| h.revision());
             if resp.succeeded() {
                 sh.wait_applied(at).await;
                 sh.clean_up(delta.cleanup).await;
-                return Ok((out, u64::try_from(at).unwrap_or(0)));
+                return Ok(Outcome::Applied { out, revision: u64::try_from(at).unwrap_or(0) });
+            }
+            if let Some((idem, _)) = &record {
+                // The same key committed meanwhile (a concurrent retry of the same request).
+                if let Some(rec) = sh.recorded(idem).await? {
+                    return Ok(Outcome::Replayed(rec));
+                }
             }
             // Another edit of the same universe (or a claim) got in first: run again on the
             // state that includes it, as soon as the watch has applied it.
+            sh.conflicts.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             tracing::debug!(attempt, etcd_revision = at, "a guard failed; running the edit again");
             sh.wait_applied(at).await;
             if attempt > 8 {
@@ -670,14 +760,19 @@ impl Shared {
         format!("{}{relative}", self.prefix)
     }
 
-    /// The key ranges this store follows: everything under the prefix but the audit trail.
+    /// The key ranges this store follows: everything under the prefix but the audit trail and
+    /// the idempotency records.
     fn ranges(&self) -> Vec<(String, Vec<u8>)> {
         let mut end = self.prefix.clone().into_bytes();
         // The prefix ends with '/': the first key after every key under it ends with '0'.
         if let Some(last) = end.last_mut() {
             *last += 1;
         }
-        vec![(self.prefix.clone(), self.key(AUDIT).into_bytes()), (self.key(AUDIT_END), end)]
+        vec![
+            (self.prefix.clone(), self.key(AUDIT).into_bytes()),
+            (self.key(AUDIT_END), self.key(IDEMPOTENCY).into_bytes()),
+            (self.key(IDEMPOTENCY_END), end),
+        ]
     }
 
     fn txn_op(&self, op: &Op) -> TxnOp {
@@ -688,6 +783,98 @@ impl Shared {
                 TxnOp::delete(self.key(prefix), Some(DeleteOptions::new().with_prefix()))
             }
         }
+    }
+
+    /// The outcome recorded under `idem`'s key, if any (with the revision it was recorded at).
+    async fn recorded(&self, idem: &Idempotency) -> Result<Option<Recorded>> {
+        let key = self.key(&format!("{IDEMPOTENCY}{}", idem.digest()));
+        let resp =
+            timed("get (idempotency record)", self.client.kv_client().get(key.clone(), None))
+                .await?;
+        let Some(kv) = resp.kvs().first() else { return Ok(None) };
+        let mut rec: Recorded = serde_json::from_slice(kv.value()).map_err(|e| Error::Corrupt {
+            key: String::from_utf8_lossy(kv.key()).into_owned(),
+            reason: format!("not an idempotency record: {e}"),
+        })?;
+        if rec.fingerprint != idem.fingerprint {
+            return Err(Error::KeyReused { key: idem.key.clone() });
+        }
+        if rec.status == 0 {
+            // A fence: the first attempt did not happen. Lift it (unless it changed meanwhile)
+            // so that this retry can run.
+            let txn = Txn::new()
+                .when(vec![Compare::mod_revision(key.clone(), CompareOp::Equal, kv.mod_revision())])
+                .and_then(vec![TxnOp::delete(key, None)]);
+            timed("delete (idempotency fence)", self.client.kv_client().txn(txn)).await?;
+            return Ok(None);
+        }
+        rec.revision = u64::try_from(kv.mod_revision()).unwrap_or(0);
+        Ok(Some(rec))
+    }
+
+    /// Settles an edit whose commit got no answer (`cause`): puts a record saying it did not
+    /// happen unless its own record is there. Returns the edit's revision if it happened, fails
+    /// with `cause` if it did not (it never will: its commit requires the record to be
+    /// absent), or with [`Error::Unknown`] if etcd cannot be reached for [`SETTLE_TIMEOUT`].
+    async fn settle(&self, idem: &Idempotency, cause: Error) -> Result<Option<u64>> {
+        let key = self.key(&format!("{IDEMPOTENCY}{}", idem.digest()));
+        let fence =
+            Recorded { fingerprint: idem.fingerprint.clone(), status: 0, body: None, revision: 0 };
+        let value = serde_json::to_vec(&fence).unwrap_or_default();
+        let deadline = Instant::now() + SETTLE_TIMEOUT;
+        let mut delay = RETRY_MIN;
+        let mut last = cause.to_string();
+        while Instant::now() < deadline {
+            let attempt = async {
+                let lease = self.idempotency_lease().await?;
+                let txn = Txn::new()
+                    .when(vec![Compare::create_revision(key.clone(), CompareOp::Equal, 0)])
+                    .and_then(vec![TxnOp::put(
+                        key.clone(),
+                        value.clone(),
+                        Some(PutOptions::new().with_lease(lease)),
+                    )])
+                    .or_else(vec![TxnOp::get(key.clone(), None)]);
+                timed("transaction (settle an edit)", self.client.kv_client().txn(txn)).await
+            };
+            match attempt.await {
+                Ok(resp) if resp.succeeded() => {
+                    tracing::warn!(error = %cause, "an edit's commit got no answer; it did not happen (fenced off)");
+                    return Err(cause);
+                }
+                Ok(resp) => {
+                    let revision = resp.op_responses().into_iter().find_map(|op| match op {
+                        etcd_client::TxnOpResponse::Get(g) => {
+                            g.kvs().first().map(|kv| kv.mod_revision())
+                        }
+                        _ => None,
+                    });
+                    tracing::info!(error = %cause, "an edit's commit got no answer; it happened");
+                    return Ok(Some(u64::try_from(revision.unwrap_or(0)).unwrap_or(0)));
+                }
+                Err(e) => {
+                    last = e.to_string();
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(1));
+                }
+            }
+        }
+        Err(Error::Unknown { key: idem.key.clone(), cause: last })
+    }
+
+    /// A lease for idempotency records: one per minute, living [`IDEMPOTENCY_TTL`] past it.
+    async fn idempotency_lease(&self) -> Result<i64> {
+        let mut current = self.idem_lease.lock().await;
+        if let Some((id, granted)) = *current {
+            if granted.elapsed() < Duration::from_secs(60) {
+                return Ok(id);
+            }
+        }
+        let ttl = i64::try_from(IDEMPOTENCY_TTL.as_secs() + 60).unwrap_or(i64::MAX);
+        let granted =
+            timed("lease grant (idempotency)", self.client.lease_client().grant(ttl, None)).await?;
+        *current = Some((granted.id(), Instant::now()));
+        Ok(granted.id())
     }
 
     /// Deletes keys an edit left for afterwards (claims of the groups of a deleted universe), a

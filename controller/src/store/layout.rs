@@ -646,6 +646,37 @@ pub fn apply(state: &mut State, events: &[Event<'_>]) -> Result<bool, Error> {
     Ok(changed)
 }
 
+/// The keys of `state` under `prefix` (what a range delete of it removes), for stores that
+/// keep the state rather than the keys (the embedded store's log). Only the prefixes [`delta`]
+/// deletes are known: a universe's, and a group's rules.
+pub fn keys_under(state: &State, prefix: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let Some(rest) = prefix.strip_prefix(U) else { return out };
+    let Some((uni, rest)) = rest.split_once('/') else { return out };
+    let group_rules = |out: &mut Vec<String>, g: &SecurityGroup| {
+        for r in g.ingress.iter().chain(&g.egress) {
+            out.push(rule_key(&g.universe, &g.id, &r.id));
+        }
+    };
+    if rest.is_empty() {
+        for g in state.groups.values().filter(|g| g.universe == uni) {
+            group_rules(&mut out, g);
+            out.push(group_key(g));
+        }
+        for e in state.endpoints.values().filter(|e| e.universe == uni) {
+            out.push(endpoint_key(e));
+        }
+        for (n, i) in state.identities.iter().filter(|(_, i)| i.universe == uni) {
+            out.push(identity_key(*n, i));
+        }
+    } else if let Some(group) = rest.strip_prefix("rules/").and_then(|g| g.strip_suffix('/')) {
+        if let Some(g) = state.groups.get(group) {
+            group_rules(&mut out, g);
+        }
+    }
+    out
+}
+
 /// Every key and value of `state` (what a full write of it would put), in key order. For tests
 /// and for the embedded store's snapshots.
 pub fn encode_all(state: &State) -> Result<BTreeMap<String, String>, Error> {

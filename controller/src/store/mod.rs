@@ -98,6 +98,17 @@ pub enum Error {
          \"etcd access control\""
     )]
     Denied { op: &'static str, message: String },
+    /// The commit was sent but its outcome could not be learned (etcd stopped answering), and
+    /// the edit could not be fenced off either: it may or may not have happened. Retrying the
+    /// request with the same idempotency key tells.
+    #[error(
+        "the outcome of this edit is unknown (etcd stopped answering after the commit was sent: \
+         {cause}); retry with the same Idempotency-Key ({key}) to learn it"
+    )]
+    Unknown { key: String, cause: String },
+    /// An idempotency key sent again with another request.
+    #[error("idempotency key {key:?} was used for another request")]
+    KeyReused { key: String },
 }
 
 /// How much of the audit trail the store keeps (settings `audit_retention_records` and
@@ -120,7 +131,13 @@ impl Error {
     /// Whether the store could not be reached (as opposed to a refused edit or a local
     /// failure): the API answers 503 then.
     pub fn is_unavailable(&self) -> bool {
-        matches!(self, Error::Etcd { .. } | Error::Timeout { .. } | Error::Contention { .. })
+        matches!(
+            self,
+            Error::Etcd { .. }
+                | Error::Timeout { .. }
+                | Error::Contention { .. }
+                | Error::Unknown { .. }
+        )
     }
 }
 
@@ -129,6 +146,55 @@ fn audit_matches(r: &AuditRecord, q: &AuditQuery, oldest: std::time::SystemTime)
     r.time.0 >= oldest
         && q.since.is_none_or(|s| r.time.0 >= s)
         && q.universe.as_ref().is_none_or(|u| r.universe.as_ref() == Some(u))
+}
+
+/// How long the outcome of an edit is kept for a retry with the same idempotency key.
+pub const IDEMPOTENCY_TTL: Duration = Duration::from_secs(600);
+
+/// The idempotency key of an edit (the API's `Idempotency-Key` header, or one the API made up):
+/// the edit's outcome is recorded with it, in the same commit, so that a retry with the same
+/// key answers that outcome instead of editing again, and so that an edit whose commit got no
+/// answer can be settled: either its record is there (it happened) or a record saying it did
+/// not is put first, fencing the commit off for good.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Idempotency {
+    pub key: String,
+    /// What the request was (method, path, body): a key sent again with another request is
+    /// refused ([`Error::KeyReused`]).
+    pub fingerprint: String,
+    /// Whether the client chose the key (then a recorded outcome is looked for first).
+    pub from_client: bool,
+}
+
+impl Idempotency {
+    /// The store key of the record: a digest, so any client key is a safe key.
+    pub fn digest(&self) -> String {
+        use sha2::Digest;
+        sha2::Sha256::digest(self.key.as_bytes()).iter().map(|b| format!("{b:02x}")).collect()
+    }
+}
+
+/// The recorded outcome of an edit.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Recorded {
+    pub fingerprint: String,
+    /// The status answered; 0 for an edit that did not happen (fenced off after its commit got
+    /// no answer).
+    pub status: u16,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub body: Option<serde_json::Value>,
+    /// The revision of the edit.
+    #[serde(default)]
+    pub revision: u64,
+}
+
+/// What an edit with an idempotency key came to.
+#[derive(Debug)]
+pub enum Outcome<T> {
+    /// It ran now: its result and revision.
+    Applied { out: T, revision: u64 },
+    /// It had run before under the same key: what was answered then.
+    Replayed(Recorded),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -248,6 +314,15 @@ impl Store {
         }
     }
 
+    /// How many commits a guard refused so far (an edit of the same universe got in first, and
+    /// the edit ran again): 0 for the embedded store, which serializes edits.
+    pub fn conflicts(&self) -> u64 {
+        match self {
+            Store::Embedded(_) => 0,
+            Store::Etcd(e) => e.conflicts(),
+        }
+    }
+
     /// Follows the desired state: the receiver sees every published state (or at least the
     /// latest one, if it falls behind). It closes when the store is dropped.
     pub fn subscribe(&self) -> watch::Receiver<Arc<State>> {
@@ -273,6 +348,28 @@ impl Store {
         match self {
             Store::Embedded(e) => Embedded::edit(e, f).await,
             Store::Etcd(e) => e.edit(f).await,
+        }
+    }
+
+    /// [`Store::edit`] with an idempotency key: the outcome (`respond` of the result: status
+    /// and body) is recorded in the same commit as the edit and kept for [`IDEMPOTENCY_TTL`]; a
+    /// key already recorded answers [`Outcome::Replayed`] without running `f`. An edit whose
+    /// commit got no answer is settled before this returns: its record, or a fence (then it
+    /// fails, and it did not happen), or [`Error::Unknown`] if etcd cannot be reached at all.
+    pub async fn edit_recorded<T, F, R>(
+        &self,
+        idem: &Idempotency,
+        f: F,
+        respond: R,
+    ) -> Result<Outcome<T>>
+    where
+        F: FnMut(&mut State) -> model::Result<T> + Send,
+        R: Fn(&T) -> (u16, Option<serde_json::Value>) + Send,
+        T: Send + 'static,
+    {
+        match self {
+            Store::Embedded(e) => Embedded::edit_recorded(e, idem, f, respond).await,
+            Store::Etcd(e) => e.edit_recorded(idem, f, respond).await,
         }
     }
 
