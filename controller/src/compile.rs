@@ -87,13 +87,15 @@ pub fn compile(
     ifindex: &dyn Fn(&model::Endpoint) -> Option<u32>,
     cidr_ids: &mut CidrIds,
 ) -> model::Result<Desired> {
+    let state = &*state.indexed();
     let mut desired = Desired::default();
 
     // Local, plumbed endpoints: the keys of VERSE_ENDPOINTS and the routes between them.
     let mut local_identities = BTreeSet::new();
     let mut local_universes = BTreeSet::new();
     let mut slots = Vec::new();
-    for ep in state.endpoints.values().filter(|e| e.host == host) {
+    let local = state.idx.host_endpoints.get(host);
+    for ep in local.into_iter().flatten().filter_map(|id| state.endpoints.get(id)) {
         let (Some(index), Some(universe)) = (ifindex(ep), state.universes.get(&ep.universe)) else {
             continue;
         };
@@ -165,7 +167,14 @@ pub fn compile(
         desired.hosts.insert(ip.octets(), number);
     }
     fits(host, dp::map_names::HOSTS, desired.hosts.len(), dp::capacity::HOSTS)?;
-    for ep in state.endpoints.values().filter(|e| e.host != host) {
+    // Only the universes present here: a host holds the routes its endpoints can use.
+    let remote = local_universes
+        .iter()
+        .filter_map(|u| state.idx.universe_endpoints.get(*u))
+        .flatten()
+        .filter_map(|id| state.endpoints.get(id))
+        .filter(|e| e.host != host);
+    for ep in remote {
         let (Some(&underlay), Some(universe)) =
             (underlays.get(ep.host.as_str()), state.universes.get(&ep.universe))
         else {
@@ -202,7 +211,12 @@ pub fn compile(
 
     // CIDR classes of the universes present here.
     let mut wanted = BTreeSet::new();
-    for group in state.groups.values().filter(|g| local_universes.contains(g.universe.as_str())) {
+    let local_groups = local_universes
+        .iter()
+        .filter_map(|u| state.idx.universe_groups.get(*u))
+        .flatten()
+        .filter_map(|g| state.groups.get(g));
+    for group in local_groups {
         let Some(universe) = state.universes.get(&group.universe) else { continue };
         for rule in group.ingress.iter().chain(&group.egress) {
             if let Some(cidr) = class_cidr(rule) {
@@ -223,13 +237,8 @@ pub fn compile(
         nested.entry(vni).or_default().insert((u32::from(cidr.network()), cidr.prefix()), id);
     }
 
-    // Group peers (S5): the identities whose sets of groups contain the group.
-    let mut members: HashMap<&str, Vec<u32>> = HashMap::new();
-    for (&n, identity) in &state.identities {
-        for group in &identity.groups {
-            members.entry(group.as_str()).or_default().push(n);
-        }
-    }
+    // Group peers (S5): the identities whose sets of groups contain the group (indexed).
+    let members = &state.idx.group_identities;
 
     let mut policy = PolicyEntries::new(host);
     let mut peers = Vec::new();
@@ -347,12 +356,14 @@ fn class_cidr(rule: &model::Rule) -> Option<Ipv4Network> {
 /// classes nested in (or equal to) its CIDR otherwise. IPv6 CIDRs match nothing here.
 fn rule_peers(
     rule: &model::Rule,
-    members: &HashMap<&str, Vec<u32>>,
+    members: &imbl::OrdMap<String, imbl::OrdSet<u32>>,
     classes: &BTreeMap<(u32, u8), u32>,
     out: &mut Vec<u32>,
 ) {
     match &rule.peer {
-        Peer::Group(group) => out.extend(members.get(group.as_str()).into_iter().flatten()),
+        Peer::Group(group) => {
+            out.extend(members.get(group.as_str()).into_iter().flatten().copied())
+        }
         Peer::Cidr(IpNetwork::V4(c)) if c.prefix() == 0 => out.push(dp::peer::ANY),
         Peer::Cidr(IpNetwork::V4(c)) => {
             let first = u32::from(c.network());
@@ -1102,11 +1113,14 @@ mod tests {
             BTreeMap::from([
                 route(&local, plumbed(&local).unwrap(), [0; 4]),
                 route(&on_h2, 0, [198, 18, 0, 2]),
-                route(&on_h3, 0, [198, 18, 0, 3]),
             ]),
             "local endpoints by ifindex, remote ones by their host's underlay; none for hosts \
-             without an underlay address or unknown to the state"
+             without an underlay address or unknown to the state, none for universes without \
+             an endpoint here (a host holds what its endpoints can reach)"
         );
+        let d3 = compile(&s, "h3", &plumbed, &mut CidrIds::default()).unwrap();
+        assert!(d3.routes.contains_key(&route(&on_h3, 0, [0; 4]).0), "{on_h3:?} is local on h3");
+        assert!(!d3.routes.contains_key(&route(&on_h2, 0, [0; 4]).0), "h3 has nothing in u");
         assert_eq!(d.endpoints.len(), 1, "only local endpoints are endpoints here");
         let hosts: Vec<[u8; 4]> = d.hosts.keys().copied().collect();
         assert_eq!(hosts, vec![[198, 18, 0, 2], [198, 18, 0, 3]], "every other host, not this one");

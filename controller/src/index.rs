@@ -222,6 +222,26 @@ impl State {
         }
     }
 
+    /// Whether the indices are up to date with every table.
+    pub fn is_indexed(&self) -> bool {
+        self.idx.built
+            && !self.universes.has_pending()
+            && !self.groups.has_pending()
+            && !self.endpoints.has_pending()
+            && !self.identities.has_pending()
+    }
+
+    /// This state with its indices up to date: itself, or an O(1) copy brought up to date.
+    pub fn indexed(&self) -> std::borrow::Cow<'_, State> {
+        if self.is_indexed() {
+            std::borrow::Cow::Borrowed(self)
+        } else {
+            let mut copy = self.clone();
+            copy.reindex();
+            std::borrow::Cow::Owned(copy)
+        }
+    }
+
     /// The hosts whose dataplane counts changed since the last call (indices up to date).
     pub fn take_touched_hosts(&mut self) -> BTreeSet<String> {
         self.reindex();
@@ -252,7 +272,8 @@ impl State {
     }
 
     /// What the compiler would put in host `host`'s maps, counted from the indices (an upper
-    /// bound for routes: every endpoint of the fleet, as the compiler routes them all).
+    /// bound for routes: every endpoint of the universes present on the host, as if every host
+    /// had an underlay address).
     pub fn host_counts(&self, host: &str) -> HostCounts {
         let endpoints = self.idx.host_endpoints.get(host).map_or(0, OrdSet::len);
         let mut universes = BTreeSet::new();
@@ -267,7 +288,11 @@ impl State {
         let policy = self.idx.host_identities.get(host).map_or(0, |ids| {
             ids.keys().map(|n| self.idx.policy.get(n).copied().unwrap_or(0)).sum()
         });
-        HostCounts { endpoints, routes: self.endpoints.len(), cidrs, policy }
+        let routes = universes
+            .iter()
+            .map(|u| self.idx.universe_endpoints.get(*u).map_or(0, OrdSet::len))
+            .sum();
+        HostCounts { endpoints, routes, cidrs, policy }
     }
 }
 

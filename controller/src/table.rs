@@ -186,6 +186,11 @@ impl<K: Ord + Clone, V: Clone> Table<K, V> {
         self.changes.clear();
     }
 
+    /// Whether some change has not been seen by the indices yet.
+    pub fn has_pending(&self) -> bool {
+        !self.pending.is_empty()
+    }
+
     /// Takes the changes not yet seen by the indices of the state (a journal of its own, so
     /// that the indices and the store each see every change once).
     pub fn take_pending(&mut self) -> BTreeMap<K, Before<V>> {
