@@ -17,9 +17,11 @@
 //!   and edit-to-enforcement time on one host and on three.
 //! - Rate (`rate`): denied traffic dropped on the underlay, against nftables and iptables.
 //! - Control (`control`): compiling and loading rules, against `nft -f` and `iptables-restore`
-//!   (part `loads`); a thousand simulated hosts and three real ones on one three-member etcd:
-//!   edit to realized on every host, watch events, bytes per host, memory per host (part
-//!   `hosts`, see `hosts.rs`).
+//!   (part `loads`); the control plane under load: edits per second and latency at 50 and 200
+//!   clients over three hosts (etcd) and on one (embedded), an edit on a full fleet against an
+//!   empty one, and etcd's database per 10,000 rules (part `edits`, see `edits.rs`); a thousand
+//!   simulated hosts and three real ones on one three-member etcd: edit to realized on every
+//!   host, watch events, bytes per host, memory per host (part `hosts`, see `hosts.rs`).
 //!
 //! It also writes `target/bench/report.md` and PNG plots, and with `--check` fails if a ratio
 //! worsened by more than 15% against `bench/baseline.json` (`baseline`).
@@ -31,6 +33,7 @@ use clap::Parser;
 mod baseline;
 mod bpf;
 mod control;
+mod edits;
 mod fleet;
 mod flood;
 mod hosts;
@@ -70,7 +73,7 @@ struct Cli {
     #[arg(long)]
     save_baseline: bool,
     /// Run only these parts of the tiers (repeatable; all by default). The control tier has
-    /// `loads` and `hosts`.
+    /// `loads`, `edits` and `hosts`.
     #[arg(long = "part")]
     parts: Vec<String>,
     /// Simulated hosts of the control tier's `hosts` part (50 complete on a shared 2-core
@@ -139,6 +142,9 @@ fn main() -> Result<()> {
     if want(Tier::Control) {
         if part("loads") {
             control::run(&mut records)?;
+        }
+        if part("edits") {
+            edits::run(&mut records)?;
         }
         if part("hosts") {
             let scale = hosts::Scale {

@@ -26,6 +26,10 @@ pub enum Unit {
     KiB,
     /// Events per second a service had to send (cost: lower is better).
     EventsPerS,
+    /// Acknowledged edits per second (throughput: higher is better).
+    EditsPerSecond,
+    /// A count of events, e.g. failures (lower is better).
+    Count,
     /// A dimensionless factor, e.g. how much a gap grew. Never compared with a baseline: a ratio
     /// of factors has no direction of its own.
     Factor,
@@ -42,6 +46,8 @@ impl Unit {
             Unit::CpuPctPerGbps => "%CPU/(Gbit/s)",
             Unit::KiB => "KiB",
             Unit::EventsPerS => "events/s",
+            Unit::EditsPerSecond => "edits/s",
+            Unit::Count => "count",
             Unit::Factor => "x",
         }
     }
@@ -49,13 +55,14 @@ impl Unit {
     /// Which way a ratio of two values in this unit is better.
     fn better(self) -> Option<Better> {
         match self {
-            Unit::Gbps | Unit::Mpps => Some(Better::Higher),
+            Unit::Gbps | Unit::Mpps | Unit::EditsPerSecond => Some(Better::Higher),
             Unit::NsPerPacket
             | Unit::Ms
             | Unit::Us
             | Unit::CpuPctPerGbps
             | Unit::KiB
-            | Unit::EventsPerS => Some(Better::Lower),
+            | Unit::EventsPerS
+            | Unit::Count => Some(Better::Lower),
             Unit::Factor => None,
         }
     }

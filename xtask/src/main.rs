@@ -51,8 +51,8 @@ enum Cmd {
         /// Store this run's ratios in bench/baseline.json as the new baseline.
         #[arg(long)]
         save_baseline: bool,
-        /// Run only these parts of the tiers (repeatable): the control tier has `loads` and
-        /// `hosts`.
+        /// Run only these parts of the tiers (repeatable): the control tier has `loads`,
+        /// `edits` and `hosts`.
         #[arg(long = "part")]
         parts: Vec<String>,
         /// Further options for `verse-bench` (`--sim-hosts N`, ...; see `verse-bench --help`).

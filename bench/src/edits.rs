@@ -1,0 +1,668 @@
+//! Control tier, part edits: the control plane under load, on real hosts.
+//!
+//! - Throughput and latency under contention: three hosts (real `versed`, real dataplanes) on
+//!   the fleet's etcd, clients spread round-robin over the three APIs, each client editing one
+//!   group of one of 20 universes (add a TCP rule, then delete it; every request with its own
+//!   `Idempotency-Key`), for a fixed time, at 50 and at 200 concurrent clients. Reported:
+//!   acknowledged edits per second, p50 and p99 latency of an acknowledged edit (an API
+//!   mutation returns once every healthy host has realized it, S13), failures, and how often a
+//!   host showed unhealthy (liveness lapses) while it ran. The same on one host with the
+//!   embedded store. Targets: >= 500 edits/s fleet-wide, p99 < 100 ms at 50 clients.
+//! - An edit with a full fleet against the same edit on an empty one: one client adds and
+//!   deletes a rule of one group of one universe (endpoints on the three hosts), sequentially,
+//!   on the fleet as set up, then after 100,000 rules and 10,000 endpoints were loaded into 200
+//!   other universes (endpoints on 100 hosts without an underlay address, so that no real host
+//!   plumbs them). Target: the full fleet's median within 1.2x of the empty one's.
+//! - etcd's database per 10,000 rules: `dbSize` after compacting and defragmenting, before
+//!   and after loading the 100,000 rules.
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use ::tests::fleet::Fleet;
+use ::tests::{enter_netns, Host};
+use anyhow::{anyhow, bail, Context, Result};
+use serde_json::{json, Value};
+
+use crate::results::{BenchRecord, Unit};
+
+const UNIVERSES: usize = 20;
+const GROUPS_PER_UNIVERSE: usize = 2;
+const CLIENTS: [usize; 2] = [50, 200];
+const RUN: Duration = Duration::from_secs(12);
+/// Edits of the sequential latency measurement (half adds, half deletes).
+const SEQUENTIAL: usize = 200;
+/// The bulk of the full fleet.
+const BULK_UNIVERSES: usize = 200;
+const BULK_GROUPS: usize = 5;
+const BULK_RULES_PER_GROUP: usize = 100;
+const BULK_ENDPOINTS_PER_UNIVERSE: usize = 50;
+const BULK_HOSTS: usize = 100;
+
+/// Where a client sends its requests: a host's API, from inside its namespace.
+#[derive(Clone)]
+struct Target {
+    netns: String,
+    port: u16,
+    token: Option<String>,
+}
+
+impl Target {
+    fn of(host: &Host) -> Result<Target> {
+        let api = &host.api;
+        let port = api
+            .url()
+            .rsplit(':')
+            .next()
+            .and_then(|p| p.parse().ok())
+            .ok_or_else(|| anyhow!("no port in {}", api.url()))?;
+        Ok(Target {
+            netns: host.netns().name().to_owned(),
+            port,
+            token: api.token().map(str::to_owned),
+        })
+    }
+}
+
+/// A keep-alive HTTP/1.1 connection, opened from inside the target's namespace.
+struct Conn {
+    target: Target,
+    stream: Option<TcpStream>,
+}
+
+impl Conn {
+    fn new(target: Target) -> Conn {
+        Conn { target, stream: None }
+    }
+
+    fn connect(&mut self) -> Result<&mut TcpStream> {
+        if self.stream.is_none() {
+            let addr = SocketAddr::from(([127, 0, 0, 1], self.target.port));
+            let s = enter_netns(&self.target.netns, || {
+                TcpStream::connect_timeout(&addr, Duration::from_secs(5))
+            })?;
+            s.set_read_timeout(Some(Duration::from_secs(30)))?;
+            s.set_nodelay(true)?;
+            self.stream = Some(s);
+        }
+        self.stream.as_mut().ok_or_else(|| anyhow!("no connection"))
+    }
+
+    /// One request; on a broken connection, one retry on a new one (safe: every mutation
+    /// carries its idempotency key).
+    fn request(
+        &mut self,
+        method: &str,
+        path: &str,
+        body: Option<&Value>,
+        key: &str,
+    ) -> Result<(u16, Value)> {
+        match self.once(method, path, body, key) {
+            Ok(r) => Ok(r),
+            Err(_) => {
+                self.stream = None;
+                self.once(method, path, body, key)
+            }
+        }
+    }
+
+    fn once(
+        &mut self,
+        method: &str,
+        path: &str,
+        body: Option<&Value>,
+        key: &str,
+    ) -> Result<(u16, Value)> {
+        let payload = body.map(|b| b.to_string()).unwrap_or_default();
+        let mut req =
+            format!("{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nIdempotency-Key: {key}\r\n");
+        if let Some(t) = &self.target.token {
+            req.push_str(&format!("Authorization: Bearer {t}\r\n"));
+        }
+        if body.is_some() {
+            req.push_str("Content-Type: application/json\r\n");
+        }
+        req.push_str(&format!("Content-Length: {}\r\n\r\n{payload}", payload.len()));
+        let stream = self.connect()?;
+        stream.write_all(req.as_bytes())?;
+        let mut buf = Vec::with_capacity(4096);
+        let mut chunk = [0u8; 8192];
+        let head_end = loop {
+            if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                break i;
+            }
+            let n = stream.read(&mut chunk)?;
+            if n == 0 {
+                bail!("connection closed");
+            }
+            buf.extend_from_slice(&chunk[..n]);
+        };
+        let head = std::str::from_utf8(&buf[..head_end])?.to_owned();
+        let status: u16 = head
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| anyhow!("bad status line"))?;
+        let len: usize = head
+            .lines()
+            .filter_map(|l| l.split_once(':'))
+            .find(|(k, _)| k.trim().eq_ignore_ascii_case("content-length"))
+            .and_then(|(_, v)| v.trim().parse().ok())
+            .unwrap_or(0);
+        let mut body = buf[head_end + 4..].to_vec();
+        while body.len() < len {
+            let n = stream.read(&mut chunk)?;
+            if n == 0 {
+                bail!("connection closed in a body");
+            }
+            body.extend_from_slice(&chunk[..n]);
+        }
+        if head.to_ascii_lowercase().contains("connection: close") {
+            self.stream = None;
+        }
+        let value = if len == 0 {
+            Value::Null
+        } else {
+            serde_json::from_slice(&body[..len]).unwrap_or(Value::Null)
+        };
+        Ok((status, value))
+    }
+}
+
+fn key() -> String {
+    format!("bench-{:032x}", rand_u128())
+}
+
+fn rand_u128() -> u128 {
+    use std::hash::{BuildHasher, Hasher};
+    let s = std::collections::hash_map::RandomState::new();
+    let mut h = s.build_hasher();
+    h.write_u128(Instant::now().elapsed().as_nanos());
+    let a = h.finish();
+    let mut h = s.build_hasher();
+    h.write_u64(a ^ 0x9E37_79B9_7F4A_7C15);
+    u128::from(a) << 64 | u128::from(h.finish())
+}
+
+/// What one load run saw.
+struct Load {
+    acked: usize,
+    failed: BTreeMap<String, usize>,
+    latency_ms: Vec<f64>,
+    seconds: f64,
+    health_samples: usize,
+    unhealthy_samples: usize,
+}
+
+/// `clients` clients over `targets` (round-robin), each editing one of `groups` (by client
+/// number) for `run`.
+fn load(targets: &[Target], groups: &[String], clients: usize, run: Duration) -> Result<Load> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let acked = Arc::new(AtomicUsize::new(0));
+    let failed: Arc<Mutex<BTreeMap<String, usize>>> = Arc::default();
+    let latency: Arc<Mutex<Vec<f64>>> = Arc::default();
+    let start = Instant::now();
+    let mut threads = Vec::new();
+    for c in 0..clients {
+        let target = targets[c % targets.len()].clone();
+        let group = groups[c % groups.len()].clone();
+        let (stop, acked, failed, latency) =
+            (stop.clone(), acked.clone(), failed.clone(), latency.clone());
+        threads.push(std::thread::spawn(move || {
+            let mut conn = Conn::new(target);
+            let mut mine = Vec::new();
+            let rules = format!("/v1/security-groups/{group}/rules");
+            let mut k = 0u16;
+            let fail = |what: String| {
+                *failed.lock().unwrap_or_else(|p| p.into_inner()).entry(what).or_default() += 1
+            };
+            while !stop.load(Ordering::Relaxed) {
+                let port = 1 + u16::try_from(c).unwrap_or(0) * 300 + k % 300;
+                k = k.wrapping_add(1);
+                let rule = json!({"direction": "ingress", "protocol": "tcp", "from_port": port,
+                                  "to_port": port, "cidr": "10.99.0.0/16"});
+                let t = Instant::now();
+                let id = match conn.request("POST", &rules, Some(&rule), &key()) {
+                    Ok((201, v)) => {
+                        mine.push(t.elapsed().as_secs_f64() * 1e3);
+                        acked.fetch_add(1, Ordering::Relaxed);
+                        v["id"].as_str().map(str::to_owned)
+                    }
+                    Ok((s, v)) => {
+                        fail(format!("{s} {}", v["error"]["code"].as_str().unwrap_or("")));
+                        None
+                    }
+                    Err(e) => {
+                        fail(format!("io: {e}"));
+                        None
+                    }
+                };
+                let Some(id) = id else { continue };
+                let t = Instant::now();
+                match conn.request("DELETE", &format!("{rules}/{id}"), None, &key()) {
+                    Ok((204, _)) => {
+                        mine.push(t.elapsed().as_secs_f64() * 1e3);
+                        acked.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Ok((s, v)) => {
+                        fail(format!("{s} {}", v["error"]["code"].as_str().unwrap_or("")))
+                    }
+                    Err(e) => fail(format!("io: {e}")),
+                }
+            }
+            latency.lock().unwrap_or_else(|p| p.into_inner()).extend(mine);
+        }));
+    }
+    // Liveness: every host as host 0 sees it, four times a second.
+    let watcher = {
+        let (stop, target) = (stop.clone(), targets[0].clone());
+        std::thread::spawn(move || {
+            let mut conn = Conn::new(target);
+            let (mut samples, mut unhealthy) = (0, 0);
+            while !stop.load(Ordering::Relaxed) {
+                if let Ok((200, Value::Array(hosts))) =
+                    conn.request("GET", "/v1/hosts", None, "none")
+                {
+                    samples += 1;
+                    if hosts.iter().any(|h| h["healthy"] != Value::Bool(true)) {
+                        unhealthy += 1;
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(250));
+            }
+            (samples, unhealthy)
+        })
+    };
+    std::thread::sleep(run);
+    stop.store(true, Ordering::Relaxed);
+    let acked_at_stop = acked.load(Ordering::Relaxed);
+    let seconds = start.elapsed().as_secs_f64();
+    for t in threads {
+        t.join().map_err(|_| anyhow!("a client panicked"))?;
+    }
+    let (health_samples, unhealthy_samples) =
+        watcher.join().map_err(|_| anyhow!("the watcher panicked"))?;
+    let failed = failed.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    let latency_ms = latency.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    Ok(Load {
+        acked: acked_at_stop,
+        failed,
+        latency_ms,
+        seconds,
+        health_samples,
+        unhealthy_samples,
+    })
+}
+
+fn percentile(v: &[f64], p: f64) -> f64 {
+    let mut v = v.to_vec();
+    v.sort_by(|a, b| a.total_cmp(b));
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    let i = ((v.len() as f64 - 1.0) * p).round() as usize;
+    v[i.min(v.len() - 1)]
+}
+
+/// Universes and groups of the throughput runs; returns the groups edited, and for the first
+/// three universes (which get an endpoint on every host) the universe and its last group.
+fn setup(api_target: &Target) -> Result<(Vec<String>, Vec<(String, String, usize)>)> {
+    let mut conn = Conn::new(api_target.clone());
+    let mut groups = Vec::new();
+    let mut placed = Vec::new();
+    for u in 0..UNIVERSES {
+        let (s, uni) = conn.request(
+            "POST",
+            "/v1/universes",
+            Some(&json!({"name": format!("load-{u}"), "cidr": format!("10.{}.0.0/16", 100 + u)})),
+            &key(),
+        )?;
+        anyhow::ensure!(s == 201, "create universe: {s} {uni}");
+        let uni = uni["id"].as_str().context("universe id")?.to_owned();
+        for g in 0..GROUPS_PER_UNIVERSE {
+            let (s, grp) = conn.request(
+                "POST",
+                "/v1/security-groups",
+                Some(&json!({"universe": uni, "name": format!("g{g}")})),
+                &key(),
+            )?;
+            anyhow::ensure!(s == 201, "create group: {s} {grp}");
+            groups.push(grp["id"].as_str().context("group id")?.to_owned());
+        }
+        if u < 3 {
+            placed.push((uni, groups[groups.len() - 1].clone(), 100 + u));
+        }
+    }
+    Ok((groups, placed))
+}
+
+fn load_records(
+    out: &mut Vec<BenchRecord>,
+    store: &str,
+    targets: &[Target],
+    groups: &[String],
+) -> Result<()> {
+    for clients in CLIENTS {
+        let l = load(targets, groups, clients, RUN)?;
+        let rate = l.acked as f64 / l.seconds;
+        let (p50, p99) = (percentile(&l.latency_ms, 0.5), percentile(&l.latency_ms, 0.99));
+        let failures: usize = l.failed.values().sum();
+        eprintln!(
+            "bench_edits: {store}, {clients} clients: {rate:.0} edits/s, p50 {p50:.1} ms, p99 {p99:.1} ms, \
+             {failures} failures {:?}, unhealthy {}/{} samples",
+            l.failed, l.unhealthy_samples, l.health_samples
+        );
+        let config = json!({
+            "store": store, "hosts": targets.len(), "clients": clients,
+            "clients_per_host": "round-robin over the hosts' APIs",
+            "universes": UNIVERSES, "groups_per_universe": GROUPS_PER_UNIVERSE,
+            "edits": "each client: POST a TCP rule to its group, then DELETE it; Idempotency-Key on each",
+            "endpoints": "one per host in each of the first 3 universes",
+            "seconds": l.seconds, "acknowledged": l.acked, "failures": l.failed,
+            "liveness_samples": l.health_samples, "samples_with_an_unhealthy_host": l.unhealthy_samples,
+            "build": "release",
+        });
+        let tag = format!("{store}_c{clients}");
+        out.push(
+            BenchRecord::new(
+                &format!("control_edits_per_s_{tag}"),
+                rate,
+                Unit::EditsPerSecond,
+                None,
+                config.clone(),
+            )
+            .with_target(">= 500 edits/s", rate >= 500.0),
+        );
+        out.push(BenchRecord::new(
+            &format!("control_edit_p50_ms_{tag}"),
+            p50,
+            Unit::Ms,
+            None,
+            config.clone(),
+        ));
+        let p99_record = BenchRecord::new(
+            &format!("control_edit_p99_ms_{tag}"),
+            p99,
+            Unit::Ms,
+            None,
+            config.clone(),
+        );
+        out.push(if clients == 50 {
+            p99_record.with_target("< 100 ms", p99 < 100.0)
+        } else {
+            p99_record
+        });
+        out.push(
+            BenchRecord::new(
+                &format!("control_edit_failures_{tag}"),
+                failures as f64,
+                Unit::Count,
+                None,
+                config.clone(),
+            )
+            .with_target("0", failures == 0),
+        );
+        out.push(
+            BenchRecord::new(
+                &format!("control_liveness_lapses_{tag}"),
+                l.unhealthy_samples as f64,
+                Unit::Count,
+                None,
+                config,
+            )
+            .with_target("0", l.unhealthy_samples == 0),
+        );
+    }
+    Ok(())
+}
+
+/// Sequential edits of one group: add a rule, delete it; the latency of each, in ms.
+fn sequential(target: &Target, group: &str) -> Result<Vec<f64>> {
+    let mut conn = Conn::new(target.clone());
+    let rules = format!("/v1/security-groups/{group}/rules");
+    let mut ms = Vec::new();
+    for i in 0..SEQUENTIAL / 2 {
+        let port = 20_000 + u16::try_from(i).unwrap_or(0);
+        let rule = json!({"direction": "ingress", "protocol": "tcp", "from_port": port, "to_port": port, "cidr": "10.98.0.0/16"});
+        let t = Instant::now();
+        let (s, v) = conn.request("POST", &rules, Some(&rule), &key())?;
+        anyhow::ensure!(s == 201, "add rule: {s} {v}");
+        ms.push(t.elapsed().as_secs_f64() * 1e3);
+        let id = v["id"].as_str().context("rule id")?;
+        let t = Instant::now();
+        let (s, v) = conn.request("DELETE", &format!("{rules}/{id}"), None, &key())?;
+        anyhow::ensure!(s == 204, "delete rule: {s} {v}");
+        ms.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    Ok(ms)
+}
+
+/// etcd's `dbSize` after compacting to the current revision and defragmenting, in bytes.
+fn db_size(fleet: &Fleet) -> Result<f64> {
+    let ep = fleet.etcd().endpoint().to_string();
+    let etcdctl = |args: &[&str]| -> Result<String> {
+        let mut all = vec!["--endpoints", ep.as_str()];
+        all.extend_from_slice(args);
+        let out = fleet.underlay().exec("etcdctl", &all);
+        anyhow::ensure!(
+            out.status.success(),
+            "etcdctl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    };
+    let status: Value = serde_json::from_str(&etcdctl(&["endpoint", "status", "-w", "json"])?)?;
+    let rev = status[0]["Status"]["header"]["revision"].as_i64().context("revision")?;
+    etcdctl(&["compact", &rev.to_string(), "--physical"])?;
+    etcdctl(&["defrag"])?;
+    let status: Value = serde_json::from_str(&etcdctl(&["endpoint", "status", "-w", "json"])?)?;
+    status[0]["Status"]["dbSize"].as_f64().context("dbSize")
+}
+
+/// Loads the bulk of the full fleet straight into the store (the API would take minutes):
+/// `BULK_UNIVERSES` universes of `BULK_GROUPS` groups of `BULK_RULES_PER_GROUP` rules, then
+/// `BULK_ENDPOINTS_PER_UNIVERSE` endpoints each on `BULK_HOSTS` hosts without an underlay.
+fn bulk(fleet: &Fleet, endpoints: bool) -> Result<usize> {
+    use verse::model::{CreateEndpoint, CreateGroup, CreateRule, CreateUniverse};
+    use verse::store::{EtcdOptions, Store};
+    let ep = fleet.etcd().endpoint().to_string();
+    enter_netns(fleet.underlay().name(), move || -> Result<usize> {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        rt.block_on(async move {
+            let store = Store::open_etcd(EtcdOptions::new(vec![ep])).await?;
+            let mut made = 0;
+            let snapshot = store.snapshot();
+            let existing: Vec<String> = snapshot
+                .universes
+                .values()
+                .filter(|u| u.name.starts_with("bulk-"))
+                .map(|u| u.id.clone())
+                .collect();
+            let universes = if existing.len() == BULK_UNIVERSES {
+                existing
+            } else {
+                let mut ids = Vec::new();
+                for u in 0..BULK_UNIVERSES {
+                    let (uni, _) = store
+                        .edit(|s| {
+                            s.create_universe(CreateUniverse {
+                                name: format!("bulk-{u}"),
+                                cidr: Some("10.0.0.0/8".into()),
+                                cidrs: None,
+                            })
+                        })
+                        .await?;
+                    let mut groups = Vec::new();
+                    for g in 0..BULK_GROUPS {
+                        let id = uni.id.clone();
+                        let (grp, _) = store
+                            .edit(move |s| {
+                                s.create_group(CreateGroup {
+                                    universe: id.clone(),
+                                    name: format!("g{g}"),
+                                    description: None,
+                                })
+                            })
+                            .await?;
+                        groups.push(grp.id);
+                    }
+                    for (gi, g) in groups.iter().enumerate() {
+                        let g = g.clone();
+                        store
+                            .edit(move |s| {
+                                for r in 0..BULK_RULES_PER_GROUP {
+                                    let port = i64::try_from(1000 + r).unwrap_or(1);
+                                    s.add_rule(
+                                        &g,
+                                        CreateRule {
+                                            direction: if r % 3 == 0 {
+                                                "egress"
+                                            } else {
+                                                "ingress"
+                                            }
+                                            .into(),
+                                            protocol: json!("tcp"),
+                                            from_port: Some(port),
+                                            to_port: Some(port + i64::try_from(r % 4).unwrap_or(0)),
+                                            cidr: Some(format!("10.{}.{}.0/24", gi, r % 250)),
+                                            ..Default::default()
+                                        },
+                                    )?;
+                                }
+                                Ok(())
+                            })
+                            .await?;
+                        made += BULK_RULES_PER_GROUP;
+                    }
+                    ids.push(uni.id);
+                }
+                ids
+            };
+            if endpoints {
+                for (u, uni) in universes.iter().enumerate() {
+                    let groups: Vec<String> = store
+                        .snapshot()
+                        .groups
+                        .values()
+                        .filter(|g| &g.universe == uni && g.name != "default")
+                        .map(|g| g.id.clone())
+                        .collect();
+                    for chunk in 0..BULK_ENDPOINTS_PER_UNIVERSE / 10 {
+                        let (uni, groups) = (uni.clone(), groups.clone());
+                        store
+                            .edit(move |s| {
+                                for e in 0..10 {
+                                    let n = chunk * 10 + e;
+                                    let pick = vec![
+                                        groups[n % groups.len()].clone(),
+                                        groups[(n + 1) % groups.len()].clone(),
+                                    ];
+                                    s.create_endpoint(
+                                        CreateEndpoint {
+                                            universe: uni.clone(),
+                                            host: Some(format!(
+                                                "bulk-host-{}",
+                                                (u * 7 + n) % BULK_HOSTS
+                                            )),
+                                            netns: format!("bulk-{u}-{n}"),
+                                            ip: format!(
+                                                "10.{}.{}.{}",
+                                                u % 200,
+                                                n / 200,
+                                                2 + n % 200
+                                            ),
+                                            security_groups: Some(pick),
+                                        },
+                                        "bulk",
+                                    )?;
+                                }
+                                Ok(())
+                            })
+                            .await?;
+                    }
+                }
+            }
+            Ok(made)
+        })
+    })
+}
+
+pub fn run(out: &mut Vec<BenchRecord>) -> Result<()> {
+    // ---- etcd: three hosts ----
+    let fleet = Fleet::start(3);
+    let targets: Vec<Target> = fleet.hosts().iter().map(Target::of).collect::<Result<_>>()?;
+    let (groups, placed) = setup(&targets[0])?;
+    // Endpoints of the first universes on every host: edits there reach real dataplanes.
+    let mut workloads = Vec::new();
+    for (uni, group, net) in &placed {
+        for h in 0..fleet.len() {
+            workloads.push(fleet.endpoint(h, uni, &format!("10.{net}.0.{}", 10 + h), &[group]));
+        }
+    }
+    // The group edited sequentially: in the first universe, with an endpoint on every host.
+    let probe_group = groups[1].clone();
+
+    let empty = sequential(&targets[0], &probe_group)?;
+    let db_empty = db_size(&fleet)?;
+    load_records(out, "etcd", &targets, &groups)?;
+
+    let rules = bulk(&fleet, false)?;
+    let db_rules = db_size(&fleet)?;
+    bulk(&fleet, true)?;
+    // Let every host catch up with the bulk before measuring.
+    std::thread::sleep(Duration::from_secs(3));
+    let full = sequential(&targets[0], &probe_group)?;
+    let (e50, f50) = (percentile(&empty, 0.5), percentile(&full, 0.5));
+    let ratio = f50 / e50;
+    eprintln!(
+        "bench_edits: one edit, empty fleet p50 {e50:.2} ms p99 {:.2}; full fleet p50 {f50:.2} ms p99 {:.2} ({ratio:.2}x)",
+        percentile(&empty, 0.99),
+        percentile(&full, 0.99)
+    );
+    let config = json!({
+        "hosts": 3, "store": "etcd", "edits": SEQUENTIAL, "edit": "POST then DELETE of a TCP rule in one group of one universe with an endpoint on every host, through host 0's API, one at a time",
+        "full_fleet": {"universes": BULK_UNIVERSES, "groups_per_universe": BULK_GROUPS,
+            "rules": BULK_UNIVERSES * BULK_GROUPS * BULK_RULES_PER_GROUP,
+            "endpoints": BULK_UNIVERSES * BULK_ENDPOINTS_PER_UNIVERSE, "endpoint_hosts": BULK_HOSTS},
+        "samples_empty_ms": empty, "samples_full_ms": full,
+        "p99_empty_ms": percentile(&empty, 0.99), "p99_full_ms": percentile(&full, 0.99),
+    });
+    out.push(BenchRecord::new("control_edit_ms_empty_fleet", e50, Unit::Ms, None, config.clone()));
+    out.push(
+        BenchRecord::new(
+            "control_edit_ms_full_fleet",
+            f50,
+            Unit::Ms,
+            Some(("control_edit_ms_empty_fleet", ratio)),
+            config,
+        )
+        .with_target("<= 1.2x", ratio <= 1.2),
+    );
+    let per_10k = (db_rules - db_empty) / (rules as f64 / 10_000.0) / 1024.0;
+    eprintln!("bench_edits: etcd db {db_empty:.0} B empty, {db_rules:.0} B with {rules} rules: {per_10k:.0} KiB per 10,000 rules");
+    out.push(BenchRecord::new(
+        "control_etcd_db_kib_per_10k_rules",
+        per_10k,
+        Unit::KiB,
+        None,
+        json!({"db_bytes_before": db_empty, "db_bytes_after": db_rules, "rules": rules,
+               "measured": "etcdctl endpoint status dbSize after compact --physical and defrag"}),
+    ));
+    drop(workloads);
+    drop(fleet);
+
+    // ---- embedded: one host ----
+    let host = Host::start();
+    let target = Target::of(&host)?;
+    let (groups, placed) = setup(&target)?;
+    let workloads: Vec<_> = placed
+        .iter()
+        .map(|(uni, group, net)| host.endpoint(uni, &format!("10.{net}.0.10"), &[group]))
+        .collect();
+    load_records(out, "embedded", &[target], &groups)?;
+    drop(workloads);
+    Ok(())
+}
