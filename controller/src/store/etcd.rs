@@ -788,9 +788,22 @@ impl Shared {
     /// The outcome recorded under `idem`'s key, if any (with the revision it was recorded at).
     async fn recorded(&self, idem: &Idempotency) -> Result<Option<Recorded>> {
         let key = self.key(&format!("{IDEMPOTENCY}{}", idem.digest()));
-        let resp =
-            timed("get (idempotency record)", self.client.kv_client().get(key.clone(), None))
-                .await?;
+        // A read, safe to try again: a member that stalls (the client then moves to the next)
+        // costs this request a retry, not a 503.
+        let mut attempt = 0;
+        let resp = loop {
+            attempt += 1;
+            match timed("get (idempotency record)", self.client.kv_client().get(key.clone(), None))
+                .await
+            {
+                Ok(resp) => break resp,
+                Err(e @ (Error::Etcd { .. } | Error::Timeout { .. })) if attempt < 3 => {
+                    tracing::debug!(error = %e, attempt, "reading an idempotency record; again");
+                    tokio::time::sleep(RETRY_MIN * attempt).await;
+                }
+                Err(e) => return Err(e),
+            }
+        };
         let Some(kv) = resp.kvs().first() else { return Ok(None) };
         let mut rec: Recorded = serde_json::from_slice(kv.value()).map_err(|e| Error::Corrupt {
             key: String::from_utf8_lossy(kv.key()).into_owned(),
