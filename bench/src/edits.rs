@@ -109,6 +109,24 @@ impl Conn {
         }
     }
 
+    /// [`Conn::request`], sent again with the same idempotency key while the answer is a 503
+    /// (etcd unreachable for a moment): for setting up, not for the measured load.
+    fn request_until_done(
+        &mut self,
+        method: &str,
+        path: &str,
+        body: Option<&Value>,
+        key: &str,
+    ) -> Result<(u16, Value)> {
+        for _ in 0..10 {
+            match self.request(method, path, body, key)? {
+                (503, _) => std::thread::sleep(Duration::from_millis(500)),
+                answer => return Ok(answer),
+            }
+        }
+        self.request(method, path, body, key)
+    }
+
     fn once(
         &mut self,
         method: &str,
@@ -314,7 +332,7 @@ fn setup(api_target: &Target) -> Result<(Vec<String>, Vec<(String, String, usize
     let mut groups = Vec::new();
     let mut placed = Vec::new();
     for u in 0..UNIVERSES {
-        let (s, uni) = conn.request(
+        let (s, uni) = conn.request_until_done(
             "POST",
             "/v1/universes",
             Some(&json!({"name": format!("load-{u}"), "cidr": format!("10.{}.0.0/16", 100 + u)})),
@@ -323,7 +341,7 @@ fn setup(api_target: &Target) -> Result<(Vec<String>, Vec<(String, String, usize
         anyhow::ensure!(s == 201, "create universe: {s} {uni}");
         let uni = uni["id"].as_str().context("universe id")?.to_owned();
         for g in 0..GROUPS_PER_UNIVERSE {
-            let (s, grp) = conn.request(
+            let (s, grp) = conn.request_until_done(
                 "POST",
                 "/v1/security-groups",
                 Some(&json!({"universe": uni, "name": format!("g{g}")})),
@@ -428,12 +446,12 @@ fn sequential(target: &Target, group: &str) -> Result<Vec<f64>> {
         let port = 20_000 + u16::try_from(i).unwrap_or(0);
         let rule = json!({"direction": "ingress", "protocol": "tcp", "from_port": port, "to_port": port, "cidr": "10.98.0.0/16"});
         let t = Instant::now();
-        let (s, v) = conn.request("POST", &rules, Some(&rule), &key())?;
+        let (s, v) = conn.request_until_done("POST", &rules, Some(&rule), &key())?;
         anyhow::ensure!(s == 201, "add rule: {s} {v}");
         ms.push(t.elapsed().as_secs_f64() * 1e3);
         let id = v["id"].as_str().context("rule id")?;
         let t = Instant::now();
-        let (s, v) = conn.request("DELETE", &format!("{rules}/{id}"), None, &key())?;
+        let (s, v) = conn.request_until_done("DELETE", &format!("{rules}/{id}"), None, &key())?;
         anyhow::ensure!(s == 204, "delete rule: {s} {v}");
         ms.push(t.elapsed().as_secs_f64() * 1e3);
     }
@@ -590,6 +608,45 @@ fn bulk(fleet: &Fleet, endpoints: bool) -> Result<usize> {
     })
 }
 
+/// What the compiler gives `hosts` from the fleet's desired state as etcd holds it: entries of
+/// every map (the reconciler writes exactly these; every endpoint on the host counted as
+/// plumbed) and the time one compile took, in ms.
+fn host_maps(fleet: &Fleet, hosts: &[String]) -> Result<Vec<(String, usize, f64, Value)>> {
+    use verse::store::{EtcdOptions, Store};
+    let ep = fleet.etcd().endpoint().to_string();
+    let hosts = hosts.to_vec();
+    enter_netns(fleet.underlay().name(), move || -> Result<Vec<(String, usize, f64, Value)>> {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        rt.block_on(async move {
+            let store = Store::open_etcd(EtcdOptions::new(vec![ep])).await?;
+            let state = store.snapshot();
+            let mut out = Vec::new();
+            for host in hosts {
+                let t = Instant::now();
+                let d = verse::compile::compile(
+                    &state,
+                    &host,
+                    &|_| Some(1),
+                    &mut verse::compile::CidrIds::default(),
+                )
+                .map_err(|e| anyhow!("compile for {host}: {e:?}"))?;
+                let ms = t.elapsed().as_secs_f64() * 1e3;
+                let entries = d.endpoints.len()
+                    + d.routes.len()
+                    + d.cidrs.len()
+                    + d.policy.len()
+                    + d.hosts.len()
+                    + d.vnis.len();
+                let per_map = json!({"endpoints": d.endpoints.len(), "routes": d.routes.len(),
+                    "cidrs": d.cidrs.len(), "policy": d.policy.len(), "hosts": d.hosts.len(),
+                    "vnis": d.vnis.len()});
+                out.push((host, entries, ms, per_map));
+            }
+            Ok(out)
+        })
+    })
+}
+
 pub fn run(out: &mut Vec<BenchRecord>) -> Result<()> {
     // ---- etcd: three hosts ----
     let fleet = Fleet::start(3);
@@ -606,6 +663,8 @@ pub fn run(out: &mut Vec<BenchRecord>) -> Result<()> {
     let probe_group = groups[1].clone();
 
     let empty = sequential(&targets[0], &probe_group)?;
+    let real: Vec<String> = fleet.hosts().iter().map(|h| h.name().to_owned()).collect();
+    let maps_empty = host_maps(&fleet, &real[..1])?;
     let db_empty = db_size(&fleet)?;
     load_records(out, "etcd", &targets, &groups)?;
 
@@ -615,6 +674,34 @@ pub fn run(out: &mut Vec<BenchRecord>) -> Result<()> {
     // Let every host catch up with the bulk before measuring.
     std::thread::sleep(Duration::from_secs(3));
     let full = sequential(&targets[0], &probe_group)?;
+    let maps_full = host_maps(&fleet, &[real[0].clone(), "bulk-host-0".to_owned()])?;
+    eprintln!("bench_edits: map entries (host, entries, compile ms, per map): empty fleet {maps_empty:?}, full fleet {maps_full:?}");
+    let (e_entries, f_entries) = (maps_empty[0].1 as f64, maps_full[0].1 as f64);
+    let maps_config = json!({
+        "host": real[0], "measured": "verse::compile::compile of the host from the desired state etcd holds: the entries its reconciler writes, over every map",
+        "empty_fleet": {"entries": maps_empty[0].1, "compile_ms": maps_empty[0].2, "per_map": maps_empty[0].3},
+        "full_fleet": {"entries": maps_full[0].1, "compile_ms": maps_full[0].2, "per_map": maps_full[0].3,
+            "rules": BULK_UNIVERSES * BULK_GROUPS * BULK_RULES_PER_GROUP,
+            "endpoints": BULK_UNIVERSES * BULK_ENDPOINTS_PER_UNIVERSE},
+        "a_host_of_the_bulk": {"host": maps_full[1].0, "entries": maps_full[1].1, "compile_ms": maps_full[1].2, "per_map": maps_full[1].3},
+    });
+    out.push(BenchRecord::new(
+        "control_host_map_entries_empty_fleet",
+        e_entries,
+        Unit::Count,
+        None,
+        maps_config.clone(),
+    ));
+    out.push(
+        BenchRecord::new(
+            "control_host_map_entries_full_fleet",
+            f_entries,
+            Unit::Count,
+            Some(("control_host_map_entries_empty_fleet", f_entries / e_entries)),
+            maps_config,
+        )
+        .with_target("<= 1.2x (a host's maps grow with its own workloads)", f_entries <= 1.2 * e_entries),
+    );
     let (e50, f50) = (percentile(&empty, 0.5), percentile(&full, 0.5));
     let ratio = f50 / e50;
     eprintln!(
