@@ -700,7 +700,10 @@ pub fn run(out: &mut Vec<BenchRecord>) -> Result<()> {
             Some(("control_host_map_entries_empty_fleet", f_entries / e_entries)),
             maps_config,
         )
-        .with_target("<= 1.2x (a host's maps grow with its own workloads)", f_entries <= 1.2 * e_entries),
+        .with_target(
+            "<= 1.2x (a host's maps grow with its own workloads)",
+            f_entries <= 1.2 * e_entries,
+        ),
     );
     let (e50, f50) = (percentile(&empty, 0.5), percentile(&full, 0.5));
     let ratio = f50 / e50;

@@ -1170,10 +1170,9 @@ async fn create_endpoint(
                 &idem.key,
                 Some(EndpointView::from(&ep)),
             );
-            response.headers_mut().insert(
-                HeaderName::from_static(REPLAYED_HEADER),
-                HeaderValue::from_static("true"),
-            );
+            response
+                .headers_mut()
+                .insert(HeaderName::from_static(REPLAYED_HEADER), HeaderValue::from_static("true"));
             return Ok(response);
         }
     };

@@ -877,8 +877,10 @@ async fn deleting_a_universe_too_big_for_one_transaction_of_keys_takes_one_range
     cli(&url, move |c| c.delete_universe(&id)).await.expect("a universe of any size goes");
     let after = store.snapshot();
     assert!(after.universes.is_empty() && after.groups.is_empty(), "everything went at once");
-    let left = etcdctl(&etcd, &["get", "--prefix", "--keys-only", &format!("/verse-test/u/{}/", u.id)]);
+    let left =
+        etcdctl(&etcd, &["get", "--prefix", "--keys-only", &format!("/verse-test/u/{}/", u.id)]);
     assert!(left.trim().is_empty(), "nothing of it is left in etcd: {left}");
+}
 
 fn group(universe: &str, name: &str) -> model::CreateGroup {
     model::CreateGroup { universe: universe.into(), name: name.into(), description: None }

@@ -454,7 +454,9 @@ impl Embedded {
             path: path.clone(),
             source: std::io::Error::other(format!("serializing the state: {e}")),
         })?;
-        for (temp, target) in [(temp, path), (self.dir.join(LAST_GOOD_TEMP), self.dir.join(LAST_GOOD_FILE))] {
+        for (temp, target) in
+            [(temp, path), (self.dir.join(LAST_GOOD_TEMP), self.dir.join(LAST_GOOD_FILE))]
+        {
             let mut file = OpenOptions::new()
                 .write(true)
                 .create(true)

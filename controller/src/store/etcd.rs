@@ -656,9 +656,10 @@ impl Etcd {
         .await?;
         let realized = {
             let mut local = lock(&self.shared.local);
-            let entry = local
-                .entry(name.to_owned())
-                .or_insert_with(|| Local { realized: watch::channel(Realized::default()).0, alive: false });
+            let entry = local.entry(name.to_owned()).or_insert_with(|| Local {
+                realized: watch::channel(Realized::default()).0,
+                alive: false,
+            });
             if entry.alive {
                 return Ok(());
             }
