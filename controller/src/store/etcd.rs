@@ -28,9 +28,10 @@
 //!   written there. If the store is dropped, or the host cannot reach etcd for a TTL, etcd
 //!   deletes the key and every host shows this one unhealthy; the thread renews everything as
 //!   soon as it can.
-//! - History: etcd keeps every revision until it is compacted. Run etcd with
-//!   `--auto-compaction-mode=periodic --auto-compaction-retention=5m` (README, "Scale"); a
-//!   watch that falls behind a compaction reads the state again.
+//! - History: etcd keeps every revision until it is compacted. Every host compacts it every
+//!   [`COMPACT_INTERVAL`] to the revision it had applied an interval before (etcd's own
+//!   `--auto-compaction-*` does the same, if set); a watch that falls behind a compaction reads
+//!   the state again.
 //!
 //! - Audit trail: `audit/<time in ns, 20 digits>-<host>-<n>`, one key per record (JSON), apart
 //!   from the desired state: a read of the state skips the `audit/` range, and the watch leaves
@@ -101,6 +102,8 @@ const AUDIT: &str = "audit/";
 const AUDIT_END: &str = "audit0";
 /// How often each host trims the audit trail to its retention.
 pub const AUDIT_TRIM_INTERVAL: Duration = Duration::from_secs(30);
+/// How often each host compacts etcd's history, and how much history it keeps.
+pub const COMPACT_INTERVAL: Duration = Duration::from_secs(300);
 /// Records read per request by a query of the audit trail.
 const AUDIT_PAGE: i64 = 1000;
 /// Idempotency records: `~idem/<sha256 of the key>`, under a lease. `~` sorts after every other
@@ -452,9 +455,14 @@ impl Etcd {
 
         let follow = tokio::spawn(shared.clone().follow(cache));
         let trim = tokio::spawn(shared.clone().trim_audit());
+        let compact = tokio::spawn(shared.clone().compact_history());
         Ok(Arc::new(Etcd {
             shared,
-            tasks: Mutex::new(vec![follow.abort_handle(), trim.abort_handle()]),
+            tasks: Mutex::new(vec![
+                follow.abort_handle(),
+                trim.abort_handle(),
+                compact.abort_handle(),
+            ]),
             liveness: Mutex::new(Vec::new()),
         }))
     }
@@ -965,6 +973,36 @@ impl Shared {
 
     /// Keeps the audit trail within its retention, for as long as the store lives (every host
     /// does it; the deletes are idempotent).
+    /// Compacts etcd's history, for as long as the store lives: every [`COMPACT_INTERVAL`], up
+    /// to the revision this store had applied one interval before (so a watch less than an
+    /// interval behind never loses its history; one further behind reads everything again).
+    /// Every host does it; compacting to a revision already compacted is refused by etcd and
+    /// ignored. Without it every edit's keys would stay in etcd's database for ever.
+    async fn compact_history(self: Arc<Shared>) {
+        let mut tick = tokio::time::interval(COMPACT_INTERVAL);
+        tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        tick.tick().await;
+        let mut previous = *self.applied.borrow();
+        loop {
+            tick.tick().await;
+            let now = *self.applied.borrow();
+            if previous > 0 {
+                let mut kv = self.client.kv_client();
+                match timed("compact (history)", kv.compact(previous, None)).await {
+                    Ok(_) => tracing::debug!(etcd_revision = previous, "compacted etcd's history"),
+                    Err(e @ Error::Denied { .. }) => {
+                        tracing::info!(error = %e, "this host's etcd user may not compact \
+                            etcd's history: leaving it to etcd's auto-compaction or other hosts");
+                        return;
+                    }
+                    // Most often: another host compacted to this revision or past it already.
+                    Err(e) => tracing::debug!(error = %e, "compacting etcd's history"),
+                }
+            }
+            previous = now;
+        }
+    }
+
     async fn trim_audit(self: Arc<Shared>) {
         let mut tick = tokio::time::interval(AUDIT_TRIM_INTERVAL);
         tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
