@@ -744,8 +744,8 @@ impl State {
         let sg =
             self.groups.get_mut(group).expect("the group was found above and nothing removed it");
         match rule.direction {
-            Direction::Ingress => sg.ingress.push(rule.clone()),
-            Direction::Egress => sg.egress.push(rule.clone()),
+            Direction::Ingress => insert_by_id(&mut sg.ingress, rule.clone()),
+            Direction::Egress => insert_by_id(&mut sg.egress, rule.clone()),
         }
         self.revision += 1;
         Ok(rule)
@@ -1115,10 +1115,22 @@ fn default_egress(v4: String, v6: String) -> Vec<Rule> {
         ipnetwork::Ipv6Network::new(std::net::Ipv6Addr::UNSPECIFIED, 0)
             .expect("/0 is a valid prefix"),
     );
-    vec![
+    let mut rules = vec![
         allow_all(v4, Direction::Egress, Peer::Cidr(any4)),
         allow_all(v6, Direction::Egress, Peer::Cidr(any6)),
-    ]
+    ];
+    rules.sort_by(|a, b| a.id.cmp(&b.id));
+    rules
+}
+
+/// Puts `rule` into a group's list in the order of rule ids, the order every store reads a
+/// group's rules back in (one key per rule): so a group lists its rules the same way on every
+/// host and before and after a restart.
+pub fn insert_by_id(list: &mut Vec<Rule>, rule: Rule) {
+    match list.binary_search_by(|r| r.id.cmp(&rule.id)) {
+        Ok(i) => list[i] = rule,
+        Err(i) => list.insert(i, rule),
+    }
 }
 
 /// A name: not blank, at most 255 characters, no control characters.
@@ -1963,8 +1975,11 @@ mod tests {
     }
 
     fn assert_s2_egress(g: &SecurityGroup) {
-        let peers: Vec<&Peer> = g.egress.iter().map(|r| &r.peer).collect();
+        // A group lists its rules in the order of their ids (see `insert_by_id`).
+        let mut peers: Vec<&Peer> = g.egress.iter().map(|r| &r.peer).collect();
+        peers.sort();
         assert_eq!(peers, vec![&Peer::Cidr(net("0.0.0.0/0")), &Peer::Cidr(net("::/0"))]);
+        assert!(g.egress.windows(2).all(|w| w[0].id < w[1].id), "in the order of rule ids");
         for r in &g.egress {
             assert_eq!(
                 (r.direction, r.protocol, r.ports, r.icmp),
@@ -2153,7 +2168,9 @@ mod tests {
             Peer::Cidr(net("fd00:1:2::/48")),
             "S4: IPv6 peers are stored canonical too"
         );
-        assert_eq!(s.groups[&g.id].egress.last(), Some(&e));
+        assert!(s.groups[&g.id].egress.contains(&e));
+        let egress = &s.groups[&g.id].egress;
+        assert!(egress.windows(2).all(|w| w[0].id < w[1].id), "in the order of rule ids");
     }
 
     #[test]

@@ -72,6 +72,15 @@ struct Entry {
     records: Vec<LoggedRecord>,
 }
 
+impl Entry {
+    /// Whether this line starts a log that continues a snapshot (the line carried over when
+    /// the log was set aside: no writes, the snapshot's revision), rather than an edit of a
+    /// store that never had one (the first edit: revision 1).
+    fn continues_a_snapshot(&self) -> bool {
+        self.ops.is_empty() || self.revision > 1
+    }
+}
+
 #[derive(Clone, Serialize, Deserialize)]
 struct LoggedRecord {
     digest: String,
@@ -149,8 +158,18 @@ impl Embedded {
         }
         let mut records = HashMap::new();
         let mut entries = 0;
-        for name in [OLD_LOG_FILE, LOG_FILE] {
-            entries = replay(&dir.join(name), &mut state, &mut records)?;
+        // Without a snapshot the logs must start at the first edit: if they continue a snapshot
+        // (their first line carries its revision), that snapshot is lost, and replaying them would make a part of the state
+        // look whole. Then the state opens empty (versed refuses to start while the last-good
+        // copy is there; restoring it as `state.json` brings the logs back into play).
+        let orphaned = !snapshot && first_logged(dir)?.is_some_and(|e| e.continues_a_snapshot());
+        if orphaned {
+            tracing::warn!(path = %path.display(), "the state file is missing but the log of \
+                the edits after it is there: opening an empty state, the log left as it is");
+        } else {
+            for name in [OLD_LOG_FILE, LOG_FILE] {
+                entries = replay(&dir.join(name), &mut state, &mut records)?;
+            }
         }
         state.clear_changes();
         state.reindex();
@@ -543,6 +562,25 @@ impl AuditLog {
 
 /// Applies the lines of the log at `path` newer than `state` to it; returns how many lines it
 /// holds. A last line without its newline was never acknowledged: it is ignored.
+/// The first line of the logs (the set-aside one first), if any.
+fn first_logged(dir: &Path) -> Result<Option<Entry>> {
+    for name in [OLD_LOG_FILE, LOG_FILE] {
+        let path = dir.join(name);
+        let file = match File::open(&path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(source) => return Err(Error::Read { path, source }),
+        };
+        for line in BufReader::new(file).split(b'\n') {
+            let line = line.map_err(|source| Error::Read { path: path.clone(), source })?;
+            if let Ok(entry) = serde_json::from_slice::<Entry>(&line) {
+                return Ok(Some(entry));
+            }
+        }
+    }
+    Ok(None)
+}
+
 fn replay(
     path: &Path,
     state: &mut State,

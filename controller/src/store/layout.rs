@@ -582,7 +582,7 @@ pub fn apply(state: &mut State, events: &[Event<'_>]) -> Result<bool, Error> {
                     };
                     match list.iter_mut().find(|x| x.id == r.id) {
                         Some(x) => *x = r,
-                        None => list.push(r),
+                        None => model::insert_by_id(list, r),
                     }
                     changed = true;
                 }
