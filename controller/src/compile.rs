@@ -857,6 +857,7 @@ mod tests {
             s.delete_rule(&g, &id).unwrap();
         }
         let any = "0.0.0.0/0";
+        let mut made = Vec::new();
         for body in [
             json!({"protocol": "all"}),
             json!({"protocol": "tcp", "from_port": 0, "to_port": 65535}),
@@ -871,7 +872,7 @@ mod tests {
             let mut body = body;
             body["direction"] = json!("ingress");
             body["cidr"] = json!(any);
-            rule(&mut s, &g, body);
+            made.push(rule(&mut s, &g, body));
         }
         rule(&mut s, &g, json!({"direction": "ingress", "protocol": "all", "cidr": "fd00::/8"}));
         let d = compile_all(&s, &mut CidrIds::default());
@@ -901,7 +902,7 @@ mod tests {
         assert_eq!(d.policy.keys().copied().collect::<BTreeSet<_>>(), expected);
         // Each entry names the rule it came from: rules were added in the order of `expected`'s
         // construction above, one entry each.
-        let rules = &s.groups[&g].ingress;
+        let rules = &made;
         let by_rule: Vec<u32> = [
             k(PEER, 0, 0),
             k(PROTO, TCP, 0),
