@@ -598,6 +598,9 @@ fn bulk(fleet: &Fleet, endpoints: bool) -> Result<usize> {
                                                 2 + n % 200
                                             ),
                                             security_groups: Some(pick),
+                                            // 100 endpoints a host: within its conntrack
+                                            // capacity (the default budget fits 64).
+                                            conntrack_budget: Some(1024),
                                         },
                                         "bulk",
                                     )?;

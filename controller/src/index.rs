@@ -630,6 +630,7 @@ mod tests {
                             netns: format!("n{ns}"),
                             ip: format!("10.9.{}.{}", rng.below(200), 2 + rng.below(200)),
                             security_groups: Some(pick),
+                            conntrack_budget: Some(1 + rng.below(64) as i64),
                         },
                         "h1",
                     )
