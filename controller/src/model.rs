@@ -1463,7 +1463,8 @@ impl State {
     /// The VNI of the next universe: above every VNI ever handed out (and, for a state written
     /// before VNIs were counted, above every VNI in use).
     fn next_vni(&self) -> Option<u32> {
-        let top = self.universes.values().map(|u| u.vni).fold(self.vnis_issued, u32::max);
+        let in_use = self.idx.vnis.get_max().map_or(0, |(vni, _)| *vni);
+        let top = self.vnis_issued.max(in_use);
         top.checked_add(1).filter(|v| *v <= MAX_VNI)
     }
 
@@ -1478,18 +1479,21 @@ impl State {
     /// The smallest slot (1 to `capacity::ENDPOINTS`) that no endpoint of `host` has.
     fn free_slot(&self, host: &str) -> Result<u32> {
         let used: std::collections::BTreeSet<u32> =
-            self.endpoints.values().filter(|e| e.host == host).map(|e| e.slot).collect();
-        crate::index::smallest_free(used.into_iter().filter(|s| *s > 0), dataplane_common::capacity::ENDPOINTS)
-            .ok_or_else(|| {
-                Error::conflict(
-                    "limit_exceeded",
-                    Some("host"),
-                    format!(
-                        "host: {host} already has {} endpoints, as many as its dataplane holds",
-                        dataplane_common::capacity::ENDPOINTS
-                    ),
-                )
-            })
+            self.host_endpoints(host).map(|e| e.slot).filter(|s| *s > 0).collect();
+        let max = dataplane_common::capacity::ENDPOINTS;
+        crate::index::smallest_free(used.into_iter(), max).ok_or_else(|| {
+            Error::conflict(
+                "limit_exceeded",
+                Some("host"),
+                format!("host: {host} already has {max} endpoints, as many as its dataplane holds"),
+            )
+        })
+    }
+
+    /// The endpoints placed on `host` (a lookup in the indices, which must be up to date).
+    fn host_endpoints<'a>(&'a self, host: &str) -> impl Iterator<Item = &'a Endpoint> + 'a {
+        let ids = self.idx.host_endpoints.get(host);
+        ids.into_iter().flatten().filter_map(|id| self.endpoints.get(id))
     }
 
     /// The budget of a new endpoint on `host` (S14): `requested` or the default, from 1 to the
@@ -1506,12 +1510,7 @@ impl State {
                 })?
             }
         };
-        let reserved: u64 = self
-            .endpoints
-            .values()
-            .filter(|e| e.host == host)
-            .map(|e| u64::from(e.conntrack_budget))
-            .sum();
+        let reserved: u64 = self.host_endpoints(host).map(|e| u64::from(e.conntrack_budget)).sum();
         let left = u64::from(capacity).saturating_sub(reserved);
         if u64::from(budget) > left {
             return Err(Error::conflict(
@@ -1531,6 +1530,7 @@ impl State {
     /// counts the VNIs and serials in use as handed out. A no-op on any state this version
     /// wrote. The stores call it on what they read.
     pub fn complete_legacy(&mut self) {
+        self.reindex();
         let top_vni = self.universes.values().map(|u| u.vni).max().unwrap_or(0);
         self.vnis_issued = self.vnis_issued.max(top_vni);
         let top_serial = self.endpoints.values().map(|e| e.serial).max().unwrap_or(0);
@@ -2552,9 +2552,7 @@ mod tests {
         let mut legacy = s.clone();
         legacy.vnis_issued = 0;
         legacy.serials_issued = 0;
-        for e in legacy.endpoints.values_mut() {
-            (e.serial, e.slot, e.conntrack_budget) = (0, 0, 0);
-        }
+        legacy.endpoints.update_all(|_, e| (e.serial, e.slot, e.conntrack_budget) = (0, 0, 0));
         let mut one = legacy.clone();
         one.complete_legacy();
         let mut two = legacy;

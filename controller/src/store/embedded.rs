@@ -171,6 +171,9 @@ impl Embedded {
                 entries = replay(&dir.join(name), &mut state, &mut records)?;
             }
         }
+        // A state file written before serials, slots and budgets existed gets them (the same
+        // way on every open).
+        state.complete_legacy();
         state.clear_changes();
         state.reindex();
         state.take_touched_hosts();

@@ -1447,7 +1447,10 @@ impl Cache {
             layout::Kind::Catalog => {
                 self.catalog = if value.is_some() { mod_revision } else { 0 };
             }
-            layout::Kind::Host(_) | layout::Kind::Token(_) => match value {
+            layout::Kind::Host(_)
+            | layout::Kind::Token(_)
+            | layout::Kind::Counter(_)
+            | layout::Kind::Slots(_) => match value {
                 Some(_) => {
                     self.keys.insert(rel.to_owned(), mod_revision);
                 }

@@ -17,6 +17,10 @@
 //!                               namespace on that host
 //! hosts/<name>                  a host of the fleet
 //! tokens/<id>                   an API token (the hash of its secret, never the secret)
+//! counters/vnis                 the last VNI handed out (decimal; never handed out again, S7)
+//! counters/serials              the last endpoint serial handed out (decimal; likewise)
+//! slots/<host>                  guard of the endpoints placed on a host: their slots and
+//!                               conntrack budgets (S14) (empty value)
 //! ```
 //!
 //! Everything of a universe lives under `u/<uni>/`: deleting a universe is one range delete,
@@ -29,7 +33,12 @@
 //! `version` key (and rewrites it), so edits of different universes never conflict and edits of
 //! one universe serialize; universes are created and deleted under the `catalog` key (names and
 //! VNIs are unique in the fleet); ids, identity numbers and namespaces are claimed by keys that
-//! must be absent (`create`), so two universes cannot take the same one at once.
+//! must be absent (`create`), so two universes cannot take the same one at once. What is unique
+//! across universes without a key of its own is guarded by a key every edit that takes it
+//! rewrites: the counters (an edit that hands out a VNI or a serial compares and rewrites its
+//! counter, so no two edits hand out the same one), and a host's `slots/<host>` (an edit that
+//! places an endpoint on a host compares and rewrites it, so two universes' endpoints cannot take
+//! the same slot or together over-commit the host's conntrack budgets).
 //!
 //! [`Loader`] builds a state from keys read back (a full read, a watch's events, an embedded
 //! log's records), one batch (one transaction) at a time.
@@ -51,6 +60,14 @@ pub const IDENTITY_CLAIMS: &str = "identities/";
 pub const PLACEMENT: &str = "placement/";
 pub const HOSTS: &str = "hosts/";
 pub const TOKENS: &str = "tokens/";
+pub const VNIS_ISSUED: &str = "counters/vnis";
+pub const SERIALS_ISSUED: &str = "counters/serials";
+pub const SLOTS: &str = "slots/";
+
+/// The guard key of the endpoints placed on `host`.
+pub fn slots_key(host: &str) -> String {
+    format!("{SLOTS}{host}")
+}
 
 /// The prefix of everything of universe `uni`.
 pub fn universe_prefix(uni: &str) -> String {
@@ -264,6 +281,12 @@ pub fn delta(before: &State, after: &State) -> Result<Delta, Error> {
                 touched.insert(e.universe.clone());
                 d.put(endpoint_key(e), e)?;
                 let placement = Placement { endpoint: e.id.clone(), universe: e.universe.clone() };
+                if was.is_none_or(|w| w.host != e.host) {
+                    // Placed on a host: its slot and budget were chosen against the host's
+                    // other endpoints, whatever their universes.
+                    d.guards.insert(Guard::Unchanged(slots_key(&e.host)));
+                    d.ops.push(Op::Put { key: slots_key(&e.host), value: String::new() });
+                }
                 match was {
                     None => {
                         d.guards.insert(Guard::Absent(format!("{IDS}{id}")));
@@ -374,6 +397,16 @@ pub fn delta(before: &State, after: &State) -> Result<Delta, Error> {
         }
     }
 
+    for (key, before, after) in [
+        (VNIS_ISSUED, u64::from(before.vnis_issued), u64::from(after.vnis_issued)),
+        (SERIALS_ISSUED, before.serials_issued, after.serials_issued),
+    ] {
+        if before != after {
+            d.guards.insert(Guard::Unchanged(key.to_owned()));
+            d.ops.push(Op::Put { key: key.to_owned(), value: after.to_string() });
+        }
+    }
+
     for uni in touched {
         if inside_gone(&uni) {
             continue;
@@ -434,6 +467,10 @@ pub enum Kind<'a> {
     },
     Host(&'a str),
     Token(&'a str),
+    /// `counters/vnis` or `counters/serials`.
+    Counter(&'a str),
+    /// `slots/<host>`: a guard, not part of the state.
+    Slots(&'a str),
     /// Claims and placements: kept by the store, not part of the state.
     Claim,
     /// Anything else (liveness, audit, idempotency records, keys of a newer version).
@@ -452,6 +489,12 @@ pub fn kind(key: &str) -> Kind<'_> {
     }
     if let Some(id) = key.strip_prefix(TOKENS) {
         return Kind::Token(id);
+    }
+    if key == VNIS_ISSUED || key == SERIALS_ISSUED {
+        return Kind::Counter(key);
+    }
+    if let Some(host) = key.strip_prefix(SLOTS) {
+        return Kind::Slots(host);
     }
     if key.starts_with(IDS) || key.starts_with(IDENTITY_CLAIMS) || key.starts_with(PLACEMENT) {
         return Kind::Claim;
@@ -485,6 +528,7 @@ pub fn is_state(key: &str) -> bool {
             | Kind::Identity { .. }
             | Kind::Host(_)
             | Kind::Token(_)
+            | Kind::Counter(_)
     )
 }
 
@@ -638,7 +682,29 @@ pub fn apply(state: &mut State, events: &[Event<'_>]) -> Result<bool, Error> {
                     state.tokens.insert(id.to_owned(), t);
                 }
                 (Kind::Token(id), None) => changed |= state.tokens.remove(id).is_some(),
-                (Kind::Catalog | Kind::Version(_) | Kind::Claim, _) => {}
+                (Kind::Counter(which), Some(v)) => {
+                    let n: u64 = std::str::from_utf8(v)
+                        .ok()
+                        .and_then(|t| t.trim().parse().ok())
+                        .ok_or_else(|| Error::Corrupt {
+                            key: ev.key.to_owned(),
+                            reason: "not a decimal counter".into(),
+                        })?;
+                    if which == VNIS_ISSUED {
+                        let n = u32::try_from(n).map_err(|_| Error::Corrupt {
+                            key: ev.key.to_owned(),
+                            reason: format!("{n} is not a VNI"),
+                        })?;
+                        changed |= state.vnis_issued != n;
+                        state.vnis_issued = n;
+                    } else {
+                        changed |= state.serials_issued != n;
+                        state.serials_issued = n;
+                    }
+                }
+                // A counter is never deleted: handed out stays handed out.
+                (Kind::Counter(_), None) => {}
+                (Kind::Catalog | Kind::Version(_) | Kind::Claim | Kind::Slots(_), _) => {}
                 (Kind::Other, _) => {}
             }
         }
@@ -699,6 +765,8 @@ pub fn encode_all(state: &State) -> Result<BTreeMap<String, String>, Error> {
     for (k, v) in &state.tokens {
         fresh.tokens.insert(k.clone(), v.clone());
     }
+    fresh.vnis_issued = state.vnis_issued;
+    fresh.serials_issued = state.serials_issued;
     let d = delta(&State::default(), &fresh)?;
     let mut out = BTreeMap::new();
     for op in d.ops {
@@ -749,6 +817,7 @@ mod tests {
                 netns: "ns".into(),
                 ip: "10.1.0.5".into(),
                 security_groups: Some(vec![g.id]),
+                conntrack_budget: None,
             },
             "h1",
         )
@@ -904,7 +973,77 @@ mod tests {
         assert!(d.ops.contains(&Op::DeletePrefix { prefix: format!("u/{uni}/") }));
         assert!(d.ops.len() < 10, "a universe is deleted by a range: {d:?}");
         let left: Vec<&String> = kvs.keys().filter(|k| !k.starts_with("hosts/")).collect();
-        assert_eq!(left, ["catalog"], "nothing of the universe outlives it");
+        assert_eq!(
+            left,
+            ["catalog", "counters/serials", "counters/vnis", "slots/h2"],
+            "nothing of the universe outlives it but what is never handed out again"
+        );
+    }
+
+    /// S7 and S14 across universes: handing out a VNI or a serial compares and rewrites its
+    /// counter, placing an endpoint compares and rewrites its host's slots key; the counters
+    /// read back, so a state rebuilt from the keys goes on from them.
+    #[test]
+    fn counters_and_host_slots_guard_what_is_unique_across_universes() {
+        let mut s = sample();
+        let mut kvs = encode_all(&s).unwrap();
+        assert_eq!(kvs["counters/vnis"], "1");
+        assert_eq!(kvs["counters/serials"], "1");
+        let uni = s.universes.keys().next().unwrap().clone();
+        let before = s.clone();
+        s.create_endpoint(
+            CreateEndpoint {
+                universe: uni.clone(),
+                host: Some("h2".into()),
+                netns: "ns2".into(),
+                ip: "10.1.0.6".into(),
+                security_groups: None,
+                conntrack_budget: Some(10),
+            },
+            "h1",
+        )
+        .unwrap();
+        let d = delta(&before, &s).unwrap();
+        for key in ["counters/serials", "slots/h2"] {
+            assert!(d.guards.contains(&Guard::Unchanged(key.into())), "{key}: {d:?}");
+        }
+        assert!(!d.guards.iter().any(|g| *g == Guard::Unchanged("counters/vnis".into())));
+        commit(&mut kvs, &d);
+        assert_eq!(kvs["counters/serials"], "2");
+        // Deleting the universe keeps the counters; a state read back hands out new numbers.
+        let eps: Vec<String> = s.endpoints.keys().cloned().collect();
+        for ep in eps {
+            let before = s.clone();
+            s.delete_endpoint(&ep).unwrap();
+            commit(&mut kvs, &delta(&before, &s).unwrap());
+        }
+        let before = s.clone();
+        s.delete_universe(&uni).unwrap();
+        commit(&mut kvs, &delta(&before, &s).unwrap());
+        let mut back = load(&kvs);
+        assert_eq!((back.vnis_issued, back.serials_issued), (1, 2));
+        let u = back
+            .create_universe(CreateUniverse {
+                name: "again".into(),
+                cidr: Some("10.1.0.0/16".into()),
+                cidrs: None,
+            })
+            .unwrap();
+        assert_eq!(u.vni, 2, "VNI 1 is never handed out again");
+        let e = back
+            .create_endpoint(
+                CreateEndpoint {
+                    universe: u.id,
+                    host: Some("h2".into()),
+                    netns: "ns".into(),
+                    ip: "10.1.0.5".into(),
+                    security_groups: None,
+                    conntrack_budget: None,
+                },
+                "h1",
+            )
+            .unwrap();
+        assert_eq!(e.serial, 3, "serials 1 and 2 are never handed out again");
     }
 
     #[test]
@@ -916,6 +1055,9 @@ mod tests {
         assert_eq!(kind("u/uni-1/version"), Kind::Version("uni-1"));
         assert_eq!(kind("alive/h1"), Kind::Other);
         assert_eq!(kind("placement/h1/ns"), Kind::Claim);
+        assert_eq!(kind("counters/vnis"), Kind::Counter("counters/vnis"));
+        assert_eq!(kind("slots/h1"), Kind::Slots("h1"));
+        assert!(is_state("counters/serials") && !is_state("slots/h1"));
         assert!(is_state("hosts/h1") && !is_state("catalog"));
     }
 }
