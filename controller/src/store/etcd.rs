@@ -21,10 +21,11 @@
 //!   of each universe it changes, as the state saw it; claims absent). An edit of another
 //!   universe never conflicts; when one of the same universe got in first, the edit waits until
 //!   the watch has applied the revision that refused it and runs again on the new state.
-//! - Liveness: [`Store::register_host`](super::Store::register_host) puts `hosts/<name>` (an edit)
-//!   and starts keeping `alive/<name>` alive under a lease of [`EtcdOptions::lease_ttl`]
-//!   (renewed every third of the TTL) on a thread of its own with its own etcd connection, so
-//!   that no amount of edit work can delay a renewal; each reported realized revision is
+//! - Liveness: [`Store::register_host`](super::Store::register_host) starts keeping
+//!   `alive/<name>` alive under a lease of [`EtcdOptions::lease_ttl`] (renewed every third of
+//!   the TTL) on a thread of its own with its own etcd connection, so that no amount of edit
+//!   work can delay a renewal, then puts `hosts/<name>` (an edit, which waits for this host's
+//!   watch: the liveness record does not wait for it); each reported realized revision is
 //!   written there. If the store is dropped, or the host cannot reach etcd for a TTL, etcd
 //!   deletes the key and every host shows this one unhealthy; the thread renews everything as
 //!   soon as it can.
@@ -588,7 +589,22 @@ impl Etcd {
                 )
                 .into());
             }
-            let txn = Txn::new().when(compares).and_then(ops);
+            // When a guard fails, the transaction reads the guarded keys instead: the edit then
+            // waits for the revisions that changed them, never for a later one the watch may
+            // not carry (an audit or idempotency record is not watched).
+            let reads: Vec<TxnOp> = delta
+                .guards
+                .iter()
+                .map(|g| {
+                    let key = match g {
+                        Guard::Absent(k) | Guard::Unchanged(k) => k.clone(),
+                        Guard::Universe(u) => layout::version_key(u),
+                        Guard::Catalog => layout::CATALOG.to_owned(),
+                    };
+                    TxnOp::get(sh.key(&key), Some(GetOptions::new().with_keys_only()))
+                })
+                .collect();
+            let txn = Txn::new().when(compares).and_then(ops).or_else(reads);
             let mut kv = sh.client.kv_client();
             let resp = match timed("transaction (commit an edit)", kv.txn(txn)).await {
                 Err(Error::Etcd { source: etcd_client::Error::GRpcStatus(status), .. })
@@ -635,8 +651,13 @@ impl Etcd {
             // Another edit of the same universe (or a claim) got in first: run again on the
             // state that includes it, as soon as the watch has applied it.
             sh.conflicts.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            tracing::debug!(attempt, etcd_revision = at, "a guard failed; running the edit again");
-            sh.wait_applied(at).await;
+            let changed = guards_changed_at(&resp, &delta.guards, &view).unwrap_or(at);
+            tracing::debug!(
+                attempt,
+                etcd_revision = changed,
+                "a guard failed; running the edit again"
+            );
+            sh.wait_applied(changed).await;
             if attempt > 8 {
                 // Many collisions in a row: let the others drift apart.
                 let ms = rand::random_range(0..=u64::from(attempt.min(40)));
@@ -646,13 +667,17 @@ impl Etcd {
         Err(Error::Contention { attempts: MAX_ATTEMPTS })
     }
 
-    /// Records the host in the desired state, then keeps its liveness record alive.
+    /// Keeps the host's liveness record alive, and records the host in the desired state.
     pub(super) async fn register_host(
         &self,
         name: &str,
         underlay_ip: Option<Ipv4Addr>,
         api: Option<String>,
     ) -> Result<()> {
+        // Liveness first: the record of the host is an edit, which returns only once this
+        // host's watch has applied it (up to `APPLY_TIMEOUT`); the liveness record must not
+        // wait for that, or the host shows unhealthy to every other host meanwhile.
+        self.start_liveness(name)?;
         let record = HostRecord { name: name.to_owned(), underlay_ip, api };
         self.edit(|s| {
             if s.hosts.get(name) != Some(&record) {
@@ -662,6 +687,11 @@ impl Etcd {
             Ok(())
         })
         .await?;
+        Ok(())
+    }
+
+    /// Starts keeping `alive/<name>` alive (once per name and store).
+    fn start_liveness(&self, name: &str) -> Result<()> {
         let realized = {
             let mut local = lock(&self.shared.local);
             let entry = local.entry(name.to_owned()).or_insert_with(|| Local {
@@ -1461,6 +1491,30 @@ impl Cache {
             _ => {}
         }
     }
+}
+
+/// The etcd revision by which the guarded keys had changed, from the reads a failed edit's
+/// transaction made of them (in the order of `guards`): the newest `mod_revision` among them.
+/// `None` if a key the edit's state saw is gone (its deletion's revision is not in the answer).
+fn guards_changed_at(
+    resp: &etcd_client::TxnResponse,
+    guards: &std::collections::BTreeSet<Guard>,
+    view: &View,
+) -> Option<i64> {
+    let reads = resp.op_responses();
+    if reads.len() != guards.len() {
+        return None;
+    }
+    let mut newest = 0;
+    for (guard, read) in guards.iter().zip(reads) {
+        let TxnOpResponse::Get(range) = read else { return None };
+        match range.kvs().first() {
+            Some(kv) => newest = newest.max(kv.mod_revision()),
+            None if view.mod_revision(guard) != 0 => return None,
+            None => {}
+        }
+    }
+    Some(newest)
 }
 
 /// A liveness record's value: the report as JSON.
