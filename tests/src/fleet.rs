@@ -403,8 +403,8 @@ impl Fleet {
 
     /// One host per name: the underlay namespace with its bridge and etcd, then for each host
     /// a namespace with `ul0` (198.18.0.<i+1>/24) on the bridge and `versed --store etcd://…
-    /// --underlay ul0 --host <name>`. Returns once every host answers its API and `GET
-    /// /v1/hosts` lists every host healthy (30 s at most).
+    /// --underlay ul0 --host <name>`. Returns once every host answers its API and every host's
+    /// `GET /v1/hosts` lists every host healthy (30 s at most).
     pub fn start_named(names: &[&str]) -> Fleet {
         Fleet::start_named_with_mtu(names, 1500)
     }
@@ -453,17 +453,22 @@ impl Fleet {
         let mut fleet = Fleet::network();
         fleet.mtu = mtu;
         fleet.start_hosts(names, None);
+        // Asked of every host: a host always lists itself healthy (it answers), so only the
+        // others' lists show that its liveness record is in etcd.
         let all_healthy = wait_until(START_TIMEOUT, || {
-            fleet.host_statuses_quiet().is_some_and(|hs| {
-                names.iter().all(|n| {
-                    hs.iter().any(|h| h["name"] == *n && h["healthy"] == Value::Bool(true))
+            (0..fleet.hosts.len()).all(|via| {
+                fleet.host_statuses_via(via).is_some_and(|hs| {
+                    names.iter().all(|n| {
+                        hs.iter().any(|h| h["name"] == *n && h["healthy"] == Value::Bool(true))
+                    })
                 })
             })
         });
         assert!(
             all_healthy,
-            "not every host is listed healthy by GET /v1/hosts within {START_TIMEOUT:?}: {:?}",
-            fleet.host_statuses_quiet()
+            "not every host is listed healthy by every host's GET /v1/hosts within \
+             {START_TIMEOUT:?}: {:?}",
+            (0..fleet.hosts.len()).map(|via| fleet.host_statuses_via(via)).collect::<Vec<_>>()
         );
         fleet
     }
@@ -592,12 +597,10 @@ impl Fleet {
         self.endpoint_via((on + 1) % self.len(), on, universe, ip, groups)
     }
 
-    /// `GET /v1/hosts` from the first host whose daemon answers, or `None`.
-    fn host_statuses_quiet(&self) -> Option<Vec<Value>> {
-        self.hosts.iter().find_map(|h| {
-            let r = h.api.request("GET", "/v1/hosts", None, Duration::from_secs(5)).ok()?;
-            (r.status == 200).then(|| r.json().as_array().cloned()).flatten()
-        })
+    /// `GET /v1/hosts` asked of host `via`, or `None` if it does not answer 200.
+    fn host_statuses_via(&self, via: usize) -> Option<Vec<Value>> {
+        let r = self.hosts[via].api.request("GET", "/v1/hosts", None, Duration::from_secs(5));
+        r.ok().filter(|r| r.status == 200).and_then(|r| r.json().as_array().cloned())
     }
 
     /// The entry of host `name` in `GET /v1/hosts` asked of host `via`.
