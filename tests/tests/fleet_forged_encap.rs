@@ -19,7 +19,10 @@ fn vni(v: &Value) -> u32 {
 
 /// Blue and red share 10.0.0.0/24. Blue: target T 10.0.0.10 on host C (admits UDP 9000 from
 /// anywhere), S 10.0.0.20 on host B, O 10.0.0.30 on host A. Red: 10.0.0.20 on host B,
-/// 10.0.0.10 on host A. A forger sits on the underlay at 198.18.0.200.
+/// 10.0.0.10 on host A, 10.0.0.40 on host C (a host compiles only the universes it has
+/// endpoints of, README "Scale": without one there, host C would not know where red's
+/// endpoints are placed and would count the `not_local` forgery below as
+/// `not_placed_on_sender`). A forger sits on the underlay at 198.18.0.200.
 ///
 /// A well-formed packet claiming to come from host B for S reaches T (so the crafting is right
 /// and every drop below is the check it names); then each forgery is dropped on host C:
@@ -46,6 +49,7 @@ fn forged_encapsulated_packets_are_dropped_and_counted() {
     let _other = fleet.endpoint(0, id(&blue), "10.0.0.30", &[]);
     let red20 = fleet.endpoint(1, id(&red), "10.0.0.20", &[]);
     let red10 = fleet.endpoint(0, id(&red), "10.0.0.10", &[]);
+    let _red40 = fleet.endpoint(2, id(&red), "10.0.0.40", &[]);
     let server = UdpServer::start(&target.ns, 9000, "t");
 
     // The real path works: S (B) -> T (C) on UDP 9000. Its header carries S's identity, which
