@@ -330,9 +330,12 @@ fn percentile(v: &[f64], p: f64) -> f64 {
     v[i.min(v.len() - 1)]
 }
 
+/// One of the first three universes, its last group, and the second octet of its CIDR.
+type Placed = (String, String, usize);
+
 /// Universes and groups of the throughput runs; returns the groups edited, and for the first
 /// three universes (which get an endpoint on every host) the universe and its last group.
-fn setup(api_target: &Target) -> Result<(Vec<String>, Vec<(String, String, usize)>)> {
+fn setup(api_target: &Target) -> Result<(Vec<String>, Vec<Placed>)> {
     let mut conn = Conn::new(api_target.clone());
     let mut groups = Vec::new();
     let mut placed = Vec::new();

@@ -259,7 +259,7 @@ pub fn compile(
                     // A rule id that is no `sgr-` id (a corrupt state) allows without a name.
                     let value = dp::PolicyValue { rule: model::rule_bits(&rule.id).unwrap_or(0) };
                     peers.clear();
-                    rule_peers(rule, &members, classes, &mut peers);
+                    rule_peers(rule, members, classes, &mut peers);
                     matches.clear();
                     rule_matches(rule, &mut matches);
                     for &peer in &peers {

@@ -797,8 +797,20 @@ mod tests {
     async fn a_line_cut_short_by_a_crash_is_ignored() {
         let dir = temp_dir("torn");
         let store = Store::open_embedded(&dir).unwrap();
-        store.edit(|s| Ok(add_universe(s, "uni-00000001"))).await.unwrap();
-        store.edit(|s| Ok(add_universe(s, "uni-00000002"))).await.unwrap();
+        store
+            .edit(|s| {
+                add_universe(s, "uni-00000001");
+                Ok(())
+            })
+            .await
+            .unwrap();
+        store
+            .edit(|s| {
+                add_universe(s, "uni-00000002");
+                Ok(())
+            })
+            .await
+            .unwrap();
         drop(store);
         let mut log = OpenOptions::new().append(true).open(dir.join(LOG_FILE)).unwrap();
         log.write_all(b"{\"revision\":3,\"ops\":[{\"put\":{\"key\":\"univ").unwrap();
