@@ -145,6 +145,7 @@ fn build(n: usize) -> Result<(State, Vec<String>)> {
                 ip,
                 security_groups: Some(groups),
                 conntrack_budget: None,
+                flow_logs: None,
             },
             HOST,
         )

@@ -248,6 +248,7 @@ fn build_with(
                 ip,
                 security_groups: Some(groups),
                 conntrack_budget: None,
+                flow_logs: None,
             },
             HOST,
         )

@@ -213,6 +213,7 @@ fn verse_state(n: usize) -> Result<(State, String, u32, u32)> {
                 ip: ip.to_string(),
                 security_groups: Some(groups),
                 conntrack_budget: None,
+                flow_logs: None,
             },
             host,
         )

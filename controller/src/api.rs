@@ -51,6 +51,7 @@ use tokio::sync::watch;
 use crate::audit::{self, Auditor, Note};
 use crate::auth::{self, Decision, Op, Principal, Resource};
 use crate::events::{self, Filter, Hub, Notice, StreamItem};
+use crate::flowlogs::{self, FlowLogRecord, FlowLogs};
 use crate::hits::{GroupView, Hits, HitsFrom, MissingHost, RuleStats};
 use crate::limits::{self, Limits};
 use crate::model::{self, ErrorKind, Role, State, Timestamp};
@@ -75,6 +76,9 @@ pub struct Stats {
     /// New flows admitted per rule on this host (key: the rule id's bits), for every rule the
     /// host's policy entries name.
     pub rule_hits: BTreeMap<u32, u64>,
+    /// Packets admitted per rule on this host since the daemon started (key: the rule id's
+    /// bits), read from conntrack at each flow-log interval.
+    pub rule_packets: BTreeMap<u32, u64>,
     /// The conntrack budget slots of this host's endpoints, by slot (S14).
     pub ct_owners: BTreeMap<u32, CtOwner>,
     /// What conntrack garbage collection has done.
@@ -118,6 +122,8 @@ pub struct AppState {
     pub default_conntrack_budget: u32,
     /// This host's realized maps and kernel programs, for `GET /v1/trace` (none: 503).
     pub trace: Option<Arc<dyn trace::Source>>,
+    /// This host's flow logs, for `GET /v1/flow-logs` (none: 503).
+    pub flow_logs: Option<Arc<FlowLogs>>,
 }
 
 impl AppState {
@@ -146,6 +152,7 @@ impl AppState {
             limits: None,
             default_conntrack_budget: model::DEFAULT_CONNTRACK_BUDGET,
             trace: None,
+            flow_logs: None,
         }
     }
 
@@ -164,6 +171,12 @@ impl AppState {
     /// The same state, answering `GET /v1/trace` from `source`.
     pub fn with_trace(mut self, source: Arc<dyn trace::Source>) -> AppState {
         self.trace = Some(source);
+        self
+    }
+
+    /// The same state, answering `GET /v1/flow-logs` from `logs`.
+    pub fn with_flow_logs(mut self, logs: Arc<FlowLogs>) -> AppState {
+        self.flow_logs = Some(logs);
         self
     }
 
@@ -196,6 +209,8 @@ pub struct EndpointView {
     pub security_groups: Vec<String>,
     /// Flows it may have tracked at once (S14).
     pub conntrack_budget: u32,
+    /// Its host writes flow logs of its traffic.
+    pub flow_logs: bool,
     /// Its budget in use, read from its host's dataplane: shown by `GET` on the API of the host
     /// the endpoint is placed on (the only host whose conntrack table charges it), absent
     /// elsewhere and in the answers to edits.
@@ -237,6 +252,7 @@ impl From<&model::Endpoint> for EndpointView {
             interface: e.interface.clone(),
             security_groups: e.security_groups.clone(),
             conntrack_budget: e.conntrack_budget,
+            flow_logs: e.flow_logs,
             conntrack: None,
         }
     }
@@ -437,6 +453,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/audit", get(query_audit))
         .route("/v1/events", get(stream_events))
         .route("/v1/rule-stats", get(rule_stats))
+        .route("/v1/flow-logs", get(flow_logs))
         .route("/v1/trace", get(trace_packet))
         .fallback(no_route)
         .method_not_allowed_fallback(method_not_allowed)
@@ -906,7 +923,8 @@ async fn read_stats(st: &AppState) -> Result<Stats, String> {
 }
 
 /// The rows of this host's rule counters: every rule of `state` the host counts.
-fn local_rule_stats(state: &State, hits: &BTreeMap<u32, u64>) -> Vec<RuleStats> {
+fn local_rule_stats(state: &State, stats: &Stats) -> Vec<RuleStats> {
+    let hits = &stats.rule_hits;
     let mut rows = Vec::new();
     for g in state.groups.values() {
         for r in g.ingress.iter().chain(&g.egress) {
@@ -917,7 +935,13 @@ fn local_rule_stats(state: &State, hits: &BTreeMap<u32, u64>) -> Vec<RuleStats> 
                 rule: r.id.clone(),
                 group: g.id.clone(),
                 universe: g.universe.clone(),
-                hits: Hits { flows },
+                hits: Hits {
+                    flows,
+                    packets: model::rule_bits(&r.id)
+                        .and_then(|b| stats.rule_packets.get(&b))
+                        .copied()
+                        .unwrap_or(0),
+                },
             });
         }
     }
@@ -940,7 +964,7 @@ async fn fleet_rule_stats(
     if host.is_none_or(|h| h == st.host) {
         match read_stats(st).await {
             Ok(stats) => {
-                rows.extend(local_rule_stats(&st.store.snapshot(), &stats.rule_hits));
+                rows.extend(local_rule_stats(&st.store.snapshot(), &stats));
                 from.hosts.push(st.host.clone());
             }
             Err(error) => from.missing.push(MissingHost { host: st.host.clone(), error }),
@@ -1534,6 +1558,112 @@ async fn query_audit(
     Ok(json_ok(&records))
 }
 
+/// Records `GET /v1/flow-logs` answers by default, and at most.
+pub const FLOW_LOGS_DEFAULT_LIMIT: usize = 1000;
+pub const FLOW_LOGS_MAX_LIMIT: usize = 10_000;
+
+/// `GET /v1/flow-logs?endpoint=&since=&limit=&host=`: the flow log records of one endpoint,
+/// oldest first, as its host wrote them (this host's files, or relayed from the endpoint's host;
+/// `host=` names the host to read). An endpoint of a universe the caller does not see is a 404.
+async fn flow_logs(
+    AxState(st): AxState<AppState>,
+    caller: Caller,
+    headers: HeaderMap,
+    q: Result<Query<Vec<(String, String)>>, QueryRejection>,
+) -> ApiResult {
+    caller.require(Resource::Endpoint, Op::Read)?;
+    let q = query(q, &["endpoint", "since", "limit", "host"])?;
+    let id = q.get("endpoint").ok_or_else(|| {
+        ApiError::invalid("endpoint", "required: the endpoint whose records to read")
+    })?;
+    let since = q.get("since").map(|s| parse_since(s)).transpose()?;
+    let limit = match q.get("limit") {
+        None => FLOW_LOGS_DEFAULT_LIMIT,
+        Some(l) => {
+            let decimal =
+                !l.starts_with('0') && !l.is_empty() && l.bytes().all(|c| c.is_ascii_digit());
+            decimal
+                .then(|| l.parse::<usize>().ok())
+                .flatten()
+                .filter(|n| (1..=FLOW_LOGS_MAX_LIMIT).contains(n))
+                .ok_or_else(|| {
+                    ApiError::invalid(
+                        "limit",
+                        format!("{l:?} is not a number within 1..={FLOW_LOGS_MAX_LIMIT}"),
+                    )
+                })?
+        }
+    };
+    let snap = st.store.snapshot();
+    let missing = || model::Error::not_found("endpoint", id);
+    let e = snap.endpoints.get(id).ok_or_else(missing)?;
+    caller.allow(Resource::Endpoint, Op::Read, &e.universe, missing)?;
+    let universe = e.universe.clone();
+    let host = q.get("host").cloned().unwrap_or_else(|| e.host.clone());
+    let records: Vec<FlowLogRecord> = if host == st.host {
+        let Some(logs) = st.flow_logs.clone() else {
+            return Err(ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable",
+                "this host keeps no flow logs",
+            ));
+        };
+        let id = id.clone();
+        let read = tokio::task::spawn_blocking(move || {
+            flowlogs::read(&logs.dir, logs.keep, &id, since, limit)
+        })
+        .await;
+        match read {
+            Ok(Ok(r)) => r,
+            Ok(Err(e)) => {
+                return Err(ApiError::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "internal",
+                    format!("reading flow logs: {e}"),
+                ))
+            }
+            Err(e) => {
+                return Err(ApiError::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "internal",
+                    e.to_string(),
+                ))
+            }
+        }
+    } else {
+        let (peers, missing) = relay::peers(&st.store.hosts(), &st.host, Some(&host));
+        let unavailable = |why: String| {
+            ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "host_unavailable",
+                format!("{host}: {why}"),
+            )
+        };
+        if let Some((_, why)) = missing.into_iter().next() {
+            return Err(unavailable(why));
+        }
+        let Some(peer) = peers.into_iter().next() else {
+            return Err(ApiError::invalid("host", format!("{host:?} is no host of the fleet")));
+        };
+        let (Some(client), Some(token)) = (st.relay.clone(), bearer(&headers)) else {
+            return Err(unavailable(
+                "the request carries no token to present to it, or this host cannot make HTTP requests (root on the local socket sees this host only; use a token)".into(),
+            ));
+        };
+        let mut relayed = vec![("endpoint", id.clone()), ("limit", limit.to_string())];
+        if let Some(s) = q.get("since") {
+            relayed.push(("since", s.clone()));
+        }
+        relay::get_json::<Vec<FlowLogRecord>>(&client, &peer, "/v1/flow-logs", &relayed, &token)
+            .await
+            .map_err(unavailable)?
+    };
+    // What another host answered is held to the same rule: this endpoint's universe only.
+    let records: Vec<FlowLogRecord> =
+        records.into_iter().filter(|r| r.endpoint == *id && r.universe == universe).collect();
+    Ok(json_ok(&records))
+}
+
 /// Most recent events a stream may start with (`recent=`), per host.
 pub const MAX_RECENT: usize = 100_000;
 
@@ -1876,18 +2006,25 @@ pub fn render_metrics(
         outcomes,
     );
     let rule_hits = Family::<Vec<(String, String)>, Counter>::default();
-    for row in local_rule_stats(state, &stats.rule_hits) {
+    let rule_packets = Family::<Vec<(String, String)>, Counter>::default();
+    for row in local_rule_stats(state, stats) {
         let labels = vec![
             ("universe".to_owned(), row.universe),
             ("group".to_owned(), row.group),
             ("rule".to_owned(), row.rule),
         ];
         rule_hits.get_or_create(&labels).inc_by(row.hits.flows);
+        rule_packets.get_or_create(&labels).inc_by(row.hits.packets);
     }
     reg.register(
         "rule_hits",
         "New flows admitted by each rule on this host (every rule whose entries the host holds; 0 if it never matched)",
         rule_hits,
+    );
+    reg.register(
+        "rule_packets",
+        "Packets admitted by each rule on this host since versed started, both ways of every flow it admitted (counted in conntrack, read at each flow-log interval)",
+        rule_packets,
     );
     let gauge = |reg: &mut Registry, name: &str, help: &str, v: u64| {
         let g = Gauge::<i64>::default();

@@ -491,6 +491,20 @@ impl Client {
         )
     }
 
+    /// `GET /v1/flow-logs`: the records of `endpoint`, oldest first.
+    pub fn flow_logs(
+        &self,
+        endpoint: &str,
+        since: Option<&str>,
+        limit: Option<usize>,
+    ) -> Result<Vec<crate::flowlogs::FlowLogRecord>> {
+        let limit = limit.map(|l| l.to_string());
+        self.get(
+            &["v1", "flow-logs"],
+            &[("endpoint", Some(endpoint)), ("since", since), ("limit", limit.as_deref())],
+        )
+    }
+
     /// `GET /v1/trace`: this host's part of the packet's path.
     pub fn trace(&self, req: &TraceRequest) -> Result<TraceAnswer> {
         let num = |v: Option<u16>| v.map(|v| v.to_string());

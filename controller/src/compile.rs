@@ -546,6 +546,7 @@ mod tests {
             ip: ip.into(),
             security_groups: groups,
             conntrack_budget: None,
+            flow_logs: None,
         };
         s.create_endpoint(req, host).unwrap()
     }
@@ -1492,6 +1493,7 @@ mod tests {
                 conntrack_budget: 1,
                 serial: u64::from(n),
                 slot: i + 1,
+                flow_logs: false,
             };
             s.endpoints.insert(ep.id.clone(), ep);
         }

@@ -169,11 +169,22 @@ pub struct Observability {
     pub event_rate: u32,
     pub event_burst: u32,
     pub event_history: u32,
+    pub flow_log_interval: u64,
+    pub flow_log_rotate_bytes: u64,
+    pub flow_log_keep: u32,
 }
 
 impl Default for Observability {
     fn default() -> Observability {
-        Observability { events: true, event_rate: 1000, event_burst: 1000, event_history: 10_000 }
+        Observability {
+            events: true,
+            event_rate: 1000,
+            event_burst: 1000,
+            event_history: 10_000,
+            flow_log_interval: 60,
+            flow_log_rotate_bytes: 16 << 20,
+            flow_log_keep: 4,
+        }
     }
 }
 
@@ -457,6 +468,13 @@ impl Config {
             ("observability.event_rate", u64::from(o.event_rate), 1..=10_000_000u64),
             ("observability.event_burst", u64::from(o.event_burst), 1..=10_000_000),
             ("observability.event_history", u64::from(o.event_history), 0..=1_000_000),
+            (
+                "observability.flow_log_interval",
+                o.flow_log_interval,
+                crate::flowlogs::MIN_INTERVAL..=crate::flowlogs::MAX_INTERVAL,
+            ),
+            ("observability.flow_log_rotate_bytes", o.flow_log_rotate_bytes, 4096..=(1 << 40)),
+            ("observability.flow_log_keep", u64::from(o.flow_log_keep), 0..=1000),
         ] {
             if !range.contains(&value) {
                 return Err(Error::Invalid {
@@ -919,6 +937,15 @@ event_rate = {event_rate}
 event_burst = {event_burst}
 # Recent events kept in memory for GET /v1/events?recent=N.
 event_history = {event_history}
+# Flow logs of the endpoints that have them on (README, "Why was my packet dropped?"): one
+# record per endpoint, flow and direction per this many seconds (10 to 600), written as JSON
+# lines under <state_dir>/flow-logs and read with GET /v1/flow-logs (verse flow-logs).
+flow_log_interval = {flow_log_interval}
+# The file is rotated when the next record would take it past this many bytes...
+flow_log_rotate_bytes = {flow_log_rotate_bytes}
+# ...and this many rotated files are kept: the flow logs never take more than
+# flow_log_rotate_bytes * (flow_log_keep + 1) bytes.
+flow_log_keep = {flow_log_keep}
 "#,
             listen = d.listen,
             state_dir = d.state_dir.display(),
@@ -951,6 +978,9 @@ event_history = {event_history}
             event_rate = d.observability.event_rate,
             event_burst = d.observability.event_burst,
             event_history = d.observability.event_history,
+            flow_log_interval = d.observability.flow_log_interval,
+            flow_log_rotate_bytes = d.observability.flow_log_rotate_bytes,
+            flow_log_keep = d.observability.flow_log_keep,
             endpoint_budget = ct.endpoint_budget,
             gc_interval = ct.gc_interval,
             capacity = dp::capacity::CONNTRACK,
@@ -1079,6 +1109,9 @@ mod tests {
             "event_rate",
             "event_burst",
             "event_history",
+            "flow_log_interval",
+            "flow_log_rotate_bytes",
+            "flow_log_keep",
             "endpoint_budget",
             "gc_interval",
         ] {
@@ -1301,6 +1334,13 @@ mod tests {
         let mut c = Config { host: Some("h".into()), ..Config::default() };
         c.observability.event_rate = 0;
         assert!(c.validate().unwrap_err().to_string().contains("observability.event_rate"));
+        let mut c = Config { host: Some("h".into()), ..Config::default() };
+        c.observability.flow_log_interval = 9;
+        assert!(c.validate().unwrap_err().to_string().contains("observability.flow_log_interval"));
+        c.observability.flow_log_interval = 601;
+        assert!(c.validate().unwrap_err().to_string().contains("observability.flow_log_interval"));
+        c.observability.flow_log_interval = 10;
+        c.validate().unwrap();
         let mut c = Config { host: Some("h".into()), ..Config::default() };
         c.conntrack.endpoint_budget = 0;
         assert!(c.validate().unwrap_err().to_string().contains("conntrack.endpoint_budget"));

@@ -306,12 +306,13 @@ pub struct Collected {
 
 /// Collects the table behind `table`: every entry `garbage` calls garbage is deleted and
 /// released from its owner's budget in `owners` (see the module contract for the races);
-/// `kept` sees every other entry read.
+/// `kept` sees every other entry read, `gone` every entry deleted, as the delete returned it.
 pub fn collect(
     table: BorrowedFd<'_>,
     owners: &Owners,
     garbage: &dyn Fn(&CtEntry) -> bool,
     kept: &mut dyn FnMut(&CtEntry),
+    gone_to: &mut dyn FnMut(&CtKey, &CtValue),
 ) -> io::Result<Collected> {
     let start = Instant::now();
     let mut report = Collected::default();
@@ -330,6 +331,7 @@ pub fn collect(
             continue;
         }
         owners.release(gone.entry.owner_slot);
+        gone_to(&key, &gone);
         report.deleted += 1;
     }
     report.duration = start.elapsed();

@@ -252,6 +252,8 @@ pub struct Dataplane {
     rule_hits: PerCpuHashMap<MapData, u32, u64>,
     /// `VERSE_EVENTS`, until [`Dataplane::take_events`] hands it to its reader.
     events: Option<RingBuf<MapData>>,
+    /// `VERSE_CONFIG`: the settings written at load, and the flow-log interval after.
+    config: Array<MapData, Config>,
     /// `VERSE_CT_OWNERS`, mapped into this process (the map itself stays open below).
     ct_owners: Owners,
     _ct_owners_map: Array<MapData, CtOwner>,
@@ -311,6 +313,7 @@ impl Dataplane {
             event_limits: take_map(&mut ebpf, map_names::EVENT_LIMITS)?,
             rule_hits: take_map(&mut ebpf, map_names::RULE_HITS)?,
             events: Some(take_map(&mut ebpf, map_names::EVENTS)?),
+            config: config_map,
             ebpf,
         };
         // A previous daemon may have died between a route write and its bump: whatever the
@@ -327,6 +330,24 @@ impl Dataplane {
         self.epoch.set(0, next, 0).map_err(|source| Error::MapWrite {
             name: map_names::EPOCH,
             entry: format!("slot 0 = {next}"),
+            source,
+        })
+    }
+
+    /// The flow-log interval the kernel stamps TCP flags with (`Config::flow_interval`).
+    pub fn flow_interval(&self) -> Result<u32> {
+        Ok(self.config.get(&0, 0).map_err(read_err(map_names::CONFIG))?.flow_interval)
+    }
+
+    /// Moves the kernel on to flow-log interval `n`. Only this field changes: the slot is
+    /// rewritten with the same value for every other (a program reading it meanwhile sees
+    /// either number, and the same settings).
+    pub fn set_flow_interval(&mut self, n: u32) -> Result<()> {
+        let mut config = self.config.get(&0, 0).map_err(read_err(map_names::CONFIG))?;
+        config.flow_interval = n;
+        self.config.set(0, config, 0).map_err(|source| Error::MapWrite {
+            name: map_names::CONFIG,
+            entry: format!("slot 0, flow_interval = {n}"),
             source,
         })
     }
@@ -731,11 +752,20 @@ impl Dataplane {
         garbage: &dyn Fn(&CtEntry) -> bool,
         kept: &mut dyn FnMut(&CtEntry),
     ) -> Result<Collected> {
+        self.collect_conntrack_reporting(garbage, kept, &mut |_, _| {})
+    }
+
+    /// [`Dataplane::collect_conntrack`], and `gone` sees every entry deleted, as it was deleted
+    /// (flow logs count its last packets).
+    pub fn collect_conntrack_reporting(
+        &self,
+        garbage: &dyn Fn(&CtEntry) -> bool,
+        kept: &mut dyn FnMut(&CtEntry),
+        gone: &mut dyn FnMut(&CtKey, &CtValue),
+    ) -> Result<Collected> {
         let fd = self.conntrack.map().fd().as_fd();
-        conntrack::collect(fd, &self.ct_owners, garbage, kept).map_err(|source| Error::Conntrack {
-            call: "garbage collection",
-            name: map_names::CONNTRACK,
-            source,
+        conntrack::collect(fd, &self.ct_owners, garbage, kept, gone).map_err(|source| {
+            Error::Conntrack { call: "garbage collection", name: map_names::CONNTRACK, source }
         })
     }
 

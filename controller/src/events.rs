@@ -735,6 +735,8 @@ pub struct Sources {
     pub states: watch::Receiver<Arc<State>>,
     /// This host's plumbed endpoints: host-side ifindex -> endpoint id (from the reconciler).
     pub local: watch::Receiver<Arc<BTreeMap<u32, String>>>,
+    /// Flow logs, which count drops as REJECT records.
+    pub flow_logs: Option<Arc<crate::flowlogs::FlowLogs>>,
 }
 
 /// Reads the ring buffer of verdict events whenever the kernel signals it, renders each record
@@ -778,7 +780,13 @@ pub async fn drain(ring: RingBuf<MapData>, hub: Arc<Hub>, mut sources: Sources) 
         let mut more = false;
         while let Some(item) = ring.next() {
             match decode(&item) {
-                Some(e) => hub.publish(StreamItem::Event(render(&e, &cx))),
+                Some(e) => {
+                    let record = render(&e, &cx);
+                    if let (Some(logs), event_kind::DROP) = (&sources.flow_logs, e.kind) {
+                        logs.reject(&e, record.endpoint.as_deref(), record.dst_endpoint.as_deref());
+                    }
+                    hub.publish(StreamItem::Event(record))
+                }
                 None => {
                     hub.malformed.fetch_add(1, Ordering::Relaxed);
                 }
@@ -862,6 +870,7 @@ mod tests {
                     ip: ip.into(),
                     security_groups: Some(vec![g.to_owned()]),
                     conntrack_budget: None,
+                    flow_logs: None,
                 },
                 "h1",
             )

@@ -1,4 +1,4 @@
-//! Per-rule hit counters: how many new flows each user rule admitted.
+//! Per-rule hit counters: how many new flows each user rule admitted, and their packets.
 //!
 //! Contract: the dataplane counts new flows per rule in `VERSE_RULE_HITS` (every rule that
 //! produces policy entries on a host has an entry there, made by the reconciler; a flow is
@@ -16,11 +16,17 @@ use crate::model::{Rule, SecurityGroup};
 pub struct Hits {
     /// New flows (conntrack entries) the rule admitted.
     pub flows: u64,
+    /// Packets of those flows, both ways, since each host's daemon started: counted in the
+    /// flows' conntrack entries and credited to the rule at each flow-log interval (so they
+    /// trail the traffic by up to one interval).
+    #[serde(default)]
+    pub packets: u64,
 }
 
 impl std::ops::AddAssign for Hits {
     fn add_assign(&mut self, o: Hits) {
         self.flows = self.flows.saturating_add(o.flows);
+        self.packets = self.packets.saturating_add(o.packets);
     }
 }
 

@@ -22,7 +22,7 @@
 //! - [`server`]: the API's listeners, TLS and connection limits; [`limits`]: its per-request
 //!   limits (body size and time, rates); [`tls`]: certificates and what a client trusts.
 //! - [`trace`]: `verse trace`, a packet's verdict step by step from what a host realized.
-//! - [`ui`]: the web page at `/ui`.
+//! - [`ui`]: the web page at `/ui`; [`events`]: verdict events; [`flowlogs`]: flow logs.
 //! - [`config`]: the daemon's settings.
 pub mod api;
 pub mod audit;
@@ -33,6 +33,7 @@ pub mod config;
 pub mod conntrack;
 pub mod dataplane;
 pub mod events;
+pub mod flowlogs;
 pub mod hits;
 pub mod index;
 pub mod limits;

@@ -223,6 +223,9 @@ pub struct Endpoint {
     /// Slot on its host (not shown by the API): the index of its budget counters there.
     #[serde(default)]
     pub slot: u32,
+    /// Its host writes flow logs of its traffic (README, "Why was my packet dropped?").
+    #[serde(default)]
+    pub flow_logs: bool,
 }
 
 fn is_zero(v: &u32) -> bool {
@@ -450,6 +453,9 @@ pub struct CreateEndpoint {
     pub security_groups: Option<Vec<String>>,
     /// S14; absent: [`DEFAULT_CONNTRACK_BUDGET`] (the API fills in the daemon's setting).
     pub conntrack_budget: Option<i64>,
+    /// Flow logs of its traffic; absent: off.
+    #[serde(default, deserialize_with = "present", skip_serializing_if = "Option::is_none")]
+    pub flow_logs: Option<bool>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize, Serialize)]
@@ -822,6 +828,7 @@ impl State {
             conntrack_budget: budget,
             serial,
             slot,
+            flow_logs: req.flow_logs.unwrap_or(false),
         };
         self.serials_issued = serial;
         self.identities.insert(number, identity);
@@ -1804,6 +1811,7 @@ mod tests {
             ip: ip.into(),
             security_groups: groups,
             conntrack_budget: None,
+            flow_logs: None,
         }
     }
 

@@ -212,6 +212,37 @@ pub fn document() -> Value {
                     "model": { "type": "object", "description": "The reference model's action and reason on the same frame" },
                     "kernel": { "type": "object", "description": "With run: hook, action, reason (the drop counter that moved), return_code, frame_len" } } });
 
+    let flow_logs_path = json!({
+        "get": { "summary": "Flow logs of an endpoint: one record per flow, direction and interval, as the endpoint's host wrote them, oldest first (an endpoint of a universe the caller does not see is not found)",
+            "parameters": [
+                { "name": "endpoint", "in": "query", "required": true, "description": "Endpoint id (ep-...)", "schema": { "type": "string" } },
+                { "name": "since", "in": "query", "required": false, "description": "Only records of intervals ending at or after this RFC 3339 time in UTC, a real date (2027-01-01T00:00:00Z), or this long ago: whole numbers of s, m, h, d, w, y separated by single spaces (1h, 1d 12h)", "schema": { "type": "string", "pattern": time() } },
+                { "name": "limit", "in": "query", "required": false, "description": "At most this many, the newest (default 1000)", "schema": { "type": "integer", "minimum": 1, "maximum": 10000 } },
+                { "name": "host", "in": "query", "required": false, "description": "The host whose files to read (default: the host the endpoint is placed on); a name that is no host of the fleet is a 400", "schema": { "type": "string", "pattern": "^[A-Za-z0-9._-]{1,253}$" } }
+            ],
+            "responses": read(json!({ "200": ok("The records", array("FlowLogRecord")), "400": err("Missing endpoint, unknown query parameter, or an invalid since, limit or host"), "404": e404, "500": err("The files could not be read"), "503": err("The host holding the records cannot be asked, or keeps no flow logs") })) }
+    });
+    let flow_log_record = json!({ "type": "object", "required": ["host", "universe", "endpoint", "interface", "flow_direction", "action", "srcaddr", "dstaddr", "srcport", "dstport", "protocol", "packets", "bytes", "start", "end", "tcp_flags"], "properties": {
+                    "host": { "type": "string", "description": "The host that wrote it" },
+                    "universe": { "type": "string" },
+                    "endpoint": { "type": "string", "description": "AWS interface-id" },
+                    "interface": { "type": "string", "description": "Host-side veth" },
+                    "flow_direction": { "type": "string", "enum": ["ingress", "egress"], "description": "Relative to the endpoint" },
+                    "action": { "type": "string", "enum": ["ACCEPT", "REJECT"] },
+                    "srcaddr": { "type": "string", "format": "ipv4" },
+                    "dstaddr": { "type": "string", "format": "ipv4" },
+                    "srcport": { "type": "integer", "minimum": 0, "maximum": 65535, "description": "TCP and UDP; 0 otherwise" },
+                    "dstport": { "type": "integer", "minimum": 0, "maximum": 65535 },
+                    "protocol": { "type": "integer", "minimum": 0, "maximum": 255, "description": "IANA protocol number" },
+                    "packets": { "type": "integer", "format": "int64", "minimum": 0, "description": "Segments on the wire in the interval" },
+                    "bytes": { "type": "integer", "format": "int64", "minimum": 0, "description": "Their IPv4 datagrams' bytes" },
+                    "start": { "type": "string", "format": "date-time" },
+                    "end": { "type": "string", "format": "date-time" },
+                    "tcp_flags": { "type": "integer", "minimum": 0, "maximum": 255, "description": "TCP flags of this direction in the interval, OR-ed" },
+                    "rule": { "type": "string", "pattern": "^sgr-[0-9a-f]{8}$", "description": "ACCEPT: this endpoint's rule that admitted the flow" },
+                    "reason": { "type": "string", "description": "REJECT: the drop reason" },
+                    "sampled": { "type": "boolean", "description": "REJECT: drop events went unreported in the interval (rate limit, full ring buffer): the record counts a sample" },
+                    "unreported_drops": { "type": "integer", "format": "int64", "minimum": 1, "description": "With sampled: drops of the whole host unreported in the interval" } } });
     json!({
         "openapi": "3.0.3",
         "info": {
@@ -287,6 +318,7 @@ pub fn document() -> Value {
                 "delete": { "summary": "Revoke a token: every host refuses it once this returns (admins)", "responses": write(json!({ "204": no_content("Revoked"), "404": e404 })) }
             },
             "/v1/trace": trace_path,
+            "/v1/flow-logs": flow_logs_path,
             "/v1/audit": {
                 "get": { "summary": "The audit trail of the fleet: every mutation and every refused credential, oldest first (a principal confined to a universe sees that universe's records)",
                     "parameters": [
@@ -379,10 +411,11 @@ pub fn document() -> Value {
                         "netns": { "type": "string", "pattern": r"^(?:[!-\-0-~][!-.0-~]{0,254}|\.[!-\-0-~][!-.0-~]{0,253}|\.\.[!-.0-~]{1,253})$", "description": "An existing `ip netns` namespace on that host (404 if it does not exist there): printable ASCII, no '/', not . or .." },
                         "ip": { "type": "string", "pattern": format!("^{IPV4}$"), "description": "IPv4, within one of the universe's CIDRs" },
                         "security_groups": { "type": "array", "items": { "type": "string" }, "minItems": 1, "maxItems": 16, "uniqueItems": true, "description": "Group ids of the universe; default: the universe's default group" },
-                        "conntrack_budget": { "type": "integer", "minimum": 1, "maximum": dataplane_common::capacity::CONNTRACK, "description": "Flows it may have tracked at once on its host (S14); default: the serving daemon's conntrack.endpoint_budget. The budgets of one host's endpoints add up to at most its conntrack capacity (409 limit_exceeded otherwise)." } } },
+                        "conntrack_budget": { "type": "integer", "minimum": 1, "maximum": dataplane_common::capacity::CONNTRACK, "description": "Flows it may have tracked at once on its host (S14); default: the serving daemon's conntrack.endpoint_budget. The budgets of one host's endpoints add up to at most its conntrack capacity (409 limit_exceeded otherwise)." },
+                        "flow_logs": { "type": "boolean", "description": "Its host writes flow logs of its traffic (GET /v1/flow-logs); default: false" } } },
                 "PatchEndpoint": { "type": "object", "additionalProperties": false, "required": ["security_groups"], "properties": {
                     "security_groups": { "type": "array", "items": { "type": "string" }, "minItems": 1, "maxItems": 16, "uniqueItems": true } } },
-                "Endpoint": { "type": "object", "required": ["id", "universe", "host", "netns", "ip", "mac", "interface", "security_groups", "conntrack_budget"], "properties": {
+                "Endpoint": { "type": "object", "required": ["id", "universe", "host", "netns", "ip", "mac", "interface", "security_groups", "conntrack_budget", "flow_logs"], "properties": {
                     "id": { "type": "string", "pattern": "^ep-[0-9a-f]{8}$" },
                     "universe": { "type": "string" },
                     "host": { "type": "string" },
@@ -392,6 +425,7 @@ pub fn document() -> Value {
                     "interface": { "type": "string", "description": "Host-side veth" },
                     "security_groups": { "type": "array", "items": { "type": "string" } },
                     "conntrack_budget": { "type": "integer", "minimum": 1, "description": "Flows it may have tracked at once (S14)" },
+                    "flow_logs": { "type": "boolean", "description": "Its host writes flow logs of its traffic" },
                     "conntrack": conntrack_usage } },
                 "Host": { "type": "object", "required": ["name", "underlay_ip", "revision", "healthy", "errors"], "properties": {
                     "name": { "type": "string" },
@@ -425,6 +459,7 @@ pub fn document() -> Value {
                 "CreatedToken": { "allOf": [ r("Token"), { "type": "object", "required": ["token"], "properties": {
                     "token": { "type": "string", "pattern": "^vt_[0-9a-f]{8}_[0-9a-f]{64}$", "description": "The secret, for Authorization: Bearer; shown once, never stored" } } } ] },
                 "TraceAnswer": trace_answer,
+                "FlowLogRecord": flow_log_record,
                 "AuditRecord": { "type": "object", "required": ["time", "host", "principal", "source", "action", "objects", "status"], "properties": {
                     "time": { "type": "string", "format": "date-time" },
                     "host": { "type": "string", "description": "The host whose API served the request" },

@@ -367,6 +367,8 @@ pub type RealizedState = Arc<Mutex<Arc<State>>>;
 pub struct Reconciler {
     /// Set to each state once it is realized.
     realized_state: Option<RealizedState>,
+    /// Flow logs, told of every conntrack entry garbage collection deletes.
+    flow_logs: Option<Arc<crate::flowlogs::FlowLogs>>,
     target: Target,
     host: String,
     mtu: u32,
@@ -420,6 +422,7 @@ impl Reconciler {
         let gc = conntrack::Schedule::new(ct.gc_interval);
         Ok(Reconciler {
             realized_state: None,
+            flow_logs: None,
             target,
             host,
             mtu,
@@ -444,6 +447,12 @@ impl Reconciler {
     /// The same reconciler, also keeping each realized state in `slot`.
     pub fn with_realized_state(mut self, slot: RealizedState) -> Reconciler {
         self.realized_state = Some(slot);
+        self
+    }
+
+    /// The same reconciler, telling `logs` of the conntrack entries it deletes.
+    pub fn with_flow_logs(mut self, logs: Arc<crate::flowlogs::FlowLogs>) -> Reconciler {
+        self.flow_logs = Some(logs);
         self
     }
 
@@ -580,7 +589,14 @@ impl Reconciler {
                 due = Some(due.map_or(at, |d| d.min(at)));
             }
         };
-        let report = lock(&dataplane).collect_conntrack(&garbage, &mut kept)?;
+        let logs = self.flow_logs.clone();
+        let mut gone = |k: &dp::CtKey, v: &dp::CtValue| {
+            if let Some(l) = &logs {
+                l.gone(k, v);
+            }
+        };
+        let report =
+            lock(&dataplane).collect_conntrack_reporting(&garbage, &mut kept, &mut gone)?;
         self.gc.done(start, &report, due);
         let mut stats = self.gc_stats.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         stats.runs += 1;
@@ -932,6 +948,7 @@ mod tests {
                         ip: ip.into(),
                         security_groups: None,
                         conntrack_budget: None,
+                        flow_logs: None,
                     },
                     "sim-0001",
                 )

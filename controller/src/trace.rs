@@ -1396,6 +1396,7 @@ mod tests {
                 ip: format!("10.0.0.{}", 2 + i),
                 security_groups: (!mine.is_empty()).then_some(mine),
                 conntrack_budget: None,
+                flow_logs: None,
             };
             eps.push(s.create_endpoint(req, HOSTS[usize::from(i % 2)].0).unwrap());
         }

@@ -1317,6 +1317,7 @@ mod tests {
                     conntrack_budget: 1000,
                     serial: u64::from(n),
                     slot: u32::from(n),
+                    flow_logs: false,
                 },
             );
             local.insert(10 + u32::from(n), id);

@@ -349,9 +349,9 @@ async fn create_group_returns_201_with_s2_rules() {
     assert!(g["egress"].as_array().unwrap().iter().all(|r| r["protocol"] == "all"));
     let shown = api.get(&format!("/v1/security-groups/{}", id(g))).await;
     assert_eq!(without_hits(&shown.body), *g);
-    // This host counts no rule of the new group yet: every rule shows 0 new flows.
+    // This host counts no rule of the new group yet: every rule shows 0 new flows, 0 packets.
     for r in shown.body["egress"].as_array().unwrap() {
-        assert_eq!(r["hits"], json!({"flows": 0}), "{r}");
+        assert_eq!(r["hits"], json!({"flows": 0, "packets": 0}), "{r}");
     }
     // The other hosts of the store registered no API address: their counters are missing, and
     // the answer says so rather than showing their share as 0.
@@ -613,6 +613,7 @@ async fn create_endpoint_returns_201_without_internal_fields() {
         keys,
         [
             "conntrack_budget",
+            "flow_logs",
             "host",
             "id",
             "interface",
@@ -992,13 +993,14 @@ async fn openapi_describes_every_route() {
         ("/v1/tokens/{id}", &["delete"]),
         ("/v1/audit", &["get"]),
         ("/v1/trace", &["get"]),
+        ("/v1/flow-logs", &["get"]),
     ] {
         let item = paths.get(path).unwrap_or_else(|| panic!("{path} missing"));
         for m in methods {
             assert!(item.get(*m).is_some(), "{m} {path} missing");
         }
     }
-    assert_eq!(paths.len(), 16, "a path the router does not serve is described");
+    assert_eq!(paths.len(), 17, "a path the router does not serve is described");
     // Every $ref resolves.
     fn refs(v: &Value, out: &mut Vec<String>) {
         match v {
@@ -1080,6 +1082,8 @@ async fn openapi_describes_every_route() {
             serde_json::to_value(verse::model::CreateEndpoint {
                 host: Some(String::new()),
                 security_groups: Some(vec![]),
+                conntrack_budget: Some(1),
+                flow_logs: Some(false),
                 ..Default::default()
             })
             .unwrap()
@@ -1255,6 +1259,9 @@ async fn request(api: &Api, route: &str, f: &Fixture, n: u32) -> (Method, String
             format!("/v1/trace?from={}&to=10.9.9.9&protocol=tcp&port=80&run=true", f.endpoint),
             None,
         ),
+        "GET /v1/flow-logs" => {
+            (Method::GET, format!("/v1/flow-logs?endpoint={}", f.endpoint), None)
+        }
         "GET /healthz" => (Method::GET, "/healthz".into(), None),
         "GET /v1/openapi.json" => (Method::GET, "/v1/openapi.json".into(), None),
         other => panic!("no request for {other}"),
@@ -1314,6 +1321,9 @@ async fn every_role_against_every_route_s15() {
         ("GET /v1/trace",                                   Other, [409, 404, 404, 409, 401]),
         ("GET /v1/trace?run",                               Own,   [409, 409, 403, 403, 401]),
         ("GET /v1/trace?run",                               Other, [409, 404, 404, 403, 401]),
+        // host-b registered no API address: this host cannot ask it for its flow logs.
+        ("GET /v1/flow-logs",                               Own,   [503, 503, 503, 503, 401]),
+        ("GET /v1/flow-logs",                               Other, [503, 404, 404, 503, 401]),
         ("GET /healthz",                                    Fleet, [200, 200, 200, 200, 200]),
         ("GET /v1/openapi.json",                            Fleet, [200, 200, 200, 200, 200]),
     ];
@@ -1386,6 +1396,7 @@ async fn every_role_against_every_route_s15() {
                     401 => "unauthenticated",
                     403 => "forbidden",
                     409 => "wrong_host",
+                    503 => "host_unavailable",
                     _ => "not_found",
                 };
                 assert_eq!(answer.body["error"]["code"], code, "{who}: {route}: {}", answer.text);

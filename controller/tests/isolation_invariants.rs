@@ -297,6 +297,7 @@ impl World {
                         ip: addr(a).to_string(),
                         security_groups: Some(groups),
                         conntrack_budget: Some(i64::from(budget)),
+                        flow_logs: None,
                     },
                     HOST,
                 );
@@ -323,6 +324,7 @@ impl World {
                             ip: old.ip.to_string(),
                             security_groups: Some(groups),
                             conntrack_budget: Some(i64::from(old.conntrack_budget)),
+                            flow_logs: None,
                         },
                         HOST,
                     )

@@ -8,7 +8,10 @@
 //! Observability (README, "Why was my packet dropped?"): drops are counted per (reason, hook)
 //! with bytes ([`DropCount`]); verdicts are reported as [`Event`]s through a ring buffer,
 //! rate-limited per CPU ([`EventLimiter`]); every policy entry names the rule that produced it
-//! ([`PolicyValue`]) and new flows are counted per rule ([`RuleHits`]).
+//! ([`PolicyValue`]) and new flows are counted per rule ([`RuleHits`]); every conntrack entry
+//! counts the packets and bytes of its flow each way, the TCP flags of the current interval and
+//! the rules that admitted it ([`CtCounters`]), which flow logs and packets per rule are read
+//! from.
 #![no_std]
 
 /// Names of the pinned maps. Each is the ELF map name and the file name under the daemon's bpffs
@@ -569,8 +572,40 @@ pub struct CtHop {
     pub underlay: [u8; 4],
 }
 
-/// `VERSE_CT` value: the flow's state (the part the reference model knows) and the delivery
-/// cache of each direction (an optimisation the verdict never depends on).
+/// What a flow carried, kept in its conntrack entry for flow logs and packets per rule (README,
+/// "Why was my packet dropped?"). Index 0 of each pair is the flow's original direction (to the
+/// key's `dst`), 1 its replies.
+///
+/// The kernel adds every packet it delivers on the flow (atomic adds: several CPUs may carry one
+/// flow); the daemon reads the entries once per flow-log interval and reports what each counted
+/// since its last read. TCP flags are OR-ed per interval: the kernel stamps them with
+/// `Config::flow_interval`, and the first packet of a flow in a new interval moves the flags of
+/// the interval before into `flags[2..4]` (or clears them if that was longer ago), so the daemon,
+/// which bumps the interval and then reads, finds the closed interval's flags in one slot or
+/// the other (two CPUs rotating at once may lose a flag bit).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct CtCounters {
+    /// Packets delivered: segments on the wire (a GSO packet counts its `gso_segs`).
+    pub packets: [u64; 2],
+    /// Their bytes: IPv4 datagrams, headers included (per segment on the wire).
+    pub bytes: [u64; 2],
+    /// The conntrack clock when the entry was made: an entry made anew under the same key is
+    /// another flow.
+    pub created_ns: u64,
+    /// The rules that admitted the flow on this host (`PolicyValue::rule`; 0: not judged here):
+    /// the sender's egress rule and the receiver's ingress rule.
+    pub rule_egress: u32,
+    pub rule_ingress: u32,
+    /// `Config::flow_interval` when the flags were last written.
+    pub flags_interval: u32,
+    /// TCP flags OR-ed: original and reply direction in interval `flags_interval`, then the
+    /// same in the interval before it.
+    pub flags: [u8; 4],
+}
+
+/// `VERSE_CT` value: the flow's state (the part the reference model knows), the delivery cache
+/// of each direction (an optimisation the verdict never depends on) and what it carried.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct CtValue {
@@ -579,6 +614,7 @@ pub struct CtValue {
     pub original: CtHop,
     /// Delivery of replies (to the key's `src`).
     pub reply: CtHop,
+    pub counters: CtCounters,
 }
 
 /// Connection-tracking states; each indexes `Config::timeouts_ns` (S9).
@@ -630,6 +666,10 @@ pub struct Config {
     /// ...and at most this many nanoseconds' worth at once (the bucket's depth, `burst *
     /// interval`).
     pub event_burst_ns: u64,
+    /// The number of the current flow-log interval: TCP flags in conntrack are OR-ed per
+    /// interval ([`CtCounters`]). The daemon adds one at the end of each.
+    pub flow_interval: u32,
+    pub _pad2: u32,
 }
 
 /// Bits of `Config::flags`.
@@ -738,6 +778,7 @@ mod pod {
         CtEntry,
         CtHop,
         CtValue,
+        CtCounters,
         CtOwner,
         Config,
         DropCount,
@@ -780,9 +821,11 @@ mod tests {
         assert_eq!(size_of::<CtKey>(), 20);
         assert_eq!(size_of::<CtEntry>(), 32);
         assert_eq!(size_of::<CtHop>(), 20);
-        assert_eq!(size_of::<CtValue>(), 72);
+        assert_eq!(size_of::<CtCounters>(), 56);
+        assert_eq!(size_of::<CtValue>(), 128);
+        assert_eq!(core::mem::offset_of!(CtValue, counters) % 8, 0, "atomic adds need 8 bytes");
         assert_eq!(size_of::<CtOwner>(), 64);
-        assert_eq!(size_of::<Config>(), 96);
+        assert_eq!(size_of::<Config>(), 104);
         assert_eq!(size_of::<DropCount>(), 16);
         assert_eq!(size_of::<PolicyValue>(), 4);
         assert_eq!(size_of::<Event>(), 64);

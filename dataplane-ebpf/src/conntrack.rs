@@ -44,12 +44,20 @@
 //! every route or endpoint change, a cached hop is never staler than a lookup would be. Hops are
 //! only ever written by replacing the whole value, never in place, so a reader never sees a hop
 //! torn between two writers.
+//!
+//! Counters (flow logs, packets per rule): every delivered packet of a flow is added to its
+//! entry's [`CtCounters`] ([`refresh`], [`refresh_and_cache`]), the first one when the entry is
+//! made ([`first_counters`]): two atomic adds (packets, bytes) and, for TCP, the flags OR-ed
+//! into the current interval's slot, written only when they add a bit. A refresh that caches a
+//! hop replaces the whole value with the packet added to its copy: adds made by other CPUs
+//! between the copy and the replace are lost, which happens only after a route change.
 use aya_ebpf::helpers::{bpf_jiffies64, bpf_ktime_get_coarse_ns};
-use dataplane_common::{ct_state, CtEntry, CtHop, CtKey, CtValue, DropReason, Route};
+use aya_ebpf::programs::TcContext;
+use dataplane_common::{ct_state, CtCounters, CtEntry, CtHop, CtKey, CtValue, DropReason, Route};
 
 use crate::{
     atomic, flow,
-    maps::{VERSE_CLOCK, VERSE_CT, VERSE_CT_OWNERS, VERSE_EPOCH},
+    maps::{VERSE_CLOCK, VERSE_CT, VERSE_CT_OWNERS, VERSE_CT_SCRATCH, VERSE_EPOCH},
     parse::{
         ICMP_ECHO_REPLY, ICMP_ECHO_REQUEST, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, TCP_ACK,
         TCP_FIN, TCP_RST, TCP_SYN,
@@ -287,15 +295,100 @@ pub fn tracked(
         .is_some_and(|h| h.receiver_serial() == receiver)
 }
 
-/// Refreshes the flow of a packet that is being delivered: last seen, state.
+/// What one delivered packet adds to its flow's counters.
+#[derive(Clone, Copy)]
+pub struct Size {
+    /// Segments on the wire (1, or `gso_segs` of a GSO packet).
+    pub segs: u64,
+    /// Bytes of those IPv4 datagrams.
+    pub bytes: u64,
+}
+
+/// The [`Size`] of the IPv4 packet `ip` (with L4 header `l4`) in `ctx`: a GSO packet is
+/// `gso_segs` datagrams, each with its own IPv4 and L4 headers.
 #[inline(always)]
-pub fn refresh(hit: Hit, now: u64, tcp_flags: u8) {
+pub fn size(ctx: &TcContext, ip: &crate::flow::Ipv4, l4: &crate::flow::L4) -> Size {
+    let tot_len = (ip.ip_end - (ip.l4_off - ip.ihl)) as u64;
+    // SAFETY: a read of `gso_segs` from the context, which the verifier allows for TC.
+    let segs = unsafe { (*ctx.skb.skb).gso_segs } as u64;
+    if segs > 1 {
+        let headers = (ip.ihl + l4.hdr_len as usize) as u64;
+        Size { segs, bytes: tot_len + (segs - 1) * headers }
+    } else {
+        Size { segs: 1, bytes: tot_len }
+    }
+}
+
+/// The counters of a new flow whose first packet is `size` with `tcp_flags`, admitted by these
+/// rules, in flow-log interval `interval`.
+#[inline(always)]
+pub fn first_counters(
+    now: u64,
+    size: Size,
+    tcp_flags: u8,
+    rule_egress: u32,
+    rule_ingress: u32,
+    interval: u32,
+) -> CtCounters {
+    CtCounters {
+        packets: [size.segs, 0],
+        bytes: [size.bytes, 0],
+        created_ns: now,
+        rule_egress,
+        rule_ingress,
+        flags_interval: interval,
+        flags: [tcp_flags, 0, 0, 0],
+    }
+}
+
+/// ORs `tcp_flags` into the slot of direction `reply` of interval `interval` (see
+/// `CtCounters`): nothing is written when they add no bit.
+#[inline(always)]
+fn or_flags(c: &mut CtCounters, reply: bool, tcp_flags: u8, interval: u32) {
+    if tcp_flags == 0 {
+        return;
+    }
+    let d = if reply { 1 } else { 0 };
+    if c.flags_interval == interval {
+        let cur = c.flags[d];
+        if cur | tcp_flags != cur {
+            c.flags[d] = cur | tcp_flags;
+        }
+        return;
+    }
+    // A new interval: the closed one's flags move to the second pair, if it was the last one.
+    let (o, r) = if c.flags_interval.wrapping_add(1) == interval {
+        (c.flags[0], c.flags[1])
+    } else {
+        (0, 0)
+    };
+    let mut flags = [0, 0, o, r];
+    flags[d] = tcp_flags;
+    c.flags = flags;
+    c.flags_interval = interval;
+}
+
+/// Refreshes the flow of a packet that is being delivered: last seen, state, counters.
+#[inline(always)]
+pub fn refresh(hit: Hit, now: u64, tcp_flags: u8, size: Size, interval: u32) {
     // SAFETY: the pointer came from a lookup in this program run, and map values stay valid for
     // the whole run (RCU); the worst a concurrent update can do is interleave two refreshes of
-    // the same flow.
-    let entry = unsafe { &mut (*hit.value).entry };
-    entry.state = next_state(entry.state, hit.reply, tcp_flags);
-    entry.last_seen_ns = now;
+    // the same flow. The counters are 8-byte aligned (`CtValue` is, and they sit at a multiple
+    // of 8 in it), as the atomic adds need.
+    unsafe {
+        let entry = &mut (*hit.value).entry;
+        entry.state = next_state(entry.state, hit.reply, tcp_flags);
+        entry.last_seen_ns = now;
+        let c = core::ptr::addr_of_mut!((*hit.value).counters);
+        let (packets, bytes) = if hit.reply {
+            (core::ptr::addr_of_mut!((*c).packets[1]), core::ptr::addr_of_mut!((*c).bytes[1]))
+        } else {
+            (core::ptr::addr_of_mut!((*c).packets[0]), core::ptr::addr_of_mut!((*c).bytes[0]))
+        };
+        atomic::add(packets, size.segs);
+        atomic::add(bytes, size.bytes);
+        or_flags(&mut *c, hit.reply, tcp_flags, interval);
+    }
 }
 
 /// [`refresh`], and caches `hop` for the packet's direction: the whole value is replaced (see
@@ -304,11 +397,31 @@ pub fn refresh(hit: Hit, now: u64, tcp_flags: u8) {
 /// the packet's own key. A refresh racing with this one on another CPU may be lost, which costs
 /// at most one packet's worth of idle time or state change, as interleaved refreshes already can.
 #[inline(always)]
-pub fn refresh_and_cache(hit: Hit, key: &CtKey, now: u64, tcp_flags: u8, hop: CtHop) {
-    // SAFETY: as in `refresh`; the value is copied out.
-    let mut value = unsafe { *hit.value };
+pub fn refresh_and_cache(
+    hit: Hit,
+    key: &CtKey,
+    now: u64,
+    tcp_flags: u8,
+    size: Size,
+    interval: u32,
+    hop: CtHop,
+) {
+    let Some(scratch) = VERSE_CT_SCRATCH.get_ptr_mut(0) else {
+        // Slot 0 of a per-CPU array always exists; without it, the hop is not cached.
+        return refresh(hit, now, tcp_flags, size, interval);
+    };
+    // SAFETY: as in `refresh`; the value is copied into this CPU's scratch slot, which nothing
+    // else uses until the insert below (see `VERSE_CT_SCRATCH`).
+    let value = unsafe {
+        *scratch = *hit.value;
+        &mut *scratch
+    };
     value.entry.state = next_state(value.entry.state, hit.reply, tcp_flags);
     value.entry.last_seen_ns = now;
+    let d = if hit.reply { 1 } else { 0 };
+    value.counters.packets[d] = value.counters.packets[d].wrapping_add(size.segs);
+    value.counters.bytes[d] = value.counters.bytes[d].wrapping_add(size.bytes);
+    or_flags(&mut value.counters, hit.reply, tcp_flags, interval);
     let stored = if hit.reply {
         value.reply = hop;
         flow::reversed(key)
@@ -316,12 +429,16 @@ pub fn refresh_and_cache(hit: Hit, key: &CtKey, now: u64, tcp_flags: u8, hop: Ct
         value.original = hop;
         *key
     };
-    let _ = VERSE_CT.insert(&stored, &value, BPF_EXIST);
+    let _ = VERSE_CT.insert(&stored, value, BPF_EXIST);
 }
 
 /// The entry of a new flow: `src`/`dst` are the serials of the endpoints at the key's source and
 /// destination, `owner` (`ct_owner::SRC` or `DST`) says which of them it is charged to, in slot
-/// `owner_slot`; `original` is the delivery of its first direction (an empty hop for none).
+/// `owner_slot`; `original` is the delivery of its first direction (an empty hop for none);
+/// `counters` count its first packet ([`first_counters`]). Built in this CPU's scratch slot
+/// (`VERSE_CT_SCRATCH`), off the stack, for [`create`] to insert; if the slot cannot be had (a
+/// per-CPU array always has it), the flow is refused like one over its budget.
+#[allow(clippy::too_many_arguments)]
 #[inline(always)]
 pub fn entry(
     now: u64,
@@ -331,20 +448,25 @@ pub fn entry(
     owner: u8,
     owner_slot: u32,
     original: CtHop,
-) -> CtValue {
-    CtValue {
-        entry: CtEntry {
-            last_seen_ns: now,
-            src_serial: src,
-            dst_serial: dst,
-            owner_slot,
-            state,
-            owner,
-            _pad: [0; 2],
-        },
-        original,
-        reply: CtHop::default(),
-    }
+    counters: CtCounters,
+) -> Result<&'static CtValue, DropReason> {
+    let scratch = VERSE_CT_SCRATCH.get_ptr_mut(0).ok_or(DropReason::ConntrackBudgetExceeded)?;
+    // SAFETY: this CPU's scratch slot, which nothing else uses until the value is inserted (see
+    // `VERSE_CT_SCRATCH`); map values live for the whole run.
+    let value = unsafe { &mut *scratch };
+    value.entry = CtEntry {
+        last_seen_ns: now,
+        src_serial: src,
+        dst_serial: dst,
+        owner_slot,
+        state,
+        owner,
+        _pad: [0; 2],
+    };
+    value.original = original;
+    value.reply = CtHop::default();
+    value.counters = counters;
+    Ok(value)
 }
 
 /// Records a new flow allowed by policy (S14):

@@ -127,10 +127,12 @@ fn ipv4(
             if let Some(mtu) = too_big(ctx, config, &hop, &ip, &l4)? {
                 return icmp::frag_needed(ctx, endpoint, ifindex, config.gateway_mac, &ip, mtu);
             }
+            let size = conntrack::size(ctx, &ip, &l4);
             if cached {
-                conntrack::refresh(hit, now, l4.tcp_flags);
+                conntrack::refresh(hit, now, l4.tcp_flags, size, config.flow_interval);
             } else {
-                conntrack::refresh_and_cache(hit, &key, now, l4.tcp_flags, hop);
+                let interval = config.flow_interval;
+                conntrack::refresh_and_cache(hit, &key, now, l4.tcp_flags, size, interval, hop);
             }
             return forward(ctx, endpoint, config, &hop);
         }
@@ -203,8 +205,16 @@ fn ipv4(
             ct_owner::SRC,
             endpoint.slot,
             hop,
-        );
-        conntrack::create(&key, found.own, &entry)?;
+            conntrack::first_counters(
+                now,
+                conntrack::size(ctx, &ip, &l4),
+                l4.tcp_flags,
+                egress.rule,
+                ingress.rule,
+                config.flow_interval,
+            ),
+        )?;
+        conntrack::create(&key, found.own, entry)?;
         let who = events::Parties {
             ifindex,
             vni: endpoint.vni,

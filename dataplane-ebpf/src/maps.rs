@@ -67,6 +67,13 @@ pub struct Clock {
 /// Slot 0: the route epoch, bumped by the controller after every change to `VERSE_ROUTES` or the
 /// endpoint maps; a delivery cached in a conntrack entry is valid only under the epoch it was
 /// cached in (see `dataplane_common::CtHop`).
+/// Where a conntrack value is built before it is inserted (a new flow's, or an entry copied to
+/// cache a hop): 128 bytes the hooks' 512-byte stack cannot spare. One slot per CPU: TC programs
+/// run with bottom halves disabled, so no other run of ours takes the CPU between the build and
+/// the insert.
+#[map]
+pub static VERSE_CT_SCRATCH: PerCpuArray<CtValue> = PerCpuArray::with_max_entries(1, 0);
+
 #[map]
 pub static VERSE_EPOCH: Array<u32> = Array::pinned(1, 0);
 

@@ -173,7 +173,8 @@ fn inner(
     let now = conntrack::now();
     let found = conntrack::lookup(&key, role, from.serial, now, &config.timeouts_ns);
     if let Some(hit) = found.hit.filter(|h| h.receiver_serial() == to.serial) {
-        conntrack::refresh(hit, now, l4.tcp_flags);
+        let size = conntrack::size(ctx, &ip, &l4);
+        conntrack::refresh(hit, now, l4.tcp_flags, size, config.flow_interval);
         encap::unwrap(ctx)?;
         return deliver::to_endpoint(ctx, to.ifindex, to.mac, config.gateway_mac);
     }
@@ -204,8 +205,16 @@ fn inner(
             ct_owner::DST,
             to.slot,
             CtHop::default(),
-        );
-        conntrack::create(&key, found.own, &entry)?;
+            conntrack::first_counters(
+                now,
+                conntrack::size(ctx, &ip, &l4),
+                l4.tcp_flags,
+                0,
+                ingress.rule,
+                config.flow_interval,
+            ),
+        )?;
+        conntrack::create(&key, found.own, entry)?;
         let who = events::Parties {
             ifindex: to.ifindex,
             vni,

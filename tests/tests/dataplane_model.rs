@@ -299,6 +299,7 @@ fn build_state() -> (State, BTreeMap<&'static str, String>, Names) {
                     ip: ip.into(),
                     security_groups: Some(groups.iter().map(|g| g.to_string()).collect()),
                     conntrack_budget: budget,
+                    flow_logs: None,
                 },
                 HOST,
             )
@@ -1306,6 +1307,7 @@ fn kernel_program_agrees_with_the_reference_model_on_generated_packets() {
                                 ip: old.ip.to_string(),
                                 security_groups: Some(names.reborn_groups.clone()),
                                 conntrack_budget: Some(SMALL_BUDGET),
+                                flow_logs: None,
                             },
                             HOST,
                         )

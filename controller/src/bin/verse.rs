@@ -34,6 +34,7 @@ use verse::api::{CreatedToken, EndpointView, Host, TokenView};
 use verse::audit::AuditRecord;
 use verse::client::{self, Client, DEFAULT_API};
 use verse::events::StreamItem;
+use verse::flowlogs::FlowLogRecord;
 use verse::hits::GroupView;
 use verse::model::{
     CreateEndpoint, CreateGroup, CreateRule, CreateToken, CreateUniverse, PatchEndpoint, Role,
@@ -108,6 +109,19 @@ enum Command {
         #[arg(long)]
         universe: Option<String>,
         /// Only records since an RFC 3339 time (UTC) or this long ago: 1h, 30m, 7d.
+        #[arg(long)]
+        since: Option<String>,
+        /// At most this many, the newest (server default 1000).
+        #[arg(long)]
+        limit: Option<usize>,
+    },
+    /// Flow logs of an endpoint: per flow, direction and interval, its packets, bytes, TCP
+    /// flags, ACCEPT with the rule or REJECT with the reason, oldest first (README, "Why was my
+    /// packet dropped?"). Read from the endpoint's host.
+    FlowLogs {
+        #[arg(long)]
+        endpoint: String,
+        /// Only records of intervals ending since an RFC 3339 time (UTC) or this long ago: 1h.
         #[arg(long)]
         since: Option<String>,
         /// At most this many, the newest (server default 1000).
@@ -251,7 +265,7 @@ enum RuleCmd {
     List {
         sg: String,
         /// With the new flows each rule admitted, summed over the fleet (HITS; 0: it never
-        /// matched).
+        /// matched), and their packets both ways (PACKETS, counted since each daemon started).
         #[arg(long)]
         stats: bool,
     },
@@ -307,6 +321,9 @@ enum EndpointCmd {
         /// `conntrack.endpoint_budget`).
         #[arg(long, value_name = "FLOWS")]
         conntrack_budget: Option<i64>,
+        /// Write flow logs of its traffic (default: off).
+        #[arg(long)]
+        flow_logs: bool,
     },
     List {
         #[arg(long)]
@@ -582,7 +599,7 @@ fn run(c: &Client, hosts: &HostClients, fmt: Format, cmd: Command) -> client::Re
             RuleCmd::List { sg, stats: true } => out.rule_stats(&c.group_view(&sg)?),
         },
         Command::Endpoint(cmd) => match cmd {
-            EndpointCmd::Create { universe, netns, ip, sgs, host, conntrack_budget } => {
+            EndpointCmd::Create { universe, netns, ip, sgs, host, conntrack_budget, flow_logs } => {
                 let req = CreateEndpoint {
                     universe,
                     host,
@@ -590,6 +607,7 @@ fn run(c: &Client, hosts: &HostClients, fmt: Format, cmd: Command) -> client::Re
                     ip,
                     security_groups: (!sgs.is_empty()).then_some(sgs),
                     conntrack_budget,
+                    flow_logs: flow_logs.then_some(true),
                 };
                 let (e, rev) = c.create_endpoint(&req)?;
                 out.mutated(rev);
@@ -619,6 +637,9 @@ fn run(c: &Client, hosts: &HostClients, fmt: Format, cmd: Command) -> client::Re
         },
         Command::Audit { universe, since, limit } => {
             out.audit(&c.audit(universe.as_deref(), since.as_deref(), limit)?)
+        }
+        Command::FlowLogs { endpoint, since, limit } => {
+            out.flow_logs(&c.flow_logs(&endpoint, since.as_deref(), limit)?)
         }
         Command::Monitor {
             universe,
@@ -987,14 +1008,22 @@ impl Out {
             .map(|r| {
                 let mut cells = rule_cells(&r.rule);
                 cells.insert(5, r.hits.flows.to_string());
+                cells.insert(6, r.hits.packets.to_string());
                 cells.insert(
-                    6,
-                    if r.hits.flows == 0 { "never matched".into() } else { String::new() },
+                    7,
+                    if r.hits.flows == 0 && r.hits.packets == 0 {
+                        "never matched".into()
+                    } else {
+                        String::new()
+                    },
                 );
                 cells
             })
             .collect();
-        table(&["ID", "DIRECTION", "PROTOCOL", "PORTS", "PEER", "HITS", "", "DESCRIPTION"], rows);
+        table(
+            &["ID", "DIRECTION", "PROTOCOL", "PORTS", "PEER", "HITS", "PACKETS", "", "DESCRIPTION"],
+            rows,
+        );
         let from = &g.hits_from;
         eprintln!(
             "counted on: {}",
@@ -1085,6 +1114,60 @@ impl Out {
             })
             .collect();
         table(&["ID", "ROLE", "UNIVERSE", "EXPIRES", "CREATED", "DESCRIPTION"], rows);
+    }
+
+    fn flow_logs(&self, rs: &[FlowLogRecord]) {
+        if self.fmt == Format::Json {
+            return self.json(rs);
+        }
+        let rows = rs
+            .iter()
+            .map(|r| {
+                let dir = match r.flow_direction {
+                    verse::model::Direction::Ingress => "ingress",
+                    verse::model::Direction::Egress => "egress",
+                };
+                let action = match r.action {
+                    verse::flowlogs::Action::Accept => "ACCEPT",
+                    verse::flowlogs::Action::Reject => "REJECT",
+                };
+                vec![
+                    r.start.to_string(),
+                    r.end.to_string(),
+                    dir.to_owned(),
+                    action.to_owned(),
+                    verse::events::protocol_name(r.protocol),
+                    format!("{}:{}", r.srcaddr, r.srcport),
+                    format!("{}:{}", r.dstaddr, r.dstport),
+                    r.packets.to_string(),
+                    r.bytes.to_string(),
+                    format!("{:#04x}", r.tcp_flags),
+                    r.rule.clone().or_else(|| r.reason.clone()).unwrap_or_else(|| "-".into()),
+                    if r.sampled {
+                        format!("sampled ({} unreported)", r.unreported_drops)
+                    } else {
+                        String::new()
+                    },
+                ]
+            })
+            .collect();
+        table(
+            &[
+                "START",
+                "END",
+                "DIRECTION",
+                "ACTION",
+                "PROTOCOL",
+                "SOURCE",
+                "DESTINATION",
+                "PACKETS",
+                "BYTES",
+                "TCP-FLAGS",
+                "RULE/REASON",
+                "",
+            ],
+            rows,
+        );
     }
 
     fn audit(&self, rs: &[AuditRecord]) {

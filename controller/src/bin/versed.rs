@@ -26,6 +26,7 @@ use verse::config::{Args, Config};
 use verse::dataplane::Dataplane;
 use verse::dataplane::TraceRunner;
 use verse::events::{self, Hub, Sources};
+use verse::flowlogs::{self, FlowLogs};
 use verse::reconcile::{CtSettings, GcStats, RealizedState, Reconciler, SharedDataplane, Underlay};
 use verse::sim::{self, SimFleet, SimOptions};
 use verse::store::{Realized, Store};
@@ -122,10 +123,14 @@ async fn run(args: Args) -> anyhow::Result<()> {
         timeouts: Timeouts::from_config(&dp_config),
         gc_interval: config.gc_interval(),
     };
+    let o = &config.observability;
+    let flow_logs =
+        Arc::new(FlowLogs::new(&host, &config.state_dir.join("flow-logs"), o.flow_log_keep));
     let reconciler =
         Reconciler::new(dataplane.clone(), host.clone(), endpoint_mtu, ct, gc_stats.clone())
             .context("reading what the pinned maps hold")?
-            .with_realized_state(realized_state.clone());
+            .with_realized_state(realized_state.clone())
+            .with_flow_logs(flow_logs.clone());
 
     refuse_a_lost_state(&config, &store, &reconciler, args.empty_state)?;
     let api_url = config.api_url(underlay_ip);
@@ -174,7 +179,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
     // Verdict events: drained from the ring buffer, rendered, kept and streamed by the hub; the
     // counts of what the dataplane could not report are read once a second.
     let hub = Arc::new(Hub::new(&host, config.observability.event_history as usize));
-    let sources = Sources { states: store.subscribe(), local: reconciler.local_endpoints() };
+    let sources = Sources {
+        states: store.subscribe(),
+        local: reconciler.local_endpoints(),
+        flow_logs: Some(flow_logs.clone()),
+    };
     let draining = match event_ring {
         Some(ring) if config.observability.events => {
             Some(tokio::spawn(events::drain(ring, hub.clone(), sources)))
@@ -201,6 +210,25 @@ async fn run(args: Args) -> anyhow::Result<()> {
         })
     };
 
+    // Flow logs: an interval task reads conntrack and writes the records (README, "Why was my
+    // packet dropped?").
+    let logging = tokio::spawn(flowlogs::run(
+        flow_logs.clone(),
+        dataplane.clone(),
+        store.subscribe(),
+        flowlogs::Settings {
+            interval: Duration::from_secs(config.observability.flow_log_interval),
+            rotate_bytes: config.observability.flow_log_rotate_bytes,
+        },
+        |dp: &SharedDataplane| {
+            let counts = dp.lock().unwrap_or_else(PoisonError::into_inner).event_counts();
+            counts.map_or(0, |c| {
+                let d = usize::from(dataplane_common::event_kind::DROP);
+                c.suppressed[d].saturating_add(c.lost[d])
+            })
+        },
+    ));
+
     let tracer = Arc::new(Tracer {
         dataplane: dataplane.clone(),
         realized: realized_state,
@@ -208,12 +236,14 @@ async fn run(args: Args) -> anyhow::Result<()> {
         underlay_ip,
         runner: Mutex::new(None),
     });
+    let stats_logs = flow_logs.clone();
     let stats: StatsFn = Arc::new(move || {
         let dp = dataplane.lock().unwrap_or_else(PoisonError::into_inner);
         let gc = gc_stats.lock().unwrap_or_else(PoisonError::into_inner).clone();
         Ok(Stats {
             drops: dp.drop_counts()?,
             rule_hits: dp.rule_hits()?,
+            rule_packets: stats_logs.rule_packets(),
             ct_owners: dp.ct_owners(),
             gc,
         })
@@ -224,6 +254,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             .with_limits(limits)
             .with_api_url(api_url.clone())
             .with_events(hub)
+            .with_flow_logs(flow_logs)
             .with_conntrack_budget(config.conntrack.endpoint_budget)
             .with_trace(tracer),
     );
@@ -292,6 +323,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     }
     let _ = reporting.await;
     counting.abort();
+    logging.abort();
     if let Some(d) = draining {
         d.abort();
     }
