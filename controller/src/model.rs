@@ -990,7 +990,13 @@ pub fn parse_time(text: &str) -> Option<Time> {
     }
     let mut total: u64 = 0;
     for part in text.split(' ') {
-        let (number, unit) = part.split_at(part.len().checked_sub(1)?);
+        // The unit is the last byte; a part ending in a longer character is no span (and must
+        // not be split inside that character).
+        let at = part.len().checked_sub(1)?;
+        if !part.is_char_boundary(at) {
+            return None;
+        }
+        let (number, unit) = part.split_at(at);
         let seconds = SPAN_UNITS.iter().find(|(u, _)| unit.as_bytes() == [*u])?.1;
         let well_formed = number == "0"
             || (1..=9).contains(&number.len())
@@ -2929,6 +2935,8 @@ mod tests {
             "1 h",
             "01h",
             "1.5h",
+            "\u{80}",
+            "1h\u{e9}",
             "1H",
             "1M",
             "1000000000s",

@@ -7,7 +7,7 @@ the server relate values in a way it cannot, and the document states them in wor
 - a rule's from_port must not be above its to_port;
 - a token's expires, shaped as the pattern says, must be a real date (no February 30th) in the
   future and at most 10 years away, or a lifetime above zero and at most 10 years;
-- the audit trail's since, shaped as the pattern says, must be a real date;
+- the since of the audit trail and of flow logs, shaped as the pattern says, must be a real date;
 - a trace (GET /v1/trace) takes port only for tcp and udp (6, 17), and requires it there, sport
   only for them, icmp_type and icmp_code only for icmp (1), and a universe when neither from
   nor to is an endpoint id.
@@ -117,7 +117,7 @@ def _body_breaks_a_rule(operation, body):
 def _query_breaks_a_rule(operation, query):
     if not isinstance(query, dict) or operation is None:
         return False
-    if operation.method.upper() == "GET" and operation.path == "/v1/audit":
+    if operation.method.upper() == "GET" and operation.path in ("/v1/audit", "/v1/flow-logs"):
         since = query.get("since")
         if isinstance(since, str) and _time(since) is None:
             return True
