@@ -241,7 +241,7 @@ fn records_count_what_the_wire_carried_with_rules_reasons_and_directions() {
             })
             .0 >= back.0
     };
-    let ra = wait_records(api, &a.id, &complete);
+    let ra = wait_records(api, &a.id, complete);
     let rb = wait_records(api, &b.id, |rs| {
         complete(rs) && sum(rs, |r| r["action"] == "REJECT").0 >= probe.0
     });
