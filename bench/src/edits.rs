@@ -604,6 +604,7 @@ fn bulk(fleet: &Fleet, endpoints: bool) -> Result<usize> {
                                             // 100 endpoints a host: within its conntrack
                                             // capacity (the default budget fits 64).
                                             conntrack_budget: Some(1024),
+                                            flow_logs: None,
                                         },
                                         "bulk",
                                     )?;

@@ -631,6 +631,7 @@ mod tests {
                             ip: format!("10.9.{}.{}", rng.below(200), 2 + rng.below(200)),
                             security_groups: Some(pick),
                             conntrack_budget: Some(1 + rng.below(64) as i64),
+                            flow_logs: None,
                         },
                         "h1",
                     )

@@ -204,7 +204,17 @@ fn records_count_what_the_wire_carried_with_rules_reasons_and_directions() {
     );
     let a = endpoint(&host, id(&uni), "10.40.0.10", &[id(&web)], Some(true));
     let b = endpoint(&host, id(&uni), "10.40.0.20", &[id(&db)], Some(true));
-    let web_egress = api.group(id(&web))["egress"][0]["id"].as_str().unwrap().to_owned();
+    // S2: web's default egress rule to 0.0.0.0/0 (its rules are listed by id, ::/0's too).
+    let group = api.group(id(&web));
+    let web_egress = group["egress"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["cidr"] == "0.0.0.0/0")
+        .unwrap_or_else(|| panic!("web's IPv4 egress rule in {group:#}"))["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
     let _pg = TcpServer::start(&b.ns, 5432, "db");
 
     let capture = Capture::start(&a.ns, "tcp");

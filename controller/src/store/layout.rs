@@ -818,6 +818,7 @@ mod tests {
                 ip: "10.1.0.5".into(),
                 security_groups: Some(vec![g.id]),
                 conntrack_budget: None,
+                flow_logs: None,
             },
             "h1",
         )
@@ -999,6 +1000,7 @@ mod tests {
                 ip: "10.1.0.6".into(),
                 security_groups: None,
                 conntrack_budget: Some(10),
+                flow_logs: None,
             },
             "h1",
         )
@@ -1039,6 +1041,7 @@ mod tests {
                     ip: "10.1.0.5".into(),
                     security_groups: None,
                     conntrack_budget: None,
+                    flow_logs: None,
                 },
                 "h1",
             )
