@@ -300,8 +300,11 @@ async fn registered_host_is_healthy_until_its_lease_lapses() {
     let rev = a.snapshot().revision;
     a.register_host("h1", Some(ip)).await.unwrap();
     a.report_realized("h1", 1);
-    let hosts = wait_hosts(&b, "h1 healthy at revision 1", |h| {
-        h.iter().any(|h| h.name == "h1" && h.healthy && h.revision == 1)
+    // The liveness record (healthy, revision) and the registration (underlay address) are two
+    // keys: the host's liveness starts before its registration, so b may see one before the other.
+    let hosts = wait_hosts(&b, "h1 healthy at revision 1 with its underlay address", |h| {
+        h.iter()
+            .any(|h| h.name == "h1" && h.healthy && h.revision == 1 && h.underlay_ip == Some(ip))
     })
     .await;
     assert_eq!(
