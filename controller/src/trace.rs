@@ -549,6 +549,14 @@ pub fn trace(
     Ok(Ok((answer, run)))
 }
 
+/// A step that drops the packet for `reason`.
+fn drop_step(host: &str, hook: &str, check: &str, reason: DropReason, detail: String) -> Step {
+    Step {
+        reason: Some(reason.label().to_owned()),
+        ..step(host, hook, check, Outcome::Drop, detail)
+    }
+}
+
 /// A step under construction.
 fn step(host: &str, hook: &str, check: &str, outcome: Outcome, detail: String) -> Step {
     Step {
@@ -802,8 +810,7 @@ impl<'a> Walk<'a> {
                     Direction::Egress => DropReason::PolicyEgress,
                     Direction::Ingress => DropReason::PolicyIngress,
                 };
-                let mut s = step(self.host, hook, check, Outcome::Drop, detail);
-                s.reason = Some(reason.label().to_owned());
+                let mut s = drop_step(self.host, hook, check, reason, detail);
                 s.searched = groups;
                 (s, None)
             }
@@ -839,19 +846,17 @@ impl<'a> Walk<'a> {
         };
         let mut steps = Vec::new();
         let Some(&ifindex) = self.plumbed.get(&sender.id) else {
-            let mut s = step(
+            steps.push(drop_step(
                 self.host,
                 HOOK,
                 "endpoint",
-                Outcome::Drop,
+                DropReason::UnknownEndpoint,
                 format!(
                 "{} is placed on {} but not in its dataplane (its interface {} is not plumbed, \
                  see GET /v1/hosts errors): nothing it sends is judged, every frame is dropped",
                 sender.id, self.host, sender.interface
             ),
-            );
-            s.reason = Some(DropReason::UnknownEndpoint.label().to_owned());
-            steps.push(s);
+            ));
             return self.dropped(steps, DropReason::UnknownEndpoint, None, None);
         };
         let frame = self.frame(p, sender);
@@ -972,9 +977,7 @@ impl<'a> Walk<'a> {
         let st = &self.r.state;
         let owner = p.dst_endpoint.as_ref().and_then(|id| st.endpoints.get(id));
         let none = |detail: String| {
-            let mut s = step(self.host, HOOK, "route", Outcome::Drop, detail);
-            s.reason = Some(DropReason::NoRoute.label().to_owned());
-            (s, None)
+            (drop_step(self.host, HOOK, "route", DropReason::NoRoute, detail), None)
         };
         let Some(ep) = owner else {
             return none(format!("no endpoint of universe {} has address {}", p.universe, p.dst));
@@ -1061,15 +1064,13 @@ impl<'a> Walk<'a> {
         };
         let run = run_input(self);
         let Some(ul) = self.r.underlay_ip else {
-            let mut s = step(
+            steps.push(drop_step(
                 self.host,
                 HOOK,
                 "underlay",
-                Outcome::Drop,
+                DropReason::UnknownHost,
                 format!("{} has no underlay: it receives nothing from {sender_host}", self.host),
-            );
-            s.reason = Some(DropReason::UnknownHost.label().to_owned());
-            steps.push(s);
+            ));
             return self.dropped(steps, DropReason::UnknownHost, None, None);
         };
         // The reference model's from_underlay on the very frame a run takes.
@@ -1079,15 +1080,13 @@ impl<'a> Walk<'a> {
             )
         });
         let Some(src_ul) = sender_ul else {
-            let mut s = step(
+            steps.push(drop_step(
                 self.host,
                 HOOK,
                 "underlay",
-                Outcome::Drop,
+                DropReason::UnknownHost,
                 format!("{sender_host} has no underlay address this host knows"),
-            );
-            s.reason = Some(DropReason::UnknownHost.label().to_owned());
-            steps.push(s);
+            ));
             return self.dropped(steps, DropReason::UnknownHost, model, run);
         };
         steps.push(step(
@@ -1103,15 +1102,13 @@ impl<'a> Walk<'a> {
         let sender = p.src_endpoint.as_ref().and_then(|id| st.endpoints.get(id));
         let placed = sender.is_some_and(|e| e.host == sender_host);
         if !placed {
-            let mut s = step(
+            steps.push(drop_step(
                 self.host,
                 HOOK,
                 "anti_spoofing",
-                Outcome::Drop,
+                DropReason::NotPlacedOnSender,
                 format!("{} is not an endpoint placed on {sender_host} (S10)", p.src),
-            );
-            s.reason = Some(DropReason::NotPlacedOnSender.label().to_owned());
-            steps.push(s);
+            ));
             return self.dropped(steps, DropReason::NotPlacedOnSender, model, run);
         }
         steps.push(step(
@@ -1130,15 +1127,13 @@ impl<'a> Walk<'a> {
         let receiver = p.dst_endpoint.as_ref().and_then(|id| st.endpoints.get(id));
         let local = receiver.filter(|e| e.host == self.host && self.plumbed.contains_key(&e.id));
         let Some(receiver) = local else {
-            let mut s = step(
+            steps.push(drop_step(
                 self.host,
                 HOOK,
                 "destination",
-                Outcome::Drop,
+                DropReason::NotLocal,
                 format!("{} is no endpoint of this host", p.dst),
-            );
-            s.reason = Some(DropReason::NotLocal.label().to_owned());
-            steps.push(s);
+            ));
             return self.dropped(steps, DropReason::NotLocal, model, run);
         };
         steps.push(step(
