@@ -28,7 +28,7 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -105,6 +105,9 @@ struct Conn {
     changed: Notify,
     /// Woken to close the connection now (to make room for another).
     evict: Notify,
+    /// Told to close to make room: it stays in the table, holding its descriptor, until its
+    /// task has closed it.
+    evicting: AtomicBool,
 }
 
 impl Conn {
@@ -178,6 +181,7 @@ impl Table {
             epoch: self.epoch,
             changed: Notify::new(),
             evict: Notify::new(),
+            evicting: AtomicBool::new(false),
         });
         conn.set(Phase::Head);
         self.lock().insert(id, conn.clone());
@@ -190,24 +194,30 @@ impl Table {
         }
     }
 
-    /// Whether one more connection fits: below `cap`, or after evicting the connection that
-    /// has waited longest without serving a request.
+    /// Whether one more connection fits (below `cap`). At the cap, the connection that has
+    /// waited longest without serving a request is told to close, unless one already is; it
+    /// leaves the table only once its task has closed its socket ([`Table::close`], which wakes
+    /// `freed`), so that the connections in the table are the descriptors held: never more than
+    /// `cap`, however late the closing task runs on a busy machine.
     fn make_room(&self, cap: usize) -> bool {
-        let mut conns = self.lock();
+        let conns = self.lock();
         if conns.len() < cap {
             return true;
+        }
+        if conns.values().any(|c| c.evicting.load(Ordering::Acquire)) {
+            return false;
         }
         let victim = conns
             .iter()
             .filter(|(_, c)| c.phase() != Phase::Busy)
             .min_by_key(|(id, c)| (c.since(), **id))
-            .map(|(id, _)| *id);
-        let Some(id) = victim else { return false };
-        if let Some(conn) = conns.remove(&id) {
+            .map(|(_, c)| c.clone());
+        if let Some(conn) = victim {
+            conn.evicting.store(true, Ordering::Release);
             conn.evict.notify_one();
+            self.evicted.fetch_add(1, Ordering::Relaxed);
         }
-        self.evicted.fetch_add(1, Ordering::Relaxed);
-        true
+        false
     }
 
     fn len(&self) -> usize {
@@ -657,14 +667,22 @@ mod tests {
         ca.set(Phase::Busy);
         cc.set(Phase::Idle);
         assert!(table.make_room(4), "below the cap");
-        assert!(table.make_room(3));
-        // `a` is busy; `b` has waited longer than `c`.
-        assert!(!table.lock().contains_key(&b));
-        assert!(table.lock().contains_key(&a) && table.lock().contains_key(&c));
-        assert!(table.make_room(2));
-        assert!(!table.lock().contains_key(&c));
+        // At the cap: `a` is busy; `b` has waited longer than `c`, so `b` is told to close,
+        // and there is room only once its task has closed it.
+        assert!(!table.make_room(3));
+        assert!(cb.evicting.load(Ordering::Acquire) && !cc.evicting.load(Ordering::Acquire));
+        assert!(!ca.evicting.load(Ordering::Acquire));
+        assert!(!table.make_room(3), "one closing at a time: c is not told yet");
+        assert!(!cc.evicting.load(Ordering::Acquire));
+        table.close(b);
+        assert!(table.make_room(3), "b's descriptor is gone");
+        assert!(!table.make_room(2));
+        assert!(cc.evicting.load(Ordering::Acquire));
+        table.close(c);
+        assert!(table.lock().contains_key(&a));
         assert!(!table.make_room(1), "only a busy connection is left");
-        drop((cb, cc));
+        assert!(!ca.evicting.load(Ordering::Acquire));
+        assert_eq!(table.evicted.load(Ordering::Relaxed), 2);
     }
 
     #[test]

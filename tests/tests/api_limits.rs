@@ -113,11 +113,11 @@ fn idle_connections_twice_the_cap_neither_exhaust_descriptors_nor_stall_a_valid_
     );
     assert!(all_accepted, "only {closed} of the {} connections over the cap were closed", CAP);
     assert!(closed <= CAP + 8, "{closed} closed: more than the connections over the cap");
-    // A connection closed to make room leaves the table at once and its socket an instant
-    // later, when its task runs: a few more than the cap for a moment, never the thousands
-    // that were connected.
+    // A connection told to close to make room stays counted until its task has closed its
+    // socket, so versed never holds more than the cap, however late that task runs (a busy
+    // machine once let it reach cap + 148); the slack is for the daemon's own files.
     assert!(
-        most <= before + CAP + 64,
+        most <= before + CAP + 8,
         "versed held {most} descriptors with the cap at {CAP} (it had {before})"
     );
     assert!(during >= before + CAP - 8, "the {CAP} newest connections are held: {during}");
