@@ -38,7 +38,7 @@ use anyhow::{bail, ensure, Context, Result};
 use dataplane_common::{map_names, Config};
 use ipnetwork::IpNetwork;
 use serde_json::json;
-use verse::compile::{compile, CidrIds, Desired};
+use verse::compile::{compile, CidrIds, MapContents};
 use verse::dataplane::Dataplane;
 use verse::model::{
     self, CreateEndpoint, CreateGroup, CreateUniverse, Direction, Peer, Protocol, Rule, State,
@@ -355,7 +355,7 @@ pub fn run(out: &mut Vec<BenchRecord>) -> Result<()> {
                 let desired = compile(&size.st, HOST, &lookup, &mut CidrIds::default())
                     .map_err(|e| anyhow::anyhow!("compile {} rules: {e}", size.n))?;
                 let c = t.elapsed().as_secs_f64();
-                dp.apply(&Desired::default(), &desired)
+                dp.apply(&MapContents::default(), &desired)
                     .with_context(|| format!("write {} rules", size.n))?;
                 let total = t.elapsed().as_secs_f64();
                 size.compile_s.push(c);
@@ -366,7 +366,7 @@ pub fn run(out: &mut Vec<BenchRecord>) -> Result<()> {
                 if size.n == 10_000 && round == 0 {
                     mem10k = Some(memlock(&dir)?);
                 }
-                dp.apply(&desired, &Desired::default()).context("empty the maps")?;
+                dp.apply(&desired, &MapContents::default()).context("empty the maps")?;
 
                 for tool in &TOOLS[1..] {
                     let prior = size.samples.get(tool).map(|v| v.as_slice()).unwrap_or(&[]);

@@ -27,6 +27,7 @@ use ::tests::{enter_netns, Host};
 use anyhow::{anyhow, bail, Context, Result};
 use serde_json::{json, Value};
 
+use crate::profile::{Cpu, Phases};
 use crate::results::{BenchRecord, Unit};
 
 const UNIVERSES: usize = 20;
@@ -139,6 +140,35 @@ impl Conn {
         body: Option<&Value>,
         key: &str,
     ) -> Result<(u16, Value)> {
+        let (status, body) = self.raw(method, path, body, key)?;
+        let value = if body.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_slice(&body).unwrap_or(Value::Null)
+        };
+        Ok((status, value))
+    }
+
+    /// A GET whose answer is text (`/metrics`).
+    fn text(&mut self, path: &str) -> Result<String> {
+        let (status, body) = match self.raw("GET", path, None, "none") {
+            Ok(r) => r,
+            Err(_) => {
+                self.stream = None;
+                self.raw("GET", path, None, "none")?
+            }
+        };
+        anyhow::ensure!(status == 200, "GET {path}: {status}");
+        Ok(String::from_utf8_lossy(&body).into_owned())
+    }
+
+    fn raw(
+        &mut self,
+        method: &str,
+        path: &str,
+        body: Option<&Value>,
+        key: &str,
+    ) -> Result<(u16, Vec<u8>)> {
         let payload = body.map(|b| b.to_string()).unwrap_or_default();
         let mut req =
             format!("{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nIdempotency-Key: {key}\r\n");
@@ -186,12 +216,8 @@ impl Conn {
         if head.to_ascii_lowercase().contains("connection: close") {
             self.stream = None;
         }
-        let value = if len == 0 {
-            Value::Null
-        } else {
-            serde_json::from_slice(&body[..len]).unwrap_or(Value::Null)
-        };
-        Ok((status, value))
+        body.truncate(len);
+        Ok((status, body))
     }
 }
 
@@ -372,7 +398,11 @@ fn load_records(
     groups: &[String],
 ) -> Result<()> {
     for clients in CLIENTS {
+        let phases_before = scrape(targets)?;
+        let cpu_before = Cpu::sample();
         let l = load(targets, groups, clients, RUN)?;
+        let cpu = Cpu::sample().cores_since(&cpu_before);
+        let phases = phases_since(targets, &phases_before)?;
         let rate = l.acked as f64 / l.seconds;
         let (p50, p99) = (percentile(&l.latency_ms, 0.5), percentile(&l.latency_ms, 0.99));
         let failures: usize = l.failed.values().sum();
@@ -381,7 +411,10 @@ fn load_records(
              {failures} failures {:?}, unhealthy {}/{} samples",
             l.failed, l.unhealthy_samples, l.health_samples
         );
+        eprintln!("bench_edits: {store}, {clients} clients, phases (all hosts): {}", phases.line());
+        eprintln!("bench_edits: {store}, {clients} clients, CPU cores: {cpu}");
         let config = json!({
+            "phases_all_hosts": phases.summary(), "cpu_cores": cpu,
             "store": store, "hosts": targets.len(), "clients": clients,
             "clients_per_host": "round-robin over the hosts' APIs",
             "universes": UNIVERSES, "groups_per_universe": GROUPS_PER_UNIVERSE,
@@ -443,6 +476,20 @@ fn load_records(
         );
     }
     Ok(())
+}
+
+/// Every host's phase histograms (`/metrics`).
+fn scrape(targets: &[Target]) -> Result<Vec<Phases>> {
+    targets.iter().map(|t| Ok(Phases::parse(&Conn::new(t.clone()).text("/metrics")?))).collect()
+}
+
+/// What every host's phase histograms gained since `before`, summed over the hosts.
+fn phases_since(targets: &[Target], before: &[Phases]) -> Result<Phases> {
+    let mut sum = Phases::default();
+    for (now, before) in scrape(targets)?.iter().zip(before) {
+        now.add_delta(before, &mut sum);
+    }
+    Ok(sum)
 }
 
 /// Sequential edits of one group: add a rule, delete it; the latency of each, in ms.
@@ -674,7 +721,10 @@ pub fn run(out: &mut Vec<BenchRecord>) -> Result<()> {
     // The group edited sequentially: in the first universe, with an endpoint on every host.
     let probe_group = groups[1].clone();
 
+    let before = scrape(&targets)?;
     let empty = sequential(&targets[0], &probe_group)?;
+    let phases_empty = phases_since(&targets, &before)?;
+    eprintln!("bench_edits: one edit, empty fleet, phases (all hosts): {}", phases_empty.line());
     let real: Vec<String> = fleet.hosts().iter().map(|h| h.name().to_owned()).collect();
     let maps_empty = host_maps(&fleet, &real[..1])?;
     let db_empty = db_size(&fleet)?;
@@ -685,7 +735,10 @@ pub fn run(out: &mut Vec<BenchRecord>) -> Result<()> {
     bulk(&fleet, true)?;
     // Let every host catch up with the bulk before measuring.
     std::thread::sleep(Duration::from_secs(3));
+    let before = scrape(&targets)?;
     let full = sequential(&targets[0], &probe_group)?;
+    let phases_full = phases_since(&targets, &before)?;
+    eprintln!("bench_edits: one edit, full fleet, phases (all hosts): {}", phases_full.line());
     let maps_full = host_maps(&fleet, &[real[0].clone(), "bulk-host-0".to_owned()])?;
     eprintln!("bench_edits: map entries (host, entries, compile ms, per map): empty fleet {maps_empty:?}, full fleet {maps_full:?}");
     let (e_entries, f_entries) = (maps_empty[0].1 as f64, maps_full[0].1 as f64);
@@ -731,6 +784,7 @@ pub fn run(out: &mut Vec<BenchRecord>) -> Result<()> {
             "endpoints": BULK_UNIVERSES * BULK_ENDPOINTS_PER_UNIVERSE, "endpoint_hosts": BULK_HOSTS},
         "samples_empty_ms": empty, "samples_full_ms": full,
         "p99_empty_ms": percentile(&empty, 0.99), "p99_full_ms": percentile(&full, 0.99),
+        "phases_empty_all_hosts": phases_empty.summary(), "phases_full_all_hosts": phases_full.summary(),
     });
     out.push(BenchRecord::new("control_edit_ms_empty_fleet", e50, Unit::Ms, None, config.clone()));
     out.push(

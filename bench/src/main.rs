@@ -40,6 +40,7 @@ mod hosts;
 mod iperf;
 mod micro;
 mod plots;
+mod profile;
 mod rate;
 mod results;
 mod tcp;
@@ -118,7 +119,7 @@ fn main() -> Result<()> {
     };
     if !bin_dir.join("versed").is_file() {
         bail!(
-            "no versed in {}: build it with `cargo build --release -p controller --bins` (or run \
+            "no versed in {}: build it with `cargo build --release -p verse --bins` (or run \
              `cargo xtask bench`, which does), or point VERSE_BIN_DIR at it",
             bin_dir.display()
         );

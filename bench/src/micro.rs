@@ -59,7 +59,7 @@ use ::tests::{Bpffs, Netns, TempDir};
 use anyhow::{bail, ensure, Context, Result};
 use dataplane_common::{ct_state, Config, DropReason};
 use serde_json::json;
-use verse::compile::{compile, CidrIds, Desired, OwnerBudget};
+use verse::compile::{compile, CidrIds, MapContents};
 use verse::dataplane::{tc_act, Dataplane};
 use verse::model::{
     self, CreateEndpoint, CreateGroup, CreateUniverse, Direction, Peer, Protocol, Rule, State,
@@ -498,7 +498,7 @@ fn load(
         .map_err(|e| anyhow::anyhow!("compile {name}: {e}"))?;
     let compile_s = t.elapsed().as_secs_f64();
     let t = Instant::now();
-    dp.apply(&Desired::default(), &desired).with_context(|| format!("apply {name}"))?;
+    dp.apply(&MapContents::default(), &desired).with_context(|| format!("apply {name}"))?;
     let apply_s = t.elapsed().as_secs_f64();
     let rules: usize = st.groups.values().map(|g| g.ingress.len() + g.egress.len()).sum();
     let pool = if variant.denied { denied_pool(st, eps)? } else { pool(st, eps)? };
@@ -581,23 +581,12 @@ fn load(
 /// A sends to `REMOTES` endpoints placed on two other hosts (wrap), and they send to A (unwrap).
 mod encap {
     use super::*;
-    use dataplane_common::{
-        policy_prefix, Endpoint, PolicyKey, PolicyValue, Route, RouteKey, DIRECTION_EGRESS,
-        DIRECTION_INGRESS,
-    };
-    use tests::fleet::VXLAN_PORT;
-    use tests::frames::{ethernet, ipv4, tcp, udp, vxlan_gbp, ETH_IPV4, SYN};
+    use tests::encap::{desired as encap_desired, wrapped, Remote, HOSTS, IP_A, MAC_A, VNI};
+    pub use tests::encap::{GATEWAY_MAC, HERE, UNDERLAY_MTU};
+    use tests::frames::{ethernet, ipv4, tcp, vxlan_gbp, ETH_IPV4, SYN};
 
-    pub const GATEWAY_MAC: [u8; 6] = [0x02, 0x00, 0x00, 0x00, 0x00, 0x01];
-    const MAC_A: [u8; 6] = [0x02, 0xAA, 0x00, 0x00, 0x00, 0x02];
-    const IP_A: [u8; 4] = [10, 0, 0, 2];
-    const VNI: u32 = 7;
-    const ID_A: u32 = 1;
     /// Identity of every remote endpoint (one security group).
     const ID_REMOTE: u32 = 2;
-    pub const HERE: [u8; 4] = [198, 18, 0, 1];
-    const HOSTS: [[u8; 4]; 2] = [[198, 18, 0, 2], [198, 18, 0, 3]];
-    pub const UNDERLAY_MTU: u32 = 1500;
     const REMOTES: usize = 16;
 
     fn remote(i: usize) -> ([u8; 4], [u8; 6], [u8; 4]) {
@@ -606,68 +595,15 @@ mod encap {
 
     /// A (egress: anything; ingress: TCP/80 from the remote identity), its route, the remotes'
     /// routes, hosts and universe: what `compile` makes for such a fleet.
-    fn desired(if_a: u32) -> Desired {
-        let mut d = Desired::default();
-        // A is serial 1 in slot 1; the remotes are serials 2 and up.
-        d.endpoints.insert(
-            if_a,
-            Endpoint {
-                ip: IP_A,
-                mac: MAC_A,
-                _pad: [0; 2],
-                vni: VNI,
-                identity: ID_A,
-                slot: 1,
-                serial: 1,
-            },
-        );
-        d.ct_owners.insert(1, OwnerBudget { serial: 1, budget: POOL as u64 * 2 });
-        let route = |ifindex, identity, mac, underlay, serial| Route {
-            ifindex,
-            identity,
-            mac,
-            _pad: [0; 2],
-            underlay,
-            slot: if ifindex == 0 { 0 } else { 1 },
-            serial,
-        };
-        d.routes.insert(RouteKey { vni: VNI, ip: IP_A }, route(if_a, ID_A, MAC_A, [0; 4], 1));
-        for i in 0..REMOTES {
-            let (ip, mac, host) = remote(i);
-            let serial = 2 + i as u64;
-            d.routes.insert(RouteKey { vni: VNI, ip }, route(0, ID_REMOTE, mac, host, serial));
-        }
-        for (n, h) in HOSTS.iter().enumerate() {
-            d.hosts.insert(*h, n as u32 + 2);
-        }
-        d.vnis.insert(VNI);
-        d.policy.insert(
-            (
-                policy_prefix::PEER,
-                PolicyKey {
-                    policy: ID_A.to_be_bytes(),
-                    direction: DIRECTION_EGRESS,
-                    peer: [0; 4],
-                    proto: 0,
-                    port: [0; 2],
-                },
-            ),
-            PolicyValue::default(),
-        );
-        d.policy.insert(
-            (
-                policy_prefix::FULL,
-                PolicyKey {
-                    policy: ID_A.to_be_bytes(),
-                    direction: DIRECTION_INGRESS,
-                    peer: ID_REMOTE.to_be_bytes(),
-                    proto: 6,
-                    port: 80u16.to_be_bytes(),
-                },
-            ),
-            PolicyValue::default(),
-        );
-        d
+    fn desired(if_a: u32) -> MapContents {
+        // The remotes are serials 2 and up.
+        let remotes: Vec<Remote> = (0..REMOTES)
+            .map(|i| {
+                let (ip, mac, host) = remote(i);
+                Remote { ip, mac, identity: ID_REMOTE, host, serial: 2 + i as u64 }
+            })
+            .collect();
+        encap_desired(if_a, POOL as u64 * 2, &remotes, ID_REMOTE)
     }
 
     /// `POOL` distinct TCP SYNs from A to the remotes (port 80).
@@ -687,13 +623,7 @@ mod encap {
             .map(|k| {
                 let (ip, mac, host) = remote(k % REMOTES);
                 let inner = ipv4(ip, IP_A, 6, &tcp(30_000 + k as u16, 80, SYN, 0));
-                let payload = [
-                    &vxlan_gbp(0x88, ID_REMOTE as u16, VNI)[..],
-                    &ethernet(MAC_A, mac, ETH_IPV4, &inner),
-                ]
-                .concat();
-                let outer = ipv4(host, HERE, 17, &udp(50_000, VXLAN_PORT, &payload));
-                ethernet([0x02, 0x55, 0, 0, 0, 1], [0x02, 0x55, 0, 0, 0, 2], ETH_IPV4, &outer)
+                wrapped(host, HERE, vxlan_gbp(0x88, ID_REMOTE as u16, VNI), (MAC_A, mac), &inner)
             })
             .collect()
     }
@@ -718,7 +648,7 @@ mod encap {
         };
         let mut dp = Dataplane::load(&dir.join(names.0), &config)
             .with_context(|| format!("load dataplane for {}", names.0))?;
-        dp.apply(&Desired::default(), &desired(if_a))
+        dp.apply(&MapContents::default(), &desired(if_a))
             .with_context(|| format!("apply {}", names.0))?;
         let dp = Rc::new(dp);
         let mut out = Vec::new();
@@ -787,15 +717,9 @@ fn gc(
     let entries: Vec<(CtKey, CtValue)> = (0..n)
         .map(|i| {
             let i = i as u32;
-            let key = CtKey {
-                vni: 1 + i % 7,
-                src: [10, 1, (i >> 8) as u8, i as u8],
-                dst: [10, 2, (i >> 24) as u8, (i >> 16) as u8],
-                sport: (i % 50_000) as u16,
-                dport: 443,
-                proto: 6,
-                _pad: [0; 3],
-            };
+            let src = [10, 1, (i >> 8) as u8, i as u8];
+            let dst = [10, 2, (i >> 24) as u8, (i >> 16) as u8];
+            let key = CtKey::new(1 + i % 7, src, dst, (i % 50_000) as u16, 443, 6);
             let entry = CtEntry {
                 last_seen_ns: 1,
                 src_serial: 1,

@@ -43,7 +43,7 @@ use ::tests::{Bpffs, Netns, TempDir};
 use anyhow::{bail, ensure, Context, Result};
 use dataplane_common::{Config, DropReason};
 use serde_json::json;
-use verse::compile::{compile, CidrIds, Desired};
+use verse::compile::{compile, CidrIds, MapContents};
 use verse::dataplane::Dataplane;
 use verse::model::{
     self, CreateEndpoint, CreateGroup, CreateUniverse, Direction, HostRecord, Peer, Protocol, Rule,
@@ -179,7 +179,12 @@ fn verse_state(n: usize) -> Result<(State, String, u32, u32)> {
     for (name, ip) in [("dut", DUT_IP), ("peer", PEER_HOST_IP)] {
         st.hosts.insert(
             name.into(),
-            HostRecord { name: name.into(), underlay_ip: Some(ip), api: None },
+            HostRecord {
+                name: name.into(),
+                underlay_ip: Some(ip),
+                api: None,
+                api_fingerprint: None,
+            },
         );
     }
     let group = |st: &mut State, name: String| {
@@ -395,7 +400,7 @@ fn verse_dut(
     let dir = bpffs.join(format!("d{i}"));
     let dp = p.ns.enter(|| -> Result<Dataplane> {
         let mut dp = Dataplane::load(&dir, &config).context("load the dataplane")?;
-        dp.apply(&Desired::default(), &desired).context("write the maps")?;
+        dp.apply(&MapContents::default(), &desired).context("write the maps")?;
         dp.attach_underlay("ul0").context("attach from_underlay to ul0")?;
         Ok(dp)
     })?;

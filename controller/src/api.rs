@@ -55,6 +55,7 @@ use crate::flowlogs::{self, FlowLogRecord, FlowLogs};
 use crate::hits::{GroupView, Hits, HitsFrom, MissingHost, RuleStats};
 use crate::limits::{self, Limits};
 use crate::model::{self, ErrorKind, Role, State, Timestamp};
+use crate::phases::{self, Phase};
 use crate::reconcile::GcStats;
 use crate::relay;
 use crate::store::{self, Store};
@@ -64,8 +65,6 @@ use crate::trace;
 pub const REVISION_HEADER: &str = "verse-revision";
 /// How long a mutation waits for this host to realize its revision before returning anyway.
 pub const REALIZE_TIMEOUT: Duration = Duration::from_secs(10);
-/// Where `ip netns add` puts named namespaces (iproute2 `NETNS_RUN_DIR`, and its older path).
-pub const NETNS_DIRS: [&str; 2] = ["/var/run/netns", "/run/netns"];
 
 /// Counters read from this host's dataplane, for `/metrics` and the endpoints' `conntrack`.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -106,6 +105,8 @@ pub struct AppState {
     pub underlay_ip: Option<Ipv4Addr>,
     /// Where the other hosts reach this API (shown by `GET /v1/hosts`).
     pub api_url: Option<String>,
+    /// The fingerprint of the certificate this API serves, when it serves TLS.
+    pub api_fingerprint: Option<String>,
     /// The revision this host's reconciler has realized in the dataplane.
     pub realized: watch::Receiver<store::Realized>,
     pub stats: StatsFn,
@@ -113,9 +114,6 @@ pub struct AppState {
     pub audit: Arc<Auditor>,
     /// This host's verdict events.
     pub events: Arc<Hub>,
-    /// The client that asks the other hosts for their share of a fleet-wide answer (`None`
-    /// if it could not be made: then they are reported missing).
-    pub relay: Option<reqwest::Client>,
     /// The per-request limits (rates, bodies); `None`: none (in-process tests).
     pub limits: Option<Arc<Limits>>,
     /// `conntrack_budget` of an endpoint created without one (`conntrack.endpoint_budget`).
@@ -136,19 +134,16 @@ impl AppState {
         realized: watch::Receiver<store::Realized>,
         stats: StatsFn,
     ) -> AppState {
-        let relay = relay::client()
-            .map_err(|e| tracing::error!(error = %e, "cannot make the client of relayed requests"))
-            .ok();
         AppState {
             events: Arc::new(Hub::new(&host, 0)),
             store,
             host,
             underlay_ip,
             api_url: None,
+            api_fingerprint: None,
             realized,
             stats,
             audit: Arc::default(),
-            relay,
             limits: None,
             default_conntrack_budget: model::DEFAULT_CONNTRACK_BUDGET,
             trace: None,
@@ -159,6 +154,12 @@ impl AppState {
     /// The same state, announcing `url` as where the other hosts reach this API.
     pub fn with_api_url(mut self, url: Option<String>) -> AppState {
         self.api_url = url;
+        self
+    }
+
+    /// The same state, announcing `fingerprint` as the certificate this API serves.
+    pub fn with_api_fingerprint(mut self, fingerprint: Option<String>) -> AppState {
+        self.api_fingerprint = fingerprint;
         self
     }
 
@@ -717,14 +718,18 @@ async fn wait_realized(st: &AppState, revision: u64) {
             .collect()
     };
     let all = async {
+        let start = std::time::Instant::now();
         local
             .wait_for(|r| r.revision >= revision)
             .await
             .map_err(|_| "this host's reconciler is gone")?;
+        phases::since(Phase::RealizeLocal, start);
+        let start = std::time::Instant::now();
         hosts
             .wait_for(|h| behind(h).is_empty())
             .await
             .map_err(|_| "the store stopped following the hosts")?;
+        phases::since(Phase::RealizeFleet, start);
         Ok::<(), &str>(())
     };
     match tokio::time::timeout(REALIZE_TIMEOUT, all).await {
@@ -750,6 +755,7 @@ fn hosts_view(st: &AppState) -> Vec<Host> {
         name: st.host.clone(),
         underlay_ip: st.underlay_ip,
         api: st.api_url.clone(),
+        api_fingerprint: st.api_fingerprint.clone(),
         revision: st.realized.borrow().revision,
         errors: st.realized.borrow().errors.clone(),
         healthy: true,
@@ -758,10 +764,11 @@ fn hosts_view(st: &AppState) -> Vec<Host> {
     hosts
 }
 
-/// A namespace that exists on this host, by a name `ip netns` could have made.
+/// A namespace that exists on this host, by a name `ip netns` could have made, where the
+/// plumbing opens it ([`crate::netlink::NETNS_RUN_DIR`]).
 fn check_netns(name: &str, host: &str) -> Result<(), ApiError> {
     model::check_netns(name)?;
-    if NETNS_DIRS.iter().any(|d| Path::new(d).join(name).exists()) {
+    if Path::new(crate::netlink::NETNS_RUN_DIR).join(name).exists() {
         Ok(())
     } else {
         // Like an id in the body that does not exist: a 404 naming the field.
@@ -844,18 +851,46 @@ async fn delete_universe(
     m: Mutation,
     id: Result<UrlPath<String>, PathRejection>,
 ) -> ApiResult {
+    delete_by_id(&st, &caller, m, id, |caller, s, id| {
+        let universe = s.universes.get(id).map(|u| u.id.as_str());
+        allow_write(caller, Resource::Universe, universe, "universe", id)?;
+        s.delete_universe(id)
+    })
+    .await
+}
+
+/// `DELETE` of the object `id`: `edit` checks the caller's access and deletes, inside the edit.
+async fn delete_by_id<T>(
+    st: &AppState,
+    caller: &Caller,
+    m: Mutation,
+    id: Result<UrlPath<String>, PathRejection>,
+    edit: impl Fn(&Caller, &mut State, &str) -> model::Result<T> + Send + Sync,
+) -> ApiResult
+where
+    T: Serialize + DeserializeOwned + Send + 'static,
+{
     let idem = m.idempotency(None)?;
     let id = path(id)?;
     caller.note.object(&id);
-    let edit = |s: &mut State| {
-        if s.universes.contains_key(&id) {
-            caller.allow(Resource::Universe, Op::Write, &id, || {
-                model::Error::not_found("universe", &id)
-            })?;
-        }
-        s.delete_universe(&id)
-    };
-    mutate(&st, idem, StatusCode::NO_CONTENT, edit, |()| None::<()>).await
+    let edit = |s: &mut State| edit(caller, s, &id);
+    mutate(st, idem, StatusCode::NO_CONTENT, edit, |_| None::<()>).await
+}
+
+/// The check of an edit of an object (`kind` `id`) of `universe`: the universe must be visible
+/// and writable, else the object is not found, as one that does not exist (`None`: the edit
+/// itself says so).
+fn allow_write(
+    caller: &Caller,
+    resource: Resource,
+    universe: Option<&str>,
+    kind: &str,
+    id: &str,
+) -> model::Result<()> {
+    match universe {
+        Some(u) => caller.allow(resource, Op::Write, u, || model::Error::not_found(kind, id)),
+        None => Ok(()),
+    }
 }
 
 async fn create_group(
@@ -981,17 +1016,15 @@ async fn fleet_rule_stats(
     }
     let token = bearer(headers);
     let asks = peers.into_iter().map(|peer| {
-        let client = st.relay.clone();
         let token = token.clone();
         let query = query.clone();
         async move {
-            let answer = match (client, token) {
-                (None, _) => Err("this host cannot make HTTP requests".to_owned()),
-                (_, None) => Err("the request carries no token to present to it (root on the \
-                                  local socket sees this host only; use a token for the fleet)"
+            let answer = match token {
+                None => Err("the request carries no token to present to it (root on the \
+                             local socket sees this host only; use a token for the fleet)"
                     .to_owned()),
-                (Some(c), Some(t)) => {
-                    relay::get_json::<Vec<RuleStats>>(&c, &peer, "/v1/rule-stats", &query, &t).await
+                Some(t) => {
+                    relay::get_json::<Vec<RuleStats>>(&peer, "/v1/rule-stats", &query, &t).await
                 }
             };
             (peer.name, answer)
@@ -1055,15 +1088,10 @@ async fn rule_stats(
     Ok(json_ok(&rows))
 }
 
-/// The check of an edit of group `id`: its universe must be visible and writable.
+/// The check of an edit of group `id` ([`allow_write`]).
 fn allow_group_write(caller: &Caller, s: &State, id: &str) -> model::Result<()> {
-    match s.groups.get(id) {
-        Some(g) => caller.allow(Resource::Group, Op::Write, &g.universe, || {
-            model::Error::not_found("security group", id)
-        }),
-        // The edit itself says it is not found.
-        None => Ok(()),
-    }
+    let universe = s.groups.get(id).map(|g| g.universe.as_str());
+    allow_write(caller, Resource::Group, universe, "security group", id)
 }
 
 async fn delete_group(
@@ -1072,14 +1100,11 @@ async fn delete_group(
     m: Mutation,
     id: Result<UrlPath<String>, PathRejection>,
 ) -> ApiResult {
-    let idem = m.idempotency(None)?;
-    let id = path(id)?;
-    caller.note.object(&id);
-    let edit = |s: &mut State| {
-        allow_group_write(&caller, s, &id)?;
-        s.delete_group(&id)
-    };
-    mutate(&st, idem, StatusCode::NO_CONTENT, edit, |()| None::<()>).await
+    delete_by_id(&st, &caller, m, id, |caller, s, id| {
+        allow_group_write(caller, s, id)?;
+        s.delete_group(id)
+    })
+    .await
 }
 
 async fn add_rule(
@@ -1351,14 +1376,10 @@ async fn stats_or_500(st: &AppState) -> Result<Stats, ApiError> {
     })
 }
 
-/// The check of an edit of endpoint `id`: its universe must be visible and writable.
+/// The check of an edit of endpoint `id` ([`allow_write`]).
 fn allow_endpoint_write(caller: &Caller, s: &State, id: &str) -> model::Result<()> {
-    match s.endpoints.get(id) {
-        Some(e) => caller.allow(Resource::Endpoint, Op::Write, &e.universe, || {
-            model::Error::not_found("endpoint", id)
-        }),
-        None => Ok(()),
-    }
+    let universe = s.endpoints.get(id).map(|e| e.universe.as_str());
+    allow_write(caller, Resource::Endpoint, universe, "endpoint", id)
 }
 
 async fn patch_endpoint(
@@ -1374,7 +1395,7 @@ async fn patch_endpoint(
     let req: model::PatchEndpoint = parse_body(body)?;
     let edit = |s: &mut State| {
         allow_endpoint_write(&caller, s, &id)?;
-        for (i, g) in req.security_groups.iter().enumerate() {
+        for (i, g) in req.security_groups.iter().flatten().enumerate() {
             caller.hide_group(s, &format!("security_groups[{i}]"), g)?;
         }
         s.patch_endpoint(&id, req.clone())
@@ -1388,14 +1409,11 @@ async fn delete_endpoint(
     m: Mutation,
     id: Result<UrlPath<String>, PathRejection>,
 ) -> ApiResult {
-    let idem = m.idempotency(None)?;
-    let id = path(id)?;
-    caller.note.object(&id);
-    let edit = |s: &mut State| {
-        allow_endpoint_write(&caller, s, &id)?;
-        s.delete_endpoint(&id)
-    };
-    mutate(&st, idem, StatusCode::NO_CONTENT, edit, |_| None::<()>).await
+    delete_by_id(&st, &caller, m, id, |caller, s, id| {
+        allow_endpoint_write(caller, s, id)?;
+        s.delete_endpoint(id)
+    })
+    .await
 }
 
 async fn list_hosts(AxState(st): AxState<AppState>, caller: Caller) -> ApiResult {
@@ -1645,16 +1663,16 @@ async fn flow_logs(
         let Some(peer) = peers.into_iter().next() else {
             return Err(ApiError::invalid("host", format!("{host:?} is no host of the fleet")));
         };
-        let (Some(client), Some(token)) = (st.relay.clone(), bearer(&headers)) else {
+        let Some(token) = bearer(&headers) else {
             return Err(unavailable(
-                "the request carries no token to present to it, or this host cannot make HTTP requests (root on the local socket sees this host only; use a token)".into(),
+                "the request carries no token to present to it (root on the local socket sees this host only; use a token)".into(),
             ));
         };
         let mut relayed = vec![("endpoint", id.clone()), ("limit", limit.to_string())];
         if let Some(s) = q.get("since") {
             relayed.push(("since", s.clone()));
         }
-        relay::get_json::<Vec<FlowLogRecord>>(&client, &peer, "/v1/flow-logs", &relayed, &token)
+        relay::get_json::<Vec<FlowLogRecord>>(&peer, "/v1/flow-logs", &relayed, &token)
             .await
             .map_err(unavailable)?
     };
@@ -1731,13 +1749,9 @@ async fn stream_events(
         relayed.push(("recent", recent.to_string()));
         relayed.push(("follow", follow.to_string()));
         for peer in peers {
-            let (Some(client), Some(token)) = (st.relay.clone(), token.clone()) else {
-                let why = if st.relay.is_none() {
-                    "this host cannot make HTTP requests"
-                } else {
-                    "the request carries no token to present to it (root on the local socket \
-                     sees this host only; use a token for the fleet)"
-                };
+            let Some(token) = token.clone() else {
+                let why = "the request carries no token to present to it (root on the local \
+                           socket sees this host only; use a token for the fleet)";
                 streams.push(
                     stream::iter([notice(
                         &peer.name,
@@ -1749,19 +1763,16 @@ async fn stream_events(
             };
             let name = peer.name.clone();
             let keep = filter.clone();
-            let lines =
-                relay::lines::<StreamItem>(client, peer, "/v1/events", relayed.clone(), token)
-                    .filter_map(move |item| {
-                        let out = match item {
-                            // The host asked applied the filter; checked again all the same.
-                            Ok(StreamItem::Event(e)) if !keep.matches(&e) => None,
-                            Ok(item) => Some(Arc::new(item)),
-                            Err(why) => {
-                                Some(notice(&name, format!("{name}: events stopped: {why}")))
-                            }
-                        };
-                        std::future::ready(out)
-                    });
+            let lines = relay::lines::<StreamItem>(peer, "/v1/events", relayed.clone(), token)
+                .filter_map(move |item| {
+                    let out = match item {
+                        // The host asked applied the filter; checked again all the same.
+                        Ok(StreamItem::Event(e)) if !keep.matches(&e) => None,
+                        Ok(item) => Some(Arc::new(item)),
+                        Err(why) => Some(notice(&name, format!("{name}: events stopped: {why}"))),
+                    };
+                    std::future::ready(out)
+                });
             streams.push(lines.boxed());
         }
     }
@@ -1842,9 +1853,52 @@ fn local_events(
 /// `GET /v1/trace`: this host's part of a packet's path (see [`crate::trace`]). Universes the
 /// caller does not see answer as if their ids did not exist; `run` needs the right to run
 /// traces (editors and admins).
+/// `GET /v1/trace?host=<there>` asked of another host: relayed there with the caller's token
+/// (which there applies the caller's own access), and its answer returned as it is, once it
+/// names `there` as the host that answered.
+async fn relay_trace(
+    st: &AppState,
+    headers: &HeaderMap,
+    there: &str,
+    q: &BTreeMap<String, String>,
+) -> ApiResult {
+    let unavailable = |why: String| {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "host_unavailable",
+            format!("{there}: {why}"),
+        )
+    };
+    let (peers, missing) = relay::peers(&st.store.hosts(), &st.host, Some(there));
+    if let Some((_, why)) = missing.into_iter().next() {
+        if !st.store.hosts().iter().any(|h| h.name == there) {
+            return Err(ApiError::invalid("host", format!("{there:?} is no host of the fleet")));
+        }
+        return Err(unavailable(why));
+    }
+    let Some(peer) = peers.into_iter().next() else {
+        return Err(ApiError::invalid("host", format!("{there:?} is no host of the fleet")));
+    };
+    let Some(token) = bearer(headers) else {
+        return Err(unavailable(
+            "the request carries no token to present to it (root on the local socket traces \
+             this host only; use a token)"
+                .into(),
+        ));
+    };
+    let relayed: Vec<(&str, String)> = q.iter().map(|(k, v)| (k.as_str(), v.clone())).collect();
+    let answer: trace::TraceAnswer =
+        relay::get_json(&peer, "/v1/trace", &relayed, &token).await.map_err(unavailable)?;
+    if answer.host != there {
+        return Err(unavailable(format!("the answer came from {}, not from it", answer.host)));
+    }
+    Ok(json_ok(&answer))
+}
+
 async fn trace_packet(
     AxState(st): AxState<AppState>,
     caller: Caller,
+    headers: HeaderMap,
     q: Result<Query<Vec<(String, String)>>, QueryRejection>,
 ) -> ApiResult {
     let q = query(q, &trace::QUERY)?;
@@ -1866,6 +1920,9 @@ async fn trace_packet(
                 })?;
             }
         }
+    }
+    if let Some(there) = q.get("host").filter(|h| **h != st.host) {
+        return relay_trace(&st, &headers, there, &q).await;
     }
     let Some(source) = st.trace.clone() else {
         return Err(ApiError::new(
@@ -2151,6 +2208,13 @@ pub fn render_metrics(
         "conntrack_gc_last_scanned",
         "Conntrack entries the last garbage collection read",
         gc.last.scanned,
+    );
+    reg.register(
+        "edit_phase_seconds",
+        "Where the edits' time goes on this host, by phase (see the README, \"Scale\"): the API's \
+         request, idempotency lookup, validation, commit, watch echo, conflict wait, realization \
+         here and on the other hosts, audit record; the reconciler's rounds, compiles and reports",
+        crate::phases::family(),
     );
     let mut out = String::new();
     prometheus_client::encoding::text::encode(&mut out, &reg)?;

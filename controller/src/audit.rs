@@ -34,6 +34,7 @@ use serde::{Deserialize, Serialize};
 use crate::api::{AppState, REVISION_HEADER};
 use crate::auth::Refusal;
 use crate::model::Timestamp;
+use crate::phases::{self, Phase};
 
 /// How many refusals for credentials one host records per second, on average.
 pub const REFUSALS_PER_SECOND: f64 = 20.0;
@@ -195,6 +196,7 @@ pub async fn record(AxState(st): AxState<AppState>, mut req: Request, next: Next
         action.push('…');
     }
     let source = crate::auth::source(&req);
+    let started = Instant::now();
     let resp = next.run(req).await;
 
     let n = note.with(|n| n.clone());
@@ -242,7 +244,13 @@ pub async fn record(AxState(st): AxState<AppState>, mut req: Request, next: Next
         revision,
         detail,
     };
-    if let Err(e) = st.store.append_audit(&rec).await {
+    let written = Instant::now();
+    let appended = st.store.append_audit(&rec).await;
+    phases::since(Phase::Audit, written);
+    if is_mutation(&method) {
+        phases::since(Phase::Request, started);
+    }
+    if let Err(e) = appended {
         st.audit.failures.fetch_add(1, Ordering::Relaxed);
         tracing::error!(
             error = %e,

@@ -108,7 +108,8 @@ pub struct Client {
 
 #[derive(Clone, Debug)]
 enum Transport {
-    Http(Http),
+    /// One-shot requests (with a timeout), and streams (without), trusting the same.
+    Http(Http, Http),
     Unix(Arc<UnixTransport>),
 }
 
@@ -163,12 +164,16 @@ impl Client {
         if url.cannot_be_a_base() || !matches!(url.scheme(), "http" | "https") {
             return Err(bad("expected http://HOST:PORT, https://HOST:PORT or unix:/PATH".into()));
         }
-        let mut builder = Http::builder().timeout(REQUEST_TIMEOUT).use_rustls_tls();
-        if let Some(config) = tls.rustls_config()? {
-            builder = builder.use_preconfigured_tls(config);
-        }
-        let http = builder.build().map_err(|e| bad(chain(&e)))?;
-        Ok(Client { base: url, transport: Transport::Http(http), token: None })
+        // Two clients with the same trust: one-shot requests time out, a stream does not.
+        let build = |timeout: Option<Duration>| -> Result<Http> {
+            let mut builder = Http::builder().timeout(timeout).use_rustls_tls();
+            if let Some(config) = tls.rustls_config()? {
+                builder = builder.use_preconfigured_tls(config);
+            }
+            builder.build().map_err(|e| bad(chain(&e)))
+        };
+        let (http, stream) = (build(Some(REQUEST_TIMEOUT))?, build(None)?);
+        Ok(Client { base: url, transport: Transport::Http(http, stream), token: None })
     }
 
     /// The same client, sending `token` as `Authorization: Bearer <token>`.
@@ -201,7 +206,7 @@ impl Client {
     /// `METHOD URL` as the user would recognize it (`unix:PATH/v1/...` on the local socket).
     fn describe(&self, method: &Method, url: &Url) -> String {
         match &self.transport {
-            Transport::Http(_) => format!("{method} {url}"),
+            Transport::Http(..) => format!("{method} {url}"),
             Transport::Unix(u) => {
                 let query = url.query().map(|q| format!("?{q}")).unwrap_or_default();
                 format!("{method} unix:{}{}{query}", u.path.display(), url.path())
@@ -224,14 +229,7 @@ impl Client {
         if bytes.is_some() {
             headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
         }
-        if let Some(token) = &self.token {
-            let value =
-                HeaderValue::from_str(&format!("Bearer {token}")).map_err(|_| Error::BadUrl {
-                    url: described.clone(),
-                    reason: "the token holds characters a header cannot carry".into(),
-                })?;
-            headers.insert(AUTHORIZATION, value);
-        }
+        self.authorize(&mut headers, &described)?;
         let transport = |source: Box<dyn std::error::Error + Send + Sync>| Error::Transport {
             request: described.clone(),
             source,
@@ -239,7 +237,7 @@ impl Client {
         let mut attempt = 0;
         let reply = loop {
             let reply = match &self.transport {
-                Transport::Http(http) => {
+                Transport::Http(http, _) => {
                     let mut req =
                         http.request(method.clone(), url.clone()).headers(headers.clone());
                     if let Some(bytes) = &bytes {
@@ -355,6 +353,19 @@ impl Client {
         self.get(&["v1", "rule-stats"], &[("universe", universe), ("group", group), ("host", host)])
     }
 
+    /// Adds the bearer token, if any, to `headers` of the request `described`.
+    fn authorize(&self, headers: &mut HeaderMap, described: &str) -> Result<()> {
+        if let Some(token) = &self.token {
+            let value =
+                HeaderValue::from_str(&format!("Bearer {token}")).map_err(|_| Error::BadUrl {
+                    url: described.to_owned(),
+                    reason: "the token holds characters a header cannot carry".into(),
+                })?;
+            headers.insert(AUTHORIZATION, value);
+        }
+        Ok(())
+    }
+
     /// `GET /v1/events?<query>`: calls `each` with every line as it arrives, until the stream
     /// ends or `each` returns false. No timeout: a followed stream lasts until it is stopped.
     pub fn events(
@@ -366,14 +377,7 @@ impl Client {
         let url = self.url(&["v1", "events"], query);
         let described = self.describe(&Method::GET, &url);
         let mut headers = HeaderMap::new();
-        if let Some(token) = &self.token {
-            let value =
-                HeaderValue::from_str(&format!("Bearer {token}")).map_err(|_| Error::BadUrl {
-                    url: described.clone(),
-                    reason: "the token holds characters a header cannot carry".into(),
-                })?;
-            headers.insert(AUTHORIZATION, value);
-        }
+        self.authorize(&mut headers, &described)?;
         let transport = |source: Box<dyn std::error::Error + Send + Sync>| Error::Transport {
             request: described.clone(),
             source,
@@ -396,9 +400,7 @@ impl Client {
             }
         };
         match &self.transport {
-            Transport::Http(_) => {
-                let http =
-                    Http::builder().timeout(None).build().map_err(|e| transport(e.into()))?;
+            Transport::Http(_, http) => {
                 let resp = http
                     .get(url.clone())
                     .headers(headers)
@@ -507,6 +509,12 @@ impl Client {
 
     /// `GET /v1/trace`: this host's part of the packet's path.
     pub fn trace(&self, req: &TraceRequest) -> Result<TraceAnswer> {
+        self.trace_on(req, None)
+    }
+
+    /// `GET /v1/trace?host=`: the part of host `host` (relayed there by this API), or this
+    /// host's part when `None`.
+    pub fn trace_on(&self, req: &TraceRequest, host: Option<&str>) -> Result<TraceAnswer> {
         let num = |v: Option<u16>| v.map(|v| v.to_string());
         let (port, sport) = (num(req.port), num(req.sport));
         let (ty, code) =
@@ -523,6 +531,7 @@ impl Client {
                 ("icmp_type", ty.as_deref()),
                 ("icmp_code", code.as_deref()),
                 ("run", req.run.then_some("true")),
+                ("host", host),
             ],
         )
     }

@@ -3,7 +3,7 @@
 //! Contract: [`compile`] is deterministic for a given state, host and CIDR-id allocator, and its
 //! output is exactly what the maps must hold (the reconciler writes the difference). Per-packet
 //! cost stays constant however many rules there are: every rule becomes LPM entries keyed by
-//! (policy, direction, peer, protocol, port prefix) — see `dataplane_common::PolicyKey`.
+//! (identity, direction, peer, protocol, port prefix) — see `dataplane_common::PolicyKey`.
 //!
 //! Peers: a group peer matches every identity whose set of groups contains that group (S5); a
 //! CIDR peer matches every *CIDR class* nested in it. CIDR classes are the distinct rule CIDRs of
@@ -27,7 +27,7 @@ use crate::model::{self, Peer, Protocol, State};
 
 /// The contents the dataplane maps must have on one host.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Desired {
+pub struct MapContents {
     /// `VERSE_ENDPOINTS`: host-side ifindex -> endpoint.
     pub endpoints: BTreeMap<u32, dp::Endpoint>,
     /// `VERSE_ROUTES`.
@@ -57,7 +57,7 @@ pub struct OwnerBudget {
     pub budget: u64,
 }
 
-impl Desired {
+impl MapContents {
     /// The serials of every endpoint the maps name (local endpoints and routes): the endpoints
     /// whose conntrack entries may stay (see `reconcile`).
     pub fn serials(&self) -> BTreeSet<u64> {
@@ -86,9 +86,9 @@ pub fn compile(
     host: &str,
     ifindex: &dyn Fn(&model::Endpoint) -> Option<u32>,
     cidr_ids: &mut CidrIds,
-) -> model::Result<Desired> {
+) -> model::Result<MapContents> {
     let state = &*state.indexed();
-    let mut desired = Desired::default();
+    let mut desired = MapContents::default();
 
     // Local, plumbed endpoints: the keys of VERSE_ENDPOINTS and the routes between them.
     let mut local_identities = BTreeSet::new();
@@ -267,7 +267,7 @@ pub fn compile(
                             policy.push(
                                 prefix,
                                 dp::PolicyKey {
-                                    policy: local.to_be_bytes(),
+                                    identity: local.to_be_bytes(),
                                     direction,
                                     peer: peer.to_be_bytes(),
                                     proto,
@@ -556,7 +556,7 @@ mod tests {
         Some(u32::from(ep.ip) & 0xFFFF)
     }
 
-    fn compile_all(s: &State, ids: &mut CidrIds) -> Desired {
+    fn compile_all(s: &State, ids: &mut CidrIds) -> MapContents {
         compile(s, HOST, &plumbed, ids).unwrap()
     }
 
@@ -568,7 +568,7 @@ mod tests {
 
     fn key_bytes(k: &dp::PolicyKey) -> [u8; 12] {
         let mut b = [0; 12];
-        b[0..4].copy_from_slice(&k.policy);
+        b[0..4].copy_from_slice(&k.identity);
         b[4] = k.direction;
         b[5..9].copy_from_slice(&k.peer);
         b[9] = k.proto;
@@ -578,7 +578,7 @@ mod tests {
 
     fn key_from(b: [u8; 12]) -> dp::PolicyKey {
         dp::PolicyKey {
-            policy: b[0..4].try_into().unwrap(),
+            identity: b[0..4].try_into().unwrap(),
             direction: b[4],
             peer: b[5..9].try_into().unwrap(),
             proto: b[9],
@@ -606,7 +606,7 @@ mod tests {
     }
 
     impl Lpm {
-        fn new(d: &Desired) -> Lpm {
+        fn new(d: &MapContents) -> Lpm {
             let prefixes: BTreeSet<u32> = d.policy.keys().map(|(p, _)| *p).collect();
             Lpm {
                 policy: d.policy.keys().copied().collect(),
@@ -621,7 +621,7 @@ mod tests {
     }
 
     /// Longest match of (vni, ip) in `VERSE_CIDRS`.
-    fn class_of(d: &Desired, vni: u32, addr: Ipv4Addr) -> Option<u32> {
+    fn class_of(d: &MapContents, vni: u32, addr: Ipv4Addr) -> Option<u32> {
         (1..=32u8)
             .rev()
             .find_map(|len| d.cidrs.get(&dp::CidrKey::encode(vni, addr.octets(), len)).copied())
@@ -641,11 +641,11 @@ mod tests {
     }
 
     /// The dataplane's verdict: three lookups (identity, CIDR class, ANY); any hit allows.
-    fn dataplane_allows(lpm: &Lpm, d: &Desired, q: Query) -> bool {
+    fn dataplane_allows(lpm: &Lpm, d: &MapContents, q: Query) -> bool {
         let peers = [q.peer_identity, class_of(d, q.vni, q.peer_ip), Some(dp::peer::ANY)];
         peers.into_iter().flatten().any(|peer| {
             lpm.hit(dp::PolicyKey {
-                policy: q.policy.to_be_bytes(),
+                identity: q.policy.to_be_bytes(),
                 direction: q.direction,
                 peer: peer.to_be_bytes(),
                 proto: q.proto,
@@ -822,7 +822,7 @@ mod tests {
             (
                 dp::policy_prefix::PEER,
                 dp::PolicyKey {
-                    policy: l,
+                    identity: l,
                     direction,
                     peer: peer.to_be_bytes(),
                     proto: 0,
@@ -882,7 +882,7 @@ mod tests {
             (
                 prefix,
                 dp::PolicyKey {
-                    policy: l,
+                    identity: l,
                     direction: dp::DIRECTION_INGRESS,
                     peer: [0; 4],
                     proto,
@@ -941,7 +941,7 @@ mod tests {
             .policy
             .iter()
             .filter(|((_, k), _)| {
-                u32::from_be_bytes(k.policy) == e.identity
+                u32::from_be_bytes(k.identity) == e.identity
                     && k.direction == dp::DIRECTION_INGRESS
                     && u32::from_be_bytes(k.peer) & dp::peer::CIDR_FLAG != 0
             })
@@ -1073,8 +1073,10 @@ mod tests {
 
     fn host(s: &mut State, name: &str, underlay: Option<&str>) {
         let underlay_ip = underlay.map(|ip| ip.parse().unwrap());
-        s.hosts
-            .insert(name.into(), model::HostRecord { name: name.into(), underlay_ip, api: None });
+        s.hosts.insert(
+            name.into(),
+            model::HostRecord { name: name.into(), underlay_ip, api: None, api_fingerprint: None },
+        );
     }
 
     #[test]
@@ -1176,7 +1178,7 @@ mod tests {
         assert!(dataplane_allows(&lpm, &d, q(5432)), "the remote member's identity is admitted");
         assert!(!dataplane_allows(&lpm, &d, q(5433)));
         // Only local identities have policies here: the remote endpoint's are compiled on h2.
-        assert!(d.policy.keys().all(|(_, k)| u32::from_be_bytes(k.policy) == local_db.identity));
+        assert!(d.policy.keys().all(|(_, k)| u32::from_be_bytes(k.identity) == local_db.identity));
     }
 
     /// S5: membership moves an endpoint between identities; rules are untouched.
@@ -1208,13 +1210,10 @@ mod tests {
         };
         assert!(!allowed(&s));
         let default = default_group(&s, &u.id);
-        s.patch_endpoint(
-            &client.id,
-            PatchEndpoint { security_groups: vec![default.clone(), app.clone()] },
-        )
-        .unwrap();
+        s.patch_endpoint(&client.id, PatchEndpoint::groups(vec![default.clone(), app.clone()]))
+            .unwrap();
         assert!(allowed(&s));
-        s.patch_endpoint(&client.id, PatchEndpoint { security_groups: vec![default] }).unwrap();
+        s.patch_endpoint(&client.id, PatchEndpoint::groups(vec![default])).unwrap();
         assert!(!allowed(&s));
     }
 
@@ -1371,7 +1370,7 @@ mod tests {
         assert_eq!(compile_all(&s.clone(), &mut CidrIds::default()), first);
     }
 
-    fn class_ids(d: &Desired) -> BTreeMap<String, u32> {
+    fn class_ids(d: &MapContents) -> BTreeMap<String, u32> {
         d.cidrs
             .iter()
             .map(|((p, k), v)| {

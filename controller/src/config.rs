@@ -852,11 +852,13 @@ gateway_mac = "{gateway_mac}"
 
 # Where the other hosts of the fleet reach this host's API, to relay its verdict events, flow
 # logs and rule counters into one view (GET /v1/events and others; see the README, "Why was my
-# packet dropped?"). Relayed requests carry the caller's token. Default: "http://<listen>" when
-# listen is a specific address that is not loopback, "http://<underlay address>:<port>" when
-# listen is 0.0.0.0; none when listen is loopback (then this host's events are seen only
-# through its own API).
-# advertise_api = "http://198.18.0.1:7070"
+# packet dropped?"). Relayed requests carry the caller's token, so another host sends them only
+# over TLS to the certificate this host registers with the address (its API's, when it serves
+# TLS), or over plain HTTP to a loopback address: a plain-HTTP address across the network is
+# never asked. Default: "https://<listen>" (http:// without TLS) when listen is a specific
+# address that is not loopback, "https://<underlay address>:<port>" when listen is 0.0.0.0;
+# none when listen is loopback (then this host's events are seen only through its own API).
+# advertise_api = "https://198.18.0.1:7070"
 
 # Connection tracking. Idle timeouts of tracked connections, in seconds (a flow idle longer than
 # this is forgotten, and its next packet is judged by the rules again); budgets; garbage

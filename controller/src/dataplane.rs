@@ -10,7 +10,7 @@
 //!   reconciler's sweep of stale endpoint links never touches it). [`Dataplane::attach_endpoint`]
 //!   and [`Dataplane::attach_underlay`] on an interface whose pinned link is live swap the
 //!   program in the link atomically (`BPF_LINK_UPDATE`): there is no moment without enforcement.
-//! - [`Dataplane::apply`] writes only the difference between two [`Desired`] states, adds and
+//! - [`Dataplane::apply`] writes only the difference between two [`MapContents`] states, adds and
 //!   changes before removals (hosts, universes, policy and CIDR classes first, then routes, then
 //!   endpoints; then removals in the reverse order), so every packet during an edit is judged by
 //!   the old or the new rules, never by a state that has lost an allow both of them have.
@@ -46,7 +46,7 @@ use dataplane_common::{
     VniKey, PROG_FROM_ENDPOINT, PROG_FROM_UNDERLAY,
 };
 
-use crate::compile::{Desired, OwnerBudget};
+use crate::compile::{MapContents, OwnerBudget};
 use crate::conntrack::{self, Collected, Owners};
 
 /// The dataplane object built by `controller/build.rs`.
@@ -352,6 +352,25 @@ impl Dataplane {
         })
     }
 
+    /// Whether the kernel writes verdict events (`config_flags::EVENTS`).
+    pub fn events_on(&self) -> Result<bool> {
+        let config = self.config.get(&0, 0).map_err(read_err(map_names::CONFIG))?;
+        Ok(config.flags & dataplane_common::config_flags::EVENTS != 0)
+    }
+
+    /// Turns the kernel's verdict events on or off; every other setting is rewritten as it is
+    /// (as [`Dataplane::set_flow_interval`]).
+    pub fn set_events(&mut self, on: bool) -> Result<()> {
+        let mut config = self.config.get(&0, 0).map_err(read_err(map_names::CONFIG))?;
+        let bit = dataplane_common::config_flags::EVENTS;
+        config.flags = if on { config.flags | bit } else { config.flags & !bit };
+        self.config.set(0, config, 0).map_err(|source| Error::MapWrite {
+            name: map_names::CONFIG,
+            entry: format!("slot 0, events = {on}"),
+            source,
+        })
+    }
+
     /// The current route epoch (tests).
     pub fn epoch(&self) -> Result<u32> {
         self.epoch.get(&0, 0).map_err(read_err(map_names::EPOCH))
@@ -470,8 +489,8 @@ impl Dataplane {
 
     /// The current contents of `VERSE_ENDPOINTS`, `VERSE_ROUTES`, `VERSE_CIDRS`, `VERSE_POLICY`,
     /// `VERSE_HOSTS`, `VERSE_VNIS`, and the assigned slots of `VERSE_CT_OWNERS`.
-    pub fn read(&self) -> Result<Desired> {
-        let mut desired = Desired::default();
+    pub fn read(&self) -> Result<MapContents> {
+        let mut desired = MapContents::default();
         for (slot, o) in self.ct_owners.assigned() {
             desired.ct_owners.insert(slot, OwnerBudget { serial: o.serial, budget: o.budget });
         }
@@ -514,7 +533,7 @@ impl Dataplane {
     /// Writes the difference between `current` (what the maps hold) and `desired`: new and
     /// changed hosts, universes, CIDR classes and policy entries, budgets, routes, endpoints; then
     /// removed endpoints, routes, budgets, policy entries, CIDR classes, universes, hosts.
-    pub fn apply(&mut self, current: &Desired, desired: &Desired) -> Result<()> {
+    pub fn apply(&mut self, current: &MapContents, desired: &MapContents) -> Result<()> {
         // Before the endpoints that spend them.
         for (&slot, owner) in &desired.ct_owners {
             if current.ct_owners.get(&slot) != Some(owner)
@@ -1198,24 +1217,17 @@ fn ifindex(iface: &str) -> Result<u32> {
 }
 
 /// Makes `dir` a bpffs mount point: creates it if missing and mounts a bpffs there unless one
-/// is already mounted (checked by `statfs` magic, not by parsing mount tables).
+/// is already mounted ([`is_bpffs`]).
 fn ensure_bpffs(dir: &Path) -> Result<()> {
     std::fs::create_dir_all(dir)
         .map_err(|source| Error::CreateDir { path: dir.to_path_buf(), source })?;
+    if is_bpffs(dir).map_err(|source| Error::Statfs { path: dir.to_path_buf(), source })? {
+        return Ok(());
+    }
     let path = CString::new(dir.as_os_str().as_bytes()).map_err(|e| Error::Statfs {
         path: dir.to_path_buf(),
         source: io::Error::new(io::ErrorKind::InvalidInput, e),
     })?;
-    // SAFETY: an all-zero `statfs` is a valid value of this plain C struct.
-    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
-    // SAFETY: `path` is NUL-terminated and `st` is a valid, writable statfs.
-    if unsafe { libc::statfs(path.as_ptr(), &mut st) } != 0 {
-        return Err(Error::Statfs { path: dir.to_path_buf(), source: io::Error::last_os_error() });
-    }
-    #[allow(clippy::unnecessary_cast)] // f_type's width differs between libcs.
-    if st.f_type as i64 == BPF_FS_MAGIC {
-        return Ok(());
-    }
     let fstype = c"bpf";
     // SAFETY: every pointer is a NUL-terminated string that outlives the call; no data.
     let rc = unsafe {
@@ -1225,6 +1237,21 @@ fn ensure_bpffs(dir: &Path) -> Result<()> {
         return Err(Error::Mount { path: dir.to_path_buf(), source: io::Error::last_os_error() });
     }
     Ok(())
+}
+
+/// Whether a bpffs is mounted at `dir`: the one check, by `statfs` magic rather than by parsing
+/// mount tables (an error when `dir` cannot be asked, e.g. does not exist).
+pub fn is_bpffs(dir: &Path) -> io::Result<bool> {
+    let path = CString::new(dir.as_os_str().as_bytes())
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    // SAFETY: an all-zero `statfs` is a valid value of this plain C struct.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `path` is NUL-terminated and `st` is a valid, writable statfs.
+    if unsafe { libc::statfs(path.as_ptr(), &mut st) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    #[allow(clippy::unnecessary_cast)] // f_type's width differs between libcs.
+    Ok(st.f_type as i64 == BPF_FS_MAGIC)
 }
 
 /// `bpf(2)` commands and link constants (`include/uapi/linux/bpf.h`).

@@ -737,6 +737,8 @@ pub struct Sources {
     pub local: watch::Receiver<Arc<BTreeMap<u32, String>>>,
     /// Flow logs, which count drops as REJECT records.
     pub flow_logs: Option<Arc<crate::flowlogs::FlowLogs>>,
+    /// Publish the events on the hub (`events = true`); otherwise they feed flow logs only.
+    pub publish: bool,
 }
 
 /// Reads the ring buffer of verdict events whenever the kernel signals it, renders each record
@@ -785,7 +787,9 @@ pub async fn drain(ring: RingBuf<MapData>, hub: Arc<Hub>, mut sources: Sources) 
                     if let (Some(logs), event_kind::DROP) = (&sources.flow_logs, e.kind) {
                         logs.reject(&e, record.endpoint.as_deref(), record.dst_endpoint.as_deref());
                     }
-                    hub.publish(StreamItem::Event(record))
+                    if sources.publish {
+                        hub.publish(StreamItem::Event(record))
+                    }
                 }
                 None => {
                     hub.malformed.fetch_add(1, Ordering::Relaxed);

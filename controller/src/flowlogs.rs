@@ -657,6 +657,45 @@ impl Locals {
     }
 }
 
+/// Whether an endpoint of `host` in `state` has flow logs on: its REJECT records need the
+/// kernel's drop events even where the daemon's `events` setting is off.
+pub fn wanted_on(state: &State, host: &str) -> bool {
+    state.endpoints.values().any(|e| e.host == host && e.flow_logs)
+}
+
+/// With `events = false`, keeps the kernel's verdict events on exactly while an endpoint of
+/// `host` has flow logs on ([`wanted_on`]), so that its REJECT records are written; the
+/// events then feed flow logs only (the drain does not publish them). Runs until `states`
+/// closes.
+pub async fn keep_drop_events(
+    dataplane: SharedDataplane,
+    mut states: watch::Receiver<Arc<State>>,
+    host: String,
+) {
+    let mut current: Option<bool> = None;
+    loop {
+        let want = wanted_on(&states.borrow_and_update(), &host);
+        if current != Some(want) {
+            let set = dataplane.lock().unwrap_or_else(PoisonError::into_inner).set_events(want);
+            match set {
+                Ok(()) => {
+                    tracing::info!(
+                        on = want,
+                        "verdict events for the REJECT records of flow logs (events = false)"
+                    );
+                    current = Some(want);
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "turning verdict events for flow logs on or off")
+                }
+            }
+        }
+        if states.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
 /// Settings of the interval task.
 #[derive(Clone, Debug)]
 pub struct Settings {
@@ -765,15 +804,7 @@ mod tests {
     }
 
     fn key(src: u8, dst: u8, proto: u8) -> CtKey {
-        CtKey {
-            vni: 7,
-            src: [10, 0, 0, src],
-            dst: [10, 0, 0, dst],
-            sport: 40000,
-            dport: 5432,
-            proto,
-            _pad: [0; 3],
-        }
+        CtKey::new(7, [10, 0, 0, src], [10, 0, 0, dst], 40000, 5432, proto)
     }
 
     fn value(

@@ -643,11 +643,8 @@ mod tests {
                         .collect::<BTreeSet<_>>()
                         .into_iter()
                         .collect();
-                    s.patch_endpoint(
-                        &eps[rng.below(eps.len())],
-                        PatchEndpoint { security_groups: pick },
-                    )
-                    .map(|_| ())
+                    s.patch_endpoint(&eps[rng.below(eps.len())], PatchEndpoint::groups(pick))
+                        .map(|_| ())
                 }
                 6 if !eps.is_empty() => s.delete_endpoint(&eps[rng.below(eps.len())]).map(|_| ()),
                 _ => s.delete_group(&groups[rng.below(groups.len())]),

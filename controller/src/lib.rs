@@ -40,6 +40,7 @@ pub mod limits;
 pub mod model;
 pub mod netlink;
 pub mod openapi;
+pub mod phases;
 pub mod reconcile;
 pub mod relay;
 pub mod server;

@@ -302,6 +302,11 @@ pub struct HostRecord {
     /// flow logs and counters; `None` if they cannot.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub api: Option<String>,
+    /// The SHA-256 of the certificate its API serves (`SHA256:AB:…`), when it serves TLS:
+    /// another host relays a caller's token to `api` only over TLS with exactly this
+    /// certificate (see `relay`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api_fingerprint: Option<String>,
 }
 
 /// A point in time, stored and shown in RFC 3339, UTC (`2026-12-01T10:00:00Z`, with as many
@@ -461,7 +466,19 @@ pub struct CreateEndpoint {
 #[derive(Clone, Debug, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct PatchEndpoint {
-    pub security_groups: Vec<String>,
+    /// Replaces its security groups (S5); absent: kept.
+    #[serde(default, deserialize_with = "present", skip_serializing_if = "Option::is_none")]
+    pub security_groups: Option<Vec<String>>,
+    /// Turns its flow logs on or off; absent: kept.
+    #[serde(default, deserialize_with = "present", skip_serializing_if = "Option::is_none")]
+    pub flow_logs: Option<bool>,
+}
+
+impl PatchEndpoint {
+    /// A patch that replaces the security groups only.
+    pub fn groups(security_groups: Vec<String>) -> PatchEndpoint {
+        PatchEndpoint { security_groups: Some(security_groups), flow_logs: None }
+    }
 }
 
 /// `POST /v1/tokens`. `expires` is an RFC 3339 time in UTC (`2027-01-01T00:00:00Z`) or a
@@ -841,18 +858,33 @@ impl State {
     pub fn patch_endpoint(&mut self, id: &str, req: PatchEndpoint) -> Result<Endpoint> {
         self.reindex();
         let ep = self.endpoints.get(id).ok_or_else(|| Error::not_found("endpoint", id))?;
-        let groups = self.endpoint_groups(&ep.universe, Some(&req.security_groups))?;
-        let (number, identity) = self.identity_for(&ep.universe, &groups)?;
-        self.identities.insert(number, identity);
+        if req.security_groups.is_none() && req.flow_logs.is_none() {
+            return Err(Error::invalid(
+                "security_groups",
+                "a patch of an endpoint gives security_groups, flow_logs or both",
+            ));
+        }
+        if let Some(groups) = &req.security_groups {
+            let groups = self.endpoint_groups(&ep.universe, Some(groups))?;
+            let (number, identity) = self.identity_for(&ep.universe, &groups)?;
+            self.identities.insert(number, identity);
+            let ep = self
+                .endpoints
+                .get_mut(id)
+                .expect("the endpoint was found above and nothing removed it");
+            let old = ep.identity;
+            ep.security_groups = groups;
+            ep.identity = number;
+            self.collect_identity(old);
+        }
         let ep = self
             .endpoints
             .get_mut(id)
             .expect("the endpoint was found above and nothing removed it");
-        let old = ep.identity;
-        ep.security_groups = groups;
-        ep.identity = number;
+        if let Some(on) = req.flow_logs {
+            ep.flow_logs = on;
+        }
         let ep = ep.clone();
-        self.collect_identity(old);
         self.revision += 1;
         Ok(ep)
     }
@@ -2752,21 +2784,18 @@ mod tests {
 
         // PATCH moves an endpoint to the identity of its new set (S5), collecting the old one.
         let rev = s.revision;
-        let p = s
-            .patch_endpoint(&e3.id, PatchEndpoint { security_groups: vec![b.clone(), a.clone()] })
-            .unwrap();
+        let p =
+            s.patch_endpoint(&e3.id, PatchEndpoint::groups(vec![b.clone(), a.clone()])).unwrap();
         assert_eq!(s.revision, rev + 1);
         assert_eq!(p.identity, 1);
         assert_eq!(p.security_groups, vec![b.clone(), a.clone()]);
         assert_eq!(s.endpoints[&e3.id], p);
         assert!(!s.identities.contains_key(&2), "identity 2 has no endpoint left");
         // The smallest free number is taken next.
-        let p =
-            s.patch_endpoint(&e2.id, PatchEndpoint { security_groups: vec![b.clone()] }).unwrap();
+        let p = s.patch_endpoint(&e2.id, PatchEndpoint::groups(vec![b.clone()])).unwrap();
         assert_eq!(p.identity, 2);
         // A number freed by an edit is not handed out by that same edit.
-        let p =
-            s.patch_endpoint(&e2.id, PatchEndpoint { security_groups: vec![a.clone()] }).unwrap();
+        let p = s.patch_endpoint(&e2.id, PatchEndpoint::groups(vec![a.clone()])).unwrap();
         assert_eq!(p.identity, 4);
         assert_eq!(s.identities.keys().copied().collect::<Vec<_>>(), vec![1, 3, 4]);
 
@@ -2786,7 +2815,7 @@ mod tests {
         let u = universe(&mut s, "u", "10.0.0.0/16");
         let o = universe(&mut s, "o", "10.0.0.0/16");
         let e = s.create_endpoint(endpoint_req(&u.id, "n", "10.0.0.5", None), "h").unwrap();
-        let patch = |groups: Vec<String>| PatchEndpoint { security_groups: groups };
+        let patch = PatchEndpoint::groups;
         refused(
             &mut s,
             |s| s.patch_endpoint("ep-00000000", patch(vec![])),
@@ -2892,7 +2921,7 @@ mod tests {
         assert_eq!(s.revision, 3);
         let e = s.create_endpoint(endpoint_req(&u.id, "n", "10.0.0.5", None), "h").unwrap();
         assert_eq!(s.revision, 4);
-        s.patch_endpoint(&e.id, PatchEndpoint { security_groups: vec![g.id.clone()] }).unwrap();
+        s.patch_endpoint(&e.id, PatchEndpoint::groups(vec![g.id.clone()])).unwrap();
         assert_eq!(s.revision, 5);
         s.delete_rule(&g.id, &r.id).unwrap();
         assert_eq!(s.revision, 6);

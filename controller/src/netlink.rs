@@ -428,13 +428,11 @@ fn connect(netns: &str) -> Result<Handle> {
 }
 
 fn open_netns(netns: &str) -> Result<File> {
-    // A name with a '/' would escape the directory of named namespaces.
-    if netns.is_empty() || netns.contains('/') || netns == "." || netns == ".." {
-        return Err(Error::OpenNetns {
-            netns: netns.into(),
-            source: io::Error::new(io::ErrorKind::InvalidInput, "not an `ip netns` name"),
-        });
-    }
+    // The API's check of a namespace name: a name with a '/' would escape the directory.
+    crate::model::check_netns(netns).map_err(|e| Error::OpenNetns {
+        netns: netns.into(),
+        source: io::Error::new(io::ErrorKind::InvalidInput, e.to_string()),
+    })?;
     let file = File::open(format!("{NETNS_RUN_DIR}/{netns}"))
         .map_err(|source| Error::OpenNetns { netns: netns.into(), source })?;
     // A file that is not a namespace (a leftover of `ip netns` after a failed `add`, say) would
@@ -455,6 +453,41 @@ fn open_netns(netns: &str) -> Result<File> {
 
 /// `NSFS_MAGIC` (`include/uapi/linux/magic.h`): the filesystem of namespace files.
 const NSFS_MAGIC: i64 = 0x6e73_6673;
+
+/// The MTU of `iface` in the daemon's network namespace. An ioctl on a socket rather than
+/// `/sys/class/net`: `/sys` shows the namespace of whoever mounted it, which under `setns(2)`
+/// is not ours.
+pub fn interface_mtu(iface: &str) -> io::Result<u32> {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    let name = iface.as_bytes();
+    if name.len() >= libc::IFNAMSIZ || name.contains(&0) {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("{iface:?} is no interface name"),
+        ));
+    }
+    // SAFETY: socket(2) with constant arguments; the result is checked below.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: socket(2) returned a new descriptor that we own from here on.
+    let sock = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: an all-zero `ifreq` is a valid value of this plain C struct.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (dst, src) in req.ifr_name.iter_mut().zip(name) {
+        *dst = *src as libc::c_char;
+    }
+    // SAFETY: `req` is a valid ifreq with a NUL-terminated name (checked length, zeroed rest);
+    // SIOCGIFMTU writes only `ifr_mtu` inside it.
+    if unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFMTU, &mut req) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: SIOCGIFMTU succeeded, so the union holds `ifru_mtu`.
+    let mtu = unsafe { req.ifr_ifru.ifru_mtu };
+    u32::try_from(mtu)
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, format!("negative MTU {mtu}")))
+}
 
 /// Runs `f` with an rtnetlink handle inside namespace `ns` (an open `/run/netns/<name>`), on a
 /// dedicated thread with its own single-threaded runtime.

@@ -178,6 +178,23 @@ pub fn document() -> Value {
             "exceeded": { "type": "integer", "minimum": 0, "description": "New flows refused for want of budget" } } });
 
     // `GET /v1/trace` and its answer, apart: one literal would be deeper than the macro allows.
+    let patch_endpoint = json!({ "type": "object", "additionalProperties": false, "minProperties": 1,
+                    "description": "What to change; what is absent is kept (at least one field).",
+                    "properties": {
+                    "security_groups": { "type": "array", "items": { "type": "string" }, "minItems": 1, "maxItems": 16, "uniqueItems": true, "description": "Replace its security groups (S5)" },
+                    "flow_logs": { "type": "boolean", "description": "Turn its flow logs on or off: its host writes records from the next interval it closes" } } });
+    let host_schema = json!({ "type": "object", "required": ["name", "underlay_ip", "revision", "healthy", "errors"], "properties": {
+                    "name": { "type": "string" },
+                    "underlay_ip": { "type": "string", "format": "ipv4", "nullable": true },
+                    "api": { "type": "string", "description": "Where the other hosts reach its API (advertise_api)" },
+                    "api_fingerprint": { "type": "string", "description": "SHA-256 of the certificate its API serves: the other hosts relay a caller's token to api only over TLS with exactly this certificate" },
+                    "revision": { "type": "integer", "format": "int64", "minimum": 0, "description": "Revision realized in the host's dataplane, for every endpoint but those in errors" },
+                    "healthy": { "type": "boolean" },
+                    "errors": { "type": "array", "description": "Endpoints of this host it could not realize, and why (it keeps retrying)", "items": {
+                        "type": "object", "required": ["endpoint", "code", "message"], "properties": {
+                            "endpoint": { "type": "string" },
+                            "code": { "type": "string", "enum": ["invalid_argument", "not_found", "conflict", "internal"] },
+                            "message": { "type": "string" } } } } } });
     let trace_path = json!({
         "get": { "summary": "Why would a packet pass or be dropped? The verdict this host's dataplane would reach, step by step, from the maps it has realized (no traffic sent): the sender's from_endpoint if the sender is placed here, else the receiver's from_underlay if the receiver is (409 wrong_host otherwise). With run=true (editors, admins) the synthesized frame also goes through the real program (BPF_PROG_TEST_RUN) on private conntrack and counters. Rules between the parameters (400 otherwise): port is required for tcp and udp (6, 17) and refused for any other protocol, as is sport; icmp_type and icmp_code only for icmp (1); universe is required when neither from nor to is an endpoint id; from and to endpoints of two universes are refused. An endpoint outside the universe given is not found (404); a from address no endpoint of the universe has is a 409 (no_sender).",
             "parameters": [
@@ -189,10 +206,11 @@ pub fn document() -> Value {
                 { "name": "sport", "in": "query", "required": false, "description": "TCP/UDP source port (default: one no live flow uses; refused for other protocols)", "schema": { "type": "integer", "minimum": 0, "maximum": 65535 } },
                 { "name": "icmp_type", "in": "query", "required": false, "description": "ICMP type (icmp only; default 8, echo request)", "schema": { "type": "integer", "minimum": 0, "maximum": 255 } },
                 { "name": "icmp_code", "in": "query", "required": false, "description": "ICMP code (icmp only; default 0)", "schema": { "type": "integer", "minimum": 0, "maximum": 255 } },
-                { "name": "run", "in": "query", "required": false, "description": "Also push the frame through the real program (editors and admins)", "schema": { "type": "boolean" } }
+                { "name": "run", "in": "query", "required": false, "description": "Also push the frame through the real program (editors and admins)", "schema": { "type": "boolean" } },
+                { "name": "host", "in": "query", "required": false, "description": "Trace on this host of the fleet: the request is relayed to it with the caller's token (over TLS to exactly the certificate it registered), and its answer returned; default: this host", "schema": { "type": "string", "pattern": "^[A-Za-z0-9._-]{1,253}$" } }
             ],
             "responses": read(json!({ "200": ok("This host's part of the packet's path", r("TraceAnswer")), "400": e400, "403": e403_role, "404": err("Unknown endpoint or universe, or an endpoint outside the universe given"),
-                "409": err("no_sender: no endpoint of the universe has the from address; wrong_host: neither the sender nor the receiver is on this host"), "500": err("The dataplane's maps could not be read, or the run failed"), "503": err("This host has no dataplane") })) }
+                "409": err("no_sender: no endpoint of the universe has the from address; wrong_host: neither the sender nor the receiver is on this host"), "500": err("The dataplane's maps could not be read, or the run failed"), "503": err("This host has no dataplane, or the host named by host cannot be asked (host_unavailable)") })) }
     });
     let trace_answer = json!({ "type": "object", "required": ["host", "revision", "maps_match", "packet", "steps", "verdict"], "properties": {
                     "host": { "type": "string", "description": "The host whose maps were read" },
@@ -301,7 +319,7 @@ pub fn document() -> Value {
             "/v1/endpoints/{id}": {
                 "parameters": [id_param("id", "Endpoint id (ep-...)")],
                 "get": { "summary": "Show an endpoint", "responses": read(json!({ "200": ok("The endpoint", r("Endpoint")), "404": e404 })) },
-                "patch": { "summary": "Replace the security groups of an endpoint (S5)", "requestBody": body("PatchEndpoint"),
+                "patch": { "summary": "Change an endpoint: replace its security groups (S5), turn its flow logs on or off", "requestBody": body("PatchEndpoint"),
                     "responses": write(json!({ "200": { "description": "The endpoint", "headers": rev, "content": { "application/json": { "schema": r("Endpoint") } } }, "400": e400, "404": e404, "409": e409 })) },
                 "delete": { "summary": "Delete an endpoint and its interface", "responses": write(json!({ "204": no_content("Deleted"), "404": e404 })) }
             },
@@ -413,8 +431,7 @@ pub fn document() -> Value {
                         "security_groups": { "type": "array", "items": { "type": "string" }, "minItems": 1, "maxItems": 16, "uniqueItems": true, "description": "Group ids of the universe; default: the universe's default group" },
                         "conntrack_budget": { "type": "integer", "minimum": 1, "maximum": dataplane_common::capacity::CONNTRACK, "description": "Flows it may have tracked at once on its host (S14); default: the serving daemon's conntrack.endpoint_budget. The budgets of one host's endpoints add up to at most its conntrack capacity (409 limit_exceeded otherwise)." },
                         "flow_logs": { "type": "boolean", "description": "Its host writes flow logs of its traffic (GET /v1/flow-logs); default: false" } } },
-                "PatchEndpoint": { "type": "object", "additionalProperties": false, "required": ["security_groups"], "properties": {
-                    "security_groups": { "type": "array", "items": { "type": "string" }, "minItems": 1, "maxItems": 16, "uniqueItems": true } } },
+                "PatchEndpoint": patch_endpoint,
                 "Endpoint": { "type": "object", "required": ["id", "universe", "host", "netns", "ip", "mac", "interface", "security_groups", "conntrack_budget", "flow_logs"], "properties": {
                     "id": { "type": "string", "pattern": "^ep-[0-9a-f]{8}$" },
                     "universe": { "type": "string" },
@@ -427,16 +444,7 @@ pub fn document() -> Value {
                     "conntrack_budget": { "type": "integer", "minimum": 1, "description": "Flows it may have tracked at once (S14)" },
                     "flow_logs": { "type": "boolean", "description": "Its host writes flow logs of its traffic" },
                     "conntrack": conntrack_usage } },
-                "Host": { "type": "object", "required": ["name", "underlay_ip", "revision", "healthy", "errors"], "properties": {
-                    "name": { "type": "string" },
-                    "underlay_ip": { "type": "string", "format": "ipv4", "nullable": true },
-                    "revision": { "type": "integer", "format": "int64", "minimum": 0, "description": "Revision realized in the host's dataplane, for every endpoint but those in errors" },
-                    "healthy": { "type": "boolean" },
-                    "errors": { "type": "array", "description": "Endpoints of this host it could not realize, and why (it keeps retrying)", "items": {
-                        "type": "object", "required": ["endpoint", "code", "message"], "properties": {
-                            "endpoint": { "type": "string" },
-                            "code": { "type": "string", "enum": ["invalid_argument", "not_found", "conflict", "internal"] },
-                            "message": { "type": "string" } } } } } },
+                "Host": host_schema,
                 "CreateToken": {
                     "type": "object", "additionalProperties": false, "required": ["role"],
                     "description": "admin: no universe. editor: a universe. viewer: a universe, or none to read the whole fleet. expires must be in the future and at most 10 years away (400 otherwise); a universe that does not exist is a 404.",

@@ -50,7 +50,7 @@ use ipnetwork::Ipv4Network;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use crate::compile::{self, CidrIds, Desired};
+use crate::compile::{self, CidrIds, MapContents};
 use crate::conntrack::{self, Collected};
 use crate::dataplane::{self, Dataplane};
 use crate::model::{self, State};
@@ -158,7 +158,7 @@ impl Underlay {
             .await
             .map_err(netlink_err)?
             .ok_or_else(|| UnderlayError::NoAddress { iface: iface.into() })?;
-        let mtu = interface_mtu(iface)
+        let mtu = netlink::interface_mtu(iface)
             .map_err(|source| UnderlayError::Mtu { iface: iface.into(), source })?;
         let min = MIN_ENDPOINT_MTU + dp::ENCAP_OVERHEAD;
         if mtu < min {
@@ -183,42 +183,6 @@ impl Underlay {
         config.underlay_ip = self.ip.octets();
         config.underlay_mtu = self.mtu;
     }
-}
-
-/// The MTU of `iface` in the daemon's network namespace. An ioctl on a socket rather than
-/// `/sys/class/net`: `/sys` shows the namespace of whoever mounted it, which under `setns(2)`
-/// is not ours.
-fn interface_mtu(iface: &str) -> std::io::Result<u32> {
-    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-    let name = iface.as_bytes();
-    if name.len() >= libc::IFNAMSIZ || name.contains(&0) {
-        return Err(std::io::Error::new(
-            std::io::ErrorKind::InvalidInput,
-            format!("{iface:?} is no interface name"),
-        ));
-    }
-    // SAFETY: socket(2) with constant arguments; the result is checked below.
-    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: socket(2) returned a new descriptor that we own from here on.
-    let sock = unsafe { OwnedFd::from_raw_fd(fd) };
-    // SAFETY: an all-zero `ifreq` is a valid value of this plain C struct.
-    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
-    for (dst, src) in req.ifr_name.iter_mut().zip(name) {
-        *dst = *src as libc::c_char;
-    }
-    // SAFETY: `req` is a valid ifreq with a NUL-terminated name (checked length, zeroed rest);
-    // SIOCGIFMTU writes only `ifr_mtu` inside it.
-    if unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFMTU, &mut req) } != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: SIOCGIFMTU succeeded, so the union holds `ifru_mtu`.
-    let mtu = unsafe { req.ifr_ifru.ifru_mtu };
-    u32::try_from(mtu).map_err(|_| {
-        std::io::Error::new(std::io::ErrorKind::InvalidData, format!("negative MTU {mtu}"))
-    })
 }
 
 /// Why one local endpoint could not be put in the dataplane (the round goes on without it).
@@ -334,16 +298,16 @@ pub type MapSetError = Box<dyn std::error::Error + Send + Sync>;
 /// ([`SimMaps`]). Same contract as [`Dataplane::read`] and [`Dataplane::apply`].
 pub trait MapSet {
     /// What the maps hold.
-    fn read(&self) -> Result<Desired, MapSetError>;
+    fn read(&self) -> Result<MapContents, MapSetError>;
     /// Writes the difference between `current` (what the maps hold) and `desired`.
-    fn apply(&mut self, current: &Desired, desired: &Desired) -> Result<(), MapSetError>;
+    fn apply(&mut self, current: &MapContents, desired: &MapContents) -> Result<(), MapSetError>;
 }
 
 impl MapSet for Dataplane {
-    fn read(&self) -> Result<Desired, MapSetError> {
+    fn read(&self) -> Result<MapContents, MapSetError> {
         Ok(Dataplane::read(self)?)
     }
-    fn apply(&mut self, current: &Desired, desired: &Desired) -> Result<(), MapSetError> {
+    fn apply(&mut self, current: &MapContents, desired: &MapContents) -> Result<(), MapSetError> {
         Ok(Dataplane::apply(self, current, desired)?)
     }
 }
@@ -374,7 +338,7 @@ pub struct Reconciler {
     mtu: u32,
     cidr_ids: CidrIds,
     /// What the maps hold: read from the pins at start, then what the last apply wrote.
-    applied: Desired,
+    applied: MapContents,
     /// Local endpoints plumbed and attached by this process, by endpoint id.
     plumbed: HashMap<String, Plumbed>,
     /// The next synthetic ifindex of a simulated host.
@@ -478,7 +442,10 @@ impl Reconciler {
         loop {
             // `borrow_and_update` takes the latest state only: a burst of edits is one round.
             let state = states.borrow_and_update().clone();
-            let retry_at = match self.reconcile(&state).await {
+            let round = std::time::Instant::now();
+            let reconciled = self.reconcile(&state).await;
+            crate::phases::since(crate::phases::Phase::Reconcile, round);
+            let retry_at = match reconciled {
                 Ok(outcome) => {
                     if let Some(slot) = &self.realized_state {
                         *slot.lock().unwrap_or_else(std::sync::PoisonError::into_inner) =
@@ -618,8 +585,15 @@ impl Reconciler {
     /// One round for `state` (steps 1–4 of the module contract; the caller publishes).
     pub async fn reconcile(&mut self, state: &State) -> Result<Outcome> {
         let mut outcome = Outcome::default();
-        let local: Vec<&model::Endpoint> =
-            state.endpoints.values().filter(|e| e.host == self.host).collect();
+        // This host's endpoints, from the index (a walk over every endpoint of the fleet grew
+        // each round with the fleet).
+        let indexed = state.indexed();
+        let local: Vec<&model::Endpoint> = match &indexed {
+            std::borrow::Cow::Borrowed(s) => host_endpoints(s, &self.host),
+            std::borrow::Cow::Owned(_) => {
+                state.endpoints.values().filter(|e| e.host == self.host).collect()
+            }
+        };
 
         // 1. Plumb and attach. Endpoints gone from the state are forgotten here and their
         //    interfaces removed in step 4, after the maps no longer name them. An endpoint whose
@@ -653,9 +627,13 @@ impl Reconciler {
         // 2. Compile, with only the endpoints that are plumbed and attached.
         let plumbed = &self.plumbed;
         let ifindex = |ep: &model::Endpoint| plumbed.get(&ep.id).map(|p| p.ifindex);
-        let desired = compile::compile(state, &self.host, &ifindex, &mut self.cidr_ids).map_err(
-            |source| Error::Compile { revision: state.revision, host: self.host.clone(), source },
-        )?;
+        let compiling = std::time::Instant::now();
+        let desired =
+            compile::compile(state, &self.host, &ifindex, &mut self.cidr_ids).map_err(|source| {
+                Error::Compile { revision: state.revision, host: self.host.clone(), source }
+            });
+        crate::phases::since(crate::phases::Phase::Compile, compiling);
+        let desired = desired?;
 
         // 3. Write the differences.
         if desired != self.applied {
@@ -826,6 +804,19 @@ fn next_retry(backoff: &mut Duration) -> Instant {
     at
 }
 
+/// The endpoints of `host` in an indexed `state`.
+fn host_endpoints<'a>(state: &'a State, host: &str) -> Vec<&'a model::Endpoint> {
+    state
+        .idx
+        .host_endpoints
+        .get(host)
+        .into_iter()
+        .flatten()
+        .filter_map(|id| state.endpoints.get(id))
+        .filter(|e| e.host == host)
+        .collect()
+}
+
 async fn sleep_until(at: Option<Instant>) {
     match at {
         Some(at) => tokio::time::sleep_until(at).await,
@@ -851,7 +842,7 @@ fn with_maps<R>(target: &Target, f: impl FnOnce(&mut dyn MapSet) -> R) -> R {
 /// The CIDR class numbering that `VERSE_CIDRS` holds: key (vni, CIDR), value `CIDR_FLAG | id`.
 /// Entries that cannot be Verse's (a prefix shorter than the VNI) are skipped; the compiler
 /// renumbers whatever it does not trust.
-pub fn seed_cidr_ids(maps: &Desired) -> CidrIds {
+pub fn seed_cidr_ids(maps: &MapContents) -> CidrIds {
     let mut ids = CidrIds::default();
     for (&(prefix_len, key), &value) in &maps.cidrs {
         let Some((vni, addr, prefix)) = dp::CidrKey::decode(prefix_len, &key) else {
@@ -883,7 +874,7 @@ mod tests {
 
     #[test]
     fn cidr_ids_are_seeded_from_the_map_layout_the_compiler_writes() {
-        let mut maps = Desired::default();
+        let mut maps = MapContents::default();
         let vni = 7u32;
         maps.cidrs.insert(
             (48, dp::CidrKey { vni: vni.to_be_bytes(), addr: [10, 1, 0, 0] }),
@@ -932,6 +923,7 @@ mod tests {
                     name: name.into(),
                     underlay_ip: Some(Ipv4Addr::new(198, 19, 0, last)),
                     api: None,
+                    api_fingerprint: None,
                 },
             );
         }

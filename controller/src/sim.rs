@@ -29,14 +29,14 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use crate::compile::Desired;
+use crate::compile::MapContents;
 use crate::reconcile::{MapSet, MapSetError, Reconciler, SharedSimMaps};
 use crate::store::{self, EtcdOptions, Realized, Store, WatchStats};
 
 /// What a simulated host's maps hold, and how many entries it has written and removed.
 #[derive(Debug, Default)]
 pub struct SimMaps {
-    maps: Desired,
+    maps: MapContents,
     counts: MapCounts,
 }
 
@@ -67,7 +67,7 @@ impl SimMaps {
     }
 
     /// What the maps hold.
-    pub fn maps(&self) -> &Desired {
+    pub fn maps(&self) -> &MapContents {
         &self.maps
     }
 
@@ -89,13 +89,13 @@ impl SimMaps {
 }
 
 impl MapSet for SimMaps {
-    fn read(&self) -> Result<Desired, MapSetError> {
+    fn read(&self) -> Result<MapContents, MapSetError> {
         Ok(self.maps.clone())
     }
 
     /// The order of [`Dataplane::apply`](crate::dataplane::Dataplane::apply): puts into hosts,
     /// VNIs, CIDR classes, policy, routes, endpoints; then removals in the reverse order.
-    fn apply(&mut self, current: &Desired, desired: &Desired) -> Result<(), MapSetError> {
+    fn apply(&mut self, current: &MapContents, desired: &MapContents) -> Result<(), MapSetError> {
         self.counts.applies += 1;
         let (m, c) = (&mut self.maps, &mut self.counts);
         use dp::{capacity as cap, map_names as names};
@@ -524,11 +524,11 @@ mod tests {
     #[test]
     fn sim_maps_apply_the_differences_and_count_them() {
         let mut sim = SimMaps::new();
-        let mut a = Desired::default();
+        let mut a = MapContents::default();
         a.routes.extend([route(1), route(2)]);
         a.vnis.insert(1);
         a.hosts.insert([198, 19, 0, 1], 1);
-        sim.apply(&Desired::default(), &a).unwrap();
+        sim.apply(&MapContents::default(), &a).unwrap();
         assert_eq!(sim.maps(), &a);
         assert_eq!(sim.counts(), MapCounts { applies: 1, written: 4, removed: 0 });
         let mut b = a.clone();
@@ -545,11 +545,11 @@ mod tests {
     #[test]
     fn a_full_sim_map_refuses_a_new_entry_and_keeps_what_was_written() {
         let mut sim = SimMaps::new();
-        let mut full = Desired::default();
+        let mut full = MapContents::default();
         for n in 0..dp::capacity::HOSTS {
             full.hosts.insert(n.to_be_bytes(), 1);
         }
-        sim.apply(&Desired::default(), &full).unwrap();
+        sim.apply(&MapContents::default(), &full).unwrap();
         let mut more = full.clone();
         more.hosts.insert([255, 255, 255, 255], 1);
         more.vnis.insert(7);

@@ -32,10 +32,11 @@ use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 use std::sync::Arc;
 
-use dataplane_common::{ct_state, Config, CtEntry, CtKey, DropReason, VXLAN_PORT};
+use dataplane_common::wire::checksum;
+use dataplane_common::{ct_state, icmp_ct_ports, Config, CtEntry, CtKey, DropReason, VXLAN_PORT};
 use serde::{Deserialize, Serialize};
 
-use crate::compile::{self, Desired};
+use crate::compile::{self, MapContents};
 use crate::model::{self, Direction, State};
 use crate::verdict::{
     self, Conntrack, Timeouts, ETHERTYPE_IPV4, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP,
@@ -56,7 +57,7 @@ pub struct Realized {
     /// The desired state of the revision this host last realized.
     pub state: Arc<State>,
     /// What the kernel maps hold (`Dataplane::read`).
-    pub maps: Desired,
+    pub maps: MapContents,
     /// Every entry of `VERSE_CT`.
     pub conntrack: Vec<(CtKey, CtEntry)>,
     /// The conntrack clock now (`CLOCK_MONOTONIC_COARSE`, what `bpf_ktime_get_coarse_ns` reads).
@@ -345,9 +346,19 @@ pub fn request_from_query(q: &BTreeMap<String, String>) -> model::Result<TraceRe
     })
 }
 
-/// The query parameters of `GET /v1/trace`.
-pub const QUERY: [&str; 9] =
-    ["from", "to", "universe", "protocol", "port", "sport", "icmp_type", "icmp_code", "run"];
+/// The query parameters of `GET /v1/trace` (`host`: the host to ask, relayed there).
+pub const QUERY: [&str; 10] = [
+    "from",
+    "to",
+    "universe",
+    "protocol",
+    "port",
+    "sport",
+    "icmp_type",
+    "icmp_code",
+    "run",
+    "host",
+];
 
 /// The universe a request is about, as far as the ids in it tell (for access checks before
 /// anything else is looked at): the `universe` field, else the universe of an endpoint id.
@@ -632,15 +643,7 @@ impl<'a> Walk<'a> {
 
     fn key(&self, p: &Packet) -> CtKey {
         let (sport, dport) = ct_ports(p);
-        CtKey {
-            vni: p.vni,
-            src: p.src.octets(),
-            dst: p.dst.octets(),
-            sport,
-            dport,
-            proto: p.proto,
-            _pad: [0; 3],
-        }
+        CtKey::new(p.vni, p.src.octets(), p.dst.octets(), sport, dport, p.proto)
     }
 
     /// A source port no live flow from `p.src` to `p.dst:dport` uses (either way).
@@ -753,6 +756,83 @@ impl<'a> Walk<'a> {
         (step(self.host, hook, "conntrack", Outcome::Info, detail), false)
     }
 
+    /// The conntrack budget step of an admitted packet that begins a flow (S14): the flow is
+    /// charged to `owner` (the sender at `from_endpoint`, the local receiver at
+    /// `from_underlay`), and dropped `conntrack_budget_exceeded` when `owner` already holds its
+    /// budget's worth of entries on this host, as the model's conntrack write decides (an
+    /// entry of `owner` under the same key is replaced at no charge; one of another owner
+    /// leaves the flow untracked). `None`: the packet begins no flow.
+    fn budget(&self, hook: &str, p: &Packet, owner: &model::Endpoint) -> Option<Step> {
+        let role = verdict::role(p.proto, tcp_flags(p), p.icmp_type.unwrap_or(0));
+        if !verdict::creates(role) {
+            return None;
+        }
+        let key = self.key(p);
+        let sender = p.src_endpoint.as_ref().and_then(|id| self.r.state.endpoints.get(id));
+        let sender = sender.map_or(0, |e| e.serial);
+        let (_, own) = self.ct.lookup_as(&key, role, sender, self.r.now_ns, &self.timeouts);
+        let used = self.ct.used(owner.slot);
+        let of = format!(
+            "{} holds {used} tracked flows of its conntrack budget of {} on {} (S14)",
+            owner.id, owner.conntrack_budget, self.host
+        );
+        Some(match own {
+            Some(old) if old.owner_slot == owner.slot && old.owner_serial() == owner.serial => {
+                step(
+                    self.host,
+                    hook,
+                    "conntrack_budget",
+                    Outcome::Pass,
+                    format!(
+                    "{of}; the new flow replaces its own stale entry under this key, at no charge"
+                ),
+                )
+            }
+            Some(_) => step(
+                self.host,
+                hook,
+                "conntrack_budget",
+                Outcome::Info,
+                format!(
+                    "{of}; an entry of another endpoint holds this flow's key until it is \
+                     collected, so the flow passes untracked"
+                ),
+            ),
+            None if used >= u64::from(owner.conntrack_budget) => drop_step(
+                self.host,
+                hook,
+                "conntrack_budget",
+                DropReason::ConntrackBudgetExceeded,
+                format!("{of}: a new flow is dropped until some of them end or expire"),
+            ),
+            None => step(
+                self.host,
+                hook,
+                "conntrack_budget",
+                Outcome::Pass,
+                format!("{of}; the new flow is charged to it"),
+            ),
+        })
+    }
+
+    /// Records the conntrack budget step ([`Walk::budget`]) in `steps`; false when it drops.
+    fn charged(
+        &self,
+        steps: &mut Vec<Step>,
+        hook: &str,
+        p: &Packet,
+        owner: &model::Endpoint,
+    ) -> bool {
+        match self.budget(hook, p, owner) {
+            Some(s) => {
+                let exceeded = s.outcome == Outcome::Drop;
+                steps.push(s);
+                !exceeded
+            }
+            None => true,
+        }
+    }
+
     /// A policy step: the first rule of `ep`'s groups that admits the packet in `dir`.
     fn policy(
         &self,
@@ -835,6 +915,43 @@ impl<'a> Walk<'a> {
         (steps, v, model, run)
     }
 
+    /// The walk ended by a failed `check` at `hook`: its step, last, and the drop for `reason`.
+    #[allow(clippy::too_many_arguments)]
+    fn refuse(
+        &self,
+        mut steps: Vec<Step>,
+        hook: &str,
+        check: &str,
+        reason: DropReason,
+        detail: String,
+        model: Option<Decision>,
+        run: Option<RunInput>,
+    ) -> WalkResult {
+        steps.push(drop_step(self.host, hook, check, reason, detail));
+        self.dropped(steps, reason, model, run)
+    }
+
+    /// [`Walk::policy`] as a step of the walk: the step pushed to `steps`, the rule that admits
+    /// the packet to `rules`; false when no rule does.
+    fn admits(
+        &self,
+        steps: &mut Vec<Step>,
+        rules: &mut Vec<RuleRef>,
+        hook: &str,
+        p: &Packet,
+        ep: &model::Endpoint,
+        dir: Direction,
+    ) -> bool {
+        let (s, rule) = self.policy(hook, p, ep, dir);
+        steps.push(s);
+        rule.map(|r| rules.push(r)).is_some()
+    }
+
+    /// A `check` at `hook` the packet passed.
+    fn passed(&self, hook: &str, check: &str, detail: String) -> Step {
+        step(self.host, hook, check, Outcome::Pass, detail)
+    }
+
     /// The sender's hook on this host, and the receiver's too when it is local.
     #[allow(clippy::wrong_self_convention, reason = "named after the hook it walks")]
     fn from_endpoint(&self, p: &Packet) -> WalkResult {
@@ -846,8 +963,8 @@ impl<'a> Walk<'a> {
         };
         let mut steps = Vec::new();
         let Some(&ifindex) = self.plumbed.get(&sender.id) else {
-            steps.push(drop_step(
-                self.host,
+            return self.refuse(
+                steps,
                 HOOK,
                 "endpoint",
                 DropReason::UnknownEndpoint,
@@ -856,8 +973,9 @@ impl<'a> Walk<'a> {
                  see GET /v1/hosts errors): nothing it sends is judged, every frame is dropped",
                 sender.id, self.host, sender.interface
             ),
-            ));
-            return self.dropped(steps, DropReason::UnknownEndpoint, None, None);
+                None,
+                None,
+            );
         };
         let frame = self.frame(p, sender);
         let model_host = self.model_host();
@@ -874,11 +992,9 @@ impl<'a> Walk<'a> {
                 .collect()
         };
         let run = Some(RunInput { hook: HOOK, frame: frame.clone(), ifindex, conntrack });
-        steps.push(step(
-            self.host,
+        steps.push(self.passed(
             HOOK,
             "endpoint",
-            Outcome::Pass,
             format!(
                 "{} ({}) sends from interface {} (ifindex {ifindex}), {}",
                 sender.id,
@@ -887,11 +1003,9 @@ impl<'a> Walk<'a> {
                 self.ident_text(p, sender.ip)
             ),
         ));
-        steps.push(step(
-            self.host,
+        steps.push(self.passed(
             HOOK,
             "anti_spoofing",
-            Outcome::Pass,
             format!(
                 "source MAC {} and source address {} are {}'s own (S10)",
                 sender.mac, sender.ip, sender.id
@@ -901,13 +1015,8 @@ impl<'a> Walk<'a> {
         let (ct_step, hit) = self.conntrack(HOOK, p);
         steps.push(ct_step);
         let mut rules = Vec::new();
-        if !hit {
-            let (s, rule) = self.policy(HOOK, p, sender, Direction::Egress);
-            steps.push(s);
-            match rule {
-                Some(r) => rules.push(r),
-                None => return self.dropped(steps, DropReason::PolicyEgress, model, run),
-            }
+        if !hit && !self.admits(&mut steps, &mut rules, HOOK, p, sender, Direction::Egress) {
+            return self.dropped(steps, DropReason::PolicyEgress, model, run);
         }
         let (route_step, place) = route;
         // The route step names its reason: no route, or no underlay to reach another host.
@@ -921,16 +1030,16 @@ impl<'a> Walk<'a> {
             Some(place) => place,
             None => return self.dropped(steps, no_place, model, run),
         };
+        if let (false, Place::Local(receiver)) = (hit, &place) {
+            if !self.admits(&mut steps, &mut rules, HOOK, p, receiver, Direction::Ingress) {
+                return self.dropped(steps, DropReason::PolicyIngress, model, run);
+            }
+        }
+        if !hit && !self.charged(&mut steps, HOOK, p, sender) {
+            return self.dropped(steps, DropReason::ConntrackBudgetExceeded, model, run);
+        }
         match place {
             Place::Local(receiver) => {
-                if !hit {
-                    let (s, rule) = self.policy(HOOK, p, receiver, Direction::Ingress);
-                    steps.push(s);
-                    match rule {
-                        Some(r) => rules.push(r),
-                        None => return self.dropped(steps, DropReason::PolicyIngress, model, run),
-                    }
-                }
                 let summary = if hit {
                     format!("delivered to {} as part of a live flow", receiver.id)
                 } else {
@@ -1064,14 +1173,15 @@ impl<'a> Walk<'a> {
         };
         let run = run_input(self);
         let Some(ul) = self.r.underlay_ip else {
-            steps.push(drop_step(
-                self.host,
+            return self.refuse(
+                steps,
                 HOOK,
                 "underlay",
                 DropReason::UnknownHost,
                 format!("{} has no underlay: it receives nothing from {sender_host}", self.host),
-            ));
-            return self.dropped(steps, DropReason::UnknownHost, None, None);
+                None,
+                None,
+            );
         };
         // The reference model's from_underlay on the very frame a run takes.
         let model = run.as_ref().and_then(|r| {
@@ -1080,20 +1190,19 @@ impl<'a> Walk<'a> {
             )
         });
         let Some(src_ul) = sender_ul else {
-            steps.push(drop_step(
-                self.host,
+            return self.refuse(
+                steps,
                 HOOK,
                 "underlay",
                 DropReason::UnknownHost,
                 format!("{sender_host} has no underlay address this host knows"),
-            ));
-            return self.dropped(steps, DropReason::UnknownHost, model, run);
+                model,
+                run,
+            );
         };
-        steps.push(step(
-            self.host,
+        steps.push(self.passed(
             HOOK,
             "underlay",
-            Outcome::Pass,
             format!(
                 "wrapped by {sender_host} ({src_ul}) to {ul}: a known host, VNI {} is universe {}",
                 p.vni, p.universe
@@ -1102,20 +1211,19 @@ impl<'a> Walk<'a> {
         let sender = p.src_endpoint.as_ref().and_then(|id| st.endpoints.get(id));
         let placed = sender.is_some_and(|e| e.host == sender_host);
         if !placed {
-            steps.push(drop_step(
-                self.host,
+            return self.refuse(
+                steps,
                 HOOK,
                 "anti_spoofing",
                 DropReason::NotPlacedOnSender,
                 format!("{} is not an endpoint placed on {sender_host} (S10)", p.src),
-            ));
-            return self.dropped(steps, DropReason::NotPlacedOnSender, model, run);
+                model,
+                run,
+            );
         }
-        steps.push(step(
-            self.host,
+        steps.push(self.passed(
             HOOK,
             "anti_spoofing",
-            Outcome::Pass,
             format!(
                 "{} ({}) is placed on {sender_host}, the sending host, and the Group Policy ID it \
                  carries is the identity the control plane gives it (S10); {}",
@@ -1127,20 +1235,19 @@ impl<'a> Walk<'a> {
         let receiver = p.dst_endpoint.as_ref().and_then(|id| st.endpoints.get(id));
         let local = receiver.filter(|e| e.host == self.host && self.plumbed.contains_key(&e.id));
         let Some(receiver) = local else {
-            steps.push(drop_step(
-                self.host,
+            return self.refuse(
+                steps,
                 HOOK,
                 "destination",
                 DropReason::NotLocal,
                 format!("{} is no endpoint of this host", p.dst),
-            ));
-            return self.dropped(steps, DropReason::NotLocal, model, run);
+                model,
+                run,
+            );
         };
-        steps.push(step(
-            self.host,
+        steps.push(self.passed(
             HOOK,
             "destination",
-            Outcome::Pass,
             format!(
                 "{} is local: interface {} (ifindex {})",
                 receiver.id, receiver.interface, self.plumbed[&receiver.id]
@@ -1150,11 +1257,11 @@ impl<'a> Walk<'a> {
         steps.push(ct_step);
         let mut rules = Vec::new();
         if !hit {
-            let (s, rule) = self.policy(HOOK, p, receiver, Direction::Ingress);
-            steps.push(s);
-            match rule {
-                Some(r) => rules.push(r),
-                None => return self.dropped(steps, DropReason::PolicyIngress, model, run),
+            if !self.admits(&mut steps, &mut rules, HOOK, p, receiver, Direction::Ingress) {
+                return self.dropped(steps, DropReason::PolicyIngress, model, run);
+            }
+            if !self.charged(&mut steps, HOOK, p, receiver) {
+                return self.dropped(steps, DropReason::ConntrackBudgetExceeded, model, run);
             }
         }
         let summary = match rules.first() {
@@ -1185,11 +1292,7 @@ enum Place<'a> {
 fn ct_ports(p: &Packet) -> (u16, u16) {
     match p.proto {
         IPPROTO_TCP | IPPROTO_UDP => (p.sport.unwrap_or(0), p.dport.unwrap_or(0)),
-        IPPROTO_ICMP => match p.icmp_type {
-            Some(8) => (TRACE_ECHO_ID, 0),
-            Some(0) => (0, TRACE_ECHO_ID),
-            _ => (0, 0),
-        },
+        IPPROTO_ICMP => p.icmp_type.map_or((0, 0), |ty| icmp_ct_ports(ty, TRACE_ECHO_ID)),
         _ => (0, 0),
     }
 }
@@ -1226,17 +1329,6 @@ fn decision_of(v: &verdict::Verdict) -> Option<Decision> {
         verdict::Verdict::Pass => Some(Decision::of(Action::Pass)),
         verdict::Verdict::ArpReply { .. } => None,
     }
-}
-
-fn checksum(bytes: &[u8]) -> u16 {
-    let mut sum: u32 = bytes
-        .chunks(2)
-        .map(|c| u32::from(u16::from_be_bytes([c[0], c.get(1).copied().unwrap_or(0)])))
-        .sum();
-    while sum > 0xFFFF {
-        sum = (sum & 0xFFFF) + (sum >> 16);
-    }
-    !(sum as u16)
 }
 
 fn ipv4(src: Ipv4Addr, dst: Ipv4Addr, proto: u8, payload: &[u8]) -> Vec<u8> {
@@ -1332,7 +1424,12 @@ mod tests {
         for (name, ip) in HOSTS {
             s.hosts.insert(
                 name.into(),
-                HostRecord { name: name.into(), underlay_ip: Some(ip.parse().unwrap()), api: None },
+                HostRecord {
+                    name: name.into(),
+                    underlay_ip: Some(ip.parse().unwrap()),
+                    api: None,
+                    api_fingerprint: None,
+                },
             );
         }
         let u = s
@@ -1390,7 +1487,8 @@ mod tests {
                 netns: format!("ns{i}"),
                 ip: format!("10.0.0.{}", 2 + i),
                 security_groups: (!mine.is_empty()).then_some(mine),
-                conntrack_budget: None,
+                // Some at a small budget, which the flows below may fill (S14).
+                conntrack_budget: rng.random_bool(0.4).then(|| rng.random_range(1..3)),
                 flow_logs: None,
             };
             eps.push(s.create_endpoint(req, HOSTS[usize::from(i % 2)].0).unwrap());
@@ -1398,11 +1496,13 @@ mod tests {
         (s, eps)
     }
 
-    /// Live, expired and reverse flows between the endpoints, on the ports packets use.
+    /// Live, expired and reverse flows between the endpoints, on the ports packets use, in the
+    /// table of `host`: each charged to its local end (the sender if local, else the receiver).
     fn random_conntrack(
         rng: &mut StdRng,
         eps: &[model::Endpoint],
         vni: u32,
+        host: &str,
     ) -> Vec<(CtKey, CtEntry)> {
         let mut ct = Vec::new();
         for _ in 0..rng.random_range(0..12) {
@@ -1425,23 +1525,25 @@ mod tests {
             };
             let (src, dst, ports) =
                 if rng.random_bool(0.5) { (a, b, ports) } else { (b, a, (ports.1, ports.0)) };
-            let key = CtKey {
-                vni,
-                src: src.ip.octets(),
-                dst: dst.ip.octets(),
-                sport: ports.0,
-                dport: ports.1,
-                proto,
-                _pad: [0; 3],
-            };
+            let key = CtKey::new(vni, src.ip.octets(), dst.ip.octets(), ports.0, ports.1, proto);
             // Idle 0 s to 2 minutes: some are past their timeout.
             let idle = rng.random_range(0..120u64) * 1_000_000_000;
-            // Bound to the endpoints it was made for, as the dataplane binds its flows.
+            // Bound to the endpoints it was made for, as the dataplane binds its flows, and
+            // charged to the one on this host.
+            let (owner, owner_slot) = if src.host == host {
+                (dataplane_common::ct_owner::SRC, src.slot)
+            } else if dst.host == host {
+                (dataplane_common::ct_owner::DST, dst.slot)
+            } else {
+                (dataplane_common::ct_owner::SRC, 0)
+            };
             let entry = CtEntry {
                 last_seen_ns: NOW - idle,
                 state,
                 src_serial: src.serial,
                 dst_serial: dst.serial,
+                owner,
+                owner_slot,
                 ..CtEntry::default()
             };
             ct.push((key, entry));
@@ -1473,7 +1575,7 @@ mod tests {
             let s = Arc::new(s);
             let hosts: BTreeMap<&str, Realized> = HOSTS
                 .iter()
-                .map(|(h, _)| (*h, realized(&s, h, random_conntrack(&mut rng, &eps, vni))))
+                .map(|(h, _)| (*h, realized(&s, h, random_conntrack(&mut rng, &eps, vni, h))))
                 .collect();
             let flows: Vec<CtKey> =
                 hosts.values().flat_map(|r| r.conntrack.iter().map(|(k, _)| *k)).collect();
@@ -1579,6 +1681,8 @@ mod tests {
             "from_endpoint: Drop no_route",
             "from_underlay: Deliver ",
             "from_underlay: Drop policy_ingress",
+            "from_endpoint: Drop conntrack_budget_exceeded",
+            "from_underlay: Drop conntrack_budget_exceeded",
         ] {
             assert!(seen.contains_key(want), "the random cases never gave {want:?}: {seen:#?}");
         }

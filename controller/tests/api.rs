@@ -1091,7 +1091,13 @@ async fn openapi_describes_every_route() {
     );
     assert_eq!(
         accepts("PatchEndpoint"),
-        fields(serde_json::to_value(verse::model::PatchEndpoint::default()).unwrap())
+        fields(
+            serde_json::to_value(verse::model::PatchEndpoint {
+                security_groups: Some(vec![]),
+                flow_logs: Some(false),
+            })
+            .unwrap()
+        )
     );
     let token = verse::model::CreateToken {
         role: verse::model::Role::Viewer,

@@ -195,15 +195,7 @@ impl World {
         flags: u8,
     ) {
         let vni = self.state.universes[&from.universe].vni;
-        let key = CtKey {
-            vni,
-            src: from.ip.octets(),
-            dst: dst.octets(),
-            sport,
-            dport,
-            proto,
-            _pad: [0; 3],
-        };
+        let key = CtKey::new(vni, from.ip.octets(), dst.octets(), sport, dport, proto);
         self.flows.push(key);
         let frame = frame(from, dst, proto, sport, dport, flags);
         let local: BTreeMap<u32, String> =
@@ -334,8 +326,7 @@ impl World {
             Op::PatchGroups(e, groups) if !eps.is_empty() => {
                 let ep = &eps[e % eps.len()];
                 let groups = self.groups_of(&ep.universe, &groups);
-                let _ =
-                    self.state.patch_endpoint(&ep.id, PatchEndpoint { security_groups: groups });
+                let _ = self.state.patch_endpoint(&ep.id, PatchEndpoint::groups(groups));
             }
             Op::AddRule(g, ingress, proto, (lo, hi), peer, a) => {
                 let all: Vec<model::SecurityGroup> = self.state.groups.values().cloned().collect();

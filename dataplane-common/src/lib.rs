@@ -41,7 +41,7 @@ pub const PROG_FROM_UNDERLAY: &str = "from_underlay";
 
 /// Numbers of the wire formats the dataplane reads and writes, for the kernel programs
 /// (`dataplane-ebpf/src/parse.rs` re-exports them), the reference model (`controller`'s
-/// `verdict.rs`) and the tests' frame builders alike.
+/// `verdict`) and the tests' frame builders alike.
 pub mod wire {
     /// Length of an Ethernet II header.
     pub const ETH_HLEN: usize = 14;
@@ -77,6 +77,19 @@ pub mod wire {
     pub const ARP_HTYPE_ETHERNET: u16 = 1;
     pub const ARP_OP_REQUEST: u16 = 1;
     pub const ARP_OP_REPLY: u16 = 2;
+
+    /// The Internet checksum (RFC 1071) of `bytes`, an odd last byte padded with zero: what an
+    /// IPv4 or ICMP header carries, and 0 over a header that carries it right.
+    pub fn checksum(bytes: &[u8]) -> u16 {
+        let mut sum: u32 = bytes
+            .chunks(2)
+            .map(|c| u32::from(u16::from_be_bytes([c[0], c.get(1).copied().unwrap_or(0)])))
+            .sum();
+        while sum > 0xFFFF {
+            sum = (sum & 0xFFFF) + (sum >> 16);
+        }
+        !(sum as u16)
+    }
 }
 
 /// UDP destination port of the encapsulation (IANA VXLAN, RFC 7348).
@@ -398,7 +411,7 @@ impl CidrKey {
 /// `VERSE_POLICY` LPM key data. One trie holds every policy of the host; an entry allows, and
 /// its value ([`PolicyValue`]) names the rule it came from.
 ///
-/// Bits, most significant first: policy (the local endpoint's identity), direction, peer,
+/// Bits, most significant first: identity (the local endpoint's), direction, peer,
 /// protocol, port. A rule for "all protocols" stops its prefix after the peer; a rule for one
 /// protocol without ports after the protocol; a port range is split into aligned power-of-two
 /// blocks, each a prefix of the port. For ICMP the port is `type << 8 | code`. Any match means
@@ -406,7 +419,7 @@ impl CidrKey {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default, PartialOrd, Ord)]
 pub struct PolicyKey {
-    pub policy: [u8; 4],
+    pub identity: [u8; 4],
     pub direction: u8,
     pub peer: [u8; 4],
     pub proto: u8,
@@ -474,16 +487,70 @@ pub struct CtKey {
 }
 
 impl CtKey {
-    pub const fn reversed(&self) -> CtKey {
-        CtKey {
-            vni: self.vni,
-            src: self.dst,
-            dst: self.src,
-            sport: self.dport,
-            dport: self.sport,
-            proto: self.proto,
-            _pad: [0; 3],
+    /// The key of a flow, the one builder of conntrack keys for the kernel programs, the
+    /// reference model and the trace alike (ports as [`ct_ports`] gives them).
+    ///
+    /// Why not a struct literal: in the kernel programs LLVM lowers the 3-byte `_pad: [0; 3]`
+    /// to a call of `memset` (a BPF-to-BPF call on the hot path, even when the key is zeroed
+    /// first); storing `proto` and the padding as one 32-bit word avoids it.
+    #[inline(always)]
+    pub const fn new(
+        vni: u32,
+        src: [u8; 4],
+        dst: [u8; 4],
+        sport: u16,
+        dport: u16,
+        proto: u8,
+    ) -> CtKey {
+        const _: () = assert!(
+            core::mem::offset_of!(CtKey, proto) == 16 && core::mem::size_of::<CtKey>() == 20
+        );
+        let mut k = core::mem::MaybeUninit::<CtKey>::uninit();
+        let p = k.as_mut_ptr();
+        // SAFETY: every byte of the key is written exactly once: the five fields before `proto`
+        // through their places, then bytes 16..20 (`proto` and `_pad`, checked above) as one
+        // unaligned word whose first byte in memory is `proto` and the others 0.
+        unsafe {
+            core::ptr::addr_of_mut!((*p).vni).write(vni);
+            core::ptr::addr_of_mut!((*p).src).write(src);
+            core::ptr::addr_of_mut!((*p).dst).write(dst);
+            core::ptr::addr_of_mut!((*p).sport).write(sport);
+            core::ptr::addr_of_mut!((*p).dport).write(dport);
+            p.cast::<u8>().add(16).cast::<u32>().write_unaligned((proto as u32).to_le());
+            k.assume_init()
         }
+    }
+
+    /// The key of the same flow seen the other way: what a reply's packets carry.
+    #[inline(always)]
+    pub const fn reversed(&self) -> CtKey {
+        CtKey::new(self.vni, self.dst, self.src, self.dport, self.sport, self.proto)
+    }
+}
+
+/// Conntrack ports of an L4 header (see [`CtKey`]), from its first four bytes `head` and, for
+/// ICMP, the echo identifier `icmp_id` (bytes 4..6, host order): TCP and UDP their ports, ICMP
+/// as [`icmp_ct_ports`], other protocols `(0, 0)`.
+#[inline(always)]
+pub const fn ct_ports(proto: u8, head: [u8; 4], icmp_id: u16) -> (u16, u16) {
+    match proto {
+        wire::IPPROTO_TCP | wire::IPPROTO_UDP => {
+            (u16::from_be_bytes([head[0], head[1]]), u16::from_be_bytes([head[2], head[3]]))
+        }
+        wire::IPPROTO_ICMP => icmp_ct_ports(head[0], icmp_id),
+        _ => (0, 0),
+    }
+}
+
+/// Conntrack ports of an ICMP message of type `ty` (see [`CtKey`]): echo request `(id, 0)`,
+/// echo reply `(0, id)`, anything else `(0, 0)`, so that a reply's key is its request's
+/// reversed.
+#[inline(always)]
+pub const fn icmp_ct_ports(ty: u8, id: u16) -> (u16, u16) {
+    match ty {
+        wire::ICMP_ECHO_REQUEST => (id, 0),
+        wire::ICMP_ECHO_REPLY => (0, id),
+        _ => (0, 0),
     }
 }
 
@@ -861,5 +928,32 @@ mod tests {
     #[test]
     fn policy_prefixes_match_the_key_layout() {
         assert_eq!(policy_prefix::FULL as usize, size_of::<PolicyKey>() * 8);
+    }
+
+    #[test]
+    fn conntrack_keys_are_built_zero_padded_and_reverse_to_their_reply() {
+        let k = CtKey::new(7, [10, 0, 0, 1], [10, 0, 0, 2], 40000, 80, wire::IPPROTO_TCP);
+        let literal = CtKey {
+            vni: 7,
+            src: [10, 0, 0, 1],
+            dst: [10, 0, 0, 2],
+            sport: 40000,
+            dport: 80,
+            proto: wire::IPPROTO_TCP,
+            _pad: [0; 3],
+        };
+        assert_eq!(k, literal);
+        let r = k.reversed();
+        assert_eq!((r.src, r.dst, r.sport, r.dport), ([10, 0, 0, 2], [10, 0, 0, 1], 80, 40000));
+        assert_eq!((r.vni, r.proto, r._pad), (7, wire::IPPROTO_TCP, [0; 3]));
+        assert_eq!(r.reversed(), k);
+        // An echo reply's key is its request's reversed.
+        let req = icmp_ct_ports(wire::ICMP_ECHO_REQUEST, 9);
+        let rep = icmp_ct_ports(wire::ICMP_ECHO_REPLY, 9);
+        assert_eq!((req, rep), ((9, 0), (0, 9)));
+        assert_eq!(icmp_ct_ports(wire::ICMP_DEST_UNREACH, 9), (0, 0));
+        assert_eq!(ct_ports(wire::IPPROTO_UDP, [0x12, 0x34, 0, 53], 0), (0x1234, 53));
+        assert_eq!(ct_ports(wire::IPPROTO_ICMP, [wire::ICMP_ECHO_REQUEST, 0, 0, 0], 5), (5, 0));
+        assert_eq!(ct_ports(47, [1, 2, 3, 4], 5), (0, 0));
     }
 }

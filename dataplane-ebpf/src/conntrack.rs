@@ -1,40 +1,18 @@
-//! Connection tracking (S6, S7, S9, S14). One entry per flow in a plain hash, keyed in the
-//! flow's original direction; a packet looks up its own key, then the reverse. An entry idle
-//! longer than the timeout of its state is a miss. Lookups touch nothing: only a packet that is
-//! delivered refreshes its flow.
+//! Connection tracking (S6, S7, S9, S14) in the kernel. What it means (keys, binding to
+//! endpoints, budgets, roles and directions, states, timeouts) is described once, by the
+//! reference model: `controller/src/verdict/conntrack.rs`. This module implements it over
+//! `VERSE_CT`, a plain preallocated hash (never an LRU: nothing is evicted for room), and adds
+//! what only the kernel side has:
 //!
-//! Binding (S7): an entry records the serials of the flow's two endpoints (`CtEntry::src_serial`,
-//! `dst_serial`), and matches a packet only if its sender is the endpoint of its side of the flow
-//! and its receiver the other. The sender is checked in [`lookup`]; the receiver by the caller,
-//! against the route it delivers by ([`Hit::receiver_serial`]), or implicitly when it delivers
-//! by the hop cached in the entry: a hop is cached only after that check passed, and stays
-//! current only while the routes are unchanged (see below). An endpoint made later with the
-//! same address, in the same or a re-created universe, therefore never inherits a flow: its
-//! packets are judged by policy as new flows.
+//! Binding: the sender is checked in [`lookup`]; the receiver by the caller, against the route
+//! it delivers by ([`Hit::receiver_serial`]), or implicitly when it delivers by the hop cached in
+//! the entry: a hop is cached only after that check passed, and stays current only while the
+//! routes are unchanged (below).
 //!
-//! Budgets (S14): every entry is charged to its owner (the sending endpoint for flows made by
-//! `from_endpoint`, the local receiver for flows made by `from_underlay`), in the owner's slot of
-//! `VERSE_CT_OWNERS`. [`create`] adds one to `used` before inserting, atomically, and refuses the
-//! flow when `used` had already reached `budget`; only the controller deletes entries (expired
-//! ones, and those of deleted endpoints), subtracting one for each. The map is no LRU: nothing
-//! is ever evicted for room, and the budgets of a host's endpoints add up to at most its
-//! capacity, so no endpoint's flows can push out another's. The established path never touches
-//! the budget.
-//!
-//! Direction (S7): what a packet may do is its [`Role`], read from its header alone. Only a
-//! packet that can begin a flow creates one, in its own direction: a TCP SYN (without ACK, RST or
-//! FIN), an ICMP echo request, or any UDP or other-protocol packet. A TCP segment without SYN
-//! continues a tracked flow either way but never creates one (Linux conntrack with
-//! `nf_conntrack_tcp_loose = 0`); a SYN or an echo request matches a flow only in its original
-//! direction (in the reply direction it is no hit: it is judged as the new packet it is); an
-//! echo reply matches only in the reply direction and never creates. Other ICMP messages are
-//! never tracked: an error is related to a flow or judged by the rules, each time (S6).
-//!
-//! States: TCP is opening until a SYN-ACK is seen in the reply direction, then established; FIN
-//! or RST in either direction moves it to closing, and a SYN without ACK in the original
-//! direction reopens a closing flow (the 5-tuple reused, as Linux conntrack does from
-//! CLOSE/TIME_WAIT). UDP is one-way until a reply, then replied. ICMP echo and other protocols
-//! have one state each.
+//! Budgets: the owner's slot of `VERSE_CT_OWNERS` counts its entries. [`create`] adds one to
+//! `used` before inserting, atomically, and refuses the flow when `used` had already reached
+//! `budget`; only the controller deletes entries, subtracting one for each. The established path
+//! never touches the budget.
 //!
 //! Delivery cache: each entry also remembers, per direction, where the last delivered packet
 //! went ([`CtHop`]: the receiver's ifindex and MAC, or the underlay address of its host), stamped
@@ -56,7 +34,7 @@ use aya_ebpf::programs::TcContext;
 use dataplane_common::{ct_state, CtCounters, CtEntry, CtHop, CtKey, CtValue, DropReason, Route};
 
 use crate::{
-    atomic, flow,
+    atomic,
     maps::{VERSE_CLOCK, VERSE_CT, VERSE_CT_OWNERS, VERSE_CT_SCRATCH, VERSE_EPOCH},
     parse::{
         ICMP_ECHO_REPLY, ICMP_ECHO_REQUEST, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, TCP_ACK,
@@ -269,7 +247,7 @@ pub fn lookup(
     if role == Role::Opens {
         return Found { hit: None, own };
     }
-    let reverse = flow::reversed(key);
+    let reverse = key.reversed();
     if let Some(value) = VERSE_CT.get_ptr_mut(&reverse) {
         // SAFETY: as above.
         let e = unsafe { &(*value).entry };
@@ -424,7 +402,7 @@ pub fn refresh_and_cache(
     or_flags(&mut value.counters, hit.reply, tcp_flags, interval);
     let stored = if hit.reply {
         value.reply = hop;
-        flow::reversed(key)
+        key.reversed()
     } else {
         value.original = hop;
         *key

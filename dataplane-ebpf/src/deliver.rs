@@ -16,6 +16,14 @@ pub fn to_endpoint(
     mac: [u8; 6],
     gateway_mac: [u8; 6],
 ) -> Result<i32, DropReason> {
+    address(ctx, mac, gateway_mac)?;
+    redirect(ifindex)
+}
+
+/// The rewrite of [`to_endpoint`]: Ethernet destination `mac`, source `gateway_mac`
+/// (`TruncatedEthernet` without an Ethernet header).
+#[inline(always)]
+pub fn address(ctx: &TcContext, mac: [u8; 6], gateway_mac: [u8; 6]) -> Result<(), DropReason> {
     let eth: *mut EthHdr = ptr_at(ctx, 0).ok_or(DropReason::TruncatedEthernet)?;
     // SAFETY: ptr_at proved the Ethernet header is inside the linear data, which the TC
     // prologue made writable.
@@ -23,6 +31,14 @@ pub fn to_endpoint(
         (*eth).dst = mac;
         (*eth).src = gateway_mac;
     }
+    Ok(())
+}
+
+/// The redirect of [`to_endpoint`] into the namespace behind `ifindex`. With flags 0 the helper
+/// only records the target and answers `TC_ACT_REDIRECT` (net/core/filter.c,
+/// `bpf_redirect_peer`: it refuses nothing but unknown flags); `RedirectFailed` otherwise.
+#[inline(always)]
+pub fn redirect(ifindex: u32) -> Result<i32, DropReason> {
     // SAFETY: bpf_redirect_peer takes plain integers.
     let rc = unsafe { bpf_redirect_peer(ifindex, 0) };
     if rc != TC_ACT_REDIRECT as i64 {

@@ -4,41 +4,18 @@
 //! endpoint of another host is judged by the sender's egress rules here, wrapped and sent over
 //! the underlay, where that host's `from_underlay` applies the receiver's ingress rules.
 //!
-//! The walk, in order (the first failing step drops and counts its `DropReason`):
-//! 1. Ethernet header present (`TruncatedEthernet`); the skb's ifindex names the endpoint
-//!    (its slot in `VERSE_EP_SLOTS`, else `VERSE_ENDPOINTS`; `UnknownEndpoint`); the source MAC is the endpoint's (`SpoofedMac`).
-//! 2. ARP -> [`arp::answer`] (`ArpUnanswered`); IPv6 -> `Ipv6Unsupported`; anything but IPv4 ->
-//!    `UnknownEthertype`.
-//! 3. IPv4 header ([`flow::ipv4_header`], `MalformedIpv4`); source is the endpoint's IP
-//!    (`SpoofedIp`); not a fragment (`Fragment`).
-//! 4. L4 header ([`flow::l4`], `MalformedL4`).
-//! 5. Conntrack hit (live, bound to this sender: [`conntrack::lookup`]) on the packet's key or
-//!    its reverse, as far as its role allows ([`conntrack::Role`], S7: a TCP SYN or an echo
-//!    request only the original way, an echo reply only the reply way, other ICMP never) -> the
-//!    delivery cached in the entry for this direction if it carries the current route epoch (no
-//!    route lookup: the established path), else the route (none: `NoRoute`; an endpoint other
-//!    than the flow's: no hit, go on with step 6), which is then cached; the packet is sent on
-//!    (step 8) and, once it passed the MTU check, its flow refreshed (policy is skipped, S6). A
-//!    dropped packet never creates or refreshes a flow.
-//! 6. An ICMP error related to a tracked flow ([`related::error`]: an error type and code, at
-//!    most 576 bytes, from the quoted packet's destination to its source, the quoted flow
-//!    tracked between the error's receiver, the endpoint the route names, and its sender) -> sent
-//!    on like step 5, without policy and without touching conntrack (S6). Otherwise the message
-//!    is judged like any ICMP.
-//! 7. Route of (universe, destination) looked up; egress policy of the sender with the
-//!    destination as peer (`PolicyEgress`); no route -> `NoRoute` (this includes the gateway
-//!    address, which is no endpoint); for a local receiver its ingress policy with the sender as
-//!    peer (`PolicyIngress`); a packet whose role begins flows ([`conntrack::creates`]: a TCP
-//!    SYN, an ICMP echo request, UDP, other protocols) creates its conntrack entry, owned by the
-//!    sender and charged to its budget (`ConntrackBudgetExceeded` when it is spent, S14),
-//!    caching this delivery; any other (a TCP segment without SYN, an echo reply, other ICMP) is
-//!    sent on untracked.
-//! 8. Sending on. A local receiver: [`deliver::to_endpoint`]. A receiver on another host (route
-//!    ifindex 0): this host needs an underlay (`NoUnderlay` otherwise); a packet that would not
-//!    fit the underlay once wrapped is answered with an ICMP "fragmentation needed"
-//!    ([`icmp::frag_needed`], counted `FragNeeded`, or `FragNeededUnsent` when it cannot be
-//!    sent); else [`encap::wrap`] and out through the underlay (`MtuCheckFailed`,
-//!    `EncapFailed`, `RedirectFailed`).
+//! The walk, its order and its drop reasons are described once, by the reference model:
+//! `controller/src/verdict/endpoint.rs` (conntrack in `verdict/conntrack.rs`). This program
+//! takes the same steps in the same order, and the differential test
+//! (`tests/tests/dataplane_model.rs`) holds it to them. What only the kernel side has:
+//! - the endpoint is found by the skb's ifindex: its slot in `VERSE_EP_SLOTS`, else
+//!   `VERSE_ENDPOINTS` ([`endpoint_of`]);
+//! - the established path: a conntrack hit delivers by the hop cached in its entry when that
+//!   carries the current route epoch, without a route lookup; else the route is looked up and
+//!   cached ([`conntrack`], "Delivery cache");
+//! - the helpers of each step: [`arp::answer`], [`flow::ipv4_header`], [`flow::l4`],
+//!   [`conntrack::lookup`], [`related::error`], [`policy::rule`], [`icmp::frag_needed`],
+//!   [`deliver::to_endpoint`], [`encap::wrap`].
 use aya_ebpf::programs::TcContext;
 use dataplane_common::{
     capacity, ct_owner, Config, CtHop, DropReason, Endpoint, Hook, PolicyValue, Route, RouteKey,
@@ -223,7 +200,7 @@ fn ipv4(
             peer_host: route.underlay,
         };
         events::admitted(
-            ctx,
+            ctx.len(),
             config,
             Hook::FromEndpoint,
             &who,

@@ -93,10 +93,10 @@ pub struct Parties {
 
 /// A new flow admitted by policy: counts it for the rules that admitted it (`rule_egress`,
 /// `rule_ingress`; 0 for a direction not judged at this hook) and reports it, if events are on
-/// and this CPU's new-flow bucket allows.
+/// and this CPU's new-flow bucket allows. `len` is the frame's length as the hook received it.
 #[inline(always)]
 pub fn admitted(
-    ctx: &TcContext,
+    len: u32,
     config: &Config,
     hook: Hook,
     who: &Parties,
@@ -131,7 +131,7 @@ pub fn admitted(
         dst_identity: who.dst_identity,
         rule_egress,
         rule_ingress,
-        len: ctx.len(),
+        len,
         peer_host: who.peer_host,
         _pad: [0; 4],
     };

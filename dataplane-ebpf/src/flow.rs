@@ -9,7 +9,7 @@
 //! the L4 header within the total length, not the padding: TCP 20 bytes and its whole data
 //! offset (>= 5 words), UDP 8, ICMP 8 (`MalformedL4`); other protocols are not parsed.
 use aya_ebpf::programs::TcContext;
-use dataplane_common::{CtKey, DropReason};
+use dataplane_common::{ct_ports, icmp_ct_ports, CtKey, DropReason};
 
 use crate::parse::*;
 
@@ -111,7 +111,7 @@ pub fn l4(ctx: &TcContext, proto: u8, l4_off: usize, ip_end: usize) -> Result<L4
             let icmp: *const IcmpHdr = ptr_at(ctx, l4_off).ok_or(DropReason::MalformedL4)?;
             // SAFETY: ptr_at proved the ICMP header is inside the linear data.
             let (ty, code, id) = unsafe { ((*icmp).ty, (*icmp).code, be16((*icmp).id)) };
-            let (sport, dport) = icmp_ports(ty, id);
+            let (sport, dport) = icmp_ct_ports(ty, id);
             Ok(L4 {
                 sport,
                 dport,
@@ -124,17 +124,6 @@ pub fn l4(ctx: &TcContext, proto: u8, l4_off: usize, ip_end: usize) -> Result<L4
         _ => {
             Ok(L4 { sport: 0, dport: 0, policy_port: 0, tcp_flags: 0, icmp_type: 0xFF, hdr_len: 0 })
         }
-    }
-}
-
-/// Conntrack ports of an ICMP message (see `CtKey`): echo request `(id, 0)`, echo reply
-/// `(0, id)`, anything else `(0, 0)`.
-#[inline(always)]
-fn icmp_ports(ty: u8, id: u16) -> (u16, u16) {
-    match ty {
-        ICMP_ECHO_REQUEST => (id, 0),
-        ICMP_ECHO_REPLY => (0, id),
-        _ => (0, 0),
     }
 }
 
@@ -166,45 +155,12 @@ pub fn quoted_flow(ctx: &TcContext, vni: u32, off: usize, ip_end: usize) -> Opti
         let h = &*l4;
         (h.ty, h.code, h.check[0], h.check[1], be16(h.id))
     };
-    let (sport, dport) = match proto {
-        IPPROTO_TCP | IPPROTO_UDP => (u16::from_be_bytes([b0, b1]), u16::from_be_bytes([b2, b3])),
-        IPPROTO_ICMP => icmp_ports(b0, id),
-        _ => (0, 0),
-    };
-    Some(key(vni, src, dst, sport, dport, proto))
+    let (sport, dport) = ct_ports(proto, [b0, b1, b2, b3], id);
+    Some(CtKey::new(vni, src, dst, sport, dport, proto))
 }
 
 /// The conntrack key of a packet in `vni`.
 #[inline(always)]
 pub fn ct_key(vni: u32, ip: &Ipv4, l4: &L4) -> CtKey {
-    key(vni, ip.src, ip.dst, l4.sport, l4.dport, ip.proto)
-}
-
-/// `key` reversed (`CtKey::reversed`, built like [`key`]).
-#[inline(always)]
-pub fn reversed(k: &CtKey) -> CtKey {
-    key(k.vni, k.dst, k.src, k.dport, k.sport, k.proto)
-}
-
-/// A conntrack key with zero padding. Why not a struct literal: LLVM lowers the 3-byte
-/// `_pad: [0; 3]` to a call of `memset` (a BPF-to-BPF call on the hot path, even when the key is
-/// zeroed first); storing `proto` and the padding as one 32-bit word avoids it.
-#[inline(always)]
-fn key(vni: u32, src: [u8; 4], dst: [u8; 4], sport: u16, dport: u16, proto: u8) -> CtKey {
-    const _: () =
-        assert!(core::mem::offset_of!(CtKey, proto) == 16 && core::mem::size_of::<CtKey>() == 20);
-    let mut k = core::mem::MaybeUninit::<CtKey>::uninit();
-    let p = k.as_mut_ptr();
-    // SAFETY: every byte of the key is written exactly once: the five fields before `proto`
-    // through their places, then bytes 16..20 (`proto` and `_pad`, checked above) as one
-    // unaligned word whose first byte in memory is `proto` and the others 0.
-    unsafe {
-        core::ptr::addr_of_mut!((*p).vni).write(vni);
-        core::ptr::addr_of_mut!((*p).src).write(src);
-        core::ptr::addr_of_mut!((*p).dst).write(dst);
-        core::ptr::addr_of_mut!((*p).sport).write(sport);
-        core::ptr::addr_of_mut!((*p).dport).write(dport);
-        p.cast::<u8>().add(16).cast::<u32>().write_unaligned(u32::from(proto).to_le());
-        k.assume_init()
-    }
+    CtKey::new(vni, ip.src, ip.dst, l4.sport, l4.dport, ip.proto)
 }

@@ -16,13 +16,13 @@ fn cidr_class(vni: u32, ip: [u8; 4]) -> Option<u32> {
     VERSE_CIDRS.get(&key).copied()
 }
 
-/// The entry of the policy `policy` that allows traffic in `direction` with the peer described
+/// The entry of the policy of `identity` that allows traffic in `direction` with the peer described
 /// by `peer_identity` (when the peer is a known endpoint) and `peer_ip`, for `proto` and `port`
 /// (destination port, or `type << 8 | code` for ICMP, 0 otherwise): the first of the three
 /// lookups that hits. `None`: denied.
 #[inline(always)]
 pub fn rule(
-    policy: u32,
+    identity: u32,
     direction: u8,
     peer_identity: Option<u32>,
     vni: u32,
@@ -31,14 +31,14 @@ pub fn rule(
     port: u16,
 ) -> Option<PolicyValue> {
     let mut data = PolicyKey {
-        policy: policy.to_be_bytes(),
+        identity: identity.to_be_bytes(),
         direction,
         peer: [0; 4],
         proto,
         port: port.to_be_bytes(),
     };
-    if let Some(identity) = peer_identity {
-        data.peer = identity.to_be_bytes();
+    if let Some(peer_id) = peer_identity {
+        data.peer = peer_id.to_be_bytes();
         if let Some(v) = VERSE_POLICY.get(&Key::new(policy_prefix::FULL, data)) {
             return Some(*v);
         }

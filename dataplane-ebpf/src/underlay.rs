@@ -1,38 +1,14 @@
 //! `from_underlay`: the TC (TCX ingress) program on the underlay interface, i.e. on every packet
 //! the host receives from its network. It takes the encapsulated traffic of other hosts' endpoints
 //! (see [`encap`] for the wire format), judges it with the receiver's ingress rules, unwraps it
-//! and delivers it into the receiver's namespace.
+//! and delivers it into the receiver's namespace; anything else passes untouched.
 //!
-//! The underlay is the host's own network (the API, etcd, ssh ride on it): anything that is not
-//! an IPv4/UDP packet to this host's underlay address on port 4789 is passed untouched
-//! (`TC_ACT_OK`), as are non-first fragments (no UDP header to tell). What is addressed to the
-//! VXLAN port of this host is Verse's, and from then on the walk fails closed (the first failing
-//! step drops and counts its `DropReason`):
-//! 1. Outer IPv4 without options and not a first fragment (we never send either), total length
-//!    within the frame, UDP length = IPv4 payload length, the VXLAN header and inner Ethernet
-//!    header present, VXLAN flags exactly G | I (`MalformedEncap`).
-//! 2. The outer source is a host of the fleet (`VERSE_HOSTS`, `UnknownHost`, S10).
-//! 3. The VNI is a universe of the fleet (`VERSE_VNIS`, `UnknownUniverse`).
-//! 4. The inner frame is parsed like `from_endpoint` parses a workload's: inner IPv6
-//!    `Ipv6Unsupported`, not IPv4 `UnknownEthertype`, then `MalformedIpv4`, `Fragment`,
-//!    `MalformedL4`.
-//! 5. The inner source is an endpoint placed on the sending host: its route is remote with the
-//!    outer source as underlay (`NotPlacedOnSender`, S10).
-//! 6. The Group Policy ID of the VXLAN-GBP header is the identity the control plane gives that
-//!    endpoint, the one in its route (`IdentityMismatch`, S10): the header is a claim the sender
-//!    makes, checked, never believed.
-//! 7. The inner destination is an endpoint of this host (`NotLocal`).
-//! 8. Conntrack hit (live, and bound to the inner source and destination endpoints, S7) on the
-//!    packet's key or its reverse, as far as its role allows (as in `from_endpoint`, S7) ->
-//!    refreshed and delivered (S6); an ICMP error related to a tracked flow
-//!    ([`related::error`], as in `from_endpoint`: its inner source, placed on the sending host by
-//!    step 5, is the quoted packet's destination) -> delivered.
-//! 9. Otherwise the receiver's ingress policy with peer = the inner source's identity (from its
-//!    route; then its CIDR class; then ANY) (`PolicyIngress`); a packet whose role begins flows
-//!    creates its conntrack entry, owned by the receiver and charged to its budget
-//!    (`ConntrackBudgetExceeded` when it is spent, S14); any other is delivered untracked.
-//! 10. Unwrap ([`encap::unwrap`], `EncapFailed`) and deliver ([`deliver::to_endpoint`],
-//!    `RedirectFailed`).
+//! The walk, its order and its drop reasons are described once, by the reference model:
+//! `controller/src/verdict/underlay.rs` (conntrack in `verdict/conntrack.rs`). This program takes
+//! the same steps in the same order ([`walk`]: steps 1-3, [`inner`]: 4-10), and the differential
+//! test (`tests/tests/dataplane_model.rs`) holds it to them. The frame work that can fail
+//! ([`encap::unwrap`], [`deliver::address`]) comes before the conntrack write, and the redirect,
+//! which cannot refuse, after it: a dropped packet never refreshes or creates a flow.
 use aya_ebpf::{bindings::TC_ACT_OK, programs::TcContext};
 use dataplane_common::{
     ct_owner, Config, CtHop, DropReason, Hook, Route, RouteKey, DIRECTION_INGRESS, ENCAP_OVERHEAD,
@@ -174,15 +150,17 @@ fn inner(
     let found = conntrack::lookup(&key, role, from.serial, now, &config.timeouts_ns);
     if let Some(hit) = found.hit.filter(|h| h.receiver_serial() == to.serial) {
         let size = conntrack::size(ctx, &ip, &l4);
+        // The frame work that can fail comes before the refresh: a dropped packet never
+        // refreshes a flow (the model's `Outcome::sent`).
+        unwrap_for(ctx, config, &to)?;
         conntrack::refresh(hit, now, l4.tcp_flags, size, config.flow_interval);
-        encap::unwrap(ctx)?;
-        return deliver::to_endpoint(ctx, to.ifindex, to.mac, config.gateway_mac);
+        return deliver::redirect(to.ifindex);
     }
     if role == conntrack::Role::Untracked
         && related::error(ctx, vni, &ip, &l4, (from.serial, to.serial), now, &config.timeouts_ns)
     {
-        encap::unwrap(ctx)?;
-        return deliver::to_endpoint(ctx, to.ifindex, to.mac, config.gateway_mac);
+        unwrap_for(ctx, config, &to)?;
+        return deliver::redirect(to.ifindex);
     }
     let Some(ingress) = policy::rule(
         to.identity,
@@ -195,6 +173,12 @@ fn inner(
     ) else {
         return Err(DropReason::PolicyIngress);
     };
+    // Unwrapped before the flow is created, so that a packet the kernel refuses to unwrap
+    // (`EncapFailed`) creates nothing (the model's `Outcome::sent`). A flow then refused for
+    // its owner's budget is dropped unwrapped: counted with the inner frame's bytes, reported
+    // with the inner packet's fields.
+    let len = ctx.len();
+    unwrap_for(ctx, config, &to)?;
     // No delivery is cached: this hook's hit path needs the source's route anyway (S10).
     if conntrack::creates(role) {
         let entry = conntrack::entry(
@@ -222,8 +206,16 @@ fn inner(
             dst_identity: to.identity,
             peer_host: host,
         };
-        events::admitted(ctx, config, Hook::FromUnderlay, &who, &ip, &l4, 0, ingress.rule);
+        events::admitted(len, config, Hook::FromUnderlay, &who, &ip, &l4, 0, ingress.rule);
     }
+    deliver::redirect(to.ifindex)
+}
+
+/// The fallible frame work of delivering to the local receiver `to`: unwrap
+/// ([`encap::unwrap`], `EncapFailed`) and rewrite the Ethernet header ([`deliver::address`]).
+/// What is left, [`deliver::redirect`], cannot refuse.
+#[inline(always)]
+fn unwrap_for(ctx: &TcContext, config: &Config, to: &Route) -> Result<(), DropReason> {
     encap::unwrap(ctx)?;
-    deliver::to_endpoint(ctx, to.ifindex, to.mac, config.gateway_mac)
+    deliver::address(ctx, to.mac, config.gateway_mac)
 }

@@ -433,6 +433,18 @@ impl Fleet {
         fleet
     }
 
+    /// One host per settings file of `configs` (TOML text), named `host-a`, `host-b`, …, host
+    /// `i` at [`underlay_ip`]`(i)`, as [`Fleet::start_with_config`] (no wait for health).
+    pub fn start_with_host_configs(configs: &[&str]) -> Fleet {
+        assert!((1..=26).contains(&configs.len()), "between 1 and 26 hosts");
+        let mut fleet = Fleet::network();
+        for (i, config) in configs.iter().enumerate() {
+            let name = format!("host-{}", (b'a' + i as u8) as char);
+            fleet.start_hosts(&[&name], Some(config));
+        }
+        fleet
+    }
+
     /// Starts a daemon per name on the fleet's network and etcd, with `config`.
     fn start_hosts(&mut self, names: &[&str], config: Option<&str>) {
         let store = self.etcd.store_url();

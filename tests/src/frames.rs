@@ -7,6 +7,8 @@
 //! UDP: checksum 0, which IPv4 reads as "none"; ICMP: checksum computed). A test that needs a
 //! broken header builds the good one and then overwrites the bytes it wants to break.
 
+/// The RFC 1071 checksum the frames carry (0 over a header that carries its own right).
+pub use dataplane_common::wire::checksum;
 /// EtherTypes and TCP flags, from the wire numbers the kernel and the model use, under the short
 /// names the tests write.
 pub use dataplane_common::wire::{
@@ -14,19 +16,6 @@ pub use dataplane_common::wire::{
     TCP_ACK as ACK, TCP_SYN as SYN,
 };
 pub const SYN_ACK: u8 = SYN | ACK;
-
-/// The RFC 1071 Internet checksum of `bytes` (an odd last byte is padded with zero). Over a
-/// header that carries its own correct checksum it is 0.
-pub fn checksum(bytes: &[u8]) -> u16 {
-    let mut sum: u32 = bytes
-        .chunks(2)
-        .map(|c| u32::from(u16::from_be_bytes([c[0], c.get(1).copied().unwrap_or(0)])))
-        .sum();
-    while sum > 0xFFFF {
-        sum = (sum & 0xFFFF) + (sum >> 16);
-    }
-    !(sum as u16)
-}
 
 /// An Ethernet II frame.
 pub fn ethernet(dst: [u8; 6], src: [u8; 6], ethertype: u16, payload: &[u8]) -> Vec<u8> {
@@ -115,6 +104,15 @@ pub fn vxlan_gbp(flags: u8, group: u16, vni: u32) -> [u8; 8] {
     let g = group.to_be_bytes();
     let v = vni.to_be_bytes();
     [flags, 0, g[0], g[1], v[1], v[2], v[3], 0]
+}
+
+/// Parses a MAC written `aa:bb:cc:dd:ee:ff`.
+pub fn mac_bytes(text: &str) -> [u8; 6] {
+    let parts: Vec<u8> = text
+        .split(':')
+        .map(|p| u8::from_str_radix(p, 16).unwrap_or_else(|e| panic!("MAC {text:?}: {e}")))
+        .collect();
+    parts.try_into().unwrap_or_else(|_| panic!("MAC {text:?} is not 6 bytes"))
 }
 
 #[cfg(test)]

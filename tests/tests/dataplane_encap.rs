@@ -11,33 +11,24 @@
 
 use std::path::Path;
 
-use dataplane_common::{
-    ct_state, policy_prefix, Config, DropReason, Endpoint, PolicyKey, PolicyValue, Route, RouteKey,
-    DIRECTION_EGRESS, DIRECTION_INGRESS,
-};
+use dataplane_common::{ct_state, Config, DropReason};
+use tests::encap::{self, Remote, GATEWAY_MAC, HERE, HOSTS, ID_A, IP_A, MAC_A, UNDERLAY_MTU, VNI};
 use tests::fleet::VXLAN_PORT;
 use tests::frames::{
-    checksum, ethernet, icmp, ipv4, tcp, udp, vxlan_gbp, ACK, ETH_ARP, ETH_IPV4, SYN, SYN_ACK,
+    checksum, ethernet, icmp, ipv4, tcp, vxlan_gbp, ACK, ETH_ARP, ETH_IPV4, SYN, SYN_ACK,
 };
 use tests::{is_root, pinned_drops, Bpffs, Netns, TempDir};
-use verse::compile::{Desired, OwnerBudget};
+use verse::compile::MapContents;
 use verse::dataplane::{tc_act, Dataplane};
 
-const GATEWAY_MAC: [u8; 6] = [0x02, 0x00, 0x00, 0x00, 0x00, 0x01];
-const MAC_A: [u8; 6] = [0x02, 0xAA, 0x00, 0x00, 0x00, 0x02];
 const MAC_B: [u8; 6] = [0x02, 0xBB, 0x00, 0x00, 0x00, 0x03];
 const MAC_C: [u8; 6] = [0x02, 0xCC, 0x00, 0x00, 0x00, 0x04];
-const IP_A: [u8; 4] = [10, 0, 0, 2];
 const IP_B: [u8; 4] = [10, 0, 0, 3];
 const IP_C: [u8; 4] = [10, 0, 0, 4];
-const VNI: u32 = 7;
-const ID_A: u32 = 1;
 const ID_B: u32 = 2;
 const ID_C: u32 = 3;
-const HERE: [u8; 4] = [198, 18, 0, 1];
-const HOST_B: [u8; 4] = [198, 18, 0, 2];
-const HOST_C: [u8; 4] = [198, 18, 0, 3];
-const UNDERLAY_MTU: u32 = 1500;
+const HOST_B: [u8; 4] = HOSTS[0];
+const HOST_C: [u8; 4] = HOSTS[1];
 
 /// The daemon's default settings (S9 timeouts) with this test's gateway MAC and underlay.
 fn config(underlay_ifindex: u32) -> Config {
@@ -64,8 +55,7 @@ fn from_workload(mac: [u8; 6], packet: &[u8]) -> Vec<u8> {
     ethernet(GATEWAY_MAC, mac, ETH_IPV4, packet)
 }
 
-/// A frame as host `from` sends it to this host: outer Ethernet/IPv4/UDP 4789, `vxlan`, then
-/// the inner Ethernet frame carrying `inner`.
+/// A frame as host `from` sends it to this host, the inner frame from the gateway's MAC.
 fn wrapped(
     from: [u8; 4],
     to: [u8; 4],
@@ -73,9 +63,7 @@ fn wrapped(
     inner_dst: [u8; 6],
     inner: &[u8],
 ) -> Vec<u8> {
-    let payload = [&vxlan[..], &ethernet(inner_dst, GATEWAY_MAC, ETH_IPV4, inner)].concat();
-    let ip = ipv4(from, to, 17, &udp(50000, VXLAN_PORT, &payload));
-    ethernet([0x02, 0x55, 0, 0, 0, 1], [0x02, 0x55, 0, 0, 0, 2], ETH_IPV4, &ip)
+    encap::wrapped(from, to, vxlan, (inner_dst, GATEWAY_MAC), inner)
 }
 
 /// B's TCP packet to A, as host B wraps it.
@@ -91,64 +79,18 @@ fn from_b(sport: u16, dport: u16, flags: u8) -> Vec<u8> {
 
 // ---- the maps, by hand ---------------------------------------------------------------------
 
-fn desired(if_a: u32) -> Desired {
-    let mut d = Desired::default();
-    // Serials are the identities here; A, the one local endpoint, has slot 1.
-    d.endpoints.insert(
-        if_a,
-        Endpoint {
-            ip: IP_A,
-            mac: MAC_A,
-            _pad: [0; 2],
-            vni: VNI,
-            identity: ID_A,
-            slot: 1,
-            serial: u64::from(ID_A),
-        },
-    );
-    d.ct_owners.insert(1, OwnerBudget { serial: u64::from(ID_A), budget: 1000 });
-    let route = |ifindex, identity, mac, underlay| Route {
-        ifindex,
-        identity,
+/// A on this host; B on host B and C on host C (serials are the identities); A admits TCP/80
+/// from B.
+fn desired(if_a: u32) -> MapContents {
+    let remote = |ip, mac, identity: u32, host| Remote {
+        ip,
         mac,
-        _pad: [0; 2],
-        underlay,
-        slot: if ifindex == 0 { 0 } else { 1 },
+        identity,
+        host,
         serial: u64::from(identity),
     };
-    d.routes.insert(RouteKey { vni: VNI, ip: IP_A }, route(if_a, ID_A, MAC_A, [0; 4]));
-    d.routes.insert(RouteKey { vni: VNI, ip: IP_B }, route(0, ID_B, MAC_B, HOST_B));
-    d.routes.insert(RouteKey { vni: VNI, ip: IP_C }, route(0, ID_C, MAC_C, HOST_C));
-    d.hosts.insert(HOST_B, 2);
-    d.hosts.insert(HOST_C, 3);
-    d.vnis.insert(VNI);
-    d.policy.insert(
-        (
-            policy_prefix::PEER,
-            PolicyKey {
-                policy: ID_A.to_be_bytes(),
-                direction: DIRECTION_EGRESS,
-                peer: [0; 4],
-                proto: 0,
-                port: [0; 2],
-            },
-        ),
-        PolicyValue::default(),
-    );
-    d.policy.insert(
-        (
-            policy_prefix::FULL,
-            PolicyKey {
-                policy: ID_A.to_be_bytes(),
-                direction: DIRECTION_INGRESS,
-                peer: ID_B.to_be_bytes(),
-                proto: 6,
-                port: 80u16.to_be_bytes(),
-            },
-        ),
-        PolicyValue::default(),
-    );
-    d
+    let remotes = [remote(IP_B, MAC_B, ID_B, HOST_B), remote(IP_C, MAC_C, ID_C, HOST_C)];
+    encap::desired(if_a, 1000, &remotes, ID_B)
 }
 
 /// Runs `from_underlay` on `frame` and asserts it is dropped and counted as `reason`.
@@ -193,7 +135,7 @@ fn judge(bpf_dir: &Path, if_a: u32, if_u: u32) {
     assert!(dp.underlay_pin_path("u0").exists(), "the underlay link is pinned");
     assert_eq!(dp.pinned_links().expect("list"), vec!["ha".to_string()], "apart from endpoints");
     let want = desired(if_a);
-    dp.apply(&Desired::default(), &want).expect("apply");
+    dp.apply(&MapContents::default(), &want).expect("apply");
     assert_eq!(dp.read().expect("read"), want, "hosts and universes read back as applied");
 
     wraps_exactly_the_documented_header(&dp, if_a);
@@ -204,8 +146,8 @@ fn judge(bpf_dir: &Path, if_a: u32, if_u: u32) {
     passes_what_is_not_ours(&dp, if_u);
     answers_too_big_with_frag_needed(&dp, if_a);
 
-    dp.apply(&want, &Desired::default()).expect("apply removal");
-    assert_eq!(dp.read().expect("read"), Desired::default(), "hosts and universes removed");
+    dp.apply(&want, &MapContents::default()).expect("apply removal");
+    assert_eq!(dp.read().expect("read"), MapContents::default(), "hosts and universes removed");
 }
 
 fn wraps_exactly_the_documented_header(dp: &Dataplane, if_a: u32) {

@@ -14,7 +14,7 @@ use dataplane_common::{
 };
 use tests::frames::{arp_request, ethernet, icmp, ipv4, tcp, ETH_IPV4, ETH_IPV6, SYN, SYN_ACK};
 use tests::{is_root, pinned_drops, Bpffs, Netns, TempDir};
-use verse::compile::{Desired, OwnerBudget};
+use verse::compile::{MapContents, OwnerBudget};
 use verse::dataplane::{tc_act, Dataplane};
 
 const GATEWAY_MAC: [u8; 6] = [0x02, 0x00, 0x00, 0x00, 0x00, 0x01];
@@ -58,22 +58,32 @@ fn serial_of(ip: [u8; 4]) -> u64 {
     u64::from(ip[3])
 }
 /// Gives the endpoint at `ip` its slot, with a budget far above what a test uses.
-fn own(d: &mut Desired, ip: [u8; 4]) {
+fn own(d: &mut MapContents, ip: [u8; 4]) {
     d.ct_owners.insert(slot_of(ip), OwnerBudget { serial: serial_of(ip), budget: 4096 });
 }
 
 /// A can send anything anywhere (egress all); B admits TCP/80 from A. Nothing else.
-fn desired(if_a: u32, if_b: u32) -> Desired {
-    let endpoint = |ip: [u8; 4], mac, identity| Endpoint {
-        ip,
-        mac,
-        _pad: [0; 2],
-        vni: VNI,
-        identity,
-        slot: slot_of(ip),
-        serial: serial_of(ip),
-    };
-    let route = |ifindex, identity, mac, ip: [u8; 4]| Route {
+fn desired(if_a: u32, if_b: u32) -> MapContents {
+    let mut d = MapContents::default();
+    d.endpoints.insert(if_a, endpoint(IP_A, MAC_A, ID_A));
+    d.endpoints.insert(if_b, endpoint(IP_B, MAC_B, ID_B));
+    own(&mut d, IP_A);
+    own(&mut d, IP_B);
+    d.routes.insert(RouteKey { vni: VNI, ip: IP_A }, route(if_a, ID_A, MAC_A, IP_A));
+    d.routes.insert(RouteKey { vni: VNI, ip: IP_B }, route(if_b, ID_B, MAC_B, IP_B));
+    egress_all(&mut d, ID_A);
+    admit_tcp80_from_a(&mut d, ID_B);
+    d
+}
+
+/// The endpoint at `ip` on this host, with its slot and serial.
+fn endpoint(ip: [u8; 4], mac: [u8; 6], identity: u32) -> Endpoint {
+    Endpoint { ip, mac, _pad: [0; 2], vni: VNI, identity, slot: slot_of(ip), serial: serial_of(ip) }
+}
+
+/// The route to the local endpoint at `ip` behind `ifindex`.
+fn route(ifindex: u32, identity: u32, mac: [u8; 6], ip: [u8; 4]) -> Route {
+    Route {
         ifindex,
         identity,
         mac,
@@ -81,19 +91,16 @@ fn desired(if_a: u32, if_b: u32) -> Desired {
         underlay: [0; 4],
         slot: slot_of(ip),
         serial: serial_of(ip),
-    };
-    let mut d = Desired::default();
-    d.endpoints.insert(if_a, endpoint(IP_A, MAC_A, ID_A));
-    d.endpoints.insert(if_b, endpoint(IP_B, MAC_B, ID_B));
-    own(&mut d, IP_A);
-    own(&mut d, IP_B);
-    d.routes.insert(RouteKey { vni: VNI, ip: IP_A }, route(if_a, ID_A, MAC_A, IP_A));
-    d.routes.insert(RouteKey { vni: VNI, ip: IP_B }, route(if_b, ID_B, MAC_B, IP_B));
+    }
+}
+
+/// Identity `id` may send anything anywhere.
+fn egress_all(d: &mut MapContents, id: u32) {
     d.policy.insert(
         (
             policy_prefix::PEER,
             PolicyKey {
-                policy: ID_A.to_be_bytes(),
+                identity: id.to_be_bytes(),
                 direction: DIRECTION_EGRESS,
                 peer: 0u32.to_be_bytes(),
                 proto: 0,
@@ -102,11 +109,15 @@ fn desired(if_a: u32, if_b: u32) -> Desired {
         ),
         PolicyValue::default(),
     );
+}
+
+/// Identity `id` admits TCP/80 from A.
+fn admit_tcp80_from_a(d: &mut MapContents, id: u32) {
     d.policy.insert(
         (
             policy_prefix::FULL,
             PolicyKey {
-                policy: ID_B.to_be_bytes(),
+                identity: id.to_be_bytes(),
                 direction: DIRECTION_INGRESS,
                 peer: ID_A.to_be_bytes(),
                 proto: 6,
@@ -115,7 +126,6 @@ fn desired(if_a: u32, if_b: u32) -> Desired {
         ),
         PolicyValue::default(),
     );
-    d
 }
 
 /// Runs a command from the calling thread, so in the namespace that thread has joined.
@@ -173,7 +183,7 @@ fn judge_packets(bpf_dir: &Path, if_a: u32, if_b: u32, if_c: u32, if_wa: u32) {
     assert_eq!(dp.pinned_links().expect("list links"), vec!["ha".to_string(), "hb".to_string()]);
 
     let want = desired(if_a, if_b);
-    dp.apply(&Desired::default(), &want).expect("apply");
+    dp.apply(&MapContents::default(), &want).expect("apply");
     assert_eq!(dp.read().expect("read maps"), want, "the maps hold exactly what was applied");
 
     // A TCP SYN that B's ingress allows: delivered to B with the gateway as source.
@@ -324,8 +334,8 @@ fn judge_packets(bpf_dir: &Path, if_a: u32, if_b: u32, if_c: u32, if_wa: u32) {
     assert_eq!(again.test_run(&syn, if_a, 1).expect("run").return_code, tc_act::REDIRECT);
 
     // Removing everything leaves the maps empty.
-    again.apply(&want, &Desired::default()).expect("apply removal");
-    assert_eq!(again.read().expect("read"), Desired::default());
+    again.apply(&want, &MapContents::default()).expect("apply removal");
+    assert_eq!(again.read().expect("read"), MapContents::default());
     again.detach_endpoint("ha").expect("detach ha");
     again.detach_endpoint("hb").expect("detach hb");
     again.detach_endpoint("hb").expect("detach is idempotent");
@@ -385,7 +395,7 @@ fn only_a_syn_in_its_own_direction_opens_a_tcp_flow(dp: &mut Dataplane, if_a: u3
 /// by A's ingress rules.
 fn related_errors_come_only_from_the_peer(
     dp: &mut Dataplane,
-    want: &Desired,
+    want: &MapContents,
     if_a: u32,
     if_b: u32,
     if_c: u32,
@@ -394,44 +404,10 @@ fn related_errors_come_only_from_the_peer(
     const MAC_C: [u8; 6] = [0x02, 0xCC, 0x00, 0x00, 0x00, 0x04];
     const ID_C: u32 = 3;
     let mut with_c = want.clone();
-    with_c.endpoints.insert(
-        if_c,
-        Endpoint {
-            ip: IP_C,
-            mac: MAC_C,
-            _pad: [0; 2],
-            vni: VNI,
-            identity: ID_C,
-            slot: slot_of(IP_C),
-            serial: serial_of(IP_C),
-        },
-    );
+    with_c.endpoints.insert(if_c, endpoint(IP_C, MAC_C, ID_C));
     own(&mut with_c, IP_C);
-    with_c.routes.insert(
-        RouteKey { vni: VNI, ip: IP_C },
-        Route {
-            ifindex: if_c,
-            identity: ID_C,
-            mac: MAC_C,
-            _pad: [0; 2],
-            underlay: [0; 4],
-            slot: slot_of(IP_C),
-            serial: serial_of(IP_C),
-        },
-    );
-    with_c.policy.insert(
-        (
-            policy_prefix::PEER,
-            PolicyKey {
-                policy: ID_C.to_be_bytes(),
-                direction: DIRECTION_EGRESS,
-                peer: 0u32.to_be_bytes(),
-                proto: 0,
-                port: [0; 2],
-            },
-        ),
-        PolicyValue::default(),
-    );
+    with_c.routes.insert(RouteKey { vni: VNI, ip: IP_C }, route(if_c, ID_C, MAC_C, IP_C));
+    egress_all(&mut with_c, ID_C);
     dp.apply(want, &with_c).expect("add C");
     dp.clear_conntrack().expect("clear conntrack");
     let syn = tcp_frame(MAC_A, IP_A, IP_B, 45000, 80, SYN);
@@ -541,47 +517,14 @@ fn reused_ifindex(bpf_dir: &Path, if_a: u32, if_b: u32, if_c: u32, if_d: u32) {
     const MAC_D: [u8; 6] = [0x02, 0xDD, 0x00, 0x00, 0x00, 0x05];
     const ID_C: u32 = 3;
     let mut dp = Dataplane::load(bpf_dir, &config()).expect("load the dataplane");
-    let endpoint = |ip: [u8; 4], mac, identity| Endpoint {
-        ip,
-        mac,
-        _pad: [0; 2],
-        vni: VNI,
-        identity,
-        slot: slot_of(ip),
-        serial: serial_of(ip),
-    };
-    let route = |ifindex, identity, mac, ip: [u8; 4]| Route {
-        ifindex,
-        identity,
-        mac,
-        _pad: [0; 2],
-        underlay: [0; 4],
-        slot: slot_of(ip),
-        serial: serial_of(ip),
-    };
     // C admits what B admits: TCP/80 from A.
-    let admit_from_a = |d: &mut Desired, id: u32| {
-        d.policy.insert(
-            (
-                policy_prefix::FULL,
-                PolicyKey {
-                    policy: id.to_be_bytes(),
-                    direction: DIRECTION_INGRESS,
-                    peer: ID_A.to_be_bytes(),
-                    proto: 6,
-                    port: 80u16.to_be_bytes(),
-                },
-            ),
-            PolicyValue::default(),
-        );
-    };
     // D sends with A's identity (egress all) from an ifindex beyond the slots.
     let mut ab = desired(if_a, if_b);
     ab.endpoints.insert(if_d, endpoint(IP_D, MAC_D, ID_A));
     own(&mut ab, IP_D);
     ab.routes.insert(RouteKey { vni: VNI, ip: IP_D }, route(if_d, ID_A, MAC_D, IP_D));
-    admit_from_a(&mut ab, ID_C);
-    dp.apply(&Desired::default(), &ab).expect("apply A, B, D");
+    admit_tcp80_from_a(&mut ab, ID_C);
+    dp.apply(&MapContents::default(), &ab).expect("apply A, B, D");
     assert_eq!(dp.read().expect("read"), ab, "slots and hash read back as one map");
 
     // The cached delivery of the A -> B flow below.
@@ -650,8 +593,8 @@ fn reused_ifindex(bpf_dir: &Path, if_a: u32, if_b: u32, if_c: u32, if_d: u32) {
     assert_eq!(hop.epoch, dp.epoch().expect("epoch"));
 
     // Removing D clears the hash entry; removing the rest clears the slots.
-    dp.apply(&acb, &Desired::default()).expect("apply removal");
-    assert_eq!(dp.read().expect("read"), Desired::default());
+    dp.apply(&acb, &MapContents::default()).expect("apply removal");
+    assert_eq!(dp.read().expect("read"), MapContents::default());
     let before = pinned_drops(dp.bpf_dir(), DropReason::UnknownEndpoint);
     assert_eq!(dp.test_run(&syn_d, if_d, 1).expect("run").return_code, tc_act::SHOT);
     assert_eq!(dp.test_run(&ack, if_a, 1).expect("run").return_code, tc_act::SHOT);

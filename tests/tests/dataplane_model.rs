@@ -48,7 +48,7 @@ use rand::{Rng, SeedableRng};
 use serde_json::json;
 use tests::frames::{ETH_ARP, ETH_IPV4};
 use tests::{Bpffs, Netns, TempDir};
-use verse::compile::{compile, CidrIds, Desired};
+use verse::compile::{compile, CidrIds, MapContents};
 use verse::dataplane::{tc_act, Dataplane};
 use verse::model::{
     CreateEndpoint, CreateGroup, CreateRule, CreateUniverse, HostRecord, PatchEndpoint, State,
@@ -274,12 +274,19 @@ fn build_state() -> (State, BTreeMap<&'static str, String>, Names) {
         json!({"from": 80, "to": 80, "cidr": "0.0.0.0/0"}),
     );
 
-    st.hosts
-        .insert(HOST.into(), HostRecord { name: HOST.into(), underlay_ip: Some(HERE), api: None });
+    st.hosts.insert(
+        HOST.into(),
+        HostRecord { name: HOST.into(), underlay_ip: Some(HERE), api: None, api_fingerprint: None },
+    );
     for (name, ip) in OTHER_HOSTS {
         st.hosts.insert(
             name.into(),
-            HostRecord { name: name.into(), underlay_ip: Some(ip), api: None },
+            HostRecord {
+                name: name.into(),
+                underlay_ip: Some(ip),
+                api: None,
+                api_fingerprint: None,
+            },
         );
     }
     let mut eps = BTreeMap::new();
@@ -1235,10 +1242,10 @@ fn kernel_program_agrees_with_the_reference_model_on_generated_packets() {
         };
         let mut cidr_ids = CidrIds::default();
         let mut ifindex_of = ifindex_of;
-        let mut applied = Desired::default();
+        let mut applied = MapContents::default();
         let mut program = |run: &mut Run,
                            state: &State,
-                           applied: &mut Desired,
+                           applied: &mut MapContents,
                            ifindex_of: &BTreeMap<String, u32>| {
             let lookup = |ep: &verse::model::Endpoint| ifindex_of.get(&ep.id).copied();
             let desired = compile(state, HOST, &lookup, &mut cidr_ids).expect("compile");
@@ -1288,7 +1295,7 @@ fn kernel_program_agrees_with_the_reference_model_on_generated_packets() {
                     state
                         .patch_endpoint(
                             &names.mover,
-                            PatchEndpoint { security_groups: names.mover_groups_after.clone() },
+                            PatchEndpoint::groups(names.mover_groups_after.clone()),
                         )
                         .expect("patch endpoint");
                     program(&mut run, &state, &mut applied, &ifindex_of);

@@ -125,9 +125,10 @@ fn a_drop_names_the_groups_searched_and_a_new_flow_names_its_rules() {
     let _pg = TcpServer::start(&b.ns, 5432, "db");
     let _other = TcpServer::start(&b.ns, 8080, "db");
 
-    let monitor = Monitor::start(&host, &["--universe", id(&uni)]);
-    // The stream is open once the daemon answers it; give the request a moment to arrive.
-    std::thread::sleep(Duration::from_millis(500));
+    // The stream starts with the recent events, then follows the live ones (the daemon
+    // subscribes before it reads its history): an event written before the daemon has the
+    // request, however late that is on a loaded machine, is shown all the same.
+    let monitor = Monitor::start(&host, &["--universe", id(&uni), "--recent", "100"]);
     let before = api.metrics();
 
     // Denied: nothing admits tcp/8080 into db.

@@ -493,3 +493,115 @@ fn flow_log_files_rotate_within_their_size_cap() {
     let rs = records(api, &b.id);
     assert!(!rs.is_empty() && rs.iter().all(|r| r["endpoint"] == b.id.as_str()), "{rs:#?}");
 }
+
+/// Flow logs are turned on and off on a live endpoint (`PATCH /v1/endpoints/{id}` with
+/// `flow_logs`, `verse endpoint update --flow-logs on|off`): on, its records start with the
+/// next interval, REJECT records included although the daemon's verdict events are off
+/// (`events = false`: the kernel reports drops while an endpoint has flow logs on, for them
+/// only); off, no record of it is written from the interval in which it was turned off. The
+/// edit is an endpoint edit: refused to a viewer, in the audit trail, strict about its body.
+#[test]
+fn flow_logs_turn_on_and_off_on_a_live_endpoint_with_rejects_while_events_are_off() {
+    let host =
+        Host::start_with_config(Some("[observability]\nflow_log_interval = 10\nevents = false\n"));
+    let api = &host.api;
+    let uni = api.create_universe("live", "10.44.0.0/24");
+    let sg = api.create_group(id(&uni), "all");
+    api.add_rule(id(&sg), &json!({"direction": "ingress", "protocol": "udp", "from_port": 7000, "to_port": 7000, "group": id(&sg)}));
+    let a = endpoint(&host, id(&uni), "10.44.0.10", &[id(&sg)], None);
+    let b = endpoint(&host, id(&uni), "10.44.0.20", &[id(&sg)], None);
+    let _sink = b.ns.enter(|| UdpSocket::bind("10.44.0.20:7000")).unwrap();
+    let _closed = a.ns.enter(|| UdpSocket::bind("10.44.0.10:7001")).unwrap();
+    let from_a = a.ns.enter(|| UdpSocket::bind("10.44.0.10:7100")).unwrap();
+    let from_b = b.ns.enter(|| UdpSocket::bind("10.44.0.20:7200")).unwrap();
+    // a -> b:7000 is admitted (a's egress, b's ingress); b -> a:7001 is dropped by a's ingress
+    // rules, a REJECT of a's.
+    let traffic = || {
+        for _ in 0..3 {
+            from_a.send_to(b"admitted", (b.ip, 7000)).unwrap();
+            from_b.send_to(b"denied", (a.ip, 7001)).unwrap();
+        }
+    };
+    let path = format!("/v1/endpoints/{}", a.id);
+
+    // The edit is strict and an editor's.
+    for (body, field) in [
+        (json!({}), "security_groups"),
+        (json!({"flow_logs": "on"}), "flow_logs"),
+        (json!({"flow_logs": true, "color": "red"}), "color"),
+    ] {
+        let r = api.patch(&path, &body);
+        assert_eq!(r.status, 400, "{body}: {}", r.body);
+        assert!(r.error_message().contains(field), "{body}: {}", r.body);
+    }
+    let t = api.post("/v1/tokens", &json!({"role": "viewer", "universe": id(&uni)}));
+    assert_eq!(t.status, 201, "{}", t.body);
+    let viewer = api.with_token(Some(t.json()["token"].as_str().unwrap()));
+    let r = viewer.patch(&path, &json!({"flow_logs": true}));
+    assert_eq!(r.status, 403, "a viewer may not turn flow logs on: {}", r.body);
+
+    // Off by default: traffic leaves no record.
+    traffic();
+    std::thread::sleep(Duration::from_secs(11));
+    assert!(records(api, &a.id).is_empty(), "flow logs off: no records");
+
+    // On, through the API: the groups are kept, and records come, REJECT ones included.
+    let r = api.patch(&path, &json!({"flow_logs": true}));
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.json()["flow_logs"], true, "{}", r.body);
+    assert_eq!(r.json()["security_groups"], json!([id(&sg)]), "{}", r.body);
+    let trail = api.get("/v1/audit").json();
+    assert!(
+        trail
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e.to_string().contains("PATCH") && e.to_string().contains(&a.id)),
+        "the edit is in the audit trail: {trail:#}"
+    );
+    traffic();
+    let on = wait_records(api, &a.id, |rs| {
+        rs.iter().any(|r| r["action"] == "ACCEPT") && rs.iter().any(|r| r["action"] == "REJECT")
+    });
+    let accept = on.iter().find(|r| r["action"] == "ACCEPT").unwrap_or_else(|| panic!("{on:#?}"));
+    assert_eq!(
+        (accept["flow_direction"].clone(), accept["dstport"].clone()),
+        (json!("egress"), json!(7000))
+    );
+    let reject = on.iter().find(|r| r["action"] == "REJECT").unwrap_or_else(|| panic!("{on:#?}"));
+    assert_eq!(reject["reason"], "policy_ingress", "{reject:#}");
+    assert_eq!(reject["dstport"], 7001, "{reject:#}");
+    assert_eq!(reject["flow_direction"], "ingress", "{reject:#}");
+    // Events stay off for the monitor: the drops fed flow logs only.
+    let r = api.get("/v1/events?recent=100&follow=false");
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert!(!r.body.contains("\"kind\":\"event\""), "events = false shows no event: {}", r.body);
+
+    // Off, through the CLI: nothing more is written for it.
+    let url = api.url();
+    let cli = |args: &[&str]| {
+        let mut all = vec!["--api", &url[..], "--token", api.token().unwrap(), "-o", "json"];
+        all.extend_from_slice(args);
+        let out = verse_cli(host.netns().name(), &all);
+        assert!(out.status.success(), "verse {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice::<Value>(&out.stdout).expect("JSON")
+    };
+    let e = cli(&["endpoint", "update", &a.id, "--flow-logs", "off"]);
+    assert_eq!(e["flow_logs"], false, "{e:#}");
+    std::thread::sleep(Duration::from_secs(1));
+    let before = records(api, &a.id).len();
+    traffic();
+    std::thread::sleep(Duration::from_secs(12));
+    traffic();
+    std::thread::sleep(Duration::from_secs(11));
+    assert_eq!(records(api, &a.id).len(), before, "flow logs off: two intervals, no record");
+
+    // On again, through the CLI: records start again.
+    let e = cli(&["endpoint", "update", &a.id, "--flow-logs", "on"]);
+    assert_eq!(e["flow_logs"], true, "{e:#}");
+    traffic();
+    let again = wait_records(api, &a.id, |rs| rs.len() > before);
+    assert!(again.len() > before, "on again: records again: {again:#?}");
+    let out = verse_cli(host.netns().name(), &["endpoint", "update", &a.id]);
+    assert!(!out.status.success(), "an update that changes nothing is refused by the CLI");
+}

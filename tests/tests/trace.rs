@@ -70,20 +70,32 @@ fn live(host: &Host) -> (usize, BTreeMap<String, u64>, Vec<String>) {
     (entries.as_array().map_or(0, Vec::len), host.drop_counts(), counters)
 }
 
+/// The universe both tests trace in: `web` may reach `db` on TCP/5432 (`rule`, an ingress rule
+/// of `db` naming `web`).
+struct Shop {
+    uni: String,
+    web: String,
+    db: String,
+    rule: String,
+}
+
+fn shop(api: &Api) -> Shop {
+    let id = |v: Value| v["id"].as_str().unwrap().to_owned();
+    let uni = id(api.create_universe("shop", "10.7.0.0/16"));
+    let web = id(api.create_group(&uni, "web"));
+    let db = id(api.create_group(&uni, "db"));
+    let rule = id(api.add_rule(
+        &db,
+        &json!({"direction": "ingress", "protocol": "tcp", "from_port": 5432, "to_port": 5432, "group": web}),
+    ));
+    Shop { uni, web, db, rule }
+}
+
 #[test]
 fn trace_names_the_deciding_rule_or_what_was_searched_and_agrees_with_model_and_kernel() {
     let host = Host::start();
     let api = &host.api;
-    let uni = api.create_universe("shop", "10.7.0.0/16")["id"].as_str().unwrap().to_owned();
-    let web = api.create_group(&uni, "web")["id"].as_str().unwrap().to_owned();
-    let db = api.create_group(&uni, "db")["id"].as_str().unwrap().to_owned();
-    let rule = api.add_rule(
-        &db,
-        &json!({"direction": "ingress", "protocol": "tcp", "from_port": 5432, "to_port": 5432, "group": web}),
-    )["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let Shop { uni, web, db, rule } = shop(api);
     let w = host.endpoint(&uni, "10.7.0.2", &[&web]);
     let d = host.endpoint(&uni, "10.7.0.3", &[&db]);
     let other = host.endpoint(&uni, "10.7.0.4", &[]);
@@ -337,16 +349,7 @@ fn across_hosts_each_host_traces_its_hook_and_agrees_with_model_and_kernel() {
     let fleet = Fleet::start(2);
     let (a, b) = (fleet.host(0), fleet.host(1));
     let api = fleet.api(0);
-    let uni = api.create_universe("shop", "10.7.0.0/16")["id"].as_str().unwrap().to_owned();
-    let web = api.create_group(&uni, "web")["id"].as_str().unwrap().to_owned();
-    let db = api.create_group(&uni, "db")["id"].as_str().unwrap().to_owned();
-    let rule = api.add_rule(
-        &db,
-        &json!({"direction": "ingress", "protocol": "tcp", "from_port": 5432, "to_port": 5432, "group": web}),
-    )["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let Shop { uni, web, db, rule } = shop(api);
     let w = fleet.endpoint(0, &uni, "10.7.0.2", &[&web]);
     let other = fleet.endpoint(0, &uni, "10.7.0.4", &[]);
     let d = fleet.endpoint(1, &uni, "10.7.0.3", &[&db]);

@@ -135,7 +135,7 @@ fn cargo() -> Command {
 fn build(profile: Profile) -> Result<()> {
     setup::run()?;
     let mut cmd = cargo();
-    cmd.args(["build", "-p", "controller", "--bins"]);
+    cmd.args(["build", "-p", "verse", "--bins"]);
     if profile == Profile::Release {
         cmd.arg("--release");
     }

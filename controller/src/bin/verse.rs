@@ -209,7 +209,8 @@ struct TraceArgs {
     /// host involved, on private conntrack and counters, and show what the kernel did.
     #[arg(long)]
     run: bool,
-    /// The API of a host of the fleet, when it is not the one --api names: NAME=URL (repeat).
+    /// The API of a host of the fleet, to ask it directly: NAME=URL (repeat). Without one, a
+    /// host's part is asked of --api, which relays it to the address that host registered.
     #[arg(long = "host-api", value_name = "NAME=URL", value_parser = parse_host_api)]
     host_apis: Vec<(String, String)>,
 }
@@ -334,15 +335,29 @@ enum EndpointCmd {
     Show {
         id: String,
     },
-    /// Replace the security groups of an endpoint.
+    /// Change an endpoint: replace its security groups, turn its flow logs on or off.
+    #[command(group = clap::ArgGroup::new("change").required(true).multiple(true).args(["sgs", "flow_logs"]))]
     Update {
         id: String,
-        #[arg(long = "sg", value_name = "SG", required = true)]
+        /// A security group id; repeat for several (replaces them all).
+        #[arg(long = "sg", value_name = "SG")]
         sgs: Vec<String>,
+        /// Turn its flow logs on or off (from the next interval its host closes).
+        #[arg(long, value_name = "on|off", value_parser = on_off)]
+        flow_logs: Option<bool>,
     },
     Delete {
         id: String,
     },
+}
+
+/// `on` or `off` (also `true`/`false`).
+fn on_off(s: &str) -> Result<bool, String> {
+    match s {
+        "on" | "true" => Ok(true),
+        "off" | "false" => Ok(false),
+        _ => Err(format!("{s:?}: expected on or off")),
+    }
 }
 
 #[derive(Subcommand)]
@@ -617,8 +632,10 @@ fn run(c: &Client, hosts: &HostClients, fmt: Format, cmd: Command) -> client::Re
                 out.endpoints(&c.list_endpoints(universe.as_deref(), host.as_deref())?, true)
             }
             EndpointCmd::Show { id } => out.endpoints(&[c.get_endpoint(&id)?], false),
-            EndpointCmd::Update { id, sgs } => {
-                let (e, rev) = c.patch_endpoint(&id, &PatchEndpoint { security_groups: sgs })?;
+            EndpointCmd::Update { id, sgs, flow_logs } => {
+                let req =
+                    PatchEndpoint { security_groups: (!sgs.is_empty()).then_some(sgs), flow_logs };
+                let (e, rev) = c.patch_endpoint(&id, &req)?;
                 out.mutated(rev);
                 out.endpoints(&[e], false);
             }
@@ -798,31 +815,51 @@ fn trace(c: &Client, hosts: &HostClients, out: &Out, a: TraceArgs) -> client::Re
         icmp_code: a.icmp_code,
         run: a.run,
     };
-    let client_of = |host: &str| -> client::Result<Client> {
+    // A host given with --host-api is asked directly; any other through --api, which relays
+    // the request to the host (host=).
+    let ask = |host: &str, req: &TraceRequest| -> client::Result<verse::trace::TraceAnswer> {
         match a.host_apis.iter().find(|(n, _)| n == host) {
             Some((_, url)) => {
                 let cl = Client::with_tls(url, &hosts.tls)?;
-                Ok(match &hosts.token {
+                let cl = match &hosts.token {
                     Some(t) => cl.with_token(t.clone()),
                     None => cl,
-                })
+                };
+                cl.trace(req)
             }
-            None => Ok(hosts.default.clone()),
+            None => hosts.default.trace_on(req, Some(host)),
         }
     };
     // The sender's host: the one that places the sender endpoint. Each hop must come from the
     // host it is about: an API of another host answers for its own hooks (or refuses), and an
     // answer from the wrong host is never shown as that host's part.
     let sender_host = sender_host(c, &req)?;
-    let first = client_of(&sender_host)?.trace(&req).map_err(|e| on_host(e, &sender_host))?;
+    // A host the API cannot relay to (it registered no address the relay may use) is not
+    // traced: the hop says why, and the API's own part is shown if it has one.
+    let unavailable = |e: &client::Error| match e {
+        client::Error::Api { code, message, .. } if code == "host_unavailable" => {
+            Some(message.clone())
+        }
+        _ => None,
+    };
+    let (first, why_not) = match ask(&sender_host, &req) {
+        Ok(answer) => (answer, None),
+        Err(e) => match unavailable(&e) {
+            Some(why) => {
+                (hosts.default.trace(&req).map_err(|e| on_host(e, &sender_host))?, Some(why))
+            }
+            None => return Err(on_host(e, &sender_host)),
+        },
+    };
     let mut untraced = Vec::new();
     if first.host != sender_host {
+        let because = why_not.map(|w| format!("{w}; ")).unwrap_or_default();
         untraced.push(Untraced {
             host: sender_host.clone(),
             hook: "from_endpoint",
             why: format!(
-                "the sender's hook runs on {sender_host}, and this API is {}'s: give {sender_host}'s \
-                 API with --host-api {sender_host}=URL",
+                "{because}the sender's hook runs on {sender_host}, and this API is {}'s: give \
+                 {sender_host}'s API with --host-api {sender_host}=URL",
                 first.host
             ),
         });
@@ -835,11 +872,9 @@ fn trace(c: &Client, hosts: &HostClients, out: &Out, a: TraceArgs) -> client::Re
                 let mut req = req.clone();
                 // The same packet: the receiver's host judges the sender's source port too.
                 req.sport = last.packet.sport;
-                let answer = client_of(&next)?.trace(&req).map_err(|e| on_host(e, &next))?;
-                if answer.host == next {
-                    hops.push(answer);
-                } else {
-                    untraced.push(Untraced {
+                match ask(&next, &req) {
+                    Ok(answer) if answer.host == next => hops.push(answer),
+                    Ok(answer) => untraced.push(Untraced {
                         host: next.clone(),
                         hook: "from_underlay",
                         why: format!(
@@ -847,7 +882,19 @@ fn trace(c: &Client, hosts: &HostClients, out: &Out, a: TraceArgs) -> client::Re
                              and this API is {}'s: give {next}'s API with --host-api {next}=URL",
                             answer.host
                         ),
-                    });
+                    }),
+                    Err(e) => match unavailable(&e) {
+                        Some(why) => untraced.push(Untraced {
+                            host: next.clone(),
+                            hook: "from_underlay",
+                            why: format!(
+                                "the packet is wrapped for {next}, whose from_underlay judges it \
+                                 next, and this API cannot ask it ({why}): give {next}'s API with \
+                                 --host-api {next}=URL"
+                            ),
+                        }),
+                        None => return Err(on_host(e, &next)),
+                    },
                 }
             }
         }

@@ -134,8 +134,13 @@ async fn run(args: Args) -> anyhow::Result<()> {
 
     refuse_a_lost_state(&config, &store, &reconciler, args.empty_state)?;
     let api_url = config.api_url(underlay_ip);
+    // The certificate the API serves, registered with its address: other hosts send a caller's
+    // token there only over TLS with exactly this certificate (README, "Why was my packet
+    // dropped?").
+    let tls = server::tls_from_config(&config, &host)?;
+    let api_fingerprint = tls.as_ref().map(|t| t.fingerprint.clone());
     store
-        .register_host_with_api(&host, underlay_ip, api_url.clone())
+        .register_host_with_api(&host, underlay_ip, api_url.clone(), api_fingerprint.clone())
         .await
         .context("registering this host")?;
     match auth::bootstrap_admin(&store, &config.state_dir, config.admin_token_file.as_deref())
@@ -183,13 +188,14 @@ async fn run(args: Args) -> anyhow::Result<()> {
         states: store.subscribe(),
         local: reconciler.local_endpoints(),
         flow_logs: Some(flow_logs.clone()),
+        publish: config.observability.events,
     };
-    let draining = match event_ring {
-        Some(ring) if config.observability.events => {
-            Some(tokio::spawn(events::drain(ring, hub.clone(), sources)))
-        }
-        _ => None,
-    };
+    // With `events = false` the ring is still drained for the REJECT records of flow logs,
+    // and the kernel writes events only while an endpoint here has flow logs on.
+    let draining = event_ring.map(|ring| tokio::spawn(events::drain(ring, hub.clone(), sources)));
+    let drop_events_for_logs = (!config.observability.events).then(|| {
+        tokio::spawn(flowlogs::keep_drop_events(dataplane.clone(), store.subscribe(), host.clone()))
+    });
     let counting = {
         let hub = hub.clone();
         let dataplane = dataplane.clone();
@@ -253,13 +259,13 @@ async fn run(args: Args) -> anyhow::Result<()> {
         AppState::new(store, host.clone(), underlay_ip, realized_rx, stats)
             .with_limits(limits)
             .with_api_url(api_url.clone())
+            .with_api_fingerprint(api_fingerprint)
             .with_events(hub)
             .with_flow_logs(flow_logs)
             .with_conntrack_budget(config.conntrack.endpoint_budget)
             .with_trace(tracer),
     );
 
-    let tls = server::tls_from_config(&config, &host)?;
     let mut server_settings = config.server_settings();
     match server::raise_fd_limit() {
         Ok(fds) => {
@@ -326,6 +332,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
     logging.abort();
     if let Some(d) = draining {
         d.abort();
+    }
+    if let Some(t) = drop_events_for_logs {
+        t.abort();
     }
     tracing::info!(
         "versed stopped; pinned maps, links and interfaces stay in place and keep enforcing"
@@ -503,25 +512,13 @@ async fn simulate(config: &Config, args: &Args, hosts: usize) -> anyhow::Result<
     Ok(())
 }
 
-/// `BPF_FS_MAGIC` (`include/uapi/linux/magic.h`).
-const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
-
 /// Warns when no bpffs is mounted at `dir` yet. The dataplane then mounts one itself, in this
 /// process's mount namespace; under `ip netns exec` that namespace is private to versed and dies
 /// with it, taking the pinned maps and links along: the dataplane would stop enforcing (and
 /// forget its connections) whenever versed is down. Mounting the bpffs beforehand, from the
 /// host's mount namespace, keeps it alive across restarts.
 fn warn_if_bpffs_is_ours(dir: &std::path::Path) {
-    use std::os::unix::ffi::OsStrExt;
-    let Ok(path) = std::ffi::CString::new(dir.as_os_str().as_bytes()) else {
-        return;
-    };
-    // SAFETY: an all-zero `statfs` is a valid value of this plain C struct.
-    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
-    // SAFETY: `path` is NUL-terminated and outlives the call; `st` is a valid, writable statfs.
-    let rc = unsafe { libc::statfs(path.as_ptr(), &mut st) };
-    #[allow(clippy::unnecessary_cast)] // f_type's width differs between libcs.
-    if rc == 0 && st.f_type as i64 == BPF_FS_MAGIC {
+    if matches!(verse::dataplane::is_bpffs(dir), Ok(true)) {
         return;
     }
     tracing::warn!(

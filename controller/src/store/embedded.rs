@@ -45,6 +45,7 @@ use super::{
 };
 use crate::audit::{AuditRecord, Query as AuditQuery};
 use crate::model::{self, State};
+use crate::phases::{self, Phase};
 
 /// File name of the snapshot in the state directory.
 pub const STATE_FILE: &str = "state.json";
@@ -99,6 +100,8 @@ pub struct Embedded {
     hosts: watch::Sender<Arc<Vec<HostStatus>>>,
     /// Idempotency records by digest.
     records: StdMutex<HashMap<String, LoggedRecord>>,
+    /// When expired idempotency records were last removed (seconds since the epoch).
+    swept: std::sync::atomic::AtomicU64,
     /// A snapshot is being written in the background.
     snapshotting: Arc<AtomicBool>,
     audit: Arc<AuditLog>,
@@ -203,6 +206,7 @@ impl Embedded {
             tx,
             hosts,
             records: StdMutex::new(records),
+            swept: std::sync::atomic::AtomicU64::new(0),
             snapshotting: Arc::new(AtomicBool::new(false)),
             audit,
         })
@@ -246,10 +250,12 @@ impl Embedded {
         name: &str,
         underlay_ip: Option<Ipv4Addr>,
         api: Option<String>,
+        api_fingerprint: Option<String>,
     ) {
         self.update_host(name, |h| {
             h.underlay_ip = underlay_ip;
             h.api = api;
+            h.api_fingerprint = api_fingerprint;
         });
     }
 
@@ -268,6 +274,7 @@ impl Embedded {
                 name: name.to_owned(),
                 underlay_ip: None,
                 api: None,
+                api_fingerprint: None,
                 revision: 0,
                 healthy: true,
                 errors: Vec::new(),
@@ -311,8 +318,12 @@ impl Embedded {
     fn recorded(&self, idem: &Idempotency) -> Result<Option<Recorded>> {
         let mut records = self.records.lock().unwrap_or_else(PoisonError::into_inner);
         let now = now_secs();
-        records.retain(|_, r| r.expires > now);
-        match records.get(&idem.digest()) {
+        // Expired records go at most once a second (every edit scanned all of them: up to
+        // ten minutes of edits); an expired one is never answered meanwhile.
+        if self.swept.swap(now, Ordering::Relaxed) != now {
+            records.retain(|_, r| r.expires > now);
+        }
+        match records.get(&idem.digest()).filter(|r| r.expires > now) {
             Some(r) if r.record.fingerprint != idem.fingerprint => {
                 Err(Error::KeyReused { key: idem.key.clone() })
             }
@@ -331,7 +342,10 @@ impl Embedded {
         R: Fn(&T) -> (u16, Option<serde_json::Value>) + Send,
         T: Send + 'static,
     {
+        let queued = std::time::Instant::now();
         let mut guard = this.lock.clone().lock_owned().await;
+        phases::since(Phase::EditLock, queued);
+        let validating = std::time::Instant::now();
         if let Some((idem, _)) = &record {
             // Under the lock: a concurrent retry of the same request waits for the first.
             if let Some(rec) = this.recorded(idem)? {
@@ -359,6 +373,8 @@ impl Embedded {
             source: std::io::Error::other(format!("serializing the edit: {e}")),
         })?;
         line.push(b'\n');
+        phases::since(Phase::Validate, validating);
+        let committing = std::time::Instant::now();
         // The append, the publication and the release of the lock happen in one task that
         // runs to completion even if this future is dropped, so a logged edit is always
         // published and no other edit can start from the state it replaces.
@@ -396,6 +412,7 @@ impl Embedded {
                 })
             }
         }
+        phases::since(Phase::Commit, committing);
         Ok(Outcome::Applied { out, revision })
     }
 
@@ -927,6 +944,7 @@ mod tests {
                 name: "h1".into(),
                 underlay_ip: ip,
                 api: None,
+                api_fingerprint: None,
                 revision: 4,
                 healthy: true,
                 errors: vec![]

@@ -15,6 +15,9 @@
 //!   the state after each transaction. When etcd is unreachable the last state stays published
 //!   (the dataplane keeps enforcing it); when it comes back the watch resumes from the last
 //!   applied revision, or, if etcd has compacted that history away, everything is read again.
+//!   The watch is two watchers on one stream (liveness, and the state beyond the audit trail);
+//!   etcd orders events within a watcher only, so each resumes from the last revision it
+//!   delivered itself, and an edit waits for the state's watcher alone.
 //! - Edits run on that in-memory state, never on a fresh read: the edit runs on a copy (O(1)),
 //!   its journal says which keys it changed, and one transaction writes those keys on the
 //!   condition that the guards of [`layout::delta`](super::layout::delta) hold (the version key
@@ -70,6 +73,7 @@ use super::{
 };
 use crate::audit::{AuditRecord, Query as AuditQuery};
 use crate::model::{self, HostRecord, State};
+use crate::phases::{self, Phase};
 
 /// Default key prefix of the fleet's state.
 pub const DEFAULT_PREFIX: &str = "/verse/";
@@ -110,7 +114,6 @@ const AUDIT_PAGE: i64 = 1000;
 /// Idempotency records: `~idem/<sha256 of the key>`, under a lease. `~` sorts after every other
 /// key, so the records lie outside the ranges the watch follows (they are not state).
 const IDEMPOTENCY: &str = "~idem/";
-const IDEMPOTENCY_END: &str = "~idem0";
 /// A recorded response body larger than this is not kept (the status and revision are).
 const MAX_RECORDED_BODY: usize = 64 << 10;
 /// How long an edit whose commit got no answer tries to settle its outcome.
@@ -217,6 +220,54 @@ struct Shared {
     idem_lease: tokio::sync::Mutex<Option<(i64, Instant)>>,
     /// Commits refused by a guard (another edit of the same universe got in first).
     conflicts: std::sync::atomic::AtomicU64,
+    /// Whose turn it is to commit, among this host's edits guarded by the same key.
+    turns: Turns,
+}
+
+/// One queue per guarded key (a universe's `version`, the catalog, a counter, a host's slots)
+/// among the edits of this host: an edit takes the turns of every key it guards, in key order
+/// (so two edits never wait for each other), and gives them back when dropped. A key's queue
+/// is forgotten when nobody holds or waits for it.
+#[derive(Default)]
+struct Turns(Mutex<std::collections::HashMap<String, Arc<tokio::sync::Mutex<()>>>>);
+
+/// The turns an edit holds.
+struct Turn<'a> {
+    turns: &'a Turns,
+    held: Vec<(String, tokio::sync::OwnedMutexGuard<()>)>,
+}
+
+impl Turns {
+    async fn take(&self, guards: &std::collections::BTreeSet<Guard>) -> Turn<'_> {
+        let keys: std::collections::BTreeSet<String> = guards
+            .iter()
+            .filter_map(|g| match g {
+                Guard::Universe(u) => Some(layout::version_key(u)),
+                Guard::Catalog => Some(layout::CATALOG.to_owned()),
+                Guard::Unchanged(k) => Some(k.clone()),
+                // A claim: two edits rarely claim the same one.
+                Guard::Absent(_) => None,
+            })
+            .collect();
+        let mut turn = Turn { turns: self, held: Vec::with_capacity(keys.len()) };
+        for key in keys {
+            let queue = lock(&self.0).entry(key.clone()).or_default().clone();
+            turn.held.push((key, queue.lock_owned().await));
+        }
+        turn
+    }
+}
+
+impl Drop for Turn<'_> {
+    fn drop(&mut self) {
+        let mut queues = lock(&self.turns.0);
+        for (key, guard) in self.held.drain(..) {
+            drop(guard);
+            if queues.get(&key).is_some_and(|q| Arc::strong_count(q) == 1) {
+                queues.remove(&key);
+            }
+        }
+    }
 }
 
 /// What a store's watch has received since the store opened (`Store::watch_stats`).
@@ -356,8 +407,53 @@ struct Cache {
     keys: imbl::HashMap<String, i64>,
     /// Hosts by name: the last realized revision seen, and whether `alive/<name>` exists.
     alive: BTreeMap<String, (Realized, bool)>,
-    /// The etcd revision this cache reflects.
+    /// The etcd revision up to which the state range ([`Range::State`]) is applied: every
+    /// change of the desired state, and every guarded key, at or before it is in `state`.
     revision: i64,
+    /// The same for the liveness range ([`Range::Liveness`]). The two ranges are two watchers
+    /// on one stream, and etcd orders events within a watcher only: one may deliver a later
+    /// revision while the other has not yet delivered an earlier one (a watcher catching up or
+    /// whose sends were blocked). So each resumes from its own revision, never from the other's.
+    liveness_revision: i64,
+}
+
+/// The key ranges a store watches (see [`Shared::ranges`]); the discriminant is the watch id
+/// of its watcher on the stream (etcd lets the client choose it; 0 would mean "any").
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Range {
+    /// `[prefix, audit/)`: liveness records (`alive/`).
+    Liveness = 1,
+    /// `[audit0, ~idem/)`: the desired state, its guards and claims.
+    State = 2,
+}
+
+impl Range {
+    const ALL: [Range; 2] = [Range::Liveness, Range::State];
+
+    fn from_watch_id(id: i64) -> Option<Range> {
+        Range::ALL.into_iter().find(|r| *r as i64 == id)
+    }
+}
+
+impl Cache {
+    /// The revision from which range `r`'s watcher resumes: the one after the last it
+    /// delivered.
+    fn resume_at(&self, r: Range) -> i64 {
+        match r {
+            Range::Liveness => self.liveness_revision,
+            Range::State => self.revision,
+        }
+        .saturating_add(1)
+    }
+
+    /// Range `r`'s watcher has delivered everything up to `revision`.
+    fn delivered(&mut self, r: Range, revision: i64) {
+        let at = match r {
+            Range::Liveness => &mut self.liveness_revision,
+            Range::State => &mut self.revision,
+        };
+        *at = (*at).max(revision);
+    }
 }
 
 /// Why a watch stream ended.
@@ -422,6 +518,7 @@ impl Etcd {
             received: WatchCounters::default(),
             idem_lease: tokio::sync::Mutex::new(None),
             conflicts: std::sync::atomic::AtomicU64::new(0),
+            turns: Turns::default(),
         });
 
         let mut delay = RETRY_MIN;
@@ -513,12 +610,19 @@ impl Etcd {
         R: Fn(&T) -> (u16, Option<serde_json::Value>) + Send,
         T: Send + 'static,
     {
-        if idem.from_client {
-            if let Some(rec) = self.shared.recorded(idem).await? {
-                return Ok(Outcome::Replayed(rec));
+        // No read of the key first: the commit requires the key's record to be absent, so an
+        // edit whose key was recorded (or fenced) before cannot commit, and the record is read
+        // only then, or when the edit cannot run on this host's state (a retry of a delete that
+        // happened finds nothing to delete): a round trip to etcd saved on every other edit.
+        match self.run(f, Some((idem, respond))).await {
+            Err(Error::Rejected(refused)) if idem.from_client => {
+                match self.shared.recorded_timed(idem).await? {
+                    Some(rec) => Ok(Outcome::Replayed(rec)),
+                    None => Err(Error::Rejected(refused)),
+                }
             }
+            other => other,
         }
-        self.run(f, Some((idem, respond))).await
     }
 
     async fn run<T, F, R>(&self, mut f: F, record: Option<(&Idempotency, R)>) -> Result<Outcome<T>>
@@ -529,17 +633,32 @@ impl Etcd {
     {
         let sh = &self.shared;
         for attempt in 1..=MAX_ATTEMPTS {
+            let validating = Instant::now();
             let view = sh.view.borrow().clone();
             let base = &view.state;
             let mut next = State::clone(base);
             let out = f(&mut next)?;
             if !next.is_changed() {
-                return Ok(Outcome::Applied { out, revision: base.revision });
+                return sh.unchanged(out, base.revision, record.as_ref().map(|r| r.0)).await;
             }
             next.check_fits()?;
             let delta = layout::delta(base, &next)?;
             if delta.is_empty() {
-                return Ok(Outcome::Applied { out, revision: base.revision });
+                return sh.unchanged(out, base.revision, record.as_ref().map(|r| r.0)).await;
+            }
+            // This host's edits of the same universe (or of the same counter) take turns: one
+            // waiting here costs nothing, where two committing at once cost a refused commit (a
+            // round trip to etcd) and a run again. The turn lasts until the watch has the
+            // outcome, so that the next one runs on it.
+            phases::since(Phase::Validate, validating);
+            let waiting = Instant::now();
+            let turn = sh.turns.take(&delta.guards).await;
+            phases::since(Phase::EditLock, waiting);
+            let now = sh.view.borrow().clone();
+            if delta.guards.iter().any(|g| now.mod_revision(g) != view.mod_revision(g)) {
+                // Another edit of this host changed what this one depends on meanwhile.
+                drop(turn);
+                continue;
             }
             let mut compares: Vec<Compare> = delta
                 .guards
@@ -589,24 +708,27 @@ impl Etcd {
                 )
                 .into());
             }
-            // When a guard fails, the transaction reads the guarded keys instead: the edit then
-            // waits for the revisions that changed them, never for a later one the watch may
-            // not carry (an audit or idempotency record is not watched).
+            // When a guard fails, the transaction reads the guarded keys instead (and the
+            // catalog, rewritten by the deletion of a universe whose version key is gone): the
+            // edit then waits for the revisions that changed them, never for a later one the
+            // state's watcher may not carry (an audit, idempotency or liveness record).
             let reads: Vec<TxnOp> = delta
                 .guards
                 .iter()
-                .map(|g| {
-                    let key = match g {
-                        Guard::Absent(k) | Guard::Unchanged(k) => k.clone(),
-                        Guard::Universe(u) => layout::version_key(u),
-                        Guard::Catalog => layout::CATALOG.to_owned(),
-                    };
-                    TxnOp::get(sh.key(&key), Some(GetOptions::new().with_keys_only()))
+                .map(|g| match g {
+                    Guard::Absent(k) | Guard::Unchanged(k) => k.clone(),
+                    Guard::Universe(u) => layout::version_key(u),
+                    Guard::Catalog => layout::CATALOG.to_owned(),
                 })
+                .chain([layout::CATALOG.to_owned()])
+                .map(|key| TxnOp::get(sh.key(&key), Some(GetOptions::new().with_keys_only())))
                 .collect();
             let txn = Txn::new().when(compares).and_then(ops).or_else(reads);
             let mut kv = sh.client.kv_client();
-            let resp = match timed("transaction (commit an edit)", kv.txn(txn)).await {
+            let committing = Instant::now();
+            let committed = timed("transaction (commit an edit)", kv.txn(txn)).await;
+            phases::since(Phase::Commit, committing);
+            let resp = match committed {
                 Err(Error::Etcd { source: etcd_client::Error::GRpcStatus(status), .. })
                     if status.code() == tonic::Code::InvalidArgument =>
                 {
@@ -638,13 +760,16 @@ impl Etcd {
             };
             let at = resp.header().map_or(0, |h| h.revision());
             if resp.succeeded() {
+                let echo = Instant::now();
                 sh.wait_applied(at).await;
+                phases::since(Phase::WatchEcho, echo);
                 sh.clean_up(delta.cleanup).await;
                 return Ok(Outcome::Applied { out, revision: u64::try_from(at).unwrap_or(0) });
             }
             if let Some((idem, _)) = &record {
-                // The same key committed meanwhile (a concurrent retry of the same request).
-                if let Some(rec) = sh.recorded(idem).await? {
+                // The same key committed before or meanwhile (a retry of the same request), or
+                // a fence is there (lifted now, so that the next attempt may commit).
+                if let Some(rec) = sh.recorded_timed(idem).await? {
                     return Ok(Outcome::Replayed(rec));
                 }
             }
@@ -657,12 +782,14 @@ impl Etcd {
                 etcd_revision = changed,
                 "a guard failed; running the edit again"
             );
+            let waiting = Instant::now();
             sh.wait_applied(changed).await;
             if attempt > 8 {
                 // Many collisions in a row: let the others drift apart.
                 let ms = rand::random_range(0..=u64::from(attempt.min(40)));
                 tokio::time::sleep(Duration::from_millis(ms)).await;
             }
+            phases::since(Phase::ConflictWait, waiting);
         }
         Err(Error::Contention { attempts: MAX_ATTEMPTS })
     }
@@ -673,12 +800,13 @@ impl Etcd {
         name: &str,
         underlay_ip: Option<Ipv4Addr>,
         api: Option<String>,
+        api_fingerprint: Option<String>,
     ) -> Result<()> {
         // Liveness first: the record of the host is an edit, which returns only once this
         // host's watch has applied it (up to `APPLY_TIMEOUT`); the liveness record must not
         // wait for that, or the host shows unhealthy to every other host meanwhile.
         self.start_liveness(name)?;
-        let record = HostRecord { name: name.to_owned(), underlay_ip, api };
+        let record = HostRecord { name: name.to_owned(), underlay_ip, api, api_fingerprint };
         self.edit(|s| {
             if s.hosts.get(name) != Some(&record) {
                 s.hosts.insert(name.to_owned(), record.clone());
@@ -799,18 +927,13 @@ impl Shared {
         format!("{}{relative}", self.prefix)
     }
 
-    /// The key ranges this store follows: everything under the prefix but the audit trail and
-    /// the idempotency records.
-    fn ranges(&self) -> Vec<(String, Vec<u8>)> {
-        let mut end = self.prefix.clone().into_bytes();
-        // The prefix ends with '/': the first key after every key under it ends with '0'.
-        if let Some(last) = end.last_mut() {
-            *last += 1;
-        }
-        vec![
+    /// The key ranges this store follows, in the order of [`Range`]: everything under the
+    /// prefix but the audit trail and the idempotency records (which sort last, `~`), in two
+    /// ranges either side of the audit trail.
+    fn ranges(&self) -> [(String, Vec<u8>); 2] {
+        [
             (self.prefix.clone(), self.key(AUDIT).into_bytes()),
             (self.key(AUDIT_END), self.key(IDEMPOTENCY).into_bytes()),
-            (self.key(IDEMPOTENCY_END), end),
         ]
     }
 
@@ -822,6 +945,31 @@ impl Shared {
                 TxnOp::delete(self.key(prefix), Some(DeleteOptions::new().with_prefix()))
             }
         }
+    }
+
+    /// [`Shared::recorded`], timed as the phase `idempotency_lookup`.
+    async fn recorded_timed(&self, idem: &Idempotency) -> Result<Option<Recorded>> {
+        let start = Instant::now();
+        let recorded = self.recorded(idem).await;
+        phases::since(Phase::IdempotencyLookup, start);
+        recorded
+    }
+
+    /// The answer to an edit that changes nothing on this host's state: what was recorded
+    /// under the client's key if it committed before (the state may already show it), else
+    /// the edit's own result at the current revision.
+    async fn unchanged<T>(
+        &self,
+        out: T,
+        revision: u64,
+        idem: Option<&Idempotency>,
+    ) -> Result<Outcome<T>> {
+        if let Some(idem) = idem.filter(|i| i.from_client) {
+            if let Some(rec) = self.recorded_timed(idem).await? {
+                return Ok(Outcome::Replayed(rec));
+            }
+        }
+        Ok(Outcome::Applied { out, revision })
     }
 
     /// The outcome recorded under `idem`'s key, if any (with the revision it was recorded at).
@@ -953,8 +1101,8 @@ impl Shared {
             .collect::<Vec<_>>();
         let resp =
             timed("range (read the desired state)", kv.txn(Txn::new().and_then(ranges))).await?;
-        let mut cache =
-            Cache { revision: resp.header().map_or(0, |h| h.revision()), ..Cache::default() };
+        let at = resp.header().map_or(0, |h| h.revision());
+        let mut cache = Cache { revision: at, liveness_revision: at, ..Cache::default() };
         let all: Vec<etcd_client::KeyValue> = resp
             .op_responses()
             .into_iter()
@@ -1137,6 +1285,7 @@ impl Shared {
                     name: h.name.clone(),
                     underlay_ip: h.underlay_ip,
                     api: h.api.clone(),
+                    api_fingerprint: h.api_fingerprint.clone(),
                     revision: realized.revision,
                     healthy,
                     errors: realized.errors,
@@ -1149,6 +1298,7 @@ impl Shared {
                 name: name.clone(),
                 underlay_ip: None,
                 api: None,
+                api_fingerprint: None,
                 revision: realized.revision,
                 healthy: *healthy,
                 errors: realized.errors.clone(),
@@ -1211,28 +1361,29 @@ impl Shared {
         }
     }
 
-    /// One watch stream from `cache.revision + 1`, applied to `cache` until it ends.
+    /// One watch stream, each range from the revision after the last its watcher delivered
+    /// ([`Cache::resume_at`]), applied to `cache` until it ends.
     async fn watch(&self, cache: &mut Cache, delay: &mut Duration) -> WatchEnd {
         let mut client = self.client.watch_client().max_decoding_message_size(MAX_MESSAGE);
-        let mut ranges = self.ranges().into_iter();
-        let options = |end: Vec<u8>| {
-            WatchOptions::new().with_range(end).with_start_revision(cache.revision + 1)
+        let [(lstart, lend), (sstart, send)] = self.ranges();
+        let options = |r: Range, end: Vec<u8>| {
+            WatchOptions::new()
+                .with_range(end)
+                .with_start_revision(cache.resume_at(r))
+                .with_watch_id(r as i64)
         };
-        let Some((start, end)) = ranges.next() else {
-            return WatchEnd::Failed(Error::Etcd {
-                op: "watch",
-                source: etcd_client::Error::WatchError("no range to watch".into()),
-            });
-        };
-        let mut stream = match timed("watch", client.watch(start, Some(options(end)))).await {
+        let mut stream = match timed(
+            "watch",
+            client.watch(lstart, Some(options(Range::Liveness, lend))),
+        )
+        .await
+        {
             Ok(s) => s,
             Err(e) => return WatchEnd::Failed(e),
         };
-        // The other ranges on the same stream.
-        for (start, end) in ranges {
-            if let Err(source) = stream.watch(start, Some(options(end))).await {
-                return WatchEnd::Failed(Error::Etcd { op: "watch", source });
-            }
+        // The state on the same stream.
+        if let Err(source) = stream.watch(sstart, Some(options(Range::State, send))).await {
+            return WatchEnd::Failed(Error::Etcd { op: "watch", source });
         }
         loop {
             let resp = match stream.message().await {
@@ -1261,8 +1412,14 @@ impl Shared {
             // The stream works: the next failure starts its backoff afresh.
             *delay = RETRY_MIN;
             if resp.events().is_empty() {
+                // A watcher created (its header is etcd's revision, not what it delivered), or
+                // a progress notice this store does not ask for.
                 continue;
             }
+            let Some(range) = Range::from_watch_id(resp.watch_id()) else {
+                tracing::warn!(watch_id = resp.watch_id(), "ignoring events of an unknown watcher");
+                continue;
+            };
             let mut desired_changed = false;
             // etcd sends every event of one revision (one transaction) in one response; each
             // transaction is applied as one batch, so a published state is never half an edit.
@@ -1302,11 +1459,12 @@ impl Shared {
                 // The indices catch up with the batch (what an edit on this state looks up).
                 cache.state.take_touched_hosts();
                 cache.state.clear_changes();
-                cache.revision = cache.revision.max(rev);
+                cache.delivered(range, rev);
                 start = end;
             }
+            // A response carries its watcher's events up to its header's revision.
             if let Some(h) = resp.header() {
-                cache.revision = cache.revision.max(h.revision());
+                cache.delivered(range, h.revision());
             }
             self.publish(cache, desired_changed);
         }
@@ -1427,12 +1585,14 @@ impl Shared {
                     let next = realized.borrow_and_update().clone();
                     if next != report {
                         report = next;
-                        if let Err(e) = timed(
+                        let start = Instant::now();
+                        let put = timed(
                             "put (liveness)",
                             kv.put(key.clone(), encode_report(&report), Some(put.clone())),
                         )
-                        .await
-                        {
+                        .await;
+                        phases::since(Phase::Report, start);
+                        if let Err(e) = put {
                             return e;
                         }
                     }
@@ -1494,24 +1654,30 @@ impl Cache {
 }
 
 /// The etcd revision by which the guarded keys had changed, from the reads a failed edit's
-/// transaction made of them (in the order of `guards`): the newest `mod_revision` among them.
-/// `None` if a key the edit's state saw is gone (its deletion's revision is not in the answer).
+/// transaction made of them (in the order of `guards`, then the catalog): the newest
+/// `mod_revision` among them. A universe's version key that is gone went with the universe,
+/// whose deletion rewrote the catalog: the catalog's revision stands for it. `None` if another
+/// key the edit's state saw is gone (its deletion's revision is not in the answer).
 fn guards_changed_at(
     resp: &etcd_client::TxnResponse,
     guards: &std::collections::BTreeSet<Guard>,
     view: &View,
 ) -> Option<i64> {
-    let reads = resp.op_responses();
-    if reads.len() != guards.len() {
-        return None;
-    }
+    let mut reads = resp.op_responses().into_iter();
+    let revision = |read: Option<TxnOpResponse>| match read {
+        Some(TxnOpResponse::Get(range)) => Some(range.kvs().first().map(|kv| kv.mod_revision())),
+        _ => None,
+    };
+    let guarded: Vec<Option<i64>> =
+        guards.iter().map(|_| revision(reads.next())).collect::<Option<_>>()?;
+    let catalog = revision(reads.next())?.unwrap_or(0);
     let mut newest = 0;
-    for (guard, read) in guards.iter().zip(reads) {
-        let TxnOpResponse::Get(range) = read else { return None };
-        match range.kvs().first() {
-            Some(kv) => newest = newest.max(kv.mod_revision()),
-            None if view.mod_revision(guard) != 0 => return None,
-            None => {}
+    for (guard, read) in guards.iter().zip(guarded) {
+        match (read, guard) {
+            (Some(at), _) => newest = newest.max(at),
+            (None, _) if view.mod_revision(guard) == 0 => {}
+            (None, Guard::Universe(_)) => newest = newest.max(catalog),
+            (None, _) => return None,
         }
     }
     Some(newest)
@@ -1663,5 +1829,24 @@ mod tests {
         assert_eq!(view.mod_revision(&Guard::Unchanged("hosts/h1".into())), 9);
         c.record("u/uni-1/version", None, 10, "/v/");
         assert!(c.versions.get("uni-1").is_none());
+    }
+
+    #[test]
+    fn each_watcher_resumes_from_what_it_delivered_itself() {
+        // Read at revision 10; then the liveness watcher delivers up to 25 while the state's
+        // delivered only up to 18 (etcd orders events within a watcher, not across watchers).
+        let mut c = Cache { revision: 10, liveness_revision: 10, ..Cache::default() };
+        c.delivered(Range::Liveness, 25);
+        c.delivered(Range::State, 18);
+        c.delivered(Range::State, 12);
+        assert_eq!(c.resume_at(Range::Liveness), 26);
+        assert_eq!(
+            c.resume_at(Range::State),
+            19,
+            "the state's events 19 to 25 are asked for again, not skipped"
+        );
+        assert_eq!(Range::from_watch_id(Range::State as i64), Some(Range::State));
+        assert_eq!(Range::from_watch_id(Range::Liveness as i64), Some(Range::Liveness));
+        assert_eq!(Range::from_watch_id(0), None, "0 asks etcd to choose an id");
     }
 }

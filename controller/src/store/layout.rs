@@ -828,7 +828,8 @@ mod tests {
             HostRecord {
                 name: "h2".into(),
                 underlay_ip: Some("198.18.0.2".parse().unwrap()),
-                api: Some("http://198.18.0.2:7070".into()),
+                api: Some("https://198.18.0.2:7070".into()),
+                api_fingerprint: Some(format!("SHA256:{}", ["AB"; 32].join(":"))),
             },
         );
         s.clear_changes();

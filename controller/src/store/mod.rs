@@ -208,6 +208,10 @@ pub struct HostStatus {
     /// Where the other hosts reach its API, as it registered it (`None`: they cannot).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub api: Option<String>,
+    /// The SHA-256 of the certificate its API serves, as it registered it (`None`: it serves
+    /// plain HTTP, or registered none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api_fingerprint: Option<String>,
     /// The revision the host has reported realized in its dataplane (S13); the last one known
     /// if the host is not healthy, 0 if it never reported.
     pub revision: u64,
@@ -377,24 +381,25 @@ impl Store {
     /// desired state if it is new or changed, and starts keeping its liveness record fresh, so
     /// that [`Store::hosts`] shows it healthy for as long as this store lives. Idempotent.
     pub async fn register_host(&self, name: &str, underlay_ip: Option<Ipv4Addr>) -> Result<()> {
-        self.register_host_with_api(name, underlay_ip, None).await
+        self.register_host_with_api(name, underlay_ip, None, None).await
     }
 
-    /// [`Store::register_host`], with the address (`http://ADDR:PORT`) where the other hosts
-    /// reach this host's API.
+    /// [`Store::register_host`], with the address (`https://ADDR:PORT`) where the other hosts
+    /// reach this host's API and the fingerprint of the certificate it serves there.
     pub async fn register_host_with_api(
         &self,
         name: &str,
         underlay_ip: Option<Ipv4Addr>,
         api: Option<String>,
+        api_fingerprint: Option<String>,
     ) -> Result<()> {
         check_host_name(name)?;
         match self {
             Store::Embedded(e) => {
-                e.register_host(name, underlay_ip, api);
+                e.register_host(name, underlay_ip, api, api_fingerprint);
                 Ok(())
             }
-            Store::Etcd(e) => e.register_host(name, underlay_ip, api).await,
+            Store::Etcd(e) => e.register_host(name, underlay_ip, api, api_fingerprint).await,
         }
     }
 

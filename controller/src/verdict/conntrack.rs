@@ -1,0 +1,318 @@
+//! Connection tracking (S6, S7, S9, S14), the one description of it: the model's table
+//! ([`Conntrack`]) is keyed exactly like `VERSE_CT` (`dataplane_common::CtKey`, built by
+//! `CtKey::new`) and shared by both hooks as the map is; `dataplane-ebpf/src/conntrack.rs`
+//! implements it. One entry per flow, keyed in the flow's original direction; a packet looks up
+//! its own key, then the reverse. An entry idle for at least the timeout of its state (S9,
+//! [`Timeouts`]) is a miss. Lookups touch nothing: only a packet that is sent refreshes its flow.
+//!
+//! Binding (S7): an entry records the serials of the flow's two endpoints (`CtEntry::src_serial`,
+//! `dst_serial`), and matches a packet only if its sender is the endpoint of its side of the flow
+//! and its receiver the other. An endpoint made later with the same address, in the same or a
+//! re-created universe, therefore never inherits a flow: its packets are judged by policy as new
+//! flows.
+//!
+//! Budgets (S14): every entry is charged to its owner (the sending endpoint for flows made by
+//! `from_endpoint`, the local receiver for flows made by `from_underlay`). A new flow is refused
+//! (`ConntrackBudgetExceeded`) when its owner already owns as many entries as its budget; an
+//! entry of the same owner already under the key (expired, or bound to an endpoint since
+//! deleted) is replaced at no charge; an entry of another owner there leaves the new flow
+//! untracked. Only the controller's garbage collection deletes entries ([`is_garbage`]: expired,
+//! or an endpoint deleted), so nothing is ever evicted for room.
+//!
+//! Direction (S7): what a packet may do is its [`Role`], read from its header alone. Only a
+//! packet that can begin a flow creates one ([`creates`]), in its own direction: a TCP SYN
+//! (without ACK, RST or FIN), an ICMP echo request, or any UDP or other-protocol packet. A TCP
+//! segment without SYN continues a tracked flow either way but never creates one (Linux
+//! conntrack with `nf_conntrack_tcp_loose = 0`); a SYN or an echo request matches a flow only in
+//! its original direction (in the reply direction it is no hit: it is judged as the new packet
+//! it is); an echo reply matches only in the reply direction and never creates. Other ICMP
+//! messages are never tracked: an error is related to a flow ([`is_error`], `Host::related`) or
+//! judged by the rules, each time (S6).
+//!
+//! States ([`next_state`]): TCP is opening until a SYN-ACK is seen in the reply direction, then
+//! established; FIN or RST in either direction moves it to closing, and a SYN without ACK in the
+//! original direction reopens a closing flow (the 5-tuple reused, as Linux conntrack does from
+//! CLOSE/TIME_WAIT). UDP is one-way until a reply, then replied. ICMP echo and other protocols
+//! have one state each.
+
+use super::*;
+
+/// True for the ICMP types and codes that are errors (RFC 792, RFC 1812 5.2.7.1): destination
+/// unreachable codes 0-15, time exceeded 0-1, parameter problem 0-2. Any other ICMP message is
+/// never related to a flow (S6).
+pub fn is_error(proto: u8, (ty, code): (u8, u8)) -> bool {
+    proto == IPPROTO_ICMP
+        && match ty {
+            ICMP_DEST_UNREACH => code <= 15,
+            ICMP_TIME_EXCEEDED => code <= 1,
+            ICMP_PARAMETER_PROBLEM => code <= 2,
+            _ => false,
+        }
+}
+
+/// Idle timeouts by `ct_state` (S9), nanoseconds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Timeouts {
+    pub ns: [u64; ct_state::COUNT],
+}
+
+impl Default for Timeouts {
+    /// S9 defaults.
+    fn default() -> Self {
+        Timeouts { ns: ct_state::DEFAULT_TIMEOUT_SECS.map(|secs| secs * 1_000_000_000) }
+    }
+}
+
+impl Timeouts {
+    pub fn from_config(config: &Config) -> Timeouts {
+        Timeouts { ns: config.timeouts_ns }
+    }
+
+    /// The timeout of `state`; an unknown state gets 0, i.e. it is expired at once (fail
+    /// closed: an entry the model does not understand admits nothing).
+    pub fn of(&self, state: u8) -> u64 {
+        self.ns.get(usize::from(state)).copied().unwrap_or(0)
+    }
+
+    /// Whether `entry` has been idle for at least its state's timeout at `now_ns`, as in the
+    /// kernel, whose clock advances by ticks (a timeout of 0 expires an entry of the same tick).
+    /// Saturating like the kernel: an entry stamped after `now_ns` (refreshed on another CPU
+    /// after the clock was read) is fresh.
+    pub fn expired(&self, entry: &CtEntry, now_ns: u64) -> bool {
+        now_ns.saturating_sub(entry.last_seen_ns) >= self.of(entry.state)
+    }
+}
+
+/// Whether the controller's garbage collection deletes `entry` at `now_ns`: it has expired, or
+/// one of its endpoints is no longer one `live` knows (by serial: deleted, S7). The daemon runs
+/// this very predicate over the kernel's map (`reconcile`).
+pub fn is_garbage(
+    entry: &CtEntry,
+    now_ns: u64,
+    timeouts: &Timeouts,
+    live: &dyn Fn(u64) -> bool,
+) -> bool {
+    timeouts.expired(entry, now_ns) || !live(entry.src_serial) || !live(entry.dst_serial)
+}
+
+/// Which way a conntrack hit matched.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CtDirection {
+    /// The packet's own key is stored: it goes the way the flow was first seen.
+    Original,
+    /// The reversed key is stored: this is a reply.
+    Reply,
+}
+
+/// What a packet may do in connection tracking (S7), from its header alone.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    /// Begins a flow in its own direction, and matches a flow only in its original direction:
+    /// a TCP SYN without ACK, RST or FIN; an ICMP echo request. (A SYN in the reply direction of
+    /// a flow is judged as the new packet it is, and never reopens that flow.)
+    Opens,
+    /// Matches a flow either way and begins one when none matches: UDP and other protocols,
+    /// whose headers do not tell a first packet from a reply.
+    Any,
+    /// Matches a flow either way, never begins one: every other TCP segment (ACK, FIN, RST, ...).
+    Continues,
+    /// Matches a flow only in its reply direction, never begins one: an ICMP echo reply.
+    Answers,
+    /// Never tracked: every other ICMP message (an error is related to a flow, or judged).
+    Untracked,
+}
+
+/// The [`Role`] of a packet of protocol `proto` with these TCP flags or this ICMP type.
+pub fn role(proto: u8, tcp_flags: u8, icmp_type: u8) -> Role {
+    match proto {
+        IPPROTO_TCP if tcp_flags & (TCP_SYN | TCP_ACK | TCP_RST | TCP_FIN) == TCP_SYN => {
+            Role::Opens
+        }
+        IPPROTO_TCP => Role::Continues,
+        IPPROTO_ICMP if icmp_type == ICMP_ECHO_REQUEST => Role::Opens,
+        IPPROTO_ICMP if icmp_type == ICMP_ECHO_REPLY => Role::Answers,
+        IPPROTO_ICMP => Role::Untracked,
+        _ => Role::Any,
+    }
+}
+
+/// True if a packet of this role, admitted with no flow matching it, begins a flow.
+pub fn creates(role: Role) -> bool {
+    matches!(role, Role::Opens | Role::Any)
+}
+
+/// A write to the conntrack table (insert or overwrite).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CtUpdate {
+    pub key: CtKey,
+    pub entry: CtEntry,
+}
+
+/// The model's conntrack table, keyed exactly like `VERSE_CT`. Entries stay, expired or not,
+/// until [`Conntrack::collect`] removes them (the kernel map is no LRU: nothing is evicted). An
+/// owner's budget use is the number of entries charged to its slot, which is what the kernel's
+/// counter holds, since only the controller deletes entries and subtracts as it does.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Conntrack {
+    pub entries: HashMap<CtKey, CtEntry>,
+}
+
+/// A live entry bound to the sender: the stored key, the entry, the direction of the packet.
+pub type CtHit = (CtKey, CtEntry, CtDirection);
+
+impl Conntrack {
+    /// The packet's key first, then its reverse: the first entry that is live and whose
+    /// endpoint on the sender's side is `sender` (a serial). Also the entry stored under the
+    /// packet's own key, whatever it is (see `endpoint.rs`, step 14). A packet of any role.
+    pub fn lookup(
+        &self,
+        key: &CtKey,
+        sender: u64,
+        now_ns: u64,
+        t: &Timeouts,
+    ) -> (Option<CtHit>, Option<CtEntry>) {
+        self.lookup_as(key, Role::Any, sender, now_ns, t)
+    }
+
+    /// [`Conntrack::lookup`], each way only if a packet of `role` may match that way: the
+    /// packet's own key unless it only answers, its reverse unless it only opens, nothing for
+    /// an untracked message (whose own key does not matter either: it never creates a flow).
+    pub fn lookup_as(
+        &self,
+        key: &CtKey,
+        role: Role,
+        sender: u64,
+        now_ns: u64,
+        t: &Timeouts,
+    ) -> (Option<CtHit>, Option<CtEntry>) {
+        if role == Role::Untracked {
+            return (None, None);
+        }
+        let own = self.entries.get(key).copied();
+        if role != Role::Answers {
+            if let Some(e) = own.filter(|e| e.src_serial == sender && !t.expired(e, now_ns)) {
+                return (Some((*key, e, CtDirection::Original)), own);
+            }
+        }
+        if role == Role::Opens {
+            return (None, own);
+        }
+        let rev = key.reversed();
+        let reply =
+            self.entries.get(&rev).filter(|e| e.dst_serial == sender && !t.expired(e, now_ns));
+        (reply.map(|e| (rev, *e, CtDirection::Reply)), own)
+    }
+
+    pub fn apply(&mut self, update: &CtUpdate) {
+        self.entries.insert(update.key, update.entry);
+    }
+
+    /// Entries charged to `slot`.
+    pub fn used(&self, slot: u32) -> u64 {
+        self.entries.values().filter(|e| e.owner_slot == slot).count() as u64
+    }
+
+    /// Garbage collection, as the controller runs it ([`is_garbage`]): removes expired entries
+    /// and those of endpoints `live` does not know; returns how many went.
+    pub fn collect(&mut self, now_ns: u64, t: &Timeouts, live: &dyn Fn(u64) -> bool) -> usize {
+        let before = self.entries.len();
+        self.entries.retain(|_, e| !is_garbage(e, now_ns, t, live));
+        before - self.entries.len()
+    }
+}
+
+/// The serial the receiver of a packet must have for a hit in direction `dir` on `entry`.
+pub(super) fn receiver_serial(entry: &CtEntry, dir: CtDirection) -> u64 {
+    match dir {
+        CtDirection::Original => entry.dst_serial,
+        CtDirection::Reply => entry.src_serial,
+    }
+}
+
+/// The conntrack write of a new flow `entry` under `key` (`endpoint.rs` step 14, `underlay.rs`
+/// step 9; S14), where `own` is what the table holds under that key: an entry of the same owner
+/// (expired, or bound to an endpoint since deleted) is replaced at no charge; an entry of another
+/// owner is left for the collector and the flow goes untracked (`None`); otherwise the flow is
+/// charged to its owner, and refused (`ConntrackBudgetExceeded`) when the owner already holds
+/// `budget` entries.
+pub(super) fn create(
+    ct: &Conntrack,
+    key: CtKey,
+    own: Option<CtEntry>,
+    entry: CtEntry,
+    budget: u32,
+) -> Result<Option<CtUpdate>, DropReason> {
+    match own {
+        Some(old)
+            if old.owner_slot == entry.owner_slot && old.owner_serial() == entry.owner_serial() =>
+        {
+            Ok(Some(CtUpdate { key, entry }))
+        }
+        Some(_) => Ok(None),
+        None if ct.used(entry.owner_slot) >= u64::from(budget) => {
+            Err(DropReason::ConntrackBudgetExceeded)
+        }
+        None => Ok(Some(CtUpdate { key, entry })),
+    }
+}
+
+/// The connection-tracking state after a packet. `prev` is `None` when the packet creates the
+/// entry (for TCP only a SYN does, [`Role::Opens`]). TCP: FIN or RST -> closing; a SYN without
+/// ACK on a closing flow reopens it (the 5-tuple reused, as Linux conntrack does from
+/// CLOSE/TIME_WAIT; only in the original direction, the only one a SYN matches); a SYN-ACK in
+/// the reply direction establishes an opening connection (any other reply leaves it opening).
+/// UDP: one-way until a reply is seen.
+pub fn next_state(prev: Option<(u8, CtDirection)>, proto: u8, tcp_flags: u8) -> u8 {
+    match proto {
+        IPPROTO_TCP => {
+            let (syn, ack) = (TCP_SYN, TCP_ACK);
+            let syn_only = tcp_flags & (syn | ack) == syn;
+            let syn_ack = tcp_flags & (syn | ack) == syn | ack;
+            match prev {
+                _ if tcp_flags & (TCP_FIN | TCP_RST) != 0 => ct_state::TCP_CLOSING,
+                None => ct_state::TCP_OPENING,
+                Some((ct_state::TCP_CLOSING, _)) if syn_only => ct_state::TCP_OPENING,
+                Some((ct_state::TCP_OPENING, CtDirection::Reply)) if syn_ack => {
+                    ct_state::TCP_ESTABLISHED
+                }
+                Some((s, _)) => s,
+            }
+        }
+        IPPROTO_UDP => match prev {
+            None => ct_state::UDP_ONE_WAY,
+            Some((ct_state::UDP_ONE_WAY, CtDirection::Reply)) => ct_state::UDP_REPLIED,
+            Some((s, _)) => s,
+        },
+        IPPROTO_ICMP => ct_state::ICMP,
+        _ => ct_state::OTHER,
+    }
+}
+
+impl Host<'_> {
+    /// S6: an ICMP error ([`is_error`]) no longer than a router's (`ICMP_ERROR_MAX_LEN`) from the
+    /// quoted packet's destination to its source (the flow's peer answering about a packet it
+    /// received), about a flow tracked either way between the very endpoints (serials) that
+    /// send and receive the error: `(sender, receiver)` (S7).
+    pub(super) fn related(
+        &self,
+        ct: &Conntrack,
+        now_ns: u64,
+        vni: u32,
+        pkt: &Ipv4,
+        l4: &L4,
+        (sender, receiver): (u64, u64),
+    ) -> bool {
+        let Some(inner) = &l4.icmp_error_inner else {
+            return false;
+        };
+        is_error(pkt.proto, l4.icmp_type_code)
+            && pkt.total <= ICMP_ERROR_MAX_LEN
+            && inner.src == pkt.dst.octets()
+            && inner.dst == pkt.src.octets()
+            // The quoted packet went from the error's receiver to its sender.
+            && ct
+                .lookup(&CtKey { vni, ..*inner }, receiver, now_ns, &self.timeouts)
+                .0
+                .is_some_and(|(_, e, dir)| receiver_serial(&e, dir) == sender)
+    }
+}

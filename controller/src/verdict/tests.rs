@@ -1,0 +1,977 @@
+//! Literal packets through the model, one test per semantic it proves.
+use super::*;
+use crate::model::{Endpoint, Rule, SecurityGroup, Universe};
+use dataplane_common::DropReason as D;
+
+const GW: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
+const HOST: &str = "h1";
+const S: u64 = 1_000_000_000;
+
+fn mac_of(n: u8) -> [u8; 6] {
+    [0x02, 0xaa, 0, 0, 0, n]
+}
+
+fn rule(id: &str, dir: Direction, proto: Protocol, ports: Option<(u16, u16)>, peer: Peer) -> Rule {
+    Rule {
+        id: id.into(),
+        direction: dir,
+        protocol: proto,
+        ports,
+        icmp: None,
+        peer,
+        description: String::new(),
+    }
+}
+fn cidr(s: &str) -> Peer {
+    Peer::Cidr(s.parse().unwrap())
+}
+fn group(id: &str, uni: &str, ingress: Vec<Rule>, egress: Vec<Rule>) -> SecurityGroup {
+    SecurityGroup {
+        id: id.into(),
+        universe: uni.into(),
+        name: id.into(),
+        description: String::new(),
+        ingress,
+        egress,
+    }
+}
+fn egress_all(id: &str) -> Rule {
+    rule(id, Direction::Egress, Protocol::All, None, cidr("0.0.0.0/0"))
+}
+
+/// Two universes with the same CIDR (S3 default groups in both), plus `web` and `db` in the
+/// first. Endpoint n has ifindex 10+n, MAC mac_of(n).
+fn fixture() -> (State, BTreeMap<u32, String>) {
+    let mut st = State::default();
+    for (id, vni) in [("uni-1", 100), ("uni-2", 200)] {
+        st.universes.insert(
+            id.into(),
+            Universe {
+                id: id.into(),
+                name: id.into(),
+                cidrs: vec!["10.0.0.0/16".parse().unwrap()],
+                vni,
+            },
+        );
+    }
+    let def = |g: &str, u: &str| {
+        group(
+            g,
+            u,
+            vec![rule(
+                &format!("{g}-i"),
+                Direction::Ingress,
+                Protocol::All,
+                None,
+                Peer::Group(g.into()),
+            )],
+            vec![egress_all(&format!("{g}-e"))],
+        )
+    };
+    st.groups.insert("sg-def1".into(), def("sg-def1", "uni-1"));
+    st.groups.insert("sg-def2".into(), def("sg-def2", "uni-2"));
+    st.groups.insert(
+        "sg-web".into(),
+        group(
+            "sg-web",
+            "uni-1",
+            vec![rule(
+                "r-web80",
+                Direction::Ingress,
+                Protocol::TCP,
+                Some((80, 80)),
+                cidr("0.0.0.0/0"),
+            )],
+            vec![egress_all("r-web-e")],
+        ),
+    );
+    st.groups.insert(
+        "sg-db".into(),
+        group(
+            "sg-db",
+            "uni-1",
+            vec![rule(
+                "r-db",
+                Direction::Ingress,
+                Protocol::TCP,
+                Some((5432, 5432)),
+                Peer::Group("sg-web".into()),
+            )],
+            vec![],
+        ),
+    );
+    let eps: [(u8, &str, &str, &[&str]); 5] = [
+        (1, "uni-1", "10.0.0.1", &["sg-def1"]),
+        (2, "uni-1", "10.0.0.2", &["sg-def1"]),
+        (3, "uni-1", "10.0.0.3", &["sg-web"]),
+        (4, "uni-1", "10.0.0.4", &["sg-db"]),
+        (5, "uni-2", "10.0.0.1", &["sg-def2"]),
+    ];
+    let mut local = BTreeMap::new();
+    for (n, uni, ip, groups) in eps {
+        let m = mac_of(n);
+        let id = format!("ep-{n}");
+        st.endpoints.insert(
+            id.clone(),
+            Endpoint {
+                id: id.clone(),
+                universe: uni.into(),
+                host: HOST.into(),
+                netns: format!("ns{n}"),
+                ip: ip.parse().unwrap(),
+                mac: format!(
+                    "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+                    m[0], m[1], m[2], m[3], m[4], m[5]
+                ),
+                interface: format!("veth{n}"),
+                security_groups: groups.iter().map(|g| g.to_string()).collect(),
+                identity: u32::from(n),
+                conntrack_budget: 1000,
+                serial: u64::from(n),
+                slot: u32::from(n),
+                flow_logs: false,
+            },
+        );
+        local.insert(10 + u32::from(n), id);
+    }
+    (st, local)
+}
+
+/// Ethernet + IPv4 (IHL 5, DF, TTL 64, checksum left 0: nobody verifies it) + `l4`.
+fn ipv4(src_mac: [u8; 6], src: [u8; 4], dst: [u8; 4], proto: u8, l4: &[u8]) -> Vec<u8> {
+    let mut f = Vec::new();
+    f.extend_from_slice(&GW);
+    f.extend_from_slice(&src_mac);
+    f.extend_from_slice(&[0x08, 0x00]);
+    let total = (20 + l4.len()) as u16;
+    f.extend_from_slice(&[0x45, 0x00]);
+    f.extend_from_slice(&total.to_be_bytes());
+    f.extend_from_slice(&[0x12, 0x34, 0x40, 0x00, 64, proto, 0, 0]);
+    f.extend_from_slice(&src);
+    f.extend_from_slice(&dst);
+    f.extend_from_slice(l4);
+    f
+}
+fn tcp(sport: u16, dport: u16, flags: u8) -> Vec<u8> {
+    let mut t = Vec::new();
+    t.extend_from_slice(&sport.to_be_bytes());
+    t.extend_from_slice(&dport.to_be_bytes());
+    t.extend_from_slice(&[0, 0, 0, 1, 0, 0, 0, 0, 0x50, flags, 0xff, 0xff, 0, 0, 0, 0]);
+    t
+}
+fn udp(sport: u16, dport: u16) -> Vec<u8> {
+    let mut u = Vec::new();
+    u.extend_from_slice(&sport.to_be_bytes());
+    u.extend_from_slice(&dport.to_be_bytes());
+    u.extend_from_slice(&[0, 12, 0, 0, b'h', b'i', b'!', b'\n']);
+    u
+}
+fn icmp(ty: u8, code: u8, id: u16, payload: &[u8]) -> Vec<u8> {
+    let mut i = vec![ty, code, 0, 0];
+    i.extend_from_slice(&id.to_be_bytes());
+    i.extend_from_slice(&[0, 1]);
+    i.extend_from_slice(payload);
+    i
+}
+const A: [u8; 4] = [10, 0, 0, 1];
+const B: [u8; 4] = [10, 0, 0, 2];
+const W: [u8; 4] = [10, 0, 0, 3];
+const DB: [u8; 4] = [10, 0, 0, 4];
+const SYN: u8 = 0x02;
+const SYNACK: u8 = 0x12;
+const ACKF: u8 = 0x10;
+
+fn host<'a>(st: &'a State, local: &BTreeMap<u32, String>) -> Host<'a> {
+    Host::new(st, HOST, local, GW, Timeouts::default())
+}
+fn delivered_to(v: &Verdict) -> Option<u32> {
+    match v {
+        Verdict::Deliver { ifindex, .. } => Some(*ifindex),
+        _ => None,
+    }
+}
+
+#[test]
+fn a_packet_dropped_by_its_frame_work_takes_no_conntrack_write_with_it() {
+    let key = CtKey::new(100, W, A, 1, 2, IPPROTO_UDP);
+    let update = CtUpdate { key, entry: CtEntry::default() };
+    let dropped = Outcome::sent(Err(DropReason::EncapFailed), Some(update));
+    assert_eq!(dropped, Outcome::drop(DropReason::EncapFailed));
+    assert_eq!(dropped.ct, None);
+    let sent = Outcome::sent(Ok(Verdict::Pass), Some(update));
+    assert_eq!(sent.ct, Some(update));
+}
+
+#[test]
+fn s3_default_group_members_talk_and_frame_is_rewritten_for_the_receiver() {
+    let (st, local) = fixture();
+    let h = host(&st, &local);
+    let mut ct = Conntrack::default();
+    let f = ipv4(mac_of(1), A, B, IPPROTO_UDP, &udp(1000, 53));
+    let v = h.judge_and_track(&mut ct, S, 11, &f);
+    let mut want = f.clone();
+    want[0..6].copy_from_slice(&mac_of(2));
+    want[6..12].copy_from_slice(&GW);
+    assert_eq!(v, Verdict::Deliver { ifindex: 12, frame: want });
+    assert_eq!(ct.entries.len(), 1);
+}
+
+#[test]
+fn s1_rules_union_any_group_allows() {
+    let (mut st, local) = fixture();
+    // ep-4 in db and web: web's port 80 from anywhere plus db's 5432 from web members.
+    st.endpoints.get_mut("ep-4").unwrap().security_groups = vec!["sg-db".into(), "sg-web".into()];
+    let h = host(&st, &local);
+    let ct = Conntrack::default();
+    let to80 = ipv4(mac_of(3), W, DB, IPPROTO_TCP, &tcp(40000, 80, SYN));
+    let to5432 = ipv4(mac_of(3), W, DB, IPPROTO_TCP, &tcp(40000, 5432, SYN));
+    let to81 = ipv4(mac_of(3), W, DB, IPPROTO_TCP, &tcp(40000, 81, SYN));
+    assert_eq!(delivered_to(&h.judge(&ct, S, 13, &to80).verdict), Some(14));
+    assert_eq!(delivered_to(&h.judge(&ct, S, 13, &to5432).verdict), Some(14));
+    assert_eq!(h.judge(&ct, S, 13, &to81).verdict, Verdict::Drop(D::PolicyIngress));
+}
+
+#[test]
+fn s1_nested_cidrs_and_group_peer_each_allow_alone() {
+    let (mut st, local) = fixture();
+    let g = st.groups.get_mut("sg-def1").unwrap();
+    g.ingress = vec![
+        rule("n8", Direction::Ingress, Protocol::TCP, Some((1, 10)), cidr("10.0.0.0/8")),
+        rule("n16", Direction::Ingress, Protocol::TCP, Some((11, 20)), cidr("10.0.0.0/16")),
+        rule("n24", Direction::Ingress, Protocol::TCP, Some((21, 30)), cidr("10.0.0.0/24")),
+        rule("n32", Direction::Ingress, Protocol::TCP, Some((31, 40)), cidr("10.0.0.1/32")),
+        rule(
+            "ng",
+            Direction::Ingress,
+            Protocol::TCP,
+            Some((41, 50)),
+            Peer::Group("sg-def1".into()),
+        ),
+    ];
+    let h = host(&st, &local);
+    let ct = Conntrack::default();
+    for port in 1..=50 {
+        let f = ipv4(mac_of(1), A, B, IPPROTO_TCP, &tcp(999, port, SYN));
+        assert_eq!(delivered_to(&h.judge(&ct, S, 11, &f).verdict), Some(12), "port {port}");
+    }
+    let f = ipv4(mac_of(1), A, B, IPPROTO_TCP, &tcp(999, 51, SYN));
+    assert_eq!(h.judge(&ct, S, 11, &f).verdict, Verdict::Drop(D::PolicyIngress));
+}
+
+#[test]
+fn s5_group_peer_follows_membership() {
+    let (mut st, local) = fixture();
+    let h = host(&st, &local);
+    let ct = Conntrack::default();
+    // ep-1 (default only) -> db:5432 needs membership of web.
+    let f = ipv4(mac_of(1), A, DB, IPPROTO_TCP, &tcp(40000, 5432, SYN));
+    assert_eq!(h.judge(&ct, S, 11, &f).verdict, Verdict::Drop(D::PolicyIngress));
+    st.endpoints.get_mut("ep-1").unwrap().security_groups.push("sg-web".into());
+    let h = host(&st, &local);
+    assert_eq!(delivered_to(&h.judge(&ct, S, 11, &f).verdict), Some(14));
+}
+
+#[test]
+fn s6_s7_replies_pass_whatever_the_rules_of_the_other_side() {
+    let (st, local) = fixture();
+    let h = host(&st, &local);
+    let mut ct = Conntrack::default();
+    // web -> db:5432 allowed; db has no egress rules at all.
+    let syn = ipv4(mac_of(3), W, DB, IPPROTO_TCP, &tcp(40000, 5432, SYN));
+    assert_eq!(delivered_to(&h.judge_and_track(&mut ct, S, 13, &syn)), Some(14));
+    let synack = ipv4(mac_of(4), DB, W, IPPROTO_TCP, &tcp(5432, 40000, SYNACK));
+    assert_eq!(delivered_to(&h.judge_and_track(&mut ct, S, 14, &synack)), Some(13));
+    let key = CtKey::new(100, W, DB, 40000, 5432, 6);
+    assert_eq!(ct.entries[&key].state, ct_state::TCP_ESTABLISHED);
+    // A new flow from db (other source port) is not a reply: db has no egress.
+    let other = ipv4(mac_of(4), DB, W, IPPROTO_TCP, &tcp(5432, 40001, SYN));
+    assert_eq!(h.judge_and_track(&mut ct, S, 14, &other), Verdict::Drop(D::PolicyEgress));
+    // ICMP echo tracked by identifier: the reply with the same id passes, another id not.
+    let req = ipv4(mac_of(3), W, DB, IPPROTO_ICMP, &icmp(8, 0, 77, b"ping"));
+    assert_eq!(h.judge_and_track(&mut ct, S, 13, &req), Verdict::Drop(D::PolicyIngress));
+    let (mut st2, local2) = (st.clone(), local.clone());
+    st2.groups.get_mut("sg-db").unwrap().ingress.push(Rule {
+        icmp: Some((Some(8), None)),
+        ..rule("r-ping", Direction::Ingress, Protocol::ICMP, None, cidr("10.0.0.0/16"))
+    });
+    let h2 = host(&st2, &local2);
+    assert_eq!(delivered_to(&h2.judge_and_track(&mut ct, S, 13, &req)), Some(14));
+    let reply = ipv4(mac_of(4), DB, W, IPPROTO_ICMP, &icmp(0, 0, 77, b"ping"));
+    assert_eq!(delivered_to(&h2.judge_and_track(&mut ct, S, 14, &reply)), Some(13));
+    let stray = ipv4(mac_of(4), DB, W, IPPROTO_ICMP, &icmp(0, 0, 78, b"ping"));
+    assert_eq!(h2.judge_and_track(&mut ct, S, 14, &stray), Verdict::Drop(D::PolicyEgress));
+}
+
+#[test]
+fn s6_icmp_errors_about_tracked_flows_are_admitted_others_judged_by_rules() {
+    let (st, local) = fixture();
+    let h = host(&st, &local);
+    let mut ct = Conntrack::default();
+    let syn = ipv4(mac_of(3), W, DB, IPPROTO_TCP, &tcp(40000, 5432, SYN));
+    assert!(delivered_to(&h.judge_and_track(&mut ct, S, 13, &syn)).is_some());
+    // db answers "fragmentation needed" quoting the SYN's IP header and first 8 bytes.
+    let quote = syn[ETH_HLEN..ETH_HLEN + 28].to_vec();
+    let ptb = ipv4(mac_of(4), DB, W, IPPROTO_ICMP, &icmp(3, 4, 0, &quote));
+    assert_eq!(delivered_to(&h.judge_and_track(&mut ct, S, 14, &ptb)), Some(13));
+    assert_eq!(ct.entries.len(), 1, "related errors create no entry");
+    // Quoting an untracked flow: judged by db's (empty) egress.
+    let untracked = ipv4(mac_of(3), W, DB, IPPROTO_TCP, &tcp(40001, 5432, SYN));
+    let q2 = untracked[ETH_HLEN..ETH_HLEN + 28].to_vec();
+    let e2 = ipv4(mac_of(4), DB, W, IPPROTO_ICMP, &icmp(3, 4, 0, &q2));
+    assert_eq!(h.judge_and_track(&mut ct, S, 14, &e2), Verdict::Drop(D::PolicyEgress));
+    // The quote of a tracked flow sent to someone else than its source: not related.
+    let (mut st3, local3) = (st.clone(), local.clone());
+    st3.groups.get_mut("sg-db").unwrap().egress.push(rule(
+        "x",
+        Direction::Egress,
+        Protocol::TCP,
+        None,
+        cidr("0.0.0.0/0"),
+    ));
+    let h3 = host(&st3, &local3);
+    let wrong = ipv4(mac_of(4), DB, A, IPPROTO_ICMP, &icmp(3, 4, 0, &quote));
+    assert_eq!(h3.judge_and_track(&mut ct, S, 14, &wrong), Verdict::Drop(D::PolicyEgress));
+}
+
+#[test]
+fn s8_removed_rule_keeps_tracked_flows_refuses_new_ones_until_idle_timeout() {
+    let (mut st, local) = fixture();
+    let mut ct = Conntrack::default();
+    let syn = ipv4(mac_of(1), A, W, IPPROTO_TCP, &tcp(40000, 80, SYN));
+    assert!(delivered_to(&host(&st, &local).judge_and_track(&mut ct, S, 11, &syn)).is_some());
+    st.groups.get_mut("sg-web").unwrap().ingress.clear();
+    let h = host(&st, &local);
+    let ack = ipv4(mac_of(1), A, W, IPPROTO_TCP, &tcp(40000, 80, ACKF));
+    assert!(delivered_to(&h.judge_and_track(&mut ct, 2 * S, 11, &ack)).is_some());
+    let new = ipv4(mac_of(1), A, W, IPPROTO_TCP, &tcp(40001, 80, SYN));
+    assert_eq!(h.judge_and_track(&mut ct, 2 * S, 11, &new), Verdict::Drop(D::PolicyIngress));
+    // Still opening (no reply seen): 60 s - 1 ns idle is fine, 60 s is not.
+    assert!(delivered_to(&h.judge_and_track(&mut ct, 62 * S - 1, 11, &ack)).is_some());
+    assert_eq!(h.judge_and_track(&mut ct, 122 * S - 1, 11, &ack), Verdict::Drop(D::PolicyIngress));
+}
+
+#[test]
+fn s9_timeouts_are_configurable() {
+    let (st, local) = fixture();
+    let mut t = Timeouts::default();
+    t.ns[ct_state::UDP_ONE_WAY as usize] = 5;
+    let mut st2 = st.clone();
+    let h = Host::new(&st, HOST, &local, GW, t);
+    let mut ct = Conntrack::default();
+    let f = ipv4(mac_of(3), W, A, IPPROTO_UDP, &udp(1, 2));
+    // web egress all; ep-1's default ingress only from default members: refused...
+    assert_eq!(h.judge_and_track(&mut ct, 0, 13, &f), Verdict::Drop(D::PolicyIngress));
+    // ...so use a flow that is allowed, then watch it expire after 5 ns.
+    st2.groups.get_mut("sg-def1").unwrap().ingress.push(rule(
+        "u",
+        Direction::Ingress,
+        Protocol::UDP,
+        Some((2, 2)),
+        cidr("10.0.0.3/32"),
+    ));
+    let h2 = Host::new(&st2, HOST, &local, GW, t);
+    assert!(delivered_to(&h2.judge_and_track(&mut ct, 100, 13, &f)).is_some());
+    let back = ipv4(mac_of(1), A, W, IPPROTO_UDP, &udp(2, 1));
+    // Idle 4 ns of 5: still live.
+    assert!(delivered_to(&h.judge_and_track(&mut ct, 104, 11, &back)).is_some());
+    let key = CtKey::new(100, W, A, 1, 2, 17);
+    assert_eq!(ct.entries[&key].state, ct_state::UDP_REPLIED);
+    assert_eq!(t.of(ct_state::UDP_REPLIED), 180 * S);
+}
+
+/// Replaces endpoint `id` by a new one (new serial, same address, ifindex, MAC and slot)
+/// in `groups`, as a deletion and a re-creation would.
+fn recreate(st: &mut State, id: &str, groups: &[&str]) {
+    let ep = st.endpoints.get_mut(id).unwrap();
+    ep.serial += 100;
+    ep.security_groups = groups.iter().map(|g| g.to_string()).collect();
+}
+
+#[test]
+fn s7_a_recreated_endpoint_inherits_no_flow_in_either_direction() {
+    let (mut st, local) = fixture();
+    let mut ct = Conntrack::default();
+    // web -> db:5432, answered: a tracked, established flow.
+    let syn = ipv4(mac_of(3), W, DB, IPPROTO_TCP, &tcp(40000, 5432, SYN));
+    let synack = ipv4(mac_of(4), DB, W, IPPROTO_TCP, &tcp(5432, 40000, SYNACK));
+    let ack = ipv4(mac_of(3), W, DB, IPPROTO_TCP, &tcp(40000, 5432, ACKF));
+    let h = host(&st, &local);
+    assert_eq!(delivered_to(&h.judge_and_track(&mut ct, S, 13, &syn)), Some(14));
+    assert_eq!(delivered_to(&h.judge_and_track(&mut ct, S, 14, &synack)), Some(13));
+    // web is deleted and made again with its address in `default`: db admits only web
+    // members, and has no egress rule at all. Both directions are judged as new flows.
+    recreate(&mut st, "ep-3", &["sg-def1"]);
+    let h = host(&st, &local);
+    assert_eq!(h.judge(&ct, 2 * S, 13, &ack).verdict, Verdict::Drop(D::PolicyIngress));
+    assert_eq!(h.judge(&ct, 2 * S, 14, &synack).verdict, Verdict::Drop(D::PolicyEgress));
+    // db made again instead, in `default` (which admits only its members, and web's group
+    // admits TCP/80 only): the same from the other side.
+    let (mut st, local) = fixture();
+    recreate(&mut st, "ep-4", &["sg-def1"]);
+    let h = host(&st, &local);
+    assert_eq!(h.judge(&ct, 2 * S, 13, &ack).verdict, Verdict::Drop(D::PolicyIngress));
+    assert_eq!(h.judge(&ct, 2 * S, 14, &synack).verdict, Verdict::Drop(D::PolicyIngress));
+    // Garbage collection removes the flow once an endpoint of it is gone.
+    let live = |serial: u64| st.endpoints.values().any(|e| e.serial == serial);
+    assert_eq!(ct.collect(2 * S, &Timeouts::default(), &live), 1);
+    assert!(ct.entries.is_empty());
+}
+
+#[test]
+fn s14_new_flows_beyond_the_budget_are_dropped_for_their_owner_alone() {
+    let (mut st, local) = fixture();
+    st.endpoints.get_mut("ep-1").unwrap().conntrack_budget = 2;
+    let h = host(&st, &local);
+    let mut ct = Conntrack::default();
+    let to_b = |sport| ipv4(mac_of(1), A, B, IPPROTO_UDP, &udp(sport, 53));
+    assert!(delivered_to(&h.judge_and_track(&mut ct, S, 11, &to_b(1))).is_some());
+    assert!(delivered_to(&h.judge_and_track(&mut ct, S, 11, &to_b(2))).is_some());
+    assert_eq!(ct.used(1), 2);
+    assert_eq!(h.judge(&ct, S, 11, &to_b(3)).verdict, Verdict::Drop(D::ConntrackBudgetExceeded));
+    // Its tracked flows go on both ways; another endpoint's new flows are not affected.
+    assert!(delivered_to(&h.judge_and_track(&mut ct, S, 11, &to_b(1))).is_some());
+    let back = ipv4(mac_of(2), B, A, IPPROTO_UDP, &udp(53, 2));
+    assert!(delivered_to(&h.judge_and_track(&mut ct, S, 12, &back)).is_some());
+    let from_b = ipv4(mac_of(2), B, A, IPPROTO_UDP, &udp(7, 8));
+    assert!(delivered_to(&h.judge_and_track(&mut ct, S, 12, &from_b)).is_some());
+    assert_eq!((ct.used(1), ct.used(2)), (2, 1));
+    // An expired flow of its own (one-way UDP, 30 s) is replaced at no charge, even at the
+    // budget.
+    let later = S + 31 * S;
+    assert!(delivered_to(&h.judge_and_track(&mut ct, later, 11, &to_b(1))).is_some());
+    assert_eq!(ct.used(1), 2);
+    // Collecting the expired flows gives the budget back.
+    let live = |_: u64| true;
+    assert_eq!(ct.collect(later + 181 * S, &Timeouts::default(), &live), 3);
+    assert!(delivered_to(&h.judge_and_track(&mut ct, later + 182 * S, 11, &to_b(3))).is_some());
+}
+
+#[test]
+fn s14_an_entry_of_another_owner_under_the_key_leaves_a_new_flow_untracked() {
+    let (mut st, local) = fixture();
+    let mut ct = Conntrack::default();
+    let f = ipv4(mac_of(1), A, B, IPPROTO_UDP, &udp(1, 53));
+    assert!(delivered_to(&host(&st, &local).judge_and_track(&mut ct, S, 11, &f)).is_some());
+    // ep-1 made again before its flows were collected: the new one's flow of the same
+    // 5-tuple is delivered but not tracked, and the old entry stays for the collector.
+    recreate(&mut st, "ep-1", &["sg-def1"]);
+    let h = host(&st, &local);
+    let out = h.judge(&ct, 2 * S, 11, &f);
+    assert!(delivered_to(&out.verdict).is_some());
+    assert_eq!(out.ct, None);
+}
+
+#[test]
+fn universes_are_isolated_even_with_the_same_addresses() {
+    let (st, local) = fixture();
+    let h = host(&st, &local);
+    let ct = Conntrack::default();
+    // ep-5 (uni-2, 10.0.0.1) to 10.0.0.2: exists only in uni-1.
+    let f = ipv4(mac_of(5), A, B, IPPROTO_UDP, &udp(1, 2));
+    assert_eq!(h.judge(&ct, S, 15, &f).verdict, Verdict::Drop(D::NoRoute));
+}
+
+#[test]
+fn s10_spoofed_source_mac_or_ip_is_dropped() {
+    let (st, local) = fixture();
+    let h = host(&st, &local);
+    let ct = Conntrack::default();
+    let f = ipv4(mac_of(2), A, B, IPPROTO_UDP, &udp(1, 2));
+    assert_eq!(h.judge(&ct, S, 11, &f).verdict, Verdict::Drop(D::SpoofedMac));
+    let f = ipv4(mac_of(1), B, A, IPPROTO_UDP, &udp(1, 2));
+    assert_eq!(h.judge(&ct, S, 11, &f).verdict, Verdict::Drop(D::SpoofedIp));
+    let f = ipv4(mac_of(1), A, B, IPPROTO_UDP, &udp(1, 2));
+    assert_eq!(h.judge(&ct, S, 99, &f).verdict, Verdict::Drop(D::UnknownEndpoint));
+}
+
+#[test]
+fn arp_requests_are_answered_with_the_gateway_mac() {
+    let (st, local) = fixture();
+    let h = host(&st, &local);
+    #[rustfmt::skip]
+    let req: [u8; 42] = [
+        0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x02, 0xaa, 0, 0, 0, 1, 0x08, 0x06,
+        0, 1, 0x08, 0x00, 6, 4, 0, 1,
+        0x02, 0xaa, 0, 0, 0, 1, 10, 0, 0, 1,
+        0, 0, 0, 0, 0, 0, 10, 0, 255, 254,
+    ];
+    #[rustfmt::skip]
+    let want: [u8; 42] = [
+        0x02, 0xaa, 0, 0, 0, 1, 0x02, 0, 0, 0, 0, 0x01, 0x08, 0x06,
+        0, 1, 0x08, 0x00, 6, 4, 0, 2,
+        0x02, 0, 0, 0, 0, 0x01, 10, 0, 255, 254,
+        0x02, 0xaa, 0, 0, 0, 1, 10, 0, 0, 1,
+    ];
+    let ct = Conntrack::default();
+    assert_eq!(h.judge(&ct, S, 11, &req).verdict, Verdict::ArpReply { frame: want.to_vec() });
+    let mut announce = req;
+    announce[38..42].copy_from_slice(&[10, 0, 0, 1]);
+    assert_eq!(h.judge(&ct, S, 11, &announce).verdict, Verdict::Drop(D::ArpUnanswered));
+    let mut probe = announce;
+    probe[28..32].copy_from_slice(&[0, 0, 0, 0]);
+    assert_eq!(h.judge(&ct, S, 11, &probe).verdict, Verdict::Drop(D::ArpUnanswered));
+    assert_eq!(h.judge(&ct, S, 12, &req).verdict, Verdict::Drop(D::SpoofedMac));
+    assert_eq!(h.judge(&ct, S, 99, &req).verdict, Verdict::Drop(D::UnknownEndpoint));
+    let mut reply = req;
+    reply[21] = 2;
+    assert_eq!(h.judge(&ct, S, 11, &reply).verdict, Verdict::Drop(D::ArpUnanswered));
+    assert_eq!(h.judge(&ct, S, 11, &req[..41]).verdict, Verdict::Drop(D::ArpUnanswered));
+}
+
+#[test]
+fn s11_unparsable_packets_are_dropped_with_their_reason() {
+    let (st, local) = fixture();
+    let h = host(&st, &local);
+    let ct = Conntrack::default();
+    let j = |f: &[u8]| h.judge(&ct, S, 11, f).verdict;
+    let good = ipv4(mac_of(1), A, B, IPPROTO_TCP, &tcp(1, 2, SYN));
+    assert!(delivered_to(&j(&good)).is_some());
+    assert_eq!(j(&good[..13]), Verdict::Drop(D::TruncatedEthernet));
+    let mut v6 = good.clone();
+    v6[12..14].copy_from_slice(&[0x86, 0xdd]);
+    assert_eq!(j(&v6), Verdict::Drop(D::Ipv6Unsupported));
+    let mut vlan = good.clone();
+    vlan[12..14].copy_from_slice(&[0x81, 0x00]);
+    assert_eq!(j(&vlan), Verdict::Drop(D::UnknownEthertype));
+    // Every cut inside the IPv4 header, then inside TCP.
+    for cut in 14..34 {
+        assert_eq!(j(&good[..cut]), Verdict::Drop(D::MalformedIpv4), "cut {cut}");
+    }
+    for cut in 34..54 {
+        let mut f = good[..cut].to_vec();
+        f[16..18].copy_from_slice(&((cut - 14) as u16).to_be_bytes());
+        assert_eq!(j(&f), Verdict::Drop(D::MalformedL4), "cut {cut}");
+    }
+    let mut v5 = good.clone();
+    v5[14] = 0x55;
+    assert_eq!(j(&v5), Verdict::Drop(D::MalformedIpv4));
+    let mut ihl4 = good.clone();
+    ihl4[14] = 0x44;
+    assert_eq!(j(&ihl4), Verdict::Drop(D::MalformedIpv4));
+    let mut long = good.clone();
+    long[17] += 1;
+    assert_eq!(j(&long), Verdict::Drop(D::MalformedIpv4));
+    let mut mf = good.clone();
+    mf[20] = 0x20;
+    assert_eq!(j(&mf), Verdict::Drop(D::Fragment));
+    let mut off = good.clone();
+    off[21] = 0x01;
+    assert_eq!(j(&off), Verdict::Drop(D::Fragment));
+    // TCP data offset 4: malformed; padding after the datagram is fine.
+    let mut doff = good.clone();
+    doff[46] = 0x40;
+    assert_eq!(j(&doff), Verdict::Drop(D::MalformedL4));
+    let mut padded = good.clone();
+    padded.extend_from_slice(&[0; 6]);
+    assert!(delivered_to(&j(&padded)).is_some());
+}
+
+#[test]
+fn ipv4_options_are_skipped_to_find_the_ports() {
+    let (st, local) = fixture();
+    let h = host(&st, &local);
+    let ct = Conntrack::default();
+    // ep-1 -> web:80 with 8 bytes of options (two NOPs and an end-of-list, padded).
+    let plain = ipv4(mac_of(1), A, W, IPPROTO_TCP, &tcp(1, 80, SYN));
+    let mut f = plain[..34].to_vec();
+    f.extend_from_slice(&[1, 1, 0, 0, 0, 0, 0, 0]);
+    f.extend_from_slice(&plain[34..]);
+    f[14] = 0x47;
+    let total = (f.len() - 14) as u16;
+    f[16..18].copy_from_slice(&total.to_be_bytes());
+    assert_eq!(delivered_to(&h.judge(&ct, S, 11, &f).verdict), Some(13));
+    let to81 = {
+        let mut g = f.clone();
+        g[14 + 28 + 3] = 81;
+        g
+    };
+    assert_eq!(h.judge(&ct, S, 11, &to81).verdict, Verdict::Drop(D::PolicyIngress));
+}
+
+// ---- Direction (S7) -------------------------------------------------------------------
+
+fn ct_key(src: [u8; 4], dst: [u8; 4], sport: u16, dport: u16, proto: u8) -> CtKey {
+    CtKey::new(100, src, dst, sport, dport, proto)
+}
+
+#[test]
+fn s7_roles_of_every_tcp_flag_combination_and_icmp_type() {
+    for flags in 0..=255u8 {
+        let opens = flags & 0x02 != 0 && flags & (0x10 | 0x04 | 0x01) == 0;
+        let want = if opens { Role::Opens } else { Role::Continues };
+        assert_eq!(role(IPPROTO_TCP, flags, 0), want, "flags {flags:#04x}");
+    }
+    for ty in 0..=255u8 {
+        let want = match ty {
+            8 => Role::Opens,
+            0 => Role::Answers,
+            _ => Role::Untracked,
+        };
+        assert_eq!(role(IPPROTO_ICMP, 0, ty), want, "ICMP type {ty}");
+    }
+    assert_eq!(role(IPPROTO_UDP, 0xff, 0xff), Role::Any);
+    assert_eq!(role(47, 0, 0), Role::Any);
+    assert!(creates(Role::Opens) && creates(Role::Any));
+    assert!(!creates(Role::Continues) && !creates(Role::Answers) && !creates(Role::Untracked));
+}
+
+#[test]
+fn s7_only_a_syn_creates_a_tcp_flow_and_matches_only_its_own_way() {
+    let (st, local) = fixture();
+    let h = host(&st, &local);
+    let mut ct = Conntrack::default();
+    // web (egress all) may send db anything on 5432 (db admits it from web members); db may
+    // open nothing (no egress rule).
+    let back = |sport: u16| ipv4(mac_of(4), DB, W, IPPROTO_TCP, &tcp(5432, sport, SYN));
+    // ACK, FIN+ACK, RST, RST+ACK, PSH+ACK, SYN+FIN, SYN+RST, SYN+ACK, nothing at all.
+    for (i, flags) in [0x10, 0x11, 0x04, 0x14, 0x18, 0x03, 0x06, 0x12, 0x00].iter().enumerate() {
+        let port = 41000 + i as u16;
+        let pkt = ipv4(mac_of(3), W, DB, IPPROTO_TCP, &tcp(port, 5432, *flags));
+        let out = h.judge(&ct, S, 13, &pkt);
+        assert_eq!(delivered_to(&out.verdict), Some(14), "flags {flags:#x}: the rules allow");
+        assert_eq!(out.ct, None, "flags {flags:#x}: no flow without a SYN (tcp_loose = 0)");
+        // So db's SYN back on the same ports is a new packet, which db may not send.
+        assert_eq!(h.judge_and_track(&mut ct, S, 14, &back(port)), Verdict::Drop(D::PolicyEgress));
+    }
+    assert!(ct.entries.is_empty());
+
+    // A SYN creates the flow; db's SYN in its reply direction is no hit.
+    let syn = ipv4(mac_of(3), W, DB, IPPROTO_TCP, &tcp(42000, 5432, SYN));
+    assert_eq!(delivered_to(&h.judge_and_track(&mut ct, S, 13, &syn)), Some(14));
+    let key = ct_key(W, DB, 42000, 5432, IPPROTO_TCP);
+    assert_eq!(ct.entries[&key].state, ct_state::TCP_OPENING);
+    assert_eq!(h.judge_and_track(&mut ct, S, 14, &back(42000)), Verdict::Drop(D::PolicyEgress));
+    // A bare ACK in reply is the flow's (delivered) but does not establish it; a SYN-ACK does.
+    let ack = ipv4(mac_of(4), DB, W, IPPROTO_TCP, &tcp(5432, 42000, ACKF));
+    assert_eq!(delivered_to(&h.judge_and_track(&mut ct, S, 14, &ack)), Some(13));
+    assert_eq!(ct.entries[&key].state, ct_state::TCP_OPENING);
+    let synack = ipv4(mac_of(4), DB, W, IPPROTO_TCP, &tcp(5432, 42000, SYNACK));
+    assert_eq!(delivered_to(&h.judge_and_track(&mut ct, S, 14, &synack)), Some(13));
+    assert_eq!(ct.entries[&key].state, ct_state::TCP_ESTABLISHED);
+    // Closing: db's SYN in the reply direction still does not reopen it...
+    let fin = ipv4(mac_of(3), W, DB, IPPROTO_TCP, &tcp(42000, 5432, 0x11));
+    assert_eq!(delivered_to(&h.judge_and_track(&mut ct, S, 13, &fin)), Some(14));
+    assert_eq!(ct.entries[&key].state, ct_state::TCP_CLOSING);
+    assert_eq!(h.judge_and_track(&mut ct, S, 14, &back(42000)), Verdict::Drop(D::PolicyEgress));
+    assert_eq!(ct.entries[&key].state, ct_state::TCP_CLOSING);
+    // ...web's SYN in the original direction does (the 5-tuple reused).
+    assert_eq!(delivered_to(&h.judge_and_track(&mut ct, 2 * S, 13, &syn)), Some(14));
+    assert_eq!(ct.entries[&key].state, ct_state::TCP_OPENING);
+    assert_eq!(ct.entries.len(), 1);
+}
+
+#[test]
+fn s7_a_reply_direction_syn_the_rules_allow_opens_a_flow_of_its_own() {
+    let (st, local) = fixture();
+    let h = host(&st, &local);
+    let mut ct = Conntrack::default();
+    // ep-1 and ep-2 (default) admit each other.
+    let ab = ipv4(mac_of(1), A, B, IPPROTO_TCP, &tcp(1000, 2000, SYN));
+    assert_eq!(delivered_to(&h.judge_and_track(&mut ct, S, 11, &ab)), Some(12));
+    let ba = ipv4(mac_of(2), B, A, IPPROTO_TCP, &tcp(2000, 1000, SYN));
+    assert_eq!(delivered_to(&h.judge_and_track(&mut ct, S, 12, &ba)), Some(11));
+    assert_eq!(ct.entries[&ct_key(A, B, 1000, 2000, 6)].state, ct_state::TCP_OPENING);
+    assert_eq!(ct.entries[&ct_key(B, A, 2000, 1000, 6)].state, ct_state::TCP_OPENING);
+}
+
+#[test]
+fn s7_echo_requests_open_flows_echo_replies_only_answer_other_icmp_is_untracked() {
+    let (mut st, local) = fixture();
+    st.groups.get_mut("sg-db").unwrap().ingress.push(rule(
+        "icmp",
+        Direction::Ingress,
+        Protocol::ICMP,
+        None,
+        cidr("0.0.0.0/0"),
+    ));
+    let h = host(&st, &local);
+    let mut ct = Conntrack::default();
+    // web (egress all) may send db any ICMP; db may send nothing of its own.
+    let web = |ty: u8, id: u16| ipv4(mac_of(3), W, DB, IPPROTO_ICMP, &icmp(ty, 0, id, b"x"));
+    let db = |ty: u8, id: u16| ipv4(mac_of(4), DB, W, IPPROTO_ICMP, &icmp(ty, 0, id, b"x"));
+    // An echo reply opens nothing: db's echo request with that id is its own, refused.
+    let out = h.judge(&ct, S, 13, &web(0, 7));
+    assert_eq!((delivered_to(&out.verdict), out.ct), (Some(14), None));
+    assert_eq!(h.judge_and_track(&mut ct, S, 14, &db(8, 7)), Verdict::Drop(D::PolicyEgress));
+    // An echo request opens a flow its reply matches, and a request back does not.
+    assert!(delivered_to(&h.judge_and_track(&mut ct, S, 13, &web(8, 9))).is_some());
+    assert_eq!(delivered_to(&h.judge_and_track(&mut ct, S, 14, &db(0, 9))), Some(13));
+    assert_eq!(h.judge_and_track(&mut ct, S, 14, &db(8, 9)), Verdict::Drop(D::PolicyEgress));
+    // Other ICMP (a timestamp request) is delivered by the rules and tracked never: its
+    // reply is db's own traffic. Not even an echo flow of identifier 0, whose key is
+    // (0, 0) like theirs, admits them.
+    let out = h.judge(&ct, S, 13, &web(13, 0));
+    assert_eq!((delivered_to(&out.verdict), out.ct), (Some(14), None));
+    assert!(delivered_to(&h.judge_and_track(&mut ct, S, 13, &web(8, 0))).is_some());
+    assert_eq!(h.judge_and_track(&mut ct, S, 14, &db(14, 0)), Verdict::Drop(D::PolicyEgress));
+    assert_eq!(delivered_to(&h.judge_and_track(&mut ct, S, 14, &db(0, 0))), Some(13));
+    assert_eq!(ct.entries.len(), 2, "the two echo flows");
+}
+
+// ---- Related ICMP errors (S6) -----------------------------------------------------------
+
+/// An ICMP error of `ty`/`code` quoting `quote`, zero-padded to `total` bytes of IPv4.
+fn error_frame(
+    mac: [u8; 6],
+    src: [u8; 4],
+    dst: [u8; 4],
+    (ty, code): (u8, u8),
+    quote: &[u8],
+    total: usize,
+) -> Vec<u8> {
+    let mut payload = quote.to_vec();
+    payload.resize(payload.len().max(total.saturating_sub(28)), 0);
+    ipv4(mac, src, dst, IPPROTO_ICMP, &icmp(ty, code, 0, &payload))
+}
+
+#[test]
+fn s6_related_errors_come_from_the_peer_are_errors_and_no_longer_than_a_routers() {
+    let (st, local) = fixture();
+    let h = host(&st, &local);
+    let mut ct = Conntrack::default();
+    // web -> db:5432 tracked. db has no egress rule, web admits only TCP/80: whatever is
+    // not related is refused, by db's egress or web's ingress.
+    let syn = ipv4(mac_of(3), W, DB, IPPROTO_TCP, &tcp(40000, 5432, SYN));
+    assert!(delivered_to(&h.judge_and_track(&mut ct, S, 13, &syn)).is_some());
+    let quote = syn[ETH_HLEN..ETH_HLEN + 28].to_vec();
+    let from_db = |kind, total| error_frame(mac_of(4), DB, W, kind, &quote, total);
+    let related = h.judge(&ct, S, 14, &from_db((3, 3), 56));
+    assert_eq!(delivered_to(&related.verdict), Some(13), "the peer's port unreachable");
+    assert_eq!(related.ct, None, "a related error touches no flow");
+
+    // Every type and code: only the errors are related.
+    for ty in 0..=255u8 {
+        for code in 0..=20u8 {
+            let want = is_error(IPPROTO_ICMP, (ty, code));
+            assert_eq!(
+                want,
+                matches!((ty, code), (3, 0..=15) | (11, 0..=1) | (12, 0..=2)),
+                "{ty}/{code}"
+            );
+            let v = h.judge(&ct, S, 14, &from_db((ty, code), 56)).verdict;
+            if want {
+                assert_eq!(delivered_to(&v), Some(13), "type {ty} code {code} is related");
+            } else {
+                assert_eq!(v, Verdict::Drop(D::PolicyEgress), "type {ty} code {code}: judged");
+            }
+        }
+    }
+    // No longer than a router's error.
+    assert_eq!(delivered_to(&h.judge(&ct, S, 14, &from_db((3, 4), 576)).verdict), Some(13));
+    let long = from_db((3, 4), 577);
+    assert_eq!(h.judge(&ct, S, 14, &long).verdict, Verdict::Drop(D::PolicyEgress));
+    let long = from_db((11, 0), 1256);
+    assert_eq!(h.judge(&ct, S, 14, &long).verdict, Verdict::Drop(D::PolicyEgress));
+
+    // A stranger (ep-1: egress all) quoting web's flow with db: judged by web's ingress.
+    for kind in [(3, 3), (3, 4), (11, 0), (12, 0)] {
+        let stranger = error_frame(mac_of(1), A, W, kind, &quote, 56);
+        assert_eq!(h.judge(&ct, S, 11, &stranger).verdict, Verdict::Drop(D::PolicyIngress));
+    }
+    // The peer quoting the flow with the addresses swapped (as if web had sent it the
+    // error's way): not the packet web sent, not related.
+    let mut swapped = quote.clone();
+    swapped[12..16].copy_from_slice(&DB);
+    swapped[16..20].copy_from_slice(&W);
+    let v = h.judge(&ct, S, 14, &error_frame(mac_of(4), DB, W, (3, 3), &swapped, 56)).verdict;
+    assert_eq!(v, Verdict::Drop(D::PolicyEgress));
+    // The flow's reply direction: db's SYN-ACK quoted by web, sent back to db, is related.
+    let synack = ipv4(mac_of(4), DB, W, IPPROTO_TCP, &tcp(5432, 40000, SYNACK));
+    let err = error_frame(mac_of(3), W, DB, (3, 3), &synack[ETH_HLEN..ETH_HLEN + 28], 56);
+    assert_eq!(delivered_to(&h.judge(&ct, S, 13, &err).verdict), Some(14));
+    assert_eq!(ct.entries.len(), 1);
+}
+
+// ---- Two hosts: wrap, frag-needed, unwrap ------------------------------------------------
+
+const HERE: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
+const THERE: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
+const R: [u8; 4] = [10, 0, 0, 6];
+const UNDERLAY: Underlay = Underlay { ip: HERE, mtu: 1500 };
+
+/// The fixture on host h1 (198.18.0.1), plus ep-6 (10.0.0.6, sg-web, identity 6) placed on
+/// host h2 (198.18.0.2).
+fn fleet_fixture() -> (State, BTreeMap<u32, String>) {
+    let (mut st, local) = fixture();
+    for (name, ip) in [(HOST, HERE), ("h2", THERE)] {
+        st.hosts.insert(
+            name.into(),
+            model::HostRecord {
+                name: name.into(),
+                underlay_ip: Some(ip),
+                api: None,
+                api_fingerprint: None,
+            },
+        );
+    }
+    let mut remote = st.endpoints["ep-3"].clone();
+    remote.id = "ep-6".into();
+    remote.host = "h2".into();
+    remote.ip = Ipv4Addr::from(R);
+    remote.mac = "02:aa:00:00:00:06".into();
+    remote.identity = 6;
+    st.endpoints.insert("ep-6".into(), remote);
+    (st, local)
+}
+
+/// What host `from` sends this host for the inner IPv4 packet `inner` (no Ethernet header):
+/// outer Ethernet/IPv4/UDP 4789, VXLAN-GBP with `group` and `vni`, inner Ethernet to `mac`.
+fn wrapped(from: Ipv4Addr, group: u16, vni: u32, mac: [u8; 6], inner: &[u8]) -> Vec<u8> {
+    let mut f = vec![0x02, 0x55, 0, 0, 0, 1, 0x02, 0x55, 0, 0, 0, 2, 0x08, 0x00];
+    let total = (20 + 8 + 8 + 14 + inner.len()) as u16;
+    f.extend_from_slice(&[0x45, 0]);
+    f.extend_from_slice(&total.to_be_bytes());
+    f.extend_from_slice(&[0, 0, 0x40, 0, 64, IPPROTO_UDP, 0, 0]);
+    f.extend_from_slice(&from.octets());
+    f.extend_from_slice(&HERE.octets());
+    f.extend_from_slice(&[0xc0, 0x01, 0x12, 0xb5]);
+    f.extend_from_slice(&(total - 20).to_be_bytes());
+    f.extend_from_slice(&[0, 0, 0x88, 0]);
+    f.extend_from_slice(&group.to_be_bytes());
+    f.extend_from_slice(&vni.to_be_bytes()[1..]);
+    f.push(0);
+    f.extend_from_slice(&mac);
+    f.extend_from_slice(&GW);
+    f.extend_from_slice(&[0x08, 0x00]);
+    f.extend_from_slice(inner);
+    f
+}
+
+#[test]
+fn remote_receivers_are_wrapped_or_answered_frag_needed_and_need_an_underlay() {
+    let (st, local) = fleet_fixture();
+    let no_underlay = host(&st, &local);
+    let h = host(&st, &local).with_underlay(UNDERLAY);
+    let mut ct = Conntrack::default();
+    // ep-1 (egress all) to ep-6 on h2: the receiver's rules are h2's business.
+    let syn = ipv4(mac_of(1), A, R, IPPROTO_TCP, &tcp(40000, 22, SYN));
+    // As the kernel counts it (`no_underlay`), not as a missing route.
+    assert_eq!(no_underlay.judge(&ct, S, 11, &syn).verdict, Verdict::Drop(D::NoUnderlay));
+    let out = h.judge(&ct, S, 11, &syn);
+    let Verdict::Wrap { frame } = &out.verdict else { panic!("{:?}", out.verdict) };
+    assert_eq!(frame.len(), syn.len() + 50);
+    assert_eq!(&frame[..14], &syn[..14], "the outer Ethernet header is the packet's own");
+    assert_eq!(&frame[14..16], &[0x45, 0]);
+    assert_eq!(&frame[16..18], &((syn.len() + 36) as u16).to_be_bytes());
+    assert_eq!(&frame[20..24], &[0x40, 0, 64, 17], "DF, TTL 64, UDP");
+    assert_eq!(checksum(&frame[14..34]), 0, "outer header checksum");
+    assert_eq!(&frame[26..34], &[198, 18, 0, 1, 198, 18, 0, 2]);
+    assert_eq!(&frame[34..36], &[0, 0], "the source port is left to the comparison");
+    assert_eq!(&frame[36..42], &[0x12, 0xb5, 0, (syn.len() + 16) as u8, 0, 0]);
+    assert_eq!(&frame[42..50], &[0x88, 0, 0, 1, 0, 0, 100, 0], "ep-1's identity, uni-1");
+    assert_eq!(&frame[50..56], &mac_of(6));
+    assert_eq!(&frame[56..62], &GW);
+    assert_eq!(&frame[62..], &syn[12..], "type, then the packet untouched");
+    ct.apply(&out.ct.expect("the flow is tracked"));
+    // 1451 bytes of IPv4 do not fit a 1500-byte underlay once wrapped: frag-needed back.
+    let big = ipv4(mac_of(1), A, R, IPPROTO_TCP, &[tcp(40001, 22, SYN), vec![7; 1411]].concat());
+    let out = h.judge(&ct, S, 11, &big);
+    assert_eq!(out.ct, None, "a refused packet tracks nothing");
+    let Verdict::FragNeeded { frame } = &out.verdict else { panic!("{:?}", out.verdict) };
+    assert_eq!(frame.len(), 14 + 20 + 8 + 128);
+    assert_eq!(&frame[..12], &[mac_of(1), GW].concat());
+    assert_eq!(&frame[26..34], &[10, 0, 0, 6, 10, 0, 0, 1], "from the destination");
+    assert_eq!(checksum(&frame[14..34]), 0);
+    assert_eq!(&frame[34..36], &[3, 4]);
+    assert_eq!(checksum(&frame[34..]), 0);
+    assert_eq!(&frame[40..42], &1450u16.to_be_bytes());
+    assert_eq!(&frame[42..], &big[14..142]);
+    let fits = ipv4(mac_of(1), A, R, IPPROTO_TCP, &[tcp(40001, 22, SYN), vec![7; 1410]].concat());
+    assert!(matches!(h.judge(&ct, S, 11, &fits).verdict, Verdict::Wrap { .. }));
+    // A reply from ep-6 through h2 is unwrapped and delivered by conntrack.
+    let reply = ipv4(mac_of(6), R, A, IPPROTO_TCP, &tcp(22, 40000, SYNACK));
+    let w = wrapped(THERE, 6, 100, mac_of(1), &reply[14..]);
+    let out = h.judge_underlay(&ct, S, &w);
+    let mut want = reply.clone();
+    want[..12].copy_from_slice(&[mac_of(1), GW].concat());
+    assert_eq!(out.verdict, Verdict::Deliver { ifindex: 11, frame: want });
+    assert_eq!(out.ct.map(|u| u.entry.state), Some(ct_state::TCP_ESTABLISHED));
+}
+
+#[test]
+fn underlay_frames_are_checked_in_order_then_judged_by_the_receivers_rules() {
+    let (st, local) = fleet_fixture();
+    let h = host(&st, &local).with_underlay(UNDERLAY);
+    let ct = Conntrack::default();
+    let j = |f: &[u8]| h.judge_underlay(&ct, S, f).verdict;
+    let to_web = ipv4(mac_of(6), R, W, IPPROTO_TCP, &tcp(1, 80, SYN));
+    let good = wrapped(THERE, 6, 100, mac_of(3), &to_web[14..]);
+    let mut want = to_web.clone();
+    want[..12].copy_from_slice(&[mac_of(3), GW].concat());
+    assert_eq!(j(&good), Verdict::Deliver { ifindex: 13, frame: want });
+    // Not Verse's: passed.
+    assert_eq!(host(&st, &local).judge_underlay(&ct, S, &good).verdict, Verdict::Pass);
+    let mut other_port = good.clone();
+    other_port[36..38].copy_from_slice(&53u16.to_be_bytes());
+    assert_eq!(j(&other_port), Verdict::Pass);
+    let mut elsewhere = good.clone();
+    elsewhere[33] = 9;
+    assert_eq!(j(&elsewhere), Verdict::Pass);
+    assert_eq!(j(&good[..33]), Verdict::Pass);
+    // Fail closed in order.
+    let mut mf = good.clone();
+    mf[20] = 0x20;
+    assert_eq!(j(&mf), Verdict::Drop(D::MalformedEncap));
+    let unknown = wrapped(Ipv4Addr::new(198, 18, 0, 9), 6, 100, mac_of(3), &to_web[14..]);
+    assert_eq!(j(&unknown), Verdict::Drop(D::UnknownHost));
+    let mut flags = good.clone();
+    flags[42] = 0x08;
+    assert_eq!(j(&flags), Verdict::Drop(D::MalformedEncap));
+    let bad_vni = wrapped(THERE, 6, 300, mac_of(3), &to_web[14..]);
+    assert_eq!(j(&bad_vni), Verdict::Drop(D::UnknownUniverse));
+    let mut v6 = good.clone();
+    v6[62..64].copy_from_slice(&[0x86, 0xdd]);
+    assert_eq!(j(&v6), Verdict::Drop(D::Ipv6Unsupported));
+    let local_src = ipv4(mac_of(1), A, W, IPPROTO_TCP, &tcp(1, 80, SYN));
+    let forged = wrapped(THERE, 1, 100, mac_of(3), &local_src[14..]);
+    assert_eq!(j(&forged), Verdict::Drop(D::NotPlacedOnSender));
+    let to_nobody = ipv4(mac_of(6), R, [10, 0, 0, 99], IPPROTO_TCP, &tcp(1, 80, SYN));
+    let nobody = wrapped(THERE, 6, 100, mac_of(3), &to_nobody[14..]);
+    assert_eq!(j(&nobody), Verdict::Drop(D::NotLocal));
+    // ep-6 (sg-web) is no member of default: ep-1 does not admit it.
+    let to_a = ipv4(mac_of(6), R, A, IPPROTO_TCP, &tcp(1, 80, SYN));
+    let denied = wrapped(THERE, 6, 100, mac_of(1), &to_a[14..]);
+    assert_eq!(j(&denied), Verdict::Drop(D::PolicyIngress));
+    // S10: the header's identity must be the one the control plane gives ep-6 (6). Claiming
+    // ep-1's (1, a member of default, which ep-1 admits) is dropped, as is any other.
+    for claimed in [1u16, 5, 0, 0xffff] {
+        let forged = wrapped(THERE, claimed, 100, mac_of(1), &to_a[14..]);
+        assert_eq!(j(&forged), Verdict::Drop(D::IdentityMismatch), "identity {claimed}");
+        let forged = wrapped(THERE, claimed, 100, mac_of(3), &to_web[14..]);
+        assert_eq!(j(&forged), Verdict::Drop(D::IdentityMismatch), "identity {claimed}");
+    }
+}
+
+#[test]
+fn s6_related_errors_over_the_underlay_come_from_the_peer_placed_on_the_sending_host() {
+    let (mut st, local) = fleet_fixture();
+    // ep-7 on h2 too: a stranger to web's flow with ep-6.
+    let mut stranger = st.endpoints["ep-6"].clone();
+    stranger.id = "ep-7".into();
+    stranger.ip = Ipv4Addr::new(10, 0, 0, 7);
+    stranger.mac = "02:aa:00:00:00:07".into();
+    st.endpoints.insert("ep-7".into(), stranger);
+    let h = host(&st, &local).with_underlay(UNDERLAY);
+    let mut ct = Conntrack::default();
+    let syn = ipv4(mac_of(3), W, R, IPPROTO_TCP, &tcp(40000, 22, SYN));
+    let out = h.judge(&ct, S, 13, &syn);
+    assert!(matches!(out.verdict, Verdict::Wrap { .. }));
+    ct.apply(&out.ct.expect("tracked"));
+    let quote = syn[ETH_HLEN..ETH_HLEN + 28].to_vec();
+    // web admits only TCP/80: what is not related is refused by its ingress rules.
+    let error = |from: [u8; 4], kind, total| {
+        let f = error_frame(mac_of(6), from, W, kind, &quote, total);
+        wrapped(THERE, 6, 100, mac_of(3), &f[ETH_HLEN..])
+    };
+    let v = h.judge_underlay(&ct, S, &error(R, (3, 4), 56));
+    assert_eq!(delivered_to(&v.verdict), Some(13), "the peer's frag-needed is related");
+    assert_eq!(v.ct, None);
+    for (from, kind, total, what) in [
+        ([10, 0, 0, 7], (3, 4), 56, "a stranger on the same host"),
+        (R, (3, 4), 577, "longer than a router's"),
+        (R, (3, 16), 56, "not an error code"),
+    ] {
+        let v = h.judge_underlay(&ct, S, &error(from, kind, total)).verdict;
+        assert_eq!(v, Verdict::Drop(D::PolicyIngress), "{what}");
+    }
+}
