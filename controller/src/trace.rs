@@ -747,7 +747,7 @@ impl<'a> Walk<'a> {
         let tracked = if verdict::creates(role) {
             format!(
                 "if admitted, tracked as {}",
-                state_name(verdict::next_state(None, p.proto, tcp_flags(p)))
+                state_name(verdict::initial_state(p.proto))
             )
         } else {
             "if admitted, sent untracked: it begins no flow (S7)".to_owned()

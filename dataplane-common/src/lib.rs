@@ -14,6 +14,8 @@
 //! from.
 #![no_std]
 
+pub mod conntrack;
+
 /// Names of the pinned maps. Each is the ELF map name and the file name under the daemon's bpffs
 /// directory. BPF object names are at most 15 bytes (`BPF_OBJ_NAME_LEN` in `linux/bpf.h`).
 pub mod map_names {

@@ -31,15 +31,13 @@
 //! between the copy and the replace are lost, which happens only after a route change.
 use aya_ebpf::helpers::{bpf_jiffies64, bpf_ktime_get_coarse_ns};
 use aya_ebpf::programs::TcContext;
+pub use dataplane_common::conntrack::{creates, initial_state, role, Role};
+use dataplane_common::conntrack::{expired, next_state};
 use dataplane_common::{ct_state, CtCounters, CtEntry, CtHop, CtKey, CtValue, DropReason, Route};
 
 use crate::{
     atomic,
     maps::{VERSE_CLOCK, VERSE_CT, VERSE_CT_OWNERS, VERSE_CT_SCRATCH, VERSE_EPOCH},
-    parse::{
-        ICMP_ECHO_REPLY, ICMP_ECHO_REQUEST, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, TCP_ACK,
-        TCP_FIN, TCP_RST, TCP_SYN,
-    },
 };
 
 /// `bpf_map_update_elem` flags (`include/uapi/linux/bpf.h`).
@@ -71,93 +69,6 @@ pub fn now() -> u64 {
     }
     // SAFETY: as above.
     unsafe { bpf_ktime_get_coarse_ns() }
-}
-
-/// True if `entry` has been idle for at least its state's timeout (or has a state we do not know,
-/// which is treated as expired: fail closed).
-#[inline(always)]
-fn expired(entry: &CtEntry, now: u64, timeouts: &[u64; ct_state::COUNT]) -> bool {
-    match timeouts.get(entry.state as usize) {
-        // Saturating: another CPU may have refreshed the entry after this program read `now`,
-        // leaving `last_seen_ns` slightly ahead of it; that entry is fresh, not 2^64 ns old.
-        // At least the timeout, not more: the clock advances by ticks, and a timeout of 0 must
-        // expire an entry made within the same tick.
-        Some(timeout) => now.saturating_sub(entry.last_seen_ns) >= *timeout,
-        None => true,
-    }
-}
-
-/// What a packet may do in connection tracking (S7), from its header alone (see the module doc).
-#[derive(Clone, Copy, PartialEq, Eq)]
-pub enum Role {
-    /// Begins a flow in its own direction, and matches a flow only in its original direction:
-    /// a TCP SYN without ACK, RST or FIN; an ICMP echo request.
-    Opens,
-    /// Matches a flow either way and begins one when none matches: UDP and other protocols,
-    /// whose headers do not tell a first packet from a reply.
-    Any,
-    /// Matches a flow either way, never begins one: every other TCP segment.
-    Continues,
-    /// Matches a flow only in its reply direction, never begins one: an ICMP echo reply.
-    Answers,
-    /// Never tracked: every other ICMP message.
-    Untracked,
-}
-
-/// The [`Role`] of a packet of protocol `proto` with these TCP flags or this ICMP type.
-#[inline(always)]
-pub fn role(proto: u8, tcp_flags: u8, icmp_type: u8) -> Role {
-    match proto {
-        IPPROTO_TCP if tcp_flags & (TCP_SYN | TCP_ACK | TCP_RST | TCP_FIN) == TCP_SYN => {
-            Role::Opens
-        }
-        IPPROTO_TCP => Role::Continues,
-        IPPROTO_ICMP if icmp_type == ICMP_ECHO_REQUEST => Role::Opens,
-        IPPROTO_ICMP if icmp_type == ICMP_ECHO_REPLY => Role::Answers,
-        IPPROTO_ICMP => Role::Untracked,
-        _ => Role::Any,
-    }
-}
-
-/// True if a packet of this role, admitted by policy with no flow matching it, begins a flow.
-#[inline(always)]
-pub fn creates(role: Role) -> bool {
-    matches!(role, Role::Opens | Role::Any)
-}
-
-/// The state of a new flow's first packet (which [`creates`] it).
-#[inline(always)]
-pub fn initial_state(proto: u8) -> u8 {
-    match proto {
-        IPPROTO_TCP => ct_state::TCP_OPENING,
-        IPPROTO_UDP => ct_state::UDP_ONE_WAY,
-        IPPROTO_ICMP => ct_state::ICMP,
-        _ => ct_state::OTHER,
-    }
-}
-
-#[inline(always)]
-fn next_state(state: u8, reply: bool, tcp_flags: u8) -> u8 {
-    match state {
-        ct_state::TCP_OPENING | ct_state::TCP_ESTABLISHED | ct_state::TCP_CLOSING => {
-            if tcp_flags & (TCP_FIN | TCP_RST) != 0 {
-                ct_state::TCP_CLOSING
-            } else if state == ct_state::TCP_CLOSING {
-                // Only a SYN in the original direction gets here (`Role::Opens`).
-                if tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
-                    ct_state::TCP_OPENING
-                } else {
-                    state
-                }
-            } else if reply && tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN | TCP_ACK {
-                ct_state::TCP_ESTABLISHED
-            } else {
-                state
-            }
-        }
-        ct_state::UDP_ONE_WAY if reply => ct_state::UDP_REPLIED,
-        _ => state,
-    }
 }
 
 /// The current route epoch. Read it before looking a route up whose answer will be cached.
@@ -239,7 +150,7 @@ pub fn lookup(
         if let Some(value) = own {
             // SAFETY: the kernel returned a pointer to a live value of this map's value type.
             let e = unsafe { &(*value).entry };
-            if e.src_serial == sender && !expired(e, now, timeouts) {
+            if e.src_serial == sender && !expired(e.state, e.last_seen_ns, now, timeouts) {
                 return Found { hit: Some(Hit { value, reply: false }), own };
             }
         }
@@ -251,7 +162,7 @@ pub fn lookup(
     if let Some(value) = VERSE_CT.get_ptr_mut(&reverse) {
         // SAFETY: as above.
         let e = unsafe { &(*value).entry };
-        if e.dst_serial == sender && !expired(e, now, timeouts) {
+        if e.dst_serial == sender && !expired(e.state, e.last_seen_ns, now, timeouts) {
             return Found { hit: Some(Hit { value, reply: true }), own };
         }
     }

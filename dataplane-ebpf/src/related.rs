@@ -20,6 +20,7 @@
 //! goes straight back into the sender's namespace (a redirect to the host side's egress) and
 //! never passes through this check.
 use aya_ebpf::programs::TcContext;
+use dataplane_common::conntrack::is_error;
 use dataplane_common::{ct_state, ICMP_ERROR_MAX_LEN};
 
 use crate::{
@@ -27,18 +28,6 @@ use crate::{
     flow::{self, Ipv4, L4},
     parse::*,
 };
-
-/// True for the ICMP types and codes that are errors (see the module doc).
-#[inline(always)]
-pub fn is_error(proto: u8, icmp_type: u8, code: u8) -> bool {
-    proto == IPPROTO_ICMP
-        && match icmp_type {
-            ICMP_DEST_UNREACH => code <= 15,
-            ICMP_TIME_EXCEEDED => code <= 1,
-            ICMP_PARAMETER_PROBLEM => code <= 2,
-            _ => false,
-        }
-}
 
 /// True if the packet (`ip`, `l4`, in universe `vni`) is an ICMP error related to a tracked flow.
 /// `(sender, receiver)` are the serials of the endpoints sending and receiving the error.

@@ -29,26 +29,18 @@
 //! messages are never tracked: an error is related to a flow ([`is_error`], `Host::related`) or
 //! judged by the rules, each time (S6).
 //!
-//! States ([`next_state`]): TCP is opening until a SYN-ACK is seen in the reply direction, then
-//! established; FIN or RST in either direction moves it to closing, and a SYN without ACK in the
-//! original direction reopens a closing flow (the 5-tuple reused, as Linux conntrack does from
-//! CLOSE/TIME_WAIT). UDP is one-way until a reply, then replied. ICMP echo and other protocols
-//! have one state each.
+//! States ([`initial_state`], [`next_state`]): TCP is opening until a SYN-ACK is seen in the
+//! reply direction, then established; FIN or RST in either direction moves it to closing, and a
+//! SYN without ACK in the original direction reopens a closing flow (the 5-tuple reused, as
+//! Linux conntrack does from CLOSE/TIME_WAIT). UDP is one-way until a reply, then replied. ICMP
+//! echo and other protocols have one state each.
+//!
+//! The pure decisions ([`role`], [`creates`], the states, expiry, [`is_error`]) are the very
+//! functions the kernel programs call: `dataplane_common::conntrack`, written once.
 
 use super::*;
-
-/// True for the ICMP types and codes that are errors (RFC 792, RFC 1812 5.2.7.1): destination
-/// unreachable codes 0-15, time exceeded 0-1, parameter problem 0-2. Any other ICMP message is
-/// never related to a flow (S6).
-pub fn is_error(proto: u8, (ty, code): (u8, u8)) -> bool {
-    proto == IPPROTO_ICMP
-        && match ty {
-            ICMP_DEST_UNREACH => code <= 15,
-            ICMP_TIME_EXCEEDED => code <= 1,
-            ICMP_PARAMETER_PROBLEM => code <= 2,
-            _ => false,
-        }
-}
+use dataplane_common::conntrack::expired;
+pub use dataplane_common::conntrack::{creates, initial_state, is_error, next_state, role, Role};
 
 /// Idle timeouts by `ct_state` (S9), nanoseconds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -79,7 +71,7 @@ impl Timeouts {
     /// Saturating like the kernel: an entry stamped after `now_ns` (refreshed on another CPU
     /// after the clock was read) is fresh.
     pub fn expired(&self, entry: &CtEntry, now_ns: u64) -> bool {
-        now_ns.saturating_sub(entry.last_seen_ns) >= self.of(entry.state)
+        expired(entry.state, entry.last_seen_ns, now_ns, &self.ns)
     }
 }
 
@@ -102,43 +94,6 @@ pub enum CtDirection {
     Original,
     /// The reversed key is stored: this is a reply.
     Reply,
-}
-
-/// What a packet may do in connection tracking (S7), from its header alone.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Role {
-    /// Begins a flow in its own direction, and matches a flow only in its original direction:
-    /// a TCP SYN without ACK, RST or FIN; an ICMP echo request. (A SYN in the reply direction of
-    /// a flow is judged as the new packet it is, and never reopens that flow.)
-    Opens,
-    /// Matches a flow either way and begins one when none matches: UDP and other protocols,
-    /// whose headers do not tell a first packet from a reply.
-    Any,
-    /// Matches a flow either way, never begins one: every other TCP segment (ACK, FIN, RST, ...).
-    Continues,
-    /// Matches a flow only in its reply direction, never begins one: an ICMP echo reply.
-    Answers,
-    /// Never tracked: every other ICMP message (an error is related to a flow, or judged).
-    Untracked,
-}
-
-/// The [`Role`] of a packet of protocol `proto` with these TCP flags or this ICMP type.
-pub fn role(proto: u8, tcp_flags: u8, icmp_type: u8) -> Role {
-    match proto {
-        IPPROTO_TCP if tcp_flags & (TCP_SYN | TCP_ACK | TCP_RST | TCP_FIN) == TCP_SYN => {
-            Role::Opens
-        }
-        IPPROTO_TCP => Role::Continues,
-        IPPROTO_ICMP if icmp_type == ICMP_ECHO_REQUEST => Role::Opens,
-        IPPROTO_ICMP if icmp_type == ICMP_ECHO_REPLY => Role::Answers,
-        IPPROTO_ICMP => Role::Untracked,
-        _ => Role::Any,
-    }
-}
-
-/// True if a packet of this role, admitted with no flow matching it, begins a flow.
-pub fn creates(role: Role) -> bool {
-    matches!(role, Role::Opens | Role::Any)
 }
 
 /// A write to the conntrack table (insert or overwrite).
@@ -256,38 +211,6 @@ pub(super) fn create(
     }
 }
 
-/// The connection-tracking state after a packet. `prev` is `None` when the packet creates the
-/// entry (for TCP only a SYN does, [`Role::Opens`]). TCP: FIN or RST -> closing; a SYN without
-/// ACK on a closing flow reopens it (the 5-tuple reused, as Linux conntrack does from
-/// CLOSE/TIME_WAIT; only in the original direction, the only one a SYN matches); a SYN-ACK in
-/// the reply direction establishes an opening connection (any other reply leaves it opening).
-/// UDP: one-way until a reply is seen.
-pub fn next_state(prev: Option<(u8, CtDirection)>, proto: u8, tcp_flags: u8) -> u8 {
-    match proto {
-        IPPROTO_TCP => {
-            let (syn, ack) = (TCP_SYN, TCP_ACK);
-            let syn_only = tcp_flags & (syn | ack) == syn;
-            let syn_ack = tcp_flags & (syn | ack) == syn | ack;
-            match prev {
-                _ if tcp_flags & (TCP_FIN | TCP_RST) != 0 => ct_state::TCP_CLOSING,
-                None => ct_state::TCP_OPENING,
-                Some((ct_state::TCP_CLOSING, _)) if syn_only => ct_state::TCP_OPENING,
-                Some((ct_state::TCP_OPENING, CtDirection::Reply)) if syn_ack => {
-                    ct_state::TCP_ESTABLISHED
-                }
-                Some((s, _)) => s,
-            }
-        }
-        IPPROTO_UDP => match prev {
-            None => ct_state::UDP_ONE_WAY,
-            Some((ct_state::UDP_ONE_WAY, CtDirection::Reply)) => ct_state::UDP_REPLIED,
-            Some((s, _)) => s,
-        },
-        IPPROTO_ICMP => ct_state::ICMP,
-        _ => ct_state::OTHER,
-    }
-}
-
 impl Host<'_> {
     /// S6: an ICMP error ([`is_error`]) no longer than a router's (`ICMP_ERROR_MAX_LEN`) from the
     /// quoted packet's destination to its source (the flow's peer answering about a packet it
@@ -305,7 +228,7 @@ impl Host<'_> {
         let Some(inner) = &l4.icmp_error_inner else {
             return false;
         };
-        is_error(pkt.proto, l4.icmp_type_code)
+        is_error(pkt.proto, l4.icmp_type_code.0, l4.icmp_type_code.1)
             && pkt.total <= ICMP_ERROR_MAX_LEN
             && inner.src == pkt.dst.octets()
             && inner.dst == pkt.src.octets()

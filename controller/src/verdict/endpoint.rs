@@ -102,7 +102,7 @@ impl Host<'_> {
             };
             // Bound to the receiver too: an endpoint made since with the address is no hit.
             if to.serial() == receiver_serial(&entry, dir) {
-                let state = next_state(Some((entry.state, dir)), pkt.proto, l4.tcp_flags);
+                let state = next_state(entry.state, dir == CtDirection::Reply, l4.tcp_flags);
                 let refreshed = CtEntry { last_seen_ns: now_ns, state, ..entry };
                 let update = CtUpdate { key: stored, entry: refreshed };
                 return self.send(frame, sender, &pkt, to, Ok(Some(update)));
@@ -131,7 +131,7 @@ impl Host<'_> {
                 src_serial: sender.ep.serial,
                 dst_serial: to.serial(),
                 owner_slot: sender.ep.slot,
-                state: next_state(None, pkt.proto, l4.tcp_flags),
+                state: initial_state(pkt.proto),
                 owner: ct_owner::SRC,
                 _pad: [0; 2],
             };

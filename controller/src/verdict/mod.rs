@@ -40,8 +40,7 @@ use ipnetwork::IpNetwork;
 use crate::model::{self, parse_mac, Direction, Peer, Protocol, State};
 
 use dataplane_common::wire::{
-    checksum, ICMP_DEST_UNREACH, ICMP_ECHO_REPLY, ICMP_ECHO_REQUEST, ICMP_PARAMETER_PROBLEM,
-    ICMP_TIME_EXCEEDED, IP_MF_OFFSET_MASK, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN,
+    checksum, ICMP_DEST_UNREACH, ICMP_PARAMETER_PROBLEM, ICMP_TIME_EXCEEDED, IP_MF_OFFSET_MASK,
 };
 pub use dataplane_common::wire::{
     ARP_LEN, ETHERTYPE_ARP, ETHERTYPE_IPV4, ETHERTYPE_IPV6, ETH_HLEN, IPPROTO_ICMP, IPPROTO_TCP,
@@ -58,8 +57,8 @@ mod underlay;
 
 use conntrack::{create, receiver_serial};
 pub use conntrack::{
-    creates, is_error, is_garbage, next_state, role, Conntrack, CtDirection, CtHit, CtUpdate, Role,
-    Timeouts,
+    creates, initial_state, is_error, is_garbage, next_state, role, Conntrack, CtDirection, CtHit,
+    CtUpdate, Role, Timeouts,
 };
 use parse::{be16, parse_ipv4, parse_l4, Ipv4, L4};
 

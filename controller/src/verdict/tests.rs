@@ -742,7 +742,7 @@ fn s6_related_errors_come_from_the_peer_are_errors_and_no_longer_than_a_routers(
     // Every type and code: only the errors are related.
     for ty in 0..=255u8 {
         for code in 0..=20u8 {
-            let want = is_error(IPPROTO_ICMP, (ty, code));
+            let want = is_error(IPPROTO_ICMP, ty, code);
             assert_eq!(
                 want,
                 matches!((ty, code), (3, 0..=15) | (11, 0..=1) | (12, 0..=2)),

@@ -142,7 +142,7 @@ impl Host<'_> {
         if let Some((stored, entry, dir)) =
             hit.filter(|h| receiver_serial(&h.1, h.2) == to.ep.serial)
         {
-            let state = next_state(Some((entry.state, dir)), pkt.proto, l4.tcp_flags);
+            let state = next_state(entry.state, dir == CtDirection::Reply, l4.tcp_flags);
             let refreshed = CtEntry { last_seen_ns: now_ns, state, ..entry };
             let update = CtUpdate { key: stored, entry: refreshed };
             return Outcome::sent(unwrapped(), Some(update));
@@ -166,7 +166,7 @@ impl Host<'_> {
                 src_serial: from.serial,
                 dst_serial: to.ep.serial,
                 owner_slot: to.ep.slot,
-                state: next_state(None, pkt.proto, l4.tcp_flags),
+                state: initial_state(pkt.proto),
                 owner: ct_owner::DST,
                 _pad: [0; 2],
             };
