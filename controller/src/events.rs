@@ -377,13 +377,27 @@ fn groups_of(index: &Index, identity: u32) -> Vec<String> {
     index.identity_groups(identity).map(<[String]>::to_vec).unwrap_or_default()
 }
 
-/// `tcp/5432`, `udp/53`, `icmp type 8 code 0`, `proto 47`.
+/// A packet's service as every message (events, traces) writes it: `tcp/5432`, `udp/53`,
+/// `icmp type 8 code 0`, `protocol 47`. `protocol` is its name ([`protocol_name`]), `dport` is
+/// there for TCP and UDP only, `icmp_type` for ICMP only.
+pub fn service(
+    protocol: &str,
+    dport: Option<u16>,
+    icmp_type: Option<u8>,
+    icmp_code: Option<u8>,
+) -> String {
+    match (dport, icmp_type) {
+        (Some(port), _) => format!("{protocol}/{port}"),
+        (None, Some(t)) => format!("icmp type {t} code {}", icmp_code.unwrap_or(0)),
+        (None, None) => format!("protocol {protocol}"),
+    }
+}
+
+/// [`service`], or "the packet" when no IPv4 header was read.
 fn what(r: &EventRecord) -> String {
-    match (r.protocol.as_deref(), r.dport, r.icmp_type) {
-        (Some(p), Some(port), _) => format!("{p}/{port}"),
-        (Some(_), None, Some(t)) => format!("icmp type {t} code {}", r.icmp_code.unwrap_or(0)),
-        (Some(p), _, _) => format!("protocol {p}"),
-        (None, _, _) => "the packet".to_owned(),
+    match r.protocol.as_deref() {
+        Some(p) => service(p, r.dport, r.icmp_type, r.icmp_code),
+        None => "the packet".to_owned(),
     }
 }
 

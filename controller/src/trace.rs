@@ -125,15 +125,9 @@ pub struct Packet {
 }
 
 impl Packet {
-    /// `tcp/443`, `udp/53`, `icmp type 8 code 0`, `proto 47`.
+    /// `tcp/443`, `udp/53`, `icmp type 8 code 0`, `protocol 47`, as events write it.
     pub fn service(&self) -> String {
-        match (self.proto, self.dport, self.icmp_type) {
-            (IPPROTO_TCP | IPPROTO_UDP, Some(p), _) => format!("{}/{p}", self.protocol),
-            (IPPROTO_ICMP, _, Some(t)) => {
-                format!("icmp type {t} code {}", self.icmp_code.unwrap_or(0))
-            }
-            (n, ..) => format!("protocol {n}"),
-        }
+        crate::events::service(&self.protocol, self.dport, self.icmp_type, self.icmp_code)
     }
 }
 
@@ -745,10 +739,7 @@ impl<'a> Walk<'a> {
             verdict::Role::Any | verdict::Role::Continues => "no live flow matches this packet",
         };
         let tracked = if verdict::creates(role) {
-            format!(
-                "if admitted, tracked as {}",
-                state_name(verdict::initial_state(p.proto))
-            )
+            format!("if admitted, tracked as {}", state_name(verdict::initial_state(p.proto)))
         } else {
             "if admitted, sent untracked: it begins no flow (S7)".to_owned()
         };
