@@ -40,13 +40,11 @@ use ipnetwork::IpNetwork;
 use serde_json::json;
 use verse::compile::{compile, CidrIds, MapContents};
 use verse::dataplane::Dataplane;
-use verse::model::{
-    self, CreateEndpoint, CreateGroup, CreateUniverse, Direction, Peer, Protocol, Rule, State,
-};
+use verse::model::{self, Peer, State};
 
 use crate::results::{BenchRecord, Unit};
+use crate::scenario::{cidr_pool, tcp_rule, Rng, Scenario, HOST};
 
-const HOST: &str = "bench";
 const ROUNDS: usize = 5;
 const SIZES: [usize; 3] = [1_000, 10_000, 100_000];
 const GROUPS_PER_RECEIVER: usize = 15;
@@ -56,56 +54,17 @@ const WIDTHS: [u16; 6] = [1, 2, 3, 4, 1, 2];
 /// A peer whose one run exceeds this is not repeated at that size (its samples say how many).
 const SLOW_SECONDS: f64 = 20.0;
 
-/// splitmix64, seeded: the configuration is reproducible.
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-}
-
 /// The state with `n` rules, and the ids of the receivers.
 fn build(n: usize) -> Result<(State, Vec<String>)> {
-    let mut st = State::default();
-    let uni = st
-        .create_universe(CreateUniverse {
-            name: "control".into(),
-            cidr: Some("10.0.0.0/8".into()),
-            cidrs: None,
-        })
-        .map_err(|e| anyhow::anyhow!("create universe: {e}"))?
-        .id;
-    let group = |st: &mut State, name: String| {
-        st.create_group(CreateGroup { universe: uni.clone(), name, description: None })
-            .map(|g| g.id)
-            .map_err(|e| anyhow::anyhow!("create group: {e}"))
-    };
-    let client = group(&mut st, "client".into())?;
-    let mut p32 = Vec::new();
-    let mut p24 = Vec::new();
-    let mut p16 = Vec::new();
-    for a in 1..=4 {
-        p16.push(format!("10.{a}.0.0/16"));
-        for b in 0..16 {
-            p24.push(format!("10.{a}.{b}.0/24"));
-            for c in [10, 20, 30, 40] {
-                p32.push(format!("10.{a}.{b}.{c}/32"));
-            }
-        }
-    }
+    let mut sc = Scenario::new("control")?;
+    let client = sc.group("client".into())?;
+    let (p16, p24, p32) = cidr_pool();
     let mut rng = Rng(0xc0_4e70 + n as u64);
     let mut next_id = 0x6000_0000u32;
     let groups = n.div_ceil(model::MAX_RULES_PER_GROUP);
     let mut rx = Vec::new();
     for g in 0..groups {
-        let id = group(&mut st, format!("rx{g}"))?;
+        let id = sc.group(format!("rx{g}"))?;
         let count = (n - g * model::MAX_RULES_PER_GROUP).min(model::MAX_RULES_PER_GROUP);
         let base = 1 + (g % GROUPS_PER_RECEIVER) as u16 * PORTS_PER_GROUP;
         let rules = (0..count)
@@ -119,50 +78,25 @@ fn build(n: usize) -> Result<(State, Vec<String>)> {
                 };
                 next_id += 1;
                 let from = base + j as u16 * 4;
-                Rule {
-                    id: format!("sgr-{next_id:08x}"),
-                    direction: Direction::Ingress,
-                    protocol: Protocol::TCP,
-                    ports: Some((from, from + WIDTHS[j % WIDTHS.len()] - 1)),
-                    icmp: None,
-                    peer,
-                    description: String::new(),
-                }
+                tcp_rule(format!("sgr-{next_id:08x}"), from, WIDTHS[j % WIDTHS.len()], peer)
             })
             .collect();
         // Straight into the group: `add_rule` checks ids across the whole state per call.
-        let sg = st.groups.get_mut(&id).context("group just made")?;
+        let sg = sc.st.groups.get_mut(&id).context("group just made")?;
         sg.egress.clear();
         sg.ingress = rules;
         rx.push(id);
     }
-    let ep = |st: &mut State, name: String, ip: String, groups: Vec<String>| {
-        st.create_endpoint(
-            CreateEndpoint {
-                universe: uni.clone(),
-                host: None,
-                netns: name.clone(),
-                ip,
-                security_groups: Some(groups),
-                conntrack_budget: None,
-                flow_logs: None,
-            },
-            HOST,
-        )
-        .map(|e| e.id)
-        .map_err(|e| anyhow::anyhow!("create endpoint {name}: {e}"))
-    };
-    ep(&mut st, "sender".into(), "10.1.0.10".into(), vec![client])?;
+    sc.endpoint("sender", "10.1.0.10".into(), vec![client])?;
     let mut receivers = Vec::new();
     for (r, chunk) in rx.chunks(GROUPS_PER_RECEIVER).enumerate() {
-        receivers.push(ep(
-            &mut st,
-            format!("rx{r}"),
+        receivers.push(sc.endpoint(
+            &format!("rx{r}"),
             format!("10.5.0.{}", 10 + r),
             chunk.to_vec(),
         )?);
     }
-    Ok((st, receivers))
+    Ok((sc.st, receivers))
 }
 
 /// The (receiver, source CIDR, port range) triples the rules of `receivers` allow: what a

@@ -43,6 +43,7 @@ mod plots;
 mod profile;
 mod rate;
 mod results;
+mod scenario;
 mod tcp;
 
 /// The tiers, each runnable alone with `--tier`.

@@ -61,14 +61,12 @@ use dataplane_common::{ct_state, Config, DropReason};
 use serde_json::json;
 use verse::compile::{compile, CidrIds, MapContents};
 use verse::dataplane::{tc_act, Dataplane};
-use verse::model::{
-    self, CreateEndpoint, CreateGroup, CreateUniverse, Direction, Peer, Protocol, Rule, State,
-};
+use verse::model::{self, Peer, Rule, State};
 use verse::verdict::{Conntrack, Host, Timeouts, Verdict};
 
 use crate::results::{BenchRecord, Unit};
+use crate::scenario::{cidr_pool, tcp_rule, Rng, Scenario, HOST};
 
-const HOST: &str = "bench";
 const POOL: usize = 1024;
 const ROUNDS: usize = 5;
 /// Target duration of one measurement.
@@ -78,53 +76,8 @@ const SENDER_IP: Ipv4Addr = Ipv4Addr::new(10, 1, 0, 10);
 const RECEIVERS: usize = 7;
 const GROUPS_PER_RECEIVER: usize = 15;
 
-/// splitmix64: a seeded, dependency-free generator; the configuration must be reproducible.
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-}
-
-/// The CIDR peers rules draw from: 4 /16, 64 /24 and 256 /32 in 10.1–4.0.0/16. The sender is in
-/// 10.1.0.0/16, 10.1.0.0/24 and 10.1.0.10/32.
-fn cidr_pool() -> (Vec<String>, Vec<String>, Vec<String>) {
-    let mut p16 = Vec::new();
-    let mut p24 = Vec::new();
-    let mut p32 = Vec::new();
-    for a in 1..=4 {
-        p16.push(format!("10.{a}.0.0/16"));
-        for b in 0..16 {
-            p24.push(format!("10.{a}.{b}.0/24"));
-            for c in [10, 20, 30, 40] {
-                p32.push(format!("10.{a}.{b}.{c}/32"));
-            }
-        }
-    }
-    (p16, p24, p32)
-}
-
 /// Port range widths: single ports, aligned and unaligned ranges (split into several blocks).
 const WIDTHS: [u16; 6] = [1, 2, 5, 8, 16, 33];
-
-fn tcp_rule(id: String, from: u16, width: u16, peer: Peer) -> Rule {
-    Rule {
-        id,
-        direction: Direction::Ingress,
-        protocol: Protocol::TCP,
-        ports: Some((from, from + width - 1)),
-        icmp: None,
-        peer,
-        description: String::new(),
-    }
-}
 
 /// `n` distinct ingress rules for group number `g`: TCP, distinct port ranges, peers drawn
 /// 45% /32, 30% /24, 2% /16, 13% the client group, 10% 0.0.0.0/0 — or, with `all_match`, only
@@ -210,28 +163,15 @@ fn build_with(
     groups: usize,
     mut rules: impl FnMut(usize, &str, &mut u32) -> Result<Vec<Rule>>,
 ) -> Result<(State, Vec<String>)> {
-    let mut st = State::default();
-    let uni = st
-        .create_universe(CreateUniverse {
-            name: "bench".into(),
-            cidr: Some("10.0.0.0/8".into()),
-            cidrs: None,
-        })
-        .map_err(|e| anyhow::anyhow!("create universe: {e}"))?
-        .id;
-    let group = |st: &mut State, name: String| {
-        st.create_group(CreateGroup { universe: uni.clone(), name, description: None })
-            .map(|g| g.id)
-            .map_err(|e| anyhow::anyhow!("create group: {e}"))
-    };
-    let client = group(&mut st, "client".into())?;
+    let mut sc = Scenario::new("bench")?;
+    let client = sc.group("client".into())?;
     let mut next_id = 0x4000_0000u32;
     let mut rx = Vec::new();
     for g in 0..groups {
-        let id = group(&mut st, format!("rx{g}"))?;
+        let id = sc.group(format!("rx{g}"))?;
         // Rules go straight into the group: `add_rule` checks rule ids across the whole state,
         // O(rules) per call, which is fine for an API but not for 100,000 calls in a row.
-        let sg = st.groups.get_mut(&id).context("group just made")?;
+        let sg = sc.st.groups.get_mut(&id).context("group just made")?;
         sg.egress.clear();
         sg.ingress = rules(g, &client, &mut next_id)?;
         ensure!(!sg.ingress.is_empty(), "group {g} got no rules");
@@ -239,30 +179,14 @@ fn build_with(
         rx.push(id);
     }
     let mut eps = Vec::new();
-    let ep = |st: &mut State, name: &str, ip: String, groups: Vec<String>| {
-        st.create_endpoint(
-            CreateEndpoint {
-                universe: uni.clone(),
-                host: None,
-                netns: name.into(),
-                ip,
-                security_groups: Some(groups),
-                conntrack_budget: None,
-                flow_logs: None,
-            },
-            HOST,
-        )
-        .map(|e| e.id)
-        .map_err(|e| anyhow::anyhow!("create endpoint {name}: {e}"))
-    };
-    eps.push(ep(&mut st, "sender", SENDER_IP.to_string(), vec![client.clone()])?);
+    eps.push(sc.endpoint("sender", SENDER_IP.to_string(), vec![client.clone()])?);
     for r in 0..RECEIVERS {
         let mine: Vec<String> =
             rx.iter().skip(r * GROUPS_PER_RECEIVER).take(GROUPS_PER_RECEIVER).cloned().collect();
         let mine = if mine.is_empty() { vec![rx[r % rx.len()].clone()] } else { mine };
-        eps.push(ep(&mut st, &format!("rx{r}"), format!("10.5.0.{}", 10 + r), mine)?);
+        eps.push(sc.endpoint(&format!("rx{r}"), format!("10.5.0.{}", 10 + r), mine)?);
     }
-    Ok((st, eps))
+    Ok((sc.st, eps))
 }
 
 fn mac(text: &str) -> Result<[u8; 6]> {
