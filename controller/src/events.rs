@@ -77,6 +77,34 @@ pub struct Searched {
     pub identity: u32,
 }
 
+/// A packet's transport fields as events and traces show them (flattened into theirs).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Transport {
+    /// TCP and UDP only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sport: Option<u16>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dport: Option<u16>,
+    /// ICMP only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub icmp_type: Option<u8>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub icmp_code: Option<u8>,
+}
+
+impl Transport {
+    /// The service as every message (events, traces) writes it: `tcp/5432`, `udp/53`,
+    /// `icmp type 8 code 0`, `protocol 47`; `protocol` is the packet's protocol by name
+    /// ([`protocol_name`]).
+    pub fn service(&self, protocol: &str) -> String {
+        match (self.dport, self.icmp_type) {
+            (Some(port), _) => format!("{protocol}/{port}"),
+            (None, Some(t)) => format!("icmp type {t} code {}", self.icmp_code.unwrap_or(0)),
+            (None, None) => format!("protocol {protocol}"),
+        }
+    }
+}
+
 /// One verdict of one host's dataplane.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct EventRecord {
@@ -99,16 +127,8 @@ pub struct EventRecord {
     pub protocol: Option<String>,
     pub src: Option<Ipv4Addr>,
     pub dst: Option<Ipv4Addr>,
-    /// TCP and UDP only.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub sport: Option<u16>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub dport: Option<u16>,
-    /// ICMP only.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub icmp_type: Option<u8>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub icmp_code: Option<u8>,
+    #[serde(flatten)]
+    pub transport: Transport,
     /// The endpoints at the source and destination addresses, if any.
     pub src_endpoint: Option<String>,
     pub dst_endpoint: Option<String>,
@@ -301,10 +321,16 @@ pub fn render(e: &dp::Event, cx: &Context<'_>) -> EventRecord {
         Some(Hook::FromUnderlay) => dst_endpoint.clone(),
         None => None,
     });
-    let (sport, dport, icmp_type, icmp_code) = match (parsed, e.proto) {
-        (true, 6 | 17) => (Some(e.sport), Some(e.dport), None, None),
-        (true, 1) => (None, None, Some((e.dport >> 8) as u8), Some(e.dport as u8)),
-        _ => (None, None, None, None),
+    let transport = match (parsed, e.proto) {
+        (true, 6 | 17) => {
+            Transport { sport: Some(e.sport), dport: Some(e.dport), ..Transport::default() }
+        }
+        (true, 1) => Transport {
+            icmp_type: Some((e.dport >> 8) as u8),
+            icmp_code: Some(e.dport as u8),
+            ..Transport::default()
+        },
+        _ => Transport::default(),
     };
     let nonzero = |v: u32| (v != 0).then_some(v);
     let rules: Vec<RuleRef> = if verdict == Verdict::Admitted {
@@ -354,10 +380,7 @@ pub fn render(e: &dp::Event, cx: &Context<'_>) -> EventRecord {
         protocol: parsed.then(|| protocol_name(e.proto)),
         src,
         dst,
-        sport,
-        dport,
-        icmp_type,
-        icmp_code,
+        transport,
         src_endpoint,
         dst_endpoint,
         src_identity: nonzero(e.src_identity),
@@ -377,26 +400,10 @@ fn groups_of(index: &Index, identity: u32) -> Vec<String> {
     index.identity_groups(identity).map(<[String]>::to_vec).unwrap_or_default()
 }
 
-/// A packet's service as every message (events, traces) writes it: `tcp/5432`, `udp/53`,
-/// `icmp type 8 code 0`, `protocol 47`. `protocol` is its name ([`protocol_name`]), `dport` is
-/// there for TCP and UDP only, `icmp_type` for ICMP only.
-pub fn service(
-    protocol: &str,
-    dport: Option<u16>,
-    icmp_type: Option<u8>,
-    icmp_code: Option<u8>,
-) -> String {
-    match (dport, icmp_type) {
-        (Some(port), _) => format!("{protocol}/{port}"),
-        (None, Some(t)) => format!("icmp type {t} code {}", icmp_code.unwrap_or(0)),
-        (None, None) => format!("protocol {protocol}"),
-    }
-}
-
-/// [`service`], or "the packet" when no IPv4 header was read.
+/// [`Transport::service`], or "the packet" when no IPv4 header was read.
 fn what(r: &EventRecord) -> String {
     match r.protocol.as_deref() {
-        Some(p) => service(p, r.dport, r.icmp_type, r.icmp_code),
+        Some(p) => r.transport.service(p),
         None => "the packet".to_owned(),
     }
 }
@@ -620,7 +627,9 @@ impl Filter {
             && self
                 .protocol
                 .is_none_or(|p| r.protocol.as_deref() == Some(protocol_name(p).as_str()))
-            && self.port.is_none_or(|p| r.sport == Some(p) || r.dport == Some(p))
+            && self
+                .port
+                .is_none_or(|p| r.transport.sport == Some(p) || r.transport.dport == Some(p))
     }
 
     /// The universes a principal confined to `universe` may see: its own (and the filter

@@ -37,6 +37,7 @@ use dataplane_common::{ct_state, icmp_ct_ports, Config, CtEntry, CtKey, DropReas
 use serde::{Deserialize, Serialize};
 
 use crate::compile::{self, MapContents};
+use crate::events::Transport;
 use crate::model::{self, Direction, State};
 use crate::verdict::{
     self, Conntrack, Timeouts, ETHERTYPE_IPV4, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP,
@@ -114,20 +115,14 @@ pub struct Packet {
     pub protocol: String,
     /// IP protocol number.
     pub proto: u8,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub sport: Option<u16>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub dport: Option<u16>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub icmp_type: Option<u8>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub icmp_code: Option<u8>,
+    #[serde(flatten)]
+    pub transport: Transport,
 }
 
 impl Packet {
     /// `tcp/443`, `udp/53`, `icmp type 8 code 0`, `protocol 47`, as events write it.
     pub fn service(&self) -> String {
-        crate::events::service(&self.protocol, self.dport, self.icmp_type, self.icmp_code)
+        self.transport.service(&self.protocol)
     }
 }
 
@@ -501,10 +496,12 @@ pub fn resolve(state: &State, req: &TraceRequest) -> model::Result<Resolved> {
         dst_endpoint: dst_ep.as_ref().map(|e| e.id.clone()),
         protocol,
         proto,
-        sport: if ported { req.sport } else { None },
-        dport: if ported { req.port } else { None },
-        icmp_type: (proto == IPPROTO_ICMP).then(|| req.icmp_type.unwrap_or(8)),
-        icmp_code: (proto == IPPROTO_ICMP).then(|| req.icmp_code.unwrap_or(0)),
+        transport: Transport {
+            sport: if ported { req.sport } else { None },
+            dport: if ported { req.port } else { None },
+            icmp_type: (proto == IPPROTO_ICMP).then(|| req.icmp_type.unwrap_or(8)),
+            icmp_code: (proto == IPPROTO_ICMP).then(|| req.icmp_code.unwrap_or(0)),
+        },
     };
     Ok(Resolved {
         packet,
@@ -530,9 +527,10 @@ pub fn trace(
     let mut resolved = resolve(&r.state, req)?;
     let sender_host = resolved.sender_host.clone().unwrap_or_default();
     let walk = Walk::new(host, r);
-    if resolved.packet.sport.is_none() && matches!(resolved.packet.proto, IPPROTO_TCP | IPPROTO_UDP)
+    if resolved.packet.transport.sport.is_none()
+        && matches!(resolved.packet.proto, IPPROTO_TCP | IPPROTO_UDP)
     {
-        resolved.packet.sport = Some(walk.free_sport(&resolved.packet));
+        resolved.packet.transport.sport = Some(walk.free_sport(&resolved.packet));
     }
     let (steps, verdict, model, run) = if sender_host == host {
         walk.from_endpoint(&resolved.packet)
@@ -644,7 +642,7 @@ impl<'a> Walk<'a> {
     fn free_sport(&self, p: &Packet) -> u16 {
         let mut q = p.clone();
         for port in DEFAULT_SPORT..=u16::MAX {
-            q.sport = Some(port);
+            q.transport.sport = Some(port);
             // No entry under the key either way, live or not, of any endpoint.
             let key = self.key(&q);
             if !self.ct.entries.contains_key(&key) && !self.ct.entries.contains_key(&key.reversed())
@@ -675,7 +673,7 @@ impl<'a> Walk<'a> {
         let now = self.r.now_ns;
         // What the packet may match (S7): a SYN or an echo request only a flow's original
         // direction, an echo reply only its reply direction, other ICMP nothing.
-        let role = verdict::role(p.proto, tcp_flags(p), p.icmp_type.unwrap_or(0));
+        let role = verdict::role(p.proto, tcp_flags(p), p.transport.icmp_type.unwrap_or(0));
         // A flow is bound to the endpoints it was made for (their serials): one made for an
         // endpoint since deleted, whose address another has now, is no hit.
         let serial = |id: &Option<String>| {
@@ -711,10 +709,12 @@ impl<'a> Walk<'a> {
             if self.timeouts.expired(e, now) || k.vni != p.vni || k.proto != p.proto {
                 continue;
             }
-            let fwd =
-                k.src == key.src && k.dst == key.dst && (p.dport.is_none() || k.dport == key.dport);
-            let rev =
-                k.src == key.dst && k.dst == key.src && (p.dport.is_none() || k.sport == key.dport);
+            let fwd = k.src == key.src
+                && k.dst == key.dst
+                && (p.transport.dport.is_none() || k.dport == key.dport);
+            let rev = k.src == key.dst
+                && k.dst == key.src
+                && (p.transport.dport.is_none() || k.sport == key.dport);
             if fwd || rev {
                 others.push(format!(
                     "{}:{} -> {}:{} {}",
@@ -754,7 +754,7 @@ impl<'a> Walk<'a> {
     /// entry of `owner` under the same key is replaced at no charge; one of another owner
     /// leaves the flow untracked). `None`: the packet begins no flow.
     fn budget(&self, hook: &str, p: &Packet, owner: &model::Endpoint) -> Option<Step> {
-        let role = verdict::role(p.proto, tcp_flags(p), p.icmp_type.unwrap_or(0));
+        let role = verdict::role(p.proto, tcp_flags(p), p.transport.icmp_type.unwrap_or(0));
         if !verdict::creates(role) {
             return None;
         }
@@ -837,15 +837,16 @@ impl<'a> Walk<'a> {
             Direction::Egress => (p.dst, "egress", "to"),
             Direction::Ingress => (p.src, "ingress", "from"),
         };
-        let icmp = (p.icmp_type.unwrap_or(0), p.icmp_code.unwrap_or(0));
-        let first = host.admitting(ep, dir, peer, p.proto, p.dport.unwrap_or(0), icmp).next().map(
-            |(g, r)| RuleRef {
+        let icmp = (p.transport.icmp_type.unwrap_or(0), p.transport.icmp_code.unwrap_or(0));
+        let first = host
+            .admitting(ep, dir, peer, p.proto, p.transport.dport.unwrap_or(0), icmp)
+            .next()
+            .map(|(g, r)| RuleRef {
                 group: g.id.clone(),
                 group_name: g.name.clone(),
                 rule: r.id.clone(),
                 direction: dir,
-            },
-        );
+            });
         let groups = ep.security_groups.clone();
         let ident = self.ident_text(p, peer);
         match first {
@@ -1282,8 +1283,10 @@ enum Place<'a> {
 
 fn ct_ports(p: &Packet) -> (u16, u16) {
     match p.proto {
-        IPPROTO_TCP | IPPROTO_UDP => (p.sport.unwrap_or(0), p.dport.unwrap_or(0)),
-        IPPROTO_ICMP => p.icmp_type.map_or((0, 0), |ty| icmp_ct_ports(ty, TRACE_ECHO_ID)),
+        IPPROTO_TCP | IPPROTO_UDP => {
+            (p.transport.sport.unwrap_or(0), p.transport.dport.unwrap_or(0))
+        }
+        IPPROTO_ICMP => p.transport.icmp_type.map_or((0, 0), |ty| icmp_ct_ports(ty, TRACE_ECHO_ID)),
         _ => (0, 0),
     }
 }
@@ -1343,22 +1346,23 @@ pub fn synthesize(p: &Packet, src_mac: [u8; 6], gateway_mac: [u8; 6]) -> Vec<u8>
     let l4 = match p.proto {
         IPPROTO_TCP => {
             let mut t = Vec::with_capacity(20);
-            t.extend_from_slice(&p.sport.unwrap_or(0).to_be_bytes());
-            t.extend_from_slice(&p.dport.unwrap_or(0).to_be_bytes());
+            t.extend_from_slice(&p.transport.sport.unwrap_or(0).to_be_bytes());
+            t.extend_from_slice(&p.transport.dport.unwrap_or(0).to_be_bytes());
             t.extend_from_slice(&[0, 0, 0, 1, 0, 0, 0, 0, 0x50, 0x02, 0xff, 0xff, 0, 0, 0, 0]);
             t
         }
         IPPROTO_UDP => {
             let mut u = Vec::with_capacity(12);
-            u.extend_from_slice(&p.sport.unwrap_or(0).to_be_bytes());
-            u.extend_from_slice(&p.dport.unwrap_or(0).to_be_bytes());
+            u.extend_from_slice(&p.transport.sport.unwrap_or(0).to_be_bytes());
+            u.extend_from_slice(&p.transport.dport.unwrap_or(0).to_be_bytes());
             u.extend_from_slice(&[0, 12, 0, 0, b't', b'r', b'c', b'e']);
             u
         }
         IPPROTO_ICMP => {
             let (sport, dport) = ct_ports(p);
             let id = sport.max(dport);
-            let mut i = vec![p.icmp_type.unwrap_or(8), p.icmp_code.unwrap_or(0), 0, 0];
+            let mut i =
+                vec![p.transport.icmp_type.unwrap_or(8), p.transport.icmp_code.unwrap_or(0), 0, 0];
             i.extend_from_slice(&id.to_be_bytes());
             i.extend_from_slice(&[0, 1]);
             i.extend_from_slice(&[0; 8]);
@@ -1655,7 +1659,7 @@ mod tests {
                     }
                     host = HOSTS.iter().map(|(h, _)| *h).find(|h| *h != host).unwrap();
                     assert_eq!(answer.verdict.next_host.as_deref(), Some(host));
-                    req.sport = answer.packet.sport;
+                    req.sport = answer.packet.transport.sport;
                 }
             }
         }

@@ -757,8 +757,8 @@ fn monitor_row(item: Option<&StreamItem>) -> String {
             let flow = format!(
                 "{} {} -> {}",
                 e.protocol.as_deref().unwrap_or("-"),
-                addr(e.src, e.sport),
-                addr(e.dst, e.dport)
+                addr(e.src, e.transport.sport),
+                addr(e.dst, e.transport.dport)
             );
             let rules: Vec<&str> = e.rules.iter().map(|r| r.id.as_str()).collect();
             vec![
@@ -871,7 +871,7 @@ fn trace(c: &Client, hosts: &HostClients, out: &Out, a: TraceArgs) -> client::Re
                 let next = last.verdict.next_host.clone().unwrap_or_default();
                 let mut req = req.clone();
                 // The same packet: the receiver's host judges the sender's source port too.
-                req.sport = last.packet.sport;
+                req.sport = last.packet.transport.sport;
                 match ask(&next, &req) {
                     Ok(answer) if answer.host == next => hops.push(answer),
                     Ok(answer) => untraced.push(Untraced {
@@ -1271,7 +1271,7 @@ impl Out {
             name(&p.dst_endpoint),
             p.service(),
             p.universe,
-            p.sport.map(|s| format!(", source port {s}")).unwrap_or_default()
+            p.transport.sport.map(|s| format!(", source port {s}")).unwrap_or_default()
         );
         for h in hops {
             let fresh = if h.maps_match { "maps match it" } else { "MAPS DIFFER FROM IT" };
