@@ -211,7 +211,7 @@ pub fn size(ctx: &TcContext, ip: &crate::flow::Ipv4, l4: &crate::flow::L4) -> Si
 /// The counters of a new flow whose first packet is `size` with `tcp_flags`, admitted by these
 /// rules, in flow-log interval `interval`.
 #[inline(always)]
-pub fn first_counters(
+fn first_counters(
     now: u64,
     size: Size,
     tcp_flags: u8,
@@ -329,7 +329,7 @@ pub fn refresh_and_cache(
 /// per-CPU array always has it), the flow is refused like one over its budget.
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
-pub fn entry(
+fn entry(
     now: u64,
     state: u8,
     src: u64,
@@ -358,6 +358,57 @@ pub fn entry(
     Ok(value)
 }
 
+/// A new flow's parties, as the hook that admits its first packet knows them.
+pub struct NewFlow {
+    /// Serials of the endpoints at the key's source and destination.
+    pub src: u64,
+    pub dst: u64,
+    /// `ct_owner::SRC` or `DST`: which of them it is charged to, in slot `owner_slot`.
+    pub owner: u8,
+    pub owner_slot: u32,
+    /// The delivery of its first direction (an empty hop for none).
+    pub hop: CtHop,
+    /// The rules that admitted it on this host (0: not judged here).
+    pub rule_egress: u32,
+    pub rule_ingress: u32,
+}
+
+/// Records the flow the packet `ip`/`l4` begins ([`creates`]) under `key`, whose lookup found
+/// `own` there: the entry in its initial state, counting this first packet ([`entry`],
+/// [`first_counters`]), made as [`create`] says.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+pub fn open(
+    ctx: &TcContext,
+    key: &CtKey,
+    own: Option<*mut CtValue>,
+    now: u64,
+    ip: &crate::flow::Ipv4,
+    l4: &crate::flow::L4,
+    interval: u32,
+    flow: &NewFlow,
+) -> Result<(), DropReason> {
+    let counters = first_counters(
+        now,
+        size(ctx, ip, l4),
+        l4.tcp_flags,
+        flow.rule_egress,
+        flow.rule_ingress,
+        interval,
+    );
+    let value = entry(
+        now,
+        initial_state(ip.proto),
+        flow.src,
+        flow.dst,
+        flow.owner,
+        flow.owner_slot,
+        flow.hop,
+        counters,
+    )?;
+    create(key, own, value)
+}
+
 /// Records a new flow allowed by policy (S14):
 /// - an entry of the same owner already under `key` (expired, or made for an endpoint since
 ///   deleted: `found.own`) is replaced, at no charge: it was charged when it was made;
@@ -369,7 +420,7 @@ pub fn entry(
 ///   `exceeded` too); an insert that fails (the same flow made meanwhile on another CPU) gives
 ///   the charge back.
 #[inline(always)]
-pub fn create(key: &CtKey, own: Option<*mut CtValue>, value: &CtValue) -> Result<(), DropReason> {
+fn create(key: &CtKey, own: Option<*mut CtValue>, value: &CtValue) -> Result<(), DropReason> {
     let e = &value.entry;
     if let Some(old) = own {
         // SAFETY: the pointer came from a lookup in this program run (RCU); the fields are

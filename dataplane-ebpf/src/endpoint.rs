@@ -174,24 +174,16 @@ fn ipv4(
         return icmp::frag_needed(ctx, endpoint, ifindex, config.gateway_mac, &ip, mtu);
     }
     if conntrack::creates(role) {
-        let entry = conntrack::entry(
-            now,
-            conntrack::initial_state(ip.proto),
-            endpoint.serial,
-            route.serial,
-            ct_owner::SRC,
-            endpoint.slot,
+        let flow = conntrack::NewFlow {
+            src: endpoint.serial,
+            dst: route.serial,
+            owner: ct_owner::SRC,
+            owner_slot: endpoint.slot,
             hop,
-            conntrack::first_counters(
-                now,
-                conntrack::size(ctx, &ip, &l4),
-                l4.tcp_flags,
-                egress.rule,
-                ingress.rule,
-                config.flow_interval,
-            ),
-        )?;
-        conntrack::create(&key, found.own, entry)?;
+            rule_egress: egress.rule,
+            rule_ingress: ingress.rule,
+        };
+        conntrack::open(ctx, &key, found.own, now, &ip, &l4, config.flow_interval, &flow)?;
         let who = events::Parties {
             ifindex,
             vni: endpoint.vni,

@@ -181,24 +181,16 @@ fn inner(
     unwrap_for(ctx, config, &to)?;
     // No delivery is cached: this hook's hit path needs the source's route anyway (S10).
     if conntrack::creates(role) {
-        let entry = conntrack::entry(
-            now,
-            conntrack::initial_state(ip.proto),
-            from.serial,
-            to.serial,
-            ct_owner::DST,
-            to.slot,
-            CtHop::default(),
-            conntrack::first_counters(
-                now,
-                conntrack::size(ctx, &ip, &l4),
-                l4.tcp_flags,
-                0,
-                ingress.rule,
-                config.flow_interval,
-            ),
-        )?;
-        conntrack::create(&key, found.own, entry)?;
+        let flow = conntrack::NewFlow {
+            src: from.serial,
+            dst: to.serial,
+            owner: ct_owner::DST,
+            owner_slot: to.slot,
+            hop: CtHop::default(),
+            rule_egress: 0,
+            rule_ingress: ingress.rule,
+        };
+        conntrack::open(ctx, &key, found.own, now, &ip, &l4, config.flow_interval, &flow)?;
         let who = events::Parties {
             ifindex: to.ifindex,
             vni,
