@@ -264,19 +264,10 @@ fn relays_reach_the_registered_certificate_only_and_never_send_a_token_in_the_cl
 
     // The trace of a packet from host-a to host-b, both hops, with no --host-api: host-a's API
     // relays host-b's part to host-b.
-    let traced = json_of(&at_a(&[
-        "-o",
-        "json",
-        "trace",
-        "--from",
-        &id(&x),
-        "--to",
-        "10.46.0.20",
-        "--protocol",
-        "udp",
-        "--port",
-        "7000",
-    ]));
+    let x_id = id(&x);
+    let trace_x_to_y =
+        ["trace", "--from", &x_id, "--to", "10.46.0.20", "--protocol", "udp", "--port", "7000"];
+    let traced = json_of(&at_a(&[&["-o", "json"][..], &trace_x_to_y].concat()));
     let hops = traced["hops"].as_array().unwrap();
     assert_eq!(hops.len(), 2, "{traced:#}");
     assert_eq!(
@@ -325,17 +316,7 @@ fn relays_reach_the_registered_certificate_only_and_never_send_a_token_in_the_cl
     );
     assert!(stderr(&out).contains("host-b"), "{}", stderr(&out));
     assert!(stderr(&out).contains("fingerprint"), "the certificate is named: {}", stderr(&out));
-    let out = at_a(&[
-        "trace",
-        "--from",
-        &id(&x),
-        "--to",
-        "10.46.0.20",
-        "--protocol",
-        "udp",
-        "--port",
-        "7000",
-    ]);
+    let out = at_a(&trace_x_to_y);
     assert!(!out.status.success(), "host-b's hop is not traced by an impostor");
     assert!(
         at_imp.connections.load(Ordering::Relaxed) >= 1,

@@ -167,27 +167,8 @@ fn trace_names_the_deciding_rule_or_what_was_searched_and_agrees_with_model_and_
     assert!(step(&t, "ingress")["detail"].as_str().unwrap().contains("icmp type 8 code 0"));
 
     // The CLI prints the walk; -o json carries the hops.
-    let out = host.netns().exec(
-        &bin_dir().join("verse").display().to_string(),
-        &[
-            "--api",
-            &api.url(),
-            "--token",
-            api.token().unwrap(),
-            "trace",
-            "--from",
-            &other.id,
-            "--to",
-            &d.id,
-            "--protocol",
-            "tcp",
-            "--port",
-            "5432",
-            "--run",
-        ],
-    );
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{text} {}", String::from_utf8_lossy(&out.stderr));
+    let (ok, text, err) = cli_trace(&host, api.token().unwrap(), &to_db(&other.id, &d.id));
+    assert!(ok, "{text} {err}");
     assert!(text.contains("drop (policy_ingress)"), "{text}");
     assert!(text.contains("reference model: drop (policy_ingress)"), "{text}");
     assert!(
@@ -326,6 +307,12 @@ fn on_random_policies_trace_model_and_kernel_agree() {
 }
 
 /// `verse trace` (the CLI) in host `via`'s namespace against its API, with `extra` arguments.
+/// The arguments of `verse trace` for a TCP packet from `from` to db's port 5432, pushed
+/// through the kernel too.
+fn to_db<'a>(from: &'a str, to: &'a str) -> [&'a str; 9] {
+    ["--from", from, "--to", to, "--protocol", "tcp", "--port", "5432", "--run"]
+}
+
 fn cli_trace(host: &Host, token: &str, args: &[&str]) -> (bool, String, String) {
     let mut full = vec!["--api".to_owned(), host.api.url(), "--token".to_owned(), token.to_owned()];
     full.push("trace".to_owned());
@@ -396,23 +383,8 @@ fn across_hosts_each_host_traces_its_hook_and_agrees_with_model_and_kernel() {
     let token = fleet.admin_token();
     let relay = ApiRelay::start(a.netns(), fleet.api(1));
     let host_api = format!("{}={}", b.name(), relay.url());
-    let (ok, text, err) = cli_trace(
-        a,
-        &token,
-        &[
-            "--from",
-            &other.id,
-            "--to",
-            &d.id,
-            "--protocol",
-            "tcp",
-            "--port",
-            "5432",
-            "--run",
-            "--host-api",
-            &host_api,
-        ],
-    );
+    let args = [&to_db(&other.id, &d.id)[..], &["--host-api", &host_api]].concat();
+    let (ok, text, err) = cli_trace(a, &token, &args);
     assert!(ok, "{text}\n{err}");
     for want in [
         format!("{}: wrap", a.name()),
