@@ -25,16 +25,15 @@
 
 use std::fs::{self, OpenOptions};
 use std::io::{self, Read, Write};
-use std::net::{Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::net::{Ipv4Addr, Shutdown, SocketAddr, TcpStream};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::{
-    bad, frames, http_request, unique_name, unique_port, wait_until, Api, Host, Netns, RawIpSocket,
-    Stopper, TempDir, Value, Workload,
+    bad, frames, http_request, traffic::accept_loop, unique_name, unique_port, wait_until, Api,
+    Host, Netns, RawIpSocket, Stopper, TempDir, Value, Workload,
 };
 
 /// The address of the underlay bridge itself in the underlay namespace.
@@ -930,31 +929,9 @@ pub struct BulkSink {
 
 impl BulkSink {
     pub fn start(ns: &Netns, port: u16) -> BulkSink {
-        let addr = SocketAddr::from((Ipv4Addr::UNSPECIFIED, port));
-        let listener = ns
-            .enter(|| TcpListener::bind(addr))
-            .unwrap_or_else(|e| panic!("bind TCP {addr} in {}: {e}", ns.name()));
-        listener.set_nonblocking(true).expect("non-blocking listener");
-        let stop = Arc::new(AtomicBool::new(false));
-        let thread = {
-            let stop = stop.clone();
-            std::thread::spawn(move || {
-                let mut conns = Vec::new();
-                while !stop.load(Ordering::SeqCst) {
-                    match listener.accept() {
-                        Ok((stream, _)) => {
-                            let stop = stop.clone();
-                            conns.push(std::thread::spawn(move || sink(stream, &stop)));
-                        }
-                        Err(_) => std::thread::sleep(Duration::from_millis(10)),
-                    }
-                }
-                for c in conns {
-                    let _ = c.join();
-                }
-            })
-        };
-        BulkSink { port, _stopper: Stopper { stop, thread: Some(thread) } }
+        let stopper =
+            accept_loop(ns, port, |stream, stop| std::thread::spawn(move || sink(stream, &stop)));
+        BulkSink { port, _stopper: stopper }
     }
 }
 

@@ -104,6 +104,38 @@ impl Drop for Stopper {
     }
 }
 
+/// The accept loop of a TCP server in `ns` on `port` (every address), polling every 10 ms until
+/// its [`Stopper`] is dropped: each connection goes to `accept`, which starts the thread that
+/// serves it (and is told to stop with the same flag); the stopper joins them all.
+pub(crate) fn accept_loop(
+    ns: &Netns,
+    port: u16,
+    mut accept: impl FnMut(TcpStream, Arc<AtomicBool>) -> JoinHandle<()> + Send + 'static,
+) -> Stopper {
+    let addr = SocketAddr::from((Ipv4Addr::UNSPECIFIED, port));
+    let listener = ns
+        .enter(|| TcpListener::bind(addr))
+        .unwrap_or_else(|e| panic!("bind TCP {addr} in {}: {e}", ns.name()));
+    listener.set_nonblocking(true).expect("non-blocking listener");
+    let stop = Arc::new(AtomicBool::new(false));
+    let thread = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut conns = Vec::new();
+            while !stop.load(Ordering::SeqCst) {
+                match listener.accept() {
+                    Ok((stream, _)) => conns.push(accept(stream, stop.clone())),
+                    Err(_) => std::thread::sleep(Duration::from_millis(10)),
+                }
+            }
+            for c in conns {
+                let _ = c.join();
+            }
+        })
+    };
+    Stopper { stop, thread: Some(thread) }
+}
+
 /// A TCP server in a namespace that answers every line `msg\n` with `<banner>:msg\n`, on every
 /// connection, until dropped.
 #[derive(Debug)]
@@ -115,41 +147,15 @@ pub struct TcpServer {
 
 impl TcpServer {
     pub fn start(ns: &Netns, port: u16, banner: &str) -> TcpServer {
-        let addr = SocketAddr::from((Ipv4Addr::UNSPECIFIED, port));
-        let listener = ns
-            .enter(|| TcpListener::bind(addr))
-            .unwrap_or_else(|e| panic!("bind TCP {addr} in {}: {e}", ns.name()));
-        listener.set_nonblocking(true).expect("non-blocking listener");
-        let stop = Arc::new(AtomicBool::new(false));
         let accepted = Arc::new(AtomicU32::new(0));
         let banner = banner.to_owned();
-        let thread = {
-            let stop = stop.clone();
-            let accepted = accepted.clone();
-            std::thread::spawn(move || {
-                let mut conns = Vec::new();
-                while !stop.load(Ordering::SeqCst) {
-                    match listener.accept() {
-                        Ok((stream, _)) => {
-                            accepted.fetch_add(1, Ordering::SeqCst);
-                            let stop = stop.clone();
-                            let banner = banner.clone();
-                            conns.push(std::thread::spawn(move || {
-                                serve_lines(stream, &banner, &stop)
-                            }));
-                        }
-                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                            std::thread::sleep(Duration::from_millis(10));
-                        }
-                        Err(_) => std::thread::sleep(Duration::from_millis(10)),
-                    }
-                }
-                for c in conns {
-                    let _ = c.join();
-                }
-            })
-        };
-        TcpServer { port, accepted, _stopper: Stopper { stop, thread: Some(thread) } }
+        let counter = accepted.clone();
+        let stopper = accept_loop(ns, port, move |stream, stop| {
+            counter.fetch_add(1, Ordering::SeqCst);
+            let banner = banner.clone();
+            std::thread::spawn(move || serve_lines(stream, &banner, &stop))
+        });
+        TcpServer { port, accepted, _stopper: stopper }
     }
 
     /// Connections accepted so far. The accept loop polls (every 10 ms), so a connection a
