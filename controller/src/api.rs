@@ -1989,7 +1989,7 @@ async fn metrics(AxState(st): AxState<AppState>, caller: Caller) -> ApiResult {
         &stats,
         &events,
         &st.audit,
-        st.store.watch_stats(),
+        (st.store.watch_stats(), st.store.lease_stats()),
     )
     .map_err(|e| {
         ApiError::new(
@@ -2013,7 +2013,7 @@ pub fn render_metrics(
     stats: &Stats,
     events: &EventLimiter,
     audit: &Auditor,
-    watch: crate::store::WatchStats,
+    (watch, leases): (crate::store::WatchStats, crate::store::LeaseStats),
 ) -> Result<String, std::fmt::Error> {
     use prometheus_client::metrics::counter::Counter;
     use prometheus_client::metrics::family::Family;
@@ -2174,6 +2174,18 @@ pub fn render_metrics(
         "store_watch_bytes",
         "Bytes of the watch responses the store received from etcd (protobuf and gRPC prefix)",
         watch.bytes,
+    );
+    counter(
+        &mut reg,
+        "etcd_lease_failovers",
+        "Lease requests (liveness renewals, grants and record puts; the idempotency lease grant) one etcd member did not answer in time or failed in the transport, tried again on the next member (0 with the embedded store)",
+        leases.failovers,
+    );
+    counter(
+        &mut reg,
+        "etcd_lease_expiries",
+        "This host's liveness leases given up for expired (etcd answered so, or their TTL passed with no renewal answered), each replaced by a new lease with the record put again (0 with the embedded store)",
+        leases.expiries,
     );
     counter(
         &mut reg,

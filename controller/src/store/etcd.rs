@@ -29,9 +29,15 @@
 //!   the TTL) on a thread of its own with its own etcd connection, so that no amount of edit
 //!   work can delay a renewal, then puts `hosts/<name>` (an edit, which waits for this host's
 //!   watch: the liveness record does not wait for it); each reported realized revision is
-//!   written there. If the store is dropped, or the host cannot reach etcd for a TTL, etcd
-//!   deletes the key and every host shows this one unhealthy; the thread renews everything as
-//!   soon as it can.
+//!   written there. The thread talks to one member at a time (a client per member, from a
+//!   random one): a request it does not answer within a third of the TTL, or that fails, goes
+//!   to the next member, for the same lease, for as long as the lease lives; so one stalled
+//!   member never lets the lease lapse. Once renewed elsewhere after a failover, the record
+//!   moves to a new lease while the old one still lives (an etcd leader that resumes from a
+//!   stall may revoke the old one: `Shared::move_record`). If the store is dropped, or no
+//!   member renews the lease for a TTL (or etcd answers that it expired), etcd deletes the key
+//!   and every host shows this one unhealthy; the thread grants a new lease and puts the
+//!   record again as soon as it can. Failovers and expiries are counted ([`LeaseStats`]).
 //! - History: etcd keeps every revision until it is compacted. Every host compacts it every
 //!   [`COMPACT_INTERVAL`] to the revision it had applied an interval before (etcd's own
 //!   `--auto-compaction-*` does the same, if set); a watch that falls behind a compaction reads
@@ -200,6 +206,8 @@ struct Shared {
     /// [`Etcd::open`], a real host), or as a task on the shared client (simulated hosts, which
     /// share connections by design, see `crate::sim`).
     own_liveness: bool,
+    /// Which member `client` sends to, when the client is this store's own.
+    pin: Option<super::failover::Pin>,
     prefix: String,
     lease_ttl: Duration,
     /// The state published to subscribers.
@@ -220,6 +228,8 @@ struct Shared {
     idem_lease: tokio::sync::Mutex<Option<(i64, Instant)>>,
     /// Commits refused by a guard (another edit of the same universe got in first).
     conflicts: std::sync::atomic::AtomicU64,
+    /// Lease requests tried again on another member, and liveness leases that expired.
+    lease_stats: LeaseCounters,
     /// Whose turn it is to commit, among this host's edits guarded by the same key.
     turns: Turns,
 }
@@ -301,6 +311,35 @@ impl WatchCounters {
             responses: self.responses.load(Ordering::Relaxed),
             events: self.events.load(Ordering::Relaxed),
             bytes: self.bytes.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// What happened to this store's leases since it opened (`Store::lease_stats`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct LeaseStats {
+    /// Lease requests (a liveness renewal, grant or record put; the grant of the idempotency
+    /// lease) that one member did not answer in time or failed in the transport, and that were
+    /// tried on the next member.
+    pub failovers: u64,
+    /// Liveness leases given up for expired (etcd answered so, or their TTL passed with no
+    /// member answering a renewal), each followed by a new lease and the record put again. An
+    /// answered expiry means the host showed unhealthy meanwhile; a TTL that passed may not
+    /// (a new etcd leader extends every lease by its TTL).
+    pub expiries: u64,
+}
+
+#[derive(Default)]
+struct LeaseCounters {
+    failovers: AtomicU64,
+    expiries: AtomicU64,
+}
+
+impl LeaseCounters {
+    fn get(&self) -> LeaseStats {
+        LeaseStats {
+            failovers: self.failovers.load(Ordering::Relaxed),
+            expiries: self.expiries.load(Ordering::Relaxed),
         }
     }
 }
@@ -474,8 +513,8 @@ impl Drop for Etcd {
 
 impl Etcd {
     pub(super) async fn open(options: EtcdOptions) -> Result<Arc<Etcd>> {
-        let client = connect(&options).await?;
-        Etcd::open_on(options, client, true).await
+        let (client, pin) = connect_pinned(&options).await?;
+        Etcd::open_on(options, client, Some(pin)).await
     }
 
     /// [`Etcd::open`] over a client that others may share (a clone of one [`connect`] made):
@@ -485,13 +524,15 @@ impl Etcd {
         options: EtcdOptions,
         client: Client,
     ) -> Result<Arc<Etcd>> {
-        Etcd::open_on(options, client, false).await
+        Etcd::open_on(options, client, None).await
     }
 
+    /// `pin`: the handle on `client`'s member, if the client is this store's own (then its
+    /// liveness runs on a thread and connections of its own too).
     async fn open_on(
         options: EtcdOptions,
         client: Client,
-        own_liveness: bool,
+        pin: Option<super::failover::Pin>,
     ) -> Result<Arc<Etcd>> {
         let endpoints = options.endpoints.join(",");
         let mut prefix = options.prefix.clone();
@@ -505,7 +546,8 @@ impl Etcd {
         let shared = Arc::new(Shared {
             client,
             options: options.clone(),
-            own_liveness,
+            own_liveness: pin.is_some(),
+            pin,
             prefix,
             lease_ttl: options.lease_ttl,
             state,
@@ -518,6 +560,7 @@ impl Etcd {
             received: WatchCounters::default(),
             idem_lease: tokio::sync::Mutex::new(None),
             conflicts: std::sync::atomic::AtomicU64::new(0),
+            lease_stats: LeaseCounters::default(),
             turns: Turns::default(),
         });
 
@@ -575,6 +618,10 @@ impl Etcd {
 
     pub(super) fn subscribe(&self) -> watch::Receiver<Arc<State>> {
         self.shared.state.subscribe()
+    }
+
+    pub(super) fn lease_stats(&self) -> LeaseStats {
+        self.shared.lease_stats.get()
     }
 
     pub(super) fn conflicts(&self) -> u64 {
@@ -1071,8 +1118,23 @@ impl Shared {
             }
         }
         let ttl = i64::try_from(IDEMPOTENCY_TTL.as_secs() + 60).unwrap_or(i64::MAX);
-        let granted =
-            timed("lease grant (idempotency)", self.client.lease_client().grant(ttl, None)).await?;
+        const OP: &str = "lease grant (idempotency)";
+        let granted = match timed(OP, self.client.lease_client().grant(ttl, None)).await {
+            Ok(g) => g,
+            // Once more, on another member: a transport error moved the pin already (see
+            // `failover`); a member that did not answer in time is left here.
+            Err(e) if in_transport(&e) => {
+                let member = self.pin.as_ref().and_then(super::failover::Pin::member);
+                if let (Error::Timeout { .. }, Some(pin)) = (&e, &self.pin) {
+                    pin.move_on(&e);
+                }
+                self.lease_stats.failovers.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(member = ?member, error = %e,
+                    "the idempotency lease grant failed in the transport; trying once more on the next member");
+                timed(OP, self.client.lease_client().grant(ttl, None)).await?
+            }
+            Err(e) => return Err(e),
+        };
         *current = Some((granted.id(), Instant::now()));
         Ok(granted.id())
     }
@@ -1493,111 +1555,397 @@ impl Shared {
         });
     }
 
-    /// Keeps `alive/<name>` alive for as long as the store lives.
+    /// Keeps `alive/<name>` alive for as long as the store lives: one lease for as long as it
+    /// lives, renewed through whichever member answers; a new one only once it has expired.
     async fn keep_alive(self: Arc<Self>, name: String, mut realized: watch::Receiver<Realized>) {
-        let mut delay = RETRY_MIN;
+        let key = self.key(&format!("{ALIVE}{name}"));
+        let mut links = Links::new(&self);
         loop {
-            let started = Instant::now();
-            let client = if self.own_liveness {
-                connect(&self.options).await
-            } else {
-                Ok(self.client.clone())
-            };
-            let e = match client {
-                Ok(client) => self.alive_session(&client, &name, &mut realized).await,
-                Err(e) => e,
-            };
-            if started.elapsed() > self.lease_ttl {
-                delay = RETRY_MIN;
-            }
-            tracing::warn!(host = %name, error = %e, retry_in = ?delay,
-                "lost this host's liveness record in etcd; renewing it");
-            tokio::time::sleep(delay).await;
-            delay = (delay * 2).min(RETRY_MAX);
+            let mut lease = self.begin_lease(&mut links, &name, &key, &mut realized).await;
+            let why = self.hold_lease(&mut links, &name, &key, &mut realized, &mut lease).await;
+            self.lease_stats.expiries.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(host = %name, lease = format!("{:x}", lease.id), reason = %why,
+                "this host's liveness lease expired, or may have (then the host showed \
+                 unhealthy); granting a new one and putting the record again");
         }
     }
 
-    /// One lease: grant it, put the liveness record under it, keep it alive and rewrite the
-    /// record on each new realized revision, until something fails.
-    async fn alive_session(
+    /// Grants a lease and puts the liveness record under it, trying the members in turn until
+    /// both are done.
+    async fn begin_lease(
         &self,
-        client: &Client,
+        links: &mut Links,
         name: &str,
+        key: &str,
         realized: &mut watch::Receiver<Realized>,
-    ) -> Error {
+    ) -> Lease {
         let ttl_s = i64::try_from(self.lease_ttl.as_secs()).unwrap_or(i64::MAX).max(1);
-        let key = self.key(&format!("{ALIVE}{name}"));
-        let mut lease = client.lease_client();
-        // etcd may grant more than asked (its minimum is 1.5 election timeouts): renew at the
-        // pace of what was granted.
-        let (id, ttl) = match timed("lease grant", lease.grant(ttl_s, None)).await {
-            Ok(g) => (g.id(), Duration::from_secs(g.ttl().max(1).unsigned_abs())),
-            Err(e) => return e,
-        };
-        let (mut keeper, mut responses) =
-            match timed("lease keep-alive", lease.keep_alive(id)).await {
-                Ok(k) => k,
-                Err(e) => return e,
+        let mut attempt = 0usize;
+        loop {
+            // A member that does not answer a grant costs the wait, then the next one is
+            // asked; but when every member is slow, waiting only a third of the TTL would
+            // never get a lease: the wait doubles with each round over the members.
+            let round = u32::try_from(attempt / links.len()).unwrap_or(u32::MAX).min(4);
+            let wait = (answer_wait(self.lease_ttl) * 2u32.pow(round)).min(REQUEST_TIMEOUT);
+            if attempt > 0 && attempt.is_multiple_of(links.len()) {
+                // Every member failed once: back off (etcd may be down altogether).
+                let rounds = u32::try_from(attempt / links.len()).unwrap_or(u32::MAX).min(6);
+                tokio::time::sleep((RETRY_MIN * 2u32.pow(rounds - 1)).min(RETRY_MAX)).await;
+            }
+            attempt += 1;
+            let sent = Instant::now();
+            let granted = tokio::time::timeout(wait, async {
+                let client = links.client().await?;
+                client.lease_client().grant(ttl_s, None).await
+            })
+            .await;
+            let (id, ttl) = match granted {
+                // etcd may grant more than asked (its minimum is 1.5 election timeouts): renew
+                // at the pace of what was granted.
+                Ok(Ok(g)) => (g.id(), Duration::from_secs(g.ttl().max(1).unsigned_abs())),
+                Ok(Err(e)) => {
+                    self.fail_over(links, name, "lease grant", &e.to_string());
+                    continue;
+                }
+                Err(_) => {
+                    self.fail_over(links, name, "lease grant", &format!("no answer in {wait:?}"));
+                    continue;
+                }
             };
-        let mut kv = client.kv_client();
-        let mut report = realized.borrow_and_update().clone();
-        let put = PutOptions::new().with_lease(id);
-        if let Err(e) =
-            timed("put (liveness)", kv.put(key.clone(), encode_report(&report), Some(put.clone())))
-                .await
-        {
-            return e;
+            let mut lease = Lease {
+                id,
+                ttl,
+                expires: sent + ttl,
+                stream: None,
+                report: None,
+                failed_over: false,
+            };
+            let report = realized.borrow_and_update().clone();
+            match self.put_record(links, name, key, &report, &mut lease).await {
+                Ok(()) => {
+                    tracing::info!(host = %name, lease = format!("{id:x}"), ttl = ?ttl,
+                        revision = report.revision, member = %links.member(), "host alive in etcd");
+                    lease.report = Some(report);
+                    return lease;
+                }
+                Err(why) => {
+                    tracing::warn!(host = %name, lease = format!("{id:x}"), reason = %why,
+                        "could not put this host's liveness record before its new lease expired");
+                }
+            }
         }
-        tracing::info!(host = %name, lease = id, ttl = ?ttl, revision = report.revision,
-            "host alive in etcd");
-        let mut tick = tokio::time::interval(ttl / 3);
+    }
+
+    /// Renews `lease` every third of its TTL and rewrites the record on each new realized
+    /// revision, until the lease has expired; returns why it is taken as expired.
+    async fn hold_lease(
+        &self,
+        links: &mut Links,
+        name: &str,
+        key: &str,
+        realized: &mut watch::Receiver<Realized>,
+        lease: &mut Lease,
+    ) -> String {
+        let mut tick = tokio::time::interval(lease.ttl / 3);
         tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
         tick.tick().await;
+        // The sender lives in `self.local`, as long as this task: it cannot close, but if it
+        // did, renewals go on without reports rather than turn into a busy loop.
+        let mut reporting = true;
         loop {
             tokio::select! {
                 _ = tick.tick() => {
-                    if let Err(source) = keeper.keep_alive().await {
-                        return Error::Etcd { op: "lease keep-alive", source };
+                    if let Err(why) = self.renew(links, name, lease).await {
+                        return why;
                     }
-                    match tokio::time::timeout(ttl.min(REQUEST_TIMEOUT), responses.message()).await {
-                        Err(_) => return Error::Timeout { op: "lease keep-alive", after: ttl.min(REQUEST_TIMEOUT) },
-                        Ok(Err(source)) => return Error::Etcd { op: "lease keep-alive", source },
-                        Ok(Ok(None)) => return Error::Etcd {
-                            op: "lease keep-alive",
-                            source: etcd_client::Error::LeaseKeepAliveError("the stream ended".into()),
-                        },
-                        Ok(Ok(Some(r))) if r.ttl() <= 0 => return Error::Etcd {
-                            op: "lease keep-alive",
-                            source: etcd_client::Error::LeaseKeepAliveError(format!("lease {id:x} expired")),
-                        },
-                        Ok(Ok(Some(_))) => {}
+                    if lease.failed_over {
+                        self.move_record(links, name, key, lease).await;
                     }
                 }
-                changed = realized.changed() => {
+                changed = realized.changed(), if reporting => {
                     if changed.is_err() {
-                        // The sender lives in `self.local`, as long as this thread: unreachable,
-                        // but a lost sender must not turn into a busy loop.
-                        return Error::Etcd {
-                            op: "put (liveness)",
-                            source: etcd_client::Error::Internal("realized revision channel closed".into()),
-                        };
+                        reporting = false;
+                        continue;
                     }
                     let next = realized.borrow_and_update().clone();
-                    if next != report {
-                        report = next;
+                    if lease.report.as_ref() != Some(&next) {
                         let start = Instant::now();
-                        let put = timed(
-                            "put (liveness)",
-                            kv.put(key.clone(), encode_report(&report), Some(put.clone())),
-                        )
-                        .await;
+                        let put = self.put_record(links, name, key, &next, lease).await;
                         phases::since(Phase::Report, start);
-                        if let Err(e) = put {
-                            return e;
+                        if let Err(why) = put {
+                            return why;
                         }
+                        lease.report = Some(next);
                     }
                 }
             }
+        }
+    }
+
+    /// Renews `lease` once, through the members in turn, for as long as it lives.
+    async fn renew(&self, links: &mut Links, name: &str, lease: &mut Lease) -> Result<(), String> {
+        let mut attempt = 0usize;
+        loop {
+            let now = Instant::now();
+            let Some(left) = lease.expires.checked_duration_since(now).filter(|d| !d.is_zero())
+            else {
+                return Err(format!("no member renewed it within its TTL of {:?}", lease.ttl));
+            };
+            if attempt > 0 && attempt.is_multiple_of(links.len()) {
+                // Every member failed once: not a busy loop when they all fail at once.
+                tokio::time::sleep(RETRY_MIN.min(left)).await;
+            }
+            attempt += 1;
+            let wait = answer_wait(lease.ttl).min(left);
+            match tokio::time::timeout(wait, Self::renew_on(links, lease)).await {
+                Ok(Ok(ttl)) if ttl > 0 => {
+                    // The leader restarted the TTL when it got the request, after `now`.
+                    lease.expires = now + Duration::from_secs(ttl.unsigned_abs());
+                    return Ok(());
+                }
+                Ok(Ok(_)) => return Err("etcd answered that it expired (TTL 0)".to_owned()),
+                Ok(Err(etcd_client::Error::LeaseKeepAliveError(m))) if m == "lease not found" => {
+                    return Err("etcd answered that it expired (not found)".to_owned());
+                }
+                Ok(Err(e)) => {
+                    lease.stream = None;
+                    lease.failed_over = true;
+                    self.fail_over(links, name, "lease keep-alive", &e.to_string());
+                }
+                Err(_) => {
+                    lease.stream = None;
+                    lease.failed_over = true;
+                    self.fail_over(
+                        links,
+                        name,
+                        "lease keep-alive",
+                        &format!("no answer in {wait:?}"),
+                    );
+                }
+            }
+        }
+    }
+
+    /// One renewal on the current member's keep-alive stream (opened first if need be, which
+    /// renews too): the TTL etcd answered.
+    async fn renew_on(links: &mut Links, lease: &mut Lease) -> Result<i64, etcd_client::Error> {
+        let (keeper, responses) = match &mut lease.stream {
+            Some(stream) => stream,
+            None => {
+                let client = links.client().await?;
+                // etcd-client reads the first answer itself and fails if its TTL is 0.
+                let stream = client.lease_client().keep_alive(lease.id).await?;
+                lease.stream = Some(stream);
+                return Ok(i64::try_from(lease.ttl.as_secs()).unwrap_or(i64::MAX));
+            }
+        };
+        keeper.keep_alive().await?;
+        match responses.message().await? {
+            Some(r) => Ok(r.ttl()),
+            None => Err(etcd_client::Error::LeaseKeepAliveError("the stream ended".into())),
+        }
+    }
+
+    /// Puts the liveness record `report` under `lease`, through the members in turn, for as
+    /// long as the lease lives.
+    async fn put_record(
+        &self,
+        links: &mut Links,
+        name: &str,
+        key: &str,
+        report: &Realized,
+        lease: &mut Lease,
+    ) -> Result<(), String> {
+        let value = encode_report(report);
+        let mut attempt = 0usize;
+        loop {
+            let Some(left) =
+                lease.expires.checked_duration_since(Instant::now()).filter(|d| !d.is_zero())
+            else {
+                return Err(format!("no member took the record within its TTL of {:?}", lease.ttl));
+            };
+            if attempt > 0 && attempt.is_multiple_of(links.len()) {
+                tokio::time::sleep(RETRY_MIN.min(left)).await;
+            }
+            attempt += 1;
+            let wait = answer_wait(lease.ttl).min(left);
+            let put = tokio::time::timeout(wait, async {
+                let client = links.client().await?;
+                let options = PutOptions::new().with_lease(lease.id);
+                client.kv_client().put(key, value.clone(), Some(options)).await
+            })
+            .await;
+            match put {
+                Ok(Ok(_)) => return Ok(()),
+                Ok(Err(etcd_client::Error::GRpcStatus(s)))
+                    if s.code() == tonic::Code::NotFound && s.message().contains("lease") =>
+                {
+                    return Err(format!("etcd answered that it expired ({})", s.message()));
+                }
+                Ok(Err(e)) => {
+                    lease.stream = None;
+                    lease.failed_over = true;
+                    self.fail_over(links, name, "put (liveness)", &e.to_string());
+                }
+                Err(_) => {
+                    lease.stream = None;
+                    lease.failed_over = true;
+                    self.fail_over(
+                        links,
+                        name,
+                        "put (liveness)",
+                        &format!("no answer in {wait:?}"),
+                    );
+                }
+            }
+        }
+    }
+
+    /// After a failover, once the lease was renewed through another member: moves the record
+    /// to a new lease, while the old one still lives (no lapse), and lets the old one expire.
+    /// The member that did not answer may have been the leader; etcd before 3.4.28 and 3.5.11
+    /// has a leader that resumes from a stall revoke every lease it did not see renewed
+    /// meanwhile (etcd issues 12528 and 15247), although the new leader renewed it: a lease
+    /// granted since, by the new leader, is not among those. A grant or put that fails leaves
+    /// the record where it is, and the next renewal tries again.
+    async fn move_record(&self, links: &mut Links, name: &str, key: &str, lease: &mut Lease) {
+        let ttl_s = i64::try_from(self.lease_ttl.as_secs()).unwrap_or(i64::MAX).max(1);
+        let Some(report) = lease.report.clone() else {
+            return;
+        };
+        let wait = answer_wait(lease.ttl);
+        let sent = Instant::now();
+        let moved = tokio::time::timeout(wait, async {
+            let client = links.client().await?;
+            let granted = client.lease_client().grant(ttl_s, None).await?;
+            let options = PutOptions::new().with_lease(granted.id());
+            client.kv_client().put(key, encode_report(&report), Some(options)).await?;
+            Ok::<_, etcd_client::Error>(granted)
+        })
+        .await;
+        match moved {
+            Ok(Ok(g)) => {
+                let ttl = Duration::from_secs(g.ttl().max(1).unsigned_abs());
+                tracing::info!(host = %name, from = format!("{:x}", lease.id),
+                    lease = format!("{:x}", g.id()), member = %links.member(),
+                    "moved this host's liveness record to a new lease after a failover");
+                *lease = Lease {
+                    id: g.id(),
+                    ttl,
+                    expires: sent + ttl,
+                    stream: None,
+                    report: Some(report),
+                    failed_over: false,
+                };
+            }
+            Ok(Err(e)) => tracing::debug!(host = %name, error = %e,
+                "could not move the liveness record to a new lease yet"),
+            Err(_) => tracing::debug!(host = %name,
+                "could not move the liveness record to a new lease yet (no answer)"),
+        }
+    }
+
+    /// A liveness request got no answer from the current member: counted, logged once, and
+    /// the next member is asked.
+    fn fail_over(&self, links: &mut Links, name: &str, op: &str, reason: &str) {
+        self.lease_stats.failovers.fetch_add(1, Ordering::Relaxed);
+        let member = links.member();
+        links.next();
+        tracing::warn!(host = %name, %member, next = %links.member(), %reason,
+            "etcd member did not answer a liveness request ({op}); asking the next member, same lease");
+    }
+}
+
+/// How long a liveness request (a renewal, a grant, a put of the record) waits for one member
+/// before asking the next: a third of the TTL. A renewal starts a third of the TTL after the
+/// last one, with two thirds left: a member that does not answer costs one third, and the next
+/// member still has a third to answer in before the lease runs out. Waiting for the request
+/// timeout instead (5 s, the default TTL itself) let the lease lapse whenever the one member
+/// asked was stalled, although the two others would have answered at once.
+fn answer_wait(ttl: Duration) -> Duration {
+    ttl / 3
+}
+
+/// A liveness lease being kept.
+struct Lease {
+    id: i64,
+    /// As granted.
+    ttl: Duration,
+    /// When it runs out unless renewed: the TTL etcd answered last, counted from when that
+    /// renewal was sent (etcd restarts it later than that, never earlier).
+    expires: Instant,
+    /// The keep-alive stream on the current member (`None`: open one on next renewal).
+    stream: Option<(etcd_client::LeaseKeeper, etcd_client::LeaseKeepAliveStream)>,
+    /// The record last put under this lease.
+    report: Option<Realized>,
+    /// Whether a request for it failed over to another member since it was granted (see
+    /// `Shared::move_record`).
+    failed_over: bool,
+}
+
+/// How a liveness task reaches etcd: a client per member, asked in turn from a random one (so
+/// the hosts of a fleet spread over the members), moving on to the next whenever a request goes
+/// unanswered for [`answer_wait`] or fails. A channel shared by every request would keep
+/// sending to a stalled member (its connection stays open) until HTTP/2 keep-alive gives it up.
+/// A simulated host has only the client it shares with others (`crate::sim`).
+struct Links {
+    /// Each member's options (one endpoint each), or none for a shared client.
+    members: Vec<EtcdOptions>,
+    clients: Vec<Option<Client>>,
+    at: usize,
+}
+
+impl Links {
+    fn new(shared: &Shared) -> Links {
+        if !shared.own_liveness {
+            return Links {
+                members: Vec::new(),
+                clients: vec![Some(shared.client.clone())],
+                at: 0,
+            };
+        }
+        let members: Vec<EtcdOptions> = shared
+            .options
+            .endpoints
+            .iter()
+            .map(|e| EtcdOptions { endpoints: vec![e.clone()], ..shared.options.clone() })
+            .collect();
+        let at = rand::random_range(0..members.len().max(1));
+        Links { clients: vec![None; members.len().max(1)], members, at }
+    }
+
+    fn len(&self) -> usize {
+        self.clients.len()
+    }
+
+    /// The current member, for logs.
+    fn member(&self) -> String {
+        match self.members.get(self.at) {
+            Some(m) => m.endpoints.join(","),
+            None => "(the shared client)".to_owned(),
+        }
+    }
+
+    /// The current member's client, made on first use (without a user, lazily: no request).
+    async fn client(&mut self) -> Result<Client, etcd_client::Error> {
+        if let Some(c) = &self.clients[self.at] {
+            return Ok(c.clone());
+        }
+        let options = &self.members[self.at];
+        let client = connect(options).await.map_err(|e| match e {
+            Error::Connect { source, .. } => source,
+            other => etcd_client::Error::Internal(other.to_string()),
+        })?;
+        self.clients[self.at] = Some(client.clone());
+        Ok(client)
+    }
+
+    /// Moves on to the next member; the one left gets a fresh connection when its turn comes
+    /// again (the old one may be stuck on a stalled process).
+    fn next(&mut self) {
+        if !self.members.is_empty() {
+            self.clients[self.at] = None;
+            self.at = (self.at + 1) % self.members.len();
         }
     }
 }
@@ -1702,6 +2050,11 @@ fn decode_report(value: &[u8]) -> Option<Realized> {
 /// on a malformed endpoint or option). Clones share its connections. Requests go to one member
 /// and move on to the next when it cannot be reached (`store/failover.rs`).
 pub async fn connect(options: &EtcdOptions) -> Result<Client> {
+    Ok(connect_pinned(options).await?.0)
+}
+
+/// [`connect`], with a handle on which member its requests go to.
+async fn connect_pinned(options: &EtcdOptions) -> Result<(Client, super::failover::Pin)> {
     let endpoints = options.endpoints.join(",");
     if options.endpoints.is_empty() {
         return Err(Error::Connect {
@@ -1736,14 +2089,15 @@ pub async fn connect(options: &EtcdOptions) -> Result<Client> {
     // One member at a time, moving on when it cannot be reached (see `failover`).
     let mut delay = RETRY_MIN;
     loop {
+        let (failover, pin) = super::failover::Failover::new();
         match Client::connect_with_balanced_channel(
             &options.endpoints,
             Some(connect.clone()),
-            super::failover::Failover,
+            failover,
         )
         .await
         {
-            Ok(c) => return Ok(c),
+            Ok(c) => return Ok((c, pin)),
             Err(source) if options.user.is_some() && !credentials_refused(&source) => {
                 tracing::warn!(
                     etcd = %endpoints, error = %source, retry_in = ?delay,
@@ -1769,6 +2123,30 @@ async fn timed<T>(
         }
         Ok(Err(source)) => Err(Error::Etcd { op, source }),
         Err(_) => Err(Error::Timeout { op, after: REQUEST_TIMEOUT }),
+    }
+}
+
+/// Whether a request failed in the transport (no answer in time, the connection failed, or a
+/// member that cannot serve it now), so that another member may well answer it.
+fn in_transport(e: &Error) -> bool {
+    match e {
+        Error::Timeout { .. } => true,
+        Error::Etcd { source, .. } => transport_error(source),
+        _ => false,
+    }
+}
+
+fn transport_error(e: &etcd_client::Error) -> bool {
+    match e {
+        etcd_client::Error::TransportError(_) | etcd_client::Error::IoError(_) => true,
+        etcd_client::Error::GRpcStatus(s) => matches!(
+            s.code(),
+            tonic::Code::Unavailable
+                | tonic::Code::Unknown
+                | tonic::Code::Cancelled
+                | tonic::Code::DeadlineExceeded
+        ),
+        _ => false,
     }
 }
 

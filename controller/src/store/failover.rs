@@ -30,7 +30,47 @@ type Request = http::Request<tonic::body::Body>;
 type Response = http::Response<tonic::body::Body>;
 
 /// Builds the failover channel for `etcd_client::Client::connect_with_balanced_channel`.
-pub struct Failover;
+pub struct Failover {
+    members: Arc<Members>,
+}
+
+/// A handle on the pin of a failover channel, for a caller that gave up waiting on the pinned
+/// member (a timeout is no transport error: the channel cannot tell a slow member from a
+/// stalled one, the caller's deadline can).
+#[derive(Clone)]
+pub struct Pin(Arc<Members>);
+
+impl Failover {
+    pub fn new() -> (Failover, Pin) {
+        let members = Arc::new(Members {
+            channels: Mutex::new(Vec::new()),
+            pin: AtomicUsize::new(rand::random_range(0..1 << 16)),
+            waiting: Mutex::new(Vec::new()),
+        });
+        (Failover { members: members.clone() }, Pin(members))
+    }
+}
+
+impl Pin {
+    /// The pinned member's URI (`None` before the channel knows its members).
+    pub fn member(&self) -> Option<String> {
+        let channels = lock(&self.0.channels);
+        let pin = self.0.pin.load(Ordering::Acquire);
+        channels.get(pin % channels.len().max(1)).map(|(u, _)| u.to_string())
+    }
+
+    /// Moves the pin on to the next member, because of `why`.
+    pub fn move_on(&self, why: &dyn std::fmt::Display) {
+        let pin = self.0.pin.load(Ordering::Acquire);
+        let uri = {
+            let channels = lock(&self.0.channels);
+            channels.get(pin % channels.len().max(1)).map(|(u, _)| u.clone())
+        };
+        if let Some(uri) = uri {
+            self.0.failed(pin, &uri, why);
+        }
+    }
+}
 
 impl BalancedChannelBuilder for Failover {
     type Error = etcd_client::Error;
@@ -39,11 +79,7 @@ impl BalancedChannelBuilder for Failover {
         self,
         buffer_size: usize,
     ) -> Result<(Channel, mpsc::Sender<Change<Uri, Endpoint>>), etcd_client::Error> {
-        let members = Arc::new(Members {
-            channels: Mutex::new(Vec::new()),
-            pin: AtomicUsize::new(rand::random_range(0..1 << 16)),
-            waiting: Mutex::new(Vec::new()),
-        });
+        let members = self.members;
         let (tx, mut rx) = mpsc::channel::<Change<Uri, Endpoint>>(buffer_size.max(1));
         let updating = members.clone();
         // Ends when the client (the sender) is dropped.

@@ -44,7 +44,7 @@ use crate::audit::{AuditRecord, Query as AuditQuery};
 use crate::model::{self, State};
 
 pub use embedded::{Embedded, LAST_GOOD_FILE, STATE_FILE};
-pub use etcd::{Etcd, EtcdOptions, EtcdTls, WatchStats};
+pub use etcd::{Etcd, EtcdOptions, EtcdTls, LeaseStats, WatchStats};
 
 /// Why a store operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -307,6 +307,15 @@ impl Store {
         match self {
             Store::Embedded(_) => WatchStats::default(),
             Store::Etcd(e) => e.watch_stats(),
+        }
+    }
+
+    /// What happened to this store's etcd leases since it opened: requests tried again on
+    /// another member, liveness leases that expired (nothing for the embedded store).
+    pub fn lease_stats(&self) -> LeaseStats {
+        match self {
+            Store::Embedded(_) => LeaseStats::default(),
+            Store::Etcd(e) => e.lease_stats(),
         }
     }
 
