@@ -329,6 +329,66 @@ impl Etcd {
         let _ = child.wait();
     }
 
+    /// Stops member `i` with SIGSTOP, as a starved process looks from outside: its sockets stay
+    /// open and accept, nothing answers. The returned guard sends SIGCONT when dropped (also on
+    /// a panic), and borrows the cluster, so the member cannot be killed or reaped (its PID
+    /// reused) while it is stopped.
+    pub fn pause(&self, i: usize) -> PausedMember<'_> {
+        let m = &self.members[i];
+        let child = m.child.as_ref().expect("etcd member is not running");
+        let pid = libc::pid_t::try_from(child.id()).expect("a PID fits pid_t");
+        // SAFETY: kill(2) with the PID of a child this harness started and has not reaped
+        // (`child` is still held); no memory is involved.
+        let rc = unsafe { libc::kill(pid, libc::SIGSTOP) };
+        assert_eq!(rc, 0, "SIGSTOP etcd member {}: {}", m.name, io::Error::last_os_error());
+        PausedMember { _etcd: self, pid, name: m.name.clone() }
+    }
+
+    /// The `/verse/`-relative history of `prefix` since etcd revision `from`, as `etcdctl watch
+    /// --rev` replays it: (`PUT` or `DELETE`, key) per event. A watch never ends by itself:
+    /// the replay is read for `listen`, then the etcdctl this started is killed (by its PID).
+    pub fn history(&self, prefix: &str, from: i64, listen: Duration) -> Vec<(String, String)> {
+        let endpoints: Vec<String> =
+            self.members.iter().filter(|m| m.child.is_some()).map(EtcdMember::client_url).collect();
+        let mut child = Command::new("ip")
+            .args(["netns", "exec", &self.netns, "etcdctl"])
+            .arg(format!("--endpoints={}", endpoints.join(",")))
+            .args(["watch", "--prefix", &format!("--rev={from}"), prefix])
+            .env("ETCDCTL_API", "3")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("failed to start etcdctl watch: {e}"));
+        let mut stdout = child.stdout.take().expect("piped stdout");
+        let reader = std::thread::spawn(move || {
+            let mut text = String::new();
+            let _ = stdout.read_to_string(&mut text);
+            text
+        });
+        std::thread::sleep(listen);
+        let _ = child.kill();
+        let _ = child.wait();
+        let text = reader.join().expect("the reader thread does not panic");
+        // `etcdctl watch` prints each event as its type, its key and (for a put) its value,
+        // one per line.
+        let lines: Vec<&str> = text.lines().collect();
+        let mut events = Vec::new();
+        for (i, line) in lines.iter().enumerate() {
+            if (*line == "PUT" || *line == "DELETE") && i + 1 < lines.len() {
+                events.push(((*line).to_owned(), lines[i + 1].to_owned()));
+            }
+        }
+        events
+    }
+
+    /// The current etcd revision (of any running member's answer).
+    pub fn revision(&self) -> i64 {
+        let out = self.etcdctl(&["get", "--prefix", "/", "--keys-only", "--limit=1", "-w", "json"]);
+        let v: Value = serde_json::from_str(&out).expect("etcdctl -w json prints JSON");
+        v["header"]["revision"].as_i64().expect("a revision in the header")
+    }
+
     /// Starts member `i` again on its data directory and waits until the cluster is healthy.
     pub fn restart(&mut self, i: usize) {
         assert!(self.members[i].child.is_none(), "etcd member {i} is running");
@@ -354,6 +414,25 @@ impl Etcd {
         }
         out.push_str("---- end of etcd logs ----\n");
         out
+    }
+}
+
+/// An etcd member stopped by [`Etcd::pause`]; dropping this resumes it.
+#[derive(Debug)]
+pub struct PausedMember<'a> {
+    _etcd: &'a Etcd,
+    pid: libc::pid_t,
+    name: String,
+}
+
+impl Drop for PausedMember<'_> {
+    fn drop(&mut self) {
+        // SAFETY: kill(2) on the PID of a child the borrowed `Etcd` still holds (it cannot be
+        // reaped while this guard lives); no memory is involved.
+        let rc = unsafe { libc::kill(self.pid, libc::SIGCONT) };
+        if rc != 0 {
+            eprintln!("SIGCONT etcd member {}: {}", self.name, io::Error::last_os_error());
+        }
     }
 }
 

@@ -1,0 +1,225 @@
+//! A stalled etcd member never makes a healthy host's liveness lapse: three hosts on a
+//! three-member etcd keep editing through all three APIs while each member in turn is stopped
+//! with SIGSTOP (a starved process: its connections stay open and nothing answers) for longer
+//! than the liveness lease's TTL, then resumed. Whichever member a host's liveness connection
+//! uses, that host renews the same lease through another member in time: no `alive/<host>`
+//! key is ever deleted (etcd's own history since the start, replayed with `etcdctl watch
+//! --rev`), no host's `GET /v1/hosts` ever lists a host unhealthy (polled every 100 ms on every
+//! host), edits keep being acknowledged while a member is stopped, and every acknowledged edit
+//! is on every host and realized by all of them afterwards, down to traffic in the dataplane.
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tests::*;
+
+/// How long each member stays stopped: longer than the lease TTL (`etcd_lease_ttl`, 5 s by
+/// default), so a renewal that waited for the stopped member alone would come too late.
+const PAUSE: Duration = Duration::from_secs(8);
+/// Between two pauses: the cluster and the hosts settle.
+const BETWEEN: Duration = Duration::from_secs(3);
+/// How often every host's `GET /v1/hosts` is asked.
+const POLL: Duration = Duration::from_millis(100);
+/// The fleet must have converged this long after the last pause ended.
+const CONVERGE: Duration = Duration::from_secs(15);
+
+fn id(v: &Value) -> &str {
+    v["id"].as_str().expect("resource has an id")
+}
+
+/// One acknowledged edit: the rule it added, through which host, at which revision, when.
+#[derive(Clone, Debug)]
+struct Acked {
+    rule: String,
+    port: u16,
+    via: usize,
+    revision: u64,
+    at: Instant,
+}
+
+/// The lease of each liveness record, as etcd has it (`get -w json`: keys are base64, leases
+/// decimal): what a host renewing one lease throughout leaves unchanged.
+fn alive_leases(etcd: &Etcd) -> Vec<i64> {
+    let out = etcd.etcdctl(&["get", "--prefix", "/verse/alive/", "-w", "json"]);
+    let v: Value = serde_json::from_str(&out).expect("etcdctl -w json prints JSON");
+    let mut leases: Vec<i64> = v["kvs"]
+        .as_array()
+        .map(|kvs| kvs.iter().filter_map(|kv| kv["lease"].as_i64()).collect())
+        .unwrap_or_default();
+    leases.sort_unstable();
+    leases
+}
+
+#[test]
+fn a_stalled_etcd_member_never_makes_a_host_unhealthy() {
+    assert!(is_root(), "needs root: network namespaces, bpffs, eBPF");
+    let fleet = Fleet::start(3);
+    let api = fleet.api(0).clone();
+    let uni = api.create_universe("stall", "10.8.0.0/24");
+    let uni = id(&uni).to_owned();
+    let clients = api.create_group(&uni, "clients");
+    let web = api.create_group(&uni, "web");
+    let (clients, web) = (id(&clients).to_owned(), id(&web).to_owned());
+    let client = fleet.endpoint(0, &uni, "10.8.0.20", &[&clients]);
+    let server = fleet.endpoint(2, &uni, "10.8.0.10", &[&web]);
+    let names: Vec<String> = fleet.hosts().iter().map(|h| h.name().to_owned()).collect();
+
+    let from = fleet.etcd().revision();
+    let leases_before = alive_leases(fleet.etcd());
+    assert_eq!(leases_before.len(), 3, "every host has its liveness record: {leases_before:?}");
+
+    let start = Instant::now();
+    let stop = Arc::new(AtomicBool::new(false));
+    let acked = Arc::new(Mutex::new(Vec::<Acked>::new()));
+    let failed = Arc::new(Mutex::new(Vec::<String>::new()));
+    // (seconds since start, asked of host, the entry) of every unhealthy sighting.
+    let unhealthy = Arc::new(Mutex::new(Vec::<(f64, usize, String)>::new()));
+    let polls = Arc::new(Mutex::new(0usize));
+    let mut windows = Vec::new();
+    std::thread::scope(|scope| {
+        for via in 0..3 {
+            let (api, stop, unhealthy, polls) =
+                (fleet.api(via).clone(), stop.clone(), unhealthy.clone(), polls.clone());
+            let names = names.clone();
+            scope.spawn(move || {
+                while !stop.load(Ordering::SeqCst) {
+                    match api.request("GET", "/v1/hosts", None, Duration::from_secs(5)) {
+                        Ok(r) if r.status == 200 => {
+                            let hosts = r.json().as_array().cloned().unwrap_or_default();
+                            for name in &names {
+                                let entry = hosts.iter().find(|h| h["name"] == name.as_str());
+                                if entry.is_none_or(|h| h["healthy"] != Value::Bool(true)) {
+                                    unhealthy.lock().unwrap().push((
+                                        start.elapsed().as_secs_f64(),
+                                        via,
+                                        format!("{name}: {entry:?}"),
+                                    ));
+                                }
+                            }
+                            *polls.lock().unwrap() += 1;
+                        }
+                        other => unhealthy.lock().unwrap().push((
+                            start.elapsed().as_secs_f64(),
+                            via,
+                            format!("GET /v1/hosts: {other:?}"),
+                        )),
+                    }
+                    std::thread::sleep(POLL);
+                }
+            });
+        }
+        for via in 0..3 {
+            let (api, web, clients) = (fleet.api(via).clone(), web.clone(), clients.clone());
+            let (acked, failed, stop) = (acked.clone(), failed.clone(), stop.clone());
+            scope.spawn(move || {
+                let mut n = 0;
+                while !stop.load(Ordering::SeqCst) {
+                    let port = 3000 + (via * 1000 + n) as u16;
+                    n += 1;
+                    let rule = json!({"direction": "ingress", "protocol": "tcp",
+                        "from_port": port, "to_port": port, "group": clients});
+                    let path = format!("/v1/security-groups/{web}/rules");
+                    match api.request("POST", &path, Some(&rule), Duration::from_secs(30)) {
+                        Ok(r) if (200..300).contains(&r.status) => {
+                            let revision =
+                                r.revision().expect("an acknowledged edit has a revision");
+                            let rule = r.json()["id"].as_str().expect("rule id").to_owned();
+                            let at = Instant::now();
+                            acked.lock().unwrap().push(Acked { rule, port, via, revision, at });
+                        }
+                        Ok(r) => failed
+                            .lock()
+                            .unwrap()
+                            .push(format!("via {via}: {} {}", r.status, r.body)),
+                        Err(e) => failed.lock().unwrap().push(format!("via {via}: {e}")),
+                    }
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+            });
+        }
+        for member in 0..3 {
+            std::thread::sleep(BETWEEN);
+            let paused = fleet.etcd().pause(member);
+            let stopped_at = Instant::now();
+            std::thread::sleep(PAUSE);
+            drop(paused);
+            windows.push((member, stopped_at, Instant::now()));
+        }
+        std::thread::sleep(BETWEEN);
+        stop.store(true, Ordering::SeqCst);
+    });
+    let acked = acked.lock().unwrap().clone();
+    let failed = failed.lock().unwrap().clone();
+    let unhealthy = unhealthy.lock().unwrap().clone();
+    let leases_after = alive_leases(fleet.etcd());
+    let history = fleet.etcd().history("/verse/alive/", from, Duration::from_secs(3));
+    let deleted: Vec<&(String, String)> = history.iter().filter(|(t, _)| t == "DELETE").collect();
+    eprintln!(
+        "{} polls of GET /v1/hosts, {} unhealthy sightings; {} edits acknowledged, {} failed: \
+         {failed:?}; {} liveness events since revision {from}, {} deletions; leases before \
+         {leases_before:x?}, after {leases_after:x?}",
+        polls.lock().unwrap(),
+        unhealthy.len(),
+        acked.len(),
+        failed.len(),
+        history.len(),
+        deleted.len(),
+    );
+    assert!(!history.is_empty(), "the replay of the liveness history shows no event at all");
+    assert!(deleted.is_empty(), "liveness records were deleted (a lease lapsed): {deleted:?}");
+    assert!(unhealthy.is_empty(), "hosts were seen unhealthy (s since start, via): {unhealthy:?}");
+    for (member, from, to) in &windows {
+        assert!(
+            acked.iter().any(|a| a.at > *from && a.at < *to),
+            "no edit was acknowledged while etcd member {member} was stopped; failures: {failed:?}"
+        );
+    }
+
+    // Every acknowledged rule is on every host, and every host realized the last revision.
+    let top = acked.iter().map(|a| a.revision).max().expect("some edit was acknowledged");
+    let mut missing = Vec::new();
+    let converged = wait_until(CONVERGE, || {
+        missing.clear();
+        for via in 0..3 {
+            match fleet.api(via).request(
+                "GET",
+                &format!("/v1/security-groups/{web}"),
+                None,
+                Duration::from_secs(5),
+            ) {
+                Ok(r) if r.status == 200 => {
+                    let ingress = r.json()["ingress"].as_array().cloned().unwrap_or_default();
+                    for a in &acked {
+                        if !ingress.iter().any(|rule| rule["id"] == a.rule.as_str()) {
+                            missing
+                                .push(format!("host {via} lacks rule {} (via {})", a.rule, a.via));
+                        }
+                    }
+                }
+                other => missing.push(format!("host {via}: GET group: {other:?}")),
+            }
+        }
+        missing.is_empty() && (0..3).all(|via| fleet.wait_realized(via, top, Duration::ZERO))
+    });
+    assert!(
+        converged,
+        "not converged within {CONVERGE:?} (revision {top}): missing {missing:?}; hosts {:?}",
+        fleet.api(0).hosts()
+    );
+
+    // Realized means in the dataplane: the last rule acknowledged through each API admits the
+    // client on host A to the server on host C.
+    for via in 0..3 {
+        let Some(last) = acked.iter().filter(|a| a.via == via).max_by_key(|a| a.revision) else {
+            continue;
+        };
+        let _srv = TcpServer::start(&server.ns, last.port, "web");
+        assert_eq!(
+            tcp_roundtrip(&client.ns, server.ip, last.port, "x", ALLOWED).as_deref(),
+            Some("web:x"),
+            "rule {} (port {}, acked via host {via}) does not pass traffic",
+            last.rule,
+            last.port
+        );
+    }
+}
