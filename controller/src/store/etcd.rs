@@ -32,9 +32,9 @@
 //!   written there. The thread talks to one member at a time (a client per member, from a
 //!   random one): a request it does not answer within a third of the TTL, or that fails, goes
 //!   to the next member, for the same lease, for as long as the lease lives; so one stalled
-//!   member never lets the lease lapse. Once renewed elsewhere after a failover, the record
-//!   moves to a new lease while the old one still lives (an etcd leader that resumes from a
-//!   stall may revoke the old one: `Shared::move_record`). If the store is dropped, or no
+//!   member never lets the lease lapse. When a renewal shows a new etcd leader (a later raft
+//!   term) or came after a failover, the record moves to a new lease while the old one still
+//!   lives (a leader that resumes from a stall may revoke the old one: `Shared::move_record`). If the store is dropped, or no
 //!   member renews the lease for a TTL (or etcd answers that it expired), etcd deletes the key
 //!   and every host shows this one unhealthy; the thread grants a new lease and puts the
 //!   record again as soon as it can. Failovers and expiries are counted ([`LeaseStats`]).
@@ -1599,10 +1599,14 @@ impl Shared {
                 client.lease_client().grant(ttl_s, None).await
             })
             .await;
-            let (id, ttl) = match granted {
+            let (id, ttl, term) = match granted {
                 // etcd may grant more than asked (its minimum is 1.5 election timeouts): renew
                 // at the pace of what was granted.
-                Ok(Ok(g)) => (g.id(), Duration::from_secs(g.ttl().max(1).unsigned_abs())),
+                Ok(Ok(g)) => (
+                    g.id(),
+                    Duration::from_secs(g.ttl().max(1).unsigned_abs()),
+                    g.header().map_or(0, |h| h.raft_term()),
+                ),
                 Ok(Err(e)) => {
                     self.fail_over(links, name, "lease grant", &e.to_string());
                     continue;
@@ -1615,10 +1619,11 @@ impl Shared {
             let mut lease = Lease {
                 id,
                 ttl,
+                term,
                 expires: sent + ttl,
                 stream: None,
                 report: None,
-                failed_over: false,
+                should_move: false,
             };
             let report = realized.borrow_and_update().clone();
             match self.put_record(links, name, key, &report, &mut lease).await {
@@ -1658,7 +1663,7 @@ impl Shared {
                     if let Err(why) = self.renew(links, name, lease).await {
                         return why;
                     }
-                    if lease.failed_over {
+                    if lease.should_move {
                         self.move_record(links, name, key, lease).await;
                     }
                 }
@@ -1698,9 +1703,10 @@ impl Shared {
             attempt += 1;
             let wait = answer_wait(lease.ttl).min(left);
             match tokio::time::timeout(wait, Self::renew_on(links, lease)).await {
-                Ok(Ok(ttl)) if ttl > 0 => {
+                Ok(Ok((ttl, term))) if ttl > 0 => {
                     // The leader restarted the TTL when it got the request, after `now`.
                     lease.expires = now + Duration::from_secs(ttl.unsigned_abs());
+                    lease.saw_term(term);
                     return Ok(());
                 }
                 Ok(Ok(_)) => return Err("etcd answered that it expired (TTL 0)".to_owned()),
@@ -1709,12 +1715,12 @@ impl Shared {
                 }
                 Ok(Err(e)) => {
                     lease.stream = None;
-                    lease.failed_over = true;
+                    lease.should_move = true;
                     self.fail_over(links, name, "lease keep-alive", &e.to_string());
                 }
                 Err(_) => {
                     lease.stream = None;
-                    lease.failed_over = true;
+                    lease.should_move = true;
                     self.fail_over(
                         links,
                         name,
@@ -1727,21 +1733,25 @@ impl Shared {
     }
 
     /// One renewal on the current member's keep-alive stream (opened first if need be, which
-    /// renews too): the TTL etcd answered.
-    async fn renew_on(links: &mut Links, lease: &mut Lease) -> Result<i64, etcd_client::Error> {
+    /// renews too): the TTL etcd answered, and the raft term of the answer (unknown for the
+    /// renewal that opens a stream: etcd-client reads that answer itself).
+    async fn renew_on(
+        links: &mut Links,
+        lease: &mut Lease,
+    ) -> Result<(i64, Option<u64>), etcd_client::Error> {
         let (keeper, responses) = match &mut lease.stream {
             Some(stream) => stream,
             None => {
                 let client = links.client().await?;
-                // etcd-client reads the first answer itself and fails if its TTL is 0.
+                // etcd-client fails if the first answer's TTL is 0.
                 let stream = client.lease_client().keep_alive(lease.id).await?;
                 lease.stream = Some(stream);
-                return Ok(i64::try_from(lease.ttl.as_secs()).unwrap_or(i64::MAX));
+                return Ok((i64::try_from(lease.ttl.as_secs()).unwrap_or(i64::MAX), None));
             }
         };
         keeper.keep_alive().await?;
         match responses.message().await? {
-            Some(r) => Ok(r.ttl()),
+            Some(r) => Ok((r.ttl(), r.header().map(|h| h.raft_term()))),
             None => Err(etcd_client::Error::LeaseKeepAliveError("the stream ended".into())),
         }
     }
@@ -1776,7 +1786,10 @@ impl Shared {
             })
             .await;
             match put {
-                Ok(Ok(_)) => return Ok(()),
+                Ok(Ok(r)) => {
+                    lease.saw_term(r.header().map(|h| h.raft_term()));
+                    return Ok(());
+                }
                 Ok(Err(etcd_client::Error::GRpcStatus(s)))
                     if s.code() == tonic::Code::NotFound && s.message().contains("lease") =>
                 {
@@ -1784,12 +1797,12 @@ impl Shared {
                 }
                 Ok(Err(e)) => {
                     lease.stream = None;
-                    lease.failed_over = true;
+                    lease.should_move = true;
                     self.fail_over(links, name, "put (liveness)", &e.to_string());
                 }
                 Err(_) => {
                     lease.stream = None;
-                    lease.failed_over = true;
+                    lease.should_move = true;
                     self.fail_over(
                         links,
                         name,
@@ -1801,13 +1814,13 @@ impl Shared {
         }
     }
 
-    /// After a failover, once the lease was renewed through another member: moves the record
-    /// to a new lease, while the old one still lives (no lapse), and lets the old one expire.
-    /// The member that did not answer may have been the leader; etcd before 3.4.28 and 3.5.11
-    /// has a leader that resumes from a stall revoke every lease it did not see renewed
-    /// meanwhile (etcd issues 12528 and 15247), although the new leader renewed it: a lease
-    /// granted since, by the new leader, is not among those. A grant or put that fails leaves
-    /// the record where it is, and the next renewal tries again.
+    /// After the etcd leader changed (or a failover, which a stalled leader causes too), once
+    /// the lease was renewed: moves the record to a new lease, while the old one still lives
+    /// (no lapse), and lets the old one expire. etcd before 3.4.28 and 3.5.11 lets a leader
+    /// that resumes from a stall revoke every lease it did not see renewed meanwhile (etcd
+    /// issues 12528 and 15247), although the new leader renewed them; a lease the new leader
+    /// granted is not among those. A grant or put that fails leaves the record where it is,
+    /// and the next renewal tries again.
     async fn move_record(&self, links: &mut Links, name: &str, key: &str, lease: &mut Lease) {
         let ttl_s = i64::try_from(self.lease_ttl.as_secs()).unwrap_or(i64::MAX).max(1);
         let Some(report) = lease.report.clone() else {
@@ -1826,16 +1839,18 @@ impl Shared {
         match moved {
             Ok(Ok(g)) => {
                 let ttl = Duration::from_secs(g.ttl().max(1).unsigned_abs());
+                let term = g.header().map_or(0, |h| h.raft_term());
                 tracing::info!(host = %name, from = format!("{:x}", lease.id),
-                    lease = format!("{:x}", g.id()), member = %links.member(),
-                    "moved this host's liveness record to a new lease after a failover");
+                    lease = format!("{:x}", g.id()), member = %links.member(), term,
+                    "moved this host's liveness record to a new lease (leader change or failover)");
                 *lease = Lease {
                     id: g.id(),
                     ttl,
+                    term,
                     expires: sent + ttl,
                     stream: None,
                     report: Some(report),
-                    failed_over: false,
+                    should_move: false,
                 };
             }
             Ok(Err(e)) => tracing::debug!(host = %name, error = %e,
@@ -1871,6 +1886,8 @@ struct Lease {
     id: i64,
     /// As granted.
     ttl: Duration,
+    /// The raft term etcd answered the grant in: a later term means a new leader.
+    term: u64,
     /// When it runs out unless renewed: the TTL etcd answered last, counted from when that
     /// renewal was sent (etcd restarts it later than that, never earlier).
     expires: Instant,
@@ -1878,9 +1895,18 @@ struct Lease {
     stream: Option<(etcd_client::LeaseKeeper, etcd_client::LeaseKeepAliveStream)>,
     /// The record last put under this lease.
     report: Option<Realized>,
-    /// Whether a request for it failed over to another member since it was granted (see
-    /// `Shared::move_record`).
-    failed_over: bool,
+    /// Whether the leader changed or a request failed over to another member since it was
+    /// granted (see `Shared::move_record`).
+    should_move: bool,
+}
+
+impl Lease {
+    /// An answer about this lease came in raft term `term`.
+    fn saw_term(&mut self, term: Option<u64>) {
+        if term.is_some_and(|t| t > self.term) {
+            self.should_move = true;
+        }
+    }
 }
 
 /// How a liveness task reaches etcd: a client per member, asked in turn from a random one (so
