@@ -199,8 +199,8 @@ impl Aggregator {
                 created_ns: c.created_ns,
                 src_serial: e.src_serial,
                 dst_serial: e.dst_serial,
-                packets: c.packets,
-                bytes: c.bytes,
+                packets: c.packets(),
+                bytes: c.bytes(),
             },
         );
     }
@@ -229,8 +229,8 @@ impl Aggregator {
             created_ns: c.created_ns,
             src_serial: e.src_serial,
             dst_serial: e.dst_serial,
-            packets: c.packets,
-            bytes: c.bytes,
+            packets: c.packets(),
+            bytes: c.bytes(),
         };
         // The same flow as last read, unless its endpoints changed or a counter went back (the
         // entry was made anew under the same key): then everything it holds is new.
@@ -817,13 +817,14 @@ mod tests {
         CtValue {
             entry: CtEntry { src_serial: src, dst_serial: dst, ..CtEntry::default() },
             counters: CtCounters {
-                packets,
-                bytes,
+                own_packets: packets,
+                own_bytes: bytes,
                 created_ns: 100,
                 rule_egress: 0x11,
                 rule_ingress: 0x22,
                 flags_interval: flags.0,
                 flags: flags.1,
+                ..CtCounters::default()
             },
             ..CtValue::default()
         }
@@ -894,8 +895,11 @@ mod tests {
         assert_eq!(agg.flush("h1", t, t, &l)[0].packets, 12, "a new flow: everything it counted");
         // Deleted by garbage collection after 3 more packets, before the next read.
         let mut last = fresh;
-        last.counters.packets[0] = 15;
-        last.counters.bytes[0] = 1500;
+        // Two of them counted by the CPU that claimed the direction, one by another CPU.
+        last.counters.own_packets[0] = 14;
+        last.counters.own_bytes[0] = 1400;
+        last.counters.shared_packets[0] = 1;
+        last.counters.shared_bytes[0] = 100;
         agg.gone(&k, &last, 2, &l);
         agg.retain(&HashSet::new());
         let rs = agg.flush("h1", t, t, &l);

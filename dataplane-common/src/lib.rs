@@ -645,20 +645,36 @@ pub struct CtHop {
 /// "Why was my packet dropped?"). Index 0 of each pair is the flow's original direction (to the
 /// key's `dst`), 1 its replies.
 ///
-/// The kernel adds every packet it delivers on the flow (atomic adds: several CPUs may carry one
-/// flow); the daemon reads the entries once per flow-log interval and reports what each counted
-/// since its last read. TCP flags are OR-ed per interval: the kernel stamps them with
-/// `Config::flow_interval`, and the first packet of a flow in a new interval moves the flags of
-/// the interval before into `flags[2..4]` (or clears them if that was longer ago), so the daemon,
-/// which bumps the interval and then reads, finds the closed interval's flags in one slot or
-/// the other (two CPUs rotating at once may lose a flag bit).
+/// The kernel adds every packet it delivers on the flow; the daemon reads the entries once per
+/// flow-log interval and reports what each counted since its last read ([`CtCounters::packets`],
+/// [`CtCounters::bytes`]: the sums of the two halves below).
+///
+/// Why two halves: several CPUs may carry one flow, and an atomic add (`lock add` on x86) costs
+/// about as much as the rest of an established packet's refresh. So each direction is claimed by
+/// the first CPU that counts it (`cpu`, set once by compare-and-swap: the creating CPU for the
+/// original direction, the first replying CPU for the other): that CPU alone adds to `own_*`,
+/// with plain adds, which no other CPU ever writes; every other CPU adds to `shared_*`
+/// atomically. A flow carried by one CPU each way, the common case, never pays for an atomic.
+///
+/// TCP flags are OR-ed per interval: the kernel stamps them with `Config::flow_interval`, and
+/// the first packet of a flow in a new interval moves the flags of the interval before into
+/// `flags[2..4]` (or clears them if that was longer ago), so the daemon, which bumps the interval
+/// and then reads, finds the closed interval's flags in one slot or the other (two CPUs rotating
+/// at once may lose a flag bit).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct CtCounters {
-    /// Packets delivered: segments on the wire (a GSO packet counts its `gso_segs`).
-    pub packets: [u64; 2],
+    /// Packets delivered by the direction's claiming CPU (`cpu`): segments on the wire (a GSO
+    /// packet counts its `gso_segs`).
+    pub own_packets: [u64; 2],
     /// Their bytes: IPv4 datagrams, headers included (per segment on the wire).
-    pub bytes: [u64; 2],
+    pub own_bytes: [u64; 2],
+    /// Packets delivered by any other CPU (atomic adds).
+    pub shared_packets: [u64; 2],
+    /// Their bytes.
+    pub shared_bytes: [u64; 2],
+    /// Per direction, the CPU that counts it in `own_*`, plus one; 0 until one claims it.
+    pub cpu: [u64; 2],
     /// The conntrack clock when the entry was made: an entry made anew under the same key is
     /// another flow.
     pub created_ns: u64,
@@ -671,6 +687,24 @@ pub struct CtCounters {
     /// TCP flags OR-ed: original and reply direction in interval `flags_interval`, then the
     /// same in the interval before it.
     pub flags: [u8; 4],
+}
+
+impl CtCounters {
+    /// Packets delivered each way, whichever CPU counted them.
+    pub const fn packets(&self) -> [u64; 2] {
+        [
+            self.own_packets[0].wrapping_add(self.shared_packets[0]),
+            self.own_packets[1].wrapping_add(self.shared_packets[1]),
+        ]
+    }
+
+    /// Bytes delivered each way, whichever CPU counted them.
+    pub const fn bytes(&self) -> [u64; 2] {
+        [
+            self.own_bytes[0].wrapping_add(self.shared_bytes[0]),
+            self.own_bytes[1].wrapping_add(self.shared_bytes[1]),
+        ]
+    }
 }
 
 /// `VERSE_CT` value: the flow's state (the part the reference model knows), the delivery cache
@@ -890,8 +924,8 @@ mod tests {
         assert_eq!(size_of::<CtKey>(), 20);
         assert_eq!(size_of::<CtEntry>(), 32);
         assert_eq!(size_of::<CtHop>(), 20);
-        assert_eq!(size_of::<CtCounters>(), 56);
-        assert_eq!(size_of::<CtValue>(), 128);
+        assert_eq!(size_of::<CtCounters>(), 104);
+        assert_eq!(size_of::<CtValue>(), 176);
         assert_eq!(core::mem::offset_of!(CtValue, counters) % 8, 0, "atomic adds need 8 bytes");
         assert_eq!(size_of::<CtOwner>(), 64);
         assert_eq!(size_of::<Config>(), 104);

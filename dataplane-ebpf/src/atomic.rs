@@ -1,4 +1,5 @@
-//! Atomic read-modify-write on map values, for the conntrack budget counters (S14).
+//! Atomic read-modify-write on map values: the conntrack budget counters (S14), and the flow
+//! counters of a conntrack entry (the claim of a direction, and the adds of other CPUs).
 //!
 //! Why inline assembly: `bpfel-unknown-none` declares no atomic read-modify-write (no
 //! `target_has_atomic`), so `core::sync::atomic` offers loads and stores only. The instructions
@@ -50,6 +51,28 @@ pub unsafe fn add(p: *mut u64, v: u64) {
     };
 }
 
+/// Compares `*p` with `old` and, if equal, stores `new`, atomically (`BPF_ATOMIC | BPF_CMPXCHG`);
+/// returns the value `*p` held before either way.
+///
+/// # Safety
+/// As for [`fetch_add`].
+#[cfg(target_arch = "bpf")]
+#[inline(always)]
+pub unsafe fn cmpxchg(p: *mut u64, old: u64, new: u64) -> u64 {
+    let mut r0 = old;
+    // SAFETY: as in `fetch_add`; the instruction compares with and answers in r0.
+    unsafe {
+        core::arch::asm!(
+            "r0 = cmpxchg_64({p} + 0, r0, {new})",
+            p = in(reg) p,
+            new = in(reg) new,
+            inout("r0") r0,
+            options(nostack),
+        )
+    };
+    r0
+}
+
 /// The host build's [`fetch_add`] (type-checking only; the dataplane runs as BPF).
 ///
 /// # Safety
@@ -71,4 +94,20 @@ pub unsafe fn fetch_add(p: *mut u64, v: u64) -> u64 {
 pub unsafe fn add(p: *mut u64, v: u64) {
     // SAFETY: as in `fetch_add`.
     unsafe { fetch_add(p, v) };
+}
+
+/// The host build's [`cmpxchg`] (type-checking only).
+///
+/// # Safety
+/// As for the BPF build's.
+#[cfg(not(target_arch = "bpf"))]
+#[inline(always)]
+pub unsafe fn cmpxchg(p: *mut u64, old: u64, new: u64) -> u64 {
+    use core::sync::atomic::Ordering::SeqCst;
+    // SAFETY: as in `fetch_add`.
+    match unsafe { core::sync::atomic::AtomicU64::from_ptr(p) }
+        .compare_exchange(old, new, SeqCst, SeqCst)
+    {
+        Ok(v) | Err(v) => v,
+    }
 }

@@ -25,11 +25,17 @@
 //!
 //! Counters (flow logs, packets per rule): every delivered packet of a flow is added to its
 //! entry's [`CtCounters`] ([`refresh`], [`refresh_and_cache`]), the first one when the entry is
-//! made ([`first_counters`]): two atomic adds (packets, bytes) and, for TCP, the flags OR-ed
-//! into the current interval's slot, written only when they add a bit. A refresh that caches a
-//! hop replaces the whole value with the packet added to its copy: adds made by other CPUs
-//! between the copy and the replace are lost, which happens only after a route change.
-use aya_ebpf::helpers::{bpf_jiffies64, bpf_ktime_get_coarse_ns};
+//! made ([`first_counters`]). Each direction is counted with plain adds by the CPU that claimed
+//! it (the creating CPU for the original direction; the first CPU to count a reply claims the
+//! other, by compare-and-swap) and with atomic adds by any other CPU (see `CtCounters`: an
+//! atomic add cost about as much as the rest of the refresh); for TCP, the flags are OR-ed into
+//! the current interval's slot, written only when they add a bit. The refresh writes the state
+//! and the last-seen time only when they change (once per clock tick for a busy flow), so that
+//! the CPUs carrying the two directions of a flow do not bounce its cache line on every packet.
+//! A refresh that caches a hop replaces the whole value with the packet added to its copy: adds
+//! made by other CPUs between the copy and the replace are lost, which happens only after a
+//! route change.
+use aya_ebpf::helpers::{bpf_get_smp_processor_id, bpf_jiffies64, bpf_ktime_get_coarse_ns};
 use aya_ebpf::programs::TcContext;
 pub use dataplane_common::conntrack::{creates, initial_state, role, Role};
 use dataplane_common::conntrack::{expired, next_state};
@@ -209,7 +215,7 @@ pub fn size(ctx: &TcContext, ip: &crate::flow::Ipv4, l4: &crate::flow::L4) -> Si
 }
 
 /// The counters of a new flow whose first packet is `size` with `tcp_flags`, admitted by these
-/// rules, in flow-log interval `interval`.
+/// rules, in flow-log interval `interval`: the original direction claimed by this CPU.
 #[inline(always)]
 fn first_counters(
     now: u64,
@@ -220,14 +226,24 @@ fn first_counters(
     interval: u32,
 ) -> CtCounters {
     CtCounters {
-        packets: [size.segs, 0],
-        bytes: [size.bytes, 0],
+        own_packets: [size.segs, 0],
+        own_bytes: [size.bytes, 0],
+        shared_packets: [0, 0],
+        shared_bytes: [0, 0],
+        cpu: [this_cpu(), 0],
         created_ns: now,
         rule_egress,
         rule_ingress,
         flags_interval: interval,
         flags: [tcp_flags, 0, 0, 0],
     }
+}
+
+/// This CPU as `CtCounters::cpu` names it: its number plus one (0 is "unclaimed").
+#[inline(always)]
+fn this_cpu() -> u64 {
+    // SAFETY: bpf_get_smp_processor_id has no preconditions (the verifier inlines it).
+    u64::from(unsafe { bpf_get_smp_processor_id() }) + 1
 }
 
 /// ORs `tcp_flags` into the slot of direction `reply` of interval `interval` (see
@@ -260,22 +276,36 @@ fn or_flags(c: &mut CtCounters, reply: bool, tcp_flags: u8, interval: u32) {
 /// Refreshes the flow of a packet that is being delivered: last seen, state, counters.
 #[inline(always)]
 pub fn refresh(hit: Hit, now: u64, tcp_flags: u8, size: Size, interval: u32) {
+    let d = if hit.reply { 1 } else { 0 };
+    let cpu = this_cpu();
     // SAFETY: the pointer came from a lookup in this program run, and map values stay valid for
     // the whole run (RCU); the worst a concurrent update can do is interleave two refreshes of
     // the same flow. The counters are 8-byte aligned (`CtValue` is, and they sit at a multiple
-    // of 8 in it), as the atomic adds need.
+    // of 8 in it), as the atomic operations need. The plain adds to `own_*[d]` are made only by
+    // the CPU that claimed direction `d` (`cpu[d]`, written once, from 0, by compare-and-swap),
+    // and a program is never interrupted on its CPU by another run of it: no add is lost.
     unsafe {
         let entry = &mut (*hit.value).entry;
-        entry.state = next_state(entry.state, hit.reply, tcp_flags);
-        entry.last_seen_ns = now;
+        let state = next_state(entry.state, hit.reply, tcp_flags);
+        if state != entry.state {
+            entry.state = state;
+        }
+        if entry.last_seen_ns != now {
+            entry.last_seen_ns = now;
+        }
         let c = core::ptr::addr_of_mut!((*hit.value).counters);
-        let (packets, bytes) = if hit.reply {
-            (core::ptr::addr_of_mut!((*c).packets[1]), core::ptr::addr_of_mut!((*c).bytes[1]))
+        let claimed = core::ptr::read_volatile(core::ptr::addr_of!((*c).cpu[d]));
+        let own = claimed == cpu
+            || (claimed == 0 && atomic::cmpxchg(core::ptr::addr_of_mut!((*c).cpu[d]), 0, cpu) == 0);
+        if own {
+            let packets = core::ptr::addr_of_mut!((*c).own_packets[d]);
+            let bytes = core::ptr::addr_of_mut!((*c).own_bytes[d]);
+            *packets = (*packets).wrapping_add(size.segs);
+            *bytes = (*bytes).wrapping_add(size.bytes);
         } else {
-            (core::ptr::addr_of_mut!((*c).packets[0]), core::ptr::addr_of_mut!((*c).bytes[0]))
-        };
-        atomic::add(packets, size.segs);
-        atomic::add(bytes, size.bytes);
+            atomic::add(core::ptr::addr_of_mut!((*c).shared_packets[d]), size.segs);
+            atomic::add(core::ptr::addr_of_mut!((*c).shared_bytes[d]), size.bytes);
+        }
         or_flags(&mut *c, hit.reply, tcp_flags, interval);
     }
 }
@@ -307,9 +337,21 @@ pub fn refresh_and_cache(
     };
     value.entry.state = next_state(value.entry.state, hit.reply, tcp_flags);
     value.entry.last_seen_ns = now;
+    // The copy is this CPU's alone until it replaces the value: plain adds to the half this
+    // CPU counts in (claiming the direction if no CPU has).
     let d = if hit.reply { 1 } else { 0 };
-    value.counters.packets[d] = value.counters.packets[d].wrapping_add(size.segs);
-    value.counters.bytes[d] = value.counters.bytes[d].wrapping_add(size.bytes);
+    let c = &mut value.counters;
+    let cpu = this_cpu();
+    if c.cpu[d] == 0 {
+        c.cpu[d] = cpu;
+    }
+    if c.cpu[d] == cpu {
+        c.own_packets[d] = c.own_packets[d].wrapping_add(size.segs);
+        c.own_bytes[d] = c.own_bytes[d].wrapping_add(size.bytes);
+    } else {
+        c.shared_packets[d] = c.shared_packets[d].wrapping_add(size.segs);
+        c.shared_bytes[d] = c.shared_bytes[d].wrapping_add(size.bytes);
+    }
     or_flags(&mut value.counters, hit.reply, tcp_flags, interval);
     let stored = if hit.reply {
         value.reply = hop;

@@ -314,6 +314,7 @@ fn judge_packets(bpf_dir: &Path, if_a: u32, if_b: u32, if_c: u32, if_wa: u32) {
 
     only_a_syn_in_its_own_direction_opens_a_tcp_flow(&mut dp, if_a, if_b);
     related_errors_come_only_from_the_peer(&mut dp, &want, if_a, if_b, if_c);
+    flow_counters_count_each_packet_once_whichever_cpu_carries_it(&mut dp, if_a, if_b);
     measure(&mut dp, if_a);
 
     // A second load over the same bpffs reuses the pinned maps and keeps the links.
@@ -387,6 +388,68 @@ fn only_a_syn_in_its_own_direction_opens_a_tcp_flow(dp: &mut Dataplane, if_a: u3
     assert_eq!(dp.test_run(&syn, if_a, 1).expect("run").return_code, tc_act::REDIRECT);
     assert_eq!(state(dp), Some(ct_state::TCP_OPENING), "A's own SYN reopens it");
     assert_eq!(dp.conntrack().expect("ct").len(), 1);
+}
+
+/// Pins the calling thread to `cpu` (BPF_PROG_TEST_RUN runs the program on the caller's CPU).
+fn pin_to(cpu: usize) {
+    // SAFETY: a zeroed cpu_set_t is an empty set; CPU_SET and sched_setaffinity get valid
+    // pointers to it, and pid 0 is the calling thread.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        let rc = libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
+        assert_eq!(rc, 0, "sched_setaffinity(cpu {cpu}): {}", std::io::Error::last_os_error());
+    }
+}
+
+/// Flow counters (flow logs, packets per rule): each direction is counted with plain adds by
+/// the CPU that claimed it and atomically by any other CPU (README, "Flow logs"); every packet
+/// is counted once, in one half or the other, whichever CPU carries it. Needs two CPUs.
+fn flow_counters_count_each_packet_once_whichever_cpu_carries_it(
+    dp: &mut Dataplane,
+    if_a: u32,
+    if_b: u32,
+) {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    assert!(cpus >= 2, "this check needs two CPUs to run the program on; {cpus} available");
+    dp.clear_conntrack().expect("clear conntrack");
+    let syn = tcp_frame(MAC_A, IP_A, IP_B, 45000, 80, SYN);
+    let ack = tcp_frame(MAC_A, IP_A, IP_B, 45000, 80, 0x10);
+    let syn_ack = tcp_frame(MAC_B, IP_B, IP_A, 80, 45000, SYN_ACK);
+    let ack_back = tcp_frame(MAC_B, IP_B, IP_A, 80, 45000, 0x10);
+    let run = |cpu: usize, frame: &[u8], ifindex: u32| {
+        pin_to(cpu);
+        let out = dp.test_run(frame, ifindex, 1).expect("run");
+        assert_eq!(out.return_code, tc_act::REDIRECT, "delivered on cpu {cpu}");
+    };
+    // The SYN on CPU 0 makes the flow and claims its original direction for CPU 0; CPU 1
+    // carries two more of A's segments. The first reply, on CPU 1, claims the replies for it;
+    // CPU 0 carries three more replies.
+    run(0, &syn, if_a);
+    run(1, &ack, if_a);
+    run(1, &ack, if_a);
+    run(0, &ack, if_a);
+    run(1, &syn_ack, if_b);
+    for _ in 0..3 {
+        run(0, &ack_back, if_b);
+    }
+    // SAFETY: as in `pin_to`, with every CPU in the set: the thread runs anywhere again.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        for cpu in 0..cpus {
+            libc::CPU_SET(cpu, &mut set);
+        }
+        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
+    }
+    let ct = dp.conntrack_values().expect("read conntrack");
+    assert_eq!(ct.len(), 1, "one flow: {ct:?}");
+    let c = ct[0].1.counters;
+    // 40-byte IPv4 datagrams (20 + 20) each.
+    assert_eq!(c.packets(), [4, 4], "every packet once: {c:?}");
+    assert_eq!(c.bytes(), [160, 160], "every byte once: {c:?}");
+    assert_eq!(c.cpu, [1, 2], "original claimed by CPU 0, replies by CPU 1 (numbers + 1): {c:?}");
+    assert_eq!((c.own_packets, c.shared_packets), ([2, 1], [2, 3]), "plain and atomic: {c:?}");
+    dp.clear_conntrack().expect("clear conntrack");
 }
 
 /// S6: an ICMP error about A's flow with B is related only from B, only if it is an error and
