@@ -283,7 +283,8 @@ pub fn refresh(hit: Hit, now: u64, tcp_flags: u8, size: Size, interval: u32) {
     // the same flow. The counters are 8-byte aligned (`CtValue` is, and they sit at a multiple
     // of 8 in it), as the atomic operations need. The plain adds to `own_*[d]` are made only by
     // the CPU that claimed direction `d` (`cpu[d]`, written once, from 0, by compare-and-swap),
-    // and a program is never interrupted on its CPU by another run of it: no add is lost.
+    // and the hooks run with bottom halves disabled, so two runs never nest on one CPU: no add
+    // is lost. (A test run can be interrupted, but runs on maps of its own: `verse trace`.)
     unsafe {
         let entry = &mut (*hit.value).entry;
         let state = next_state(entry.state, hit.reply, tcp_flags);
