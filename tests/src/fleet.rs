@@ -929,6 +929,36 @@ pub struct VxlanGbp {
 }
 
 impl VxlanGbp {
+    /// A well-formed packet (VXLAN flags G|I) of identity `group` in universe `vni`, from host
+    /// `outer.0` to host `outer.1`, carrying a UDP datagram from port 40000 of `src` to port
+    /// `dst_port` of the workload at `dst` (address, MAC): what a host would send, for the
+    /// attack tests to forge and vary. The inner source MAC is made up; the receiving host
+    /// rewrites it.
+    pub fn datagram(
+        outer: (Ipv4Addr, Ipv4Addr),
+        group: u16,
+        vni: u32,
+        src: Ipv4Addr,
+        dst: (Ipv4Addr, &str),
+        dst_port: u16,
+        payload: &[u8],
+    ) -> VxlanGbp {
+        VxlanGbp {
+            outer_src: outer.0,
+            outer_dst: outer.1,
+            group,
+            vni,
+            flags: 0x88,
+            inner_dst_mac: frames::mac_bytes(dst.1),
+            inner_src_mac: [0x02, 0, 0, 0, 0, 0x01],
+            inner_src: src,
+            inner_dst: dst.0,
+            src_port: 40000,
+            dst_port,
+            payload: payload.to_vec(),
+        }
+    }
+
     /// The whole outer IPv4 packet (header included), checksums computed.
     pub fn packet(&self) -> Vec<u8> {
         let inner_udp = frames::udp(self.src_port, self.dst_port, &self.payload);

@@ -69,20 +69,9 @@ fn a_forged_group_policy_id_is_dropped_and_the_true_one_is_judged_by_the_rules()
 
     let forger = fleet.underlay_node(Ipv4Addr::new(198, 18, 0, 200));
     let c = fleet.host(2);
-    let forged = VxlanGbp {
-        outer_src: underlay_ip(1),
-        outer_dst: underlay_ip(2),
-        group: id_admin,
-        vni,
-        flags: 0x88,
-        inner_dst_mac: mac_bytes(&target.mac),
-        inner_src_mac: [0x02, 0, 0, 0, 0, 0x01],
-        inner_src: attacker.ip,
-        inner_dst: target.ip,
-        src_port: 40000,
-        dst_port: 9000,
-        payload: b"forged".to_vec(),
-    };
+    let hosts = (underlay_ip(1), underlay_ip(2));
+    let to_target = (target.ip, target.mac.as_str());
+    let forged = VxlanGbp::datagram(hosts, id_admin, vni, attacker.ip, to_target, 9000, b"forged");
     let from = |port| SocketAddr::from((attacker.ip, port));
     let got =
         |server: &UdpServer, port| server.sources().iter().filter(|s| **s == from(port)).count();

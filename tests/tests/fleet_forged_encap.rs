@@ -81,20 +81,16 @@ fn forged_encapsulated_packets_are_dropped_and_counted() {
     let forger = fleet.underlay_node(forger_ip);
     let host_b = underlay_ip(1);
     let host_c = underlay_ip(2);
-    let good = VxlanGbp {
-        outer_src: host_b,
-        outer_dst: host_c,
-        group: seen.group,
-        vni: vni(&blue),
-        flags: 0x88,
-        inner_dst_mac: mac_bytes(&target.mac),
-        inner_src_mac: [0x02, 0, 0, 0, 0, 0x01],
-        inner_src: sender.ip,
-        inner_dst: target.ip,
-        src_port: 40000,
-        dst_port: 9000,
-        payload: b"control".to_vec(),
-    };
+    let to_target = (target.ip, target.mac.as_str());
+    let good = VxlanGbp::datagram(
+        (host_b, host_c),
+        seen.group,
+        vni(&blue),
+        sender.ip,
+        to_target,
+        9000,
+        b"control",
+    );
     good.send_from(&forger).expect("send the control packet");
     assert!(
         wait_until(Duration::from_secs(3), || received() == 2),

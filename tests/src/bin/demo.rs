@@ -23,9 +23,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use serde_json::Value;
-use tests::{
-    drops, mac_bytes, ping, tcp_connect, underlay_ip, Fleet, Netns, TcpServer, VxlanGbp, Workload,
-};
+use tests::{drops, ping, tcp_connect, underlay_ip, Fleet, Netns, TcpServer, VxlanGbp, Workload};
 
 /// The hosts of the demo fleet.
 const HOSTS: [&str; 3] = ["alpha", "bravo", "charlie"];
@@ -313,20 +311,9 @@ fn main() -> Result<()> {
     let intruder_ip = Ipv4Addr::new(198, 18, 0, 200);
     let intruder = fleet.underlay_node(intruder_ip);
     let before = drops(&fleet.host(bravo).api, "unknown_host");
-    let forged = VxlanGbp {
-        outer_src: intruder_ip,
-        outer_dst: underlay_ip(bravo),
-        group: 0,
-        vni: shop_vni,
-        flags: 0x88,
-        inner_dst_mac: mac_bytes(&web1.mac),
-        inner_src_mac: [0x02, 0, 0, 0, 0, 0x01],
-        inner_src: client.ip,
-        inner_dst: web1.ip,
-        src_port: 40000,
-        dst_port: 80,
-        payload: b"forged".to_vec(),
-    };
+    let hosts = (intruder_ip, underlay_ip(bravo));
+    let to_web1 = (web1.ip, web1.mac.as_str());
+    let forged = VxlanGbp::datagram(hosts, 0, shop_vni, client.ip, to_web1, 80, b"forged");
     println!("  sending a VXLAN-GBP packet claiming to carry shop's client to web on bravo");
     forged.send_from(&intruder).context("send the forged packet")?;
     let counted = tests::wait_until(Duration::from_secs(3), || {
