@@ -177,15 +177,7 @@ fn verse_state(n: usize) -> Result<(State, String, u32, u32)> {
         })
         .map_err(|e| anyhow::anyhow!("create universe: {e}"))?;
     for (name, ip) in [("dut", DUT_IP), ("peer", PEER_HOST_IP)] {
-        st.hosts.insert(
-            name.into(),
-            HostRecord {
-                name: name.into(),
-                underlay_ip: Some(ip),
-                api: None,
-                api_fingerprint: None,
-            },
-        );
+        st.hosts.insert(name.into(), HostRecord::at(name, Some(ip)));
     }
     let group = |st: &mut State, name: String| {
         st.create_group(CreateGroup { universe: uni.id.clone(), name, description: None })

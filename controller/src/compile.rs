@@ -1073,10 +1073,7 @@ mod tests {
 
     fn host(s: &mut State, name: &str, underlay: Option<&str>) {
         let underlay_ip = underlay.map(|ip| ip.parse().unwrap());
-        s.hosts.insert(
-            name.into(),
-            model::HostRecord { name: name.into(), underlay_ip, api: None, api_fingerprint: None },
-        );
+        s.hosts.insert(name.into(), model::HostRecord::at(name, underlay_ip));
     }
 
     #[test]

@@ -309,6 +309,15 @@ pub struct HostRecord {
     pub api_fingerprint: Option<String>,
 }
 
+impl HostRecord {
+    /// Host `name` at `underlay_ip`, whose API the other hosts do not reach: the record tests,
+    /// simulations and benchmarks place endpoints on (a running host registers itself, with its
+    /// API, through the store).
+    pub fn at(name: &str, underlay_ip: Option<Ipv4Addr>) -> HostRecord {
+        HostRecord { name: name.into(), underlay_ip, api: None, api_fingerprint: None }
+    }
+}
+
 /// A point in time, stored and shown in RFC 3339, UTC (`2026-12-01T10:00:00Z`, with as many
 /// fractional digits as it has).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]

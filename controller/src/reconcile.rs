@@ -917,15 +917,8 @@ mod tests {
             })
             .unwrap();
         for (name, last) in [("sim-0001", 1), ("sim-0002", 2)] {
-            s.hosts.insert(
-                name.into(),
-                model::HostRecord {
-                    name: name.into(),
-                    underlay_ip: Some(Ipv4Addr::new(198, 19, 0, last)),
-                    api: None,
-                    api_fingerprint: None,
-                },
-            );
+            let underlay = Some(Ipv4Addr::new(198, 19, 0, last));
+            s.hosts.insert(name.into(), model::HostRecord::at(name, underlay));
         }
         let mut ids = Vec::new();
         for (host, ip) in

@@ -1417,15 +1417,7 @@ mod tests {
     fn random_state(rng: &mut StdRng) -> (State, Vec<model::Endpoint>) {
         let mut s = State::default();
         for (name, ip) in HOSTS {
-            s.hosts.insert(
-                name.into(),
-                HostRecord {
-                    name: name.into(),
-                    underlay_ip: Some(ip.parse().unwrap()),
-                    api: None,
-                    api_fingerprint: None,
-                },
-            );
+            s.hosts.insert(name.into(), HostRecord::at(name, Some(ip.parse().unwrap())));
         }
         let u = s
             .create_universe(CreateUniverse {

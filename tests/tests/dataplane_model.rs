@@ -274,20 +274,8 @@ fn build_state() -> (State, BTreeMap<&'static str, String>, Names) {
         json!({"from": 80, "to": 80, "cidr": "0.0.0.0/0"}),
     );
 
-    st.hosts.insert(
-        HOST.into(),
-        HostRecord { name: HOST.into(), underlay_ip: Some(HERE), api: None, api_fingerprint: None },
-    );
-    for (name, ip) in OTHER_HOSTS {
-        st.hosts.insert(
-            name.into(),
-            HostRecord {
-                name: name.into(),
-                underlay_ip: Some(ip),
-                api: None,
-                api_fingerprint: None,
-            },
-        );
+    for (name, ip) in [(HOST, HERE)].into_iter().chain(OTHER_HOSTS) {
+        st.hosts.insert(name.into(), HostRecord::at(name, Some(ip)));
     }
     let mut eps = BTreeMap::new();
     let mut ep = |st: &mut State,

@@ -794,15 +794,7 @@ const UNDERLAY: Underlay = Underlay { ip: HERE, mtu: 1500 };
 fn fleet_fixture() -> (State, BTreeMap<u32, String>) {
     let (mut st, local) = fixture();
     for (name, ip) in [(HOST, HERE), ("h2", THERE)] {
-        st.hosts.insert(
-            name.into(),
-            model::HostRecord {
-                name: name.into(),
-                underlay_ip: Some(ip),
-                api: None,
-                api_fingerprint: None,
-            },
-        );
+        st.hosts.insert(name.into(), model::HostRecord::at(name, Some(ip)));
     }
     let mut remote = st.endpoints["ep-3"].clone();
     remote.id = "ep-6".into();
