@@ -664,17 +664,24 @@ pub struct CtHop {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct CtCounters {
+    /// Per direction, the CPU that counts it in `own_*`, plus one; 0 until one claims it.
+    pub cpu: [u64; 2],
     /// Packets delivered by the direction's claiming CPU (`cpu`): segments on the wire (a GSO
     /// packet counts its `gso_segs`).
     pub own_packets: [u64; 2],
     /// Their bytes: IPv4 datagrams, headers included (per segment on the wire).
     pub own_bytes: [u64; 2],
+    /// `Config::flow_interval` when the flags were last written.
+    pub flags_interval: u32,
+    /// TCP flags OR-ed: original and reply direction in interval `flags_interval`, then the
+    /// same in the interval before it.
+    pub flags: [u8; 4],
+    // What an established packet reads and writes ends here: with the entry and the hops, the
+    // first 128 bytes of the value (two cache lines). What follows is written rarely.
     /// Packets delivered by any other CPU (atomic adds).
     pub shared_packets: [u64; 2],
     /// Their bytes.
     pub shared_bytes: [u64; 2],
-    /// Per direction, the CPU that counts it in `own_*`, plus one; 0 until one claims it.
-    pub cpu: [u64; 2],
     /// The conntrack clock when the entry was made: an entry made anew under the same key is
     /// another flow.
     pub created_ns: u64,
@@ -682,11 +689,6 @@ pub struct CtCounters {
     /// the sender's egress rule and the receiver's ingress rule.
     pub rule_egress: u32,
     pub rule_ingress: u32,
-    /// `Config::flow_interval` when the flags were last written.
-    pub flags_interval: u32,
-    /// TCP flags OR-ed: original and reply direction in interval `flags_interval`, then the
-    /// same in the interval before it.
-    pub flags: [u8; 4],
 }
 
 impl CtCounters {
@@ -927,6 +929,10 @@ mod tests {
         assert_eq!(size_of::<CtCounters>(), 104);
         assert_eq!(size_of::<CtValue>(), 176);
         assert_eq!(core::mem::offset_of!(CtValue, counters) % 8, 0, "atomic adds need 8 bytes");
+        // The established path's reads and writes fit the value's first 128 bytes.
+        let hot_end = core::mem::offset_of!(CtValue, counters)
+            + core::mem::offset_of!(CtCounters, shared_packets);
+        assert_eq!(hot_end, 128, "the hot part of a conntrack value is two cache lines");
         assert_eq!(size_of::<CtOwner>(), 64);
         assert_eq!(size_of::<Config>(), 104);
         assert_eq!(size_of::<DropCount>(), 16);
