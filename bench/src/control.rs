@@ -38,7 +38,7 @@ use anyhow::{bail, ensure, Context, Result};
 use dataplane_common::{map_names, Config};
 use ipnetwork::IpNetwork;
 use serde_json::json;
-use verse::compile::{compile, CidrIds, MapContents};
+use verse::compile::{compile, Ids, MapContents};
 use verse::dataplane::Dataplane;
 use verse::model::{self, Peer, State};
 
@@ -286,7 +286,7 @@ pub fn run(out: &mut Vec<BenchRecord>) -> Result<()> {
                     .collect();
                 let lookup = |ep: &model::Endpoint| index.get(&ep.id).copied();
                 let t = Instant::now();
-                let desired = compile(&size.st, HOST, &lookup, &mut CidrIds::default())
+                let desired = compile(&size.st, HOST, &lookup, &mut Ids::default())
                     .map_err(|e| anyhow::anyhow!("compile {} rules: {e}", size.n))?;
                 let c = t.elapsed().as_secs_f64();
                 dp.apply(&MapContents::default(), &desired)

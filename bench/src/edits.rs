@@ -686,7 +686,7 @@ fn host_maps(fleet: &Fleet, hosts: &[String]) -> Result<Vec<(String, usize, f64,
                     &state,
                     &host,
                     &|_| Some(1),
-                    &mut verse::compile::CidrIds::default(),
+                    &mut verse::compile::Ids::default(),
                 )
                 .map_err(|e| anyhow!("compile for {host}: {e:?}"))?;
                 let ms = t.elapsed().as_secs_f64() * 1e3;

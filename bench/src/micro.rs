@@ -59,7 +59,7 @@ use ::tests::{Bpffs, Netns, TempDir};
 use anyhow::{bail, ensure, Context, Result};
 use dataplane_common::{ct_state, Config, DropReason};
 use serde_json::json;
-use verse::compile::{compile, CidrIds, MapContents};
+use verse::compile::{compile, Ids, MapContents};
 use verse::dataplane::{tc_act, Dataplane};
 use verse::model::{self, Peer, Rule, State};
 use verse::verdict::{Conntrack, Host, Timeouts, Verdict};
@@ -418,7 +418,7 @@ fn load(
         Dataplane::load(&dp_dir, &config).with_context(|| format!("load dataplane for {name}"))?;
     let lookup = |ep: &model::Endpoint| ifindex.get(&ep.id).copied();
     let t = Instant::now();
-    let desired = compile(st, HOST, &lookup, &mut CidrIds::default())
+    let desired = compile(st, HOST, &lookup, &mut Ids::default())
         .map_err(|e| anyhow::anyhow!("compile {name}: {e}"))?;
     let compile_s = t.elapsed().as_secs_f64();
     let t = Instant::now();

@@ -43,7 +43,7 @@ use ::tests::{Bpffs, Netns, TempDir};
 use anyhow::{bail, ensure, Context, Result};
 use dataplane_common::{Config, DropReason};
 use serde_json::json;
-use verse::compile::{compile, CidrIds, MapContents};
+use verse::compile::{compile, Ids, MapContents};
 use verse::dataplane::Dataplane;
 use verse::model::{
     self, CreateEndpoint, CreateGroup, CreateUniverse, Direction, HostRecord, Peer, Protocol, Rule,
@@ -386,7 +386,7 @@ fn verse_dut(
     };
     let lookup = |ep: &model::Endpoint| (ep.id == receiver).then_some(ep_ifindex);
     let t = Instant::now();
-    let desired = compile(&st, "dut", &lookup, &mut CidrIds::default())
+    let desired = compile(&st, "dut", &lookup, &mut Ids::default())
         .map_err(|e| anyhow::anyhow!("compile {n} rules: {e}"))?;
     let compile_s = t.elapsed().as_secs_f64();
     let dir = bpffs.join(format!("d{i}"));

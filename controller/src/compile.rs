@@ -17,6 +17,11 @@
 //! CIDR for as long as some rule of the universe has it, and an id freed by one compile is not
 //! handed out again by the same compile (the reconciler adds before it removes, so a reused id
 //! would briefly give a new class the rules of an old one).
+//!
+//! Rules are given counter slots of `VERSE_RULE_HITS` by [`RuleSlots`], under the same
+//! discipline and for the same reason (see `dataplane_common::rule_slots`): a rule keeps its
+//! slot while some policy entry of the host names it, and a slot freed by one compile waits for
+//! the next. Both numberings travel together in [`Ids`].
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
@@ -41,8 +46,9 @@ pub struct MapContents {
     pub hosts: BTreeMap<dp::HostKey, u32>,
     /// `VERSE_VNIS`: the VNI of every universe of the fleet.
     pub vnis: BTreeSet<u32>,
-    /// `VERSE_RULE_HITS` keys: every rule the policy entries name (its new flows are counted).
-    pub rules: BTreeSet<u32>,
+    /// `VERSE_RULE_HITS` slots in use: slot -> the rule whose new flows it counts, for every
+    /// rule the policy entries name (the slot their values carry).
+    pub rules: BTreeMap<u32, u32>,
     /// `VERSE_CT_OWNERS`: slot -> the local endpoint that has it and its conntrack budget (S14).
     pub ct_owners: BTreeMap<u32, OwnerBudget>,
 }
@@ -76,16 +82,31 @@ pub struct CidrIds {
     pub ids: BTreeMap<(u32, Ipv4Network), u32>,
 }
 
+/// Stable `VERSE_RULE_HITS` slots of the rules a host's policy entries name (rule id -> slot),
+/// so that a rule's count stays in its slot while it exists on the host and a reused slot never
+/// mixes two rules' counts. The reconciler seeds it from the values of `VERSE_POLICY` at start.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RuleSlots {
+    pub slots: BTreeMap<u32, u32>,
+}
+
+/// The stable numberings [`compile`] keeps from one compile to the next.
+#[derive(Clone, Debug, Default)]
+pub struct Ids {
+    pub cidrs: CidrIds,
+    pub rule_slots: RuleSlots,
+}
+
 /// Compiles `state` for `host`. `ifindex` gives the host-side ifindex of a local endpoint, or
 /// `None` while it is not plumbed (it is then left out). Fails with a 409 `limit_exceeded` when
 /// the result would not fit the map capacities of `dataplane_common::capacity` (S12).
 ///
-/// On success `cidr_ids` holds the numbering of the result; on failure it is left unchanged.
+/// On success `ids` holds the numberings of the result; on failure they are left unchanged.
 pub fn compile(
     state: &State,
     host: &str,
     ifindex: &dyn Fn(&model::Endpoint) -> Option<u32>,
-    cidr_ids: &mut CidrIds,
+    ids: &mut Ids,
 ) -> model::Result<MapContents> {
     let state = &*state.indexed();
     let mut desired = MapContents::default();
@@ -224,7 +245,7 @@ pub fn compile(
             }
         }
     }
-    let numbered = cidr_ids.renumber(&wanted)?;
+    let numbered = ids.cidrs.renumber(&wanted)?;
     fits(host, dp::map_names::CIDRS, numbered.ids.len(), dp::capacity::CIDRS)?;
     // Per universe, classes ordered by (network, prefix): the classes nested in a rule CIDR are
     // a contiguous range of networks, so expansion is a range scan, not a search of all.
@@ -257,7 +278,9 @@ pub fn compile(
             for (direction, rules) in directions {
                 for rule in rules {
                     // A rule id that is no `sgr-` id (a corrupt state) allows without a name.
-                    let value = dp::PolicyValue { rule: model::rule_bits(&rule.id).unwrap_or(0) };
+                    // The slot is given once the entries are known (below).
+                    let id = model::rule_bits(&rule.id).unwrap_or(0);
+                    let value = dp::PolicyValue { rule: id, slot: 0 };
                     peers.clear();
                     rule_peers(rule, members, classes, &mut peers);
                     matches.clear();
@@ -282,9 +305,18 @@ pub fn compile(
         }
     }
     desired.policy = policy.finish()?;
-    desired.rules = desired.policy.values().map(|v| v.rule).filter(|r| *r != 0).collect();
-    fits(host, dp::map_names::RULE_HITS, desired.rules.len(), dp::capacity::RULE_HITS)?;
-    *cidr_ids = numbered;
+    // Slots for the rules that kept an entry (a rule whose every entry another rule names first
+    // counts nothing, and needs no slot).
+    let named: BTreeSet<u32> =
+        desired.policy.values().map(|v| v.rule).filter(|r| *r != 0).collect();
+    fits_rules(host, named.len())?;
+    let slots = ids.rule_slots.renumber(&named)?;
+    for value in desired.policy.values_mut() {
+        value.slot = slots.slots.get(&value.rule).copied().unwrap_or(0);
+    }
+    desired.rules = slots.slots.iter().map(|(&rule, &slot)| (slot, rule)).collect();
+    ids.cidrs = numbered;
+    ids.rule_slots = slots;
     Ok(desired)
 }
 
@@ -300,9 +332,53 @@ pub fn check_fits(state: &State) -> model::Result<()> {
     }
     for (host, indexes) in &by_host {
         let ifindex = |ep: &model::Endpoint| indexes.get(ep.id.as_str()).copied();
-        compile(state, host, &ifindex, &mut CidrIds::default())?;
+        compile(state, host, &ifindex, &mut Ids::default())?;
     }
     Ok(())
+}
+
+impl RuleSlots {
+    /// The slots of `wanted` (rule ids, never 0): rules already given one keep it; new ones take
+    /// the smallest slot (from 1) that neither the old nor the new numbering holds; the rest
+    /// are freed.
+    ///
+    /// A slot freed here is not reused before the next compile: the reconciler adds entries
+    /// before it removes others, so the freed rule's entries still count into it meanwhile.
+    /// With at most `rule_slots::MAX_RULES` rules on each side, the two numberings together
+    /// always fit the array.
+    pub fn renumber(&self, wanted: &BTreeSet<u32>) -> model::Result<RuleSlots> {
+        let mut slots = BTreeMap::new();
+        let mut taken: BTreeSet<u32> = self.slots.values().copied().collect();
+        let mut fresh = Vec::new();
+        let mut kept = BTreeSet::new();
+        for &rule in wanted {
+            match self.slots.get(&rule) {
+                // A seed read back from the maps could hold a slot twice or out of range: such
+                // a rule gets a fresh slot (zeroed before use) rather than a shared one.
+                Some(&slot) if slot != 0 && slot < dp::capacity::RULE_HITS && kept.insert(slot) => {
+                    slots.insert(rule, slot);
+                }
+                _ => fresh.push(rule),
+            }
+        }
+        let mut next = 1u32;
+        for rule in fresh {
+            while taken.contains(&next) {
+                next += 1;
+            }
+            if next >= dp::capacity::RULE_HITS {
+                return Err(limit(format!(
+                    "{} slots exhausted ({} in use or freed by this edit); retry once the edit \
+                     that freed them is realized",
+                    dp::map_names::RULE_HITS,
+                    taken.len()
+                )));
+            }
+            taken.insert(next);
+            slots.insert(rule, next);
+        }
+        Ok(RuleSlots { slots })
+    }
 }
 
 impl CidrIds {
@@ -431,6 +507,20 @@ fn limit(message: String) -> model::Error {
     model::Error::conflict("limit_exceeded", None, message)
 }
 
+/// S12 for rule counters: a host's policy entries may name at most `rule_slots::MAX_RULES`
+/// distinct rules (half the slots of `VERSE_RULE_HITS`, see `dataplane_common::rule_slots`).
+pub(crate) fn fits_rules(host: &str, rules: usize) -> model::Result<()> {
+    let max = dp::rule_slots::MAX_RULES;
+    if rules > max as usize {
+        return Err(limit(format!(
+            "the compiled state of host {host} names {rules} rules, more than the {max} whose \
+             new flows one host can count in {} (S12)",
+            dp::map_names::RULE_HITS
+        )));
+    }
+    Ok(())
+}
+
 fn fits(host: &str, map: &str, len: usize, capacity: u32) -> model::Result<()> {
     if len > capacity as usize {
         return Err(limit(format!(
@@ -556,7 +646,7 @@ mod tests {
         Some(u32::from(ep.ip) & 0xFFFF)
     }
 
-    fn compile_all(s: &State, ids: &mut CidrIds) -> MapContents {
+    fn compile_all(s: &State, ids: &mut Ids) -> MapContents {
         compile(s, HOST, &plumbed, ids).unwrap()
     }
 
@@ -763,7 +853,7 @@ mod tests {
         let unplumbed = endpoint(&mut s, &u.id, "10.0.0.11", &[]);
         let remote = endpoint_on(&mut s, "h2", &u.id, "10.0.0.12", &[]);
         let ifindex = |ep: &model::Endpoint| (ep.id != unplumbed.id).then_some(7u32);
-        let d = compile(&s, HOST, &ifindex, &mut CidrIds::default()).unwrap();
+        let d = compile(&s, HOST, &ifindex, &mut Ids::default()).unwrap();
         let mac = model::parse_mac(&a.mac).unwrap();
         assert_eq!(
             d.endpoints,
@@ -806,7 +896,7 @@ mod tests {
         assert_eq!((a.slot, unplumbed.slot), (1, 2));
         let _ = remote;
         // On h2 only the remote endpoint is local.
-        let d2 = compile(&s, "h2", &plumbed, &mut CidrIds::default()).unwrap();
+        let d2 = compile(&s, "h2", &plumbed, &mut Ids::default()).unwrap();
         assert_eq!(d2.endpoints.len(), 1);
         assert_eq!(d2.endpoints.values().next().unwrap().ip, [10, 0, 0, 12]);
     }
@@ -816,7 +906,7 @@ mod tests {
         let mut s = State::default();
         let u = universe(&mut s, "10.0.0.0/16");
         let a = endpoint(&mut s, &u.id, "10.0.0.10", &[]);
-        let d = compile_all(&s, &mut CidrIds::default());
+        let d = compile_all(&s, &mut Ids::default());
         let l = a.identity.to_be_bytes();
         let entry = |direction, peer: u32| {
             (
@@ -831,7 +921,12 @@ mod tests {
             )
         };
         let g = &s.groups[&default_group(&s, &u.id)];
-        let named = |r: &model::Rule| dp::PolicyValue { rule: model::rule_bits(&r.id).unwrap() };
+        let named = |r: &model::Rule| {
+            let rule = model::rule_bits(&r.id).unwrap();
+            let slot = d.rules.iter().find(|(_, held)| **held == rule).map(|(s, _)| *s);
+            dp::PolicyValue { rule, slot: slot.expect("every rule named has a slot") }
+        };
+        assert_eq!(d.rules.keys().copied().collect::<Vec<_>>(), [1, 2], "dense, from 1");
         let v4_egress =
             g.egress.iter().find(|r| r.peer == Peer::Cidr("0.0.0.0/0".parse().unwrap()));
         assert_eq!(
@@ -876,7 +971,7 @@ mod tests {
             made.push(rule(&mut s, &g, body));
         }
         rule(&mut s, &g, json!({"direction": "ingress", "protocol": "all", "cidr": "fd00::/8"}));
-        let d = compile_all(&s, &mut CidrIds::default());
+        let d = compile_all(&s, &mut Ids::default());
         let l = e.identity.to_be_bytes();
         let k = |prefix, proto, port: u16| {
             (
@@ -936,7 +1031,7 @@ mod tests {
         let in_first_wide = rule(&mut s, &first, wide());
         let in_first = rule(&mut s, &first, body());
         let e = endpoint(&mut s, &u.id, "10.0.0.10", &[&first, &second]);
-        let d = compile_all(&s, &mut CidrIds::default());
+        let d = compile_all(&s, &mut Ids::default());
         let class_entries: Vec<dp::PolicyValue> = d
             .policy
             .iter()
@@ -966,7 +1061,7 @@ mod tests {
     #[test]
     fn every_entry_is_canonical_below_its_prefix() {
         let (s, _) = random_state(&mut StdRng::seed_from_u64(1));
-        let d = compile_all(&s, &mut CidrIds::default());
+        let d = compile_all(&s, &mut Ids::default());
         for (prefix, key) in d.policy.keys() {
             assert_eq!(key_from(mask(key_bytes(key), *prefix)), *key, "{prefix} {key:?}");
         }
@@ -997,7 +1092,7 @@ mod tests {
             &h,
             json!({"direction": "ingress", "protocol": "all", "cidr": "172.16.0.0/12"}),
         );
-        let d = compile_all(&s, &mut CidrIds::default());
+        let d = compile_all(&s, &mut Ids::default());
         let vni = u.vni.to_be_bytes();
         assert_eq!(
             d.cidrs,
@@ -1041,7 +1136,7 @@ mod tests {
         let client = endpoint(&mut s, &u.id, "10.1.2.5", &[&client_g]);
         let near = endpoint(&mut s, &u.id, "10.1.2.6", &[&client_g]);
         let far = endpoint(&mut s, &u.id, "10.1.7.7", &[]);
-        let d = compile_all(&s, &mut CidrIds::default());
+        let d = compile_all(&s, &mut Ids::default());
         let lpm = Lpm::new(&d);
         let ask = |peer: &model::Endpoint, proto, port| {
             let q = query(
@@ -1090,7 +1185,7 @@ mod tests {
         let on_h3 = endpoint_on(&mut s, "h3", &v.id, "10.1.0.13", &[]);
         let _unreachable = endpoint_on(&mut s, "no-underlay", &u.id, "10.0.0.14", &[]);
         let _unknown_host = endpoint_on(&mut s, "h9", &u.id, "10.0.0.15", &[]);
-        let d = compile_all(&s, &mut CidrIds::default());
+        let d = compile_all(&s, &mut Ids::default());
 
         let route = |ep: &model::Endpoint, ifindex, underlay| {
             let vni = s.universes[&ep.universe].vni;
@@ -1119,7 +1214,7 @@ mod tests {
              without an underlay address or unknown to the state, none for universes without \
              an endpoint here (a host holds what its endpoints can reach)"
         );
-        let d3 = compile(&s, "h3", &plumbed, &mut CidrIds::default()).unwrap();
+        let d3 = compile(&s, "h3", &plumbed, &mut Ids::default()).unwrap();
         assert!(d3.routes.contains_key(&route(&on_h3, 0, [0; 4]).0), "{on_h3:?} is local on h3");
         assert!(!d3.routes.contains_key(&route(&on_h2, 0, [0; 4]).0), "h3 has nothing in u");
         assert_eq!(d.endpoints.len(), 1, "only local endpoints are endpoints here");
@@ -1129,7 +1224,7 @@ mod tests {
         assert_eq!(d.vnis, BTreeSet::from([u.vni, v.vni]), "every universe of the fleet");
 
         // Seen from h2, this host is the remote one.
-        let d2 = compile(&s, "h2", &plumbed, &mut CidrIds::default()).unwrap();
+        let d2 = compile(&s, "h2", &plumbed, &mut Ids::default()).unwrap();
         assert_eq!(
             d2.hosts.keys().copied().collect::<Vec<_>>(),
             vec![[198, 18, 0, 1], [198, 18, 0, 3]]
@@ -1140,7 +1235,7 @@ mod tests {
         // Without hosts in the state (one host), nothing changes from before.
         let mut single = s.clone();
         single.hosts.clear();
-        let d1 = compile_all(&single, &mut CidrIds::default());
+        let d1 = compile_all(&single, &mut Ids::default());
         assert_eq!(d1.routes.len(), 1);
         assert!(d1.hosts.is_empty());
     }
@@ -1160,7 +1255,7 @@ mod tests {
         );
         let local_db = endpoint(&mut s, &u.id, "10.0.0.10", &[&db]);
         let remote_web = endpoint_on(&mut s, "h2", &u.id, "10.0.0.20", &[&web]);
-        let d = compile_all(&s, &mut CidrIds::default());
+        let d = compile_all(&s, &mut Ids::default());
         let lpm = Lpm::new(&d);
         let q = |port| {
             query(
@@ -1193,7 +1288,7 @@ mod tests {
         let server = endpoint(&mut s, &u.id, "10.1.0.5", &[&db]);
         let client = endpoint(&mut s, &u.id, "10.1.0.6", &[]);
         let allowed = |s: &State| {
-            let d = compile_all(s, &mut CidrIds::default());
+            let d = compile_all(s, &mut Ids::default());
             let c = &s.endpoints[&client.id];
             let q = query(
                 server.identity,
@@ -1302,7 +1397,7 @@ mod tests {
         let mut allowed = 0u64;
         for _ in 0..80 {
             let (s, addresses) = random_state(&mut rng);
-            let d = compile_all(&s, &mut CidrIds::default());
+            let d = compile_all(&s, &mut Ids::default());
             let lpm = Lpm::new(&d);
             let vni = s.universes.values().next().unwrap().vni;
             let by_ip: HashMap<Ipv4Addr, u32> =
@@ -1359,12 +1454,12 @@ mod tests {
     #[test]
     fn compile_is_deterministic() {
         let (s, _) = random_state(&mut StdRng::seed_from_u64(3));
-        let mut ids = CidrIds::default();
+        let mut ids = Ids::default();
         let first = compile_all(&s, &mut ids);
-        let numbering = ids.ids.clone();
+        let numbering = ids.cidrs.ids.clone();
         assert_eq!(compile_all(&s, &mut ids), first);
-        assert_eq!(ids.ids, numbering);
-        assert_eq!(compile_all(&s.clone(), &mut CidrIds::default()), first);
+        assert_eq!(ids.cidrs.ids, numbering);
+        assert_eq!(compile_all(&s.clone(), &mut Ids::default()), first);
     }
 
     fn class_ids(d: &MapContents) -> BTreeMap<String, u32> {
@@ -1388,7 +1483,7 @@ mod tests {
         let r1 = add(&mut s, "10.1.0.0/16");
         let r2 = add(&mut s, "10.2.0.0/16");
         let r3 = add(&mut s, "10.3.0.0/16");
-        let mut ids = CidrIds::default();
+        let mut ids = Ids::default();
         let d = compile_all(&s, &mut ids);
         let before = class_ids(&d);
         assert_eq!(
@@ -1416,7 +1511,7 @@ mod tests {
         assert!(!now.contains_key("10.2.0.0/16"), "unused classes are dropped");
         assert_eq!(now["10.9.0.0/16"], 5, "id 2 was freed by this very compile");
         assert_eq!((now["10.1.0.0/16"], now["10.3.0.0/16"], now["10.0.5.0/24"]), (1, 3, 4));
-        assert_eq!(ids.ids.len(), 4);
+        assert_eq!(ids.cidrs.ids.len(), 4);
         add(&mut s, "10.10.0.0/16");
         let d = compile_all(&s, &mut ids);
         assert_eq!(class_ids(&d)["10.10.0.0/16"], 2, "then the smallest free id is reused");
@@ -1441,9 +1536,9 @@ mod tests {
         endpoint(&mut s, &u.id, "10.0.0.10", &[]);
         rule(&mut s, &g, json!({"direction": "ingress", "protocol": "all", "cidr": "10.1.0.0/16"}));
         rule(&mut s, &g, json!({"direction": "ingress", "protocol": "all", "cidr": "10.2.0.0/16"}));
-        let mut ids = CidrIds::default();
-        ids.ids.insert((u.vni, "10.1.0.0/16".parse().unwrap()), 7);
-        ids.ids.insert((u.vni, "10.2.0.0/16".parse().unwrap()), 7);
+        let mut ids = Ids::default();
+        ids.cidrs.ids.insert((u.vni, "10.1.0.0/16".parse().unwrap()), 7);
+        ids.cidrs.ids.insert((u.vni, "10.2.0.0/16".parse().unwrap()), 7);
         let d = compile_all(&s, &mut ids);
         let classes = class_ids(&d);
         assert_eq!(classes["10.1.0.0/16"], 7);
@@ -1457,14 +1552,160 @@ mod tests {
         let g = default_group(&s, &u.id);
         endpoint(&mut s, &u.id, "10.0.0.10", &[]);
         rule(&mut s, &g, json!({"direction": "ingress", "protocol": "all", "cidr": "10.1.0.0/16"}));
-        let mut ids = CidrIds::default();
-        ids.ids.insert((u.vni, "10.7.0.0/16".parse().unwrap()), 1);
-        let before = ids.ids.clone();
+        let mut ids = Ids::default();
+        ids.cidrs.ids.insert((u.vni, "10.7.0.0/16".parse().unwrap()), 1);
+        let before = ids.cidrs.ids.clone();
         let bad_mac = |ep: &model::Endpoint| Some(u32::from(ep.ip));
         let mut broken = s.clone();
         broken.endpoints.update_all(|_, e| e.mac = "nonsense".into());
         assert!(compile(&broken, HOST, &bad_mac, &mut ids).is_err());
-        assert_eq!(ids.ids, before);
+        assert_eq!(ids.cidrs.ids, before);
+    }
+
+    /// rule id -> the slot every one of its policy entries carries (and `rules` names).
+    fn rule_slots_of(d: &MapContents) -> BTreeMap<u32, u32> {
+        let mut out = BTreeMap::new();
+        for v in d.policy.values() {
+            let slot = *out.entry(v.rule).or_insert(v.slot);
+            assert_eq!(slot, v.slot, "every entry of rule {:08x} carries one slot", v.rule);
+        }
+        let held: BTreeMap<u32, u32> = d.rules.iter().map(|(&s, &r)| (r, s)).collect();
+        assert_eq!(out, held, "the slots in use are those the entries carry");
+        out
+    }
+
+    #[test]
+    fn rule_slots_stay_with_their_rule_and_a_freed_slot_waits_a_compile() {
+        let mut s = State::default();
+        let u = universe(&mut s, "10.0.0.0/8");
+        let g = default_group(&s, &u.id);
+        endpoint(&mut s, &u.id, "10.0.0.10", &[]);
+        let add = |s: &mut State, port: u16| {
+            let body = json!({"direction": "ingress", "protocol": "tcp", "from_port": port,
+                              "to_port": port, "cidr": "0.0.0.0/0"});
+            model::rule_bits(&rule(s, &g, body).id).unwrap()
+        };
+        let mut ids = Ids::default();
+        let first = rule_slots_of(&compile_all(&s, &mut ids));
+        let mut slots: Vec<u32> = first.values().copied().collect();
+        slots.sort();
+        assert_eq!(slots, (1..=first.len() as u32).collect::<Vec<_>>(), "dense from 1");
+
+        let a = add(&mut s, 80);
+        let now = rule_slots_of(&compile_all(&s, &mut ids));
+        for (rule, slot) in &first {
+            assert_eq!(now[rule], *slot, "an edit moves no rule's slot");
+        }
+        let slot_a = now[&a];
+        assert_eq!(slot_a, first.len() as u32 + 1);
+
+        // Deleting a and adding b in one edit: a's slot is not b's.
+        let id_a = s.groups[&g].ingress.iter().find(|r| model::rule_bits(&r.id) == Some(a));
+        let id_a = id_a.unwrap().id.clone();
+        s.delete_rule(&g, &id_a).unwrap();
+        let b = add(&mut s, 81);
+        let now = rule_slots_of(&compile_all(&s, &mut ids));
+        assert!(!now.contains_key(&a), "a's last entry left: its slot is freed");
+        assert_eq!(now[&b], slot_a + 1, "the slot freed by this very compile waits");
+        // The next compile hands it out again.
+        let c = add(&mut s, 82);
+        let now = rule_slots_of(&compile_all(&s, &mut ids));
+        assert_eq!(now[&c], slot_a, "then the smallest free slot is reused");
+        assert_eq!(now[&b], slot_a + 1);
+
+        // A recompile of the same state changes nothing; a fresh allocator may number otherwise
+        // but names the same rules.
+        let again = rule_slots_of(&compile_all(&s, &mut ids));
+        assert_eq!(again, now);
+        let fresh = rule_slots_of(&compile_all(&s, &mut Ids::default()));
+        assert_eq!(fresh.keys().collect::<Vec<_>>(), now.keys().collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn a_seeded_slot_is_kept_and_a_shared_or_bad_one_is_replaced() {
+        let held =
+            RuleSlots { slots: BTreeMap::from([(7, 5), (8, 5), (9, dp::capacity::RULE_HITS)]) };
+        let wanted = BTreeSet::from([7, 8, 9, 10]);
+        let got = held.renumber(&wanted).unwrap();
+        assert_eq!(got.slots[&7], 5, "kept");
+        // 8 shared 5 with 7, 9's slot is beyond the array: both get fresh ones, as does 10,
+        // none of them 5 (still held).
+        let fresh: BTreeSet<u32> = [8, 9, 10].iter().map(|r| got.slots[r]).collect();
+        assert_eq!(fresh, BTreeSet::from([1, 2, 3]));
+    }
+
+    #[test]
+    fn rule_slots_that_run_out_are_refused_naming_the_map() {
+        let max = dp::capacity::RULE_HITS;
+        let held = RuleSlots { slots: (1..max).map(|slot| (slot, slot)).collect() };
+        // Every slot is held (by rules this edit drops): none is free for a new rule now.
+        let err = held.renumber(&BTreeSet::from([max + 1])).unwrap_err();
+        assert!(err.to_string().contains(dp::map_names::RULE_HITS), "{err}");
+        // Within MAX_RULES on each side, the two numberings always fit together.
+        let old: BTreeSet<u32> = (1..=dp::rule_slots::MAX_RULES).collect();
+        let new: BTreeSet<u32> = old.iter().map(|r| r + dp::rule_slots::MAX_RULES).collect();
+        let first = RuleSlots::default().renumber(&old).unwrap();
+        let second = first.renumber(&new).unwrap();
+        let held: BTreeSet<u32> = first.slots.values().copied().collect();
+        assert!(second.slots.values().all(|s| *s < max && !held.contains(s)));
+        assert!(fits_rules(HOST, dp::rule_slots::MAX_RULES as usize).is_ok());
+        let err = fits_rules(HOST, dp::rule_slots::MAX_RULES as usize + 1).unwrap_err();
+        assert!(err.to_string().contains(dp::map_names::RULE_HITS), "{err}");
+    }
+
+    proptest::proptest! {
+        /// The counters of `VERSE_RULE_HITS` as the kernel keeps them, through edits applied in
+        /// `Dataplane::apply`'s order (slots zeroed, then the new entries, then the old ones
+        /// removed), with new flows counted by old and new entries alike while both are in the
+        /// map: every rule reads exactly the flows it admitted since it came to the host.
+        #[test]
+        fn rule_counts_never_move_to_another_rule(
+            steps in proptest::collection::vec(
+                (
+                    proptest::collection::btree_set(1u32..24, 0..12),
+                    proptest::collection::vec(0usize..64, 0..16),
+                    proptest::collection::vec(0usize..64, 0..16),
+                ),
+                1..30,
+            )
+        ) {
+            let mut slots = RuleSlots::default();
+            let mut counts = vec![0u64; 64];
+            let mut truth: BTreeMap<u32, u64> = BTreeMap::new();
+            for (wanted, during, after) in steps {
+                let old = slots.clone();
+                let new = old.renumber(&wanted).unwrap();
+                let held: BTreeSet<u32> = old.slots.values().copied().collect();
+                for (rule, &slot) in &new.slots {
+                    proptest::prop_assert!(slot >= 1);
+                    if old.slots.get(rule) != Some(&slot) {
+                        proptest::prop_assert!(!held.contains(&slot), "a held slot reused at once");
+                        counts[slot as usize] = 0;
+                        truth.insert(*rule, 0);
+                    }
+                }
+                let distinct: BTreeSet<u32> = new.slots.values().copied().collect();
+                proptest::prop_assert_eq!(distinct.len(), new.slots.len());
+                // Both old and new entries are in the map: either may admit a flow.
+                let live: Vec<(u32, u32)> = old.slots.iter().chain(&new.slots).map(|(r, s)| (*r, *s)).collect();
+                for i in during.iter().filter(|_| !live.is_empty()) {
+                    let (rule, slot) = live[i % live.len()];
+                    counts[slot as usize] += 1;
+                    *truth.entry(rule).or_default() += 1;
+                }
+                // The old entries are removed.
+                let live: Vec<(u32, u32)> = new.slots.iter().map(|(r, s)| (*r, *s)).collect();
+                for i in after.iter().filter(|_| !live.is_empty()) {
+                    let (rule, slot) = live[i % live.len()];
+                    counts[slot as usize] += 1;
+                    *truth.entry(rule).or_default() += 1;
+                }
+                for (rule, &slot) in &new.slots {
+                    proptest::prop_assert_eq!(counts[slot as usize], truth[rule], "rule {}", rule);
+                }
+                slots = new;
+            }
+        }
     }
 
     // ---- S12: what does not fit is refused ----
@@ -1615,7 +1856,7 @@ mod tests {
         let s = big_state();
         let rules: usize = s.groups.values().map(|g| g.ingress.len() + g.egress.len()).sum();
         assert!(rules >= 100_000);
-        let mut ids = CidrIds::default();
+        let mut ids = Ids::default();
         let started = std::time::Instant::now();
         let d = compile_all(&s, &mut ids);
         let first = started.elapsed();

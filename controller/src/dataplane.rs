@@ -30,8 +30,7 @@ use std::{
 use aya::{
     maps::{
         lpm_trie::{Key, LpmTrie},
-        Array, HashMap, IterableMap, MapData, MapError, PerCpuArray, PerCpuHashMap, PerCpuValues,
-        RingBuf,
+        Array, HashMap, IterableMap, MapData, MapError, PerCpuArray, PerCpuValues, RingBuf,
     },
     programs::{
         links::{FdLink, LinkError, PinnedLink},
@@ -152,12 +151,12 @@ pub enum Error {
 /// Runs a map write again while the kernel answers ENOMEM, for up to 2 s (pausing 100 µs, then
 /// twice as long each time, at most 20 ms).
 ///
-/// Maps that are not preallocated (the LPM tries `VERSE_CIDRS` and `VERSE_POLICY`,
-/// `VERSE_RULE_HITS`) take their elements from the kernel's BPF memory allocator, whose per-CPU
-/// caches are refilled asynchronously (irq_work): a burst of writes from one thread, such as the
-/// 1.1 million policy entries of 100,000 rules, can find the cache empty and get ENOMEM while
-/// memory is plentiful, and the same write succeeds a moment later. Seen on the 2-core VM under
-/// load: the micro benchmark's apply of 1,000 rules failed with ENOMEM at its 26th rule counter.
+/// Maps that are not preallocated (the LPM tries `VERSE_CIDRS` and `VERSE_POLICY`) take their
+/// elements from the kernel's BPF memory allocator, whose per-CPU caches are refilled
+/// asynchronously (irq_work): a burst of writes from one thread, such as the 1.1 million policy
+/// entries of 100,000 rules, can find the cache empty and get ENOMEM while memory is plentiful,
+/// and the same write succeeds a moment later. Seen on the 2-core VM under load: the micro
+/// benchmark's apply of 1,000 rules failed with ENOMEM at its 26th rule counter (then a hash).
 /// Memory that is really exhausted still fails, 2 s later.
 fn patient<T>(mut write: impl FnMut() -> Result<T, MapError>) -> Result<T, MapError> {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
@@ -249,7 +248,11 @@ pub struct Dataplane {
     vnis: HashMap<MapData, VniKey, u8>,
     drops: PerCpuArray<MapData, DropCount>,
     event_limits: PerCpuArray<MapData, EventLimiter>,
-    rule_hits: PerCpuHashMap<MapData, u32, u64>,
+    rule_hits: PerCpuArray<MapData, u64>,
+    /// The rule each `VERSE_RULE_HITS` slot counts for (slot -> rule id), as the policy entries
+    /// name them: read with the maps, kept by [`Dataplane::apply`]. Behind a lock because
+    /// reading the maps (`&self`) refreshes it.
+    rule_slots: std::sync::Mutex<BTreeMap<u32, u32>>,
     /// `VERSE_EVENTS`, until [`Dataplane::take_events`] hands it to its reader.
     events: Option<RingBuf<MapData>>,
     /// `VERSE_CONFIG`: the settings written at load, and the flow-log interval after.
@@ -312,6 +315,7 @@ impl Dataplane {
             drops: take_map(&mut ebpf, map_names::DROPS)?,
             event_limits: take_map(&mut ebpf, map_names::EVENT_LIMITS)?,
             rule_hits: take_map(&mut ebpf, map_names::RULE_HITS)?,
+            rule_slots: std::sync::Mutex::default(),
             events: Some(take_map(&mut ebpf, map_names::EVENTS)?),
             config: config_map,
             ebpf,
@@ -488,7 +492,9 @@ impl Dataplane {
     }
 
     /// The current contents of `VERSE_ENDPOINTS`, `VERSE_ROUTES`, `VERSE_CIDRS`, `VERSE_POLICY`,
-    /// `VERSE_HOSTS`, `VERSE_VNIS`, and the assigned slots of `VERSE_CT_OWNERS`.
+    /// `VERSE_HOSTS`, `VERSE_VNIS`, the assigned slots of `VERSE_CT_OWNERS`, and the slots of
+    /// `VERSE_RULE_HITS` the policy entries name (with their rules; [`Dataplane::rule_hits`]
+    /// answers for these from now on).
     pub fn read(&self) -> Result<MapContents> {
         let mut desired = MapContents::default();
         for (slot, o) in self.ct_owners.assigned() {
@@ -516,6 +522,11 @@ impl Dataplane {
         for item in self.policy.iter() {
             let (k, v) = item.map_err(read_err(map_names::POLICY))?;
             desired.policy.insert((k.prefix_len(), k.data()), v);
+            // Two rules in one slot cannot come from this controller; the first is kept, and
+            // the compiler gives the other a slot of its own (zeroed).
+            if v.slot != 0 && v.rule != 0 {
+                desired.rules.entry(v.slot).or_insert(v.rule);
+            }
         }
         for item in self.hosts.iter() {
             let (k, v) = item.map_err(read_err(map_names::HOSTS))?;
@@ -524,15 +535,14 @@ impl Dataplane {
         for item in self.vnis.keys() {
             desired.vnis.insert(item.map_err(read_err(map_names::VNIS))?);
         }
-        for item in self.rule_hits.keys() {
-            desired.rules.insert(item.map_err(read_err(map_names::RULE_HITS))?);
-        }
+        *self.lock_rule_slots() = desired.rules.clone();
         Ok(desired)
     }
 
     /// Writes the difference between `current` (what the maps hold) and `desired`: new and
-    /// changed hosts, universes, CIDR classes and policy entries, budgets, routes, endpoints; then
-    /// removed endpoints, routes, budgets, policy entries, CIDR classes, universes, hosts.
+    /// changed hosts, universes, CIDR classes, rule counter slots (zeroed) and policy entries,
+    /// budgets, routes, endpoints; then removed endpoints, routes, budgets, policy entries, CIDR
+    /// classes, universes, hosts.
     pub fn apply(&mut self, current: &MapContents, desired: &MapContents) -> Result<()> {
         // Before the endpoints that spend them.
         for (&slot, owner) in &desired.ct_owners {
@@ -568,19 +578,23 @@ impl Dataplane {
                 })?;
             }
         }
-        // Each rule's counter before the first entry naming it (a new rule counts from 0).
-        for &rule in desired.rules.difference(&current.rules) {
+        // Each rule's counter slot, zeroed before the first entry naming it for this rule is
+        // written (a new rule counts from 0; whatever the slot counted for a rule before, its
+        // entries were removed by an earlier apply: a slot is never freed and given again in
+        // one, see `compile::RuleSlots`).
+        for (&slot, &rule) in &desired.rules {
+            if current.rules.get(&slot) == Some(&rule) {
+                continue;
+            }
             let write_err = |source| Error::MapWrite {
                 name: map_names::RULE_HITS,
-                entry: format!("rule {rule:08x}"),
+                entry: format!("slot {slot} (rule {rule:08x}) = 0"),
                 source,
             };
             let n = aya::util::nr_cpus().map_err(|(_, e)| write_err(MapError::IoError(e)))?;
-            patient(|| {
-                let zeros = PerCpuValues::try_from(vec![0u64; n]).map_err(MapError::IoError)?;
-                self.rule_hits.insert(rule, zeros, 0)
-            })
-            .map_err(write_err)?;
+            let zeros = PerCpuValues::try_from(vec![0u64; n]).map_err(MapError::IoError);
+            self.rule_hits.set(slot, zeros.map_err(write_err)?, 0).map_err(write_err)?;
+            self.lock_rule_slots().insert(slot, rule);
         }
         // New entries, and entries now credited to another rule (the value is replaced in
         // place: the entry never disappears).
@@ -648,14 +662,13 @@ impl Dataplane {
                 }
             })?;
         }
-        for rule in current.rules.difference(&desired.rules) {
-            remove_ok_if_absent(self.rule_hits.remove(rule)).map_err(|source| {
-                Error::MapDelete {
-                    name: map_names::RULE_HITS,
-                    entry: format!("rule {rule:08x}"),
-                    source,
-                }
-            })?;
+        // The entries naming them are gone: these slots count for no rule any more (their
+        // values stay until a later apply zeroes them for another rule).
+        {
+            let mut slots = self.lock_rule_slots();
+            for slot in current.rules.keys().filter(|k| !desired.rules.contains_key(k)) {
+                slots.remove(slot);
+            }
         }
         for &(len, key) in current.cidrs.keys().filter(|k| !desired.cidrs.contains_key(k)) {
             remove_ok_if_absent(self.cidrs.remove(&Key::new(len, key))).map_err(|source| {
@@ -726,14 +739,23 @@ impl Dataplane {
     }
 
     /// New flows admitted per rule on this host (key: the rule id's bits), summed over CPUs:
-    /// every rule the policy entries name, 0 if it never matched.
+    /// every rule the policy entries name (as of the last [`Dataplane::read`] or
+    /// [`Dataplane::apply`]), 0 if it never matched. Each rule's count is read from its slot.
     pub fn rule_hits(&self) -> Result<BTreeMap<u32, u64>> {
+        let slots = self.lock_rule_slots().clone();
         let mut out = BTreeMap::new();
-        for item in self.rule_hits.iter() {
-            let (rule, per_cpu) = item.map_err(read_err(map_names::RULE_HITS))?;
-            out.insert(rule, per_cpu.iter().copied().fold(0u64, u64::wrapping_add));
+        for (slot, rule) in slots {
+            let per_cpu = self.rule_hits.get(&slot, 0).map_err(read_err(map_names::RULE_HITS))?;
+            let sum = per_cpu.iter().copied().fold(0u64, u64::wrapping_add);
+            let n = out.entry(rule).or_insert(0u64);
+            *n = n.wrapping_add(sum);
         }
         Ok(out)
+    }
+
+    /// The slot table, usable after a holder panicked (it is rewritten whole by every read).
+    fn lock_rule_slots(&self) -> std::sync::MutexGuard<'_, BTreeMap<u32, u32>> {
+        self.rule_slots.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// The ring buffer of verdict events (`VERSE_EVENTS`), for its one reader; `None` once
@@ -944,6 +966,9 @@ impl Dataplane {
             loader.map_pin_path(name, dir.join(name));
         }
         loader.map_max_entries(map_names::CONNTRACK, TRACE_CONNTRACK_CAPACITY);
+        // A run's new flow counts in no slot worth the memory of a full array: lookups beyond
+        // this one slot find nothing, and count nothing.
+        loader.map_max_entries(map_names::RULE_HITS, 1);
         let loaded = loader.load(OBJECT).map_err(|source| Error::LoadObject {
             dir: self.bpf_dir.clone(),
             source: Box::new(source),

@@ -1,8 +1,9 @@
 //! Per-rule hit counters: how many new flows each user rule admitted, and their packets.
 //!
 //! Contract: the dataplane counts new flows per rule in `VERSE_RULE_HITS` (every rule that
-//! produces policy entries on a host has an entry there, made by the reconciler; a flow is
-//! credited to the rule its policy entry names, see `dataplane_common::PolicyValue`). A host
+//! produces policy entries on a host has a slot there, given by the compiler and carried in its
+//! entries, see `dataplane_common::rule_slots`; a flow is credited to the rule its policy entry
+//! names, see `dataplane_common::PolicyValue`). A host
 //! answers for its own counters; `GET /v1/security-groups/{id}` and `GET /v1/rule-stats` sum
 //! those of every host of the fleet that answers, and say which did not ([`HitsFrom`]). A rule
 //! that never matched shows 0.

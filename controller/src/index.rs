@@ -13,7 +13,8 @@
 //! policy entries of each identity is kept (recomputed when its groups' rules, the members of
 //! the groups its rules name, or its universe's CIDR classes change), and a host's policy
 //! entries are the sum over the identities of its endpoints (identities never share entries:
-//! each entry is keyed by its identity).
+//! each entry is keyed by its identity). The distinct rules a host's entries name are bounded by
+//! the rules of its identities' groups, counted when the host is checked.
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::net::Ipv4Addr;
@@ -267,6 +268,7 @@ impl State {
             fits(host, dp::map_names::ROUTES, counts.routes, dp::capacity::ROUTES)?;
             fits(host, dp::map_names::CIDRS, counts.cidrs, dp::capacity::CIDRS)?;
             fits(host, dp::map_names::POLICY, counts.policy, dp::capacity::POLICY)?;
+            crate::compile::fits_rules(host, counts.rules)?;
         }
         Ok(())
     }
@@ -292,7 +294,19 @@ impl State {
             .iter()
             .map(|u| self.idx.universe_endpoints.get(*u).map_or(0, OrdSet::len))
             .sum();
-        HostCounts { endpoints, routes, cidrs, policy }
+        // Every rule of the groups of the host's identities, whether or not it makes an entry.
+        let mut groups = BTreeSet::new();
+        for n in self.idx.host_identities.get(host).into_iter().flat_map(OrdMap::keys) {
+            if let Some(identity) = self.identities.get(n) {
+                groups.extend(identity.groups.iter().map(String::as_str));
+            }
+        }
+        let rules = groups
+            .iter()
+            .filter_map(|g| self.groups.get(*g))
+            .map(|g| g.ingress.len() + g.egress.len())
+            .sum();
+        HostCounts { endpoints, routes, cidrs, policy, rules }
     }
 }
 
@@ -303,6 +317,9 @@ pub struct HostCounts {
     pub routes: usize,
     pub cidrs: usize,
     pub policy: usize,
+    /// An upper bound of the distinct rules the policy entries name (counted in
+    /// `VERSE_RULE_HITS`): the rules of the groups of the host's identities.
+    pub rules: usize,
 }
 
 fn fits(host: &str, map: &str, len: usize, capacity: u32) -> model::Result<()> {
@@ -506,7 +523,7 @@ pub fn smallest_free(used: impl Iterator<Item = u32>, max: u32) -> Option<u32> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::compile::{compile, CidrIds};
+    use crate::compile::{compile, Ids};
     use crate::model::{CreateEndpoint, CreateGroup, CreateRule, CreateUniverse, PatchEndpoint};
 
     /// splitmix64: a reproducible sequence of edits.
@@ -528,7 +545,7 @@ mod tests {
         let ifindex = |e: &model::Endpoint| {
             local.iter().position(|id| **id == e.id).map(|i| u32::try_from(i + 1).unwrap())
         };
-        let d = compile(s, host, &ifindex, &mut CidrIds::default()).unwrap();
+        let d = compile(s, host, &ifindex, &mut Ids::default()).unwrap();
         (d.endpoints.len(), d.cidrs.len(), d.policy.len())
     }
 

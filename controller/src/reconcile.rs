@@ -50,7 +50,7 @@ use ipnetwork::Ipv4Network;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use crate::compile::{self, CidrIds, MapContents};
+use crate::compile::{self, CidrIds, Ids, MapContents, RuleSlots};
 use crate::conntrack::{self, Collected};
 use crate::dataplane::{self, Dataplane};
 use crate::model::{self, State};
@@ -336,7 +336,8 @@ pub struct Reconciler {
     target: Target,
     host: String,
     mtu: u32,
-    cidr_ids: CidrIds,
+    /// CIDR class ids and rule counter slots, kept stable from round to round.
+    ids: Ids,
     /// What the maps hold: read from the pins at start, then what the last apply wrote.
     applied: MapContents,
     /// Local endpoints plumbed and attached by this process, by endpoint id.
@@ -353,8 +354,9 @@ pub struct Reconciler {
 }
 
 impl Reconciler {
-    /// Starts from what the pinned maps hold (nothing is cleared), numbering CIDR classes as
-    /// they are numbered there, so the first round writes only real differences.
+    /// Starts from what the pinned maps hold (nothing is cleared), numbering CIDR classes and
+    /// rule counter slots as they are numbered there, so the first round writes only real
+    /// differences and every rule's count stays in its slot.
     /// `gc_stats` receives what every garbage collection did.
     pub fn new(
         dataplane: SharedDataplane,
@@ -381,7 +383,7 @@ impl Reconciler {
         gc_stats: Arc<Mutex<GcStats>>,
     ) -> Result<Reconciler> {
         let applied = with_maps(&target, |m| m.read()).map_err(Error::Read)?;
-        let cidr_ids = seed_cidr_ids(&applied);
+        let ids = seed_ids(&applied);
         let local = watch::channel(Arc::new(BTreeMap::new())).0;
         let gc = conntrack::Schedule::new(ct.gc_interval);
         Ok(Reconciler {
@@ -390,7 +392,7 @@ impl Reconciler {
             target,
             host,
             mtu,
-            cidr_ids,
+            ids,
             applied,
             plumbed: HashMap::new(),
             next_sim_ifindex: SIM_FIRST_IFINDEX,
@@ -629,7 +631,7 @@ impl Reconciler {
         let ifindex = |ep: &model::Endpoint| plumbed.get(&ep.id).map(|p| p.ifindex);
         let compiling = std::time::Instant::now();
         let desired =
-            compile::compile(state, &self.host, &ifindex, &mut self.cidr_ids).map_err(|source| {
+            compile::compile(state, &self.host, &ifindex, &mut self.ids).map_err(|source| {
                 Error::Compile { revision: state.revision, host: self.host.clone(), source }
             });
         crate::phases::since(crate::phases::Phase::Compile, compiling);
@@ -641,15 +643,15 @@ impl Reconciler {
             let failed = with_maps(&self.target, |maps| {
                 let source = maps.apply(applied, &desired).err()?;
                 // The maps now hold something between the two states: read them back so the
-                // next attempt diffs against the truth, and keep every CIDR class id they still
-                // hold reserved, so that no id is given to another class while the maps still
-                // carry it for the old one.
+                // next attempt diffs against the truth, and keep every CIDR class id and rule
+                // slot they still hold reserved, so that none is given to another class or rule
+                // while the maps still carry it for the old one.
                 Some((source, maps.read()))
             });
             if let Some((source, now)) = failed {
                 match now {
                     Ok(now) => {
-                        self.cidr_ids = merge_cidr_ids(seed_cidr_ids(&now), &self.cidr_ids);
+                        self.ids = merge_ids(seed_ids(&now), &self.ids);
                         self.applied = now;
                     }
                     Err(e) => {
@@ -839,6 +841,39 @@ fn with_maps<R>(target: &Target, f: impl FnOnce(&mut dyn MapSet) -> R) -> R {
     }
 }
 
+/// The numberings the maps hold: CIDR classes ([`seed_cidr_ids`]) and rule counter slots
+/// ([`seed_rule_slots`]).
+pub fn seed_ids(maps: &MapContents) -> Ids {
+    Ids { cidrs: seed_cidr_ids(maps), rule_slots: seed_rule_slots(maps) }
+}
+
+/// The rule counter slots the policy entries carry (`MapContents::rules`, read from the values
+/// of `VERSE_POLICY`): after a restart every rule keeps the slot its count is in. A rule seen
+/// with two slots keeps the smaller; the compiler gives a fresh one to whatever it does not
+/// trust.
+pub fn seed_rule_slots(maps: &MapContents) -> RuleSlots {
+    let mut slots = RuleSlots::default();
+    for (&slot, &rule) in &maps.rules {
+        if rule != 0 {
+            slots.slots.entry(rule).or_insert(slot);
+        }
+    }
+    slots
+}
+
+/// `held` (what the maps hold) plus what `compiled` numbered that `held` lacks, unless the id or
+/// slot is already taken in `held`.
+fn merge_ids(held: Ids, compiled: &Ids) -> Ids {
+    let mut rule_slots = held.rule_slots;
+    let taken: BTreeSet<u32> = rule_slots.slots.values().copied().collect();
+    for (&rule, &slot) in &compiled.rule_slots.slots {
+        if !rule_slots.slots.contains_key(&rule) && !taken.contains(&slot) {
+            rule_slots.slots.insert(rule, slot);
+        }
+    }
+    Ids { cidrs: merge_cidr_ids(held.cidrs, &compiled.cidrs), rule_slots }
+}
+
 /// The CIDR class numbering that `VERSE_CIDRS` holds: key (vni, CIDR), value `CIDR_FLAG | id`.
 /// Entries that cannot be Verse's (a prefix shorter than the VNI) are skipped; the compiler
 /// renumbers whatever it does not trust.
@@ -901,6 +936,79 @@ mod tests {
         let compiled = CidrIds { ids: [((1, b), 5), ((1, c), 6)].into_iter().collect() };
         let merged = merge_cidr_ids(held, &compiled);
         assert_eq!(merged.ids, [((1, a), 5), ((1, c), 6)].into_iter().collect());
+    }
+
+    /// After a restart the allocator is rebuilt from the slots the policy entries carry: the
+    /// same state compiles to the same slots (nothing to write, counts stay), and a rule added
+    /// then takes a slot no held rule has.
+    #[tokio::test]
+    async fn rule_slots_are_rebuilt_from_the_maps_after_a_restart() {
+        let mut s = State::default();
+        let u = s
+            .create_universe(model::CreateUniverse {
+                name: "blue".into(),
+                cidr: Some("10.1.0.0/16".into()),
+                cidrs: None,
+            })
+            .unwrap();
+        s.create_endpoint(
+            model::CreateEndpoint {
+                universe: u.id.clone(),
+                host: None,
+                netns: "ns-a".into(),
+                ip: "10.1.0.5".into(),
+                security_groups: None,
+                conntrack_budget: None,
+                flow_logs: None,
+            },
+            "sim-0001",
+        )
+        .unwrap();
+        let g = s.groups.values().find(|g| g.universe == u.id).unwrap().id.clone();
+        let add = |s: &mut State, port: u16| {
+            let req = serde_json::from_value(serde_json::json!({"direction": "ingress",
+                "protocol": "tcp", "from_port": port, "to_port": port, "cidr": "0.0.0.0/0"}))
+            .unwrap();
+            let id = s.add_rule(&g, req).unwrap().id;
+            s.revision += 1;
+            id
+        };
+        let gone = add(&mut s, 80);
+        add(&mut s, 81);
+        let maps: SharedSimMaps = Arc::new(Mutex::new(SimMaps::new()));
+        let mut r = Reconciler::simulated(maps.clone(), "sim-0001".into()).unwrap();
+        r.reconcile(&s).await.unwrap();
+        // Free the slot of one rule, so that a fresh numbering would differ from the held one.
+        s.delete_rule(&g, &gone).unwrap();
+        s.revision += 1;
+        r.reconcile(&s).await.unwrap();
+        let held = lock(&maps).maps().rules.clone();
+
+        let seeded = seed_rule_slots(&lock(&maps).maps().clone());
+        assert_eq!(seeded.slots, r.ids.rule_slots.slots, "the maps hold the allocator's slots");
+        let mut restarted = Reconciler::simulated(maps.clone(), "sim-0001".into()).unwrap();
+        assert!(!restarted.reconcile(&s).await.unwrap().wrote_maps, "nothing moved");
+        assert_eq!(lock(&maps).maps().rules, held);
+        let new = model::rule_bits(&add(&mut s, 82)).unwrap();
+        restarted.reconcile(&s).await.unwrap();
+        let now = lock(&maps).maps().rules.clone();
+        let slot = now.iter().find(|(_, r)| **r == new).map(|(s, _)| *s).unwrap();
+        assert!(!held.contains_key(&slot), "a new rule never shares a held slot");
+        for (slot, rule) in &held {
+            assert_eq!(now.get(slot), Some(rule), "held rules keep their slots");
+        }
+    }
+
+    #[test]
+    fn merged_rule_slots_never_give_a_held_slot_to_another_rule() {
+        let held =
+            Ids { rule_slots: RuleSlots { slots: BTreeMap::from([(0xa, 1)]) }, ..Ids::default() };
+        let compiled = Ids {
+            rule_slots: RuleSlots { slots: BTreeMap::from([(0xb, 1), (0xc, 2)]) },
+            ..Ids::default()
+        };
+        let merged = merge_ids(held, &compiled);
+        assert_eq!(merged.rule_slots.slots, BTreeMap::from([(0xa, 1), (0xc, 2)]));
     }
 
     /// Two endpoints on the simulated host, one elsewhere: the simulated host's maps get its own

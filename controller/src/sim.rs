@@ -102,7 +102,19 @@ impl MapSet for SimMaps {
         put_changed(&mut m.hosts, &current.hosts, &desired.hosts, names::HOSTS, cap::HOSTS, c)?;
         put_new(&mut m.vnis, &current.vnis, &desired.vnis, names::VNIS, cap::VNIS, c)?;
         put_changed(&mut m.cidrs, &current.cidrs, &desired.cidrs, names::CIDRS, cap::CIDRS, c)?;
-        put_new(&mut m.rules, &current.rules, &desired.rules, names::RULE_HITS, cap::RULE_HITS, c)?;
+        // A rule's counter slot (zeroed in the kernel) before the first entry naming it.
+        for (&slot, &rule) in &desired.rules {
+            if current.rules.get(&slot) == Some(&rule) {
+                continue;
+            }
+            if slot == 0 || slot >= cap::RULE_HITS {
+                let entry = format!("slot {slot} (rule {rule:08x})");
+                let full = MapFull { name: names::RULE_HITS, capacity: cap::RULE_HITS, entry };
+                return Err(full.into());
+            }
+            m.rules.insert(slot, rule);
+            c.written += 1;
+        }
         put_changed(
             &mut m.policy,
             &current.policy,
@@ -152,7 +164,7 @@ impl MapSet for SimMaps {
         );
         remove_gone(&mut m.routes, current.routes.keys(), |k| desired.routes.contains_key(k), c);
         remove_gone(&mut m.policy, current.policy.keys(), |k| desired.policy.contains_key(k), c);
-        remove_gone_set(&mut m.rules, current.rules.difference(&desired.rules), c);
+        remove_gone(&mut m.rules, current.rules.keys(), |k| desired.rules.contains_key(k), c);
         remove_gone(&mut m.cidrs, current.cidrs.keys(), |k| desired.cidrs.contains_key(k), c);
         remove_gone_set(&mut m.vnis, current.vnis.difference(&desired.vnis), c);
         remove_gone(&mut m.hosts, current.hosts.keys(), |k| desired.hosts.contains_key(k), c);

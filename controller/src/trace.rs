@@ -609,7 +609,7 @@ impl<'a> Walk<'a> {
     fn maps_match(&self) -> bool {
         let plumbed = &self.plumbed;
         let ifindex = |ep: &model::Endpoint| plumbed.get(&ep.id).copied();
-        let mut ids = crate::reconcile::seed_cidr_ids(&self.r.maps);
+        let mut ids = crate::reconcile::seed_ids(&self.r.maps);
         compile::compile(&self.r.state, self.host, &ifindex, &mut ids)
             .is_ok_and(|compiled| compiled == self.r.maps)
     }
@@ -1541,7 +1541,7 @@ mod tests {
     /// What host `name` realized: the compiled maps with every local endpoint plumbed.
     fn realized(s: &Arc<State>, name: &str, conntrack: Vec<(CtKey, CtEntry)>) -> Realized {
         let plumbed = |ep: &model::Endpoint| Some(10 + u32::from(ep.ip.octets()[3]));
-        let maps = compile::compile(s, name, &plumbed, &mut compile::CidrIds::default()).unwrap();
+        let maps = compile::compile(s, name, &plumbed, &mut compile::Ids::default()).unwrap();
         let underlay_ip = s.hosts[name].underlay_ip;
         let mut config = crate::config::Config::default().dataplane_config().unwrap();
         config.underlay_ifindex = 2;

@@ -8,10 +8,10 @@
 //! Observability (README, "Why was my packet dropped?"): drops are counted per (reason, hook)
 //! with bytes ([`DropCount`]); verdicts are reported as [`Event`]s through a ring buffer,
 //! rate-limited per CPU ([`EventLimiter`]); every policy entry names the rule that produced it
-//! ([`PolicyValue`]) and new flows are counted per rule ([`RuleHits`]); every conntrack entry
-//! counts the packets and bytes of its flow each way, the TCP flags of the current interval and
-//! the rules that admitted it ([`CtCounters`]), which flow logs and packets per rule are read
-//! from.
+//! and that rule's counter slot ([`PolicyValue`]), where new flows are counted per rule
+//! ([`RuleHitsValue`], [`rule_slots`]); every conntrack entry counts the packets and bytes of
+//! its flow each way, the TCP flags of the current interval and the rules that admitted it
+//! ([`CtCounters`]), which flow logs and packets per rule are read from.
 #![no_std]
 
 pub mod conntrack;
@@ -120,10 +120,11 @@ pub mod capacity {
     /// Bytes of the `VERSE_EVENTS` ring buffer (a power of two, a multiple of the page size):
     /// about 13,000 events before the daemon must have read them.
     pub const EVENTS: u32 = 1 << 20;
-    /// Entries of `VERSE_RULE_HITS`: distinct rules whose entries one host holds (at most one
-    /// per policy entry). Not preallocated: memory follows the rules. The compiler refuses a
-    /// state whose rules on one host would need more (S12).
-    pub const RULE_HITS: u32 = POLICY;
+    /// Slots of `VERSE_RULE_HITS`, a per-CPU array preallocated at this size (8 bytes per slot
+    /// per possible CPU: 2 MiB each). Slot 0 means "no rule" and is never counted. A host holds
+    /// at most `RULE_HITS / 2 - 1` distinct rules (see [`rule_slots`](super::rule_slots)), which
+    /// the compiler checks (S12).
+    pub const RULE_HITS: u32 = 1 << 18;
     /// Slots of `VERSE_EP_SLOTS`: endpoints whose ifindex is below this live there (an array
     /// lookup, which the verifier inlines); the others in `VERSE_ENDPOINTS`.
     pub const ENDPOINT_SLOTS: u32 = 65536;
@@ -428,7 +429,8 @@ pub struct PolicyKey {
     pub port: [u8; 2],
 }
 
-/// `VERSE_POLICY` value: the user rule that produced the entry.
+/// `VERSE_POLICY` value: the user rule that produced the entry, and where its new flows are
+/// counted.
 ///
 /// Several rules can produce the same entry (the same key and prefix): the entry names one of
 /// them, the first in the order the compiler visits them (the identity's groups by id, each
@@ -440,14 +442,35 @@ pub struct PolicyKey {
 pub struct PolicyValue {
     /// The rule's id: the 32 bits of its `sgr-` hex digits (never 0, which means no rule).
     pub rule: u32,
+    /// The rule's slot in `VERSE_RULE_HITS` on this host (1 to `capacity::RULE_HITS - 1`; 0:
+    /// not counted). Every entry of one rule carries the same slot, and a slot names one rule
+    /// for as long as any entry of that rule is in the map (see [`rule_slots`]).
+    pub slot: u32,
 }
 
-/// `VERSE_RULE_HITS` (a per-CPU hash, key = `PolicyValue::rule`, value = u64): the new flows
-/// each rule admitted on this host (conntrack entries it created). The controller inserts a
-/// zeroed entry for every rule the host's policy entries name and removes those no entry names
-/// any more; the kernel only adds to entries that exist (a lookup, never an insert, so a
-/// flood cannot fill the map).
+/// `VERSE_RULE_HITS` (a per-CPU array of `capacity::RULE_HITS` values, index =
+/// `PolicyValue::slot`): the new flows each rule admitted on this host (conntrack entries it
+/// created). An array lookup by index is inlined by the verifier and needs no hashing, which
+/// makes counting a new flow a lookup and an add; a hash keyed by rule id cost two hash updates
+/// per new flow.
 pub type RuleHitsValue = u64;
+
+/// How the controller hands out `VERSE_RULE_HITS` slots, so that a count is never credited to
+/// another rule than the one whose flows made it:
+/// - a rule keeps its slot for as long as some policy entry of the host names it; it is freed
+///   when the rule's last entry leaves the host;
+/// - a slot freed by one edit is not handed out again by the same edit (entries are added
+///   before others are removed, so the old rule's entries still count into it meanwhile);
+/// - a slot is zeroed on every CPU before the first entry naming it for a new rule is written;
+/// - after a restart the slots are read back from the entries of `VERSE_POLICY`, and the
+///   counts stay where they are.
+///
+/// So that the second rule never runs out of slots, a host may hold at most [`MAX_RULES`]
+/// distinct rules: the rules before an edit and after it then fit together.
+pub mod rule_slots {
+    /// The most distinct rules one host's policy entries may name (S12).
+    pub const MAX_RULES: u32 = super::capacity::RULE_HITS / 2 - 1;
+}
 
 /// Prefix lengths within `PolicyKey`.
 pub mod policy_prefix {
@@ -685,7 +708,8 @@ pub struct CtCounters {
     /// The conntrack clock when the entry was made: an entry made anew under the same key is
     /// another flow.
     pub created_ns: u64,
-    /// The rules that admitted the flow on this host (`PolicyValue::rule`; 0: not judged here):
+    /// The rules that admitted the flow on this host (`PolicyValue::rule`, the ids, not the
+    /// slots; 0: not judged here):
     /// the sender's egress rule and the receiver's ingress rule.
     pub rule_egress: u32,
     pub rule_ingress: u32,
@@ -936,7 +960,7 @@ mod tests {
         assert_eq!(size_of::<CtOwner>(), 64);
         assert_eq!(size_of::<Config>(), 104);
         assert_eq!(size_of::<DropCount>(), 16);
-        assert_eq!(size_of::<PolicyValue>(), 4);
+        assert_eq!(size_of::<PolicyValue>(), 8);
         assert_eq!(size_of::<Event>(), 64);
         assert_eq!(size_of::<EventLimiter>(), 64);
     }

@@ -191,16 +191,7 @@ fn ipv4(
             dst_identity: route.identity,
             peer_host: route.underlay,
         };
-        events::admitted(
-            ctx.len(),
-            config,
-            Hook::FromEndpoint,
-            &who,
-            &ip,
-            &l4,
-            egress.rule,
-            ingress.rule,
-        );
+        events::admitted(ctx.len(), config, Hook::FromEndpoint, &who, &ip, &l4, egress, ingress);
     }
     forward(ctx, endpoint, config, &hop)
 }

@@ -14,7 +14,9 @@
 //! packet rewritten before it was refused (a failed wrap or ICMP error) is described as
 //! rewritten; a frame that does not parse leaves the addresses 0.
 use aya_ebpf::{helpers::bpf_ktime_get_ns, programs::TcContext};
-use dataplane_common::{config_flags, event_kind, Config, DropReason, Event, Hook, VXLAN_PORT};
+use dataplane_common::{
+    config_flags, event_kind, Config, DropReason, Event, Hook, PolicyValue, VXLAN_PORT,
+};
 
 use crate::{
     conntrack,
@@ -91,9 +93,10 @@ pub struct Parties {
     pub peer_host: [u8; 4],
 }
 
-/// A new flow admitted by policy: counts it for the rules that admitted it (`rule_egress`,
-/// `rule_ingress`; 0 for a direction not judged at this hook) and reports it, if events are on
-/// and this CPU's new-flow bucket allows. `len` is the frame's length as the hook received it.
+/// A new flow admitted by policy: counts it for the rules that admitted it (`egress`,
+/// `ingress`: the policy entries found; `PolicyValue::default()` for a direction not judged at
+/// this hook) and reports it, if events are on and this CPU's new-flow bucket allows. `len` is
+/// the frame's length as the hook received it.
 #[inline(always)]
 pub fn admitted(
     len: u32,
@@ -102,11 +105,11 @@ pub fn admitted(
     who: &Parties,
     ip: &Ipv4,
     l4: &L4,
-    rule_egress: u32,
-    rule_ingress: u32,
+    egress: PolicyValue,
+    ingress: PolicyValue,
 ) {
-    hit(rule_egress);
-    hit(rule_ingress);
+    hit(egress.slot);
+    hit(ingress.slot);
     if config.flags & config_flags::EVENTS == 0 {
         return;
     }
@@ -129,8 +132,8 @@ pub fn admitted(
         dport: l4.policy_port,
         src_identity: who.src_identity,
         dst_identity: who.dst_identity,
-        rule_egress,
-        rule_ingress,
+        rule_egress: egress.rule,
+        rule_ingress: ingress.rule,
         len,
         peer_host: who.peer_host,
         _pad: [0; 4],
@@ -138,16 +141,19 @@ pub fn admitted(
     emit(event_kind::NEW_FLOW as usize, &e);
 }
 
-/// Counts a new flow for `rule` in `VERSE_RULE_HITS`, if the controller made its entry.
+/// Counts a new flow in slot `slot` of `VERSE_RULE_HITS` (0: no rule, not counted; a slot
+/// beyond the array, which the controller never writes, is not counted either).
 #[inline(always)]
-fn hit(rule: u32) {
-    if rule == 0 {
+fn hit(slot: u32) {
+    if slot == 0 {
         return;
     }
-    if let Some(n) = VERSE_RULE_HITS.get_ptr_mut(&rule) {
-        // SAFETY: this CPU's value of a per-CPU hash entry: no other writer runs on this CPU
-        // while this program does; an entry removed meanwhile stays valid memory until the
-        // program ends (RCU).
+    if let Some(n) = VERSE_RULE_HITS.get_ptr_mut(slot) {
+        // SAFETY: this CPU's copy of a per-CPU array element, valid for the map's lifetime (an
+        // array's elements are never freed). A program runs to completion on one CPU with
+        // migration disabled, and TC programs do not preempt each other on a CPU, so no other
+        // program touches this CPU's copy meanwhile: a plain add is neither torn nor lost. The
+        // controller writes a slot (zeroes it) only before a policy entry names it.
         unsafe { *n += 1 };
     }
 }

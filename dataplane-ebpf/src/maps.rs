@@ -3,9 +3,8 @@
 //! layouts come from `dataplane_common`; the statics are named exactly like
 //! `dataplane_common::map_names` because the ELF symbol is the map name.
 use aya_ebpf::{
-    bindings::BPF_F_NO_PREALLOC,
     macros::map,
-    maps::{Array, HashMap, LpmTrie, PerCpuArray, PerCpuHashMap, RingBuf},
+    maps::{Array, HashMap, LpmTrie, PerCpuArray, RingBuf},
 };
 use dataplane_common::{
     capacity, CidrKey, Config, CtKey, CtOwner, CtValue, DropCount, Endpoint, EventLimiter, Hook,
@@ -92,14 +91,11 @@ pub static VERSE_DROPS: PerCpuArray<DropCount> =
 #[map]
 pub static VERSE_EVENTS: RingBuf = RingBuf::with_byte_size(capacity::EVENTS, 0);
 
-/// New flows admitted per rule (key: `PolicyValue::rule`), per CPU; the controller makes and
-/// removes the entries, the kernel only adds to them. `BPF_F_NO_PREALLOC`: memory follows the
-/// rules a host has (preallocated, the 2 million per-CPU entries took 201 MB of kernel memory in
-/// every loaded copy, idle hosts and trace runners included); the kernel program never inserts,
-/// so no allocation happens on a packet's path.
+/// New flows admitted per rule, per CPU, at the rule's slot (`PolicyValue::slot`, see
+/// `dataplane_common::rule_slots`); the controller zeroes a slot before handing it to a rule,
+/// the kernel only adds. An array: its lookup is inlined and never allocates.
 #[map]
-pub static VERSE_RULE_HITS: PerCpuHashMap<u32, u64> =
-    PerCpuHashMap::pinned(capacity::RULE_HITS, BPF_F_NO_PREALLOC);
+pub static VERSE_RULE_HITS: PerCpuArray<u64> = PerCpuArray::pinned(capacity::RULE_HITS, 0);
 
 /// Slot 0, per CPU: the token buckets of the events and what became of them (see `events`).
 #[map]

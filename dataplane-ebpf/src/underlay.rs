@@ -11,8 +11,8 @@
 //! which cannot refuse, after it: a dropped packet never refreshes or creates a flow.
 use aya_ebpf::{bindings::TC_ACT_OK, programs::TcContext};
 use dataplane_common::{
-    ct_owner, Config, CtHop, DropReason, Hook, Route, RouteKey, DIRECTION_INGRESS, ENCAP_OVERHEAD,
-    VXLAN_PORT,
+    ct_owner, Config, CtHop, DropReason, Hook, PolicyValue, Route, RouteKey, DIRECTION_INGRESS,
+    ENCAP_OVERHEAD, VXLAN_PORT,
 };
 
 use crate::{
@@ -198,7 +198,8 @@ fn inner(
             dst_identity: to.identity,
             peer_host: host,
         };
-        events::admitted(len, config, Hook::FromUnderlay, &who, &ip, &l4, 0, ingress.rule);
+        let egress = PolicyValue::default();
+        events::admitted(len, config, Hook::FromUnderlay, &who, &ip, &l4, egress, ingress);
     }
     deliver::redirect(to.ifindex)
 }

@@ -663,3 +663,131 @@ fn reused_ifindex(bpf_dir: &Path, if_a: u32, if_b: u32, if_c: u32, if_d: u32) {
     assert_eq!(dp.test_run(&ack, if_a, 1).expect("run").return_code, tc_act::SHOT);
     assert_eq!(pinned_drops(dp.bpf_dir(), DropReason::UnknownEndpoint), before + 2);
 }
+
+// ---- rule counters: slots of VERSE_RULE_HITS ----------------------------------------------
+
+/// A rule deleted and another created in its slot: the new rule counts from 0, the rule that
+/// stayed keeps its count, and both survive a restart (a second load over the same pins, whose
+/// allocator is rebuilt from the policy entries). Compiled by the real compiler with the
+/// reconciler's kept numbering, applied in the reconciler's order, counted by `from_endpoint`.
+#[test]
+fn a_reused_rule_slot_counts_from_zero_and_the_survivor_keeps_its_count() {
+    assert!(
+        is_root(),
+        "dataplane_load needs root (bpf, netns, mount): run it with `cargo xtask test`"
+    );
+    let ns = Netns::new("dps");
+    let dir = TempDir::new("dps");
+    let bpffs = Bpffs::mount(&dir.path().join("bpf"));
+    ns.ip(&["link", "add", "ha", "type", "veth", "peer", "name", "wa"]);
+    ns.ip(&["link", "add", "hb", "type", "veth", "peer", "name", "wb"]);
+    let (if_a, if_b) = (ns.ifindex("ha"), ns.ifindex("hb"));
+    ns.enter(|| reused_rule_slot(bpffs.path(), if_a, if_b));
+}
+
+fn reused_rule_slot(bpf_dir: &Path, if_a: u32, if_b: u32) {
+    use verse::compile::{compile, Ids};
+    use verse::model::{self, CreateEndpoint, CreateGroup, CreateRule, CreateUniverse, State};
+    const HOST: &str = "h1";
+
+    let mut st = State::default();
+    let u = st
+        .create_universe(CreateUniverse {
+            name: "u".into(),
+            cidr: Some("10.0.0.0/16".into()),
+            cidrs: None,
+        })
+        .expect("universe");
+    let srv = st
+        .create_group(CreateGroup { universe: u.id.clone(), name: "srv".into(), description: None })
+        .expect("group")
+        .id;
+    let add = |st: &mut State, port: i64| {
+        let req = CreateRule {
+            direction: "ingress".into(),
+            protocol: serde_json::json!("tcp"),
+            from_port: Some(port),
+            to_port: Some(port),
+            cidr: Some("0.0.0.0/0".into()),
+            ..CreateRule::default()
+        };
+        let id = st.add_rule(&srv, req).expect("add rule").id;
+        (id.clone(), model::rule_bits(&id).expect("a rule id"))
+    };
+    let (_, keep) = add(&mut st, 80);
+    let (gone_id, gone) = add(&mut st, 81);
+    let endpoint = |st: &mut State, ip: &str, groups: Option<Vec<String>>| {
+        let req = CreateEndpoint {
+            universe: u.id.clone(),
+            host: None,
+            netns: format!("ns-{ip}"),
+            ip: ip.into(),
+            security_groups: groups,
+            conntrack_budget: None,
+            flow_logs: None,
+        };
+        st.create_endpoint(req, HOST).expect("endpoint")
+    };
+    let a = endpoint(&mut st, "10.0.0.2", None);
+    let b = endpoint(&mut st, "10.0.0.3", Some(vec![srv.clone()]));
+    let (mac_a, ip_a) = (model::parse_mac(&a.mac).expect("mac"), a.ip.octets());
+    let ip_b = b.ip.octets();
+    let (id_a, id_b) = (a.id.clone(), b.id.clone());
+    let lookup = move |ep: &model::Endpoint| {
+        (ep.id == id_a).then_some(if_a).or((ep.id == id_b).then_some(if_b))
+    };
+
+    let mut dp = Dataplane::load(bpf_dir, &config()).expect("load the dataplane");
+    let mut ids = Ids::default();
+    let first = compile(&st, HOST, &lookup, &mut ids).expect("compile");
+    dp.apply(&MapContents::default(), &first).expect("apply");
+    let slot_of = |d: &MapContents, rule: u32| {
+        d.rules.iter().find(|(_, r)| **r == rule).map(|(s, _)| *s).expect("the rule has a slot")
+    };
+    let gone_slot = slot_of(&first, gone);
+
+    let mut sport = 42000;
+    let mut new_flows = |dp: &Dataplane, port: u16, n: u64| {
+        for _ in 0..n {
+            sport += 1;
+            let syn = tcp_frame(mac_a, ip_a, ip_b, sport, port, SYN);
+            assert_eq!(dp.test_run(&syn, if_a, 1).expect("run").return_code, tc_act::REDIRECT);
+        }
+    };
+    new_flows(&dp, 80, 2);
+    new_flows(&dp, 81, 3);
+    let hits = dp.rule_hits().expect("hits");
+    assert_eq!((hits[&keep], hits[&gone]), (2, 3), "{hits:?}");
+
+    // The rule on 81 is deleted: its slot is freed (its count goes with it).
+    st.delete_rule(&srv, &gone_id).expect("delete rule");
+    let second = compile(&st, HOST, &lookup, &mut ids).expect("compile");
+    dp.apply(&first, &second).expect("apply");
+    let hits = dp.rule_hits().expect("hits");
+    assert!(!hits.contains_key(&gone), "a deleted rule has no counter: {hits:?}");
+    assert_eq!(hits[&keep], 2);
+
+    // Another rule is created and takes that slot: it starts at 0.
+    let (_, fresh) = add(&mut st, 82);
+    let third = compile(&st, HOST, &lookup, &mut ids).expect("compile");
+    assert_eq!(slot_of(&third, fresh), gone_slot, "the freed slot is reused");
+    dp.apply(&second, &third).expect("apply");
+    let hits = dp.rule_hits().expect("hits");
+    assert_eq!((hits[&keep], hits[&fresh]), (2, 0), "the old rule's 3 are not the new one's");
+    new_flows(&dp, 82, 1);
+    new_flows(&dp, 80, 1);
+    let hits = dp.rule_hits().expect("hits");
+    assert_eq!((hits[&keep], hits[&fresh]), (3, 1), "{hits:?}");
+
+    // A restart: the allocator comes back from the maps, the same state writes nothing and the
+    // counts are where they were.
+    drop(dp);
+    let mut dp = Dataplane::load(bpf_dir, &config()).expect("load again");
+    let held = dp.read().expect("read");
+    assert_eq!(held, third, "the maps hold the slots the compiler gave");
+    let mut ids = verse::reconcile::seed_ids(&held);
+    assert_eq!(compile(&st, HOST, &lookup, &mut ids).expect("compile"), third);
+    let hits = dp.rule_hits().expect("hits");
+    assert_eq!((hits[&keep], hits[&fresh]), (3, 1), "counts survive the restart: {hits:?}");
+    dp.apply(&third, &MapContents::default()).expect("empty the maps");
+}

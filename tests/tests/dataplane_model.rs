@@ -48,7 +48,7 @@ use rand::{Rng, SeedableRng};
 use serde_json::json;
 use tests::frames::{ETH_ARP, ETH_IPV4};
 use tests::{Bpffs, Netns, TempDir};
-use verse::compile::{compile, CidrIds, MapContents};
+use verse::compile::{compile, Ids, MapContents};
 use verse::dataplane::{tc_act, Dataplane};
 use verse::model::{
     CreateEndpoint, CreateGroup, CreateRule, CreateUniverse, HostRecord, PatchEndpoint, State,
@@ -1228,7 +1228,7 @@ fn kernel_program_agrees_with_the_reference_model_on_generated_packets() {
             refused: BTreeMap::new(),
             collected: 0,
         };
-        let mut cidr_ids = CidrIds::default();
+        let mut ids = Ids::default();
         let mut ifindex_of = ifindex_of;
         let mut applied = MapContents::default();
         let mut program = |run: &mut Run,
@@ -1236,7 +1236,7 @@ fn kernel_program_agrees_with_the_reference_model_on_generated_packets() {
                            applied: &mut MapContents,
                            ifindex_of: &BTreeMap<String, u32>| {
             let lookup = |ep: &verse::model::Endpoint| ifindex_of.get(&ep.id).copied();
-            let desired = compile(state, HOST, &lookup, &mut cidr_ids).expect("compile");
+            let desired = compile(state, HOST, &lookup, &mut ids).expect("compile");
             run.dp.apply(applied, &desired).expect("apply");
             *applied = desired;
         };
