@@ -5,7 +5,8 @@
 //!
 //! Contract:
 //! - State survives the daemon. [`Dataplane::load`] reuses every map already pinned under the
-//!   directory and never clears one; links pinned under `<dir>/links/<iface>` stay attached when
+//!   directory, once it has checked that the pin has this build's layout (else
+//!   [`Error::PinnedLayout`] names it), and never clears one; links pinned under `<dir>/links/<iface>` stay attached when
 //!   the daemon exits (the underlay's under `<dir>/underlay/<iface>`, apart, so that the
 //!   reconciler's sweep of stale endpoint links never touches it). [`Dataplane::attach_endpoint`]
 //!   and [`Dataplane::attach_underlay`] on an interface whose pinned link is live swap the
@@ -94,8 +95,22 @@ pub enum Error {
     /// The object lacks a map this module needs.
     #[error("the dataplane object has no map {0}")]
     MissingMap(&'static str),
-    /// A map has another type or key/value size than `dataplane_common` says (for example a
-    /// pinned map left by an incompatible version).
+    /// A map pinned by an earlier build has another type, key or value size, capacity or flags
+    /// than this build's map of that name: loading would reuse it as it is (the kernel checks
+    /// nothing on reuse), so it is refused here instead, naming the map and its pin.
+    #[error(
+        "map {name} pinned at {path} was made by another version of versed ({pinned}; this \
+         version needs {expected}): remove that pin to upgrade (README, \"Using it\"), \
+         and versed makes the map anew, empty"
+    )]
+    PinnedLayout { name: String, path: PathBuf, pinned: String, expected: String },
+    /// Opening a pinned map to check its layout failed.
+    #[error("inspecting the pinned map {path} failed: {}", Chain(.source))]
+    InspectPin { path: PathBuf, source: MapError },
+    /// The embedded object does not parse (a broken build).
+    #[error("parsing the dataplane object failed: {0}")]
+    ParseObject(String),
+    /// A map has another type or key/value size than `dataplane_common` says.
     #[error("map {name} does not have the expected type and layout: {}", Chain(.source))]
     MapType { name: &'static str, source: MapError },
     /// Reading (iterating or looking up) a map failed.
@@ -274,6 +289,7 @@ impl Dataplane {
     /// `config` into `VERSE_CONFIG`. Maps already pinned there are reused as they are.
     pub fn load(bpf_dir: &Path, config: &Config) -> Result<Self> {
         ensure_bpffs(bpf_dir)?;
+        check_pinned_layouts(bpf_dir)?;
         for sub in ["links", "underlay"] {
             let dir = bpf_dir.join(sub);
             std::fs::create_dir_all(&dir)
@@ -1070,6 +1086,80 @@ fn remove_ok_if_absent(result: Result<(), MapError>) -> Result<(), MapError> {
         }
         other => other,
     }
+}
+
+/// The layout of a map as the kernel describes it: type, key and value size, capacity, flags.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Layout {
+    map_type: u32,
+    key_size: u32,
+    value_size: u32,
+    max_entries: u32,
+    flags: u32,
+}
+
+impl std::fmt::Display for Layout {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // `BPF_MAP_TYPE_*` (include/uapi/linux/bpf.h) of the maps this dataplane has.
+        let kind = match self.map_type {
+            1 => "hash",
+            2 => "array",
+            5 => "per-CPU hash",
+            6 => "per-CPU array",
+            9 => "LRU hash",
+            11 => "LPM trie",
+            27 => "ring buffer",
+            _ => "type",
+        };
+        write!(
+            f,
+            "{kind} ({}), key {} bytes, value {} bytes, {} entries, flags {:#x}",
+            self.map_type, self.key_size, self.value_size, self.max_entries, self.flags
+        )
+    }
+}
+
+/// Refuses to start over a map pinned under `bpf_dir` whose layout differs from this build's
+/// map of the same name ([`Error::PinnedLayout`]). aya reuses a pinned map by name without
+/// comparing it, so an upgrade that changed a map would otherwise run this build's programs
+/// and daemon against the old map: refused by the verifier with a message that names no map
+/// (a value grew), or, worse, accepted (a hash where an array is now expected).
+fn check_pinned_layouts(bpf_dir: &Path) -> Result<()> {
+    let object = aya_obj::Object::parse(OBJECT).map_err(|e| Error::ParseObject(e.to_string()))?;
+    for (name, map) in &object.maps {
+        if !matches!(map.pinning(), aya_obj::maps::PinningType::ByName) {
+            continue;
+        }
+        let path = bpf_dir.join(name);
+        if !path.exists() {
+            continue;
+        }
+        let info = aya::maps::MapInfo::from_pin(&path)
+            .map_err(|source| Error::InspectPin { path: path.clone(), source })?;
+        let pinned = Layout {
+            map_type: info.map_type().map_or(u32::MAX, |t| t as u32),
+            key_size: info.key_size(),
+            value_size: info.value_size(),
+            max_entries: info.max_entries(),
+            flags: info.map_flags(),
+        };
+        let expected = Layout {
+            map_type: map.map_type(),
+            key_size: map.key_size(),
+            value_size: map.value_size(),
+            max_entries: map.max_entries(),
+            flags: map.map_flags(),
+        };
+        if pinned != expected {
+            return Err(Error::PinnedLayout {
+                name: name.clone(),
+                path,
+                pinned: pinned.to_string(),
+                expected: expected.to_string(),
+            });
+        }
+    }
+    Ok(())
 }
 
 fn take_map<M>(ebpf: &mut Ebpf, name: &'static str) -> Result<M>

@@ -791,3 +791,56 @@ fn reused_rule_slot(bpf_dir: &Path, if_a: u32, if_b: u32) {
     assert_eq!((hits[&keep], hits[&fresh]), (3, 1), "counts survive the restart: {hits:?}");
     dp.apply(&third, &MapContents::default()).expect("empty the maps");
 }
+
+/// A map pinned by an earlier build with another layout (here `VERSE_RULE_HITS` as the per-CPU
+/// hash it was) is refused at load with an error naming the map and its pin, not reused.
+#[test]
+fn a_pinned_map_of_another_layout_is_refused_by_name() {
+    assert!(
+        is_root(),
+        "dataplane_load needs root (bpf, netns, mount): run it with `cargo xtask test`"
+    );
+    let dir = TempDir::new("dpp");
+    let bpffs = Bpffs::mount(&dir.path().join("bpf"));
+    let name = dataplane_common::map_names::RULE_HITS;
+    let path = bpffs.path().join(name);
+    pin_old_rule_hits(&path);
+    let err = Dataplane::load(bpffs.path(), &config()).expect_err("an old pin is refused");
+    let text = err.to_string();
+    eprintln!("{text}");
+    assert!(text.contains(name) && text.contains(&path.display().to_string()), "{text}");
+    assert!(text.contains("per-CPU hash") && text.contains("per-CPU array"), "{text}");
+    // Without the pin, the load makes the map anew.
+    std::fs::remove_file(&path).expect("remove the old pin");
+    Dataplane::load(bpffs.path(), &config()).expect("load with the pin removed");
+}
+
+/// Pins at `path` a map with the layout `VERSE_RULE_HITS` had before it was an array: a per-CPU
+/// hash (`BPF_MAP_TYPE_PERCPU_HASH`), u32 keys, u64 values, `BPF_F_NO_PREALLOC`.
+fn pin_old_rule_hits(path: &Path) {
+    use std::os::unix::ffi::OsStrExt as _;
+    const BPF_MAP_CREATE: libc::c_long = 0;
+    const BPF_OBJ_PIN: libc::c_long = 6;
+    // `union bpf_attr` for BPF_MAP_CREATE: map_type, key_size, value_size, max_entries,
+    // map_flags (u32 each), then fields left 0.
+    let mut attr = [0u32; 32];
+    attr[..5].copy_from_slice(&[5, 4, 8, 1024, 1]);
+    // SAFETY: `attr` is a zeroed, large enough bpf_attr for BPF_MAP_CREATE, alive for the call.
+    let fd = unsafe {
+        libc::syscall(libc::SYS_bpf, BPF_MAP_CREATE, attr.as_ptr(), std::mem::size_of_val(&attr))
+    };
+    assert!(fd >= 0, "BPF_MAP_CREATE: {}", std::io::Error::last_os_error());
+    let c_path = std::ffi::CString::new(path.as_os_str().as_bytes()).expect("pin path");
+    // `union bpf_attr` for BPF_OBJ_PIN: pathname (u64), bpf_fd (u32), file_flags (u32).
+    let mut pin = [0u64; 4];
+    pin[0] = c_path.as_ptr() as u64;
+    pin[1] = fd as u64;
+    // SAFETY: `pin` is a zeroed bpf_attr for BPF_OBJ_PIN naming `c_path`, which outlives the
+    // call, and the map fd made above.
+    let rc = unsafe {
+        libc::syscall(libc::SYS_bpf, BPF_OBJ_PIN, pin.as_ptr(), std::mem::size_of_val(&pin))
+    };
+    assert_eq!(rc, 0, "BPF_OBJ_PIN: {}", std::io::Error::last_os_error());
+    // SAFETY: `fd` is the map fd made above, owned here; the pin keeps the map.
+    unsafe { libc::close(fd as i32) };
+}
