@@ -89,6 +89,18 @@ impl Netns {
             .unwrap_or_else(|| panic!("no ifindex for {iface} in {}: {text}", self.name))
     }
 
+    /// Turns IPv6 off for the links of this namespace, those there and those made later: the
+    /// kernel then sends nothing of its own (router solicitations, MLD reports, duplicate
+    /// address probes, at random delays after a link comes up) from a link a test attached a
+    /// program to, which would otherwise count as drops the test did not cause.
+    pub fn disable_ipv6(&self) {
+        for conf in ["all", "default"] {
+            let key = format!("net.ipv6.conf.{conf}.disable_ipv6=1");
+            let out = self.exec("sysctl", &["-q", "-w", &key]);
+            assert!(out.status.success(), "sysctl -w {key} in {}: {:?}", self.name, out);
+        }
+    }
+
     /// `ip netns exec <ns> cmd args...`; the caller judges the outcome.
     pub fn exec(&self, cmd: &str, args: &[&str]) -> Output {
         Command::new("ip")
