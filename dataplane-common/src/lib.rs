@@ -700,7 +700,8 @@ pub struct CtCounters {
     /// same in the interval before it.
     pub flags: [u8; 4],
     // What an established packet reads and writes ends here: with the entry and the hops, the
-    // first 128 bytes of the value (two cache lines). What follows is written rarely.
+    // first 128 bytes of the value (two cache lines if the value started on one; a hash map's
+    // element puts its header and key first, so usually three). What follows is written rarely.
     /// Packets delivered by any other CPU (atomic adds).
     pub shared_packets: [u64; 2],
     /// Their bytes.
@@ -956,7 +957,7 @@ mod tests {
         // The established path's reads and writes fit the value's first 128 bytes.
         let hot_end = core::mem::offset_of!(CtValue, counters)
             + core::mem::offset_of!(CtCounters, shared_packets);
-        assert_eq!(hot_end, 128, "the hot part of a conntrack value is two cache lines");
+        assert_eq!(hot_end, 128, "the hot part of a conntrack value is its first 128 bytes");
         assert_eq!(size_of::<CtOwner>(), 64);
         assert_eq!(size_of::<Config>(), 104);
         assert_eq!(size_of::<DropCount>(), 16);
