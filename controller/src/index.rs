@@ -142,9 +142,22 @@ impl State {
         }
         for (id, before) in groups {
             let now = self.groups.get_shared(&id).cloned();
+            let rules =
+                |g: Option<&SecurityGroup>| g.map_or(0, |g| g.ingress.len() + g.egress.len());
+            let rules_changed = rules(before.as_deref()) != rules(now.as_deref());
             let classes_changed = self.idx.group(before.as_deref(), now.as_deref());
             if let Some(ids) = self.idx.group_identities.get(&id) {
                 dirty.extend(ids.iter().copied());
+                // The rules a host's counters must hold changed even when its policy entries
+                // did not (a rule that makes no entry): its hosts are checked by this edit, not
+                // by the next one that happens to touch them.
+                if rules_changed {
+                    for n in ids {
+                        if let Some(hosts) = self.idx.identity_hosts.get(n) {
+                            self.idx.touched_hosts.extend(hosts.keys().cloned());
+                        }
+                    }
+                }
             }
             if let Some(u) = classes_changed {
                 dirty_universes.insert(u);
@@ -552,6 +565,57 @@ mod tests {
     fn counts(s: &State, host: &str) -> (usize, usize, usize) {
         let c = s.host_counts(host);
         (c.endpoints, c.cidrs, c.policy)
+    }
+
+    /// A rule added to a group of a host's endpoints makes the edit check that host (S12 for
+    /// `VERSE_RULE_HITS`), even when the rule makes no policy entry there (an IPv6 peer): the
+    /// tenant who adds rules is refused, never the next edit of someone else on the host.
+    #[test]
+    fn a_rule_that_makes_no_entry_still_checks_its_hosts() {
+        let mut s = State::default();
+        let u = s
+            .create_universe(CreateUniverse {
+                name: "a".into(),
+                cidr: Some("10.9.0.0/16".into()),
+                cidrs: None,
+            })
+            .unwrap();
+        let g = s
+            .create_group(CreateGroup {
+                universe: u.id.clone(),
+                name: "g".into(),
+                description: None,
+            })
+            .unwrap();
+        s.create_endpoint(
+            CreateEndpoint {
+                universe: u.id.clone(),
+                host: Some("h1".into()),
+                netns: "n1".into(),
+                ip: "10.9.0.2".into(),
+                security_groups: Some(vec![g.id.clone()]),
+                conntrack_budget: None,
+                flow_logs: None,
+            },
+            "h1",
+        )
+        .unwrap();
+        s.take_touched_hosts();
+        let policy = s.host_counts("h1").policy;
+        s.add_rule(
+            &g.id,
+            CreateRule {
+                direction: "ingress".into(),
+                protocol: serde_json::json!("tcp"),
+                from_port: Some(80),
+                to_port: Some(80),
+                cidr: Some("2001:db8::/32".into()),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        assert!(s.take_touched_hosts().contains("h1"), "the edit checks h1");
+        assert_eq!(s.host_counts("h1").policy, policy, "the rule made no entry");
     }
 
     /// The incremental counts agree with a full compile after every edit of a random sequence,
