@@ -201,11 +201,12 @@ impl Host<'_> {
     /// The ICMP "fragmentation needed" (type 3 code 4, RFC 1191) that `from_endpoint` sends back
     /// for a packet too big to wrap: from the packet's destination to the sender, quoting the
     /// first 128 bytes of the packet, next-hop MTU = underlay MTU - 50. A datagram shorter than
-    /// the quote is only counted.
+    /// the quote (a frame too big only by its padding) gets no error: it is dropped as
+    /// `frag_needed_unsent`, the error that could not be built, as the kernel counts it.
     fn frag_needed(&self, frame: &[u8], sender: &Local<'_>, pkt: &Ipv4, mtu: u32) -> Outcome {
         const QUOTE: usize = 128;
         if pkt.end < ETH_HLEN + QUOTE {
-            return Outcome::drop(DropReason::FragNeeded);
+            return Outcome::drop(DropReason::FragNeededUnsent);
         }
         let mut out = Vec::with_capacity(ETH_HLEN + 28 + QUOTE);
         out.extend_from_slice(&sender.mac);

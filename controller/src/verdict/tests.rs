@@ -868,6 +868,12 @@ fn remote_receivers_are_wrapped_or_answered_frag_needed_and_need_an_underlay() {
     assert_eq!(checksum(&frame[34..]), 0);
     assert_eq!(&frame[40..42], &1450u16.to_be_bytes());
     assert_eq!(&frame[42..], &big[14..142]);
+    // Too big only by its padding: a 40-byte datagram cannot be quoted (128 bytes), so no
+    // error is built; the kernel counts it as frag_needed_unsent too.
+    let mut padded = ipv4(mac_of(1), A, R, IPPROTO_TCP, &tcp(40002, 22, SYN));
+    padded.resize(1600, 0);
+    let out = h.judge(&ct, S, 11, &padded);
+    assert_eq!((out.verdict, out.ct), (Verdict::Drop(D::FragNeededUnsent), None));
     let fits = ipv4(mac_of(1), A, R, IPPROTO_TCP, &[tcp(40001, 22, SYN), vec![7; 1410]].concat());
     assert!(matches!(h.judge(&ct, S, 11, &fits).verdict, Verdict::Wrap { .. }));
     // A reply from ep-6 through h2 is unwrapped and delivered by conntrack.
