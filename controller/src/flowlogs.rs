@@ -232,8 +232,11 @@ impl Aggregator {
             packets: c.packets(),
             bytes: c.bytes(),
         };
-        // The same flow as last read, unless its endpoints changed or a counter went back (the
-        // entry was made anew under the same key): then everything it holds is new.
+        // The same flow as last read, unless it was made anew under the same key (another
+        // creation time) or its endpoints changed: then everything it holds is new. A counter
+        // of the same flow that went back lost counts (the kernel replaced the entry while
+        // another CPU counted in it, README "Flow logs"): nothing new there, and the next read
+        // counts from the lower value, rather than reporting the flow's whole history again.
         let before = self
             .seen
             .insert(*key, now)
@@ -241,11 +244,13 @@ impl Aggregator {
                 s.created_ns == now.created_ns
                     && s.src_serial == now.src_serial
                     && s.dst_serial == now.dst_serial
-                    && (0..2).all(|d| s.packets[d] <= now.packets[d] && s.bytes[d] <= now.bytes[d])
             })
             .unwrap_or(Seen { packets: [0; 2], bytes: [0; 2], ..now });
-        let packets = [now.packets[0] - before.packets[0], now.packets[1] - before.packets[1]];
-        let bytes = [now.bytes[0] - before.bytes[0], now.bytes[1] - before.bytes[1]];
+        let new = |now: [u64; 2], before: [u64; 2]| {
+            [now[0].saturating_sub(before[0]), now[1].saturating_sub(before[1])]
+        };
+        let packets = new(now.packets, before.packets);
+        let bytes = new(now.bytes, before.bytes);
         let total = packets[0].saturating_add(packets[1]);
         if total > 0 {
             for rule in [c.rule_egress, c.rule_ingress] {
@@ -888,6 +893,20 @@ mod tests {
         let rs = agg.flush("h1", t, t, &l);
         assert_eq!(rs.len(), 1, "ep-c's logs are off: only ep-a's record: {rs:#?}");
         assert_eq!((rs[0].endpoint.as_str(), rs[0].packets, rs[0].tcp_flags), ("ep-a", 10, 0));
+        // The same flow with a counter gone back (counts another CPU made were lost when the
+        // kernel replaced the entry): nothing new, not the flow's whole history again; the
+        // next read counts from there.
+        let mut lost = value(1, 3, [15, 0], [1500, 0], (1, [0; 4]));
+        agg.observe(&k, &lost, 1, &l);
+        agg.flush("h1", t, t, &l);
+        lost.counters.own_packets[0] = 12;
+        lost.counters.own_bytes[0] = 1200;
+        agg.observe(&k, &lost, 1, &l);
+        assert!(agg.flush("h1", t, t, &l).is_empty(), "a counter that went back reports nothing");
+        lost.counters.own_packets[0] = 14;
+        lost.counters.own_bytes[0] = 1400;
+        agg.observe(&k, &lost, 1, &l);
+        assert_eq!(agg.flush("h1", t, t, &l)[0].packets, 2, "then counts from the lower value");
         // Made anew under the same key (another creation time) with fewer packets: all new.
         let mut fresh = value(1, 3, [12, 0], [1200, 0], (1, [0; 4]));
         fresh.counters.created_ns = 200;
