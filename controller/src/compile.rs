@@ -75,20 +75,29 @@ impl MapContents {
     }
 }
 
-/// Stable numbering of CIDR classes, so that an edit renumbers nothing. The reconciler seeds it
-/// from what `VERSE_CIDRS` holds at start.
-#[derive(Clone, Debug, Default)]
-pub struct CidrIds {
-    pub ids: BTreeMap<(u32, Ipv4Network), u32>,
+/// A stable numbering of keys by small ids (from 1, below a bound), the one discipline of
+/// [`CidrIds`] and [`RuleSlots`]: a key keeps its id for as long as it is wanted, a new key takes
+/// the smallest id that neither the old nor the new numbering holds, and an id freed by one
+/// renumbering is not handed out again before the next (see the module docs for why).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StableIds<K> {
+    pub ids: BTreeMap<K, u32>,
 }
+
+impl<K> Default for StableIds<K> {
+    fn default() -> Self {
+        StableIds { ids: BTreeMap::new() }
+    }
+}
+
+/// Stable numbering of CIDR classes ((vni, CIDR) -> id), so that an edit renumbers nothing. The
+/// reconciler seeds it from what `VERSE_CIDRS` holds at start.
+pub type CidrIds = StableIds<(u32, Ipv4Network)>;
 
 /// Stable `VERSE_RULE_HITS` slots of the rules a host's policy entries name (rule id -> slot),
 /// so that a rule's count stays in its slot while it exists on the host and a reused slot never
 /// mixes two rules' counts. The reconciler seeds it from the values of `VERSE_POLICY` at start.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct RuleSlots {
-    pub slots: BTreeMap<u32, u32>,
-}
+pub type RuleSlots = StableIds<u32>;
 
 /// The stable numberings [`compile`] keeps from one compile to the next.
 #[derive(Clone, Debug, Default)]
@@ -312,9 +321,9 @@ pub fn compile(
     fits_rules(host, named.len())?;
     let slots = ids.rule_slots.renumber(&named)?;
     for value in desired.policy.values_mut() {
-        value.slot = slots.slots.get(&value.rule).copied().unwrap_or(0);
+        value.slot = slots.ids.get(&value.rule).copied().unwrap_or(0);
     }
-    desired.rules = slots.slots.iter().map(|(&rule, &slot)| (slot, rule)).collect();
+    desired.rules = slots.ids.iter().map(|(&rule, &slot)| (slot, rule)).collect();
     ids.cidrs = numbered;
     ids.rule_slots = slots;
     Ok(desired)
@@ -337,66 +346,28 @@ pub fn check_fits(state: &State) -> model::Result<()> {
     Ok(())
 }
 
-impl RuleSlots {
-    /// The slots of `wanted` (rule ids, never 0): rules already given one keep it; new ones take
-    /// the smallest slot (from 1) that neither the old nor the new numbering holds; the rest
-    /// are freed.
+impl<K: Ord + Copy> StableIds<K> {
+    /// The numbering of `wanted`: keys already numbered keep their id; new ones take the smallest
+    /// id (from 1) that neither the old nor the new numbering holds; the rest are dropped. Ids
+    /// stay below `end`; when none is left the error is `exhausted(ids taken)`.
     ///
-    /// A slot freed here is not reused before the next compile: the reconciler adds entries
-    /// before it removes others, so the freed rule's entries still count into it meanwhile.
-    /// With at most `rule_slots::MAX_RULES` rules on each side, the two numberings together
-    /// always fit the array.
-    pub fn renumber(&self, wanted: &BTreeSet<u32>) -> model::Result<RuleSlots> {
-        let mut slots = BTreeMap::new();
-        let mut taken: BTreeSet<u32> = self.slots.values().copied().collect();
-        let mut fresh = Vec::new();
-        let mut kept = BTreeSet::new();
-        for &rule in wanted {
-            match self.slots.get(&rule) {
-                // A seed read back from the maps could hold a slot twice or out of range: such
-                // a rule gets a fresh slot (zeroed before use) rather than a shared one.
-                Some(&slot) if slot != 0 && slot < dp::capacity::RULE_HITS && kept.insert(slot) => {
-                    slots.insert(rule, slot);
-                }
-                _ => fresh.push(rule),
-            }
-        }
-        let mut next = 1u32;
-        for rule in fresh {
-            while taken.contains(&next) {
-                next += 1;
-            }
-            if next >= dp::capacity::RULE_HITS {
-                return Err(limit(format!(
-                    "{} slots exhausted ({} in use or freed by this edit); retry once the edit \
-                     that freed them is realized",
-                    dp::map_names::RULE_HITS,
-                    taken.len()
-                )));
-            }
-            taken.insert(next);
-            slots.insert(rule, next);
-        }
-        Ok(RuleSlots { slots })
-    }
-}
-
-impl CidrIds {
-    /// The numbering of `wanted`: classes already numbered keep their id; new ones take the
-    /// smallest id (from 1) that neither the old nor the new numbering holds; the rest is dropped.
-    ///
-    /// An id dropped here is not reused before the next compile: the reconciler adds before it
-    /// removes, and a reused id would meanwhile give the new class the old class's rules.
-    fn renumber(&self, wanted: &BTreeSet<(u32, Ipv4Network)>) -> model::Result<CidrIds> {
+    /// An id dropped here is not reused before the next renumbering: the reconciler adds entries
+    /// before it removes others, so the maps still carry the dropped id for its old key meanwhile.
+    fn renumber_below(
+        &self,
+        wanted: &BTreeSet<K>,
+        end: u32,
+        exhausted: impl FnOnce(usize) -> model::Error,
+    ) -> model::Result<Self> {
         let mut ids = BTreeMap::new();
         let mut taken: BTreeSet<u32> = self.ids.values().copied().collect();
         let mut fresh = Vec::new();
         let mut kept = BTreeSet::new();
         for key in wanted {
             match self.ids.get(key) {
-                // A seed read back from the maps could hold an id twice or out of range; such a
-                // class is numbered afresh rather than trusted.
-                Some(&id) if id != 0 && id < dp::peer::CIDR_FLAG && kept.insert(id) => {
+                // A seed read back from the maps could hold an id twice or out of range: such a
+                // key gets a fresh id rather than a shared one.
+                Some(&id) if id != 0 && id < end && kept.insert(id) => {
                     ids.insert(*key, id);
                 }
                 _ => fresh.push(*key),
@@ -407,13 +378,51 @@ impl CidrIds {
             while taken.contains(&next) {
                 next += 1;
             }
-            if next >= dp::peer::CIDR_FLAG {
-                return Err(limit(format!("CIDR class ids exhausted ({} in use)", taken.len())));
+            if next >= end {
+                return Err(exhausted(taken.len()));
             }
             taken.insert(next);
             ids.insert(key, next);
         }
-        Ok(CidrIds { ids })
+        Ok(StableIds { ids })
+    }
+
+    /// `self` (what the maps hold) plus the keys of `other` that `self` lacks, unless their id is
+    /// already taken in `self`: after a failed apply, every id the maps still carry stays
+    /// reserved for the key they carry it for.
+    pub fn merged_with(mut self, other: &Self) -> Self {
+        let taken: BTreeSet<u32> = self.ids.values().copied().collect();
+        for (key, &id) in &other.ids {
+            if !self.ids.contains_key(key) && !taken.contains(&id) {
+                self.ids.insert(*key, id);
+            }
+        }
+        self
+    }
+}
+
+impl RuleSlots {
+    /// The slots of `wanted` (rule ids, never 0), by [`StableIds`]'s discipline. A fresh slot is
+    /// zeroed before use. With at most `rule_slots::MAX_RULES` rules on each side, the two
+    /// numberings together always fit the array.
+    pub fn renumber(&self, wanted: &BTreeSet<u32>) -> model::Result<RuleSlots> {
+        self.renumber_below(wanted, dp::capacity::RULE_HITS, |taken| {
+            limit(format!(
+                "{} slots exhausted ({taken} in use or freed by this edit); retry once the edit \
+                 that freed them is realized",
+                dp::map_names::RULE_HITS,
+            ))
+        })
+    }
+}
+
+impl CidrIds {
+    /// The numbering of the CIDR classes `wanted`, by [`StableIds`]'s discipline; ids stay below
+    /// `peer::CIDR_FLAG`.
+    fn renumber(&self, wanted: &BTreeSet<(u32, Ipv4Network)>) -> model::Result<CidrIds> {
+        self.renumber_below(wanted, dp::peer::CIDR_FLAG, |taken| {
+            limit(format!("CIDR class ids exhausted ({taken} in use)"))
+        })
     }
 }
 
@@ -1624,20 +1633,20 @@ mod tests {
     #[test]
     fn a_seeded_slot_is_kept_and_a_shared_or_bad_one_is_replaced() {
         let held =
-            RuleSlots { slots: BTreeMap::from([(7, 5), (8, 5), (9, dp::capacity::RULE_HITS)]) };
+            RuleSlots { ids: BTreeMap::from([(7, 5), (8, 5), (9, dp::capacity::RULE_HITS)]) };
         let wanted = BTreeSet::from([7, 8, 9, 10]);
         let got = held.renumber(&wanted).unwrap();
-        assert_eq!(got.slots[&7], 5, "kept");
+        assert_eq!(got.ids[&7], 5, "kept");
         // 8 shared 5 with 7, 9's slot is beyond the array: both get fresh ones, as does 10,
         // none of them 5 (still held).
-        let fresh: BTreeSet<u32> = [8, 9, 10].iter().map(|r| got.slots[r]).collect();
+        let fresh: BTreeSet<u32> = [8, 9, 10].iter().map(|r| got.ids[r]).collect();
         assert_eq!(fresh, BTreeSet::from([1, 2, 3]));
     }
 
     #[test]
     fn rule_slots_that_run_out_are_refused_naming_the_map() {
         let max = dp::capacity::RULE_HITS;
-        let held = RuleSlots { slots: (1..max).map(|slot| (slot, slot)).collect() };
+        let held = RuleSlots { ids: (1..max).map(|slot| (slot, slot)).collect() };
         // Every slot is held (by rules this edit drops): none is free for a new rule now.
         let err = held.renumber(&BTreeSet::from([max + 1])).unwrap_err();
         assert!(err.to_string().contains(dp::map_names::RULE_HITS), "{err}");
@@ -1646,8 +1655,8 @@ mod tests {
         let new: BTreeSet<u32> = old.iter().map(|r| r + dp::rule_slots::MAX_RULES).collect();
         let first = RuleSlots::default().renumber(&old).unwrap();
         let second = first.renumber(&new).unwrap();
-        let held: BTreeSet<u32> = first.slots.values().copied().collect();
-        assert!(second.slots.values().all(|s| *s < max && !held.contains(s)));
+        let held: BTreeSet<u32> = first.ids.values().copied().collect();
+        assert!(second.ids.values().all(|s| *s < max && !held.contains(s)));
         assert!(fits_rules(HOST, dp::rule_slots::MAX_RULES as usize).is_ok());
         let err = fits_rules(HOST, dp::rule_slots::MAX_RULES as usize + 1).unwrap_err();
         assert!(err.to_string().contains(dp::map_names::RULE_HITS), "{err}");
@@ -1675,32 +1684,32 @@ mod tests {
             for (wanted, during, after) in steps {
                 let old = slots.clone();
                 let new = old.renumber(&wanted).unwrap();
-                let held: BTreeSet<u32> = old.slots.values().copied().collect();
-                for (rule, &slot) in &new.slots {
+                let held: BTreeSet<u32> = old.ids.values().copied().collect();
+                for (rule, &slot) in &new.ids {
                     proptest::prop_assert!(slot >= 1);
-                    if old.slots.get(rule) != Some(&slot) {
+                    if old.ids.get(rule) != Some(&slot) {
                         proptest::prop_assert!(!held.contains(&slot), "a held slot reused at once");
                         counts[slot as usize] = 0;
                         truth.insert(*rule, 0);
                     }
                 }
-                let distinct: BTreeSet<u32> = new.slots.values().copied().collect();
-                proptest::prop_assert_eq!(distinct.len(), new.slots.len());
+                let distinct: BTreeSet<u32> = new.ids.values().copied().collect();
+                proptest::prop_assert_eq!(distinct.len(), new.ids.len());
                 // Both old and new entries are in the map: either may admit a flow.
-                let live: Vec<(u32, u32)> = old.slots.iter().chain(&new.slots).map(|(r, s)| (*r, *s)).collect();
+                let live: Vec<(u32, u32)> = old.ids.iter().chain(&new.ids).map(|(r, s)| (*r, *s)).collect();
                 for i in during.iter().filter(|_| !live.is_empty()) {
                     let (rule, slot) = live[i % live.len()];
                     counts[slot as usize] += 1;
                     *truth.entry(rule).or_default() += 1;
                 }
                 // The old entries are removed.
-                let live: Vec<(u32, u32)> = new.slots.iter().map(|(r, s)| (*r, *s)).collect();
+                let live: Vec<(u32, u32)> = new.ids.iter().map(|(r, s)| (*r, *s)).collect();
                 for i in after.iter().filter(|_| !live.is_empty()) {
                     let (rule, slot) = live[i % live.len()];
                     counts[slot as usize] += 1;
                     *truth.entry(rule).or_default() += 1;
                 }
-                for (rule, &slot) in &new.slots {
+                for (rule, &slot) in &new.ids {
                     proptest::prop_assert_eq!(counts[slot as usize], truth[rule], "rule {}", rule);
                 }
                 slots = new;

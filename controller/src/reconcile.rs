@@ -855,23 +855,19 @@ pub fn seed_rule_slots(maps: &MapContents) -> RuleSlots {
     let mut slots = RuleSlots::default();
     for (&slot, &rule) in &maps.rules {
         if rule != 0 {
-            slots.slots.entry(rule).or_insert(slot);
+            slots.ids.entry(rule).or_insert(slot);
         }
     }
     slots
 }
 
 /// `held` (what the maps hold) plus what `compiled` numbered that `held` lacks, unless the id or
-/// slot is already taken in `held`.
+/// slot is already taken in `held` (see `StableIds::merged_with`).
 fn merge_ids(held: Ids, compiled: &Ids) -> Ids {
-    let mut rule_slots = held.rule_slots;
-    let taken: BTreeSet<u32> = rule_slots.slots.values().copied().collect();
-    for (&rule, &slot) in &compiled.rule_slots.slots {
-        if !rule_slots.slots.contains_key(&rule) && !taken.contains(&slot) {
-            rule_slots.slots.insert(rule, slot);
-        }
+    Ids {
+        cidrs: held.cidrs.merged_with(&compiled.cidrs),
+        rule_slots: held.rule_slots.merged_with(&compiled.rule_slots),
     }
-    Ids { cidrs: merge_cidr_ids(held.cidrs, &compiled.cidrs), rule_slots }
 }
 
 /// The CIDR class numbering that `VERSE_CIDRS` holds: key (vni, CIDR), value `CIDR_FLAG | id`.
@@ -891,21 +887,33 @@ pub fn seed_cidr_ids(maps: &MapContents) -> CidrIds {
     ids
 }
 
-/// `held` (what the maps hold) plus the classes of `compiled` that `held` lacks, unless their id
-/// is already taken in `held`.
-fn merge_cidr_ids(mut held: CidrIds, compiled: &CidrIds) -> CidrIds {
-    let taken: BTreeSet<u32> = held.ids.values().copied().collect();
-    for (key, &id) in &compiled.ids {
-        if !held.ids.contains_key(key) && !taken.contains(&id) {
-            held.ids.insert(*key, id);
-        }
-    }
-    held
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A universe "blue" of 10.1.0.0/16.
+    fn blue(s: &mut State) -> model::Universe {
+        let create = model::CreateUniverse {
+            name: "blue".into(),
+            cidr: Some("10.1.0.0/16".into()),
+            cidrs: None,
+        };
+        s.create_universe(create).unwrap()
+    }
+
+    /// An endpoint at `ip` of `universe` on `host` (`None`: the simulated host "sim-0001").
+    fn endpoint(s: &mut State, universe: &str, host: Option<&str>, ip: &str) -> model::Endpoint {
+        let create = model::CreateEndpoint {
+            universe: universe.into(),
+            host: host.map(Into::into),
+            netns: format!("ns-{ip}"),
+            ip: ip.into(),
+            security_groups: None,
+            conntrack_budget: None,
+            flow_logs: None,
+        };
+        s.create_endpoint(create, "sim-0001").unwrap()
+    }
 
     #[test]
     fn cidr_ids_are_seeded_from_the_map_layout_the_compiler_writes() {
@@ -934,7 +942,7 @@ mod tests {
         let c: Ipv4Network = "10.3.0.0/16".parse().unwrap();
         let held = CidrIds { ids: [((1, a), 5)].into_iter().collect() };
         let compiled = CidrIds { ids: [((1, b), 5), ((1, c), 6)].into_iter().collect() };
-        let merged = merge_cidr_ids(held, &compiled);
+        let merged = held.merged_with(&compiled);
         assert_eq!(merged.ids, [((1, a), 5), ((1, c), 6)].into_iter().collect());
     }
 
@@ -944,26 +952,8 @@ mod tests {
     #[tokio::test]
     async fn rule_slots_are_rebuilt_from_the_maps_after_a_restart() {
         let mut s = State::default();
-        let u = s
-            .create_universe(model::CreateUniverse {
-                name: "blue".into(),
-                cidr: Some("10.1.0.0/16".into()),
-                cidrs: None,
-            })
-            .unwrap();
-        s.create_endpoint(
-            model::CreateEndpoint {
-                universe: u.id.clone(),
-                host: None,
-                netns: "ns-a".into(),
-                ip: "10.1.0.5".into(),
-                security_groups: None,
-                conntrack_budget: None,
-                flow_logs: None,
-            },
-            "sim-0001",
-        )
-        .unwrap();
+        let u = blue(&mut s);
+        endpoint(&mut s, &u.id, None, "10.1.0.5");
         let g = s.groups.values().find(|g| g.universe == u.id).unwrap().id.clone();
         let add = |s: &mut State, port: u16| {
             let req = serde_json::from_value(serde_json::json!({"direction": "ingress",
@@ -985,7 +975,7 @@ mod tests {
         let held = lock(&maps).maps().rules.clone();
 
         let seeded = seed_rule_slots(&lock(&maps).maps().clone());
-        assert_eq!(seeded.slots, r.ids.rule_slots.slots, "the maps hold the allocator's slots");
+        assert_eq!(seeded.ids, r.ids.rule_slots.ids, "the maps hold the allocator's slots");
         let mut restarted = Reconciler::simulated(maps.clone(), "sim-0001".into()).unwrap();
         assert!(!restarted.reconcile(&s).await.unwrap().wrote_maps, "nothing moved");
         assert_eq!(lock(&maps).maps().rules, held);
@@ -1002,13 +992,13 @@ mod tests {
     #[test]
     fn merged_rule_slots_never_give_a_held_slot_to_another_rule() {
         let held =
-            Ids { rule_slots: RuleSlots { slots: BTreeMap::from([(0xa, 1)]) }, ..Ids::default() };
+            Ids { rule_slots: RuleSlots { ids: BTreeMap::from([(0xa, 1)]) }, ..Ids::default() };
         let compiled = Ids {
-            rule_slots: RuleSlots { slots: BTreeMap::from([(0xb, 1), (0xc, 2)]) },
+            rule_slots: RuleSlots { ids: BTreeMap::from([(0xb, 1), (0xc, 2)]) },
             ..Ids::default()
         };
         let merged = merge_ids(held, &compiled);
-        assert_eq!(merged.rule_slots.slots, BTreeMap::from([(0xa, 1), (0xc, 2)]));
+        assert_eq!(merged.rule_slots.ids, BTreeMap::from([(0xa, 1), (0xc, 2)]));
     }
 
     /// Two endpoints on the simulated host, one elsewhere: the simulated host's maps get its own
@@ -1017,13 +1007,7 @@ mod tests {
     #[tokio::test]
     async fn a_simulated_host_realizes_the_state_in_its_in_memory_maps() {
         let mut s = State::default();
-        let u = s
-            .create_universe(model::CreateUniverse {
-                name: "blue".into(),
-                cidr: Some("10.1.0.0/16".into()),
-                cidrs: None,
-            })
-            .unwrap();
+        let u = blue(&mut s);
         for (name, last) in [("sim-0001", 1), ("sim-0002", 2)] {
             let underlay = Some(Ipv4Addr::new(198, 19, 0, last));
             s.hosts.insert(name.into(), model::HostRecord::at(name, underlay));
@@ -1032,21 +1016,7 @@ mod tests {
         for (host, ip) in
             [("sim-0001", "10.1.0.5"), ("sim-0001", "10.1.0.6"), ("sim-0002", "10.1.0.7")]
         {
-            let ep = s
-                .create_endpoint(
-                    model::CreateEndpoint {
-                        universe: u.id.clone(),
-                        host: Some(host.into()),
-                        netns: format!("ns-{ip}"),
-                        ip: ip.into(),
-                        security_groups: None,
-                        conntrack_budget: None,
-                        flow_logs: None,
-                    },
-                    "sim-0001",
-                )
-                .unwrap();
-            ids.push(ep.id);
+            ids.push(endpoint(&mut s, &u.id, Some(host), ip).id);
         }
         s.revision += 1;
 
