@@ -289,32 +289,6 @@ impl Embedded {
         });
     }
 
-    pub(super) async fn edit<T, F>(this: &Arc<Embedded>, f: F) -> Result<(T, u64)>
-    where
-        F: FnMut(&mut State) -> model::Result<T> + Send,
-        T: Send + 'static,
-    {
-        type Respond<T> = fn(&T) -> (u16, Option<serde_json::Value>);
-        match Embedded::run(this, f, None::<(&Idempotency, Respond<T>)>).await? {
-            Outcome::Applied { out, revision } => Ok((out, revision)),
-            Outcome::Replayed(_) => unreachable!("an edit without a key is never replayed"),
-        }
-    }
-
-    pub(super) async fn edit_recorded<T, F, R>(
-        this: &Arc<Embedded>,
-        idem: &Idempotency,
-        f: F,
-        respond: R,
-    ) -> Result<Outcome<T>>
-    where
-        F: FnMut(&mut State) -> model::Result<T> + Send,
-        R: Fn(&T) -> (u16, Option<serde_json::Value>) + Send,
-        T: Send + 'static,
-    {
-        Embedded::run(this, f, Some((idem, respond))).await
-    }
-
     fn recorded(&self, idem: &Idempotency) -> Result<Option<Recorded>> {
         let mut records = self.records.lock().unwrap_or_else(PoisonError::into_inner);
         let now = now_secs();
@@ -332,7 +306,9 @@ impl Embedded {
         }
     }
 
-    async fn run<T, F, R>(
+    /// [`Store::edit`](super::Store::edit) (`record`: none) and
+    /// [`Store::edit_recorded`](super::Store::edit_recorded) of this backend.
+    pub(super) async fn run<T, F, R>(
         this: &Arc<Embedded>,
         mut f: F,
         record: Option<(&Idempotency, R)>,

@@ -638,11 +638,7 @@ impl Etcd {
         F: FnMut(&mut State) -> model::Result<T> + Send,
         T: Send + 'static,
     {
-        type Respond<T> = fn(&T) -> (u16, Option<serde_json::Value>);
-        match self.run(f, None::<(&Idempotency, Respond<T>)>).await? {
-            Outcome::Applied { out, revision } => Ok((out, revision)),
-            Outcome::Replayed(_) => unreachable!("an edit without a key is never replayed"),
-        }
+        self.run(f, super::unrecorded()).await.map(Outcome::applied)
     }
 
     /// See [`Store::edit_recorded`](super::Store::edit_recorded).
@@ -1714,19 +1710,11 @@ impl Shared {
                     return Err("etcd answered that it expired (not found)".to_owned());
                 }
                 Ok(Err(e)) => {
-                    lease.stream = None;
-                    lease.should_move = true;
-                    self.fail_over(links, name, "lease keep-alive", &e.to_string());
+                    self.fail_over_lease(links, name, lease, "lease keep-alive", &e.to_string())
                 }
                 Err(_) => {
-                    lease.stream = None;
-                    lease.should_move = true;
-                    self.fail_over(
-                        links,
-                        name,
-                        "lease keep-alive",
-                        &format!("no answer in {wait:?}"),
-                    );
+                    let reason = format!("no answer in {wait:?}");
+                    self.fail_over_lease(links, name, lease, "lease keep-alive", &reason);
                 }
             }
         }
@@ -1796,19 +1784,11 @@ impl Shared {
                     return Err(format!("etcd answered that it expired ({})", s.message()));
                 }
                 Ok(Err(e)) => {
-                    lease.stream = None;
-                    lease.should_move = true;
-                    self.fail_over(links, name, "put (liveness)", &e.to_string());
+                    self.fail_over_lease(links, name, lease, "put (liveness)", &e.to_string())
                 }
                 Err(_) => {
-                    lease.stream = None;
-                    lease.should_move = true;
-                    self.fail_over(
-                        links,
-                        name,
-                        "put (liveness)",
-                        &format!("no answer in {wait:?}"),
-                    );
+                    let reason = format!("no answer in {wait:?}");
+                    self.fail_over_lease(links, name, lease, "put (liveness)", &reason);
                 }
             }
         }
@@ -1868,6 +1848,22 @@ impl Shared {
         links.next();
         tracing::warn!(host = %name, %member, next = %links.member(), %reason,
             "etcd member did not answer a liveness request ({op}); asking the next member, same lease");
+    }
+
+    /// [`Self::fail_over`] for a request about `lease`: its keep-alive stream is on the member
+    /// left behind, and a failover is reason to move the record to a new lease (see
+    /// [`Self::move_record`]).
+    fn fail_over_lease(
+        &self,
+        links: &mut Links,
+        name: &str,
+        lease: &mut Lease,
+        op: &str,
+        reason: &str,
+    ) {
+        lease.stream = None;
+        lease.should_move = true;
+        self.fail_over(links, name, op, reason);
     }
 }
 

@@ -197,6 +197,25 @@ pub enum Outcome<T> {
     Replayed(Recorded),
 }
 
+/// How an edit's outcome is answered to its client (status and body), recorded under its
+/// idempotency key.
+pub(super) type Respond<T> = fn(&T) -> (u16, Option<serde_json::Value>);
+
+/// What the backends' `run` takes for an edit without an idempotency key: nothing to record.
+pub(super) fn unrecorded<'a, T>() -> Option<(&'a Idempotency, Respond<T>)> {
+    None
+}
+
+impl<T> Outcome<T> {
+    /// The outcome of an edit run without an idempotency key: never a replay.
+    pub(super) fn applied(self) -> (T, u64) {
+        match self {
+            Outcome::Applied { out, revision } => (out, revision),
+            Outcome::Replayed(_) => unreachable!("an edit without a key is never replayed"),
+        }
+    }
+}
+
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// One host of the fleet as the control plane sees it (`GET /v1/hosts`).
@@ -359,7 +378,7 @@ impl Store {
         T: Send + 'static,
     {
         match self {
-            Store::Embedded(e) => Embedded::edit(e, f).await,
+            Store::Embedded(e) => Embedded::run(e, f, unrecorded()).await.map(Outcome::applied),
             Store::Etcd(e) => e.edit(f).await,
         }
     }
@@ -381,7 +400,7 @@ impl Store {
         T: Send + 'static,
     {
         match self {
-            Store::Embedded(e) => Embedded::edit_recorded(e, idem, f, respond).await,
+            Store::Embedded(e) => Embedded::run(e, f, Some((idem, respond))).await,
             Store::Etcd(e) => e.edit_recorded(idem, f, respond).await,
         }
     }
