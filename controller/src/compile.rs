@@ -278,37 +278,28 @@ pub fn compile(
         let Some(identity) = state.identities.get(&local) else { continue };
         let Some(universe) = state.universes.get(&identity.universe) else { continue };
         let classes = nested.get(&universe.vni).unwrap_or(&no_classes);
-        for group in identity.groups.iter().filter_map(|g| state.groups.get(g)) {
-            if group.universe != universe.id {
-                continue;
-            }
-            let directions =
-                [(dp::DIRECTION_INGRESS, &group.ingress), (dp::DIRECTION_EGRESS, &group.egress)];
-            for (direction, rules) in directions {
-                for rule in rules {
-                    // A rule id that is no `sgr-` id (a corrupt state) allows without a name.
-                    // The slot is given once the entries are known (below).
-                    let id = model::rule_bits(&rule.id).unwrap_or(0);
-                    let value = dp::PolicyValue { rule: id, slot: 0 };
-                    peers.clear();
-                    rule_peers(rule, members, classes, &mut peers);
-                    matches.clear();
-                    rule_matches(rule, &mut matches);
-                    for &peer in &peers {
-                        for &(prefix, proto, port) in &matches {
-                            policy.push(
-                                prefix,
-                                dp::PolicyKey {
-                                    identity: local.to_be_bytes(),
-                                    direction,
-                                    peer: peer.to_be_bytes(),
-                                    proto,
-                                    port: port.to_be_bytes(),
-                                },
-                                value,
-                            )?;
-                        }
-                    }
+        for (direction, rule) in identity_rules(state, &universe.id, &identity.groups) {
+            // A rule id that is no `sgr-` id (a corrupt state) allows without a name.
+            // The slot is given once the entries are known (below).
+            let id = model::rule_bits(&rule.id).unwrap_or(0);
+            let value = dp::PolicyValue { rule: id, slot: 0 };
+            peers.clear();
+            rule_peers(rule, members, classes, &mut peers);
+            matches.clear();
+            rule_matches(rule, &mut matches);
+            for &peer in &peers {
+                for &(prefix, proto, port) in &matches {
+                    policy.push(
+                        prefix,
+                        dp::PolicyKey {
+                            identity: local.to_be_bytes(),
+                            direction,
+                            peer: peer.to_be_bytes(),
+                            proto,
+                            port: port.to_be_bytes(),
+                        },
+                        value,
+                    )?;
                 }
             }
         }
@@ -327,6 +318,21 @@ pub fn compile(
     ids.cidrs = numbered;
     ids.rule_slots = slots;
     Ok(desired)
+}
+
+/// The rules that apply to an identity of `universe` with `groups`, each with the direction it
+/// matches in: the ingress then the egress rules of each of its groups (a group of another
+/// universe, which only a corrupt state holds, gives none).
+pub(crate) fn identity_rules<'a>(
+    state: &'a State,
+    universe: &'a str,
+    groups: &'a [String],
+) -> impl Iterator<Item = (u8, &'a model::Rule)> + 'a {
+    let groups = groups.iter().filter_map(|g| state.groups.get(g));
+    groups.filter(move |g| g.universe == universe).flat_map(|g| {
+        let ingress = g.ingress.iter().map(|r| (dp::DIRECTION_INGRESS, r));
+        ingress.chain(g.egress.iter().map(|r| (dp::DIRECTION_EGRESS, r)))
+    })
 }
 
 /// S12 at the API: whether the state, compiled for every host that has endpoints, fits the

@@ -355,45 +355,36 @@ fn policy_entries(state: &State, i: &Identity) -> usize {
     let classes = state.idx.classes.get(&universe.id);
     let mut entries: HashSet<(u8, u64, u32, u8, u16)> = HashSet::new();
     let mut matches = Vec::new();
-    for group in i.groups.iter().filter_map(|g| state.groups.get(g)) {
-        if group.universe != universe.id {
+    for (direction, rule) in crate::compile::identity_rules(state, &universe.id, &i.groups) {
+        matches.clear();
+        crate::compile::rule_matches(rule, &mut matches);
+        if matches.is_empty() {
             continue;
         }
-        let directions =
-            [(dp::DIRECTION_INGRESS, &group.ingress), (dp::DIRECTION_EGRESS, &group.egress)];
-        for (direction, rules) in directions {
-            for rule in rules {
-                matches.clear();
-                crate::compile::rule_matches(rule, &mut matches);
-                if matches.is_empty() {
-                    continue;
+        let mut peers: Vec<u64> = Vec::new();
+        match &rule.peer {
+            Peer::Group(g) => {
+                if let Some(ids) = state.idx.group_identities.get(g) {
+                    peers.extend(ids.iter().map(|n| u64::from(*n)));
                 }
-                let mut peers: Vec<u64> = Vec::new();
-                match &rule.peer {
-                    Peer::Group(g) => {
-                        if let Some(ids) = state.idx.group_identities.get(g) {
-                            peers.extend(ids.iter().map(|n| u64::from(*n)));
+            }
+            Peer::Cidr(IpNetwork::V4(c)) if c.prefix() == 0 => peers.push(u64::MAX),
+            Peer::Cidr(IpNetwork::V4(c)) => {
+                let first = u32::from(c.network());
+                let last = u32::from(c.broadcast());
+                if let Some(classes) = classes {
+                    for ((net, prefix), _) in classes.range((first, 0)..=(last, 32)) {
+                        if *prefix >= c.prefix() {
+                            peers.push(1 << 40 | u64::from(*net) << 8 | u64::from(*prefix));
                         }
                     }
-                    Peer::Cidr(IpNetwork::V4(c)) if c.prefix() == 0 => peers.push(u64::MAX),
-                    Peer::Cidr(IpNetwork::V4(c)) => {
-                        let first = u32::from(c.network());
-                        let last = u32::from(c.broadcast());
-                        if let Some(classes) = classes {
-                            for ((net, prefix), _) in classes.range((first, 0)..=(last, 32)) {
-                                if *prefix >= c.prefix() {
-                                    peers.push(1 << 40 | u64::from(*net) << 8 | u64::from(*prefix));
-                                }
-                            }
-                        }
-                    }
-                    Peer::Cidr(IpNetwork::V6(_)) => {}
                 }
-                for &peer in &peers {
-                    for &(prefix, proto, port) in &matches {
-                        entries.insert((direction, peer, prefix, proto, port));
-                    }
-                }
+            }
+            Peer::Cidr(IpNetwork::V6(_)) => {}
+        }
+        for &peer in &peers {
+            for &(prefix, proto, port) in &matches {
+                entries.insert((direction, peer, prefix, proto, port));
             }
         }
     }
