@@ -390,6 +390,21 @@ impl Caller {
         }
     }
 
+    /// `found`, the `kind` `id` (a `resource` of the universe `universe_of` it), if the caller
+    /// may read it: absent, or in a universe hidden from the caller, it is not found alike.
+    fn read<'a, T>(
+        &self,
+        resource: Resource,
+        (kind, id): (&str, &str),
+        found: Option<&'a T>,
+        universe_of: impl Fn(&T) -> &str,
+    ) -> model::Result<&'a T> {
+        let missing = || model::Error::not_found(kind, id);
+        let object = found.ok_or_else(missing)?;
+        self.allow(resource, Op::Read, universe_of(object), missing)?;
+        Ok(object)
+    }
+
     /// Whether the caller may read a `resource` of `universe` (lists keep what this allows).
     fn reads(&self, resource: Resource, universe: &str) -> bool {
         auth::decide(&self.principal, resource, Op::Read, Some(universe)) == Decision::Allow
@@ -839,9 +854,8 @@ async fn get_universe(
 ) -> ApiResult {
     let id = path(id)?;
     let snap = st.store.snapshot();
-    let missing = || model::Error::not_found("universe", &id);
-    let u = snap.universes.get(&id).ok_or_else(missing)?;
-    caller.allow(Resource::Universe, Op::Read, &u.id, missing)?;
+    let u =
+        caller.read(Resource::Universe, ("universe", &id), snap.universes.get(&id), |u| &u.id)?;
     Ok(json_ok(u))
 }
 
@@ -939,9 +953,8 @@ async fn get_group(
 ) -> ApiResult {
     let id = path(id)?;
     let snap = st.store.snapshot();
-    let missing = || model::Error::not_found("security group", &id);
-    let g = snap.groups.get(&id).ok_or_else(missing)?;
-    caller.allow(Resource::Group, Op::Read, &g.universe, missing)?;
+    let found = snap.groups.get(&id);
+    let g = caller.read(Resource::Group, ("security group", &id), found, |g| &g.universe)?;
     let (rows, from) = fleet_rule_stats(&st, &caller, &headers, None, Some(&id), None).await;
     let sums: BTreeMap<&str, Hits> = rows.iter().map(|r| (r.rule.as_str(), r.hits)).collect();
     Ok(json_ok(&GroupView::new(g, |rule| sums.get(rule).copied().unwrap_or_default(), from)))
@@ -1354,9 +1367,8 @@ async fn get_endpoint(
 ) -> ApiResult {
     let id = path(id)?;
     let snap = st.store.snapshot();
-    let missing = || model::Error::not_found("endpoint", &id);
-    let e = snap.endpoints.get(&id).ok_or_else(missing)?;
-    caller.allow(Resource::Endpoint, Op::Read, &e.universe, missing)?;
+    let found = snap.endpoints.get(&id);
+    let e = caller.read(Resource::Endpoint, ("endpoint", &id), found, |e| &e.universe)?;
     let stats = if e.host == st.host { Some(stats_or_500(&st).await?) } else { None };
     Ok(json_ok(&view_with_usage(&st, stats.as_ref(), e)))
 }
@@ -1613,9 +1625,8 @@ async fn flow_logs(
         }
     };
     let snap = st.store.snapshot();
-    let missing = || model::Error::not_found("endpoint", id);
-    let e = snap.endpoints.get(id).ok_or_else(missing)?;
-    caller.allow(Resource::Endpoint, Op::Read, &e.universe, missing)?;
+    let found = snap.endpoints.get(id);
+    let e = caller.read(Resource::Endpoint, ("endpoint", id), found, |e| &e.universe)?;
     let universe = e.universe.clone();
     let host = q.get("host").cloned().unwrap_or_else(|| e.host.clone());
     let records: Vec<FlowLogRecord> = if host == st.host {
