@@ -483,6 +483,23 @@ pub struct PatchEndpoint {
     pub flow_logs: Option<bool>,
 }
 
+impl CreateEndpoint {
+    /// The request that makes `ep` again, in `security_groups`, after it was deleted: same
+    /// universe, host, namespace, address, conntrack budget and flow logs; the endpoint it
+    /// creates is a new one (new id and serial, S7).
+    pub fn again(ep: &Endpoint, security_groups: Vec<String>) -> CreateEndpoint {
+        CreateEndpoint {
+            universe: ep.universe.clone(),
+            host: Some(ep.host.clone()),
+            netns: ep.netns.clone(),
+            ip: ep.ip.to_string(),
+            security_groups: Some(security_groups),
+            conntrack_budget: Some(i64::from(ep.conntrack_budget)),
+            flow_logs: Some(ep.flow_logs),
+        }
+    }
+}
+
 impl PatchEndpoint {
     /// A patch that replaces the security groups only.
     pub fn groups(security_groups: Vec<String>) -> PatchEndpoint {

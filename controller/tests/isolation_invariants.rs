@@ -306,21 +306,8 @@ impl World {
                     self.collect();
                 }
                 let groups = self.groups_of(&old.universe, &groups);
-                let new = self
-                    .state
-                    .create_endpoint(
-                        CreateEndpoint {
-                            universe: old.universe.clone(),
-                            host: None,
-                            netns: old.netns.clone(),
-                            ip: old.ip.to_string(),
-                            security_groups: Some(groups),
-                            conntrack_budget: Some(i64::from(old.conntrack_budget)),
-                            flow_logs: None,
-                        },
-                        HOST,
-                    )
-                    .expect("make it again");
+                let again = CreateEndpoint::again(&old, groups);
+                let new = self.state.create_endpoint(again, HOST).expect("make it again");
                 assert!(new.serial > old.serial, "serials are never reused");
             }
             Op::PatchGroups(e, groups) if !eps.is_empty() => {

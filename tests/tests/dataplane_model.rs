@@ -1296,20 +1296,11 @@ fn kernel_program_agrees_with_the_reference_model_on_generated_packets() {
                     // are still in both tables (no collection yet); only the binding to serials
                     // keeps the new one from matching them.
                     let old = state.delete_endpoint(&names.reborn).expect("delete endpoint");
-                    let new = state
-                        .create_endpoint(
-                            CreateEndpoint {
-                                universe: old.universe.clone(),
-                                host: None,
-                                netns: old.netns.clone(),
-                                ip: old.ip.to_string(),
-                                security_groups: Some(names.reborn_groups.clone()),
-                                conntrack_budget: Some(SMALL_BUDGET),
-                                flow_logs: None,
-                            },
-                            HOST,
-                        )
-                        .expect("make the endpoint again");
+                    let again = CreateEndpoint {
+                        conntrack_budget: Some(SMALL_BUDGET),
+                        ..CreateEndpoint::again(&old, names.reborn_groups.clone())
+                    };
+                    let new = state.create_endpoint(again, HOST).expect("make the endpoint again");
                     assert_ne!(new.serial, old.serial);
                     let ifindex = ifindex_of.remove(&old.id).expect("reborn ifindex");
                     ifindex_of.insert(new.id.clone(), ifindex);
