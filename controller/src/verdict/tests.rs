@@ -191,6 +191,25 @@ fn delivered_to(v: &Verdict) -> Option<u32> {
     }
 }
 
+/// web's (ep-3) SYN to db (ep-4) on TCP 40000 -> 5432, which db admits from web members (db
+/// has no egress rule at all).
+fn web_to_db_syn() -> Vec<u8> {
+    ipv4(mac_of(3), W, DB, IPPROTO_TCP, &tcp(40000, 5432, SYN))
+}
+
+/// [`web_to_db_syn`] through `h`, delivered and tracked in `ct`: the flow the tests of replies
+/// and related errors start from. Returns the SYN.
+fn track_web_to_db(h: &Host, ct: &mut Conntrack) -> Vec<u8> {
+    let syn = web_to_db_syn();
+    assert_eq!(delivered_to(&h.judge_and_track(ct, S, 13, &syn)), Some(14));
+    syn
+}
+
+/// What an ICMP error about `frame` quotes: its IPv4 header and first 8 bytes.
+fn quote_of(frame: &[u8]) -> Vec<u8> {
+    frame[ETH_HLEN..ETH_HLEN + 28].to_vec()
+}
+
 #[test]
 fn a_packet_dropped_by_its_frame_work_takes_no_conntrack_write_with_it() {
     let key = CtKey::new(100, W, A, 1, 2, IPPROTO_UDP);
@@ -223,12 +242,14 @@ fn s1_rules_union_any_group_allows() {
     st.endpoints.get_mut("ep-4").unwrap().security_groups = vec!["sg-db".into(), "sg-web".into()];
     let h = host(&st, &local);
     let ct = Conntrack::default();
-    let to80 = ipv4(mac_of(3), W, DB, IPPROTO_TCP, &tcp(40000, 80, SYN));
-    let to5432 = ipv4(mac_of(3), W, DB, IPPROTO_TCP, &tcp(40000, 5432, SYN));
-    let to81 = ipv4(mac_of(3), W, DB, IPPROTO_TCP, &tcp(40000, 81, SYN));
-    assert_eq!(delivered_to(&h.judge(&ct, S, 13, &to80).verdict), Some(14));
-    assert_eq!(delivered_to(&h.judge(&ct, S, 13, &to5432).verdict), Some(14));
-    assert_eq!(h.judge(&ct, S, 13, &to81).verdict, Verdict::Drop(D::PolicyIngress));
+    for (port, want) in [(80, Some(14)), (5432, Some(14)), (81, None)] {
+        let f = ipv4(mac_of(3), W, DB, IPPROTO_TCP, &tcp(40000, port, SYN));
+        let v = h.judge(&ct, S, 13, &f).verdict;
+        match want {
+            Some(_) => assert_eq!(delivered_to(&v), want, "port {port}"),
+            None => assert_eq!(v, Verdict::Drop(D::PolicyIngress), "port {port}"),
+        }
+    }
 }
 
 #[test]
@@ -277,8 +298,7 @@ fn s6_s7_replies_pass_whatever_the_rules_of_the_other_side() {
     let h = host(&st, &local);
     let mut ct = Conntrack::default();
     // web -> db:5432 allowed; db has no egress rules at all.
-    let syn = ipv4(mac_of(3), W, DB, IPPROTO_TCP, &tcp(40000, 5432, SYN));
-    assert_eq!(delivered_to(&h.judge_and_track(&mut ct, S, 13, &syn)), Some(14));
+    track_web_to_db(&h, &mut ct);
     let synack = ipv4(mac_of(4), DB, W, IPPROTO_TCP, &tcp(5432, 40000, SYNACK));
     assert_eq!(delivered_to(&h.judge_and_track(&mut ct, S, 14, &synack)), Some(13));
     let key = CtKey::new(100, W, DB, 40000, 5432, 6);
@@ -307,17 +327,14 @@ fn s6_icmp_errors_about_tracked_flows_are_admitted_others_judged_by_rules() {
     let (st, local) = fixture();
     let h = host(&st, &local);
     let mut ct = Conntrack::default();
-    let syn = ipv4(mac_of(3), W, DB, IPPROTO_TCP, &tcp(40000, 5432, SYN));
-    assert!(delivered_to(&h.judge_and_track(&mut ct, S, 13, &syn)).is_some());
-    // db answers "fragmentation needed" quoting the SYN's IP header and first 8 bytes.
-    let quote = syn[ETH_HLEN..ETH_HLEN + 28].to_vec();
+    // db answers "fragmentation needed" quoting the SYN.
+    let quote = quote_of(&track_web_to_db(&h, &mut ct));
     let ptb = ipv4(mac_of(4), DB, W, IPPROTO_ICMP, &icmp(3, 4, 0, &quote));
     assert_eq!(delivered_to(&h.judge_and_track(&mut ct, S, 14, &ptb)), Some(13));
     assert_eq!(ct.entries.len(), 1, "related errors create no entry");
     // Quoting an untracked flow: judged by db's (empty) egress.
     let untracked = ipv4(mac_of(3), W, DB, IPPROTO_TCP, &tcp(40001, 5432, SYN));
-    let q2 = untracked[ETH_HLEN..ETH_HLEN + 28].to_vec();
-    let e2 = ipv4(mac_of(4), DB, W, IPPROTO_ICMP, &icmp(3, 4, 0, &q2));
+    let e2 = ipv4(mac_of(4), DB, W, IPPROTO_ICMP, &icmp(3, 4, 0, &quote_of(&untracked)));
     assert_eq!(h.judge_and_track(&mut ct, S, 14, &e2), Verdict::Drop(D::PolicyEgress));
     // The quote of a tracked flow sent to someone else than its source: not related.
     let (mut st3, local3) = (st.clone(), local.clone());
@@ -392,26 +409,26 @@ fn s7_a_recreated_endpoint_inherits_no_flow_in_either_direction() {
     let (mut st, local) = fixture();
     let mut ct = Conntrack::default();
     // web -> db:5432, answered: a tracked, established flow.
-    let syn = ipv4(mac_of(3), W, DB, IPPROTO_TCP, &tcp(40000, 5432, SYN));
     let synack = ipv4(mac_of(4), DB, W, IPPROTO_TCP, &tcp(5432, 40000, SYNACK));
     let ack = ipv4(mac_of(3), W, DB, IPPROTO_TCP, &tcp(40000, 5432, ACKF));
     let h = host(&st, &local);
-    assert_eq!(delivered_to(&h.judge_and_track(&mut ct, S, 13, &syn)), Some(14));
+    track_web_to_db(&h, &mut ct);
     assert_eq!(delivered_to(&h.judge_and_track(&mut ct, S, 14, &synack)), Some(13));
-    // web is deleted and made again with its address in `default`: db admits only web
-    // members, and has no egress rule at all. Both directions are judged as new flows.
-    recreate(&mut st, "ep-3", &["sg-def1"]);
-    let h = host(&st, &local);
-    assert_eq!(h.judge(&ct, 2 * S, 13, &ack).verdict, Verdict::Drop(D::PolicyIngress));
-    assert_eq!(h.judge(&ct, 2 * S, 14, &synack).verdict, Verdict::Drop(D::PolicyEgress));
-    // db made again instead, in `default` (which admits only its members, and web's group
-    // admits TCP/80 only): the same from the other side.
-    let (mut st, local) = fixture();
-    recreate(&mut st, "ep-4", &["sg-def1"]);
-    let h = host(&st, &local);
-    assert_eq!(h.judge(&ct, 2 * S, 13, &ack).verdict, Verdict::Drop(D::PolicyIngress));
-    assert_eq!(h.judge(&ct, 2 * S, 14, &synack).verdict, Verdict::Drop(D::PolicyIngress));
+    // One of them deleted and made again with its address in `default`: both directions are
+    // judged as new flows. Web made again: db admits only web members, and has no egress rule
+    // at all. Db made again: `default` admits only its members, and web's group admits TCP/80
+    // only.
+    for (remade, synack_drop) in [("ep-3", D::PolicyEgress), ("ep-4", D::PolicyIngress)] {
+        let mut remade_st = st.clone();
+        recreate(&mut remade_st, remade, &["sg-def1"]);
+        let h = host(&remade_st, &local);
+        let v = h.judge(&ct, 2 * S, 13, &ack).verdict;
+        assert_eq!(v, Verdict::Drop(D::PolicyIngress), "{remade} made again: web's ACK");
+        let v = h.judge(&ct, 2 * S, 14, &synack).verdict;
+        assert_eq!(v, Verdict::Drop(synack_drop), "{remade} made again: db's SYN-ACK");
+    }
     // Garbage collection removes the flow once an endpoint of it is gone.
+    recreate(&mut st, "ep-4", &["sg-def1"]);
     let live = |serial: u64| st.endpoints.values().any(|e| e.serial == serial);
     assert_eq!(ct.collect(2 * S, &Timeouts::default(), &live), 1);
     assert!(ct.entries.is_empty());
@@ -476,12 +493,15 @@ fn s10_spoofed_source_mac_or_ip_is_dropped() {
     let (st, local) = fixture();
     let h = host(&st, &local);
     let ct = Conntrack::default();
-    let f = ipv4(mac_of(2), A, B, IPPROTO_UDP, &udp(1, 2));
-    assert_eq!(h.judge(&ct, S, 11, &f).verdict, Verdict::Drop(D::SpoofedMac));
-    let f = ipv4(mac_of(1), B, A, IPPROTO_UDP, &udp(1, 2));
-    assert_eq!(h.judge(&ct, S, 11, &f).verdict, Verdict::Drop(D::SpoofedIp));
-    let f = ipv4(mac_of(1), A, B, IPPROTO_UDP, &udp(1, 2));
-    assert_eq!(h.judge(&ct, S, 99, &f).verdict, Verdict::Drop(D::UnknownEndpoint));
+    // ep-1 is at ifindex 11 with MAC mac_of(1) and address A.
+    for (mac, src, dst, ifindex, reason) in [
+        (mac_of(2), A, B, 11, D::SpoofedMac),
+        (mac_of(1), B, A, 11, D::SpoofedIp),
+        (mac_of(1), A, B, 99, D::UnknownEndpoint),
+    ] {
+        let f = ipv4(mac, src, dst, IPPROTO_UDP, &udp(1, 2));
+        assert_eq!(h.judge(&ct, S, ifindex, &f).verdict, Verdict::Drop(reason), "{reason:?}");
+    }
 }
 
 #[test]
@@ -731,9 +751,7 @@ fn s6_related_errors_come_from_the_peer_are_errors_and_no_longer_than_a_routers(
     let mut ct = Conntrack::default();
     // web -> db:5432 tracked. db has no egress rule, web admits only TCP/80: whatever is
     // not related is refused, by db's egress or web's ingress.
-    let syn = ipv4(mac_of(3), W, DB, IPPROTO_TCP, &tcp(40000, 5432, SYN));
-    assert!(delivered_to(&h.judge_and_track(&mut ct, S, 13, &syn)).is_some());
-    let quote = syn[ETH_HLEN..ETH_HLEN + 28].to_vec();
+    let quote = quote_of(&track_web_to_db(&h, &mut ct));
     let from_db = |kind, total| error_frame(mac_of(4), DB, W, kind, &quote, total);
     let related = h.judge(&ct, S, 14, &from_db((3, 3), 56));
     assert_eq!(delivered_to(&related.verdict), Some(13), "the peer's port unreachable");
@@ -777,7 +795,7 @@ fn s6_related_errors_come_from_the_peer_are_errors_and_no_longer_than_a_routers(
     assert_eq!(v, Verdict::Drop(D::PolicyEgress));
     // The flow's reply direction: db's SYN-ACK quoted by web, sent back to db, is related.
     let synack = ipv4(mac_of(4), DB, W, IPPROTO_TCP, &tcp(5432, 40000, SYNACK));
-    let err = error_frame(mac_of(3), W, DB, (3, 3), &synack[ETH_HLEN..ETH_HLEN + 28], 56);
+    let err = error_frame(mac_of(3), W, DB, (3, 3), &quote_of(&synack), 56);
     assert_eq!(delivered_to(&h.judge(&ct, S, 13, &err).verdict), Some(14));
     assert_eq!(ct.entries.len(), 1);
 }
@@ -955,7 +973,7 @@ fn s6_related_errors_over_the_underlay_come_from_the_peer_placed_on_the_sending_
     let out = h.judge(&ct, S, 13, &syn);
     assert!(matches!(out.verdict, Verdict::Wrap { .. }));
     ct.apply(&out.ct.expect("tracked"));
-    let quote = syn[ETH_HLEN..ETH_HLEN + 28].to_vec();
+    let quote = quote_of(&syn);
     // web admits only TCP/80: what is not related is refused by its ingress rules.
     let error = |from: [u8; 4], kind, total| {
         let f = error_frame(mac_of(6), from, W, kind, &quote, total);
