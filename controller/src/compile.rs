@@ -589,9 +589,8 @@ impl<'a> PolicyEntries<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{
-        CreateEndpoint, CreateGroup, CreateRule, CreateUniverse, Direction, PatchEndpoint,
-    };
+    use crate::model::{CreateRule, Direction, PatchEndpoint};
+    use crate::testkit;
     use rand::rngs::StdRng;
     use rand::{Rng, SeedableRng};
     use serde_json::json;
@@ -604,17 +603,11 @@ mod tests {
 
     fn universe(s: &mut State, cidr: &str) -> model::Universe {
         let name = format!("u{}", s.universes.len());
-        s.create_universe(CreateUniverse { name, cidr: Some(cidr.into()), cidrs: None }).unwrap()
+        testkit::universe(s, &name, cidr)
     }
 
     fn group(s: &mut State, universe: &str, name: &str) -> String {
-        s.create_group(CreateGroup {
-            universe: universe.into(),
-            name: name.into(),
-            description: None,
-        })
-        .unwrap()
-        .id
+        testkit::group(s, universe, name).id
     }
 
     fn default_group(s: &State, universe: &str) -> String {
@@ -642,18 +635,7 @@ mod tests {
         ip: &str,
         groups: &[&str],
     ) -> model::Endpoint {
-        let netns = format!("ns-{ip}");
-        let groups = (!groups.is_empty()).then(|| groups.iter().map(|g| g.to_string()).collect());
-        let req = CreateEndpoint {
-            universe: universe.into(),
-            host: None,
-            netns,
-            ip: ip.into(),
-            security_groups: groups,
-            conntrack_budget: None,
-            flow_logs: None,
-        };
-        s.create_endpoint(req, host).unwrap()
+        testkit::endpoint(s, universe, host, ip, groups)
     }
 
     /// Every endpoint is plumbed, at an ifindex derived from its address.

@@ -528,7 +528,8 @@ pub fn smallest_free(used: impl Iterator<Item = u32>, max: u32) -> Option<u32> {
 mod tests {
     use super::*;
     use crate::compile::{compile, Ids};
-    use crate::model::{CreateEndpoint, CreateGroup, CreateRule, CreateUniverse, PatchEndpoint};
+    use crate::model::{CreateEndpoint, CreateGroup, CreateRule, PatchEndpoint};
+    use crate::testkit::{endpoint, group, port_rule, universe};
 
     /// splitmix64: a reproducible sequence of edits.
     struct Rng(u64);
@@ -564,47 +565,12 @@ mod tests {
     #[test]
     fn a_rule_that_makes_no_entry_still_checks_its_hosts() {
         let mut s = State::default();
-        let u = s
-            .create_universe(CreateUniverse {
-                name: "a".into(),
-                cidr: Some("10.9.0.0/16".into()),
-                cidrs: None,
-            })
-            .unwrap();
-        let g = s
-            .create_group(CreateGroup {
-                universe: u.id.clone(),
-                name: "g".into(),
-                description: None,
-            })
-            .unwrap();
-        s.create_endpoint(
-            CreateEndpoint {
-                universe: u.id.clone(),
-                host: Some("h1".into()),
-                netns: "n1".into(),
-                ip: "10.9.0.2".into(),
-                security_groups: Some(vec![g.id.clone()]),
-                conntrack_budget: None,
-                flow_logs: None,
-            },
-            "h1",
-        )
-        .unwrap();
+        let u = universe(&mut s, "a", "10.9.0.0/16");
+        let g = group(&mut s, &u.id, "g");
+        endpoint(&mut s, &u.id, "h1", "10.9.0.2", &[&g.id]);
         s.take_touched_hosts();
         let policy = s.host_counts("h1").policy;
-        s.add_rule(
-            &g.id,
-            CreateRule {
-                direction: "ingress".into(),
-                protocol: serde_json::json!("tcp"),
-                from_port: Some(80),
-                to_port: Some(80),
-                cidr: Some("2001:db8::/32".into()),
-                ..Default::default()
-            },
-        )
-        .unwrap();
+        s.add_rule(&g.id, port_rule("ingress", "tcp", 80, "2001:db8::/32")).unwrap();
         assert!(s.take_touched_hosts().contains("h1"), "the edit checks h1");
         assert_eq!(s.host_counts("h1").policy, policy, "the rule made no entry");
     }
@@ -620,14 +586,7 @@ mod tests {
             ["10.0.0.0/8", "10.1.0.0/16", "10.1.2.0/24", "10.1.2.3/32", "0.0.0.0/0", "10.2.0.0/16"];
         let mut universes = Vec::new();
         for name in ["a", "b"] {
-            let u = s
-                .create_universe(CreateUniverse {
-                    name: name.into(),
-                    cidr: Some("10.9.0.0/16".into()),
-                    cidrs: None,
-                })
-                .unwrap();
-            universes.push(u.id);
+            universes.push(universe(&mut s, name, "10.9.0.0/16").id);
         }
         s.reindex();
         let mut ns = 0;

@@ -47,6 +47,8 @@ pub mod server;
 pub mod sim;
 pub mod store;
 pub mod table;
+#[cfg(test)]
+mod testkit;
 pub mod tls;
 pub mod trace;
 pub mod ui;

@@ -890,30 +890,7 @@ pub fn seed_cidr_ids(maps: &MapContents) -> CidrIds {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// A universe "blue" of 10.1.0.0/16.
-    fn blue(s: &mut State) -> model::Universe {
-        let create = model::CreateUniverse {
-            name: "blue".into(),
-            cidr: Some("10.1.0.0/16".into()),
-            cidrs: None,
-        };
-        s.create_universe(create).unwrap()
-    }
-
-    /// An endpoint at `ip` of `universe` on `host` (`None`: the simulated host "sim-0001").
-    fn endpoint(s: &mut State, universe: &str, host: Option<&str>, ip: &str) -> model::Endpoint {
-        let create = model::CreateEndpoint {
-            universe: universe.into(),
-            host: host.map(Into::into),
-            netns: format!("ns-{ip}"),
-            ip: ip.into(),
-            security_groups: None,
-            conntrack_budget: None,
-            flow_logs: None,
-        };
-        s.create_endpoint(create, "sim-0001").unwrap()
-    }
+    use crate::testkit::{endpoint, universe};
 
     #[test]
     fn cidr_ids_are_seeded_from_the_map_layout_the_compiler_writes() {
@@ -952,8 +929,8 @@ mod tests {
     #[tokio::test]
     async fn rule_slots_are_rebuilt_from_the_maps_after_a_restart() {
         let mut s = State::default();
-        let u = blue(&mut s);
-        endpoint(&mut s, &u.id, None, "10.1.0.5");
+        let u = universe(&mut s, "blue", "10.1.0.0/16");
+        endpoint(&mut s, &u.id, "sim-0001", "10.1.0.5", &[]);
         let g = s.groups.values().find(|g| g.universe == u.id).unwrap().id.clone();
         let add = |s: &mut State, port: u16| {
             let req = serde_json::from_value(serde_json::json!({"direction": "ingress",
@@ -1007,7 +984,7 @@ mod tests {
     #[tokio::test]
     async fn a_simulated_host_realizes_the_state_in_its_in_memory_maps() {
         let mut s = State::default();
-        let u = blue(&mut s);
+        let u = universe(&mut s, "blue", "10.1.0.0/16");
         for (name, last) in [("sim-0001", 1), ("sim-0002", 2)] {
             let underlay = Some(Ipv4Addr::new(198, 19, 0, last));
             s.hosts.insert(name.into(), model::HostRecord::at(name, underlay));
@@ -1016,7 +993,7 @@ mod tests {
         for (host, ip) in
             [("sim-0001", "10.1.0.5"), ("sim-0001", "10.1.0.6"), ("sim-0002", "10.1.0.7")]
         {
-            ids.push(endpoint(&mut s, &u.id, Some(host), ip).id);
+            ids.push(endpoint(&mut s, &u.id, host, ip, &[]).id);
         }
         s.revision += 1;
 

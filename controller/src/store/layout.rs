@@ -780,49 +780,15 @@ pub fn encode_all(state: &State) -> Result<BTreeMap<String, String>, Error> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{CreateEndpoint, CreateGroup, CreateRule, CreateUniverse};
+    use crate::model::CreateEndpoint;
+    use crate::testkit::{endpoint, endpoint_req, group, port_rule, universe};
 
     pub(crate) fn sample() -> State {
         let mut s = State::default();
-        let u = s
-            .create_universe(CreateUniverse {
-                name: "blue".into(),
-                cidr: Some("10.1.0.0/16".into()),
-                cidrs: None,
-            })
-            .unwrap();
-        let g = s
-            .create_group(CreateGroup {
-                universe: u.id.clone(),
-                name: "web".into(),
-                description: None,
-            })
-            .unwrap();
-        s.add_rule(
-            &g.id,
-            CreateRule {
-                direction: "ingress".into(),
-                protocol: serde_json::json!("tcp"),
-                from_port: Some(80),
-                to_port: Some(80),
-                cidr: Some("10.0.0.0/8".into()),
-                ..Default::default()
-            },
-        )
-        .unwrap();
-        s.create_endpoint(
-            CreateEndpoint {
-                universe: u.id,
-                host: Some("h2".into()),
-                netns: "ns".into(),
-                ip: "10.1.0.5".into(),
-                security_groups: Some(vec![g.id]),
-                conntrack_budget: None,
-                flow_logs: None,
-            },
-            "h1",
-        )
-        .unwrap();
+        let u = universe(&mut s, "blue", "10.1.0.0/16");
+        let g = group(&mut s, &u.id, "web");
+        s.add_rule(&g.id, port_rule("ingress", "tcp", 80, "10.0.0.0/8")).unwrap();
+        endpoint(&mut s, &u.id, "h2", "10.1.0.5", &[&g.id]);
         s.hosts.insert(
             "h2".into(),
             HostRecord {
@@ -934,30 +900,13 @@ mod tests {
         };
         // A rule: one rule key and the universe's version.
         let before = s.clone();
-        s.add_rule(
-            &web,
-            CreateRule {
-                direction: "egress".into(),
-                protocol: serde_json::json!("udp"),
-                from_port: Some(53),
-                to_port: Some(53),
-                cidr: Some("10.9.0.0/16".into()),
-                ..Default::default()
-            },
-        )
-        .unwrap();
+        s.add_rule(&web, port_rule("egress", "udp", 53, "10.9.0.0/16")).unwrap();
         let d = check(&before, &mut s, &mut kvs);
         assert_eq!(d.ops.len(), 2, "{d:?}");
         assert_eq!(d.guards, BTreeSet::from([Guard::Universe(uni.clone())]));
         // Deleting a group with rules.
         let before = s.clone();
-        let g = s
-            .create_group(CreateGroup {
-                universe: uni.clone(),
-                name: "db".into(),
-                description: None,
-            })
-            .unwrap();
+        let g = group(&mut s, &uni, "db");
         let d = check(&before, &mut s, &mut kvs);
         assert!(d.guards.contains(&Guard::Absent(format!("ids/{}", g.id))));
         let before = s.clone();
@@ -993,19 +942,8 @@ mod tests {
         assert_eq!(kvs["counters/serials"], "1");
         let uni = s.universes.keys().next().unwrap().clone();
         let before = s.clone();
-        s.create_endpoint(
-            CreateEndpoint {
-                universe: uni.clone(),
-                host: Some("h2".into()),
-                netns: "ns2".into(),
-                ip: "10.1.0.6".into(),
-                security_groups: None,
-                conntrack_budget: Some(10),
-                flow_logs: None,
-            },
-            "h1",
-        )
-        .unwrap();
+        let req = endpoint_req(&uni, "h2", "10.1.0.6", &[]);
+        s.create_endpoint(CreateEndpoint { conntrack_budget: Some(10), ..req }, "h2").unwrap();
         let d = delta(&before, &s).unwrap();
         for key in ["counters/serials", "slots/h2"] {
             assert!(d.guards.contains(&Guard::Unchanged(key.into())), "{key}: {d:?}");
@@ -1025,28 +963,9 @@ mod tests {
         commit(&mut kvs, &delta(&before, &s).unwrap());
         let mut back = load(&kvs);
         assert_eq!((back.vnis_issued, back.serials_issued), (1, 2));
-        let u = back
-            .create_universe(CreateUniverse {
-                name: "again".into(),
-                cidr: Some("10.1.0.0/16".into()),
-                cidrs: None,
-            })
-            .unwrap();
+        let u = universe(&mut back, "again", "10.1.0.0/16");
         assert_eq!(u.vni, 2, "VNI 1 is never handed out again");
-        let e = back
-            .create_endpoint(
-                CreateEndpoint {
-                    universe: u.id,
-                    host: Some("h2".into()),
-                    netns: "ns".into(),
-                    ip: "10.1.0.5".into(),
-                    security_groups: None,
-                    conntrack_budget: None,
-                    flow_logs: None,
-                },
-                "h1",
-            )
-            .unwrap();
+        let e = endpoint(&mut back, &u.id, "h2", "10.1.0.5", &[]);
         assert_eq!(e.serial, 3, "serials 1 and 2 are never handed out again");
     }
 
