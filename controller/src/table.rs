@@ -105,6 +105,19 @@ impl<K: Ord + Clone, V: Clone> Table<K, V> {
         }
     }
 
+    /// [`Self::journal`] for a key given by a borrowed form, if the table holds it (`None`: it
+    /// does not, and nothing is journaled).
+    fn journal_present<Q>(&mut self, key: &Q) -> Option<()>
+    where
+        K: Borrow<Q>,
+        Q: Ord + ?Sized,
+    {
+        let (k, _) = self.map.get_key_value(key)?;
+        let k = k.clone();
+        self.journal(&k);
+        Some(())
+    }
+
     /// Sets `key`; returns what it held.
     pub fn insert(&mut self, key: K, value: V) -> Option<Arc<V>> {
         self.journal(&key);
@@ -123,9 +136,7 @@ impl<K: Ord + Clone, V: Clone> Table<K, V> {
         K: Borrow<Q>,
         Q: Ord + ?Sized,
     {
-        let (k, _) = self.map.get_key_value(key)?;
-        let k = k.clone();
-        self.journal(&k);
+        self.journal_present(key)?;
         self.map.remove(key).map(Arc::unwrap_or_clone)
     }
 
@@ -135,9 +146,7 @@ impl<K: Ord + Clone, V: Clone> Table<K, V> {
         K: Borrow<Q>,
         Q: Ord + ?Sized,
     {
-        let (k, _) = self.map.get_key_value(key)?;
-        let k = k.clone();
-        self.journal(&k);
+        self.journal_present(key)?;
         self.map.get_mut(key).map(Arc::make_mut)
     }
 
