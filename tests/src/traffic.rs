@@ -4,6 +4,7 @@
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -394,6 +395,34 @@ fn send_batch(sock: &UdpSocket, dst: Ipv4Addr, ports: &[u16]) -> u64 {
 /// Short timeouts for probes that are expected to fail, long ones for those that must succeed.
 pub const DENIED: Duration = Duration::from_millis(1000);
 pub const ALLOWED: Duration = Duration::from_secs(3);
+
+/// A stream socket a client reads with a timeout: the API's TCP port or its local socket.
+pub trait TimedRead: Read {
+    fn read_timeout(&self, timeout: Option<Duration>) -> io::Result<()>;
+}
+
+impl TimedRead for TcpStream {
+    fn read_timeout(&self, timeout: Option<Duration>) -> io::Result<()> {
+        self.set_read_timeout(timeout)
+    }
+}
+
+impl TimedRead for UnixStream {
+    fn read_timeout(&self, timeout: Option<Duration>) -> io::Result<()> {
+        self.set_read_timeout(timeout)
+    }
+}
+
+/// Whether the server has closed `s` (a read sees the end of the stream or a reset).
+pub fn closed_by_server<S: TimedRead>(s: &mut S) -> bool {
+    s.read_timeout(Some(Duration::from_millis(5))).unwrap();
+    let mut buf = [0u8; 512];
+    match s.read(&mut buf) {
+        Ok(0) => true,
+        Ok(_) => false,
+        Err(e) => !matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut),
+    }
+}
 
 #[cfg(test)]
 mod tests {

@@ -107,19 +107,6 @@ fn root_gets_in_on_the_local_socket_and_no_one_else_does() {
     assert_eq!(host.api.get("/v1/universes").status, 200, "the admin token still works");
 }
 
-/// Whether the server has closed `s` (a read sees the end of the stream or a reset).
-fn closed_by_server(s: &mut UnixStream) -> bool {
-    s.set_read_timeout(Some(Duration::from_millis(5))).unwrap();
-    let mut buf = [0u8; 512];
-    match s.read(&mut buf) {
-        Ok(0) => true,
-        Ok(_) => false,
-        Err(e) => {
-            !matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut)
-        }
-    }
-}
-
 #[test]
 fn the_local_socket_has_the_connection_cap_and_deadlines_of_tcp() {
     const CAP: usize = 16;

@@ -33,19 +33,6 @@ fn raise_own_fd_limit() -> u64 {
     lim.rlim_cur
 }
 
-/// Whether the server has closed `s` (a read sees the end of the stream or a reset).
-fn closed_by_server(s: &mut TcpStream) -> bool {
-    s.set_read_timeout(Some(Duration::from_millis(5))).unwrap();
-    let mut buf = [0u8; 512];
-    match s.read(&mut buf) {
-        Ok(0) => true,
-        Ok(_) => false,
-        Err(e) => {
-            !matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut)
-        }
-    }
-}
-
 /// A valid edit, timed.
 fn timed_edit(host: &Host, name: &str) -> (Response, Duration) {
     let start = Instant::now();
