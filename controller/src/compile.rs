@@ -129,12 +129,7 @@ pub fn compile(
         let (Some(index), Some(universe)) = (ifindex(ep), state.universes.get(&ep.universe)) else {
             continue;
         };
-        let mac = model::parse_mac(&ep.mac).ok_or_else(|| {
-            model::Error::invalid(
-                "mac",
-                format!("endpoint {} has a malformed MAC {:?}", ep.id, ep.mac),
-            )
-        })?;
+        let mac = endpoint_mac(ep)?;
         let ip = ep.ip.octets();
         let slot = ep.slot;
         slots.push((
@@ -210,12 +205,7 @@ pub fn compile(
         else {
             continue;
         };
-        let mac = model::parse_mac(&ep.mac).ok_or_else(|| {
-            model::Error::invalid(
-                "mac",
-                format!("endpoint {} has a malformed MAC {:?}", ep.id, ep.mac),
-            )
-        })?;
+        let mac = endpoint_mac(ep)?;
         let key = dp::RouteKey { vni: universe.vni, ip: ep.ip.octets() };
         // An address taken by a local endpoint stays local: the model refuses duplicates, so
         // this only guards against a corrupt state sending local traffic away.
@@ -318,6 +308,14 @@ pub fn compile(
     ids.cidrs = numbered;
     ids.rule_slots = slots;
     Ok(desired)
+}
+
+/// The MAC of `ep`, local or remote. The model stores only well-formed ones: a malformed one
+/// is a corrupt state, refused naming the field rather than compiled into the maps.
+fn endpoint_mac(ep: &model::Endpoint) -> model::Result<[u8; 6]> {
+    model::parse_mac(&ep.mac).ok_or_else(|| {
+        model::Error::invalid("mac", format!("endpoint {} has a malformed MAC {:?}", ep.id, ep.mac))
+    })
 }
 
 /// The rules that apply to an identity of `universe` with `groups`, each with the direction it
@@ -982,7 +980,8 @@ mod tests {
                 },
             )
         };
-        let expected = BTreeSet::from([
+        // The entries of the first seven rules, in the order they were added.
+        let in_order = [
             k(PEER, 0, 0),
             k(PROTO, TCP, 0),
             k(FULL, UDP, 53),
@@ -990,24 +989,12 @@ mod tests {
             k(PROTO, ICMP, 0),
             k(PROTO + 8, ICMP, 8 << 8),
             k(FULL, ICMP, 3 << 8 | 4),
-            k(PROTO, 47, 0),
-        ]);
+        ];
+        let expected: BTreeSet<_> = in_order.iter().copied().chain([k(PROTO, 47, 0)]).collect();
         assert_eq!(d.policy.keys().copied().collect::<BTreeSet<_>>(), expected);
-        // Each entry names the rule it came from: rules were added in the order of `expected`'s
-        // construction above, one entry each.
+        // Each entry names the rule it came from, one entry each.
         let rules = &made;
-        let by_rule: Vec<u32> = [
-            k(PEER, 0, 0),
-            k(PROTO, TCP, 0),
-            k(FULL, UDP, 53),
-            k(PROTO + 14, TCP, 8000),
-            k(PROTO, ICMP, 0),
-            k(PROTO + 8, ICMP, 8 << 8),
-            k(FULL, ICMP, 3 << 8 | 4),
-        ]
-        .iter()
-        .map(|key| d.policy[key].rule)
-        .collect();
+        let by_rule: Vec<u32> = in_order.iter().map(|key| d.policy[key].rule).collect();
         let want: Vec<u32> = rules[..7].iter().map(|r| model::rule_bits(&r.id).unwrap()).collect();
         assert_eq!(by_rule, want);
         assert_eq!(d.policy[&k(PROTO, 47, 0)].rule, model::rule_bits(&rules[8].id).unwrap());
