@@ -638,11 +638,15 @@ impl Mutation {
 /// and answers `status` with the revision header and `view(result)` as the body (none for 204).
 /// A retry of a recorded edit answers what was answered the first time; with `record_body`
 /// false only the status and revision are recorded (a new token's secret is shown once).
+/// The audit record of the request is written in the edit's commit, with what `note` holds
+/// and the ids `created` notes of the edit's result.
 async fn mutate<T, F, V>(
     st: &AppState,
+    note: &Note,
     idem: store::Idempotency,
     status: StatusCode,
     f: F,
+    created: fn(&T, &Note),
     view: impl FnOnce(T) -> Option<V>,
 ) -> ApiResult
 where
@@ -650,14 +654,39 @@ where
     T: Serialize + DeserializeOwned + Send + 'static,
     V: Serialize,
 {
-    mutate_with(st, idem, status, f, view, true).await
+    mutate_with(st, note, idem, status, f, created, view, true).await
 }
 
+/// For [`mutate`]: an edit that creates nothing the audit record names.
+fn creates_nothing<T>(_: &T, _: &Note) {}
+
+/// The audit record of an edit made through [`mutate`], for the store to write in its commit.
+struct InCommit<'a, T> {
+    note: &'a Note,
+    created: fn(&T, &Note),
+}
+
+impl<T> store::CommitAudit<T> for InCommit<'_, T> {
+    fn record(&self, out: &T, status: u16) -> Option<audit::AuditRecord> {
+        // A draft: an attempt that does not commit must not leave its ids in the note.
+        let draft = self.note.draft();
+        (self.created)(out, &draft);
+        draft.in_commit(status)
+    }
+
+    fn written(&self) {
+        self.note.written();
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
 async fn mutate_with<T, F, V>(
     st: &AppState,
+    note: &Note,
     idem: store::Idempotency,
     status: StatusCode,
     f: F,
+    created: fn(&T, &Note),
     view: impl FnOnce(T) -> Option<V>,
     record_body: bool,
 ) -> ApiResult
@@ -669,13 +698,15 @@ where
     let respond = move |out: &T| {
         (status.as_u16(), record_body.then(|| serde_json::to_value(out).ok()).flatten())
     };
+    let audit = InCommit { note, created };
     let key_header = (
         HeaderName::from_static(IDEMPOTENCY_HEADER),
         HeaderValue::from_str(&idem.key).unwrap_or(HeaderValue::from_static("invalid")),
     );
     let name = HeaderName::from_static(REVISION_HEADER);
-    match st.store.edit_recorded(&idem, f, respond).await? {
+    match st.store.edit_audited(&idem, f, respond, &audit).await? {
         store::Outcome::Applied { out, revision } => {
+            created(&out, note);
             wait_realized(st, revision).await;
             let rev = HeaderValue::from(revision);
             Ok(match view(out) {
@@ -691,7 +722,11 @@ where
                 key_header,
                 (HeaderName::from_static(REPLAYED_HEADER), HeaderValue::from_static("true")),
             ];
-            let body = rec.body.and_then(|b| serde_json::from_value::<T>(b).ok()).and_then(view);
+            let out = rec.body.and_then(|b| serde_json::from_value::<T>(b).ok());
+            let body = out.and_then(|out| {
+                created(&out, note);
+                view(out)
+            });
             Ok(match body {
                 Some(body) => (status, headers, Json(body)).into_response(),
                 None => (status, headers).into_response(),
@@ -831,13 +866,12 @@ async fn create_universe(
     let req: model::CreateUniverse = parse_body(body)?;
     // Checked before the store's lock is taken: a request with many CIDRs delays no other edit.
     let new = req.check()?;
-    let note = caller.note.clone();
-    let view = move |u: model::Universe| {
+    let created = |u: &model::Universe, note: &Note| {
         note.universe(&u.id);
         note.object(&u.id);
-        Some(u)
     };
-    mutate(&st, idem, StatusCode::CREATED, move |s| s.add_universe(new.clone()), view).await
+    let edit = move |s: &mut State| s.add_universe(new.clone());
+    mutate(&st, &caller.note, idem, StatusCode::CREATED, edit, created, Some).await
 }
 
 async fn list_universes(AxState(st): AxState<AppState>, caller: Caller) -> ApiResult {
@@ -888,7 +922,8 @@ where
     let id = path(id)?;
     caller.note.object(&id);
     let edit = |s: &mut State| edit(caller, s, &id);
-    mutate(st, idem, StatusCode::NO_CONTENT, edit, |_| None::<()>).await
+    mutate(st, &caller.note, idem, StatusCode::NO_CONTENT, edit, creates_nothing, |_| None::<()>)
+        .await
 }
 
 /// The check of an edit of an object (`kind` `id`) of `universe`: the universe must be visible
@@ -921,12 +956,8 @@ async fn create_group(
         })?;
         s.create_group(req.clone())
     };
-    let note = caller.note.clone();
-    let view = move |g: model::SecurityGroup| {
-        note.object(&g.id);
-        Some(g)
-    };
-    mutate(&st, idem, StatusCode::CREATED, edit, view).await
+    let created = |g: &model::SecurityGroup, note: &Note| note.object(&g.id);
+    mutate(&st, &caller.note, idem, StatusCode::CREATED, edit, created, Some).await
 }
 
 async fn list_groups(
@@ -1140,12 +1171,8 @@ async fn add_rule(
         }
         s.insert_rule(&id, rule.clone())
     };
-    let note = caller.note.clone();
-    let view = move |r: model::Rule| {
-        note.object(&r.id);
-        Some(r)
-    };
-    mutate(&st, idem, StatusCode::CREATED, edit, view).await
+    let created = |r: &model::Rule, note: &Note| note.object(&r.id);
+    mutate(&st, &caller.note, idem, StatusCode::CREATED, edit, created, Some).await
 }
 
 async fn delete_rule(
@@ -1162,7 +1189,8 @@ async fn delete_rule(
         allow_group_write(&caller, s, &group)?;
         s.delete_rule(&group, &rule)
     };
-    mutate(&st, idem, StatusCode::NO_CONTENT, edit, |()| None::<()>).await
+    let note = &caller.note;
+    mutate(&st, note, idem, StatusCode::NO_CONTENT, edit, creates_nothing, |()| None::<()>).await
 }
 
 /// The checks of a new endpoint: its universe visible and writable, its groups visible.
@@ -1412,7 +1440,8 @@ async fn patch_endpoint(
         }
         s.patch_endpoint(&id, req.clone())
     };
-    mutate(&st, idem, StatusCode::OK, edit, |e| Some(EndpointView::from(&e))).await
+    let view = |e: model::Endpoint| Some(EndpointView::from(&e));
+    mutate(&st, &caller.note, idem, StatusCode::OK, edit, creates_nothing, view).await
 }
 
 async fn delete_endpoint(
@@ -1510,9 +1539,11 @@ async fn create_token(
     };
     mutate_with(
         &st,
+        &caller.note,
         idem,
         StatusCode::CREATED,
         move |s| s.create_token(req.clone(), &secret),
+        creates_nothing,
         view,
         false,
     )
@@ -1535,7 +1566,9 @@ async fn delete_token(
     caller.require(Resource::Token, Op::Write)?;
     let id = path(id)?;
     caller.note.object(&id);
-    mutate(&st, idem, StatusCode::NO_CONTENT, move |s| s.delete_token(&id), |_| None::<()>).await
+    let edit = move |s: &mut State| s.delete_token(&id);
+    mutate(&st, &caller.note, idem, StatusCode::NO_CONTENT, edit, creates_nothing, |_| None::<()>)
+        .await
 }
 
 /// `since` of `GET /v1/audit`: an RFC 3339 time in UTC, or how long ago (`1h`, `30m`; see

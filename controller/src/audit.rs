@@ -10,9 +10,13 @@
 //!   or `unauthenticated` with the claimed token id), the source address, the action (method
 //!   and route), the universe and object ids involved (what handlers [`Note`]d), the status,
 //!   the revision the mutation produced (`Verse-Revision`), and the error code of a refusal.
-//! - The record is written before the answer leaves. A record that cannot be written is
-//!   logged (at error, with the record) and counted (`verse_audit_write_failures_total`); the
-//!   request's answer is not changed by it.
+//! - The record is written before the answer leaves. The record of a mutation the store
+//!   commits (through the API's edit path) is written in the edit's own commit (one etcd
+//!   transaction, one line of the embedded store's log: [`Note::in_commit`]), so it exists exactly
+//!   when the edit does; every other record (a refusal, a replay, an edit that changed nothing)
+//!   is written after the answer is known. A record that cannot be written is logged (at error,
+//!   with the record) and counted (`verse_audit_write_failures_total`); the request's answer is
+//!   not changed by it.
 //! - Refusals for credentials, and mutations refused for the rate limit (429), cost the refused
 //!   client nothing, so what they can write is bounded: at most [`REFUSALS_PER_SECOND`] per host
 //!   on average (bursts of [`REFUSALS_BURST`]); beyond that they are counted
@@ -84,6 +88,18 @@ struct NoteInner {
     refusal: Option<Refusal>,
     universe: Option<String>,
     objects: Vec<String>,
+    /// What the middleware knows of the request before it runs (`None` outside it).
+    request: Option<Seen>,
+    /// The record was written with the edit's commit: the middleware writes none.
+    written: bool,
+}
+
+/// The parts of a record the middleware knows before the handler runs.
+#[derive(Clone, Debug)]
+struct Seen {
+    host: String,
+    source: String,
+    action: String,
 }
 
 impl Note {
@@ -109,6 +125,37 @@ impl Note {
                 n.objects.push(id.to_owned());
             }
         });
+    }
+
+    /// A copy of what is noted so far, to note more in without touching this one (an edit's
+    /// attempt that may not commit).
+    pub fn draft(&self) -> Note {
+        Note(Arc::new(Mutex::new(self.with(|n| n.clone()))))
+    }
+
+    /// The record of this request answered `status` by an edit the store is about to commit
+    /// (its revision is the commit's, the store's to fill in); `None` outside the middleware.
+    pub fn in_commit(&self, status: u16) -> Option<AuditRecord> {
+        self.with(|n| {
+            let seen = n.request.as_ref()?;
+            Some(AuditRecord {
+                time: Timestamp(SystemTime::now()),
+                host: seen.host.clone(),
+                principal: n.principal.clone().unwrap_or_else(|| UNAUTHENTICATED.to_owned()),
+                source: seen.source.clone(),
+                action: seen.action.clone(),
+                universe: n.universe.clone(),
+                objects: n.objects.clone(),
+                status,
+                revision: None,
+                detail: None,
+            })
+        })
+    }
+
+    /// The record is durable with the edit's commit: the middleware must not write another.
+    pub fn written(&self) {
+        self.with(|n| n.written = true);
     }
 }
 
@@ -196,10 +243,18 @@ pub async fn record(AxState(st): AxState<AppState>, mut req: Request, next: Next
         action.push('…');
     }
     let source = crate::auth::source(&req);
+    note.with(|n| {
+        n.request =
+            Some(Seen { host: st.host.clone(), source: source.clone(), action: action.clone() })
+    });
     let started = Instant::now();
     let resp = next.run(req).await;
 
     let n = note.with(|n| n.clone());
+    if n.written {
+        phases::since(Phase::Request, started);
+        return resp;
+    }
     let credential_refused =
         n.refusal.as_ref().is_some_and(|r| !matches!(r, Refusal::Missing) || is_mutation(&method));
     if !is_mutation(&method) && !credential_refused {

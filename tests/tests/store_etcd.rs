@@ -1082,6 +1082,66 @@ async fn a_retried_edit_with_the_same_key_is_applied_once() {
     assert_eq!((rec.status, rec.revision), (204, deleted));
 }
 
+/// A test's audit record of an edit, counting the times the store wrote it.
+#[derive(Default)]
+struct Counted(std::sync::atomic::AtomicU32);
+
+impl<T> verse::store::CommitAudit<T> for Counted {
+    fn record(&self, _: &T, status: u16) -> Option<verse::audit::AuditRecord> {
+        Some(verse::audit::AuditRecord { status, revision: None, ..audit_record("h1", 0, None) })
+    }
+    fn written(&self) {
+        self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// An edit's audit record is written in the edit's own transaction (one etcd revision for
+/// both), read back with the edit's revision; an edit refused, or answered from its key's
+/// record, writes none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_edits_audit_record_is_in_its_own_transaction_and_only_if_it_happened() {
+    use verse::audit::Query;
+    use verse::store::{Idempotency, Outcome};
+    let etcd = Etcd::start();
+    let a = etcd.store(Duration::from_secs(5)).await;
+    let b = etcd.store(Duration::from_secs(5)).await;
+    let key = |k: &str| Idempotency {
+        key: k.into(),
+        fingerprint: format!("POST /v1/universes {k}"),
+        from_client: true,
+    };
+    let respond = |u: &model::Universe| (201, Some(serde_json::json!({"id": u.id})));
+    let audit = Counted::default();
+    let revision_of_etcd = || {
+        let out = etcdctl(&etcd, &["get", "/verse-test/", "--prefix", "--keys-only", "-w", "json"]);
+        serde_json::from_str::<serde_json::Value>(&out).unwrap()["header"]["revision"]
+            .as_u64()
+            .unwrap()
+    };
+    let create = |name: &'static str| move |s: &mut State| s.create_universe(universe(name));
+    let first = a.edit_audited(&key("k1"), create("blue"), respond, &audit).await.unwrap();
+    let Outcome::Applied { revision, .. } = first else { panic!("applied") };
+    assert_eq!(audit.0.load(std::sync::atomic::Ordering::SeqCst), 1);
+    assert_eq!(revision_of_etcd(), revision, "the edit and its record: one transaction");
+    // Refused (the name is taken), and replayed (the same key, through the other store).
+    let refused = a.edit_audited(&key("k2"), create("blue"), respond, &audit).await;
+    assert!(refused.is_err());
+    let again = b.edit_audited(&key("k1"), create("blue"), respond, &audit).await.unwrap();
+    assert!(matches!(again, Outcome::Replayed(_)));
+    assert_eq!(audit.0.load(std::sync::atomic::Ordering::SeqCst), 1);
+    assert_eq!(revision_of_etcd(), revision, "nothing written since");
+    let all = Query { since: None, universe: None, limit: 100 };
+    for store in [&a, &b] {
+        let trail = store.query_audit(&all).await.unwrap();
+        let got: Vec<_> = trail.iter().map(|r| (r.status, r.revision)).collect();
+        assert_eq!(got, [(201, Some(revision))]);
+    }
+    // A record written apart keeps the revision it carries.
+    a.append_audit(&audit_record("h1", 7, None)).await.unwrap();
+    let trail = b.query_audit(&all).await.unwrap();
+    assert_eq!(trail.iter().map(|r| r.revision).collect::<Vec<_>>(), [Some(revision), Some(7)]);
+}
+
 /// An edit whose commit never reaches etcd (its store is cut off) fails only once it is
 /// fenced off: the client told "failed" can count on it not having happened, then or later,
 /// and a retry with the same key applies it once.

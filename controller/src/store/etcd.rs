@@ -74,8 +74,8 @@ use tokio::time::{Instant, MissedTickBehavior};
 
 use super::layout::{self, Guard, Op};
 use super::{
-    audit_matches, AuditRetention, Error, HostStatus, Idempotency, Outcome, Realized, Recorded,
-    Result, IDEMPOTENCY_TTL,
+    audit_matches, AuditRetention, CommitAudit, Error, HostStatus, Idempotency, Outcome, Realized,
+    Recorded, Result, IDEMPOTENCY_TTL,
 };
 use crate::audit::{AuditRecord, Query as AuditQuery};
 use crate::model::{self, HostRecord, State};
@@ -105,6 +105,16 @@ const RETRY_MAX: Duration = Duration::from_secs(5);
 const MAX_MESSAGE: usize = 256 << 20;
 /// etcd's default `--max-txn-ops`.
 pub const MAX_TXN_OPS: usize = 128;
+
+/// An audit record as etcd holds it.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct StoredAudit {
+    #[serde(flatten)]
+    record: AuditRecord,
+    /// Written by the edit's own transaction: the record's revision is the key's.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    in_commit: bool,
+}
 
 /// Relative keys (under the prefix).
 const ALIVE: &str = "alive/";
@@ -638,7 +648,7 @@ impl Etcd {
         F: FnMut(&mut State) -> model::Result<T> + Send,
         T: Send + 'static,
     {
-        self.run(f, super::unrecorded()).await.map(Outcome::applied)
+        self.run(f, super::unrecorded(), None).await.map(Outcome::applied)
     }
 
     /// See [`Store::edit_recorded`](super::Store::edit_recorded).
@@ -653,11 +663,27 @@ impl Etcd {
         R: Fn(&T) -> (u16, Option<serde_json::Value>) + Send,
         T: Send + 'static,
     {
+        self.edit_audited(idem, f, respond, None).await
+    }
+
+    /// See [`Store::edit_audited`](super::Store::edit_audited).
+    pub(super) async fn edit_audited<T, F, R>(
+        &self,
+        idem: &Idempotency,
+        f: F,
+        respond: R,
+        audit: Option<&dyn CommitAudit<T>>,
+    ) -> Result<Outcome<T>>
+    where
+        F: FnMut(&mut State) -> model::Result<T> + Send,
+        R: Fn(&T) -> (u16, Option<serde_json::Value>) + Send,
+        T: Send + 'static,
+    {
         // No read of the key first: the commit requires the key's record to be absent, so an
         // edit whose key was recorded (or fenced) before cannot commit, and the record is read
         // only then, or when the edit cannot run on this host's state (a retry of a delete that
         // happened finds nothing to delete): a round trip to etcd saved on every other edit.
-        match self.run(f, Some((idem, respond))).await {
+        match self.run(f, Some((idem, respond)), audit).await {
             Err(Error::Rejected(refused)) if idem.from_client => {
                 match self.shared.recorded_timed(idem).await? {
                     Some(rec) => Ok(Outcome::Replayed(rec)),
@@ -668,13 +694,21 @@ impl Etcd {
         }
     }
 
-    async fn run<T, F, R>(&self, mut f: F, record: Option<(&Idempotency, R)>) -> Result<Outcome<T>>
+    async fn run<T, F, R>(
+        &self,
+        mut f: F,
+        record: Option<(&Idempotency, R)>,
+        audit: Option<&dyn CommitAudit<T>>,
+    ) -> Result<Outcome<T>>
     where
         F: FnMut(&mut State) -> model::Result<T> + Send,
         R: Fn(&T) -> (u16, Option<serde_json::Value>) + Send,
         T: Send + 'static,
     {
         let sh = &self.shared;
+        // Cleared when etcd refuses the commit as too large with the record in it: then the
+        // edit is tried once more without it (the API writes the record apart).
+        let mut with_audit = audit.is_some();
         for attempt in 1..=MAX_ATTEMPTS {
             let validating = Instant::now();
             let view = sh.view.borrow().clone();
@@ -724,8 +758,11 @@ impl Etcd {
                 })
                 .collect();
             let mut ops: Vec<TxnOp> = delta.ops.iter().map(|op| sh.txn_op(op)).collect();
+            let mut audited = false;
             if let Some((idem, respond)) = &record {
                 let (status, body) = respond(&out);
+                let audit_record =
+                    audit.filter(|_| with_audit).and_then(|a| a.record(&out, status));
                 let rec = Recorded {
                     fingerprint: idem.fingerprint.clone(),
                     status,
@@ -737,6 +774,14 @@ impl Etcd {
                 let lease = sh.idempotency_lease().await?;
                 let value = serde_json::to_vec(&rec).unwrap_or_default();
                 ops.push(TxnOp::put(key, value, Some(PutOptions::new().with_lease(lease))));
+                // The audit record in the same transaction (one Raft entry, not two), unless
+                // it would take the edit past etcd's operations per transaction: the API then
+                // writes it apart, and the edit's own limit stays what it was.
+                if let Some(rec) = audit_record.filter(|_| ops.len() < MAX_TXN_OPS) {
+                    let (key, value) = sh.audit_entry(&rec, true)?;
+                    ops.push(TxnOp::put(key, value, None));
+                    audited = true;
+                }
             }
             if ops.len() > MAX_TXN_OPS || compares.len() > MAX_TXN_OPS {
                 return Err(model::Error::conflict(
@@ -773,6 +818,15 @@ impl Etcd {
             phases::since(Phase::Commit, committing);
             let resp = match committed {
                 Err(Error::Etcd { source: etcd_client::Error::GRpcStatus(status), .. })
+                    if status.code() == tonic::Code::InvalidArgument && audited =>
+                {
+                    // Perhaps too large only with the audit record: once more without it.
+                    tracing::debug!(error = %status.message(), "etcd refused an edit with its audit record; trying without");
+                    with_audit = false;
+                    drop(turn);
+                    continue;
+                }
+                Err(Error::Etcd { source: etcd_client::Error::GRpcStatus(status), .. })
                     if status.code() == tonic::Code::InvalidArgument =>
                 {
                     // etcd's own limits (a lower --max-txn-ops, --max-request-bytes): this
@@ -791,6 +845,9 @@ impl Etcd {
                     Some((idem, _)) => {
                         return match sh.settle(idem, e).await? {
                             Some(revision) => {
+                                if audited {
+                                    audit.inspect(|a| a.written());
+                                }
                                 sh.wait_applied(i64::try_from(revision).unwrap_or(0)).await;
                                 Ok(Outcome::Applied { out, revision })
                             }
@@ -803,6 +860,9 @@ impl Etcd {
             };
             let at = resp.header().map_or(0, |h| h.revision());
             if resp.succeeded() {
+                if audited {
+                    audit.inspect(|a| a.written());
+                }
                 let echo = Instant::now();
                 sh.wait_applied(at).await;
                 phases::since(Phase::WatchEcho, echo);
@@ -898,13 +958,7 @@ impl Etcd {
 
     pub(super) async fn append_audit(&self, record: &AuditRecord) -> Result<()> {
         let sh = &self.shared;
-        let nanos = record.time.0.duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
-        let n = sh.audit_seq.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let key = sh.key(&format!("{AUDIT}{:020}-{}-{n}", nanos.as_nanos(), record.host));
-        let value = serde_json::to_vec(record).map_err(|e| Error::Corrupt {
-            key: key.clone(),
-            reason: format!("cannot serialize: {e}"),
-        })?;
+        let (key, value) = sh.audit_entry(record, false)?;
         timed("put (audit record)", sh.client.kv_client().put(key, value, None)).await?;
         Ok(())
     }
@@ -928,8 +982,16 @@ impl Etcd {
             let resp =
                 timed("range (read the audit trail)", kv.get(start.clone(), Some(options))).await?;
             for kv in resp.kvs() {
-                match serde_json::from_slice::<AuditRecord>(kv.value()) {
-                    Ok(rec) if audit_matches(&rec, query, oldest) => out.push(rec),
+                match serde_json::from_slice::<StoredAudit>(kv.value()) {
+                    Ok(StoredAudit { mut record, in_commit })
+                        if audit_matches(&record, query, oldest) =>
+                    {
+                        if in_commit {
+                            // Written by the edit's own transaction: its revision is the key's.
+                            record.revision = u64::try_from(kv.mod_revision()).ok();
+                        }
+                        out.push(record)
+                    }
                     Ok(_) => {}
                     Err(e) => tracing::warn!(
                         key = %String::from_utf8_lossy(kv.key()), error = %e,
@@ -978,6 +1040,20 @@ impl Shared {
             (self.prefix.clone(), self.key(AUDIT).into_bytes()),
             (self.key(AUDIT_END), self.key(IDEMPOTENCY).into_bytes()),
         ]
+    }
+
+    /// The key and value of an audit record: `in_commit` for one written by an edit's own
+    /// transaction, whose revision is then the key's (a query fills it in).
+    fn audit_entry(&self, record: &AuditRecord, in_commit: bool) -> Result<(String, Vec<u8>)> {
+        let nanos = record.time.0.duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+        let n = self.audit_seq.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let key = self.key(&format!("{AUDIT}{:020}-{}-{n}", nanos.as_nanos(), record.host));
+        let stored = StoredAudit { record: record.clone(), in_commit };
+        let value = serde_json::to_vec(&stored).map_err(|e| Error::Corrupt {
+            key: key.clone(),
+            reason: format!("cannot serialize: {e}"),
+        })?;
+        Ok((key, value))
     }
 
     fn txn_op(&self, op: &Op) -> TxnOp {

@@ -19,7 +19,9 @@
 //!
 //! The audit trail (`crate::audit`) lives in the store too, apart from the desired state:
 //! [`Store::append_audit`] adds a record durably, [`Store::query_audit`] reads the newest
-//! records that match, and the store keeps at most [`AuditRetention`] of them.
+//! records that match, and the store keeps at most [`AuditRetention`] of them. An edit made with
+//! [`Store::edit_audited`] writes its record in its own commit: the record is there exactly
+//! when the edit is (an edit refused or failed writes none), for one write instead of two.
 //!
 //! Two implementations, same behaviour:
 //! - [`embedded`] (the default): a JSON file in the state directory, one host, always healthy;
@@ -186,6 +188,16 @@ pub struct Recorded {
     /// The revision of the edit.
     #[serde(default)]
     pub revision: u64,
+}
+
+/// The audit record of an edit, written by the store in the edit's own commit
+/// ([`Store::edit_audited`]).
+pub trait CommitAudit<T>: Send + Sync {
+    /// The record of the edit whose result is `out`, answered `status` (the revision is the
+    /// store's to fill in); `None`: no record in the commit.
+    fn record(&self, out: &T, status: u16) -> Option<AuditRecord>;
+    /// The record is durable with the edit.
+    fn written(&self);
 }
 
 /// What an edit with an idempotency key came to.
@@ -378,7 +390,9 @@ impl Store {
         T: Send + 'static,
     {
         match self {
-            Store::Embedded(e) => Embedded::run(e, f, unrecorded()).await.map(Outcome::applied),
+            Store::Embedded(e) => {
+                Embedded::run(e, f, unrecorded(), None).await.map(Outcome::applied)
+            }
             Store::Etcd(e) => e.edit(f).await,
         }
     }
@@ -400,8 +414,30 @@ impl Store {
         T: Send + 'static,
     {
         match self {
-            Store::Embedded(e) => Embedded::run(e, f, Some((idem, respond))).await,
+            Store::Embedded(e) => Embedded::run(e, f, Some((idem, respond)), None).await,
             Store::Etcd(e) => e.edit_recorded(idem, f, respond).await,
+        }
+    }
+
+    /// [`Store::edit_recorded`] that also writes `audit`'s record of the edit in the same commit
+    /// (with the commit's revision), and tells `audit` once it is durable. The record is left
+    /// out (and `audit` not told) when it does not fit the commit (etcd's operations per
+    /// transaction): the caller writes it apart then, as for every outcome but a commit.
+    pub async fn edit_audited<T, F, R>(
+        &self,
+        idem: &Idempotency,
+        f: F,
+        respond: R,
+        audit: &dyn CommitAudit<T>,
+    ) -> Result<Outcome<T>>
+    where
+        F: FnMut(&mut State) -> model::Result<T> + Send,
+        R: Fn(&T) -> (u16, Option<serde_json::Value>) + Send,
+        T: Send + 'static,
+    {
+        match self {
+            Store::Embedded(e) => Embedded::run(e, f, Some((idem, respond)), Some(audit)).await,
+            Store::Etcd(e) => e.edit_audited(idem, f, respond, Some(audit)).await,
         }
     }
 
