@@ -41,6 +41,9 @@ pub struct MapContents {
     pub cidrs: BTreeMap<(u32, dp::CidrKey), u32>,
     /// `VERSE_POLICY`: (prefix length, key) -> the rule it came from; presence allows.
     pub policy: BTreeMap<(u32, dp::PolicyKey), dp::PolicyValue>,
+    /// `VERSE_POLICY_KINDS`: identity -> the kinds of peer its `policy` entries name
+    /// (`dataplane_common::peer_kind`), for the identities that have entries.
+    pub policy_kinds: BTreeMap<u32, u32>,
     /// `VERSE_HOSTS`: underlay address of every *other* host that has one -> host number
     /// (1-based position of the host in name order; the dataplane tests presence only).
     pub hosts: BTreeMap<dp::HostKey, u32>,
@@ -295,6 +298,7 @@ pub fn compile(
         }
     }
     desired.policy = policy.finish()?;
+    desired.policy_kinds = policy_kinds(&desired.policy);
     // Slots for the rules that kept an entry (a rule whose every entry another rule names first
     // counts nothing, and needs no slot).
     let named: BTreeSet<u32> =
@@ -331,6 +335,20 @@ pub(crate) fn identity_rules<'a>(
         let ingress = g.ingress.iter().map(|r| (dp::DIRECTION_INGRESS, r));
         ingress.chain(g.egress.iter().map(|r| (dp::DIRECTION_EGRESS, r)))
     })
+}
+
+/// The `VERSE_POLICY_KINDS` values of `policy`'s entries: per identity, the kinds of peer they
+/// name, per direction.
+pub fn policy_kinds(
+    policy: &BTreeMap<(u32, dp::PolicyKey), dp::PolicyValue>,
+) -> BTreeMap<u32, u32> {
+    let mut kinds = BTreeMap::new();
+    for (_, key) in policy.keys() {
+        let kind = dp::peer_kind::of(u32::from_be_bytes(key.peer));
+        *kinds.entry(u32::from_be_bytes(key.identity)).or_insert(0) |=
+            dp::peer_kind::bit(key.direction, kind);
+    }
+    kinds
 }
 
 /// S12 at the API: whether the state, compiled for every host that has endpoints, fits the
@@ -725,9 +743,17 @@ mod tests {
         port: u16,
     }
 
-    /// The dataplane's verdict: three lookups (identity, CIDR class, ANY); any hit allows.
+    /// The dataplane's verdict: three lookups (identity, CIDR class, ANY), each skipped when
+    /// the identity's `policy_kinds` has no entry of its kind (as `policy::rule` in the kernel
+    /// does); any hit allows.
     fn dataplane_allows(lpm: &Lpm, d: &MapContents, q: Query) -> bool {
-        let peers = [q.peer_identity, class_of(d, q.vni, q.peer_ip), Some(dp::peer::ANY)];
+        let kinds = d.policy_kinds.get(&q.policy).copied().unwrap_or(0);
+        let has = |kind| kinds & dp::peer_kind::bit(q.direction, kind) != 0;
+        let peers = [
+            q.peer_identity.filter(|_| has(dp::peer_kind::IDENTITY)),
+            class_of(d, q.vni, q.peer_ip).filter(|_| has(dp::peer_kind::CIDR)),
+            Some(dp::peer::ANY).filter(|_| has(dp::peer_kind::ANY)),
+        ];
         peers.into_iter().flatten().any(|peer| {
             lpm.hit(dp::PolicyKey {
                 identity: q.policy.to_be_bytes(),
@@ -934,6 +960,15 @@ mod tests {
              each entry names its rule"
         );
         assert!(d.cidrs.is_empty(), "/0 is the ANY peer, not a class");
+        assert_eq!(
+            d.policy_kinds,
+            BTreeMap::from([(
+                a.identity,
+                dp::peer_kind::bit(dp::DIRECTION_INGRESS, dp::peer_kind::IDENTITY)
+                    | dp::peer_kind::bit(dp::DIRECTION_EGRESS, dp::peer_kind::ANY)
+            )]),
+            "ingress names an identity, egress only 0.0.0.0/0: the egress check is one lookup"
+        );
     }
 
     #[test]

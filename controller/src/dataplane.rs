@@ -20,7 +20,7 @@
 //! - Nothing here panics on kernel answers; every failure is an [`Error`] naming the call and the
 //!   object.
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     ffi::CString,
     io,
     os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd},
@@ -258,6 +258,7 @@ pub struct Dataplane {
     routes: HashMap<MapData, RouteKey, Route>,
     cidrs: LpmTrie<MapData, CidrKey, u32>,
     policy: LpmTrie<MapData, PolicyKey, PolicyValue>,
+    policy_kinds: Array<MapData, u32>,
     conntrack: HashMap<MapData, CtKey, CtValue>,
     hosts: HashMap<MapData, HostKey, u32>,
     vnis: HashMap<MapData, VniKey, u8>,
@@ -325,6 +326,7 @@ impl Dataplane {
             routes: take_map(&mut ebpf, map_names::ROUTES)?,
             cidrs: take_map(&mut ebpf, map_names::CIDRS)?,
             policy: take_map(&mut ebpf, map_names::POLICY)?,
+            policy_kinds: take_map(&mut ebpf, map_names::POLICY_KINDS)?,
             conntrack: take_map(&mut ebpf, map_names::CONNTRACK)?,
             hosts: take_map(&mut ebpf, map_names::HOSTS)?,
             vnis: take_map(&mut ebpf, map_names::VNIS)?,
@@ -394,6 +396,15 @@ impl Dataplane {
     /// The current route epoch (tests).
     pub fn epoch(&self) -> Result<u32> {
         self.epoch.get(&0, 0).map_err(read_err(map_names::EPOCH))
+    }
+
+    /// Writes `VERSE_POLICY_KINDS[identity]`.
+    fn write_policy_kinds(&mut self, identity: u32, kinds: u32) -> Result<()> {
+        self.policy_kinds.set(identity, kinds, 0).map_err(|source| Error::MapWrite {
+            name: map_names::POLICY_KINDS,
+            entry: format!("identity {identity} = {kinds:#x}"),
+            source,
+        })
     }
 
     /// Writes the endpoint behind `ifindex` where the program looks first: its slot in
@@ -535,6 +546,12 @@ impl Dataplane {
             let (k, v) = item.map_err(read_err(map_names::CIDRS))?;
             desired.cidrs.insert((k.prefix_len(), k.data()), v);
         }
+        for (identity, item) in (0..).zip(self.policy_kinds.iter()) {
+            let kinds = item.map_err(read_err(map_names::POLICY_KINDS))?;
+            if kinds != 0 {
+                desired.policy_kinds.insert(identity, kinds);
+            }
+        }
         for item in self.policy.iter() {
             let (k, v) = item.map_err(read_err(map_names::POLICY))?;
             desired.policy.insert((k.prefix_len(), k.data()), v);
@@ -556,9 +573,10 @@ impl Dataplane {
     }
 
     /// Writes the difference between `current` (what the maps hold) and `desired`: new and
-    /// changed hosts, universes, CIDR classes, rule counter slots (zeroed) and policy entries,
-    /// budgets, routes, endpoints; then removed endpoints, routes, budgets, policy entries, CIDR
-    /// classes, universes, hosts.
+    /// changed hosts, universes, CIDR classes, rule counter slots (zeroed), the kinds of peer
+    /// of both states' policy entries (`VERSE_POLICY_KINDS`, the union) and policy entries,
+    /// budgets, routes, endpoints; then removed endpoints, routes, budgets, policy entries, the
+    /// kinds no entry names any more, CIDR classes, universes, hosts.
     pub fn apply(&mut self, current: &MapContents, desired: &MapContents) -> Result<()> {
         // Before the endpoints that spend them.
         for (&slot, owner) in &desired.ct_owners {
@@ -611,6 +629,14 @@ impl Dataplane {
             let zeros = PerCpuValues::try_from(vec![0u64; n]).map_err(MapError::IoError);
             self.rule_hits.set(slot, zeros.map_err(write_err)?, 0).map_err(write_err)?;
             self.lock_rule_slots().insert(slot, rule);
+        }
+        // The kinds of peer of the entries about to be written, before them (with the kinds of
+        // the entries still there: see `dataplane_common::peer_kind`).
+        for (&identity, &kinds) in &desired.policy_kinds {
+            let now = current.policy_kinds.get(&identity).copied().unwrap_or(0);
+            if now | kinds != now {
+                self.write_policy_kinds(identity, now | kinds)?;
+            }
         }
         // New entries, and entries now credited to another rule (the value is replaced in
         // place: the entry never disappears).
@@ -677,6 +703,16 @@ impl Dataplane {
                     source,
                 }
             })?;
+        }
+        // Only the kinds the entries left still name (the union written above, exact again).
+        let identities: BTreeSet<u32> =
+            current.policy_kinds.keys().chain(desired.policy_kinds.keys()).copied().collect();
+        for identity in identities {
+            let was = current.policy_kinds.get(&identity).copied().unwrap_or(0);
+            let want = desired.policy_kinds.get(&identity).copied().unwrap_or(0);
+            if want != was | want {
+                self.write_policy_kinds(identity, want)?;
+            }
         }
         // The entries naming them are gone: these slots count for no rule any more (their
         // values stay until a later apply zeroes them for another rule).

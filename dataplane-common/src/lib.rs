@@ -34,6 +34,7 @@ pub mod map_names {
     pub const EVENT_LIMITS: &str = "VERSE_EV_LIMITS";
     pub const RULE_HITS: &str = "VERSE_RULE_HITS";
     pub const CT_OWNERS: &str = "VERSE_CT_OWNERS";
+    pub const POLICY_KINDS: &str = "VERSE_POLICY_KINDS";
 }
 
 /// Name of the TC program attached (TCX ingress) to the host side of every endpoint veth.
@@ -131,6 +132,8 @@ pub mod capacity {
     /// Slots of `VERSE_CT_OWNERS`: one per local endpoint (`Endpoint::slot`, 1 to
     /// `ENDPOINTS`); slot 0 is never given out, so a zeroed value owns no budget.
     pub const CT_OWNERS: u32 = ENDPOINTS + 1;
+    /// Slots of `VERSE_POLICY_KINDS`: one per identity (see [`peer_kind`](super::peer_kind)).
+    pub const POLICY_KINDS: u32 = super::MAX_IDENTITY + 1;
 }
 
 /// `BPF_F_MMAPABLE` (`include/uapi/linux/bpf.h`): an array the controller maps into its memory,
@@ -491,6 +494,43 @@ pub mod peer {
     pub const ANY: u32 = 0;
     /// Identities are below this; CIDR classes have this bit set.
     pub const CIDR_FLAG: u32 = 0x8000_0000;
+}
+
+/// `VERSE_POLICY_KINDS` (an array indexed by identity): which of the three ways of naming the peer
+/// (the three lookups of a policy check, see [`PolicyKey`]) the policy entries of an identity
+/// use, a bit per kind and direction. A policy check skips a lookup whose kind has no entry, so
+/// an identity whose egress is the S2 default (`0.0.0.0/0`) pays one lookup there, not four
+/// (identity peer, CIDR class, class peer, `ANY`).
+///
+/// Contract: for every identity the bits in the map are at all times a superset of the kinds of
+/// its entries in `VERSE_POLICY` (the controller sets a bit before the first entry of its kind
+/// is written, and clears it only after the last one is removed), so skipping never hides an
+/// entry: the verdict and the rule credited are those of the three lookups.
+pub mod peer_kind {
+    use super::peer;
+
+    /// The peer is an endpoint identity (a group peer, S5).
+    pub const IDENTITY: u32 = 1;
+    /// The peer is a CIDR class.
+    pub const CIDR: u32 = 2;
+    /// The peer is `0.0.0.0/0` (`peer::ANY`).
+    pub const ANY: u32 = 4;
+
+    /// The kind of a `PolicyKey::peer` value.
+    pub const fn of(peer_value: u32) -> u32 {
+        if peer_value == peer::ANY {
+            ANY
+        } else if peer_value & peer::CIDR_FLAG != 0 {
+            CIDR
+        } else {
+            IDENTITY
+        }
+    }
+
+    /// The bit of an identity's value for its entries of `direction` with peers of `kind`.
+    pub const fn bit(direction: u8, kind: u32) -> u32 {
+        kind << (8 * direction as u32)
+    }
 }
 
 /// Identities fit the 16-bit group id of the VXLAN-GBP header.

@@ -36,6 +36,10 @@ pub static VERSE_CIDRS: LpmTrie<CidrKey, u32> = LpmTrie::pinned(capacity::CIDRS,
 #[map]
 pub static VERSE_POLICY: LpmTrie<PolicyKey, PolicyValue> = LpmTrie::pinned(capacity::POLICY, 0);
 
+/// Which kinds of peer each identity's policy entries name (`dataplane_common::peer_kind`).
+#[map]
+pub static VERSE_POLICY_KINDS: Array<u32> = Array::pinned(capacity::POLICY_KINDS, 0);
+
 /// Connection tracking, keyed by the flow's original direction. A plain, preallocated hash: the
 /// kernel never evicts an entry to make room for another (an LRU would let one endpoint's flood
 /// push out everyone's flows). Room is shared out instead: every entry is charged to its owner's

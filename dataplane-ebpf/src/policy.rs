@@ -1,12 +1,16 @@
-//! Policy lookups (S1, S5): three longest-prefix lookups in `VERSE_POLICY`, one per way a rule
-//! can name the peer — its identity, its CIDR class, or `ANY` (0.0.0.0/0). Any hit allows, and
-//! the first hit names the rule credited with the verdict (see `dataplane_common::PolicyValue`).
-//! The number of lookups is fixed, whatever the number of rules (see
-//! `dataplane_common::PolicyKey`).
+//! Policy lookups (S1, S5): up to three longest-prefix lookups in `VERSE_POLICY`, one per way a
+//! rule can name the peer — its identity, its CIDR class, or `ANY` (0.0.0.0/0). Any hit allows,
+//! and the first hit names the rule credited with the verdict (see
+//! `dataplane_common::PolicyValue`). A lookup is skipped when the identity has no entry of its
+//! kind in that direction (`VERSE_POLICY_KINDS`, an array lookup the verifier inlines; see
+//! `dataplane_common::peer_kind` for why that never hides an entry). The number of lookups is
+//! fixed, whatever the number of rules (see `dataplane_common::PolicyKey`).
 use aya_ebpf::maps::lpm_trie::Key;
-use dataplane_common::{peer, policy_prefix, CidrKey, PolicyKey, PolicyValue, CIDR_KEY_VNI_BITS};
+use dataplane_common::{
+    peer, peer_kind, policy_prefix, CidrKey, PolicyKey, PolicyValue, CIDR_KEY_VNI_BITS,
+};
 
-use crate::maps::{VERSE_CIDRS, VERSE_POLICY};
+use crate::maps::{VERSE_CIDRS, VERSE_POLICY, VERSE_POLICY_KINDS};
 
 /// The CIDR class of `ip` in universe `vni`: the peer value of the longest rule CIDR that
 /// contains it, if any.
@@ -30,6 +34,9 @@ pub fn rule(
     proto: u8,
     port: u16,
 ) -> Option<PolicyValue> {
+    // Every identity has a slot (identities are at most `MAX_IDENTITY`).
+    let kinds = VERSE_POLICY_KINDS.get(identity).copied().unwrap_or(0);
+    let has = |kind| kinds & peer_kind::bit(direction, kind) != 0;
     let mut data = PolicyKey {
         identity: identity.to_be_bytes(),
         direction,
@@ -37,17 +44,23 @@ pub fn rule(
         proto,
         port: port.to_be_bytes(),
     };
-    if let Some(peer_id) = peer_identity {
+    if let Some(peer_id) = peer_identity.filter(|_| has(peer_kind::IDENTITY)) {
         data.peer = peer_id.to_be_bytes();
         if let Some(v) = VERSE_POLICY.get(&Key::new(policy_prefix::FULL, data)) {
             return Some(*v);
         }
     }
-    if let Some(class) = cidr_class(vni, peer_ip) {
-        data.peer = class.to_be_bytes();
-        if let Some(v) = VERSE_POLICY.get(&Key::new(policy_prefix::FULL, data)) {
-            return Some(*v);
+    // The class lookup (a trie of its own) only when a class could be named.
+    if has(peer_kind::CIDR) {
+        if let Some(class) = cidr_class(vni, peer_ip) {
+            data.peer = class.to_be_bytes();
+            if let Some(v) = VERSE_POLICY.get(&Key::new(policy_prefix::FULL, data)) {
+                return Some(*v);
+            }
         }
+    }
+    if !has(peer_kind::ANY) {
+        return None;
     }
     data.peer = peer::ANY.to_be_bytes();
     VERSE_POLICY.get(&Key::new(policy_prefix::FULL, data)).copied()

@@ -97,6 +97,7 @@ pub fn desired(if_a: u32, budget: u64, remotes: &[Remote], admit_from: u32) -> M
         ),
         PolicyValue::default(),
     );
+    d.policy_kinds = verse::compile::policy_kinds(&d.policy);
     d
 }
 

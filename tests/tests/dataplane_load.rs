@@ -109,6 +109,7 @@ fn egress_all(d: &mut MapContents, id: u32) {
         ),
         PolicyValue::default(),
     );
+    d.policy_kinds = verse::compile::policy_kinds(&d.policy);
 }
 
 /// Identity `id` admits TCP/80 from A.
@@ -126,6 +127,7 @@ fn admit_tcp80_from_a(d: &mut MapContents, id: u32) {
         ),
         PolicyValue::default(),
     );
+    d.policy_kinds = verse::compile::policy_kinds(&d.policy);
 }
 
 /// Runs a command from the calling thread, so in the namespace that thread has joined.
@@ -846,4 +848,78 @@ fn pin_old_rule_hits(path: &Path) {
     assert_eq!(rc, 0, "BPF_OBJ_PIN: {}", std::io::Error::last_os_error());
     // SAFETY: `fd` is the map fd made above, owned here; the pin keeps the map.
     unsafe { libc::close(fd as i32) };
+}
+
+/// `VERSE_POLICY_KINDS` follows the policy entries through edits that change the kind of peer a
+/// rule names (identity, then `0.0.0.0/0`, then nothing): each edit's flows are judged by its
+/// own entries, none skipped, and the map holds exactly the kinds of the entries left.
+#[test]
+fn edits_that_change_the_kind_of_peer_are_judged_by_their_own_entries() {
+    assert!(
+        is_root(),
+        "dataplane_load needs root (bpf, netns, mount): run it with `cargo xtask test`"
+    );
+    let ns = Netns::new("dpk");
+    ns.disable_ipv6();
+    let dir = TempDir::new("dpk");
+    let bpffs = Bpffs::mount(&dir.path().join("bpf"));
+    ns.ip(&["link", "add", "ha", "type", "veth", "peer", "name", "wa"]);
+    ns.ip(&["link", "add", "hb", "type", "veth", "peer", "name", "wb"]);
+    let (if_a, if_b) = (ns.ifindex("ha"), ns.ifindex("hb"));
+    ns.enter(|| kinds_follow_edits(bpffs.path(), if_a, if_b));
+}
+
+fn kinds_follow_edits(bpf_dir: &Path, if_a: u32, if_b: u32) {
+    use dataplane_common::peer_kind;
+    let mut dp = Dataplane::load(bpf_dir, &config()).expect("load the dataplane");
+    // B admits TCP/80 from A's identity.
+    let by_identity = desired(if_a, if_b);
+    dp.apply(&MapContents::default(), &by_identity).expect("apply");
+    // ...then from 0.0.0.0/0 instead (the identity entry removed)...
+    let mut by_any = by_identity.clone();
+    by_any.policy.retain(|(_, k), _| k.direction != DIRECTION_INGRESS);
+    by_any.policy.insert(
+        (
+            policy_prefix::FULL,
+            PolicyKey {
+                identity: ID_B.to_be_bytes(),
+                direction: DIRECTION_INGRESS,
+                peer: dataplane_common::peer::ANY.to_be_bytes(),
+                proto: 6,
+                port: 80u16.to_be_bytes(),
+            },
+        ),
+        PolicyValue::default(),
+    );
+    by_any.policy_kinds = verse::compile::policy_kinds(&by_any.policy);
+    // ...then from nobody.
+    let mut none = by_any.clone();
+    none.policy.retain(|(_, k), _| k.direction != DIRECTION_INGRESS);
+    none.policy_kinds = verse::compile::policy_kinds(&none.policy);
+    assert_eq!(
+        by_any.policy_kinds[&ID_B],
+        peer_kind::bit(DIRECTION_INGRESS, peer_kind::ANY),
+        "B's ingress names only 0.0.0.0/0"
+    );
+    assert!(!none.policy_kinds.contains_key(&ID_B), "B has no entry left");
+
+    let mut sport = 41000;
+    let mut syn = |dp: &Dataplane| {
+        sport += 1;
+        dp.test_run(&tcp_frame(MAC_A, IP_A, IP_B, sport, 80, SYN), if_a, 1)
+            .expect("run")
+            .return_code
+    };
+    assert_eq!(syn(&dp), tc_act::REDIRECT, "admitted by the identity entry");
+    dp.apply(&by_identity, &by_any).expect("apply 0.0.0.0/0");
+    assert_eq!(dp.read().expect("read"), by_any, "the kinds are exactly those of the entries");
+    assert_eq!(syn(&dp), tc_act::REDIRECT, "admitted by the 0.0.0.0/0 entry");
+    dp.apply(&by_any, &none).expect("apply nothing");
+    assert_eq!(dp.read().expect("read"), none, "no kind is left for B");
+    let before = pinned_drops(dp.bpf_dir(), DropReason::PolicyIngress);
+    assert_eq!(syn(&dp), tc_act::SHOT, "nothing admits it");
+    assert_eq!(pinned_drops(dp.bpf_dir(), DropReason::PolicyIngress), before + 1);
+    dp.apply(&none, &by_identity).expect("apply the identity entry again");
+    assert_eq!(dp.read().expect("read"), by_identity);
+    assert_eq!(syn(&dp), tc_act::REDIRECT, "admitted by the identity entry again");
 }
