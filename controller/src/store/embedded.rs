@@ -4,7 +4,17 @@
 //! changes. Each edit appends one line to `<state_dir>/state.log`: the keys it writes, as the
 //! etcd store would write them ([`layout`](super::layout)), its revision and its idempotency
 //! record; the line is fsynced before the edit is published, so a published edit survives a
-//! crash. The whole state is written to `<state_dir>/state.json` only now and then (at the
+//! crash.
+//!
+//! Group commit: edits take turns to run, each on the state that includes every edit before
+//! it (written or still waiting to be), and queue their line; one writer at a time takes every
+//! line queued, writes them with one `write` and one fsync, and only then publishes the state
+//! and answers those edits. While it writes, the next edits queue behind it: under load one
+//! fsync carries many edits, idle it carries one, and no edit waits for a timer. A refused edit
+//! queues nothing. An edit that changes nothing but ran on queued edits is answered once they
+//! are written. If a write fails, its edits and every edit queued after them (they ran on its
+//! state) fail, nothing of them is published, the log is cut back to where the write began,
+//! and the next edit runs on the last published state. The whole state is written to `<state_dir>/state.json` only now and then (at the
 //! first edit, then every [`SNAPSHOT_EVERY`] edits), atomically (temporary file, fsync, rename,
 //! fsync of the directory; then its copy `<state_dir>/state.json.last-good` the same way: what
 //! to restore if `state.json` is lost or damaged, as versed says when it refuses to start
@@ -70,7 +80,7 @@ pub const AUDIT_FILE_OLD: &str = "audit.jsonl.1";
 pub const SNAPSHOT_EVERY: u64 = 1000;
 
 /// One line of the log: one edit.
-#[derive(Serialize, Deserialize)]
+#[derive(Clone, Serialize, Deserialize)]
 struct Entry {
     revision: u64,
     ops: Vec<Op>,
@@ -120,9 +130,21 @@ struct LoggedRecord {
 /// The embedded store. Use it through [`Store`](super::Store).
 pub struct Embedded {
     dir: PathBuf,
-    /// Held from reading the current state until the next one is published.
-    lock: Arc<Mutex<Log>>,
+    /// Held while an edit runs and queues its line: edits run one at a time, in order.
+    turn: Mutex<()>,
+    /// The edits run but not yet written.
+    queue: StdMutex<Queue>,
+    /// The open log; only the writer of a batch uses it.
+    log: StdMutex<Log>,
+    /// Counts the batches written (or failed): what a retry of a queued key waits for.
+    flushed: watch::Sender<u64>,
+    /// The published state: every edit in it is durable.
     tx: watch::Sender<Arc<State>>,
+    /// Batches written (each one fsync of the log).
+    batches: std::sync::atomic::AtomicU64,
+    /// Tests: the next write of the log fails.
+    #[cfg(test)]
+    fail_write: AtomicBool,
     /// The hosts registered here, by name; `healthy` is always true.
     hosts: watch::Sender<Arc<Vec<HostStatus>>>,
     /// Idempotency records by digest.
@@ -151,6 +173,32 @@ struct AuditFile {
     seq: u64,
     /// Records appended without an fsync since the last one.
     unsynced: bool,
+}
+
+/// The edits run but not yet written (see the module docs: group commit).
+struct Queue {
+    /// The state with every edit run so far, written or queued: what the next edit runs on.
+    head: Arc<State>,
+    /// Edits waiting for the next write.
+    waiting: Vec<Queued>,
+    /// A writer is at work: it takes `waiting` whole, again and again, until it is empty.
+    writing: bool,
+    /// Bumped when a write fails: an edit that ran on a state of before cannot queue.
+    generation: u64,
+    /// The idempotency keys (digests) of the edits queued or being written.
+    keys: std::collections::HashSet<String>,
+}
+
+/// One edit waiting to be written (or, with no `entry`, answered once the edits before it are).
+struct Queued {
+    entry: Option<Entry>,
+    audit: Option<AuditRecord>,
+    logged: Option<LoggedRecord>,
+    /// The state with this edit.
+    state: Arc<State>,
+    /// Told once the edit is durable and published (whether its audit record is in the trail),
+    /// or why it failed.
+    done: tokio::sync::oneshot::Sender<std::result::Result<bool, String>>,
 }
 
 /// The open log and how many edits it holds.
@@ -247,12 +295,25 @@ impl Embedded {
                 tracing::error!(error = %e, "AUDIT RECORDS LOST: could not add them to the trail");
             }
         }
-        let (tx, _) = watch::channel(Arc::new(state));
+        let state = Arc::new(state);
+        let (tx, _) = watch::channel(state.clone());
         let (hosts, _) = watch::channel(Arc::new(Vec::new()));
         Ok(Embedded {
             dir: dir.to_owned(),
-            lock: Arc::new(Mutex::new(Log { file, entries, snapshot })),
+            turn: Mutex::new(()),
+            queue: StdMutex::new(Queue {
+                head: state,
+                waiting: Vec::new(),
+                writing: false,
+                generation: 0,
+                keys: Default::default(),
+            }),
+            log: StdMutex::new(Log { file, entries, snapshot }),
+            flushed: watch::channel(0).0,
             tx,
+            batches: std::sync::atomic::AtomicU64::new(0),
+            #[cfg(test)]
+            fail_write: AtomicBool::new(false),
             hosts,
             records: StdMutex::new(records),
             swept: std::sync::atomic::AtomicU64::new(0),
@@ -365,89 +426,206 @@ impl Embedded {
         T: Send + 'static,
     {
         let queued = std::time::Instant::now();
-        let mut guard = this.lock.clone().lock_owned().await;
+        let mut turn = this.turn.lock().await;
+        if let Some((idem, _)) = &record {
+            // A retry of an edit still queued waits until it is written, then is answered
+            // from its record.
+            let digest = idem.digest();
+            loop {
+                let mut written = {
+                    let q = lock(&this.queue);
+                    if !q.keys.contains(&digest) {
+                        break;
+                    }
+                    this.flushed.subscribe()
+                };
+                drop(turn);
+                let _ = written.changed().await;
+                turn = this.turn.lock().await;
+            }
+        }
         phases::since(Phase::EditLock, queued);
         let validating = std::time::Instant::now();
         if let Some((idem, _)) = &record {
-            // Under the lock: a concurrent retry of the same request waits for the first.
             if let Some(rec) = this.recorded(idem)? {
                 return Ok(Outcome::Replayed(rec));
             }
         }
-        let current = this.tx.borrow().clone();
+        let (current, generation) = {
+            let q = lock(&this.queue);
+            (q.head.clone(), q.generation)
+        };
         let (out, next) = apply_edit(&current, &mut f)?;
-        let Some(next) = next else {
-            return Ok(Outcome::Applied { out, revision: current.revision });
-        };
-        let revision = next.revision;
-        let delta = layout::delta(&current, &next)?;
-        let mut audit_record = None;
-        let logged = record.as_ref().map(|(idem, respond)| {
-            let (status, body) = respond(&out);
-            audit_record = audit.and_then(|a| a.record(&out, status)).map(|mut r| {
-                r.revision = Some(revision);
-                r
-            });
-            LoggedRecord {
-                digest: idem.digest(),
-                record: Recorded { fingerprint: idem.fingerprint.clone(), status, body, revision },
-                expires: now_secs() + IDEMPOTENCY_TTL.as_secs(),
-            }
-        });
-        let mut entry = Entry {
-            revision,
-            ops: delta.ops,
-            records: logged.iter().cloned().collect(),
+        let mut queued_edit = Queued {
+            entry: None,
             audit: None,
+            logged: None,
+            state: current.clone(),
+            done: tokio::sync::oneshot::channel().0,
         };
+        let revision = match next {
+            None => {
+                if this.tx.borrow().revision == current.revision {
+                    // Nothing queued: the state it ran on is the published one.
+                    return Ok(Outcome::Applied { out, revision: current.revision });
+                }
+                current.revision
+            }
+            Some(mut next) => {
+                let revision = next.revision;
+                let delta = layout::delta(&current, &next)?;
+                let mut audit_record = None;
+                let logged = record.as_ref().map(|(idem, respond)| {
+                    let (status, body) = respond(&out);
+                    audit_record = audit.and_then(|a| a.record(&out, status)).map(|mut r| {
+                        r.revision = Some(revision);
+                        r
+                    });
+                    LoggedRecord {
+                        digest: idem.digest(),
+                        record: Recorded {
+                            fingerprint: idem.fingerprint.clone(),
+                            status,
+                            body,
+                            revision,
+                        },
+                        expires: now_secs() + IDEMPOTENCY_TTL.as_secs(),
+                    }
+                });
+                let records = logged.iter().cloned().collect();
+                queued_edit.entry = Some(Entry { revision, ops: delta.ops, records, audit: None });
+                queued_edit.audit = audit_record;
+                queued_edit.logged = logged;
+                next.clear_changes();
+                queued_edit.state = Arc::new(next);
+                revision
+            }
+        };
+        let (done, answer) = tokio::sync::oneshot::channel();
+        queued_edit.done = done;
+        let start_writer = {
+            let mut q = lock(&this.queue);
+            if q.generation != generation {
+                return Err(write_failed(&this.dir, "an edit it ran after could not be written"));
+            }
+            q.head = queued_edit.state.clone();
+            if let Some(r) = &queued_edit.logged {
+                q.keys.insert(r.digest.clone());
+            }
+            q.waiting.push(queued_edit);
+            !std::mem::replace(&mut q.writing, true)
+        };
+        drop(turn);
         phases::since(Phase::Validate, validating);
         let committing = std::time::Instant::now();
-        // The append, the publication and the release of the lock happen in one task that
-        // runs to completion even if this future is dropped, so a logged edit is always
-        // published and no other edit can start from the state it replaces.
-        let store = this.clone();
-        let mut next = next;
-        next.clear_changes();
-        let commit = tokio::task::spawn_blocking(move || {
-            let log = &mut *guard;
-            let path = store.dir.join(LOG_FILE);
-            let audited = store.audit.commit(audit_record, |line| {
-                entry.audit = line;
-                let mut bytes = serde_json::to_vec(&entry).map_err(std::io::Error::other)?;
-                bytes.push(b'\n');
-                log.file.write_all(&bytes).and_then(|()| log.file.sync_data())
-            });
-            let audited = audited.map_err(|source| Error::Write { path, source })?;
-            log.entries += 1;
-            if let Some(r) = logged {
-                store
-                    .records
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .insert(r.digest.clone(), r);
-            }
-            let next = Arc::new(next);
-            store.tx.send_replace(next.clone());
-            if !log.snapshot || log.entries >= SNAPSHOT_EVERY {
-                store.start_snapshot(log, next);
-            }
-            Ok::<_, Error>(audited)
-        });
-        match commit.await {
-            Ok(r) => {
-                if r? {
-                    audit.inspect(|a| a.written());
-                }
-            }
-            Err(join) => {
-                return Err(Error::Write {
-                    path: this.dir.join(LOG_FILE),
-                    source: std::io::Error::other(format!("the writing task failed: {join}")),
-                })
-            }
+        if start_writer {
+            // A task of its own: the batch is written and published even if this edit's
+            // future is dropped, so a logged edit is always published.
+            let store = this.clone();
+            tokio::task::spawn_blocking(move || store.write_batches());
+        }
+        let audited = match answer.await {
+            Ok(Ok(audited)) => audited,
+            Ok(Err(why)) => return Err(write_failed(&this.dir, &why)),
+            Err(_) => return Err(write_failed(&this.dir, "the writer of the log is gone")),
+        };
+        if audited {
+            audit.inspect(|a| a.written());
         }
         phases::since(Phase::Commit, committing);
         Ok(Outcome::Applied { out, revision })
+    }
+
+    /// The writer: takes every queued edit, writes their lines with one fsync, publishes the
+    /// state with them and answers them; again until nothing is queued.
+    fn write_batches(self: Arc<Self>) {
+        loop {
+            let batch = {
+                let mut q = lock(&self.queue);
+                if q.waiting.is_empty() {
+                    q.writing = false;
+                    return;
+                }
+                std::mem::take(&mut q.waiting)
+            };
+            let mut log = lock(&self.log);
+            let path = self.dir.join(LOG_FILE);
+            let records: Vec<Option<AuditRecord>> = batch.iter().map(|q| q.audit.clone()).collect();
+            let start = log.file.metadata().map(|m| m.len());
+            let written = self.audit.commit(records, |lines| {
+                let mut bytes = Vec::new();
+                for (queued, line) in batch.iter().zip(lines) {
+                    let Some(entry) = &queued.entry else { continue };
+                    let entry = Entry { audit: line, ..entry.clone() };
+                    serde_json::to_writer(&mut bytes, &entry).map_err(std::io::Error::other)?;
+                    bytes.push(b'\n');
+                }
+                if bytes.is_empty() {
+                    return Ok(());
+                }
+                #[cfg(test)]
+                if self.fail_write.swap(false, Ordering::SeqCst) {
+                    log.file.write_all(&bytes[..bytes.len() / 2])?;
+                    return Err(std::io::Error::other("injected by the test"));
+                }
+                self.batches.fetch_add(1, Ordering::Relaxed);
+                log.file.write_all(&bytes).and_then(|()| log.file.sync_data())
+            });
+            let audited = match written {
+                Ok(audited) => audited,
+                Err(e) => {
+                    // Nothing of this batch, nor of what ran on it, happened: cut the log back
+                    // (a partial line would spoil the next), run the next edit on the
+                    // published state.
+                    if let Ok(len) = start {
+                        if let Err(e) = log.file.set_len(len) {
+                            tracing::error!(error = %e, path = %path.display(), "could not cut the log back after a failed write");
+                        }
+                    }
+                    drop(log);
+                    let why = e.to_string();
+                    let mut q = lock(&self.queue);
+                    q.generation += 1;
+                    q.head = self.tx.borrow().clone();
+                    let mut failed = batch;
+                    failed.append(&mut q.waiting);
+                    for f in &failed {
+                        if let Some(r) = &f.logged {
+                            q.keys.remove(&r.digest);
+                        }
+                    }
+                    drop(q);
+                    for f in failed {
+                        let _ = f.done.send(Err(why.clone()));
+                    }
+                    self.flushed.send_modify(|n| *n += 1);
+                    continue;
+                }
+            };
+            log.entries += batch.iter().filter(|q| q.entry.is_some()).count() as u64;
+            let last = batch.last().map(|q| q.state.clone());
+            {
+                let mut records = lock(&self.records);
+                let mut q = lock(&self.queue);
+                for r in batch.iter().filter_map(|q| q.logged.as_ref()) {
+                    records.insert(r.digest.clone(), r.clone());
+                    q.keys.remove(&r.digest);
+                }
+            }
+            if let Some(last) = last {
+                if last.revision > self.tx.borrow().revision {
+                    self.tx.send_replace(last.clone());
+                }
+                if !log.snapshot || log.entries >= SNAPSHOT_EVERY {
+                    self.start_snapshot(&mut log, last);
+                }
+            }
+            drop(log);
+            for (queued, audited) in batch.into_iter().zip(audited) {
+                let _ = queued.done.send(Ok(audited));
+            }
+            self.flushed.send_modify(|n| *n += 1);
+        }
     }
 
     /// Sets the log aside and writes a snapshot of `state` (which includes every edit of the
@@ -566,32 +744,45 @@ impl AuditLog {
         Ok(())
     }
 
-    /// Runs `write_log`, the durable write of an edit's line of the state log, given the edit's
-    /// audit record numbered (if it has one); then appends the record to the trail without an
-    /// fsync (the log holds it durably). The lock is held throughout, so the trail's order is
-    /// its numbers' order. Returns whether the record is in the trail (if it could not be
-    /// appended, the caller writes it apart, and counts the failure); fails only if
-    /// `write_log` does.
+    /// Runs `write_log`, the durable write of a batch of edits' lines of the state log, given
+    /// each edit's audit record numbered (if it has one); then appends the records to the
+    /// trail without an fsync (the log holds them durably). The lock is held throughout, so the
+    /// trail's order is its numbers' order. Returns, per edit, whether its record is in the
+    /// trail (if it could not be appended, the caller writes it apart, and counts the
+    /// failure); fails only if `write_log` does.
     fn commit(
         &self,
-        record: Option<AuditRecord>,
-        write_log: impl FnOnce(Option<AuditLine>) -> std::io::Result<()>,
-    ) -> std::io::Result<bool> {
-        let Some(record) = record else {
-            write_log(None)?;
-            return Ok(false);
-        };
-        let mut f = self.file.lock().unwrap_or_else(PoisonError::into_inner);
-        let line = AuditLine { record, seq: f.seq };
-        f.seq += 1;
-        write_log(Some(line.clone()))?;
-        match self.append_locked(&mut f, &line, false) {
-            Ok(()) => Ok(true),
-            Err(e) => {
-                tracing::warn!(error = %e, "could not append an edit's audit record to the trail");
-                Ok(false)
-            }
+        records: Vec<Option<AuditRecord>>,
+        write_log: impl FnOnce(Vec<Option<AuditLine>>) -> std::io::Result<()>,
+    ) -> std::io::Result<Vec<bool>> {
+        if records.iter().all(Option::is_none) {
+            write_log(vec![None; records.len()])?;
+            return Ok(vec![false; records.len()]);
         }
+        let mut f = self.file.lock().unwrap_or_else(PoisonError::into_inner);
+        let lines: Vec<Option<AuditLine>> = records
+            .into_iter()
+            .map(|r| {
+                r.map(|record| {
+                    f.seq += 1;
+                    AuditLine { record, seq: f.seq - 1 }
+                })
+            })
+            .collect();
+        write_log(lines.clone())?;
+        Ok(lines
+            .iter()
+            .map(|line| {
+                let Some(line) = line else { return false };
+                match self.append_locked(&mut f, line, false) {
+                    Ok(()) => true,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "could not append an edit's audit record to the trail");
+                        false
+                    }
+                }
+            })
+            .collect())
     }
 
     /// Makes what was appended without an fsync durable.
@@ -800,6 +991,14 @@ fn apply_ops(state: &mut State, ops: &[Op]) -> Result<()> {
         .collect();
     layout::apply(state, &events)?;
     Ok(())
+}
+
+fn lock<T>(m: &StdMutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn write_failed(dir: &Path, why: &str) -> Error {
+    Error::Write { path: dir.join(LOG_FILE), source: std::io::Error::other(why.to_owned()) }
 }
 
 /// How long after the last write the tests wait for a background snapshot.
@@ -1249,6 +1448,120 @@ mod tests {
         // refusal, written apart, is in no log).
         std::fs::write(dir.join(AUDIT_FILE), format!("{}\n", lines[0])).unwrap();
         assert_eq!(trail_revisions(&dir).await, revs);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    fn rule(port: i64) -> model::CreateRule {
+        model::CreateRule {
+            direction: "ingress".into(),
+            protocol: serde_json::json!("tcp"),
+            from_port: Some(port),
+            to_port: Some(port),
+            cidr: Some("10.9.0.0/16".into()),
+            ..Default::default()
+        }
+    }
+
+    fn embedded(store: &Store) -> &Arc<Embedded> {
+        match store {
+            Store::Embedded(e) => e,
+            Store::Etcd(_) => unreachable!(),
+        }
+    }
+
+    /// Group commit: edits sent at once share fsyncs; each runs on the ones before it (a
+    /// second rule on the same port is refused, and not written); every acknowledged edit is
+    /// in the log, each with its own revision, and a reopen gives the same state back.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_edits_share_fsyncs_each_running_on_the_ones_before() {
+        let dir = temp_dir("group");
+        let store = Store::open_embedded(&dir).unwrap();
+        let (u, _) = store
+            .edit(|s| {
+                s.create_universe(model::CreateUniverse {
+                    name: "u".into(),
+                    cidr: Some("10.0.0.0/16".into()),
+                    cidrs: None,
+                })
+            })
+            .await
+            .unwrap();
+        let (g, _) = store
+            .edit(|s| {
+                s.create_group(model::CreateGroup {
+                    universe: u.id.clone(),
+                    name: "g".into(),
+                    description: None,
+                })
+            })
+            .await
+            .unwrap();
+        let before = embedded(&store).batches.load(Ordering::SeqCst);
+        let mut tasks = Vec::new();
+        for i in 0..200i64 {
+            let (store, g) = (store.clone(), g.id.clone());
+            // Two edits per port: one of each pair is refused as a duplicate.
+            tasks.push(tokio::spawn(async move {
+                store.edit(move |s| s.add_rule(&g, rule(1000 + i / 2))).await.map(|(_, rev)| rev)
+            }));
+        }
+        let mut revs = Vec::new();
+        let mut refused = 0;
+        for t in tasks {
+            match t.await.unwrap() {
+                Ok(rev) => revs.push(rev),
+                Err(Error::Rejected(_)) => refused += 1,
+                Err(e) => panic!("{e}"),
+            }
+        }
+        assert_eq!((revs.len(), refused), (100, 100));
+        revs.sort_unstable();
+        revs.dedup();
+        assert_eq!(revs.len(), 100, "each its own revision");
+        let batches = embedded(&store).batches.load(Ordering::SeqCst) - before;
+        assert!(batches < 100, "{batches} fsyncs for 100 edits");
+        let live = store.snapshot();
+        assert_eq!(live.groups[&g.id].ingress.len(), 100);
+        drop(store);
+        let reopened = Store::open_embedded(&dir).unwrap().snapshot();
+        assert_eq!(*reopened, *live);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// A write that fails fails its edits and the edits queued on them; nothing of them is
+    /// published or kept, and the next edit runs on the last published state.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_failed_write_fails_its_edits_and_the_ones_run_on_them() {
+        let dir = temp_dir("group-fail");
+        let store = Store::open_embedded(&dir).unwrap();
+        store.edit(|s| s.create_universe(universe("first")).map(|_| ())).await.unwrap();
+        let published = store.snapshot();
+        embedded(&store).fail_write.store(true, Ordering::SeqCst);
+        let mut tasks = Vec::new();
+        for i in 2..12u32 {
+            let store = store.clone();
+            tasks.push(tokio::spawn(async move {
+                store.edit(move |s| s.create_universe(universe(&format!("u{i}"))).map(|_| ())).await
+            }));
+        }
+        let mut ok = 0;
+        for t in tasks {
+            match t.await.unwrap() {
+                Ok(_) => ok += 1,
+                Err(e) => assert!(matches!(e, Error::Write { .. }), "{e}"),
+            }
+        }
+        assert!(ok < 10, "the first batch failed");
+        let after = store.snapshot();
+        assert_eq!(after.universes.len(), 1 + ok);
+        // The next edit builds on what was published, and everything survives a reopen.
+        let ((), rev) =
+            store.edit(|s| s.create_universe(universe("last")).map(|_| ())).await.unwrap();
+        assert_eq!(rev, after.revision + 1);
+        assert!(after.revision >= published.revision);
+        let live = store.snapshot();
+        drop(store);
+        assert_eq!(*Store::open_embedded(&dir).unwrap().snapshot(), *live);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
