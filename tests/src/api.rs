@@ -1,14 +1,39 @@
 //! The REST API as a test speaks it: [`Api`] (one daemon's API as one principal), raw HTTP
 //! requests, and a relay that reaches one host's API from another host's namespace.
+//!
+//! Two paths, on purpose:
+//! - The typed operations of a user ([`Api::create_universe`], [`Api::add_rule`],
+//!   [`Api::create_endpoint`], [`Api::hosts`], [`Api::metrics`], ... and everything else
+//!   through [`Api::client`]) go through the product's own client, `verse::client::Client`:
+//!   the same requests, the same decoding of answers and the same retry of a `429` as the `verse`
+//!   CLI. A test that configures Verse this way tests what a user runs, and a change of the
+//!   API that the client does not follow fails here first.
+//! - Raw HTTP ([`Api::request`], [`Api::get`]/[`Api::post`]/[`Api::patch`]/[`Api::delete`],
+//!   [`http_request`]) is kept for what the product's client cannot or must not send and for
+//!   what it does not show: malformed or unknown bodies, wrong methods, missing or foreign
+//!   tokens, raw bytes, and the exact status, headers and body of an answer (error answers,
+//!   `Retry-After`, `Verse-Revision` of a refusal). Reads that still use it are older tests that
+//!   assert on the raw answer; new tests use the client for anything a user would do.
+//!
+//! Every daemon listens on the loopback of its own namespace. The product client is built on a
+//! thread inside that namespace: reqwest's blocking client makes its connections on a runtime
+//! thread it spawns when it is built, and a new thread inherits the network namespace of the
+//! thread that spawns it, so every connection of that client starts in the daemon's namespace
+//! (`api_client_speaks_http_inside_a_namespace` below holds this).
 
 use std::io::{self, Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use serde_json::{json, Value};
+use serde::Serialize;
+use verse::api::CreatedToken;
+use verse::client::Client;
+use verse::model::{
+    CreateEndpoint, CreateGroup, CreateRule, CreateToken, CreateUniverse, PatchEndpoint, Role,
+};
 
 use crate::*;
 
@@ -52,17 +77,34 @@ impl Response {
     }
 }
 
-/// A client of one daemon's API, speaking HTTP/1.1 from inside the daemon's namespace (the API
-/// listens on that namespace's loopback), with a bearer token (the admin's unless
-/// [`Api::with_token`] says otherwise).
+/// One daemon's API as one principal, with a bearer token (the admin's unless
+/// [`Api::with_token`] says otherwise): the product's client for what a user does, raw HTTP for
+/// the rest (see the module's documentation). Clones share one client.
 #[derive(Clone, Debug)]
 pub struct Api {
     pub(crate) netns: String,
     pub(crate) port: u16,
     pub(crate) token: Option<String>,
+    /// Built on first use, inside `netns`.
+    client: Arc<OnceLock<Client>>,
+}
+
+/// What a typed call answered, as the JSON the API sent (the product's types serialize to it).
+fn to_json(what: &str, value: impl Serialize) -> Value {
+    serde_json::to_value(value).unwrap_or_else(|e| panic!("{what}: cannot show the answer: {e}"))
+}
+
+/// What the mutation `what` made, as JSON; panics with the client's error if it failed.
+fn made<T: Serialize>(what: &str, answer: verse::client::Result<(T, u64)>) -> Value {
+    to_json(what, answer.unwrap_or_else(|e| panic!("{what}: {e}")).0)
 }
 
 impl Api {
+    /// The API of the daemon listening on `port` of the loopback of namespace `netns`.
+    pub(crate) fn new(netns: &str, port: u16, token: Option<String>) -> Api {
+        Api { netns: netns.to_owned(), port, token, client: Arc::default() }
+    }
+
     /// The base URL as seen from inside the host namespace (for the CLI, run with `ip netns
     /// exec`).
     pub fn url(&self) -> String {
@@ -76,11 +118,25 @@ impl Api {
 
     /// The same API as another principal (`None`: no credentials at all).
     pub fn with_token(&self, token: Option<&str>) -> Api {
-        Api { token: token.map(str::to_owned), ..self.clone() }
+        Api::new(&self.netns, self.port, token.map(str::to_owned))
     }
 
-    /// One request; `timeout` bounds connecting and each read. API edits wait (10 s at most)
-    /// for the dataplane, so callers allow more than that.
+    /// The product's client of this API (`verse::client::Client`, what the CLI speaks), as this
+    /// principal, its connections made inside the daemon's namespace.
+    pub fn client(&self) -> &Client {
+        self.client.get_or_init(|| {
+            let url = self.url();
+            let client = enter_netns(&self.netns, || Client::new(&url))
+                .unwrap_or_else(|e| panic!("a client of {url} in {}: {e}", self.netns));
+            match &self.token {
+                Some(token) => client.with_token(token.clone()),
+                None => client,
+            }
+        })
+    }
+
+    /// One raw request; `timeout` bounds connecting and each read. API edits wait (10 s at
+    /// most) for the dataplane, so callers allow more than that.
     pub fn request(
         &self,
         method: &str,
@@ -92,8 +148,8 @@ impl Api {
         http_request_as(&self.netns, addr, method, path, body, self.token.as_deref(), timeout)
     }
 
-    /// One request as a well-behaved client makes it: a `429` (the daemon's rate limit, which
-    /// tests that create thousands of objects can reach) is sent again after its
+    /// One raw request as a well-behaved client makes it: a `429` (the daemon's rate limit,
+    /// which tests that create thousands of objects can reach) is sent again after its
     /// `Retry-After`. Use [`Api::request`] to see every answer as it is.
     fn call(&self, method: &str, path: &str, body: Option<&Value>) -> Response {
         let deadline = Instant::now() + Duration::from_secs(120);
@@ -108,89 +164,79 @@ impl Api {
             std::thread::sleep(Duration::from_secs(wait.clamp(1, 10)));
         }
     }
+    /// A raw `GET`; its answer as it is, once it is not a `429` (sent again after its `Retry-After`).
     pub fn get(&self, path: &str) -> Response {
         self.call("GET", path, None)
     }
+    /// A raw `POST`; its answer as it is, once it is not a `429` (sent again after its `Retry-After`).
     pub fn post(&self, path: &str, body: &Value) -> Response {
         self.call("POST", path, Some(body))
     }
+    /// A raw `PATCH`; its answer as it is, once it is not a `429` (sent again after its `Retry-After`).
     pub fn patch(&self, path: &str, body: &Value) -> Response {
         self.call("PATCH", path, Some(body))
     }
+    /// A raw `DELETE`; its answer as it is, once it is not a `429` (sent again after its `Retry-After`).
     pub fn delete(&self, path: &str) -> Response {
         self.call("DELETE", path, None)
     }
 
-    fn created(&self, path: &str, body: &Value) -> Value {
-        let r = self.post(path, body);
-        assert_eq!(r.status, 201, "POST {path} {body}: {}", r.body);
-        r.json()
-    }
-
-    /// `POST /v1/universes {name, cidr}`, asserting 201; returns the universe.
+    /// `verse universe create NAME --cidr CIDR`; returns the universe.
     pub fn create_universe(&self, name: &str, cidr: &str) -> Value {
-        self.created("/v1/universes", &json!({"name": name, "cidr": cidr}))
+        let req = CreateUniverse { name: name.into(), cidr: Some(cidr.into()), cidrs: None };
+        made(&format!("create universe {name} {cidr}"), self.client().create_universe(&req))
     }
-    /// `POST /v1/security-groups`, asserting 201; returns the group.
+    /// `verse group create`; returns the group.
     pub fn create_group(&self, universe: &str, name: &str) -> Value {
-        self.created("/v1/security-groups", &json!({"universe": universe, "name": name}))
+        let req = CreateGroup { universe: universe.into(), name: name.into(), description: None };
+        made(&format!("create group {name} in {universe}"), self.client().create_group(&req))
     }
-    /// `POST /v1/security-groups/{group}/rules`, asserting 201; returns the rule.
+    /// `verse rule add`, the rule given as the JSON body of `POST
+    /// /v1/security-groups/{group}/rules`; returns the rule.
     pub fn add_rule(&self, group: &str, rule: &Value) -> Value {
-        self.created(&format!("/v1/security-groups/{group}/rules"), rule)
+        let req: CreateRule = serde_json::from_value(rule.clone())
+            .unwrap_or_else(|e| panic!("{rule} is not a rule the client can send: {e}"));
+        made(&format!("add rule {rule} to {group}"), self.client().add_rule(group, &req))
     }
-    /// `DELETE /v1/security-groups/{group}/rules/{rule}`, asserting 204.
+    /// `verse rule delete`.
     pub fn delete_rule(&self, group: &str, rule: &str) {
-        let r = self.delete(&format!("/v1/security-groups/{group}/rules/{rule}"));
-        assert_eq!(r.status, 204, "DELETE rule {rule} of {group}: {}", r.body);
+        self.client()
+            .delete_rule(group, rule)
+            .unwrap_or_else(|e| panic!("delete rule {rule} of {group}: {e}"));
     }
-    /// The group as it is defined: `GET /v1/security-groups/{id}` without the hit counters it
-    /// adds (`hits` of each rule, `hits_from`), which traffic moves. Asserts 200.
+    /// The group as it is defined (without the hit counters `GET` adds, which traffic moves).
     pub fn group(&self, id: &str) -> Value {
-        let r = self.get(&format!("/v1/security-groups/{id}"));
-        assert_eq!(r.status, 200, "GET group {id}: {}", r.body);
-        let mut g = r.json();
-        if let Some(o) = g.as_object_mut() {
-            o.remove("hits_from");
-        }
-        for dir in ["ingress", "egress"] {
-            for rule in g[dir].as_array_mut().into_iter().flatten() {
-                if let Some(o) = rule.as_object_mut() {
-                    o.remove("hits");
-                }
-            }
-        }
-        g
+        let g = self.client().get_group(id).unwrap_or_else(|e| panic!("get group {id}: {e}"));
+        to_json("group", g)
     }
     /// Removes every egress rule of a group, leaving it with no rules at all in that direction.
     pub fn clear_egress(&self, group: &str) {
-        let g = self.group(group);
-        for rule in g["egress"].as_array().expect("egress is an array") {
-            self.delete_rule(group, rule["id"].as_str().expect("rule id"));
+        let g = self.client().get_group(group).unwrap_or_else(|e| panic!("get group {group}: {e}"));
+        for rule in &g.egress {
+            self.delete_rule(group, &rule.id);
         }
     }
     /// The `default` group of a universe (S3).
     pub fn default_group(&self, universe: &str) -> Value {
-        let r = self.get(&format!("/v1/security-groups?universe={universe}"));
-        assert_eq!(r.status, 200, "GET security-groups of {universe}: {}", r.body);
-        r.json()
-            .as_array()
-            .expect("a collection is a JSON array")
+        let groups = self
+            .client()
+            .list_groups(Some(universe))
+            .unwrap_or_else(|e| panic!("list the groups of {universe}: {e}"));
+        let g = groups
             .iter()
-            .find(|g| g["name"] == "default" && g["universe"] == universe)
-            .cloned()
-            .unwrap_or_else(|| panic!("universe {universe} has no default group: {}", r.body))
+            .find(|g| g.name == "default" && g.universe == universe)
+            .unwrap_or_else(|| panic!("universe {universe} has no default group: {groups:?}"));
+        to_json("group", g)
     }
-    /// `PATCH /v1/endpoints/{id} {security_groups}`, asserting 200.
+    /// `verse endpoint set-groups`: replaces the endpoint's groups; returns the endpoint.
     pub fn set_groups(&self, endpoint: &str, groups: &[&str]) -> Value {
-        let r =
-            self.patch(&format!("/v1/endpoints/{endpoint}"), &json!({"security_groups": groups}));
-        assert_eq!(r.status, 200, "PATCH endpoint {endpoint} {groups:?}: {}", r.body);
-        r.json()
+        let req = PatchEndpoint::groups(groups.iter().map(|g| (*g).to_owned()).collect());
+        let what = format!("set the groups of {endpoint} to {groups:?}");
+        made(&what, self.client().patch_endpoint(endpoint, &req))
     }
-    /// Makes a workload namespace and plugs it as an endpoint through this API (`POST
-    /// /v1/endpoints`, which must answer 201), placed on `host` (`None`: the host serving the
-    /// request). `groups` empty means "none given", so the endpoint gets `default` (S3).
+    /// Makes a workload namespace and plugs it as an endpoint through this API (`verse endpoint
+    /// create`), placed on `host` (`None`: the host serving the request). `groups` empty means
+    /// "none given", so the endpoint gets `default` (S3).
     pub fn create_endpoint(
         &self,
         host: Option<&str>,
@@ -210,42 +256,54 @@ impl Api {
         ip: &str,
         groups: &[&str],
     ) -> (Workload, u64) {
+        self.plug(CreateEndpoint {
+            universe: universe.into(),
+            host: host.map(str::to_owned),
+            ip: ip.into(),
+            security_groups: (!groups.is_empty())
+                .then(|| groups.iter().map(|g| (*g).to_owned()).collect()),
+            ..Default::default()
+        })
+    }
+
+    /// Makes a workload namespace and plugs it as the endpoint `req` describes (its `netns` is
+    /// the new namespace's); returns it and the revision the creation produced.
+    pub fn plug(&self, mut req: CreateEndpoint) -> (Workload, u64) {
         let ns = Netns::new("w");
-        let mut body = json!({"universe": universe, "netns": ns.name(), "ip": ip});
-        if let Some(host) = host {
-            body["host"] = json!(host);
-        }
-        if !groups.is_empty() {
-            body["security_groups"] = json!(groups);
-        }
-        let r = self.post("/v1/endpoints", &body);
-        assert_eq!(r.status, 201, "POST /v1/endpoints {body}: {}", r.body);
-        let ep = r.json();
-        let s = |k: &str| {
-            ep[k].as_str().unwrap_or_else(|| panic!("endpoint.{k} missing in {ep}")).to_owned()
-        };
-        let revision = r.revision().unwrap_or_else(|| panic!("no Verse-Revision: {:?}", r.headers));
+        req.netns = ns.name().to_owned();
+        let (ep, revision) = self
+            .client()
+            .create_endpoint(&req)
+            .unwrap_or_else(|e| panic!("create endpoint {req:?}: {e}"));
         let workload = Workload {
-            id: s("id"),
-            ip: s("ip").parse().unwrap_or_else(|e| panic!("endpoint.ip in {ep}: {e}")),
-            mac: s("mac"),
-            interface: s("interface"),
-            json: ep,
+            id: ep.id.clone(),
+            ip: ep.ip,
+            mac: ep.mac.clone(),
+            interface: ep.interface.clone(),
+            json: to_json("endpoint", &ep),
             ns,
         };
         (workload, revision)
     }
-    /// `GET /v1/hosts`, asserting 200: `[{name, underlay_ip, revision, healthy}]`.
+    /// `verse token create --role ROLE [--universe U]`: the token, its secret included.
+    pub fn create_token(&self, role: Role, universe: Option<&str>) -> CreatedToken {
+        let req = CreateToken {
+            role,
+            universe: universe.map(str::to_owned),
+            expires: None,
+            description: None,
+        };
+        let what = format!("create a token {req:?}");
+        self.client().create_token(&req).unwrap_or_else(|e| panic!("{what}: {e}")).0
+    }
+    /// `verse host list`: `[{name, underlay_ip, revision, healthy, ...}]`.
     pub fn hosts(&self) -> Vec<Value> {
-        let r = self.get("/v1/hosts");
-        assert_eq!(r.status, 200, "GET /v1/hosts: {}", r.body);
-        r.json().as_array().cloned().unwrap_or_else(|| panic!("hosts is not an array: {}", r.body))
+        let hosts = self.client().list_hosts().unwrap_or_else(|e| panic!("list the hosts: {e}"));
+        hosts.iter().map(|h| to_json("host", h)).collect()
     }
     /// The Prometheus text of `/metrics`.
     pub fn metrics(&self) -> String {
-        let r = self.get("/metrics");
-        assert_eq!(r.status, 200, "GET /metrics: {}", r.body);
-        r.body
+        self.client().metrics().unwrap_or_else(|e| panic!("GET /metrics: {e}"))
     }
 }
 
@@ -431,35 +489,47 @@ mod tests {
 
     #[test]
     fn api_client_speaks_http_inside_a_namespace() {
+        // The namespace's loopback is the only place this port listens: the raw path and the
+        // product's client both reach it only if they connect from inside the namespace.
         let ns = Netns::new("tapi");
         let listener = ns.enter(|| TcpListener::bind("127.0.0.1:7070")).unwrap();
+        let universe = r#"{"id":"uni-0000000a","name":"u","cidrs":["10.0.0.0/16"],"vni":7}"#;
         let server = std::thread::spawn(move || {
-            let (mut s, _) = listener.accept().unwrap();
-            let mut req = Vec::new();
-            let mut buf = [0u8; 4096];
-            while !req.ends_with(b"}") {
-                let n = s.read(&mut buf).unwrap();
-                assert!(n > 0, "client closed early");
-                req.extend_from_slice(&buf[..n]);
+            let mut seen = Vec::new();
+            for body in ["{\"ok\":true}", universe] {
+                let (mut s, _) = listener.accept().unwrap();
+                let mut req = Vec::new();
+                let mut buf = [0u8; 4096];
+                while !req.ends_with(b"}") {
+                    let n = s.read(&mut buf).unwrap();
+                    assert!(n > 0, "client closed early");
+                    req.extend_from_slice(&buf[..n]);
+                }
+                write!(
+                    s,
+                    "HTTP/1.1 201 Created\r\nverse-revision: 3\r\ncontent-length: {}\r\n\r\n{body}",
+                    body.len()
+                )
+                .unwrap();
+                seen.push(String::from_utf8_lossy(&req).into_owned());
             }
-            let req = String::from_utf8_lossy(&req).into_owned();
-            let body = "{\"ok\":true}";
-            write!(
-                s,
-                "HTTP/1.1 201 Created\r\nverse-revision: 3\r\ncontent-length: {}\r\n\r\n{body}",
-                body.len()
-            )
-            .unwrap();
-            req
+            seen
         });
-        let api = Api { netns: ns.name().to_owned(), port: 7070, token: Some("vt_x".into()) };
+        let api = Api::new(ns.name(), 7070, Some("vt_x".into()));
         let r = api.post("/v1/universes", &json!({"name": "u"}));
         assert_eq!((r.status, r.revision(), r.json()), (201, Some(3), json!({"ok": true})));
-        let req = server.join().unwrap();
+        let typed = api.create_universe("u", "10.0.0.0/16");
+        assert_eq!(typed, serde_json::from_str::<Value>(universe).unwrap());
+        let seen = server.join().unwrap();
+        let raw = &seen[0];
         assert!(
-            req.starts_with("POST /v1/universes HTTP/1.1\r\n") && req.ends_with("{\"name\":\"u\"}"),
-            "{req}"
+            raw.starts_with("POST /v1/universes HTTP/1.1\r\n") && raw.ends_with("{\"name\":\"u\"}"),
+            "{raw}"
         );
-        assert!(req.contains("\r\nAuthorization: Bearer vt_x\r\n"), "{req}");
+        assert!(raw.contains("\r\nAuthorization: Bearer vt_x\r\n"), "{raw}");
+        let client = seen[1].to_ascii_lowercase();
+        assert!(client.starts_with("post /v1/universes http/1.1\r\n"), "{client}");
+        assert!(client.contains("\r\nauthorization: bearer vt_x\r\n"), "{client}");
+        assert!(client.ends_with(r#"{"name":"u","cidr":"10.0.0.0/16"}"#), "{client}");
     }
 }

@@ -197,7 +197,7 @@ impl Versed {
         let file = admin_token_flag(&self.extra_args)
             .unwrap_or_else(|| self.state_dir.join("admin.token"));
         let token = fs::read_to_string(file).ok().map(|t| t.trim().to_owned());
-        Api { netns: self.netns.clone(), port: self.port, token }
+        Api::new(&self.netns, self.port, token)
     }
 
     /// The local unix socket of this daemon (root only; no token needed).

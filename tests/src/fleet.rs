@@ -687,10 +687,10 @@ impl Fleet {
         self.endpoint_via((on + 1) % self.len(), on, universe, ip, groups)
     }
 
-    /// `GET /v1/hosts` asked of host `via`, or `None` if it does not answer 200.
+    /// `GET /v1/hosts` asked of host `via`, or `None` if it does not answer.
     fn host_statuses_via(&self, via: usize) -> Option<Vec<Value>> {
-        let r = self.hosts[via].api.request("GET", "/v1/hosts", None, Duration::from_secs(5));
-        r.ok().filter(|r| r.status == 200).and_then(|r| r.json().as_array().cloned())
+        let hosts = self.hosts[via].api.client().list_hosts().ok()?;
+        serde_json::to_value(hosts).ok().and_then(|v| v.as_array().cloned())
     }
 
     /// The entry of host `name` in `GET /v1/hosts` asked of host `via`.
@@ -699,10 +699,11 @@ impl Fleet {
     }
 
     /// Waits (bounded by `timeout`) until `GET /v1/hosts` (asked of host `via`) lists every
-    /// host of the fleet healthy with a realized revision of at least `revision`.
+    /// host of the fleet healthy with a realized revision of at least `revision` (an API that
+    /// does not answer has not).
     pub fn wait_realized(&self, via: usize, revision: u64, timeout: Duration) -> bool {
         wait_until(timeout, || {
-            let hs = self.api(via).hosts();
+            let Some(hs) = self.host_statuses_via(via) else { return false };
             self.hosts.iter().all(|host| {
                 hs.iter().any(|h| {
                     h["name"] == host.name()

@@ -7,9 +7,10 @@
 //! Waiting is always a bounded poll ([`wait_until`]), never a bare sleep used as synchronisation.
 //!
 //! A test builds a [`Host`] (a network namespace running `versed`, reached through [`Api`]),
-//! configures Verse only through the REST API (as the host's admin: [`Api`] sends the token
-//! `versed` wrote to its state directory at first start, or the one the harness gave it), plugs [`Workload`]s (one namespace per endpoint)
-//! and then asserts what a user sees: a packet that arrives or not ([`tcp_connect`], [`ping`],
+//! configures Verse only through the REST API, with the product's own client ([`Api::client`])
+//! as the host's admin ([`Api`] sends the token `versed` wrote to its state directory at first
+//! start, or the one the harness gave it), plugs [`Workload`]s (one namespace per endpoint) and
+//! then asserts what a user sees: a packet that arrives or not ([`tcp_connect`], [`ping`],
 //! [`udp_roundtrip`], [`TcpConn`]), an API status and error code ([`Response`]), a drop counter
 //! that moved ([`drops`]).
 //!
@@ -22,7 +23,8 @@
 //! - [`names`]: per-run names and ports, the sweep of what killed runs left, bounded polling;
 //! - [`netns`]: the guards of what a test makes (namespace, temporary directory, bpffs);
 //! - [`daemon`]: `versed` ([`Versed`], [`Host`]), the `verse` CLI, [`Workload`]s;
-//! - [`api`]: the REST API as a test speaks it ([`Api`], raw HTTP, [`ApiRelay`]);
+//! - [`api`]: the REST API as a test speaks it ([`Api`]: the product's client for what a user
+//!   does, raw HTTP for what it cannot send; [`ApiRelay`]);
 //! - [`assert`]: drop counters, metrics, pinned maps, [`assert_dropped`];
 //! - [`traffic`]: probes and servers over ordinary sockets;
 //! - [`raw`]: raw sockets, forged frames, captures, the victim's sockets as judges;

@@ -7,6 +7,7 @@ use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
 use tests::*;
+use verse::model::Role;
 
 fn port(host: &Host) -> u16 {
     host.api.url().rsplit(':').next().and_then(|p| p.parse().ok()).expect("port in the API URL")
@@ -222,12 +223,9 @@ fn a_burst_beyond_a_principals_rate_gets_429_while_other_principals_are_served()
     let me = Ipv4Addr::LOCALHOST;
     let other = Ipv4Addr::new(127, 0, 0, 2);
     // Two principals besides the first admin (whose writes make them).
-    let token = |role: &str| {
-        let r = host.api.post("/v1/tokens", &json!({ "role": role }));
-        assert_eq!(r.status, 201, "{}", r.body);
-        r.json()["token"].as_str().expect("the secret").to_owned()
-    };
-    let (a, b) = (token("admin"), token("admin"));
+    let (a, b) =
+        (host.api.create_token(Role::Admin, None), host.api.create_token(Role::Admin, None));
+    let (a, b) = (a.token, b.token);
 
     // 20 writes of principal a as fast as they go (invalid ones, answered 400 when served).
     let burst: Vec<Response> = (0..20)

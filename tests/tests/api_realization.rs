@@ -7,6 +7,7 @@
 use std::time::Duration;
 
 use tests::*;
+use verse::model::CreateUniverse;
 
 fn id(v: &Value) -> &str {
     v["id"].as_str().expect("resource has an id")
@@ -32,6 +33,11 @@ impl Drop for FakeNetns {
 }
 
 /// The interfaces Verse made in the host namespace (`vx…`).
+/// Whether the API lists no endpoint at all (a refused creation left none behind).
+fn no_endpoints(api: &Api) -> bool {
+    api.client().list_endpoints(None, None).expect("list endpoints").is_empty()
+}
+
 fn verse_interfaces(host: &Host) -> Vec<String> {
     let out = host.netns().ip(&["-o", "link", "show"]);
     String::from_utf8_lossy(&out.stdout)
@@ -74,7 +80,7 @@ fn an_endpoint_its_host_cannot_plumb_is_an_error_naming_host_and_cause_and_is_re
     assert!(msg.contains(host.name()) && msg.contains("eth0"), "names host and cause: {msg}");
 
     // Both were removed again: no endpoint, no interface, the host fully realized and clean.
-    assert_eq!(api.get("/v1/endpoints").json(), json!([]));
+    assert!(no_endpoints(api));
     assert!(verse_interfaces(&host).is_empty(), "left behind: {:?}", verse_interfaces(&host));
     let hosts = api.hosts();
     assert_eq!(hosts.len(), 1);
@@ -98,7 +104,7 @@ fn an_endpoint_on_a_host_outside_the_fleet_is_refused_naming_the_host() {
     let msg = r.error_message();
     assert!(msg.starts_with("host:") && msg.contains("ghost"), "{msg}");
     assert!(msg.contains(host.name()), "lists the fleet's hosts: {msg}");
-    assert_eq!(host.api.get("/v1/endpoints").json(), json!([]));
+    assert!(no_endpoints(&host.api));
 }
 
 #[test]
@@ -111,9 +117,9 @@ fn an_endpoint_that_breaks_later_stays_and_its_host_reports_it_while_other_edits
     // Its namespace is deleted behind Verse's back (the veth goes with it).
     drop(w);
     // The next edit is still in force (and answered 201) ...
-    let r = api.post("/v1/universes", &json!({"name": "other", "cidr": "10.2.0.0/24"}));
-    assert_eq!(r.status, 201, "{}", r.body);
-    let revision = r.revision().unwrap();
+    let other =
+        CreateUniverse { name: "other".into(), cidr: Some("10.2.0.0/24".into()), cidrs: None };
+    let (_, revision) = api.client().create_universe(&other).expect("another edit");
     // ... and the host says what it could not realize at that revision.
     let mut status = Value::Null;
     let reported = wait_until(Duration::from_secs(10), || {
@@ -127,8 +133,8 @@ fn an_endpoint_that_breaks_later_stays_and_its_host_reports_it_while_other_edits
     assert_eq!(errors[0]["code"], json!("not_found"), "its namespace is gone");
     assert!(errors[0]["message"].as_str().unwrap().contains("network namespace"), "{status}");
     // The endpoint stays until it is deleted; then the report is clean again.
-    assert_eq!(api.get(&format!("/v1/endpoints/{ep}")).status, 200);
-    assert_eq!(api.delete(&format!("/v1/endpoints/{ep}")).status, 204);
+    api.client().get_endpoint(&ep).expect("the endpoint stays");
+    api.client().delete_endpoint(&ep).expect("delete the endpoint");
     assert!(wait_until(Duration::from_secs(10), || api.hosts()[0]["errors"] == json!([])));
 }
 
@@ -149,7 +155,7 @@ fn a_host_of_the_fleet_that_cannot_plumb_an_endpoint_makes_the_call_fail_on_anot
     let msg = r.error_message();
     assert!(msg.starts_with("netns:") && msg.contains(&b), "names host B and the cause: {msg}");
     assert!(msg.contains("network namespace"), "{msg}");
-    assert_eq!(api.get("/v1/endpoints").json(), json!([]), "removed again");
+    assert!(no_endpoints(api), "removed again");
     // Both hosts end realized with no error.
     for h in fleet.api(1).hosts() {
         assert!(wait_until(Duration::from_secs(10), || {

@@ -33,8 +33,9 @@ const TCP_PORT: u16 = 7000;
 
 /// Who keeps the daemons alive: one host or a fleet (the victim on its first host).
 enum Daemons {
-    One(Host),
-    Fleet(Fleet),
+    // Boxed, both: their sizes differ much, and which is the larger changes with the harness.
+    One(Box<Host>),
+    Fleet(Box<Fleet>),
 }
 
 struct World {
@@ -85,14 +86,16 @@ fn one_host() -> World {
     let host = Host::start();
     let (victim, peer, stranger, victim_group, peer_group) =
         populate(&host.api, &|_, u, ip, g| host.endpoint(u, ip, g));
-    World { victim, peer, stranger, victim_group, peer_group, daemons: Daemons::One(host) }
+    let daemons = Daemons::One(Box::new(host));
+    World { victim, peer, stranger, victim_group, peer_group, daemons }
 }
 
 fn three_hosts() -> World {
     let fleet = Fleet::start(3);
     let (victim, peer, stranger, victim_group, peer_group) =
         populate(fleet.api(0), &|i, u, ip, g| fleet.endpoint(i, u, ip, g));
-    World { victim, peer, stranger, victim_group, peer_group, daemons: Daemons::Fleet(fleet) }
+    let daemons = Daemons::Fleet(Box::new(fleet));
+    World { victim, peer, stranger, victim_group, peer_group, daemons }
 }
 
 /// The first 28 bytes of the datagram the victim's probe sent to the peer: what an ICMP error

@@ -11,6 +11,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use tests::*;
+use verse::model::Role;
 
 fn id(v: &Value) -> String {
     v["id"].as_str().expect("resource has an id").to_owned()
@@ -23,10 +24,8 @@ fn a_token_revoked_through_one_host_is_refused_by_every_host_at_once() {
     let blue = id(&admin.create_universe("blue", "10.4.0.0/24"));
 
     // Made through host b, for blue.
-    let r = fleet.api(1).post("/v1/tokens", &json!({"role": "editor", "universe": blue}));
-    assert_eq!(r.status, 201, "{}", r.body);
-    let secret = r.json()["token"].as_str().expect("the secret").to_owned();
-    let tid = id(&r.json());
+    let token = fleet.api(1).create_token(Role::Editor, Some(&blue));
+    let (secret, tid) = (token.token, token.id);
 
     // Every host knows it at once: its revision is realized everywhere when the call returns.
     for i in 0..3 {
@@ -39,8 +38,7 @@ fn a_token_revoked_through_one_host_is_refused_by_every_host_at_once() {
     }
 
     // Revoked through host a: refused by every host right after, first try.
-    let r = fleet.api(0).delete(&format!("/v1/tokens/{tid}"));
-    assert_eq!(r.status, 204, "{}", r.body);
+    fleet.api(0).client().delete_token(&tid).expect("revoke the token");
     for i in [2, 1, 0] {
         let editor = fleet.api(i).with_token(Some(&secret));
         let r = editor.get(&format!("/v1/security-groups?universe={blue}"));
@@ -50,9 +48,8 @@ fn a_token_revoked_through_one_host_is_refused_by_every_host_at_once() {
         let r = editor.post("/v1/security-groups", &json!({"universe": blue, "name": "late"}));
         assert_eq!(r.status, 401, "host {i}: {}", r.body);
     }
-    let groups = admin.get(&format!("/v1/security-groups?universe={blue}")).json();
-    let names: BTreeSet<&str> =
-        groups.as_array().unwrap().iter().filter_map(|g| g["name"].as_str()).collect();
+    let groups = admin.client().list_groups(Some(&blue)).expect("list the groups");
+    let names: BTreeSet<&str> = groups.iter().map(|g| g.name.as_str()).collect();
     assert_eq!(names, BTreeSet::from(["default", "g0", "g1", "g2"]), "nothing after revocation");
 }
 
@@ -62,13 +59,12 @@ fn the_audit_trail_of_a_fleet_holds_every_hosts_accepted_and_refused_requests() 
     let admin = fleet.api(0);
     let blue = id(&admin.create_universe("blue", "10.5.0.0/24"));
     let red = id(&fleet.api(1).create_universe("red", "10.6.0.0/24"));
-    let mint = |role: &str, uni: &str| {
-        let r = admin.post("/v1/tokens", &json!({"role": role, "universe": uni}));
-        assert_eq!(r.status, 201, "{}", r.body);
-        (r.json()["token"].as_str().unwrap().to_owned(), id(&r.json()))
+    let mint = |role| {
+        let t = admin.create_token(role, Some(&blue));
+        (t.token, t.id)
     };
-    let (editor, editor_id) = mint("editor", &blue);
-    let (viewer, viewer_id) = mint("viewer", &blue);
+    let (editor, editor_id) = mint(Role::Editor);
+    let (viewer, viewer_id) = mint(Role::Viewer);
 
     // Accepted edits through every host.
     let web = fleet

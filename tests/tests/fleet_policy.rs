@@ -86,8 +86,8 @@ fn cross_host_traffic_follows_the_groups_and_never_crosses_universes() {
     }
     // Every host lists every endpoint, whichever host created it.
     for i in 0..3 {
-        let r = fleet.api(i).get("/v1/endpoints");
-        assert_eq!(r.json().as_array().map(Vec::len), Some(8), "host {i}: {}", r.body);
+        let listed = fleet.api(i).client().list_endpoints(None, None).expect("list endpoints");
+        assert_eq!(listed.len(), 8, "host {i}: {listed:?}");
     }
 
     let _web_tcp = TcpServer::start(&b_web.ns, 80, "blue-web");
@@ -231,10 +231,8 @@ fn membership_change_through_host_a_takes_effect_on_host_c() {
         tcp_connect(&client.ns, web_ip, 80, DENIED)
     });
 
-    let r =
-        a.patch(&format!("/v1/endpoints/{}", client.id), &json!({"security_groups": [clients]}));
-    assert_eq!(r.status, 200, "PATCH through host A: {}", r.body);
-    let rev = r.revision().expect("a mutation answers Verse-Revision");
+    let patch = verse::model::PatchEndpoint::groups(vec![clients.to_owned()]);
+    let (_, rev) = a.client().patch_endpoint(&client.id, &patch).expect("PATCH through host A");
     // When the API answers, every healthy host has realized the edit (S13), as the serving
     // host's GET /v1/hosts shows (it knows its own realized revision first-hand; the other
     // hosts' reports are what it waited for) ...

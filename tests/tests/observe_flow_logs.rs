@@ -10,6 +10,7 @@ use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tests::*;
+use verse::model::{CreateEndpoint, Role};
 
 /// The shortest interval, so that a test sees records within seconds.
 const CONFIG: &str = "[observability]\nflow_log_interval = 10\n";
@@ -26,34 +27,27 @@ fn endpoint(
     groups: &[&str],
     logs: Option<bool>,
 ) -> Workload {
-    let ns = Netns::new("w");
-    let mut body = json!({"universe": universe, "netns": ns.name(), "ip": ip});
-    if !groups.is_empty() {
-        body["security_groups"] = json!(groups);
-    }
-    if let Some(on) = logs {
-        body["flow_logs"] = json!(on);
-    }
-    let r = host.api.post("/v1/endpoints", &body);
-    assert_eq!(r.status, 201, "POST /v1/endpoints {body}: {}", r.body);
-    let ep = r.json();
-    assert_eq!(ep["flow_logs"], json!(logs.unwrap_or(false)), "{ep}");
-    let s = |k: &str| ep[k].as_str().unwrap().to_owned();
-    Workload {
-        id: s("id"),
-        ip: s("ip").parse().unwrap(),
-        mac: s("mac"),
-        interface: s("interface"),
-        json: ep,
-        ns,
-    }
+    let (w, _) = host.api.plug(CreateEndpoint {
+        universe: universe.into(),
+        ip: ip.into(),
+        security_groups: (!groups.is_empty())
+            .then(|| groups.iter().map(|g| (*g).to_owned()).collect()),
+        flow_logs: logs,
+        ..Default::default()
+    });
+    assert_eq!(w.json["flow_logs"], json!(logs.unwrap_or(false)), "{}", w.json);
+    w
 }
 
-/// `GET /v1/flow-logs?endpoint=ID`, asserting 200.
+/// `verse flow-logs ID [--since SINCE]`, as the JSON the API sent.
+fn records_since(api: &Api, endpoint: &str, since: Option<&str>) -> Vec<Value> {
+    let got = api.client().flow_logs(endpoint, since, None).expect("GET /v1/flow-logs");
+    got.iter().map(|r| serde_json::to_value(r).expect("a record is JSON")).collect()
+}
+
+/// Every flow log record of `endpoint`.
 fn records(api: &Api, endpoint: &str) -> Vec<Value> {
-    let r = api.get(&format!("/v1/flow-logs?endpoint={endpoint}"));
-    assert_eq!(r.status, 200, "GET /v1/flow-logs: {}", r.body);
-    r.json().as_array().expect("an array").clone()
+    records_since(api, endpoint, None)
 }
 
 /// Waits (40 s at most: a 10 s interval, and the time to write it) for records of `endpoint`
@@ -393,9 +387,7 @@ fn a_flow_spanning_intervals_gets_one_record_per_interval() {
     assert!(both[1]["start"].as_str() >= first[0]["end"].as_str(), "{both:#?}");
     // since= keeps the records of intervals ending at or after it: the later one.
     let since = both[1]["end"].as_str().unwrap();
-    let r = api.get(&format!("/v1/flow-logs?endpoint={}&since={since}", a.id));
-    assert_eq!(r.status, 200, "{}", r.body);
-    assert_eq!(r.json().as_array().unwrap(), &vec![both[1].clone()], "{}", r.body);
+    assert_eq!(records_since(api, &a.id, Some(since)), vec![both[1].clone()]);
 
     // b's flow logs are off (it was made with them off): nothing for it, though it received.
     assert!(records(api, &b.id).is_empty(), "flow logs off: no records");
@@ -426,9 +418,8 @@ fn a_universe_token_reads_only_its_universes_records() {
     assert!(ping_wait(&b1.ns, b2.ip, 2), "blue's default group admits its own members");
     wait_records(api, &b1.id, |rs| !rs.is_empty());
 
-    let t = api.post("/v1/tokens", &json!({"role": "viewer", "universe": id(&red)}));
-    assert_eq!(t.status, 201, "{}", t.body);
-    let red_api = api.with_token(Some(t.json()["token"].as_str().unwrap()));
+    let t = api.create_token(Role::Viewer, Some(id(&red)));
+    let red_api = api.with_token(Some(&t.token));
     let r = red_api.get(&format!("/v1/flow-logs?endpoint={}", b1.id));
     assert_eq!(r.status, 404, "another universe's endpoint is not found: {}", r.body);
     assert_eq!(r.error_code(), "not_found");
@@ -534,9 +525,8 @@ fn flow_logs_turn_on_and_off_on_a_live_endpoint_with_rejects_while_events_are_of
         assert_eq!(r.status, 400, "{body}: {}", r.body);
         assert!(r.error_message().contains(field), "{body}: {}", r.body);
     }
-    let t = api.post("/v1/tokens", &json!({"role": "viewer", "universe": id(&uni)}));
-    assert_eq!(t.status, 201, "{}", t.body);
-    let viewer = api.with_token(Some(t.json()["token"].as_str().unwrap()));
+    let t = api.create_token(Role::Viewer, Some(id(&uni)));
+    let viewer = api.with_token(Some(&t.token));
     let r = viewer.patch(&path, &json!({"flow_logs": true}));
     assert_eq!(r.status, 403, "a viewer may not turn flow logs on: {}", r.body);
 

@@ -162,8 +162,7 @@ fn a_reused_address_gets_the_policy_of_its_new_endpoint() {
     let _tcp = TcpServer::start(&server.ns, 7000, "s");
     assert!(tcp_connect(&old.ns, server.ip, 7000, ALLOWED));
 
-    let r = api.delete(&format!("/v1/endpoints/{}", old.id));
-    assert_eq!(r.status, 204, "{}", r.body);
+    api.client().delete_endpoint(&old.id).expect("delete the endpoint");
     // Nothing can listen at an address no endpoint has: the counter says why nothing answers.
     assert_dropped(&host, "no_route", "a deleted endpoint's address has no route", || {
         ping(&server.ns, old.ip)

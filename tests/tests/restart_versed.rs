@@ -158,14 +158,8 @@ fn a_crashed_daemon_comes_back_without_losing_state_or_opening_holes() {
     let before = snapshot(&api);
     let name = host.name().to_owned();
     let revision = |api: &Api| -> u64 {
-        let hosts = api.get("/v1/hosts").json();
-        hosts
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|h| h["name"] == name)
-            .and_then(|h| h["revision"].as_u64())
-            .unwrap()
+        let hosts = api.client().list_hosts().expect("list the hosts");
+        hosts.iter().find(|h| h.name == name).map(|h| h.revision).expect("this host is listed")
     };
     let realized = revision(&api);
 
@@ -239,7 +233,7 @@ fn a_lost_state_file_stops_the_start_until_it_is_restored_from_its_last_good_cop
     host.versed.start_again_with(&["--empty-state"]);
     // The admin token went with the state: versed made a new one.
     let api = host.versed.api();
-    assert_eq!(api.get("/v1/universes").json(), json!([]));
+    assert!(api.client().list_universes().expect("list universes").is_empty());
     assert!(
         wait_until(Duration::from_secs(10), || !ping(&a.ns, b.ip)),
         "an empty desired state removes the endpoints"
