@@ -166,16 +166,11 @@ impl Drop for Observer {
 
 /// Counters of every etcd member's `/metrics`, summed, by name.
 fn etcd_counters(fleet: &Fleet, names: &[&str]) -> HashMap<String, f64> {
+    let netns = fleet.etcd().netns().expect("a fleet's etcd runs in its underlay namespace");
     let mut out: HashMap<String, f64> = names.iter().map(|n| ((*n).to_owned(), 0.0)).collect();
     for addr in fleet.etcd().endpoints() {
-        let Ok(r) = http_request(
-            fleet.etcd().netns(),
-            addr,
-            "GET",
-            "/metrics",
-            None,
-            Duration::from_secs(10),
-        ) else {
+        let Ok(r) = http_request(netns, addr, "GET", "/metrics", None, Duration::from_secs(10))
+        else {
             continue;
         };
         for line in r.body.lines() {
@@ -236,7 +231,8 @@ pub fn run(out: &mut Vec<BenchRecord>, scale: &Scale) -> Result<()> {
     let fleet = Fleet::start(3);
     let options =
         EtcdOptions::new(fleet.etcd().endpoints().iter().map(SocketAddr::to_string).collect());
-    let observer = Observer::start(fleet.etcd().netns(), options)?;
+    let netns = fleet.etcd().netns().expect("a fleet's etcd runs in its underlay namespace");
+    let observer = Observer::start(netns, options)?;
 
     // Join.
     let budget = Duration::from_secs(scale.budget_s);

@@ -1,4 +1,6 @@
-//! Fleet harness: several Verse hosts joined by an IP underlay and sharing one etcd.
+//! Fleet harness: several Verse hosts joined by an IP underlay and sharing one etcd, and the
+//! one etcd launcher of the tests ([`Etcd`]: the fleet's three members, or one member on
+//! loopback for tests of the store alone, maybe over TLS).
 //!
 //! Contract (the same as the rest of the harness): every namespace, daemon, data directory and
 //! interface made here is owned by a guard whose `Drop` removes it, also while a failing test
@@ -70,19 +72,28 @@ const START_TIMEOUT: Duration = Duration::from_secs(30);
 const ETCD_CLIENT_PORT: u16 = 2379;
 const ETCD_PEER_PORT: u16 = 2380;
 
-/// A three-member etcd cluster (Debian's `etcd`, 3.4) in one namespace, one process per member
-/// at [`ETCD_IPS`], each with its data in a temporary directory. Members are killed and their
-/// directories removed on drop; their logs are printed if the test fails.
+/// An etcd cluster (Debian's `etcd`, 3.4), one process per member, each with its data in a
+/// temporary directory: the fleet's three members in its underlay namespace ([`Etcd::start`]),
+/// or one member on the loopback of the test's own namespace for tests of the store alone
+/// ([`Etcd::start_local`], no root needed), maybe serving clients over TLS only
+/// ([`Etcd::start_local_tls`]). Members are killed and their directories removed on drop;
+/// their logs are printed if the test fails.
 #[derive(Debug)]
 pub struct Etcd {
     members: Vec<EtcdMember>,
-    netns: String,
+    /// The namespace the members run in; `None`: the test's own.
+    netns: Option<String>,
+    /// The cluster's name (`--initial-cluster-token`), unique per run.
+    token: String,
+    tls: Option<EtcdCerts>,
 }
 
 #[derive(Debug)]
 struct EtcdMember {
     name: String,
     ip: Ipv4Addr,
+    client_port: u16,
+    peer_port: u16,
     child: Option<Child>,
     log_path: PathBuf,
     // Dropped after the process is dead (see `Drop`).
@@ -101,13 +112,78 @@ pub struct MemberStatus {
     pub db_size: u64,
 }
 
+/// PEM files made by a test: a CA, etcd's certificate (for 127.0.0.1) and a client's, both
+/// signed by it. Each pair is (certificate, key).
+#[derive(Clone, Debug)]
+pub struct EtcdCerts {
+    pub ca: PathBuf,
+    pub server: (PathBuf, PathBuf),
+    pub client: (PathBuf, PathBuf),
+}
+
+impl EtcdCerts {
+    /// A new CA and its two certificates, written to `dir` with names starting with `tag`.
+    pub fn make(dir: &std::path::Path, tag: &str) -> EtcdCerts {
+        let ca_key = rcgen::KeyPair::generate().expect("a CA key");
+        let mut ca_params =
+            rcgen::CertificateParams::new(Vec::<String>::new()).expect("CA parameters");
+        ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        ca_params.distinguished_name.push(rcgen::DnType::CommonName, format!("etcd CA {tag}"));
+        let ca_cert = ca_params.self_signed(&ca_key).expect("a self-signed CA");
+        let issuer = rcgen::Issuer::new(ca_params, ca_key);
+        let write = |name: &str, text: String| {
+            let path = dir.join(format!("{tag}-{name}"));
+            fs::write(&path, text).unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
+            path
+        };
+        let leaf = |names: Vec<String>, usage: rcgen::ExtendedKeyUsagePurpose, name: &str| {
+            let key = rcgen::KeyPair::generate().expect("a key");
+            let mut params = rcgen::CertificateParams::new(names).expect("leaf parameters");
+            params.extended_key_usages = vec![usage];
+            params.distinguished_name.push(rcgen::DnType::CommonName, name);
+            let cert = params.signed_by(&key, &issuer).expect("a certificate signed by the CA");
+            (
+                write(&format!("{name}.pem"), cert.pem()),
+                write(&format!("{name}.key"), key.serialize_pem()),
+            )
+        };
+        let server = leaf(
+            vec!["127.0.0.1".into(), "localhost".into()],
+            rcgen::ExtendedKeyUsagePurpose::ServerAuth,
+            "etcd",
+        );
+        let client = leaf(vec![], rcgen::ExtendedKeyUsagePurpose::ClientAuth, "host-a");
+        EtcdCerts { ca: write("ca.pem", ca_cert.pem()), server, client }
+    }
+}
+
+/// A loopback port that was free a moment ago (the kernel picks it; etcd binds it right
+/// after). Used only outside a namespace of the test's own, where other tests' ports live.
+fn free_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
+    l.local_addr().expect("local_addr").port()
+}
+
 impl EtcdMember {
-    fn client_url(&self) -> String {
-        format!("http://{}:{ETCD_CLIENT_PORT}", self.ip)
+    fn new(i: usize, ip: Ipv4Addr, ports: (u16, u16)) -> EtcdMember {
+        EtcdMember {
+            name: format!("etcd-{i}"),
+            ip,
+            client_port: ports.0,
+            peer_port: ports.1,
+            child: None,
+            log_path: PathBuf::new(),
+            dir: TempDir::new("e"),
+        }
+    }
+
+    fn client_url(&self, tls: bool) -> String {
+        let scheme = if tls { "https" } else { "http" };
+        format!("{scheme}://{}:{}", self.ip, self.client_port)
     }
 
     fn peer_url(&self) -> String {
-        format!("http://{}:{ETCD_PEER_PORT}", self.ip)
+        format!("http://{}:{}", self.ip, self.peer_port)
     }
 
     fn log(&self) -> String {
@@ -123,20 +199,42 @@ impl Etcd {
         let members = ETCD_IPS
             .iter()
             .enumerate()
-            .map(|(i, &ip)| EtcdMember {
-                name: format!("etcd-{i}"),
-                ip,
-                child: None,
-                log_path: PathBuf::new(),
-                dir: TempDir::new("e"),
-            })
+            .map(|(i, &ip)| EtcdMember::new(i, ip, (ETCD_CLIENT_PORT, ETCD_PEER_PORT)))
             .collect();
-        let mut etcd = Etcd { members, netns: netns.name().to_owned() };
+        let name = netns.name().to_owned();
+        Etcd::launch(Etcd { members, netns: Some(name.clone()), token: name, tls: None })
+    }
+
+    /// One member on 127.0.0.1 (ports the kernel picks) in the test's own namespace, for tests
+    /// of the store alone; waits until it is healthy.
+    pub fn start_local() -> Etcd {
+        Etcd::start_local_with(false)
+    }
+
+    /// Like [`Etcd::start_local`], serving clients over TLS only, with client certificates
+    /// required (`--client-cert-auth`), all signed by a CA made here ([`Etcd::certs`]).
+    pub fn start_local_tls() -> Etcd {
+        Etcd::start_local_with(true)
+    }
+
+    fn start_local_with(tls: bool) -> Etcd {
+        let member = EtcdMember::new(0, Ipv4Addr::LOCALHOST, (free_port(), free_port()));
+        // The certificates live in the member's directory, as long as it.
+        let tls = tls.then(|| EtcdCerts::make(member.dir.path(), "good"));
+        Etcd::launch(Etcd { members: vec![member], netns: None, token: unique_name("e"), tls })
+    }
+
+    fn launch(mut etcd: Etcd) -> Etcd {
         for i in 0..etcd.members.len() {
             etcd.spawn(i, "new");
         }
         etcd.wait_healthy(Duration::from_secs(30), "start-up");
         etcd
+    }
+
+    /// The CA and certificates of a cluster serving TLS ([`Etcd::start_local_tls`]).
+    pub fn certs(&self) -> Option<&EtcdCerts> {
+        self.tls.as_ref()
     }
 
     /// `--initial-cluster`: every member by name and peer URL.
@@ -146,9 +244,21 @@ impl Etcd {
         peers.join(",")
     }
 
+    /// `program`, run in the members' namespace.
+    fn command(&self, program: &str) -> Command {
+        match &self.netns {
+            Some(netns) => {
+                let mut cmd = Command::new("ip");
+                cmd.args(["netns", "exec", netns, program]);
+                cmd
+            }
+            None => Command::new(program),
+        }
+    }
+
     fn spawn(&mut self, i: usize, cluster_state: &str) {
         let initial_cluster = self.initial_cluster();
-        let netns = self.netns.clone();
+        let mut cmd = self.command("etcd");
         let m = &mut self.members[i];
         m.log_path = m.dir.path().join("etcd.log");
         let log = OpenOptions::new()
@@ -157,19 +267,22 @@ impl Etcd {
             .open(&m.log_path)
             .unwrap_or_else(|e| panic!("open {}: {e}", m.log_path.display()));
         let err = log.try_clone().expect("dup log fd");
-        let (client, peer) = (m.client_url(), m.peer_url());
-        let mut cmd = Command::new("ip");
-        cmd.args(["netns", "exec", &netns, "etcd", "--name", &m.name, "--data-dir"])
+        let (client, peer) = (m.client_url(self.tls.is_some()), m.peer_url());
+        cmd.args(["--name", &m.name, "--data-dir"])
             .arg(m.dir.path().join("data"))
             .args(["--listen-client-urls", &client, "--advertise-client-urls", &client])
             .args(["--listen-peer-urls", &peer, "--initial-advertise-peer-urls", &peer])
             .args(["--initial-cluster", &initial_cluster])
-            .args(["--initial-cluster-token", &netns])
+            .args(["--initial-cluster-token", &self.token])
             .args(["--initial-cluster-state", cluster_state])
             .args(["--logger", "zap", "--log-outputs", "stderr"])
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(err);
+        if let Some(c) = &self.tls {
+            cmd.arg("--cert-file").arg(&c.server.0).arg("--key-file").arg(&c.server.1);
+            cmd.arg("--trusted-ca-file").arg(&c.ca).arg("--client-cert-auth");
+        }
         // As for versed: if the test process dies before its guards run, etcd dies with it.
         crate::die_with_parent(&mut cmd);
         let child = cmd.spawn().unwrap_or_else(|e| {
@@ -205,10 +318,21 @@ impl Etcd {
         }
     }
 
-    /// Whether member `i` answers `GET /health` with `{"health":"true"}`.
+    /// Whether member `i` says it is healthy: `GET /health` answers `{"health":"true"}` (for a
+    /// member outside a namespace or serving TLS, `etcdctl endpoint health` succeeds).
     pub fn member_healthy(&self, i: usize) -> bool {
-        let addr = SocketAddr::from((self.members[i].ip, ETCD_CLIENT_PORT));
-        http_request(&self.netns, addr, "GET", "/health", None, Duration::from_secs(2))
+        let m = &self.members[i];
+        let Some(netns) = self.netns.as_deref().filter(|_| self.tls.is_none()) else {
+            return self
+                .etcdctl_command(&[m.client_url(self.tls.is_some())])
+                .args(["--command-timeout=2s", "endpoint", "health"])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success());
+        };
+        let addr = SocketAddr::from((m.ip, m.client_port));
+        http_request(netns, addr, "GET", "/health", None, Duration::from_secs(2))
             .is_ok_and(|r| r.status == 200 && r.body.contains("\"true\""))
     }
 
@@ -227,12 +351,12 @@ impl Etcd {
     /// The client endpoint of the first running member, `IP:PORT`.
     pub fn endpoint(&self) -> SocketAddr {
         let m = self.members.iter().find(|m| m.child.is_some()).expect("an etcd member runs");
-        SocketAddr::from((m.ip, ETCD_CLIENT_PORT))
+        SocketAddr::from((m.ip, m.client_port))
     }
 
     /// Every member's client endpoint, `IP:PORT`.
     pub fn endpoints(&self) -> Vec<SocketAddr> {
-        self.members.iter().map(|m| SocketAddr::from((m.ip, ETCD_CLIENT_PORT))).collect()
+        self.members.iter().map(|m| SocketAddr::from((m.ip, m.client_port))).collect()
     }
 
     /// The `--store` URL of versed for this cluster: every member.
@@ -241,24 +365,42 @@ impl Etcd {
         format!("etcd://{}", list.join(","))
     }
 
-    /// The namespace the members run in.
-    pub fn netns(&self) -> &str {
-        &self.netns
+    /// The namespace the members run in (`None`: the test's own).
+    pub fn netns(&self) -> Option<&str> {
+        self.netns.as_deref()
     }
 
-    /// `etcdctl ARGS` against every running member, run in etcd's namespace; its stdout.
+    /// The client URLs of the running members.
+    fn running_urls(&self) -> Vec<String> {
+        let tls = self.tls.is_some();
+        self.members.iter().filter(|m| m.child.is_some()).map(|m| m.client_url(tls)).collect()
+    }
+
+    /// `etcdctl --endpoints=...` (API v3, with the client certificate over TLS), run in etcd's
+    /// namespace.
+    fn etcdctl_command(&self, endpoints: &[String]) -> Command {
+        let mut cmd = self.command("etcdctl");
+        cmd.arg(format!("--endpoints={}", endpoints.join(",")))
+            .env("ETCDCTL_API", "3")
+            .stdin(Stdio::null());
+        if let Some(c) = &self.tls {
+            cmd.arg("--cacert").arg(&c.ca).arg("--cert").arg(&c.client.0);
+            cmd.arg("--key").arg(&c.client.1);
+        }
+        cmd
+    }
+
+    /// `etcdctl ARGS` against every running member, run in etcd's namespace, which must
+    /// succeed; its stdout.
     pub fn etcdctl(&self, args: &[&str]) -> String {
-        let endpoints: Vec<String> =
-            self.members.iter().filter(|m| m.child.is_some()).map(EtcdMember::client_url).collect();
-        let out = Command::new("ip")
-            .args(["netns", "exec", &self.netns, "etcdctl"])
-            .arg(format!("--endpoints={}", endpoints.join(",")))
+        let out = self
+            .etcdctl_command(&self.running_urls())
             .args(["--command-timeout=10s"])
             .args(args)
-            .env("ETCDCTL_API", "3")
-            .stdin(Stdio::null())
             .output()
-            .unwrap_or_else(|e| panic!("failed to start etcdctl: {e}"));
+            .unwrap_or_else(|e| {
+                panic!("failed to start etcdctl (install the Debian package etcd-client): {e}")
+            });
         assert!(out.status.success(), "etcdctl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
@@ -277,13 +419,11 @@ impl Etcd {
     /// out).
     pub fn status(&self) -> Vec<MemberStatus> {
         let mut out = Vec::new();
+        let tls = self.tls.is_some();
         for (index, m) in self.members.iter().enumerate().filter(|(_, m)| m.child.is_some()) {
-            let text = Command::new("ip")
-                .args(["netns", "exec", &self.netns, "etcdctl"])
-                .arg(format!("--endpoints={}", m.client_url()))
+            let text = self
+                .etcdctl_command(&[m.client_url(tls)])
                 .args(["--command-timeout=3s", "endpoint", "status", "-w", "json"])
-                .env("ETCDCTL_API", "3")
-                .stdin(Stdio::null())
                 .output()
                 .ok()
                 .filter(|o| o.status.success())
@@ -348,14 +488,9 @@ impl Etcd {
     /// --rev` replays it: (`PUT` or `DELETE`, key) per event. A watch never ends by itself:
     /// the replay is read for `listen`, then the etcdctl this started is killed (by its PID).
     pub fn history(&self, prefix: &str, from: i64, listen: Duration) -> Vec<(String, String)> {
-        let endpoints: Vec<String> =
-            self.members.iter().filter(|m| m.child.is_some()).map(EtcdMember::client_url).collect();
-        let mut child = Command::new("ip")
-            .args(["netns", "exec", &self.netns, "etcdctl"])
-            .arg(format!("--endpoints={}", endpoints.join(",")))
+        let mut child = self
+            .etcdctl_command(&self.running_urls())
             .args(["watch", "--prefix", &format!("--rev={from}"), prefix])
-            .env("ETCDCTL_API", "3")
-            .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
@@ -389,7 +524,8 @@ impl Etcd {
         v["header"]["revision"].as_i64().expect("a revision in the header")
     }
 
-    /// Starts member `i` again on its data directory and waits until the cluster is healthy.
+    /// Starts member `i` again on its data directory (after [`Etcd::kill`]) and waits until
+    /// the cluster is healthy.
     pub fn restart(&mut self, i: usize) {
         assert!(self.members[i].child.is_none(), "etcd member {i} is running");
         self.spawn(i, "existing");

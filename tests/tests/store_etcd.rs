@@ -4,12 +4,11 @@
 //! register and turn unhealthy when their lease lapses, a store rides out an etcd restart, and
 //! an API mutation returns only once every healthy host has realized it. No root needed.
 
-use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::net::Ipv4Addr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use tests::{Etcd, EtcdCerts};
 use tokio::sync::watch;
 use verse::api::{self, AppState, Stats};
 use verse::model::{self, State};
@@ -18,167 +17,34 @@ use verse::store::{EtcdOptions, EtcdTls, HostStatus, Realized, Store, WatchStats
 /// Bound of every wait in these tests.
 const WAIT: Duration = Duration::from_secs(20);
 
-/// A one-member etcd on 127.0.0.1 with its data in a temporary directory; killed on drop.
-struct Etcd {
-    child: Option<Child>,
-    dir: tempfile::TempDir,
-    client_port: u16,
-    peer_port: u16,
-    /// Serving clients over TLS, asking each for a certificate signed by `ca`.
-    tls: Option<Certs>,
+/// A store on a test's etcd (the harness's [`Etcd::start_local`]: one member on loopback).
+trait EtcdStore {
+    /// What a host's store is opened with: this etcd, a prefix of the test's own, lease `ttl`.
+    fn options(&self, ttl: Duration) -> EtcdOptions;
+    /// A store opened on this etcd.
+    async fn store(&self, ttl: Duration) -> Store;
 }
 
-/// PEM files made by the test: a CA, etcd's certificate (for 127.0.0.1) and a client's, both
-/// signed by it.
-struct Certs {
-    ca: PathBuf,
-    server: (PathBuf, PathBuf),
-    client: (PathBuf, PathBuf),
-}
-
-impl Certs {
-    fn make(dir: &std::path::Path, tag: &str) -> Certs {
-        let ca_key = rcgen::KeyPair::generate().unwrap();
-        let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-        ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-        ca_params.distinguished_name.push(rcgen::DnType::CommonName, format!("etcd CA {tag}"));
-        let ca_cert = ca_params.self_signed(&ca_key).unwrap();
-        let issuer = rcgen::Issuer::new(ca_params, ca_key);
-        let write = |name: &str, text: String| {
-            let path = dir.join(format!("{tag}-{name}"));
-            std::fs::write(&path, text).unwrap();
-            path
-        };
-        let leaf = |names: Vec<String>, usage: rcgen::ExtendedKeyUsagePurpose, name: &str| {
-            let key = rcgen::KeyPair::generate().unwrap();
-            let mut params = rcgen::CertificateParams::new(names).unwrap();
-            params.extended_key_usages = vec![usage];
-            params.distinguished_name.push(rcgen::DnType::CommonName, name);
-            let cert = params.signed_by(&key, &issuer).unwrap();
-            (
-                write(&format!("{name}.pem"), cert.pem()),
-                write(&format!("{name}.key"), key.serialize_pem()),
-            )
-        };
-        let server = leaf(
-            vec!["127.0.0.1".into(), "localhost".into()],
-            rcgen::ExtendedKeyUsagePurpose::ServerAuth,
-            "etcd",
-        );
-        let client = leaf(vec![], rcgen::ExtendedKeyUsagePurpose::ClientAuth, "host-a");
-        Certs { ca: write("ca.pem", ca_cert.pem()), server, client }
-    }
-}
-
-/// A port that was free a moment ago (the kernel picks it; etcd binds it right after).
-fn free_port() -> u16 {
-    let l = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
-    l.local_addr().expect("local_addr").port()
-}
-
-impl Etcd {
-    fn start() -> Etcd {
-        let dir = tempfile::tempdir().expect("temporary directory");
-        let mut etcd =
-            Etcd { child: None, dir, client_port: free_port(), peer_port: free_port(), tls: None };
-        etcd.spawn();
-        etcd
-    }
-
-    /// Like [`Etcd::start`], serving clients over TLS only, with client certificates required.
-    fn start_tls() -> Etcd {
-        let dir = tempfile::tempdir().expect("temporary directory");
-        let tls = Some(Certs::make(dir.path(), "good"));
-        let mut etcd =
-            Etcd { child: None, dir, client_port: free_port(), peer_port: free_port(), tls };
-        etcd.spawn();
-        etcd
-    }
-
-    fn spawn(&mut self) {
-        let scheme = if self.tls.is_some() { "https" } else { "http" };
-        let client = format!("{scheme}://127.0.0.1:{}", self.client_port);
-        let peer = format!("http://127.0.0.1:{}", self.peer_port);
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.log_path())
-            .expect("etcd log file");
-        let err = log.try_clone().expect("dup log fd");
-        let mut cmd = Command::new("etcd");
-        cmd.args(["--name", "verse-store-test", "--data-dir"])
-            .arg(self.dir.path().join("data"))
-            .args(["--listen-client-urls", &client, "--advertise-client-urls", &client])
-            .args(["--listen-peer-urls", &peer, "--initial-advertise-peer-urls", &peer])
-            .args(["--initial-cluster", &format!("verse-store-test={peer}")])
-            .args(["--logger", "zap", "--log-outputs", "stderr"])
-            .stdin(Stdio::null())
-            .stdout(log)
-            .stderr(err);
-        if let Some(c) = &self.tls {
-            cmd.arg("--cert-file")
-                .arg(&c.server.0)
-                .arg("--key-file")
-                .arg(&c.server.1)
-                .arg("--trusted-ca-file")
-                .arg(&c.ca)
-                .arg("--client-cert-auth");
-        }
-        // etcd dies if the test process dies first.
-        tests::die_with_parent(&mut cmd);
-        let child = cmd
-            .spawn()
-            .unwrap_or_else(|e| panic!("failed to start etcd (Debian package etcd-server): {e}"));
-        self.child = Some(child);
-        let deadline = Instant::now() + WAIT;
-        let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, self.client_port));
-        while TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_err() {
-            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
-                panic!("etcd exited during start-up ({status}); log:\n{}", self.log());
-            }
-            assert!(Instant::now() < deadline, "etcd did not listen in time; log:\n{}", self.log());
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    fn stop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-
-    fn log_path(&self) -> PathBuf {
-        self.dir.path().join("etcd.log")
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.log_path()).unwrap_or_default()
-    }
-
+impl EtcdStore for Etcd {
     fn options(&self, ttl: Duration) -> EtcdOptions {
         EtcdOptions {
             prefix: "/verse-test/".into(),
             lease_ttl: ttl,
-            ..EtcdOptions::new(vec![format!("127.0.0.1:{}", self.client_port)])
+            ..EtcdOptions::new(vec![self.endpoint().to_string()])
         }
     }
 
     async fn store(&self, ttl: Duration) -> Store {
-        tokio::time::timeout(WAIT, Store::open_etcd(self.options(ttl)))
-            .await
-            .expect("etcd store did not open in time")
-            .expect("open the etcd store")
+        open(self.options(ttl)).await
     }
 }
 
-impl Drop for Etcd {
-    fn drop(&mut self) {
-        self.stop();
-        if std::thread::panicking() {
-            eprintln!("---- etcd log ----\n{}\n---- end of etcd log ----", self.log());
-        }
-    }
+/// A store opened with `options`, which must succeed within [`WAIT`].
+async fn open(options: EtcdOptions) -> Store {
+    tokio::time::timeout(WAIT, Store::open_etcd(options))
+        .await
+        .expect("etcd store did not open in time")
+        .expect("open the etcd store")
 }
 
 fn universe(name: &str) -> model::CreateUniverse {
@@ -207,9 +73,25 @@ async fn wait_hosts(
     hosts.as_ref().clone()
 }
 
+/// Waits until `store` sees host `name` healthy, or unhealthy, as `healthy` says; returns the
+/// hosts.
+async fn wait_health(store: &Store, name: &str, healthy: bool) -> Vec<HostStatus> {
+    let what = format!("{name} {}", if healthy { "healthy" } else { "unhealthy" });
+    wait_hosts(store, &what, |h| h.iter().any(|h| h.name == name && h.healthy == healthy)).await
+}
+
+/// Waits until `store` sees host `name` healthy, having realized revision `revision`.
+async fn wait_healthy_at(store: &Store, name: &str, revision: u64) {
+    let what = format!("{name} healthy at revision {revision}");
+    wait_hosts(store, &what, |h| {
+        h.iter().any(|h| h.name == name && h.healthy && h.revision == revision)
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn edit_through_one_store_appears_in_the_others_subscription() {
-    let etcd = Etcd::start();
+    let etcd = Etcd::start_local();
     let a = etcd.store(Duration::from_secs(5)).await;
     let b = etcd.store(Duration::from_secs(5)).await;
     let mut rx = b.subscribe();
@@ -248,7 +130,7 @@ async fn edit_through_one_store_appears_in_the_others_subscription() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_edits_from_two_stores_are_all_kept_with_increasing_revisions() {
-    let etcd = Etcd::start();
+    let etcd = Etcd::start_local();
     let a = etcd.store(Duration::from_secs(5)).await;
     let b = etcd.store(Duration::from_secs(5)).await;
     const EACH: usize = 12;
@@ -290,11 +172,21 @@ async fn concurrent_edits_from_two_stores_are_all_kept_with_increasing_revisions
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn registered_host_is_healthy_until_its_lease_lapses() {
-    let etcd = Etcd::start();
+    let etcd = Etcd::start_local();
     let ttl = Duration::from_secs(2);
     let a = etcd.store(ttl).await;
     let b = etcd.store(ttl).await;
     let ip = Ipv4Addr::new(198, 18, 0, 1);
+    // h1 as every store lists it, at revision 1 with its underlay address.
+    let h1 = |healthy| HostStatus {
+        name: "h1".into(),
+        underlay_ip: Some(ip),
+        api: None,
+        api_fingerprint: None,
+        revision: 1,
+        healthy,
+        errors: vec![],
+    };
     a.register_host("h1", Some(ip)).await.unwrap();
     // Registering again changes nothing.
     let rev = a.snapshot().revision;
@@ -307,18 +199,7 @@ async fn registered_host_is_healthy_until_its_lease_lapses() {
             .any(|h| h.name == "h1" && h.healthy && h.revision == 1 && h.underlay_ip == Some(ip))
     })
     .await;
-    assert_eq!(
-        hosts,
-        [HostStatus {
-            name: "h1".into(),
-            underlay_ip: Some(ip),
-            api: None,
-            api_fingerprint: None,
-            revision: 1,
-            healthy: true,
-            errors: vec![]
-        }]
-    );
+    assert_eq!(hosts, [h1(true)]);
     let mut rx = b.subscribe();
     wait_state(&mut rx, "h1 in the desired state", |s| s.hosts.contains_key("h1")).await;
     assert_eq!(b.snapshot().hosts["h1"].underlay_ip, Some(ip));
@@ -332,52 +213,37 @@ async fn registered_host_is_healthy_until_its_lease_lapses() {
     // keeping its last realized revision; its record stays in the desired state.
     drop(a);
     let gone = Instant::now();
-    let hosts =
-        wait_hosts(&b, "h1 unhealthy", |h| h.iter().any(|h| h.name == "h1" && !h.healthy)).await;
+    let hosts = wait_health(&b, "h1", false).await;
     assert!(gone.elapsed() <= ttl + Duration::from_secs(3), "took {:?}", gone.elapsed());
-    assert_eq!(
-        hosts,
-        [HostStatus {
-            name: "h1".into(),
-            underlay_ip: Some(ip),
-            api: None,
-            api_fingerprint: None,
-            revision: 1,
-            healthy: false,
-            errors: vec![]
-        }]
-    );
+    assert_eq!(hosts, [h1(false)]);
     assert!(b.snapshot().hosts.contains_key("h1"));
 
     // A new versed on h1 makes it healthy again.
     let a = etcd.store(ttl).await;
     a.register_host("h1", Some(ip)).await.unwrap();
     a.report_realized("h1", 3);
-    wait_hosts(&b, "h1 healthy again", |h| {
-        h.iter().any(|h| h.name == "h1" && h.healthy && h.revision == 3)
-    })
-    .await;
+    wait_healthy_at(&b, "h1", 3).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn store_keeps_its_state_while_etcd_is_down_and_catches_up_after() {
-    let mut etcd = Etcd::start();
+    let mut etcd = Etcd::start_local();
     let ttl = Duration::from_secs(2);
     let a = etcd.store(ttl).await;
     let b = etcd.store(ttl).await;
     let (u, _) = a.edit(|s| s.create_universe(universe("blue"))).await.unwrap();
     b.register_host("h2", None).await.unwrap();
     b.report_realized("h2", 2);
-    wait_hosts(&a, "h2 healthy", |h| h.iter().any(|h| h.name == "h2" && h.healthy)).await;
+    wait_health(&a, "h2", true).await;
 
-    etcd.stop();
+    etcd.kill(0);
     // Edits fail (and say why); the published state stays, so a reconciler keeps enforcing it.
     let err = a.edit(|s| s.create_universe(universe("red"))).await.unwrap_err();
     assert!(err.is_unavailable(), "{err}");
     assert!(b.snapshot().universes.contains_key(&u.id));
     assert!(!b.subscribe().has_changed().unwrap());
 
-    etcd.spawn();
+    etcd.restart(0);
     // The first edits after the restart may race the reconnection; retry within the bound.
     let deadline = Instant::now() + WAIT;
     let (green, rev) = loop {
@@ -394,10 +260,7 @@ async fn store_keeps_its_state_while_etcd_is_down_and_catches_up_after() {
     assert!(b.snapshot().universes.contains_key(&green.id));
     // h2's liveness was renewed: it is healthy with its realized revision.
     b.report_realized("h2", rev);
-    wait_hosts(&a, "h2 healthy after the restart", |h| {
-        h.iter().any(|h| h.name == "h2" && h.healthy && h.revision == rev)
-    })
-    .await;
+    wait_healthy_at(&a, "h2", rev).await;
 }
 
 /// A TCP proxy in front of etcd that can cut a store off (every connection closed, new ones
@@ -454,48 +317,32 @@ impl Drop for Proxy {
     }
 }
 
-/// `etcdctl` against `etcd`, asserting success; returns its standard output.
-fn etcdctl(etcd: &Etcd, args: &[&str]) -> String {
-    let out = Command::new("etcdctl")
-        .env("ETCDCTL_API", "3")
-        .arg("--endpoints")
-        .arg(format!("127.0.0.1:{}", etcd.client_port))
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("failed to run etcdctl (Debian package etcd-client): {e}"));
-    assert!(out.status.success(), "etcdctl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_store_cut_off_from_etcd_turns_unhealthy_then_catches_up_past_a_compaction() {
-    let etcd = Etcd::start();
+    let etcd = Etcd::start_local();
     let ttl = Duration::from_secs(2);
-    let proxy = Proxy::start(etcd.client_port).await;
+    let proxy = Proxy::start(etcd.endpoint().port()).await;
     let a = etcd.store(ttl).await;
     let mut options = etcd.options(ttl);
     options.endpoints = vec![format!("127.0.0.1:{}", proxy.port)];
-    let b = tokio::time::timeout(WAIT, Store::open_etcd(options)).await.unwrap().unwrap();
+    let b = open(options).await;
     let (blue, _) = a.edit(|s| s.create_universe(universe("blue"))).await.unwrap();
     b.register_host("h2", None).await.unwrap();
     b.report_realized("h2", 2);
-    wait_hosts(&a, "h2 healthy", |h| h.iter().any(|h| h.name == "h2" && h.healthy)).await;
+    wait_health(&a, "h2", true).await;
     let mut rx = b.subscribe();
     wait_state(&mut rx, "blue on the cut-off store", |s| s.universes.contains_key(&blue.id)).await;
     let before = b.snapshot();
 
     proxy.cut();
     // Cut off for longer than its lease: h2 is unhealthy for the rest of the fleet.
-    wait_hosts(&a, "h2 unhealthy", |h| h.iter().any(|h| h.name == "h2" && !h.healthy)).await;
+    wait_health(&a, "h2", false).await;
     // Meanwhile the fleet edits, and etcd compacts the history the cut-off store would need.
     let (green, rev) = a.edit(|s| s.create_universe(universe("green"))).await.unwrap();
     let id = blue.id.clone();
     let ((), rev2) = a.edit(|s| s.delete_universe(&id)).await.unwrap();
     assert!(rev2 > rev);
-    let status = etcdctl(&etcd, &["endpoint", "status", "-w", "json"]);
-    let status: serde_json::Value = serde_json::from_str(&status).unwrap();
-    let etcd_rev = status[0]["Status"]["header"]["revision"].as_i64().unwrap();
-    etcdctl(&etcd, &["compact", &etcd_rev.to_string()]);
+    etcd.etcdctl(&["compact", &etcd.revision().to_string()]);
     // The cut-off store still publishes the last state it had (its dataplane keeps enforcing it).
     assert_eq!(*b.snapshot(), *before);
 
@@ -506,10 +353,7 @@ async fn a_store_cut_off_from_etcd_turns_unhealthy_then_catches_up_past_a_compac
     assert_eq!(*snap, *a.snapshot());
     // And its liveness is renewed.
     b.report_realized("h2", rev2);
-    wait_hosts(&a, "h2 healthy again", |h| {
-        h.iter().any(|h| h.name == "h2" && h.healthy && h.revision == rev2)
-    })
-    .await;
+    wait_healthy_at(&a, "h2", rev2).await;
 }
 
 /// An API served in process: its URL and an admin token.
@@ -569,7 +413,7 @@ async fn cli<T: Send + 'static>(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn api_mutation_returns_once_every_healthy_host_realized_it() {
-    let etcd = Etcd::start();
+    let etcd = Etcd::start_local();
     let ttl = Duration::from_secs(2);
     let a = etcd.store(ttl).await;
     a.register_host("h1", None).await.unwrap();
@@ -590,7 +434,7 @@ async fn api_mutation_returns_once_every_healthy_host_realized_it() {
             }
         }
     });
-    wait_hosts(&a, "h2 healthy", |h| h.iter().any(|h| h.name == "h2" && h.healthy)).await;
+    wait_health(&a, "h2", true).await;
 
     let (start, (u, rev)) = cli(&url, |c| {
         let start = Instant::now();
@@ -614,7 +458,7 @@ async fn api_mutation_returns_once_every_healthy_host_realized_it() {
     slow_task.abort();
     let _ = slow_task.await;
     drop(b);
-    wait_hosts(&a, "h2 unhealthy", |h| h.iter().any(|h| h.name == "h2" && !h.healthy)).await;
+    wait_health(&a, "h2", false).await;
     let (elapsed, waited) = cli(&url, |c| {
         let start = Instant::now();
         let (_, rev) = c.create_universe(&universe("red")).unwrap();
@@ -645,7 +489,7 @@ fn audit_record(host: &str, n: u64, universe: Option<&str>) -> verse::audit::Aud
 async fn audit_records_of_every_store_are_read_from_any_apart_from_the_state_and_trimmed() {
     use verse::audit::Query;
     use verse::store::AuditRetention;
-    let etcd = Etcd::start();
+    let etcd = Etcd::start_local();
     let a = etcd.store(Duration::from_secs(5)).await;
     let b = etcd.store(Duration::from_secs(5)).await;
     let (blue, _) = a.edit(|s| s.create_universe(universe("blue"))).await.unwrap();
@@ -680,11 +524,11 @@ async fn audit_records_of_every_store_are_read_from_any_apart_from_the_state_and
     let mut options = etcd.options(Duration::from_secs(5));
     options.audit_retention =
         AuditRetention { max_records: 100, max_age: Duration::from_secs(3600) };
-    let c = tokio::time::timeout(WAIT, Store::open_etcd(options)).await.unwrap().unwrap();
+    let c = open(options).await;
     let deadline = Instant::now() + WAIT;
     loop {
         let n =
-            etcdctl(&etcd, &["get", "--prefix", "--keys-only", "/verse-test/audit/", "-w", "json"]);
+            etcd.etcdctl(&["get", "--prefix", "--keys-only", "/verse-test/audit/", "-w", "json"]);
         let count =
             serde_json::from_str::<serde_json::Value>(&n).unwrap()["count"].as_u64().unwrap_or(0);
         if count == 100 {
@@ -702,7 +546,7 @@ async fn audit_records_of_every_store_are_read_from_any_apart_from_the_state_and
 fn etcdctl_root(etcd: &Etcd, args: &[&str]) -> String {
     let mut all = vec!["--user", "root:root-pw"];
     all.extend_from_slice(args);
-    etcdctl(etcd, &all)
+    etcd.etcdctl(&all)
 }
 
 /// The etcd access control the README describes, on a real etcd with auth enabled: an
@@ -712,26 +556,23 @@ fn etcdctl_root(etcd: &Etcd, args: &[&str]) -> String {
 /// outage; wrong or missing credentials fail the start at once instead of waiting for ever.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hosts_authenticate_to_etcd_and_its_roles_confine_them() {
-    let etcd = Etcd::start();
+    let etcd = Etcd::start_local();
     let p = "/verse-test/";
-    etcdctl(&etcd, &["user", "add", "root:root-pw", "--interactive=false"]);
-    etcdctl(&etcd, &["role", "add", "verse-api"]);
-    etcdctl(&etcd, &["role", "grant-permission", "verse-api", "--prefix=true", "readwrite", p]);
-    etcdctl(&etcd, &["user", "add", "api-host:api-pw", "--interactive=false"]);
-    etcdctl(&etcd, &["user", "grant-role", "api-host", "verse-api"]);
-    etcdctl(&etcd, &["role", "add", "verse-h2"]);
-    etcdctl(&etcd, &["role", "grant-permission", "verse-h2", "--prefix=true", "read", p]);
+    etcd.etcdctl(&["user", "add", "root:root-pw", "--interactive=false"]);
+    etcd.etcdctl(&["role", "add", "verse-api"]);
+    etcd.etcdctl(&["role", "grant-permission", "verse-api", "--prefix=true", "readwrite", p]);
+    etcd.etcdctl(&["user", "add", "api-host:api-pw", "--interactive=false"]);
+    etcd.etcdctl(&["user", "grant-role", "api-host", "verse-api"]);
+    etcd.etcdctl(&["role", "add", "verse-h2"]);
+    etcd.etcdctl(&["role", "grant-permission", "verse-h2", "--prefix=true", "read", p]);
     for key in ["alive/h2", "hosts/h2", "revision"] {
-        etcdctl(
-            &etcd,
-            &["role", "grant-permission", "verse-h2", "readwrite", &format!("{p}{key}")],
-        );
+        etcd.etcdctl(&["role", "grant-permission", "verse-h2", "readwrite", &format!("{p}{key}")]);
     }
     let audit = format!("{p}audit/");
-    etcdctl(&etcd, &["role", "grant-permission", "verse-h2", "--prefix=true", "readwrite", &audit]);
-    etcdctl(&etcd, &["user", "add", "h2:h2-pw", "--interactive=false"]);
-    etcdctl(&etcd, &["user", "grant-role", "h2", "verse-h2"]);
-    etcdctl(&etcd, &["auth", "enable"]);
+    etcd.etcdctl(&["role", "grant-permission", "verse-h2", "--prefix=true", "readwrite", &audit]);
+    etcd.etcdctl(&["user", "add", "h2:h2-pw", "--interactive=false"]);
+    etcd.etcdctl(&["user", "grant-role", "h2", "verse-h2"]);
+    etcd.etcdctl(&["auth", "enable"]);
 
     let ttl = Duration::from_secs(2);
     let as_user = |user: &str, pw: &str| {
@@ -739,23 +580,17 @@ async fn hosts_authenticate_to_etcd_and_its_roles_confine_them() {
         o.user = Some((user.to_owned(), pw.to_owned()));
         o
     };
-    let a = tokio::time::timeout(WAIT, Store::open_etcd(as_user("api-host", "api-pw")))
-        .await
-        .unwrap()
-        .unwrap();
+    let a = open(as_user("api-host", "api-pw")).await;
     a.register_host("h1", None).await.unwrap();
     let (blue, _) = a.edit(|s| s.create_universe(universe("blue"))).await.unwrap();
     let api_a = serve(a.clone(), "h1").await;
 
     // The enforce-only host reads the state, registers, keeps itself alive, audits.
-    let b = tokio::time::timeout(WAIT, Store::open_etcd(as_user("h2", "h2-pw")))
-        .await
-        .unwrap()
-        .unwrap();
+    let b = open(as_user("h2", "h2-pw")).await;
     assert!(b.snapshot().universes.contains_key(&blue.id));
     b.register_host("h2", Some(Ipv4Addr::new(198, 18, 0, 2))).await.unwrap();
     b.report_realized("h2", a.snapshot().revision);
-    wait_hosts(&a, "h2 healthy", |h| h.iter().any(|h| h.name == "h2" && h.healthy)).await;
+    wait_health(&a, "h2", true).await;
     b.append_audit(&audit_record("h2", 1, None)).await.unwrap();
     // It may not change the desired state, nor pose as another host: refused for what it is.
     let err = b.edit(|s| s.create_universe(universe("red"))).await.unwrap_err();
@@ -798,15 +633,18 @@ async fn hosts_authenticate_to_etcd_and_its_roles_confine_them() {
 /// or written.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_store_speaks_tls_to_etcd_with_a_client_certificate_and_refuses_a_wrong_ca() {
-    let etcd = Etcd::start_tls();
-    let certs = etcd.tls.as_ref().unwrap();
-    let dir = etcd.dir.path().to_owned();
+    let etcd = Etcd::start_local_tls();
+    let certs = etcd.certs().expect("etcd serves TLS");
+    let dir = etcd.dir(0).to_owned();
 
     // Through the daemon's settings, as versed opens it.
     let config_text = format!(
         "store = \"etcd://127.0.0.1:{}\"\netcd_prefix = \"/verse-test/\"\nhost = \"a\"\n\
          etcd_ca_file = {:?}\netcd_cert_file = {:?}\netcd_key_file = {:?}\n",
-        etcd.client_port, certs.ca, certs.client.0, certs.client.1
+        etcd.endpoint().port(),
+        certs.ca,
+        certs.client.0,
+        certs.client.1
     );
     let path = dir.join("versed.toml");
     std::fs::write(&path, config_text).unwrap();
@@ -827,8 +665,7 @@ async fn the_store_speaks_tls_to_etcd_with_a_client_certificate_and_refuses_a_wr
         tls: Some(EtcdTls { ca_file: certs.ca.clone(), identity: Some(certs.client.clone()) }),
         ..etcd.options(Duration::from_secs(5))
     };
-    let other =
-        tokio::time::timeout(WAIT, Store::open_etcd(options.clone())).await.unwrap().unwrap();
+    let other = open(options.clone()).await;
     assert!(other.snapshot().universes.contains_key(&u.id));
     // etcd really serves TLS only: plain gRPC gets nothing.
     let plain = tokio::time::timeout(
@@ -839,7 +676,7 @@ async fn the_store_speaks_tls_to_etcd_with_a_client_certificate_and_refuses_a_wr
     assert!(plain.is_err(), "plain gRPC to a TLS-only etcd must not read the state");
 
     // Another CA: etcd's certificate is not trusted; open keeps retrying, reads nothing.
-    let wrong = Certs::make(&dir, "wrong");
+    let wrong = EtcdCerts::make(&dir, "wrong");
     let bad_ca = EtcdOptions {
         tls: Some(EtcdTls { ca_file: wrong.ca.clone(), identity: Some(certs.client.clone()) }),
         ..options.clone()
@@ -867,7 +704,7 @@ async fn the_store_speaks_tls_to_etcd_with_a_client_certificate_and_refuses_a_wr
 /// deleted by one range delete, so its size does not matter; nothing of it is left.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deleting_a_universe_too_big_for_one_transaction_of_keys_takes_one_range_delete() {
-    let etcd = Etcd::start();
+    let etcd = Etcd::start_local();
     let store = etcd.store(Duration::from_secs(5)).await;
     store.register_host("h1", None).await.unwrap();
     let url = serve(store.clone(), "h1").await;
@@ -884,7 +721,7 @@ async fn deleting_a_universe_too_big_for_one_transaction_of_keys_takes_one_range
     let after = store.snapshot();
     assert!(after.universes.is_empty() && after.groups.is_empty(), "everything went at once");
     let left =
-        etcdctl(&etcd, &["get", "--prefix", "--keys-only", &format!("/verse-test/u/{}/", u.id)]);
+        etcd.etcdctl(&["get", "--prefix", "--keys-only", &format!("/verse-test/u/{}/", u.id)]);
     assert!(left.trim().is_empty(), "nothing of it is left in etcd: {left}");
 }
 
@@ -907,7 +744,7 @@ fn tcp_rule(port: u16) -> model::CreateRule {
 /// refused), and two hosts editing one group at once serialize: every rule of both is kept.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn edits_of_different_universes_never_conflict_and_edits_of_one_are_all_kept() {
-    let etcd = Etcd::start();
+    let etcd = Etcd::start_local();
     let a = etcd.store(Duration::from_secs(5)).await;
     let b = etcd.store(Duration::from_secs(5)).await;
     let (blue, _) = a.edit(|s| s.create_universe(universe("blue"))).await.unwrap();
@@ -977,7 +814,7 @@ async fn edits_of_different_universes_never_conflict_and_edits_of_one_are_all_ke
 /// keys), leaving nothing of it in etcd.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_universe_of_500_groups_and_5000_rules_is_deleted_whole() {
-    let etcd = Etcd::start();
+    let etcd = Etcd::start_local();
     let a = etcd.store(Duration::from_secs(5)).await;
     let b = etcd.store(Duration::from_secs(5)).await;
     let (u, _) = a.edit(|s| s.create_universe(universe("big"))).await.unwrap();
@@ -1013,7 +850,7 @@ async fn a_universe_of_500_groups_and_5000_rules_is_deleted_whole() {
     assert_eq!(snap.groups.len(), 501);
     assert!(rules >= 5000, "{rules} rules");
     let keys = |prefix: &str| -> usize {
-        etcdctl(&etcd, &["get", "--prefix", "--keys-only", prefix])
+        etcd.etcdctl(&["get", "--prefix", "--keys-only", prefix])
             .lines()
             .filter(|l| !l.trim().is_empty())
             .count()
@@ -1035,7 +872,7 @@ async fn a_universe_of_500_groups_and_5000_rules_is_deleted_whole() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_retried_edit_with_the_same_key_is_applied_once() {
     use verse::store::{Idempotency, Outcome};
-    let etcd = Etcd::start();
+    let etcd = Etcd::start_local();
     let a = etcd.store(Duration::from_secs(5)).await;
     let b = etcd.store(Duration::from_secs(5)).await;
     let idem = Idempotency {
@@ -1102,7 +939,7 @@ impl<T> verse::store::CommitAudit<T> for Counted {
 async fn an_edits_audit_record_is_in_its_own_transaction_and_only_if_it_happened() {
     use verse::audit::Query;
     use verse::store::{Idempotency, Outcome};
-    let etcd = Etcd::start();
+    let etcd = Etcd::start_local();
     let a = etcd.store(Duration::from_secs(5)).await;
     let b = etcd.store(Duration::from_secs(5)).await;
     let key = |k: &str| Idempotency {
@@ -1112,12 +949,7 @@ async fn an_edits_audit_record_is_in_its_own_transaction_and_only_if_it_happened
     };
     let respond = |u: &model::Universe| (201, Some(serde_json::json!({"id": u.id})));
     let audit = Counted::default();
-    let revision_of_etcd = || {
-        let out = etcdctl(&etcd, &["get", "/verse-test/", "--prefix", "--keys-only", "-w", "json"]);
-        serde_json::from_str::<serde_json::Value>(&out).unwrap()["header"]["revision"]
-            .as_u64()
-            .unwrap()
-    };
+    let revision_of_etcd = || u64::try_from(etcd.revision()).expect("etcd's revision is positive");
     let create = |name: &'static str| move |s: &mut State| s.create_universe(universe(name));
     let first = a.edit_audited(&key("k1"), create("blue"), respond, &audit).await.unwrap();
     let Outcome::Applied { revision, .. } = first else { panic!("applied") };
@@ -1148,12 +980,12 @@ async fn an_edits_audit_record_is_in_its_own_transaction_and_only_if_it_happened
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_edit_told_failed_did_not_happen() {
     use verse::store::{Idempotency, Outcome};
-    let etcd = Etcd::start();
-    let proxy = Proxy::start(etcd.client_port).await;
+    let etcd = Etcd::start_local();
+    let proxy = Proxy::start(etcd.endpoint().port()).await;
     let a = etcd.store(Duration::from_secs(5)).await;
     let mut options = etcd.options(Duration::from_secs(5));
     options.endpoints = vec![format!("127.0.0.1:{}", proxy.port)];
-    let b = tokio::time::timeout(WAIT, Store::open_etcd(options)).await.unwrap().unwrap();
+    let b = open(options).await;
     let idem = Idempotency {
         key: "cut-1".into(),
         fingerprint: "POST /v1/universes z".into(),
@@ -1186,7 +1018,7 @@ async fn an_edit_told_failed_did_not_happen() {
 /// prefix, and at least the keys' and values' bytes (plus the fixed fields etcd adds).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn watch_stats_count_every_response_event_and_byte_received() {
-    let etcd = Etcd::start();
+    let etcd = Etcd::start_local();
     let options = etcd.options(Duration::from_secs(5));
     let store = etcd.store(Duration::from_secs(5)).await;
     // The first read is no watch event; etcd confirms each watched range (the state's keys
