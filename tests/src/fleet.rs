@@ -34,8 +34,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::{
-    bad, frames, http_request, traffic::accept_loop, unique_name, unique_port, wait_until, Api,
-    Host, Netns, RawIpSocket, Stopper, TempDir, Value, Workload,
+    bad, frames, http_request, tcp_roundtrip, traffic::accept_loop, unique_name, unique_port,
+    wait_until, Api, Host, Netns, RawIpSocket, Stopper, TcpServer, TempDir, Value, Workload,
+    ALLOWED,
 };
 
 /// The address of the underlay bridge itself in the underlay namespace.
@@ -867,6 +868,130 @@ impl Fleet {
         let ns = Netns::new("n");
         self.plug(&ns, ip);
         ns
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Edits under etcd faults
+// ---------------------------------------------------------------------------------------------
+
+/// The fixture of the tests that break etcd under a fleet while it is edited: three hosts, a
+/// universe with the groups `clients` and `web`, a client endpoint in `clients` on host 0 and a
+/// server in `web` on host 2. Each edit ([`RuleEditor::add`]) admits `clients` to `web` on one
+/// more TCP port, through the API of any host; what was acknowledged must then be on every host
+/// ([`RuleBurst::missing`]) and pass traffic ([`RuleBurst::assert_last_rules_pass`]).
+///
+/// Field order is drop order: the workloads go before the fleet.
+pub struct RuleBurst {
+    pub client: Workload,
+    pub server: Workload,
+    /// The id of the group `clients`.
+    pub clients: String,
+    /// The id of the group `web`, whose ingress rules the edits add.
+    pub web: String,
+    pub fleet: Fleet,
+}
+
+/// One acknowledged edit of a [`RuleBurst`]: the rule it added, on which port, through which
+/// host, at which revision, when.
+#[derive(Clone, Debug)]
+pub struct Acked {
+    pub rule: String,
+    pub port: u16,
+    pub via: usize,
+    pub revision: u64,
+    pub at: Instant,
+}
+
+/// The edits of a [`RuleBurst`] through one host's API.
+#[derive(Clone, Debug)]
+pub struct RuleEditor {
+    api: Api,
+    via: usize,
+    clients: String,
+    web: String,
+}
+
+impl RuleEditor {
+    /// Admits `clients` to `web` on TCP `port`: what was acknowledged, or why not.
+    pub fn add(&self, port: u16) -> Result<Acked, String> {
+        let rule = verse::model::CreateRule {
+            direction: "ingress".into(),
+            protocol: "tcp".into(),
+            from_port: Some(port.into()),
+            to_port: Some(port.into()),
+            group: Some(self.clients.clone()),
+            ..Default::default()
+        };
+        let via = self.via;
+        match self.api.client().add_rule(&self.web, &rule) {
+            Ok((rule, revision)) => {
+                Ok(Acked { rule: rule.id, port, via, revision, at: Instant::now() })
+            }
+            Err(e) => Err(format!("via {via}: {e}")),
+        }
+    }
+}
+
+impl RuleBurst {
+    /// Starts the fleet and makes the universe `name` on `/24` `net` (`10.7.0`: the server is
+    /// `.10`, the client `.20`).
+    pub fn start(name: &str, net: &str) -> RuleBurst {
+        let fleet = Fleet::start(3);
+        let api = fleet.api(0);
+        let id = |v: Value| v["id"].as_str().expect("resource has an id").to_owned();
+        let uni = id(api.create_universe(name, &format!("{net}.0/24")));
+        let clients = id(api.create_group(&uni, "clients"));
+        let web = id(api.create_group(&uni, "web"));
+        let client = fleet.endpoint(0, &uni, &format!("{net}.20"), &[&clients]);
+        let server = fleet.endpoint(2, &uni, &format!("{net}.10"), &[&web]);
+        RuleBurst { client, server, clients, web, fleet }
+    }
+
+    /// What edits through the API of host `via`, to be moved into a thread of its own.
+    pub fn editor(&self, via: usize) -> RuleEditor {
+        RuleEditor {
+            api: self.fleet.api(via).clone(),
+            via,
+            clients: self.clients.clone(),
+            web: self.web.clone(),
+        }
+    }
+
+    /// What each host's API lacks of `acked` (empty: every host shows every acknowledged
+    /// rule), a host that does not answer included.
+    pub fn missing(&self, acked: &[Acked]) -> Vec<String> {
+        let mut missing = Vec::new();
+        for via in 0..self.fleet.len() {
+            match self.fleet.api(via).client().get_group(&self.web) {
+                Ok(g) => {
+                    for a in acked.iter().filter(|a| !g.ingress.iter().any(|r| r.id == a.rule)) {
+                        missing.push(format!("host {via} lacks rule {} (via {})", a.rule, a.via));
+                    }
+                }
+                Err(e) => missing.push(format!("host {via}: get group: {e}")),
+            }
+        }
+        missing
+    }
+
+    /// Realized means in the dataplane: the last rule acknowledged through each API admits the
+    /// client on host 0 to the server on host 2.
+    pub fn assert_last_rules_pass(&self, acked: &[Acked]) {
+        for via in 0..self.fleet.len() {
+            let Some(last) = acked.iter().filter(|a| a.via == via).max_by_key(|a| a.revision)
+            else {
+                continue;
+            };
+            let _srv = TcpServer::start(&self.server.ns, last.port, "web");
+            assert_eq!(
+                tcp_roundtrip(&self.client.ns, self.server.ip, last.port, "x", ALLOWED).as_deref(),
+                Some("web:x"),
+                "rule {} (port {}, acked via host {via}) does not pass traffic",
+                last.rule,
+                last.port
+            );
+        }
     }
 }
 

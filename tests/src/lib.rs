@@ -30,7 +30,8 @@
 //! - [`raw`]: raw sockets, forged frames, captures, the victim's sockets as judges;
 //! - [`frames`]: packets built from literal bytes;
 //! - [`encap`]: the encapsulation fixtures the encapsulation test and the benchmark share;
-//! - [`fleet`]: several hosts sharing one etcd over an IP underlay, and the etcd launcher.
+//! - [`fleet`]: several hosts sharing one etcd over an IP underlay, the etcd launcher, and the
+//!   fixture of the tests that break etcd under edits ([`RuleBurst`]).
 
 pub use serde_json::{json, Value};
 
@@ -49,8 +50,8 @@ pub use api::*;
 pub use assert::*;
 pub use daemon::*;
 pub use fleet::{
-    bulk_send, underlay_ip, vxlan_seen, BulkSink, Etcd, EtcdCerts, Fleet, Simulation, VxlanGbp,
-    VxlanSeen,
+    bulk_send, underlay_ip, vxlan_seen, Acked, BulkSink, Etcd, EtcdCerts, Fleet, RuleBurst,
+    RuleEditor, Simulation, VxlanGbp, VxlanSeen,
 };
 pub use frames::mac_bytes;
 pub use names::*;

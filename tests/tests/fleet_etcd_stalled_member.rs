@@ -24,20 +24,6 @@ const POLL: Duration = Duration::from_millis(100);
 /// The fleet must have converged this long after the last pause ended.
 const CONVERGE: Duration = Duration::from_secs(15);
 
-fn id(v: &Value) -> &str {
-    v["id"].as_str().expect("resource has an id")
-}
-
-/// One acknowledged edit: the rule it added, through which host, at which revision, when.
-#[derive(Clone, Debug)]
-struct Acked {
-    rule: String,
-    port: u16,
-    via: usize,
-    revision: u64,
-    at: Instant,
-}
-
 /// The lease of each liveness record, as etcd has it (`get -w json`: keys are base64, leases
 /// decimal): what a host renewing one lease throughout leaves unchanged.
 fn alive_leases(etcd: &Etcd) -> Vec<i64> {
@@ -54,15 +40,8 @@ fn alive_leases(etcd: &Etcd) -> Vec<i64> {
 #[test]
 fn a_stalled_etcd_member_never_makes_a_host_unhealthy() {
     assert!(is_root(), "needs root: network namespaces, bpffs, eBPF");
-    let fleet = Fleet::start(3);
-    let api = fleet.api(0).clone();
-    let uni = api.create_universe("stall", "10.8.0.0/24");
-    let uni = id(&uni).to_owned();
-    let clients = api.create_group(&uni, "clients");
-    let web = api.create_group(&uni, "web");
-    let (clients, web) = (id(&clients).to_owned(), id(&web).to_owned());
-    let client = fleet.endpoint(0, &uni, "10.8.0.20", &[&clients]);
-    let server = fleet.endpoint(2, &uni, "10.8.0.10", &[&web]);
+    let burst = RuleBurst::start("stall", "10.8.0");
+    let fleet = &burst.fleet;
     let names: Vec<String> = fleet.hosts().iter().map(|h| h.name().to_owned()).collect();
 
     let from = fleet.etcd().revision();
@@ -84,12 +63,11 @@ fn a_stalled_etcd_member_never_makes_a_host_unhealthy() {
             let names = names.clone();
             scope.spawn(move || {
                 while !stop.load(Ordering::SeqCst) {
-                    match api.request("GET", "/v1/hosts", None, Duration::from_secs(5)) {
-                        Ok(r) if r.status == 200 => {
-                            let hosts = r.json().as_array().cloned().unwrap_or_default();
+                    match api.client().list_hosts() {
+                        Ok(hosts) => {
                             for name in &names {
-                                let entry = hosts.iter().find(|h| h["name"] == name.as_str());
-                                if entry.is_none_or(|h| h["healthy"] != Value::Bool(true)) {
+                                let entry = hosts.iter().find(|h| h.name == *name);
+                                if entry.is_none_or(|h| !h.healthy) {
                                     unhealthy.lock().unwrap().push((
                                         start.elapsed().as_secs_f64(),
                                         via,
@@ -99,10 +77,10 @@ fn a_stalled_etcd_member_never_makes_a_host_unhealthy() {
                             }
                             *polls.lock().unwrap() += 1;
                         }
-                        other => unhealthy.lock().unwrap().push((
+                        Err(e) => unhealthy.lock().unwrap().push((
                             start.elapsed().as_secs_f64(),
                             via,
-                            format!("GET /v1/hosts: {other:?}"),
+                            format!("GET /v1/hosts: {e}"),
                         )),
                     }
                     std::thread::sleep(POLL);
@@ -110,29 +88,16 @@ fn a_stalled_etcd_member_never_makes_a_host_unhealthy() {
             });
         }
         for via in 0..3 {
-            let (api, web, clients) = (fleet.api(via).clone(), web.clone(), clients.clone());
-            let (acked, failed, stop) = (acked.clone(), failed.clone(), stop.clone());
+            let (editor, acked, failed, stop) =
+                (burst.editor(via), acked.clone(), failed.clone(), stop.clone());
             scope.spawn(move || {
                 let mut n = 0;
                 while !stop.load(Ordering::SeqCst) {
                     let port = 3000 + (via * 1000 + n) as u16;
                     n += 1;
-                    let rule = json!({"direction": "ingress", "protocol": "tcp",
-                        "from_port": port, "to_port": port, "group": clients});
-                    let path = format!("/v1/security-groups/{web}/rules");
-                    match api.request("POST", &path, Some(&rule), Duration::from_secs(30)) {
-                        Ok(r) if (200..300).contains(&r.status) => {
-                            let revision =
-                                r.revision().expect("an acknowledged edit has a revision");
-                            let rule = r.json()["id"].as_str().expect("rule id").to_owned();
-                            let at = Instant::now();
-                            acked.lock().unwrap().push(Acked { rule, port, via, revision, at });
-                        }
-                        Ok(r) => failed
-                            .lock()
-                            .unwrap()
-                            .push(format!("via {via}: {} {}", r.status, r.body)),
-                        Err(e) => failed.lock().unwrap().push(format!("via {via}: {e}")),
+                    match editor.add(port) {
+                        Ok(a) => acked.lock().unwrap().push(a),
+                        Err(e) => failed.lock().unwrap().push(e),
                     }
                     std::thread::sleep(Duration::from_millis(200));
                 }
@@ -201,26 +166,7 @@ fn a_stalled_etcd_member_never_makes_a_host_unhealthy() {
     let top = acked.iter().map(|a| a.revision).max().expect("some edit was acknowledged");
     let mut missing = Vec::new();
     let converged = wait_until(CONVERGE, || {
-        missing.clear();
-        for via in 0..3 {
-            match fleet.api(via).request(
-                "GET",
-                &format!("/v1/security-groups/{web}"),
-                None,
-                Duration::from_secs(5),
-            ) {
-                Ok(r) if r.status == 200 => {
-                    let ingress = r.json()["ingress"].as_array().cloned().unwrap_or_default();
-                    for a in &acked {
-                        if !ingress.iter().any(|rule| rule["id"] == a.rule.as_str()) {
-                            missing
-                                .push(format!("host {via} lacks rule {} (via {})", a.rule, a.via));
-                        }
-                    }
-                }
-                other => missing.push(format!("host {via}: GET group: {other:?}")),
-            }
-        }
+        missing = burst.missing(&acked);
         missing.is_empty() && (0..3).all(|via| fleet.wait_realized(via, top, Duration::ZERO))
     });
     assert!(
@@ -229,19 +175,5 @@ fn a_stalled_etcd_member_never_makes_a_host_unhealthy() {
         fleet.api(0).hosts()
     );
 
-    // Realized means in the dataplane: the last rule acknowledged through each API admits the
-    // client on host A to the server on host C.
-    for via in 0..3 {
-        let Some(last) = acked.iter().filter(|a| a.via == via).max_by_key(|a| a.revision) else {
-            continue;
-        };
-        let _srv = TcpServer::start(&server.ns, last.port, "web");
-        assert_eq!(
-            tcp_roundtrip(&client.ns, server.ip, last.port, "x", ALLOWED).as_deref(),
-            Some("web:x"),
-            "rule {} (port {}, acked via host {via}) does not pass traffic",
-            last.rule,
-            last.port
-        );
-    }
+    burst.assert_last_rules_pass(&acked);
 }
