@@ -34,6 +34,7 @@ pub mod conntrack;
 pub mod dataplane;
 pub mod events;
 pub mod flowlogs;
+pub mod frames;
 pub mod hits;
 pub mod index;
 pub mod limits;

@@ -32,12 +32,13 @@ use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 use std::sync::Arc;
 
-use dataplane_common::wire::checksum;
+use dataplane_common::wire::TCP_SYN;
 use dataplane_common::{ct_state, icmp_ct_ports, Config, CtEntry, CtKey, DropReason, VXLAN_PORT};
 use serde::{Deserialize, Serialize};
 
 use crate::compile::{self, MapContents};
 use crate::events::Transport;
+use crate::frames;
 use crate::model::{self, Direction, State};
 use crate::verdict::{
     self, Conntrack, Timeouts, ETHERTYPE_IPV4, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP,
@@ -1325,79 +1326,44 @@ fn decision_of(v: &verdict::Verdict) -> Option<Decision> {
     }
 }
 
-fn ipv4(src: Ipv4Addr, dst: Ipv4Addr, proto: u8, payload: &[u8]) -> Vec<u8> {
-    let total = (20 + payload.len()) as u16;
-    let mut h = vec![0x45, 0];
-    h.extend_from_slice(&total.to_be_bytes());
-    h.extend_from_slice(&[0x74, 0x72, 0x40, 0, 64, proto, 0, 0]);
-    h.extend_from_slice(&src.octets());
-    h.extend_from_slice(&dst.octets());
-    let c = checksum(&h);
-    h[10..12].copy_from_slice(&c.to_be_bytes());
-    h.extend_from_slice(payload);
-    h
-}
+/// The IPv4 identification of every packet a trace synthesizes ("tr"): a capture tells them
+/// apart from a workload's.
+const TRACE_IP_ID: u16 = 0x7472;
 
 /// The Ethernet frame a workload with MAC `src_mac` sends for `p` (to the gateway MAC): a TCP
 /// SYN, a UDP datagram with 4 bytes, an ICMP message with 8 bytes (an echo carries
 /// [`TRACE_ECHO_ID`]; an error type quotes nothing, so it is related to no flow), or 8 bytes of
 /// another protocol.
 pub fn synthesize(p: &Packet, src_mac: [u8; 6], gateway_mac: [u8; 6]) -> Vec<u8> {
+    let (sport, dport) = (p.transport.sport.unwrap_or(0), p.transport.dport.unwrap_or(0));
     let l4 = match p.proto {
-        IPPROTO_TCP => {
-            let mut t = Vec::with_capacity(20);
-            t.extend_from_slice(&p.transport.sport.unwrap_or(0).to_be_bytes());
-            t.extend_from_slice(&p.transport.dport.unwrap_or(0).to_be_bytes());
-            t.extend_from_slice(&[0, 0, 0, 1, 0, 0, 0, 0, 0x50, 0x02, 0xff, 0xff, 0, 0, 0, 0]);
-            t
-        }
-        IPPROTO_UDP => {
-            let mut u = Vec::with_capacity(12);
-            u.extend_from_slice(&p.transport.sport.unwrap_or(0).to_be_bytes());
-            u.extend_from_slice(&p.transport.dport.unwrap_or(0).to_be_bytes());
-            u.extend_from_slice(&[0, 12, 0, 0, b't', b'r', b'c', b'e']);
-            u
-        }
+        IPPROTO_TCP => frames::tcp(sport, dport, TCP_SYN, 0),
+        IPPROTO_UDP => frames::udp(sport, dport, b"trce"),
         IPPROTO_ICMP => {
             let (sport, dport) = ct_ports(p);
-            let id = sport.max(dport);
-            let mut i =
-                vec![p.transport.icmp_type.unwrap_or(8), p.transport.icmp_code.unwrap_or(0), 0, 0];
-            i.extend_from_slice(&id.to_be_bytes());
-            i.extend_from_slice(&[0, 1]);
-            i.extend_from_slice(&[0; 8]);
-            let c = checksum(&i);
-            i[2..4].copy_from_slice(&c.to_be_bytes());
-            i
+            frames::icmp(
+                p.transport.icmp_type.unwrap_or(8),
+                p.transport.icmp_code.unwrap_or(0),
+                frames::echo_rest(sport.max(dport), 1),
+                &[0; 8],
+            )
         }
         _ => vec![0; 8],
     };
-    let mut f = Vec::with_capacity(14 + 20 + l4.len());
-    f.extend_from_slice(&gateway_mac);
-    f.extend_from_slice(&src_mac);
-    f.extend_from_slice(&ETHERTYPE_IPV4.to_be_bytes());
-    f.extend_from_slice(&ipv4(p.src, p.dst, p.proto, &l4));
-    f
+    let ip = frames::ipv4_with(p.src.octets(), p.dst.octets(), p.proto, TRACE_IP_ID, true, &l4);
+    frames::ethernet(gateway_mac, src_mac, ETHERTYPE_IPV4, &ip)
 }
 
 /// `inner` wrapped as a host sends it on the underlay (README, wire format): outer IPv4 from
 /// `src` to `dst`, UDP to port 4789, VXLAN with the Group Policy extension carrying the sender's
 /// `identity` and `vni`. The outer Ethernet addresses are left zero (no hook reads them).
 pub fn wrap(inner: &[u8], src: Ipv4Addr, dst: Ipv4Addr, identity: u32, vni: u32) -> Vec<u8> {
-    let mut vx = Vec::with_capacity(16 + inner.len());
-    let len = (8 + 8 + inner.len()) as u16;
-    vx.extend_from_slice(&49_152u16.to_be_bytes());
-    vx.extend_from_slice(&VXLAN_PORT.to_be_bytes());
-    vx.extend_from_slice(&len.to_be_bytes());
-    vx.extend_from_slice(&[0, 0]);
-    let g = (identity as u16).to_be_bytes();
-    let v = vni.to_be_bytes();
-    vx.extend_from_slice(&[0x88, 0, g[0], g[1], v[1], v[2], v[3], 0]);
+    let mut vx = Vec::with_capacity(8 + inner.len());
+    vx.extend_from_slice(&frames::vxlan_gbp(0x88, identity as u16, vni));
     vx.extend_from_slice(inner);
-    let mut f = vec![0u8; 12];
-    f.extend_from_slice(&ETHERTYPE_IPV4.to_be_bytes());
-    f.extend_from_slice(&ipv4(src, dst, IPPROTO_UDP, &vx));
-    f
+    let udp = frames::udp(49_152, VXLAN_PORT, &vx);
+    let ip = frames::ipv4_with(src.octets(), dst.octets(), IPPROTO_UDP, TRACE_IP_ID, true, &udp);
+    frames::ethernet([0; 6], [0; 6], ETHERTYPE_IPV4, &ip)
 }
 
 #[cfg(test)]

@@ -20,10 +20,12 @@
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::net::Ipv4Addr;
 
+use dataplane_common::wire::ETHERTYPE_IPV4;
 use dataplane_common::{ct_owner, CtKey, DropReason};
 use ipnetwork::IpNetwork;
 use proptest::prelude::*;
 use proptest::strategy::ValueTree;
+use verse::frames;
 use verse::model::{
     self, CreateEndpoint, CreateGroup, CreateRule, CreateUniverse, Direction, PatchEndpoint, Peer,
     Protocol, State,
@@ -392,24 +394,13 @@ fn frame(
     flags: u8,
 ) -> Vec<u8> {
     let mac = model::parse_mac(&from.mac).expect("endpoint MAC");
-    let mut l4 = Vec::new();
-    l4.extend_from_slice(&sport.to_be_bytes());
-    l4.extend_from_slice(&dport.to_be_bytes());
-    if proto == 6 {
-        l4.extend_from_slice(&[0, 0, 0, 1, 0, 0, 0, 0, 0x50, flags, 0xff, 0xff, 0, 0, 0, 0]);
+    let l4 = if proto == 6 {
+        frames::tcp(sport, dport, flags, 0)
     } else {
-        l4.extend_from_slice(&[0, 8, 0, 0]);
-    }
-    let mut f = Vec::new();
-    f.extend_from_slice(&GW);
-    f.extend_from_slice(&mac);
-    f.extend_from_slice(&[0x08, 0x00, 0x45, 0x00]);
-    f.extend_from_slice(&((20 + l4.len()) as u16).to_be_bytes());
-    f.extend_from_slice(&[0, 0, 0x40, 0x00, 64, proto, 0, 0]);
-    f.extend_from_slice(&from.ip.octets());
-    f.extend_from_slice(&dst.octets());
-    f.extend_from_slice(&l4);
-    f
+        frames::udp(sport, dport, &[])
+    };
+    let ip = frames::ipv4_with(from.ip.octets(), dst.octets(), proto, 0, true, &l4);
+    frames::ethernet(GW, mac, ETHERTYPE_IPV4, &ip)
 }
 
 fn world() -> World {

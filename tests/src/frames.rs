@@ -1,11 +1,8 @@
-//! Packet tests built from literal bytes: the headers a test puts in front of a payload, one
-//! function per layer, composed the way the wire nests them (smoltcp's tests do the same).
-//!
-//! Contract: every builder writes exactly the fields a reader of the header would check, with
-//! fixed values for the rest (IPv4: IHL 5, TTL 64, ID 1 and DF unless [`ipv4_with`] says
-//! otherwise, header checksum computed; TCP: seq 1, data offset 5, window 0xFFFF, checksum 0;
-//! UDP: checksum 0, which IPv4 reads as "none"; ICMP: checksum computed). A test that needs a
-//! broken header builds the good one and then overwrites the bytes it wants to break.
+//! Packet tests built from literal bytes: the builders of `verse::frames` (the frames `verse
+//! trace --run` synthesizes, one function per layer; its documentation states what each header
+//! carries), the wire numbers under the short names the tests write, and a MAC parser.
+
+pub use verse::frames::*;
 
 /// The RFC 1071 checksum the frames carry (0 over a header that carries its own right).
 pub use dataplane_common::wire::checksum;
@@ -17,95 +14,6 @@ pub use dataplane_common::wire::{
 };
 pub const SYN_ACK: u8 = SYN | ACK;
 
-/// An Ethernet II frame.
-pub fn ethernet(dst: [u8; 6], src: [u8; 6], ethertype: u16, payload: &[u8]) -> Vec<u8> {
-    let mut f = Vec::with_capacity(14 + payload.len());
-    f.extend_from_slice(&dst);
-    f.extend_from_slice(&src);
-    f.extend_from_slice(&ethertype.to_be_bytes());
-    f.extend_from_slice(payload);
-    f
-}
-
-/// An IPv4 packet (ID 1, DF) carrying `payload` as protocol `proto`.
-pub fn ipv4(src: [u8; 4], dst: [u8; 4], proto: u8, payload: &[u8]) -> Vec<u8> {
-    ipv4_with(src, dst, proto, 1, true, payload)
-}
-
-/// An IPv4 packet with the given identification and don't-fragment bit.
-pub fn ipv4_with(
-    src: [u8; 4],
-    dst: [u8; 4],
-    proto: u8,
-    id: u16,
-    df: bool,
-    payload: &[u8],
-) -> Vec<u8> {
-    let total = u16::try_from(20 + payload.len()).expect("an IPv4 packet fits 64 KiB");
-    let mut h = Vec::with_capacity(usize::from(total));
-    h.extend_from_slice(&[0x45, 0]);
-    h.extend_from_slice(&total.to_be_bytes());
-    h.extend_from_slice(&id.to_be_bytes());
-    h.extend_from_slice(&[if df { 0x40 } else { 0 }, 0, 64, proto, 0, 0]);
-    h.extend_from_slice(&src);
-    h.extend_from_slice(&dst);
-    let c = checksum(&h);
-    h[10..12].copy_from_slice(&c.to_be_bytes());
-    h.extend_from_slice(payload);
-    h
-}
-
-/// A TCP segment with `flags` followed by `payload` bytes counting up from 0.
-pub fn tcp(sport: u16, dport: u16, flags: u8, payload: usize) -> Vec<u8> {
-    let mut t = Vec::with_capacity(20 + payload);
-    t.extend_from_slice(&sport.to_be_bytes());
-    t.extend_from_slice(&dport.to_be_bytes());
-    t.extend_from_slice(&[0, 0, 0, 1, 0, 0, 0, 0, 0x50, flags, 0xFF, 0xFF, 0, 0, 0, 0]);
-    t.extend((0..payload).map(|i| i as u8));
-    t
-}
-
-/// A UDP datagram (no checksum).
-pub fn udp(sport: u16, dport: u16, payload: &[u8]) -> Vec<u8> {
-    let len = u16::try_from(8 + payload.len()).expect("a UDP datagram fits 64 KiB");
-    let mut u = Vec::with_capacity(usize::from(len));
-    u.extend_from_slice(&sport.to_be_bytes());
-    u.extend_from_slice(&dport.to_be_bytes());
-    u.extend_from_slice(&len.to_be_bytes());
-    u.extend_from_slice(&[0, 0]);
-    u.extend_from_slice(payload);
-    u
-}
-
-/// An ICMP message: type, code, the four type-specific bytes `rest`, then `payload`; checksum
-/// computed.
-pub fn icmp(ty: u8, code: u8, rest: [u8; 4], payload: &[u8]) -> Vec<u8> {
-    let mut i = vec![ty, code, 0, 0];
-    i.extend_from_slice(&rest);
-    i.extend_from_slice(payload);
-    let c = checksum(&i);
-    i[2..4].copy_from_slice(&c.to_be_bytes());
-    i
-}
-
-/// A broadcast ARP request (Ethernet/IPv4): who has `tpa`, tell `spa` at `sha`.
-pub fn arp_request(sha: [u8; 6], spa: [u8; 4], tpa: [u8; 4]) -> Vec<u8> {
-    let mut a = vec![0, 1, 0x08, 0x00, 6, 4, 0, 1];
-    a.extend_from_slice(&sha);
-    a.extend_from_slice(&spa);
-    a.extend_from_slice(&[0; 6]);
-    a.extend_from_slice(&tpa);
-    ethernet([0xFF; 6], sha, ETH_ARP, &a)
-}
-
-/// The 8-byte VXLAN header with the Group Policy extension (README, wire format): `flags`
-/// (G|I = 0x88 when well formed), the sender's identity as group policy id, the 24-bit VNI.
-pub fn vxlan_gbp(flags: u8, group: u16, vni: u32) -> [u8; 8] {
-    let g = group.to_be_bytes();
-    let v = vni.to_be_bytes();
-    [flags, 0, g[0], g[1], v[1], v[2], v[3], 0]
-}
-
 /// Parses a MAC written `aa:bb:cc:dd:ee:ff`.
 pub fn mac_bytes(text: &str) -> [u8; 6] {
     let parts: Vec<u8> = text
@@ -113,27 +21,4 @@ pub fn mac_bytes(text: &str) -> [u8; 6] {
         .map(|p| u8::from_str_radix(p, 16).unwrap_or_else(|e| panic!("MAC {text:?}: {e}")))
         .collect();
     parts.try_into().unwrap_or_else(|_| panic!("MAC {text:?} is not 6 bytes"))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn checksums_verify_to_zero_and_layers_nest() {
-        let p = ipv4([10, 0, 0, 2], [10, 0, 0, 3], 1, &icmp(8, 0, [0, 1, 0, 7], b"abc"));
-        assert_eq!(checksum(&p[..20]), 0, "IPv4 header checksum");
-        assert_eq!(checksum(&p[20..]), 0, "ICMP checksum over an odd length");
-        assert_eq!(&p[2..4], &(20u16 + 8 + 3).to_be_bytes());
-        assert_eq!(&p[4..8], &[0, 1, 0x40, 0]);
-        let u = udp(1, 2, b"xy");
-        assert_eq!(u, [0, 1, 0, 2, 0, 10, 0, 0, b'x', b'y']);
-        assert_eq!(
-            vxlan_gbp(0x88, 0x1234, 0x00ab_cdef),
-            [0x88, 0, 0x12, 0x34, 0xab, 0xcd, 0xef, 0]
-        );
-        let f = ethernet([1; 6], [2; 6], ETH_IPV4, &p);
-        assert_eq!(&f[12..14], &[0x08, 0x00]);
-        assert_eq!(tcp(1, 2, SYN, 3)[20..], [0, 1, 2]);
-    }
 }

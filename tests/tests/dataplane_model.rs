@@ -46,7 +46,7 @@ use rand::rngs::StdRng;
 use rand::seq::IndexedRandom;
 use rand::{Rng, SeedableRng};
 use serde_json::json;
-use tests::frames::{ETH_ARP, ETH_IPV4};
+use tests::frames::{self, ETH_IPV4};
 use tests::{Bpffs, Netns, TempDir};
 use verse::compile::{compile, Ids, MapContents};
 use verse::dataplane::{tc_act, Dataplane};
@@ -330,15 +330,8 @@ fn build_state() -> (State, BTreeMap<&'static str, String>, Names) {
 // Packets
 // ---------------------------------------------------------------------------------------------
 
-fn eth(dst: [u8; 6], src: [u8; 6], ethertype: u16) -> Vec<u8> {
-    let mut f = Vec::with_capacity(64);
-    f.extend_from_slice(&dst);
-    f.extend_from_slice(&src);
-    f.extend_from_slice(&ethertype.to_be_bytes());
-    f
-}
-
-/// IPv4 (IHL 5 + `options`, DF set; checksum 0: nobody verifies it) around `l4`.
+/// Ethernet from `src_mac` to the gateway around IPv4 (ID 0xbeef, DF; IHL 5 + `options`) around
+/// `l4`.
 fn ipv4_packet(
     src_mac: [u8; 6],
     src: Ipv4Addr,
@@ -347,47 +340,9 @@ fn ipv4_packet(
     options: &[u8],
     l4: &[u8],
 ) -> Vec<u8> {
-    assert!(options.len().is_multiple_of(4) && options.len() <= 40);
-    let mut f = eth(GW, src_mac, ETH_IPV4);
-    let ihl = 5 + options.len() / 4;
-    let total = (ihl * 4 + l4.len()) as u16;
-    f.push(0x40 | ihl as u8);
-    f.push(0);
-    f.extend_from_slice(&total.to_be_bytes());
-    f.extend_from_slice(&[0xbe, 0xef, 0x40, 0x00, 64, proto, 0, 0]);
-    f.extend_from_slice(&src.octets());
-    f.extend_from_slice(&dst.octets());
-    f.extend_from_slice(options);
-    f.extend_from_slice(l4);
-    f
-}
-
-fn tcp_hdr(sport: u16, dport: u16, flags: u8, payload: &[u8]) -> Vec<u8> {
-    let mut t = Vec::new();
-    t.extend_from_slice(&sport.to_be_bytes());
-    t.extend_from_slice(&dport.to_be_bytes());
-    t.extend_from_slice(&[0, 0, 1, 0, 0, 0, 0, 0, 0x50, flags, 0x72, 0x10, 0, 0, 0, 0]);
-    t.extend_from_slice(payload);
-    t
-}
-
-fn icmp_hdr(ty: u8, code: u8, id: u16, payload: &[u8]) -> Vec<u8> {
-    let mut i = vec![ty, code, 0, 0];
-    i.extend_from_slice(&id.to_be_bytes());
-    i.extend_from_slice(&[0, 7]);
-    i.extend_from_slice(payload);
-    i
-}
-
-fn arp_packet(eth_src: [u8; 6], sha: [u8; 6], spa: Ipv4Addr, tpa: Ipv4Addr, oper: u16) -> Vec<u8> {
-    let mut f = eth([0xff; 6], eth_src, ETH_ARP);
-    f.extend_from_slice(&[0, 1, 0x08, 0x00, 6, 4]);
-    f.extend_from_slice(&oper.to_be_bytes());
-    f.extend_from_slice(&sha);
-    f.extend_from_slice(&spa.octets());
-    f.extend_from_slice(&[0; 6]);
-    f.extend_from_slice(&tpa.octets());
-    f
+    let ip = frames::ipv4_with(src.octets(), dst.octets(), proto, 0xbeef, true, l4);
+    let ip = frames::with_ipv4_options(&ip, options);
+    frames::ethernet(GW, src_mac, ETH_IPV4, &ip)
 }
 
 /// A flow as the generator remembers it: who sent its first packet, to where.
@@ -450,21 +405,11 @@ struct Encap {
 /// `frame` (an Ethernet frame as its workload sent it) as a host puts it on the underlay: outer
 /// Ethernet, IPv4, UDP to 4789, VXLAN-GBP, inner Ethernet (from the gateway), the packet.
 fn wrap(e: &Encap, frame: &[u8]) -> Vec<u8> {
-    let mut inner = eth(GW, GW, u16::from_be_bytes([frame[12], frame[13]]));
-    inner.extend_from_slice(&frame[14..]);
-    let v = e.vni.to_be_bytes();
-    let g = e.group.to_be_bytes();
-    let vxlan = [e.flags, 0, g[0], g[1], v[1], v[2], v[3], 0];
-    let payload = [&vxlan[..], &inner].concat();
-    let ip = tests::frames::ipv4(
-        e.outer_src.octets(),
-        e.outer_dst.octets(),
-        17,
-        &tests::frames::udp(50123, VXLAN_PORT, &payload),
-    );
-    let mut f = eth([0x02, 0x55, 0, 0, 0, 1], [0x02, 0x55, 0, 0, 0, 2], ETH_IPV4);
-    f.extend_from_slice(&ip);
-    f
+    let inner = frames::ethernet(GW, GW, u16::from_be_bytes([frame[12], frame[13]]), &frame[14..]);
+    let payload = [&frames::vxlan_gbp(e.flags, e.group, e.vni)[..], &inner].concat();
+    let udp = frames::udp(50123, VXLAN_PORT, &payload);
+    let ip = frames::ipv4(e.outer_src.octets(), e.outer_dst.octets(), 17, &udp);
+    frames::ethernet([0x02, 0x55, 0, 0, 0, 1], [0x02, 0x55, 0, 0, 0, 2], ETH_IPV4, &ip)
 }
 
 impl Gen {
@@ -560,17 +505,22 @@ impl Gen {
         };
         let payload: Vec<u8> = (0..len).map(|_| self.rng.random()).collect();
         let l4 = match flow.proto {
-            6 => tcp_hdr(sport, dport, flags, &payload),
-            17 => tests::frames::udp(sport, dport, &payload),
+            6 => [frames::tcp(sport, dport, flags, 0), payload].concat(),
+            17 => frames::udp(sport, dport, &payload),
             // Echo: the id is the flow's sport; a reply is type 0.
-            1 if flow.dport == 0 => icmp_hdr(if reply { 0 } else { 8 }, 0, flow.sport, &payload),
+            1 if flow.dport == 0 => frames::icmp(
+                if reply { 0 } else { 8 },
+                0,
+                frames::echo_rest(flow.sport, 7),
+                &payload,
+            ),
             // Another type first (an echo reply among them); back, a request, a reply, a
             // timestamp reply or the same type, with the same identifier.
             1 => {
                 let (ty, code) = ((flow.dport >> 8) as u8, flow.dport as u8);
                 let ty =
                     if reply { *[8, 0, 14, ty].choose(&mut self.rng).expect("types") } else { ty };
-                icmp_hdr(ty, code, flow.sport, &payload)
+                frames::icmp(ty, code, frames::echo_rest(flow.sport, 7), &payload)
             }
             _ => payload,
         };
@@ -706,7 +656,8 @@ impl Gen {
         };
         quote.resize(quote.len().max(total.saturating_sub(28)), 0);
         let s = self.eps[sender].clone();
-        let mut f = ipv4_packet(s.mac, s.ip, to, 1, &[], &icmp_hdr(ty, code, 0, &quote));
+        let mut f =
+            ipv4_packet(s.mac, s.ip, to, 1, &[], &frames::icmp(ty, code, [0, 0, 0, 7], &quote));
         if self.rng.random_bool(0.2) {
             // The quote continues in Ethernet padding beyond the datagram.
             let cut = 14 + 20 + 8 + 20 + self.rng.random_range(0..8);
@@ -731,7 +682,7 @@ impl Gen {
             Ipv4Addr::new(8, 8, 8, 8),
         ];
         let tpa = *targets.choose(&mut self.rng).expect("targets");
-        let mut f = arp_packet(e.mac, e.mac, e.ip, tpa, 1);
+        let mut f = frames::arp_request(e.mac, e.ip.octets(), tpa.octets());
         let variant = self.rng.random_range(0..9);
         match variant {
             0 => {}

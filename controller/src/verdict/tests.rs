@@ -1,5 +1,6 @@
 //! Literal packets through the model, one test per semantic it proves.
 use super::*;
+use crate::frames;
 use crate::model::{Endpoint, Rule, SecurityGroup, Universe};
 use dataplane_common::DropReason as D;
 
@@ -137,41 +138,21 @@ fn fixture() -> (State, BTreeMap<u32, String>) {
     (st, local)
 }
 
-/// Ethernet + IPv4 (IHL 5, DF, TTL 64, checksum left 0: nobody verifies it) + `l4`.
+// The frames these tests send, through `crate::frames` (its fixed fields) with this file's
+// defaults: to the gateway, IPv4 ID 0x1234, no TCP payload, 4 bytes of UDP payload, echo
+// sequence 1.
 fn ipv4(src_mac: [u8; 6], src: [u8; 4], dst: [u8; 4], proto: u8, l4: &[u8]) -> Vec<u8> {
-    let mut f = Vec::new();
-    f.extend_from_slice(&GW);
-    f.extend_from_slice(&src_mac);
-    f.extend_from_slice(&[0x08, 0x00]);
-    let total = (20 + l4.len()) as u16;
-    f.extend_from_slice(&[0x45, 0x00]);
-    f.extend_from_slice(&total.to_be_bytes());
-    f.extend_from_slice(&[0x12, 0x34, 0x40, 0x00, 64, proto, 0, 0]);
-    f.extend_from_slice(&src);
-    f.extend_from_slice(&dst);
-    f.extend_from_slice(l4);
-    f
+    let ip = frames::ipv4_with(src, dst, proto, 0x1234, true, l4);
+    frames::ethernet(GW, src_mac, ETHERTYPE_IPV4, &ip)
 }
 fn tcp(sport: u16, dport: u16, flags: u8) -> Vec<u8> {
-    let mut t = Vec::new();
-    t.extend_from_slice(&sport.to_be_bytes());
-    t.extend_from_slice(&dport.to_be_bytes());
-    t.extend_from_slice(&[0, 0, 0, 1, 0, 0, 0, 0, 0x50, flags, 0xff, 0xff, 0, 0, 0, 0]);
-    t
+    frames::tcp(sport, dport, flags, 0)
 }
 fn udp(sport: u16, dport: u16) -> Vec<u8> {
-    let mut u = Vec::new();
-    u.extend_from_slice(&sport.to_be_bytes());
-    u.extend_from_slice(&dport.to_be_bytes());
-    u.extend_from_slice(&[0, 12, 0, 0, b'h', b'i', b'!', b'\n']);
-    u
+    frames::udp(sport, dport, b"hi!\n")
 }
 fn icmp(ty: u8, code: u8, id: u16, payload: &[u8]) -> Vec<u8> {
-    let mut i = vec![ty, code, 0, 0];
-    i.extend_from_slice(&id.to_be_bytes());
-    i.extend_from_slice(&[0, 1]);
-    i.extend_from_slice(payload);
-    i
+    frames::icmp(ty, code, frames::echo_rest(id, 1), payload)
 }
 const A: [u8; 4] = [10, 0, 0, 1];
 const B: [u8; 4] = [10, 0, 0, 2];
