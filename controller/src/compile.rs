@@ -351,6 +351,33 @@ pub fn policy_kinds(
     kinds
 }
 
+/// The `VERSE_POLICY_KINDS` writes an apply from `current` to `desired` makes before it writes
+/// any policy entry: for every identity whose kinds grow, the union of both (see
+/// `dataplane_common::peer_kind`: the map stays a superset of the entries' kinds).
+pub fn policy_kinds_before(current: &MapContents, desired: &MapContents) -> Vec<(u32, u32)> {
+    let now = |identity: u32| current.policy_kinds.get(&identity).copied().unwrap_or(0);
+    desired
+        .policy_kinds
+        .iter()
+        .map(|(&identity, &kinds)| (identity, now(identity) | kinds))
+        .filter(|&(identity, union)| union != now(identity))
+        .collect()
+}
+
+/// The writes the same apply makes once the removed policy entries are gone: every identity
+/// whose kinds the union left wider than `desired`'s gets exactly those (0: none).
+pub fn policy_kinds_after(current: &MapContents, desired: &MapContents) -> Vec<(u32, u32)> {
+    let identities: BTreeSet<u32> =
+        current.policy_kinds.keys().chain(desired.policy_kinds.keys()).copied().collect();
+    let of = |m: &MapContents, identity| m.policy_kinds.get(&identity).copied().unwrap_or(0);
+    identities
+        .into_iter()
+        .map(|identity| (identity, of(current, identity), of(desired, identity)))
+        .filter(|&(_, was, want)| want != was | want)
+        .map(|(identity, _, want)| (identity, want))
+        .collect()
+}
+
 /// S12 at the API: whether the state, compiled for every host that has endpoints, fits the
 /// dataplane's maps. Every endpoint counts as plumbed; CIDR classes are numbered afresh.
 pub fn check_fits(state: &State) -> model::Result<()> {
@@ -1651,6 +1678,33 @@ mod tests {
         // none of them 5 (still held).
         let fresh: BTreeSet<u32> = [8, 9, 10].iter().map(|r| got.ids[r]).collect();
         assert_eq!(fresh, BTreeSet::from([1, 2, 3]));
+    }
+
+    #[test]
+    fn policy_kinds_are_widened_before_the_entries_and_narrowed_after_them() {
+        use dp::peer_kind::{bit, ANY, CIDR, IDENTITY};
+        let (i, e) = (dp::DIRECTION_INGRESS, dp::DIRECTION_EGRESS);
+        let with = |kinds: &[(u32, u32)]| MapContents {
+            policy_kinds: kinds.iter().copied().collect(),
+            ..MapContents::default()
+        };
+        // Identity 7 moves from an identity peer to 0.0.0.0/0, 8 keeps its kinds, 9 is new and
+        // 10 loses every entry.
+        let current =
+            with(&[(7, bit(i, IDENTITY) | bit(e, ANY)), (8, bit(i, CIDR)), (10, bit(e, ANY))]);
+        let desired = with(&[(7, bit(i, ANY) | bit(e, ANY)), (8, bit(i, CIDR)), (9, bit(i, CIDR))]);
+        assert_eq!(
+            policy_kinds_before(&current, &desired),
+            [(7, bit(i, IDENTITY) | bit(i, ANY) | bit(e, ANY)), (9, bit(i, CIDR))],
+            "before the entries: the union, only where it grows"
+        );
+        assert_eq!(
+            policy_kinds_after(&current, &desired),
+            [(7, bit(i, ANY) | bit(e, ANY)), (10, 0)],
+            "after the removals: exactly the new kinds, only where the union was wider"
+        );
+        assert!(policy_kinds_before(&desired, &desired).is_empty());
+        assert!(policy_kinds_after(&desired, &desired).is_empty());
     }
 
     #[test]

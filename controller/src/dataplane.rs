@@ -20,7 +20,7 @@
 //! - Nothing here panics on kernel answers; every failure is an [`Error`] naming the call and the
 //!   object.
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::BTreeMap,
     ffi::CString,
     io,
     os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd},
@@ -46,7 +46,7 @@ use dataplane_common::{
     VniKey, PROG_FROM_ENDPOINT, PROG_FROM_UNDERLAY,
 };
 
-use crate::compile::{MapContents, OwnerBudget};
+use crate::compile::{policy_kinds_after, policy_kinds_before, MapContents, OwnerBudget};
 use crate::conntrack::{self, Collected, Owners};
 
 /// The dataplane object built by `controller/build.rs`.
@@ -632,11 +632,8 @@ impl Dataplane {
         }
         // The kinds of peer of the entries about to be written, before them (with the kinds of
         // the entries still there: see `dataplane_common::peer_kind`).
-        for (&identity, &kinds) in &desired.policy_kinds {
-            let now = current.policy_kinds.get(&identity).copied().unwrap_or(0);
-            if now | kinds != now {
-                self.write_policy_kinds(identity, now | kinds)?;
-            }
+        for (identity, kinds) in policy_kinds_before(current, desired) {
+            self.write_policy_kinds(identity, kinds)?;
         }
         // New entries, and entries now credited to another rule (the value is replaced in
         // place: the entry never disappears).
@@ -705,14 +702,8 @@ impl Dataplane {
             })?;
         }
         // Only the kinds the entries left still name (the union written above, exact again).
-        let identities: BTreeSet<u32> =
-            current.policy_kinds.keys().chain(desired.policy_kinds.keys()).copied().collect();
-        for identity in identities {
-            let was = current.policy_kinds.get(&identity).copied().unwrap_or(0);
-            let want = desired.policy_kinds.get(&identity).copied().unwrap_or(0);
-            if want != was | want {
-                self.write_policy_kinds(identity, want)?;
-            }
+        for (identity, kinds) in policy_kinds_after(current, desired) {
+            self.write_policy_kinds(identity, kinds)?;
         }
         // The entries naming them are gone: these slots count for no rule any more (their
         // values stay until a later apply zeroes them for another rule).

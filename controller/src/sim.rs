@@ -29,7 +29,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use crate::compile::MapContents;
+use crate::compile::{policy_kinds_after, policy_kinds_before, MapContents};
 use crate::reconcile::{MapSet, MapSetError, Reconciler, SharedSimMaps};
 use crate::store::{self, EtcdOptions, Realized, Store, WatchStats};
 
@@ -78,6 +78,7 @@ impl SimMaps {
             + m.routes.len()
             + m.cidrs.len()
             + m.policy.len()
+            + m.policy_kinds.len()
             + m.hosts.len()
             + m.vnis.len()
             + m.rules.len()
@@ -113,6 +114,11 @@ impl MapSet for SimMaps {
                 return Err(full.into());
             }
             m.rules.insert(slot, rule);
+            c.written += 1;
+        }
+        // The kinds of peer of both states' entries, before the entries.
+        for (identity, kinds) in policy_kinds_before(current, desired) {
+            m.policy_kinds.insert(identity, kinds);
             c.written += 1;
         }
         put_changed(
@@ -164,6 +170,16 @@ impl MapSet for SimMaps {
         );
         remove_gone(&mut m.routes, current.routes.keys(), |k| desired.routes.contains_key(k), c);
         remove_gone(&mut m.policy, current.policy.keys(), |k| desired.policy.contains_key(k), c);
+        // Only the kinds the entries left name (an array slot of 0 holds nothing).
+        for (identity, kinds) in policy_kinds_after(current, desired) {
+            if kinds == 0 {
+                m.policy_kinds.remove(&identity);
+                c.removed += 1;
+            } else {
+                m.policy_kinds.insert(identity, kinds);
+                c.written += 1;
+            }
+        }
         remove_gone(&mut m.rules, current.rules.keys(), |k| desired.rules.contains_key(k), c);
         remove_gone(&mut m.cidrs, current.cidrs.keys(), |k| desired.cidrs.contains_key(k), c);
         remove_gone_set(&mut m.vnis, current.vnis.difference(&desired.vnis), c);
