@@ -20,6 +20,37 @@ fn cidr_class(vni: u32, ip: [u8; 4]) -> Option<u32> {
     VERSE_CIDRS.get(&key).copied()
 }
 
+/// A `VERSE_POLICY` lookup key built as four aligned words. The key type is packed (alignment
+/// 1) and `PolicyKey::peer` sits at an odd offset of it; with misaligned accesses allowed
+/// (`controller/build.rs`), LLVM writes such a field with one 4-byte store, which the verifier
+/// refuses on the stack (it tracks stack slots by aligned words).
+#[repr(C, align(4))]
+struct PolicyLookup([u32; 4]);
+
+const _: () = assert!(core::mem::size_of::<Key<PolicyKey>>() == core::mem::size_of::<PolicyLookup>());
+
+impl PolicyLookup {
+    #[inline(always)]
+    fn new(data: &PolicyKey) -> PolicyLookup {
+        let (i, p, q) = (data.identity, data.peer, data.port);
+        PolicyLookup([
+            policy_prefix::FULL,
+            u32::from_ne_bytes(i),
+            u32::from_ne_bytes([data.direction, p[0], p[1], p[2]]),
+            u32::from_ne_bytes([p[3], data.proto, q[0], q[1]]),
+        ])
+    }
+
+    #[inline(always)]
+    fn get(&self) -> Option<PolicyValue> {
+        // SAFETY: `Key<PolicyKey>` is `repr(C, packed)`: 16 bytes of alignment 1 laid out as
+        // prefix length, identity, direction, peer, protocol, port, which are these words'
+        // bytes in memory order (asserted size above); any bytes are a valid key.
+        let key = unsafe { &*(self as *const PolicyLookup).cast::<Key<PolicyKey>>() };
+        VERSE_POLICY.get(key).copied()
+    }
+}
+
 /// The entry of the policy of `identity` that allows traffic in `direction` with the peer described
 /// by `peer_identity` (when the peer is a known endpoint) and `peer_ip`, for `proto` and `port`
 /// (destination port, or `type << 8 | code` for ICMP, 0 otherwise): the first of the three
@@ -46,16 +77,16 @@ pub fn rule(
     };
     if let Some(peer_id) = peer_identity.filter(|_| has(peer_kind::IDENTITY)) {
         data.peer = peer_id.to_be_bytes();
-        if let Some(v) = VERSE_POLICY.get(&Key::new(policy_prefix::FULL, data)) {
-            return Some(*v);
+        if let Some(v) = PolicyLookup::new(&data).get() {
+            return Some(v);
         }
     }
     // The class lookup (a trie of its own) only when a class could be named.
     if has(peer_kind::CIDR) {
         if let Some(class) = cidr_class(vni, peer_ip) {
             data.peer = class.to_be_bytes();
-            if let Some(v) = VERSE_POLICY.get(&Key::new(policy_prefix::FULL, data)) {
-                return Some(*v);
+            if let Some(v) = PolicyLookup::new(&data).get() {
+                return Some(v);
             }
         }
     }
@@ -63,5 +94,5 @@ pub fn rule(
         return None;
     }
     data.peer = peer::ANY.to_be_bytes();
-    VERSE_POLICY.get(&Key::new(policy_prefix::FULL, data)).copied()
+    PolicyLookup::new(&data).get()
 }
