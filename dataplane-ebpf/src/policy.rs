@@ -27,7 +27,8 @@ fn cidr_class(vni: u32, ip: [u8; 4]) -> Option<u32> {
 #[repr(C, align(4))]
 struct PolicyLookup([u32; 4]);
 
-const _: () = assert!(core::mem::size_of::<Key<PolicyKey>>() == core::mem::size_of::<PolicyLookup>());
+const _: () =
+    assert!(core::mem::size_of::<Key<PolicyKey>>() == core::mem::size_of::<PolicyLookup>());
 
 impl PolicyLookup {
     #[inline(always)]
