@@ -291,6 +291,8 @@ impl Dataplane {
     pub fn load(bpf_dir: &Path, config: &Config) -> Result<Self> {
         ensure_bpffs(bpf_dir)?;
         check_pinned_layouts(bpf_dir)?;
+        // Pinned by a daemon that had the map; else made empty below (see `seed_policy_kinds`).
+        let kinds_pinned = bpf_dir.join(map_names::POLICY_KINDS).exists();
         for sub in ["links", "underlay"] {
             let dir = bpf_dir.join(sub);
             std::fs::create_dir_all(&dir)
@@ -341,7 +343,27 @@ impl Dataplane {
         // A previous daemon may have died between a route write and its bump: whatever the
         // pinned conntrack entries cached is looked up again.
         dataplane.bump_epoch()?;
+        if !kinds_pinned {
+            dataplane.seed_policy_kinds()?;
+        }
         Ok(dataplane)
+    }
+
+    /// Writes into a new, empty `VERSE_POLICY_KINDS` the kinds of peer of the policy entries
+    /// already pinned (a daemon of an earlier version left `VERSE_POLICY` but no kinds map):
+    /// an empty map would make the programs skip every policy lookup, refusing every new flow
+    /// until the first apply, which a daemon that cannot reach its store may never make. Runs
+    /// at load, before any program is attached or swapped in.
+    fn seed_policy_kinds(&mut self) -> Result<()> {
+        let mut entries = BTreeMap::new();
+        for item in self.policy.iter() {
+            let (k, v) = item.map_err(read_err(map_names::POLICY))?;
+            entries.insert((k.prefix_len(), k.data()), v);
+        }
+        for (identity, kinds) in crate::compile::policy_kinds(&entries) {
+            self.write_policy_kinds(identity, kinds)?;
+        }
+        Ok(())
     }
 
     /// Invalidates every delivery cached in conntrack (see `dataplane_common::CtHop`): the next

@@ -922,4 +922,13 @@ fn kinds_follow_edits(bpf_dir: &Path, if_a: u32, if_b: u32) {
     dp.apply(&none, &by_identity).expect("apply the identity entry again");
     assert_eq!(dp.read().expect("read"), by_identity);
     assert_eq!(syn(&dp), tc_act::REDIRECT, "admitted by the identity entry again");
+
+    // A daemon of an earlier version pinned the policy but no kinds map: the load fills a new
+    // one from the pinned entries, so new flows are judged by them before any apply.
+    drop(dp);
+    let pin = bpf_dir.join(dataplane_common::map_names::POLICY_KINDS);
+    std::fs::remove_file(&pin).expect("remove the kinds map's pin");
+    let dp = Dataplane::load(bpf_dir, &config()).expect("load over the older pins");
+    assert_eq!(dp.read().expect("read"), by_identity, "the kinds are those of the pinned entries");
+    assert_eq!(syn(&dp), tc_act::REDIRECT, "admitted at once, before any apply");
 }
