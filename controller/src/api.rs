@@ -317,6 +317,10 @@ impl From<store::Error> for ApiError {
                 tracing::error!(error = %e, "edit outcome unknown");
                 ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "outcome_unknown", e.to_string())
             }
+            e @ store::Error::Halted { .. } => {
+                tracing::error!(error = %e, "the store takes no more edits");
+                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "store_halted", e.to_string())
+            }
             e @ store::Error::Denied { .. } => {
                 tracing::error!(error = %e, "the store refused this host's credentials");
                 ApiError::new(StatusCode::FORBIDDEN, "store_forbidden", e.to_string())

@@ -135,7 +135,7 @@ pub fn document() -> Value {
     let e429 = json!({ "description": "Rate limited: too many reads or writes from this principal; retry after Retry-After seconds", "headers": { "Retry-After": { "description": "Seconds until a request is allowed again", "schema": { "type": "integer", "minimum": 1 } } }, "content": { "application/json": { "schema": r("Error") } } });
     let e413 = err("The request body is longer than the limit (api.max_body_bytes)");
     let e408 = err("The request body did not arrive in time (api.body_timeout)");
-    let e503 = err("The store (etcd) cannot be reached, or a host the edit needs is not healthy; a retry may succeed");
+    let e503 = err("The store (etcd) cannot be reached, or a host the edit needs is not healthy; a retry may succeed. store_halted: the embedded store's log could not be cut back after a failed write, and no edit succeeds until versed restarts");
     let e401 = json!({ "description": "No principal: no token (or, on the local socket, not root), or a malformed, unknown, revoked or expired one (code unauthenticated)", "headers": { "WWW-Authenticate": { "description": "Bearer realm=\"verse\"", "schema": { "type": "string" } } }, "content": { "application/json": { "schema": r("Error") } } });
     let e403_store =
         err("etcd refuses this host's credentials the keys this needs (code store_forbidden)");

@@ -14,16 +14,19 @@
 //! queues nothing. An edit that changes nothing but ran on queued edits is answered once they
 //! are written. If a write fails, its edits and every edit queued after them (they ran on its
 //! state) fail, nothing of them is published, the log is cut back to where the write began,
-//! and the next edit runs on the last published state. The whole state is written to `<state_dir>/state.json` only now and then (at the
-//! first edit, then every [`SNAPSHOT_EVERY`] edits), atomically (temporary file, fsync, rename,
-//! fsync of the directory; then its copy `<state_dir>/state.json.last-good` the same way: what
-//! to restore if `state.json` is lost or damaged, as versed says when it refuses to start
-//! without `state.json` while the copy, or the dataplane of a previous run, is there) and off
-//! the edit path: the log is first set aside as
-//! `state.log.old` (new edits go to a fresh log), the snapshot of the state at that moment is
-//! written in the background, then the old log is removed. Opening reads `state.json` and
-//! replays the logs' lines newer than it; a last line cut short by a crash (never acknowledged)
-//! is ignored.
+//! and the next edit runs on the last published state. If the log cannot be cut back, the store
+//! takes no more edits ([`Error::Halted`]) until a restart replays the log as it is: writing on
+//! would number the next edits like the failed ones left in it.
+//!
+//! The whole state is written to `<state_dir>/state.json` only now and then (at the first edit,
+//! then every [`SNAPSHOT_EVERY`] edits), atomically (temporary file, fsync, rename, fsync of the
+//! directory; then its copy `<state_dir>/state.json.last-good` the same way: what to restore if
+//! `state.json` is lost or damaged, as versed says when it refuses to start without
+//! `state.json` while the copy, or the dataplane of a previous run, is there) and off the edit
+//! path: the log is first set aside as `state.log.old` (new edits go to a fresh log), the
+//! snapshot of the state at that moment is written in the background, then the old log is
+//! removed. Opening reads `state.json` and replays the logs' lines newer than it; a last line
+//! cut short (never acknowledged) is ignored and cut off.
 //!
 //! Hosts live in memory only: the hosts registered through this store (normally the one
 //! `versed` that owns it) are always healthy, and their realized revision is the last one
@@ -145,6 +148,9 @@ pub struct Embedded {
     /// Tests: the next write of the log fails.
     #[cfg(test)]
     fail_write: AtomicBool,
+    /// Tests: the next cut of the log back after a failed write fails.
+    #[cfg(test)]
+    fail_cut: AtomicBool,
     /// The hosts registered here, by name; `healthy` is always true.
     hosts: watch::Sender<Arc<Vec<HostStatus>>>,
     /// Idempotency records by digest.
@@ -187,6 +193,10 @@ struct Queue {
     generation: u64,
     /// The idempotency keys (digests) of the edits queued or being written.
     keys: std::collections::HashSet<String>,
+    /// Why the store takes no more edits: a failed write left lines in the log that could not
+    /// be cut off. Writing on would reuse their revisions, and a replay would then keep them
+    /// and drop the acknowledged edits after them; a restart replays the log as it is.
+    halted: Option<String>,
 }
 
 /// One edit waiting to be written (or, with no `entry`, answered once the edits before it are).
@@ -307,6 +317,7 @@ impl Embedded {
                 writing: false,
                 generation: 0,
                 keys: Default::default(),
+                halted: None,
             }),
             log: StdMutex::new(Log { file, entries, snapshot }),
             flushed: watch::channel(0).0,
@@ -314,6 +325,8 @@ impl Embedded {
             batches: std::sync::atomic::AtomicU64::new(0),
             #[cfg(test)]
             fail_write: AtomicBool::new(false),
+            #[cfg(test)]
+            fail_cut: AtomicBool::new(false),
             hosts,
             records: StdMutex::new(records),
             swept: std::sync::atomic::AtomicU64::new(0),
@@ -453,6 +466,9 @@ impl Embedded {
         }
         let (current, generation) = {
             let q = lock(&this.queue);
+            if let Some(cause) = &q.halted {
+                return Err(halted(&this.dir, cause));
+            }
             (q.head.clone(), q.generation)
         };
         let (out, next) = apply_edit(&current, &mut f)?;
@@ -505,6 +521,9 @@ impl Embedded {
         queued_edit.done = done;
         let start_writer = {
             let mut q = lock(&this.queue);
+            if let Some(cause) = &q.halted {
+                return Err(halted(&this.dir, cause));
+            }
             if q.generation != generation {
                 return Err(write_failed(&this.dir, "an edit it ran after could not be written"));
             }
@@ -526,7 +545,12 @@ impl Embedded {
         }
         let audited = match answer.await {
             Ok(Ok(audited)) => audited,
-            Ok(Err(why)) => return Err(write_failed(&this.dir, &why)),
+            Ok(Err(why)) => {
+                return Err(match &lock(&this.queue).halted {
+                    Some(cause) => halted(&this.dir, cause),
+                    None => write_failed(&this.dir, &why),
+                })
+            }
             Err(_) => return Err(write_failed(&this.dir, "the writer of the log is gone")),
         };
         if audited {
@@ -575,16 +599,29 @@ impl Embedded {
                 Ok(audited) => audited,
                 Err(e) => {
                     // Nothing of this batch, nor of what ran on it, happened: cut the log back
-                    // (a partial line would spoil the next), run the next edit on the
-                    // published state.
-                    if let Ok(len) = start {
-                        if let Err(e) = log.file.set_len(len) {
-                            tracing::error!(error = %e, path = %path.display(), "could not cut the log back after a failed write");
-                        }
-                    }
+                    // (a partial line would spoil the next) durably, run the next edit on the
+                    // published state. If the log cannot be cut back, its lines stay: the store
+                    // stops taking edits (see `Queue::halted`).
+                    let cut = start
+                        .map_err(|e| format!("its length could not be read: {e}"))
+                        .and_then(|len| {
+                            #[cfg(test)]
+                            if self.fail_cut.swap(false, Ordering::SeqCst) {
+                                return Err("injected by the test".to_owned());
+                            }
+                            log.file
+                                .set_len(len)
+                                .and_then(|()| log.file.sync_all())
+                                .map_err(|e| format!("cutting it back failed: {e}"))
+                        });
                     drop(log);
                     let why = e.to_string();
                     let mut q = lock(&self.queue);
+                    if let Err(cut) = cut {
+                        let cause = format!("the write failed: {why}; {cut}");
+                        tracing::error!(path = %path.display(), cause = %cause, "the store takes no more edits until versed restarts: a failed write could not be cut off the log");
+                        q.halted = Some(cause);
+                    }
                     q.generation += 1;
                     q.head = self.tx.borrow().clone();
                     let mut failed = batch;
@@ -904,10 +941,27 @@ fn replay(
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
         Err(source) => return Err(Error::Read { path: path.to_owned(), source }),
     };
+    let len =
+        file.metadata().map_err(|source| Error::Read { path: path.to_owned(), source })?.len();
     let now = now_secs();
     let mut lines = 0;
+    let mut end = 0;
     for line in BufReader::new(file).split(b'\n') {
         let line = line.map_err(|source| Error::Read { path: path.to_owned(), source })?;
+        let start = end;
+        end += line.len() as u64 + 1;
+        if end > len {
+            // A last line without its newline (a crash, or a failed write that could not be
+            // cut back, left it short) was never acknowledged. It is cut off, so that the next
+            // edit's line starts a line of its own.
+            tracing::warn!(path = %path.display(), "cutting off a log line cut short (an edit never acknowledged)");
+            let cut = OpenOptions::new()
+                .write(true)
+                .open(path)
+                .and_then(|f| f.set_len(start).and_then(|()| f.sync_all()));
+            cut.map_err(|source| Error::Write { path: path.to_owned(), source })?;
+            break;
+        }
         if line.is_empty() {
             continue;
         }
@@ -995,6 +1049,10 @@ fn apply_ops(state: &mut State, ops: &[Op]) -> Result<()> {
 
 fn lock<T>(m: &StdMutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn halted(dir: &Path, cause: &str) -> Error {
+    Error::Halted { path: dir.join(LOG_FILE), cause: cause.to_owned() }
 }
 
 fn write_failed(dir: &Path, why: &str) -> Error {
@@ -1559,6 +1617,37 @@ mod tests {
             store.edit(|s| s.create_universe(universe("last")).map(|_| ())).await.unwrap();
         assert_eq!(rev, after.revision + 1);
         assert!(after.revision >= published.revision);
+        let live = store.snapshot();
+        drop(store);
+        assert_eq!(*Store::open_embedded(&dir).unwrap().snapshot(), *live);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// A failed write the log cannot be cut back from stops the store taking edits: writing on
+    /// would reuse the revisions of the failed lines left in the log, and a replay would keep
+    /// those and drop the acknowledged edits after them. A reopen replays the log (its torn
+    /// last line cut off) and takes edits again.
+    #[tokio::test]
+    async fn a_failed_write_that_cannot_be_cut_back_stops_the_edits() {
+        let dir = temp_dir("group-halt");
+        let store = Store::open_embedded(&dir).unwrap();
+        store.edit(|s| s.create_universe(universe("first")).map(|_| ())).await.unwrap();
+        let published = store.snapshot();
+        embedded(&store).fail_write.store(true, Ordering::SeqCst);
+        embedded(&store).fail_cut.store(true, Ordering::SeqCst);
+        let err = store.edit(|s| s.create_universe(universe("a")).map(|_| ())).await.unwrap_err();
+        assert!(matches!(err, Error::Halted { .. }), "{err}");
+        assert!(err.to_string().contains("injected by the test"), "names the cause: {err}");
+        // Nothing is written any more, and nothing is published.
+        let err = store.edit(|s| s.create_universe(universe("b")).map(|_| ())).await.unwrap_err();
+        assert!(matches!(err, Error::Halted { .. }), "{err}");
+        assert_eq!(*store.snapshot(), *published);
+        drop(store);
+        // Reopened: the torn line is cut off, edits go on, and a reopen keeps them.
+        let store = Store::open_embedded(&dir).unwrap();
+        assert_eq!(*store.snapshot(), *published);
+        let ((), rev) = store.edit(|s| s.create_universe(universe("c")).map(|_| ())).await.unwrap();
+        assert_eq!(rev, published.revision + 1);
         let live = store.snapshot();
         drop(store);
         assert_eq!(*Store::open_embedded(&dir).unwrap().snapshot(), *live);

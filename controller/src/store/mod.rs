@@ -111,6 +111,17 @@ pub enum Error {
     /// An idempotency key sent again with another request.
     #[error("idempotency key {key:?} was used for another request")]
     KeyReused { key: String },
+    /// The embedded store takes no more edits: a write of its log failed and the log could not
+    /// be cut back to its last good length, so writing on would give edits told "failed" (still
+    /// in the log) a place in the state after a restart. Retrying cannot help; restarting
+    /// versed reopens and replays the log.
+    #[error(
+        "the store takes no more edits until versed restarts: a write of {path} failed and the \
+         log could not be cut back to its last good length ({cause}); an edit answered with \
+         this error may be there after the restart (a retry with the same Idempotency-Key then \
+         tells)"
+    )]
+    Halted { path: PathBuf, cause: String },
 }
 
 /// How much of the audit trail the store keeps (settings `audit_retention_records` and
