@@ -34,14 +34,15 @@
 //! snapshot and the log are root's only (mode 0600).
 //!
 //! The audit trail is `<state_dir>/audit.jsonl` (mode 0600), one JSON record per line, each
-//! numbered (`seq`, in the order of the file). A record written apart
+//! numbered (`seq`, in the order of the file but for the records added back at open). A record written apart
 //! ([`Store::append_audit`](super::Store::append_audit)) is appended and fsynced on its own. The
 //! record of an edit ([`Store::edit_audited`](super::Store::edit_audited)) is in the edit's own
 //! line of `state.log`, durable with the edit by the same fsync, and then appended to
 //! `audit.jsonl` without an fsync of its own: a later fsync of the file (the next record
 //! written apart, a rotation, a snapshot before it drops a log) makes it durable there too, and
-//! opening appends the records of the logs numbered beyond the last one the files hold (those
-//! a crash cut off). When `audit.jsonl` holds half of the retained records it is fsynced and
+//! opening appends the records of the logs whose numbers the files lack (those a crash cut off:
+//! without an fsync a crash may keep a later record and lose an earlier one), but for those
+//! numbered below the oldest the files hold (rotated out, durable before they went). When `audit.jsonl` holds half of the retained records it is fsynced and
 //! becomes `audit.jsonl.1` (replacing the one before) and a new file starts, so the two files
 //! hold at most `max_records`; records older than `max_age` are never shown.
 
@@ -277,7 +278,8 @@ impl Embedded {
             .mode(0o600)
             .open(&log_path)
             .map_err(|source| Error::Write { path: log_path, source })?;
-        let (audit_records, last_seq) = scan_audit(dir)?;
+        let (audit_records, held) = scan_audit(dir)?;
+        let last_seq = held.last().copied().unwrap_or(0);
         let audit = Arc::new(AuditLog {
             dir: dir.to_owned(),
             retention,
@@ -289,8 +291,12 @@ impl Embedded {
             }),
         });
         // The records of edits a crash cut off from the trail (their lines of the log are
-        // durable; their lines of `audit.jsonl` were not yet).
-        let lost: Vec<AuditLine> = audited.into_iter().filter(|a| a.seq > last_seq).collect();
+        // durable; their lines of `audit.jsonl` were not yet, and the page cache may have kept
+        // a later one and lost an earlier one). Those older than the oldest record the files
+        // hold were rotated out, durable before they went.
+        let oldest = held.first().copied().unwrap_or(0);
+        let lost: Vec<AuditLine> =
+            audited.into_iter().filter(|a| a.seq > oldest && !held.contains(&a.seq)).collect();
         if !lost.is_empty() {
             tracing::warn!(
                 records = lost.len(),
@@ -993,12 +999,12 @@ fn replay(
     Ok(lines)
 }
 
-/// How many records `audit.jsonl` holds, and the highest number of a record in either file of
-/// the trail. A last line cut short by a crash is cut off, so that the next record starts a
-/// line of its own.
-fn scan_audit(dir: &Path) -> Result<(usize, u64)> {
+/// How many records `audit.jsonl` holds, and the numbers of the records in either file of the
+/// trail (but 0: records written before records were numbered). A last line cut short by a
+/// crash is cut off, so that the next record starts a line of its own.
+fn scan_audit(dir: &Path) -> Result<(usize, std::collections::BTreeSet<u64>)> {
     let mut count = 0;
-    let mut last = 0;
+    let mut held = std::collections::BTreeSet::new();
     for name in [AUDIT_FILE_OLD, AUDIT_FILE] {
         let path = dir.join(name);
         let bytes = match std::fs::read(&path) {
@@ -1008,8 +1014,8 @@ fn scan_audit(dir: &Path) -> Result<(usize, u64)> {
         };
         let whole = bytes.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
         for line in bytes[..whole].split(|&b| b == b'\n').filter(|l| !l.is_empty()) {
-            if let Ok(SeqOf { seq }) = serde_json::from_slice(line) {
-                last = last.max(seq);
+            if let Ok(SeqOf { seq: seq @ 1.. }) = serde_json::from_slice(line) {
+                held.insert(seq);
             }
             if name == AUDIT_FILE {
                 count += 1;
@@ -1023,7 +1029,7 @@ fn scan_audit(dir: &Path) -> Result<(usize, u64)> {
             cut.map_err(|source| Error::Audit { path, source })?;
         }
     }
-    Ok((count, last))
+    Ok((count, held))
 }
 
 /// Applies the writes of one edit to `state`.
@@ -1506,6 +1512,48 @@ mod tests {
         // refusal, written apart, is in no log).
         std::fs::write(dir.join(AUDIT_FILE), format!("{}\n", lines[0])).unwrap();
         assert_eq!(trail_revisions(&dir).await, revs);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// The trail is appended without an fsync: a crash may keep a later record and lose an
+    /// earlier one. Opening adds back every record of the log the trail lacks, not only those
+    /// numbered beyond its last; records rotated out of the trail are not added back.
+    #[tokio::test]
+    async fn an_earlier_audit_record_a_crash_lost_comes_back_beside_a_later_one_it_kept() {
+        let dir = temp_dir("audit-crash-gap");
+        let store = Store::open_embedded(&dir).unwrap();
+        let audit = Counted::default();
+        let mut revs = Vec::new();
+        for (k, name) in [("k1", "a"), ("k2", "b"), ("k3", "c")] {
+            revs.push(audited_universe(&store, k, name, &audit).await.unwrap());
+        }
+        drop(store);
+        let trail = std::fs::read_to_string(dir.join(AUDIT_FILE)).unwrap();
+        let lines: Vec<&str> = trail.lines().collect();
+        assert_eq!(lines.len(), 3);
+        std::fs::write(dir.join(AUDIT_FILE), format!("{}\n{}\n", lines[0], lines[2])).unwrap();
+        let mut got = trail_revisions(&dir).await;
+        got.sort_unstable();
+        assert_eq!(got, revs, "the middle record is added back");
+        assert_eq!(trail_revisions(&dir).await.len(), 3, "and only once");
+        std::fs::remove_dir_all(&dir).unwrap();
+
+        // Records rotated out of a small trail stay out, though the log still holds them.
+        let dir = temp_dir("audit-rotated");
+        let retention =
+            AuditRetention { max_records: 4, max_age: std::time::Duration::from_secs(3600) };
+        let store = Store::open_embedded_with(&dir, retention).unwrap();
+        for i in 0..7 {
+            let name = format!("r{i}");
+            audited_universe(&store, &name, &name, &audit).await.unwrap();
+        }
+        let all = AuditQuery { since: None, universe: None, limit: 100 };
+        let before = store.query_audit(&all).await.unwrap();
+        drop(store);
+        let store = Store::open_embedded_with(&dir, retention).unwrap();
+        let after = store.query_audit(&all).await.unwrap();
+        let revisions = |t: &[AuditRecord]| t.iter().map(|r| r.revision).collect::<Vec<_>>();
+        assert_eq!(revisions(&after), revisions(&before));
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
