@@ -163,12 +163,15 @@ pub struct Embedded {
     audit: Arc<AuditLog>,
 }
 
-/// The audit files. The lock is held for a whole append (or read), so a rotation never
-/// interleaves with either.
+/// The audit files. The lock is held for a whole append, so a rotation never interleaves with
+/// one; a read opens the files under it and reads them after it.
 struct AuditLog {
     dir: PathBuf,
     retention: AuditRetention,
     file: std::sync::Mutex<AuditFile>,
+    /// Tests: the next query waits here twice (once ready to parse, then to go on).
+    #[cfg(test)]
+    query_gate: StdMutex<Option<Arc<std::sync::Barrier>>>,
 }
 
 struct AuditFile {
@@ -289,6 +292,8 @@ impl Embedded {
                 seq: last_seq + 1,
                 unsynced: false,
             }),
+            #[cfg(test)]
+            query_gate: StdMutex::new(None),
         });
         // The records of edits a crash cut off from the trail (their lines of the log are
         // durable; their lines of `audit.jsonl` were not yet, and the page cache may have kept
@@ -883,18 +888,36 @@ impl AuditLog {
     }
 
     fn query(&self, q: &AuditQuery) -> Result<Vec<AuditRecord>> {
-        let _f = self.file.lock().unwrap_or_else(PoisonError::into_inner);
+        // The files are opened and their lengths taken under the lock (so that no rotation
+        // falls in between), and read after it: a large query holds up no edit's commit, and
+        // sees the trail as it was when it began.
+        let files = {
+            let _f = self.file.lock().unwrap_or_else(PoisonError::into_inner);
+            let mut files = Vec::new();
+            for name in [AUDIT_FILE_OLD, AUDIT_FILE] {
+                let path = self.dir.join(name);
+                let file = match File::open(&path) {
+                    Ok(f) => f,
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                    Err(source) => return Err(Error::Audit { path, source }),
+                };
+                match file.metadata() {
+                    Ok(m) => files.push((path, file, m.len())),
+                    Err(source) => return Err(Error::Audit { path, source }),
+                }
+            }
+            files
+        };
+        #[cfg(test)]
+        if let Some(gate) = lock(&self.query_gate).take() {
+            gate.wait();
+            gate.wait();
+        }
         let oldest =
             SystemTime::now().checked_sub(self.retention.max_age).unwrap_or(SystemTime::UNIX_EPOCH);
         let mut out = VecDeque::new();
-        for name in [AUDIT_FILE_OLD, AUDIT_FILE] {
-            let path = self.dir.join(name);
-            let file = match File::open(&path) {
-                Ok(f) => f,
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-                Err(source) => return Err(Error::Audit { path, source }),
-            };
-            for line in BufReader::new(file).split(b'\n') {
+        for (path, file, len) in files {
+            for line in BufReader::new(std::io::Read::take(file, len)).split(b'\n') {
                 let line = line.map_err(|source| Error::Audit { path: path.clone(), source })?;
                 if line.is_empty() {
                     continue;
@@ -1413,6 +1436,42 @@ mod tests {
         old.time = model::Timestamp(SystemTime::now() - std::time::Duration::from_secs(7200));
         store.append_audit(&old).await.unwrap();
         assert!(store.query_audit(&all).await.unwrap().iter().all(|r| r.revision != Some(99)));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// A query of the trail reads the files without the lock: records (and edits' commits,
+    /// which append theirs under it) go on while it parses.
+    #[test]
+    fn a_query_of_the_trail_holds_up_no_append_while_it_parses() {
+        let dir = temp_dir("audit-query");
+        let store = Store::open_embedded(&dir).unwrap();
+        let audit = embedded(&store).audit.clone();
+        audit.append(record(1, None)).unwrap();
+        let gate = Arc::new(std::sync::Barrier::new(2));
+        *lock(&audit.query_gate) = Some(gate.clone());
+        let querying = {
+            let audit = audit.clone();
+            std::thread::spawn(move || {
+                let all = AuditQuery { since: None, universe: None, limit: 100 };
+                audit.query(&all).unwrap()
+            })
+        };
+        gate.wait();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let appending = {
+            let audit = audit.clone();
+            std::thread::spawn(move || {
+                audit.append(record(2, None)).unwrap();
+                let _ = tx.send(());
+            })
+        };
+        let appended = rx.recv_timeout(std::time::Duration::from_secs(5)).is_ok();
+        gate.wait();
+        let seen = querying.join().unwrap();
+        appending.join().unwrap();
+        assert!(appended, "the append waited for the query's parse");
+        // The query sees the trail as it was when it began.
+        assert_eq!(seen.iter().map(|r| r.revision).collect::<Vec<_>>(), [Some(1)]);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
