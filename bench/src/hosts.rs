@@ -98,7 +98,7 @@ impl Observer {
                             bail!("open the observer's store: {e}");
                         }
                     };
-                    let mut hosts = store.subscribe_hosts();
+                    let mut hosts = store.subscribe_hosts().await;
                     let _ = ready_tx.send(Ok(()));
                     loop {
                         let now = Instant::now();

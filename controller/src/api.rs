@@ -763,7 +763,7 @@ fn revision_response<V: Serialize>(
 /// host have realized `revision`.
 async fn wait_realized(st: &AppState, revision: u64) {
     let mut local = st.realized.clone();
-    let mut hosts = st.store.subscribe_hosts();
+    let mut hosts = st.store.subscribe_hosts().await;
     let behind = |hosts: &[Host]| -> Vec<String> {
         hosts
             .iter()
@@ -794,7 +794,7 @@ async fn wait_realized(st: &AppState, revision: u64) {
         Err(_) => tracing::warn!(
             revision,
             realized_here = st.realized.borrow().revision,
-            behind = ?behind(&st.store.hosts()),
+            behind = ?behind(&hosts.borrow()),
             timeout_s = REALIZE_TIMEOUT.as_secs(),
             "revision not realized by every healthy host in time; returning before the edit is \
              in force everywhere"
@@ -803,8 +803,9 @@ async fn wait_realized(st: &AppState, revision: u64) {
 }
 
 /// The hosts as `GET /v1/hosts` shows them: the store's, with this host as it knows itself.
-fn hosts_view(st: &AppState) -> Vec<Host> {
-    let mut hosts: Vec<Host> = st.store.hosts().into_iter().filter(|h| h.name != st.host).collect();
+async fn hosts_view(st: &AppState) -> Vec<Host> {
+    let mut hosts: Vec<Host> =
+        st.store.hosts().await.into_iter().filter(|h| h.name != st.host).collect();
     hosts.push(Host {
         name: st.host.clone(),
         underlay_ip: st.underlay_ip,
@@ -1053,7 +1054,7 @@ async fn fleet_rule_stats(
             Err(error) => from.missing.push(MissingHost { host: st.host.clone(), error }),
         }
     }
-    let (peers, missing) = relay::peers(&st.store.hosts(), &st.host, host);
+    let (peers, missing) = relay::peers(&st.store.hosts().await, &st.host, host);
     from.missing.extend(missing.into_iter().map(|(host, error)| MissingHost { host, error }));
     let mut query: Vec<(&str, String)> = Vec::new();
     if let Some(u) = universe {
@@ -1226,7 +1227,7 @@ async fn create_endpoint(
     match req.host.as_deref() {
         None => check_netns(&req.netns, &st.host)?,
         Some(h) if h == st.host => check_netns(&req.netns, &st.host)?,
-        Some(h) => check_placement(&st, h)?,
+        Some(h) => check_placement(&st, h).await?,
     }
     req.conntrack_budget.get_or_insert(i64::from(st.default_conntrack_budget));
     let host = st.host.clone();
@@ -1257,7 +1258,7 @@ async fn create_endpoint(
             };
             caller.note.object(&ep.id);
             wait_realized(&st, rec.revision).await;
-            endpoint_realized(&st, &ep, rec.revision)?;
+            endpoint_realized(&st, &ep, rec.revision).await?;
             let mut response = revision_response(
                 StatusCode::CREATED,
                 rec.revision,
@@ -1272,7 +1273,7 @@ async fn create_endpoint(
     };
     caller.note.object(&ep.id);
     wait_realized(&st, revision).await;
-    if let Err(e) = endpoint_realized(&st, &ep, revision) {
+    if let Err(e) = endpoint_realized(&st, &ep, revision).await {
         // Not in force on its host: removed again, so nothing is left half-applied.
         tracing::warn!(endpoint = %ep.id, host = %ep.host, error = %e.message,
             "endpoint not realized on its host; removing it again");
@@ -1284,9 +1285,9 @@ async fn create_endpoint(
 
 /// An endpoint may only be placed on a host of the fleet (one that has registered), and only
 /// while that host is healthy: its versed plumbs it.
-fn check_placement(st: &AppState, host: &str) -> Result<(), ApiError> {
+async fn check_placement(st: &AppState, host: &str) -> Result<(), ApiError> {
     model::check_host(host)?;
-    let hosts = st.store.hosts();
+    let hosts = st.store.hosts().await;
     match hosts.iter().find(|h| h.name == host) {
         None => {
             let mut known: Vec<&str> = hosts.iter().map(|h| h.name.as_str()).collect();
@@ -1313,12 +1314,16 @@ fn check_placement(st: &AppState, host: &str) -> Result<(), ApiError> {
 
 /// Whether `ep`'s host has realized `revision` with `ep` in force (S13): an error naming the
 /// host and the cause if it reported a failure for it, or did not get that far in time.
-fn endpoint_realized(st: &AppState, ep: &model::Endpoint, revision: u64) -> Result<(), ApiError> {
+async fn endpoint_realized(
+    st: &AppState,
+    ep: &model::Endpoint,
+    revision: u64,
+) -> Result<(), ApiError> {
     let (realized, errors) = if ep.host == st.host {
         let r = st.realized.borrow();
         (r.revision, r.errors.clone())
     } else {
-        match st.store.hosts().into_iter().find(|h| h.name == ep.host) {
+        match st.store.hosts().await.into_iter().find(|h| h.name == ep.host) {
             Some(h) if h.healthy => (h.revision, h.errors),
             _ => (0, Vec::new()),
         }
@@ -1463,7 +1468,7 @@ async fn delete_endpoint(
 
 async fn list_hosts(AxState(st): AxState<AppState>, caller: Caller) -> ApiResult {
     caller.require(Resource::Host, Op::Read)?;
-    Ok(json_ok(&hosts_view(&st)))
+    Ok(json_ok(&hosts_view(&st).await))
 }
 
 /// A token as the API shows it: everything but the hash of its secret.
@@ -1697,7 +1702,7 @@ async fn flow_logs(
             }
         }
     } else {
-        let (peers, missing) = relay::peers(&st.store.hosts(), &st.host, Some(&host));
+        let (peers, missing) = relay::peers(&st.store.hosts().await, &st.host, Some(&host));
         let unavailable = |why: String| {
             ApiError::new(
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -1786,7 +1791,7 @@ async fn stream_events(
         if filter.host.as_deref().is_none_or(|h| h == me) {
             streams.push(local_events(st.events.clone(), filter.clone(), recent, follow));
         }
-        let (peers, missing) = relay::peers(&st.store.hosts(), &me, filter.host.as_deref());
+        let (peers, missing) = relay::peers(&st.store.hosts().await, &me, filter.host.as_deref());
         let missing: Vec<Arc<StreamItem>> = missing
             .into_iter()
             .map(|(host, why)| notice(&host, format!("{host}: events not shown: {why}")))
@@ -1917,9 +1922,9 @@ async fn relay_trace(
             format!("{there}: {why}"),
         )
     };
-    let (peers, missing) = relay::peers(&st.store.hosts(), &st.host, Some(there));
+    let (peers, missing) = relay::peers(&st.store.hosts().await, &st.host, Some(there));
     if let Some((_, why)) = missing.into_iter().next() {
-        if !st.store.hosts().iter().any(|h| h.name == there) {
+        if !st.store.hosts().await.iter().any(|h| h.name == there) {
             return Err(ApiError::invalid("host", format!("{there:?} is no host of the fleet")));
         }
         return Err(unavailable(why));

@@ -65,12 +65,11 @@ async fn wait_hosts(
     what: &str,
     ok: impl Fn(&[HostStatus]) -> bool,
 ) -> Vec<HostStatus> {
-    let mut rx = store.subscribe_hosts();
-    let hosts = tokio::time::timeout(WAIT, rx.wait_for(|h| ok(h)))
+    let mut rx = store.subscribe_hosts().await;
+    let waited = tokio::time::timeout(WAIT, rx.wait_for(|h| ok(h)))
         .await
-        .unwrap_or_else(|_| panic!("timed out waiting for {what}; hosts: {:?}", store.hosts()))
-        .expect("the store closed its hosts");
-    hosts.as_ref().clone()
+        .map(|hosts| hosts.expect("the store closed its hosts").as_ref().clone());
+    waited.unwrap_or_else(|_| panic!("timed out waiting for {what}; hosts: {:?}", rx.borrow()))
 }
 
 /// Waits until `store` sees host `name` healthy, or unhealthy, as `healthy` says; returns the
@@ -207,7 +206,8 @@ async fn registered_host_is_healthy_until_its_lease_lapses() {
 
     // The lease is kept alive well past its TTL while the store lives.
     tokio::time::sleep(ttl * 2).await;
-    assert!(b.hosts().iter().any(|h| h.name == "h1" && h.healthy), "{:?}", b.hosts());
+    let hosts = b.hosts().await;
+    assert!(hosts.iter().any(|h| h.name == "h1" && h.healthy), "{hosts:?}");
 
     // The store (its versed) goes away: within about a TTL, h1 is unhealthy everywhere,
     // keeping its last realized revision; its record stays in the desired state.
@@ -443,7 +443,7 @@ async fn api_mutation_returns_once_every_healthy_host_realized_it() {
     .await;
     assert!(start.elapsed() >= Duration::from_millis(1400), "returned before h2 realized it");
     assert!(a.snapshot().universes.contains_key(&u.id));
-    let hosts = a.hosts();
+    let hosts = a.hosts().await;
     let h2 = hosts.iter().find(|h| h.name == "h2").unwrap();
     assert!(h2.revision >= rev && h2.healthy, "{hosts:?}");
 
@@ -1021,17 +1021,16 @@ async fn watch_stats_count_every_response_event_and_byte_received() {
     let etcd = Etcd::start_local();
     let options = etcd.options(Duration::from_secs(5));
     let store = etcd.store(Duration::from_secs(5)).await;
-    // The first read is no watch event; etcd confirms each watched range (the state's keys
-    // either side of the audit trail, up to the idempotency records: two) with a response of
-    // its own.
+    // The first read is no watch event; etcd confirms the watched range (the desired state,
+    // past the audit trail up to the idempotency records) with a response of its own.
     let deadline = Instant::now() + WAIT;
-    while store.watch_stats().responses < 2 {
+    while store.watch_stats().responses < 1 {
         let got = store.watch_stats();
         assert!(Instant::now() < deadline, "the watches were never created: {got:?}");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let before = store.watch_stats();
-    assert_eq!((before.responses, before.events), (2, 0), "{before:?}");
+    assert_eq!((before.responses, before.events), (1, 0), "{before:?}");
     let client = verse::store::etcd::connect(&options).await.unwrap();
     let mut kv = client.kv_client();
     let mut payload = 0u64;
@@ -1063,5 +1062,48 @@ async fn watch_stats_count_every_response_event_and_byte_received() {
     assert!(
         got.bytes >= payload + 3 * 10 && got.bytes <= payload + 3 * 80,
         "{got:?}, payload {payload}"
+    );
+}
+
+/// Every host rewrites its liveness record with each revision it realizes. A store that has not
+/// asked for the hosts receives none of those writes (in its desired state's watch they would
+/// make one edit N² events in a fleet of N hosts); asked, it reads them and follows them,
+/// lapses included.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_that_asks_for_no_hosts_receives_no_other_hosts_reports() {
+    let etcd = Etcd::start_local();
+    let ttl = Duration::from_secs(2);
+    let quiet = etcd.store(ttl).await;
+    let watcher = etcd.store(ttl).await;
+    let reporter = etcd.store(ttl).await;
+    let ip = Ipv4Addr::new(198, 18, 0, 1);
+    reporter.register_host("h1", Some(ip)).await.unwrap();
+    // The peer itself (its underlay address) comes with the desired state.
+    let mut rx = quiet.subscribe();
+    wait_state(&mut rx, "h1 registered", |s| s.hosts.contains_key("h1")).await;
+    wait_health(&watcher, "h1", true).await;
+    let before = quiet.watch_stats();
+    for revision in 1..=20 {
+        reporter.report_realized("h1", revision);
+        // Each report is written (the watcher sees it) before the next one replaces it.
+        wait_healthy_at(&watcher, "h1", revision).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let after = quiet.watch_stats();
+    assert_eq!(
+        (after.responses, after.events),
+        (before.responses, before.events),
+        "20 reports of another host reached a store that never asked for the hosts"
+    );
+    // Asked, it reads the records and follows them: it sees the last report, then the lapse.
+    let hosts = quiet.hosts().await;
+    assert!(hosts.iter().any(|h| h.name == "h1" && h.healthy && h.revision == 20), "{hosts:?}");
+    drop(reporter);
+    let hosts = wait_health(&quiet, "h1", false).await;
+    let h1 = hosts.iter().find(|h| h.name == "h1").unwrap();
+    assert_eq!(
+        (h1.revision, h1.underlay_ip),
+        (20, Some(ip)),
+        "a lapsed host keeps its last report"
     );
 }

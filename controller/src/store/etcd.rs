@@ -10,14 +10,23 @@
 //! - Revisions: the state's revision (S13) is etcd's own: the revision of the last change of the
 //!   desired state this store has applied, and an edit's revision is the revision of its
 //!   transaction. Monotonic, and no key is written by every edit.
-//! - Following: every store watches the prefix and applies each event to its in-memory state
-//!   (a [`State`] of persistent tables: applying an event costs what it changes), publishing
-//!   the state after each transaction. When etcd is unreachable the last state stays published
-//!   (the dataplane keeps enforcing it); when it comes back the watch resumes from the last
-//!   applied revision, or, if etcd has compacted that history away, everything is read again.
-//!   The watch is two watchers on one stream (liveness, and the state beyond the audit trail);
-//!   etcd orders events within a watcher only, so each resumes from the last revision it
-//!   delivered itself, and an edit waits for the state's watcher alone.
+//! - Following: every store watches the desired state (the prefix past the audit trail, up to
+//!   the idempotency records) and applies each event to its in-memory state (a [`State`] of
+//!   persistent tables: applying an event costs what it changes), publishing the state after
+//!   each transaction. When etcd is unreachable the last state stays published (the dataplane
+//!   keeps enforcing it); when it comes back the watch resumes from the last applied revision,
+//!   or, if etcd has compacted that history away, everything is read again. The hosts (peers,
+//!   underlay addresses) come from `hosts/<name>`, which changes only when a host joins,
+//!   leaves or moves.
+//! - The hosts' liveness records (`alive/`) are **not** part of that watch: every host rewrites
+//!   its record with each revision it realizes, so a watch of them by every host would be N²
+//!   events per edit in a fleet of N hosts. They are followed by a watch of their own, opened
+//!   only while something of this process needs them ([`Store::subscribe_hosts`]: an API
+//!   waiting until an edit is realized, `GET /v1/hosts`, the relays, placing an endpoint) and
+//!   closed [`LIVENESS_LINGER`] after the last of them is gone; first a range read, then the
+//!   watch from the next revision. A host that answers no API request receives no other
+//!   host's report. A lapse (the record deleted with its lease) is seen by every store that
+//!   follows them, as before.
 //! - Edits run on that in-memory state, never on a fresh read: the edit runs on a copy (O(1)),
 //!   its journal says which keys it changed, and one transaction writes those keys on the
 //!   condition that the guards of [`layout::delta`](super::layout::delta) hold (the version key
@@ -118,6 +127,15 @@ struct StoredAudit {
 
 /// Relative keys (under the prefix).
 const ALIVE: &str = "alive/";
+/// The first key after every `alive/…` key (`'/' + 1`).
+const ALIVE_END: &str = "alive0";
+/// How long a store keeps following the hosts' liveness records after the last feed of them
+/// is dropped ([`Store::subscribe_hosts`](super::Store::subscribe_hosts)): a burst of edits
+/// through one API keeps one watch, not one per edit.
+pub const LIVENESS_LINGER: Duration = Duration::from_secs(60);
+/// How long [`Store::subscribe_hosts`](super::Store::subscribe_hosts) waits for the first
+/// read of the liveness records before answering with the last known hosts.
+const LIVENESS_SYNC_WAIT: Duration = Duration::from_secs(5);
 const AUDIT: &str = "audit/";
 /// The first key after every `audit/…` key (`'/' + 1`).
 const AUDIT_END: &str = "audit0";
@@ -225,7 +243,9 @@ struct Shared {
     /// What edits run on: the state with the guards' revisions, consistent with each other.
     view: watch::Sender<Arc<View>>,
     hosts: watch::Sender<Arc<Vec<HostStatus>>>,
-    /// The etcd revision that `view` and `hosts` reflect.
+    /// The hosts' liveness records, followed on demand.
+    live: Liveness,
+    /// The etcd revision that `view` reflects.
     applied: watch::Sender<i64>,
     /// Realized revisions reported for the hosts this store keeps alive, by name.
     local: Mutex<BTreeMap<String, Local>>,
@@ -417,6 +437,58 @@ fn encoded_len(resp: &etcd_client::WatchResponse) -> u64 {
         + events
 }
 
+/// The hosts' liveness records as this store last read them, and who needs them (see the
+/// module docs: they are followed only while needed).
+struct Liveness {
+    /// By host name: the last realized report seen, and whether `alive/<name>` exists.
+    alive: Mutex<BTreeMap<String, (Realized, bool)>>,
+    /// How many [`Demand`]s are held.
+    demand: Arc<watch::Sender<usize>>,
+    /// Whether the records are followed: read, and watched since (false once the watch was
+    /// closed for want of demand).
+    synced: watch::Sender<bool>,
+}
+
+impl Default for Liveness {
+    fn default() -> Liveness {
+        Liveness {
+            alive: Mutex::default(),
+            demand: Arc::new(watch::channel(0).0),
+            synced: watch::channel(false).0,
+        }
+    }
+}
+
+/// A need for the hosts' liveness records: the store follows them while one is held (and
+/// [`LIVENESS_LINGER`] after).
+pub struct Demand(Arc<watch::Sender<usize>>);
+
+impl Demand {
+    fn new(demand: &Arc<watch::Sender<usize>>) -> Demand {
+        demand.send_modify(|n| *n += 1);
+        Demand(demand.clone())
+    }
+}
+
+impl Drop for Demand {
+    fn drop(&mut self) {
+        self.0.send_modify(|n| *n = n.saturating_sub(1));
+    }
+}
+
+/// Waits until no [`Demand`] has been held for `linger`.
+async fn idle(mut demand: watch::Receiver<usize>, linger: Duration) {
+    loop {
+        if demand.wait_for(|n| *n == 0).await.is_err() {
+            return;
+        }
+        tokio::select! {
+            () = tokio::time::sleep(linger) => return,
+            again = demand.wait_for(|n| *n > 0) => if again.is_err() { return },
+        }
+    }
+}
+
 struct Local {
     realized: watch::Sender<Realized>,
     /// Whether its liveness thread runs (started by `register_host`).
@@ -454,55 +526,9 @@ struct Cache {
     versions: imbl::HashMap<String, i64>,
     catalog: i64,
     keys: imbl::HashMap<String, i64>,
-    /// Hosts by name: the last realized revision seen, and whether `alive/<name>` exists.
-    alive: BTreeMap<String, (Realized, bool)>,
-    /// The etcd revision up to which the state range ([`Range::State`]) is applied: every
-    /// change of the desired state, and every guarded key, at or before it is in `state`.
+    /// The etcd revision up to which the desired state is applied: every change of the
+    /// desired state, and every guarded key, at or before it is in `state`.
     revision: i64,
-    /// The same for the liveness range ([`Range::Liveness`]). The two ranges are two watchers
-    /// on one stream, and etcd orders events within a watcher only: one may deliver a later
-    /// revision while the other has not yet delivered an earlier one (a watcher catching up or
-    /// whose sends were blocked). So each resumes from its own revision, never from the other's.
-    liveness_revision: i64,
-}
-
-/// The key ranges a store watches (see [`Shared::ranges`]); the discriminant is the watch id
-/// of its watcher on the stream (etcd lets the client choose it; 0 would mean "any").
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Range {
-    /// `[prefix, audit/)`: liveness records (`alive/`).
-    Liveness = 1,
-    /// `[audit0, ~idem/)`: the desired state, its guards and claims.
-    State = 2,
-}
-
-impl Range {
-    const ALL: [Range; 2] = [Range::Liveness, Range::State];
-
-    fn from_watch_id(id: i64) -> Option<Range> {
-        Range::ALL.into_iter().find(|r| *r as i64 == id)
-    }
-}
-
-impl Cache {
-    /// The revision from which range `r`'s watcher resumes: the one after the last it
-    /// delivered.
-    fn resume_at(&self, r: Range) -> i64 {
-        match r {
-            Range::Liveness => self.liveness_revision,
-            Range::State => self.revision,
-        }
-        .saturating_add(1)
-    }
-
-    /// Range `r`'s watcher has delivered everything up to `revision`.
-    fn delivered(&mut self, r: Range, revision: i64) {
-        let at = match r {
-            Range::Liveness => &mut self.liveness_revision,
-            Range::State => &mut self.revision,
-        };
-        *at = (*at).max(revision);
-    }
 }
 
 /// Why a watch stream ended.
@@ -563,6 +589,7 @@ impl Etcd {
             state,
             view,
             hosts,
+            live: Liveness::default(),
             applied,
             local: Mutex::new(BTreeMap::new()),
             audit_retention: options.audit_retention,
@@ -595,7 +622,7 @@ impl Etcd {
                 }
             }
         };
-        shared.publish(&cache, true);
+        shared.publish(&cache, true, true);
         tracing::info!(
             etcd = %endpoints,
             prefix = %shared.prefix,
@@ -607,12 +634,14 @@ impl Etcd {
         let follow = tokio::spawn(shared.clone().follow(cache));
         let trim = tokio::spawn(shared.clone().trim_audit());
         let compact = tokio::spawn(shared.clone().compact_history());
+        let liveness = tokio::spawn(shared.clone().follow_liveness());
         Ok(Arc::new(Etcd {
             shared,
             tasks: Mutex::new(vec![
                 follow.abort_handle(),
                 trim.abort_handle(),
                 compact.abort_handle(),
+                liveness.abort_handle(),
             ]),
             liveness: Mutex::new(Vec::new()),
         }))
@@ -638,8 +667,18 @@ impl Etcd {
         self.shared.conflicts.load(std::sync::atomic::Ordering::Relaxed)
     }
 
-    pub(super) fn subscribe_hosts(&self) -> watch::Receiver<Arc<Vec<HostStatus>>> {
-        self.shared.hosts.subscribe()
+    /// See [`Store::subscribe_hosts`](super::Store::subscribe_hosts).
+    pub(super) async fn subscribe_hosts(&self) -> super::HostsFeed {
+        let live = &self.shared.live;
+        let demand = Demand::new(&live.demand);
+        let mut synced = live.synced.subscribe();
+        if tokio::time::timeout(LIVENESS_SYNC_WAIT, synced.wait_for(|s| *s)).await.is_err() {
+            tracing::warn!(
+                "could not read the hosts' liveness records from etcd in time; answering with \
+                 the last known"
+            );
+        }
+        super::HostsFeed { rx: self.shared.hosts.subscribe(), _demand: Some(demand) }
     }
 
     /// See [`Store::edit`](super::Store::edit) and the module contract.
@@ -1032,14 +1071,11 @@ impl Shared {
         format!("{}{relative}", self.prefix)
     }
 
-    /// The key ranges this store follows, in the order of [`Range`]: everything under the
-    /// prefix but the audit trail and the idempotency records (which sort last, `~`), in two
-    /// ranges either side of the audit trail.
-    fn ranges(&self) -> [(String, Vec<u8>); 2] {
-        [
-            (self.prefix.clone(), self.key(AUDIT).into_bytes()),
-            (self.key(AUDIT_END), self.key(IDEMPOTENCY).into_bytes()),
-        ]
+    /// The key range of the desired state: everything under the prefix past the audit trail
+    /// (and the liveness records, which sort before it) and before the idempotency records
+    /// (which sort last, `~`).
+    fn state_range(&self) -> (String, Vec<u8>) {
+        (self.key(AUDIT_END), self.key(IDEMPOTENCY).into_bytes())
     }
 
     /// The key and value of an audit record: `in_commit` for one written by an edit's own
@@ -1225,27 +1261,18 @@ impl Shared {
         }
     }
 
-    /// Reads every key under the prefix at one etcd revision.
+    /// Reads the desired state (every key of [`Shared::state_range`]) at one etcd revision.
     async fn read(&self) -> Result<Cache> {
         let mut kv = self.client.kv_client().max_decoding_message_size(MAX_MESSAGE);
-        let ranges = self
-            .ranges()
-            .into_iter()
-            .map(|(start, end)| TxnOp::get(start, Some(GetOptions::new().with_range(end))))
-            .collect::<Vec<_>>();
-        let resp =
-            timed("range (read the desired state)", kv.txn(Txn::new().and_then(ranges))).await?;
+        let (start, end) = self.state_range();
+        let resp = timed(
+            "range (read the desired state)",
+            kv.get(start, Some(GetOptions::new().with_range(end))),
+        )
+        .await?;
         let at = resp.header().map_or(0, |h| h.revision());
-        let mut cache = Cache { revision: at, liveness_revision: at, ..Cache::default() };
-        let all: Vec<etcd_client::KeyValue> = resp
-            .op_responses()
-            .into_iter()
-            .filter_map(|op| match op {
-                TxnOpResponse::Get(range) => Some(range.kvs().to_vec()),
-                _ => None,
-            })
-            .flatten()
-            .collect();
+        let mut cache = Cache { revision: at, ..Cache::default() };
+        let all = resp.kvs();
         // Keys in the order they were created, one batch per transaction: rules then come in
         // the order the watch appended them (see `layout::apply`).
         let mut kvs: Vec<&etcd_client::KeyValue> = all.iter().collect();
@@ -1263,7 +1290,7 @@ impl Shared {
             let mut events = Vec::new();
             for kv in &kvs[start..end] {
                 let Some(rel) = self.relative(kv.key()) else { continue };
-                cache.record(rel, Some(kv.value()), kv.mod_revision(), &self.prefix);
+                cache.record(rel, Some(kv.value()), kv.mod_revision());
                 let state = layout::is_state(rel);
                 if state
                     || matches!(layout::kind(rel), layout::Kind::Catalog | layout::Kind::Version(_))
@@ -1396,8 +1423,9 @@ impl Shared {
     }
 
     /// Publishes what `cache` holds: the view edits run on, the state (when
-    /// `desired_changed`), the hosts, then the applied etcd revision.
-    fn publish(&self, cache: &Cache, desired_changed: bool) {
+    /// `desired_changed`), the hosts (when `hosts_changed`: a host record came or went), then
+    /// the applied etcd revision.
+    fn publish(&self, cache: &Cache, desired_changed: bool, hosts_changed: bool) {
         let state = Arc::new(cache.state.clone());
         // The view first: a subscriber woken by the state may edit at once, on the view.
         self.view.send_replace(Arc::new(View {
@@ -1409,12 +1437,31 @@ impl Shared {
         if desired_changed {
             self.state.send_replace(state.clone());
         }
+        if hosts_changed {
+            self.publish_hosts();
+        }
+        self.applied.send_if_modified(|cur| {
+            let newer = cache.revision > *cur;
+            if newer {
+                *cur = cache.revision;
+            }
+            newer
+        });
+    }
+
+    /// Publishes the hosts: those registered in the desired state (as the view has them) and
+    /// those with a liveness record, with what the liveness records say.
+    fn publish_hosts(&self) {
+        // Held while publishing: the two writers (the state's watch, the liveness watch)
+        // publish one after the other, the last with both of their news.
+        let alive = lock(&self.live.alive);
+        let state = self.view.borrow().state.clone();
         let mut hosts: BTreeMap<&str, HostStatus> = state
             .hosts
             .values()
             .map(|h| {
                 let (realized, healthy) =
-                    cache.alive.get(&h.name).cloned().unwrap_or((Realized::default(), false));
+                    alive.get(&h.name).cloned().unwrap_or((Realized::default(), false));
                 let status = HostStatus {
                     name: h.name.clone(),
                     underlay_ip: h.underlay_ip,
@@ -1427,7 +1474,7 @@ impl Shared {
                 (h.name.as_str(), status)
             })
             .collect();
-        for (name, (realized, healthy)) in &cache.alive {
+        for (name, (realized, healthy)) in alive.iter() {
             hosts.entry(name).or_insert_with(|| HostStatus {
                 name: name.clone(),
                 underlay_ip: None,
@@ -1446,13 +1493,118 @@ impl Shared {
             *cur = Arc::new(hosts);
             true
         });
-        self.applied.send_if_modified(|cur| {
-            let newer = cache.revision > *cur;
-            if newer {
-                *cur = cache.revision;
+    }
+
+    /// Follows the hosts' liveness records while they are needed (see the module docs): waits
+    /// for a [`Demand`], reads the records, watches them from the next revision (reading them
+    /// again if the watch fails or falls behind a compaction), and stops watching once no
+    /// demand has been held for [`LIVENESS_LINGER`]. For as long as the store lives.
+    async fn follow_liveness(self: Arc<Shared>) {
+        let mut demand = self.live.demand.subscribe();
+        loop {
+            if demand.wait_for(|n| *n > 0).await.is_err() {
+                return;
             }
-            newer
-        });
+            tracing::debug!("following the hosts' liveness records");
+            let idle = idle(self.live.demand.subscribe(), LIVENESS_LINGER);
+            tokio::pin!(idle);
+            let mut delay = RETRY_MIN;
+            loop {
+                let round = async {
+                    match self.read_liveness().await {
+                        Ok(at) => self.watch_liveness(at, &mut delay).await,
+                        Err(e) => e,
+                    }
+                };
+                let e = tokio::select! {
+                    () = &mut idle => break,
+                    e = round => e,
+                };
+                tracing::warn!(error = %e, retry_in = ?delay,
+                    "lost the watch of the hosts' liveness records; reading them again");
+                tokio::select! {
+                    () = &mut idle => break,
+                    () = tokio::time::sleep(delay) => {}
+                }
+                delay = (delay * 2).min(RETRY_MAX);
+            }
+            self.live.synced.send_replace(false);
+            tracing::debug!("no longer following the hosts' liveness records (nobody asked)");
+        }
+    }
+
+    /// Reads every liveness record, publishes the hosts, and returns the etcd revision read at.
+    /// A host whose record is gone keeps its last realized revision, unhealthy.
+    async fn read_liveness(&self) -> Result<i64> {
+        let mut kv = self.client.kv_client().max_decoding_message_size(MAX_MESSAGE);
+        let range = GetOptions::new().with_range(self.key(ALIVE_END));
+        let resp = timed("range (read the liveness records)", kv.get(self.key(ALIVE), Some(range)))
+            .await?;
+        let at = resp.header().map_or(0, |h| h.revision());
+        {
+            let mut alive = lock(&self.live.alive);
+            for entry in alive.values_mut() {
+                entry.1 = false;
+            }
+            for kv in resp.kvs() {
+                if let Some(rel) = self.relative(kv.key()) {
+                    record_liveness(&mut alive, rel, Some(kv.value()), &self.prefix);
+                }
+            }
+        }
+        self.publish_hosts();
+        self.live.synced.send_replace(true);
+        Ok(at)
+    }
+
+    /// Watches the liveness records from `at + 1`, applying and publishing each response, until
+    /// the watch ends (the error says why).
+    async fn watch_liveness(&self, at: i64, delay: &mut Duration) -> Error {
+        let mut client = self.client.watch_client().max_decoding_message_size(MAX_MESSAGE);
+        let options = WatchOptions::new()
+            .with_range(self.key(ALIVE_END))
+            .with_start_revision(at.saturating_add(1));
+        let watched =
+            timed("watch (liveness records)", client.watch(self.key(ALIVE), Some(options)));
+        let mut stream = match watched.await {
+            Ok(stream) => stream,
+            Err(e) => return e,
+        };
+        let failed = |source| Error::Etcd { op: "watch (liveness records)", source };
+        loop {
+            let resp = match stream.message().await {
+                Ok(Some(resp)) => resp,
+                Ok(None) => {
+                    return failed(etcd_client::Error::WatchError("the stream ended".into()))
+                }
+                Err(source) => return failed(source),
+            };
+            if resp.canceled() {
+                return failed(etcd_client::Error::WatchError(format!(
+                    "canceled by etcd (compacted at {}): {}",
+                    resp.compact_revision(),
+                    resp.cancel_reason()
+                )));
+            }
+            self.received.count(&resp);
+            *delay = RETRY_MIN;
+            if resp.events().is_empty() {
+                continue;
+            }
+            {
+                let mut alive = lock(&self.live.alive);
+                for event in resp.events() {
+                    let Some(kv) = event.kv() else { continue };
+                    let Some(rel) = self.relative(kv.key()) else { continue };
+                    let value = match event.event_type() {
+                        EventType::Put => Some(kv.value()),
+                        EventType::Delete => None,
+                    };
+                    record_liveness(&mut alive, rel, value, &self.prefix);
+                }
+            }
+            self.publish_hosts();
+        }
     }
 
     /// Follows the prefix for as long as the store lives (see the module contract).
@@ -1472,7 +1624,7 @@ impl Shared {
                                 fresh.state.revision =
                                     fresh.state.revision.max(cache.state.revision);
                                 cache = fresh;
-                                self.publish(&cache, true);
+                                self.publish(&cache, true, true);
                                 break;
                             }
                             Err(e) => {
@@ -1495,30 +1647,18 @@ impl Shared {
         }
     }
 
-    /// One watch stream, each range from the revision after the last its watcher delivered
-    /// ([`Cache::resume_at`]), applied to `cache` until it ends.
+    /// One watch of the desired state from the revision after the last applied, applied to
+    /// `cache` until it ends.
     async fn watch(&self, cache: &mut Cache, delay: &mut Duration) -> WatchEnd {
         let mut client = self.client.watch_client().max_decoding_message_size(MAX_MESSAGE);
-        let [(lstart, lend), (sstart, send)] = self.ranges();
-        let options = |r: Range, end: Vec<u8>| {
-            WatchOptions::new()
-                .with_range(end)
-                .with_start_revision(cache.resume_at(r))
-                .with_watch_id(r as i64)
-        };
-        let mut stream = match timed(
-            "watch",
-            client.watch(lstart, Some(options(Range::Liveness, lend))),
-        )
-        .await
-        {
+        let (start, end) = self.state_range();
+        let options = WatchOptions::new()
+            .with_range(end)
+            .with_start_revision(cache.revision.saturating_add(1));
+        let mut stream = match timed("watch", client.watch(start, Some(options))).await {
             Ok(s) => s,
             Err(e) => return WatchEnd::Failed(e),
         };
-        // The state on the same stream.
-        if let Err(source) = stream.watch(sstart, Some(options(Range::State, send))).await {
-            return WatchEnd::Failed(Error::Etcd { op: "watch", source });
-        }
         loop {
             let resp = match stream.message().await {
                 Ok(Some(resp)) => resp,
@@ -1550,11 +1690,8 @@ impl Shared {
                 // a progress notice this store does not ask for.
                 continue;
             }
-            let Some(range) = Range::from_watch_id(resp.watch_id()) else {
-                tracing::warn!(watch_id = resp.watch_id(), "ignoring events of an unknown watcher");
-                continue;
-            };
             let mut desired_changed = false;
+            let mut hosts_changed = false;
             // etcd sends every event of one revision (one transaction) in one response; each
             // transaction is applied as one batch, so a published state is never half an edit.
             let events = resp.events();
@@ -1573,7 +1710,8 @@ impl Shared {
                         EventType::Put => Some(kv.value()),
                         EventType::Delete => None,
                     };
-                    cache.record(rel, value, kv.mod_revision(), &self.prefix);
+                    cache.record(rel, value, kv.mod_revision());
+                    hosts_changed |= matches!(layout::kind(rel), layout::Kind::Host(_));
                     if layout::is_state(rel) {
                         batch.push(layout::Event { key: rel, value });
                     }
@@ -1593,14 +1731,14 @@ impl Shared {
                 // The indices catch up with the batch (what an edit on this state looks up).
                 cache.state.take_touched_hosts();
                 cache.state.clear_changes();
-                cache.delivered(range, rev);
+                cache.revision = cache.revision.max(rev);
                 start = end;
             }
-            // A response carries its watcher's events up to its header's revision.
+            // A response carries the watcher's events up to its header's revision.
             if let Some(h) = resp.header() {
-                cache.delivered(range, h.revision());
+                cache.revision = cache.revision.max(h.revision());
             }
-            self.publish(cache, desired_changed);
+            self.publish(cache, desired_changed, hosts_changed);
         }
     }
 
@@ -2049,28 +2187,9 @@ impl Links {
 }
 
 impl Cache {
-    /// Records what a key read back says of guards and liveness (the state itself is applied
-    /// by [`layout::apply`]).
-    fn record(&mut self, rel: &str, value: Option<&[u8]>, mod_revision: i64, prefix: &str) {
-        if let Some(name) = rel.strip_prefix(ALIVE) {
-            match value {
-                Some(value) => {
-                    let report = decode_report(value).unwrap_or_else(|| {
-                        tracing::warn!(key = %format!("{prefix}{rel}"), "liveness record is not a report; counting it as revision 0");
-                        Realized::default()
-                    });
-                    self.alive.insert(name.to_owned(), (report, true));
-                }
-                // A host whose liveness record is gone keeps its last realized revision,
-                // unhealthy.
-                None => {
-                    if let Some(entry) = self.alive.get_mut(name) {
-                        entry.1 = false;
-                    }
-                }
-            }
-            return;
-        }
+    /// Records what a key read back says of guards (the state itself is applied by
+    /// [`layout::apply`]).
+    fn record(&mut self, rel: &str, value: Option<&[u8]>, mod_revision: i64) {
         match layout::kind(rel) {
             layout::Kind::Version(uni) => match value {
                 Some(_) => {
@@ -2095,6 +2214,31 @@ impl Cache {
                 }
             },
             _ => {}
+        }
+    }
+}
+
+/// Records what liveness record `rel` (`alive/<name>`) now holds: a report (`value`), or
+/// nothing (deleted with its lease: the host keeps its last realized revision, unhealthy).
+fn record_liveness(
+    alive: &mut BTreeMap<String, (Realized, bool)>,
+    rel: &str,
+    value: Option<&[u8]>,
+    prefix: &str,
+) {
+    let Some(name) = rel.strip_prefix(ALIVE) else { return };
+    match value {
+        Some(value) => {
+            let report = decode_report(value).unwrap_or_else(|| {
+                tracing::warn!(key = %format!("{prefix}{rel}"), "liveness record is not a report; counting it as revision 0");
+                Realized::default()
+            });
+            alive.insert(name.to_owned(), (report, true));
+        }
+        None => {
+            if let Some(entry) = alive.get_mut(name) {
+                entry.1 = false;
+            }
         }
     }
 }
@@ -2270,13 +2414,13 @@ mod tests {
     use super::*;
 
     #[test]
-    fn cache_tracks_liveness_and_guards_apart_from_the_state() {
-        let mut c = Cache::default();
-        c.record("alive/h1", Some(b"12"), 5, "/v/");
-        assert_eq!(c.alive["h1"], (Realized::at(12), true));
-        c.record("alive/h1", None, 6, "/v/");
+    fn liveness_records_keep_a_lapsed_host_with_its_last_report() {
+        let mut alive = BTreeMap::new();
+        record_liveness(&mut alive, "alive/h1", Some(b"12"), "/v/");
+        assert_eq!(alive["h1"], (Realized::at(12), true));
+        record_liveness(&mut alive, "alive/h1", None, "/v/");
         assert_eq!(
-            c.alive["h1"],
+            alive["h1"],
             (Realized::at(12), false),
             "an expired host keeps its last revision"
         );
@@ -2288,11 +2432,31 @@ mod tests {
                 message: "no namespace".into(),
             }],
         };
-        c.record("alive/h1", Some(encode_report(&failed).as_bytes()), 6, "/v/");
-        assert_eq!(c.alive["h1"], (failed, true), "errors travel with the revision");
-        c.record("u/uni-1/version", Some(b""), 7, "/v/");
-        c.record("catalog", Some(b""), 8, "/v/");
-        c.record("hosts/h1", Some(b"{}"), 9, "/v/");
+        record_liveness(&mut alive, "alive/h1", Some(encode_report(&failed).as_bytes()), "/v/");
+        assert_eq!(alive["h1"], (failed, true), "errors travel with the revision");
+    }
+
+    #[test]
+    fn the_desired_state_range_leaves_out_the_liveness_records() {
+        // Every host rewrites `alive/<name>` with each revision it realizes: inside the range
+        // every host watches, one edit would be N² events in a fleet of N hosts.
+        let (start, end) = (format!("/v/{AUDIT_END}"), format!("/v/{IDEMPOTENCY}"));
+        let inside = |k: &str| k >= start.as_str() && k.as_bytes() < end.as_bytes();
+        assert!(!inside("/v/alive/h1"));
+        assert!(!inside("/v/audit/00000000000000000001-h1-0"));
+        for key in ["catalog", "hosts/h1", "u/uni-1/version", "placement/h1/ns", "tokens/t"] {
+            assert!(inside(&format!("/v/{key}")), "{key}");
+        }
+        assert!(format!("/v/{ALIVE}") < format!("/v/{ALIVE_END}"));
+        assert!(format!("/v/{ALIVE_END}") <= format!("/v/{AUDIT}"));
+    }
+
+    #[test]
+    fn cache_tracks_guards_apart_from_the_state() {
+        let mut c = Cache::default();
+        c.record("u/uni-1/version", Some(b""), 7);
+        c.record("catalog", Some(b""), 8);
+        c.record("hosts/h1", Some(b"{}"), 9);
         let view = View {
             state: Arc::default(),
             versions: c.versions.clone(),
@@ -2303,26 +2467,32 @@ mod tests {
         assert_eq!(view.mod_revision(&Guard::Universe("uni-2".into())), 0);
         assert_eq!(view.mod_revision(&Guard::Catalog), 8);
         assert_eq!(view.mod_revision(&Guard::Unchanged("hosts/h1".into())), 9);
-        c.record("u/uni-1/version", None, 10, "/v/");
+        c.record("u/uni-1/version", None, 10);
         assert!(c.versions.get("uni-1").is_none());
     }
 
-    #[test]
-    fn each_watcher_resumes_from_what_it_delivered_itself() {
-        // Read at revision 10; then the liveness watcher delivers up to 25 while the state's
-        // delivered only up to 18 (etcd orders events within a watcher, not across watchers).
-        let mut c = Cache { revision: 10, liveness_revision: 10, ..Cache::default() };
-        c.delivered(Range::Liveness, 25);
-        c.delivered(Range::State, 18);
-        c.delivered(Range::State, 12);
-        assert_eq!(c.resume_at(Range::Liveness), 26);
-        assert_eq!(
-            c.resume_at(Range::State),
-            19,
-            "the state's events 19 to 25 are asked for again, not skipped"
-        );
-        assert_eq!(Range::from_watch_id(Range::State as i64), Some(Range::State));
-        assert_eq!(Range::from_watch_id(Range::Liveness as i64), Some(Range::Liveness));
-        assert_eq!(Range::from_watch_id(0), None, "0 asks etcd to choose an id");
+    #[tokio::test]
+    async fn demand_keeps_the_liveness_watch_until_it_lingers_out() {
+        let linger = Duration::from_millis(300);
+        let demand = Arc::new(watch::channel(0usize).0);
+        let first = Demand::new(&demand);
+        let second = Demand::new(&demand);
+        assert_eq!(*demand.borrow(), 2);
+        let done = tokio::spawn(idle(demand.subscribe(), linger));
+        drop(first);
+        tokio::time::sleep(linger * 2).await;
+        assert!(!done.is_finished(), "a demand still held keeps the watch");
+        drop(second);
+        assert_eq!(*demand.borrow(), 0);
+        tokio::time::sleep(linger / 3).await;
+        let again = Demand::new(&demand);
+        let renewed = Instant::now();
+        tokio::time::sleep(linger * 2).await;
+        assert!(!done.is_finished(), "a new demand within the linger restarts it");
+        drop(again);
+        let dropped = Instant::now();
+        tokio::time::timeout(linger * 10, done).await.unwrap().unwrap();
+        assert!(dropped.elapsed() >= linger, "{:?} after the last demand", dropped.elapsed());
+        assert!(renewed.elapsed() >= linger * 3);
     }
 }

@@ -15,7 +15,10 @@
 //! `State::hosts`, so every host learns its underlay address) and reports the revision its
 //! dataplane has realized with [`Store::report_realized`] (or [`Store::report`], with what it
 //! could not realize). [`Store::hosts`] lists every known
-//! host with its realized revision and whether it is alive (S13).
+//! host with its realized revision and whether it is alive (S13); the etcd store reads the
+//! hosts' reports only while someone asks ([`Store::subscribe_hosts`]), never as part of
+//! following the desired state, so that a host's report reaches the hosts that wait for it,
+//! not the whole fleet.
 //!
 //! The audit trail (`crate::audit`) lives in the store too, apart from the desired state:
 //! [`Store::append_audit`] adds a record durably, [`Store::query_audit`] reads the newest
@@ -493,9 +496,10 @@ impl Store {
         }
     }
 
-    /// Every known host, by name: registered in the desired state or alive.
-    pub fn hosts(&self) -> Vec<HostStatus> {
-        self.subscribe_hosts().borrow().as_ref().clone()
+    /// Every known host, by name: registered in the desired state or alive. On the etcd store
+    /// this follows the hosts' liveness records for a while (see [`Store::subscribe_hosts`]).
+    pub async fn hosts(&self) -> Vec<HostStatus> {
+        self.subscribe_hosts().await.borrow().as_ref().clone()
     }
 
     /// Adds `record` to the audit trail; returns once it is durable (fsynced to the file, or
@@ -516,13 +520,40 @@ impl Store {
         }
     }
 
-    /// Follows [`Store::hosts`]: the receiver is marked changed whenever a host registers,
-    /// reports a revision, or becomes healthy or unhealthy.
-    pub fn subscribe_hosts(&self) -> watch::Receiver<Arc<Vec<HostStatus>>> {
+    /// Follows [`Store::hosts`]: the feed is marked changed whenever a host registers, reports
+    /// a revision, or becomes healthy or unhealthy.
+    ///
+    /// On the etcd store, the hosts' liveness records (`alive/<name>`: a host's lease and the
+    /// revision it realized) are followed only while someone needs them: from the first feed
+    /// until [`etcd::LIVENESS_LINGER`] after the last one is dropped (an API answering edits or
+    /// `GET /v1/hosts`), by a watch of their own, apart from the desired state's. This returns
+    /// once that watch has read them (or after a few seconds if etcd does not answer: then the
+    /// feed holds the last known hosts).
+    pub async fn subscribe_hosts(&self) -> HostsFeed {
         match self {
-            Store::Embedded(e) => e.subscribe_hosts(),
-            Store::Etcd(e) => e.subscribe_hosts(),
+            Store::Embedded(e) => HostsFeed { rx: e.subscribe_hosts(), _demand: None },
+            Store::Etcd(e) => e.subscribe_hosts().await,
         }
+    }
+}
+
+/// What [`Store::subscribe_hosts`] returns: a receiver of the hosts, that keeps the etcd
+/// store's liveness watch going for as long as it lives.
+pub struct HostsFeed {
+    rx: watch::Receiver<Arc<Vec<HostStatus>>>,
+    _demand: Option<etcd::Demand>,
+}
+
+impl std::ops::Deref for HostsFeed {
+    type Target = watch::Receiver<Arc<Vec<HostStatus>>>;
+    fn deref(&self) -> &Self::Target {
+        &self.rx
+    }
+}
+
+impl std::ops::DerefMut for HostsFeed {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.rx
     }
 }
 
