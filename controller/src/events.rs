@@ -473,10 +473,10 @@ pub fn describe(reason: DropReason) -> &'static str {
     match reason {
         DropReason::TruncatedEthernet => "shorter than an Ethernet header",
         DropReason::UnknownEthertype => "neither IPv4 nor ARP",
-        DropReason::Ipv6Unsupported => "IPv6 is not supported",
+        DropReason::Ipv6Unsupported => "a well-formed IPv6 packet: IPv6 is not judged yet",
         DropReason::MalformedIpv4 => "malformed IPv4 header",
         DropReason::Fragment => "an IPv4 fragment, whose ports cannot be judged",
-        DropReason::MalformedL4 => "truncated TCP, UDP or ICMP header",
+        DropReason::MalformedL4 => "truncated TCP, UDP, ICMP or ICMPv6 header",
         DropReason::UnknownEndpoint => "arrived on an interface that is no endpoint",
         DropReason::SpoofedMac => "source MAC is not the endpoint's",
         DropReason::SpoofedIp => "source IP is not the endpoint's",
@@ -508,6 +508,13 @@ pub fn describe(reason: DropReason) -> &'static str {
         DropReason::ConntrackBudgetExceeded => {
             "a new flow of an endpoint whose conntrack budget is spent"
         }
+        DropReason::MalformedIpv6 => {
+            "malformed IPv6 header: truncated, version != 6, payload length past the frame, \
+             an extension header past the payload, or hop-by-hop options not first"
+        }
+        DropReason::Ipv6Fragment => "an IPv6 fragment header: fragments are not reassembled",
+        DropReason::Ipv6TooManyHeaders => "more IPv6 extension headers than the dataplane walks",
+        DropReason::Ipv6Jumbogram => "an IPv6 jumbogram (payload length 0, Jumbo Payload option)",
     }
 }
 

@@ -7,11 +7,13 @@
 //! fixed values for the rest (IPv4: IHL 5 unless [`with_ipv4_options`] adds options, TTL 64, ID
 //! 1 and DF unless [`ipv4_with`] says otherwise, header checksum computed; TCP: seq 1, data
 //! offset 5, window 0xFFFF, checksum 0; UDP: checksum 0, which IPv4 reads as "none"; ICMP:
-//! checksum computed). A test that needs a broken header builds the good one and then overwrites
-//! the bytes it wants to break. The builders panic on a packet over 64 KiB: every caller builds
-//! small, fixed shapes.
+//! checksum computed; IPv6: traffic class and flow label 0, hop limit 64; ICMPv6: checksum
+//! computed over the pseudo-header). A test that needs a broken header builds the good one and
+//! then overwrites the bytes it wants to break. The builders panic on a packet over 64 KiB:
+//! every caller builds small, fixed shapes. TCP and UDP checksums stay 0 inside IPv6 too,
+//! where a receiving stack would refuse them: nothing past the dataplane reads these frames.
 
-use dataplane_common::wire::{checksum, ETHERTYPE_ARP};
+use dataplane_common::wire::{checksum, ipv6, ETHERTYPE_ARP, IPPROTO_ICMPV6};
 
 /// An Ethernet II frame.
 pub fn ethernet(dst: [u8; 6], src: [u8; 6], ethertype: u16, payload: &[u8]) -> Vec<u8> {
@@ -68,6 +70,59 @@ pub fn with_ipv4_options(packet: &[u8], options: &[u8]) -> Vec<u8> {
     let c = checksum(&p[..header]);
     p[10..12].copy_from_slice(&c.to_be_bytes());
     p
+}
+
+/// An IPv6 packet whose fixed header names `next` and whose payload (extension headers
+/// included, see [`ipv6_extensions`]) is `payload`.
+pub fn ipv6(src: [u8; 16], dst: [u8; 16], next: u8, payload: &[u8]) -> Vec<u8> {
+    let len = u16::try_from(payload.len()).expect("an IPv6 payload fits 64 KiB");
+    let mut p = Vec::with_capacity(ipv6::HLEN + payload.len());
+    p.extend_from_slice(&[0x60, 0, 0, 0]);
+    p.extend_from_slice(&len.to_be_bytes());
+    p.extend_from_slice(&[next, 64]);
+    p.extend_from_slice(&src);
+    p.extend_from_slice(&dst);
+    p.extend_from_slice(payload);
+    p
+}
+
+/// The extension headers `exts` (each its next-header value and its length in bytes: a multiple
+/// of 8, or for AH of 4, at least 8) in that order, each naming the one after it and the last
+/// naming `proto`, then `payload`: what follows the fixed IPv6 header, and the next header the
+/// fixed header names (`proto` when `exts` is empty). Each header's length byte counts in its
+/// own unit (RFC 8200 section 4; AH: RFC 4302 section 2.2); its options or data are zeros
+/// (Pad1 options, or a type 0 routing header with no segments left).
+pub fn ipv6_extensions(exts: &[(u8, usize)], proto: u8, payload: &[u8]) -> (u8, Vec<u8>) {
+    let mut out = Vec::new();
+    for (i, &(kind, len)) in exts.iter().enumerate() {
+        let units = if kind == ipv6::NEXTHDR_AUTH { len / 4 - 2 } else { len / 8 - 1 };
+        let mut h = vec![0; len];
+        h[0] = exts.get(i + 1).map_or(proto, |e| e.0);
+        h[1] = u8::try_from(units).expect("an extension header's length fits its byte");
+        out.extend_from_slice(&h);
+    }
+    out.extend_from_slice(payload);
+    (exts.first().map_or(proto, |e| e.0), out)
+}
+
+/// An ICMPv6 message from `src` to `dst`: type, code, the four type-specific bytes `rest`, then
+/// `payload`; checksum computed over the IPv6 pseudo-header (RFC 8200 section 8.1).
+pub fn icmpv6(
+    src: [u8; 16],
+    dst: [u8; 16],
+    ty: u8,
+    code: u8,
+    rest: [u8; 4],
+    payload: &[u8],
+) -> Vec<u8> {
+    let mut i = vec![ty, code, 0, 0];
+    i.extend_from_slice(&rest);
+    i.extend_from_slice(payload);
+    let len = u32::try_from(i.len()).expect("an ICMPv6 message fits 4 GiB");
+    let pseudo = [&src[..], &dst, &len.to_be_bytes(), &[0, 0, 0, IPPROTO_ICMPV6], &i].concat();
+    let c = checksum(&pseudo);
+    i[2..4].copy_from_slice(&c.to_be_bytes());
+    i
 }
 
 /// A TCP segment with `flags` followed by `payload` bytes counting up from 0.
@@ -160,5 +215,24 @@ mod tests {
         assert_eq!(tcp(1, 2, TCP_SYN, 3)[20..], [0, 1, 2]);
         let a = arp_request([3; 6], [10, 0, 0, 1], [10, 0, 0, 9]);
         assert_eq!((a.len(), &a[..6], &a[20..22]), (42, &[0xFF; 6][..], &[0u8, 1][..]));
+    }
+
+    #[test]
+    fn ipv6_headers_count_their_lengths_in_their_own_units() {
+        let (src, dst) = ([0xfd; 16], [0xfe; 16]);
+        let (first, rest) = ipv6_extensions(&[(0, 8), (43, 24), (51, 12)], 17, b"u");
+        assert_eq!(first, 0);
+        assert_eq!(rest.len(), 8 + 24 + 12 + 1);
+        assert_eq!((rest[0], rest[1]), (43, 0), "hop-by-hop names routing; 8 bytes");
+        assert_eq!((rest[8], rest[9]), (51, 2), "routing names AH; 24 bytes");
+        assert_eq!((rest[32], rest[33]), (17, 1), "AH names UDP; 12 bytes in 4-octet units");
+        assert_eq!(ipv6_extensions(&[], 6, b"t"), (6, b"t".to_vec()));
+        let p = ipv6(src, dst, first, &rest);
+        assert_eq!(&p[..8], &[0x60, 0, 0, 0, 0, 45, 0, 64]);
+        assert_eq!((&p[8..24], &p[24..40]), (&src[..], &dst[..]));
+        // The checksum of a message with its pseudo-header is 0.
+        let m = icmpv6(src, dst, 128, 0, echo_rest(1, 2), b"abc");
+        let pseudo = [&src[..], &dst, &[0, 0, 0, 11, 0, 0, 0, 58], &m].concat();
+        assert_eq!(checksum(&pseudo), 0);
     }
 }

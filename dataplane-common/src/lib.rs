@@ -53,10 +53,14 @@ pub mod wire {
     pub const ETHERTYPE_ARP: u16 = 0x0806;
     pub const ETHERTYPE_IPV6: u16 = 0x86DD;
 
-    /// IPv4 protocol numbers (IANA).
+    /// IPv4 protocol numbers, IPv6 next-header values (IANA, one registry for both).
     pub const IPPROTO_ICMP: u8 = 1;
     pub const IPPROTO_TCP: u8 = 6;
     pub const IPPROTO_UDP: u8 = 17;
+    pub const IPPROTO_ICMPV6: u8 = 58;
+
+    /// IPv6: the fixed header, its extension headers and the bounded walk over them.
+    pub mod ipv6;
 
     /// Fragment offset and "more fragments" bits of the IPv4 `frag_off` field (RFC 791).
     pub const IP_MF_OFFSET_MASK: u16 = 0x3FFF;
@@ -74,6 +78,10 @@ pub mod wire {
     pub const ICMP_ECHO_REQUEST: u8 = 8;
     pub const ICMP_TIME_EXCEEDED: u8 = 11;
     pub const ICMP_PARAMETER_PROBLEM: u8 = 12;
+
+    /// ICMPv6 echo request and reply (RFC 4443 section 4).
+    pub const ICMPV6_ECHO_REQUEST: u8 = 128;
+    pub const ICMPV6_ECHO_REPLY: u8 = 129;
 
     /// ARP for Ethernet/IPv4 (RFC 826): payload length, hardware type, operations.
     pub const ARP_LEN: usize = 28;
@@ -149,14 +157,15 @@ pub enum DropReason {
     TruncatedEthernet = 1,
     /// Neither IPv4 nor ARP.
     UnknownEthertype = 2,
-    /// IPv6 is not supported by this dataplane yet; dropped rather than passed unchecked.
+    /// A well-formed IPv6 packet: not judged by this dataplane yet, so dropped rather than
+    /// passed unchecked (malformed ones have their own reasons, 28-31).
     Ipv6Unsupported = 3,
     /// IPv4 header truncated, version not 4, IHL below 5, or total length inconsistent with the
     /// frame.
     MalformedIpv4 = 4,
     /// An IPv4 fragment (MF set or offset non-zero): ports cannot be judged.
     Fragment = 5,
-    /// TCP, UDP or ICMP header truncated (or TCP data offset below 5).
+    /// TCP, UDP, ICMP or ICMPv6 header truncated (or TCP data offset below 5).
     MalformedL4 = 6,
     /// The packet arrived on an interface that is not a known endpoint.
     UnknownEndpoint = 7,
@@ -206,10 +215,21 @@ pub enum DropReason {
     /// A new flow whose owner (the sending endpoint, or the local receiver of traffic from
     /// another host) already has as many tracked flows as its conntrack budget allows (S14).
     ConntrackBudgetExceeded = 27,
+    /// IPv6 header truncated, version not 6, payload length beyond the frame, an extension
+    /// header beyond the payload, or hop-by-hop options anywhere but first
+    /// ([`wire::ipv6::walk`]).
+    MalformedIpv6 = 28,
+    /// An IPv6 fragment header (any fragment, atomic ones included): the dataplane never
+    /// reassembles, and the ports may be in another fragment.
+    Ipv6Fragment = 29,
+    /// More IPv6 extension headers than [`wire::ipv6::EXT_MAX`].
+    Ipv6TooManyHeaders = 30,
+    /// An IPv6 jumbogram (RFC 2675): payload length 0 and a Jumbo Payload option.
+    Ipv6Jumbogram = 31,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 27] = [
+    pub const ALL: [DropReason; 31] = [
         DropReason::TruncatedEthernet,
         DropReason::UnknownEthertype,
         DropReason::Ipv6Unsupported,
@@ -237,6 +257,10 @@ impl DropReason {
         DropReason::NoUnderlay,
         DropReason::FragNeededUnsent,
         DropReason::ConntrackBudgetExceeded,
+        DropReason::MalformedIpv6,
+        DropReason::Ipv6Fragment,
+        DropReason::Ipv6TooManyHeaders,
+        DropReason::Ipv6Jumbogram,
     ];
 
     /// The label used in metrics and the CLI.
@@ -269,6 +293,10 @@ impl DropReason {
             DropReason::NoUnderlay => "no_underlay",
             DropReason::FragNeededUnsent => "frag_needed_unsent",
             DropReason::ConntrackBudgetExceeded => "conntrack_budget_exceeded",
+            DropReason::MalformedIpv6 => "malformed_ipv6",
+            DropReason::Ipv6Fragment => "ipv6_fragment",
+            DropReason::Ipv6TooManyHeaders => "ipv6_too_many_headers",
+            DropReason::Ipv6Jumbogram => "ipv6_jumbogram",
         }
     }
 

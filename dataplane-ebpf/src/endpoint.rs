@@ -52,7 +52,7 @@ pub fn walk(ctx: &TcContext) -> Result<i32, DropReason> {
     match ethertype {
         ETHERTYPE_IPV4 => ipv4(ctx, &endpoint, ifindex, config),
         ETHERTYPE_ARP => arp::answer(ctx, &endpoint, ifindex, config.gateway_mac),
-        ETHERTYPE_IPV6 => Err(DropReason::Ipv6Unsupported),
+        ETHERTYPE_IPV6 => Err(flow::ipv6_unjudged(ctx, ETH_HLEN)),
         _ => Err(DropReason::UnknownEthertype),
     }
 }

@@ -8,8 +8,12 @@
 //! is allowed) and makes the whole header with options linear (`MalformedIpv4`); [`l4`] checks
 //! the L4 header within the total length, not the padding: TCP 20 bytes and its whole data
 //! offset (>= 5 words), UDP 8, ICMP 8 (`MalformedL4`); other protocols are not parsed.
+//!
+//! IPv6 ([`ipv6_unjudged`]) is parsed by the walk both sides share
+//! (`dataplane_common::wire::ipv6::walk`), its L4 header as IPv4's (ICMPv6 like ICMP), and
+//! then dropped: no IPv6 is judged yet.
 use aya_ebpf::programs::TcContext;
-use dataplane_common::{ct_ports, icmp_ct_ports, CtKey, DropReason};
+use dataplane_common::{ct_ports, icmp_ct_ports, wire::ipv6, CtKey, DropReason};
 
 use crate::parse::*;
 
@@ -51,6 +55,86 @@ pub fn ipv4_header(ctx: &TcContext, off: usize) -> Result<Ipv4, DropReason> {
     Ok(Ipv4 { src, dst, proto, frag_off, ihl, l4_off: off + ihl, ip_end: off + tot_len })
 }
 
+/// Where an IPv6 packet's upper-layer header is, past its extension headers.
+pub struct Ipv6 {
+    /// The upper-layer protocol: the next header that ended the walk.
+    pub proto: u8,
+    /// Offset of the upper-layer header in the frame.
+    pub l4_off: usize,
+    /// Offset of the end of the payload in the frame (Ethernet padding may follow).
+    pub ip_end: usize,
+}
+
+/// Parses the IPv6 header at `off` and walks its extension headers
+/// (`dataplane_common::wire::ipv6::walk`).
+#[inline(always)]
+pub fn ipv6_header(ctx: &TcContext, off: usize) -> Result<Ipv6, DropReason> {
+    if !ensure(ctx, off + ipv6::HLEN) {
+        return Err(DropReason::MalformedIpv6);
+    }
+    let ip: *const Ipv6Hdr = ptr_at(ctx, off).ok_or(DropReason::MalformedIpv6)?;
+    // SAFETY: ptr_at proved the fixed IPv6 header is inside the linear data.
+    let (version_tc, payload_len, next) =
+        unsafe { ((*ip).vtc_flow[0], be16((*ip).payload_len), (*ip).next) };
+    // The walk's reads pull what they need; `ip` is not used after them.
+    let read = |at: usize| -> u32 {
+        if !ensure(ctx, off + at + 2) {
+            return ipv6::MISSING;
+        }
+        match ptr_at::<[u8; 2]>(ctx, off + at) {
+            // SAFETY: ptr_at proved the two bytes are inside the linear data.
+            Some(b) => u32::from(be16(unsafe { *b })),
+            None => ipv6::MISSING,
+        }
+    };
+    let avail = ctx.len() as usize - off;
+    let upper = ipv6::walk(version_tc, payload_len, next, avail, read)?;
+    Ok(Ipv6 { proto: upper.proto, l4_off: off + upper.off, ip_end: off + upper.end })
+}
+
+/// The L4 header of an IPv6 packet: TCP and UDP as [`l4`] parses them, ICMPv6 as it parses
+/// ICMP; ICMP (1) is no protocol of IPv6 and, like any other, not parsed.
+#[inline(always)]
+pub fn l4_ipv6(ctx: &TcContext, ip: &Ipv6) -> Result<L4, DropReason> {
+    match ip.proto {
+        IPPROTO_TCP | IPPROTO_UDP => l4(ctx, ip.proto, ip.l4_off, ip.ip_end),
+        IPPROTO_ICMPV6 => {
+            let end = ip.l4_off + core::mem::size_of::<IcmpHdr>();
+            if end > ip.ip_end || !ensure(ctx, end) {
+                return Err(DropReason::MalformedL4);
+            }
+            let icmp: *const IcmpHdr = ptr_at(ctx, ip.l4_off).ok_or(DropReason::MalformedL4)?;
+            // SAFETY: ptr_at proved the ICMPv6 header is inside the linear data.
+            let (ty, code, id) = unsafe { ((*icmp).ty, (*icmp).code, be16((*icmp).id)) };
+            let (sport, dport) = ipv6::icmpv6_ct_ports(ty, id);
+            Ok(L4 {
+                sport,
+                dport,
+                policy_port: (ty as u16) << 8 | code as u16,
+                tcp_flags: 0,
+                icmp_type: ty,
+                hdr_len: 8,
+            })
+        }
+        _ => {
+            Ok(L4 { sport: 0, dport: 0, policy_port: 0, tcp_flags: 0, icmp_type: 0xFF, hdr_len: 0 })
+        }
+    }
+}
+
+/// What becomes of the IPv6 packet at `off` until IPv6 is judged: the reason of the first check
+/// it fails ([`ipv6_header`], [`l4_ipv6`]), else `Ipv6Unsupported`.
+///
+/// A BPF-to-BPF call, not inlined: inlined, its code changed the register allocation of the
+/// walks' IPv4 paths (spills and reloads in the IPv4 header parse), which it must not slow.
+#[inline(never)]
+pub fn ipv6_unjudged(ctx: &TcContext, off: usize) -> DropReason {
+    match ipv6_header(ctx, off).and_then(|ip| l4_ipv6(ctx, &ip)) {
+        Ok(_) => DropReason::Ipv6Unsupported,
+        Err(reason) => reason,
+    }
+}
+
 /// What conntrack and policy need to know about the L4 header.
 pub struct L4 {
     /// Conntrack ports (see `CtKey` for ICMP echo).
@@ -59,7 +143,7 @@ pub struct L4 {
     /// The port of policy keys: destination port, or `type << 8 | code` for ICMP.
     pub policy_port: u16,
     pub tcp_flags: u8,
-    /// ICMP type, or 0xFF for anything that is not ICMP.
+    /// ICMP (or ICMPv6) type, or 0xFF for anything that is not ICMP.
     pub icmp_type: u8,
     /// Length of the L4 header (TCP with options), 0 for protocols that are not parsed: with
     /// the IPv4 header length and the GSO size it gives the size of one segment on the wire.

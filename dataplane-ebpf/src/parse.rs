@@ -10,8 +10,8 @@ use core::mem::size_of;
 
 pub use dataplane_common::wire::{
     ARP_HTYPE_ETHERNET, ARP_OP_REPLY, ARP_OP_REQUEST, ETHERTYPE_ARP, ETHERTYPE_IPV4,
-    ETHERTYPE_IPV6, ETH_HLEN, ICMP_DEST_UNREACH, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP,
-    IP_MF_OFFSET_MASK,
+    ETHERTYPE_IPV6, ETH_HLEN, ICMP_DEST_UNREACH, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP,
+    IPPROTO_UDP, IP_MF_OFFSET_MASK,
 };
 
 /// Ethernet II header.
@@ -36,6 +36,20 @@ pub struct Ipv4Hdr {
     pub src: [u8; 4],
     pub dst: [u8; 4],
 }
+
+/// IPv6 fixed header (RFC 8200 section 3).
+#[repr(C)]
+pub struct Ipv6Hdr {
+    /// Version (4 bits), traffic class (8), flow label (20).
+    pub vtc_flow: [u8; 4],
+    pub payload_len: [u8; 2],
+    pub next: u8,
+    pub hop_limit: u8,
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
+}
+
+const _: () = assert!(size_of::<Ipv6Hdr>() == dataplane_common::wire::ipv6::HLEN);
 
 /// The first 14 bytes of a TCP header: ports, sequence numbers, data offset and flags.
 #[repr(C)]

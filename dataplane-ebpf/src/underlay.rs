@@ -108,7 +108,7 @@ pub fn walk(ctx: &TcContext) -> Result<i32, DropReason> {
     }
     match inner_type {
         ETHERTYPE_IPV4 => {}
-        ETHERTYPE_IPV6 => return Err(DropReason::Ipv6Unsupported),
+        ETHERTYPE_IPV6 => return Err(flow::ipv6_unjudged(ctx, INNER_IP_OFF)),
         _ => return Err(DropReason::UnknownEthertype),
     }
     inner(ctx, config, src, vni, u32::from(group))

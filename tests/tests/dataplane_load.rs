@@ -8,11 +8,15 @@
 use std::collections::{BTreeMap, HashSet};
 use std::path::Path;
 
+use dataplane_common::wire::ipv6::{NEXTHDR_FRAGMENT, NEXTHDR_HOP};
 use dataplane_common::{
     ct_state, policy_prefix, Config, DropReason, Endpoint, PolicyKey, PolicyValue, Route, RouteKey,
     DIRECTION_EGRESS, DIRECTION_INGRESS,
 };
-use tests::frames::{arp_request, ethernet, icmp, ipv4, tcp, ETH_IPV4, ETH_IPV6, SYN, SYN_ACK};
+use tests::frames::{
+    arp_request, ethernet, icmp, ipv4, ipv6, ipv6_extensions, tcp, udp, ETH_IPV4, ETH_IPV6, SYN,
+    SYN_ACK,
+};
 use tests::{is_root, pinned_drops, Bpffs, Netns, TempDir};
 use verse::compile::{MapContents, OwnerBudget};
 use verse::dataplane::{tc_act, Dataplane};
@@ -294,11 +298,24 @@ fn judge_packets(bpf_dir: &Path, if_a: u32, if_b: u32, if_c: u32, if_wa: u32) {
     assert_eq!(dp.test_run(&short, if_a, 1).expect("run").return_code, tc_act::SHOT);
     assert_eq!(pinned_drops(dp.bpf_dir(), DropReason::MalformedL4), before + 1);
 
-    // IPv6 is dropped, not passed (S11).
-    let before = pinned_drops(dp.bpf_dir(), DropReason::Ipv6Unsupported);
-    let v6 = ethernet(GATEWAY_MAC, MAC_A, ETH_IPV6, &[0x60; 40]);
-    assert_eq!(dp.test_run(&v6, if_a, 1).expect("run").return_code, tc_act::SHOT);
-    assert_eq!(pinned_drops(dp.bpf_dir(), DropReason::Ipv6Unsupported), before + 1);
+    // IPv6 is parsed, then dropped, not passed (S11): a well-formed packet as unsupported, one
+    // whose payload length runs past the frame as malformed, a fragment with its own reason.
+    let (a6, b6) = ([0xfd; 16], [0xfe; 16]);
+    let (next, udp_behind_hop) = ipv6_extensions(&[(NEXTHDR_HOP, 8)], 17, &udp(1, 53, b"x"));
+    let well_formed = ethernet(GATEWAY_MAC, MAC_A, ETH_IPV6, &ipv6(a6, b6, next, &udp_behind_hop));
+    let mut too_long = well_formed.clone();
+    too_long[19] += 1;
+    let (next, fragment) = ipv6_extensions(&[(NEXTHDR_FRAGMENT, 8)], 17, &udp(1, 53, b"x"));
+    let fragment = ethernet(GATEWAY_MAC, MAC_A, ETH_IPV6, &ipv6(a6, b6, next, &fragment));
+    for (frame, reason) in [
+        (well_formed, DropReason::Ipv6Unsupported),
+        (too_long, DropReason::MalformedIpv6),
+        (fragment, DropReason::Ipv6Fragment),
+    ] {
+        let before = pinned_drops(dp.bpf_dir(), reason);
+        assert_eq!(dp.test_run(&frame, if_a, 1).expect("run").return_code, tc_act::SHOT);
+        assert_eq!(pinned_drops(dp.bpf_dir(), reason), before + 1, "{reason:?}");
+    }
 
     // An ICMP error from B about the tracked A->B flow reaches A without any ICMP rule (S6);
     // the same error quoting an untracked flow is judged by policy (B has no egress rule).

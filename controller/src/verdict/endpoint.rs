@@ -6,8 +6,12 @@
 //! 3. Ethernet source is not the endpoint's MAC: `SpoofedMac`. Steps 2–3 come before the
 //!    ethertype, so no frame of any type is answered or counted past them for a stranger or a
 //!    forged source (aligned with `dataplane-ebpf`, whose order this is).
-//! 4. Ethertype: ARP -> [`Verdict::ArpReply`] or `ArpUnanswered`; IPv6 -> `Ipv6Unsupported`;
-//!    anything but IPv4 (802.1Q tags and 802.3 lengths included) -> `UnknownEthertype`.
+//! 4. Ethertype: ARP -> [`Verdict::ArpReply`] or `ArpUnanswered`; IPv6 -> parsed, then
+//!    dropped: its fixed and extension headers as `dataplane_common::wire::ipv6::walk` says
+//!    (`MalformedIpv6`, `Ipv6Jumbogram`, `Ipv6Fragment`, `Ipv6TooManyHeaders`), then its L4
+//!    header as in step 8 (ICMPv6 like ICMP: `MalformedL4`), and a well-formed packet
+//!    `Ipv6Unsupported` (no IPv6 is judged yet); anything but IPv4 (802.1Q tags and 802.3
+//!    lengths included) -> `UnknownEthertype`.
 //! 5. IPv4 header: shorter than 20 bytes, version != 4, IHL < 5, IHL*4 beyond the frame, total
 //!    length below IHL*4 or beyond the frame: `MalformedIpv4`. Trailing Ethernet padding after
 //!    the datagram is allowed. The header checksum is not verified (the receiving stack does).
@@ -71,7 +75,7 @@ impl Host<'_> {
         match be16(frame, 12) {
             ETHERTYPE_IPV4 => {}
             ETHERTYPE_ARP => return self.arp(frame, sender.ep.ip),
-            ETHERTYPE_IPV6 => return Outcome::drop(DropReason::Ipv6Unsupported),
+            ETHERTYPE_IPV6 => return Outcome::drop(ipv6_unjudged(frame, ETH_HLEN)),
             _ => return Outcome::drop(DropReason::UnknownEthertype),
         }
         let pkt = match parse_ipv4(frame, ETH_HLEN) {

@@ -8,7 +8,7 @@
 //! - `conntrack.rs`: the connection-tracking table both hooks share ([`Conntrack`]): roles,
 //!   states, timeouts, binding to endpoints, budgets, related ICMP errors;
 //! - `policy.rs`: the security-group rules (S1-S5);
-//! - `parse.rs`: the IPv4 and L4 headers, parsed as the kernel parses them.
+//! - `parse.rs`: the IPv4, IPv6 and L4 headers, parsed as the kernel parses them.
 //!
 //! Contract: the model decides from the *semantics* (README, "Concepts", S1–S11) and the
 //! high-level [`State`] — groups, rules, CIDR containment, membership through
@@ -60,7 +60,7 @@ pub use conntrack::{
     creates, initial_state, is_error, is_garbage, next_state, role, Conntrack, CtDirection, CtHit,
     CtUpdate, Role, Timeouts,
 };
-use parse::{be16, parse_ipv4, parse_l4, Ipv4, L4};
+use parse::{be16, ipv6_unjudged, parse_ipv4, parse_l4, Ipv4, L4};
 
 /// What the dataplane does with the packet.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -1,8 +1,10 @@
 //! The headers the walks read, parsed fail-closed as the kernel parses them
-//! (`dataplane-ebpf/src/flow.rs`): the IPv4 header, the L4 header within the datagram, and the
-//! flow an ICMP error quotes.
+//! (`dataplane-ebpf/src/flow.rs`): the IPv4 header, the IPv6 header and its extension headers
+//! (the walk of `dataplane_common::wire::ipv6`, which both sides call), the L4 header within the
+//! datagram, and the flow an ICMP error quotes.
 
 use super::*;
+use dataplane_common::wire::{ipv6, IPPROTO_ICMPV6};
 
 pub(super) fn be16(b: &[u8], at: usize) -> u16 {
     u16::from_be_bytes([b[at], b[at + 1]])
@@ -60,8 +62,54 @@ pub(super) struct L4 {
     pub(super) icmp_error_inner: Option<CtKey>,
 }
 
+/// Where an IPv6 packet's upper-layer header is, past its extension headers.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) struct Ipv6 {
+    /// The upper-layer protocol: the next header that ended the walk.
+    pub(super) proto: u8,
+    /// Offset of the upper-layer header in the frame.
+    pub(super) l4_off: usize,
+    /// End of the payload in the frame (Ethernet padding after it is ignored).
+    pub(super) end: usize,
+}
+
+/// The IPv6 header at `off` and its extension headers (`dataplane_common::wire::ipv6::walk`).
+pub(super) fn parse_ipv6(frame: &[u8], off: usize) -> Result<Ipv6, DropReason> {
+    let ip = &frame[off..];
+    if ip.len() < ipv6::HLEN {
+        return Err(DropReason::MalformedIpv6);
+    }
+    let read = |at: usize| match ip.get(at..at + 2) {
+        Some(b) => u32::from(be16(b, 0)),
+        None => ipv6::MISSING,
+    };
+    let upper = ipv6::walk(ip[0], be16(ip, 4), ip[6], ip.len(), read)?;
+    Ok(Ipv6 { proto: upper.proto, l4_off: off + upper.off, end: off + upper.end })
+}
+
+/// What becomes of an IPv6 packet at `off` until IPv6 is judged: the reason of the first check
+/// it fails (IPv6 header, extension headers, L4 header as for IPv4), else `Ipv6Unsupported`.
+pub(super) fn ipv6_unjudged(frame: &[u8], off: usize) -> DropReason {
+    match parse_ipv6(frame, off).and_then(|ip| parse_l4_v6(frame, &ip)) {
+        Ok(_) => DropReason::Ipv6Unsupported,
+        Err(reason) => reason,
+    }
+}
+
 pub(super) fn parse_l4(frame: &[u8], ip: &Ipv4) -> Result<L4, DropReason> {
-    let l4 = &frame[ip.l4_off..ip.end];
+    l4_at(frame, ip.proto, false, ip.l4_off, ip.end)
+}
+
+/// The L4 header of an IPv6 packet: TCP and UDP as in IPv4, ICMPv6 (8 bytes, its type and
+/// code, echo identifiers as conntrack ports); ICMP (1) is no protocol of IPv6, and like any
+/// other is not looked into.
+pub(super) fn parse_l4_v6(frame: &[u8], ip: &Ipv6) -> Result<L4, DropReason> {
+    l4_at(frame, ip.proto, true, ip.l4_off, ip.end)
+}
+
+/// The L4 header of protocol `proto` from `l4_off` to the end of the datagram `end`.
+fn l4_at(frame: &[u8], proto: u8, v6: bool, l4_off: usize, end: usize) -> Result<L4, DropReason> {
+    let l4 = &frame[l4_off..end];
     let mut out = L4 {
         ct_ports: (0, 0),
         dport: 0,
@@ -69,7 +117,7 @@ pub(super) fn parse_l4(frame: &[u8], ip: &Ipv4) -> Result<L4, DropReason> {
         tcp_flags: 0,
         icmp_error_inner: None,
     };
-    match ip.proto {
+    match proto {
         IPPROTO_TCP => {
             if l4.len() < 20 {
                 return Err(DropReason::MalformedL4);
@@ -89,7 +137,14 @@ pub(super) fn parse_l4(frame: &[u8], ip: &Ipv4) -> Result<L4, DropReason> {
             out.ct_ports = (be16(l4, 0), be16(l4, 2));
             out.dport = be16(l4, 2);
         }
-        IPPROTO_ICMP => {
+        IPPROTO_ICMPV6 if v6 => {
+            if l4.len() < 8 {
+                return Err(DropReason::MalformedL4);
+            }
+            out.icmp_type_code = (l4[0], l4[1]);
+            out.ct_ports = ipv6::icmpv6_ct_ports(l4[0], be16(l4, 4));
+        }
+        IPPROTO_ICMP if !v6 => {
             if l4.len() < 8 {
                 return Err(DropReason::MalformedL4);
             }

@@ -530,7 +530,7 @@ fn s11_unparsable_packets_are_dropped_with_their_reason() {
     assert_eq!(j(&good[..13]), Verdict::Drop(D::TruncatedEthernet));
     let mut v6 = good.clone();
     v6[12..14].copy_from_slice(&[0x86, 0xdd]);
-    assert_eq!(j(&v6), Verdict::Drop(D::Ipv6Unsupported));
+    assert_eq!(j(&v6), Verdict::Drop(D::MalformedIpv6), "an IPv4 packet under IPv6's type");
     let mut vlan = good.clone();
     vlan[12..14].copy_from_slice(&[0x81, 0x00]);
     assert_eq!(j(&vlan), Verdict::Drop(D::UnknownEthertype));
@@ -587,6 +587,182 @@ fn ipv4_options_are_skipped_to_find_the_ports() {
         g
     };
     assert_eq!(h.judge(&ct, S, 11, &to81).verdict, Verdict::Drop(D::PolicyIngress));
+}
+
+// ---- IPv6: parsed, then dropped -------------------------------------------------------
+
+use dataplane_common::wire::ipv6::{
+    EXT_MAX, NEXTHDR_AUTH as AH, NEXTHDR_DEST as DEST, NEXTHDR_FRAGMENT as FRAG,
+    NEXTHDR_HOP as HOP, NEXTHDR_NONE, NEXTHDR_ROUTING as ROUTING, OPT_JUMBO,
+};
+use dataplane_common::wire::IPPROTO_ICMPV6;
+
+const A6: [u8; 16] = [0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
+const B6: [u8; 16] = [0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2];
+
+/// An IPv6 packet from `A6` to `B6`: extension headers `exts` (see
+/// `frames::ipv6_extensions`), then `l4` of protocol `proto`; no Ethernet header.
+fn ipv6_packet(exts: &[(u8, usize)], proto: u8, l4: &[u8]) -> Vec<u8> {
+    let (next, payload) = frames::ipv6_extensions(exts, proto, l4);
+    frames::ipv6(A6, B6, next, &payload)
+}
+/// [`ipv6_packet`] as ep-1 sends it.
+fn ipv6_frame(exts: &[(u8, usize)], proto: u8, l4: &[u8]) -> Vec<u8> {
+    frames::ethernet(GW, mac_of(1), ETHERTYPE_IPV6, &ipv6_packet(exts, proto, l4))
+}
+/// The longest chain RFC 8200's order allows (section 4.1), without fragment and ESP: as many
+/// headers as the walk takes, AH with its 4-octet units (12 bytes, length byte 1).
+const FULL_CHAIN: [(u8, usize); EXT_MAX] =
+    [(HOP, 8), (DEST, 16), (ROUTING, 24), (AH, 12), (DEST, 8)];
+
+#[test]
+fn ipv6_is_parsed_past_its_extension_headers_then_dropped_as_unsupported() {
+    let (st, local) = fixture();
+    let h = host(&st, &local);
+    let ct = Conntrack::default();
+    let j = |f: &[u8]| h.judge(&ct, S, 11, f).verdict;
+    let l4 = |f: &[u8]| {
+        let ip = parse::parse_ipv6(f, ETH_HLEN).expect("a well-formed IPv6 header");
+        let l4 = parse::parse_l4_v6(f, &ip).expect("a well-formed L4 header");
+        (ip, l4)
+    };
+    let tcp = ipv6_frame(&[], IPPROTO_TCP, &tcp(40000, 443, SYN));
+    let (ip, t) = l4(&tcp);
+    assert_eq!(ip, parse::Ipv6 { proto: IPPROTO_TCP, l4_off: 54, end: 74 });
+    assert_eq!((t.ct_ports, t.dport, t.tcp_flags), ((40000, 443), 443, SYN));
+    let udp = ipv6_frame(&FULL_CHAIN, IPPROTO_UDP, &udp(5353, 53));
+    let (ip, u) = l4(&udp);
+    assert_eq!(ip.l4_off, 14 + 40 + 8 + 16 + 24 + 12 + 8, "AH counts 4-octet units");
+    assert_eq!((ip.proto, ip.end, u.ct_ports, u.dport), (IPPROTO_UDP, udp.len(), (5353, 53), 53));
+    let echo = frames::icmpv6(A6, B6, 128, 0, frames::echo_rest(7, 1), b"ping");
+    let ping = ipv6_frame(&[(DEST, 8)], IPPROTO_ICMPV6, &echo);
+    let (ip, i) = l4(&ping);
+    assert_eq!((ip.proto, ip.l4_off), (IPPROTO_ICMPV6, 62));
+    assert_eq!((i.icmp_type_code, i.ct_ports, i.dport), ((128, 0), (7, 0), 0));
+    // ICMP (1) is no IPv6 protocol: not looked into, however short; ESP and "no next header"
+    // end the walk as protocols.
+    let esp = ipv6_frame(&[(HOP, 8)], 50, &[0; 4]);
+    let (ip, _) = l4(&esp);
+    assert_eq!((ip.proto, ip.l4_off), (50, 62));
+    let padded = {
+        let mut f = ipv6_frame(&[], NEXTHDR_NONE, &[]);
+        f.resize(60, 0);
+        f
+    };
+    for f in [&tcp, &udp, &ping, &ipv6_frame(&[], IPPROTO_ICMP, &[8]), &esp, &padded] {
+        assert_eq!(j(f), Verdict::Drop(D::Ipv6Unsupported), "{f:02x?}");
+    }
+}
+
+#[test]
+fn s11_malformed_ipv6_and_what_the_walk_refuses_are_dropped_with_their_reason() {
+    let (st, local) = fixture();
+    let h = host(&st, &local);
+    let ct = Conntrack::default();
+    let j = |f: &[u8]| h.judge(&ct, S, 11, f).verdict;
+    let good = ipv6_frame(&[], IPPROTO_TCP, &tcp(1, 2, SYN));
+    assert_eq!(j(&good), Verdict::Drop(D::Ipv6Unsupported));
+    // Every cut inside the fixed header; then the payload length past the frame by one byte.
+    for cut in 14..54 {
+        assert_eq!(j(&good[..cut]), Verdict::Drop(D::MalformedIpv6), "cut {cut}");
+    }
+    let mut long = good.clone();
+    long[19] += 1;
+    assert_eq!(j(&long), Verdict::Drop(D::MalformedIpv6), "payload length one past the frame");
+    long.push(0);
+    assert_eq!(j(&long), Verdict::Drop(D::Ipv6Unsupported), "the byte is there now");
+    let mut v4 = good.clone();
+    v4[14] = 0x40;
+    assert_eq!(j(&v4), Verdict::Drop(D::MalformedIpv6), "version 4 in an IPv6 frame");
+    // The L4 header within the payload, not the frame: TCP cut at 19 bytes, ICMPv6 at 7.
+    for (proto, l4) in [(IPPROTO_TCP, &tcp(1, 2, SYN)[..19]), (IPPROTO_ICMPV6, &[128; 7][..])] {
+        let mut f = ipv6_frame(&[(DEST, 8)], proto, l4);
+        assert_eq!(j(&f), Verdict::Drop(D::MalformedL4), "short protocol {proto}");
+        f.resize(f.len() + 20, 0);
+        assert_eq!(j(&f), Verdict::Drop(D::MalformedL4), "padding is no header");
+    }
+
+    let udp = udp(1, 53);
+    let table: Vec<(&str, Vec<u8>, D)> = vec![
+        (
+            "the whole chain, then UDP",
+            ipv6_frame(&FULL_CHAIN, IPPROTO_UDP, &udp),
+            D::Ipv6Unsupported,
+        ),
+        (
+            "one header past the bound",
+            ipv6_frame(&[&FULL_CHAIN[..], &[(DEST, 8)]].concat(), IPPROTO_UDP, &udp),
+            D::Ipv6TooManyHeaders,
+        ),
+        (
+            "a fragment header past the bound",
+            ipv6_frame(&[&FULL_CHAIN[..], &[(FRAG, 8)]].concat(), IPPROTO_UDP, &udp),
+            D::Ipv6Fragment,
+        ),
+        ("a fragment header first", ipv6_frame(&[(FRAG, 8)], IPPROTO_UDP, &udp), D::Ipv6Fragment),
+        (
+            "an atomic fragment behind hop-by-hop",
+            ipv6_frame(&[(HOP, 8), (FRAG, 8)], IPPROTO_UDP, &udp),
+            D::Ipv6Fragment,
+        ),
+        (
+            "hop-by-hop second",
+            ipv6_frame(&[(DEST, 8), (HOP, 8)], IPPROTO_UDP, &udp),
+            D::MalformedIpv6,
+        ),
+        ("AH of 12 bytes", ipv6_frame(&[(AH, 12)], IPPROTO_UDP, &udp), D::Ipv6Unsupported),
+        ("routing of 2 KiB", ipv6_frame(&[(ROUTING, 2048)], IPPROTO_UDP, &udp), D::Ipv6Unsupported),
+    ];
+    for (what, f, want) in &table {
+        assert_eq!(j(f), Verdict::Drop(*want), "{what}");
+    }
+    // An extension header cut by the payload length (the frame still has the bytes, as
+    // padding): at every length short of the header.
+    for (ext, len) in [(HOP, 8), (ROUTING, 24), (AH, 12), (DEST, 16)] {
+        let whole = ipv6_frame(&[(ext, len)], IPPROTO_UDP, &udp);
+        for short in 0..len {
+            let mut f = whole.clone();
+            f[18..20].copy_from_slice(&(short as u16).to_be_bytes());
+            assert_eq!(j(&f), Verdict::Drop(D::MalformedIpv6), "header {ext} of {len} in {short}");
+        }
+    }
+    // AH's 4-octet units: read as 8-octet units, a 12-byte AH (length byte 1) would run 16
+    // bytes, past a payload that ends right after it.
+    let ah = ipv6_frame(&[(AH, 12)], NEXTHDR_NONE, &[]);
+    assert_eq!(j(&ah), Verdict::Drop(D::Ipv6Unsupported));
+    assert_eq!(parse::parse_ipv6(&ah, ETH_HLEN).map(|ip| ip.l4_off), Ok(14 + 40 + 12));
+    let mut ah16 = ah.clone();
+    ah16[55] = 2; // 16 bytes: past the payload
+    assert_eq!(j(&ah16), Verdict::Drop(D::MalformedIpv6));
+
+    // A jumbogram: payload length 0, hop-by-hop whose first option is Jumbo Payload (RFC 2675).
+    let mut jumbo = ipv6_frame(&[(HOP, 8)], IPPROTO_UDP, &udp);
+    jumbo[18..20].fill(0);
+    jumbo[56..62].copy_from_slice(&[OPT_JUMBO, 4, 0, 1, 0, 0]);
+    assert_eq!(j(&jumbo), Verdict::Drop(D::Ipv6Jumbogram));
+    let mut no_option = jumbo.clone();
+    no_option[56] = 1; // PadN first: a header past an empty payload
+    assert_eq!(j(&no_option), Verdict::Drop(D::MalformedIpv6));
+    let mut not_hop = jumbo.clone();
+    not_hop[20] = DEST;
+    assert_eq!(
+        j(&not_hop),
+        Verdict::Drop(D::MalformedIpv6),
+        "the option only counts in hop-by-hop"
+    );
+    let mut with_length = jumbo.clone();
+    with_length[18..20].copy_from_slice(&16u16.to_be_bytes());
+    assert_eq!(
+        j(&with_length),
+        Verdict::Drop(D::Ipv6Unsupported),
+        "a payload length: no jumbogram"
+    );
+
+    // Before the ethertype: a stranger or a forged MAC is refused as for IPv4.
+    assert_eq!(h.judge(&ct, S, 99, &jumbo).verdict, Verdict::Drop(D::UnknownEndpoint));
+    let mut forged = jumbo.clone();
+    forged[11] = 9;
+    assert_eq!(j(&forged), Verdict::Drop(D::SpoofedMac));
 }
 
 // ---- Direction (S7) -------------------------------------------------------------------
@@ -916,9 +1092,31 @@ fn underlay_frames_are_checked_in_order_then_judged_by_the_receivers_rules() {
     assert_eq!(j(&flags), Verdict::Drop(D::MalformedEncap));
     let bad_vni = wrapped(THERE, 6, 300, mac_of(3), &to_web[14..]);
     assert_eq!(j(&bad_vni), Verdict::Drop(D::UnknownUniverse));
+    // Inner IPv6: parsed as a workload's, then dropped.
     let mut v6 = good.clone();
     v6[62..64].copy_from_slice(&[0x86, 0xdd]);
-    assert_eq!(j(&v6), Verdict::Drop(D::Ipv6Unsupported));
+    assert_eq!(j(&v6), Verdict::Drop(D::MalformedIpv6), "an IPv4 packet under an IPv6 type");
+    let wrapped6 = |exts: &[(u8, usize)]| {
+        let inner = ipv6_packet(exts, IPPROTO_TCP, &tcp(1, 80, SYN));
+        let mut w = wrapped(THERE, 6, 100, mac_of(3), &inner);
+        w[62..64].copy_from_slice(&ETHERTYPE_IPV6.to_be_bytes());
+        w
+    };
+    assert_eq!(j(&wrapped6(&FULL_CHAIN)), Verdict::Drop(D::Ipv6Unsupported));
+    let beyond = [&FULL_CHAIN[..], &[(DEST, 8)]].concat();
+    assert_eq!(j(&wrapped6(&beyond)), Verdict::Drop(D::Ipv6TooManyHeaders));
+    assert_eq!(j(&wrapped6(&[(FRAG, 8)])), Verdict::Drop(D::Ipv6Fragment));
+    // The inner payload length one past the frame (the outer lengths consistent with it).
+    let mut short = wrapped6(&[]);
+    short.truncate(short.len() - 1);
+    let total = u16::from_be_bytes([short[16], short[17]]) - 1;
+    short[16..18].copy_from_slice(&total.to_be_bytes());
+    short[38..40].copy_from_slice(&(total - 20).to_be_bytes());
+    assert_eq!(j(&short), Verdict::Drop(D::MalformedIpv6));
+    let mut jumbo = wrapped6(&[(HOP, 8)]);
+    jumbo[68..70].fill(0);
+    jumbo[106..108].copy_from_slice(&[OPT_JUMBO, 4]);
+    assert_eq!(j(&jumbo), Verdict::Drop(D::Ipv6Jumbogram));
     let local_src = ipv4(mac_of(1), A, W, IPPROTO_TCP, &tcp(1, 80, SYN));
     let forged = wrapped(THERE, 1, 100, mac_of(3), &local_src[14..]);
     assert_eq!(j(&forged), Verdict::Drop(D::NotPlacedOnSender));
