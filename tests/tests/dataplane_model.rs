@@ -41,12 +41,15 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
 use std::net::Ipv4Addr;
 
+use dataplane_common::wire::ipv6::{
+    EXT_MAX, NEXTHDR_AUTH, NEXTHDR_DEST, NEXTHDR_FRAGMENT, NEXTHDR_HOP, NEXTHDR_ROUTING, OPT_JUMBO,
+};
 use dataplane_common::{ct_state, Config, CtEntry, CtKey, DropReason, VXLAN_PORT};
 use rand::rngs::StdRng;
 use rand::seq::IndexedRandom;
 use rand::{Rng, SeedableRng};
 use serde_json::json;
-use tests::frames::{self, ETH_IPV4};
+use tests::frames::{self, ETH_IPV4, ETH_IPV6};
 use tests::{Bpffs, Netns, TempDir};
 use verse::compile::{compile, Ids, MapContents};
 use verse::dataplane::{tc_act, Dataplane};
@@ -345,6 +348,12 @@ fn ipv4_packet(
     frames::ethernet(GW, src_mac, ETH_IPV4, &ip)
 }
 
+/// An IPv6 address for an IPv4 one (IPv4-mapped, RFC 4291 section 2.5.5.2): what the IPv6
+/// packets carry, which nothing judges yet.
+fn v6_of(ip: Ipv4Addr) -> [u8; 16] {
+    ip.to_ipv6_mapped().octets()
+}
+
 /// A flow as the generator remembers it: who sent its first packet, to where.
 #[derive(Clone, Debug)]
 struct Flow {
@@ -595,6 +604,9 @@ impl Gen {
         if r < 84 {
             return self.arp();
         }
+        if r < 88 {
+            return self.ipv6();
+        }
         if r < 92 {
             return self.forged_encap(&flow);
         }
@@ -696,6 +708,98 @@ impl Gen {
             _ => f[22..28].copy_from_slice(&[0x02, 0x11, 0x22, 0x33, 0x44, 0x55]), // sha != src
         }
         (format!("arp variant {variant} tpa {tpa}"), Hook::Endpoint(e.ifindex), f)
+    }
+
+    /// An IPv6 packet from any endpoint (from its veth, or wrapped by its host): behind a chain
+    /// of extension headers of every kind the walk knows, up to two beyond its bound, carrying
+    /// TCP, UDP, ICMPv6 or another protocol, well formed or broken in one way (S11). None is
+    /// judged yet: each is dropped, as malformed, as what the walk refuses, or as unsupported.
+    fn ipv6(&mut self) -> (String, Hook, Vec<u8>) {
+        let sender = self.rng.random_range(0..self.eps.len());
+        let ep = self.eps[sender].clone();
+        let n = self.rng.random_range(0..=EXT_MAX + 2);
+        let mut exts = Vec::new();
+        for i in 0..n {
+            let kind = match self.rng.random_range(0..20) {
+                0..=4 if i == 0 => NEXTHDR_HOP,
+                0..=5 => NEXTHDR_DEST,
+                6..=10 => NEXTHDR_ROUTING,
+                11..=15 => NEXTHDR_AUTH,
+                16 => NEXTHDR_FRAGMENT,
+                17 => NEXTHDR_HOP,
+                _ => NEXTHDR_DEST,
+            };
+            let len = match kind {
+                NEXTHDR_FRAGMENT => 8,
+                NEXTHDR_AUTH => 4 * self.rng.random_range(2..=10),
+                _ => 8 * self.rng.random_range(1..=6),
+            };
+            exts.push((kind, len));
+        }
+        let payload: Vec<u8> =
+            (0..self.rng.random_range(0..24)).map(|_| self.rng.random()).collect();
+        let (src, dst) = (v6_of(ep.ip), v6_of(self.dst_for(sender)));
+        let (proto, l4) = match self.rng.random_range(0..10) {
+            0..=2 => {
+                (6, [frames::tcp(self.port(), self.port(), self.tcp_flags(), 0), payload].concat())
+            }
+            3..=4 => (17, frames::udp(self.port(), self.port(), &payload)),
+            5..=6 => {
+                let ty = *[128u8, 129, 1, 2, 3, 4, 133, 135, 136, 137]
+                    .choose(&mut self.rng)
+                    .expect("types");
+                (
+                    58,
+                    frames::icmpv6(
+                        src,
+                        dst,
+                        ty,
+                        0,
+                        frames::echo_rest(self.rng.random(), 1),
+                        &payload,
+                    ),
+                )
+            }
+            7 => (1, payload),
+            8 => (59, payload),
+            _ => (self.rng.random(), payload),
+        };
+        let (next, rest) = frames::ipv6_extensions(&exts, proto, &l4);
+        let mut p = frames::ipv6(src, dst, next, &rest);
+        let set_len =
+            |p: &mut Vec<u8>, l: usize| p[4..6].copy_from_slice(&(l as u16).to_be_bytes());
+        let variant = self.rng.random_range(0..12);
+        match variant {
+            0 => p.truncate(self.rng.random_range(0..p.len())), // cut, payload length kept
+            1 => {
+                // Payload length past the frame.
+                let l = p.len() - 40 + self.rng.random_range(1..40);
+                set_len(&mut p, l);
+            }
+            2 => {
+                // Payload length short of the frame: headers cut by it, the rest padding.
+                let l = self.rng.random_range(0..=p.len() - 40);
+                set_len(&mut p, l);
+            }
+            3 => {
+                // A jumbogram, or what looks like one without its option.
+                set_len(&mut p, 0);
+                p[6] = NEXTHDR_HOP;
+                if p.len() >= 44 && self.rng.random_bool(0.7) {
+                    p[42..44].copy_from_slice(&[OPT_JUMBO, 4]);
+                }
+            }
+            4 => p[0] = self.rng.random_range(0..16u8) << 4, // any version
+            5 => p.extend_from_slice(&[0u8; 18]),            // Ethernet padding
+            // A byte of the chain or the upper-layer header, changed.
+            6 if p.len() > 40 => {
+                let at = self.rng.random_range(40..p.len().min(40 + 96));
+                p[at] = self.rng.random();
+            }
+            _ => {}
+        }
+        let (h, f) = self.emit(sender, frames::ethernet(GW, ep.mac, ETH_IPV6, &p));
+        (format!("IPv6 variant {variant}, chain {exts:?}, protocol {proto}"), h, f)
     }
 
     /// A packet of `flow` as the underlay carries it, forged or broken in one way, or not
@@ -1353,6 +1457,11 @@ fn kernel_program_agrees_with_the_reference_model_on_generated_packets() {
     assert!(delivered > per_phase / 10, "too few packets delivered: {delivered}");
     assert!(reasons.len() >= 16, "too few drop reasons exercised: {reasons:?}");
     for r in [
+        DropReason::Ipv6Unsupported,
+        DropReason::MalformedIpv6,
+        DropReason::Ipv6Fragment,
+        DropReason::Ipv6TooManyHeaders,
+        DropReason::Ipv6Jumbogram,
         DropReason::UnknownHost,
         DropReason::NotPlacedOnSender,
         DropReason::IdentityMismatch,
