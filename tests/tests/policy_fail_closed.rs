@@ -149,3 +149,78 @@ fn datagrams_with_ipv4_options_are_judged_by_their_real_ports() {
     });
     assert_eq!(host.drops("malformed_ipv4"), 0, "options are not malformed");
 }
+
+/// IPv6 from a workload is parsed before it is dropped, and what is malformed or cannot be
+/// judged is counted by its own reason: a payload length past the frame, six extension headers
+/// (one past the bound), a jumbogram, a fragment header; a well-formed datagram behind the
+/// longest chain the walk takes is counted as unsupported. Then the workload's own stack sends
+/// a UDP datagram over its MTU, which leaves in fragments: counted as IPv6 fragments.
+#[test]
+fn malformed_and_unjudgeable_ipv6_from_a_workload_is_counted_by_its_own_reason() {
+    use dataplane_common::wire::ipv6::{
+        NEXTHDR_AUTH as AH, NEXTHDR_DEST as DEST, NEXTHDR_FRAGMENT as FRAG, NEXTHDR_HOP as HOP,
+        NEXTHDR_ROUTING as ROUTING, OPT_JUMBO,
+    };
+    use std::net::{Ipv6Addr, SocketAddrV6};
+
+    let host = Host::start();
+    let api = &host.api;
+    let uni = api.create_universe("v6parse", "10.73.0.0/24");
+    let a = host.endpoint(id(&uni), "10.73.0.10", &[]);
+    let b = host.endpoint(id(&uni), "10.73.0.20", &[]);
+    assert!(ping(&a.ns, b.ip), "a well-formed IPv4 packet passes");
+    let gw = gateway_mac(&a.ns, "10.73.0.1");
+    let me = mac_bytes(&a.mac);
+    let (src, dst): (Ipv6Addr, Ipv6Addr) =
+        ("fd00:73::10".parse().unwrap(), "fd00:73::20".parse().unwrap());
+    let frame = |exts: &[(u8, usize)]| {
+        let (next, rest) = frames::ipv6_extensions(exts, 17, &frames::udp(40000, 9000, b"v6"));
+        frames::ethernet(
+            gw,
+            me,
+            frames::ETH_IPV6,
+            &frames::ipv6(src.octets(), dst.octets(), next, &rest),
+        )
+    };
+    let chain = [(HOP, 8), (DEST, 16), (ROUTING, 24), (AH, 12), (DEST, 8)];
+    let mut too_long = frame(&[]);
+    too_long[19] += 1; // the payload length one byte past the frame
+    let mut jumbo = frame(&[(HOP, 8)]);
+    jumbo[18..20].fill(0);
+    jumbo[56..62].copy_from_slice(&[OPT_JUMBO, 4, 0, 1, 0, 0]);
+    for (frame, reason) in [
+        (frame(&chain), "ipv6_unsupported"),
+        (too_long, "malformed_ipv6"),
+        (frame(&[&chain[..], &[(DEST, 8)]].concat()), "ipv6_too_many_headers"),
+        (jumbo, "ipv6_jumbogram"),
+        (frame(&[(HOP, 8), (FRAG, 8)]), "ipv6_fragment"),
+    ] {
+        assert_dropped(&host, reason, &format!("S11: an IPv6 frame ({reason})"), || {
+            send_frame(&a.ns, "eth0", &frame)
+                .unwrap_or_else(|e| panic!("send {reason} frame: {e}"));
+            false
+        });
+    }
+
+    // The workload's own IPv6 stack (off in its namespace until now), with an address and its
+    // peer's neighbour entry written by hand (the dataplane answers no neighbour solicitation
+    // yet).
+    let out = a.ns.exec("sysctl", &["-q", "-w", "net.ipv6.conf.eth0.disable_ipv6=0"]);
+    assert!(out.status.success(), "enable IPv6 on the workload's eth0: {out:?}");
+    let gw_text = gw.map(|b| format!("{b:02x}")).join(":");
+    for args in [
+        &["-6", "addr", "add", "fd00:73::10/64", "dev", "eth0", "nodad"][..],
+        &["-6", "neigh", "add", "fd00:73::20", "lladdr", &gw_text, "dev", "eth0"],
+    ] {
+        let out = a.ns.ip(args);
+        assert!(out.status.success(), "ip {args:?}: {out:?}");
+    }
+    let sock =
+        a.ns.enter(|| UdpSocket::bind(SocketAddrV6::new(src, 0, 0, 0)))
+            .expect("bind a UDP socket to the workload's IPv6 address");
+    assert_dropped(&host, "ipv6_fragment", "S11: a UDP datagram sent in fragments", || {
+        sock.send_to(&[7u8; 3000], SocketAddrV6::new(dst, 9000, 0, 0))
+            .expect("the workload's stack sends the datagram");
+        false
+    });
+}
