@@ -13,7 +13,8 @@
 //! - the established path: a conntrack hit delivers by the hop cached in its entry when that
 //!   carries the current route epoch, without a route lookup; else the route is looked up and
 //!   cached ([`conntrack`], "Delivery cache");
-//! - the helpers of each step: [`arp::answer`], [`flow::ipv4_header`], [`flow::l4`],
+//! - the helpers of each step: [`arp::answer`], [`flow::ipv6_unjudged`],
+//!   [`flow::ipv4_header`], [`flow::l4`],
 //!   [`conntrack::lookup`], [`related::error`], [`policy::rule`], [`icmp::frag_needed`],
 //!   [`deliver::to_endpoint`], [`encap::wrap`].
 use aya_ebpf::programs::TcContext;
