@@ -44,10 +44,10 @@ pub struct MapContents {
     /// `VERSE_POLICY_KINDS`: identity -> the kinds of peer its `policy` entries name
     /// (`dataplane_common::peer_kind`), for the identities that have entries.
     pub policy_kinds: BTreeMap<u32, u32>,
-    /// `VERSE_HOSTS`: underlay address of every *other* host that has one -> host number
-    /// (1-based position of the host in name order; the dataplane tests presence only).
+    /// `VERSE_HOSTS`: underlay address of every *other* host that holds an endpoint of a
+    /// universe present here -> [`dp::HOST_KNOWN`] (the dataplane tests presence only).
     pub hosts: BTreeMap<dp::HostKey, u32>,
-    /// `VERSE_VNIS`: the VNI of every universe of the fleet.
+    /// `VERSE_VNIS`: the VNI of every universe with an endpoint here.
     pub vnis: BTreeSet<u32>,
     /// `VERSE_RULE_HITS` slots in use: slot -> the rule whose new flows it counts, for every
     /// rule the policy entries name (the slot their values carry).
@@ -184,24 +184,28 @@ pub fn compile(
         }
     }
 
-    // The other hosts, and the endpoints placed on them: reached through the underlay, and the
-    // only sources encapsulated traffic from that host may claim (S10). A host without an
-    // underlay address is unreachable, so its endpoints get no route.
-    let mut underlays: HashMap<&str, [u8; 4]> = HashMap::new();
-    for (n, record) in state.hosts.values().enumerate() {
-        let Some(ip) = record.underlay_ip.filter(|_| record.name != host) else { continue };
-        underlays.insert(record.name.as_str(), ip.octets());
-        let number = u32::try_from(n + 1).unwrap_or(u32::MAX);
-        desired.hosts.insert(ip.octets(), number);
-    }
-    fits(host, dp::map_names::HOSTS, desired.hosts.len(), dp::capacity::HOSTS)?;
-    // Only the universes present here: a host holds the routes its endpoints can use.
-    let remote = local_universes
+    // Only the universes present here: a host holds the routes its endpoints can use, and knows
+    // only the other hosts that hold an endpoint of one of them: reached through the underlay,
+    // the only senders of encapsulated traffic it accepts, and the only sources each may claim
+    // (S10). What it holds grows with its own endpoints' universes, not with the fleet. A host
+    // without an underlay address is unreachable, so its endpoints get no route.
+    let remote: Vec<&model::Endpoint> = local_universes
         .iter()
         .filter_map(|u| state.idx.universe_endpoints.get(*u))
         .flatten()
         .filter_map(|id| state.endpoints.get(id))
-        .filter(|e| e.host != host);
+        .filter(|e| e.host != host)
+        .collect();
+    let mut underlays: HashMap<&str, [u8; 4]> = HashMap::new();
+    for ep in &remote {
+        if underlays.contains_key(ep.host.as_str()) {
+            continue;
+        }
+        let Some(ip) = state.hosts.get(&ep.host).and_then(|r| r.underlay_ip) else { continue };
+        underlays.insert(ep.host.as_str(), ip.octets());
+        desired.hosts.insert(ip.octets(), dp::HOST_KNOWN);
+    }
+    fits(host, dp::map_names::HOSTS, desired.hosts.len(), dp::capacity::HOSTS)?;
     for ep in remote {
         let (Some(&underlay), Some(universe)) =
             (underlays.get(ep.host.as_str()), state.universes.get(&ep.universe))
@@ -229,7 +233,8 @@ pub fn compile(
         );
     }
     fits(host, dp::map_names::ROUTES, desired.routes.len(), dp::capacity::ROUTES)?;
-    desired.vnis = state.universes.values().map(|u| u.vni).collect();
+    desired.vnis =
+        local_universes.iter().filter_map(|u| state.universes.get(*u)).map(|u| u.vni).collect();
     fits(host, dp::map_names::VNIS, desired.vnis.len(), dp::capacity::VNIS)?;
 
     // CIDR classes of the universes present here.
@@ -1265,16 +1270,22 @@ mod tests {
         assert!(!d3.routes.contains_key(&route(&on_h2, 0, [0; 4]).0), "h3 has nothing in u");
         assert_eq!(d.endpoints.len(), 1, "only local endpoints are endpoints here");
         let hosts: Vec<[u8; 4]> = d.hosts.keys().copied().collect();
-        assert_eq!(hosts, vec![[198, 18, 0, 2], [198, 18, 0, 3]], "every other host, not this one");
+        assert_eq!(
+            hosts,
+            vec![[198, 18, 0, 2]],
+            "the other hosts with an endpoint of a universe present here: not h3 (only v), not \
+             this one"
+        );
         assert!(d.hosts.values().all(|&n| n != 0), "host numbers are non-zero");
-        assert_eq!(d.vnis, BTreeSet::from([u.vni, v.vni]), "every universe of the fleet");
+        assert_eq!(d.vnis, BTreeSet::from([u.vni]), "only the universes present here");
+
+        // A host with no endpoint holds nothing of the fleet: no route, no host, no universe.
+        let idle = compile(&s, "no-endpoints-here", &plumbed, &mut Ids::default()).unwrap();
+        assert_eq!(idle, MapContents::default(), "a host holds what its own endpoints need");
 
         // Seen from h2, this host is the remote one.
         let d2 = compile(&s, "h2", &plumbed, &mut Ids::default()).unwrap();
-        assert_eq!(
-            d2.hosts.keys().copied().collect::<Vec<_>>(),
-            vec![[198, 18, 0, 1], [198, 18, 0, 3]]
-        );
+        assert_eq!(d2.hosts.keys().copied().collect::<Vec<_>>(), vec![[198, 18, 0, 1]]);
         assert_eq!(d2.routes[&route(&local, 0, [0; 4]).0].underlay, [198, 18, 0, 1]);
         assert_eq!(d2.routes[&route(&on_h2, 0, [0; 4]).0].ifindex, plumbed(&on_h2).unwrap());
 

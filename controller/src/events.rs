@@ -485,8 +485,13 @@ pub fn describe(reason: DropReason) -> &'static str {
         DropReason::PolicyIngress => "denied by the receiver's ingress rules",
         DropReason::ArpUnanswered => "an ARP packet the proxy does not answer",
         DropReason::RedirectFailed => "a redirect helper refused the packet",
-        DropReason::UnknownHost => "encapsulated traffic from an underlay address that is no host",
-        DropReason::UnknownUniverse => "encapsulated traffic naming a VNI that is no universe",
+        DropReason::UnknownHost => {
+            "encapsulated traffic from an underlay address that is no host this one exchanges \
+             traffic with"
+        }
+        DropReason::UnknownUniverse => {
+            "encapsulated traffic naming a VNI that is no universe with an endpoint here"
+        }
         DropReason::NotPlacedOnSender => {
             "the inner source is no endpoint placed on the sending host"
         }

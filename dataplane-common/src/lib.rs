@@ -187,7 +187,7 @@ pub enum DropReason {
     RedirectFailed = 14,
     /// Encapsulated traffic from an underlay address that is no known host (S10).
     UnknownHost = 15,
-    /// Encapsulated traffic naming a VNI that is no universe of this fleet.
+    /// Encapsulated traffic naming a VNI that is no universe with an endpoint on this host.
     UnknownUniverse = 16,
     /// The inner source is not an endpoint that the control plane places on the sending host,
     /// in that universe (S10).
@@ -948,12 +948,17 @@ pub struct EventLimiter {
     pub lost: [u64; event_kind::COUNT],
 }
 
-/// `VERSE_HOSTS`: underlay IPv4 address (network order) -> host number (non-zero). Encapsulated
-/// traffic from any other address is dropped (S10).
+/// `VERSE_HOSTS`: underlay IPv4 address (network order) -> [`HOST_KNOWN`], one entry per other
+/// host that holds an endpoint of a universe with an endpoint on this host (the only hosts this
+/// one exchanges workload traffic with). Encapsulated traffic from any other address is dropped
+/// (`UnknownHost`, S10).
 pub type HostKey = [u8; 4];
 
-/// `VERSE_VNIS`: VNI (native u32) -> 1, one entry per universe of the fleet. Encapsulated traffic
-/// naming any other VNI is dropped (`UnknownUniverse`).
+/// The value of every `VERSE_HOSTS` entry (only its presence is checked).
+pub const HOST_KNOWN: u32 = 1;
+
+/// `VERSE_VNIS`: VNI (native u32) -> 1, one entry per universe with an endpoint on this host.
+/// Encapsulated traffic naming any other VNI is dropped (`UnknownUniverse`).
 pub type VniKey = u32;
 
 #[cfg(feature = "user")]

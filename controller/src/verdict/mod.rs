@@ -171,9 +171,10 @@ pub struct Host<'a> {
     routes: HashMap<(&'a str, Ipv4Addr), Place<'a>>,
     /// (universe id, address) -> endpoint anywhere: whose group membership a peer address has.
     members: HashMap<(&'a str, Ipv4Addr), &'a model::Endpoint>,
-    /// VNI -> universe id, for every universe of the fleet.
+    /// VNI -> universe id, for every universe with an endpoint here (as `VERSE_VNIS`).
     vnis: HashMap<u32, &'a str>,
-    /// Underlay addresses of the other hosts of the fleet that have one.
+    /// Underlay addresses of the other hosts holding an endpoint of a universe with an endpoint
+    /// here (as `VERSE_HOSTS`).
     hosts: BTreeSet<Ipv4Addr>,
     underlay: Option<Underlay>,
     gateway_mac: [u8; 6],
@@ -195,11 +196,9 @@ impl<'a> Host<'a> {
     ) -> Host<'a> {
         let mut by_ifindex = BTreeMap::new();
         let mut routes = HashMap::new();
-        let mut hosts = BTreeSet::new();
         let mut underlays = HashMap::new();
         for record in state.hosts.values() {
             if let Some(ip) = record.underlay_ip.filter(|_| record.name != host) {
-                hosts.insert(ip);
                 underlays.insert(record.name.as_str(), ip);
             }
         }
@@ -237,7 +236,20 @@ impl<'a> Host<'a> {
         }
         let members =
             state.endpoints.values().map(|ep| ((ep.universe.as_str(), ep.ip), ep)).collect();
-        let vnis = state.universes.values().map(|u| (u.vni, u.id.as_str())).collect();
+        // As the compiler fills VERSE_VNIS and VERSE_HOSTS: the universes with an endpoint in the
+        // maps here, and the other hosts holding an endpoint of one of them.
+        let here: BTreeSet<&str> = by_ifindex.values().map(|l| l.ep.universe.as_str()).collect();
+        let vnis = here
+            .iter()
+            .filter_map(|u| state.universes.get(*u))
+            .map(|u| (u.vni, u.id.as_str()))
+            .collect();
+        let hosts = state
+            .endpoints
+            .values()
+            .filter(|ep| ep.host != host && here.contains(ep.universe.as_str()))
+            .filter_map(|ep| underlays.get(ep.host.as_str()).copied())
+            .collect();
         Host {
             state,
             by_ifindex,
