@@ -35,6 +35,11 @@ pub mod map_names {
     pub const RULE_HITS: &str = "VERSE_RULE_HITS";
     pub const CT_OWNERS: &str = "VERSE_CT_OWNERS";
     pub const POLICY_KINDS: &str = "VERSE_POLICY_KINDS";
+    /// IPv6 endpoint addresses ([`Route6Key`](super::Route6Key) -> [`Route`](super::Route)).
+    /// Compiled by the controller; no kernel program defines it until the IPv6 dataplane lands.
+    pub const ROUTES6: &str = "VERSE_ROUTES6";
+    /// IPv6 CIDR classes ([`Cidr6Key`](super::Cidr6Key)), likewise not in the kernel yet.
+    pub const CIDRS6: &str = "VERSE_CIDRS6";
 }
 
 /// Name of the TC program attached (TCX ingress) to the host side of every endpoint veth.
@@ -118,6 +123,9 @@ pub mod capacity {
     pub const ENDPOINTS: u32 = 4096;
     pub const ROUTES: u32 = 65536;
     pub const CIDRS: u32 = 262_144;
+    /// `VERSE_ROUTES6` and `VERSE_CIDRS6`: as many as their IPv4 counterparts.
+    pub const ROUTES6: u32 = ROUTES;
+    pub const CIDRS6: u32 = CIDRS;
     pub const POLICY: u32 = 2_097_152;
     pub const CONNTRACK: u32 = 262_144;
     pub const HOSTS: u32 = 4096;
@@ -442,6 +450,48 @@ impl CidrKey {
     }
 }
 
+/// `VERSE_ROUTES6` key: an IPv6 address within a universe. Its value is a [`Route`], as for
+/// IPv4: the same endpoint (identity, MAC, underlay, slot, serial) under its IPv6 address. The
+/// source check of a packet an endpoint sends over IPv6 is this lookup too: the source must be
+/// a local route whose `ifindex` is the endpoint's own.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default, PartialOrd, Ord)]
+pub struct Route6Key {
+    pub vni: u32,
+    pub ip: [u8; 16],
+}
+
+/// `VERSE_CIDRS6` LPM key data: universe then IPv6 address, both network order, so that
+/// `prefixlen = 32 + cidr_len`. Its value is a CIDR class peer value (`peer::CIDR_FLAG | n`),
+/// numbered apart from the IPv4 classes (a class of one family is never looked up by a packet
+/// of the other: see [`DIRECTION_IPV6`]).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default, PartialOrd, Ord)]
+pub struct Cidr6Key {
+    pub vni: [u8; 4],
+    pub addr: [u8; 16],
+}
+
+impl Cidr6Key {
+    /// The `VERSE_CIDRS6` key of `addr/len` in universe `vni`: the trie's prefix length and the
+    /// key data, the address masked to its first `len` bits (`len` above 128 counts as 128).
+    pub const fn encode(vni: u32, addr: [u8; 16], len: u8) -> (u32, Cidr6Key) {
+        let len = if len > 128 { 128 } else { len };
+        let mask = if len == 0 { 0 } else { u128::MAX << (128 - len as u32) };
+        let addr = (u128::from_be_bytes(addr) & mask).to_be_bytes();
+        (CIDR_KEY_VNI_BITS + len as u32, Cidr6Key { vni: vni.to_be_bytes(), addr })
+    }
+
+    /// What [`Cidr6Key::encode`] wrote: (vni, network address, CIDR length), or `None` for a
+    /// prefix length it never writes or an address with bits beyond the prefix.
+    pub fn decode(prefix_len: u32, key: &Cidr6Key) -> Option<(u32, [u8; 16], u8)> {
+        let len = u8::try_from(prefix_len.checked_sub(CIDR_KEY_VNI_BITS)?).ok()?;
+        let vni = u32::from_be_bytes(key.vni);
+        (len <= 128 && Cidr6Key::encode(vni, key.addr, len) == (prefix_len, *key))
+            .then_some((vni, key.addr, len))
+    }
+}
+
 /// `VERSE_POLICY` LPM key data. One trie holds every policy of the host; an entry allows, and
 /// its value ([`PolicyValue`]) names the rule it came from.
 ///
@@ -515,6 +565,13 @@ pub mod policy_prefix {
 
 pub const DIRECTION_INGRESS: u8 = 0;
 pub const DIRECTION_EGRESS: u8 = 1;
+/// Added to `PolicyKey::direction` for a packet whose peer is an IPv6 address (2: ingress, 3:
+/// egress). The entries of the two families are disjoint subtrees of the trie, so a rule of
+/// one family never admits a packet of the other (`0.0.0.0/0` never admits IPv6, `::/0` never
+/// IPv4, as in AWS): `peer::ANY` under an IPv6 direction is `::/0`, and a group peer's
+/// identities are written under both families. In `VERSE_POLICY_KINDS` the IPv6 directions'
+/// bits sit above the IPv4 ones ([`peer_kind::bit`]).
+pub const DIRECTION_IPV6: u8 = 2;
 
 /// Peer values in `PolicyKey::peer`.
 pub mod peer {
@@ -555,7 +612,9 @@ pub mod peer_kind {
         }
     }
 
-    /// The bit of an identity's value for its entries of `direction` with peers of `kind`.
+    /// The bit of an identity's value for its entries of `direction` with peers of `kind`
+    /// (`direction` 0 to 3: the IPv6 directions of [`DIRECTION_IPV6`](super::DIRECTION_IPV6)
+    /// take bits 16 to 31).
     pub const fn bit(direction: u8, kind: u32) -> u32 {
         kind << (8 * direction as u32)
     }
@@ -974,8 +1033,10 @@ mod pod {
     pod!(
         Endpoint,
         RouteKey,
+        Route6Key,
         Route,
         CidrKey,
+        Cidr6Key,
         PolicyKey,
         CtKey,
         CtEntry,
@@ -1020,6 +1081,8 @@ mod tests {
         assert_eq!(size_of::<RouteKey>(), 8);
         assert_eq!(size_of::<Route>(), 32);
         assert_eq!(size_of::<CidrKey>(), 8);
+        assert_eq!(size_of::<Route6Key>(), 20);
+        assert_eq!(size_of::<Cidr6Key>(), 20);
         assert_eq!(size_of::<PolicyKey>(), 12);
         assert_eq!(size_of::<CtKey>(), 20);
         assert_eq!(size_of::<CtEntry>(), 32);
@@ -1063,6 +1126,24 @@ mod tests {
                 assert_eq!(Hook::from_code(h as u8), Some(h));
             }
         }
+    }
+
+    #[test]
+    fn ipv6_cidr_keys_are_masked_and_decode_only_what_encode_writes() {
+        let addr = 0xfd00_0000_0000_00ab_0000_0000_0000_0001u128.to_be_bytes();
+        let (len, key) = Cidr6Key::encode(7, addr, 56);
+        assert_eq!(len, 32 + 56);
+        assert_eq!(key.addr, 0xfd00_0000_0000_0000_0000_0000_0000_0000u128.to_be_bytes());
+        assert_eq!(Cidr6Key::decode(len, &key), Some((7, key.addr, 56)));
+        assert_eq!(Cidr6Key::encode(7, addr, 200).0, 32 + 128);
+        assert_eq!(Cidr6Key::encode(7, addr, 0).1.addr, [0; 16]);
+        assert_eq!(Cidr6Key::decode(len, &Cidr6Key { addr, ..key }), None, "bits past the prefix");
+        assert_eq!(Cidr6Key::decode(32 + 129, &key), None);
+        assert_eq!(Cidr6Key::decode(31, &key), None);
+        // The IPv6 directions' kinds sit above the IPv4 ones, within the u32.
+        let top = peer_kind::bit(DIRECTION_EGRESS + DIRECTION_IPV6, peer_kind::ANY);
+        assert_eq!(top, peer_kind::ANY << 24);
+        assert_eq!(peer_kind::bit(DIRECTION_INGRESS + DIRECTION_IPV6, peer_kind::CIDR), 2 << 16);
     }
 
     #[test]
