@@ -565,6 +565,7 @@ fn bulk(fleet: &Fleet, endpoints: bool) -> Result<usize> {
                                 name: format!("bulk-{u}"),
                                 cidr: Some("10.0.0.0/8".into()),
                                 cidrs: None,
+                                ipv6_cidrs: None,
                             })
                         })
                         .await?;
@@ -652,6 +653,7 @@ fn bulk(fleet: &Fleet, endpoints: bool) -> Result<usize> {
                                             // capacity (the default budget fits 64).
                                             conntrack_budget: Some(1024),
                                             flow_logs: None,
+                                            ipv6: None,
                                         },
                                         "bulk",
                                     )?;

@@ -174,6 +174,7 @@ fn verse_state(n: usize) -> Result<(State, String, u32, u32)> {
             name: "rate".into(),
             cidr: Some("10.0.0.0/8".into()),
             cidrs: None,
+            ipv6_cidrs: None,
         })
         .map_err(|e| anyhow::anyhow!("create universe: {e}"))?;
     for (name, ip) in [("dut", DUT_IP), ("peer", PEER_HOST_IP)] {
@@ -211,6 +212,7 @@ fn verse_state(n: usize) -> Result<(State, String, u32, u32)> {
                 security_groups: Some(groups),
                 conntrack_budget: None,
                 flow_logs: None,
+                ipv6: None,
             },
             host,
         )

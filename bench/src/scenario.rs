@@ -73,6 +73,7 @@ impl Scenario {
                 name: name.into(),
                 cidr: Some("10.0.0.0/8".into()),
                 cidrs: None,
+                ipv6_cidrs: None,
             })
             .map_err(|e| anyhow::anyhow!("create universe: {e}"))?
             .id;
@@ -97,6 +98,7 @@ impl Scenario {
                     security_groups: Some(groups),
                     conntrack_budget: None,
                     flow_logs: None,
+                    ipv6: None,
                 },
                 HOST,
             )

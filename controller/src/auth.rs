@@ -647,6 +647,7 @@ mod tests {
                 name: "blue".into(),
                 cidr: Some("10.1.0.0/16".into()),
                 cidrs: None,
+                ipv6_cidrs: None,
             })
             .unwrap();
         let now = SystemTime::now();

@@ -1029,7 +1029,8 @@ mod tests {
         ] {
             let mut body = body;
             body["direction"] = json!("ingress");
-            body["cidr"] = json!(any);
+            // ICMPv6 only with an IPv6 CIDR (the model refuses it with 0.0.0.0/0).
+            body["cidr"] = json!(if body["protocol"] == "icmpv6" { "::/0" } else { any });
             made.push(rule(&mut s, &g, body));
         }
         rule(&mut s, &g, json!({"direction": "ingress", "protocol": "all", "cidr": "fd00::/8"}));
@@ -1815,6 +1816,7 @@ mod tests {
                 serial: u64::from(n),
                 slot: i + 1,
                 flow_logs: false,
+                ipv6: None,
             };
             s.endpoints.insert(ep.id.clone(), ep);
         }

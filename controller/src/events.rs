@@ -877,6 +877,7 @@ mod tests {
                 name: "shop".into(),
                 cidr: Some("10.0.0.0/24".into()),
                 cidrs: None,
+                ipv6_cidrs: None,
             })
             .unwrap();
         let web = s
@@ -910,6 +911,7 @@ mod tests {
                     security_groups: Some(vec![g.to_owned()]),
                     conntrack_budget: None,
                     flow_logs: None,
+                    ipv6: None,
                 },
                 "h1",
             )

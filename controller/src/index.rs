@@ -17,7 +17,7 @@
 //! the rules of its identities' groups, counted when the host is checked.
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 
 use dataplane_common as dp;
 use imbl::{OrdMap, OrdSet};
@@ -40,6 +40,8 @@ pub struct Index {
     pub host_endpoints: OrdMap<String, OrdSet<String>>,
     /// (universe, address) -> endpoint.
     pub endpoint_ips: OrdMap<(String, Ipv4Addr), String>,
+    /// (universe, IPv6 address) -> endpoint.
+    pub endpoint_ips6: OrdMap<(String, Ipv6Addr), String>,
     /// (host, namespace) -> endpoint.
     pub endpoint_netns: OrdMap<(String, String), String>,
     pub identity_endpoints: OrdMap<u32, OrdSet<String>>,
@@ -488,6 +490,11 @@ impl Index {
             if self.endpoint_ips.get(&ip) == Some(&e.id) {
                 self.endpoint_ips.remove(&ip);
             }
+            if let Some(ip6) = e.ipv6.map(|a| (e.universe.clone(), a)) {
+                if self.endpoint_ips6.get(&ip6) == Some(&e.id) {
+                    self.endpoint_ips6.remove(&ip6);
+                }
+            }
             let ns = (e.host.clone(), e.netns.clone());
             if self.endpoint_netns.get(&ns) == Some(&e.id) {
                 self.endpoint_netns.remove(&ns);
@@ -501,6 +508,9 @@ impl Index {
             set_insert(&mut self.universe_endpoints, e.universe.clone(), e.id.clone());
             set_insert(&mut self.host_endpoints, e.host.clone(), e.id.clone());
             self.endpoint_ips.insert((e.universe.clone(), e.ip), e.id.clone());
+            if let Some(ip6) = e.ipv6 {
+                self.endpoint_ips6.insert((e.universe.clone(), ip6), e.id.clone());
+            }
             self.endpoint_netns.insert((e.host.clone(), e.netns.clone()), e.id.clone());
             set_insert(&mut self.identity_endpoints, e.identity, e.id.clone());
             nested_add(&mut self.host_identities, e.host.clone(), e.identity, 1);
@@ -663,6 +673,7 @@ mod tests {
                             security_groups: Some(pick),
                             conntrack_budget: Some(1 + rng.below(64) as i64),
                             flow_logs: None,
+                            ipv6: None,
                         },
                         "h1",
                     )

@@ -29,11 +29,11 @@
 //! ever find the map full because of another. Each endpoint of a host also has a *slot* there
 //! (1 to `capacity::ENDPOINTS`), the index of its budget counters in the dataplane.
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::time::{Duration, SystemTime};
 
 use dataplane_common::wire;
-use ipnetwork::{IpNetwork, Ipv4Network};
+use ipnetwork::{IpNetwork, Ipv4Network, Ipv6Network};
 use serde::{Deserialize, Serialize};
 
 pub use crate::table::Table;
@@ -120,6 +120,9 @@ pub struct Universe {
     /// Canonical IPv4 CIDRs (S4 canonical form).
     #[serde(serialize_with = "serialize_cidrs")]
     pub cidrs: Vec<Ipv4Network>,
+    /// Canonical IPv6 CIDRs, /44 to /64, pairwise disjoint; none for an IPv4-only universe.
+    #[serde(default, skip_serializing_if = "Vec::is_empty", serialize_with = "serialize_cidrs")]
+    pub ipv6_cidrs: Vec<Ipv6Network>,
     /// 24-bit network id, unique in the fleet, carried in every encapsulated packet.
     pub vni: u32,
 }
@@ -127,18 +130,19 @@ pub struct Universe {
 /// CIDRs as strings, each formatted into one reused buffer. A universe may have tens of
 /// thousands, and the state is written whole at every edit, under the store's lock: this is
 /// several times cheaper than formatting each through serde's `collect_str`.
-fn serialize_cidrs<S: serde::Serializer>(
-    cidrs: &[Ipv4Network],
+fn serialize_cidrs<S: serde::Serializer, C: std::fmt::Display>(
+    cidrs: &[C],
     serializer: S,
 ) -> std::result::Result<S::Ok, S::Error> {
     use serde::ser::SerializeSeq;
     use std::fmt::Write;
     let mut seq = serializer.serialize_seq(Some(cidrs.len()))?;
-    let mut text = String::with_capacity(18);
+    let mut text = String::with_capacity(43);
     for c in cidrs {
         text.clear();
         // Writing to a String cannot fail.
-        let _ = write!(text, "{}/{}", c.ip(), c.prefix());
+        // `address/prefix`, as ipnetwork displays a network.
+        let _ = write!(text, "{c}");
         seq.serialize_element(text.as_str())?;
     }
     seq.end()
@@ -206,6 +210,10 @@ pub struct Endpoint {
     /// The `ip netns` namespace of the workload.
     pub netns: String,
     pub ip: Ipv4Addr,
+    /// Its IPv6 address, if it has one (a dual-stack endpoint): within one of its universe's
+    /// `ipv6_cidrs`, unique in the universe.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ipv6: Option<Ipv6Addr>,
     /// `02:xx:..`, locally administered, derived from the id.
     pub mac: String,
     /// Host-side veth name (15 bytes at most, `IFNAMSIZ`).
@@ -422,6 +430,9 @@ pub struct CreateUniverse {
     pub cidr: Option<String>,
     #[serde(default, deserialize_with = "present", skip_serializing_if = "Option::is_none")]
     pub cidrs: Option<Vec<String>>,
+    /// IPv6 CIDRs beside the IPv4 ones (a dual-stack universe); absent: IPv4 only.
+    #[serde(default, deserialize_with = "present", skip_serializing_if = "Option::is_none")]
+    pub ipv6_cidrs: Option<Vec<String>>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize, Serialize)]
@@ -463,6 +474,9 @@ pub struct CreateEndpoint {
     pub host: Option<String>,
     pub netns: String,
     pub ip: String,
+    /// An IPv6 address as well (a dual-stack endpoint); absent: IPv4 only.
+    #[serde(default, deserialize_with = "present", skip_serializing_if = "Option::is_none")]
+    pub ipv6: Option<String>,
     #[serde(default, deserialize_with = "present", skip_serializing_if = "Option::is_none")]
     pub security_groups: Option<Vec<String>>,
     /// S14; absent: [`DEFAULT_CONNTRACK_BUDGET`] (the API fills in the daemon's setting).
@@ -493,6 +507,7 @@ impl CreateEndpoint {
             host: Some(ep.host.clone()),
             netns: ep.netns.clone(),
             ip: ep.ip.to_string(),
+            ipv6: ep.ipv6.map(|a| a.to_string()),
             security_groups: Some(security_groups),
             conntrack_budget: Some(i64::from(ep.conntrack_budget)),
             flow_logs: Some(ep.flow_logs),
@@ -536,16 +551,20 @@ pub struct NewUniverse {
     pub name: String,
     /// Canonical, pairwise disjoint, in the order given.
     pub cidrs: Vec<Ipv4Network>,
+    /// Likewise, IPv6.
+    pub ipv6_cidrs: Vec<Ipv6Network>,
 }
 
 impl CreateUniverse {
     /// Everything about the request that does not depend on the state: the name and the CIDRs
-    /// (IPv4, /8 to /30, canonical, pairwise disjoint), in O(n log n) of the number of CIDRs.
-    /// The API runs it before taking the store's lock, so a large request delays no other edit.
+    /// (IPv4, /8 to /30, and IPv6, /44 to /64; canonical, pairwise disjoint), in O(n log n) of
+    /// the number of CIDRs. The API runs it before taking the store's lock, so a large request
+    /// delays no other edit.
     pub fn check(&self) -> Result<NewUniverse> {
         let name = check_name("name", &self.name)?;
         let cidrs = universe_cidrs(self)?;
-        Ok(NewUniverse { name, cidrs })
+        let ipv6_cidrs = universe_ipv6_cidrs(self.ipv6_cidrs.as_deref())?;
+        Ok(NewUniverse { name, cidrs, ipv6_cidrs })
     }
 }
 
@@ -576,6 +595,7 @@ impl CreateRule {
             (Some(cidr), None) => Peer::Cidr(parse_cidr("cidr", cidr)?),
             (None, Some(peer)) => Peer::Group(peer.clone()),
         };
+        check_family(protocol, &peer)?;
         let description = check_description(self.description.as_deref())?;
         Ok(Rule { id: String::new(), direction, protocol, ports, icmp, peer, description })
     }
@@ -593,7 +613,7 @@ impl State {
     /// before it takes the store's lock): only what depends on the state is checked here.
     pub fn add_universe(&mut self, new: NewUniverse) -> Result<Universe> {
         self.reindex();
-        let NewUniverse { name, cidrs } = new;
+        let NewUniverse { name, cidrs, ipv6_cidrs } = new;
         if self.idx.universe_names.contains_key(&name) {
             return Err(Error::conflict(
                 "duplicate",
@@ -628,7 +648,7 @@ impl State {
             ingress: vec![allow_all(r_in, Direction::Ingress, Peer::Group(group_id.clone()))],
             egress: default_egress(r_out4, r_out6),
         };
-        let universe = Universe { id: id.clone(), name, cidrs, vni };
+        let universe = Universe { id: id.clone(), name, cidrs, ipv6_cidrs, vni };
         self.vnis_issued = vni;
         self.universes.insert(id, universe.clone());
         self.groups.insert(group_id, default);
@@ -827,6 +847,7 @@ impl State {
         };
         let netns = check_netns(&req.netns)?;
         let ip = endpoint_ip(universe, &req.ip)?;
+        let ipv6 = req.ipv6.as_deref().map(|text| endpoint_ipv6(universe, text)).transpose()?;
         let groups = self.endpoint_groups(&universe.id, req.security_groups.as_deref())?;
         if let Some(other) = self
             .idx
@@ -840,6 +861,21 @@ impl State {
                 format!(
                     "ip: {ip} is already the address of endpoint {} in universe {}",
                     other.id, universe.id
+                ),
+            ));
+        }
+        if let Some(other) = ipv6
+            .and_then(|a| self.idx.endpoint_ips6.get(&(universe.id.clone(), a)))
+            .and_then(|id| self.endpoints.get(id))
+        {
+            return Err(Error::conflict(
+                "duplicate",
+                Some("ipv6"),
+                format!(
+                    "ipv6: {} is already the address of endpoint {} in universe {}",
+                    ipv6.unwrap_or(Ipv6Addr::UNSPECIFIED),
+                    other.id,
+                    universe.id
                 ),
             ));
         }
@@ -864,6 +900,7 @@ impl State {
             host,
             netns,
             ip,
+            ipv6,
             mac: format!("02:00:{a:02x}:{b:02x}:{c:02x}:{d:02x}"),
             interface: format!("vx{n:08x}"),
             security_groups: groups,
@@ -1316,33 +1353,37 @@ fn cidr_from_text(text: &str) -> Result<IpNetwork, String> {
 /// The CIDRs of a universe request: `cidr` xor `cidrs`, IPv4, /8 to /30, canonical, disjoint.
 /// O(n log n) in the number of CIDRs (see [`first_overlap`]).
 fn universe_cidrs(req: &CreateUniverse) -> Result<Vec<Ipv4Network>> {
-    let (texts, single): (&[String], bool) = match (&req.cidr, &req.cidrs) {
-        (Some(_), Some(_)) => {
-            return Err(Error::invalid("cidr", "give either cidr or cidrs, not both"))
-        }
-        (None, None) => return Err(Error::invalid("cidr", "a universe needs cidr or cidrs")),
-        (None, Some(list)) if list.is_empty() => {
-            return Err(Error::invalid("cidrs", "a universe needs at least one CIDR"))
-        }
-        (Some(one), None) => (std::slice::from_ref(one), true),
-        (None, Some(list)) => (list, false),
-    };
+    let (texts, single): (&[String], bool) =
+        match (&req.cidr, &req.cidrs) {
+            (Some(_), Some(_)) => {
+                return Err(Error::invalid("cidr", "give either cidr or cidrs, not both"))
+            }
+            (None, None) => return Err(Error::invalid(
+                "cidr",
+                "a universe needs cidr or cidrs (IPv4; IPv6 CIDRs go in ipv6_cidrs, beside them)",
+            )),
+            (None, Some(list)) if list.is_empty() => {
+                return Err(Error::invalid("cidrs", "a universe needs at least one CIDR"))
+            }
+            (Some(one), None) => (std::slice::from_ref(one), true),
+            (None, Some(list)) => (list, false),
+        };
     // Named only when needed: a universe may have tens of thousands of CIDRs.
     let field = |i: usize| if single { "cidr".to_owned() } else { format!("cidrs[{i}]") };
     let mut cidrs: Vec<Ipv4Network> = Vec::with_capacity(texts.len());
     for (i, text) in texts.iter().enumerate() {
-        // Universes are IPv4 only; a mapped `::ffff:` CIDR is refused like any IPv6 one (the
-        // OpenAPI pattern of a universe CIDR is IPv4 dotted-quad only).
+        // `cidr` and `cidrs` are IPv4; a mapped `::ffff:` CIDR is refused like any IPv6 one
+        // (the OpenAPI pattern of these fields is IPv4 dotted-quad only).
         if text.contains(':') {
             return Err(Error::invalid(
                 field(i),
-                format!("{text:?}: IPv6 universes are not supported yet (write an IPv4 CIDR)"),
+                format!("{text:?} is an IPv6 CIDR: give it in ipv6_cidrs"),
             ));
         }
         let net = match cidr_from_text(text) {
             Ok(IpNetwork::V4(n)) => n,
             Ok(IpNetwork::V6(_)) => {
-                return Err(Error::invalid(field(i), "IPv6 universes are not supported yet"))
+                return Err(Error::invalid(field(i), "an IPv6 CIDR: give it in ipv6_cidrs"))
             }
             Err(message) => return Err(Error::invalid(field(i), message)),
         };
@@ -1357,7 +1398,74 @@ fn universe_cidrs(req: &CreateUniverse) -> Result<Vec<Ipv4Network>> {
         }
         cidrs.push(net);
     }
-    if let Some((i, j)) = first_overlap(&cidrs) {
+    let ranges: Vec<(u128, u128)> = cidrs
+        .iter()
+        .map(|c| (u128::from(u32::from(c.network())), u128::from(u32::from(c.broadcast()))))
+        .collect();
+    if let Some((i, j)) = first_overlap(&ranges) {
+        return Err(Error::invalid(
+            field(i),
+            format!("{} overlaps {} ({})", cidrs[i], cidrs[j], field(j)),
+        ));
+    }
+    Ok(cidrs)
+}
+
+/// IPv6 universe CIDRs: /44 (the widest block AWS gives a VPC) to /64 (one IPv6 subnet, the
+/// narrowest AWS allows, RFC 4291 section 2.5.1).
+pub const UNIVERSE_IPV6_PREFIX_MIN: u8 = 44;
+pub const UNIVERSE_IPV6_PREFIX_MAX: u8 = 64;
+
+/// `ipv6_cidrs` of a universe request: absent, or 1 or more IPv6 CIDRs, /44 to /64, canonical,
+/// pairwise disjoint, unicast and routable within a universe: not multicast (`ff00::/8`), not
+/// link-local (`fe80::/10`, which the dataplane keeps for neighbour discovery), not the block
+/// of the unspecified, loopback and IPv4-mapped addresses (`::/64`).
+fn universe_ipv6_cidrs(texts: Option<&[String]>) -> Result<Vec<Ipv6Network>> {
+    let Some(texts) = texts else { return Ok(Vec::new()) };
+    if texts.is_empty() {
+        return Err(Error::invalid(
+            "ipv6_cidrs",
+            "give at least one IPv6 CIDR, or leave ipv6_cidrs out",
+        ));
+    }
+    let field = |i: usize| format!("ipv6_cidrs[{i}]");
+    let mut cidrs: Vec<Ipv6Network> = Vec::with_capacity(texts.len());
+    for (i, text) in texts.iter().enumerate() {
+        let net = match cidr_from_text(text) {
+            Ok(IpNetwork::V6(n)) if text.contains(':') => n,
+            Ok(_) => {
+                return Err(Error::invalid(
+                    field(i),
+                    format!("{text:?} is an IPv4 CIDR: give it in cidr or cidrs"),
+                ))
+            }
+            Err(message) => return Err(Error::invalid(field(i), message)),
+        };
+        let range = (UNIVERSE_IPV6_PREFIX_MIN, UNIVERSE_IPV6_PREFIX_MAX);
+        if !(range.0..=range.1).contains(&net.prefix()) {
+            return Err(Error::invalid(
+                field(i),
+                format!("prefix /{} is outside /{} to /{}", net.prefix(), range.0, range.1),
+            ));
+        }
+        let first = u128::from(net.network());
+        let unusable = if first >> 120 == 0xff {
+            Some("multicast (ff00::/8)")
+        } else if first >> 118 == 0xfe80 >> 6 {
+            Some("link-local (fe80::/10)")
+        } else if first >> 64 == 0 {
+            Some("in ::/64 (the unspecified, loopback and IPv4-mapped addresses)")
+        } else {
+            None
+        };
+        if let Some(what) = unusable {
+            return Err(Error::invalid(field(i), format!("{net} is {what}")));
+        }
+        cidrs.push(net);
+    }
+    let ranges: Vec<(u128, u128)> =
+        cidrs.iter().map(|c| (u128::from(c.network()), u128::from(c.broadcast()))).collect();
+    if let Some((i, j)) = first_overlap(&ranges) {
         return Err(Error::invalid(
             field(i),
             format!("{} overlaps {} ({})", cidrs[i], cidrs[j], field(j)),
@@ -1371,18 +1479,17 @@ fn universe_cidrs(req: &CreateUniverse) -> Result<Vec<Ipv4Network>> {
 /// in O(n log n): two CIDRs overlap only when one contains the other, so sorted by (network,
 /// prefix) they form a forest of containment (built with a stack), and the CIDRs a CIDR
 /// overlaps are exactly its ancestors and descendants there.
-fn first_overlap(cidrs: &[Ipv4Network]) -> Option<(usize, usize)> {
+///
+/// Each CIDR is given as its (first, last) address, as a number (IPv4 or IPv6 alike).
+fn first_overlap(cidrs: &[(u128, u128)]) -> Option<(usize, usize)> {
     const NONE: usize = usize::MAX;
     // (first address, !last address, index): sorted by first address, the larger block first,
     // then by index.
-    let mut sorted: Vec<(u32, u32, usize)> = cidrs
-        .iter()
-        .enumerate()
-        .map(|(i, c)| (u32::from(c.network()), !u32::from(c.broadcast()), i))
-        .collect();
+    let mut sorted: Vec<(u128, u128, usize)> =
+        cidrs.iter().enumerate().map(|(i, &(first, last))| (first, !last, i)).collect();
     sorted.sort_unstable();
     let mut parent = vec![NONE; cidrs.len()];
-    let mut open: Vec<(u32, usize)> = Vec::new();
+    let mut open: Vec<(u128, usize)> = Vec::new();
     for &(first, not_last, i) in &sorted {
         let last = !not_last;
         // A block on the stack that does not contain this one ends before it (blocks are
@@ -1443,6 +1550,94 @@ fn endpoint_ip(universe: &Universe, text: &str) -> Result<Ipv4Addr> {
         return Err(Error::invalid("ip", format!("{ip} is the {what} address of {cidr}")));
     }
     Ok(ip)
+}
+
+/// An endpoint's IPv6 address: IPv6 (not IPv4-mapped), in one of the universe's IPv6 CIDRs, and
+/// not one of the addresses reserved there ([`reserved_ipv6`]).
+fn endpoint_ipv6(universe: &Universe, text: &str) -> Result<Ipv6Addr> {
+    let ip: std::net::IpAddr = text
+        .parse()
+        .map_err(|_| Error::invalid("ipv6", format!("{text:?} is not an IP address")))?;
+    let ip = match ip {
+        std::net::IpAddr::V6(a) if a.to_ipv4_mapped().is_none() => a,
+        _ => {
+            return Err(Error::invalid(
+                "ipv6",
+                format!("{text:?} is not an IPv6 address (an IPv4 address goes in ip)"),
+            ))
+        }
+    };
+    let Some(cidr) = cidr6_of(universe, ip) else {
+        let cidrs: Vec<String> = universe.ipv6_cidrs.iter().map(ToString::to_string).collect();
+        return Err(Error::invalid(
+            "ipv6",
+            if cidrs.is_empty() {
+                format!("{ip}: universe {} has no IPv6 CIDRs (ipv6_cidrs)", universe.id)
+            } else {
+                format!(
+                    "{ip} is outside the IPv6 CIDRs of universe {} ({})",
+                    universe.id,
+                    cidrs.join(", ")
+                )
+            },
+        ));
+    };
+    if let Some(what) = reserved_ipv6(cidr, ip) {
+        return Err(Error::invalid("ipv6", format!("{ip} is the {what} address of {cidr}")));
+    }
+    Ok(ip)
+}
+
+/// Whether `ip` is one of the addresses of `cidr` no endpoint may have, and which: the first
+/// (the Subnet-Router anycast address, RFC 4291 section 2.6.1), the second (the gateway, as for
+/// IPv4: see [`gateway6`]) and the last (as AWS reserves it in its IPv6 subnets).
+pub fn reserved_ipv6(cidr: Ipv6Network, ip: Ipv6Addr) -> Option<&'static str> {
+    let first = u128::from(cidr.network());
+    match u128::from(ip) {
+        n if n == first => Some("subnet-router anycast"),
+        n if n == first + 1 => Some("gateway"),
+        n if n == u128::from(cidr.broadcast()) => Some("last"),
+        _ => None,
+    }
+}
+
+/// The IPv6 CIDR of `universe` that contains `ip`, if any.
+pub fn cidr6_of(universe: &Universe, ip: Ipv6Addr) -> Option<Ipv6Network> {
+    universe.ipv6_cidrs.iter().copied().find(|c| c.contains(ip))
+}
+
+/// The IPv6 gateway of `ip` in `universe`: the second address of the IPv6 CIDR that contains it
+/// (`fd00:ab::1` in `fd00:ab::/56`), as the IPv4 gateway is the first host address of its CIDR.
+/// The workload's IPv6 default route points there; the dataplane will answer neighbour
+/// solicitations for it.
+pub fn gateway6(universe: &Universe, ip: Ipv6Addr) -> Option<Ipv6Addr> {
+    cidr6_of(universe, ip).map(|c| Ipv6Addr::from(u128::from(c.network()) + 1))
+}
+
+/// A rule's protocol against its peer's family: ICMP (protocol 1) travels in IPv4 only and
+/// ICMPv6 (58) in IPv6 only, so `icmp` with an IPv6 CIDR or `icmpv6` with an IPv4 CIDR could
+/// never match a packet. AWS accepts such a rule and it matches nothing; Verse refuses it, naming
+/// `protocol`. A group peer has both families: any protocol goes.
+fn check_family(protocol: Protocol, peer: &Peer) -> Result<()> {
+    let wrong = match (protocol, peer) {
+        (Protocol::ICMP, Peer::Cidr(IpNetwork::V6(c))) => {
+            Some(("icmp", "IPv4", c.to_string(), "icmpv6"))
+        }
+        (Protocol::ICMPV6, Peer::Cidr(IpNetwork::V4(c))) => {
+            Some(("icmpv6", "IPv6", c.to_string(), "icmp"))
+        }
+        _ => None,
+    };
+    match wrong {
+        Some((name, family, cidr, other)) => Err(Error::invalid(
+            "protocol",
+            format!(
+                "{name} travels in {family} only and would never match a packet of {cidr}: use \
+                 {other}, or a CIDR of the other family"
+            ),
+        )),
+        None => Ok(()),
+    }
 }
 
 /// S4 protocol: a name (any case), a number 0–255, or that number as a decimal string.
@@ -1834,6 +2029,7 @@ mod tests {
                 name: name.into(),
                 cidr: Some(cidr.into()),
                 cidrs: None,
+                ipv6_cidrs: None,
             })
             .unwrap()
     }
@@ -1876,6 +2072,7 @@ mod tests {
             security_groups: groups,
             conntrack_budget: None,
             flow_logs: None,
+            ipv6: None,
         }
     }
 
@@ -1929,10 +2126,197 @@ mod tests {
                 name: "u".into(),
                 cidr: None,
                 cidrs: Some(vec!["10.1.2.3/16".into(), "192.168.7.9/24".into()]),
+                ipv6_cidrs: None,
             })
             .unwrap();
         assert_eq!(u.cidrs[0].to_string(), "10.1.0.0/16");
         assert_eq!(u.cidrs[1].to_string(), "192.168.7.0/24");
+    }
+
+    // ---- IPv6 (issue 13): modelled in full; the API gates it until the dataplane carries it ----
+
+    fn dual(s: &mut State, name: &str, cidr: &str, cidrs6: &[&str]) -> Result<Universe> {
+        s.create_universe(CreateUniverse {
+            name: name.into(),
+            cidr: Some(cidr.into()),
+            cidrs: None,
+            ipv6_cidrs: Some(cidrs6.iter().map(|c| c.to_string()).collect()),
+        })
+    }
+
+    #[test]
+    fn ipv6_universe_cidrs_are_44_to_64_canonical_disjoint_unicast() {
+        let mut s = State::default();
+        let u = dual(&mut s, "u", "10.0.0.0/16", &["FD00:AB::5/48", "2001:db8:0:7::/64"]).unwrap();
+        let texts: Vec<String> = u.ipv6_cidrs.iter().map(ToString::to_string).collect();
+        assert_eq!(texts, ["fd00:ab::/48", "2001:db8:0:7::/64"]);
+        // Shown and stored as strings beside the IPv4 CIDRs; an IPv4-only universe shows none.
+        let json = serde_json::to_value(&u).unwrap();
+        assert_eq!(json["ipv6_cidrs"], json!(["fd00:ab::/48", "2001:db8:0:7::/64"]));
+        assert_eq!(serde_json::from_value::<Universe>(json).unwrap(), u);
+        let plain = universe(&mut s, "v4", "10.1.0.0/16");
+        assert!(serde_json::to_value(&plain).unwrap().get("ipv6_cidrs").is_none());
+        assert_eq!(
+            dual(&mut s, "edge", "10.2.0.0/16", &["fd01::/44", "fd02::/64"])
+                .unwrap()
+                .ipv6_cidrs
+                .len(),
+            2
+        );
+
+        let bad: &[(&[&str], &str, &str)] = &[
+            (&[], "ipv6_cidrs", "at least one"),
+            (&["fd00::/43"], "ipv6_cidrs[0]", "outside /44 to /64"),
+            (&["fd00::/65"], "ipv6_cidrs[0]", "outside /44 to /64"),
+            (&["fd00::/48", "10.0.0.0/16"], "ipv6_cidrs[1]", "IPv4 CIDR"),
+            (&["::ffff:10.0.0.0/120"], "ipv6_cidrs[0]", "IPv4 CIDR"),
+            (
+                &["fd00::/48", "fd00:0:0:5::/64"],
+                "ipv6_cidrs[1]",
+                "overlaps fd00::/48 (ipv6_cidrs[0])",
+            ),
+            (&["ff02::/64"], "ipv6_cidrs[0]", "multicast"),
+            (&["fe80::/64"], "ipv6_cidrs[0]", "link-local"),
+            (&["::/64"], "ipv6_cidrs[0]", "::/64"),
+            (&["fd00::"], "ipv6_cidrs[0]", "not a CIDR"),
+        ];
+        for (cidrs, field, says) in bad {
+            let err = refused(
+                &mut s,
+                |s| dual(s, "x", "10.3.0.0/16", cidrs),
+                ErrorKind::Invalid,
+                "invalid_argument",
+                Some(field),
+            );
+            assert!(err.message.contains(says), "{cidrs:?}: {}", err.message);
+        }
+        // No universe is IPv6 only: like an AWS VPC, it has an IPv4 CIDR.
+        let req = CreateUniverse {
+            name: "x".into(),
+            ipv6_cidrs: Some(vec!["fd00::/48".into()]),
+            ..Default::default()
+        };
+        refused(
+            &mut s,
+            |s| s.create_universe(req),
+            ErrorKind::Invalid,
+            "invalid_argument",
+            Some("cidr"),
+        );
+    }
+
+    #[test]
+    fn ipv6_endpoint_addresses_are_inside_unique_and_not_reserved() {
+        let mut s = State::default();
+        let u = dual(&mut s, "u", "10.0.0.0/16", &["fd00:ab::/48", "fd00:cd:0:1::/64"]).unwrap();
+        let other = dual(&mut s, "o", "10.0.0.0/16", &["fd00:ab::/48"]).unwrap();
+        let plain = universe(&mut s, "p", "10.0.0.0/16");
+        let req = |u: &str, ns: &str, ip: &str, ipv6: &str| CreateEndpoint {
+            ipv6: Some(ipv6.into()),
+            ..endpoint_req(u, ns, ip, None)
+        };
+        let e = s.create_endpoint(req(&u.id, "a", "10.0.0.5", "FD00:AB::5"), "h").unwrap();
+        assert_eq!(e.ipv6, Some("fd00:ab::5".parse().unwrap()));
+        assert_eq!(gateway6(&u, e.ipv6.unwrap()), Some("fd00:ab::1".parse().unwrap()));
+        assert_eq!(
+            gateway6(&u, "fd00:cd:0:1::9".parse().unwrap()),
+            Some("fd00:cd:0:1::1".parse().unwrap())
+        );
+        assert_eq!(
+            CreateEndpoint::again(&e, e.security_groups.clone()).ipv6.as_deref(),
+            Some("fd00:ab::5")
+        );
+        let json = serde_json::to_value(&e).unwrap();
+        assert_eq!(json["ipv6"], "fd00:ab::5");
+        // The same IPv6 address in another universe is another endpoint (isolation, S6).
+        s.create_endpoint(req(&other.id, "b", "10.0.0.5", "fd00:ab::5"), "h").unwrap();
+        let v4_only = s.create_endpoint(endpoint_req(&u.id, "c", "10.0.0.6", None), "h").unwrap();
+        assert_eq!(v4_only.ipv6, None);
+        assert!(serde_json::to_value(&v4_only).unwrap().get("ipv6").is_none());
+
+        let inv = ErrorKind::Invalid;
+        for (ipv6, says) in [
+            ("fd00:ab::", "subnet-router anycast address of fd00:ab::/48"),
+            ("fd00:ab::1", "gateway address of fd00:ab::/48"),
+            ("fd00:ab:0:ffff:ffff:ffff:ffff:ffff", "last address of fd00:ab::/48"),
+            ("fd00:cd:0:1:ffff:ffff:ffff:ffff", "last address of fd00:cd:0:1::/64"),
+            ("fd00:ac::5", "outside the IPv6 CIDRs"),
+            ("10.0.0.9", "not an IPv6 address"),
+            ("::ffff:10.0.0.9", "not an IPv6 address"),
+            ("fd00:ab::g", "not an IP address"),
+        ] {
+            let err = refused(
+                &mut s,
+                |s| s.create_endpoint(req(&u.id, "d", "10.0.0.9", ipv6), "h"),
+                inv,
+                "invalid_argument",
+                Some("ipv6"),
+            );
+            assert!(err.message.contains(says), "{ipv6}: {}", err.message);
+        }
+        let err = refused(
+            &mut s,
+            |s| s.create_endpoint(req(&plain.id, "d", "10.0.0.9", "fd00:ab::9"), "h"),
+            inv,
+            "invalid_argument",
+            Some("ipv6"),
+        );
+        assert!(err.message.contains("has no IPv6 CIDRs"), "{}", err.message);
+        let err = refused(
+            &mut s,
+            |s| s.create_endpoint(req(&u.id, "d", "10.0.0.9", "fd00:ab::5"), "h"),
+            ErrorKind::Conflict,
+            "duplicate",
+            Some("ipv6"),
+        );
+        assert!(err.message.contains(&e.id), "{}", err.message);
+        // Deleting the endpoint frees its IPv6 address.
+        s.delete_endpoint(&e.id).unwrap();
+        s.create_endpoint(req(&u.id, "d", "10.0.0.9", "fd00:ab::5"), "h").unwrap();
+        let json = serde_json::to_string(&s).unwrap();
+        assert_eq!(serde_json::from_str::<State>(&json).unwrap(), s);
+    }
+
+    #[test]
+    fn icmp_and_icmpv6_rules_take_a_cidr_of_their_own_family() {
+        let mut s = State::default();
+        let u = universe(&mut s, "u", "10.0.0.0/16");
+        let g = group(&mut s, &u.id, "g");
+        let other = group(&mut s, &u.id, "other");
+        for (protocol, peer) in [
+            (json!("icmp"), json!({"cidr": "10.0.0.0/8"})),
+            (json!("icmpv6"), json!({"cidr": "fd00::/8"})),
+            (json!("icmpv6"), json!({"cidr": "::/0"})),
+            (json!("icmp"), json!({"group": other.id})),
+            (json!("icmpv6"), json!({"group": other.id})),
+            (json!("tcp"), json!({"cidr": "::/0"})),
+        ] {
+            let mut body = json!({"direction": "ingress", "protocol": protocol});
+            body.as_object_mut().unwrap().extend(peer.as_object().unwrap().clone());
+            if protocol == "tcp" {
+                body["from_port"] = json!(1);
+                body["to_port"] = json!(1);
+            }
+            s.add_rule(&g.id, rule_req(body)).unwrap();
+        }
+        for (protocol, cidr, says) in [
+            (json!("icmp"), "fd00::/8", "icmp travels in IPv4 only"),
+            (json!(1), "::/0", "use icmpv6"),
+            (json!("icmpv6"), "0.0.0.0/0", "icmpv6 travels in IPv6 only"),
+            (json!("58"), "10.0.0.0/8", "use icmp"),
+            // A mapped CIDR is the IPv4 CIDR it means.
+            (json!("icmpv6"), "::ffff:10.0.0.0/104", "10.0.0.0/8"),
+        ] {
+            let body = json!({"direction": "ingress", "protocol": protocol, "cidr": cidr});
+            let err = refused(
+                &mut s,
+                |s| s.add_rule(&g.id, rule_req(body)),
+                ErrorKind::Invalid,
+                "invalid_argument",
+                Some("protocol"),
+            );
+            assert!(err.message.contains(says), "{protocol} {cidr}: {}", err.message);
+        }
     }
 
     #[test]
@@ -1969,6 +2353,7 @@ mod tests {
                     name: "one-too-many".into(),
                     cidr: Some("10.0.0.0/8".into()),
                     cidrs: None,
+                    ipv6_cidrs: None,
                 })
             },
             ErrorKind::Conflict,
@@ -1986,6 +2371,7 @@ mod tests {
             name: name.into(),
             cidr: cidr.map(Into::into),
             cidrs: cidrs.map(|v| v.into_iter().map(Into::into).collect()),
+            ipv6_cidrs: None,
         };
         let cases: Vec<(CreateUniverse, &str)> = vec![
             (req("", Some("10.0.0.0/8"), None), "name"),
@@ -2014,7 +2400,7 @@ mod tests {
             "invalid_argument",
             Some("cidr"),
         );
-        assert!(err.message.contains("IPv6 universes are not supported yet"), "{}", err.message);
+        assert!(err.message.contains("give it in ipv6_cidrs"), "{}", err.message);
         universe(&mut s, "u", "10.0.0.0/8");
         refused(
             &mut s,
@@ -2264,7 +2650,13 @@ mod tests {
             (json!(255), Protocol::Number(255)),
         ];
         for (i, (protocol, expected)) in cases.into_iter().enumerate() {
-            let mut body = json!({"direction": "ingress", "protocol": protocol, "cidr": format!("10.0.{i}.0/24")});
+            // ICMPv6 travels in IPv6 only: its rules take an IPv6 CIDR.
+            let cidr = if expected == Protocol::ICMPV6 {
+                format!("fd00:{i}::/32")
+            } else {
+                format!("10.0.{i}.0/24")
+            };
+            let mut body = json!({"direction": "ingress", "protocol": protocol, "cidr": cidr});
             if expected == Protocol::TCP || expected == Protocol::UDP {
                 body["from_port"] = json!(1);
                 body["to_port"] = json!(2);
@@ -2660,6 +3052,7 @@ mod tests {
                 name: "u".into(),
                 cidr: None,
                 cidrs: Some(vec!["10.0.0.0/24".into(), "10.9.0.0/30".into()]),
+                ipv6_cidrs: None,
             })
             .unwrap();
         let other_u = universe(&mut s, "o", "10.0.0.0/24");
@@ -2911,6 +3304,7 @@ mod tests {
                 name: "u".into(),
                 cidr: None,
                 cidrs: Some(vec!["10.0.0.0/24".into(), "172.16.8.0/22".into()]),
+                ipv6_cidrs: None,
             })
             .unwrap();
         let ip = |s: &str| s.parse::<Ipv4Addr>().unwrap();
@@ -3123,7 +3517,31 @@ mod tests {
                     Ipv4Network::new(n.network(), p).unwrap()
                 })
                 .collect();
-            proptest::prop_assert_eq!(first_overlap(&cidrs), first_overlap_pairwise(&cidrs));
+            let ranges: Vec<(u128, u128)> = cidrs
+                .iter()
+                .map(|c| (u128::from(u32::from(c.network())), u128::from(u32::from(c.broadcast()))))
+                .collect();
+            proptest::prop_assert_eq!(first_overlap(&ranges), first_overlap_pairwise(&cidrs));
+        }
+
+        /// The same over IPv6 blocks, whose numbers use the top bits of the u128 too.
+        #[test]
+        fn first_overlap_agrees_with_comparing_every_pair_in_ipv6(
+            raw in proptest::collection::vec((0u128..64, 56u8..=62), 0..40)
+        ) {
+            let cidrs: Vec<Ipv6Network> = raw
+                .iter()
+                .map(|&(a, p)| {
+                    let addr = Ipv6Addr::from(0xfd00_00ab_cd00_0000u128 << 64 | (a << 66));
+                    let n = Ipv6Network::new(addr, p).unwrap();
+                    Ipv6Network::new(n.network(), p).unwrap()
+                })
+                .collect();
+            let ranges: Vec<(u128, u128)> =
+                cidrs.iter().map(|c| (u128::from(c.network()), u128::from(c.broadcast()))).collect();
+            let pairwise = (0..cidrs.len())
+                .find_map(|i| (0..i).find(|&j| ranges[j].0 <= ranges[i].1 && ranges[i].0 <= ranges[j].1).map(|j| (i, j)));
+            proptest::prop_assert_eq!(first_overlap(&ranges), pairwise);
         }
     }
 
@@ -3134,7 +3552,12 @@ mod tests {
             (0..40_000u32).map(|i| format!("{}/30", Ipv4Addr::from(0x0a00_0000 + i * 4))).collect();
         let mut rng = rand::rng();
         rand::seq::SliceRandom::shuffle(&mut texts[..], &mut rng);
-        let req = CreateUniverse { name: "big".into(), cidr: None, cidrs: Some(texts.clone()) };
+        let req = CreateUniverse {
+            name: "big".into(),
+            cidr: None,
+            cidrs: Some(texts.clone()),
+            ipv6_cidrs: None,
+        };
         let start = std::time::Instant::now();
         let new = req.check().unwrap();
         let took = start.elapsed();
@@ -3150,7 +3573,8 @@ mod tests {
 
         let duplicate = texts[20_000].clone();
         texts.push(duplicate);
-        let req = CreateUniverse { name: "big".into(), cidr: None, cidrs: Some(texts) };
+        let req =
+            CreateUniverse { name: "big".into(), cidr: None, cidrs: Some(texts), ipv6_cidrs: None };
         let start = std::time::Instant::now();
         let err = req.check().unwrap_err();
         assert!(start.elapsed() < std::time::Duration::from_millis(800));
@@ -3237,6 +3661,7 @@ mod tests {
                 name: "m".into(),
                 cidr: Some("::ffff:10.0.0.0/112".into()),
                 cidrs: None,
+                ipv6_cidrs: None,
             })
             .unwrap_err();
         assert_eq!(err.field.as_deref(), Some("cidr"));

@@ -6,7 +6,12 @@ use crate::model::{self, CreateEndpoint, CreateGroup, CreateRule, CreateUniverse
 
 /// Universe `name` of `cidr`.
 pub(crate) fn universe(s: &mut State, name: &str, cidr: &str) -> model::Universe {
-    let req = CreateUniverse { name: name.into(), cidr: Some(cidr.into()), cidrs: None };
+    let req = CreateUniverse {
+        name: name.into(),
+        cidr: Some(cidr.into()),
+        cidrs: None,
+        ipv6_cidrs: None,
+    };
     s.create_universe(req).unwrap()
 }
 
@@ -45,6 +50,7 @@ pub(crate) fn endpoint_req(
             .then(|| groups.iter().map(|g| g.to_string()).collect()),
         conntrack_budget: None,
         flow_logs: None,
+        ipv6: None,
     }
 }
 

@@ -1390,6 +1390,7 @@ mod tests {
                 name: "u".into(),
                 cidr: Some("10.0.0.0/16".into()),
                 cidrs: None,
+                ipv6_cidrs: None,
             })
             .unwrap();
         let groups: Vec<String> = (0..4)
@@ -1443,6 +1444,7 @@ mod tests {
                 // Some at a small budget, which the flows below may fill (S14).
                 conntrack_budget: rng.random_bool(0.4).then(|| rng.random_range(1..3)),
                 flow_logs: None,
+                ipv6: None,
             };
             eps.push(s.create_endpoint(req, HOSTS[usize::from(i % 2)].0).unwrap());
         }

@@ -279,6 +279,55 @@ async fn universe_body_errors_are_400_naming_the_field() {
     assert_eq!(api.store.snapshot().revision, api.base, "no refused edit changed anything");
 }
 
+/// Until the dataplane carries IPv6, an IPv6 universe CIDR or endpoint address is refused with a
+/// 400 naming the field, whether or not the rest of the request is valid, and changes nothing;
+/// IPv6 rules are stored (they match no packet in a universe without IPv6).
+#[tokio::test]
+async fn ipv6_universes_and_endpoints_are_refused_until_the_dataplane_carries_them() {
+    let api = api().await;
+    let base = api.store.snapshot().revision;
+    for cidrs6 in [json!(["fd00:ab::/48"]), json!(["fd00:ab::/40"]), json!([])] {
+        let body = json!({"name": "dual", "cidr": "10.1.0.0/16", "ipv6_cidrs": cidrs6});
+        let a = api.post("/v1/universes", body).await;
+        a.error(StatusCode::BAD_REQUEST, "invalid_argument", "ipv6_cidrs");
+        let msg = a.body["error"]["message"].as_str().unwrap();
+        assert!(msg.starts_with("ipv6_cidrs: IPv6 is not available yet"), "{msg}");
+        assert!(msg.contains("IPv6 dataplane is not built"), "{msg}");
+    }
+    assert_eq!(api.store.snapshot().revision, base);
+    assert_eq!(api.get("/v1/universes").await.body, json!([]));
+
+    let u = id(&api.universe("blue", "10.1.0.0/16").await);
+    let revision = api.store.snapshot().revision;
+    let body = json!({"universe": u, "host": "host-b", "netns": "n", "ip": "10.1.0.5", "ipv6": "fd00:ab::5"});
+    let a = api.post("/v1/endpoints", body).await;
+    a.error(StatusCode::BAD_REQUEST, "invalid_argument", "ipv6");
+    assert!(a.body["error"]["message"]
+        .as_str()
+        .unwrap()
+        .starts_with("ipv6: IPv6 is not available yet"));
+    assert_eq!(api.store.snapshot().revision, revision);
+    assert_eq!(api.get("/v1/endpoints").await.body, json!([]));
+    // Without ipv6, the same endpoint is made, and shown without an ipv6 field.
+    let a = api.remote_endpoint(&u, "10.1.0.5", None).await;
+    assert_eq!(a.status, StatusCode::CREATED, "{}", a.text);
+    assert!(a.body.get("ipv6").is_none(), "{}", a.text);
+
+    // IPv6 rules are not gated; icmp with an IPv6 CIDR is refused for what it is.
+    let g = id(&api.group(&u, "web").await);
+    let rules = format!("/v1/security-groups/{g}/rules");
+    let a = api
+        .post(
+            &rules,
+            json!({"direction": "ingress", "protocol": "icmpv6", "icmp_type": 128, "cidr": "::/0"}),
+        )
+        .await;
+    assert_eq!(a.status, StatusCode::CREATED, "{}", a.text);
+    let a =
+        api.post(&rules, json!({"direction": "ingress", "protocol": "icmp", "cidr": "::/0"})).await;
+    a.error(StatusCode::BAD_REQUEST, "invalid_argument", "protocol");
+}
+
 #[tokio::test]
 async fn duplicate_universe_name_is_409() {
     let api = api().await;
@@ -1045,6 +1094,7 @@ async fn openapi_describes_every_route() {
             serde_json::to_value(verse::model::CreateUniverse {
                 cidr: Some(String::new()),
                 cidrs: Some(vec![]),
+                ipv6_cidrs: Some(vec![]),
                 ..Default::default()
             })
             .unwrap()
@@ -1081,6 +1131,7 @@ async fn openapi_describes_every_route() {
         fields(
             serde_json::to_value(verse::model::CreateEndpoint {
                 host: Some(String::new()),
+                ipv6: Some(String::new()),
                 security_groups: Some(vec![]),
                 conntrack_budget: Some(1),
                 flow_logs: Some(false),
@@ -1119,6 +1170,7 @@ async fn state_survives_a_restart_of_the_store() {
                     name: "blue".into(),
                     cidr: Some("10.1.0.0/16".into()),
                     cidrs: None,
+                    ipv6_cidrs: None,
                 })
             })
             .await

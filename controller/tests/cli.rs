@@ -277,6 +277,26 @@ fn cli_exits_1_with_the_server_message_on_api_errors() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("cidr:"));
 
+    // IPv6 goes through to the API, which refuses it until the IPv6 dataplane is built.
+    let out = s.verse(&[
+        "universe",
+        "create",
+        "x",
+        "--cidr",
+        "10.0.0.0/16",
+        "--ipv6-cidr",
+        "fd00:ab::/48",
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(err.contains("ipv6_cidrs: IPv6 is not available yet"), "{err}");
+    let (u, _) = s.json(&["universe", "create", "v4", "--cidr", "10.0.0.0/16"]);
+    let args = ["endpoint", "create", "--universe", id(&u), "--host", "elsewhere", "--netns", "n"];
+    let out = s.verse(&[&args[..], &["--ip", "10.0.0.5", "--ipv6", "fd00:ab::5"]].concat());
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(err.contains("ipv6: IPv6 is not available yet"), "{err}");
+
     // Unreachable API: exit 1 with what failed.
     let out = s.bare().args(["--api", "http://127.0.0.1:1", "host", "list"]).output().unwrap();
     assert_eq!(out.status.code(), Some(1));
@@ -373,6 +393,7 @@ fn client_returns_typed_results_revisions_and_api_errors() {
             name: "blue".into(),
             cidr: Some("10.1.0.0/16".into()),
             cidrs: None,
+            ipv6_cidrs: None,
         })
         .unwrap();
     assert_eq!(rev, s.base + 1);

@@ -266,7 +266,12 @@ impl World {
                 let name = format!("u{}", self.state.revision);
                 let u = self
                     .state
-                    .create_universe(CreateUniverse { name, cidr: Some(CIDR.into()), cidrs: None })
+                    .create_universe(CreateUniverse {
+                        name,
+                        cidr: Some(CIDR.into()),
+                        cidrs: None,
+                        ipv6_cidrs: None,
+                    })
                     .expect("create universe");
                 // 3. A VNI is never handed out twice.
                 assert!(self.vnis.insert(u.vni), "VNI {} handed out again", u.vni);
@@ -292,6 +297,7 @@ impl World {
                         security_groups: Some(groups),
                         conntrack_budget: Some(i64::from(budget)),
                         flow_logs: None,
+                        ipv6: None,
                     },
                     HOST,
                 );

@@ -183,7 +183,12 @@ impl Api {
 
     /// `verse universe create NAME --cidr CIDR`; returns the universe.
     pub fn create_universe(&self, name: &str, cidr: &str) -> Value {
-        let req = CreateUniverse { name: name.into(), cidr: Some(cidr.into()), cidrs: None };
+        let req = CreateUniverse {
+            name: name.into(),
+            cidr: Some(cidr.into()),
+            cidrs: None,
+            ipv6_cidrs: None,
+        };
         made(&format!("create universe {name} {cidr}"), self.client().create_universe(&req))
     }
     /// `verse group create`; returns the group.

@@ -117,8 +117,12 @@ fn an_endpoint_that_breaks_later_stays_and_its_host_reports_it_while_other_edits
     // Its namespace is deleted behind Verse's back (the veth goes with it).
     drop(w);
     // The next edit is still in force (and answered 201) ...
-    let other =
-        CreateUniverse { name: "other".into(), cidr: Some("10.2.0.0/24".into()), cidrs: None };
+    let other = CreateUniverse {
+        name: "other".into(),
+        cidr: Some("10.2.0.0/24".into()),
+        cidrs: None,
+        ipv6_cidrs: None,
+    };
     let (_, revision) = api.client().create_universe(&other).expect("another edit");
     // ... and the host says what it could not realize at that revision.
     let mut status = Value::Null;

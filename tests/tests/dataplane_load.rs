@@ -718,6 +718,7 @@ fn reused_rule_slot(bpf_dir: &Path, if_a: u32, if_b: u32) {
             name: "u".into(),
             cidr: Some("10.0.0.0/16".into()),
             cidrs: None,
+            ipv6_cidrs: None,
         })
         .expect("universe");
     let srv = st
@@ -747,6 +748,7 @@ fn reused_rule_slot(bpf_dir: &Path, if_a: u32, if_b: u32) {
             security_groups: groups,
             conntrack_budget: None,
             flow_logs: None,
+            ipv6: None,
         };
         st.create_endpoint(req, HOST).expect("endpoint")
     };

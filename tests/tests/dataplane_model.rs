@@ -127,6 +127,7 @@ fn build_state() -> (State, BTreeMap<&'static str, String>, Names) {
             name: name.into(),
             cidr: Some("10.0.0.0/16".into()),
             cidrs: None,
+            ipv6_cidrs: None,
         })
         .expect("create universe")
         .id
@@ -298,6 +299,7 @@ fn build_state() -> (State, BTreeMap<&'static str, String>, Names) {
                     security_groups: Some(groups.iter().map(|g| g.to_string()).collect()),
                     conntrack_budget: budget,
                     flow_logs: None,
+                    ipv6: None,
                 },
                 HOST,
             )

@@ -73,6 +73,7 @@ async fn plumb_unplumb(host: String, work: String, pid: u32) {
         serial: 1,
         slot: 1,
         flow_logs: false,
+        ipv6: None,
     };
     let gw = Ipv4Addr::new(10, 99, 0, 1);
     let first = plumb(&ep, 1400, gw).await.unwrap();

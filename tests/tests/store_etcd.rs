@@ -48,7 +48,12 @@ async fn open(options: EtcdOptions) -> Store {
 }
 
 fn universe(name: &str) -> model::CreateUniverse {
-    model::CreateUniverse { name: name.into(), cidr: Some("10.1.0.0/16".into()), cidrs: None }
+    model::CreateUniverse {
+        name: name.into(),
+        cidr: Some("10.1.0.0/16".into()),
+        cidrs: None,
+        ipv6_cidrs: None,
+    }
 }
 
 /// Waits until the state published to `rx` satisfies `ok`.

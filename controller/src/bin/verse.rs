@@ -223,6 +223,10 @@ enum UniverseCmd {
         /// An IPv4 CIDR of the universe; repeat for several.
         #[arg(long = "cidr", required = true, value_name = "CIDR")]
         cidrs: Vec<String>,
+        /// An IPv6 CIDR as well (/44 to /64); repeat for several. Refused by the API until the
+        /// IPv6 dataplane is built.
+        #[arg(long = "ipv6-cidr", value_name = "CIDR")]
+        ipv6_cidrs: Vec<String>,
     },
     List,
     Show {
@@ -312,6 +316,10 @@ enum EndpointCmd {
         netns: String,
         #[arg(long)]
         ip: String,
+        /// An IPv6 address as well, within the universe's IPv6 CIDRs. Refused by the API until
+        /// the IPv6 dataplane is built.
+        #[arg(long)]
+        ipv6: Option<String>,
         /// A security group id; repeat for several (default: the universe's default group).
         #[arg(long = "sg", value_name = "SG")]
         sgs: Vec<String>,
@@ -564,11 +572,12 @@ fn run(c: &Client, hosts: &HostClients, fmt: Format, cmd: Command) -> client::Re
     let out = Out { fmt };
     match cmd {
         Command::Universe(cmd) => match cmd {
-            UniverseCmd::Create { name, mut cidrs } => {
+            UniverseCmd::Create { name, mut cidrs, ipv6_cidrs } => {
+                let ipv6_cidrs = (!ipv6_cidrs.is_empty()).then_some(ipv6_cidrs);
                 let req = if cidrs.len() == 1 {
-                    CreateUniverse { name, cidr: cidrs.pop(), cidrs: None }
+                    CreateUniverse { name, cidr: cidrs.pop(), cidrs: None, ipv6_cidrs }
                 } else {
-                    CreateUniverse { name, cidr: None, cidrs: Some(cidrs) }
+                    CreateUniverse { name, cidr: None, cidrs: Some(cidrs), ipv6_cidrs }
                 };
                 let (u, rev) = c.create_universe(&req)?;
                 out.mutated(rev);
@@ -614,7 +623,16 @@ fn run(c: &Client, hosts: &HostClients, fmt: Format, cmd: Command) -> client::Re
             RuleCmd::List { sg, stats: true } => out.rule_stats(&c.group_view(&sg)?),
         },
         Command::Endpoint(cmd) => match cmd {
-            EndpointCmd::Create { universe, netns, ip, sgs, host, conntrack_budget, flow_logs } => {
+            EndpointCmd::Create {
+                universe,
+                netns,
+                ip,
+                ipv6,
+                sgs,
+                host,
+                conntrack_budget,
+                flow_logs,
+            } => {
                 let req = CreateEndpoint {
                     universe,
                     host,
@@ -623,6 +641,7 @@ fn run(c: &Client, hosts: &HostClients, fmt: Format, cmd: Command) -> client::Re
                     security_groups: (!sgs.is_empty()).then_some(sgs),
                     conntrack_budget,
                     flow_logs: flow_logs.then_some(true),
+                    ipv6,
                 };
                 let (e, rev) = c.create_endpoint(&req)?;
                 out.mutated(rev);
@@ -1004,7 +1023,9 @@ impl Out {
         let rows = us
             .iter()
             .map(|u| {
-                let cidrs: Vec<String> = u.cidrs.iter().map(|c| c.to_string()).collect();
+                let v4 = u.cidrs.iter().map(|c| c.to_string());
+                let cidrs: Vec<String> =
+                    v4.chain(u.ipv6_cidrs.iter().map(|c| c.to_string())).collect();
                 vec![u.id.clone(), u.name.clone(), u.vni.to_string(), cidrs.join(",")]
             })
             .collect();
@@ -1101,7 +1122,10 @@ impl Out {
                     e.universe.clone(),
                     e.host.clone(),
                     e.netns.clone(),
-                    e.ip.to_string(),
+                    match e.ipv6 {
+                        Some(six) => format!("{},{six}", e.ip),
+                        None => e.ip.to_string(),
+                    },
                     e.mac.clone(),
                     e.interface.clone(),
                     e.security_groups.join(","),

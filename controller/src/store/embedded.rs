@@ -1111,6 +1111,7 @@ mod tests {
                 name: id.into(),
                 cidrs: vec!["10.0.0.0/16".parse().unwrap()],
                 vni: 1,
+                ipv6_cidrs: Vec::new(),
             },
         );
         s.revision += 1;
@@ -1167,6 +1168,7 @@ mod tests {
                     name: "u".into(),
                     cidr: Some("10.0.0.0/16".into()),
                     cidrs: None,
+                    ipv6_cidrs: None,
                 })
             })
             .await
@@ -1273,6 +1275,7 @@ mod tests {
                     name: name.into(),
                     cidr: Some("10.0.0.0/16".into()),
                     cidrs: None,
+                    ipv6_cidrs: None,
                 })
             }
         };
@@ -1493,7 +1496,12 @@ mod tests {
     }
 
     fn universe(name: &str) -> model::CreateUniverse {
-        model::CreateUniverse { name: name.into(), cidr: Some("10.0.0.0/16".into()), cidrs: None }
+        model::CreateUniverse {
+            name: name.into(),
+            cidr: Some("10.0.0.0/16".into()),
+            cidrs: None,
+            ipv6_cidrs: None,
+        }
     }
 
     async fn audited_universe(store: &Store, k: &str, name: &str, audit: &Counted) -> Result<u64> {
@@ -1647,6 +1655,7 @@ mod tests {
                     name: "u".into(),
                     cidr: Some("10.0.0.0/16".into()),
                     cidrs: None,
+                    ipv6_cidrs: None,
                 })
             })
             .await

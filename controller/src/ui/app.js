@@ -178,7 +178,7 @@ function renderEndpoints(endpoints) {
     t.appendChild(head);
     const body = el("tbody");
     for (const e of eps) {
-      body.appendChild(row([e.id, e.universe, e.ip, e.interface, e.netns, (e.security_groups || []).join(", ")]));
+      body.appendChild(row([e.id, e.universe, [e.ip, e.ipv6].filter(Boolean).join(", "), e.interface, e.netns, (e.security_groups || []).join(", ")]));
     }
     t.appendChild(body);
     out.push(t);
@@ -235,7 +235,7 @@ async function refresh() {
       json("/v1/hosts"), json("/v1/universes"), json("/v1/security-groups"), json("/v1/endpoints"),
     ]);
     fill("hosts", hosts.map((h) => row([h.name, h.underlay_ip || "—", h.revision, h.healthy ? "yes" : "no"])));
-    fill("universes", universes.map((u) => row([u.id, u.name, u.vni, (u.cidrs || []).join(", ")])));
+    fill("universes", universes.map((u) => row([u.id, u.name, u.vni, (u.cidrs || []).concat(u.ipv6_cidrs || []).join(", ")])));
     await loadRuleStats();
     renderGroups(groups, universes);
     renderEndpoints(endpoints);

@@ -52,6 +52,7 @@ fn fixture() -> (State, BTreeMap<u32, String>) {
                 name: id.into(),
                 cidrs: vec!["10.0.0.0/16".parse().unwrap()],
                 vni,
+                ipv6_cidrs: Vec::new(),
             },
         );
     }
@@ -131,6 +132,7 @@ fn fixture() -> (State, BTreeMap<u32, String>) {
                 serial: u64::from(n),
                 slot: u32::from(n),
                 flow_logs: false,
+                ipv6: None,
             },
         );
         local.insert(10 + u32::from(n), id);
