@@ -359,7 +359,7 @@ fn policy_entries(state: &State, i: &Identity) -> usize {
     let mut matches = Vec::new();
     for (direction, rule) in crate::compile::identity_rules(state, &universe.id, &i.groups) {
         matches.clear();
-        crate::compile::rule_matches(rule, &mut matches);
+        crate::compile::rule_matches(rule, crate::compile::Family::V4, &mut matches);
         if matches.is_empty() {
             continue;
         }

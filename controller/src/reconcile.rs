@@ -844,7 +844,12 @@ fn with_maps<R>(target: &Target, f: impl FnOnce(&mut dyn MapSet) -> R) -> R {
 /// The numberings the maps hold: CIDR classes ([`seed_cidr_ids`]) and rule counter slots
 /// ([`seed_rule_slots`]).
 pub fn seed_ids(maps: &MapContents) -> Ids {
-    Ids { cidrs: seed_cidr_ids(maps), rule_slots: seed_rule_slots(maps) }
+    // No kernel map holds IPv6 CIDR classes yet: their numbering starts afresh.
+    Ids {
+        cidrs: seed_cidr_ids(maps),
+        rule_slots: seed_rule_slots(maps),
+        cidrs6: compile::CidrIds6::default(),
+    }
 }
 
 /// The rule counter slots the policy entries carry (`MapContents::rules`, read from the values
@@ -867,6 +872,7 @@ fn merge_ids(held: Ids, compiled: &Ids) -> Ids {
     Ids {
         cidrs: held.cidrs.merged_with(&compiled.cidrs),
         rule_slots: held.rule_slots.merged_with(&compiled.rule_slots),
+        cidrs6: held.cidrs6.merged_with(&compiled.cidrs6),
     }
 }
 
