@@ -669,7 +669,7 @@ pub(crate) fn rule_matches(rule: &model::Rule, family: Family, out: &mut Vec<(u3
             );
         }
         Protocol::ICMP if family == Family::V4 => icmp(dp::wire::IPPROTO_ICMP, out),
-        Protocol::ICMPV6 if family == Family::V6 => icmp(ICMPV6, out),
+        Protocol::ICMPV6 if family == Family::V6 => icmp(dp::wire::IPPROTO_ICMPV6, out),
         Protocol::ICMP | Protocol::ICMPV6 => {}
         Protocol::Number(proto) => out.push((PROTO, proto, 0)),
     }
@@ -695,9 +695,6 @@ pub fn port_blocks(from: u16, to: u16) -> impl Iterator<Item = (u16, u32)> {
         Some((start, bits))
     })
 }
-
-/// The IPv6 next header of ICMPv6 (RFC 4443), which IPv6 policy is keyed by.
-const ICMPV6: u8 = 58;
 
 fn limit(message: String) -> model::Error {
     model::Error::conflict("limit_exceeded", None, message)
@@ -988,7 +985,7 @@ mod tests {
     const TCP: u8 = 6;
     const UDP: u8 = 17;
     const ICMP: u8 = 1;
-    // ICMPV6 (58) is the module's own constant.
+    const ICMPV6: u8 = dp::wire::IPPROTO_ICMPV6;
 
     fn query(
         policy: u32,

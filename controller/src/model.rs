@@ -1914,7 +1914,7 @@ impl Protocol {
     pub const TCP: Protocol = Protocol::Number(wire::IPPROTO_TCP);
     pub const UDP: Protocol = Protocol::Number(wire::IPPROTO_UDP);
     pub const ICMP: Protocol = Protocol::Number(wire::IPPROTO_ICMP);
-    pub const ICMPV6: Protocol = Protocol::Number(58);
+    pub const ICMPV6: Protocol = Protocol::Number(wire::IPPROTO_ICMPV6);
 
     /// The protocols with a name (S4), and the name; every other number is written as itself.
     const NAMED: [(&'static str, Protocol); 5] = [
