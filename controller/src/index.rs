@@ -36,6 +36,8 @@ pub struct Index {
     pub group_names: OrdMap<(String, String), String>,
     pub universe_groups: OrdMap<String, OrdSet<String>>,
     pub universe_endpoints: OrdMap<String, OrdSet<String>>,
+    /// Universe -> its endpoints that have an IPv6 address.
+    pub universe_endpoints6: OrdMap<String, OrdSet<String>>,
     pub universe_identities: OrdMap<String, OrdSet<u32>>,
     pub host_endpoints: OrdMap<String, OrdSet<String>>,
     /// (universe, address) -> endpoint.
@@ -55,6 +57,8 @@ pub struct Index {
     pub rule_ids: OrdMap<String, String>,
     /// Universe -> its CIDR classes (network, prefix) with how many rules have each.
     pub classes: OrdMap<String, OrdMap<(u32, u8), usize>>,
+    /// Universe -> its IPv6 CIDR classes, likewise (compiled only where it has IPv6 CIDRs).
+    pub classes6: OrdMap<String, OrdMap<(u128, u8), usize>>,
     /// Host -> identities of its endpoints, with how many endpoints have each.
     pub host_identities: OrdMap<String, OrdMap<u32, usize>>,
     /// Identity -> hosts of its endpoints, with how many endpoints each has.
@@ -120,6 +124,36 @@ fn class_of(rule: &model::Rule) -> Option<(u32, u8)> {
             Some((u32::from(c.network()), c.prefix()))
         }
         _ => None,
+    }
+}
+
+/// The IPv6 CIDR class a rule contributes: its IPv6 CIDR unless `::/0`.
+fn class6_of(rule: &model::Rule) -> Option<(u128, u8)> {
+    match rule.peer {
+        Peer::Cidr(IpNetwork::V6(c)) if c.prefix() > 0 => {
+            Some((u128::from(c.network()), c.prefix()))
+        }
+        _ => None,
+    }
+}
+
+/// Applies the changes in the rule counts of classes to `classes`: the universes whose set of
+/// classes changed.
+fn apply_class_delta<C: Ord + Clone>(
+    classes: &mut OrdMap<String, OrdMap<C, usize>>,
+    delta: BTreeMap<(String, C), isize>,
+    changed: &mut Option<String>,
+) {
+    for ((uni, class), n) in delta {
+        if n == 0 {
+            continue;
+        }
+        let had = classes.get(&uni).is_some_and(|m| m.contains_key(&class));
+        nested_add(classes, uni.clone(), class.clone(), n);
+        let has = classes.get(&uni).is_some_and(|m| m.contains_key(&class));
+        if had != has {
+            *changed = Some(uni);
+        }
     }
 }
 
@@ -282,6 +316,8 @@ impl State {
             fits(host, dp::map_names::ENDPOINTS, counts.endpoints, dp::capacity::ENDPOINTS)?;
             fits(host, dp::map_names::ROUTES, counts.routes, dp::capacity::ROUTES)?;
             fits(host, dp::map_names::CIDRS, counts.cidrs, dp::capacity::CIDRS)?;
+            fits(host, dp::map_names::ROUTES6, counts.routes6, dp::capacity::ROUTES6)?;
+            fits(host, dp::map_names::CIDRS6, counts.cidrs6, dp::capacity::CIDRS6)?;
             fits(host, dp::map_names::POLICY, counts.policy, dp::capacity::POLICY)?;
             crate::compile::fits_rules(host, counts.rules)?;
         }
@@ -302,6 +338,15 @@ impl State {
             }
         }
         let cidrs = universes.iter().map(|u| self.idx.classes.get(*u).map_or(0, OrdMap::len)).sum();
+        // IPv6 classes and routes only of the universes with IPv6 CIDRs (see `compile`).
+        let dual: Vec<&str> = universes
+            .iter()
+            .copied()
+            .filter(|u| self.universes.get(*u).is_some_and(|u| !u.ipv6_cidrs.is_empty()))
+            .collect();
+        let cidrs6 = dual.iter().map(|u| self.idx.classes6.get(*u).map_or(0, OrdMap::len)).sum();
+        let routes6 =
+            dual.iter().map(|u| self.idx.universe_endpoints6.get(*u).map_or(0, OrdSet::len)).sum();
         let policy = self.idx.host_identities.get(host).map_or(0, |ids| {
             ids.keys().map(|n| self.idx.policy.get(n).copied().unwrap_or(0)).sum()
         });
@@ -321,7 +366,7 @@ impl State {
             .filter_map(|g| self.groups.get(*g))
             .map(|g| g.ingress.len() + g.egress.len())
             .sum();
-        HostCounts { endpoints, routes, cidrs, policy, rules }
+        HostCounts { endpoints, routes, cidrs, policy, rules, routes6, cidrs6 }
     }
 }
 
@@ -335,6 +380,10 @@ pub struct HostCounts {
     /// An upper bound of the distinct rules the policy entries name (counted in
     /// `VERSE_RULE_HITS`): the rules of the groups of the host's identities.
     pub rules: usize,
+    /// `VERSE_ROUTES6` (an upper bound, as `routes`) and `VERSE_CIDRS6` (issue 13: compiled,
+    /// not in the kernel yet). `policy` counts the entries of both families (one trie).
+    pub routes6: usize,
+    pub cidrs6: usize,
 }
 
 fn fits(host: &str, map: &str, len: usize, capacity: u32) -> model::Result<()> {
@@ -353,40 +402,72 @@ fn fits(host: &str, map: &str, len: usize, capacity: u32) -> model::Result<()> {
 /// The number of distinct policy entries the compiler makes for identity `i` (see
 /// `compile::compile`: per rule of its groups, its peers times its protocol/port blocks).
 fn policy_entries(state: &State, i: &Identity) -> usize {
+    use crate::compile::Family;
+    /// A peer as the entries name it: an identity, `ANY`, or a class by its CIDR.
+    #[derive(Clone, Copy, PartialEq, Eq, Hash)]
+    enum P {
+        Identity(u32),
+        Any,
+        Class(u128, u8),
+    }
     let Some(universe) = state.universes.get(&i.universe) else { return 0 };
     let classes = state.idx.classes.get(&universe.id);
-    let mut entries: HashSet<(u8, u64, u32, u8, u16)> = HashSet::new();
+    let classes6 = state.idx.classes6.get(&universe.id);
+    // A universe with IPv6 CIDRs has entries for IPv6 peers too, under their own directions.
+    let families: &[Family] =
+        if universe.ipv6_cidrs.is_empty() { &[Family::V4] } else { &[Family::V4, Family::V6] };
+    let mut entries: HashSet<(u8, P, u32, u8, u16)> = HashSet::new();
     let mut matches = Vec::new();
+    let mut peers: Vec<P> = Vec::new();
     for (direction, rule) in crate::compile::identity_rules(state, &universe.id, &i.groups) {
-        matches.clear();
-        crate::compile::rule_matches(rule, crate::compile::Family::V4, &mut matches);
-        if matches.is_empty() {
-            continue;
-        }
-        let mut peers: Vec<u64> = Vec::new();
-        match &rule.peer {
-            Peer::Group(g) => {
-                if let Some(ids) = state.idx.group_identities.get(g) {
-                    peers.extend(ids.iter().map(|n| u64::from(*n)));
-                }
+        for &family in families {
+            matches.clear();
+            crate::compile::rule_matches(rule, family, &mut matches);
+            if matches.is_empty() {
+                continue;
             }
-            Peer::Cidr(IpNetwork::V4(c)) if c.prefix() == 0 => peers.push(u64::MAX),
-            Peer::Cidr(IpNetwork::V4(c)) => {
-                let first = u32::from(c.network());
-                let last = u32::from(c.broadcast());
-                if let Some(classes) = classes {
-                    for ((net, prefix), _) in classes.range((first, 0)..=(last, 32)) {
+            peers.clear();
+            match (&rule.peer, family) {
+                (Peer::Group(g), _) => {
+                    if let Some(ids) = state.idx.group_identities.get(g) {
+                        peers.extend(ids.iter().map(|n| P::Identity(*n)));
+                    }
+                }
+                (Peer::Cidr(c), _) if c.prefix() == 0 && c.is_ipv4() == (family == Family::V4) => {
+                    peers.push(P::Any)
+                }
+                (Peer::Cidr(IpNetwork::V4(c)), Family::V4) => {
+                    let first = u32::from(c.network());
+                    let last = u32::from(c.broadcast());
+                    for ((net, prefix), _) in
+                        classes.into_iter().flat_map(|m| m.range((first, 0)..=(last, 32)))
+                    {
                         if *prefix >= c.prefix() {
-                            peers.push(1 << 40 | u64::from(*net) << 8 | u64::from(*prefix));
+                            peers.push(P::Class(u128::from(*net), *prefix));
                         }
                     }
                 }
+                (Peer::Cidr(IpNetwork::V6(c)), Family::V6) => {
+                    let first = u128::from(c.network());
+                    let last = u128::from(c.broadcast());
+                    for ((net, prefix), _) in
+                        classes6.into_iter().flat_map(|m| m.range((first, 0)..=(last, 128)))
+                    {
+                        if *prefix >= c.prefix() {
+                            peers.push(P::Class(*net, *prefix));
+                        }
+                    }
+                }
+                (Peer::Cidr(_), _) => {}
             }
-            Peer::Cidr(IpNetwork::V6(_)) => {}
-        }
-        for &peer in &peers {
-            for &(prefix, proto, port) in &matches {
-                entries.insert((direction, peer, prefix, proto, port));
+            let direction = match family {
+                Family::V4 => direction,
+                Family::V6 => direction + dp::DIRECTION_IPV6,
+            };
+            for &peer in &peers {
+                for &(prefix, proto, port) in &matches {
+                    entries.insert((direction, peer, prefix, proto, port));
+                }
             }
         }
     }
@@ -417,6 +498,7 @@ impl Index {
     ) -> Option<String> {
         let mut classes_changed = None;
         let mut class_delta: BTreeMap<(String, (u32, u8)), isize> = BTreeMap::new();
+        let mut class6_delta: BTreeMap<(String, (u128, u8)), isize> = BTreeMap::new();
         if let Some(g) = before {
             let key = (g.universe.clone(), g.name.clone());
             if self.group_names.get(&key) == Some(&g.id) {
@@ -433,6 +515,9 @@ impl Index {
                 if let Some(c) = class_of(r) {
                     *class_delta.entry((g.universe.clone(), c)).or_default() -= 1;
                 }
+                if let Some(c) = class6_of(r) {
+                    *class6_delta.entry((g.universe.clone(), c)).or_default() -= 1;
+                }
             }
         }
         if let Some(g) = now {
@@ -446,19 +531,13 @@ impl Index {
                 if let Some(c) = class_of(r) {
                     *class_delta.entry((g.universe.clone(), c)).or_default() += 1;
                 }
+                if let Some(c) = class6_of(r) {
+                    *class6_delta.entry((g.universe.clone(), c)).or_default() += 1;
+                }
             }
         }
-        for ((uni, class), n) in class_delta {
-            if n == 0 {
-                continue;
-            }
-            let had = self.classes.get(&uni).is_some_and(|m| m.contains_key(&class));
-            nested_add(&mut self.classes, uni.clone(), class, n);
-            let has = self.classes.get(&uni).is_some_and(|m| m.contains_key(&class));
-            if had != has {
-                classes_changed = Some(uni);
-            }
-        }
+        apply_class_delta(&mut self.classes, class_delta, &mut classes_changed);
+        apply_class_delta(&mut self.classes6, class6_delta, &mut classes_changed);
         classes_changed
     }
 
@@ -485,6 +564,7 @@ impl Index {
     fn endpoint(&mut self, before: Option<&Endpoint>, now: Option<&Endpoint>) {
         if let Some(e) = before {
             set_remove(&mut self.universe_endpoints, &e.universe, &e.id);
+            set_remove(&mut self.universe_endpoints6, &e.universe, &e.id);
             set_remove(&mut self.host_endpoints, &e.host, &e.id);
             let ip = (e.universe.clone(), e.ip);
             if self.endpoint_ips.get(&ip) == Some(&e.id) {
@@ -506,6 +586,9 @@ impl Index {
         }
         if let Some(e) = now {
             set_insert(&mut self.universe_endpoints, e.universe.clone(), e.id.clone());
+            if e.ipv6.is_some() {
+                set_insert(&mut self.universe_endpoints6, e.universe.clone(), e.id.clone());
+            }
             set_insert(&mut self.host_endpoints, e.host.clone(), e.id.clone());
             self.endpoint_ips.insert((e.universe.clone(), e.ip), e.id.clone());
             if let Some(ip6) = e.ipv6 {
@@ -554,19 +637,19 @@ mod tests {
     }
 
     /// What the compiler puts in `host`'s maps, every endpoint plumbed.
-    fn compiled(s: &State, host: &str) -> (usize, usize, usize) {
+    fn compiled(s: &State, host: &str) -> (usize, usize, usize, usize) {
         let local: Vec<&String> =
             s.endpoints.values().filter(|e| e.host == host).map(|e| &e.id).collect();
         let ifindex = |e: &model::Endpoint| {
             local.iter().position(|id| **id == e.id).map(|i| u32::try_from(i + 1).unwrap())
         };
         let d = compile(s, host, &ifindex, &mut Ids::default()).unwrap();
-        (d.endpoints.len(), d.cidrs.len(), d.policy.len())
+        (d.endpoints.len(), d.cidrs.len(), d.ipv6.cidrs.len(), d.policy.len() + d.ipv6.policy.len())
     }
 
-    fn counts(s: &State, host: &str) -> (usize, usize, usize) {
+    fn counts(s: &State, host: &str) -> (usize, usize, usize, usize) {
         let c = s.host_counts(host);
-        (c.endpoints, c.cidrs, c.policy)
+        (c.endpoints, c.cidrs, c.cidrs6, c.policy)
     }
 
     /// A rule added to a group of a host's endpoints makes the edit check that host (S12 for
@@ -589,17 +672,34 @@ mod tests {
     /// and with indices built afresh from the same tables.
     #[test]
     fn incremental_counts_agree_with_the_compiler_after_every_edit() {
-        let mut rng = Rng(7);
+        let mut rng = Rng(3);
         let mut s = State::default();
         let hosts = ["h1", "h2", "h3"];
-        let cidrs =
-            ["10.0.0.0/8", "10.1.0.0/16", "10.1.2.0/24", "10.1.2.3/32", "0.0.0.0/0", "10.2.0.0/16"];
-        let mut universes = Vec::new();
-        for name in ["a", "b"] {
-            universes.push(universe(&mut s, name, "10.9.0.0/16").id);
-        }
+        let cidrs = [
+            "10.0.0.0/8",
+            "10.1.0.0/16",
+            "10.1.2.0/24",
+            "10.1.2.3/32",
+            "0.0.0.0/0",
+            "10.2.0.0/16",
+            "fd00:9::/48",
+            "fd00:9:0:1::/64",
+            "fd00:9:0:1::5/128",
+            "::/0",
+        ];
+        // "a" is dual-stack (its IPv6 entries and classes are counted), "b" IPv4 only.
+        let dual = model::CreateUniverse {
+            name: "a".into(),
+            cidr: Some("10.9.0.0/16".into()),
+            ipv6_cidrs: Some(vec!["fd00:9::/48".into()]),
+            ..Default::default()
+        };
+        let mut universes = vec![s.create_universe(dual).unwrap().id];
+        universes.push(universe(&mut s, "b", "10.9.0.0/16").id);
         s.reindex();
         let mut ns = 0;
+        // The most endpoints, IPv6 classes, policy entries and dual-stack endpoints seen.
+        let mut most = (0, 0, 0, 0);
         for step in 0..400 {
             let uni = universes[rng.below(universes.len())].clone();
             let groups: Vec<String> =
@@ -673,7 +773,9 @@ mod tests {
                             security_groups: Some(pick),
                             conntrack_budget: Some(1 + rng.below(64) as i64),
                             flow_logs: None,
-                            ipv6: None,
+                            ipv6: (uni == universes[0] && rng.below(3) > 0).then(|| {
+                                format!("fd00:9:0:{}::{}", rng.below(3), 2 + rng.below(200))
+                            }),
                         },
                         "h1",
                     )
@@ -693,14 +795,20 @@ mod tests {
             };
             s.reindex();
             for h in hosts {
-                assert_eq!(counts(&s, h), compiled(&s, h), "step {step}, host {h}");
+                let c = counts(&s, h);
+                assert_eq!(c, compiled(&s, h), "step {step}, host {h}");
+                most = (most.0.max(s.endpoints.len()), most.1.max(c.2), most.2.max(c.3), most.3);
             }
+            most.3 = most.3.max(s.endpoints.values().filter(|e| e.ipv6.is_some()).count());
         }
         let mut fresh: State = serde_json::from_str(&serde_json::to_string(&s).unwrap()).unwrap();
         fresh.reindex();
         for h in hosts {
             assert_eq!(counts(&fresh, h), counts(&s, h));
         }
-        assert!(s.endpoints.len() > 10 && s.idx.policy.values().sum::<usize>() > 50, "a real test");
+        assert!(
+            most.0 > 10 && most.1 >= 2 && most.2 > 50 && most.3 > 3,
+            "a real test: (endpoints, IPv6 classes, entries, dual-stack endpoints) {most:?}"
+        );
     }
 }
