@@ -38,8 +38,13 @@ mod underlay;
 use aya_ebpf::{bindings::TC_ACT_OK, macros::classifier, programs::TcContext};
 use dataplane_common::Hook;
 
-#[classifier]
-pub fn from_endpoint(ctx: TcContext) -> i32 {
+/// What `#[classifier]` expands to, written out: the macro drops the attributes of the function
+/// it wraps, so the walk could not be marked `#[inline(always)]` and LLVM kept it out of line,
+/// a BPF-to-BPF call (with its own frame) on every packet.
+#[unsafe(no_mangle)]
+#[unsafe(link_section = "classifier")]
+pub fn from_endpoint(skb: *mut aya_ebpf::bindings::__sk_buff) -> i32 {
+    let ctx = TcContext::new(skb);
     match endpoint::walk(&ctx) {
         Ok(action) => action,
         Err(reason) => drop::drop(&ctx, Hook::FromEndpoint, reason),
