@@ -333,7 +333,7 @@ pub fn refresh_and_cache(
     // SAFETY: as in `refresh`; the value is copied into this CPU's scratch slot, which nothing
     // else uses until the insert below (see `VERSE_CT_SCRATCH`).
     let value = unsafe {
-        *scratch = *hit.value;
+        copy_value(scratch, hit.value);
         &mut *scratch
     };
     value.entry.state = next_state(value.entry.state, hit.reply, tcp_flags);
@@ -396,9 +396,65 @@ fn entry(
         _pad: [0; 2],
     };
     value.original = original;
-    value.reply = CtHop::default();
-    value.counters = counters;
+    // Field by field, so that no run of zeros becomes a `memset` call (see `store_zero_words`).
+    // The scratch slot holds whatever was built there last: every field is written. A field
+    // added to `CtHop` or `CtCounters` changes their size, which stops the build here until it
+    // is written below too.
+    const _: () =
+        assert!(core::mem::size_of::<CtHop>() == 20 && core::mem::size_of::<CtCounters>() == 104);
+    // SAFETY: fields of the scratch value (see above); `CtHop` is five 4-byte words, aligned.
+    unsafe { store_zero_words(core::ptr::addr_of_mut!(value.reply).cast::<u32>(), 5) };
+    let c = &mut value.counters;
+    c.cpu = counters.cpu;
+    c.own_packets = counters.own_packets;
+    c.own_bytes = counters.own_bytes;
+    c.flags_interval = counters.flags_interval;
+    // SAFETY: as above; `flags` is 4 bytes at a multiple of 4, `shared_*` two u64 pairs.
+    unsafe {
+        core::ptr::write_volatile(
+            core::ptr::addr_of_mut!(c.flags).cast::<u32>(),
+            u32::from_ne_bytes(counters.flags),
+        );
+        store_zero_words(core::ptr::addr_of_mut!(c.shared_packets).cast::<u32>(), 4);
+        store_zero_words(core::ptr::addr_of_mut!(c.shared_bytes).cast::<u32>(), 4);
+    }
+    c.created_ns = counters.created_ns;
+    c.rule_egress = counters.rule_egress;
+    c.rule_ingress = counters.rule_ingress;
     Ok(value)
+}
+
+/// Zeroes `words` 4-byte words at `p`, each with its own store. Why not a plain assignment of
+/// zeros: LLVM merges a run of zero stores into a call of `memset`, which on the BPF target is a
+/// BPF-to-BPF call to a loop that stores a byte per iteration (five instructions a byte);
+/// volatile stores are never merged.
+///
+/// # Safety
+/// `p` must be valid for writes of `words` aligned u32s.
+#[inline(always)]
+unsafe fn store_zero_words(p: *mut u32, words: usize) {
+    for i in 0..words {
+        // SAFETY: the caller guarantees `p` for `words` words.
+        unsafe { core::ptr::write_volatile(p.add(i), 0) };
+    }
+}
+
+/// Copies the conntrack value at `src` to `dst` eight bytes at a time. Why not `*dst = *src`:
+/// LLVM lowers a 176-byte copy to a call of `memmove`, a BPF-to-BPF call to a loop that copies a
+/// byte per iteration; volatile word loads and stores are never merged into such a call.
+///
+/// # Safety
+/// `src` and `dst` must be valid, non-overlapping map values (8-byte aligned, as `CtValue` is).
+#[inline(always)]
+unsafe fn copy_value(dst: *mut CtValue, src: *const CtValue) {
+    const WORDS: usize = core::mem::size_of::<CtValue>() / 8;
+    const _: () =
+        assert!(core::mem::size_of::<CtValue>() % 8 == 0 && core::mem::align_of::<CtValue>() == 8);
+    let (d, s) = (dst.cast::<u64>(), src.cast::<u64>());
+    for i in 0..WORDS {
+        // SAFETY: the caller guarantees both values; `i` stays inside them.
+        unsafe { core::ptr::write_volatile(d.add(i), core::ptr::read_volatile(s.add(i))) };
+    }
 }
 
 /// A new flow's parties, as the hook that admits its first packet knows them.
