@@ -447,6 +447,10 @@ struct Liveness {
     /// Whether the records are followed: read, and watched since (false once the watch was
     /// closed for want of demand).
     synced: watch::Sender<bool>,
+    /// Set just before the first read of the records, cleared when the watch closes: while
+    /// clear, nobody looks at the hosts and a new host record publishes nothing (building the
+    /// list costs O(hosts), and a fleet of N joining hosts would be N³ on hosts that never ask).
+    following: std::sync::atomic::AtomicBool,
 }
 
 impl Default for Liveness {
@@ -455,6 +459,7 @@ impl Default for Liveness {
             alive: Mutex::default(),
             demand: Arc::new(watch::channel(0).0),
             synced: watch::channel(false).0,
+            following: std::sync::atomic::AtomicBool::new(false),
         }
     }
 }
@@ -1437,7 +1442,7 @@ impl Shared {
         if desired_changed {
             self.state.send_replace(state.clone());
         }
-        if hosts_changed {
+        if hosts_changed && self.live.following.load(Ordering::SeqCst) {
             self.publish_hosts();
         }
         self.applied.send_if_modified(|cur| {
@@ -1529,6 +1534,7 @@ impl Shared {
                 delay = (delay * 2).min(RETRY_MAX);
             }
             self.live.synced.send_replace(false);
+            self.live.following.store(false, Ordering::SeqCst);
             tracing::debug!("no longer following the hosts' liveness records (nobody asked)");
         }
     }
@@ -1536,6 +1542,8 @@ impl Shared {
     /// Reads every liveness record, publishes the hosts, and returns the etcd revision read at.
     /// A host whose record is gone keeps its last realized revision, unhealthy.
     async fn read_liveness(&self) -> Result<i64> {
+        // Before the read: a host record that comes meanwhile is published by the state's watch.
+        self.live.following.store(true, Ordering::SeqCst);
         let mut kv = self.client.kv_client().max_decoding_message_size(MAX_MESSAGE);
         let range = GetOptions::new().with_range(self.key(ALIVE_END));
         let resp = timed("range (read the liveness records)", kv.get(self.key(ALIVE), Some(range)))
