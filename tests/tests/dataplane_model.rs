@@ -261,7 +261,7 @@ fn build_state() -> (State, BTreeMap<&'static str, String>, Names) {
         &mgmt,
         "ingress",
         json!("icmpv6"),
-        json!({"type": -1, "code": -1, "cidr": "0.0.0.0/0"}),
+        json!({"type": -1, "code": -1, "cidr": "::/0"}),
     );
     rule(&mut st, &mgmt, "ingress", json!("all"), json!({"cidr": "10.0.1.11/32"}));
     // ops: all from mgmt members; egress only to mgmt, tcp.
