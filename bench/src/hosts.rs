@@ -98,7 +98,13 @@ impl Observer {
                             bail!("open the observer's store: {e}");
                         }
                     };
-                    let mut hosts = store.subscribe_hosts().await;
+                    let mut hosts = match store.subscribe_hosts().await {
+                        Ok(hosts) => hosts,
+                        Err(e) => {
+                            let _ = ready_tx.send(Err(e.to_string()));
+                            bail!("follow the hosts' liveness records: {e}");
+                        }
+                    };
                     let _ = ready_tx.send(Ok(()));
                     loop {
                         let now = Instant::now();

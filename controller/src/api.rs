@@ -766,7 +766,20 @@ fn revision_response<V: Serialize>(
 /// host have realized `revision`.
 async fn wait_realized(st: &AppState, revision: u64) {
     let mut local = st.realized.clone();
-    let mut hosts = st.store.subscribe_hosts().await;
+    let mut hosts = match st.store.subscribe_hosts().await {
+        Ok(hosts) => hosts,
+        Err(e) => {
+            // Not knowing the others is never taken as "none of them is healthy": say so, and
+            // answer once this host has realized it (as after the timeout below). A client that
+            // waits for the fleet (`GET /v1/hosts`) is answered 503 until the records are read.
+            let here = local.wait_for(|r| r.revision >= revision);
+            let _ = tokio::time::timeout(REALIZE_TIMEOUT, here).await;
+            tracing::warn!(revision, error = %e,
+                "cannot read the hosts' liveness records; returning before the edit is known to \
+                 be realized on the other hosts");
+            return;
+        }
+    };
     let behind = |hosts: &[Host]| -> Vec<String> {
         hosts
             .iter()
@@ -806,9 +819,9 @@ async fn wait_realized(st: &AppState, revision: u64) {
 }
 
 /// The hosts as `GET /v1/hosts` shows them: the store's, with this host as it knows itself.
-async fn hosts_view(st: &AppState) -> Vec<Host> {
+async fn hosts_view(st: &AppState) -> Result<Vec<Host>, ApiError> {
     let mut hosts: Vec<Host> =
-        st.store.hosts().await.into_iter().filter(|h| h.name != st.host).collect();
+        st.store.hosts().await?.into_iter().filter(|h| h.name != st.host).collect();
     hosts.push(Host {
         name: st.host.clone(),
         underlay_ip: st.underlay_ip,
@@ -819,7 +832,7 @@ async fn hosts_view(st: &AppState) -> Vec<Host> {
         healthy: true,
     });
     hosts.sort_by(|a, b| a.name.cmp(&b.name));
-    hosts
+    Ok(hosts)
 }
 
 /// A namespace that exists on this host, by a name `ip netns` could have made, where the
@@ -995,7 +1008,7 @@ async fn get_group(
     let snap = st.store.snapshot();
     let found = snap.groups.get(&id);
     let g = caller.read(Resource::Group, ("security group", &id), found, |g| &g.universe)?;
-    let (rows, from) = fleet_rule_stats(&st, &caller, &headers, None, Some(&id), None).await;
+    let (rows, from) = fleet_rule_stats(&st, &caller, &headers, None, Some(&id), None).await?;
     let sums: BTreeMap<&str, Hits> = rows.iter().map(|r| (r.rule.as_str(), r.hits)).collect();
     Ok(json_ok(&GroupView::new(g, |rule| sums.get(rule).copied().unwrap_or_default(), from)))
 }
@@ -1046,7 +1059,7 @@ async fn fleet_rule_stats(
     universe: Option<&str>,
     group: Option<&str>,
     host: Option<&str>,
-) -> (Vec<RuleStats>, HitsFrom) {
+) -> Result<(Vec<RuleStats>, HitsFrom), ApiError> {
     let mut from = HitsFrom::default();
     let mut rows: Vec<RuleStats> = Vec::new();
     if host.is_none_or(|h| h == st.host) {
@@ -1058,7 +1071,7 @@ async fn fleet_rule_stats(
             Err(error) => from.missing.push(MissingHost { host: st.host.clone(), error }),
         }
     }
-    let (peers, missing) = relay::peers(&st.store.hosts().await, &st.host, host);
+    let (peers, missing) = relay::peers(&st.store.hosts().await?, &st.host, host);
     from.missing.extend(missing.into_iter().map(|(host, error)| MissingHost { host, error }));
     let mut query: Vec<(&str, String)> = Vec::new();
     if let Some(u) = universe {
@@ -1108,7 +1121,7 @@ async fn fleet_rule_stats(
             }
         }
     }
-    (sums.into_values().collect(), from)
+    Ok((sums.into_values().collect(), from))
 }
 
 /// `GET /v1/rule-stats?universe=&group=&host=`: new flows admitted per rule, summed over the
@@ -1129,7 +1142,7 @@ async fn rule_stats(
         q.get("group").map(String::as_str),
         q.get("host").map(String::as_str),
     )
-    .await;
+    .await?;
     // A host that is asked for one host's counters and cannot give them says so.
     if let Some(m) = from.missing.iter().find(|m| q.get("host") == Some(&m.host)) {
         return Err(ApiError::new(
@@ -1310,7 +1323,7 @@ async fn create_endpoint(
 /// while that host is healthy: its versed plumbs it.
 async fn check_placement(st: &AppState, host: &str) -> Result<(), ApiError> {
     model::check_host(host)?;
-    let hosts = st.store.hosts().await;
+    let hosts = st.store.hosts().await?;
     match hosts.iter().find(|h| h.name == host) {
         None => {
             let mut known: Vec<&str> = hosts.iter().map(|h| h.name.as_str()).collect();
@@ -1346,7 +1359,7 @@ async fn endpoint_realized(
         let r = st.realized.borrow();
         (r.revision, r.errors.clone())
     } else {
-        match st.store.hosts().await.into_iter().find(|h| h.name == ep.host) {
+        match st.store.hosts().await?.into_iter().find(|h| h.name == ep.host) {
             Some(h) if h.healthy => (h.revision, h.errors),
             _ => (0, Vec::new()),
         }
@@ -1491,7 +1504,7 @@ async fn delete_endpoint(
 
 async fn list_hosts(AxState(st): AxState<AppState>, caller: Caller) -> ApiResult {
     caller.require(Resource::Host, Op::Read)?;
-    Ok(json_ok(&hosts_view(&st).await))
+    Ok(json_ok(&hosts_view(&st).await?))
 }
 
 /// A token as the API shows it: everything but the hash of its secret.
@@ -1725,7 +1738,7 @@ async fn flow_logs(
             }
         }
     } else {
-        let (peers, missing) = relay::peers(&st.store.hosts().await, &st.host, Some(&host));
+        let (peers, missing) = relay::peers(&st.store.hosts().await?, &st.host, Some(&host));
         let unavailable = |why: String| {
             ApiError::new(
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -1814,7 +1827,7 @@ async fn stream_events(
         if filter.host.as_deref().is_none_or(|h| h == me) {
             streams.push(local_events(st.events.clone(), filter.clone(), recent, follow));
         }
-        let (peers, missing) = relay::peers(&st.store.hosts().await, &me, filter.host.as_deref());
+        let (peers, missing) = relay::peers(&st.store.hosts().await?, &me, filter.host.as_deref());
         let missing: Vec<Arc<StreamItem>> = missing
             .into_iter()
             .map(|(host, why)| notice(&host, format!("{host}: events not shown: {why}")))
@@ -1945,9 +1958,9 @@ async fn relay_trace(
             format!("{there}: {why}"),
         )
     };
-    let (peers, missing) = relay::peers(&st.store.hosts().await, &st.host, Some(there));
+    let (peers, missing) = relay::peers(&st.store.hosts().await?, &st.host, Some(there));
     if let Some((_, why)) = missing.into_iter().next() {
-        if !st.store.hosts().await.iter().any(|h| h.name == there) {
+        if !st.store.hosts().await?.iter().any(|h| h.name == there) {
             return Err(ApiError::invalid("host", format!("{there:?} is no host of the fleet")));
         }
         return Err(unavailable(why));

@@ -70,7 +70,7 @@ async fn wait_hosts(
     what: &str,
     ok: impl Fn(&[HostStatus]) -> bool,
 ) -> Vec<HostStatus> {
-    let mut rx = store.subscribe_hosts().await;
+    let mut rx = store.subscribe_hosts().await.unwrap();
     let waited = tokio::time::timeout(WAIT, rx.wait_for(|h| ok(h)))
         .await
         .map(|hosts| hosts.expect("the store closed its hosts").as_ref().clone());
@@ -211,7 +211,7 @@ async fn registered_host_is_healthy_until_its_lease_lapses() {
 
     // The lease is kept alive well past its TTL while the store lives.
     tokio::time::sleep(ttl * 2).await;
-    let hosts = b.hosts().await;
+    let hosts = b.hosts().await.unwrap();
     assert!(hosts.iter().any(|h| h.name == "h1" && h.healthy), "{hosts:?}");
 
     // The store (its versed) goes away: within about a TTL, h1 is unhealthy everywhere,
@@ -448,7 +448,7 @@ async fn api_mutation_returns_once_every_healthy_host_realized_it() {
     .await;
     assert!(start.elapsed() >= Duration::from_millis(1400), "returned before h2 realized it");
     assert!(a.snapshot().universes.contains_key(&u.id));
-    let hosts = a.hosts().await;
+    let hosts = a.hosts().await.unwrap();
     let h2 = hosts.iter().find(|h| h.name == "h2").unwrap();
     assert!(h2.revision >= rev && h2.healthy, "{hosts:?}");
 
@@ -1101,7 +1101,7 @@ async fn a_store_that_asks_for_no_hosts_receives_no_other_hosts_reports() {
         "20 reports of another host reached a store that never asked for the hosts"
     );
     // Asked, it reads the records and follows them: it sees the last report, then the lapse.
-    let hosts = quiet.hosts().await;
+    let hosts = quiet.hosts().await.unwrap();
     assert!(hosts.iter().any(|h| h.name == "h1" && h.healthy && h.revision == 20), "{hosts:?}");
     drop(reporter);
     let hosts = wait_health(&quiet, "h1", false).await;
@@ -1111,4 +1111,59 @@ async fn a_store_that_asks_for_no_hosts_receives_no_other_hosts_reports() {
         (20, Some(ip)),
         "a lapsed host keeps its last report"
     );
+}
+
+/// A store that has not read the hosts' liveness records, and cannot read them now (etcd does
+/// not answer), fails: it never answers with what it has not read. Before it read them every
+/// other host would be "unhealthy at revision 0", and an edit's acknowledgement stops waiting
+/// for hosts shown unhealthy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hosts_not_read_yet_are_an_error_never_unhealthy() {
+    let etcd = Etcd::start_local();
+    let ttl = Duration::from_secs(5);
+    let quiet = etcd.store(ttl).await;
+    let reporter = etcd.store(ttl).await;
+    reporter.register_host("h1", Some(Ipv4Addr::new(198, 18, 0, 1))).await.unwrap();
+    reporter.report_realized("h1", 7);
+    wait_healthy_at(&reporter, "h1", 7).await;
+    let mut rx = quiet.subscribe();
+    wait_state(&mut rx, "h1 registered", |s| s.hosts.contains_key("h1")).await;
+    let answered = {
+        let _paused = etcd.pause(0);
+        quiet.hosts().await
+    };
+    match answered {
+        Err(e) => assert!(e.is_unavailable(), "{e}"),
+        Ok(hosts) => panic!("answered hosts it could not read: {hosts:?}"),
+    }
+    // etcd answers again: the records are read, h1 is healthy at its report.
+    wait_healthy_at(&quiet, "h1", 7).await;
+}
+
+/// Once a store stops following the liveness records (nobody asked for a while), what it last
+/// read is not answered again: a host that lapsed since must not be shown healthy. If the
+/// records cannot be read at the next ask, the answer is an error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_the_linger_nothing_stale_is_answered() {
+    let etcd = Etcd::start_local();
+    let ttl = Duration::from_secs(2);
+    let linger = Duration::from_secs(1);
+    let quiet = open(EtcdOptions { liveness_linger: linger, ..etcd.options(ttl) }).await;
+    let reporter = etcd.store(ttl).await;
+    reporter.register_host("h1", Some(Ipv4Addr::new(198, 18, 0, 1))).await.unwrap();
+    reporter.report_realized("h1", 7);
+    wait_healthy_at(&quiet, "h1", 7).await;
+    // Nobody asks past the linger; meanwhile h1's lease lapses.
+    drop(reporter);
+    tokio::time::sleep(linger + ttl * 3).await;
+    let answered = {
+        let _paused = etcd.pause(0);
+        quiet.hosts().await
+    };
+    match answered {
+        Err(e) => assert!(e.is_unavailable(), "{e}"),
+        Ok(hosts) => panic!("answered what it read before the linger: {hosts:?}"),
+    }
+    let hosts = quiet.hosts().await.unwrap();
+    assert!(hosts.iter().any(|h| h.name == "h1" && !h.healthy), "{hosts:?}");
 }

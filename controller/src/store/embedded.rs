@@ -1355,8 +1355,8 @@ mod tests {
     async fn registered_hosts_are_healthy_with_their_last_reported_revision() {
         let dir = temp_dir("hosts");
         let store = Store::open_embedded(&dir).unwrap();
-        let mut rx = store.subscribe_hosts().await;
-        assert!(store.hosts().await.is_empty());
+        let mut rx = store.subscribe_hosts().await.unwrap();
+        assert!(store.hosts().await.unwrap().is_empty());
         let ip = Some(Ipv4Addr::new(198, 18, 0, 1));
         store.register_host("h1", ip).await.unwrap();
         assert!(rx.has_changed().unwrap());

@@ -131,10 +131,12 @@ const ALIVE: &str = "alive/";
 const ALIVE_END: &str = "alive0";
 /// How long a store keeps following the hosts' liveness records after the last feed of them
 /// is dropped ([`Store::subscribe_hosts`](super::Store::subscribe_hosts)): a burst of edits
-/// through one API keeps one watch, not one per edit.
+/// through one API keeps one watch, not one per edit. The default of
+/// [`EtcdOptions::liveness_linger`].
 pub const LIVENESS_LINGER: Duration = Duration::from_secs(60);
-/// How long [`Store::subscribe_hosts`](super::Store::subscribe_hosts) waits for the first
-/// read of the liveness records before answering with the last known hosts.
+/// How long [`Store::subscribe_hosts`](super::Store::subscribe_hosts) waits for a read of the
+/// liveness records when it is not following them; past it, it fails (never answers what it
+/// has not read).
 const LIVENESS_SYNC_WAIT: Duration = Duration::from_secs(5);
 const AUDIT: &str = "audit/";
 /// The first key after every `audit/…` key (`'/' + 1`).
@@ -169,6 +171,9 @@ pub struct EtcdOptions {
     pub audit_retention: AuditRetention,
     /// TLS to etcd (`https://` for every endpoint); `None`: plain gRPC.
     pub tls: Option<EtcdTls>,
+    /// How long the hosts' liveness records stay followed after the last need of them
+    /// ([`LIVENESS_LINGER`] by default).
+    pub liveness_linger: Duration,
 }
 
 /// TLS to etcd: the CA of etcd's certificate, and this host's client certificate and key
@@ -212,6 +217,7 @@ impl EtcdOptions {
             user: None,
             audit_retention: AuditRetention::default(),
             tls: None,
+            liveness_linger: LIVENESS_LINGER,
         }
     }
 }
@@ -673,17 +679,21 @@ impl Etcd {
     }
 
     /// See [`Store::subscribe_hosts`](super::Store::subscribe_hosts).
-    pub(super) async fn subscribe_hosts(&self) -> super::HostsFeed {
+    pub(super) async fn subscribe_hosts(&self) -> Result<super::HostsFeed> {
         let live = &self.shared.live;
         let demand = Demand::new(&live.demand);
         let mut synced = live.synced.subscribe();
         if tokio::time::timeout(LIVENESS_SYNC_WAIT, synced.wait_for(|s| *s)).await.is_err() {
-            tracing::warn!(
-                "could not read the hosts' liveness records from etcd in time; answering with \
-                 the last known"
-            );
+            // Fail rather than answer what was not read: the hosts before the first read (all
+            // of them unhealthy at revision 0), or from before the last linger (a lapse since
+            // then unseen). An edit's acknowledgement would stop waiting for hosts shown
+            // unhealthy, and a client would take them as out of the fleet.
+            return Err(Error::Timeout {
+                op: "range (read the hosts' liveness records)",
+                after: LIVENESS_SYNC_WAIT,
+            });
         }
-        super::HostsFeed { rx: self.shared.hosts.subscribe(), _demand: Some(demand) }
+        Ok(super::HostsFeed { rx: self.shared.hosts.subscribe(), _demand: Some(demand) })
     }
 
     /// See [`Store::edit`](super::Store::edit) and the module contract.
@@ -1511,7 +1521,7 @@ impl Shared {
                 return;
             }
             tracing::debug!("following the hosts' liveness records");
-            let idle = idle(self.live.demand.subscribe(), LIVENESS_LINGER);
+            let idle = idle(self.live.demand.subscribe(), self.options.liveness_linger);
             tokio::pin!(idle);
             let mut delay = RETRY_MIN;
             loop {
@@ -1540,17 +1550,29 @@ impl Shared {
     }
 
     /// Reads every liveness record, publishes the hosts, and returns the etcd revision read at.
-    /// A host whose record is gone keeps its last realized revision, unhealthy.
+    /// A registered host whose record is gone keeps its last realized revision, unhealthy; one
+    /// neither registered nor alive is forgotten. A member that does not answer in time is
+    /// left for the next read (the pin moves on, as for the other reads).
     async fn read_liveness(&self) -> Result<i64> {
         // Before the read: a host record that comes meanwhile is published by the state's watch.
         self.live.following.store(true, Ordering::SeqCst);
         let mut kv = self.client.kv_client().max_decoding_message_size(MAX_MESSAGE);
         let range = GetOptions::new().with_range(self.key(ALIVE_END));
-        let resp = timed("range (read the liveness records)", kv.get(self.key(ALIVE), Some(range)))
-            .await?;
+        let read = timed("range (read the liveness records)", kv.get(self.key(ALIVE), Some(range)));
+        let resp = match read.await {
+            Ok(resp) => resp,
+            Err(e) => {
+                if let (Error::Timeout { .. }, Some(pin)) = (&e, &self.pin) {
+                    pin.move_on(&e);
+                }
+                return Err(e);
+            }
+        };
         let at = resp.header().map_or(0, |h| h.revision());
         {
+            let registered = self.view.borrow().state.clone();
             let mut alive = lock(&self.live.alive);
+            alive.retain(|name, _| registered.hosts.contains_key(name));
             for entry in alive.values_mut() {
                 entry.1 = false;
             }

@@ -498,8 +498,8 @@ impl Store {
 
     /// Every known host, by name: registered in the desired state or alive. On the etcd store
     /// this follows the hosts' liveness records for a while (see [`Store::subscribe_hosts`]).
-    pub async fn hosts(&self) -> Vec<HostStatus> {
-        self.subscribe_hosts().await.borrow().as_ref().clone()
+    pub async fn hosts(&self) -> Result<Vec<HostStatus>> {
+        Ok(self.subscribe_hosts().await?.borrow().as_ref().clone())
     }
 
     /// Adds `record` to the audit trail; returns once it is durable (fsynced to the file, or
@@ -527,11 +527,12 @@ impl Store {
     /// revision it realized) are followed only while someone needs them: from the first feed
     /// until [`etcd::LIVENESS_LINGER`] after the last one is dropped (an API answering edits or
     /// `GET /v1/hosts`), by a watch of their own, apart from the desired state's. This returns
-    /// once that watch has read them (or after a few seconds if etcd does not answer: then the
-    /// feed holds the last known hosts).
-    pub async fn subscribe_hosts(&self) -> HostsFeed {
+    /// once that watch has read them, or fails ([`Error::Timeout`]) if etcd did not answer in a
+    /// few seconds: it never answers with hosts it has not read (every host unhealthy before
+    /// the first read, or health from before the watch last closed).
+    pub async fn subscribe_hosts(&self) -> Result<HostsFeed> {
         match self {
-            Store::Embedded(e) => HostsFeed { rx: e.subscribe_hosts(), _demand: None },
+            Store::Embedded(e) => Ok(HostsFeed { rx: e.subscribe_hosts(), _demand: None }),
             Store::Etcd(e) => e.subscribe_hosts().await,
         }
     }
