@@ -712,6 +712,11 @@ fn s11_malformed_ipv6_and_what_the_walk_refuses_are_dropped_with_their_reason() 
             ipv6_frame(&[(DEST, 8), (HOP, 8)], IPPROTO_UDP, &udp),
             D::MalformedIpv6,
         ),
+        (
+            "hop-by-hop past the bound (not first: malformed, not too many)",
+            ipv6_frame(&[&FULL_CHAIN[..], &[(HOP, 8)]].concat(), IPPROTO_UDP, &udp),
+            D::MalformedIpv6,
+        ),
         ("AH of 12 bytes", ipv6_frame(&[(AH, 12)], IPPROTO_UDP, &udp), D::Ipv6Unsupported),
         ("routing of 2 KiB", ipv6_frame(&[(ROUTING, 2048)], IPPROTO_UDP, &udp), D::Ipv6Unsupported),
     ];
