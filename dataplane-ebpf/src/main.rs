@@ -38,9 +38,10 @@ mod underlay;
 use aya_ebpf::{bindings::TC_ACT_OK, macros::classifier, programs::TcContext};
 use dataplane_common::Hook;
 
-/// What `#[classifier]` expands to, written out: the macro drops the attributes of the function
-/// it wraps, so the walk could not be marked `#[inline(always)]` and LLVM kept it out of line,
-/// a BPF-to-BPF call (with its own frame) on every packet.
+/// What `#[classifier]` expands to, written out with the walk called directly: through the
+/// macro (an outer function calling the wrapped one) LLVM kept the walk out of line, a
+/// BPF-to-BPF call (with its own frame) on every packet. `from_underlay` still goes through the
+/// macro.
 #[unsafe(no_mangle)]
 #[unsafe(link_section = "classifier")]
 pub fn from_endpoint(skb: *mut aya_ebpf::bindings::__sk_buff) -> i32 {

@@ -60,10 +60,15 @@ use verse::verdict::{is_garbage, Conntrack, Host, Timeouts, Underlay, Verdict};
 
 const HOST: &str = "h1";
 const GW: [u8; 6] = [0x02, 0xfe, 0, 0, 0, 0x01];
-/// This host on the underlay, and the two other hosts of the fleet.
+/// This host on the underlay, and the other hosts of the fleet: h2 and h3 share universe `a`
+/// (h3 also `b`) with this host, h4 holds only universe `c`, which has no endpoint here (so this
+/// host holds neither h4 nor `c`'s VNI: their frames are `unknown_host`, `unknown_universe`).
 const HERE: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
-const OTHER_HOSTS: [(&str, Ipv4Addr); 2] =
-    [("h2", Ipv4Addr::new(198, 18, 0, 2)), ("h3", Ipv4Addr::new(198, 18, 0, 3))];
+const OTHER_HOSTS: [(&str, Ipv4Addr); 3] = [
+    ("h2", Ipv4Addr::new(198, 18, 0, 2)),
+    ("h3", Ipv4Addr::new(198, 18, 0, 3)),
+    ("h4", Ipv4Addr::new(198, 18, 0, 4)),
+];
 const UNDERLAY_MTU: u32 = 1500;
 
 fn now_ns() -> u64 {
@@ -118,7 +123,8 @@ fn clear_egress(st: &mut State, g: &str) {
     }
 }
 
-/// Two universes on 10.0.0.0/16; in `a`: default, web, db, mgmt, ops; in `b`: default, web.
+/// Three universes on 10.0.0.0/16; in `a`: default, web, db, mgmt, ops; in `b`: default, web;
+/// in `c` (no endpoint on this host): default.
 /// Returns the state, the endpoint ids by short name, and the ids the phases edit.
 fn build_state() -> (State, BTreeMap<&'static str, String>, Names) {
     let mut st = State::default();
@@ -134,6 +140,7 @@ fn build_state() -> (State, BTreeMap<&'static str, String>, Names) {
     };
     let a = uni(&mut st, "a");
     let b = uni(&mut st, "b");
+    let c = uni(&mut st, "c");
     let default_of = |st: &State, u: &str| {
         st.groups
             .values()
@@ -147,7 +154,7 @@ fn build_state() -> (State, BTreeMap<&'static str, String>, Names) {
             .expect("create group")
             .id
     };
-    let (def_a, def_b) = (default_of(&st, &a), default_of(&st, &b));
+    let (def_a, def_b, def_c) = (default_of(&st, &a), default_of(&st, &b), default_of(&st, &c));
     let web = group(&mut st, &a, "web");
     let db = group(&mut st, &a, "db");
     let mgmt = group(&mut st, &a, "mgmt");
@@ -320,6 +327,9 @@ fn build_state() -> (State, BTreeMap<&'static str, String>, Names) {
     ep(&mut st, "r-plain", "h2", &a, "10.0.2.130", &[&def_a], None);
     ep(&mut st, "r-ops", "h3", &a, "10.0.2.201", &[&ops], None);
     ep(&mut st, "rb-web", "h3", &b, "10.0.1.13", &[&def_b, &web_b], None);
+    // Universe `c` has no endpoint here: on h3 (a host this one holds) and on h4 (one it does not).
+    ep(&mut st, "rc-3", "h3", &c, "10.0.1.10", &[&def_c], None);
+    ep(&mut st, "rc-4", "h4", &c, "10.0.1.31", &[&def_c], None);
     let names = Names {
         web_http_rule,
         web_group: web.clone(),
@@ -1465,6 +1475,7 @@ fn kernel_program_agrees_with_the_reference_model_on_generated_packets() {
         DropReason::Ipv6TooManyHeaders,
         DropReason::Ipv6Jumbogram,
         DropReason::UnknownHost,
+        DropReason::UnknownUniverse,
         DropReason::NotPlacedOnSender,
         DropReason::IdentityMismatch,
         DropReason::FragNeeded,
