@@ -595,7 +595,6 @@ impl CreateRule {
             (Some(cidr), None) => Peer::Cidr(parse_cidr("cidr", cidr)?),
             (None, Some(peer)) => Peer::Group(peer.clone()),
         };
-        check_family(protocol, &peer)?;
         let description = check_description(self.description.as_deref())?;
         Ok(Rule { id: String::new(), direction, protocol, ports, icmp, peer, description })
     }
@@ -1614,32 +1613,6 @@ pub fn gateway6(universe: &Universe, ip: Ipv6Addr) -> Option<Ipv6Addr> {
     cidr6_of(universe, ip).map(|c| Ipv6Addr::from(u128::from(c.network()) + 1))
 }
 
-/// A rule's protocol against its peer's family: ICMP (protocol 1) travels in IPv4 only and
-/// ICMPv6 (58) in IPv6 only, so `icmp` with an IPv6 CIDR or `icmpv6` with an IPv4 CIDR could
-/// never match a packet. AWS accepts such a rule and it matches nothing; Verse refuses it, naming
-/// `protocol`. A group peer has both families: any protocol goes.
-fn check_family(protocol: Protocol, peer: &Peer) -> Result<()> {
-    let wrong = match (protocol, peer) {
-        (Protocol::ICMP, Peer::Cidr(IpNetwork::V6(c))) => {
-            Some(("icmp", "IPv4", c.to_string(), "icmpv6"))
-        }
-        (Protocol::ICMPV6, Peer::Cidr(IpNetwork::V4(c))) => {
-            Some(("icmpv6", "IPv6", c.to_string(), "icmp"))
-        }
-        _ => None,
-    };
-    match wrong {
-        Some((name, family, cidr, other)) => Err(Error::invalid(
-            "protocol",
-            format!(
-                "{name} travels in {family} only and would never match a packet of {cidr}: use \
-                 {other}, or a CIDR of the other family"
-            ),
-        )),
-        None => Ok(()),
-    }
-}
-
 /// S4 protocol: a name (any case), a number 0–255, or that number as a decimal string.
 fn parse_protocol(value: &serde_json::Value) -> Result<Protocol> {
     let bad = || {
@@ -2278,44 +2251,31 @@ mod tests {
     }
 
     #[test]
-    fn icmp_and_icmpv6_rules_take_a_cidr_of_their_own_family() {
+    fn icmp_and_icmpv6_rules_with_a_cidr_of_the_other_family_are_stored_as_aws_does() {
+        // AWS accepts `icmp` with an IPv6 CIDR and `icmpv6` with an IPv4 one: such a rule
+        // matches nothing (the compiler makes no entry for it, see compile's family tests).
         let mut s = State::default();
         let u = universe(&mut s, "u", "10.0.0.0/16");
         let g = group(&mut s, &u.id, "g");
         let other = group(&mut s, &u.id, "other");
-        for (protocol, peer) in [
-            (json!("icmp"), json!({"cidr": "10.0.0.0/8"})),
-            (json!("icmpv6"), json!({"cidr": "fd00::/8"})),
-            (json!("icmpv6"), json!({"cidr": "::/0"})),
-            (json!("icmp"), json!({"group": other.id})),
-            (json!("icmpv6"), json!({"group": other.id})),
-            (json!("tcp"), json!({"cidr": "::/0"})),
+        for (protocol, peer, stored) in [
+            (json!("icmp"), json!({"cidr": "10.0.0.0/8"}), "10.0.0.0/8"),
+            (json!("icmpv6"), json!({"cidr": "fd00::/8"}), "fd00::/8"),
+            (json!("icmp"), json!({"cidr": "fd00::/8"}), "fd00::/8"),
+            (json!(1), json!({"cidr": "::/0"}), "::/0"),
+            (json!("icmpv6"), json!({"cidr": "0.0.0.0/0"}), "0.0.0.0/0"),
+            (json!("58"), json!({"cidr": "10.0.0.0/8"}), "10.0.0.0/8"),
+            // A mapped CIDR is the IPv4 CIDR it means.
+            (json!("icmpv6"), json!({"cidr": "::ffff:10.0.0.0/112"}), "10.0.0.0/16"),
         ] {
             let mut body = json!({"direction": "ingress", "protocol": protocol});
             body.as_object_mut().unwrap().extend(peer.as_object().unwrap().clone());
-            if protocol == "tcp" {
-                body["from_port"] = json!(1);
-                body["to_port"] = json!(1);
-            }
-            s.add_rule(&g.id, rule_req(body)).unwrap();
+            let r = s.add_rule(&g.id, rule_req(body)).unwrap();
+            assert_eq!(r.peer, Peer::Cidr(stored.parse().unwrap()), "{protocol} {peer}");
         }
-        for (protocol, cidr, says) in [
-            (json!("icmp"), "fd00::/8", "icmp travels in IPv4 only"),
-            (json!(1), "::/0", "use icmpv6"),
-            (json!("icmpv6"), "0.0.0.0/0", "icmpv6 travels in IPv6 only"),
-            (json!("58"), "10.0.0.0/8", "use icmp"),
-            // A mapped CIDR is the IPv4 CIDR it means.
-            (json!("icmpv6"), "::ffff:10.0.0.0/104", "10.0.0.0/8"),
-        ] {
-            let body = json!({"direction": "ingress", "protocol": protocol, "cidr": cidr});
-            let err = refused(
-                &mut s,
-                |s| s.add_rule(&g.id, rule_req(body)),
-                ErrorKind::Invalid,
-                "invalid_argument",
-                Some("protocol"),
-            );
-            assert!(err.message.contains(says), "{protocol} {cidr}: {}", err.message);
+        for protocol in [json!("icmp"), json!("icmpv6")] {
+            let body = json!({"direction": "egress", "protocol": protocol, "group": other.id});
+            s.add_rule(&g.id, rule_req(body)).unwrap();
         }
     }
 
@@ -2650,7 +2610,7 @@ mod tests {
             (json!(255), Protocol::Number(255)),
         ];
         for (i, (protocol, expected)) in cases.into_iter().enumerate() {
-            // ICMPv6 travels in IPv6 only: its rules take an IPv6 CIDR.
+            // ICMPv6 travels in IPv6 only: its rules take an IPv6 CIDR to match anything.
             let cidr = if expected == Protocol::ICMPV6 {
                 format!("fd00:{i}::/32")
             } else {
