@@ -340,6 +340,9 @@ pub struct Reconciler {
     ids: Ids,
     /// What the maps hold: read from the pins at start, then what the last apply wrote.
     applied: MapContents,
+    /// An apply failed part way and reading the maps back failed too: `applied` may not be what
+    /// they hold, so the next round reads them before it diffs against them.
+    unread: bool,
     /// Local endpoints plumbed and attached by this process, by endpoint id.
     plumbed: HashMap<String, Plumbed>,
     /// The next synthetic ifindex of a simulated host.
@@ -394,6 +397,7 @@ impl Reconciler {
             mtu,
             ids,
             applied,
+            unread: false,
             plumbed: HashMap::new(),
             next_sim_ifindex: SIM_FIRST_IFINDEX,
             local,
@@ -637,7 +641,13 @@ impl Reconciler {
         crate::phases::since(crate::phases::Phase::Compile, compiling);
         let desired = desired?;
 
-        // 3. Write the differences.
+        // 3. Write the differences, against what the maps hold.
+        if self.unread {
+            let now = with_maps(&self.target, |maps| maps.read()).map_err(Error::Read)?;
+            self.ids = merge_ids(seed_ids(&now), &self.ids);
+            self.applied = now;
+            self.unread = false;
+        }
         if desired != self.applied {
             let applied = &self.applied;
             let failed = with_maps(&self.target, |maps| {
@@ -655,7 +665,8 @@ impl Reconciler {
                         self.applied = now;
                     }
                     Err(e) => {
-                        tracing::error!(error = %e, "failed to read the maps back after a failed apply")
+                        tracing::error!(error = %e, "failed to read the maps back after a failed apply");
+                        self.unread = true;
                     }
                 }
                 return Err(Error::Apply { revision: state.revision, source });
@@ -970,6 +981,47 @@ mod tests {
         for (slot, rule) in &held {
             assert_eq!(now.get(slot), Some(rule), "held rules keep their slots");
         }
+    }
+
+    /// An apply that fails part way, and a read-back that fails too, leave maps `applied` does
+    /// not describe: the next round reads them first, so the entries the failed apply wrote (here
+    /// hosts in `VERSE_HOSTS`, whose wrapped traffic the dataplane then takes as a fleet host's)
+    /// are removed once the state no longer wants them, not left behind because the stale
+    /// bookkeeping already matched that state.
+    #[tokio::test]
+    async fn after_a_failed_apply_and_a_failed_read_back_the_next_round_reads_the_maps() {
+        let mut s = State::default();
+        let u = universe(&mut s, "blue", "10.1.0.0/16");
+        s.hosts.insert("sim-0001".into(), model::HostRecord::at("sim-0001", None));
+        endpoint(&mut s, &u.id, "sim-0001", "10.1.0.5", &[]);
+        s.revision += 1;
+        let maps: SharedSimMaps = Arc::new(Mutex::new(SimMaps::new()));
+        let mut r = Reconciler::simulated(maps.clone(), "sim-0001".into()).unwrap();
+        r.reconcile(&s).await.unwrap();
+        let before = s.clone();
+        let wanted = lock(&maps).maps().clone();
+        assert!(wanted.hosts.is_empty());
+
+        // Three remote hosts with an endpoint in the universe; the apply fails after the hosts.
+        let mut more = s.clone();
+        for n in 1..=3u8 {
+            let name = format!("far-{n}");
+            let underlay = Ipv4Addr::new(198, 19, 0, n);
+            more.hosts.insert(name.clone(), model::HostRecord::at(&name, Some(underlay)));
+            endpoint(&mut more, &u.id, &name, &format!("10.1.1.{n}"), &[]);
+        }
+        more.revision += 1;
+        lock(&maps).failing_applies = 1;
+        lock(&maps).failing_reads.set(1);
+        let err = r.reconcile(&more).await.unwrap_err();
+        assert!(matches!(err, Error::Apply { .. }), "{err}");
+        assert_eq!(lock(&maps).maps().hosts.len(), 3, "the failed apply wrote the hosts");
+
+        let mut back = before;
+        back.revision = more.revision + 1;
+        r.reconcile(&back).await.unwrap();
+        assert_eq!(lock(&maps).maps(), &wanted, "nothing the failed apply wrote is left");
+        assert_eq!(lock(&maps).maps(), &r.applied);
     }
 
     #[test]

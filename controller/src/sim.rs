@@ -38,6 +38,13 @@ use crate::store::{self, EtcdOptions, Realized, Store, WatchStats};
 pub struct SimMaps {
     maps: MapContents,
     counts: MapCounts,
+    /// Unit tests: reads that fail before the maps answer again (a kernel map can fail a read).
+    #[cfg(test)]
+    pub(crate) failing_reads: std::cell::Cell<u32>,
+    /// Unit tests: applies that fail once they have written the hosts and VNIs (a kernel put can
+    /// fail part way: out of memory, say).
+    #[cfg(test)]
+    pub(crate) failing_applies: u32,
 }
 
 /// Work done on a simulated host's maps since it started.
@@ -91,6 +98,11 @@ impl SimMaps {
 
 impl MapSet for SimMaps {
     fn read(&self) -> Result<MapContents, MapSetError> {
+        #[cfg(test)]
+        if self.failing_reads.get() > 0 {
+            self.failing_reads.set(self.failing_reads.get() - 1);
+            return Err(std::io::Error::other("the test made this read fail").into());
+        }
         Ok(self.maps.clone())
     }
 
@@ -102,6 +114,11 @@ impl MapSet for SimMaps {
         use dp::{capacity as cap, map_names as names};
         put_changed(&mut m.hosts, &current.hosts, &desired.hosts, names::HOSTS, cap::HOSTS, c)?;
         put_new(&mut m.vnis, &current.vnis, &desired.vnis, names::VNIS, cap::VNIS, c)?;
+        #[cfg(test)]
+        if self.failing_applies > 0 {
+            self.failing_applies -= 1;
+            return Err(std::io::Error::other("the test made this apply fail").into());
+        }
         put_changed(&mut m.cidrs, &current.cidrs, &desired.cidrs, names::CIDRS, cap::CIDRS, c)?;
         // A rule's counter slot (zeroed in the kernel) before the first entry naming it.
         for (&slot, &rule) in &desired.rules {
