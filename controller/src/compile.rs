@@ -18,11 +18,11 @@
 //! directions (`dataplane_common::DIRECTION_IPV6`). A rule matches in one family only: an IPv4
 //! CIDR (`0.0.0.0/0` included) and `icmp` IPv4 peers, an IPv6 CIDR (`::/0` included) and
 //! `icmpv6` IPv6 peers; a group peer, `all`, TCP, UDP and other protocol numbers match in both.
-//! The IPv4 contents are exactly what they would be without any IPv6 rule or address. The
-//! kernel has no IPv6 maps yet: [`MapContents::ipv6`] is compiled and tested here, and nothing
-//! writes it to a kernel map until the IPv6 dataplane lands (the API refuses IPv6 universes
-//! until then, so it is empty in practice). A universe without IPv6 CIDRs compiles no IPv6
-//! contents: there its IPv6 rules match nothing.
+//! The IPv4 contents are exactly what they would be without any IPv6 rule or address, but for
+//! the endpoint records, which carry the endpoint's IPv6 address (`dp::Endpoint::ip6`): its
+//! IPv6 source check. [`MapContents::ipv6`] goes to `VERSE_ROUTES6`, `VERSE_CIDRS6` and the one
+//! `VERSE_POLICY` trie. A universe without IPv6 CIDRs compiles no IPv6 contents: there its IPv6
+//! rules match nothing.
 //!
 //! CIDR classes are numbered by [`CidrIds`]: an id stays with its
 //! CIDR for as long as some rule of the universe has it, and an id freed by one compile is not
@@ -65,7 +65,7 @@ pub struct MapContents {
     pub rules: BTreeMap<u32, u32>,
     /// `VERSE_CT_OWNERS`: slot -> the local endpoint that has it and its conntrack budget (S14).
     pub ct_owners: BTreeMap<u32, OwnerBudget>,
-    /// What the IPv6 dataplane will need; written to no kernel map yet (see the module docs).
+    /// What packets whose peer is an IPv6 address are judged by (see the module docs).
     pub ipv6: Ipv6Contents,
 }
 
@@ -105,6 +105,44 @@ pub struct OwnerBudget {
 }
 
 impl MapContents {
+    /// The `VERSE_POLICY_KINDS` value of `identity`: the kinds of its entries of both families
+    /// (IPv4 in bits 0-15, IPv6 in bits 16-31).
+    pub fn kinds(&self, identity: u32) -> u32 {
+        let of = |m: &BTreeMap<u32, u32>| m.get(&identity).copied().unwrap_or(0);
+        of(&self.policy_kinds) | of(&self.ipv6.policy_kinds)
+    }
+
+    /// The identities with kinds in either family.
+    pub fn kinds_identities(&self) -> BTreeSet<u32> {
+        self.policy_kinds.keys().chain(self.ipv6.policy_kinds.keys()).copied().collect()
+    }
+
+    /// Records `kinds` (a `VERSE_POLICY_KINDS` value) for `identity`, each family's bits in its
+    /// own map (none for 0): what reading the map back gives.
+    pub fn set_kinds(&mut self, identity: u32, kinds: u32) {
+        for (map, bits) in [
+            (&mut self.policy_kinds, kinds & 0xFFFF),
+            (&mut self.ipv6.policy_kinds, kinds & !0xFFFF),
+        ] {
+            if bits == 0 {
+                map.remove(&identity);
+            } else {
+                map.insert(identity, bits);
+            }
+        }
+    }
+
+    /// Records a `VERSE_POLICY` entry read back from the map, under its family (an IPv6
+    /// direction's entries in `ipv6.policy`).
+    pub fn insert_policy(&mut self, len: u32, key: dp::PolicyKey, value: dp::PolicyValue) {
+        let map = if key.direction >= dp::DIRECTION_IPV6 {
+            &mut self.ipv6.policy
+        } else {
+            &mut self.policy
+        };
+        map.insert((len, key), value);
+    }
+
     /// The serials of every endpoint the maps name (local endpoints and routes): the endpoints
     /// whose conntrack entries may stay (see `reconcile`).
     pub fn serials(&self) -> BTreeSet<u64> {
@@ -136,7 +174,7 @@ impl<K> Default for StableIds<K> {
 pub type CidrIds = StableIds<(u32, Ipv4Network)>;
 
 /// The same for IPv6 CIDR classes ((vni, IPv6 CIDR) -> id), a numbering of its own: a class is
-/// looked up by packets of its family only. Not seeded at start (no kernel map holds it yet).
+/// looked up by packets of its family only. The reconciler seeds it from `VERSE_CIDRS6`.
 pub type CidrIds6 = StableIds<(u32, Ipv6Network)>;
 
 /// Stable `VERSE_RULE_HITS` slots of the rules a host's policy entries name (rule id -> slot),
@@ -193,6 +231,7 @@ pub fn compile(
                 identity: ep.identity,
                 slot,
                 serial: ep.serial,
+                ip6: ep.ipv6.map_or([0; 16], |a| a.octets()),
             },
         );
         let route = dp::Route {
@@ -446,24 +485,24 @@ pub fn policy_kinds(
 /// any policy entry: for every identity whose kinds grow, the union of both (see
 /// `dataplane_common::peer_kind`: the map stays a superset of the entries' kinds).
 pub fn policy_kinds_before(current: &MapContents, desired: &MapContents) -> Vec<(u32, u32)> {
-    let now = |identity: u32| current.policy_kinds.get(&identity).copied().unwrap_or(0);
     desired
-        .policy_kinds
-        .iter()
-        .map(|(&identity, &kinds)| (identity, now(identity) | kinds))
-        .filter(|&(identity, union)| union != now(identity))
+        .kinds_identities()
+        .into_iter()
+        .map(|identity| (identity, current.kinds(identity), desired.kinds(identity)))
+        .map(|(identity, now, want)| (identity, now, now | want))
+        .filter(|&(_, now, union)| union != now)
+        .map(|(identity, _, union)| (identity, union))
         .collect()
 }
 
 /// The writes the same apply makes once the removed policy entries are gone: every identity
 /// whose kinds the union left wider than `desired`'s gets exactly those (0: none).
 pub fn policy_kinds_after(current: &MapContents, desired: &MapContents) -> Vec<(u32, u32)> {
-    let identities: BTreeSet<u32> =
-        current.policy_kinds.keys().chain(desired.policy_kinds.keys()).copied().collect();
-    let of = |m: &MapContents, identity| m.policy_kinds.get(&identity).copied().unwrap_or(0);
+    let mut identities = current.kinds_identities();
+    identities.extend(desired.kinds_identities());
     identities
         .into_iter()
-        .map(|identity| (identity, of(current, identity), of(desired, identity)))
+        .map(|identity| (identity, current.kinds(identity), desired.kinds(identity)))
         .filter(|&(_, was, want)| want != was | want)
         .map(|(identity, _, want)| (identity, want))
         .collect()
@@ -1075,6 +1114,7 @@ mod tests {
                     identity: a.identity,
                     slot: a.slot,
                     serial: a.serial,
+                    ip6: [0; 16],
                 }
             )])
         );
@@ -1996,8 +2036,12 @@ mod tests {
     }
 
     /// The IPv4 maps of `d`: everything but its IPv6 contents.
+    /// What IPv4 packets are judged by: everything but the IPv6 contents and the endpoints'
+    /// IPv6 addresses.
     fn ipv4_part(d: &MapContents) -> MapContents {
-        MapContents { ipv6: Ipv6Contents::default(), ..d.clone() }
+        let mut endpoints = d.endpoints.clone();
+        endpoints.values_mut().for_each(|e| e.ip6 = [0; 16]);
+        MapContents { ipv6: Ipv6Contents::default(), endpoints, ..d.clone() }
     }
 
     proptest::proptest! {

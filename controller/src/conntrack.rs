@@ -1,6 +1,7 @@
 //! The controller's side of connection tracking (S7, S9, S14): the budget counters shared with
-//! the kernel, and garbage collection of `VERSE_CT`, which is no LRU and so never frees an entry
-//! by itself (see `dataplane-ebpf/src/conntrack.rs` for the kernel's side).
+//! the kernel, and garbage collection of `VERSE_CT` and `VERSE_CT6` (IPv6 flows, the same
+//! values under a key with 16-byte addresses, charged to the same budgets), which are no LRU
+//! and so never free an entry by themselves (see `dataplane-ebpf/src/conntrack.rs` for the kernel's side).
 //!
 //! Contract:
 //! - [`Owners`] maps `VERSE_CT_OWNERS` into this process. `used` of a slot is the number of
@@ -28,7 +29,13 @@ use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use dataplane_common::{CtEntry, CtKey, CtOwner, CtValue};
+use dataplane_common::{Ct6Key, CtEntry, CtKey, CtOwner, CtValue};
+
+/// The key of a conntrack table: `VERSE_CT`'s ([`CtKey`]) or `VERSE_CT6`'s ([`Ct6Key`]). Both
+/// tables hold the same values, charged to the same budgets, and are collected alike.
+pub trait FlowKey: Copy + Default + aya::Pod {}
+impl FlowKey for CtKey {}
+impl FlowKey for Ct6Key {}
 
 /// `bpf(2)` commands (`include/uapi/linux/bpf.h`).
 const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
@@ -197,9 +204,9 @@ unsafe fn bpf<A>(cmd: libc::c_long, attr: &mut A) -> io::Result<()> {
 
 /// Every entry of the conntrack table behind `fd`, read in batches. Entries added or deleted
 /// meanwhile may or may not be seen.
-pub fn read_all(fd: BorrowedFd<'_>) -> io::Result<Vec<(CtKey, CtValue)>> {
+pub fn read_all<K: FlowKey>(fd: BorrowedFd<'_>) -> io::Result<Vec<(K, CtValue)>> {
     let mut out = Vec::new();
-    let mut keys = vec![CtKey::default(); BATCH];
+    let mut keys = vec![K::default(); BATCH];
     let mut values = vec![CtValue::default(); BATCH];
     let mut token = 0u32;
     let mut first = true;
@@ -233,10 +240,10 @@ pub fn read_all(fd: BorrowedFd<'_>) -> io::Result<Vec<(CtKey, CtValue)>> {
 
 /// Writes `entries` into the table behind `fd` in batches (`BPF_MAP_UPDATE_BATCH`), charging
 /// nobody: for tests and benchmarks that need a full table.
-pub fn write_all(fd: BorrowedFd<'_>, entries: &[(CtKey, CtValue)]) -> io::Result<()> {
+pub fn write_all<K: FlowKey>(fd: BorrowedFd<'_>, entries: &[(K, CtValue)]) -> io::Result<()> {
     const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
     for chunk in entries.chunks(BATCH) {
-        let keys: Vec<CtKey> = chunk.iter().map(|e| e.0).collect();
+        let keys: Vec<K> = chunk.iter().map(|e| e.0).collect();
         let values: Vec<CtValue> = chunk.iter().map(|e| e.1).collect();
         let mut attr = BatchAttr {
             in_batch: 0,
@@ -256,12 +263,12 @@ pub fn write_all(fd: BorrowedFd<'_>, entries: &[(CtKey, CtValue)]) -> io::Result
 }
 
 /// Deletes `key` and returns the value it held (`None`: no such entry).
-pub fn take(fd: BorrowedFd<'_>, key: &CtKey) -> io::Result<Option<CtValue>> {
+pub fn take<K: FlowKey>(fd: BorrowedFd<'_>, key: &K) -> io::Result<Option<CtValue>> {
     let mut value = CtValue::default();
     let mut attr = ElemAttr {
         map_fd: fd.as_raw_fd() as u32,
         _pad: 0,
-        key: key as *const CtKey as u64,
+        key: key as *const K as u64,
         value: &raw mut value as u64,
         flags: 0,
     };
@@ -275,11 +282,11 @@ pub fn take(fd: BorrowedFd<'_>, key: &CtKey) -> io::Result<Option<CtValue>> {
 }
 
 /// Inserts `key` unless it exists; false if it does.
-fn put_back(fd: BorrowedFd<'_>, key: &CtKey, value: &CtValue) -> io::Result<bool> {
+fn put_back<K: FlowKey>(fd: BorrowedFd<'_>, key: &K, value: &CtValue) -> io::Result<bool> {
     let mut attr = ElemAttr {
         map_fd: fd.as_raw_fd() as u32,
         _pad: 0,
-        key: key as *const CtKey as u64,
+        key: key as *const K as u64,
         value: value as *const CtValue as u64,
         flags: BPF_NOEXIST,
     };
@@ -307,12 +314,12 @@ pub struct Collected {
 /// Collects the table behind `table`: every entry `garbage` calls garbage is deleted and
 /// released from its owner's budget in `owners` (see the module contract for the races);
 /// `kept` sees every other entry read, `gone` every entry deleted, as the delete returned it.
-pub fn collect(
+pub fn collect<K: FlowKey>(
     table: BorrowedFd<'_>,
     owners: &Owners,
     garbage: &dyn Fn(&CtEntry) -> bool,
     kept: &mut dyn FnMut(&CtEntry),
-    gone_to: &mut dyn FnMut(&CtKey, &CtValue),
+    gone_to: &mut dyn FnMut(&K, &CtValue),
 ) -> io::Result<Collected> {
     let start = Instant::now();
     let mut report = Collected::default();

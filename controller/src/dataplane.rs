@@ -41,9 +41,9 @@ use aya::{
     Ebpf, EbpfError, EbpfLoader, TestRun, TestRunOptions,
 };
 use dataplane_common::{
-    capacity, drop_slot, map_names, CidrKey, Config, CtEntry, CtKey, CtOwner, CtValue, DropCount,
-    DropReason, Endpoint, EventLimiter, Hook, HostKey, PolicyKey, PolicyValue, Route, RouteKey,
-    VniKey, PROG_FROM_ENDPOINT, PROG_FROM_UNDERLAY,
+    capacity, drop_slot, map_names, Cidr6Key, CidrKey, Config, Ct6Key, CtEntry, CtKey, CtOwner,
+    CtValue, DropCount, DropReason, Endpoint, EventLimiter, Hook, HostKey, PolicyKey, PolicyValue,
+    Route, Route6Key, RouteKey, VniKey, PROG_FROM_ENDPOINT, PROG_FROM_UNDERLAY,
 };
 
 use crate::compile::{policy_kinds_after, policy_kinds_before, MapContents, OwnerBudget};
@@ -257,9 +257,12 @@ pub struct Dataplane {
     epoch: Array<MapData, u32>,
     routes: HashMap<MapData, RouteKey, Route>,
     cidrs: LpmTrie<MapData, CidrKey, u32>,
+    routes6: HashMap<MapData, Route6Key, Route>,
+    cidrs6: LpmTrie<MapData, Cidr6Key, u32>,
     policy: LpmTrie<MapData, PolicyKey, PolicyValue>,
     policy_kinds: Array<MapData, u32>,
     conntrack: HashMap<MapData, CtKey, CtValue>,
+    conntrack6: HashMap<MapData, Ct6Key, CtValue>,
     hosts: HashMap<MapData, HostKey, u32>,
     vnis: HashMap<MapData, VniKey, u8>,
     drops: PerCpuArray<MapData, DropCount>,
@@ -327,9 +330,12 @@ impl Dataplane {
             epoch: take_map(&mut ebpf, map_names::EPOCH)?,
             routes: take_map(&mut ebpf, map_names::ROUTES)?,
             cidrs: take_map(&mut ebpf, map_names::CIDRS)?,
+            routes6: take_map(&mut ebpf, map_names::ROUTES6)?,
+            cidrs6: take_map(&mut ebpf, map_names::CIDRS6)?,
             policy: take_map(&mut ebpf, map_names::POLICY)?,
             policy_kinds: take_map(&mut ebpf, map_names::POLICY_KINDS)?,
             conntrack: take_map(&mut ebpf, map_names::CONNTRACK)?,
+            conntrack6: take_map(&mut ebpf, map_names::CONNTRACK6)?,
             hosts: take_map(&mut ebpf, map_names::HOSTS)?,
             vnis: take_map(&mut ebpf, map_names::VNIS)?,
             drops: take_map(&mut ebpf, map_names::DROPS)?,
@@ -568,15 +574,21 @@ impl Dataplane {
             let (k, v) = item.map_err(read_err(map_names::CIDRS))?;
             desired.cidrs.insert((k.prefix_len(), k.data()), v);
         }
+        for item in self.routes6.iter() {
+            let (k, v) = item.map_err(read_err(map_names::ROUTES6))?;
+            desired.ipv6.routes.insert(k, v);
+        }
+        for item in self.cidrs6.iter() {
+            let (k, v) = item.map_err(read_err(map_names::CIDRS6))?;
+            desired.ipv6.cidrs.insert((k.prefix_len(), k.data()), v);
+        }
         for (identity, item) in (0..).zip(self.policy_kinds.iter()) {
             let kinds = item.map_err(read_err(map_names::POLICY_KINDS))?;
-            if kinds != 0 {
-                desired.policy_kinds.insert(identity, kinds);
-            }
+            desired.set_kinds(identity, kinds);
         }
         for item in self.policy.iter() {
             let (k, v) = item.map_err(read_err(map_names::POLICY))?;
-            desired.policy.insert((k.prefix_len(), k.data()), v);
+            desired.insert_policy(k.prefix_len(), k.data(), v);
             // Two rules in one slot cannot come from this controller; the first is kept, and
             // the compiler gives the other a slot of its own (zeroed).
             if v.slot != 0 && v.rule != 0 {
@@ -634,6 +646,16 @@ impl Dataplane {
                 })?;
             }
         }
+        for (&(len, key), &value) in &desired.ipv6.cidrs {
+            if current.ipv6.cidrs.get(&(len, key)) != Some(&value) {
+                let k = Key::new(len, key);
+                patient(|| self.cidrs6.insert(&k, value, 0)).map_err(|source| Error::MapWrite {
+                    name: map_names::CIDRS6,
+                    entry: format!("{len}/{key:?}"),
+                    source,
+                })?;
+            }
+        }
         // Each rule's counter slot, zeroed before the first entry naming it for this rule is
         // written (a new rule counts from 0; whatever the slot counted for a rule before, its
         // entries were removed by an earlier apply: a slot is never freed and given again in
@@ -659,8 +681,10 @@ impl Dataplane {
         }
         // New entries, and entries now credited to another rule (the value is replaced in
         // place: the entry never disappears).
-        for (&(len, key), value) in &desired.policy {
-            if current.policy.get(&(len, key)) != Some(value) {
+        let policy6 = desired.ipv6.policy.iter().map(|e| (e, current.ipv6.policy.get(e.0)));
+        let policy4 = desired.policy.iter().map(|e| (e, current.policy.get(e.0)));
+        for ((&(len, key), value), now) in policy4.chain(policy6) {
+            if now != Some(value) {
                 let k = Key::new(len, key);
                 patient(|| self.policy.insert(&k, value, 0)).map_err(|source| Error::MapWrite {
                     name: map_names::POLICY,
@@ -675,6 +699,16 @@ impl Dataplane {
                 routes_written = true;
                 self.routes.insert(key, value, 0).map_err(|source| Error::MapWrite {
                     name: map_names::ROUTES,
+                    entry: format!("{key:?}"),
+                    source,
+                })?;
+            }
+        }
+        for (key, value) in &desired.ipv6.routes {
+            if current.ipv6.routes.get(key) != Some(value) {
+                routes_written = true;
+                self.routes6.insert(key, value, 0).map_err(|source| Error::MapWrite {
+                    name: map_names::ROUTES6,
                     entry: format!("{key:?}"),
                     source,
                 })?;
@@ -704,6 +738,14 @@ impl Dataplane {
             })?;
             removed = true;
         }
+        for key in current.ipv6.routes.keys().filter(|k| !desired.ipv6.routes.contains_key(k)) {
+            remove_ok_if_absent(self.routes6.remove(key)).map_err(|source| Error::MapDelete {
+                name: map_names::ROUTES6,
+                entry: format!("{key:?}"),
+                source,
+            })?;
+            removed = true;
+        }
         // Before the reconciler deletes the removed endpoints' interfaces (whose ifindexes may
         // then be reused): no cached delivery to them survives this bump. A packet that read the
         // old epoch is still running its program, and the interface outlives it (RCU).
@@ -714,7 +756,9 @@ impl Dataplane {
         for &slot in current.ct_owners.keys().filter(|k| !desired.ct_owners.contains_key(k)) {
             self.ct_owners.assign(slot, 0, 0);
         }
-        for &(len, key) in current.policy.keys().filter(|k| !desired.policy.contains_key(k)) {
+        let gone4 = current.policy.keys().filter(|k| !desired.policy.contains_key(k));
+        let gone6 = current.ipv6.policy.keys().filter(|k| !desired.ipv6.policy.contains_key(k));
+        for &(len, key) in gone4.chain(gone6) {
             remove_ok_if_absent(self.policy.remove(&Key::new(len, key))).map_err(|source| {
                 Error::MapDelete {
                     name: map_names::POLICY,
@@ -738,6 +782,16 @@ impl Dataplane {
         for &(len, key) in current.cidrs.keys().filter(|k| !desired.cidrs.contains_key(k)) {
             remove_ok_if_absent(self.cidrs.remove(&Key::new(len, key))).map_err(|source| {
                 Error::MapDelete { name: map_names::CIDRS, entry: format!("{len}/{key:?}"), source }
+            })?;
+        }
+        let cidrs6 = &desired.ipv6.cidrs;
+        for &(len, key) in current.ipv6.cidrs.keys().filter(|k| !cidrs6.contains_key(k)) {
+            remove_ok_if_absent(self.cidrs6.remove(&Key::new(len, key))).map_err(|source| {
+                Error::MapDelete {
+                    name: map_names::CIDRS6,
+                    entry: format!("{len}/{key:?}"),
+                    source,
+                }
             })?;
         }
         for vni in current.vnis.difference(&desired.vnis) {
@@ -844,6 +898,20 @@ impl Dataplane {
         })
     }
 
+    /// Every IPv6 conntrack entry (`VERSE_CT6`), with its cached deliveries.
+    pub fn conntrack6_values(&self) -> Result<Vec<(Ct6Key, CtValue)>> {
+        conntrack::read_all(self.conntrack6.map().fd().as_fd()).map_err(|source| Error::Conntrack {
+            call: "BPF_MAP_LOOKUP_BATCH",
+            name: map_names::CONNTRACK6,
+            source,
+        })
+    }
+
+    /// Every IPv6 conntrack entry's flow state.
+    pub fn conntrack6(&self) -> Result<Vec<(Ct6Key, CtEntry)>> {
+        Ok(self.conntrack6_values()?.into_iter().map(|(k, v)| (k, v.entry)).collect())
+    }
+
     /// Removes every conntrack entry, releasing each from its owner's budget (tests and
     /// benchmarks start from a clean table with it).
     pub fn clear_conntrack(&mut self) -> Result<()> {
@@ -851,7 +919,8 @@ impl Dataplane {
         Ok(())
     }
 
-    /// Garbage collection of `VERSE_CT` (see [`crate::conntrack::collect`]): deletes the entries
+    /// Garbage collection of `VERSE_CT` and `VERSE_CT6` (see [`crate::conntrack::collect`]):
+    /// deletes the entries
     /// `garbage` calls garbage, releasing each from its owner's budget; `kept` sees the others.
     pub fn collect_conntrack(
         &self,
@@ -870,8 +939,24 @@ impl Dataplane {
         gone: &mut dyn FnMut(&CtKey, &CtValue),
     ) -> Result<Collected> {
         let fd = self.conntrack.map().fd().as_fd();
-        conntrack::collect(fd, &self.ct_owners, garbage, kept, gone).map_err(|source| {
-            Error::Conntrack { call: "garbage collection", name: map_names::CONNTRACK, source }
+        let v4 =
+            conntrack::collect(fd, &self.ct_owners, garbage, kept, gone).map_err(|source| {
+                Error::Conntrack { call: "garbage collection", name: map_names::CONNTRACK, source }
+            })?;
+        // IPv6 flows: the same budgets, the same predicate; not reported to `gone` (flow logs
+        // carry IPv4 flows only, see README).
+        let fd6 = self.conntrack6.map().fd().as_fd();
+        let v6 = conntrack::collect::<Ct6Key>(fd6, &self.ct_owners, garbage, kept, &mut |_, _| {})
+            .map_err(|source| Error::Conntrack {
+                call: "garbage collection",
+                name: map_names::CONNTRACK6,
+                source,
+            })?;
+        Ok(Collected {
+            scanned: v4.scanned + v6.scanned,
+            deleted: v4.deleted + v6.deleted,
+            restored: v4.restored + v6.restored,
+            duration: v4.duration + v6.duration,
         })
     }
 
@@ -980,8 +1065,9 @@ impl Dataplane {
 /// pinned one, which the programs only read. A map that the programs start writing must be
 /// added here (`tests/tests/trace.rs` checks that runs move no live conntrack entry, drop
 /// counter, rule hit counter or event).
-pub const WRITTEN_BY_PROGRAMS: [&str; 5] = [
+pub const WRITTEN_BY_PROGRAMS: [&str; 6] = [
     map_names::CONNTRACK,
+    map_names::CONNTRACK6,
     map_names::DROPS,
     map_names::EVENTS,
     map_names::EVENT_LIMITS,
@@ -1031,6 +1117,7 @@ impl Dataplane {
             loader.map_pin_path(name, dir.join(name));
         }
         loader.map_max_entries(map_names::CONNTRACK, TRACE_CONNTRACK_CAPACITY);
+        loader.map_max_entries(map_names::CONNTRACK6, TRACE_CONNTRACK_CAPACITY);
         // A run's new flow counts in no slot worth the memory of a full array: lookups beyond
         // this one slot find nothing, and count nothing.
         loader.map_max_entries(map_names::RULE_HITS, 1);

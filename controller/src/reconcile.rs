@@ -40,12 +40,12 @@
 //! (both through [`MapSet`]); the store, the compiler and the bookkeeping are the same code.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use dataplane_common as dp;
-use ipnetwork::Ipv4Network;
+use ipnetwork::{Ipv4Network, Ipv6Network};
 
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -855,11 +855,10 @@ fn with_maps<R>(target: &Target, f: impl FnOnce(&mut dyn MapSet) -> R) -> R {
 /// The numberings the maps hold: CIDR classes ([`seed_cidr_ids`]) and rule counter slots
 /// ([`seed_rule_slots`]).
 pub fn seed_ids(maps: &MapContents) -> Ids {
-    // No kernel map holds IPv6 CIDR classes yet: their numbering starts afresh.
     Ids {
         cidrs: seed_cidr_ids(maps),
         rule_slots: seed_rule_slots(maps),
-        cidrs6: compile::CidrIds6::default(),
+        cidrs6: seed_cidr6_ids(maps),
     }
 }
 
@@ -904,6 +903,22 @@ pub fn seed_cidr_ids(maps: &MapContents) -> CidrIds {
     ids
 }
 
+/// The IPv6 CIDR class numbering that `VERSE_CIDRS6` holds, as [`seed_cidr_ids`] reads
+/// `VERSE_CIDRS`.
+pub fn seed_cidr6_ids(maps: &MapContents) -> compile::CidrIds6 {
+    let mut ids = compile::CidrIds6::default();
+    for (&(prefix_len, key), &value) in &maps.ipv6.cidrs {
+        let Some((vni, addr, prefix)) = dp::Cidr6Key::decode(prefix_len, &key) else {
+            continue;
+        };
+        let Ok(cidr) = Ipv6Network::new(Ipv6Addr::from(addr), prefix) else {
+            continue;
+        };
+        ids.ids.insert((vni, cidr), value & !dp::peer::CIDR_FLAG);
+    }
+    ids
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -927,6 +942,19 @@ mod tests {
         assert_eq!(ids.ids.len(), 2);
         assert_eq!(ids.ids[&(7, "10.1.0.0/16".parse().unwrap())], 3);
         assert_eq!(ids.ids[&(7, "192.168.1.0/24".parse().unwrap())], 9);
+    }
+
+    #[test]
+    fn ipv6_cidr_ids_are_seeded_from_the_map_layout_the_compiler_writes() {
+        let mut maps = MapContents::default();
+        let net: Ipv6Network = "fd00:ab::/48".parse().unwrap();
+        let (len, key) = dp::Cidr6Key::encode(7, net.network().octets(), 48);
+        maps.ipv6.cidrs.insert((len, key), dp::peer::CIDR_FLAG | 4);
+        // Not a Verse entry: shorter than the VNI.
+        maps.ipv6.cidrs.insert((8, dp::Cidr6Key::default()), 1);
+        let ids = seed_ids(&maps);
+        assert_eq!(ids.cidrs6.ids, BTreeMap::from([((7, net), 4)]));
+        assert!(ids.cidrs.ids.is_empty(), "the IPv4 classes are numbered apart");
     }
 
     #[test]

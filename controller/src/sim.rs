@@ -85,10 +85,13 @@ impl SimMaps {
             + m.routes.len()
             + m.cidrs.len()
             + m.policy.len()
-            + m.policy_kinds.len()
+            + m.kinds_identities().len()
             + m.hosts.len()
             + m.vnis.len()
             + m.rules.len()
+            + m.ipv6.routes.len()
+            + m.ipv6.cidrs.len()
+            + m.ipv6.policy.len()
     }
 
     pub fn counts(&self) -> MapCounts {
@@ -120,6 +123,8 @@ impl MapSet for SimMaps {
             return Err(std::io::Error::other("the test made this apply fail").into());
         }
         put_changed(&mut m.cidrs, &current.cidrs, &desired.cidrs, names::CIDRS, cap::CIDRS, c)?;
+        let (cur6, want6) = (&current.ipv6, &desired.ipv6);
+        put_changed(&mut m.ipv6.cidrs, &cur6.cidrs, &want6.cidrs, names::CIDRS6, cap::CIDRS6, c)?;
         // A rule's counter slot (zeroed in the kernel) before the first entry naming it.
         for (&slot, &rule) in &desired.rules {
             if current.rules.get(&slot) == Some(&rule) {
@@ -135,7 +140,7 @@ impl MapSet for SimMaps {
         }
         // The kinds of peer of both states' entries, before the entries.
         for (identity, kinds) in policy_kinds_before(current, desired) {
-            m.policy_kinds.insert(identity, kinds);
+            m.set_kinds(identity, kinds);
             c.written += 1;
         }
         put_changed(
@@ -146,12 +151,23 @@ impl MapSet for SimMaps {
             cap::POLICY,
             c,
         )?;
+        // The IPv6 entries share the one trie (the compiler checked both together, S12).
+        let room = cap::POLICY.saturating_sub(m.policy.len() as u32);
+        put_changed(&mut m.ipv6.policy, &cur6.policy, &want6.policy, names::POLICY, room, c)?;
         put_changed(
             &mut m.routes,
             &current.routes,
             &desired.routes,
             names::ROUTES,
             cap::ROUTES,
+            c,
+        )?;
+        put_changed(
+            &mut m.ipv6.routes,
+            &cur6.routes,
+            &want6.routes,
+            names::ROUTES6,
+            cap::ROUTES6,
             c,
         )?;
         // The conntrack budget slots (S14), written before the endpoints that use them.
@@ -186,19 +202,24 @@ impl MapSet for SimMaps {
             c,
         );
         remove_gone(&mut m.routes, current.routes.keys(), |k| desired.routes.contains_key(k), c);
+        let routes6 = &desired.ipv6.routes;
+        remove_gone(&mut m.ipv6.routes, current.ipv6.routes.keys(), |k| routes6.contains_key(k), c);
         remove_gone(&mut m.policy, current.policy.keys(), |k| desired.policy.contains_key(k), c);
+        let policy6 = &desired.ipv6.policy;
+        remove_gone(&mut m.ipv6.policy, current.ipv6.policy.keys(), |k| policy6.contains_key(k), c);
         // Only the kinds the entries left name (an array slot of 0 holds nothing).
         for (identity, kinds) in policy_kinds_after(current, desired) {
+            m.set_kinds(identity, kinds);
             if kinds == 0 {
-                m.policy_kinds.remove(&identity);
                 c.removed += 1;
             } else {
-                m.policy_kinds.insert(identity, kinds);
                 c.written += 1;
             }
         }
         remove_gone(&mut m.rules, current.rules.keys(), |k| desired.rules.contains_key(k), c);
         remove_gone(&mut m.cidrs, current.cidrs.keys(), |k| desired.cidrs.contains_key(k), c);
+        let cidrs6 = &desired.ipv6.cidrs;
+        remove_gone(&mut m.ipv6.cidrs, current.ipv6.cidrs.keys(), |k| cidrs6.contains_key(k), c);
         remove_gone_set(&mut m.vnis, current.vnis.difference(&desired.vnis), c);
         remove_gone(&mut m.hosts, current.hosts.keys(), |k| desired.hosts.contains_key(k), c);
         Ok(())

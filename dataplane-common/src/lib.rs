@@ -36,10 +36,12 @@ pub mod map_names {
     pub const CT_OWNERS: &str = "VERSE_CT_OWNERS";
     pub const POLICY_KINDS: &str = "VERSE_POLICY_KINDS";
     /// IPv6 endpoint addresses ([`Route6Key`](super::Route6Key) -> [`Route`](super::Route)).
-    /// Compiled by the controller; no kernel program defines it until the IPv6 dataplane lands.
     pub const ROUTES6: &str = "VERSE_ROUTES6";
-    /// IPv6 CIDR classes ([`Cidr6Key`](super::Cidr6Key)), likewise not in the kernel yet.
+    /// IPv6 CIDR classes ([`Cidr6Key`](super::Cidr6Key)).
     pub const CIDRS6: &str = "VERSE_CIDRS6";
+    /// Connection tracking of IPv6 flows ([`Ct6Key`](super::Ct6Key) ->
+    /// [`CtValue`](super::CtValue)), charged to the same budgets (`VERSE_CT_OWNERS`).
+    pub const CONNTRACK6: &str = "VERSE_CT6";
 }
 
 /// Name of the TC program attached (TCX ingress) to the host side of every endpoint veth.
@@ -128,6 +130,10 @@ pub mod capacity {
     pub const CIDRS6: u32 = CIDRS;
     pub const POLICY: u32 = 2_097_152;
     pub const CONNTRACK: u32 = 262_144;
+    /// `VERSE_CT6`: as many as `VERSE_CT`. An endpoint's budget counts its flows of both
+    /// families together, and the budgets of a host add up to at most `CONNTRACK`, so neither
+    /// map can fill before a budget does.
+    pub const CONNTRACK6: u32 = CONNTRACK;
     pub const HOSTS: u32 = 4096;
     /// Universes of the fleet (VNIs are 24 bits; the model hands them out smallest first).
     pub const VNIS: u32 = 65536;
@@ -386,6 +392,9 @@ pub struct Endpoint {
     /// The endpoint's serial: unique in the fleet and never reused. Conntrack entries record the
     /// serials of both endpoints of a flow and match no other endpoint (S7).
     pub serial: u64,
+    /// The endpoint's IPv6 address, network order; all zero (`::`, never an endpoint's) for an
+    /// endpoint without one, whose IPv6 packets are then all `SpoofedIp`.
+    pub ip6: [u8; 16],
 }
 
 /// `VERSE_ROUTES` key: an address within a universe.
@@ -677,6 +686,59 @@ impl CtKey {
     #[inline(always)]
     pub const fn reversed(&self) -> CtKey {
         CtKey::new(self.vni, self.dst, self.src, self.dport, self.sport, self.proto)
+    }
+}
+
+/// `VERSE_CT6` key: an IPv6 flow as first seen (its original direction) in a universe, with
+/// the ports of [`CtKey`] (ICMPv6 echo as ICMP echo, `wire::ipv6::icmpv6_ct_ports`). A map of
+/// its own, so that the IPv4 key (and the IPv4 established path's hashing) stays 20 bytes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct Ct6Key {
+    pub vni: u32,
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
+    pub sport: u16,
+    pub dport: u16,
+    pub proto: u8,
+    pub _pad: [u8; 3],
+}
+
+impl Ct6Key {
+    /// The key of an IPv6 flow, the one builder of them (see [`CtKey::new`] for why the
+    /// protocol and padding are one word).
+    #[inline(always)]
+    pub const fn new(
+        vni: u32,
+        src: [u8; 16],
+        dst: [u8; 16],
+        sport: u16,
+        dport: u16,
+        proto: u8,
+    ) -> Ct6Key {
+        const _: () = assert!(
+            core::mem::offset_of!(Ct6Key, proto) == 40 && core::mem::size_of::<Ct6Key>() == 44
+        );
+        let mut k = core::mem::MaybeUninit::<Ct6Key>::uninit();
+        let p = k.as_mut_ptr();
+        // SAFETY: every byte of the key is written exactly once: the five fields before `proto`
+        // through their places, then bytes 40..44 (`proto` and `_pad`, checked above) as one
+        // unaligned word whose first byte in memory is `proto` and the others 0.
+        unsafe {
+            core::ptr::addr_of_mut!((*p).vni).write(vni);
+            core::ptr::addr_of_mut!((*p).src).write(src);
+            core::ptr::addr_of_mut!((*p).dst).write(dst);
+            core::ptr::addr_of_mut!((*p).sport).write(sport);
+            core::ptr::addr_of_mut!((*p).dport).write(dport);
+            p.cast::<u8>().add(40).cast::<u32>().write_unaligned((proto as u32).to_le());
+            k.assume_init()
+        }
+    }
+
+    /// The key of the same flow seen the other way: what a reply's packets carry.
+    #[inline(always)]
+    pub const fn reversed(&self) -> Ct6Key {
+        Ct6Key::new(self.vni, self.dst, self.src, self.dport, self.sport, self.proto)
     }
 }
 
@@ -1039,6 +1101,7 @@ mod pod {
         Cidr6Key,
         PolicyKey,
         CtKey,
+        Ct6Key,
         CtEntry,
         CtHop,
         CtValue,
@@ -1077,7 +1140,7 @@ mod tests {
 
     #[test]
     fn layouts_have_no_implicit_padding() {
-        assert_eq!(size_of::<Endpoint>(), 32);
+        assert_eq!(size_of::<Endpoint>(), 48);
         assert_eq!(size_of::<RouteKey>(), 8);
         assert_eq!(size_of::<Route>(), 32);
         assert_eq!(size_of::<CidrKey>(), 8);
@@ -1085,6 +1148,7 @@ mod tests {
         assert_eq!(size_of::<Cidr6Key>(), 20);
         assert_eq!(size_of::<PolicyKey>(), 12);
         assert_eq!(size_of::<CtKey>(), 20);
+        assert_eq!(size_of::<Ct6Key>(), 44);
         assert_eq!(size_of::<CtEntry>(), 32);
         assert_eq!(size_of::<CtHop>(), 20);
         assert_eq!(size_of::<CtCounters>(), 104);
@@ -1168,6 +1232,21 @@ mod tests {
         assert_eq!((r.src, r.dst, r.sport, r.dport), ([10, 0, 0, 2], [10, 0, 0, 1], 80, 40000));
         assert_eq!((r.vni, r.proto, r._pad), (7, wire::IPPROTO_TCP, [0; 3]));
         assert_eq!(r.reversed(), k);
+        let (a, b) = ([0xfd; 16], [0xfe; 16]);
+        let k6 = Ct6Key::new(7, a, b, 40000, 80, wire::IPPROTO_TCP);
+        let literal6 = Ct6Key {
+            vni: 7,
+            src: a,
+            dst: b,
+            sport: 40000,
+            dport: 80,
+            proto: wire::IPPROTO_TCP,
+            _pad: [0; 3],
+        };
+        assert_eq!(k6, literal6);
+        let r6 = k6.reversed();
+        assert_eq!((r6.src, r6.dst, r6.sport, r6.dport, r6.proto), (b, a, 80, 40000, 6));
+        assert_eq!(r6.reversed(), k6);
         // An echo reply's key is its request's reversed.
         let req = icmp_ct_ports(wire::ICMP_ECHO_REQUEST, 9);
         let rep = icmp_ct_ports(wire::ICMP_ECHO_REPLY, 9);

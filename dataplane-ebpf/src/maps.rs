@@ -7,8 +7,9 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, PerCpuArray, RingBuf},
 };
 use dataplane_common::{
-    capacity, CidrKey, Config, CtKey, CtOwner, CtValue, DropCount, Endpoint, EventLimiter, Hook,
-    HostKey, PolicyKey, PolicyValue, Route, RouteKey, VniKey, MAP_F_MMAPABLE,
+    capacity, Cidr6Key, CidrKey, Config, Ct6Key, CtKey, CtOwner, CtValue, DropCount, Endpoint,
+    EventLimiter, Hook, HostKey, PolicyKey, PolicyValue, Route, Route6Key, RouteKey, VniKey,
+    MAP_F_MMAPABLE,
 };
 
 /// Host-side veth ifindex -> the endpoint behind it, for ifindexes below
@@ -31,6 +32,14 @@ pub static VERSE_ROUTES: HashMap<RouteKey, Route> = HashMap::pinned(capacity::RO
 #[map]
 pub static VERSE_CIDRS: LpmTrie<CidrKey, u32> = LpmTrie::pinned(capacity::CIDRS, 0);
 
+/// (universe, IPv6 address) -> where that endpoint lives (the same value as its IPv4 route).
+#[map]
+pub static VERSE_ROUTES6: HashMap<Route6Key, Route> = HashMap::pinned(capacity::ROUTES6, 0);
+
+/// (universe, IPv6 address) longest match -> IPv6 CIDR class peer value.
+#[map]
+pub static VERSE_CIDRS6: LpmTrie<Cidr6Key, u32> = LpmTrie::pinned(capacity::CIDRS6, 0);
+
 /// Every policy of the host; the presence of a matching prefix allows, and the value names the
 /// rule that produced it.
 #[map]
@@ -48,6 +57,12 @@ pub static VERSE_POLICY_KINDS: Array<u32> = Array::pinned(capacity::POLICY_KINDS
 /// of deleted endpoints (see `conntrack`).
 #[map]
 pub static VERSE_CT: HashMap<CtKey, CtValue> = HashMap::pinned(capacity::CONNTRACK, 0);
+
+/// Connection tracking of IPv6 flows: `VERSE_CT`'s twin with 16-byte addresses in its key, a
+/// map of its own so that IPv4's key and hashing stay as they are. Its entries are charged to
+/// the same budgets (`VERSE_CT_OWNERS`) and collected by the controller like `VERSE_CT`'s.
+#[map]
+pub static VERSE_CT6: HashMap<Ct6Key, CtValue> = HashMap::pinned(capacity::CONNTRACK6, 0);
 
 /// `Endpoint::slot` -> that endpoint's conntrack budget and usage (S14). Mapped into the
 /// controller's memory (`BPF_F_MMAPABLE`), which subtracts from `used` with the same atomic

@@ -50,6 +50,7 @@ pub fn desired(if_a: u32, budget: u64, remotes: &[Remote], admit_from: u32) -> M
             identity: ID_A,
             slot: 1,
             serial: 1,
+            ip6: [0; 16],
         },
     );
     d.ct_owners.insert(1, OwnerBudget { serial: 1, budget });

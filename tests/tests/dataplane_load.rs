@@ -10,8 +10,8 @@ use std::path::Path;
 
 use dataplane_common::wire::ipv6::{NEXTHDR_FRAGMENT, NEXTHDR_HOP};
 use dataplane_common::{
-    ct_state, policy_prefix, Config, DropReason, Endpoint, PolicyKey, PolicyValue, Route, RouteKey,
-    DIRECTION_EGRESS, DIRECTION_INGRESS,
+    ct_state, peer, policy_prefix, Cidr6Key, Config, DropReason, Endpoint, PolicyKey, PolicyValue,
+    Route, Route6Key, RouteKey, DIRECTION_EGRESS, DIRECTION_INGRESS, DIRECTION_IPV6,
 };
 use tests::frames::{
     arp_request, ethernet, icmp, ipv4, ipv6, ipv6_extensions, tcp, udp, ETH_IPV4, ETH_IPV6, SYN,
@@ -77,12 +77,40 @@ fn desired(if_a: u32, if_b: u32) -> MapContents {
     d.routes.insert(RouteKey { vni: VNI, ip: IP_B }, route(if_b, ID_B, MAC_B, IP_B));
     egress_all(&mut d, ID_A);
     admit_tcp80_from_a(&mut d, ID_B);
+    // Their IPv6 addresses, an IPv6 class and A's `::/0` egress: read back as written.
+    for (ifindex, ip, mac, id) in [(if_a, IP_A, MAC_A, ID_A), (if_b, IP_B, MAC_B, ID_B)] {
+        d.ipv6.routes.insert(Route6Key { vni: VNI, ip: ip6_of(ip) }, route(ifindex, id, mac, ip));
+    }
+    d.ipv6.cidrs.insert(Cidr6Key::encode(VNI, ip6_of(IP_A), 64), peer::CIDR_FLAG | 1);
+    d.ipv6.policy.insert(
+        (
+            policy_prefix::PEER,
+            PolicyKey {
+                identity: ID_A.to_be_bytes(),
+                direction: DIRECTION_EGRESS + DIRECTION_IPV6,
+                peer: peer::ANY.to_be_bytes(),
+                proto: 0,
+                port: [0; 2],
+            },
+        ),
+        PolicyValue::default(),
+    );
+    d.ipv6.policy_kinds = verse::compile::policy_kinds(&d.ipv6.policy);
     d
 }
 
 /// The endpoint at `ip` on this host, with its slot and serial.
 fn endpoint(ip: [u8; 4], mac: [u8; 6], identity: u32) -> Endpoint {
-    Endpoint { ip, mac, _pad: [0; 2], vni: VNI, identity, slot: slot_of(ip), serial: serial_of(ip) }
+    let (slot, serial, ip6) = (slot_of(ip), serial_of(ip), ip6_of(ip));
+    Endpoint { ip, mac, _pad: [0; 2], vni: VNI, identity, slot, serial, ip6 }
+}
+
+/// The IPv6 address of the endpoint at `ip`: fd00::<last byte>.
+fn ip6_of(ip: [u8; 4]) -> [u8; 16] {
+    let mut a = [0; 16];
+    a[0] = 0xfd;
+    a[15] = ip[3];
+    a
 }
 
 /// The route to the local endpoint at `ip` behind `ifindex`.
