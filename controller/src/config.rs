@@ -671,6 +671,7 @@ impl Config {
                 prefix: self.etcd_prefix.clone(),
                 lease_ttl: std::time::Duration::from_secs(self.etcd_lease_ttl),
                 liveness_linger: crate::store::etcd::LIVENESS_LINGER,
+                scope: None,
                 user,
                 audit_retention: self.audit_retention(),
                 tls: self.etcd_ca_file.as_ref().map(|ca| crate::store::EtcdTls {

@@ -275,6 +275,13 @@ pub struct State {
     /// Derived lookups and counts (`crate::index`), never stored.
     #[serde(skip)]
     pub(crate) idx: crate::index::Index,
+    /// What part of the fleet's desired state this copy holds, when its store follows only what
+    /// one host needs (`EtcdOptions::scope`, a host that answers no API): each key range it
+    /// follows (`hosts/`, `placement/<host>/`, `u/<universe>/`) with the etcd revision up to
+    /// which it holds every change of that range. `None`: the whole desired state. Never stored;
+    /// the host reports it with its realized revision (`crate::store::Realized`).
+    #[serde(skip)]
+    pub followed: Option<std::sync::Arc<std::collections::BTreeMap<String, u64>>>,
 }
 
 impl State {

@@ -457,7 +457,7 @@ impl Reconciler {
                         *slot.lock().unwrap_or_else(std::sync::PoisonError::into_inner) =
                             state.clone();
                     }
-                    let report = Realized { revision: state.revision, errors: outcome.errors() };
+                    let report = Realized { errors: outcome.errors(), ..Realized::of(&state) };
                     let previous = realized.send_replace(report.clone());
                     // Retries of a realized revision that change nothing are not news.
                     let news = previous != report || outcome.wrote_maps;

@@ -509,7 +509,10 @@ async fn try_start_host(
     underlay_ip: Ipv4Addr,
     client: etcd_client::Client,
 ) -> Result<SimHost, SimError> {
-    let store = Store::open_etcd_with_client(options.etcd.clone(), client).await?;
+    // A simulated host answers no API: its store follows only what this host needs (the
+    // hosts, its placements, the universes with an endpoint here: `store::etcd`, scope).
+    let etcd = EtcdOptions { scope: Some(name.to_owned()), ..options.etcd.clone() };
+    let store = Store::open_etcd_with_client(etcd, client).await?;
     let maps: SharedSimMaps = Arc::new(Mutex::new(SimMaps::new()));
     let reconciler = Reconciler::simulated(maps.clone(), name.to_owned())
         .map_err(|e| SimError::Invalid(e.to_string()))?;

@@ -1167,3 +1167,157 @@ async fn after_the_linger_nothing_stale_is_answered() {
     let hosts = quiet.hosts().await.unwrap();
     assert!(hosts.iter().any(|h| h.name == "h1" && !h.healthy), "{hosts:?}");
 }
+
+/// An endpoint of `universe` on `host` in namespace `netns`, in group `group`.
+fn endpoint_on(
+    universe: &str,
+    host: &str,
+    netns: &str,
+    ip: &str,
+    group: &str,
+) -> model::CreateEndpoint {
+    model::CreateEndpoint {
+        universe: universe.into(),
+        host: Some(host.into()),
+        netns: netns.into(),
+        ip: ip.into(),
+        security_groups: Some(vec![group.into()]),
+        ..Default::default()
+    }
+}
+
+/// The objects of universe `uni` in `s` (its record, groups with their rules, endpoints,
+/// identities), to compare two stores' copies of it.
+fn universe_of(s: &State, uni: &str) -> String {
+    let groups: Vec<_> = s.groups.values().filter(|g| g.universe == uni).collect();
+    let endpoints: Vec<_> = s.endpoints.values().filter(|e| e.universe == uni).collect();
+    let identities: Vec<_> = s.identities.iter().filter(|(_, i)| i.universe == uni).collect();
+    format!("{:?} {groups:?} {endpoints:?} {identities:?}", s.universes.get(uni))
+}
+
+/// A host whose store has a scope (`EtcdOptions::scope`: a host that answers no API, as the
+/// simulated hosts are) receives nothing of an edit of a universe with no endpoint on it and
+/// holds nothing of it; an endpoint placed on it brings the whole universe (as the full store
+/// holds it), later edits of it follow, and removing the endpoint drops it. The store that
+/// follows everything judges the host's realized revision (S13, what the API waits for): an
+/// edit of a universe the host does not hold is realized there at once; a placement on it only
+/// once the host has reported the universe loaded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_with_a_scope_follows_only_the_universes_placed_on_it() {
+    let etcd = Etcd::start_local();
+    let ttl = Duration::from_secs(5);
+    let a = etcd.store(ttl).await;
+    a.register_host("h1", None).await.unwrap();
+    let (blue, _) = a.edit(|s| s.create_universe(universe("blue"))).await.unwrap();
+    let (red, _) = a.edit(|s| s.create_universe(universe("red"))).await.unwrap();
+    let (web, _) = a.edit(|s| s.create_group(group(&blue.id, "web"))).await.unwrap();
+    let (red_web, _) = a.edit(|s| s.create_group(group(&red.id, "web"))).await.unwrap();
+    let g = web.id.clone();
+    a.edit(move |s| s.add_rule(&g, tcp_rule(80))).await.unwrap();
+
+    let s = open(EtcdOptions { scope: Some("h9".into()), ..etcd.options(ttl) }).await;
+    s.register_host("h9", Some(Ipv4Addr::new(198, 18, 0, 9))).await.unwrap();
+    // h9 reports each state it holds as realized, while `gate` is open (a reconciler's report).
+    let (gate, gated) = watch::channel(true);
+    let reporter = s.clone();
+    let mut rx = s.subscribe();
+    tokio::spawn(async move {
+        let mut gated = gated;
+        loop {
+            let state = rx.borrow_and_update().clone();
+            if gated.wait_for(|open| *open).await.is_err() {
+                break;
+            }
+            reporter.report("h9", Realized::of(&state));
+            if rx.changed().await.is_err() {
+                break;
+            }
+        }
+    });
+    let mut srx = s.subscribe();
+    wait_state(&mut srx, "h9 registered", |st| st.hosts.contains_key("h9")).await;
+    assert!(s.snapshot().universes.is_empty(), "no endpoint on h9: no universe");
+    let hosts = a.subscribe_hosts().await.unwrap();
+    let h9_at = |rev: u64| {
+        let hosts = hosts.clone();
+        async move {
+            let mut hosts = hosts;
+            tokio::time::timeout(
+                WAIT,
+                hosts.wait_for(|h| h.iter().any(|h| h.name == "h9" && h.revision >= rev)),
+            )
+            .await
+            .map(|_| ())
+        }
+    };
+
+    // An edit of blue: nothing reaches h9 (the next edit it receives is the host record that
+    // follows), and it is realized there at once.
+    let before = s.watch_stats();
+    let g = web.id.clone();
+    let (_, rev) = a.edit(move |s| s.add_rule(&g, tcp_rule(81))).await.unwrap();
+    assert!(h9_at(rev).await.is_ok(), "an edit of a universe h9 does not hold waits for h9");
+    a.register_host("h2", Some(Ipv4Addr::new(198, 18, 0, 2))).await.unwrap();
+    wait_state(&mut srx, "h2 on h9", |st| st.hosts.contains_key("h2")).await;
+    let after = s.watch_stats();
+    assert_eq!(
+        after.events - before.events,
+        1,
+        "h9 received only h2's record: {before:?} {after:?}"
+    );
+    assert!(s.snapshot().groups.is_empty() && s.snapshot().universes.is_empty());
+
+    // An endpoint of blue placed on h9: h9 holds blue whole, as the store that follows
+    // everything does, and red not at all. Until h9 reports it, the placement is not realized
+    // there.
+    gate.send_replace(false);
+    let (ep, placed) = a
+        .edit(|s| s.create_endpoint(endpoint_on(&blue.id, "h9", "ns-1", "10.1.0.5", &web.id), "h1"))
+        .await
+        .unwrap();
+    wait_state(&mut srx, "blue on h9", |st| st.revision >= placed).await;
+    assert_eq!(universe_of(&s.snapshot(), &blue.id), universe_of(&a.snapshot(), &blue.id));
+    assert!(!s.snapshot().universes.contains_key(&red.id));
+    assert!(s.snapshot().groups.get(&red_web.id).is_none());
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let h9 = a.hosts().await.unwrap().into_iter().find(|h| h.name == "h9").unwrap();
+    assert!(h9.revision < placed, "h9 has not reported the placement yet: {h9:?}");
+    gate.send_replace(true);
+    assert!(h9_at(placed).await.is_ok(), "h9 reported blue loaded");
+
+    // Later edits of blue reach h9, and h9 realizes them only by reporting them.
+    gate.send_replace(false);
+    let g = web.id.clone();
+    let (_, rev) = a.edit(move |s| s.add_rule(&g, tcp_rule(82))).await.unwrap();
+    wait_state(&mut srx, "the rule on h9", |st| st.revision >= rev).await;
+    assert_eq!(universe_of(&s.snapshot(), &blue.id), universe_of(&a.snapshot(), &blue.id));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let h9 = a.hosts().await.unwrap().into_iter().find(|h| h.name == "h9").unwrap();
+    assert!(h9.revision < rev, "h9 holds blue: the edit waits for its report: {h9:?}");
+    gate.send_replace(true);
+    assert!(h9_at(rev).await.is_ok());
+    // An edit of red still sends h9 nothing and is realized there at once.
+    let before = s.watch_stats();
+    let g = red_web.id.clone();
+    let (_, rev) = a.edit(move |s| s.add_rule(&g, tcp_rule(83))).await.unwrap();
+    assert!(h9_at(rev).await.is_ok());
+    a.register_host("h3", None).await.unwrap();
+    wait_state(&mut srx, "h3 on h9", |st| st.hosts.contains_key("h3")).await;
+    assert_eq!(s.watch_stats().events - before.events, 1, "only h3's record");
+
+    // The endpoint goes: h9 drops blue whole, and receives nothing of it after.
+    let id = ep.id.clone();
+    let (_, gone) = a.edit(move |s| s.delete_endpoint(&id)).await.unwrap();
+    wait_state(&mut srx, "blue gone from h9", |st| st.revision >= gone).await;
+    let snap = s.snapshot();
+    assert!(snap.universes.is_empty() && snap.groups.is_empty() && snap.endpoints.is_empty());
+    assert!(snap.identities.is_empty(), "{:?}", snap.identities);
+    assert!(h9_at(gone).await.is_ok());
+    let before = s.watch_stats();
+    let g = web.id.clone();
+    let (_, rev) = a.edit(move |s| s.add_rule(&g, tcp_rule(84))).await.unwrap();
+    assert!(h9_at(rev).await.is_ok());
+    a.register_host("h4", None).await.unwrap();
+    wait_state(&mut srx, "h4 on h9", |st| st.hosts.contains_key("h4")).await;
+    assert_eq!(s.watch_stats().events - before.events, 1, "only h4's record");
+}

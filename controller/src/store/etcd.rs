@@ -17,7 +17,9 @@
 //!   keeps enforcing it); when it comes back the watch resumes from the last applied revision,
 //!   or, if etcd has compacted that history away, everything is read again. The hosts (peers,
 //!   underlay addresses) come from `hosts/<name>`, which changes only when a host joins,
-//!   leaves or moves.
+//!   leaves or moves. A store opened with a scope ([`EtcdOptions::scope`]: a host that answers
+//!   no API) follows only what its host needs instead: the hosts, its own placements and the
+//!   universes with an endpoint on it, each on a watcher of its own (see [`scoped`]).
 //! - The hosts' liveness records (`alive/`) are **not** part of that watch: every host rewrites
 //!   its record with each revision it realizes, so a watch of them by every host would be N²
 //!   events per edit in a fleet of N hosts. They are followed by a watch of their own, opened
@@ -89,6 +91,9 @@ use super::{
 use crate::audit::{AuditRecord, Query as AuditQuery};
 use crate::model::{self, HostRecord, State};
 use crate::phases::{self, Phase};
+
+#[path = "scoped.rs"]
+mod scoped;
 
 /// Default key prefix of the fleet's state.
 pub const DEFAULT_PREFIX: &str = "/verse/";
@@ -174,6 +179,11 @@ pub struct EtcdOptions {
     /// How long the hosts' liveness records stay followed after the last need of them
     /// ([`LIVENESS_LINGER`] by default).
     pub liveness_linger: Duration,
+    /// Follow only what host `scope` needs (see [`scoped`]): the hosts, its own placements, and
+    /// the universes with an endpoint on it. For a host that answers no API (a simulated
+    /// host): such a store cannot check or run edits of universes it does not hold. `None`
+    /// (the default): the whole desired state.
+    pub scope: Option<String>,
 }
 
 /// TLS to etcd: the CA of etcd's certificate, and this host's client certificate and key
@@ -218,6 +228,7 @@ impl EtcdOptions {
             audit_retention: AuditRetention::default(),
             tls: None,
             liveness_linger: LIVENESS_LINGER,
+            scope: None,
         }
     }
 }
@@ -268,6 +279,9 @@ struct Shared {
     lease_stats: LeaseCounters,
     /// Whose turn it is to commit, among this host's edits guarded by the same key.
     turns: Turns,
+    /// Which key ranges each revision changed, as this store's watch applied them: what tells
+    /// which revisions a host that follows only its universes has realized ([`scoped`]).
+    touches: Mutex<scoped::Touches>,
 }
 
 /// One queue per guarded key (a universe's `version`, the catalog, a counter, a host's slots)
@@ -538,8 +552,11 @@ struct Cache {
     catalog: i64,
     keys: imbl::HashMap<String, i64>,
     /// The etcd revision up to which the desired state is applied: every change of the
-    /// desired state, and every guarded key, at or before it is in `state`.
+    /// desired state, and every guarded key, at or before it is in `state`. For a store with a
+    /// scope, the newest revision any of its ranges is applied up to.
     revision: i64,
+    /// What a store that follows one host's needs follows ([`EtcdOptions::scope`]).
+    scope: Option<scoped::Scope>,
 }
 
 /// Why a watch stream ended.
@@ -610,13 +627,18 @@ impl Etcd {
             conflicts: std::sync::atomic::AtomicU64::new(0),
             lease_stats: LeaseCounters::default(),
             turns: Turns::default(),
+            touches: Mutex::default(),
         });
 
         let mut delay = RETRY_MIN;
         // The first state must decode: publishing nothing (or an empty state) instead would
         // make the reconciler tear the dataplane down.
         let cache = loop {
-            match shared.read().await {
+            let read = match &options.scope {
+                Some(host) => shared.read_scoped(host).await,
+                None => shared.read().await,
+            };
+            match read {
                 Ok(cache) => break cache,
                 // Waiting cannot help these: a corrupt key, or credentials etcd refuses.
                 Err(e @ (Error::Corrupt { .. } | Error::Denied { .. })) => return Err(e),
@@ -642,7 +664,10 @@ impl Etcd {
             "following the desired state in etcd"
         );
 
-        let follow = tokio::spawn(shared.clone().follow(cache));
+        let follow = match cache.scope.is_some() {
+            true => tokio::spawn(shared.clone().follow_scoped(cache)),
+            false => tokio::spawn(shared.clone().follow(cache)),
+        };
         let trim = tokio::spawn(shared.clone().trim_audit());
         let compact = tokio::spawn(shared.clone().compact_history());
         let liveness = tokio::spawn(shared.clone().follow_liveness());
@@ -1322,6 +1347,8 @@ impl Shared {
         cache.state.take_touched_hosts();
         cache.state.clear_changes();
         cache.state.revision = u64::try_from(last_change).unwrap_or(0);
+        // What changed before this read is not known revision by revision.
+        *lock(&self.touches) = scoped::Touches::from(at);
         Ok(cache)
     }
 
@@ -1438,8 +1465,8 @@ impl Shared {
     }
 
     /// Publishes what `cache` holds: the view edits run on, the state (when
-    /// `desired_changed`), the hosts (when `hosts_changed`: a host record came or went), then
-    /// the applied etcd revision.
+    /// `desired_changed`), the applied etcd revision, then the hosts (when a host record came or
+    /// went, or the state changed: see `scoped::Judge`).
     fn publish(&self, cache: &Cache, desired_changed: bool, hosts_changed: bool) {
         let state = Arc::new(cache.state.clone());
         // The view first: a subscriber woken by the state may edit at once, on the view.
@@ -1452,9 +1479,6 @@ impl Shared {
         if desired_changed {
             self.state.send_replace(state.clone());
         }
-        if hosts_changed && self.live.following.load(Ordering::SeqCst) {
-            self.publish_hosts();
-        }
         self.applied.send_if_modified(|cur| {
             let newer = cache.revision > *cur;
             if newer {
@@ -1462,6 +1486,11 @@ impl Shared {
             }
             newer
         });
+        // Every change moves what the hosts that follow only their universes are known to have
+        // realized (their revisions are judged against the changes seen: `scoped`).
+        if (hosts_changed || desired_changed) && self.live.following.load(Ordering::SeqCst) {
+            self.publish_hosts();
+        }
     }
 
     /// Publishes the hosts: those registered in the desired state (as the view has them) and
@@ -1470,7 +1499,10 @@ impl Shared {
         // Held while publishing: the two writers (the state's watch, the liveness watch)
         // publish one after the other, the last with both of their news.
         let alive = lock(&self.live.alive);
-        let state = self.view.borrow().state.clone();
+        let view = self.view.borrow().clone();
+        let state = view.state.clone();
+        let touches = lock(&self.touches);
+        let judge = scoped::Judge::new(&view, &touches, *self.applied.borrow());
         let mut hosts: BTreeMap<&str, HostStatus> = state
             .hosts
             .values()
@@ -1482,7 +1514,7 @@ impl Shared {
                     underlay_ip: h.underlay_ip,
                     api: h.api.clone(),
                     api_fingerprint: h.api_fingerprint.clone(),
-                    revision: realized.revision,
+                    revision: judge.revision(&h.name, &realized),
                     healthy,
                     errors: realized.errors,
                 };
@@ -1495,7 +1527,7 @@ impl Shared {
                 underlay_ip: None,
                 api: None,
                 api_fingerprint: None,
-                revision: realized.revision,
+                revision: judge.revision(name, realized),
                 healthy: *healthy,
                 errors: realized.errors.clone(),
             });
@@ -1733,6 +1765,7 @@ impl Shared {
                     .position(|e| e.kv().map_or(0, |kv| kv.mod_revision()) != rev)
                     .map_or(events.len(), |n| start + n);
                 let mut batch = Vec::new();
+                let mut touches = lock(&self.touches);
                 for event in &events[start..end] {
                     let Some(kv) = event.kv() else { continue };
                     let Some(rel) = self.relative(kv.key()) else { continue };
@@ -1740,12 +1773,14 @@ impl Shared {
                         EventType::Put => Some(kv.value()),
                         EventType::Delete => None,
                     };
+                    touches.record(rev, rel);
                     cache.record(rel, value, kv.mod_revision());
                     hosts_changed |= matches!(layout::kind(rel), layout::Kind::Host(_));
                     if layout::is_state(rel) {
                         batch.push(layout::Event { key: rel, value });
                     }
                 }
+                drop(touches);
                 match layout::apply(&mut cache.state, &batch) {
                     Ok(changed) => {
                         if changed {
@@ -2461,6 +2496,7 @@ mod tests {
                 code: "invalid_argument".into(),
                 message: "no namespace".into(),
             }],
+            followed: None,
         };
         record_liveness(&mut alive, "alive/h1", Some(encode_report(&failed).as_bytes()), "/v/");
         assert_eq!(alive["h1"], (failed, true), "errors travel with the revision");

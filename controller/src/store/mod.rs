@@ -258,7 +258,10 @@ pub struct HostStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub api_fingerprint: Option<String>,
     /// The revision the host has reported realized in its dataplane (S13); the last one known
-    /// if the host is not healthy, 0 if it never reported.
+    /// if the host is not healthy, 0 if it never reported. For a host that follows only its
+    /// own universes (`EtcdOptions::scope`), the newest revision up to which everything it
+    /// follows is current, as this store judges from the changes it has seen: an edit of a
+    /// universe with no endpoint on that host is realized there trivially.
     pub revision: u64,
     /// The host's `versed` is alive: it keeps its liveness record fresh (always true for the
     /// embedded store's hosts).
@@ -277,12 +280,27 @@ pub struct Realized {
     pub revision: u64,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub errors: Vec<HostError>,
+    /// For a host whose store follows only what it needs (`EtcdOptions::scope`): the key
+    /// ranges it follows, each with the etcd revision up to which its realized state holds it
+    /// ([`State::followed`]); `revision` is then the newest of them. The stores that read the
+    /// reports judge from it which revisions the host has realized ([`HostStatus::revision`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub followed: Option<std::collections::BTreeMap<String, u64>>,
 }
 
 impl Realized {
     /// A revision realized whole.
     pub fn at(revision: u64) -> Realized {
-        Realized { revision, errors: Vec::new() }
+        Realized { revision, errors: Vec::new(), followed: None }
+    }
+
+    /// `state` realized whole: its revision, and what it follows.
+    pub fn of(state: &State) -> Realized {
+        Realized {
+            revision: state.revision,
+            errors: Vec::new(),
+            followed: state.followed.as_deref().cloned(),
+        }
     }
 }
 

@@ -1,0 +1,575 @@
+//! Following only what one host needs ([`EtcdOptions::scope`]), and judging, from the changes a
+//! store that follows everything has seen, which revisions such a host has realized.
+//!
+//! Contract:
+//! - A store with a scope (host H) follows three kinds of key ranges, each on a watcher of its
+//!   own, all on one watch stream (watch ids it assigns): `hosts/` (the fleet's hosts: peers and
+//!   their underlay addresses), `placement/H/` (H's claims, each naming its endpoint's universe)
+//!   and `u/U/` for each universe U a claim names (everything of U). etcd orders events within a
+//!   watcher only, so each range keeps its own progress: the etcd revision up to which the
+//!   state holds every change of that range ([`State::followed`]).
+//! - A universe is held whole or not at all (fail closed): when a batch of `placement/H/` names
+//!   a universe not held yet, `u/U/` and `universes/U` are read in one transaction (one revision
+//!   C) and watched from C + 1, before the batch counts as applied and before anything is
+//!   published; when no claim names it any more, or its `version` key is deleted (the universe
+//!   is), its objects leave the state and its watcher is cancelled. A read that fails ends the
+//!   watch, which resumes from each range's own progress (or reads everything again after a
+//!   compaction) with the placement not applied yet.
+//! - Nothing else reaches H: an edit of a universe with no endpoint on H sends H nothing, and H
+//!   keeps nothing of it.
+//! - Acknowledgement (S13): H reports its ranges' progress with its realized revision
+//!   ([`Realized::followed`]). A store that follows everything records which ranges each revision
+//!   changed ([`Touches`]) and judges H's revision ([`Judge`]): the newest revision up to which
+//!   no range H must hold (its ranges, and the universes that store's state places on H) changed
+//!   past H's progress on it. A universe H does not hold cannot be behind there: an edit of it is
+//!   realized on H trivially. Changes from before that store last read the whole state are not
+//!   known one by one; for them a universe's `version` key (rewritten by every edit of it),
+//!   `slots/H` (by every placement on H) and the hosts' records stand in: a placement removed or
+//!   a host record deleted before that read is not seen.
+
+use std::cell::OnceCell;
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+
+use super::*;
+use crate::store::layout::{Placement, HOSTS, PLACEMENT, U, UNIVERSES};
+
+/// How many (revision, range) changes a store keeps to judge hosts by.
+const TOUCHES_KEPT: usize = 100_000;
+
+/// What a store with a scope follows (in its [`Cache`]).
+pub(super) struct Scope {
+    host: String,
+    /// `placement/<host>/<netns>` (relative) -> the universe of its endpoint.
+    placed: BTreeMap<String, String>,
+    /// Key range -> the etcd revision up to which the state holds every change of it.
+    follows: BTreeMap<String, i64>,
+}
+
+impl Scope {
+    fn placement(&self) -> String {
+        format!("{PLACEMENT}{}/", self.host)
+    }
+
+    fn followed_universes(&self) -> BTreeSet<String> {
+        self.follows
+            .keys()
+            .filter_map(|r| r.strip_prefix(U)?.strip_suffix('/'))
+            .map(str::to_owned)
+            .collect()
+    }
+}
+
+/// The range of a relative key, as hosts with a scope follow them: `hosts/`,
+/// `placement/<host>/`, `u/<universe>/`; `None` for the others.
+fn range_of(rel: &str) -> Option<String> {
+    if rel.starts_with(HOSTS) {
+        return Some(HOSTS.to_owned());
+    }
+    if let Some(rest) = rel.strip_prefix(PLACEMENT) {
+        return Some(format!("{PLACEMENT}{}/", rest.split_once('/')?.0));
+    }
+    let rest = rel.strip_prefix(U)?;
+    Some(layout::universe_prefix(rest.split_once('/')?.0))
+}
+
+/// Which ranges each revision changed, as a store's watch applied them: the last
+/// [`TOUCHES_KEPT`].
+#[derive(Default)]
+pub(super) struct Touches {
+    /// The first revision recorded one by one: changes before it are not known.
+    floor: i64,
+    by_range: HashMap<String, BTreeSet<i64>>,
+    order: VecDeque<(i64, String)>,
+}
+
+impl Touches {
+    /// Nothing known up to `read_at` (the revision of a whole read).
+    pub(super) fn from(read_at: i64) -> Touches {
+        Touches { floor: read_at.saturating_add(1), ..Touches::default() }
+    }
+
+    /// Revision `rev` changed key `rel`.
+    pub(super) fn record(&mut self, rev: i64, rel: &str) {
+        let Some(range) = range_of(rel) else { return };
+        if self.by_range.entry(range.clone()).or_default().insert(rev) {
+            self.order.push_back((rev, range));
+        }
+        while self.order.len() > TOUCHES_KEPT {
+            let Some((old, range)) = self.order.pop_front() else { break };
+            if let Some(set) = self.by_range.get_mut(&range) {
+                set.remove(&old);
+                if set.is_empty() {
+                    self.by_range.remove(&range);
+                }
+            }
+            self.floor = self.floor.max(old.saturating_add(1));
+        }
+    }
+
+    /// Up to which revision `range`, held up to `progress`, is current: `None` through every
+    /// change seen; `last_known` is the newest change of the range before the floor that the
+    /// keys tell (see the module docs).
+    fn current_until(&self, range: &str, progress: i64, last_known: i64) -> Option<i64> {
+        let next =
+            self.by_range.get(range).and_then(|s| s.range(progress.saturating_add(1)..).next());
+        match next {
+            Some(next) => Some(next - 1),
+            None if progress.saturating_add(1) >= self.floor || last_known <= progress => None,
+            None => Some(progress),
+        }
+    }
+}
+
+/// Judges the revision of each host from its report (see the module docs).
+pub(super) struct Judge<'a> {
+    view: &'a View,
+    touches: &'a Touches,
+    applied: i64,
+    /// The newest change of a host record the view's keys tell, computed when first needed.
+    hosts_last: OnceCell<i64>,
+}
+
+impl<'a> Judge<'a> {
+    pub(super) fn new(view: &'a View, touches: &'a Touches, applied: i64) -> Judge<'a> {
+        Judge { view, touches, applied, hosts_last: OnceCell::new() }
+    }
+
+    /// The revision host `name` has realized: its own for a host that follows everything; for
+    /// one with a scope, the newest revision up to which everything it must hold is current.
+    pub(super) fn revision(&self, name: &str, realized: &Realized) -> u64 {
+        let Some(followed) = &realized.followed else { return realized.revision };
+        let at = |range: &str| followed.get(range).map(|r| i64::try_from(*r).unwrap_or(i64::MAX));
+        let placement = format!("{PLACEMENT}{name}/");
+        let (Some(p_hosts), Some(p_placed)) = (at(HOSTS), at(&placement)) else {
+            return realized.revision;
+        };
+        let mut until = self.applied;
+        let mut limit = |c: Option<i64>| {
+            if let Some(c) = c {
+                until = until.min(c);
+            }
+        };
+        let hosts_last = *self.hosts_last.get_or_init(|| {
+            let keys = self.view.keys.iter();
+            keys.filter(|(k, _)| k.starts_with(HOSTS)).map(|(_, r)| *r).max().unwrap_or(0)
+        });
+        limit(self.touches.current_until(HOSTS, p_hosts, hosts_last));
+        let slots = self.view.keys.get(&layout::slots_key(name)).copied().unwrap_or(0);
+        limit(self.touches.current_until(&placement, p_placed, slots));
+        for (range, progress) in followed {
+            let Some(uni) = range.strip_prefix(U).and_then(|r| r.strip_suffix('/')) else {
+                continue;
+            };
+            let progress = i64::try_from(*progress).unwrap_or(i64::MAX);
+            let version = self.view.versions.get(uni).copied().unwrap_or(0);
+            limit(self.touches.current_until(range, progress, version));
+        }
+        // A universe placed on the host that it does not hold yet: it has not applied that
+        // placement.
+        let state = &self.view.state;
+        let ids = state.idx.host_endpoints.get(name).into_iter().flatten();
+        for e in ids.filter_map(|id| state.endpoints.get(id)).filter(|e| e.host == name) {
+            if !followed.contains_key(&layout::universe_prefix(&e.universe)) {
+                limit(Some(p_placed));
+            }
+        }
+        u64::try_from(until.max(0)).unwrap_or(0)
+    }
+}
+
+/// The objects of the keys `kvs` (read at one revision), in the order their keys were created,
+/// one batch per transaction, applied to `state` and their guards to `cache`.
+fn apply_read(cache: &mut Cache, prefix: &str, kvs: &mut [&etcd_client::KeyValue]) -> Result<()> {
+    kvs.sort_by(|a, b| (a.create_revision(), a.key()).cmp(&(b.create_revision(), b.key())));
+    let mut state = cache.state.clone();
+    let mut start = 0;
+    while start < kvs.len() {
+        let created = kvs[start].create_revision();
+        let end = kvs[start..]
+            .iter()
+            .position(|kv| kv.create_revision() != created)
+            .map_or(kvs.len(), |n| start + n);
+        let mut events = Vec::new();
+        for kv in &kvs[start..end] {
+            let Some(rel) = kv.key().strip_prefix(prefix.as_bytes()) else { continue };
+            let Ok(rel) = std::str::from_utf8(rel) else { continue };
+            cache.record(rel, Some(kv.value()), kv.mod_revision());
+            if layout::is_state(rel) {
+                events.push(layout::Event { key: rel, value: Some(kv.value()) });
+            }
+        }
+        layout::apply(&mut state, &events)?;
+        start = end;
+    }
+    cache.state = state;
+    Ok(())
+}
+
+/// The store's state and revisions catch up with its ranges' progress.
+fn seal(cache: &mut Cache) {
+    let Some(scope) = &cache.scope else { return };
+    let newest = scope.follows.values().copied().max().unwrap_or(0);
+    cache.revision = cache.revision.max(newest);
+    cache.state.revision = cache.state.revision.max(u64::try_from(cache.revision).unwrap_or(0));
+    let followed =
+        scope.follows.iter().map(|(r, at)| (r.clone(), u64::try_from(*at).unwrap_or(0))).collect();
+    cache.state.followed = Some(Arc::new(followed));
+    cache.state.take_touched_hosts();
+    cache.state.clear_changes();
+}
+
+/// Leaves universe `uni` out of the state (its objects, its record, its guard and progress).
+fn drop_universe(cache: &mut Cache, uni: &str) {
+    let prefix = layout::universe_prefix(uni);
+    let mut keys = layout::keys_under(&cache.state, &prefix);
+    keys.push(format!("{UNIVERSES}{uni}"));
+    let events: Vec<layout::Event<'_>> =
+        keys.iter().map(|k| layout::Event { key: k, value: None }).collect();
+    if let Err(e) = layout::apply(&mut cache.state, &events) {
+        tracing::error!(universe = %uni, error = %e, "leaving a universe out of the state failed");
+    }
+    cache.versions.remove(uni);
+    if let Some(scope) = &mut cache.scope {
+        scope.follows.remove(&prefix);
+    }
+    tracing::debug!(universe = %uni, "no endpoint of this universe here any more: no longer followed");
+}
+
+impl Shared {
+    /// Reads what host `host` needs: the hosts and its placements at one revision, then each
+    /// universe they name (each at one revision of its own).
+    pub(super) async fn read_scoped(&self, host: &str) -> Result<Cache> {
+        let placement = format!("{PLACEMENT}{host}/");
+        let prefixed = || Some(GetOptions::new().with_prefix());
+        let txn = Txn::new().and_then(vec![
+            TxnOp::get(self.key(HOSTS), prefixed()),
+            TxnOp::get(self.key(&placement), prefixed()),
+        ]);
+        let mut kv = self.client.kv_client().max_decoding_message_size(MAX_MESSAGE);
+        let resp =
+            timed("transaction (read the hosts and this host's placements)", kv.txn(txn)).await?;
+        let at = resp.header().map_or(0, |h| h.revision());
+        let mut cache = Cache { revision: at, ..Cache::default() };
+        let mut scope = Scope {
+            host: host.to_owned(),
+            placed: BTreeMap::new(),
+            follows: BTreeMap::from([(HOSTS.to_owned(), at), (placement, at)]),
+        };
+        let ops = resp.op_responses();
+        let mut kvs = Vec::new();
+        for op in &ops {
+            let TxnOpResponse::Get(range) = op else { continue };
+            for kv in range.kvs() {
+                let Some(rel) = self.relative(kv.key()) else { continue };
+                if rel.starts_with(PLACEMENT) {
+                    scope.placed.insert(rel.to_owned(), placed_universe(rel, kv.value())?);
+                } else {
+                    kvs.push(kv);
+                }
+            }
+        }
+        apply_read(&mut cache, &self.prefix, &mut kvs)?;
+        let held: BTreeSet<String> = scope.placed.values().cloned().collect();
+        cache.scope = Some(scope);
+        for uni in held {
+            self.load_universe(&mut cache, &uni).await?;
+        }
+        seal(&mut cache);
+        Ok(cache)
+    }
+
+    /// Reads universe `uni` whole (its keys and its record, at one revision) into `cache`, and
+    /// returns that revision (its watch starts after it).
+    async fn load_universe(&self, cache: &mut Cache, uni: &str) -> Result<i64> {
+        let range = layout::universe_prefix(uni);
+        let txn = Txn::new().and_then(vec![
+            TxnOp::get(self.key(&range), Some(GetOptions::new().with_prefix())),
+            TxnOp::get(self.key(&format!("{UNIVERSES}{uni}")), None),
+        ]);
+        let mut kv = self.client.kv_client().max_decoding_message_size(MAX_MESSAGE);
+        let resp = timed("transaction (read a universe placed on this host)", kv.txn(txn)).await?;
+        let at = resp.header().map_or(0, |h| h.revision());
+        let ops = resp.op_responses();
+        let mut kvs: Vec<&etcd_client::KeyValue> = ops
+            .iter()
+            .flat_map(|op| match op {
+                TxnOpResponse::Get(r) => r.kvs(),
+                _ => &[],
+            })
+            .collect();
+        apply_read(cache, &self.prefix, &mut kvs)?;
+        if let Some(scope) = &mut cache.scope {
+            scope.follows.insert(range, at);
+        }
+        tracing::debug!(universe = %uni, etcd_revision = at, "an endpoint of this universe is placed here: following it");
+        Ok(at)
+    }
+
+    /// Follows what the scope names for as long as the store lives (see the module docs).
+    pub(super) async fn follow_scoped(self: Arc<Shared>, mut cache: Cache) {
+        let mut delay = RETRY_MIN;
+        loop {
+            match self.watch_scoped(&mut cache, &mut delay).await {
+                WatchEnd::Compacted => {
+                    tracing::warn!(
+                        etcd_revision = cache.revision,
+                        "etcd compacted the history this watch needed; reading again"
+                    );
+                    let host = cache.scope.as_ref().map(|s| s.host.clone()).unwrap_or_default();
+                    loop {
+                        match self.read_scoped(&host).await {
+                            Ok(mut fresh) => {
+                                // Monotonic (S13), even if the read shows an older revision.
+                                fresh.state.revision =
+                                    fresh.state.revision.max(cache.state.revision);
+                                cache = fresh;
+                                self.publish(&cache, true, true);
+                                break;
+                            }
+                            Err(e) => {
+                                tracing::warn!(error = %e, retry_in = ?delay, "re-reading this host's part of the desired state failed");
+                                tokio::time::sleep(delay).await;
+                                delay = (delay * 2).min(RETRY_MAX);
+                            }
+                        }
+                    }
+                }
+                WatchEnd::Failed(e) => {
+                    tracing::warn!(
+                        error = %e, etcd_revision = cache.revision, retry_in = ?delay,
+                        "lost the etcd watch; the dataplane keeps enforcing the last state"
+                    );
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(RETRY_MAX);
+                }
+            }
+        }
+    }
+
+    /// One watch stream of the scope's ranges, each from its own progress, applied to `cache`
+    /// until it ends.
+    async fn watch_scoped(&self, cache: &mut Cache, delay: &mut Duration) -> WatchEnd {
+        let Some(scope) = &cache.scope else {
+            return WatchEnd::Failed(Error::Etcd {
+                op: "watch",
+                source: etcd_client::Error::WatchError("no scope".into()),
+            });
+        };
+        let placement = scope.placement();
+        let options = |from: i64, id: i64| {
+            WatchOptions::new()
+                .with_prefix()
+                .with_start_revision(from.saturating_add(1))
+                .with_watch_id(id)
+        };
+        let mut ids: HashMap<i64, String> = HashMap::new();
+        let mut next_id = 1;
+        let mut client = self.client.watch_client().max_decoding_message_size(MAX_MESSAGE);
+        let mut ranges = scope.follows.iter();
+        let Some((first, from)) = ranges.next() else {
+            return WatchEnd::Failed(Error::Etcd {
+                op: "watch",
+                source: etcd_client::Error::WatchError("nothing to follow".into()),
+            });
+        };
+        let mut stream = match timed(
+            "watch",
+            client.watch(self.key(first), Some(options(*from, next_id))),
+        )
+        .await
+        {
+            Ok(s) => s,
+            Err(e) => return WatchEnd::Failed(e),
+        };
+        ids.insert(next_id, first.clone());
+        for (range, from) in ranges {
+            next_id += 1;
+            if let Err(source) = stream.watch(self.key(range), Some(options(*from, next_id))).await
+            {
+                return WatchEnd::Failed(Error::Etcd { op: "watch", source });
+            }
+            ids.insert(next_id, range.clone());
+        }
+        loop {
+            let resp = match stream.message().await {
+                Ok(Some(resp)) => resp,
+                Ok(None) => {
+                    return WatchEnd::Failed(Error::Etcd {
+                        op: "watch",
+                        source: etcd_client::Error::WatchError("the stream ended".into()),
+                    })
+                }
+                Err(source) => return WatchEnd::Failed(Error::Etcd { op: "watch", source }),
+            };
+            if resp.canceled() {
+                if resp.compact_revision() > 0 {
+                    return WatchEnd::Compacted;
+                }
+                if ids.contains_key(&resp.watch_id()) {
+                    return WatchEnd::Failed(Error::Etcd {
+                        op: "watch",
+                        source: etcd_client::Error::WatchError(format!(
+                            "canceled by etcd: {}",
+                            resp.cancel_reason()
+                        )),
+                    });
+                }
+                // A watcher this store cancelled.
+                continue;
+            }
+            self.received.count(&resp);
+            *delay = RETRY_MIN;
+            if resp.events().is_empty() {
+                continue;
+            }
+            // Events of a watcher cancelled meanwhile are left out.
+            let Some(range) = ids.get(&resp.watch_id()).cloned() else { continue };
+            let is_placement = range == placement;
+            let Some(scope) = &cache.scope else { continue };
+            let mut placed = scope.placed.clone();
+            let mut progress = scope.follows.get(&range).copied().unwrap_or(0);
+            let mut gone_universe = false;
+            let events = resp.events();
+            let mut start = 0;
+            while start < events.len() {
+                let rev = events[start].kv().map_or(0, |kv| kv.mod_revision());
+                let end = events[start..]
+                    .iter()
+                    .position(|e| e.kv().map_or(0, |kv| kv.mod_revision()) != rev)
+                    .map_or(events.len(), |n| start + n);
+                let mut batch = Vec::new();
+                for event in &events[start..end] {
+                    let Some(kv) = event.kv() else { continue };
+                    let Some(rel) = self.relative(kv.key()) else { continue };
+                    let value = match event.event_type() {
+                        EventType::Put => Some(kv.value()),
+                        EventType::Delete => None,
+                    };
+                    if is_placement {
+                        match value {
+                            Some(v) => match placed_universe(rel, v) {
+                                Ok(uni) => {
+                                    placed.insert(rel.to_owned(), uni);
+                                }
+                                Err(e) => {
+                                    tracing::error!(error = %e, "skipping a placement that does not decode")
+                                }
+                            },
+                            None => {
+                                placed.remove(rel);
+                            }
+                        }
+                        continue;
+                    }
+                    if value.is_none() && matches!(layout::kind(rel), layout::Kind::Version(_)) {
+                        // The universe is deleted (its claims here go in the same revision).
+                        gone_universe = true;
+                    }
+                    cache.record(rel, value, kv.mod_revision());
+                    if layout::is_state(rel) {
+                        batch.push(layout::Event { key: rel, value });
+                    }
+                }
+                if let Err(e) = layout::apply(&mut cache.state, &batch) {
+                    tracing::error!(
+                        error = %e, etcd_revision = rev,
+                        "a change of the desired state in etcd does not decode; skipping it"
+                    );
+                }
+                progress = progress.max(rev);
+                start = end;
+            }
+            if let Some(h) = resp.header() {
+                progress = progress.max(h.revision());
+            }
+            if is_placement {
+                // The universes placed here now, whole, before the placements count as applied.
+                let held: BTreeSet<String> = placed.values().cloned().collect();
+                let followed =
+                    cache.scope.as_ref().map(Scope::followed_universes).unwrap_or_default();
+                for uni in held.difference(&followed) {
+                    let at = match self.load_universe(cache, uni).await {
+                        Ok(at) => at,
+                        Err(e) => return WatchEnd::Failed(e),
+                    };
+                    next_id += 1;
+                    let range = layout::universe_prefix(uni);
+                    if let Err(source) =
+                        stream.watch(self.key(&range), Some(options(at, next_id))).await
+                    {
+                        return WatchEnd::Failed(Error::Etcd { op: "watch", source });
+                    }
+                    ids.insert(next_id, range);
+                }
+                for uni in followed.difference(&held) {
+                    drop_universe(cache, uni);
+                    let range = layout::universe_prefix(uni);
+                    let id = ids.iter().find(|(_, r)| **r == range).map(|(id, _)| *id);
+                    if let Some(id) = id {
+                        ids.remove(&id);
+                        if let Err(source) = stream.cancel(id).await {
+                            return WatchEnd::Failed(Error::Etcd { op: "watch", source });
+                        }
+                    }
+                }
+                if let Some(scope) = &mut cache.scope {
+                    scope.placed = placed;
+                }
+            }
+            if let Some(scope) = &mut cache.scope {
+                if scope.follows.contains_key(&range) {
+                    scope.follows.insert(range.clone(), progress);
+                }
+            }
+            if gone_universe {
+                if let Some(uni) = range.strip_prefix(U).and_then(|r| r.strip_suffix('/')) {
+                    drop_universe(cache, uni);
+                    ids.retain(|_, r| *r != range);
+                }
+            }
+            seal(cache);
+            self.publish(cache, true, range == HOSTS);
+        }
+    }
+}
+
+/// The universe a placement claim names.
+fn placed_universe(rel: &str, value: &[u8]) -> Result<String> {
+    let placement: Placement = serde_json::from_slice(value).map_err(|e| Error::Corrupt {
+        key: rel.to_owned(),
+        reason: format!("not a placement: {e}"),
+    })?;
+    Ok(placement.universe)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_fall_in_the_ranges_a_scoped_host_follows() {
+        assert_eq!(range_of("hosts/h1").as_deref(), Some("hosts/"));
+        assert_eq!(range_of("placement/h1/ns-a").as_deref(), Some("placement/h1/"));
+        assert_eq!(range_of("u/uni-1/rules/sg-1/sgr-2").as_deref(), Some("u/uni-1/"));
+        assert_eq!(range_of("u/uni-1/version").as_deref(), Some("u/uni-1/"));
+        for other in ["universes/uni-1", "catalog", "ids/sg-1", "slots/h1", "counters/vnis"] {
+            assert_eq!(range_of(other), None, "{other}");
+        }
+    }
+
+    #[test]
+    fn a_range_is_current_until_its_next_change_past_the_progress() {
+        let mut t = Touches::from(10);
+        t.record(12, "u/a/rules/g/r");
+        t.record(12, "u/a/version");
+        t.record(15, "u/b/version");
+        t.record(17, "u/a/version");
+        assert_eq!(t.current_until("u/a/", 11, 0), Some(11));
+        assert_eq!(t.current_until("u/a/", 12, 0), Some(16));
+        assert_eq!(t.current_until("u/a/", 17, 0), None);
+        assert_eq!(t.current_until("u/b/", 10, 0), Some(14));
+        // Before the floor: the last change the keys tell decides.
+        assert_eq!(t.current_until("u/c/", 5, 4), None);
+        assert_eq!(t.current_until("u/c/", 5, 8), Some(5));
+    }
+}
