@@ -1321,3 +1321,50 @@ async fn a_host_with_a_scope_follows_only_the_universes_placed_on_it() {
     wait_state(&mut srx, "h4 on h9", |st| st.hosts.contains_key("h4")).await;
     assert_eq!(s.watch_stats().events - before.events, 1, "only h4's record");
 }
+
+/// A host with a scope cut off from etcd while its placements change and the history is
+/// compacted keeps its last state, then reads what it needs again: the universe placed on it
+/// meanwhile whole, the one whose endpoint went not at all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_with_a_scope_catches_up_past_a_compaction_with_whole_universes() {
+    let etcd = Etcd::start_local();
+    let ttl = Duration::from_secs(2);
+    let proxy = Proxy::start(etcd.endpoint().port()).await;
+    let a = etcd.store(ttl).await;
+    let (blue, _) = a.edit(|s| s.create_universe(universe("blue"))).await.unwrap();
+    let (web, _) = a.edit(|s| s.create_group(group(&blue.id, "web"))).await.unwrap();
+    let (ep, placed) = a
+        .edit(|s| s.create_endpoint(endpoint_on(&blue.id, "h9", "ns-1", "10.1.0.5", &web.id), "h1"))
+        .await
+        .unwrap();
+    let mut options = EtcdOptions { scope: Some("h9".into()), ..etcd.options(ttl) };
+    options.endpoints = vec![format!("127.0.0.1:{}", proxy.port)];
+    let s = open(options).await;
+    let mut rx = s.subscribe();
+    wait_state(&mut rx, "blue on h9", |st| st.revision >= placed).await;
+    assert_eq!(universe_of(&s.snapshot(), &blue.id), universe_of(&a.snapshot(), &blue.id));
+    let before = s.snapshot();
+
+    proxy.cut();
+    let (red, _) = a.edit(|s| s.create_universe(universe("red"))).await.unwrap();
+    let (red_web, _) = a.edit(|s| s.create_group(group(&red.id, "web"))).await.unwrap();
+    let g = red_web.id.clone();
+    a.edit(move |s| s.add_rule(&g, tcp_rule(80))).await.unwrap();
+    a.edit(|s| {
+        s.create_endpoint(endpoint_on(&red.id, "h9", "ns-2", "10.1.0.6", &red_web.id), "h1")
+    })
+    .await
+    .unwrap();
+    let id = ep.id.clone();
+    let (_, last) = a.edit(move |s| s.delete_endpoint(&id)).await.unwrap();
+    etcd.etcdctl(&["compact", &etcd.revision().to_string()]);
+    assert_eq!(*s.snapshot(), *before, "cut off, it keeps its last state");
+
+    proxy.heal();
+    wait_state(&mut rx, "the placements made while cut off", |st| st.revision >= last).await;
+    let snap = s.snapshot();
+    assert_eq!(universe_of(&snap, &red.id), universe_of(&a.snapshot(), &red.id));
+    assert!(snap.universes.contains_key(&red.id) && snap.groups[&red_web.id].ingress.len() == 1);
+    assert!(!snap.universes.contains_key(&blue.id) && !snap.groups.contains_key(&web.id));
+    assert!(snap.endpoints.values().all(|e| e.universe == red.id), "{:?}", snap.endpoints);
+}
