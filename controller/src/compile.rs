@@ -80,8 +80,9 @@ pub struct Ipv6Contents {
     /// `VERSE_CIDRS6`: (prefix length, key) -> IPv6 CIDR class peer value (`CIDR_FLAG | n`).
     pub cidrs: BTreeMap<(u32, dp::Cidr6Key), u32>,
     /// `VERSE_POLICY` entries for IPv6 peers (direction + `DIRECTION_IPV6`). Each names its
-    /// rule; the slot is the rule's IPv4 slot when it has one, else 0 (not counted) until the
-    /// IPv6 dataplane counts them.
+    /// rule; the slot is the rule's IPv4 slot when it has one, else 0: the new IPv6 flows of a
+    /// rule with IPv4 entries are counted, those of a rule with IPv6 entries only are not
+    /// (slots are numbered by the IPv4 entries, which must not change with IPv6).
     pub policy: BTreeMap<(u32, dp::PolicyKey), dp::PolicyValue>,
     /// `VERSE_POLICY_KINDS` bits of those entries (bits 16 to 31, `peer_kind::bit`).
     pub policy_kinds: BTreeMap<u32, u32>,
@@ -245,10 +246,7 @@ pub fn compile(
         };
         desired.routes.insert(dp::RouteKey { vni: universe.vni, ip }, route);
         if let Some(ip6) = ep.ipv6 {
-            desired
-                .ipv6
-                .routes
-                .insert(dp::Route6Key { vni: universe.vni, ip: ip6.octets() }, route);
+            desired.ipv6.routes.insert(dp::Route6Key::new(universe.vni, ip6.octets()), route);
         }
         local_identities.insert(ep.identity);
         local_universes.insert(universe.id.as_str());
@@ -313,7 +311,7 @@ pub fn compile(
         let key = dp::RouteKey { vni: universe.vni, ip: ep.ip.octets() };
         desired.routes.entry(key).or_insert(route);
         if let Some(ip6) = ep.ipv6 {
-            let key = dp::Route6Key { vni: universe.vni, ip: ip6.octets() };
+            let key = dp::Route6Key::new(universe.vni, ip6.octets());
             desired.ipv6.routes.entry(key).or_insert(route);
         }
     }
@@ -1277,8 +1275,7 @@ mod tests {
         let remote = dual_endpoint(&mut s, "h2", &u.id, ("10.0.0.12", Some("fd00:ab::12")), &[]);
         let _other = dual_endpoint(&mut s, HOST, &v.id, ("10.1.0.20", None), &[]);
         let d = compile_all(&s, &mut Ids::default());
-        let six =
-            |ep: &model::Endpoint| dp::Route6Key { vni: u.vni, ip: ep.ipv6.unwrap().octets() };
+        let six = |ep: &model::Endpoint| dp::Route6Key::new(u.vni, ep.ipv6.unwrap().octets());
         let four = |ep: &model::Endpoint| dp::RouteKey { vni: u.vni, ip: ep.ip.octets() };
         assert_eq!(
             d.ipv6.routes,

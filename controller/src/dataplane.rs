@@ -31,7 +31,8 @@ use std::{
 use aya::{
     maps::{
         lpm_trie::{Key, LpmTrie},
-        Array, HashMap, IterableMap, MapData, MapError, PerCpuArray, PerCpuValues, RingBuf,
+        Array, HashMap, IterableMap, MapData, MapError, PerCpuArray, PerCpuValues, ProgramArray,
+        RingBuf,
     },
     programs::{
         links::{FdLink, LinkError, PinnedLink},
@@ -43,7 +44,8 @@ use aya::{
 use dataplane_common::{
     capacity, drop_slot, map_names, Cidr6Key, CidrKey, Config, Ct6Key, CtEntry, CtKey, CtOwner,
     CtValue, DropCount, DropReason, Endpoint, EventLimiter, Hook, HostKey, PolicyKey, PolicyValue,
-    Route, Route6Key, RouteKey, VniKey, PROG_FROM_ENDPOINT, PROG_FROM_UNDERLAY,
+    Route, Route6Key, RouteKey, VniKey, PROG_FROM_ENDPOINT, PROG_FROM_ENDPOINT6,
+    PROG_FROM_UNDERLAY,
 };
 
 use crate::compile::{policy_kinds_after, policy_kinds_before, MapContents, OwnerBudget};
@@ -305,11 +307,15 @@ impl Dataplane {
         let mut ebpf = EbpfLoader::new().default_map_pin_directory(bpf_dir).load(OBJECT).map_err(
             |source| Error::LoadObject { dir: bpf_dir.to_path_buf(), source: Box::new(source) },
         )?;
-        for name in [PROG_FROM_ENDPOINT, PROG_FROM_UNDERLAY, PROG_EMPTY, PROG_PARSE_ONLY] {
+        for name in [PROG_FROM_ENDPOINT6, PROG_FROM_ENDPOINT, PROG_FROM_UNDERLAY, PROG_EMPTY] {
             classifier_mut(&mut ebpf, name)?
                 .load()
                 .map_err(|source| Error::LoadProgram { name, source })?;
         }
+        classifier_mut(&mut ebpf, PROG_PARSE_ONLY)?
+            .load()
+            .map_err(|source| Error::LoadProgram { name: PROG_PARSE_ONLY, source })?;
+        fill_jump_table(&mut ebpf)?;
 
         let mut config_map: Array<MapData, Config> = take_map(&mut ebpf, map_names::CONFIG)?;
         config_map.set(0, config, 0).map_err(|source| Error::MapWrite {
@@ -1130,11 +1136,12 @@ impl Dataplane {
             remove_pin(&dir.join(name))?;
         }
         let mut ebpf = loaded?;
-        for name in [PROG_FROM_ENDPOINT, PROG_FROM_UNDERLAY] {
+        for name in [PROG_FROM_ENDPOINT6, PROG_FROM_ENDPOINT, PROG_FROM_UNDERLAY] {
             classifier_mut(&mut ebpf, name)?
                 .load()
                 .map_err(|source| Error::LoadProgram { name, source })?;
         }
+        fill_jump_table(&mut ebpf)?;
         Ok(TraceRunner {
             conntrack: take_map(&mut ebpf, map_names::CONNTRACK)?,
             drops: take_map(&mut ebpf, map_names::DROPS)?,
@@ -1296,6 +1303,27 @@ fn check_pinned_layouts(bpf_dir: &Path) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Puts `from_endpoint6` (loaded) into slot 0 of `VERSE_JUMP`, where `from_endpoint` tail-calls
+/// it for IPv6: before any program is attached, so that no IPv6 frame meets an empty slot.
+fn fill_jump_table(ebpf: &mut Ebpf) -> Result<()> {
+    let fd = classifier(ebpf, PROG_FROM_ENDPOINT6)?
+        .fd()
+        .map_err(|source| Error::LoadProgram { name: PROG_FROM_ENDPOINT6, source })?
+        .try_clone()
+        .map_err(|e| Error::LoadProgram {
+            name: PROG_FROM_ENDPOINT6,
+            source: ProgramError::IOError(e),
+        })?;
+    let map = ebpf.map_mut(map_names::JUMP).ok_or(Error::MissingMap(map_names::JUMP))?;
+    let mut jump = ProgramArray::try_from(map)
+        .map_err(|source| Error::MapType { name: map_names::JUMP, source })?;
+    jump.set(0, &fd, 0).map_err(|source| Error::MapWrite {
+        name: map_names::JUMP,
+        entry: "slot 0".into(),
+        source,
+    })
 }
 
 fn take_map<M>(ebpf: &mut Ebpf, name: &'static str) -> Result<M>

@@ -520,6 +520,17 @@ pub fn describe(reason: DropReason) -> &'static str {
         DropReason::Ipv6Fragment => "an IPv6 fragment header: fragments are not reassembled",
         DropReason::Ipv6TooManyHeaders => "more IPv6 extension headers than the dataplane walks",
         DropReason::Ipv6Jumbogram => "an IPv6 jumbogram (payload length 0, Jumbo Payload option)",
+        DropReason::NdUnanswered => {
+            "neighbour discovery the gateway does not answer (duplicate-address detection, the \
+             endpoint's own address, router solicitation)"
+        }
+        DropReason::NdSpoofed => {
+            "a router advertisement, redirect, or neighbour advertisement for an address that \
+             is not the endpoint's"
+        }
+        DropReason::Ipv6BetweenHosts => {
+            "IPv6 for an endpoint of another host: not carried between hosts yet"
+        }
     }
 }
 

@@ -13,7 +13,7 @@
 //! every caller builds small, fixed shapes. TCP and UDP checksums stay 0 inside IPv6 too,
 //! where a receiving stack would refuse them: nothing past the dataplane reads these frames.
 
-use dataplane_common::wire::{checksum, ipv6, ETHERTYPE_ARP, IPPROTO_ICMPV6};
+use dataplane_common::wire::{checksum, ipv6, ETHERTYPE_ARP, IPPROTO_ICMPV6, ND_NEIGHBOUR_SOLICIT};
 
 /// An Ethernet II frame.
 pub fn ethernet(dst: [u8; 6], src: [u8; 6], ethertype: u16, payload: &[u8]) -> Vec<u8> {
@@ -156,6 +156,28 @@ pub fn icmp(ty: u8, code: u8, rest: [u8; 4], payload: &[u8]) -> Vec<u8> {
     let c = checksum(&i);
     i[2..4].copy_from_slice(&c.to_be_bytes());
     i
+}
+
+/// The IPv6 packet `packet` (from [`ipv6`]) with hop limit `hop`.
+pub fn with_hop_limit(mut packet: Vec<u8>, hop: u8) -> Vec<u8> {
+    packet[7] = hop;
+    packet
+}
+
+/// An ICMPv6 neighbour solicitation (RFC 4861 section 4.3) from `src` to `dst` for `target`,
+/// with a source link-layer address option `mac` when there is one.
+pub fn neighbour_solicit(
+    src: [u8; 16],
+    dst: [u8; 16],
+    target: [u8; 16],
+    mac: Option<[u8; 6]>,
+) -> Vec<u8> {
+    let mut body = target.to_vec();
+    if let Some(mac) = mac {
+        body.extend_from_slice(&[1, 1]);
+        body.extend_from_slice(&mac);
+    }
+    icmpv6(src, dst, ND_NEIGHBOUR_SOLICIT, 0, [0; 4], &body)
 }
 
 /// The four type-specific bytes of an echo request or reply: identifier `id`, sequence `seq`.

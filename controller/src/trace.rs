@@ -602,7 +602,7 @@ impl<'a> Walk<'a> {
                 plumbed.insert(ep.id.clone(), ifindex);
             }
         }
-        let ct = Conntrack { entries: r.conntrack.iter().copied().collect() };
+        let ct = Conntrack { entries: r.conntrack.iter().copied().collect(), ..Default::default() };
         Walk { host, r, plumbed, timeouts: Timeouts::from_config(&r.config), ct }
     }
 

@@ -6,8 +6,10 @@
 //! `#[inline(always)]`, so the verifier sees straight-line code in the kernel programs.
 use crate::ct_state;
 use crate::wire::{
-    ICMP_DEST_UNREACH, ICMP_ECHO_REPLY, ICMP_ECHO_REQUEST, ICMP_PARAMETER_PROBLEM,
-    ICMP_TIME_EXCEEDED, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN,
+    ICMPV6_DEST_UNREACH, ICMPV6_ECHO_REPLY, ICMPV6_ECHO_REQUEST, ICMPV6_PACKET_TOO_BIG,
+    ICMPV6_PARAMETER_PROBLEM, ICMPV6_TIME_EXCEEDED, ICMP_DEST_UNREACH, ICMP_ECHO_REPLY,
+    ICMP_ECHO_REQUEST, ICMP_PARAMETER_PROBLEM, ICMP_TIME_EXCEEDED, IPPROTO_ICMP, IPPROTO_ICMPV6,
+    IPPROTO_TCP, IPPROTO_UDP, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN,
 };
 
 /// What a packet may do in connection tracking (S7), from its header alone.
@@ -120,6 +122,45 @@ pub fn is_error(proto: u8, icmp_type: u8, code: u8) -> bool {
             ICMP_DEST_UNREACH => code <= 15,
             ICMP_TIME_EXCEEDED => code <= 1,
             ICMP_PARAMETER_PROBLEM => code <= 2,
+            _ => false,
+        }
+}
+
+/// [`role`] for an IPv6 packet: the same, with ICMPv6 where IPv4 has ICMP (echo request opens,
+/// echo reply answers, any other ICMPv6 message is never tracked); ICMP (1) is no protocol of
+/// IPv6 and, like any other, `Any`.
+#[inline(always)]
+pub fn role6(proto: u8, tcp_flags: u8, icmp_type: u8) -> Role {
+    match proto {
+        IPPROTO_ICMPV6 if icmp_type == ICMPV6_ECHO_REQUEST => Role::Opens,
+        IPPROTO_ICMPV6 if icmp_type == ICMPV6_ECHO_REPLY => Role::Answers,
+        IPPROTO_ICMPV6 => Role::Untracked,
+        IPPROTO_ICMP => Role::Any,
+        _ => role(proto, tcp_flags, icmp_type),
+    }
+}
+
+/// [`initial_state`] for an IPv6 flow: ICMPv6 echo as ICMP echo.
+#[inline(always)]
+pub fn initial_state6(proto: u8) -> u8 {
+    match proto {
+        IPPROTO_ICMPV6 => ct_state::ICMP,
+        IPPROTO_ICMP => ct_state::OTHER,
+        _ => initial_state(proto),
+    }
+}
+
+/// [`is_error`] for ICMPv6 (RFC 4443 section 3): destination unreachable codes 0-6, packet
+/// too big 0, time exceeded 0-1, parameter problem 0-2. Any other ICMPv6 message is never
+/// related to a flow.
+#[inline(always)]
+pub fn is_error6(proto: u8, icmp_type: u8, code: u8) -> bool {
+    proto == IPPROTO_ICMPV6
+        && match icmp_type {
+            ICMPV6_DEST_UNREACH => code <= 6,
+            ICMPV6_PACKET_TOO_BIG => code == 0,
+            ICMPV6_TIME_EXCEEDED => code <= 1,
+            ICMPV6_PARAMETER_PROBLEM => code <= 2,
             _ => false,
         }
 }

@@ -15,6 +15,7 @@
 #![no_std]
 
 pub mod conntrack;
+pub mod nd;
 
 /// Names of the pinned maps. Each is the ELF map name and the file name under the daemon's bpffs
 /// directory. BPF object names are at most 15 bytes (`BPF_OBJ_NAME_LEN` in `linux/bpf.h`).
@@ -39,6 +40,9 @@ pub mod map_names {
     pub const ROUTES6: &str = "VERSE_ROUTES6";
     /// IPv6 CIDR classes ([`Cidr6Key`](super::Cidr6Key)).
     pub const CIDRS6: &str = "VERSE_CIDRS6";
+    /// The jump table of `from_endpoint`: slot 0 holds [`PROG_FROM_ENDPOINT6`](super::PROG_FROM_ENDPOINT6),
+    /// which it tail-calls for IPv6. Not pinned: every load fills its own.
+    pub const JUMP: &str = "VERSE_JUMP";
     /// Connection tracking of IPv6 flows ([`Ct6Key`](super::Ct6Key) ->
     /// [`CtValue`](super::CtValue)), charged to the same budgets (`VERSE_CT_OWNERS`).
     pub const CONNTRACK6: &str = "VERSE_CT6";
@@ -46,6 +50,10 @@ pub mod map_names {
 
 /// Name of the TC program attached (TCX ingress) to the host side of every endpoint veth.
 pub const PROG_FROM_ENDPOINT: &str = "from_endpoint";
+/// Name of the program `from_endpoint` tail-calls for an IPv6 frame (never attached): a
+/// program of its own, so that IPv6 gets a stack of its own and the IPv4 path's code is what it
+/// was without IPv6.
+pub const PROG_FROM_ENDPOINT6: &str = "from_endpoint6";
 /// Name of the program that receives encapsulated traffic on the underlay interface.
 pub const PROG_FROM_UNDERLAY: &str = "from_underlay";
 
@@ -86,9 +94,22 @@ pub mod wire {
     pub const ICMP_TIME_EXCEEDED: u8 = 11;
     pub const ICMP_PARAMETER_PROBLEM: u8 = 12;
 
+    /// ICMPv6 errors (RFC 4443 section 3): destination unreachable, packet too big, time
+    /// exceeded, parameter problem.
+    pub const ICMPV6_DEST_UNREACH: u8 = 1;
+    pub const ICMPV6_PACKET_TOO_BIG: u8 = 2;
+    pub const ICMPV6_TIME_EXCEEDED: u8 = 3;
+    pub const ICMPV6_PARAMETER_PROBLEM: u8 = 4;
     /// ICMPv6 echo request and reply (RFC 4443 section 4).
     pub const ICMPV6_ECHO_REQUEST: u8 = 128;
     pub const ICMPV6_ECHO_REPLY: u8 = 129;
+    /// Neighbour discovery (RFC 4861 section 4): router solicitation and advertisement,
+    /// neighbour solicitation and advertisement, redirect.
+    pub const ND_ROUTER_SOLICIT: u8 = 133;
+    pub const ND_ROUTER_ADVERT: u8 = 134;
+    pub const ND_NEIGHBOUR_SOLICIT: u8 = 135;
+    pub const ND_NEIGHBOUR_ADVERT: u8 = 136;
+    pub const ND_REDIRECT: u8 = 137;
 
     /// ARP for Ethernet/IPv4 (RFC 826): payload length, hardware type, operations.
     pub const ARP_LEN: usize = 28;
@@ -119,6 +140,11 @@ pub const ENCAP_OVERHEAD: u32 = 50;
 /// The longest ICMP error that can be related to a tracked flow (S6): what a router sends,
 /// at most 576 bytes of IPv4 datagram (RFC 1812 4.3.2.3). A longer one is ordinary ICMP.
 pub const ICMP_ERROR_MAX_LEN: usize = 576;
+
+/// The longest ICMPv6 error that can be related to a tracked flow: RFC 4443 section 2.4 (c)
+/// bounds an error to the IPv6 minimum MTU, 1280 bytes of IPv6 packet. A longer one is
+/// ordinary ICMPv6.
+pub const ICMPV6_ERROR_MAX_LEN: usize = 1280;
 
 /// Capacities of the maps. The compiler refuses an edit whose compiled form would not fit (S12).
 pub mod capacity {
@@ -171,8 +197,9 @@ pub enum DropReason {
     TruncatedEthernet = 1,
     /// Neither IPv4 nor ARP.
     UnknownEthertype = 2,
-    /// A well-formed IPv6 packet: not judged by this dataplane yet, so dropped rather than
-    /// passed unchecked (malformed ones have their own reasons, 28-31).
+    /// A well-formed IPv6 packet wrapped by another host (`from_underlay`): IPv6 is not carried
+    /// between hosts yet, so dropped rather than passed unchecked (malformed ones have their
+    /// own reasons, 28-31).
     Ipv6Unsupported = 3,
     /// IPv4 header truncated, version not 4, IHL below 5, or total length inconsistent with the
     /// frame.
@@ -240,10 +267,22 @@ pub enum DropReason {
     Ipv6TooManyHeaders = 30,
     /// An IPv6 jumbogram (RFC 2675): payload length 0 and a Jumbo Payload option.
     Ipv6Jumbogram = 31,
+    /// Neighbour discovery the gateway answers no further: a neighbour solicitation it does not
+    /// answer (duplicate-address detection from `::`, a target that is the endpoint's own
+    /// address, a multicast or unspecified target, hop limit not 255, code not 0, truncated,
+    /// or an answer that could not be built), a router solicitation (addresses are configured,
+    /// never advertised), or a neighbour advertisement for the endpoint's own address (nobody
+    /// but the gateway is on the link). See [`nd`].
+    NdUnanswered = 32,
+    /// A router advertisement or redirect from a workload, or a neighbour advertisement for an
+    /// address that is not the endpoint's own.
+    NdSpoofed = 33,
+    /// IPv6 for an endpoint of another host: not carried between hosts yet, so dropped.
+    Ipv6BetweenHosts = 34,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 31] = [
+    pub const ALL: [DropReason; 34] = [
         DropReason::TruncatedEthernet,
         DropReason::UnknownEthertype,
         DropReason::Ipv6Unsupported,
@@ -275,6 +314,9 @@ impl DropReason {
         DropReason::Ipv6Fragment,
         DropReason::Ipv6TooManyHeaders,
         DropReason::Ipv6Jumbogram,
+        DropReason::NdUnanswered,
+        DropReason::NdSpoofed,
+        DropReason::Ipv6BetweenHosts,
     ];
 
     /// The label used in metrics and the CLI.
@@ -311,6 +353,9 @@ impl DropReason {
             DropReason::Ipv6Fragment => "ipv6_fragment",
             DropReason::Ipv6TooManyHeaders => "ipv6_too_many_headers",
             DropReason::Ipv6Jumbogram => "ipv6_jumbogram",
+            DropReason::NdUnanswered => "nd_unanswered",
+            DropReason::NdSpoofed => "nd_spoofed",
+            DropReason::Ipv6BetweenHosts => "ipv6_between_hosts",
         }
     }
 
@@ -463,11 +508,23 @@ impl CidrKey {
 /// IPv4: the same endpoint (identity, MAC, underlay, slot, serial) under its IPv6 address. The
 /// source check of a packet an endpoint sends over IPv6 is this lookup too: the source must be
 /// a local route whose `ifindex` is the endpoint's own.
-#[repr(C)]
+///
+/// The address comes first and the key is 8-byte aligned: the kernel programs build it on
+/// their stack, where the verifier refuses a wide access at an offset it is not aligned to
+/// (which LLVM, allowed misaligned accesses, would otherwise make of a 16-byte copy).
+#[repr(C, align(8))]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default, PartialOrd, Ord)]
 pub struct Route6Key {
-    pub vni: u32,
     pub ip: [u8; 16],
+    pub vni: u32,
+    pub _pad: u32,
+}
+
+impl Route6Key {
+    #[inline(always)]
+    pub const fn new(vni: u32, ip: [u8; 16]) -> Route6Key {
+        Route6Key { ip, vni, _pad: 0 }
+    }
 }
 
 /// `VERSE_CIDRS6` LPM key data: universe then IPv6 address, both network order, so that
@@ -692,16 +749,18 @@ impl CtKey {
 /// `VERSE_CT6` key: an IPv6 flow as first seen (its original direction) in a universe, with
 /// the ports of [`CtKey`] (ICMPv6 echo as ICMP echo, `wire::ipv6::icmpv6_ct_ports`). A map of
 /// its own, so that the IPv4 key (and the IPv4 established path's hashing) stays 20 bytes.
-#[repr(C)]
+///
+/// The addresses come first and the key is 8-byte aligned (see [`Route6Key`] for why).
+#[repr(C, align(8))]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 pub struct Ct6Key {
-    pub vni: u32,
     pub src: [u8; 16],
     pub dst: [u8; 16],
+    pub vni: u32,
     pub sport: u16,
     pub dport: u16,
     pub proto: u8,
-    pub _pad: [u8; 3],
+    pub _pad: [u8; 7],
 }
 
 impl Ct6Key {
@@ -717,20 +776,20 @@ impl Ct6Key {
         proto: u8,
     ) -> Ct6Key {
         const _: () = assert!(
-            core::mem::offset_of!(Ct6Key, proto) == 40 && core::mem::size_of::<Ct6Key>() == 44
+            core::mem::offset_of!(Ct6Key, proto) == 40 && core::mem::size_of::<Ct6Key>() == 48
         );
         let mut k = core::mem::MaybeUninit::<Ct6Key>::uninit();
         let p = k.as_mut_ptr();
         // SAFETY: every byte of the key is written exactly once: the five fields before `proto`
-        // through their places, then bytes 40..44 (`proto` and `_pad`, checked above) as one
-        // unaligned word whose first byte in memory is `proto` and the others 0.
+        // through their places, then bytes 40..48 (`proto` and `_pad`, checked above) as one
+        // aligned word whose first byte in memory is `proto` and the others 0.
         unsafe {
-            core::ptr::addr_of_mut!((*p).vni).write(vni);
             core::ptr::addr_of_mut!((*p).src).write(src);
             core::ptr::addr_of_mut!((*p).dst).write(dst);
+            core::ptr::addr_of_mut!((*p).vni).write(vni);
             core::ptr::addr_of_mut!((*p).sport).write(sport);
             core::ptr::addr_of_mut!((*p).dport).write(dport);
-            p.cast::<u8>().add(40).cast::<u32>().write_unaligned((proto as u32).to_le());
+            p.cast::<u8>().add(40).cast::<u64>().write((proto as u64).to_le());
             k.assume_init()
         }
     }
@@ -1144,11 +1203,11 @@ mod tests {
         assert_eq!(size_of::<RouteKey>(), 8);
         assert_eq!(size_of::<Route>(), 32);
         assert_eq!(size_of::<CidrKey>(), 8);
-        assert_eq!(size_of::<Route6Key>(), 20);
+        assert_eq!(size_of::<Route6Key>(), 24);
         assert_eq!(size_of::<Cidr6Key>(), 20);
         assert_eq!(size_of::<PolicyKey>(), 12);
         assert_eq!(size_of::<CtKey>(), 20);
-        assert_eq!(size_of::<Ct6Key>(), 44);
+        assert_eq!(size_of::<Ct6Key>(), 48);
         assert_eq!(size_of::<CtEntry>(), 32);
         assert_eq!(size_of::<CtHop>(), 20);
         assert_eq!(size_of::<CtCounters>(), 104);
@@ -1241,7 +1300,7 @@ mod tests {
             sport: 40000,
             dport: 80,
             proto: wire::IPPROTO_TCP,
-            _pad: [0; 3],
+            _pad: [0; 7],
         };
         assert_eq!(k6, literal6);
         let r6 = k6.reversed();

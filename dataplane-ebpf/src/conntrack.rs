@@ -92,9 +92,9 @@ pub fn hop(route: &Route, epoch: u32) -> CtHop {
 
 /// A live conntrack entry found for a packet, bound to its sender.
 pub struct Hit {
-    value: *mut CtValue,
+    pub(crate) value: *mut CtValue,
     /// The packet travels in the flow's reply direction.
-    reply: bool,
+    pub(crate) reply: bool,
 }
 
 impl Hit {
@@ -241,7 +241,7 @@ fn first_counters(
 
 /// This CPU as `CtCounters::cpu` names it: its number plus one (0 is "unclaimed").
 #[inline(always)]
-fn this_cpu() -> u64 {
+pub(crate) fn this_cpu() -> u64 {
     // SAFETY: bpf_get_smp_processor_id has no preconditions (the verifier inlines it).
     u64::from(unsafe { bpf_get_smp_processor_id() }) + 1
 }
@@ -432,7 +432,7 @@ fn entry(
 /// # Safety
 /// `p` must be valid for writes of `words` aligned u32s.
 #[inline(always)]
-unsafe fn store_zero_words(p: *mut u32, words: usize) {
+pub(crate) unsafe fn store_zero_words(p: *mut u32, words: usize) {
     for i in 0..words {
         // SAFETY: the caller guarantees `p` for `words` words.
         unsafe { core::ptr::write_volatile(p.add(i), 0) };

@@ -13,7 +13,9 @@
 //! - the established path: a conntrack hit delivers by the hop cached in its entry when that
 //!   carries the current route epoch, without a route lookup; else the route is looked up and
 //!   cached ([`conntrack`], "Delivery cache");
-//! - the helpers of each step: [`arp::answer`], [`flow::ipv6_unjudged`],
+//! - IPv6 is judged by `from_endpoint6` (`endpoint6`), a program of its own that this one
+//!   tail-calls (`VERSE_JUMP`);
+//! - the helpers of each step: [`arp::answer`],
 //!   [`flow::ipv4_header`], [`flow::l4`],
 //!   [`conntrack::lookup`], [`related::error`], [`policy::rule`], [`icmp::frag_needed`],
 //!   [`deliver::to_endpoint`], [`encap::wrap`].
@@ -27,7 +29,7 @@ use crate::{
     arp, conntrack, deliver, encap, events,
     flow::{self, Ipv4, L4},
     icmp,
-    maps::{VERSE_CONFIG, VERSE_ENDPOINTS, VERSE_EP_SLOTS, VERSE_ROUTES},
+    maps::{VERSE_CONFIG, VERSE_ENDPOINTS, VERSE_EP_SLOTS, VERSE_JUMP, VERSE_ROUTES},
     parse::*,
     policy, related,
 };
@@ -53,7 +55,13 @@ pub fn walk(ctx: &TcContext) -> Result<i32, DropReason> {
     match ethertype {
         ETHERTYPE_IPV4 => ipv4(ctx, &endpoint, ifindex, config),
         ETHERTYPE_ARP => arp::answer(ctx, &endpoint, ifindex, config.gateway_mac),
-        ETHERTYPE_IPV6 => Err(flow::ipv6_unjudged(ctx, ETH_HLEN)),
+        ETHERTYPE_IPV6 => {
+            // SAFETY: a tail call into `from_endpoint6` (slot 0), which judges the frame with a
+            // stack of its own; it returns only if the slot is empty (a load that did not fill
+            // its jump table), and then the frame is dropped.
+            unsafe { VERSE_JUMP.tail_call(ctx, 0) };
+            Err(DropReason::Ipv6Unsupported)
+        }
         _ => Err(DropReason::UnknownEthertype),
     }
 }

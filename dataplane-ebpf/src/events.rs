@@ -144,7 +144,7 @@ pub fn admitted(
 /// Counts a new flow in slot `slot` of `VERSE_RULE_HITS` (0: no rule, not counted; a slot
 /// beyond the array, which the controller never writes, is not counted either).
 #[inline(always)]
-fn hit(slot: u32) {
+pub(crate) fn hit(slot: u32) {
     if slot == 0 {
         return;
     }

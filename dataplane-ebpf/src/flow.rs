@@ -9,11 +9,11 @@
 //! the L4 header within the total length, not the padding: TCP 20 bytes and its whole data
 //! offset (>= 5 words), UDP 8, ICMP 8 (`MalformedL4`); other protocols are not parsed.
 //!
-//! IPv6 ([`ipv6_unjudged`]) is parsed by the walk both sides share
-//! (`dataplane_common::wire::ipv6::walk`), its L4 header as IPv4's (ICMPv6 like ICMP), and
-//! then dropped: no IPv6 is judged yet.
+//! IPv6 ([`ipv6_header`], [`l4_ipv6`]) is parsed by the walk both sides share
+//! (`dataplane_common::wire::ipv6::walk`), its L4 header as IPv4's (ICMPv6 like ICMP);
+//! `from_endpoint` judges it (`endpoint6`), `from_underlay` drops it ([`ipv6_unjudged`]).
 use aya_ebpf::programs::TcContext;
-use dataplane_common::{ct_ports, icmp_ct_ports, wire::ipv6, CtKey, DropReason};
+use dataplane_common::{ct_ports, icmp_ct_ports, wire::ipv6, Ct6Key, CtKey, DropReason};
 
 use crate::parse::*;
 
@@ -122,8 +122,9 @@ pub fn l4_ipv6(ctx: &TcContext, ip: &Ipv6) -> Result<L4, DropReason> {
     }
 }
 
-/// What becomes of the IPv6 packet at `off` until IPv6 is judged: the reason of the first check
-/// it fails ([`ipv6_header`], [`l4_ipv6`]), else `Ipv6Unsupported`.
+/// What becomes of an IPv6 packet at `off` that another host wrapped (IPv6 is not carried
+/// between hosts yet): the reason of the first check it fails ([`ipv6_header`], [`l4_ipv6`]),
+/// else `Ipv6Unsupported`.
 ///
 /// A BPF-to-BPF call, not inlined: inlined, its code changed the register allocation of the
 /// walks' IPv4 paths (spills and reloads in the IPv4 header parse), which it must not slow.
@@ -241,6 +242,44 @@ pub fn quoted_flow(ctx: &TcContext, vni: u32, off: usize, ip_end: usize) -> Opti
     };
     let (sport, dport) = ct_ports(proto, [b0, b1, b2, b3], id);
     Some(CtKey::new(vni, src, dst, sport, dport, proto))
+}
+
+/// The flow quoted by an ICMPv6 error whose quoted IPv6 header starts at `off`: a fixed header
+/// (version 6) whose next header is the upper layer (no extension header) and the 8 bytes after
+/// it, within the error's payload, written into `out`. False otherwise: the error is then
+/// judged by policy.
+#[inline(always)]
+pub fn quoted_flow6(
+    ctx: &TcContext,
+    vni: u32,
+    off: usize,
+    ip_end: usize,
+    out: &mut Ct6Key,
+) -> bool {
+    let l4_off = off + ipv6::HLEN;
+    if l4_off + 8 > ip_end || !ensure(ctx, l4_off + 8) {
+        return false;
+    }
+    let Some(ip) = ptr_at::<Ipv6Hdr>(ctx, off) else {
+        return false;
+    };
+    // SAFETY: ptr_at proved the quoted fixed header is inside the linear data.
+    let (version, proto, src, dst) =
+        unsafe { ((*ip).vtc_flow[0], (*ip).next, (*ip).src, (*ip).dst) };
+    if version >> 4 != 6 || ipv6::next_kind(proto) != ipv6::Next::Upper {
+        return false;
+    }
+    let Some(l4) = ptr_at::<IcmpHdr>(ctx, l4_off) else {
+        return false;
+    };
+    // SAFETY: ptr_at proved the quoted 8 bytes are inside the linear data.
+    let (b0, b1, b2, b3, id) = unsafe {
+        let h = &*l4;
+        (h.ty, h.code, h.check[0], h.check[1], be16(h.id))
+    };
+    let (sport, dport) = ipv6::ct6_ports(proto, [b0, b1, b2, b3], id);
+    *out = Ct6Key::new(vni, src, dst, sport, dport, proto);
+    true
 }
 
 /// The conntrack key of a packet in `vni`.

@@ -1,7 +1,9 @@
 //! The Verse dataplane: one TC program per hook, the logic they share in modules by concept.
 //!
 //! - [`from_endpoint`] (TCX ingress of the host side of every endpoint veth: every packet a
-//!   workload sends) — [`endpoint`] has its walk.
+//!   workload sends) — [`endpoint`] has its walk; for IPv6 it tail-calls
+//!   [`from_endpoint6`], whose walk is [`endpoint6`], with [`nd`] (neighbour discovery at the
+//!   gateway) and [`conntrack6`].
 //! - [`from_underlay`] (TCX ingress of the underlay interface: every packet the host receives
 //!   from other hosts) — [`underlay`] has its walk.
 //! - `empty` passes everything: the baseline of the benchmarks.
@@ -22,14 +24,17 @@
 mod arp;
 mod atomic;
 mod conntrack;
+mod conntrack6;
 mod deliver;
 mod drop;
 mod encap;
 mod endpoint;
+mod endpoint6;
 mod events;
 mod flow;
 mod icmp;
 mod maps;
+mod nd;
 mod parse;
 mod policy;
 mod related;
@@ -50,6 +55,12 @@ pub fn from_endpoint(skb: *mut aya_ebpf::bindings::__sk_buff) -> i32 {
         Ok(action) => action,
         Err(reason) => drop::drop(&ctx, Hook::FromEndpoint, reason),
     }
+}
+
+/// IPv6 from an endpoint: `from_endpoint` tail-calls it (`VERSE_JUMP`); never attached.
+#[classifier]
+pub fn from_endpoint6(ctx: TcContext) -> i32 {
+    endpoint6::program(&ctx)
 }
 
 #[classifier]

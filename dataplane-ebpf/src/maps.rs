@@ -4,7 +4,7 @@
 //! `dataplane_common::map_names` because the ELF symbol is the map name.
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, LpmTrie, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, LpmTrie, PerCpuArray, ProgramArray, RingBuf},
 };
 use dataplane_common::{
     capacity, Cidr6Key, CidrKey, Config, Ct6Key, CtKey, CtOwner, CtValue, DropCount, Endpoint,
@@ -31,6 +31,31 @@ pub static VERSE_ROUTES: HashMap<RouteKey, Route> = HashMap::pinned(capacity::RO
 /// `LpmTrie::pinned` adds `BPF_F_NO_PREALLOC`, which the kernel requires for LPM tries.
 #[map]
 pub static VERSE_CIDRS: LpmTrie<CidrKey, u32> = LpmTrie::pinned(capacity::CIDRS, 0);
+
+/// Slot 0: `from_endpoint6`, which `from_endpoint` tail-calls for IPv6 (filled by the loader;
+/// not pinned, every load has its own).
+#[map]
+pub static VERSE_JUMP: ProgramArray = ProgramArray::with_max_entries(1, 0);
+
+/// Where `from_endpoint6` builds its conntrack and route keys, off its stack (the verifier
+/// allows 512 bytes for a program and the calls it makes together). One slot per CPU, as
+/// `VERSE_CT_SCRATCH`.
+#[map]
+pub static VERSE_SCRATCH6: PerCpuArray<Scratch6> = PerCpuArray::with_max_entries(1, 0);
+
+/// `VERSE_SCRATCH6`'s value: a packet's IPv6 conntrack key, its reverse, its route key, and
+/// the keys of the flow an ICMPv6 error quotes.
+#[repr(C)]
+pub struct Scratch6 {
+    pub key: Ct6Key,
+    pub rev: Ct6Key,
+    pub route: Route6Key,
+    /// The flow an ICMPv6 error quotes, and its reverse.
+    pub quoted: Ct6Key,
+    pub quoted_rev: Ct6Key,
+    /// The target of a neighbour solicitation.
+    pub target: [u8; 16],
+}
 
 /// (universe, IPv6 address) -> where that endpoint lives (the same value as its IPv4 route).
 #[map]

@@ -7,10 +7,12 @@
 //! fixed, whatever the number of rules (see `dataplane_common::PolicyKey`).
 use aya_ebpf::maps::lpm_trie::Key;
 use dataplane_common::{
-    peer, peer_kind, policy_prefix, CidrKey, PolicyKey, PolicyValue, CIDR_KEY_VNI_BITS,
+    peer, peer_kind, policy_prefix, Cidr6Key, CidrKey, PolicyKey, PolicyValue, CIDR_KEY_VNI_BITS,
+    DIRECTION_IPV6,
 };
 
-use crate::maps::{VERSE_CIDRS, VERSE_POLICY, VERSE_POLICY_KINDS};
+use crate::maps::{VERSE_CIDRS, VERSE_CIDRS6, VERSE_POLICY, VERSE_POLICY_KINDS};
+use crate::nd::A16;
 
 /// The CIDR class of `ip` in universe `vni`: the peer value of the longest rule CIDR that
 /// contains it, if any.
@@ -96,4 +98,99 @@ pub fn rule(
     }
     data.peer = peer::ANY.to_be_bytes();
     PolicyLookup::new(&data).get()
+}
+
+/// A `VERSE_CIDRS6` lookup key, 8-byte aligned with the address at offset 8: `Key<Cidr6Key>`
+/// is packed, and LLVM would copy the address into it with wide stores wherever it sits on
+/// the stack, which the verifier refuses unless aligned (see `PolicyLookup`).
+#[repr(C, align(8))]
+struct Cidr6Lookup {
+    prefix_len: u32,
+    vni: [u8; 4],
+    addr: [u8; 16],
+}
+
+const _: () = assert!(core::mem::size_of::<Key<Cidr6Key>>() == 24);
+
+/// The IPv6 CIDR class of `ip` in universe `vni` (`VERSE_CIDRS6`).
+#[inline(always)]
+fn cidr_class6(vni: u32, ip: &A16) -> Option<u32> {
+    let lookup =
+        Cidr6Lookup { prefix_len: CIDR_KEY_VNI_BITS + 128, vni: vni.to_be_bytes(), addr: ip.0 };
+    // SAFETY: `Key<Cidr6Key>` is `repr(C, packed)`: prefix length, VNI, address, 24 bytes of
+    // alignment 1, which is this struct's layout (checked above); any bytes are a valid key.
+    let key = unsafe { &*(&lookup as *const Cidr6Lookup).cast::<Key<Cidr6Key>>() };
+    VERSE_CIDRS6.get(key).copied()
+}
+
+/// What [`rule6`] judges: the local endpoint's identity, the direction (IPv4's, the IPv6 one
+/// is derived), the peer's identity when it is an endpoint (`has_peer`), the universe, the
+/// protocol and port (few arguments: a BPF-to-BPF call takes at most five).
+#[repr(C)]
+pub struct PolicyQuery {
+    pub identity: u32,
+    pub peer_identity: u32,
+    pub vni: u32,
+    pub port: u16,
+    pub direction: u8,
+    pub proto: u8,
+    pub has_peer: bool,
+}
+
+/// [`rule`] for a packet whose peer is the IPv6 address `peer_ip`: the same three lookups under
+/// the IPv6 direction (`direction + DIRECTION_IPV6`), the class from `VERSE_CIDRS6`. A call of
+/// its own (IPv6's program runs it twice), for its stack.
+#[inline(always)]
+pub fn rule6(q: &PolicyQuery, peer_ip: &A16) -> Option<PolicyValue> {
+    let found = lookups6(q, peer_ip);
+    (found >> 63 != 0)
+        .then_some(PolicyValue { rule: found as u32, slot: (found >> 32) as u32 & 0x7FFF_FFFF })
+}
+
+/// What [`lookups6`] returns, in one register (anything wider is returned through the
+/// caller's stack, whose pointer the verifier does not let a call return): bit 63 set if
+/// allowed, then the entry's slot (below `capacity::RULE_HITS`) and rule.
+struct Found6;
+
+impl Found6 {
+    #[inline(always)]
+    fn of(v: Option<PolicyValue>) -> u64 {
+        match v {
+            Some(v) => 1 << 63 | u64::from(v.slot & 0x7FFF_FFFF) << 32 | u64::from(v.rule),
+            None => 0,
+        }
+    }
+}
+
+#[inline(never)]
+fn lookups6(q: &PolicyQuery, peer_ip: &A16) -> u64 {
+    let direction = q.direction + DIRECTION_IPV6;
+    let kinds = VERSE_POLICY_KINDS.get(q.identity).copied().unwrap_or(0);
+    let has = |kind| kinds & peer_kind::bit(direction, kind) != 0;
+    let mut data = PolicyKey {
+        identity: q.identity.to_be_bytes(),
+        direction,
+        peer: [0; 4],
+        proto: q.proto,
+        port: q.port.to_be_bytes(),
+    };
+    if q.has_peer && has(peer_kind::IDENTITY) {
+        data.peer = q.peer_identity.to_be_bytes();
+        if let Some(v) = PolicyLookup::new(&data).get() {
+            return Found6::of(Some(v));
+        }
+    }
+    if has(peer_kind::CIDR) {
+        if let Some(class) = cidr_class6(q.vni, peer_ip) {
+            data.peer = class.to_be_bytes();
+            if let Some(v) = PolicyLookup::new(&data).get() {
+                return Found6::of(Some(v));
+            }
+        }
+    }
+    if !has(peer_kind::ANY) {
+        return Found6::of(None);
+    }
+    data.peer = peer::ANY.to_be_bytes();
+    Found6::of(PolicyLookup::new(&data).get())
 }

@@ -10,12 +10,12 @@ use std::path::Path;
 
 use dataplane_common::wire::ipv6::{NEXTHDR_FRAGMENT, NEXTHDR_HOP};
 use dataplane_common::{
-    ct_state, peer, policy_prefix, Cidr6Key, Config, DropReason, Endpoint, PolicyKey, PolicyValue,
-    Route, Route6Key, RouteKey, DIRECTION_EGRESS, DIRECTION_INGRESS, DIRECTION_IPV6,
+    ct_state, nd, peer, policy_prefix, Cidr6Key, Config, DropReason, Endpoint, PolicyKey,
+    PolicyValue, Route, Route6Key, RouteKey, DIRECTION_EGRESS, DIRECTION_INGRESS, DIRECTION_IPV6,
 };
 use tests::frames::{
-    arp_request, ethernet, icmp, ipv4, ipv6, ipv6_extensions, tcp, udp, ETH_IPV4, ETH_IPV6, SYN,
-    SYN_ACK,
+    arp_request, ethernet, icmp, ipv4, ipv6, ipv6_extensions, neighbour_solicit, tcp, udp,
+    with_hop_limit, ETH_IPV4, ETH_IPV6, SYN, SYN_ACK,
 };
 use tests::{is_root, pinned_drops, Bpffs, Netns, TempDir};
 use verse::compile::{MapContents, OwnerBudget};
@@ -79,7 +79,7 @@ fn desired(if_a: u32, if_b: u32) -> MapContents {
     admit_tcp80_from_a(&mut d, ID_B);
     // Their IPv6 addresses, an IPv6 class and A's `::/0` egress: read back as written.
     for (ifindex, ip, mac, id) in [(if_a, IP_A, MAC_A, ID_A), (if_b, IP_B, MAC_B, ID_B)] {
-        d.ipv6.routes.insert(Route6Key { vni: VNI, ip: ip6_of(ip) }, route(ifindex, id, mac, ip));
+        d.ipv6.routes.insert(Route6Key::new(VNI, ip6_of(ip)), route(ifindex, id, mac, ip));
     }
     d.ipv6.cidrs.insert(Cidr6Key::encode(VNI, ip6_of(IP_A), 64), peer::CIDR_FLAG | 1);
     d.ipv6.policy.insert(
@@ -91,6 +91,20 @@ fn desired(if_a: u32, if_b: u32) -> MapContents {
                 peer: peer::ANY.to_be_bytes(),
                 proto: 0,
                 port: [0; 2],
+            },
+        ),
+        PolicyValue::default(),
+    );
+    // B admits UDP/53 from A over IPv6.
+    d.ipv6.policy.insert(
+        (
+            policy_prefix::FULL,
+            PolicyKey {
+                identity: ID_B.to_be_bytes(),
+                direction: DIRECTION_INGRESS + DIRECTION_IPV6,
+                peer: ID_A.to_be_bytes(),
+                proto: 17,
+                port: 53u16.to_be_bytes(),
             },
         ),
         PolicyValue::default(),
@@ -326,24 +340,52 @@ fn judge_packets(bpf_dir: &Path, if_a: u32, if_b: u32, if_c: u32, if_wa: u32) {
     assert_eq!(dp.test_run(&short, if_a, 1).expect("run").return_code, tc_act::SHOT);
     assert_eq!(pinned_drops(dp.bpf_dir(), DropReason::MalformedL4), before + 1);
 
-    // IPv6 is parsed, then dropped, not passed (S11): a well-formed packet as unsupported, one
-    // whose payload length runs past the frame as malformed, a fragment with its own reason.
-    let (a6, b6) = ([0xfd; 16], [0xfe; 16]);
-    let (next, udp_behind_hop) = ipv6_extensions(&[(NEXTHDR_HOP, 8)], 17, &udp(1, 53, b"x"));
-    let well_formed = ethernet(GATEWAY_MAC, MAC_A, ETH_IPV6, &ipv6(a6, b6, next, &udp_behind_hop));
-    let mut too_long = well_formed.clone();
+    // IPv6 between A and B (fd00::2, fd00::3): parsed and judged (S11): a foreign source as
+    // spoofed, a payload length past the frame as malformed, a fragment with its own reason,
+    // no route, no ingress rule; UDP/53 from A, which B admits, is delivered and tracked in
+    // VERSE_CT6, charged to A's budget; a neighbour solicitation is answered by the gateway.
+    let (a6, b6) = (ip6_of(IP_A), ip6_of(IP_B));
+    let udp6 = |src, dst, dport| {
+        let (next, udp_behind_hop) = ipv6_extensions(&[(NEXTHDR_HOP, 8)], 17, &udp(1, dport, b"x"));
+        ethernet(GATEWAY_MAC, MAC_A, ETH_IPV6, &ipv6(src, dst, next, &udp_behind_hop))
+    };
+    let mut too_long = udp6(a6, b6, 53);
     too_long[19] += 1;
     let (next, fragment) = ipv6_extensions(&[(NEXTHDR_FRAGMENT, 8)], 17, &udp(1, 53, b"x"));
     let fragment = ethernet(GATEWAY_MAC, MAC_A, ETH_IPV6, &ipv6(a6, b6, next, &fragment));
     for (frame, reason) in [
-        (well_formed, DropReason::Ipv6Unsupported),
+        (udp6([0xfd; 16], b6, 53), DropReason::SpoofedIp),
         (too_long, DropReason::MalformedIpv6),
         (fragment, DropReason::Ipv6Fragment),
+        (udp6(a6, ip6_of([0, 0, 0, 99]), 53), DropReason::NoRoute),
+        (udp6(a6, b6, 54), DropReason::PolicyIngress),
     ] {
         let before = pinned_drops(dp.bpf_dir(), reason);
         assert_eq!(dp.test_run(&frame, if_a, 1).expect("run").return_code, tc_act::SHOT);
         assert_eq!(pinned_drops(dp.bpf_dir(), reason), before + 1, "{reason:?}");
     }
+    let used = |dp: &Dataplane| dp.ct_owners()[&slot_of(IP_A)].used;
+    let used_before = used(&dp);
+    let out = dp.test_run(&udp6(a6, b6, 53), if_a, 1).expect("run UDP over IPv6");
+    assert_eq!(out.return_code, tc_act::REDIRECT, "admitted by B's IPv6 ingress rule");
+    assert_eq!((&out.packet[0..6], &out.packet[6..12]), (&MAC_B[..], &GATEWAY_MAC[..]));
+    let flows6 = dp.conntrack6().expect("read VERSE_CT6");
+    assert!(
+        flows6.iter().any(|(k, e)| k.src == a6
+            && k.dst == b6
+            && k.dport == 53
+            && e.state == ct_state::UDP_ONE_WAY),
+        "the flow is tracked in VERSE_CT6: {flows6:?}"
+    );
+    assert_eq!(used(&dp), used_before + 1, "charged to A's budget, as its IPv4 flows");
+    let ll_a = nd::link_local(MAC_A);
+    let solicit =
+        with_hop_limit(ipv6(ll_a, b6, 58, &neighbour_solicit(ll_a, b6, b6, Some(MAC_A))), 255);
+    let out = dp
+        .test_run(&ethernet(GATEWAY_MAC, MAC_A, ETH_IPV6, &solicit), if_a, 1)
+        .expect("run a neighbour solicitation");
+    assert_eq!(out.return_code, tc_act::REDIRECT, "answered");
+    assert_eq!(out.packet, nd::advert(&GATEWAY_MAC, &MAC_A, &b6, &ll_a).to_vec());
 
     // An ICMP error from B about the tracked A->B flow reaches A without any ICMP rule (S6);
     // the same error quoting an untracked flow is judged by policy (B has no egress rule).

@@ -61,7 +61,8 @@ fn unparsable_frames_from_a_workload_are_dropped_and_counted_by_reason() {
 
     for (frame, reason) in [
         (unknown, "unknown_ethertype"),
-        (ipv6, "ipv6_unsupported"),
+        // IPv6 from an endpoint without an IPv6 address: its source is not its own.
+        (ipv6, "spoofed_ip"),
         (bad_ihl, "malformed_ipv4"),
         (short_tcp, "malformed_l4"),
     ] {
@@ -153,7 +154,8 @@ fn datagrams_with_ipv4_options_are_judged_by_their_real_ports() {
 /// IPv6 from a workload is parsed before it is dropped, and what is malformed or cannot be
 /// judged is counted by its own reason: a payload length past the frame, six extension headers
 /// (one past the bound), a jumbogram, a fragment header; a well-formed datagram behind the
-/// longest chain the walk takes is counted as unsupported. Then the workload's own stack sends
+/// longest chain the walk takes is judged, and counted as spoofed (the endpoint has no IPv6
+/// address). Then the workload's own stack sends
 /// a UDP datagram over its MTU, which leaves in fragments: counted as IPv6 fragments.
 #[test]
 fn malformed_and_unjudgeable_ipv6_from_a_workload_is_counted_by_its_own_reason() {
@@ -189,7 +191,8 @@ fn malformed_and_unjudgeable_ipv6_from_a_workload_is_counted_by_its_own_reason()
     jumbo[18..20].fill(0);
     jumbo[56..62].copy_from_slice(&[OPT_JUMBO, 4, 0, 1, 0, 0]);
     for (frame, reason) in [
-        (frame(&chain), "ipv6_unsupported"),
+        // Well-formed behind the longest chain: judged, and the endpoint has no IPv6 address.
+        (frame(&chain), "spoofed_ip"),
         (too_long, "malformed_ipv6"),
         (frame(&[&chain[..], &[(DEST, 8)]].concat()), "ipv6_too_many_headers"),
         (jumbo, "ipv6_jumbogram"),
@@ -203,8 +206,8 @@ fn malformed_and_unjudgeable_ipv6_from_a_workload_is_counted_by_its_own_reason()
     }
 
     // The workload's own IPv6 stack (off in its namespace until now), with an address and its
-    // peer's neighbour entry written by hand (the dataplane answers no neighbour solicitation
-    // yet).
+    // peer's neighbour entry written by hand (the gateway would answer its solicitation, but
+    // the fragments are the point here).
     let out = a.ns.exec("sysctl", &["-q", "-w", "net.ipv6.conf.eth0.disable_ipv6=0"]);
     assert!(out.status.success(), "enable IPv6 on the workload's eth0: {out:?}");
     let gw_text = gw.map(|b| format!("{b:02x}")).join(":");

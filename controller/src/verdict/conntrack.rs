@@ -41,6 +41,7 @@
 use super::*;
 use dataplane_common::conntrack::expired;
 pub use dataplane_common::conntrack::{creates, initial_state, is_error, next_state, role, Role};
+use dataplane_common::Ct6Key;
 
 /// Idle timeouts by `ct_state` (S9), nanoseconds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -103,6 +104,13 @@ pub struct CtUpdate {
     pub entry: CtEntry,
 }
 
+/// A write to the IPv6 table (`VERSE_CT6`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CtUpdate6 {
+    pub key: Ct6Key,
+    pub entry: CtEntry,
+}
+
 /// The model's conntrack table, keyed exactly like `VERSE_CT`. Entries stay, expired or not,
 /// until [`Conntrack::collect`] removes them (the kernel map is no LRU: nothing is evicted). An
 /// owner's budget use is the number of entries charged to its slot, which is what the kernel's
@@ -110,6 +118,9 @@ pub struct CtUpdate {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Conntrack {
     pub entries: HashMap<CtKey, CtEntry>,
+    /// IPv6 flows (`VERSE_CT6`): the same entries under keys with IPv6 addresses, charged to
+    /// the same budgets.
+    pub entries6: HashMap<Ct6Key, CtEntry>,
 }
 
 /// A live entry bound to the sender: the stored key, the entry, the direction of the packet.
@@ -140,40 +151,82 @@ impl Conntrack {
         now_ns: u64,
         t: &Timeouts,
     ) -> (Option<CtHit>, Option<CtEntry>) {
-        if role == Role::Untracked {
-            return (None, None);
-        }
-        let own = self.entries.get(key).copied();
-        if role != Role::Answers {
-            if let Some(e) = own.filter(|e| e.src_serial == sender && !t.expired(e, now_ns)) {
-                return (Some((*key, e, CtDirection::Original)), own);
-            }
-        }
-        if role == Role::Opens {
-            return (None, own);
-        }
-        let rev = key.reversed();
-        let reply =
-            self.entries.get(&rev).filter(|e| e.dst_serial == sender && !t.expired(e, now_ns));
-        (reply.map(|e| (rev, *e, CtDirection::Reply)), own)
+        lookup_in(&self.entries, key, key.reversed(), role, sender, now_ns, t)
+    }
+
+    /// [`Conntrack::lookup`] in the IPv6 table.
+    pub fn lookup6(
+        &self,
+        key: &Ct6Key,
+        sender: u64,
+        now_ns: u64,
+        t: &Timeouts,
+    ) -> (Option<(Ct6Key, CtEntry, CtDirection)>, Option<CtEntry>) {
+        self.lookup6_as(key, Role::Any, sender, now_ns, t)
+    }
+
+    /// [`Conntrack::lookup_as`] in the IPv6 table.
+    pub fn lookup6_as(
+        &self,
+        key: &Ct6Key,
+        role: Role,
+        sender: u64,
+        now_ns: u64,
+        t: &Timeouts,
+    ) -> (Option<(Ct6Key, CtEntry, CtDirection)>, Option<CtEntry>) {
+        lookup_in(&self.entries6, key, key.reversed(), role, sender, now_ns, t)
     }
 
     pub fn apply(&mut self, update: &CtUpdate) {
         self.entries.insert(update.key, update.entry);
     }
 
-    /// Entries charged to `slot`.
+    pub fn apply6(&mut self, update: &CtUpdate6) {
+        self.entries6.insert(update.key, update.entry);
+    }
+
+    /// Entries charged to `slot`, in both tables.
     pub fn used(&self, slot: u32) -> u64 {
-        self.entries.values().filter(|e| e.owner_slot == slot).count() as u64
+        let charged = |e: &&CtEntry| e.owner_slot == slot;
+        (self.entries.values().filter(charged).count()
+            + self.entries6.values().filter(charged).count()) as u64
     }
 
     /// Garbage collection, as the controller runs it ([`is_garbage`]): removes expired entries
     /// and those of endpoints `live` does not know; returns how many went.
     pub fn collect(&mut self, now_ns: u64, t: &Timeouts, live: &dyn Fn(u64) -> bool) -> usize {
-        let before = self.entries.len();
+        let before = self.entries.len() + self.entries6.len();
         self.entries.retain(|_, e| !is_garbage(e, now_ns, t, live));
-        before - self.entries.len()
+        self.entries6.retain(|_, e| !is_garbage(e, now_ns, t, live));
+        before - self.entries.len() - self.entries6.len()
     }
+}
+
+/// The lookup of [`Conntrack::lookup_as`] in `table`, whichever the family: `key` (whose
+/// reverse is `rev`) as far as `role` allows.
+fn lookup_in<K: Copy + Eq + std::hash::Hash>(
+    table: &HashMap<K, CtEntry>,
+    key: &K,
+    rev: K,
+    role: Role,
+    sender: u64,
+    now_ns: u64,
+    t: &Timeouts,
+) -> (Option<(K, CtEntry, CtDirection)>, Option<CtEntry>) {
+    if role == Role::Untracked {
+        return (None, None);
+    }
+    let own = table.get(key).copied();
+    if role != Role::Answers {
+        if let Some(e) = own.filter(|e| e.src_serial == sender && !t.expired(e, now_ns)) {
+            return (Some((*key, e, CtDirection::Original)), own);
+        }
+    }
+    if role == Role::Opens {
+        return (None, own);
+    }
+    let reply = table.get(&rev).filter(|e| e.dst_serial == sender && !t.expired(e, now_ns));
+    (reply.map(|e| (rev, *e, CtDirection::Reply)), own)
 }
 
 /// The serial the receiver of a packet must have for a hit in direction `dir` on `entry`.

@@ -6,11 +6,9 @@
 //! 3. Ethernet source is not the endpoint's MAC: `SpoofedMac`. Steps 2–3 come before the
 //!    ethertype, so no frame of any type is answered or counted past them for a stranger or a
 //!    forged source (aligned with `dataplane-ebpf`, whose order this is).
-//! 4. Ethertype: ARP -> [`Verdict::ArpReply`] or `ArpUnanswered`; IPv6 -> parsed, then
-//!    dropped: its fixed and extension headers as `dataplane_common::wire::ipv6::walk` says
-//!    (`MalformedIpv6`, `Ipv6Jumbogram`, `Ipv6Fragment`, `Ipv6TooManyHeaders`), then its L4
-//!    header as in step 8 (ICMPv6 like ICMP: `MalformedL4`), and a well-formed packet
-//!    `Ipv6Unsupported` (no IPv6 is judged yet); anything but IPv4 (802.1Q tags and 802.3
+//! 4. Ethertype: ARP -> [`Verdict::ArpReply`] or `ArpUnanswered`; IPv6 -> the IPv6 walk
+//!    (`ipv6.rs`: its header and extension headers, neighbour discovery at the gateway, then
+//!    steps 6 and 8-14 over the IPv6 tables); anything but IPv4 (802.1Q tags and 802.3
 //!    lengths included) -> `UnknownEthertype`.
 //! 5. IPv4 header: shorter than 20 bytes, version != 4, IHL < 5, IHL*4 beyond the frame, total
 //!    length below IHL*4 or beyond the frame: `MalformedIpv4`. Trailing Ethernet padding after
@@ -75,7 +73,7 @@ impl Host<'_> {
         match be16(frame, 12) {
             ETHERTYPE_IPV4 => {}
             ETHERTYPE_ARP => return self.arp(frame, sender.ep.ip),
-            ETHERTYPE_IPV6 => return Outcome::drop(ipv6_unjudged(frame, ETH_HLEN)),
+            ETHERTYPE_IPV6 => return self.judge6(ct, now_ns, sender, frame),
             _ => return Outcome::drop(DropReason::UnknownEthertype),
         }
         let pkt = match parse_ipv4(frame, ETH_HLEN) {
@@ -160,7 +158,9 @@ impl Host<'_> {
     ) -> Outcome {
         let remote = match (to, ct) {
             (Place::Local(_), Err(reason)) => return Outcome::drop(reason),
-            (Place::Local(l), Ok(ct)) => return Outcome { verdict: self.deliver(frame, &l), ct },
+            (Place::Local(l), Ok(ct)) => {
+                return Outcome { verdict: self.deliver(frame, &l), ct, ct6: None }
+            }
             (Place::Remote(r), _) => r,
         };
         let Some(underlay) = self.underlay else {
@@ -199,7 +199,7 @@ impl Host<'_> {
         out.extend_from_slice(&self.gateway_mac);
         out.extend_from_slice(&ETHERTYPE_IPV4.to_be_bytes());
         out.extend_from_slice(&frame[ETH_HLEN..]);
-        Outcome { verdict: Verdict::Wrap { frame: out }, ct }
+        Outcome { verdict: Verdict::Wrap { frame: out }, ct, ct6: None }
     }
 
     /// The ICMP "fragmentation needed" (type 3 code 4, RFC 1191) that `from_endpoint` sends back
@@ -231,7 +231,7 @@ impl Host<'_> {
         let c = checksum(&icmp);
         icmp[2..4].copy_from_slice(&c.to_be_bytes());
         out.extend_from_slice(&icmp);
-        Outcome { verdict: Verdict::FragNeeded { frame: out }, ct: None }
+        Outcome { verdict: Verdict::FragNeeded { frame: out }, ct: None, ct6: None }
     }
     /// ARP proxy: every well-formed Ethernet/IPv4 request whose target is not the endpoint's
     /// own address (duplicate-address probes, RFC 5227, and announcements stay unanswered) is
@@ -263,6 +263,6 @@ impl Host<'_> {
         out[a + 14..a + 18].copy_from_slice(&tpa);
         out[a + 18..a + 24].copy_from_slice(&sha);
         out[a + 24..a + 28].copy_from_slice(&spa);
-        Outcome { verdict: Verdict::ArpReply { frame: out }, ct: None }
+        Outcome { verdict: Verdict::ArpReply { frame: out }, ct: None, ct6: None }
     }
 }

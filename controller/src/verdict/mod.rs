@@ -8,6 +8,8 @@
 //! - `conntrack.rs`: the connection-tracking table both hooks share ([`Conntrack`]): roles,
 //!   states, timeouts, binding to endpoints, budgets, related ICMP errors;
 //! - `policy.rs`: the security-group rules (S1-S5);
+//! - `ipv6.rs`: `from_endpoint` for IPv6 ([`Host::judge`] hands it every IPv6 frame):
+//!   neighbour discovery at the gateway, then IPv4's steps over the IPv6 tables;
 //! - `parse.rs`: the IPv4, IPv6 and L4 headers, parsed as the kernel parses them.
 //!
 //! Contract: the model decides from the *semantics* (README, "Concepts", S1–S11) and the
@@ -29,7 +31,7 @@
 //! garbage collection.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 
 use dataplane_common::{
     ct_owner, ct_ports, ct_state, icmp_ct_ports, Config, CtEntry, CtKey, DropReason,
@@ -49,6 +51,7 @@ pub use dataplane_common::wire::{
 
 mod conntrack;
 mod endpoint;
+mod ipv6;
 mod parse;
 mod policy;
 #[cfg(test)]
@@ -58,7 +61,7 @@ mod underlay;
 use conntrack::{create, receiver_serial};
 pub use conntrack::{
     creates, initial_state, is_error, is_garbage, next_state, role, Conntrack, CtDirection, CtHit,
-    CtUpdate, Role, Timeouts,
+    CtUpdate, CtUpdate6, Role, Timeouts,
 };
 use parse::{be16, ipv6_unjudged, parse_ipv4, parse_l4, Ipv4, L4};
 
@@ -70,7 +73,8 @@ pub enum Verdict {
         ifindex: u32,
         frame: Vec<u8>,
     },
-    /// An ARP reply sent back out of the ingress interface.
+    /// The gateway's answer to a neighbour query, sent back out of the ingress interface: an
+    /// ARP reply, or an ICMPv6 neighbour advertisement.
     ArpReply {
         frame: Vec<u8>,
     },
@@ -95,11 +99,13 @@ pub enum Verdict {
 pub struct Outcome {
     pub verdict: Verdict,
     pub ct: Option<CtUpdate>,
+    /// The write to the IPv6 table (`VERSE_CT6`), for an IPv6 packet.
+    pub ct6: Option<CtUpdate6>,
 }
 
 impl Outcome {
     fn drop(reason: DropReason) -> Outcome {
-        Outcome { verdict: Verdict::Drop(reason), ct: None }
+        Outcome { verdict: Verdict::Drop(reason), ct: None, ct6: None }
     }
 
     /// A packet sent after the frame work `send` (unwrapping, rewriting) with the conntrack
@@ -108,7 +114,7 @@ impl Outcome {
     /// second, the redirect, which cannot refuse, last).
     fn sent(send: Result<Verdict, DropReason>, ct: Option<CtUpdate>) -> Outcome {
         match send {
-            Ok(verdict) => Outcome { verdict, ct },
+            Ok(verdict) => Outcome { verdict, ct, ct6: None },
             Err(reason) => Outcome::drop(reason),
         }
     }
@@ -171,6 +177,9 @@ pub struct Host<'a> {
     routes: HashMap<(&'a str, Ipv4Addr), Place<'a>>,
     /// (universe id, address) -> endpoint anywhere: whose group membership a peer address has.
     members: HashMap<(&'a str, Ipv4Addr), &'a model::Endpoint>,
+    /// The same two by IPv6 address (`VERSE_ROUTES6`), for the endpoints that have one.
+    routes6: HashMap<(&'a str, Ipv6Addr), Place<'a>>,
+    members6: HashMap<(&'a str, Ipv6Addr), &'a model::Endpoint>,
     /// VNI -> universe id, for every universe with an endpoint here (as `VERSE_VNIS`).
     vnis: HashMap<u32, &'a str>,
     /// Underlay addresses of the other hosts holding an endpoint of a universe with an endpoint
@@ -196,6 +205,7 @@ impl<'a> Host<'a> {
     ) -> Host<'a> {
         let mut by_ifindex = BTreeMap::new();
         let mut routes = HashMap::new();
+        let mut routes6 = HashMap::new();
         let mut underlays = HashMap::new();
         for record in state.hosts.values() {
             if let Some(ip) = record.underlay_ip.filter(|_| record.name != host) {
@@ -218,6 +228,9 @@ impl<'a> Host<'a> {
             let l = Local { ep, ifindex, mac, vni: uni.vni };
             by_ifindex.insert(ifindex, l);
             routes.insert((ep.universe.as_str(), ep.ip), Place::Local(l));
+            if let Some(ip6) = ep.ipv6 {
+                routes6.insert((ep.universe.as_str(), ip6), Place::Local(l));
+            }
         }
         for ep in state.endpoints.values().filter(|e| e.host != host) {
             let (Some(&underlay), Some(mac)) =
@@ -226,16 +239,25 @@ impl<'a> Host<'a> {
                 continue;
             };
             if state.universes.contains_key(&ep.universe) {
-                routes.entry((ep.universe.as_str(), ep.ip)).or_insert(Place::Remote(Remote {
+                let remote = Place::Remote(Remote {
                     identity: ep.identity,
                     mac,
                     underlay,
                     serial: ep.serial,
-                }));
+                });
+                routes.entry((ep.universe.as_str(), ep.ip)).or_insert(remote);
+                if let Some(ip6) = ep.ipv6 {
+                    routes6.entry((ep.universe.as_str(), ip6)).or_insert(remote);
+                }
             }
         }
         let members =
             state.endpoints.values().map(|ep| ((ep.universe.as_str(), ep.ip), ep)).collect();
+        let members6 = state
+            .endpoints
+            .values()
+            .filter_map(|ep| Some(((ep.universe.as_str(), ep.ipv6?), ep)))
+            .collect();
         // As the compiler fills VERSE_VNIS and VERSE_HOSTS: the universes with an endpoint in the
         // maps here, and the other hosts holding an endpoint of one of them.
         let here: BTreeSet<&str> = by_ifindex.values().map(|l| l.ep.universe.as_str()).collect();
@@ -255,6 +277,8 @@ impl<'a> Host<'a> {
             by_ifindex,
             routes,
             members,
+            routes6,
+            members6,
             vnis,
             hosts,
             underlay: None,
@@ -284,6 +308,9 @@ impl<'a> Host<'a> {
         let out = self.judge(ct, now_ns, ifindex, frame);
         if let Some(u) = &out.ct {
             ct.apply(u);
+        }
+        if let Some(u) = &out.ct6 {
+            ct.apply6(u);
         }
         out.verdict
     }

@@ -60,6 +60,8 @@ pub(super) struct L4 {
     pub(super) tcp_flags: u8,
     /// For an ICMP error carrying a parsable inner IPv4 header: the inner flow's key (vni 0).
     pub(super) icmp_error_inner: Option<CtKey>,
+    /// For an ICMPv6 error quoting a parsable IPv6 header (`ipv6::parse_inner6`): its flow.
+    pub(super) icmp_error_inner6: Option<dataplane_common::Ct6Key>,
 }
 
 /// Where an IPv6 packet's upper-layer header is, past its extension headers.
@@ -71,6 +73,9 @@ pub(super) struct Ipv6 {
     pub(super) l4_off: usize,
     /// End of the payload in the frame (Ethernet padding after it is ignored).
     pub(super) end: usize,
+    /// Source and destination addresses.
+    pub(super) src: [u8; 16],
+    pub(super) dst: [u8; 16],
 }
 
 /// The IPv6 header at `off` and its extension headers (`dataplane_common::wire::ipv6::walk`).
@@ -84,7 +89,14 @@ pub(super) fn parse_ipv6(frame: &[u8], off: usize) -> Result<Ipv6, DropReason> {
         None => ipv6::MISSING,
     };
     let upper = ipv6::walk(ip[0], be16(ip, 4), ip[6], ip.len(), read)?;
-    Ok(Ipv6 { proto: upper.proto, l4_off: off + upper.off, end: off + upper.end })
+    let addr = |at: usize| -> [u8; 16] { ip[at..at + 16].try_into().expect("16 bytes") };
+    Ok(Ipv6 {
+        proto: upper.proto,
+        l4_off: off + upper.off,
+        end: off + upper.end,
+        src: addr(8),
+        dst: addr(24),
+    })
 }
 
 /// What becomes of an IPv6 packet at `off` until IPv6 is judged: the reason of the first check
@@ -116,6 +128,7 @@ fn l4_at(frame: &[u8], proto: u8, v6: bool, l4_off: usize, end: usize) -> Result
         icmp_type_code: (0, 0),
         tcp_flags: 0,
         icmp_error_inner: None,
+        icmp_error_inner6: None,
     };
     match proto {
         IPPROTO_TCP => {
@@ -143,6 +156,9 @@ fn l4_at(frame: &[u8], proto: u8, v6: bool, l4_off: usize, end: usize) -> Result
             }
             out.icmp_type_code = (l4[0], l4[1]);
             out.ct_ports = ipv6::icmpv6_ct_ports(l4[0], be16(l4, 4));
+            if (1..=4).contains(&l4[0]) {
+                out.icmp_error_inner6 = super::ipv6::parse_inner6(&l4[8..]);
+            }
         }
         IPPROTO_ICMP if !v6 => {
             if l4.len() < 8 {

@@ -36,6 +36,7 @@ impl<'a> Host<'a> {
             icmp_type_code: icmp,
             tcp_flags: 0,
             icmp_error_inner: None,
+            icmp_error_inner6: None,
         };
         ep.security_groups.iter().filter_map(|g| self.state.groups.get(g)).flat_map(move |g| {
             let rules = match dir {

@@ -618,7 +618,7 @@ const FULL_CHAIN: [(u8, usize); EXT_MAX] =
     [(HOP, 8), (DEST, 16), (ROUTING, 24), (AH, 12), (DEST, 8)];
 
 #[test]
-fn ipv6_is_parsed_past_its_extension_headers_then_dropped_as_unsupported() {
+fn ipv6_is_parsed_past_its_extension_headers_then_judged() {
     let (st, local) = fixture();
     let h = host(&st, &local);
     let ct = Conntrack::default();
@@ -630,7 +630,7 @@ fn ipv6_is_parsed_past_its_extension_headers_then_dropped_as_unsupported() {
     };
     let tcp = ipv6_frame(&[], IPPROTO_TCP, &tcp(40000, 443, SYN));
     let (ip, t) = l4(&tcp);
-    assert_eq!(ip, parse::Ipv6 { proto: IPPROTO_TCP, l4_off: 54, end: 74 });
+    assert_eq!(ip, parse::Ipv6 { proto: IPPROTO_TCP, l4_off: 54, end: 74, src: A6, dst: B6 });
     assert_eq!((t.ct_ports, t.dport, t.tcp_flags), ((40000, 443), 443, SYN));
     let udp = ipv6_frame(&FULL_CHAIN, IPPROTO_UDP, &udp(5353, 53));
     let (ip, u) = l4(&udp);
@@ -652,7 +652,7 @@ fn ipv6_is_parsed_past_its_extension_headers_then_dropped_as_unsupported() {
         f
     };
     for f in [&tcp, &udp, &ping, &ipv6_frame(&[], IPPROTO_ICMP, &[8]), &esp, &padded] {
-        assert_eq!(j(f), Verdict::Drop(D::Ipv6Unsupported), "{f:02x?}");
+        assert_eq!(j(f), Verdict::Drop(D::SpoofedIp), "{f:02x?}");
     }
 }
 
@@ -663,7 +663,7 @@ fn s11_malformed_ipv6_and_what_the_walk_refuses_are_dropped_with_their_reason() 
     let ct = Conntrack::default();
     let j = |f: &[u8]| h.judge(&ct, S, 11, f).verdict;
     let good = ipv6_frame(&[], IPPROTO_TCP, &tcp(1, 2, SYN));
-    assert_eq!(j(&good), Verdict::Drop(D::Ipv6Unsupported));
+    assert_eq!(j(&good), Verdict::Drop(D::SpoofedIp));
     // Every cut inside the fixed header; then the payload length past the frame by one byte.
     for cut in 14..54 {
         assert_eq!(j(&good[..cut]), Verdict::Drop(D::MalformedIpv6), "cut {cut}");
@@ -672,7 +672,7 @@ fn s11_malformed_ipv6_and_what_the_walk_refuses_are_dropped_with_their_reason() 
     long[19] += 1;
     assert_eq!(j(&long), Verdict::Drop(D::MalformedIpv6), "payload length one past the frame");
     long.push(0);
-    assert_eq!(j(&long), Verdict::Drop(D::Ipv6Unsupported), "the byte is there now");
+    assert_eq!(j(&long), Verdict::Drop(D::SpoofedIp), "the byte is there now");
     let mut v4 = good.clone();
     v4[14] = 0x40;
     assert_eq!(j(&v4), Verdict::Drop(D::MalformedIpv6), "version 4 in an IPv6 frame");
@@ -686,11 +686,7 @@ fn s11_malformed_ipv6_and_what_the_walk_refuses_are_dropped_with_their_reason() 
 
     let udp = udp(1, 53);
     let table: Vec<(&str, Vec<u8>, D)> = vec![
-        (
-            "the whole chain, then UDP",
-            ipv6_frame(&FULL_CHAIN, IPPROTO_UDP, &udp),
-            D::Ipv6Unsupported,
-        ),
+        ("the whole chain, then UDP", ipv6_frame(&FULL_CHAIN, IPPROTO_UDP, &udp), D::SpoofedIp),
         (
             "one header past the bound",
             ipv6_frame(&[&FULL_CHAIN[..], &[(DEST, 8)]].concat(), IPPROTO_UDP, &udp),
@@ -717,8 +713,8 @@ fn s11_malformed_ipv6_and_what_the_walk_refuses_are_dropped_with_their_reason() 
             ipv6_frame(&[&FULL_CHAIN[..], &[(HOP, 8)]].concat(), IPPROTO_UDP, &udp),
             D::MalformedIpv6,
         ),
-        ("AH of 12 bytes", ipv6_frame(&[(AH, 12)], IPPROTO_UDP, &udp), D::Ipv6Unsupported),
-        ("routing of 2 KiB", ipv6_frame(&[(ROUTING, 2048)], IPPROTO_UDP, &udp), D::Ipv6Unsupported),
+        ("AH of 12 bytes", ipv6_frame(&[(AH, 12)], IPPROTO_UDP, &udp), D::SpoofedIp),
+        ("routing of 2 KiB", ipv6_frame(&[(ROUTING, 2048)], IPPROTO_UDP, &udp), D::SpoofedIp),
     ];
     for (what, f, want) in &table {
         assert_eq!(j(f), Verdict::Drop(*want), "{what}");
@@ -736,7 +732,7 @@ fn s11_malformed_ipv6_and_what_the_walk_refuses_are_dropped_with_their_reason() 
     // AH's 4-octet units: read as 8-octet units, a 12-byte AH (length byte 1) would run 16
     // bytes, past a payload that ends right after it.
     let ah = ipv6_frame(&[(AH, 12)], NEXTHDR_NONE, &[]);
-    assert_eq!(j(&ah), Verdict::Drop(D::Ipv6Unsupported));
+    assert_eq!(j(&ah), Verdict::Drop(D::SpoofedIp));
     assert_eq!(parse::parse_ipv6(&ah, ETH_HLEN).map(|ip| ip.l4_off), Ok(14 + 40 + 12));
     let mut ah16 = ah.clone();
     ah16[55] = 2; // 16 bytes: past the payload
@@ -759,11 +755,7 @@ fn s11_malformed_ipv6_and_what_the_walk_refuses_are_dropped_with_their_reason() 
     );
     let mut with_length = jumbo.clone();
     with_length[18..20].copy_from_slice(&16u16.to_be_bytes());
-    assert_eq!(
-        j(&with_length),
-        Verdict::Drop(D::Ipv6Unsupported),
-        "a payload length: no jumbogram"
-    );
+    assert_eq!(j(&with_length), Verdict::Drop(D::SpoofedIp), "a payload length: no jumbogram");
 
     // Before the ethertype: a stranger or a forged MAC is refused as for IPv4.
     assert_eq!(h.judge(&ct, S, 99, &jumbo).verdict, Verdict::Drop(D::UnknownEndpoint));
@@ -1175,5 +1167,247 @@ fn s6_related_errors_over_the_underlay_come_from_the_peer_placed_on_the_sending_
     ] {
         let v = h.judge_underlay(&ct, S, &error(from, kind, total)).verdict;
         assert_eq!(v, Verdict::Drop(D::PolicyIngress), "{what}");
+    }
+}
+
+// ---- IPv6 between endpoints of one host ------------------------------------------------------
+
+use dataplane_common::wire::{
+    ND_NEIGHBOUR_ADVERT, ND_NEIGHBOUR_SOLICIT, ND_REDIRECT, ND_ROUTER_ADVERT, ND_ROUTER_SOLICIT,
+};
+use dataplane_common::{nd, Ct6Key};
+
+/// fd00::n, ep-n's IPv6 address in [`fixture6`].
+fn six(n: u8) -> [u8; 16] {
+    let mut a = [0; 16];
+    a[0] = 0xfd;
+    a[15] = n;
+    a
+}
+
+/// [`fixture`] made dual stack: both universes have fd00::/56, ep-n has fd00::n (ep-5 in
+/// uni-2 has fd00::1 as ep-1 has in uni-1, as their IPv4 addresses are the same too); the
+/// default groups and web may send anywhere over IPv6 too (`::/0`); web's ingress stays
+/// `0.0.0.0/0` (no IPv6 peer), db's a group peer (both families).
+fn fixture6() -> (State, BTreeMap<u32, String>) {
+    let (mut st, local) = fixture();
+    st.universes.update_all(|_, u| u.ipv6_cidrs = vec!["fd00::/56".parse().unwrap()]);
+    st.endpoints.update_all(|id, e| {
+        let n: u8 = id.trim_start_matches("ep-").parse().unwrap();
+        e.ipv6 = Some(std::net::Ipv6Addr::from(six(if n == 5 { 1 } else { n })));
+    });
+    for (g, r) in [("sg-def1", "r-def1-e6"), ("sg-def2", "r-def2-e6"), ("sg-web", "r-web-e6")] {
+        let any6 = rule(r, Direction::Egress, Protocol::All, None, cidr("::/0"));
+        st.groups.get_mut(g).unwrap().egress.push(any6);
+    }
+    (st, local)
+}
+
+/// An IPv6 frame from ep-n (its MAC) from `src` to `dst`.
+fn frame6(n: u8, src: [u8; 16], dst: [u8; 16], proto: u8, l4: &[u8]) -> Vec<u8> {
+    frames::ethernet(GW, mac_of(n), ETHERTYPE_IPV6, &frames::ipv6(src, dst, proto, l4))
+}
+
+#[test]
+fn ipv6_between_endpoints_of_one_host_is_tracked_and_judged_as_ipv4() {
+    let (st, local) = fixture6();
+    let h = host(&st, &local);
+    let mut ct = Conntrack::default();
+    // ep-1 -> ep-2 (default group): a SYN delivered as IPv4's, tracked in the IPv6 table.
+    let syn = frame6(1, six(1), six(2), IPPROTO_TCP, &tcp(40000, 22, SYN));
+    let out = h.judge(&ct, S, 11, &syn);
+    let Verdict::Deliver { ifindex: 12, frame } = &out.verdict else { panic!("{out:?}") };
+    assert_eq!((&frame[0..6], &frame[6..12], &frame[12..]), (&mac_of(2)[..], &GW[..], &syn[12..]));
+    let key = Ct6Key::new(100, six(1), six(2), 40000, 22, IPPROTO_TCP);
+    assert_eq!(out.ct, None);
+    assert_eq!(out.ct6.map(|u| (u.key, u.entry.state)), Some((key, ct_state::TCP_OPENING)));
+    h.judge_and_track(&mut ct, S, 11, &syn);
+    assert!(ct.entries.is_empty() && ct.entries6.len() == 1);
+    // The reply, and an echo each way.
+    let synack = frame6(2, six(2), six(1), IPPROTO_TCP, &tcp(22, 40000, SYNACK));
+    assert_eq!(delivered_to(&h.judge_and_track(&mut ct, S, 12, &synack)), Some(11));
+    assert_eq!(ct.entries6[&key].state, ct_state::TCP_ESTABLISHED);
+    let echo = |n, src, dst, ty| {
+        frame6(
+            n,
+            src,
+            dst,
+            IPPROTO_ICMPV6,
+            &frames::icmpv6(src, dst, ty, 0, frames::echo_rest(9, 1), b"ping"),
+        )
+    };
+    let req = echo(1, six(1), six(2), 128);
+    assert_eq!(delivered_to(&h.judge_and_track(&mut ct, S, 11, &req)), Some(12));
+    let rep = echo(2, six(2), six(1), 129);
+    assert_eq!(delivered_to(&h.judge_and_track(&mut ct, S, 12, &rep)), Some(11));
+    assert_eq!(
+        ct.entries6[&Ct6Key::new(100, six(1), six(2), 9, 0, IPPROTO_ICMPV6)].state,
+        ct_state::ICMP
+    );
+    // An echo reply nobody asked for is judged by the rules: ep-4 (db) sends nothing.
+    let stray = echo(4, six(4), six(1), 129);
+    assert_eq!(h.judge(&ct, S, 14, &stray).verdict, Verdict::Drop(D::PolicyEgress));
+    // No route; a universe of its own for the same addresses (ep-5 has fd00::1 in uni-2).
+    let nowhere = frame6(1, six(1), six(99), IPPROTO_UDP, &udp(1, 53));
+    assert_eq!(h.judge(&ct, S, 11, &nowhere).verdict, Verdict::Drop(D::NoRoute));
+    let other = frame6(5, six(1), six(2), IPPROTO_UDP, &udp(1, 53));
+    assert_eq!(h.judge(&ct, S, 15, &other).verdict, Verdict::Drop(D::NoRoute));
+}
+
+#[test]
+fn a_cidr_rule_admits_peers_of_its_own_family_only() {
+    let (st, local) = fixture6();
+    let h = host(&st, &local);
+    let ct = Conntrack::default();
+    // web admits TCP 80 from 0.0.0.0/0: over IPv4, not over IPv6.
+    let v4 = ipv4(mac_of(1), A, W, IPPROTO_TCP, &tcp(40000, 80, SYN));
+    assert_eq!(delivered_to(&h.judge(&ct, S, 11, &v4).verdict), Some(13));
+    let v6 = frame6(1, six(1), six(3), IPPROTO_TCP, &tcp(40000, 80, SYN));
+    assert_eq!(h.judge(&ct, S, 11, &v6).verdict, Verdict::Drop(D::PolicyIngress));
+    // db admits 5432 from web members, a group peer: over both families.
+    let web_db = frame6(3, six(3), six(4), IPPROTO_TCP, &tcp(40000, 5432, SYN));
+    assert_eq!(delivered_to(&h.judge(&ct, S, 13, &web_db).verdict), Some(14));
+    // db's default egress... db has no egress rule at all; ep-2's `0.0.0.0/0`-only default
+    // group of uni-2 is not involved. Without a `::/0` rule nothing leaves over IPv6:
+    let mut st4 = st.clone();
+    st4.groups.get_mut("sg-def1").unwrap().egress.retain(|r| r.id != "r-def1-e6");
+    let h4 = host(&st4, &local);
+    let syn = frame6(1, six(1), six(2), IPPROTO_TCP, &tcp(40000, 22, SYN));
+    assert_eq!(h4.judge(&ct, S, 11, &syn).verdict, Verdict::Drop(D::PolicyEgress));
+    // `icmp` rules never match ICMPv6, `icmpv6` ones do.
+    let ping = |h: &Host| {
+        let m = frames::icmpv6(six(1), six(4), 128, 0, frames::echo_rest(1, 1), b"");
+        h.judge(&ct, S, 11, &frame6(1, six(1), six(4), IPPROTO_ICMPV6, &m)).verdict
+    };
+    assert_eq!(ping(&h), Verdict::Drop(D::PolicyIngress));
+    let mut with_icmp = st.clone();
+    let icmp_any = rule("r-db-icmp", Direction::Ingress, Protocol::ICMP, None, cidr("::/0"));
+    with_icmp.groups.get_mut("sg-db").unwrap().ingress.push(icmp_any);
+    assert_eq!(ping(&host(&with_icmp, &local)), Verdict::Drop(D::PolicyIngress));
+    let icmp6 = rule("r-db-icmp6", Direction::Ingress, Protocol::ICMPV6, None, cidr("fd00::/64"));
+    with_icmp.groups.get_mut("sg-db").unwrap().ingress.push(icmp6);
+    assert_eq!(delivered_to(&ping(&host(&with_icmp, &local))), Some(14));
+    // A universe without IPv6 CIDRs admits no IPv6, whatever its rules.
+    let mut v4only = st.clone();
+    v4only.universes.update_all(|_, u| u.ipv6_cidrs.clear());
+    let udp6 = frame6(1, six(1), six(2), IPPROTO_UDP, &udp(1, 53));
+    assert_eq!(
+        host(&v4only, &local).judge(&ct, S, 11, &udp6).verdict,
+        Verdict::Drop(D::PolicyEgress)
+    );
+}
+
+#[test]
+fn icmpv6_errors_about_tracked_flows_come_only_from_the_peer_and_bounded() {
+    let (st, local) = fixture6();
+    let h = host(&st, &local);
+    let mut ct = Conntrack::default();
+    let syn = frame6(3, six(3), six(4), IPPROTO_TCP, &tcp(40000, 5432, SYN));
+    assert_eq!(delivered_to(&h.judge_and_track(&mut ct, S, 13, &syn)), Some(14));
+    let quote = |f: &[u8]| f[ETH_HLEN..ETH_HLEN + 48].to_vec();
+    let error = |n: u8, src, dst, ty, quoted: &[u8], pad: usize| {
+        let body = [quoted, &vec![0; pad][..]].concat();
+        frame6(
+            n,
+            src,
+            dst,
+            IPPROTO_ICMPV6,
+            &frames::icmpv6(src, dst, ty, 0, [0, 0, 5, 0x78], &body),
+        )
+    };
+    // db has no egress rule: only a related error leaves it.
+    for ty in [1, 2, 3, 4] {
+        let e = error(4, six(4), six(3), ty, &quote(&syn), 0);
+        assert_eq!(delivered_to(&h.judge(&ct, S, 14, &e).verdict), Some(13), "type {ty}");
+    }
+    // Longer than 1280 bytes of IPv6 packet; an echo; quoting an untracked flow; sent to
+    // someone else than the flow's originator: judged by the rules, and refused.
+    let long = error(4, six(4), six(3), 1, &quote(&syn), 1280 - 40 - 8 - 48 + 1);
+    let other = frame6(3, six(3), six(4), IPPROTO_TCP, &tcp(40001, 5432, SYN));
+    let to_ep1 = error(4, six(4), six(1), 1, &quote(&syn), 0);
+    for (what, f) in [
+        ("one byte past 1280", long),
+        ("not an error", error(4, six(4), six(3), 128, &quote(&syn), 0)),
+        ("untracked", error(4, six(4), six(3), 1, &quote(&other), 0)),
+        ("not to the originator", to_ep1),
+    ] {
+        assert_eq!(h.judge(&ct, S, 14, &f).verdict, Verdict::Drop(D::PolicyEgress), "{what}");
+    }
+    let exact = error(4, six(4), six(3), 1, &quote(&syn), 1280 - 40 - 8 - 48);
+    assert_eq!(delivered_to(&h.judge(&ct, S, 14, &exact).verdict), Some(13), "1280 exactly");
+}
+
+#[test]
+fn ipv6_sources_are_the_endpoints_own_and_its_budget_counts_both_families() {
+    let (mut st, local) = fixture6();
+    let ll1 = nd::link_local(mac_of(1));
+    {
+        let h = host(&st, &local);
+        let ct = Conntrack::default();
+        for src in [six(2), ll1, [0; 16]] {
+            let f = frame6(1, src, six(2), IPPROTO_UDP, &udp(1, 53));
+            assert_eq!(h.judge(&ct, S, 11, &f).verdict, Verdict::Drop(D::SpoofedIp), "{src:?}");
+        }
+    }
+    st.endpoints.get_mut("ep-1").unwrap().conntrack_budget = 1;
+    let h = host(&st, &local);
+    let mut ct = Conntrack::default();
+    let v4 = ipv4(mac_of(1), A, B, IPPROTO_UDP, &udp(1, 53));
+    assert_eq!(delivered_to(&h.judge_and_track(&mut ct, S, 11, &v4)), Some(12));
+    let v6 = frame6(1, six(1), six(2), IPPROTO_UDP, &udp(1, 53));
+    assert_eq!(h.judge(&ct, S, 11, &v6).verdict, Verdict::Drop(D::ConntrackBudgetExceeded));
+}
+
+#[test]
+fn the_gateway_answers_neighbour_solicitations_and_refuses_forged_discovery() {
+    let (st, local) = fixture6();
+    let h = host(&st, &local);
+    let ct = Conntrack::default();
+    let ll1 = nd::link_local(mac_of(1));
+    let nd_frame = |src: [u8; 16], dst: [u8; 16], ty: u8, target: [u8; 16], hop: u8| {
+        let m =
+            frames::icmpv6(src, dst, ty, 0, [0; 4], &[&target[..], &[1, 1], &mac_of(1)].concat());
+        let p = frames::with_hop_limit(frames::ipv6(src, dst, IPPROTO_ICMPV6, &m), hop);
+        frames::ethernet(GW, mac_of(1), ETHERTYPE_IPV6, &p)
+    };
+    // A peer's address, the gateway's link-local one: answered with the gateway's MAC.
+    for (src, target) in [(ll1, six(2)), (six(1), six(99)), (ll1, nd::link_local(GW))] {
+        let ns = nd_frame(src, six(2), ND_NEIGHBOUR_SOLICIT, target, 255);
+        let want = nd::advert(&GW, &mac_of(1), &target, &src).to_vec();
+        assert_eq!(h.judge(&ct, S, 11, &ns).verdict, Verdict::ArpReply { frame: want });
+    }
+    let table = [
+        ("DAD", nd_frame([0; 16], six(2), ND_NEIGHBOUR_SOLICIT, six(1), 255), D::NdUnanswered),
+        ("own address", nd_frame(ll1, six(2), ND_NEIGHBOUR_SOLICIT, six(1), 255), D::NdUnanswered),
+        ("hop limit 64", nd_frame(ll1, six(2), ND_NEIGHBOUR_SOLICIT, six(2), 64), D::NdUnanswered),
+        (
+            "router solicitation",
+            nd_frame(ll1, six(2), ND_ROUTER_SOLICIT, [0; 16], 255),
+            D::NdUnanswered,
+        ),
+        (
+            "own advertisement",
+            nd_frame(ll1, six(2), ND_NEIGHBOUR_ADVERT, six(1), 255),
+            D::NdUnanswered,
+        ),
+        (
+            "a peer's advertisement",
+            nd_frame(six(1), six(2), ND_NEIGHBOUR_ADVERT, six(2), 255),
+            D::NdSpoofed,
+        ),
+        (
+            "router advertisement",
+            nd_frame(ll1, six(2), ND_ROUTER_ADVERT, [0; 16], 255),
+            D::NdSpoofed,
+        ),
+        ("redirect", nd_frame(ll1, six(2), ND_REDIRECT, six(2), 255), D::NdSpoofed),
+        (
+            "foreign source",
+            nd_frame(six(2), six(3), ND_NEIGHBOUR_SOLICIT, six(3), 255),
+            D::SpoofedIp,
+        ),
+    ];
+    for (what, f, want) in table {
+        assert_eq!(h.judge(&ct, S, 11, &f).verdict, Verdict::Drop(want), "{what}");
     }
 }

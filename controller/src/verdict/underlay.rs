@@ -49,7 +49,7 @@ impl Host<'_> {
         const VXLAN_OFF: usize = ETH_HLEN + IP_MIN + UDP_LEN;
         const INNER_ETH_OFF: usize = VXLAN_OFF + 8;
         const INNER_IP_OFF: usize = INNER_ETH_OFF + ETH_HLEN;
-        let pass = Outcome { verdict: Verdict::Pass, ct: None };
+        let pass = Outcome { verdict: Verdict::Pass, ct: None, ct6: None };
         if frame.len() < ETH_HLEN + IP_MIN {
             return pass;
         }

@@ -158,5 +158,19 @@ pub const fn icmpv6_ct_ports(ty: u8, id: u16) -> (u16, u16) {
     }
 }
 
+/// Conntrack ports of an IPv6 packet's upper-layer header, as [`crate::ct_ports`] for IPv4:
+/// TCP and UDP their ports, ICMPv6 as [`icmpv6_ct_ports`], any other protocol (ICMP among
+/// them) `(0, 0)`.
+#[inline(always)]
+pub const fn ct6_ports(proto: u8, head: [u8; 4], icmp_id: u16) -> (u16, u16) {
+    match proto {
+        super::IPPROTO_TCP | super::IPPROTO_UDP => {
+            (u16::from_be_bytes([head[0], head[1]]), u16::from_be_bytes([head[2], head[3]]))
+        }
+        super::IPPROTO_ICMPV6 => icmpv6_ct_ports(head[0], icmp_id),
+        _ => (0, 0),
+    }
+}
+
 // The walk is tested through the reference model, with the frames every test builds
 // (`controller/src/verdict/tests.rs`, `verse::frames`).

@@ -1,0 +1,292 @@
+//! `from_endpoint` for IPv6 ([`Host::judge6`]): what a local endpoint sends with EtherType IPv6,
+//! the one description of it (`dataplane-ebpf/src/endpoint6.rs` implements it). Steps 1-3 of
+//! `endpoint.rs` (frame length, the endpoint, its MAC) come first, as for every frame; then,
+//! first failing check wins:
+//! 1. The IPv6 header and its extension headers (`dataplane_common::wire::ipv6::walk`):
+//!    `MalformedIpv6`, `Ipv6Jumbogram`, `Ipv6Fragment` (any fragment header: the counterpart of
+//!    IPv4's step 7, found by the walk), `Ipv6TooManyHeaders`.
+//! 2. The upper-layer header within the payload, as IPv4's step 8 (ICMPv6 like ICMP):
+//!    `MalformedL4`. (IPv4 checks its source first; IPv6 needs the ICMPv6 type to know whether
+//!    the link-local source of neighbour discovery is allowed, step 3.)
+//! 3. Neighbour discovery (ICMPv6 133-137) is the gateway's, as ARP is: answered with a
+//!    neighbour advertisement ([`Verdict::ArpReply`], the gateway's answers) or dropped, as
+//!    `dataplane_common::nd` says (`SpoofedIp`, `NdSpoofed`, `NdUnanswered`); it is never
+//!    tracked, judged by rules or delivered.
+//! 4. Any other packet's source must be the endpoint's IPv6 address (an endpoint without one
+//!    sends no IPv6 but neighbour discovery): `SpoofedIp`. Link-local sources (MLD reports
+//!    included) are for neighbour discovery only.
+//! 5. From here IPv4's steps 9-14, in the same order with the same reasons, over the IPv6
+//!    tables: conntrack in `VERSE_CT6` (keys [`Ct6Key`], roles [`role6`]: ICMPv6 echo as ICMP
+//!    echo, other ICMPv6 untracked), routes in `VERSE_ROUTES6`, related ICMPv6 errors
+//!    ([`is_error6`]: destination unreachable 0-6, packet too big 0, time exceeded 0-1, parameter
+//!    problem 0-2; at most `ICMPV6_ERROR_MAX_LEN` (1280) bytes of IPv6 packet, RFC 4443 2.4 (c);
+//!    quoting a fixed IPv6 header whose next header is the upper layer, no extension header,
+//!    and 8 bytes after it, from the quoted flow's peer to its originator, the flow tracked
+//!    between them), policy with the IPv6 peer (a CIDR rule matches in its own family only;
+//!    `icmpv6` rules match ICMPv6, `icmp` rules never match IPv6; a universe without IPv6
+//!    CIDRs admits no IPv6), the budget of the sender (the same one as its IPv4 flows, S14).
+//! 6. Send: to a local receiver as IPv4 (gateway MAC as source, nothing else changed). To an
+//!    endpoint of another host: `Ipv6BetweenHosts`, whatever the underlay: IPv6 is not carried
+//!    between hosts yet (checked where IPv4 checks the underlay and MTU: after the rules, before
+//!    the flow is created).
+
+use std::net::Ipv6Addr;
+
+use dataplane_common::conntrack::{initial_state6, is_error6, role6};
+use dataplane_common::wire::{ipv6 as wire6, IPPROTO_ICMPV6};
+use dataplane_common::{nd, Ct6Key, ICMPV6_ERROR_MAX_LEN};
+
+use super::parse::{parse_ipv6, parse_l4_v6, Ipv6};
+use super::*;
+
+impl Host<'_> {
+    /// Judges the IPv6 frame `frame` sent by `sender` (steps 1-3 of `endpoint.rs` passed).
+    pub(super) fn judge6(
+        &self,
+        ct: &Conntrack,
+        now_ns: u64,
+        sender: &Local<'_>,
+        frame: &[u8],
+    ) -> Outcome {
+        let ip = match parse_ipv6(frame, ETH_HLEN) {
+            Ok(ip) => ip,
+            Err(reason) => return Outcome::drop(reason),
+        };
+        let l4 = match parse_l4_v6(frame, &ip) {
+            Ok(l4) => l4,
+            Err(reason) => return Outcome::drop(reason),
+        };
+        let addr = |at: usize| -> [u8; 16] {
+            frame[ETH_HLEN + at..ETH_HLEN + at + 16].try_into().expect("16 bytes")
+        };
+        let (src, dst) = (addr(8), addr(24));
+        let own = sender.ep.ipv6.map_or([0; 16], |a| a.octets());
+        let (ty, code) = l4.icmp_type_code;
+        if ip.proto == IPPROTO_ICMPV6 && nd::is_nd(ty) {
+            let target: Option<[u8; 16]> = (ip.l4_off + nd::TARGET_END <= ip.end).then(|| {
+                let t = &frame[ip.l4_off + nd::TARGET_OFF..ip.l4_off + nd::TARGET_END];
+                t.try_into().expect("16 bytes")
+            });
+            let hop_limit = frame[ETH_HLEN + 7];
+            return match nd::judge(ty, code, hop_limit, &src, target.as_ref(), &own, &sender.mac) {
+                Ok(()) => {
+                    let t = target.expect("an answered solicitation names its target");
+                    let frame = nd::advert(&self.gateway_mac, &sender.mac, &t, &src).to_vec();
+                    Outcome { verdict: Verdict::ArpReply { frame }, ct: None, ct6: None }
+                }
+                Err(reason) => Outcome::drop(reason),
+            };
+        }
+        if own == [0; 16] || src != own {
+            return Outcome::drop(DropReason::SpoofedIp);
+        }
+        let (sport, dport) = l4.ct_ports;
+        let key = Ct6Key::new(sender.vni, src, dst, sport, dport, ip.proto);
+        let universe = sender.ep.universe.as_str();
+        let (src6, dst6) = (Ipv6Addr::from(src), Ipv6Addr::from(dst));
+        let route = self.routes6.get(&(universe, dst6)).copied();
+        let role = role6(ip.proto, l4.tcp_flags, ty);
+
+        let (hit, own_entry) = ct.lookup6_as(&key, role, sender.ep.serial, now_ns, &self.timeouts);
+        if let Some((stored, entry, dir)) = hit {
+            let Some(to) = route else {
+                return Outcome::drop(DropReason::NoRoute);
+            };
+            if to.serial() == receiver_serial(&entry, dir) {
+                let state = next_state(entry.state, dir == CtDirection::Reply, l4.tcp_flags);
+                let refreshed = CtEntry { last_seen_ns: now_ns, state, ..entry };
+                let update = CtUpdate6 { key: stored, entry: refreshed };
+                return self.send6(frame, to, Ok(Some(update)));
+            }
+        }
+        let related = route.filter(|to| {
+            self.related6(ct, now_ns, sender.vni, &ip, &l4, (sender.ep.serial, to.serial()))
+        });
+        if let Some(to) = related {
+            return self.send6(frame, to, Ok(None));
+        }
+        if !self.allows6(sender.ep, Direction::Egress, dst6, ip.proto, &l4) {
+            return Outcome::drop(DropReason::PolicyEgress);
+        }
+        let Some(to) = route else {
+            return Outcome::drop(DropReason::NoRoute);
+        };
+        if let Place::Local(l) = to {
+            if !self.allows6(l.ep, Direction::Ingress, src6, ip.proto, &l4) {
+                return Outcome::drop(DropReason::PolicyIngress);
+            }
+        }
+        let created = if creates(role) {
+            let entry = CtEntry {
+                last_seen_ns: now_ns,
+                src_serial: sender.ep.serial,
+                dst_serial: to.serial(),
+                owner_slot: sender.ep.slot,
+                state: initial_state6(ip.proto),
+                owner: ct_owner::SRC,
+                _pad: [0; 2],
+            };
+            create6(ct, key, own_entry, entry, sender.ep.conntrack_budget)
+        } else {
+            Ok(None)
+        };
+        self.send6(frame, to, created)
+    }
+
+    /// Step 6: delivers to a local receiver with the conntrack write `ct` (dropped with the
+    /// packet, or the packet's reason when its flow is refused, S14); an endpoint of another
+    /// host is `Ipv6BetweenHosts`.
+    fn send6(
+        &self,
+        frame: &[u8],
+        to: Place<'_>,
+        ct: Result<Option<CtUpdate6>, DropReason>,
+    ) -> Outcome {
+        match (to, ct) {
+            (Place::Remote(_), _) => Outcome::drop(DropReason::Ipv6BetweenHosts),
+            (Place::Local(_), Err(reason)) => Outcome::drop(reason),
+            (Place::Local(l), Ok(ct6)) => {
+                Outcome { verdict: self.deliver(frame, &l), ct: None, ct6 }
+            }
+        }
+    }
+
+    /// Step 5's related ICMPv6 error (see the module doc): `(sender, receiver)` are the serials
+    /// of the endpoints that send and receive the error.
+    fn related6(
+        &self,
+        ct: &Conntrack,
+        now_ns: u64,
+        vni: u32,
+        ip: &Ipv6,
+        l4: &L4,
+        (sender, receiver): (u64, u64),
+    ) -> bool {
+        let Some(inner) = &l4.icmp_error_inner6 else {
+            return false;
+        };
+        let (src, dst) = (ip.src, ip.dst);
+        is_error6(ip.proto, l4.icmp_type_code.0, l4.icmp_type_code.1)
+            && ip.end - ETH_HLEN <= ICMPV6_ERROR_MAX_LEN
+            && inner.src == dst
+            && inner.dst == src
+            && ct
+                .lookup6(&Ct6Key { vni, ..*inner }, receiver, now_ns, &self.timeouts)
+                .0
+                .is_some_and(|(_, e, dir)| receiver_serial(&e, dir) == sender)
+    }
+
+    /// S1 for an IPv6 peer: any rule of any group of `ep` in `dir` that matches admits.
+    fn allows6(
+        &self,
+        ep: &model::Endpoint,
+        dir: Direction,
+        peer: Ipv6Addr,
+        proto: u8,
+        l4: &L4,
+    ) -> bool {
+        self.admitting6(ep, dir, peer, proto, l4.dport, l4.icmp_type_code).next().is_some()
+    }
+
+    /// [`Host::admitting`] for a packet whose peer is the IPv6 address `peer`: a CIDR rule
+    /// matches in its family only (`::/0` included, `0.0.0.0/0` never), a group peer by the
+    /// IPv6 address of a member; `icmpv6` matches ICMPv6 (by type and code), `icmp` never. In a
+    /// universe without IPv6 CIDRs nothing is admitted.
+    pub fn admitting6<'s>(
+        &'s self,
+        ep: &'s model::Endpoint,
+        dir: Direction,
+        peer: Ipv6Addr,
+        proto: u8,
+        dport: u16,
+        icmp: (u8, u8),
+    ) -> impl Iterator<Item = (&'s model::SecurityGroup, &'s model::Rule)> + 's {
+        let dual = self.state.universes.get(&ep.universe).is_some_and(|u| !u.ipv6_cidrs.is_empty());
+        let groups = ep.security_groups.iter().filter(move |_| dual);
+        groups.filter_map(|g| self.state.groups.get(g)).flat_map(move |g| {
+            let rules = match dir {
+                Direction::Ingress => &g.ingress,
+                Direction::Egress => &g.egress,
+            };
+            rules
+                .iter()
+                .filter(move |r| {
+                    r.direction == dir
+                        && protocol_matches6(r, proto, dport, icmp)
+                        && self.peer_matches6(&r.peer, &ep.universe, peer)
+                })
+                .map(move |r| (g, r))
+        })
+    }
+
+    fn peer_matches6(&self, p: &Peer, universe: &str, addr: Ipv6Addr) -> bool {
+        match p {
+            Peer::Cidr(IpNetwork::V6(net)) => net.contains(addr),
+            Peer::Cidr(IpNetwork::V4(_)) => false,
+            Peer::Group(g) => self
+                .members6
+                .get(&(universe, addr))
+                .is_some_and(|ep| ep.security_groups.iter().any(|m| m == g)),
+        }
+    }
+}
+
+/// S4 for an IPv6 packet: `all`; or the protocol number, then the ports (TCP/UDP) or the ICMPv6
+/// type and code (`icmpv6` rules); an `icmp` rule concerns IPv4 and never matches.
+fn protocol_matches6(r: &model::Rule, proto: u8, dport: u16, (ty, code): (u8, u8)) -> bool {
+    match r.protocol {
+        Protocol::All => true,
+        Protocol::ICMP => false,
+        Protocol::Number(n) if n != proto => false,
+        Protocol::Number(IPPROTO_TCP | IPPROTO_UDP) => {
+            r.ports.is_none_or(|(lo, hi)| (lo..=hi).contains(&dport))
+        }
+        Protocol::ICMPV6 => match r.icmp {
+            None | Some((None, _)) => true,
+            Some((Some(t), c)) => ty == t && c.is_none_or(|c| code == c),
+        },
+        Protocol::Number(_) => true,
+    }
+}
+
+/// The conntrack write of a new IPv6 flow: [`conntrack::create`]'s rules over `VERSE_CT6`'s
+/// table, charged to the same budget as the owner's IPv4 flows.
+fn create6(
+    ct: &Conntrack,
+    key: Ct6Key,
+    own: Option<CtEntry>,
+    entry: CtEntry,
+    budget: u32,
+) -> Result<Option<CtUpdate6>, DropReason> {
+    match own {
+        Some(old)
+            if old.owner_slot == entry.owner_slot && old.owner_serial() == entry.owner_serial() =>
+        {
+            Ok(Some(CtUpdate6 { key, entry }))
+        }
+        Some(_) => Ok(None),
+        None if ct.used(entry.owner_slot) >= u64::from(budget) => {
+            Err(DropReason::ConntrackBudgetExceeded)
+        }
+        None => Ok(Some(CtUpdate6 { key, entry })),
+    }
+}
+
+/// The flow quoted by an ICMPv6 error, from the bytes after its 8-byte header: a fixed IPv6
+/// header (version 6) whose next header is the upper layer (an extension header there makes
+/// the error unrelated) and the 8 bytes after it. Its key has VNI 0 and ports as a packet of
+/// that flow would have them.
+pub(super) fn parse_inner6(b: &[u8]) -> Option<Ct6Key> {
+    if b.len() < wire6::HLEN + 8 || b[0] >> 4 != 6 {
+        return None;
+    }
+    let proto = b[6];
+    if wire6::next_kind(proto) != wire6::Next::Upper {
+        return None;
+    }
+    let l4 = &b[wire6::HLEN..];
+    let (sport, dport) = wire6::ct6_ports(proto, [l4[0], l4[1], l4[2], l4[3]], be16(l4, 4));
+    let src: [u8; 16] = b[8..24].try_into().ok()?;
+    let dst: [u8; 16] = b[24..40].try_into().ok()?;
+    Some(Ct6Key::new(0, src, dst, sport, dport, proto))
+}
