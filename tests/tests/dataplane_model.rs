@@ -44,7 +44,7 @@ use std::net::Ipv4Addr;
 use dataplane_common::wire::ipv6::{
     EXT_MAX, NEXTHDR_AUTH, NEXTHDR_DEST, NEXTHDR_FRAGMENT, NEXTHDR_HOP, NEXTHDR_ROUTING, OPT_JUMBO,
 };
-use dataplane_common::{ct_state, Config, CtEntry, CtKey, DropReason, VXLAN_PORT};
+use dataplane_common::{ct_state, Config, Ct6Key, CtEntry, CtKey, DropReason, VXLAN_PORT};
 use rand::rngs::StdRng;
 use rand::seq::IndexedRandom;
 use rand::{Rng, SeedableRng};
@@ -128,19 +128,21 @@ fn clear_egress(st: &mut State, g: &str) {
 /// Returns the state, the endpoint ids by short name, and the ids the phases edit.
 fn build_state() -> (State, BTreeMap<&'static str, String>, Names) {
     let mut st = State::default();
-    let uni = |st: &mut State, name: &str| {
+    // `a` and `b` are dual stack, with the same IPv6 CIDR (isolation of identical addresses);
+    // `c` is IPv4 only.
+    let uni = |st: &mut State, name: &str, v6: bool| {
         st.create_universe(CreateUniverse {
             name: name.into(),
             cidr: Some("10.0.0.0/16".into()),
             cidrs: None,
-            ipv6_cidrs: None,
+            ipv6_cidrs: v6.then(|| vec!["fd00:a::/48".into()]),
         })
         .expect("create universe")
         .id
     };
-    let a = uni(&mut st, "a");
-    let b = uni(&mut st, "b");
-    let c = uni(&mut st, "c");
+    let a = uni(&mut st, "a", true);
+    let b = uni(&mut st, "b", true);
+    let c = uni(&mut st, "c", false);
     let default_of = |st: &State, u: &str| {
         st.groups
             .values()
@@ -271,6 +273,22 @@ fn build_state() -> (State, BTreeMap<&'static str, String>, Names) {
         json!({"type": -1, "code": -1, "cidr": "::/0"}),
     );
     rule(&mut st, &mgmt, "ingress", json!("all"), json!({"cidr": "10.0.1.11/32"}));
+    // IPv6 peers: web takes TCP 8000-8099 from the universe's IPv6 /64, db UDP 53 from a /120
+    // holding a-db, a-mgmt and a-web (a CIDR class of its own, nested in the /64).
+    rule(
+        &mut st,
+        &web,
+        "ingress",
+        json!("tcp"),
+        json!({"from": 8000, "to": 8099, "cidr": "fd00:a::/64"}),
+    );
+    rule(
+        &mut st,
+        &db,
+        "ingress",
+        json!("udp"),
+        json!({"from": 53, "to": 53, "cidr": "fd00:a::a00:100/120"}),
+    );
     // ops: all from mgmt members; egress only to mgmt, tcp.
     rule(&mut st, &ops, "ingress", json!("all"), json!({"group": mgmt}));
     clear_egress(&mut st, &ops);
@@ -296,6 +314,8 @@ fn build_state() -> (State, BTreeMap<&'static str, String>, Names) {
                   ip: &str,
                   groups: &[&String],
                   budget: Option<i64>| {
+        let dual = !st.universes[u].ipv6_cidrs.is_empty();
+        let ipv6 = dual.then(|| std::net::Ipv6Addr::from(six(ip.parse().expect("ip"))).to_string());
         let e = st
             .create_endpoint(
                 CreateEndpoint {
@@ -306,7 +326,7 @@ fn build_state() -> (State, BTreeMap<&'static str, String>, Names) {
                     security_groups: Some(groups.iter().map(|g| g.to_string()).collect()),
                     conntrack_budget: budget,
                     flow_logs: None,
-                    ipv6: None,
+                    ipv6,
                 },
                 HOST,
             )
@@ -366,10 +386,37 @@ fn v6_of(ip: Ipv4Addr) -> [u8; 16] {
     ip.to_ipv6_mapped().octets()
 }
 
+/// The IPv6 address of the endpoint at `ip` in a dual-stack universe (fd00:a:: and the IPv4
+/// address), or of the same place for an address that is no endpoint.
+fn six(ip: Ipv4Addr) -> [u8; 16] {
+    let mut a = [0u8; 16];
+    a[0] = 0xfd;
+    a[3] = 0x0a;
+    a[12..].copy_from_slice(&ip.octets());
+    a
+}
+
+/// The ICMPv6 type standing for an ICMP one in an IPv6 flow: echo request and reply, the
+/// errors (unreachable, time exceeded, parameter problem; source quench as packet too big),
+/// anything else as itself plus 100 (informational types, neighbour discovery among them).
+fn icmp6_type(ty: u8) -> u8 {
+    match ty {
+        8 => 128,
+        0 => 129,
+        3 => 1,
+        4 => 2,
+        11 => 3,
+        12 => 4,
+        t => t.wrapping_add(100),
+    }
+}
+
 /// A flow as the generator remembers it: who sent its first packet, to where.
 #[derive(Clone, Debug)]
 struct Flow {
     from: usize,
+    /// Over IPv6: between `six` of the addresses (ICMP as ICMPv6).
+    v6: bool,
     dst: Ipv4Addr,
     proto: u8,
     sport: u16,
@@ -525,6 +572,31 @@ impl Gen {
             self.rng.random_range(0..24)
         };
         let payload: Vec<u8> = (0..len).map(|_| self.rng.random()).collect();
+        if flow.v6 {
+            let (src, dst) = (six(ep.ip), six(dst));
+            let (proto, l4) = match flow.proto {
+                6 => (6, [frames::tcp(sport, dport, flags, 0), payload].concat()),
+                17 => (17, frames::udp(sport, dport, &payload)),
+                1 => {
+                    let ty = if flow.dport == 0 {
+                        if reply {
+                            0
+                        } else {
+                            8
+                        }
+                    } else if reply {
+                        *[8, 0, 14, (flow.dport >> 8) as u8].choose(&mut self.rng).expect("types")
+                    } else {
+                        (flow.dport >> 8) as u8
+                    };
+                    let rest = frames::echo_rest(flow.sport, 7);
+                    (58, frames::icmpv6(src, dst, icmp6_type(ty), flow.dport as u8, rest, &payload))
+                }
+                p => (p, payload),
+            };
+            let p = frames::ipv6(src, dst, proto, &l4);
+            return Some((sender, frames::ethernet(GW, ep.mac, ETH_IPV6, &p)));
+        }
         let l4 = match flow.proto {
             6 => [frames::tcp(sport, dport, flags, 0), payload].concat(),
             17 => frames::udp(sport, dport, &payload),
@@ -571,7 +643,8 @@ impl Gen {
             }
             _ => (*[47u8, 132, 58, 0, 255, 89].choose(&mut self.rng).expect("protos"), 0, 0),
         };
-        Flow { from, dst, proto, sport, dport }
+        let v6 = self.rng.random_bool(0.3);
+        Flow { from, v6, dst, proto, sport, dport }
     }
 
     /// One packet: what it is (for the report), where it enters and the frame.
@@ -616,8 +689,11 @@ impl Gen {
         if r < 84 {
             return self.arp();
         }
-        if r < 88 {
+        if r < 86 {
             return self.ipv6();
+        }
+        if r < 88 {
+            return self.nd();
         }
         if r < 92 {
             return self.forged_encap(&flow);
@@ -628,6 +704,9 @@ impl Gen {
     /// An ICMP error quoting `flow`'s packet, sent by its destination back to its source
     /// (related), or by someone else, or quoting a mangled header.
     fn icmp_error(&mut self, flow: &Flow) -> (String, Hook, Vec<u8>) {
+        if flow.v6 {
+            return self.icmp6_error(flow);
+        }
         let (_, quoted) = self.packet(flow, false, 0x02).expect("the originator exists");
         let orig = self.eps[flow.from].clone();
         let mut quote = quoted[14..].to_vec();
@@ -694,6 +773,84 @@ impl Gen {
         let what =
             format!("icmp type {ty} code {code} variant {variant}, {total} bytes, about {flow:?}");
         (what, h, f)
+    }
+
+    /// An ICMPv6 error quoting `flow`'s packet (its IPv6 header and 8 bytes), sent by its
+    /// destination back to its source (related), or by someone else, or quoting something else,
+    /// of a size about RFC 4443's bound (1280 bytes of IPv6 packet).
+    fn icmp6_error(&mut self, flow: &Flow) -> (String, Hook, Vec<u8>) {
+        let (_, quoted) = self.packet(flow, false, 0x02).expect("the originator exists");
+        let orig = self.eps[flow.from].clone();
+        let mut quote = quoted[14..].to_vec();
+        quote.truncate(48 + self.rng.random_range(0..8));
+        let ty = match self.rng.random_range(0..10) {
+            0..=7 => *[1u8, 2, 3, 4].choose(&mut self.rng).expect("types"),
+            8 => *[128u8, 129, 5, 135, 100, 127].choose(&mut self.rng).expect("types"),
+            _ => self.rng.random(),
+        };
+        let code = match self.rng.random_range(0..10) {
+            0..=5 => *[0u8, 1, 2, 3, 6, 7].choose(&mut self.rng).expect("codes"),
+            _ => self.rng.random_range(0..=20),
+        };
+        let variant = if self.rng.random_bool(0.5) { 0 } else { self.rng.random_range(1..6) };
+        let mut sender = self
+            .ep_by_ip(&orig.universe, flow.dst)
+            .unwrap_or_else(|| self.rng.random_range(0..self.eps.len()));
+        let mut to = six(orig.ip);
+        match variant {
+            0 => {}
+            1 => to = six(self.eps.choose(&mut self.rng).expect("eps").ip),
+            2 => quote.truncate(40 + self.rng.random_range(0..8)), // quote too short
+            3 => quote[6] = NEXTHDR_DEST,                          // an extension header quoted
+            4 => quote[0] = 0x40,                                  // not IPv6
+            _ => sender = self.rng.random_range(0..self.eps.len()),
+        }
+        let total: usize = match self.rng.random_range(0..10) {
+            0..=7 => 0,
+            8 => *[1280, 1281].choose(&mut self.rng).expect("sizes"),
+            _ => self.rng.random_range(1282..1450),
+        };
+        quote.resize(quote.len().max(total.saturating_sub(48)), 0);
+        let s = self.eps[sender].clone();
+        let src = six(s.ip);
+        let m = frames::icmpv6(src, to, ty, code, [0, 0, 5, 0xdc], &quote);
+        let f = frames::ethernet(GW, s.mac, ETH_IPV6, &frames::ipv6(src, to, 58, &m));
+        let (h, f) = self.emit(sender, f);
+        (format!("icmpv6 type {ty} code {code} variant {variant}, about {flow:?}"), h, f)
+    }
+
+    /// Neighbour discovery from a local endpoint: solicitations for a peer, the gateway, its
+    /// own address or a multicast one, from its address, its link-local one, `::` or another's;
+    /// advertisements, router messages, redirects; hop limit 255 or not, short or not.
+    fn nd(&mut self) -> (String, Hook, Vec<u8>) {
+        let locals = self.locals();
+        let sender = *locals.choose(&mut self.rng).expect("local eps");
+        let ep = self.eps[sender].clone();
+        let own = six(ep.ip);
+        let ll = dataplane_common::nd::link_local(ep.mac);
+        let peer = six(self.eps.choose(&mut self.rng).expect("eps").ip);
+        let mut mcast = [0u8; 16];
+        mcast[0] = 0xff;
+        mcast[1] = 0x02;
+        mcast[15] = 1;
+        let src = *[own, ll, [0; 16], peer, own, ll].choose(&mut self.rng).expect("sources");
+        let target = *[peer, own, ll, mcast, [0; 16], peer, dataplane_common::nd::link_local(GW)]
+            .choose(&mut self.rng)
+            .expect("targets");
+        let ty = *[135u8, 135, 135, 136, 133, 134, 137].choose(&mut self.rng).expect("types");
+        let code = if self.rng.random_bool(0.9) { 0 } else { 1 };
+        let hop = if self.rng.random_bool(0.9) { 255 } else { 64 };
+        let mut body = target.to_vec();
+        if self.rng.random_bool(0.7) {
+            body.extend_from_slice(&[1, 1]);
+            body.extend_from_slice(&ep.mac);
+        }
+        let cut = if self.rng.random_bool(0.1) { self.rng.random_range(0..16) } else { 0 };
+        body.truncate(body.len() - cut);
+        let m = frames::icmpv6(src, peer, ty, code, [0; 4], &body);
+        let p = frames::with_hop_limit(frames::ipv6(src, peer, 58, &m), hop);
+        let (h, f) = self.emit(sender, frames::ethernet(GW, ep.mac, ETH_IPV6, &p));
+        (format!("ND type {ty} code {code} hop {hop} cut {cut}"), h, f)
     }
 
     fn arp(&mut self) -> (String, Hook, Vec<u8>) {
@@ -1068,6 +1225,18 @@ fn ct_label(k: &CtKey) -> String {
     )
 }
 
+fn ct6_label(k: &Ct6Key) -> String {
+    format!(
+        "vni {} [{}]:{} -> [{}]:{} proto {}",
+        k.vni,
+        std::net::Ipv6Addr::from(k.src),
+        k.sport,
+        std::net::Ipv6Addr::from(k.dst),
+        k.dport,
+        k.proto
+    )
+}
+
 struct Run {
     dp: Dataplane,
     /// The underlay device (`from_underlay`'s test runs arrive on it).
@@ -1144,7 +1313,10 @@ impl Run {
             if let Some(u) = &outcome.ct {
                 self.ct.apply(u);
             }
-            return outcome.ct.is_some();
+            if let Some(u) = &outcome.ct6 {
+                self.ct.apply6(u);
+            }
+            return outcome.ct.is_some() || outcome.ct6.is_some();
         }
         let model = match &outcome.verdict {
             Verdict::Drop(r) => format!("drop {r:?}"),
@@ -1192,6 +1364,7 @@ impl Run {
     /// After a disagreement, continue from the kernel's conntrack table.
     fn resync_ct(&mut self) {
         self.ct.entries = self.dp.conntrack().expect("read VERSE_CT").into_iter().collect();
+        self.ct.entries6 = self.dp.conntrack6().expect("read VERSE_CT6").into_iter().collect();
     }
 
     /// Keys, states, endpoints and owners of both tables must match (the kernel's stamps are
@@ -1203,9 +1376,21 @@ impl Run {
             .expect("read VERSE_CT")
             .into_iter()
             .map(|(k, e)| (ct_label(&k), facts(&e)))
+            .chain(
+                self.dp
+                    .conntrack6()
+                    .expect("read VERSE_CT6")
+                    .into_iter()
+                    .map(|(k, e)| (ct6_label(&k), facts(&e))),
+            )
             .collect();
-        let model: BTreeMap<String, CtFacts> =
-            self.ct.entries.iter().map(|(k, e)| (ct_label(k), facts(e))).collect();
+        let model: BTreeMap<String, CtFacts> = self
+            .ct
+            .entries
+            .iter()
+            .map(|(k, e)| (ct_label(k), facts(e)))
+            .chain(self.ct.entries6.iter().map(|(k, e)| (ct6_label(k), facts(e))))
+            .collect();
         for (slot, owner) in self.dp.ct_owners() {
             let charged = self.ct.used(slot);
             if owner.used != charged {
@@ -1474,6 +1659,10 @@ fn kernel_program_agrees_with_the_reference_model_on_generated_packets() {
         DropReason::Ipv6Fragment,
         DropReason::Ipv6TooManyHeaders,
         DropReason::Ipv6Jumbogram,
+        DropReason::NdUnanswered,
+        DropReason::NdSpoofed,
+        DropReason::Ipv6BetweenHosts,
+        DropReason::SpoofedIp,
         DropReason::UnknownHost,
         DropReason::UnknownUniverse,
         DropReason::NotPlacedOnSender,
