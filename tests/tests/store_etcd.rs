@@ -1368,3 +1368,67 @@ async fn a_host_with_a_scope_catches_up_past_a_compaction_with_whole_universes()
     assert!(!snap.universes.contains_key(&blue.id) && !snap.groups.contains_key(&web.id));
     assert!(snap.endpoints.values().all(|e| e.universe == red.id), "{:?}", snap.endpoints);
 }
+
+/// The API's acknowledgement (S13) with a host that follows only its universes: an edit of a
+/// universe with no endpoint on it does not wait for it (it is realized there trivially), a
+/// placement on it and an edit of a universe it holds do, until it reports them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_api_waits_for_a_host_with_a_scope_only_for_its_own_universes() {
+    let etcd = Etcd::start_local();
+    let ttl = Duration::from_secs(5);
+    let a = etcd.store(ttl).await;
+    a.register_host("h1", None).await.unwrap();
+    let api = serve(a.clone(), "h1").await;
+    let s = open(EtcdOptions { scope: Some("h9".into()), ..etcd.options(ttl) }).await;
+    s.register_host("h9", Some(Ipv4Addr::new(198, 18, 0, 9))).await.unwrap();
+    // h9 realizes each state it holds 1.5 s late.
+    let slow = s.clone();
+    tokio::spawn(async move {
+        let mut rx = slow.subscribe();
+        loop {
+            let state = rx.borrow_and_update().clone();
+            tokio::time::sleep(Duration::from_millis(1500)).await;
+            slow.report("h9", Realized::of(&state));
+            if rx.changed().await.is_err() {
+                break;
+            }
+        }
+    });
+    wait_health(&a, "h9", true).await;
+    // Until its first report it has realized nothing (its liveness record says revision 0).
+    let now = a.snapshot().revision;
+    wait_hosts(&a, "h9's first report", |h| h.iter().any(|h| h.name == "h9" && h.revision >= now))
+        .await;
+    let timed = |f: Box<dyn FnOnce(&verse::client::Client) -> String + Send>| async {
+        cli(&api, move |c| {
+            let start = Instant::now();
+            let id = f(c);
+            (start.elapsed(), id)
+        })
+        .await
+    };
+    let fast = Duration::from_millis(1000);
+    let (took, blue) =
+        timed(Box::new(|c| c.create_universe(&universe("blue")).unwrap().0.id)).await;
+    assert!(took < fast, "h9 holds no universe: not waited for ({took:?})");
+    let (_, red) = timed(Box::new(|c| c.create_universe(&universe("red")).unwrap().0.id)).await;
+    let b = blue.clone();
+    let (_, web) = timed(Box::new(move |c| c.create_group(&group(&b, "web")).unwrap().0.id)).await;
+    let r = red.clone();
+    let (took, red_web) =
+        timed(Box::new(move |c| c.create_group(&group(&r, "web")).unwrap().0.id)).await;
+    assert!(took < fast, "{took:?}");
+
+    // Placing an endpoint of blue on h9 waits until h9 has realized it.
+    let req = endpoint_on(&blue, "h9", "ns-1", "10.1.0.5", &web);
+    let (took, _) = timed(Box::new(move |c| c.create_endpoint(&req).unwrap().0.id)).await;
+    assert!(took >= Duration::from_millis(1400), "returned before h9 realized it ({took:?})");
+    // An edit of blue waits for h9; one of red does not.
+    let g = web.clone();
+    let (took, _) = timed(Box::new(move |c| c.add_rule(&g, &tcp_rule(80)).unwrap().0.id)).await;
+    assert!(took >= Duration::from_millis(1400), "h9 holds blue: waited for ({took:?})");
+    let g = red_web.clone();
+    let (took, _) = timed(Box::new(move |c| c.add_rule(&g, &tcp_rule(80)).unwrap().0.id)).await;
+    assert!(took < fast, "h9 holds no endpoint of red: not waited for ({took:?})");
+    assert!(!s.snapshot().universes.contains_key(&red));
+}
