@@ -1799,10 +1799,8 @@ impl Shared {
                 cache.revision = cache.revision.max(rev);
                 start = end;
             }
-            // A response carries the watcher's events up to its header's revision.
-            if let Some(h) = resp.header() {
-                cache.revision = cache.revision.max(h.revision());
-            }
+            // Not the header's revision: etcd 3.4 sends a catching-up watcher at most 1000
+            // revisions per response, each with the header of its current revision.
             self.publish(cache, desired_changed, hosts_changed);
         }
     }

@@ -110,13 +110,13 @@ impl Touches {
     /// change seen; `last_known` is the newest change of the range before the floor that the
     /// keys tell (see the module docs).
     fn current_until(&self, range: &str, progress: i64, last_known: i64) -> Option<i64> {
+        // Changes past the progress but before the floor are forgotten: the keys decide.
+        if progress.saturating_add(1) < self.floor && last_known > progress {
+            return Some(progress);
+        }
         let next =
             self.by_range.get(range).and_then(|s| s.range(progress.saturating_add(1)..).next());
-        match next {
-            Some(next) => Some(next - 1),
-            None if progress.saturating_add(1) >= self.floor || last_known <= progress => None,
-            None => Some(progress),
-        }
+        next.map(|next| next - 1)
     }
 }
 
@@ -479,9 +479,8 @@ impl Shared {
                 progress = progress.max(rev);
                 start = end;
             }
-            if let Some(h) = resp.header() {
-                progress = progress.max(h.revision());
-            }
+            // No header: etcd 3.4 sends a catching-up watcher at most 1000 revisions per
+            // response, each with the header of its current revision.
             if is_placement {
                 // The universes placed here now, whole, before the placements count as applied.
                 let held: BTreeSet<String> = placed.values().cloned().collect();
@@ -571,5 +570,21 @@ mod tests {
         // Before the floor: the last change the keys tell decides.
         assert_eq!(t.current_until("u/c/", 5, 4), None);
         assert_eq!(t.current_until("u/c/", 5, 8), Some(5));
+    }
+
+    /// a change forgotten (past TOUCHES_KEPT) between a host's progress and a
+    /// later change still known must hold the host at its progress, not at the later change.
+    #[test]
+    fn a_forgotten_change_before_a_known_one_still_holds_the_host_back() {
+        let mut t = Touches::from(0);
+        t.record(300, "u/a/rules/g/r");
+        for rev in 0..TOUCHES_KEPT as i64 {
+            t.record(1_000 + rev, "u/b/version");
+        }
+        t.record(200_000, "u/a/version");
+        assert!(t.floor > 300, "the change at 300 is forgotten");
+        // The host holds u/a/ up to 100: it lacks the change at 300.
+        let until = t.current_until("u/a/", 100, 200_000);
+        assert!(until.is_some_and(|r| r < 300), "judged current until {until:?}");
     }
 }
