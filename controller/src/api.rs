@@ -1215,19 +1215,22 @@ async fn delete_rule(
     mutate(&st, note, idem, StatusCode::NO_CONTENT, edit, creates_nothing, |()| None::<()>).await
 }
 
-/// The one place IPv6 is refused, until the dataplane carries it: the kernel programs drop every
-/// IPv6 packet today, so an IPv6 universe CIDR or endpoint address would be accepted for
-/// traffic that cannot flow. `field` is the request field that asks for IPv6 (`ipv6_cidrs` of
-/// a universe, `ipv6` of an endpoint), `None` when the request asks for none. The model and the
-/// compiler below handle IPv6 in full; the IPv6 dataplane lifts this gate (removes it and its
-/// two calls). IPv6 rules (`::/0`, IPv6 CIDRs, `icmpv6`) are not gated: they are stored and
-/// match no packet until then, as in a universe without IPv6.
+/// The one place IPv6 is refused, until it works end to end: the kernel programs judge IPv6
+/// between endpoints of one host, but `versed` does not configure IPv6 in a workload's
+/// namespace yet (it turns it off) and IPv6 between hosts is dropped (`ipv6_between_hosts`), so
+/// an IPv6 universe CIDR or endpoint address would be accepted for traffic that cannot flow.
+/// `field` is the request field that asks for IPv6 (`ipv6_cidrs` of a universe, `ipv6` of an
+/// endpoint), `None` when the request asks for none. The model, the compiler and the dataplane
+/// below handle one host's IPv6 in full; plumbing IPv6 into workloads lifts this gate (removes
+/// it and its two calls). IPv6 rules (`::/0`, IPv6 CIDRs, `icmpv6`) are not gated: they are
+/// stored and match no packet until then, as in a universe without IPv6.
 fn ipv6_gate(field: Option<&str>) -> model::Result<()> {
     match field {
         Some(field) => Err(model::Error::invalid(
             field,
-            "IPv6 is not available yet: the IPv6 dataplane is not built, and the dataplane drops \
-             every IPv6 packet (drop reason ipv6_unsupported); leave this field out",
+            "IPv6 is not available yet: the dataplane judges IPv6 between endpoints of one host, \
+             but versed does not configure it in workloads yet and drops IPv6 between hosts \
+             (drop reason ipv6_between_hosts); leave this field out",
         )),
         None => Ok(()),
     }

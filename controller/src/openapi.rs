@@ -52,12 +52,12 @@ const PREFIX_UNIVERSE: &str = "(?:[89]|[12][0-9]|30)";
 /// The prefixes an IPv6 universe CIDR may have: /44 to /64.
 const PREFIX_UNIVERSE_V6: &str = "(?:4[4-9]|5[0-9]|6[0-4])";
 
-/// A request field for IPv6 that the API refuses (400) until the IPv6 dataplane lands: `schema`
+/// A request field for IPv6 that the API refuses (400) until IPv6 works end to end: `schema`
 /// is what it will accept then, and `not: {}` says that for now no value is valid, as the
 /// server does (`api::ipv6_gate`). Lifting the gate removes the `not`.
 fn ipv6_gated(schema: Value, description: &str) -> Value {
     json!({
-        "description": format!("{description} Refused (400 naming the field) until the IPv6 dataplane is built: today the dataplane drops every IPv6 packet."),
+        "description": format!("{description} Refused (400 naming the field) until IPv6 works end to end: the dataplane judges IPv6 between endpoints of one host, but versed does not configure it in workloads yet and IPv6 between hosts is dropped (ipv6_between_hosts)."),
         "allOf": [schema, { "not": {} }],
     })
 }

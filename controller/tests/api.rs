@@ -279,7 +279,7 @@ async fn universe_body_errors_are_400_naming_the_field() {
     assert_eq!(api.store.snapshot().revision, api.base, "no refused edit changed anything");
 }
 
-/// Until the dataplane carries IPv6, an IPv6 universe CIDR or endpoint address is refused with a
+/// Until IPv6 works end to end, an IPv6 universe CIDR or endpoint address is refused with a
 /// 400 naming the field, whether or not the rest of the request is valid, and changes nothing;
 /// IPv6 rules are stored (they match no packet in a universe without IPv6).
 #[tokio::test]
@@ -292,7 +292,7 @@ async fn ipv6_universes_and_endpoints_are_refused_until_the_dataplane_carries_th
         a.error(StatusCode::BAD_REQUEST, "invalid_argument", "ipv6_cidrs");
         let msg = a.body["error"]["message"].as_str().unwrap();
         assert!(msg.starts_with("ipv6_cidrs: IPv6 is not available yet"), "{msg}");
-        assert!(msg.contains("IPv6 dataplane is not built"), "{msg}");
+        assert!(msg.contains("versed does not configure it in workloads yet"), "{msg}");
     }
     assert_eq!(api.store.snapshot().revision, base);
     assert_eq!(api.get("/v1/universes").await.body, json!([]));
