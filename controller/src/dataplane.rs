@@ -1114,12 +1114,16 @@ impl Dataplane {
         let dir = self.bpf_dir.join("trace");
         std::fs::create_dir_all(&dir)
             .map_err(|source| Error::CreateDir { path: dir.clone(), source })?;
-        for name in WRITTEN_BY_PROGRAMS {
+        // Private too: the jump table, which this load fills with its own `from_endpoint6`
+        // (writing the private maps); in the live, pinned one, that program would judge the
+        // live traffic's IPv6 with the run's conntrack and counters.
+        let private = || WRITTEN_BY_PROGRAMS.into_iter().chain([map_names::JUMP]);
+        for name in private() {
             remove_pin(&dir.join(name))?;
         }
         let mut loader = EbpfLoader::new();
         loader.default_map_pin_directory(&self.bpf_dir);
-        for name in WRITTEN_BY_PROGRAMS {
+        for name in private() {
             loader.map_pin_path(name, dir.join(name));
         }
         loader.map_max_entries(map_names::CONNTRACK, TRACE_CONNTRACK_CAPACITY);
@@ -1132,7 +1136,7 @@ impl Dataplane {
             source: Box::new(source),
         });
         // The private maps are held by the loaded object from here on.
-        for name in WRITTEN_BY_PROGRAMS {
+        for name in private() {
             remove_pin(&dir.join(name))?;
         }
         let mut ebpf = loaded?;

@@ -41,7 +41,9 @@ pub mod map_names {
     /// IPv6 CIDR classes ([`Cidr6Key`](super::Cidr6Key)).
     pub const CIDRS6: &str = "VERSE_CIDRS6";
     /// The jump table of `from_endpoint`: slot 0 holds [`PROG_FROM_ENDPOINT6`](super::PROG_FROM_ENDPOINT6),
-    /// which it tail-calls for IPv6. Not pinned: every load fills its own.
+    /// which it tail-calls for IPv6. Pinned like the other maps, so that the pinned links keep
+    /// judging IPv6 while no daemon runs (an array no one holds is emptied by the kernel); each
+    /// load puts its own program in the slot.
     pub const JUMP: &str = "VERSE_JUMP";
     /// Connection tracking of IPv6 flows ([`Ct6Key`](super::Ct6Key) ->
     /// [`CtValue`](super::CtValue)), charged to the same budgets (`VERSE_CT_OWNERS`).

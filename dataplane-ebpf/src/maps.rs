@@ -32,10 +32,10 @@ pub static VERSE_ROUTES: HashMap<RouteKey, Route> = HashMap::pinned(capacity::RO
 #[map]
 pub static VERSE_CIDRS: LpmTrie<CidrKey, u32> = LpmTrie::pinned(capacity::CIDRS, 0);
 
-/// Slot 0: `from_endpoint6`, which `from_endpoint` tail-calls for IPv6 (filled by the loader;
-/// not pinned, every load has its own).
+/// Slot 0: `from_endpoint6`, which `from_endpoint` tail-calls for IPv6 (filled by every load;
+/// pinned, so that it outlives the daemon as the links do).
 #[map]
-pub static VERSE_JUMP: ProgramArray = ProgramArray::with_max_entries(1, 0);
+pub static VERSE_JUMP: ProgramArray = ProgramArray::pinned(1, 0);
 
 /// Where `from_endpoint6` builds its conntrack and route keys, off its stack (the verifier
 /// allows 512 bytes for a program and the calls it makes together). One slot per CPU, as

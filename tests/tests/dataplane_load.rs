@@ -1021,3 +1021,92 @@ fn kinds_follow_edits(bpf_dir: &Path, if_a: u32, if_b: u32) {
     assert_eq!(dp.read().expect("read"), by_identity, "the kinds are those of the pinned entries");
     assert_eq!(syn(&dp), tc_act::REDIRECT, "admitted at once, before any apply");
 }
+
+/// Pinned links stay attached and keep judging while no daemon runs, IPv6 included:
+/// `VERSE_JUMP` (where `from_endpoint` tail-calls `from_endpoint6`) is pinned, since the kernel
+/// empties a program array no one holds (`map_release_uref`), and every IPv6 frame would then be
+/// dropped as `ipv6_unsupported` until a daemon loads again. And a trace runner (`verse trace
+/// --run`) fills a jump table of its own: in the live one, its `from_endpoint6` would judge live
+/// IPv6 with the run's private conntrack and counters. Real frames through real veths.
+#[test]
+fn ipv6_keeps_being_judged_while_the_daemon_is_down_and_beside_a_trace_runner() {
+    assert!(is_root(), "needs root");
+    let ns = Netns::new("rv6");
+    ns.disable_ipv6();
+    let dir = TempDir::new("rv6");
+    let bpffs = Bpffs::mount(&dir.path().join("bpf"));
+    // The workloads in namespaces of their own (bpf_redirect_peer delivers across namespaces).
+    let (wla, wlb) = (Netns::new("rv6a"), Netns::new("rv6b"));
+    wla.disable_ipv6();
+    wlb.disable_ipv6();
+    ns.ip(&["link", "add", "ha", "type", "veth", "peer", "name", "wa", "netns", wla.name()]);
+    ns.ip(&["link", "add", "hb", "type", "veth", "peer", "name", "wb", "netns", wlb.name()]);
+    for dev in ["ha", "hb"] {
+        ns.ip(&["link", "set", dev, "up"]);
+    }
+    wla.ip(&["link", "set", "wa", "up"]);
+    wlb.ip(&["link", "set", "wb", "up"]);
+    let (if_a, if_b) = (ns.ifindex("ha"), ns.ifindex("hb"));
+    let bpf_dir = bpffs.path().to_path_buf();
+    let dp = ns.enter(|| {
+        let mut dp = Dataplane::load(&bpf_dir, &config()).expect("load");
+        dp.attach_endpoint("ha").expect("attach ha");
+        dp.attach_endpoint("hb").expect("attach hb");
+        dp.apply(&MapContents::default(), &desired(if_a, if_b)).expect("apply");
+        dp
+    });
+    let (a6, b6) = (ip6_of(IP_A), ip6_of(IP_B));
+    let udp6 = |sport: u16| {
+        ethernet(GATEWAY_MAC, MAC_A, ETH_IPV6, &ipv6(a6, b6, 17, &udp(sport, 53, b"x")))
+    };
+    let syn = |sport: u16| tcp_frame(MAC_A, IP_A, IP_B, sport, 80, SYN);
+    let delivered = |frame: &[u8], sport: u16| {
+        let cap = tests::PacketCapture::open(&wlb, "wb").expect("capture wb");
+        tests::send_frame(&wla, "wa", frame).expect("send");
+        cap.find(std::time::Duration::from_secs(2), |f| {
+            f.len() >= 36 && f[0..6] == MAC_B && {
+                let at = if f[12..14] == [0x86, 0xdd] { 54 } else { 34 };
+                f.len() >= at + 2 && f[at..at + 2] == sport.to_be_bytes()
+            }
+        })
+        .is_some()
+    };
+    let unsupported = || pinned_drops(&bpf_dir, DropReason::Ipv6Unsupported);
+    // The daemon is up: both families delivered.
+    assert!(delivered(&syn(41000), 41000), "IPv4 with the daemon up");
+    assert!(delivered(&udp6(41001), 41001), "IPv6 with the daemon up");
+    // The daemon exits (its descriptors close); the links stay pinned and attached.
+    drop(dp);
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    assert!(delivered(&syn(41002), 41002), "IPv4 is still judged and delivered");
+    let before = unsupported();
+    let v6 = delivered(&udp6(41003), 41003);
+    let during = unsupported();
+    // A daemon loads again and re-attaches: IPv6 comes back (the links now run a program whose
+    // own VERSE_JUMP is filled).
+    let again = ns.enter(|| {
+        let mut dp = Dataplane::load(&bpf_dir, &config()).expect("load again");
+        dp.attach_endpoint("ha").expect("re-attach ha");
+        dp
+    });
+    let back = delivered(&udp6(41004), 41004);
+    // A trace runner made and gone: the live IPv6 drops still count in the live counters.
+    drop(again.trace_runner().expect("trace runner"));
+    let ingress = || pinned_drops(&bpf_dir, DropReason::PolicyIngress);
+    let refused = ingress();
+    let denied = ethernet(GATEWAY_MAC, MAC_A, ETH_IPV6, &ipv6(a6, b6, 17, &udp(41005, 54, b"x")));
+    assert!(!delivered(&denied, 41005), "UDP/54 is refused by B's ingress rules");
+    let counted = ingress();
+    let after_trace = delivered(&udp6(41006), 41006);
+    drop(again);
+    assert!(
+        v6,
+        "IPv6 admitted by the same rules is no longer delivered while the daemon is down: \
+         ipv6_unsupported {before} -> {during}"
+    );
+    assert!(
+        back && after_trace,
+        "IPv6 delivered after the reload ({back}), after a trace ({after_trace})"
+    );
+    assert_eq!(counted, refused + 1, "the live policy_ingress counter moved after a trace runner");
+}
