@@ -556,7 +556,7 @@ fn etcdctl_root(etcd: &Etcd, args: &[&str]) -> String {
 
 /// The etcd access control the README describes, on a real etcd with auth enabled: an
 /// API-serving host reads and writes the whole prefix; an enforce-only host (`h2`) reads it and
-/// writes only its own liveness and host record, the revision key and the audit trail. What a
+/// writes only its own liveness and host record and the audit trail. What a
 /// host's etcd user may not do is refused as such (the API's 403 `store_forbidden`), not as an
 /// outage; wrong or missing credentials fail the start at once instead of waiting for ever.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
