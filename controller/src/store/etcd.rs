@@ -531,6 +531,8 @@ struct View {
     catalog: i64,
     /// Other guarded keys (`hosts/<name>`, `tokens/<id>`), relative.
     keys: imbl::HashMap<String, i64>,
+    /// The newest `mod_revision` of a host record (`hosts/<name>`) among `keys`.
+    hosts_last: i64,
 }
 
 impl View {
@@ -551,6 +553,8 @@ struct Cache {
     versions: imbl::HashMap<String, i64>,
     catalog: i64,
     keys: imbl::HashMap<String, i64>,
+    /// The newest `mod_revision` of a host record among `keys` (kept as they change).
+    hosts_last: i64,
     /// The etcd revision up to which the desired state is applied: every change of the
     /// desired state, and every guarded key, at or before it is in `state`. For a store with a
     /// scope, the newest revision any of its ranges is applied up to.
@@ -1466,8 +1470,13 @@ impl Shared {
 
     /// Publishes what `cache` holds: the view edits run on, the state (when
     /// `desired_changed`), the applied etcd revision, then the hosts (when a host record came or
-    /// went, or the state changed: see `scoped::Judge`).
+    /// went, or the state changed: see `scoped::Judge`). `hosts_changed`: every host is judged
+    /// again (a host record changed, or the whole state was read); otherwise only those the
+    /// changes recorded since the last publication can move (`scoped::Judgements`).
     fn publish(&self, cache: &Cache, desired_changed: bool, hosts_changed: bool) {
+        if hosts_changed {
+            lock(&self.touches).judged.invalidate();
+        }
         let state = Arc::new(cache.state.clone());
         // The view first: a subscriber woken by the state may edit at once, on the view.
         self.view.send_replace(Arc::new(View {
@@ -1475,6 +1484,7 @@ impl Shared {
             versions: cache.versions.clone(),
             catalog: cache.catalog,
             keys: cache.keys.clone(),
+            hosts_last: cache.hosts_last,
         }));
         if desired_changed {
             self.state.send_replace(state.clone());
@@ -1499,10 +1509,14 @@ impl Shared {
         // Held while publishing: the two writers (the state's watch, the liveness watch)
         // publish one after the other, the last with both of their news.
         let alive = lock(&self.live.alive);
+        // The applied revision before the view: the view holds at least every change up to
+        // it (`publish` sends the view first), what judging the changes recorded needs.
+        let applied = *self.applied.borrow();
         let view = self.view.borrow().clone();
         let state = view.state.clone();
-        let touches = lock(&self.touches);
-        let judge = scoped::Judge::new(&view, &touches, *self.applied.borrow());
+        let mut touches = lock(&self.touches);
+        scoped::Judgements::update(&mut touches, &view, applied, &alive);
+        let judged = &touches.judged;
         let mut hosts: BTreeMap<&str, HostStatus> = state
             .hosts
             .values()
@@ -1514,7 +1528,7 @@ impl Shared {
                     underlay_ip: h.underlay_ip,
                     api: h.api.clone(),
                     api_fingerprint: h.api_fingerprint.clone(),
-                    revision: judge.revision(&h.name, &realized),
+                    revision: judged.revision(&h.name, &realized, applied),
                     healthy,
                     errors: realized.errors,
                 };
@@ -1527,7 +1541,7 @@ impl Shared {
                 underlay_ip: None,
                 api: None,
                 api_fingerprint: None,
-                revision: judge.revision(name, realized),
+                revision: judged.revision(name, realized, applied),
                 healthy: *healthy,
                 errors: realized.errors.clone(),
             });
@@ -1614,6 +1628,7 @@ impl Shared {
                 }
             }
         }
+        lock(&self.touches).judged.invalidate();
         self.publish_hosts();
         self.live.synced.send_replace(true);
         Ok(at)
@@ -1655,9 +1670,13 @@ impl Shared {
             }
             {
                 let mut alive = lock(&self.live.alive);
+                let mut touches = lock(&self.touches);
                 for event in resp.events() {
                     let Some(kv) = event.kv() else { continue };
                     let Some(rel) = self.relative(kv.key()) else { continue };
+                    if let Some(name) = rel.strip_prefix(ALIVE) {
+                        touches.judged.touched(name, 0);
+                    }
                     let value = match event.event_type() {
                         EventType::Put => Some(kv.value()),
                         EventType::Delete => None,
@@ -1793,8 +1812,14 @@ impl Shared {
                         "a change of the desired state in etcd does not decode; skipping it"
                     ),
                 }
-                // The indices catch up with the batch (what an edit on this state looks up).
-                cache.state.take_touched_hosts();
+                // The indices catch up with the batch (what an edit on this state looks up); the
+                // hosts whose endpoints it changed are judged again.
+                let touched = cache.state.take_touched_hosts();
+                let mut touches = lock(&self.touches);
+                for host in &touched {
+                    touches.judged.touched(host, rev);
+                }
+                drop(touches);
                 cache.state.clear_changes();
                 cache.revision = cache.revision.max(rev);
                 start = end;
@@ -2265,17 +2290,27 @@ impl Cache {
             layout::Kind::Catalog => {
                 self.catalog = if value.is_some() { mod_revision } else { 0 };
             }
-            layout::Kind::Host(_)
-            | layout::Kind::Token(_)
-            | layout::Kind::Counter(_)
-            | layout::Kind::Slots(_) => match value {
+            layout::Kind::Host(_) => match value {
                 Some(_) => {
                     self.keys.insert(rel.to_owned(), mod_revision);
+                    self.hosts_last = self.hosts_last.max(mod_revision);
                 }
                 None => {
                     self.keys.remove(rel);
+                    let hosts = self.keys.iter().filter(|(k, _)| k.starts_with(layout::HOSTS));
+                    self.hosts_last = hosts.map(|(_, r)| *r).max().unwrap_or(0);
                 }
             },
+            layout::Kind::Token(_) | layout::Kind::Counter(_) | layout::Kind::Slots(_) => {
+                match value {
+                    Some(_) => {
+                        self.keys.insert(rel.to_owned(), mod_revision);
+                    }
+                    None => {
+                        self.keys.remove(rel);
+                    }
+                }
+            }
             _ => {}
         }
     }
@@ -2526,6 +2561,7 @@ mod tests {
             versions: c.versions.clone(),
             catalog: c.catalog,
             keys: c.keys.clone(),
+            hosts_last: c.hosts_last,
         };
         assert_eq!(view.mod_revision(&Guard::Universe("uni-1".into())), 7);
         assert_eq!(view.mod_revision(&Guard::Universe("uni-2".into())), 0);

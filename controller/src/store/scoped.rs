@@ -27,7 +27,7 @@
 //!   `slots/H` (by every placement on H) and the hosts' records stand in: a placement removed or
 //!   a host record deleted before that read is not seen.
 
-use std::cell::OnceCell;
+use std::cell::Cell;
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 
 use super::*;
@@ -80,6 +80,8 @@ pub(super) struct Touches {
     floor: i64,
     by_range: HashMap<String, BTreeSet<i64>>,
     order: VecDeque<(i64, String)>,
+    /// The hosts judged from these changes, kept between publications ([`Judgements`]).
+    pub(super) judged: Judgements,
 }
 
 impl Touches {
@@ -90,7 +92,13 @@ impl Touches {
 
     /// Revision `rev` changed key `rel`.
     pub(super) fn record(&mut self, rev: i64, rel: &str) {
+        if let Some(host) = rel.strip_prefix(layout::SLOTS) {
+            self.judged.touched(host, rev);
+        }
         let Some(range) = range_of(rel) else { return };
+        if self.judged.valid {
+            mark(&mut self.judged.dirty_ranges, &range, rev);
+        }
         if self.by_range.entry(range.clone()).or_default().insert(rev) {
             self.order.push_back((rev, range));
         }
@@ -120,43 +128,61 @@ impl Touches {
     }
 }
 
+/// What bounds a host's judged revision, besides the revision the store has applied.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Judged {
+    /// A host that follows everything (or reports no progress of its own ranges): the
+    /// revision it reports.
+    Own(u64),
+    /// A host with a scope: current up to `until` (`i64::MAX`: through every change seen);
+    /// `lowest` is the lowest progress it reports of any range.
+    Until { until: i64, lowest: i64 },
+}
+
+impl Judged {
+    /// The revision judged, with the store applied up to `applied`.
+    pub(super) fn revision(self, applied: i64) -> u64 {
+        match self {
+            Judged::Own(r) => r,
+            Judged::Until { until, .. } => u64::try_from(until.min(applied).max(0)).unwrap_or(0),
+        }
+    }
+}
+
 /// Judges the revision of each host from its report (see the module docs).
 pub(super) struct Judge<'a> {
     view: &'a View,
     touches: &'a Touches,
-    applied: i64,
-    /// The newest change of a host record the view's keys tell, computed when first needed.
-    hosts_last: OnceCell<i64>,
+    /// How many reports this judge judged.
+    made: Cell<usize>,
 }
 
 impl<'a> Judge<'a> {
-    pub(super) fn new(view: &'a View, touches: &'a Touches, applied: i64) -> Judge<'a> {
-        Judge { view, touches, applied, hosts_last: OnceCell::new() }
+    pub(super) fn new(view: &'a View, touches: &'a Touches) -> Judge<'a> {
+        Judge { view, touches, made: Cell::new(0) }
     }
 
-    /// The revision host `name` has realized: its own for a host that follows everything; for
-    /// one with a scope, the newest revision up to which everything it must hold is current.
-    pub(super) fn revision(&self, name: &str, realized: &Realized) -> u64 {
-        let Some(followed) = &realized.followed else { return realized.revision };
+    /// What bounds the revision host `name` has realized ([`Judged::revision`]): its own for a
+    /// host that follows everything; for one with a scope, the newest revision up to which
+    /// everything it must hold is current.
+    pub(super) fn judge(&self, name: &str, realized: &Realized) -> Judged {
+        self.made.set(self.made.get() + 1);
+        let Some(followed) = &realized.followed else { return Judged::Own(realized.revision) };
         let at = |range: &str| followed.get(range).map(|r| i64::try_from(*r).unwrap_or(i64::MAX));
         let placement = format!("{PLACEMENT}{name}/");
         let (Some(p_hosts), Some(p_placed)) = (at(HOSTS), at(&placement)) else {
-            return realized.revision;
+            return Judged::Own(realized.revision);
         };
-        let mut until = self.applied;
+        let mut until = i64::MAX;
         let mut limit = |c: Option<i64>| {
             if let Some(c) = c {
                 until = until.min(c);
             }
         };
-        let hosts_last = *self.hosts_last.get_or_init(|| {
-            let keys = self.view.keys.iter();
-            keys.filter(|(k, _)| k.starts_with(HOSTS)).map(|(_, r)| *r).max().unwrap_or(0)
-        });
-        limit(self.touches.current_until(HOSTS, p_hosts, hosts_last));
+        limit(self.touches.current_until(HOSTS, p_hosts, self.view.hosts_last));
         let slots = self.view.keys.get(&layout::slots_key(name)).copied().unwrap_or(0);
         limit(self.touches.current_until(&placement, p_placed, slots));
-        for (range, progress) in followed {
+        for (range, progress) in followed.iter() {
             let Some(uni) = range.strip_prefix(U).and_then(|r| r.strip_suffix('/')) else {
                 continue;
             };
@@ -173,7 +199,135 @@ impl<'a> Judge<'a> {
                 limit(Some(p_placed));
             }
         }
-        u64::try_from(until.max(0)).unwrap_or(0)
+        let lowest = followed.values().map(|p| i64::try_from(*p).unwrap_or(i64::MAX)).min();
+        Judged::Until { until, lowest: lowest.unwrap_or(0) }
+    }
+}
+
+/// Marks `key` changed at `rev` (the newest change counts).
+fn mark(dirty: &mut BTreeMap<String, i64>, key: &str, rev: i64) {
+    match dirty.get_mut(key) {
+        Some(at) => *at = (*at).max(rev),
+        None => {
+            dirty.insert(key.to_owned(), rev);
+        }
+    }
+}
+
+/// The hosts judged, kept between publications so that an edit judges again only the hosts it
+/// can change: those whose reports follow a range it changed, those whose endpoints or slots it
+/// changed, and those behind the oldest change still known one by one; every host when a host
+/// record or the whole state changed ([`Judgements::invalidate`]). The others' bounds stand:
+/// their revision follows the applied one.
+#[derive(Default)]
+pub(super) struct Judgements {
+    /// Whether `bounds` holds every host of the reports (false: judge them all again).
+    valid: bool,
+    /// Host -> what bounds its revision (hosts with a scope only; the others report their own).
+    bounds: HashMap<String, (Judged, Vec<String>)>,
+    /// Range -> the hosts whose reports follow it.
+    followers: HashMap<String, BTreeSet<String>>,
+    /// (lowest progress of any range, host).
+    lowest: BTreeSet<(i64, String)>,
+    /// Hosts to judge again, each once the view holds the revision that changed it: a
+    /// publication between a change recorded and its view leaves it for the next.
+    dirty: BTreeMap<String, i64>,
+    /// Ranges changed, with the newest revision that changed each.
+    dirty_ranges: BTreeMap<String, i64>,
+    /// Reports judged so far (what a publication cost).
+    pub(super) made: u64,
+}
+
+impl Judgements {
+    /// Judge host `name` again once the view holds revision `rev` (its report, endpoints or
+    /// slots changed; 0: a report).
+    pub(super) fn touched(&mut self, name: &str, rev: i64) {
+        if self.valid {
+            mark(&mut self.dirty, name, rev);
+        }
+    }
+
+    /// Judge every host again at the next publication.
+    pub(super) fn invalidate(&mut self) {
+        self.valid = false;
+        self.dirty.clear();
+        self.dirty_ranges.clear();
+    }
+
+    /// Judges again the hosts whose revision the changes since the last call can have moved
+    /// (all of them if invalidated), from their reports `alive`.
+    pub(super) fn update(
+        touches: &mut Touches,
+        view: &View,
+        applied: i64,
+        alive: &BTreeMap<String, (Realized, bool)>,
+    ) {
+        let mut me = std::mem::take(&mut touches.judged);
+        let redo: BTreeSet<String> = if me.valid {
+            let mut redo = BTreeSet::new();
+            me.dirty.retain(|host, rev| {
+                let seen = *rev <= applied;
+                if seen {
+                    redo.insert(host.clone());
+                }
+                !seen
+            });
+            let followers = &me.followers;
+            me.dirty_ranges.retain(|range, rev| {
+                let seen = *rev <= applied;
+                if seen {
+                    redo.extend(followers.get(range).into_iter().flatten().cloned());
+                }
+                !seen
+            });
+            let behind = me.lowest.range(..(touches.floor.saturating_sub(1), String::new()));
+            redo.extend(behind.map(|(_, h)| h.clone()));
+            redo
+        } else {
+            me.bounds.clear();
+            me.followers.clear();
+            me.lowest.clear();
+            me.dirty.clear();
+            me.dirty_ranges.clear();
+            alive.keys().cloned().collect()
+        };
+        let judge = Judge::new(view, touches);
+        for name in redo {
+            if let Some((judged, ranges)) = me.bounds.remove(&name) {
+                if let Judged::Until { lowest, .. } = judged {
+                    me.lowest.remove(&(lowest, name.clone()));
+                }
+                for range in ranges {
+                    if let Some(set) = me.followers.get_mut(&range) {
+                        set.remove(&name);
+                        if set.is_empty() {
+                            me.followers.remove(&range);
+                        }
+                    }
+                }
+            }
+            let Some((realized, _)) = alive.get(&name) else { continue };
+            let judged = judge.judge(&name, realized);
+            let Judged::Until { lowest, .. } = judged else { continue };
+            let ranges: Vec<String> =
+                realized.followed.iter().flat_map(|f| f.keys().cloned()).collect();
+            for range in &ranges {
+                me.followers.entry(range.clone()).or_default().insert(name.clone());
+            }
+            me.lowest.insert((lowest, name.clone()));
+            me.bounds.insert(name, (judged, ranges));
+        }
+        me.made += judge.made.get() as u64;
+        me.valid = true;
+        touches.judged = me;
+    }
+
+    /// The revision host `name`, reporting `realized`, has realized (as last judged).
+    pub(super) fn revision(&self, name: &str, realized: &Realized, applied: i64) -> u64 {
+        match self.bounds.get(name) {
+            Some((judged, _)) => judged.revision(applied),
+            None => realized.revision,
+        }
     }
 }
 
@@ -527,7 +681,8 @@ impl Shared {
                 }
             }
             seal(cache);
-            self.publish(cache, true, range == HOSTS);
+            // Judged from scratch: a store with a scope records no changes to judge by.
+            self.publish(cache, true, true);
         }
     }
 }
@@ -586,5 +741,108 @@ mod tests {
         // The host holds u/a/ up to 100: it lacks the change at 300.
         let until = t.current_until("u/a/", 100, 200_000);
         assert!(until.is_some_and(|r| r < 300), "judged current until {until:?}");
+    }
+
+    /// The revisions `t.judged` gives every host of `alive`.
+    fn revisions(t: &Touches, alive: &BTreeMap<String, (Realized, bool)>, at: i64) -> Vec<u64> {
+        alive.iter().map(|(name, (r, _))| t.judged.revision(name, r, at)).collect()
+    }
+
+    /// What judging every host afresh gives (today's judgements, kept apart).
+    fn afresh(
+        t: &mut Touches,
+        view: &View,
+        alive: &BTreeMap<String, (Realized, bool)>,
+        at: i64,
+    ) -> Vec<u64> {
+        let kept = std::mem::take(&mut t.judged);
+        Judgements::update(t, view, at, alive);
+        let fresh = revisions(t, alive, at);
+        t.judged = kept;
+        fresh
+    }
+
+    /// An edit judges again only the hosts it can move (edit cost must not grow with the
+    /// fleet): none for a universe no host holds, the holders for one they hold; the others'
+    /// revisions follow the applied one, exactly as judging every host afresh says.
+    #[test]
+    fn an_edit_judges_only_the_hosts_it_can_move() {
+        const N: usize = 200;
+        let mut view = View {
+            state: Arc::default(),
+            versions: imbl::HashMap::new(),
+            catalog: 0,
+            keys: imbl::HashMap::new(),
+            hosts_last: 3,
+        };
+        let mut alive = BTreeMap::new();
+        for i in 0..N {
+            view.keys.insert(format!("hosts/h{i}"), 3);
+            view.versions.insert(format!("uni-{i}"), 5);
+            let followed = BTreeMap::from([
+                (HOSTS.to_owned(), 10),
+                (format!("placement/h{i}/"), 10),
+                (format!("u/uni-{i}/"), 10),
+            ]);
+            let report = Realized { revision: 10, errors: Vec::new(), followed: Some(followed) };
+            alive.insert(format!("h{i}"), (report, true));
+        }
+        let mut t = Touches::from(10);
+        Judgements::update(&mut t, &view, 10, &alive);
+        assert_eq!(t.judged.made, N as u64, "the first publication judges every host");
+        assert!(revisions(&t, &alive, 10).iter().all(|r| *r == 10));
+
+        // An edit of a universe no host holds (and of nothing that names a host).
+        t.record(11, "u/other/rules/g/r");
+        t.record(11, "u/other/version");
+        t.record(11, "catalog");
+        view.versions.insert("other".into(), 11);
+        let before = t.judged.made;
+        Judgements::update(&mut t, &view, 11, &alive);
+        assert_eq!(t.judged.made - before, 0, "an edit that touches no host judges none");
+        assert_eq!(revisions(&t, &alive, 11), afresh(&mut t, &view, &alive, 11));
+        assert!(revisions(&t, &alive, 11).iter().all(|r| *r == 11));
+
+        // An edit of uni-7 (held by h7 only): h7 lacks it.
+        t.record(12, "u/uni-7/rules/g/r");
+        t.record(12, "u/uni-7/version");
+        view.versions.insert("uni-7".into(), 12);
+        let before = t.judged.made;
+        Judgements::update(&mut t, &view, 12, &alive);
+        assert_eq!(t.judged.made - before, 1, "only uni-7's holder is judged again");
+        let now = revisions(&t, &alive, 12);
+        assert_eq!(now, afresh(&mut t, &view, &alive, 12));
+        assert_eq!(now[alive.keys().position(|h| h == "h7").unwrap()], 11);
+
+        // Recorded, but not in the view yet (a publication from the liveness watch in
+        // between): judged once the view holds it.
+        t.record(13, "u/uni-3/version");
+        let before = t.judged.made;
+        Judgements::update(&mut t, &view, 12, &alive);
+        assert_eq!(t.judged.made - before, 0);
+        view.versions.insert("uni-3".into(), 13);
+        Judgements::update(&mut t, &view, 13, &alive);
+        assert_eq!(t.judged.made - before, 1);
+        assert_eq!(revisions(&t, &alive, 13), afresh(&mut t, &view, &alive, 13));
+
+        // h7 reports uni-7 realized: only its report is judged.
+        if let Some(f) = alive.get_mut("h7").and_then(|(r, _)| r.followed.as_mut()) {
+            f.insert("u/uni-7/".into(), 12);
+        }
+        t.judged.touched("h7", 0);
+        t.record(14, "slots/h9");
+        view.keys.insert("slots/h9".into(), 14);
+        let before = t.judged.made;
+        Judgements::update(&mut t, &view, 14, &alive);
+        assert_eq!(t.judged.made - before, 2, "h7's report, h9's slots");
+        let now = revisions(&t, &alive, 14);
+        assert_eq!(now, afresh(&mut t, &view, &alive, 14));
+        assert_eq!(now[alive.keys().position(|h| h == "h7").unwrap()], 14, "h7 caught up");
+
+        // A host record: every host.
+        t.judged.invalidate();
+        let before = t.judged.made;
+        Judgements::update(&mut t, &view, 14, &alive);
+        assert_eq!(t.judged.made - before, N as u64);
     }
 }
