@@ -1628,3 +1628,85 @@ async fn a_full_store_catching_up_over_1000_revisions_loses_no_edit_on_resume() 
         snap.groups[&g3.id].ingress.len()
     );
 }
+
+/// A key of a universe that does not decode is skipped and logged when a host with a scope
+/// loads that universe, as the watch skips one: the host holds the rest of the universe
+/// (before, the read failed, and failed again at every resume: the host never held it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_with_a_scope_skips_a_key_that_does_not_decode_when_loading_a_universe() {
+    let etcd = Etcd::start_local();
+    let ttl = Duration::from_secs(5);
+    let options = etcd.options(ttl);
+    let a = etcd.store(ttl).await;
+    a.register_host("h1", None).await.unwrap();
+    let (blue, _) = a.edit(|s| s.create_universe(universe("blue"))).await.unwrap();
+    let (web, _) = a.edit(|s| s.create_group(group(&blue.id, "web"))).await.unwrap();
+    let client = verse::store::etcd::connect(&options).await.unwrap();
+    let bad = format!("{}u/{}/groups/sg-corrupt", options.prefix, blue.id);
+    client.kv_client().put(bad, "not a group", None).await.unwrap();
+
+    let s = open(EtcdOptions { scope: Some("h9".into()), ..etcd.options(ttl) }).await;
+    s.register_host("h9", Some(Ipv4Addr::new(198, 18, 0, 9))).await.unwrap();
+    let mut srx = s.subscribe();
+    let (_, placed) = a
+        .edit(|s| s.create_endpoint(endpoint_on(&blue.id, "h9", "ns-1", "10.1.0.5", &web.id), "h1"))
+        .await
+        .unwrap();
+    wait_state(&mut srx, "blue on h9 despite the corrupt key", |st| {
+        st.revision >= placed && st.groups.contains_key(&web.id)
+    })
+    .await;
+    assert_eq!(universe_of(&s.snapshot(), &blue.id), universe_of(&a.snapshot(), &blue.id));
+}
+
+/// etcd's count of watchers (`etcd_debugging_mvcc_watcher_total`), from member `addr`.
+fn etcd_watchers(addr: std::net::SocketAddr) -> i64 {
+    use std::io::{Read, Write};
+    let mut conn = std::net::TcpStream::connect(addr).unwrap();
+    conn.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
+    let mut body = String::new();
+    conn.read_to_string(&mut body).unwrap();
+    let line = body.lines().find(|l| l.starts_with("etcd_debugging_mvcc_watcher_total "));
+    let value = line.and_then(|l| l.split_whitespace().nth(1)).expect("the watcher gauge");
+    value.parse::<f64>().unwrap() as i64
+}
+
+/// A universe deleted under a host with a scope leaves its state and its watcher is cancelled
+/// in etcd (before, the store forgot the watcher but etcd kept it until the stream ended).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_with_a_scope_cancels_the_watcher_of_a_universe_deleted() {
+    let etcd = Etcd::start_local();
+    let ttl = Duration::from_secs(5);
+    let options = etcd.options(ttl);
+    let a = etcd.store(ttl).await;
+    a.register_host("h1", None).await.unwrap();
+    let (blue, _) = a.edit(|s| s.create_universe(universe("blue"))).await.unwrap();
+    let (web, _) = a.edit(|s| s.create_group(group(&blue.id, "web"))).await.unwrap();
+    let s = open(EtcdOptions { scope: Some("h9".into()), ..etcd.options(ttl) }).await;
+    s.register_host("h9", Some(Ipv4Addr::new(198, 18, 0, 9))).await.unwrap();
+    let mut srx = s.subscribe();
+    let (_, placed) = a
+        .edit(|s| s.create_endpoint(endpoint_on(&blue.id, "h9", "ns-1", "10.1.0.5", &web.id), "h1"))
+        .await
+        .unwrap();
+    wait_state(&mut srx, "blue on h9", |st| {
+        st.revision >= placed && st.universes.contains_key(&blue.id)
+    })
+    .await;
+    let member = etcd.endpoints()[0];
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let held = etcd_watchers(member);
+
+    // The universe's `version` key goes (what deleting it does, its placement claims apart).
+    let client = verse::store::etcd::connect(&options).await.unwrap();
+    let version = format!("{}u/{}/version", options.prefix, blue.id);
+    client.kv_client().delete(version, None).await.unwrap();
+    wait_state(&mut srx, "blue gone from h9", |st| !st.universes.contains_key(&blue.id)).await;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut now = etcd_watchers(member);
+    while now >= held && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        now = etcd_watchers(member);
+    }
+    assert_eq!(now, held - 1, "blue's watcher is cancelled in etcd ({held} before)");
+}

@@ -333,7 +333,7 @@ impl Judgements {
 
 /// The objects of the keys `kvs` (read at one revision), in the order their keys were created,
 /// one batch per transaction, applied to `state` and their guards to `cache`.
-fn apply_read(cache: &mut Cache, prefix: &str, kvs: &mut [&etcd_client::KeyValue]) -> Result<()> {
+fn apply_read(cache: &mut Cache, prefix: &str, kvs: &mut [&etcd_client::KeyValue]) {
     kvs.sort_by(|a, b| (a.create_revision(), a.key()).cmp(&(b.create_revision(), b.key())));
     let mut state = cache.state.clone();
     let mut start = 0;
@@ -352,11 +352,19 @@ fn apply_read(cache: &mut Cache, prefix: &str, kvs: &mut [&etcd_client::KeyValue
                 events.push(layout::Event { key: rel, value: Some(kv.value()) });
             }
         }
-        layout::apply(&mut state, &events)?;
+        // A batch that does not decode is skipped whole, as the watch skips one (so that a
+        // corrupt key does not fail every read again).
+        let before = state.clone();
+        if let Err(e) = layout::apply(&mut state, &events) {
+            tracing::error!(
+                error = %e, etcd_revision = created,
+                "a change of the desired state in etcd does not decode; skipping it"
+            );
+            state = before;
+        }
         start = end;
     }
     cache.state = state;
-    Ok(())
 }
 
 /// The store's state and revisions catch up with its ranges' progress.
@@ -416,13 +424,21 @@ impl Shared {
             for kv in range.kvs() {
                 let Some(rel) = self.relative(kv.key()) else { continue };
                 if rel.starts_with(PLACEMENT) {
-                    scope.placed.insert(rel.to_owned(), placed_universe(rel, kv.value())?);
+                    // One that does not decode is skipped, as the watch skips one.
+                    match placed_universe(rel, kv.value()) {
+                        Ok(uni) => {
+                            scope.placed.insert(rel.to_owned(), uni);
+                        }
+                        Err(e) => {
+                            tracing::error!(error = %e, "skipping a placement that does not decode")
+                        }
+                    }
                 } else {
                     kvs.push(kv);
                 }
             }
         }
-        apply_read(&mut cache, &self.prefix, &mut kvs)?;
+        apply_read(&mut cache, &self.prefix, &mut kvs);
         let held: BTreeSet<String> = scope.placed.values().cloned().collect();
         cache.scope = Some(scope);
         for uni in held {
@@ -451,7 +467,7 @@ impl Shared {
                 _ => &[],
             })
             .collect();
-        apply_read(cache, &self.prefix, &mut kvs)?;
+        apply_read(cache, &self.prefix, &mut kvs);
         if let Some(scope) = &mut cache.scope {
             scope.follows.insert(range, at);
         }
@@ -677,7 +693,14 @@ impl Shared {
             if gone_universe {
                 if let Some(uni) = range.strip_prefix(U).and_then(|r| r.strip_suffix('/')) {
                     drop_universe(cache, uni);
-                    ids.retain(|_, r| *r != range);
+                    // Its watcher goes too (etcd would keep it until the stream ends).
+                    let id = ids.iter().find(|(_, r)| **r == range).map(|(id, _)| *id);
+                    if let Some(id) = id {
+                        ids.remove(&id);
+                        if let Err(source) = stream.cancel(id).await {
+                            return WatchEnd::Failed(Error::Etcd { op: "watch", source });
+                        }
+                    }
                 }
             }
             seal(cache);
