@@ -1474,9 +1474,6 @@ impl Shared {
     /// again (a host record changed, or the whole state was read); otherwise only those the
     /// changes recorded since the last publication can move (`scoped::Judgements`).
     fn publish(&self, cache: &Cache, desired_changed: bool, hosts_changed: bool) {
-        if hosts_changed {
-            lock(&self.touches).judged.invalidate();
-        }
         let state = Arc::new(cache.state.clone());
         // The view first: a subscriber woken by the state may edit at once, on the view.
         self.view.send_replace(Arc::new(View {
@@ -1498,6 +1495,11 @@ impl Shared {
         });
         // Every change moves what the hosts that follow only their universes are known to have
         // realized (their revisions are judged against the changes seen: `scoped`).
+        // Invalidated once the view and the revision are out: a publication of the hosts from
+        // the liveness watch in between then judges every host on this view, not the last.
+        if hosts_changed {
+            lock(&self.touches).judged.invalidate();
+        }
         if (hosts_changed || desired_changed) && self.live.following.load(Ordering::SeqCst) {
             self.publish_hosts();
         }
