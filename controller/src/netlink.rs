@@ -3,8 +3,15 @@
 //! Contract: [`plumb`] is idempotent. It leaves, for one endpoint, a veth pair whose host side is
 //! `Endpoint::interface` in the namespace where versed runs and whose workload side is `eth0` in
 //! the `ip netns` namespace `Endpoint::netns`, with the endpoint's MAC, `IP/32`, the MTU, IPv6
-//! disabled on both sides, the workload's `eth0` and `lo` up, and
-//! `default via <gateway> dev eth0 onlink` in the workload. Calling it again on a plumbed endpoint
+//! disabled on the host side, the workload's `eth0` and `lo` up, and
+//! `default via <gateway> dev eth0 onlink` in the workload. An endpoint with an IPv6 address
+//! ([`Ipv6Plumb`]) also gets, on `eth0`, IPv6 on, router advertisements ignored (`accept_ra=0`),
+//! no duplicate-address detection (`accept_dad=0`: its addresses are usable at once, and the
+//! gateway never answers a detection anyway), the link-local address of its MAC by modified
+//! EUI-64 (`addr_gen_mode=0`: the one `dataplane_common::nd` lets it send neighbour discovery
+//! from), `IPV6/128` and `default via <gateway6> dev eth0 onlink` (the gateway answers neighbour
+//! solicitations for every address but the endpoint's own, as it answers ARP); one without keeps
+//! IPv6 disabled on `eth0` as well. Calling it again on a plumbed endpoint
 //! re-asserts the same settings and returns the same ifindex (a restarted versed does this), so
 //! established flows are never disturbed. [`unplumb`] deletes the host side, which deletes the
 //! pair; an absent interface is not an error.
@@ -29,10 +36,11 @@ use std::collections::BTreeMap;
 use std::fs::File;
 use std::future::Future;
 use std::io;
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::os::fd::AsRawFd;
 
 use futures::TryStreamExt;
+use rtnetlink::packet_route::address::{AddressAttribute, AddressFlags};
 use rtnetlink::packet_route::link::{InfoData, InfoVeth};
 use rtnetlink::packet_route::link::{InfoKind, LinkAttribute, LinkInfo, LinkMessage};
 use rtnetlink::{Handle, LinkMessageBuilder, LinkUnspec, LinkVeth, RouteMessageBuilder};
@@ -101,14 +109,14 @@ pub enum Error {
     #[error("failed to delete interface {iface}: {source}")]
     DeleteLink { iface: String, source: NlError },
     /// `RTM_NEWADDR` failed.
-    #[error("failed to add address {addr}/32 to {iface} in {netns}: {source}")]
-    AddAddress { iface: String, netns: String, addr: Ipv4Addr, source: NlError },
+    #[error("failed to add address {addr}/{prefix} to {iface} in {netns}: {source}")]
+    AddAddress { iface: String, netns: String, addr: IpAddr, prefix: u8, source: NlError },
     /// `RTM_GETADDR` failed.
     #[error("failed to list the addresses of {iface}: {source}")]
     GetAddress { iface: String, source: NlError },
     /// `RTM_NEWROUTE` failed.
     #[error("failed to add route default via {gateway} dev {iface} onlink in {netns}: {source}")]
-    AddRoute { iface: String, netns: String, gateway: Ipv4Addr, source: NlError },
+    AddRoute { iface: String, netns: String, gateway: IpAddr, source: NlError },
     /// Writing an IPv6 sysctl failed.
     #[error("failed to write {path} in {netns}: {source}")]
     Sysctl { path: String, netns: String, source: io::Error },
@@ -123,8 +131,21 @@ pub type NlError = Box<rtnetlink::Error>;
 /// How the daemon's own namespace is named in errors.
 const HOST_NS: &str = "the host namespace";
 
+/// The IPv6 side of an endpoint: its address and the gateway its default route points to
+/// (`model::gateway6`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Ipv6Plumb {
+    pub ip: Ipv6Addr,
+    pub gateway: Ipv6Addr,
+}
+
 /// Plumbs `ep` (see the module contract) and returns the host-side ifindex.
-pub async fn plumb(ep: &model::Endpoint, mtu: u32, gateway: Ipv4Addr) -> Result<u32> {
+pub async fn plumb(
+    ep: &model::Endpoint,
+    mtu: u32,
+    gateway: Ipv4Addr,
+    ipv6: Option<Ipv6Plumb>,
+) -> Result<u32> {
     let iface = ep.interface.clone();
     check_ifname(&iface)?;
     let mac = model::parse_mac(&ep.mac)
@@ -186,9 +207,10 @@ pub async fn plumb(ep: &model::Endpoint, mtu: u32, gateway: Ipv4Addr) -> Result<
         }
     };
 
-    // IPv6 off before the link goes up, so it never gets a link-local address nor sends router
-    // solicitations: the dataplane drops IPv6 anyway (DropReason::Ipv6Unsupported).
-    disable_ipv6(&iface, HOST_NS)?;
+    // IPv6 off on the host side before the link goes up, so it never gets a link-local address
+    // nor sends router solicitations: the dataplane judges the workload's frames on this side,
+    // the host's stack has no business with them.
+    set_ipv6_conf(&iface, "disable_ipv6", "1", HOST_NS)?;
     handle
         .link()
         .set(
@@ -210,13 +232,14 @@ pub async fn plumb(ep: &model::Endpoint, mtu: u32, gateway: Ipv4Addr) -> Result<
     let netns = ep.netns.clone();
     let host_iface = iface.clone();
     in_netns(ns_file, &ep.netns, move |h| async move {
-        configure_workload(h, &netns, &host_iface, peer_index, mac, mtu, ip, gateway).await
+        configure_workload(h, &netns, &host_iface, peer_index, mac, mtu, ip, gateway, ipv6).await
     })
     .await?;
     Ok(ifindex)
 }
 
-/// Inside the workload namespace: `eth0` (MAC, MTU, IPv6 off, up, address, default route) and `lo`.
+/// Inside the workload namespace: `eth0` (MAC, MTU, IPv6 off or configured, up, addresses, default
+/// routes) and `lo`.
 #[allow(clippy::too_many_arguments)]
 async fn configure_workload(
     h: Handle,
@@ -227,6 +250,7 @@ async fn configure_workload(
     mtu: u32,
     ip: Ipv4Addr,
     gateway: Ipv4Addr,
+    ipv6: Option<Ipv6Plumb>,
 ) -> Result<()> {
     let eth0 = get_link_by_name(&h, WORKLOAD_IFACE, netns)
         .await?
@@ -261,7 +285,20 @@ async fn configure_workload(
             .await
             .map_err(set_err("MAC"))?;
     }
-    disable_ipv6(WORKLOAD_IFACE, netns)?;
+    match ipv6 {
+        // Before IPv6 goes on (and the link up): the link-local address is made when it does.
+        Some(_) => {
+            for (key, value) in [
+                ("accept_ra", "0"),
+                ("accept_dad", "0"),
+                ("addr_gen_mode", "0"),
+                ("disable_ipv6", "0"),
+            ] {
+                set_ipv6_conf(WORKLOAD_IFACE, key, value, netns)?;
+            }
+        }
+        None => set_ipv6_conf(WORKLOAD_IFACE, "disable_ipv6", "1", netns)?,
+    }
     h.link()
         .set(LinkUnspec::new_with_index(index).mtu(mtu).up().build())
         .execute()
@@ -271,10 +308,22 @@ async fn configure_workload(
         Error::AddAddress {
             iface: WORKLOAD_IFACE.into(),
             netns: netns.into(),
-            addr: ip,
+            addr: IpAddr::V4(ip),
+            prefix: 32,
             source: source.into(),
         }
     })?;
+    if let Some(v6) = ipv6 {
+        let mut add = h.address().add(index, IpAddr::V6(v6.ip), 128).replace();
+        add.message_mut().attributes.push(AddressAttribute::Flags(AddressFlags::Nodad));
+        add.execute().await.map_err(|source| Error::AddAddress {
+            iface: WORKLOAD_IFACE.into(),
+            netns: netns.into(),
+            addr: IpAddr::V6(v6.ip),
+            prefix: 128,
+            source: source.into(),
+        })?;
+    }
 
     let lo = get_link_by_name(&h, "lo", netns)
         .await?
@@ -300,9 +349,24 @@ async fn configure_workload(
     h.route().add(route).replace().execute().await.map_err(|source| Error::AddRoute {
         iface: WORKLOAD_IFACE.into(),
         netns: netns.into(),
-        gateway,
+        gateway: IpAddr::V4(gateway),
         source: source.into(),
     })?;
+    if let Some(v6) = ipv6 {
+        // The same for IPv6: the address is a /128, the gateway on no prefix of eth0, and the
+        // dataplane answers neighbour solicitations for it.
+        let route = RouteMessageBuilder::<Ipv6Addr>::new()
+            .gateway(v6.gateway)
+            .output_interface(index)
+            .onlink()
+            .build();
+        h.route().add(route).replace().execute().await.map_err(|source| Error::AddRoute {
+            iface: WORKLOAD_IFACE.into(),
+            netns: netns.into(),
+            gateway: IpAddr::V6(v6.gateway),
+            source: source.into(),
+        })?;
+    }
     Ok(())
 }
 
@@ -582,15 +646,18 @@ fn link_peer_index(link: &LinkMessage) -> Option<u32> {
     })
 }
 
-/// Writes `disable_ipv6 = 1` for `iface` in the calling thread's namespace: `/proc/sys/net`
-/// resolves against the namespace of the thread that opens it. A kernel without IPv6 has no such
-/// file, which is as good as disabled.
-fn disable_ipv6(iface: &str, netns: &str) -> Result<()> {
-    let path = format!("/proc/sys/net/ipv6/conf/{iface}/disable_ipv6");
-    match std::fs::write(&path, b"1") {
+/// Writes `net.ipv6.conf.<iface>.<key> = value` in the calling thread's namespace:
+/// `/proc/sys/net` resolves against the namespace of the thread that opens it. A kernel without
+/// IPv6 has no such file, which is as good as `disable_ipv6 = 1` (and nothing else is asked of
+/// it); anything else it asks of such a kernel fails.
+fn set_ipv6_conf(iface: &str, key: &str, value: &str, netns: &str) -> Result<()> {
+    let path = format!("/proc/sys/net/ipv6/conf/{iface}/{key}");
+    match std::fs::write(&path, value.as_bytes()) {
         Ok(()) => Ok(()),
         Err(e)
-            if e.kind() == io::ErrorKind::NotFound
+            if key == "disable_ipv6"
+                && value == "1"
+                && e.kind() == io::ErrorKind::NotFound
                 && !std::path::Path::new("/proc/sys/net/ipv6").exists() =>
         {
             Ok(())

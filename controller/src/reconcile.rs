@@ -194,6 +194,9 @@ pub enum EndpointError {
     /// The endpoint's IP is in no CIDR of its universe, so it has no gateway.
     #[error("endpoint {endpoint}: ip {ip} is in no CIDR of universe {universe}")]
     NoGateway { endpoint: String, ip: Ipv4Addr, universe: String },
+    /// The endpoint's IPv6 address is in no IPv6 CIDR of its universe, so it has no gateway.
+    #[error("endpoint {endpoint}: ipv6 {ip} is in no IPv6 CIDR of universe {universe}")]
+    NoGateway6 { endpoint: String, ip: std::net::Ipv6Addr, universe: String },
     /// Making its veth pair failed.
     #[error("endpoint {endpoint}: {source}")]
     Plumb { endpoint: String, source: netlink::Error },
@@ -212,6 +215,8 @@ struct PlumbSpec {
     ip: Ipv4Addr,
     mac: String,
     gateway: Ipv4Addr,
+    /// Its IPv6 address and IPv6 gateway, if it has one.
+    ipv6: Option<netlink::Ipv6Plumb>,
 }
 
 /// A local endpoint that this process has plumbed and attached.
@@ -764,12 +769,26 @@ impl Reconciler {
             ip: ep.ip,
             universe: universe.id.clone(),
         })?;
+        let ipv6 = match ep.ipv6 {
+            None => None,
+            Some(ip) => Some(netlink::Ipv6Plumb {
+                ip,
+                gateway: model::gateway6(universe, ip).ok_or_else(|| {
+                    EndpointError::NoGateway6 {
+                        endpoint: ep.id.clone(),
+                        ip,
+                        universe: universe.id.clone(),
+                    }
+                })?,
+            }),
+        };
         let spec = PlumbSpec {
             interface: ep.interface.clone(),
             netns: ep.netns.clone(),
             ip: ep.ip,
             mac: ep.mac.clone(),
             gateway,
+            ipv6,
         };
         if self.plumbed.get(&ep.id).is_some_and(|p| p.spec == spec) {
             return Ok(());
@@ -783,7 +802,7 @@ impl Reconciler {
                 return Ok(());
             }
         };
-        let ifindex = netlink::plumb(ep, self.mtu, gateway)
+        let ifindex = netlink::plumb(ep, self.mtu, gateway, ipv6)
             .await
             .map_err(|source| EndpointError::Plumb { endpoint: ep.id.clone(), source })?;
         // Idempotent: after a restart the pinned link is found, kept, and its program swapped

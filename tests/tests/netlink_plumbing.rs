@@ -6,7 +6,7 @@ use std::os::fd::AsRawFd;
 
 use verse::model;
 use verse::netlink::{
-    ifindex, ipv4_address, list_verse_interfaces, plumb, set_up, unplumb, NETNS_RUN_DIR,
+    ifindex, ipv4_address, list_verse_interfaces, plumb, set_up, unplumb, Ipv6Plumb, NETNS_RUN_DIR,
 };
 
 /// Needs root. Runs in namespaces of its own: `vtn<pid>h` plays the daemon's namespace (the
@@ -76,7 +76,7 @@ async fn plumb_unplumb(host: String, work: String, pid: u32) {
         ipv6: None,
     };
     let gw = Ipv4Addr::new(10, 99, 0, 1);
-    let first = plumb(&ep, 1400, gw).await.unwrap();
+    let first = plumb(&ep, 1400, gw, None).await.unwrap();
     let host_link = || ip_in(&host, &["-o", "link", "show", &ep.interface]);
     let shown = host_link();
     assert!(!shown.contains(",UP"), "the host side stays down until set_up: {shown}");
@@ -91,7 +91,7 @@ async fn plumb_unplumb(host: String, work: String, pid: u32) {
     let listed = list_verse_interfaces().await.unwrap();
     assert!(!listed.contains(&foreign), "{listed:?}");
 
-    let second = plumb(&ep, 1400, gw).await.unwrap();
+    let second = plumb(&ep, 1400, gw, None).await.unwrap();
     assert_eq!(first, second, "a second plumb keeps the same pair");
     let shown = host_link();
     assert!(shown.contains(",UP"), "a second plumb leaves the host side up: {shown}");
@@ -117,6 +117,36 @@ async fn plumb_unplumb(host: String, work: String, pid: u32) {
         std::fs::read_to_string(format!("/proc/sys/net/ipv6/conf/{}/disable_ipv6", ep.interface))
             .unwrap();
     assert_eq!(host_v6.trim(), "1");
+
+    // With an IPv6 address: IPv6 on in the workload, its /128, the link-local address of its MAC
+    // (modified EUI-64) and the default route via the IPv6 gateway; no router advertisement
+    // taken, no duplicate-address detection (the addresses are not tentative).
+    let v6 =
+        Ipv6Plumb { ip: "fd00:99::5".parse().unwrap(), gateway: "fd00:99::1".parse().unwrap() };
+    let mut ep6 = ep.clone();
+    ep6.ipv6 = Some(v6.ip);
+    assert_eq!(plumb(&ep6, 1400, gw, Some(v6)).await.unwrap(), first, "the same pair");
+    let addrs = ip_in(&work, &["-6", "-o", "addr", "show", "dev", "eth0"]);
+    assert!(addrs.contains("inet6 fd00:99::5/128"), "{addrs}");
+    assert!(addrs.contains("inet6 fe80::aff:fe63:5/64"), "{addrs}");
+    assert!(!addrs.contains("tentative"), "{addrs}");
+    assert_eq!(addrs.lines().count(), 2, "{addrs}");
+    let routes = ip_in(&work, &["-6", "route", "show", "default"]);
+    assert!(
+        routes.contains("default via fd00:99::1 dev eth0") && routes.contains("onlink"),
+        "{routes}"
+    );
+    for (key, want) in [("accept_ra", "0"), ("accept_dad", "0"), ("addr_gen_mode", "0")] {
+        let out = std::process::Command::new("ip")
+            .args(["netns", "exec", &work, "cat", &format!("/proc/sys/net/ipv6/conf/eth0/{key}")])
+            .output()
+            .unwrap();
+        assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), want, "{key}");
+    }
+    // Plumbed again without it: IPv6 off in the workload, its addresses gone.
+    plumb(&ep, 1400, gw, None).await.unwrap();
+    let addrs = ip_in(&work, &["-o", "addr", "show", "dev", "eth0"]);
+    assert!(!addrs.contains("inet6"), "{addrs}");
 
     assert_eq!(ipv4_address("lo").await.unwrap(), Some(Ipv4Addr::LOCALHOST));
     assert_eq!(ipv4_address(&ep.interface).await.unwrap(), None);
