@@ -885,7 +885,6 @@ async fn create_universe(
     let idem = m.idempotency(body.as_deref().ok())?;
     caller.require(Resource::Universe, Op::Write)?;
     let req: model::CreateUniverse = parse_body(body)?;
-    ipv6_gate(req.ipv6_cidrs.is_some().then_some("ipv6_cidrs"))?;
     // Checked before the store's lock is taken: a request with many CIDRs delays no other edit.
     let new = req.check()?;
     let created = |u: &model::Universe, note: &Note| {
@@ -1215,27 +1214,6 @@ async fn delete_rule(
     mutate(&st, note, idem, StatusCode::NO_CONTENT, edit, creates_nothing, |()| None::<()>).await
 }
 
-/// The one place IPv6 is refused, until it works end to end: the kernel programs judge IPv6
-/// between endpoints of one host, but `versed` does not configure IPv6 in a workload's
-/// namespace yet (it turns it off) and IPv6 between hosts is dropped (`ipv6_between_hosts`), so
-/// an IPv6 universe CIDR or endpoint address would be accepted for traffic that cannot flow.
-/// `field` is the request field that asks for IPv6 (`ipv6_cidrs` of a universe, `ipv6` of an
-/// endpoint), `None` when the request asks for none. The model, the compiler and the dataplane
-/// below handle one host's IPv6 in full; plumbing IPv6 into workloads lifts this gate (removes
-/// it and its two calls). IPv6 rules (`::/0`, IPv6 CIDRs, `icmpv6`) are not gated: they are
-/// stored and match no packet until then, as in a universe without IPv6.
-fn ipv6_gate(field: Option<&str>) -> model::Result<()> {
-    match field {
-        Some(field) => Err(model::Error::invalid(
-            field,
-            "IPv6 is not available yet: the dataplane judges IPv6 between endpoints of one host, \
-             but versed does not configure it in workloads yet and drops IPv6 between hosts \
-             (drop reason ipv6_between_hosts); leave this field out",
-        )),
-        None => Ok(()),
-    }
-}
-
 /// The checks of a new endpoint: its universe visible and writable, its groups visible.
 fn allow_new_endpoint(
     caller: &Caller,
@@ -1262,7 +1240,6 @@ async fn create_endpoint(
     // Checked before looking at this host's namespaces or the fleet's hosts, and again in the
     // edit.
     allow_new_endpoint(&caller, &st.store.snapshot(), &req)?;
-    ipv6_gate(req.ipv6.is_some().then_some("ipv6"))?;
     match req.host.as_deref() {
         None => check_netns(&req.netns, &st.host)?,
         Some(h) if h == st.host => check_netns(&req.netns, &st.host)?,

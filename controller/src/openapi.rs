@@ -52,16 +52,6 @@ const PREFIX_UNIVERSE: &str = "(?:[89]|[12][0-9]|30)";
 /// The prefixes an IPv6 universe CIDR may have: /44 to /64.
 const PREFIX_UNIVERSE_V6: &str = "(?:4[4-9]|5[0-9]|6[0-4])";
 
-/// A request field for IPv6 that the API refuses (400) until IPv6 works end to end: `schema`
-/// is what it will accept then, and `not: {}` says that for now no value is valid, as the
-/// server does (`api::ipv6_gate`). Lifting the gate removes the `not`.
-fn ipv6_gated(schema: Value, description: &str) -> Value {
-    json!({
-        "description": format!("{description} Refused (400 naming the field) until IPv6 works end to end: the dataplane judges IPv6 between endpoints of one host, but versed does not configure it in workloads yet and IPv6 between hosts is dropped (ipv6_between_hosts)."),
-        "allOf": [schema, { "not": {} }],
-    })
-}
-
 /// Characters `char::is_control` is true of.
 const CONTROL: &str = r"\x00-\x1f\x7f-\x9f";
 /// Characters `char::is_whitespace` is true of that are not control characters.
@@ -220,7 +210,7 @@ pub fn document() -> Value {
                 { "name": "icmp_type", "in": "query", "required": false, "description": "ICMP type (icmp only; default 8, echo request)", "schema": { "type": "integer", "minimum": 0, "maximum": 255 } },
                 { "name": "icmp_code", "in": "query", "required": false, "description": "ICMP code (icmp only; default 0)", "schema": { "type": "integer", "minimum": 0, "maximum": 255 } },
                 { "name": "run", "in": "query", "required": false, "description": "Also push the frame through the real program (editors and admins)", "schema": { "type": "boolean" } },
-                { "name": "host", "in": "query", "required": false, "description": "Trace on this host of the fleet: the request is relayed to it with the caller's token (over TLS to exactly the certificate it registered), and its answer returned; default: this host", "schema": { "type": "string", "pattern": "^[A-Za-z0-9._-]{1,253}$" } }
+                { "name": "host", "in": "query", "required": false, "description": "Trace on this host of the fleet: the request is relayed to it with the caller's token (over TLS to exactly the certificate it registered), and its answer returned; default: this host; a name that is no host of the fleet is a 400", "schema": { "type": "string", "pattern": "^[A-Za-z0-9._-]{1,253}$" } }
             ],
             "responses": read(json!({ "200": ok("This host's part of the packet's path", r("TraceAnswer")), "400": e400, "403": e403_role, "404": err("Unknown endpoint or universe, or an endpoint outside the universe given"),
                 "409": err("no_sender: no endpoint of the universe has the from address; wrong_host: neither the sender nor the receiver is on this host"), "500": err("The dataplane's maps could not be read, or the run failed"), "503": err("This host has no dataplane, or the host named by host cannot be asked (host_unavailable)") })) }
@@ -376,9 +366,8 @@ pub fn document() -> Value {
                         "name": name(),
                         "cidr": { "type": "string", "pattern": format!("^{IPV4}/{PREFIX_UNIVERSE}$"), "example": "10.1.0.0/16" },
                         "cidrs": { "type": "array", "minItems": 1, "items": { "type": "string", "pattern": format!("^{IPV4}/{PREFIX_UNIVERSE}$") } },
-                        "ipv6_cidrs": ipv6_gated(
-                            json!({ "type": "array", "minItems": 1, "items": { "type": "string", "pattern": format!("^{v6}/{PREFIX_UNIVERSE_V6}$") } }),
-                            "IPv6 CIDRs beside the IPv4 ones (a dual-stack universe): /44 to /64, stored canonical, pairwise disjoint, not multicast (ff00::/8), link-local (fe80::/10) or within ::/64.") },
+                        "ipv6_cidrs": { "type": "array", "minItems": 1, "items": { "type": "string", "pattern": format!("^{v6}/{PREFIX_UNIVERSE_V6}$") },
+                            "description": "IPv6 CIDRs beside the IPv4 ones (a dual-stack universe): /44 to /64, stored canonical, pairwise disjoint, not multicast (ff00::/8), link-local (fe80::/10) or within ::/64. IPv6 flows between endpoints of one host; IPv6 for an endpoint of another host is dropped (ipv6_between_hosts)." } },
                     "oneOf": [ { "required": ["cidr"] }, { "required": ["cidrs"] } ] },
                 "Universe": { "type": "object", "required": ["id", "name", "cidrs", "vni"], "properties": {
                     "id": { "type": "string", "pattern": "^uni-[0-9a-f]{8}$" },
@@ -445,9 +434,8 @@ pub fn document() -> Value {
                         "host": { "type": "string", "pattern": "^[A-Za-z0-9._-]{1,253}$", "description": "Host to place it on, a host of the fleet; default: the host serving the request" },
                         "netns": { "type": "string", "pattern": r"^(?:[!-\-0-~][!-.0-~]{0,254}|\.[!-\-0-~][!-.0-~]{0,253}|\.\.[!-.0-~]{1,253})$", "description": "An existing `ip netns` namespace on that host (404 if it does not exist there): printable ASCII, no '/', not . or .." },
                         "ip": { "type": "string", "pattern": format!("^{IPV4}$"), "description": "IPv4, within one of the universe's CIDRs" },
-                        "ipv6": ipv6_gated(
-                            json!({ "type": "string", "pattern": format!("^{v6}$") }),
-                            "An IPv6 address as well (a dual-stack endpoint): within one of the universe's ipv6_cidrs, unique in the universe, not IPv4-mapped, and not the first (subnet-router anycast), second (gateway) or last address of its CIDR."),
+                        "ipv6": { "type": "string", "pattern": format!("^{v6}$"),
+                            "description": "An IPv6 address as well (a dual-stack endpoint): within one of the universe's ipv6_cidrs, unique in the universe, not IPv4-mapped, and not the first (subnet-router anycast), second (gateway) or last address of its CIDR. Its host configures it in the workload (ADDR/128, default route via the second address of its CIDR); IPv6 for an endpoint of another host is dropped (ipv6_between_hosts)." },
                         "security_groups": { "type": "array", "items": { "type": "string" }, "minItems": 1, "maxItems": 16, "uniqueItems": true, "description": "Group ids of the universe; default: the universe's default group" },
                         "conntrack_budget": { "type": "integer", "minimum": 1, "maximum": dataplane_common::capacity::CONNTRACK, "description": "Flows it may have tracked at once on its host (S14); default: the serving daemon's conntrack.endpoint_budget. The budgets of one host's endpoints add up to at most its conntrack capacity (409 limit_exceeded otherwise)." },
                         "flow_logs": { "type": "boolean", "description": "Its host writes flow logs of its traffic (GET /v1/flow-logs); default: false" } } },

@@ -279,37 +279,43 @@ async fn universe_body_errors_are_400_naming_the_field() {
     assert_eq!(api.store.snapshot().revision, api.base, "no refused edit changed anything");
 }
 
-/// Until IPv6 works end to end, an IPv6 universe CIDR or endpoint address is refused with a
-/// 400 naming the field, whether or not the rest of the request is valid, and changes nothing;
-/// IPv6 rules are stored (they match no packet in a universe without IPv6).
+/// IPv6 universe CIDRs and endpoint addresses are accepted when valid and shown as stored; an
+/// invalid one is refused with a 400 naming the field and changes nothing; IPv6 rules are stored.
 #[tokio::test]
-async fn ipv6_universes_and_endpoints_are_refused_until_the_dataplane_carries_them() {
+async fn ipv6_universes_and_endpoints_are_accepted_and_checked() {
     let api = api().await;
     let base = api.store.snapshot().revision;
-    for cidrs6 in [json!(["fd00:ab::/48"]), json!(["fd00:ab::/40"]), json!([])] {
+    for cidrs6 in [json!(["fd00:ab::/40"]), json!([]), json!(["10.0.0.0/8"])] {
         let body = json!({"name": "dual", "cidr": "10.1.0.0/16", "ipv6_cidrs": cidrs6});
         let a = api.post("/v1/universes", body).await;
         a.error(StatusCode::BAD_REQUEST, "invalid_argument", "ipv6_cidrs");
-        let msg = a.body["error"]["message"].as_str().unwrap();
-        assert!(msg.starts_with("ipv6_cidrs: IPv6 is not available yet"), "{msg}");
-        assert!(msg.contains("versed does not configure it in workloads yet"), "{msg}");
     }
     assert_eq!(api.store.snapshot().revision, base);
     assert_eq!(api.get("/v1/universes").await.body, json!([]));
 
-    let u = id(&api.universe("blue", "10.1.0.0/16").await);
+    let body = json!({"name": "dual", "cidr": "10.1.0.0/16", "ipv6_cidrs": ["fd00:ab:0:0::/48"]});
+    let a = api.post("/v1/universes", body).await;
+    assert_eq!(a.status, StatusCode::CREATED, "{}", a.text);
+    assert_eq!(a.body["ipv6_cidrs"], json!(["fd00:ab::/48"]), "{}", a.text);
+    let u = id(&a.body);
+    let v4 = id(&api.universe("blue", "10.2.0.0/16").await);
+
     let revision = api.store.snapshot().revision;
-    let body = json!({"universe": u, "host": "host-b", "netns": "n", "ip": "10.1.0.5", "ipv6": "fd00:ab::5"});
-    let a = api.post("/v1/endpoints", body).await;
-    a.error(StatusCode::BAD_REQUEST, "invalid_argument", "ipv6");
-    assert!(a.body["error"]["message"]
-        .as_str()
-        .unwrap()
-        .starts_with("ipv6: IPv6 is not available yet"));
+    for (universe, ipv6) in
+        [(&u, "fd00:cd::5"), (&u, "fd00:ab::1"), (&u, "nope"), (&v4, "fd00:ab::5")]
+    {
+        let body = json!({"universe": universe, "host": "host-b", "netns": "n", "ip": if universe == &u { "10.1.0.5" } else { "10.2.0.5" }, "ipv6": ipv6});
+        let a = api.post("/v1/endpoints", body).await;
+        a.error(StatusCode::BAD_REQUEST, "invalid_argument", "ipv6");
+    }
     assert_eq!(api.store.snapshot().revision, revision);
     assert_eq!(api.get("/v1/endpoints").await.body, json!([]));
-    // Without ipv6, the same endpoint is made, and shown without an ipv6 field.
-    let a = api.remote_endpoint(&u, "10.1.0.5", None).await;
+    let body = json!({"universe": u, "host": "host-b", "netns": "n", "ip": "10.1.0.5", "ipv6": "fd00:ab::5"});
+    let a = api.post("/v1/endpoints", body).await;
+    assert_eq!(a.status, StatusCode::CREATED, "{}", a.text);
+    assert_eq!(a.body["ipv6"], "fd00:ab::5", "{}", a.text);
+    // Without ipv6, an endpoint is shown without an ipv6 field.
+    let a = api.remote_endpoint(&u, "10.1.0.6", None).await;
     assert_eq!(a.status, StatusCode::CREATED, "{}", a.text);
     assert!(a.body.get("ipv6").is_none(), "{}", a.text);
 

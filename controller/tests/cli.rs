@@ -277,25 +277,30 @@ fn cli_exits_1_with_the_server_message_on_api_errors() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("cidr:"));
 
-    // IPv6 goes through to the API, which refuses it until the IPv6 dataplane is built.
-    let out = s.verse(&[
+    // IPv6 goes through to the API, which stores it or refuses it naming the field (endpoints'
+    // ipv6: controller/tests/api.rs).
+    let (u6, _) = s.json(&[
         "universe",
         "create",
-        "x",
+        "dual",
         "--cidr",
         "10.0.0.0/16",
         "--ipv6-cidr",
         "fd00:ab::/48",
     ]);
+    assert_eq!(u6["ipv6_cidrs"], serde_json::json!(["fd00:ab::/48"]), "{u6}");
+    let out = s.verse(&[
+        "universe",
+        "create",
+        "x",
+        "--cidr",
+        "10.9.0.0/16",
+        "--ipv6-cidr",
+        "fd00:ab::/40",
+    ]);
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert!(err.contains("ipv6_cidrs: IPv6 is not available yet"), "{err}");
-    let (u, _) = s.json(&["universe", "create", "v4", "--cidr", "10.0.0.0/16"]);
-    let args = ["endpoint", "create", "--universe", id(&u), "--host", "elsewhere", "--netns", "n"];
-    let out = s.verse(&[&args[..], &["--ip", "10.0.0.5", "--ipv6", "fd00:ab::5"]].concat());
-    assert_eq!(out.status.code(), Some(1));
-    let err = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert!(err.contains("ipv6: IPv6 is not available yet"), "{err}");
+    assert!(err.contains("ipv6_cidrs[0]: prefix /40"), "{err}");
 
     // Unreachable API: exit 1 with what failed.
     let out = s.bare().args(["--api", "http://127.0.0.1:1", "host", "list"]).output().unwrap();

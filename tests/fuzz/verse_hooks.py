@@ -3,11 +3,15 @@
 The OpenAPI document says everything about a request that JSON Schema can say. A few rules of
 the server relate values in a way it cannot, and the document states them in words:
 
-- the CIDRs of one universe must not overlap each other;
+- the CIDRs of one universe must not overlap each other, and its IPv6 CIDRs must not be
+  multicast (ff00::/8), link-local (fe80::/10) or within ::/64 (a pattern cannot say that of
+  every way an IPv6 address is written);
 - a rule's from_port must not be above its to_port;
 - a token's expires, shaped as the pattern says, must be a real date (no February 30th) in the
   future and at most 10 years away, or a lifetime above zero and at most 10 years;
 - the since of the audit trail and of flow logs, shaped as the pattern says, must be a real date;
+- the host of a trace or of flow logs must be a host of the fleet (the fuzz's one host,
+  `VERSE_FUZZ_HOST`);
 - a trace (GET /v1/trace) takes port only for tcp and udp (6, 17), and requires it there, sport
   only for them, icmp_type and icmp_code only for icmp (1), and a universe when neither from
   nor to is an endpoint id.
@@ -96,6 +100,20 @@ def _overlapping(cidrs):
     )
 
 
+def _unusable_ipv6(cidrs):
+    for text in cidrs:
+        try:
+            net = ipaddress.ip_network(text, strict=False)
+        except (TypeError, ValueError):
+            continue
+        first = int(net.network_address)
+        if net.version == 6 and (
+            first >> 120 == 0xFF or first >> 118 == 0xFE80 >> 6 or first >> 64 == 0
+        ):
+            return True
+    return False
+
+
 def _body_breaks_a_rule(operation, body):
     if not isinstance(body, dict) or operation is None:
         return False
@@ -103,6 +121,9 @@ def _body_breaks_a_rule(operation, body):
     if method == "POST" and path == "/v1/universes":
         cidrs = body.get("cidrs")
         if isinstance(cidrs, list) and _overlapping(cidrs):
+            return True
+        cidrs6 = body.get("ipv6_cidrs")
+        if isinstance(cidrs6, list) and (_overlapping(cidrs6) or _unusable_ipv6(cidrs6)):
             return True
     if method == "POST" and path == "/v1/security-groups/{id}/rules":
         low, high = body.get("from_port"), body.get("to_port")
@@ -120,6 +141,10 @@ def _query_breaks_a_rule(operation, query):
     if operation.method.upper() == "GET" and operation.path in ("/v1/audit", "/v1/flow-logs"):
         since = query.get("since")
         if isinstance(since, str) and _time(since) is None:
+            return True
+    if operation.method.upper() == "GET" and operation.path in ("/v1/trace", "/v1/flow-logs"):
+        host = query.get("host")
+        if host is not None and host != os.environ.get("VERSE_FUZZ_HOST"):
             return True
     if operation.method.upper() == "GET" and operation.path == "/v1/trace":
         return _trace_breaks_a_rule(query)

@@ -283,6 +283,7 @@ impl Api {
         let workload = Workload {
             id: ep.id.clone(),
             ip: ep.ip,
+            ipv6: ep.ipv6,
             mac: ep.mac.clone(),
             interface: ep.interface.clone(),
             json: to_json("endpoint", &ep),

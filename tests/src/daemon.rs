@@ -392,6 +392,8 @@ impl Host {
 pub struct Workload {
     pub id: String,
     pub ip: Ipv4Addr,
+    /// Its IPv6 address, if it has one.
+    pub ipv6: Option<std::net::Ipv6Addr>,
     pub mac: String,
     pub interface: String,
     /// The endpoint as `POST /v1/endpoints` returned it.

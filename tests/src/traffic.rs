@@ -2,7 +2,7 @@
 //! exchange), servers that answer with a banner, long-lived connections, floods.
 
 use std::io::{self, BufRead, BufReader, Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
@@ -13,20 +13,23 @@ use std::time::Duration;
 use crate::*;
 
 /// Whether a TCP connection from `ns` to `ip:port` is established within `timeout`.
-pub fn tcp_connect(ns: &Netns, ip: Ipv4Addr, port: u16, timeout: Duration) -> bool {
-    let addr = SocketAddr::from((ip, port));
+pub fn tcp_connect(ns: &Netns, ip: impl Into<IpAddr>, port: u16, timeout: Duration) -> bool {
+    let addr = SocketAddr::from((ip.into(), port));
     ns.enter(|| TcpStream::connect_timeout(&addr, timeout)).is_ok()
 }
 
-/// Whether `ping -c1` from `ns` to `ip` gets an echo reply within `wait_s` seconds.
-pub fn ping_wait(ns: &Netns, ip: Ipv4Addr, wait_s: u32) -> bool {
-    ns.exec("ping", &["-c1", "-q", "-n", "-W", &wait_s.to_string(), &ip.to_string()])
+/// Whether `ping -c1` from `ns` to `ip` gets an echo reply within `wait_s` seconds (`ping -6`
+/// for an IPv6 address).
+pub fn ping_wait(ns: &Netns, ip: impl Into<IpAddr>, wait_s: u32) -> bool {
+    let ip = ip.into();
+    let family = if ip.is_ipv6() { "-6" } else { "-4" };
+    ns.exec("ping", &[family, "-c1", "-q", "-n", "-W", &wait_s.to_string(), &ip.to_string()])
         .status
         .success()
 }
 
 /// Whether one ICMP echo from `ns` to `ip` is answered within 2 s.
-pub fn ping(ns: &Netns, ip: Ipv4Addr) -> bool {
+pub fn ping(ns: &Netns, ip: impl Into<IpAddr>) -> bool {
     ping_wait(ns, ip, 2)
 }
 
@@ -47,12 +50,17 @@ pub enum UdpOutcome {
 pub fn udp_exchange(
     ns: &Netns,
     src: Option<Ipv4Addr>,
-    ip: Ipv4Addr,
+    ip: impl Into<IpAddr>,
     port: u16,
     msg: &str,
     timeout: Duration,
 ) -> UdpOutcome {
-    let bind = SocketAddr::from((src.unwrap_or(Ipv4Addr::UNSPECIFIED), 0));
+    let ip = ip.into();
+    let any = match ip {
+        IpAddr::V4(_) => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+        IpAddr::V6(_) => IpAddr::V6(Ipv6Addr::UNSPECIFIED),
+    };
+    let bind = SocketAddr::from((src.map_or(any, IpAddr::V4), 0));
     let sock = match ns.enter(|| UdpSocket::bind(bind)) {
         Ok(s) => s,
         Err(e) => return UdpOutcome::Error(format!("bind {bind}: {e}")),
@@ -78,7 +86,7 @@ pub fn udp_exchange(
 /// The answer of a [`UdpServer`] to `msg` sent from `ns`, or `None` if none came in `timeout`.
 pub fn udp_roundtrip(
     ns: &Netns,
-    ip: Ipv4Addr,
+    ip: impl Into<IpAddr>,
     port: u16,
     msg: &str,
     timeout: Duration,
@@ -111,9 +119,19 @@ impl Drop for Stopper {
 pub(crate) fn accept_loop(
     ns: &Netns,
     port: u16,
+    accept: impl FnMut(TcpStream, Arc<AtomicBool>) -> JoinHandle<()> + Send + 'static,
+) -> Stopper {
+    accept_loop_on(ns, IpAddr::V4(Ipv4Addr::UNSPECIFIED), port, accept)
+}
+
+/// [`accept_loop`] on address `ip` of the namespace only.
+pub(crate) fn accept_loop_on(
+    ns: &Netns,
+    ip: IpAddr,
+    port: u16,
     mut accept: impl FnMut(TcpStream, Arc<AtomicBool>) -> JoinHandle<()> + Send + 'static,
 ) -> Stopper {
-    let addr = SocketAddr::from((Ipv4Addr::UNSPECIFIED, port));
+    let addr = SocketAddr::from((ip, port));
     let listener = ns
         .enter(|| TcpListener::bind(addr))
         .unwrap_or_else(|e| panic!("bind TCP {addr} in {}: {e}", ns.name()));
@@ -148,10 +166,16 @@ pub struct TcpServer {
 
 impl TcpServer {
     pub fn start(ns: &Netns, port: u16, banner: &str) -> TcpServer {
+        TcpServer::start_on(ns, IpAddr::V4(Ipv4Addr::UNSPECIFIED), port, banner)
+    }
+
+    /// A server on address `ip` of the namespace only (an IPv6 address, say: every IPv4
+    /// address is [`TcpServer::start`]'s).
+    pub fn start_on(ns: &Netns, ip: IpAddr, port: u16, banner: &str) -> TcpServer {
         let accepted = Arc::new(AtomicU32::new(0));
         let banner = banner.to_owned();
         let counter = accepted.clone();
-        let stopper = accept_loop(ns, port, move |stream, stop| {
+        let stopper = accept_loop_on(ns, ip, port, move |stream, stop| {
             counter.fetch_add(1, Ordering::SeqCst);
             let banner = banner.clone();
             std::thread::spawn(move || serve_lines(stream, &banner, &stop))
@@ -212,7 +236,12 @@ pub fn udp_echo(ns: &Netns, port: u16, banner: &str) -> UdpServer {
 
 impl UdpServer {
     pub fn start(ns: &Netns, port: u16, banner: &str) -> UdpServer {
-        let addr = SocketAddr::from((Ipv4Addr::UNSPECIFIED, port));
+        UdpServer::start_on(ns, IpAddr::V4(Ipv4Addr::UNSPECIFIED), port, banner)
+    }
+
+    /// A server on address `ip` of the namespace only (see [`TcpServer::start_on`]).
+    pub fn start_on(ns: &Netns, ip: IpAddr, port: u16, banner: &str) -> UdpServer {
+        let addr = SocketAddr::from((ip, port));
         let sock = ns
             .enter(|| UdpSocket::bind(addr))
             .unwrap_or_else(|e| panic!("bind UDP {addr} in {}: {e}", ns.name()));
@@ -252,8 +281,13 @@ pub struct TcpConn {
 }
 
 impl TcpConn {
-    pub fn open(ns: &Netns, ip: Ipv4Addr, port: u16, timeout: Duration) -> io::Result<TcpConn> {
-        let addr = SocketAddr::from((ip, port));
+    pub fn open(
+        ns: &Netns,
+        ip: impl Into<IpAddr>,
+        port: u16,
+        timeout: Duration,
+    ) -> io::Result<TcpConn> {
+        let addr = SocketAddr::from((ip.into(), port));
         let stream = ns.enter(|| TcpStream::connect_timeout(&addr, timeout))?;
         let reader = BufReader::new(stream.try_clone()?);
         Ok(TcpConn { stream, reader })
@@ -283,7 +317,7 @@ impl TcpConn {
 /// One line exchanged over a fresh TCP connection: the server's answer, or `None`.
 pub fn tcp_roundtrip(
     ns: &Netns,
-    ip: Ipv4Addr,
+    ip: impl Into<IpAddr>,
     port: u16,
     msg: &str,
     timeout: Duration,
@@ -467,7 +501,7 @@ mod tests {
         assert_eq!(udp_roundtrip(&a, ip_b, 7001, "y", ALLOWED).as_deref(), Some("b:y"));
         assert_eq!(udp.sources().len(), 1);
         assert_eq!(udp_exchange(&a, None, ip_b, 7999, "z", ALLOWED), UdpOutcome::Refused);
-        assert!(!ping(&a, "198.18.7.3".parse().unwrap()));
+        assert!(!ping(&a, "198.18.7.3".parse::<Ipv4Addr>().unwrap()));
         let mut conn = TcpConn::open(&a, ip_b, 7000, ALLOWED).unwrap();
         for i in 0..3 {
             assert_eq!(conn.exchange(&i.to_string(), ALLOWED).unwrap(), format!("b:{i}"));

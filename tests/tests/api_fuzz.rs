@@ -99,6 +99,7 @@ fn the_api_holds_to_its_openapi_document_under_a_schema_driven_fuzz() {
         .env("SCHEMATHESIS_HOOKS", "verse_hooks")
         .env("PYTHONPATH", &hooks)
         .env("VERSE_FUZZ_TOKEN_ID", &token_id)
+        .env("VERSE_FUZZ_HOST", host.name())
         .output()
         .expect("run schemathesis");
     let took = start.elapsed();

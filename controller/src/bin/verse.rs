@@ -223,8 +223,8 @@ enum UniverseCmd {
         /// An IPv4 CIDR of the universe; repeat for several.
         #[arg(long = "cidr", required = true, value_name = "CIDR")]
         cidrs: Vec<String>,
-        /// An IPv6 CIDR as well (/44 to /64); repeat for several. Refused by the API until the
-        /// IPv6 dataplane is built.
+        /// An IPv6 CIDR as well (/44 to /64); repeat for several. IPv6 flows between endpoints
+        /// of one host; between hosts it is dropped (ipv6_between_hosts).
         #[arg(long = "ipv6-cidr", value_name = "CIDR")]
         ipv6_cidrs: Vec<String>,
     },
@@ -316,8 +316,8 @@ enum EndpointCmd {
         netns: String,
         #[arg(long)]
         ip: String,
-        /// An IPv6 address as well, within the universe's IPv6 CIDRs. Refused by the API until
-        /// the IPv6 dataplane is built.
+        /// An IPv6 address as well, within the universe's IPv6 CIDRs (configured in the
+        /// workload as ADDR/128 with a default route via the CIDR's second address).
         #[arg(long)]
         ipv6: Option<String>,
         /// A security group id; repeat for several (default: the universe's default group).

@@ -111,6 +111,7 @@ impl Cli<'_> {
         Ok(Workload {
             id: v["id"].as_str().context("endpoint.id")?.to_owned(),
             ip: ip.parse()?,
+            ipv6: None,
             mac: v["mac"].as_str().unwrap_or_default().to_owned(),
             interface: v["interface"].as_str().unwrap_or_default().to_owned(),
             json: v,
