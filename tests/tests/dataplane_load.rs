@@ -14,7 +14,7 @@ use dataplane_common::{
     PolicyValue, Route, Route6Key, RouteKey, DIRECTION_EGRESS, DIRECTION_INGRESS, DIRECTION_IPV6,
 };
 use tests::frames::{
-    arp_request, ethernet, icmp, ipv4, ipv6, ipv6_extensions, neighbour_solicit, tcp, udp,
+    arp_request, ethernet, icmp, icmpv6, ipv4, ipv6, ipv6_extensions, neighbour_solicit, tcp, udp,
     with_hop_limit, ETH_IPV4, ETH_IPV6, SYN, SYN_ACK,
 };
 use tests::{is_root, pinned_drops, Bpffs, Netns, TempDir};
@@ -1109,4 +1109,218 @@ fn ipv6_keeps_being_judged_while_the_daemon_is_down_and_beside_a_trace_runner() 
         "IPv6 delivered after the reload ({back}), after a trace ({after_trace})"
     );
     assert_eq!(counted, refused + 1, "the live policy_ingress counter moved after a trace runner");
+}
+
+/// A workload's attacks on the IPv6 walk (neighbour discovery spoofed or unanswerable, spoofed
+/// sources, related errors too large or not errors, flows beyond the budget the two families
+/// share), each refused with the reason the contract gives (`verdict/ipv6.rs`, `dataplane_common::nd`), through BPF_PROG_TEST_RUN.
+#[test]
+fn ipv6_attacks_are_refused_with_their_reasons() {
+    assert!(is_root(), "needs root");
+    let ns = Netns::new("rv6k");
+    ns.disable_ipv6();
+    let dir = TempDir::new("rv6k");
+    let bpffs = Bpffs::mount(&dir.path().join("bpf"));
+    ns.ip(&["link", "add", "ha", "type", "veth", "peer", "name", "wa"]);
+    ns.ip(&["link", "add", "hb", "type", "veth", "peer", "name", "wb"]);
+    for dev in ["ha", "wa", "hb", "wb"] {
+        ns.ip(&["link", "set", dev, "up"]);
+    }
+    let (if_a, if_b) = (ns.ifindex("ha"), ns.ifindex("hb"));
+    let bpf_dir = bpffs.path().to_path_buf();
+    ns.enter(|| {
+        let mut dp = Dataplane::load(&bpf_dir, &config()).expect("load");
+        let mut want = desired(if_a, if_b);
+        // A's budget: 3 flows, IPv4 and IPv6 together.
+        want.ct_owners.insert(slot_of(IP_A), OwnerBudget { serial: serial_of(IP_A), budget: 3 });
+        dp.apply(&MapContents::default(), &want).expect("apply");
+        let (a6, b6) = (ip6_of(IP_A), ip6_of(IP_B));
+        let (ll_a, ll_b) = (nd::link_local(MAC_A), nd::link_local(MAC_B));
+        let eth = |mac, p: Vec<u8>| ethernet(GATEWAY_MAC, mac, ETH_IPV6, &p);
+        let v6 =
+            |src, dst, proto, l4: Vec<u8>, hop| with_hop_limit(ipv6(src, dst, proto, &l4), hop);
+        let icmp6 = |src, dst, ty, code, rest, body: &[u8]| icmpv6(src, dst, ty, code, rest, body);
+        let mut target_b = b6.to_vec();
+        target_b.extend_from_slice(&[2, 1, 0xde, 0xad, 0xbe, 0xef, 0, 1]);
+        let mut mapped = [0u8; 16];
+        mapped[10..12].copy_from_slice(&[0xff, 0xff]);
+        mapped[12..].copy_from_slice(&IP_A);
+        let mut all_nodes = [0u8; 16];
+        all_nodes[0..2].copy_from_slice(&[0xff, 0x02]);
+        all_nodes[15] = 1;
+        let (nh, ns_frag) = ipv6_extensions(
+            &[(NEXTHDR_FRAGMENT, 8)],
+            58,
+            &neighbour_solicit(a6, b6, b6, Some(MAC_A)),
+        );
+        let mut frag = ipv6(a6, b6, nh, &ns_frag);
+        frag[7] = 255;
+        let cases: Vec<(&str, Vec<u8>, u32, DropReason)> = vec![
+            (
+                "NA override for B",
+                eth(
+                    MAC_A,
+                    v6(
+                        a6,
+                        all_nodes,
+                        58,
+                        icmp6(a6, all_nodes, 136, 0, [0xa0, 0, 0, 0], &target_b),
+                        255,
+                    ),
+                ),
+                if_a,
+                DropReason::NdSpoofed,
+            ),
+            (
+                "NA for own",
+                eth(
+                    MAC_A,
+                    v6(a6, all_nodes, 58, icmp6(a6, all_nodes, 136, 0, [0x20, 0, 0, 0], &a6), 255),
+                ),
+                if_a,
+                DropReason::NdUnanswered,
+            ),
+            (
+                "RA",
+                eth(
+                    MAC_A,
+                    v6(
+                        ll_a,
+                        all_nodes,
+                        58,
+                        icmp6(ll_a, all_nodes, 134, 0, [64, 0, 0, 0], &[0; 8]),
+                        255,
+                    ),
+                ),
+                if_a,
+                DropReason::NdSpoofed,
+            ),
+            (
+                "redirect",
+                eth(
+                    MAC_A,
+                    v6(ll_a, ll_b, 58, icmp6(ll_a, ll_b, 137, 0, [0; 4], &[b6, a6].concat()), 255),
+                ),
+                if_a,
+                DropReason::NdSpoofed,
+            ),
+            (
+                "DAD",
+                eth(
+                    MAC_A,
+                    v6(
+                        [0; 16],
+                        all_nodes,
+                        58,
+                        neighbour_solicit([0; 16], all_nodes, a6, None),
+                        255,
+                    ),
+                ),
+                if_a,
+                DropReason::NdUnanswered,
+            ),
+            (
+                "NS hop 64",
+                eth(MAC_A, v6(a6, b6, 58, neighbour_solicit(a6, b6, b6, Some(MAC_A)), 64)),
+                if_a,
+                DropReason::NdUnanswered,
+            ),
+            (
+                "NS from B's link-local",
+                eth(MAC_A, v6(ll_b, b6, 58, neighbour_solicit(ll_b, b6, b6, Some(MAC_A)), 255)),
+                if_a,
+                DropReason::SpoofedIp,
+            ),
+            (
+                "NS multicast target",
+                eth(
+                    MAC_A,
+                    v6(
+                        a6,
+                        all_nodes,
+                        58,
+                        neighbour_solicit(a6, all_nodes, all_nodes, Some(MAC_A)),
+                        255,
+                    ),
+                ),
+                if_a,
+                DropReason::NdUnanswered,
+            ),
+            ("NS in a fragment", eth(MAC_A, frag), if_a, DropReason::Ipv6Fragment),
+            (
+                "echo from link-local",
+                eth(MAC_A, v6(ll_a, b6, 58, icmp6(ll_a, b6, 128, 0, [0, 1, 0, 1], b"x"), 64)),
+                if_a,
+                DropReason::SpoofedIp,
+            ),
+            (
+                "IPv4-mapped source",
+                eth(MAC_A, v6(mapped, b6, 17, udp(1, 53, b"x"), 64)),
+                if_a,
+                DropReason::SpoofedIp,
+            ),
+            (
+                "unspecified source",
+                eth(MAC_A, v6([0; 16], b6, 17, udp(1, 53, b"x"), 64)),
+                if_a,
+                DropReason::SpoofedIp,
+            ),
+            (
+                "to all-nodes",
+                eth(MAC_A, v6(a6, all_nodes, 17, udp(1, 53, b"x"), 64)),
+                if_a,
+                DropReason::NoRoute,
+            ),
+        ];
+        let mut wrong = Vec::new();
+        for (what, frame, from, reason) in &cases {
+            let before = pinned_drops(&bpf_dir, *reason);
+            let rc = dp.test_run(frame, *from, 1).expect("run").return_code;
+            let after = pinned_drops(&bpf_dir, *reason);
+            eprintln!("{what}: rc {rc}, {reason:?} {before} -> {after}");
+            if rc != tc_act::SHOT || after != before + 1 {
+                wrong.push(*what);
+            }
+        }
+        // Related errors: a tracked A->B UDP/53 flow; B's destination unreachable about it.
+        let flow = |sport: u16| eth(MAC_A, v6(a6, b6, 17, udp(sport, 53, b"x"), 64));
+        assert_eq!(dp.test_run(&flow(7), if_a, 1).expect("run").return_code, tc_act::REDIRECT);
+        let quoted = ipv6(a6, b6, 17, &udp(7, 53, b"x"));
+        let err = |ty: u8, pad: usize| {
+            let body = [quoted.clone(), vec![0; pad]].concat();
+            eth(MAC_B, v6(b6, a6, 58, icmp6(b6, a6, ty, 0, [0; 4], &body), 64))
+        };
+        let small = err(1, 0);
+        let rc = dp.test_run(&small, if_b, 1).expect("run").return_code;
+        assert_eq!(rc, tc_act::REDIRECT, "the flow's peer's destination unreachable is related");
+        // 40 + 8 + quoted(49) + pad = 1281 bytes of IPv6 packet: one over the bound.
+        let big = err(1, 1281 - 40 - 8 - quoted.len());
+        let echo_reply = err(129, 0);
+        for (what, frame) in
+            [("1281-byte error", big), ("informational about the flow", echo_reply)]
+        {
+            let before = pinned_drops(&bpf_dir, DropReason::PolicyEgress);
+            let rc = dp.test_run(&frame, if_b, 1).expect("run").return_code;
+            let after = pinned_drops(&bpf_dir, DropReason::PolicyEgress);
+            eprintln!("{what}: rc {rc}, policy_egress {before} -> {after}");
+            if rc != tc_act::SHOT || after != before + 1 {
+                wrong.push(what);
+            }
+        }
+        // The budget: 3 for A, one used by flow 7; IPv4 then IPv6 flows beyond it.
+        let syn = tcp_frame(MAC_A, IP_A, IP_B, 40000, 80, SYN);
+        assert_eq!(dp.test_run(&syn, if_a, 1).expect("run").return_code, tc_act::REDIRECT);
+        assert_eq!(dp.test_run(&flow(8), if_a, 1).expect("run").return_code, tc_act::REDIRECT);
+        let before = pinned_drops(&bpf_dir, DropReason::ConntrackBudgetExceeded);
+        let rc = dp.test_run(&flow(9), if_a, 1).expect("run").return_code;
+        let after = pinned_drops(&bpf_dir, DropReason::ConntrackBudgetExceeded);
+        eprintln!(
+            "4th flow: rc {rc}, budget {before} -> {after}, owners {:?}",
+            dp.ct_owners()[&slot_of(IP_A)]
+        );
+        if rc != tc_act::SHOT || after != before + 1 {
+            wrong.push("budget");
+        }
+        assert!(wrong.is_empty(), "not refused as the contract says: {wrong:?}");
+    });
 }
