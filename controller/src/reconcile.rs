@@ -109,6 +109,12 @@ pub struct CtSettings {
 /// How often the reconciler looks whether a garbage collection is due.
 const GC_TICK: Duration = Duration::from_secs(1);
 
+/// How often a host checks that the interfaces of its plumbed endpoints are still the ones it
+/// made (a workload's namespace deleted behind Verse's back takes its veth with it, after the
+/// kernel's own delay): a change starts a round, which reports the endpoint, without waiting
+/// for the next edit.
+const INTERFACE_CHECK: Duration = Duration::from_secs(2);
+
 /// Why the underlay interface cannot be used.
 #[derive(Debug, thiserror::Error)]
 pub enum UnderlayError {
@@ -450,6 +456,8 @@ impl Reconciler {
         let mut backoff = RETRY_MIN;
         let mut gc_tick = tokio::time::interval(GC_TICK);
         gc_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut interface_tick = tokio::time::interval(INTERFACE_CHECK);
+        interface_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             // `borrow_and_update` takes the latest state only: a burst of edits is one round.
             let state = states.borrow_and_update().clone();
@@ -512,6 +520,11 @@ impl Reconciler {
                         self.collect_if_due();
                         continue;
                     }
+                    _ = interface_tick.tick() => {
+                        if !self.interfaces_changed().await {
+                            continue;
+                        }
+                    }
                 }
                 break;
             }
@@ -538,6 +551,24 @@ impl Reconciler {
         }
         if let Err(e) = self.collect(&owners) {
             tracing::error!(error = %e, "conntrack garbage collection failed");
+        }
+    }
+
+    /// Whether an interface of a plumbed endpoint is gone or was made anew (another ifindex)
+    /// since it was plumbed (the kernel only: a simulated host's interfaces are the
+    /// reconciler's). A failed listing is no change: the next round lists them again anyway.
+    async fn interfaces_changed(&self) -> bool {
+        if self.kernel().is_none() || self.plumbed.is_empty() {
+            return false;
+        }
+        match netlink::verse_interfaces().await {
+            Ok(existing) => {
+                self.plumbed.values().any(|p| existing.get(&p.spec.interface) != Some(&p.ifindex))
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "listing the endpoint interfaces failed");
+                false
+            }
         }
     }
 

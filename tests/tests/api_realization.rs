@@ -142,6 +142,30 @@ fn an_endpoint_that_breaks_later_stays_and_its_host_reports_it_while_other_edits
     assert!(wait_until(Duration::from_secs(10), || api.hosts()[0]["errors"] == json!([])));
 }
 
+/// The namespace goes after the last edit, and no edit follows: the host notices the interface
+/// gone by itself (it checks its endpoints' interfaces every 2 s) and reports the endpoint at
+/// the revision it is at, instead of showing it healthy until someone edits something.
+#[test]
+fn an_endpoint_whose_namespace_goes_after_the_last_edit_is_reported_without_another_edit() {
+    let host = Host::start();
+    let api = &host.api;
+    let uni = api.create_universe("u", "10.1.0.0/24");
+    let w = api.create_endpoint(None, id(&uni), "10.1.0.5", &[]);
+    let ep = w.id.clone();
+    assert_eq!(api.hosts()[0]["errors"], json!([]), "plumbed and realized");
+    drop(w);
+    let mut status = Value::Null;
+    let reported = wait_until(Duration::from_secs(10), || {
+        status = api.hosts()[0].clone();
+        status["errors"] != json!([])
+    });
+    assert!(reported, "the host reports the broken endpoint with no edit after: {status}");
+    assert_eq!(status["errors"][0]["endpoint"], json!(ep), "{status}");
+    assert_eq!(status["errors"][0]["code"], json!("not_found"), "its namespace is gone");
+    api.client().delete_endpoint(&ep).expect("delete the endpoint");
+    assert!(wait_until(Duration::from_secs(10), || api.hosts()[0]["errors"] == json!([])));
+}
+
 #[test]
 fn a_host_of_the_fleet_that_cannot_plumb_an_endpoint_makes_the_call_fail_on_another_host() {
     let fleet = Fleet::start(2);
