@@ -42,10 +42,10 @@ use aya::{
     Ebpf, EbpfError, EbpfLoader, TestRun, TestRunOptions,
 };
 use dataplane_common::{
-    capacity, drop_slot, map_names, Cidr6Key, CidrKey, Config, Ct6Key, CtEntry, CtKey, CtOwner,
-    CtValue, DropCount, DropReason, Endpoint, EventLimiter, Hook, HostKey, PolicyKey, PolicyValue,
-    Route, Route6Key, RouteKey, VniKey, PROG_FROM_ENDPOINT, PROG_FROM_ENDPOINT6,
-    PROG_FROM_UNDERLAY,
+    capacity, drop_slot, jump, map_names, Cidr6Key, CidrKey, Config, Ct6Key, CtEntry, CtKey,
+    CtOwner, CtValue, DropCount, DropReason, Endpoint, EventLimiter, Hook, HostKey, PolicyKey,
+    PolicyValue, Route, Route6Key, RouteKey, VniKey, PROG_FROM_ENDPOINT, PROG_FROM_ENDPOINT6,
+    PROG_FROM_UNDERLAY, PROG_FROM_UNDERLAY6, PROG_ND6,
 };
 
 use crate::compile::{policy_kinds_after, policy_kinds_before, MapContents, OwnerBudget};
@@ -307,7 +307,7 @@ impl Dataplane {
         let mut ebpf = EbpfLoader::new().default_map_pin_directory(bpf_dir).load(OBJECT).map_err(
             |source| Error::LoadObject { dir: bpf_dir.to_path_buf(), source: Box::new(source) },
         )?;
-        for name in [PROG_FROM_ENDPOINT6, PROG_FROM_ENDPOINT, PROG_FROM_UNDERLAY, PROG_EMPTY] {
+        for name in JUDGES.into_iter().chain([PROG_EMPTY]) {
             classifier_mut(&mut ebpf, name)?
                 .load()
                 .map_err(|source| Error::LoadProgram { name, source })?;
@@ -1114,7 +1114,7 @@ impl Dataplane {
         let dir = self.bpf_dir.join("trace");
         std::fs::create_dir_all(&dir)
             .map_err(|source| Error::CreateDir { path: dir.clone(), source })?;
-        // Private too: the jump table, which this load fills with its own `from_endpoint6`
+        // Private too: the jump table, which this load fills with its own IPv6 programs
         // (writing the private maps); in the live, pinned one, that program would judge the
         // live traffic's IPv6 with the run's conntrack and counters.
         let private = || WRITTEN_BY_PROGRAMS.into_iter().chain([map_names::JUMP]);
@@ -1140,7 +1140,7 @@ impl Dataplane {
             remove_pin(&dir.join(name))?;
         }
         let mut ebpf = loaded?;
-        for name in [PROG_FROM_ENDPOINT6, PROG_FROM_ENDPOINT, PROG_FROM_UNDERLAY] {
+        for name in JUDGES {
             classifier_mut(&mut ebpf, name)?
                 .load()
                 .map_err(|source| Error::LoadProgram { name, source })?;
@@ -1309,25 +1309,35 @@ fn check_pinned_layouts(bpf_dir: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Puts `from_endpoint6` (loaded) into slot 0 of `VERSE_JUMP`, where `from_endpoint` tail-calls
-/// it for IPv6: before any program is attached, so that no IPv6 frame meets an empty slot.
+/// The programs that judge packets: the hooks and the programs they tail-call, loaded by
+/// every load (the tail-called ones first: they fill the jump table before a hook is attached).
+const JUDGES: [&str; 5] =
+    [PROG_FROM_ENDPOINT6, PROG_ND6, PROG_FROM_UNDERLAY6, PROG_FROM_ENDPOINT, PROG_FROM_UNDERLAY];
+
+/// Puts the tail-called programs (loaded) into their slots of `VERSE_JUMP`
+/// (`dataplane_common::jump`: `from_endpoint6`, `nd6`, `from_underlay6`), where the hooks
+/// tail-call them: before any program is attached, so that no frame meets an empty slot.
 fn fill_jump_table(ebpf: &mut Ebpf) -> Result<()> {
-    let fd = classifier(ebpf, PROG_FROM_ENDPOINT6)?
-        .fd()
-        .map_err(|source| Error::LoadProgram { name: PROG_FROM_ENDPOINT6, source })?
-        .try_clone()
-        .map_err(|e| Error::LoadProgram {
-            name: PROG_FROM_ENDPOINT6,
-            source: ProgramError::IOError(e),
-        })?;
+    let mut fds = Vec::new();
+    for (slot, name) in jump::PROGRAMS {
+        let fd = classifier(ebpf, name)?
+            .fd()
+            .map_err(|source| Error::LoadProgram { name, source })?
+            .try_clone()
+            .map_err(|e| Error::LoadProgram { name, source: ProgramError::IOError(e) })?;
+        fds.push((slot, fd));
+    }
     let map = ebpf.map_mut(map_names::JUMP).ok_or(Error::MissingMap(map_names::JUMP))?;
-    let mut jump = ProgramArray::try_from(map)
+    let mut table = ProgramArray::try_from(map)
         .map_err(|source| Error::MapType { name: map_names::JUMP, source })?;
-    jump.set(0, &fd, 0).map_err(|source| Error::MapWrite {
-        name: map_names::JUMP,
-        entry: "slot 0".into(),
-        source,
-    })
+    for (slot, fd) in &fds {
+        table.set(*slot, fd, 0).map_err(|source| Error::MapWrite {
+            name: map_names::JUMP,
+            entry: format!("slot {slot}"),
+            source,
+        })?;
+    }
+    Ok(())
 }
 
 fn take_map<M>(ebpf: &mut Ebpf, name: &'static str) -> Result<M>

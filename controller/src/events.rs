@@ -472,8 +472,7 @@ fn dir(d: Direction) -> &'static str {
 pub fn describe(reason: DropReason) -> &'static str {
     match reason {
         DropReason::TruncatedEthernet => "shorter than an Ethernet header",
-        DropReason::UnknownEthertype => "neither IPv4 nor ARP",
-        DropReason::Ipv6Unsupported => "a well-formed IPv6 packet: IPv6 is not judged yet",
+        DropReason::UnknownEthertype => "neither IPv4, IPv6 nor ARP",
         DropReason::MalformedIpv4 => "malformed IPv4 header",
         DropReason::Fragment => "an IPv4 fragment, whose ports cannot be judged",
         DropReason::MalformedL4 => "truncated TCP, UDP, ICMP or ICMPv6 header",
@@ -497,7 +496,9 @@ pub fn describe(reason: DropReason) -> &'static str {
         }
         DropReason::NotLocal => "the inner destination is no endpoint of this host",
         DropReason::MalformedEncap => "truncated or malformed outer, VXLAN or inner headers",
-        DropReason::FragNeeded => "too big to wrap; an ICMP \"fragmentation needed\" went back",
+        DropReason::FragNeeded => {
+            "too big to wrap; an ICMP \"fragmentation needed\" (ICMPv6 \"packet too big\") went back"
+        }
         DropReason::IdentityMismatch => {
             "encapsulated traffic whose Group Policy ID is not its inner source's identity"
         }
@@ -508,7 +509,8 @@ pub fn describe(reason: DropReason) -> &'static str {
             "the destination is on another host and this host has no underlay"
         }
         DropReason::FragNeededUnsent => {
-            "too big to wrap, and the ICMP \"fragmentation needed\" could not be sent"
+            "too big to wrap, and the ICMP \"fragmentation needed\" (ICMPv6 \"packet too big\") \
+             could not be sent"
         }
         DropReason::ConntrackBudgetExceeded => {
             "a new flow of an endpoint whose conntrack budget is spent"
@@ -526,10 +528,10 @@ pub fn describe(reason: DropReason) -> &'static str {
         }
         DropReason::NdSpoofed => {
             "a router advertisement, redirect, or neighbour advertisement for an address that \
-             is not the endpoint's"
+             is not the endpoint's, or neighbour discovery wrapped by another host"
         }
-        DropReason::Ipv6BetweenHosts => {
-            "IPv6 for an endpoint of another host: not carried between hosts yet"
+        DropReason::ProgramMissing => {
+            "a program the hook hands the packet to (VERSE_JUMP) is not loaded"
         }
     }
 }

@@ -40,10 +40,11 @@ pub mod map_names {
     pub const ROUTES6: &str = "VERSE_ROUTES6";
     /// IPv6 CIDR classes ([`Cidr6Key`](super::Cidr6Key)).
     pub const CIDRS6: &str = "VERSE_CIDRS6";
-    /// The jump table of `from_endpoint`: slot 0 holds [`PROG_FROM_ENDPOINT6`](super::PROG_FROM_ENDPOINT6),
-    /// which it tail-calls for IPv6. Pinned like the other maps, so that the pinned links keep
-    /// judging IPv6 while no daemon runs (an array no one holds is emptied by the kernel); each
-    /// load puts its own program in the slot.
+    /// The jump table of the programs (slots in [`jump`](super::jump)): `from_endpoint` tail-calls
+    /// `from_endpoint6` for IPv6, which tail-calls `nd6` for neighbour discovery, and
+    /// `from_underlay` tail-calls `from_underlay6` for wrapped IPv6. Pinned like the other
+    /// maps, so that the pinned links keep judging IPv6 while no daemon runs (an array no one
+    /// holds is emptied by the kernel); each load puts its own programs in the slots.
     pub const JUMP: &str = "VERSE_JUMP";
     /// Connection tracking of IPv6 flows ([`Ct6Key`](super::Ct6Key) ->
     /// [`CtValue`](super::CtValue)), charged to the same budgets (`VERSE_CT_OWNERS`).
@@ -58,6 +59,26 @@ pub const PROG_FROM_ENDPOINT: &str = "from_endpoint";
 pub const PROG_FROM_ENDPOINT6: &str = "from_endpoint6";
 /// Name of the program that receives encapsulated traffic on the underlay interface.
 pub const PROG_FROM_UNDERLAY: &str = "from_underlay";
+/// Name of the program `from_endpoint6` tail-calls for neighbour discovery (never attached):
+/// the gateway's answer needs a stack of its own.
+pub const PROG_ND6: &str = "nd6";
+/// Name of the program `from_underlay` tail-calls for a wrapped IPv6 frame (never attached).
+pub const PROG_FROM_UNDERLAY6: &str = "from_underlay6";
+
+/// The slots of `VERSE_JUMP`, and the program each holds.
+pub mod jump {
+    pub const FROM_ENDPOINT6: u32 = 0;
+    pub const ND6: u32 = 1;
+    pub const FROM_UNDERLAY6: u32 = 2;
+    /// Slots of the table.
+    pub const SLOTS: u32 = 3;
+    /// Every slot with its program's name, as each load fills them.
+    pub const PROGRAMS: [(u32, &str); SLOTS as usize] = [
+        (FROM_ENDPOINT6, super::PROG_FROM_ENDPOINT6),
+        (ND6, super::PROG_ND6),
+        (FROM_UNDERLAY6, super::PROG_FROM_UNDERLAY6),
+    ];
+}
 
 /// Numbers of the wire formats the dataplane reads and writes, for the kernel programs
 /// (`dataplane-ebpf/src/parse.rs` re-exports them), the reference model (`controller`'s
@@ -148,6 +169,14 @@ pub const ICMP_ERROR_MAX_LEN: usize = 576;
 /// ordinary ICMPv6.
 pub const ICMPV6_ERROR_MAX_LEN: usize = 1280;
 
+/// Bytes of a packet too big to wrap that its ICMPv6 "packet too big" quotes: the fixed IPv6
+/// header and room for extension headers and the upper-layer header (the error is 304 bytes of
+/// IPv6 packet, well within [`ICMPV6_ERROR_MAX_LEN`]). A multiple of 4: the kernel sums it with
+/// `bpf_csum_diff`.
+pub const PTB_QUOTE: usize = 256;
+/// The hop limit of that "packet too big": Linux's default, as the IPv4 error's TTL is 64.
+pub const PTB_HOP_LIMIT: u8 = 64;
+
 /// Capacities of the maps. The compiler refuses an edit whose compiled form would not fit (S12).
 pub mod capacity {
     pub const ENDPOINTS: u32 = 4096;
@@ -191,18 +220,16 @@ pub mod capacity {
 pub const MAP_F_MMAPABLE: u32 = 1 << 10;
 
 /// Why a packet was dropped. One table for the dataplane, the metrics and the docs. Codes are
-/// stable: a retired code stays reserved and is never reused.
+/// stable: a retired code stays reserved and is never reused. Retired: 3 (`ipv6_unsupported`,
+/// well-formed IPv6 wrapped by another host, from before IPv6 was carried between hosts) and 34
+/// (`ipv6_between_hosts`, IPv6 for an endpoint of another host, likewise).
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum DropReason {
     /// Shorter than an Ethernet header.
     TruncatedEthernet = 1,
-    /// Neither IPv4 nor ARP.
+    /// Neither IPv4, IPv6 nor ARP.
     UnknownEthertype = 2,
-    /// A well-formed IPv6 packet wrapped by another host (`from_underlay`): IPv6 is not carried
-    /// between hosts yet, so dropped rather than passed unchecked (malformed ones have their
-    /// own reasons, 28-31).
-    Ipv6Unsupported = 3,
     /// IPv4 header truncated, version not 4, IHL below 5, or total length inconsistent with the
     /// frame.
     MalformedIpv4 = 4,
@@ -239,7 +266,8 @@ pub enum DropReason {
     NotLocal = 18,
     /// A truncated or malformed outer header, VXLAN header or inner frame.
     MalformedEncap = 19,
-    /// Too big to wrap for the underlay MTU; an ICMP "fragmentation needed" went back.
+    /// Too big to wrap for the underlay MTU; an ICMP "fragmentation needed" (IPv4) or an ICMPv6
+    /// "packet too big" (IPv6) went back.
     FragNeeded = 20,
     /// Encapsulated traffic whose Group Policy ID is not the identity the control plane gives
     /// its inner source endpoint (S10).
@@ -253,7 +281,8 @@ pub enum DropReason {
     EncapFailed = 24,
     /// The destination is an endpoint of another host, and this host has no underlay.
     NoUnderlay = 25,
-    /// Too big to wrap, and the ICMP "fragmentation needed" could not be built or sent.
+    /// Too big to wrap, and the ICMP "fragmentation needed" (or ICMPv6 "packet too big") could
+    /// not be built or sent.
     FragNeededUnsent = 26,
     /// A new flow whose owner (the sending endpoint, or the local receiver of traffic from
     /// another host) already has as many tracked flows as its conntrack budget allows (S14).
@@ -277,17 +306,18 @@ pub enum DropReason {
     /// but the gateway is on the link). See [`nd`].
     NdUnanswered = 32,
     /// A router advertisement or redirect from a workload, or a neighbour advertisement for an
-    /// address that is not the endpoint's own.
+    /// address that is not the endpoint's own; or any neighbour discovery wrapped by another
+    /// host (a host never wraps it: it is the gateway's).
     NdSpoofed = 33,
-    /// IPv6 for an endpoint of another host: not carried between hosts yet, so dropped.
-    Ipv6BetweenHosts = 34,
+    /// A program this one hands the packet to through `VERSE_JUMP` (the IPv6 walks, neighbour
+    /// discovery) is not in its slot: a load that did not fill its jump table.
+    ProgramMissing = 35,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 34] = [
+    pub const ALL: [DropReason; 33] = [
         DropReason::TruncatedEthernet,
         DropReason::UnknownEthertype,
-        DropReason::Ipv6Unsupported,
         DropReason::MalformedIpv4,
         DropReason::Fragment,
         DropReason::MalformedL4,
@@ -318,7 +348,7 @@ impl DropReason {
         DropReason::Ipv6Jumbogram,
         DropReason::NdUnanswered,
         DropReason::NdSpoofed,
-        DropReason::Ipv6BetweenHosts,
+        DropReason::ProgramMissing,
     ];
 
     /// The label used in metrics and the CLI.
@@ -326,7 +356,6 @@ impl DropReason {
         match self {
             DropReason::TruncatedEthernet => "truncated_ethernet",
             DropReason::UnknownEthertype => "unknown_ethertype",
-            DropReason::Ipv6Unsupported => "ipv6_unsupported",
             DropReason::MalformedIpv4 => "malformed_ipv4",
             DropReason::Fragment => "fragment",
             DropReason::MalformedL4 => "malformed_l4",
@@ -357,7 +386,7 @@ impl DropReason {
             DropReason::Ipv6Jumbogram => "ipv6_jumbogram",
             DropReason::NdUnanswered => "nd_unanswered",
             DropReason::NdSpoofed => "nd_spoofed",
-            DropReason::Ipv6BetweenHosts => "ipv6_between_hosts",
+            DropReason::ProgramMissing => "program_missing",
         }
     }
 

@@ -13,7 +13,6 @@ use crate::{
     conntrack::{self, Found, Hit, NewFlow, Role, Size},
     flow::{Ipv6, L4},
     maps::{VERSE_CT6, VERSE_CT_OWNERS, VERSE_CT_SCRATCH},
-    parse::ETH_HLEN,
 };
 
 const BPF_NOEXIST: u64 = 1;
@@ -71,15 +70,16 @@ pub fn tracked(
         .is_some_and(|h| h.receiver_serial() == receiver)
 }
 
-/// The [`Size`] of the IPv6 packet `ip` in `ctx`: the whole IPv6 packet (fixed and extension
-/// headers, payload); a GSO packet is `gso_segs` of them, each with its own headers.
+/// The [`Size`] of the IPv6 packet `ip` in `ctx`, whose fixed header is at `ip_off`: the whole
+/// IPv6 packet (fixed and extension headers, payload); a GSO packet is `gso_segs` of them, each
+/// with its own headers.
 #[inline(always)]
-pub fn size(ctx: &TcContext, ip: &Ipv6, l4: &L4) -> Size {
-    let total = (ip.ip_end - ETH_HLEN) as u64;
+pub fn size(ctx: &TcContext, ip: &Ipv6, l4: &L4, ip_off: usize) -> Size {
+    let total = (ip.ip_end - ip_off) as u64;
     // SAFETY: a read of `gso_segs` from the context, which the verifier allows for TC.
     let segs = unsafe { (*ctx.skb.skb).gso_segs } as u64;
     if segs > 1 {
-        let headers = (ip.l4_off - ETH_HLEN + l4.hdr_len as usize) as u64;
+        let headers = (ip.l4_off - ip_off + l4.hdr_len as usize) as u64;
         Size { segs, bytes: total + (segs - 1) * headers }
     } else {
         Size { segs: 1, bytes: total }
@@ -87,23 +87,23 @@ pub fn size(ctx: &TcContext, ip: &Ipv6, l4: &L4) -> Size {
 }
 
 /// [`conntrack::open`] for an IPv6 flow under `key` (in `VERSE_CT6`), whose lookup found `own`:
-/// the entry in its initial state, counting this first packet, with no cached hop, built in
+/// the entry in its initial state, counting this first packet (`size`, `tcp_flags`), with no
+/// cached hop, built in
 /// this CPU's `VERSE_CT_SCRATCH` slot field by field (what `conntrack`'s `entry` and
 /// `first_counters` write, without the 104-byte counters on the stack: IPv6's program and the
 /// calls it makes share 512 bytes).
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
 pub fn open(
-    ctx: &TcContext,
     key: &Ct6Key,
     own: Option<*mut CtValue>,
     now: u64,
-    ip: &Ipv6,
-    l4: &L4,
+    proto: u8,
+    tcp_flags: u8,
+    size: &Size,
     interval: u32,
     flow: &NewFlow,
 ) -> Result<(), DropReason> {
-    let size = size(ctx, ip, l4);
     let scratch = VERSE_CT_SCRATCH.get_ptr_mut(0).ok_or(DropReason::ConntrackBudgetExceeded)?;
     // SAFETY: this CPU's scratch slot, which nothing else uses until the value is inserted (see
     // `VERSE_CT_SCRATCH`); map values live for the whole run. `CtHop` is five aligned words,
@@ -121,7 +121,7 @@ pub fn open(
         src_serial: flow.src,
         dst_serial: flow.dst,
         owner_slot: flow.owner_slot,
-        state: initial_state6(ip.proto),
+        state: initial_state6(proto),
         owner: flow.owner,
         _pad: [0; 2],
     };
@@ -133,7 +133,7 @@ pub fn open(
     c.rule_egress = flow.rule_egress;
     c.rule_ingress = flow.rule_ingress;
     c.flags_interval = interval;
-    c.flags[0] = l4.tcp_flags;
+    c.flags[0] = tcp_flags;
     create(key, own, value)
 }
 

@@ -13,6 +13,17 @@ pub fn drop(ctx: &TcContext, hook: Hook, reason: DropReason) -> i32 {
     TC_ACT_SHOT as i32
 }
 
+/// [`drop`] as a call of its own, for the programs whose walk and the calls it makes fill most
+/// of the 512 bytes of stack (`from_endpoint6`, `from_underlay6`): the event is built in this
+/// frame, not in the walk's. The walk's result, `Ok` the TC action or `Err` the reason.
+#[inline(never)]
+pub fn verdict(ctx: &TcContext, hook: Hook, result: Result<i32, DropReason>) -> i32 {
+    match result {
+        Ok(action) => action,
+        Err(reason) => drop(ctx, hook, reason),
+    }
+}
+
 /// Counts a refused packet without deciding its fate: a too-big packet is refused but answered
 /// (`FragNeeded`), so its program returns a redirect.
 #[inline(always)]

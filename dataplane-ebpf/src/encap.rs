@@ -9,8 +9,8 @@
 //! 34 UDP              8  <49152 + flow hash % 16384> 12 b5 (4789) <len> 00 00 (no checksum)
 //! 42 VXLAN-GBP        8  88 00 <sender identity, 16 bits> <VNI, 24 bits> 00
 //!                        (flags G | I; the group policy ID is the sender's identity)
-//! 50 inner Ethernet  14  <receiver MAC> <gateway MAC> 08 00
-//! 64 inner IPv4 ...      the workload's packet, untouched
+//! 50 inner Ethernet  14  <receiver MAC> <gateway MAC> 08 00 (86 dd for IPv6)
+//! 64 inner IPv4 ...      the workload's packet, untouched (IPv4 or IPv6)
 //! ```
 //!
 //! Contract: [`wrap`] keeps segmentation offload: `bpf_skb_adjust_room` with the encapsulation
@@ -22,8 +22,8 @@
 use aya_ebpf::{
     bindings::{
         bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, BPF_F_ADJ_ROOM_DECAP_L3_IPV4,
-        BPF_F_ADJ_ROOM_ENCAP_L2_ETH, BPF_F_ADJ_ROOM_ENCAP_L3_IPV4, BPF_F_ADJ_ROOM_ENCAP_L4_UDP,
-        BPF_F_ADJ_ROOM_FIXED_GSO, TC_ACT_REDIRECT,
+        BPF_F_ADJ_ROOM_DECAP_L3_IPV6, BPF_F_ADJ_ROOM_ENCAP_L2_ETH, BPF_F_ADJ_ROOM_ENCAP_L3_IPV4,
+        BPF_F_ADJ_ROOM_ENCAP_L4_UDP, BPF_F_ADJ_ROOM_FIXED_GSO, TC_ACT_REDIRECT,
     },
     helpers::{bpf_check_mtu, bpf_get_hash_recalc, bpf_redirect_neigh},
     programs::TcContext,
@@ -112,7 +112,8 @@ pub fn too_big(
 
 /// Wraps the frame for the receiver `mac` on the host `underlay` and hands it to the underlay
 /// interface through the host's routes and neighbours (`bpf_redirect_neigh`). `identity` is the
-/// sender's, `vni` the universe's. Fails with `EncapFailed` when the room for the headers
+/// sender's, `vni` the universe's, `inner_type` the frame's EtherType (IPv4 or IPv6: the outer
+/// headers are IPv4 either way). Fails with `EncapFailed` when the room for the headers
 /// cannot be made or written, `RedirectFailed` when the redirect refuses.
 #[inline(always)]
 pub fn wrap(
@@ -122,6 +123,7 @@ pub fn wrap(
     underlay: [u8; 4],
     identity: u32,
     vni: u32,
+    inner_type: u16,
 ) -> Result<i32, DropReason> {
     // SAFETY: `skb` is this program's context.
     let hash = unsafe { bpf_get_hash_recalc(ctx.skb.skb) };
@@ -160,7 +162,7 @@ pub fn wrap(
     // SAFETY: ptr_at proved both headers lie within the linear data (after the adjust_room
     // above, which invalidated earlier pointers), and the TC prologue made it writable.
     unsafe {
-        // The neighbour subsystem writes the addresses; the type is already IPv4.
+        // The neighbour subsystem writes the addresses; the type is the outer IPv4's.
         (*eth).ethertype = ETHERTYPE_IPV4.to_be_bytes();
         let o = &mut *outer;
         o.ip = ip;
@@ -178,8 +180,7 @@ pub fn wrap(
             vni: [vni[1], vni[2], vni[3]],
             reserved: 0,
         };
-        o.inner =
-            EthHdr { dst: mac, src: config.gateway_mac, ethertype: ETHERTYPE_IPV4.to_be_bytes() };
+        o.inner = EthHdr { dst: mac, src: config.gateway_mac, ethertype: inner_type.to_be_bytes() };
     }
     // SAFETY: a null `params` with length 0 asks the kernel to look the next hop up itself.
     let rc = unsafe { bpf_redirect_neigh(config.underlay_ifindex, core::ptr::null_mut(), 0, 0) };
@@ -197,4 +198,18 @@ pub fn unwrap(ctx: &TcContext) -> Result<(), DropReason> {
     let flags = BPF_F_ADJ_ROOM_FIXED_GSO as u64 | BPF_F_ADJ_ROOM_DECAP_L3_IPV4 as u64;
     ctx.adjust_room(-(ENCAP_OVERHEAD as i32), BPF_ADJ_ROOM_MAC, flags)
         .map_err(|_| DropReason::EncapFailed)
+}
+
+/// [`unwrap`] for an inner IPv6 packet: the kernel told that the new network header is IPv6
+/// (`skb->protocol` follows), and the outer Ethernet header's type set to IPv6.
+#[inline(always)]
+pub fn unwrap6(ctx: &TcContext) -> Result<(), DropReason> {
+    let flags = BPF_F_ADJ_ROOM_FIXED_GSO as u64 | BPF_F_ADJ_ROOM_DECAP_L3_IPV6 as u64;
+    ctx.adjust_room(-(ENCAP_OVERHEAD as i32), BPF_ADJ_ROOM_MAC, flags)
+        .map_err(|_| DropReason::EncapFailed)?;
+    let eth: *mut EthHdr = ptr_at(ctx, 0).ok_or(DropReason::EncapFailed)?;
+    // SAFETY: ptr_at proved the Ethernet header is inside the linear data, which the TC
+    // prologue made writable.
+    unsafe { (*eth).ethertype = ETHERTYPE_IPV6.to_be_bytes() };
+    Ok(())
 }

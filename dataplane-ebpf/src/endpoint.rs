@@ -21,8 +21,8 @@
 //!   [`deliver::to_endpoint`], [`encap::wrap`].
 use aya_ebpf::programs::TcContext;
 use dataplane_common::{
-    capacity, ct_owner, Config, CtHop, DropReason, Endpoint, Hook, PolicyValue, Route, RouteKey,
-    DIRECTION_EGRESS, DIRECTION_INGRESS,
+    capacity, ct_owner, jump, Config, CtHop, DropReason, Endpoint, Hook, PolicyValue, Route,
+    RouteKey, DIRECTION_EGRESS, DIRECTION_INGRESS,
 };
 
 use crate::{
@@ -56,11 +56,11 @@ pub fn walk(ctx: &TcContext) -> Result<i32, DropReason> {
         ETHERTYPE_IPV4 => ipv4(ctx, &endpoint, ifindex, config),
         ETHERTYPE_ARP => arp::answer(ctx, &endpoint, ifindex, config.gateway_mac),
         ETHERTYPE_IPV6 => {
-            // SAFETY: a tail call into `from_endpoint6` (slot 0), which judges the frame with a
-            // stack of its own; it returns only if the slot is empty (a load that did not fill
-            // its jump table), and then the frame is dropped.
-            unsafe { VERSE_JUMP.tail_call(ctx, 0) };
-            Err(DropReason::Ipv6Unsupported)
+            // SAFETY: a tail call into `from_endpoint6`, which judges the frame with a stack of
+            // its own; it returns only if the slot is empty (a load that did not fill its jump
+            // table), and then the frame is dropped.
+            unsafe { VERSE_JUMP.tail_call(ctx, jump::FROM_ENDPOINT6) };
+            Err(DropReason::ProgramMissing)
         }
         _ => Err(DropReason::UnknownEthertype),
     }
@@ -241,7 +241,8 @@ fn forward(
     if hop.ifindex != 0 {
         return deliver::to_endpoint(ctx, hop.ifindex, hop.mac, config.gateway_mac);
     }
-    encap::wrap(ctx, config, hop.mac, hop.underlay, endpoint.identity, endpoint.vni)
+    let (identity, vni) = (endpoint.identity, endpoint.vni);
+    encap::wrap(ctx, config, hop.mac, hop.underlay, identity, vni, ETHERTYPE_IPV4)
 }
 
 /// For a packet going to `hop`: nothing for a local receiver; for another host `NoUnderlay`

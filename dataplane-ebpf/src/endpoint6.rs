@@ -1,24 +1,27 @@
-//! `from_endpoint` for IPv6: what a workload sends with EtherType IPv6, between endpoints of
-//! this host. The walk, its order and its drop reasons are described once, by the reference
+//! `from_endpoint` for IPv6: what a workload sends with EtherType IPv6, delivered to an
+//! endpoint of this host or wrapped for another host's (`encap`, as IPv4). The walk, its order and its drop reasons are described once, by the reference
 //! model (`controller/src/verdict/ipv6.rs`); this is its kernel side, a program of its own
 //! (`from_endpoint6`, [`program`]) that `from_endpoint` tail-calls, so that IPv6 has a stack of
 //! its own and the IPv4 path's code (and its cost) is what it was without IPv6.
 //! IPv6 flows live in `VERSE_CT6` ([`conntrack6`]) and cache no delivery: an established IPv6
-//! packet looks its route up in `VERSE_ROUTES6`.
+//! packet looks its route up in `VERSE_ROUTES6`. Neighbour discovery is `nd6`, a program of its
+//! own this one tail-calls (`nd::program`).
 use aya_ebpf::programs::TcContext;
 use dataplane_common::conntrack::{creates, is_error6, role6};
 use dataplane_common::{
-    capacity, ct_owner, nd, Ct6Key, CtHop, DropReason, Endpoint, Hook, Route, Route6Key,
-    DIRECTION_EGRESS, DIRECTION_INGRESS, ICMPV6_ERROR_MAX_LEN,
+    capacity, ct_owner, jump, nd, Config, Ct6Key, CtHop, DropReason, Endpoint, Hook, Route,
+    Route6Key, DIRECTION_EGRESS, DIRECTION_INGRESS, ICMPV6_ERROR_MAX_LEN,
 };
 
 use crate::{
-    conntrack, conntrack6, deliver, drop, events, flow,
+    conntrack, conntrack6, deliver, drop, encap, events,
+    flow::{self, Ipv6, L4},
+    icmp,
     maps::{
-        Scratch6, VERSE_CONFIG, VERSE_CT6, VERSE_ENDPOINTS, VERSE_EP_SLOTS, VERSE_ROUTES6,
-        VERSE_SCRATCH6,
+        Related6, Scratch6, VERSE_CONFIG, VERSE_CT6, VERSE_ENDPOINTS, VERSE_EP_SLOTS, VERSE_JUMP,
+        VERSE_ROUTES6, VERSE_SCRATCH6,
     },
-    nd::{self as gateway_nd, A16},
+    nd::A16,
     parse::*,
     policy::{self, PolicyQuery},
 };
@@ -26,21 +29,13 @@ use crate::{
 /// `from_endpoint6`: the IPv6 frame `from_endpoint` tail-called for, judged from the start of
 /// its walk (the endpoint and its MAC are checked again, with the same reasons: this program
 /// trusts nothing it is handed), delivered, answered (neighbour discovery) or dropped and
-/// counted. The steps that need stack (neighbour discovery, related errors, policy lookups,
-/// a new flow) are calls of their own, whose frames are not all live at once.
+/// counted. The steps that need stack (related errors, policy lookups, a new flow, the
+/// "packet too big") are calls of their own, whose frames are not all live at once; neighbour
+/// discovery is a program of its own.
 #[inline(always)]
 pub fn program(ctx: &TcContext) -> i32 {
-    match start(ctx) {
-        Ok(action) => action,
-        Err(reason) => dropped(ctx, reason),
-    }
-}
-
-/// [`drop::drop`] as a call of its own: its event is built in its own frame, not in the
-/// walk's (whose frame and those of the calls it makes must fit 512 bytes together).
-#[inline(never)]
-fn dropped(ctx: &TcContext, reason: DropReason) -> i32 {
-    drop::drop(ctx, Hook::FromEndpoint, reason)
+    let result = start(ctx);
+    drop::verdict(ctx, Hook::FromEndpoint, result)
 }
 
 /// The endpoint behind the host-side veth `ifindex`, where its record is (not copied: see
@@ -59,8 +54,11 @@ fn endpoint_ref(ifindex: u32) -> Option<&'static Endpoint> {
     unsafe { VERSE_ENDPOINTS.get(&ifindex) }
 }
 
+/// The first steps of every frame a workload sends, checked again by each program it is handed
+/// to: an Ethernet header, sent by an endpoint (found by the ingress ifindex, returned with it)
+/// from its own MAC.
 #[inline(always)]
-fn start(ctx: &TcContext) -> Result<i32, DropReason> {
+pub fn sender(ctx: &TcContext) -> Result<(&'static Endpoint, u32), DropReason> {
     if !ensure(ctx, ETH_HLEN) {
         return Err(DropReason::TruncatedEthernet);
     }
@@ -72,31 +70,28 @@ fn start(ctx: &TcContext) -> Result<i32, DropReason> {
     if !mac_eq(unsafe { &(*eth).src }, &endpoint.mac) {
         return Err(DropReason::SpoofedMac);
     }
+    Ok((endpoint, ifindex))
+}
+
+#[inline(always)]
+fn start(ctx: &TcContext) -> Result<i32, DropReason> {
+    let (endpoint, ifindex) = sender(ctx)?;
     let config = VERSE_CONFIG.get(0).ok_or(DropReason::NoConfig)?;
     let ip = flow::ipv6_header(ctx, ETH_HLEN)?;
     let l4 = flow::l4_ipv6(ctx, &ip)?;
     let h: *const Ipv6Hdr = ptr_at(ctx, ETH_HLEN).ok_or(DropReason::MalformedIpv6)?;
     // SAFETY: ptr_at proved the fixed IPv6 header is inside the linear data. The addresses are
     // kept 8-byte aligned on the stack (see `nd::A16`).
-    let (src, dst, hop_limit) = unsafe {
+    let (src, dst) = unsafe {
         let src = core::ptr::read_unaligned(core::ptr::addr_of!((*h).src));
         let dst = core::ptr::read_unaligned(core::ptr::addr_of!((*h).dst));
-        (A16(src), A16(dst), (*h).hop_limit)
+        (A16(src), A16(dst))
     };
     if ip.proto == IPPROTO_ICMPV6 && nd::is_nd(l4.icmp_type) {
-        let q = gateway_nd::Query {
-            l4_off: ip.l4_off,
-            ip_end: ip.ip_end,
-            ifindex,
-            gateway_mac: config.gateway_mac,
-            ty: l4.icmp_type,
-            code: l4.policy_port as u8,
-            hop_limit,
-        };
-        let scratch = VERSE_SCRATCH6.get_ptr_mut(0).ok_or(DropReason::NoConfig)?;
-        // SAFETY: this CPU's slot, which nothing else uses during the program.
-        let target = unsafe { &mut (*scratch).target };
-        return gateway_nd::answer(ctx, endpoint, &q, &src, target);
+        // SAFETY: a tail call into `nd6`, which answers or drops the message with a stack of
+        // its own; it returns only if the slot is empty, and then the frame is dropped.
+        unsafe { VERSE_JUMP.tail_call(ctx, jump::ND6) };
+        return Err(DropReason::ProgramMissing);
     }
     if is_zero16(&endpoint.ip6) || !eq16(&src.0, &endpoint.ip6) {
         return Err(DropReason::SpoofedIp);
@@ -121,11 +116,13 @@ fn start(ctx: &TcContext) -> Result<i32, DropReason> {
         };
         if to.serial == hit.receiver_serial() {
             if to.ifindex == 0 {
-                return Err(DropReason::Ipv6BetweenHosts);
+                if let Some(mtu) = too_big(ctx, config, &ip, &l4)? {
+                    return packet_too_big(ctx, endpoint, ifindex, config, &dst, &ip, mtu);
+                }
             }
-            let size = conntrack6::size(ctx, &ip, &l4);
+            let size = conntrack6::size(ctx, &ip, &l4, ETH_HLEN);
             conntrack::refresh(hit, now, l4.tcp_flags, size, config.flow_interval);
-            return deliver::to_endpoint(ctx, to.ifindex, to.mac, config.gateway_mac);
+            return send(ctx, endpoint, config, to);
         }
     }
     // An ICMPv6 error about a flow between its receiver and its sender.
@@ -133,21 +130,22 @@ fn start(ctx: &TcContext) -> Result<i32, DropReason> {
         if role == conntrack::Role::Untracked
             && is_error6(ip.proto, l4.icmp_type, l4.policy_port as u8)
         {
-            let e = Related {
-                src: &src,
-                dst: &dst,
+            scratch.related = Related6 {
+                src: src.0,
+                dst: dst.0,
                 sender: endpoint.serial,
                 receiver: to.serial,
                 now,
-                l4_off: ip.l4_off,
-                ip_end: ip.ip_end,
+                ip_off: ETH_HLEN,
                 vni: endpoint.vni,
             };
-            if related(ctx, &e, config, scratch) {
+            if related(ctx, config, scratch, ip.l4_off, ip.ip_end) {
                 if to.ifindex == 0 {
-                    return Err(DropReason::Ipv6BetweenHosts);
+                    if let Some(mtu) = too_big(ctx, config, &ip, &l4)? {
+                        return packet_too_big(ctx, endpoint, ifindex, config, &dst, &ip, mtu);
+                    }
                 }
-                return deliver::to_endpoint(ctx, to.ifindex, to.mac, config.gateway_mac);
+                return send(ctx, endpoint, config, to);
             }
         }
     }
@@ -166,16 +164,20 @@ fn start(ctx: &TcContext) -> Result<i32, DropReason> {
     let Some(to) = route else {
         return Err(DropReason::NoRoute);
     };
-    if to.ifindex == 0 {
-        return Err(DropReason::Ipv6BetweenHosts);
+    // A receiver on another host applies its own ingress rules (`from_underlay6`).
+    let mut ingress = dataplane_common::PolicyValue::default();
+    if to.ifindex != 0 {
+        q.identity = to.identity;
+        q.peer_identity = endpoint.identity;
+        q.has_peer = true;
+        q.direction = DIRECTION_INGRESS;
+        let Some(v) = policy::rule6(&q, &src) else {
+            return Err(DropReason::PolicyIngress);
+        };
+        ingress = v;
+    } else if let Some(mtu) = too_big(ctx, config, &ip, &l4)? {
+        return packet_too_big(ctx, endpoint, ifindex, config, &dst, &ip, mtu);
     }
-    q.identity = to.identity;
-    q.peer_identity = endpoint.identity;
-    q.has_peer = true;
-    q.direction = DIRECTION_INGRESS;
-    let Some(ingress) = policy::rule6(&q, &src) else {
-        return Err(DropReason::PolicyIngress);
-    };
     if creates(role) {
         let o = Open {
             now,
@@ -190,49 +192,112 @@ fn start(ctx: &TcContext) -> Result<i32, DropReason> {
             hdr_len: l4.hdr_len,
             tcp_flags: l4.tcp_flags,
             proto: ip.proto,
+            owner: ct_owner::SRC,
         };
         open(ctx, &scratch.key, &o)?;
         events::hit(egress.slot);
         events::hit(ingress.slot);
     }
-    deliver::to_endpoint(ctx, to.ifindex, to.mac, config.gateway_mac)
+    send(ctx, endpoint, config, to)
+}
+
+/// Sends an admitted packet on: into a local endpoint, or wrapped to another host (inner
+/// EtherType IPv6). The caller has checked [`too_big`] first, so that a refused packet touches
+/// no flow.
+#[inline(always)]
+fn send(
+    ctx: &TcContext,
+    endpoint: &Endpoint,
+    config: &Config,
+    to: &Route,
+) -> Result<i32, DropReason> {
+    if to.ifindex != 0 {
+        return deliver::to_endpoint(ctx, to.ifindex, to.mac, config.gateway_mac);
+    }
+    let (identity, vni) = (endpoint.identity, endpoint.vni);
+    encap::wrap(ctx, config, to.mac, to.underlay, identity, vni, ETHERTYPE_IPV6)
+}
+
+/// For a packet going to another host: `NoUnderlay` without an underlay, else the underlay MTU
+/// if the packet would not fit it once wrapped (`encap::too_big`).
+#[inline(always)]
+fn too_big(
+    ctx: &TcContext,
+    config: &Config,
+    ip: &Ipv6,
+    l4: &L4,
+) -> Result<Option<u32>, DropReason> {
+    if config.underlay_ifindex == 0 {
+        return Err(DropReason::NoUnderlay);
+    }
+    encap::too_big(ctx, config, ip.l4_off - ETH_HLEN + l4.hdr_len as usize)
+}
+
+/// Answers a packet too big to wrap with an ICMPv6 "packet too big" from its destination `dst`
+/// ([`icmp::packet_too_big`]), or drops it as `FragNeededUnsent` when that cannot be sent.
+#[inline(always)]
+fn packet_too_big(
+    ctx: &TcContext,
+    endpoint: &Endpoint,
+    ifindex: u32,
+    config: &Config,
+    dst: &A16,
+    ip: &Ipv6,
+    underlay_mtu: u32,
+) -> Result<i32, DropReason> {
+    let t = icmp::TooBig {
+        src: &dst.0,
+        ifindex,
+        gateway_mac: config.gateway_mac,
+        underlay_mtu,
+        ip_end: ip.ip_end,
+    };
+    match icmp::packet_too_big(ctx, endpoint, &t) {
+        r if r < 0 => Err(DropReason::FragNeededUnsent),
+        r => Ok(r),
+    }
 }
 
 /// A new IPv6 flow as [`open`] needs it (few arguments: a BPF-to-BPF call takes at most five).
+/// The offsets are those of a packet whose IPv6 header follows the Ethernet header (unwrapped,
+/// at `from_underlay6`).
 #[repr(C)]
-struct Open {
-    now: u64,
+pub struct Open {
+    pub now: u64,
     /// Serials of the endpoints at the key's source and destination.
-    src: u64,
-    dst: u64,
-    l4_off: usize,
-    ip_end: usize,
-    rule_egress: u32,
-    rule_ingress: u32,
-    owner_slot: u32,
-    interval: u32,
-    hdr_len: u16,
-    tcp_flags: u8,
-    proto: u8,
+    pub src: u64,
+    pub dst: u64,
+    pub l4_off: usize,
+    pub ip_end: usize,
+    pub rule_egress: u32,
+    pub rule_ingress: u32,
+    pub owner_slot: u32,
+    pub interval: u32,
+    pub hdr_len: u16,
+    pub tcp_flags: u8,
+    pub proto: u8,
+    /// Which side owns the flow (`ct_owner`): the sender at `from_endpoint6`, the receiver at
+    /// `from_underlay6`.
+    pub owner: u8,
 }
 
-/// Records the new flow `o` under `key` in `VERSE_CT6` ([`conntrack6::open`], owned by its
-/// sender; the entry under the key looked up again). A call of its own, for its stack. No
-/// verdict event is written for it: events carry IPv4 addresses.
+/// Records the new flow `o` under `key` in `VERSE_CT6` ([`conntrack6::open`]; the entry under
+/// the key looked up again). A call of its own, for its stack; `from_underlay6` calls it too.
+/// No verdict event is written for it: events carry IPv4 addresses.
 #[inline(never)]
-fn open(ctx: &TcContext, key: &Ct6Key, o: &Open) -> Result<(), DropReason> {
+pub fn open(ctx: &TcContext, key: &Ct6Key, o: &Open) -> Result<(), DropReason> {
     let own = VERSE_CT6.get_ptr_mut(key);
     let flow = conntrack::NewFlow {
         src: o.src,
         dst: o.dst,
-        owner: ct_owner::SRC,
+        owner: o.owner,
         owner_slot: o.owner_slot,
         hop: CtHop::default(),
         rule_egress: o.rule_egress,
         rule_ingress: o.rule_ingress,
     };
-    let ip = flow::Ipv6 { proto: o.proto, l4_off: o.l4_off, ip_end: o.ip_end };
-    let l4 = flow::L4 {
+    let ip = Ipv6 { proto: o.proto, l4_off: o.l4_off, ip_end: o.ip_end };
+    let l4 = L4 {
         sport: key.sport,
         dport: key.dport,
         policy_port: 0,
@@ -240,44 +305,38 @@ fn open(ctx: &TcContext, key: &Ct6Key, o: &Open) -> Result<(), DropReason> {
         icmp_type: 0,
         hdr_len: o.hdr_len,
     };
-    conntrack6::open(ctx, key, own, o.now, &ip, &l4, o.interval, &flow)
+    let size = conntrack6::size(ctx, &ip, &l4, ETH_HLEN);
+    conntrack6::open(key, own, o.now, o.proto, o.tcp_flags, &size, o.interval, &flow)
 }
 
-/// An ICMPv6 error a workload sent, as [`related`] needs it: the serials of its sender and
-/// receiver, the conntrack clock, where its message and payload end, its universe.
-#[repr(C)]
-struct Related<'a> {
-    src: &'a A16,
-    dst: &'a A16,
-    sender: u64,
-    receiver: u64,
-    now: u64,
-    l4_off: usize,
-    ip_end: usize,
-    vni: u32,
-}
-
-/// True if the ICMPv6 error `e` from `src` to `dst` (an error type and code, checked by the
-/// caller) is related to a tracked flow (see the model's step 5): at most 1280 bytes of IPv6
-/// packet, quoting a fixed IPv6 header whose next header is the upper layer and 8 bytes after
-/// it, from the quoted packet's destination to its source, that flow tracked between the
-/// error's receiver and sender. A call of its own, for its stack.
+/// True if the ICMPv6 error `scratch.related` (an error type and code, checked by the caller;
+/// built in the scratch, off the caller's stack) is related to a tracked flow (see the model's
+/// step 5): at most 1280 bytes of IPv6 packet, quoting a fixed IPv6 header whose next header is
+/// the upper layer and 8 bytes after it, from the quoted packet's destination to its source,
+/// that flow tracked between the error's receiver and sender. A call of its own, for its stack;
+/// `from_underlay6` asks it too.
+///
+/// The offsets of its message and of the end of its payload are arguments, not scratch: the
+/// verifier knows the bounds of a register the caller passes, not of a value read from a map,
+/// and the packet is read at them.
 #[inline(never)]
-fn related(
+pub fn related(
     ctx: &TcContext,
-    e: &Related,
     config: &dataplane_common::Config,
     scratch: &mut Scratch6,
+    l4_off: usize,
+    ip_end: usize,
 ) -> bool {
-    if e.ip_end - ETH_HLEN > ICMPV6_ERROR_MAX_LEN {
+    let e = &scratch.related;
+    if ip_end - e.ip_off > ICMPV6_ERROR_MAX_LEN {
         return false;
     }
     let quoted = &mut scratch.quoted;
-    if !flow::quoted_flow6(ctx, e.vni, e.l4_off + 8, e.ip_end, quoted) {
+    if !flow::quoted_flow6(ctx, e.vni, l4_off + 8, ip_end, quoted) {
         return false;
     }
-    eq16(&quoted.src, &e.dst.0)
-        && eq16(&quoted.dst, &e.src.0)
+    eq16(&quoted.src, &e.dst)
+        && eq16(&quoted.dst, &e.src)
         && conntrack6::tracked(
             quoted,
             &mut scratch.quoted_rev,

@@ -11,7 +11,7 @@
 //!
 //! IPv6 ([`ipv6_header`], [`l4_ipv6`]) is parsed by the walk both sides share
 //! (`dataplane_common::wire::ipv6::walk`), its L4 header as IPv4's (ICMPv6 like ICMP);
-//! `from_endpoint` judges it (`endpoint6`), `from_underlay` drops it ([`ipv6_unjudged`]).
+//! `from_endpoint6` and `from_underlay6` judge it (`endpoint6`, `underlay6`).
 use aya_ebpf::programs::TcContext;
 use dataplane_common::{ct_ports, icmp_ct_ports, wire::ipv6, Ct6Key, CtKey, DropReason};
 
@@ -119,20 +119,6 @@ pub fn l4_ipv6(ctx: &TcContext, ip: &Ipv6) -> Result<L4, DropReason> {
         _ => {
             Ok(L4 { sport: 0, dport: 0, policy_port: 0, tcp_flags: 0, icmp_type: 0xFF, hdr_len: 0 })
         }
-    }
-}
-
-/// What becomes of an IPv6 packet at `off` that another host wrapped (IPv6 is not carried
-/// between hosts yet): the reason of the first check it fails ([`ipv6_header`], [`l4_ipv6`]),
-/// else `Ipv6Unsupported`.
-///
-/// A BPF-to-BPF call, not inlined: inlined, its code changed the register allocation of the
-/// walks' IPv4 paths (spills and reloads in the IPv4 header parse), which it must not slow.
-#[inline(never)]
-pub fn ipv6_unjudged(ctx: &TcContext, off: usize) -> DropReason {
-    match ipv6_header(ctx, off).and_then(|ip| l4_ipv6(ctx, &ip)) {
-        Ok(_) => DropReason::Ipv6Unsupported,
-        Err(reason) => reason,
     }
 }
 

@@ -1,4 +1,5 @@
-//! "Fragmentation needed" for packets too big to wrap (path MTU discovery, RFC 1191): the
+//! "Fragmentation needed" for packets too big to wrap (path MTU discovery, RFC 1191), and its
+//! IPv6 counterpart, "packet too big" ([`packet_too_big`], RFC 8201): the
 //! packet is turned in place into an ICMP destination unreachable, code 4, with the next-hop MTU
 //! of the path through the underlay (its MTU minus the encapsulation overhead), and sent back
 //! out of the sender's own veth to the workload.
@@ -12,7 +13,10 @@ use aya_ebpf::{
     helpers::{bpf_csum_diff, bpf_redirect, bpf_skb_change_tail},
     programs::TcContext,
 };
-use dataplane_common::{DropReason, Endpoint, Hook, ENCAP_OVERHEAD};
+use dataplane_common::{
+    wire::ICMPV6_PACKET_TOO_BIG, DropReason, Endpoint, Hook, ENCAP_OVERHEAD, PTB_HOP_LIMIT,
+    PTB_QUOTE,
+};
 
 use crate::{drop, events, flow::Ipv4, parse::*};
 
@@ -123,4 +127,112 @@ pub fn frag_needed(
     }
     drop::count(ctx, Hook::FromEndpoint, DropReason::FragNeeded);
     Ok(TC_ACT_REDIRECT as i32)
+}
+
+/// The "packet too big" to send, as [`packet_too_big`] needs it (one argument: a BPF-to-BPF
+/// call takes at most five).
+#[repr(C)]
+pub struct TooBig<'a> {
+    /// The refused packet's destination: the error's source.
+    pub src: &'a [u8; 16],
+    /// The host side of the sender's veth, the gateway's MAC, the underlay MTU.
+    pub ifindex: u32,
+    pub gateway_mac: [u8; 6],
+    pub underlay_mtu: u32,
+    /// Offset of the end of the refused IPv6 packet in the frame.
+    pub ip_end: usize,
+}
+
+const IP6_LEN: usize = core::mem::size_of::<Ipv6Hdr>();
+
+/// [`frag_needed`] for IPv6: replaces the packet with an ICMPv6 "packet too big" (RFC 4443
+/// section 3.2) from its destination to `endpoint` (the reference model's
+/// `packet_too_big_frame`): hop limit `PTB_HOP_LIMIT`, MTU = underlay MTU - the overhead,
+/// quoting the first `PTB_QUOTE` bytes of the packet, and sends it back out of the sender's
+/// veth. The packet is reported and counted `FragNeeded` once the error is on its way. A call
+/// of its own, for its stack; its result is the TC action, or -1 when the error cannot be
+/// built or sent (the caller drops the packet as `FragNeededUnsent`).
+#[inline(never)]
+pub fn packet_too_big(ctx: &TcContext, endpoint: &Endpoint, t: &TooBig) -> i32 {
+    if t.ip_end < ETH_HLEN + PTB_QUOTE {
+        return -1;
+    }
+    events::dropped(ctx, Hook::FromEndpoint, DropReason::FragNeeded);
+    // SAFETY: `skb` is this program's context. Truncating also ends GSO (see `frag_needed`).
+    if unsafe { bpf_skb_change_tail(ctx.skb.skb, (ETH_HLEN + PTB_QUOTE) as u32, 0) } != 0 {
+        return -1;
+    }
+    if ctx.adjust_room((IP6_LEN + ICMP_LEN) as i32, BPF_ADJ_ROOM_MAC, 0).is_err() {
+        return -1;
+    }
+    const END: usize = ETH_HLEN + IP6_LEN + ICMP_LEN + PTB_QUOTE;
+    if !ensure(ctx, END) {
+        return -1;
+    }
+    let Some(eth) = ptr_at::<EthHdr>(ctx, 0) else {
+        return -1;
+    };
+    let Some(iph) = ptr_at::<Ipv6Hdr>(ctx, ETH_HLEN) else {
+        return -1;
+    };
+    let Some(icmp) = ptr_at::<[u8; ICMP_LEN + PTB_QUOTE]>(ctx, ETH_HLEN + IP6_LEN) else {
+        return -1;
+    };
+    let mtu = t.underlay_mtu.saturating_sub(ENCAP_OVERHEAD).to_be_bytes();
+    // SAFETY: ptr_at proved the ICMPv6 header and the quote lie within the linear data, which
+    // the TC prologue made writable.
+    unsafe {
+        let m = &mut *icmp;
+        // type, code, checksum (0 while summing), MTU (RFC 4443 section 3.2).
+        m[0] = ICMPV6_PACKET_TOO_BIG;
+        m[1] = 0;
+        m[2] = 0;
+        m[3] = 0;
+        m[4] = mtu[0];
+        m[5] = mtu[1];
+        m[6] = mtu[2];
+        m[7] = mtu[3];
+    }
+    // SAFETY: as in `frag_needed`: ICMP_LEN + PTB_QUOTE bytes of packet data, a multiple of 4.
+    let sum = unsafe {
+        bpf_csum_diff(core::ptr::null_mut(), 0, icmp as *mut u32, (ICMP_LEN + PTB_QUOTE) as u32, 0)
+    };
+    if sum < 0 {
+        return -1;
+    }
+    // The pseudo-header (RFC 8200 section 8.1): addresses, upper-layer length, next header,
+    // summed in 32-bit words as the CPU loads them, like bpf_csum_diff's sum.
+    let len = ((ICMP_LEN + PTB_QUOTE) as u32).to_be_bytes();
+    let mut pseudo = u64::from(u32::from_ne_bytes(len))
+        + u64::from(u32::from_ne_bytes([0, 0, 0, IPPROTO_ICMPV6]));
+    let words = |a: &[u8; 16]| -> u64 {
+        let w = |i: usize| u64::from(u32::from_ne_bytes([a[i], a[i + 1], a[i + 2], a[i + 3]]));
+        w(0) + w(4) + w(8) + w(12)
+    };
+    pseudo += words(t.src) + words(&endpoint.ip6);
+    let check = csum_fold((sum as u64 & 0xFFFF_FFFF) + pseudo).to_ne_bytes();
+    let payload = ((ICMP_LEN + PTB_QUOTE) as u16).to_be_bytes();
+    // SAFETY: as above, for the Ethernet and IPv6 headers.
+    unsafe {
+        let m = &mut *icmp;
+        m[2] = check[0];
+        m[3] = check[1];
+        let h = &mut *iph;
+        h.vtc_flow = [0x60, 0, 0, 0];
+        h.payload_len = payload;
+        h.next = IPPROTO_ICMPV6;
+        h.hop_limit = PTB_HOP_LIMIT;
+        h.src = *t.src;
+        h.dst = endpoint.ip6;
+        (*eth).dst = endpoint.mac;
+        (*eth).src = t.gateway_mac;
+        (*eth).ethertype = ETHERTYPE_IPV6.to_be_bytes();
+    }
+    // SAFETY: bpf_redirect takes plain integers. Egress of the host side: into the workload.
+    let rc = unsafe { bpf_redirect(t.ifindex, 0) };
+    if rc != TC_ACT_REDIRECT as i64 {
+        return -1;
+    }
+    drop::count(ctx, Hook::FromEndpoint, DropReason::FragNeeded);
+    TC_ACT_REDIRECT as i32
 }

@@ -2,10 +2,12 @@
 //!
 //! - [`from_endpoint`] (TCX ingress of the host side of every endpoint veth: every packet a
 //!   workload sends) — [`endpoint`] has its walk; for IPv6 it tail-calls
-//!   [`from_endpoint6`], whose walk is [`endpoint6`], with [`nd`] (neighbour discovery at the
-//!   gateway) and [`conntrack6`].
+//!   [`from_endpoint6`], whose walk is [`endpoint6`] (with [`conntrack6`]), which tail-calls
+//!   [`nd6`] for neighbour discovery at the gateway ([`nd`]).
 //! - [`from_underlay`] (TCX ingress of the underlay interface: every packet the host receives
-//!   from other hosts) — [`underlay`] has its walk.
+//!   from other hosts) — [`underlay`] has its walk; for wrapped IPv6 it tail-calls
+//!   [`from_underlay6`], whose walk is [`underlay6`].
+//! - The tail calls go through `VERSE_JUMP` (slots in `dataplane_common::jump`).
 //! - `empty` passes everything: the baseline of the benchmarks.
 //! - `parse_only` is a benchmark probe, never attached: the IPv4/L4 parse of [`flow`] alone.
 //!
@@ -39,6 +41,7 @@ mod parse;
 mod policy;
 mod related;
 mod underlay;
+mod underlay6;
 
 use aya_ebpf::{bindings::TC_ACT_OK, macros::classifier, programs::TcContext};
 use dataplane_common::Hook;
@@ -61,6 +64,18 @@ pub fn from_endpoint(skb: *mut aya_ebpf::bindings::__sk_buff) -> i32 {
 #[classifier]
 pub fn from_endpoint6(ctx: TcContext) -> i32 {
     endpoint6::program(&ctx)
+}
+
+/// Neighbour discovery from an endpoint: `from_endpoint6` tail-calls it; never attached.
+#[classifier]
+pub fn nd6(ctx: TcContext) -> i32 {
+    nd::program(&ctx)
+}
+
+/// Wrapped IPv6 from another host: `from_underlay` tail-calls it; never attached.
+#[classifier]
+pub fn from_underlay6(ctx: TcContext) -> i32 {
+    underlay6::program(&ctx)
 }
 
 #[classifier]

@@ -7,9 +7,9 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, PerCpuArray, ProgramArray, RingBuf},
 };
 use dataplane_common::{
-    capacity, Cidr6Key, CidrKey, Config, Ct6Key, CtKey, CtOwner, CtValue, DropCount, Endpoint,
-    EventLimiter, Hook, HostKey, PolicyKey, PolicyValue, Route, Route6Key, RouteKey, VniKey,
-    MAP_F_MMAPABLE,
+    capacity, jump, Cidr6Key, CidrKey, Config, Ct6Key, CtKey, CtOwner, CtValue, DropCount,
+    Endpoint, EventLimiter, Hook, HostKey, PolicyKey, PolicyValue, Route, Route6Key, RouteKey,
+    VniKey, MAP_F_MMAPABLE,
 };
 
 /// Host-side veth ifindex -> the endpoint behind it, for ifindexes below
@@ -32,12 +32,13 @@ pub static VERSE_ROUTES: HashMap<RouteKey, Route> = HashMap::pinned(capacity::RO
 #[map]
 pub static VERSE_CIDRS: LpmTrie<CidrKey, u32> = LpmTrie::pinned(capacity::CIDRS, 0);
 
-/// Slot 0: `from_endpoint6`, which `from_endpoint` tail-calls for IPv6 (filled by every load;
-/// pinned, so that it outlives the daemon as the links do).
+/// The programs the hooks tail-call (`dataplane_common::jump`: `from_endpoint6`, `nd6`,
+/// `from_underlay6`), filled by every load; pinned, so that they outlive the daemon as the
+/// links do.
 #[map]
-pub static VERSE_JUMP: ProgramArray = ProgramArray::pinned(1, 0);
+pub static VERSE_JUMP: ProgramArray = ProgramArray::pinned(jump::SLOTS, 0);
 
-/// Where `from_endpoint6` builds its conntrack and route keys, off its stack (the verifier
+/// Where the IPv6 programs build their conntrack and route keys, off their stack (the verifier
 /// allows 512 bytes for a program and the calls it makes together). One slot per CPU, as
 /// `VERSE_CT_SCRATCH`.
 #[map]
@@ -55,6 +56,21 @@ pub struct Scratch6 {
     pub quoted_rev: Ct6Key,
     /// The target of a neighbour solicitation.
     pub target: [u8; 16],
+    /// An ICMPv6 error whose relation to a flow is asked (`endpoint6::related`).
+    pub related: Related6,
+}
+
+/// An ICMPv6 error as `endpoint6::related` needs it: its addresses, the serials of its sender
+/// and receiver, the conntrack clock, where its IPv6 header is in the frame, its universe.
+#[repr(C)]
+pub struct Related6 {
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
+    pub sender: u64,
+    pub receiver: u64,
+    pub now: u64,
+    pub ip_off: usize,
+    pub vni: u32,
 }
 
 /// (universe, IPv6 address) -> where that endpoint lives (the same value as its IPv4 route).

@@ -2,14 +2,60 @@
 //! which solicitations are answered is `dataplane_common::nd::judge`, the answer
 //! `dataplane_common::nd::advert`; here the packet is read, and turned into the answer in place
 //! (resized to the advertisement's length) and sent back out of the same veth, to the workload.
+//! A program of its own (`nd6`, [`program`]) that `from_endpoint6` tail-calls, so that the
+//! answer's stack is not added to the IPv6 walk's.
 use aya_ebpf::{
     bindings::TC_ACT_REDIRECT,
     helpers::{bpf_redirect, bpf_skb_change_tail},
     programs::TcContext,
 };
-use dataplane_common::{nd, DropReason, Endpoint};
+use dataplane_common::{nd, DropReason, Endpoint, Hook};
 
-use crate::parse::{ensure, ptr_at};
+use crate::{
+    drop, endpoint6, flow,
+    maps::{VERSE_CONFIG, VERSE_SCRATCH6},
+    parse::*,
+};
+
+/// `nd6`: the neighbour discovery message `from_endpoint6` tail-called for, read again from
+/// the start (this program trusts nothing it is handed: the endpoint, its MAC, the headers are
+/// checked again, with the same reasons), answered or dropped and counted.
+#[inline(always)]
+pub fn program(ctx: &TcContext) -> i32 {
+    match start(ctx) {
+        Ok(action) => action,
+        Err(reason) => drop::drop(ctx, Hook::FromEndpoint, reason),
+    }
+}
+
+#[inline(always)]
+fn start(ctx: &TcContext) -> Result<i32, DropReason> {
+    let (endpoint, ifindex) = endpoint6::sender(ctx)?;
+    let config = VERSE_CONFIG.get(0).ok_or(DropReason::NoConfig)?;
+    let ip = flow::ipv6_header(ctx, ETH_HLEN)?;
+    let l4 = flow::l4_ipv6(ctx, &ip)?;
+    if ip.proto != IPPROTO_ICMPV6 || !nd::is_nd(l4.icmp_type) {
+        // Only neighbour discovery is tail-called here.
+        return Err(DropReason::NdUnanswered);
+    }
+    let h: *const Ipv6Hdr = ptr_at(ctx, ETH_HLEN).ok_or(DropReason::MalformedIpv6)?;
+    // SAFETY: ptr_at proved the fixed IPv6 header is inside the linear data.
+    let (src, hop_limit) =
+        unsafe { (A16(core::ptr::read_unaligned(core::ptr::addr_of!((*h).src))), (*h).hop_limit) };
+    let q = Query {
+        l4_off: ip.l4_off,
+        ip_end: ip.ip_end,
+        ifindex,
+        gateway_mac: config.gateway_mac,
+        ty: l4.icmp_type,
+        code: l4.policy_port as u8,
+        hop_limit,
+    };
+    let scratch = VERSE_SCRATCH6.get_ptr_mut(0).ok_or(DropReason::NoConfig)?;
+    // SAFETY: this CPU's slot, which nothing else uses during the program.
+    let target = unsafe { &mut (*scratch).target };
+    answer(ctx, endpoint, &q, &src, target)
+}
 
 /// The neighbour discovery message a workload sent, as [`answer`] needs it (one argument: a
 /// BPF-to-BPF call takes at most five).

@@ -6,20 +6,21 @@
 //! The walk, its order and its drop reasons are described once, by the reference model:
 //! `controller/src/verdict/underlay.rs` (conntrack in `verdict/conntrack.rs`). This program takes
 //! the same steps in the same order ([`walk`]: steps 1-3, [`inner`]: 4-10), and the differential
-//! test (`tests/tests/dataplane_model.rs`) holds it to them. The frame work that can fail
+//! test (`tests/tests/dataplane_model.rs`) holds it to them. A wrapped IPv6 frame is judged by
+//! `from_underlay6` (`underlay6`), which [`walk`] tail-calls once the outer headers are checked. The frame work that can fail
 //! ([`encap::unwrap`], [`deliver::address`]) comes before the conntrack write, and the redirect,
 //! which cannot refuse, after it: a dropped packet never refreshes or creates a flow.
 use aya_ebpf::{bindings::TC_ACT_OK, programs::TcContext};
 use dataplane_common::{
-    ct_owner, Config, CtHop, DropReason, Hook, PolicyValue, Route, RouteKey, DIRECTION_INGRESS,
-    ENCAP_OVERHEAD, VXLAN_PORT,
+    ct_owner, jump, Config, CtHop, DropReason, Hook, PolicyValue, Route, RouteKey,
+    DIRECTION_INGRESS, ENCAP_OVERHEAD, VXLAN_PORT,
 };
 
 use crate::{
     conntrack, deliver,
     encap::{self, Outer, INNER_ETH_OFF, INNER_IP_OFF, VXLAN_FLAGS},
     events, flow,
-    maps::{VERSE_CONFIG, VERSE_HOSTS, VERSE_ROUTES, VERSE_VNIS},
+    maps::{VERSE_CONFIG, VERSE_HOSTS, VERSE_JUMP, VERSE_ROUTES, VERSE_VNIS},
     parse::*,
     policy, related,
 };
@@ -108,7 +109,13 @@ pub fn walk(ctx: &TcContext) -> Result<i32, DropReason> {
     }
     match inner_type {
         ETHERTYPE_IPV4 => {}
-        ETHERTYPE_IPV6 => return Err(flow::ipv6_unjudged(ctx, INNER_IP_OFF)),
+        ETHERTYPE_IPV6 => {
+            // SAFETY: a tail call into `from_underlay6` (`underlay6`), which takes steps 4-10
+            // for IPv6 with a stack of its own, from the outer headers checked here; it returns
+            // only if the slot is empty, and then the frame is dropped.
+            unsafe { VERSE_JUMP.tail_call(ctx, jump::FROM_UNDERLAY6) };
+            return Err(DropReason::ProgramMissing);
+        }
         _ => return Err(DropReason::UnknownEthertype),
     }
     inner(ctx, config, src, vni, u32::from(group))

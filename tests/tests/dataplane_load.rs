@@ -1023,11 +1023,12 @@ fn kinds_follow_edits(bpf_dir: &Path, if_a: u32, if_b: u32) {
 }
 
 /// Pinned links stay attached and keep judging while no daemon runs, IPv6 included:
-/// `VERSE_JUMP` (where `from_endpoint` tail-calls `from_endpoint6`) is pinned, since the kernel
-/// empties a program array no one holds (`map_release_uref`), and every IPv6 frame would then be
-/// dropped as `ipv6_unsupported` until a daemon loads again. And a trace runner (`verse trace
-/// --run`) fills a jump table of its own: in the live one, its `from_endpoint6` would judge live
-/// IPv6 with the run's private conntrack and counters. Real frames through real veths.
+/// `VERSE_JUMP` (where `from_endpoint` tail-calls `from_endpoint6`, and that `nd6` for
+/// neighbour discovery) is pinned, since the kernel empties a program array no one holds
+/// (`map_release_uref`), and every IPv6 frame would then be dropped as `program_missing` until
+/// a daemon loads again. And a trace runner (`verse trace --run`) fills a jump table of its own:
+/// in the live one, its `from_endpoint6` would judge live IPv6 with the run's private conntrack
+/// and counters. Real frames through real veths.
 #[test]
 fn ipv6_keeps_being_judged_while_the_daemon_is_down_and_beside_a_trace_runner() {
     assert!(is_root(), "needs root");
@@ -1071,7 +1072,21 @@ fn ipv6_keeps_being_judged_while_the_daemon_is_down_and_beside_a_trace_runner() 
         })
         .is_some()
     };
-    let unsupported = || pinned_drops(&bpf_dir, DropReason::Ipv6Unsupported);
+    let missing = || pinned_drops(&bpf_dir, DropReason::ProgramMissing);
+    // A solicitation for B's address from A's link-local one, answered by the gateway (`nd6`).
+    let ll_a = nd::link_local(MAC_A);
+    let solicit = ethernet(
+        GATEWAY_MAC,
+        MAC_A,
+        ETH_IPV6,
+        &with_hop_limit(ipv6(ll_a, b6, 58, &neighbour_solicit(ll_a, b6, b6, Some(MAC_A))), 255),
+    );
+    let answered = || {
+        let cap = tests::PacketCapture::open(&wla, "wa").expect("capture wa");
+        tests::send_frame(&wla, "wa", &solicit).expect("send");
+        let advert = nd::advert(&GATEWAY_MAC, &MAC_A, &b6, &ll_a);
+        cap.find(std::time::Duration::from_secs(2), |f| f == &advert[..]).is_some()
+    };
     // The daemon is up: both families delivered.
     assert!(delivered(&syn(41000), 41000), "IPv4 with the daemon up");
     assert!(delivered(&udp6(41001), 41001), "IPv6 with the daemon up");
@@ -1079,9 +1094,10 @@ fn ipv6_keeps_being_judged_while_the_daemon_is_down_and_beside_a_trace_runner() 
     drop(dp);
     std::thread::sleep(std::time::Duration::from_millis(500));
     assert!(delivered(&syn(41002), 41002), "IPv4 is still judged and delivered");
-    let before = unsupported();
+    let before = missing();
     let v6 = delivered(&udp6(41003), 41003);
-    let during = unsupported();
+    let nd_down = answered();
+    let during = missing();
     // A daemon loads again and re-attaches: IPv6 comes back (the links now run a program whose
     // own VERSE_JUMP is filled).
     let again = ns.enter(|| {
@@ -1100,9 +1116,9 @@ fn ipv6_keeps_being_judged_while_the_daemon_is_down_and_beside_a_trace_runner() 
     let after_trace = delivered(&udp6(41006), 41006);
     drop(again);
     assert!(
-        v6,
-        "IPv6 admitted by the same rules is no longer delivered while the daemon is down: \
-         ipv6_unsupported {before} -> {during}"
+        v6 && nd_down,
+        "IPv6 admitted by the same rules is no longer delivered ({v6}), or neighbour discovery \
+         answered ({nd_down}), while the daemon is down: program_missing {before} -> {during}"
     );
     assert!(
         back && after_trace,

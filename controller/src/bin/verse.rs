@@ -224,7 +224,7 @@ enum UniverseCmd {
         #[arg(long = "cidr", required = true, value_name = "CIDR")]
         cidrs: Vec<String>,
         /// An IPv6 CIDR as well (/44 to /64); repeat for several. IPv6 flows between endpoints
-        /// of one host; between hosts it is dropped (ipv6_between_hosts).
+        /// of one host and between hosts.
         #[arg(long = "ipv6-cidr", value_name = "CIDR")]
         ipv6_cidrs: Vec<String>,
     },

@@ -166,19 +166,33 @@ impl Host<'_> {
         let Some(underlay) = self.underlay else {
             return Outcome::drop(DropReason::NoUnderlay);
         };
-        // bpf_check_mtu: the frame plus the overhead against the MTU plus the Ethernet header.
-        if frame.len() + ENCAP_OVERHEAD as usize > underlay.mtu as usize + ETH_HLEN {
+        if too_big(frame, &underlay) {
             return self.frag_needed(frame, sender, pkt, underlay.mtu);
         }
         let ct = match ct {
             Ok(ct) => ct,
             Err(reason) => return Outcome::drop(reason),
         };
+        Outcome { verdict: self.wrap(frame, sender, &remote, &underlay), ct, ct6: None }
+    }
+
+    /// `frame` (IPv4 or IPv6) wrapped by `sender` for `remote` over `underlay` (the wire format
+    /// of the README): the frame's Ethernet header as the outer one, type IPv4; outer IPv4,
+    /// UDP to 4789, VXLAN-GBP with the sender's identity and universe; the inner Ethernet
+    /// header from the gateway to the receiver, of the frame's own EtherType; the packet.
+    pub(super) fn wrap(
+        &self,
+        frame: &[u8],
+        sender: &Local<'_>,
+        remote: &Remote,
+        underlay: &Underlay,
+    ) -> Verdict {
         let outer_len = frame.len() - ETH_HLEN + ENCAP_OVERHEAD as usize;
         let mut out = Vec::with_capacity(frame.len() + ENCAP_OVERHEAD as usize);
         // The outer Ethernet header is the packet's own, type IPv4 (the neighbour subsystem
         // writes the addresses after the program).
-        out.extend_from_slice(&frame[..ETH_HLEN]);
+        out.extend_from_slice(&frame[..12]);
+        out.extend_from_slice(&ETHERTYPE_IPV4.to_be_bytes());
         let mut ip = vec![0x45, 0];
         ip.extend_from_slice(&(outer_len as u16).to_be_bytes());
         ip.extend_from_slice(&[0, 0, 0x40, 0, 64, IPPROTO_UDP, 0, 0]);
@@ -197,9 +211,9 @@ impl Host<'_> {
         out.extend_from_slice(&[vni[1], vni[2], vni[3], 0]);
         out.extend_from_slice(&remote.mac);
         out.extend_from_slice(&self.gateway_mac);
-        out.extend_from_slice(&ETHERTYPE_IPV4.to_be_bytes());
+        out.extend_from_slice(&frame[12..14]);
         out.extend_from_slice(&frame[ETH_HLEN..]);
-        Outcome { verdict: Verdict::Wrap { frame: out }, ct, ct6: None }
+        Verdict::Wrap { frame: out }
     }
 
     /// The ICMP "fragmentation needed" (type 3 code 4, RFC 1191) that `from_endpoint` sends back
@@ -265,4 +279,10 @@ impl Host<'_> {
         out[a + 24..a + 28].copy_from_slice(&spa);
         Outcome { verdict: Verdict::ArpReply { frame: out }, ct: None, ct6: None }
     }
+}
+
+/// Whether `frame` would not fit the underlay MTU once wrapped: what `bpf_check_mtu` computes,
+/// the frame plus the overhead against the MTU plus the Ethernet header.
+pub(super) fn too_big(frame: &[u8], underlay: &Underlay) -> bool {
+    frame.len() + ENCAP_OVERHEAD as usize > underlay.mtu as usize + ETH_HLEN
 }

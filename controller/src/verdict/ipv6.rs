@@ -25,19 +25,44 @@
 //!    between them), policy with the IPv6 peer (a CIDR rule matches in its own family only;
 //!    `icmpv6` rules match ICMPv6, `icmp` rules never match IPv6; a universe without IPv6
 //!    CIDRs admits no IPv6), the budget of the sender (the same one as its IPv4 flows, S14).
-//! 6. Send: to a local receiver as IPv4 (gateway MAC as source, nothing else changed). To an
-//!    endpoint of another host: `Ipv6BetweenHosts`, whatever the underlay: IPv6 is not carried
-//!    between hosts yet (checked where IPv4 checks the underlay and MTU: after the rules, before
-//!    the flow is created).
+//! 6. Send, as IPv4's step 14: to a local receiver (gateway MAC as source, nothing else
+//!    changed); to an endpoint of another host, without an underlay `NoUnderlay`, too big to
+//!    wrap an ICMPv6 "packet too big" back to the sender ([`Verdict::FragNeeded`], counted
+//!    `FragNeeded`; see [`Host::packet_too_big`]), else wrapped in VXLAN-GBP over the IPv4
+//!    underlay as IPv4 is, with inner EtherType IPv6 ([`Verdict::Wrap`]). The flow is written
+//!    (or refused for the budget) only then, as for IPv4.
+//!
+//! From the underlay ([`Host::judge_underlay6`]), what another host wrapped with inner
+//! EtherType IPv6 takes `underlay.rs`'s steps 4-10 over the IPv6 tables: the header and
+//! extension headers and the upper-layer header as above (steps 1-2), neighbour discovery
+//! dropped as `NdSpoofed` (a host never wraps it: it is the gateway's), the inner source an
+//! endpoint placed on the sending host at that IPv6 address in that universe
+//! (`NotPlacedOnSender`), the identity of the VXLAN-GBP header the one the control plane
+//! gives it (`IdentityMismatch`), the destination an endpoint of this host (`NotLocal`),
+//! conntrack in `VERSE_CT6` and related ICMPv6 errors as in step 5, the receiver's ingress
+//! rules (`PolicyIngress`), a new flow owned by the receiver; unwrapped (EtherType IPv6) and
+//! delivered.
 
 use std::net::Ipv6Addr;
 
 use dataplane_common::conntrack::{initial_state6, is_error6, role6};
-use dataplane_common::wire::{ipv6 as wire6, IPPROTO_ICMPV6};
-use dataplane_common::{nd, Ct6Key, ICMPV6_ERROR_MAX_LEN};
+use dataplane_common::wire::{ipv6 as wire6, ICMPV6_PACKET_TOO_BIG, IPPROTO_ICMPV6};
+use dataplane_common::{nd, Ct6Key, ICMPV6_ERROR_MAX_LEN, PTB_HOP_LIMIT, PTB_QUOTE};
 
+use super::endpoint::too_big;
 use super::parse::{parse_ipv6, parse_l4_v6, Ipv6};
 use super::*;
+
+/// What `from_underlay` checked of a wrapped IPv6 frame before handing it over (steps 1-3 of
+/// `underlay.rs`): the sending host, the universe, the identity the header claims.
+pub(super) struct Wrapped<'u> {
+    pub(super) host: Ipv4Addr,
+    pub(super) universe: &'u str,
+    pub(super) vni: u32,
+    pub(super) claimed: u32,
+    /// Offset of the inner IPv6 header in the frame.
+    pub(super) inner_ip_off: usize,
+}
 
 impl Host<'_> {
     /// Judges the IPv6 frame `frame` sent by `sender` (steps 1-3 of `endpoint.rs` passed).
@@ -96,14 +121,14 @@ impl Host<'_> {
                 let state = next_state(entry.state, dir == CtDirection::Reply, l4.tcp_flags);
                 let refreshed = CtEntry { last_seen_ns: now_ns, state, ..entry };
                 let update = CtUpdate6 { key: stored, entry: refreshed };
-                return self.send6(frame, to, Ok(Some(update)));
+                return self.send6(frame, sender, &ip, to, Ok(Some(update)));
             }
         }
         let related = route.filter(|to| {
             self.related6(ct, now_ns, sender.vni, &ip, &l4, (sender.ep.serial, to.serial()))
         });
         if let Some(to) = related {
-            return self.send6(frame, to, Ok(None));
+            return self.send6(frame, sender, &ip, to, Ok(None));
         }
         if !self.allows6(sender.ep, Direction::Egress, dst6, ip.proto, &l4) {
             return Outcome::drop(DropReason::PolicyEgress);
@@ -130,24 +155,136 @@ impl Host<'_> {
         } else {
             Ok(None)
         };
-        self.send6(frame, to, created)
+        self.send6(frame, sender, &ip, to, created)
     }
 
-    /// Step 6: delivers to a local receiver with the conntrack write `ct` (dropped with the
-    /// packet, or the packet's reason when its flow is refused, S14); an endpoint of another
-    /// host is `Ipv6BetweenHosts`.
+    /// Step 6: delivers to a local receiver, or wraps for another host (answering "packet too
+    /// big" instead when the wrapped frame would not fit), with the conntrack write `ct`
+    /// (dropped with the packet, or the packet's reason when its flow is refused, S14, after
+    /// the checks of the underlay and the MTU).
     fn send6(
         &self,
         frame: &[u8],
+        sender: &Local<'_>,
+        ip: &Ipv6,
         to: Place<'_>,
         ct: Result<Option<CtUpdate6>, DropReason>,
     ) -> Outcome {
-        match (to, ct) {
-            (Place::Remote(_), _) => Outcome::drop(DropReason::Ipv6BetweenHosts),
-            (Place::Local(_), Err(reason)) => Outcome::drop(reason),
+        let remote = match (to, ct) {
+            (Place::Local(_), Err(reason)) => return Outcome::drop(reason),
             (Place::Local(l), Ok(ct6)) => {
-                Outcome { verdict: self.deliver(frame, &l), ct: None, ct6 }
+                return Outcome { verdict: self.deliver(frame, &l), ct: None, ct6 }
             }
+            (Place::Remote(r), _) => r,
+        };
+        let Some(underlay) = self.underlay else {
+            return Outcome::drop(DropReason::NoUnderlay);
+        };
+        if too_big(frame, &underlay) {
+            return self.packet_too_big(frame, sender, ip, underlay.mtu);
+        }
+        match ct {
+            Ok(ct6) => {
+                let verdict = self.wrap(frame, sender, &remote, &underlay);
+                Outcome { verdict, ct: None, ct6 }
+            }
+            Err(reason) => Outcome::drop(reason),
+        }
+    }
+
+    /// The ICMPv6 "packet too big" (type 2 code 0, RFC 4443 section 3.2) that `from_endpoint6`
+    /// sends back for a packet too big to wrap, as IPv4's "fragmentation needed": from the
+    /// packet's destination to the sender, hop limit 64, MTU = underlay MTU - 50, quoting the
+    /// first `PTB_QUOTE` (256) bytes of the packet. A packet shorter than the quote (too big only by its padding) gets no error:
+    /// `frag_needed_unsent`, as the kernel counts it.
+    fn packet_too_big(&self, frame: &[u8], sender: &Local<'_>, ip: &Ipv6, mtu: u32) -> Outcome {
+        if ip.end < ETH_HLEN + PTB_QUOTE {
+            return Outcome::drop(DropReason::FragNeededUnsent);
+        }
+        let own = sender.ep.ipv6.map_or([0; 16], |a| a.octets());
+        let out = packet_too_big_frame(
+            &sender.mac,
+            &self.gateway_mac,
+            &ip.dst,
+            &own,
+            mtu.saturating_sub(ENCAP_OVERHEAD),
+            &frame[ETH_HLEN..ETH_HLEN + PTB_QUOTE],
+        );
+        Outcome { verdict: Verdict::FragNeeded { frame: out }, ct: None, ct6: None }
+    }
+
+    /// A wrapped IPv6 frame from the underlay, once `from_underlay` has checked its outer
+    /// headers (`w`): the walk of this module's documentation, "From the underlay".
+    pub(super) fn judge_underlay6(
+        &self,
+        ct: &Conntrack,
+        now_ns: u64,
+        frame: &[u8],
+        w: &Wrapped<'_>,
+    ) -> Outcome {
+        let ip = match parse_ipv6(frame, w.inner_ip_off) {
+            Ok(ip) => ip,
+            Err(reason) => return Outcome::drop(reason),
+        };
+        let l4 = match parse_l4_v6(frame, &ip) {
+            Ok(l4) => l4,
+            Err(reason) => return Outcome::drop(reason),
+        };
+        if ip.proto == IPPROTO_ICMPV6 && nd::is_nd(l4.icmp_type_code.0) {
+            return Outcome::drop(DropReason::NdSpoofed);
+        }
+        let (src6, dst6) = (Ipv6Addr::from(ip.src), Ipv6Addr::from(ip.dst));
+        let from = match self.routes6.get(&(w.universe, src6)) {
+            Some(Place::Remote(r)) if r.underlay == w.host => *r,
+            _ => return Outcome::drop(DropReason::NotPlacedOnSender),
+        };
+        if from.identity != w.claimed {
+            return Outcome::drop(DropReason::IdentityMismatch);
+        }
+        let Some(Place::Local(to)) = self.routes6.get(&(w.universe, dst6)) else {
+            return Outcome::drop(DropReason::NotLocal);
+        };
+        let (sport, dport) = l4.ct_ports;
+        let key = Ct6Key::new(w.vni, ip.src, ip.dst, sport, dport, ip.proto);
+        // Unwrapped (EtherType IPv6) and rewritten for the receiver; see `judge_underlay`.
+        let unwrapped = || {
+            let mut inner = frame[..12].to_vec();
+            inner.extend_from_slice(&ETHERTYPE_IPV6.to_be_bytes());
+            inner.extend_from_slice(&frame[w.inner_ip_off..]);
+            self.deliver(&inner, to)
+        };
+        let sent = |ct6| Outcome { verdict: unwrapped(), ct: None, ct6 };
+        let role = role6(ip.proto, l4.tcp_flags, l4.icmp_type_code.0);
+        let (hit, own) = ct.lookup6_as(&key, role, from.serial, now_ns, &self.timeouts);
+        if let Some((stored, entry, dir)) =
+            hit.filter(|h| receiver_serial(&h.1, h.2) == to.ep.serial)
+        {
+            let state = next_state(entry.state, dir == CtDirection::Reply, l4.tcp_flags);
+            let refreshed = CtEntry { last_seen_ns: now_ns, state, ..entry };
+            return sent(Some(CtUpdate6 { key: stored, entry: refreshed }));
+        }
+        if self.related6(ct, now_ns, w.vni, &ip, &l4, (from.serial, to.ep.serial)) {
+            return sent(None);
+        }
+        if !self.allows6(to.ep, Direction::Ingress, src6, ip.proto, &l4) {
+            return Outcome::drop(DropReason::PolicyIngress);
+        }
+        if !creates(role) {
+            return sent(None);
+        }
+        // Charged to the local receiver (S14).
+        let entry = CtEntry {
+            last_seen_ns: now_ns,
+            src_serial: from.serial,
+            dst_serial: to.ep.serial,
+            owner_slot: to.ep.slot,
+            state: initial_state6(ip.proto),
+            owner: ct_owner::DST,
+            _pad: [0; 2],
+        };
+        match create6(ct, key, own, entry, to.ep.conntrack_budget) {
+            Ok(update) => sent(update),
+            Err(reason) => Outcome::drop(reason),
         }
     }
 
@@ -229,6 +366,41 @@ impl Host<'_> {
                 .is_some_and(|ep| ep.security_groups.iter().any(|m| m == g)),
         }
     }
+}
+
+/// The Ethernet frame of an ICMPv6 "packet too big" from the gateway (`gateway_mac`) to the
+/// workload at `mac`: from `src` to `dst`, reporting `mtu`, quoting `quote`.
+pub fn packet_too_big_frame(
+    mac: &[u8; 6],
+    gateway_mac: &[u8; 6],
+    src: &[u8; 16],
+    dst: &[u8; 16],
+    mtu: u32,
+    quote: &[u8],
+) -> Vec<u8> {
+    let len = 8 + quote.len();
+    let mut out = Vec::with_capacity(ETH_HLEN + wire6::HLEN + len);
+    out.extend_from_slice(mac);
+    out.extend_from_slice(gateway_mac);
+    out.extend_from_slice(&ETHERTYPE_IPV6.to_be_bytes());
+    out.extend_from_slice(&[0x60, 0, 0, 0]);
+    out.extend_from_slice(&(len as u16).to_be_bytes());
+    out.extend_from_slice(&[IPPROTO_ICMPV6, PTB_HOP_LIMIT]);
+    out.extend_from_slice(src);
+    out.extend_from_slice(dst);
+    let mut icmp = vec![ICMPV6_PACKET_TOO_BIG, 0, 0, 0];
+    icmp.extend_from_slice(&mtu.to_be_bytes());
+    icmp.extend_from_slice(quote);
+    let mut pseudo = Vec::with_capacity(40 + icmp.len());
+    pseudo.extend_from_slice(src);
+    pseudo.extend_from_slice(dst);
+    pseudo.extend_from_slice(&(len as u32).to_be_bytes());
+    pseudo.extend_from_slice(&[0, 0, 0, IPPROTO_ICMPV6]);
+    pseudo.extend_from_slice(&icmp);
+    let c = checksum(&pseudo);
+    icmp[2..4].copy_from_slice(&c.to_be_bytes());
+    out.extend_from_slice(&icmp);
+    out
 }
 
 /// S4 for an IPv6 packet: `all`; or the protocol number, then the ports (TCP/UDP) or the ICMPv6

@@ -8,8 +8,9 @@
 //! - `conntrack.rs`: the connection-tracking table both hooks share ([`Conntrack`]): roles,
 //!   states, timeouts, binding to endpoints, budgets, related ICMP errors;
 //! - `policy.rs`: the security-group rules (S1-S5);
-//! - `ipv6.rs`: `from_endpoint` for IPv6 ([`Host::judge`] hands it every IPv6 frame):
-//!   neighbour discovery at the gateway, then IPv4's steps over the IPv6 tables;
+//! - `ipv6.rs`: both hooks for IPv6 ([`Host::judge`] and [`Host::judge_underlay`] hand it
+//!   every IPv6 frame): neighbour discovery at the gateway, then IPv4's steps over the IPv6
+//!   tables, wrapped and unwrapped between hosts as IPv4 is;
 //! - `parse.rs`: the IPv4, IPv6 and L4 headers, parsed as the kernel parses them.
 //!
 //! Contract: the model decides from the *semantics* (README, "Concepts", S1–S11) and the
@@ -63,7 +64,7 @@ pub use conntrack::{
     creates, initial_state, is_error, is_garbage, next_state, role, Conntrack, CtDirection, CtHit,
     CtUpdate, CtUpdate6, Role, Timeouts,
 };
-use parse::{be16, ipv6_unjudged, parse_ipv4, parse_l4, Ipv4, L4};
+use parse::{be16, parse_ipv4, parse_l4, Ipv4, L4};
 
 /// What the dataplane does with the packet.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -84,8 +85,9 @@ pub enum Verdict {
     Wrap {
         frame: Vec<u8>,
     },
-    /// Refused as too big to wrap and answered with an ICMP "fragmentation needed", `frame`,
-    /// sent back into the sender's namespace; counted as `DropReason::FragNeeded`.
+    /// Refused as too big to wrap and answered with an ICMP "fragmentation needed" (an ICMPv6
+    /// "packet too big" for IPv6), `frame`, sent back into the sender's namespace; counted as
+    /// `DropReason::FragNeeded`.
     FragNeeded {
         frame: Vec<u8>,
     },

@@ -99,15 +99,6 @@ pub(super) fn parse_ipv6(frame: &[u8], off: usize) -> Result<Ipv6, DropReason> {
     })
 }
 
-/// What becomes of an IPv6 packet at `off` until IPv6 is judged: the reason of the first check
-/// it fails (IPv6 header, extension headers, L4 header as for IPv4), else `Ipv6Unsupported`.
-pub(super) fn ipv6_unjudged(frame: &[u8], off: usize) -> DropReason {
-    match parse_ipv6(frame, off).and_then(|ip| parse_l4_v6(frame, &ip)) {
-        Ok(_) => DropReason::Ipv6Unsupported,
-        Err(reason) => reason,
-    }
-}
-
 pub(super) fn parse_l4(frame: &[u8], ip: &Ipv4) -> Result<L4, DropReason> {
     l4_at(frame, ip.proto, false, ip.l4_off, ip.end)
 }

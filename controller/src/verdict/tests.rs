@@ -1091,7 +1091,7 @@ fn underlay_frames_are_checked_in_order_then_judged_by_the_receivers_rules() {
     assert_eq!(j(&flags), Verdict::Drop(D::MalformedEncap));
     let bad_vni = wrapped(THERE, 6, 300, mac_of(3), &to_web[14..]);
     assert_eq!(j(&bad_vni), Verdict::Drop(D::UnknownUniverse));
-    // Inner IPv6: parsed as a workload's, then dropped.
+    // Inner IPv6: parsed as a workload's.
     let mut v6 = good.clone();
     v6[62..64].copy_from_slice(&[0x86, 0xdd]);
     assert_eq!(j(&v6), Verdict::Drop(D::MalformedIpv6), "an IPv4 packet under an IPv6 type");
@@ -1101,7 +1101,8 @@ fn underlay_frames_are_checked_in_order_then_judged_by_the_receivers_rules() {
         w[62..64].copy_from_slice(&ETHERTYPE_IPV6.to_be_bytes());
         w
     };
-    assert_eq!(j(&wrapped6(&FULL_CHAIN)), Verdict::Drop(D::Ipv6Unsupported));
+    // A well-formed one is judged (`ipv6.rs`): fd00::1 is no endpoint placed on h2.
+    assert_eq!(j(&wrapped6(&FULL_CHAIN)), Verdict::Drop(D::NotPlacedOnSender));
     let beyond = [&FULL_CHAIN[..], &[(DEST, 8)]].concat();
     assert_eq!(j(&wrapped6(&beyond)), Verdict::Drop(D::Ipv6TooManyHeaders));
     assert_eq!(j(&wrapped6(&[(FRAG, 8)])), Verdict::Drop(D::Ipv6Fragment));
@@ -1410,4 +1411,109 @@ fn the_gateway_answers_neighbour_solicitations_and_refuses_forged_discovery() {
     for (what, f, want) in table {
         assert_eq!(h.judge(&ct, S, 11, &f).verdict, Verdict::Drop(want), "{what}");
     }
+}
+
+// ---- IPv6 between hosts ------------------------------------------------------------------------
+
+/// [`fixture6`] with ep-6 (a web member, fd00::6, serial 6) on h2, as [`fleet_fixture`] has it.
+fn fleet_fixture6() -> (State, BTreeMap<u32, String>) {
+    let (mut st, local) = fixture6();
+    let (fleet, _) = fleet_fixture();
+    st.hosts = fleet.hosts.clone();
+    let mut remote = fleet.endpoints["ep-6"].clone();
+    remote.ipv6 = Some(std::net::Ipv6Addr::from(six(6)));
+    remote.serial = 6;
+    st.endpoints.insert("ep-6".into(), remote);
+    (st, local)
+}
+
+/// [`wrapped`] for an inner IPv6 packet (no Ethernet header).
+fn wrapped6(from: Ipv4Addr, group: u16, mac: [u8; 6], inner: &[u8]) -> Vec<u8> {
+    let mut w = wrapped(from, group, 100, mac, inner);
+    w[62..64].copy_from_slice(&ETHERTYPE_IPV6.to_be_bytes());
+    w
+}
+
+#[test]
+fn ipv6_to_another_host_is_wrapped_as_ipv4_and_answered_packet_too_big() {
+    let (st, local) = fleet_fixture6();
+    let h = host(&st, &local).with_underlay(UNDERLAY);
+    let mut ct = Conntrack::default();
+    let syn = frame6(1, six(1), six(6), IPPROTO_TCP, &tcp(40000, 22, SYN));
+    assert_eq!(host(&st, &local).judge(&ct, S, 11, &syn).verdict, Verdict::Drop(D::NoUnderlay));
+    let out = h.judge(&ct, S, 11, &syn);
+    let Verdict::Wrap { frame } = &out.verdict else { panic!("{:?}", out.verdict) };
+    // The same outer headers as IPv4's; the inner Ethernet header says IPv6.
+    let v4 = ipv4(mac_of(1), A, R, IPPROTO_TCP, &tcp(40000, 22, SYN));
+    let Verdict::Wrap { frame: frame4 } = h.judge(&ct, S, 11, &v4).verdict else { panic!() };
+    assert_eq!(frame.len(), syn.len() + 50);
+    assert_eq!(&frame[12..14], &[0x08, 0x00], "the outer type is IPv4");
+    assert_eq!(&frame[20..24], &frame4[20..24]);
+    assert_eq!(&frame[26..34], &frame4[26..34]);
+    assert_eq!(&frame[42..62], &frame4[42..62], "VXLAN-GBP and the inner addresses");
+    assert_eq!(&frame[62..64], &[0x86, 0xdd]);
+    assert_eq!(&frame[64..], &syn[14..]);
+    let key = Ct6Key::new(100, six(1), six(6), 40000, 22, IPPROTO_TCP);
+    let u = out.ct6.expect("a new flow");
+    assert_eq!((u.key, u.entry.owner, u.entry.dst_serial), (key, ct_owner::SRC, 6));
+    h.judge_and_track(&mut ct, S, 11, &syn);
+    // Too big to wrap: a "packet too big" from the destination, MTU 1450, quoting 256 bytes.
+    let big =
+        frame6(1, six(1), six(6), IPPROTO_TCP, &[tcp(40000, 22, 0x10), vec![7; 1420]].concat());
+    let out = h.judge(&ct, S, 11, &big);
+    let Verdict::FragNeeded { frame: e } = &out.verdict else { panic!("{:?}", out.verdict) };
+    assert_eq!((out.ct, out.ct6), (None, None));
+    assert_eq!(e.len(), 14 + 40 + 8 + 256);
+    assert_eq!((&e[0..6], &e[6..12], &e[12..14]), (&mac_of(1)[..], &GW[..], &[0x86, 0xdd][..]));
+    assert_eq!(&e[14..22], &[0x60, 0, 0, 0, 1, 8, 58, 64]);
+    assert_eq!((&e[22..38], &e[38..54]), (&six(6)[..], &six(1)[..]));
+    assert_eq!(&e[54..56], &[2, 0]);
+    assert_eq!(&e[58..62], &1450u32.to_be_bytes());
+    assert_eq!(&e[62..], &big[14..270]);
+    let mut pseudo = e[22..54].to_vec();
+    pseudo.extend_from_slice(&[0, 0, 1, 8, 0, 0, 0, 58]);
+    pseudo.extend_from_slice(&e[54..]);
+    assert_eq!(checksum(&pseudo), 0, "the ICMPv6 checksum");
+    let fits =
+        frame6(1, six(1), six(6), IPPROTO_TCP, &[tcp(40000, 22, 0x10), vec![7; 1390]].concat());
+    assert!(matches!(h.judge(&ct, S, 11, &fits).verdict, Verdict::Wrap { .. }));
+    // The reply, wrapped by h2: unwrapped, of type IPv6, delivered by conntrack.
+    let reply = frame6(6, six(6), six(1), IPPROTO_TCP, &tcp(22, 40000, SYNACK));
+    let out = h.judge_underlay(&ct, S, &wrapped6(THERE, 6, mac_of(1), &reply[14..]));
+    let mut want = reply.clone();
+    want[..12].copy_from_slice(&[mac_of(1), GW].concat());
+    assert_eq!(out.verdict, Verdict::Deliver { ifindex: 11, frame: want });
+    assert_eq!(out.ct6.map(|u| (u.key, u.entry.state)), Some((key, ct_state::TCP_ESTABLISHED)));
+}
+
+#[test]
+fn wrapped_ipv6_is_judged_by_the_receivers_rules_with_the_control_planes_identity() {
+    let (st, local) = fleet_fixture6();
+    let h = host(&st, &local).with_underlay(UNDERLAY);
+    let ct = Conntrack::default();
+    let j = |f: &[u8]| h.judge_underlay(&ct, S, f);
+    // ep-6 (web) to ep-4 (db: 5432 from web members): admitted, owned by the receiver.
+    let to_db = frame6(6, six(6), six(4), IPPROTO_TCP, &tcp(1, 5432, SYN));
+    let out = j(&wrapped6(THERE, 6, mac_of(4), &to_db[14..]));
+    assert_eq!(delivered_to(&out.verdict), Some(14));
+    let u = out.ct6.expect("a new flow");
+    assert_eq!((u.entry.owner, u.entry.owner_slot, u.entry.src_serial), (ct_owner::DST, 4, 6));
+    // To web (ep-3): its 0.0.0.0/0 rule admits no IPv6.
+    let to_web = frame6(6, six(6), six(3), IPPROTO_TCP, &tcp(1, 80, SYN));
+    let v = j(&wrapped6(THERE, 6, mac_of(3), &to_web[14..])).verdict;
+    assert_eq!(v, Verdict::Drop(D::PolicyIngress));
+    // The identity is the control plane's: another claimed one is refused (S10)...
+    let v = j(&wrapped6(THERE, 4, mac_of(4), &to_db[14..])).verdict;
+    assert_eq!(v, Verdict::Drop(D::IdentityMismatch));
+    // ...as is a source no endpoint of h2 has, or ep-6's address from another host of the fleet.
+    let forged = frame6(6, six(2), six(4), IPPROTO_TCP, &tcp(1, 5432, SYN));
+    let v = j(&wrapped6(THERE, 2, mac_of(4), &forged[14..])).verdict;
+    assert_eq!(v, Verdict::Drop(D::NotPlacedOnSender));
+    // Neighbour discovery is never wrapped; a destination elsewhere is not local.
+    let m = frames::icmpv6(six(6), six(4), ND_NEIGHBOUR_ADVERT, 0, [0x60, 0, 0, 0], &six(4));
+    let na = frame6(6, six(6), six(4), IPPROTO_ICMPV6, &m);
+    assert_eq!(j(&wrapped6(THERE, 6, mac_of(4), &na[14..])).verdict, Verdict::Drop(D::NdSpoofed));
+    let away = frame6(6, six(6), six(6), IPPROTO_TCP, &tcp(1, 5432, SYN));
+    let v = j(&wrapped6(THERE, 6, mac_of(4), &away[14..])).verdict;
+    assert_eq!(v, Verdict::Drop(D::NotLocal));
 }

@@ -13,9 +13,9 @@
 //!    header present, VXLAN flags exactly G | I (`MalformedEncap`).
 //! 2. The outer source is a host of the fleet (`UnknownHost`, S10).
 //! 3. The VNI is a universe of the fleet (`UnknownUniverse`).
-//! 4. The inner frame is parsed like a workload's (`endpoint.rs`, steps 4-8): inner IPv6 is
-//!    parsed and dropped as there (its header's reason, else `Ipv6Unsupported`), not IPv4
-//!    `UnknownEthertype`, then `MalformedIpv4`, `Fragment`, `MalformedL4`.
+//! 4. The inner frame is parsed like a workload's (`endpoint.rs`, steps 4-8): inner IPv6 takes
+//!    the IPv6 walk from here on (`ipv6.rs`, "From the underlay": steps 4-10 over the IPv6
+//!    tables); not IPv4 `UnknownEthertype`, then `MalformedIpv4`, `Fragment`, `MalformedL4`.
 //! 5. The inner source is an endpoint placed on the sending host: its route is remote with the
 //!    outer source as underlay (`NotPlacedOnSender`, S10).
 //! 6. The Group Policy ID of the VXLAN-GBP header is the identity the control plane gives that
@@ -103,7 +103,16 @@ impl Host<'_> {
         };
         match be16(frame, INNER_ETH_OFF + 12) {
             ETHERTYPE_IPV4 => {}
-            ETHERTYPE_IPV6 => return Outcome::drop(ipv6_unjudged(frame, INNER_IP_OFF)),
+            ETHERTYPE_IPV6 => {
+                let w = ipv6::Wrapped {
+                    host: outer_src,
+                    universe,
+                    vni,
+                    claimed,
+                    inner_ip_off: INNER_IP_OFF,
+                };
+                return self.judge_underlay6(ct, now_ns, frame, &w);
+            }
             _ => return Outcome::drop(DropReason::UnknownEthertype),
         }
         let pkt = match parse_ipv4(frame, INNER_IP_OFF) {
