@@ -147,6 +147,20 @@ pub fn udp(sport: u16, dport: u16, payload: &[u8]) -> Vec<u8> {
     u
 }
 
+/// A UDP datagram over IPv6 from `src` to `dst`, its checksum computed over the pseudo-header
+/// (RFC 8200 section 8.1: mandatory over IPv6).
+pub fn udp6(src: [u8; 16], dst: [u8; 16], sport: u16, dport: u16, payload: &[u8]) -> Vec<u8> {
+    let mut u = udp(sport, dport, payload);
+    let len = u32::try_from(u.len()).expect("a UDP datagram fits 64 KiB");
+    let pseudo = [&src[..], &dst, &len.to_be_bytes(), &[0, 0, 0, 17], &u].concat();
+    let c = match checksum(&pseudo) {
+        0 => 0xFFFF,
+        c => c,
+    };
+    u[6..8].copy_from_slice(&c.to_be_bytes());
+    u
+}
+
 /// An ICMP message: type, code, the four type-specific bytes `rest`, then `payload`; checksum
 /// computed.
 pub fn icmp(ty: u8, code: u8, rest: [u8; 4], payload: &[u8]) -> Vec<u8> {

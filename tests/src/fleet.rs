@@ -1234,18 +1234,46 @@ impl VxlanGbp {
         );
         let inner =
             frames::ethernet(self.inner_dst_mac, self.inner_src_mac, frames::ETH_IPV4, &inner_ip);
-        let vxlan = [&frames::vxlan_gbp(self.flags, self.group, self.vni)[..], &inner].concat();
         let sport = 49152u16 + (self.src_port % 16384);
-        let outer_udp = frames::udp(sport, VXLAN_PORT, &vxlan);
-        frames::ipv4_with(self.outer_src.octets(), self.outer_dst.octets(), 17, 0, true, &outer_udp)
+        encapsulated(
+            (self.outer_src, self.outer_dst),
+            sport,
+            self.flags,
+            self.group,
+            self.vni,
+            &inner,
+        )
     }
 
     /// Sends the packet from `ns` through a raw IP socket (`IPPROTO_RAW`: the packet carries
     /// its own IP header, so its outer source can be any address).
     pub fn send_from(&self, ns: &Netns) -> io::Result<()> {
-        let sock = RawIpSocket::open(ns, libc::IPPROTO_RAW as u8)?;
-        sock.send_to(self.outer_dst, &self.packet())
+        send_encapsulated(ns, &self.packet())
     }
+}
+
+/// The inner Ethernet frame `inner` as a host puts it on the underlay, as a whole outer IPv4
+/// packet (header included, DF): from host `outer.0` to host `outer.1`, UDP from `sport` to
+/// [`VXLAN_PORT`], VXLAN-GBP with `flags`, `group` (the Group Policy ID) and `vni`. What
+/// [`VxlanGbp::packet`] wraps its datagram in; the IPv6 attack tests wrap IPv6 frames with it.
+pub fn encapsulated(
+    outer: (Ipv4Addr, Ipv4Addr),
+    sport: u16,
+    flags: u8,
+    group: u16,
+    vni: u32,
+    inner: &[u8],
+) -> Vec<u8> {
+    let vxlan = [&frames::vxlan_gbp(flags, group, vni)[..], inner].concat();
+    let outer_udp = frames::udp(sport, VXLAN_PORT, &vxlan);
+    frames::ipv4_with(outer.0.octets(), outer.1.octets(), 17, 0, true, &outer_udp)
+}
+
+/// Sends the outer IPv4 packet `packet` (header included, see [`encapsulated`]) from `ns`
+/// through a raw IP socket, so that its outer source can be any address.
+pub fn send_encapsulated(ns: &Netns, packet: &[u8]) -> io::Result<()> {
+    let dst = Ipv4Addr::new(packet[16], packet[17], packet[18], packet[19]);
+    RawIpSocket::open(ns, libc::IPPROTO_RAW as u8)?.send_to(dst, packet)
 }
 
 /// What the headers of an encapsulated frame on the underlay say (see [`vxlan_seen`]).

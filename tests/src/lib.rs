@@ -50,8 +50,8 @@ pub use api::*;
 pub use assert::*;
 pub use daemon::*;
 pub use fleet::{
-    bulk_send, underlay_ip, vxlan_seen, Acked, BulkSink, Etcd, EtcdCerts, Fleet, RuleBurst,
-    RuleEditor, Simulation, VxlanGbp, VxlanSeen,
+    bulk_send, encapsulated, send_encapsulated, underlay_ip, vxlan_seen, Acked, BulkSink, Etcd,
+    EtcdCerts, Fleet, RuleBurst, RuleEditor, Simulation, VxlanGbp, VxlanSeen,
 };
 pub use frames::mac_bytes;
 pub use names::*;
