@@ -82,6 +82,10 @@ pub struct Stats {
     pub ct_owners: BTreeMap<u32, CtOwner>,
     /// What conntrack garbage collection has done.
     pub gc: GcStats,
+    /// Entries the reconciler holds in the dataplane's maps (conntrack aside).
+    pub map_entries: u64,
+    /// Resident memory of this process, bytes.
+    pub resident_bytes: u64,
 }
 
 impl Stats {
@@ -445,18 +449,11 @@ type ApiResult = Result<Response, ApiError>;
 /// The API's router: every route of the README's "REST API" table, `/healthz`, `/metrics` and
 /// `/v1/openapi.json` among them.
 ///
-/// Every route but `/healthz` and `/v1/openapi.json` (and every unknown route) passes, in this
-/// order: the audit trail ([`audit::record`], which so sees every answer below it, 401s and
-/// 429s included); authentication ([`auth::authenticate`]: who is asking); the rate limit,
-/// keyed on that principal, or on the address of a request without one
-/// ([`limits::limit_rate`]); the 401 of a request without a principal ([`auth::require`]);
-/// the body limits ([`limits::limit_body`]: nothing reads a body before, so only a principal
-/// within its rate ever has one read); the handler. `/v1/openapi.json` is rate limited by
-/// address; `/healthz` is not limited.
+/// Every route but `/healthz` and `/v1/openapi.json` (and every unknown route) passes the
+/// layers of [`guard`], then the handler. `/v1/openapi.json` is rate limited by address;
+/// `/healthz` is not limited.
 pub fn router(state: AppState) -> Router {
-    use axum::middleware::{from_fn, from_fn_with_state};
     use axum::routing::{delete, post};
-    let limits = state.limits.clone();
     let guarded = Router::new()
         .route("/metrics", get(metrics))
         .route("/v1/universes", post(create_universe).get(list_universes))
@@ -478,19 +475,48 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/rule-stats", get(rule_stats))
         .route("/v1/flow-logs", get(flow_logs))
         .route("/v1/trace", get(trace_packet))
-        .fallback(no_route)
+        .fallback(no_route);
+    let public = Router::new()
+        .route("/v1/openapi.json", get(openapi))
+        .merge(crate::ui::routes())
+        .layer(axum::middleware::from_fn_with_state(state.limits.clone(), limits::limit_rate));
+    Router::new()
+        .route("/healthz", get(healthz))
+        .merge(public)
+        .merge(guard(guarded, &state))
+        .with_state(state)
+}
+
+/// The router of a host that serves no API (`api.serve = false`: its store holds only its own
+/// part of the desired state, so nothing of the API could be answered whole): `/healthz`,
+/// `/metrics` (its caller checked as in [`router`]), and 404 `api_not_served` for every other
+/// request, saying where to ask instead.
+pub fn router_without_api(state: AppState) -> Router {
+    let guarded = Router::new().route("/metrics", get(metrics));
+    Router::new()
+        .route("/healthz", get(healthz))
+        .merge(guard(guarded, &state))
+        .fallback(api_not_served)
+        .with_state(state)
+}
+
+/// The layers every guarded route passes, in this order: the audit trail ([`audit::record`],
+/// which so sees every answer below it, 401s and 429s included); authentication
+/// ([`auth::authenticate`]: who is asking); the rate limit, keyed on that principal, or on the
+/// address of a request without one ([`limits::limit_rate`]); the 401 of a request without a
+/// principal ([`auth::require`]); the body limits ([`limits::limit_body`]: nothing reads a body
+/// before, so only a principal within its rate ever has one read).
+fn guard(routes: Router<AppState>, state: &AppState) -> Router<AppState> {
+    use axum::middleware::{from_fn, from_fn_with_state};
+    let limits = state.limits.clone();
+    routes
         .method_not_allowed_fallback(method_not_allowed)
         // The last layer added is the outermost.
         .layer(from_fn_with_state(limits.clone(), limits::limit_body))
         .layer(from_fn(auth::require))
-        .layer(from_fn_with_state(limits.clone(), limits::limit_rate))
+        .layer(from_fn_with_state(limits, limits::limit_rate))
         .layer(from_fn_with_state(state.clone(), auth::authenticate))
-        .layer(from_fn_with_state(state.clone(), audit::record));
-    let public = Router::new()
-        .route("/v1/openapi.json", get(openapi))
-        .merge(crate::ui::routes())
-        .layer(from_fn_with_state(limits, limits::limit_rate));
-    Router::new().route("/healthz", get(healthz)).merge(public).merge(guarded).with_state(state)
+        .layer(from_fn_with_state(state.clone(), audit::record))
 }
 
 // ---- Helpers ----
@@ -865,6 +891,18 @@ async fn no_route(method: Method, uri: Uri) -> ApiError {
         StatusCode::NOT_FOUND,
         "not_found",
         format!("no route for {method} {}", uri.path()),
+    )
+}
+
+async fn api_not_served(method: Method, uri: Uri) -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "api_not_served",
+        format!(
+            "this host serves no API (api.serve = false), only /healthz and /metrics: send {method} \
+             {} to a host of the fleet that serves the API",
+            uri.path()
+        ),
     )
 }
 
@@ -2161,17 +2199,39 @@ pub fn render_metrics(
     gauge(
         &mut reg,
         "endpoints",
-        "Endpoints in the desired state (all hosts)",
+        "Endpoints in the desired state this host holds (every host's; a host that serves no API holds only the universes with an endpoint on it)",
         state.endpoints.len() as u64,
     );
-    gauge(&mut reg, "rules", "Security group rules in the desired state", rules as u64);
+    gauge(
+        &mut reg,
+        "rules",
+        "Security group rules in the desired state this host holds",
+        rules as u64,
+    );
     gauge(
         &mut reg,
         "security_groups",
-        "Security groups in the desired state",
+        "Security groups in the desired state this host holds",
         state.groups.len() as u64,
     );
-    gauge(&mut reg, "universes", "Universes in the desired state", state.universes.len() as u64);
+    gauge(
+        &mut reg,
+        "universes",
+        "Universes in the desired state this host holds",
+        state.universes.len() as u64,
+    );
+    gauge(
+        &mut reg,
+        "map_entries",
+        "Entries this host holds in its dataplane's maps for the desired state (endpoints, routes, CIDR classes, policy, peer hosts, VNIs, rule slots; conntrack aside)",
+        stats.map_entries,
+    );
+    gauge(
+        &mut reg,
+        "resident_memory_bytes",
+        "Resident memory of this host's versed, bytes",
+        stats.resident_bytes,
+    );
     gauge(&mut reg, "revision", "Revision of the desired state (S13)", state.revision);
     gauge(
         &mut reg,

@@ -106,6 +106,22 @@ pub struct OwnerBudget {
 }
 
 impl MapContents {
+    /// Entries held, over every map the reconciler writes (`VERSE_CT_OWNERS` aside, one per
+    /// local endpoint like `VERSE_ENDPOINTS`).
+    pub fn entries(&self) -> usize {
+        self.endpoints.len()
+            + self.routes.len()
+            + self.cidrs.len()
+            + self.policy.len()
+            + self.kinds_identities().len()
+            + self.hosts.len()
+            + self.vnis.len()
+            + self.rules.len()
+            + self.ipv6.routes.len()
+            + self.ipv6.cidrs.len()
+            + self.ipv6.policy.len()
+    }
+
     /// The `VERSE_POLICY_KINDS` value of `identity`: the kinds of its entries of both families
     /// (IPv4 in bits 0-15, IPv6 in bits 16-31).
     pub fn kinds(&self, identity: u32) -> u32 {

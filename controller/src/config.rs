@@ -77,6 +77,11 @@ pub struct Args {
     /// enforces is removed. Without it, versed refuses to start then, and says how to recover.
     #[arg(long)]
     pub empty_state: bool,
+    /// Serve no API on this host (sets `api.serve = false`; needs an etcd store): it enforces
+    /// its own endpoints, follows only the universes with an endpoint on it, and answers only
+    /// `/healthz` and `/metrics`.
+    #[arg(long)]
+    pub no_api: bool,
     /// Run N simulated hosts instead of this one (scale tests; needs an etcd store): each runs
     /// the control plane over in-memory maps; `--listen` serves `GET /v1/simulation` only.
     #[arg(long, value_name = "N", help_heading = "Simulation")]
@@ -248,6 +253,9 @@ pub enum TlsMode {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ApiSettings {
+    /// false: this host serves no API and follows only its own universes (see
+    /// [`Config::default_toml`]).
+    pub serve: bool,
     pub tls: TlsMode,
     pub tls_cert_file: Option<PathBuf>,
     pub tls_key_file: Option<PathBuf>,
@@ -269,6 +277,7 @@ pub struct ApiSettings {
 impl Default for ApiSettings {
     fn default() -> ApiSettings {
         ApiSettings {
+            serve: true,
             tls: TlsMode::Auto,
             tls_cert_file: None,
             tls_key_file: None,
@@ -362,6 +371,9 @@ impl Config {
         if args.insecure_http {
             cfg.api.insecure_http = true;
         }
+        if args.no_api {
+            cfg.api.serve = false;
+        }
         if cfg.host.is_none() {
             cfg.host = Some(hostname().map_err(Error::Hostname)?);
         }
@@ -445,6 +457,7 @@ impl Config {
             }
         }
         self.validate_etcd_tls()?;
+        self.validate_no_api()?;
         self.api_transport()?;
         let api = &self.api;
         if let Some(url) = &self.advertise_api {
@@ -593,6 +606,33 @@ impl Config {
         })
     }
 
+    /// A host that serves no API (`api.serve = false`) needs an etcd store (the embedded
+    /// store's only editor is its own API) and advertises no API address.
+    fn validate_no_api(&self) -> Result<()> {
+        if self.api.serve {
+            return Ok(());
+        }
+        if !matches!(StoreKind::parse(&self.store)?, StoreKind::Etcd(_)) {
+            return Err(Error::Invalid {
+                key: "api.serve",
+                value: "false".into(),
+                reason: format!(
+                    "a host that serves no API needs an etcd store (store = {:?}): the \
+                     embedded store is edited only through this host's API",
+                    self.store
+                ),
+            });
+        }
+        if let Some(url) = &self.advertise_api {
+            return Err(Error::Invalid {
+                key: "advertise_api",
+                value: url.clone(),
+                reason: "contradicts api.serve = false (this host serves no API)".into(),
+            });
+        }
+        Ok(())
+    }
+
     /// The etcd TLS files come as a CA alone, or a CA with a client certificate and key.
     fn validate_etcd_tls(&self) -> Result<()> {
         let given = |v: &Option<PathBuf>| v.is_some();
@@ -671,7 +711,8 @@ impl Config {
                 prefix: self.etcd_prefix.clone(),
                 lease_ttl: std::time::Duration::from_secs(self.etcd_lease_ttl),
                 liveness_linger: crate::store::etcd::LIVENESS_LINGER,
-                scope: None,
+                // A host that serves no API follows only what it enforces.
+                scope: if self.api.serve { None } else { Some(self.host_name()?) },
                 user,
                 audit_retention: self.audit_retention(),
                 tls: self.etcd_ca_file.as_ref().map(|ca| crate::store::EtcdTls {
@@ -758,6 +799,9 @@ impl Config {
     /// underlay (`https` when the API is served over TLS, see [`Config::api_transport`]);
     /// `None` when they cannot (listening on loopback only).
     pub fn api_url(&self, underlay_ip: Option<std::net::Ipv4Addr>) -> Option<String> {
+        if !self.api.serve {
+            return None;
+        }
         if let Some(url) = &self.advertise_api {
             return Some(url.trim_end_matches('/').to_owned());
         }
@@ -783,7 +827,7 @@ impl Config {
         format!(
             r#"# versed settings. Every setting is optional; the values shown are the defaults.
 # Command-line flags (--listen, --state-dir, --host, --underlay, --store, --admin-token-file,
-# --insecure-http) override this file.
+# --insecure-http, --no-api) override this file.
 
 # Address and port of the REST API (and of /metrics, /healthz). Every request but /healthz
 # and /v1/openapi.json needs a token (Authorization: Bearer ...), see the README, "Access".
@@ -894,6 +938,14 @@ gc_interval = {gc_interval}
 
 # The REST API's server.
 [api]
+# Serve the API on this host (--no-api sets false). A host that serves no API needs an etcd
+# store; it enforces the endpoints placed on it through other hosts' APIs, follows and keeps
+# only the hosts, the tokens, its own placements and the universes with an endpoint on it (its
+# memory, maps and watch traffic grow with its own workloads, not the fleet's), and answers
+# only /healthz and /metrics on `listen` and on the local socket: every other request is
+# answered 404 `api_not_served` (README, "Scale"). It advertises no API address, so other
+# hosts' fleet-wide views (events, flow logs, rule counters, traces) say it cannot be asked.
+serve = {serve}
 # TLS: "auto" serves TLS when a certificate is given or `listen` is not a loopback address,
 # and plain HTTP on loopback otherwise; "on" always serves TLS; "off" serves plain HTTP, which
 # versed refuses on an address that is not loopback unless insecure_http = true.
@@ -967,6 +1019,7 @@ flow_log_keep = {flow_log_keep}
             udp_one_way = ct.udp_one_way,
             icmp = ct.icmp,
             other = ct.other,
+            serve = d.api.serve,
             tls = format!("{:?}", d.api.tls).to_lowercase(),
             insecure_http = d.api.insecure_http,
             max_connections = d.api.max_connections,
@@ -1095,6 +1148,7 @@ mod tests {
             "etcd_ca_file",
             "etcd_cert_file",
             "etcd_key_file",
+            "serve",
             "tls",
             "tls_cert_file",
             "tls_key_file",
@@ -1195,6 +1249,32 @@ mod tests {
             StoreKind::parse("etcd://a:1,b:2").unwrap(),
             StoreKind::Etcd(vec!["a:1".into(), "b:2".into()])
         );
+    }
+
+    #[test]
+    fn a_host_that_serves_no_api_follows_only_its_own_part_of_etcd() {
+        let store = "etcd://127.0.0.1:2379";
+        let args = Args::parse_from(["versed", "--host", "h1", "--store", store]);
+        let cfg = Config::load(&args).unwrap();
+        assert!(cfg.api.serve);
+        assert_eq!(cfg.etcd_options().unwrap().unwrap().scope, None);
+        let args = Args::parse_from(["versed", "--host", "h1", "--store", store, "--no-api"]);
+        let cfg = Config::load(&args).unwrap();
+        assert!(!cfg.api.serve);
+        assert_eq!(cfg.etcd_options().unwrap().unwrap().scope.as_deref(), Some("h1"));
+        // It advertises no API address, even listening where others could reach it.
+        let open = Config { listen: "0.0.0.0:7070".parse().unwrap(), ..cfg.clone() };
+        assert_eq!(open.api_url(Some(std::net::Ipv4Addr::new(198, 18, 0, 1))), None);
+        // The same from the file.
+        let file = Config::from_toml("store = \"etcd://a:1\"\n[api]\nserve = false\n").unwrap();
+        assert!(!file.api.serve);
+        // The embedded store has no editor but its own API.
+        let err = Config::load(&Args::parse_from(["versed", "--host", "h1", "--no-api"]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("api.serve") && err.contains("etcd"), "{err}");
+        let c = Config { advertise_api: Some("https://198.18.0.1:7070".into()), ..cfg };
+        assert!(c.validate().unwrap_err().to_string().contains("advertise_api"));
     }
 
     #[test]

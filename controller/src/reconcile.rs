@@ -41,6 +41,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::{Ipv4Addr, Ipv6Addr};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -365,6 +366,8 @@ pub struct Reconciler {
     gc_stats: Arc<Mutex<GcStats>>,
     /// Endpoints gone from the maps whose conntrack entries are not deleted yet.
     flush_pending: usize,
+    /// Entries `applied` holds (`MapContents::entries`), for `/metrics`.
+    entries: Arc<AtomicU64>,
 }
 
 impl Reconciler {
@@ -400,6 +403,7 @@ impl Reconciler {
         let ids = seed_ids(&applied);
         let local = watch::channel(Arc::new(BTreeMap::new())).0;
         let gc = conntrack::Schedule::new(ct.gc_interval);
+        let entries = Arc::new(AtomicU64::new(applied.entries() as u64));
         Ok(Reconciler {
             realized_state: None,
             flow_logs: None,
@@ -416,6 +420,7 @@ impl Reconciler {
             gc,
             gc_stats,
             flush_pending: 0,
+            entries,
         })
     }
 
@@ -423,6 +428,12 @@ impl Reconciler {
     /// after every round that wrote the maps.
     pub fn local_endpoints(&self) -> watch::Receiver<Arc<BTreeMap<u32, String>>> {
         self.local.subscribe()
+    }
+
+    /// The entries the maps hold as of the last round (`MapContents::entries`: what the
+    /// reconciler wrote; conntrack aside).
+    pub fn map_entries(&self) -> Arc<AtomicU64> {
+        self.entries.clone()
     }
 
     /// The same reconciler, also keeping each realized state in `slot`.
@@ -712,6 +723,7 @@ impl Reconciler {
             self.applied = desired;
             outcome.wrote_maps = true;
         }
+        self.entries.store(self.applied.entries() as u64, Ordering::Relaxed);
         let in_maps: BTreeMap<u32, String> = self
             .plumbed
             .iter()

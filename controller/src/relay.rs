@@ -91,7 +91,8 @@ pub fn peers(
             (_, false) => missing.push((h.name.clone(), "the host is not healthy".to_owned())),
             (None, true) => missing.push((
                 h.name.clone(),
-                "the host registered no API address other hosts can reach (advertise_api)"
+                "the host registered no API address other hosts can reach (it serves no API, \
+                 api.serve = false, or listens on loopback only without advertise_api)"
                     .to_owned(),
             )),
             (Some(api), true) => match transport(api, h.api_fingerprint.as_deref()) {

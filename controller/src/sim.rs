@@ -80,18 +80,7 @@ impl SimMaps {
 
     /// Entries held, over every map.
     pub fn entries(&self) -> usize {
-        let m = &self.maps;
-        m.endpoints.len()
-            + m.routes.len()
-            + m.cidrs.len()
-            + m.policy.len()
-            + m.kinds_identities().len()
-            + m.hosts.len()
-            + m.vnis.len()
-            + m.rules.len()
-            + m.ipv6.routes.len()
-            + m.ipv6.cidrs.len()
-            + m.ipv6.policy.len()
+        self.maps.entries()
     }
 
     pub fn counts(&self) -> MapCounts {

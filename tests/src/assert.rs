@@ -145,17 +145,17 @@ pub fn assert_dropped(host: &Host, reason: &str, what: &str, probe: impl FnOnce(
     );
 }
 
-/// The keys of the conntrack table pinned under a daemon's bpffs (`VERSE_CT`), read with
-/// `bpftool`: so a test can check what a host still tracks, whatever the daemon does.
-pub fn conntrack_keys(bpf_dir: &Path) -> Vec<dataplane_common::CtKey> {
-    let pin = bpf_dir.join(dataplane_common::map_names::CONNTRACK);
+/// The keys of the map `map` (a name of `dataplane_common::map_names`) pinned under a daemon's
+/// bpffs, as bytes, read with `bpftool`: what the kernel holds, whatever the daemon says.
+pub fn pinned_keys(bpf_dir: &Path, map: &str) -> Vec<Vec<u8>> {
+    let pin = bpf_dir.join(map);
     let out = run_ok("bpftool", &["-j", "map", "dump", "pinned", &pin.to_string_lossy()]);
     let dump: Value = serde_json::from_slice(&out.stdout).expect("bpftool prints JSON");
     dump.as_array()
         .expect("a map dump is an array")
         .iter()
         .map(|e| {
-            let bytes: Vec<u8> = e["key"]
+            e["key"]
                 .as_array()
                 .expect("raw key bytes")
                 .iter()
@@ -163,7 +163,17 @@ pub fn conntrack_keys(bpf_dir: &Path) -> Vec<dataplane_common::CtKey> {
                     let t = b.as_str().expect("a hex byte");
                     u8::from_str_radix(t.trim_start_matches("0x"), 16).expect("hex")
                 })
-                .collect();
+                .collect()
+        })
+        .collect()
+}
+
+/// The keys of the conntrack table pinned under a daemon's bpffs (`VERSE_CT`), read with
+/// `bpftool`: so a test can check what a host still tracks, whatever the daemon does.
+pub fn conntrack_keys(bpf_dir: &Path) -> Vec<dataplane_common::CtKey> {
+    pinned_keys(bpf_dir, dataplane_common::map_names::CONNTRACK)
+        .into_iter()
+        .map(|bytes| {
             assert_eq!(bytes.len(), std::mem::size_of::<dataplane_common::CtKey>());
             let u16_at = |i: usize| u16::from_ne_bytes([bytes[i], bytes[i + 1]]);
             dataplane_common::CtKey {
@@ -177,6 +187,14 @@ pub fn conntrack_keys(bpf_dir: &Path) -> Vec<dataplane_common::CtKey> {
             }
         })
         .collect()
+}
+
+/// The value of the sample of `/metrics` text named exactly `name` (no labels), if any.
+pub fn metric_value(text: &str, name: &str) -> Option<u64> {
+    text.lines().filter(|l| !l.starts_with('#')).find_map(|l| {
+        let value = l.strip_prefix(name)?.strip_prefix(' ')?;
+        value.split_whitespace().next()?.parse::<f64>().ok().map(|v| v as u64)
+    })
 }
 
 #[cfg(test)]
@@ -193,5 +211,14 @@ mod tests {
         assert_eq!(counts.get("no_route"), None);
         assert_eq!(counter(&counts, "policy_ingress"), 5);
         assert!(std::panic::catch_unwind(|| counter(&counts, "policy_ingres")).is_err());
+    }
+
+    #[test]
+    fn reads_an_unlabelled_sample_by_its_exact_name() {
+        let text = "# HELP verse_map_entries x\nverse_map_entries 12\nverse_map_entries_x 3\n\
+                    verse_store_watch_events_total 7\n";
+        assert_eq!(metric_value(text, "verse_map_entries"), Some(12));
+        assert_eq!(metric_value(text, "verse_store_watch_events_total"), Some(7));
+        assert_eq!(metric_value(text, "verse_universes"), None);
     }
 }

@@ -33,24 +33,9 @@ fn sim_host(report: &Value, name: &str) -> Value {
 /// The keys of the `VERSE_HOSTS` map pinned under `bpf_dir`: the underlay addresses of the
 /// other hosts this dataplane accepts encapsulated traffic from.
 fn pinned_hosts(bpf_dir: &std::path::Path) -> Vec<std::net::Ipv4Addr> {
-    let map = bpf_dir.join(dataplane_common::map_names::HOSTS);
-    let out = run_ok("bpftool", &["-j", "map", "dump", "pinned", &map.to_string_lossy()]);
-    let entries: Value = serde_json::from_slice(&out.stdout).expect("bpftool prints JSON");
-    entries
-        .as_array()
-        .expect("an array of entries")
-        .iter()
-        .map(|e| {
-            let b: Vec<u8> = e["key"]
-                .as_array()
-                .expect("key bytes")
-                .iter()
-                .map(|b| {
-                    u8::from_str_radix(b.as_str().unwrap().trim_start_matches("0x"), 16).unwrap()
-                })
-                .collect();
-            std::net::Ipv4Addr::new(b[0], b[1], b[2], b[3])
-        })
+    pinned_keys(bpf_dir, dataplane_common::map_names::HOSTS)
+        .into_iter()
+        .map(|b| std::net::Ipv4Addr::new(b[0], b[1], b[2], b[3]))
         .collect()
 }
 

@@ -131,6 +131,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             .context("reading what the pinned maps hold")?
             .with_realized_state(realized_state.clone())
             .with_flow_logs(flow_logs.clone());
+    let map_entries = reconciler.map_entries();
 
     refuse_a_lost_state(&config, &store, &reconciler, args.empty_state)?;
     let api_url = config.api_url(underlay_ip);
@@ -138,15 +139,22 @@ async fn run(args: Args) -> anyhow::Result<()> {
     // token there only over TLS with exactly this certificate (README, "Why was my packet
     // dropped?").
     let tls = server::tls_from_config(&config, &host)?;
-    let api_fingerprint = tls.as_ref().map(|t| t.fingerprint.clone());
+    let api_fingerprint = tls.as_ref().filter(|_| config.api.serve).map(|t| t.fingerprint.clone());
     store
         .register_host_with_api(&host, underlay_ip, api_url.clone(), api_fingerprint.clone())
         .await
         .context("registering this host")?;
-    match auth::bootstrap_admin(&store, &config.state_dir, config.admin_token_file.as_deref())
-        .await
-        .context("setting up the first admin token")?
-    {
+    // A host that serves no API takes no edit, so it makes no admin token either (and its etcd
+    // role need not write `tokens/`): the hosts that serve the API do.
+    let bootstrap = match config.api.serve {
+        true => {
+            auth::bootstrap_admin(&store, &config.state_dir, config.admin_token_file.as_deref())
+                .await
+                .context("setting up the first admin token")?
+        }
+        false => Bootstrap::Present,
+    };
+    match bootstrap {
         Bootstrap::Present => {}
         Bootstrap::Registered { id } => {
             tracing::info!(token = %id, "registered the admin token of admin_token_file")
@@ -252,19 +260,25 @@ async fn run(args: Args) -> anyhow::Result<()> {
             rule_packets: stats_logs.rule_packets(),
             ct_owners: dp.ct_owners(),
             gc,
+            map_entries: map_entries.load(std::sync::atomic::Ordering::Relaxed),
+            resident_bytes: sim::rss_bytes(),
         })
     });
     let limits = limits::Limits::new(config.limit_settings());
-    let app = api::router(
-        AppState::new(store, host.clone(), underlay_ip, realized_rx, stats)
-            .with_limits(limits)
-            .with_api_url(api_url.clone())
-            .with_api_fingerprint(api_fingerprint)
-            .with_events(hub)
-            .with_flow_logs(flow_logs)
-            .with_conntrack_budget(config.conntrack.endpoint_budget)
-            .with_trace(tracer),
-    );
+    let app_state = AppState::new(store, host.clone(), underlay_ip, realized_rx, stats)
+        .with_limits(limits)
+        .with_api_url(api_url.clone())
+        .with_api_fingerprint(api_fingerprint)
+        .with_events(hub)
+        .with_flow_logs(flow_logs)
+        .with_conntrack_budget(config.conntrack.endpoint_budget)
+        .with_trace(tracer);
+    // A host that serves no API holds only its own part of the desired state (its store has a
+    // scope, `Config::etcd_options`): it answers /healthz and /metrics, nothing else.
+    let app = match config.api.serve {
+        true => api::router(app_state),
+        false => api::router_without_api(app_state),
+    };
 
     let mut server_settings = config.server_settings();
     match server::raise_fd_limit() {
@@ -299,6 +313,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         tls = tls.is_some(),
         max_connections = server_settings.max_connections,
         api_url = ?api_url,
+        serves_api = config.api.serve,
         "versed started"
     );
     let (stop_tx, stop_rx) = watch::channel(());

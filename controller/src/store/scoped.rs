@@ -2,10 +2,11 @@
 //! store that follows everything has seen, which revisions such a host has realized.
 //!
 //! Contract:
-//! - A store with a scope (host H) follows three kinds of key ranges, each on a watcher of its
+//! - A store with a scope (host H) follows four kinds of key ranges, each on a watcher of its
 //!   own, all on one watch stream (watch ids it assigns): `hosts/` (the fleet's hosts: peers and
-//!   their underlay addresses), `placement/H/` (H's claims, each naming its endpoint's universe)
-//!   and `u/U/` for each universe U a claim names (everything of U). etcd orders events within a
+//!   their underlay addresses), `tokens/` (the API tokens, so that H can check the caller of
+//!   its `/metrics`), `placement/H/` (H's claims, each naming its endpoint's universe) and
+//!   `u/U/` for each universe U a claim names (everything of U). etcd orders events within a
 //!   watcher only, so each range keeps its own progress: the etcd revision up to which the
 //!   state holds every change of that range ([`State::followed`]).
 //! - A universe is held whole or not at all (fail closed): when a batch of `placement/H/` names
@@ -31,7 +32,7 @@ use std::cell::Cell;
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 
 use super::*;
-use crate::store::layout::{Placement, HOSTS, PLACEMENT, U, UNIVERSES};
+use crate::store::layout::{Placement, HOSTS, PLACEMENT, TOKENS, U, UNIVERSES};
 
 /// How many (revision, range) changes a store keeps to judge hosts by.
 const TOUCHES_KEPT: usize = 100_000;
@@ -398,24 +399,32 @@ fn drop_universe(cache: &mut Cache, uni: &str) {
 }
 
 impl Shared {
-    /// Reads what host `host` needs: the hosts and its placements at one revision, then each
-    /// universe they name (each at one revision of its own).
+    /// Reads what host `host` needs: the hosts, the tokens and its placements at one revision,
+    /// then each universe they name (each at one revision of its own).
     pub(super) async fn read_scoped(&self, host: &str) -> Result<Cache> {
         let placement = format!("{PLACEMENT}{host}/");
         let prefixed = || Some(GetOptions::new().with_prefix());
         let txn = Txn::new().and_then(vec![
             TxnOp::get(self.key(HOSTS), prefixed()),
+            TxnOp::get(self.key(TOKENS), prefixed()),
             TxnOp::get(self.key(&placement), prefixed()),
         ]);
         let mut kv = self.client.kv_client().max_decoding_message_size(MAX_MESSAGE);
-        let resp =
-            timed("transaction (read the hosts and this host's placements)", kv.txn(txn)).await?;
+        let resp = timed(
+            "transaction (read the hosts, the tokens and this host's placements)",
+            kv.txn(txn),
+        )
+        .await?;
         let at = resp.header().map_or(0, |h| h.revision());
         let mut cache = Cache { revision: at, ..Cache::default() };
         let mut scope = Scope {
             host: host.to_owned(),
             placed: BTreeMap::new(),
-            follows: BTreeMap::from([(HOSTS.to_owned(), at), (placement, at)]),
+            follows: BTreeMap::from([
+                (HOSTS.to_owned(), at),
+                (TOKENS.to_owned(), at),
+                (placement, at),
+            ]),
         };
         let ops = resp.op_responses();
         let mut kvs = Vec::new();
