@@ -44,6 +44,29 @@ fn metric(fleet: &Fleet, i: usize, name: &str) -> u64 {
     metric_value(&text, name).unwrap_or_else(|| panic!("no {name} in /metrics of host {i}"))
 }
 
+/// What host `i` holds and has received, from its `/metrics`.
+struct Holdings {
+    events: u64,
+    bytes: u64,
+    entries: u64,
+    resident: u64,
+}
+
+impl Holdings {
+    fn of(fleet: &Fleet, i: usize) -> Holdings {
+        let text = fleet.api(i).metrics();
+        let m = |name: &str| {
+            metric_value(&text, name).unwrap_or_else(|| panic!("no {name} in /metrics of host {i}"))
+        };
+        Holdings {
+            events: m("verse_store_watch_events_total"),
+            bytes: m("verse_store_watch_bytes_total"),
+            entries: m("verse_map_entries"),
+            resident: m("verse_resident_memory_bytes"),
+        }
+    }
+}
+
 #[test]
 fn a_host_without_an_api_enforces_its_own_universes_and_holds_nothing_of_the_others() {
     assert!(is_root(), "needs root: network namespaces, bpffs, eBPF");
@@ -117,42 +140,60 @@ fn a_host_without_an_api_enforces_its_own_universes_and_holds_nothing_of_the_oth
     assert_eq!(vnis_in(fleet.host(C), map_names::VNIS), BTreeSet::from([shop_vni]));
     assert_eq!(vnis_in(fleet.host(C), map_names::ROUTES), BTreeSet::from([shop_vni]));
     assert_eq!(metric(&fleet, C, "verse_universes"), 1);
-    let entries = metric(&fleet, C, "verse_map_entries");
-    assert!(entries > 0, "C holds shop's entries");
-    let events = metric(&fleet, C, "verse_store_watch_events_total");
-    let bytes = metric(&fleet, C, "verse_store_watch_bytes_total");
+    assert!(metric(&fleet, C, "verse_map_entries") > 0, "C holds shop's entries");
 
-    // Universe other, with endpoints on A and B only, edited through both APIs: C is sent
-    // nothing of it, holds nothing of it, and realizes its edits trivially (the API waits for
-    // C and is not held up).
-    let other = api_b.create_universe("other", "10.1.0.0/24");
-    let other_vni = other["vni"].as_u64().expect("a VNI") as u32;
-    let other = id(&other).to_owned();
-    let g = api_a.create_group(&other, "g");
-    let g = id(&g).to_owned();
-    let _o1 = fleet.endpoint_via(1, 0, &other, "10.1.0.10", &[&g]);
-    let _o2 = fleet.endpoint_via(0, 1, &other, "10.1.0.20", &[&g]);
+    // Four universes `other-k`, each with an endpoint on A and one on B and 25 rules, edited
+    // through both APIs: C is sent nothing of them, holds nothing of them, and realizes their
+    // edits trivially (the API waits for C and is not held up). What each host holds, before
+    // and after, is the per-host figure of the README ("Scale").
+    let before: Vec<Holdings> = (0..3).map(|i| Holdings::of(&fleet, i)).collect();
+    let mut others = Vec::new();
+    let mut workloads = Vec::new();
     let mut last = 0;
-    for port in 1000..1020 {
-        let via = if port % 2 == 0 { api_a } else { api_b };
-        let r = via.post(&format!("/v1/security-groups/{g}/rules"), &tcp_rule(port, &g));
-        assert_eq!(r.status, 201, "{}", r.body);
-        last = r.revision().expect("a revision");
+    for k in 1..=4u16 {
+        let other = api_b.create_universe(&format!("other-{k}"), &format!("10.{k}.0.0/24"));
+        others.push(other["vni"].as_u64().expect("a VNI") as u32);
+        let other = id(&other).to_owned();
+        let g = api_a.create_group(&other, "g");
+        let g = id(&g).to_owned();
+        workloads.push(fleet.endpoint_via(1, 0, &other, &format!("10.{k}.0.10"), &[&g]));
+        workloads.push(fleet.endpoint_via(0, 1, &other, &format!("10.{k}.0.20"), &[&g]));
+        for port in 1000..1025 {
+            let via = if port % 2 == 0 { api_a } else { api_b };
+            let r = via.post(&format!("/v1/security-groups/{g}/rules"), &tcp_rule(port, &g));
+            assert_eq!(r.status, 201, "{}", r.body);
+            last = r.revision().expect("a revision");
+        }
     }
     assert!(fleet.wait_realized(0, last, WAIT), "{:?}", api_a.hosts());
-    assert_eq!(metric(&fleet, 0, "verse_universes"), 2, "A holds both universes");
-    assert_eq!(
-        metric(&fleet, C, "verse_store_watch_events_total"),
-        events,
-        "no edit of `other` reached C's watch"
-    );
-    assert_eq!(metric(&fleet, C, "verse_store_watch_bytes_total"), bytes);
-    assert_eq!(metric(&fleet, C, "verse_map_entries"), entries, "C's maps did not change");
+    let after: Vec<Holdings> = (0..3).map(|i| Holdings::of(&fleet, i)).collect();
+    eprintln!("host  watch events  watch bytes  map entries  resident bytes (before -> after)");
+    for (i, (b, a)) in before.iter().zip(&after).enumerate() {
+        eprintln!(
+            "{}  {:>5} -> {:<5}  {:>6} -> {:<7}  {:>3} -> {:<4}  {} -> {}",
+            fleet.host(i).name(),
+            b.events,
+            a.events,
+            b.bytes,
+            a.bytes,
+            b.entries,
+            a.entries,
+            b.resident,
+            a.resident
+        );
+    }
+    assert_eq!(metric(&fleet, 0, "verse_universes"), 5, "A holds every universe");
+    let (c_before, c_after) = (&before[C], &after[C]);
+    assert_eq!(c_after.events, c_before.events, "no edit of the others reached C's watch");
+    assert_eq!(c_after.bytes, c_before.bytes);
+    assert_eq!(c_after.entries, c_before.entries, "C's maps did not change");
+    assert!(after[0].entries > before[0].entries && after[1].bytes > before[1].bytes);
     assert_eq!(metric(&fleet, C, "verse_universes"), 1);
     for map in [map_names::VNIS, map_names::ROUTES] {
-        assert!(!vnis_in(fleet.host(C), map).contains(&other_vni), "{map} of C holds `other`");
+        let held = vnis_in(fleet.host(C), map);
+        assert!(others.iter().all(|v| !held.contains(v)), "{map} of C holds another universe");
     }
-    assert!(vnis_in(fleet.host(0), map_names::VNIS).contains(&other_vni), "A holds `other`");
+    assert!(vnis_in(fleet.host(0), map_names::VNIS).is_superset(&others.iter().copied().collect()));
 
     // Restarted, C resumes: what it enforced stays, and it follows the edits made since.
     fleet.host_mut(C).versed.restart();
