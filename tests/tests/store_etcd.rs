@@ -632,6 +632,91 @@ async fn hosts_authenticate_to_etcd_and_its_roles_confine_them() {
     assert!(keys.contains("/verse-test/alive/h2"), "{keys}");
 }
 
+/// The README's role of a host that serves no API (its store has a scope): `read` on `hosts/`,
+/// `tokens/`, its own `placement/<name>/`, `u/`, `universes/` and `catalog` only, `readwrite` on its own
+/// `alive/` and `hosts/` records and `audit/`. With it such a host opens its store, registers,
+/// takes up a universe placed on it and reports it realized (judged by the API host); it
+/// cannot read what it does not follow (another host's placements, the id claims).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_that_serves_no_api_works_with_its_narrow_etcd_role() {
+    let etcd = Etcd::start_local();
+    let p = "/verse-test/";
+    etcd.etcdctl(&["user", "add", "root:root-pw", "--interactive=false"]);
+    etcd.etcdctl(&["role", "add", "verse-api"]);
+    etcd.etcdctl(&["role", "grant-permission", "verse-api", "--prefix=true", "readwrite", p]);
+    etcd.etcdctl(&["user", "add", "api-host:api-pw", "--interactive=false"]);
+    etcd.etcdctl(&["user", "grant-role", "api-host", "verse-api"]);
+    etcd.etcdctl(&["role", "add", "verse-h3"]);
+    for range in ["hosts/", "tokens/", "placement/h3/", "u/", "universes/"] {
+        let key = format!("{p}{range}");
+        etcd.etcdctl(&["role", "grant-permission", "verse-h3", "--prefix=true", "read", &key]);
+    }
+    // Its host record is an edit, whose transaction reads the catalog when a guard fails.
+    etcd.etcdctl(&["role", "grant-permission", "verse-h3", "read", &format!("{p}catalog")]);
+    for key in ["alive/h3", "hosts/h3"] {
+        etcd.etcdctl(&["role", "grant-permission", "verse-h3", "readwrite", &format!("{p}{key}")]);
+    }
+    let audit = format!("{p}audit/");
+    etcd.etcdctl(&["role", "grant-permission", "verse-h3", "--prefix=true", "readwrite", &audit]);
+    etcd.etcdctl(&["user", "add", "h3:h3-pw", "--interactive=false"]);
+    etcd.etcdctl(&["user", "grant-role", "h3", "verse-h3"]);
+    etcd.etcdctl(&["auth", "enable"]);
+
+    let ttl = Duration::from_secs(2);
+    let as_user = |user: &str, pw: &str| {
+        let mut o = etcd.options(ttl);
+        o.user = Some((user.to_owned(), pw.to_owned()));
+        o
+    };
+    let a = open(as_user("api-host", "api-pw")).await;
+    a.register_host("h1", None).await.unwrap();
+    let (blue, _) = a.edit(|s| s.create_universe(universe("blue"))).await.unwrap();
+    let (web, _) = a.edit(|s| s.create_group(group(&blue.id, "web"))).await.unwrap();
+
+    let h3 = open(EtcdOptions { scope: Some("h3".into()), ..as_user("h3", "h3-pw") }).await;
+    h3.register_host("h3", Some(Ipv4Addr::new(198, 18, 0, 3))).await.unwrap();
+    let reporter = h3.clone();
+    let mut rx = h3.subscribe();
+    tokio::spawn(async move {
+        loop {
+            let state = rx.borrow_and_update().clone();
+            reporter.report("h3", Realized::of(&state));
+            if rx.changed().await.is_err() {
+                break;
+            }
+        }
+    });
+    wait_health(&a, "h3", true).await;
+    h3.append_audit(&audit_record("h3", 1, None)).await.unwrap();
+    let (_, placed) = a
+        .edit(|s| s.create_endpoint(endpoint_on(&blue.id, "h3", "ns-1", "10.1.0.5", &web.id), "h1"))
+        .await
+        .unwrap();
+    let mut srx = h3.subscribe();
+    wait_state(&mut srx, "blue on h3", |st| st.revision >= placed).await;
+    assert_eq!(universe_of(&h3.snapshot(), &blue.id), universe_of(&a.snapshot(), &blue.id));
+    let hosts = a.subscribe_hosts().await.unwrap();
+    let mut hosts = hosts;
+    let judged = tokio::time::timeout(
+        WAIT,
+        hosts.wait_for(|h| h.iter().any(|h| h.name == "h3" && h.revision >= placed && h.healthy)),
+    )
+    .await;
+    assert!(judged.is_ok(), "h3 realized the placement, as the API host judges it");
+    // What it does not follow, its role does not let it read either.
+    for key in ["ids/", "placement/h1/", "counters/"] {
+        let out = std::process::Command::new("etcdctl")
+            .env("ETCDCTL_API", "3")
+            .arg(format!("--endpoints={}", etcd.endpoint()))
+            .args(["--user", "h3:h3-pw", "get", "--prefix", "--keys-only"])
+            .arg(format!("{p}{key}"))
+            .output()
+            .expect("etcdctl runs");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && err.contains("permission denied"), "h3 read {key}: {err}");
+    }
+}
+
 /// TLS to etcd (`etcd_ca_file`, `etcd_cert_file`, `etcd_key_file`): with etcd's CA and a client
 /// certificate it signed, the store works as over plain gRPC, the settings read through the
 /// daemon's configuration; with another CA, or without a client certificate, nothing is read
