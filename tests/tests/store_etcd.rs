@@ -554,6 +554,45 @@ fn etcdctl_root(etcd: &Etcd, args: &[&str]) -> String {
     etcd.etcdctl(&all)
 }
 
+/// etcd's `root` user, and the README's role of a host whose API takes edits (`readwrite` on
+/// the prefix `p`) with its user `api-host` (password `api-pw`); auth is not enabled yet.
+fn api_role_and_user(etcd: &Etcd, p: &str) {
+    etcd.etcdctl(&["user", "add", "root:root-pw", "--interactive=false"]);
+    etcd.etcdctl(&["role", "add", "verse-api"]);
+    etcd.etcdctl(&["role", "grant-permission", "verse-api", "--prefix=true", "readwrite", p]);
+    etcd.etcdctl(&["user", "add", "api-host:api-pw", "--interactive=false"]);
+    etcd.etcdctl(&["user", "grant-role", "api-host", "verse-api"]);
+}
+
+/// The README's role of an enforce-only host `host` (user `host`, password `<host>-pw`): `read`
+/// on each of `reads` under the prefix `p` (the keys below it when it is empty or ends with
+/// '/'), `readwrite` on its own `alive/` and `hosts/` records and on `audit/`; then etcd's auth
+/// is enabled.
+fn enforce_only_role_then_auth(etcd: &Etcd, p: &str, host: &str, reads: &[&str]) {
+    let role = format!("verse-{host}");
+    etcd.etcdctl(&["role", "add", &role]);
+    for read in reads {
+        let key = format!("{p}{read}");
+        let prefix = if key.ends_with('/') { "--prefix=true" } else { "--prefix=false" };
+        etcd.etcdctl(&["role", "grant-permission", &role, prefix, "read", &key]);
+    }
+    for key in [format!("alive/{host}"), format!("hosts/{host}")] {
+        etcd.etcdctl(&["role", "grant-permission", &role, "readwrite", &format!("{p}{key}")]);
+    }
+    let audit = format!("{p}audit/");
+    etcd.etcdctl(&["role", "grant-permission", &role, "--prefix=true", "readwrite", &audit]);
+    etcd.etcdctl(&["user", "add", &format!("{host}:{host}-pw"), "--interactive=false"]);
+    etcd.etcdctl(&["user", "grant-role", host, &role]);
+    etcd.etcdctl(&["auth", "enable"]);
+}
+
+/// The store options of a host that authenticates to `etcd` as `user`.
+fn as_etcd_user(etcd: &Etcd, ttl: Duration, user: &str, pw: &str) -> EtcdOptions {
+    let mut o = etcd.options(ttl);
+    o.user = Some((user.to_owned(), pw.to_owned()));
+    o
+}
+
 /// The etcd access control the README describes, on a real etcd with auth enabled: an
 /// API-serving host reads and writes the whole prefix; an enforce-only host (`h2`) reads it and
 /// writes only its own liveness and host record and the audit trail. What a
@@ -563,28 +602,11 @@ fn etcdctl_root(etcd: &Etcd, args: &[&str]) -> String {
 async fn hosts_authenticate_to_etcd_and_its_roles_confine_them() {
     let etcd = Etcd::start_local();
     let p = "/verse-test/";
-    etcd.etcdctl(&["user", "add", "root:root-pw", "--interactive=false"]);
-    etcd.etcdctl(&["role", "add", "verse-api"]);
-    etcd.etcdctl(&["role", "grant-permission", "verse-api", "--prefix=true", "readwrite", p]);
-    etcd.etcdctl(&["user", "add", "api-host:api-pw", "--interactive=false"]);
-    etcd.etcdctl(&["user", "grant-role", "api-host", "verse-api"]);
-    etcd.etcdctl(&["role", "add", "verse-h2"]);
-    etcd.etcdctl(&["role", "grant-permission", "verse-h2", "--prefix=true", "read", p]);
-    for key in ["alive/h2", "hosts/h2"] {
-        etcd.etcdctl(&["role", "grant-permission", "verse-h2", "readwrite", &format!("{p}{key}")]);
-    }
-    let audit = format!("{p}audit/");
-    etcd.etcdctl(&["role", "grant-permission", "verse-h2", "--prefix=true", "readwrite", &audit]);
-    etcd.etcdctl(&["user", "add", "h2:h2-pw", "--interactive=false"]);
-    etcd.etcdctl(&["user", "grant-role", "h2", "verse-h2"]);
-    etcd.etcdctl(&["auth", "enable"]);
+    api_role_and_user(&etcd, p);
+    enforce_only_role_then_auth(&etcd, p, "h2", &[""]);
 
     let ttl = Duration::from_secs(2);
-    let as_user = |user: &str, pw: &str| {
-        let mut o = etcd.options(ttl);
-        o.user = Some((user.to_owned(), pw.to_owned()));
-        o
-    };
+    let as_user = |user: &str, pw: &str| as_etcd_user(&etcd, ttl, user, pw);
     let a = open(as_user("api-host", "api-pw")).await;
     a.register_host("h1", None).await.unwrap();
     let (blue, _) = a.edit(|s| s.create_universe(universe("blue"))).await.unwrap();
@@ -641,33 +663,13 @@ async fn hosts_authenticate_to_etcd_and_its_roles_confine_them() {
 async fn a_host_that_serves_no_api_works_with_its_narrow_etcd_role() {
     let etcd = Etcd::start_local();
     let p = "/verse-test/";
-    etcd.etcdctl(&["user", "add", "root:root-pw", "--interactive=false"]);
-    etcd.etcdctl(&["role", "add", "verse-api"]);
-    etcd.etcdctl(&["role", "grant-permission", "verse-api", "--prefix=true", "readwrite", p]);
-    etcd.etcdctl(&["user", "add", "api-host:api-pw", "--interactive=false"]);
-    etcd.etcdctl(&["user", "grant-role", "api-host", "verse-api"]);
-    etcd.etcdctl(&["role", "add", "verse-h3"]);
-    for range in ["hosts/", "tokens/", "placement/h3/", "u/", "universes/"] {
-        let key = format!("{p}{range}");
-        etcd.etcdctl(&["role", "grant-permission", "verse-h3", "--prefix=true", "read", &key]);
-    }
+    api_role_and_user(&etcd, p);
     // Its host record is an edit, whose transaction reads the catalog when a guard fails.
-    etcd.etcdctl(&["role", "grant-permission", "verse-h3", "read", &format!("{p}catalog")]);
-    for key in ["alive/h3", "hosts/h3"] {
-        etcd.etcdctl(&["role", "grant-permission", "verse-h3", "readwrite", &format!("{p}{key}")]);
-    }
-    let audit = format!("{p}audit/");
-    etcd.etcdctl(&["role", "grant-permission", "verse-h3", "--prefix=true", "readwrite", &audit]);
-    etcd.etcdctl(&["user", "add", "h3:h3-pw", "--interactive=false"]);
-    etcd.etcdctl(&["user", "grant-role", "h3", "verse-h3"]);
-    etcd.etcdctl(&["auth", "enable"]);
+    let reads = ["hosts/", "tokens/", "placement/h3/", "u/", "universes/", "catalog"];
+    enforce_only_role_then_auth(&etcd, p, "h3", &reads);
 
     let ttl = Duration::from_secs(2);
-    let as_user = |user: &str, pw: &str| {
-        let mut o = etcd.options(ttl);
-        o.user = Some((user.to_owned(), pw.to_owned()));
-        o
-    };
+    let as_user = |user: &str, pw: &str| as_etcd_user(&etcd, ttl, user, pw);
     let a = open(as_user("api-host", "api-pw")).await;
     a.register_host("h1", None).await.unwrap();
     let (blue, _) = a.edit(|s| s.create_universe(universe("blue"))).await.unwrap();
