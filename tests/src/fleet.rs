@@ -27,16 +27,17 @@
 
 use std::fs::{self, OpenOptions};
 use std::io::{self, Read, Write};
-use std::net::{Ipv4Addr, Shutdown, SocketAddr, TcpStream};
+use std::net::{IpAddr, Ipv4Addr, Shutdown, SocketAddr, TcpStream};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::{
-    bad, frames, http_request, tcp_roundtrip, traffic::accept_loop, unique_name, unique_port,
-    wait_until, Api, Host, Netns, RawIpSocket, Stopper, TcpServer, TempDir, Value, Workload,
-    ALLOWED,
+    bad, frames, http_request, tcp_roundtrip,
+    traffic::{accept_loop, accept_loop_on},
+    unique_name, unique_port, wait_until, Api, Host, Netns, RawIpSocket, Stopper, TcpServer,
+    TempDir, Value, Workload, ALLOWED,
 };
 
 /// The address of the underlay bridge itself in the underlay namespace.
@@ -824,6 +825,28 @@ impl Fleet {
         self.endpoint_via((on + 1) % self.len(), on, universe, ip, groups)
     }
 
+    /// A dual-stack workload with IPv4 `ip` and IPv6 `ipv6` in `groups` (none: the universe's
+    /// default group), placed on host `on` through the API of the next host.
+    pub fn endpoint6(
+        &self,
+        on: usize,
+        universe: &str,
+        (ip, ipv6): (&str, &str),
+        groups: &[&str],
+    ) -> Workload {
+        let (w, _) = self.api((on + 1) % self.len()).plug(verse::model::CreateEndpoint {
+            universe: universe.into(),
+            host: Some(self.host(on).name().to_owned()),
+            ip: ip.into(),
+            ipv6: Some(ipv6.into()),
+            security_groups: (!groups.is_empty())
+                .then(|| groups.iter().map(|g| (*g).to_owned()).collect()),
+            ..Default::default()
+        });
+        assert_eq!(w.json["host"], self.host(on).name(), "placed where asked: {}", w.json);
+        w
+    }
+
     /// `GET /v1/hosts` asked of host `via`, or `None` if it does not answer.
     fn host_statuses_via(&self, via: usize) -> Option<Vec<Value>> {
         let hosts = self.hosts[via].api.client().list_hosts().ok()?;
@@ -1332,6 +1355,14 @@ impl BulkSink {
             accept_loop(ns, port, |stream, stop| std::thread::spawn(move || sink(stream, &stop)));
         BulkSink { port, _stopper: stopper }
     }
+
+    /// [`BulkSink::start`] on address `ip` of the namespace only (an IPv6 one, say).
+    pub fn start_on(ns: &Netns, ip: IpAddr, port: u16) -> BulkSink {
+        let stopper = accept_loop_on(ns, ip, port, |stream, stop| {
+            std::thread::spawn(move || sink(stream, &stop))
+        });
+        BulkSink { port, _stopper: stopper }
+    }
 }
 
 fn sink(mut stream: TcpStream, stop: &AtomicBool) {
@@ -1356,13 +1387,13 @@ fn sink(mut stream: TcpStream, stop: &AtomicBool) {
 /// returns how many the sink says it received. `timeout` bounds the whole transfer.
 pub fn bulk_send(
     ns: &Netns,
-    ip: Ipv4Addr,
+    ip: impl Into<IpAddr>,
     port: u16,
     bytes: u64,
     timeout: Duration,
 ) -> io::Result<u64> {
     let deadline = Instant::now() + timeout;
-    let addr = SocketAddr::from((ip, port));
+    let addr = SocketAddr::from((ip.into(), port));
     let mut stream = ns.enter(|| TcpStream::connect_timeout(&addr, Duration::from_secs(5)))?;
     let chunk = vec![0x5au8; 64 * 1024];
     let mut sent: u64 = 0;

@@ -517,3 +517,21 @@ mod tests {
         assert_eq!(udp_exchange(&a, None, ip_b, 7001, "w", DENIED), UdpOutcome::Timeout);
     }
 }
+
+/// The address family a test body runs over: a policy test of IPv4 is run for IPv6 by the same
+/// body with this parameter, not copied.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Family {
+    V4,
+    V6,
+}
+
+impl Family {
+    /// `w`'s address in this family (IPv6: `w` must be dual stack).
+    pub fn addr(self, w: &crate::Workload) -> IpAddr {
+        match self {
+            Family::V4 => IpAddr::V4(w.ip),
+            Family::V6 => IpAddr::V6(w.ipv6.expect("a dual-stack endpoint")),
+        }
+    }
+}

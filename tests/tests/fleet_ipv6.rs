@@ -7,8 +7,6 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::time::Duration;
 
-use verse::model::CreateEndpoint;
-
 use tests::*;
 
 fn id(v: &Value) -> &str {
@@ -22,22 +20,14 @@ fn vni(v: &Value) -> u32 {
 const CIDR4: &str = "10.70.0.0/24";
 const CIDR6: &str = "fd00:70::/64";
 
-/// The address family a test body runs over.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Family {
-    V4,
-    V6,
+/// What the policy body needs of a family besides the workloads' addresses.
+trait Rules {
+    fn cidr(self) -> &'static str;
+    fn other_cidr(self) -> &'static str;
+    fn echo_rule(self, group: &str) -> Value;
 }
 
-impl Family {
-    /// `w`'s address in this family.
-    fn addr(self, w: &Workload) -> IpAddr {
-        match self {
-            Family::V4 => IpAddr::V4(w.ip),
-            Family::V6 => IpAddr::V6(w.ipv6.expect("a dual-stack endpoint")),
-        }
-    }
-
+impl Rules for Family {
     /// The universe's CIDR of this family, and of the other one.
     fn cidr(self) -> &'static str {
         match self {
@@ -71,30 +61,6 @@ fn dual_universe(fleet: &Fleet, name: &str) -> Value {
     r.json()
 }
 
-/// A workload with IPv4 `ip` and IPv6 `ipv6` in `groups` (none: the default group), placed on
-/// host `on` through the API of the next host.
-fn dual_endpoint(
-    fleet: &Fleet,
-    on: usize,
-    universe: &str,
-    (ip, ipv6): (&str, &str),
-    groups: &[&str],
-) -> Workload {
-    let via = fleet.api((on + 1) % fleet.len());
-    let (w, _) = via.plug(CreateEndpoint {
-        universe: universe.into(),
-        host: Some(fleet.host(on).name().to_owned()),
-        ip: ip.into(),
-        ipv6: Some(ipv6.into()),
-        // None: the universe's default group.
-        security_groups: (!groups.is_empty())
-            .then(|| groups.iter().map(|g| (*g).to_owned()).collect()),
-        ..Default::default()
-    });
-    assert_eq!(w.json["host"], fleet.host(on).name(), "placed where asked: {}", w.json);
-    w
-}
-
 /// The body both families run: a server on host B, a client on host A. The server's group
 /// admits echo requests from the client's group, TCP 7000 from the family's CIDR, UDP 7001 from
 /// the client's group and TCP 7004 from the *other* family's CIDR; the client's group admits
@@ -117,8 +83,8 @@ fn rules_hold_across_hosts(family: Family) {
         srv,
         &json!({"direction": "ingress", "protocol": "udp", "from_port": 7001, "to_port": 7001, "group": cli}),
     );
-    let server = dual_endpoint(&fleet, 1, u, ("10.70.0.10", "fd00:70::10"), &[srv]);
-    let client = dual_endpoint(&fleet, 0, u, ("10.70.0.20", "fd00:70::20"), &[cli]);
+    let server = fleet.endpoint6(1, u, ("10.70.0.10", "fd00:70::10"), &[srv]);
+    let client = fleet.endpoint6(0, u, ("10.70.0.20", "fd00:70::20"), &[cli]);
     let (s, c) = (family.addr(&server), family.addr(&client));
     let _tcp: Vec<_> =
         [7000, 7002, 7004].iter().map(|&p| TcpServer::start_on(&server.ns, s, p, "srv")).collect();
@@ -206,9 +172,9 @@ fn forged_ipv6_on_the_underlay_is_dropped_and_counted() {
         id(&open),
         &json!({"direction": "ingress", "protocol": "udp", "from_port": 9000, "to_port": 9000, "cidr": "::/0"}),
     );
-    let sender = dual_endpoint(&fleet, 0, u, ("10.70.0.20", "fd00:70::20"), &[]);
-    let target = dual_endpoint(&fleet, 1, u, ("10.70.0.10", "fd00:70::10"), &[id(&open)]);
-    let beside = dual_endpoint(&fleet, 1, u, ("10.70.0.11", "fd00:70::11"), &[]);
+    let sender = fleet.endpoint6(0, u, ("10.70.0.20", "fd00:70::20"), &[]);
+    let target = fleet.endpoint6(1, u, ("10.70.0.10", "fd00:70::10"), &[id(&open)]);
+    let beside = fleet.endpoint6(1, u, ("10.70.0.11", "fd00:70::11"), &[]);
     let t6 = IpAddr::V6(target.ipv6.unwrap());
     let server = UdpServer::start_on(&target.ns, t6, 9000, "t");
     let received = || server.sources().len();
