@@ -70,7 +70,8 @@ impl Holdings {
 #[test]
 fn a_host_without_an_api_enforces_its_own_universes_and_holds_nothing_of_the_others() {
     assert!(is_root(), "needs root: network namespaces, bpffs, eBPF");
-    let mut fleet = Fleet::start_with_host_configs(&["", "", "[api]\nserve = false\n"]);
+    let c_config = "[api]\nserve = false\n[observability]\nflow_log_interval = 10\n";
+    let mut fleet = Fleet::start_with_host_configs(&["", "", c_config]);
     assert!(
         fleet.wait_realized(0, 0, WAIT),
         "the fleet is not healthy: {:?}",
@@ -121,6 +122,37 @@ fn a_host_without_an_api_enforces_its_own_universes_and_holds_nothing_of_the_oth
         "client (B) -> web (C) TCP 81: no rule",
         || tcp_connect(&w_client.ns, dot10, 81, DENIED),
     );
+
+    // Flow logs turned on through A's API: C writes them (its ACCEPT from conntrack, its REJECT
+    // from the drop events), in its own state directory; A cannot ask C for them, nor for a
+    // trace, and says why.
+    let r = api_a.patch(&format!("/v1/endpoints/{}", w_web.id), &json!({"flow_logs": true}));
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(
+        tcp_roundtrip(&w_client.ns, dot10, 80, "logged", ALLOWED).as_deref(),
+        Some("web:logged")
+    );
+    assert!(!tcp_connect(&w_client.ns, dot10, 81, DENIED));
+    let file = fleet.host(C).state_dir().join("flow-logs/flow-logs.jsonl");
+    let logged = wait_until(Duration::from_secs(25), || {
+        let text = std::fs::read_to_string(&file).unwrap_or_default();
+        let mine = |action: &str| {
+            text.lines().any(|l| l.contains(&w_web.id) && l.contains(&format!("\"{action}\"")))
+        };
+        mine("ACCEPT") && mine("REJECT")
+    });
+    assert!(
+        logged,
+        "C wrote no ACCEPT and REJECT records of web: {:?}",
+        std::fs::read_to_string(&file)
+    );
+    let r = api_a.get(&format!("/v1/flow-logs?endpoint={}", w_web.id));
+    assert_eq!(r.status, 503, "{}", r.body);
+    assert!(r.error_message().contains("api.serve = false"), "{}", r.body);
+    let q = format!("from={}&to={}&protocol=tcp&port=80&host={c_name}", w_client.id, w_web.id);
+    let r = api_a.get(&format!("/v1/trace?{q}"));
+    assert_eq!((r.status, r.error_code()), (503, "host_unavailable".to_owned()), "{}", r.body);
+    assert!(r.error_message().contains("api.serve = false"), "{}", r.body);
 
     // An edit through B's API, acknowledged once every healthy host realized it (C judged
     // from its reports): in force on C when the answer comes, without waiting further.
