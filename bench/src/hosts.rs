@@ -1,13 +1,15 @@
 //! Control tier, part `hosts`: a thousand hosts on one machine (README, "Scale").
 //!
-//! The fleet: three real hosts ([`Fleet`], each `versed` with its eBPF dataplane) and `N`
+//! The fleet: three real hosts ([`Fleet`], each `versed` with its eBPF dataplane; the first two
+//! serve the API, the third serves none, `[api] serve = false`, so it follows only its own
+//! universes as the simulated hosts do) and `N`
 //! simulated hosts (`versed --simulate-hosts N`, default 50, which completes on a shared 2-core
 //! machine; `--sim-hosts 1000` for the thousand-host run: the real control plane of each host,
 //! its own watch and lease, over in-memory maps) on one three-member etcd cluster in the
 //! underlay namespace, everything on this machine's two cores.
 //!
 //! The state, placed through the real hosts' API (several clients at once, spread over the
-//! three APIs): `U` universes (default 100, all 10.0.0.0/16), each with groups `web` and
+//! two APIs): `U` universes (default 100, all 10.0.0.0/16), each with groups `web` and
 //! `clients` and a rule letting `clients` reach `web` on TCP 80; `E` endpoints on every
 //! simulated host (default 10), endpoint `j` of host `i` in universe `(i * E + j) mod U` (so
 //! each universe spans `N * E / U` hosts), in `web` or `clients` alternately; one endpoint on
@@ -21,7 +23,7 @@
 //!
 //! The measurements, once every host has realized the last placement:
 //! - Edit to realized on every host: `--sim-edits` edits (default 25), one at a time, through
-//!   the three APIs in turn, each adding or removing a rule of another universe's `web` group.
+//!   the two APIs in turn, each adding or removing a rule of another universe's `web` group.
 //!   The time runs from sending the API call until the last of the `N + 3` hosts reports the
 //!   edit's revision realized, as seen by an observer following the store like a host does (its
 //!   own etcd watch, in the underlay namespace): median and p99 over the edits (target: p99
@@ -30,7 +32,8 @@
 //!   over the three members (events etcd sent to watchers), beside the hosts' own count.
 //! - Bytes each host received per edit: what its store's watch received during the edits
 //!   (protobuf plus gRPC prefix, `verse_store_watch_bytes_total`), divided by the edits; median
-//!   and maximum over the simulated hosts, and the real hosts'.
+//!   and maximum over the simulated hosts, and the real hosts' (with their map entries and
+//!   resident memory, from their `/metrics`).
 //! - Memory per simulated host: the simulation's resident memory after placing the state, minus
 //!   before its first host started, over `N`; and the same right after the join (empty state).
 //! - Joining: how long the `N` simulated hosts took to start, register and be listed healthy.
@@ -62,6 +65,9 @@ pub struct Scale {
 
 /// API clients placing the state at once.
 const PLACERS: usize = 12;
+/// The real hosts whose API takes the edits: the first two (the third serves none).
+const API_HOSTS: usize = 2;
+
 /// How long one edit may take to be realized everywhere before the part gives up.
 const EDIT_TIMEOUT: Duration = Duration::from_secs(120);
 
@@ -190,15 +196,17 @@ fn etcd_counters(fleet: &Fleet, names: &[&str]) -> HashMap<String, f64> {
     out
 }
 
-/// `verse_store_watch_bytes_total` and `..._events_total` of a real host.
-fn host_watch(fleet: &Fleet, i: usize) -> (f64, f64) {
+/// What a real host received and holds, from its `/metrics`: watch bytes, watch events, map
+/// entries, resident memory (bytes).
+fn host_counts(fleet: &Fleet, i: usize) -> (f64, f64, f64, f64) {
     let text = fleet.api(i).metrics();
-    let get = |name: &str| {
-        text.lines()
-            .find_map(|l| l.strip_prefix(name).and_then(|v| v.trim().parse::<f64>().ok()))
-            .unwrap_or(0.0)
-    };
-    (get("verse_store_watch_bytes_total"), get("verse_store_watch_events_total"))
+    let get = |name: &str| tests::metric_value(&text, name).unwrap_or(0) as f64;
+    (
+        get("verse_store_watch_bytes_total"),
+        get("verse_store_watch_events_total"),
+        get("verse_map_entries"),
+        get("verse_resident_memory_bytes"),
+    )
 }
 
 fn percentile(mut v: Vec<f64>, p: f64) -> f64 {
@@ -234,7 +242,12 @@ pub fn run(out: &mut Vec<BenchRecord>, scale: &Scale) -> Result<()> {
     let n = scale.hosts;
     let total_hosts = n + 3;
     eprintln!("control/hosts: {scale:?}");
-    let fleet = Fleet::start(3);
+    let fleet = Fleet::start_with_host_configs(&["", "", "[api]\nserve = false\n"]);
+    ensure!(
+        fleet.wait_realized(0, 0, Duration::from_secs(60)),
+        "the three real hosts are not healthy: {:?}",
+        fleet.api(0).hosts()
+    );
     let options =
         EtcdOptions::new(fleet.etcd().endpoints().iter().map(SocketAddr::to_string).collect());
     let netns = fleet.etcd().netns().expect("a fleet's etcd runs in its underlay namespace");
@@ -272,7 +285,7 @@ pub fn run(out: &mut Vec<BenchRecord>, scale: &Scale) -> Result<()> {
     let workloads: Vec<_> = (0..3)
         .map(|k| {
             let (uni, web, _) = &universes[0];
-            fleet.endpoint(k, uni, &format!("10.0.255.{}", k + 1), &[web])
+            fleet.endpoint_via((k + 1) % API_HOSTS, k, uni, &format!("10.0.255.{}", k + 1), &[web])
         })
         .collect();
     let wanted = n * scale.endpoints_per_host;
@@ -296,7 +309,7 @@ pub fn run(out: &mut Vec<BenchRecord>, scale: &Scale) -> Result<()> {
                 let body = json!({"universe": uni, "host": format!("sim-{i:04}"),
                     "netns": format!("sim{j}"), "ip": format!("10.0.{}.{}", i / 250, i % 250 + 1),
                     "security_groups": [group]});
-                match fleet.api(p % 3).request(
+                match fleet.api(p % API_HOSTS).request(
                     "POST",
                     "/v1/endpoints",
                     Some(&body),
@@ -341,7 +354,7 @@ pub fn run(out: &mut Vec<BenchRecord>, scale: &Scale) -> Result<()> {
     let etcd_names =
         ["etcd_debugging_mvcc_events_total", "etcd_network_client_grpc_sent_bytes_total"];
     let etcd0 = etcd_counters(&fleet, &etcd_names);
-    let real0: Vec<(f64, f64)> = (0..3).map(|i| host_watch(&fleet, i)).collect();
+    let real0: Vec<_> = (0..3).map(|i| host_counts(&fleet, i)).collect();
     let t_edits = Instant::now();
     let mut fleet_ms = Vec::new();
     let mut median_host_ms = Vec::new();
@@ -358,7 +371,7 @@ pub fn run(out: &mut Vec<BenchRecord>, scale: &Scale) -> Result<()> {
         }
         let u = 1 + e % (universes.len() - 1).max(1);
         let (_, web, clients) = &universes[u.min(universes.len() - 1)];
-        let via = e % 3;
+        let via = e % API_HOSTS;
         let t0 = Instant::now();
         let r = match rules.remove(&u) {
             Some(rule) => fleet.api(via).request(
@@ -402,7 +415,7 @@ pub fn run(out: &mut Vec<BenchRecord>, scale: &Scale) -> Result<()> {
     }
     let edits_s = t_edits.elapsed().as_secs_f64();
     let etcd1 = etcd_counters(&fleet, &etcd_names);
-    let real1: Vec<(f64, f64)> = (0..3).map(|i| host_watch(&fleet, i)).collect();
+    let real1: Vec<_> = (0..3).map(|i| host_counts(&fleet, i)).collect();
     let report1 = sim.report();
     let (c0, c1) = (sim_counts(&report0), sim_counts(&report1));
     ensure!(!fleet_ms.is_empty(), "no edit was timed within the budget of {} s", scale.budget_s);
@@ -417,6 +430,16 @@ pub fn run(out: &mut Vec<BenchRecord>, scale: &Scale) -> Result<()> {
         entries.push(*m);
     }
     let real_bytes: Vec<f64> = real0.iter().zip(&real1).map(|(a, b)| (b.0 - a.0) / edits).collect();
+    for (i, (r, kib)) in real1.iter().zip(&real_bytes).enumerate() {
+        eprintln!(
+            "control/hosts: real host {} ({}): {:.1} KiB received per edit, {} map entries, {:.1} MiB resident",
+            fleet.host(i).name(),
+            if i < API_HOSTS { "API" } else { "no API" },
+            kib / 1024.0,
+            r.2,
+            r.3 / 1048576.0
+        );
+    }
     let real_events: f64 = real0.iter().zip(&real1).map(|(a, b)| b.1 - a.1).sum();
     let etcd_events_per_s = (etcd1["etcd_debugging_mvcc_events_total"]
         - etcd0["etcd_debugging_mvcc_events_total"])
@@ -429,7 +452,7 @@ pub fn run(out: &mut Vec<BenchRecord>, scale: &Scale) -> Result<()> {
     let mem_joined_kib = (rss_joined - rss_before) / n as f64 / 1024.0;
 
     let config = json!({
-        "real_hosts": 3, "simulated_hosts": n, "etcd": "three members, one process each, on the underlay bridge",
+        "real_hosts": 3, "real_hosts_serving_the_api": API_HOSTS, "simulated_hosts": n, "etcd": "three members, one process each, on the underlay bridge",
         "universes": scale.universes, "endpoints_per_simulated_host": scale.endpoints_per_host,
         "endpoints_placed": placed, "endpoints_wanted": wanted, "placement_failures": failed.len(),
         "placement_s": place_s, "join_s": join_s, "edits": fleet_ms.len(), "edits_wanted": scale.edits,
@@ -481,6 +504,9 @@ pub fn run(out: &mut Vec<BenchRecord>, scale: &Scale) -> Result<()> {
             "simulated_max_kib": percentile(sim_bytes.clone(), 100.0) / 1024.0,
             "simulated_p99_kib": percentile(sim_bytes, 99.0) / 1024.0,
             "real_hosts_kib": real_bytes.iter().map(|b| b / 1024.0).collect::<Vec<_>>(),
+            "real_hosts_map_entries": real1.iter().map(|r| r.2).collect::<Vec<_>>(),
+            "real_hosts_rss_bytes": real1.iter().map(|r| r.3).collect::<Vec<_>>(),
+            "real_hosts_note": "the third real host serves no API: it follows only the universes with an endpoint on it",
             "map_entries_per_simulated_host_median": percentile(entries.clone(), 50.0),
             "map_entries_per_simulated_host_max": percentile(entries, 100.0)})),
     ));
