@@ -3,8 +3,8 @@
 //! control plane gives them, and only for its own endpoints in the universe the VNI names.
 //! Forged VXLAN-GBP packets, crafted by hand and sent with a raw socket from a namespace plugged
 //! into the underlay bridge, are dropped by the receiving host and counted under their reason
-//! (S11).
-use std::net::Ipv4Addr;
+//! (S11), carrying IPv4 or IPv6.
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::time::Duration;
 
 use tests::*;
@@ -133,4 +133,101 @@ fn forged_encapsulated_packets_are_dropped_and_counted() {
     // Traffic the forger addresses to hosts but not as VXLAN is none of Verse's business: the
     // underlay stays the hosts' own network (ping works).
     assert!(ping(&forger, host_c), "plain underlay traffic to a host passes");
+}
+
+/// A dual-stack universe (10.70.0.0/24 and fd00:70::/64), made through host 0's API.
+fn dual_universe(fleet: &Fleet, name: &str) -> Value {
+    let body = json!({"name": name, "cidr": "10.70.0.0/24", "ipv6_cidrs": ["fd00:70::/64"]});
+    let r = fleet.api(0).post("/v1/universes", &body);
+    assert_eq!(r.status, 201, "create universe {name}: {}", r.body);
+    r.json()
+}
+
+/// The Group Policy ID of the first frame on `capture` that wraps an IPv6 packet from `src`.
+fn identity6_on_the_wire(capture: &PacketCapture, src: Ipv6Addr) -> u16 {
+    let wraps = |f: &[u8]| {
+        f.len() >= 64 + 40
+            && f[12..14] == [0x08, 0x00]
+            && f[36..38] == tests::fleet::VXLAN_PORT.to_be_bytes()
+            && f[62..64] == [0x86, 0xdd]
+            && f[72..88] == src.octets()
+    };
+    let frame = capture
+        .find(Duration::from_secs(3), wraps)
+        .unwrap_or_else(|| panic!("no wrapped IPv6 frame from {src} on the underlay"));
+    u16::from_be_bytes([frame[44], frame[45]])
+}
+
+/// An IPv6 UDP datagram from `src` to the workload `to` (its address and MAC) on port 9000, as
+/// an inner Ethernet frame.
+fn udp6_frame(src: Ipv6Addr, to: &Workload, payload: &[u8]) -> Vec<u8> {
+    let (s, d) = (src.octets(), to.ipv6.expect("dual stack").octets());
+    let ip = frames::ipv6(s, d, 17, &frames::udp6(s, d, 40000, 9000, payload));
+    frames::ethernet(mac_bytes(&to.mac), [0x02, 0, 0, 0, 0, 0x01], frames::ETH_IPV6, &ip)
+}
+
+/// S10 for IPv6: a forger on the underlay sends IPv6 wrapped as host A would. A well-formed
+/// datagram from host A's sender reaches the target on host B (so the crafting is right); the
+/// same with another identity in the header is `identity_mismatch`, and with an inner IPv6
+/// source that is no endpoint of host A's (one of host B's own, or nobody's) is
+/// `not_placed_on_sender`, each counted by host B and never seen by the target's socket.
+#[test]
+fn forged_ipv6_on_the_underlay_is_dropped_and_counted() {
+    let fleet = Fleet::start(2);
+    let api = fleet.api(0);
+    let uni = dual_universe(&fleet, "forged");
+    let u = id(&uni);
+    let open = api.create_group(u, "open");
+    api.add_rule(
+        id(&open),
+        &json!({"direction": "ingress", "protocol": "udp", "from_port": 9000, "to_port": 9000, "cidr": "::/0"}),
+    );
+    let sender = fleet.endpoint6(0, u, ("10.70.0.20", "fd00:70::20"), &[]);
+    let target = fleet.endpoint6(1, u, ("10.70.0.10", "fd00:70::10"), &[id(&open)]);
+    let beside = fleet.endpoint6(1, u, ("10.70.0.11", "fd00:70::11"), &[]);
+    let t6 = IpAddr::V6(target.ipv6.unwrap());
+    let server = UdpServer::start_on(&target.ns, t6, 9000, "t");
+    let received = || server.sources().len();
+
+    // The real path, whose header carries the sender's identity.
+    let capture = PacketCapture::open(fleet.host(1).netns(), tests::fleet::UNDERLAY_IFACE)
+        .expect("capture on host B's underlay");
+    assert_eq!(udp_roundtrip(&sender.ns, t6, 9000, "real", ALLOWED).as_deref(), Some("t:real"));
+    assert_eq!(received(), 1);
+    let group = identity6_on_the_wire(&capture, sender.ipv6.unwrap());
+
+    let forger = fleet.underlay_node(Ipv4Addr::new(198, 18, 0, 200));
+    let hosts = (underlay_ip(0), underlay_ip(1));
+    let wrap = |group: u16, src: Ipv6Addr, payload: &[u8]| {
+        encapsulated(hosts, 50000, 0x88, group, vni(&uni), &udp6_frame(src, &target, payload))
+    };
+    send_encapsulated(&forger, &wrap(group, sender.ipv6.unwrap(), b"control"))
+        .expect("send the control datagram");
+    assert!(
+        wait_until(Duration::from_secs(3), || received() == 2),
+        "a well-formed IPv6 datagram wrapped by host A for its endpoint is delivered"
+    );
+
+    let b = fleet.host(1);
+    let forgeries = [
+        ("identity_mismatch", wrap(group ^ 0x100, sender.ipv6.unwrap(), b"identity")),
+        ("not_placed_on_sender", wrap(group, beside.ipv6.unwrap(), b"beside")),
+        ("not_placed_on_sender", wrap(group, "fd00:70::99".parse().unwrap(), b"nobody")),
+    ];
+    for (reason, packet) in forgeries {
+        let before = b.drops(reason);
+        assert_dropped(
+            b,
+            reason,
+            &format!("a {reason} IPv6 forgery to the target's socket"),
+            || {
+                for _ in 0..3 {
+                    send_encapsulated(&forger, &packet).expect("send the forgery");
+                }
+                wait_until(DENIED, || received() > 2)
+            },
+        );
+        assert!(b.drops(reason) >= before + 3, "host B counts each of the three {reason} drops");
+        assert_eq!(received(), 2, "the {reason} forgery never reached the target's socket");
+    }
 }

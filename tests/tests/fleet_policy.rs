@@ -1,9 +1,9 @@
 //! Security groups across hosts: three hosts sharing one etcd, workloads spread over all of
 //! them, traffic carried over the underlay. Cross-host TCP, UDP and ICMP pass or drop exactly
-//! as the groups say (S1, S5), never from one universe to another even with identical CIDRs and
-//! addresses, and an edit made through one host's API is in force on every host when it returns
+//! as the groups say (S1, S5), over IPv4 and over IPv6 (one body, a family parameter), never
+//! from one universe to another even with identical CIDRs and addresses, and an edit made through one host's API is in force on every host when it returns
 //! (S13).
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 use std::time::Duration;
 
 use tests::*;
@@ -12,16 +12,58 @@ fn id(v: &Value) -> &str {
     v["id"].as_str().expect("resource has an id")
 }
 
-fn ip(s: &str) -> Ipv4Addr {
-    s.parse().expect("IPv4 literal")
+/// A universe with `10.0.0.0/24` and, the same in every universe, `fd00:10::/64`.
+fn dual_universe(api: &Api, name: &str) -> Value {
+    let body = json!({"name": name, "cidr": "10.0.0.0/24", "ipv6_cidrs": ["fd00:10::/64"]});
+    let r = api.post("/v1/universes", &body);
+    assert_eq!(r.status, 201, "create universe {name}: {}", r.body);
+    r.json()
+}
+
+/// Host `n` of the universes' CIDR in `family`: 10.0.0.n or fd00:10::n (the same digits).
+fn at(family: Family, n: u8) -> IpAddr {
+    match family {
+        Family::V4 => format!("10.0.0.{n}").parse().expect("IPv4"),
+        Family::V6 => format!("fd00:10::{n}").parse().expect("IPv6"),
+    }
+}
+
+/// Both addresses of host `n`, for a dual-stack endpoint.
+fn both(n: u8) -> (String, String) {
+    (format!("10.0.0.{n}"), format!("fd00:10::{n}"))
+}
+
+/// An ingress rule admitting echo requests of `family` from `peer` (`{"group": ..}` or
+/// `{"cidr": ..}`).
+fn echo_rule(family: Family, peer: Value) -> Value {
+    let (protocol, ty) = match family {
+        Family::V4 => ("icmp", 8),
+        Family::V6 => ("icmpv6", 128),
+    };
+    let mut r =
+        json!({"direction": "ingress", "protocol": protocol, "icmp_type": ty, "icmp_code": -1});
+    r.as_object_mut().unwrap().extend(peer.as_object().unwrap().clone());
+    r
+}
+
+/// Every address of `family`: `0.0.0.0/0` or `::/0`.
+fn anywhere(family: Family) -> &'static str {
+    match family {
+        Family::V4 => "0.0.0.0/0",
+        Family::V6 => "::/0",
+    }
 }
 
 fn tcp_rule(port: u16, group: &str) -> Value {
     json!({"direction": "ingress", "protocol": "tcp", "from_port": port, "to_port": port, "group": group})
 }
 
-/// Host A (0), B (1), C (2). Universe `blue` and `red` both 10.0.0.0/24, each with endpoints on
-/// every host, and the same addresses placed on different hosts in each:
+/// One body run over IPv4 and over IPv6 (`family`): the universes are dual stack and the
+/// endpoints too, and the traffic, the rules' CIDRs and echo rules are the family's; n below is
+/// 10.0.0.n or fd00:10::n.
+///
+/// Host A (0), B (1), C (2). Universe `blue` and `red` both 10.0.0.0/24 and fd00:10::/64, each
+/// with endpoints on every host, and the same addresses placed on different hosts in each:
 ///
 /// | address   | blue                | red            |
 /// |-----------|---------------------|----------------|
@@ -31,8 +73,8 @@ fn tcp_rule(port: u16, group: &str) -> Value {
 /// | 10.0.0.40 | stranger on A [default] | —         |
 /// | 10.0.0.50 | open on C [open]    | —              |
 ///
-/// web admits TCP 80, UDP 53 and ICMP echo from `clients`, and TCP 8443 from anywhere
-/// (0.0.0.0/0); db admits TCP 5432 from `web`; open admits TCP 8443 and ICMP echo from anywhere.
+/// web admits TCP 80, UDP 53 and ICMP echo from `clients`, TCP 8443 from anywhere
+/// (0.0.0.0/0 or ::/0), and TCP 82 from the other family's anywhere (nothing of this one); db admits TCP 5432 from `web`; open admits TCP 8443 and ICMP echo from anywhere.
 ///
 /// Every refused probe aims at a listening socket (or a workload answering echo requests) that
 /// an allowed peer reaches, and asserts the drop counter of the host that must refuse it moved
@@ -40,13 +82,12 @@ fn tcp_rule(port: u16, group: &str) -> Value {
 /// isolation stops them: red's traffic to an address that exists only in blue is `no_route` on
 /// the red sender's host, and red's traffic to an address both universes have reaches red's
 /// endpoint (its answer says so), never blue's listener on the same address and port.
-#[test]
-fn cross_host_traffic_follows_the_groups_and_never_crosses_universes() {
+fn cross_host_traffic_follows_the_groups_and_never_crosses_universes(family: Family) {
     let fleet = Fleet::start(3);
     let api = fleet.api(0);
-    let blue = api.create_universe("blue", "10.0.0.0/24");
+    let blue = dual_universe(api, "blue");
     // Created through another host: any host's API accepts any edit.
-    let red = fleet.api(1).create_universe("red", "10.0.0.0/24");
+    let red = dual_universe(fleet.api(1), "red");
     assert_ne!(blue["vni"], red["vni"], "each universe has its own VNI");
     let (blue, red) = (id(&blue), id(&red));
     let clients = api.create_group(blue, "clients");
@@ -58,29 +99,36 @@ fn cross_host_traffic_follows_the_groups_and_never_crosses_universes() {
         web,
         &json!({"direction": "ingress", "protocol": "udp", "from_port": 53, "to_port": 53, "group": clients}),
     );
-    fleet.api(1).add_rule(
-        web,
-        &json!({"direction": "ingress", "protocol": "icmp", "icmp_type": 8, "icmp_code": -1, "group": clients}),
-    );
+    fleet.api(1).add_rule(web, &echo_rule(family, json!({"group": clients})));
     api.add_rule(db, &tcp_rule(5432, web));
-    let anywhere = |port: u16| json!({"direction": "ingress", "protocol": "tcp", "from_port": port, "to_port": port, "cidr": "0.0.0.0/0"});
-    api.add_rule(web, &anywhere(8443));
+    let from_anywhere = |port: u16| json!({"direction": "ingress", "protocol": "tcp", "from_port": port, "to_port": port, "cidr": anywhere(family)});
+    api.add_rule(web, &from_anywhere(8443));
+    // A CIDR rule of the other family admits nothing of this one.
+    let other = match family {
+        Family::V4 => "::/0",
+        Family::V6 => "0.0.0.0/0",
+    };
+    api.add_rule(
+        web,
+        &json!({"direction": "ingress", "protocol": "tcp", "from_port": 82, "to_port": 82, "cidr": other}),
+    );
     let open = api.create_group(blue, "open");
     let open = id(&open);
-    api.add_rule(open, &anywhere(8443));
-    api.add_rule(
-        open,
-        &json!({"direction": "ingress", "protocol": "icmp", "icmp_type": 8, "icmp_code": -1, "cidr": "0.0.0.0/0"}),
-    );
+    api.add_rule(open, &from_anywhere(8443));
+    api.add_rule(open, &echo_rule(family, json!({"cidr": anywhere(family)})));
 
-    let b_web = fleet.endpoint(2, blue, "10.0.0.10", &[web]);
-    let b_client = fleet.endpoint(1, blue, "10.0.0.20", &[clients]);
-    let b_db = fleet.endpoint(0, blue, "10.0.0.30", &[db]);
-    let b_stranger = fleet.endpoint(0, blue, "10.0.0.40", &[]);
-    let b_open = fleet.endpoint(2, blue, "10.0.0.50", &[open]);
-    let r_x = fleet.endpoint(0, red, "10.0.0.10", &[]);
-    let r_y = fleet.endpoint(2, red, "10.0.0.20", &[]);
-    let r_z = fleet.endpoint(1, red, "10.0.0.30", &[]);
+    let ep = |on: usize, uni: &str, n: u8, groups: &[&str]| {
+        let (ip, ipv6) = both(n);
+        fleet.endpoint6(on, uni, (&ip, &ipv6), groups)
+    };
+    let b_web = ep(2, blue, 10, &[web]);
+    let b_client = ep(1, blue, 20, &[clients]);
+    let b_db = ep(0, blue, 30, &[db]);
+    let b_stranger = ep(0, blue, 40, &[]);
+    let b_open = ep(2, blue, 50, &[open]);
+    let r_x = ep(0, red, 10, &[]);
+    let r_y = ep(2, red, 20, &[]);
+    let r_z = ep(1, red, 30, &[]);
     for (w, host) in [(&b_web, 2), (&b_client, 1), (&b_db, 0), (&r_x, 0), (&r_y, 2), (&r_z, 1)] {
         assert_eq!(w.json["host"], fleet.host(host).name(), "placed where asked: {}", w.json);
     }
@@ -90,18 +138,25 @@ fn cross_host_traffic_follows_the_groups_and_never_crosses_universes() {
         assert_eq!(listed.len(), 8, "host {i}: {listed:?}");
     }
 
-    let _web_tcp = TcpServer::start(&b_web.ns, 80, "blue-web");
-    let _web_tcp81 = TcpServer::start(&b_web.ns, 81, "blue-web");
-    let web_tcp8443 = TcpServer::start(&b_web.ns, 8443, "blue-web");
-    let open_tcp = TcpServer::start(&b_open.ns, 8443, "blue-open");
-    let web_udp = UdpServer::start(&b_web.ns, 53, "blue-web");
-    let _db_tcp = TcpServer::start(&b_db.ns, 5432, "blue-db");
-    let _x_tcp = TcpServer::start(&r_x.ns, 80, "red-x");
-    let _x_tcp8443 = TcpServer::start(&r_x.ns, 8443, "red-x");
-    let x_udp = UdpServer::start(&r_x.ns, 53, "red-x");
-    let _z_tcp = TcpServer::start(&r_z.ns, 5432, "red-z");
+    let tcp = |w: &Workload, port: u16, banner: &str| {
+        TcpServer::start_on(&w.ns, family.addr(w), port, banner)
+    };
+    let udp = |w: &Workload, port: u16, banner: &str| {
+        UdpServer::start_on(&w.ns, family.addr(w), port, banner)
+    };
+    let _web_tcp = tcp(&b_web, 80, "blue-web");
+    let _web_tcp81 = tcp(&b_web, 81, "blue-web");
+    let _web_tcp82 = tcp(&b_web, 82, "blue-web");
+    let web_tcp8443 = tcp(&b_web, 8443, "blue-web");
+    let open_tcp = tcp(&b_open, 8443, "blue-open");
+    let web_udp = udp(&b_web, 53, "blue-web");
+    let _db_tcp = tcp(&b_db, 5432, "blue-db");
+    let _x_tcp = tcp(&r_x, 80, "red-x");
+    let _x_tcp8443 = tcp(&r_x, 8443, "red-x");
+    let x_udp = udp(&r_x, 53, "red-x");
+    let _z_tcp = tcp(&r_z, 5432, "red-z");
     let (dot10, dot20, dot30, dot50) =
-        (ip("10.0.0.10"), ip("10.0.0.20"), ip("10.0.0.30"), ip("10.0.0.50"));
+        (at(family, 10), at(family, 20), at(family, 30), at(family, 50));
     let (host_a, host_b, host_c) = (fleet.host(0), fleet.host(1), fleet.host(2));
 
     // Allowed across hosts, by TCP, UDP and ICMP, and answered by blue's own web.
@@ -144,6 +199,12 @@ fn cross_host_traffic_follows_the_groups_and_never_crosses_universes() {
     assert_dropped(host_c, "policy_ingress", "blue client (B) -> web:81: no rule for 81", || {
         tcp_connect(&b_client.ns, dot10, 81, DENIED)
     });
+    assert_dropped(
+        host_c,
+        "policy_ingress",
+        "client (B) -> web:82: the other family's rule",
+        || tcp_connect(&b_client.ns, dot10, 82, DENIED),
+    );
     assert_dropped(host_c, "policy_ingress", "blue stranger (A) -> web:80: not in clients", || {
         tcp_connect(&b_stranger.ns, dot10, 80, DENIED)
     });
@@ -204,6 +265,16 @@ fn cross_host_traffic_follows_the_groups_and_never_crosses_universes() {
     assert_eq!(web_udp.sources().len(), 1, "blue web never saw red's datagram");
     assert_eq!(x_udp.sources().len(), 1, "red x saw red's datagram only");
     drop(conn);
+}
+
+#[test]
+fn cross_host_traffic_follows_the_groups_and_never_crosses_universes_over_ipv4() {
+    cross_host_traffic_follows_the_groups_and_never_crosses_universes(Family::V4);
+}
+
+#[test]
+fn cross_host_traffic_follows_the_groups_and_never_crosses_universes_over_ipv6() {
+    cross_host_traffic_follows_the_groups_and_never_crosses_universes(Family::V6);
 }
 
 /// Membership and rules edited through one host's API are in force on the other hosts when
