@@ -1773,3 +1773,37 @@ fn without_hits(g: &Value) -> Value {
     }
     g
 }
+
+/// A host that serves no API (`[api] serve = false`, `api::router_without_api`) answers
+/// `/healthz` and `/metrics` (its caller checked as on any host, root on the local socket
+/// too) and `404 api_not_served` to every other request, which changes nothing.
+#[tokio::test]
+async fn a_host_that_serves_no_api_answers_health_and_metrics_only() {
+    let mut api = api_with(false).await;
+    let stats: api::StatsFn = Arc::new(|| Ok(Stats { map_entries: 12, ..Stats::default() }));
+    let state =
+        AppState::new(api.store.clone(), HOST.into(), None, api.realized.subscribe(), stats);
+    api.app = api::router_without_api(state);
+    let before = api.store.snapshot().revision;
+
+    assert_eq!(api.call_as(As::Nobody, Method::GET, "/healthz", None).await.status, StatusCode::OK);
+    let m = api.get("/metrics").await;
+    assert_eq!(m.status, StatusCode::OK, "{}", m.text);
+    assert!(m.text.contains("verse_map_entries 12"), "{}", m.text);
+    let local = api.call_as(As::Local(0), Method::GET, "/metrics", None).await;
+    assert_eq!(local.status, StatusCode::OK, "{}", local.text);
+    let anonymous = api.call_as(As::Nobody, Method::GET, "/metrics", None).await;
+    assert_eq!(anonymous.status, StatusCode::UNAUTHORIZED, "{}", anonymous.text);
+
+    let create = json!({"name": "shop", "cidr": "10.0.0.0/24"});
+    for a in [
+        api.get("/v1/universes").await,
+        api.post("/v1/universes", create).await,
+        api.get("/v1/openapi.json").await,
+        api.call_as(As::Local(0), Method::GET, "/v1/hosts", None).await,
+    ] {
+        a.error(StatusCode::NOT_FOUND, "api_not_served", "api.serve = false");
+    }
+    assert_eq!(api.store.snapshot().revision, before, "nothing was changed");
+    assert!(api.store.snapshot().universes.is_empty());
+}
