@@ -249,6 +249,10 @@ pub fn compile(
                 slot,
                 serial: ep.serial,
                 ip6: ep.ipv6.map_or([0; 16], |a| a.octets()),
+                gateway6: ep
+                    .ipv6
+                    .and_then(|a| model::gateway6(universe, a))
+                    .map_or([0; 16], |g| g.octets()),
             },
         );
         let route = dp::Route {
@@ -1129,6 +1133,7 @@ mod tests {
                     slot: a.slot,
                     serial: a.serial,
                     ip6: [0; 16],
+                    gateway6: [0; 16],
                 }
             )])
         );
@@ -2050,10 +2055,10 @@ mod tests {
 
     /// The IPv4 maps of `d`: everything but its IPv6 contents.
     /// What IPv4 packets are judged by: everything but the IPv6 contents and the endpoints'
-    /// IPv6 addresses.
+    /// IPv6 addresses and gateways.
     fn ipv4_part(d: &MapContents) -> MapContents {
         let mut endpoints = d.endpoints.clone();
-        endpoints.values_mut().for_each(|e| e.ip6 = [0; 16]);
+        endpoints.values_mut().for_each(|e| (e.ip6, e.gateway6) = ([0; 16], [0; 16]));
         MapContents { ipv6: Ipv6Contents::default(), endpoints, ..d.clone() }
     }
 

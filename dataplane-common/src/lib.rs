@@ -471,6 +471,10 @@ pub struct Endpoint {
     /// The endpoint's IPv6 address, network order; all zero (`::`, never an endpoint's) for an
     /// endpoint without one, whose IPv6 packets are then all `SpoofedIp`.
     pub ip6: [u8; 16],
+    /// The gateway of that address (the second address of its universe's IPv6 CIDR, the
+    /// workload's default router): the source of the ICMPv6 "packet too big" the dataplane sends
+    /// the endpoint. All zero without `ip6`.
+    pub gateway6: [u8; 16],
 }
 
 /// `VERSE_ROUTES` key: an address within a universe.

@@ -117,7 +117,7 @@ fn start(ctx: &TcContext) -> Result<i32, DropReason> {
         if to.serial == hit.receiver_serial() {
             if to.ifindex == 0 {
                 if let Some(mtu) = too_big(ctx, config, &ip, &l4)? {
-                    return packet_too_big(ctx, endpoint, ifindex, config, &dst, &ip, mtu);
+                    return packet_too_big(ctx, endpoint, ifindex, config, &ip, mtu);
                 }
             }
             let size = conntrack6::size(ctx, &ip, &l4, ETH_HLEN);
@@ -142,7 +142,7 @@ fn start(ctx: &TcContext) -> Result<i32, DropReason> {
             if related(ctx, config, scratch, ip.l4_off, ip.ip_end) {
                 if to.ifindex == 0 {
                     if let Some(mtu) = too_big(ctx, config, &ip, &l4)? {
-                        return packet_too_big(ctx, endpoint, ifindex, config, &dst, &ip, mtu);
+                        return packet_too_big(ctx, endpoint, ifindex, config, &ip, mtu);
                     }
                 }
                 return send(ctx, endpoint, config, to);
@@ -176,7 +176,7 @@ fn start(ctx: &TcContext) -> Result<i32, DropReason> {
         };
         ingress = v;
     } else if let Some(mtu) = too_big(ctx, config, &ip, &l4)? {
-        return packet_too_big(ctx, endpoint, ifindex, config, &dst, &ip, mtu);
+        return packet_too_big(ctx, endpoint, ifindex, config, &ip, mtu);
     }
     if creates(role) {
         let o = Open {
@@ -233,7 +233,7 @@ fn too_big(
     encap::too_big(ctx, config, ip.l4_off - ETH_HLEN + l4.hdr_len as usize)
 }
 
-/// Answers a packet too big to wrap with an ICMPv6 "packet too big" from its destination `dst`
+/// Answers a packet too big to wrap with an ICMPv6 "packet too big" from the endpoint's gateway
 /// ([`icmp::packet_too_big`]), or drops it as `FragNeededUnsent` when that cannot be sent.
 #[inline(always)]
 fn packet_too_big(
@@ -241,17 +241,11 @@ fn packet_too_big(
     endpoint: &Endpoint,
     ifindex: u32,
     config: &Config,
-    dst: &A16,
     ip: &Ipv6,
     underlay_mtu: u32,
 ) -> Result<i32, DropReason> {
-    let t = icmp::TooBig {
-        src: &dst.0,
-        ifindex,
-        gateway_mac: config.gateway_mac,
-        underlay_mtu,
-        ip_end: ip.ip_end,
-    };
+    let t =
+        icmp::TooBig { ifindex, gateway_mac: config.gateway_mac, underlay_mtu, ip_end: ip.ip_end };
     match icmp::packet_too_big(ctx, endpoint, &t) {
         r if r < 0 => Err(DropReason::FragNeededUnsent),
         r => Ok(r),

@@ -132,9 +132,7 @@ pub fn frag_needed(
 /// The "packet too big" to send, as [`packet_too_big`] needs it (one argument: a BPF-to-BPF
 /// call takes at most five).
 #[repr(C)]
-pub struct TooBig<'a> {
-    /// The refused packet's destination: the error's source.
-    pub src: &'a [u8; 16],
+pub struct TooBig {
     /// The host side of the sender's veth, the gateway's MAC, the underlay MTU.
     pub ifindex: u32,
     pub gateway_mac: [u8; 6],
@@ -146,7 +144,8 @@ pub struct TooBig<'a> {
 const IP6_LEN: usize = core::mem::size_of::<Ipv6Hdr>();
 
 /// [`frag_needed`] for IPv6: replaces the packet with an ICMPv6 "packet too big" (RFC 4443
-/// section 3.2) from its destination to `endpoint` (the reference model's
+/// section 3.2) from the endpoint's gateway (`Endpoint::gateway6`, its router) to `endpoint`
+/// (the reference model's
 /// `packet_too_big_frame`): hop limit `PTB_HOP_LIMIT`, MTU = underlay MTU - the overhead,
 /// quoting the first `PTB_QUOTE` bytes of the packet, and sends it back out of the sender's
 /// veth. The packet is reported and counted `FragNeeded` once the error is on its way. A call
@@ -209,7 +208,7 @@ pub fn packet_too_big(ctx: &TcContext, endpoint: &Endpoint, t: &TooBig) -> i32 {
         let w = |i: usize| u64::from(u32::from_ne_bytes([a[i], a[i + 1], a[i + 2], a[i + 3]]));
         w(0) + w(4) + w(8) + w(12)
     };
-    pseudo += words(t.src) + words(&endpoint.ip6);
+    pseudo += words(&endpoint.gateway6) + words(&endpoint.ip6);
     let check = csum_fold((sum as u64 & 0xFFFF_FFFF) + pseudo).to_ne_bytes();
     let payload = ((ICMP_LEN + PTB_QUOTE) as u16).to_be_bytes();
     // SAFETY: as above, for the Ethernet and IPv6 headers.
@@ -222,7 +221,7 @@ pub fn packet_too_big(ctx: &TcContext, endpoint: &Endpoint, t: &TooBig) -> i32 {
         h.payload_len = payload;
         h.next = IPPROTO_ICMPV6;
         h.hop_limit = PTB_HOP_LIMIT;
-        h.src = *t.src;
+        h.src = endpoint.gateway6;
         h.dst = endpoint.ip6;
         (*eth).dst = endpoint.mac;
         (*eth).src = t.gateway_mac;

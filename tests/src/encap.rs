@@ -51,6 +51,7 @@ pub fn desired(if_a: u32, budget: u64, remotes: &[Remote], admit_from: u32) -> M
             slot: 1,
             serial: 1,
             ip6: [0; 16],
+            gateway6: [0; 16],
         },
     );
     d.ct_owners.insert(1, OwnerBudget { serial: 1, budget });

@@ -116,7 +116,8 @@ fn desired(if_a: u32, if_b: u32) -> MapContents {
 /// The endpoint at `ip` on this host, with its slot and serial.
 fn endpoint(ip: [u8; 4], mac: [u8; 6], identity: u32) -> Endpoint {
     let (slot, serial, ip6) = (slot_of(ip), serial_of(ip), ip6_of(ip));
-    Endpoint { ip, mac, _pad: [0; 2], vni: VNI, identity, slot, serial, ip6 }
+    let gateway6 = ip6_of([10, 0, 0, 1]);
+    Endpoint { ip, mac, _pad: [0; 2], vni: VNI, identity, slot, serial, ip6, gateway6 }
 }
 
 /// The IPv6 address of the endpoint at `ip`: fd00::<last byte>.

@@ -27,7 +27,7 @@
 //!    CIDRs admits no IPv6), the budget of the sender (the same one as its IPv4 flows, S14).
 //! 6. Send, as IPv4's step 14: to a local receiver (gateway MAC as source, nothing else
 //!    changed); to an endpoint of another host, without an underlay `NoUnderlay`, too big to
-//!    wrap an ICMPv6 "packet too big" back to the sender ([`Verdict::FragNeeded`], counted
+//!    wrap an ICMPv6 "packet too big" from the sender's gateway back to the sender ([`Verdict::FragNeeded`], counted
 //!    `FragNeeded`; see [`Host::packet_too_big`]), else wrapped in VXLAN-GBP over the IPv4
 //!    underlay as IPv4 is, with inner EtherType IPv6 ([`Verdict::Wrap`]). The flow is written
 //!    (or refused for the budget) only then, as for IPv4.
@@ -193,8 +193,9 @@ impl Host<'_> {
     }
 
     /// The ICMPv6 "packet too big" (type 2 code 0, RFC 4443 section 3.2) that `from_endpoint6`
-    /// sends back for a packet too big to wrap, as IPv4's "fragmentation needed": from the
-    /// packet's destination to the sender, hop limit 64, MTU = underlay MTU - 50, quoting the
+    /// sends back for a packet too big to wrap, as IPv4's "fragmentation needed" (but from the
+    /// router): from the gateway of the sender's IPv6 address (`model::gateway6`, its default
+    /// router) to the sender, hop limit 64, MTU = underlay MTU - 50, quoting the
     /// first `PTB_QUOTE` (256) bytes of the packet. A packet shorter than the quote (too big only by its padding) gets no error:
     /// `frag_needed_unsent`, as the kernel counts it.
     fn packet_too_big(&self, frame: &[u8], sender: &Local<'_>, ip: &Ipv6, mtu: u32) -> Outcome {
@@ -202,10 +203,12 @@ impl Host<'_> {
             return Outcome::drop(DropReason::FragNeededUnsent);
         }
         let own = sender.ep.ipv6.map_or([0; 16], |a| a.octets());
+        let universe = self.state.universes.get(&sender.ep.universe);
+        let gateway = sender.ep.ipv6.zip(universe).and_then(|(a, u)| model::gateway6(u, a));
         let out = packet_too_big_frame(
             &sender.mac,
             &self.gateway_mac,
-            &ip.dst,
+            &gateway.map_or([0; 16], |g| g.octets()),
             &own,
             mtu.saturating_sub(ENCAP_OVERHEAD),
             &frame[ETH_HLEN..ETH_HLEN + PTB_QUOTE],

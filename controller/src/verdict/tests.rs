@@ -1457,7 +1457,8 @@ fn ipv6_to_another_host_is_wrapped_as_ipv4_and_answered_packet_too_big() {
     let u = out.ct6.expect("a new flow");
     assert_eq!((u.key, u.entry.owner, u.entry.dst_serial), (key, ct_owner::SRC, 6));
     h.judge_and_track(&mut ct, S, 11, &syn);
-    // Too big to wrap: a "packet too big" from the destination, MTU 1450, quoting 256 bytes.
+    // Too big to wrap: a "packet too big" from the gateway of fd00::/56 (its second address,
+    // fd00::1), MTU 1450, quoting 256 bytes.
     let big =
         frame6(1, six(1), six(6), IPPROTO_TCP, &[tcp(40000, 22, 0x10), vec![7; 1420]].concat());
     let out = h.judge(&ct, S, 11, &big);
@@ -1466,7 +1467,8 @@ fn ipv6_to_another_host_is_wrapped_as_ipv4_and_answered_packet_too_big() {
     assert_eq!(e.len(), 14 + 40 + 8 + 256);
     assert_eq!((&e[0..6], &e[6..12], &e[12..14]), (&mac_of(1)[..], &GW[..], &[0x86, 0xdd][..]));
     assert_eq!(&e[14..22], &[0x60, 0, 0, 0, 1, 8, 58, 64]);
-    assert_eq!((&e[22..38], &e[38..54]), (&six(6)[..], &six(1)[..]));
+    let gateway: [u8; 16] = "fd00::1".parse::<std::net::Ipv6Addr>().unwrap().octets();
+    assert_eq!((&e[22..38], &e[38..54]), (&gateway[..], &six(1)[..]));
     assert_eq!(&e[54..56], &[2, 0]);
     assert_eq!(&e[58..62], &1450u32.to_be_bytes());
     assert_eq!(&e[62..], &big[14..270]);
