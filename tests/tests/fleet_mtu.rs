@@ -26,7 +26,7 @@ fn eth0_mtu(w: &Workload) -> u32 {
 const BYTES: u64 = 20 * 1024 * 1024;
 
 /// The body both families run: a 20 MB transfer each way between hosts A and C at the default
-/// MTU, then through an underlay shrunk to 1400 under the existing endpoints; host A answers the
+/// MTU (wrapped as TCP super-packets: segmentation offload kept), then through an underlay shrunk to 1400 under the existing endpoints; host A answers the
 /// too-big packets ("fragmentation needed" for IPv4, "packet too big" for IPv6, both counted
 /// `frag_needed`) and the sender's kernel caches the path MTU 1350 for the receiver.
 fn transfers_discover_a_smaller_underlay_mtu(family: Family) {
@@ -53,9 +53,24 @@ fn transfers_discover_a_smaller_underlay_mtu(family: Family) {
     assert_eq!(eth0_mtu(&receiver), 1450);
     let _sink = BulkSink::start_on(&receiver.ns, to, 5001);
 
+    let capture = PacketCapture::open(fleet.host(0).netns(), tests::fleet::UNDERLAY_IFACE)
+        .expect("capture on host A's underlay");
     let got = bulk_send(&sender.ns, to, 5001, BYTES, Duration::from_secs(60))
         .expect("20 MB from host A to host C at the default MTU");
     assert_eq!(got, BYTES, "every byte arrived");
+    // Segmentation offload survives the wrap: host A hands its underlay device wrapped TCP
+    // super-packets, longer than the underlay MTU, which are cut into segments later, each with
+    // its own copy of the headers (the first ones the capture holds; it is read afterwards).
+    let inner_type: [u8; 2] = match family {
+        Family::V4 => [0x08, 0x00],
+        Family::V6 => [0x86, 0xdd],
+    };
+    let super_packet = capture.find(Duration::from_secs(2), |f| {
+        f.len() > 14 + 1500
+            && f[36..38] == tests::fleet::VXLAN_PORT.to_be_bytes()
+            && f[62..64] == inner_type
+    });
+    assert!(super_packet.is_some(), "{family:?}: no wrapped super-packet on host A's underlay");
     // Also the other way round (the flow's replies are wrapped by host C's conntrack hit).
     let _back = BulkSink::start_on(&sender.ns, from, 5002);
     let egress_only = api.create_group(id(&uni), "back");
