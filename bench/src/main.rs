@@ -78,6 +78,13 @@ struct Cli {
     /// `loads`, `edits` and `hosts`.
     #[arg(long = "part")]
     parts: Vec<String>,
+    /// Run only these scenarios of the micro tier (repeatable; all by default): their record
+    /// names without `micro_` (`established`, `established_other_cpu`, `new_flow_10_rules`,
+    /// `wrap_established`, ...; an `_events_on` scenario brings its partner), `ct_gc` for the
+    /// garbage collection rows, `flood` for the API under a flood. The empty program and the
+    /// parse are always measured.
+    #[arg(long = "scenario")]
+    scenarios: Vec<String>,
     /// Simulated hosts of the control tier's `hosts` part (50 complete on a shared 2-core
     /// machine; `--sim-hosts 1000 --sim-budget 1800` is the thousand-host run, README "Scale").
     #[arg(long, default_value_t = 50)]
@@ -128,8 +135,11 @@ fn main() -> Result<()> {
     let want = |t: Tier| cli.tiers.is_empty() || cli.tiers.contains(&t);
     let mut records = Vec::new();
     if want(Tier::Micro) {
-        micro::run(&mut records)?;
-        flood::run(&mut records)?;
+        let scenario = |s: &str| cli.scenarios.is_empty() || cli.scenarios.iter().any(|x| x == s);
+        micro::run(&mut records, &scenario)?;
+        if scenario("flood") {
+            flood::run(&mut records)?;
+        }
     }
     if want(Tier::Tcp) {
         tcp::run(&mut records)?;

@@ -45,6 +45,18 @@
 //! MAC, so a frame the program rewrote (source = gateway MAC) stays valid for the next repeat;
 //! the work per run is unchanged.
 //!
+//! CPU: the benchmark pins itself to one CPU before the first passes, so that every entry is
+//! made and every timed run is made on the same CPU, as a flow's packets stay on the CPU of its
+//! sender in steady state. `established_other_cpu` is the established path timed on another CPU
+//! than the one that made its entries (its floor measured there too): each direction of a flow
+//! is counted with plain adds only by the CPU that claimed it, with atomic adds by any other
+//! (`CtCounters`), which is the cost of a flow whose sender moved. Without the pinning, each
+//! `BPF_PROG_TEST_RUN` ran on whichever CPU the scheduler gave the thread, and a run's rounds
+//! were a mix of the two cases.
+//!
+//! `verse-bench --tier micro --scenario NAME` (repeatable) runs only the named scenarios (the
+//! empty program and the parse are always measured).
+//!
 //! Method: `repeat` (or the number of passes) is calibrated so that one measurement takes about
 //! `TARGET`; the programs are measured interleaved (the two empty floors, then every scenario)
 //! for 5 rounds and the median of each is reported with its min/max, its ratio to its floor, and
@@ -299,6 +311,9 @@ struct Loaded {
     drain: Option<Box<dyn FnMut() -> u64>>,
     /// Events read from the ring buffer by `drain`.
     events_read: u64,
+    /// The CPU its timed runs (and the floor before them) are made on, when not the one the
+    /// benchmark is pinned to (see [`pin_to`]).
+    cpu: Option<usize>,
 }
 
 impl Loaded {
@@ -519,6 +534,7 @@ fn load(
         want,
         drain,
         events_read: 0,
+        cpu: None,
     })
 }
 
@@ -640,6 +656,7 @@ mod encap {
                 want: tc_act::REDIRECT,
                 drain: None,
                 events_read: 0,
+                cpu: None,
             });
         }
         let unwrap = out.pop().context("two scenarios")?;
@@ -709,26 +726,73 @@ fn gc(
     ])
 }
 
-pub fn run(out: &mut Vec<BenchRecord>) -> Result<()> {
+/// Pins the calling thread to `cpu`: `BPF_PROG_TEST_RUN` runs the program on the caller's CPU.
+fn pin_to(cpu: usize) -> Result<()> {
+    // SAFETY: a zeroed cpu_set_t is the empty set; CPU_SET writes within it, and
+    // sched_setaffinity reads it; pid 0 is the calling thread.
+    let rc = unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set)
+    };
+    ensure!(rc == 0, "sched_setaffinity(cpu {cpu}): {}", std::io::Error::last_os_error());
+    Ok(())
+}
+
+/// The CPUs this thread may run on, the one it runs on first.
+fn cpus() -> Result<Vec<usize>> {
+    // SAFETY: sched_getcpu has no preconditions; a zeroed cpu_set_t is a valid buffer for
+    // sched_getaffinity, and CPU_ISSET reads within it.
+    let (now, set) = unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        let rc = libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set);
+        ensure!(rc == 0, "sched_getaffinity: {}", std::io::Error::last_os_error());
+        (libc::sched_getcpu(), set)
+    };
+    ensure!(now >= 0, "sched_getcpu: {}", std::io::Error::last_os_error());
+    let now = now as usize;
+    // SAFETY: `set` is the cpu_set_t filled above; CPU_ISSET reads within it.
+    let mut all: Vec<usize> =
+        (0..libc::CPU_SETSIZE as usize).filter(|&c| unsafe { libc::CPU_ISSET(c, &set) }).collect();
+    all.retain(|&c| c != now);
+    all.insert(0, now);
+    Ok(all)
+}
+
+/// Runs the micro tier's scenarios for which `scenario(name)` holds (see `--scenario`).
+pub fn run(out: &mut Vec<BenchRecord>, scenario: &(dyn Fn(&str) -> bool + Sync)) -> Result<()> {
+    // A scenario with events on is measured right after its partner: naming it brings both.
+    let want = |name: &str| scenario(name) || scenario(&format!("{name}_events_on"));
     let ns = Netns::new("bm");
     let tmp = TempDir::new("bm");
     let bpffs = Bpffs::mount(&tmp.path().join("bpf"));
 
-    // Scenario states; `established` shares the 10-rule state.
+    // Scenario states; the established, events and denied scenarios share the 10-rule state.
     let t = Instant::now();
+    let small = build(1, 10, true)?;
     let states = [
-        ("new_flow_1_rules", build(1, 1, true)?, 1, 1),
-        ("new_flow_10_rules", build(1, 10, true)?, 1, 10),
-        ("new_flow_100_rules", build(1, 100, false)?, 1, 100),
-        ("new_flow_1k_rules", build(10, 100, false)?, 10, 100),
-        ("new_flow_10k_rules", build(100, 100, false)?, 100, 100),
-        ("new_flow_100k_rules", build(100, 1000, false)?, 100, 1000),
-    ];
+        ("new_flow_1_rules", 1, 1, true),
+        ("new_flow_10_rules", 1, 10, true),
+        ("new_flow_100_rules", 1, 100, false),
+        ("new_flow_1k_rules", 10, 100, false),
+        ("new_flow_10k_rules", 100, 100, false),
+        ("new_flow_100k_rules", 100, 1000, false),
+    ]
+    .into_iter()
+    .filter(|s| want(s.0))
+    .map(|(name, groups, per_group, all_match)| {
+        Ok((name, build(groups, per_group, all_match)?, groups, per_group))
+    })
+    .collect::<Result<Vec<_>>>()?;
     let cidr_states = [
-        ("new_flow_1_cidrs", build_cidrs(1)?, 1usize),
-        ("new_flow_1k_cidrs", build_cidrs(1000)?, 1000),
-        ("new_flow_100k_cidrs", build_cidrs(100_000)?, 100_000),
-    ];
+        ("new_flow_1_cidrs", 1usize),
+        ("new_flow_1k_cidrs", 1000),
+        ("new_flow_100k_cidrs", 100_000),
+    ]
+    .into_iter()
+    .filter(|s| want(s.0))
+    .map(|(name, prefixes)| Ok((name, build_cidrs(prefixes)?, prefixes)))
+    .collect::<Result<Vec<_>>>()?;
     eprintln!("bench_micro: states built in {:.1} s", t.elapsed().as_secs_f64());
     // Endpoint ids are numbered alike in each state (same creation order): one set of veths.
     for i in 0..=RECEIVERS {
@@ -747,6 +811,13 @@ pub fn run(out: &mut Vec<BenchRecord>) -> Result<()> {
         std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim().to_owned();
 
     let records = ns.enter(|| -> Result<Vec<BenchRecord>> {
+        // Every first pass (which makes the established scenarios' conntrack entries) and every
+        // timed run on one CPU, as a flow's packets stay on one CPU in steady state (the veth
+        // of its sender carries them where the sender runs); `established_other_cpu` is the
+        // same path on another CPU than the one that made the entries.
+        let cpus = cpus()?;
+        let main_cpu = cpus[0];
+        pin_to(main_cpu)?;
         let index = |name: &str| -> Result<u32> {
             let c = std::ffi::CString::new(name)?;
             // SAFETY: `c` is NUL-terminated and outlives the call.
@@ -765,6 +836,7 @@ pub fn run(out: &mut Vec<BenchRecord>) -> Result<()> {
             "statistic": "median of rounds",
             "kernel": kernel,
             "receivers": RECEIVERS,
+            "cpu": "the benchmark pinned to one CPU: the first passes that make the conntrack entries and the timed runs (micro_established_other_cpu: timed on another CPU)",
         });
         let shape = |extra: serde_json::Value| {
             let mut c = common.clone();
@@ -780,9 +852,22 @@ pub fn run(out: &mut Vec<BenchRecord>) -> Result<()> {
         });
         let peers = "45% /32, 30% /24, 2% /16, 13% group, 10% 0.0.0.0/0 from 4 /16, 64 /24, 256 /32";
         let dir = bpffs.path();
-        let (small_st, small_eps) = &states[1].1;
-        let mut all = vec![load("established", dir, small_st, small_eps, &ifindexes(small_eps)?, Timeouts::default(), true, Variant::default(),
-            shape(json!({"scenario": "established flows: every run a conntrack hit on an entry made by a first pass (S9 timeouts; the hit path is the same for every state)", "groups": 1, "rules_per_group": 10, "run": endpoint_packets})))?];
+        let (small_st, small_eps) = &small;
+        let mut all = Vec::new();
+        if want("established") {
+            all.push(load("established", dir, small_st, small_eps, &ifindexes(small_eps)?, Timeouts::default(), true, Variant::default(),
+                shape(json!({"scenario": "established flows: every run a conntrack hit on an entry made by a first pass (S9 timeouts; the hit path is the same for every state)", "groups": 1, "rules_per_group": 10, "run": endpoint_packets})))?);
+        }
+        match cpus.get(1) {
+            Some(&other) if want("established_other_cpu") => {
+                let mut l = load("established_other_cpu", dir, small_st, small_eps, &ifindexes(small_eps)?, Timeouts::default(), true, Variant::default(),
+                    shape(json!({"scenario": "micro_established timed on another CPU than the one whose first pass made the entries (each direction of a flow is counted with plain adds only on the CPU that claimed it, with atomic adds on any other; the floor before each sample is measured on that CPU too)", "groups": 1, "rules_per_group": 10, "run": endpoint_packets, "timed_on_cpu": other, "entries_made_on_cpu": main_cpu})))?;
+                l.cpu = Some(other);
+                all.push(l);
+            }
+            None if want("established_other_cpu") => eprintln!("bench_micro: one CPU only: no established_other_cpu"),
+            _ => {}
+        }
         for (name, (st, eps), groups, per_group) in &states {
             all.push(load(name, dir, st, eps, &ifindexes(eps)?, zero, false, Variant::default(),
                 shape(json!({"scenario": "new flow every run (conntrack timeouts 0)", "groups": groups, "rules_per_group": per_group,
@@ -805,35 +890,53 @@ pub fn run(out: &mut Vec<BenchRecord>) -> Result<()> {
             "program": "from_endpoint",
             "packets": format!("TCP SYN, 54 bytes, distinct (dst, sport), to port {DENIED_PORT}, which no rule admits: dropped as policy_ingress (model and kernel checked)"),
         });
+        if want("established_events_on") {
         all.push(load("established_events_on", dir, small_st, small_eps, &small_if, Timeouts::default(), true, on,
             shape(json!({"scenario": "micro_established with verdict events on (versed's default rate limit); an established packet reports nothing", "groups": 1, "rules_per_group": 10, "run": endpoint_packets})))?);
+        }
+        if want("new_flow_10_rules_events_on") {
         all.push(load("new_flow_10_rules_events_on", dir, small_st, small_eps, &small_if, zero, false, on,
             shape(json!({"scenario": "micro_new_flow_10_rules with verdict events on (versed's default rate limit): every run a new flow to report", "groups": 1, "rules_per_group": 10, "run": endpoint_packets})))?);
+        }
+        if want("denied_10_rules") {
         all.push(load("denied_10_rules", dir, small_st, small_eps, &small_if, Timeouts::default(), false, denied,
             shape(json!({"scenario": "denied: every run a new flow that the receiver's ingress rules refuse (conntrack miss, egress, route, ingress, drop counted)", "groups": 1, "rules_per_group": 10, "run": denied_packets})))?);
+        }
+        if want("denied_10_rules_events_on") {
         all.push(load("denied_10_rules_events_on", dir, small_st, small_eps, &small_if, Timeouts::default(), false, denied_on,
             shape(json!({"scenario": "micro_denied_10_rules with verdict events on (versed's default rate limit): every run a drop to report", "groups": 1, "rules_per_group": 10, "run": denied_packets})))?);
-        let n_repeat = all.len();
+        }
         let (if_a, if_u) = (index("ea")?, index("u0")?);
         let encap_shape = |what: &str| shape(json!({
             "scenario": what,
             "method_detail": "each packet once per BPF_PROG_TEST_RUN (the rewritten frame is no valid input again), the pool several times; compare with micro_empty_program_single_run",
             "packets": "TCP SYN to port 80, distinct (remote, sport); from_underlay input wrapped by the remote host (VXLAN-GBP, 104 bytes)",
         }));
-        let (wrap_new, unwrap_new) = encap::load(("wrap_new_flow", "unwrap_new_flow"), dir, zero, false, (if_a, if_u),
-            encap_shape("new flow every run (conntrack timeouts 0): from_endpoint to an endpoint on another host (egress policy, route, wrap, redirect to the underlay) / from_underlay from it (host and universe checks, placement, ingress policy, conntrack create, unwrap, deliver)"))?;
-        let defaults = verse::config::Config::default().dataplane_config()?;
-        let established = Timeouts { ns: defaults.timeouts_ns };
-        let (wrap_est, unwrap_est) = encap::load(("wrap_established", "unwrap_established"), dir, established, true, (if_a, if_u),
-            encap_shape("established flows (S9 timeouts, entries made by a first pass): wrap / unwrap on a conntrack hit"))?;
-        all.extend([wrap_new, unwrap_new, wrap_est, unwrap_est]);
+        if want("wrap_new_flow") || want("unwrap_new_flow") {
+            let (wrap_new, unwrap_new) = encap::load(("wrap_new_flow", "unwrap_new_flow"), dir, zero, false, (if_a, if_u),
+                encap_shape("new flow every run (conntrack timeouts 0): from_endpoint to an endpoint on another host (egress policy, route, wrap, redirect to the underlay) / from_underlay from it (host and universe checks, placement, ingress policy, conntrack create, unwrap, deliver)"))?;
+            all.extend([wrap_new, unwrap_new].into_iter().filter(|l| want(l.name)));
+        }
+        if want("wrap_established") || want("unwrap_established") {
+            let defaults = verse::config::Config::default().dataplane_config()?;
+            let established = Timeouts { ns: defaults.timeouts_ns };
+            let (wrap_est, unwrap_est) = encap::load(("wrap_established", "unwrap_established"), dir, established, true, (if_a, if_u),
+                encap_shape("established flows (S9 timeouts, entries made by a first pass): wrap / unwrap on a conntrack hit"))?;
+            all.extend([wrap_est, unwrap_est].into_iter().filter(|l| want(l.name)));
+        }
         for l in &all {
             eprintln!("bench_micro: {} loaded: {}", l.name, l.config);
         }
 
         // The empty program, once per call on a repeated scenario's pool (`base`) and once per
         // call in single runs on the wrap pool (`single_base`), each the floor of its method.
-        let (base, single_base) = (2, n_repeat);
+        // `base` is the 10-rule new flow's copy when it runs.
+        let base = all
+            .iter()
+            .position(|l| l.name == "new_flow_10_rules")
+            .or_else(|| all.iter().position(|l| l.mode == Mode::Repeat && l.cpu.is_none()))
+            .context("no scenario of from_endpoint run in place on this CPU: name one with --scenario")?;
+        let single_base = all.iter().position(|l| l.mode != Mode::Repeat);
         let mut empty_samples = Vec::new();
         let mut single_samples = Vec::new();
         let mut parse_samples = Vec::new();
@@ -841,8 +944,11 @@ pub fn run(out: &mut Vec<BenchRecord>) -> Result<()> {
         let empty_repeat = all[base].repeat;
         all[base].calibrate(Program::ParseOnly)?;
         let parse_repeat = all[base].repeat;
-        all[single_base].calibrate(Program::Empty)?;
-        let single_passes = all[single_base].repeat;
+        let mut single_passes = 0;
+        if let Some(sb) = single_base {
+            all[sb].calibrate(Program::Empty)?;
+            single_passes = all[sb].repeat;
+        }
         for l in all.iter_mut() {
             l.calibrate(Program::Scenario)?;
         }
@@ -869,9 +975,15 @@ pub fn run(out: &mut Vec<BenchRecord>) -> Result<()> {
         let t = Instant::now();
         for round in 0..ROUNDS {
             empty_samples.push(empty(&mut all[base], Program::Empty, empty_repeat)?);
-            single_samples.push(empty(&mut all[single_base], Program::Empty, single_passes)?);
+            if let Some(sb) = single_base {
+                single_samples.push(empty(&mut all[sb], Program::Empty, single_passes)?);
+            }
             parse_samples.push(empty(&mut all[base], Program::ParseOnly, parse_repeat)?);
             for &i in &order {
+                let cpu = all[i].cpu;
+                if let Some(cpu) = cpu {
+                    pin_to(cpu)?;
+                }
                 // The floor right before each scenario that is not an events-on twin (those stay
                 // back to back with their partner), so that each ratio to the floor compares two
                 // measurements a few hundred milliseconds apart (`paired_ratio`).
@@ -885,11 +997,14 @@ pub fn run(out: &mut Vec<BenchRecord>) -> Result<()> {
                 let v = l.measure(Program::Scenario)?;
                 l.samples.push(v);
                 l.drain();
+                if cpu.is_some() {
+                    pin_to(main_cpu)?;
+                }
             }
             eprintln!(
                 "bench_micro: round {round}: empty {:.1} ns, single-run empty {:.1} ns, parse only {:.1} ns, {}",
                 empty_samples[round],
-                single_samples[round],
+                single_samples.get(round).copied().unwrap_or(f64::NAN),
                 parse_samples[round],
                 all.iter().map(|l| format!("{} {:.1} ns", l.name, l.samples[round])).collect::<Vec<_>>().join(", ")
             );
@@ -899,7 +1014,7 @@ pub fn run(out: &mut Vec<BenchRecord>) -> Result<()> {
             json!({"min": v.iter().copied().fold(f64::MAX, f64::min), "max": v.iter().copied().fold(f64::MIN, f64::max)})
         };
         let floor = median(&empty_samples);
-        let single_floor = median(&single_samples);
+        let single_floor = if single_samples.is_empty() { f64::NAN } else { median(&single_samples) };
         let mut recs = vec![
             BenchRecord::new(
                 "micro_empty_program",
@@ -909,20 +1024,22 @@ pub fn run(out: &mut Vec<BenchRecord>) -> Result<()> {
                 shape(json!({"program": "empty (returns TC_ACT_OK)", "repeat": empty_repeat, "samples": empty_samples, "range": spread(&empty_samples)})),
             ),
             BenchRecord::new(
+                "micro_parse_only",
+                median(&parse_samples),
+                Unit::NsPerPacket,
+                Some(("micro_empty_program", median(&parse_samples) / floor)),
+                shape(json!({"program": "parse_only (benchmark probe: Ethernet type, IPv4 header, fragment check, L4 header of flow.rs; returns TC_ACT_OK)", "pool": format!("the {} pool", all[base].name), "repeat": parse_repeat, "samples": parse_samples, "range": spread(&parse_samples)})),
+            ),
+        ];
+        if single_base.is_some() {
+            recs.insert(1, BenchRecord::new(
                 "micro_empty_program_single_run",
                 single_floor,
                 Unit::NsPerPacket,
                 None,
                 shape(json!({"program": "empty (returns TC_ACT_OK), one run per BPF_PROG_TEST_RUN: the floor of the wrap/unwrap rows (includes the kernel's per-call timing overhead)", "passes": single_passes, "samples": single_samples, "range": spread(&single_samples)})),
-            ),
-            BenchRecord::new(
-                "micro_parse_only",
-                median(&parse_samples),
-                Unit::NsPerPacket,
-                Some(("micro_empty_program", median(&parse_samples) / floor)),
-                shape(json!({"program": "parse_only (benchmark probe: Ethernet type, IPv4 header, fragment check, L4 header of flow.rs; returns TC_ACT_OK)", "pool": "the new_flow_10_rules pool", "repeat": parse_repeat, "samples": parse_samples, "range": spread(&parse_samples)})),
-            ),
-        ];
+            ));
+        }
         let mut by_name = BTreeMap::new();
         for l in &all {
             let m = median(&l.samples);
@@ -965,9 +1082,11 @@ pub fn run(out: &mut Vec<BenchRecord>) -> Result<()> {
             }
             recs.push(rec);
         }
-        recs.extend(gc(dir, &shape)?);
+        if scenario("ct_gc") {
+            recs.extend(gc(dir, &shape)?);
+        }
         // The cost of a new flow at 100,000 rules against 10: the value is the 100k figure.
-        let (b, d) = (by_name["new_flow_10_rules"], by_name["new_flow_100k_rules"]);
+        if let (Some(&b), Some(&d)) = (by_name.get("new_flow_10_rules"), by_name.get("new_flow_100k_rules")) {
         let d_samples = all.iter().find(|l| l.name == "new_flow_100k_rules").map(|l| l.samples.clone()).unwrap_or_default();
         recs.push(BenchRecord::new(
             "micro_new_flow_100k_vs_10_rules",
@@ -976,12 +1095,16 @@ pub fn run(out: &mut Vec<BenchRecord>) -> Result<()> {
             Some(("micro_new_flow_10_rules", d / b)),
             json!({"numerator": "micro_new_flow_100k_rules", "denominator": "micro_new_flow_10_rules", "statistic": "ratio of medians"}),
         ).with_spread(&d_samples).with_target("<= 1.50x", d / b <= 1.5));
+        }
         // Events on against off, each pair measured interleaved in the same rounds.
         for (on, off) in [
             ("established_events_on", "established"),
             ("new_flow_10_rules_events_on", "new_flow_10_rules"),
             ("denied_10_rules_events_on", "denied_10_rules"),
         ] {
+            if !by_name.contains_key(on) || !by_name.contains_key(off) {
+                continue;
+            }
             let samples = |name: &str| all.iter().find(|l| l.name == name).map(|l| l.samples.clone()).unwrap_or_default();
             let (son, soff) = (samples(on), samples(off));
             // Each round measured the pair back to back: the median of the rounds' ratios is
