@@ -21,7 +21,7 @@
 //!   [`deliver::to_endpoint`], [`encap::wrap`].
 use aya_ebpf::programs::TcContext;
 use dataplane_common::{
-    capacity, ct_owner, jump, Config, CtHop, DropReason, Endpoint, Hook, PolicyValue, Route,
+    capacity, ct_owner, jump, Config, CtHop, CtKey, DropReason, Endpoint, Hook, PolicyValue, Route,
     RouteKey, DIRECTION_EGRESS, DIRECTION_INGRESS,
 };
 
@@ -96,31 +96,29 @@ fn ipv4(
     if let Some(hit) = found.hit {
         // The established path: the delivery cached under the current epoch (its receiver was
         // checked when it was cached, and the routes have not changed since), else the route.
-        let (hop, cached) = match hit.cached(epoch) {
-            Some(hop) => (Some(hop), true),
-            None => match route_of(endpoint.vni, ip.dst) {
-                Some(route) if route.serial == hit.receiver_serial() => {
-                    (Some(conntrack::hop(&route, epoch)), false)
-                }
-                Some(route) => {
-                    looked_up = Some(route);
-                    (None, false)
-                }
-                None => return Err(DropReason::NoRoute),
-            },
-        };
-        if let Some(hop) = hop {
-            if let Some(mtu) = too_big(ctx, config, &hop, &ip, &l4)? {
-                return icmp::frag_needed(ctx, endpoint, ifindex, config.gateway_mac, &ip, mtu);
+        // Two calls, so that the cached case, every packet but the first after a route change,
+        // is compiled on its own.
+        if let Some(hop) = hit.cached(epoch) {
+            return established(ctx, endpoint, ifindex, config, &ip, &l4, (hit, now), None, &hop);
+        }
+        match route_of(endpoint.vni, ip.dst) {
+            Some(route) if route.serial == hit.receiver_serial() => {
+                let hop = conntrack::hop(&route, epoch);
+                let flow = (hit, now);
+                return established(
+                    ctx,
+                    endpoint,
+                    ifindex,
+                    config,
+                    &ip,
+                    &l4,
+                    flow,
+                    Some(&key),
+                    &hop,
+                );
             }
-            let size = conntrack::size(ctx, &ip, &l4);
-            if cached {
-                conntrack::refresh(hit, now, l4.tcp_flags, size, config.flow_interval);
-            } else {
-                let interval = config.flow_interval;
-                conntrack::refresh_and_cache(hit, &key, now, l4.tcp_flags, size, interval, hop);
-            }
-            return forward(ctx, endpoint, config, &hop);
+            Some(route) => looked_up = Some(route),
+            None => return Err(DropReason::NoRoute),
         }
     }
     let route = match looked_up {
@@ -203,6 +201,36 @@ fn ipv4(
         events::admitted(ctx.len(), config, Hook::FromEndpoint, &who, &ip, &l4, egress, ingress);
     }
     forward(ctx, endpoint, config, &hop)
+}
+
+/// Sends a packet of an established flow (`hit`, looked up at `now`) by `hop` and refreshes the
+/// flow; `cache`: the packet's key, when `hop` was looked up rather than cached, to cache it
+/// under.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn established(
+    ctx: &TcContext,
+    endpoint: &Endpoint,
+    ifindex: u32,
+    config: &Config,
+    ip: &Ipv4,
+    l4: &L4,
+    (hit, now): (conntrack::Hit, u64),
+    cache: Option<&CtKey>,
+    hop: &CtHop,
+) -> Result<i32, DropReason> {
+    if let Some(mtu) = too_big(ctx, config, hop, ip, l4)? {
+        return icmp::frag_needed(ctx, endpoint, ifindex, config.gateway_mac, ip, mtu);
+    }
+    let size = conntrack::size(ctx, ip, l4);
+    let interval = config.flow_interval;
+    match cache {
+        None => conntrack::refresh(hit, now, l4.tcp_flags, size, interval),
+        Some(key) => {
+            conntrack::refresh_and_cache(hit, key, now, l4.tcp_flags, size, interval, *hop)
+        }
+    }
+    forward(ctx, endpoint, config, hop)
 }
 
 /// The route of (universe, address), copied out.

@@ -35,10 +35,7 @@ pub struct Ipv4 {
 #[inline(always)]
 pub fn ipv4_header(ctx: &TcContext, off: usize) -> Result<Ipv4, DropReason> {
     const IP_MIN: usize = core::mem::size_of::<Ipv4Hdr>();
-    if !ensure(ctx, off + IP_MIN) {
-        return Err(DropReason::MalformedIpv4);
-    }
-    let ip: *const Ipv4Hdr = ptr_at(ctx, off).ok_or(DropReason::MalformedIpv4)?;
+    let ip: *const Ipv4Hdr = header(ctx, off).ok_or(DropReason::MalformedIpv4)?;
     // SAFETY: ptr_at proved the fixed IPv4 header is inside the linear data.
     let (version_ihl, tot_len, frag_off, proto, src, dst) = unsafe {
         let h = &*ip;
@@ -49,7 +46,8 @@ pub fn ipv4_header(ctx: &TcContext, off: usize) -> Result<Ipv4, DropReason> {
     {
         return Err(DropReason::MalformedIpv4);
     }
-    if !ensure(ctx, off + ihl) {
+    // Options: the fixed header is linear already.
+    if ihl > IP_MIN && !ensure(ctx, off + ihl) {
         return Err(DropReason::MalformedIpv4);
     }
     Ok(Ipv4 { src, dst, proto, frag_off, ihl, l4_off: off + ihl, ip_end: off + tot_len })
@@ -141,11 +139,10 @@ pub struct L4 {
 pub fn l4(ctx: &TcContext, proto: u8, l4_off: usize, ip_end: usize) -> Result<L4, DropReason> {
     match proto {
         IPPROTO_TCP => {
-            let end = l4_off + core::mem::size_of::<TcpHdr>();
-            if end > ip_end || !ensure(ctx, end) {
+            if l4_off + core::mem::size_of::<TcpHdr>() > ip_end {
                 return Err(DropReason::MalformedL4);
             }
-            let tcp: *const TcpHdr = ptr_at(ctx, l4_off).ok_or(DropReason::MalformedL4)?;
+            let tcp: *const TcpHdr = header(ctx, l4_off).ok_or(DropReason::MalformedL4)?;
             // SAFETY: ptr_at proved the TCP header is inside the linear data.
             let (sport, dport, doff_res, flags) = unsafe {
                 let h = &*tcp;
@@ -165,21 +162,19 @@ pub fn l4(ctx: &TcContext, proto: u8, l4_off: usize, ip_end: usize) -> Result<L4
             })
         }
         IPPROTO_UDP => {
-            let end = l4_off + core::mem::size_of::<UdpHdr>();
-            if end > ip_end || !ensure(ctx, end) {
+            if l4_off + core::mem::size_of::<UdpHdr>() > ip_end {
                 return Err(DropReason::MalformedL4);
             }
-            let udp: *const UdpHdr = ptr_at(ctx, l4_off).ok_or(DropReason::MalformedL4)?;
+            let udp: *const UdpHdr = header(ctx, l4_off).ok_or(DropReason::MalformedL4)?;
             // SAFETY: ptr_at proved the UDP header is inside the linear data.
             let (sport, dport) = unsafe { (be16((*udp).sport), be16((*udp).dport)) };
             Ok(L4 { sport, dport, policy_port: dport, tcp_flags: 0, icmp_type: 0xFF, hdr_len: 8 })
         }
         IPPROTO_ICMP => {
-            let end = l4_off + core::mem::size_of::<IcmpHdr>();
-            if end > ip_end || !ensure(ctx, end) {
+            if l4_off + core::mem::size_of::<IcmpHdr>() > ip_end {
                 return Err(DropReason::MalformedL4);
             }
-            let icmp: *const IcmpHdr = ptr_at(ctx, l4_off).ok_or(DropReason::MalformedL4)?;
+            let icmp: *const IcmpHdr = header(ctx, l4_off).ok_or(DropReason::MalformedL4)?;
             // SAFETY: ptr_at proved the ICMP header is inside the linear data.
             let (ty, code, id) = unsafe { ((*icmp).ty, (*icmp).code, be16((*icmp).id)) };
             let (sport, dport) = icmp_ct_ports(ty, id);
@@ -227,7 +222,8 @@ pub fn quoted_flow(ctx: &TcContext, vni: u32, off: usize, ip_end: usize) -> Opti
         (h.ty, h.code, h.check[0], h.check[1], be16(h.id))
     };
     let (sport, dport) = ct_ports(proto, [b0, b1, b2, b3], id);
-    Some(CtKey::new(vni, src, dst, sport, dport, proto))
+    // `opaque`: as in `ct_key`.
+    Some(CtKey::new(vni, src, dst, sport, dport, opaque(proto)))
 }
 
 /// The flow quoted by an ICMPv6 error whose quoted IPv6 header starts at `off`: a fixed header
@@ -268,8 +264,12 @@ pub fn quoted_flow6(
     true
 }
 
-/// The conntrack key of a packet in `vni`.
+/// The conntrack key of a packet in `vni`. The protocol goes in through [`opaque`]: where LLVM
+/// knows it (the ICMP branch of the parse, whose ports are constants too), it merged the ports
+/// and the protocol word into one 8-byte store at offset 12 of the key, misaligned whenever the
+/// key sits at an 8-aligned stack offset, and the verifier refuses a misaligned stack access
+/// (the BPF target may emit misaligned stores, see `controller/build.rs`).
 #[inline(always)]
 pub fn ct_key(vni: u32, ip: &Ipv4, l4: &L4) -> CtKey {
-    CtKey::new(vni, ip.src, ip.dst, l4.sport, l4.dport, ip.proto)
+    CtKey::new(vni, ip.src, ip.dst, l4.sport, l4.dport, opaque(ip.proto))
 }

@@ -111,6 +111,21 @@ pub fn ptr_at<T>(ctx: &TcContext, offset: usize) -> Option<*mut T> {
     Some((start + offset) as *mut T)
 }
 
+/// A pointer to a `T` at `offset`, the first `offset + size_of::<T>()` bytes of the frame made
+/// linear first if they are not ([`ensure`] then [`ptr_at`] in one): a single bounds check when
+/// they already are, the common case. Invalidates earlier packet pointers when it pulls.
+#[inline(always)]
+pub fn header<T>(ctx: &TcContext, offset: usize) -> Option<*mut T> {
+    if let Some(p) = ptr_at(ctx, offset) {
+        return Some(p);
+    }
+    let len = offset + size_of::<T>();
+    if len > ctx.len() as usize || ctx.pull_data(len as u32).is_err() {
+        return None;
+    }
+    ptr_at(ctx, offset)
+}
+
 /// Makes the first `len` bytes of the frame linear. False if the frame is shorter than `len`.
 /// Invalidates earlier packet pointers when it pulls: callers take pointers after it.
 #[inline(always)]
@@ -124,18 +139,48 @@ pub fn ensure(ctx: &TcContext, len: usize) -> bool {
     ctx.pull_data(len as u32).is_ok()
 }
 
+/// `v`, hidden from the optimizer by an empty assembly block (no instruction): LLVM can no
+/// longer fold what it knows of it into the stores it makes.
+#[cfg(target_arch = "bpf")]
+#[inline(always)]
+pub fn opaque(v: u8) -> u8 {
+    let mut r = u64::from(v);
+    // SAFETY: an empty template: the register is left as it was.
+    unsafe {
+        core::arch::asm!("/* {0} */", inout(reg) r, options(pure, nomem, nostack, preserves_flags))
+    };
+    r as u8
+}
+
+/// The host build's [`opaque`] (type-checking only; the dataplane runs as BPF).
+#[cfg(not(target_arch = "bpf"))]
+#[inline(always)]
+pub fn opaque(v: u8) -> u8 {
+    core::hint::black_box(v)
+}
+
 #[inline(always)]
 pub fn be16(b: [u8; 2]) -> u16 {
     u16::from_be_bytes(b)
 }
 
-/// Compares MACs without `bcmp`, which the BPF target cannot call.
+/// Compares MACs without `bcmp`, which the BPF target cannot call, as a 4-byte and a 2-byte
+/// word each: read as bytes, a MAC in a map value (alignment 1 to the compiler) was six byte
+/// loads and the shifts that put them together.
 #[inline(always)]
 pub fn mac_eq(a: &[u8; 6], b: &[u8; 6]) -> bool {
-    let a_hi = u32::from_ne_bytes([a[0], a[1], a[2], a[3]]);
-    let b_hi = u32::from_ne_bytes([b[0], b[1], b[2], b[3]]);
-    let a_lo = u16::from_ne_bytes([a[4], a[5]]);
-    let b_lo = u16::from_ne_bytes([b[4], b[5]]);
+    let words = |m: &[u8; 6]| {
+        let p = m.as_ptr();
+        // SAFETY: `m` is 6 readable bytes: 4 at `p`, 2 at `p + 4`; unaligned reads need no
+        // alignment (and the BPF target may load misaligned words, see `controller/build.rs`).
+        unsafe {
+            (
+                core::ptr::read_unaligned(p.cast::<u32>()),
+                core::ptr::read_unaligned(p.add(4).cast::<u16>()),
+            )
+        }
+    };
+    let ((a_hi, a_lo), (b_hi, b_lo)) = (words(a), words(b));
     (a_hi ^ b_hi) | u32::from(a_lo ^ b_lo) == 0
 }
 
