@@ -1011,6 +1011,95 @@ async fn a_retried_edit_with_the_same_key_is_applied_once() {
     assert_eq!((rec.status, rec.revision), (204, deleted));
 }
 
+/// A commit etcd refuses reads the idempotency record in its own transaction: a retry of an
+/// edit that happened (refused because its key is recorded) is answered from that read, and an
+/// edit refused by a guard (the other host's edit of the same universe got in first) knows it
+/// is no replay, both with no read of the key apart (before, each was one more round trip).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_commit_reads_its_key_in_its_own_transaction() {
+    use verse::store::{Idempotency, Outcome};
+    let etcd = Etcd::start_local();
+    let a = etcd.store(Duration::from_secs(5)).await;
+    let b = etcd.store(Duration::from_secs(5)).await;
+    let (u, _) = a.edit(|s| s.create_universe(universe("blue"))).await.unwrap();
+    let (g, rev) = a.edit(|s| s.create_group(group(&u.id, "web"))).await.unwrap();
+    let mut rx = b.subscribe();
+    wait_state(&mut rx, "the group on b", |s| s.revision >= rev).await;
+    let respond = |r: &model::Rule| (201, Some(serde_json::json!({"id": r.id})));
+    let key = |k: String| Idempotency {
+        fingerprint: format!("POST rules {k}"),
+        key: k,
+        from_client: true,
+    };
+
+    // A retry that still runs on the host's state, as one through a host whose watch has not
+    // seen the first attempt yet does (here it adds another port, so that the rule added by
+    // the first attempt does not refuse it): etcd refuses its commit on the key's record.
+    let (reads, conflicts) = (a.idempotency_reads(), a.conflicts());
+    let add = |port: u16| {
+        let g = g.id.clone();
+        move |s: &mut State| s.add_rule(&g, tcp_rule(port))
+    };
+    let first = a.edit_recorded(&key("r-1".into()), add(80), respond).await.unwrap();
+    let Outcome::Applied { out, revision } = first else { panic!("the first is applied") };
+    let again = a.edit_recorded(&key("r-1".into()), add(81), respond).await.unwrap();
+    let Outcome::Replayed(rec) = again else { panic!("the retry is answered, not applied") };
+    assert_eq!(
+        (rec.status, rec.revision, rec.body),
+        (201, revision, Some(serde_json::json!({"id": out.id})))
+    );
+    assert_eq!(a.snapshot().groups[&g.id].ingress.len(), 1, "applied once");
+    assert_eq!(
+        (a.idempotency_reads(), a.conflicts()),
+        (reads, conflicts),
+        "the replay was read by the refused commit itself"
+    );
+
+    // Two hosts adding rules to one group at once, each edit with a key of its own, until
+    // guards refused some commits: none of them read its key apart.
+    let reads = (a.idempotency_reads(), b.idempotency_reads());
+    let conflicts = || a.conflicts() + b.conflicts();
+    let before = conflicts();
+    let mut port = 1000u16;
+    for _ in 0..20 {
+        let run = |store: Store, tag: &'static str, from: u16| {
+            let g = g.id.clone();
+            tokio::spawn(async move {
+                for p in from..from + 20 {
+                    let g = g.clone();
+                    let k = Idempotency {
+                        key: format!("{tag}-{p}"),
+                        fingerprint: format!("POST rules {tag}-{p}"),
+                        from_client: true,
+                    };
+                    let done = store
+                        .edit_recorded(&k, move |s| s.add_rule(&g, tcp_rule(p)), respond)
+                        .await
+                        .unwrap();
+                    assert!(matches!(done, Outcome::Applied { .. }), "each edit is applied");
+                }
+            })
+        };
+        let (ta, tb) = (run(a.clone(), "a", port), run(b.clone(), "b", port + 20));
+        ta.await.unwrap();
+        tb.await.unwrap();
+        port += 40;
+        if conflicts() > before {
+            break;
+        }
+    }
+    assert!(conflicts() > before, "the two hosts' edits collided");
+    assert_eq!(
+        (a.idempotency_reads(), b.idempotency_reads()),
+        reads,
+        "no refused commit read its key apart"
+    );
+    let rev = a.snapshot().revision.max(b.snapshot().revision);
+    wait_state(&mut rx, "every rule on b", |s| s.revision >= rev).await;
+    let kept = b.snapshot().groups[&g.id].ingress.len();
+    assert_eq!(kept, 1 + usize::from(port - 1000), "every edit of both hosts is kept, once");
+}
+
 /// A test's audit record of an edit, counting the times the store wrote it.
 #[derive(Default)]
 struct Counted(std::sync::atomic::AtomicU32);

@@ -275,6 +275,8 @@ struct Shared {
     idem_lease: tokio::sync::Mutex<Option<(i64, Instant)>>,
     /// Commits refused by a guard (another edit of the same universe got in first).
     conflicts: std::sync::atomic::AtomicU64,
+    /// Reads of an idempotency record made apart from a commit (a round trip of their own).
+    idempotency_reads: std::sync::atomic::AtomicU64,
     /// Lease requests tried again on another member, and liveness leases that expired.
     lease_stats: LeaseCounters,
     /// Whose turn it is to commit, among this host's edits guarded by the same key.
@@ -629,6 +631,7 @@ impl Etcd {
             received: WatchCounters::default(),
             idem_lease: tokio::sync::Mutex::new(None),
             conflicts: std::sync::atomic::AtomicU64::new(0),
+            idempotency_reads: std::sync::atomic::AtomicU64::new(0),
             lease_stats: LeaseCounters::default(),
             turns: Turns::default(),
             touches: Mutex::default(),
@@ -707,6 +710,10 @@ impl Etcd {
         self.shared.conflicts.load(std::sync::atomic::Ordering::Relaxed)
     }
 
+    pub(super) fn idempotency_reads(&self) -> u64 {
+        self.shared.idempotency_reads.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// See [`Store::subscribe_hosts`](super::Store::subscribe_hosts).
     pub(super) async fn subscribe_hosts(&self) -> Result<super::HostsFeed> {
         let live = &self.shared.live;
@@ -763,9 +770,10 @@ impl Etcd {
         T: Send + 'static,
     {
         // No read of the key first: the commit requires the key's record to be absent, so an
-        // edit whose key was recorded (or fenced) before cannot commit, and the record is read
-        // only then, or when the edit cannot run on this host's state (a retry of a delete that
-        // happened finds nothing to delete): a round trip to etcd saved on every other edit.
+        // edit whose key was recorded (or fenced) before cannot commit, and the refused
+        // commit's own transaction reads the record then. It is read apart only when the edit
+        // cannot run on this host's state (a retry of a delete that happened finds nothing to
+        // delete): a round trip to etcd saved on every other edit.
         match self.run(f, Some((idem, respond)), audit).await {
             Err(Error::Rejected(refused)) if idem.from_client => {
                 match self.shared.recorded_timed(idem).await? {
@@ -852,7 +860,7 @@ impl Etcd {
                     body: body.filter(|b| b.to_string().len() <= MAX_RECORDED_BODY),
                     revision: 0,
                 };
-                let key = sh.key(&format!("{IDEMPOTENCY}{}", idem.digest()));
+                let key = sh.key(&idempotency_key(idem));
                 compares.push(Compare::create_revision(key.clone(), CompareOp::Equal, 0));
                 let lease = sh.idempotency_lease().await?;
                 let value = serde_json::to_vec(&rec).unwrap_or_default();
@@ -882,8 +890,12 @@ impl Etcd {
             // When a guard fails, the transaction reads the guarded keys instead (and the
             // catalog, rewritten by the deletion of a universe whose version key is gone): the
             // edit then waits for the revisions that changed them, never for a later one the
-            // state's watcher may not carry (an audit, idempotency or liveness record).
-            let reads: Vec<TxnOp> = delta
+            // state's watcher may not carry (an audit, idempotency or liveness record). And it
+            // reads the idempotency record, last: a commit refused because the key was
+            // recorded (a retry of an edit that happened) is answered from that read, and one
+            // refused by a guard alone knows at once that it is no replay, with no round trip
+            // of its own to etcd.
+            let mut reads: Vec<TxnOp> = delta
                 .guards
                 .iter()
                 .map(|g| match g {
@@ -894,6 +906,9 @@ impl Etcd {
                 .chain([layout::CATALOG.to_owned()])
                 .map(|key| TxnOp::get(sh.key(&key), Some(GetOptions::new().with_keys_only())))
                 .collect();
+            if let Some((idem, _)) = &record {
+                reads.push(TxnOp::get(sh.key(&idempotency_key(idem)), None));
+            }
             let txn = Txn::new().when(compares).and_then(ops).or_else(reads);
             let mut kv = sh.client.kv_client();
             let committing = Instant::now();
@@ -954,8 +969,13 @@ impl Etcd {
             }
             if let Some((idem, _)) = &record {
                 // The same key committed before or meanwhile (a retry of the same request), or
-                // a fence is there (lifted now, so that the next attempt may commit).
-                if let Some(rec) = sh.recorded_timed(idem).await? {
+                // a fence is there (lifted now, so that the next attempt may commit): read by
+                // the transaction's else-branch, its last read.
+                let read = match resp.op_responses().pop() {
+                    Some(TxnOpResponse::Get(range)) => range.kvs().first().cloned(),
+                    _ => None,
+                };
+                if let Some(rec) = sh.record_read(idem, read).await? {
                     return Ok(Outcome::Replayed(rec));
                 }
             }
@@ -1173,7 +1193,8 @@ impl Shared {
 
     /// The outcome recorded under `idem`'s key, if any (with the revision it was recorded at).
     async fn recorded(&self, idem: &Idempotency) -> Result<Option<Recorded>> {
-        let key = self.key(&format!("{IDEMPOTENCY}{}", idem.digest()));
+        self.idempotency_reads.fetch_add(1, Ordering::Relaxed);
+        let key = self.key(&idempotency_key(idem));
         // A read, safe to try again: a member that stalls (the client then moves to the next)
         // costs this request a retry, not a 503.
         let mut attempt = 0;
@@ -1190,7 +1211,18 @@ impl Shared {
                 Err(e) => return Err(e),
             }
         };
-        let Some(kv) = resp.kvs().first() else { return Ok(None) };
+        self.record_read(idem, resp.kvs().first().cloned()).await
+    }
+
+    /// The outcome recorded under `idem`'s key, from a read of the key (`None`: absent). A
+    /// fence found there is lifted (unless it changed since the read), and taken as no record.
+    async fn record_read(
+        &self,
+        idem: &Idempotency,
+        kv: Option<etcd_client::KeyValue>,
+    ) -> Result<Option<Recorded>> {
+        let Some(kv) = kv else { return Ok(None) };
+        let key = self.key(&idempotency_key(idem));
         let mut rec: Recorded = serde_json::from_slice(kv.value()).map_err(|e| Error::Corrupt {
             key: String::from_utf8_lossy(kv.key()).into_owned(),
             reason: format!("not an idempotency record: {e}"),
@@ -1216,7 +1248,7 @@ impl Shared {
     /// with `cause` if it did not (it never will: its commit requires the record to be
     /// absent), or with [`Error::Unknown`] if etcd cannot be reached for [`SETTLE_TIMEOUT`].
     async fn settle(&self, idem: &Idempotency, cause: Error) -> Result<Option<u64>> {
-        let key = self.key(&format!("{IDEMPOTENCY}{}", idem.digest()));
+        let key = self.key(&idempotency_key(idem));
         let fence =
             Recorded { fingerprint: idem.fingerprint.clone(), status: 0, body: None, revision: 0 };
         let value = serde_json::to_vec(&fence).unwrap_or_default();
@@ -2371,6 +2403,11 @@ fn guards_changed_at(
         }
     }
     Some(newest)
+}
+
+/// Where the outcome of an edit with `idem`'s key is recorded, relative to the prefix.
+fn idempotency_key(idem: &Idempotency) -> String {
+    format!("{IDEMPOTENCY}{}", idem.digest())
 }
 
 /// A liveness record's value: the report as JSON.

@@ -399,6 +399,16 @@ impl Store {
         }
     }
 
+    /// How many times the store read a client's idempotency record in a round trip of its
+    /// own (to tell a replay from a refusal when an edit cannot run or changes nothing; a
+    /// commit refused by etcd reads it in its own transaction): 0 for the embedded store.
+    pub fn idempotency_reads(&self) -> u64 {
+        match self {
+            Store::Embedded(_) => 0,
+            Store::Etcd(e) => e.idempotency_reads(),
+        }
+    }
+
     /// Follows the desired state: the receiver sees every published state (or at least the
     /// latest one, if it falls behind). It closes when the store is dropped.
     pub fn subscribe(&self) -> watch::Receiver<Arc<State>> {
