@@ -299,24 +299,36 @@ struct Turn<'a> {
     held: Vec<(String, tokio::sync::OwnedMutexGuard<()>)>,
 }
 
+/// The keys whose turns an edit guarded by `guards` takes.
+fn turn_keys(guards: &std::collections::BTreeSet<Guard>) -> std::collections::BTreeSet<String> {
+    guards
+        .iter()
+        .filter_map(|g| match g {
+            Guard::Universe(u) => Some(layout::version_key(u)),
+            Guard::Catalog => Some(layout::CATALOG.to_owned()),
+            Guard::Unchanged(k) => Some(k.clone()),
+            // A claim: two edits rarely claim the same one.
+            Guard::Absent(_) => None,
+        })
+        .collect()
+}
+
 impl Turns {
     async fn take(&self, guards: &std::collections::BTreeSet<Guard>) -> Turn<'_> {
-        let keys: std::collections::BTreeSet<String> = guards
-            .iter()
-            .filter_map(|g| match g {
-                Guard::Universe(u) => Some(layout::version_key(u)),
-                Guard::Catalog => Some(layout::CATALOG.to_owned()),
-                Guard::Unchanged(k) => Some(k.clone()),
-                // A claim: two edits rarely claim the same one.
-                Guard::Absent(_) => None,
-            })
-            .collect();
+        let keys = turn_keys(guards);
         let mut turn = Turn { turns: self, held: Vec::with_capacity(keys.len()) };
         for key in keys {
             let queue = lock(&self.0).entry(key.clone()).or_default().clone();
             turn.held.push((key, queue.lock_owned().await));
         }
         turn
+    }
+}
+
+impl Turn<'_> {
+    /// Whether this turn is every turn an edit guarded by `guards` needs.
+    fn covers(&self, guards: &std::collections::BTreeSet<Guard>) -> bool {
+        turn_keys(guards).iter().all(|k| self.held.iter().any(|(held, _)| held == k))
     }
 }
 
@@ -800,6 +812,11 @@ impl Etcd {
         // Cleared when etcd refuses the commit as too large with the record in it: then the
         // edit is tried once more without it (the API writes the record apart).
         let mut with_audit = audit.is_some();
+        // The turn, once taken, is kept until the edit is done: an edit that runs again (the
+        // state changed while it waited for its turn, or a guard refused its commit) keeps its
+        // place, rather than queue again behind this host's later edits of the same universe
+        // (which, under load, could find the state changed each time and queue again).
+        let mut turn: Option<Turn<'_>> = None;
         for attempt in 1..=MAX_ATTEMPTS {
             let validating = Instant::now();
             let view = sh.view.borrow().clone();
@@ -819,14 +836,19 @@ impl Etcd {
             // round trip to etcd) and a run again. The turn lasts until the watch has the
             // outcome, so that the next one runs on it.
             phases::since(Phase::Validate, validating);
-            let waiting = Instant::now();
-            let turn = sh.turns.take(&delta.guards).await;
-            phases::since(Phase::EditLock, waiting);
-            let now = sh.view.borrow().clone();
-            if delta.guards.iter().any(|g| now.mod_revision(g) != view.mod_revision(g)) {
-                // Another edit of this host changed what this one depends on meanwhile.
-                drop(turn);
-                continue;
+            if !turn.as_ref().is_some_and(|t| t.covers(&delta.guards)) {
+                // None yet, or this run guards other keys than the last: taken anew (in key
+                // order, so that two edits never wait for each other).
+                drop(turn.take());
+                let waiting = Instant::now();
+                turn = Some(sh.turns.take(&delta.guards).await);
+                phases::since(Phase::EditLock, waiting);
+                let now = sh.view.borrow().clone();
+                if delta.guards.iter().any(|g| now.mod_revision(g) != view.mod_revision(g)) {
+                    // Another edit of this host changed what this one depends on meanwhile:
+                    // run again on the new state, keeping the turn.
+                    continue;
+                }
             }
             let mut compares: Vec<Compare> = delta
                 .guards
@@ -921,7 +943,6 @@ impl Etcd {
                     // Perhaps too large only with the audit record: once more without it.
                     tracing::debug!(error = %status.message(), "etcd refused an edit with its audit record; trying without");
                     with_audit = false;
-                    drop(turn);
                     continue;
                 }
                 Err(Error::Etcd { source: etcd_client::Error::GRpcStatus(status), .. })
