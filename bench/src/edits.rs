@@ -346,6 +346,14 @@ fn load(targets: &[Target], groups: &[String], clients: usize, run: Duration) ->
     })
 }
 
+/// The machine's one-minute load average (`/proc/loadavg`), NaN if unreadable.
+fn load_average() -> f64 {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|s| s.split_whitespace().next().and_then(|x| x.parse().ok()))
+        .unwrap_or(f64::NAN)
+}
+
 fn percentile(v: &[f64], p: f64) -> f64 {
     let mut v = v.to_vec();
     v.sort_by(|a, b| a.total_cmp(b));
@@ -399,9 +407,11 @@ fn load_records(
 ) -> Result<()> {
     for clients in CLIENTS {
         let phases_before = scrape(targets)?;
+        let load_before = load_average();
         let cpu_before = Cpu::sample();
         let l = load(targets, groups, clients, RUN)?;
         let cpu = Cpu::sample().cores_since(&cpu_before);
+        let load_after = load_average();
         let phases = phases_since(targets, &phases_before)?;
         let rate = l.acked as f64 / l.seconds;
         let (p50, p99) = (percentile(&l.latency_ms, 0.5), percentile(&l.latency_ms, 0.99));
@@ -412,9 +422,12 @@ fn load_records(
             l.failed, l.unhealthy_samples, l.health_samples
         );
         eprintln!("bench_edits: {store}, {clients} clients, phases (all hosts): {}", phases.line());
-        eprintln!("bench_edits: {store}, {clients} clients, CPU cores: {cpu}");
+        eprintln!(
+            "bench_edits: {store}, {clients} clients, CPU cores: {cpu}; load average {load_before} at the start, {load_after} at the end"
+        );
         let config = json!({
             "phases_all_hosts": phases.summary(), "cpu_cores": cpu,
+            "load_average_1m": {"start": load_before, "end": load_after},
             "store": store, "hosts": targets.len(), "clients": clients,
             "clients_per_host": "round-robin over the hosts' APIs",
             "universes": UNIVERSES, "groups_per_universe": GROUPS_PER_UNIVERSE,
@@ -708,8 +721,28 @@ fn host_maps(fleet: &Fleet, hosts: &[String]) -> Result<Vec<(String, usize, f64,
     })
 }
 
-pub fn run(out: &mut Vec<BenchRecord>) -> Result<()> {
-    // ---- etcd: three hosts ----
+/// What of the part to run (all of it by default).
+pub struct Options {
+    /// Only the runs under load.
+    pub load_only: bool,
+    /// The three hosts on etcd.
+    pub etcd: bool,
+    /// The one host on the embedded store.
+    pub embedded: bool,
+}
+
+pub fn run(out: &mut Vec<BenchRecord>, options: &Options) -> Result<()> {
+    if options.etcd {
+        run_etcd(out, options.load_only)?;
+    }
+    if options.embedded {
+        run_embedded(out)?;
+    }
+    Ok(())
+}
+
+/// Three hosts on the three-member etcd.
+fn run_etcd(out: &mut Vec<BenchRecord>, load_only: bool) -> Result<()> {
     let fleet = Fleet::start_with_config(3, CONFIG);
     let targets: Vec<Target> = fleet.hosts().iter().map(Target::of).collect::<Result<_>>()?;
     let (groups, placed) = setup(&targets[0])?;
@@ -719,6 +752,11 @@ pub fn run(out: &mut Vec<BenchRecord>) -> Result<()> {
         for h in 0..fleet.len() {
             workloads.push(fleet.endpoint(h, uni, &format!("10.{net}.0.{}", 10 + h), &[group]));
         }
+    }
+    if load_only {
+        load_records(out, "etcd", &targets, &groups)?;
+        drop(workloads);
+        return Ok(());
     }
     // The group edited sequentially: in the first universe, with an endpoint on every host.
     let probe_group = groups[1].clone();
@@ -811,8 +849,11 @@ pub fn run(out: &mut Vec<BenchRecord>) -> Result<()> {
     ));
     drop(workloads);
     drop(fleet);
+    Ok(())
+}
 
-    // ---- embedded: one host ----
+/// One host on the embedded store.
+fn run_embedded(out: &mut Vec<BenchRecord>) -> Result<()> {
     let host = Host::start_with_config(Some(CONFIG));
     let target = Target::of(&host)?;
     let (groups, placed) = setup(&target)?;

@@ -85,6 +85,14 @@ struct Cli {
     /// parse are always measured.
     #[arg(long = "scenario")]
     scenarios: Vec<String>,
+    /// Of the control tier's part `edits`, only the runs under load (edits per second and
+    /// latency at 50 and 200 clients), not the one edit on an empty and a full fleet nor etcd's
+    /// database per 10,000 rules: to compare two builds back to back.
+    #[arg(long)]
+    edits_load_only: bool,
+    /// The stores the part `edits` measures (`etcd`, `embedded`; repeatable; both by default).
+    #[arg(long = "edits-store")]
+    edits_stores: Vec<String>,
     /// Simulated hosts of the control tier's `hosts` part (50 complete on a shared 2-core
     /// machine; `--sim-hosts 1000 --sim-budget 1800` is the thousand-host run, README "Scale").
     #[arg(long, default_value_t = 50)]
@@ -156,7 +164,14 @@ fn main() -> Result<()> {
             control::run(&mut records)?;
         }
         if part("edits") {
-            edits::run(&mut records)?;
+            let store =
+                |s: &str| cli.edits_stores.is_empty() || cli.edits_stores.iter().any(|x| x == s);
+            let options = edits::Options {
+                load_only: cli.edits_load_only,
+                etcd: store("etcd"),
+                embedded: store("embedded"),
+            };
+            edits::run(&mut records, &options)?;
         }
         if part("hosts") {
             let scale = hosts::Scale {
