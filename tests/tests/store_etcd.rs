@@ -1136,6 +1136,72 @@ async fn edits_waiting_for_their_turn_keep_it_when_they_run_again() {
     assert_eq!(a.conflicts(), 0, "edits of one host never refuse each other");
 }
 
+/// A host's edits that wait to commit while others are in flight go to etcd together, one
+/// transaction (one revision, one Raft entry) for several: each is applied once with what it
+/// wrote, one refused commit (the same key sent twice at once) refuses no other and is answered
+/// from the first's record, and the edits of the other host are kept too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn edits_waiting_to_commit_share_one_transaction_and_each_is_answered_alone() {
+    use verse::store::{Idempotency, Outcome};
+    let etcd = Etcd::start_local();
+    let a = etcd.store(Duration::from_secs(5)).await;
+    let b = etcd.store(Duration::from_secs(5)).await;
+    const N: usize = 24;
+    let mut groups = Vec::new();
+    for u in 0..N {
+        let (uni, _) =
+            a.edit(move |s| s.create_universe(universe(&format!("u{u}")))).await.unwrap();
+        let (g, _) = a.edit(move |s| s.create_group(group(&uni.id, "web"))).await.unwrap();
+        groups.push(g.id);
+    }
+    let rev = a.snapshot().revision;
+    let mut rx = b.subscribe();
+    wait_state(&mut rx, "the groups on b", |s| s.revision >= rev).await;
+    let respond = |r: &model::Rule| (201, Some(serde_json::json!({"id": r.id})));
+    let edit = |store: &Store, g: &str, key: String, port: u16| {
+        let (store, g) = (store.clone(), g.to_owned());
+        tokio::spawn(async move {
+            let idem =
+                Idempotency { fingerprint: format!("POST {g} {key}"), key, from_client: true };
+            store.edit_recorded(&idem, move |s| s.add_rule(&g, tcp_rule(port)), respond).await
+        })
+    };
+    // One edit of every universe through a, the first universe's edit twice with one key,
+    // and edits of the same universes through b at once.
+    let mut mine: Vec<_> =
+        groups.iter().enumerate().map(|(i, g)| edit(&a, g, format!("a-{i}"), 80)).collect();
+    mine.push(edit(&a, &groups[0], "a-0".into(), 80));
+    let theirs: Vec<_> =
+        groups.iter().enumerate().map(|(i, g)| edit(&b, g, format!("b-{i}"), 81)).collect();
+    let (mut revisions, mut replayed) = (std::collections::BTreeSet::new(), 0);
+    for t in mine {
+        match t.await.unwrap().unwrap() {
+            Outcome::Applied { revision, .. } => {
+                revisions.insert(revision);
+            }
+            Outcome::Replayed(rec) => {
+                replayed += 1;
+                assert_eq!(rec.status, 201);
+            }
+        }
+    }
+    for t in theirs {
+        assert!(matches!(t.await.unwrap().unwrap(), Outcome::Applied { .. }));
+    }
+    assert_eq!(replayed, 1, "the key sent twice is applied once");
+    assert!(revisions.len() < N, "{N} edits committed in {} transactions", revisions.len());
+    let rev = a.snapshot().revision.max(b.snapshot().revision);
+    for store in [&a, &b] {
+        let mut rx = store.subscribe();
+        wait_state(&mut rx, "every rule", |s| s.revision >= rev).await;
+        for g in &groups {
+            let rules = &store.snapshot().groups[g].ingress;
+            let ports: Vec<_> = rules.iter().map(|r| r.ports).collect();
+            assert_eq!(rules.len(), 2, "one rule of each host in {g}: {ports:?}");
+        }
+    }
+}
+
 /// A test's audit record of an edit, counting the times the store wrote it.
 #[derive(Default)]
 struct Counted(std::sync::atomic::AtomicU32);

@@ -35,6 +35,10 @@
 //!   of each universe it changes, as the state saw it; claims absent). An edit of another
 //!   universe never conflicts; when one of the same universe got in first, the edit waits until
 //!   the watch has applied the revision that refused it and runs again on the new state.
+//!   An edit with an idempotency record that is ready to commit while this store has
+//!   [`BATCHES_IN_FLIGHT`] transactions in flight waits for one, and goes with the others
+//!   that waited meanwhile (group commit, [`commit_batches`]): one transaction, each edit a
+//!   transaction nested in it with its own guards, so one edit refused refuses no other.
 //! - Liveness: [`Store::register_host`](super::Store::register_host) starts keeping
 //!   `alive/<name>` alive under a lease of [`EtcdOptions::lease_ttl`] (renewed every third of
 //!   the TTL) on a thread of its own with its own etcd connection, so that no amount of edit
@@ -281,6 +285,8 @@ struct Shared {
     lease_stats: LeaseCounters,
     /// Whose turn it is to commit, among this host's edits guarded by the same key.
     turns: Turns,
+    /// Edits' transactions waiting to be sent, several in one ([`commit_batches`]).
+    commits: tokio::sync::mpsc::UnboundedSender<Queued>,
     /// Which key ranges each revision changed, as this store's watch applied them: what tells
     /// which revisions a host that follows only its universes has realized ([`scoped`]).
     touches: Mutex<scoped::Touches>,
@@ -625,6 +631,8 @@ impl Etcd {
         let (view, _) = watch::channel(Arc::new(View::default()));
         let (hosts, _) = watch::channel(Arc::new(Vec::new()));
         let (applied, _) = watch::channel(0);
+        let (commits, queued) = tokio::sync::mpsc::unbounded_channel();
+        let committer = tokio::spawn(commit_batches(client.clone(), queued));
         let shared = Arc::new(Shared {
             client,
             options: options.clone(),
@@ -646,6 +654,7 @@ impl Etcd {
             idempotency_reads: std::sync::atomic::AtomicU64::new(0),
             lease_stats: LeaseCounters::default(),
             turns: Turns::default(),
+            commits,
             touches: Mutex::default(),
         });
 
@@ -693,6 +702,7 @@ impl Etcd {
         Ok(Arc::new(Etcd {
             shared,
             tasks: Mutex::new(vec![
+                committer.abort_handle(),
                 follow.abort_handle(),
                 trim.abort_handle(),
                 compact.abort_handle(),
@@ -871,6 +881,18 @@ impl Etcd {
                 })
                 .collect();
             let mut ops: Vec<TxnOp> = delta.ops.iter().map(|op| sh.txn_op(op)).collect();
+            // What it writes, so that edits batched into one transaction never overlap.
+            let mut footprint = Footprint::default();
+            for op in &delta.ops {
+                match op {
+                    Op::Put { key, value } => {
+                        footprint.bytes += key.len() + value.len();
+                        footprint.puts.push(sh.key(key));
+                    }
+                    Op::Delete { key } => footprint.deletes.push(sh.key(key)),
+                    Op::DeletePrefix { prefix } => footprint.deletes.push(sh.key(prefix)),
+                }
+            }
             let mut audited = false;
             if let Some((idem, respond)) = &record {
                 let (status, body) = respond(&out);
@@ -886,12 +908,17 @@ impl Etcd {
                 compares.push(Compare::create_revision(key.clone(), CompareOp::Equal, 0));
                 let lease = sh.idempotency_lease().await?;
                 let value = serde_json::to_vec(&rec).unwrap_or_default();
+                footprint.bytes += key.len() + value.len();
+                footprint.puts.push(key.clone());
+                footprint.recorded = true;
                 ops.push(TxnOp::put(key, value, Some(PutOptions::new().with_lease(lease))));
                 // The audit record in the same transaction (one Raft entry, not two), unless
                 // it would take the edit past etcd's operations per transaction: the API then
                 // writes it apart, and the edit's own limit stays what it was.
                 if let Some(rec) = audit_record.filter(|_| ops.len() < MAX_TXN_OPS) {
                     let (key, value) = sh.audit_entry(&rec, true)?;
+                    footprint.bytes += key.len() + value.len();
+                    footprint.puts.push(key.clone());
                     ops.push(TxnOp::put(key, value, None));
                     audited = true;
                 }
@@ -931,10 +958,8 @@ impl Etcd {
             if let Some((idem, _)) = &record {
                 reads.push(TxnOp::get(sh.key(&idempotency_key(idem)), None));
             }
-            let txn = Txn::new().when(compares).and_then(ops).or_else(reads);
-            let mut kv = sh.client.kv_client();
             let committing = Instant::now();
-            let committed = timed("transaction (commit an edit)", kv.txn(txn)).await;
+            let committed = sh.commit(Pending { compares, ops, reads, footprint }).await;
             phases::since(Phase::Commit, committing);
             let resp = match committed {
                 Err(Error::Etcd { source: etcd_client::Error::GRpcStatus(status), .. })
@@ -977,8 +1002,8 @@ impl Etcd {
                 },
                 Ok(resp) => resp,
             };
-            let at = resp.header().map_or(0, |h| h.revision());
-            if resp.succeeded() {
+            let at = resp.revision;
+            if resp.succeeded {
                 if audited {
                     audit.inspect(|a| a.written());
                 }
@@ -992,7 +1017,7 @@ impl Etcd {
                 // The same key committed before or meanwhile (a retry of the same request), or
                 // a fence is there (lifted now, so that the next attempt may commit): read by
                 // the transaction's else-branch, its last read.
-                let read = match resp.op_responses().pop() {
+                let read = match resp.responses.last() {
                     Some(TxnOpResponse::Get(range)) => range.kvs().first().cloned(),
                     _ => None,
                 };
@@ -1003,7 +1028,7 @@ impl Etcd {
             // Another edit of the same universe (or a claim) got in first: run again on the
             // state that includes it, as soon as the watch has applied it.
             sh.conflicts.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            let changed = guards_changed_at(&resp, &delta.guards, &view).unwrap_or(at);
+            let changed = guards_changed_at(&resp.responses, &delta.guards, &view).unwrap_or(at);
             tracing::debug!(
                 attempt,
                 etcd_revision = changed,
@@ -1185,6 +1210,26 @@ impl Shared {
                 TxnOp::delete(self.key(prefix), Some(DeleteOptions::new().with_prefix()))
             }
         }
+    }
+
+    /// Sends an edit's transaction: with others queued meanwhile when it may
+    /// ([`commit_batches`]), else alone.
+    async fn commit(&self, pending: Pending) -> Result<Committed> {
+        if !pending.batchable() {
+            return commit_alone(&self.client, &pending).await;
+        }
+        let (answer, answered) = tokio::sync::oneshot::channel();
+        if let Err(tokio::sync::mpsc::error::SendError(q)) =
+            self.commits.send(Queued { pending, answer })
+        {
+            return commit_alone(&self.client, &q.pending).await;
+        }
+        answered.await.unwrap_or_else(|_| {
+            Err(Error::Etcd {
+                op: COMMIT_OP,
+                source: etcd_client::Error::Internal("the store is closing".into()),
+            })
+        })
     }
 
     /// [`Shared::recorded`], timed as the phase `idempotency_lookup`.
@@ -2402,12 +2447,12 @@ fn record_liveness(
 /// whose deletion rewrote the catalog: the catalog's revision stands for it. `None` if another
 /// key the edit's state saw is gone (its deletion's revision is not in the answer).
 fn guards_changed_at(
-    resp: &etcd_client::TxnResponse,
+    responses: &[TxnOpResponse],
     guards: &std::collections::BTreeSet<Guard>,
     view: &View,
 ) -> Option<i64> {
-    let mut reads = resp.op_responses().into_iter();
-    let revision = |read: Option<TxnOpResponse>| match read {
+    let mut reads = responses.iter();
+    let revision = |read: Option<&TxnOpResponse>| match read {
         Some(TxnOpResponse::Get(range)) => Some(range.kvs().first().map(|kv| kv.mod_revision())),
         _ => None,
     };
@@ -2424,6 +2469,200 @@ fn guards_changed_at(
         }
     }
     Some(newest)
+}
+
+/// Edits batched into one transaction at most.
+const BATCH_EDITS: usize = 16;
+/// Transactions of batched edits in flight at once, per store.
+const BATCHES_IN_FLIGHT: usize = 2;
+/// The most operations (or comparisons, or reads) of an edit that is batched: within etcd's
+/// budget for a transaction nested in one of [`BATCH_EDITS`] (`--max-txn-ops` less the nested
+/// transactions).
+const BATCHED_OPS: usize = 64;
+/// The most bytes an edit that is batched writes, and a batch in all (etcd takes requests of
+/// up to 1.5 MiB by default).
+const BATCHED_BYTES: usize = 128 << 10;
+const BATCH_BYTES: usize = 512 << 10;
+
+/// The keys an edit's transaction writes.
+#[derive(Default)]
+struct Footprint {
+    puts: Vec<String>,
+    /// Keys deleted, and prefixes deleted whole (both taken as prefixes: never too few).
+    deletes: Vec<String>,
+    bytes: usize,
+    /// Whether it records its idempotency key (a batch that fails is sent again edit by edit,
+    /// and only an edit with a record tells, if its first send did commit, that it did).
+    recorded: bool,
+}
+
+impl Footprint {
+    /// Whether etcd takes the two in one transaction: no key put by both, none put by one and
+    /// deleted by the other (etcd refuses such a transaction whole as `duplicate key`).
+    fn apart(&self, other: &Footprint) -> bool {
+        let covers = |dels: &[String], puts: &[String]| {
+            puts.iter().any(|k| dels.iter().any(|d| k.starts_with(d.as_str())))
+        };
+        !self.puts.iter().any(|k| other.puts.contains(k))
+            && !covers(&self.deletes, &other.puts)
+            && !covers(&other.deletes, &self.puts)
+    }
+}
+
+/// One edit's transaction: on `compares`, `ops`, else `reads`.
+struct Pending {
+    compares: Vec<Compare>,
+    ops: Vec<TxnOp>,
+    reads: Vec<TxnOp>,
+    footprint: Footprint,
+}
+
+impl Pending {
+    fn txn(&self) -> Txn {
+        Txn::new()
+            .when(self.compares.clone())
+            .and_then(self.ops.clone())
+            .or_else(self.reads.clone())
+    }
+
+    /// Whether it may share a transaction with others.
+    fn batchable(&self) -> bool {
+        let f = &self.footprint;
+        f.recorded
+            && self.ops.len() <= BATCHED_OPS
+            && self.compares.len() <= BATCHED_OPS
+            && self.reads.len() <= BATCHED_OPS
+            && f.bytes <= BATCHED_BYTES
+    }
+}
+
+/// What etcd answered an edit's transaction.
+struct Committed {
+    succeeded: bool,
+    /// The revision of the transaction (of the batch it was sent in).
+    revision: i64,
+    /// The responses of the branch that ran.
+    responses: Vec<TxnOpResponse>,
+}
+
+impl Committed {
+    fn of(resp: &etcd_client::TxnResponse, revision: i64) -> Committed {
+        Committed { succeeded: resp.succeeded(), revision, responses: resp.op_responses() }
+    }
+}
+
+/// An edit's transaction queued for [`commit_batches`], and where its answer goes.
+struct Queued {
+    pending: Pending,
+    answer: tokio::sync::oneshot::Sender<Result<Committed>>,
+}
+
+const COMMIT_OP: &str = "transaction (commit an edit)";
+
+/// Sends one edit's transaction alone.
+async fn commit_alone(client: &Client, pending: &Pending) -> Result<Committed> {
+    let resp = timed(COMMIT_OP, client.kv_client().txn(pending.txn())).await?;
+    let revision = resp.header().map_or(0, |h| h.revision());
+    Ok(Committed::of(&resp, revision))
+}
+
+/// Group commit: sends the edits queued on `queued`, those queued meanwhile together in one
+/// transaction (each edit a transaction nested in it, with its own comparisons, writes and
+/// reads: one Raft entry for all of them, whichever commit and whichever are refused), with at
+/// most [`BATCHES_IN_FLIGHT`] transactions in flight; an edit that finds none in flight goes at
+/// once, alone. Edits that overlap (see [`Footprint::apart`]) go in different batches. A batch
+/// that etcd refuses or does not answer is sent again edit by edit, each then answered as if
+/// sent alone the first time (an edit whose first send did commit is refused the second time
+/// on its idempotency record, and answered from it).
+async fn commit_batches(client: Client, mut queued: tokio::sync::mpsc::UnboundedReceiver<Queued>) {
+    let in_flight = Arc::new(tokio::sync::Semaphore::new(BATCHES_IN_FLIGHT));
+    let mut held: std::collections::VecDeque<Queued> = std::collections::VecDeque::new();
+    loop {
+        let Ok(permit) = in_flight.clone().acquire_owned().await else { return };
+        let first = match held.pop_front() {
+            Some(q) => q,
+            None => match queued.recv().await {
+                Some(q) => q,
+                None => return,
+            },
+        };
+        let mut batch = vec![first];
+        let mut bytes = batch[0].pending.footprint.bytes;
+        let mut skipped = Vec::new();
+        while batch.len() < BATCH_EDITS {
+            let next = match held.pop_front() {
+                Some(q) => q,
+                None => match queued.try_recv() {
+                    Ok(q) => q,
+                    Err(_) => break,
+                },
+            };
+            let fits = next.pending.batchable()
+                && batch[0].pending.batchable()
+                && bytes + next.pending.footprint.bytes <= BATCH_BYTES
+                && batch.iter().all(|q| q.pending.footprint.apart(&next.pending.footprint));
+            if fits {
+                bytes += next.pending.footprint.bytes;
+                batch.push(next);
+            } else {
+                skipped.push(next);
+            }
+        }
+        // What did not fit goes first next time, in its order.
+        for q in skipped.into_iter().rev() {
+            held.push_front(q);
+        }
+        let client = client.clone();
+        tokio::spawn(async move {
+            send_batch(&client, batch).await;
+            drop(permit);
+        });
+    }
+}
+
+/// Sends `batch` (see [`commit_batches`]) and answers each of its edits.
+async fn send_batch(client: &Client, batch: Vec<Queued>) {
+    if let [one] = batch.as_slice() {
+        let answer = commit_alone(client, &one.pending).await;
+        if let Some(q) = batch.into_iter().next() {
+            let _ = q.answer.send(answer);
+        }
+        return;
+    }
+    let nested: Vec<TxnOp> = batch.iter().map(|q| TxnOp::txn(q.pending.txn())).collect();
+    let sent = timed(COMMIT_OP, client.kv_client().txn(Txn::new().and_then(nested))).await;
+    let answers = match sent {
+        Ok(resp) => {
+            let revision = resp.header().map_or(0, |h| h.revision());
+            let each: Vec<Committed> = resp
+                .op_responses()
+                .iter()
+                .filter_map(|r| match r {
+                    TxnOpResponse::Txn(t) => Some(Committed::of(t, revision)),
+                    _ => None,
+                })
+                .collect();
+            (each.len() == batch.len()).then_some(each)
+        }
+        Err(e) => {
+            tracing::debug!(error = %e, edits = batch.len(), "a batch of edits failed; sending them one by one");
+            None
+        }
+    };
+    match answers {
+        Some(each) => {
+            for (q, answer) in batch.into_iter().zip(each) {
+                let _ = q.answer.send(Ok(answer));
+            }
+        }
+        None => {
+            let alone = batch.iter().map(|q| commit_alone(client, &q.pending));
+            let answers = futures::future::join_all(alone).await;
+            for (q, answer) in batch.into_iter().zip(answers) {
+                let _ = q.answer.send(answer);
+            }
+        }
+    }
 }
 
 /// Where the outcome of an edit with `idem`'s key is recorded, relative to the prefix.
