@@ -399,13 +399,24 @@ fn setup(api_target: &Target) -> Result<(Vec<String>, Vec<Placed>)> {
     Ok((groups, placed))
 }
 
+/// etcd's counters read around a load run, summed over the members: Raft entries committed
+/// (each member counts every one), transactions answered (each answered by one member), events
+/// sent to watchers.
+const ETCD_COUNTERS: [&str; 3] = [
+    "etcd_server_proposals_committed_total",
+    "grpc_server_handled_total{grpc_code=\"OK\",grpc_method=\"Txn\",grpc_service=\"etcdserverpb.KV\",grpc_type=\"unary\"}",
+    "etcd_debugging_mvcc_events_total",
+];
+
 fn load_records(
     out: &mut Vec<BenchRecord>,
     store: &str,
     targets: &[Target],
     groups: &[String],
+    fleet: Option<&Fleet>,
 ) -> Result<()> {
     for clients in CLIENTS {
+        let etcd_before = fleet.map(|f| crate::hosts::etcd_counters(f, &ETCD_COUNTERS));
         let phases_before = scrape(targets)?;
         let load_before = load_average();
         let cpu_before = Cpu::sample();
@@ -413,6 +424,20 @@ fn load_records(
         let cpu = Cpu::sample().cores_since(&cpu_before);
         let load_after = load_average();
         let phases = phases_since(targets, &phases_before)?;
+        let etcd = fleet.zip(etcd_before).map(|(f, before)| {
+            let after = crate::hosts::etcd_counters(f, &ETCD_COUNTERS);
+            let delta = |i: usize| after[ETCD_COUNTERS[i]] - before[ETCD_COUNTERS[i]];
+            let members = f.etcd().endpoints().len().max(1) as f64;
+            let acked = l.acked.max(1) as f64;
+            json!({
+                "raft_entries_per_acknowledged_edit": delta(0) / members / acked,
+                "transactions_per_acknowledged_edit": delta(1) / acked,
+                "watch_events_per_acknowledged_edit": delta(2) / acked,
+            })
+        });
+        if let Some(etcd) = &etcd {
+            eprintln!("bench_edits: {store}, {clients} clients, etcd: {etcd}");
+        }
         let rate = l.acked as f64 / l.seconds;
         let (p50, p99) = (percentile(&l.latency_ms, 0.5), percentile(&l.latency_ms, 0.99));
         let failures: usize = l.failed.values().sum();
@@ -427,7 +452,7 @@ fn load_records(
         );
         let config = json!({
             "phases_all_hosts": phases.summary(), "cpu_cores": cpu,
-            "load_average_1m": {"start": load_before, "end": load_after},
+            "load_average_1m": {"start": load_before, "end": load_after}, "etcd": etcd,
             "store": store, "hosts": targets.len(), "clients": clients,
             "clients_per_host": "round-robin over the hosts' APIs",
             "universes": UNIVERSES, "groups_per_universe": GROUPS_PER_UNIVERSE,
@@ -754,7 +779,7 @@ fn run_etcd(out: &mut Vec<BenchRecord>, load_only: bool) -> Result<()> {
         }
     }
     if load_only {
-        load_records(out, "etcd", &targets, &groups)?;
+        load_records(out, "etcd", &targets, &groups, Some(&fleet))?;
         drop(workloads);
         return Ok(());
     }
@@ -768,7 +793,7 @@ fn run_etcd(out: &mut Vec<BenchRecord>, load_only: bool) -> Result<()> {
     let real: Vec<String> = fleet.hosts().iter().map(|h| h.name().to_owned()).collect();
     let maps_empty = host_maps(&fleet, &real[..1])?;
     let db_empty = db_size(&fleet)?;
-    load_records(out, "etcd", &targets, &groups)?;
+    load_records(out, "etcd", &targets, &groups, Some(&fleet))?;
 
     let rules = bulk(&fleet, false)?;
     let db_rules = db_size(&fleet)?;
@@ -861,7 +886,7 @@ fn run_embedded(out: &mut Vec<BenchRecord>) -> Result<()> {
         .iter()
         .map(|(uni, group, net)| host.endpoint(uni, &format!("10.{net}.0.10"), &[group]))
         .collect();
-    load_records(out, "embedded", &[target], &groups)?;
+    load_records(out, "embedded", &[target], &groups, None)?;
     drop(workloads);
     Ok(())
 }

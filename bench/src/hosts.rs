@@ -177,7 +177,7 @@ impl Drop for Observer {
 }
 
 /// Counters of every etcd member's `/metrics`, summed, by name.
-fn etcd_counters(fleet: &Fleet, names: &[&str]) -> HashMap<String, f64> {
+pub(crate) fn etcd_counters(fleet: &Fleet, names: &[&str]) -> HashMap<String, f64> {
     let netns = fleet.etcd().netns().expect("a fleet's etcd runs in its underlay namespace");
     let mut out: HashMap<String, f64> = names.iter().map(|n| ((*n).to_owned(), 0.0)).collect();
     for addr in fleet.etcd().endpoints() {
