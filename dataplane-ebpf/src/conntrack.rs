@@ -54,27 +54,49 @@ const BPF_EXIST: u64 = 2;
 /// advance once per scheduler tick, fine enough for timeouts of seconds. Read through a per-CPU
 /// copy keyed by `jiffies` (`bpf_jiffies64`, which the verifier inlines into a memory load): the
 /// helper, an out-of-line call that was a tenth of the established path, runs once per tick and
-/// CPU. A program interrupted on its CPU between the two stores of a refresh can leave the copy
-/// one tick behind, for one tick: conntrack time is tick-precise anyway.
+/// CPU. A program interrupted on its CPU between the stores of a refresh can leave the copy one
+/// tick behind, for one tick: conntrack time is tick-precise anyway.
 #[inline(always)]
 pub fn now() -> u64 {
+    read_clock::<false>().0
+}
+
+/// [`now`], and this CPU as `CtCounters::cpu` names it ([`this_cpu`]), kept in the same per-CPU
+/// copy: the established path's refresh needs both, and a helper call (even one the verifier
+/// inlines) costs the walk the registers it clobbers.
+#[inline(always)]
+pub fn clock() -> (u64, u64) {
+    read_clock::<true>()
+}
+
+/// The clock of [`now`]; with `CPU`, also this CPU (else 0). A copy refreshed by [`now`] has
+/// `cpu` 0 until [`clock`] first fills it; `cpu` is stored before `jiffies`, so that a copy
+/// whose `jiffies` is current has it (`jiffies64` is never 0: it starts at `INITIAL_JIFFIES`).
+#[inline(always)]
+fn read_clock<const CPU: bool>() -> (u64, u64) {
     // SAFETY: bpf_jiffies64 has no preconditions.
     let jiffies = unsafe { bpf_jiffies64() };
     if let Some(clock) = VERSE_CLOCK.get_ptr_mut(0) {
         // SAFETY: slot 0 of this CPU's copy; nothing else runs on this CPU during the program
-        // but a program that interrupts it (see above).
-        let clock = unsafe { &mut *clock };
-        if clock.jiffies == jiffies {
-            return clock.ns;
+        // but a program that interrupts it (see above). bpf_ktime_get_coarse_ns has no
+        // preconditions.
+        unsafe {
+            if (*clock).jiffies == jiffies && (!CPU || (*clock).cpu != 0) {
+                return ((*clock).ns, (*clock).cpu);
+            }
+            let ns = bpf_ktime_get_coarse_ns();
+            (*clock).ns = ns;
+            let mut cpu = 0;
+            if CPU {
+                cpu = this_cpu();
+                (*clock).cpu = cpu;
+            }
+            core::ptr::write_volatile(core::ptr::addr_of_mut!((*clock).jiffies), jiffies);
+            return (ns, cpu);
         }
-        // SAFETY: bpf_ktime_get_coarse_ns has no preconditions.
-        let ns = unsafe { bpf_ktime_get_coarse_ns() };
-        clock.jiffies = jiffies;
-        clock.ns = ns;
-        return ns;
     }
     // SAFETY: as above.
-    unsafe { bpf_ktime_get_coarse_ns() }
+    (unsafe { bpf_ktime_get_coarse_ns() }, if CPU { this_cpu() } else { 0 })
 }
 
 /// The current route epoch. Read it before looking a route up whose answer will be cached.
@@ -276,8 +298,13 @@ fn or_flags(c: &mut CtCounters, reply: bool, tcp_flags: u8, interval: u32) {
 /// Refreshes the flow of a packet that is being delivered: last seen, state, counters.
 #[inline(always)]
 pub fn refresh(hit: Hit, now: u64, tcp_flags: u8, size: Size, interval: u32) {
+    refresh_on(hit, (now, this_cpu()), tcp_flags, size, interval)
+}
+
+/// [`refresh`] on CPU `cpu` ([`this_cpu`], as [`clock`] gives it).
+#[inline(always)]
+pub fn refresh_on(hit: Hit, (now, cpu): (u64, u64), tcp_flags: u8, size: Size, interval: u32) {
     let d = if hit.reply { 1 } else { 0 };
-    let cpu = this_cpu();
     // SAFETY: the pointer came from a lookup in this program run, and map values stay valid for
     // the whole run (RCU); the worst a concurrent update can do is interleave two refreshes of
     // the same flow. The counters are 8-byte aligned (`CtValue` is, and they sit at a multiple

@@ -84,7 +84,7 @@ fn ipv4(
 
     let key = flow::ct_key(endpoint.vni, &ip, &l4);
     let role = conntrack::role(ip.proto, l4.tcp_flags, l4.icmp_type);
-    let now = conntrack::now();
+    let (now, cpu) = conntrack::clock();
     // Before any route lookup: a hop is cached under the epoch read *before* the lookup it
     // copies, so a route changed meanwhile leaves it stale, never wrongly current.
     let epoch = conntrack::epoch();
@@ -99,12 +99,13 @@ fn ipv4(
         // Two calls, so that the cached case, every packet but the first after a route change,
         // is compiled on its own.
         if let Some(hop) = hit.cached(epoch) {
-            return established(ctx, endpoint, ifindex, config, &ip, &l4, (hit, now), None, &hop);
+            let flow = (hit, (now, cpu));
+            return established(ctx, endpoint, ifindex, config, &ip, &l4, flow, None, &hop);
         }
         match route_of(endpoint.vni, ip.dst) {
             Some(route) if route.serial == hit.receiver_serial() => {
                 let hop = conntrack::hop(&route, epoch);
-                let flow = (hit, now);
+                let flow = (hit, (now, cpu));
                 return established(
                     ctx,
                     endpoint,
@@ -203,8 +204,8 @@ fn ipv4(
     forward(ctx, endpoint, config, &hop)
 }
 
-/// Sends a packet of an established flow (`hit`, looked up at `now`) by `hop` and refreshes the
-/// flow; `cache`: the packet's key, when `hop` was looked up rather than cached, to cache it
+/// Sends a packet of an established flow (`hit`, looked up at `now` on CPU `cpu`) by `hop` and
+/// refreshes the flow; `cache`: the packet's key, when `hop` was looked up rather than cached, to cache it
 /// under.
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
@@ -215,7 +216,7 @@ fn established(
     config: &Config,
     ip: &Ipv4,
     l4: &L4,
-    (hit, now): (conntrack::Hit, u64),
+    (hit, (now, cpu)): (conntrack::Hit, (u64, u64)),
     cache: Option<&CtKey>,
     hop: &CtHop,
 ) -> Result<i32, DropReason> {
@@ -225,7 +226,7 @@ fn established(
     let size = conntrack::size(ctx, ip, l4);
     let interval = config.flow_interval;
     match cache {
-        None => conntrack::refresh(hit, now, l4.tcp_flags, size, interval),
+        None => conntrack::refresh_on(hit, (now, cpu), l4.tcp_flags, size, interval),
         Some(key) => {
             conntrack::refresh_and_cache(hit, key, now, l4.tcp_flags, size, interval, *hop)
         }

@@ -116,11 +116,13 @@ pub static VERSE_CT_OWNERS: Array<CtOwner> = Array::pinned(capacity::CT_OWNERS, 
 #[map]
 pub static VERSE_CLOCK: PerCpuArray<Clock> = PerCpuArray::with_max_entries(1, 0);
 
-/// `jiffies` and the coarse clock read at that jiffy.
+/// `jiffies` and the coarse clock read at that jiffy, and the CPU whose copy this is (as
+/// `CtCounters::cpu` names it: its number plus one; 0 until `conntrack::clock` first fills it).
 #[repr(C)]
 pub struct Clock {
     pub jiffies: u64,
     pub ns: u64,
+    pub cpu: u64,
 }
 
 /// Slot 0: the route epoch, bumped by the controller after every change to `VERSE_ROUTES` or the
