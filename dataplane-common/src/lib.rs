@@ -1234,7 +1234,7 @@ mod tests {
 
     #[test]
     fn layouts_have_no_implicit_padding() {
-        assert_eq!(size_of::<Endpoint>(), 48);
+        assert_eq!(size_of::<Endpoint>(), 64);
         assert_eq!(size_of::<RouteKey>(), 8);
         assert_eq!(size_of::<Route>(), 32);
         assert_eq!(size_of::<CidrKey>(), 8);
