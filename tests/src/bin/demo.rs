@@ -5,9 +5,12 @@
 //! The demo builds the fleet's network out of namespaces (an underlay namespace holding a bridge
 //! and a three-member etcd cluster on 198.18.0.251-253, three host namespaces `alpha`, `bravo`,
 //! `charlie` on 198.18.0.1-3, each running `versed --store etcd://… --underlay ul0`). Two universes
-//! share the CIDR 10.0.0.0/24 and are spread over all three hosts. In `shop`, a `web` tier admits
+//! share the CIDRs 10.0.0.0/24 and fd00:5::/64 (dual stack) and are spread over all three hosts.
+//! In `shop`, a `web` tier admits
 //! HTTP from `clients`, a `db` tier admits PostgreSQL only from `web` (a group referencing a
-//! group); `lab` reuses the same addresses on other hosts and never sees `shop`. Every command goes
+//! group); `lab` reuses the same addresses on other hosts and never sees `shop`. The same rules
+//! hold over IPv6 between the same endpoints, and a CIDR rule admits its own family only
+//! (`0.0.0.0/0` admits no IPv6, `::/0` no IPv4, as in AWS). Every command goes
 //! to some host's API and takes effect on all of them. The demo shows traffic that passes and
 //! traffic that is dropped (and `verse trace` saying why), a membership change, spoofing from a workload and forged encapsulated
 //! packets from a machine on the underlay, a host whose daemon stops (its dataplane keeps
@@ -16,7 +19,7 @@
 //! cleans everything up (the test harness's guards remove namespaces, daemons, etcd and bpffs
 //! mounts even if a step fails).
 use std::cell::Cell;
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
@@ -82,13 +85,13 @@ impl Cli<'_> {
     }
 
     /// A new workload namespace plugged as an endpoint placed on host `on`, created through
-    /// host `via`'s API.
+    /// host `via`'s API, with IPv4 address `ip` and IPv6 address `ipv6` (dual stack).
     fn endpoint(
         &self,
         via: usize,
         on: usize,
         uni: &str,
-        ip: &str,
+        (ip, ipv6): (&str, &str),
         sg: Option<&str>,
     ) -> Result<Workload> {
         let ns = Netns::new("d");
@@ -103,6 +106,8 @@ impl Cli<'_> {
             ns.name(),
             "--ip",
             ip,
+            "--ipv6",
+            ipv6,
         ];
         if let Some(sg) = sg {
             args.extend_from_slice(&["--sg", sg]);
@@ -111,7 +116,7 @@ impl Cli<'_> {
         Ok(Workload {
             id: v["id"].as_str().context("endpoint.id")?.to_owned(),
             ip: ip.parse()?,
-            ipv6: None,
+            ipv6: Some(ipv6.parse()?),
             mac: v["mac"].as_str().unwrap_or_default().to_owned(),
             interface: v["interface"].as_str().unwrap_or_default().to_owned(),
             json: v,
@@ -157,11 +162,13 @@ fn main() -> Result<()> {
     let (alpha, bravo, charlie) = (0, 1, 2);
     cli.run(alpha, &["host", "list"])?;
 
-    println!("\n== Two universes with the same CIDR, created through different hosts");
-    let shop = cli.json(alpha, &["universe", "create", "shop", "--cidr", "10.0.0.0/24"])?;
+    println!("\n== Two dual-stack universes with the same CIDRs, created through different hosts");
+    let cidrs = |name: &'static str| ["universe", "create", name, "--cidr", "10.0.0.0/24"];
+    let dual = |name| [&cidrs(name)[..], &["--ipv6-cidr", "fd00:5::/64"]].concat();
+    let shop = cli.json(alpha, &dual("shop"))?;
     let shop_vni = shop["vni"].as_u64().and_then(|v| u32::try_from(v).ok()).context("vni")?;
     let shop = shop["id"].as_str().context("universe id")?.to_owned();
-    let lab = cli.create(bravo, &["universe", "create", "lab", "--cidr", "10.0.0.0/24"])?;
+    let lab = cli.create(bravo, &dual("lab"))?;
 
     println!("\n== Security groups in `shop`: clients -> web:80 -> db:5432");
     let clients = cli.create(charlie, &["sg", "create", "--universe", &shop, "clients"])?;
@@ -182,19 +189,26 @@ fn main() -> Result<()> {
     cli.run(bravo, &["sg", "show", &web])?;
 
     println!("\n== Endpoints spread over the hosts (one network namespace each)");
-    let client = cli.endpoint(alpha, alpha, &shop, "10.0.0.20", Some(&clients))?;
-    let web1 = cli.endpoint(alpha, bravo, &shop, "10.0.0.10", Some(&web))?;
-    let db1 = cli.endpoint(bravo, charlie, &shop, "10.0.0.30", Some(&db))?;
-    let lab_a = cli.endpoint(charlie, charlie, &lab, "10.0.0.10", None)?;
-    let lab_b = cli.endpoint(charlie, bravo, &lab, "10.0.0.20", None)?;
+    let client = cli.endpoint(alpha, alpha, &shop, ("10.0.0.20", "fd00:5::20"), Some(&clients))?;
+    let web1 = cli.endpoint(alpha, bravo, &shop, ("10.0.0.10", "fd00:5::10"), Some(&web))?;
+    let db1 = cli.endpoint(bravo, charlie, &shop, ("10.0.0.30", "fd00:5::30"), Some(&db))?;
+    let lab_a = cli.endpoint(charlie, charlie, &lab, ("10.0.0.10", "fd00:5::10"), None)?;
+    let lab_b = cli.endpoint(charlie, bravo, &lab, ("10.0.0.20", "fd00:5::20"), None)?;
     cli.run(charlie, &["endpoint", "list"])?;
 
-    let _web_srv = TcpServer::start(web1.ns(), 80, "shop-web");
-    let _db_srv = TcpServer::start(db1.ns(), 5432, "shop-db");
+    // Every server listens on both families (IPv4's any address, and the endpoint's IPv6).
+    let serve = |w: &Workload, port: u16, banner: &str| {
+        let v6 = IpAddr::V6(w.ipv6.unwrap_or(Ipv6Addr::UNSPECIFIED));
+        (TcpServer::start(w.ns(), port, banner), TcpServer::start_on(w.ns(), v6, port, banner))
+    };
+    let _web_srv = serve(&web1, 80, "shop-web");
+    let _web_alt = serve(&web1, 8080, "shop-web-8080");
+    let _db_srv = serve(&db1, 5432, "shop-db");
     let _db_ssh = TcpServer::start(db1.ns(), 22, "shop-db-ssh");
-    let _lab_srv = TcpServer::start(lab_a.ns(), 80, "lab-a");
+    let _lab_srv = serve(&lab_a, 80, "lab-a");
     let t = Duration::from_secs(1);
     let (ip_web, ip_db) = (Ipv4Addr::new(10, 0, 0, 10), Ipv4Addr::new(10, 0, 0, 30));
+    let (ip6_web, ip6_db): (Ipv6Addr, Ipv6Addr) = ("fd00:5::10".parse()?, "fd00:5::30".parse()?);
 
     println!("\n== Traffic in `shop`, across hosts over the encapsulating underlay");
     check(
@@ -221,6 +235,46 @@ fn main() -> Result<()> {
         "client (alpha) ping web (bravo): no ICMP rule, default deny",
         false,
         ping(client.ns(), ip_web),
+    )?;
+
+    println!("\n== The same groups over IPv6: rules naming a group cover both families");
+    check(
+        "client (alpha) -> [fd00:5::10]:80 web (bravo)",
+        true,
+        tcp_connect(client.ns(), ip6_web, 80, t),
+    )?;
+    check(
+        "client (alpha) -> [fd00:5::30]:5432 db (charlie): only web may reach db",
+        false,
+        tcp_connect(client.ns(), ip6_db, 5432, t),
+    )?;
+    check(
+        "web (bravo) -> [fd00:5::30]:5432 db (charlie)",
+        true,
+        tcp_connect(web1.ns(), ip6_db, 5432, t),
+    )?;
+    check("client (alpha) ping -6 web (bravo): no ICMPv6 rule", false, ping(client.ns(), ip6_web))?;
+
+    println!("\n== A CIDR rule admits its own family only: web:8080 from 0.0.0.0/0, then ::/0");
+    let anywhere = |cidr: &str| -> Vec<String> {
+        ["rule", "add", &web, "--direction", "ingress", "--protocol", "tcp", "--ports", "8080"]
+            .into_iter()
+            .chain(["--cidr", cidr])
+            .map(str::to_owned)
+            .collect()
+    };
+    cli.run(alpha, &args(&anywhere("0.0.0.0/0")))?;
+    check("client (alpha) -> 10.0.0.10:8080", true, tcp_connect(client.ns(), ip_web, 8080, t))?;
+    check(
+        "client (alpha) -> [fd00:5::10]:8080: 0.0.0.0/0 admits no IPv6",
+        false,
+        tcp_connect(client.ns(), ip6_web, 8080, t),
+    )?;
+    cli.run(bravo, &args(&anywhere("::/0")))?;
+    check(
+        "client (alpha) -> [fd00:5::10]:8080 once ::/0 is admitted",
+        true,
+        tcp_connect(client.ns(), ip6_web, 8080, t),
     )?;
 
     println!("\n== Why was client -> db:5432 dropped? `verse trace` (no traffic sent)");
@@ -297,6 +351,16 @@ fn main() -> Result<()> {
         "lab 10.0.0.20 (bravo) -> 10.0.0.30:5432: exists only in shop",
         false,
         tcp_connect(lab_b.ns(), ip_db, 5432, t),
+    )?;
+    check(
+        "lab fd00:5::20 (bravo) -> [fd00:5::10]:80: lab's own server on charlie",
+        true,
+        tcp_connect(lab_b.ns(), ip6_web, 80, t),
+    )?;
+    check(
+        "lab fd00:5::20 (bravo) -> [fd00:5::30]:5432: exists only in shop",
+        false,
+        tcp_connect(lab_b.ns(), ip6_db, 5432, t),
     )?;
 
     println!("\n== Spoofing: lab-b sends from an address that is not its own");
