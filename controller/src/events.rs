@@ -533,6 +533,10 @@ pub fn describe(reason: DropReason) -> &'static str {
         DropReason::ProgramMissing => {
             "a program the hook hands the packet to (VERSE_JUMP) is not loaded"
         }
+        DropReason::MldUnanswered => {
+            "multicast listener discovery from the endpoint's own addresses (Verse carries no \
+             multicast)"
+        }
     }
 }
 

@@ -133,6 +133,12 @@ pub mod wire {
     pub const ND_NEIGHBOUR_SOLICIT: u8 = 135;
     pub const ND_NEIGHBOUR_ADVERT: u8 = 136;
     pub const ND_REDIRECT: u8 = 137;
+    /// Multicast listener discovery (RFC 2710, RFC 3810): query, version 1 report and done,
+    /// version 2 report.
+    pub const MLD_QUERY: u8 = 130;
+    pub const MLD_REPORT: u8 = 131;
+    pub const MLD_DONE: u8 = 132;
+    pub const MLD2_REPORT: u8 = 143;
 
     /// ARP for Ethernet/IPv4 (RFC 826): payload length, hardware type, operations.
     pub const ARP_LEN: usize = 28;
@@ -312,10 +318,16 @@ pub enum DropReason {
     /// A program this one hands the packet to through `VERSE_JUMP` (the IPv6 walks, neighbour
     /// discovery) is not in its slot: a load that did not fill its jump table.
     ProgramMissing = 35,
+    /// Multicast listener discovery (MLD query, report or done) from the endpoint's own
+    /// addresses: a workload's stack reports the groups it joins (its solicited-node addresses,
+    /// at least) when its interface comes up. Verse carries no multicast and the gateway answers
+    /// every solicitation itself, so the reports are dropped, counted apart from spoofing. See
+    /// [`nd`].
+    MldUnanswered = 36,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 33] = [
+    pub const ALL: [DropReason; 34] = [
         DropReason::TruncatedEthernet,
         DropReason::UnknownEthertype,
         DropReason::MalformedIpv4,
@@ -349,6 +361,7 @@ impl DropReason {
         DropReason::NdUnanswered,
         DropReason::NdSpoofed,
         DropReason::ProgramMissing,
+        DropReason::MldUnanswered,
     ];
 
     /// The label used in metrics and the CLI.
@@ -387,6 +400,7 @@ impl DropReason {
             DropReason::NdUnanswered => "nd_unanswered",
             DropReason::NdSpoofed => "nd_spoofed",
             DropReason::ProgramMissing => "program_missing",
+            DropReason::MldUnanswered => "mld_unanswered",
         }
     }
 

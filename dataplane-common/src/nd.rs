@@ -1,7 +1,9 @@
 //! Neighbour discovery (RFC 4861) between a workload and its gateway, written once for the
 //! kernel programs (`dataplane-ebpf/src/nd.rs`) and the reference model
 //! (`controller/src/verdict/ipv6.rs`): which neighbour discovery messages a workload may send,
-//! which solicitations the gateway answers, and the advertisement it answers with.
+//! which solicitations the gateway answers, and the advertisement it answers with. Multicast
+//! listener discovery (MLD, the other link-local ICMPv6 a workload's stack sends unasked) is
+//! judged here too ([`for_gateway`]), and never answered.
 //!
 //! The gateway is the workload's only neighbour, as with ARP (`dataplane-ebpf/src/arp.rs`): it
 //! answers a neighbour solicitation for every target but the endpoint's own addresses, with its
@@ -11,7 +13,10 @@
 //! 1. The source must be the endpoint's IPv6 address, its link-local address ([`link_local`],
 //!    derived from its MAC as Linux does by default: modified EUI-64) or `::` (duplicate-address
 //!    detection): else `SpoofedIp`.
-//! 2. A router advertisement or a redirect: `NdSpoofed` (only the gateway routes).
+//! 2. A router advertisement or a redirect: `NdSpoofed` (only the gateway routes). An MLD
+//!    message (query, report, done): `MldUnanswered` (Verse carries no multicast; a stack
+//!    reports its solicited-node groups whenever an interface comes up, and counting that as
+//!    spoofing would cry wolf).
 //! 3. A neighbour advertisement: for the endpoint's own IPv6 or link-local address
 //!    `NdUnanswered` (an announcement nobody else needs), for any other target, or too short
 //!    to name one, `NdSpoofed`.
@@ -22,8 +27,8 @@
 //!    be a duplicate), and the target is neither multicast, nor `::`, nor the endpoint's own
 //!    IPv6 or link-local address; anything else `NdUnanswered`.
 use crate::wire::{
-    ETHERTYPE_IPV6, ETH_HLEN, IPPROTO_ICMPV6, ND_NEIGHBOUR_ADVERT, ND_NEIGHBOUR_SOLICIT,
-    ND_REDIRECT, ND_ROUTER_ADVERT, ND_ROUTER_SOLICIT,
+    ETHERTYPE_IPV6, ETH_HLEN, IPPROTO_ICMPV6, MLD2_REPORT, MLD_DONE, MLD_QUERY, MLD_REPORT,
+    ND_NEIGHBOUR_ADVERT, ND_NEIGHBOUR_SOLICIT, ND_REDIRECT, ND_ROUTER_ADVERT, ND_ROUTER_SOLICIT,
 };
 use crate::DropReason;
 
@@ -46,6 +51,15 @@ pub const OPT_TARGET_LL: u8 = 2;
 #[inline(always)]
 pub const fn is_nd(icmp_type: u8) -> bool {
     icmp_type >= ND_ROUTER_SOLICIT && icmp_type <= ND_REDIRECT
+}
+
+/// True for the ICMPv6 a workload sends its link, which the gateway takes and [`judge`]s:
+/// neighbour discovery and multicast listener discovery (130 to 132, 143).
+#[inline(always)]
+pub const fn for_gateway(icmp_type: u8) -> bool {
+    is_nd(icmp_type)
+        || (icmp_type >= MLD_QUERY && icmp_type <= MLD_DONE)
+        || icmp_type == MLD2_REPORT
 }
 
 /// The link-local address Linux gives an interface with `mac` by default (RFC 4291 appendix
@@ -134,6 +148,7 @@ pub fn judge(
     }
     match ty {
         ND_ROUTER_ADVERT | ND_REDIRECT => Err(DropReason::NdSpoofed),
+        MLD_QUERY | MLD_REPORT | MLD_DONE | MLD2_REPORT => Err(DropReason::MldUnanswered),
         ND_NEIGHBOUR_ADVERT => match target {
             Some(t) if mine(t) => Err(DropReason::NdUnanswered),
             _ => Err(DropReason::NdSpoofed),

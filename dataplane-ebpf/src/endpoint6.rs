@@ -87,7 +87,7 @@ fn start(ctx: &TcContext) -> Result<i32, DropReason> {
         let dst = core::ptr::read_unaligned(core::ptr::addr_of!((*h).dst));
         (A16(src), A16(dst))
     };
-    if ip.proto == IPPROTO_ICMPV6 && nd::is_nd(l4.icmp_type) {
+    if ip.proto == IPPROTO_ICMPV6 && nd::for_gateway(l4.icmp_type) {
         // SAFETY: a tail call into `nd6`, which answers or drops the message with a stack of
         // its own; it returns only if the slot is empty, and then the frame is dropped.
         unsafe { VERSE_JUMP.tail_call(ctx, jump::ND6) };

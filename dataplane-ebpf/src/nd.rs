@@ -34,8 +34,8 @@ fn start(ctx: &TcContext) -> Result<i32, DropReason> {
     let config = VERSE_CONFIG.get(0).ok_or(DropReason::NoConfig)?;
     let ip = flow::ipv6_header(ctx, ETH_HLEN)?;
     let l4 = flow::l4_ipv6(ctx, &ip)?;
-    if ip.proto != IPPROTO_ICMPV6 || !nd::is_nd(l4.icmp_type) {
-        // Only neighbour discovery is tail-called here.
+    if ip.proto != IPPROTO_ICMPV6 || !nd::for_gateway(l4.icmp_type) {
+        // Only neighbour and multicast listener discovery are tail-called here.
         return Err(DropReason::NdUnanswered);
     }
     let h: *const Ipv6Hdr = ptr_at(ctx, ETH_HLEN).ok_or(DropReason::MalformedIpv6)?;
@@ -114,10 +114,11 @@ fn answer_call(
 /// The reasons [`build`] can give, from their negated codes.
 #[inline(always)]
 fn decode(r: i32) -> Result<i32, DropReason> {
-    const REASONS: [DropReason; 4] = [
+    const REASONS: [DropReason; 5] = [
         DropReason::SpoofedIp,
         DropReason::NdSpoofed,
         DropReason::NdUnanswered,
+        DropReason::MldUnanswered,
         DropReason::RedirectFailed,
     ];
     if r >= 0 {

@@ -820,7 +820,8 @@ impl Gen {
 
     /// Neighbour discovery from a local endpoint: solicitations for a peer, the gateway, its
     /// own address or a multicast one, from its address, its link-local one, `::` or another's;
-    /// advertisements, router messages, redirects; hop limit 255 or not, short or not.
+    /// advertisements, router messages, redirects; multicast listener discovery; hop limit 255
+    /// or not, short or not.
     fn nd(&mut self) -> (String, Hook, Vec<u8>) {
         let locals = self.locals();
         let sender = *locals.choose(&mut self.rng).expect("local eps");
@@ -836,7 +837,9 @@ impl Gen {
         let target = *[peer, own, ll, mcast, [0; 16], peer, dataplane_common::nd::link_local(GW)]
             .choose(&mut self.rng)
             .expect("targets");
-        let ty = *[135u8, 135, 135, 136, 133, 134, 137].choose(&mut self.rng).expect("types");
+        // Neighbour discovery, then multicast listener discovery (query, reports, done).
+        let types = [135u8, 135, 135, 136, 133, 134, 137, 143, 143, 131, 130, 132];
+        let ty = *types.choose(&mut self.rng).expect("types");
         let code = if self.rng.random_bool(0.9) { 0 } else { 1 };
         let hop = if self.rng.random_bool(0.9) { 255 } else { 64 };
         let mut body = target.to_vec();

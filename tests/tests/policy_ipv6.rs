@@ -2,6 +2,7 @@
 //! dual-stack endpoint's namespace, and ping6, TCP and UDP over IPv6 pass exactly as the rules
 //! say, the two families judged independently; a workload cannot advertise another's address.
 use std::net::{IpAddr, Ipv6Addr};
+use std::time::Duration;
 
 use verse::model::CreateEndpoint;
 
@@ -190,6 +191,67 @@ fn advertising_another_endpoints_ipv6_address_is_dropped_as_nd_spoofed() {
     assert_dropped(&host, "nd_spoofed", "a's advertisement of b's address", || {
         send_frame(&a.ns, "eth0", &forged).expect("send the advertisement");
         capture.find(DENIED, is_advert).is_some()
+    });
+    assert!(ping(&a.ns, IpAddr::V6(b6)), "ping6 between the two, after");
+}
+
+/// An MLDv2 report (RFC 3810 section 5.2) from `src` (sent by `w`, its MAC) to ff02::16, saying
+/// that it listens to `group`: what a stack sends when it joins a group, here forged.
+fn mld_report(w: &Workload, src: Ipv6Addr, group: Ipv6Addr) -> Vec<u8> {
+    let (src, dst) = (src.octets(), "ff02::16".parse::<Ipv6Addr>().unwrap().octets());
+    let mut icmp = vec![143, 0, 0, 0, 0, 0, 0, 1, 4, 0, 0, 0]; // one record: to exclude {}
+    icmp.extend_from_slice(&group.octets());
+    let sum = icmp6_checksum(&src, &dst, &icmp);
+    icmp[2..4].copy_from_slice(&sum.to_be_bytes());
+    let mut f = vec![0x33, 0x33, 0, 0, 0, 0x16];
+    f.extend_from_slice(&mac_bytes(&w.mac));
+    f.extend_from_slice(&[0x86, 0xdd, 0x60, 0, 0, 0]);
+    f.extend_from_slice(&(icmp.len() as u16).to_be_bytes());
+    f.extend_from_slice(&[58, 1]);
+    f.extend_from_slice(&src);
+    f.extend_from_slice(&dst);
+    f.extend_from_slice(&icmp);
+    f
+}
+
+/// The multicast listener reports a dual-stack workload's own stack sends (for its
+/// solicited-node groups when its interface comes up, for any group it joins) are dropped as
+/// `mld_unanswered`, never counted as spoofing; the same report from another endpoint's address
+/// is `spoofed_ip`, and reaches nobody.
+#[test]
+fn a_workloads_own_mld_reports_are_not_counted_as_spoofing() {
+    let host = Host::start();
+    let api = &host.api;
+    let uni = dual_universe(api, "mld", "10.62.0.0/24", "fd00:62::/64");
+    let u = id(&uni);
+    let g = api.create_group(u, "all");
+    api.add_rule(id(&g), &json!({"direction": "ingress", "protocol": "all", "cidr": "::/0"}));
+    let a = dual_endpoint(&host, u, "10.62.0.10", "fd00:62::10", &[id(&g)]);
+    let b = dual_endpoint(&host, u, "10.62.0.20", "fd00:62::20", &[id(&g)]);
+    let b6 = b.ipv6.unwrap();
+    assert!(ping(&a.ns, IpAddr::V6(b6)), "ping6 between the two");
+    // The workload joins a group: its stack reports it at once (and again, as MLD repeats).
+    let group: Ipv6Addr = "ff12::1234".parse().unwrap();
+    let before = host.drops("mld_unanswered");
+    let socket = a.ns.enter(|| {
+        let s = std::net::UdpSocket::bind("[::]:0")?;
+        s.join_multicast_v6(&group, 0)?;
+        Ok::<_, std::io::Error>(s)
+    });
+    let _socket = socket.expect("join ff12::1234 in a's namespace");
+    let counted = wait_until(Duration::from_secs(5), || host.drops("mld_unanswered") > before);
+    assert!(counted, "a's report of ff12::1234 was not counted as mld_unanswered");
+    assert_eq!(host.drops("spoofed_ip"), 0, "no report of a's own stack counted as spoofing");
+    // The same report with b's address as its source: spoofing, and b sees no report.
+    let capture = PacketCapture::open(&b.ns, "eth0").expect("capture on b's eth0");
+    let forged = mld_report(&a, b6, group);
+    // A report on b's link that b did not send itself (b's stack reports its own groups).
+    let b_mac = mac_bytes(&b.mac);
+    let is_report =
+        |f: &[u8]| f.len() >= 55 && f[6..12] != b_mac && f[12..14] == [0x86, 0xdd] && f[54] == 143;
+    assert_dropped(&host, "spoofed_ip", "an MLD report from b's address, sent by a", || {
+        send_frame(&a.ns, "eth0", &forged).expect("send the report");
+        capture.find(DENIED, is_report).is_some()
     });
     assert!(ping(&a.ns, IpAddr::V6(b6)), "ping6 between the two, after");
 }

@@ -10,11 +10,12 @@
 //!    the link-local source of neighbour discovery is allowed, step 3.)
 //! 3. Neighbour discovery (ICMPv6 133-137) is the gateway's, as ARP is: answered with a
 //!    neighbour advertisement ([`Verdict::ArpReply`], the gateway's answers) or dropped, as
-//!    `dataplane_common::nd` says (`SpoofedIp`, `NdSpoofed`, `NdUnanswered`); it is never
-//!    tracked, judged by rules or delivered.
+//!    `dataplane_common::nd` says (`SpoofedIp`, `NdSpoofed`, `NdUnanswered`); multicast
+//!    listener discovery (130-132, 143) likewise, never answered (`SpoofedIp`,
+//!    `MldUnanswered`); neither is tracked, judged by rules or delivered.
 //! 4. Any other packet's source must be the endpoint's IPv6 address (an endpoint without one
-//!    sends no IPv6 but neighbour discovery): `SpoofedIp`. Link-local sources (MLD reports
-//!    included) are for neighbour discovery only.
+//!    sends no IPv6 but neighbour and multicast listener discovery): `SpoofedIp`. Link-local
+//!    sources are for those only.
 //! 5. From here IPv4's steps 9-14, in the same order with the same reasons, over the IPv6
 //!    tables: conntrack in `VERSE_CT6` (keys [`Ct6Key`], roles [`role6`]: ICMPv6 echo as ICMP
 //!    echo, other ICMPv6 untracked), routes in `VERSE_ROUTES6`, related ICMPv6 errors
@@ -87,7 +88,7 @@ impl Host<'_> {
         let (src, dst) = (addr(8), addr(24));
         let own = sender.ep.ipv6.map_or([0; 16], |a| a.octets());
         let (ty, code) = l4.icmp_type_code;
-        if ip.proto == IPPROTO_ICMPV6 && nd::is_nd(ty) {
+        if ip.proto == IPPROTO_ICMPV6 && nd::for_gateway(ty) {
             let target: Option<[u8; 16]> = (ip.l4_off + nd::TARGET_END <= ip.end).then(|| {
                 let t = &frame[ip.l4_off + nd::TARGET_OFF..ip.l4_off + nd::TARGET_END];
                 t.try_into().expect("16 bytes")

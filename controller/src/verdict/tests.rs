@@ -1174,7 +1174,8 @@ fn s6_related_errors_over_the_underlay_come_from_the_peer_placed_on_the_sending_
 // ---- IPv6 between endpoints of one host ------------------------------------------------------
 
 use dataplane_common::wire::{
-    ND_NEIGHBOUR_ADVERT, ND_NEIGHBOUR_SOLICIT, ND_REDIRECT, ND_ROUTER_ADVERT, ND_ROUTER_SOLICIT,
+    MLD2_REPORT, MLD_DONE, MLD_QUERY, MLD_REPORT, ND_NEIGHBOUR_ADVERT, ND_NEIGHBOUR_SOLICIT,
+    ND_REDIRECT, ND_ROUTER_ADVERT, ND_ROUTER_SOLICIT,
 };
 use dataplane_common::{nd, Ct6Key};
 
@@ -1361,6 +1362,8 @@ fn ipv6_sources_are_the_endpoints_own_and_its_budget_counts_both_families() {
 
 #[test]
 fn the_gateway_answers_neighbour_solicitations_and_refuses_forged_discovery() {
+    // ff02::16, where MLDv2 reports go.
+    const MLD2_ALL: [u8; 16] = [0xff, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x16];
     let (st, local) = fixture6();
     let h = host(&st, &local);
     let ct = Conntrack::default();
@@ -1405,6 +1408,22 @@ fn the_gateway_answers_neighbour_solicitations_and_refuses_forged_discovery() {
         (
             "foreign source",
             nd_frame(six(2), six(3), ND_NEIGHBOUR_SOLICIT, six(3), 255),
+            D::SpoofedIp,
+        ),
+        // Multicast listener discovery: what a stack sends for the groups it joins, from its
+        // own addresses, is counted apart from spoofing; from another address it is spoofing.
+        ("MLDv2 report", nd_frame(ll1, MLD2_ALL, MLD2_REPORT, [0; 16], 1), D::MldUnanswered),
+        (
+            "MLDv2 report from ::",
+            nd_frame([0; 16], MLD2_ALL, MLD2_REPORT, [0; 16], 1),
+            D::MldUnanswered,
+        ),
+        ("MLD report", nd_frame(six(1), MLD2_ALL, MLD_REPORT, MLD2_ALL, 1), D::MldUnanswered),
+        ("MLD done", nd_frame(ll1, MLD2_ALL, MLD_DONE, MLD2_ALL, 1), D::MldUnanswered),
+        ("MLD query", nd_frame(ll1, MLD2_ALL, MLD_QUERY, [0; 16], 1), D::MldUnanswered),
+        (
+            "MLD from a peer's address",
+            nd_frame(six(2), MLD2_ALL, MLD2_REPORT, [0; 16], 1),
             D::SpoofedIp,
         ),
     ];
