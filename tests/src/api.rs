@@ -191,6 +191,16 @@ impl Api {
         };
         made(&format!("create universe {name} {cidr}"), self.client().create_universe(&req))
     }
+    /// A dual-stack universe: `cidr` and its IPv6 counterpart ([`Family::text`]).
+    pub fn create_dual_universe(&self, name: &str, cidr: &str) -> Value {
+        let req = CreateUniverse {
+            name: name.into(),
+            cidr: Some(cidr.into()),
+            cidrs: None,
+            ipv6_cidrs: Some(vec![Family::V6.text(cidr)]),
+        };
+        made(&format!("create universe {name} {cidr}"), self.client().create_universe(&req))
+    }
     /// `verse group create`; returns the group.
     pub fn create_group(&self, universe: &str, name: &str) -> Value {
         let req = CreateGroup { universe: universe.into(), name: name.into(), description: None };
@@ -269,6 +279,20 @@ impl Api {
                 .then(|| groups.iter().map(|g| (*g).to_owned()).collect()),
             ..Default::default()
         })
+    }
+
+    /// Like [`Api::create_endpoint`], dual stack: `ip` and its IPv6 counterpart
+    /// ([`Family::text`]).
+    pub fn create_dual_endpoint(&self, universe: &str, ip: &str, groups: &[&str]) -> Workload {
+        self.plug(CreateEndpoint {
+            universe: universe.into(),
+            ip: ip.into(),
+            ipv6: Some(Family::V6.text(ip)),
+            security_groups: (!groups.is_empty())
+                .then(|| groups.iter().map(|g| (*g).to_owned()).collect()),
+            ..Default::default()
+        })
+        .0
     }
 
     /// Makes a workload namespace and plugs it as the endpoint `req` describes (its `netns` is

@@ -368,6 +368,12 @@ impl Host {
         self.api.create_endpoint(None, universe, ip, groups)
     }
 
+    /// Like [`Host::endpoint`], dual stack: `ip` and its IPv6 counterpart ([`Family::text`]),
+    /// in a universe made by [`Api::create_dual_universe`].
+    pub fn dual_endpoint(&self, universe: &str, ip: &str, groups: &[&str]) -> Workload {
+        self.api.create_dual_endpoint(universe, ip, groups)
+    }
+
     /// This host's drop counters, every reason present: `verse_drops_total` of its `/metrics`
     /// while its daemon runs, else the pinned drop map the daemon's `/metrics` reads (the
     /// dataplane keeps counting while no daemon runs, and the counts outlive it).

@@ -527,11 +527,72 @@ pub enum Family {
 }
 
 impl Family {
+    /// Both families, for a test that runs its body over each in turn.
+    pub const BOTH: [Family; 2] = [Family::V4, Family::V6];
+
     /// `w`'s address in this family (IPv6: `w` must be dual stack).
     pub fn addr(self, w: &crate::Workload) -> IpAddr {
         match self {
             Family::V4 => IpAddr::V4(w.ip),
             Family::V6 => IpAddr::V6(w.ipv6.expect("a dual-stack endpoint")),
+        }
+    }
+
+    /// An IPv4 address or CIDR as this family writes it: itself over IPv4; over IPv6 its
+    /// counterpart, so that one body written with IPv4 text runs over both families. `10.A.B.C`
+    /// is `fd00:0:A:B::C` (the digits as written), `0.0.0.0/0` is `::/0`, and the prefixes
+    /// /16, /24 and /32 are /48, /64 and /128 (a /16 universe is a /48 one: AWS allows /44 to
+    /// /64).
+    pub fn text(self, v4: &str) -> String {
+        if self == Family::V4 {
+            return v4.to_owned();
+        }
+        if v4 == "0.0.0.0/0" {
+            return "::/0".to_owned();
+        }
+        let (ip, len) = match v4.split_once('/') {
+            Some((ip, len)) => (ip, Some(len)),
+            None => (v4, None),
+        };
+        let o: Vec<&str> = ip.split('.').collect();
+        assert!(o.len() == 4 && o[0] == "10", "{v4}: an address of 10.0.0.0/8 expected");
+        let addr: std::net::Ipv6Addr =
+            format!("fd00:0:{}:{}::{}", o[1], o[2], o[3]).parse().expect("an IPv6 address");
+        match len {
+            None => addr.to_string(),
+            Some(len) => {
+                let len6 = match len {
+                    "16" => 48,
+                    "24" => 64,
+                    "32" => 128,
+                    _ => panic!("{v4}: /16, /24 or /32 expected"),
+                };
+                format!("{addr}/{len6}")
+            }
+        }
+    }
+
+    /// The unspecified address of this family, for a server listening on every address of it.
+    pub fn any(self) -> IpAddr {
+        match self {
+            Family::V4 => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+            Family::V6 => IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED),
+        }
+    }
+
+    /// The protocol name of this family's ICMP in a rule: `icmp` or `icmpv6`.
+    pub fn icmp(self) -> &'static str {
+        match self {
+            Family::V4 => "icmp",
+            Family::V6 => "icmpv6",
+        }
+    }
+
+    /// This family's ICMP echo request type: 8 or 128.
+    pub fn echo_request(self) -> i64 {
+        match self {
+            Family::V4 => 8,
+            Family::V6 => 128,
         }
     }
 }
