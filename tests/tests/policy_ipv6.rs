@@ -144,28 +144,40 @@ fn icmp6_checksum(src: &[u8; 16], dst: &[u8; 16], msg: &[u8]) -> u16 {
     !(sum as u16)
 }
 
-/// An unsolicited neighbour advertisement from `w` (its MAC, its link-local address) to all
-/// nodes, for `target`, with `target_mac` as its link-layer address: a frame Linux builds itself
-/// for its own addresses only, so it is forged.
-fn advertisement(w: &Workload, target: Ipv6Addr, target_mac: [u8; 6]) -> Vec<u8> {
-    let mac = mac_bytes(&w.mac);
-    let src = dataplane_common::nd::link_local(mac);
-    let dst: [u8; 16] = "ff02::1".parse::<Ipv6Addr>().unwrap().octets();
-    let mut icmp = vec![136, 0, 0, 0, 0x20, 0, 0, 0]; // override, unsolicited
-    icmp.extend_from_slice(&target.octets());
-    icmp.extend_from_slice(&[2, 1]);
-    icmp.extend_from_slice(&target_mac);
+/// An ICMPv6 message `icmp` (its checksum field zero: computed here) from `src` to `dst` with
+/// hop limit `hop`, in an Ethernet frame from `w`'s MAC to `dst_mac`.
+fn icmp6_frame(
+    w: &Workload,
+    dst_mac: [u8; 6],
+    (src, dst): (Ipv6Addr, Ipv6Addr),
+    hop: u8,
+    mut icmp: Vec<u8>,
+) -> Vec<u8> {
+    let (src, dst) = (src.octets(), dst.octets());
     let sum = icmp6_checksum(&src, &dst, &icmp);
     icmp[2..4].copy_from_slice(&sum.to_be_bytes());
-    let mut f = vec![0x33, 0x33, 0, 0, 0, 1];
-    f.extend_from_slice(&mac);
+    let mut f = dst_mac.to_vec();
+    f.extend_from_slice(&mac_bytes(&w.mac));
     f.extend_from_slice(&[0x86, 0xdd, 0x60, 0, 0, 0]);
     f.extend_from_slice(&(icmp.len() as u16).to_be_bytes());
-    f.extend_from_slice(&[58, 255]);
+    f.extend_from_slice(&[58, hop]);
     f.extend_from_slice(&src);
     f.extend_from_slice(&dst);
     f.extend_from_slice(&icmp);
     f
+}
+
+/// An unsolicited neighbour advertisement from `w` (its MAC, its link-local address) to all
+/// nodes, for `target`, with `target_mac` as its link-layer address: a frame Linux builds itself
+/// for its own addresses only, so it is forged.
+fn advertisement(w: &Workload, target: Ipv6Addr, target_mac: [u8; 6]) -> Vec<u8> {
+    let src = Ipv6Addr::from(dataplane_common::nd::link_local(mac_bytes(&w.mac)));
+    let dst: Ipv6Addr = "ff02::1".parse().unwrap();
+    let mut icmp = vec![136, 0, 0, 0, 0x20, 0, 0, 0]; // override, unsolicited
+    icmp.extend_from_slice(&target.octets());
+    icmp.extend_from_slice(&[2, 1]);
+    icmp.extend_from_slice(&target_mac);
+    icmp6_frame(w, [0x33, 0x33, 0, 0, 0, 1], (src, dst), 255, icmp)
 }
 
 /// A workload that advertises another endpoint's IPv6 address is dropped (`nd_spoofed`), and the
@@ -198,20 +210,10 @@ fn advertising_another_endpoints_ipv6_address_is_dropped_as_nd_spoofed() {
 /// An MLDv2 report (RFC 3810 section 5.2) from `src` (sent by `w`, its MAC) to ff02::16, saying
 /// that it listens to `group`: what a stack sends when it joins a group, here forged.
 fn mld_report(w: &Workload, src: Ipv6Addr, group: Ipv6Addr) -> Vec<u8> {
-    let (src, dst) = (src.octets(), "ff02::16".parse::<Ipv6Addr>().unwrap().octets());
     let mut icmp = vec![143, 0, 0, 0, 0, 0, 0, 1, 4, 0, 0, 0]; // one record: to exclude {}
     icmp.extend_from_slice(&group.octets());
-    let sum = icmp6_checksum(&src, &dst, &icmp);
-    icmp[2..4].copy_from_slice(&sum.to_be_bytes());
-    let mut f = vec![0x33, 0x33, 0, 0, 0, 0x16];
-    f.extend_from_slice(&mac_bytes(&w.mac));
-    f.extend_from_slice(&[0x86, 0xdd, 0x60, 0, 0, 0]);
-    f.extend_from_slice(&(icmp.len() as u16).to_be_bytes());
-    f.extend_from_slice(&[58, 1]);
-    f.extend_from_slice(&src);
-    f.extend_from_slice(&dst);
-    f.extend_from_slice(&icmp);
-    f
+    let dst = "ff02::16".parse().unwrap();
+    icmp6_frame(w, [0x33, 0x33, 0, 0, 0, 0x16], (src, dst), 1, icmp)
 }
 
 /// The multicast listener reports a dual-stack workload's own stack sends (for its
