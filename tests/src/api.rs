@@ -282,10 +282,17 @@ impl Api {
     }
 
     /// Like [`Api::create_endpoint`], dual stack: `ip` and its IPv6 counterpart
-    /// ([`Family::text`]).
-    pub fn create_dual_endpoint(&self, universe: &str, ip: &str, groups: &[&str]) -> Workload {
+    /// ([`Family::text`]), placed on `host` (`None`: the host serving the request).
+    pub fn create_dual_endpoint(
+        &self,
+        host: Option<&str>,
+        universe: &str,
+        ip: &str,
+        groups: &[&str],
+    ) -> Workload {
         self.plug(CreateEndpoint {
             universe: universe.into(),
+            host: host.map(str::to_owned),
             ip: ip.into(),
             ipv6: Some(Family::V6.text(ip)),
             security_groups: (!groups.is_empty())

@@ -189,6 +189,43 @@ pub fn conntrack_keys(bpf_dir: &Path) -> Vec<dataplane_common::CtKey> {
         .collect()
 }
 
+/// The keys of the IPv6 conntrack table pinned under a daemon's bpffs (`VERSE_CT6`), as
+/// [`conntrack_keys`] reads the IPv4 one.
+pub fn conntrack6_keys(bpf_dir: &Path) -> Vec<dataplane_common::Ct6Key> {
+    pinned_keys(bpf_dir, dataplane_common::map_names::CONNTRACK6)
+        .into_iter()
+        .map(|bytes| {
+            assert_eq!(bytes.len(), std::mem::size_of::<dataplane_common::Ct6Key>());
+            let at = |i: usize| -> [u8; 16] { bytes[i..i + 16].try_into().expect("16 bytes") };
+            let u16_at = |i: usize| u16::from_ne_bytes([bytes[i], bytes[i + 1]]);
+            dataplane_common::Ct6Key {
+                src: at(0),
+                dst: at(16),
+                vni: u32::from_ne_bytes([bytes[32], bytes[33], bytes[34], bytes[35]]),
+                sport: u16_at(36),
+                dport: u16_at(38),
+                proto: bytes[40],
+                _pad: [0; 7],
+            }
+        })
+        .collect()
+}
+
+/// Whether no entry of the conntrack table of `ip`'s family pinned under `bpf_dir` has `ip` as
+/// an address: what a host still tracks of an endpoint, whatever the daemon says.
+pub fn untracked(bpf_dir: &Path, ip: std::net::IpAddr) -> bool {
+    match ip {
+        std::net::IpAddr::V4(ip) => {
+            let ip = ip.octets();
+            conntrack_keys(bpf_dir).iter().all(|k| k.src != ip && k.dst != ip)
+        }
+        std::net::IpAddr::V6(ip) => {
+            let ip = ip.octets();
+            conntrack6_keys(bpf_dir).iter().all(|k| k.src != ip && k.dst != ip)
+        }
+    }
+}
+
 /// The value of the sample of `/metrics` text named exactly `name` (no labels), if any.
 pub fn metric_value(text: &str, name: &str) -> Option<u64> {
     text.lines().filter(|l| !l.starts_with('#')).find_map(|l| {

@@ -371,7 +371,7 @@ impl Host {
     /// Like [`Host::endpoint`], dual stack: `ip` and its IPv6 counterpart ([`Family::text`]),
     /// in a universe made by [`Api::create_dual_universe`].
     pub fn dual_endpoint(&self, universe: &str, ip: &str, groups: &[&str]) -> Workload {
-        self.api.create_dual_endpoint(universe, ip, groups)
+        self.api.create_dual_endpoint(None, universe, ip, groups)
     }
 
     /// This host's drop counters, every reason present: `verse_drops_total` of its `/metrics`

@@ -847,6 +847,16 @@ impl Fleet {
         w
     }
 
+    /// A dual-stack workload ([`Api::create_dual_endpoint`]: `ip` and its IPv6 counterpart)
+    /// placed on host `on` through the API of the next host.
+    pub fn dual_endpoint(&self, on: usize, universe: &str, ip: &str, groups: &[&str]) -> Workload {
+        let via = (on + 1) % self.len();
+        let w =
+            self.api(via).create_dual_endpoint(Some(self.host(on).name()), universe, ip, groups);
+        assert_eq!(w.json["host"], self.host(on).name(), "placed where asked: {}", w.json);
+        w
+    }
+
     /// `GET /v1/hosts` asked of host `via`, or `None` if it does not answer.
     fn host_statuses_via(&self, via: usize) -> Option<Vec<Value>> {
         let hosts = self.hosts[via].api.client().list_hosts().ok()?;
@@ -1193,7 +1203,8 @@ impl Drop for Simulation {
 pub use dataplane_common::VXLAN_PORT;
 
 /// An encapsulated packet as the wire format describes it (VXLAN with the Group Policy
-/// extension), carrying one inner IPv4/UDP datagram. Built by hand so a test can forge any
+/// extension), carrying one inner UDP datagram over IPv4 or IPv6 (the family of its inner
+/// addresses). Built by hand so a test can forge any
 /// field: the outer source, the VNI, the group policy id, the inner addresses.
 #[derive(Clone, Debug)]
 pub struct VxlanGbp {
@@ -1206,8 +1217,8 @@ pub struct VxlanGbp {
     pub flags: u8,
     pub inner_dst_mac: [u8; 6],
     pub inner_src_mac: [u8; 6],
-    pub inner_src: Ipv4Addr,
-    pub inner_dst: Ipv4Addr,
+    pub inner_src: IpAddr,
+    pub inner_dst: IpAddr,
     pub src_port: u16,
     pub dst_port: u16,
     pub payload: Vec<u8>,
@@ -1223,8 +1234,8 @@ impl VxlanGbp {
         outer: (Ipv4Addr, Ipv4Addr),
         group: u16,
         vni: u32,
-        src: Ipv4Addr,
-        dst: (Ipv4Addr, &str),
+        src: impl Into<IpAddr>,
+        dst: (impl Into<IpAddr>, &str),
         dst_port: u16,
         payload: &[u8],
     ) -> VxlanGbp {
@@ -1236,8 +1247,8 @@ impl VxlanGbp {
             flags: 0x88,
             inner_dst_mac: frames::mac_bytes(dst.1),
             inner_src_mac: [0x02, 0, 0, 0, 0, 0x01],
-            inner_src: src,
-            inner_dst: dst.0,
+            inner_src: src.into(),
+            inner_dst: dst.0.into(),
             src_port: 40000,
             dst_port,
             payload: payload.to_vec(),
@@ -1246,17 +1257,22 @@ impl VxlanGbp {
 
     /// The whole outer IPv4 packet (header included), checksums computed.
     pub fn packet(&self) -> Vec<u8> {
-        let inner_udp = frames::udp(self.src_port, self.dst_port, &self.payload);
-        let inner_ip = frames::ipv4_with(
-            self.inner_src.octets(),
-            self.inner_dst.octets(),
-            17,
-            0,
-            false,
-            &inner_udp,
-        );
-        let inner =
-            frames::ethernet(self.inner_dst_mac, self.inner_src_mac, frames::ETH_IPV4, &inner_ip);
+        let (ports, payload) = ((self.src_port, self.dst_port), &self.payload);
+        let (ethertype, inner_ip) = match (self.inner_src, self.inner_dst) {
+            (IpAddr::V4(s), IpAddr::V4(d)) => {
+                let udp = frames::udp(ports.0, ports.1, payload);
+                (frames::ETH_IPV4, frames::ipv4_with(s.octets(), d.octets(), 17, 0, false, &udp))
+            }
+            (IpAddr::V6(s), IpAddr::V6(d)) => {
+                let (s, d) = (s.octets(), d.octets());
+                (
+                    frames::ETH_IPV6,
+                    frames::ipv6(s, d, 17, &frames::udp6(s, d, ports.0, ports.1, payload)),
+                )
+            }
+            (s, d) => panic!("inner addresses of two families: {s} -> {d}"),
+        };
+        let inner = frames::ethernet(self.inner_dst_mac, self.inner_src_mac, ethertype, &inner_ip);
         let sport = 49152u16 + (self.src_port % 16384);
         encapsulated(
             (self.outer_src, self.outer_dst),
@@ -1307,12 +1323,13 @@ pub struct VxlanSeen {
     /// Group Policy ID: the identity the sender claims.
     pub group: u16,
     pub vni: u32,
-    pub inner_src: Ipv4Addr,
-    pub inner_dst: Ipv4Addr,
+    pub inner_src: IpAddr,
+    pub inner_dst: IpAddr,
 }
 
 /// Reads an Ethernet frame captured on the underlay as VXLAN-GBP (UDP to [`VXLAN_PORT`]) carrying
-/// an inner IPv4 packet, if it is one: what a machine that can watch the underlay learns.
+/// an inner IPv4 or IPv6 packet, if it is one: what a machine that can watch the underlay
+/// learns.
 pub fn vxlan_seen(frame: &[u8]) -> Option<VxlanSeen> {
     let ip = frame.get(14..)?;
     if frame.get(12..14)? != [0x08, 0x00] || ip.len() < 20 || ip[0] >> 4 != 4 || ip[9] != 17 {
@@ -1325,16 +1342,24 @@ pub fn vxlan_seen(frame: &[u8]) -> Option<VxlanSeen> {
     }
     let vxlan = &udp[8..16];
     let inner = &udp[16 + 14..];
-    if udp[16 + 12..16 + 14] != [0x08, 0x00] {
-        return None;
-    }
+    let (inner_src, inner_dst) = match udp[16 + 12..16 + 14] {
+        [0x08, 0x00] => (
+            IpAddr::from(<[u8; 4]>::try_from(&inner[12..16]).ok()?),
+            IpAddr::from(<[u8; 4]>::try_from(&inner[16..20]).ok()?),
+        ),
+        [0x86, 0xdd] => (
+            IpAddr::from(<[u8; 16]>::try_from(inner.get(8..24)?).ok()?),
+            IpAddr::from(<[u8; 16]>::try_from(inner.get(24..40)?).ok()?),
+        ),
+        _ => return None,
+    };
     Some(VxlanSeen {
         outer_src: Ipv4Addr::new(ip[12], ip[13], ip[14], ip[15]),
         outer_dst: Ipv4Addr::new(ip[16], ip[17], ip[18], ip[19]),
         group: u16::from_be_bytes([vxlan[2], vxlan[3]]),
         vni: u32::from_be_bytes([0, vxlan[4], vxlan[5], vxlan[6]]),
-        inner_src: Ipv4Addr::new(inner[12], inner[13], inner[14], inner[15]),
-        inner_dst: Ipv4Addr::new(inner[16], inner[17], inner[18], inner[19]),
+        inner_src,
+        inner_dst,
     })
 }
 
@@ -1453,8 +1478,8 @@ mod tests {
             flags: 0x88,
             inner_dst_mac: [2, 0, 0, 0, 0, 1],
             inner_src_mac: [2, 0, 0, 0, 0, 2],
-            inner_src: Ipv4Addr::new(10, 0, 0, 2),
-            inner_dst: Ipv4Addr::new(10, 0, 0, 3),
+            inner_src: Ipv4Addr::new(10, 0, 0, 2).into(),
+            inner_dst: Ipv4Addr::new(10, 0, 0, 3).into(),
             src_port: 1,
             dst_port: 2,
             payload: b"forged".to_vec(),
@@ -1494,8 +1519,8 @@ mod tests {
             flags: 0x88,
             inner_dst_mac: [2, 0, 0, 0, 0, 1],
             inner_src_mac: [2, 0, 0, 0, 0, 2],
-            inner_src: Ipv4Addr::new(10, 0, 0, 2),
-            inner_dst: Ipv4Addr::new(10, 0, 0, 3),
+            inner_src: Ipv4Addr::new(10, 0, 0, 2).into(),
+            inner_dst: Ipv4Addr::new(10, 0, 0, 3).into(),
             src_port: 1000,
             dst_port: 2000,
             payload: b"hi".to_vec(),

@@ -2,7 +2,7 @@
 //! victim's sockets as judges of an attack.
 
 use std::io::{self};
-use std::net::{Ipv4Addr, TcpStream, UdpSocket};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream, UdpSocket};
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -10,37 +10,44 @@ use std::time::{Duration, Instant};
 
 use crate::*;
 
-/// A raw IPv4 socket of protocol `proto` in `ns`, for protocols other than TCP, UDP and ICMP
-/// (S7 "other protocols"). The kernel writes the IP header of what is sent; what is received
-/// starts with the IP header.
+/// A raw IP socket of protocol `proto` in `ns`, for protocols other than TCP, UDP and ICMP
+/// (S7 "other protocols"), or to craft what those would not send. The kernel writes the IP
+/// header of what is sent; what an IPv4 socket receives starts with the IP header, what an IPv6
+/// one receives does not (RFC 3542 section 3; an ICMPv6 socket computes the checksum of what it
+/// sends).
 pub struct RawIpSocket {
     fd: std::os::fd::OwnedFd,
+    family: Family,
 }
 
 impl RawIpSocket {
+    /// An IPv4 raw socket.
     pub fn open(ns: &Netns, proto: u8) -> io::Result<RawIpSocket> {
+        RawIpSocket::open_for(ns, Family::V4, proto)
+    }
+
+    /// A raw socket of `family`.
+    pub fn open_for(ns: &Netns, family: Family, proto: u8) -> io::Result<RawIpSocket> {
         use std::os::fd::FromRawFd;
+        let domain = match family {
+            Family::V4 => libc::AF_INET,
+            Family::V6 => libc::AF_INET6,
+        };
         let fd = ns.enter(|| {
             // SAFETY: socket(2) takes no pointers; the result is checked below.
-            unsafe {
-                libc::socket(libc::AF_INET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, i32::from(proto))
-            }
+            unsafe { libc::socket(domain, libc::SOCK_RAW | libc::SOCK_CLOEXEC, i32::from(proto)) }
         });
         if fd < 0 {
             return Err(io::Error::last_os_error());
         }
         // SAFETY: `fd` is a new, valid descriptor that nothing else owns.
-        Ok(RawIpSocket { fd: unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) } })
+        Ok(RawIpSocket { fd: unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) }, family })
     }
 
-    pub fn send_to(&self, dst: Ipv4Addr, payload: &[u8]) -> io::Result<()> {
-        let addr = libc::sockaddr_in {
-            sin_family: libc::AF_INET as libc::sa_family_t,
-            // Ignored for raw IPv4 sockets (net/ipv4/raw.c, raw_sendmsg).
-            sin_port: 0,
-            sin_addr: libc::in_addr { s_addr: u32::from(dst).to_be() },
-            sin_zero: [0; 8],
-        };
+    /// Sends `payload` to `dst` (of the socket's family; the port is ignored by raw sockets).
+    pub fn send_to(&self, dst: impl Into<IpAddr>, payload: &[u8]) -> io::Result<()> {
+        let dst: IpAddr = dst.into();
+        let (addr, len) = sockaddr(SocketAddr::from((dst, 0)));
         // SAFETY: `payload` and `addr` are valid for the lengths given for the whole call.
         let n = unsafe {
             libc::sendto(
@@ -49,7 +56,7 @@ impl RawIpSocket {
                 payload.len(),
                 0,
                 (&raw const addr).cast(),
-                std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
+                len,
             )
         };
         if n < 0 {
@@ -59,24 +66,84 @@ impl RawIpSocket {
     }
 
     /// The next packet within `timeout`: its source and its payload (after the IP header).
-    pub fn recv(&self, timeout: Duration) -> io::Result<(Ipv4Addr, Vec<u8>)> {
+    pub fn recv(&self, timeout: Duration) -> io::Result<(IpAddr, Vec<u8>)> {
+        if self.family == Family::V6 {
+            return recv_from6(&self.fd, timeout);
+        }
         let packet = self.recv_packet(timeout)?;
         let ihl = usize::from(packet.first().copied().unwrap_or(0) & 0x0f) * 4;
         if ihl < 20 || packet.len() < ihl {
             return Err(bad(format!("raw packet of {} bytes with IHL {ihl}", packet.len())));
         }
         let src = Ipv4Addr::new(packet[12], packet[13], packet[14], packet[15]);
-        Ok((src, packet[ihl..].to_vec()))
+        Ok((IpAddr::V4(src), packet[ihl..].to_vec()))
     }
 
-    /// The next packet within `timeout`, IP header included.
+    /// The next packet within `timeout`, IP header included (IPv4 sockets).
     pub fn recv_packet(&self, timeout: Duration) -> io::Result<Vec<u8>> {
         recv_within(&self.fd, timeout, 2048)
     }
 }
 
-/// The next packet or frame on `fd` within `timeout` (`SO_RCVTIMEO`), at most `cap` bytes.
-fn recv_within(fd: &impl AsRawFd, timeout: Duration, cap: usize) -> io::Result<Vec<u8>> {
+/// `addr` as the C socket address of its family, and its length.
+pub(crate) fn sockaddr(addr: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
+    // SAFETY: an all-zero sockaddr_storage is a valid value of this plain C struct.
+    let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let len = match addr {
+        SocketAddr::V4(a) => {
+            let sin = libc::sockaddr_in {
+                sin_family: libc::AF_INET as libc::sa_family_t,
+                sin_port: a.port().to_be(),
+                sin_addr: libc::in_addr { s_addr: u32::from(*a.ip()).to_be() },
+                sin_zero: [0; 8],
+            };
+            // SAFETY: sockaddr_storage is larger than sockaddr_in and suitably aligned.
+            unsafe { std::ptr::write((&raw mut storage).cast(), sin) };
+            std::mem::size_of::<libc::sockaddr_in>()
+        }
+        SocketAddr::V6(a) => {
+            let sin6 = libc::sockaddr_in6 {
+                sin6_family: libc::AF_INET6 as libc::sa_family_t,
+                sin6_port: a.port().to_be(),
+                sin6_flowinfo: 0,
+                sin6_addr: libc::in6_addr { s6_addr: a.ip().octets() },
+                sin6_scope_id: 0,
+            };
+            // SAFETY: sockaddr_storage is larger than sockaddr_in6 and suitably aligned.
+            unsafe { std::ptr::write((&raw mut storage).cast(), sin6) };
+            std::mem::size_of::<libc::sockaddr_in6>()
+        }
+    };
+    (storage, len as libc::socklen_t)
+}
+
+/// The next packet on the IPv6 raw socket `fd` within `timeout`: its source and its payload.
+fn recv_from6(fd: &impl AsRawFd, timeout: Duration) -> io::Result<(IpAddr, Vec<u8>)> {
+    set_timeout(fd, timeout)?;
+    let mut buf = vec![0u8; 2048];
+    // SAFETY: an all-zero sockaddr_in6 is a valid value of this plain C struct.
+    let mut from: libc::sockaddr_in6 = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::sockaddr_in6>() as libc::socklen_t;
+    // SAFETY: `buf`, `from` and `len` are writable for the lengths given for the whole call.
+    let n = unsafe {
+        libc::recvfrom(
+            fd.as_raw_fd(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+            0,
+            (&raw mut from).cast(),
+            &raw mut len,
+        )
+    };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    buf.truncate(n as usize);
+    Ok((IpAddr::V6(Ipv6Addr::from(from.sin6_addr.s6_addr)), buf))
+}
+
+/// Sets `SO_RCVTIMEO` of `fd` to `timeout`.
+fn set_timeout(fd: &impl AsRawFd, timeout: Duration) -> io::Result<()> {
     let tv = libc::timeval {
         tv_sec: timeout.as_secs() as libc::time_t,
         tv_usec: libc::suseconds_t::from(timeout.subsec_micros().max(1)),
@@ -94,6 +161,12 @@ fn recv_within(fd: &impl AsRawFd, timeout: Duration, cap: usize) -> io::Result<V
     if rc != 0 {
         return Err(io::Error::last_os_error());
     }
+    Ok(())
+}
+
+/// The next packet or frame on `fd` within `timeout` (`SO_RCVTIMEO`), at most `cap` bytes.
+fn recv_within(fd: &impl AsRawFd, timeout: Duration, cap: usize) -> io::Result<Vec<u8>> {
+    set_timeout(fd, timeout)?;
     let mut buf = vec![0u8; cap];
     // SAFETY: `buf` is writable for its whole length.
     let n = unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
@@ -112,15 +185,21 @@ pub struct Tap {
 }
 
 impl Tap {
-    /// Starts seeing packets of protocol `proto` (6 TCP, 17 UDP, 1 ICMP) arriving in `ns`.
+    /// Starts seeing IPv4 packets of protocol `proto` (6 TCP, 17 UDP, 1 ICMP) arriving in `ns`.
     pub fn open(ns: &Netns, proto: u8) -> Tap {
-        let sock = RawIpSocket::open(ns, proto)
+        Tap::open_for(ns, Family::V4, proto)
+    }
+
+    /// Starts seeing packets of `family` and protocol `proto` (IPv6: 58 is ICMPv6) in `ns`.
+    pub fn open_for(ns: &Netns, family: Family, proto: u8) -> Tap {
+        let sock = RawIpSocket::open_for(ns, family, proto)
             .unwrap_or_else(|e| panic!("raw socket {proto} in {}: {e}", ns.name()));
         Tap { sock }
     }
 
     /// Whether a packet from `src` arrives within `timeout` (packets from others are skipped).
-    pub fn saw_from(&self, src: Ipv4Addr, timeout: Duration) -> bool {
+    pub fn saw_from(&self, src: impl Into<IpAddr>, timeout: Duration) -> bool {
+        let src = src.into();
         let deadline = Instant::now() + timeout;
         while let Some(left) = deadline.checked_duration_since(Instant::now()) {
             match self.sock.recv(left) {
@@ -228,15 +307,6 @@ pub fn send_frame(ns: &Netns, iface: &str, frame: &[u8]) -> io::Result<()> {
     })
 }
 
-fn sockaddr_in(ip: Ipv4Addr, port: u16) -> libc::sockaddr_in {
-    libc::sockaddr_in {
-        sin_family: libc::AF_INET as libc::sa_family_t,
-        sin_port: port.to_be(),
-        sin_addr: libc::in_addr { s_addr: u32::from(ip).to_be() },
-        sin_zero: [0; 8],
-    }
-}
-
 /// `setsockopt(fd, level, name, &value)` for an integer option.
 fn set_int_option(fd: &impl AsRawFd, level: i32, name: i32, value: i32) -> io::Result<()> {
     // SAFETY: `value` is a valid c_int for the length given, for the whole call.
@@ -274,19 +344,18 @@ fn int_option(fd: &impl AsRawFd, level: i32, name: i32) -> io::Result<i32> {
 /// to open a connection on exactly the ports of a flow it attacks.
 pub fn tcp_connect_from(
     ns: &Netns,
-    src: (Ipv4Addr, u16),
-    dst: (Ipv4Addr, u16),
+    src: (impl Into<IpAddr>, u16),
+    dst: (impl Into<IpAddr>, u16),
     timeout: Duration,
 ) -> io::Result<TcpStream> {
     use std::os::fd::{FromRawFd, OwnedFd};
+    let (src_ip, dst_ip): (IpAddr, IpAddr) = (src.0.into(), dst.0.into());
+    let (src, dst) = (SocketAddr::from((src_ip, src.1)), SocketAddr::from((dst_ip, dst.1)));
+    let domain = if src.is_ipv6() { libc::AF_INET6 } else { libc::AF_INET };
     ns.enter(|| {
         // SAFETY: socket(2) takes no pointers; the result is checked below.
         let fd = unsafe {
-            libc::socket(
-                libc::AF_INET,
-                libc::SOCK_STREAM | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK,
-                0,
-            )
+            libc::socket(domain, libc::SOCK_STREAM | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK, 0)
         };
         if fd < 0 {
             return Err(io::Error::last_os_error());
@@ -294,27 +363,15 @@ pub fn tcp_connect_from(
         // SAFETY: `fd` is a new, valid descriptor that nothing else owns.
         let fd = unsafe { OwnedFd::from_raw_fd(fd) };
         set_int_option(&fd, libc::SOL_SOCKET, libc::SO_REUSEADDR, 1)?;
-        let local = sockaddr_in(src.0, src.1);
-        // SAFETY: `local` is a valid sockaddr_in for the length given.
-        let rc = unsafe {
-            libc::bind(
-                fd.as_raw_fd(),
-                (&raw const local).cast(),
-                std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
-            )
-        };
+        let (local, len) = sockaddr(src);
+        // SAFETY: `local` is a valid socket address for the length given.
+        let rc = unsafe { libc::bind(fd.as_raw_fd(), (&raw const local).cast(), len) };
         if rc != 0 {
             return Err(io::Error::last_os_error());
         }
-        let remote = sockaddr_in(dst.0, dst.1);
+        let (remote, len) = sockaddr(dst);
         // SAFETY: as for bind.
-        let rc = unsafe {
-            libc::connect(
-                fd.as_raw_fd(),
-                (&raw const remote).cast(),
-                std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
-            )
-        };
+        let rc = unsafe { libc::connect(fd.as_raw_fd(), (&raw const remote).cast(), len) };
         if rc != 0 {
             let e = io::Error::last_os_error();
             if e.raw_os_error() != Some(libc::EINPROGRESS) {
@@ -341,24 +398,39 @@ pub fn tcp_connect_from(
     })
 }
 
-/// The path MTU of a connected socket (`getsockopt(IP_MTU)`): what the kernel learnt from ICMP
-/// "fragmentation needed" messages it accepted.
-pub fn ip_mtu(sock: &impl AsRawFd) -> io::Result<u32> {
-    int_option(sock, libc::IPPROTO_IP, libc::IP_MTU).map(|v| v as u32)
+/// The path MTU of a connected TCP socket (`getsockopt(IP_MTU)`, `IPV6_MTU` over IPv6): what
+/// the kernel learnt from ICMP "fragmentation needed" (ICMPv6 "packet too big") messages it
+/// accepted.
+pub fn ip_mtu(sock: &TcpStream) -> io::Result<u32> {
+    let v6 = sock.local_addr()?.is_ipv6();
+    let (level, name) =
+        if v6 { (libc::IPPROTO_IPV6, libc::IPV6_MTU) } else { (libc::IPPROTO_IP, libc::IP_MTU) };
+    int_option(sock, level, name).map(|v| v as u32)
 }
 
 /// A connected UDP socket that reports ICMP errors about its datagrams (`IP_RECVERR`: port
 /// unreachable as `ECONNREFUSED`, time exceeded as `EHOSTUNREACH`, parameter problem as
-/// `EPROTO`, fragmentation needed as `EMSGSIZE`): the victim's view of an ICMP attack.
+/// `EPROTO`, fragmentation needed as `EMSGSIZE`; over IPv6 `IPV6_RECVERR`, the ICMPv6
+/// counterparts as the same): the victim's view of an ICMP attack.
 pub struct UdpProbe {
     sock: UdpSocket,
 }
 
 impl UdpProbe {
     /// Opens the socket in `ns`, connects it to `ip:port` and sends one datagram (`flow`).
-    pub fn open(ns: &Netns, ip: Ipv4Addr, port: u16) -> io::Result<UdpProbe> {
-        let sock = ns.enter(|| UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)))?;
-        set_int_option(&sock, libc::IPPROTO_IP, libc::IP_RECVERR, 1)?;
+    pub fn open(ns: &Netns, ip: impl Into<IpAddr>, port: u16) -> io::Result<UdpProbe> {
+        let ip = ip.into();
+        let any = if ip.is_ipv6() {
+            IpAddr::V6(Ipv6Addr::UNSPECIFIED)
+        } else {
+            Ipv4Addr::UNSPECIFIED.into()
+        };
+        let sock = ns.enter(|| UdpSocket::bind((any, 0)))?;
+        if ip.is_ipv6() {
+            set_int_option(&sock, libc::IPPROTO_IPV6, libc::IPV6_RECVERR, 1)?;
+        } else {
+            set_int_option(&sock, libc::IPPROTO_IP, libc::IP_RECVERR, 1)?;
+        }
         sock.connect((ip, port))?;
         sock.send(b"flow")?;
         Ok(UdpProbe { sock })
@@ -386,23 +458,29 @@ impl UdpProbe {
 /// One ICMP message a namespace received, as an [`IcmpListener`] saw it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct IcmpSeen {
-    pub src: Ipv4Addr,
+    pub src: IpAddr,
     pub ty: u8,
     pub code: u8,
-    /// The IPv4 datagram's length, bytes.
+    /// The IP datagram's length, bytes (IPv6: its 40-byte header and its payload).
     pub len: usize,
 }
 
-/// Records every ICMP message delivered to a namespace (a raw ICMP socket receives a copy of
-/// each), until dropped.
+/// Records every ICMP (ICMPv6) message delivered to a namespace (a raw ICMP socket receives a
+/// copy of each), until dropped.
 pub struct IcmpListener {
     seen: Arc<Mutex<Vec<IcmpSeen>>>,
     _stopper: Stopper,
 }
 
 impl IcmpListener {
+    /// Records ICMP over IPv4.
     pub fn start(ns: &Netns) -> IcmpListener {
-        let sock = RawIpSocket::open(ns, 1)
+        IcmpListener::start_for(ns, Family::V4)
+    }
+
+    /// Records ICMP of `family` (ICMPv6 over IPv6).
+    pub fn start_for(ns: &Netns, family: Family) -> IcmpListener {
+        let sock = RawIpSocket::open_for(ns, family, family.icmp_proto())
             .unwrap_or_else(|e| panic!("raw ICMP socket in {}: {e}", ns.name()));
         let stop = Arc::new(AtomicBool::new(false));
         let seen = Arc::new(Mutex::new(Vec::new()));
@@ -410,16 +488,17 @@ impl IcmpListener {
             let (stop, seen) = (stop.clone(), seen.clone());
             std::thread::spawn(move || {
                 while !stop.load(Ordering::SeqCst) {
-                    let Ok(p) = sock.recv_packet(Duration::from_millis(100)) else { continue };
-                    let ihl = usize::from(p.first().copied().unwrap_or(0) & 0x0f) * 4;
-                    if ihl < 20 || p.len() < ihl + 2 {
+                    let Ok((src, m)) = sock.recv(Duration::from_millis(100)) else { continue };
+                    if m.len() < 2 {
                         continue;
                     }
+                    let header = if src.is_ipv6() { 40 } else { 20 };
+                    let len = header + m.len();
                     seen.lock().expect("seen lock").push(IcmpSeen {
-                        src: Ipv4Addr::new(p[12], p[13], p[14], p[15]),
-                        ty: p[ihl],
-                        code: p[ihl + 1],
-                        len: p.len(),
+                        src,
+                        ty: m[0],
+                        code: m[1],
+                        len,
                     });
                 }
             })
@@ -428,7 +507,8 @@ impl IcmpListener {
     }
 
     /// What arrived from `src` so far.
-    pub fn from(&self, src: Ipv4Addr) -> Vec<IcmpSeen> {
+    pub fn from(&self, src: impl Into<IpAddr>) -> Vec<IcmpSeen> {
+        let src = src.into();
         self.seen.lock().expect("seen lock").iter().filter(|m| m.src == src).cloned().collect()
     }
 }
@@ -501,8 +581,8 @@ impl PacketCapture {
 /// A TCP segment as [`tcp_segment`] reads it off an Ethernet frame.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TcpSegment {
-    pub src: Ipv4Addr,
-    pub dst: Ipv4Addr,
+    pub src: IpAddr,
+    pub dst: IpAddr,
     pub sport: u16,
     pub dport: u16,
     pub seq: u32,
@@ -510,22 +590,33 @@ pub struct TcpSegment {
     pub payload_len: usize,
 }
 
-/// The TCP segment in an Ethernet/IPv4 frame, if it is one.
+/// The TCP segment in an Ethernet/IPv4 frame, or an Ethernet/IPv6 one whose fixed header names
+/// TCP, if it is one.
 pub fn tcp_segment(frame: &[u8]) -> Option<TcpSegment> {
     let ip = frame.get(14..)?;
-    if frame.get(12..14)? != [0x08, 0x00] || ip.len() < 20 || ip[0] >> 4 != 4 || ip[9] != 6 {
-        return None;
-    }
-    let ihl = usize::from(ip[0] & 0x0f) * 4;
-    let total = usize::from(u16::from_be_bytes([ip[2], ip[3]])).min(ip.len());
-    let t = ip.get(ihl..total)?;
+    let (src, dst, t) = match frame.get(12..14)? {
+        [0x08, 0x00] if ip.len() >= 20 && ip[0] >> 4 == 4 && ip[9] == 6 => {
+            let ihl = usize::from(ip[0] & 0x0f) * 4;
+            let total = usize::from(u16::from_be_bytes([ip[2], ip[3]])).min(ip.len());
+            let src = IpAddr::from(<[u8; 4]>::try_from(&ip[12..16]).ok()?);
+            let dst = IpAddr::from(<[u8; 4]>::try_from(&ip[16..20]).ok()?);
+            (src, dst, ip.get(ihl..total)?)
+        }
+        [0x86, 0xdd] if ip.len() >= 40 && ip[0] >> 4 == 6 && ip[6] == 6 => {
+            let total = (40 + usize::from(u16::from_be_bytes([ip[4], ip[5]]))).min(ip.len());
+            let src = IpAddr::from(<[u8; 16]>::try_from(&ip[8..24]).ok()?);
+            let dst = IpAddr::from(<[u8; 16]>::try_from(&ip[24..40]).ok()?);
+            (src, dst, ip.get(40..total)?)
+        }
+        _ => return None,
+    };
     if t.len() < 20 {
         return None;
     }
     let doff = usize::from(t[12] >> 4) * 4;
     Some(TcpSegment {
-        src: Ipv4Addr::new(ip[12], ip[13], ip[14], ip[15]),
-        dst: Ipv4Addr::new(ip[16], ip[17], ip[18], ip[19]),
+        src,
+        dst,
         sport: u16::from_be_bytes([t[0], t[1]]),
         dport: u16::from_be_bytes([t[2], t[3]]),
         seq: u32::from_be_bytes([t[4], t[5], t[6], t[7]]),

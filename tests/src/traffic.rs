@@ -10,6 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+use crate::raw::sockaddr;
 use crate::*;
 
 /// Whether a TCP connection from `ns` to `ip:port` is established within `timeout`.
@@ -49,7 +50,7 @@ pub enum UdpOutcome {
 /// Sends `msg` from `ns` (optionally from `src`) to `ip:port` over UDP and waits for one answer.
 pub fn udp_exchange(
     ns: &Netns,
-    src: Option<Ipv4Addr>,
+    src: Option<IpAddr>,
     ip: impl Into<IpAddr>,
     port: u16,
     msg: &str,
@@ -60,7 +61,7 @@ pub fn udp_exchange(
         IpAddr::V4(_) => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
         IpAddr::V6(_) => IpAddr::V6(Ipv6Addr::UNSPECIFIED),
     };
-    let bind = SocketAddr::from((src.map_or(any, IpAddr::V4), 0));
+    let bind = SocketAddr::from((src.unwrap_or(any), 0));
     let sock = match ns.enter(|| UdpSocket::bind(bind)) {
         Ok(s) => s,
         Err(e) => return UdpOutcome::Error(format!("bind {bind}: {e}")),
@@ -330,7 +331,19 @@ pub fn tcp_roundtrip(
 /// of a batch once, then again), as fast as `sendmmsg(2)` goes, from one thread pinned to each
 /// CPU: a flood of new flows. Flow `i` goes from port `first_sport + i / 60000` to port
 /// `1 + i % 60000`. Returns the datagrams the kernel accepted (a full queue refuses some).
-pub fn udp_flood(ns: &Netns, dst: Ipv4Addr, first_sport: u16, flows: u32, per_flow: u32) -> u64 {
+pub fn udp_flood(
+    ns: &Netns,
+    dst: impl Into<IpAddr>,
+    first_sport: u16,
+    flows: u32,
+    per_flow: u32,
+) -> u64 {
+    let dst = dst.into();
+    let any = if dst.is_ipv6() {
+        IpAddr::V6(Ipv6Addr::UNSPECIFIED)
+    } else {
+        Ipv4Addr::UNSPECIFIED.into()
+    };
     const PER_SPORT: u32 = 60_000;
     const BATCH: u32 = 256;
     let sports = flows.div_ceil(PER_SPORT);
@@ -340,7 +353,7 @@ pub fn udp_flood(ns: &Netns, dst: Ipv4Addr, first_sport: u16, flows: u32, per_fl
     let sockets: Vec<(u16, UdpSocket)> = (0..sports)
         .map(|k| {
             let sport = first_sport + u16::try_from(k).expect("few source ports");
-            let bind = SocketAddr::from((Ipv4Addr::UNSPECIFIED, sport));
+            let bind = SocketAddr::from((any, sport));
             let sock = ns
                 .enter(|| UdpSocket::bind(bind))
                 .unwrap_or_else(|e| panic!("bind UDP {bind} in {}: {e}", ns.name()));
@@ -380,25 +393,18 @@ pub fn udp_flood(ns: &Netns, dst: Ipv4Addr, first_sport: u16, flows: u32, per_fl
 
 /// One `sendmmsg(2)` of a one-byte datagram to each port of `ports` at `dst`; returns how many
 /// the kernel took.
-fn send_batch(sock: &UdpSocket, dst: Ipv4Addr, ports: &[u16]) -> u64 {
+fn send_batch(sock: &UdpSocket, dst: IpAddr, ports: &[u16]) -> u64 {
     let mut payload = [b'f'];
-    let mut addrs: Vec<libc::sockaddr_in> = ports
-        .iter()
-        .map(|p| libc::sockaddr_in {
-            sin_family: libc::AF_INET as libc::sa_family_t,
-            sin_port: p.to_be(),
-            sin_addr: libc::in_addr { s_addr: u32::from(dst).to_be() },
-            sin_zero: [0; 8],
-        })
-        .collect();
+    let mut addrs: Vec<(libc::sockaddr_storage, libc::socklen_t)> =
+        ports.iter().map(|p| sockaddr(SocketAddr::from((dst, *p)))).collect();
     let mut iov = libc::iovec { iov_base: payload.as_mut_ptr().cast(), iov_len: 1 };
     let mut msgs: Vec<libc::mmsghdr> = addrs
         .iter_mut()
-        .map(|a| {
+        .map(|(a, len)| {
             // SAFETY: an all-zero mmsghdr is a valid value of this plain C struct.
             let mut m: libc::mmsghdr = unsafe { std::mem::zeroed() };
-            m.msg_hdr.msg_name = (a as *mut libc::sockaddr_in).cast();
-            m.msg_hdr.msg_namelen = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+            m.msg_hdr.msg_name = (a as *mut libc::sockaddr_storage).cast();
+            m.msg_hdr.msg_namelen = *len;
             m.msg_hdr.msg_iov = &mut iov;
             m.msg_hdr.msg_iovlen = 1;
             m
@@ -585,6 +591,14 @@ impl Family {
         match self {
             Family::V4 => "icmp",
             Family::V6 => "icmpv6",
+        }
+    }
+
+    /// The IP protocol number of this family's ICMP: 1, or 58 (ICMPv6).
+    pub fn icmp_proto(self) -> u8 {
+        match self {
+            Family::V4 => 1,
+            Family::V6 => 58,
         }
     }
 

@@ -8,8 +8,14 @@
 //!
 //! The victim's socket is the judge: the client reads the push the server sends after the
 //! flood, on a connection the client never speaks on again.
+//!
+//! IPv6 flows are tracked in a table of their own (`VERSE_CT6`, as large), charged to the same
+//! budget: each flood test is one body with a [`Family`] parameter, run over IPv4 and over IPv6
+//! (the victim's connection and the flood of the same family, the universes and endpoints dual
+//! stack, every IPv4 address with its IPv6 counterpart, [`Family::text`]); once the attacker's budget is
+//! spent, a new flow of the other family is refused too. The budgets' API test has no family.
 use std::io::{Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
 use tests::*;
 
 fn id(v: &Value) -> &str {
@@ -22,15 +28,18 @@ const FLOOD_FLOWS: u32 = 330_000;
 const PROBE_PORT: u16 = 61000;
 
 /// Whether a datagram of a new flow from `from` (source port `sport`) reaches `listener`, the
-/// sink's socket on [`PROBE_PORT`] (three tries: a loaded machine may lose one).
-fn probe_reaches(from: &Workload, sport: u16, sink: &Workload, listener: &UdpSocket) -> bool {
+/// sink's socket on [`PROBE_PORT`] of its address in `listener`'s family (three tries: a loaded
+/// machine may lose one).
+fn probe_reaches(from: &Workload, sport: u16, listener: &UdpSocket) -> bool {
+    let to = listener.local_addr().expect("the listener's address");
+    let family = if to.is_ipv6() { Family::V6 } else { Family::V4 };
     let sock = from
         .ns
-        .enter(|| UdpSocket::bind(SocketAddr::from((Ipv4Addr::UNSPECIFIED, sport))))
+        .enter(|| UdpSocket::bind(SocketAddr::from((family.any(), sport))))
         .expect("bind the probe's socket");
     let mut buf = [0u8; 16];
     (0..3).any(|_| {
-        sock.send_to(b"probe", SocketAddr::from((sink.ip, PROBE_PORT))).expect("send the probe");
+        sock.send_to(b"probe", to).expect("send the probe");
         matches!(listener.recv_from(&mut buf), Ok((5, _)))
     })
 }
@@ -43,12 +52,10 @@ struct Idle {
 }
 
 impl Idle {
-    fn open(server: &Workload, client: &Workload, port: u16) -> Idle {
-        let listener = server
-            .ns
-            .enter(|| TcpListener::bind(SocketAddr::from((Ipv4Addr::UNSPECIFIED, port))))
-            .expect("listen in the server's namespace");
-        let addr = SocketAddr::from((server.ip, port));
+    fn open(family: Family, server: &Workload, client: &Workload, port: u16) -> Idle {
+        let addr = SocketAddr::from((family.addr(server), port));
+        let listener =
+            server.ns.enter(|| TcpListener::bind(addr)).expect("listen in the server's namespace");
         let mut c = client
             .ns
             .enter(|| TcpStream::connect_timeout(&addr, ALLOWED))
@@ -79,15 +86,15 @@ impl Idle {
 /// which admits nothing (so a push from the server passes only as part of the tracked flow).
 fn victim(host: &Host, cidr_prefix: &str) -> (Workload, Workload) {
     let api = &host.api;
-    let uni = api.create_universe("victim", &format!("{cidr_prefix}.0/24"));
+    let uni = api.create_dual_universe("victim", &format!("{cidr_prefix}.0/24"));
     let srv = api.create_group(id(&uni), "srv");
     let cli = api.create_group(id(&uni), "cli");
     api.add_rule(
         id(&srv),
         &json!({"direction": "ingress", "protocol": "tcp", "from_port": 7000, "to_port": 7000, "group": id(&cli)}),
     );
-    let server = host.endpoint(id(&uni), &format!("{cidr_prefix}.10"), &[id(&srv)]);
-    let client = host.endpoint(id(&uni), &format!("{cidr_prefix}.20"), &[id(&cli)]);
+    let server = host.dual_endpoint(id(&uni), &format!("{cidr_prefix}.10"), &[id(&srv)]);
+    let client = host.dual_endpoint(id(&uni), &format!("{cidr_prefix}.20"), &[id(&cli)]);
     (server, client)
 }
 
@@ -103,23 +110,42 @@ fn per_endpoint(metrics: &str, family: &str, endpoint: &str) -> u64 {
     metric_sum(metrics, family, &format!("endpoint=\"{endpoint}\""))
 }
 
-/// The attacker (`flooder`, sending to `sink`) floods; the victim's idle connection survives,
-/// and the flood is refused beyond the attacker's budget, for it alone.
-fn flood_spares_the_victim(host: &Host, flooder: &Workload, sink: &Workload, idle: &mut Idle) {
-    let api = &host.api;
-    let budget = u64::from(model_default_budget());
-    // The sink listens where the attacker's probes go; while the attacker has budget left, a
-    // new flow of its reaches it (and spends one flow of the budget).
+/// The sink's UDP socket on [`PROBE_PORT`] of its address of `family`.
+fn listen(family: Family, sink: &Workload) -> UdpSocket {
     let listener = sink
         .ns
-        .enter(|| UdpSocket::bind(SocketAddr::from((Ipv4Addr::UNSPECIFIED, PROBE_PORT))))
+        .enter(|| UdpSocket::bind(SocketAddr::from((family.addr(sink), PROBE_PORT))))
         .expect("listen in the sink");
     listener.set_read_timeout(Some(ALLOWED)).expect("read timeout");
-    assert!(probe_reaches(flooder, 30001, sink, &listener), "the sink admits the attacker");
-    listener.set_read_timeout(Some(DENIED)).expect("read timeout");
+    listener
+}
+
+/// The attacker (`flooder`, sending to `sink`) floods over `family`; the victim's idle
+/// connection survives, and the flood is refused beyond the attacker's budget, for it alone.
+fn flood_spares_the_victim(
+    family: Family,
+    host: &Host,
+    flooder: &Workload,
+    sink: &Workload,
+    idle: &mut Idle,
+) {
+    let api = &host.api;
+    let budget = u64::from(model_default_budget());
+    // The sink listens where the attacker's probes go, in both families; while the attacker
+    // has budget left, a new flow of its reaches it (and spends one flow of the budget).
+    let other = match family {
+        Family::V4 => Family::V6,
+        Family::V6 => Family::V4,
+    };
+    let (listener, other_listener) = (listen(family, sink), listen(other, sink));
+    assert!(probe_reaches(flooder, 30001, &listener), "the sink admits the attacker");
+    assert!(probe_reaches(flooder, 30003, &other_listener), "in both families");
+    for l in [&listener, &other_listener] {
+        l.set_read_timeout(Some(DENIED)).expect("read timeout");
+    }
     let before = drops(api, "conntrack_budget_exceeded");
 
-    let sent = udp_flood(&flooder.ns, sink.ip, 20000, FLOOD_FLOWS, 2);
+    let sent = udp_flood(&flooder.ns, family.addr(sink), 20000, FLOOD_FLOWS, 2);
     eprintln!("attack_conntrack: {sent} datagrams on {FLOOD_FLOWS} new flows");
 
     assert!(
@@ -146,7 +172,12 @@ fn flood_spares_the_victim(host: &Host, flooder: &Workload, sink: &Workload, idl
     // One more new flow of the attacker, to the listener that heard it before: refused, for
     // want of budget.
     assert_dropped(host, "conntrack_budget_exceeded", "a new flow beyond the budget", || {
-        probe_reaches(flooder, 30002, sink, &listener)
+        probe_reaches(flooder, 30002, &listener)
+    });
+    // One budget for both families: a new flow of the other family is refused as well.
+    let what = format!("a new flow over {other:?} once the budget is spent over {family:?}");
+    assert_dropped(host, "conntrack_budget_exceeded", &what, || {
+        probe_reaches(flooder, 30004, &other_listener)
     });
     // And the connection is still tracked: another push, and the client answers.
     assert!(idle.push_arrives(), "the victim's connection lives on");
@@ -158,17 +189,16 @@ fn model_default_budget() -> u32 {
 }
 
 /// S14: a tenant in another universe floods new flows; the victim's idle connection survives.
-#[test]
-fn a_flood_of_new_flows_from_another_universe_cannot_evict_an_idle_connection() {
+fn flood_from_another_universe(family: Family) {
     let host = Host::start();
     let (server, client) = victim(&host, "10.71.0");
-    let mut idle = Idle::open(&server, &client, 7000);
+    let mut idle = Idle::open(family, &server, &client, 7000);
 
     let api = &host.api;
-    let attacker = api.create_universe("attacker", "10.72.0.0/24");
-    let flooder = host.endpoint(id(&attacker), "10.72.0.10", &[]);
-    let sink = host.endpoint(id(&attacker), "10.72.0.20", &[]);
-    flood_spares_the_victim(&host, &flooder, &sink, &mut idle);
+    let attacker = api.create_dual_universe("attacker", "10.72.0.0/24");
+    let flooder = host.dual_endpoint(id(&attacker), "10.72.0.10", &[]);
+    let sink = host.dual_endpoint(id(&attacker), "10.72.0.20", &[]);
+    flood_spares_the_victim(family, &host, &flooder, &sink, &mut idle);
     // The victim's endpoints were charged nothing of the flood.
     for e in [&server, &client] {
         let ct = conntrack_of(api, &e.id);
@@ -177,17 +207,36 @@ fn a_flood_of_new_flows_from_another_universe_cannot_evict_an_idle_connection() 
     }
 }
 
-/// S14: the same within one universe: a neighbour floods, the connection next door survives.
 #[test]
-fn a_flood_of_new_flows_within_one_universe_cannot_evict_a_neighbours_connection() {
+fn a_flood_of_new_flows_from_another_universe_cannot_evict_an_idle_connection_over_ipv4() {
+    flood_from_another_universe(Family::V4);
+}
+
+#[test]
+fn a_flood_of_new_flows_from_another_universe_cannot_evict_an_idle_connection_over_ipv6() {
+    flood_from_another_universe(Family::V6);
+}
+
+/// S14: the same within one universe: a neighbour floods, the connection next door survives.
+fn flood_within_one_universe(family: Family) {
     let host = Host::start();
     let (server, client) = victim(&host, "10.73.0");
-    let mut idle = Idle::open(&server, &client, 7000);
+    let mut idle = Idle::open(family, &server, &client, 7000);
     // The flooder and its sink are the victims' neighbours: same universe, default group.
     let uni = client.json["universe"].as_str().expect("universe").to_owned();
-    let flooder = host.endpoint(&uni, "10.73.0.30", &[]);
-    let sink = host.endpoint(&uni, "10.73.0.40", &[]);
-    flood_spares_the_victim(&host, &flooder, &sink, &mut idle);
+    let flooder = host.dual_endpoint(&uni, "10.73.0.30", &[]);
+    let sink = host.dual_endpoint(&uni, "10.73.0.40", &[]);
+    flood_spares_the_victim(family, &host, &flooder, &sink, &mut idle);
+}
+
+#[test]
+fn a_flood_of_new_flows_within_one_universe_cannot_evict_a_neighbours_connection_over_ipv4() {
+    flood_within_one_universe(Family::V4);
+}
+
+#[test]
+fn a_flood_of_new_flows_within_one_universe_cannot_evict_a_neighbours_connection_over_ipv6() {
+    flood_within_one_universe(Family::V6);
 }
 
 /// Budgets are an API field with limits: the endpoint shows its budget, a budget the host cannot

@@ -7,8 +7,12 @@
 //! The parties: A (group `a`: egress all, no ingress rule) listens on TCP ports 6000..; B (group
 //! `b`) admits TCP 5000 from members of `a`. So A may send B anything on port 5000, and B may
 //! open nothing to A: every connection B opens to A must be refused by A's ingress rules.
+//!
+//! TCP's states are the same over IPv6 (flows tracked in `VERSE_CT6`): each test is one body
+//! with a [`Family`] parameter, run over IPv4 and over IPv6, the endpoints dual stack (every
+//! IPv4 address with its IPv6 counterpart, [`Family::text`]).
 use std::io::{BufRead, BufReader, Write};
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 use std::time::Duration;
 
 use tests::frames::{tcp, ACK};
@@ -26,30 +30,29 @@ struct World {
     a: Workload,
     b: Workload,
     host: Host,
+    /// A's and B's addresses in the family of the test.
+    a_ip: IpAddr,
+    b_ip: IpAddr,
 }
 
-fn world(name: &str, cidr: &str, a_ip: &str, b_ip: &str) -> World {
+fn world(family: Family, name: &str, cidr: &str, a_ip: &str, b_ip: &str) -> World {
     let host = Host::start();
     let api = &host.api;
-    let uni = api.create_universe(name, cidr);
+    let uni = api.create_dual_universe(name, cidr);
     let ga = api.create_group(id(&uni), "a");
     let gb = api.create_group(id(&uni), "b");
     api.add_rule(
         id(&gb),
         &json!({"direction": "ingress", "protocol": "tcp", "from_port": B_PORT, "to_port": B_PORT, "group": id(&ga)}),
     );
-    let a = host.endpoint(id(&uni), a_ip, &[id(&ga)]);
-    let b = host.endpoint(id(&uni), b_ip, &[id(&gb)]);
-    World { a, b, host }
+    let a = host.dual_endpoint(id(&uni), a_ip, &[id(&ga)]);
+    let b = host.dual_endpoint(id(&uni), b_ip, &[id(&gb)]);
+    let (a_ip, b_ip) = (family.addr(&a), family.addr(&b));
+    World { a, b, host, a_ip, b_ip }
 }
 
 /// Waits until `capture` sees a TCP segment `src:sport -> dst:dport` with exactly `flags`.
-fn saw_segment(
-    capture: &PacketCapture,
-    src: (Ipv4Addr, u16),
-    dst: (Ipv4Addr, u16),
-    flags: u8,
-) -> bool {
+fn saw_segment(capture: &PacketCapture, src: (IpAddr, u16), dst: (IpAddr, u16), flags: u8) -> bool {
     saw_segment_within(capture, Duration::from_secs(3), src, dst, flags)
 }
 
@@ -58,8 +61,8 @@ fn saw_segment(
 fn saw_segment_within(
     capture: &PacketCapture,
     timeout: Duration,
-    (src, sport): (Ipv4Addr, u16),
-    (dst, dport): (Ipv4Addr, u16),
+    (src, sport): (IpAddr, u16),
+    (dst, dport): (IpAddr, u16),
     flags: u8,
 ) -> bool {
     capture
@@ -79,37 +82,37 @@ fn saw_segment_within(
 /// FIN+ACK, RST, RST+ACK, PSH+ACK. Before this was fixed, each created a flow (a FIN or RST a
 /// closing one), and B's SYN in the reverse direction matched it as a "reply" (or reopened it),
 /// reaching A's listener on a port A's rules close to B.
-#[test]
-fn a_packet_without_syn_opens_no_way_back_for_the_peer() {
-    let w = world("tcpnosyn", "10.50.0.0/24", "10.50.0.10", "10.50.0.20");
+fn without_syn_no_way_back(family: Family) {
+    let w = world(family, "tcpnosyn", "10.50.0.0/24", "10.50.0.10", "10.50.0.20");
     let flag_sets: [(u8, &str); 5] =
         [(ACK, "ACK"), (0x11, "FIN+ACK"), (0x04, "RST"), (0x14, "RST+ACK"), (0x18, "PSH+ACK")];
-    let listeners: Vec<TcpServer> =
-        (0..flag_sets.len()).map(|i| TcpServer::start(&w.a.ns, 6000 + i as u16, "a")).collect();
+    let listeners: Vec<TcpServer> = (0..flag_sets.len())
+        .map(|i| TcpServer::start_on(&w.a.ns, w.a_ip, 6000 + i as u16, "a"))
+        .collect();
 
     // Control: without any crafted packet, B cannot reach A's listener (S1: no rule admits it).
     assert_dropped(&w.host, "policy_ingress", "B's connection to A", || {
-        tcp_connect_from(&w.b.ns, (w.b.ip, B_PORT), (w.a.ip, 6000), DENIED).is_ok()
+        tcp_connect_from(&w.b.ns, (w.b_ip, B_PORT), (w.a_ip, 6000), DENIED).is_ok()
     });
 
-    let raw = RawIpSocket::open(&w.a.ns, 6).expect("raw TCP socket in A");
-    let raw_b = RawIpSocket::open(&w.b.ns, 6).expect("raw TCP socket in B");
+    let raw = RawIpSocket::open_for(&w.a.ns, family, 6).expect("raw TCP socket in A");
+    let raw_b = RawIpSocket::open_for(&w.b.ns, family, 6).expect("raw TCP socket in B");
     let capture = PacketCapture::open(&w.b.ns, "eth0").expect("capture on B's eth0");
     let capture_a = PacketCapture::open(&w.a.ns, "eth0").expect("capture on A's eth0");
     for (i, (flags, label)) in flag_sets.iter().enumerate() {
         let a_port = 6000 + i as u16;
         // The crafted segment (TCP checksum 0: Verse does not read it; B's stack discards it,
         // so B answers nothing).
-        raw.send_to(w.b.ip, &tcp(a_port, B_PORT, *flags, 0)).expect("send the crafted segment");
+        raw.send_to(w.b_ip, &tcp(a_port, B_PORT, *flags, 0)).expect("send the crafted segment");
         assert!(
-            saw_segment(&capture, (w.a.ip, a_port), (w.b.ip, B_PORT), *flags),
+            saw_segment(&capture, (w.a_ip, a_port), (w.b_ip, B_PORT), *flags),
             "{label}: A's egress and B's ingress allow it, so it reaches B (the precondition)"
         );
 
         // B's SYN back on the same ports is judged as the new connection it is.
         let what = format!("B's connection to A:{a_port} after A's {label} (S7: it opens no flow)");
         assert_dropped(&w.host, "policy_ingress", &what, || {
-            tcp_connect_from(&w.b.ns, (w.b.ip, B_PORT), (w.a.ip, a_port), DENIED).is_ok()
+            tcp_connect_from(&w.b.ns, (w.b_ip, B_PORT), (w.a_ip, a_port), DENIED).is_ok()
         });
         assert_eq!(listeners[i].accepted(), 0, "{label}: A's listener accepted nothing");
 
@@ -118,23 +121,32 @@ fn a_packet_without_syn_opens_no_way_back_for_the_peer() {
         // established connection). Nothing of B's reaches A's interface.
         let what = format!("B's PSH+ACK to A:{a_port} after A's {label} (S7: no reply to it)");
         assert_dropped(&w.host, "policy_ingress", &what, || {
-            raw_b.send_to(w.a.ip, &tcp(B_PORT, a_port, 0x18, 16)).expect("send B's segment");
-            saw_segment_within(&capture_a, DENIED, (w.b.ip, B_PORT), (w.a.ip, a_port), 0x18)
+            raw_b.send_to(w.a_ip, &tcp(B_PORT, a_port, 0x18, 16)).expect("send B's segment");
+            saw_segment_within(&capture_a, DENIED, (w.b_ip, B_PORT), (w.a_ip, a_port), 0x18)
         });
     }
+}
+
+#[test]
+fn a_packet_without_syn_opens_no_way_back_for_the_peer_over_ipv4() {
+    without_syn_no_way_back(Family::V4);
+}
+
+#[test]
+fn a_packet_without_syn_opens_no_way_back_for_the_peer_over_ipv6() {
+    without_syn_no_way_back(Family::V6);
 }
 
 /// A opens a real connection to B (allowed) and closes it: its flow is tracked, then closing.
 /// B then sends a SYN on the same ports in the reverse direction. Before this was fixed, a SYN
 /// on a closing flow reopened it whichever way it went, and B reached A's listener on the port A
 /// had used, which A's rules close to B.
-#[test]
-fn a_syn_in_the_reply_direction_does_not_reopen_a_flow() {
-    let w = world("tcpreopen", "10.51.0.0/24", "10.51.0.10", "10.51.0.20");
+fn reply_syn_does_not_reopen(family: Family) {
+    let w = world(family, "tcpreopen", "10.51.0.0/24", "10.51.0.10", "10.51.0.20");
     let a_port = 6100;
     {
-        let _b_server = TcpServer::start(&w.b.ns, B_PORT, "b");
-        let stream = tcp_connect_from(&w.a.ns, (w.a.ip, a_port), (w.b.ip, B_PORT), ALLOWED)
+        let _b_server = TcpServer::start_on(&w.b.ns, w.b_ip, B_PORT, "b");
+        let stream = tcp_connect_from(&w.a.ns, (w.a_ip, a_port), (w.b_ip, B_PORT), ALLOWED)
             .expect("A's egress and B's ingress allow A -> B:5000");
         stream.set_read_timeout(Some(ALLOWED)).expect("read timeout");
         (&stream).write_all(b"hello\n").expect("write");
@@ -144,18 +156,28 @@ fn a_syn_in_the_reply_direction_does_not_reopen_a_flow() {
         // A closes first (A keeps TIME_WAIT); B's server closes its side and stops, which
         // frees B's port 5000 for B's own connection below.
     }
-    let listener = TcpServer::start(&w.a.ns, a_port, "a");
+    let listener = TcpServer::start_on(&w.a.ns, w.a_ip, a_port, "a");
 
     let what = format!(
         "B's connection to A:{a_port} through the closing flow A opened (S7: a SYN in the reply \
          direction never reopens a flow)"
     );
     assert_dropped(&w.host, "policy_ingress", &what, || {
-        tcp_connect_from(&w.b.ns, (w.b.ip, B_PORT), (w.a.ip, a_port), DENIED).is_ok()
+        tcp_connect_from(&w.b.ns, (w.b_ip, B_PORT), (w.a_ip, a_port), DENIED).is_ok()
     });
     assert_eq!(listener.accepted(), 0, "A's listener accepted nothing");
     // The flow A opened is not B's to reuse, but A opens new ones to B as before.
-    let _b_server = TcpServer::start(&w.b.ns, B_PORT, "b");
-    let stream = tcp_connect_from(&w.a.ns, (w.a.ip, a_port + 1), (w.b.ip, B_PORT), ALLOWED);
+    let _b_server = TcpServer::start_on(&w.b.ns, w.b_ip, B_PORT, "b");
+    let stream = tcp_connect_from(&w.a.ns, (w.a_ip, a_port + 1), (w.b_ip, B_PORT), ALLOWED);
     assert!(stream.is_ok(), "A still opens new connections to B:5000: {stream:?}");
+}
+
+#[test]
+fn a_syn_in_the_reply_direction_does_not_reopen_a_flow_over_ipv4() {
+    reply_syn_does_not_reopen(Family::V4);
+}
+
+#[test]
+fn a_syn_in_the_reply_direction_does_not_reopen_a_flow_over_ipv6() {
+    reply_syn_does_not_reopen(Family::V6);
 }

@@ -104,7 +104,7 @@ fn forged_encapsulated_packets_are_dropped_and_counted() {
         ("unknown_host", VxlanGbp { outer_src: forger_ip, ..good.clone() }),
         (
             "not_placed_on_sender",
-            VxlanGbp { inner_src: Ipv4Addr::new(10, 0, 0, 30), ..good.clone() },
+            VxlanGbp { inner_src: Ipv4Addr::new(10, 0, 0, 30).into(), ..good.clone() },
         ),
         ("not_local", VxlanGbp { vni: vni(&red), group: red_seen.group, ..good.clone() }),
         ("unknown_universe", VxlanGbp { vni: unknown_vni, ..good.clone() }),
