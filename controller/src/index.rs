@@ -118,7 +118,7 @@ fn nested_add<K: Ord + Clone, V: Ord + Clone>(
 }
 
 /// The CIDR class a rule contributes (see `compile`): its IPv4 CIDR unless /0.
-fn class_of(rule: &model::Rule) -> Option<(u32, u8)> {
+pub(crate) fn class_of(rule: &model::Rule) -> Option<(u32, u8)> {
     match rule.peer {
         Peer::Cidr(IpNetwork::V4(c)) if c.prefix() > 0 => {
             Some((u32::from(c.network()), c.prefix()))
@@ -128,7 +128,7 @@ fn class_of(rule: &model::Rule) -> Option<(u32, u8)> {
 }
 
 /// The IPv6 CIDR class a rule contributes: its IPv6 CIDR unless `::/0`.
-fn class6_of(rule: &model::Rule) -> Option<(u128, u8)> {
+pub(crate) fn class6_of(rule: &model::Rule) -> Option<(u128, u8)> {
     match rule.peer {
         Peer::Cidr(IpNetwork::V6(c)) if c.prefix() > 0 => {
             Some((u128::from(c.network()), c.prefix()))

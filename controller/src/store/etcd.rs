@@ -32,9 +32,11 @@
 //! - Edits run on that in-memory state, never on a fresh read: the edit runs on a copy (O(1)),
 //!   its journal says which keys it changed, and one transaction writes those keys on the
 //!   condition that the guards of [`layout::delta`](super::layout::delta) hold (the version key
-//!   of each universe it changes, as the state saw it; claims absent). An edit of another
-//!   universe never conflicts; when one of the same universe got in first, the edit waits until
-//!   the watch has applied the revision that refused it and runs again on the new state.
+//!   of each universe it changes, as the state saw it, and no group key of it newer than the
+//!   state; or, for an edit of one group's rules alone, the group's key and the universe's
+//!   version key; claims absent). An edit of another universe, or of another group's rules
+//!   alone, never conflicts; when one it depends on got in first, the edit waits until the
+//!   watch has applied the revision that refused it and runs again on the new state.
 //!   An edit with an idempotency record that is ready to commit while this store has
 //!   [`BATCHES_IN_FLIGHT`] transactions in flight waits for one, and goes with the others
 //!   that waited meanwhile (group commit, [`commit_batches`]): one transaction, each edit a
@@ -313,8 +315,9 @@ fn turn_keys(guards: &std::collections::BTreeSet<Guard>) -> std::collections::BT
             Guard::Universe(u) => Some(layout::version_key(u)),
             Guard::Catalog => Some(layout::CATALOG.to_owned()),
             Guard::Unchanged(k) => Some(k.clone()),
-            // A claim: two edits rarely claim the same one.
-            Guard::Absent(_) => None,
+            // A claim: two edits rarely claim the same one. And the edits of different groups
+            // of one universe (each compares the universe's key) take no turns with each other.
+            Guard::Absent(_) | Guard::InUniverse(_) => None,
         })
         .collect()
 }
@@ -549,16 +552,23 @@ struct View {
     versions: imbl::HashMap<String, i64>,
     /// `catalog`.
     catalog: i64,
-    /// Other guarded keys (`hosts/<name>`, `tokens/<id>`), relative.
+    /// Other guarded keys (`hosts/<name>`, `tokens/<id>`, the counters, `slots/<host>`, a
+    /// group's `u/<uni>/groups/<sg>`), relative.
     keys: imbl::HashMap<String, i64>,
     /// The newest `mod_revision` of a host record (`hosts/<name>`) among `keys`.
     hosts_last: i64,
+    /// By universe, the newest `mod_revision` of its `version` key and its group keys: its
+    /// last change (an edit of one group's rules rewrites the group's key, not `version`).
+    changed: imbl::HashMap<String, i64>,
+    /// The etcd revision the state is applied up to ([`Cache::revision`]): a key changed after
+    /// it is a change the state does not hold.
+    revision: i64,
 }
 
 impl View {
     fn mod_revision(&self, guard: &Guard) -> i64 {
         match guard {
-            Guard::Universe(u) => self.versions.get(u).copied().unwrap_or(0),
+            Guard::Universe(u) | Guard::InUniverse(u) => self.versions.get(u).copied().unwrap_or(0),
             Guard::Catalog => self.catalog,
             Guard::Unchanged(k) => self.keys.get(k).copied().unwrap_or(0),
             Guard::Absent(_) => 0,
@@ -575,6 +585,8 @@ struct Cache {
     keys: imbl::HashMap<String, i64>,
     /// The newest `mod_revision` of a host record among `keys` (kept as they change).
     hosts_last: i64,
+    /// See [`View::changed`].
+    changed: imbl::HashMap<String, i64>,
     /// The etcd revision up to which the desired state is applied: every change of the
     /// desired state, and every guarded key, at or before it is in `state`. For a store with a
     /// scope, the newest revision any of its ranges is applied up to.
@@ -865,7 +877,7 @@ impl Etcd {
                 .iter()
                 .map(|g| match g {
                     Guard::Absent(k) => Compare::create_revision(sh.key(k), CompareOp::Equal, 0),
-                    Guard::Universe(u) => Compare::mod_revision(
+                    Guard::Universe(u) | Guard::InUniverse(u) => Compare::mod_revision(
                         sh.key(&layout::version_key(u)),
                         CompareOp::Equal,
                         view.mod_revision(g),
@@ -880,9 +892,37 @@ impl Etcd {
                     }
                 })
                 .collect();
+            // An edit of the whole universe also requires that no edit of one of its groups
+            // committed since its state ([`Guard::Universe`]): every group key of the universe
+            // is at most the revision the state is applied up to.
+            let whole: Vec<String> = delta
+                .guards
+                .iter()
+                .filter_map(|g| match g {
+                    Guard::Universe(u) => Some(sh.key(&layout::groups_prefix(u))),
+                    _ => None,
+                })
+                .collect();
+            for prefix in &whole {
+                compares.push(
+                    Compare::mod_revision(prefix.clone(), CompareOp::Less, view.revision + 1)
+                        .with_range(prefix_end(prefix)),
+                );
+            }
             let mut ops: Vec<TxnOp> = delta.ops.iter().map(|op| sh.txn_op(op)).collect();
-            // What it writes, so that edits batched into one transaction never overlap.
-            let mut footprint = Footprint::default();
+            // What it writes, so that edits batched into one transaction never overlap, and
+            // what it compares without writing: no edit in its batch may write there (etcd
+            // compares every nested transaction against the state before the batch).
+            let compared = delta
+                .guards
+                .iter()
+                .filter_map(|g| match g {
+                    Guard::InUniverse(u) => Some(sh.key(&layout::version_key(u))),
+                    _ => None,
+                })
+                .chain(whole.iter().cloned())
+                .collect();
+            let mut footprint = Footprint { compared, ..Footprint::default() };
             for op in &delta.ops {
                 match op {
                     Op::Put { key, value } => {
@@ -949,12 +989,25 @@ impl Etcd {
                 .iter()
                 .map(|g| match g {
                     Guard::Absent(k) | Guard::Unchanged(k) => k.clone(),
-                    Guard::Universe(u) => layout::version_key(u),
+                    Guard::Universe(u) | Guard::InUniverse(u) => layout::version_key(u),
                     Guard::Catalog => layout::CATALOG.to_owned(),
                 })
                 .chain([layout::CATALOG.to_owned()])
                 .map(|key| TxnOp::get(sh.key(&key), Some(GetOptions::new().with_keys_only())))
                 .collect();
+            // And the newest group key of each universe compared whole, in `whole`'s order.
+            reads.extend(whole.iter().map(|prefix| {
+                TxnOp::get(
+                    prefix.clone(),
+                    Some(
+                        GetOptions::new()
+                            .with_range(prefix_end(prefix))
+                            .with_keys_only()
+                            .with_sort(SortTarget::Mod, SortOrder::Descend)
+                            .with_limit(1),
+                    ),
+                )
+            }));
             if let Some((idem, _)) = &record {
                 reads.push(TxnOp::get(sh.key(&idempotency_key(idem)), None));
             }
@@ -1580,6 +1633,8 @@ impl Shared {
             catalog: cache.catalog,
             keys: cache.keys.clone(),
             hosts_last: cache.hosts_last,
+            changed: cache.changed.clone(),
+            revision: cache.revision,
         }));
         if desired_changed {
             self.state.send_replace(state.clone());
@@ -2375,6 +2430,11 @@ impl Links {
 }
 
 impl Cache {
+    fn changed_at(&mut self, uni: &str, mod_revision: i64) {
+        let at = self.changed.entry(uni.to_owned()).or_default();
+        *at = (*at).max(mod_revision);
+    }
+
     /// Records what a key read back says of guards (the state itself is applied by
     /// [`layout::apply`]).
     fn record(&mut self, rel: &str, value: Option<&[u8]>, mod_revision: i64) {
@@ -2382,9 +2442,20 @@ impl Cache {
             layout::Kind::Version(uni) => match value {
                 Some(_) => {
                     self.versions.insert(uni.to_owned(), mod_revision);
+                    self.changed_at(uni, mod_revision);
                 }
                 None => {
                     self.versions.remove(uni);
+                    self.changed.remove(uni);
+                }
+            },
+            layout::Kind::Group { uni, .. } => match value {
+                Some(_) => {
+                    self.keys.insert(rel.to_owned(), mod_revision);
+                    self.changed_at(uni, mod_revision);
+                }
+                None => {
+                    self.keys.remove(rel);
                 }
             },
             layout::Kind::Catalog => {
@@ -2442,10 +2513,13 @@ fn record_liveness(
 }
 
 /// The etcd revision by which the guarded keys had changed, from the reads a failed edit's
-/// transaction made of them (in the order of `guards`, then the catalog): the newest
-/// `mod_revision` among them. A universe's version key that is gone went with the universe,
-/// whose deletion rewrote the catalog: the catalog's revision stands for it. `None` if another
-/// key the edit's state saw is gone (its deletion's revision is not in the answer).
+/// transaction made of them (in the order of `guards`, then the catalog, then the newest group
+/// key of each universe guarded whole, [`Guard::Universe`]): the newest `mod_revision` among
+/// them. A universe's version key that is gone went with the universe, whose deletion rewrote
+/// the catalog: the catalog's revision stands for it; a group's key that is gone went with the
+/// group (an edit that rewrote its universe's version key, read too: [`Guard::InUniverse`]) or
+/// with its universe. `None` if another key the edit's state saw is gone (its deletion's
+/// revision is not in the answer).
 fn guards_changed_at(
     responses: &[TxnOpResponse],
     guards: &std::collections::BTreeSet<Guard>,
@@ -2464,11 +2538,33 @@ fn guards_changed_at(
         match (read, guard) {
             (Some(at), _) => newest = newest.max(at),
             (None, _) if view.mod_revision(guard) == 0 => {}
-            (None, Guard::Universe(_)) => newest = newest.max(catalog),
+            (None, Guard::Universe(_) | Guard::InUniverse(_)) => newest = newest.max(catalog),
+            (None, Guard::Unchanged(k))
+                if matches!(layout::kind(k), layout::Kind::Group { .. }) =>
+            {
+                newest = newest.max(catalog)
+            }
             (None, _) => return None,
         }
     }
+    for _ in guards.iter().filter(|g| matches!(g, Guard::Universe(_))) {
+        if let Some(at) = revision(reads.next())? {
+            newest = newest.max(at);
+        }
+    }
     Some(newest)
+}
+
+/// The end of the range of every key that starts with `prefix`.
+fn prefix_end(prefix: &str) -> Vec<u8> {
+    let mut end = prefix.as_bytes().to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    vec![0]
 }
 
 /// Edits batched into one transaction at most.
@@ -2490,6 +2586,8 @@ struct Footprint {
     puts: Vec<String>,
     /// Keys deleted, and prefixes deleted whole (both taken as prefixes: never too few).
     deletes: Vec<String>,
+    /// Keys compared but not written, and prefixes compared whole (taken as prefixes).
+    compared: Vec<String>,
     bytes: usize,
     /// Whether it records its idempotency key (a batch that fails is sent again edit by edit,
     /// and only an edit with a record tells, if its first send did commit, that it did).
@@ -2503,9 +2601,20 @@ impl Footprint {
         let covers = |dels: &[String], puts: &[String]| {
             puts.iter().any(|k| dels.iter().any(|d| k.starts_with(d.as_str())))
         };
+        let nested = |a: &[String], b: &[String]| {
+            a.iter()
+                .any(|x| b.iter().any(|y| x.starts_with(y.as_str()) || y.starts_with(x.as_str())))
+        };
+        // And none written by one where the other compares without writing: etcd compares
+        // every nested transaction against the state before the batch, so the other's compare
+        // would not see the write.
         !self.puts.iter().any(|k| other.puts.contains(k))
             && !covers(&self.deletes, &other.puts)
             && !covers(&other.deletes, &self.puts)
+            && !covers(&self.compared, &other.puts)
+            && !covers(&other.compared, &self.puts)
+            && !nested(&self.compared, &other.deletes)
+            && !nested(&other.compared, &self.deletes)
     }
 }
 
@@ -2861,6 +2970,8 @@ mod tests {
             catalog: c.catalog,
             keys: c.keys.clone(),
             hosts_last: c.hosts_last,
+            changed: c.changed.clone(),
+            revision: c.revision,
         };
         assert_eq!(view.mod_revision(&Guard::Universe("uni-1".into())), 7);
         assert_eq!(view.mod_revision(&Guard::Universe("uni-2".into())), 0);

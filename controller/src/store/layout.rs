@@ -6,8 +6,10 @@
 //! ```text
 //! universes/<uni>               a universe (the fleet's catalog of universes)
 //! catalog                       guard of every universe creation and deletion (empty value)
-//! u/<uni>/version               guard of every edit inside the universe (empty value)
-//! u/<uni>/groups/<sg>           a security group without its rules
+//! u/<uni>/version               guard of every edit inside the universe but one of a single
+//!                               group's rules, which only compares it (empty value)
+//! u/<uni>/groups/<sg>           a security group without its rules; guard of an edit of its
+//!                               rules alone
 //! u/<uni>/rules/<sg>/<sgr>      one rule of a group
 //! u/<uni>/endpoints/<ep>        an endpoint
 //! u/<uni>/identities/<n>        a security identity
@@ -31,7 +33,10 @@
 //! [`delta`] turns the journal of an edit (see [`crate::table`]) into the writes it needs and
 //! the guards that make it safe ([`Guard`]): an edit inside a universe compares that universe's
 //! `version` key (and rewrites it), so edits of different universes never conflict and edits of
-//! one universe serialize; universes are created and deleted under the `catalog` key (names and
+//! one universe serialize, except an edit of one group's rules that no other edit's checks
+//! read (see [`one_group_alone`]): it compares and rewrites the group's key and only compares
+//! the universe's `version`, so edits of different groups of a universe do not conflict;
+//! universes are created and deleted under the `catalog` key (names and
 //! VNIs are unique in the fleet); ids, identity numbers and namespaces are claimed by keys that
 //! must be absent (`create`), so two universes cannot take the same one at once. What is unique
 //! across universes without a key of its own is guarded by a key every edit that takes it
@@ -78,6 +83,11 @@ pub fn version_key(uni: &str) -> String {
     format!("{U}{uni}/version")
 }
 
+/// The prefix of the keys of every group of universe `uni` (without their rules).
+pub fn groups_prefix(uni: &str) -> String {
+    format!("{U}{uni}/groups/")
+}
+
 fn group_key(g: &SecurityGroup) -> String {
     format!("{U}{}/groups/{}", g.universe, g.id)
 }
@@ -122,8 +132,14 @@ pub enum Op {
 /// What must hold for an edit to commit, checked against the store as it is at commit time.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Guard {
-    /// `u/<uni>/version` is as the edit's state saw it (then the edit rewrites it).
+    /// `u/<uni>/version` is as the edit's state saw it (then the edit rewrites it), and no
+    /// group key of the universe (`u/<uni>/groups/`) changed since the edit's state: nothing
+    /// of the universe changed, not even by an edit of one group ([`Guard::InUniverse`]).
     Universe(String),
+    /// `u/<uni>/version` is as the edit's state saw it, not rewritten: no edit that changes
+    /// what spans the universe (its endpoints, identities, groups, CIDR classes) committed
+    /// since. The guard of an edit of one group's rules, with that group's key.
+    InUniverse(String),
     /// `catalog` is as the edit's state saw it (then the edit rewrites it).
     Catalog,
     /// The key is absent: a claim.
@@ -158,14 +174,6 @@ impl Delta {
 
     fn delete(&mut self, key: String) {
         self.ops.push(Op::Delete { key });
-    }
-
-    /// The universes whose `version` keys this edit rewrites.
-    pub fn universes(&self) -> impl Iterator<Item = &str> + '_ {
-        self.guards.iter().filter_map(|g| match g {
-            Guard::Universe(u) => Some(u.as_str()),
-            _ => None,
-        })
     }
 }
 
@@ -420,9 +428,103 @@ pub fn delta(before: &State, after: &State) -> Result<Delta, Error> {
     if d.guards.contains(&Guard::Catalog) {
         d.ops.push(Op::Put { key: CATALOG.to_owned(), value: String::new() });
     }
+    if let Some(g) = one_group_alone(before, after) {
+        // Guarded by the group's key instead of the universe's: see [`one_group_alone`].
+        let uni = g.universe.clone();
+        d.guards.remove(&Guard::Universe(uni.clone()));
+        d.guards.insert(Guard::InUniverse(uni.clone()));
+        d.guards.insert(Guard::Unchanged(group_key(g)));
+        let version = version_key(&uni);
+        d.ops.retain(|op| !matches!(op, Op::Put { key, .. } if *key == version));
+        let record = GroupRecord {
+            id: g.id.clone(),
+            universe: uni,
+            name: g.name.clone(),
+            description: g.description.clone(),
+        };
+        d.put(group_key(g), &record)?;
+    }
     // One write per key: the last one wins (the version keys are written once above).
     dedup_ops(&mut d.ops);
     Ok(d)
+}
+
+/// The group, if the edit from `before` to `after` changed one group's rules (or description)
+/// and nothing else that any check of another edit reads: then its guards are the group's key
+/// (compared and rewritten: its rules, S4's duplicates, S12's 1000 rules) and the universe's
+/// `version` key compared only ([`Guard::InUniverse`]: the group, its universe and every peer
+/// group it names still exist, and no endpoint, identity or other object of the universe
+/// changed), and edits of other groups of the universe no longer conflict with it.
+///
+/// Why the fit of the maps (S12) still holds when such edits of two groups commit together,
+/// each checked on a state without the other: the group is in no identity (no endpoint is a
+/// member), so its rules are in no host's policy entries or rule counts; and if the universe
+/// has endpoints, its set of CIDR classes (which every identity's entries and every host's
+/// `VERSE_CIDRS` count) is unchanged by the edit. Two such edits together can only take a
+/// class away (each removes a rule of a class another rule still had), and fewer classes never
+/// make more entries (an entry's peers are the classes inside its CIDR). Everything else an
+/// edit may read (endpoints, identities, group members and names, the universe itself) is
+/// changed only by edits guarded by [`Guard::Universe`], which rewrite the `version` key this
+/// edit compares and refuse to commit over a group key changed since their state. `None` when
+/// `after` is not indexed (the check cannot be made: the universe's guard is kept).
+fn one_group_alone<'a>(before: &State, after: &'a State) -> Option<&'a SecurityGroup> {
+    if !after.is_indexed()
+        || before.vnis_issued != after.vnis_issued
+        || before.serials_issued != after.serials_issued
+        || after.universes.changes().iter().any(|(k, w)| after.universes.get(k) != w.as_deref())
+        || after.endpoints.changes().iter().any(|(k, w)| after.endpoints.get(k) != w.as_deref())
+        || after.identities.changes().iter().any(|(k, w)| after.identities.get(k) != w.as_deref())
+        || after.hosts.changes().iter().any(|(k, w)| after.hosts.get(k) != w.as_deref())
+        || after.tokens.changes().iter().any(|(k, w)| after.tokens.get(k) != w.as_deref())
+    {
+        return None;
+    }
+    let mut changed =
+        after.groups.changes().iter().filter(|(k, w)| after.groups.get(*k) != w.as_deref());
+    let (id, was) = changed.next()?;
+    if changed.next().is_some() {
+        return None;
+    }
+    let (was, g) = (was.as_deref()?, after.groups.get(id)?);
+    if was.universe != g.universe || was.name != g.name {
+        return None;
+    }
+    if after.idx.group_identities.get(id).is_some_and(|ids| !ids.is_empty()) {
+        return None;
+    }
+    let uni = &g.universe;
+    let populated = after.idx.universe_endpoints.get(uni).is_some_and(|e| !e.is_empty())
+        || after.idx.universe_identities.get(uni).is_some_and(|i| !i.is_empty());
+    if populated && classes_changed(was, g, after) {
+        return None;
+    }
+    Some(g)
+}
+
+/// Whether the set of CIDR classes of `now`'s universe (IPv4 or IPv6) in `after` differs from
+/// what it was with `was` instead of `now` (the classes of `after` are indexed).
+fn classes_changed(was: &SecurityGroup, now: &SecurityGroup, after: &State) -> bool {
+    use crate::index::{class6_of, class_of};
+    let mut v4: BTreeMap<(u32, u8), isize> = BTreeMap::new();
+    let mut v6: BTreeMap<(u128, u8), isize> = BTreeMap::new();
+    for (rules, n) in [(was, -1), (now, 1)] {
+        for r in rules.ingress.iter().chain(&rules.egress) {
+            if let Some(c) = class_of(r) {
+                *v4.entry(c).or_default() += n;
+            }
+            if let Some(c) = class6_of(r) {
+                *v6.entry(c).or_default() += n;
+            }
+        }
+    }
+    let uni = &now.universe;
+    let has4 = |c: &(u32, u8)| after.idx.classes.get(uni).and_then(|m| m.get(c)).copied();
+    let has6 = |c: &(u128, u8)| after.idx.classes6.get(uni).and_then(|m| m.get(c)).copied();
+    let differs = |count: Option<usize>, delta: isize| {
+        let now = count.unwrap_or(0) as isize;
+        (now > 0) != (now - delta > 0)
+    };
+    v4.iter().any(|(c, d)| differs(has4(c), *d)) || v6.iter().any(|(c, d)| differs(has6(c), *d))
 }
 
 /// Keeps the last write of each key, in order.
@@ -982,5 +1084,112 @@ mod tests {
         assert_eq!(kind("slots/h1"), Kind::Slots("h1"));
         assert!(is_state("counters/serials") && !is_state("slots/h1"));
         assert!(is_state("hosts/h1") && !is_state("catalog"));
+    }
+
+    /// An edit of one group's rules alone is guarded by that group's key and the universe's
+    /// `version` compared only, so edits of other groups do not conflict with it; anything
+    /// another edit's checks read (a group with members, a new CIDR class in a universe with
+    /// endpoints, a group created, renamed or deleted) keeps the universe's guard. Its writes
+    /// read back as the edit made them.
+    #[test]
+    fn an_edit_of_one_groups_rules_alone_is_guarded_by_the_group() {
+        let mut s = sample();
+        let uni = s.universes.keys().next().unwrap().clone();
+        let web = s.groups.values().find(|g| g.name == "web").unwrap().id.clone();
+        let spare = group(&mut s, &uni, "spare").id;
+        let empty = universe(&mut s, "empty", "10.2.0.0/16").id;
+        let lone = group(&mut s, &empty, "lone").id;
+        s.clear_changes();
+        let mut kvs = encode_all(&s).unwrap();
+        let mut edit = |s: &mut State, f: &dyn Fn(&mut State)| {
+            let before = s.clone();
+            f(s);
+            // As the store runs an edit: the fit check has indexed the state.
+            s.reindex();
+            let d = delta(&before, s).unwrap();
+            let events = commit(&mut kvs, &d);
+            let mut watched = before.clone();
+            let evs: Vec<Event> = events
+                .iter()
+                .map(|(k, v)| Event { key: k, value: v.as_ref().map(|v| v.as_bytes()) })
+                .collect();
+            apply(&mut watched, &evs).unwrap();
+            s.clear_changes();
+            assert_eq!(normal(&watched), normal(s), "the watch's view of the edit");
+            assert_eq!(normal(&load(&kvs)), normal(s), "a full read after the edit");
+            d
+        };
+        let alone = |uni: &str, g: &str| {
+            BTreeSet::from([
+                Guard::InUniverse(uni.to_owned()),
+                Guard::Unchanged(format!("u/{uni}/groups/{g}")),
+            ])
+        };
+        let whole = |uni: &str| BTreeSet::from([Guard::Universe(uni.to_owned())]);
+
+        // A rule of a group without members, of a CIDR class the universe has (web's rule).
+        let d = edit(&mut s, &|s| {
+            s.add_rule(&spare, port_rule("ingress", "tcp", 22, "10.0.0.0/8")).unwrap();
+        });
+        assert_eq!(d.guards, alone(&uni, &spare), "{d:?}");
+        assert!(
+            d.ops.iter().all(|op| !matches!(op, Op::Put { key, .. } if key.ends_with("/version"))),
+            "the universe's version is not rewritten: {d:?}"
+        );
+        assert!(d.ops.iter().any(
+            |op| matches!(op, Op::Put { key, .. } if *key == format!("u/{uni}/groups/{spare}"))
+        ));
+        let rule = s.groups[&spare].ingress[0].id.clone();
+        // A rule naming another group of the universe as its peer.
+        let d = edit(&mut s, &|s| {
+            let mut r = port_rule("ingress", "tcp", 23, "10.0.0.0/8");
+            r.cidr = None;
+            r.group = Some(web.clone());
+            s.add_rule(&spare, r).unwrap();
+        });
+        assert_eq!(d.guards, alone(&uni, &spare), "{d:?}");
+        // A new class in a universe with an endpoint: every identity's entries may change.
+        let d = edit(&mut s, &|s| {
+            s.add_rule(&spare, port_rule("ingress", "tcp", 24, "10.9.0.0/16")).unwrap();
+        });
+        assert_eq!(d.guards, whole(&uni), "{d:?}");
+        // A rule of a group with a member: its host's policy entries change.
+        let d = edit(&mut s, &|s| {
+            s.add_rule(&web, port_rule("ingress", "tcp", 25, "10.0.0.0/8")).unwrap();
+        });
+        assert_eq!(d.guards, whole(&uni), "{d:?}");
+        // Deleting a rule whose class another rule still has.
+        let d = edit(&mut s, &|s| s.delete_rule(&spare, &rule).unwrap());
+        assert_eq!(d.guards, alone(&uni, &spare), "{d:?}");
+        // A new class in a universe without endpoints counts in no host's maps.
+        let d = edit(&mut s, &|s| {
+            s.add_rule(&lone, port_rule("egress", "udp", 53, "192.168.0.0/16")).unwrap();
+        });
+        assert_eq!(d.guards, alone(&empty, &lone), "{d:?}");
+        // A description changed: still one group alone; a name: unique in the universe.
+        let d = edit(&mut s, &|s| {
+            s.groups.get_mut(&lone).unwrap().description = "the lone group".into();
+        });
+        assert_eq!(d.guards, alone(&empty, &lone), "{d:?}");
+        let d = edit(&mut s, &|s| s.groups.get_mut(&lone).unwrap().name = "solo".into());
+        assert_eq!(d.guards, whole(&empty), "{d:?}");
+        // Two groups in one edit, a group created, a group deleted: the universe's guard.
+        let d = edit(&mut s, &|s| {
+            s.add_rule(&spare, port_rule("ingress", "tcp", 26, "10.0.0.0/8")).unwrap();
+            s.add_rule(&web, port_rule("ingress", "tcp", 27, "10.0.0.0/8")).unwrap();
+        });
+        assert_eq!(d.guards, whole(&uni), "{d:?}");
+        let d = edit(&mut s, &|s| {
+            group(s, &empty, "more");
+        });
+        assert!(d.guards.contains(&Guard::Universe(empty.clone())), "{d:?}");
+        let d = edit(&mut s, &|s| s.delete_group(&spare).unwrap());
+        assert_eq!(d.guards, whole(&uni), "{d:?}");
+        // Not indexed (the check cannot be made): the universe's guard.
+        let before = s.clone();
+        s.add_rule(&lone, port_rule("egress", "udp", 54, "192.168.0.0/16")).unwrap();
+        s.groups.get_mut(&lone).unwrap().description = "unindexed".into();
+        assert!(!s.is_indexed());
+        assert_eq!(delta(&before, &s).unwrap().guards, whole(&empty));
     }
 }

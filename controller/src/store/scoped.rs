@@ -188,8 +188,8 @@ impl<'a> Judge<'a> {
                 continue;
             };
             let progress = i64::try_from(*progress).unwrap_or(i64::MAX);
-            let version = self.view.versions.get(uni).copied().unwrap_or(0);
-            limit(self.touches.current_until(range, progress, version));
+            let changed = self.view.changed.get(uni).copied().unwrap_or(0);
+            limit(self.touches.current_until(range, progress, changed));
         }
         // A universe placed on the host that it does not hold yet: it has not applied that
         // placement.
@@ -392,6 +392,8 @@ fn drop_universe(cache: &mut Cache, uni: &str) {
         tracing::error!(universe = %uni, error = %e, "leaving a universe out of the state failed");
     }
     cache.versions.remove(uni);
+    cache.changed.remove(uni);
+    cache.keys.retain(|k, _| !k.starts_with(&prefix));
     if let Some(scope) = &mut cache.scope {
         scope.follows.remove(&prefix);
     }
@@ -806,11 +808,14 @@ mod tests {
             catalog: 0,
             keys: imbl::HashMap::new(),
             hosts_last: 3,
+            changed: imbl::HashMap::new(),
+            revision: 10,
         };
         let mut alive = BTreeMap::new();
         for i in 0..N {
             view.keys.insert(format!("hosts/h{i}"), 3);
             view.versions.insert(format!("uni-{i}"), 5);
+            view.changed.insert(format!("uni-{i}"), 5);
             let followed = BTreeMap::from([
                 (HOSTS.to_owned(), 10),
                 (format!("placement/h{i}/"), 10),
@@ -829,6 +834,7 @@ mod tests {
         t.record(11, "u/other/version");
         t.record(11, "catalog");
         view.versions.insert("other".into(), 11);
+        view.changed.insert("other".into(), 11);
         let before = t.judged.made;
         Judgements::update(&mut t, &view, 11, &alive);
         assert_eq!(t.judged.made - before, 0, "an edit that touches no host judges none");
@@ -839,6 +845,7 @@ mod tests {
         t.record(12, "u/uni-7/rules/g/r");
         t.record(12, "u/uni-7/version");
         view.versions.insert("uni-7".into(), 12);
+        view.changed.insert("uni-7".into(), 12);
         let before = t.judged.made;
         Judgements::update(&mut t, &view, 12, &alive);
         assert_eq!(t.judged.made - before, 1, "only uni-7's holder is judged again");
@@ -853,6 +860,7 @@ mod tests {
         Judgements::update(&mut t, &view, 12, &alive);
         assert_eq!(t.judged.made - before, 0);
         view.versions.insert("uni-3".into(), 13);
+        view.changed.insert("uni-3".into(), 13);
         Judgements::update(&mut t, &view, 13, &alive);
         assert_eq!(t.judged.made - before, 1);
         assert_eq!(revisions(&t, &alive, 13), afresh(&mut t, &view, &alive, 13));
