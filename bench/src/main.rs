@@ -80,7 +80,7 @@ struct Cli {
     parts: Vec<String>,
     /// Run only these scenarios of the micro tier (repeatable; all by default): their record
     /// names without `micro_` (`established`, `established_other_cpu`, `new_flow_10_rules`,
-    /// `wrap_established`, ...; an `_events_on` scenario brings its partner), `ct_gc` for the
+    /// `wrap_established`, `established_ipv6`, `new_flow_100k_rules_ipv6`, ...; an `_events_on` scenario brings its partner), `ct_gc` for the
     /// garbage collection rows, `flood` for the API under a flood. The empty program and the
     /// parse are always measured.
     #[arg(long = "scenario")]

@@ -1,6 +1,9 @@
 //! What the micro and control tiers build their model states from, written once: a seeded
 //! generator, the pool of CIDR peers rules draw from, a TCP ingress rule, and a state of one
-//! universe (10.0.0.0/8) whose groups and endpoints are made through the model's own calls.
+//! universe (10.0.0.0/8, and for IPv6 states [`CIDR6`]) whose groups and endpoints are made
+//! through the model's own calls.
+use std::net::{Ipv4Addr, Ipv6Addr};
+
 use anyhow::Result;
 use verse::model::{
     CreateEndpoint, CreateGroup, CreateUniverse, Direction, Peer, Protocol, Rule, State,
@@ -45,6 +48,24 @@ pub fn cidr_pool() -> (Vec<String>, Vec<String>, Vec<String>) {
     (p16, p24, p32)
 }
 
+/// The IPv6 CIDR of a dual-stack bench universe: an IPv4 address `a.b.c.d` of a bench state has
+/// its IPv6 twin `fd00:a::a.b.c.d` ([`v6`]), and an IPv4 CIDR its twin of 96 more bits
+/// ([`v6_cidr`]), so that an IPv6 state has the same shape (the same prefixes nested alike)
+/// as its IPv4 one.
+pub const CIDR6: &str = "fd00:a::/64";
+
+/// The IPv6 twin of an IPv4 address of a bench state (see [`CIDR6`]).
+pub fn v6(ip: Ipv4Addr) -> Ipv6Addr {
+    Ipv6Addr::from((0xfd00_000a_u128 << 96) | u128::from(u32::from(ip)))
+}
+
+/// The IPv6 twin of an IPv4 CIDR of a bench state (see [`CIDR6`]): `0.0.0.0/0` is `::/0`, any
+/// other `a.b.c.d/n` is `v6(a.b.c.d)/(96 + n)`.
+pub fn v6_cidr(cidr: &str) -> Result<String> {
+    let n: ipnetwork::Ipv4Network = cidr.parse()?;
+    Ok(if n.prefix() == 0 { "::/0".into() } else { format!("{}/{}", v6(n.ip()), 96 + n.prefix()) })
+}
+
 /// A TCP ingress rule admitting `peer` to ports `from..from + width`.
 pub fn tcp_rule(id: String, from: u16, width: u16, peer: Peer) -> Rule {
     Rule {
@@ -67,13 +88,18 @@ pub struct Scenario {
 impl Scenario {
     /// A state with one universe named `name`, 10.0.0.0/8.
     pub fn new(name: &str) -> Result<Scenario> {
+        Scenario::with_ipv6(name, false)
+    }
+
+    /// A state with one universe named `name`, 10.0.0.0/8, and [`CIDR6`] if `ipv6`.
+    pub fn with_ipv6(name: &str, ipv6: bool) -> Result<Scenario> {
         let mut st = State::default();
         let universe = st
             .create_universe(CreateUniverse {
                 name: name.into(),
                 cidr: Some("10.0.0.0/8".into()),
                 cidrs: None,
-                ipv6_cidrs: None,
+                ipv6_cidrs: ipv6.then(|| vec![CIDR6.to_owned()]),
             })
             .map_err(|e| anyhow::anyhow!("create universe: {e}"))?
             .id;
@@ -88,6 +114,17 @@ impl Scenario {
 
     /// A new endpoint of the universe on [`HOST`], in namespace `name`; its id.
     pub fn endpoint(&mut self, name: &str, ip: String, groups: Vec<String>) -> Result<String> {
+        self.endpoint6(name, ip, None, groups)
+    }
+
+    /// [`Scenario::endpoint`], with the IPv6 address `ipv6` if given.
+    pub fn endpoint6(
+        &mut self,
+        name: &str,
+        ip: String,
+        ipv6: Option<Ipv6Addr>,
+        groups: Vec<String>,
+    ) -> Result<String> {
         self.st
             .create_endpoint(
                 CreateEndpoint {
@@ -98,7 +135,7 @@ impl Scenario {
                     security_groups: Some(groups),
                     conntrack_budget: None,
                     flow_logs: None,
-                    ipv6: None,
+                    ipv6: ipv6.map(|a| a.to_string()),
                 },
                 HOST,
             )
