@@ -13,11 +13,19 @@
 //! - `verse`: a two-host [`Fleet`], one universe, both workloads in a group admitting the
 //!   benchmark's TCP ports.
 //!
+//! Every path is dual-stack: the workloads are also fd00:20::10 and fd00:20::20, the baselines
+//! route IPv6 as they route IPv4 (the routed hosts over IPv6 addresses on the underlay, the
+//! VXLAN hosts over IPv6 addresses on the VXLAN device; the same nftables table has the IPv6
+//! twin of the IPv4 rule, with an `ipv6_addr` set), and Verse's universe has the IPv6 CIDR and
+//! its group the IPv6 twins of the rules.
+//!
 //! Measurements, the TCP and latency ones at underlay MTU 1500 and again, on a fresh fleet
 //! whose underlay is at 9000 before versed starts, at 9000 (records suffixed `_mtu9000`;
 //! workload MTUs: routed = underlay, VXLAN and Verse = underlay - 50):
 //! - TCP throughput: one iperf3 stream, interleaved rounds, median; Verse against `vxlan_nft`
-//!   (target >= 1.1x) and against `routed` (target >= 0.8x).
+//!   (target >= 1.1x) and against `routed` (target >= 0.8x). Then the same over IPv6
+//!   (`iperf3` to the server's IPv6 address; records `tcp_cross_host_<path>_ipv6`, same
+//!   targets), in rounds of their own after IPv4's.
 //! - CPU per Gbit/s of the same runs (`tcp_cpu_per_gbps_<path>`): iperf3's own CPU figures of
 //!   sender and receiver (`-J`, `cpu_utilization_percent` host_total + remote_total) over the
 //!   run's Gbit/s, median of the runs; Verse against `vxlan_nft`. The whole machine's
@@ -37,7 +45,7 @@
 //! Every namespace, daemon and etcd is owned by a guard and gone when its part returns.
 use std::io::{self, Read, Write};
 use std::mem;
-use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::Barrier;
 use std::time::{Duration, Instant};
@@ -53,6 +61,11 @@ use crate::results::{BenchRecord, Unit};
 const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(10, 20, 0, 10);
 const SERVER_IP: Ipv4Addr = Ipv4Addr::new(10, 20, 0, 20);
 const UNIVERSE_CIDR: &str = "10.20.0.0/24";
+/// The IPv6 twins of the workloads' addresses, the universe's and the gateway's.
+const CLIENT_IP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x20, 0, 0, 0, 0, 0, 0x10);
+const SERVER_IP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x20, 0, 0, 0, 0, 0, 0x20);
+const UNIVERSE_CIDR6: &str = "fd00:20::/64";
+const GATEWAY_IP6: &str = "fd00:20::1";
 /// The gateway address each baseline host namespace gives its workload (a /32 on the host side
 /// of the veth; every host namespace has its own).
 const GATEWAY_IP: &str = "10.20.0.1";
@@ -141,6 +154,10 @@ impl Baseline {
             Kind::VxlanNft => VXLAN_HOSTS,
         };
         let wl_ips = [CLIENT_IP, SERVER_IP];
+        let wl_ips6 = [CLIENT_IP6, SERVER_IP6];
+        // The routed hosts' IPv6 on the underlay, beside their IPv4 (the VXLAN hosts' is on
+        // their VXLAN device).
+        let underlay6 = |i: usize| format!("fd00:198:18::{}", underlay[i].octets()[3]);
         let mtu = match kind {
             Kind::Routed => underlay_mtu,
             Kind::VxlanNft => underlay_mtu - VXLAN_OVERHEAD,
@@ -151,6 +168,7 @@ impl Baseline {
         for i in 0..2 {
             let (host, wl, other) = (&hosts[i], &workloads[i], 1 - i);
             ns_run(host, "sysctl", &["-qw", "net.ipv4.ip_forward=1"])?;
+            ns_run(host, "sysctl", &["-qw", "net.ipv6.conf.all.forwarding=1"])?;
             tests::run_ok(
                 "ip",
                 &[
@@ -175,10 +193,27 @@ impl Baseline {
             wl.ip(&["addr", "add", &format!("{}/32", wl_ips[i]), "dev", "eth0"]);
             wl.ip(&["link", "set", "eth0", "mtu", &mtu, "up"]);
             wl.ip(&["route", "add", "default", "via", GATEWAY_IP, "dev", "eth0", "onlink"]);
+            // IPv6 the same way (no duplicate address detection: usable at once).
+            host.ip(&["-6", "addr", "add", &format!("{GATEWAY_IP6}/128"), "dev", "w0", "nodad"]);
+            host.ip(&["-6", "route", "add", &format!("{}/128", wl_ips6[i]), "dev", "w0"]);
+            wl.ip(&["-6", "addr", "add", &format!("{}/128", wl_ips6[i]), "dev", "eth0", "nodad"]);
+            wl.ip(&["-6", "route", "add", "default", "via", GATEWAY_IP6, "dev", "eth0", "onlink"]);
             let peer_wl = format!("{}/32", wl_ips[other]);
+            let peer_wl6 = format!("{}/128", wl_ips6[other]);
             match kind {
                 Kind::Routed => {
                     host.ip(&["route", "add", &peer_wl, "via", &underlay[other].to_string()]);
+                    let ul = tests::fleet::UNDERLAY_IFACE;
+                    host.ip(&[
+                        "-6",
+                        "addr",
+                        "add",
+                        &format!("{}/64", underlay6(i)),
+                        "dev",
+                        ul,
+                        "nodad",
+                    ]);
+                    host.ip(&["-6", "route", "add", &peer_wl6, "via", &underlay6(other)]);
                 }
                 Kind::VxlanNft => {
                     host.ip(&[
@@ -201,6 +236,17 @@ impl Baseline {
                     host.ip(&["addr", "add", &format!("10.99.0.{}/24", i + 1), "dev", "vx0"]);
                     host.ip(&["link", "set", "vx0", "mtu", &mtu, "up"]);
                     host.ip(&["route", "add", &peer_wl, "via", &format!("10.99.0.{}", other + 1)]);
+                    let vx6 = |j: usize| format!("fd00:99::{}", j + 1);
+                    host.ip(&[
+                        "-6",
+                        "addr",
+                        "add",
+                        &format!("{}/64", vx6(i)),
+                        "dev",
+                        "vx0",
+                        "nodad",
+                    ]);
+                    host.ip(&["-6", "route", "add", &peer_wl6, "via", &vx6(other)]);
                     load_nft(host)?;
                 }
             }
@@ -213,13 +259,18 @@ impl Baseline {
 /// The nftables peer of the Verse policy of this benchmark, in a host namespace's forward path,
 /// written with named sets as a policy for many peers would be (the universe's addresses, the
 /// allowed TCP ports): replies and related packets of tracked flows pass, new flows only to the
-/// allowed TCP ports within the universe, everything else is dropped.
+/// allowed TCP ports within the universe (its IPv4 and its IPv6 addresses, each family in a set
+/// of its own), everything else is dropped.
 fn load_nft(host: &Netns) -> Result<()> {
     let ruleset = format!(
         "table inet verse_bench {{\n\
          \tset universe {{\n\
          \t\ttype ipv4_addr; flags interval;\n\
          \t\telements = {{ {UNIVERSE_CIDR} }}\n\
+         \t}}\n\
+         \tset universe6 {{\n\
+         \t\ttype ipv6_addr; flags interval;\n\
+         \t\telements = {{ {UNIVERSE_CIDR6} }}\n\
          \t}}\n\
          \tset allowed_tcp {{\n\
          \t\ttype inet_service;\n\
@@ -229,6 +280,7 @@ fn load_nft(host: &Netns) -> Result<()> {
          \t\ttype filter hook forward priority filter; policy drop;\n\
          \t\tct state established,related accept\n\
          \t\tip saddr @universe ip daddr @universe tcp dport @allowed_tcp accept\n\
+         \t\tip6 saddr @universe6 ip6 daddr @universe6 tcp dport @allowed_tcp accept\n\
          \t}}\n\
          }}\n"
     );
@@ -268,17 +320,24 @@ fn cross_host(out: &mut Vec<BenchRecord>, underlay_mtu: u32) -> Result<()> {
     // MTU is set before versed starts, since versed derives its endpoints' MTU from it then.
     let fleet = Fleet::start_with_underlay_mtu(2, underlay_mtu);
     let api = fleet.api(0);
-    let uni = id(&api.create_universe("bench", UNIVERSE_CIDR), "universe")?;
+    let universe = json!({"name": "bench", "cidr": UNIVERSE_CIDR, "ipv6_cidrs": [UNIVERSE_CIDR6]});
+    let uni =
+        id(&expect(Ok(api.post("/v1/universes", &universe)), 201, "create universe")?, "universe")?;
     let group = id(&api.create_group(&uni, "bench"), "group")?;
     for port in [IPERF_PORT, RR_PORT] {
-        api.add_rule(
-            &group,
-            &json!({"direction": "ingress", "protocol": "tcp", "from_port": port,
-                    "to_port": port, "cidr": UNIVERSE_CIDR}),
-        );
+        for cidr in [UNIVERSE_CIDR, UNIVERSE_CIDR6] {
+            api.add_rule(
+                &group,
+                &json!({"direction": "ingress", "protocol": "tcp", "from_port": port,
+                        "to_port": port, "cidr": cidr}),
+            );
+        }
     }
-    let v_client: Workload = fleet.endpoint(0, &uni, &CLIENT_IP.to_string(), &[&group]);
-    let v_server: Workload = fleet.endpoint(1, &uni, &SERVER_IP.to_string(), &[&group]);
+    let dual = |ip: Ipv4Addr, ip6: Ipv6Addr| (ip.to_string(), ip6.to_string());
+    let (c4, c6) = dual(CLIENT_IP, CLIENT_IP6);
+    let (s4, s6) = dual(SERVER_IP, SERVER_IP6);
+    let v_client: Workload = fleet.endpoint6(0, &uni, (&c4, &c6), &[&group]);
+    let v_server: Workload = fleet.endpoint6(1, &uni, (&s4, &s6), &[&group]);
     let verse_mtu = workload_mtu(v_client.ns())?;
     ensure!(
         verse_mtu == overlay_mtu,
@@ -293,12 +352,106 @@ fn cross_host(out: &mut Vec<BenchRecord>, underlay_mtu: u32) -> Result<()> {
         Path { name: "verse", client: v_client.ns(), server: v_server.ns() },
     ];
 
-    // Throughput, and what it cost in CPU.
+    // Throughput, and what it cost in CPU: over IPv4, then over IPv6.
+    for (fam, server) in [("", IpAddr::V4(SERVER_IP)), ("_ipv6", IpAddr::V6(SERVER_IP6))] {
+        throughput(out, &paths, (underlay_mtu, verse_mtu), fam, server)?;
+    }
+
+    // Request/response latency.
+    // One warmed-up connection per path, then short interleaved rounds, so that the noise of
+    // the shared machine (bursts last seconds) falls on every path alike.
+    let mut conns = Vec::with_capacity(paths.len());
+    for p in &paths {
+        conns.push(PingPong::open(p.client, p.server).with_context(|| p.name)?);
+    }
+    let mut samples: Vec<Vec<u32>> =
+        vec![Vec::with_capacity(RR_ROUNDS * RR_PER_ROUND); paths.len()];
+    for _ in 0..RR_ROUNDS {
+        for ((p, c), s) in paths.iter().zip(conns.iter_mut()).zip(samples.iter_mut()) {
+            c.round_trips(RR_PER_ROUND, s).with_context(|| p.name)?;
+        }
+    }
+    for (p, c) in paths.iter().zip(conns) {
+        c.close().with_context(|| p.name)?;
+    }
+    let mut stats = Vec::new();
+    for (p, s) in paths.iter().zip(samples.iter_mut()) {
+        s.sort_unstable();
+        let pct = |q: usize| f64::from(s[(s.len() * q / 100).min(s.len() - 1)]) / 1000.0;
+        stats.push((p.name, pct(50), pct(99), f64::from(s[s.len() - 1]) / 1000.0));
+        eprintln!(
+            "bench_fleet: mtu {underlay_mtu} rr {}: p50 {:.1} us, p99 {:.1} us, max {:.1} us",
+            p.name,
+            pct(50),
+            pct(99),
+            f64::from(s[s.len() - 1]) / 1000.0
+        );
+    }
+    let config = json!({
+        "method": "TCP ping-pong over one connection per path (opened and warmed up first), \
+                   TCP_NODELAY, client socket made in the client workload's namespace, server \
+                   thread in the server's; one message written, the same size read back",
+        "message_bytes": RR_MESSAGE, "warmup_round_trips": RR_WARMUP, "rounds": RR_ROUNDS,
+        "round_trips_per_round": RR_PER_ROUND,
+        "statistic": "percentile of all round trips of all interleaved rounds",
+        "underlay_mtu": underlay_mtu,
+        "max_us": stats.iter().map(|(n, _, _, m)| (n.to_string(), json!(m)))
+            .collect::<serde_json::Map<_, _>>(),
+    });
+    let (v50, v99) = (stats[2].1, stats[2].2);
+    let (x50, x99) = (stats[1].1, stats[1].2);
+    for (name, p50, p99, _) in &stats {
+        let (b50, b99) = if *name == "verse" {
+            (
+                Some((format!("rr_latency_p50_vxlan_nft{sfx}"), v50 / x50)),
+                Some((format!("rr_latency_p99_vxlan_nft{sfx}"), v99 / x99)),
+            )
+        } else {
+            (None, None)
+        };
+        let b50 = b50.as_ref().map(|(b, r)| (b.as_str(), *r));
+        let b99 = b99.as_ref().map(|(b, r)| (b.as_str(), *r));
+        out.push(BenchRecord::new(
+            &format!("rr_latency_p50_{name}{sfx}"),
+            *p50,
+            Unit::Us,
+            b50,
+            config.clone(),
+        ));
+        let p99_rec = BenchRecord::new(
+            &format!("rr_latency_p99_{name}{sfx}"),
+            *p99,
+            Unit::Us,
+            b99,
+            config.clone(),
+        );
+        out.push(if *name == "verse" {
+            p99_rec.with_target("<= 1.00x", v99 / x99 <= 1.0)
+        } else {
+            p99_rec
+        });
+    }
+    Ok(())
+}
+
+/// The TCP throughput of `paths` (routed, VXLAN + nftables, Verse) to the server's address
+/// `server` at underlay MTU `underlay_mtu` (the workloads of Verse at `verse_mtu`), and its CPU
+/// cost: interleaved rounds, records named with `fam` (`""` for IPv4, `"_ipv6"`) and the MTU's
+/// suffix.
+fn throughput(
+    out: &mut Vec<BenchRecord>,
+    paths: &[Path],
+    (underlay_mtu, verse_mtu): (u32, u32),
+    fam: &str,
+    server: IpAddr,
+) -> Result<()> {
+    let sfx = format!("{fam}{}", mtu_suffix(underlay_mtu));
+    let overlay_mtu = underlay_mtu - VXLAN_OVERHEAD;
     let mut runs: Vec<Vec<IperfRun>> = vec![Vec::new(); paths.len()];
     for round in 0..TCP_ROUNDS {
-        let mut line = format!("bench_fleet: mtu {underlay_mtu} tcp round {round}:");
+        let mut line = format!("bench_fleet: mtu {underlay_mtu} tcp{fam} round {round}:");
         for (p, r) in paths.iter().zip(runs.iter_mut()) {
-            let run = iperf3_run(p.client, p.server, SERVER_IP).with_context(|| p.name)?;
+            let run = iperf3_run(p.client, p.server, server).with_context(|| p.name)?;
             line += &format!(
                 " {} {:.2} Gbit/s ({:.0}% + {:.0}% CPU)",
                 p.name, run.gbps, run.client_cpu_pct, run.server_cpu_pct
@@ -327,14 +480,15 @@ fn cross_host(out: &mut Vec<BenchRecord>, underlay_mtu: u32) -> Result<()> {
     let gbps: Vec<f64> = gbps_runs.iter().map(|r| median(r.clone())).collect();
     let config = json!({
         "tool": "iperf3", "streams": 1, "seconds": TCP_SECONDS, "rounds": TCP_ROUNDS,
-        "statistic": "median of interleaved rounds",
+        "statistic": "median of interleaved rounds", "server": server.to_string(),
         "underlay": format!("veth pairs on one Linux bridge, MTU {underlay_mtu} (set before \
                              versed starts)"),
         "underlay_mtu": underlay_mtu,
         "workload_mtu": {"routed": underlay_mtu, "vxlan_nft": overlay_mtu, "verse": verse_mtu},
         "vxlan_nft": "kernel vxlan device (VNI 42, dstport 4789, point to point) + nftables \
                       forward chain with named sets: ct established,related accept; ip saddr \
-                      @universe ip daddr @universe tcp dport @allowed_tcp accept; policy drop",
+                      @universe ip daddr @universe tcp dport @allowed_tcp accept; ip6 saddr \
+                      @universe6 ip6 daddr @universe6 tcp dport @allowed_tcp accept; policy drop",
         "runs_gbps": per_path(&gbps_runs),
     });
     let [routed_g, vxlan_g, verse_g] = [gbps[0], gbps[1], gbps[2]];
@@ -419,80 +573,6 @@ fn cross_host(out: &mut Vec<BenchRecord>, underlay_mtu: u32) -> Result<()> {
         );
     }
 
-    // Request/response latency.
-    // One warmed-up connection per path, then short interleaved rounds, so that the noise of
-    // the shared machine (bursts last seconds) falls on every path alike.
-    let mut conns = Vec::with_capacity(paths.len());
-    for p in &paths {
-        conns.push(PingPong::open(p.client, p.server).with_context(|| p.name)?);
-    }
-    let mut samples: Vec<Vec<u32>> =
-        vec![Vec::with_capacity(RR_ROUNDS * RR_PER_ROUND); paths.len()];
-    for _ in 0..RR_ROUNDS {
-        for ((p, c), s) in paths.iter().zip(conns.iter_mut()).zip(samples.iter_mut()) {
-            c.round_trips(RR_PER_ROUND, s).with_context(|| p.name)?;
-        }
-    }
-    for (p, c) in paths.iter().zip(conns) {
-        c.close().with_context(|| p.name)?;
-    }
-    let mut stats = Vec::new();
-    for (p, s) in paths.iter().zip(samples.iter_mut()) {
-        s.sort_unstable();
-        let pct = |q: usize| f64::from(s[(s.len() * q / 100).min(s.len() - 1)]) / 1000.0;
-        stats.push((p.name, pct(50), pct(99), f64::from(s[s.len() - 1]) / 1000.0));
-        eprintln!(
-            "bench_fleet: mtu {underlay_mtu} rr {}: p50 {:.1} us, p99 {:.1} us, max {:.1} us",
-            p.name,
-            pct(50),
-            pct(99),
-            f64::from(s[s.len() - 1]) / 1000.0
-        );
-    }
-    let config = json!({
-        "method": "TCP ping-pong over one connection per path (opened and warmed up first), \
-                   TCP_NODELAY, client socket made in the client workload's namespace, server \
-                   thread in the server's; one message written, the same size read back",
-        "message_bytes": RR_MESSAGE, "warmup_round_trips": RR_WARMUP, "rounds": RR_ROUNDS,
-        "round_trips_per_round": RR_PER_ROUND,
-        "statistic": "percentile of all round trips of all interleaved rounds",
-        "underlay_mtu": underlay_mtu,
-        "max_us": stats.iter().map(|(n, _, _, m)| (n.to_string(), json!(m)))
-            .collect::<serde_json::Map<_, _>>(),
-    });
-    let (v50, v99) = (stats[2].1, stats[2].2);
-    let (x50, x99) = (stats[1].1, stats[1].2);
-    for (name, p50, p99, _) in &stats {
-        let (b50, b99) = if *name == "verse" {
-            (
-                Some((format!("rr_latency_p50_vxlan_nft{sfx}"), v50 / x50)),
-                Some((format!("rr_latency_p99_vxlan_nft{sfx}"), v99 / x99)),
-            )
-        } else {
-            (None, None)
-        };
-        let b50 = b50.as_ref().map(|(b, r)| (b.as_str(), *r));
-        let b99 = b99.as_ref().map(|(b, r)| (b.as_str(), *r));
-        out.push(BenchRecord::new(
-            &format!("rr_latency_p50_{name}{sfx}"),
-            *p50,
-            Unit::Us,
-            b50,
-            config.clone(),
-        ));
-        let p99_rec = BenchRecord::new(
-            &format!("rr_latency_p99_{name}{sfx}"),
-            *p99,
-            Unit::Us,
-            b99,
-            config.clone(),
-        );
-        out.push(if *name == "verse" {
-            p99_rec.with_target("<= 1.00x", v99 / x99 <= 1.0)
-        } else {
-            p99_rec
-        });
-    }
     Ok(())
 }
 

@@ -1,6 +1,6 @@
 //! iperf3 runs inside namespaces, with the CPU each run cost: the TCP throughput of the `tcp`
 //! and `fleet` tiers.
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, SocketAddr};
 use std::process::Command;
 
 use anyhow::{bail, Context, Result};
@@ -9,13 +9,14 @@ use tests::Netns;
 /// Seconds per iperf3 run.
 pub const TCP_SECONDS: u32 = 5;
 
-/// One iperf3 run from `client` to a server started in `server_ns`; Gbit/s received.
+/// One iperf3 run from `client` to a server started in `server_ns` at `server` (IPv4 or IPv6);
+/// Gbit/s received.
 ///
 /// iperf3 3.12 with `-J` exits 0 even when it could not connect (the JSON then holds `error`),
 /// so success is judged by the JSON. The server is started afresh for every attempt (`-1`
 /// serves one client, and may be left waiting by a client that failed), waited for until it
 /// listens, and killed if it outlives its client.
-pub fn iperf3(client: &Netns, server_ns: &Netns, server: Ipv4Addr) -> Result<f64> {
+pub fn iperf3(client: &Netns, server_ns: &Netns, server: IpAddr) -> Result<f64> {
     iperf3_run(client, server_ns, server).map(|r| r.gbps)
 }
 
@@ -50,7 +51,7 @@ fn proc_stat() -> Option<(u64, u64, usize)> {
 }
 
 /// [`iperf3`], with the CPU cost of the run.
-pub fn iperf3_run(client: &Netns, server_ns: &Netns, server: Ipv4Addr) -> Result<IperfRun> {
+pub fn iperf3_run(client: &Netns, server_ns: &Netns, server: IpAddr) -> Result<IperfRun> {
     let mut last = String::new();
     for _ in 0..5 {
         let srv = Command::new("ip")
@@ -61,7 +62,8 @@ pub fn iperf3_run(client: &Netns, server_ns: &Netns, server: Ipv4Addr) -> Result
             .context("start iperf3 -s")?;
         let mut srv = KillOnDrop(srv);
         let listening = tests::wait_until(std::time::Duration::from_secs(5), || {
-            let out = server_ns.exec("ss", &["-Hltn", "src", &format!("{server}:5201")]);
+            let listen = SocketAddr::new(server, 5201).to_string();
+            let out = server_ns.exec("ss", &["-Hltn", "src", &listen]);
             !String::from_utf8_lossy(&out.stdout).trim().is_empty()
         });
         if !listening {

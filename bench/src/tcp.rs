@@ -10,11 +10,14 @@
 //! - `veth_xdp_pass_gro`: the same with GRO turned on on the receiving veth (`ethtool -K eth0
 //!   gro on`), which merges segments again before the stack;
 //! - `verse_one_host`: two endpoints of one `versed` host, a group admitting iperf3's port
-//!   (`from_endpoint` and `bpf_redirect_peer`).
+//!   (`from_endpoint` and `bpf_redirect_peer`);
+//! - `bare_veth_ipv6` and `verse_one_host_ipv6`: the bare pair and the Verse endpoints (dual
+//!   stack, an IPv6 rule admitting iperf3's port) over IPv6 (`from_endpoint6` for Verse).
 //!
 //! Every record is Gbit/s received, median of the rounds with min and max, and for every path
-//! but the bare one the ratio to `bare_veth` (higher is better).
-use std::net::Ipv4Addr;
+//! but the bare ones the ratio to `bare_veth` (`bare_veth_ipv6` for `verse_one_host_ipv6`;
+//! higher is better).
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::os::fd::OwnedFd;
 
 use anyhow::{ensure, Context, Result};
@@ -31,6 +34,11 @@ const TCP_ROUNDS: usize = 5;
 const SENDER: &str = "10.9.0.10/24";
 const RECEIVER: &str = "10.9.0.20/24";
 const SERVER_IP: Ipv4Addr = Ipv4Addr::new(10, 9, 0, 20);
+/// The pairs' and the Verse universe's IPv6 (the endpoints are ::10 and ::20 as in IPv4).
+const CIDR6: &str = "fd00:9::/64";
+const SENDER6: &str = "fd00:9::10/64";
+const RECEIVER6: &str = "fd00:9::20/64";
+const SERVER6: Ipv6Addr = Ipv6Addr::new(0xfd00, 9, 0, 0, 0, 0, 0, 0x20);
 
 /// What is attached to the receiving veth of a pair.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -88,8 +96,10 @@ fn veth_pair(tag: &str, hook: Hook) -> Result<VethPair> {
         receiver.name(),
     ]);
     receiver.ip(&["link", "set", "eth1", "name", "eth0"]);
-    for (ns, addr) in [(&sender, SENDER), (&receiver, RECEIVER)] {
+    for (ns, addr, addr6) in [(&sender, SENDER, SENDER6), (&receiver, RECEIVER, RECEIVER6)] {
         ns.ip(&["addr", "add", addr, "dev", "eth0"]);
+        // No duplicate address detection: the address is usable at once.
+        ns.ip(&["-6", "addr", "add", addr6, "dev", "eth0", "nodad"]);
         ns.ip(&["link", "set", "eth0", "up"]);
     }
     if hook == Hook::XdpPassGro {
@@ -135,28 +145,51 @@ pub fn run(out: &mut Vec<BenchRecord>) -> Result<()> {
         );
     }
 
-    // Verse path: one host, one universe, a group admitting iperf3's port.
+    // Verse path: one host, one dual-stack universe, a group admitting iperf3's port over IPv4
+    // and over IPv6.
     let host = Host::start();
-    let uni = host.api.create_universe("bench", "10.9.0.0/24");
-    let uni = uni["id"].as_str().context("universe.id")?.to_owned();
+    let r = host.api.post(
+        "/v1/universes",
+        &json!({"name": "bench", "cidr": "10.9.0.0/24", "ipv6_cidrs": [CIDR6]}),
+    );
+    ensure!(r.status == 201, "create universe: {} {}", r.status, r.body);
+    let uni = r.json()["id"].as_str().context("universe.id")?.to_owned();
     let sg = host.api.create_group(&uni, "iperf");
     let sg = sg["id"].as_str().context("group.id")?.to_owned();
-    host.api.add_rule(
-        &sg,
-        &json!({"direction": "ingress", "protocol": "tcp", "from_port": 5201, "to_port": 5201,
-                "cidr": "10.9.0.0/24"}),
-    );
-    let a = host.endpoint(&uni, "10.9.0.10", &[&sg]);
-    let b = host.endpoint(&uni, "10.9.0.20", &[&sg]);
+    for cidr in ["10.9.0.0/24", CIDR6] {
+        host.api.add_rule(
+            &sg,
+            &json!({"direction": "ingress", "protocol": "tcp", "from_port": 5201,
+                    "to_port": 5201, "cidr": cidr}),
+        );
+    }
+    let endpoint = |ip: &str, ip6: &str| {
+        host.api
+            .plug(verse::model::CreateEndpoint {
+                universe: uni.clone(),
+                ip: ip.into(),
+                ipv6: Some(ip6.into()),
+                security_groups: Some(vec![sg.clone()]),
+                ..Default::default()
+            })
+            .0
+    };
+    let a = endpoint("10.9.0.10", "fd00:9::10");
+    let b = endpoint("10.9.0.20", "fd00:9::20");
 
-    let mut paths: Vec<(&str, &Netns, &Netns)> =
-        pairs.iter().map(|(name, p)| (*name, &p.sender, &p.receiver)).collect();
-    paths.push(("verse_one_host", a.ns(), b.ns()));
+    let v4 = IpAddr::V4(SERVER_IP);
+    let v6 = IpAddr::V6(SERVER6);
+    let mut paths: Vec<(&str, &Netns, &Netns, IpAddr)> =
+        pairs.iter().map(|(name, p)| (*name, &p.sender, &p.receiver, v4)).collect();
+    paths.push(("verse_one_host", a.ns(), b.ns(), v4));
+    let bare = &pairs[0].1;
+    paths.push(("bare_veth_ipv6", &bare.sender, &bare.receiver, v6));
+    paths.push(("verse_one_host_ipv6", a.ns(), b.ns(), v6));
     let mut runs: Vec<Vec<f64>> = vec![Vec::new(); paths.len()];
     for round in 0..TCP_ROUNDS {
         let mut line = format!("bench_tcp: round {round}:");
-        for ((name, client, server), r) in paths.iter().zip(runs.iter_mut()) {
-            let gbps = iperf3(client, server, SERVER_IP).with_context(|| name.to_string())?;
+        for ((name, client, server, ip), r) in paths.iter().zip(runs.iter_mut()) {
+            let gbps = iperf3(client, server, *ip).with_context(|| name.to_string())?;
             line += &format!(" {name} {gbps:.2}");
             r.push(gbps);
         }
@@ -170,30 +203,41 @@ pub fn run(out: &mut Vec<BenchRecord>) -> Result<()> {
             "veth_xdp_pass": "XDP program returning XDP_PASS on the receiving veth",
             "veth_xdp_pass_gro": "the same, with GRO turned on on the receiving veth",
             "verse_one_host": "versed: from_endpoint at TCX ingress of each endpoint's host-side veth",
+            "verse_one_host_ipv6": "the same over IPv6: from_endpoint tail-calls from_endpoint6",
         },
+        "ipv6": {"addresses": "fd00:9::10 and fd00:9::20 (the bare pair: /64, nodad; Verse: the endpoints' IPv6)", "rule": "tcp 5201 from fd00:9::/64"},
         "offloads": offload,
         "runs_gbps": paths.iter().zip(&runs)
-            .map(|((name, _, _), r)| (name.to_string(), json!(r)))
+            .map(|((name, ..), r)| (name.to_string(), json!(r)))
             .collect::<serde_json::Map<_, _>>(),
     });
-    let bare = median(runs[0].clone());
-    for ((name, _, _), r) in paths.iter().zip(&runs) {
+    let median_of = |path: &str| {
+        paths
+            .iter()
+            .zip(&runs)
+            .find(|((name, ..), _)| *name == path)
+            .map(|(_, r)| median(r.clone()))
+    };
+    for ((name, ..), r) in paths.iter().zip(&runs) {
         let m = median(r.clone());
         let record = format!("tcp_{name}");
-        let rec = if *name == "bare_veth" {
+        let bare_name = if name.ends_with("_ipv6") { "bare_veth_ipv6" } else { "bare_veth" };
+        let rec = if name.starts_with("bare_veth") {
             BenchRecord::new(&record, m, Unit::Gbps, None, config.clone())
         } else {
+            let bare = median_of(bare_name).context("the bare pair is measured")?;
             BenchRecord::new(
                 &record,
                 m,
                 Unit::Gbps,
-                Some(("tcp_bare_veth", m / bare)),
+                Some((&format!("tcp_{bare_name}"), m / bare)),
                 config.clone(),
             )
         };
         let rec = rec.with_spread(r);
-        out.push(if *name == "verse_one_host" {
-            rec.with_target(">= 0.85x", m / bare >= 0.85)
+        out.push(if name.starts_with("verse_one_host") {
+            let ratio = rec.ratio.unwrap_or(f64::NAN);
+            rec.with_target(">= 0.85x", ratio >= 0.85)
         } else {
             rec
         });
