@@ -75,7 +75,7 @@ struct Cli {
     #[arg(long)]
     save_baseline: bool,
     /// Run only these parts of the tiers (repeatable; all by default). The control tier has
-    /// `loads`, `edits` and `hosts`.
+    /// `loads`, `edits` and `hosts`; the fleet tier `cross_host` and `edits`.
     #[arg(long = "part")]
     parts: Vec<String>,
     /// Run only these scenarios of the micro tier (repeatable; all by default): their record
@@ -152,13 +152,13 @@ fn main() -> Result<()> {
     if want(Tier::Tcp) {
         tcp::run(&mut records)?;
     }
+    let part = |p: &str| cli.parts.is_empty() || cli.parts.iter().any(|x| x == p);
     if want(Tier::Fleet) {
-        fleet::run(&mut records)?;
+        fleet::run(&mut records, &part)?;
     }
     if want(Tier::Rate) {
         rate::run(&mut records)?;
     }
-    let part = |p: &str| cli.parts.is_empty() || cli.parts.iter().any(|x| x == p);
     if want(Tier::Control) {
         if part("loads") {
             control::run(&mut records)?;
