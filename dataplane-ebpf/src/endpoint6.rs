@@ -82,11 +82,8 @@ fn start(ctx: &TcContext) -> Result<i32, DropReason> {
     let h: *const Ipv6Hdr = ptr_at(ctx, ETH_HLEN).ok_or(DropReason::MalformedIpv6)?;
     // SAFETY: ptr_at proved the fixed IPv6 header is inside the linear data. The addresses are
     // kept 8-byte aligned on the stack (see `nd::A16`).
-    let (src, dst) = unsafe {
-        let src = core::ptr::read_unaligned(core::ptr::addr_of!((*h).src));
-        let dst = core::ptr::read_unaligned(core::ptr::addr_of!((*h).dst));
-        (A16(src), A16(dst))
-    };
+    let (src, dst) =
+        unsafe { (address(core::ptr::addr_of!((*h).src)), address(core::ptr::addr_of!((*h).dst))) };
     if ip.proto == IPPROTO_ICMPV6 && nd::for_gateway(l4.icmp_type) {
         // SAFETY: a tail call into `nd6`, which answers or drops the message with a stack of
         // its own; it returns only if the slot is empty, and then the frame is dropped.
@@ -342,6 +339,29 @@ pub fn related(
 }
 
 /// Compares IPv6 addresses as four words.
+/// The IPv6 address at `p` in the packet, read as four 4-byte words: a `[u8; 16]` read from
+/// the packet was lowered to 16 byte loads and 16 byte stores, and copied so twice for each
+/// address on the established path.
+///
+/// # Safety
+/// `p` points at 16 bytes of the packet's linear data (any alignment: see `nd::A16`).
+#[inline(always)]
+unsafe fn address(p: *const [u8; 16]) -> A16 {
+    let w = p.cast::<u32>();
+    // SAFETY: the caller proved the 16 bytes are inside the packet; unaligned reads.
+    let words = unsafe {
+        [
+            core::ptr::read_unaligned(w),
+            core::ptr::read_unaligned(w.add(1)),
+            core::ptr::read_unaligned(w.add(2)),
+            core::ptr::read_unaligned(w.add(3)),
+        ]
+    };
+    // SAFETY: `[u32; 4]` and `[u8; 16]` have the same size and every bit pattern is valid for
+    // both; native byte order both ways keeps the bytes where they were.
+    A16(unsafe { core::mem::transmute::<[u32; 4], [u8; 16]>(words) })
+}
+
 #[inline(always)]
 pub fn eq16(a: &[u8; 16], b: &[u8; 16]) -> bool {
     let w = |x: &[u8; 16], i: usize| u32::from_ne_bytes([x[i], x[i + 1], x[i + 2], x[i + 3]]);
