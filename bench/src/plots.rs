@@ -37,8 +37,8 @@ pub fn draw(records: &[BenchRecord], dir: &Path) -> Result<Vec<String>> {
     let rules = |prefix: &str, suffix: &str, ns: &[u64]| -> Vec<(f64, String)> {
         ns.iter().map(|n| (*n as f64, format!("{prefix}{n}{suffix}"))).collect()
     };
-    // Micro tier: new flows against rules (1 .. 100k) and against distinct CIDR prefixes
-    // (1 .. 100k), with the levels that do not depend on them.
+    // Micro tier: new flows against rules (1 .. 100k; IPv6 at 10 and 100k) and against
+    // distinct CIDR prefixes (1 .. 100k), with the levels that do not depend on them.
     let level = |label, name: &str| Series {
         label,
         points: value(records, name).map(|v| vec![(1.0, v), (100_000.0, v)]).unwrap_or_default(),
@@ -61,7 +61,14 @@ pub fn draw(records: &[BenchRecord], dir: &Path) -> Result<Vec<String>> {
             "_cidrs",
             &[(1.0, "1"), (1e3, "1k"), (1e5, "100k")],
         ),
+        named(
+            "new flow vs rules, IPv6",
+            "micro_new_flow_",
+            "_rules_ipv6",
+            &[(10.0, "10"), (1e5, "100k")],
+        ),
         level("established flow", "micro_established"),
+        level("established flow, IPv6", "micro_established_ipv6"),
         level("parse only (probe)", "micro_parse_only"),
         level("empty program (floor)", "micro_empty_program"),
     ];
