@@ -219,7 +219,12 @@ pub struct RawIpServer {
 
 impl RawIpServer {
     pub fn start(ns: &Netns, proto: u8, banner: &str) -> RawIpServer {
-        let sock = RawIpSocket::open(ns, proto)
+        RawIpServer::start_for(ns, Family::V4, proto, banner)
+    }
+
+    /// A server of `family`'s packets of protocol `proto`.
+    pub fn start_for(ns: &Netns, family: Family, proto: u8, banner: &str) -> RawIpServer {
+        let sock = RawIpSocket::open_for(ns, family, proto)
             .unwrap_or_else(|e| panic!("raw socket {proto} in {}: {e}", ns.name()));
         let stop = Arc::new(AtomicBool::new(false));
         let banner = banner.to_owned();
@@ -239,15 +244,18 @@ impl RawIpServer {
     }
 }
 
-/// Sends `msg` as IP protocol `proto` from `ns` to `ip` and returns the first answer from `ip`.
+/// Sends `msg` as IP protocol `proto` from `ns` to `ip` (of either family) and returns the first
+/// answer from `ip`.
 pub fn raw_ip_roundtrip(
     ns: &Netns,
-    ip: Ipv4Addr,
+    ip: impl Into<IpAddr>,
     proto: u8,
     msg: &str,
     timeout: Duration,
 ) -> Option<String> {
-    let sock = RawIpSocket::open(ns, proto)
+    let ip: IpAddr = ip.into();
+    let family = if ip.is_ipv6() { Family::V6 } else { Family::V4 };
+    let sock = RawIpSocket::open_for(ns, family, proto)
         .unwrap_or_else(|e| panic!("raw socket {proto} in {}: {e}", ns.name()));
     sock.send_to(ip, msg.as_bytes()).ok()?;
     let deadline = Instant::now() + timeout;

@@ -1,7 +1,6 @@
 //! What each kind of rule admits (S1, S4, S6), seen from the workloads. Each body runs over IPv4
 //! and over IPv6 (dual-stack universes and endpoints; `Family::text` writes an IPv4 address or
-//! CIDR in the family of the run: a /16 universe is a /48, a /24 CIDR a /64, a /32 a /128), but
-//! the protocol-number test, which the harness's raw IP sockets run over IPv4 only.
+//! CIDR in the family of the run: a /16 universe is a /48, a /24 CIDR a /64, a /32 a /128).
 use tests::*;
 
 fn id(v: &Value) -> &str {
@@ -289,32 +288,37 @@ fn icmp_error_related_to_an_allowed_flow_reaches_the_client(f: Family) {
 
 /// S4 and S7: a rule for a protocol number admits that protocol (tracked by addresses and
 /// protocol, so the answer passes though the client has no ingress rule) and no other.
-#[test]
-fn protocol_number_rule_admits_that_protocol_and_its_replies() {
+fn protocol_number_rule_admits_that_protocol_and_its_replies(f: Family) {
     let host = Host::start();
     let api = &host.api;
-    let uni = api.create_universe("proto", "10.27.0.0/24");
+    let uni = api.create_dual_universe("proto", "10.27.0.0/24");
     let srv = api.create_group(id(&uni), "srv");
     let cli = api.create_group(id(&uni), "cli");
     let rule = api
         .add_rule(id(&srv), &json!({"direction": "ingress", "protocol": 253, "group": id(&cli)}));
     assert_eq!(rule["protocol"], "253", "a protocol number is shown as its decimal string");
     api.clear_egress(id(&srv));
-    let server = host.endpoint(id(&uni), "10.27.0.10", &[id(&srv)]);
-    let client = host.endpoint(id(&uni), "10.27.0.20", &[id(&cli)]);
-    let _p253 = RawIpServer::start(&server.ns, 253, "s");
-    let _p254 = RawIpServer::start(&server.ns, 254, "s");
+    let server = host.dual_endpoint(id(&uni), "10.27.0.10", &[id(&srv)]);
+    let client = host.dual_endpoint(id(&uni), "10.27.0.20", &[id(&cli)]);
+    let _p253 = RawIpServer::start_for(&server.ns, f, 253, "s");
+    let _p254 = RawIpServer::start_for(&server.ns, f, 254, "s");
 
-    assert_eq!(raw_ip_roundtrip(&client.ns, server.ip, 253, "x", ALLOWED).as_deref(), Some("s:x"));
+    assert_eq!(
+        raw_ip_roundtrip(&client.ns, f.addr(&server), 253, "x", ALLOWED).as_deref(),
+        Some("s:x")
+    );
     assert_dropped(&host, "policy_ingress", "protocol 254 has no rule", || {
-        raw_ip_roundtrip(&client.ns, server.ip, 254, "x", DENIED).is_some()
+        raw_ip_roundtrip(&client.ns, f.addr(&server), 254, "x", DENIED).is_some()
     });
     assert_dropped(&host, "policy_ingress", "a protocol-253 rule admits no ICMP", || {
-        ping(&client.ns, server.ip)
+        ping(&client.ns, f.addr(&server))
     });
     // The same server answers protocol 254 once a rule admits it.
     api.add_rule(id(&srv), &json!({"direction": "ingress", "protocol": 254, "group": id(&cli)}));
-    assert_eq!(raw_ip_roundtrip(&client.ns, server.ip, 254, "x", ALLOWED).as_deref(), Some("s:x"));
+    assert_eq!(
+        raw_ip_roundtrip(&client.ns, f.addr(&server), 254, "x", ALLOWED).as_deref(),
+        Some("s:x")
+    );
 }
 
 /// S1: all rules of all groups of an endpoint form one union. One source matches a /16 rule
@@ -480,4 +484,14 @@ fn egress_rules_limit_what_a_member_may_open_over_ipv4() {
 #[test]
 fn egress_rules_limit_what_a_member_may_open_over_ipv6() {
     egress_rules_limit_what_a_member_may_open(Family::V6);
+}
+
+#[test]
+fn protocol_number_rule_admits_that_protocol_and_its_replies_over_ipv4() {
+    protocol_number_rule_admits_that_protocol_and_its_replies(Family::V4);
+}
+
+#[test]
+fn protocol_number_rule_admits_that_protocol_and_its_replies_over_ipv6() {
+    protocol_number_rule_admits_that_protocol_and_its_replies(Family::V6);
 }
