@@ -261,7 +261,7 @@ impl Aggregator {
             }
         }
         let flags = flags_in(c, interval);
-        let ports = |sport: u16, dport: u16| match key.proto {
+        let ports = |sport: u16, dport: u16| match key.proto() {
             6 | 17 => (sport, dport),
             _ => (0, 0),
         };
@@ -289,7 +289,7 @@ impl Aggregator {
                     endpoint: local.endpoint.clone(),
                     direction,
                     action: Action::Accept,
-                    proto: key.proto,
+                    proto: key.proto(),
                     src,
                     dst,
                     sport,

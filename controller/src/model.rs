@@ -1122,8 +1122,9 @@ pub fn time_syntax(text: &str) -> String {
 
 // ---- Helpers of the edits ----
 
-/// VNIs are 24 bits (the VXLAN network identifier, RFC 7348 section 5).
-pub const MAX_VNI: u32 = 0xFF_FFFF;
+/// VNIs are 24 bits (the VXLAN network identifier, RFC 7348 section 5); a conntrack key has room
+/// for no more.
+pub use dataplane_common::MAX_VNI;
 /// Universe CIDRs: wide enough to be useful, narrow enough to leave two hosts after the
 /// network, gateway and broadcast addresses.
 const UNIVERSE_PREFIX_MIN: u8 = 8;

@@ -707,7 +707,7 @@ impl<'a> Walk<'a> {
         }
         let mut others = Vec::new();
         for (k, e) in &self.ct.entries {
-            if self.timeouts.expired(e, now) || k.vni != p.vni || k.proto != p.proto {
+            if self.timeouts.expired(e, now) || k.vni() != p.vni || k.proto() != p.proto {
                 continue;
             }
             let fwd = k.src == key.src
@@ -1547,7 +1547,7 @@ mod tests {
                             to: Ipv4Addr::from(k.dst).to_string(),
                             ..TraceRequest::default()
                         };
-                        match k.proto {
+                        match k.proto() {
                             IPPROTO_ICMP => {
                                 req.protocol = "icmp".into();
                                 // (id, 0) is the request's key, (0, id) the reply's.

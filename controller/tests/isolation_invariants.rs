@@ -184,7 +184,7 @@ impl World {
         let vnis: BTreeSet<u32> = self.state.universes.values().map(|u| u.vni).collect();
         for (k, e) in &self.ct.entries {
             assert!(live.contains(&e.src_serial) && live.contains(&e.dst_serial), "{k:?} {e:?}");
-            assert!(vnis.contains(&k.vni), "entry of a deleted universe: {k:?}");
+            assert!(vnis.contains(&k.vni()), "entry of a deleted universe: {k:?}");
         }
         for (k, e) in &self.ct.entries6 {
             assert!(live.contains(&e.src_serial) && live.contains(&e.dst_serial), "{k:?} {e:?}");

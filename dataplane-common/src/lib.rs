@@ -741,25 +741,32 @@ pub const MAX_IDENTITY: u32 = 0xFFFF;
 /// `VERSE_CT` key: a flow as first seen (its original direction) in a universe (S7).
 /// TCP/UDP: ports. ICMP echo: request `sport = id, dport = 0`, reply `sport = 0, dport = id`, so a
 /// reply's key is the request's reversed. Other protocols: ports 0.
-#[repr(C)]
+///
+/// 16 bytes: the universe's VNI (24 bits, [`MAX_VNI`]) and the protocol share one word
+/// (`vni_proto`, read with [`CtKey::vni`] and [`CtKey::proto`]). The kernel hashes and compares
+/// the whole key on every lookup, a byte at a time past the last full word: the word saved is
+/// part of every packet's conntrack lookup. 8-byte aligned, so that stores LLVM merges into
+/// 8-byte ones land on aligned stack slots (the verifier refuses misaligned ones).
+#[repr(C, align(8))]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 pub struct CtKey {
-    pub vni: u32,
     pub src: [u8; 4],
     pub dst: [u8; 4],
     pub sport: u16,
     pub dport: u16,
-    pub proto: u8,
-    pub _pad: [u8; 3],
+    /// The VNI in bits 0 to 23, the IP protocol in bits 24 to 31.
+    pub vni_proto: u32,
 }
+
+/// The largest VNI: 24 bits, the VXLAN network identifier (RFC 7348 section 5). The model hands
+/// out no larger one, and a conntrack key has room for no more.
+pub const MAX_VNI: u32 = 0xFF_FFFF;
 
 impl CtKey {
     /// The key of a flow, the one builder of conntrack keys for the kernel programs, the
-    /// reference model and the trace alike (ports as [`ct_ports`] gives them).
-    ///
-    /// Why not a struct literal: in the kernel programs LLVM lowers the 3-byte `_pad: [0; 3]`
-    /// to a call of `memset` (a BPF-to-BPF call on the hot path, even when the key is zeroed
-    /// first); storing `proto` and the padding as one 32-bit word avoids it.
+    /// reference model and the trace alike (ports as [`ct_ports`] gives them). `vni` is at
+    /// most [`MAX_VNI`] (universes are numbered so, and the underlay's field is 24 bits); its
+    /// bits above are dropped.
     #[inline(always)]
     pub const fn new(
         vni: u32,
@@ -769,35 +776,43 @@ impl CtKey {
         dport: u16,
         proto: u8,
     ) -> CtKey {
-        const _: () = assert!(
-            core::mem::offset_of!(CtKey, proto) == 16 && core::mem::size_of::<CtKey>() == 20
-        );
-        let mut k = core::mem::MaybeUninit::<CtKey>::uninit();
-        let p = k.as_mut_ptr();
-        // SAFETY: every byte of the key is written exactly once: the five fields before `proto`
-        // through their places, then bytes 16..20 (`proto` and `_pad`, checked above) as one
-        // unaligned word whose first byte in memory is `proto` and the others 0.
-        unsafe {
-            core::ptr::addr_of_mut!((*p).vni).write(vni);
-            core::ptr::addr_of_mut!((*p).src).write(src);
-            core::ptr::addr_of_mut!((*p).dst).write(dst);
-            core::ptr::addr_of_mut!((*p).sport).write(sport);
-            core::ptr::addr_of_mut!((*p).dport).write(dport);
-            p.cast::<u8>().add(16).cast::<u32>().write_unaligned((proto as u32).to_le());
-            k.assume_init()
-        }
+        CtKey { src, dst, sport, dport, vni_proto: (vni & MAX_VNI) | (proto as u32) << 24 }
+    }
+
+    /// The flow's universe.
+    #[inline(always)]
+    pub const fn vni(&self) -> u32 {
+        self.vni_proto & MAX_VNI
+    }
+
+    /// The flow's IP protocol.
+    #[inline(always)]
+    pub const fn proto(&self) -> u8 {
+        (self.vni_proto >> 24) as u8
+    }
+
+    /// The same flow in universe `vni`.
+    #[inline(always)]
+    pub const fn in_universe(&self, vni: u32) -> CtKey {
+        CtKey::new(vni, self.src, self.dst, self.sport, self.dport, self.proto())
     }
 
     /// The key of the same flow seen the other way: what a reply's packets carry.
     #[inline(always)]
     pub const fn reversed(&self) -> CtKey {
-        CtKey::new(self.vni, self.dst, self.src, self.dport, self.sport, self.proto)
+        CtKey {
+            src: self.dst,
+            dst: self.src,
+            sport: self.dport,
+            dport: self.sport,
+            vni_proto: self.vni_proto,
+        }
     }
 }
 
 /// `VERSE_CT6` key: an IPv6 flow as first seen (its original direction) in a universe, with
 /// the ports of [`CtKey`] (ICMPv6 echo as ICMP echo, `wire::ipv6::icmpv6_ct_ports`). A map of
-/// its own, so that the IPv4 key (and the IPv4 established path's hashing) stays 20 bytes.
+/// its own, so that the IPv4 key (and the IPv4 established path's hashing) stays 16 bytes.
 ///
 /// The addresses come first and the key is 8-byte aligned (see [`Route6Key`] for why).
 #[repr(C, align(8))]
@@ -1255,7 +1270,7 @@ mod tests {
         assert_eq!(size_of::<Route6Key>(), 24);
         assert_eq!(size_of::<Cidr6Key>(), 20);
         assert_eq!(size_of::<PolicyKey>(), 12);
-        assert_eq!(size_of::<CtKey>(), 20);
+        assert_eq!(size_of::<CtKey>(), 16);
         assert_eq!(size_of::<Ct6Key>(), 48);
         assert_eq!(size_of::<CtEntry>(), 32);
         assert_eq!(size_of::<CtHop>(), 20);
@@ -1327,19 +1342,24 @@ mod tests {
     fn conntrack_keys_are_built_zero_padded_and_reverse_to_their_reply() {
         let k = CtKey::new(7, [10, 0, 0, 1], [10, 0, 0, 2], 40000, 80, wire::IPPROTO_TCP);
         let literal = CtKey {
-            vni: 7,
             src: [10, 0, 0, 1],
             dst: [10, 0, 0, 2],
             sport: 40000,
             dport: 80,
-            proto: wire::IPPROTO_TCP,
-            _pad: [0; 3],
+            vni_proto: 7 | (wire::IPPROTO_TCP as u32) << 24,
         };
         assert_eq!(k, literal);
+        assert_eq!((k.vni(), k.proto()), (7, wire::IPPROTO_TCP));
         let r = k.reversed();
         assert_eq!((r.src, r.dst, r.sport, r.dport), ([10, 0, 0, 2], [10, 0, 0, 1], 80, 40000));
-        assert_eq!((r.vni, r.proto, r._pad), (7, wire::IPPROTO_TCP, [0; 3]));
+        assert_eq!((r.vni(), r.proto()), (7, wire::IPPROTO_TCP));
         assert_eq!(r.reversed(), k);
+        // The VNI and the protocol never mix: the largest VNI with every protocol, and another
+        // universe, are other keys.
+        let top = CtKey::new(MAX_VNI, [10, 0, 0, 1], [10, 0, 0, 2], 40000, 80, 0xFF);
+        assert_eq!((top.vni(), top.proto()), (MAX_VNI, 0xFF));
+        assert_ne!(k.in_universe(8), k);
+        assert_eq!(k.in_universe(8).in_universe(7), k);
         let (a, b) = ([0xfd; 16], [0xfe; 16]);
         let k6 = Ct6Key::new(7, a, b, 40000, 80, wire::IPPROTO_TCP);
         let literal6 = Ct6Key {

@@ -177,13 +177,11 @@ pub fn conntrack_keys(bpf_dir: &Path) -> Vec<dataplane_common::CtKey> {
             assert_eq!(bytes.len(), std::mem::size_of::<dataplane_common::CtKey>());
             let u16_at = |i: usize| u16::from_ne_bytes([bytes[i], bytes[i + 1]]);
             dataplane_common::CtKey {
-                vni: u32::from_ne_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]),
-                src: [bytes[4], bytes[5], bytes[6], bytes[7]],
-                dst: [bytes[8], bytes[9], bytes[10], bytes[11]],
-                sport: u16_at(12),
-                dport: u16_at(14),
-                proto: bytes[16],
-                _pad: [0; 3],
+                src: [bytes[0], bytes[1], bytes[2], bytes[3]],
+                dst: [bytes[4], bytes[5], bytes[6], bytes[7]],
+                sport: u16_at(8),
+                dport: u16_at(10),
+                vni_proto: u32::from_ne_bytes([bytes[12], bytes[13], bytes[14], bytes[15]]),
             }
         })
         .collect()

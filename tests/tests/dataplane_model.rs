@@ -1224,12 +1224,12 @@ fn facts(e: &CtEntry) -> CtFacts {
 fn ct_label(k: &CtKey) -> String {
     format!(
         "vni {} {}:{} -> {}:{} proto {}",
-        k.vni,
+        k.vni(),
         Ipv4Addr::from(k.src),
         k.sport,
         Ipv4Addr::from(k.dst),
         k.dport,
-        k.proto
+        k.proto()
     )
 }
 

@@ -243,7 +243,7 @@ fn a_host_without_an_api_enforces_its_own_universes_and_holds_nothing_of_the_oth
         Some("web:again")
     );
     assert!(
-        conntrack_keys(fleet.host(C).bpf_dir()).iter().any(|k| k.vni == shop_vni),
+        conntrack_keys(fleet.host(C).bpf_dir()).iter().any(|k| k.vni() == shop_vni),
         "C tracks shop's flows"
     );
 
@@ -255,7 +255,7 @@ fn a_host_without_an_api_enforces_its_own_universes_and_holds_nothing_of_the_oth
     assert_eq!(vnis_in(fleet.host(C), map_names::ROUTES), BTreeSet::new());
     assert!(pinned_keys(fleet.host(C).bpf_dir(), map_names::HOSTS).is_empty(), "no peer host left");
     assert!(
-        conntrack_keys(fleet.host(C).bpf_dir()).iter().all(|k| k.vni != shop_vni),
+        conntrack_keys(fleet.host(C).bpf_dir()).iter().all(|k| k.vni() != shop_vni),
         "C's flows of shop are gone"
     );
     assert_eq!(metric(&fleet, C, "verse_map_entries"), 0);

@@ -287,7 +287,7 @@ impl Host<'_> {
             && inner.dst == pkt.src.octets()
             // The quoted packet went from the error's receiver to its sender.
             && ct
-                .lookup(&CtKey { vni, ..*inner }, receiver, now_ns, &self.timeouts)
+                .lookup(&inner.in_universe(vni), receiver, now_ns, &self.timeouts)
                 .0
                 .is_some_and(|(_, e, dir)| receiver_serial(&e, dir) == sender)
     }
