@@ -107,7 +107,11 @@ pub fn expired(
     timeouts_ns: &[u64; ct_state::COUNT],
 ) -> bool {
     match timeouts_ns.get(state as usize) {
-        Some(timeout) => now_ns.saturating_sub(last_seen_ns) >= *timeout,
+        // `now_ns.saturating_sub(last_seen_ns) >= *timeout`, written without the select that the
+        // BPF target (no conditional move) lowers to branches and register copies.
+        Some(&timeout) => {
+            timeout == 0 || (now_ns >= last_seen_ns && now_ns - last_seen_ns >= timeout)
+        }
         None => true,
     }
 }

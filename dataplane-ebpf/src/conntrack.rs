@@ -37,7 +37,7 @@
 //! route change.
 use aya_ebpf::helpers::{bpf_get_smp_processor_id, bpf_jiffies64, bpf_ktime_get_coarse_ns};
 use aya_ebpf::programs::TcContext;
-pub use dataplane_common::conntrack::{creates, initial_state, role, Role};
+pub use dataplane_common::conntrack::{creates, initial_state, Role};
 use dataplane_common::conntrack::{expired, next_state};
 use dataplane_common::{ct_state, CtCounters, CtEntry, CtHop, CtKey, CtValue, DropReason, Route};
 
@@ -81,8 +81,12 @@ fn read_clock<const CPU: bool>() -> (u64, u64) {
         // but a program that interrupts it (see above). bpf_ktime_get_coarse_ns has no
         // preconditions.
         unsafe {
-            if (*clock).jiffies == jiffies && (!CPU || (*clock).cpu != 0) {
-                return ((*clock).ns, (*clock).cpu);
+            // Read together, before the check (fewer loads through the pointer on the path):
+            // a program interrupting these reads can at worst make this run's clock the tick
+            // before, as above.
+            let (copy_jiffies, copy_ns, copy_cpu) = ((*clock).jiffies, (*clock).ns, (*clock).cpu);
+            if copy_jiffies == jiffies && (!CPU || copy_cpu != 0) {
+                return (copy_ns, copy_cpu);
             }
             let ns = bpf_ktime_get_coarse_ns();
             (*clock).ns = ns;
@@ -123,10 +127,17 @@ impl Hit {
     /// The cached delivery for this packet's direction, if it was cached under `epoch`.
     #[inline(always)]
     pub fn cached(&self, epoch: u32) -> Option<CtHop> {
+        // One pointer for the packet's direction (`reply` is the hop after `original`), not a
+        // choice between the two for each field.
+        const _: () = assert!(
+            core::mem::offset_of!(CtValue, reply)
+                == core::mem::offset_of!(CtValue, original) + core::mem::size_of::<CtHop>()
+        );
         // SAFETY: the pointer came from a lookup in this program run; map values stay valid for
-        // the whole run (RCU), and hops are never written in place (see the module doc).
-        let v = unsafe { &*self.value };
-        let hop = if self.reply { v.reply } else { v.original };
+        // the whole run (RCU), and hops are never written in place (see the module doc). One
+        // hop past `original` is `reply` (checked above), inside the value.
+        let hop =
+            unsafe { *core::ptr::addr_of!((*self.value).original).add(usize::from(self.reply)) };
         if hop.epoch == epoch && epoch != 0 {
             Some(hop)
         } else {

@@ -36,14 +36,21 @@ use crate::{
 
 #[inline(always)]
 pub fn walk(ctx: &TcContext) -> Result<i32, DropReason> {
-    if !ensure(ctx, ETH_HLEN) {
-        return Err(DropReason::TruncatedEthernet);
-    }
     // SAFETY: `skb` is the context pointer the kernel passed to this program; reads of
     // `ifindex` are rewritten by the verifier into a read of `skb->dev->ifindex`.
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
-    let endpoint = endpoint_of(ifindex).ok_or(DropReason::UnknownEndpoint)?;
-    let eth: *mut EthHdr = ptr_at(ctx, 0).ok_or(DropReason::TruncatedEthernet)?;
+    // The endpoint is looked up before the frame is read, so that the frame's pointers are
+    // taken (and the header made linear if it is not) after the lookup, once; the model's order
+    // of the two drops is kept: a frame shorter than an Ethernet header is truncated, whoever
+    // sent it.
+    let Some(endpoint) = endpoint_of(ifindex) else {
+        return Err(if (ctx.len() as usize) < ETH_HLEN {
+            DropReason::TruncatedEthernet
+        } else {
+            DropReason::UnknownEndpoint
+        });
+    };
+    let eth: *mut EthHdr = header(ctx, 0).ok_or(DropReason::TruncatedEthernet)?;
     // SAFETY: ptr_at proved the Ethernet header is inside the linear data.
     let (src_ok, ethertype) =
         unsafe { (mac_eq(&(*eth).src, &endpoint.mac), be16((*eth).ethertype)) };
@@ -83,7 +90,7 @@ fn ipv4(
     let l4 = flow::l4(ctx, ip.proto, ip.l4_off, ip.ip_end)?;
 
     let key = flow::ct_key(endpoint.vni, &ip, &l4);
-    let role = conntrack::role(ip.proto, l4.tcp_flags, l4.icmp_type);
+    let role = l4.role;
     let (now, cpu) = conntrack::clock();
     // Before any route lookup: a hop is cached under the epoch read *before* the lookup it
     // copies, so a route changed meanwhile leaves it stale, never wrongly current.

@@ -7,7 +7,7 @@
 //! packet looks its route up in `VERSE_ROUTES6`. Neighbour discovery is `nd6`, a program of its
 //! own this one tail-calls (`nd::program`).
 use aya_ebpf::programs::TcContext;
-use dataplane_common::conntrack::{creates, is_error6, role6};
+use dataplane_common::conntrack::{creates, is_error6};
 use dataplane_common::{
     capacity, ct_owner, jump, nd, Config, Ct6Key, CtHop, DropReason, Endpoint, Hook, Route,
     Route6Key, DIRECTION_EGRESS, DIRECTION_INGRESS, ICMPV6_ERROR_MAX_LEN,
@@ -99,7 +99,7 @@ fn start(ctx: &TcContext) -> Result<i32, DropReason> {
     let scratch = unsafe { &mut *scratch };
     scratch.key = Ct6Key::new(endpoint.vni, src.0, dst.0, l4.sport, l4.dport, ip.proto);
     let key = &scratch.key;
-    let role = role6(ip.proto, l4.tcp_flags, l4.icmp_type);
+    let role = l4.role;
     let now = conntrack::now();
     let timeouts = &config.timeouts_ns;
     let found = conntrack6::lookup(key, &mut scratch.rev, role, endpoint.serial, now, timeouts);
@@ -295,6 +295,8 @@ pub fn open(ctx: &TcContext, key: &Ct6Key, o: &Open) -> Result<(), DropReason> {
         tcp_flags: o.tcp_flags,
         icmp_type: 0,
         hdr_len: o.hdr_len,
+        // Not read by the size.
+        role: conntrack::Role::Opens,
     };
     let size = conntrack6::size(ctx, &ip, &l4, ETH_HLEN);
     conntrack6::open(key, own, o.now, o.proto, o.tcp_flags, &size, o.interval, &flow)

@@ -13,6 +13,7 @@
 //! (`dataplane_common::wire::ipv6::walk`), its L4 header as IPv4's (ICMPv6 like ICMP);
 //! `from_endpoint6` and `from_underlay6` judge it (`endpoint6`, `underlay6`).
 use aya_ebpf::programs::TcContext;
+use dataplane_common::conntrack::{role, role6, Role};
 use dataplane_common::{ct_ports, icmp_ct_ports, wire::ipv6, Ct6Key, CtKey, DropReason};
 
 use crate::parse::*;
@@ -112,11 +113,10 @@ pub fn l4_ipv6(ctx: &TcContext, ip: &Ipv6) -> Result<L4, DropReason> {
                 tcp_flags: 0,
                 icmp_type: ty,
                 hdr_len: 8,
+                role: role6(IPPROTO_ICMPV6, 0, ty),
             })
         }
-        _ => {
-            Ok(L4 { sport: 0, dport: 0, policy_port: 0, tcp_flags: 0, icmp_type: 0xFF, hdr_len: 0 })
-        }
+        other => Ok(L4 { role: role6(other, 0, 0xFF), ..L4::UNPARSED }),
     }
 }
 
@@ -133,6 +133,23 @@ pub struct L4 {
     /// Length of the L4 header (TCP with options), 0 for protocols that are not parsed: with
     /// the IPv4 header length and the GSO size it gives the size of one segment on the wire.
     pub hdr_len: u16,
+    /// The packet's conntrack role (`role`, `role6` for IPv6), computed where its protocol is a
+    /// constant: the established path then carries one byte instead of working it out again
+    /// from the protocol, flags and type after the parse.
+    pub role: Role,
+}
+
+impl L4 {
+    /// A protocol that is not parsed (its role is set by the caller).
+    const UNPARSED: L4 = L4 {
+        sport: 0,
+        dport: 0,
+        policy_port: 0,
+        tcp_flags: 0,
+        icmp_type: 0xFF,
+        hdr_len: 0,
+        role: Role::Any,
+    };
 }
 
 #[inline(always)]
@@ -159,6 +176,7 @@ pub fn l4(ctx: &TcContext, proto: u8, l4_off: usize, ip_end: usize) -> Result<L4
                 tcp_flags: flags,
                 icmp_type: 0xFF,
                 hdr_len: doff as u16,
+                role: role(IPPROTO_TCP, flags, 0xFF),
             })
         }
         IPPROTO_UDP => {
@@ -168,7 +186,15 @@ pub fn l4(ctx: &TcContext, proto: u8, l4_off: usize, ip_end: usize) -> Result<L4
             let udp: *const UdpHdr = header(ctx, l4_off).ok_or(DropReason::MalformedL4)?;
             // SAFETY: ptr_at proved the UDP header is inside the linear data.
             let (sport, dport) = unsafe { (be16((*udp).sport), be16((*udp).dport)) };
-            Ok(L4 { sport, dport, policy_port: dport, tcp_flags: 0, icmp_type: 0xFF, hdr_len: 8 })
+            Ok(L4 {
+                sport,
+                dport,
+                policy_port: dport,
+                tcp_flags: 0,
+                icmp_type: 0xFF,
+                hdr_len: 8,
+                role: role(IPPROTO_UDP, 0, 0xFF),
+            })
         }
         IPPROTO_ICMP => {
             if l4_off + core::mem::size_of::<IcmpHdr>() > ip_end {
@@ -185,11 +211,10 @@ pub fn l4(ctx: &TcContext, proto: u8, l4_off: usize, ip_end: usize) -> Result<L4
                 tcp_flags: 0,
                 icmp_type: ty,
                 hdr_len: 8,
+                role: role(IPPROTO_ICMP, 0, ty),
             })
         }
-        _ => {
-            Ok(L4 { sport: 0, dport: 0, policy_port: 0, tcp_flags: 0, icmp_type: 0xFF, hdr_len: 0 })
-        }
+        other => Ok(L4 { role: role(other, 0, 0xFF), ..L4::UNPARSED }),
     }
 }
 
@@ -266,9 +291,9 @@ pub fn quoted_flow6(
 
 /// The conntrack key of a packet in `vni`. The protocol goes in through [`opaque`]: where LLVM
 /// knows it (the ICMP branch of the parse, whose ports are constants too), it merged the ports
-/// and the protocol word into one 8-byte store at offset 12 of the key, misaligned whenever the
-/// key sits at an 8-aligned stack offset, and the verifier refuses a misaligned stack access
-/// (the BPF target may emit misaligned stores, see `controller/build.rs`).
+/// and the protocol into one 8-byte stack store, which the verifier refuses where it is
+/// misaligned (the BPF target may emit misaligned stores, see `controller/build.rs`); the key
+/// is 8-byte aligned now, but what LLVM merges is not ours to promise.
 #[inline(always)]
 pub fn ct_key(vni: u32, ip: &Ipv4, l4: &L4) -> CtKey {
     CtKey::new(vni, ip.src, ip.dst, l4.sport, l4.dport, opaque(ip.proto))

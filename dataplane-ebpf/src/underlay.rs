@@ -152,7 +152,7 @@ fn inner(
     };
 
     let key = flow::ct_key(vni, &ip, &l4);
-    let role = conntrack::role(ip.proto, l4.tcp_flags, l4.icmp_type);
+    let role = l4.role;
     let now = conntrack::now();
     let found = conntrack::lookup(&key, role, from.serial, now, &config.timeouts_ns);
     if let Some(hit) = found.hit.filter(|h| h.receiver_serial() == to.serial) {

@@ -5,7 +5,7 @@
 //! over the IPv6 tables (`VERSE_ROUTES6`, `VERSE_CT6`, IPv6 CIDR classes). The frame work that
 //! can fail (the unwrap, the Ethernet rewrite) comes before the conntrack write, as there.
 use aya_ebpf::programs::TcContext;
-use dataplane_common::conntrack::{creates, is_error6, role6};
+use dataplane_common::conntrack::{creates, is_error6};
 use dataplane_common::{
     ct_owner, nd, DropReason, Hook, Route, Route6Key, DIRECTION_INGRESS, ENCAP_OVERHEAD,
 };
@@ -73,7 +73,7 @@ fn start(ctx: &TcContext) -> Result<i32, DropReason> {
         _ => return Err(DropReason::NotLocal),
     };
     scratch.key = dataplane_common::Ct6Key::new(vni, src.0, dst.0, l4.sport, l4.dport, ip.proto);
-    let role = role6(ip.proto, l4.tcp_flags, l4.icmp_type);
+    let role = l4.role;
     let now = conntrack::now();
     let timeouts = &config.timeouts_ns;
     let found =
