@@ -443,10 +443,16 @@ pub fn compile(
     // One trie will hold both families' entries.
     let both = desired.policy.len() + desired.ipv6.policy.len();
     fits(host, dp::map_names::POLICY, both, dp::capacity::POLICY)?;
-    // Slots for the rules that kept an entry (a rule whose every entry another rule names first
-    // counts nothing, and needs no slot).
-    let named: BTreeSet<u32> =
-        desired.policy.values().map(|v| v.rule).filter(|r| *r != 0).collect();
+    // Slots for the rules that kept an entry of either family (a rule whose every entry another
+    // rule names first counts nothing, and needs no slot; a rule that admits only IPv6, `::/0`
+    // or `icmpv6`, has IPv6 entries only).
+    let named: BTreeSet<u32> = desired
+        .policy
+        .values()
+        .chain(desired.ipv6.policy.values())
+        .map(|v| v.rule)
+        .filter(|r| *r != 0)
+        .collect();
     fits_rules(host, named.len())?;
     let slots = ids.rule_slots.renumber(&named)?;
     for value in desired.policy.values_mut() {
@@ -1362,10 +1368,14 @@ mod tests {
         use dp::peer_kind::{bit, ANY, IDENTITY};
         assert_eq!(d.ipv6.policy_kinds[&a.identity], bit(in6, IDENTITY) | bit(out6, ANY));
         assert_eq!(d.ipv6.policy_kinds[&a.identity] & 0xFFFF, 0, "no IPv4 bit");
-        // The group rule's entry carries the rule's (IPv4) slot; ::/0 has none yet.
+        // The group rule's entries carry its one slot in both families; ::/0, a rule with IPv6
+        // entries only, has a slot of its own (its new flows are counted).
         let slot = |rule| d.rules.iter().find(|(_, r)| **r == rule).map(|(s, _)| *s);
         assert_eq!(d.ipv6.policy[&entry(in6, a.identity)].slot, slot(ingress).unwrap());
-        assert_eq!(d.ipv6.policy[&entry(out6, dp::peer::ANY)].slot, 0);
+        let any6 = d.ipv6.policy[&entry(out6, dp::peer::ANY)];
+        assert_eq!(Some(any6.slot), slot(any6.rule));
+        assert_ne!(any6.slot, 0);
+        assert_ne!(Some(any6.slot), slot(egress("0.0.0.0/0")));
         assert!(d.ipv6.cidrs.is_empty(), "::/0 is the ANY peer, not a class");
 
         // The same universe without IPv6 CIDRs compiles no IPv6 contents at all.
@@ -2056,10 +2066,16 @@ mod tests {
     /// The IPv4 maps of `d`: everything but its IPv6 contents.
     /// What IPv4 packets are judged by: everything but the IPv6 contents and the endpoints'
     /// IPv6 addresses and gateways.
+    /// Rule slots are numbered over the rules of both families, so they are left out too: what
+    /// counts is the rule each IPv4 entry names (and `rules` lists those rules).
     fn ipv4_part(d: &MapContents) -> MapContents {
         let mut endpoints = d.endpoints.clone();
         endpoints.values_mut().for_each(|e| (e.ip6, e.gateway6) = ([0; 16], [0; 16]));
-        MapContents { ipv6: Ipv6Contents::default(), endpoints, ..d.clone() }
+        let mut policy = d.policy.clone();
+        policy.values_mut().for_each(|v| v.slot = 0);
+        let named: BTreeSet<u32> = policy.values().map(|v| v.rule).collect();
+        let rules = d.rules.values().filter(|r| named.contains(r)).map(|&r| (r, r)).collect();
+        MapContents { ipv6: Ipv6Contents::default(), endpoints, policy, rules, ..d.clone() }
     }
 
     proptest::proptest! {
@@ -2102,7 +2118,7 @@ mod tests {
             v4.endpoints.update_all(|_, e| e.ipv6 = None);
             let d4 = compile_all(&v4, &mut Ids::default());
             proptest::prop_assert_eq!(d4.ipv6.clone(), Ipv6Contents::default());
-            proptest::prop_assert_eq!(d4, ipv4_part(&d));
+            proptest::prop_assert_eq!(ipv4_part(&d4), ipv4_part(&d));
         }
     }
 
@@ -2222,13 +2238,41 @@ mod tests {
     /// rule id -> the slot every one of its policy entries carries (and `rules` names).
     fn rule_slots_of(d: &MapContents) -> BTreeMap<u32, u32> {
         let mut out = BTreeMap::new();
-        for v in d.policy.values() {
+        for v in d.policy.values().chain(d.ipv6.policy.values()) {
             let slot = *out.entry(v.rule).or_insert(v.slot);
             assert_eq!(slot, v.slot, "every entry of rule {:08x} carries one slot", v.rule);
         }
         let held: BTreeMap<u32, u32> = d.rules.iter().map(|(&s, &r)| (r, s)).collect();
         assert_eq!(out, held, "the slots in use are those the entries carry");
         out
+    }
+
+    /// A rule that admits only IPv6 (`::/0`, an IPv6 CIDR, `icmpv6`) has IPv6 entries only, and
+    /// a slot all the same: its new flows are counted like any rule's.
+    #[test]
+    fn a_rule_that_admits_only_ipv6_has_a_slot() {
+        let mut s = State::default();
+        let u = dual_universe(&mut s, "10.0.0.0/24", Some(CIDR6));
+        let g = default_group(&s, &u.id);
+        dual_endpoint(&mut s, HOST, &u.id, ("10.0.0.10", Some("fd00:ab::10")), &[&g]);
+        let only6 = [
+            json!({"direction": "ingress", "protocol": "tcp", "from_port": 80, "to_port": 80, "cidr": "::/0"}),
+            json!({"direction": "ingress", "protocol": "udp", "from_port": 53, "to_port": 53, "cidr": "fd00:ab::/64"}),
+            json!({"direction": "ingress", "protocol": "icmpv6", "cidr": "::/0"}),
+        ];
+        let ids: Vec<u32> = only6
+            .iter()
+            .map(|r| {
+                let rule = s.add_rule(&g, serde_json::from_value(r.clone()).unwrap()).unwrap();
+                model::rule_bits(&rule.id).unwrap()
+            })
+            .collect();
+        let d = compile_all(&s, &mut Ids::default());
+        let slots = rule_slots_of(&d);
+        for id in ids {
+            assert!(d.policy.values().all(|v| v.rule != id), "{id:08x} has no IPv4 entry");
+            assert!(slots.get(&id).is_some_and(|&s| s != 0), "{id:08x} has a slot: {slots:?}");
+        }
     }
 
     #[test]
