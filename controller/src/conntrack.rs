@@ -24,6 +24,7 @@
 //!   a multiple of the time the last collection took (its cost is bounded).
 use std::collections::BTreeMap;
 use std::io;
+use std::net::IpAddr;
 use std::os::fd::{AsRawFd, BorrowedFd};
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -33,9 +34,37 @@ use dataplane_common::{Ct6Key, CtEntry, CtKey, CtOwner, CtValue};
 
 /// The key of a conntrack table: `VERSE_CT`'s ([`CtKey`]) or `VERSE_CT6`'s ([`Ct6Key`]). Both
 /// tables hold the same values, charged to the same budgets, and are collected alike.
-pub trait FlowKey: Copy + Default + aya::Pod {}
-impl FlowKey for CtKey {}
-impl FlowKey for Ct6Key {}
+pub trait FlowKey: Copy + Default + aya::Pod {
+    /// The key as the daemon's readers (flow logs, packets per rule) see either family's.
+    fn flow(&self) -> Flow;
+}
+
+impl FlowKey for CtKey {
+    fn flow(&self) -> Flow {
+        let (src, dst) = (IpAddr::from(self.src), IpAddr::from(self.dst));
+        let (vni, proto) = (self.vni(), self.proto());
+        Flow { vni, src, dst, sport: self.sport, dport: self.dport, proto }
+    }
+}
+
+impl FlowKey for Ct6Key {
+    fn flow(&self) -> Flow {
+        let (src, dst) = (IpAddr::from(self.src), IpAddr::from(self.dst));
+        Flow { vni: self.vni, src, dst, sport: self.sport, dport: self.dport, proto: self.proto }
+    }
+}
+
+/// A conntrack key of either table, family-neutral: the flow's universe, its original
+/// direction's addresses and conntrack ports, its protocol.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Flow {
+    pub vni: u32,
+    pub src: IpAddr,
+    pub dst: IpAddr,
+    pub sport: u16,
+    pub dport: u16,
+    pub proto: u8,
+}
 
 /// `bpf(2)` commands (`include/uapi/linux/bpf.h`).
 const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;

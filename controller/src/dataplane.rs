@@ -49,7 +49,7 @@ use dataplane_common::{
 };
 
 use crate::compile::{policy_kinds_after, policy_kinds_before, MapContents, OwnerBudget};
-use crate::conntrack::{self, Collected, Owners};
+use crate::conntrack::{self, Collected, FlowKey, Owners};
 
 /// The dataplane object built by `controller/build.rs`.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(env!("VERSE_DATAPLANE_OBJECT"));
@@ -913,6 +913,14 @@ impl Dataplane {
         })
     }
 
+    /// Every conntrack entry of both tables (`VERSE_CT`, `VERSE_CT6`) with its counters, keyed
+    /// family-neutrally: what flow logs and packets per rule read.
+    pub fn conntrack_flows(&self) -> Result<Vec<(conntrack::Flow, CtValue)>> {
+        let v4 = self.conntrack_values()?.into_iter().map(|(k, v)| (k.flow(), v));
+        let v6 = self.conntrack6_values()?.into_iter().map(|(k, v)| (k.flow(), v));
+        Ok(v4.chain(v6).collect())
+    }
+
     /// Every IPv6 conntrack entry's flow state.
     pub fn conntrack6(&self) -> Result<Vec<(Ct6Key, CtEntry)>> {
         Ok(self.conntrack6_values()?.into_iter().map(|(k, v)| (k, v.entry)).collect())
@@ -942,17 +950,21 @@ impl Dataplane {
         &self,
         garbage: &dyn Fn(&CtEntry) -> bool,
         kept: &mut dyn FnMut(&CtEntry),
-        gone: &mut dyn FnMut(&CtKey, &CtValue),
+        gone: &mut dyn FnMut(&conntrack::Flow, &CtValue),
     ) -> Result<Collected> {
         let fd = self.conntrack.map().fd().as_fd();
-        let v4 =
-            conntrack::collect(fd, &self.ct_owners, garbage, kept, gone).map_err(|source| {
-                Error::Conntrack { call: "garbage collection", name: map_names::CONNTRACK, source }
-            })?;
-        // IPv6 flows: the same budgets, the same predicate; not reported to `gone` (flow logs
-        // carry IPv4 flows only, see README).
+        let mut gone4 = |k: &CtKey, v: &CtValue| gone(&k.flow(), v);
+        let v4 = conntrack::collect(fd, &self.ct_owners, garbage, kept, &mut gone4).map_err(
+            |source| Error::Conntrack {
+                call: "garbage collection",
+                name: map_names::CONNTRACK,
+                source,
+            },
+        )?;
+        // IPv6 flows: the same budgets, the same predicate, reported to `gone` alike.
         let fd6 = self.conntrack6.map().fd().as_fd();
-        let v6 = conntrack::collect::<Ct6Key>(fd6, &self.ct_owners, garbage, kept, &mut |_, _| {})
+        let mut gone6 = |k: &Ct6Key, v: &CtValue| gone(&k.flow(), v);
+        let v6 = conntrack::collect::<Ct6Key>(fd6, &self.ct_owners, garbage, kept, &mut gone6)
             .map_err(|source| Error::Conntrack {
                 call: "garbage collection",
                 name: map_names::CONNTRACK6,

@@ -12,7 +12,7 @@
 //!   not send: suppressed by the rate limit, lost, or a host that cannot be reached).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime};
@@ -85,7 +85,7 @@ pub struct Transport {
     pub sport: Option<u16>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dport: Option<u16>,
-    /// ICMP only.
+    /// ICMP and ICMPv6 only.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub icmp_type: Option<u8>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -94,12 +94,12 @@ pub struct Transport {
 
 impl Transport {
     /// The service as every message (events, traces) writes it: `tcp/5432`, `udp/53`,
-    /// `icmp type 8 code 0`, `protocol 47`; `protocol` is the packet's protocol by name
-    /// ([`protocol_name`]).
+    /// `icmp type 8 code 0`, `icmpv6 type 128 code 0`, `protocol 47`; `protocol` is the
+    /// packet's protocol by name ([`protocol_name`]).
     pub fn service(&self, protocol: &str) -> String {
         match (self.dport, self.icmp_type) {
             (Some(port), _) => format!("{protocol}/{port}"),
-            (None, Some(t)) => format!("icmp type {t} code {}", self.icmp_code.unwrap_or(0)),
+            (None, Some(t)) => format!("{protocol} type {t} code {}", self.icmp_code.unwrap_or(0)),
             (None, None) => format!("protocol {protocol}"),
         }
     }
@@ -122,11 +122,13 @@ pub struct EventRecord {
     /// The local endpoint the hook judged for: the sender at `from_endpoint`, the receiver
     /// at `from_underlay`.
     pub endpoint: Option<String>,
-    /// `tcp`, `udp`, `icmp` or the protocol number; absent when no IPv4 header was read.
+    /// `tcp`, `udp`, `icmp`, `icmpv6` or the protocol number; absent when no IP header was read
+    /// (or, for IPv6, its extension headers did not walk to the upper layer).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub protocol: Option<String>,
-    pub src: Option<Ipv4Addr>,
-    pub dst: Option<Ipv4Addr>,
+    /// The (inner) packet's addresses, IPv4 or IPv6.
+    pub src: Option<IpAddr>,
+    pub dst: Option<IpAddr>,
     #[serde(flatten)]
     pub transport: Transport,
     /// The endpoints at the source and destination addresses, if any.
@@ -166,7 +168,7 @@ pub struct Notice {
 #[derive(Clone, Debug, Default)]
 pub struct Index {
     universes: HashMap<u32, String>,
-    endpoints: HashMap<(String, Ipv4Addr), String>,
+    endpoints: HashMap<(String, IpAddr), String>,
     rules: HashMap<u32, IndexedRule>,
     groups: HashMap<String, IndexedGroup>,
     identities: HashMap<u32, (String, Vec<String>)>,
@@ -193,7 +195,10 @@ impl Index {
             ix.universes.insert(u.vni, u.id.clone());
         }
         for e in state.endpoints.values() {
-            ix.endpoints.insert((e.universe.clone(), e.ip), e.id.clone());
+            ix.endpoints.insert((e.universe.clone(), IpAddr::V4(e.ip)), e.id.clone());
+            if let Some(ip6) = e.ipv6 {
+                ix.endpoints.insert((e.universe.clone(), IpAddr::V6(ip6)), e.id.clone());
+            }
         }
         for g in state.groups.values() {
             ix.groups.insert(
@@ -251,7 +256,8 @@ impl Index {
         self.universes.get(&vni).map(String::as_str)
     }
 
-    pub fn endpoint_at(&self, universe: &str, ip: Ipv4Addr) -> Option<&str> {
+    /// The endpoint of `universe` at `ip`, its IPv4 address or its IPv6 one.
+    pub fn endpoint_at(&self, universe: &str, ip: IpAddr) -> Option<&str> {
         self.endpoints.get(&(universe.to_owned(), ip)).map(String::as_str)
     }
 
@@ -307,12 +313,13 @@ pub fn render(e: &dp::Event, cx: &Context<'_>) -> EventRecord {
     let hook = Hook::from_code(e.hook);
     let verdict = if e.kind == event_kind::NEW_FLOW { Verdict::Admitted } else { Verdict::Dropped };
     let reason = (verdict == Verdict::Dropped).then(|| DropReason::from_code(e.reason));
-    let ip = |a: [u8; 4]| (a != [0; 4]).then(|| Ipv4Addr::from(a));
-    let parsed = e.proto != 0 || e.src != [0; 4];
-    let (src, dst) = if parsed { (ip(e.src), ip(e.dst)) } else { (None, None) };
+    let ip = |a: IpAddr| (!a.is_unspecified()).then_some(a);
+    let (src, dst) = e.addrs().map_or((None, None), |(s, d)| (ip(s), ip(d)));
+    // An IPv6 packet whose extension headers did not walk has addresses and no protocol.
+    let parsed = e.ip_version == 4 || (e.ip_version == 6 && e.proto != 0);
     let universe =
         (e.vni != 0).then(|| cx.index.universe_of_vni(e.vni)).flatten().map(str::to_owned);
-    let at = |a: Option<Ipv4Addr>| {
+    let at = |a: Option<IpAddr>| {
         universe.as_deref().zip(a).and_then(|(u, a)| cx.index.endpoint_at(u, a)).map(str::to_owned)
     };
     let (src_endpoint, dst_endpoint) = (at(src), at(dst));
@@ -325,7 +332,7 @@ pub fn render(e: &dp::Event, cx: &Context<'_>) -> EventRecord {
         (true, 6 | 17) => {
             Transport { sport: Some(e.sport), dport: Some(e.dport), ..Transport::default() }
         }
-        (true, 1) => Transport {
+        (true, 1 | 58) => Transport {
             icmp_type: Some((e.dport >> 8) as u8),
             icmp_code: Some(e.dport as u8),
             ..Transport::default()
@@ -385,7 +392,8 @@ pub fn render(e: &dp::Event, cx: &Context<'_>) -> EventRecord {
         dst_endpoint,
         src_identity: nonzero(e.src_identity),
         dst_identity: nonzero(e.dst_identity),
-        peer_host: ip(e.peer_host)
+        peer_host: (e.peer_host != [0; 4])
+            .then(|| Ipv4Addr::from(e.peer_host))
             .map(|a| cx.index.host_at(a).map_or_else(|| a.to_string(), str::to_owned)),
         rules,
         searched,
@@ -408,7 +416,7 @@ fn what(r: &EventRecord) -> String {
     }
 }
 
-fn addr(ip: Option<Ipv4Addr>, identity: Option<u32>) -> String {
+fn addr(ip: Option<IpAddr>, identity: Option<u32>) -> String {
     match (ip, identity) {
         (Some(ip), Some(id)) => format!("{ip} (identity {id})"),
         (Some(ip), None) => format!("{ip} (no endpoint)"),
@@ -894,7 +902,7 @@ mod tests {
                 name: "shop".into(),
                 cidr: Some("10.0.0.0/24".into()),
                 cidrs: None,
-                ipv6_cidrs: None,
+                ipv6_cidrs: Some(vec!["fd00:7::/64".into()]),
             })
             .unwrap();
         let web = s
@@ -928,7 +936,7 @@ mod tests {
                     security_groups: Some(vec![g.to_owned()]),
                     conntrack_budget: None,
                     flow_logs: None,
-                    ipv6: None,
+                    ipv6: Some(v6(ip).to_string()),
                 },
                 "h1",
             )
@@ -940,14 +948,30 @@ mod tests {
         (s, u.id, web, db, r.id)
     }
 
+    /// The IPv6 address of the test endpoint at IPv4 `ip`: `fd00:7::` and its last byte.
+    fn v6(ip: &str) -> std::net::Ipv6Addr {
+        let last = ip.parse::<Ipv4Addr>().unwrap().octets()[3];
+        std::net::Ipv6Addr::new(0xfd00, 7, 0, 0, 0, 0, 0, u16::from(last))
+    }
+
+    /// The address of the test endpoint at IPv4 `ip` in `family` (4 or 6).
+    fn at(ip: &str, family: u8) -> IpAddr {
+        if family == 4 {
+            IpAddr::V4(ip.parse().unwrap())
+        } else {
+            IpAddr::V6(v6(ip))
+        }
+    }
+
     fn context<'a>(index: &'a Index, local: &'a BTreeMap<u32, String>) -> Context<'a> {
         Context { host: "h1", index, local, boot: SystemTime::UNIX_EPOCH }
     }
 
-    fn tcp_event(s: &State, kind: u8, reason: DropReason) -> dp::Event {
+    /// A TCP packet from 10.0.0.7 to 10.0.0.9, or between their IPv6 addresses (`family` 6).
+    fn tcp_event(s: &State, kind: u8, reason: DropReason, family: u8) -> dp::Event {
         let vni = s.universes.values().next().unwrap().vni;
         let id = |ip: &str| s.endpoints.values().find(|e| e.ip.to_string() == ip).unwrap().identity;
-        dp::Event {
+        let mut e = dp::Event {
             time_ns: 1_500_000_000,
             kind,
             hook: Hook::FromEndpoint as u8,
@@ -956,25 +980,31 @@ mod tests {
             reason: if kind == event_kind::DROP { reason as u32 } else { 0 },
             ifindex: 40,
             vni,
-            src: [10, 0, 0, 7],
-            dst: [10, 0, 0, 9],
             sport: 40122,
             dport: 5432,
             src_identity: id("10.0.0.7"),
             dst_identity: id("10.0.0.9"),
             len: 74,
             ..dp::Event::default()
-        }
+        };
+        e.set_addrs(at("10.0.0.7", family), at("10.0.0.9", family));
+        e
     }
 
     #[test]
     fn a_policy_drop_names_what_was_searched() {
+        for family in [4, 6] {
+            a_policy_drop_names_what_was_searched_in(family);
+        }
+    }
+
+    fn a_policy_drop_names_what_was_searched_in(family: u8) {
         let (s, u, _web, db, _) = state();
         let ix = Index::new(&s);
         let b = s.endpoints.values().find(|e| e.ip.to_string() == "10.0.0.9").unwrap();
         let a = s.endpoints.values().find(|e| e.ip.to_string() == "10.0.0.7").unwrap();
         let local = BTreeMap::from([(40, a.id.clone())]);
-        let mut e = tcp_event(&s, event_kind::DROP, DropReason::PolicyIngress);
+        let mut e = tcp_event(&s, event_kind::DROP, DropReason::PolicyIngress, family);
         e.dport = 5433;
         let r = render(&e, &context(&ix, &local));
         assert_eq!(r.verdict, Verdict::Dropped);
@@ -982,13 +1012,15 @@ mod tests {
         assert_eq!(r.universe.as_deref(), Some(u.as_str()));
         assert_eq!(r.endpoint.as_deref(), Some(a.id.as_str()));
         assert_eq!(r.dst_endpoint.as_deref(), Some(b.id.as_str()));
+        assert_eq!((r.src, r.dst), (Some(at("10.0.0.7", family)), Some(at("10.0.0.9", family))));
         let searched = r.searched.clone().unwrap();
         assert_eq!(searched.groups, vec![db.clone()]);
         assert_eq!(searched.endpoint.as_deref(), Some(b.id.as_str()));
         assert_eq!(
             r.message,
             format!(
-                "no ingress rule of groups {db} (db) admits tcp/5433 from 10.0.0.7 (identity {})",
+                "no ingress rule of groups {db} (db) admits tcp/5433 from {} (identity {})",
+                at("10.0.0.7", family),
                 a.identity
             )
         );
@@ -998,15 +1030,22 @@ mod tests {
         assert_eq!(line["kind"], "event");
         assert_eq!(line["verdict"], "dropped");
         assert_eq!(line["sport"], 40122);
+        assert_eq!(line["src"], at("10.0.0.7", family).to_string(), "the standard form");
         assert!(line.get("icmp_type").is_none());
     }
 
     #[test]
     fn an_admitted_flow_names_its_rules_and_filters_match_them() {
+        for family in [4, 6] {
+            an_admitted_flow_names_its_rules_and_filters_match_them_in(family);
+        }
+    }
+
+    fn an_admitted_flow_names_its_rules_and_filters_match_them_in(family: u8) {
         let (s, u, web, db, rule) = state();
         let ix = Index::new(&s);
         let local = BTreeMap::new();
-        let mut e = tcp_event(&s, event_kind::NEW_FLOW, DropReason::PolicyIngress);
+        let mut e = tcp_event(&s, event_kind::NEW_FLOW, DropReason::PolicyIngress, family);
         e.rule_ingress = model::rule_bits(&rule).unwrap();
         let r = render(&e, &context(&ix, &local));
         assert_eq!(r.verdict, Verdict::Admitted);
@@ -1014,6 +1053,8 @@ mod tests {
         assert_eq!(r.rules.len(), 1);
         assert_eq!(r.rules[0].id, rule);
         assert_eq!(r.rules[0].group, db);
+        let b = s.endpoints.values().find(|e| e.ip.to_string() == "10.0.0.9").unwrap();
+        assert_eq!(r.dst_endpoint.as_deref(), Some(b.id.as_str()), "found by its address");
         assert!(
             r.message.contains(&format!("admitted by {rule} (ingress rule of {db} (db))")),
             "{}",

@@ -30,16 +30,17 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufRead, BufReader, Write};
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime};
 
-use dataplane_common::{self as dp, CtKey, CtValue, DropReason, Hook};
+use dataplane_common::{self as dp, CtValue, DropReason, Hook};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
+use crate::conntrack::Flow;
 use crate::model::{Direction, State, Timestamp};
 use crate::reconcile::SharedDataplane;
 
@@ -69,14 +70,16 @@ pub struct FlowLogRecord {
     /// Relative to the endpoint: `ingress` (it received) or `egress` (it sent).
     pub flow_direction: Direction,
     pub action: Action,
-    pub srcaddr: Ipv4Addr,
-    pub dstaddr: Ipv4Addr,
+    /// IPv4 or IPv6 (in its standard form, RFC 5952), as the flow's.
+    pub srcaddr: IpAddr,
+    pub dstaddr: IpAddr,
     /// TCP and UDP ports; 0 for other protocols.
     pub srcport: u16,
     pub dstport: u16,
-    /// IANA protocol number (6 TCP, 17 UDP, 1 ICMP).
+    /// IANA protocol number (6 TCP, 17 UDP, 1 ICMP, 58 ICMPv6).
     pub protocol: u8,
-    /// Packets (TCP segments on the wire) and bytes (IPv4 datagrams) in the interval.
+    /// Packets (TCP segments on the wire) and bytes (IP packets: IPv4 datagrams, IPv6 packets
+    /// with their extension headers) in the interval.
     pub packets: u64,
     pub bytes: u64,
     /// The interval.
@@ -139,8 +142,8 @@ struct RecordKey {
     direction: Direction,
     action: Action,
     proto: u8,
-    src: [u8; 4],
-    dst: [u8; 4],
+    src: IpAddr,
+    dst: IpAddr,
     sport: u16,
     dport: u16,
     rule: u32,
@@ -180,7 +183,7 @@ pub fn flags_in(c: &dp::CtCounters, interval: u32) -> [u8; 2] {
 /// The records of the current interval, built as the table is read (see the module contract).
 #[derive(Debug, Default)]
 pub struct Aggregator {
-    seen: HashMap<CtKey, Seen>,
+    seen: HashMap<Flow, Seen>,
     pending: BTreeMap<RecordKey, Acc>,
     /// Packets admitted per rule (the rule id's bits) since the daemon started.
     rule_packets: BTreeMap<u32, u64>,
@@ -191,7 +194,7 @@ pub struct Aggregator {
 impl Aggregator {
     /// An entry read when the daemon starts: what it counted so far belongs to no interval of
     /// this daemon's (its last one wrote it, or it was never written).
-    pub fn baseline(&mut self, key: &CtKey, v: &CtValue) {
+    pub fn baseline(&mut self, key: &Flow, v: &CtValue) {
         let (e, c) = (&v.entry, &v.counters);
         self.seen.insert(
             *key,
@@ -206,23 +209,23 @@ impl Aggregator {
     }
 
     /// An entry read from the table at the end of interval `interval`.
-    pub fn observe(&mut self, key: &CtKey, v: &CtValue, interval: u32, locals: &Locals) {
+    pub fn observe(&mut self, key: &Flow, v: &CtValue, interval: u32, locals: &Locals) {
         self.account(key, v, interval, locals);
     }
 
     /// An entry deleted (by garbage collection) during interval `interval`: what it counted
     /// since the last read, and it is forgotten.
-    pub fn gone(&mut self, key: &CtKey, v: &CtValue, interval: u32, locals: &Locals) {
+    pub fn gone(&mut self, key: &Flow, v: &CtValue, interval: u32, locals: &Locals) {
         self.account(key, v, interval, locals);
         self.seen.remove(key);
     }
 
     /// Forgets the entries that were not in the last read (deleted without being seen to go).
-    pub fn retain(&mut self, read: &HashSet<CtKey>) {
+    pub fn retain(&mut self, read: &HashSet<Flow>) {
         self.seen.retain(|k, _| read.contains(k));
     }
 
-    fn account(&mut self, key: &CtKey, v: &CtValue, interval: u32, locals: &Locals) {
+    fn account(&mut self, key: &Flow, v: &CtValue, interval: u32, locals: &Locals) {
         let e = &v.entry;
         let c = &v.counters;
         let now = Seen {
@@ -261,7 +264,7 @@ impl Aggregator {
             }
         }
         let flags = flags_in(c, interval);
-        let ports = |sport: u16, dport: u16| match key.proto() {
+        let ports = |sport: u16, dport: u16| match key.proto {
             6 | 17 => (sport, dport),
             _ => (0, 0),
         };
@@ -289,7 +292,7 @@ impl Aggregator {
                     endpoint: local.endpoint.clone(),
                     direction,
                     action: Action::Accept,
-                    proto: key.proto(),
+                    proto: key.proto,
                     src,
                     dst,
                     sport,
@@ -327,7 +330,7 @@ impl Aggregator {
         let Some(local) = who.and_then(|id| locals.by_id(id)).filter(|l| l.logs) else {
             return;
         };
-        // The IPv4 datagram: the frame without its Ethernet header (and, at from_underlay, the
+        // The IP packet: the frame without its Ethernet header (and, at from_underlay, the
         // encapsulation and the outer Ethernet header).
         let overhead = match hook {
             Some(Hook::FromUnderlay) => 14 + dp::ENCAP_OVERHEAD,
@@ -337,13 +340,16 @@ impl Aggregator {
             6 | 17 => (e.sport, e.dport),
             _ => (0, 0),
         };
+        // A drop with no addresses (nothing parsed) is recorded with 0.0.0.0, as before.
+        let unspecified = IpAddr::V4(Ipv4Addr::UNSPECIFIED);
+        let (src, dst) = e.addrs().unwrap_or((unspecified, unspecified));
         let k = RecordKey {
             endpoint: local.endpoint.clone(),
             direction,
             action: Action::Reject,
             proto: e.proto,
-            src: e.src,
-            dst: e.dst,
+            src,
+            dst,
             sport,
             dport,
             rule: 0,
@@ -384,8 +390,8 @@ impl Aggregator {
                 interface: local.interface.clone(),
                 flow_direction: k.direction,
                 action: k.action,
-                srcaddr: Ipv4Addr::from(k.src),
-                dstaddr: Ipv4Addr::from(k.dst),
+                srcaddr: k.src,
+                dstaddr: k.dst,
                 srcport: k.sport,
                 dstport: k.dport,
                 protocol: k.proto,
@@ -583,7 +589,7 @@ impl FlowLogs {
     }
 
     /// An entry deleted by garbage collection (see [`Aggregator::gone`]).
-    pub fn gone(&self, key: &CtKey, v: &CtValue) {
+    pub fn gone(&self, key: &Flow, v: &CtValue) {
         let interval = self.interval.load(Ordering::Relaxed);
         let locals = self.locals();
         self.aggregator().gone(key, v, interval, &locals);
@@ -604,7 +610,7 @@ impl FlowLogs {
     pub fn start(&self, dataplane: &SharedDataplane) -> Result<(), crate::dataplane::Error> {
         let dp = dataplane.lock().unwrap_or_else(PoisonError::into_inner);
         self.interval.store(dp.flow_interval()?, Ordering::Relaxed);
-        let entries = dp.conntrack_values()?;
+        let entries = dp.conntrack_flows()?;
         let mut agg = self.aggregator();
         for (k, v) in &entries {
             agg.baseline(k, v);
@@ -629,7 +635,7 @@ impl FlowLogs {
         let closed = self.interval.load(Ordering::Relaxed);
         dp.set_flow_interval(closed.wrapping_add(1))?;
         self.interval.store(closed.wrapping_add(1), Ordering::Relaxed);
-        let entries = dp.conntrack_values()?;
+        let entries = dp.conntrack_flows()?;
         let mut agg = self.aggregator();
         drop(dp);
         let mut read = HashSet::with_capacity(entries.len());
@@ -790,7 +796,7 @@ pub async fn run(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use dataplane_common::{CtCounters, CtEntry};
+    use dataplane_common::{Ct6Key, CtCounters, CtEntry, CtKey};
 
     fn locals() -> Locals {
         let mut l = Locals::default();
@@ -808,8 +814,31 @@ mod tests {
         l
     }
 
-    fn key(src: u8, dst: u8, proto: u8) -> CtKey {
-        CtKey::new(7, [10, 0, 0, src], [10, 0, 0, dst], 40000, 5432, proto)
+    /// The test address ending in `last`: `10.0.0.<last>`, or `fd00::<last>` (`family` 6).
+    fn addr(family: u8, last: u8) -> IpAddr {
+        if family == 4 {
+            IpAddr::V4(Ipv4Addr::new(10, 0, 0, last))
+        } else {
+            IpAddr::V6(std::net::Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, u16::from(last)))
+        }
+    }
+
+    /// A flow of `VERSE_CT` (`family` 4) or `VERSE_CT6` (6), as flow logs read it.
+    fn key_in(family: u8, src: u8, dst: u8, proto: u8) -> Flow {
+        use crate::conntrack::FlowKey;
+        match (addr(family, src), addr(family, dst)) {
+            (IpAddr::V4(s), IpAddr::V4(d)) => {
+                CtKey::new(7, s.octets(), d.octets(), 40000, 5432, proto).flow()
+            }
+            (IpAddr::V6(s), IpAddr::V6(d)) => {
+                Ct6Key::new(7, s.octets(), d.octets(), 40000, 5432, proto).flow()
+            }
+            _ => unreachable!("one family"),
+        }
+    }
+
+    fn key(src: u8, dst: u8, proto: u8) -> Flow {
+        key_in(4, src, dst, proto)
     }
 
     fn value(
@@ -842,25 +871,31 @@ mod tests {
     #[test]
     fn an_interval_reports_what_each_entry_counted_since_the_last_read_per_endpoint_and_direction()
     {
+        for family in [4, 6] {
+            interval_reports_in(family);
+        }
+    }
+
+    fn interval_reports_in(family: u8) {
         let l = locals();
         let mut agg = Aggregator::default();
         let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
         let t1 = t0 + Duration::from_secs(60);
         let t2 = t1 + Duration::from_secs(60);
-        let k = key(1, 2, 6);
+        let k = key_in(family, 1, 2, 6);
         // Interval 5: 4 packets out (SYN, ACK, PSH|ACK, FIN|ACK), 3 back (SYN|ACK, ACK, ACK).
         agg.observe(&k, &value(1, 2, [4, 3], [240, 180], (5, [0x1B, 0x12, 0, 0])), 5, &l);
         let rs = agg.flush("h1", t0, t1, &l);
         assert_eq!(rs.len(), 4, "two endpoints, two directions: {rs:#?}");
         let a_out = find(&rs, "ep-a", Direction::Egress)[0];
         assert_eq!((a_out.packets, a_out.bytes, a_out.tcp_flags), (4, 240, 0x1B));
-        assert_eq!(a_out.srcaddr, Ipv4Addr::new(10, 0, 0, 1));
+        assert_eq!(a_out.srcaddr, addr(family, 1));
         assert_eq!((a_out.srcport, a_out.dstport), (40000, 5432));
         assert_eq!(a_out.rule.as_deref(), Some("sgr-00000011"), "the sender's egress rule");
         assert_eq!(a_out.action, Action::Accept);
         let a_in = find(&rs, "ep-a", Direction::Ingress)[0];
         assert_eq!((a_in.packets, a_in.bytes, a_in.tcp_flags), (3, 180, 0x12));
-        assert_eq!(a_in.srcaddr, Ipv4Addr::new(10, 0, 0, 2));
+        assert_eq!(a_in.srcaddr, addr(family, 2));
         assert_eq!((a_in.srcport, a_in.dstport), (5432, 40000));
         let b_in = find(&rs, "ep-b", Direction::Ingress)[0];
         assert_eq!((b_in.packets, b_in.rule.as_deref()), (4, Some("sgr-00000022")));
@@ -877,6 +912,10 @@ mod tests {
         assert_eq!((a_out.packets, a_out.bytes, a_out.tcp_flags), (2, 100, 0x11));
         assert_eq!((a_out.start.0, a_out.end.0), (t1, t2));
         assert_eq!(agg.rule_packets().get(&0x11), Some(&9));
+        // The JSON line prints the addresses in their standard form.
+        let line = serde_json::to_value(a_out).unwrap();
+        assert_eq!(line["srcaddr"], addr(family, 1).to_string());
+        assert_eq!(line["dstaddr"], if family == 4 { "10.0.0.2" } else { "fd00::2" });
 
         // Nothing new: no records.
         agg.observe(&k, &value(1, 2, [6, 3], [340, 180], (7, [0x10, 0, 0x11, 0])), 7, &l);
@@ -930,21 +969,26 @@ mod tests {
 
     #[test]
     fn drops_are_rejected_records_of_the_endpoint_whose_rules_decided_and_say_when_sampled() {
+        for family in [4, 6] {
+            drops_are_rejected_records_in(family);
+        }
+    }
+
+    fn drops_are_rejected_records_in(family: u8) {
         let l = locals();
         let mut agg = Aggregator::default();
-        let syn = dp::Event {
+        let mut syn = dp::Event {
             kind: dp::event_kind::DROP,
             hook: Hook::FromEndpoint as u8,
             proto: 6,
             tcp_flags: 0x02,
             reason: DropReason::PolicyIngress as u32,
-            src: [10, 0, 0, 1],
-            dst: [10, 0, 0, 2],
             sport: 40001,
             dport: 8080,
             len: 74,
             ..dp::Event::default()
         };
+        syn.set_addrs(addr(family, 1), addr(family, 2));
         agg.reject(&syn, Some("ep-a"), Some("ep-b"), &l);
         agg.reject(&syn, Some("ep-a"), Some("ep-b"), &l);
         let egress = dp::Event { reason: DropReason::PolicyEgress as u32, ..syn };
@@ -964,6 +1008,7 @@ mod tests {
         assert_eq!(b.reason.as_deref(), Some("policy_ingress"));
         assert_eq!((b.action, b.rule.as_deref()), (Action::Reject, None));
         assert!(b.sampled && b.unreported_drops == 5);
+        assert_eq!((b.srcaddr, b.dstaddr), (addr(family, 1), addr(family, 2)));
         let a = find(&rs, "ep-a", Direction::Egress)[0];
         assert_eq!((a.packets, a.reason.as_deref()), (1, Some("policy_egress")));
     }

@@ -610,7 +610,7 @@ impl Reconciler {
             }
         };
         let logs = self.flow_logs.clone();
-        let mut gone = |k: &dp::CtKey, v: &dp::CtValue| {
+        let mut gone = |k: &crate::conntrack::Flow, v: &dp::CtValue| {
             if let Some(l) = &logs {
                 l.gone(k, v);
             }

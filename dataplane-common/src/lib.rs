@@ -1141,7 +1141,8 @@ pub struct Event {
     pub kind: u8,
     /// `Hook` code.
     pub hook: u8,
-    /// IP protocol of the (inner) IPv4 packet; 0 if none was parsed.
+    /// IP protocol of the (inner) packet (IPv6: the upper layer past the extension headers); 0
+    /// if none was parsed.
     pub proto: u8,
     /// TCP flags of the packet (0 for other protocols).
     pub tcp_flags: u8,
@@ -1152,12 +1153,13 @@ pub struct Event {
     pub ifindex: u32,
     /// The universe (VNI); 0 if not known.
     pub vni: u32,
-    /// (Inner) IPv4 source and destination, network order.
-    pub src: [u8; 4],
-    pub dst: [u8; 4],
-    /// TCP/UDP source port; the ICMP echo identifier; else 0.
+    /// (Inner) source and destination, network order: an IPv4 address in the first 4 bytes
+    /// (the rest 0), an IPv6 address in all 16, as `ip_version` says.
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
+    /// TCP/UDP source port; the ICMP (ICMPv6) echo identifier; else 0.
     pub sport: u16,
-    /// TCP/UDP destination port; ICMP `type << 8 | code` (the port of policy keys).
+    /// TCP/UDP destination port; ICMP (ICMPv6) `type << 8 | code` (the port of policy keys).
     pub dport: u16,
     /// Identities of the source and destination endpoints (0: not an endpoint, or unknown).
     /// At `from_underlay` the source's is the one its VXLAN-GBP header carried.
@@ -1170,9 +1172,50 @@ pub struct Event {
     /// `skb->len` at the hook.
     pub len: u32,
     /// The other host's underlay address, network order: the outer source at `from_underlay`,
-    /// the receiver's host when `from_endpoint` sends to another host; 0 otherwise.
+    /// the receiver's host when `from_endpoint` sends to another host; 0 otherwise (the
+    /// underlay is IPv4 whatever the inner family).
     pub peer_host: [u8; 4],
-    pub _pad: [u8; 4],
+    /// 4 or 6: the family of the (inner) packet whose addresses `src` and `dst` hold; 0 when
+    /// no IP header was read (the addresses are then 0).
+    pub ip_version: u8,
+    pub _pad: [u8; 3],
+}
+
+impl Event {
+    /// `src` and `dst` as an IPv4 event holds them: the address in the first 4 bytes.
+    pub const fn v4(a: [u8; 4]) -> [u8; 16] {
+        let mut out = [0; 16];
+        out[0] = a[0];
+        out[1] = a[1];
+        out[2] = a[2];
+        out[3] = a[3];
+        out
+    }
+
+    /// The (inner) source and destination as `ip_version` says; `None` when no IP header was
+    /// read.
+    pub fn addrs(&self) -> Option<(core::net::IpAddr, core::net::IpAddr)> {
+        use core::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+        let v4 = |a: [u8; 16]| IpAddr::V4(Ipv4Addr::new(a[0], a[1], a[2], a[3]));
+        match self.ip_version {
+            4 => Some((v4(self.src), v4(self.dst))),
+            6 => Some((IpAddr::V6(Ipv6Addr::from(self.src)), IpAddr::V6(Ipv6Addr::from(self.dst)))),
+            _ => None,
+        }
+    }
+
+    /// Writes `src` and `dst` (one family) and `ip_version`, as the kernel does: the inverse of
+    /// [`Event::addrs`].
+    pub fn set_addrs(&mut self, src: core::net::IpAddr, dst: core::net::IpAddr) {
+        use core::net::IpAddr;
+        let bytes = |a: IpAddr| match a {
+            IpAddr::V4(a) => Event::v4(a.octets()),
+            IpAddr::V6(a) => a.octets(),
+        };
+        self.src = bytes(src);
+        self.dst = bytes(dst);
+        self.ip_version = if src.is_ipv6() { 6 } else { 4 };
+    }
 }
 
 /// `VERSE_EV_LIMITS` value (a per-CPU array of one slot): each CPU's token buckets, one per
@@ -1285,7 +1328,7 @@ mod tests {
         assert_eq!(size_of::<Config>(), 104);
         assert_eq!(size_of::<DropCount>(), 16);
         assert_eq!(size_of::<PolicyValue>(), 8);
-        assert_eq!(size_of::<Event>(), 64);
+        assert_eq!(size_of::<Event>(), 88);
         assert_eq!(size_of::<EventLimiter>(), 64);
     }
 

@@ -9,18 +9,26 @@ use crate::{events, maps::VERSE_DROPS};
 #[inline(always)]
 pub fn drop(ctx: &TcContext, hook: Hook, reason: DropReason) -> i32 {
     count(ctx, hook, reason);
-    events::dropped(ctx, hook, reason);
+    events::dropped::<false>(ctx, hook, reason);
     TC_ACT_SHOT as i32
 }
 
-/// [`drop`] as a call of its own, for the programs whose walk and the calls it makes fill most
+/// [`drop`] in the IPv6 programs: the event describes the frame as IPv6 (see `events`).
+#[inline(always)]
+pub fn drop6(ctx: &TcContext, hook: Hook, reason: DropReason) -> i32 {
+    count(ctx, hook, reason);
+    events::dropped::<true>(ctx, hook, reason);
+    TC_ACT_SHOT as i32
+}
+
+/// [`drop6`] as a call of its own, for the programs whose walk and the calls it makes fill most
 /// of the 512 bytes of stack (`from_endpoint6`, `from_underlay6`): the event is built in this
 /// frame, not in the walk's. The walk's result, `Ok` the TC action or `Err` the reason.
 #[inline(never)]
 pub fn verdict(ctx: &TcContext, hook: Hook, result: Result<i32, DropReason>) -> i32 {
     match result {
         Ok(action) => action,
-        Err(reason) => drop(ctx, hook, reason),
+        Err(reason) => drop6(ctx, hook, reason),
     }
 }
 

@@ -206,7 +206,8 @@ fn ipv4(
             dst_identity: route.identity,
             peer_host: route.underlay,
         };
-        events::admitted(ctx.len(), config, Hook::FromEndpoint, &who, &ip, &l4, egress, ingress);
+        let packet = events::Packet::V4 { src: ip.src, dst: ip.dst, proto: ip.proto };
+        events::admitted(ctx.len(), config, Hook::FromEndpoint, &who, packet, &l4, egress, ingress);
     }
     forward(ctx, endpoint, config, &hop)
 }

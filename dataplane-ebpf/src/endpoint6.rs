@@ -192,8 +192,16 @@ fn start(ctx: &TcContext) -> Result<i32, DropReason> {
             owner: ct_owner::SRC,
         };
         open(ctx, &scratch.key, &o)?;
-        events::hit(egress.slot);
-        events::hit(ingress.slot);
+        let who = events::Parties {
+            ifindex,
+            vni: endpoint.vni,
+            src_identity: endpoint.identity,
+            dst_identity: to.identity,
+            peer_host: to.underlay,
+        };
+        let k = &scratch.key;
+        let packet = events::Packet::V6 { src: &k.src, dst: &k.dst, proto: ip.proto };
+        events::admitted(ctx.len(), config, Hook::FromEndpoint, &who, packet, &l4, egress, ingress);
     }
     send(ctx, endpoint, config, to)
 }
@@ -274,7 +282,6 @@ pub struct Open {
 
 /// Records the new flow `o` under `key` in `VERSE_CT6` ([`conntrack6::open`]; the entry under
 /// the key looked up again). A call of its own, for its stack; `from_underlay6` calls it too.
-/// No verdict event is written for it: events carry IPv4 addresses.
 #[inline(never)]
 pub fn open(ctx: &TcContext, key: &Ct6Key, o: &Open) -> Result<(), DropReason> {
     let own = VERSE_CT6.get_ptr_mut(key);

@@ -51,7 +51,7 @@ pub fn frag_needed(
     }
     // Reported before the packet becomes the error (whose send may still fail: then the drop
     // is reported again, as `FragNeededUnsent`).
-    events::dropped(ctx, Hook::FromEndpoint, DropReason::FragNeeded);
+    events::dropped::<false>(ctx, Hook::FromEndpoint, DropReason::FragNeeded);
     // Truncate to the quote first: it also ends GSO for a super-packet, which lets the room
     // for the new headers be made without touching segmentation state.
     // SAFETY: `skb` is this program's context.
@@ -156,7 +156,7 @@ pub fn packet_too_big(ctx: &TcContext, endpoint: &Endpoint, t: &TooBig) -> i32 {
     if t.ip_end < ETH_HLEN + PTB_QUOTE {
         return -1;
     }
-    events::dropped(ctx, Hook::FromEndpoint, DropReason::FragNeeded);
+    events::dropped::<true>(ctx, Hook::FromEndpoint, DropReason::FragNeeded);
     // SAFETY: `skb` is this program's context. Truncating also ends GSO (see `frag_needed`).
     if unsafe { bpf_skb_change_tail(ctx.skb.skb, (ETH_HLEN + PTB_QUOTE) as u32, 0) } != 0 {
         return -1;

@@ -24,7 +24,7 @@ use crate::{
 pub fn program(ctx: &TcContext) -> i32 {
     match start(ctx) {
         Ok(action) => action,
-        Err(reason) => drop::drop(ctx, Hook::FromEndpoint, reason),
+        Err(reason) => drop::drop6(ctx, Hook::FromEndpoint, reason),
     }
 }
 

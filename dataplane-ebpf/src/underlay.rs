@@ -206,7 +206,8 @@ fn inner(
             peer_host: host,
         };
         let egress = PolicyValue::default();
-        events::admitted(len, config, Hook::FromUnderlay, &who, &ip, &l4, egress, ingress);
+        let packet = events::Packet::V4 { src: ip.src, dst: ip.dst, proto: ip.proto };
+        events::admitted(len, config, Hook::FromUnderlay, &who, packet, &l4, egress, ingress);
     }
     deliver::redirect(to.ifindex)
 }

@@ -133,7 +133,19 @@ fn start(ctx: &TcContext) -> Result<i32, DropReason> {
             owner: ct_owner::DST,
         };
         endpoint6::open(ctx, &scratch.key, &o)?;
-        events::hit(ingress.slot);
+        let who = events::Parties {
+            ifindex: to.ifindex,
+            vni,
+            src_identity: from.identity,
+            dst_identity: to.identity,
+            peer_host: host,
+        };
+        let k = &scratch.key;
+        let packet = events::Packet::V6 { src: &k.src, dst: &k.dst, proto: ip.proto };
+        // The frame's length as it came, with the encapsulation `unwrap_for` took off.
+        let len = ctx.len() + ENCAP_OVERHEAD;
+        let egress = dataplane_common::PolicyValue::default();
+        events::admitted(len, config, Hook::FromUnderlay, &who, packet, &l4, egress, ingress);
     }
     deliver::redirect(to.ifindex)
 }

@@ -104,12 +104,22 @@ fn sample(metrics: &str, sample: &str) -> Option<u64> {
 /// live through `verse monitor` (HTTP, following) and after the fact (`--recent`, on the local
 /// socket); the rule's new flows are counted in the group view, `verse rule list --stats` and
 /// `/metrics`, a rule that never matched shows 0; drops are counted per reason and hook with
-/// their bytes.
+/// their bytes. The same over IPv6 (the events carry IPv6 addresses; the rules admit IPv6 by
+/// group and by IPv6 CIDR).
 #[test]
 fn a_drop_names_the_groups_searched_and_a_new_flow_names_its_rules() {
+    drop_and_new_flow_events(Family::V4);
+}
+
+#[test]
+fn a_drop_names_the_groups_searched_and_a_new_flow_names_its_rules_over_ipv6() {
+    drop_and_new_flow_events(Family::V6);
+}
+
+fn drop_and_new_flow_events(family: Family) {
     let host = Host::start();
     let api = &host.api;
-    let uni = api.create_universe("obs", "10.30.0.0/24");
+    let uni = api.create_dual_universe("obs", "10.30.0.0/24");
     let web = api.create_group(id(&uni), "web");
     let db = api.create_group(id(&uni), "db");
     let pg = api.add_rule(
@@ -118,12 +128,13 @@ fn a_drop_names_the_groups_searched_and_a_new_flow_names_its_rules() {
     );
     let dns = api.add_rule(
         id(&db),
-        &json!({"direction": "ingress", "protocol": "udp", "from_port": 53, "to_port": 53, "cidr": "10.99.0.0/16"}),
+        &json!({"direction": "ingress", "protocol": "udp", "from_port": 53, "to_port": 53, "cidr": family.text("10.99.0.0/16")}),
     );
-    let a = host.endpoint(id(&uni), "10.30.0.10", &[id(&web)]);
-    let b = host.endpoint(id(&uni), "10.30.0.20", &[id(&db)]);
-    let _pg = TcpServer::start(&b.ns, 5432, "db");
-    let _other = TcpServer::start(&b.ns, 8080, "db");
+    let a = host.dual_endpoint(id(&uni), "10.30.0.10", &[id(&web)]);
+    let b = host.dual_endpoint(id(&uni), "10.30.0.20", &[id(&db)]);
+    let (a_ip, b_ip) = (family.addr(&a), family.addr(&b));
+    let _pg = TcpServer::start_on(&b.ns, b_ip, 5432, "db");
+    let _other = TcpServer::start_on(&b.ns, b_ip, 8080, "db");
 
     // The stream starts with the recent events, then follows the live ones (the daemon
     // subscribes before it reads its history): an event written before the daemon has the
@@ -132,7 +143,7 @@ fn a_drop_names_the_groups_searched_and_a_new_flow_names_its_rules() {
     let before = api.metrics();
 
     // Denied: nothing admits tcp/8080 into db.
-    assert!(!tcp_connect(&a.ns, b.ip, 8080, DENIED), "db admits nothing on 8080");
+    assert!(!tcp_connect(&a.ns, b_ip, 8080, DENIED), "db admits nothing on 8080");
     let (drop, seen) = monitor.wait_for(Duration::from_secs(10), |v| {
         v["kind"] == "event" && v["verdict"] == "dropped" && v["dport"] == 8080
     });
@@ -143,7 +154,8 @@ fn a_drop_names_the_groups_searched_and_a_new_flow_names_its_rules() {
     assert_eq!(drop["endpoint"], a.id.as_str(), "the local endpoint judged: the sender");
     assert_eq!(drop["src_endpoint"], a.id.as_str());
     assert_eq!(drop["dst_endpoint"], b.id.as_str());
-    assert_eq!(drop["src"], "10.30.0.10");
+    assert_eq!(drop["src"], a_ip.to_string(), "{drop:#}");
+    assert_eq!(drop["dst"], b_ip.to_string(), "{drop:#}");
     assert_eq!(drop["protocol"], "tcp");
     assert_eq!(drop["searched"]["direction"], "ingress");
     assert_eq!(drop["searched"]["endpoint"], b.id.as_str());
@@ -151,7 +163,7 @@ fn a_drop_names_the_groups_searched_and_a_new_flow_names_its_rules() {
     let message = drop["message"].as_str().unwrap();
     assert!(
         message.starts_with(&format!(
-            "no ingress rule of groups {} (db) admits tcp/8080 from 10.30.0.10 (identity ",
+            "no ingress rule of groups {} (db) admits tcp/8080 from {a_ip} (identity ",
             id(&db)
         )),
         "{message}"
@@ -159,7 +171,7 @@ fn a_drop_names_the_groups_searched_and_a_new_flow_names_its_rules() {
     assert!(drop["bytes"].as_u64().unwrap() >= 54, "{drop:#}");
 
     // Admitted by the 5432 rule (ingress) and web's default egress rule.
-    assert_eq!(tcp_roundtrip(&a.ns, b.ip, 5432, "q", ALLOWED).as_deref(), Some("db:q"));
+    assert_eq!(tcp_roundtrip(&a.ns, b_ip, 5432, "q", ALLOWED).as_deref(), Some("db:q"));
     let (flow, seen) = monitor.wait_for(Duration::from_secs(10), |v| {
         v["kind"] == "event" && v["verdict"] == "admitted" && v["dport"] == 5432
     });
@@ -172,6 +184,8 @@ fn a_drop_names_the_groups_searched_and_a_new_flow_names_its_rules() {
     let egress = rules.iter().find(|r| r["direction"] == "egress").expect("the egress rule");
     assert_eq!(egress["group"], id(&web), "S2: web's egress rule admitted it");
     assert!(flow.get("reason").is_none(), "{flow:#}");
+    assert_eq!((&flow["src"], &flow["dst"]), (&json!(a_ip), &json!(b_ip)), "{flow:#}");
+    assert_eq!(flow["dst_endpoint"], b.id.as_str(), "{flow:#}");
     assert!(flow["message"].as_str().unwrap().contains(id(&pg)), "{flow:#}");
     std::mem::drop(monitor);
 

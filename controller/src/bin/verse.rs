@@ -768,8 +768,9 @@ fn monitor_row(item: Option<&StreamItem>) -> String {
             ]
         }
         Some(StreamItem::Event(e)) => {
-            let addr = |ip: Option<std::net::Ipv4Addr>, port: Option<u16>| match (ip, port) {
-                (Some(ip), Some(p)) => format!("{ip}:{p}"),
+            // An IPv6 address with a port in brackets (`[fd00::7]:443`).
+            let addr = |ip: Option<std::net::IpAddr>, port: Option<u16>| match (ip, port) {
+                (Some(ip), Some(p)) => std::net::SocketAddr::new(ip, p).to_string(),
                 (Some(ip), None) => ip.to_string(),
                 (None, _) => "?".into(),
             };
@@ -1208,8 +1209,8 @@ impl Out {
                     dir.to_owned(),
                     action.to_owned(),
                     verse::events::protocol_name(r.protocol),
-                    format!("{}:{}", r.srcaddr, r.srcport),
-                    format!("{}:{}", r.dstaddr, r.dstport),
+                    std::net::SocketAddr::new(r.srcaddr, r.srcport).to_string(),
+                    std::net::SocketAddr::new(r.dstaddr, r.dstport).to_string(),
                     r.packets.to_string(),
                     r.bytes.to_string(),
                     format!("{:#04x}", r.tcp_flags),

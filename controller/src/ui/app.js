@@ -275,9 +275,11 @@ function isDrop(ev) {
   return String(ev.verdict || "").toLowerCase() === "dropped";
 }
 
+// An address and its port; an IPv6 address in brackets before a port ("[fd00::7]:443").
 function addr(ip, port) {
   if (!ip) return "";
-  return port !== undefined && port !== null ? ip + ":" + port : ip;
+  if (port === undefined || port === null) return ip;
+  return (ip.includes(":") ? "[" + ip + "]" : ip) + ":" + port;
 }
 
 // What decided: the rules that admitted a new flow, or the groups a policy drop searched.
