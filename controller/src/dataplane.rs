@@ -1101,6 +1101,7 @@ const TRACE_CONNTRACK_CAPACITY: u32 = 64;
 pub struct TraceRunner {
     ebpf: Ebpf,
     conntrack: HashMap<MapData, CtKey, CtValue>,
+    conntrack6: HashMap<MapData, Ct6Key, CtValue>,
     drops: PerCpuArray<MapData, DropCount>,
 }
 
@@ -1160,6 +1161,7 @@ impl Dataplane {
         fill_jump_table(&mut ebpf)?;
         Ok(TraceRunner {
             conntrack: take_map(&mut ebpf, map_names::CONNTRACK)?,
+            conntrack6: take_map(&mut ebpf, map_names::CONNTRACK6)?,
             drops: take_map(&mut ebpf, map_names::DROPS)?,
             ebpf,
         })
@@ -1168,38 +1170,24 @@ impl Dataplane {
 
 impl TraceRunner {
     /// Runs `hook` (`from_endpoint` or `from_underlay`) once on `frame` as if it arrived on
-    /// `ifindex`, with the private conntrack table holding exactly `conntrack` (the live entries
-    /// the packet may hit), and reports which drop counter moved.
+    /// `ifindex`, with the private conntrack tables holding exactly `conntrack` and
+    /// `conntrack6` (the live entries the packet may hit: `VERSE_CT`'s and `VERSE_CT6`'s), and
+    /// reports which drop counter moved.
     pub fn run(
         &mut self,
         hook: &str,
         frame: &[u8],
         ifindex: u32,
         conntrack: &[(CtKey, CtEntry)],
+        conntrack6: &[(Ct6Key, CtEntry)],
     ) -> Result<TraceRunOutput> {
         let name = match hook {
             PROG_FROM_ENDPOINT => PROG_FROM_ENDPOINT,
             PROG_FROM_UNDERLAY => PROG_FROM_UNDERLAY,
             other => return Err(Error::TestInput(format!("no hook {other:?}"))),
         };
-        let keys: Vec<CtKey> = self
-            .conntrack
-            .keys()
-            .collect::<Result<_, _>>()
-            .map_err(read_err(map_names::CONNTRACK))?;
-        for key in keys {
-            remove_ok_if_absent(self.conntrack.remove(&key)).map_err(|source| {
-                Error::MapDelete { name: map_names::CONNTRACK, entry: format!("{key:?}"), source }
-            })?;
-        }
-        for (key, entry) in conntrack {
-            let value = CtValue { entry: *entry, ..CtValue::default() };
-            self.conntrack.insert(key, value, 0).map_err(|source| Error::MapWrite {
-                name: map_names::CONNTRACK,
-                entry: format!("{key:?}"),
-                source,
-            })?;
-        }
+        refill(&mut self.conntrack, map_names::CONNTRACK, conntrack)?;
+        refill(&mut self.conntrack6, map_names::CONNTRACK6, conntrack6)?;
         let before = self.drop_counts()?;
         let output = run(&self.ebpf, name, frame, ifindex, 1)?;
         let after = self.drop_counts()?;
@@ -1225,6 +1213,31 @@ impl TraceRunner {
         }
         Ok(out)
     }
+}
+
+/// Empties a trace run's private conntrack table `name` and writes `entries` into it.
+fn refill<K: FlowKey + std::fmt::Debug>(
+    table: &mut HashMap<MapData, K, CtValue>,
+    name: &'static str,
+    entries: &[(K, CtEntry)],
+) -> Result<()> {
+    let keys: Vec<K> = table.keys().collect::<Result<_, _>>().map_err(read_err(name))?;
+    for key in keys {
+        remove_ok_if_absent(table.remove(&key)).map_err(|source| Error::MapDelete {
+            name,
+            entry: format!("{key:?}"),
+            source,
+        })?;
+    }
+    for (key, entry) in entries {
+        let value = CtValue { entry: *entry, ..CtValue::default() };
+        table.insert(key, value, 0).map_err(|source| Error::MapWrite {
+            name,
+            entry: format!("{key:?}"),
+            source,
+        })?;
+    }
+    Ok(())
 }
 
 /// Whether the endpoint behind `ifindex` lives in `VERSE_EP_SLOTS` (else in `VERSE_ENDPOINTS`).

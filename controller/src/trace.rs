@@ -29,19 +29,25 @@
 //!   step.
 
 use std::collections::BTreeMap;
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
 
-use dataplane_common::wire::TCP_SYN;
-use dataplane_common::{ct_state, icmp_ct_ports, Config, CtEntry, CtKey, DropReason, VXLAN_PORT};
+use dataplane_common::conntrack::{initial_state6, role6};
+use dataplane_common::wire::{ipv6 as wire6, ICMPV6_ECHO_REQUEST, IPPROTO_ICMPV6, TCP_SYN};
+use dataplane_common::{
+    ct_state, icmp_ct_ports, Config, Ct6Key, CtEntry, CtKey, DropReason, Route6Key, RouteKey,
+    VXLAN_PORT,
+};
 use serde::{Deserialize, Serialize};
 
 use crate::compile::{self, MapContents};
+use crate::conntrack::FlowKey;
 use crate::events::Transport;
 use crate::frames;
 use crate::model::{self, Direction, State};
 use crate::verdict::{
-    self, Conntrack, Timeouts, ETHERTYPE_IPV4, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP,
+    self, Conntrack, Timeouts, ETHERTYPE_IPV4, ETHERTYPE_IPV6, IPPROTO_ICMP, IPPROTO_TCP,
+    IPPROTO_UDP,
 };
 
 /// The hook names, as the dataplane's programs are named.
@@ -62,6 +68,8 @@ pub struct Realized {
     pub maps: MapContents,
     /// Every entry of `VERSE_CT`.
     pub conntrack: Vec<(CtKey, CtEntry)>,
+    /// Every entry of `VERSE_CT6`.
+    pub conntrack6: Vec<(Ct6Key, CtEntry)>,
     /// The conntrack clock now (`CLOCK_MONOTONIC_COARSE`, what `bpf_ktime_get_coarse_ns` reads).
     pub now_ns: u64,
     /// `VERSE_CONFIG` as this daemon wrote it.
@@ -74,14 +82,14 @@ pub struct Realized {
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TraceRequest {
-    /// `ep-…`, or an address of the universe.
+    /// `ep-…`, or an address of the universe (IPv4 or IPv6: an IPv6 address traces IPv6).
     pub from: String,
     /// `ep-…`, or an address of the universe.
     pub to: String,
     /// The universe, needed only when neither `from` nor `to` is an endpoint id.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub universe: Option<String>,
-    /// `tcp`, `udp`, `icmp`, or a protocol number.
+    /// `tcp`, `udp`, `icmp`, `icmpv6` (which traces IPv6), or a protocol number.
     pub protocol: String,
     /// TCP/UDP destination port (required for them).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -89,7 +97,7 @@ pub struct TraceRequest {
     /// TCP/UDP source port; default: one no live flow uses.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sport: Option<u16>,
-    /// ICMP type (default 8, echo request).
+    /// ICMP type (default 8, echo request; ICMPv6: 128).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub icmp_type: Option<u8>,
     /// ICMP code (default 0).
@@ -105,8 +113,9 @@ pub struct TraceRequest {
 pub struct Packet {
     pub universe: String,
     pub vni: u32,
-    pub src: Ipv4Addr,
-    pub dst: Ipv4Addr,
+    /// IPv4 or IPv6 (both of one family).
+    pub src: IpAddr,
+    pub dst: IpAddr,
     /// The endpoint that owns `src`, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub src_endpoint: Option<String>,
@@ -374,6 +383,8 @@ pub struct RunInput {
     pub frame: Vec<u8>,
     pub ifindex: u32,
     pub conntrack: Vec<(CtKey, CtEntry)>,
+    /// The same of `VERSE_CT6`, for an IPv6 packet.
+    pub conntrack6: Vec<(Ct6Key, CtEntry)>,
 }
 
 /// A request resolved against a state: who sends what to whom.
@@ -429,20 +440,35 @@ pub fn resolve(state: &State, req: &TraceRequest) -> model::Result<Resolved> {
         .universes
         .get(&universe)
         .ok_or_else(|| model::missing("universe", "universe", &universe))?;
+    // The family: IPv6 when an address given is IPv6 or the protocol is icmpv6.
+    let given = |text: &str| text.parse::<IpAddr>().ok();
+    let six = [&req.from, &req.to].into_iter().filter_map(|t| given(t)).any(|a| a.is_ipv6())
+        || req.protocol.eq_ignore_ascii_case("icmpv6");
     let addr = |field: &str, text: &str, ep: &Option<model::Endpoint>| -> model::Result<_> {
         match ep {
-            Some(e) => Ok((e.ip, Some(e.clone()))),
+            Some(e) if six => match e.ipv6 {
+                Some(ip6) => Ok((IpAddr::V6(ip6), Some(e.clone()))),
+                None => Err(model::Error::invalid(
+                    field,
+                    format!("{} has no IPv6 address, and this traces IPv6", e.id),
+                )),
+            },
+            Some(e) => Ok((IpAddr::V4(e.ip), Some(e.clone()))),
             None => {
-                let ip: Ipv4Addr = text.parse().map_err(|_| {
+                let ip = given(text).filter(|a| a.is_ipv6() == six).ok_or_else(|| {
+                    let family = if six { "an IPv6" } else { "an IPv4" };
                     model::Error::invalid(
                         field,
-                        format!("{text:?} is neither ep-... nor an IPv4 address"),
+                        format!("{text:?} is neither ep-... nor {family} address"),
                     )
                 })?;
                 let owner = state
                     .endpoints
                     .values()
-                    .find(|e| e.universe == universe && e.ip == ip)
+                    .find(|e| {
+                        e.universe == universe
+                            && (IpAddr::V4(e.ip) == ip || e.ipv6.map(IpAddr::V6) == Some(ip))
+                    })
                     .cloned();
                 Ok((ip, owner))
             }
@@ -465,13 +491,16 @@ pub fn resolve(state: &State, req: &TraceRequest) -> model::Result<Resolved> {
         "tcp" => ("tcp".to_owned(), IPPROTO_TCP),
         "udp" => ("udp".to_owned(), IPPROTO_UDP),
         "icmp" => ("icmp".to_owned(), IPPROTO_ICMP),
+        "icmpv6" => ("icmpv6".to_owned(), IPPROTO_ICMPV6),
         // A number as written canonically: no sign, no leading zero.
         other => match other.parse::<u8>().ok().filter(|n| n.to_string() == other) {
             Some(n) => (model::Protocol::Number(n).name(), n),
             None => {
                 return Err(model::Error::invalid(
                     "protocol",
-                    format!("{other:?}: expected tcp, udp, icmp or a protocol number 0-255"),
+                    format!(
+                        "{other:?}: expected tcp, udp, icmp, icmpv6 or a protocol number 0-255"
+                    ),
                 ))
             }
         },
@@ -484,10 +513,14 @@ pub fn resolve(state: &State, req: &TraceRequest) -> model::Result<Resolved> {
         let field = if req.port.is_some() { "port" } else { "sport" };
         return Err(model::Error::invalid(field, format!("{protocol} has no ports")));
     }
-    if proto != IPPROTO_ICMP && (req.icmp_type.is_some() || req.icmp_code.is_some()) {
+    // ICMP of the family (ICMPv6 for IPv6): the one with types and codes.
+    let icmp = if six { IPPROTO_ICMPV6 } else { IPPROTO_ICMP };
+    if proto != icmp && (req.icmp_type.is_some() || req.icmp_code.is_some()) {
         let field = if req.icmp_type.is_some() { "icmp_type" } else { "icmp_code" };
-        return Err(model::Error::invalid(field, "only for icmp"));
+        let which = if six { "only for icmpv6 (this traces IPv6)" } else { "only for icmp" };
+        return Err(model::Error::invalid(field, which));
     }
+    let echo = if six { ICMPV6_ECHO_REQUEST } else { 8 };
     let packet = Packet {
         universe: universe.clone(),
         vni: uni.vni,
@@ -500,8 +533,8 @@ pub fn resolve(state: &State, req: &TraceRequest) -> model::Result<Resolved> {
         transport: Transport {
             sport: if ported { req.sport } else { None },
             dport: if ported { req.port } else { None },
-            icmp_type: (proto == IPPROTO_ICMP).then(|| req.icmp_type.unwrap_or(8)),
-            icmp_code: (proto == IPPROTO_ICMP).then(|| req.icmp_code.unwrap_or(0)),
+            icmp_type: (proto == icmp).then(|| req.icmp_type.unwrap_or(echo)),
+            icmp_code: (proto == icmp).then(|| req.icmp_code.unwrap_or(0)),
         },
     };
     Ok(Resolved {
@@ -602,7 +635,10 @@ impl<'a> Walk<'a> {
                 plumbed.insert(ep.id.clone(), ifindex);
             }
         }
-        let ct = Conntrack { entries: r.conntrack.iter().copied().collect(), ..Default::default() };
+        let ct = Conntrack {
+            entries: r.conntrack.iter().copied().collect(),
+            entries6: r.conntrack6.iter().copied().collect(),
+        };
         Walk { host, r, plumbed, timeouts: Timeouts::from_config(&r.config), ct }
     }
 
@@ -634,9 +670,84 @@ impl<'a> Walk<'a> {
         }
     }
 
-    fn key(&self, p: &Packet) -> CtKey {
+    fn key(&self, p: &Packet) -> Key {
         let (sport, dport) = ct_ports(p);
-        CtKey::new(p.vni, p.src.octets(), p.dst.octets(), sport, dport, p.proto)
+        match (p.src, p.dst) {
+            (IpAddr::V4(s), IpAddr::V4(d)) => {
+                Key::V4(CtKey::new(p.vni, s.octets(), d.octets(), sport, dport, p.proto))
+            }
+            (s, d) => Key::V6(Ct6Key::new(p.vni, v6(s), v6(d), sport, dport, p.proto)),
+        }
+    }
+
+    /// Whether the table of `key`'s family holds an entry under it or its reverse.
+    fn known(&self, key: &Key) -> bool {
+        match key {
+            Key::V4(k) => {
+                self.ct.entries.contains_key(k) || self.ct.entries.contains_key(&k.reversed())
+            }
+            Key::V6(k) => {
+                self.ct.entries6.contains_key(k) || self.ct.entries6.contains_key(&k.reversed())
+            }
+        }
+    }
+
+    /// [`Conntrack::lookup_as`] in the table of `key`'s family: the live entry the packet hits
+    /// (and its direction), and the entry under its own key.
+    fn lookup(
+        &self,
+        key: &Key,
+        role: verdict::Role,
+        sender: u64,
+    ) -> (Option<(CtEntry, verdict::CtDirection)>, Option<CtEntry>) {
+        let (now, t) = (self.r.now_ns, &self.timeouts);
+        match key {
+            Key::V4(k) => {
+                let (hit, own) = self.ct.lookup_as(k, role, sender, now, t);
+                (hit.map(|(_, e, d)| (e, d)), own)
+            }
+            Key::V6(k) => {
+                let (hit, own) = self.ct.lookup6_as(k, role, sender, now, t);
+                (hit.map(|(_, e, d)| (e, d)), own)
+            }
+        }
+    }
+
+    /// Every entry of the table of `key`'s family, family-neutral.
+    fn flows(&self, key: &Key) -> Vec<(crate::conntrack::Flow, CtEntry)> {
+        match key {
+            Key::V4(_) => self.ct.entries.iter().map(|(k, e)| (k.flow(), *e)).collect(),
+            Key::V6(_) => self.ct.entries6.iter().map(|(k, e)| (k.flow(), *e)).collect(),
+        }
+    }
+
+    /// What a kernel run of `p` at `hook` takes: its frame, and the entries under its key
+    /// either way (copied into the run's private table of its family).
+    fn run_input(&self, hook: &'static str, p: &Packet, frame: Vec<u8>, ifindex: u32) -> RunInput {
+        let mut run = RunInput { hook, frame, ifindex, conntrack: vec![], conntrack6: vec![] };
+        match self.key(p) {
+            Key::V4(key) => {
+                let rev = key.reversed();
+                run.conntrack = self
+                    .ct
+                    .entries
+                    .iter()
+                    .filter(|(k, _)| **k == key || **k == rev)
+                    .map(|(k, e)| (*k, *e))
+                    .collect();
+            }
+            Key::V6(key) => {
+                let rev = key.reversed();
+                run.conntrack6 = self
+                    .ct
+                    .entries6
+                    .iter()
+                    .filter(|(k, _)| **k == key || **k == rev)
+                    .map(|(k, e)| (*k, *e))
+                    .collect();
+            }
+        }
+        run
     }
 
     /// A source port no live flow from `p.src` to `p.dst:dport` uses (either way).
@@ -645,9 +756,7 @@ impl<'a> Walk<'a> {
         for port in DEFAULT_SPORT..=u16::MAX {
             q.transport.sport = Some(port);
             // No entry under the key either way, live or not, of any endpoint.
-            let key = self.key(&q);
-            if !self.ct.entries.contains_key(&key) && !self.ct.entries.contains_key(&key.reversed())
-            {
+            if !self.known(&self.key(&q)) {
                 return port;
             }
         }
@@ -655,12 +764,15 @@ impl<'a> Walk<'a> {
     }
 
     /// The identity this host's routes give `ip` of the packet's universe.
-    fn identity(&self, p: &Packet, ip: Ipv4Addr) -> Option<u32> {
-        let key = dataplane_common::RouteKey { vni: p.vni, ip: ip.octets() };
-        self.r.maps.routes.get(&key).map(|r| r.identity)
+    fn identity(&self, p: &Packet, ip: IpAddr) -> Option<u32> {
+        let route = match ip {
+            IpAddr::V4(ip) => self.r.maps.routes.get(&RouteKey { vni: p.vni, ip: ip.octets() }),
+            IpAddr::V6(ip) => self.r.maps.ipv6.routes.get(&Route6Key::new(p.vni, ip.octets())),
+        };
+        route.map(|r| r.identity)
     }
 
-    fn ident_text(&self, p: &Packet, ip: Ipv4Addr) -> String {
+    fn ident_text(&self, p: &Packet, ip: IpAddr) -> String {
         match self.identity(p, ip) {
             Some(i) => format!("identity {i}"),
             None => "no identity: no endpoint this host routes to".to_owned(),
@@ -674,23 +786,21 @@ impl<'a> Walk<'a> {
         let now = self.r.now_ns;
         // What the packet may match (S7): a SYN or an echo request only a flow's original
         // direction, an echo reply only its reply direction, other ICMP nothing.
-        let role = verdict::role(p.proto, tcp_flags(p), p.transport.icmp_type.unwrap_or(0));
+        let role = role_of(p);
         // A flow is bound to the endpoints it was made for (their serials): one made for an
         // endpoint since deleted, whose address another has now, is no hit.
         let serial = |id: &Option<String>| {
             id.as_ref().and_then(|id| self.r.state.endpoints.get(id)).map(|e| e.serial)
         };
         let (sender, receiver) = (serial(&p.src_endpoint), serial(&p.dst_endpoint));
-        let hit = self.ct.lookup_as(&key, role, sender.unwrap_or(0), now, &self.timeouts).0.filter(
-            |(_, e, dir)| {
-                let bound = match dir {
-                    verdict::CtDirection::Original => e.dst_serial,
-                    verdict::CtDirection::Reply => e.src_serial,
-                };
-                sender.is_some() && receiver == Some(bound)
-            },
-        );
-        if let Some((_, entry, dir)) = hit {
+        let hit = self.lookup(&key, role, sender.unwrap_or(0)).0.filter(|(e, dir)| {
+            let bound = match dir {
+                verdict::CtDirection::Original => e.dst_serial,
+                verdict::CtDirection::Reply => e.src_serial,
+            };
+            sender.is_some() && receiver == Some(bound)
+        });
+        if let Some((entry, dir)) = hit {
             // Saturating, as expiry is judged: an entry stamped after `now` is fresh.
             let idle = now.saturating_sub(entry.last_seen_ns) / 1_000_000_000;
             let way = match dir {
@@ -706,25 +816,23 @@ impl<'a> Walk<'a> {
             return (step(self.host, hook, "conntrack", Outcome::Accept, detail), true);
         }
         let mut others = Vec::new();
-        for (k, e) in &self.ct.entries {
-            if self.timeouts.expired(e, now) || k.vni() != p.vni || k.proto() != p.proto {
+        let dport = ct_ports(p).1;
+        for (k, e) in self.flows(&key) {
+            if self.timeouts.expired(&e, now) || k.vni != p.vni || k.proto != p.proto {
                 continue;
             }
-            let fwd = k.src == key.src
-                && k.dst == key.dst
-                && (p.transport.dport.is_none() || k.dport == key.dport);
-            let rev = k.src == key.dst
-                && k.dst == key.src
-                && (p.transport.dport.is_none() || k.sport == key.dport);
+            let fwd = k.src == p.src
+                && k.dst == p.dst
+                && (p.transport.dport.is_none() || k.dport == dport);
+            let rev = k.src == p.dst
+                && k.dst == p.src
+                && (p.transport.dport.is_none() || k.sport == dport);
             if fwd || rev {
-                others.push(format!(
-                    "{}:{} -> {}:{} {}",
-                    Ipv4Addr::from(k.src),
-                    k.sport,
-                    Ipv4Addr::from(k.dst),
-                    k.dport,
-                    state_name(e.state)
-                ));
+                let (src, dst) = (
+                    std::net::SocketAddr::new(k.src, k.sport),
+                    std::net::SocketAddr::new(k.dst, k.dport),
+                );
+                others.push(format!("{src} -> {dst} {}", state_name(e.state)));
             }
         }
         others.sort();
@@ -740,7 +848,11 @@ impl<'a> Walk<'a> {
             verdict::Role::Any | verdict::Role::Continues => "no live flow matches this packet",
         };
         let tracked = if verdict::creates(role) {
-            format!("if admitted, tracked as {}", state_name(verdict::initial_state(p.proto)))
+            let state = match key {
+                Key::V4(_) => verdict::initial_state(p.proto),
+                Key::V6(_) => initial_state6(p.proto),
+            };
+            format!("if admitted, tracked as {}", state_name(state))
         } else {
             "if admitted, sent untracked: it begins no flow (S7)".to_owned()
         };
@@ -755,14 +867,14 @@ impl<'a> Walk<'a> {
     /// entry of `owner` under the same key is replaced at no charge; one of another owner
     /// leaves the flow untracked). `None`: the packet begins no flow.
     fn budget(&self, hook: &str, p: &Packet, owner: &model::Endpoint) -> Option<Step> {
-        let role = verdict::role(p.proto, tcp_flags(p), p.transport.icmp_type.unwrap_or(0));
+        let role = role_of(p);
         if !verdict::creates(role) {
             return None;
         }
         let key = self.key(p);
         let sender = p.src_endpoint.as_ref().and_then(|id| self.r.state.endpoints.get(id));
         let sender = sender.map_or(0, |e| e.serial);
-        let (_, own) = self.ct.lookup_as(&key, role, sender, self.r.now_ns, &self.timeouts);
+        let (_, own) = self.lookup(&key, role, sender);
         let used = self.ct.used(owner.slot);
         let of = format!(
             "{} holds {used} tracked flows of its conntrack budget of {} on {} (S14)",
@@ -839,15 +951,17 @@ impl<'a> Walk<'a> {
             Direction::Ingress => (p.src, "ingress", "from"),
         };
         let icmp = (p.transport.icmp_type.unwrap_or(0), p.transport.icmp_code.unwrap_or(0));
-        let first = host
-            .admitting(ep, dir, peer, p.proto, p.transport.dport.unwrap_or(0), icmp)
-            .next()
-            .map(|(g, r)| RuleRef {
-                group: g.id.clone(),
-                group_name: g.name.clone(),
-                rule: r.id.clone(),
-                direction: dir,
-            });
+        let dport = p.transport.dport.unwrap_or(0);
+        let first = match peer {
+            IpAddr::V4(peer) => host.admitting(ep, dir, peer, p.proto, dport, icmp).next(),
+            IpAddr::V6(peer) => host.admitting6(ep, dir, peer, p.proto, dport, icmp).next(),
+        };
+        let first = first.map(|(g, r)| RuleRef {
+            group: g.id.clone(),
+            group_name: g.name.clone(),
+            rule: r.id.clone(),
+            direction: dir,
+        });
         let groups = ep.security_groups.clone();
         let ident = self.ident_text(p, peer);
         match first {
@@ -974,26 +1088,16 @@ impl<'a> Walk<'a> {
         let model_host = self.model_host();
         let model =
             decision_of(&model_host.judge(&self.ct, self.r.now_ns, ifindex, &frame).verdict);
-        let conntrack: Vec<(CtKey, CtEntry)> = {
-            let key = self.key(p);
-            let rev = key.reversed();
-            self.ct
-                .entries
-                .iter()
-                .filter(|(k, _)| **k == key || **k == rev)
-                .map(|(k, e)| (*k, *e))
-                .collect()
-        };
-        let run = Some(RunInput { hook: HOOK, frame: frame.clone(), ifindex, conntrack });
+        let run = Some(self.run_input(HOOK, p, frame.clone(), ifindex));
         steps.push(self.passed(
             HOOK,
             "endpoint",
             format!(
                 "{} ({}) sends from interface {} (ifindex {ifindex}), {}",
                 sender.id,
-                sender.ip,
+                p.src,
                 sender.interface,
-                self.ident_text(p, sender.ip)
+                self.ident_text(p, p.src)
             ),
         ));
         steps.push(self.passed(
@@ -1001,7 +1105,7 @@ impl<'a> Walk<'a> {
             "anti_spoofing",
             format!(
                 "source MAC {} and source address {} are {}'s own (S10)",
-                sender.mac, sender.ip, sender.id
+                sender.mac, p.src, sender.id
             ),
         ));
         let route = self.route(p);
@@ -1153,16 +1257,7 @@ impl<'a> Walk<'a> {
                 inner[6..12].copy_from_slice(&this.r.config.gateway_mac);
             }
             let frame = wrap(&inner, src_ul, ul, sender.identity, p.vni);
-            let key = this.key(p);
-            let rev = key.reversed();
-            let conntrack = this
-                .ct
-                .entries
-                .iter()
-                .filter(|(k, _)| **k == key || **k == rev)
-                .map(|(k, e)| (*k, *e))
-                .collect();
-            Some(RunInput { hook: HOOK, frame, ifindex: this.r.config.underlay_ifindex, conntrack })
+            Some(this.run_input(HOOK, p, frame, this.r.config.underlay_ifindex))
         };
         let run = run_input(self);
         let Some(ul) = self.r.underlay_ip else {
@@ -1282,13 +1377,42 @@ enum Place<'a> {
     Remote { host: String },
 }
 
+/// A flow's conntrack key in the table of its family (`VERSE_CT`, `VERSE_CT6`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Key {
+    V4(CtKey),
+    V6(Ct6Key),
+}
+
+/// The 16 bytes of an IPv6 address (an IPv4 one never comes here: a packet is of one family).
+fn v6(a: IpAddr) -> [u8; 16] {
+    match a {
+        IpAddr::V6(a) => a.octets(),
+        IpAddr::V4(a) => a.to_ipv6_mapped().octets(),
+    }
+}
+
 fn ct_ports(p: &Packet) -> (u16, u16) {
-    match p.proto {
-        IPPROTO_TCP | IPPROTO_UDP => {
+    let icmp = p.transport.icmp_type;
+    match (p.proto, p.src.is_ipv6()) {
+        (IPPROTO_TCP | IPPROTO_UDP, _) => {
             (p.transport.sport.unwrap_or(0), p.transport.dport.unwrap_or(0))
         }
-        IPPROTO_ICMP => p.transport.icmp_type.map_or((0, 0), |ty| icmp_ct_ports(ty, TRACE_ECHO_ID)),
+        (IPPROTO_ICMP, false) => icmp.map_or((0, 0), |ty| icmp_ct_ports(ty, TRACE_ECHO_ID)),
+        (IPPROTO_ICMPV6, true) => {
+            icmp.map_or((0, 0), |ty| wire6::icmpv6_ct_ports(ty, TRACE_ECHO_ID))
+        }
         _ => (0, 0),
+    }
+}
+
+/// What the packet may match in conntrack (S7), as the hook of its family decides.
+fn role_of(p: &Packet) -> verdict::Role {
+    let ty = p.transport.icmp_type.unwrap_or(0);
+    if p.src.is_ipv6() {
+        role6(p.proto, tcp_flags(p), ty)
+    } else {
+        verdict::role(p.proto, tcp_flags(p), ty)
     }
 }
 
@@ -1331,27 +1455,35 @@ fn decision_of(v: &verdict::Verdict) -> Option<Decision> {
 const TRACE_IP_ID: u16 = 0x7472;
 
 /// The Ethernet frame a workload with MAC `src_mac` sends for `p` (to the gateway MAC): a TCP
-/// SYN, a UDP datagram with 4 bytes, an ICMP message with 8 bytes (an echo carries
+/// SYN, a UDP datagram with 4 bytes, an ICMP (ICMPv6) message with 8 bytes (an echo carries
 /// [`TRACE_ECHO_ID`]; an error type quotes nothing, so it is related to no flow), or 8 bytes of
-/// another protocol.
+/// another protocol; in an IPv4 packet, or an IPv6 one with no extension header.
 pub fn synthesize(p: &Packet, src_mac: [u8; 6], gateway_mac: [u8; 6]) -> Vec<u8> {
     let (sport, dport) = (p.transport.sport.unwrap_or(0), p.transport.dport.unwrap_or(0));
-    let l4 = match p.proto {
-        IPPROTO_TCP => frames::tcp(sport, dport, TCP_SYN, 0),
-        IPPROTO_UDP => frames::udp(sport, dport, b"trce"),
-        IPPROTO_ICMP => {
-            let (sport, dport) = ct_ports(p);
-            frames::icmp(
-                p.transport.icmp_type.unwrap_or(8),
-                p.transport.icmp_code.unwrap_or(0),
-                frames::echo_rest(sport.max(dport), 1),
-                &[0; 8],
-            )
+    let (ty, code) = (p.transport.icmp_type.unwrap_or(8), p.transport.icmp_code.unwrap_or(0));
+    let echo = || {
+        let (sport, dport) = ct_ports(p);
+        frames::echo_rest(sport.max(dport), 1)
+    };
+    let l4 = match (p.proto, p.src, p.dst) {
+        (IPPROTO_TCP, ..) => frames::tcp(sport, dport, TCP_SYN, 0),
+        (IPPROTO_UDP, ..) => frames::udp(sport, dport, b"trce"),
+        (IPPROTO_ICMP, IpAddr::V4(_), _) => frames::icmp(ty, code, echo(), &[0; 8]),
+        (IPPROTO_ICMPV6, IpAddr::V6(s), IpAddr::V6(d)) => {
+            frames::icmpv6(s.octets(), d.octets(), ty, code, echo(), &[0; 8])
         }
         _ => vec![0; 8],
     };
-    let ip = frames::ipv4_with(p.src.octets(), p.dst.octets(), p.proto, TRACE_IP_ID, true, &l4);
-    frames::ethernet(gateway_mac, src_mac, ETHERTYPE_IPV4, &ip)
+    match (p.src, p.dst) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => {
+            let ip = frames::ipv4_with(s.octets(), d.octets(), p.proto, TRACE_IP_ID, true, &l4);
+            frames::ethernet(gateway_mac, src_mac, ETHERTYPE_IPV4, &ip)
+        }
+        (s, d) => {
+            let ip = frames::ipv6(v6(s), v6(d), p.proto, &l4);
+            frames::ethernet(gateway_mac, src_mac, ETHERTYPE_IPV6, &ip)
+        }
+    }
 }
 
 /// `inner` wrapped as a host sends it on the underlay (README, wire format): outer IPv4 from
@@ -1514,7 +1646,15 @@ mod tests {
         let mut config = crate::config::Config::default().dataplane_config().unwrap();
         config.underlay_ifindex = 2;
         config.underlay_mtu = 1500;
-        Realized { state: s.clone(), maps, conntrack, now_ns: NOW, config, underlay_ip }
+        Realized {
+            state: s.clone(),
+            maps,
+            conntrack,
+            conntrack6: Vec::new(),
+            now_ns: NOW,
+            config,
+            underlay_ip,
+        }
     }
 
     /// On random policies, live flows and packets, over two hosts: every hop's walk reaches the

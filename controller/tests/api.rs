@@ -99,6 +99,7 @@ impl verse::trace::Source for NothingPlumbed {
             state: self.store.snapshot(),
             maps: Default::default(),
             conntrack: Vec::new(),
+            conntrack6: Vec::new(),
             now_ns: 0,
             config: Default::default(),
             underlay_ip: None,

@@ -47,12 +47,20 @@ fn step<'a>(t: &'a Value, check: &str) -> &'a Value {
 /// The live conntrack entries, and the drop counters, rule hit counters and verdict events of
 /// the daemon's `/metrics` (read after the second its event counts take to be refreshed).
 fn live(host: &Host) -> (usize, BTreeMap<String, u64>, Vec<String>) {
-    let dump = Command::new("bpftool")
-        .args(["-j", "map", "dump", "pinned"])
-        .arg(host.bpf_dir().join("VERSE_CT"))
-        .output()
-        .expect("bpftool runs");
-    let entries: Value = serde_json::from_slice(&dump.stdout).unwrap_or(Value::Array(Vec::new()));
+    // Both conntrack tables, IPv4's and IPv6's.
+    let entries: usize = ["VERSE_CT", "VERSE_CT6"]
+        .iter()
+        .map(|map| {
+            let dump = Command::new("bpftool")
+                .args(["-j", "map", "dump", "pinned"])
+                .arg(host.bpf_dir().join(map))
+                .output()
+                .expect("bpftool runs");
+            let entries: Value =
+                serde_json::from_slice(&dump.stdout).unwrap_or(Value::Array(Vec::new()));
+            entries.as_array().map_or(0, Vec::len)
+        })
+        .sum();
     std::thread::sleep(Duration::from_millis(1500));
     // Sorted: /metrics lists the samples of a family in no set order.
     let mut counters: Vec<String> = host
@@ -67,7 +75,22 @@ fn live(host: &Host) -> (usize, BTreeMap<String, u64>, Vec<String>) {
         counters.iter().any(|l| l.starts_with("verse_events_total")),
         "no event counts in /metrics"
     );
-    (entries.as_array().map_or(0, Vec::len), host.drop_counts(), counters)
+    (entries, host.drop_counts(), counters)
+}
+
+/// [`live`] once it holds still: a dual-stack workload's own IPv6 chatter after its interface
+/// comes up (multicast listener reports from its link-local address, dropped as
+/// `mld_unanswered`) goes on for a few seconds, and is no trace run's doing.
+fn settled(host: &Host) -> (usize, BTreeMap<String, u64>, Vec<String>) {
+    let mut last = live(host);
+    for _ in 0..20 {
+        let now = live(host);
+        if now == last {
+            return now;
+        }
+        last = now;
+    }
+    panic!("the live counters never held still: {last:?}");
 }
 
 /// The universe both tests trace in: `web` may reach `db` on TCP/5432 (`rule`, an ingress rule
@@ -81,7 +104,7 @@ struct Shop {
 
 fn shop(api: &Api) -> Shop {
     let id = |v: Value| v["id"].as_str().unwrap().to_owned();
-    let uni = id(api.create_universe("shop", "10.7.0.0/16"));
+    let uni = id(api.create_dual_universe("shop", "10.7.0.0/16"));
     let web = id(api.create_group(&uni, "web"));
     let db = id(api.create_group(&uni, "db"));
     let rule = id(api.add_rule(
@@ -91,19 +114,43 @@ fn shop(api: &Api) -> Shop {
     Shop { uni, web, db, rule }
 }
 
+/// The address of the family a trace asks for: the trace of an IPv6 address is IPv6's.
+fn addr_of(family: Family, w: &Workload) -> String {
+    family.addr(w).to_string()
+}
+
+/// ICMP of the family, and its echo request's type.
+fn icmp_of(family: Family) -> (&'static str, u8) {
+    match family {
+        Family::V4 => ("icmp", 8),
+        Family::V6 => ("icmpv6", 128),
+    }
+}
+
 #[test]
 fn trace_names_the_deciding_rule_or_what_was_searched_and_agrees_with_model_and_kernel() {
+    trace_on_one_host(Family::V4);
+}
+
+#[test]
+fn trace_names_the_deciding_rule_or_what_was_searched_and_agrees_with_model_and_kernel_over_ipv6() {
+    trace_on_one_host(Family::V6);
+}
+
+fn trace_on_one_host(family: Family) {
     let host = Host::start();
     let api = &host.api;
     let Shop { uni, web, db, rule } = shop(api);
-    let w = host.endpoint(&uni, "10.7.0.2", &[&web]);
-    let d = host.endpoint(&uni, "10.7.0.3", &[&db]);
-    let other = host.endpoint(&uni, "10.7.0.4", &[]);
-    let _server = tcp_listen(&d.ns, 5432);
+    let w = host.dual_endpoint(&uni, "10.7.0.2", &[&web]);
+    let d = host.dual_endpoint(&uni, "10.7.0.3", &[&db]);
+    let other = host.dual_endpoint(&uni, "10.7.0.4", &[]);
+    let _server = TcpServer::start_on(&d.ns, family.addr(&d), 5432, "db");
+    // The receiver by an address of the family: that family is traced.
+    let to_d = addr_of(family, &d);
 
     // Admitted: the egress rule of web (S2's egress-to-all) and db's ingress rule are named.
-    let before = live(&host);
-    let t = trace(api, &w.id, &d.ip.to_string(), "tcp", "&port=5432");
+    let before = settled(&host);
+    let t = trace(api, &w.id, &to_d, "tcp", "&port=5432");
     assert_agree(&t, "deliver");
     let rules: Vec<&str> = t["verdict"]["rules"]
         .as_array()
@@ -120,7 +167,7 @@ fn trace_names_the_deciding_rule_or_what_was_searched_and_agrees_with_model_and_
     assert_eq!(live(&host), before, "a trace run changed the live conntrack table or counters");
 
     // Denied: the endpoint without web's membership; the walk says what it searched.
-    let t = trace(api, &other.id, &d.id, "tcp", "&port=5432");
+    let t = trace(api, &other.id, &to_d, "tcp", "&port=5432");
     assert_agree(&t, "drop (policy_ingress)");
     let ingress = step(&t, "ingress");
     let detail = ingress["detail"].as_str().unwrap();
@@ -128,46 +175,50 @@ fn trace_names_the_deciding_rule_or_what_was_searched_and_agrees_with_model_and_
         detail.contains(&format!("no ingress rule of groups {db} (db) of {}", d.id)),
         "{detail}"
     );
-    assert!(detail.contains("admits tcp/5432 from 10.7.0.4 (identity "), "{detail}");
+    let from_other = format!("admits tcp/5432 from {} (identity ", family.addr(&other));
+    assert!(detail.contains(&from_other), "{detail}");
     assert_eq!(ingress["searched"], json!([db]));
     // The real packet is dropped for that reason too.
-    assert_dropped(&host, "policy_ingress", "10.7.0.4 -> db:5432", || {
-        tcp_connect(&other.ns, d.ip, 5432, Duration::from_millis(500))
+    assert_dropped(&host, "policy_ingress", "other -> db:5432", || {
+        tcp_connect(&other.ns, family.addr(&d), 5432, Duration::from_millis(500))
     });
     assert_eq!(live(&host).0, before.0, "a trace run created a live flow");
 
     // No route, and a port nobody admits.
-    let t = trace(api, &w.id, "10.7.0.99", "udp", "&port=53");
+    let t = trace(api, &w.id, &family.text("10.7.0.99"), "udp", "&port=53");
     assert_agree(&t, "drop (no_route)");
-    let t = trace(api, &w.id, &d.id, "tcp", "&port=5433");
+    let t = trace(api, &w.id, &to_d, "tcp", "&port=5433");
     assert_agree(&t, "drop (policy_ingress)");
 
     // A live flow: a real connection from web to db; its source port passes as part of it, even
     // after db's rule is gone (S8), while a new flow is refused.
-    let mut conn =
-        TcpConn::open(&w.ns, d.ip, 5432, Duration::from_secs(3)).expect("web reaches db");
+    let mut conn = TcpConn::open(&w.ns, family.addr(&d), 5432, Duration::from_secs(3))
+        .expect("web reaches db");
     assert!(conn.exchange("hello", Duration::from_secs(3)).is_ok());
     let sport = conn.local_port();
     api.delete_rule(&db, &rule);
-    let t = trace(api, &w.id, &d.id, "tcp", &format!("&port=5432&sport={sport}"));
+    let t = trace(api, &w.id, &to_d, "tcp", &format!("&port=5432&sport={sport}"));
     assert_eq!(step(&t, "conntrack")["outcome"], "accept", "{t:#}");
     // A SYN in a live flow: the model and the kernel agree that it passes.
     assert_agree(&t, "deliver");
-    let t = trace(api, &w.id, &d.id, "tcp", "&port=5432");
+    let t = trace(api, &w.id, &to_d, "tcp", "&port=5432");
     assert_agree(&t, "drop (policy_ingress)");
     let ct = step(&t, "conntrack")["detail"].as_str().unwrap().to_owned();
-    assert!(
-        ct.contains(&format!("10.7.0.2:{sport} -> 10.7.0.3:5432")),
-        "the live flow is listed: {ct}"
+    let (from, to) = (
+        std::net::SocketAddr::new(family.addr(&w), sport),
+        std::net::SocketAddr::new(family.addr(&d), 5432),
     );
+    assert!(ct.contains(&format!("{from} -> {to}")), "the live flow is listed: {ct}");
 
     // ICMP: db has no rule for it.
-    let t = trace(api, &w.id, &d.id, "icmp", "&icmp_type=8&icmp_code=0");
+    let (icmp, echo) = icmp_of(family);
+    let t = trace(api, &w.id, &to_d, icmp, &format!("&icmp_type={echo}&icmp_code=0"));
     assert_agree(&t, "drop (policy_ingress)");
-    assert!(step(&t, "ingress")["detail"].as_str().unwrap().contains("icmp type 8 code 0"));
+    let detail = step(&t, "ingress")["detail"].as_str().unwrap().to_owned();
+    assert!(detail.contains(&format!("{icmp} type {echo} code 0")), "{detail}");
 
     // The CLI prints the walk; -o json carries the hops.
-    let (ok, text, err) = cli_trace(&host, api.token().unwrap(), &to_db(&other.id, &d.id));
+    let (ok, text, err) = cli_trace(&host, api.token().unwrap(), &to_db(&other.id, &to_d));
     assert!(ok, "{text} {err}");
     assert!(text.contains("drop (policy_ingress)"), "{text}");
     assert!(text.contains("reference model: drop (policy_ingress)"), "{text}");
@@ -333,24 +384,37 @@ fn cli_trace(host: &Host, token: &str, args: &[&str]) -> (bool, String, String) 
 /// host's answer as that host's part.
 #[test]
 fn across_hosts_each_host_traces_its_hook_and_agrees_with_model_and_kernel() {
+    trace_across_hosts(Family::V4);
+}
+
+#[test]
+fn across_hosts_each_host_traces_its_hook_and_agrees_with_model_and_kernel_over_ipv6() {
+    trace_across_hosts(Family::V6);
+}
+
+fn trace_across_hosts(family: Family) {
     let fleet = Fleet::start(2);
     let (a, b) = (fleet.host(0), fleet.host(1));
     let api = fleet.api(0);
     let Shop { uni, web, db, rule } = shop(api);
-    let w = fleet.endpoint(0, &uni, "10.7.0.2", &[&web]);
-    let other = fleet.endpoint(0, &uni, "10.7.0.4", &[]);
-    let d = fleet.endpoint(1, &uni, "10.7.0.3", &[&db]);
-    let _server = tcp_listen(&d.ns, 5432);
-    let (before_a, before_b) = (live(a), live(b));
+    let dual = |on, ip: &str, groups: &[&str]| {
+        fleet.endpoint6(on, &uni, (ip, &Family::V6.text(ip)), groups)
+    };
+    let w = dual(0, "10.7.0.2", &[&web]);
+    let other = dual(0, "10.7.0.4", &[]);
+    let d = dual(1, "10.7.0.3", &[&db]);
+    let _server = TcpServer::start_on(&d.ns, family.addr(&d), 5432, "db");
+    let to_d = addr_of(family, &d);
+    let (before_a, before_b) = (settled(a), settled(b));
 
     // Admitted: host-a wraps for host-b; host-b admits by db's rule.
-    let t = trace(api, &w.id, &d.id, "tcp", "&port=5432");
+    let t = trace(api, &w.id, &to_d, "tcp", "&port=5432");
     assert_agree(&t, "wrap");
     assert_eq!(t["host"], a.name(), "{t:#}");
     assert_eq!(t["verdict"]["next_host"], b.name(), "{t:#}");
     assert_eq!(step(&t, "route")["outcome"], "pass", "{t:#}");
     let sport = t["packet"]["sport"].as_u64().unwrap();
-    let t = trace(fleet.api(1), &w.id, &d.id, "tcp", &format!("&port=5432&sport={sport}"));
+    let t = trace(fleet.api(1), &w.id, &to_d, "tcp", &format!("&port=5432&sport={sport}"));
     assert_eq!(t["host"], b.name(), "{t:#}");
     assert_agree(&t, "deliver");
     assert_eq!(step(&t, "ingress")["rule"]["rule"], rule.as_str(), "{t:#}");
@@ -358,32 +422,34 @@ fn across_hosts_each_host_traces_its_hook_and_agrees_with_model_and_kernel() {
     assert_eq!(t["kernel"]["hook"], "from_underlay", "{t:#}");
 
     // Denied: host-a still wraps (egress to all), host-b drops by policy, naming db.
-    let t = trace(api, &other.id, &d.id, "tcp", "&port=5432");
+    let t = trace(api, &other.id, &to_d, "tcp", "&port=5432");
     assert_agree(&t, "wrap");
     let sport = t["packet"]["sport"].as_u64().unwrap();
-    let t = trace(fleet.api(1), &other.id, &d.id, "tcp", &format!("&port=5432&sport={sport}"));
+    let t = trace(fleet.api(1), &other.id, &to_d, "tcp", &format!("&port=5432&sport={sport}"));
     assert_agree(&t, "drop (policy_ingress)");
     assert_eq!(step(&t, "ingress")["searched"], json!([db]), "{t:#}");
     // ICMP echo: db admits none; the walk, the model and the kernel say so on host-b.
-    let t = trace(api, &w.id, &d.id, "icmp", "");
+    let icmp = icmp_of(family).0;
+    let t = trace(api, &w.id, &to_d, icmp, "");
     assert_agree(&t, "wrap");
-    let t = trace(fleet.api(1), &w.id, &d.id, "icmp", "");
+    let t = trace(fleet.api(1), &w.id, &to_d, icmp, "");
     assert_agree(&t, "drop (policy_ingress)");
     // The runs opened no flow and counted nothing on either host.
     assert_eq!(live(a), before_a, "trace runs changed host-a's live conntrack or counters");
     assert_eq!(live(b), before_b, "trace runs changed host-b's live conntrack or counters");
 
     // The real packets meet the same fates.
-    assert!(tcp_connect(&w.ns, d.ip, 5432, Duration::from_secs(3)), "web reaches db across hosts");
+    let d_ip = family.addr(&d);
+    assert!(tcp_connect(&w.ns, d_ip, 5432, Duration::from_secs(3)), "web reaches db across hosts");
     assert_dropped(b, "policy_ingress", "other (host-a) -> db:5432 (host-b)", || {
-        tcp_connect(&other.ns, d.ip, 5432, Duration::from_millis(500))
+        tcp_connect(&other.ns, d_ip, 5432, Duration::from_millis(500))
     });
 
     // The CLI: host-a's API, and host-b's through a relay into host-a's namespace.
     let token = fleet.admin_token();
     let relay = ApiRelay::start(a.netns(), fleet.api(1));
     let host_api = format!("{}={}", b.name(), relay.url());
-    let args = [&to_db(&other.id, &d.id)[..], &["--host-api", &host_api]].concat();
+    let args = [&to_db(&other.id, &to_d)[..], &["--host-api", &host_api]].concat();
     let (ok, text, err) = cli_trace(a, &token, &args);
     assert!(ok, "{text}\n{err}");
     for want in [
@@ -400,7 +466,7 @@ fn across_hosts_each_host_traces_its_hook_and_agrees_with_model_and_kernel() {
     let (ok, text, err) = cli_trace(
         a,
         &token,
-        &["--from", &other.id, "--to", &d.id, "--protocol", "tcp", "--port", "5432"],
+        &["--from", &other.id, "--to", &to_d, "--protocol", "tcp", "--port", "5432"],
     );
     assert!(!ok, "an incomplete trace must fail:\n{text}");
     assert!(text.contains(&format!("{}: NOT TRACED (from_underlay)", b.name())), "{text}");
@@ -410,7 +476,7 @@ fn across_hosts_each_host_traces_its_hook_and_agrees_with_model_and_kernel() {
     let (ok, text, _) = cli_trace(
         b,
         &token,
-        &["--from", &other.id, "--to", &d.id, "--protocol", "tcp", "--port", "5432"],
+        &["--from", &other.id, "--to", &to_d, "--protocol", "tcp", "--port", "5432"],
     );
     assert!(!ok, "{text}");
     assert!(text.contains(&format!("{}: drop (policy_ingress)", b.name())), "{text}");

@@ -181,13 +181,14 @@ enum Command {
 
 #[derive(Args)]
 struct TraceArgs {
-    /// The sender: an endpoint id (ep-...) or an address of the universe.
+    /// The sender: an endpoint id (ep-...) or an address of the universe (an IPv6 address, in
+    /// either, traces IPv6).
     #[arg(long)]
     from: String,
     /// The receiver: an endpoint id (ep-...) or an address of the universe.
     #[arg(long)]
     to: String,
-    /// tcp, udp, icmp, or a protocol number.
+    /// tcp, udp, icmp, icmpv6 (which traces IPv6), or a protocol number.
     #[arg(long)]
     protocol: String,
     /// TCP/UDP destination port.
@@ -196,7 +197,7 @@ struct TraceArgs {
     /// TCP/UDP source port (default: one no live flow uses).
     #[arg(long)]
     sport: Option<u16>,
-    /// ICMP type (default 8, echo request).
+    /// ICMP type (default 8, echo request; ICMPv6: 128).
     #[arg(long)]
     icmp_type: Option<u8>,
     /// ICMP code (default 0).

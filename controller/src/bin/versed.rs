@@ -373,11 +373,13 @@ impl trace::Source for Tracer {
         let dp = self.dataplane.lock().unwrap_or_else(PoisonError::into_inner);
         let maps = dp.read().context("reading the dataplane maps")?;
         let conntrack = dp.conntrack().context("reading the conntrack table")?;
+        let conntrack6 = dp.conntrack6().context("reading the IPv6 conntrack table")?;
         drop(dp);
         Ok(trace::Realized {
             state,
             maps,
             conntrack,
+            conntrack6,
             now_ns: coarse_now_ns(),
             config: self.config,
             underlay_ip: self.underlay_ip,
@@ -394,7 +396,7 @@ impl trace::Source for Tracer {
             anyhow::bail!("no trace runner");
         };
         let out = runner
-            .run(input.hook, &input.frame, input.ifindex, &input.conntrack)
+            .run(input.hook, &input.frame, input.ifindex, &input.conntrack, &input.conntrack6)
             .with_context(|| format!("running {}", input.hook))?;
         Ok(trace::kernel_run(
             input.hook,
