@@ -271,14 +271,7 @@ impl Api {
         ip: &str,
         groups: &[&str],
     ) -> (Workload, u64) {
-        self.plug(CreateEndpoint {
-            universe: universe.into(),
-            host: host.map(str::to_owned),
-            ip: ip.into(),
-            security_groups: (!groups.is_empty())
-                .then(|| groups.iter().map(|g| (*g).to_owned()).collect()),
-            ..Default::default()
-        })
+        self.plug(endpoint_request(host, universe, ip, groups))
     }
 
     /// Like [`Api::create_endpoint`], dual stack: `ip` and its IPv6 counterpart
@@ -290,16 +283,8 @@ impl Api {
         ip: &str,
         groups: &[&str],
     ) -> Workload {
-        self.plug(CreateEndpoint {
-            universe: universe.into(),
-            host: host.map(str::to_owned),
-            ip: ip.into(),
-            ipv6: Some(Family::V6.text(ip)),
-            security_groups: (!groups.is_empty())
-                .then(|| groups.iter().map(|g| (*g).to_owned()).collect()),
-            ..Default::default()
-        })
-        .0
+        let req = endpoint_request(host, universe, ip, groups);
+        self.plug(CreateEndpoint { ipv6: Some(Family::V6.text(ip)), ..req }).0
     }
 
     /// Makes a workload namespace and plugs it as the endpoint `req` describes (its `netns` is
@@ -508,6 +493,24 @@ fn decode_chunked(mut data: &[u8]) -> io::Result<Vec<u8>> {
         }
         out.extend_from_slice(&data[..size]);
         data = &data[size + 2..];
+    }
+}
+
+/// The request of an IPv4 endpoint at `ip` in `universe`, placed on `host` (`None`: the host
+/// serving the request), in `groups` (empty: none given, so `default`, S3).
+fn endpoint_request(
+    host: Option<&str>,
+    universe: &str,
+    ip: &str,
+    groups: &[&str],
+) -> CreateEndpoint {
+    CreateEndpoint {
+        universe: universe.into(),
+        host: host.map(str::to_owned),
+        ip: ip.into(),
+        security_groups: (!groups.is_empty())
+            .then(|| groups.iter().map(|g| (*g).to_owned()).collect()),
+        ..Default::default()
     }
 }
 

@@ -821,6 +821,16 @@ fn group(universe: &str, name: &str) -> model::CreateGroup {
     model::CreateGroup { universe: universe.into(), name: name.into(), description: None }
 }
 
+/// Adds rules for TCP ports 1 to `n` to `group` through `store`, one edit each, in a task.
+fn add_rules(store: Store, group: String, n: u16) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        for port in 1..=n {
+            let g = group.clone();
+            store.edit(move |s| s.add_rule(&g, tcp_rule(port))).await.unwrap();
+        }
+    })
+}
+
 fn tcp_rule(port: u16) -> model::CreateRule {
     model::CreateRule {
         direction: "ingress".into(),
@@ -847,15 +857,7 @@ async fn edits_of_different_universes_never_conflict_and_edits_of_one_are_all_ke
     wait_state(&mut rx, "both groups on a", |s| s.revision >= rev).await;
     let before = (a.conflicts(), b.conflicts());
     const N: u16 = 40;
-    let run = |store: Store, group: String| {
-        tokio::spawn(async move {
-            for port in 1..=N {
-                let g = group.clone();
-                store.edit(move |s| s.add_rule(&g, tcp_rule(port))).await.unwrap();
-            }
-        })
-    };
-    let (ta, tb) = (run(a.clone(), gb.id.clone()), run(b.clone(), gr.id.clone()));
+    let (ta, tb) = (add_rules(a.clone(), gb.id.clone(), N), add_rules(b.clone(), gr.id.clone(), N));
     ta.await.unwrap();
     tb.await.unwrap();
     assert_eq!(
@@ -2026,15 +2028,8 @@ async fn edits_of_two_groups_of_one_universe_from_two_hosts_never_conflict() {
     both_at(&a, &b, rev).await;
     let before = (a.conflicts(), b.conflicts());
     const N: u16 = 40;
-    let run = |store: Store, group: String| {
-        tokio::spawn(async move {
-            for port in 1..=N {
-                let g = group.clone();
-                store.edit(move |s| s.add_rule(&g, tcp_rule(port))).await.unwrap();
-            }
-        })
-    };
-    let (ta, tb) = (run(a.clone(), web.id.clone()), run(b.clone(), db.id.clone()));
+    let (ta, tb) =
+        (add_rules(a.clone(), web.id.clone(), N), add_rules(b.clone(), db.id.clone(), N));
     ta.await.unwrap();
     tb.await.unwrap();
     assert_eq!(
