@@ -1588,7 +1588,11 @@ async fn a_host_with_a_scope_follows_only_the_universes_placed_on_it() {
     // The endpoint goes: h9 drops blue whole, and receives nothing of it after.
     let id = ep.id.clone();
     let (_, gone) = a.edit(move |s| s.delete_endpoint(&id)).await.unwrap();
-    wait_state(&mut srx, "blue gone from h9", |st| st.revision >= gone).await;
+    // Each range has its own watcher: the endpoint's deletion (blue's range) can arrive before
+    // its placement's (which lets blue go), and the state's revision is the newest of the
+    // ranges', so the revision alone does not say that blue is gone: wait for both.
+    wait_state(&mut srx, "blue gone from h9", |st| st.revision >= gone && st.universes.is_empty())
+        .await;
     let snap = s.snapshot();
     assert!(snap.universes.is_empty() && snap.groups.is_empty() && snap.endpoints.is_empty());
     assert!(snap.identities.is_empty(), "{:?}", snap.identities);
