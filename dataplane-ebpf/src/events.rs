@@ -15,9 +15,10 @@
 //! rewritten; a frame that does not parse leaves the addresses 0.
 //!
 //! IPv6 is described by the IPv6 programs (`from_endpoint6`, `nd6`, `from_underlay6`: `V6`
-//! true), with the extension-header walk they judge with; the IPv4 programs describe IPv4 only,
-//! so that their code is what it was (an IPv6 frame they drop, before handing it on, has no
-//! addresses in its event).
+//! true), with the extension-header walk they judge with. The IPv4 programs, which drop an IPv6
+//! frame only before handing it on (an unknown endpoint, a spoofed MAC, a program missing), read
+//! its fixed header alone: the event has its addresses (and their route), not its protocol, so
+//! that the IPv4 programs carry no extension-header walk.
 //!
 //! An event is written in place in the ring buffer ([`reserve`]), never built on the stack: the
 //! IPv6 programs and the calls they make share 512 bytes.
@@ -125,6 +126,21 @@ pub struct Parties {
     pub dst_identity: u32,
     /// The other host's underlay address (0: none).
     pub peer_host: [u8; 4],
+}
+
+impl Parties {
+    /// A flow from `from`, an endpoint behind the underlay host `host`, to `to`, the local
+    /// receiver `from_underlay` judged for, in the universe `vni`.
+    #[inline(always)]
+    pub fn received(vni: u32, from: &Route, to: &Route, host: [u8; 4]) -> Self {
+        Parties {
+            ifindex: to.ifindex,
+            vni,
+            src_identity: from.identity,
+            dst_identity: to.identity,
+            peer_host: host,
+        }
+    }
 }
 
 /// The (inner) packet of a new flow: its addresses, its protocol (IPv6: the upper layer).
@@ -325,12 +341,16 @@ fn vxlan(ctx: &TcContext) -> Option<([u8; 4], u32, u32)> {
     Some((src, u32::from_be_bytes([0, vni[0], vni[1], vni[2]]), u32::from(group)))
 }
 
-/// The packet of EtherType `ethertype` at `off`: IPv4 always, IPv6 in the IPv6 programs.
+/// The packet of EtherType `ethertype` at `off`: IPv4 always; IPv6 walked in the IPv6 programs,
+/// its addresses only in the IPv4 programs (see the module docs).
 #[inline(always)]
 fn packet<const V6: bool>(ctx: &TcContext, ethertype: Option<u16>, off: usize, e: &mut Event) {
     match ethertype {
         Some(ETHERTYPE_IPV4) => packet4(ctx, off, e),
         Some(ETHERTYPE_IPV6) if V6 => packet6(ctx, off, e),
+        Some(ETHERTYPE_IPV6) => {
+            addresses6(ctx, off, e);
+        }
         _ => {}
     }
 }
@@ -359,18 +379,9 @@ fn packet4(ctx: &TcContext, off: usize, e: &mut Event) {
 /// left 0: not known).
 #[inline(always)]
 fn packet6(ctx: &TcContext, off: usize, e: &mut Event) {
-    if !ensure(ctx, off + ipv6::HLEN) {
+    if !addresses6(ctx, off, e) {
         return;
     }
-    let Some(h) = ptr_at::<Ipv6Hdr>(ctx, off) else {
-        return;
-    };
-    // SAFETY: ptr_at proved the fixed IPv6 header is inside the linear data.
-    unsafe {
-        e.src = core::ptr::read_unaligned(core::ptr::addr_of!((*h).src));
-        e.dst = core::ptr::read_unaligned(core::ptr::addr_of!((*h).dst));
-    }
-    e.ip_version = 6;
     let Ok(ip) = flow::ipv6_header(ctx, off) else {
         return;
     };
@@ -379,6 +390,24 @@ fn packet6(ctx: &TcContext, off: usize, e: &mut Event) {
         return;
     };
     l4_fields(ip.proto, &l4, e);
+}
+
+/// The addresses of the fixed IPv6 header at `off`, if the frame holds one.
+#[inline(always)]
+fn addresses6(ctx: &TcContext, off: usize, e: &mut Event) -> bool {
+    if !ensure(ctx, off + ipv6::HLEN) {
+        return false;
+    }
+    let Some(h) = ptr_at::<Ipv6Hdr>(ctx, off) else {
+        return false;
+    };
+    // SAFETY: ptr_at proved the fixed IPv6 header is inside the linear data.
+    unsafe {
+        e.src = core::ptr::read_unaligned(core::ptr::addr_of!((*h).src));
+        e.dst = core::ptr::read_unaligned(core::ptr::addr_of!((*h).dst));
+    }
+    e.ip_version = 6;
+    true
 }
 
 #[inline(always)]

@@ -198,13 +198,7 @@ fn inner(
             rule_ingress: ingress.rule,
         };
         conntrack::open(ctx, &key, found.own, now, &ip, &l4, config.flow_interval, &flow)?;
-        let who = events::Parties {
-            ifindex: to.ifindex,
-            vni,
-            src_identity: from.identity,
-            dst_identity: to.identity,
-            peer_host: host,
-        };
+        let who = events::Parties::received(vni, &from, &to, host);
         let egress = PolicyValue::default();
         let packet = events::Packet::V4 { src: ip.src, dst: ip.dst, proto: ip.proto };
         events::admitted(len, config, Hook::FromUnderlay, &who, packet, &l4, egress, ingress);

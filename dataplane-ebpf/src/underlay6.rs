@@ -133,13 +133,7 @@ fn start(ctx: &TcContext) -> Result<i32, DropReason> {
             owner: ct_owner::DST,
         };
         endpoint6::open(ctx, &scratch.key, &o)?;
-        let who = events::Parties {
-            ifindex: to.ifindex,
-            vni,
-            src_identity: from.identity,
-            dst_identity: to.identity,
-            peer_host: host,
-        };
+        let who = events::Parties::received(vni, from, to, host);
         let k = &scratch.key;
         let packet = events::Packet::V6 { src: &k.src, dst: &k.dst, proto: ip.proto };
         // The frame's length as it came, with the encapsulation `unwrap_for` took off.

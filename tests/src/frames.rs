@@ -22,3 +22,26 @@ pub fn mac_bytes(text: &str) -> [u8; 6] {
         .collect();
     parts.try_into().unwrap_or_else(|_| panic!("MAC {text:?} is not 6 bytes"))
 }
+
+/// An Ethernet frame from MAC `src_mac` to `dst_mac` carrying a UDP datagram from `src` to `dst`
+/// (both of one family), as a workload that forges packets would write it.
+pub fn udp_frame(
+    (dst_mac, src_mac): ([u8; 6], [u8; 6]),
+    (src, dst): (std::net::IpAddr, std::net::IpAddr),
+    (sport, dport): (u16, u16),
+    msg: &[u8],
+) -> Vec<u8> {
+    use std::net::IpAddr;
+    match (src, dst) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => {
+            let packet = ipv4(s.octets(), d.octets(), 17, &udp(sport, dport, msg));
+            ethernet(dst_mac, src_mac, ETH_IPV4, &packet)
+        }
+        (IpAddr::V6(s), IpAddr::V6(d)) => {
+            let (s, d) = (s.octets(), d.octets());
+            let packet = ipv6(s, d, 17, &udp6(s, d, sport, dport, msg));
+            ethernet(dst_mac, src_mac, ETH_IPV6, &packet)
+        }
+        _ => panic!("{src} and {dst} are not of one family"),
+    }
+}

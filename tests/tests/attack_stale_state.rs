@@ -17,7 +17,7 @@
 //! [`Family::text`]).
 use std::net::{IpAddr, SocketAddr, UdpSocket};
 
-use tests::frames::{ethernet, ipv4, ipv6, udp, udp6, ETH_IPV4, ETH_IPV6};
+use tests::frames::udp_frame;
 use tests::*;
 
 fn id(v: &Value) -> &str {
@@ -64,19 +64,16 @@ fn live_flow(a_sock: &UdpSocket, b_sock: &UdpSocket) {
 /// A's answer on the old flow to B's address, crafted as A's workload would send it (its UDP
 /// socket is bound to the port already): a raw frame out of A's interface.
 fn answer_on_old_flow(a: &Workload, b_ip: IpAddr) {
-    let a_mac = mac_bytes(&a.mac);
-    let msg = b"stale answer";
-    let frame = match b_ip {
-        IpAddr::V4(b) => {
-            let packet = ipv4(a.ip.octets(), b.octets(), 17, &udp(A_PORT, B_PORT, msg));
-            ethernet(GATEWAY_MAC, a_mac, ETH_IPV4, &packet)
-        }
-        IpAddr::V6(b) => {
-            let a6 = a.ipv6.expect("a dual-stack endpoint").octets();
-            let packet = ipv6(a6, b.octets(), 17, &udp6(a6, b.octets(), A_PORT, B_PORT, msg));
-            ethernet(GATEWAY_MAC, a_mac, ETH_IPV6, &packet)
-        }
+    let a_ip = match b_ip {
+        IpAddr::V4(_) => IpAddr::V4(a.ip),
+        IpAddr::V6(_) => IpAddr::V6(a.ipv6.expect("a dual-stack endpoint")),
     };
+    let frame = udp_frame(
+        (GATEWAY_MAC, mac_bytes(&a.mac)),
+        (a_ip, b_ip),
+        (A_PORT, B_PORT),
+        b"stale answer",
+    );
     send_frame(&a.ns, "eth0", &frame).expect("send the frame from A");
 }
 

@@ -259,6 +259,144 @@ fn drop_and_new_flow_events(family: Family) {
     );
 }
 
+/// A frame dropped before it is judged by its family's program (here a forged source MAC:
+/// `spoofed_mac` at from_endpoint, which decides before it hands IPv6 on) is reported with its
+/// addresses, its universe, its sender and the endpoint its destination routes to; over IPv4
+/// with its protocol and ports, over IPv6 without (README, "Why was my packet dropped?").
+#[test]
+fn a_frame_with_a_forged_mac_is_reported_with_its_addresses() {
+    forged_mac_event(Family::V4);
+}
+
+#[test]
+fn a_frame_with_a_forged_mac_is_reported_with_its_addresses_over_ipv6() {
+    forged_mac_event(Family::V6);
+}
+
+fn forged_mac_event(family: Family) {
+    let host = Host::start();
+    let api = &host.api;
+    let uni = api.create_dual_universe("forged", "10.31.0.0/24");
+    let a = host.dual_endpoint(id(&uni), "10.31.0.10", &[]);
+    let b = host.dual_endpoint(id(&uni), "10.31.0.20", &[]);
+    let (a_ip, b_ip) = (family.addr(&a), family.addr(&b));
+    let receiver = b.ns.enter(|| std::net::UdpSocket::bind((b_ip, 7)).expect("bind b:7"));
+    receiver.set_read_timeout(Some(DENIED)).expect("timeout");
+
+    let monitor =
+        Monitor::start(&host, &["--universe", id(&uni), "--verdict", "dropped", "--recent", "100"]);
+    let before = host.drops("spoofed_mac");
+    let forged = [0x02, 0x66, 0x6f, 0x72, 0x67, 0x65];
+    let frame = frames::udp_frame((mac_bytes(&b.mac), forged), (a_ip, b_ip), (4000, 7), b"forged");
+    send_frame(&a.ns, "eth0", &frame).expect("send the forged frame from A");
+
+    let (event, seen) = monitor.wait_for(Duration::from_secs(10), |v| {
+        v["kind"] == "event" && v["reason"] == "spoofed_mac" && v["src"] == a_ip.to_string()
+    });
+    let event = event.unwrap_or_else(|| {
+        panic!(
+            "no spoofed_mac event from {a_ip} (drops {before} -> {}); saw {seen:#?}",
+            host.drops("spoofed_mac")
+        )
+    });
+    assert_eq!(event["hook"], "from_endpoint", "{event:#}");
+    assert_eq!(event["dst"], b_ip.to_string(), "{event:#}");
+    assert_eq!(event["universe"], id(&uni), "{event:#}");
+    assert_eq!(event["endpoint"], a.id.as_str(), "the endpoint behind the interface: {event:#}");
+    assert_eq!(event["dst_endpoint"], b.id.as_str(), "its destination's route: {event:#}");
+    match family {
+        Family::V4 => {
+            assert_eq!(event["protocol"], "udp", "{event:#}");
+            assert_eq!(event["dport"], 7, "{event:#}");
+        }
+        Family::V6 => {
+            assert!(event["protocol"].is_null(), "not walked before IPv6 is handed on: {event:#}");
+        }
+    }
+    let mut buf = [0u8; 64];
+    assert!(receiver.recv_from(&mut buf).is_err(), "the forged datagram reached B");
+    assert!(host.drops("spoofed_mac") > before, "spoofed_mac did not move");
+}
+
+/// Across hosts each host reports its part of one new flow: the sender's host at from_endpoint
+/// (the egress rule admitted it, the receiving host named), the receiver's host at
+/// from_underlay (the ingress rule admitted it, the sending host and the remote sender
+/// named). The same over IPv6.
+#[test]
+fn across_hosts_each_host_reports_its_part_of_a_new_flow() {
+    new_flow_across_hosts(Family::V4);
+}
+
+#[test]
+fn across_hosts_each_host_reports_its_part_of_a_new_flow_over_ipv6() {
+    new_flow_across_hosts(Family::V6);
+}
+
+fn new_flow_across_hosts(family: Family) {
+    let fleet = Fleet::start(2);
+    let api = fleet.api(0);
+    let uni = api.create_dual_universe("across", "10.32.0.0/24");
+    let web = api.create_group(id(&uni), "web");
+    let db = api.create_group(id(&uni), "db");
+    let pg = api.add_rule(
+        id(&db),
+        &json!({"direction": "ingress", "protocol": "tcp", "from_port": 5432, "to_port": 5432, "group": id(&web)}),
+    );
+    let dual = |on, ip: &str, groups: &[&str]| {
+        fleet.endpoint6(on, id(&uni), (ip, &Family::V6.text(ip)), groups)
+    };
+    let a = dual(0, "10.32.0.10", &[id(&web)]);
+    let b = dual(1, "10.32.0.20", &[id(&db)]);
+    let (a_ip, b_ip) = (family.addr(&a), family.addr(&b));
+    let _pg = TcpServer::start_on(&b.ns, b_ip, 5432, "db");
+    assert_eq!(tcp_roundtrip(&a.ns, b_ip, 5432, "q", ALLOWED).as_deref(), Some("db:q"));
+
+    // Each host's own events (`host=`), read after the fact until the flow's is there.
+    let admitted_on = |i: usize| {
+        let host = fleet.host(i).name();
+        let query =
+            format!("/v1/events?recent=1000&follow=false&verdict=admitted&port=5432&host={host}");
+        let end = Instant::now() + Duration::from_secs(10);
+        loop {
+            let r = fleet.api(i).get(&query);
+            assert_eq!(r.status, 200, "{}", r.body);
+            let found = r
+                .body
+                .lines()
+                .map(|l| serde_json::from_str::<Value>(l).expect("a JSON line"))
+                .find(|v| v["kind"] == "event" && v["src"] == a_ip.to_string());
+            match found {
+                Some(v) => return v,
+                None if Instant::now() < end => std::thread::sleep(Duration::from_millis(200)),
+                None => panic!("{host} reported no new flow from {a_ip}: {}", r.body),
+            }
+        }
+    };
+    let rule_of = |e: &Value, direction: &str| -> Value {
+        let rules = e["rules"].as_array().unwrap_or_else(|| panic!("no rules: {e:#}"));
+        let r = rules.iter().find(|r| r["direction"] == direction);
+        r.unwrap_or_else(|| panic!("no {direction} rule: {e:#}")).clone()
+    };
+
+    let sent = admitted_on(0);
+    assert_eq!(sent["hook"], "from_endpoint", "{sent:#}");
+    assert_eq!(sent["endpoint"], a.id.as_str(), "the sender is the local endpoint: {sent:#}");
+    assert_eq!((&sent["dst"], &sent["dst_endpoint"]), (&json!(b_ip), &json!(b.id)), "{sent:#}");
+    assert_eq!(rule_of(&sent, "egress")["group"], id(&web), "{sent:#}");
+    assert_eq!(sent["peer_host"], fleet.host(1).name(), "the receiving host: {sent:#}");
+
+    let received = admitted_on(1);
+    assert_eq!(received["hook"], "from_underlay", "{received:#}");
+    assert_eq!(received["universe"], id(&uni), "{received:#}");
+    assert_eq!(received["endpoint"], b.id.as_str(), "the receiver is the local one: {received:#}");
+    assert_eq!(received["src_endpoint"], a.id.as_str(), "the remote sender: {received:#}");
+    assert_eq!(received["dst"], b_ip.to_string(), "{received:#}");
+    assert_eq!(received["protocol"], "tcp", "{received:#}");
+    assert_eq!(rule_of(&received, "ingress")["id"], id(&pg), "{received:#}");
+    assert_eq!(received["peer_host"], fleet.host(0).name(), "the sending host: {received:#}");
+    assert!(received["bytes"].as_u64().unwrap() > 50, "the wrapped frame's length: {received:#}");
+}
+
 /// The per-CPU token bucket: a flood of denied packets beyond the burst is counted
 /// `suppressed`, not reported one by one, and the API answers meanwhile.
 #[test]
