@@ -1511,7 +1511,8 @@ mod tests {
     const PORTS: [u16; 4] = [22, 53, 80, 5432];
     const SPORTS: [u16; 3] = [40_000, 40_001, 40_002];
 
-    /// Two hosts with underlays, one universe, four groups with random rules, endpoints on both.
+    /// Two hosts with underlays, one dual-stack universe, four groups with random rules of both
+    /// families, endpoints on both hosts (most of them dual stack, fd00::N beside 10.0.0.N).
     fn random_state(rng: &mut StdRng) -> (State, Vec<model::Endpoint>) {
         let mut s = State::default();
         for (name, ip) in HOSTS {
@@ -1522,7 +1523,7 @@ mod tests {
                 name: "u".into(),
                 cidr: Some("10.0.0.0/16".into()),
                 cidrs: None,
-                ipv6_cidrs: None,
+                ipv6_cidrs: Some(vec!["fd00::/64".into()]),
             })
             .unwrap();
         let groups: Vec<String> = (0..4)
@@ -1543,8 +1544,9 @@ mod tests {
                 }
             }
             for _ in 0..rng.random_range(0..6) {
-                let mut body = match rng.random_range(0..5) {
+                let mut body = match rng.random_range(0..6) {
                     0 => json!({"protocol": "all"}),
+                    5 => json!({"protocol": "icmpv6", "icmp_type": 128, "icmp_code": -1}),
                     1 | 2 => {
                         let p = PORTS[rng.random_range(0..PORTS.len())];
                         json!({"protocol": if rng.random_bool(0.5) { "tcp" } else { "udp" }, "from_port": p, "to_port": p})
@@ -1556,7 +1558,18 @@ mod tests {
                 if rng.random_bool(0.4) {
                     body["group"] = json!(groups[rng.random_range(0..groups.len())]);
                 } else {
-                    let cidrs = ["10.0.0.0/16", "10.0.0.0/29", "10.0.0.4/30", "10.0.0.9/32"];
+                    let cidrs = [
+                        "10.0.0.0/16",
+                        "10.0.0.0/29",
+                        "10.0.0.4/30",
+                        "10.0.0.9/32",
+                        "0.0.0.0/0",
+                        "fd00::/64",
+                        "fd00::/125",
+                        "fd00::4/126",
+                        "fd00::9/128",
+                        "::/0",
+                    ];
                     body["cidr"] = json!(cidrs[rng.random_range(0..cidrs.len())]);
                 }
                 let req: CreateRule = serde_json::from_value(body).unwrap();
@@ -1576,7 +1589,7 @@ mod tests {
                 // Some at a small budget, which the flows below may fill (S14).
                 conntrack_budget: rng.random_bool(0.4).then(|| rng.random_range(1..3)),
                 flow_logs: None,
-                ipv6: None,
+                ipv6: (i % 3 != 2).then(|| format!("fd00::{}", 2 + i)),
             };
             eps.push(s.create_endpoint(req, HOSTS[usize::from(i % 2)].0).unwrap());
         }
@@ -1584,14 +1597,10 @@ mod tests {
     }
 
     /// Live, expired and reverse flows between the endpoints, on the ports packets use, in the
-    /// table of `host`: each charged to its local end (the sender if local, else the receiver).
-    fn random_conntrack(
-        rng: &mut StdRng,
-        eps: &[model::Endpoint],
-        vni: u32,
-        host: &str,
-    ) -> Vec<(CtKey, CtEntry)> {
-        let mut ct = Vec::new();
+    /// tables of `host` (IPv6 ones between dual-stack endpoints): each charged to its local end
+    /// (the sender if local, else the receiver).
+    fn random_conntrack(rng: &mut StdRng, eps: &[model::Endpoint], vni: u32, host: &str) -> Tables {
+        let mut ct = Tables::default();
         for _ in 0..rng.random_range(0..12) {
             let a = &eps[rng.random_range(0..eps.len())];
             let b = &eps[rng.random_range(0..eps.len())];
@@ -1612,7 +1621,21 @@ mod tests {
             };
             let (src, dst, ports) =
                 if rng.random_bool(0.5) { (a, b, ports) } else { (b, a, (ports.1, ports.0)) };
-            let key = CtKey::new(vni, src.ip.octets(), dst.ip.octets(), ports.0, ports.1, proto);
+            let key = match (src.ipv6, dst.ipv6) {
+                (Some(s6), Some(d6)) if rng.random_bool(0.5) => {
+                    let proto = if proto == IPPROTO_ICMP { IPPROTO_ICMPV6 } else { proto };
+                    let (s, d) = (s6.octets(), d6.octets());
+                    Key::V6(Ct6Key::new(vni, s, d, ports.0, ports.1, proto))
+                }
+                _ => Key::V4(CtKey::new(
+                    vni,
+                    src.ip.octets(),
+                    dst.ip.octets(),
+                    ports.0,
+                    ports.1,
+                    proto,
+                )),
+            };
             // Idle 0 s to 2 minutes: some are past their timeout.
             let idle = rng.random_range(0..120u64) * 1_000_000_000;
             // Bound to the endpoints it was made for, as the dataplane binds its flows, and
@@ -1633,13 +1656,23 @@ mod tests {
                 owner_slot,
                 ..CtEntry::default()
             };
-            ct.push((key, entry));
+            match key {
+                Key::V4(k) => ct.v4.push((k, entry)),
+                Key::V6(k) => ct.v6.push((k, entry)),
+            }
         }
         ct
     }
 
+    /// A host's two conntrack tables.
+    #[derive(Default)]
+    struct Tables {
+        v4: Vec<(CtKey, CtEntry)>,
+        v6: Vec<(Ct6Key, CtEntry)>,
+    }
+
     /// What host `name` realized: the compiled maps with every local endpoint plumbed.
-    fn realized(s: &Arc<State>, name: &str, conntrack: Vec<(CtKey, CtEntry)>) -> Realized {
+    fn realized(s: &Arc<State>, name: &str, conntrack: Tables) -> Realized {
         let plumbed = |ep: &model::Endpoint| Some(10 + u32::from(ep.ip.octets()[3]));
         let maps = compile::compile(s, name, &plumbed, &mut compile::Ids::default()).unwrap();
         let underlay_ip = s.hosts[name].underlay_ip;
@@ -1649,17 +1682,61 @@ mod tests {
         Realized {
             state: s.clone(),
             maps,
-            conntrack,
-            conntrack6: Vec::new(),
+            conntrack: conntrack.v4,
+            conntrack6: conntrack.v6,
             now_ns: NOW,
             config,
             underlay_ip,
         }
     }
 
-    /// On random policies, live flows and packets, over two hosts: every hop's walk reaches the
-    /// reference model's verdict on the frame it synthesized (`judge` for the sender's hook,
-    /// `judge_underlay` for the receiver's), and the walks cover every kind of verdict.
+    /// A flow's key the other way round.
+    fn reversed(k: Key) -> Key {
+        match k {
+            Key::V4(k) => Key::V4(k.reversed()),
+            Key::V6(k) => Key::V6(k.reversed()),
+        }
+    }
+
+    /// The trace request of a packet of the tracked flow `k`, from its sender.
+    fn packet_of_flow(eps: &[model::Endpoint], k: Key) -> (&model::Endpoint, TraceRequest) {
+        let (from, to, proto, (sport, dport)) = match k {
+            Key::V4(k) => {
+                let from = eps.iter().find(|e| e.ip.octets() == k.src);
+                (from, Ipv4Addr::from(k.dst).to_string(), k.proto(), (k.sport, k.dport))
+            }
+            Key::V6(k) => {
+                let from = eps.iter().find(|e| e.ipv6.is_some_and(|a| a.octets() == k.src));
+                let to = std::net::Ipv6Addr::from(k.dst).to_string();
+                (from, to, k.proto, (k.sport, k.dport))
+            }
+        };
+        let from = from.expect("a flow's sender is an endpoint");
+        let mut req = TraceRequest { from: from.id.clone(), to, ..TraceRequest::default() };
+        // (id, 0) is an echo request's key, (0, id) its reply's, in both families.
+        let request = sport == TRACE_ECHO_ID;
+        match proto {
+            IPPROTO_ICMP => {
+                req.protocol = "icmp".into();
+                req.icmp_type = Some(if request { 8 } else { 0 });
+            }
+            IPPROTO_ICMPV6 => {
+                req.protocol = "icmpv6".into();
+                req.icmp_type = Some(if request { 128 } else { 129 });
+            }
+            proto => {
+                req.protocol = if proto == IPPROTO_TCP { "tcp" } else { "udp" }.into();
+                req.sport = Some(sport);
+                req.port = Some(dport);
+            }
+        }
+        (from, req)
+    }
+
+    /// On random policies, live flows and packets of both families, over two hosts: every hop's
+    /// walk reaches the reference model's verdict on the frame it synthesized (`judge` for the
+    /// sender's hook, `judge_underlay` for the receiver's), and the walks cover every kind of
+    /// verdict of each family.
     #[test]
     fn on_random_policies_and_flows_the_walk_agrees_with_the_model_on_both_hooks() {
         let mut seen = BTreeMap::<String, u32>::new();
@@ -1672,42 +1749,29 @@ mod tests {
                 .iter()
                 .map(|(h, _)| (*h, realized(&s, h, random_conntrack(&mut rng, &eps, vni, h))))
                 .collect();
-            let flows: Vec<CtKey> =
-                hosts.values().flat_map(|r| r.conntrack.iter().map(|(k, _)| *k)).collect();
-            for _ in 0..60 {
+            let flows: Vec<Key> = hosts
+                .values()
+                .flat_map(|r| {
+                    let v4 = r.conntrack.iter().map(|(k, _)| Key::V4(*k));
+                    v4.chain(r.conntrack6.iter().map(|(k, _)| Key::V6(*k)))
+                })
+                .collect();
+            for _ in 0..80 {
                 // Half the packets belong to a flow some host tracks, either way.
                 let flow = (!flows.is_empty() && rng.random_bool(0.5))
                     .then(|| flows[rng.random_range(0..flows.len())])
-                    .map(|k| if rng.random_bool(0.5) { k } else { k.reversed() });
+                    .map(|k| if rng.random_bool(0.5) { k } else { reversed(k) });
                 let (from, mut req) = match flow {
-                    Some(k) => {
-                        let from = eps.iter().find(|e| e.ip.octets() == k.src).unwrap();
-                        let mut req = TraceRequest {
-                            from: from.id.clone(),
-                            to: Ipv4Addr::from(k.dst).to_string(),
-                            ..TraceRequest::default()
-                        };
-                        match k.proto() {
-                            IPPROTO_ICMP => {
-                                req.protocol = "icmp".into();
-                                // (id, 0) is the request's key, (0, id) the reply's.
-                                req.icmp_type = Some(if k.sport == TRACE_ECHO_ID { 8 } else { 0 });
-                            }
-                            proto => {
-                                req.protocol =
-                                    if proto == IPPROTO_TCP { "tcp" } else { "udp" }.into();
-                                req.sport = Some(k.sport);
-                                req.port = Some(k.dport);
-                            }
-                        }
-                        (from, req)
-                    }
+                    Some(k) => packet_of_flow(&eps, k),
                     None => {
                         let from = &eps[rng.random_range(0..eps.len())];
-                        let to = if rng.random_bool(0.1) {
-                            "10.0.0.99".to_owned()
+                        let j = if rng.random_bool(0.1) { 99 } else { rng.random_range(2..9) };
+                        // An IPv6 packet from a dual-stack endpoint, to an address of the
+                        // universe that may have no endpoint (or one without IPv6).
+                        let to = if from.ipv6.is_some() && rng.random_bool(0.5) {
+                            format!("fd00::{j}")
                         } else {
-                            eps[rng.random_range(0..eps.len())].ip.to_string()
+                            format!("10.0.0.{j}")
                         };
                         (
                             from,
@@ -1715,6 +1779,7 @@ mod tests {
                         )
                     }
                 };
+                let family = if req.to.contains(':') { " v6" } else { "" };
                 if flow.is_none() {
                     match rng.random_range(0..3) {
                         0 | 1 => {
@@ -1724,9 +1789,13 @@ mod tests {
                                 .random_bool(0.7)
                                 .then(|| SPORTS[rng.random_range(0..SPORTS.len())]);
                         }
-                        _ => {
+                        _ if family.is_empty() => {
                             req.protocol = "icmp".into();
                             req.icmp_type = Some([8, 0, 3][rng.random_range(0..3)]);
+                        }
+                        _ => {
+                            req.protocol = "icmpv6".into();
+                            req.icmp_type = Some([128, 129, 1][rng.random_range(0..3)]);
                         }
                     }
                 }
@@ -1744,12 +1813,12 @@ mod tests {
                     assert!(run.is_some(), "seed {seed}: a judged packet has a frame to run");
                     let ct = answer.steps.iter().find(|st| st.check == "conntrack");
                     if ct.is_some_and(|st| st.outcome == Outcome::Accept) {
-                        *seen.entry("conntrack hit".into()).or_default() += 1;
+                        *seen.entry(format!("conntrack hit{family}")).or_default() += 1;
                     }
                     let hook = if hop == 0 { HOOK_FROM_ENDPOINT } else { HOOK_FROM_UNDERLAY };
                     *seen
                         .entry(format!(
-                            "{hook}: {:?} {}",
+                            "{hook}{family}: {:?} {}",
                             walk.action,
                             walk.reason.unwrap_or_default()
                         ))
@@ -1766,7 +1835,11 @@ mod tests {
         eprintln!("{seen:#?}");
         assert!(
             seen.get("conntrack hit").is_some_and(|&n| n >= 50),
-            "too few packets of live flows: {seen:#?}"
+            "too few packets of live IPv4 flows: {seen:#?}"
+        );
+        assert!(
+            seen.get("conntrack hit v6").is_some_and(|&n| n >= 30),
+            "too few packets of live IPv6 flows: {seen:#?}"
         );
         for want in [
             "from_endpoint: Deliver ",
@@ -1778,6 +1851,14 @@ mod tests {
             "from_underlay: Drop policy_ingress",
             "from_endpoint: Drop conntrack_budget_exceeded",
             "from_underlay: Drop conntrack_budget_exceeded",
+            "from_endpoint v6: Deliver ",
+            "from_endpoint v6: Wrap ",
+            "from_endpoint v6: Drop policy_egress",
+            "from_endpoint v6: Drop policy_ingress",
+            "from_endpoint v6: Drop no_route",
+            "from_underlay v6: Deliver ",
+            "from_underlay v6: Drop policy_ingress",
+            "from_endpoint v6: Drop conntrack_budget_exceeded",
         ] {
             assert!(seen.contains_key(want), "the random cases never gave {want:?}: {seen:#?}");
         }
