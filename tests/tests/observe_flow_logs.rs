@@ -376,6 +376,27 @@ fn records_count_what_the_wire_carried(family: Family) {
     );
     let table = String::from_utf8_lossy(&table.stdout);
     assert!(table.lines().any(|l| l.contains("REJECT") && l.contains("policy_ingress")), "{table}");
+
+    // The workloads are dual stack: each one's own multicast listener reports (ICMPv6 143, to
+    // ff02::16, from its link-local or IPv6 address or ::) are rejected as `mld_unanswered`,
+    // in records of their own, matched by no rule.
+    let mld = |r: &Value| r["reason"] == "mld_unanswered";
+    for w in [&a, &b] {
+        let own = wait_records(api, &w.id, |rs| rs.iter().any(mld));
+        let w6 = w.ipv6.expect("a dual-stack workload").to_string();
+        let reports: Vec<&Value> = own.iter().filter(|r| mld(r)).collect();
+        assert!(!reports.is_empty(), "{}'s MLD reports have a record: {own:#?}", w.id);
+        for r in reports {
+            assert_eq!(r["action"], "REJECT", "{r:#}");
+            assert_eq!(r["protocol"], 58, "{r:#}");
+            assert_eq!(r["flow_direction"], "egress", "{r:#}");
+            assert_eq!(r["endpoint"], w.id.as_str(), "{r:#}");
+            assert!(r["dstaddr"].as_str().unwrap().starts_with("ff02::"), "multicast: {r:#}");
+            let src = r["srcaddr"].as_str().unwrap();
+            assert!(src.starts_with("fe80::") || src == w6 || src == "::", "its own: {r:#}");
+            assert!(r.get("rule").is_none(), "nothing admitted it: {r:#}");
+        }
+    }
 }
 
 /// Records are per interval: what a flow carries in the next interval is a record of its own
