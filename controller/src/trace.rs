@@ -726,26 +726,8 @@ impl<'a> Walk<'a> {
     fn run_input(&self, hook: &'static str, p: &Packet, frame: Vec<u8>, ifindex: u32) -> RunInput {
         let mut run = RunInput { hook, frame, ifindex, conntrack: vec![], conntrack6: vec![] };
         match self.key(p) {
-            Key::V4(key) => {
-                let rev = key.reversed();
-                run.conntrack = self
-                    .ct
-                    .entries
-                    .iter()
-                    .filter(|(k, _)| **k == key || **k == rev)
-                    .map(|(k, e)| (*k, *e))
-                    .collect();
-            }
-            Key::V6(key) => {
-                let rev = key.reversed();
-                run.conntrack6 = self
-                    .ct
-                    .entries6
-                    .iter()
-                    .filter(|(k, _)| **k == key || **k == rev)
-                    .map(|(k, e)| (*k, *e))
-                    .collect();
-            }
+            Key::V4(key) => run.conntrack = both_ways(&self.ct.entries, key, key.reversed()),
+            Key::V6(key) => run.conntrack6 = both_ways(&self.ct.entries6, key, key.reversed()),
         }
         run
     }
@@ -1382,6 +1364,16 @@ enum Place<'a> {
 enum Key {
     V4(CtKey),
     V6(Ct6Key),
+}
+
+/// The entries of `table` under `key` and under its reverse `rev` (once if they are one key).
+fn both_ways<K: Copy + Eq + std::hash::Hash>(
+    table: &std::collections::HashMap<K, CtEntry>,
+    key: K,
+    rev: K,
+) -> Vec<(K, CtEntry)> {
+    let keys = if rev == key { &[key][..] } else { &[key, rev][..] };
+    keys.iter().filter_map(|k| table.get(k).map(|e| (*k, *e))).collect()
 }
 
 /// The 16 bytes of an IPv6 address (an IPv4 one never comes here: a packet is of one family).
