@@ -704,10 +704,7 @@ impl Etcd {
             "following the desired state in etcd"
         );
 
-        let follow = match cache.scope.is_some() {
-            true => tokio::spawn(shared.clone().follow_scoped(cache)),
-            false => tokio::spawn(shared.clone().follow(cache)),
-        };
+        let follow = tokio::spawn(shared.clone().follow(cache));
         let trim = tokio::spawn(shared.clone().trim_audit());
         let compact = tokio::spawn(shared.clone().compact_history());
         let liveness = tokio::spawn(shared.clone().follow_liveness());
@@ -1843,18 +1840,29 @@ impl Shared {
         }
     }
 
-    /// Follows the prefix for as long as the store lives (see the module contract).
+    /// Follows the prefix, or what a scope names (`scoped.rs`), for as long as the store lives
+    /// (see the module contract): a watch that ends is opened again from the revision after the
+    /// last applied; one whose history was compacted reads what it follows again first.
     async fn follow(self: Arc<Shared>, mut cache: Cache) {
         let mut delay = RETRY_MIN;
         loop {
-            match self.watch(&mut cache, &mut delay).await {
+            let scope = cache.scope.as_ref().map(|s| s.host.clone());
+            let end = match scope {
+                Some(_) => self.watch_scoped(&mut cache, &mut delay).await,
+                None => self.watch(&mut cache, &mut delay).await,
+            };
+            match end {
                 WatchEnd::Compacted => {
                     tracing::warn!(
                         etcd_revision = cache.revision,
-                        "etcd compacted the history this watch needed; reading everything again"
+                        "etcd compacted the history this watch needed; reading again"
                     );
                     loop {
-                        match self.read().await {
+                        let read = match &scope {
+                            Some(host) => self.read_scoped(host).await,
+                            None => self.read().await,
+                        };
+                        match read {
                             Ok(mut fresh) => {
                                 // Monotonic (S13), even if the read shows an older revision.
                                 fresh.state.revision =

@@ -39,7 +39,7 @@ const TOUCHES_KEPT: usize = 100_000;
 
 /// What a store with a scope follows (in its [`Cache`]).
 pub(super) struct Scope {
-    host: String,
+    pub(super) host: String,
     /// `placement/<host>/<netns>` (relative) -> the universe of its endpoint.
     placed: BTreeMap<String, String>,
     /// Key range -> the etcd revision up to which the state holds every change of it.
@@ -486,50 +486,9 @@ impl Shared {
         Ok(at)
     }
 
-    /// Follows what the scope names for as long as the store lives (see the module docs).
-    pub(super) async fn follow_scoped(self: Arc<Shared>, mut cache: Cache) {
-        let mut delay = RETRY_MIN;
-        loop {
-            match self.watch_scoped(&mut cache, &mut delay).await {
-                WatchEnd::Compacted => {
-                    tracing::warn!(
-                        etcd_revision = cache.revision,
-                        "etcd compacted the history this watch needed; reading again"
-                    );
-                    let host = cache.scope.as_ref().map(|s| s.host.clone()).unwrap_or_default();
-                    loop {
-                        match self.read_scoped(&host).await {
-                            Ok(mut fresh) => {
-                                // Monotonic (S13), even if the read shows an older revision.
-                                fresh.state.revision =
-                                    fresh.state.revision.max(cache.state.revision);
-                                cache = fresh;
-                                self.publish(&cache, true, true);
-                                break;
-                            }
-                            Err(e) => {
-                                tracing::warn!(error = %e, retry_in = ?delay, "re-reading this host's part of the desired state failed");
-                                tokio::time::sleep(delay).await;
-                                delay = (delay * 2).min(RETRY_MAX);
-                            }
-                        }
-                    }
-                }
-                WatchEnd::Failed(e) => {
-                    tracing::warn!(
-                        error = %e, etcd_revision = cache.revision, retry_in = ?delay,
-                        "lost the etcd watch; the dataplane keeps enforcing the last state"
-                    );
-                    tokio::time::sleep(delay).await;
-                    delay = (delay * 2).min(RETRY_MAX);
-                }
-            }
-        }
-    }
-
     /// One watch stream of the scope's ranges, each from its own progress, applied to `cache`
     /// until it ends.
-    async fn watch_scoped(&self, cache: &mut Cache, delay: &mut Duration) -> WatchEnd {
+    pub(super) async fn watch_scoped(&self, cache: &mut Cache, delay: &mut Duration) -> WatchEnd {
         let Some(scope) = &cache.scope else {
             return WatchEnd::Failed(Error::Etcd {
                 op: "watch",
