@@ -71,7 +71,8 @@ struct Cli {
     /// Fail if a ratio worsened by more than 15% against bench/baseline.json.
     #[arg(long)]
     check: bool,
-    /// Store this run's ratios as the new baseline.
+    /// Store this run's ratios as the new baseline (the rows this run measured replace theirs;
+    /// the others are kept).
     #[arg(long)]
     save_baseline: bool,
     /// Run only these parts of the tiers (repeatable; all by default). The control tier has

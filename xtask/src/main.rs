@@ -48,7 +48,8 @@ enum Cmd {
         /// Fail if a ratio worsened by more than 15% against bench/baseline.json.
         #[arg(long)]
         check: bool,
-        /// Store this run's ratios in bench/baseline.json as the new baseline.
+        /// Store this run's ratios in bench/baseline.json as the new baseline (the rows this
+        /// run measured replace theirs; the others are kept).
         #[arg(long)]
         save_baseline: bool,
         /// Run only these parts of the tiers (repeatable): the control tier has `loads`,
