@@ -14,8 +14,8 @@
 //! `budget`; only the controller deletes entries, subtracting one for each. The established path
 //! never touches the budget.
 //!
-//! Delivery cache: each entry also remembers, per direction, where the last delivered packet
-//! went ([`CtHop`]: the receiver's ifindex and MAC, or the underlay address of its host), stamped
+//! Delivery cache (for `VERSE_CT6`'s entries as for these: [`Table`]): each entry also
+//! remembers, per direction, where the last delivered packet went ([`CtHop`]: the receiver's ifindex and MAC, or the underlay address of its host), stamped
 //! with the route epoch (`VERSE_EPOCH`) read *before* the route lookup it was copied from. A hit
 //! whose hop carries the current epoch delivers without looking the route up; any other hit looks
 //! it up and caches the answer ([`refresh_and_cache`]). Since the controller bumps the epoch after
@@ -47,8 +47,8 @@ use crate::{
 };
 
 /// `bpf_map_update_elem` flags (`include/uapi/linux/bpf.h`).
-const BPF_NOEXIST: u64 = 1;
-const BPF_EXIST: u64 = 2;
+pub(crate) const BPF_NOEXIST: u64 = 1;
+pub(crate) const BPF_EXIST: u64 = 2;
 
 /// The conntrack clock: `CLOCK_MONOTONIC_COARSE` (`bpf_ktime_get_coarse_ns`), nanoseconds that
 /// advance once per scheduler tick, fine enough for timeouts of seconds. Read through a per-CPU
@@ -349,15 +349,48 @@ pub fn refresh_on(hit: Hit, (now, cpu): (u64, u64), tcp_flags: u8, size: Size, i
     }
 }
 
-/// [`refresh`], and caches `hop` for the packet's direction: the whole value is replaced (see
-/// the module doc), only if the entry still exists (`BPF_EXIST`: an entry the controller deleted
-/// meanwhile is not brought back uncharged; the flow's next packet is judged as new). `key` is
-/// the packet's own key. A refresh racing with this one on another CPU may be lost, which costs
-/// at most one packet's worth of idle time or state change, as interleaved refreshes already can.
+/// A conntrack table, named by its key type: `CtKey` for `VERSE_CT`, `Ct6Key` for `VERSE_CT6`
+/// (`conntrack6`). Both hold the same values ([`CtValue`]), so what is done to a value (the
+/// delivery cache, [`refresh_and_cache_in`]) is written once, for both.
+pub trait Table {
+    /// Stores `value` under this key, as `bpf_map_update_elem` with `flags` (`BPF_EXIST`,
+    /// `BPF_NOEXIST`) does; false if it refused.
+    fn insert(&self, value: &CtValue, flags: u64) -> bool;
+}
+
+impl Table for CtKey {
+    #[inline(always)]
+    fn insert(&self, value: &CtValue, flags: u64) -> bool {
+        VERSE_CT.insert(self, value, flags).is_ok()
+    }
+}
+
+/// [`refresh`], and caches `hop` for the packet's direction ([`refresh_and_cache_in`]); `key`
+/// is the packet's own key.
 #[inline(always)]
 pub fn refresh_and_cache(
     hit: Hit,
     key: &CtKey,
+    now: u64,
+    tcp_flags: u8,
+    size: Size,
+    interval: u32,
+    hop: CtHop,
+) {
+    let stored = if hit.reply { key.reversed() } else { *key };
+    refresh_and_cache_in(hit, &stored, now, tcp_flags, size, interval, hop)
+}
+
+/// [`refresh`], and caches `hop` for the packet's direction: the whole value is replaced (see
+/// the module doc), only if the entry still exists (`BPF_EXIST`: an entry the controller
+/// deleted meanwhile is not brought back uncharged; the flow's next packet is judged as new).
+/// `stored` is the key the hit's entry is stored under: the packet's own key, reversed for a
+/// reply. A refresh racing with this one on another CPU may be lost, which costs at most one
+/// packet's worth of idle time or state change, as interleaved refreshes already can.
+#[inline(always)]
+pub fn refresh_and_cache_in<K: Table>(
+    hit: Hit,
+    stored: &K,
     now: u64,
     tcp_flags: u8,
     size: Size,
@@ -392,14 +425,12 @@ pub fn refresh_and_cache(
         c.shared_bytes[d] = c.shared_bytes[d].wrapping_add(size.bytes);
     }
     or_flags(&mut value.counters, hit.reply, tcp_flags, interval);
-    let stored = if hit.reply {
+    if hit.reply {
         value.reply = hop;
-        key.reversed()
     } else {
         value.original = hop;
-        *key
-    };
-    let _ = VERSE_CT.insert(&stored, value, BPF_EXIST);
+    }
+    stored.insert(value, BPF_EXIST);
 }
 
 /// The entry of a new flow: `src`/`dst` are the serials of the endpoints at the key's source and
@@ -557,7 +588,11 @@ pub fn open(
 ///   `exceeded` too); an insert that fails (the same flow made meanwhile on another CPU) gives
 ///   the charge back.
 #[inline(always)]
-fn create(key: &CtKey, own: Option<*mut CtValue>, value: &CtValue) -> Result<(), DropReason> {
+pub(crate) fn create<K: Table>(
+    key: &K,
+    own: Option<*mut CtValue>,
+    value: &CtValue,
+) -> Result<(), DropReason> {
     let e = &value.entry;
     if let Some(old) = own {
         // SAFETY: the pointer came from a lookup in this program run (RCU); the fields are
@@ -566,7 +601,7 @@ fn create(key: &CtKey, own: Option<*mut CtValue>, value: &CtValue) -> Result<(),
         if slot != e.owner_slot || serial != e.owner_serial() {
             return Ok(());
         }
-        if VERSE_CT.insert(key, value, BPF_EXIST).is_ok() {
+        if key.insert(value, BPF_EXIST) {
             return Ok(());
         }
         // Deleted by the controller meanwhile: a fresh insert, charged, below.
@@ -583,7 +618,7 @@ fn create(key: &CtKey, own: Option<*mut CtValue>, value: &CtValue) -> Result<(),
             atomic::add(core::ptr::addr_of_mut!((*owner).exceeded), 1);
             return Err(DropReason::ConntrackBudgetExceeded);
         }
-        if VERSE_CT.insert(key, value, BPF_NOEXIST).is_err() {
+        if !key.insert(value, BPF_NOEXIST) {
             atomic::add(used, u64::MAX);
         }
     }

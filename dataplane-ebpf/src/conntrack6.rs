@@ -1,22 +1,19 @@
 //! Connection tracking of IPv6 flows: `conntrack`'s lookups and creation over `VERSE_CT6`
 //! (keys with 16-byte addresses, the same values, the same budgets in `VERSE_CT_OWNERS`). What
 //! it means is `controller/src/verdict/conntrack.rs`; the value is built and refreshed by
-//! `conntrack` itself ([`conntrack::refresh`], [`conntrack::entry`]). IPv6 flows cache no
-//! delivery: an established IPv6 packet looks its route up (`VERSE_ROUTES6`) every time, so
-//! their hops stay empty.
+//! `conntrack` itself ([`conntrack::refresh`], [`conntrack::refresh_and_cache_in`],
+//! [`conntrack::create`], over [`conntrack::Table`]). IPv6 flows cache their delivery as IPv4's
+//! do (`conntrack`, "Delivery cache"): the same hops in the same values, under the same route
+//! epoch, which the controller bumps after changes to `VERSE_ROUTES6` as to `VERSE_ROUTES`.
 use aya_ebpf::programs::TcContext;
 use dataplane_common::conntrack::{expired, initial_state6};
 use dataplane_common::{ct_state, Ct6Key, CtEntry, CtValue, DropReason};
 
 use crate::{
-    atomic,
     conntrack::{self, Found, Hit, NewFlow, Role, Size},
     flow::{Ipv6, L4},
-    maps::{VERSE_CT6, VERSE_CT_OWNERS, VERSE_CT_SCRATCH},
+    maps::{VERSE_CT6, VERSE_CT_SCRATCH},
 };
-
-const BPF_NOEXIST: u64 = 1;
-const BPF_EXIST: u64 = 2;
 
 /// [`conntrack::lookup`] in `VERSE_CT6`; the reverse of `key` is built in `rev`.
 #[inline(always)]
@@ -134,40 +131,12 @@ pub fn open(
     c.rule_ingress = flow.rule_ingress;
     c.flags_interval = interval;
     c.flags[0] = tcp_flags;
-    create(key, own, value)
+    conntrack::create(key, own, value)
 }
 
-/// [`conntrack`]'s `create` over `VERSE_CT6`: the same owner's entry replaced at no charge,
-/// another owner's left (the flow goes untracked), else the owner charged first and the flow
-/// refused over its budget.
-#[inline(always)]
-fn create(key: &Ct6Key, own: Option<*mut CtValue>, value: &CtValue) -> Result<(), DropReason> {
-    let e = &value.entry;
-    if let Some(old) = own {
-        // SAFETY: the pointer came from a lookup in this program run (RCU).
-        let (slot, serial) = unsafe { ((*old).entry.owner_slot, (*old).entry.owner_serial()) };
-        if slot != e.owner_slot || serial != e.owner_serial() {
-            return Ok(());
-        }
-        if VERSE_CT6.insert(key, value, BPF_EXIST).is_ok() {
-            return Ok(());
-        }
+impl conntrack::Table for Ct6Key {
+    #[inline(always)]
+    fn insert(&self, value: &CtValue, flags: u64) -> bool {
+        VERSE_CT6.insert(self, value, flags).is_ok()
     }
-    let owner =
-        VERSE_CT_OWNERS.get_ptr_mut(e.owner_slot).ok_or(DropReason::ConntrackBudgetExceeded)?;
-    // SAFETY: `owner` points at a live value of VERSE_CT_OWNERS (an array: values are never
-    // freed), 8-byte aligned like every field of `CtOwner`.
-    unsafe {
-        let used = core::ptr::addr_of_mut!((*owner).used);
-        let before = atomic::fetch_add(used, 1);
-        if before >= core::ptr::read_volatile(core::ptr::addr_of!((*owner).budget)) {
-            atomic::add(used, u64::MAX);
-            atomic::add(core::ptr::addr_of_mut!((*owner).exceeded), 1);
-            return Err(DropReason::ConntrackBudgetExceeded);
-        }
-        if VERSE_CT6.insert(key, value, BPF_NOEXIST).is_err() {
-            atomic::add(used, u64::MAX);
-        }
-    }
-    Ok(())
 }

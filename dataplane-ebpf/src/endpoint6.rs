@@ -3,8 +3,9 @@
 //! model (`controller/src/verdict/ipv6.rs`); this is its kernel side, a program of its own
 //! (`from_endpoint6`, [`program`]) that `from_endpoint` tail-calls, so that IPv6 has a stack of
 //! its own and the IPv4 path's code (and its cost) is what it was without IPv6.
-//! IPv6 flows live in `VERSE_CT6` ([`conntrack6`]) and cache no delivery: an established IPv6
-//! packet looks its route up in `VERSE_ROUTES6`. Neighbour discovery is `nd6`, a program of its
+//! IPv6 flows live in `VERSE_CT6` ([`conntrack6`]) and cache their delivery as IPv4's do: a hit
+//! whose hop carries the current route epoch is delivered without a lookup in `VERSE_ROUTES6`
+//! ([`established`]). Neighbour discovery is `nd6`, a program of its
 //! own this one tail-calls (`nd::program`).
 use aya_ebpf::programs::TcContext;
 use dataplane_common::conntrack::{creates, is_error6};
@@ -98,30 +99,42 @@ fn start(ctx: &TcContext) -> Result<i32, DropReason> {
     // `VERSE_CT_SCRATCH`); map values live for the whole run.
     let scratch = unsafe { &mut *scratch };
     scratch.key = Ct6Key::new(endpoint.vni, src.0, dst.0, l4.sport, l4.dport, ip.proto);
-    let key = &scratch.key;
     let role = l4.role;
-    let now = conntrack::now();
+    let (now, cpu) = conntrack::clock();
+    // Before any route lookup: a hop is cached under the epoch read *before* the lookup it
+    // copies, so a route changed meanwhile leaves it stale, never wrongly current.
+    let epoch = conntrack::epoch();
     let timeouts = &config.timeouts_ns;
-    let found = conntrack6::lookup(key, &mut scratch.rev, role, endpoint.serial, now, timeouts);
-    scratch.route = Route6Key::new(endpoint.vni, dst.0);
-    // SAFETY: a map value, valid for the whole run; a concurrent update can at worst give a
-    // mix of the old and new route, each of which the controller wrote.
-    let route: Option<&Route> = unsafe { VERSE_ROUTES6.get(&scratch.route) };
+    let found =
+        conntrack6::lookup(&scratch.key, &mut scratch.rev, role, endpoint.serial, now, timeouts);
+    // The route, when it was looked up for a hit whose receiver turned out to be another
+    // endpoint than the flow's (the paths below use it).
+    let mut looked_up = None;
     if let Some(hit) = found.hit {
-        let Some(to) = route else {
+        // The established path, as IPv4's (`endpoint`): the delivery cached under the current
+        // epoch (its receiver was checked when it was cached, and the routes have not changed
+        // since), else the route, whose answer is cached if it names the flow's receiver.
+        if let Some(hop) = hit.cached(epoch) {
+            let flow = (hit, (now, cpu));
+            return established(ctx, endpoint, ifindex, config, &ip, &l4, flow, None, &hop);
+        }
+        let Some(to) = route6(scratch, endpoint.vni, &dst) else {
             return Err(DropReason::NoRoute);
         };
         if to.serial == hit.receiver_serial() {
-            if to.ifindex == 0 {
-                if let Some(mtu) = too_big(ctx, config, &ip, &l4)? {
-                    return packet_too_big(ctx, endpoint, ifindex, config, &ip, mtu);
-                }
-            }
-            let size = conntrack6::size(ctx, &ip, &l4, ETH_HLEN);
-            conntrack::refresh(hit, now, l4.tcp_flags, size, config.flow_interval);
-            return send(ctx, endpoint, config, to);
+            let hop = conntrack::hop(to, epoch);
+            // The key the hit's entry is stored under (the reverse, built by the lookup, for a
+            // reply).
+            let stored = if hit.reply { &scratch.rev } else { &scratch.key };
+            let flow = (hit, (now, cpu));
+            return established(ctx, endpoint, ifindex, config, &ip, &l4, flow, Some(stored), &hop);
         }
+        looked_up = Some(to);
     }
+    let route = match looked_up {
+        Some(to) => Some(to),
+        None => route6(scratch, endpoint.vni, &dst),
+    };
     // An ICMPv6 error about a flow between its receiver and its sender.
     if let Some(to) = route {
         if role == conntrack::Role::Untracked
@@ -142,7 +155,7 @@ fn start(ctx: &TcContext) -> Result<i32, DropReason> {
                         return packet_too_big(ctx, endpoint, ifindex, config, &ip, mtu);
                     }
                 }
-                return send(ctx, endpoint, config, to);
+                return send(ctx, endpoint, config, &conntrack::hop(to, epoch));
             }
         }
     }
@@ -175,6 +188,7 @@ fn start(ctx: &TcContext) -> Result<i32, DropReason> {
     } else if let Some(mtu) = too_big(ctx, config, &ip, &l4)? {
         return packet_too_big(ctx, endpoint, ifindex, config, &ip, mtu);
     }
+    let hop = conntrack::hop(to, epoch);
     if creates(role) {
         let o = Open {
             now,
@@ -191,7 +205,7 @@ fn start(ctx: &TcContext) -> Result<i32, DropReason> {
             proto: ip.proto,
             owner: ct_owner::SRC,
         };
-        open(ctx, &scratch.key, &o)?;
+        open(ctx, &scratch.key, &o, &hop)?;
         let who = events::Parties {
             ifindex,
             vni: endpoint.vni,
@@ -203,24 +217,66 @@ fn start(ctx: &TcContext) -> Result<i32, DropReason> {
         let packet = events::Packet::V6 { src: &k.src, dst: &k.dst, proto: ip.proto };
         events::admitted(ctx.len(), config, Hook::FromEndpoint, &who, packet, &l4, egress, ingress);
     }
-    send(ctx, endpoint, config, to)
+    send(ctx, endpoint, config, &hop)
 }
 
-/// Sends an admitted packet on: into a local endpoint, or wrapped to another host (inner
-/// EtherType IPv6). The caller has checked [`too_big`] first, so that a refused packet touches
-/// no flow.
+/// The route of (universe `vni`, address `dst`), its key built in `scratch` (off the stack).
+#[inline(always)]
+fn route6(scratch: &mut Scratch6, vni: u32, dst: &A16) -> Option<&'static Route> {
+    scratch.route = Route6Key::new(vni, dst.0);
+    // SAFETY: a map value, valid for the whole run; a concurrent update can at worst give a
+    // mix of the old and new route, each of which the controller wrote.
+    unsafe { VERSE_ROUTES6.get(&scratch.route) }
+}
+
+/// Sends a packet of an established flow (`hit`, looked up at `now` on CPU `cpu`) by `hop` and
+/// refreshes the flow; `cache`: the key its entry is stored under, when `hop` was looked up
+/// rather than cached, to cache it there. A packet too big to wrap is answered first and
+/// touches no flow.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn established(
+    ctx: &TcContext,
+    endpoint: &Endpoint,
+    ifindex: u32,
+    config: &Config,
+    ip: &Ipv6,
+    l4: &L4,
+    (hit, (now, cpu)): (conntrack::Hit, (u64, u64)),
+    cache: Option<&Ct6Key>,
+    hop: &CtHop,
+) -> Result<i32, DropReason> {
+    if hop.ifindex == 0 {
+        if let Some(mtu) = too_big(ctx, config, ip, l4)? {
+            return packet_too_big(ctx, endpoint, ifindex, config, ip, mtu);
+        }
+    }
+    let size = conntrack6::size(ctx, ip, l4, ETH_HLEN);
+    let interval = config.flow_interval;
+    match cache {
+        None => conntrack::refresh_on(hit, (now, cpu), l4.tcp_flags, size, interval),
+        Some(stored) => {
+            conntrack::refresh_and_cache_in(hit, stored, now, l4.tcp_flags, size, interval, *hop)
+        }
+    }
+    send(ctx, endpoint, config, hop)
+}
+
+/// Sends an admitted packet on by `hop`: into a local endpoint, or wrapped to another host
+/// (inner EtherType IPv6). The caller has checked [`too_big`] first, so that a refused packet
+/// touches no flow.
 #[inline(always)]
 fn send(
     ctx: &TcContext,
     endpoint: &Endpoint,
     config: &Config,
-    to: &Route,
+    hop: &CtHop,
 ) -> Result<i32, DropReason> {
-    if to.ifindex != 0 {
-        return deliver::to_endpoint(ctx, to.ifindex, to.mac, config.gateway_mac);
+    if hop.ifindex != 0 {
+        return deliver::to_endpoint(ctx, hop.ifindex, hop.mac, config.gateway_mac);
     }
     let (identity, vni) = (endpoint.identity, endpoint.vni);
-    encap::wrap(ctx, config, to.mac, to.underlay, identity, vni, ETHERTYPE_IPV6)
+    encap::wrap(ctx, config, hop.mac, hop.underlay, identity, vni, ETHERTYPE_IPV6)
 }
 
 /// For a packet going to another host: `NoUnderlay` without an underlay, else the underlay MTU
@@ -281,16 +337,17 @@ pub struct Open {
 }
 
 /// Records the new flow `o` under `key` in `VERSE_CT6` ([`conntrack6::open`]; the entry under
-/// the key looked up again). A call of its own, for its stack; `from_underlay6` calls it too.
+/// the key looked up again), `hop` cached as the delivery of its first direction (an empty hop
+/// for none). A call of its own, for its stack; `from_underlay6` calls it too.
 #[inline(never)]
-pub fn open(ctx: &TcContext, key: &Ct6Key, o: &Open) -> Result<(), DropReason> {
+pub fn open(ctx: &TcContext, key: &Ct6Key, o: &Open, hop: &CtHop) -> Result<(), DropReason> {
     let own = VERSE_CT6.get_ptr_mut(key);
     let flow = conntrack::NewFlow {
         src: o.src,
         dst: o.dst,
         owner: o.owner,
         owner_slot: o.owner_slot,
-        hop: CtHop::default(),
+        hop: *hop,
         rule_egress: o.rule_egress,
         rule_ingress: o.rule_ingress,
     };

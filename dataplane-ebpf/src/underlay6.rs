@@ -7,7 +7,7 @@
 use aya_ebpf::programs::TcContext;
 use dataplane_common::conntrack::{creates, is_error6};
 use dataplane_common::{
-    ct_owner, nd, DropReason, Hook, Route, Route6Key, DIRECTION_INGRESS, ENCAP_OVERHEAD,
+    ct_owner, nd, CtHop, DropReason, Hook, Route, Route6Key, DIRECTION_INGRESS, ENCAP_OVERHEAD,
 };
 
 use crate::{
@@ -132,7 +132,8 @@ fn start(ctx: &TcContext) -> Result<i32, DropReason> {
             proto: ip.proto,
             owner: ct_owner::DST,
         };
-        endpoint6::open(ctx, &scratch.key, &o)?;
+        // The hook delivers by the route it needs anyway (see `underlay`): nothing cached.
+        endpoint6::open(ctx, &scratch.key, &o, &CtHop::default())?;
         let who = events::Parties::received(vni, from, to, host);
         let k = &scratch.key;
         let packet = events::Packet::V6 { src: &k.src, dst: &k.dst, proto: ip.proto };

@@ -10,14 +10,14 @@ use std::path::Path;
 
 use dataplane_common::wire::ipv6::{NEXTHDR_FRAGMENT, NEXTHDR_HOP};
 use dataplane_common::{
-    ct_state, nd, peer, policy_prefix, Cidr6Key, Config, DropReason, Endpoint, PolicyKey,
+    ct_state, nd, peer, policy_prefix, Cidr6Key, Config, CtHop, DropReason, Endpoint, PolicyKey,
     PolicyValue, Route, Route6Key, RouteKey, DIRECTION_EGRESS, DIRECTION_INGRESS, DIRECTION_IPV6,
 };
 use tests::frames::{
     arp_request, ethernet, icmp, icmpv6, ipv4, ipv6, ipv6_extensions, neighbour_solicit, tcp, udp,
     with_hop_limit, ETH_IPV4, ETH_IPV6, SYN, SYN_ACK,
 };
-use tests::{is_root, pinned_drops, Bpffs, Netns, TempDir};
+use tests::{is_root, pinned_drops, Bpffs, Family, Netns, TempDir};
 use verse::compile::{MapContents, OwnerBudget};
 use verse::dataplane::{tc_act, Dataplane};
 
@@ -643,9 +643,83 @@ fn measure(dp: &mut Dataplane, if_a: u32) {
 /// the route epoch. An endpoint deleted while its flows are live, and an interface index reused
 /// by another endpoint in the same edit, must never receive those flows' packets: the edit
 /// bumps the epoch, the cached hop is stale, the route lookup decides. Also: endpoints on an
-/// ifindex beyond the slot array live in the hash, transparently.
+/// ifindex beyond the slot array live in the hash, transparently. The same body for IPv4
+/// (`VERSE_CT`, `from_endpoint`) and IPv6 (`VERSE_CT6`, `from_endpoint6`).
 #[test]
 fn a_reused_ifindex_never_receives_a_stale_flow() {
+    reused_ifindex_in_netns(Family::V4);
+}
+
+#[test]
+fn a_reused_ifindex_never_receives_a_stale_ipv6_flow() {
+    reused_ifindex_in_netns(Family::V6);
+}
+
+/// A TCP frame between the endpoints at `src` and `dst` in `family` (their IPv4 addresses, or
+/// the IPv6 ones `ip6_of` gives them), as the workload with `mac` sends it.
+fn tcp_in(
+    family: Family,
+    mac: [u8; 6],
+    ips: ([u8; 4], [u8; 4]),
+    ports: (u16, u16),
+    flags: u8,
+) -> Vec<u8> {
+    let ((src, dst), (sport, dport)) = (ips, ports);
+    match family {
+        Family::V4 => tcp_frame(mac, src, dst, sport, dport, flags),
+        Family::V6 => {
+            let segment = tcp(sport, dport, flags, 0);
+            ethernet(GATEWAY_MAC, mac, ETH_IPV6, &ipv6(ip6_of(src), ip6_of(dst), 6, &segment))
+        }
+    }
+}
+
+/// The delivery cached for the original direction of the flow `src:sport -> dst` in `family`.
+fn cached_hop(family: Family, dp: &Dataplane, src: [u8; 4], dst: [u8; 4], sport: u16) -> CtHop {
+    let found = match family {
+        Family::V4 => dp
+            .conntrack_values()
+            .expect("read conntrack")
+            .into_iter()
+            .find(|(k, _)| (k.src, k.dst, k.sport) == (src, dst, sport))
+            .map(|(_, v)| v),
+        Family::V6 => dp
+            .conntrack6_values()
+            .expect("read conntrack6")
+            .into_iter()
+            .find(|(k, _)| (k.src, k.dst, k.sport) == (ip6_of(src), ip6_of(dst), sport))
+            .map(|(_, v)| v),
+    };
+    found.expect("the flow is tracked").original
+}
+
+/// The route to the endpoint at `ip` in both families.
+fn put_route(d: &mut MapContents, ip: [u8; 4], route: Route) {
+    d.routes.insert(RouteKey { vni: VNI, ip }, route);
+    d.ipv6.routes.insert(Route6Key::new(VNI, ip6_of(ip)), route);
+}
+
+/// No route to the endpoint at `ip`, in either family.
+fn drop_route(d: &mut MapContents, ip: [u8; 4]) {
+    d.routes.remove(&RouteKey { vni: VNI, ip });
+    d.ipv6.routes.remove(&Route6Key::new(VNI, ip6_of(ip)));
+}
+
+/// Identity `id` admits TCP/80 from A in both families.
+fn admit_tcp80_from_a_both(d: &mut MapContents, id: u32) {
+    admit_tcp80_from_a(d, id);
+    let key = PolicyKey {
+        identity: id.to_be_bytes(),
+        direction: DIRECTION_INGRESS + DIRECTION_IPV6,
+        peer: ID_A.to_be_bytes(),
+        proto: 6,
+        port: 80u16.to_be_bytes(),
+    };
+    d.ipv6.policy.insert((policy_prefix::FULL, key), PolicyValue::default());
+    d.ipv6.policy_kinds = verse::compile::policy_kinds(&d.ipv6.policy);
+}
+
+fn reused_ifindex_in_netns(family: Family) {
     assert!(
         is_root(),
         "dataplane_load needs root (bpf, netns, mount): run it with `cargo xtask test`"
@@ -662,10 +736,10 @@ fn a_reused_ifindex_never_receives_a_stale_flow() {
     let (if_a, if_b, if_c, if_d) =
         (ns.ifindex("ha"), ns.ifindex("hb"), ns.ifindex("hc"), ns.ifindex("hd"));
     assert_eq!(if_d, big);
-    ns.enter(|| reused_ifindex(bpffs.path(), if_a, if_b, if_c, if_d));
+    ns.enter(|| reused_ifindex(bpffs.path(), family, [if_a, if_b, if_c, if_d]));
 }
 
-fn reused_ifindex(bpf_dir: &Path, if_a: u32, if_b: u32, if_c: u32, if_d: u32) {
+fn reused_ifindex(bpf_dir: &Path, family: Family, [if_a, if_b, if_c, if_d]: [u32; 4]) {
     const IP_C: [u8; 4] = [10, 0, 0, 4];
     const IP_D: [u8; 4] = [10, 0, 0, 5];
     const MAC_C: [u8; 6] = [0x02, 0xCC, 0x00, 0x00, 0x00, 0x04];
@@ -673,30 +747,24 @@ fn reused_ifindex(bpf_dir: &Path, if_a: u32, if_b: u32, if_c: u32, if_d: u32) {
     const MAC_D: [u8; 6] = [0x02, 0xDD, 0x00, 0x00, 0x00, 0x05];
     const ID_C: u32 = 3;
     let mut dp = Dataplane::load(bpf_dir, &config()).expect("load the dataplane");
-    // C admits what B admits: TCP/80 from A.
+    // B and C admit TCP/80 from A, in both families.
     // D sends with A's identity (egress all) from an ifindex beyond the slots.
     let mut ab = desired(if_a, if_b);
+    admit_tcp80_from_a_both(&mut ab, ID_B);
     ab.endpoints.insert(if_d, endpoint(IP_D, MAC_D, ID_A));
     own(&mut ab, IP_D);
-    ab.routes.insert(RouteKey { vni: VNI, ip: IP_D }, route(if_d, ID_A, MAC_D, IP_D));
-    admit_tcp80_from_a(&mut ab, ID_C);
+    put_route(&mut ab, IP_D, route(if_d, ID_A, MAC_D, IP_D));
+    admit_tcp80_from_a_both(&mut ab, ID_C);
     dp.apply(&MapContents::default(), &ab).expect("apply A, B, D");
     assert_eq!(dp.read().expect("read"), ab, "slots and hash read back as one map");
 
     // The cached delivery of the A -> B flow below.
-    let hop_to_b = |dp: &Dataplane| {
-        let ct = dp.conntrack_values().expect("read conntrack");
-        let (_, v) = ct
-            .into_iter()
-            .find(|(k, _)| (k.src, k.dst, k.sport) == (IP_A, IP_B, 41000))
-            .expect("the flow is tracked");
-        v.original
-    };
+    let hop_to_b = |dp: &Dataplane| cached_hop(family, dp, IP_A, IP_B, 41000);
     // A -> B established; its delivery is cached under the current epoch.
-    let syn = tcp_frame(MAC_A, IP_A, IP_B, 41000, 80, SYN);
-    let ack = tcp_frame(MAC_A, IP_A, IP_B, 41000, 80, 0x10);
+    let syn = tcp_in(family, MAC_A, (IP_A, IP_B), (41000, 80), SYN);
+    let ack = tcp_in(family, MAC_A, (IP_A, IP_B), (41000, 80), 0x10);
     assert_eq!(dp.test_run(&syn, if_a, 1).expect("run").return_code, tc_act::REDIRECT);
-    let syn_ack = tcp_frame(MAC_B, IP_B, IP_A, 80, 41000, SYN_ACK);
+    let syn_ack = tcp_in(family, MAC_B, (IP_B, IP_A), (80, 41000), SYN_ACK);
     assert_eq!(dp.test_run(&syn_ack, if_b, 1).expect("run").return_code, tc_act::REDIRECT);
     let out = dp.test_run(&ack, if_a, 1).expect("run");
     assert_eq!(out.return_code, tc_act::REDIRECT);
@@ -704,8 +772,11 @@ fn reused_ifindex(bpf_dir: &Path, if_a: u32, if_b: u32, if_c: u32, if_d: u32) {
     let hop = hop_to_b(&dp);
     assert_eq!((hop.ifindex, hop.mac), (if_b, MAC_B));
     assert_eq!(hop.epoch, dp.epoch().expect("epoch"), "cached under the current epoch");
+    // Delivered by the cached hop (no route changed since).
+    let out = dp.test_run(&ack, if_a, 1).expect("run");
+    assert_eq!((out.return_code, &out.packet[0..6]), (tc_act::REDIRECT, &MAC_B[..]));
     // D (hash, not slot) reaches B too.
-    let syn_d = tcp_frame(MAC_D, IP_D, IP_B, 41001, 80, SYN);
+    let syn_d = tcp_in(family, MAC_D, (IP_D, IP_B), (41001, 80), SYN);
     assert_eq!(dp.test_run(&syn_d, if_d, 1).expect("run").return_code, tc_act::REDIRECT);
 
     // One edit deletes B and puts C on B's interface (the ifindex reused at once).
@@ -713,8 +784,8 @@ fn reused_ifindex(bpf_dir: &Path, if_a: u32, if_b: u32, if_c: u32, if_d: u32) {
     ac.endpoints.insert(if_b, endpoint(IP_C, MAC_C, ID_C));
     ac.ct_owners.remove(&slot_of(IP_B));
     own(&mut ac, IP_C);
-    ac.routes.remove(&RouteKey { vni: VNI, ip: IP_B });
-    ac.routes.insert(RouteKey { vni: VNI, ip: IP_C }, route(if_b, ID_C, MAC_C, IP_C));
+    drop_route(&mut ac, IP_B);
+    put_route(&mut ac, IP_C, route(if_b, ID_C, MAC_C, IP_C));
     let epoch = dp.epoch().expect("epoch");
     dp.apply(&ab, &ac).expect("apply: B gone, C on its ifindex");
     assert!(dp.epoch().expect("epoch") > epoch, "the edit bumped the epoch");
@@ -730,7 +801,7 @@ fn reused_ifindex(bpf_dir: &Path, if_a: u32, if_b: u32, if_c: u32, if_d: u32) {
     assert_eq!(dp.test_run(&syn_ack, if_b, 1).expect("run").return_code, tc_act::SHOT);
     assert_eq!(pinned_drops(dp.bpf_dir(), DropReason::SpoofedMac), before + 1);
     // C gets its own flows.
-    let syn_c = tcp_frame(MAC_A, IP_A, IP_C, 41002, 80, SYN);
+    let syn_c = tcp_in(family, MAC_A, (IP_A, IP_C), (41002, 80), SYN);
     let out = dp.test_run(&syn_c, if_a, 1).expect("run");
     assert_eq!(out.return_code, tc_act::REDIRECT);
     assert_eq!(&out.packet[0..6], &MAC_C);
@@ -739,7 +810,7 @@ fn reused_ifindex(bpf_dir: &Path, if_a: u32, if_b: u32, if_c: u32, if_d: u32) {
     let mut acb = ac.clone();
     acb.endpoints.insert(if_c, endpoint(IP_B, MAC_B2, ID_B));
     own(&mut acb, IP_B);
-    acb.routes.insert(RouteKey { vni: VNI, ip: IP_B }, route(if_c, ID_B, MAC_B2, IP_B));
+    put_route(&mut acb, IP_B, route(if_c, ID_B, MAC_B2, IP_B));
     dp.apply(&ac, &acb).expect("apply: B on another interface");
     let out = dp.test_run(&ack, if_a, 1).expect("run");
     assert_eq!(out.return_code, tc_act::REDIRECT, "the tracked flow reaches the new B");
