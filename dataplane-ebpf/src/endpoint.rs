@@ -26,7 +26,7 @@ use dataplane_common::{
 };
 
 use crate::{
-    arp, conntrack, deliver, encap, events,
+    arp, conntrack, deliver, encap, endpoint6, events,
     flow::{self, Ipv4, L4},
     icmp,
     maps::{VERSE_CONFIG, VERSE_ENDPOINTS, VERSE_EP_SLOTS, VERSE_JUMP, VERSE_ROUTES},
@@ -63,6 +63,8 @@ pub fn walk(ctx: &TcContext) -> Result<i32, DropReason> {
         ETHERTYPE_IPV4 => ipv4(ctx, &endpoint, ifindex, config),
         ETHERTYPE_ARP => arp::answer(ctx, &endpoint, ifindex, config.gateway_mac),
         ETHERTYPE_IPV6 => {
+            // The sender checked above, for `from_endpoint6` (`endpoint6::sender`).
+            endpoint6::hand_over(ctx, endpoint.serial);
             // SAFETY: a tail call into `from_endpoint6`, which judges the frame with a stack of
             // its own; it returns only if the slot is empty (a load that did not fill its jump
             // table), and then the frame is dropped.

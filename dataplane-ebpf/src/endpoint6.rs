@@ -28,9 +28,9 @@ use crate::{
 };
 
 /// `from_endpoint6`: the IPv6 frame `from_endpoint` tail-called for, judged from the start of
-/// its walk (the endpoint and its MAC are checked again, with the same reasons: this program
-/// trusts nothing it is handed), delivered, answered (neighbour discovery) or dropped and
-/// counted. The steps that need stack (related errors, policy lookups, a new flow, the
+/// its walk (the sender as [`sender`] finds it: the endpoint `from_endpoint` checked the frame's
+/// MAC against, bound by its serial; the headers read again), delivered, answered (neighbour
+/// discovery) or dropped and counted. The steps that need stack (related errors, policy lookups, a new flow, the
 /// "packet too big") are calls of their own, whose frames are not all live at once; neighbour
 /// discovery is a program of its own.
 #[inline(always)]
@@ -55,23 +55,38 @@ fn endpoint_ref(ifindex: u32) -> Option<&'static Endpoint> {
     unsafe { VERSE_ENDPOINTS.get(&ifindex) }
 }
 
-/// The first steps of every frame a workload sends, checked again by each program it is handed
-/// to: an Ethernet header, sent by an endpoint (found by the ingress ifindex, returned with it)
-/// from its own MAC.
+/// Hands the frame's sender over to the programs `from_endpoint` tail-calls: the serial of the
+/// endpoint whose record it checked the frame against (an Ethernet header, sent from that
+/// endpoint's MAC), in words 0 and 1 of the skb's control block, which [`sender`] reads.
+/// Written for every frame right before the tail call: the control block is the kernel's, no
+/// frame can set it, and nothing runs between the write and the tail call.
+#[inline(always)]
+pub fn hand_over(ctx: &TcContext, serial: u64) {
+    // SAFETY: `cb` of the context, which TC programs may write (the verifier rewrites the
+    // stores into the skb's control block).
+    unsafe {
+        (*ctx.skb.skb).cb[0] = serial as u32;
+        (*ctx.skb.skb).cb[1] = (serial >> 32) as u32;
+    }
+}
+
+/// The sender of a frame `from_endpoint` handed over ([`hand_over`]; these programs are entered
+/// only so, through `VERSE_JUMP`): the endpoint behind the ingress ifindex (returned with it),
+/// if its record is still the one whose MAC `from_endpoint` checked the frame's against (the
+/// same serial; serials are never reused), else `UnknownEndpoint`: a record replaced between
+/// the two programs is never judged with a MAC that was not checked against it. Its Ethernet
+/// header and MAC are not checked again.
 #[inline(always)]
 pub fn sender(ctx: &TcContext) -> Result<(&'static Endpoint, u32), DropReason> {
-    if !ensure(ctx, ETH_HLEN) {
-        return Err(DropReason::TruncatedEthernet);
+    // SAFETY: as in `endpoint::walk`; `cb` is readable by TC programs.
+    let (ifindex, handed) = unsafe {
+        let skb = ctx.skb.skb;
+        ((*skb).ifindex, u64::from((*skb).cb[0]) | u64::from((*skb).cb[1]) << 32)
+    };
+    match endpoint_ref(ifindex) {
+        Some(endpoint) if endpoint.serial == handed => Ok((endpoint, ifindex)),
+        _ => Err(DropReason::UnknownEndpoint),
     }
-    // SAFETY: as in `endpoint::walk`.
-    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
-    let endpoint = endpoint_ref(ifindex).ok_or(DropReason::UnknownEndpoint)?;
-    let eth: *mut EthHdr = ptr_at(ctx, 0).ok_or(DropReason::TruncatedEthernet)?;
-    // SAFETY: ptr_at proved the Ethernet header is inside the linear data.
-    if !mac_eq(unsafe { &(*eth).src }, &endpoint.mac) {
-        return Err(DropReason::SpoofedMac);
-    }
-    Ok((endpoint, ifindex))
 }
 
 #[inline(always)]

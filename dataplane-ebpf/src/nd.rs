@@ -18,8 +18,8 @@ use crate::{
 };
 
 /// `nd6`: the neighbour discovery message `from_endpoint6` tail-called for, read again from
-/// the start (this program trusts nothing it is handed: the endpoint, its MAC, the headers are
-/// checked again, with the same reasons), answered or dropped and counted.
+/// the start (the sender as `endpoint6::sender` finds it, the headers checked again, with the
+/// same reasons), answered or dropped and counted.
 #[inline(always)]
 pub fn program(ctx: &TcContext) -> i32 {
     match start(ctx) {
