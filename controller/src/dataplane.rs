@@ -1032,6 +1032,17 @@ impl Dataplane {
         run(&self.ebpf, PROG_FROM_UNDERLAY, packet, ingress_ifindex, 1)
     }
 
+    /// Runs `from_endpoint6` once on `packet` as if it arrived on `ingress_ifindex`, entered
+    /// directly: without the sender `from_endpoint` hands over before its tail call (tests of
+    /// that hand-over; no hook enters the program so).
+    pub fn test_run_from_endpoint6(
+        &self,
+        packet: &[u8],
+        ingress_ifindex: u32,
+    ) -> Result<TestRunOutput> {
+        run(&self.ebpf, PROG_FROM_ENDPOINT6, packet, ingress_ifindex, 1)
+    }
+
     /// [`Dataplane::test_run`] for the `empty` program: the baseline cost of a TC program run.
     pub fn test_run_empty(
         &self,

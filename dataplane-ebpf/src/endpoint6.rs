@@ -58,8 +58,9 @@ fn endpoint_ref(ifindex: u32) -> Option<&'static Endpoint> {
 /// Hands the frame's sender over to the programs `from_endpoint` tail-calls: the serial of the
 /// endpoint whose record it checked the frame against (an Ethernet header, sent from that
 /// endpoint's MAC), in words 0 and 1 of the skb's control block, which [`sender`] reads.
-/// Written for every frame right before the tail call: the control block is the kernel's, no
-/// frame can set it, and nothing runs between the write and the tail call.
+/// Written for every frame right before the tail call, nothing running in between. The words
+/// only spare [`sender`] a second MAC check: the endpoint is always the record found by the
+/// ingress ifindex, never anything read from the control block.
 #[inline(always)]
 pub fn hand_over(ctx: &TcContext, serial: u64) {
     // SAFETY: `cb` of the context, which TC programs may write (the verifier rewrites the
@@ -71,11 +72,12 @@ pub fn hand_over(ctx: &TcContext, serial: u64) {
 }
 
 /// The sender of a frame `from_endpoint` handed over ([`hand_over`]; these programs are entered
-/// only so, through `VERSE_JUMP`): the endpoint behind the ingress ifindex (returned with it),
-/// if its record is still the one whose MAC `from_endpoint` checked the frame's against (the
-/// same serial; serials are never reused), else `UnknownEndpoint`: a record replaced between
-/// the two programs is never judged with a MAC that was not checked against it. Its Ethernet
-/// header and MAC are not checked again.
+/// only so, through `VERSE_JUMP`): the endpoint behind the ingress ifindex (returned with it).
+/// If its record is the one `from_endpoint` checked the frame against (the same serial; serials
+/// are never reused), the frame's Ethernet header and MAC are not checked again; otherwise (the
+/// record replaced between the two programs, or a hook of an earlier build that hands nothing
+/// over, until an upgrade swaps its link) they are, as `from_endpoint` checks them, with the
+/// same reasons. Either way the endpoint is the one whose MAC the frame was checked against.
 #[inline(always)]
 pub fn sender(ctx: &TcContext) -> Result<(&'static Endpoint, u32), DropReason> {
     // SAFETY: as in `endpoint::walk`; `cb` is readable by TC programs.
@@ -83,10 +85,22 @@ pub fn sender(ctx: &TcContext) -> Result<(&'static Endpoint, u32), DropReason> {
         let skb = ctx.skb.skb;
         ((*skb).ifindex, u64::from((*skb).cb[0]) | u64::from((*skb).cb[1]) << 32)
     };
-    match endpoint_ref(ifindex) {
-        Some(endpoint) if endpoint.serial == handed => Ok((endpoint, ifindex)),
-        _ => Err(DropReason::UnknownEndpoint),
+    let endpoint = endpoint_ref(ifindex).ok_or(DropReason::UnknownEndpoint)?;
+    if endpoint.serial != handed {
+        check_mac(ctx, endpoint)?;
     }
+    Ok((endpoint, ifindex))
+}
+
+/// The frame has an Ethernet header sent from `endpoint`'s MAC (`from_endpoint`'s check).
+#[inline(never)]
+fn check_mac(ctx: &TcContext, endpoint: &Endpoint) -> Result<(), DropReason> {
+    let eth: *mut EthHdr = header(ctx, 0).ok_or(DropReason::TruncatedEthernet)?;
+    // SAFETY: `header` proved the Ethernet header is inside the linear data.
+    if !mac_eq(unsafe { &(*eth).src }, &endpoint.mac) {
+        return Err(DropReason::SpoofedMac);
+    }
+    Ok(())
 }
 
 #[inline(always)]

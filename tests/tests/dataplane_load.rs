@@ -370,6 +370,18 @@ fn judge_packets(bpf_dir: &Path, if_a: u32, if_b: u32, if_c: u32, if_wa: u32) {
     let out = dp.test_run(&udp6(a6, b6, 53), if_a, 1).expect("run UDP over IPv6");
     assert_eq!(out.return_code, tc_act::REDIRECT, "admitted by B's IPv6 ingress rule");
     assert_eq!((&out.packet[0..6], &out.packet[6..12]), (&MAC_B[..], &GATEWAY_MAC[..]));
+    // `from_endpoint6` entered without `from_endpoint`'s hand-over (as a hook of an earlier
+    // build enters it until an upgrade swaps its link) checks the Ethernet header and MAC
+    // again: a frame from A's interface with B's MAC is spoofed_mac, never judged as A's or
+    // B's; A's own frame is judged.
+    let mut forged = udp6(a6, b6, 53);
+    forged[6..12].copy_from_slice(&MAC_B);
+    let before = pinned_drops(dp.bpf_dir(), DropReason::SpoofedMac);
+    let out = dp.test_run_from_endpoint6(&forged, if_a).expect("run from_endpoint6");
+    assert_eq!(out.return_code, tc_act::SHOT);
+    assert_eq!(pinned_drops(dp.bpf_dir(), DropReason::SpoofedMac), before + 1);
+    let out = dp.test_run_from_endpoint6(&udp6(a6, b6, 53), if_a).expect("run from_endpoint6");
+    assert_eq!(out.return_code, tc_act::REDIRECT, "A's own frame, checked again and judged");
     let flows6 = dp.conntrack6().expect("read VERSE_CT6");
     assert!(
         flows6.iter().any(|(k, e)| k.src == a6
