@@ -928,7 +928,7 @@ pub fn run(out: &mut Vec<BenchRecord>, scenario: &(dyn Fn(&str) -> bool + Sync))
         if want("established_ipv6") {
             let (st, eps) = &small6;
             all.push(load("established_ipv6", dir, st, eps, &ifindexes(eps)?, Timeouts::default(), true, Variant { ipv6: true, ..Variant::default() },
-                shape(json!({"scenario": "micro_established over IPv6: every run a conntrack hit (VERSE_CT6) on an entry made by a first pass, then the route lookup in VERSE_ROUTES6 (IPv6 flows cache no delivery)", "groups": 1, "rules_per_group": 10, "run": endpoint_packets6})))?);
+                shape(json!({"scenario": "micro_established over IPv6: every run a conntrack hit (VERSE_CT6) on an entry made by a first pass, delivered by the hop cached in it (no route lookup in VERSE_ROUTES6)", "groups": 1, "rules_per_group": 10, "run": endpoint_packets6})))?);
         }
         match cpus.get(1) {
             Some(&other) if want("established_other_cpu") => {
