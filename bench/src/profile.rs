@@ -100,13 +100,15 @@ impl Phases {
 
     /// One line: phase mean/p99 in ms, in the order of the edit path.
     pub fn line(&self) -> String {
-        const ORDER: [&str; 13] = [
+        const ORDER: [&str; 15] = [
             "request",
             "edit_lock",
             "idempotency_lookup",
             "validate",
             "commit",
             "conflict_wait",
+            "hold",
+            "hold_wait",
             "watch_echo",
             "realize_local",
             "realize_fleet",

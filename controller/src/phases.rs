@@ -9,7 +9,9 @@
 //! copy of the state, checking that it fits, and computing the keys it changes), `commit` (the
 //! etcd transaction, or the embedded store's log append), `watch_echo` (until this host's
 //! watch has applied the commit), `conflict_wait` (a guard refused the commit: until the watch
-//! has the edit that got in first), `realize_local` (until this host's reconciler has realized
+//! has the edit that got in first), `hold` (an edit of a whole universe that edits of one
+//! group's rules kept refusing, holding them off: the lease and the put of its hold),
+//! `hold_wait` (an edit of one group's rules waiting while such a hold lasts), `realize_local` (until this host's reconciler has realized
 //! the revision), `realize_fleet` (then until every other healthy host has reported it), and
 //! `audit` (writing the audit record). `edit_lock` is an edit's wait for its turn: the embedded
 //! store runs one edit at a time, the etcd store one edit of each universe (or counter) per
@@ -32,6 +34,8 @@ pub enum Phase {
     Commit,
     WatchEcho,
     ConflictWait,
+    Hold,
+    HoldWait,
     RealizeLocal,
     RealizeFleet,
     Audit,
@@ -42,13 +46,15 @@ pub enum Phase {
 }
 
 impl Phase {
-    pub const ALL: [Phase; 13] = [
+    pub const ALL: [Phase; 15] = [
         Phase::Request,
         Phase::IdempotencyLookup,
         Phase::Validate,
         Phase::Commit,
         Phase::WatchEcho,
         Phase::ConflictWait,
+        Phase::Hold,
+        Phase::HoldWait,
         Phase::RealizeLocal,
         Phase::RealizeFleet,
         Phase::Audit,
@@ -67,6 +73,8 @@ impl Phase {
             Phase::Commit => "commit",
             Phase::WatchEcho => "watch_echo",
             Phase::ConflictWait => "conflict_wait",
+            Phase::Hold => "hold",
+            Phase::HoldWait => "hold_wait",
             Phase::RealizeLocal => "realize_local",
             Phase::RealizeFleet => "realize_fleet",
             Phase::Audit => "audit",

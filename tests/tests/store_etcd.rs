@@ -2184,3 +2184,146 @@ async fn two_hosts_racing_on_one_universe_break_none_of_its_checks() {
         "the hosts raced (some commits were refused): else this test proves nothing"
     );
 }
+
+/// An edit that keeps the whole universe's guard (creating an endpoint, a rule of a group with
+/// members) is not starved by a flood of edits of one group's rules alone in the same
+/// universe from two hosts. Each of those commits moves a group key, which refuses the whole
+/// universe's edit (it never commits over a group key newer than its state); before, under
+/// such a flood it was refused at every attempt and ran out of them (`Contention`, the API's
+/// 503 `unavailable`), while the flood went on unhindered. Now, refused a few times by the
+/// groups' edits, it holds them off until it commits. Every edit of the flood commits too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn edits_of_one_group_alone_never_starve_an_edit_of_the_whole_universe() {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    use verse::store::{Idempotency, Outcome};
+    let etcd = Etcd::start_local();
+    let a = etcd.store(Duration::from_secs(5)).await;
+    let b = etcd.store(Duration::from_secs(5)).await;
+    let (blue, _) = a.edit(|s| s.create_universe(universe("blue"))).await.unwrap();
+    let (members, _) = a.edit(|s| s.create_group(group(&blue.id, "members"))).await.unwrap();
+    a.edit(|s| {
+        s.create_endpoint(endpoint_on(&blue.id, "h1", "ns-0", "10.1.0.2", &members.id), "h1")
+    })
+    .await
+    .unwrap();
+    // The CIDR class of the flood's rules is the universe's already: the flood's edits are
+    // guarded by their groups alone.
+    a.edit(|s| s.add_rule(&members.id, tcp_rule(1))).await.unwrap();
+    const GROUPS: usize = 12;
+    let mut empty = Vec::new();
+    for i in 0..GROUPS {
+        let uni = blue.id.clone();
+        let (g, _) = a.edit(move |s| s.create_group(group(&uni, &format!("g{i}")))).await.unwrap();
+        empty.push(g.id);
+    }
+    both_at(&a, &b, newest(&a, &b)).await;
+
+    // The flood: on each host, two tasks per empty group, each adding a rule then deleting it,
+    // until told to stop (half of them with an idempotency key, so that they commit in batches
+    // as the API's edits do).
+    let stop = Arc::new(AtomicBool::new(false));
+    let flooded = Arc::new(AtomicU64::new(0));
+    let mut flood = Vec::new();
+    for (h, store) in [&a, &b].into_iter().enumerate() {
+        for (i, g) in empty.iter().enumerate() {
+            for t in 0..2u16 {
+                let (store, g, stop, flooded) =
+                    (store.clone(), g.clone(), stop.clone(), flooded.clone());
+                let base = 1000 + 100 * u16::try_from(i).unwrap() + 10 * u16::try_from(h).unwrap();
+                flood.push(tokio::spawn(async move {
+                    let mut n = 0u64;
+                    while !stop.load(Ordering::SeqCst) {
+                        let (ga, gd) = (g.clone(), g.clone());
+                        let port = base + t;
+                        let rule = if t == 0 {
+                            store.edit(move |s| s.add_rule(&ga, tcp_rule(port))).await?.0
+                        } else {
+                            let key = format!("flood-{h}-{g}-{n}");
+                            let idem =
+                                Idempotency { fingerprint: key.clone(), key, from_client: true };
+                            let respond = |_: &model::Rule| (201, None);
+                            match store
+                                .edit_recorded(
+                                    &idem,
+                                    move |s| s.add_rule(&ga, tcp_rule(port)),
+                                    respond,
+                                )
+                                .await?
+                            {
+                                Outcome::Applied { out, .. } => out,
+                                Outcome::Replayed(r) => panic!("a new key replayed: {r:?}"),
+                            }
+                        };
+                        store.edit(move |s| s.delete_rule(&gd, &rule.id)).await?;
+                        n += 2;
+                        flooded.fetch_add(2, Ordering::Relaxed);
+                    }
+                    Ok::<u64, verse::store::Error>(n)
+                }));
+            }
+        }
+    }
+    // Let the flood get going.
+    let started = flooded.load(Ordering::Relaxed);
+    let t0 = Instant::now();
+    while flooded.load(Ordering::Relaxed) < started + 200 && t0.elapsed() < WAIT {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+
+    // Meanwhile, edits of the whole universe through both hosts, one at a time: endpoints
+    // created, rules added to the group with members.
+    const EDITS: usize = 8;
+    let before = a.conflicts() + b.conflicts();
+    let mut slowest = Duration::ZERO;
+    for i in 0..EDITS {
+        let store = if i % 2 == 0 { &a } else { &b };
+        let started = Instant::now();
+        let (uni, m) = (blue.id.clone(), members.id.clone());
+        let outcome = if i % 4 < 2 {
+            let ep = endpoint_on(
+                &uni,
+                "h1",
+                &format!("ns-{}", i + 1),
+                &format!("10.1.0.{}", i + 10),
+                &m,
+            );
+            store.edit(move |s| s.create_endpoint(ep.clone(), "h1")).await.map(|(_, r)| r)
+        } else {
+            let port = 2 + u16::try_from(i).unwrap();
+            store.edit(move |s| s.add_rule(&m, tcp_rule(port))).await.map(|(_, r)| r)
+        };
+        let took = started.elapsed();
+        slowest = slowest.max(took);
+        let rev = outcome.unwrap_or_else(|e| {
+            panic!("edit {i} of the whole universe, after {took:?} of the flood: {e}")
+        });
+        assert!(took < Duration::from_secs(10), "edit {i} took {took:?}");
+        assert!(rev > 0);
+    }
+    let during = flooded.load(Ordering::Relaxed) - started;
+    stop.store(true, Ordering::SeqCst);
+    let mut total = 0;
+    for t in flood {
+        total += t.await.unwrap().expect("every edit of the flood commits");
+    }
+    eprintln!(
+        "{EDITS} edits of the whole universe, the slowest {slowest:?}; the flood: {total} edits \
+         ({during} meanwhile), {} commits refused, {} holds",
+        a.conflicts() + b.conflicts() - before,
+        a.holds() + b.holds()
+    );
+    assert!(
+        a.conflicts() + b.conflicts() > before,
+        "the edits raced (some commits were refused): else this test proves nothing"
+    );
+    both_at(&a, &b, newest(&a, &b)).await;
+    for store in [&a, &b] {
+        let s = store.snapshot();
+        assert_eq!(s.endpoints.values().filter(|e| e.universe == blue.id).count(), 1 + EDITS / 2);
+        assert_eq!(s.groups[&members.id].ingress.len(), 1 + EDITS / 2);
+        for g in &empty {
+            assert!(s.groups[g].ingress.is_empty(), "every rule of the flood was deleted");
+        }
+    }
+    assert_eq!(*a.snapshot(), *b.snapshot());
+}

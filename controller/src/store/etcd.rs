@@ -34,9 +34,13 @@
 //!   condition that the guards of [`layout::delta`](super::layout::delta) hold (the version key
 //!   of each universe it changes, as the state saw it, and no group key of it newer than the
 //!   state; or, for an edit of one group's rules alone, the group's key and the universe's
-//!   version key; claims absent). An edit of another universe, or of another group's rules
-//!   alone, never conflicts; when one it depends on got in first, the edit waits until the
-//!   watch has applied the revision that refused it and runs again on the new state.
+//!   version key, and no hold of the universe; claims absent). An edit of another universe, or
+//!   of another group's rules alone, never conflicts; when one it depends on got in first, the
+//!   edit waits until the watch has applied the revision that refused it and runs again on the
+//!   new state. An edit guarded by its whole universe whose commit edits of one group's rules
+//!   refused [`HOLD_AFTER`] times (they need not wait for it, and may keep getting in first)
+//!   puts a hold, `holds/<uni>/<holder>` under a lease of [`HOLD_TTL`], and deletes it in its
+//!   own commit; meanwhile those edits wait for it (see [`Guard::InUniverse`]).
 //!   An edit with an idempotency record that is ready to commit while this store has
 //!   [`BATCHES_IN_FLIGHT`] transactions in flight waits for one, and goes with the others
 //!   that waited meanwhile (group commit, [`commit_batches`]): one transaction, each edit a
@@ -118,6 +122,13 @@ const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(2);
 const APPLY_TIMEOUT: Duration = Duration::from_secs(10);
 /// Attempts of one edit against concurrent edits of the same universe before giving up.
 const MAX_ATTEMPTS: u32 = 64;
+/// Commits of an edit guarded by its whole universe refused by edits of one group's rules (a
+/// group key newer than its state) before it holds them off ([`Guard::InUniverse`]).
+const HOLD_AFTER: u32 = 3;
+/// The lease of a hold: how long the edits of one group's rules of a universe wait at most for
+/// an edit whose host died holding them off (etcd's shortest lease is about 1.5 election
+/// timeouts: 2 s by default).
+const HOLD_TTL: Duration = Duration::from_secs(3);
 /// Backoff of reconnections (watch, liveness, first read).
 const RETRY_MIN: Duration = Duration::from_millis(100);
 const RETRY_MAX: Duration = Duration::from_secs(5);
@@ -281,6 +292,8 @@ struct Shared {
     idem_lease: tokio::sync::Mutex<Option<(i64, Instant)>>,
     /// Commits refused by a guard (another edit of the same universe got in first).
     conflicts: std::sync::atomic::AtomicU64,
+    /// Holds put by edits starved by edits of one group's rules ([`Guard::InUniverse`]).
+    holds: std::sync::atomic::AtomicU64,
     /// Reads of an idempotency record made apart from a commit (a round trip of their own).
     idempotency_reads: std::sync::atomic::AtomicU64,
     /// Lease requests tried again on another member, and liveness leases that expired.
@@ -350,6 +363,37 @@ impl Drop for Turn<'_> {
                 queues.remove(&key);
             }
         }
+    }
+}
+
+/// A hold an edit put (`holds/<uni>/<holder>`, relative: see [`Guard::InUniverse`]): deleted by
+/// the edit's commit; if the edit ends otherwise, deleted when dropped (best effort: its lease
+/// ends it anyway).
+struct Hold {
+    key: String,
+    client: Client,
+    prefix: String,
+}
+
+impl Hold {
+    /// Deleted by the edit's commit: nothing left to do when dropped.
+    fn released(&mut self) {
+        self.key.clear();
+    }
+}
+
+impl Drop for Hold {
+    fn drop(&mut self) {
+        if self.key.is_empty() {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else { return };
+        let (key, client) = (format!("{}{}", self.prefix, self.key), self.client.clone());
+        runtime.spawn(async move {
+            if let Err(e) = timed("delete (hold)", client.kv_client().delete(key, None)).await {
+                tracing::debug!(error = %e, "could not delete a hold; its lease ends it");
+            }
+        });
     }
 }
 
@@ -560,12 +604,20 @@ struct View {
     /// By universe, the newest `mod_revision` of its `version` key and its group keys: its
     /// last change (an edit of one group's rules rewrites the group's key, not `version`).
     changed: imbl::HashMap<String, i64>,
+    /// The holds (`holds/<uni>/<holder>`, relative: [`Guard::InUniverse`]).
+    holds: imbl::HashSet<String>,
     /// The etcd revision the state is applied up to ([`Cache::revision`]): a key changed after
     /// it is a change the state does not hold.
     revision: i64,
 }
 
 impl View {
+    /// Whether an edit holds off the edits of one group's rules of universe `uni`.
+    fn held(&self, uni: &str) -> bool {
+        let prefix = layout::holds_prefix(uni);
+        self.holds.iter().any(|k| k.starts_with(&prefix))
+    }
+
     fn mod_revision(&self, guard: &Guard) -> i64 {
         match guard {
             Guard::Universe(u) | Guard::InUniverse(u) => self.versions.get(u).copied().unwrap_or(0),
@@ -587,6 +639,8 @@ struct Cache {
     hosts_last: i64,
     /// See [`View::changed`].
     changed: imbl::HashMap<String, i64>,
+    /// See [`View::holds`].
+    holds: imbl::HashSet<String>,
     /// The etcd revision up to which the desired state is applied: every change of the
     /// desired state, and every guarded key, at or before it is in `state`. For a store with a
     /// scope, the newest revision any of its ranges is applied up to.
@@ -663,6 +717,7 @@ impl Etcd {
             received: WatchCounters::default(),
             idem_lease: tokio::sync::Mutex::new(None),
             conflicts: std::sync::atomic::AtomicU64::new(0),
+            holds: std::sync::atomic::AtomicU64::new(0),
             idempotency_reads: std::sync::atomic::AtomicU64::new(0),
             lease_stats: LeaseCounters::default(),
             turns: Turns::default(),
@@ -739,6 +794,10 @@ impl Etcd {
 
     pub(super) fn conflicts(&self) -> u64 {
         self.shared.conflicts.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    pub(super) fn holds(&self) -> u64 {
+        self.shared.holds.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     pub(super) fn idempotency_reads(&self) -> u64 {
@@ -836,7 +895,19 @@ impl Etcd {
         // place, rather than queue again behind this host's later edits of the same universe
         // (which, under load, could find the state changed each time and queue again).
         let mut turn: Option<Turn<'_>> = None;
-        for attempt in 1..=MAX_ATTEMPTS {
+        // The holds this edit put, by universe, once edits of one group's rules refused its
+        // commit [`HOLD_AFTER`] times ([`Guard::InUniverse`]); deleted by its commit, or when
+        // dropped.
+        let mut holds: BTreeMap<String, Hold> = BTreeMap::new();
+        let mut refused_by_groups = 0;
+        // Attempts, and the runs again that waited for a hold to go (which are no contention,
+        // and not counted as attempts: at most [`MAX_ATTEMPTS`] of them).
+        let (mut attempt, mut held_off) = (0, 0);
+        loop {
+            attempt += 1;
+            if attempt > MAX_ATTEMPTS {
+                return Err(Error::Contention { attempts: MAX_ATTEMPTS });
+            }
             let validating = Instant::now();
             let view = sh.view.borrow().clone();
             let base = &view.state;
@@ -846,7 +917,11 @@ impl Etcd {
                 return sh.unchanged(out, base.revision, record.as_ref().map(|r| r.0)).await;
             }
             next.check_fits()?;
-            let delta = layout::delta(base, &next)?;
+            let delta = if holds.is_empty() {
+                layout::delta(base, &next)?
+            } else {
+                layout::delta_held(base, &next)?
+            };
             if delta.is_empty() {
                 return sh.unchanged(out, base.revision, record.as_ref().map(|r| r.0)).await;
             }
@@ -868,6 +943,17 @@ impl Etcd {
                     // run again on the new state, keeping the turn.
                     continue;
                 }
+            }
+            // An edit of one group's rules while an edit of its universe holds them off: it
+            // waits until the hold is gone, then runs again (keeping its turn).
+            let held = delta.guards.iter().find_map(|g| match g {
+                Guard::InUniverse(u) if sh.view.borrow().held(u) => Some(u.clone()),
+                _ => None,
+            });
+            if let Some(uni) = held.filter(|_| held_off < MAX_ATTEMPTS) {
+                (attempt, held_off) = (attempt - 1, held_off + 1);
+                sh.wait_unheld(&uni).await;
+                continue;
             }
             let mut compares: Vec<Compare> = delta
                 .guards
@@ -891,22 +977,32 @@ impl Etcd {
                 .collect();
             // An edit of the whole universe also requires that no edit of one of its groups
             // committed since its state ([`Guard::Universe`]): every group key of the universe
-            // is at most the revision the state is applied up to.
-            let whole: Vec<String> = delta
-                .guards
-                .iter()
-                .filter_map(|g| match g {
-                    Guard::Universe(u) => Some(sh.key(&layout::groups_prefix(u))),
-                    _ => None,
-                })
-                .collect();
-            for prefix in &whole {
-                compares.push(
-                    Compare::mod_revision(prefix.clone(), CompareOp::Less, view.revision + 1)
-                        .with_range(prefix_end(prefix)),
-                );
+            // is at most the revision the state is applied up to. An edit of one group's rules,
+            // that no edit of its universe holds them off ([`Guard::InUniverse`]): no key under
+            // the universe's `holds/`.
+            let (mut whole, mut unheld) = (Vec::new(), Vec::new());
+            for g in &delta.guards {
+                let (prefix, compare, into) = match g {
+                    Guard::Universe(u) => {
+                        let prefix = sh.key(&layout::groups_prefix(u));
+                        let newer = view.revision + 1;
+                        let compare = Compare::mod_revision(prefix.clone(), CompareOp::Less, newer);
+                        (prefix, compare, &mut whole)
+                    }
+                    Guard::InUniverse(u) => {
+                        let prefix = sh.key(&layout::holds_prefix(u));
+                        let compare = Compare::create_revision(prefix.clone(), CompareOp::Equal, 0);
+                        (prefix, compare, &mut unheld)
+                    }
+                    _ => continue,
+                };
+                compares.push(compare.with_range(prefix_end(&prefix)));
+                into.push(prefix);
             }
             let mut ops: Vec<TxnOp> = delta.ops.iter().map(|op| sh.txn_op(op)).collect();
+            // This edit's holds go with its commit.
+            let released: Vec<String> = holds.values().map(|h| sh.key(&h.key)).collect();
+            ops.extend(released.iter().map(|k| TxnOp::delete(k.clone(), None)));
             // What it writes, so that edits batched into one transaction never overlap, and
             // what it compares without writing: no edit in its batch may write there (etcd
             // compares every nested transaction against the state before the batch).
@@ -918,8 +1014,9 @@ impl Etcd {
                     _ => None,
                 })
                 .chain(whole.iter().cloned())
+                .chain(unheld.iter().cloned())
                 .collect();
-            let mut footprint = Footprint { compared, ..Footprint::default() };
+            let mut footprint = Footprint { compared, deletes: released, ..Footprint::default() };
             for op in &delta.ops {
                 match op {
                     Op::Put { key, value } => {
@@ -992,8 +1089,9 @@ impl Etcd {
                 .chain([layout::CATALOG.to_owned()])
                 .map(|key| TxnOp::get(sh.key(&key), Some(GetOptions::new().with_keys_only())))
                 .collect();
-            // And the newest group key of each universe compared whole, in `whole`'s order.
-            reads.extend(whole.iter().map(|prefix| {
+            // And the newest group key of each universe compared whole, in `whole`'s order,
+            // then the newest hold of each universe of an edit of one group, in `unheld`'s.
+            reads.extend(whole.iter().chain(&unheld).map(|prefix| {
                 TxnOp::get(
                     prefix.clone(),
                     Some(
@@ -1054,6 +1152,8 @@ impl Etcd {
             };
             let at = resp.revision;
             if resp.succeeded {
+                // Its holds were deleted by the commit.
+                holds.values_mut().for_each(Hold::released);
                 if audited {
                     audit.inspect(|a| a.written());
                 }
@@ -1086,6 +1186,57 @@ impl Etcd {
             );
             let waiting = Instant::now();
             sh.wait_applied(changed).await;
+            // What the reads of the groups and holds say (after those of the guards and the
+            // catalog): which universes' groups changed since this edit's state, and the
+            // newest hold that refused it.
+            let newest = |i: usize| match resp.responses.get(delta.guards.len() + 1 + i) {
+                Some(TxnOpResponse::Get(range)) => range.kvs().first().map(|kv| kv.mod_revision()),
+                _ => None,
+            };
+            let hold_at = (0..unheld.len()).filter_map(|i| newest(whole.len() + i)).max();
+            if let Some(hold_at) = hold_at {
+                // Held off, not outrun: wait until the hold is gone, then run again (keeping
+                // the turn), as before the commit.
+                sh.wait_applied(hold_at).await;
+                phases::since(Phase::ConflictWait, waiting);
+                if held_off < MAX_ATTEMPTS {
+                    (attempt, held_off) = (attempt - 1, held_off + 1);
+                }
+                for g in &delta.guards {
+                    if let Guard::InUniverse(u) = g {
+                        sh.wait_unheld(u).await;
+                    }
+                }
+                continue;
+            }
+            let outrun: Vec<String> = delta
+                .guards
+                .iter()
+                .filter_map(|g| match g {
+                    Guard::Universe(u) => Some(u),
+                    _ => None,
+                })
+                .zip(0..)
+                .filter(|(_, i)| newest(*i).is_some_and(|r| r > view.revision))
+                .map(|(u, _)| u.clone())
+                .collect();
+            if !outrun.is_empty() {
+                refused_by_groups += 1;
+            }
+            if refused_by_groups >= HOLD_AFTER {
+                // Edits of one group's rules keep getting in first (each moves a group key
+                // this edit's guard compares, and they do not wait for it): hold them off
+                // until this edit commits (unless its hold of the universe is still there).
+                let live = sh.view.borrow().clone();
+                for uni in outrun {
+                    if holds.get(&uni).is_some_and(|h| live.holds.contains(&h.key)) {
+                        continue;
+                    }
+                    if let Some(hold) = sh.hold(&uni).await {
+                        holds.insert(uni, hold);
+                    }
+                }
+            }
             if attempt > 8 {
                 // Many collisions in a row: let the others drift apart.
                 let ms = rand::random_range(0..=u64::from(attempt.min(40)));
@@ -1093,7 +1244,6 @@ impl Etcd {
             }
             phases::since(Phase::ConflictWait, waiting);
         }
-        Err(Error::Contention { attempts: MAX_ATTEMPTS })
     }
 
     /// Keeps the host's liveness record alive, and records the host in the desired state.
@@ -1409,6 +1559,46 @@ impl Shared {
         Err(Error::Unknown { key: idem.key.clone(), cause: last })
     }
 
+    /// Puts a hold of universe `uni` (see [`Guard::InUniverse`]) under a lease of
+    /// [`HOLD_TTL`], and waits until the watch has it (every edit of one group's rules of the
+    /// universe that commits after it ran on a state this edit then sees). Best effort: `None`
+    /// if etcd refused or did not answer (the edit goes on without).
+    async fn hold(&self, uni: &str) -> Option<Hold> {
+        let start = Instant::now();
+        let key = format!("{}{:016x}", layout::holds_prefix(uni), rand::random::<u64>());
+        let ttl = i64::try_from(HOLD_TTL.as_secs()).unwrap_or(i64::MAX);
+        let put = async {
+            let lease =
+                timed("lease grant (hold)", self.client.lease_client().grant(ttl, None)).await?;
+            let options = PutOptions::new().with_lease(lease.id());
+            timed("put (hold)", self.client.kv_client().put(self.key(&key), "", Some(options)))
+                .await
+        };
+        let hold = match put.await {
+            Ok(resp) => {
+                let hold = Hold { key, client: self.client.clone(), prefix: self.prefix.clone() };
+                self.holds.fetch_add(1, Ordering::Relaxed);
+                self.wait_applied(resp.header().map_or(0, |h| h.revision())).await;
+                Some(hold)
+            }
+            Err(e) => {
+                tracing::debug!(universe = uni, error = %e, "could not hold off the edits of one group; going on without");
+                None
+            }
+        };
+        phases::since(Phase::Hold, start);
+        hold
+    }
+
+    /// Waits (at most [`HOLD_TTL`]: the lease of a hold whose edit's host died) until no edit
+    /// holds off the edits of one group's rules of universe `uni`.
+    async fn wait_unheld(&self, uni: &str) {
+        let start = Instant::now();
+        let mut view = self.view.subscribe();
+        let _ = tokio::time::timeout(HOLD_TTL, view.wait_for(|v| !v.held(uni))).await;
+        phases::since(Phase::HoldWait, start);
+    }
+
     /// A lease for idempotency records: one per minute, living [`IDEMPOTENCY_TTL`] past it.
     async fn idempotency_lease(&self) -> Result<i64> {
         let mut current = self.idem_lease.lock().await;
@@ -1631,6 +1821,7 @@ impl Shared {
             keys: cache.keys.clone(),
             hosts_last: cache.hosts_last,
             changed: cache.changed.clone(),
+            holds: cache.holds.clone(),
             revision: cache.revision,
         }));
         if desired_changed {
@@ -2469,6 +2660,13 @@ impl Cache {
             layout::Kind::Catalog => {
                 self.catalog = if value.is_some() { mod_revision } else { 0 };
             }
+            layout::Kind::Hold(_) => {
+                if value.is_some() {
+                    self.holds.insert(rel.to_owned());
+                } else {
+                    self.holds.remove(rel);
+                }
+            }
             layout::Kind::Host(_) => match value {
                 Some(_) => {
                     self.keys.insert(rel.to_owned(), mod_revision);
@@ -2959,7 +3157,9 @@ mod tests {
         let inside = |k: &str| k >= start.as_str() && k.as_bytes() < end.as_bytes();
         assert!(!inside("/v/alive/h1"));
         assert!(!inside("/v/audit/00000000000000000001-h1-0"));
-        for key in ["catalog", "hosts/h1", "u/uni-1/version", "placement/h1/ns", "tokens/t"] {
+        for key in
+            ["catalog", "hosts/h1", "u/uni-1/version", "placement/h1/ns", "tokens/t", "holds/u/h"]
+        {
             assert!(inside(&format!("/v/{key}")), "{key}");
         }
         assert!(format!("/v/{ALIVE}") < format!("/v/{ALIVE_END}"));
@@ -2972,6 +3172,7 @@ mod tests {
         c.record("u/uni-1/version", Some(b""), 7);
         c.record("catalog", Some(b""), 8);
         c.record("hosts/h1", Some(b"{}"), 9);
+        c.record("holds/uni-1/0123", Some(b""), 10);
         let view = View {
             state: Arc::default(),
             versions: c.versions.clone(),
@@ -2979,12 +3180,16 @@ mod tests {
             keys: c.keys.clone(),
             hosts_last: c.hosts_last,
             changed: c.changed.clone(),
+            holds: c.holds.clone(),
             revision: c.revision,
         };
         assert_eq!(view.mod_revision(&Guard::Universe("uni-1".into())), 7);
         assert_eq!(view.mod_revision(&Guard::Universe("uni-2".into())), 0);
         assert_eq!(view.mod_revision(&Guard::Catalog), 8);
         assert_eq!(view.mod_revision(&Guard::Unchanged("hosts/h1".into())), 9);
+        assert!(view.held("uni-1") && !view.held("uni-2") && !view.held("uni-"));
+        c.record("holds/uni-1/0123", None, 11);
+        assert!(c.holds.is_empty());
         c.record("u/uni-1/version", None, 10);
         assert!(c.versions.get("uni-1").is_none());
     }

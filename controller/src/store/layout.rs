@@ -8,6 +8,9 @@
 //! catalog                       guard of every universe creation and deletion (empty value)
 //! u/<uni>/version               guard of every edit inside the universe but one of a single
 //!                               group's rules, which only compares it (empty value)
+//! holds/<uni>/<holder>          an edit of the whole universe that edits of one group's rules
+//!                               kept refusing holds them off until it commits (empty value,
+//!                               under a lease: see [`Guard::InUniverse`])
 //! u/<uni>/groups/<sg>           a security group without its rules; guard of an edit of its
 //!                               rules alone
 //! u/<uni>/rules/<sg>/<sgr>      one rule of a group
@@ -68,6 +71,7 @@ pub const TOKENS: &str = "tokens/";
 pub const VNIS_ISSUED: &str = "counters/vnis";
 pub const SERIALS_ISSUED: &str = "counters/serials";
 pub const SLOTS: &str = "slots/";
+pub const HOLDS: &str = "holds/";
 
 /// The guard key of the endpoints placed on `host`.
 pub fn slots_key(host: &str) -> String {
@@ -81,6 +85,11 @@ pub fn universe_prefix(uni: &str) -> String {
 
 pub fn version_key(uni: &str) -> String {
     format!("{U}{uni}/version")
+}
+
+/// The prefix of the holds of universe `uni` (see [`Guard::InUniverse`]).
+pub fn holds_prefix(uni: &str) -> String {
+    format!("{HOLDS}{uni}/")
 }
 
 /// The prefix of the keys of every group of universe `uni` (without their rules).
@@ -138,7 +147,10 @@ pub enum Guard {
     Universe(String),
     /// `u/<uni>/version` is as the edit's state saw it, not rewritten: no edit that changes
     /// what spans the universe (its endpoints, identities, groups, CIDR classes) committed
-    /// since. The guard of an edit of one group's rules, with that group's key.
+    /// since. The guard of an edit of one group's rules, with that group's key. And no key is
+    /// under `holds/<uni>/`: an edit guarded by [`Guard::Universe`] that such edits kept
+    /// refusing (each moves a group key) puts one there, under a short lease, and deletes it in
+    /// its own commit; meanwhile the edits of one group wait, so that they cannot starve it.
     InUniverse(String),
     /// `catalog` is as the edit's state saw it (then the edit rewrites it).
     Catalog,
@@ -197,6 +209,17 @@ pub struct Placement {
 /// edit's changes: see [`crate::table`]). Costs what the edit changed, plus, for a changed group,
 /// a comparison of its rules (at most 1000, S12).
 pub fn delta(before: &State, after: &State) -> Result<Delta, Error> {
+    delta_guarded(before, after, true)
+}
+
+/// [`delta`] for an edit that holds the edits of one group's rules off (see
+/// [`Guard::InUniverse`]): it keeps the universe's guard even when it changes one group's rules
+/// alone, since as one of those it would wait for its own hold.
+pub fn delta_held(before: &State, after: &State) -> Result<Delta, Error> {
+    delta_guarded(before, after, false)
+}
+
+fn delta_guarded(before: &State, after: &State, narrow: bool) -> Result<Delta, Error> {
     let mut d = Delta::default();
     let mut gone_universes = BTreeSet::new();
     for (id, was) in after.universes.changes() {
@@ -428,7 +451,7 @@ pub fn delta(before: &State, after: &State) -> Result<Delta, Error> {
     if d.guards.contains(&Guard::Catalog) {
         d.ops.push(Op::Put { key: CATALOG.to_owned(), value: String::new() });
     }
-    if let Some(g) = one_group_alone(before, after) {
+    if let Some(g) = one_group_alone(before, after).filter(|_| narrow) {
         // Guarded by the group's key instead of the universe's: see [`one_group_alone`].
         let uni = g.universe.clone();
         d.guards.remove(&Guard::Universe(uni.clone()));
@@ -573,6 +596,9 @@ pub enum Kind<'a> {
     Counter(&'a str),
     /// `slots/<host>`: a guard, not part of the state.
     Slots(&'a str),
+    /// `holds/<uni>/<holder>`: a hold of universe `uni` ([`Guard::InUniverse`]), not part of
+    /// the state.
+    Hold(&'a str),
     /// Claims and placements: kept by the store, not part of the state.
     Claim,
     /// Anything else (liveness, audit, idempotency records, keys of a newer version).
@@ -600,6 +626,9 @@ pub fn kind(key: &str) -> Kind<'_> {
     }
     if key.starts_with(IDS) || key.starts_with(IDENTITY_CLAIMS) || key.starts_with(PLACEMENT) {
         return Kind::Claim;
+    }
+    if let Some((uni, _)) = key.strip_prefix(HOLDS).and_then(|rest| rest.split_once('/')) {
+        return Kind::Hold(uni);
     }
     let Some(rest) = key.strip_prefix(U) else { return Kind::Other };
     let Some((uni, rest)) = rest.split_once('/') else { return Kind::Other };
@@ -806,7 +835,10 @@ pub fn apply(state: &mut State, events: &[Event<'_>]) -> Result<bool, Error> {
                 }
                 // A counter is never deleted: handed out stays handed out.
                 (Kind::Counter(_), None) => {}
-                (Kind::Catalog | Kind::Version(_) | Kind::Claim | Kind::Slots(_), _) => {}
+                (
+                    Kind::Catalog | Kind::Version(_) | Kind::Claim | Kind::Slots(_) | Kind::Hold(_),
+                    _,
+                ) => {}
                 (Kind::Other, _) => {}
             }
         }
@@ -1082,6 +1114,8 @@ mod tests {
         assert_eq!(kind("placement/h1/ns"), Kind::Claim);
         assert_eq!(kind("counters/vnis"), Kind::Counter("counters/vnis"));
         assert_eq!(kind("slots/h1"), Kind::Slots("h1"));
+        assert_eq!(kind("holds/u1/x"), Kind::Hold("u1"));
+        assert!(!is_state("holds/u1/x"));
         assert!(is_state("counters/serials") && !is_state("slots/h1"));
         assert!(is_state("hosts/h1") && !is_state("catalog"));
     }
@@ -1171,6 +1205,19 @@ mod tests {
             s.groups.get_mut(&lone).unwrap().description = "the lone group".into();
         });
         assert_eq!(d.guards, alone(&empty, &lone), "{d:?}");
+        // The same kind of edit by an edit that holds the others off keeps the universe's
+        // guard, and rewrites its `version` as any edit guarded so does.
+        let before = s.clone();
+        let mut held = s.clone();
+        held.add_rule(&lone, port_rule("egress", "udp", 55, "192.168.0.0/16")).unwrap();
+        held.reindex();
+        assert_eq!(delta(&before, &held).unwrap().guards, alone(&empty, &lone));
+        let d = delta_held(&before, &held).unwrap();
+        assert_eq!(d.guards, whole(&empty), "{d:?}");
+        assert!(d
+            .ops
+            .iter()
+            .any(|op| matches!(op, Op::Put { key, .. } if *key == version_key(&empty))));
         let d = edit(&mut s, &|s| s.groups.get_mut(&lone).unwrap().name = "solo".into());
         assert_eq!(d.guards, whole(&empty), "{d:?}");
         // Two groups in one edit, a group created, a group deleted: the universe's guard.

@@ -399,6 +399,16 @@ impl Store {
         }
     }
 
+    /// How many times an edit of a whole universe, refused again and again by edits of one
+    /// group's rules of it, held them off until it committed (see `layout::Guard::InUniverse`):
+    /// 0 for the embedded store.
+    pub fn holds(&self) -> u64 {
+        match self {
+            Store::Embedded(_) => 0,
+            Store::Etcd(e) => e.holds(),
+        }
+    }
+
     /// How many times the store read a client's idempotency record in a round trip of its
     /// own (to tell a replay from a refusal when an edit cannot run or changes nothing; a
     /// commit refused by etcd reads it in its own transaction): 0 for the embedded store.

@@ -768,6 +768,7 @@ mod tests {
             keys: imbl::HashMap::new(),
             hosts_last: 3,
             changed: imbl::HashMap::new(),
+            holds: imbl::HashSet::new(),
             revision: 10,
         };
         let mut alive = BTreeMap::new();
