@@ -26,11 +26,12 @@ use std::collections::BTreeMap;
 use std::io;
 use std::net::IpAddr;
 use std::os::fd::{AsRawFd, BorrowedFd};
-use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use dataplane_common::{Ct6Key, CtEntry, CtKey, CtOwner, CtValue};
+
+use crate::mapping::Mapped;
 
 /// The key of a conntrack table: `VERSE_CT`'s ([`CtKey`]) or `VERSE_CT6`'s ([`Ct6Key`]). Both
 /// tables hold the same values, charged to the same budgets, and are collected alike.
@@ -77,64 +78,21 @@ const BPF_NOEXIST: u64 = 1;
 /// `ENOSPC` if one bucket does not fit; buckets hold a handful of entries.
 const BATCH: usize = 4096;
 
-/// `VERSE_CT_OWNERS`, mapped shared into this process.
-pub struct Owners {
-    ptr: NonNull<CtOwner>,
-    slots: u32,
-    bytes: usize,
-}
-
-// SAFETY: the mapping is plain shared memory that every access reads or writes through atomic
-// operations; it lives until `Drop`, which needs `&mut self`.
-unsafe impl Send for Owners {}
-// SAFETY: as above: `&Owners` only allows atomic accesses.
-unsafe impl Sync for Owners {}
-
-impl std::fmt::Debug for Owners {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Owners").field("slots", &self.slots).finish_non_exhaustive()
-    }
-}
+/// `VERSE_CT_OWNERS`, mapped shared into this process; every access is atomic.
+#[derive(Debug)]
+pub struct Owners(Mapped<CtOwner>);
 
 impl Owners {
     /// Maps the array behind `fd` (created with `BPF_F_MMAPABLE`, `slots` values of `CtOwner`).
     pub fn map(fd: BorrowedFd<'_>, slots: u32) -> io::Result<Owners> {
-        // SAFETY: sysconf has no preconditions.
-        let page = usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) })
-            .map_err(|_| io::Error::other("sysconf(_SC_PAGESIZE) failed"))?;
-        let len = std::mem::size_of::<CtOwner>() * slots as usize;
-        let bytes = len.div_ceil(page) * page;
-        // SAFETY: a fresh shared mapping of a BPF array the kernel allows to be mapped; `bytes`
-        // does not exceed the array's size rounded up to pages, as `bpf_map_mmap` requires.
-        let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                bytes,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                fd.as_raw_fd(),
-                0,
-            )
-        };
-        if ptr == libc::MAP_FAILED {
-            return Err(io::Error::last_os_error());
-        }
-        let ptr = NonNull::new(ptr.cast::<CtOwner>()).ok_or_else(|| io::Error::other("mmap"))?;
-        Ok(Owners { ptr, slots, bytes })
+        Mapped::map(fd, slots).map(Owners)
     }
 
     /// The field at `offset` (a multiple of 8 within `CtOwner`) of `slot`, as an atomic.
     fn field(&self, slot: u32, offset: usize) -> Option<&AtomicU64> {
-        if slot >= self.slots {
-            return None;
-        }
-        // SAFETY: `slot` is within the mapping, whose values are `CtOwner`s (8-byte aligned,
-        // made of u64s); the kernel and this process access them only atomically, and the
-        // mapping outlives `&self`.
-        unsafe {
-            let p = self.ptr.as_ptr().add(slot as usize).cast::<u8>().add(offset).cast::<u64>();
-            Some(AtomicU64::from_ptr(p))
-        }
+        // SAFETY: a field of a `CtOwner` (8-byte aligned, made of u64s) in the mapping; the
+        // kernel and this process access them only atomically, and the mapping outlives `&self`.
+        self.0.field(slot, offset).map(|p| unsafe { AtomicU64::from_ptr(p.cast::<u64>()) })
     }
 
     /// A copy of `slot` (each field read atomically), or `None` beyond the array.
@@ -176,18 +134,10 @@ impl Owners {
 
     /// Every slot with an endpoint (serial non-zero), by slot.
     pub fn assigned(&self) -> BTreeMap<u32, CtOwner> {
-        (0..self.slots)
+        (0..self.0.slots())
             .filter_map(|slot| self.get(slot).map(|o| (slot, o)))
             .filter(|(_, o)| o.serial != 0)
             .collect()
-    }
-}
-
-impl Drop for Owners {
-    fn drop(&mut self) {
-        // SAFETY: the mapping was made by `Owners::map` with this address and length, and no
-        // reference into it outlives `self`.
-        unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.bytes) };
     }
 }
 

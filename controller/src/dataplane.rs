@@ -26,6 +26,7 @@ use std::{
     os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd},
     os::unix::ffi::OsStrExt,
     path::{Path, PathBuf},
+    sync::atomic::{AtomicU32, Ordering},
 };
 
 use aya::{
@@ -50,6 +51,7 @@ use dataplane_common::{
 
 use crate::compile::{policy_kinds_after, policy_kinds_before, MapContents, OwnerBudget};
 use crate::conntrack::{self, Collected, FlowKey, Owners};
+use crate::mapping::Mapped;
 
 /// The dataplane object built by `controller/build.rs`.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(env!("VERSE_DATAPLANE_OBJECT"));
@@ -256,7 +258,6 @@ pub struct Dataplane {
     ebpf: Ebpf,
     endpoints: HashMap<MapData, u32, Endpoint>,
     endpoint_slots: Array<MapData, Endpoint>,
-    epoch: Array<MapData, u32>,
     routes: HashMap<MapData, RouteKey, Route>,
     cidrs: LpmTrie<MapData, CidrKey, u32>,
     routes6: HashMap<MapData, Route6Key, Route>,
@@ -276,8 +277,11 @@ pub struct Dataplane {
     rule_slots: std::sync::Mutex<BTreeMap<u32, u32>>,
     /// `VERSE_EVENTS`, until [`Dataplane::take_events`] hands it to its reader.
     events: Option<RingBuf<MapData>>,
-    /// `VERSE_CONFIG`: the settings written at load, and the flow-log interval after.
+    /// `VERSE_CONFIG`: the settings written at load, and the flow-log interval after...
     config: Array<MapData, Config>,
+    /// ...and mapped, for the route epoch (`Config::epoch`), which only [`Dataplane::bump_epoch`]
+    /// changes, with one atomic store; whole-value writes of the settings write it as it is.
+    config_mapped: Mapped<Config>,
     /// `VERSE_CT_OWNERS`, mapped into this process (the map itself stays open below).
     ct_owners: Owners,
     _ct_owners_map: Array<MapData, CtOwner>,
@@ -318,7 +322,12 @@ impl Dataplane {
         fill_jump_table(&mut ebpf)?;
 
         let mut config_map: Array<MapData, Config> = take_map(&mut ebpf, map_names::CONFIG)?;
-        config_map.set(0, config, 0).map_err(|source| Error::MapWrite {
+        let config_mapped = Mapped::map(config_map.map().fd().as_fd(), 1)
+            .map_err(|source| Error::Mmap { name: map_names::CONFIG, source })?;
+        // The settings are written around the pinned epoch, unchanged (programs of a previous
+        // daemon may be reading it); it moves on below, from where it was.
+        let epoch = Dataplane::epoch_field(&config_mapped).load(Ordering::Acquire);
+        config_map.set(0, Config { epoch, ..*config }, 0).map_err(|source| Error::MapWrite {
             name: map_names::CONFIG,
             entry: "slot 0".into(),
             source,
@@ -333,7 +342,6 @@ impl Dataplane {
             bpf_dir: bpf_dir.to_path_buf(),
             endpoints: take_map(&mut ebpf, map_names::ENDPOINTS)?,
             endpoint_slots: take_map(&mut ebpf, map_names::ENDPOINT_SLOTS)?,
-            epoch: take_map(&mut ebpf, map_names::EPOCH)?,
             routes: take_map(&mut ebpf, map_names::ROUTES)?,
             cidrs: take_map(&mut ebpf, map_names::CIDRS)?,
             routes6: take_map(&mut ebpf, map_names::ROUTES6)?,
@@ -350,11 +358,22 @@ impl Dataplane {
             rule_slots: std::sync::Mutex::default(),
             events: Some(take_map(&mut ebpf, map_names::EVENTS)?),
             config: config_map,
+            config_mapped,
             ebpf,
         };
+        // A daemon of an older layout kept the epoch in a map of its own: the pinned conntrack
+        // entries may carry hops stamped with any epoch up to it, so the epoch goes on from
+        // there, and that pin goes.
+        let legacy = bpf_dir.join(map_names::LEGACY_EPOCH);
+        if legacy.exists() {
+            let old = legacy_epoch(&legacy)?;
+            let field = Dataplane::epoch_field(&dataplane.config_mapped);
+            field.store(field.load(Ordering::Acquire).max(old), Ordering::Release);
+        }
         // A previous daemon may have died between a route write and its bump: whatever the
         // pinned conntrack entries cached is looked up again.
         dataplane.bump_epoch()?;
+        remove_pin(&legacy)?;
         if !kinds_pinned {
             dataplane.seed_policy_kinds()?;
         }
@@ -380,14 +399,21 @@ impl Dataplane {
 
     /// Invalidates every delivery cached in conntrack (see `dataplane_common::CtHop`): the next
     /// packet of each flow looks its route up again. Skips 0, which means "no epoch".
+    /// One atomic 4-byte store (see `Config::epoch`), released after the map writes it follows.
     fn bump_epoch(&mut self) -> Result<()> {
-        let current = self.epoch.get(&0, 0).map_err(read_err(map_names::EPOCH))?;
-        let next = current.wrapping_add(1).max(1);
-        self.epoch.set(0, next, 0).map_err(|source| Error::MapWrite {
-            name: map_names::EPOCH,
-            entry: format!("slot 0 = {next}"),
-            source,
-        })
+        let field = Dataplane::epoch_field(&self.config_mapped);
+        let next = field.load(Ordering::Acquire).wrapping_add(1).max(1);
+        field.store(next, Ordering::Release);
+        Ok(())
+    }
+
+    /// `Config::epoch` in the mapping of `VERSE_CONFIG`.
+    fn epoch_field(config: &Mapped<Config>) -> &AtomicU32 {
+        let p = config.field(0, std::mem::offset_of!(Config, epoch)).expect("slot 0 of one");
+        // SAFETY: a 4-byte aligned u32 (`Config` is 8-byte aligned, the field at a multiple of
+        // 4: dataplane-common's layout test) in the mapping, which outlives the borrow; the
+        // kernel reads it with one 4-byte load, this process writes it only here, atomically.
+        unsafe { AtomicU32::from_ptr(p.cast::<u32>()) }
     }
 
     /// The flow-log interval the kernel stamps TCP flags with (`Config::flow_interval`).
@@ -429,7 +455,7 @@ impl Dataplane {
 
     /// The current route epoch (tests).
     pub fn epoch(&self) -> Result<u32> {
-        self.epoch.get(&0, 0).map_err(read_err(map_names::EPOCH))
+        Ok(Dataplane::epoch_field(&self.config_mapped).load(Ordering::Acquire))
     }
 
     /// Writes `VERSE_POLICY_KINDS[identity]`.
@@ -1254,6 +1280,15 @@ fn refill<K: FlowKey + std::fmt::Debug>(
 /// Whether the endpoint behind `ifindex` lives in `VERSE_EP_SLOTS` (else in `VERSE_ENDPOINTS`).
 fn has_slot(ifindex: u32, endpoint: &Endpoint) -> bool {
     ifindex < capacity::ENDPOINT_SLOTS && endpoint.vni != 0
+}
+
+/// The epoch in the pin of an older daemon's epoch map ([`map_names::LEGACY_EPOCH`], at `path`).
+fn legacy_epoch(path: &Path) -> Result<u32> {
+    let read = read_err(map_names::LEGACY_EPOCH);
+    let map =
+        aya::maps::Map::from_map_data(MapData::from_pin(path).map_err(&read)?).map_err(&read)?;
+    let epoch: Array<MapData, u32> = Array::try_from(map).map_err(&read)?;
+    epoch.get(&0, 0).map_err(read)
 }
 
 fn read_err(name: &'static str) -> impl Fn(MapError) -> Error {

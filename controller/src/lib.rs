@@ -38,6 +38,7 @@ pub mod frames;
 pub mod hits;
 pub mod index;
 pub mod limits;
+pub mod mapping;
 pub mod model;
 pub mod netlink;
 pub mod openapi;

@@ -30,7 +30,9 @@ pub mod map_names {
     pub const HOSTS: &str = "VERSE_HOSTS";
     pub const VNIS: &str = "VERSE_VNIS";
     pub const ENDPOINT_SLOTS: &str = "VERSE_EP_SLOTS";
-    pub const EPOCH: &str = "VERSE_EPOCH";
+    /// The route epoch's own map before it moved into [`Config::epoch`](super::Config): a pin
+    /// of it left by an older `versed` is read once (its epoch carried over) and removed.
+    pub const LEGACY_EPOCH: &str = "VERSE_EPOCH";
     pub const EVENTS: &str = "VERSE_EVENTS";
     pub const EVENT_LIMITS: &str = "VERSE_EV_LIMITS";
     pub const RULE_HITS: &str = "VERSE_RULE_HITS";
@@ -959,13 +961,13 @@ pub struct CtOwner {
 }
 
 /// Where a flow's packets in one direction were last delivered, cached in its conntrack entry so
-/// that an established flow skips the route lookup. Valid only while `epoch` equals the value
-/// in `VERSE_EPOCH` (and is not 0): the controller bumps that after every change to
+/// that an established flow skips the route lookup. Valid only while `epoch` equals
+/// [`Config::epoch`] (and is not 0): the controller bumps that after every change to
 /// `VERSE_ROUTES` or the endpoint maps, so a cached delivery is never older than the routes.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct CtHop {
-    /// `VERSE_EPOCH` as read *before* the route lookup this hop was copied from; 0 = empty.
+    /// [`Config::epoch`] as read *before* the route lookup this hop was copied from; 0 = empty.
     pub epoch: u32,
     /// `Route::ifindex`: the receiver's host-side veth, 0 for a receiver on another host.
     pub ifindex: u32,
@@ -1085,7 +1087,8 @@ pub mod ct_state {
     };
 }
 
-/// `VERSE_CONFIG` (array, one slot): settings the controller writes at start.
+/// `VERSE_CONFIG` (array, one slot, `BPF_F_MMAPABLE`): settings the controller writes at start,
+/// and the route epoch, which it moves on after every route or endpoint change.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct Config {
@@ -1111,7 +1114,14 @@ pub struct Config {
     /// The number of the current flow-log interval: TCP flags in conntrack are OR-ed per
     /// interval ([`CtCounters`]). The daemon adds one at the end of each.
     pub flow_interval: u32,
-    pub _pad2: u32,
+    /// The route epoch: a delivery cached in conntrack ([`CtHop`]) is current only while its
+    /// stamp equals this (0: no epoch, nothing cached is current). The controller moves it on
+    /// (skipping 0) after every change to the routes or the endpoint maps and at every start,
+    /// with one atomic 4-byte store through its mapping of the array (never by rewriting the
+    /// whole value, which the kernel copies in pieces it does not promise: a program must never
+    /// read half of two epochs). It lives here, not in a map of its own, so that the
+    /// established path reads it without a lookup more.
+    pub epoch: u32,
 }
 
 /// Bits of `Config::flags`.
@@ -1326,6 +1336,7 @@ mod tests {
         assert_eq!(hot_end, 128, "the hot part of a conntrack value is its first 128 bytes");
         assert_eq!(size_of::<CtOwner>(), 64);
         assert_eq!(size_of::<Config>(), 104);
+        assert_eq!(core::mem::offset_of!(Config, epoch) % 4, 0, "stored with one 4-byte store");
         assert_eq!(size_of::<DropCount>(), 16);
         assert_eq!(size_of::<PolicyValue>(), 8);
         assert_eq!(size_of::<Event>(), 88);

@@ -16,7 +16,7 @@
 //!
 //! Delivery cache (for `VERSE_CT6`'s entries as for these: [`Table`]): each entry also
 //! remembers, per direction, where the last delivered packet went ([`CtHop`]: the receiver's ifindex and MAC, or the underlay address of its host), stamped
-//! with the route epoch (`VERSE_EPOCH`) read *before* the route lookup it was copied from. A hit
+//! with the route epoch (`Config::epoch`) read *before* the route lookup it was copied from. A hit
 //! whose hop carries the current epoch delivers without looking the route up; any other hit looks
 //! it up and caches the answer ([`refresh_and_cache`]). Since the controller bumps the epoch after
 //! every route or endpoint change, a cached hop is never staler than a lookup would be. Hops are
@@ -39,11 +39,13 @@ use aya_ebpf::helpers::{bpf_get_smp_processor_id, bpf_jiffies64, bpf_ktime_get_c
 use aya_ebpf::programs::TcContext;
 pub use dataplane_common::conntrack::{creates, initial_state, Role};
 use dataplane_common::conntrack::{expired, next_state};
-use dataplane_common::{ct_state, CtCounters, CtEntry, CtHop, CtKey, CtValue, DropReason, Route};
+use dataplane_common::{
+    ct_state, Config, CtCounters, CtEntry, CtHop, CtKey, CtValue, DropReason, Route,
+};
 
 use crate::{
     atomic,
-    maps::{VERSE_CLOCK, VERSE_CT, VERSE_CT_OWNERS, VERSE_CT_SCRATCH, VERSE_EPOCH},
+    maps::{VERSE_CLOCK, VERSE_CT, VERSE_CT_OWNERS, VERSE_CT_SCRATCH},
 };
 
 /// `bpf_map_update_elem` flags (`include/uapi/linux/bpf.h`).
@@ -103,11 +105,13 @@ fn read_clock<const CPU: bool>() -> (u64, u64) {
     (unsafe { bpf_ktime_get_coarse_ns() }, if CPU { this_cpu() } else { 0 })
 }
 
-/// The current route epoch. Read it before looking a route up whose answer will be cached.
+/// The current route epoch (`Config::epoch`; 0, no epoch yet, disables the cache). Read it
+/// before looking a route up whose answer will be cached.
 #[inline(always)]
-pub fn epoch() -> u32 {
-    // Slot 0 of an array always exists; 0 (no epoch yet) disables the cache.
-    VERSE_EPOCH.get(0).copied().unwrap_or(0)
+pub fn epoch(config: &Config) -> u32 {
+    // SAFETY: a field of the live configuration value; volatile, so that it is read here, before
+    // the route lookup, and once (the controller stores it whole: see `Config::epoch`).
+    unsafe { core::ptr::read_volatile(&config.epoch) }
 }
 
 /// The hop to cache for `route`, looked up after `epoch` was read.

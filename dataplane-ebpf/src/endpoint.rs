@@ -96,7 +96,7 @@ fn ipv4(
     let (now, cpu) = conntrack::clock();
     // Before any route lookup: a hop is cached under the epoch read *before* the lookup it
     // copies, so a route changed meanwhile leaves it stale, never wrongly current.
-    let epoch = conntrack::epoch();
+    let epoch = conntrack::epoch(config);
 
     let found = conntrack::lookup(&key, role, endpoint.serial, now, &config.timeouts_ns);
     // The route, when it was looked up for a hit whose receiver turned out to be another

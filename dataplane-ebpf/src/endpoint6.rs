@@ -132,7 +132,7 @@ fn start(ctx: &TcContext) -> Result<i32, DropReason> {
     let (now, cpu) = conntrack::clock();
     // Before any route lookup: a hop is cached under the epoch read *before* the lookup it
     // copies, so a route changed meanwhile leaves it stale, never wrongly current.
-    let epoch = conntrack::epoch();
+    let epoch = conntrack::epoch(config);
     let timeouts = &config.timeouts_ns;
     let found =
         conntrack6::lookup(&scratch.key, &mut scratch.rev, role, endpoint.serial, now, timeouts);

@@ -125,9 +125,6 @@ pub struct Clock {
     pub cpu: u64,
 }
 
-/// Slot 0: the route epoch, bumped by the controller after every change to `VERSE_ROUTES` or the
-/// endpoint maps; a delivery cached in a conntrack entry is valid only under the epoch it was
-/// cached in (see `dataplane_common::CtHop`).
 /// Where a conntrack value is built before it is inserted (a new flow's, or an entry copied to
 /// cache a hop): 128 bytes the hooks' 512-byte stack cannot spare. One slot per CPU: TC programs
 /// run with bottom halves disabled, so no other run of ours takes the CPU between the build and
@@ -135,12 +132,11 @@ pub struct Clock {
 #[map]
 pub static VERSE_CT_SCRATCH: PerCpuArray<CtValue> = PerCpuArray::with_max_entries(1, 0);
 
+/// Slot 0: the settings the controller writes at start, and the route epoch (`Config::epoch`).
+/// Mappable (`BPF_F_MMAPABLE`): the controller moves the epoch on with one atomic store through
+/// its mapping.
 #[map]
-pub static VERSE_EPOCH: Array<u32> = Array::pinned(1, 0);
-
-/// Slot 0: the settings the controller writes at start.
-#[map]
-pub static VERSE_CONFIG: Array<Config> = Array::pinned(1, 0);
+pub static VERSE_CONFIG: Array<Config> = Array::pinned(1, MAP_F_MMAPABLE);
 
 /// Drop counters, indexed by `dataplane_common::drop_slot` (reason and hook), one per CPU (no
 /// atomics on the hot path).

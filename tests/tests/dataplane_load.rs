@@ -996,13 +996,21 @@ fn a_pinned_map_of_another_layout_is_refused_by_name() {
 /// Pins at `path` a map with the layout `VERSE_RULE_HITS` had before it was an array: a per-CPU
 /// hash (`BPF_MAP_TYPE_PERCPU_HASH`), u32 keys, u64 values, `BPF_F_NO_PREALLOC`.
 fn pin_old_rule_hits(path: &Path) {
+    let fd = pin_new_map(path, [5, 4, 8, 1024, 1]);
+    // SAFETY: `fd` is the map fd made above, owned here; the pin keeps the map.
+    unsafe { libc::close(fd) };
+}
+
+/// Makes a map of `layout` (map_type, key_size, value_size, max_entries, map_flags), pins it at
+/// `path`, and returns its fd (the caller closes it).
+fn pin_new_map(path: &Path, layout: [u32; 5]) -> i32 {
     use std::os::unix::ffi::OsStrExt as _;
     const BPF_MAP_CREATE: libc::c_long = 0;
     const BPF_OBJ_PIN: libc::c_long = 6;
     // `union bpf_attr` for BPF_MAP_CREATE: map_type, key_size, value_size, max_entries,
     // map_flags (u32 each), then fields left 0.
     let mut attr = [0u32; 32];
-    attr[..5].copy_from_slice(&[5, 4, 8, 1024, 1]);
+    attr[..5].copy_from_slice(&layout);
     // SAFETY: `attr` is a zeroed, large enough bpf_attr for BPF_MAP_CREATE, alive for the call.
     let fd = unsafe {
         libc::syscall(libc::SYS_bpf, BPF_MAP_CREATE, attr.as_ptr(), std::mem::size_of_val(&attr))
@@ -1019,8 +1027,51 @@ fn pin_old_rule_hits(path: &Path) {
         libc::syscall(libc::SYS_bpf, BPF_OBJ_PIN, pin.as_ptr(), std::mem::size_of_val(&pin))
     };
     assert_eq!(rc, 0, "BPF_OBJ_PIN: {}", std::io::Error::last_os_error());
+    fd as i32
+}
+
+/// A daemon of an older layout kept the route epoch in a map of its own (`VERSE_EPOCH`, one
+/// u32): the first load goes on from its epoch (the pinned conntrack entries may carry deliveries
+/// cached under any epoch up to it, which must never become current again) and removes that
+/// pin; after that the epoch lives in the pinned settings (`VERSE_CONFIG`), and every restart
+/// moves it on from there, not from 0.
+#[test]
+fn the_route_epoch_goes_on_from_where_an_older_daemon_left_it() {
+    assert!(
+        is_root(),
+        "dataplane_load needs root (bpf, netns, mount): run it with `cargo xtask test`"
+    );
+    const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
+    let dir = TempDir::new("dpe");
+    let bpffs = Bpffs::mount(&dir.path().join("bpf"));
+    let path = bpffs.path().join(dataplane_common::map_names::LEGACY_EPOCH);
+    // The old map: an array of one u32, at epoch 1000.
+    let fd = pin_new_map(&path, [2, 4, 4, 1, 0]);
+    let (key, value) = (0u32, 1000u32);
+    // `union bpf_attr` for BPF_MAP_UPDATE_ELEM: map_fd (u32), pad, key, value, flags (u64s).
+    let attr = [fd as u64, &key as *const u32 as u64, &value as *const u32 as u64, 0];
+    // SAFETY: a bpf_attr for BPF_MAP_UPDATE_ELEM naming the map made above and a key and value
+    // of its sizes, all alive for the call.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_MAP_UPDATE_ELEM,
+            attr.as_ptr(),
+            std::mem::size_of_val(&attr),
+        )
+    };
+    assert_eq!(rc, 0, "BPF_MAP_UPDATE_ELEM: {}", std::io::Error::last_os_error());
     // SAFETY: `fd` is the map fd made above, owned here; the pin keeps the map.
-    unsafe { libc::close(fd as i32) };
+    unsafe { libc::close(fd) };
+
+    let dp = Dataplane::load(bpffs.path(), &config()).expect("load over the old epoch's pin");
+    let first = dp.epoch().expect("epoch");
+    assert!(first > 1000, "the epoch goes on from the old map's 1000, not from 0: {first}");
+    assert!(!path.exists(), "the old epoch's pin is removed");
+    drop(dp);
+    let dp = Dataplane::load(bpffs.path(), &config()).expect("load again");
+    let second = dp.epoch().expect("epoch");
+    assert!(second > first, "a restart moves the pinned epoch on: {first} then {second}");
 }
 
 /// `VERSE_POLICY_KINDS` follows the policy entries through edits that change the kind of peer a
