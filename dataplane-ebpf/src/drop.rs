@@ -13,6 +13,15 @@ pub fn drop(ctx: &TcContext, hook: Hook, reason: DropReason) -> i32 {
     TC_ACT_SHOT as i32
 }
 
+/// [`drop`] as a call of its own, for `from_endpoint`: the walk's many ways to a drop then
+/// hand the reason over in a register (an argument); inlined, the reason was a value live
+/// across the counter's lookup, which the walk keeps in a stack slot, so every check on the
+/// established path first stored its reason there, in case it failed.
+#[inline(never)]
+pub fn drop_call(ctx: &TcContext, hook: Hook, reason: DropReason) -> i32 {
+    drop(ctx, hook, reason)
+}
+
 /// [`drop`] in the IPv6 programs: the event describes the frame as IPv6 (see `events`).
 #[inline(always)]
 pub fn drop6(ctx: &TcContext, hook: Hook, reason: DropReason) -> i32 {

@@ -56,7 +56,7 @@ pub fn from_endpoint(skb: *mut aya_ebpf::bindings::__sk_buff) -> i32 {
     let ctx = TcContext::new(skb);
     match endpoint::walk(&ctx) {
         Ok(action) => action,
-        Err(reason) => drop::drop(&ctx, Hook::FromEndpoint, reason),
+        Err(reason) => drop::drop_call(&ctx, Hook::FromEndpoint, reason),
     }
 }
 
