@@ -1010,13 +1010,24 @@ pub fn run(out: &mut Vec<BenchRecord>, scenario: &(dyn Fn(&str) -> bool + Sync))
             .or_else(|| all.iter().position(|l| l.mode == Mode::Repeat && l.cpu.is_none()))
             .context("no scenario of from_endpoint run in place on this CPU: name one with --scenario")?;
         let single_base = all.iter().position(|l| l.mode != Mode::Repeat);
+        // The parse-only probe parses IPv4 alone: it runs on the base's pool if that is IPv4,
+        // else on another IPv4 scenario's run in place here, else not at all (IPv6 only).
+        let ipv4_in_place = |l: &Loaded| {
+            l.mode == Mode::Repeat && l.cpu.is_none() && !l.name.ends_with("_ipv6")
+        };
+        let parse_base = Some(base)
+            .filter(|&b| ipv4_in_place(&all[b]))
+            .or_else(|| all.iter().position(ipv4_in_place));
         let mut empty_samples = Vec::new();
         let mut single_samples = Vec::new();
         let mut parse_samples = Vec::new();
         all[base].calibrate(Program::Empty)?;
         let empty_repeat = all[base].repeat;
-        all[base].calibrate(Program::ParseOnly)?;
-        let parse_repeat = all[base].repeat;
+        let mut parse_repeat = 0;
+        if let Some(pb) = parse_base {
+            all[pb].calibrate(Program::ParseOnly)?;
+            parse_repeat = all[pb].repeat;
+        }
         let mut single_passes = 0;
         if let Some(sb) = single_base {
             all[sb].calibrate(Program::Empty)?;
@@ -1051,7 +1062,9 @@ pub fn run(out: &mut Vec<BenchRecord>, scenario: &(dyn Fn(&str) -> bool + Sync))
             if let Some(sb) = single_base {
                 single_samples.push(empty(&mut all[sb], Program::Empty, single_passes)?);
             }
-            parse_samples.push(empty(&mut all[base], Program::ParseOnly, parse_repeat)?);
+            if let Some(pb) = parse_base {
+                parse_samples.push(empty(&mut all[pb], Program::ParseOnly, parse_repeat)?);
+            }
             for &i in &order {
                 let cpu = all[i].cpu;
                 if let Some(cpu) = cpu {
@@ -1078,7 +1091,7 @@ pub fn run(out: &mut Vec<BenchRecord>, scenario: &(dyn Fn(&str) -> bool + Sync))
                 "bench_micro: round {round}: empty {:.1} ns, single-run empty {:.1} ns, parse only {:.1} ns, {}",
                 empty_samples[round],
                 single_samples.get(round).copied().unwrap_or(f64::NAN),
-                parse_samples[round],
+                parse_samples.get(round).copied().unwrap_or(f64::NAN),
                 all.iter().map(|l| format!("{} {:.1} ns", l.name, l.samples[round])).collect::<Vec<_>>().join(", ")
             );
         }
@@ -1096,14 +1109,18 @@ pub fn run(out: &mut Vec<BenchRecord>, scenario: &(dyn Fn(&str) -> bool + Sync))
                 None,
                 shape(json!({"program": "empty (returns TC_ACT_OK)", "repeat": empty_repeat, "samples": empty_samples, "range": spread(&empty_samples)})),
             ),
-            BenchRecord::new(
-                "micro_parse_only",
-                median(&parse_samples),
-                Unit::NsPerPacket,
-                Some(("micro_empty_program", median(&parse_samples) / floor)),
-                shape(json!({"program": "parse_only (benchmark probe: Ethernet type, IPv4 header, fragment check, L4 header of flow.rs; returns TC_ACT_OK)", "pool": format!("the {} pool", all[base].name), "repeat": parse_repeat, "samples": parse_samples, "range": spread(&parse_samples)})),
-            ),
         ];
+        if let Some(pb) = parse_base {
+            recs.push(
+                BenchRecord::new(
+                    "micro_parse_only",
+                    median(&parse_samples),
+                    Unit::NsPerPacket,
+                    Some(("micro_empty_program", median(&parse_samples) / floor)),
+                    shape(json!({"program": "parse_only (benchmark probe: Ethernet type, IPv4 header, fragment check, L4 header of flow.rs; returns TC_ACT_OK)", "pool": format!("the {} pool", all[pb].name), "repeat": parse_repeat, "samples": parse_samples, "range": spread(&parse_samples)})),
+                ),
+            );
+        }
         if single_base.is_some() {
             recs.insert(1, BenchRecord::new(
                 "micro_empty_program_single_run",
