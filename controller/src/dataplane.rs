@@ -458,6 +458,74 @@ impl Dataplane {
         Ok(Dataplane::epoch_field(&self.config_mapped).load(Ordering::Acquire))
     }
 
+    /// The new and changed routes (both families) and endpoints of `desired`; sets `written`
+    /// before the first write is tried (a failed write may have changed a map).
+    fn write_deliveries(
+        &mut self,
+        current: &MapContents,
+        desired: &MapContents,
+        written: &mut bool,
+    ) -> Result<()> {
+        for (key, value) in &desired.routes {
+            if current.routes.get(key) != Some(value) {
+                *written = true;
+                self.routes.insert(key, value, 0).map_err(|source| Error::MapWrite {
+                    name: map_names::ROUTES,
+                    entry: format!("{key:?}"),
+                    source,
+                })?;
+            }
+        }
+        for (key, value) in &desired.ipv6.routes {
+            if current.ipv6.routes.get(key) != Some(value) {
+                *written = true;
+                self.routes6.insert(key, value, 0).map_err(|source| Error::MapWrite {
+                    name: map_names::ROUTES6,
+                    entry: format!("{key:?}"),
+                    source,
+                })?;
+            }
+        }
+        for (&key, value) in &desired.endpoints {
+            if current.endpoints.get(&key) != Some(value) {
+                *written = true;
+                self.write_endpoint(key, value)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Removes the endpoints and routes (both families) `desired` no longer has; sets `removed`
+    /// before the first removal is tried.
+    fn remove_deliveries(
+        &mut self,
+        current: &MapContents,
+        desired: &MapContents,
+        removed: &mut bool,
+    ) -> Result<()> {
+        for &key in current.endpoints.keys().filter(|k| !desired.endpoints.contains_key(k)) {
+            *removed = true;
+            self.remove_endpoint(key)?;
+        }
+        for key in current.routes.keys().filter(|k| !desired.routes.contains_key(k)) {
+            *removed = true;
+            remove_ok_if_absent(self.routes.remove(key)).map_err(|source| Error::MapDelete {
+                name: map_names::ROUTES,
+                entry: format!("{key:?}"),
+                source,
+            })?;
+        }
+        for key in current.ipv6.routes.keys().filter(|k| !desired.ipv6.routes.contains_key(k)) {
+            *removed = true;
+            remove_ok_if_absent(self.routes6.remove(key)).map_err(|source| Error::MapDelete {
+                name: map_names::ROUTES6,
+                entry: format!("{key:?}"),
+                source,
+            })?;
+        }
+        Ok(())
+    }
+
     /// Writes `VERSE_POLICY_KINDS[identity]`.
     fn write_policy_kinds(&mut self, identity: u32, kinds: u32) -> Result<()> {
         self.policy_kinds.set(identity, kinds, 0).map_err(|source| Error::MapWrite {
@@ -725,65 +793,26 @@ impl Dataplane {
                 })?;
             }
         }
-        let mut routes_written = false;
-        for (key, value) in &desired.routes {
-            if current.routes.get(key) != Some(value) {
-                routes_written = true;
-                self.routes.insert(key, value, 0).map_err(|source| Error::MapWrite {
-                    name: map_names::ROUTES,
-                    entry: format!("{key:?}"),
-                    source,
-                })?;
-            }
-        }
-        for (key, value) in &desired.ipv6.routes {
-            if current.ipv6.routes.get(key) != Some(value) {
-                routes_written = true;
-                self.routes6.insert(key, value, 0).map_err(|source| Error::MapWrite {
-                    name: map_names::ROUTES6,
-                    entry: format!("{key:?}"),
-                    source,
-                })?;
-            }
-        }
-        let mut written = routes_written;
-        for (&key, value) in &desired.endpoints {
-            if current.endpoints.get(&key) != Some(value) {
-                self.write_endpoint(key, value)?;
-                written = true;
-            }
-        }
         // Flows cached a delivery under the old routes: from here on they look the new ones up.
+        // Bumped also when a later write failed (fail closed): the writes that succeeded are
+        // in the maps, and the next read takes them as applied, so no later edit would bump
+        // for them.
+        let mut written = false;
+        let wrote = self.write_deliveries(current, desired, &mut written);
         if written {
             self.bump_epoch()?;
         }
-        let mut removed = false;
-        for &key in current.endpoints.keys().filter(|k| !desired.endpoints.contains_key(k)) {
-            self.remove_endpoint(key)?;
-            removed = true;
-        }
-        for key in current.routes.keys().filter(|k| !desired.routes.contains_key(k)) {
-            remove_ok_if_absent(self.routes.remove(key)).map_err(|source| Error::MapDelete {
-                name: map_names::ROUTES,
-                entry: format!("{key:?}"),
-                source,
-            })?;
-            removed = true;
-        }
-        for key in current.ipv6.routes.keys().filter(|k| !desired.ipv6.routes.contains_key(k)) {
-            remove_ok_if_absent(self.routes6.remove(key)).map_err(|source| Error::MapDelete {
-                name: map_names::ROUTES6,
-                entry: format!("{key:?}"),
-                source,
-            })?;
-            removed = true;
-        }
+        wrote?;
         // Before the reconciler deletes the removed endpoints' interfaces (whose ifindexes may
         // then be reused): no cached delivery to them survives this bump. A packet that read the
-        // old epoch is still running its program, and the interface outlives it (RCU).
+        // old epoch is still running its program, and the interface outlives it (RCU). Bumped on
+        // a failed removal too, as above.
+        let mut removed = false;
+        let gone = self.remove_deliveries(current, desired, &mut removed);
         if removed {
             self.bump_epoch()?;
         }
+        gone?;
         // The entries charged to a freed slot stay counted until they are collected.
         for &slot in current.ct_owners.keys().filter(|k| !desired.ct_owners.contains_key(k)) {
             self.ct_owners.assign(slot, 0, 0);

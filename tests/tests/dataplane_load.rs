@@ -840,6 +840,84 @@ fn reused_ifindex(bpf_dir: &Path, family: Family, [if_a, if_b, if_c, if_d]: [u32
     assert_eq!(pinned_drops(dp.bpf_dir(), DropReason::UnknownEndpoint), before + 2);
 }
 
+/// The network namespace and bpffs of a test on three endpoint interfaces (ha, hb, hc), entered
+/// with the bpffs path and their ifindexes.
+fn in_netns_with_three(tag: &str, body: impl FnOnce(&Path, [u32; 3]) + Send) {
+    assert!(
+        is_root(),
+        "dataplane_load needs root (bpf, netns, mount): run it with `cargo xtask test`"
+    );
+    let ns = Netns::new(tag);
+    let dir = TempDir::new(tag);
+    let bpffs = Bpffs::mount(&dir.path().join("bpf"));
+    for (host, workload) in [("ha", "wa"), ("hb", "wb"), ("hc", "wc")] {
+        ns.ip(&["link", "add", host, "type", "veth", "peer", "name", workload]);
+    }
+    let ifs = [ns.ifindex("ha"), ns.ifindex("hb"), ns.ifindex("hc")];
+    ns.enter(|| body(bpffs.path(), ifs));
+}
+
+/// Opens the TCP flow A:`sport` -> B:80 in `family` (SYN, B's SYN-ACK, A's ACK), each delivered.
+fn establish(family: Family, dp: &Dataplane, if_a: u32, if_b: u32, sport: u16) {
+    let frames = [
+        (tcp_in(family, MAC_A, (IP_A, IP_B), (sport, 80), SYN), if_a),
+        (tcp_in(family, MAC_B, (IP_B, IP_A), (80, sport), SYN_ACK), if_b),
+        (tcp_in(family, MAC_A, (IP_A, IP_B), (sport, 80), 0x10), if_a),
+    ];
+    for (frame, from) in frames {
+        assert_eq!(dp.test_run(&frame, from, 1).expect("run").return_code, tc_act::REDIRECT);
+    }
+}
+
+/// An apply that fails part-way, after it wrote a changed route, still bumps the route epoch
+/// (fail closed): the maps hold the new route, the reconciler reads them back as applied and
+/// would not write (nor bump) again, so without the bump established flows of both families
+/// would keep delivering by their cached hops to where the route no longer points.
+#[test]
+fn an_apply_that_fails_after_a_route_write_still_bumps_the_epoch() {
+    in_netns_with_three("dpf", failed_apply_bumps);
+}
+
+fn failed_apply_bumps(bpf_dir: &Path, [if_a, if_b, if_c]: [u32; 3]) {
+    const MAC_B2: [u8; 6] = [0x02, 0xBB, 0x00, 0x00, 0x00, 0x13];
+    let mut dp = Dataplane::load(bpf_dir, &config()).expect("load the dataplane");
+    let mut ab = desired(if_a, if_b);
+    admit_tcp80_from_a_both(&mut ab, ID_B);
+    dp.apply(&MapContents::default(), &ab).expect("apply A, B");
+    let families = [Family::V4, Family::V6];
+    for family in families {
+        establish(family, &dp, if_a, if_b, 41000);
+        let hop = cached_hop(family, &dp, IP_A, IP_B, 41000);
+        assert_eq!((hop.ifindex, hop.mac), (if_b, MAC_B), "{family:?}");
+    }
+    // B moves to C's interface with another MAC; the same edit brings one endpoint more than
+    // VERSE_ENDPOINTS holds (ifindexes past the slots): the routes are written, then the
+    // hash fills and the apply fails.
+    let mut moved = ab.clone();
+    moved.endpoints.remove(&if_b);
+    moved.endpoints.insert(if_c, endpoint(IP_B, MAC_B2, ID_B));
+    put_route(&mut moved, IP_B, route(if_c, ID_B, MAC_B2, IP_B));
+    let past = dataplane_common::capacity::ENDPOINT_SLOTS;
+    for i in 0..=dataplane_common::capacity::ENDPOINTS {
+        moved.endpoints.insert(past + i, endpoint([10, 0, 1, 5], [0x02, 0xDD, 0, 0, 0, 5], ID_A));
+    }
+    let epoch = dp.epoch().expect("epoch");
+    let failed = dp.apply(&ab, &moved).expect_err("more endpoints than VERSE_ENDPOINTS holds");
+    eprintln!("apply failed as meant: {failed}");
+    let written = dp.read().expect("read");
+    assert_eq!(written.routes[&RouteKey { vni: VNI, ip: IP_B }].ifindex, if_c, "route written");
+    assert!(dp.epoch().expect("epoch") > epoch, "the failed apply bumped the epoch");
+    for family in families {
+        let ack = tcp_in(family, MAC_A, (IP_A, IP_B), (41000, 80), 0x10);
+        let out = dp.test_run(&ack, if_a, 1).expect("run");
+        assert_eq!(out.return_code, tc_act::REDIRECT, "{family:?}");
+        assert_eq!(&out.packet[0..6], &MAC_B2, "{family:?}: the new route, not the cached hop");
+        let hop = cached_hop(family, &dp, IP_A, IP_B, 41000);
+        assert_eq!((hop.ifindex, hop.mac), (if_c, MAC_B2), "{family:?}");
+        assert_eq!(hop.epoch, dp.epoch().expect("epoch"), "{family:?}");
+    }
+}
+
 // ---- rule counters: slots of VERSE_RULE_HITS ----------------------------------------------
 
 /// A rule deleted and another created in its slot: the new rule counts from 0, the rule that
