@@ -10,8 +10,9 @@ use std::path::Path;
 
 use dataplane_common::wire::ipv6::{NEXTHDR_FRAGMENT, NEXTHDR_HOP};
 use dataplane_common::{
-    ct_state, nd, peer, policy_prefix, Cidr6Key, Config, CtHop, DropReason, Endpoint, PolicyKey,
-    PolicyValue, Route, Route6Key, RouteKey, DIRECTION_EGRESS, DIRECTION_INGRESS, DIRECTION_IPV6,
+    ct_state, nd, peer, policy_prefix, Cidr6Key, Config, CtHop, CtValue, DropReason, Endpoint,
+    PolicyKey, PolicyValue, Route, Route6Key, RouteKey, DIRECTION_EGRESS, DIRECTION_INGRESS,
+    DIRECTION_IPV6,
 };
 use tests::frames::{
     arp_request, ethernet, icmp, icmpv6, ipv4, ipv6, ipv6_extensions, neighbour_solicit, tcp, udp,
@@ -686,9 +687,15 @@ fn tcp_in(
     }
 }
 
-/// The delivery cached for the original direction of the flow `src:sport -> dst` in `family`.
-fn cached_hop(family: Family, dp: &Dataplane, src: [u8; 4], dst: [u8; 4], sport: u16) -> CtHop {
-    let found = match family {
+/// The conntrack entry of the flow `src:sport -> dst` in `family`, if one is keyed so.
+fn tracked(
+    family: Family,
+    dp: &Dataplane,
+    src: [u8; 4],
+    dst: [u8; 4],
+    sport: u16,
+) -> Option<CtValue> {
+    match family {
         Family::V4 => dp
             .conntrack_values()
             .expect("read conntrack")
@@ -701,8 +708,20 @@ fn cached_hop(family: Family, dp: &Dataplane, src: [u8; 4], dst: [u8; 4], sport:
             .into_iter()
             .find(|(k, _)| (k.src, k.dst, k.sport) == (ip6_of(src), ip6_of(dst), sport))
             .map(|(_, v)| v),
-    };
-    found.expect("the flow is tracked").original
+    }
+}
+
+/// The deliveries cached for the flow `src:sport -> dst` in `family`: its original direction
+/// (to `dst`) and its replies (to `src`).
+fn cached_hop(
+    family: Family,
+    dp: &Dataplane,
+    src: [u8; 4],
+    dst: [u8; 4],
+    sport: u16,
+) -> (CtHop, CtHop) {
+    let value = tracked(family, dp, src, dst, sport).expect("the flow is tracked");
+    (value.original, value.reply)
 }
 
 /// The route to the endpoint at `ip` in both families.
@@ -771,7 +790,7 @@ fn reused_ifindex(bpf_dir: &Path, family: Family, [if_a, if_b, if_c, if_d]: [u32
     assert_eq!(dp.read().expect("read"), ab, "slots and hash read back as one map");
 
     // The cached delivery of the A -> B flow below.
-    let hop_to_b = |dp: &Dataplane| cached_hop(family, dp, IP_A, IP_B, 41000);
+    let hop_to_b = |dp: &Dataplane| cached_hop(family, dp, IP_A, IP_B, 41000).0;
     // A -> B established; its delivery is cached under the current epoch.
     let syn = tcp_in(family, MAC_A, (IP_A, IP_B), (41000, 80), SYN);
     let ack = tcp_in(family, MAC_A, (IP_A, IP_B), (41000, 80), 0x10);
@@ -887,7 +906,7 @@ fn failed_apply_bumps(bpf_dir: &Path, [if_a, if_b, if_c]: [u32; 3]) {
     let families = [Family::V4, Family::V6];
     for family in families {
         establish(family, &dp, if_a, if_b, 41000);
-        let hop = cached_hop(family, &dp, IP_A, IP_B, 41000);
+        let hop = cached_hop(family, &dp, IP_A, IP_B, 41000).0;
         assert_eq!((hop.ifindex, hop.mac), (if_b, MAC_B), "{family:?}");
     }
     // B moves to C's interface with another MAC; the same edit brings one endpoint more than
@@ -912,10 +931,63 @@ fn failed_apply_bumps(bpf_dir: &Path, [if_a, if_b, if_c]: [u32; 3]) {
         let out = dp.test_run(&ack, if_a, 1).expect("run");
         assert_eq!(out.return_code, tc_act::REDIRECT, "{family:?}");
         assert_eq!(&out.packet[0..6], &MAC_B2, "{family:?}: the new route, not the cached hop");
-        let hop = cached_hop(family, &dp, IP_A, IP_B, 41000);
+        let hop = cached_hop(family, &dp, IP_A, IP_B, 41000).0;
         assert_eq!((hop.ifindex, hop.mac), (if_c, MAC_B2), "{family:?}");
         assert_eq!(hop.epoch, dp.epoch().expect("epoch"), "{family:?}");
     }
+}
+
+/// The replies of an established flow are delivered by the hop cached in the same entry as its
+/// original direction (`reply`), stamped with the current epoch: B's ACK reaches A through it,
+/// and no second entry is keyed by the reversed flow. A moved to another interface and MAC (its
+/// route rewritten, the epoch bumped), B's next reply follows the new route and the cache names
+/// it. One body for IPv4 and IPv6.
+#[test]
+fn replies_are_delivered_by_the_cached_reply_hop_and_follow_a_moved_sender() {
+    in_netns_with_three("dpy", |bpf_dir, ifs| {
+        for family in [Family::V4, Family::V6] {
+            replies_follow_the_route(bpf_dir, family, ifs);
+        }
+    });
+}
+
+fn replies_follow_the_route(bpf_dir: &Path, family: Family, [if_a, if_b, if_c]: [u32; 3]) {
+    const MAC_A2: [u8; 6] = [0x02, 0xAA, 0x00, 0x00, 0x00, 0x12];
+    let mut dp = Dataplane::load(bpf_dir, &config()).expect("load the dataplane");
+    let mut ab = desired(if_a, if_b);
+    admit_tcp80_from_a_both(&mut ab, ID_B);
+    dp.apply(&dp.read().expect("read"), &ab).expect("apply A, B");
+    let sport = match family {
+        Family::V4 => 42000,
+        Family::V6 => 42006,
+    };
+    establish(family, &dp, if_a, if_b, sport);
+    let reply = tcp_in(family, MAC_B, (IP_B, IP_A), (80, sport), 0x10);
+    let out = dp.test_run(&reply, if_b, 1).expect("run");
+    assert_eq!((out.return_code, &out.packet[0..6]), (tc_act::REDIRECT, &MAC_A[..]));
+    let (_, back) = cached_hop(family, &dp, IP_A, IP_B, sport);
+    assert_eq!((back.ifindex, back.mac), (if_a, MAC_A), "{family:?}: the reply hop names A");
+    assert_eq!(back.epoch, dp.epoch().expect("epoch"), "{family:?}: under the current epoch");
+    assert!(
+        tracked(family, &dp, IP_B, IP_A, 80).is_none(),
+        "{family:?}: no entry under the reversed key"
+    );
+
+    // A moves to C's interface with another MAC.
+    let mut moved = ab.clone();
+    moved.endpoints.remove(&if_a);
+    moved.endpoints.insert(if_c, endpoint(IP_A, MAC_A2, ID_A));
+    put_route(&mut moved, IP_A, route(if_c, ID_A, MAC_A2, IP_A));
+    let epoch = dp.epoch().expect("epoch");
+    dp.apply(&ab, &moved).expect("apply: A on another interface");
+    assert!(dp.epoch().expect("epoch") > epoch);
+    let out = dp.test_run(&reply, if_b, 1).expect("run");
+    assert_eq!(out.return_code, tc_act::REDIRECT, "{family:?}");
+    assert_eq!(&out.packet[0..6], &MAC_A2, "{family:?}: the reply follows A's new route");
+    let (_, back) = cached_hop(family, &dp, IP_A, IP_B, sport);
+    assert_eq!((back.ifindex, back.mac), (if_c, MAC_A2), "{family:?}: the cache names A's move");
+    assert_eq!(back.epoch, dp.epoch().expect("epoch"), "{family:?}");
+    dp.apply(&moved, &MapContents::default()).expect("empty the maps");
 }
 
 // ---- rule counters: slots of VERSE_RULE_HITS ----------------------------------------------
