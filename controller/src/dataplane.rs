@@ -1088,14 +1088,16 @@ impl Dataplane {
     }
 
     /// Runs `from_endpoint6` once on `packet` as if it arrived on `ingress_ifindex`, entered
-    /// directly: without the sender `from_endpoint` hands over before its tail call (tests of
-    /// that hand-over; no hook enters the program so).
+    /// directly, with `handed` as the sender's serial `from_endpoint` hands over before its tail
+    /// call (`None`: a zeroed control block) rather than the serial it checked (tests of that
+    /// hand-over; no hook enters the program so).
     pub fn test_run_from_endpoint6(
         &self,
         packet: &[u8],
         ingress_ifindex: u32,
+        handed: Option<u64>,
     ) -> Result<TestRunOutput> {
-        run(&self.ebpf, PROG_FROM_ENDPOINT6, packet, ingress_ifindex, 1)
+        run_handed(&self.ebpf, PROG_FROM_ENDPOINT6, packet, (ingress_ifindex, handed), 1)
     }
 
     /// [`Dataplane::test_run`] for the `empty` program: the baseline cost of a TC program run.
@@ -1464,9 +1466,21 @@ fn classifier<'a>(ebpf: &'a Ebpf, name: &'static str) -> Result<&'a SchedClassif
 /// and `ifindex` to be non-zero (`convert___skb_to_skb` in `net/bpf/test_run.c`).
 const SKB_IFINDEX_OFFSET: usize = 40;
 
-fn skb_ctx(ifindex: u32) -> [u8; SKB_IFINDEX_OFFSET + 4] {
-    let mut ctx = [0u8; SKB_IFINDEX_OFFSET + 4];
+/// Offset of `cb` (five `__u32`) in `struct __sk_buff`, after `ifindex` and `tc_index`; the
+/// kernel allows it non-zero too, and hands it to a TC program as the skb's control block.
+const SKB_CB_OFFSET: usize = 48;
+
+/// The context of a test run from `ifindex`: up to `ifindex`, or with `handed` up to `cb`,
+/// whose words 0 and 1 then hold it as `from_endpoint` hands a sender's serial over.
+fn skb_ctx(ifindex: u32, handed: Option<u64>) -> Vec<u8> {
+    let mut ctx = vec![0u8; SKB_IFINDEX_OFFSET + 4];
     ctx[SKB_IFINDEX_OFFSET..].copy_from_slice(&ifindex.to_ne_bytes());
+    if let Some(serial) = handed {
+        ctx.resize(SKB_CB_OFFSET + 20, 0);
+        ctx[SKB_CB_OFFSET..SKB_CB_OFFSET + 4].copy_from_slice(&(serial as u32).to_ne_bytes());
+        let high = (serial >> 32) as u32;
+        ctx[SKB_CB_OFFSET + 4..SKB_CB_OFFSET + 8].copy_from_slice(&high.to_ne_bytes());
+    }
     ctx
 }
 
@@ -1475,6 +1489,17 @@ fn run(
     name: &'static str,
     packet: &[u8],
     ifindex: u32,
+    repeat: u32,
+) -> Result<TestRunOutput> {
+    run_handed(ebpf, name, packet, (ifindex, None), repeat)
+}
+
+/// [`run`] from `ifindex` with the control block of [`skb_ctx`].
+fn run_handed(
+    ebpf: &Ebpf,
+    name: &'static str,
+    packet: &[u8],
+    (ifindex, handed): (u32, Option<u64>),
     repeat: u32,
 ) -> Result<TestRunOutput> {
     // The kernel builds the skb with eth_type_trans and refuses shorter input.
@@ -1490,7 +1515,7 @@ fn run(
         )));
     }
     let prog = classifier(ebpf, name)?;
-    let ctx = skb_ctx(ifindex);
+    let ctx = skb_ctx(ifindex, handed);
     // `from_endpoint` grows a packet by the encapsulation (50 bytes) at most; an ICMP error it
     // makes instead is shorter than any packet that needs one.
     let mut out = vec![0u8; packet.len() + 256];
@@ -1736,10 +1761,16 @@ mod tests {
 
     #[test]
     fn skb_ctx_puts_ifindex_where_the_kernel_reads_it() {
-        let ctx = skb_ctx(0x0102_0304);
+        let ctx = skb_ctx(0x0102_0304, None);
         assert_eq!(ctx.len(), 44);
         assert!(ctx[..40].iter().all(|b| *b == 0));
         assert_eq!(u32::from_ne_bytes([ctx[40], ctx[41], ctx[42], ctx[43]]), 0x0102_0304);
+        // The serial in cb[0] (low word) and cb[1], the rest of cb and tc_index zero.
+        let ctx = skb_ctx(0x0102_0304, Some(0x0506_0708_090a_0b0c));
+        assert_eq!((ctx.len(), &ctx[..44]), (68, &skb_ctx(0x0102_0304, None)[..]));
+        assert!(ctx[44..48].iter().chain(&ctx[56..]).all(|b| *b == 0));
+        assert_eq!(u32::from_ne_bytes([ctx[48], ctx[49], ctx[50], ctx[51]]), 0x090a_0b0c);
+        assert_eq!(u32::from_ne_bytes([ctx[52], ctx[53], ctx[54], ctx[55]]), 0x0506_0708);
     }
 
     #[test]

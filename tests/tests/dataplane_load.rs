@@ -378,10 +378,11 @@ fn judge_packets(bpf_dir: &Path, if_a: u32, if_b: u32, if_c: u32, if_wa: u32) {
     let mut forged = udp6(a6, b6, 53);
     forged[6..12].copy_from_slice(&MAC_B);
     let before = pinned_drops(dp.bpf_dir(), DropReason::SpoofedMac);
-    let out = dp.test_run_from_endpoint6(&forged, if_a).expect("run from_endpoint6");
+    let out = dp.test_run_from_endpoint6(&forged, if_a, None).expect("run from_endpoint6");
     assert_eq!(out.return_code, tc_act::SHOT);
     assert_eq!(pinned_drops(dp.bpf_dir(), DropReason::SpoofedMac), before + 1);
-    let out = dp.test_run_from_endpoint6(&udp6(a6, b6, 53), if_a).expect("run from_endpoint6");
+    let out =
+        dp.test_run_from_endpoint6(&udp6(a6, b6, 53), if_a, None).expect("run from_endpoint6");
     assert_eq!(out.return_code, tc_act::REDIRECT, "A's own frame, checked again and judged");
     let flows6 = dp.conntrack6().expect("read VERSE_CT6");
     assert!(
@@ -400,6 +401,31 @@ fn judge_packets(bpf_dir: &Path, if_a: u32, if_b: u32, if_c: u32, if_wa: u32) {
         .expect("run a neighbour solicitation");
     assert_eq!(out.return_code, tc_act::REDIRECT, "answered");
     assert_eq!(out.packet, nd::advert(&GATEWAY_MAC, &MAC_A, &b6, &ll_a).to_vec());
+    // The same for the gateway's address through `from_endpoint6` entered directly (into
+    // `nd6`): without a hand-over, or with a serial other than A's (B's, one no endpoint has),
+    // a frame from A's interface with B's MAC is spoofed_mac; A's own is answered.
+    let gateway6 = ip6_of(GATEWAY);
+    let ns_gateway = neighbour_solicit(ll_a, gateway6, gateway6, Some(MAC_A));
+    let solicit = with_hop_limit(ipv6(ll_a, gateway6, 58, &ns_gateway), 255);
+    let from = |mac| ethernet(GATEWAY_MAC, mac, ETH_IPV6, &solicit);
+    for handed in [None, Some(serial_of(IP_B)), Some(u64::MAX)] {
+        let before = pinned_drops(dp.bpf_dir(), DropReason::SpoofedMac);
+        let out = dp.test_run_from_endpoint6(&from(MAC_B), if_a, handed).expect("run");
+        assert_eq!(out.return_code, tc_act::SHOT, "B's MAC, {handed:?} handed over");
+        assert_eq!(pinned_drops(dp.bpf_dir(), DropReason::SpoofedMac), before + 1, "{handed:?}");
+    }
+    for handed in [None, Some(serial_of(IP_A))] {
+        let out = dp.test_run_from_endpoint6(&from(MAC_A), if_a, handed).expect("run");
+        assert_eq!(out.return_code, tc_act::REDIRECT, "A's MAC, {handed:?}: answered");
+        assert_eq!(out.packet, nd::advert(&GATEWAY_MAC, &MAC_A, &gateway6, &ll_a).to_vec());
+    }
+    // The control block does reach the program: A's own serial spares the MAC check (only
+    // `from_endpoint` writes it, after checking that MAC), so the runs above with a wrong one
+    // were refused by the check, not for want of a hand-over. Answered to A's MAC.
+    let handed = Some(serial_of(IP_A));
+    let out = dp.test_run_from_endpoint6(&from(MAC_B), if_a, handed).expect("run");
+    assert_eq!(out.return_code, tc_act::REDIRECT, "the hand-over is read");
+    assert_eq!(&out.packet[0..6], &MAC_A);
 
     // An ICMP error from B about the tracked A->B flow reaches A without any ICMP rule (S6);
     // the same error quoting an untracked flow is judged by policy (B has no egress rule).
