@@ -10,7 +10,7 @@ use dataplane_common::{
 };
 use verse::compile::{MapContents, OwnerBudget};
 
-use crate::frames::{ethernet, ipv4, udp, ETH_IPV4};
+use crate::frames::{ethernet, ipv4, udp, ETH_IPV4, ETH_IPV6};
 
 pub const GATEWAY_MAC: [u8; 6] = [0x02, 0x00, 0x00, 0x00, 0x00, 0x01];
 pub const MAC_A: [u8; 6] = [0x02, 0xAA, 0x00, 0x00, 0x00, 0x02];
@@ -105,7 +105,8 @@ pub fn desired(if_a: u32, budget: u64, remotes: &[Remote], admit_from: u32) -> M
 
 /// A frame as host `from` sends it to host `to` on the underlay: outer Ethernet, IPv4, UDP
 /// from port 50000 to [`VXLAN_PORT`], the 8-byte `vxlan` header, then the inner Ethernet frame
-/// (`inner_dst` from `inner_src`) carrying the IPv4 packet `inner`.
+/// (`inner_dst` from `inner_src`) carrying the IP packet `inner` (IPv4 or IPv6, as its version
+/// says).
 pub fn wrapped(
     from: [u8; 4],
     to: [u8; 4],
@@ -113,7 +114,8 @@ pub fn wrapped(
     (inner_dst, inner_src): ([u8; 6], [u8; 6]),
     inner: &[u8],
 ) -> Vec<u8> {
-    let payload = [&vxlan[..], &ethernet(inner_dst, inner_src, ETH_IPV4, inner)].concat();
+    let ethertype = if inner.first().is_some_and(|b| b >> 4 == 6) { ETH_IPV6 } else { ETH_IPV4 };
+    let payload = [&vxlan[..], &ethernet(inner_dst, inner_src, ethertype, inner)].concat();
     let ip = ipv4(from, to, 17, &udp(50000, VXLAN_PORT, &payload));
     ethernet([0x02, 0x55, 0, 0, 0, 1], [0x02, 0x55, 0, 0, 0, 2], ETH_IPV4, &ip)
 }

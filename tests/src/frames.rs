@@ -14,6 +14,15 @@ pub use dataplane_common::wire::{
 };
 pub const SYN_ACK: u8 = SYN | ACK;
 
+/// The IPv6 address the literal-frame tests give the endpoint at the IPv4 address `ip`:
+/// fd00::<its last byte>.
+pub fn ip6_of(ip: [u8; 4]) -> [u8; 16] {
+    let mut a = [0; 16];
+    a[0] = 0xfd;
+    a[15] = ip[3];
+    a
+}
+
 /// Parses a MAC written `aa:bb:cc:dd:ee:ff`.
 pub fn mac_bytes(text: &str) -> [u8; 6] {
     let parts: Vec<u8> = text

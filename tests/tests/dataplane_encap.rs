@@ -11,13 +11,17 @@
 
 use std::path::Path;
 
-use dataplane_common::{ct_state, Config, DropReason};
+use dataplane_common::{
+    ct_state, peer, policy_prefix, Config, CtHop, DropReason, PolicyKey, PolicyValue, Route6Key,
+    DIRECTION_EGRESS, DIRECTION_IPV6,
+};
 use tests::encap::{self, Remote, GATEWAY_MAC, HERE, HOSTS, ID_A, IP_A, MAC_A, UNDERLAY_MTU, VNI};
 use tests::fleet::VXLAN_PORT;
 use tests::frames::{
-    checksum, ethernet, icmp, ipv4, tcp, vxlan_gbp, ACK, ETH_ARP, ETH_IPV4, SYN, SYN_ACK,
+    checksum, ethernet, icmp, ip6_of, ipv4, ipv6, tcp, vxlan_gbp, ACK, ETH_ARP, ETH_IPV4, ETH_IPV6,
+    SYN, SYN_ACK,
 };
-use tests::{is_root, pinned_drops, Bpffs, Netns, TempDir};
+use tests::{is_root, pinned_drops, Bpffs, Family, Netns, TempDir};
 use verse::compile::MapContents;
 use verse::dataplane::{tc_act, Dataplane};
 
@@ -148,6 +152,9 @@ fn judge(bpf_dir: &Path, if_a: u32, if_u: u32) {
     refuses_forgeries(&dp, if_u);
     passes_what_is_not_ours(&dp, if_u);
     answers_too_big_with_frag_needed(&dp, if_a);
+    for family in Family::BOTH {
+        established_remote_flows_cache_the_underlay_hop(&mut dp, family, (if_a, if_u), &want);
+    }
 
     dp.apply(&want, &MapContents::default()).expect("apply removal");
     assert_eq!(dp.read().expect("read"), MapContents::default(), "hosts and universes removed");
@@ -415,4 +422,121 @@ fn answers_too_big_with_frag_needed(dp: &Dataplane, if_a: u32) {
     assert_eq!(&icmp[4..6], &[0, 0], "unused");
     assert_eq!(&icmp[6..8], &1450u16.to_be_bytes(), "next-hop MTU = underlay MTU - 50");
     assert_eq!(&icmp[8..], &big[..128], "the refused packet's first 128 bytes");
+}
+
+/// `want` with IPv6: A at fd00::2 (gateway fd00::1) may send anything, B's route in both
+/// families.
+fn with_ipv6(want: &MapContents) -> MapContents {
+    let mut d = want.clone();
+    let a = d.endpoints.values_mut().find(|e| e.ip == IP_A).expect("A");
+    (a.ip6, a.gateway6) = (ip6_of(IP_A), ip6_of([10, 0, 0, 1]));
+    for (key, route) in &want.routes {
+        d.ipv6.routes.insert(Route6Key::new(key.vni, ip6_of(key.ip)), *route);
+    }
+    let egress = PolicyKey {
+        identity: ID_A.to_be_bytes(),
+        direction: DIRECTION_EGRESS + DIRECTION_IPV6,
+        peer: peer::ANY.to_be_bytes(),
+        proto: 0,
+        port: [0; 2],
+    };
+    d.ipv6.policy.insert((policy_prefix::PEER, egress), PolicyValue::default());
+    d.ipv6.policy_kinds = verse::compile::policy_kinds(&d.ipv6.policy);
+    d
+}
+
+/// A TCP packet of `family` from the endpoint at `src` to the one at `dst` with `len` bytes
+/// of payload (no Ethernet header).
+fn tcp_in(
+    family: Family,
+    (src, dst): ([u8; 4], [u8; 4]),
+    ports: (u16, u16),
+    flags: u8,
+    len: usize,
+) -> Vec<u8> {
+    let segment = tcp(ports.0, ports.1, flags, len);
+    match family {
+        Family::V4 => ipv4(src, dst, 6, &segment),
+        Family::V6 => ipv6(ip6_of(src), ip6_of(dst), 6, &segment),
+    }
+}
+
+/// A flow from A to B (on host B) established across the underlay caches its delivery with
+/// ifindex 0, B's host's underlay address and the current epoch; a frame of it that fits the
+/// underlay MTU once wrapped is sent, one byte more is answered with the family's error (ICMP
+/// fragmentation needed, ICMPv6 packet too big, next-hop MTU 1450) from the cached path.
+fn established_remote_flows_cache_the_underlay_hop(
+    dp: &mut Dataplane,
+    family: Family,
+    (if_a, if_u): (u32, u32),
+    want: &MapContents,
+) {
+    let with6 = with_ipv6(want);
+    dp.apply(want, &with6).expect("apply IPv6");
+    let (ethertype, header) = match family {
+        Family::V4 => (ETH_IPV4, 20 + 20),
+        Family::V6 => (ETH_IPV6, 40 + 20),
+    };
+    let from_a = |flags, len| {
+        ethernet(
+            GATEWAY_MAC,
+            MAC_A,
+            ethertype,
+            &tcp_in(family, (IP_A, IP_B), (40200, 80), flags, len),
+        )
+    };
+    assert_eq!(dp.test_run(&from_a(SYN, 0), if_a, 1).expect("run").return_code, tc_act::REDIRECT);
+    let vxlan = vxlan_gbp(0x88, ID_B as u16, VNI);
+    let syn_ack = tcp_in(family, (IP_B, IP_A), (80, 40200), SYN_ACK, 0);
+    let out = dp.test_run_underlay(&wrapped(HOST_B, HERE, vxlan, MAC_A, &syn_ack), if_u);
+    assert_eq!(out.expect("run").return_code, tc_act::REDIRECT, "{family:?}: B's SYN-ACK");
+    assert_eq!(dp.test_run(&from_a(ACK, 0), if_a, 1).expect("run").return_code, tc_act::REDIRECT);
+    let (state, hop): (u8, CtHop) = match family {
+        Family::V4 => dp
+            .conntrack_values()
+            .expect("read")
+            .into_iter()
+            .find(|(k, _)| k.sport == 40200)
+            .map(|(_, v)| (v.entry.state, v.original)),
+        Family::V6 => dp
+            .conntrack6_values()
+            .expect("read")
+            .into_iter()
+            .find(|(k, _)| k.sport == 40200)
+            .map(|(_, v)| (v.entry.state, v.original)),
+    }
+    .expect("the flow is tracked");
+    assert_eq!(state, ct_state::TCP_ESTABLISHED, "{family:?}");
+    assert_eq!((hop.ifindex, hop.underlay), (0, HOST_B), "{family:?}: to B's host");
+    assert_eq!(hop.epoch, dp.epoch().expect("epoch"), "{family:?}: under the current epoch");
+
+    // 1450 bytes of inner packet fit a 1500 underlay once wrapped; 1451 do not.
+    let out = dp.test_run(&from_a(ACK, 1450 - header), if_a, 1).expect("run");
+    assert_eq!(out.return_code, tc_act::REDIRECT, "{family:?}");
+    assert_eq!(out.packet.len(), 14 + 1500, "{family:?}: a full-size wrapped packet");
+    assert_eq!(&out.packet[30..34], &HOST_B, "{family:?}: wrapped to B's host");
+    let before = pinned_drops(dp.bpf_dir(), DropReason::FragNeeded);
+    let big = from_a(ACK, 1451 - header);
+    let out = dp.test_run(&big, if_a, 1).expect("run");
+    assert_eq!(out.return_code, tc_act::REDIRECT, "{family:?}: the error goes back to A");
+    let after = pinned_drops(dp.bpf_dir(), DropReason::FragNeeded);
+    assert_eq!(after, before + 1, "{family:?}: counted as frag_needed");
+    let p = &out.packet;
+    assert_eq!((&p[0..6], &p[6..12]), (&MAC_A[..], &GATEWAY_MAC[..]), "{family:?}");
+    assert_eq!(&p[12..14], &ethertype.to_be_bytes(), "{family:?}");
+    match family {
+        Family::V4 => {
+            assert_eq!(&p[34..36], &[3, 4], "fragmentation needed");
+            assert_eq!(&p[40..42], &1450u16.to_be_bytes(), "next-hop MTU");
+        }
+        Family::V6 => {
+            assert_eq!(p[20], 58, "ICMPv6");
+            assert_eq!(&p[38..54], &ip6_of(IP_A), "to A");
+            assert_eq!((p[54], p[55]), (2, 0), "packet too big");
+            assert_eq!(&p[58..62], &1450u32.to_be_bytes(), "MTU");
+            assert_eq!(&p[62..], &big[14..14 + dataplane_common::PTB_QUOTE], "the quote");
+        }
+    }
+    dp.clear_conntrack().expect("clear conntrack");
+    dp.apply(&with6, want).expect("remove IPv6");
 }

@@ -15,8 +15,8 @@ use dataplane_common::{
     DIRECTION_IPV6,
 };
 use tests::frames::{
-    arp_request, ethernet, icmp, icmpv6, ipv4, ipv6, ipv6_extensions, neighbour_solicit, tcp, udp,
-    with_hop_limit, ETH_IPV4, ETH_IPV6, SYN, SYN_ACK,
+    arp_request, ethernet, icmp, icmpv6, ip6_of, ipv4, ipv6, ipv6_extensions, neighbour_solicit,
+    tcp, udp, with_hop_limit, ETH_IPV4, ETH_IPV6, SYN, SYN_ACK,
 };
 use tests::{is_root, pinned_drops, Bpffs, Family, Netns, TempDir};
 use verse::compile::{MapContents, OwnerBudget};
@@ -119,14 +119,6 @@ fn endpoint(ip: [u8; 4], mac: [u8; 6], identity: u32) -> Endpoint {
     let (slot, serial, ip6) = (slot_of(ip), serial_of(ip), ip6_of(ip));
     let gateway6 = ip6_of([10, 0, 0, 1]);
     Endpoint { ip, mac, _pad: [0; 2], vni: VNI, identity, slot, serial, ip6, gateway6 }
-}
-
-/// The IPv6 address of the endpoint at `ip`: fd00::<last byte>.
-fn ip6_of(ip: [u8; 4]) -> [u8; 16] {
-    let mut a = [0; 16];
-    a[0] = 0xfd;
-    a[15] = ip[3];
-    a
 }
 
 /// The route to the local endpoint at `ip` behind `ifindex`.
