@@ -707,7 +707,7 @@ impl<'a> Walk<'a> {
                 (hit.map(|(_, e, d)| (e, d)), own)
             }
             Key::V6(k) => {
-                let (hit, own) = self.ct.lookup6_as(k, role, sender, now, t);
+                let (hit, own) = self.ct.lookup_as(k, role, sender, now, t);
                 (hit.map(|(_, e, d)| (e, d)), own)
             }
         }

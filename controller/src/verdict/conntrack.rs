@@ -97,19 +97,18 @@ pub enum CtDirection {
     Reply,
 }
 
-/// A write to the conntrack table (insert or overwrite).
+/// A write to a conntrack table (insert or overwrite), of either family's keys.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct CtUpdate {
-    pub key: CtKey,
+pub struct CtWrite<K> {
+    pub key: K,
     pub entry: CtEntry,
 }
 
+/// A write to the IPv4 table (`VERSE_CT`).
+pub type CtUpdate = CtWrite<CtKey>;
+
 /// A write to the IPv6 table (`VERSE_CT6`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct CtUpdate6 {
-    pub key: Ct6Key,
-    pub entry: CtEntry,
-}
+pub type CtUpdate6 = CtWrite<Ct6Key>;
 
 /// The model's conntrack table, keyed exactly like `VERSE_CT`. Entries stay, expired or not,
 /// until [`Conntrack::collect`] removes them (the kernel map is no LRU: nothing is evicted). An
@@ -126,55 +125,73 @@ pub struct Conntrack {
 /// A live entry bound to the sender: the stored key, the entry, the direction of the packet.
 pub type CtHit = (CtKey, CtEntry, CtDirection);
 
+/// What a lookup found under a key of either family: a live entry bound to the sender (see
+/// [`CtHit`]), and the entry stored under the packet's own key, whatever it is.
+pub type Found<K> = (Option<(K, CtEntry, CtDirection)>, Option<CtEntry>);
+
+/// A conntrack key, of either family: the table it is looked up in.
+pub trait TableKey: Copy + Eq + std::hash::Hash {
+    fn table(ct: &Conntrack) -> &HashMap<Self, CtEntry>;
+
+    /// The key of the flow's other direction.
+    fn reverse(&self) -> Self;
+}
+
+impl TableKey for CtKey {
+    fn table(ct: &Conntrack) -> &HashMap<CtKey, CtEntry> {
+        &ct.entries
+    }
+
+    fn reverse(&self) -> CtKey {
+        self.reversed()
+    }
+}
+
+impl TableKey for Ct6Key {
+    fn table(ct: &Conntrack) -> &HashMap<Ct6Key, CtEntry> {
+        &ct.entries6
+    }
+
+    fn reverse(&self) -> Ct6Key {
+        self.reversed()
+    }
+}
+
 impl Conntrack {
     /// The packet's key first, then its reverse: the first entry that is live and whose
     /// endpoint on the sender's side is `sender` (a serial). Also the entry stored under the
     /// packet's own key, whatever it is (see `endpoint.rs`, step 14). A packet of any role.
-    pub fn lookup(
-        &self,
-        key: &CtKey,
-        sender: u64,
-        now_ns: u64,
-        t: &Timeouts,
-    ) -> (Option<CtHit>, Option<CtEntry>) {
+    pub fn lookup<K: TableKey>(&self, key: &K, sender: u64, now_ns: u64, t: &Timeouts) -> Found<K> {
         self.lookup_as(key, Role::Any, sender, now_ns, t)
     }
 
     /// [`Conntrack::lookup`], each way only if a packet of `role` may match that way: the
     /// packet's own key unless it only answers, its reverse unless it only opens, nothing for
     /// an untracked message (whose own key does not matter either: it never creates a flow).
-    pub fn lookup_as(
+    pub fn lookup_as<K: TableKey>(
         &self,
-        key: &CtKey,
+        key: &K,
         role: Role,
         sender: u64,
         now_ns: u64,
         t: &Timeouts,
-    ) -> (Option<CtHit>, Option<CtEntry>) {
-        lookup_in(&self.entries, key, key.reversed(), role, sender, now_ns, t)
-    }
-
-    /// [`Conntrack::lookup`] in the IPv6 table.
-    pub fn lookup6(
-        &self,
-        key: &Ct6Key,
-        sender: u64,
-        now_ns: u64,
-        t: &Timeouts,
-    ) -> (Option<(Ct6Key, CtEntry, CtDirection)>, Option<CtEntry>) {
-        self.lookup6_as(key, Role::Any, sender, now_ns, t)
-    }
-
-    /// [`Conntrack::lookup_as`] in the IPv6 table.
-    pub fn lookup6_as(
-        &self,
-        key: &Ct6Key,
-        role: Role,
-        sender: u64,
-        now_ns: u64,
-        t: &Timeouts,
-    ) -> (Option<(Ct6Key, CtEntry, CtDirection)>, Option<CtEntry>) {
-        lookup_in(&self.entries6, key, key.reversed(), role, sender, now_ns, t)
+    ) -> Found<K> {
+        if role == Role::Untracked {
+            return (None, None);
+        }
+        let table = K::table(self);
+        let own = table.get(key).copied();
+        if role != Role::Answers {
+            if let Some(e) = own.filter(|e| e.src_serial == sender && !t.expired(e, now_ns)) {
+                return (Some((*key, e, CtDirection::Original)), own);
+            }
+        }
+        if role == Role::Opens {
+            return (None, own);
+        }
+        let rev = key.reverse();
+        let reply = table.get(&rev).filter(|e| e.dst_serial == sender && !t.expired(e, now_ns));
+        (reply.map(|e| (rev, *e, CtDirection::Reply)), own)
     }
 
     pub fn apply(&mut self, update: &CtUpdate) {
@@ -202,33 +219,6 @@ impl Conntrack {
     }
 }
 
-/// The lookup of [`Conntrack::lookup_as`] in `table`, whichever the family: `key` (whose
-/// reverse is `rev`) as far as `role` allows.
-fn lookup_in<K: Copy + Eq + std::hash::Hash>(
-    table: &HashMap<K, CtEntry>,
-    key: &K,
-    rev: K,
-    role: Role,
-    sender: u64,
-    now_ns: u64,
-    t: &Timeouts,
-) -> (Option<(K, CtEntry, CtDirection)>, Option<CtEntry>) {
-    if role == Role::Untracked {
-        return (None, None);
-    }
-    let own = table.get(key).copied();
-    if role != Role::Answers {
-        if let Some(e) = own.filter(|e| e.src_serial == sender && !t.expired(e, now_ns)) {
-            return (Some((*key, e, CtDirection::Original)), own);
-        }
-    }
-    if role == Role::Opens {
-        return (None, own);
-    }
-    let reply = table.get(&rev).filter(|e| e.dst_serial == sender && !t.expired(e, now_ns));
-    (reply.map(|e| (rev, *e, CtDirection::Reply)), own)
-}
-
 /// The serial the receiver of a packet must have for a hit in direction `dir` on `entry`.
 pub(super) fn receiver_serial(entry: &CtEntry, dir: CtDirection) -> u64 {
     match dir {
@@ -243,52 +233,25 @@ pub(super) fn receiver_serial(entry: &CtEntry, dir: CtDirection) -> u64 {
 /// owner is left for the collector and the flow goes untracked (`None`); otherwise the flow is
 /// charged to its owner, and refused (`ConntrackBudgetExceeded`) when the owner already holds
 /// `budget` entries.
-pub(super) fn create(
+/// `own` and the budget `used` are the table's and the owner's whichever the family: the two
+/// tables charge the same budget.
+pub(super) fn create<K>(
     ct: &Conntrack,
-    key: CtKey,
+    key: K,
     own: Option<CtEntry>,
     entry: CtEntry,
     budget: u32,
-) -> Result<Option<CtUpdate>, DropReason> {
+) -> Result<Option<CtWrite<K>>, DropReason> {
     match own {
         Some(old)
             if old.owner_slot == entry.owner_slot && old.owner_serial() == entry.owner_serial() =>
         {
-            Ok(Some(CtUpdate { key, entry }))
+            Ok(Some(CtWrite { key, entry }))
         }
         Some(_) => Ok(None),
         None if ct.used(entry.owner_slot) >= u64::from(budget) => {
             Err(DropReason::ConntrackBudgetExceeded)
         }
-        None => Ok(Some(CtUpdate { key, entry })),
-    }
-}
-
-impl Host<'_> {
-    /// S6: an ICMP error ([`is_error`]) no longer than a router's (`ICMP_ERROR_MAX_LEN`) from the
-    /// quoted packet's destination to its source (the flow's peer answering about a packet it
-    /// received), about a flow tracked either way between the very endpoints (serials) that
-    /// send and receive the error: `(sender, receiver)` (S7).
-    pub(super) fn related(
-        &self,
-        ct: &Conntrack,
-        now_ns: u64,
-        vni: u32,
-        pkt: &Ipv4,
-        l4: &L4,
-        (sender, receiver): (u64, u64),
-    ) -> bool {
-        let Some(inner) = &l4.icmp_error_inner else {
-            return false;
-        };
-        is_error(pkt.proto, l4.icmp_type_code.0, l4.icmp_type_code.1)
-            && pkt.total <= ICMP_ERROR_MAX_LEN
-            && inner.src == pkt.dst.octets()
-            && inner.dst == pkt.src.octets()
-            // The quoted packet went from the error's receiver to its sender.
-            && ct
-                .lookup(&inner.in_universe(vni), receiver, now_ns, &self.timeouts)
-                .0
-                .is_some_and(|(_, e, dir)| receiver_serial(&e, dir) == sender)
+        None => Ok(Some(CtWrite { key, entry })),
     }
 }

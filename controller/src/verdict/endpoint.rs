@@ -97,6 +97,24 @@ impl Host<'_> {
         let route = self.routes.get(&(universe, pkt.dst)).copied();
         let role = role(pkt.proto, l4.tcp_flags, l4.icmp_type_code.0);
 
+        self.flow(ct, now_ns, sender, frame, (&pkt, &l4), key, route, role)
+    }
+
+    /// Steps 9-14, written once for both families (IPv6's step 5): the packet `pkt` with its
+    /// upper-layer header `l4` and conntrack `key`, sent by `sender`, checked up to step 8;
+    /// `route` is its destination's, `role` its part in flows.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn flow<P: Family>(
+        &self,
+        ct: &Conntrack,
+        now_ns: u64,
+        sender: &Local<'_>,
+        frame: &[u8],
+        (pkt, l4): (&P, &L4),
+        key: P::Key,
+        route: Option<Place<'_>>,
+        role: Role,
+    ) -> Outcome {
         let (hit, own) = ct.lookup_as(&key, role, sender.ep.serial, now_ns, &self.timeouts);
         if let Some((stored, entry, dir)) = hit {
             let Some(to) = route else {
@@ -106,24 +124,24 @@ impl Host<'_> {
             if to.serial() == receiver_serial(&entry, dir) {
                 let state = next_state(entry.state, dir == CtDirection::Reply, l4.tcp_flags);
                 let refreshed = CtEntry { last_seen_ns: now_ns, state, ..entry };
-                let update = CtUpdate { key: stored, entry: refreshed };
-                return self.send(frame, sender, &pkt, to, Ok(Some(update)));
+                let update = CtWrite { key: stored, entry: refreshed };
+                return pkt.send(self, frame, sender, to, Ok(Some(update)));
             }
         }
-        let related = route.filter(|to| {
-            self.related(ct, now_ns, sender.vni, &pkt, &l4, (sender.ep.serial, to.serial()))
-        });
+        let serials = |to: &Place<'_>| (sender.ep.serial, to.serial());
+        let related = route.filter(|to| pkt.related(self, ct, now_ns, sender.vni, l4, serials(to)));
         if let Some(to) = related {
-            return self.send(frame, sender, &pkt, to, Ok(None));
+            return pkt.send(self, frame, sender, to, Ok(None));
         }
-        if !self.allows(sender.ep, Direction::Egress, pkt.dst, pkt.proto, &l4) {
+        let (src, dst) = pkt.addrs();
+        if !P::allows(self, sender.ep, Direction::Egress, dst, pkt.proto(), l4) {
             return Outcome::drop(DropReason::PolicyEgress);
         }
         let Some(to) = route else {
             return Outcome::drop(DropReason::NoRoute);
         };
         if let Place::Local(l) = to {
-            if !self.allows(l.ep, Direction::Ingress, pkt.src, pkt.proto, &l4) {
+            if !P::allows(self, l.ep, Direction::Ingress, src, pkt.proto(), l4) {
                 return Outcome::drop(DropReason::PolicyIngress);
             }
         }
@@ -133,7 +151,7 @@ impl Host<'_> {
                 src_serial: sender.ep.serial,
                 dst_serial: to.serial(),
                 owner_slot: sender.ep.slot,
-                state: initial_state(pkt.proto),
+                state: pkt.initial_state(),
                 owner: ct_owner::SRC,
                 _pad: [0; 2],
             };
@@ -141,7 +159,7 @@ impl Host<'_> {
         } else {
             Ok(None)
         };
-        self.send(frame, sender, &pkt, to, created)
+        pkt.send(self, frame, sender, to, created)
     }
     /// Step 14 of `from_endpoint`: delivers to a local receiver, or wraps for another host
     /// (answering "fragmentation needed" instead when the wrapped frame would not fit). `ct` is
@@ -285,4 +303,118 @@ impl Host<'_> {
 /// the frame plus the overhead against the MTU plus the Ethernet header.
 pub(super) fn too_big(frame: &[u8], underlay: &Underlay) -> bool {
     frame.len() + ENCAP_OVERHEAD as usize > underlay.mtu as usize + ETH_HLEN
+}
+
+/// What steps 9-14 ([`Host::flow`]) need of a packet's family, so that they are written once:
+/// IPv4's here, IPv6's in `ipv6.rs`.
+pub(super) trait Family {
+    /// The family's conntrack key.
+    type Key: TableKey;
+    /// The family's addresses.
+    type Addr: Copy;
+
+    fn proto(&self) -> u8;
+
+    /// Source and destination.
+    fn addrs(&self) -> (Self::Addr, Self::Addr);
+
+    /// The state a new flow of this packet's protocol starts in.
+    fn initial_state(&self) -> u8;
+
+    /// Step 10: an ICMP error related to a flow tracked between `(sender, receiver)`.
+    fn related(
+        &self,
+        host: &Host<'_>,
+        ct: &Conntrack,
+        now_ns: u64,
+        vni: u32,
+        l4: &L4,
+        serials: (u64, u64),
+    ) -> bool;
+
+    /// S1: whether a rule of `ep`'s groups in `dir` admits the packet with peer `peer`.
+    fn allows(
+        host: &Host<'_>,
+        ep: &model::Endpoint,
+        dir: Direction,
+        peer: Self::Addr,
+        proto: u8,
+        l4: &L4,
+    ) -> bool;
+
+    /// Step 14, with the conntrack write `ct`.
+    fn send(
+        &self,
+        host: &Host<'_>,
+        frame: &[u8],
+        sender: &Local<'_>,
+        to: Place<'_>,
+        ct: Result<Option<CtWrite<Self::Key>>, DropReason>,
+    ) -> Outcome;
+}
+
+impl Family for Ipv4 {
+    type Key = CtKey;
+    type Addr = Ipv4Addr;
+
+    fn proto(&self) -> u8 {
+        self.proto
+    }
+
+    fn addrs(&self) -> (Ipv4Addr, Ipv4Addr) {
+        (self.src, self.dst)
+    }
+
+    fn initial_state(&self) -> u8 {
+        initial_state(self.proto)
+    }
+
+    /// S6: an ICMP error ([`is_error`]) no longer than a router's (`ICMP_ERROR_MAX_LEN`) from the
+    /// quoted packet's destination to its source (the flow's peer answering about a packet it
+    /// received), about a flow tracked either way between the very endpoints (serials) that
+    /// send and receive the error: `(sender, receiver)` (S7).
+    fn related(
+        &self,
+        host: &Host<'_>,
+        ct: &Conntrack,
+        now_ns: u64,
+        vni: u32,
+        l4: &L4,
+        (sender, receiver): (u64, u64),
+    ) -> bool {
+        let Some(inner) = &l4.icmp_error_inner else {
+            return false;
+        };
+        is_error(self.proto, l4.icmp_type_code.0, l4.icmp_type_code.1)
+            && self.total <= ICMP_ERROR_MAX_LEN
+            && inner.src == self.dst.octets()
+            && inner.dst == self.src.octets()
+            // The quoted packet went from the error's receiver to its sender.
+            && ct
+                .lookup(&inner.in_universe(vni), receiver, now_ns, &host.timeouts)
+                .0
+                .is_some_and(|(_, e, dir)| receiver_serial(&e, dir) == sender)
+    }
+
+    fn allows(
+        host: &Host<'_>,
+        ep: &model::Endpoint,
+        dir: Direction,
+        peer: Ipv4Addr,
+        proto: u8,
+        l4: &L4,
+    ) -> bool {
+        host.allows(ep, dir, peer, proto, l4)
+    }
+
+    fn send(
+        &self,
+        host: &Host<'_>,
+        frame: &[u8],
+        sender: &Local<'_>,
+        to: Place<'_>,
+        ct: Result<Option<CtUpdate>, DropReason>,
+    ) -> Outcome {
+        host.send(frame, sender, self, to, ct)
+    }
 }

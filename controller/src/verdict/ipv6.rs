@@ -50,7 +50,7 @@ use dataplane_common::conntrack::{initial_state6, is_error6, role6};
 use dataplane_common::wire::{ipv6 as wire6, ICMPV6_PACKET_TOO_BIG, IPPROTO_ICMPV6};
 use dataplane_common::{nd, Ct6Key, ICMPV6_ERROR_MAX_LEN, PTB_HOP_LIMIT, PTB_QUOTE};
 
-use super::endpoint::too_big;
+use super::endpoint::{too_big, Family};
 use super::parse::{parse_ipv6, parse_l4_v6, Ipv6};
 use super::*;
 
@@ -109,54 +109,10 @@ impl Host<'_> {
         let (sport, dport) = l4.ct_ports;
         let key = Ct6Key::new(sender.vni, src, dst, sport, dport, ip.proto);
         let universe = sender.ep.universe.as_str();
-        let (src6, dst6) = (Ipv6Addr::from(src), Ipv6Addr::from(dst));
-        let route = self.routes6.get(&(universe, dst6)).copied();
+        let route = self.routes6.get(&(universe, Ipv6Addr::from(dst))).copied();
         let role = role6(ip.proto, l4.tcp_flags, ty);
 
-        let (hit, own_entry) = ct.lookup6_as(&key, role, sender.ep.serial, now_ns, &self.timeouts);
-        if let Some((stored, entry, dir)) = hit {
-            let Some(to) = route else {
-                return Outcome::drop(DropReason::NoRoute);
-            };
-            if to.serial() == receiver_serial(&entry, dir) {
-                let state = next_state(entry.state, dir == CtDirection::Reply, l4.tcp_flags);
-                let refreshed = CtEntry { last_seen_ns: now_ns, state, ..entry };
-                let update = CtUpdate6 { key: stored, entry: refreshed };
-                return self.send6(frame, sender, &ip, to, Ok(Some(update)));
-            }
-        }
-        let related = route.filter(|to| {
-            self.related6(ct, now_ns, sender.vni, &ip, &l4, (sender.ep.serial, to.serial()))
-        });
-        if let Some(to) = related {
-            return self.send6(frame, sender, &ip, to, Ok(None));
-        }
-        if !self.allows6(sender.ep, Direction::Egress, dst6, ip.proto, &l4) {
-            return Outcome::drop(DropReason::PolicyEgress);
-        }
-        let Some(to) = route else {
-            return Outcome::drop(DropReason::NoRoute);
-        };
-        if let Place::Local(l) = to {
-            if !self.allows6(l.ep, Direction::Ingress, src6, ip.proto, &l4) {
-                return Outcome::drop(DropReason::PolicyIngress);
-            }
-        }
-        let created = if creates(role) {
-            let entry = CtEntry {
-                last_seen_ns: now_ns,
-                src_serial: sender.ep.serial,
-                dst_serial: to.serial(),
-                owner_slot: sender.ep.slot,
-                state: initial_state6(ip.proto),
-                owner: ct_owner::SRC,
-                _pad: [0; 2],
-            };
-            create6(ct, key, own_entry, entry, sender.ep.conntrack_budget)
-        } else {
-            Ok(None)
-        };
-        self.send6(frame, sender, &ip, to, created)
+        self.flow(ct, now_ns, sender, frame, (&ip, &l4), key, route, role)
     }
 
     /// Step 6: delivers to a local receiver, or wraps for another host (answering "packet too
@@ -259,7 +215,7 @@ impl Host<'_> {
         };
         let sent = |ct6| Outcome { verdict: unwrapped(), ct: None, ct6 };
         let role = role6(ip.proto, l4.tcp_flags, l4.icmp_type_code.0);
-        let (hit, own) = ct.lookup6_as(&key, role, from.serial, now_ns, &self.timeouts);
+        let (hit, own) = ct.lookup_as(&key, role, from.serial, now_ns, &self.timeouts);
         if let Some((stored, entry, dir)) =
             hit.filter(|h| receiver_serial(&h.1, h.2) == to.ep.serial)
         {
@@ -267,7 +223,7 @@ impl Host<'_> {
             let refreshed = CtEntry { last_seen_ns: now_ns, state, ..entry };
             return sent(Some(CtUpdate6 { key: stored, entry: refreshed }));
         }
-        if self.related6(ct, now_ns, w.vni, &ip, &l4, (from.serial, to.ep.serial)) {
+        if ip.related(self, ct, now_ns, w.vni, &l4, (from.serial, to.ep.serial)) {
             return sent(None);
         }
         if !self.allows6(to.ep, Direction::Ingress, src6, ip.proto, &l4) {
@@ -286,35 +242,10 @@ impl Host<'_> {
             owner: ct_owner::DST,
             _pad: [0; 2],
         };
-        match create6(ct, key, own, entry, to.ep.conntrack_budget) {
+        match create(ct, key, own, entry, to.ep.conntrack_budget) {
             Ok(update) => sent(update),
             Err(reason) => Outcome::drop(reason),
         }
-    }
-
-    /// Step 5's related ICMPv6 error (see the module doc): `(sender, receiver)` are the serials
-    /// of the endpoints that send and receive the error.
-    fn related6(
-        &self,
-        ct: &Conntrack,
-        now_ns: u64,
-        vni: u32,
-        ip: &Ipv6,
-        l4: &L4,
-        (sender, receiver): (u64, u64),
-    ) -> bool {
-        let Some(inner) = &l4.icmp_error_inner6 else {
-            return false;
-        };
-        let (src, dst) = (ip.src, ip.dst);
-        is_error6(ip.proto, l4.icmp_type_code.0, l4.icmp_type_code.1)
-            && ip.end - ETH_HLEN <= ICMPV6_ERROR_MAX_LEN
-            && inner.src == dst
-            && inner.dst == src
-            && ct
-                .lookup6(&Ct6Key { vni, ..*inner }, receiver, now_ns, &self.timeouts)
-                .0
-                .is_some_and(|(_, e, dir)| receiver_serial(&e, dir) == sender)
     }
 
     /// S1 for an IPv6 peer: any rule of any group of `ep` in `dir` that matches admits.
@@ -425,29 +356,6 @@ fn protocol_matches6(r: &model::Rule, proto: u8, dport: u16, (ty, code): (u8, u8
     }
 }
 
-/// The conntrack write of a new IPv6 flow: [`conntrack::create`]'s rules over `VERSE_CT6`'s
-/// table, charged to the same budget as the owner's IPv4 flows.
-fn create6(
-    ct: &Conntrack,
-    key: Ct6Key,
-    own: Option<CtEntry>,
-    entry: CtEntry,
-    budget: u32,
-) -> Result<Option<CtUpdate6>, DropReason> {
-    match own {
-        Some(old)
-            if old.owner_slot == entry.owner_slot && old.owner_serial() == entry.owner_serial() =>
-        {
-            Ok(Some(CtUpdate6 { key, entry }))
-        }
-        Some(_) => Ok(None),
-        None if ct.used(entry.owner_slot) >= u64::from(budget) => {
-            Err(DropReason::ConntrackBudgetExceeded)
-        }
-        None => Ok(Some(CtUpdate6 { key, entry })),
-    }
-}
-
 /// The flow quoted by an ICMPv6 error, from the bytes after its 8-byte header: a fixed IPv6
 /// header (version 6) whose next header is the upper layer (an extension header there makes
 /// the error unrelated) and the 8 bytes after it. Its key has VNI 0 and ports as a packet of
@@ -465,4 +373,68 @@ pub(super) fn parse_inner6(b: &[u8]) -> Option<Ct6Key> {
     let src: [u8; 16] = b[8..24].try_into().ok()?;
     let dst: [u8; 16] = b[24..40].try_into().ok()?;
     Some(Ct6Key::new(0, src, dst, sport, dport, proto))
+}
+
+impl Family for Ipv6 {
+    type Key = Ct6Key;
+    type Addr = Ipv6Addr;
+
+    fn proto(&self) -> u8 {
+        self.proto
+    }
+
+    fn addrs(&self) -> (Ipv6Addr, Ipv6Addr) {
+        (Ipv6Addr::from(self.src), Ipv6Addr::from(self.dst))
+    }
+
+    fn initial_state(&self) -> u8 {
+        initial_state6(self.proto)
+    }
+
+    /// Step 5's related ICMPv6 error (see the module doc): `(sender, receiver)` are the serials
+    /// of the endpoints that send and receive the error.
+    fn related(
+        &self,
+        host: &Host<'_>,
+        ct: &Conntrack,
+        now_ns: u64,
+        vni: u32,
+        l4: &L4,
+        (sender, receiver): (u64, u64),
+    ) -> bool {
+        let Some(inner) = &l4.icmp_error_inner6 else {
+            return false;
+        };
+        let (src, dst) = (self.src, self.dst);
+        is_error6(self.proto, l4.icmp_type_code.0, l4.icmp_type_code.1)
+            && self.end - ETH_HLEN <= ICMPV6_ERROR_MAX_LEN
+            && inner.src == dst
+            && inner.dst == src
+            && ct
+                .lookup(&Ct6Key { vni, ..*inner }, receiver, now_ns, &host.timeouts)
+                .0
+                .is_some_and(|(_, e, dir)| receiver_serial(&e, dir) == sender)
+    }
+
+    fn allows(
+        host: &Host<'_>,
+        ep: &model::Endpoint,
+        dir: Direction,
+        peer: Ipv6Addr,
+        proto: u8,
+        l4: &L4,
+    ) -> bool {
+        host.allows6(ep, dir, peer, proto, l4)
+    }
+
+    fn send(
+        &self,
+        host: &Host<'_>,
+        frame: &[u8],
+        sender: &Local<'_>,
+        to: Place<'_>,
+        ct: Result<Option<CtUpdate6>, DropReason>,
+    ) -> Outcome {
+        host.send6(frame, sender, self, to, ct)
+    }
 }

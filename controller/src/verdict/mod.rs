@@ -62,7 +62,7 @@ mod underlay;
 use conntrack::{create, receiver_serial};
 pub use conntrack::{
     creates, initial_state, is_error, is_garbage, next_state, role, Conntrack, CtDirection, CtHit,
-    CtUpdate, CtUpdate6, Role, Timeouts,
+    CtUpdate, CtUpdate6, CtWrite, Found, Role, TableKey, Timeouts,
 };
 use parse::{be16, parse_ipv4, parse_l4, Ipv4, L4};
 
