@@ -125,23 +125,22 @@ impl Host<'_> {
                 let state = next_state(entry.state, dir == CtDirection::Reply, l4.tcp_flags);
                 let refreshed = CtEntry { last_seen_ns: now_ns, state, ..entry };
                 let update = CtWrite { key: stored, entry: refreshed };
-                return pkt.send(self, frame, sender, to, Ok(Some(update)));
+                return self.send(frame, sender, pkt, to, Ok(Some(update)));
             }
         }
         let serials = |to: &Place<'_>| (sender.ep.serial, to.serial());
         let related = route.filter(|to| pkt.related(self, ct, now_ns, sender.vni, l4, serials(to)));
         if let Some(to) = related {
-            return pkt.send(self, frame, sender, to, Ok(None));
+            return self.send(frame, sender, pkt, to, Ok(None));
         }
-        let (src, dst) = pkt.addrs();
-        if !P::allows(self, sender.ep, Direction::Egress, dst, pkt.proto(), l4) {
+        if !pkt.allows(self, sender.ep, Direction::Egress, l4) {
             return Outcome::drop(DropReason::PolicyEgress);
         }
         let Some(to) = route else {
             return Outcome::drop(DropReason::NoRoute);
         };
         if let Place::Local(l) = to {
-            if !P::allows(self, l.ep, Direction::Ingress, src, pkt.proto(), l4) {
+            if !pkt.allows(self, l.ep, Direction::Ingress, l4) {
                 return Outcome::drop(DropReason::PolicyIngress);
             }
         }
@@ -159,39 +158,37 @@ impl Host<'_> {
         } else {
             Ok(None)
         };
-        pkt.send(self, frame, sender, to, created)
+        self.send(frame, sender, pkt, to, created)
     }
-    /// Step 14 of `from_endpoint`: delivers to a local receiver, or wraps for another host
-    /// (answering "fragmentation needed" instead when the wrapped frame would not fit). `ct` is
-    /// the conntrack write of a packet that is sent; it is dropped with the packet otherwise. It
-    /// is an error when a new flow is refused for its owner's budget (S14): that drop comes after
-    /// the checks of the route and the MTU, as in the kernel.
-    fn send(
+
+    /// Step 14 of `from_endpoint` (IPv6's step 6): delivers to a local receiver, or wraps for
+    /// another host (answering the family's "too big" error instead when the wrapped frame would
+    /// not fit). `ct` is the conntrack write of a packet that is sent; it is dropped with the
+    /// packet otherwise. It is an error when a new flow is refused for its owner's budget (S14):
+    /// that drop comes after the checks of the route and the MTU, as in the kernel.
+    fn send<P: Family>(
         &self,
         frame: &[u8],
         sender: &Local<'_>,
-        pkt: &Ipv4,
+        pkt: &P,
         to: Place<'_>,
-        ct: Result<Option<CtUpdate>, DropReason>,
+        ct: Result<Option<CtWrite<P::Key>>, DropReason>,
     ) -> Outcome {
         let remote = match (to, ct) {
             (Place::Local(_), Err(reason)) => return Outcome::drop(reason),
-            (Place::Local(l), Ok(ct)) => {
-                return Outcome { verdict: self.deliver(frame, &l), ct, ct6: None }
-            }
+            (Place::Local(l), Ok(ct)) => return P::outcome(self.deliver(frame, &l), ct),
             (Place::Remote(r), _) => r,
         };
         let Some(underlay) = self.underlay else {
             return Outcome::drop(DropReason::NoUnderlay);
         };
         if too_big(frame, &underlay) {
-            return self.frag_needed(frame, sender, pkt, underlay.mtu);
+            return pkt.too_big_error(self, frame, sender, underlay.mtu);
         }
-        let ct = match ct {
-            Ok(ct) => ct,
-            Err(reason) => return Outcome::drop(reason),
-        };
-        Outcome { verdict: self.wrap(frame, sender, &remote, &underlay), ct, ct6: None }
+        match ct {
+            Ok(ct) => P::outcome(self.wrap(frame, sender, &remote, &underlay), ct),
+            Err(reason) => Outcome::drop(reason),
+        }
     }
 
     /// `frame` (IPv4 or IPv6) wrapped by `sender` for `remote` over `underlay` (the wire format
@@ -310,13 +307,6 @@ pub(super) fn too_big(frame: &[u8], underlay: &Underlay) -> bool {
 pub(super) trait Family {
     /// The family's conntrack key.
     type Key: TableKey;
-    /// The family's addresses.
-    type Addr: Copy;
-
-    fn proto(&self) -> u8;
-
-    /// Source and destination.
-    fn addrs(&self) -> (Self::Addr, Self::Addr);
 
     /// The state a new flow of this packet's protocol starts in.
     fn initial_state(&self) -> u8;
@@ -332,38 +322,20 @@ pub(super) trait Family {
         serials: (u64, u64),
     ) -> bool;
 
-    /// S1: whether a rule of `ep`'s groups in `dir` admits the packet with peer `peer`.
-    fn allows(
-        host: &Host<'_>,
-        ep: &model::Endpoint,
-        dir: Direction,
-        peer: Self::Addr,
-        proto: u8,
-        l4: &L4,
-    ) -> bool;
+    /// S1: whether a rule of `ep`'s groups in `dir` admits the packet (the peer is its
+    /// destination for egress, its source for ingress).
+    fn allows(&self, host: &Host<'_>, ep: &model::Endpoint, dir: Direction, l4: &L4) -> bool;
 
-    /// Step 14, with the conntrack write `ct`.
-    fn send(
-        &self,
-        host: &Host<'_>,
-        frame: &[u8],
-        sender: &Local<'_>,
-        to: Place<'_>,
-        ct: Result<Option<CtWrite<Self::Key>>, DropReason>,
-    ) -> Outcome;
+    /// The family's error for a packet too big to wrap for an underlay of `mtu`.
+    fn too_big_error(&self, host: &Host<'_>, frame: &[u8], sender: &Local<'_>, mtu: u32)
+        -> Outcome;
+
+    /// The outcome of a packet sent with the conntrack write `ct` to the family's table.
+    fn outcome(verdict: Verdict, ct: Option<CtWrite<Self::Key>>) -> Outcome;
 }
 
 impl Family for Ipv4 {
     type Key = CtKey;
-    type Addr = Ipv4Addr;
-
-    fn proto(&self) -> u8 {
-        self.proto
-    }
-
-    fn addrs(&self) -> (Ipv4Addr, Ipv4Addr) {
-        (self.src, self.dst)
-    }
 
     fn initial_state(&self) -> u8 {
         initial_state(self.proto)
@@ -396,25 +368,25 @@ impl Family for Ipv4 {
                 .is_some_and(|(_, e, dir)| receiver_serial(&e, dir) == sender)
     }
 
-    fn allows(
-        host: &Host<'_>,
-        ep: &model::Endpoint,
-        dir: Direction,
-        peer: Ipv4Addr,
-        proto: u8,
-        l4: &L4,
-    ) -> bool {
-        host.allows(ep, dir, peer, proto, l4)
+    fn allows(&self, host: &Host<'_>, ep: &model::Endpoint, dir: Direction, l4: &L4) -> bool {
+        let peer = match dir {
+            Direction::Egress => self.dst,
+            Direction::Ingress => self.src,
+        };
+        host.allows(ep, dir, peer, self.proto, l4)
     }
 
-    fn send(
+    fn too_big_error(
         &self,
         host: &Host<'_>,
         frame: &[u8],
         sender: &Local<'_>,
-        to: Place<'_>,
-        ct: Result<Option<CtUpdate>, DropReason>,
+        mtu: u32,
     ) -> Outcome {
-        host.send(frame, sender, self, to, ct)
+        host.frag_needed(frame, sender, self, mtu)
+    }
+
+    fn outcome(verdict: Verdict, ct: Option<CtUpdate>) -> Outcome {
+        Outcome { verdict, ct, ct6: None }
     }
 }

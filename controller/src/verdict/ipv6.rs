@@ -50,7 +50,7 @@ use dataplane_common::conntrack::{initial_state6, is_error6, role6};
 use dataplane_common::wire::{ipv6 as wire6, ICMPV6_PACKET_TOO_BIG, IPPROTO_ICMPV6};
 use dataplane_common::{nd, Ct6Key, ICMPV6_ERROR_MAX_LEN, PTB_HOP_LIMIT, PTB_QUOTE};
 
-use super::endpoint::{too_big, Family};
+use super::endpoint::Family;
 use super::parse::{parse_ipv6, parse_l4_v6, Ipv6};
 use super::*;
 
@@ -113,40 +113,6 @@ impl Host<'_> {
         let role = role6(ip.proto, l4.tcp_flags, ty);
 
         self.flow(ct, now_ns, sender, frame, (&ip, &l4), key, route, role)
-    }
-
-    /// Step 6: delivers to a local receiver, or wraps for another host (answering "packet too
-    /// big" instead when the wrapped frame would not fit), with the conntrack write `ct`
-    /// (dropped with the packet, or the packet's reason when its flow is refused, S14, after
-    /// the checks of the underlay and the MTU).
-    fn send6(
-        &self,
-        frame: &[u8],
-        sender: &Local<'_>,
-        ip: &Ipv6,
-        to: Place<'_>,
-        ct: Result<Option<CtUpdate6>, DropReason>,
-    ) -> Outcome {
-        let remote = match (to, ct) {
-            (Place::Local(_), Err(reason)) => return Outcome::drop(reason),
-            (Place::Local(l), Ok(ct6)) => {
-                return Outcome { verdict: self.deliver(frame, &l), ct: None, ct6 }
-            }
-            (Place::Remote(r), _) => r,
-        };
-        let Some(underlay) = self.underlay else {
-            return Outcome::drop(DropReason::NoUnderlay);
-        };
-        if too_big(frame, &underlay) {
-            return self.packet_too_big(frame, sender, ip, underlay.mtu);
-        }
-        match ct {
-            Ok(ct6) => {
-                let verdict = self.wrap(frame, sender, &remote, &underlay);
-                Outcome { verdict, ct: None, ct6 }
-            }
-            Err(reason) => Outcome::drop(reason),
-        }
     }
 
     /// The ICMPv6 "packet too big" (type 2 code 0, RFC 4443 section 3.2) that `from_endpoint6`
@@ -377,15 +343,6 @@ pub(super) fn parse_inner6(b: &[u8]) -> Option<Ct6Key> {
 
 impl Family for Ipv6 {
     type Key = Ct6Key;
-    type Addr = Ipv6Addr;
-
-    fn proto(&self) -> u8 {
-        self.proto
-    }
-
-    fn addrs(&self) -> (Ipv6Addr, Ipv6Addr) {
-        (Ipv6Addr::from(self.src), Ipv6Addr::from(self.dst))
-    }
 
     fn initial_state(&self) -> u8 {
         initial_state6(self.proto)
@@ -416,25 +373,25 @@ impl Family for Ipv6 {
                 .is_some_and(|(_, e, dir)| receiver_serial(&e, dir) == sender)
     }
 
-    fn allows(
-        host: &Host<'_>,
-        ep: &model::Endpoint,
-        dir: Direction,
-        peer: Ipv6Addr,
-        proto: u8,
-        l4: &L4,
-    ) -> bool {
-        host.allows6(ep, dir, peer, proto, l4)
+    fn allows(&self, host: &Host<'_>, ep: &model::Endpoint, dir: Direction, l4: &L4) -> bool {
+        let peer = match dir {
+            Direction::Egress => self.dst,
+            Direction::Ingress => self.src,
+        };
+        host.allows6(ep, dir, Ipv6Addr::from(peer), self.proto, l4)
     }
 
-    fn send(
+    fn too_big_error(
         &self,
         host: &Host<'_>,
         frame: &[u8],
         sender: &Local<'_>,
-        to: Place<'_>,
-        ct: Result<Option<CtUpdate6>, DropReason>,
+        mtu: u32,
     ) -> Outcome {
-        host.send6(frame, sender, self, to, ct)
+        host.packet_too_big(frame, sender, self, mtu)
+    }
+
+    fn outcome(verdict: Verdict, ct6: Option<CtUpdate6>) -> Outcome {
+        Outcome { verdict, ct: None, ct6 }
     }
 }
