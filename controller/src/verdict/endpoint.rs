@@ -129,7 +129,8 @@ impl Host<'_> {
             }
         }
         let serials = |to: &Place<'_>| (sender.ep.serial, to.serial());
-        let related = route.filter(|to| pkt.related(self, ct, now_ns, sender.vni, l4, serials(to)));
+        let related =
+            route.filter(|to| self.related(ct, now_ns, sender.vni, (pkt, l4), serials(to)));
         if let Some(to) = related {
             return self.send(frame, sender, pkt, to, Ok(None));
         }
@@ -159,6 +160,23 @@ impl Host<'_> {
             Ok(None)
         };
         self.send(frame, sender, pkt, to, created)
+    }
+
+    /// Step 10: whether `pkt` is an ICMP error ([`Family::quoted`]) about a flow tracked either
+    /// way between the very endpoints (serials) that send and receive it, `(sender, receiver)`:
+    /// the quoted packet went from the error's receiver to its sender (S7).
+    pub(super) fn related<P: Family>(
+        &self,
+        ct: &Conntrack,
+        now_ns: u64,
+        vni: u32,
+        (pkt, l4): (&P, &L4),
+        (sender, receiver): (u64, u64),
+    ) -> bool {
+        pkt.quoted(l4, vni).is_some_and(|key| {
+            let (hit, _) = ct.lookup(&key, receiver, now_ns, &self.timeouts);
+            hit.is_some_and(|(_, e, dir)| receiver_serial(&e, dir) == sender)
+        })
     }
 
     /// Step 14 of `from_endpoint` (IPv6's step 6): delivers to a local receiver, or wraps for
@@ -311,16 +329,10 @@ pub(super) trait Family {
     /// The state a new flow of this packet's protocol starts in.
     fn initial_state(&self) -> u8;
 
-    /// Step 10: an ICMP error related to a flow tracked between `(sender, receiver)`.
-    fn related(
-        &self,
-        host: &Host<'_>,
-        ct: &Conntrack,
-        now_ns: u64,
-        vni: u32,
-        l4: &L4,
-        serials: (u64, u64),
-    ) -> bool;
+    /// Step 10 (S6): if this packet is an ICMP error of the family's types, no longer than a
+    /// router's, quoting a packet from its destination to its source (the flow's peer answering
+    /// about a packet it received), that quoted flow's key in universe `vni`.
+    fn quoted(&self, l4: &L4, vni: u32) -> Option<Self::Key>;
 
     /// S1: whether a rule of `ep`'s groups in `dir` admits the packet (the peer is its
     /// destination for egress, its source for ingress).
@@ -341,31 +353,15 @@ impl Family for Ipv4 {
         initial_state(self.proto)
     }
 
-    /// S6: an ICMP error ([`is_error`]) no longer than a router's (`ICMP_ERROR_MAX_LEN`) from the
-    /// quoted packet's destination to its source (the flow's peer answering about a packet it
-    /// received), about a flow tracked either way between the very endpoints (serials) that
-    /// send and receive the error: `(sender, receiver)` (S7).
-    fn related(
-        &self,
-        host: &Host<'_>,
-        ct: &Conntrack,
-        now_ns: u64,
-        vni: u32,
-        l4: &L4,
-        (sender, receiver): (u64, u64),
-    ) -> bool {
-        let Some(inner) = &l4.icmp_error_inner else {
-            return false;
-        };
-        is_error(self.proto, l4.icmp_type_code.0, l4.icmp_type_code.1)
+    /// [`is_error`] types, at most `ICMP_ERROR_MAX_LEN` (576) bytes of IPv4 (RFC 1812).
+    fn quoted(&self, l4: &L4, vni: u32) -> Option<CtKey> {
+        let inner = l4.icmp_error_inner.as_ref()?;
+        let (ty, code) = l4.icmp_type_code;
+        (is_error(self.proto, ty, code)
             && self.total <= ICMP_ERROR_MAX_LEN
             && inner.src == self.dst.octets()
-            && inner.dst == self.src.octets()
-            // The quoted packet went from the error's receiver to its sender.
-            && ct
-                .lookup(&inner.in_universe(vni), receiver, now_ns, &host.timeouts)
-                .0
-                .is_some_and(|(_, e, dir)| receiver_serial(&e, dir) == sender)
+            && inner.dst == self.src.octets())
+        .then(|| inner.in_universe(vni))
     }
 
     fn allows(&self, host: &Host<'_>, ep: &model::Endpoint, dir: Direction, l4: &L4) -> bool {

@@ -189,7 +189,7 @@ impl Host<'_> {
             let refreshed = CtEntry { last_seen_ns: now_ns, state, ..entry };
             return sent(Some(CtUpdate6 { key: stored, entry: refreshed }));
         }
-        if ip.related(self, ct, now_ns, w.vni, &l4, (from.serial, to.ep.serial)) {
+        if self.related(ct, now_ns, w.vni, (&ip, &l4), (from.serial, to.ep.serial)) {
             return sent(None);
         }
         if !self.allows6(to.ep, Direction::Ingress, src6, ip.proto, &l4) {
@@ -348,29 +348,16 @@ impl Family for Ipv6 {
         initial_state6(self.proto)
     }
 
-    /// Step 5's related ICMPv6 error (see the module doc): `(sender, receiver)` are the serials
-    /// of the endpoints that send and receive the error.
-    fn related(
-        &self,
-        host: &Host<'_>,
-        ct: &Conntrack,
-        now_ns: u64,
-        vni: u32,
-        l4: &L4,
-        (sender, receiver): (u64, u64),
-    ) -> bool {
-        let Some(inner) = &l4.icmp_error_inner6 else {
-            return false;
-        };
-        let (src, dst) = (self.src, self.dst);
-        is_error6(self.proto, l4.icmp_type_code.0, l4.icmp_type_code.1)
+    /// [`is_error6`] types, at most `ICMPV6_ERROR_MAX_LEN` (1280) bytes of IPv6 packet (RFC 4443
+    /// 2.4 (c)).
+    fn quoted(&self, l4: &L4, vni: u32) -> Option<Ct6Key> {
+        let inner = l4.icmp_error_inner6.as_ref()?;
+        let (ty, code) = l4.icmp_type_code;
+        (is_error6(self.proto, ty, code)
             && self.end - ETH_HLEN <= ICMPV6_ERROR_MAX_LEN
-            && inner.src == dst
-            && inner.dst == src
-            && ct
-                .lookup(&Ct6Key { vni, ..*inner }, receiver, now_ns, &host.timeouts)
-                .0
-                .is_some_and(|(_, e, dir)| receiver_serial(&e, dir) == sender)
+            && inner.src == self.dst
+            && inner.dst == self.src)
+            .then_some(Ct6Key { vni, ..*inner })
     }
 
     fn allows(&self, host: &Host<'_>, ep: &model::Endpoint, dir: Direction, l4: &L4) -> bool {

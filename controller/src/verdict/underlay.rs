@@ -37,7 +37,6 @@
 //!     never refreshes or creates a flow; a flow refused for its owner's budget is refused
 //!     after the unwrap.
 
-use super::endpoint::Family;
 use super::*;
 
 impl Host<'_> {
@@ -157,7 +156,7 @@ impl Host<'_> {
             let update = CtUpdate { key: stored, entry: refreshed };
             return Outcome::sent(unwrapped(), Some(update));
         }
-        if pkt.related(self, ct, now_ns, vni, &l4, (from.serial, to.ep.serial)) {
+        if self.related(ct, now_ns, vni, (&pkt, &l4), (from.serial, to.ep.serial)) {
             return Outcome::sent(unwrapped(), None);
         }
         if !self.allows(to.ep, Direction::Ingress, pkt.src, pkt.proto, &l4) {
