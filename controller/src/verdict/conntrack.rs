@@ -135,6 +135,9 @@ pub trait TableKey: Copy + Eq + std::hash::Hash {
 
     /// The key of the flow's other direction.
     fn reverse(&self) -> Self;
+
+    /// The flow's universe.
+    fn vni(&self) -> u32;
 }
 
 impl TableKey for CtKey {
@@ -145,6 +148,10 @@ impl TableKey for CtKey {
     fn reverse(&self) -> CtKey {
         self.reversed()
     }
+
+    fn vni(&self) -> u32 {
+        CtKey::vni(self)
+    }
 }
 
 impl TableKey for Ct6Key {
@@ -154,6 +161,10 @@ impl TableKey for Ct6Key {
 
     fn reverse(&self) -> Ct6Key {
         self.reversed()
+    }
+
+    fn vni(&self) -> u32 {
+        self.vni
     }
 }
 

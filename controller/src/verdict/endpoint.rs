@@ -116,15 +116,13 @@ impl Host<'_> {
         role: Role,
     ) -> Outcome {
         let (hit, own) = ct.lookup_as(&key, role, sender.ep.serial, now_ns, &self.timeouts);
-        if let Some((stored, entry, dir)) = hit {
+        if let Some(hit) = hit {
             let Some(to) = route else {
                 return Outcome::drop(DropReason::NoRoute);
             };
             // Bound to the receiver too: an endpoint made since with the address is no hit.
-            if to.serial() == receiver_serial(&entry, dir) {
-                let state = next_state(entry.state, dir == CtDirection::Reply, l4.tcp_flags);
-                let refreshed = CtEntry { last_seen_ns: now_ns, state, ..entry };
-                let update = CtWrite { key: stored, entry: refreshed };
+            if to.serial() == receiver_serial(&hit.1, hit.2) {
+                let update = refreshed(hit, now_ns, l4.tcp_flags);
                 return self.send(frame, sender, pkt, to, Ok(Some(update)));
             }
         }
@@ -312,6 +310,17 @@ impl Host<'_> {
         out[a + 24..a + 28].copy_from_slice(&spa);
         Outcome { verdict: Verdict::ArpReply { frame: out }, ct: None, ct6: None }
     }
+}
+
+/// The write that refreshes the entry of a conntrack hit `(stored key, entry, direction)` for a
+/// packet with `tcp_flags` sent at `now_ns`.
+pub(super) fn refreshed<K>(
+    (key, entry, dir): (K, CtEntry, CtDirection),
+    now_ns: u64,
+    tcp_flags: u8,
+) -> CtWrite<K> {
+    let state = next_state(entry.state, dir == CtDirection::Reply, tcp_flags);
+    CtWrite { key, entry: CtEntry { last_seen_ns: now_ns, state, ..entry } }
 }
 
 /// Whether `frame` would not fit the underlay MTU once wrapped: what `bpf_check_mtu` computes,

@@ -179,39 +179,8 @@ impl Host<'_> {
             inner.extend_from_slice(&frame[w.inner_ip_off..]);
             self.deliver(&inner, to)
         };
-        let sent = |ct6| Outcome { verdict: unwrapped(), ct: None, ct6 };
         let role = role6(ip.proto, l4.tcp_flags, l4.icmp_type_code.0);
-        let (hit, own) = ct.lookup_as(&key, role, from.serial, now_ns, &self.timeouts);
-        if let Some((stored, entry, dir)) =
-            hit.filter(|h| receiver_serial(&h.1, h.2) == to.ep.serial)
-        {
-            let state = next_state(entry.state, dir == CtDirection::Reply, l4.tcp_flags);
-            let refreshed = CtEntry { last_seen_ns: now_ns, state, ..entry };
-            return sent(Some(CtUpdate6 { key: stored, entry: refreshed }));
-        }
-        if self.related(ct, now_ns, w.vni, (&ip, &l4), (from.serial, to.ep.serial)) {
-            return sent(None);
-        }
-        if !self.allows6(to.ep, Direction::Ingress, src6, ip.proto, &l4) {
-            return Outcome::drop(DropReason::PolicyIngress);
-        }
-        if !creates(role) {
-            return sent(None);
-        }
-        // Charged to the local receiver (S14).
-        let entry = CtEntry {
-            last_seen_ns: now_ns,
-            src_serial: from.serial,
-            dst_serial: to.ep.serial,
-            owner_slot: to.ep.slot,
-            state: initial_state6(ip.proto),
-            owner: ct_owner::DST,
-            _pad: [0; 2],
-        };
-        match create(ct, key, own, entry, to.ep.conntrack_budget) {
-            Ok(update) => sent(update),
-            Err(reason) => Outcome::drop(reason),
-        }
+        self.arrive(ct, now_ns, (&ip, &l4), key, role, (&from, to), unwrapped)
     }
 
     /// S1 for an IPv6 peer: any rule of any group of `ep` in `dir` that matches admits.

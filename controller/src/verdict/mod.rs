@@ -109,17 +109,6 @@ impl Outcome {
     fn drop(reason: DropReason) -> Outcome {
         Outcome { verdict: Verdict::Drop(reason), ct: None, ct6: None }
     }
-
-    /// A packet sent after the frame work `send` (unwrapping, rewriting) with the conntrack
-    /// write `ct`: the write happens only if the packet goes. A dropped packet never creates or
-    /// refreshes a flow; the kernel programs order their steps so (frame work first, conntrack
-    /// second, the redirect, which cannot refuse, last).
-    fn sent(send: Result<Verdict, DropReason>, ct: Option<CtUpdate>) -> Outcome {
-        match send {
-            Ok(verdict) => Outcome { verdict, ct, ct6: None },
-            Err(reason) => Outcome::drop(reason),
-        }
-    }
 }
 
 /// A local endpoint as the model needs it (its serial, slot and budget are `ep`'s).

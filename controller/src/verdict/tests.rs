@@ -194,17 +194,6 @@ fn quote_of(frame: &[u8]) -> Vec<u8> {
 }
 
 #[test]
-fn a_packet_dropped_by_its_frame_work_takes_no_conntrack_write_with_it() {
-    let key = CtKey::new(100, W, A, 1, 2, IPPROTO_UDP);
-    let update = CtUpdate { key, entry: CtEntry::default() };
-    let dropped = Outcome::sent(Err(DropReason::EncapFailed), Some(update));
-    assert_eq!(dropped, Outcome::drop(DropReason::EncapFailed));
-    assert_eq!(dropped.ct, None);
-    let sent = Outcome::sent(Ok(Verdict::Pass), Some(update));
-    assert_eq!(sent.ct, Some(update));
-}
-
-#[test]
 fn s3_default_group_members_talk_and_frame_is_rewritten_for_the_receiver() {
     let (st, local) = fixture();
     let h = host(&st, &local);

@@ -37,6 +37,7 @@
 //!     never refreshes or creates a flow; a flow refused for its owner's budget is refused
 //!     after the unwrap.
 
+use super::endpoint::{refreshed, Family};
 use super::*;
 
 impl Host<'_> {
@@ -141,51 +142,60 @@ impl Host<'_> {
         // Unwrapped and rewritten for the receiver. In the kernel `bpf_skb_adjust_room` may
         // still refuse (`EncapFailed`) for causes the frame does not show (memory, GSO): the
         // model cannot tell when, only that such a drop takes no conntrack write with it.
-        let unwrapped = || -> Result<Verdict, DropReason> {
+        let unwrapped = || {
             let mut inner = frame[..ETH_HLEN].to_vec();
             inner.extend_from_slice(&frame[INNER_IP_OFF..]);
-            Ok(self.deliver(&inner, to))
+            self.deliver(&inner, to)
         };
         let role = role(pkt.proto, l4.tcp_flags, l4.icmp_type_code.0);
+        self.arrive(ct, now_ns, (&pkt, &l4), key, role, (&from, to), unwrapped)
+    }
+
+    /// Steps 8-10, written once for both families (IPv6's "From the underlay"): the packet
+    /// `pkt` with its upper-layer header `l4` and conntrack `key` (its universe's), of `role`,
+    /// from the remote endpoint `from` to the local one `to`; `unwrapped` is its delivery. The
+    /// conntrack write goes with the packet: one that is dropped never creates or refreshes a
+    /// flow (the kernel programs unwrap first, write the flow second, and redirect, which cannot
+    /// refuse, last).
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn arrive<P: Family>(
+        &self,
+        ct: &Conntrack,
+        now_ns: u64,
+        (pkt, l4): (&P, &L4),
+        key: P::Key,
+        role: Role,
+        (from, to): (&Remote, &Local<'_>),
+        unwrapped: impl Fn() -> Verdict,
+    ) -> Outcome {
         let (hit, own) = ct.lookup_as(&key, role, from.serial, now_ns, &self.timeouts);
-        if let Some((stored, entry, dir)) =
-            hit.filter(|h| receiver_serial(&h.1, h.2) == to.ep.serial)
-        {
-            let state = next_state(entry.state, dir == CtDirection::Reply, l4.tcp_flags);
-            let refreshed = CtEntry { last_seen_ns: now_ns, state, ..entry };
-            let update = CtUpdate { key: stored, entry: refreshed };
-            return Outcome::sent(unwrapped(), Some(update));
+        if let Some(hit) = hit.filter(|h| receiver_serial(&h.1, h.2) == to.ep.serial) {
+            return P::outcome(unwrapped(), Some(refreshed(hit, now_ns, l4.tcp_flags)));
         }
-        if self.related(ct, now_ns, vni, (&pkt, &l4), (from.serial, to.ep.serial)) {
-            return Outcome::sent(unwrapped(), None);
+        let serials = (from.serial, to.ep.serial);
+        if self.related(ct, now_ns, key.vni(), (pkt, l4), serials) {
+            return P::outcome(unwrapped(), None);
         }
-        if !self.allows(to.ep, Direction::Ingress, pkt.src, pkt.proto, &l4) {
+        if !pkt.allows(self, to.ep, Direction::Ingress, l4) {
             return Outcome::drop(DropReason::PolicyIngress);
         }
-        // The frame work first, then the flow (see `unwrapped`): as in the kernel, a flow
-        // refused for its owner's budget is refused after the unwrap.
-        let send = unwrapped();
-        if send.is_err() {
-            return Outcome::sent(send, None);
+        if !creates(role) {
+            return P::outcome(unwrapped(), None);
         }
-        let created = if creates(role) {
-            // Charged to the local receiver (S14).
-            let entry = CtEntry {
-                last_seen_ns: now_ns,
-                src_serial: from.serial,
-                dst_serial: to.ep.serial,
-                owner_slot: to.ep.slot,
-                state: initial_state(pkt.proto),
-                owner: ct_owner::DST,
-                _pad: [0; 2],
-            };
-            match create(ct, key, own, entry, to.ep.conntrack_budget) {
-                Ok(update) => update,
-                Err(reason) => return Outcome::drop(reason),
-            }
-        } else {
-            None
+        // Charged to the local receiver (S14), after the unwrap (step 10).
+        let entry = CtEntry {
+            last_seen_ns: now_ns,
+            src_serial: from.serial,
+            dst_serial: to.ep.serial,
+            owner_slot: to.ep.slot,
+            state: pkt.initial_state(),
+            owner: ct_owner::DST,
+            _pad: [0; 2],
         };
-        Outcome::sent(send, created)
+        let verdict = unwrapped();
+        match create(ct, key, own, entry, to.ep.conntrack_budget) {
+            Ok(update) => P::outcome(verdict, update),
+            Err(reason) => Outcome::drop(reason),
+        }
     }
 }
