@@ -12,9 +12,13 @@
 //!   deletes a rule of one group of one universe (endpoints on the three hosts), sequentially,
 //!   on the fleet as set up, then after 100,000 rules and 10,000 endpoints were loaded into 200
 //!   other universes (endpoints on 100 hosts without an underlay address, so that no real host
-//!   plumbs them). Target: the full fleet's median within 1.2x of the empty one's.
-//! - etcd's database per 10,000 rules: `dbSize` after compacting and defragmenting, before
-//!   and after loading the 100,000 rules.
+//!   plumbs them). Target: the full fleet's median within 1.2x of the empty one's. Both sides
+//!   are timed alike: once every host has realized the whole state (an edit acknowledged by
+//!   all of them) and etcd's history is compacted and its database defragmented, so that
+//!   nothing left over from setting up (hosts catching up, history of the load) is timed.
+//!   200 edits a side (`--edits-sequential`); `--edits-sequential-only` runs this alone.
+//! - etcd's database per 10,000 rules: `dbSize` after compacting and defragmenting, right
+//!   before and after loading the 100,000 rules.
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -34,8 +38,6 @@ const UNIVERSES: usize = 20;
 const GROUPS_PER_UNIVERSE: usize = 2;
 const CLIENTS: [usize; 2] = [50, 200];
 const RUN: Duration = Duration::from_secs(12);
-/// Edits of the sequential latency measurement (half adds, half deletes).
-const SEQUENTIAL: usize = 200;
 /// The bulk of the full fleet.
 const BULK_UNIVERSES: usize = 200;
 const BULK_GROUPS: usize = 5;
@@ -531,11 +533,11 @@ fn phases_since(targets: &[Target], before: &[Phases]) -> Result<Phases> {
 }
 
 /// Sequential edits of one group: add a rule, delete it; the latency of each, in ms.
-fn sequential(target: &Target, group: &str) -> Result<Vec<f64>> {
+fn sequential(target: &Target, group: &str, edits: usize) -> Result<Vec<f64>> {
     let mut conn = Conn::new(target.clone());
     let rules = format!("/v1/security-groups/{group}/rules");
     let mut ms = Vec::new();
-    for i in 0..SEQUENTIAL / 2 {
+    for i in 0..edits / 2 {
         let port = 20_000 + u16::try_from(i).unwrap_or(0);
         let rule = json!({"direction": "ingress", "protocol": "tcp", "from_port": port, "to_port": port, "cidr": "10.98.0.0/16"});
         let t = Instant::now();
@@ -549,6 +551,31 @@ fn sequential(target: &Target, group: &str) -> Result<Vec<f64>> {
         ms.push(t.elapsed().as_secs_f64() * 1e3);
     }
     Ok(ms)
+}
+
+/// Waits until every host has realized the state (an edit through `target`, which is
+/// acknowledged once every healthy host has realized it: every revision before it too), then
+/// compacts and defragments etcd ([`db_size`], whose size it returns).
+fn settle(fleet: &Fleet, target: &Target) -> Result<f64> {
+    let start = Instant::now();
+    let mut conn = Conn::new(target.clone());
+    let (s, v) = conn.request_until_done(
+        "POST",
+        "/v1/universes",
+        Some(&json!({"name": format!("settle-{:x}", rand_u128() as u32), "cidr": "10.97.0.0/16"})),
+        &key(),
+    )?;
+    anyhow::ensure!(s == 201, "settle: {s} {v}");
+    let id = v["id"].as_str().context("universe id")?;
+    let (s, v) = conn.request_until_done("DELETE", &format!("/v1/universes/{id}"), None, &key())?;
+    anyhow::ensure!(s == 204, "settle: {s} {v}");
+    let realized = start.elapsed();
+    let size = db_size(fleet)?;
+    eprintln!(
+        "bench_edits: settled: every host realized the state in {realized:.2?}, etcd compacted and defragmented in {:.2?}",
+        start.elapsed() - realized
+    );
+    Ok(size)
 }
 
 /// etcd's `dbSize` after compacting to the current revision and defragmenting, in bytes.
@@ -750,6 +777,11 @@ fn host_maps(fleet: &Fleet, hosts: &[String]) -> Result<Vec<(String, usize, f64,
 pub struct Options {
     /// Only the runs under load.
     pub load_only: bool,
+    /// Only the one edit on an empty and a full fleet (and etcd's database per 10,000 rules):
+    /// no runs under load.
+    pub sequential_only: bool,
+    /// Edits of the sequential measurement, on each side (half adds, half deletes).
+    pub sequential: usize,
     /// The three hosts on etcd.
     pub etcd: bool,
     /// The one host on the embedded store.
@@ -758,7 +790,7 @@ pub struct Options {
 
 pub fn run(out: &mut Vec<BenchRecord>, options: &Options) -> Result<()> {
     if options.etcd {
-        run_etcd(out, options.load_only)?;
+        run_etcd(out, options)?;
     }
     if options.embedded {
         run_embedded(out)?;
@@ -767,7 +799,7 @@ pub fn run(out: &mut Vec<BenchRecord>, options: &Options) -> Result<()> {
 }
 
 /// Three hosts on the three-member etcd.
-fn run_etcd(out: &mut Vec<BenchRecord>, load_only: bool) -> Result<()> {
+fn run_etcd(out: &mut Vec<BenchRecord>, options: &Options) -> Result<()> {
     let fleet = Fleet::start_with_config(3, CONFIG);
     let targets: Vec<Target> = fleet.hosts().iter().map(Target::of).collect::<Result<_>>()?;
     let (groups, placed) = setup(&targets[0])?;
@@ -778,7 +810,7 @@ fn run_etcd(out: &mut Vec<BenchRecord>, load_only: bool) -> Result<()> {
             workloads.push(fleet.endpoint(h, uni, &format!("10.{net}.0.{}", 10 + h), &[group]));
         }
     }
-    if load_only {
+    if options.load_only {
         load_records(out, "etcd", &targets, &groups, Some(&fleet))?;
         drop(workloads);
         return Ok(());
@@ -786,22 +818,32 @@ fn run_etcd(out: &mut Vec<BenchRecord>, load_only: bool) -> Result<()> {
     // The group edited sequentially: in the first universe, with an endpoint on every host.
     let probe_group = groups[1].clone();
 
+    // Both sides are measured alike: every host has realized the whole state (the endpoints'
+    // plumbing, the bulk), and etcd's history is compacted and its database defragmented (as
+    // for `db_size`), so no work left over from setting up runs while the edits are timed.
+    let db_empty = settle(&fleet, &targets[0])?;
     let before = scrape(&targets)?;
-    let empty = sequential(&targets[0], &probe_group)?;
+    eprintln!("bench_edits: one edit, empty fleet: timing {} edits", options.sequential);
+    let empty = sequential(&targets[0], &probe_group, options.sequential)?;
     let phases_empty = phases_since(&targets, &before)?;
     eprintln!("bench_edits: one edit, empty fleet, phases (all hosts): {}", phases_empty.line());
     let real: Vec<String> = fleet.hosts().iter().map(|h| h.name().to_owned()).collect();
     let maps_empty = host_maps(&fleet, &real[..1])?;
-    let db_empty = db_size(&fleet)?;
-    load_records(out, "etcd", &targets, &groups, Some(&fleet))?;
+    if !options.sequential_only {
+        load_records(out, "etcd", &targets, &groups, Some(&fleet))?;
+    }
 
+    // Before the rules (after the runs under load, whose idempotency records live on for a
+    // while): the database per 10,000 rules counts the rules alone.
+    let db_before_rules = db_size(&fleet)?;
     let rules = bulk(&fleet, false)?;
     let db_rules = db_size(&fleet)?;
     bulk(&fleet, true)?;
-    // Let every host catch up with the bulk before measuring.
-    std::thread::sleep(Duration::from_secs(3));
+    let db_full = settle(&fleet, &targets[0])?;
+    eprintln!("bench_edits: etcd db {db_empty:.0} B before the empty fleet's edits, {db_full:.0} B before the full fleet's");
     let before = scrape(&targets)?;
-    let full = sequential(&targets[0], &probe_group)?;
+    eprintln!("bench_edits: one edit, full fleet: timing {} edits", options.sequential);
+    let full = sequential(&targets[0], &probe_group, options.sequential)?;
     let phases_full = phases_since(&targets, &before)?;
     eprintln!("bench_edits: one edit, full fleet, phases (all hosts): {}", phases_full.line());
     let maps_full = host_maps(&fleet, &[real[0].clone(), "bulk-host-0".to_owned()])?;
@@ -843,7 +885,7 @@ fn run_etcd(out: &mut Vec<BenchRecord>, load_only: bool) -> Result<()> {
         percentile(&full, 0.99)
     );
     let config = json!({
-        "hosts": 3, "store": "etcd", "edits": SEQUENTIAL, "edit": "POST then DELETE of a TCP rule in one group of one universe with an endpoint on every host, through host 0's API, one at a time",
+        "hosts": 3, "store": "etcd", "edits": options.sequential, "edit": "POST then DELETE of a TCP rule in one group of one universe with an endpoint on every host, through host 0's API, one at a time",
         "full_fleet": {"universes": BULK_UNIVERSES, "groups_per_universe": BULK_GROUPS,
             "rules": BULK_UNIVERSES * BULK_GROUPS * BULK_RULES_PER_GROUP,
             "endpoints": BULK_UNIVERSES * BULK_ENDPOINTS_PER_UNIVERSE, "endpoint_hosts": BULK_HOSTS},
@@ -862,14 +904,14 @@ fn run_etcd(out: &mut Vec<BenchRecord>, load_only: bool) -> Result<()> {
         )
         .with_target("<= 1.2x", ratio <= 1.2),
     );
-    let per_10k = (db_rules - db_empty) / (rules as f64 / 10_000.0) / 1024.0;
-    eprintln!("bench_edits: etcd db {db_empty:.0} B empty, {db_rules:.0} B with {rules} rules: {per_10k:.0} KiB per 10,000 rules");
+    let per_10k = (db_rules - db_before_rules) / (rules as f64 / 10_000.0) / 1024.0;
+    eprintln!("bench_edits: etcd db {db_empty:.0} B empty, {db_before_rules:.0} B before the rules, {db_rules:.0} B with {rules} rules: {per_10k:.0} KiB per 10,000 rules");
     out.push(BenchRecord::new(
         "control_etcd_db_kib_per_10k_rules",
         per_10k,
         Unit::KiB,
         None,
-        json!({"db_bytes_before": db_empty, "db_bytes_after": db_rules, "rules": rules,
+        json!({"db_bytes_empty_fleet": db_empty, "db_bytes_before": db_before_rules, "db_bytes_after": db_rules, "rules": rules,
                "measured": "etcdctl endpoint status dbSize after compact --physical and defrag"}),
     ));
     drop(workloads);

@@ -91,6 +91,14 @@ struct Cli {
     /// database per 10,000 rules: to compare two builds back to back.
     #[arg(long)]
     edits_load_only: bool,
+    /// Of the control tier's part `edits`, only the one edit on an empty and a full fleet (and
+    /// etcd's database per 10,000 rules), not the runs under load.
+    #[arg(long, conflicts_with = "edits_load_only")]
+    edits_sequential_only: bool,
+    /// Edits of the part `edits`' one-edit measurement, on each side (half adds, half
+    /// deletes; the port of each added rule is 20,000 plus its number: at most 20,000).
+    #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u16).range(2..=20_000))]
+    edits_sequential: u16,
     /// The stores the part `edits` measures (`etcd`, `embedded`; repeatable; both by default).
     #[arg(long = "edits-store")]
     edits_stores: Vec<String>,
@@ -169,6 +177,8 @@ fn main() -> Result<()> {
                 |s: &str| cli.edits_stores.is_empty() || cli.edits_stores.iter().any(|x| x == s);
             let options = edits::Options {
                 load_only: cli.edits_load_only,
+                sequential_only: cli.edits_sequential_only,
+                sequential: usize::from(cli.edits_sequential),
                 etcd: store("etcd"),
                 embedded: store("embedded"),
             };
