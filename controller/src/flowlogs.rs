@@ -650,10 +650,11 @@ impl FlowLogs {
 }
 
 impl Locals {
-    /// The endpoints of `state` placed on `host`.
+    /// The endpoints of `state` placed on `host`: a lookup in the indices, not a walk over the
+    /// fleet's endpoints (this runs on every new state).
     pub fn of(state: &State, host: &str) -> Locals {
         let mut out = Locals::default();
-        for e in state.endpoints.values().filter(|e| e.host == host) {
+        for e in state.indexed().host_endpoints(host) {
             out.insert(
                 e.serial,
                 Local {
@@ -669,9 +670,12 @@ impl Locals {
 }
 
 /// Whether an endpoint of `host` in `state` has flow logs on: its REJECT records need the
-/// kernel's drop events even where the daemon's `events` setting is off.
+/// kernel's drop events even where the daemon's `events` setting is off. A lookup in the
+/// indices, as [`Locals::of`].
 pub fn wanted_on(state: &State, host: &str) -> bool {
-    state.endpoints.values().any(|e| e.host == host && e.flow_logs)
+    let state = state.indexed();
+    let on = state.host_endpoints(host).any(|e| e.flow_logs);
+    on
 }
 
 /// With `events = false`, keeps the kernel's verdict events on exactly while an endpoint of
@@ -866,6 +870,72 @@ mod tests {
 
     fn find<'a>(rs: &'a [FlowLogRecord], ep: &str, dir: Direction) -> Vec<&'a FlowLogRecord> {
         rs.iter().filter(|r| r.endpoint == ep && r.flow_direction == dir).collect()
+    }
+
+    /// This host's endpoints come from the indices, on a state whose last edits are not yet in
+    /// them too (`State::indexed`): endpoints created, moved in flow logs, deleted, on two
+    /// hosts, as a walk over every endpoint finds them.
+    #[test]
+    fn this_hosts_endpoints_are_looked_up_in_the_indices_after_every_edit() {
+        use crate::model::{CreateEndpoint, CreateUniverse, PatchEndpoint};
+        let walk = |s: &State, host: &str| -> BTreeMap<u64, (String, bool)> {
+            let on = s.endpoints.values().filter(|e| e.host == host);
+            on.map(|e| (e.serial, (e.id.clone(), e.flow_logs))).collect()
+        };
+        let looked_up = |s: &State, host: &str| -> BTreeMap<u64, (String, bool)> {
+            let l = Locals::of(s, host);
+            l.by_serial.iter().map(|(k, v)| (*k, (v.endpoint.clone(), v.logs))).collect()
+        };
+        let mut s = State::default();
+        let uni = s
+            .create_universe(CreateUniverse {
+                name: "u".into(),
+                cidr: Some("10.1.0.0/16".into()),
+                cidrs: None,
+                ipv6_cidrs: None,
+            })
+            .unwrap()
+            .id;
+        let mut ids = Vec::new();
+        for n in 0..6u8 {
+            let ep = s
+                .create_endpoint(
+                    CreateEndpoint {
+                        universe: uni.clone(),
+                        host: Some(if n % 2 == 0 { "h1" } else { "h2" }.into()),
+                        netns: format!("n{n}"),
+                        ip: format!("10.1.0.{}", 10 + n),
+                        security_groups: None,
+                        conntrack_budget: None,
+                        flow_logs: None,
+                        ipv6: None,
+                    },
+                    "h1",
+                )
+                .unwrap();
+            ids.push(ep.id);
+        }
+        for step in 0..4 {
+            match step {
+                0 => {}
+                1 => {
+                    let on = PatchEndpoint { security_groups: None, flow_logs: Some(true) };
+                    s.patch_endpoint(&ids[2], on).unwrap();
+                }
+                2 => {
+                    s.delete_endpoint(&ids[0]).unwrap();
+                }
+                _ => {
+                    s.delete_endpoint(&ids[2]).unwrap();
+                }
+            }
+            for host in ["h1", "h2", "h3"] {
+                assert_eq!(looked_up(&s, host), walk(&s, host), "step {step}, {host}");
+                let any_logs = walk(&s, host).values().any(|(_, logs)| *logs);
+                assert_eq!(wanted_on(&s, host), any_logs, "step {step}, {host}");
+            }
+        }
+        assert!(!wanted_on(&State::default(), "h1"));
     }
 
     #[test]

@@ -1737,8 +1737,9 @@ impl State {
         })
     }
 
-    /// The endpoints placed on `host` (a lookup in the indices, which must be up to date).
-    fn host_endpoints<'a>(&'a self, host: &str) -> impl Iterator<Item = &'a Endpoint> + 'a {
+    /// The endpoints placed on `host` (a lookup in the indices, which must be up to date:
+    /// [`State::indexed`]).
+    pub fn host_endpoints<'a>(&'a self, host: &str) -> impl Iterator<Item = &'a Endpoint> + 'a {
         let ids = self.idx.host_endpoints.get(host);
         ids.into_iter().flatten().filter_map(|id| self.endpoints.get(id))
     }
