@@ -167,9 +167,6 @@ impl Hit {
 pub struct Found {
     /// A live entry bound to the sender, if any.
     pub hit: Option<Hit>,
-    /// The entry stored under the packet's own key, whatever its state: a new flow of the same
-    /// key replaces it or leaves it (see [`create`]).
-    pub own: Option<*mut CtValue>,
 }
 
 /// The flow of a packet with key `key` and role `role`, sent by the endpoint of serial `sender`:
@@ -186,7 +183,7 @@ pub fn lookup(
 ) -> Found {
     if role == Role::Untracked {
         // Never tracked, so never created either: the entry under the key does not matter.
-        return Found { hit: None, own: None };
+        return Found { hit: None };
     }
     let own = VERSE_CT.get_ptr_mut(key);
     if role != Role::Answers {
@@ -194,22 +191,22 @@ pub fn lookup(
             // SAFETY: the kernel returned a pointer to a live value of this map's value type.
             let e = unsafe { &(*value).entry };
             if e.src_serial == sender && !expired(e.state, e.last_seen_ns, now, timeouts) {
-                return Found { hit: Some(Hit { value, reply: false }), own };
+                return Found { hit: Some(Hit { value, reply: false }) };
             }
         }
     }
     if role == Role::Opens {
-        return Found { hit: None, own };
+        return Found { hit: None };
     }
     let reverse = key.reversed();
     if let Some(value) = VERSE_CT.get_ptr_mut(&reverse) {
         // SAFETY: as above.
         let e = unsafe { &(*value).entry };
         if e.dst_serial == sender && !expired(e.state, e.last_seen_ns, now, timeouts) {
-            return Found { hit: Some(Hit { value, reply: true }), own };
+            return Found { hit: Some(Hit { value, reply: true }) };
         }
     }
-    Found { hit: None, own }
+    Found { hit: None }
 }
 
 /// Whether `key` (or its reverse) is a live flow of `sender` to `receiver` (serials), either
@@ -545,15 +542,20 @@ pub struct NewFlow {
     pub rule_ingress: u32,
 }
 
-/// Records the flow the packet `ip`/`l4` begins ([`creates`]) under `key`, whose lookup found
-/// `own` there: the entry in its initial state, counting this first packet ([`entry`],
-/// [`first_counters`]), made as [`create`] says.
+/// Records the flow the packet `ip`/`l4` begins ([`creates`]) under `key`: the entry in its
+/// initial state, counting this first packet ([`entry`], [`first_counters`]), made as
+/// [`create`] says. The entry under `key` (whatever its state: the new flow replaces it or
+/// leaves it) is looked up again here rather than kept from [`lookup`]: kept across the
+/// new-flow path's map lookups, that pointer and whether there was one were stored to the
+/// stack on every packet, and the established path's hit, the same pointer, copied to a slot
+/// of its own (ten instructions of that path). A new flow pays a second hash lookup of its
+/// key; what it finds is as current as the first (only the controller deletes entries, and
+/// `create` handles an entry deleted meanwhile).
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
 pub fn open(
     ctx: &TcContext,
     key: &CtKey,
-    own: Option<*mut CtValue>,
     now: u64,
     ip: &crate::flow::Ipv4,
     l4: &crate::flow::L4,
@@ -578,12 +580,13 @@ pub fn open(
         flow.hop,
         counters,
     )?;
-    create(key, own, value)
+    create(key, VERSE_CT.get_ptr_mut(key), value)
 }
 
 /// Records a new flow allowed by policy (S14):
-/// - an entry of the same owner already under `key` (expired, or made for an endpoint since
-///   deleted: `found.own`) is replaced, at no charge: it was charged when it was made;
+/// - an entry of the same owner already under `key` (`own`, as looked up under `key`: expired,
+///   or made for an endpoint since deleted) is replaced, at no charge: it was charged when it
+///   was made;
 /// - an entry of another owner under `key` is left alone (only the controller deletes entries,
 ///   and this can only be one of a deleted endpoint, which it is about to delete): the packet
 ///   goes on untracked, and its replies are judged by policy;

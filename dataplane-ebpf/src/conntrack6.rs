@@ -26,7 +26,7 @@ pub fn lookup(
     timeouts: &[u64; ct_state::COUNT],
 ) -> Found {
     if role == Role::Untracked {
-        return Found { hit: None, own: None };
+        return Found { hit: None };
     }
     let own = VERSE_CT6.get_ptr_mut(key);
     if role != Role::Answers {
@@ -34,22 +34,22 @@ pub fn lookup(
             // SAFETY: the kernel returned a pointer to a live value of this map's value type.
             let e = unsafe { &(*value).entry };
             if e.src_serial == sender && !expired(e.state, e.last_seen_ns, now, timeouts) {
-                return Found { hit: Some(Hit { value, reply: false }), own };
+                return Found { hit: Some(Hit { value, reply: false }) };
             }
         }
     }
     if role == Role::Opens {
-        return Found { hit: None, own };
+        return Found { hit: None };
     }
     *rev = key.reversed();
     if let Some(value) = VERSE_CT6.get_ptr_mut(rev) {
         // SAFETY: as above.
         let e = unsafe { &(*value).entry };
         if e.dst_serial == sender && !expired(e.state, e.last_seen_ns, now, timeouts) {
-            return Found { hit: Some(Hit { value, reply: true }), own };
+            return Found { hit: Some(Hit { value, reply: true }) };
         }
     }
-    Found { hit: None, own }
+    Found { hit: None }
 }
 
 /// [`conntrack::tracked`] in `VERSE_CT6` (the reverse of `key` built in `rev`).

@@ -2,7 +2,7 @@
 use aya_ebpf::{bindings::TC_ACT_REDIRECT, helpers::bpf_redirect_peer, programs::TcContext};
 use dataplane_common::DropReason;
 
-use crate::parse::{ptr_at, EthHdr};
+use crate::parse::{ptr_at, write_mac, EthHdr};
 
 /// Rewrites the Ethernet header for the receiver `mac` behind the host-side veth `ifindex`
 /// (source = gateway MAC, destination = its MAC;
@@ -13,8 +13,8 @@ use crate::parse::{ptr_at, EthHdr};
 pub fn to_endpoint(
     ctx: &TcContext,
     ifindex: u32,
-    mac: [u8; 6],
-    gateway_mac: [u8; 6],
+    mac: &[u8; 6],
+    gateway_mac: &[u8; 6],
 ) -> Result<i32, DropReason> {
     address(ctx, mac, gateway_mac)?;
     redirect(ifindex)
@@ -23,13 +23,13 @@ pub fn to_endpoint(
 /// The rewrite of [`to_endpoint`]: Ethernet destination `mac`, source `gateway_mac`
 /// (`TruncatedEthernet` without an Ethernet header).
 #[inline(always)]
-pub fn address(ctx: &TcContext, mac: [u8; 6], gateway_mac: [u8; 6]) -> Result<(), DropReason> {
+pub fn address(ctx: &TcContext, mac: &[u8; 6], gateway_mac: &[u8; 6]) -> Result<(), DropReason> {
     let eth: *mut EthHdr = ptr_at(ctx, 0).ok_or(DropReason::TruncatedEthernet)?;
     // SAFETY: ptr_at proved the Ethernet header is inside the linear data, which the TC
     // prologue made writable.
     unsafe {
-        (*eth).dst = mac;
-        (*eth).src = gateway_mac;
+        write_mac(core::ptr::addr_of_mut!((*eth).dst), mac);
+        write_mac(core::ptr::addr_of_mut!((*eth).src), gateway_mac);
     }
     Ok(())
 }

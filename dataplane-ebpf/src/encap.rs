@@ -119,7 +119,7 @@ pub fn too_big(
 pub fn wrap(
     ctx: &TcContext,
     config: &Config,
-    mac: [u8; 6],
+    mac: &[u8; 6],
     underlay: [u8; 4],
     identity: u32,
     vni: u32,
@@ -180,7 +180,10 @@ pub fn wrap(
             vni: [vni[1], vni[2], vni[3]],
             reserved: 0,
         };
-        o.inner = EthHdr { dst: mac, src: config.gateway_mac, ethertype: inner_type.to_be_bytes() };
+        // The MACs as words (`write_mac`), as the local delivery writes them.
+        write_mac(core::ptr::addr_of_mut!(o.inner.dst), mac);
+        write_mac(core::ptr::addr_of_mut!(o.inner.src), &config.gateway_mac);
+        o.inner.ethertype = inner_type.to_be_bytes();
     }
     // SAFETY: a null `params` with length 0 asks the kernel to look the next hop up itself.
     let rc = unsafe { bpf_redirect_neigh(config.underlay_ifindex, core::ptr::null_mut(), 0, 0) };

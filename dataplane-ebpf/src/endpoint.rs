@@ -26,7 +26,7 @@ use dataplane_common::{
 };
 
 use crate::{
-    arp, conntrack, deliver, encap, endpoint6, events,
+    arp, conntrack, deliver, drop, encap, endpoint6, events,
     flow::{self, Ipv4, L4},
     icmp,
     maps::{VERSE_CONFIG, VERSE_ENDPOINTS, VERSE_EP_SLOTS, VERSE_JUMP, VERSE_ROUTES},
@@ -36,9 +36,7 @@ use crate::{
 
 #[inline(always)]
 pub fn walk(ctx: &TcContext) -> Result<i32, DropReason> {
-    // SAFETY: `skb` is the context pointer the kernel passed to this program; reads of
-    // `ifindex` are rewritten by the verifier into a read of `skb->dev->ifindex`.
-    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    let ifindex = ifindex(ctx);
     // The endpoint is looked up before the frame is read, so that the frame's pointers are
     // taken (and the header made linear if it is not) after the lookup, once; the model's order
     // of the two drops is kept: a frame shorter than an Ethernet header is truncated, whoever
@@ -60,7 +58,7 @@ pub fn walk(ctx: &TcContext) -> Result<i32, DropReason> {
     // Slot 0 of an array always exists; the check is for the verifier.
     let config = VERSE_CONFIG.get(0).ok_or(DropReason::NoConfig)?;
     match ethertype {
-        ETHERTYPE_IPV4 => ipv4(ctx, &endpoint, ifindex, config),
+        ETHERTYPE_IPV4 => ipv4(ctx, &endpoint, config),
         ETHERTYPE_ARP => arp::answer(ctx, &endpoint, ifindex, config.gateway_mac),
         ETHERTYPE_IPV6 => {
             // The sender checked above, for `from_endpoint6` (`endpoint6::sender`).
@@ -76,12 +74,7 @@ pub fn walk(ctx: &TcContext) -> Result<i32, DropReason> {
 }
 
 #[inline(always)]
-fn ipv4(
-    ctx: &TcContext,
-    endpoint: &Endpoint,
-    ifindex: u32,
-    config: &Config,
-) -> Result<i32, DropReason> {
+fn ipv4(ctx: &TcContext, endpoint: &Endpoint, config: &Config) -> Result<i32, DropReason> {
     let ip = flow::ipv4_header(ctx, ETH_HLEN)?;
     if !ip_eq(&ip.src, &endpoint.ip) {
         return Err(DropReason::SpoofedIp);
@@ -109,23 +102,13 @@ fn ipv4(
         // is compiled on its own.
         if let Some(hop) = hit.cached(epoch) {
             let flow = (hit, (now, cpu));
-            return established(ctx, endpoint, ifindex, config, &ip, &l4, flow, None, &hop);
+            return established(ctx, endpoint, config, &ip, &l4, flow, None, &hop);
         }
         match route_of(endpoint.vni, ip.dst) {
             Some(route) if route.serial == hit.receiver_serial() => {
                 let hop = conntrack::hop(&route, epoch);
                 let flow = (hit, (now, cpu));
-                return established(
-                    ctx,
-                    endpoint,
-                    ifindex,
-                    config,
-                    &ip,
-                    &l4,
-                    flow,
-                    Some(&key),
-                    &hop,
-                );
+                return established(ctx, endpoint, config, &ip, &l4, flow, Some(&key), &hop);
             }
             Some(route) => looked_up = Some(route),
             None => return Err(DropReason::NoRoute),
@@ -151,7 +134,7 @@ fn ipv4(
     if let Some(route) = related_to {
         let hop = conntrack::hop(&route, epoch);
         if let Some(mtu) = too_big(ctx, config, &hop, &ip, &l4)? {
-            return icmp::frag_needed(ctx, endpoint, ifindex, config.gateway_mac, &ip, mtu);
+            return icmp::frag_needed(ctx, endpoint, ifindex(ctx), config.gateway_mac, &ip, mtu);
         }
         return forward(ctx, endpoint, config, &hop);
     }
@@ -188,7 +171,7 @@ fn ipv4(
     }
     let hop = conntrack::hop(&route, epoch);
     if let Some(mtu) = too_big(ctx, config, &hop, &ip, &l4)? {
-        return icmp::frag_needed(ctx, endpoint, ifindex, config.gateway_mac, &ip, mtu);
+        return icmp::frag_needed(ctx, endpoint, ifindex(ctx), config.gateway_mac, &ip, mtu);
     }
     if conntrack::creates(role) {
         let flow = conntrack::NewFlow {
@@ -200,9 +183,9 @@ fn ipv4(
             rule_egress: egress.rule,
             rule_ingress: ingress.rule,
         };
-        conntrack::open(ctx, &key, found.own, now, &ip, &l4, config.flow_interval, &flow)?;
+        conntrack::open(ctx, &key, now, &ip, &l4, config.flow_interval, &flow)?;
         let who = events::Parties {
-            ifindex,
+            ifindex: ifindex(ctx),
             vni: endpoint.vni,
             src_identity: endpoint.identity,
             dst_identity: route.identity,
@@ -222,7 +205,6 @@ fn ipv4(
 fn established(
     ctx: &TcContext,
     endpoint: &Endpoint,
-    ifindex: u32,
     config: &Config,
     ip: &Ipv4,
     l4: &L4,
@@ -231,7 +213,7 @@ fn established(
     hop: &CtHop,
 ) -> Result<i32, DropReason> {
     if let Some(mtu) = too_big(ctx, config, hop, ip, l4)? {
-        return icmp::frag_needed(ctx, endpoint, ifindex, config.gateway_mac, ip, mtu);
+        return icmp::frag_needed(ctx, endpoint, ifindex(ctx), config.gateway_mac, ip, mtu);
     }
     let size = conntrack::size(ctx, ip, l4);
     let interval = config.flow_interval;
@@ -242,6 +224,17 @@ fn established(
         }
     }
     forward(ctx, endpoint, config, hop)
+}
+
+/// The host-side veth the packet came in on, the sender's (`skb->ifindex`). Read again where it
+/// is needed rather than kept through the walk: held, it took one of the four registers that
+/// survive a call (`r6` to `r9`) for the whole walk, which the established path, needing it
+/// only to answer a refusal (`icmp::frag_needed`), has better uses for.
+#[inline(always)]
+fn ifindex(ctx: &TcContext) -> u32 {
+    // SAFETY: `skb` is the context pointer the kernel passed to this program; reads of
+    // `ifindex` are rewritten by the verifier into a read of `skb->dev->ifindex`.
+    unsafe { (*ctx.skb.skb).ifindex }
 }
 
 /// The route of (universe, address), copied out.
@@ -278,10 +271,15 @@ fn forward(
     hop: &CtHop,
 ) -> Result<i32, DropReason> {
     if hop.ifindex != 0 {
-        return deliver::to_endpoint(ctx, hop.ifindex, hop.mac, config.gateway_mac);
+        // A refusal here is dropped at once, not handed back: handed back, its reason joined
+        // those of the whole walk in one stack slot, stored on the way whether or not it failed.
+        return Ok(match deliver::to_endpoint(ctx, hop.ifindex, &hop.mac, &config.gateway_mac) {
+            Ok(action) => action,
+            Err(reason) => drop::drop_call(ctx, Hook::FromEndpoint, reason),
+        });
     }
     let (identity, vni) = (endpoint.identity, endpoint.vni);
-    encap::wrap(ctx, config, hop.mac, hop.underlay, identity, vni, ETHERTYPE_IPV4)
+    encap::wrap(ctx, config, &hop.mac, hop.underlay, identity, vni, ETHERTYPE_IPV4)
 }
 
 /// For a packet going to `hop`: nothing for a local receiver; for another host `NoUnderlay`

@@ -302,10 +302,10 @@ fn send(
     hop: &CtHop,
 ) -> Result<i32, DropReason> {
     if hop.ifindex != 0 {
-        return deliver::to_endpoint(ctx, hop.ifindex, hop.mac, config.gateway_mac);
+        return deliver::to_endpoint(ctx, hop.ifindex, &hop.mac, &config.gateway_mac);
     }
     let (identity, vni) = (endpoint.identity, endpoint.vni);
-    encap::wrap(ctx, config, hop.mac, hop.underlay, identity, vni, ETHERTYPE_IPV6)
+    encap::wrap(ctx, config, &hop.mac, hop.underlay, identity, vni, ETHERTYPE_IPV6)
 }
 
 /// For a packet going to another host: `NoUnderlay` without an underlay, else the underlay MTU

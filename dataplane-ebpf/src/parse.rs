@@ -164,6 +164,26 @@ pub fn be16(b: [u8; 2]) -> u16 {
     u16::from_be_bytes(b)
 }
 
+/// Writes `mac` at `dst` as a 4-byte and a 2-byte word (see [`mac_eq`]). Every read of a hop's
+/// MAC on the way to the frame is then a 4-byte and a 2-byte word: a MAC moved as one 6-byte
+/// value is put together from its two words by shifts and taken apart again at the store.
+///
+/// # Safety
+/// `dst` must be valid for a write of 6 bytes (no alignment needed).
+#[inline(always)]
+pub unsafe fn write_mac(dst: *mut [u8; 6], mac: &[u8; 6]) {
+    let (d, s) = (dst.cast::<u8>(), mac.as_ptr());
+    // SAFETY: the caller guarantees `dst` for 6 bytes; `mac` is 6 readable bytes; unaligned
+    // accesses need no alignment.
+    unsafe {
+        core::ptr::write_unaligned(d.cast::<u32>(), core::ptr::read_unaligned(s.cast::<u32>()));
+        core::ptr::write_unaligned(
+            d.add(4).cast::<u16>(),
+            core::ptr::read_unaligned(s.add(4).cast::<u16>()),
+        );
+    }
+}
+
 /// Compares MACs without `bcmp`, which the BPF target cannot call, as a 4-byte and a 2-byte
 /// word each: read as bytes, a MAC in a map value (alignment 1 to the compiler) was six byte
 /// loads and the shifts that put them together.

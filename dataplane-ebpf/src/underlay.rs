@@ -197,7 +197,7 @@ fn inner(
             rule_egress: 0,
             rule_ingress: ingress.rule,
         };
-        conntrack::open(ctx, &key, found.own, now, &ip, &l4, config.flow_interval, &flow)?;
+        conntrack::open(ctx, &key, now, &ip, &l4, config.flow_interval, &flow)?;
         let who = events::Parties::received(vni, &from, &to, host);
         let egress = PolicyValue::default();
         let packet = events::Packet::V4 { src: ip.src, dst: ip.dst, proto: ip.proto };
@@ -212,5 +212,5 @@ fn inner(
 #[inline(always)]
 fn unwrap_for(ctx: &TcContext, config: &Config, to: &Route) -> Result<(), DropReason> {
     encap::unwrap(ctx)?;
-    deliver::address(ctx, to.mac, config.gateway_mac)
+    deliver::address(ctx, &to.mac, &config.gateway_mac)
 }

@@ -153,5 +153,5 @@ fn unwrap_for(
     to: &Route,
 ) -> Result<(), DropReason> {
     encap::unwrap6(ctx)?;
-    deliver::address(ctx, to.mac, config.gateway_mac)
+    deliver::address(ctx, &to.mac, &config.gateway_mac)
 }
