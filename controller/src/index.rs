@@ -490,6 +490,10 @@ impl Index {
         }
     }
 
+    /// Updates the indices for a group that changed from `before` to `now` (the same id), by
+    /// what changed only: the fleet-wide maps (rule ids, referrers, names) are touched for the
+    /// rules and names that came or went, not for every rule of the group, so that an edit of
+    /// one rule costs one rule's entries however many rules the group and the fleet hold.
     /// Returns the universe whose CIDR classes changed, if they did.
     fn group(
         &mut self,
@@ -499,18 +503,31 @@ impl Index {
         let mut classes_changed = None;
         let mut class_delta: BTreeMap<(String, (u32, u8)), isize> = BTreeMap::new();
         let mut class6_delta: BTreeMap<(String, (u128, u8)), isize> = BTreeMap::new();
+        let mut referrers: BTreeMap<(&str, &str), isize> = BTreeMap::new();
+        fn rules(g: Option<&SecurityGroup>) -> BTreeSet<(&str, &str)> {
+            let all = g
+                .map(|g| g.ingress.iter().chain(&g.egress).map(|r| (r.id.as_str(), g.id.as_str())));
+            all.into_iter().flatten().collect()
+        }
+        let (rules_before, rules_now) = (rules(before), rules(now));
+        let placed = |g: &SecurityGroup| (g.universe.clone(), g.name.clone(), g.id.clone());
+        let moved = before.map(placed) != now.map(placed);
         if let Some(g) = before {
-            let key = (g.universe.clone(), g.name.clone());
-            if self.group_names.get(&key) == Some(&g.id) {
-                self.group_names.remove(&key);
+            if moved {
+                let key = (g.universe.clone(), g.name.clone());
+                if self.group_names.get(&key) == Some(&g.id) {
+                    self.group_names.remove(&key);
+                }
+                set_remove(&mut self.universe_groups, &g.universe, &g.id);
             }
-            set_remove(&mut self.universe_groups, &g.universe, &g.id);
             for r in g.ingress.iter().chain(&g.egress) {
-                if self.rule_ids.get(&r.id) == Some(&g.id) {
+                if !rules_now.contains(&(r.id.as_str(), g.id.as_str()))
+                    && self.rule_ids.get(&r.id) == Some(&g.id)
+                {
                     self.rule_ids.remove(&r.id);
                 }
                 if let Peer::Group(peer) = &r.peer {
-                    nested_add(&mut self.group_referrers, peer.clone(), g.id.clone(), -1);
+                    *referrers.entry((peer.as_str(), g.id.as_str())).or_default() -= 1;
                 }
                 if let Some(c) = class_of(r) {
                     *class_delta.entry((g.universe.clone(), c)).or_default() -= 1;
@@ -521,12 +538,16 @@ impl Index {
             }
         }
         if let Some(g) = now {
-            self.group_names.insert((g.universe.clone(), g.name.clone()), g.id.clone());
-            set_insert(&mut self.universe_groups, g.universe.clone(), g.id.clone());
+            if moved {
+                self.group_names.insert((g.universe.clone(), g.name.clone()), g.id.clone());
+                set_insert(&mut self.universe_groups, g.universe.clone(), g.id.clone());
+            }
             for r in g.ingress.iter().chain(&g.egress) {
-                self.rule_ids.insert(r.id.clone(), g.id.clone());
+                if !rules_before.contains(&(r.id.as_str(), g.id.as_str())) {
+                    self.rule_ids.insert(r.id.clone(), g.id.clone());
+                }
                 if let Peer::Group(peer) = &r.peer {
-                    nested_add(&mut self.group_referrers, peer.clone(), g.id.clone(), 1);
+                    *referrers.entry((peer.as_str(), g.id.as_str())).or_default() += 1;
                 }
                 if let Some(c) = class_of(r) {
                     *class_delta.entry((g.universe.clone(), c)).or_default() += 1;
@@ -534,6 +555,11 @@ impl Index {
                 if let Some(c) = class6_of(r) {
                     *class6_delta.entry((g.universe.clone(), c)).or_default() += 1;
                 }
+            }
+        }
+        for ((peer, group), n) in referrers {
+            if n != 0 {
+                nested_add(&mut self.group_referrers, peer.to_owned(), group.to_owned(), n);
             }
         }
         apply_class_delta(&mut self.classes, class_delta, &mut classes_changed);
@@ -794,6 +820,21 @@ mod tests {
                 _ => s.delete_group(&groups[rng.below(groups.len())]),
             };
             s.reindex();
+            // The group indices, kept by what each edit changed, are those built afresh.
+            let mut fresh = s.clone();
+            fresh.idx = Index::default();
+            fresh.reindex();
+            let of_groups = |i: &Index| {
+                let names = (i.group_names.clone(), i.universe_groups.clone());
+                (
+                    names,
+                    i.rule_ids.clone(),
+                    i.group_referrers.clone(),
+                    i.classes.clone(),
+                    i.classes6.clone(),
+                )
+            };
+            assert!(of_groups(&fresh.idx) == of_groups(&s.idx), "step {step}: group indices");
             for h in hosts {
                 let c = counts(&s, h);
                 assert_eq!(c, compiled(&s, h), "step {step}, host {h}");
