@@ -323,7 +323,7 @@ impl Family for Ipv6 {
         let inner = l4.icmp_error_inner6.as_ref()?;
         let (ty, code) = l4.icmp_type_code;
         (is_error6(self.proto, ty, code)
-            && self.end - ETH_HLEN <= ICMPV6_ERROR_MAX_LEN
+            && self.len <= ICMPV6_ERROR_MAX_LEN
             && inner.src == self.dst
             && inner.dst == self.src)
             .then_some(Ct6Key { vni, ..*inner })

@@ -73,6 +73,9 @@ pub(super) struct Ipv6 {
     pub(super) l4_off: usize,
     /// End of the payload in the frame (Ethernet padding after it is ignored).
     pub(super) end: usize,
+    /// Length of the IPv6 packet (fixed header, extension headers, payload), wherever its
+    /// header starts in the frame (after the Ethernet header, or inside a wrapped frame).
+    pub(super) len: usize,
     /// Source and destination addresses.
     pub(super) src: [u8; 16],
     pub(super) dst: [u8; 16],
@@ -94,6 +97,7 @@ pub(super) fn parse_ipv6(frame: &[u8], off: usize) -> Result<Ipv6, DropReason> {
         proto: upper.proto,
         l4_off: off + upper.off,
         end: off + upper.end,
+        len: upper.end,
         src: addr(8),
         dst: addr(24),
     })

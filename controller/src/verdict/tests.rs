@@ -619,7 +619,10 @@ fn ipv6_is_parsed_past_its_extension_headers_then_judged() {
     };
     let tcp = ipv6_frame(&[], IPPROTO_TCP, &tcp(40000, 443, SYN));
     let (ip, t) = l4(&tcp);
-    assert_eq!(ip, parse::Ipv6 { proto: IPPROTO_TCP, l4_off: 54, end: 74, src: A6, dst: B6 });
+    assert_eq!(
+        ip,
+        parse::Ipv6 { proto: IPPROTO_TCP, l4_off: 54, end: 74, len: 60, src: A6, dst: B6 }
+    );
     assert_eq!((t.ct_ports, t.dport, t.tcp_flags), ((40000, 443), 443, SYN));
     let udp = ipv6_frame(&FULL_CHAIN, IPPROTO_UDP, &udp(5353, 53));
     let (ip, u) = l4(&udp);
@@ -1494,6 +1497,31 @@ fn ipv6_to_another_host_is_wrapped_as_ipv4_and_answered_packet_too_big() {
     want[..12].copy_from_slice(&[mac_of(1), GW].concat());
     assert_eq!(out.verdict, Verdict::Deliver { ifindex: 11, frame: want });
     assert_eq!(out.ct6.map(|u| (u.key, u.entry.state)), Some((key, ct_state::TCP_ESTABLISHED)));
+}
+
+/// S6 over the underlay for IPv6: the 1280 bytes a related ICMPv6 error may have are those of
+/// its own IPv6 packet, not of the wrapped frame around it (`from_underlay6` measures from the
+/// inner header; the model once counted the 50 bytes of the wrap too).
+#[test]
+fn a_wrapped_icmpv6_error_is_bounded_by_its_own_ipv6_packet() {
+    let (st, local) = fleet_fixture6();
+    let h = host(&st, &local).with_underlay(UNDERLAY);
+    let mut ct = Conntrack::default();
+    let syn = frame6(1, six(1), six(6), IPPROTO_TCP, &tcp(40000, 22, SYN));
+    assert!(matches!(h.judge_and_track(&mut ct, S, 11, &syn), Verdict::Wrap { .. }));
+    let quote = syn[ETH_HLEN..ETH_HLEN + 48].to_vec();
+    let error = |pad: usize| {
+        let body = [&quote[..], &vec![0; pad][..]].concat();
+        let m = frames::icmpv6(six(6), six(1), 1, 0, [0, 0, 5, 0x78], &body);
+        let f = frame6(6, six(6), six(1), IPPROTO_ICMPV6, &m);
+        wrapped6(THERE, 6, mac_of(1), &f[ETH_HLEN..])
+    };
+    let exact = error(1280 - 40 - 8 - 48);
+    assert_eq!(exact.len(), 50 + ETH_HLEN + 1280);
+    assert_eq!(delivered_to(&h.judge_underlay(&ct, S, &exact).verdict), Some(11), "1280 exactly");
+    // One byte more is no related error: ep-1's rules admit nothing from ep-6.
+    let v = h.judge_underlay(&ct, S, &error(1280 - 40 - 8 - 48 + 1)).verdict;
+    assert_eq!(v, Verdict::Drop(D::PolicyIngress), "one byte past 1280");
 }
 
 #[test]
