@@ -656,6 +656,51 @@ enum WatchEnd {
     Failed(Error),
 }
 
+impl WatchEnd {
+    /// A watch that failed for `reason` (no etcd error behind it).
+    fn failed(reason: impl Into<String>) -> WatchEnd {
+        let source = etcd_client::Error::WatchError(reason.into());
+        WatchEnd::Failed(Error::Etcd { op: "watch", source })
+    }
+
+    /// How a watcher etcd cancelled ends its watch: [`WatchEnd::Compacted`] if the history it
+    /// asked for is gone, else a failure with etcd's reason.
+    fn cancelled(resp: &etcd_client::WatchResponse) -> WatchEnd {
+        if resp.compact_revision() > 0 {
+            return WatchEnd::Compacted;
+        }
+        WatchEnd::failed(format!("canceled by etcd: {}", resp.cancel_reason()))
+    }
+}
+
+/// The next response of a watch stream, or how the watch ends if the stream ended or failed.
+async fn next_response(
+    stream: &mut etcd_client::WatchStream,
+) -> Result<etcd_client::WatchResponse, WatchEnd> {
+    match stream.message().await {
+        Ok(Some(resp)) => Ok(resp),
+        Ok(None) => Err(WatchEnd::failed("the stream ended")),
+        Err(source) => Err(WatchEnd::Failed(Error::Etcd { op: "watch", source })),
+    }
+}
+
+/// The events of a watch response one revision (one transaction) at a time, in order, each
+/// with its revision: etcd sends every event of a revision in one response, and a revision is
+/// applied as one batch, so that a published state is never half an edit.
+fn by_revision(
+    events: &[etcd_client::Event],
+) -> impl Iterator<Item = (i64, &[etcd_client::Event])> {
+    let revision = |e: &etcd_client::Event| e.kv().map_or(0, |kv| kv.mod_revision());
+    let mut rest = events;
+    std::iter::from_fn(move || {
+        let rev = revision(rest.first()?);
+        let n = rest.iter().position(|e| revision(e) != rev).unwrap_or(rest.len());
+        let (batch, tail) = rest.split_at(n);
+        rest = tail;
+        Some((rev, batch))
+    })
+}
+
 impl Drop for Etcd {
     fn drop(&mut self) {
         for task in lock(&self.tasks).drain(..) {
@@ -1782,6 +1827,21 @@ impl Shared {
         Ok(())
     }
 
+    /// What a watch event changed: the key relative to the prefix, its new value (`None`:
+    /// deleted) and the revision of the change; `None` for a key outside it.
+    fn change<'a>(
+        &self,
+        event: &'a etcd_client::Event,
+    ) -> Option<(&'a str, Option<&'a [u8]>, i64)> {
+        let kv = event.kv()?;
+        let rel = self.relative(kv.key())?;
+        let value = match event.event_type() {
+            EventType::Put => Some(kv.value()),
+            EventType::Delete => None,
+        };
+        Some((rel, value, kv.mod_revision()))
+    }
+
     /// The key relative to the prefix, if it is under it and UTF-8.
     fn relative<'a>(&self, key: &'a [u8]) -> Option<&'a str> {
         let rel = key.strip_prefix(self.prefix.as_bytes())?;
@@ -2095,27 +2155,12 @@ impl Shared {
             Err(e) => return WatchEnd::Failed(e),
         };
         loop {
-            let resp = match stream.message().await {
-                Ok(Some(resp)) => resp,
-                Ok(None) => {
-                    return WatchEnd::Failed(Error::Etcd {
-                        op: "watch",
-                        source: etcd_client::Error::WatchError("the stream ended".into()),
-                    })
-                }
-                Err(source) => return WatchEnd::Failed(Error::Etcd { op: "watch", source }),
+            let resp = match next_response(&mut stream).await {
+                Ok(resp) => resp,
+                Err(end) => return end,
             };
             if resp.canceled() {
-                if resp.compact_revision() > 0 {
-                    return WatchEnd::Compacted;
-                }
-                return WatchEnd::Failed(Error::Etcd {
-                    op: "watch",
-                    source: etcd_client::Error::WatchError(format!(
-                        "canceled by etcd: {}",
-                        resp.cancel_reason()
-                    )),
-                });
+                return WatchEnd::cancelled(&resp);
             }
             self.received.count(&resp);
             // The stream works: the next failure starts its backoff afresh.
@@ -2127,27 +2172,13 @@ impl Shared {
             }
             let mut desired_changed = false;
             let mut hosts_changed = false;
-            // etcd sends every event of one revision (one transaction) in one response; each
-            // transaction is applied as one batch, so a published state is never half an edit.
-            let events = resp.events();
-            let mut start = 0;
-            while start < events.len() {
-                let rev = events[start].kv().map_or(0, |kv| kv.mod_revision());
-                let end = events[start..]
-                    .iter()
-                    .position(|e| e.kv().map_or(0, |kv| kv.mod_revision()) != rev)
-                    .map_or(events.len(), |n| start + n);
+            for (rev, events) in by_revision(resp.events()) {
                 let mut batch = Vec::new();
                 let mut touches = lock(&self.touches);
-                for event in &events[start..end] {
-                    let Some(kv) = event.kv() else { continue };
-                    let Some(rel) = self.relative(kv.key()) else { continue };
-                    let value = match event.event_type() {
-                        EventType::Put => Some(kv.value()),
-                        EventType::Delete => None,
-                    };
+                for event in events {
+                    let Some((rel, value, mod_revision)) = self.change(event) else { continue };
                     touches.record(rev, rel);
-                    cache.record(rel, value, kv.mod_revision());
+                    cache.record(rel, value, mod_revision);
                     hosts_changed |= matches!(layout::kind(rel), layout::Kind::Host(_));
                     if layout::is_state(rel) {
                         batch.push(layout::Event { key: rel, value });
@@ -2176,7 +2207,6 @@ impl Shared {
                 drop(touches);
                 cache.state.clear_changes();
                 cache.revision = cache.revision.max(rev);
-                start = end;
             }
             // Not the header's revision: etcd 3.4 sends a catching-up watcher at most 1000
             // revisions per response, each with the header of its current revision.

@@ -490,10 +490,7 @@ impl Shared {
     /// until it ends.
     pub(super) async fn watch_scoped(&self, cache: &mut Cache, delay: &mut Duration) -> WatchEnd {
         let Some(scope) = &cache.scope else {
-            return WatchEnd::Failed(Error::Etcd {
-                op: "watch",
-                source: etcd_client::Error::WatchError("no scope".into()),
-            });
+            return WatchEnd::failed("no scope");
         };
         let placement = scope.placement();
         let options = |from: i64, id: i64| {
@@ -507,10 +504,7 @@ impl Shared {
         let mut client = self.client.watch_client().max_decoding_message_size(MAX_MESSAGE);
         let mut ranges = scope.follows.iter();
         let Some((first, from)) = ranges.next() else {
-            return WatchEnd::Failed(Error::Etcd {
-                op: "watch",
-                source: etcd_client::Error::WatchError("nothing to follow".into()),
-            });
+            return WatchEnd::failed("nothing to follow");
         };
         let mut stream = match timed(
             "watch",
@@ -531,30 +525,15 @@ impl Shared {
             ids.insert(next_id, range.clone());
         }
         loop {
-            let resp = match stream.message().await {
-                Ok(Some(resp)) => resp,
-                Ok(None) => {
-                    return WatchEnd::Failed(Error::Etcd {
-                        op: "watch",
-                        source: etcd_client::Error::WatchError("the stream ended".into()),
-                    })
-                }
-                Err(source) => return WatchEnd::Failed(Error::Etcd { op: "watch", source }),
+            let resp = match next_response(&mut stream).await {
+                Ok(resp) => resp,
+                Err(end) => return end,
             };
             if resp.canceled() {
-                if resp.compact_revision() > 0 {
-                    return WatchEnd::Compacted;
+                // A watcher this store cancelled itself ends nothing (its events are left out).
+                if resp.compact_revision() > 0 || ids.contains_key(&resp.watch_id()) {
+                    return WatchEnd::cancelled(&resp);
                 }
-                if ids.contains_key(&resp.watch_id()) {
-                    return WatchEnd::Failed(Error::Etcd {
-                        op: "watch",
-                        source: etcd_client::Error::WatchError(format!(
-                            "canceled by etcd: {}",
-                            resp.cancel_reason()
-                        )),
-                    });
-                }
-                // A watcher this store cancelled.
                 continue;
             }
             self.received.count(&resp);
@@ -569,22 +548,10 @@ impl Shared {
             let mut placed = scope.placed.clone();
             let mut progress = scope.follows.get(&range).copied().unwrap_or(0);
             let mut gone_universe = false;
-            let events = resp.events();
-            let mut start = 0;
-            while start < events.len() {
-                let rev = events[start].kv().map_or(0, |kv| kv.mod_revision());
-                let end = events[start..]
-                    .iter()
-                    .position(|e| e.kv().map_or(0, |kv| kv.mod_revision()) != rev)
-                    .map_or(events.len(), |n| start + n);
+            for (rev, events) in by_revision(resp.events()) {
                 let mut batch = Vec::new();
-                for event in &events[start..end] {
-                    let Some(kv) = event.kv() else { continue };
-                    let Some(rel) = self.relative(kv.key()) else { continue };
-                    let value = match event.event_type() {
-                        EventType::Put => Some(kv.value()),
-                        EventType::Delete => None,
-                    };
+                for event in events {
+                    let Some((rel, value, mod_revision)) = self.change(event) else { continue };
                     if is_placement {
                         match value {
                             Some(v) => match placed_universe(rel, v) {
@@ -605,7 +572,7 @@ impl Shared {
                         // The universe is deleted (its claims here go in the same revision).
                         gone_universe = true;
                     }
-                    cache.record(rel, value, kv.mod_revision());
+                    cache.record(rel, value, mod_revision);
                     if layout::is_state(rel) {
                         batch.push(layout::Event { key: rel, value });
                     }
@@ -617,7 +584,6 @@ impl Shared {
                     );
                 }
                 progress = progress.max(rev);
-                start = end;
             }
             // No header: etcd 3.4 sends a catching-up watcher at most 1000 revisions per
             // response, each with the header of its current revision.
