@@ -35,8 +35,10 @@ use crate::{
 /// discovery is a program of its own.
 #[inline(always)]
 pub fn program(ctx: &TcContext) -> i32 {
-    let result = start(ctx);
-    drop::verdict(ctx, Hook::FromEndpoint, result)
+    match start(ctx) {
+        Ok(action) => action,
+        Err(reason) => drop::drop6_call(ctx, Hook::FromEndpoint, reason),
+    }
 }
 
 /// The endpoint behind the host-side veth `ifindex`, where its record is (not copied: see

@@ -23,8 +23,10 @@ use crate::{
 /// `from_underlay6`: judged, unwrapped and delivered, or dropped and counted.
 #[inline(always)]
 pub fn program(ctx: &TcContext) -> i32 {
-    let result = start(ctx);
-    drop::verdict(ctx, Hook::FromUnderlay, result)
+    match start(ctx) {
+        Ok(action) => action,
+        Err(reason) => drop::drop6_call(ctx, Hook::FromUnderlay, reason),
+    }
 }
 
 #[inline(always)]
