@@ -531,7 +531,11 @@ impl Shared {
             };
             if resp.canceled() {
                 // A watcher this store cancelled itself ends nothing (its events are left out).
-                if resp.compact_revision() > 0 || ids.contains_key(&resp.watch_id()) {
+                // A creation refused (`created` and `canceled` at once: permission denied
+                // answers with the id asked for, other refusals with -1) ends the watch: that
+                // range would otherwise never be followed.
+                let refused = resp.created();
+                if refused || resp.compact_revision() > 0 || ids.contains_key(&resp.watch_id()) {
                     return WatchEnd::cancelled(&resp);
                 }
                 continue;
