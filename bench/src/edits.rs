@@ -27,7 +27,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use ::tests::fleet::Fleet;
-use ::tests::{enter_netns, Host};
+use ::tests::{enter_netns, Host, Workload};
 use anyhow::{anyhow, bail, Context, Result};
 use serde_json::{json, Value};
 
@@ -841,18 +841,34 @@ pub fn run(out: &mut Vec<BenchRecord>, options: &Options) -> Result<()> {
     Ok(())
 }
 
-/// Three hosts on the three-member etcd.
-fn run_etcd(out: &mut Vec<BenchRecord>, options: &Options) -> Result<()> {
+/// A fleet of three hosts on a three-member etcd, set up ([`setup`]), with endpoints of the
+/// first universes on every host (edits there reach real dataplanes).
+struct Started {
+    fleet: Fleet,
+    /// Each host's API.
+    targets: Vec<Target>,
+    /// The groups [`setup`] made.
+    groups: Vec<String>,
+    /// The endpoints' workloads, which must outlive the measurement.
+    workloads: Vec<Workload>,
+}
+
+fn start_fleet() -> Result<Started> {
     let fleet = Fleet::start_with_config(3, CONFIG);
     let targets: Vec<Target> = fleet.hosts().iter().map(Target::of).collect::<Result<_>>()?;
     let (groups, placed) = setup(&targets[0])?;
-    // Endpoints of the first universes on every host: edits there reach real dataplanes.
     let mut workloads = Vec::new();
     for (uni, group, net) in &placed {
         for h in 0..fleet.len() {
             workloads.push(fleet.endpoint(h, uni, &format!("10.{net}.0.{}", 10 + h), &[group]));
         }
     }
+    Ok(Started { fleet, targets, groups, workloads })
+}
+
+/// Three hosts on the three-member etcd.
+fn run_etcd(out: &mut Vec<BenchRecord>, options: &Options) -> Result<()> {
+    let Started { fleet, targets, groups, workloads } = start_fleet()?;
     if options.load_only {
         load_records(out, "etcd", &targets, &groups, Some(&fleet))?;
         drop(workloads);
@@ -888,15 +904,12 @@ fn run_etcd(out: &mut Vec<BenchRecord>, options: &Options) -> Result<()> {
     // started now and left empty (as the full one was before its bulk): both sides meet the
     // same moments of the machine's load, which a minute apart they did not (the ratio moved
     // from 1.03x to 1.69x between runs of one build).
-    let twin = Fleet::start_with_config(3, CONFIG);
-    let twin_targets: Vec<Target> = twin.hosts().iter().map(Target::of).collect::<Result<_>>()?;
-    let (twin_groups, twin_placed) = setup(&twin_targets[0])?;
-    let mut twin_workloads = Vec::new();
-    for (uni, group, net) in &twin_placed {
-        for h in 0..twin.len() {
-            twin_workloads.push(twin.endpoint(h, uni, &format!("10.{net}.0.{}", 10 + h), &[group]));
-        }
-    }
+    let Started {
+        fleet: twin,
+        targets: twin_targets,
+        groups: twin_groups,
+        workloads: twin_workloads,
+    } = start_fleet()?;
     settle(&twin, &twin_targets[0])?;
     let before = scrape(&targets)?;
     let before_twin = scrape(&twin_targets)?;
